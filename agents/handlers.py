@@ -1,0 +1,33 @@
+"""The three agents: each takes its typed input and returns its typed output."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from contracts import Envelope, Findings, Plan, PlannerInput, Receipt, ResearchInput, ToolCall, ToolRefused
+
+from .tools import TOOLS, ToolContext
+
+if TYPE_CHECKING:
+    from .runtime import AgentRuntime, Handler
+
+
+def planner(rt: AgentRuntime, env: Envelope, task: PlannerInput) -> Plan:
+    return rt.provider.plan(task.goal)
+
+
+def researcher(rt: AgentRuntime, env: Envelope, task: ResearchInput) -> Findings:
+    return rt.provider.research(task.question)
+
+
+def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
+    spec = TOOLS.get(call.tool)
+    if spec is None:
+        raise ToolRefused(f"no tool named {call.tool!r}", tool=call.tool)
+    ctx = ToolContext(key=env.key, job_id=env.job_id, trace_id=env.trace_id, fencing_token=env.attempt,
+                      settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http)
+    return spec.run(ctx, call.typed_args())
+
+
+HANDLERS: dict[str, Handler] = {"planner": planner, "researcher": researcher, "executor": executor}  # type: ignore[dict-item]
+AGENTS = tuple(HANDLERS)

@@ -1,0 +1,129 @@
+"""How the pipeline moves: planner fans out to researchers, researchers fan in to the executor.
+
+Every function here is a pure change to a job record that also returns the messages it implies;
+the job store writes both in one transaction (the outbox), so no step is recorded as done
+without its downstream messages, and no message is sent for a step not recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dramatiq.message import Message
+
+from broker.jobs import Change
+from broker.outbox import build_message
+from contracts import (
+    Envelope,
+    Findings,
+    Frozen,
+    JobRecord,
+    Plan,
+    State,
+    StepRecord,
+    child_key,
+    transition,
+)
+
+#: The order agents come in; a job's result is the output of its last agent's steps.
+ORDER = ("planner", "researcher", "executor")
+
+
+def downstream(env: Envelope, agent: str, step_id: str, payload: dict[str, Any]) -> Envelope:
+    """The envelope of the next hop: derived key, same job, trace and deadline, one more hop."""
+    return Envelope(
+        key=child_key(env.key, agent, step_id), job_id=env.job_id, step_id=step_id, agent=agent,
+        trace_id=env.trace_id, deadline=env.deadline, hops=(*env.hops, env.agent), payload=payload,
+    )
+
+
+def start(env: Envelope) -> Change:
+    """An attempt picked the step up; the job is running."""
+
+    def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
+        now = time.time()
+        step = record.steps.get(env.step_id) or StepRecord(
+            step_id=env.step_id, agent=env.agent, key=env.key, input=env.payload
+        )
+        if step.state is State.SUCCEEDED:
+            return record, []
+        step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1)
+        record = record.with_step(step)
+        if record.state in (State.QUEUED, State.FAILED):
+            record = transition(record, State.RUNNING, now=now)
+        return record, []
+
+    return change
+
+
+def complete(env: Envelope, output: Frozen) -> Change:
+    """The step succeeded with ``output``; work out what it sets in motion."""
+
+    def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
+        now = time.time()
+        step = record.steps[env.step_id]
+        if step.state is State.SUCCEEDED:
+            return record, []
+        record = record.with_step(
+            transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
+        )
+        messages: list[Message] = []
+        if isinstance(output, Plan):
+            record, messages = _fan_out(env, record, output, now)
+        elif isinstance(output, Findings):
+            record, messages = _fan_in(env, record, now)
+        return _finish_if_done(record, now), messages
+
+    return change
+
+
+def _fan_out(env: Envelope, record: JobRecord, plan: Plan, now: float) -> tuple[JobRecord, list[Message]]:
+    messages = []
+    for research in plan.research:
+        payload = {"question": research.question}
+        nxt = downstream(env, "researcher", research.step_id, payload)
+        record = record.with_step(StepRecord(step_id=research.step_id, agent="researcher", key=nxt.key,
+                                             input=payload, sent_at=now, created_at=now, updated_at=now))
+        messages.append(build_message(nxt))
+    for action in plan.actions:
+        payload = {"tool": action.tool, "args": action.args}
+        record = record.with_step(StepRecord(step_id=action.step_id, agent="executor",
+                                             key=child_key(env.key, "executor", action.step_id),
+                                             input=payload, created_at=now, updated_at=now))
+    return record, messages
+
+
+def _fan_in(env: Envelope, record: JobRecord, now: float) -> tuple[JobRecord, list[Message]]:
+    research = [s for s in record.steps.values() if s.agent == "researcher"]
+    planner = record.steps.get("plan")
+    if planner is None or planner.result is None or any(s.state is not State.SUCCEEDED for s in research):
+        return record, []
+    plan = Plan.model_validate(planner.result)
+    findings = [
+        {"question": s.input.get("question"), "summary": (s.result or {}).get("summary"),
+         "sources": [f["source"] for f in (s.result or {}).get("findings", [])]}
+        for s in research
+    ]
+    messages = []
+    # The researcher hops are many; the executor's envelope descends from the planner's.
+    origin = env.model_copy(update={"hops": env.hops[:-1] or env.hops, "agent": "researcher"})
+    for action in plan.actions:
+        step = record.steps[action.step_id]
+        if step.sent_at is not None:
+            continue
+        args = {**action.args, "findings": findings} if action.use_findings else dict(action.args)
+        payload = {"tool": action.tool, "args": args}
+        nxt = downstream(origin, "executor", action.step_id, payload)
+        nxt = nxt.model_copy(update={"key": step.key})
+        record = record.with_step(step.model_copy(update={"input": payload, "sent_at": now, "updated_at": now}))
+        messages.append(build_message(nxt))
+    return record, messages
+
+
+def _finish_if_done(record: JobRecord, now: float) -> JobRecord:
+    if record.state is not State.RUNNING or any(s.state is not State.SUCCEEDED for s in record.steps.values()):
+        return record
+    last = max((ORDER.index(s.agent) for s in record.steps.values() if s.agent in ORDER), default=0)
+    result = {sid: s.result for sid, s in record.steps.items() if s.agent == ORDER[last]}
+    return transition(record, State.SUCCEEDED, now=now, result=result)

@@ -1,0 +1,140 @@
+"""The offline, deterministic provider: a rule-based planner and a keyword researcher over a local corpus."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+from contracts import ActionStep, Finding, Findings, Plan, ResearchStep
+
+ACTION_VERBS = frozenset(
+    {"file", "create", "write", "record", "note", "save", "post", "send", "notify", "open", "log", "publish"}
+)
+QUESTION_WORDS = frozenset({"how", "what", "why", "which", "when", "where", "who", "whether"})
+_CLAUSES = re.compile(
+    r"[.;!?]+(?=\s|$)|\n+|,?\s+and then\s+|,?\s+then\s+|,\s+and\s+"
+    r"|\s+and\s+(?=(?:%s)\b)" % "|".join(sorted(ACTION_VERBS | QUESTION_WORDS)),
+    re.IGNORECASE,
+)
+_URL = re.compile(r"https?://[^\s,;]+")
+_WORD = re.compile(r"[a-z][a-z0-9_-]+")
+STOPWORDS = frozenset(
+    "the a an and or of to in on for with what how why when which is are be it its this that does do "
+    "about from into by as at can will should would then there their them they we our you your "
+    "find out tell explain describe work works".split()
+)
+
+
+def stem(word: str) -> str:
+    """Just enough stemming that 'failures', 'failure' and 'failed' meet."""
+    for suffix, repl in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
+            return word[: -len(suffix)] + repl
+    return word
+
+
+def tokens(text: str) -> list[str]:
+    return [stem(w) for w in _WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 2]
+
+
+@dataclass(frozen=True)
+class Section:
+    source: str
+    title: str
+    text: str
+
+
+class LocalProvider:
+    """Deterministic: the same goal always yields the same plan, the same question the same findings."""
+
+    name = "local"
+
+    def __init__(self, corpus: Path | None = None) -> None:
+        self.corpus = corpus
+
+    def plan(self, goal: str) -> Plan:
+        research: list[ResearchStep] = []
+        actions: list[ActionStep] = []
+        for clause in (c.strip(" ,") for c in _CLAUSES.split(goal)):
+            if not clause:
+                continue
+            first = clause.split()[0].lower()
+            if first in ACTION_VERBS:
+                actions.append(self._action(f"a{len(actions) + 1}", clause))
+            else:
+                research.append(ResearchStep(step_id=f"r{len(research) + 1}", question=clause))
+        if not research:
+            research.append(ResearchStep(step_id="r1", question=goal.strip()))
+        if not actions:
+            actions.append(ActionStep(step_id="a1", tool="note", args={"title": goal.strip()[:200]},
+                                      use_findings=True))
+        return Plan(goal=goal, steps=(*research, *actions))
+
+    @staticmethod
+    def _action(step_id: str, clause: str) -> ActionStep:
+        url = _URL.search(clause)
+        if url:
+            return ActionStep(step_id=step_id, tool="http_post", args={"url": url.group(0), "json": {"text": clause}},
+                              use_findings=True)
+        return ActionStep(step_id=step_id, tool="note", args={"title": clause[:200]}, use_findings=True)
+
+    def research(self, question: str) -> Findings:
+        terms = Counter(tokens(question))
+        scored = []
+        for section in self.sections:
+            counts = Counter(tokens(section.title + " " + section.text))
+            score = sum(counts[t] * self.idf.get(t, 0.0) * (1 + math.log(n)) for t, n in terms.items())
+            if score > 0:
+                scored.append((score, section.source, section))
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        found = tuple(Finding(text=_excerpt(s.text, terms), source=s.source) for _, _, s in scored[:3])
+        if not found:
+            return Findings(question=question, summary=f"Nothing in the local corpus answers: {question}")
+        cited = ", ".join(f.source for f in found)
+        return Findings(question=question, summary=f"{len(found)} passages answer '{question}' ({cited}).",
+                        findings=found)
+
+    @cached_property
+    def sections(self) -> list[Section]:
+        out: list[Section] = []
+        for name, text in sorted(self._documents()):
+            title, body = "", []
+            for line in [*text.splitlines(), "## "]:
+                if line.startswith("## "):
+                    if title and "".join(body).strip():
+                        out.append(Section(f"corpus/{name}#{_slug(title)}", title, " ".join(body).strip()))
+                    title, body = line[3:].strip(), []
+                elif not line.startswith("# "):
+                    body.append(line.strip())
+        return out
+
+    @cached_property
+    def idf(self) -> dict[str, float]:
+        df: Counter[str] = Counter()
+        for section in self.sections:
+            df.update(set(tokens(section.title + " " + section.text)))
+        n = len(self.sections)
+        return {t: math.log(1 + n / c) for t, c in df.items()}
+
+    def _documents(self) -> list[tuple[str, str]]:
+        if self.corpus is not None:
+            return [(p.name, p.read_text()) for p in self.corpus.glob("*.md")]
+        root = resources.files("agents").joinpath("corpus")
+        return [(p.name, p.read_text()) for p in root.iterdir() if p.name.endswith(".md")]
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def _excerpt(text: str, terms: Counter[str], limit: int = 320) -> str:
+    """The sentence that mentions most of the question's terms, with what follows it up to ``limit``."""
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    best = max(range(len(sentences)), key=lambda i: (sum(t in sentences[i].lower() for t in terms), -i))
+    excerpt = " ".join(sentences[best:])
+    return excerpt if len(excerpt) <= limit else excerpt[: limit - 1].rsplit(" ", 1)[0] + "…"

@@ -1,0 +1,109 @@
+"""The body every agent actor shares: check the envelope, pick the step up, run, record, hand on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dramatiq
+import httpx
+import redis
+from pydantic import ValidationError
+
+from broker.jobs import JobNotFound, JobStore
+from broker.keys import Keys
+from broker.mesh_broker import MeshBroker
+from broker.settings import MeshSettings
+from contracts import (
+    ContractError,
+    CycleDetected,
+    DeadlineExceeded,
+    Envelope,
+    Frozen,
+    PermanentFailure,
+    State,
+    validate_input,
+    validate_output,
+)
+
+from . import pipeline
+from .providers import ModelProvider, provider_for
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[["AgentRuntime", Envelope, Any], Frozen]
+
+
+@dataclass
+class AgentRuntime:
+    """What agents share in one worker process: settings, Redis, job store, model provider, HTTP client."""
+
+    settings: MeshSettings
+    redis: redis.Redis
+    provider: ModelProvider
+    http: httpx.Client = field(default_factory=httpx.Client)
+
+    def __post_init__(self) -> None:
+        self.keys = Keys(self.settings.namespace)
+        self.jobs = JobStore(self.redis, self.keys)
+
+    @classmethod
+    def from_settings(cls, settings: MeshSettings, client: redis.Redis) -> AgentRuntime:
+        return cls(settings=settings, redis=client, provider=provider_for(settings))
+
+    def handle(self, agent: str, raw: Any, handler: Handler) -> dict[str, Any]:
+        env = self.envelope(agent, raw)
+        payload = validate_input(agent, env.payload)
+        try:
+            record = self.jobs.update(env.job_id, pipeline.start(env))
+        except JobNotFound:
+            raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
+        step = record.steps[env.step_id]
+        if step.state is State.SUCCEEDED:
+            # Done already: a duplicate delivery is acked and answered with the stored result.
+            self.redis.hincrby(self.keys.stats, "duplicates", 1)
+            logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
+            return step.result or {}
+        started = time.monotonic()
+        output = validate_output(agent, handler(self, env, payload).model_dump(mode="json"))
+        self.jobs.update(env.job_id, pipeline.complete(env, output))
+        logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
+                                             "duration_s": round(time.monotonic() - started, 4)})
+        return output.model_dump(mode="json")
+
+    def envelope(self, agent: str, raw: Any) -> Envelope:
+        try:
+            env = Envelope.model_validate(raw)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
+            raise ContractError(f"invalid envelope: {exc.error_count()} error(s)",
+                                errors=errors) from None  # type: ignore[arg-type]
+        if env.agent != agent:
+            raise ContractError(f"envelope for {env.agent!r} delivered to {agent!r}")
+        if env.remaining_s() <= 0:
+            raise DeadlineExceeded(f"deadline passed {-env.remaining_s():.1f}s ago", deadline=env.deadline)
+        if agent in env.hops:
+            raise CycleDetected(f"{agent} re-entered: hops {' > '.join(env.hops)}", hops=env.hops)
+        if len(env.hops) >= self.settings.max_hops:
+            raise CycleDetected(f"{len(env.hops)} hops reach MESH_MAX_HOPS={self.settings.max_hops}")
+        return env
+
+
+def declare_agents(broker: MeshBroker, runtime: AgentRuntime, agents: list[str]) -> list[dramatiq.Actor]:
+    """Declare the chosen agents as dramatiq actors on ``broker``, each on its own queue."""
+    from .handlers import HANDLERS
+
+    actors = []
+    for name in agents:
+        handler = HANDLERS[name]
+
+        def run(envelope: Any, _name: str = name, _handler: Handler = handler) -> dict[str, Any]:
+            return runtime.handle(_name, envelope, _handler)
+
+        run.__name__ = run.__qualname__ = name
+        actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=name, priority=0,
+                                     options={}))
+    return actors

@@ -1,0 +1,27 @@
+"""``note``: writes a note to Redis once per message key, and can read it back."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from contracts import Receipt, dumps, loads
+from contracts.tools import NoteArgs
+
+from .base import ToolContext, effect_id
+
+
+def write_note(ctx: ToolContext, args: NoteArgs) -> Receipt:
+    note_id = effect_id(ctx.key)
+    note = {"note_id": note_id, "title": args.title, "body": args.body, "findings": args.findings,
+            "key": ctx.key, "job_id": ctx.job_id, "trace_id": ctx.trace_id, "written_at": time.time()}
+    pipe = ctx.redis.pipeline(transaction=True)
+    pipe.set(ctx.keys.note(note_id), dumps(note), nx=True)
+    pipe.zadd(ctx.keys.notes, {note_id: note["written_at"]}, nx=True)
+    created, _ = pipe.execute()
+    return Receipt(tool="note", effect_id=note_id, detail={"title": args.title, "created": bool(created)})
+
+
+def read_note(client: Any, keys: Any, note_id: str) -> dict[str, Any] | None:
+    data = client.get(keys.note(note_id))
+    return None if data is None else loads(data)

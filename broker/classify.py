@@ -1,0 +1,74 @@
+"""Exception -> failure class (+ retry-after). Pure: no Redis, no clock unless one is passed in."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+
+import httpx
+import pydantic
+import redis
+from dramatiq.middleware import TimeLimitExceeded
+
+from contracts import (
+    Brownout,
+    DependencyTimeout,
+    FailureClass,
+    MeshError,
+    PermanentFailure,
+    RateLimited,
+)
+
+_TIMEOUT_STATUS = {408, 504}
+_BROWNOUT_STATUS = {500, 502, 503}
+_PERMANENT_STATUS = {400, 401, 403, 404, 405, 409, 410, 413, 415, 422}
+
+
+def classify(exc: BaseException) -> tuple[FailureClass, float | None]:
+    """The failure class of ``exc`` and, for rate limits, how many seconds to wait if known."""
+    if isinstance(exc, RateLimited):
+        return exc.failure_class, exc.retry_after_s
+    if isinstance(exc, MeshError):
+        return exc.failure_class, None
+    if isinstance(exc, TimeLimitExceeded | httpx.TimeoutException):
+        return FailureClass.TIMEOUT, None
+    if isinstance(exc, httpx.HTTPStatusError):
+        return classify(error_for_response(exc.response, dependency=str(exc.request.url.netloc)))
+    if isinstance(exc, httpx.TransportError | redis.ConnectionError | ConnectionError):
+        return FailureClass.BROWNOUT, None
+    if isinstance(exc, pydantic.ValidationError):
+        return FailureClass.INVALID_OUTPUT, None
+    return FailureClass.UNKNOWN, None
+
+
+def error_for_response(response: httpx.Response, *, dependency: str, now: float | None = None) -> MeshError:
+    """The mesh error a non-success HTTP response stands for."""
+    status = response.status_code
+    text = f"{dependency} answered {status}"
+    if status == 429:
+        return RateLimited(text, retry_after_s=parse_retry_after(response.headers, now=now), dependency=dependency)
+    if status in _TIMEOUT_STATUS:
+        return DependencyTimeout(text, dependency=dependency, status=status)
+    if status in _BROWNOUT_STATUS or status >= 500:
+        return Brownout(text, dependency=dependency, status=status)
+    if status in _PERMANENT_STATUS or 400 <= status < 500:
+        return PermanentFailure(text, dependency=dependency, status=status)
+    return MeshError(text, dependency=dependency, status=status)
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP-date; None when absent or bad."""
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

@@ -1,0 +1,142 @@
+"""MeshClient: how applications put work on the mesh and follow it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from contracts import (
+    CONTRACTS,
+    TERMINAL,
+    ContractError,
+    Envelope,
+    JobRecord,
+    MeshError,
+    StepRecord,
+    new_trace_id,
+    validate_input,
+)
+
+from .jobs import JobNotFound, JobStore
+from .keys import Keys
+from .outbox import build_message, stage
+from .settings import MeshSettings
+
+#: The entry agent of the pipeline and the step id its work is recorded under.
+ENTRY_AGENT, ENTRY_STEP = "planner", "plan"
+
+
+class WaitTimeout(MeshError):
+    def __init__(self, job_id: str, timeout_s: float, record: JobRecord) -> None:
+        super().__init__(f"job {job_id} still {record.state} after {timeout_s:g}s", job_id=job_id)
+        self.record = record
+
+
+@dataclass(frozen=True)
+class JobRef:
+    id: str
+    key: str
+    trace_id: str
+
+
+def job_id_for(key: str) -> str:
+    """The same key always names the same job: sending twice cannot fork it."""
+    return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-key:{key}").hex
+
+
+class MeshClient:
+    """Submit goals, send messages to one agent, and follow jobs. Settings come from ``MESH_*``
+    unless given; the Redis connection may be injected."""
+
+    def __init__(self, settings: MeshSettings | None = None, *, client: redis.Redis | None = None) -> None:
+        self.settings = settings or MeshSettings.from_env()
+        self.redis = client or redis.Redis.from_url(self.settings.redis_url)
+        self.keys = Keys(self.settings.namespace)
+        self.jobs = JobStore(self.redis, self.keys)
+
+    def submit(self, goal: str, *, key: str | None = None) -> JobRef:
+        """Run the whole pipeline for ``goal``."""
+        return self._send([(ENTRY_AGENT, ENTRY_STEP, {"goal": goal}, key)], goal=goal)[0]
+
+    def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None) -> JobRef:
+        """One message to one agent, checked against its input contract before it reaches Redis."""
+        return self._send([(agent, agent, payload, key)])[0]
+
+    def send_many(self, agent: str, items: Iterable[tuple[dict[str, Any], str | None]],
+                  *, chunk: int = 1000) -> list[JobRef]:
+        """Many messages to one agent in pipelined chunks; every payload is checked before any is sent."""
+        batch = list(items)
+        for index, (payload, _key) in enumerate(batch):
+            try:
+                validate_input(agent, payload)
+            except ContractError as exc:
+                raise ContractError(f"item {index}: {exc.message}", errors=exc.errors, index=index) from None
+        refs: list[JobRef] = []
+        for start in range(0, len(batch), chunk):
+            part = batch[start:start + chunk]
+            refs += self._send([(agent, agent, p, k) for p, k in part], validated=True)
+        return refs
+
+    def _send(self, items: list[tuple[str, str, dict[str, Any], str | None]], *,
+              goal: str | None = None, validated: bool = False) -> list[JobRef]:
+        now = time.time()
+        refs = []
+        pipe = self.redis.pipeline(transaction=True)
+        for agent, step_id, payload, key in items:
+            if agent not in CONTRACTS:
+                validate_input(agent, payload)  # raises UnknownAgent
+            if not validated:
+                validate_input(agent, payload)
+            key = key or uuid.uuid4().hex
+            ref = JobRef(id=job_id_for(key), key=key, trace_id=new_trace_id())
+            env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
+                           deadline=now + self.settings.job_deadline_s, payload=payload)
+            step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
+                              created_at=now, updated_at=now)
+            record = JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
+                               steps={step_id: step}, created_at=now, updated_at=now)
+            self.jobs.stage_create(pipe, record)
+            stage(pipe, self.keys, build_message(env))
+            refs.append(ref)
+        pipe.execute()
+        return refs
+
+    def status(self, job_id: str) -> JobRecord:
+        record = self.jobs.get(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record
+
+    def wait(self, job_id: str, *, timeout_s: float = 30.0, poll_s: float = 0.05) -> JobRecord:
+        """Poll until the job ends (succeeded, dead_lettered or unknown) or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record = self.status(job_id)
+            if record.state in TERMINAL:
+                return record
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(job_id, timeout_s, record)
+            time.sleep(poll_s)
+
+    def queues(self, agents: Iterable[str] = tuple(CONTRACTS)) -> dict[str, dict[str, int]]:
+        """Per agent queue: ready, delayed, and in flight (fetched by a worker, not yet settled)."""
+        pipe = self.redis.pipeline(transaction=False)
+        names = list(agents)
+        for name in names:
+            pipe.llen(self.keys.queue(name))
+            pipe.hlen(self.keys.messages(name))
+            pipe.hlen(self.keys.delayed_messages(name))
+        values = pipe.execute()
+        out = {}
+        for i, name in enumerate(names):
+            ready, stored, delayed = values[3 * i: 3 * i + 3]
+            out[name] = {"ready": ready, "delayed": delayed, "in_flight": max(0, stored - ready)}
+        return out
+
+    def close(self) -> None:
+        self.redis.close()

@@ -1,0 +1,135 @@
+"""The mesh's Redis consumer: one bad payload never strands or crashes the rest of its batch,
+every settlement is a single atomic script, and heartbeats continue while handlers run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import _RedisConsumer
+from dramatiq.common import compute_backoff
+from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.message import Message
+
+from contracts import FailureClass, dumps
+from dlq.entry import DeadLetter, format_traceback
+
+from .settle import DeadLetterIt, RetryLater, decide, decision_of, raw_of
+
+if TYPE_CHECKING:
+    from .mesh_broker import MeshBroker
+
+logger = logging.getLogger(__name__)
+
+
+class MeshConsumer(_RedisConsumer):
+    broker: MeshBroker
+
+    def __init__(self, broker: MeshBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)
+        self.pairs: list[tuple[str, bytes]] = []
+        self.last_beat = 0.0
+
+    @property
+    def outstanding_message_count(self) -> int:
+        return len(self.queued_message_ids) + len(self.pairs)
+
+    def ack(self, message: MessageProxy) -> None:
+        decision = decision_of(message)
+        rid = message.options["redis_message_id"]
+        try:
+            if isinstance(decision, RetryLater):
+                new = decision.message
+                self.broker.settle(
+                    "retry", self.queue_name, rid, new.options["redis_message_id"], new.encode()
+                )
+            elif isinstance(decision, DeadLetterIt):
+                self._dead(rid, decision.entry, raw_of(message), decision.stat)
+            else:
+                self.broker.do_ack(self.queue_name, rid)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+        finally:
+            self.queued_message_ids.discard(message.message_id)
+
+    def nack(self, message: MessageProxy) -> None:
+        """dramatiq rejects what it cannot route (an unknown actor): that, too, goes to the mesh DLQ."""
+        if decision_of(message) is None:
+            exc = message._exception
+            entry = self.broker.dead_letter_entry(
+                message._message, FailureClass.PERMANENT, str(exc or "rejected"), format_traceback(exc)
+            )
+            decide(message, DeadLetterIt(entry))
+        self.ack(message)
+
+    def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str) -> None:
+        self.broker.settle("dead", self.queue_name, rid, entry.entry_id, dumps(entry), raw, stat)
+
+    def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
+        logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})
+        entry = DeadLetter(
+            entry_id=rid,
+            queue=self.queue_name,
+            failure_class=FailureClass.INVALID_INPUT,
+            error=f"undecodable message: {error.error or error}",
+            worker=self.broker.broker_id,
+        )
+        try:
+            self._dead(rid, entry, data, "poison")
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+
+    def _next_message(self) -> MessageProxy | None:
+        while self.pairs:
+            rid, data = self.pairs.pop(0)
+            try:
+                message = Message.decode(data)
+            except DecodeError as exc:
+                self._poison(rid, data, exc)
+                continue
+            message.options["redis_message_id"] = rid
+            self.queued_message_ids.add(message.message_id)
+            proxy = MessageProxy(message)
+            proxy.mesh_raw = data  # type: ignore[attr-defined]
+            return proxy
+        return None
+
+    def _fetch(self) -> bool:
+        wanted = self.prefetch - self.outstanding_message_count
+        if wanted <= 0:
+            self._beat()
+            return False
+        flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted)
+        self.last_beat = time.monotonic()
+        self.pairs = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return bool(self.pairs)
+
+    def _beat(self) -> None:
+        # Busy consumers do not fetch; without this a long handler would look like a dead worker.
+        if time.monotonic() - self.last_beat >= self.broker.heartbeat_timeout / 4000:
+            self.broker.settle("heartbeat", self.queue_name)
+            self.last_beat = time.monotonic()
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            while True:
+                proxy = self._next_message()
+                if proxy is not None:
+                    self.misses = 0
+                    return proxy
+                if not self._fetch():
+                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                    time.sleep(backoff_ms / 1000)
+                    return None
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+
+    def requeue(self, messages: Any) -> None:
+        super().requeue(messages)
+        # Fetched but never handed out: these go back too, so a restart strands nothing.
+        for rid, _ in self.pairs:
+            self.broker.settle("requeue", self.queue_name, rid)
+        self.pairs = []

@@ -1,0 +1,78 @@
+"""Job records in Redis: read, created with their first message, updated in WATCH/MULTI transactions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from dramatiq.message import Message
+
+from contracts import TERMINAL, JobRecord, State, StepRecord, dumps, loads, transition
+
+from .keys import Keys
+from .outbox import stage
+
+#: A pure change to a record: the new record and the messages it implies (sent atomically with it).
+Change = Callable[[JobRecord], tuple[JobRecord, list[Message]]]
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def stage_create(self, pipe: Any, record: JobRecord) -> None:
+        """Stage the record's creation into ``pipe``; an existing record is left as it is."""
+        pipe.set(self.keys.job(record.job_id), dumps(record), nx=True)
+        pipe.zadd(self.keys.jobs, {record.job_id: record.created_at}, nx=True)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        data = self.client.get(self.keys.job(job_id))
+        return None if data is None else JobRecord.model_validate(loads(data))
+
+    def update(self, job_id: str, change: Change) -> JobRecord:
+        """Apply ``change`` atomically; concurrent writers are retried, never overwritten."""
+        key = self.keys.job(job_id)
+
+        def apply(pipe: redis.client.Pipeline) -> JobRecord:
+            data = pipe.get(key)
+            if data is None:
+                raise JobNotFound(job_id)
+            record, messages = change(JobRecord.model_validate(loads(data)))
+            pipe.multi()
+            pipe.set(key, dumps(record))
+            for message in messages:
+                stage(pipe, self.keys, message)
+            return record
+
+        return self.client.transaction(apply, key, value_from_callable=True)
+
+
+def fail_step(step_id: str, state: State, error: str, failure_class: str) -> Change:
+    """A step's attempt failed: it waits for a retry (FAILED), or ends the job (DEAD_LETTERED, UNKNOWN)."""
+
+    def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
+        now = time.time()
+        step = record.steps.get(step_id)
+        if step is None or step.state in TERMINAL:
+            return record, []
+        record = record.with_step(
+            transition(step, state, now=now, error=error, failure_class=failure_class)
+        )
+        if state in TERMINAL and record.state not in TERMINAL:
+            record = transition(
+                record, state, now=now, error=f"step {step_id}: {error}", failure_class=failure_class
+            )
+        return record, []
+
+    return change
+
+
+def new_step(step_id: str, agent: str, key: str, payload: dict[str, object]) -> StepRecord:
+    return StepRecord(step_id=step_id, agent=agent, key=key, input=payload)

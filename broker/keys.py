@@ -1,0 +1,85 @@
+"""The Redis key layout of a deployment, written down once; every key is built here.
+
+dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
+
+    {ns}:{queue}                      list of ready message ids
+    {ns}:{queue}.msgs                 hash id -> encoded message
+    {ns}:{queue}.DQ / .DQ.msgs        the same for delayed messages (retries, deferrals)
+    {ns}:__acks__.{worker}.{queue}    set of ids a worker fetched and has not settled
+    {ns}:__heartbeats__               zset worker id -> last heartbeat (ms)
+    {ns}:__held__.{worker}            set of queues a worker has fetched from (the mesh's addition:
+                                      recovery finds a dead worker's messages on every queue)
+    {ns}:{queue}.XQ                   dramatiq's dead letters: kept empty, the mesh DLQ replaces it
+
+The mesh's own:
+
+    {ns}:job:{job_id}                 JSON job record (job fields and every step)
+    {ns}:jobs                         zset job id -> created time (s)
+    {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes)
+    {ns}:dlq                          zset entry id -> dead-lettered time (ms)
+    {ns}:note:{effect_id}             JSON note written by the ``note`` tool
+    {ns}:notes                        zset effect id -> written time (s)
+    {ns}:stats                        hash of counters (duplicates, dead letters, poison, ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str
+
+    def queue(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}"
+
+    def messages(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}.msgs"
+
+    def delayed(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}.DQ"
+
+    def delayed_messages(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}.DQ.msgs"
+
+    def acks(self, worker_id: str, queue: str) -> str:
+        return f"{self.namespace}:__acks__.{worker_id}.{queue}"
+
+    @property
+    def acks_pattern(self) -> str:
+        return f"{self.namespace}:__acks__.*"
+
+    @property
+    def heartbeats(self) -> str:
+        return f"{self.namespace}:__heartbeats__"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.namespace}:job:{job_id}"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.namespace}:jobs"
+
+    def dead_letter(self, entry_id: str) -> str:
+        return f"{self.namespace}:dlq:{entry_id}"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.namespace}:dlq"
+
+    def note(self, effect_id: str) -> str:
+        return f"{self.namespace}:note:{effect_id}"
+
+    @property
+    def notes(self) -> str:
+        return f"{self.namespace}:notes"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.namespace}:stats"
+
+    @property
+    def everything(self) -> str:
+        """A SCAN pattern matching every key of the deployment (tests clean with it)."""
+        return f"{self.namespace}:*"

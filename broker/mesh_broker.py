@@ -1,0 +1,125 @@
+"""A dramatiq ``RedisBroker`` built from settings, with the mesh's consumer and middleware stack."""
+
+from __future__ import annotations
+
+import os
+import socket
+from importlib import resources
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
+from dramatiq.message import Message
+from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
+
+from contracts import OrjsonEncoder
+from dlq.entry import Attempt, DeadLetter
+
+from .consumer import MeshConsumer
+from .jobs import JobStore
+from .keys import Keys
+from .router import FailureRouter
+from .settings import MeshSettings
+
+SETTLE_LUA = resources.files("broker").joinpath("scripts/settle.lua").read_text()
+
+
+class MeshBroker(RedisBroker):
+    """dramatiq's Redis broker with the mesh's consumer, settle script and key layout."""
+
+    def __init__(
+        self,
+        settings: MeshSettings,
+        *,
+        client: redis.Redis | None = None,
+        middleware: list[Middleware] | None = None,
+    ) -> None:
+        client = client or redis.Redis.from_url(settings.redis_url)
+        super().__init__(
+            namespace=settings.namespace,
+            # Recovery runs deterministically in every fetch (settle.lua), not by chance.
+            maintenance_chance=0,
+            heartbeat_timeout=int(settings.heartbeat_timeout_s * 1000),
+            middleware=middleware if middleware is not None else default_middleware(settings, client),
+            client=client,
+        )
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.scripts["settle"] = self.client.register_script(SETTLE_LUA)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+
+    @property
+    def consumer_class(self) -> type[MeshConsumer]:
+        return MeshConsumer
+
+    def settle(self, command: str, queue_name: str, *args: Any) -> Any:
+        """Run one command of ``settle.lua`` for this worker on ``queue_name``."""
+        return self.scripts["settle"](
+            keys=[self.namespace],
+            args=[command, current_millis(), queue_name, self.broker_id, self.heartbeat_timeout, *args],
+        )
+
+    def dead_letter_entry(
+        self, message: Message, failure_class: str, error: str, traceback: str | None
+    ) -> DeadLetter:
+        """Everything the DLQ keeps about ``message``, whose last attempt failed with ``error``."""
+        envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else None
+        env = envelope or {}
+        history = [Attempt.model_validate(a) for a in message.options.get("mesh_attempts", [])]
+        history.append(
+            Attempt(
+                attempt=int(env.get("attempt", 1)) if isinstance(env.get("attempt", 1), int) else 1,
+                outcome="dead_lettered",
+                failure_class=failure_class,
+                error=error,
+                at=current_millis() / 1000,
+                worker=self.worker_label,
+            )
+        )
+        return DeadLetter(
+            entry_id=message.message_id,
+            queue=message.queue_name,
+            agent=message.actor_name,
+            failure_class=failure_class,
+            error=error,
+            traceback=traceback,
+            envelope=envelope,
+            key=_str(env.get("key")),
+            job_id=_str(env.get("job_id")),
+            trace_id=_str(env.get("trace_id")),
+            attempts=tuple(history),
+            worker=self.worker_label,
+            host=self.host,
+            replay_of=_str(env.get("replay_of")),
+        )
+
+    @property
+    def worker_label(self) -> str:
+        return f"{self.host}:{self.pid}:{self.broker_id[:8]}"
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def default_middleware(settings: MeshSettings, client: redis.Redis | None = None) -> list[Middleware]:
+    """The mesh's stack, in order; later policies slot in here. No dramatiq ``Retries``:
+    the FailureRouter decides every failed message's fate by its class."""
+    jobs = JobStore(client, Keys(settings.namespace)) if client is not None else None
+    return [
+        TimeLimit(time_limit=int(settings.time_limit_s * 1000)),
+        ShutdownNotifications(),
+        FailureRouter(settings, jobs),
+    ]
+
+
+def build_broker(settings: MeshSettings, *, client: redis.Redis | None = None) -> MeshBroker:
+    """A broker for ``settings``, installed as dramatiq's global broker with the orjson encoder."""
+    dramatiq.set_encoder(OrjsonEncoder())
+    client = client or redis.Redis.from_url(settings.redis_url)
+    broker = MeshBroker(settings, client=client, middleware=default_middleware(settings, client))
+    dramatiq.set_broker(broker)
+    return broker

@@ -1,0 +1,100 @@
+-- The mesh's consumer-side commands over dramatiq's key layout (see broker/keys.py).
+-- Each command is one atomic step, so no crash or lost connection can leave a message
+-- both settled and pending, or neither.
+--
+-- settle(keys=[namespace], args=[command, now_ms, queue, worker_id, heartbeat_timeout_ms, ...])
+--
+--   fetch     n                      -> {id1, data1, id2, data2, ...}; also heartbeats and
+--                                       returns to their queues what dead workers left unsettled
+--   heartbeat                        -> 1
+--   retry     id, new_id, new_data   -> the copy goes on {queue}.DQ, the original is settled
+--   dead      id, entry_id, entry, raw, stat
+--                                    -> the entry lands in the mesh DLQ, the original is settled
+--   requeue   id                     -> an unsettled message goes back to the head of its queue
+
+local ns = KEYS[1]
+local command = ARGV[1]
+local now = tonumber(ARGV[2])
+local queue = ARGV[3]
+local worker = ARGV[4]
+local heartbeat_timeout = tonumber(ARGV[5])
+
+local heartbeats = ns .. ":__heartbeats__"
+local acks_prefix = ns .. ":__acks__."
+local queue_key = ns .. ":" .. queue
+local msgs_key = queue_key .. ".msgs"
+local acks = acks_prefix .. worker .. "." .. queue
+local held_prefix = ns .. ":__held__."
+
+redis.call("zadd", heartbeats, now, worker)
+
+local function settle(id)
+    redis.call("srem", acks, id)
+    redis.call("hdel", msgs_key, id)
+end
+
+if command == "fetch" then
+    -- Recovery is deterministic: every fetch looks for workers whose heartbeat stopped and
+    -- puts back at the head of their queues whatever they held, on every queue they held it.
+    local dead = redis.call("zrangebyscore", heartbeats, 0, now - heartbeat_timeout)
+    for _, dead_worker in ipairs(dead) do
+        local held_queues = held_prefix .. dead_worker
+        for _, q in ipairs(redis.call("smembers", held_queues)) do
+            local dead_acks = acks_prefix .. dead_worker .. "." .. q
+            local q_key = ns .. ":" .. q
+            for _, id in ipairs(redis.call("smembers", dead_acks)) do
+                if redis.call("hexists", q_key .. ".msgs", id) == 1 then
+                    redis.call("lpush", q_key, id)
+                    redis.call("hincrby", ns .. ":stats", "recovered", 1)
+                end
+            end
+            redis.call("del", dead_acks)
+        end
+        redis.call("del", held_queues)
+        redis.call("zrem", heartbeats, dead_worker)
+    end
+
+    local n = tonumber(ARGV[6])
+    local out = {}
+    redis.call("sadd", held_prefix .. worker, queue)
+    for _ = 1, n do
+        local id = redis.call("lpop", queue_key)
+        if not id then break end
+        local data = redis.call("hget", msgs_key, id)
+        if data then
+            redis.call("sadd", acks, id)
+            out[#out + 1] = id
+            out[#out + 1] = data
+        end
+    end
+    return out
+
+elseif command == "heartbeat" then
+    return 1
+
+elseif command == "retry" then
+    local id, new_id, new_data = ARGV[6], ARGV[7], ARGV[8]
+    redis.call("hset", queue_key .. ".DQ.msgs", new_id, new_data)
+    redis.call("rpush", queue_key .. ".DQ", new_id)
+    settle(id)
+    redis.call("hincrby", ns .. ":stats", "retried", 1)
+    return 1
+
+elseif command == "dead" then
+    local id, entry_id, entry, raw, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+    local entry_key = ns .. ":dlq:" .. entry_id
+    redis.call("hset", entry_key, "entry", entry, "raw", raw)
+    redis.call("zadd", ns .. ":dlq", now, entry_id)
+    settle(id)
+    redis.call("hincrby", ns .. ":stats", stat, 1)
+    return 1
+
+elseif command == "requeue" then
+    local id = ARGV[6]
+    if redis.call("srem", acks, id) == 1 and redis.call("hexists", msgs_key, id) == 1 then
+        redis.call("lpush", queue_key, id)
+    end
+    return 1
+end
+
+return redis.error_reply("unknown settle command " .. tostring(command))

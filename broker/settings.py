@@ -1,0 +1,75 @@
+"""One frozen settings object, read once from ``MESH_*`` at the entry point and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts import ConfigError
+
+ENV_PREFIX = "MESH_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class MeshSettings(BaseSettings):
+    """Every knob of a deployment. Durations carry their unit in the name."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+    model_provider: Literal["local", "openai"] = "local"
+    model_url: str | None = Field(default=None, description="base URL of an OpenAI-compatible API, e.g. .../v1")
+    model_name: str = "gpt-4o-mini"
+    model_api_key: SecretStr | None = None
+    model_timeout_s: float = Field(default=30.0, gt=0)
+
+    http_allow: str = Field(default="", description="comma-separated host:port pairs http_post may reach")
+    http_timeout_s: float = Field(default=10.0, gt=0)
+
+    max_retries: int = Field(default=3, ge=0, le=100)
+    retry_min_backoff_ms: int = Field(default=200, ge=1)
+    retry_max_backoff_ms: int = Field(default=30_000, ge=1)
+    job_deadline_s: float = Field(default=600.0, gt=0)
+    max_hops: int = Field(default=8, ge=1)
+    time_limit_s: float = Field(default=300.0, gt=0)
+
+    heartbeat_timeout_s: float = Field(default=15.0, gt=0)
+    worker_threads: int = Field(default=4, ge=1, le=256)
+    prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
+
+    @property
+    def http_allowlist(self) -> frozenset[str]:
+        return frozenset(p.strip().lower() for p in self.http_allow.split(",") if p.strip())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> MeshSettings:
+        """Read ``MESH_*`` variables; an unknown one or a bad value is a ConfigError, never ignored."""
+        environ = os.environ if environ is None else environ
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {
+            name: environ[ENV_PREFIX + name.upper()]
+            for name in cls.model_fields
+            if ENV_PREFIX + name.upper() in environ
+        }
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"invalid settings: {problems}") from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_sources):  # type: ignore[no-untyped-def,override]
+        # Only explicit values: the environment is read by from_env alone, where unknown names fail.
+        return (init_settings,)

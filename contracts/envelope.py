@@ -1,0 +1,60 @@
+"""The envelope every message of the mesh travels in."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_trace_id() -> str:
+    """A W3C trace id: 32 lowercase hex digits, not all zero."""
+    return secrets.token_hex(16)
+
+
+def traceparent(trace_id: str) -> str:
+    """A W3C ``traceparent`` header value for a fresh span of ``trace_id``."""
+    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+def child_key(key: str, agent: str, step: str) -> str:
+    """Downstream keys derive from the upstream key, so a re-sent hop reproduces them."""
+    return f"{key}/{agent}/{step}"
+
+
+class Frozen(BaseModel):
+    """Base of every contract: immutable, and unknown fields are an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Envelope(Frozen):
+    """Delivery metadata around an agent's typed payload."""
+
+    key: str = Field(min_length=1, max_length=512)
+    job_id: str = Field(min_length=1, max_length=128)
+    step_id: str = Field(min_length=1, max_length=128)
+    agent: str = Field(min_length=1, max_length=64)
+    trace_id: str
+    deadline: float = Field(description="absolute UNIX time in seconds; the budget carried across hops")
+    hops: tuple[str, ...] = ()
+    attempt: int = Field(default=1, ge=1)
+    schema_version: int = SCHEMA_VERSION
+    replay_of: str | None = None
+    payload: dict[str, Any]
+
+    @field_validator("trace_id")
+    @classmethod
+    def _w3c_trace_id(cls, value: str) -> str:
+        if not _TRACE_ID.match(value) or value == "0" * 32:
+            raise ValueError("trace_id must be 32 lowercase hex digits, not all zero")
+        return value
+
+    def remaining_s(self, now: float | None = None) -> float:
+        return self.deadline - (time.time() if now is None else now)

@@ -1,0 +1,139 @@
+"""The mesh's one exception tree and the failure taxonomy it maps onto.
+
+    MeshError                       root; ``failure_class`` and ``terminal`` on every error
+    ├── ConfigError                 bad or unknown settings              permanent
+    ├── ContractError               payload fails its contract           invalid_input
+    │   └── PoisonMessage           bytes that do not even decode        invalid_input
+    ├── InvalidOutput               a model's output fails its contract  invalid_output
+    ├── RateLimited                 429 / quota; carries ``retry_after_s`` rate_limited
+    ├── DependencyTimeout           read timeout, 408, 504, time limit   timeout
+    ├── Brownout                    500/502/503, refused/reset           brownout
+    ├── PermanentFailure            400/401/403/404/422, auth, refusals  permanent
+    │   ├── ToolRefused             a tool call the executor will not make
+    │   └── IllegalTransition       a job-record transition the lifecycle forbids
+    ├── DeadlineExceeded            the envelope's deadline has passed   deadline
+    ├── CycleDetected               hop limit hit or an agent re-entered cycle
+    └── UnknownAgent                a message names no agent of the mesh permanent
+
+Each error carries its context as attributes and says whether it is terminal
+(dead-letter at once) or may be retried.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class FailureClass(StrEnum):
+    """Every failure falls in exactly one class; routing reads only the class."""
+
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    BROWNOUT = "brownout"
+    INVALID_INPUT = "invalid_input"
+    PERMANENT = "permanent"
+    INVALID_OUTPUT = "invalid_output"
+    DEADLINE = "deadline"
+    CYCLE = "cycle"
+    UNKNOWN = "unknown"
+
+
+class MeshError(Exception):
+    """Root of every error the mesh raises."""
+
+    failure_class: FailureClass = FailureClass.UNKNOWN
+    terminal: bool = False
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(MeshError):
+    failure_class = FailureClass.PERMANENT
+    terminal = True
+
+
+class ContractError(MeshError):
+    """A payload does not satisfy its contract; ``errors`` lists each bad field."""
+
+    failure_class = FailureClass.INVALID_INPUT
+    terminal = True
+
+    def __init__(self, message: str, *, errors: list[dict[str, Any]] | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.errors = errors or []
+
+    @property
+    def fields(self) -> list[str]:
+        return [".".join(str(p) for p in e.get("loc", ())) or "<root>" for e in self.errors]
+
+
+class PoisonMessage(ContractError):
+    """Raw bytes that cannot be decoded into a message at all."""
+
+    def __init__(self, message: str, *, raw: bytes, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.raw = raw
+
+
+class InvalidOutput(MeshError):
+    failure_class = FailureClass.INVALID_OUTPUT
+
+
+class RateLimited(MeshError):
+    failure_class = FailureClass.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.retry_after_s = retry_after_s
+
+
+class DependencyTimeout(MeshError):
+    failure_class = FailureClass.TIMEOUT
+    terminal = True
+
+
+class Brownout(MeshError):
+    failure_class = FailureClass.BROWNOUT
+
+    def __init__(self, message: str, *, dependency: str, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.dependency = dependency
+
+
+class PermanentFailure(MeshError):
+    failure_class = FailureClass.PERMANENT
+    terminal = True
+
+
+class ToolRefused(PermanentFailure):
+    pass
+
+
+class IllegalTransition(PermanentFailure):
+    def __init__(self, kind: str, current: str, target: str) -> None:
+        super().__init__(f"{kind} cannot move from {current} to {target}", current=current, target=target)
+        self.current = current
+        self.target = target
+
+
+class DeadlineExceeded(MeshError):
+    failure_class = FailureClass.DEADLINE
+    terminal = True
+
+
+class CycleDetected(MeshError):
+    failure_class = FailureClass.CYCLE
+    terminal = True
+
+
+class UnknownAgent(PermanentFailure):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"no agent named {name!r}; agents are {', '.join(known)}", agent=name)
+        self.agent = name

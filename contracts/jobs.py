@@ -1,0 +1,113 @@
+"""Job and step records, and the one function through which their state moves.
+
+Every change of state goes through :func:`transition`, which refuses moves the
+lifecycle does not allow and scrubs terminal fields (error, result, finished and
+failed timestamps) whenever a record becomes active again, so a retried step can
+never show the previous attempt's error or result as if it were current.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import Field
+
+from .envelope import Frozen
+from .errors import IllegalTransition
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+    UNKNOWN = "unknown"
+
+
+#: States in which work is still expected to happen.
+ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.AWAITING_APPROVAL})
+#: States a job ends in. A step in FAILED is waiting for its retry; a job never rests there
+#: unless an operator or a policy fails it for good.
+TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN})
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED}),
+    State.RUNNING: frozenset(
+        {State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}
+    ),
+    State.AWAITING_APPROVAL: frozenset({State.RUNNING, State.FAILED, State.DEAD_LETTERED}),
+    State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}),
+    State.DEAD_LETTERED: frozenset({State.QUEUED}),
+    State.UNKNOWN: frozenset({State.QUEUED}),
+    State.SUCCEEDED: frozenset(),
+}
+
+_SCRUBBED_WHEN_ACTIVE = {"error": None, "failure_class": None, "result": None, "finished_at": None, "failed_at": None}
+
+
+class Record(Frozen):
+    state: State = State.QUEUED
+    error: str | None = None
+    failure_class: str | None = None
+    result: dict[str, Any] | None = None
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    failed_at: float | None = None
+
+
+class StepRecord(Record):
+    step_id: str
+    agent: str
+    key: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    attempt: int = 0
+    picked_up: int = Field(default=0, description="how many attempts have picked this step up")
+    sent_at: float | None = Field(default=None, description="when its message was enqueued; None: not yet")
+
+
+class JobRecord(Record):
+    job_id: str
+    key: str
+    trace_id: str
+    goal: str | None = None
+    steps: dict[str, StepRecord] = Field(default_factory=dict)
+
+    def with_step(self, step: StepRecord) -> JobRecord:
+        return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})
+
+
+R = TypeVar("R", bound=Record)
+
+
+def transition(
+    record: R,
+    target: State,
+    *,
+    now: float | None = None,
+    error: str | None = None,
+    failure_class: str | None = None,
+    result: dict[str, Any] | None = None,
+    **fields: Any,
+) -> R:
+    """Move ``record`` to ``target``, scrubbing or stamping the fields that state implies."""
+    if target not in ALLOWED[record.state]:
+        raise IllegalTransition(type(record).__name__, record.state, target)
+    now = time.time() if now is None else now
+    update: dict[str, Any] = {"state": target, "updated_at": now, **fields}
+    if target in ACTIVE:
+        update.update(_SCRUBBED_WHEN_ACTIVE)
+        if target is State.RUNNING:
+            update["started_at"] = now
+    elif target is State.SUCCEEDED:
+        update.update(result=result, error=None, failure_class=None, failed_at=None, finished_at=now)
+    else:
+        update.update(error=error, failure_class=failure_class, result=None, failed_at=now)
+        if target in TERMINAL:
+            update["finished_at"] = now
+    return record.model_copy(update=update)

@@ -1,0 +1,247 @@
+"""The ``mesh`` command line. Every command has ``--help``; those that print data take ``--json``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import redis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from broker import JobNotFound, MeshClient, MeshSettings, WaitTimeout
+from contracts import CONTRACTS, ConfigError, ContractError, JobRecord, MeshError, State
+
+app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+#: Exit codes: 0 ok; 1 the job did not succeed; 2 bad input; 3 Redis unreachable; 4 timed out.
+EXIT_FAILED, EXIT_INPUT, EXIT_REDIS, EXIT_TIMEOUT = 1, 2, 3, 4
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings() -> MeshSettings:
+    try:
+        return MeshSettings.from_env()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_INPUT)
+
+
+def client() -> MeshClient:
+    s = settings()
+    c = MeshClient(s)
+    try:
+        c.redis.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        fail(f"cannot reach Redis at {s.redis_url}: {exc}", EXIT_REDIS)
+    return c
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _agents(value: str) -> list[str]:
+    names = [a.strip() for a in value.split(",") if a.strip()]
+    unknown = [a for a in names if a not in CONTRACTS]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown agent(s) {', '.join(unknown) or '(none)'}; "
+                                 f"agents are {', '.join(CONTRACTS)}")
+    return names
+
+
+@app.command()
+def worker(
+    agents: Annotated[str, typer.Option(help="Comma-separated agents to serve.")] = ",".join(CONTRACTS),
+    processes: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, help="Threads per process [MESH_WORKER_THREADS].")] = None,
+) -> None:
+    """Serve agents' queues until SIGTERM or Ctrl-C; in-memory messages are requeued on the way out."""
+    from ops.logs import setup_logging
+    from ops.worker import run_worker, supervise
+
+    names = _agents(agents)
+    s = settings()
+    setup_logging()
+    n_threads = threads or s.worker_threads
+    if processes > 1:
+        raise typer.Exit(supervise(names, processes, n_threads))
+    raise typer.Exit(run_worker(s, names, n_threads))
+
+
+@app.command()
+def submit(
+    goal: Annotated[str, typer.Argument(help="What the mesh should do.")],
+    key: Annotated[str | None, typer.Option(help="Idempotency key; the same key is the same job.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 60.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Submit a goal to the whole pipeline: planner, researchers, executor."""
+    c = client()
+    try:
+        ref = c.submit(goal, key=key)
+    except ContractError as exc:
+        fail(str(exc), EXIT_INPUT)
+    if not wait:
+        if as_json:
+            emit_json({"job_id": ref.id, "key": ref.key, "trace_id": ref.trace_id})
+        else:
+            out.print(ref.id)
+        return
+    _finish(c, ref.id, timeout, as_json)
+
+
+def _finish(c: MeshClient, job_id: str, timeout: float, as_json: bool) -> None:
+    try:
+        record = c.wait(job_id, timeout_s=timeout)
+    except WaitTimeout as exc:
+        _show(exc.record, as_json)
+        fail(str(exc), EXIT_TIMEOUT)
+    _show(record, as_json)
+    if record.state is not State.SUCCEEDED:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def send(
+    agent: Annotated[str, typer.Argument(help="planner, researcher or executor.")],
+    payload: Annotated[str | None, typer.Option(help="The agent's input as JSON.")] = None,
+    file: Annotated[Path | None, typer.Option(help='JSONL, one {"key": ..., "payload": ...} per line.')] = None,
+    key: Annotated[str | None, typer.Option(help="Idempotency key (with --payload).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Send messages straight to one agent. Every payload is checked first; on any error nothing is sent."""
+    if (payload is None) == (file is None):
+        fail("give exactly one of --payload or --file", EXIT_INPUT)
+    if agent not in CONTRACTS:
+        fail(f"unknown agent {agent!r}; agents are {', '.join(CONTRACTS)}", EXIT_INPUT)
+    items = [(_json(payload, "--payload"), key)] if payload is not None else _read_jsonl(file)  # type: ignore[arg-type]
+    c = client()
+    try:
+        refs = c.send_many(agent, items)
+    except ContractError as exc:
+        fail(f"{exc} (nothing was sent)", EXIT_INPUT)
+    if as_json:
+        emit_json([{"job_id": r.id, "key": r.key, "trace_id": r.trace_id} for r in refs])
+    else:
+        for r in refs:
+            out.print(f"{r.id}  key={r.key}", highlight=False)
+        err.print(f"sent {len(refs)} message(s) to {agent}")
+
+
+def _json(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        fail(f"{what} is not JSON: {exc}", EXIT_INPUT)
+
+
+def _read_jsonl(path: Path) -> list[tuple[Any, str | None]]:
+    if not path.exists():
+        fail(f"{path}: no such file", EXIT_INPUT)
+    items = []
+    with path.open("rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = _json(line, f"{path}:{n}")
+            if not isinstance(row, dict) or "payload" not in row or set(row) - {"key", "payload"}:
+                fail(f'{path}:{n}: each line must be {{"key": ..., "payload": {{...}}}}', EXIT_INPUT)
+            items.append((row["payload"], row.get("key")))
+    if not items:
+        fail(f"{path}: no messages", EXIT_INPUT)
+    return items
+
+
+@app.command()
+def status(job_id: str, as_json: JsonFlag = False) -> None:
+    """A job's state and every step's: attempts, timings, errors, results."""
+    try:
+        record = client().status(job_id)
+    except JobNotFound:
+        fail(f"no job {job_id}", EXIT_INPUT)
+    _show(record, as_json)
+
+
+def _show(record: JobRecord, as_json: bool) -> None:
+    if as_json:
+        emit_json(record.model_dump(mode="json"))
+        return
+    out.print(f"job {record.job_id}  [bold]{record.state}[/bold]  trace {record.trace_id}", highlight=False)
+    if record.goal:
+        out.print(f"goal: {record.goal}", highlight=False)
+    if record.error:
+        out.print(f"[red]error:[/red] {record.error}", highlight=False)
+    out.print(steps_table(record))
+
+
+def steps_table(record: JobRecord) -> Table:
+    table = Table("step", "agent", "state", "attempt", "took", "detail")
+    for step in record.steps.values():
+        took = (f"{step.finished_at - step.started_at:.2f}s"
+                if step.finished_at and step.started_at else "")
+        detail = step.error or _summary(step.result) or ""
+        table.add_row(step.step_id, step.agent, str(step.state), str(step.attempt or ""), took, detail)
+    return table
+
+
+def _summary(result: dict[str, Any] | None) -> str:
+    if not result:
+        return ""
+    if "steps" in result:
+        return f"{len(result['steps'])} steps"
+    if "summary" in result:
+        return str(result["summary"])[:90]
+    if "effect_id" in result:
+        return f"{result.get('tool')} effect {result['effect_id']}"
+    return str(result)[:90]
+
+
+@app.command()
+def queues(as_json: JsonFlag = False) -> None:
+    """Per agent queue: messages ready, delayed (retries), and in flight."""
+    depths = client().queues()
+    if as_json:
+        emit_json(depths)
+        return
+    table = Table("queue", "ready", "delayed", "in flight")
+    for name, d in depths.items():
+        table.add_row(name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"]))
+    out.print(table)
+
+
+@app.command()
+def demo(
+    goal: Annotated[str, typer.Option(help="The goal the sample job pursues.")] = (
+        "Find out how failures are classified and how dead letters are replayed, "
+        "then write a note for the on-call team"
+    ),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 60.0,
+) -> None:
+    """Start workers, submit a sample job, show its steps as they happen and the result, stop the workers."""
+    from ops.demo import run_demo
+
+    raise typer.Exit(run_demo(goal, timeout, out))
+
+
+def main() -> None:
+    try:
+        app()
+    except MeshError as exc:
+        fail(str(exc), EXIT_INPUT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``mesh demo``: a real job through real worker processes and real Redis queues, shown as it happens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from rich.console import Console
+
+from agents.tools import read_note
+from broker import MeshClient, MeshSettings
+from contracts import TERMINAL, JobRecord, State
+
+from .local_redis import ensure_redis
+
+DEMO_NAMESPACE = "mesh-demo"
+
+
+def run_demo(goal: str, timeout_s: float, out: Console) -> int:
+    env_settings = MeshSettings.from_env()
+    url = ensure_redis(env_settings.redis_url)
+    namespace = os.environ.get("MESH_NAMESPACE", DEMO_NAMESPACE)
+    settings = env_settings.model_copy(update={"redis_url": url, "namespace": namespace})
+    env = {**os.environ, "MESH_REDIS_URL": url, "MESH_NAMESPACE": namespace}
+    out.print(f"Redis {url}, namespace {namespace!r}; starting 2 worker processes (planner, researcher, executor)")
+    workers = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "worker", "--processes", "2", "--threads", "4"],
+        env=env, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        client = MeshClient(settings)
+        ref = client.submit(goal, key=f"demo-{uuid.uuid4().hex[:12]}")
+        out.print(f"submitted job [bold]{ref.id}[/bold] (trace {ref.trace_id})")
+        out.print(f"goal: {goal}", highlight=False)
+        record = _follow(client, ref.id, timeout_s, out)
+    finally:
+        os.killpg(workers.pid, signal.SIGTERM)
+        try:
+            workers.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(workers.pid, signal.SIGKILL)
+    from .cli import steps_table
+
+    out.print()
+    out.print(f"job {record.job_id}: [bold]{record.state}[/bold]")
+    out.print(steps_table(record))
+    _show_effects(client, record, out)
+    out.print(f"\nInspect it again with: MESH_REDIS_URL={url} MESH_NAMESPACE={namespace} "
+              f"mesh status {record.job_id}", highlight=False)
+    return 0 if record.state is State.SUCCEEDED else 1
+
+
+def _follow(client: MeshClient, job_id: str, timeout_s: float, out: Console) -> JobRecord:
+    """Print each step's state changes as they happen, until the job ends."""
+    seen: dict[str, str] = {}
+    started = time.monotonic()
+    while True:
+        record = client.status(job_id)
+        for step in record.steps.values():
+            if seen.get(step.step_id) != step.state:
+                seen[step.step_id] = step.state
+                note = f" ({step.error})" if step.error else ""
+                out.print(f"  {time.monotonic() - started:6.2f}s  {step.step_id:<5} {step.agent:<10} "
+                          f"{step.state}{note}", highlight=False)
+        if record.state in TERMINAL:
+            return record
+        if time.monotonic() - started > timeout_s:
+            out.print(f"[red]job still {record.state} after {timeout_s:g}s[/red]")
+            return record
+        time.sleep(0.05)
+
+
+def _show_effects(client: MeshClient, record: JobRecord, out: Console) -> None:
+    for step in record.steps.values():
+        result = step.result or {}
+        if step.agent == "researcher":
+            for finding in result.get("findings", []):
+                out.print(f"  [dim]{step.step_id} cites {finding['source']}[/dim]")
+        if result.get("tool") == "note":
+            note = read_note(client.redis, client.keys, result["effect_id"])
+            if note:
+                out.print(f"\nnote {note['note_id']} read back from Redis: [bold]{note['title']}[/bold]",
+                          highlight=False)
+                for f in note["findings"]:
+                    out.print(f"  - {f['question']}: {f['summary']}", highlight=False)

