@@ -29,5 +29,5 @@ def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
     return spec.run(ctx, call.typed_args())
 
 
-HANDLERS: dict[str, Handler] = {"planner": planner, "researcher": researcher, "executor": executor}  # type: ignore[dict-item]
+HANDLERS: dict[str, Handler] = {"planner": planner, "researcher": researcher, "executor": executor}
 AGENTS = tuple(HANDLERS)

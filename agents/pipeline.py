@@ -81,16 +81,16 @@ def complete(env: Envelope, output: Frozen) -> Change:
 def _fan_out(env: Envelope, record: JobRecord, plan: Plan, now: float) -> tuple[JobRecord, list[Message]]:
     messages = []
     for research in plan.research:
-        payload = {"question": research.question}
+        payload: dict[str, Any] = {"question": research.question}
         nxt = downstream(env, "researcher", research.step_id, payload)
         record = record.with_step(StepRecord(step_id=research.step_id, agent="researcher", key=nxt.key,
                                              input=payload, sent_at=now, created_at=now, updated_at=now))
         messages.append(build_message(nxt))
     for action in plan.actions:
-        payload = {"tool": action.tool, "args": action.args}
+        action_input: dict[str, Any] = {"tool": action.tool, "args": action.args}
         record = record.with_step(StepRecord(step_id=action.step_id, agent="executor",
                                              key=child_key(env.key, "executor", action.step_id),
-                                             input=payload, created_at=now, updated_at=now))
+                                             input=action_input, created_at=now, updated_at=now))
     return record, messages
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import dramatiq
 import httpx
-import redis
 from pydantic import ValidationError
+from redis import Redis
 
 from broker.jobs import JobNotFound, JobStore
 from broker.keys import Keys
@@ -42,7 +42,7 @@ class AgentRuntime:
     """What agents share in one worker process: settings, Redis, job store, model provider, HTTP client."""
 
     settings: MeshSettings
-    redis: redis.Redis
+    redis: Redis
     provider: ModelProvider
     http: httpx.Client = field(default_factory=httpx.Client)
 
@@ -51,7 +51,7 @@ class AgentRuntime:
         self.jobs = JobStore(self.redis, self.keys)
 
     @classmethod
-    def from_settings(cls, settings: MeshSettings, client: redis.Redis) -> AgentRuntime:
+    def from_settings(cls, settings: MeshSettings, client: Redis) -> AgentRuntime:
         return cls(settings=settings, redis=client, provider=provider_for(settings))
 
     def handle(self, agent: str, raw: Any, handler: Handler) -> dict[str, Any]:

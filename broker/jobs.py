@@ -51,7 +51,8 @@ class JobStore:
                 stage(pipe, self.keys, message)
             return record
 
-        return self.client.transaction(apply, key, value_from_callable=True)
+        record: JobRecord = self.client.transaction(apply, key, value_from_callable=True)  # type: ignore[arg-type,assignment]
+        return record
 
 
 def fail_step(step_id: str, state: State, error: str, failure_class: str) -> Change:

@@ -55,7 +55,7 @@ class MeshSettings(BaseSettings):
         unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = {
+        values: dict[str, object] = {
             name: environ[ENV_PREFIX + name.upper()]
             for name in cls.model_fields
             if ENV_PREFIX + name.upper() in environ
@@ -70,6 +70,6 @@ class MeshSettings(BaseSettings):
             raise ConfigError(f"invalid settings: {problems}") from None
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, **_sources):  # type: ignore[no-untyped-def,override]
+    def settings_customise_sources(cls, settings_cls, init_settings, **_sources):  # type: ignore[override]
         # Only explicit values: the environment is read by from_env alone, where unknown names fail.
         return (init_settings,)

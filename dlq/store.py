@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 
@@ -26,14 +27,14 @@ class DeadLetterStore:
 
     def raw(self, entry_id: str) -> bytes | None:
         data = self.client.hget(self.keys.dead_letter(entry_id), "raw")
-        return None if data is None else bytes(data)
+        return None if data is None else data if isinstance(data, bytes) else data.encode()
 
-    def list(self, limit: int = 100) -> list[DeadLetter]:
+    def newest(self, limit: int = 100) -> list[DeadLetter]:
         """Newest first."""
         ids = self.client.zrevrange(self.keys.dlq, 0, max(limit, 1) - 1)
-        return [e for e in self._load(ids)]
+        return list(self._load(ids))
 
-    def _load(self, ids: list[bytes]) -> Iterator[DeadLetter]:
+    def _load(self, ids: Any) -> Iterator[DeadLetter]:
         if not ids:
             return
         pipe = self.client.pipeline(transaction=False)

@@ -141,7 +141,7 @@ def send(
         err.print(f"sent {len(refs)} message(s) to {agent}")
 
 
-def _json(text: str, what: str) -> Any:
+def _json(text: str | bytes, what: str) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:

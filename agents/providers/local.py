@@ -18,15 +18,17 @@ ACTION_VERBS = frozenset(
 QUESTION_WORDS = frozenset({"how", "what", "why", "which", "when", "where", "who", "whether"})
 _CLAUSES = re.compile(
     r"[.;!?]+(?=\s|$)|\n+|,?\s+and then\s+|,?\s+then\s+|,\s+and\s+"
-    r"|\s+and\s+(?=(?:%s)\b)" % "|".join(sorted(ACTION_VERBS | QUESTION_WORDS)),
+    r"|\s+and\s+(?=(?:" + "|".join(sorted(ACTION_VERBS | QUESTION_WORDS)) + r")\b)",
     re.IGNORECASE,
 )
 _URL = re.compile(r"https?://[^\s,;]+")
 _WORD = re.compile(r"[a-z][a-z0-9_-]+")
 STOPWORDS = frozenset(
-    "the a an and or of to in on for with what how why when which is are be it its this that does do "
-    "about from into by as at can will should would then there their them they we our you your "
-    "find out tell explain describe work works".split()
+    (
+        "the a an and or of to in on for with what how why when which is are be it its this that "
+        "does do about from into by as at can will should would then there their them they we our "
+        "you your find out tell explain describe work works "
+    ).split()
 )
 
 
@@ -103,7 +105,7 @@ class LocalProvider:
     def sections(self) -> list[Section]:
         out: list[Section] = []
         for name, text in sorted(self._documents()):
-            title, body = "", []
+            title, body = "", list[str]()
             for line in [*text.splitlines(), "## "]:
                 if line.startswith("## "):
                     if title and "".join(body).strip():

@@ -13,11 +13,12 @@ from .base import ToolContext, effect_id
 
 def write_note(ctx: ToolContext, args: NoteArgs) -> Receipt:
     note_id = effect_id(ctx.key)
+    written_at = time.time()
     note = {"note_id": note_id, "title": args.title, "body": args.body, "findings": args.findings,
-            "key": ctx.key, "job_id": ctx.job_id, "trace_id": ctx.trace_id, "written_at": time.time()}
+            "key": ctx.key, "job_id": ctx.job_id, "trace_id": ctx.trace_id, "written_at": written_at}
     pipe = ctx.redis.pipeline(transaction=True)
     pipe.set(ctx.keys.note(note_id), dumps(note), nx=True)
-    pipe.zadd(ctx.keys.notes, {note_id: note["written_at"]}, nx=True)
+    pipe.zadd(ctx.keys.notes, {note_id: written_at}, nx=True)
     created, _ = pipe.execute()
     return Receipt(tool="note", effect_id=note_id, detail={"title": args.title, "created": bool(created)})
 

@@ -1,0 +1,140 @@
+"""Shared fixtures: a real Redis, a namespace per test (only its keys are ever deleted), workers
+in-process or as real processes, and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from broker import MeshClient, MeshSettings
+from broker.settings import DEFAULT_REDIS_URL
+from ops.local_redis import ensure_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return ensure_redis(os.environ.get("MESH_REDIS_URL", DEFAULT_REDIS_URL))
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    ns = f"test-{uuid.uuid4().hex[:12]}"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i:i + 500])
+    client.close()
+
+
+@pytest.fixture
+def make_settings(redis_url: str, namespace: str) -> Callable[..., MeshSettings]:
+    def make(**overrides: Any) -> MeshSettings:
+        values: dict[str, Any] = {"redis_url": redis_url, "namespace": namespace,
+                                  "retry_min_backoff_ms": 20, "retry_max_backoff_ms": 100}
+        values.update(overrides)
+        return MeshSettings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., MeshSettings]) -> MeshSettings:
+    return make_settings()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def client(settings: MeshSettings, rclient: redis.Redis) -> MeshClient:
+    return MeshClient(settings, client=rclient)
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., Any]]:
+    """Start an in-process dramatiq worker for some agents; stopped at teardown."""
+    from ops.worker import start_worker as start
+
+    started = []
+
+    def run(settings: MeshSettings, agents: tuple[str, ...] = ("planner", "researcher", "executor"),
+            threads: int = 4) -> Any:
+        worker = start(settings, list(agents), threads)
+        started.append(worker)
+        return worker
+
+    yield run
+    for worker in started:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+
+
+def mesh_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_REDIS_URL": settings.redis_url, "MESH_NAMESPACE": settings.namespace,
+                "PYTHONPATH": str(ROOT)})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def worker_process(settings: MeshSettings) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``mesh worker`` as a real process; killed at teardown if still alive."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def run(*args: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", *args],
+                                env=mesh_env(settings, **extra_env), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        return proc
+
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def cli(settings: MeshSettings) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``mesh ...`` as a subprocess against this test's namespace."""
+
+    def run(*args: str, timeout: float = 60, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=mesh_env(settings, **extra_env),
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    return run
