@@ -222,6 +222,33 @@ def queues(as_json: JsonFlag = False) -> None:
     out.print(table)
 
 
+ops_app = typer.Typer(help="Operations: the health and metrics server.", no_args_is_help=True)
+app.add_typer(ops_app, name="ops")
+
+
+@ops_app.command("serve")
+def ops_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9464,
+) -> None:
+    """Serve /metrics (Prometheus), /healthz and /readyz until Ctrl-C or SIGTERM."""
+    import signal
+
+    from ops.logs import setup_logging
+    from ops.server import make_server
+
+    setup_logging()
+    server = make_server(MeshClient(settings()), host, port)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    err.print(f"serving /metrics, /healthz, /readyz on http://{host}:{server.server_port}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 @app.command()
 def demo(
     goal: Annotated[str, typer.Option(help="The goal the sample job pursues.")] = (
