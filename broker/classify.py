@@ -34,7 +34,7 @@ def classify(exc: BaseException) -> tuple[FailureClass, float | None]:
     if isinstance(exc, TimeLimitExceeded | httpx.TimeoutException):
         return FailureClass.TIMEOUT, None
     if isinstance(exc, httpx.HTTPStatusError):
-        return classify(error_for_response(exc.response, dependency=str(exc.request.url.netloc)))
+        return classify(error_for_response(exc.response, dependency=exc.request.url.netloc.decode()))
     if isinstance(exc, httpx.TransportError | redis.ConnectionError | ConnectionError):
         return FailureClass.BROWNOUT, None
     if isinstance(exc, pydantic.ValidationError):
@@ -63,7 +63,7 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -52,7 +52,8 @@ class MeshSettings(BaseSettings):
         """Read ``MESH_*`` variables; an unknown one or a bad value is a ConfigError, never ignored."""
         environ = os.environ if environ is None else environ
         known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
-        unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+        # Names are exact: a lower-case mesh_namespace is unknown, not silently ignored.
+        unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k not in known)
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         values: dict[str, object] = {

@@ -1,0 +1,79 @@
+"""The orjson codec: dramatiq messages travel as JSON objects, never pickle."""
+
+from __future__ import annotations
+
+import pickle
+
+import dramatiq
+import orjson
+import pytest
+from dramatiq.errors import DecodeError
+
+from contracts import Envelope, OrjsonEncoder, dumps, loads
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def envelope() -> Envelope:
+    return Envelope(key="k", job_id="j", step_id="s", agent="planner", trace_id=TRACE,
+                    deadline=100.0, hops=("planner",), payload={"goal": "g"})
+
+
+def test_encoder_round_trips_a_dramatiq_message_dict() -> None:
+    message = dramatiq.Message(queue_name="planner", actor_name="planner",
+                               args=(envelope().model_dump(mode="json"),), kwargs={},
+                               options={"eta": 123, "mesh_attempts": []})
+    encoder = OrjsonEncoder()
+    decoded = encoder.decode(encoder.encode(message.asdict()))
+    assert decoded["args"] == [envelope().model_dump(mode="json")]  # tuples come back as lists
+    assert decoded["message_id"] == message.message_id
+    rebuilt = dramatiq.Message(**decoded)
+    assert rebuilt.actor_name == "planner"
+    assert Envelope.model_validate(rebuilt.args[0]) == envelope()
+
+
+def test_encoded_output_is_json_bytes_not_pickle() -> None:
+    data = OrjsonEncoder().encode({"queue_name": "q", "args": [1, "two"], "kwargs": {}})
+    assert isinstance(data, bytes)
+    assert data.startswith(b"{")
+    assert not data.startswith(b"\x80")  # pickle protocol 2+ header
+    assert orjson.loads(data) == {"queue_name": "q", "args": [1, "two"], "kwargs": {}}
+
+
+@pytest.mark.parametrize("data", [b"\x80\x04\x95garbage", b"not json", b"{", b"\xff\xfe"])
+def test_decode_of_non_json_bytes_raises_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError) as info:
+        OrjsonEncoder().decode(data)
+    assert info.value.data == data
+
+
+def test_decode_refuses_pickled_payload() -> None:
+    with pytest.raises(DecodeError):
+        OrjsonEncoder().decode(pickle.dumps({"queue_name": "q"}))
+
+
+@pytest.mark.parametrize("data", [b"[1, 2]", b'"text"', b"42", b"null", b"true"])
+def test_decode_of_json_that_is_not_an_object_raises_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError, match="not a JSON object"):
+        OrjsonEncoder().decode(data)
+
+
+def test_dumps_handles_pydantic_model() -> None:
+    assert loads(dumps(envelope())) == envelope().model_dump(mode="json")
+
+
+def test_dumps_handles_models_nested_in_plain_data_and_tuples() -> None:
+    data = {"env": envelope(), "pair": (1, 2), "tags": frozenset({"a"})}
+    decoded = loads(dumps(data))
+    assert decoded["env"]["hops"] == ["planner"]
+    assert decoded["pair"] == [1, 2]
+    assert decoded["tags"] == ["a"]
+
+
+def test_dumps_refuses_unknown_objects_instead_of_pickling() -> None:
+    with pytest.raises(TypeError):
+        dumps({"obj": object()})
+
+
+def test_loads_accepts_str_and_bytes() -> None:
+    assert loads('{"a": 1}') == loads(b'{"a": 1}') == {"a": 1}
