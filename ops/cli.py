@@ -11,14 +11,15 @@ import redis
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from broker import JobNotFound, MeshClient, MeshSettings, WaitTimeout
 from contracts import CONTRACTS, ConfigError, ContractError, JobRecord, MeshError, State
 
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 #: Exit codes: 0 ok; 1 the job did not succeed; 2 bad input; 3 Redis unreachable; 4 timed out.
 EXIT_FAILED, EXIT_INPUT, EXIT_REDIS, EXIT_TIMEOUT = 1, 2, 3, 4
@@ -27,7 +28,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts i
 
 
 def fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(Text.assemble(("error: ", "red"), message), highlight=False)
     raise typer.Exit(code)
 
 
@@ -127,12 +128,18 @@ def send(
         fail("give exactly one of --payload or --file", EXIT_INPUT)
     if agent not in CONTRACTS:
         fail(f"unknown agent {agent!r}; agents are {', '.join(CONTRACTS)}", EXIT_INPUT)
-    items = [(_json(payload, "--payload"), key)] if payload is not None else _read_jsonl(file)  # type: ignore[arg-type]
+    if payload is not None:
+        items, where = [(_json(payload, "--payload"), key)], ["--payload"]
+    else:
+        rows = _read_jsonl(file)  # type: ignore[arg-type]
+        items, where = [(p, k) for p, k, _ in rows], [f"{file}:{n}" for _, _, n in rows]
     c = client()
     try:
         refs = c.send_many(agent, items)
     except ContractError as exc:
-        fail(f"{exc} (nothing was sent)", EXIT_INPUT)
+        index = exc.context.get("index", 0)
+        message = exc.message.split(": ", 1)[1] if "index" in exc.context else exc.message
+        fail(f"{where[index]}: {message} (nothing was sent)", EXIT_INPUT)
     if as_json:
         emit_json([{"job_id": r.id, "key": r.key, "trace_id": r.trace_id} for r in refs])
     else:
@@ -148,7 +155,7 @@ def _json(text: str | bytes, what: str) -> Any:
         fail(f"{what} is not JSON: {exc}", EXIT_INPUT)
 
 
-def _read_jsonl(path: Path) -> list[tuple[Any, str | None]]:
+def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
     if not path.exists():
         fail(f"{path}: no such file", EXIT_INPUT)
     items = []
@@ -159,7 +166,7 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None]]:
             row = _json(line, f"{path}:{n}")
             if not isinstance(row, dict) or "payload" not in row or set(row) - {"key", "payload"}:
                 fail(f'{path}:{n}: each line must be {{"key": ..., "payload": {{...}}}}', EXIT_INPUT)
-            items.append((row["payload"], row.get("key")))
+            items.append((row["payload"], row.get("key"), n))
     if not items:
         fail(f"{path}: no messages", EXIT_INPUT)
     return items
@@ -179,11 +186,11 @@ def _show(record: JobRecord, as_json: bool) -> None:
     if as_json:
         emit_json(record.model_dump(mode="json"))
         return
-    out.print(f"job {record.job_id}  [bold]{record.state}[/bold]  trace {record.trace_id}", highlight=False)
+    out.print(Text.assemble(f"job {record.job_id}  ", (str(record.state), "bold"), f"  trace {record.trace_id}"))
     if record.goal:
-        out.print(f"goal: {record.goal}", highlight=False)
+        out.print(Text(f"goal: {record.goal}"))
     if record.error:
-        out.print(f"[red]error:[/red] {record.error}", highlight=False)
+        out.print(Text.assemble(("error: ", "red"), record.error))
     out.print(steps_table(record))
 
 
@@ -193,7 +200,7 @@ def steps_table(record: JobRecord) -> Table:
         took = (f"{step.finished_at - step.started_at:.2f}s"
                 if step.finished_at and step.started_at else "")
         detail = step.error or _summary(step.result) or ""
-        table.add_row(step.step_id, step.agent, str(step.state), str(step.attempt or ""), took, detail)
+        table.add_row(step.step_id, step.agent, str(step.state), str(step.attempt or ""), took, Text(detail))
     return table
 
 

@@ -1,0 +1,170 @@
+"""The ``mesh`` CLI as a real subprocess against real Redis (each test in its own namespace)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import wait_for
+
+from contracts import State
+
+AGENTS = ("planner", "researcher", "executor")
+NOTE = {"tool": "note", "args": {"title": "hello"}}
+
+
+def flat(text: str) -> str:
+    """stderr with rich's line wrapping undone, so messages can be matched whole."""
+    return " ".join(text.split())
+
+
+def assert_nothing_enqueued(client) -> None:
+    assert all(d == {"ready": 0, "delayed": 0, "in_flight": 0} for d in client.queues().values())
+    assert client.redis.zcard(client.keys.jobs) == 0
+    assert list(client.redis.scan_iter(match=client.keys.job("*"))) == []
+
+
+def test_submit_wait_json_runs_the_whole_pipeline_to_success(cli, worker_process):
+    worker_process()
+    res = cli("submit", "Find out how retries work, then write a note", "--wait", "--json",
+              "--timeout", "60", timeout=90)
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout)
+    assert record["state"] == "succeeded"
+    agents = {step["agent"] for step in record["steps"].values()}
+    assert agents == set(AGENTS)
+    assert all(step["state"] == "succeeded" for step in record["steps"].values())
+
+
+@pytest.mark.parametrize(("payload", "named"), [
+    ('{"tool": "note", "args": {"titel": "x"}}', ("args.title", "args.titel")),
+    ('{"tool": "no_such_tool", "args": {}}', ("unknown tool 'no_such_tool'",)),
+    ('{"tool": "note", ', ("--payload is not JSON",)),
+], ids=["misspelled-arg", "unknown-tool", "not-json"])
+def test_send_invalid_payload_exits_2_names_the_problem_and_enqueues_nothing(cli, client, payload, named):
+    res = cli("send", "executor", "--payload", payload)
+    assert res.returncode == 2, res.stderr
+    for text in named:
+        assert text in flat(res.stderr)
+    assert res.stdout == ""
+    assert_nothing_enqueued(client)
+
+
+def test_send_file_with_three_valid_lines_enqueues_three(cli, client, tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps({"key": f"bulk-{i}", "payload": {"tool": "note", "args": {"title": f"n{i}"}}})
+                            + "\n" for i in range(3)))
+    res = cli("send", "executor", "--file", str(path), "--json")
+    assert res.returncode == 0, res.stderr
+    assert [r["key"] for r in json.loads(res.stdout)] == ["bulk-0", "bulk-1", "bulk-2"]
+    depths = json.loads(cli("queues", "--json").stdout)
+    assert depths["executor"] == {"ready": 3, "delayed": 0, "in_flight": 0}
+    assert client.redis.zcard(client.keys.jobs) == 3
+
+
+def test_send_file_with_invalid_second_line_enqueues_nothing_and_names_the_item(cli, client, tmp_path):
+    path = tmp_path / "notes.jsonl"
+    lines = [{"payload": NOTE}, {"payload": {"tool": "note", "args": {"titel": "x"}}}, {"payload": NOTE}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    res = cli("send", "executor", "--file", str(path))
+    assert res.returncode == 2
+    message = flat(res.stderr)
+    assert f"{path}:2" in message and "args.title" in message and "nothing was sent" in message
+    assert_nothing_enqueued(client)
+
+
+def test_send_file_with_a_line_that_is_not_json_names_the_line_and_enqueues_nothing(cli, client, tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text(json.dumps({"payload": NOTE}) + "\n{oops\n")
+    res = cli("send", "executor", "--file", str(path))
+    assert res.returncode == 2
+    assert f"{path}:2 is not JSON" in flat(res.stderr)
+    assert_nothing_enqueued(client)
+
+
+def test_sent_job_is_queued_with_its_key_then_a_worker_makes_it_succeed(cli, client, worker_process):
+    res = cli("send", "executor", "--key", "cli-key-1", "--payload", json.dumps(NOTE), "--json")
+    assert res.returncode == 0, res.stderr
+    [ref] = json.loads(res.stdout)
+    assert ref["key"] == "cli-key-1"
+
+    shown = cli("status", ref["job_id"], "--json")
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert (record["job_id"], record["key"], record["state"]) == (ref["job_id"], "cli-key-1", "queued")
+    assert record["steps"]["executor"]["state"] == "queued"
+
+    worker_process("--agents", "executor")
+    wait_for(lambda: client.status(ref["job_id"]).state is State.SUCCEEDED, timeout_s=30)
+    final = json.loads(cli("status", ref["job_id"], "--json").stdout)
+    assert final["state"] == "succeeded"
+    assert final["result"]["executor"]["tool"] == "note"
+
+
+def test_queues_json_reports_ready_delayed_in_flight_for_every_agent(cli):
+    res = cli("queues", "--json")
+    assert res.returncode == 0, res.stderr
+    depths = json.loads(res.stdout)
+    assert set(depths) == set(AGENTS)
+    for agent in AGENTS:
+        assert depths[agent] == {"ready": 0, "delayed": 0, "in_flight": 0}
+
+
+def test_status_of_unknown_job_exits_2_saying_no_such_job(cli):
+    res = cli("status", "no-such-job")
+    assert res.returncode == 2
+    assert "no job no-such-job" in flat(res.stderr)
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "demo"])
+def test_every_command_answers_help_with_exit_0(cli, command):
+    res = cli(command, "--help")
+    assert res.returncode == 0, res.stderr
+    assert "Usage" in res.stdout and command in res.stdout
+
+
+def test_top_level_help_lists_every_command(cli):
+    res = cli("--help")
+    assert res.returncode == 0, res.stderr
+    for command in ("worker", "submit", "send", "status", "queues", "demo"):
+        assert command in res.stdout
+
+
+@pytest.mark.parametrize("args", [("queues",), ("status", "x"), ("submit", "goal"),
+                                  ("send", "executor", "--payload", json.dumps(NOTE))])
+def test_unknown_setting_makes_a_command_exit_2_naming_it(cli, client, args):
+    res = cli(*args, MESH_BOGUS="1")
+    assert res.returncode == 2
+    assert "unknown settings: MESH_BOGUS" in flat(res.stderr)
+    assert_nothing_enqueued(client)
+
+
+def test_unreachable_redis_makes_queues_exit_3(cli):
+    res = cli("queues", MESH_REDIS_URL="redis://127.0.0.1:1/0")
+    assert res.returncode == 3
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in flat(res.stderr)
+
+
+def test_send_to_unknown_agent_exits_2_listing_the_agents(cli, client):
+    res = cli("send", "nosuchagent", "--payload", "{}")
+    assert res.returncode == 2
+    assert "unknown agent 'nosuchagent'; agents are planner, researcher, executor" in flat(res.stderr)
+    assert_nothing_enqueued(client)
+
+
+def test_send_needs_exactly_one_of_payload_or_file(cli, client, tmp_path):
+    assert cli("send", "executor").returncode == 2
+    both = cli("send", "executor", "--payload", "{}", "--file", str(tmp_path / "x.jsonl"))
+    assert both.returncode == 2
+    assert "exactly one of --payload or --file" in flat(both.stderr)
+    assert_nothing_enqueued(client)
+
+
+def test_square_brackets_in_user_text_are_printed_literally_not_as_markup(cli, client):
+    res = cli("status", "[/x]")
+    assert (res.returncode, flat(res.stderr)) == (2, "error: no job [/x]")
+    ref = client.submit("deploy [/x] now")
+    shown = cli("status", ref.id)
+    assert shown.returncode == 0, shown.stderr
+    assert "goal: deploy [/x] now" in shown.stdout
