@@ -100,8 +100,11 @@ def declare_agents(broker: MeshBroker, runtime: AgentRuntime, agents: list[str])
     for name in agents:
         handler = HANDLERS[name]
 
-        def run(envelope: Any, _name: str = name, _handler: Handler = handler) -> dict[str, Any]:
-            return runtime.handle(_name, envelope, _handler)
+        def run(*args: Any, _name: str = name, _handler: Handler = handler, **kwargs: Any) -> dict[str, Any]:
+            if len(args) != 1 or kwargs:
+                raise ContractError(f"a {_name} message carries exactly one envelope, "
+                                    f"not {len(args)} args and {len(kwargs)} kwargs")
+            return runtime.handle(_name, args[0], _handler)
 
         run.__name__ = run.__qualname__ = name
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=name, priority=0,

@@ -87,6 +87,12 @@ class MeshConsumer(_RedisConsumer):
             rid, data = self.pairs.pop(0)
             try:
                 message = Message.decode(data)
+                # JSON that decodes into a Message with the wrong shapes (options null, an unhashable
+                # id, ...) would crash the consumer below and strand itself in flight: poison, too.
+                if not (isinstance(message.options, dict) and isinstance(message.message_id, str)
+                        and isinstance(message.actor_name, str) and isinstance(message.queue_name, str)
+                        and isinstance(message.kwargs, dict)):
+                    raise DecodeError("not a dramatiq message", data, TypeError("bad field types"))
             except DecodeError as exc:
                 self._poison(rid, data, exc)
                 continue

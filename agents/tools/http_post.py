@@ -23,7 +23,10 @@ def host_port(url: str) -> str:
 
 
 def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
-    dependency = host_port(args.url)
+    try:
+        dependency = host_port(args.url)
+    except ValueError as exc:  # e.g. a non-numeric or out-of-range port: no retry can cure it
+        raise ToolRefused(f"http_post to {args.url} refused: {exc}", url=args.url) from None
     if dependency not in ctx.settings.http_allowlist:
         raise ToolRefused(f"http_post to {dependency} refused: not in MESH_HTTP_ALLOW", dependency=dependency)
     body = dict(args.json_body)
@@ -36,6 +39,9 @@ def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
     }
     try:
         response = ctx.http.post(args.url, json=body, headers=headers, timeout=ctx.settings.http_timeout_s)
+    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        # Nothing was sent: safe to treat like a dependency that is down.
+        raise Brownout(f"{dependency} not reachable in time: {exc}", dependency=dependency) from exc
     except httpx.TimeoutException as exc:
         # The request may have been applied: the effect cannot be proven either way.
         raise DependencyTimeout(f"{dependency} timed out: {exc}", dependency=dependency,

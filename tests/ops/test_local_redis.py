@@ -26,5 +26,5 @@ def test_a_redis_that_answers_is_used_as_configured(redis_url):
 
 
 def test_an_explicit_url_that_does_not_answer_is_an_error_not_a_silent_substitute():
-    with pytest.raises(RuntimeError, match="no Redis answers at redis://127.0.0.1:1/0"):
+    with pytest.raises(RuntimeError, match=r"no Redis answers at redis://127\.0\.0\.1:1/0"):
         ensure_redis("redis://127.0.0.1:1/0")

@@ -1,0 +1,217 @@
+"""Failure paths over real Redis, a real worker and real loopback HTTP: poison, bad envelopes,
+refused and failing tools, deadlines, cycles and unknown actors all end in the mesh DLQ."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from typing import Any
+
+from conftest import wait_for
+from dramatiq.message import Message
+
+from broker.outbox import encode, stage
+from contracts import State, dumps, loads
+from dlq import DeadLetterStore
+from tests.httpserver import RecordingServer
+
+EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
+
+
+def push_raw(client, queue: str, data: bytes) -> str:
+    """Put ``data`` on ``queue`` exactly as dramatiq's enqueue would, bypassing every check."""
+    rid = str(uuid.uuid4())
+    client.redis.hset(client.keys.messages(queue), rid, data)
+    client.redis.rpush(client.keys.queue(queue), rid)
+    return rid
+
+
+def rewrite_envelopes(client, queue: str, change) -> None:
+    """Edit the envelope of every message waiting on ``queue`` (before any worker runs)."""
+    for rid, data in client.redis.hgetall(client.keys.messages(queue)).items():
+        message = loads(data)
+        message["args"] = [change(dict(message["args"][0]))]
+        client.redis.hset(client.keys.messages(queue), rid, dumps(message))
+
+
+def http_call(url: str) -> dict[str, Any]:
+    return {"tool": "http_post", "args": {"url": url, "json": {"n": 1}}}
+
+
+def settled(client, queue: str = "executor") -> bool:
+    return client.queues([queue])[queue] == EMPTY
+
+
+def entries(store: DeadLetterStore) -> list:
+    """Every DLQ entry, oldest first (read by id, through the store's stable ``get``)."""
+    return [store.get(i.decode()) for i in store.client.zrange(store.keys.dlq, 0, -1)]
+
+
+def only_entry(store: DeadLetterStore):
+    found = wait_for(lambda: entries(store))
+    assert len(found) == 1
+    return found[0]
+
+
+def test_poison_in_a_prefetched_batch_is_dead_lettered_byte_exact_and_valid_jobs_succeed(
+        client, settings, start_worker):
+    garbage = [b"\xff not json", b'{"hello": "world"}', b"[1, 2, 3]",
+               # decodes into a dramatiq Message, but with options null: must not crash the consumer
+               b'{"queue_name": "executor", "actor_name": "executor", "args": [], "kwargs": {}, "options": null}']
+    refs, rids = [], []
+    for i, data in enumerate(garbage):
+        refs.append(client.send("executor", {"tool": "note", "args": {"title": f"v{i}"}}))
+        rids.append(push_raw(client, "executor", data))
+    refs.append(client.send("executor", {"tool": "note", "args": {"title": "last"}}))
+
+    start_worker(settings, ("executor",))
+
+    assert all(client.wait(r.id, timeout_s=20).state is State.SUCCEEDED for r in refs)
+    store = DeadLetterStore(client.redis, client.keys)
+    wait_for(lambda: store.count() == len(garbage))
+    for rid, data in zip(rids, garbage, strict=True):
+        entry = store.get(rid)
+        assert entry is not None and entry.failure_class == "invalid_input"
+        assert store.raw(rid) == data
+    wait_for(lambda: settled(client))
+    assert client.redis.llen(f"{client.keys.queue('executor')}.XQ") == 0
+    assert not list(client.redis.scan_iter(match=client.keys.acks_pattern))
+    assert int(client.redis.hget(client.keys.stats, "poison")) == len(garbage)
+
+
+def test_envelope_without_trace_id_is_dead_lettered_as_invalid_input_and_the_worker_goes_on(
+        client, settings, start_worker):
+    bad = client.send("executor", {"tool": "note", "args": {"title": "bad"}})
+    rewrite_envelopes(client, "executor", lambda env: {k: v for k, v in env.items() if k != "trace_id"})
+    good = client.send("executor", {"tool": "note", "args": {"title": "good"}})
+    start_worker(settings, ("executor",))
+
+    assert client.wait(good.id, timeout_s=20).state is State.SUCCEEDED
+    record = client.wait(bad.id, timeout_s=20)
+    assert record.state is State.DEAD_LETTERED
+    entry = only_entry(DeadLetterStore(client.redis, client.keys))
+    assert entry.failure_class == "invalid_input" and entry.job_id == bad.id
+    assert "invalid envelope" in entry.error
+    wait_for(lambda: settled(client))
+
+
+def test_http_post_to_a_host_not_allowed_is_refused_and_dead_lettered_with_full_context(
+        client, settings, start_worker):
+    with RecordingServer() as server:
+        ref = client.send("executor", http_call(server.url()))
+        start_worker(settings, ("executor",))
+        record = client.wait(ref.id, timeout_s=20)
+        assert server.requests == []
+
+    step = record.steps["executor"]
+    assert record.state is State.DEAD_LETTERED and step.state is State.DEAD_LETTERED
+    assert "refused" in step.error
+    entry = only_entry(DeadLetterStore(client.redis, client.keys))
+    assert entry.failure_class == "permanent"
+    assert (entry.key, entry.job_id, entry.trace_id) == (ref.key, ref.id, ref.trace_id)
+    assert entry.envelope["key"] == ref.key and entry.envelope["payload"] == http_call(server.url())
+    assert [(a.attempt, a.outcome) for a in entry.attempts] == [(1, "dead_lettered")]
+    assert "ToolRefused" in entry.traceback
+    assert entry.worker and entry.host == socket.gethostname()
+
+
+def test_server_failing_500_is_retried_with_one_idempotency_key_then_dead_lettered_as_brownout(
+        client, make_settings, start_worker):
+    with RecordingServer(lambda n, req: (500, {"error": "down"})) as server:
+        settings = make_settings(http_allow=server.host_port, max_retries=2)
+        ref = client.send("executor", http_call(server.url()))
+        start_worker(settings, ("executor",))
+        record = client.wait(ref.id, timeout_s=20)
+
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "brownout"
+    assert len(server.requests) == 3
+    assert {r["headers"]["idempotency-key"] for r in server.requests} == {ref.key}
+    assert [r["headers"]["x-mesh-fencing-token"] for r in server.requests] == ["1", "2", "3"]
+    entry = only_entry(DeadLetterStore(client.redis, client.keys))
+    assert entry.failure_class == "brownout"
+    assert [(a.attempt, a.outcome) for a in entry.attempts] == [
+        (1, "retried"), (2, "retried"), (3, "dead_lettered")]
+    wait_for(lambda: settled(client))
+
+
+def test_server_failing_twice_then_succeeding_gives_success_on_attempt_3_with_error_scrubbed(
+        client, make_settings, start_worker):
+    with RecordingServer(lambda n, req: (500, {}) if n <= 2 else (200, {"ok": True})) as server:
+        settings = make_settings(http_allow=server.host_port, max_retries=3)
+        ref = client.send("executor", http_call(server.url()))
+        start_worker(settings, ("executor",))
+        record = client.wait(ref.id, timeout_s=20)
+
+    step = record.steps["executor"]
+    assert record.state is State.SUCCEEDED and step.state is State.SUCCEEDED
+    assert step.attempt == 3 and step.picked_up == 3
+    assert step.error is None and step.failure_class is None and record.error is None
+    assert len(server.requests) == 3
+    assert DeadLetterStore(client.redis, client.keys).count() == 0
+
+
+def test_message_past_its_deadline_is_dead_lettered_as_deadline_without_running(
+        client, make_settings, start_worker):
+    with RecordingServer() as server:
+        settings = make_settings(http_allow=server.host_port)
+        ref = client.send("executor", http_call(server.url()))
+        rewrite_envelopes(client, "executor", lambda env: {**env, "deadline": time.time() - 1})
+        start_worker(settings, ("executor",))
+        record = client.wait(ref.id, timeout_s=20)
+        assert server.requests == []
+
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "deadline"
+    assert only_entry(DeadLetterStore(client.redis, client.keys)).failure_class == "deadline"
+
+
+def test_envelope_whose_hops_already_contain_the_agent_is_dead_lettered_as_cycle(
+        client, make_settings, start_worker):
+    with RecordingServer() as server:
+        settings = make_settings(http_allow=server.host_port)
+        ref = client.send("executor", http_call(server.url()))
+        rewrite_envelopes(client, "executor", lambda env: {**env, "hops": ["planner", "executor"]})
+        start_worker(settings, ("executor",))
+        record = client.wait(ref.id, timeout_s=20)
+        assert server.requests == []
+
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "cycle"
+    assert only_entry(DeadLetterStore(client.redis, client.keys)).failure_class == "cycle"
+
+
+def test_message_for_an_unknown_actor_lands_in_the_mesh_dlq_not_in_dramatiqs_xq(
+        client, settings, start_worker):
+    rid = str(uuid.uuid4())
+    message = Message(queue_name="executor", actor_name="nope", args=({"x": 1},), kwargs={},
+                      options={"redis_message_id": rid})
+    pipe = client.redis.pipeline(transaction=True)
+    stage(pipe, client.keys, message)
+    pipe.execute()
+    after = client.send("executor", {"tool": "note", "args": {"title": "after"}})
+    start_worker(settings, ("executor",))
+
+    assert client.wait(after.id, timeout_s=20).state is State.SUCCEEDED
+    store = DeadLetterStore(client.redis, client.keys)
+    entry = only_entry(store)
+    assert entry.agent == "nope" and entry.entry_id == message.message_id
+    assert entry.failure_class == "permanent"
+    assert store.raw(entry.entry_id) == encode(message)
+    wait_for(lambda: settled(client))
+    assert client.redis.llen(f"{client.keys.queue('executor')}.XQ") == 0
+    assert client.redis.hlen(f"{client.keys.queue('executor')}.XQ.msgs") == 0
+
+
+def test_message_without_exactly_one_envelope_argument_is_dead_lettered_as_invalid_input(
+        client, settings, start_worker):
+    shapes = [((), {}), ((), {"envelope": {}}), (({}, {}), {})]
+    for args, kwargs in shapes:
+        message = Message(queue_name="executor", actor_name="executor", args=args, kwargs=kwargs,
+                          options={})
+        push_raw(client, "executor", encode(message))
+    start_worker(settings, ("executor",))
+
+    store = DeadLetterStore(client.redis, client.keys)
+    found = wait_for(lambda: len(entries(store)) == len(shapes) and entries(store))
+    assert {e.failure_class for e in found} == {"invalid_input"}
+    assert all("exactly one envelope" in e.error for e in found)
+    wait_for(lambda: settled(client))

@@ -1,0 +1,90 @@
+"""A real loopback HTTP server that records every POST, for tests of tools that call out.
+
+    with RecordingServer(lambda n, request: (500, {})) as server:
+        settings = make_settings(http_allow=server.host_port)
+        ...
+        server.requests[0]["headers"]["idempotency-key"]
+
+``responder`` gets the 1-based number of the request and the request itself and returns
+``(status, json_body)``. ``hold`` makes every answer wait until the server is stopped (or
+``release()`` is called), so a client with a short timeout gives up first; no sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+Responder = Callable[[int, dict[str, Any]], tuple[int, Any]]
+
+
+def ok(_n: int, _request: dict[str, Any]) -> tuple[int, Any]:
+    return 200, {"ok": True}
+
+
+class RecordingServer:
+    def __init__(self, responder: Responder = ok, *, hold: bool = False) -> None:
+        self.responder = responder
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        if not hold:
+            self._released.set()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def host_port(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"{host!s}:{port}"
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://{self.host_port}{path}"
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __enter__(self) -> RecordingServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                           "json": json.loads(raw) if raw else None}
+                with server._lock:
+                    server.requests.append(request)
+                    n = len(server.requests)
+                status, reply = server.responder(n, request)
+                server._released.wait(30)
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first
+
+        return Handler
