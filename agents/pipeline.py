@@ -15,6 +15,7 @@ from dramatiq.message import Message
 from broker.jobs import Change
 from broker.outbox import build_message
 from contracts import (
+    TERMINAL,
     Envelope,
     Findings,
     Frozen,
@@ -46,7 +47,7 @@ def start(env: Envelope) -> Change:
         step = record.steps.get(env.step_id) or StepRecord(
             step_id=env.step_id, agent=env.agent, key=env.key, input=env.payload
         )
-        if step.state is State.SUCCEEDED:
+        if step.state in TERMINAL:
             return record, []
         step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1)
         record = record.with_step(step)
@@ -71,6 +72,9 @@ def complete(env: Envelope, output: Frozen) -> Change:
         messages: list[Message] = []
         if isinstance(output, Plan):
             record, messages = _fan_out(env, record, output, now)
+            if not output.research:  # nothing to wait for: the actions go now
+                record, actions = _fan_in(env, record, now)
+                messages += actions
         elif isinstance(output, Findings):
             record, messages = _fan_in(env, record, now)
         return _finish_if_done(record, now), messages
@@ -106,15 +110,13 @@ def _fan_in(env: Envelope, record: JobRecord, now: float) -> tuple[JobRecord, li
         for s in research
     ]
     messages = []
-    # The researcher hops are many; the executor's envelope descends from the planner's.
-    origin = env.model_copy(update={"hops": env.hops[:-1] or env.hops, "agent": "researcher"})
     for action in plan.actions:
         step = record.steps[action.step_id]
         if step.sent_at is not None:
             continue
         args = {**action.args, "findings": findings} if action.use_findings else dict(action.args)
         payload = {"tool": action.tool, "args": args}
-        nxt = downstream(origin, "executor", action.step_id, payload)
+        nxt = downstream(env, "executor", action.step_id, payload)
         nxt = nxt.model_copy(update={"key": step.key})
         record = record.with_step(step.model_copy(update={"input": payload, "sent_at": now, "updated_at": now}))
         messages.append(build_message(nxt))

@@ -18,13 +18,13 @@ from broker.keys import Keys
 from broker.mesh_broker import MeshBroker
 from broker.settings import MeshSettings
 from contracts import (
+    TERMINAL,
     ContractError,
     CycleDetected,
     DeadlineExceeded,
     Envelope,
     Frozen,
     PermanentFailure,
-    State,
     validate_input,
     validate_output,
 )
@@ -62,8 +62,9 @@ class AgentRuntime:
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         step = record.steps[env.step_id]
-        if step.state is State.SUCCEEDED:
-            # Done already: a duplicate delivery is acked and answered with the stored result.
+        if step.state in TERMINAL:
+            # Done already (or dead-lettered: replay re-queues the step first): a duplicate
+            # delivery is acked and answered with the stored result.
             self.redis.hincrby(self.keys.stats, "duplicates", 1)
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
             return step.result or {}

@@ -134,8 +134,11 @@ class MeshConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None
 
     def requeue(self, messages: Any) -> None:
-        super().requeue(messages)
-        # Fetched but never handed out: these go back too, so a restart strands nothing.
-        for rid, _ in self.pairs:
-            self.broker.settle("requeue", self.queue_name, rid)
+        try:
+            super().requeue(messages)
+            # Fetched but never handed out: these go back too, so a restart strands nothing.
+            for rid, _ in self.pairs:
+                self.broker.settle("requeue", self.queue_name, rid)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
         self.pairs = []

@@ -110,9 +110,10 @@ def default_middleware(settings: MeshSettings, client: redis.Redis | None = None
     the FailureRouter decides every failed message's fate by its class."""
     jobs = JobStore(client, Keys(settings.namespace)) if client is not None else None
     return [
-        TimeLimit(time_limit=int(settings.time_limit_s * 1000)),
         ShutdownNotifications(),
         FailureRouter(settings, jobs),
+        # Last, so its after-hook (run first) cancels the timer before the router does any work.
+        TimeLimit(time_limit=int(settings.time_limit_s * 1000)),
     ]
 
 

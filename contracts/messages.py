@@ -13,6 +13,10 @@ from .tools import TOOL_ARGS
 StepId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 
 
+#: Step ids the mesh records jobs under itself: the planner's step and a direct send's one step.
+RESERVED_STEP_IDS = frozenset({"plan", "planner", "researcher", "executor"})
+
+
 class PlannerInput(Frozen):
     goal: str = Field(min_length=1, max_length=4000)
 
@@ -45,6 +49,8 @@ class Plan(Frozen):
         ids = [s.step_id for s in self.steps]
         if len(ids) != len(set(ids)):
             raise ValueError("step ids must be unique")
+        if RESERVED_STEP_IDS & set(ids):
+            raise ValueError(f"step ids {sorted(RESERVED_STEP_IDS)} are reserved for the agents' own steps")
         return self
 
     @property

@@ -14,6 +14,8 @@
 
 local ns = KEYS[1]
 local command = ARGV[1]
+-- The caller's clock, as in dramatiq's dispatch.lua, which writes the same heartbeats: hosts'
+-- clocks must agree to well within the heartbeat timeout.
 local now = tonumber(ARGV[2])
 local queue = ARGV[3]
 local worker = ARGV[4]
@@ -74,8 +76,10 @@ elseif command == "heartbeat" then
 
 elseif command == "retry" then
     local id, new_id, new_data = ARGV[6], ARGV[7], ARGV[8]
-    redis.call("hset", queue_key .. ".DQ.msgs", new_id, new_data)
-    redis.call("rpush", queue_key .. ".DQ", new_id)
+    -- Safe to run twice (a client retry after a lost reply): the copy is pushed once.
+    if redis.call("hsetnx", queue_key .. ".DQ.msgs", new_id, new_data) == 1 then
+        redis.call("rpush", queue_key .. ".DQ", new_id)
+    end
     settle(id)
     redis.call("hincrby", ns .. ":stats", "retried", 1)
     return 1

@@ -75,3 +75,26 @@ def test_plan_breaking_the_contract_is_retried_as_invalid_output_then_dead_lette
     entry = store.get(entry_id.decode())
     assert entry.failure_class == "invalid_output" and entry.agent == "planner"
     assert [(a.attempt, a.outcome) for a in entry.attempts] == [(1, "retried"), (2, "dead_lettered")]
+
+
+def test_a_plan_of_actions_only_sends_them_at_once_and_the_job_succeeds(
+        client, make_settings, api, start_worker):
+    plan = {"goal": "g", "steps": [{"kind": "action", "step_id": "a1", "tool": "note",
+                                    "args": {"title": "straight to it"}}]}
+    api.responder = lambda request: (200, completion(json.dumps(plan)), {})
+    start_worker(openai_settings(make_settings, api))
+    record = client.wait(client.submit("just write the note").id, timeout_s=30)
+
+    assert record.state is State.SUCCEEDED
+    assert [(s.step_id, s.agent) for s in record.steps.values()] == [("plan", "planner"), ("a1", "executor")]
+    assert record.result["a1"]["tool"] == "note"
+
+
+def test_a_plan_reusing_a_reserved_step_id_is_invalid_output(client, make_settings, api, start_worker):
+    plan = {"goal": "g", "steps": [{"kind": "research", "step_id": "plan", "question": "q"}]}
+    api.responder = lambda request: (200, completion(json.dumps(plan)), {})
+    start_worker(openai_settings(make_settings, api, max_retries=0))
+    record = client.wait(client.submit("overwrite the planner").id, timeout_s=30)
+
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "invalid_output"
+    assert "reserved" in record.steps["plan"].error

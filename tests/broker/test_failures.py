@@ -215,3 +215,15 @@ def test_message_without_exactly_one_envelope_argument_is_dead_lettered_as_inval
     assert {e.failure_class for e in found} == {"invalid_input"}
     assert all("exactly one envelope" in e.error for e in found)
     wait_for(lambda: settled(client))
+
+
+def test_settling_a_retry_twice_pushes_the_copy_once(client, settings):
+    from broker.mesh_broker import MeshBroker
+
+    broker = MeshBroker(settings, client=client.redis)
+    rid = push_raw(client, "executor", b"{}")
+    assert broker.settle("fetch", "executor", 1)[0].decode() == rid
+    for _ in range(2):  # as a client retry after a lost reply would
+        broker.settle("retry", "executor", rid, "copy-1", b"copy")
+    assert client.redis.lrange(client.keys.delayed("executor"), 0, -1) == [b"copy-1"]
+    assert client.redis.hlen(client.keys.messages("executor")) == 0
