@@ -229,6 +229,24 @@ def queues(as_json: JsonFlag = False) -> None:
     out.print(table)
 
 
+@app.command()
+def stats(as_json: JsonFlag = False) -> None:
+    """Counters of the deployment: duplicates suppressed, retries, dead letters, poison, recoveries."""
+    from ops.metrics import STATS
+
+    c = client()
+    raw = c.redis.hgetall(c.keys.stats)
+    counts = {name: int(raw.get(name.encode(), 0)) for name in STATS}
+    counts["dlq_size"] = int(c.redis.zcard(c.keys.dlq))
+    if as_json:
+        emit_json(counts)
+        return
+    table = Table("counter", "value", "meaning")
+    for name, value in counts.items():
+        table.add_row(name, str(value), STATS.get(name, "Entries in the dead-letter queue now."))
+    out.print(table)
+
+
 ops_app = typer.Typer(help="Operations: the health and metrics server.", no_args_is_help=True)
 app.add_typer(ops_app, name="ops")
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import wait_for
 
+from broker import job_id_for
 from contracts import State
 
 AGENTS = ("planner", "researcher", "executor")
@@ -117,7 +118,7 @@ def test_status_of_unknown_job_exits_2_saying_no_such_job(cli):
     assert res.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "demo"])
+@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "stats", "demo"])
 def test_every_command_answers_help_with_exit_0(cli, command):
     res = cli(command, "--help")
     assert res.returncode == 0, res.stderr
@@ -127,7 +128,7 @@ def test_every_command_answers_help_with_exit_0(cli, command):
 def test_top_level_help_lists_every_command(cli):
     res = cli("--help")
     assert res.returncode == 0, res.stderr
-    for command in ("worker", "submit", "send", "status", "queues", "demo"):
+    for command in ("worker", "submit", "send", "status", "queues", "stats", "ops", "demo"):
         assert command in res.stdout
 
 
@@ -168,3 +169,15 @@ def test_square_brackets_in_user_text_are_printed_literally_not_as_markup(cli, c
     shown = cli("status", ref.id)
     assert shown.returncode == 0, shown.stderr
     assert "goal: deploy [/x] now" in shown.stdout
+
+
+def test_stats_json_counts_a_suppressed_duplicate(cli, client, settings, start_worker):
+    payload = json.dumps(NOTE)
+    assert cli("send", "executor", "--payload", payload, "--key", "twice").returncode == 0
+    start_worker(settings, ("executor",))
+    assert client.wait(job_id_for("twice"), timeout_s=30).state == "succeeded"
+    assert cli("send", "executor", "--payload", payload, "--key", "twice").returncode == 0
+    wait_for(lambda: json.loads(cli("stats", "--json").stdout)["duplicates"] == 1)
+    counts = json.loads(cli("stats", "--json").stdout)
+    assert counts == {"duplicates": 1, "retried": 0, "dead_lettered": 0, "poison": 0, "recovered": 0,
+                      "dlq_size": 0}
