@@ -61,10 +61,13 @@ class MeshClient:
 
     def submit(self, goal: str, *, key: str | None = None) -> JobRef:
         """Run the whole pipeline for ``goal``."""
-        return self._send([(ENTRY_AGENT, ENTRY_STEP, {"goal": goal}, key)], goal=goal)[0]
+        payload = {"goal": goal}
+        validate_input(ENTRY_AGENT, payload)
+        return self._send([(ENTRY_AGENT, ENTRY_STEP, payload, key)], goal=goal)[0]
 
     def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None) -> JobRef:
         """One message to one agent, checked against its input contract before it reaches Redis."""
+        validate_input(agent, payload)
         return self._send([(agent, agent, payload, key)])[0]
 
     def send_many(self, agent: str, items: Iterable[tuple[dict[str, Any], str | None]],
@@ -79,19 +82,16 @@ class MeshClient:
         refs: list[JobRef] = []
         for start in range(0, len(batch), chunk):
             part = batch[start:start + chunk]
-            refs += self._send([(agent, agent, p, k) for p, k in part], validated=True)
+            refs += self._send([(agent, agent, p, k) for p, k in part])
         return refs
 
     def _send(self, items: list[tuple[str, str, dict[str, Any], str | None]], *,
-              goal: str | None = None, validated: bool = False) -> list[JobRef]:
+              goal: str | None = None) -> list[JobRef]:
+        """Record and enqueue ``(agent, step_id, payload, key)`` items whose payloads were validated."""
         now = time.time()
         refs = []
         pipe = self.redis.pipeline(transaction=True)
         for agent, step_id, payload, key in items:
-            if agent not in CONTRACTS:
-                validate_input(agent, payload)  # raises UnknownAgent
-            if not validated:
-                validate_input(agent, payload)
             key = key or uuid.uuid4().hex
             ref = JobRef(id=job_id_for(key), key=key, trace_id=new_trace_id())
             env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import wait_for
 
 from broker import MeshClient, WaitTimeout, job_id_for
 from contracts import ContractError, State, UnknownAgent
@@ -66,8 +67,6 @@ def test_duplicate_delivery_of_a_done_step_is_acked_with_the_stored_result(clien
     start_worker(settings, ("executor",))
     done = client.wait(ref.id, timeout_s=30)
     client.send("executor", NOTE, key="dup")
-    from tests.conftest import wait_for
-
     wait_for(lambda: client.redis.hget(client.keys.stats, "duplicates") == b"1")
     again = client.status(ref.id)
     assert again.result == done.result and again.steps["executor"].picked_up == 1

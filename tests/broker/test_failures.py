@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from conftest import wait_for
 from dramatiq.message import Message
 
@@ -151,32 +152,22 @@ def test_server_failing_twice_then_succeeding_gives_success_on_attempt_3_with_er
     assert DeadLetterStore(client.redis, client.keys).count() == 0
 
 
-def test_message_past_its_deadline_is_dead_lettered_as_deadline_without_running(
-        client, make_settings, start_worker):
+@pytest.mark.parametrize(("rewrite", "failure_class"), [
+    (lambda env: {**env, "deadline": time.time() - 1}, "deadline"),
+    (lambda env: {**env, "hops": ["planner", "executor"]}, "cycle"),
+], ids=["deadline-passed", "hops-contain-the-agent"])
+def test_message_past_its_deadline_or_re_entering_its_agent_is_dead_lettered_without_running(
+        client, make_settings, start_worker, rewrite, failure_class):
     with RecordingServer() as server:
         settings = make_settings(http_allow=server.host_port)
         ref = client.send("executor", http_call(server.url()))
-        rewrite_envelopes(client, "executor", lambda env: {**env, "deadline": time.time() - 1})
+        rewrite_envelopes(client, "executor", rewrite)
         start_worker(settings, ("executor",))
         record = client.wait(ref.id, timeout_s=20)
         assert server.requests == []
 
-    assert record.state is State.DEAD_LETTERED and record.failure_class == "deadline"
-    assert only_entry(DeadLetterStore(client.redis, client.keys)).failure_class == "deadline"
-
-
-def test_envelope_whose_hops_already_contain_the_agent_is_dead_lettered_as_cycle(
-        client, make_settings, start_worker):
-    with RecordingServer() as server:
-        settings = make_settings(http_allow=server.host_port)
-        ref = client.send("executor", http_call(server.url()))
-        rewrite_envelopes(client, "executor", lambda env: {**env, "hops": ["planner", "executor"]})
-        start_worker(settings, ("executor",))
-        record = client.wait(ref.id, timeout_s=20)
-        assert server.requests == []
-
-    assert record.state is State.DEAD_LETTERED and record.failure_class == "cycle"
-    assert only_entry(DeadLetterStore(client.redis, client.keys)).failure_class == "cycle"
+    assert record.state is State.DEAD_LETTERED and record.failure_class == failure_class
+    assert only_entry(DeadLetterStore(client.redis, client.keys)).failure_class == failure_class
 
 
 def test_message_for_an_unknown_actor_lands_in_the_mesh_dlq_not_in_dramatiqs_xq(
