@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from broker.idempotency import current_lease
 from contracts import Envelope, Findings, Plan, PlannerInput, Receipt, ResearchInput, ToolCall, ToolRefused
 
 from .tools import TOOLS, ToolContext
@@ -24,7 +25,9 @@ def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
     spec = TOOLS.get(call.tool)
     if spec is None:
         raise ToolRefused(f"no tool named {call.tool!r}", tool=call.tool)
-    ctx = ToolContext(key=env.key, job_id=env.job_id, trace_id=env.trace_id, fencing_token=env.attempt,
+    lease = current_lease()
+    assert lease is not None, "the runtime runs handlers only under a claim"
+    ctx = ToolContext(key=env.key, job_id=env.job_id, trace_id=env.trace_id, fencing_token=lease.token,
                       settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http)
     return spec.run(ctx, call.typed_args())
 

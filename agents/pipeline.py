@@ -39,8 +39,8 @@ def downstream(env: Envelope, agent: str, step_id: str, payload: dict[str, Any])
     )
 
 
-def start(env: Envelope) -> Change:
-    """An attempt picked the step up; the job is running."""
+def start(env: Envelope, token: int) -> Change:
+    """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running."""
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
         now = time.time()
@@ -49,7 +49,8 @@ def start(env: Envelope) -> Change:
         )
         if step.state in TERMINAL:
             return record, []
-        step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1)
+        step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1,
+                          token=token)
         record = record.with_step(step)
         if record.state in (State.QUEUED, State.FAILED):
             record = transition(record, State.RUNNING, now=now)

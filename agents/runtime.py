@@ -13,6 +13,7 @@ import httpx
 from pydantic import ValidationError
 from redis import Redis
 
+from broker.idempotency import current_lease
 from broker.jobs import JobNotFound, JobStore
 from broker.keys import Keys
 from broker.mesh_broker import MeshBroker
@@ -25,6 +26,7 @@ from contracts import (
     Envelope,
     Frozen,
     PermanentFailure,
+    State,
     validate_input,
     validate_output,
 )
@@ -54,26 +56,33 @@ class AgentRuntime:
     def from_settings(cls, settings: MeshSettings, client: Redis) -> AgentRuntime:
         return cls(settings=settings, redis=client, provider=provider_for(settings))
 
-    def handle(self, agent: str, raw: Any, handler: Handler) -> dict[str, Any]:
+    def handle(self, agent: str, raw: Any, handler: Handler) -> None:
+        """Run one message whose key this thread has claimed; the result goes to the job record
+        and to the claim (``done``), both fenced by the claim's token."""
+        lease = current_lease()
+        if lease is None:
+            raise PermanentFailure("no claim held on the message key: the broker lacks the Idempotency middleware")
         env = self.envelope(agent, raw)
         payload = validate_input(agent, env.payload)
         try:
-            record = self.jobs.update(env.job_id, pipeline.start(env))
+            record = self.jobs.update(env.job_id, pipeline.start(env, lease.token), fence=lease)
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         step = record.steps[env.step_id]
         if step.state in TERMINAL:
-            # Done already (or dead-lettered: replay re-queues the step first): a duplicate
-            # delivery is acked and answered with the stored result.
+            # Finished before its claim said so (a crash between the two): a duplicate, answered
+            # with the stored result. A dead-lettered step stays free for its replay.
             self.redis.hincrby(self.keys.stats, "duplicates", 1)
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
-            return step.result or {}
+            lease.result, lease.done = step.result, step.state is State.SUCCEEDED
+            return
         started = time.monotonic()
         output = validate_output(agent, handler(self, env, payload).model_dump(mode="json"))
-        self.jobs.update(env.job_id, pipeline.complete(env, output))
+        self.jobs.update(env.job_id, pipeline.complete(env, output), fence=lease)
+        lease.result = output.model_dump(mode="json")
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
+                                             "token": lease.token,
                                              "duration_s": round(time.monotonic() - started, 4)})
-        return output.model_dump(mode="json")
 
     def envelope(self, agent: str, raw: Any) -> Envelope:
         try:
@@ -101,11 +110,11 @@ def declare_agents(broker: MeshBroker, runtime: AgentRuntime, agents: list[str])
     for name in agents:
         handler = HANDLERS[name]
 
-        def run(*args: Any, _name: str = name, _handler: Handler = handler, **kwargs: Any) -> dict[str, Any]:
+        def run(*args: Any, _name: str = name, _handler: Handler = handler, **kwargs: Any) -> None:
             if len(args) != 1 or kwargs:
                 raise ContractError(f"a {_name} message carries exactly one envelope, "
                                     f"not {len(args)} args and {len(kwargs)} kwargs")
-            return runtime.handle(_name, args[0], _handler)
+            runtime.handle(_name, args[0], _handler)
 
         run.__name__ = run.__qualname__ = name
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=name, priority=0,

@@ -1,5 +1,12 @@
 """The mesh's Redis consumer: one bad payload never strands or crashes the rest of its batch,
-every settlement is a single atomic script, and heartbeats continue while handlers run."""
+every settlement is a single atomic script, and heartbeats continue while handlers run.
+
+Nothing is stranded by a lost connection either. dramatiq rebuilds a consumer after a
+connection error; the rebuilt one first puts back on its queue every message this worker still
+holds there but no longer has in hand: the unhanded rest of a fetched batch, and, for a delay
+queue, the delayed messages dramatiq dropped from memory. The broker keeps the ids in hand
+(``broker.in_hand``) across consumers for that.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from dramatiq.message import Message
 from contracts import FailureClass, dumps
 from dlq.entry import DeadLetter, format_traceback
 
-from .settle import DeadLetterIt, RetryLater, decide, decision_of, raw_of
+from .settle import DeadLetterIt, RetryLater, Superseded, decide, decision_of, raw_of
 
 if TYPE_CHECKING:
     from .mesh_broker import MeshBroker
@@ -32,6 +39,8 @@ class MeshConsumer(_RedisConsumer):
         super().__init__(broker, queue_name, prefetch, timeout)
         self.pairs: list[tuple[str, bytes]] = []
         self.last_beat = 0.0
+        self.in_hand: set[str] = broker.in_hand.setdefault(queue_name, set())
+        self.reclaimed = False
 
     @property
     def outstanding_message_count(self) -> int:
@@ -44,16 +53,18 @@ class MeshConsumer(_RedisConsumer):
             if isinstance(decision, RetryLater):
                 new = decision.message
                 self.broker.settle(
-                    "retry", self.queue_name, rid, new.options["redis_message_id"], new.encode()
+                    "retry", self.queue_name, rid, new.options["redis_message_id"], new.encode(), decision.stat
                 )
             elif isinstance(decision, DeadLetterIt):
                 self._dead(rid, decision.entry, raw_of(message), decision.stat)
+            elif isinstance(decision, Superseded):
+                self.broker.settle("drop", self.queue_name, rid, "superseded")
             else:
                 self.broker.do_ack(self.queue_name, rid)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
-        finally:
-            self.queued_message_ids.discard(message.message_id)
+        self.queued_message_ids.discard(message.message_id)
+        self.in_hand.discard(rid)
 
     def nack(self, message: MessageProxy) -> None:
         """dramatiq rejects what it cannot route (an unknown actor): that, too, goes to the mesh DLQ."""
@@ -98,12 +109,19 @@ class MeshConsumer(_RedisConsumer):
                 continue
             message.options["redis_message_id"] = rid
             self.queued_message_ids.add(message.message_id)
+            self.in_hand.add(rid)
             proxy = MessageProxy(message)
             proxy.mesh_raw = data  # type: ignore[attr-defined]
             return proxy
         return None
 
     def _fetch(self) -> bool:
+        if not self.reclaimed:
+            n = self.broker.settle("reclaim", self.queue_name, *self.in_hand)
+            self.reclaimed = True
+            if n:
+                logger.warning("messages left behind by a lost connection put back",
+                               extra={"queue": self.queue_name, "count": n})
         wanted = self.prefetch - self.outstanding_message_count
         if wanted <= 0:
             self._beat()
@@ -133,12 +151,24 @@ class MeshConsumer(_RedisConsumer):
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
 
+    def close(self) -> None:
+        if self.queue_name.endswith(".DQ"):
+            # Before a delay-queue consumer is closed, dramatiq has requeued or dropped every delayed
+            # message it held: none is in hand any more, and the next consumer reclaims the dropped.
+            self.in_hand.clear()
+        super().close()
+
     def requeue(self, messages: Any) -> None:
+        messages = list(messages)
+        pairs, self.pairs = self.pairs, []
+        # dramatiq lets go of these whatever happens here; should the requeue fail, the next
+        # consumer's reclaim puts them back.
+        for message in messages:
+            self.in_hand.discard(message.options["redis_message_id"])
         try:
             super().requeue(messages)
             # Fetched but never handed out: these go back too, so a restart strands nothing.
-            for rid, _ in self.pairs:
+            for rid, _ in pairs:
                 self.broker.settle("requeue", self.queue_name, rid)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
-        self.pairs = []

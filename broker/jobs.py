@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq.message import Message
 
-from contracts import TERMINAL, JobRecord, State, StepRecord, dumps, loads, transition
+from contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, dumps, loads, transition
 
 from .keys import Keys
 from .outbox import stage
+
+if TYPE_CHECKING:
+    from .idempotency import Lease
 
 #: A pure change to a record: the new record and the messages it implies (sent atomically with it).
 Change = Callable[[JobRecord], tuple[JobRecord, list[Message]]]
@@ -36,11 +39,20 @@ class JobStore:
         data = self.client.get(self.keys.job(job_id))
         return None if data is None else JobRecord.model_validate(loads(data))
 
-    def update(self, job_id: str, change: Change) -> JobRecord:
-        """Apply ``change`` atomically; concurrent writers are retried, never overwritten."""
+    def update(self, job_id: str, change: Change, *, fence: Lease | None = None) -> JobRecord:
+        """Apply ``change`` atomically; concurrent writers are retried, never overwritten.
+
+        With ``fence``, the change lands only while that lease still holds its key: an attempt
+        whose key was taken over raises LeaseLost and writes nothing.
+        """
         key = self.keys.job(job_id)
+        watched = (key,) if fence is None else (key, fence.claim_key)
 
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
+            if fence is not None:
+                state, owner = pipe.hmget(fence.claim_key, "state", "owner")
+                if state != b"claimed" or owner != fence.owner.encode():
+                    raise LeaseLost(fence.key, fence.token)
             data = pipe.get(key)
             if data is None:
                 raise JobNotFound(job_id)
@@ -51,17 +63,23 @@ class JobStore:
                 stage(pipe, self.keys, message)
             return record
 
-        record: JobRecord = self.client.transaction(apply, key, value_from_callable=True)  # type: ignore[arg-type,assignment]
+        record: JobRecord = self.client.transaction(apply, *watched, value_from_callable=True)  # type: ignore[arg-type,assignment]
         return record
 
 
-def fail_step(step_id: str, state: State, error: str, failure_class: str) -> Change:
-    """A step's attempt failed: it waits for a retry (FAILED), or ends the job (DEAD_LETTERED, UNKNOWN)."""
+def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None) -> Change:
+    """A step's attempt failed: it waits for a retry (FAILED), or ends the job (DEAD_LETTERED, UNKNOWN).
+
+    ``token`` is the fencing token of the failed attempt: a step another owner holds now
+    (running with another token) is not touched, nor a running step by an attempt that held none.
+    """
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
         now = time.time()
         step = record.steps.get(step_id)
         if step is None or step.state in TERMINAL:
+            return record, []
+        if step.state is State.RUNNING and step.token != token:
             return record, []
         record = record.with_step(
             transition(step, state, now=now, error=error, failure_class=failure_class)

@@ -13,6 +13,8 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
 
 The mesh's own:
 
+    {ns}:claim:{key}                  hash: the idempotency claim on a message key (broker/scripts/claim.lua)
+                                      state claimed|free|done, owner, token (fencing), expires (ms), result
     {ns}:job:{job_id}                 JSON job record (job fields and every step)
     {ns}:jobs                         zset job id -> created time (s)
     {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes)
@@ -53,6 +55,9 @@ class Keys:
     @property
     def heartbeats(self) -> str:
         return f"{self.namespace}:__heartbeats__"
+
+    def claim(self, key: str) -> str:
+        return f"{self.namespace}:claim:{key}"
 
     def job(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"

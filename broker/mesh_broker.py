@@ -13,11 +13,14 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from contracts import OrjsonEncoder
 from dlq.entry import Attempt, DeadLetter
 
 from .consumer import MeshConsumer
+from .idempotency import Idempotency
 from .jobs import JobStore
 from .keys import Keys
 from .router import FailureRouter
@@ -34,15 +37,18 @@ class MeshBroker(RedisBroker):
         settings: MeshSettings,
         *,
         client: redis.Redis | None = None,
+        records: redis.Redis | None = None,
         middleware: list[Middleware] | None = None,
     ) -> None:
-        client = client or redis.Redis.from_url(settings.redis_url)
+        client = client or queue_client(settings.redis_url)
+        #: The connection for claims and job records (``client`` is for fetching and settling).
+        self.records = records or redis.Redis.from_url(settings.redis_url)
         super().__init__(
             namespace=settings.namespace,
             # Recovery runs deterministically in every fetch (settle.lua), not by chance.
             maintenance_chance=0,
             heartbeat_timeout=int(settings.heartbeat_timeout_s * 1000),
-            middleware=middleware if middleware is not None else default_middleware(settings, client),
+            middleware=middleware if middleware is not None else default_middleware(settings, self.records),
             client=client,
         )
         self.settings = settings
@@ -50,6 +56,13 @@ class MeshBroker(RedisBroker):
         self.scripts["settle"] = self.client.register_script(SETTLE_LUA)
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
+        self.in_hand: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        super().close()
+        self.client.close()
+        self.records.close()
 
     @property
     def consumer_class(self) -> type[MeshConsumer]:
@@ -105,22 +118,29 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def default_middleware(settings: MeshSettings, client: redis.Redis | None = None) -> list[Middleware]:
-    """The mesh's stack, in order; later policies slot in here. No dramatiq ``Retries``:
-    the FailureRouter decides every failed message's fate by its class."""
-    jobs = JobStore(client, Keys(settings.namespace)) if client is not None else None
+def queue_client(url: str) -> redis.Redis:
+    """The connection the broker fetches and settles on. redis-py's automatic retry is off: a fetch
+    re-sent after a lost reply would strand its first batch, while a surfaced error makes dramatiq
+    rebuild the consumer, which reclaims whatever the lost connection left behind."""
+    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+
+
+def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Middleware]:
+    """The mesh's stack, in order. ``client`` serves claims and job records (its commands are safe
+    to re-send). No dramatiq ``Retries``: the FailureRouter decides every failed message's fate."""
     return [
         ShutdownNotifications(),
-        FailureRouter(settings, jobs),
+        FailureRouter(settings, JobStore(client, Keys(settings.namespace))),
+        Idempotency(settings, client),
         # Last, so its after-hook (run first) cancels the timer before the router does any work.
         TimeLimit(time_limit=int(settings.time_limit_s * 1000)),
     ]
 
 
 def build_broker(settings: MeshSettings, *, client: redis.Redis | None = None) -> MeshBroker:
-    """A broker for ``settings``, installed as dramatiq's global broker with the orjson encoder."""
+    """A broker for ``settings``, installed as dramatiq's global broker with the orjson encoder.
+    ``client`` (default: a new one) serves the middleware's claims and job records."""
     dramatiq.set_encoder(OrjsonEncoder())
-    client = client or redis.Redis.from_url(settings.redis_url)
-    broker = MeshBroker(settings, client=client, middleware=default_middleware(settings, client))
+    broker = MeshBroker(settings, records=client)
     dramatiq.set_broker(broker)
     return broker

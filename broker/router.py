@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import logging
 import random
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from dramatiq.broker import Broker, MessageProxy
-from dramatiq.common import current_millis, dq_name
+from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware
 
-from contracts import FailureClass, State
+from contracts import FailureClass, LeaseLost, State
 from dlq.entry import Attempt, format_traceback
 
 from .classify import classify
 from .jobs import JobStore, fail_step
 from .settings import MeshSettings
-from .settle import DeadLetterIt, Decision, RetryLater, decide
+from .settle import DeadLetterIt, Decision, RetryLater, Superseded, decide, delayed_copy
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,14 @@ class FailureRouter(Middleware):
     ) -> None:
         if exception is None:
             return
-        failure_class, retry_after_s = classify(exception)
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
+        if isinstance(exception, LeaseLost):
+            # Another owner took the key over and carries the work on; this copy only goes away.
+            decide(message, Superseded())
+            logger.warning("attempt superseded", extra={"agent": message.actor_name, "key": envelope.get("key"),
+                                                         "trace_id": envelope.get("trace_id")})
+            return
+        failure_class, retry_after_s = classify(exception)
         attempt = envelope.get("attempt", 1) if isinstance(envelope.get("attempt"), int) else 1
         # The decision is made before any I/O: whatever happens next, the message is settled by it.
         decision = self._decide(broker, message, envelope, attempt, failure_class, retry_after_s, exception)
@@ -64,7 +69,8 @@ class FailureRouter(Middleware):
                    "route": "retry" if isinstance(decision, RetryLater) else "dead_letter",
                    "attempt": attempt, "error": str(exception)},
         )
-        self._record(envelope, decision, failure_class, exception)
+        lease = message.__dict__.get("mesh_lease")
+        self._record(envelope, decision, failure_class, exception, lease.token if lease else None)
 
     def _decide(
         self,
@@ -86,12 +92,8 @@ class FailureRouter(Middleware):
                 attempt=attempt, outcome="retried", failure_class=failure_class, error=str(exception),
                 at=current_millis() / 1000, worker=getattr(broker, "worker_label", None),
             ).model_dump(mode="json")]
-            retry = message._message.copy(
-                queue_name=dq_name(message.queue_name),
-                args=({**envelope, "attempt": attempt + 1},),
-                options={"redis_message_id": str(uuid.uuid4()), "eta": current_millis() + delay_ms,
-                         "mesh_attempts": history},
-            )
+            retry = delayed_copy(message._message, delay_ms, args=({**envelope, "attempt": attempt + 1},),
+                                 mesh_attempts=history)
             return RetryLater(retry, delay_ms)
         entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
             message._message, failure_class, str(exception) or type(exception).__name__,
@@ -100,7 +102,8 @@ class FailureRouter(Middleware):
         return DeadLetterIt(entry, "poison" if failure_class is FailureClass.INVALID_INPUT else "dead_lettered")
 
     def _record(
-        self, envelope: dict[str, Any], decision: Decision, failure_class: FailureClass, exc: BaseException
+        self, envelope: dict[str, Any], decision: Decision, failure_class: FailureClass, exc: BaseException,
+        token: int | None,
     ) -> None:
         job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
         if self.jobs is None or not isinstance(job_id, str) or not isinstance(step_id, str):
@@ -112,6 +115,6 @@ class FailureRouter(Middleware):
         else:
             state = State.DEAD_LETTERED
         try:
-            self.jobs.update(job_id, fail_step(step_id, state, str(exc), str(failure_class)))
+            self.jobs.update(job_id, fail_step(step_id, state, str(exc), str(failure_class), token=token))
         except Exception:
             logger.exception("could not record the failure on the job", extra={"job_id": job_id})

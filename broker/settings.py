@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts import ConfigError
@@ -40,8 +40,25 @@ class MeshSettings(BaseSettings):
     time_limit_s: float = Field(default=300.0, gt=0)
 
     heartbeat_timeout_s: float = Field(default=15.0, gt=0)
+    lease_s: float | None = Field(default=None, gt=0, description="claim lease on a message key, renewed while "
+                                  "it runs; default: MESH_HEARTBEAT_TIMEOUT_S")
+    dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is remembered")
+    dlq_retention_s: float = Field(default=0.0, ge=0, description="0 keeps dead letters until removed")
     worker_threads: int = Field(default=4, ge=1, le=256)
     prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
+
+    @model_validator(mode="after")
+    def _dedup_outlives_dlq(self) -> MeshSettings:
+        # A replayed dead letter must still find the done marker of an effect that happened.
+        if self.dlq_retention_s and self.dedup_ttl_s < self.dlq_retention_s:
+            raise ValueError(f"MESH_DEDUP_TTL_S ({self.dedup_ttl_s:g}) must not be shorter than "
+                             f"MESH_DLQ_RETENTION_S ({self.dlq_retention_s:g})")
+        return self
+
+    @property
+    def claim_lease_s(self) -> float:
+        """The lease a claim holds; by default as long as a worker may go silent before it counts as dead."""
+        return self.heartbeat_timeout_s if self.lease_s is None else self.lease_s
 
     @property
     def http_allowlist(self) -> frozenset[str]:

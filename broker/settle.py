@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from dramatiq.broker import MessageProxy
+from dramatiq.common import current_millis, dq_name
 from dramatiq.message import Message
 
 from dlq.entry import DeadLetter
@@ -16,6 +19,7 @@ class RetryLater:
 
     message: Message
     delay_ms: int
+    stat: str = "retried"
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,12 @@ class DeadLetterIt:
     stat: str = "dead_lettered"
 
 
-Decision = RetryLater | DeadLetterIt
+@dataclass(frozen=True)
+class Superseded:
+    """Settle the original without a copy: another owner of its key carries the work on."""
+
+
+Decision = RetryLater | DeadLetterIt | Superseded
 
 _ATTR = "mesh_decision"
 
@@ -43,3 +52,12 @@ def raw_of(message: MessageProxy) -> bytes:
     """The bytes the message was fetched as (re-encoded if it was built in memory)."""
     raw = message.__dict__.get("mesh_raw")
     return raw if raw is not None else message._message.encode()
+
+
+def delayed_copy(message: Message, delay_ms: int, *, args: tuple[Any, ...] | None = None, **options: Any) -> Message:
+    """A fresh copy of ``message`` for its queue's delay queue, due in ``delay_ms``."""
+    return message.copy(
+        queue_name=dq_name(message.queue_name),
+        args=message.args if args is None else args,
+        options={"redis_message_id": str(uuid.uuid4()), "eta": current_millis() + delay_ms, **options},
+    )

@@ -13,7 +13,9 @@
     │   └── IllegalTransition       a job-record transition the lifecycle forbids
     ├── DeadlineExceeded            the envelope's deadline has passed   deadline
     ├── CycleDetected               hop limit hit or an agent re-entered cycle
-    └── UnknownAgent                a message names no agent of the mesh permanent
+    ├── UnknownAgent                a message names no agent of the mesh permanent
+    └── LeaseLost                   another owner took the message key over; the attempt is
+                                    superseded (acked, not retried, not dead-lettered)
 
 Each error carries its context as attributes and says whether it is terminal
 (dead-letter at once) or may be retried.
@@ -137,3 +139,12 @@ class UnknownAgent(PermanentFailure):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"no agent named {name!r}; agents are {', '.join(known)}", agent=name)
         self.agent = name
+
+
+class LeaseLost(MeshError):
+    """Another owner took the message key over while this attempt ran: its result is not recorded."""
+
+    def __init__(self, key: str, token: int) -> None:
+        super().__init__(f"lease on {key!r} (token {token}) was taken over by another owner", key=key, token=token)
+        self.key = key
+        self.token = token

@@ -68,6 +68,7 @@ class StepRecord(Record):
     input: dict[str, Any] = Field(default_factory=dict)
     attempt: int = 0
     picked_up: int = Field(default=0, description="how many attempts have picked this step up")
+    token: int = Field(default=0, description="fencing token of the claim the current attempt holds")
     sent_at: float | None = Field(default=None, description="when its message was enqueued; None: not yet")
 
 

@@ -9,13 +9,17 @@ from prometheus_client.registry import Collector
 
 from broker import MeshClient
 
-#: Counters the workers keep in ``{ns}:stats`` (see broker/scripts/settle.lua and agents/runtime.py).
+#: Counters the workers keep in ``{ns}:stats`` (broker/scripts/settle.lua and claim.lua, agents/runtime.py).
 STATS = {
-    "duplicates": "Deliveries of already-done steps, acked without running again.",
+    "duplicates": "Deliveries of already-done keys, acked without running again.",
+    "deferred_in_flight": "Duplicates of a key a live owner was running, deferred until it finishes.",
+    "takeovers": "Claims taken over from an owner whose lease expired, with a higher fencing token.",
+    "superseded": "Attempts whose key was taken over while they ran; acked, their result not recorded.",
     "retried": "Failed attempts re-enqueued for a bounded retry.",
     "dead_lettered": "Messages moved to the dead-letter queue after failing.",
     "poison": "Undecodable or invalid messages moved to the dead-letter queue.",
     "recovered": "Messages returned to their queue from a worker whose heartbeat stopped.",
+    "reclaimed": "Messages a worker put back on its queue after a lost Redis connection.",
 }
 
 

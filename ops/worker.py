@@ -24,7 +24,7 @@ IDLE_POLL_MS = 100
 def start_worker(settings: MeshSettings, agents: list[str], threads: int) -> Worker:
     """Build the broker, declare ``agents`` on it and start consuming their queues in this process."""
     broker = build_broker(settings)
-    runtime = AgentRuntime.from_settings(settings, broker.client)
+    runtime = AgentRuntime.from_settings(settings, broker.records)
     declare_agents(broker, runtime, agents)
     worker = Worker(broker, queues=set(agents), worker_threads=threads, worker_timeout=IDLE_POLL_MS)
     if settings.prefetch:

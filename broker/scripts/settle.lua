@@ -4,13 +4,19 @@
 --
 -- settle(keys=[namespace], args=[command, now_ms, queue, worker_id, heartbeat_timeout_ms, ...])
 --
---   fetch     n                      -> {id1, data1, id2, data2, ...}; also heartbeats and
---                                       returns to their queues what dead workers left unsettled
+--   fetch     n                      -> {id1, data1, id2, data2, ...}
 --   heartbeat                        -> 1
---   retry     id, new_id, new_data   -> the copy goes on {queue}.DQ, the original is settled
+--   retry     id, new_id, new_data, stat
+--                                    -> the copy goes on {queue}.DQ, the original is settled
 --   dead      id, entry_id, entry, raw, stat
 --                                    -> the entry lands in the mesh DLQ, the original is settled
+--   drop      id, stat               -> the original is settled, nothing replaces it
 --   requeue   id                     -> an unsettled message goes back to the head of its queue
+--   reclaim   keep_id...             -> every message this worker holds on the queue except
+--                                       keep_id... goes back to the head of the queue
+--
+-- Every command heartbeats for the worker; fetch and heartbeat also return to their queues what
+-- dead workers left unsettled, so recovery does not wait for traffic on any particular queue.
 
 local ns = KEYS[1]
 local command = ARGV[1]
@@ -35,9 +41,8 @@ local function settle(id)
     redis.call("hdel", msgs_key, id)
 end
 
-if command == "fetch" then
-    -- Recovery is deterministic: every fetch looks for workers whose heartbeat stopped and
-    -- puts back at the head of their queues whatever they held, on every queue they held it.
+local function reap()
+    -- Workers whose heartbeat stopped: whatever they held goes back to the head of its queue.
     local dead = redis.call("zrangebyscore", heartbeats, 0, now - heartbeat_timeout)
     for _, dead_worker in ipairs(dead) do
         local held_queues = held_prefix .. dead_worker
@@ -55,7 +60,16 @@ if command == "fetch" then
         redis.call("del", held_queues)
         redis.call("zrem", heartbeats, dead_worker)
     end
+end
 
+local function push_back(id)
+    if redis.call("hexists", msgs_key, id) == 1 then
+        redis.call("lpush", queue_key, id)
+    end
+end
+
+if command == "fetch" then
+    reap()
     local n = tonumber(ARGV[6])
     local out = {}
     redis.call("sadd", held_prefix .. worker, queue)
@@ -72,16 +86,17 @@ if command == "fetch" then
     return out
 
 elseif command == "heartbeat" then
+    reap()
     return 1
 
 elseif command == "retry" then
-    local id, new_id, new_data = ARGV[6], ARGV[7], ARGV[8]
+    local id, new_id, new_data, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
     -- Safe to run twice (a client retry after a lost reply): the copy is pushed once.
     if redis.call("hsetnx", queue_key .. ".DQ.msgs", new_id, new_data) == 1 then
         redis.call("rpush", queue_key .. ".DQ", new_id)
     end
     settle(id)
-    redis.call("hincrby", ns .. ":stats", "retried", 1)
+    redis.call("hincrby", ns .. ":stats", stat, 1)
     return 1
 
 elseif command == "dead" then
@@ -93,12 +108,31 @@ elseif command == "dead" then
     redis.call("hincrby", ns .. ":stats", stat, 1)
     return 1
 
+elseif command == "drop" then
+    settle(ARGV[6])
+    redis.call("hincrby", ns .. ":stats", ARGV[7], 1)
+    return 1
+
 elseif command == "requeue" then
     local id = ARGV[6]
-    if redis.call("srem", acks, id) == 1 and redis.call("hexists", msgs_key, id) == 1 then
-        redis.call("lpush", queue_key, id)
+    if redis.call("srem", acks, id) == 1 then
+        push_back(id)
     end
     return 1
+
+elseif command == "reclaim" then
+    local keep = {}
+    for i = 6, #ARGV do keep[ARGV[i]] = true end
+    local n = 0
+    for _, id in ipairs(redis.call("smembers", acks)) do
+        if not keep[id] then
+            redis.call("srem", acks, id)
+            push_back(id)
+            n = n + 1
+        end
+    end
+    if n > 0 then redis.call("hincrby", ns .. ":stats", "reclaimed", n) end
+    return n
 end
 
 return redis.error_reply("unknown settle command " .. tostring(command))

@@ -17,6 +17,7 @@ from contracts.errors import (
     FailureClass,
     IllegalTransition,
     InvalidOutput,
+    LeaseLost,
     MeshError,
     PermanentFailure,
     PoisonMessage,
@@ -43,6 +44,7 @@ EXPECTED: dict[str, tuple[FailureClass, bool]] = {
     "DeadlineExceeded": (FailureClass.DEADLINE, True),
     "CycleDetected": (FailureClass.CYCLE, True),
     "UnknownAgent": (FailureClass.PERMANENT, True),
+    "LeaseLost": (FailureClass.UNKNOWN, False),  # not routed by class: the router acks it as superseded
 }
 RETRYABLE_CLASSES = {FailureClass.RATE_LIMITED, FailureClass.BROWNOUT, FailureClass.INVALID_OUTPUT,
                      FailureClass.UNKNOWN}
@@ -62,6 +64,7 @@ INSTANCES: dict[str, MeshError] = {
     "DeadlineExceeded": DeadlineExceeded("late"),
     "CycleDetected": CycleDetected("loop"),
     "UnknownAgent": UnknownAgent("poet", ["executor", "planner"]),
+    "LeaseLost": LeaseLost("k-1", 3),
 }
 
 

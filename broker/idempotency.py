@@ -1,0 +1,166 @@
+"""Idempotency: every message claims its key before it runs, so at-least-once delivery applies
+each effect once.
+
+absent → claimed with a lease and run; held by a live owner → the duplicate is deferred;
+lease expired (owner died) → taken over with a higher fencing token; done → acked as a
+duplicate. Leases are renewed while handlers run; a success stores ``done`` with the result,
+a failure frees the key for the next attempt. Each phase is one call of ``scripts/claim.lua``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis
+from dramatiq.broker import Broker, MessageProxy
+from dramatiq.middleware import Middleware, SkipMessage
+
+from contracts import dumps
+
+from .keys import Keys
+from .router import full_jitter_ms
+from .settings import MeshSettings
+from .settle import RetryLater, decide, delayed_copy
+
+logger = logging.getLogger(__name__)
+
+CLAIM_LUA = resources.files("broker").joinpath("scripts/claim.lua").read_text()
+
+#: Bounds of the wait before a deferred duplicate looks again (ms): short, since owners usually finish.
+DEFER_MIN_MS, DEFER_MAX_MS = 100, 2_000
+
+
+@dataclass
+class Lease:
+    """A claim this process holds on a message key, and how the attempt should settle it."""
+
+    key: str
+    claim_key: str
+    owner: str
+    token: int
+    #: What ``done`` stores: the handler's result. None with ``done=False`` frees the key instead.
+    result: dict[str, Any] | None = None
+    done: bool = True
+    lost: bool = field(default=False, compare=False)
+
+
+_current = threading.local()
+
+
+def current_lease() -> Lease | None:
+    """The lease held by the message this thread is processing, if any."""
+    return getattr(_current, "lease", None)
+
+
+def message_key(message: MessageProxy | Any) -> str | None:
+    """The envelope key a mesh message carries, or None for anything else."""
+    args = message.args
+    if len(args) == 1 and isinstance(args[0], dict):
+        key = args[0].get("key")
+        if isinstance(key, str) and key:
+            return key
+    return None
+
+
+class Idempotency(Middleware):
+    """Claim / lease / done on the message key, shared by every worker through Redis."""
+
+    def __init__(self, settings: MeshSettings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.client = client
+        self.script = client.register_script(CLAIM_LUA)
+        self.lease_ms = int(settings.claim_lease_s * 1000)
+        self.ttl_s = int(settings.dedup_ttl_s)
+        self._leases: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _call(self, command: str, claim_key: str, owner: str, *args: Any, client: Any = None) -> Any:
+        return self.script(keys=[claim_key, self.keys.stats],
+                           args=[command, owner, self.lease_ms, self.ttl_s, *args], client=client)
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        _current.lease = None
+        key = message_key(message)
+        if key is None:
+            return  # not an envelope: the agent rejects it as invalid input
+        claim_key = self.keys.claim(key)
+        owner = f"{broker.broker_id}:{message.message_id}:{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
+        verdict, token, *rest = self._call("claim", claim_key, owner)
+        if verdict == b"run":
+            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token))
+            message.mesh_lease = lease  # type: ignore[attr-defined]
+            _current.lease = lease
+            self._hold(lease)
+            return
+        envelope = message.args[0]
+        if verdict == b"done":
+            logger.info("duplicate suppressed", extra={"key": key, "trace_id": envelope.get("trace_id"),
+                                                        "agent": message.actor_name})
+            raise SkipMessage(f"{key} is done")
+        defers = int(message.options.get("mesh_defers", 0))
+        delay_ms = min(int(rest[0]) + 50, full_jitter_ms(defers, DEFER_MIN_MS, DEFER_MAX_MS, random.random))
+        decide(message, RetryLater(delayed_copy(message._message, delay_ms, mesh_defers=defers + 1),
+                                   delay_ms, stat="deferred_in_flight"))
+        logger.info("duplicate in flight deferred", extra={"key": key, "trace_id": envelope.get("trace_id"),
+                                                            "agent": message.actor_name, "delay_ms": delay_ms})
+        raise SkipMessage(f"{key} is held by a live owner")
+
+    def after_process_message(self, broker: Broker, message: MessageProxy, *,
+                              result: Any | None = None, exception: BaseException | None = None) -> None:
+        _current.lease = None
+        lease: Lease | None = message.__dict__.get("mesh_lease")
+        if lease is None:
+            return
+        self._release_hold(lease)
+        if exception is None and lease.done:
+            ok = self._call("done", lease.claim_key, lease.owner, dumps(lease.result or {}))
+        else:
+            ok = self._call("release", lease.claim_key, lease.owner)
+        if not ok:
+            logger.warning("lease lost before the attempt settled", extra={"key": lease.key, "token": lease.token})
+
+    def after_worker_shutdown(self, broker: Broker, worker: Any) -> None:
+        self._stop.set()
+
+    # -- lease renewal: one pipelined round trip for every lease the process holds --
+
+    def _hold(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases[lease.owner] = lease
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_loop, name="mesh-lease-renewer", daemon=True)
+                self._renewer.start()
+
+    def _release_hold(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop(lease.owner, None)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_ms / 3000):
+            try:
+                self.renew()
+            except redis.RedisError as exc:
+                logger.warning("lease renewal failed; retrying", extra={"error": str(exc)})
+
+    def renew(self) -> None:
+        with self._lock:
+            leases = list(self._leases.values())
+        if not leases:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for lease in leases:
+            self._call("renew", lease.claim_key, lease.owner, client=pipe)
+        for lease, ok in zip(leases, pipe.execute(), strict=True):
+            if not ok and not lease.lost:
+                lease.lost = True
+                logger.warning("lease lost while running", extra={"key": lease.key, "token": lease.token})
+

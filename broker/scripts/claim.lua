@@ -1,0 +1,66 @@
+-- The idempotency claim on one message key (see broker/keys.py): each phase is one atomic step.
+--
+-- claim(keys=[claim_key, stats_key], args=[command, owner, lease_ms, ttl_s, ...])
+--
+--   claim                  -> {"run", token} claimed (token + 1; a takeover if a lease had expired)
+--                             {"busy", token, expires_in_ms} a live owner holds it: defer the duplicate
+--                             {"done", token, result} it succeeded before: ack the duplicate
+--   renew                  -> 1 the lease is extended, 0 it is no longer ours
+--   done    result         -> 1 stored as done (or already done), 0 the lease was lost to another owner
+--   release                -> 1 freed for the next attempt (the token is kept), 0 not ours
+--
+-- The fencing token only ever grows for a key, across claims, takeovers and releases. Lease times
+-- come from the Redis server's clock, so hosts need not agree on the time.
+
+local key, stats = KEYS[1], KEYS[2]
+local command, owner = ARGV[1], ARGV[2]
+local lease_ms, ttl_s = tonumber(ARGV[3]), tonumber(ARGV[4])
+
+local t = redis.call("time")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local current = redis.call("hmget", key, "state", "owner", "token", "expires", "result")
+local state, holder, token, expires = current[1], current[2], tonumber(current[3]) or 0, tonumber(current[4]) or 0
+local ours = state == "claimed" and holder == owner
+
+if command == "claim" then
+    if state == "done" then
+        redis.call("hincrby", stats, "duplicates", 1)
+        return {"done", token, current[5] or ""}
+    end
+    if ours then -- the same attempt asking again (a client retry after a lost reply)
+        redis.call("hset", key, "expires", now + lease_ms)
+        return {"run", token}
+    end
+    if state == "claimed" then
+        if expires > now then
+            return {"busy", token, expires - now}
+        end
+        redis.call("hincrby", stats, "takeovers", 1)
+    end
+    token = token + 1
+    redis.call("hset", key, "state", "claimed", "owner", owner, "token", token, "expires", now + lease_ms)
+    redis.call("expire", key, ttl_s)
+    return {"run", token}
+
+elseif command == "renew" then
+    if not ours then return 0 end
+    redis.call("hset", key, "expires", now + lease_ms)
+    return 1
+
+elseif command == "done" then
+    if state == "done" then return 1 end
+    if not ours then return 0 end
+    redis.call("hset", key, "state", "done", "result", ARGV[5], "done_at", now)
+    redis.call("hdel", key, "expires")
+    redis.call("expire", key, ttl_s)
+    return 1
+
+elseif command == "release" then
+    if not ours then return 0 end
+    redis.call("hset", key, "state", "free")
+    redis.call("hdel", key, "owner", "expires")
+    return 1
+end
+
+return redis.error_reply("unknown claim command " .. tostring(command))
