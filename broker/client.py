@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -49,6 +50,11 @@ def job_id_for(key: str) -> str:
     return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-key:{key}").hex
 
 
+def trace_id_for(key: str) -> str:
+    """The W3C trace id of the job a key names: every send of that key reports the same trace."""
+    return hashlib.sha256(f"mesh-trace:{key}".encode()).hexdigest()[:32]
+
+
 class MeshClient:
     """Submit goals, send messages to one agent, and follow jobs. Settings come from ``MESH_*``
     unless given; the Redis connection may be injected."""
@@ -92,8 +98,10 @@ class MeshClient:
         refs = []
         pipe = self.redis.pipeline(transaction=True)
         for agent, step_id, payload, key in items:
+            # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
+            trace_id = trace_id_for(key) if key else new_trace_id()
             key = key or uuid.uuid4().hex
-            ref = JobRef(id=job_id_for(key), key=key, trace_id=new_trace_id())
+            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
             env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
                            deadline=now + self.settings.job_deadline_s, payload=payload)
             step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,

@@ -231,7 +231,8 @@ def queues(as_json: JsonFlag = False) -> None:
 
 @app.command()
 def stats(as_json: JsonFlag = False) -> None:
-    """Counters of the deployment: duplicates suppressed, retries, dead letters, poison, recoveries."""
+    """Counters of the deployment: duplicates suppressed or deferred, takeovers, retries, dead letters,
+    poison, recoveries."""
     from ops.metrics import STATS
 
     c = client()

@@ -106,14 +106,18 @@ def mesh_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def worker_process(settings: MeshSettings) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start ``mesh worker`` as a real process; killed at teardown if still alive."""
+def worker_process(settings: MeshSettings, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``mesh worker`` as a real process; killed at teardown if still alive. Its log goes to a
+    file (``proc.log_path``), never to an unread pipe that would block the worker once full."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def run(*args: str, **extra_env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", *args],
-                                env=mesh_env(settings, **extra_env), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log_path = tmp_path / f"worker-{len(procs)}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", *args],
+                                    env=mesh_env(settings, **extra_env), cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
         return proc
 

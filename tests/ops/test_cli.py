@@ -179,5 +179,5 @@ def test_stats_json_counts_a_suppressed_duplicate(cli, client, settings, start_w
     assert cli("send", "executor", "--payload", payload, "--key", "twice").returncode == 0
     wait_for(lambda: json.loads(cli("stats", "--json").stdout)["duplicates"] == 1)
     counts = json.loads(cli("stats", "--json").stdout)
-    assert counts == {"duplicates": 1, "retried": 0, "dead_lettered": 0, "poison": 0, "recovered": 0,
-                      "dlq_size": 0}
+    assert counts == {"duplicates": 1, "deferred_in_flight": 0, "takeovers": 0, "superseded": 0, "retried": 0,
+                      "dead_lettered": 0, "poison": 0, "recovered": 0, "reclaimed": 0, "dlq_size": 0}
