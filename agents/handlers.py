@@ -14,11 +14,11 @@ if TYPE_CHECKING:
 
 
 def planner(rt: AgentRuntime, env: Envelope, task: PlannerInput) -> Plan:
-    return rt.provider.plan(task.goal)
+    return rt.provider.plan(task.goal, timeout_s=env.remaining_s())
 
 
 def researcher(rt: AgentRuntime, env: Envelope, task: ResearchInput) -> Findings:
-    return rt.provider.research(task.question)
+    return rt.provider.research(task.question, timeout_s=env.remaining_s())
 
 
 def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
@@ -28,6 +28,7 @@ def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
     lease = current_lease()
     assert lease is not None, "the runtime runs handlers only under a claim"
     ctx = ToolContext(key=env.key, job_id=env.job_id, trace_id=env.trace_id, fencing_token=lease.token,
+                      deadline=env.deadline, breakers=rt.breakers,
                       settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http)
     return spec.run(ctx, call.typed_args())
 

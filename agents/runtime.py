@@ -13,6 +13,7 @@ import httpx
 from pydantic import ValidationError
 from redis import Redis
 
+from broker.breaker import Breakers
 from broker.idempotency import current_lease
 from broker.jobs import JobNotFound, JobStore
 from broker.keys import Keys
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[["AgentRuntime", Envelope, Any], Frozen]
 
+#: Agents whose timed-out attempt gets one more try: model calls that change nothing outside.
+#: The executor's tools may have acted before timing out, so its timeouts fail fast.
+TIMEOUT_RETRIES = {"planner": 1, "researcher": 1}
+
 
 @dataclass
 class AgentRuntime:
@@ -48,13 +53,18 @@ class AgentRuntime:
     provider: ModelProvider
     http: httpx.Client = field(default_factory=httpx.Client)
 
+    breakers: Breakers | None = None
+
     def __post_init__(self) -> None:
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys)
+        if self.breakers is None:
+            self.breakers = Breakers(self.settings, self.redis)
 
     @classmethod
     def from_settings(cls, settings: MeshSettings, client: Redis) -> AgentRuntime:
-        return cls(settings=settings, redis=client, provider=provider_for(settings))
+        breakers = Breakers(settings, client)
+        return cls(settings=settings, redis=client, provider=provider_for(settings, breakers), breakers=breakers)
 
     def handle(self, agent: str, raw: Any, handler: Handler) -> None:
         """Run one message whose key this thread has claimed; the result goes to the job record
@@ -118,5 +128,5 @@ def declare_agents(broker: MeshBroker, runtime: AgentRuntime, agents: list[str])
 
         run.__name__ = run.__qualname__ = name
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=name, priority=0,
-                                     options={}))
+                                     options={"timeout_retries": TIMEOUT_RETRIES.get(name, 0)}))
     return actors

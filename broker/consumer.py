@@ -52,11 +52,10 @@ class MeshConsumer(_RedisConsumer):
         try:
             if isinstance(decision, RetryLater):
                 new = decision.message
-                self.broker.settle(
-                    "retry", self.queue_name, rid, new.options["redis_message_id"], new.encode(), decision.stat
-                )
+                self.broker.settle("retry", self.queue_name, rid, new.options["redis_message_id"], new.encode(),
+                                   decision.stat, decision.route)
             elif isinstance(decision, DeadLetterIt):
-                self._dead(rid, decision.entry, raw_of(message), decision.stat)
+                self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route)
             elif isinstance(decision, Superseded):
                 self.broker.settle("drop", self.queue_name, rid, "superseded")
             else:
@@ -73,11 +72,11 @@ class MeshConsumer(_RedisConsumer):
             entry = self.broker.dead_letter_entry(
                 message._message, FailureClass.PERMANENT, str(exc or "rejected"), format_traceback(exc)
             )
-            decide(message, DeadLetterIt(entry))
+            decide(message, DeadLetterIt(entry, route="permanent:dead_letter"))
         self.ack(message)
 
-    def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str) -> None:
-        self.broker.settle("dead", self.queue_name, rid, entry.entry_id, dumps(entry), raw, stat)
+    def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str) -> None:
+        self.broker.settle("dead", self.queue_name, rid, entry.entry_id, dumps(entry), raw, stat, route)
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})
@@ -89,7 +88,7 @@ class MeshConsumer(_RedisConsumer):
             worker=self.broker.broker_id,
         )
         try:
-            self._dead(rid, entry, data, "poison")
+            self._dead(rid, entry, data, "poison", "invalid_input:dead_letter")
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
 

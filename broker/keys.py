@@ -15,6 +15,10 @@ The mesh's own:
 
     {ns}:claim:{key}                  hash: the idempotency claim on a message key (broker/scripts/claim.lua)
                                       state claimed|free|done, owner, token (fencing), expires (ms), result
+    {ns}:breaker:{name}               hash: circuit breaker of a dependency (broker/scripts/breaker.lua)
+    {ns}:breaker:{name}:failures      zset of recent brownouts (the failure window)
+    {ns}:breakers                     set of every dependency that has a breaker
+    {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step)
     {ns}:jobs                         zset job id -> created time (s)
     {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes)
@@ -58,6 +62,20 @@ class Keys:
 
     def claim(self, key: str) -> str:
         return f"{self.namespace}:claim:{key}"
+
+    def breaker(self, name: str) -> str:
+        return f"{self.namespace}:breaker:{name}"
+
+    def breaker_failures(self, name: str) -> str:
+        return f"{self.namespace}:breaker:{name}:failures"
+
+    @property
+    def breakers(self) -> str:
+        return f"{self.namespace}:breakers"
+
+    @property
+    def routes(self) -> str:
+        return f"{self.namespace}:routes"
 
     def job(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"

@@ -20,6 +20,7 @@ from contracts import OrjsonEncoder
 from dlq.entry import Attempt, DeadLetter
 
 from .consumer import MeshConsumer
+from .deadline import Deadline
 from .idempotency import Idempotency
 from .jobs import JobStore
 from .keys import Keys
@@ -132,6 +133,7 @@ def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Midd
         ShutdownNotifications(),
         FailureRouter(settings, JobStore(client, Keys(settings.namespace))),
         Idempotency(settings, client),
+        Deadline(settings),
         # Last, so its after-hook (run first) cancels the timer before the router does any work.
         TimeLimit(time_limit=int(settings.time_limit_s * 1000)),
     ]

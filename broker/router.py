@@ -1,10 +1,25 @@
-"""FailureRouter: the mesh's replacement for dramatiq's ``Retries``; acts on the failure class."""
+"""FailureRouter: the mesh's replacement for dramatiq's ``Retries``; acts on the failure class.
+
+    rate_limited            defer: after Retry-After (+ jitter) or full-jitter backoff; no retry budget spent
+    brownout, breaker open  defer to the breaker's reopen time; no retry budget spent
+    brownout                bounded retries (the breaker counts it)
+    timeout                 fail fast: dead-letter (one retry where the actor's ``timeout_retries`` says so)
+    invalid_output, unknown bounded retries (MESH_MAX_RETRIES), exponential backoff with full jitter
+    everything else         dead-letter at once
+
+Deferrals stop at MESH_MAX_DEFERS, and no wait may pass the message's deadline: such a message is
+dead-lettered at once, as ``deadline`` when the deadline is what stops it. :func:`route` is the
+whole policy, pure; the middleware only builds the copy or the dead letter it names.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from dramatiq.broker import Broker, MessageProxy
@@ -21,24 +36,86 @@ from .settle import DeadLetterIt, Decision, RetryLater, Superseded, decide, dela
 
 logger = logging.getLogger(__name__)
 
-#: Classes that bounded retries may cure. Everything else is dead-lettered at once.
-RETRYABLE = frozenset({FailureClass.INVALID_OUTPUT, FailureClass.UNKNOWN, FailureClass.BROWNOUT,
-                       FailureClass.RATE_LIMITED})
+#: Jitter added to a wait the dependency named (Retry-After, a breaker's reopen time), in ms.
+NAMED_WAIT_JITTER_MS = 250
+
+#: Classes that bounded retries may cure.
+RETRIED = frozenset({FailureClass.INVALID_OUTPUT, FailureClass.UNKNOWN, FailureClass.BROWNOUT})
 
 
-def full_jitter_ms(retries_used: int, min_ms: int, max_ms: int, rng: Callable[[], float]) -> int:
+class Route(StrEnum):
+    DEFER = "defer"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True)
+class Routing:
+    route: Route
+    failure_class: FailureClass
+    delay_ms: int = 0
+    reason: str = ""
+
+
+def full_jitter_ms(n: int, min_ms: int, max_ms: int, rng: Callable[[], float]) -> int:
     """Exponential backoff with full jitter: uniform in [min, min(max, min * 2**n)]."""
-    ceiling = min(max_ms, min_ms * 2 ** min(retries_used, 30))
+    ceiling = max(min_ms, min(max_ms, min_ms * 2 ** min(n, 30)))
     return int(min_ms + rng() * (ceiling - min_ms))
 
 
+def route(
+    failure_class: FailureClass,
+    retry_after_s: float | None,
+    *,
+    attempt: int,
+    defers: int,
+    remaining_s: float,
+    timeout_retries: int,
+    settings: MeshSettings,
+    rng: Callable[[], float] = random.random,
+) -> Routing:
+    """Where a failed attempt goes: the whole routing policy, without I/O or a clock."""
+    lo, hi = settings.retry_min_backoff_ms, settings.retry_max_backoff_ms
+    if failure_class is FailureClass.RATE_LIMITED or (failure_class is FailureClass.BROWNOUT
+                                                      and retry_after_s is not None):
+        if defers >= settings.max_defers:
+            return Routing(Route.DEAD_LETTER, failure_class,
+                           reason=f"deferred {defers} times already (MESH_MAX_DEFERS={settings.max_defers})")
+        if retry_after_s is not None:
+            delay = int(retry_after_s * 1000 + rng() * NAMED_WAIT_JITTER_MS)
+        else:
+            delay = full_jitter_ms(defers, lo, hi, rng)
+        return _within_deadline(Routing(Route.DEFER, failure_class, delay), remaining_s)
+    budget = timeout_retries if failure_class is FailureClass.TIMEOUT else (
+        settings.max_retries if failure_class in RETRIED else 0)
+    if attempt - 1 < budget:
+        return _within_deadline(Routing(Route.RETRY, failure_class, full_jitter_ms(attempt - 1, lo, hi, rng)),
+                                remaining_s)
+    reason = f"retries exhausted ({attempt - 1} of {budget})" if budget else ""
+    return Routing(Route.DEAD_LETTER, failure_class, reason=reason)
+
+
+def _within_deadline(routing: Routing, remaining_s: float) -> Routing:
+    if routing.delay_ms / 1000 < remaining_s:
+        return routing
+    return Routing(Route.DEAD_LETTER, FailureClass.DEADLINE,
+                   reason=f"{routing.failure_class}: waiting {routing.delay_ms / 1000:.1f}s would pass the "
+                          f"deadline in {max(remaining_s, 0):.1f}s")
+
+
 class FailureRouter(Middleware):
+    """Decides each failed message's fate by its class, before any I/O; the consumer applies it."""
+
     def __init__(
         self, settings: MeshSettings, jobs: JobStore | None = None, rng: Callable[[], float] = random.random
     ) -> None:
         self.settings = settings
         self.jobs = jobs
         self.rng = rng
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"timeout_retries"}
 
     def after_process_message(
         self,
@@ -51,60 +128,64 @@ class FailureRouter(Middleware):
         if exception is None:
             return
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
+        log = {"agent": message.actor_name, "trace_id": envelope.get("trace_id"), "key": envelope.get("key"),
+               "job_id": envelope.get("job_id")}
         if isinstance(exception, LeaseLost):
             # Another owner took the key over and carries the work on; this copy only goes away.
             decide(message, Superseded())
-            logger.warning("attempt superseded", extra={"agent": message.actor_name, "key": envelope.get("key"),
-                                                         "trace_id": envelope.get("trace_id")})
+            logger.warning("attempt superseded", extra=log)
             return
         failure_class, retry_after_s = classify(exception)
         attempt = envelope.get("attempt", 1) if isinstance(envelope.get("attempt"), int) else 1
+        deadline = envelope.get("deadline")
+        routing = route(
+            failure_class, retry_after_s, attempt=attempt, defers=int(message.options.get("mesh_defers", 0)),
+            remaining_s=deadline - current_millis() / 1000 if isinstance(deadline, int | float) else math.inf,
+            timeout_retries=self._timeout_retries(broker, message) if envelope else 0,
+            settings=self.settings, rng=self.rng,
+        )
+        if not envelope and routing.route is not Route.DEAD_LETTER:
+            routing = Routing(Route.DEAD_LETTER, failure_class, reason="no envelope to retry with")
         # The decision is made before any I/O: whatever happens next, the message is settled by it.
-        decision = self._decide(broker, message, envelope, attempt, failure_class, retry_after_s, exception)
+        decision = self._decide(broker, message, envelope, attempt, routing, exception)
         decide(message, decision)
-        logger.warning(
-            "message failed",
-            extra={"agent": message.actor_name, "trace_id": envelope.get("trace_id"),
-                   "key": envelope.get("key"), "failure_class": str(failure_class),
-                   "route": "retry" if isinstance(decision, RetryLater) else "dead_letter",
-                   "attempt": attempt, "error": str(exception)},
-        )
+        logger.warning("message failed", extra={
+            **log, "failure_class": str(failure_class), "route": str(routing.route), "delay_ms": routing.delay_ms,
+            "attempt": attempt, "error": str(exception), "reason": routing.reason or None})
         lease = message.__dict__.get("mesh_lease")
-        self._record(envelope, decision, failure_class, exception, lease.token if lease else None)
+        self._record(envelope, decision, routing, exception, lease.token if lease else None)
 
-    def _decide(
-        self,
-        broker: Broker,
-        message: MessageProxy,
-        envelope: dict[str, Any],
-        attempt: int,
-        failure_class: FailureClass,
-        retry_after_s: float | None,
-        exception: BaseException,
-    ) -> Decision:
-        if failure_class in RETRYABLE and attempt - 1 < self.settings.max_retries and envelope:
-            if retry_after_s is not None:
-                delay_ms = int(retry_after_s * 1000 + self.rng() * 250)
-            else:
-                delay_ms = full_jitter_ms(attempt - 1, self.settings.retry_min_backoff_ms,
-                                          self.settings.retry_max_backoff_ms, self.rng)
-            history = [*message.options.get("mesh_attempts", []), Attempt(
-                attempt=attempt, outcome="retried", failure_class=failure_class, error=str(exception),
-                at=current_millis() / 1000, worker=getattr(broker, "worker_label", None),
-            ).model_dump(mode="json")]
-            retry = delayed_copy(message._message, delay_ms, args=({**envelope, "attempt": attempt + 1},),
-                                 mesh_attempts=history)
-            return RetryLater(retry, delay_ms)
-        entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
-            message._message, failure_class, str(exception) or type(exception).__name__,
-            format_traceback(exception),
-        )
-        return DeadLetterIt(entry, "poison" if failure_class is FailureClass.INVALID_INPUT else "dead_lettered")
+    def _timeout_retries(self, broker: Broker, message: MessageProxy) -> int:
+        try:
+            return int(broker.get_actor(message.actor_name).options.get("timeout_retries", 0))
+        except Exception:  # an unknown actor: nothing to retry with
+            return 0
 
-    def _record(
-        self, envelope: dict[str, Any], decision: Decision, failure_class: FailureClass, exc: BaseException,
-        token: int | None,
-    ) -> None:
+    def _decide(self, broker: Broker, message: MessageProxy, envelope: dict[str, Any], attempt: int,
+                routing: Routing, exception: BaseException) -> Decision:
+        error = str(exception) or type(exception).__name__
+        counter = f"{routing.failure_class}:{routing.route}"
+        if routing.route is Route.DEAD_LETTER:
+            entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
+                message._message, routing.failure_class,
+                f"{error} ({routing.reason})" if routing.reason else error, format_traceback(exception))
+            stat = "poison" if routing.failure_class is FailureClass.INVALID_INPUT else "dead_lettered"
+            return DeadLetterIt(entry, stat, counter)
+        deferred = routing.route is Route.DEFER
+        history = [*message.options.get("mesh_attempts", []), Attempt(
+            attempt=attempt, outcome="deferred" if deferred else "retried", failure_class=routing.failure_class,
+            error=error, at=current_millis() / 1000, worker=getattr(broker, "worker_label", None),
+        ).model_dump(mode="json")]
+        if deferred:  # same attempt: a deferral spends no retry budget
+            copy = delayed_copy(message._message, routing.delay_ms, mesh_attempts=history,
+                                mesh_defers=int(message.options.get("mesh_defers", 0)) + 1)
+            return RetryLater(copy, routing.delay_ms, "deferred", counter)
+        copy = delayed_copy(message._message, routing.delay_ms, args=({**envelope, "attempt": attempt + 1},),
+                            mesh_attempts=history)
+        return RetryLater(copy, routing.delay_ms, "retried", counter)
+
+    def _record(self, envelope: dict[str, Any], decision: Decision, routing: Routing, exc: BaseException,
+                token: int | None) -> None:
         job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
         if self.jobs is None or not isinstance(job_id, str) or not isinstance(step_id, str):
             return
@@ -114,7 +195,8 @@ class FailureRouter(Middleware):
             state = State.UNKNOWN
         else:
             state = State.DEAD_LETTERED
+        error = f"{exc} ({routing.reason})" if routing.reason else str(exc)
         try:
-            self.jobs.update(job_id, fail_step(step_id, state, str(exc), str(failure_class), token=token))
+            self.jobs.update(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token))
         except Exception:
             logger.exception("could not record the failure on the job", extra={"job_id": job_id})

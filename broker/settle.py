@@ -20,6 +20,8 @@ class RetryLater:
     message: Message
     delay_ms: int
     stat: str = "retried"
+    #: ``{failure class}:{route}``, counted in ``{ns}:routes``.
+    route: str = "unknown:retry"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class DeadLetterIt:
 
     entry: DeadLetter
     stat: str = "dead_lettered"
+    route: str = "unknown:dead_letter"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .codec import OrjsonEncoder, dumps, loads
 from .envelope import Envelope, Frozen, child_key, new_trace_id, traceparent
 from .errors import (
+    BreakerOpen,
     Brownout,
     ConfigError,
     ContractError,
@@ -43,6 +44,7 @@ __all__ = [
     "CONTRACTS",
     "TERMINAL",
     "ActionStep",
+    "BreakerOpen",
     "Brownout",
     "ConfigError",
     "ContractError",

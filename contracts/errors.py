@@ -8,6 +8,7 @@
     ├── RateLimited                 429 / quota; carries ``retry_after_s`` rate_limited
     ├── DependencyTimeout           read timeout, 408, 504, time limit   timeout
     ├── Brownout                    500/502/503, refused/reset           brownout
+    │   └── BreakerOpen             the dependency's circuit breaker is open (no call made)
     ├── PermanentFailure            400/401/403/404/422, auth, refusals  permanent
     │   ├── ToolRefused             a tool call the executor will not make
     │   └── IllegalTransition       a job-record transition the lifecycle forbids
@@ -102,11 +103,25 @@ class DependencyTimeout(MeshError):
 
 
 class Brownout(MeshError):
+    """A dependency is failing. ``retry_after_s`` is set once its circuit breaker is open: the
+    message then waits for the reopen time instead of spending its retry budget."""
+
     failure_class = FailureClass.BROWNOUT
 
-    def __init__(self, message: str, *, dependency: str, **context: Any) -> None:
+    def __init__(self, message: str, *, dependency: str, retry_after_s: float | None = None,
+                 **context: Any) -> None:
         super().__init__(message, **context)
         self.dependency = dependency
+        self.retry_after_s = retry_after_s
+
+
+class BreakerOpen(Brownout):
+    """No call was made: the breaker of ``dependency`` is open (or its one probe is in flight)."""
+
+    def __init__(self, dependency: str, retry_after_s: float, state: str) -> None:
+        super().__init__(f"circuit breaker for {dependency} is {state}; retry in {retry_after_s:.1f}s",
+                         dependency=dependency, retry_after_s=retry_after_s, state=state)
+        self.state = state
 
 
 class PermanentFailure(MeshError):

@@ -29,6 +29,7 @@ def start_worker(settings: MeshSettings, agents: list[str], threads: int) -> Wor
     worker = Worker(broker, queues=set(agents), worker_threads=threads, worker_timeout=IDLE_POLL_MS)
     if settings.prefetch:
         worker.queue_prefetch = settings.prefetch
+    broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
     worker.start()
     return worker
 

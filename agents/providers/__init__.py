@@ -8,14 +8,16 @@ from .base import ModelProvider
 from .local import LocalProvider
 
 if TYPE_CHECKING:
+    from broker.breaker import Breakers
     from broker.settings import MeshSettings
 
 
-def provider_for(settings: MeshSettings) -> ModelProvider:
+def provider_for(settings: MeshSettings, breakers: Breakers | None = None) -> ModelProvider:
+    """The configured provider; a remote one calls its endpoint through ``breakers``."""
     if settings.model_provider == "openai":
         from .openai import OpenAIProvider
 
-        return OpenAIProvider(settings)
+        return OpenAIProvider(settings, breakers=breakers)
     return LocalProvider()
 
 

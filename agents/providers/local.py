@@ -59,7 +59,7 @@ class LocalProvider:
     def __init__(self, corpus: Path | None = None) -> None:
         self.corpus = corpus
 
-    def plan(self, goal: str) -> Plan:
+    def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         research: list[ResearchStep] = []
         actions: list[ActionStep] = []
         for clause in (c.strip(" ,") for c in _CLAUSES.split(goal)):
@@ -85,7 +85,7 @@ class LocalProvider:
                               use_findings=True)
         return ActionStep(step_id=step_id, tool="note", args={"title": clause[:200]}, use_findings=True)
 
-    def research(self, question: str) -> Findings:
+    def research(self, question: str, *, timeout_s: float | None = None) -> Findings:
         terms = Counter(tokens(question))
         scored = []
         for section in self.sections:

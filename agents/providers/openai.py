@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
 
+from broker.breaker import Breakers
 from broker.classify import error_for_response
 from broker.settings import MeshSettings
 from contracts import Brownout, ConfigError, DependencyTimeout, Findings, InvalidOutput, Plan
@@ -49,7 +51,8 @@ class OpenAIProvider:
 
     name = "openai"
 
-    def __init__(self, settings: MeshSettings, *, client: httpx.Client | None = None) -> None:
+    def __init__(self, settings: MeshSettings, *, client: httpx.Client | None = None,
+                 breakers: Breakers | None = None) -> None:
         if settings.model_url is None:
             raise ConfigError("model provider 'openai' needs a model URL: set MESH_MODEL_URL (e.g. .../v1)")
         self._settings = settings
@@ -59,22 +62,24 @@ class OpenAIProvider:
         self.dependency = f"{parts.hostname}:{port}"
         self._client = client or httpx.Client()
         self._owns_client = client is None
+        self._breakers = breakers
 
     def close(self) -> None:
         """Close the HTTP client if this provider created it."""
         if self._owns_client:
             self._client.close()
 
-    def plan(self, goal: str) -> Plan:
+    def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         """A validated plan for ``goal``; InvalidOutput when the model's answer breaks the contract."""
-        return cast(Plan, validate_output("planner", self._complete(PLAN_PROMPT, goal, agent="planner")))
+        answer = self._complete(PLAN_PROMPT, goal, agent="planner", timeout_s=timeout_s)
+        return cast(Plan, validate_output("planner", answer))
 
-    def research(self, question: str) -> Findings:
+    def research(self, question: str, *, timeout_s: float | None = None) -> Findings:
         """Validated findings for ``question``; InvalidOutput when the answer breaks the contract."""
-        answer = self._complete(RESEARCH_PROMPT, question, agent="researcher")
+        answer = self._complete(RESEARCH_PROMPT, question, agent="researcher", timeout_s=timeout_s)
         return cast(Findings, validate_output("researcher", answer))
 
-    def _complete(self, system: str, user: str, *, agent: str) -> Any:
+    def _complete(self, system: str, user: str, *, agent: str, timeout_s: float | None) -> Any:
         """POST one chat completion and return its message content decoded from JSON."""
         body = {
             "model": self._settings.model_name,
@@ -85,20 +90,22 @@ class OpenAIProvider:
         headers = {"Accept": "application/json"}
         if self._settings.model_api_key is not None:
             headers["Authorization"] = f"Bearer {self._settings.model_api_key.get_secret_value()}"
-        try:
-            resp = self._client.post(
-                self._endpoint, json=body, headers=headers, timeout=self._settings.model_timeout_s
-            )
-        except httpx.TimeoutException as exc:
-            raise DependencyTimeout(
-                f"{self.dependency} did not answer within {self._settings.model_timeout_s}s",
-                dependency=self.dependency,
-            ) from exc
-        except httpx.TransportError as exc:
-            raise Brownout(f"{self.dependency} unreachable: {exc}", dependency=self.dependency) from exc
-        if not resp.is_success:
-            log.warning("model %s answered %s for %s", self.dependency, resp.status_code, agent)
-            raise error_for_response(resp, dependency=self.dependency)
+        timeout = min(self._settings.model_timeout_s, timeout_s or math.inf)
+
+        def send() -> httpx.Response:
+            try:
+                resp = self._client.post(self._endpoint, json=body, headers=headers, timeout=timeout)
+            except httpx.TimeoutException as exc:
+                raise DependencyTimeout(f"{self.dependency} did not answer within {timeout:g}s",
+                                        dependency=self.dependency) from exc
+            except httpx.TransportError as exc:
+                raise Brownout(f"{self.dependency} unreachable: {exc}", dependency=self.dependency) from exc
+            if not resp.is_success:
+                log.warning("model %s answered %s for %s", self.dependency, resp.status_code, agent)
+                raise error_for_response(resp, dependency=self.dependency)
+            return resp
+
+        resp = send() if self._breakers is None else self._breakers.call(self.dependency, send)
         try:
             content = resp.json()["choices"][0]["message"]["content"]
         except (ValueError, LookupError, TypeError) as exc:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import redis
 
+from broker.breaker import Breakers
 from broker.keys import Keys
 from broker.settings import MeshSettings
 from contracts import Frozen, Receipt
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,17 @@ class ToolContext:
     redis: redis.Redis
     keys: Keys
     http: httpx.Client
+    #: The message's deadline (absolute, s): no call may outlast it.
+    deadline: float = math.inf
+    breakers: Breakers | None = None
+
+    def timeout_s(self, configured: float) -> float:
+        """``configured``, cut to what is left of the deadline (at least a millisecond)."""
+        return max(0.001, min(configured, self.deadline - time.time()))
+
+    def guarded(self, dependency: str, call: Callable[[], T]) -> T:
+        """``call`` through ``dependency``'s circuit breaker (straight through without breakers)."""
+        return call() if self.breakers is None else self.breakers.call(dependency, call)
 
 
 Tool = Callable[[ToolContext, Any], Receipt]

@@ -37,19 +37,25 @@ def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
         "traceparent": traceparent(ctx.trace_id),
         "X-Mesh-Fencing-Token": str(ctx.fencing_token),
     }
-    try:
-        response = ctx.http.post(args.url, json=body, headers=headers, timeout=ctx.settings.http_timeout_s)
-    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        # Nothing was sent: safe to treat like a dependency that is down.
-        raise Brownout(f"{dependency} not reachable in time: {exc}", dependency=dependency) from exc
-    except httpx.TimeoutException as exc:
-        # The request may have been applied: the effect cannot be proven either way.
-        raise DependencyTimeout(f"{dependency} timed out: {exc}", dependency=dependency,
-                                effect_unknown=True) from exc
-    except httpx.TransportError as exc:
-        raise Brownout(f"{dependency} unreachable: {exc}", dependency=dependency) from exc
-    if not response.is_success:
-        raise error_for_response(response, dependency=dependency)
+    timeout = ctx.timeout_s(ctx.settings.http_timeout_s)
+
+    def send() -> httpx.Response:
+        try:
+            response = ctx.http.post(args.url, json=body, headers=headers, timeout=timeout)
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing was sent: safe to treat like a dependency that is down.
+            raise Brownout(f"{dependency} not reachable in time: {exc}", dependency=dependency) from exc
+        except httpx.TimeoutException as exc:
+            # The request may have been applied: the effect cannot be proven either way.
+            raise DependencyTimeout(f"{dependency} timed out after {timeout:g}s: {exc}", dependency=dependency,
+                                    effect_unknown=True) from exc
+        except httpx.TransportError as exc:
+            raise Brownout(f"{dependency} unreachable: {exc}", dependency=dependency) from exc
+        if not response.is_success:
+            raise error_for_response(response, dependency=dependency)
+        return response
+
+    response = ctx.guarded(dependency, send)
     logger.info("http_post done", extra={"dependency": dependency, "status": response.status_code})
     return Receipt(tool="http_post", effect_id=effect_id(ctx.key),
                    detail={"url": args.url, "status": response.status_code, "response": response.text[:500]})

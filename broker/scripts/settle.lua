@@ -6,10 +6,11 @@
 --
 --   fetch     n                      -> {id1, data1, id2, data2, ...}
 --   heartbeat                        -> 1
---   retry     id, new_id, new_data, stat
+--   retry     id, new_id, new_data, stat, route
 --                                    -> the copy goes on {queue}.DQ, the original is settled
---   dead      id, entry_id, entry, raw, stat
+--   dead      id, entry_id, entry, raw, stat, route
 --                                    -> the entry lands in the mesh DLQ, the original is settled
+--                                       (route: "{failure class}:{route}", counted in {ns}:routes)
 --   drop      id, stat               -> the original is settled, nothing replaces it
 --   requeue   id                     -> an unsettled message goes back to the head of its queue
 --   reclaim   keep_id...             -> every message this worker holds on the queue except
@@ -91,21 +92,25 @@ elseif command == "heartbeat" then
 
 elseif command == "retry" then
     local id, new_id, new_data, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-    -- Safe to run twice (a client retry after a lost reply): the copy is pushed once.
+    -- Safe to run twice (a client retry after a lost reply): the copy is pushed, and counted, once.
     if redis.call("hsetnx", queue_key .. ".DQ.msgs", new_id, new_data) == 1 then
         redis.call("rpush", queue_key .. ".DQ", new_id)
+        redis.call("hincrby", ns .. ":stats", stat, 1)
+        redis.call("hincrby", ns .. ":routes", ARGV[10], 1)
     end
     settle(id)
-    redis.call("hincrby", ns .. ":stats", stat, 1)
     return 1
 
 elseif command == "dead" then
     local id, entry_id, entry, raw, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
     local entry_key = ns .. ":dlq:" .. entry_id
-    redis.call("hset", entry_key, "entry", entry, "raw", raw)
-    redis.call("zadd", ns .. ":dlq", now, entry_id)
+    -- Safe to run twice: the entry is written, and counted, once.
+    if redis.call("zadd", ns .. ":dlq", "NX", now, entry_id) == 1 then
+        redis.call("hset", entry_key, "entry", entry, "raw", raw)
+        redis.call("hincrby", ns .. ":stats", stat, 1)
+        redis.call("hincrby", ns .. ":routes", ARGV[11], 1)
+    end
     settle(id)
-    redis.call("hincrby", ns .. ":stats", stat, 1)
     return 1
 
 elseif command == "drop" then

@@ -215,6 +215,6 @@ def test_settling_a_retry_twice_pushes_the_copy_once(client, settings):
     rid = push_raw(client, "executor", b"{}")
     assert broker.settle("fetch", "executor", 1)[0].decode() == rid
     for _ in range(2):  # as a client retry after a lost reply would
-        broker.settle("retry", "executor", rid, "copy-1", b"copy", "retried")
+        broker.settle("retry", "executor", rid, "copy-1", b"copy", "retried", "unknown:retry")
     assert client.redis.lrange(client.keys.delayed("executor"), 0, -1) == [b"copy-1"]
     assert client.redis.hlen(client.keys.messages("executor")) == 0

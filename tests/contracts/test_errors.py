@@ -8,6 +8,7 @@ import pytest
 
 from contracts import errors
 from contracts.errors import (
+    BreakerOpen,
     Brownout,
     ConfigError,
     ContractError,
@@ -44,7 +45,8 @@ EXPECTED: dict[str, tuple[FailureClass, bool]] = {
     "DeadlineExceeded": (FailureClass.DEADLINE, True),
     "CycleDetected": (FailureClass.CYCLE, True),
     "UnknownAgent": (FailureClass.PERMANENT, True),
-    "LeaseLost": (FailureClass.UNKNOWN, False),  # not routed by class: the router acks it as superseded
+    "LeaseLost": (FailureClass.UNKNOWN, False),
+    "BreakerOpen": (FailureClass.BROWNOUT, False),  # not routed by class: the router acks it as superseded
 }
 RETRYABLE_CLASSES = {FailureClass.RATE_LIMITED, FailureClass.BROWNOUT, FailureClass.INVALID_OUTPUT,
                      FailureClass.UNKNOWN}
@@ -65,6 +67,7 @@ INSTANCES: dict[str, MeshError] = {
     "CycleDetected": CycleDetected("loop"),
     "UnknownAgent": UnknownAgent("poet", ["executor", "planner"]),
     "LeaseLost": LeaseLost("k-1", 3),
+    "BreakerOpen": BreakerOpen("model:443", 2.5, "open"),
 }
 
 
