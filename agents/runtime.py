@@ -26,6 +26,7 @@ from contracts import (
     DeadlineExceeded,
     Envelope,
     Frozen,
+    MeshError,
     PermanentFailure,
     State,
     validate_input,
@@ -128,5 +129,6 @@ def declare_agents(broker: MeshBroker, runtime: AgentRuntime, agents: list[str])
 
         run.__name__ = run.__qualname__ = name
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=name, priority=0,
-                                     options={"timeout_retries": TIMEOUT_RETRIES.get(name, 0)}))
+                                     options={"timeout_retries": TIMEOUT_RETRIES.get(name, 0),
+                                              "throws": (MeshError,)}))
     return actors

@@ -26,8 +26,9 @@ _PERMANENT_STATUS = {400, 401, 403, 404, 405, 409, 410, 413, 415, 422}
 
 
 def classify(exc: BaseException) -> tuple[FailureClass, float | None]:
-    """The failure class of ``exc`` and, for rate limits, how many seconds to wait if known."""
-    if isinstance(exc, RateLimited):
+    """The failure class of ``exc`` and how many seconds to wait, when the failure names a time
+    (a rate limit's Retry-After, an open breaker's reopen time)."""
+    if isinstance(exc, RateLimited | Brownout):
         return exc.failure_class, exc.retry_after_s
     if isinstance(exc, MeshError):
         return exc.failure_class, None

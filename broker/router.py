@@ -115,7 +115,8 @@ class FailureRouter(Middleware):
 
     @property
     def actor_options(self) -> set[str]:
-        return {"timeout_retries"}
+        # ``throws``: exceptions dramatiq's worker logs as expected (no traceback); the router logs the route.
+        return {"timeout_retries", "throws"}
 
     def after_process_message(
         self,

@@ -248,6 +248,48 @@ def stats(as_json: JsonFlag = False) -> None:
     out.print(table)
 
 
+breakers_app = typer.Typer(help="Circuit breakers of the dependencies, shared by the whole fleet.")
+app.add_typer(breakers_app, name="breakers")
+
+
+@breakers_app.callback(invoke_without_command=True)
+def breakers_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List every breaker: state, failures in the window, reopen time, cool-down, trips, last error."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import dataclasses
+    import time
+
+    from broker.breaker import Breakers
+
+    c = client()
+    states = Breakers(c.settings, c.redis).list()
+    if as_json:
+        emit_json([dataclasses.asdict(b) for b in states])
+        return
+    if not states:
+        out.print("no breakers yet: none of the dependencies has failed")
+        return
+    table = Table("dependency", "state", "failures", "reopens in", "cool-down", "trips", "last error")
+    now = time.time()
+    for b in states:
+        reopen = f"{max(0.0, b.reopen_at - now):.1f}s" if b.reopen_at else "-"
+        table.add_row(Text(b.name), b.state, str(b.failures), reopen, f"{b.cooldown_s:g}s", str(b.trips),
+                      Text(b.last_error or "-"))
+    out.print(table)
+
+
+@breakers_app.command("reset")
+def breakers_reset(name: Annotated[str, typer.Argument(help="The dependency, as listed (host:port).")]) -> None:
+    """Close one breaker now, whatever its state."""
+    from broker.breaker import Breakers
+
+    c = client()
+    if not Breakers(c.settings, c.redis).reset(name):
+        fail(f"no breaker named {name!r}; `mesh breakers` lists them", EXIT_INPUT)
+    out.print(Text(f"breaker {name} closed"))
+
+
 ops_app = typer.Typer(help="Operations: the health and metrics server.", no_args_is_help=True)
 app.add_typer(ops_app, name="ops")
 

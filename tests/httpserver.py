@@ -6,20 +6,23 @@
         server.requests[0]["headers"]["idempotency-key"]
 
 ``responder`` gets the 1-based number of the request and the request itself and returns
-``(status, json_body)``. ``hold`` makes every answer wait until the server is stopped (or
-``release()`` is called), so a client with a short timeout gives up first; no sleeps.
+``(status, json_body)`` or ``(status, json_body, headers)``. Each recorded request has ``at``
+(``time.monotonic()`` on arrival) and, once answered, ``status``. ``hold`` makes every answer
+wait until the server is stopped (or ``release()`` is called), so a client with a short timeout
+gives up first; no sleeps.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-Responder = Callable[[int, dict[str, Any]], tuple[int, Any]]
+Responder = Callable[[int, dict[str, Any]], tuple[Any, ...]]
 
 
 def ok(_n: int, _request: dict[str, Any]) -> tuple[int, Any]:
@@ -71,15 +74,18 @@ class RecordingServer:
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 request = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                           "json": json.loads(raw) if raw else None}
+                           "json": json.loads(raw) if raw else None, "at": time.monotonic()}
                 with server._lock:
                     server.requests.append(request)
                     n = len(server.requests)
-                status, reply = server.responder(n, request)
+                status, reply, *extra = server.responder(n, request)
+                request["status"] = status
                 server._released.wait(30)
                 data = json.dumps(reply).encode()
                 try:
                     self.send_response(status)
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()

@@ -43,8 +43,9 @@ if command == "admit" then
         if now < reopen_at then return {"open", reopen_at - now} end
         return start_probe()
     end
-    -- half open: one probe at a time across the fleet; a probe whose worker died expires
-    if probe_expires > now then return {"half_open", probe_expires - now} end
+    -- half open: one probe at a time across the fleet; a probe whose worker died expires.
+    -- The others look again after at most a cool-down: the probe usually answers well before.
+    if probe_expires > now then return {"half_open", math.min(probe_expires - now, cooldown)} end
     return start_probe()
 
 elseif command == "success" then
@@ -61,7 +62,7 @@ elseif command == "failure" then
     redis.call("hset", key, "last_error", ARGV[9], "last_failure_at", now)
     if state == "half_open" then
         if probe == owner then return open(math.min(cooldown * 2, max_cooldown)) end
-        return {"half_open", math.max(probe_expires - now, 0)}
+        return {"half_open", math.min(math.max(probe_expires - now, 0), cooldown)}
     end
     if state == "open" then return {"open", math.max(reopen_at - now, 0)} end
     redis.call("zadd", failures, now, owner)

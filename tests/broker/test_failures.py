@@ -155,7 +155,8 @@ def test_server_failing_twice_then_succeeding_gives_success_on_attempt_3_with_er
 @pytest.mark.parametrize(("rewrite", "failure_class"), [
     (lambda env: {**env, "deadline": time.time() - 1}, "deadline"),
     (lambda env: {**env, "hops": ["planner", "executor"]}, "cycle"),
-], ids=["deadline-passed", "hops-contain-the-agent"])
+    (lambda env: {**env, "hops": [f"agent{i}" for i in range(8)]}, "cycle"),
+], ids=["deadline-passed", "hops-contain-the-agent", "hop-limit-reached"])
 def test_message_past_its_deadline_or_re_entering_its_agent_is_dead_lettered_without_running(
         client, make_settings, start_worker, rewrite, failure_class):
     with RecordingServer() as server:

@@ -118,7 +118,7 @@ def test_status_of_unknown_job_exits_2_saying_no_such_job(cli):
     assert res.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "stats", "demo"])
+@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "stats", "breakers", "demo"])
 def test_every_command_answers_help_with_exit_0(cli, command):
     res = cli(command, "--help")
     assert res.returncode == 0, res.stderr
@@ -128,7 +128,7 @@ def test_every_command_answers_help_with_exit_0(cli, command):
 def test_top_level_help_lists_every_command(cli):
     res = cli("--help")
     assert res.returncode == 0, res.stderr
-    for command in ("worker", "submit", "send", "status", "queues", "stats", "ops", "demo"):
+    for command in ("worker", "submit", "send", "status", "queues", "stats", "breakers", "ops", "demo"):
         assert command in res.stdout
 
 
