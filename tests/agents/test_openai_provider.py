@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from agents.providers.openai import OpenAIProvider
+from broker.breaker import Breakers
 from broker.settings import MeshSettings
 from contracts import (
     ActionStep,
+    BreakerOpen,
     Brownout,
     ConfigError,
     DependencyTimeout,
@@ -155,3 +157,45 @@ def test_connection_refused_is_brownout() -> None:
 def test_missing_model_url_is_config_error() -> None:
     with pytest.raises(ConfigError, match="model URL"):
         OpenAIProvider(_settings(None))
+
+
+def test_model_endpoint_503s_open_its_breaker_and_then_no_call_reaches_it(
+    api: FakeOpenAI, make_settings: Any, rclient: Any
+) -> None:
+    settings = make_settings(model_provider="openai", model_url=api.url, breaker_failures=2,
+                             breaker_cooldown_s=30)
+    calls: list[int] = []
+
+    def down(request: dict[str, Any]) -> Reply:
+        calls.append(1)
+        return 503, {"error": {"message": "overloaded"}}, {}
+
+    api.responder = down
+    p = OpenAIProvider(settings, breakers=Breakers(settings, rclient))
+    try:
+        for _ in range(2):
+            with pytest.raises(Brownout):
+                p.plan("g")
+        with pytest.raises(BreakerOpen) as info:
+            p.research("q")
+    finally:
+        p.close()
+    assert len(calls) == 2
+    assert info.value.dependency == p.dependency and info.value.retry_after_s > 25
+
+
+def test_a_call_never_waits_past_the_deadline_it_is_given(api: FakeOpenAI) -> None:
+    release = threading.Event()
+
+    def slow(request: dict[str, Any]) -> Reply:
+        release.wait(5)
+        return 200, completion("{}"), {}
+
+    api.responder = slow
+    p = OpenAIProvider(_settings(api.url, timeout_s=30))
+    try:
+        with pytest.raises(DependencyTimeout, match="within 0.2s"):
+            p.plan("g", timeout_s=0.2)
+    finally:
+        release.set()
+        p.close()

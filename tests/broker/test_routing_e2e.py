@@ -134,3 +134,18 @@ def test_400_is_called_once_and_dead_lettered_as_permanent(client, make_settings
     assert len(server.requests) == 1
     assert record.state is State.DEAD_LETTERED and record.failure_class == "permanent"
     assert counters(client, client.keys.routes) == {"permanent:dead_letter": 1}
+
+
+def test_a_call_is_cut_to_what_is_left_of_the_deadline_not_the_configured_timeout(
+        make_settings, start_worker, rclient):
+    with RecordingServer(hold=True) as server:
+        settings = make_settings(http_allow=server.host_port, http_timeout_s=60, job_deadline_s=2)
+        client = MeshClient(settings, client=rclient)
+        ref = client.send("executor", call(server.url()))
+        start_worker(settings, ("executor",))
+        record = client.wait(ref.id, timeout_s=20)
+        assert len(server.requests) == 1
+
+    assert record.state is State.UNKNOWN and record.failure_class == "timeout"
+    cut = float(record.steps["executor"].error.split("timed out after ")[1].split("s")[0])
+    assert 0 < cut < 2
