@@ -94,7 +94,13 @@ class Idempotency(Middleware):
             return  # not an envelope: the agent rejects it as invalid input
         claim_key = self.keys.claim(key)
         owner = f"{broker.broker_id}:{message.message_id}:{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
-        verdict, token, *rest = self._call("claim", claim_key, owner)
+        try:
+            verdict, token, *rest = self._call("claim", claim_key, owner)
+        except redis.RedisError as exc:
+            # dramatiq would log this hook's error and run the actor anyway, unclaimed: the message
+            # waits on the delay queue instead (settled once Redis answers again).
+            self._defer(message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer")
+            raise SkipMessage(f"{key}: no claim could be made") from None
         if verdict == b"run":
             lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token))
             message.mesh_lease = lease  # type: ignore[attr-defined]
@@ -106,13 +112,21 @@ class Idempotency(Middleware):
             logger.info("duplicate suppressed", extra={"key": key, "trace_id": envelope.get("trace_id"),
                                                         "agent": message.actor_name})
             raise SkipMessage(f"{key} is done")
-        defers = int(message.options.get("mesh_defers", 0))
-        delay_ms = min(int(rest[0]) + 50, full_jitter_ms(defers, DEFER_MIN_MS, DEFER_MAX_MS, random.random))
-        decide(message, RetryLater(delayed_copy(message._message, delay_ms, mesh_defers=defers + 1),
-                                   delay_ms, stat="deferred_in_flight"))
-        logger.info("duplicate in flight deferred", extra={"key": key, "trace_id": envelope.get("trace_id"),
-                                                            "agent": message.actor_name, "delay_ms": delay_ms})
+        self._defer(message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
+                    route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
+
+    def _defer(self, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str, stat: str,
+               route: str) -> None:
+        defers = int(message.options.get("mesh_defers", 0))
+        delay_ms = full_jitter_ms(defers, DEFER_MIN_MS, DEFER_MAX_MS, random.random)
+        if lease_left_ms:
+            delay_ms = min(lease_left_ms + 50, delay_ms)
+        copy = delayed_copy(message._message, delay_ms, mesh_defers=defers + 1)
+        decide(message, RetryLater(copy, delay_ms, stat=stat, route=route))
+        logger.info("message deferred before running", extra={"key": key, "trace_id": message.args[0].get("trace_id"),
+                                                  "agent": message.actor_name, "delay_ms": delay_ms,
+                                                  "reason": reason})
 
     def after_process_message(self, broker: Broker, message: MessageProxy, *,
                               result: Any | None = None, exception: BaseException | None = None) -> None:

@@ -13,7 +13,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from contracts import OrjsonEncoder
@@ -43,7 +43,7 @@ class MeshBroker(RedisBroker):
     ) -> None:
         client = client or queue_client(settings.redis_url)
         #: The connection for claims and job records (``client`` is for fetching and settling).
-        self.records = records or redis.Redis.from_url(settings.redis_url)
+        self.records = records or records_client(settings.redis_url)
         super().__init__(
             namespace=settings.namespace,
             # Recovery runs deterministically in every fetch (settle.lua), not by chance.
@@ -126,6 +126,14 @@ def queue_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
 
 
+def records_client(url: str) -> redis.Redis:
+    """The connection for claims, leases, breakers and job records: their commands are safe to
+    re-send (claims are idempotent per owner, job writes are WATCH/MULTI transactions), so a
+    dropped connection or a restarting Redis is retried for a few seconds before anything fails."""
+    return redis.Redis.from_url(url, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 8),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
 def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Middleware]:
     """The mesh's stack, in order. ``client`` serves claims and job records (its commands are safe
     to re-send). No dramatiq ``Retries``: the FailureRouter decides every failed message's fate."""
@@ -143,6 +151,6 @@ def build_broker(settings: MeshSettings, *, client: redis.Redis | None = None) -
     """A broker for ``settings``, installed as dramatiq's global broker with the orjson encoder.
     ``client`` (default: a new one) serves the middleware's claims and job records."""
     dramatiq.set_encoder(OrjsonEncoder())
-    broker = MeshBroker(settings, records=client)
+    broker = MeshBroker(settings, records=client or records_client(settings.redis_url))
     dramatiq.set_broker(broker)
     return broker

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -52,31 +53,52 @@ def _free_port() -> int:
 
 
 class PrivateRedis:
-    """A redis-server child process in a project-local folder, stopped at exit."""
+    """A redis-server child process in a project-local folder, stopped at exit.
 
-    def __init__(self, binary: str, port: int | None = None, folder: Path = LOCAL_DIR) -> None:
+    ``args`` are extra server arguments, after (so overriding) the defaults: e.g.
+    ``("--appendonly", "yes", "--appendfsync", "always")`` for a server whose data survives ``restart()``.
+    """
+
+    def __init__(self, binary: str, port: int | None = None, folder: Path = LOCAL_DIR,
+                 args: Sequence[str] = ()) -> None:
+        self.binary = binary
         self.port = port or _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.folder = folder
+        self.args = tuple(args)
         folder.mkdir(parents=True, exist_ok=True)
+        self.start()
+        atexit.register(self.stop)
+
+    def start(self) -> None:
+        """Start the server on ``self.port`` and wait until it answers (its data loaded); a server that
+        does not answer within 10 s is stopped and RuntimeError raised."""
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(folder), "--logfile", str(folder / f"redis-{self.port}.log")],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder), "--logfile", str(self.folder / f"redis-{self.port}.log"), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        atexit.register(self.stop)
         deadline = time.monotonic() + 10
         while not answers(self.url, 0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private redis-server on port {self.port} did not start; see {folder}")
+                self.stop()
+                raise RuntimeError(f"private redis-server on port {self.port} did not start; see {self.folder}")
             time.sleep(0.05)
 
     def stop(self) -> None:
+        """SIGTERM (a clean shutdown: an append-only file is flushed), SIGKILL after 5 s."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same port, with the same folder and arguments."""
+        self.stop()
+        self.start()
 
 
 def ensure_redis(url: str = DEFAULT_REDIS_URL) -> str:

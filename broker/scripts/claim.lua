@@ -7,7 +7,8 @@
 --                             {"done", token, result} it succeeded before: ack the duplicate
 --   renew                  -> 1 the lease is extended, 0 it is no longer ours
 --   done    result         -> 1 stored as done (or already done), 0 the lease was lost to another owner
---   release                -> 1 freed for the next attempt (the token is kept), 0 not ours
+--   release                -> 1 freed for the next attempt (the token is kept) or held by nobody, 0 another
+--                             owner holds it
 --
 -- The fencing token only ever grows for a key, across claims, takeovers and releases. Lease times
 -- come from the Redis server's clock, so hosts need not agree on the time.
@@ -57,6 +58,7 @@ elseif command == "done" then
     return 1
 
 elseif command == "release" then
+    if state ~= "claimed" then return 1 end -- already free (a re-sent release) or done
     if not ours then return 0 end
     redis.call("hset", key, "state", "free")
     redis.call("hdel", key, "owner", "expires")
