@@ -21,8 +21,12 @@ The mesh's own:
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step)
     {ns}:jobs                         zset job id -> created time (s)
-    {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes)
+    {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes), agent, class
     {ns}:dlq                          zset entry id -> dead-lettered time (ms)
+    {ns}:dlq.agent:{agent}            zset entry id -> time, per agent ("-" when none)
+    {ns}:dlq.agents                   set of agent names that ever had a dead letter
+    {ns}:dlq.class:{class}            zset entry id -> time, per failure class
+    {ns}:dlq.audit                    stream, capped: who did what to which entry, when
     {ns}:note:{effect_id}             JSON note written by the ``note`` tool
     {ns}:notes                        zset effect id -> written time (s)
     {ns}:stats                        hash of counters (duplicates, dead letters, poison, ...)
@@ -90,6 +94,20 @@ class Keys:
     @property
     def dlq(self) -> str:
         return f"{self.namespace}:dlq"
+
+    def dlq_by_agent(self, agent: str) -> str:
+        return f"{self.namespace}:dlq.agent:{agent}"
+
+    @property
+    def dlq_agents(self) -> str:
+        return f"{self.namespace}:dlq.agents"
+
+    def dlq_by_class(self, failure_class: str) -> str:
+        return f"{self.namespace}:dlq.class:{failure_class}"
+
+    @property
+    def dlq_audit(self) -> str:
+        return f"{self.namespace}:dlq.audit"
 
     def note(self, effect_id: str) -> str:
         return f"{self.namespace}:note:{effect_id}"

@@ -108,6 +108,7 @@ class MeshBroker(RedisBroker):
             worker=self.worker_label,
             host=self.host,
             replay_of=_str(env.get("replay_of")),
+            replay_count=int(message.options.get("mesh_replays", 0) or 0),
         )
 
     @property

@@ -1,25 +1,70 @@
-"""Reading the DLQ. Entries are written atomically by the consumer's settle script."""
+"""The DLQ in Redis: entries written atomically by the consumer's settle script, indexed by time,
+agent and failure class, so listing and counting never scan everything.
+
+Operations that take entries out (replay, drain, purge) walk an index oldest first in batches, in
+constant memory, and remove each entry with its indexes in one transaction.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis
 
 from broker.keys import Keys
-from contracts import loads
+from contracts import FailureClass, dumps, loads
 
 from .entry import DeadLetter
+
+PUT_LUA = resources.files("dlq").joinpath("scripts/put.lua").read_text()
+
+#: Entries read per round trip when walking the DLQ.
+BATCH = 500
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which entries an operation takes: all of them, or by agent, class and dead-lettered time (s)."""
+
+    agent: str | None = None
+    failure_class: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, entry: DeadLetter) -> bool:
+        return ((self.agent is None or (entry.agent or "-") == self.agent)
+                and (self.failure_class is None or entry.failure_class == self.failure_class))
+
+    @property
+    def exact(self) -> bool:
+        """True when the chosen index alone decides membership (no entry needs checking)."""
+        return self.agent is None or self.failure_class is None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An entry with the bytes of the message as it was sent."""
+
+    entry: DeadLetter
+    raw: bytes
 
 
 class DeadLetterStore:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
+        self._put = client.register_script(PUT_LUA)
 
-    def count(self) -> int:
-        return int(self.client.zcard(self.keys.dlq))
+    # -- reading ------------------------------------------------------------------------------
+
+    def count(self, flt: Filter | None = None) -> int:
+        """Entries matching ``flt``: exact from one index, or an upper bound when it filters on both
+        agent and class (use :meth:`iter` to count those exactly)."""
+        flt = flt or Filter()
+        return int(self.client.zcount(self._index(flt), *self._range(flt)))
 
     def get(self, entry_id: str) -> DeadLetter | None:
         data = self.client.hget(self.keys.dead_letter(entry_id), "entry")
@@ -29,17 +74,116 @@ class DeadLetterStore:
         data = self.client.hget(self.keys.dead_letter(entry_id), "raw")
         return None if data is None else data if isinstance(data, bytes) else data.encode()
 
-    def newest(self, limit: int = 100) -> list[DeadLetter]:
-        """Newest first."""
-        ids = self.client.zrevrange(self.keys.dlq, 0, max(limit, 1) - 1)
-        return list(self._load(ids))
+    def load(self, entry_id: str) -> Stored | None:
+        data, raw = self.client.hmget(self.keys.dead_letter(entry_id), "entry", "raw")
+        if data is None:
+            return None
+        return Stored(DeadLetter.model_validate(loads(data)), _bytes(raw))
 
-    def _load(self, ids: Any) -> Iterator[DeadLetter]:
-        if not ids:
-            return
+    def newest(self, limit: int = 100) -> list[DeadLetter]:
+        return self.entries(Filter(), limit=limit)
+
+    def entries(self, flt: Filter, *, limit: int = 100) -> list[DeadLetter]:
+        """Newest first, at most ``limit``."""
+        out: list[DeadLetter] = []
+        lo, hi = self._range(flt)
+        offset = 0
+        while len(out) < limit:
+            ids = self.client.zrevrangebyscore(self._index(flt), hi, lo, start=offset, num=BATCH)
+            if not ids:
+                break
+            offset += len(ids)
+            out += [s.entry for s in self._fetch(ids) if flt.matches(s.entry)]
+        return out[:limit]
+
+    def iter(self, flt: Filter, *, removing: bool = False, batch: int = BATCH) -> Iterator[list[Stored]]:
+        """Batches of matching entries, oldest first, in constant memory.
+
+        With ``removing``, the caller removes (or deliberately keeps) every entry it is handed
+        before asking for the next batch: the walk then restarts from the front each time,
+        skipping only the entries that were kept.
+        """
+        lo, hi = self._range(flt)
+        offset = 0
+        while True:
+            ids = self.client.zrangebyscore(self._index(flt), lo, hi, start=offset, num=batch)
+            if not ids:
+                return
+            stored = self._fetch(ids)
+            matching = [s for s in stored if flt.matches(s.entry)]
+            if matching:
+                yield matching
+            if removing:  # what is still indexed was kept: skip it next time
+                pipe = self.client.pipeline(transaction=False)
+                for entry_id in ids:
+                    pipe.zscore(self._index(flt), entry_id)  # type: ignore[arg-type]
+                offset += sum(score is not None for score in pipe.execute())
+            else:
+                offset += len(ids)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by agent and by class, the total, and the oldest and newest dead-lettered times."""
+        total = self.count()
+        agents = sorted(a.decode() for a in self.client.smembers(self.keys.dlq_agents))  # type: ignore[union-attr]
+        by_agent = self._counts([self.keys.dlq_by_agent(a) for a in agents], agents)
+        by_class = self._counts([self.keys.dlq_by_class(c) for c in FailureClass], [str(c) for c in FailureClass])
+        oldest = self.client.zrange(self.keys.dlq, 0, 0, withscores=True)
+        newest = self.client.zrange(self.keys.dlq, -1, -1, withscores=True)
+        return {"total": total, "by_agent": by_agent, "by_class": by_class,
+                "oldest_at": float(oldest[0][1]) / 1000 if oldest else None,
+                "newest_at": float(newest[0][1]) / 1000 if newest else None}
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def remove(self, entries: list[DeadLetter], pipe: Any = None) -> None:
+        """Delete entries with their indexes (staged into ``pipe`` when given, else one MULTI)."""
+        own = pipe is None
+        pipe = self.client.pipeline(transaction=True) if own else pipe
+        for e in entries:
+            pipe.delete(self.keys.dead_letter(e.entry_id))
+            pipe.zrem(self.keys.dlq, e.entry_id)
+            pipe.zrem(self.keys.dlq_by_agent(e.agent or "-"), e.entry_id)
+            pipe.zrem(self.keys.dlq_by_class(e.failure_class), e.entry_id)
+        if own:
+            pipe.execute()
+
+    def put(self, entry: DeadLetter, raw: bytes) -> bool:
+        """Write ``entry`` back with its indexes unless its id is already in the DLQ."""
+        keys = [self.keys.dlq, self.keys.dead_letter(entry.entry_id), self.keys.dlq_by_agent(entry.agent or "-"),
+                self.keys.dlq_by_class(entry.failure_class), self.keys.dlq_agents]
+        args: list[str | bytes | int] = [entry.entry_id, int(entry.dead_lettered_at * 1000), dumps(entry), raw,
+                                         entry.agent or "-", entry.failure_class]
+        return bool(self._put(keys=keys, args=args))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _index(self, flt: Filter) -> str:
+        if flt.failure_class is not None:
+            return self.keys.dlq_by_class(flt.failure_class)
+        if flt.agent is not None:
+            return self.keys.dlq_by_agent(flt.agent)
+        return self.keys.dlq
+
+    @staticmethod
+    def _range(flt: Filter) -> tuple[float | str, float | str]:
+        lo = "-inf" if flt.since is None else int(flt.since * 1000)
+        hi = "+inf" if flt.until is None else int(flt.until * 1000)
+        return lo, hi
+
+    def _fetch(self, ids: list[Any]) -> list[Stored]:
         pipe = self.client.pipeline(transaction=False)
         for entry_id in ids:
-            pipe.hget(self.keys.dead_letter(entry_id.decode()), "entry")
-        for data in pipe.execute():
-            if data is not None:
-                yield DeadLetter.model_validate(loads(data))
+            pipe.hmget(self.keys.dead_letter(entry_id.decode()), "entry", "raw")
+        return [Stored(DeadLetter.model_validate(loads(data)), _bytes(raw))
+                for data, raw in pipe.execute() if data is not None]
+
+    def _counts(self, keys: list[str], names: list[str]) -> dict[str, int]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcard(key)
+        return {n: int(c) for n, c in zip(names, pipe.execute(), strict=True) if c}
+
+
+
+def _bytes(value: Any) -> bytes:
+    return b"" if value is None else value if isinstance(value, bytes) else str(value).encode()

@@ -2,55 +2,32 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import orjson
-import redis
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from broker import JobNotFound, MeshClient, MeshSettings, WaitTimeout
-from contracts import CONTRACTS, ConfigError, ContractError, JobRecord, MeshError, State
+from broker import JobNotFound, MeshClient, WaitTimeout
+from contracts import CONTRACTS, ContractError, JobRecord, MeshError, State
+from ops.console import (
+    EXIT_FAILED,
+    EXIT_INPUT,
+    EXIT_TIMEOUT,
+    JsonFlag,
+    client,
+    emit_json,
+    err,
+    fail,
+    out,
+    settings,
+)
+from ops.dlq_cli import dlq_app
 
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-#: Exit codes: 0 ok; 1 the job did not succeed; 2 bad input; 3 Redis unreachable; 4 timed out.
-EXIT_FAILED, EXIT_INPUT, EXIT_REDIS, EXIT_TIMEOUT = 1, 2, 3, 4
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
-
-
-def fail(message: str, code: int) -> NoReturn:
-    err.print(Text.assemble(("error: ", "red"), message), highlight=False)
-    raise typer.Exit(code)
-
-
-def settings() -> MeshSettings:
-    try:
-        return MeshSettings.from_env()
-    except ConfigError as exc:
-        fail(str(exc), EXIT_INPUT)
-
-
-def client() -> MeshClient:
-    s = settings()
-    c = MeshClient(s)
-    try:
-        c.redis.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        fail(f"cannot reach Redis at {s.redis_url}: {exc}", EXIT_REDIS)
-    return c
-
-
-def emit_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _agents(value: str) -> list[str]:
@@ -329,6 +306,9 @@ def demo(
     from ops.demo import run_demo
 
     raise typer.Exit(run_demo(goal, timeout, out))
+
+
+app.add_typer(dlq_app, name="dlq")
 
 
 def main() -> None:

@@ -8,9 +8,11 @@
 --   heartbeat                        -> 1
 --   retry     id, new_id, new_data, stat, route
 --                                    -> the copy goes on {queue}.DQ, the original is settled
---   dead      id, entry_id, entry, raw, stat, route
---                                    -> the entry lands in the mesh DLQ, the original is settled
---                                       (route: "{failure class}:{route}", counted in {ns}:routes)
+--   dead      id, entry_id, entry, raw, stat, route, agent, class, retention_ms
+--                                    -> the entry lands in the mesh DLQ and its agent and class
+--                                       indexes, the original is settled (route: "{class}:{route}",
+--                                       counted in {ns}:routes); with retention_ms > 0, up to 100
+--                                       entries older than that are removed and counted
 --   drop      id, stat               -> the original is settled, nothing replaces it
 --   requeue   id                     -> an unsettled message goes back to the head of its queue
 --   reclaim   keep_id...             -> every message this worker holds on the queue except
@@ -103,14 +105,30 @@ elseif command == "retry" then
 
 elseif command == "dead" then
     local id, entry_id, entry, raw, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-    local entry_key = ns .. ":dlq:" .. entry_id
+    local agent, class, retention = ARGV[12], ARGV[13], tonumber(ARGV[14])
+    local dlq = ns .. ":dlq"
     -- Safe to run twice: the entry is written, and counted, once.
-    if redis.call("zadd", ns .. ":dlq", "NX", now, entry_id) == 1 then
-        redis.call("hset", entry_key, "entry", entry, "raw", raw)
+    if redis.call("zadd", dlq, "NX", now, entry_id) == 1 then
+        redis.call("hset", dlq .. ":" .. entry_id, "entry", entry, "raw", raw, "agent", agent, "class", class)
+        redis.call("zadd", dlq .. ".agent:" .. agent, now, entry_id)
+        redis.call("sadd", dlq .. ".agents", agent)
+        redis.call("zadd", dlq .. ".class:" .. class, now, entry_id)
         redis.call("hincrby", ns .. ":stats", stat, 1)
         redis.call("hincrby", ns .. ":routes", ARGV[11], 1)
     end
     settle(id)
+    if retention > 0 then
+        -- Retention is explicit and counted: nothing leaves the DLQ silently.
+        local old = redis.call("zrangebyscore", dlq, 0, now - retention, "LIMIT", 0, 100)
+        for _, old_id in ipairs(old) do
+            local fields = redis.call("hmget", dlq .. ":" .. old_id, "agent", "class")
+            if fields[1] then redis.call("zrem", dlq .. ".agent:" .. fields[1], old_id) end
+            if fields[2] then redis.call("zrem", dlq .. ".class:" .. fields[2], old_id) end
+            redis.call("del", dlq .. ":" .. old_id)
+            redis.call("zrem", dlq, old_id)
+        end
+        if #old > 0 then redis.call("hincrby", ns .. ":stats", "dlq_expired", #old) end
+    end
     return 1
 
 elseif command == "drop" then

@@ -1,0 +1,127 @@
+"""Drain (export and remove), load (put back) and purge (delete), streaming in constant memory.
+
+An exported line is ``{"entry": {...}, "raw_b64": "..."}``. Drain appends a batch to the file,
+flushes and fsyncs it, and only then removes that batch from the DLQ: a crash leaves entries at
+worst both in the file and in the DLQ, and loading them back is idempotent (ids are preserved and
+an id already in the DLQ is skipped).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from pydantic import ValidationError
+
+from contracts import MeshError
+
+from .audit import Audit
+from .entry import DeadLetter
+from .store import DeadLetterStore, Filter, Stored
+
+Progress = Callable[[int], None]
+
+
+class ExportFileError(MeshError):
+    """A line of an export file is not an exported entry."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    loaded: int
+    already_present: int
+
+
+def line_of(stored: Stored) -> bytes:
+    return orjson.dumps({"entry": stored.entry.model_dump(mode="json"),
+                         "raw_b64": base64.b64encode(stored.raw).decode()}) + b"\n"
+
+
+def drain(store: DeadLetterStore, path: Path, flt: Filter | None = None, *, audit: Audit | None = None,
+          progress: Progress | None = None) -> int:
+    """Append every matching entry to ``path`` (fsynced) and then remove it; returns how many."""
+    audit = audit or Audit(store.client, store.keys)
+    n = 0
+    with path.open("ab") as f:
+        for batch in store.iter(flt or Filter(), removing=True):
+            f.writelines(line_of(s) for s in batch)
+            f.flush()
+            os.fsync(f.fileno())
+            pipe = store.client.pipeline(transaction=True)
+            store.remove([s.entry for s in batch], pipe)
+            for s in batch:
+                audit.stage(pipe, "drain", s.entry.entry_id, file=str(path.resolve()))
+            pipe.hincrby(store.keys.stats, "dlq_drained", len(batch))
+            pipe.execute()
+            n += len(batch)
+            if progress:
+                progress(len(batch))
+    return n
+
+
+def read_export(path: Path) -> Iterator[Stored]:
+    """The entries of an export file, one line at a time; ExportFileError names a bad line."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = orjson.loads(line)
+                entry = DeadLetter.model_validate(item["entry"])
+                raw = base64.b64decode(item["raw_b64"], validate=True)
+            except (ValueError, TypeError, KeyError, ValidationError) as exc:
+                raise ExportFileError(f"{path}:{number} is not an exported dead letter: "
+                                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                                      line=number) from None
+            yield Stored(entry, raw)
+
+
+def load(store: DeadLetterStore, path: Path, *, audit: Audit | None = None,
+         progress: Progress | None = None) -> LoadReport:
+    """Put an export's entries back, ids preserved; an id already in the DLQ is skipped.
+
+    The whole file is checked first, so a bad line loads nothing.
+    """
+    for _ in read_export(path):
+        pass
+    audit = audit or Audit(store.client, store.keys)
+    loaded = present = 0
+    for stored in read_export(path):
+        if store.put(stored.entry, stored.raw):
+            loaded += 1
+            pipe = store.client.pipeline(transaction=False)
+            audit.stage(pipe, "load", stored.entry.entry_id, file=str(path.resolve()))
+            pipe.execute()
+        else:
+            present += 1
+        if progress:
+            progress(1)
+    return LoadReport(loaded, present)
+
+
+def purge(store: DeadLetterStore, flt: Filter | None = None, ids: list[str] | None = None, *,
+          audit: Audit | None = None, progress: Progress | None = None) -> int:
+    """Delete matching entries (or the given ids) for good, each with an audit record."""
+    audit = audit or Audit(store.client, store.keys)
+    if ids is not None:
+        batches: Iterator[list[Stored]] = iter([[s for s in map(store.load, ids) if s is not None]])
+    else:
+        batches = store.iter(flt or Filter(), removing=True)
+    n = 0
+    for batch in batches:
+        if not batch:
+            continue
+        pipe = store.client.pipeline(transaction=True)
+        store.remove([s.entry for s in batch], pipe)
+        for s in batch:
+            audit.stage(pipe, "purge", s.entry.entry_id, failure_class=s.entry.failure_class, agent=s.entry.agent)
+        pipe.hincrby(store.keys.stats, "dlq_purged", len(batch))
+        pipe.execute()
+        n += len(batch)
+        if progress:
+            progress(len(batch))
+    return n

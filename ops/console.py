@@ -1,0 +1,49 @@
+"""What every ``mesh`` command shares: consoles, exit codes, settings, the client, JSON output."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import redis
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from broker import MeshClient, MeshSettings
+from contracts import ConfigError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+#: Exit codes: 0 ok; 1 the job did not succeed; 2 bad input; 3 Redis unreachable; 4 timed out.
+EXIT_FAILED, EXIT_INPUT, EXIT_REDIS, EXIT_TIMEOUT = 1, 2, 3, 4
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err.print(Text.assemble(("error: ", "red"), message), highlight=False)
+    raise typer.Exit(code)
+
+
+def settings() -> MeshSettings:
+    try:
+        return MeshSettings.from_env()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_INPUT)
+
+
+def client() -> MeshClient:
+    s = settings()
+    c = MeshClient(s)
+    try:
+        c.redis.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        fail(f"cannot reach Redis at {s.redis_url}: {exc}", EXIT_REDIS)
+    return c
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,0 +1,276 @@
+"""``mesh dlq``: inspect, replay, drain, load and purge the dead-letter queue."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from ops import console as base
+
+dlq_app = typer.Typer(help="The dead-letter queue: list, show, stats, replay, drain, load, purge.",
+                      no_args_is_help=True)
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(value: str | None, *, now: float | None = None) -> float | None:
+    """``15m``/``2h``/``3d`` ago, UNIX seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
+    if value is None:
+        return None
+    now = time.time() if now is None else now
+    if m := _RELATIVE.match(value.strip()):
+        return now - float(m.group(1)) * _UNIT_S[m.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a time: use 15m, 2h, 3d (ago), UNIX seconds or ISO 8601") from None
+    if when.tzinfo is None:
+        from datetime import UTC
+
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+Agent = Annotated[str | None, typer.Option("--agent", help="Only entries of this agent.")]
+Class = Annotated[str | None, typer.Option("--class", help="Only entries of this failure class.")]
+Since = Annotated[str | None, typer.Option(help="Dead-lettered at or after: 15m, 2h, 3d (ago), UNIX s, ISO 8601.")]
+Until = Annotated[str | None, typer.Option(help="Dead-lettered at or before (same forms as --since).")]
+Yes = Annotated[bool, typer.Option("--yes", help="Do it without asking.")]
+
+
+def _filter(agent: str | None, failure_class: str | None, since: str | None, until: str | None) -> Any:
+    from contracts import FailureClass
+    from dlq import Filter
+
+    if failure_class is not None and failure_class not in set(FailureClass):
+        base.fail(f"unknown failure class {failure_class!r}; classes are {', '.join(FailureClass)}", base.EXIT_INPUT)
+    return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until))
+
+
+def _store() -> Any:
+    from dlq import DeadLetterStore
+
+    c = base.client()
+    return c, DeadLetterStore(c.redis, c.keys)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _confirm(yes: bool, what: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        base.fail(f"{what}: add --yes to confirm (no terminal to ask on)", base.EXIT_INPUT)
+    if not typer.confirm(f"{what}?"):
+        raise typer.Exit(base.EXIT_INPUT)
+
+
+@contextmanager
+def _progress(total: int, label: str, enabled: bool) -> Iterator[Any]:
+    """A progress bar on stderr (only on a terminal, never with --json); yields an advance(n) callable."""
+    if not enabled or not base.err.is_terminal:
+        yield lambda n: None
+        return
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=base.err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@dlq_app.command("list")
+def list_(agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+          limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+          as_json: base.JsonFlag = False) -> None:
+    """Dead letters, newest first, by agent, class and time."""
+    flt = _filter(agent, failure_class, since, until)
+    _, store = _store()
+    entries = store.entries(flt, limit=limit)
+    if as_json:
+        base.emit_json([e.model_dump(mode="json") for e in entries])
+        return
+    if not entries:
+        base.out.print("the dead-letter queue has no such entries")
+        return
+    table = Table("id", "dead-lettered", "agent", "class", "key", "attempts", "error")
+    for e in entries:
+        table.add_row(e.entry_id, _when(e.dead_lettered_at), e.agent or "-", e.failure_class, Text(e.key or "-"),
+                      str(len(e.attempts)), Text(e.error[:80]))
+    base.out.print(table)
+
+
+@dlq_app.command()
+def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh dlq list`).")],
+         as_json: base.JsonFlag = False) -> None:
+    """Everything an entry keeps, the payload as sent and its audit records included."""
+    from contracts import loads
+    from dlq import Audit
+
+    c, store = _store()
+    stored = store.load(entry_id)
+    if stored is None:
+        base.fail(f"no dead letter {entry_id!r}", base.EXIT_INPUT)
+    try:
+        message: Any = loads(stored.raw)
+    except ValueError:
+        message = None
+    item = {**stored.entry.model_dump(mode="json"),
+            "message": message, "raw": None if message is not None else stored.raw.decode("utf-8", "replace"),
+            "audit": Audit(c.redis, c.keys).records(entry_id)}
+    if as_json:
+        base.emit_json(item)
+        return
+    e = stored.entry
+    for name in ("entry_id", "agent", "queue", "failure_class", "error", "key", "job_id", "trace_id", "worker", "host",
+                 "replay_count", "replay_of"):
+        base.out.print(Text.assemble((f"{name}: ", "bold"), str(getattr(e, name))))
+    base.out.print(Text.assemble(("dead_lettered_at: ", "bold"), _when(e.dead_lettered_at)))
+    for a in e.attempts:
+        base.out.print(Text(f"  attempt {a.attempt}: {a.outcome} {a.failure_class or ''} at {_when(a.at)}"
+                            f" on {a.worker}: {a.error or ''}"))
+    payload = e.envelope.get("payload") if e.envelope else None
+    base.out.print(Text.assemble(("payload: ", "bold"), orjson.dumps(payload).decode() if payload is not None
+                                 else item["raw"] or "-"))
+    if e.traceback:
+        base.out.print(Text(e.traceback.rstrip()))
+
+
+@dlq_app.command()
+def stats(as_json: base.JsonFlag = False) -> None:
+    """Counts by agent and class, with the oldest and newest entry's time."""
+    _, store = _store()
+    s = store.stats()
+    if as_json:
+        base.emit_json(s)
+        return
+    base.out.print(f"{s['total']} dead letters; oldest {_when(s['oldest_at'])}, newest {_when(s['newest_at'])}")
+    for title, counts in (("agent", s["by_agent"]), ("class", s["by_class"])):
+        table = Table(title, "entries")
+        for name, n in sorted(counts.items()):
+            table.add_row(Text(name), str(n))
+        base.out.print(table)
+
+
+@dlq_app.command()
+def replay(
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids; or --all, or filters.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+    agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+    rate: Annotated[float | None, typer.Option(min=0.001, help="At most this many entries per second.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing; report what would move.")] = False,
+    yes: Yes = False, as_json: base.JsonFlag = False,
+) -> None:
+    """Re-enqueue entries with their original key, fresh attempts and deadline, and replay_of lineage."""
+    from dlq import Replayer
+
+    has_filter = any(v is not None for v in (agent, failure_class, since, until))
+    if bool(ids) + all_ + has_filter != 1:
+        base.fail("give entry ids, or --all, or filters (--agent/--class/--since/--until)", base.EXIT_INPUT)
+    flt = _filter(agent, failure_class, since, until)
+    c, store = _store()
+    replayer = Replayer(store, c.settings)
+    total = len(ids) if ids else store.count(flt)
+    if not dry_run:
+        _confirm(yes, f"replay {total} dead letter(s)")
+    with _progress(total, "replaying", not as_json and not dry_run) as advance:
+        report = replayer.replay(replayer.entries(ids or None, None if ids else flt, dry_run=dry_run),
+                                 dry_run=dry_run, rate=rate, progress=advance)
+    if ids:
+        for missing in set(ids) - set(report.replayed) - set(report.skipped):
+            report.skipped[missing] = "no such entry"
+    result = {"dry_run": dry_run, "replayed": len(report.replayed), "skipped": report.skipped,
+              "by_agent": report.by_agent, "by_class": report.by_class, "ids": report.replayed}
+    if as_json:
+        base.emit_json(result)
+    else:
+        verb = "would replay" if dry_run else "replayed"
+        base.out.print(f"{verb} {len(report.replayed)} dead letter(s)"
+                       + "".join(f"; {n} of {k}" for k, n in sorted(report.by_class.items())))
+        for entry_id, reason in report.skipped.items():
+            base.err.print(Text(f"skipped {entry_id}: {reason}"))
+    if report.skipped:
+        raise typer.Exit(base.EXIT_FAILED)
+
+
+@dlq_app.command()
+def drain(
+    to: Annotated[Path, typer.Option("--to", help="JSONL file to append the entries to.")],
+    agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+    yes: Yes = False, as_json: base.JsonFlag = False,
+) -> None:
+    """Export entries to a JSONL file and remove them; each batch is fsynced before it is removed."""
+    from dlq import drain as drain_entries
+
+    flt = _filter(agent, failure_class, since, until)
+    _, store = _store()
+    total = store.count(flt)
+    _confirm(yes, f"drain {total} dead letter(s) to {to}")
+    with _progress(total, "draining", not as_json) as advance:
+        n = drain_entries(store, to, flt, progress=advance)
+    if as_json:
+        base.emit_json({"drained": n, "file": str(to)})
+    else:
+        base.out.print(Text(f"drained {n} dead letter(s) to {to}"))
+
+
+@dlq_app.command()
+def load(file: Annotated[Path, typer.Argument(help="A file written by `mesh dlq drain`.")],
+         as_json: base.JsonFlag = False) -> None:
+    """Put drained entries back (ids preserved; an entry already in the DLQ is not added twice)."""
+    from dlq import ExportFileError
+    from dlq import load as load_entries
+
+    if not file.is_file():
+        base.fail(f"no file {file}", base.EXIT_INPUT)
+    _, store = _store()
+    try:
+        report = load_entries(store, file)
+    except ExportFileError as exc:
+        base.fail(f"{exc} (nothing was loaded)", base.EXIT_INPUT)
+    if as_json:
+        base.emit_json({"loaded": report.loaded, "already_present": report.already_present})
+    else:
+        base.out.print(f"loaded {report.loaded} dead letter(s); {report.already_present} already in the DLQ")
+
+
+@dlq_app.command()
+def purge(
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids; or --all, or filters.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+    agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+    yes: Yes = False, as_json: base.JsonFlag = False,
+) -> None:
+    """Delete entries for good. Refuses without --yes."""
+    from dlq import purge as purge_entries
+
+    has_filter = any(v is not None for v in (agent, failure_class, since, until))
+    if bool(ids) + all_ + has_filter != 1:
+        base.fail("give entry ids, or --all, or filters (--agent/--class/--since/--until)", base.EXIT_INPUT)
+    if not yes:
+        base.fail("purge deletes dead letters for good: add --yes (or drain them to a file instead)",
+                  base.EXIT_INPUT)
+    flt = _filter(agent, failure_class, since, until)
+    _, store = _store()
+    n = purge_entries(store, None if ids else flt, ids=ids or None)
+    if as_json:
+        base.emit_json({"purged": n})
+    else:
+        base.out.print(f"purged {n} dead letter(s)")
