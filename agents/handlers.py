@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dramatiq.middleware import TimeLimitExceeded
+
 from broker.idempotency import current_lease
-from contracts import Envelope, Findings, Plan, PlannerInput, Receipt, ResearchInput, ToolCall, ToolRefused
+from contracts import (
+    DependencyTimeout,
+    Envelope,
+    Findings,
+    Plan,
+    PlannerInput,
+    Receipt,
+    ResearchInput,
+    ToolCall,
+    ToolRefused,
+)
 
 from .tools import TOOLS, ToolContext
 
@@ -30,7 +42,13 @@ def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
     ctx = ToolContext(key=env.key, job_id=env.job_id, trace_id=env.trace_id, fencing_token=lease.token,
                       deadline=env.deadline, breakers=rt.breakers,
                       settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http)
-    return spec.run(ctx, call.typed_args())
+    args = call.typed_args()
+    try:
+        return spec.run(ctx, args)
+    except TimeLimitExceeded as exc:
+        # Stopped mid-call: the tool may have acted. The effect cannot be proven either way.
+        raise DependencyTimeout(f"{call.tool} hit its time limit; its effect is unknown", tool=call.tool,
+                                effect_unknown=True) from exc
 
 
 HANDLERS: dict[str, Handler] = {"planner": planner, "researcher": researcher, "executor": executor}

@@ -87,9 +87,13 @@ class Breakers:
                     logger.warning("circuit breaker open", extra={"dependency": dependency,
                                                                    "reopen_in_s": int(wait_ms) / 1000})
             raise
-        except BaseException:
-            if probe:
+        except Exception:
+            if probe:  # the dependency answered (a 4xx, a bad body): it is up
                 self._call("success", dependency, owner)
+            raise
+        except BaseException as exc:
+            if probe:  # stopped (time limit, shutdown) before any answer: not proof it is up
+                self._call("failure", dependency, owner, f"probe interrupted: {type(exc).__name__}")
             raise
         if probe:
             self._call("success", dependency, owner)

@@ -24,7 +24,7 @@ from dramatiq.message import Message
 from contracts import FailureClass, dumps
 from dlq.entry import DeadLetter, format_traceback
 
-from .settle import DeadLetterIt, RetryLater, Superseded, decide, decision_of, raw_of
+from .settle import DeadLetterIt, RetryLater, decide, decision_of, raw_of
 
 if TYPE_CHECKING:
     from .mesh_broker import MeshBroker
@@ -56,11 +56,11 @@ class MeshConsumer(_RedisConsumer):
                                    decision.stat, decision.route)
             elif isinstance(decision, DeadLetterIt):
                 self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route)
-            elif isinstance(decision, Superseded):
-                self.broker.settle("drop", self.queue_name, rid, "superseded")
             else:
                 self.broker.do_ack(self.queue_name, rid)
-        except redis.ConnectionError as exc:
+        except (redis.RedisError, ConnectionClosed) as exc:
+            # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
+            # retries the settlement until it goes through, and the message stays in hand meanwhile.
             raise ConnectionClosed(exc) from None
         self.queued_message_ids.discard(message.message_id)
         self.in_hand.discard(rid)
@@ -119,7 +119,10 @@ class MeshConsumer(_RedisConsumer):
 
     def _fetch(self) -> bool:
         if not self.reclaimed:
-            n = self.broker.settle("reclaim", self.queue_name, *self.in_hand)
+            # dramatiq never hands delay-queue messages to worker threads: a rebuilt delay-queue
+            # consumer holds none of them, whatever the last one had.
+            keep = () if self.queue_name.endswith(".DQ") else tuple(self.in_hand)
+            n = self.broker.settle("reclaim", self.queue_name, *keep)
             self.reclaimed = True
             if n:
                 logger.warning("messages left behind by a lost connection put back",

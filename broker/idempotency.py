@@ -118,11 +118,12 @@ class Idempotency(Middleware):
 
     def _defer(self, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str, stat: str,
                route: str) -> None:
-        defers = int(message.options.get("mesh_defers", 0))
-        delay_ms = full_jitter_ms(defers, DEFER_MIN_MS, DEFER_MAX_MS, random.random)
+        # Its own counter: waiting for a key's owner spends none of the router's MESH_MAX_DEFERS.
+        waits = int(message.options.get("mesh_waits", 0))
+        delay_ms = full_jitter_ms(waits, DEFER_MIN_MS, DEFER_MAX_MS, random.random)
         if lease_left_ms:
             delay_ms = min(lease_left_ms + 50, delay_ms)
-        copy = delayed_copy(message._message, delay_ms, mesh_defers=defers + 1)
+        copy = delayed_copy(message._message, delay_ms, mesh_waits=waits + 1)
         decide(message, RetryLater(copy, delay_ms, stat=stat, route=route))
         logger.info("message deferred before running", extra={"key": key, "trace_id": message.args[0].get("trace_id"),
                                                   "agent": message.actor_name, "delay_ms": delay_ms,
@@ -140,6 +141,8 @@ class Idempotency(Middleware):
         else:
             ok = self._call("release", lease.claim_key, lease.owner)
         if not ok:
+            # Another owner holds the key now: the router must not record this attempt's failure.
+            message.mesh_superseded = True  # type: ignore[attr-defined]
             logger.warning("lease lost before the attempt settled", extra={"key": lease.key, "token": lease.token})
 
     def after_worker_shutdown(self, broker: Broker, worker: Any) -> None:

@@ -7,6 +7,7 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
     {ns}:{queue}.DQ / .DQ.msgs        the same for delayed messages (retries, deferrals)
     {ns}:__acks__.{worker}.{queue}    set of ids a worker fetched and has not settled
     {ns}:__heartbeats__               zset worker id -> last heartbeat (ms)
+    {ns}:__reap_after__               recovery pauses until this time (ms) after a worker saw an outage
     {ns}:__held__.{worker}            set of queues a worker has fetched from (the mesh's addition:
                                       recovery finds a dead worker's messages on every queue)
     {ns}:{queue}.XQ                   dramatiq's dead letters: kept empty, the mesh DLQ replaces it

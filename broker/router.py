@@ -32,12 +32,15 @@ from dlq.entry import Attempt, format_traceback
 from .classify import classify
 from .jobs import JobStore, fail_step
 from .settings import MeshSettings
-from .settle import DeadLetterIt, Decision, RetryLater, Superseded, decide, delayed_copy
+from .settle import DeadLetterIt, Decision, RetryLater, decide, delayed_copy
 
 logger = logging.getLogger(__name__)
 
 #: Jitter added to a wait the dependency named (Retry-After, a breaker's reopen time), in ms.
 NAMED_WAIT_JITTER_MS = 250
+
+#: How long a superseded attempt's copy waits before the claim decides its fate (ms, jittered up to twice).
+SUPERSEDED_WAIT_MS = 1_000
 
 #: Classes that bounded retries may cure.
 RETRIED = frozenset({FailureClass.INVALID_OUTPUT, FailureClass.UNKNOWN, FailureClass.BROWNOUT})
@@ -131,10 +134,13 @@ class FailureRouter(Middleware):
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
         log = {"agent": message.actor_name, "trace_id": envelope.get("trace_id"), "key": envelope.get("key"),
                "job_id": envelope.get("job_id")}
-        if isinstance(exception, LeaseLost):
-            # Another owner took the key over and carries the work on; this copy only goes away.
-            decide(message, Superseded())
-            logger.warning("attempt superseded", extra=log)
+        if isinstance(exception, LeaseLost) or message.__dict__.get("mesh_superseded"):
+            # Another owner took the key over and carries the work on. This copy is not dropped: it
+            # comes back shortly, and the claim absorbs it (done: acked; still held: waits).
+            delay_ms = full_jitter_ms(1, SUPERSEDED_WAIT_MS, 2 * SUPERSEDED_WAIT_MS, self.rng)
+            decide(message, RetryLater(delayed_copy(message._message, delay_ms), delay_ms, "superseded",
+                                       "duplicate:defer"))
+            logger.warning("attempt superseded", extra={**log, "delay_ms": delay_ms})
             return
         failure_class, retry_after_s = classify(exception)
         attempt = envelope.get("attempt", 1) if isinstance(envelope.get("attempt"), int) else 1

@@ -33,12 +33,7 @@ class DeadLetterIt:
     route: str = "unknown:dead_letter"
 
 
-@dataclass(frozen=True)
-class Superseded:
-    """Settle the original without a copy: another owner of its key carries the work on."""
-
-
-Decision = RetryLater | DeadLetterIt | Superseded
+Decision = RetryLater | DeadLetterIt
 
 _ATTR = "mesh_decision"
 

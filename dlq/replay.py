@@ -55,8 +55,8 @@ def replay_message(stored: Stored, settings: MeshSettings, now: float) -> Messag
     """The message a replay enqueues: the original envelope and key, a fresh attempt and deadline."""
     try:
         body = loads(stored.raw)
-        message: Message[Any] = Message(queue_name=body["queue_name"], actor_name=body["actor_name"], args=tuple(body["args"]),
-                          kwargs=body.get("kwargs") or {}, options={})
+        message: Message[Any] = Message(queue_name=body["queue_name"], actor_name=body["actor_name"],
+                                        args=tuple(body["args"]), kwargs=body.get("kwargs") or {}, options={})
     except (ValueError, TypeError, KeyError) as exc:
         raise NotReplayable(f"not a message that can run again ({exc.__class__.__name__}); drain or purge it") from None
     if len(message.args) != 1 or not isinstance(message.args[0], dict):

@@ -44,6 +44,7 @@ if command == "admit" then
         return start_probe()
     end
     -- half open: one probe at a time across the fleet; a probe whose worker died expires.
+    if probe == owner then return {"probe"} end -- the probe's own admit, re-sent after a lost reply
     -- The others look again after at most a cool-down: the probe usually answers well before.
     if probe_expires > now then return {"half_open", math.min(probe_expires - now, cooldown)} end
     return start_probe()

@@ -13,7 +13,6 @@
 --                                       indexes, the original is settled (route: "{class}:{route}",
 --                                       counted in {ns}:routes); with retention_ms > 0, up to 100
 --                                       entries older than that are removed and counted
---   drop      id, stat               -> the original is settled, nothing replaces it
 --   requeue   id                     -> an unsettled message goes back to the head of its queue
 --   reclaim   keep_id...             -> every message this worker holds on the queue except
 --                                       keep_id... goes back to the head of the queue
@@ -37,15 +36,17 @@ local msgs_key = queue_key .. ".msgs"
 local acks = acks_prefix .. worker .. "." .. queue
 local held_prefix = ns .. ":__held__."
 
-redis.call("zadd", heartbeats, now, worker)
-
-local function settle(id)
-    redis.call("srem", acks, id)
-    redis.call("hdel", msgs_key, id)
+-- A worker that was itself silent longer than the timeout has most likely lived through a Redis
+-- outage, like every other worker: recovery waits one more timeout for them all to beat again.
+local previous = tonumber(redis.call("zscore", heartbeats, worker))
+if previous and now - previous > heartbeat_timeout then
+    redis.call("set", ns .. ":__reap_after__", now + heartbeat_timeout, "PX", heartbeat_timeout * 2)
 end
+redis.call("zadd", heartbeats, now, worker)
 
 local function reap()
     -- Workers whose heartbeat stopped: whatever they held goes back to the head of its queue.
+    if now < (tonumber(redis.call("get", ns .. ":__reap_after__")) or 0) then return end
     local dead = redis.call("zrangebyscore", heartbeats, 0, now - heartbeat_timeout)
     for _, dead_worker in ipairs(dead) do
         local held_queues = held_prefix .. dead_worker
@@ -94,21 +95,24 @@ elseif command == "heartbeat" then
 
 elseif command == "retry" then
     local id, new_id, new_data, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-    -- Safe to run twice (a client retry after a lost reply): the copy is pushed, and counted, once.
-    if redis.call("hsetnx", queue_key .. ".DQ.msgs", new_id, new_data) == 1 then
+    -- Safe to run twice (a re-sent ack after a lost reply, even once the copy has moved on): only
+    -- the call that settles the original pushes the copy and counts it.
+    redis.call("srem", acks, id)
+    if redis.call("hdel", msgs_key, id) == 1 then
+        redis.call("hsetnx", queue_key .. ".DQ.msgs", new_id, new_data)
         redis.call("rpush", queue_key .. ".DQ", new_id)
         redis.call("hincrby", ns .. ":stats", stat, 1)
         redis.call("hincrby", ns .. ":routes", ARGV[10], 1)
     end
-    settle(id)
     return 1
 
 elseif command == "dead" then
     local id, entry_id, entry, raw, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
     local agent, class, retention = ARGV[12], ARGV[13], tonumber(ARGV[14])
     local dlq = ns .. ":dlq"
-    -- Safe to run twice: the entry is written, and counted, once.
-    if redis.call("zadd", dlq, "NX", now, entry_id) == 1 then
+    -- Safe to run twice: only the call that settles the original writes the entry and counts it.
+    redis.call("srem", acks, id)
+    if redis.call("hdel", msgs_key, id) == 1 and redis.call("zadd", dlq, "NX", now, entry_id) == 1 then
         redis.call("hset", dlq .. ":" .. entry_id, "entry", entry, "raw", raw, "agent", agent, "class", class)
         redis.call("zadd", dlq .. ".agent:" .. agent, now, entry_id)
         redis.call("sadd", dlq .. ".agents", agent)
@@ -116,7 +120,6 @@ elseif command == "dead" then
         redis.call("hincrby", ns .. ":stats", stat, 1)
         redis.call("hincrby", ns .. ":routes", ARGV[11], 1)
     end
-    settle(id)
     if retention > 0 then
         -- Retention is explicit and counted: nothing leaves the DLQ silently.
         local old = redis.call("zrangebyscore", dlq, 0, now - retention, "LIMIT", 0, 100)
@@ -129,11 +132,6 @@ elseif command == "dead" then
         end
         if #old > 0 then redis.call("hincrby", ns .. ":stats", "dlq_expired", #old) end
     end
-    return 1
-
-elseif command == "drop" then
-    settle(ARGV[6])
-    redis.call("hincrby", ns .. ":stats", ARGV[7], 1)
     return 1
 
 elseif command == "requeue" then

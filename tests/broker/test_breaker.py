@@ -125,3 +125,27 @@ def test_failures_older_than_the_window_do_not_count(make_settings, rclient):
     wait_for(lambda: state(breakers).failures == 0, timeout_s=3)  # the window slid past it
     fail(breakers)
     assert state(breakers).state == "closed"
+
+
+def test_the_probes_own_admit_sent_again_is_still_the_probe(breakers):
+    for _ in range(3):
+        fail(breakers)
+    wait_reopen(breakers)
+    assert admit(breakers, "p") == "probe"
+    assert admit(breakers, "p") == "probe"  # a re-send after a lost reply
+    assert admit(breakers, "q") == "half_open"
+
+
+def test_a_probe_stopped_by_the_time_limit_reopens_the_breaker_instead_of_closing_it(breakers):
+    from dramatiq.middleware import TimeLimitExceeded
+
+    for _ in range(3):
+        fail(breakers)
+    wait_reopen(breakers)
+
+    def hung() -> None:
+        raise TimeLimitExceeded()
+
+    with pytest.raises(TimeLimitExceeded):
+        breakers.call(DEP, hung)
+    assert state(breakers).state == "open"

@@ -219,3 +219,41 @@ def test_settling_a_retry_twice_pushes_the_copy_once(client, settings):
         broker.settle("retry", "executor", rid, "copy-1", b"copy", "retried", "unknown:retry")
     assert client.redis.lrange(client.keys.delayed("executor"), 0, -1) == [b"copy-1"]
     assert client.redis.hlen(client.keys.messages("executor")) == 0
+
+
+def test_a_retry_settled_again_after_its_copy_moved_on_pushes_nothing_more(client, settings):
+    from broker.mesh_broker import MeshBroker
+
+    broker = MeshBroker(settings, client=client.redis)
+    rid = push_raw(client, "executor", b"{}")
+    broker.settle("fetch", "executor", 1)
+    broker.settle("retry", "executor", rid, "copy-1", b"copy", "retried", "unknown:retry")
+    # The delay queue's consumer moves the copy on before a re-sent ack arrives.
+    client.redis.delete(client.keys.delayed("executor"), client.keys.delayed_messages("executor"))
+    broker.settle("retry", "executor", rid, "copy-1", b"copy", "retried", "unknown:retry")
+    assert client.redis.llen(client.keys.delayed("executor")) == 0
+    assert int(client.redis.hget(client.keys.stats, "retried")) == 1
+
+
+def test_a_worker_back_from_a_redis_outage_does_not_reap_the_others_until_they_could_beat_again(
+        client, settings):
+    from broker.mesh_broker import MeshBroker
+
+    timeout = 15_000
+    script = MeshBroker(settings, client=client.redis).scripts["settle"]
+
+    def settle(command: str, worker: str, now: int, *args: Any) -> Any:
+        return script(keys=[settings.namespace], args=[command, now, "executor", worker, timeout, *args])
+
+    rid = push_raw(client, "executor", b"{}")
+    t0 = 1_000_000
+    settle("heartbeat", "survivor", t0)
+    assert settle("fetch", "holder", t0, 1)[0].decode() == rid
+    # Redis was unreachable for 20 s; the first worker back must not take the holder's message.
+    settle("fetch", "survivor", t0 + 20_000, 1)
+    assert client.redis.llen(client.keys.queue("executor")) == 0
+    # The survivor beats on; the holder never does: one more timeout later it is dead, and its
+    # message goes back.
+    settle("heartbeat", "survivor", t0 + 20_000 + timeout // 2)
+    assert settle("fetch", "survivor", t0 + 20_000 + timeout + 1, 1)[0].decode() == rid
+    assert int(client.redis.hget(client.keys.stats, "recovered")) == 1
