@@ -14,12 +14,17 @@ STATS = {
     "duplicates": "Deliveries of already-done keys, acked without running again.",
     "deferred_in_flight": "Duplicates of a key a live owner was running, deferred until it finishes.",
     "takeovers": "Claims taken over from an owner whose lease expired, with a higher fencing token.",
-    "superseded": "Attempts whose key was taken over while they ran; acked, their result not recorded.",
+    "superseded": "Attempts whose key was taken over while they ran; their result not recorded, a copy waits.",
     "retried": "Failed attempts re-enqueued for a bounded retry.",
+    "deferred": "Messages deferred by their failure class (rate limits, open breakers); no retry budget spent.",
     "dead_lettered": "Messages moved to the dead-letter queue after failing.",
     "poison": "Undecodable or invalid messages moved to the dead-letter queue.",
     "recovered": "Messages returned to their queue from a worker whose heartbeat stopped.",
     "reclaimed": "Messages a worker put back on its queue after a lost Redis connection.",
+    "replayed": "Dead letters replayed onto their queues.",
+    "dlq_drained": "Dead letters exported to a file and removed.",
+    "dlq_purged": "Dead letters deleted by an operator.",
+    "dlq_expired": "Dead letters removed by MESH_DLQ_RETENTION_S.",
 }
 
 

@@ -118,7 +118,8 @@ def test_status_of_unknown_job_exits_2_saying_no_such_job(cli):
     assert res.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "stats", "breakers", "demo"])
+@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "stats", "breakers", "dlq",
+                                     "demo"])
 def test_every_command_answers_help_with_exit_0(cli, command):
     res = cli(command, "--help")
     assert res.returncode == 0, res.stderr
@@ -128,7 +129,7 @@ def test_every_command_answers_help_with_exit_0(cli, command):
 def test_top_level_help_lists_every_command(cli):
     res = cli("--help")
     assert res.returncode == 0, res.stderr
-    for command in ("worker", "submit", "send", "status", "queues", "stats", "breakers", "ops", "demo"):
+    for command in ("worker", "submit", "send", "status", "queues", "stats", "breakers", "dlq", "ops", "demo"):
         assert command in res.stdout
 
 
@@ -180,4 +181,5 @@ def test_stats_json_counts_a_suppressed_duplicate(cli, client, settings, start_w
     wait_for(lambda: json.loads(cli("stats", "--json").stdout)["duplicates"] == 1)
     counts = json.loads(cli("stats", "--json").stdout)
     assert counts == {"duplicates": 1, "deferred_in_flight": 0, "takeovers": 0, "superseded": 0, "retried": 0,
-                      "dead_lettered": 0, "poison": 0, "recovered": 0, "reclaimed": 0, "dlq_size": 0}
+                      "deferred": 0, "dead_lettered": 0, "poison": 0, "recovered": 0, "reclaimed": 0, "replayed": 0,
+                      "dlq_drained": 0, "dlq_purged": 0, "dlq_expired": 0, "dlq_size": 0}
