@@ -209,20 +209,26 @@ def queues(as_json: JsonFlag = False) -> None:
 @app.command()
 def stats(as_json: JsonFlag = False) -> None:
     """Counters of the deployment: duplicates suppressed or deferred, takeovers, retries, dead letters,
-    poison, recoveries."""
+    poison, recoveries, and failed attempts by class and route."""
     from ops.metrics import STATS
 
     c = client()
     raw = c.redis.hgetall(c.keys.stats)
-    counts = {name: int(raw.get(name.encode(), 0)) for name in STATS}
+    counts: dict[str, Any] = {name: int(raw.get(name.encode(), 0)) for name in STATS}
     counts["dlq_size"] = int(c.redis.zcard(c.keys.dlq))
+    routes = {k.decode(): int(v) for k, v in sorted(c.redis.hgetall(c.keys.routes).items())}  # type: ignore[union-attr]
     if as_json:
-        emit_json(counts)
+        emit_json({**counts, "routes": routes})
         return
     table = Table("counter", "value", "meaning")
     for name, value in counts.items():
         table.add_row(name, str(value), STATS.get(name, "Entries in the dead-letter queue now."))
     out.print(table)
+    if routes:
+        by_route = Table("failure class : route", "attempts")
+        for name, n in routes.items():
+            by_route.add_row(Text(name), str(n))
+        out.print(by_route)
 
 
 breakers_app = typer.Typer(help="Circuit breakers of the dependencies, shared by the whole fleet.")
