@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from dramatiq.middleware import TimeLimitExceeded
@@ -26,11 +27,15 @@ if TYPE_CHECKING:
 
 
 def planner(rt: AgentRuntime, env: Envelope, task: PlannerInput) -> Plan:
-    return rt.provider.plan(task.goal, timeout_s=env.remaining_s())
+    plan = rt.provider.plan(task.goal, timeout_s=env.remaining_s())
+    rt.progress(env, f"{rt.provider.name} answered with {len(plan.steps)} steps")
+    return plan
 
 
 def researcher(rt: AgentRuntime, env: Envelope, task: ResearchInput) -> Findings:
-    return rt.provider.research(task.question, timeout_s=env.remaining_s())
+    findings = rt.provider.research(task.question, timeout_s=env.remaining_s())
+    rt.progress(env, f"{rt.provider.name} answered with {len(findings.findings)} findings")
+    return findings
 
 
 def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
@@ -43,12 +48,20 @@ def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
                       deadline=env.deadline, breakers=rt.breakers,
                       settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http)
     args = call.typed_args()
+    started = time.monotonic()
     try:
-        return spec.run(ctx, args)
+        receipt = spec.run(ctx, args)
     except TimeLimitExceeded as exc:
         # Stopped mid-call: the tool may have acted. The effect cannot be proven either way.
+        rt.tool_call(env, call.tool, spec.dependency(args), time.monotonic() - started, error="time limit")
         raise DependencyTimeout(f"{call.tool} hit its time limit; its effect is unknown", tool=call.tool,
                                 effect_unknown=True) from exc
+    except Exception as exc:
+        rt.tool_call(env, call.tool, spec.dependency(args), time.monotonic() - started, error=str(exc))
+        raise
+    rt.tool_call(env, call.tool, spec.dependency(args), time.monotonic() - started,
+                 status=receipt.detail.get("status"))
+    return receipt
 
 
 HANDLERS: dict[str, Handler] = {"planner": planner, "researcher": researcher, "executor": executor}

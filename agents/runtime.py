@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +15,13 @@ import httpx
 from pydantic import ValidationError
 from redis import Redis
 
+from broker import trace
 from broker.breaker import Breakers
 from broker.idempotency import current_lease
 from broker.jobs import JobNotFound, JobStore
 from broker.keys import Keys
 from broker.mesh_broker import MeshBroker
+from broker.observe import count_outcome, observe_duration, running_member
 from broker.settings import MeshSettings
 from contracts import (
     TERMINAL,
@@ -26,6 +30,7 @@ from contracts import (
     DeadlineExceeded,
     Envelope,
     Frozen,
+    JobRecord,
     MeshError,
     PermanentFailure,
     State,
@@ -57,6 +62,7 @@ class AgentRuntime:
     breakers: Breakers | None = None
 
     def __post_init__(self) -> None:
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys)
         if self.breakers is None:
@@ -75,25 +81,69 @@ class AgentRuntime:
             raise PermanentFailure("no claim held on the message key: the broker lacks the Idempotency middleware")
         env = self.envelope(agent, raw)
         payload = validate_input(agent, env.payload)
+        envelope = env.model_dump(mode="json")
+        member = running_member(env.job_id, env.step_id)
+
+        def picked_up(pipe: Any, record: JobRecord) -> None:
+            if record.steps[env.step_id].state is State.RUNNING:
+                pipe.zadd(self.keys.running, {member: time.time()})
+
         try:
-            record = self.jobs.update(env.job_id, pipeline.start(env, lease.token), fence=lease)
+            record = self.jobs.update(env.job_id, pipeline.start(env, lease.token), fence=lease, also=picked_up,
+                                      events=[trace.event("picked_up", envelope, worker=self.worker,
+                                                          token=lease.token)])
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         step = record.steps[env.step_id]
         if step.state in TERMINAL:
             # Finished before its claim said so (a crash between the two): a duplicate, answered
             # with the stored result. A dead-lettered step stays free for its replay.
-            self.redis.hincrby(self.keys.stats, "duplicates", 1)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(self.keys.stats, "duplicates", 1)
+            count_outcome(pipe, self.keys, agent, "duplicate")
+            trace.stage(pipe, self.keys, trace.event("duplicate", envelope, worker=self.worker, state=str(step.state)))
+            pipe.execute()
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
-        started = time.monotonic()
         output = validate_output(agent, handler(self, env, payload).model_dump(mode="json"))
-        self.jobs.update(env.job_id, pipeline.complete(env, output), fence=lease)
+        duration = time.monotonic() - lease.started
+
+        def succeeded(pipe: Any, record: JobRecord) -> None:
+            pipe.zrem(self.keys.running, member)
+            count_outcome(pipe, self.keys, agent, "succeeded")
+            observe_duration(pipe, self.keys, agent, duration)
+
+        self.jobs.update(env.job_id, pipeline.complete(env, output), fence=lease, also=succeeded,
+                         events=[trace.event("succeeded", envelope, worker=self.worker,
+                                             duration_s=round(duration, 4))])
         lease.result = output.model_dump(mode="json")
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
-                                             "token": lease.token,
-                                             "duration_s": round(time.monotonic() - started, 4)})
+                                             "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
+                                             "duration_s": round(duration, 4)})
+
+    def tool_call(self, env: Envelope, tool: str, dependency: str, duration_s: float, *,
+                  status: Any = None, error: str | None = None) -> None:
+        """Trace one tool call (and count it as progress: the handler moved on)."""
+        trace.emit(self.redis, self.keys, trace.event(
+            "tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool, dependency=dependency,
+            duration_s=round(duration_s, 4), status=status, error=error))
+        self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}")
+
+    def progress(self, env: Envelope, note: str) -> None:
+        """The handler moved on: the step's progress counter advances (a step that only heartbeats
+        without this is reported stuck)."""
+        lease = current_lease()
+        n = 0
+        if lease is not None:
+            lease.progress += 1
+            lease.progress_at = time.monotonic()
+            n = lease.progress
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): time.time()}, xx=True)
+        trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
+                                                 progress=n, note=note))
+        pipe.execute()
 
     def envelope(self, agent: str, raw: Any) -> Envelope:
         try:

@@ -23,6 +23,7 @@ from contracts import (
     validate_input,
 )
 
+from . import trace
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .outbox import build_message, stage
@@ -109,7 +110,9 @@ class MeshClient:
             record = JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
                                steps={step_id: step}, created_at=now, updated_at=now)
             self.jobs.stage_create(pipe, record)
-            stage(pipe, self.keys, build_message(env))
+            message = build_message(env)
+            stage(pipe, self.keys, message)
+            trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=agent, by="client"))
             refs.append(ref)
         pipe.execute()
         return refs

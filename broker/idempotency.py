@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,7 +24,9 @@ from dramatiq.middleware import Middleware, SkipMessage
 
 from contracts import dumps
 
+from . import trace
 from .keys import Keys
+from .observe import count_outcome
 from .router import full_jitter_ms
 from .settings import MeshSettings
 from .settle import RetryLater, decide, delayed_copy
@@ -48,6 +51,12 @@ class Lease:
     result: dict[str, Any] | None = None
     done: bool = True
     lost: bool = field(default=False, compare=False)
+    #: ``time.monotonic()`` at the claim, and at the handler's last progress report.
+    started: float = field(default_factory=time.monotonic, compare=False)
+    progress: int = field(default=0, compare=False)
+    progress_at: float = field(default_factory=time.monotonic, compare=False)
+    stuck: bool = field(default=False, compare=False)
+    envelope: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 _current = threading.local()
@@ -102,7 +111,7 @@ class Idempotency(Middleware):
             self._defer(message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer")
             raise SkipMessage(f"{key}: no claim could be made") from None
         if verdict == b"run":
-            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token))
+            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token), envelope=message.args[0])
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
             self._hold(lease)
@@ -111,6 +120,11 @@ class Idempotency(Middleware):
         if verdict == b"done":
             logger.info("duplicate suppressed", extra={"key": key, "trace_id": envelope.get("trace_id"),
                                                         "agent": message.actor_name})
+            pipe = self.client.pipeline(transaction=False)
+            count_outcome(pipe, self.keys, message.actor_name, "duplicate")
+            trace.stage(pipe, self.keys, trace.event("duplicate", envelope, worker=self._worker(broker),
+                                                     token=int(token)))
+            self._quietly(pipe.execute)
             raise SkipMessage(f"{key} is done")
         self._defer(message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
                     route="duplicate:defer")
@@ -125,6 +139,8 @@ class Idempotency(Middleware):
             delay_ms = min(lease_left_ms + 50, delay_ms)
         copy = delayed_copy(message._message, delay_ms, mesh_waits=waits + 1)
         decide(message, RetryLater(copy, delay_ms, stat=stat, route=route))
+        ev = trace.event("deferred", message.args[0], reason=reason, until=time.time() + delay_ms / 1000)
+        self._quietly(lambda: trace.emit(self.client, self.keys, ev))
         logger.info("message deferred before running", extra={"key": key, "trace_id": message.args[0].get("trace_id"),
                                                   "agent": message.actor_name, "delay_ms": delay_ms,
                                                   "reason": reason})
@@ -144,6 +160,18 @@ class Idempotency(Middleware):
             # Another owner holds the key now: the router must not record this attempt's failure.
             message.mesh_superseded = True  # type: ignore[attr-defined]
             logger.warning("lease lost before the attempt settled", extra={"key": lease.key, "token": lease.token})
+
+    @staticmethod
+    def _worker(broker: Broker) -> str | None:
+        return getattr(broker, "worker_label", None)
+
+    @staticmethod
+    def _quietly(write: Any) -> None:
+        """A trace or counter write that must not decide the message's fate."""
+        try:
+            write()
+        except redis.RedisError as exc:
+            logger.warning("could not write a trace event", extra={"error": str(exc)})
 
     def after_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         self._stop.set()
@@ -180,4 +208,22 @@ class Idempotency(Middleware):
             if not ok and not lease.lost:
                 lease.lost = True
                 logger.warning("lease lost while running", extra={"key": lease.key, "token": lease.token})
+        self._flag_stuck(leases)
+
+    def _flag_stuck(self, leases: list[Lease]) -> None:
+        """A handler that holds its claim (heartbeats) but reports no progress is stuck: say so once."""
+        now = time.monotonic()
+        for lease in leases:
+            idle = now - lease.progress_at
+            if lease.stuck or idle < self.settings.stuck_after_s:
+                continue
+            lease.stuck = True
+            extra = {"key": lease.key, "trace_id": lease.envelope.get("trace_id"),
+                     "job_id": lease.envelope.get("job_id"), "idle_s": round(idle, 1)}
+            logger.warning("step stuck: holding its claim without progress", extra=extra)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hincrby(self.keys.stats, "stuck", 1)
+            trace.stage(pipe, self.keys, trace.event("stuck", lease.envelope, idle_s=round(idle, 1),
+                                                     progress=lease.progress))
+            self._quietly(pipe.execute)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -11,6 +11,7 @@ from dramatiq.message import Message
 
 from contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, dumps, loads, transition
 
+from . import trace
 from .keys import Keys
 from .outbox import stage
 
@@ -39,11 +40,15 @@ class JobStore:
         data = self.client.get(self.keys.job(job_id))
         return None if data is None else JobRecord.model_validate(loads(data))
 
-    def update(self, job_id: str, change: Change, *, fence: Lease | None = None) -> JobRecord:
+    def update(self, job_id: str, change: Change, *, fence: Lease | None = None,
+               events: Sequence[dict[str, Any]] = (),
+               also: Callable[[Any, JobRecord], None] | None = None) -> JobRecord:
         """Apply ``change`` atomically; concurrent writers are retried, never overwritten.
 
         With ``fence``, the change lands only while that lease still holds its key: an attempt
-        whose key was taken over raises LeaseLost and writes nothing.
+        whose key was taken over raises LeaseLost and writes nothing. ``events`` (trace events)
+        and whatever ``also`` stages (counters) land in the same MULTI, and every message the
+        change sends is traced as ``enqueued``.
         """
         key = self.keys.job(job_id)
         watched = (key,) if fence is None else (key, fence.claim_key)
@@ -61,6 +66,11 @@ class JobStore:
             pipe.set(key, dumps(record))
             for message in messages:
                 stage(pipe, self.keys, message)
+                trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
+            for ev in events:
+                trace.stage(pipe, self.keys, ev)
+            if also is not None:
+                also(pipe, record)
             return record
 
         record: JobRecord = self.client.transaction(apply, *watched, value_from_callable=True)  # type: ignore[arg-type,assignment]

@@ -22,6 +22,10 @@ The mesh's own:
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step)
     {ns}:jobs                         zset job id -> created time (s)
+    {ns}:trace:{job_id}               stream, capped: the job's timeline (broker/trace.py)
+    {ns}:running                      zset "{job_id}/{step_id}" -> last progress (s) of running steps
+    {ns}:outcomes                     hash "{agent}:{outcome}" -> messages (succeeded, retried, ...)
+    {ns}:hist:{agent}                 hash: handler duration histogram (le buckets, sum, count)
     {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes), agent, class
     {ns}:dlq                          zset entry id -> dead-lettered time (ms)
     {ns}:dlq.agent:{agent}            zset entry id -> time, per agent ("-" when none)
@@ -84,6 +88,20 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
+
+    def trace(self, job_id: str) -> str:
+        return f"{self.namespace}:trace:{job_id}"
+
+    @property
+    def running(self) -> str:
+        return f"{self.namespace}:running"
+
+    @property
+    def outcomes(self) -> str:
+        return f"{self.namespace}:outcomes"
+
+    def histogram(self, agent: str) -> str:
+        return f"{self.namespace}:hist:{agent}"
 
     @property
     def jobs(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -29,8 +30,10 @@ from dramatiq.middleware import Middleware
 from contracts import FailureClass, LeaseLost, State
 from dlq.entry import Attempt, format_traceback
 
+from . import trace
 from .classify import classify
 from .jobs import JobStore, fail_step
+from .observe import observe_duration, running_member
 from .settings import MeshSettings
 from .settle import DeadLetterIt, Decision, RetryLater, decide, delayed_copy
 
@@ -160,7 +163,8 @@ class FailureRouter(Middleware):
             **log, "failure_class": str(failure_class), "route": str(routing.route), "delay_ms": routing.delay_ms,
             "attempt": attempt, "error": str(exception), "reason": routing.reason or None})
         lease = message.__dict__.get("mesh_lease")
-        self._record(envelope, decision, routing, exception, lease.token if lease else None)
+        self._record(envelope, decision, routing, exception, lease, getattr(broker, "worker_label", None),
+                     message.actor_name)
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy) -> int:
         try:
@@ -192,7 +196,8 @@ class FailureRouter(Middleware):
         return RetryLater(copy, routing.delay_ms, "retried", counter)
 
     def _record(self, envelope: dict[str, Any], decision: Decision, routing: Routing, exc: BaseException,
-                token: int | None) -> None:
+                lease: Any, worker: str | None, agent: str) -> None:
+        """The failure on the job record, its trace event, and the attempt's duration, in one MULTI."""
         job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
         if self.jobs is None or not isinstance(job_id, str) or not isinstance(step_id, str):
             return
@@ -203,7 +208,20 @@ class FailureRouter(Middleware):
         else:
             state = State.DEAD_LETTERED
         error = f"{exc} ({routing.reason})" if routing.reason else str(exc)
+        kind = {Route.DEFER: "deferred", Route.RETRY: "failed", Route.DEAD_LETTER: "dead_lettered"}[routing.route]
+        now = time.time()
+        ev = trace.event(kind, envelope, worker=worker, at=now, failure_class=str(routing.failure_class),
+                         error=error[:500], route=str(routing.route), state=str(state),
+                         until=now + routing.delay_ms / 1000 if routing.route is not Route.DEAD_LETTER else None)
+        duration = time.monotonic() - lease.started if lease is not None else None
+
+        def also(pipe: Any, record: Any) -> None:
+            pipe.zrem(self.jobs.keys.running, running_member(job_id, step_id))  # type: ignore[union-attr]
+            if duration is not None:
+                observe_duration(pipe, self.jobs.keys, agent, duration)  # type: ignore[union-attr]
+
         try:
-            self.jobs.update(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token))
+            self.jobs.update(job_id, fail_step(step_id, state, error, str(routing.failure_class),
+                                               token=lease.token if lease else None), events=[ev], also=also)
         except Exception:
             logger.exception("could not record the failure on the job", extra={"job_id": job_id})

@@ -46,6 +46,7 @@ class MeshSettings(BaseSettings):
     time_limit_s: float = Field(default=300.0, gt=0)
 
     heartbeat_timeout_s: float = Field(default=15.0, gt=0)
+    stuck_after_s: float = Field(default=120.0, gt=0, description="a running step without progress this long is stuck")
     lease_s: float | None = Field(default=None, gt=0, description="claim lease on a message key, renewed while "
                                   "it runs; default: MESH_HEARTBEAT_TIMEOUT_S")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is remembered")

@@ -58,3 +58,11 @@ class ToolSpec:
     name: str
     args: type[Frozen]
     run: Tool
+    #: The dependency a call reaches (for the trace and the breaker), from its arguments.
+    target: Callable[[Any], str] = lambda _args: "redis"
+
+    def dependency(self, args: Any) -> str:
+        try:
+            return self.target(args)
+        except ValueError:
+            return "?"

@@ -103,6 +103,7 @@ elseif command == "retry" then
         redis.call("rpush", queue_key .. ".DQ", new_id)
         redis.call("hincrby", ns .. ":stats", stat, 1)
         redis.call("hincrby", ns .. ":routes", ARGV[10], 1)
+        redis.call("hincrby", ns .. ":outcomes", queue .. ":" .. stat, 1)
     end
     return 1
 
@@ -119,6 +120,7 @@ elseif command == "dead" then
         redis.call("zadd", dlq .. ".class:" .. class, now, entry_id)
         redis.call("hincrby", ns .. ":stats", stat, 1)
         redis.call("hincrby", ns .. ":routes", ARGV[11], 1)
+        redis.call("hincrby", ns .. ":outcomes", queue .. ":" .. stat, 1)
     end
     if retention > 0 then
         -- Retention is explicit and counted: nothing leaves the DLQ silently.

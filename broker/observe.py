@@ -1,0 +1,34 @@
+"""Counters and the handler-duration histogram, kept in Redis so that every worker process on every
+host adds to the same figures and the ops server reads them at scrape time (no per-process
+registry, no port per worker). Everything here is staged into a pipeline or MULTI the caller
+already sends."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+from .keys import Keys
+
+#: Upper bounds (s) of the handler-duration histogram's buckets; the last bucket is +Inf.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def bucket_of(seconds: float) -> str:
+    i = bisect.bisect_left(BUCKETS, seconds)
+    return "+Inf" if i == len(BUCKETS) else repr(BUCKETS[i])
+
+
+def observe_duration(pipe: Any, keys: Keys, agent: str, seconds: float) -> None:
+    key = keys.histogram(agent)
+    pipe.hincrby(key, bucket_of(seconds), 1)
+    pipe.hincrby(key, "count", 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
+
+
+def count_outcome(pipe: Any, keys: Keys, agent: str, outcome: str) -> None:
+    pipe.hincrby(keys.outcomes, f"{agent}:{outcome}", 1)
+
+
+def running_member(job_id: str, step_id: str) -> str:
+    return f"{job_id}/{step_id}"

@@ -1,0 +1,65 @@
+"""The trace timeline of a job: what happened to each step, in a capped Redis stream per job.
+
+    enqueued        a message for the step was sent (by the client, or by the outbox)
+    picked_up       an attempt started (once per attempt)
+    progress        the handler moved on (the counter a stuck step does not move)
+    tool_call       a tool called a dependency: dependency, status, duration
+    deferred        the message waits: reason and until when
+    failed          an attempt failed and will be retried: failure class, error
+    dead_lettered   the message went to the DLQ: failure class, error
+    duplicate       a delivery of a done key was acked without running
+    succeeded       the step finished
+    stuck           the step holds its claim but made no progress for MESH_STUCK_AFTER_S
+
+Every event carries the trace id, job id, key, step, agent, attempt, worker and time. Events are
+staged into the same MULTI as the job-record write that causes them where there is one, so the
+timeline and the record agree.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from contracts import dumps, loads
+
+from .keys import Keys
+
+#: Events kept per job (the stream is trimmed, oldest first, past about this many).
+TRACE_MAXLEN = 2_000
+
+EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "deferred", "failed", "dead_lettered", "duplicate",
+          "succeeded", "stuck")
+
+_ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
+
+
+def event(kind: str, envelope: dict[str, Any], *, worker: str | None = None, at: float | None = None,
+          **fields: Any) -> dict[str, Any]:
+    """One timeline event about the message whose envelope is ``envelope``."""
+    out = {"event": kind, "at": time.time() if at is None else at,
+           **{k: envelope.get(k) for k in _ENVELOPE_FIELDS}, "worker": worker}
+    out.update({k: v for k, v in fields.items() if v is not None})
+    return out
+
+
+def stage(pipe: Any, keys: Keys, ev: dict[str, Any]) -> None:
+    """Add ``ev`` to its job's stream inside ``pipe`` (a pipeline or MULTI)."""
+    job_id = ev.get("job_id")
+    if isinstance(job_id, str):
+        pipe.xadd(keys.trace(job_id), {"e": dumps(ev)}, maxlen=TRACE_MAXLEN, approximate=True)
+
+
+def emit(client: redis.Redis, keys: Keys, ev: dict[str, Any]) -> None:
+    """Write one event on its own (a failure path or a tool call, where no transaction is at hand)."""
+    job_id = ev.get("job_id")
+    if isinstance(job_id, str):
+        client.xadd(keys.trace(job_id), {"e": dumps(ev)}, maxlen=TRACE_MAXLEN, approximate=True)
+
+
+def read(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
+    """The job's events, oldest first."""
+    rows: Any = client.xrange(keys.trace(job_id))
+    return [loads(fields[b"e"]) for _, fields in rows]
