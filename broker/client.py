@@ -18,6 +18,7 @@ from contracts import (
     Envelope,
     JobRecord,
     MeshError,
+    State,
     StepRecord,
     new_trace_id,
     validate_input,
@@ -26,6 +27,7 @@ from contracts import (
 from . import trace
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
+from .observe import running_member
 from .outbox import build_message, stage
 from .settings import MeshSettings
 
@@ -122,6 +124,22 @@ class MeshClient:
         if record is None:
             raise JobNotFound(job_id)
         return record
+
+    def stuck(self, record: JobRecord, *, now: float | None = None) -> dict[str, float]:
+        """Running steps of ``record`` whose last progress is older than MESH_STUCK_AFTER_S: step id ->
+        seconds without progress. Such a step is not shown as running happily."""
+        running = [s for s in record.steps.values() if s.state is State.RUNNING]
+        if not running:
+            return {}
+        now = time.time() if now is None else now
+        pipe = self.redis.pipeline(transaction=False)
+        for step in running:
+            pipe.zscore(self.keys.running, running_member(record.job_id, step.step_id))
+        out = {}
+        for step, last in zip(running, pipe.execute(), strict=True):
+            if last is not None and now - float(last) >= self.settings.stuck_after_s:
+                out[step.step_id] = round(now - float(last), 1)
+        return out
 
     def wait(self, job_id: str, *, timeout_s: float = 30.0, poll_s: float = 0.05) -> JobRecord:
         """Poll until the job ends (succeeded, dead_lettered or unknown) or ``timeout_s`` passes."""

@@ -30,6 +30,14 @@ app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redi
                   add_completion=False, pretty_exceptions_enable=False)
 
 
+@app.callback()
+def _logging() -> None:
+    """Every command logs like the workers: JSON lines on stderr, readable lines on a terminal."""
+    from ops.logs import setup_logging
+
+    setup_logging("WARNING")
+
+
 def _agents(value: str) -> list[str]:
     names = [a.strip() for a in value.split(",") if a.strip()]
     unknown = [a for a in names if a not in CONTRACTS]
@@ -85,7 +93,7 @@ def _finish(c: MeshClient, job_id: str, timeout: float, as_json: bool) -> None:
     try:
         record = c.wait(job_id, timeout_s=timeout)
     except WaitTimeout as exc:
-        _show(exc.record, as_json)
+        _show(exc.record, as_json, c.stuck(exc.record))
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json)
     if record.state is not State.SUCCEEDED:
@@ -151,33 +159,40 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
 
 @app.command()
 def status(job_id: str, as_json: JsonFlag = False) -> None:
-    """A job's state and every step's: attempts, timings, errors, results."""
+    """A job's state and every step's: attempts, timings, errors, results; a running step without
+    progress for MESH_STUCK_AFTER_S shows as stuck."""
+    c = client()
     try:
-        record = client().status(job_id)
+        record = c.status(job_id)
     except JobNotFound:
         fail(f"no job {job_id}", EXIT_INPUT)
-    _show(record, as_json)
+    _show(record, as_json, c.stuck(record))
 
 
-def _show(record: JobRecord, as_json: bool) -> None:
+def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None) -> None:
+    stuck = stuck or {}
     if as_json:
-        emit_json(record.model_dump(mode="json"))
+        emit_json({**record.model_dump(mode="json"), "stuck": stuck})
         return
     out.print(Text.assemble(f"job {record.job_id}  ", (str(record.state), "bold"), f"  trace {record.trace_id}"))
     if record.goal:
         out.print(Text(f"goal: {record.goal}"))
     if record.error:
         out.print(Text.assemble(("error: ", "red"), record.error))
-    out.print(steps_table(record))
+    out.print(steps_table(record, stuck))
 
 
-def steps_table(record: JobRecord) -> Table:
+def steps_table(record: JobRecord, stuck: dict[str, float] | None = None) -> Table:
+    stuck = stuck or {}
     table = Table("step", "agent", "state", "attempt", "took", "detail")
     for step in record.steps.values():
         took = (f"{step.finished_at - step.started_at:.2f}s"
                 if step.finished_at and step.started_at else "")
         detail = step.error or _summary(step.result) or ""
-        table.add_row(step.step_id, step.agent, str(step.state), str(step.attempt or ""), took, Text(detail))
+        state = Text(str(step.state))
+        if step.step_id in stuck:
+            state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
+        table.add_row(step.step_id, step.agent, state, str(step.attempt or ""), took, Text(detail))
     return table
 
 
@@ -191,6 +206,25 @@ def _summary(result: dict[str, Any] | None) -> str:
     if "effect_id" in result:
         return f"{result.get('tool')} effect {result['effect_id']}"
     return str(result)[:90]
+
+
+@app.command("trace")
+def trace_(job_id: str, as_json: JsonFlag = False) -> None:
+    """A job's timeline: every step's events (enqueued, picked up, tool calls, deferrals, failures,
+    dead letters, duplicates, success) in order, with offsets and durations."""
+    from broker import trace
+    from ops.timeline import by_step, render
+
+    c = client()
+    events = trace.read(c.redis, c.keys, job_id)
+    record = c.jobs.get(job_id)
+    if not events and record is None:
+        fail(f"no job {job_id}", EXIT_INPUT)
+    if as_json:
+        emit_json({"job_id": job_id, "state": str(record.state) if record else None,
+                   "trace_id": record.trace_id if record else None, "steps": by_step(events), "events": events})
+        return
+    out.print(render(record, events))
 
 
 @app.command()

@@ -1,13 +1,27 @@
-"""Metrics read from Redis at scrape time, so they are right whichever process did the work."""
+"""Prometheus metrics, read from Redis at scrape time.
+
+Workers keep their counters and the handler-duration histogram in Redis (broker/observe.py,
+the settle and claim scripts), so every process on every host adds to the same figures and the
+ops server reads them: the numbers are right with any number of worker processes, and workers
+open no port. (prometheus-client's multiprocess mode would aggregate one host only, through a
+shared directory; it is not needed.) Labels are limited to agent / queue, failure class, route,
+reason and dependency.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from broker import MeshClient
+from broker.breaker import Breakers
+from broker.observe import BUCKETS
+from contracts import CONTRACTS, loads
+from dlq import DeadLetterStore
 
 #: Counters the workers keep in ``{ns}:stats`` (broker/scripts/settle.lua and claim.lua, agents/runtime.py).
 STATS = {
@@ -25,25 +39,128 @@ STATS = {
     "dlq_drained": "Dead letters exported to a file and removed.",
     "dlq_purged": "Dead letters deleted by an operator.",
     "dlq_expired": "Dead letters removed by MESH_DLQ_RETENTION_S.",
+    "stuck": "Steps flagged stuck: holding their claim without progress for MESH_STUCK_AFTER_S.",
 }
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _hash(client: MeshClient, key: str) -> dict[str, str]:
+    raw: Any = client.redis.hgetall(key)
+    return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 class MeshCollector(Collector):
     def __init__(self, client: MeshClient) -> None:
         self.client = client
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        yield from self._queues()
+        yield from self._outcomes()
+        yield from self._routes()
+        yield from self._histogram()
+        yield from self._breakers()
+        yield from self._dlq()
+        yield from self._running()
+        stats = _hash(self.client, self.client.keys.stats)
+        for name, doc in STATS.items():
+            counter = CounterMetricFamily(f"mesh_{name}", doc)
+            counter.add_metric([], float(stats.get(name, 0)))
+            yield counter
+
+    def _queues(self) -> Iterator[GaugeMetricFamily]:
         depth = {name: GaugeMetricFamily(f"mesh_queue_{name}", f"Messages {name.replace('_', ' ')}, per queue.",
                                          labels=["queue"]) for name in ("ready", "delayed", "in_flight")}
+        age = GaugeMetricFamily("mesh_queue_oldest_age_seconds", "Age of the oldest ready message, per queue.",
+                                labels=["queue"])
+        keys = self.client.keys
         for queue, values in self.client.queues().items():
             for name, family in depth.items():
                 family.add_metric([queue], values[name])
+            age.add_metric([queue], self._oldest_age(keys.queue(queue), keys.messages(queue)))
         yield from depth.values()
-        dlq = GaugeMetricFamily("mesh_dlq_size", "Entries in the dead-letter queue.")
-        dlq.add_metric([], self.client.redis.zcard(self.client.keys.dlq))
-        yield dlq
-        stats = self.client.redis.hgetall(self.client.keys.stats)
-        for name, doc in STATS.items():
-            counter = CounterMetricFamily(f"mesh_{name}", doc)
-            counter.add_metric([], float(stats.get(name.encode(), 0)))
-            yield counter
+        yield age
+
+    def _oldest_age(self, queue_key: str, messages_key: str) -> float:
+        rid = self.client.redis.lindex(queue_key, 0)
+        data = self.client.redis.hget(messages_key, rid) if rid is not None else None
+        if data is None:
+            return 0.0
+        try:
+            return max(0.0, time.time() - loads(data)["message_timestamp"] / 1000)
+        except (ValueError, KeyError, TypeError):
+            return 0.0
+
+    def _outcomes(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("mesh_messages", "Messages processed, by agent and outcome (succeeded, "
+                                     "duplicate, retried, deferred, dead_lettered, poison, ...).",
+                                     labels=["agent", "outcome"])
+        for field, n in sorted(_hash(self.client, self.client.keys.outcomes).items()):
+            agent, _, outcome = field.rpartition(":")
+            family.add_metric([agent, outcome], float(n))
+        yield family
+
+    def _routes(self) -> Iterator[CounterMetricFamily]:
+        failures = CounterMetricFamily("mesh_failures", "Failed attempts, by failure class and route.",
+                                       labels=["failure_class", "route"])
+        deferrals = CounterMetricFamily("mesh_deferrals", "Deferred messages, by reason (the failure class, or "
+                                        "duplicate: waiting for a key's owner).", labels=["reason"])
+        for field, n in sorted(_hash(self.client, self.client.keys.routes).items()):
+            failure_class, _, route = field.partition(":")
+            if route == "defer":
+                deferrals.add_metric([failure_class], float(n))
+            if failure_class != "duplicate":
+                failures.add_metric([failure_class, route], float(n))
+        yield failures
+        yield deferrals
+
+    def _histogram(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily("mesh_handler_duration_seconds",
+                                       "How long handlers ran, per agent (successes and failures).",
+                                       labels=["agent"])
+        for agent in CONTRACTS:
+            h = _hash(self.client, self.client.keys.histogram(agent))
+            if not h:
+                continue
+            running, buckets = 0, []
+            for bound in [*map(repr, BUCKETS), "+Inf"]:
+                running += int(h.get(bound, 0))
+                buckets.append((bound, float(running)))
+            family.add_metric([agent], buckets, float(h.get("sum", 0)))
+        yield family
+
+    def _breakers(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        state = GaugeMetricFamily("mesh_breaker_state", "Circuit breaker per dependency: 0 closed, 1 half open, "
+                                  "2 open.", labels=["dependency"])
+        trips = CounterMetricFamily("mesh_breaker_trips", "Times a dependency's breaker opened.",
+                                    labels=["dependency"])
+        for b in Breakers(self.client.settings, self.client.redis).list():
+            state.add_metric([b.name], BREAKER_STATES.get(b.state, 0))
+            trips.add_metric([b.name], b.trips)
+        yield state
+        yield trips
+
+    def _dlq(self) -> Iterator[GaugeMetricFamily]:
+        stats = DeadLetterStore(self.client.redis, self.client.keys).stats()
+        size = GaugeMetricFamily("mesh_dlq_size", "Entries in the dead-letter queue.")
+        size.add_metric([], stats["total"])
+        by_agent = GaugeMetricFamily("mesh_dlq_entries_by_agent", "Dead letters per agent.", labels=["agent"])
+        for agent, n in stats["by_agent"].items():
+            by_agent.add_metric([agent], n)
+        by_class = GaugeMetricFamily("mesh_dlq_entries_by_class", "Dead letters per failure class.",
+                                     labels=["failure_class"])
+        for failure_class, n in stats["by_class"].items():
+            by_class.add_metric([failure_class], n)
+        yield size
+        yield by_agent
+        yield by_class
+
+    def _running(self) -> Iterator[GaugeMetricFamily]:
+        keys, now = self.client.keys, time.time()
+        stuck_after = self.client.settings.stuck_after_s
+        running = GaugeMetricFamily("mesh_steps_running", "Steps running now.")
+        running.add_metric([], self.client.redis.zcard(keys.running))
+        stuck = GaugeMetricFamily("mesh_steps_stuck", "Running steps with no progress for MESH_STUCK_AFTER_S.")
+        stuck.add_metric([], self.client.redis.zcount(keys.running, "-inf", now - stuck_after))
+        yield running
+        yield stuck

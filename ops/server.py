@@ -1,8 +1,10 @@
-"""``mesh ops serve``: /metrics, /healthz (the process is alive) and /readyz (Redis answers)."""
+"""``mesh ops serve``: /metrics, /healthz (the process is alive) and /readyz (Redis answers and
+at least one worker heartbeats)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
@@ -35,12 +37,19 @@ def make_server(client: MeshClient, host: str, port: int) -> ThreadingHTTPServer
                 self._send(404, "text/plain", b"not found\n")
 
         def _ready(self) -> None:
+            timeout_s = client.settings.heartbeat_timeout_s
             try:
                 client.redis.ping()
-                workers = client.redis.zcard(client.keys.heartbeats)
-                self._send(200, "application/json", orjson.dumps({"status": "ready", "workers": workers}))
+                live = client.redis.zcount(client.keys.heartbeats, (time.time() - timeout_s) * 1000, "+inf")
             except redis.RedisError as exc:
                 self._send(503, "application/json", orjson.dumps({"status": "not ready", "redis": str(exc)}))
+                return
+            if not live:
+                self._send(503, "application/json", orjson.dumps(
+                    {"status": "not ready", "workers": 0,
+                     "reason": f"no worker has heartbeated in the last {timeout_s:g}s"}))
+                return
+            self._send(200, "application/json", orjson.dumps({"status": "ready", "workers": live}))
 
         def _send(self, status: int, content_type: str, body: bytes) -> None:
             self.send_response(status)

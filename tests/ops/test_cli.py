@@ -182,4 +182,5 @@ def test_stats_json_counts_a_suppressed_duplicate(cli, client, settings, start_w
     counts = json.loads(cli("stats", "--json").stdout)
     assert counts == {"duplicates": 1, "deferred_in_flight": 0, "takeovers": 0, "superseded": 0, "retried": 0,
                       "deferred": 0, "dead_lettered": 0, "poison": 0, "recovered": 0, "reclaimed": 0, "replayed": 0,
-                      "dlq_drained": 0, "dlq_purged": 0, "dlq_expired": 0, "dlq_size": 0, "routes": {}}
+                      "dlq_drained": 0, "dlq_purged": 0, "dlq_expired": 0, "stuck": 0, "dlq_size": 0,
+                      "routes": {}}

@@ -1,0 +1,77 @@
+"""``mesh trace``: a job's timeline as a tree of steps, each with its events in order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from rich.text import Text
+from rich.tree import Tree
+
+from contracts import JobRecord
+
+#: How each event reads on one line, from its fields.
+_DETAIL = {
+    "enqueued": lambda e: f"on {e.get('queue', '?')}" + (f" by {e['by']}" if e.get("by") else ""),
+    "picked_up": lambda e: f"attempt {e.get('attempt')} (token {e.get('token')}) by {e.get('worker')}",
+    "progress": lambda e: f"#{e.get('progress')}: {e.get('note', '')}",
+    "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {e.get('status') or e.get('error') or ''}"
+                           f" in {e.get('duration_s', 0):.3f}s",
+    "deferred": lambda e: f"{e.get('failure_class') or e.get('reason', '')} until {_clock(e.get('until'))}: "
+                          f"{e.get('error', e.get('reason', ''))}",
+    "failed": lambda e: f"{e.get('failure_class')}, retry at {_clock(e.get('until'))}: {e.get('error', '')}",
+    "dead_lettered": lambda e: f"{e.get('failure_class')} → {e.get('state')}: {e.get('error', '')}",
+    "duplicate": lambda e: "acked without running (already done)",
+    "succeeded": lambda e: f"in {e.get('duration_s', 0):.3f}s",
+    "stuck": lambda e: f"no progress for {e.get('idle_s')}s while holding its claim",
+}
+_STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red", "succeeded": "green"}
+
+
+def _clock(ts: float | None) -> str:
+    return "-" if not ts else datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
+
+
+def by_step(events: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Events grouped per step, each group in time order; steps in the order they first appear."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for ev in sorted(events, key=lambda e: e.get("at", 0)):
+        out.setdefault(str(ev.get("step_id")), []).append(ev)
+    return out
+
+
+def render(record: JobRecord | None, events: list[dict[str, Any]]) -> Tree:
+    """The job, then each step (indented under the step that sent it) with its events and offsets
+    from the job's first event."""
+    start = min((e.get("at", 0) for e in events), default=0)
+    title = Text(f"job {record.job_id} {record.state}  trace {record.trace_id}" if record
+                 else f"job (no record)  {len(events)} events")
+    tree = Tree(title)
+    steps = by_step(events)
+    nodes: dict[str, Tree] = {}
+    for step_id, evs in steps.items():
+        agent = evs[0].get("agent", "?")
+        first, last = evs[0].get("at", start), evs[-1].get("at", start)
+        state = str(record.steps[step_id].state) if record and step_id in record.steps else ""
+        label = Text.assemble((f"{step_id}", "bold"), f" {agent} {state}  +{first - start:.3f}s, "
+                              f"{last - first:.3f}s from first to last event")
+        parent = _parent(step_id, agent, nodes, tree)
+        node = parent.add(label)
+        nodes[step_id] = node
+        for ev in evs:
+            kind = ev.get("event", "?")
+            detail = _DETAIL.get(kind, lambda e: "")(ev)
+            node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (f"{kind:<13}", _STYLE.get(kind, "")),
+                                   detail))
+    return tree
+
+
+def _parent(step_id: str, agent: str, nodes: dict[str, Tree], root: Tree) -> Tree:
+    # The pipeline's shape: the plan sends research, research fans in to actions.
+    if agent == "researcher" and "plan" in nodes:
+        return nodes["plan"]
+    if agent == "executor":
+        research = [n for s, n in nodes.items() if s.startswith("r")]
+        return research[-1] if research else nodes.get("plan", root)
+    return root
