@@ -265,6 +265,49 @@ def stats(as_json: JsonFlag = False) -> None:
         out.print(by_route)
 
 
+@app.command()
+def bench(
+    messages: Annotated[int, typer.Option(min=10, help="Messages per throughput run.")] = 5_000,
+    processes: Annotated[int, typer.Option(min=1, help="Worker processes per side.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="Threads per worker process.")] = 4,
+    prefetch: Annotated[int, typer.Option(min=0, help="Prefetch per consumer, both sides; 0: 2 x threads.")] = 0,
+    pairs: Annotated[int, typer.Option(min=1, help="Alternating mesh/raw throughput pairs.")] = 2,
+    latency_samples: Annotated[int, typer.Option(min=1, help="Idle pickup samples per side.")] = 30,
+    dlq_entries: Annotated[int, typer.Option(min=10, help="Entries for the DLQ replay and drain runs.")] = 10_000,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure the mesh against raw dramatiq on the configured Redis, in a throw-away namespace."""
+    from ops.bench import BenchConfig, run
+
+    s = settings()
+    client()  # exits 3 if Redis does not answer
+    cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=prefetch, pairs=pairs,
+                      latency_samples=latency_samples, dlq_entries=dlq_entries)
+    result = run(s, cfg, progress=lambda step: err.print(Text(f"bench: {step}"), style="dim"))
+    if as_json:
+        emit_json(result)
+        return
+    t, c, e, p, d = (result["throughput"], result["redis_commands_per_message"], result["enqueue"],
+                     result["pickup_latency"], result["dlq"])
+    table = Table("measure", "mesh", "raw dramatiq", "mesh / raw")
+    table.add_row("throughput, no-op messages (msg/s)", f"{t['mesh_msg_s']:,.0f}", f"{t['raw_msg_s']:,.0f}",
+                  f"{t['ratio']:.2f}")
+    table.add_row("Redis commands per message", f"{c['mesh']:.1f}", f"{c['raw']:.1f}", f"{c['mesh'] - c['raw']:+.1f}")
+    table.add_row("enqueue (msg/s): send_many vs a send() loop", f"{e['send_many_msg_s']:,.0f}",
+                  f"{e['send_loop_msg_s']:,.0f}", f"{e['ratio']:.1f}")
+    table.add_row("idle pickup p50 (ms)", f"{p['mesh']['p50_ms']:.1f}", f"{p['raw']['p50_ms']:.1f}", "")
+    table.add_row("idle pickup p99 (ms)", f"{p['mesh']['p99_ms']:.1f}", f"{p['raw']['p99_ms']:.1f}", "")
+    table.add_row(f"DLQ replay of {d['entries']:,} (entries/s)", f"{d['replay_entries_s']:,.0f}", "", "")
+    table.add_row(f"DLQ drain of {d['entries']:,} (entries/s)", f"{d['drain_entries_s']:,.0f}", "", "")
+    table.add_row("DLQ drain peak traced memory (MB)", f"{d['drain_peak_traced_mb']:.1f}", "",
+                  f"file {d['drain_file_mb']:.1f} MB")
+    table.add_row("already-done keys (msg/s)", f"{result['duplicates']['msg_s']:,.0f}", "", "")
+    out.print(table)
+    cf = result["config"]
+    out.print(f"{cf['messages']} messages, {cf['processes']} processes x {cf['threads']} threads, "
+              f"prefetch {cf['prefetch']}, {cf['pairs']} mesh/raw pairs")
+
+
 breakers_app = typer.Typer(help="Circuit breakers of the dependencies, shared by the whole fleet.")
 app.add_typer(breakers_app, name="breakers")
 

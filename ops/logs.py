@@ -44,3 +44,6 @@ def setup_logging(level: str = "INFO", *, json_lines: bool | None = None) -> Non
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("dramatiq").setLevel(max(logging.WARNING, root.level))
+    # dramatiq warns "Message ... was skipped" for every duplicate and deferral; the Idempotency
+    # middleware logs those itself, with the key and trace id.
+    logging.getLogger("dramatiq.worker.WorkerThread").setLevel(logging.ERROR)
