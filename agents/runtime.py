@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +60,7 @@ class AgentRuntime:
     breakers: Breakers | None = None
 
     def __post_init__(self) -> None:
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = trace.worker_name()
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys)
         if self.breakers is None:

@@ -11,6 +11,7 @@ queue, the delayed messages dramatiq dropped from memory. The broker keeps the i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: How long an idle consumer blocks waiting for work before it looks again (s).
+WAIT_S = 1.0
+
 
 class MeshConsumer(_RedisConsumer):
     broker: MeshBroker
@@ -41,6 +45,9 @@ class MeshConsumer(_RedisConsumer):
         self.last_beat = 0.0
         self.in_hand: set[str] = broker.in_hand.setdefault(queue_name, set())
         self.reclaimed = False
+        #: Set by every settlement: a consumer whose prefetch window is full waits on it, not on a timer.
+        self.settled = threading.Event()
+        self.window_full = False
 
     @property
     def outstanding_message_count(self) -> int:
@@ -64,6 +71,7 @@ class MeshConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None
         self.queued_message_ids.discard(message.message_id)
         self.in_hand.discard(rid)
+        self.settled.set()
 
     def nack(self, message: MessageProxy) -> None:
         """dramatiq rejects what it cannot route (an unknown actor): that, too, goes to the mesh DLQ."""
@@ -127,8 +135,10 @@ class MeshConsumer(_RedisConsumer):
             if n:
                 logger.warning("messages left behind by a lost connection put back",
                                extra={"queue": self.queue_name, "count": n})
+        self.settled.clear()
         wanted = self.prefetch - self.outstanding_message_count
-        if wanted <= 0:
+        self.window_full = wanted <= 0
+        if self.window_full:
             self._beat()
             return False
         flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted)
@@ -150,8 +160,18 @@ class MeshConsumer(_RedisConsumer):
                     self.misses = 0
                     return proxy
                 if not self._fetch():
-                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
-                    time.sleep(backoff_ms / 1000)
+                    if self.window_full:
+                        # Every prefetched message is still being worked on: go on as soon as one
+                        # settles (dramatiq sleeps with backoff here, as if the queue were empty).
+                        self.settled.wait(self.timeout / 1000)
+                    elif self.queue_name.endswith(".DQ"):
+                        # dramatiq checks delayed messages' due times between polls: keep polling.
+                        self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                        time.sleep(backoff_ms / 1000)
+                    else:
+                        # Idle: block until an enqueue pushes a wake-up token (or a second passes, so
+                        # heartbeats, recovery and shutdown go on), instead of polling with backoff.
+                        self.broker.wait_for_work(self.queue_name, WAIT_S)
                     return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None

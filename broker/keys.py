@@ -5,6 +5,8 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
     {ns}:{queue}                      list of ready message ids
     {ns}:{queue}.msgs                 hash id -> encoded message
     {ns}:{queue}.DQ / .DQ.msgs        the same for delayed messages (retries, deferrals)
+    {ns}:{queue}.wake                 list of wake-up tokens (the mesh's addition): every enqueue pushes
+                                      one, and idle consumers block on it instead of polling
     {ns}:__acks__.{worker}.{queue}    set of ids a worker fetched and has not settled
     {ns}:__heartbeats__               zset worker id -> last heartbeat (ms)
     {ns}:__reap_after__               recovery pauses until this time (ms) after a worker saw an outage
@@ -57,6 +59,9 @@ class Keys:
 
     def delayed_messages(self, queue: str) -> str:
         return f"{self.namespace}:{queue}.DQ.msgs"
+
+    def wake(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}.wake"
 
     def acks(self, worker_id: str, queue: str) -> str:
         return f"{self.namespace}:__acks__.{worker_id}.{queue}"

@@ -24,6 +24,7 @@ from .deadline import Deadline
 from .idempotency import Idempotency
 from .jobs import JobStore
 from .keys import Keys
+from .outbox import wake
 from .router import FailureRouter
 from .settings import MeshSettings
 
@@ -59,6 +60,19 @@ class MeshBroker(RedisBroker):
         self.pid = os.getpid()
         #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
         self.in_hand: dict[str, set[str]] = {}
+
+    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
+        """dramatiq's enqueue (``actor.send``, a delayed message coming due), plus the wake-up token."""
+        result = self._dispatch("enqueue")(queue_name, message_id, data)
+        if not queue_name.endswith(".DQ"):
+            pipe = self.client.pipeline(transaction=False)
+            wake(pipe, self.keys, queue_name)
+            pipe.execute()
+        return result
+
+    def wait_for_work(self, queue_name: str, timeout_s: float) -> bool:
+        """Block until a wake-up token for ``queue_name`` arrives or ``timeout_s`` passes."""
+        return self.client.blpop([self.keys.wake(queue_name)], timeout=timeout_s) is not None
 
     def close(self) -> None:
         super().close()

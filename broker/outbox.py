@@ -31,8 +31,19 @@ def encode(message: Message) -> bytes:
     return dumps(message.asdict())
 
 
+#: Wake-up tokens kept per queue: enough to wake every idle consumer, never a growing list.
+WAKE_CAP = 64
+
+
 def stage(pipe: Any, keys: Keys, message: Message) -> None:
-    """Two commands, exactly what dramatiq's enqueue does: store the body, push the id."""
+    """What dramatiq's enqueue does (store the body, push the id), and a token that wakes an idle
+    consumer of the queue at once."""
     rid = message.options["redis_message_id"]
     pipe.hset(keys.messages(message.queue_name), rid, encode(message))
     pipe.rpush(keys.queue(message.queue_name), rid)
+    wake(pipe, keys, message.queue_name)
+
+
+def wake(pipe: Any, keys: Keys, queue: str) -> None:
+    pipe.rpush(keys.wake(queue), 1)
+    pipe.ltrim(keys.wake(queue), -WAKE_CAP, -1)

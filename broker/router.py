@@ -163,8 +163,7 @@ class FailureRouter(Middleware):
             **log, "failure_class": str(failure_class), "route": str(routing.route), "delay_ms": routing.delay_ms,
             "attempt": attempt, "error": str(exception), "reason": routing.reason or None})
         lease = message.__dict__.get("mesh_lease")
-        self._record(envelope, decision, routing, exception, lease, getattr(broker, "worker_label", None),
-                     message.actor_name)
+        self._record(envelope, decision, routing, exception, lease, trace.worker_name(), message.actor_name)
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy) -> int:
         try:

@@ -18,6 +18,8 @@ timeline and the record agree.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any
 
@@ -34,6 +36,11 @@ EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "deferred", "failed"
           "succeeded", "stuck")
 
 _ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
+
+
+def worker_name() -> str:
+    """How events name the worker process: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def event(kind: str, envelope: dict[str, Any], *, worker: str | None = None, at: float | None = None,

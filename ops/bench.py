@@ -133,6 +133,8 @@ def _envelope(i: int, run: str, payload: dict[str, Any] | None = None) -> dict[s
 
 def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str, Any]]) -> None:
     """Messages in dramatiq's own format, written in one pipeline (as its enqueue would, minus round trips)."""
+    from broker.keys import Keys
+    from broker.outbox import wake
     from contracts import dumps
 
     pipe = client.pipeline(transaction=False)
@@ -143,6 +145,8 @@ def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str
                    "message_timestamp": int(time.time() * 1000)}
         pipe.hset(f"{namespace}:{queue}.msgs", rid, dumps(message))
         pipe.rpush(f"{namespace}:{queue}", rid)
+        if queue == MESH_Q:  # the mesh's enqueue also wakes an idle consumer (broker/outbox.py)
+            wake(pipe, Keys(namespace), queue)
     pipe.execute()
 
 

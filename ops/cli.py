@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -224,7 +225,9 @@ def trace_(job_id: str, as_json: JsonFlag = False) -> None:
         emit_json({"job_id": job_id, "state": str(record.state) if record else None,
                    "trace_id": record.trace_id if record else None, "steps": by_step(events), "events": events})
         return
-    out.print(render(record, events))
+    # Piped, a line keeps its whole trace id and error rather than being cut at 80 columns.
+    wide = out if out.is_terminal else Console(soft_wrap=True, width=1_000)
+    wide.print(render(record, events))
 
 
 @app.command()

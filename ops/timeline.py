@@ -62,7 +62,7 @@ def render(record: JobRecord | None, events: list[dict[str, Any]]) -> Tree:
         for ev in evs:
             kind = ev.get("event", "?")
             detail = _DETAIL.get(kind, lambda e: "")(ev)
-            node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (f"{kind:<13}", _STYLE.get(kind, "")),
+            node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (f"{kind:<14}", _STYLE.get(kind, "")),
                                    detail))
     return tree
 

@@ -56,9 +56,11 @@ local function reap()
             for _, id in ipairs(redis.call("smembers", dead_acks)) do
                 if redis.call("hexists", q_key .. ".msgs", id) == 1 then
                     redis.call("lpush", q_key, id)
+                    redis.call("rpush", q_key .. ".wake", 1)
                     redis.call("hincrby", ns .. ":stats", "recovered", 1)
                 end
             end
+            redis.call("ltrim", q_key .. ".wake", -64, -1)
             redis.call("del", dead_acks)
         end
         redis.call("del", held_queues)
@@ -69,6 +71,8 @@ end
 local function push_back(id)
     if redis.call("hexists", msgs_key, id) == 1 then
         redis.call("lpush", queue_key, id)
+        redis.call("rpush", queue_key .. ".wake", 1)
+        redis.call("ltrim", queue_key .. ".wake", -64, -1)
     end
 end
 
