@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import math
 import re
 import sys
 import time
@@ -34,9 +36,13 @@ def parse_time(value: str | None, *, now: float | None = None) -> float | None:
     if m := _RELATIVE.match(value.strip()):
         return now - float(m.group(1)) * _UNIT_S[m.group(2)]
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise typer.BadParameter(f"{value!r} is not a time: use 15m, 2h, 3d (ago), UNIX seconds or ISO 8601")
+        return seconds
     try:
         when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -134,6 +140,7 @@ def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh 
         message = None
     item = {**stored.entry.model_dump(mode="json"),
             "message": message, "raw": None if message is not None else stored.raw.decode("utf-8", "replace"),
+            "raw_b64": base64.b64encode(stored.raw).decode(),
             "audit": Audit(c.redis, c.keys).records(entry_id)}
     if as_json:
         base.emit_json(item)
@@ -223,6 +230,10 @@ def drain(
     _, store = _store()
     total = store.count(flt)
     _confirm(yes, f"drain {total} dead letter(s) to {to}")
+    try:
+        to.open("ab").close()
+    except OSError as exc:
+        base.fail(f"cannot write {to}: {exc.strerror or exc} (nothing was drained)", base.EXIT_INPUT)
     with _progress(total, "draining", not as_json) as advance:
         n = drain_entries(store, to, flt, progress=advance)
     if as_json:
