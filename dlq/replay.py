@@ -26,6 +26,9 @@ from contracts import JobRecord, State, dumps, loads, transition
 from .audit import Audit
 from .store import DeadLetterStore, Filter, Stored
 
+#: Entries replayed per MULTI/EXEC when no rate is set.
+BATCH = 200
+
 #: Step and job states a replay moves back to ``queued``.
 REPLAYABLE = frozenset({State.DEAD_LETTERED, State.UNKNOWN, State.FAILED})
 
@@ -78,22 +81,43 @@ class Replayer:
 
     def replay(self, entries: Iterable[Stored], *, dry_run: bool = False, rate: float | None = None,
                progress: Callable[[int], None] | None = None) -> ReplayReport:
-        """Replay ``entries`` (at most ``rate`` per second); a dry run changes nothing."""
+        """Replay ``entries`` (at most ``rate`` per second); a dry run changes nothing.
+
+        Unpaced, entries go in batches of BATCH, each batch one MULTI/EXEC; paced, one by one.
+        """
         report = ReplayReport(dry_run=dry_run)
         pace = _pacer(rate)
+        batch: list[tuple[Stored, Message[Any]]] = []
+
+        def flush() -> None:
+            for (stored, _), done in zip(batch, self._replay_batch(batch), strict=True):
+                if done:
+                    report.count(stored)
+                else:
+                    report.skipped[stored.entry.entry_id] = "no longer in the DLQ (replayed or removed meanwhile)"
+            if progress:
+                progress(len(batch))
+            batch.clear()
+
         for stored in entries:
             try:
                 message = replay_message(stored, self.settings, time.time())
-                if not dry_run:
-                    next(pace)
-                    if not self._replay_one(stored, message):
-                        report.skipped[stored.entry.entry_id] = "no longer in the DLQ (replayed or removed meanwhile)"
-                        continue
-                report.count(stored)
             except NotReplayable as exc:
                 report.skipped[stored.entry.entry_id] = str(exc)
-            if progress:
-                progress(1)
+                if progress:
+                    progress(1)
+                continue
+            if dry_run:
+                report.count(stored)
+                if progress:
+                    progress(1)
+                continue
+            next(pace)
+            batch.append((stored, message))
+            if rate is not None or len(batch) >= BATCH:
+                flush()
+        if batch:
+            flush()
         return report
 
     def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None,
@@ -108,32 +132,56 @@ class Replayer:
         for batch in self.store.iter(flt or Filter(), removing=not dry_run):
             yield from batch
 
-    def _replay_one(self, stored: Stored, message: Message[Any]) -> bool:
-        entry = stored.entry
-        entry_key = self.keys.dead_letter(entry.entry_id)
-        env = message.args[0]
-        job_key = self.keys.job(env["job_id"]) if isinstance(env.get("job_id"), str) else None
-        now = time.time()
+    def _replay_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[bool]:
+        """Replay a batch in one MULTI/EXEC, watching its entries and their jobs: every entry still in
+        the DLQ goes back to its queue with its step requeued, or, if anything changed, none does
+        and the batch is read again."""
+        entry_keys = [self.keys.dead_letter(s.entry.entry_id) for s, _ in batch]
+        job_ids = sorted({m.args[0]["job_id"] for _, m in batch if isinstance(m.args[0].get("job_id"), str)})
+        job_keys = [self.keys.job(j) for j in job_ids]
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(*entry_keys, *job_keys)
+                    # Read on another connection: WATCH still voids the EXEC if any of these change.
+                    reads = self.client.pipeline(transaction=False)
+                    for key in entry_keys:
+                        reads.exists(key)
+                    for key in job_keys:
+                        reads.get(key)
+                    values = reads.execute()
+                    present = [bool(v) for v in values[:len(entry_keys)]]
+                    records = {j: JobRecord.model_validate(loads(d))
+                               for j, d in zip(job_ids, values[len(entry_keys):], strict=True) if d is not None}
+                    self._stage_batch(pipe, batch, present, records)
+                    pipe.execute()
+                    return present
+                except redis.WatchError:
+                    continue
 
-        def apply(pipe: Any) -> bool:
-            if not pipe.exists(entry_key):
-                return False
-            record = None
-            if job_key is not None:
-                data = pipe.get(job_key)
-                record = _requeue(JobRecord.model_validate(loads(data)), env.get("step_id"), now) if data else None
-            pipe.multi()
-            if record is not None and job_key is not None:
-                pipe.set(job_key, dumps(record))
+    def _stage_batch(self, pipe: Any, batch: list[tuple[Stored, Message[Any]]], present: list[bool],
+                     records: dict[str, JobRecord]) -> None:
+        now = time.time()
+        changed: set[str] = set()
+        pipe.multi()
+        replayed = 0
+        for (stored, message), here in zip(batch, present, strict=True):
+            if not here:
+                continue
+            env, entry = message.args[0], stored.entry
+            job_id = env.get("job_id")
+            if job_id in records:
+                records[job_id] = _requeue(records[job_id], env.get("step_id"), now)
+                changed.add(job_id)
             stage(pipe, self.keys, message)
             self.store.remove([entry], pipe)
             self.audit.stage(pipe, "replay", entry.entry_id, message_id=message.message_id, key=env.get("key"),
                              queue=message.queue_name, replay_count=entry.replay_count + 1)
-            pipe.hincrby(self.keys.stats, "replayed", 1)
-            return True
-
-        watched = [entry_key] + ([job_key] if job_key else [])
-        return bool(self.client.transaction(apply, *watched, value_from_callable=True))  # type: ignore[arg-type]
+            replayed += 1
+        for job_id in changed:
+            pipe.set(self.keys.job(job_id), dumps(records[job_id]))
+        if replayed:
+            pipe.hincrby(self.keys.stats, "replayed", replayed)
 
 
 def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:
