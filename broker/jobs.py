@@ -13,7 +13,7 @@ from contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, dumps, 
 
 from . import trace
 from .keys import Keys
-from .outbox import stage
+from .outbox import stage_all
 
 if TYPE_CHECKING:
     from .idempotency import Lease
@@ -64,8 +64,8 @@ class JobStore:
             record, messages = change(JobRecord.model_validate(loads(data)))
             pipe.multi()
             pipe.set(key, dumps(record))
+            stage_all(pipe, self.keys, messages)
             for message in messages:
-                stage(pipe, self.keys, message)
                 trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
             for ev in events:
                 trace.stage(pipe, self.keys, ev)

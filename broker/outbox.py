@@ -7,6 +7,8 @@ transactional outbox: the record and the messages it implies land together or no
 from __future__ import annotations
 
 import uuid
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from dramatiq.message import Message
@@ -35,15 +37,27 @@ def encode(message: Message) -> bytes:
 WAKE_CAP = 64
 
 
-def stage(pipe: Any, keys: Keys, message: Message) -> None:
+def stage(pipe: Any, keys: Keys, message: Message, *, wake_up: bool = True) -> None:
     """What dramatiq's enqueue does (store the body, push the id), and a token that wakes an idle
-    consumer of the queue at once."""
+    consumer of the queue at once. Staging many, pass ``wake_up=False`` and call :func:`wake` once
+    per queue with the count."""
     rid = message.options["redis_message_id"]
     pipe.hset(keys.messages(message.queue_name), rid, encode(message))
     pipe.rpush(keys.queue(message.queue_name), rid)
-    wake(pipe, keys, message.queue_name)
+    if wake_up:
+        wake(pipe, keys, message.queue_name)
 
 
-def wake(pipe: Any, keys: Keys, queue: str) -> None:
-    pipe.rpush(keys.wake(queue), 1)
+def stage_all(pipe: Any, keys: Keys, messages: Iterable[Message]) -> None:
+    """Stage ``messages`` and wake up to one idle consumer per message, per queue, in two commands."""
+    per_queue: Counter[str] = Counter()
+    for message in messages:
+        stage(pipe, keys, message, wake_up=False)
+        per_queue[message.queue_name] += 1
+    for queue, n in per_queue.items():
+        wake(pipe, keys, queue, n)
+
+
+def wake(pipe: Any, keys: Keys, queue: str, n: int = 1) -> None:
+    pipe.rpush(keys.wake(queue), *([1] * min(n, WAKE_CAP)))
     pipe.ltrim(keys.wake(queue), -WAKE_CAP, -1)
