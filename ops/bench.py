@@ -145,8 +145,8 @@ def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str
                    "message_timestamp": int(time.time() * 1000)}
         pipe.hset(f"{namespace}:{queue}.msgs", rid, dumps(message))
         pipe.rpush(f"{namespace}:{queue}", rid)
-        if queue == MESH_Q:  # the mesh's enqueue also wakes an idle consumer (broker/outbox.py)
-            wake(pipe, Keys(namespace), queue)
+    if queue == MESH_Q:  # the mesh's enqueue also wakes idle consumers, once per batch (broker/outbox.py)
+        wake(pipe, Keys(namespace), queue, len(bodies))
     pipe.execute()
 
 
