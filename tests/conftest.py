@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,35 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         time.sleep(interval_s)
+
+
+def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
+    """Put ``data`` on ``queue`` exactly as dramatiq's enqueue would, bypassing every check."""
+    rid = str(uuid.uuid4())
+    client.redis.hset(client.keys.messages(queue), rid, data)
+    client.redis.rpush(client.keys.queue(queue), rid)
+    return rid
+
+
+def flat(text: str) -> str:
+    """Output with rich's line wrapping undone, so messages can be matched whole."""
+    return " ".join(text.split())
+
+
+@contextmanager
+def ops_server(client: MeshClient) -> Iterator[str]:
+    """``mesh ops serve``'s server on a free loopback port, served from a thread; yields its base URL."""
+    from ops.server import make_server
+
+    server = make_server(client, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 @pytest.fixture(scope="session")

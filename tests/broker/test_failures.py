@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import push_raw, wait_for
 from dramatiq.message import Message
 
 from broker.outbox import encode, stage
@@ -18,14 +18,6 @@ from dlq import DeadLetterStore
 from tests.httpserver import RecordingServer
 
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
-
-
-def push_raw(client, queue: str, data: bytes) -> str:
-    """Put ``data`` on ``queue`` exactly as dramatiq's enqueue would, bypassing every check."""
-    rid = str(uuid.uuid4())
-    client.redis.hset(client.keys.messages(queue), rid, data)
-    client.redis.rpush(client.keys.queue(queue), rid)
-    return rid
 
 
 def rewrite_envelopes(client, queue: str, change) -> None:

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import ROOT, mesh_env, wait_for
+from conftest import ROOT, flat, mesh_env, push_raw, wait_for
 
 from broker import MeshClient
 from contracts import State
@@ -40,18 +40,6 @@ class Switch:
 
 def http_call(url: str, n: int) -> dict[str, Any]:
     return {"tool": "http_post", "args": {"url": url, "json": {"order": n, "note": f"order {n}"}}}
-
-
-def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
-    """Put ``data`` on ``queue`` exactly as dramatiq's enqueue would, bypassing every check."""
-    rid = str(uuid.uuid4())
-    client.redis.hset(client.keys.messages(queue), rid, data)
-    client.redis.rpush(client.keys.queue(queue), rid)
-    return rid
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def store_of(client: MeshClient) -> DeadLetterStore:

@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import wait_for
+from conftest import flat, wait_for
 
 from broker import job_id_for
 from contracts import State
 
 AGENTS = ("planner", "researcher", "executor")
 NOTE = {"tool": "note", "args": {"title": "hello"}}
-
-
-def flat(text: str) -> str:
-    """stderr with rich's line wrapping undone, so messages can be matched whole."""
-    return " ".join(text.split())
 
 
 def assert_nothing_enqueued(client) -> None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import flat, push_raw, wait_for
 
 from broker import MeshClient
 from broker.outbox import encode
@@ -26,19 +26,6 @@ AGENTS = ("planner", "researcher", "executor")
 FIELDS = {"entry_id", "queue", "agent", "failure_class", "error", "traceback", "envelope", "key", "job_id",
           "trace_id", "attempts", "worker", "host", "dead_lettered_at", "replay_count", "replay_of"}
 REFUSED_URL = "http://127.0.0.1:9/hook"  # never in MESH_HTTP_ALLOW here: refused, permanently
-
-
-def flat(text: str) -> str:
-    """stderr with rich's line wrapping undone, so messages can be matched whole."""
-    return " ".join(text.split())
-
-
-def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
-    """Put ``data`` on ``queue`` exactly as dramatiq's enqueue would, bypassing every check."""
-    rid = str(uuid.uuid4())
-    client.redis.hset(client.keys.messages(queue), rid, data)
-    client.redis.rpush(client.keys.queue(queue), rid)
-    return rid
 
 
 def store_of(client: MeshClient) -> DeadLetterStore:

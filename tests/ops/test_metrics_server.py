@@ -7,38 +7,22 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from conftest import wait_for
+from conftest import ops_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import MeshClient
 from contracts import State
 from ops.local_redis import PrivateRedis, redis_binary
-from ops.server import make_server
 from tests.httpserver import RecordingServer
 
 QUEUE_GAUGES = ("mesh_queue_ready", "mesh_queue_delayed", "mesh_queue_in_flight")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@contextmanager
-def ops_server(client: MeshClient) -> Iterator[str]:
-    """``make_server`` on a free loopback port, served from a thread; yields its base URL."""
-    server = make_server(client, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def scrape(base: str) -> Samples:

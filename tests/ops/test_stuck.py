@@ -5,36 +5,20 @@ stops being stuck once it moves on."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-from conftest import wait_for
+from conftest import ops_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import MeshClient, trace
 from contracts import State
-from ops.server import make_server
 from tests.httpserver import RecordingServer
 
 STUCK_AFTER_S = 1.0
 #: The lease (= the heartbeat timeout) is renewed every third of it: the renewer looks every second.
 HEARTBEAT_TIMEOUT_S = 3.0
-
-
-@contextmanager
-def ops_server(client: MeshClient) -> Iterator[str]:
-    server = make_server(client, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def metrics(base: str) -> dict[str, float]:
