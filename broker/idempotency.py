@@ -110,11 +110,11 @@ class Idempotency(Middleware):
             # dramatiq would log this hook's error and run the actor anyway, unclaimed: the message
             # waits on the delay queue instead (settled once Redis answers again).
             self._defer(message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer",
-                        worker=self._worker(broker))
+                        worker=trace.worker_name())
             raise SkipMessage(f"{key}: no claim could be made") from None
         if verdict == b"run":
             lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token), envelope=message.args[0],
-                          worker=self._worker(broker))
+                          worker=trace.worker_name())
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
             self._hold(lease)
@@ -125,12 +125,12 @@ class Idempotency(Middleware):
                                                         "agent": message.actor_name})
             pipe = self.client.pipeline(transaction=False)
             count_outcome(pipe, self.keys, message.actor_name, "duplicate")
-            trace.stage(pipe, self.keys, trace.event("duplicate", envelope, worker=self._worker(broker),
+            trace.stage(pipe, self.keys, trace.event("duplicate", envelope, worker=trace.worker_name(),
                                                      token=int(token)))
             self._quietly(pipe.execute)
             raise SkipMessage(f"{key} is done")
         self._defer(message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
-                    route="duplicate:defer", worker=self._worker(broker))
+                    route="duplicate:defer", worker=trace.worker_name())
         raise SkipMessage(f"{key} is held by a live owner")
 
     def _defer(self, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str, stat: str,
@@ -164,10 +164,6 @@ class Idempotency(Middleware):
             # Another owner holds the key now: the router must not record this attempt's failure.
             message.mesh_superseded = True  # type: ignore[attr-defined]
             logger.warning("lease lost before the attempt settled", extra={"key": lease.key, "token": lease.token})
-
-    @staticmethod
-    def _worker(broker: Broker) -> str | None:
-        return trace.worker_name()
 
     @staticmethod
     def _quietly(write: Any) -> None:

@@ -45,22 +45,29 @@ def drain(store: DeadLetterStore, path: Path, flt: Filter | None = None, *, audi
           progress: Progress | None = None) -> int:
     """Append every matching entry to ``path`` (fsynced) and then remove it; returns how many."""
     audit = audit or Audit(store.client, store.keys)
+    where = str(path.resolve())
     n = 0
     with path.open("ab") as f:
         for batch in store.iter(flt or Filter(), removing=True):
             f.writelines(line_of(s) for s in batch)
             f.flush()
             os.fsync(f.fileno())
-            pipe = store.client.pipeline(transaction=True)
-            store.remove([s.entry for s in batch], pipe)
-            for s in batch:
-                audit.stage(pipe, "drain", s.entry.entry_id, file=str(path.resolve()))
-            pipe.hincrby(store.keys.stats, "dlq_drained", len(batch))
-            pipe.execute()
-            n += len(batch)
-            if progress:
-                progress(len(batch))
+            n += _take_out(store, batch, audit, "drain", "dlq_drained", lambda s: {"file": where}, progress)
     return n
+
+
+def _take_out(store: DeadLetterStore, batch: list[Stored], audit: Audit, op: str, stat: str,
+              detail: Callable[[Stored], dict[str, object]], progress: Progress | None) -> int:
+    """Remove ``batch`` from the DLQ with an audit record per entry and the counter, in one MULTI."""
+    pipe = store.client.pipeline(transaction=True)
+    store.remove([s.entry for s in batch], pipe)
+    for s in batch:
+        audit.stage(pipe, op, s.entry.entry_id, **detail(s))
+    pipe.hincrby(store.keys.stats, stat, len(batch))
+    pipe.execute()
+    if progress:
+        progress(len(batch))
+    return len(batch)
 
 
 def read_export(path: Path) -> Iterator[Stored]:
@@ -111,17 +118,6 @@ def purge(store: DeadLetterStore, flt: Filter | None = None, ids: list[str] | No
         batches: Iterator[list[Stored]] = iter([[s for s in map(store.load, ids) if s is not None]])
     else:
         batches = store.iter(flt or Filter(), removing=True)
-    n = 0
-    for batch in batches:
-        if not batch:
-            continue
-        pipe = store.client.pipeline(transaction=True)
-        store.remove([s.entry for s in batch], pipe)
-        for s in batch:
-            audit.stage(pipe, "purge", s.entry.entry_id, failure_class=s.entry.failure_class, agent=s.entry.agent)
-        pipe.hincrby(store.keys.stats, "dlq_purged", len(batch))
-        pipe.execute()
-        n += len(batch)
-        if progress:
-            progress(len(batch))
-    return n
+    return sum(_take_out(store, batch, audit, "purge", "dlq_purged",
+                         lambda s: {"failure_class": s.entry.failure_class, "agent": s.entry.agent}, progress)
+               for batch in batches if batch)
