@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dramatiq.middleware import TimeLimitExceeded
 
@@ -49,19 +49,22 @@ def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
                       settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http)
     args = call.typed_args()
     started = time.monotonic()
+    outcome: dict[str, Any] = {}
     try:
         receipt = spec.run(ctx, args)
+        outcome = {"status": receipt.detail.get("status")}
+        return receipt
     except TimeLimitExceeded as exc:
         # Stopped mid-call: the tool may have acted. The effect cannot be proven either way.
-        rt.tool_call(env, call.tool, spec.dependency(args), time.monotonic() - started, error="time limit")
+        outcome = {"error": "time limit"}
         raise DependencyTimeout(f"{call.tool} hit its time limit; its effect is unknown", tool=call.tool,
                                 effect_unknown=True) from exc
     except Exception as exc:
-        rt.tool_call(env, call.tool, spec.dependency(args), time.monotonic() - started, error=str(exc))
+        outcome = {"error": str(exc)}
         raise
-    rt.tool_call(env, call.tool, spec.dependency(args), time.monotonic() - started,
-                 status=receipt.detail.get("status"))
-    return receipt
+    finally:
+        if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
+            rt.tool_call(env, call.tool, spec.dependency(args), time.monotonic() - started, **outcome)
 
 
 HANDLERS: dict[str, Handler] = {"planner": planner, "researcher": researcher, "executor": executor}

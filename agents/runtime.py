@@ -122,15 +122,14 @@ class AgentRuntime:
 
     def tool_call(self, env: Envelope, tool: str, dependency: str, duration_s: float, *,
                   status: Any = None, error: str | None = None) -> None:
-        """Trace one tool call (and count it as progress: the handler moved on)."""
-        trace.emit(self.redis, self.keys, trace.event(
-            "tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool, dependency=dependency,
-            duration_s=round(duration_s, 4), status=status, error=error))
-        self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}")
+        """Trace one tool call, and count it as progress (the handler moved on), in one round trip."""
+        call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool,
+                           dependency=dependency, duration_s=round(duration_s, 4), status=status, error=error)
+        self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}", before=call)
 
-    def progress(self, env: Envelope, note: str) -> None:
+    def progress(self, env: Envelope, note: str, *, before: dict[str, Any] | None = None) -> None:
         """The handler moved on: the step's progress counter advances (a step that only heartbeats
-        without this is reported stuck)."""
+        without this is reported stuck). ``before`` is an event written ahead of it, in the same trip."""
         lease = current_lease()
         n = 0
         if lease is not None:
@@ -138,6 +137,8 @@ class AgentRuntime:
             lease.progress_at = time.monotonic()
             n = lease.progress
         pipe = self.redis.pipeline(transaction=False)
+        if before is not None:
+            trace.stage(pipe, self.keys, before)
         pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): time.time()}, xx=True)
         trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
                                                  progress=n, note=note))

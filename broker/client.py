@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from . import trace
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
-from .outbox import build_message, stage, wake
+from .outbox import build_message, stage_all
 from .settings import MeshSettings
 
 #: The entry agent of the pipeline and the step id its work is recorded under.
@@ -101,7 +100,7 @@ class MeshClient:
         now = time.time()
         refs = []
         pipe = self.redis.pipeline(transaction=True)
-        woken: Counter[str] = Counter()
+        messages = []
         for agent, step_id, payload, key in items:
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
             trace_id = trace_id_for(key) if key else new_trace_id()
@@ -115,12 +114,10 @@ class MeshClient:
                                steps={step_id: step}, created_at=now, updated_at=now)
             self.jobs.stage_create(pipe, record)
             message = build_message(env)
-            stage(pipe, self.keys, message, wake_up=False)
-            woken[agent] += 1
+            messages.append(message)
             trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=agent, by="client"))
             refs.append(ref)
-        for agent, n in woken.items():
-            wake(pipe, self.keys, agent, n)
+        stage_all(pipe, self.keys, messages)
         pipe.execute()
         return refs
 

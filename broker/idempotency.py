@@ -57,7 +57,6 @@ class Lease:
     progress_at: float = field(default_factory=time.monotonic, compare=False)
     stuck: bool = field(default=False, compare=False)
     envelope: dict[str, Any] = field(default_factory=dict, compare=False)
-    worker: str | None = field(default=None, compare=False)
 
 
 _current = threading.local()
@@ -109,12 +108,10 @@ class Idempotency(Middleware):
         except redis.RedisError as exc:
             # dramatiq would log this hook's error and run the actor anyway, unclaimed: the message
             # waits on the delay queue instead (settled once Redis answers again).
-            self._defer(message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer",
-                        worker=trace.worker_name())
+            self._defer(message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer")
             raise SkipMessage(f"{key}: no claim could be made") from None
         if verdict == b"run":
-            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token), envelope=message.args[0],
-                          worker=trace.worker_name())
+            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token), envelope=message.args[0])
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
             self._hold(lease)
@@ -130,11 +127,11 @@ class Idempotency(Middleware):
             self._quietly(pipe.execute)
             raise SkipMessage(f"{key} is done")
         self._defer(message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
-                    route="duplicate:defer", worker=trace.worker_name())
+                    route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
 
     def _defer(self, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str, stat: str,
-               route: str, worker: str | None) -> None:
+               route: str) -> None:
         # Its own counter: waiting for a key's owner spends none of the router's MESH_MAX_DEFERS.
         waits = int(message.options.get("mesh_waits", 0))
         delay_ms = full_jitter_ms(waits, DEFER_MIN_MS, DEFER_MAX_MS, random.random)
@@ -142,12 +139,12 @@ class Idempotency(Middleware):
             delay_ms = min(lease_left_ms + 50, delay_ms)
         copy = delayed_copy(message._message, delay_ms, mesh_waits=waits + 1)
         decide(message, RetryLater(copy, delay_ms, stat=stat, route=route))
-        ev = trace.event("deferred", message.args[0], worker=worker, reason=reason,
+        ev = trace.event("deferred", message.args[0], worker=trace.worker_name(), reason=reason,
                          until=time.time() + delay_ms / 1000)
         self._quietly(lambda: trace.emit(self.client, self.keys, ev))
-        logger.info("message deferred before running", extra={"key": key, "trace_id": message.args[0].get("trace_id"),
-                                                  "agent": message.actor_name, "delay_ms": delay_ms,
-                                                  "reason": reason})
+        logger.info("message deferred before running",
+                    extra={"key": key, "trace_id": message.args[0].get("trace_id"), "agent": message.actor_name,
+                           "delay_ms": delay_ms, "reason": reason})
 
     def after_process_message(self, broker: Broker, message: MessageProxy, *,
                               result: Any | None = None, exception: BaseException | None = None) -> None:
@@ -223,7 +220,7 @@ class Idempotency(Middleware):
             logger.warning("step stuck: holding its claim without progress", extra=extra)
             pipe = self.client.pipeline(transaction=False)
             pipe.hincrby(self.keys.stats, "stuck", 1)
-            trace.stage(pipe, self.keys, trace.event("stuck", lease.envelope, worker=lease.worker,
+            trace.stage(pipe, self.keys, trace.event("stuck", lease.envelope, worker=trace.worker_name(),
                                                      idle_s=round(idle, 1), progress=lease.progress))
             self._quietly(pipe.execute)
 

@@ -62,6 +62,11 @@ class Routing:
     delay_ms: int = 0
     reason: str = ""
 
+    def error(self, exc: BaseException) -> str:
+        """The error as recorded: the exception's message, and why it took this route when it says."""
+        text = str(exc) or type(exc).__name__
+        return f"{text} ({self.reason})" if self.reason else text
+
 
 def full_jitter_ms(n: int, min_ms: int, max_ms: int, rng: Callable[[], float]) -> int:
     """Exponential backoff with full jitter: uniform in [min, min(max, min * 2**n)]."""
@@ -163,7 +168,7 @@ class FailureRouter(Middleware):
             **log, "failure_class": str(failure_class), "route": str(routing.route), "delay_ms": routing.delay_ms,
             "attempt": attempt, "error": str(exception), "reason": routing.reason or None})
         lease = message.__dict__.get("mesh_lease")
-        self._record(envelope, decision, routing, exception, lease, trace.worker_name(), message.actor_name)
+        self._record(envelope, decision, routing, exception, lease, message.actor_name)
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy) -> int:
         try:
@@ -177,8 +182,7 @@ class FailureRouter(Middleware):
         counter = f"{routing.failure_class}:{routing.route}"
         if routing.route is Route.DEAD_LETTER:
             entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
-                message._message, routing.failure_class,
-                f"{error} ({routing.reason})" if routing.reason else error, format_traceback(exception))
+                message._message, routing.failure_class, routing.error(exception), format_traceback(exception))
             stat = "poison" if routing.failure_class is FailureClass.INVALID_INPUT else "dead_lettered"
             return DeadLetterIt(entry, stat, counter)
         deferred = routing.route is Route.DEFER
@@ -195,7 +199,7 @@ class FailureRouter(Middleware):
         return RetryLater(copy, routing.delay_ms, "retried", counter)
 
     def _record(self, envelope: dict[str, Any], decision: Decision, routing: Routing, exc: BaseException,
-                lease: Any, worker: str | None, agent: str) -> None:
+                lease: Any, agent: str) -> None:
         """The failure on the job record, its trace event, and the attempt's duration, in one MULTI."""
         job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
         if self.jobs is None or not isinstance(job_id, str) or not isinstance(step_id, str):
@@ -206,10 +210,10 @@ class FailureRouter(Middleware):
             state = State.UNKNOWN
         else:
             state = State.DEAD_LETTERED
-        error = f"{exc} ({routing.reason})" if routing.reason else str(exc)
+        error = routing.error(exc)
         kind = {Route.DEFER: "deferred", Route.RETRY: "failed", Route.DEAD_LETTER: "dead_lettered"}[routing.route]
         now = time.time()
-        ev = trace.event(kind, envelope, worker=worker, at=now, failure_class=str(routing.failure_class),
+        ev = trace.event(kind, envelope, worker=trace.worker_name(), at=now, failure_class=str(routing.failure_class),
                          error=error[:500], route=str(routing.route), state=str(state),
                          until=now + routing.delay_ms / 1000 if routing.route is not Route.DEAD_LETTER else None)
         duration = time.monotonic() - lease.started if lease is not None else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ import redis
 from dramatiq.message import Message
 
 from broker.keys import Keys
-from broker.outbox import stage, wake
+from broker.outbox import stage_all
 from broker.settings import MeshSettings
 from contracts import JobRecord, State, dumps, loads, transition
 
@@ -164,9 +163,8 @@ class Replayer:
                      records: dict[str, JobRecord]) -> None:
         now = time.time()
         changed: set[str] = set()
-        woken: Counter[str] = Counter()
+        messages, entries = [], []
         pipe.multi()
-        replayed = 0
         for (stored, message), here in zip(batch, present, strict=True):
             if not here:
                 continue
@@ -175,18 +173,16 @@ class Replayer:
             if job_id in records:
                 records[job_id] = _requeue(records[job_id], env.get("step_id"), now)
                 changed.add(job_id)
-            stage(pipe, self.keys, message, wake_up=False)
-            woken[message.queue_name] += 1
-            self.store.remove([entry], pipe)
+            messages.append(message)
+            entries.append(entry)
             self.audit.stage(pipe, "replay", entry.entry_id, message_id=message.message_id, key=env.get("key"),
                              queue=message.queue_name, replay_count=entry.replay_count + 1)
-            replayed += 1
-        for queue, n in woken.items():
-            wake(pipe, self.keys, queue, n)
+        stage_all(pipe, self.keys, messages)
+        self.store.remove(entries, pipe)
         for job_id in changed:
             pipe.set(self.keys.job(job_id), dumps(records[job_id]))
-        if replayed:
-            pipe.hincrby(self.keys.stats, "replayed", replayed)
+        if entries:
+            pipe.hincrby(self.keys.stats, "replayed", len(entries))
 
 
 def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:

@@ -73,7 +73,7 @@ class DeadLetterStore:
 
     def raw(self, entry_id: str) -> bytes | None:
         data = self.client.hget(self.keys.dead_letter(entry_id), "raw")
-        return None if data is None else data if isinstance(data, bytes) else data.encode()
+        return None if data is None else _bytes(data)
 
     def load(self, entry_id: str) -> Stored | None:
         data, raw = self.client.hmget(self.keys.dead_letter(entry_id), "entry", "raw")

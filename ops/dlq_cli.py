@@ -70,6 +70,15 @@ def _filter(agent: str | None, failure_class: str | None, since: str | None, unt
     return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until))
 
 
+def _selection(ids: list[str] | None, all_: bool, agent: str | None, failure_class: str | None,
+               since: str | None, until: str | None) -> Any:
+    """The filter of a bulk command that takes exactly one of: entry ids, --all, or filters."""
+    has_filter = any(v is not None for v in (agent, failure_class, since, until))
+    if bool(ids) + all_ + has_filter != 1:
+        base.fail("give entry ids, or --all, or filters (--agent/--class/--since/--until)", base.EXIT_INPUT)
+    return _filter(agent, failure_class, since, until)
+
+
 def _store() -> Any:
     from dlq import DeadLetterStore
 
@@ -188,10 +197,7 @@ def replay(
     """Re-enqueue entries with their original key, fresh attempts and deadline, and replay_of lineage."""
     from dlq import Replayer
 
-    has_filter = any(v is not None for v in (agent, failure_class, since, until))
-    if bool(ids) + all_ + has_filter != 1:
-        base.fail("give entry ids, or --all, or filters (--agent/--class/--since/--until)", base.EXIT_INPUT)
-    flt = _filter(agent, failure_class, since, until)
+    flt = _selection(ids, all_, agent, failure_class, since, until)
     c, store = _store()
     replayer = Replayer(store, c.settings)
     total = len(ids) if ids else store.count(flt)
@@ -272,13 +278,10 @@ def purge(
     """Delete entries for good. Refuses without --yes."""
     from dlq import purge as purge_entries
 
-    has_filter = any(v is not None for v in (agent, failure_class, since, until))
-    if bool(ids) + all_ + has_filter != 1:
-        base.fail("give entry ids, or --all, or filters (--agent/--class/--since/--until)", base.EXIT_INPUT)
+    flt = _selection(ids, all_, agent, failure_class, since, until)
     if not yes:
         base.fail("purge deletes dead letters for good: add --yes (or drain them to a file instead)",
                   base.EXIT_INPUT)
-    flt = _filter(agent, failure_class, since, until)
     _, store = _store()
     n = purge_entries(store, None if ids else flt, ids=ids or None)
     if as_json:
