@@ -12,6 +12,7 @@ from contracts import (
     DependencyTimeout,
     Envelope,
     Findings,
+    LeaseLost,
     Plan,
     PlannerInput,
     Receipt,
@@ -48,10 +49,15 @@ def executor(rt: AgentRuntime, env: Envelope, call: ToolCall) -> Receipt:
                       deadline=env.deadline, breakers=rt.breakers,
                       settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http)
     args = call.typed_args()
+    if lease.lost:
+        # Renewal found the key taken over: the new owner carries the work, this attempt acts no more.
+        raise LeaseLost(lease.key, lease.token)
     started = time.monotonic()
     outcome: dict[str, Any] = {}
     try:
         receipt = spec.run(ctx, args)
+        if spec.effect:
+            lease.effects += 1
         outcome = {"status": receipt.detail.get("status")}
         return receipt
     except TimeLimitExceeded as exc:

@@ -10,6 +10,7 @@ from typing import Any
 
 import dramatiq
 import httpx
+import redis
 from pydantic import ValidationError
 from redis import Redis
 
@@ -30,6 +31,7 @@ from contracts import (
     Frozen,
     JobRecord,
     MeshError,
+    OutcomeUnrecorded,
     PermanentFailure,
     State,
     validate_input,
@@ -74,6 +76,10 @@ class AgentRuntime:
     def handle(self, agent: str, raw: Any, handler: Handler) -> None:
         """Run one message whose key this thread has claimed; the result goes to the job record
         and to the claim (``done``), both fenced by the claim's token."""
+        if not (isinstance(raw, dict) and isinstance(raw.get("key"), str) and raw["key"]):
+            # A foreign producer's bare payload: poison, not a sign of a broken deployment.
+            raise ContractError(f"not a mesh message: a {agent} message carries an envelope with a key, "
+                                f"not {type(raw).__name__} {str(raw)[:80]}")
         lease = current_lease()
         if lease is None:
             raise PermanentFailure("no claim held on the message key: the broker lacks the Idempotency middleware")
@@ -104,7 +110,11 @@ class AgentRuntime:
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
-        output = validate_output(agent, handler(self, env, payload).model_dump(mode="json"))
+        if lease.recorded_output is not None:
+            # An earlier attempt finished and Redis refused its record: record that, run nothing again.
+            output = validate_output(agent, lease.recorded_output)
+        else:
+            output = validate_output(agent, handler(self, env, payload).model_dump(mode="json"))
         duration = time.monotonic() - lease.started
 
         def succeeded(pipe: Any, record: JobRecord) -> None:
@@ -112,9 +122,13 @@ class AgentRuntime:
             count_outcome(pipe, self.keys, agent, "succeeded")
             observe_duration(pipe, self.keys, agent, duration)
 
-        self.jobs.update(env.job_id, pipeline.complete(env, output), fence=lease, also=succeeded,
-                         events=[trace.event("succeeded", envelope, worker=self.worker,
-                                             duration_s=round(duration, 4))])
+        try:
+            self.jobs.update(env.job_id, pipeline.complete(env, output), fence=lease, also=succeeded,
+                             events=[trace.event("succeeded", envelope, worker=self.worker,
+                                                 duration_s=round(duration, 4))])
+        except redis.RedisError as exc:
+            raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",
+                                    output.model_dump(mode="json")) from exc
         lease.result = output.model_dump(mode="json")
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
@@ -142,7 +156,11 @@ class AgentRuntime:
         pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): time.time()}, xx=True)
         trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
                                                  progress=n, note=note))
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            # A trace line, not the step's outcome: it must never replace what the handler did.
+            logger.warning("could not record progress", extra={"job_id": env.job_id, "error": str(exc)})
 
     def envelope(self, agent: str, raw: Any) -> Envelope:
         try:

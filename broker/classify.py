@@ -36,7 +36,10 @@ def classify(exc: BaseException) -> tuple[FailureClass, float | None]:
         return FailureClass.TIMEOUT, None
     if isinstance(exc, httpx.HTTPStatusError):
         return classify(error_for_response(exc.response, dependency=exc.request.url.netloc.decode()))
-    if isinstance(exc, httpx.TransportError | redis.ConnectionError | ConnectionError):
+    if isinstance(exc, redis.RedisError):
+        # The mesh's own Redis: tools raise their dependencies' failures as mesh errors.
+        return FailureClass.MESH_UNAVAILABLE, None
+    if isinstance(exc, httpx.TransportError | ConnectionError):
         return FailureClass.BROWNOUT, None
     if isinstance(exc, pydantic.ValidationError):
         return FailureClass.INVALID_OUTPUT, None

@@ -10,6 +10,7 @@ queue, the delayed messages dramatiq dropped from memory. The broker keeps the i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -22,10 +23,11 @@ from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
-from contracts import FailureClass, dumps
+from contracts import FailureClass, JobRecord, dumps, loads
 from dlq.entry import DeadLetter, format_traceback
 
-from .settle import DeadLetterIt, RetryLater, decide, decision_of, raw_of
+from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
+from .trace import TRACE_MAXLEN
 
 if TYPE_CHECKING:
     from .mesh_broker import MeshBroker
@@ -34,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 #: How long an idle consumer blocks waiting for work before it looks again (s).
 WAIT_S = 1.0
+
+#: Times a settlement re-reads a job record that another writer changed meanwhile.
+CONFLICT_RETRIES = 50
 
 
 class MeshConsumer(_RedisConsumer):
@@ -55,23 +60,71 @@ class MeshConsumer(_RedisConsumer):
 
     def ack(self, message: MessageProxy) -> None:
         decision = decision_of(message)
+        if decision is None and message.__dict__.get("_exception") is not None:
+            # The attempt failed and no hook decided its fate (one of them broke): never acked away.
+            decision = self._unrouted(message)
         rid = message.options["redis_message_id"]
         try:
             if isinstance(decision, RetryLater):
                 new = decision.message
-                self.broker.settle("retry", self.queue_name, rid, new.options["redis_message_id"], new.encode(),
-                                   decision.stat, decision.route)
+                self._settle_job("retry", decision.job, rid, new.options["redis_message_id"], new.encode(),
+                                 decision.stat, decision.route)
             elif isinstance(decision, DeadLetterIt):
-                self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route)
+                self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job)
             else:
                 self.broker.do_ack(self.queue_name, rid)
         except (redis.RedisError, ConnectionClosed) as exc:
             # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
             # retries the settlement until it goes through, and the message stays in hand meanwhile.
             raise ConnectionClosed(exc) from None
+        except Exception:
+            # Not retried by dramatiq: let go of the message (the next consumer's reclaim puts it
+            # back), so the prefetch window does not shrink for good.
+            self._let_go(message, rid)
+            raise
+        self._let_go(message, rid)
+
+    def _let_go(self, message: MessageProxy, rid: str) -> None:
         self.queued_message_ids.discard(message.message_id)
         self.in_hand.discard(rid)
         self.settled.set()
+
+    def _unrouted(self, message: MessageProxy) -> DeadLetterIt:
+        exc = message._exception
+        logger.error("failed message left without a decision: dead-lettered",
+                     extra={"queue": self.queue_name, "message_id": message.message_id})
+        entry = self.broker.dead_letter_entry(
+            message._message, FailureClass.INVALID_INPUT,
+            f"the mesh could not route this failure ({type(exc).__name__}: {exc})", format_traceback(exc))
+        decision = DeadLetterIt(entry, "poison", "invalid_input:dead_letter")
+        decide(message, decision)
+        return decision
+
+    def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any) -> None:
+        """Settle with the job-record change in the same script; a record changed meanwhile by
+        another writer is read again and the change recomputed (optimistic, like WATCH)."""
+        for _ in range(CONFLICT_RETRIES):
+            if self.broker.settle(command, self.queue_name, rid, *args, self._job_arg(job)) != -1:
+                return
+        raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")
+
+    def _job_arg(self, job: JobWrite | None) -> str:
+        if job is None:
+            return ""
+        keys = self.broker.keys
+        arg: dict[str, Any] = {"job": keys.job(job.job_id), "trace": keys.trace(job.job_id), "maxlen": TRACE_MAXLEN,
+                               "events": [dumps(ev).decode() for ev in job.events], "running": keys.running}
+        if job.running_member:
+            arg["member"] = job.running_member
+        if job.release:
+            arg["claim"], arg["owner"] = job.release
+        current: bytes | None = self.broker.client.get(keys.job(job.job_id))  # type: ignore[assignment]
+        if current is not None:
+            record, messages = job.change(JobRecord.model_validate(loads(current)))
+            assert not messages, "a failed attempt's change sends nothing"
+            arg["sha"] = hashlib.sha1(current).hexdigest()
+            arg["new"] = dumps(record).decode()
+        return dumps(arg).decode()
 
     def nack(self, message: MessageProxy) -> None:
         """dramatiq rejects what it cannot route (an unknown actor): that, too, goes to the mesh DLQ."""
@@ -83,10 +136,11 @@ class MeshConsumer(_RedisConsumer):
             decide(message, DeadLetterIt(entry, route="permanent:dead_letter"))
         self.ack(message)
 
-    def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str) -> None:
+    def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str,
+              job: JobWrite | None = None) -> None:
         retention_ms = int(self.broker.settings.dlq_retention_s * 1000)
-        self.broker.settle("dead", self.queue_name, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                           entry.agent or "-", entry.failure_class, retention_ms)
+        self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
+                         entry.agent or "-", entry.failure_class, retention_ms)
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})
@@ -100,7 +154,7 @@ class MeshConsumer(_RedisConsumer):
         )
         try:
             self._dead(rid, entry, data, "poison", "invalid_input:dead_letter")
-        except redis.ConnectionError as exc:
+        except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None
 
     def _next_message(self) -> MessageProxy | None:
@@ -114,6 +168,9 @@ class MeshConsumer(_RedisConsumer):
                         and isinstance(message.actor_name, str) and isinstance(message.queue_name, str)
                         and isinstance(message.kwargs, dict)):
                     raise DecodeError("not a dramatiq message", data, TypeError("bad field types"))
+                problem = options_problem(message.options)
+                if problem:
+                    raise DecodeError(f"malformed mesh options: {problem}", data, ValueError(problem))
             except DecodeError as exc:
                 self._poison(rid, data, exc)
                 continue
@@ -173,7 +230,7 @@ class MeshConsumer(_RedisConsumer):
                         # heartbeats, recovery and shutdown go on), instead of polling with backoff.
                         self.broker.wait_for_work(self.queue_name, WAIT_S)
                     return None
-        except redis.ConnectionError as exc:
+        except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None
 
     def close(self) -> None:
@@ -195,5 +252,5 @@ class MeshConsumer(_RedisConsumer):
             # Fetched but never handed out: these go back too, so a restart strands nothing.
             for rid, _ in pairs:
                 self.broker.settle("requeue", self.queue_name, rid)
-        except redis.ConnectionError as exc:
+        except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None

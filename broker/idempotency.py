@@ -20,16 +20,17 @@ from typing import Any
 
 import redis
 from dramatiq.broker import Broker, MessageProxy
+from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware, SkipMessage
 
-from contracts import dumps
+from contracts import FailureClass, dumps
 
 from . import trace
 from .keys import Keys
 from .observe import count_outcome
 from .router import full_jitter_ms
 from .settings import MeshSettings
-from .settle import RetryLater, decide, delayed_copy
+from .settle import DeadLetterIt, RetryLater, decide, delayed_copy
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class Lease:
     progress_at: float = field(default_factory=time.monotonic, compare=False)
     stuck: bool = field(default=False, compare=False)
     envelope: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: The release of a failed attempt did not reach Redis: the settlement frees the key instead.
+    release_pending: bool = field(default=False, compare=False)
+    #: Effects this attempt applied (an effectful tool returned): the attempt may not be run blindly again.
+    effects: int = field(default=0, compare=False)
+    #: An output computed by an earlier attempt whose recording Redis refused: recorded, not recomputed.
+    recorded_output: dict[str, Any] | None = field(default=None, compare=False)
 
 
 _current = threading.local()
@@ -108,10 +115,11 @@ class Idempotency(Middleware):
         except redis.RedisError as exc:
             # dramatiq would log this hook's error and run the actor anyway, unclaimed: the message
             # waits on the delay queue instead (settled once Redis answers again).
-            self._defer(message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer")
+            self._defer(broker, message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer")
             raise SkipMessage(f"{key}: no claim could be made") from None
         if verdict == b"run":
-            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token), envelope=message.args[0])
+            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token), envelope=message.args[0],
+                          recorded_output=message.options.get("mesh_output"))
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
             self._hold(lease)
@@ -126,14 +134,24 @@ class Idempotency(Middleware):
                                                      token=int(token)))
             self._quietly(pipe.execute)
             raise SkipMessage(f"{key} is done")
-        self._defer(message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
+        self._defer(broker, message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
                     route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
 
-    def _defer(self, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str, stat: str,
-               route: str) -> None:
+    def _defer(self, broker: Broker, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str,
+               stat: str, route: str) -> None:
         # Its own counter: waiting for a key's owner spends none of the router's MESH_MAX_DEFERS.
         waits = int(message.options.get("mesh_waits", 0))
+        deadline = message.args[0].get("deadline")
+        past = isinstance(deadline, int | float) and deadline * 1000 <= current_millis()
+        if past or waits >= self.settings.max_waits:
+            why = "its deadline passed" if past else f"it waited {waits} times (MESH_MAX_WAITS)"
+            failure_class = FailureClass.DEADLINE if past else FailureClass.UNKNOWN
+            entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
+                message._message, failure_class, f"{reason}: {why}", None)
+            decide(message, DeadLetterIt(entry, "dead_lettered", f"{failure_class}:dead_letter"))
+            logger.warning("message dead-lettered before running", extra={"key": key, "reason": why})
+            return
         delay_ms = full_jitter_ms(waits, DEFER_MIN_MS, DEFER_MAX_MS, random.random)
         if lease_left_ms:
             delay_ms = min(lease_left_ms + 50, delay_ms)
@@ -153,10 +171,18 @@ class Idempotency(Middleware):
         if lease is None:
             return
         self._release_hold(lease)
-        if exception is None and lease.done:
-            ok = self._call("done", lease.claim_key, lease.owner, dumps(lease.result or {}))
-        else:
-            ok = self._call("release", lease.claim_key, lease.owner)
+        try:
+            if exception is None and lease.done:
+                ok = self._call("done", lease.claim_key, lease.owner, dumps(lease.result or {}))
+            else:
+                ok = self._call("release", lease.claim_key, lease.owner, lease.token)
+        except redis.RedisError as exc:
+            # Redis is away. A success needs nothing more: its job record holds the result, and the
+            # next delivery of the key (after the lease runs out) answers as a duplicate from it.
+            # A failure's release goes with its settlement, which is retried until Redis answers.
+            lease.release_pending = exception is not None or not lease.done
+            logger.warning("claim not settled: Redis unavailable", extra={"key": lease.key, "error": str(exc)})
+            return
         if not ok:
             # Another owner holds the key now: the router must not record this attempt's failure.
             message.mesh_superseded = True  # type: ignore[attr-defined]

@@ -3,6 +3,10 @@
     rate_limited            defer: after Retry-After (+ jitter) or full-jitter backoff; no retry budget spent
     brownout, breaker open  defer to the breaker's reopen time; no retry budget spent
     brownout                bounded retries (the breaker counts it)
+    mesh_unavailable        the mesh's own Redis failed: defer, spending no retry budget; but once the
+                            attempt applied an effect it is never run blindly again: a finished
+                            handler's output rides on the deferred copy and is recorded, not
+                            recomputed; an unfinished one is dead-lettered with its job ``unknown``
     timeout                 fail fast: dead-letter (one retry where the actor's ``timeout_retries`` says so)
     invalid_output, unknown bounded retries (MESH_MAX_RETRIES), exponential backoff with full jitter
     everything else         dead-letter at once
@@ -14,6 +18,7 @@ whole policy, pure; the middleware only builds the copy or the dead letter it na
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -27,7 +32,7 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware
 
-from contracts import FailureClass, LeaseLost, State
+from contracts import FailureClass, LeaseLost, OutcomeUnrecorded, State
 from dlq.entry import Attempt, format_traceback
 
 from . import trace
@@ -35,7 +40,7 @@ from .classify import classify
 from .jobs import JobStore, fail_step
 from .observe import observe_duration, running_member
 from .settings import MeshSettings
-from .settle import DeadLetterIt, Decision, RetryLater, decide, delayed_copy
+from .settle import DeadLetterIt, Decision, JobWrite, RetryLater, decide, delayed_copy
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +89,21 @@ def route(
     timeout_retries: int,
     settings: MeshSettings,
     rng: Callable[[], float] = random.random,
+    effect_unrecorded: bool = False,
 ) -> Routing:
-    """Where a failed attempt goes: the whole routing policy, without I/O or a clock."""
+    """Where a failed attempt goes: the whole routing policy, without I/O or a clock.
+
+    ``effect_unrecorded``: the attempt applied an effect and its outcome cannot be recorded."""
     lo, hi = settings.retry_min_backoff_ms, settings.retry_max_backoff_ms
+    if failure_class is FailureClass.MESH_UNAVAILABLE:
+        if effect_unrecorded:
+            return Routing(Route.DEAD_LETTER, failure_class,
+                           reason="an effect was applied and could not be recorded: not run again blindly")
+        if defers >= settings.max_defers:
+            return Routing(Route.DEAD_LETTER, failure_class,
+                           reason=f"deferred {defers} times already (MESH_MAX_DEFERS={settings.max_defers})")
+        return _within_deadline(Routing(Route.DEFER, failure_class, full_jitter_ms(defers, lo, hi, rng)),
+                                remaining_s)
     if failure_class is FailureClass.RATE_LIMITED or (failure_class is FailureClass.BROWNOUT
                                                       and retry_after_s is not None):
         if defers >= settings.max_defers:
@@ -139,9 +156,22 @@ class FailureRouter(Middleware):
     ) -> None:
         if exception is None:
             return
+        try:
+            self._route(broker, message, exception)
+        except Exception as exc:
+            # dramatiq would log a hook's error and ack the message away: it is dead-lettered instead.
+            logger.exception("the failure could not be routed", extra={"agent": message.actor_name})
+            entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
+                message._message, FailureClass.INVALID_INPUT,
+                f"the mesh could not route this message's failure ({type(exc).__name__}: {exc}); "
+                f"it failed with {type(exception).__name__}: {exception}", format_traceback(exception))
+            decide(message, DeadLetterIt(entry, "poison", "invalid_input:dead_letter"))
+
+    def _route(self, broker: Broker, message: MessageProxy, exception: BaseException) -> None:
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
         log = {"agent": message.actor_name, "trace_id": envelope.get("trace_id"), "key": envelope.get("key"),
                "job_id": envelope.get("job_id")}
+        lease = message.__dict__.get("mesh_lease")
         if isinstance(exception, LeaseLost) or message.__dict__.get("mesh_superseded"):
             # Another owner took the key over and carries the work on. This copy is not dropped: it
             # comes back shortly, and the claim absorbs it (done: acked; still held: waits).
@@ -158,17 +188,20 @@ class FailureRouter(Middleware):
             remaining_s=deadline - current_millis() / 1000 if isinstance(deadline, int | float) else math.inf,
             timeout_retries=self._timeout_retries(broker, message) if envelope else 0,
             settings=self.settings, rng=self.rng,
+            effect_unrecorded=bool(lease and lease.effects) and not isinstance(exception, OutcomeUnrecorded),
         )
         if not envelope and routing.route is not Route.DEAD_LETTER:
             routing = Routing(Route.DEAD_LETTER, failure_class, reason="no envelope to retry with")
-        # The decision is made before any I/O: whatever happens next, the message is settled by it.
+        # The decision is made before any I/O: whatever happens next, the message is settled by it,
+        # and the job record's change goes with the settlement (retried with it until Redis answers).
         decision = self._decide(broker, message, envelope, attempt, routing, exception)
-        decide(message, decision)
+        job = self._job_write(envelope, decision, routing, exception, lease)
+        decide(message, dataclasses.replace(decision, job=job))
         logger.warning("message failed", extra={
             **log, "failure_class": str(failure_class), "route": str(routing.route), "delay_ms": routing.delay_ms,
             "attempt": attempt, "error": str(exception), "reason": routing.reason or None})
-        lease = message.__dict__.get("mesh_lease")
-        self._record(envelope, decision, routing, exception, lease, message.actor_name)
+        if lease is not None and self.jobs is not None:
+            self._observe(message.actor_name, time.monotonic() - lease.started)
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy) -> int:
         try:
@@ -191,22 +224,24 @@ class FailureRouter(Middleware):
             error=error, at=current_millis() / 1000, worker=getattr(broker, "worker_label", None),
         ).model_dump(mode="json")]
         if deferred:  # same attempt: a deferral spends no retry budget
+            extra: dict[str, Any] = (
+                {"mesh_output": exception.output} if isinstance(exception, OutcomeUnrecorded) else {})
             copy = delayed_copy(message._message, routing.delay_ms, mesh_attempts=history,
-                                mesh_defers=int(message.options.get("mesh_defers", 0)) + 1)
+                                mesh_defers=int(message.options.get("mesh_defers", 0)) + 1, **extra)
             return RetryLater(copy, routing.delay_ms, "deferred", counter)
         copy = delayed_copy(message._message, routing.delay_ms, args=({**envelope, "attempt": attempt + 1},),
                             mesh_attempts=history)
         return RetryLater(copy, routing.delay_ms, "retried", counter)
 
-    def _record(self, envelope: dict[str, Any], decision: Decision, routing: Routing, exc: BaseException,
-                lease: Any, agent: str) -> None:
-        """The failure on the job record, its trace event, and the attempt's duration, in one MULTI."""
+    def _job_write(self, envelope: dict[str, Any], decision: Decision, routing: Routing, exc: BaseException,
+                   lease: Any) -> JobWrite | None:
+        """The failure's change to the job record and its trace event, settled with the message."""
         job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
         if self.jobs is None or not isinstance(job_id, str) or not isinstance(step_id, str):
-            return
+            return None
         if isinstance(decision, RetryLater):
             state = State.FAILED
-        elif getattr(exc, "context", {}).get("effect_unknown"):
+        elif getattr(exc, "context", {}).get("effect_unknown") or routing.reason.startswith("an effect was"):
             state = State.UNKNOWN
         else:
             state = State.DEAD_LETTERED
@@ -216,15 +251,17 @@ class FailureRouter(Middleware):
         ev = trace.event(kind, envelope, worker=trace.worker_name(), at=now, failure_class=str(routing.failure_class),
                          error=error[:500], route=str(routing.route), state=str(state),
                          until=now + routing.delay_ms / 1000 if routing.route is not Route.DEAD_LETTER else None)
-        duration = time.monotonic() - lease.started if lease is not None else None
+        release = (lease.claim_key, lease.owner) if lease is not None and lease.release_pending else None
+        return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class),
+                                          token=lease.token if lease else None),
+                        events=(ev,), running_member=running_member(job_id, step_id), release=release)
 
-        def also(pipe: Any, record: Any) -> None:
-            pipe.zrem(self.jobs.keys.running, running_member(job_id, step_id))  # type: ignore[union-attr]
-            if duration is not None:
-                observe_duration(pipe, self.jobs.keys, agent, duration)  # type: ignore[union-attr]
-
+    def _observe(self, agent: str, duration: float) -> None:
+        """The attempt's duration, for the histogram: a figure, never worth failing the settlement for."""
+        assert self.jobs is not None
+        pipe = self.jobs.client.pipeline(transaction=False)
+        observe_duration(pipe, self.jobs.keys, agent, duration)
         try:
-            self.jobs.update(job_id, fail_step(step_id, state, error, str(routing.failure_class),
-                                               token=lease.token if lease else None), events=[ev], also=also)
-        except Exception:
-            logger.exception("could not record the failure on the job", extra={"job_id": job_id})
+            pipe.execute()
+        except Exception as exc:
+            logger.warning("could not record the attempt's duration", extra={"error": str(exc)})

@@ -4,13 +4,32 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis, dq_name
 from dramatiq.message import Message
 
 from dlq.entry import DeadLetter
+
+if TYPE_CHECKING:
+    from .jobs import Change
+
+
+@dataclass(frozen=True)
+class JobWrite:
+    """The job-record change an attempt's failure makes, applied by the settle script in the same
+    atomic step as the message's fate: the record and the message can never tell different stories,
+    however long Redis is away (the consumer retries the whole settlement until it goes through)."""
+
+    job_id: str
+    change: Change
+    #: Trace events (JSON objects) written with it.
+    events: tuple[dict[str, Any], ...] = ()
+    #: ``{job_id}/{step_id}``: leaves the index of running steps.
+    running_member: str | None = None
+    #: ``(claim key, owner)`` of a claim whose release did not go through: freed in the same step.
+    release: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -22,6 +41,7 @@ class RetryLater:
     stat: str = "retried"
     #: ``{failure class}:{route}``, counted in ``{ns}:routes``.
     route: str = "unknown:retry"
+    job: JobWrite | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,7 @@ class DeadLetterIt:
     entry: DeadLetter
     stat: str = "dead_lettered"
     route: str = "unknown:dead_letter"
+    job: JobWrite | None = None
 
 
 Decision = RetryLater | DeadLetterIt
@@ -59,3 +80,27 @@ def delayed_copy(message: Message, delay_ms: int, *, args: tuple[Any, ...] | Non
         args=message.args if args is None else args,
         options={"redis_message_id": str(uuid.uuid4()), "eta": current_millis() + delay_ms, **options},
     )
+
+
+#: The options the mesh writes on a message, and the JSON type each must have.
+MESH_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "mesh_defers": int, "mesh_waits": int, "mesh_replays": int, "mesh_attempts": list, "mesh_output": dict,
+}
+
+
+def options_problem(options: dict[str, Any]) -> str | None:
+    """Why the mesh's options on a message are malformed (a foreign or corrupted producer), or None.
+
+    Checked when the message is fetched: a message the mesh's own hooks could not route is poison,
+    dead-lettered with its bytes, never a hook error that dramatiq would log and ack away."""
+    for name, kind in MESH_OPTIONS.items():
+        if name not in options:
+            continue
+        value = options[name]
+        if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            return f"option {name} is {type(value).__name__} {str(value)[:40]!r}, not {kind.__name__}"  # type: ignore[union-attr]
+    for i, attempt in enumerate(options.get("mesh_attempts", ())):
+        if not (isinstance(attempt, dict) and isinstance(attempt.get("attempt"), int)
+                and isinstance(attempt.get("at"), int | float) and isinstance(attempt.get("outcome"), str)):
+            return f"option mesh_attempts[{i}] is not an attempt record"
+    return None

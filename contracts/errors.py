@@ -15,8 +15,13 @@
     ├── DeadlineExceeded            the envelope's deadline has passed   deadline
     ├── CycleDetected               hop limit hit or an agent re-entered cycle
     ├── UnknownAgent                a message names no agent of the mesh permanent
-    └── LeaseLost                   another owner took the message key over; the attempt is
-                                    superseded (acked, not retried, not dead-lettered)
+    ├── LeaseLost                   another owner took the message key over; the attempt is
+    │                               superseded (acked, not retried, not dead-lettered)
+    └── OutcomeUnrecorded           done, but the mesh's Redis refused the record mesh_unavailable
+                                    (the output is recorded on the next delivery, not recomputed)
+
+A ``redis.RedisError`` reaching the router is the mesh's own Redis failing (``mesh_unavailable``):
+dependencies' errors are raised as the classes above by the tools that call them.
 
 Each error carries its context as attributes and says whether it is terminal
 (dead-letter at once) or may be retried.
@@ -39,6 +44,8 @@ class FailureClass(StrEnum):
     INVALID_OUTPUT = "invalid_output"
     DEADLINE = "deadline"
     CYCLE = "cycle"
+    #: The mesh's own Redis failed mid-attempt: never a dependency's failure, never its budget.
+    MESH_UNAVAILABLE = "mesh_unavailable"
     UNKNOWN = "unknown"
 
 
@@ -163,3 +170,14 @@ class LeaseLost(MeshError):
         super().__init__(f"lease on {key!r} (token {token}) was taken over by another owner", key=key, token=token)
         self.key = key
         self.token = token
+
+
+class OutcomeUnrecorded(MeshError):
+    """The handler finished, but the mesh's Redis refused to record its output. The output rides on
+    the next delivery and is recorded then: the handler (and its effects) are not run again."""
+
+    failure_class = FailureClass.MESH_UNAVAILABLE
+
+    def __init__(self, message: str, output: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.output = output

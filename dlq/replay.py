@@ -62,7 +62,7 @@ def replay_message(stored: Stored, settings: MeshSettings, now: float) -> Messag
                                         args=tuple(body["args"]), kwargs=body.get("kwargs") or {}, options={})
     except (ValueError, TypeError, KeyError) as exc:
         raise NotReplayable(f"not a message that can run again ({exc.__class__.__name__}); drain or purge it") from None
-    if len(message.args) != 1 or not isinstance(message.args[0], dict):
+    if len(message.args) != 1 or not isinstance(message.args[0], dict) or not message.args[0].get("key"):
         raise NotReplayable("carries no envelope; drain or purge it")
     envelope = {**message.args[0], "attempt": 1, "deadline": now + settings.job_deadline_s,
                 "replay_of": stored.entry.entry_id}

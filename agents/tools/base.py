@@ -60,6 +60,8 @@ class ToolSpec:
     run: Tool
     #: The dependency a call reaches (for the trace and the breaker), from its arguments.
     target: Callable[[Any], str] = lambda _args: "redis"
+    #: Whether a call changes something outside the mesh: an attempt that made one is never re-run blindly.
+    effect: bool = True
 
     def dependency(self, args: Any) -> str:
         try:

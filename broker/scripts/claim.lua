@@ -7,8 +7,8 @@
 --                             {"done", token, result} it succeeded before: ack the duplicate
 --   renew                  -> 1 the lease is extended, 0 it is no longer ours
 --   done    result         -> 1 stored as done (or already done), 0 the lease was lost to another owner
---   release                -> 1 freed for the next attempt (the token is kept) or held by nobody, 0 another
---                             owner holds it
+--   release token          -> 1 freed for the next attempt (the token is kept), or already freed by this
+--                             attempt; 0 another owner holds it, freed it under a later token, or finished it
 --
 -- The fencing token only ever grows for a key, across claims, takeovers and releases. Lease times
 -- come from the Redis server's clock, so hosts need not agree on the time.
@@ -58,7 +58,10 @@ elseif command == "done" then
     return 1
 
 elseif command == "release" then
-    if state ~= "claimed" then return 1 end -- already free (a re-sent release) or done
+    -- ARGV[5]: the releasing attempt's token. Done, or free under a later token, means another owner
+    -- took the key over (and finished or failed it) meanwhile: this attempt was superseded.
+    if state == "done" then return 0 end
+    if state ~= "claimed" then return (tonumber(ARGV[5]) or token) == token and 1 or 0 end
     if not ours then return 0 end
     redis.call("hset", key, "state", "free")
     redis.call("hdel", key, "owner", "expires")

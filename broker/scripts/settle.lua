@@ -13,6 +13,9 @@
 --                                       indexes, the original is settled (route: "{class}:{route}",
 --                                       counted in {ns}:routes); with retention_ms > 0, up to 100
 --                                       entries older than that are removed and counted
+--   retry and dead take one more argument, the job-record change of the failed attempt (JSON, see
+--   apply_job below, or ""): it lands in the same step as the message's fate, and a record that
+--   changed since the caller read it is refused before anything is written (-1: read and retry)
 --   requeue   id                     -> an unsettled message goes back to the head of its queue
 --   reclaim   keep_id...             -> every message this worker holds on the queue except
 --                                       keep_id... goes back to the head of the queue
@@ -76,6 +79,44 @@ local function push_back(id)
     end
 end
 
+-- The job-record change of a failed attempt (broker/settle.py JobWrite): {"job": key, "sha": sha1
+-- of the record it was computed from, "new": the record (absent: unchanged), "ttl": s (absent: keep
+-- the record's), "trace": key, "maxlen": n, "events": [...], "running": key, "member": ..., "claim":
+-- key, "owner": ...}.
+local function job_of(arg)
+    if not arg or arg == "" then return nil end
+    return cjson.decode(arg)
+end
+
+local function job_conflict(job)
+    if not job or not job.new then return false end
+    local cur = redis.call("get", job.job)
+    return (cur and redis.sha1hex(cur) or "") ~= job.sha
+end
+
+local function apply_job(job)
+    if not job then return end
+    if job.new then
+        if job.ttl then
+            redis.call("set", job.job, job.new, "EX", job.ttl)
+        else
+            redis.call("set", job.job, job.new, "KEEPTTL")
+        end
+    end
+    for _, ev in ipairs(job.events or {}) do
+        redis.call("xadd", job.trace, "MAXLEN", "~", job.maxlen, "*", "e", ev)
+    end
+    if job.ttl and job.trace then redis.call("expire", job.trace, job.ttl) end
+    if job.member then redis.call("zrem", job.running, job.member) end
+    if job.claim then
+        local c = redis.call("hmget", job.claim, "state", "owner")
+        if c[1] == "claimed" and c[2] == job.owner then
+            redis.call("hset", job.claim, "state", "free")
+            redis.call("hdel", job.claim, "owner", "expires")
+        end
+    end
+end
+
 if command == "fetch" then
     reap()
     local n = tonumber(ARGV[6])
@@ -99,8 +140,10 @@ elseif command == "heartbeat" then
 
 elseif command == "retry" then
     local id, new_id, new_data, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+    local job = job_of(ARGV[11])
+    if job_conflict(job) and redis.call("hexists", msgs_key, id) == 1 then return -1 end
     -- Safe to run twice (a re-sent ack after a lost reply, even once the copy has moved on): only
-    -- the call that settles the original pushes the copy and counts it.
+    -- the call that settles the original pushes the copy, counts it and writes the job record.
     redis.call("srem", acks, id)
     if redis.call("hdel", msgs_key, id) == 1 then
         redis.call("hsetnx", queue_key .. ".DQ.msgs", new_id, new_data)
@@ -108,6 +151,7 @@ elseif command == "retry" then
         redis.call("hincrby", ns .. ":stats", stat, 1)
         redis.call("hincrby", ns .. ":routes", ARGV[10], 1)
         redis.call("hincrby", ns .. ":outcomes", queue .. ":" .. stat, 1)
+        apply_job(job)
     end
     return 1
 
@@ -115,16 +159,22 @@ elseif command == "dead" then
     local id, entry_id, entry, raw, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
     local agent, class, retention = ARGV[12], ARGV[13], tonumber(ARGV[14])
     local dlq = ns .. ":dlq"
-    -- Safe to run twice: only the call that settles the original writes the entry and counts it.
+    local job = job_of(ARGV[15])
+    if job_conflict(job) and redis.call("hexists", msgs_key, id) == 1 then return -1 end
+    -- Safe to run twice: only the call that settles the original writes the entry, counts it and
+    -- writes the job record.
     redis.call("srem", acks, id)
-    if redis.call("hdel", msgs_key, id) == 1 and redis.call("zadd", dlq, "NX", now, entry_id) == 1 then
-        redis.call("hset", dlq .. ":" .. entry_id, "entry", entry, "raw", raw, "agent", agent, "class", class)
-        redis.call("zadd", dlq .. ".agent:" .. agent, now, entry_id)
-        redis.call("sadd", dlq .. ".agents", agent)
-        redis.call("zadd", dlq .. ".class:" .. class, now, entry_id)
-        redis.call("hincrby", ns .. ":stats", stat, 1)
-        redis.call("hincrby", ns .. ":routes", ARGV[11], 1)
-        redis.call("hincrby", ns .. ":outcomes", queue .. ":" .. stat, 1)
+    if redis.call("hdel", msgs_key, id) == 1 then
+        if redis.call("zadd", dlq, "NX", now, entry_id) == 1 then
+            redis.call("hset", dlq .. ":" .. entry_id, "entry", entry, "raw", raw, "agent", agent, "class", class)
+            redis.call("zadd", dlq .. ".agent:" .. agent, now, entry_id)
+            redis.call("sadd", dlq .. ".agents", agent)
+            redis.call("zadd", dlq .. ".class:" .. class, now, entry_id)
+            redis.call("hincrby", ns .. ":stats", stat, 1)
+            redis.call("hincrby", ns .. ":routes", ARGV[11], 1)
+            redis.call("hincrby", ns .. ":outcomes", queue .. ":" .. stat, 1)
+        end
+        apply_job(job)
     end
     if retention > 0 then
         -- Retention is explicit and counted: nothing leaves the DLQ silently.

@@ -19,6 +19,7 @@ from contracts.errors import (
     IllegalTransition,
     InvalidOutput,
     LeaseLost,
+    OutcomeUnrecorded,
     MeshError,
     PermanentFailure,
     PoisonMessage,
@@ -43,13 +44,14 @@ EXPECTED: dict[str, tuple[FailureClass, bool]] = {
     "ToolRefused": (FailureClass.PERMANENT, True),
     "IllegalTransition": (FailureClass.PERMANENT, True),
     "DeadlineExceeded": (FailureClass.DEADLINE, True),
+    "OutcomeUnrecorded": (FailureClass.MESH_UNAVAILABLE, False),
     "CycleDetected": (FailureClass.CYCLE, True),
     "UnknownAgent": (FailureClass.PERMANENT, True),
     "LeaseLost": (FailureClass.UNKNOWN, False),
     "BreakerOpen": (FailureClass.BROWNOUT, False),  # not routed by class: the router acks it as superseded
 }
 RETRYABLE_CLASSES = {FailureClass.RATE_LIMITED, FailureClass.BROWNOUT, FailureClass.INVALID_OUTPUT,
-                     FailureClass.UNKNOWN}
+                     FailureClass.UNKNOWN, FailureClass.MESH_UNAVAILABLE}
 
 INSTANCES: dict[str, MeshError] = {
     "MeshError": MeshError("m"),
@@ -67,6 +69,7 @@ INSTANCES: dict[str, MeshError] = {
     "CycleDetected": CycleDetected("loop"),
     "UnknownAgent": UnknownAgent("poet", ["executor", "planner"]),
     "LeaseLost": LeaseLost("k-1", 3),
+    "OutcomeUnrecorded": OutcomeUnrecorded("no record", {"ok": True}),
     "BreakerOpen": BreakerOpen("model:443", 2.5, "open"),
 }
 
