@@ -47,8 +47,8 @@ def start(env: Envelope, token: int) -> Change:
         step = record.steps.get(env.step_id) or StepRecord(
             step_id=env.step_id, agent=env.agent, key=env.key, input=env.payload
         )
-        if step.state in TERMINAL:
-            return record, []
+        if step.state in TERMINAL or (step.state is State.RUNNING and step.token == token):
+            return record, []  # finished, or this attempt's pick-up already written (a re-sent update)
         step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1,
                           token=token)
         record = record.with_step(step)

@@ -23,7 +23,7 @@ from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
-from contracts import FailureClass, JobRecord, dumps, loads
+from contracts import FailureClass, JobRecord, State, dumps, loads
 from dlq.entry import DeadLetter, format_traceback
 
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
@@ -65,6 +65,12 @@ class MeshConsumer(_RedisConsumer):
             decision = self._unrouted(message)
         rid = message.options["redis_message_id"]
         try:
+            if decision is not None and decision.job is not None and self._recorded_success(decision.job):
+                # The failure struck after this attempt's success was written (a time limit landing
+                # after EXEC): the record is the truth, and the message is done.
+                logger.warning("attempt failed after its success was recorded: settled as done",
+                               extra={"job_id": decision.job.job_id, "step_id": decision.job.step_id})
+                decision = None
             if isinstance(decision, RetryLater):
                 new = decision.message
                 self._settle_job("retry", decision.job, rid, new.options["redis_message_id"], new.encode(),
@@ -99,6 +105,15 @@ class MeshConsumer(_RedisConsumer):
         decision = DeadLetterIt(entry, "poison", "invalid_input:dead_letter")
         decide(message, decision)
         return decision
+
+    def _recorded_success(self, job: JobWrite) -> bool:
+        if job.token is None or job.step_id is None:
+            return False
+        data = self.broker.client.get(self.broker.keys.job(job.job_id))
+        if data is None:
+            return False
+        step = JobRecord.model_validate(loads(data)).steps.get(job.step_id)
+        return step is not None and step.state is State.SUCCEEDED and step.token == job.token
 
     def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any) -> None:
         """Settle with the job-record change in the same script; a record changed meanwhile by

@@ -48,7 +48,8 @@ class JobStore:
         With ``fence``, the change lands only while that lease still holds its key: an attempt
         whose key was taken over raises LeaseLost and writes nothing. ``events`` (trace events)
         and whatever ``also`` stages (counters) land in the same MULTI, and every message the
-        change sends is traced as ``enqueued``.
+        change sends is traced as ``enqueued``. A change that leaves the record as it is writes
+        nothing at all, so re-sending an update that already landed is harmless.
         """
         key = self.keys.job(job_id)
         watched = (key,) if fence is None else (key, fence.claim_key)
@@ -61,7 +62,12 @@ class JobStore:
             data = pipe.get(key)
             if data is None:
                 raise JobNotFound(job_id)
-            record, messages = change(JobRecord.model_validate(loads(data)))
+            current = JobRecord.model_validate(loads(data))
+            record, messages = change(current)
+            if record is current and not messages:
+                # Nothing to write: the change was already applied (a transaction re-sent after its
+                # reply was lost), so its events and counters are not staged a second time.
+                return record
             pipe.multi()
             pipe.set(key, dumps(record))
             stage_all(pipe, self.keys, messages)

