@@ -36,7 +36,9 @@ The mesh's own:
     {ns}:dlq.audit                    stream, capped: who did what to which entry, when
     {ns}:note:{effect_id}             JSON note written by the ``note`` tool
     {ns}:notes                        zset effect id -> written time (s)
-    {ns}:stats                        hash of counters (duplicates, dead letters, poison, ...)
+    {ns}:stats                        hash of counters (duplicates, dead letters, poison, ...); its field
+                                      ``fence`` is the last fencing token a claim took (claim.lua): never
+                                      reset it, or tokens would repeat
 """
 
 from __future__ import annotations

@@ -164,7 +164,9 @@ def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Midd
 
 def build_broker(settings: MeshSettings, *, client: redis.Redis | None = None) -> MeshBroker:
     """A broker for ``settings``, installed as dramatiq's global broker with the orjson encoder.
-    ``client`` (default: a new one) serves the middleware's claims and job records."""
+    ``client`` (default: a new one) serves the middleware's claims and job records. The encoder is
+    the process's, shared with dramatiq's result backends: it takes any JSON value (see
+    :class:`~contracts.OrjsonEncoder`)."""
     dramatiq.set_encoder(OrjsonEncoder())
     broker = MeshBroker(settings, records=client or records_client(settings.redis_url))
     dramatiq.set_broker(broker)

@@ -1,4 +1,4 @@
-"""orjson everywhere: the dramatiq message encoder and the helpers for records."""
+"""orjson everywhere: the dramatiq encoder and the helpers for records."""
 
 from __future__ import annotations
 
@@ -30,16 +30,20 @@ def _default(value: Any) -> Any:
 
 
 class OrjsonEncoder(Encoder):
-    """dramatiq ``Encoder`` over orjson; never pickle."""
+    """dramatiq ``Encoder`` over orjson; never pickle.
+
+    dramatiq has one encoder per process, used for messages and by its result backends alike, so
+    this takes any JSON value, as dramatiq's ``JSONEncoder`` does: a result may be ``42`` or
+    ``None``. A queue message must still be an object: ``Message.decode`` fails on anything else
+    with a ``DecodeError``, and the mesh's consumer dead-letters it as poison.
+    """
 
     def encode(self, data: MessageData) -> bytes:
-        return dumps(data)
+        # Keys that are not strings become strings, as with the stdlib json dramatiq uses by default.
+        return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
 
     def decode(self, data: bytes) -> MessageData:
         try:
-            decoded = orjson.loads(data)
+            return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise DecodeError(f"message is not JSON: {exc}", data, exc) from None
-        if not isinstance(decoded, dict):
-            raise DecodeError("message is not a JSON object", data, TypeError(type(decoded).__name__))
-        return decoded
+            raise DecodeError(f"not JSON: {exc}", data, exc) from None

@@ -2,7 +2,7 @@
 --
 -- claim(keys=[claim_key, stats_key], args=[command, owner, lease_ms, ttl_s, ...])
 --
---   claim                  -> {"run", token} claimed (token + 1; a takeover if a lease had expired)
+--   claim                  -> {"run", token} claimed with a new token (a takeover if a lease had expired)
 --                             {"busy", token, expires_in_ms} a live owner holds it: defer the duplicate
 --                             {"done", token, result} it succeeded before: ack the duplicate
 --   renew                  -> 1 the lease is extended, 0 it is no longer ours
@@ -10,8 +10,12 @@
 --   release token          -> 1 freed for the next attempt (the token is kept), or already freed by this
 --                             attempt; 0 another owner holds it, freed it under a later token, or finished it
 --
--- The fencing token only ever grows for a key, across claims, takeovers and releases. Lease times
--- come from the Redis server's clock, so hosts need not agree on the time.
+-- Fencing tokens come from one counter per deployment, the field "fence" of the stats hash: every
+-- claim that runs (the first, after a release, a takeover, and a claim made once the key's hash has
+-- expired after the dedup window) takes the next value. So a key's token only ever grows, even
+-- across the expiry that forgets the key, and no two claims in a deployment share a token; an
+-- endpoint may compare tokens per key. (Tokens are not dense per key.) Lease times come from the
+-- Redis server's clock, so hosts need not agree on the time.
 
 local key, stats = KEYS[1], KEYS[2]
 local command, owner = ARGV[1], ARGV[2]
@@ -39,7 +43,12 @@ if command == "claim" then
         end
         redis.call("hincrby", stats, "takeovers", 1)
     end
-    token = token + 1
+    local fence = redis.call("hincrby", stats, "fence", 1)
+    if fence <= token then -- a claim older than the counter: move the counter past it
+        fence = token + 1
+        redis.call("hset", stats, "fence", fence)
+    end
+    token = fence
     redis.call("hset", key, "state", "claimed", "owner", owner, "token", token, "expires", now + lease_ms)
     redis.call("expire", key, ttl_s)
     return {"run", token}

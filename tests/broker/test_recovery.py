@@ -54,6 +54,6 @@ def test_killed_workers_in_flight_messages_are_processed_by_the_survivor_within_
         for key, n in repeats.items():
             tokens = [int(r["headers"]["x-mesh-fencing-token"]) for r in hook.requests
                       if r["headers"]["idempotency-key"] == key]
-            assert tokens == list(range(1, n + 1)), (key, tokens)
+            assert tokens == sorted(set(tokens)) and len(tokens) == n, (key, tokens)
         assert client.queues()["executor"] == {"ready": 0, "delayed": 0, "in_flight": 0}
         print(f"recovered and finished {len(refs)} jobs {recovered_in:.1f}s after SIGKILL (held {held})")

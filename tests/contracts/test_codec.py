@@ -53,9 +53,22 @@ def test_decode_refuses_pickled_payload() -> None:
 
 
 @pytest.mark.parametrize("data", [b"[1, 2]", b'"text"', b"42", b"null", b"true"])
-def test_decode_of_json_that_is_not_an_object_raises_decode_error(data: bytes) -> None:
-    with pytest.raises(DecodeError, match="not a JSON object"):
-        OrjsonEncoder().decode(data)
+def test_a_message_that_is_json_but_not_an_object_raises_decode_error(data: bytes) -> None:
+    dramatiq.set_encoder(OrjsonEncoder())
+    with pytest.raises(DecodeError):
+        dramatiq.Message.decode(data)
+
+
+@pytest.mark.parametrize("value", [[1, 2], "text", 42, 1.5, None, True, {"a": None}])
+def test_encoder_round_trips_any_json_value_as_result_backends_need(value: object) -> None:
+    encoder = OrjsonEncoder()
+    assert encoder.decode(encoder.encode(value)) == value
+
+
+def test_encoder_writes_non_string_keys_as_strings_like_dramatiqs_json_encoder() -> None:
+    data = {1: "a", None: "b"}
+    assert OrjsonEncoder().decode(OrjsonEncoder().encode(data)) == dramatiq.JSONEncoder().decode(
+        dramatiq.JSONEncoder().encode(data)) == {"1": "a", "null": "b"}
 
 
 def test_dumps_handles_pydantic_model() -> None:

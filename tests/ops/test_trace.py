@@ -82,7 +82,7 @@ def test_trace_json_of_a_submitted_goal_shows_every_step_enqueued_picked_up_prog
         enqueued, picked_up, *_, succeeded = evs
         assert enqueued["queue"] == record.steps[step_id].agent
         assert enqueued.get("by") == ("client" if step_id == "plan" else None)
-        assert picked_up["attempt"] == 1 and picked_up["token"] == 1
+        assert picked_up["attempt"] == 1 and picked_up["token"] >= 1
         # One attempt, run by one worker from pick-up to success.
         assert len({e["worker"] for e in evs[1:]}) == 1
         assert [e["progress"] for e in evs if e["event"] == "progress"] == [1]
