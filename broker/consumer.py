@@ -96,13 +96,13 @@ class MeshConsumer(_RedisConsumer):
         self.settled.set()
 
     def _unrouted(self, message: MessageProxy) -> DeadLetterIt:
+        from .router import unroutable
+
         exc = message._exception
         logger.error("failed message left without a decision: dead-lettered",
                      extra={"queue": self.queue_name, "message_id": message.message_id})
-        entry = self.broker.dead_letter_entry(
-            message._message, FailureClass.INVALID_INPUT,
-            f"the mesh could not route this failure ({type(exc).__name__}: {exc})", format_traceback(exc))
-        decision = DeadLetterIt(entry, "poison", "invalid_input:dead_letter")
+        decision = unroutable(self.broker, message, f"the mesh could not route this failure "
+                                                    f"({type(exc).__name__}: {exc})")
         decide(message, decision)
         return decision
 
@@ -185,7 +185,7 @@ class MeshConsumer(_RedisConsumer):
                     raise DecodeError("not a dramatiq message", data, TypeError("bad field types"))
                 problem = options_problem(message.options)
                 if problem:
-                    raise DecodeError(f"malformed mesh options: {problem}", data, ValueError(problem))
+                    raise DecodeError("malformed mesh options", data, ValueError(f"malformed mesh options: {problem}"))
             except DecodeError as exc:
                 self._poison(rid, data, exc)
                 continue

@@ -131,6 +131,28 @@ def _within_deadline(routing: Routing, remaining_s: float) -> Routing:
                           f"deadline in {max(remaining_s, 0):.1f}s")
 
 
+def unroutable(broker: Broker, message: MessageProxy, error: str) -> DeadLetterIt:
+    """A dead letter (``invalid_input``, with the raw bytes) for a failed message the mesh's own
+    hooks could not route, and its step's record to match: never acked away, never left running."""
+    exc = message.__dict__.get("_exception")
+    entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
+        message._message, FailureClass.INVALID_INPUT, error, format_traceback(exc))
+    envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
+    job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
+    job = None
+    if isinstance(job_id, str) and isinstance(step_id, str):
+        lease = message.__dict__.get("mesh_lease")
+        token = lease.token if lease else None
+        ev = trace.event("dead_lettered", envelope, worker=trace.worker_name(),
+                         failure_class=str(FailureClass.INVALID_INPUT), error=error[:500], route="dead_letter",
+                         state=str(State.DEAD_LETTERED))
+        job = JobWrite(job_id, fail_step(step_id, State.DEAD_LETTERED, error, str(FailureClass.INVALID_INPUT),
+                                         token=token),
+                       step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+                       release=(lease.claim_key, lease.owner) if lease and lease.release_pending else None)
+    return DeadLetterIt(entry, "poison", "invalid_input:dead_letter", job=job)
+
+
 class FailureRouter(Middleware):
     """Decides each failed message's fate by its class, before any I/O; the consumer applies it."""
 
@@ -161,11 +183,9 @@ class FailureRouter(Middleware):
         except Exception as exc:
             # dramatiq would log a hook's error and ack the message away: it is dead-lettered instead.
             logger.exception("the failure could not be routed", extra={"agent": message.actor_name})
-            entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
-                message._message, FailureClass.INVALID_INPUT,
-                f"the mesh could not route this message's failure ({type(exc).__name__}: {exc}); "
-                f"it failed with {type(exception).__name__}: {exception}", format_traceback(exception))
-            decide(message, DeadLetterIt(entry, "poison", "invalid_input:dead_letter"))
+            decide(message, unroutable(broker, message, f"the mesh could not route this message's failure "
+                                       f"({type(exc).__name__}: {exc}); it failed with "
+                                       f"{type(exception).__name__}: {exception}"))
 
     def _route(self, broker: Broker, message: MessageProxy, exception: BaseException) -> None:
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}

@@ -56,6 +56,7 @@ if command == "claim" then
 elseif command == "renew" then
     if not ours then return 0 end
     redis.call("hset", key, "expires", now + lease_ms)
+    redis.call("expire", key, ttl_s) -- a handler running past the dedup window keeps its claim
     return 1
 
 elseif command == "done" then
