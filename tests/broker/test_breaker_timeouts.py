@@ -13,6 +13,7 @@ from conftest import wait_for
 
 from agents.tools.base import ToolContext
 from agents.tools.http_post import http_post
+from broker import MeshClient, MeshSettings
 from broker.breaker import Breakers
 from broker.keys import Keys
 from broker.router import Route, route
@@ -70,8 +71,6 @@ def test_timeouts_and_brownouts_count_together_and_a_timeout_is_not_deferred(mak
 
 
 def test_an_open_breaker_defers_in_a_window_that_grows_with_the_wait():
-    from broker.settings import MeshSettings
-
     s = MeshSettings()
     rng = random.Random(7)
 
@@ -106,8 +105,6 @@ def test_messages_deferred_on_an_open_breaker_come_back_spread_over_a_window(mak
         [state] = breakers.list()
         assert state.state == "open" and state.reopen_at is not None
         start_worker(settings, ("executor",))
-        from broker import MeshClient
-
         client = MeshClient(settings, client=rclient)
         client.send_many("executor", [({"tool": "http_post", "args": {"url": server.url()}}, f"herd-{i}")
                                       for i in range(n)])
