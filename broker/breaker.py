@@ -1,12 +1,16 @@
 """Circuit breakers shared by the whole fleet through Redis, one per dependency.
 
-    closed ──(MESH_BREAKER_FAILURES brownouts within MESH_BREAKER_WINDOW_S)──► open
+    closed ──(MESH_BREAKER_FAILURES brownouts or timeouts within MESH_BREAKER_WINDOW_S)──► open
     open ──(MESH_BREAKER_COOLDOWN_S passes)──► half_open: exactly one probe call, fleet-wide
     half_open ──probe succeeds──► closed     half_open ──probe fails──► open, cool-down doubled (capped)
 
 While a breaker is open no worker calls the dependency: the call raises BreakerOpen with the
 time left, and the router defers the message to the reopen time. Each transition is one call of
 ``scripts/breaker.lua``.
+
+Timeouts count: a dependency that hangs is the usual shape of overload, and without the breaker
+every message would wait out the full timeout on it. The timed-out message itself still fails
+fast (its route is the timeout's); only the breaker counts it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
+import httpx
 import redis
+from dramatiq.middleware import TimeLimitExceeded
 
 from contracts import BreakerOpen, Brownout, DependencyTimeout
 
@@ -30,6 +36,10 @@ logger = logging.getLogger(__name__)
 BREAKER_LUA = resources.files("broker").joinpath("scripts/breaker.lua").read_text()
 
 T = TypeVar("T")
+
+#: Failures that count against a dependency's breaker: it is down (brownout) or it hangs (timeout;
+#: the time limit cutting a call short is a timeout the dependency did not answer within).
+COUNTED = (Brownout, DependencyTimeout, httpx.TimeoutException, TimeLimitExceeded)
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,8 @@ class Breakers:
     def call(self, dependency: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` (one call to ``dependency``) if its breaker admits it, and record the outcome.
 
-        Brownouts count against the breaker; once it is open the Brownout carries the time to
-        the reopen, so the message waits for it. A probe's timeout counts as a failure too; any
+        Brownouts and timeouts count against the breaker; once it is open a Brownout carries the
+        time to the reopen, so the message waits for it (a timeout keeps its fail-fast route). Any
         other outcome of a probe means the dependency answered, which closes the breaker.
         """
         owner = uuid.uuid4().hex
@@ -78,21 +88,20 @@ class Breakers:
         probe = state == "probe"
         try:
             result = fn()
-        except (Brownout, DependencyTimeout) as exc:
-            if isinstance(exc, Brownout) or probe:
-                after, wait_ms = self._call("failure", dependency, owner, str(exc))
-                if after != b"closed" and isinstance(exc, Brownout):
-                    exc.retry_after_s = int(wait_ms) / 1000
-                if after == b"open":
-                    logger.warning("circuit breaker open", extra={"dependency": dependency,
-                                                                   "reopen_in_s": int(wait_ms) / 1000})
+        except COUNTED as exc:
+            after, wait_ms = self._call("failure", dependency, owner, str(exc) or type(exc).__name__)
+            if after != b"closed" and isinstance(exc, Brownout):
+                exc.retry_after_s = int(wait_ms) / 1000
+            if after == b"open":
+                logger.warning("circuit breaker open", extra={"dependency": dependency,
+                                                               "reopen_in_s": int(wait_ms) / 1000})
             raise
         except Exception:
             if probe:  # the dependency answered (a 4xx, a bad body): it is up
                 self._call("success", dependency, owner)
             raise
         except BaseException as exc:
-            if probe:  # stopped (time limit, shutdown) before any answer: not proof it is up
+            if probe:  # stopped (shutdown) before any answer: not proof it is up
                 self._call("failure", dependency, owner, f"probe interrupted: {type(exc).__name__}")
             raise
         if probe:

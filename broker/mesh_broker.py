@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -30,6 +31,18 @@ from .settings import MeshSettings
 
 SETTLE_LUA = resources.files("broker").joinpath("scripts/settle.lua").read_text()
 
+#: dramatiq's dispatch.lua writes the caller's timestamp (ARGV[2]) as the worker's heartbeat on
+#: every command (enqueue, ack, requeue, ...), and a heartbeat from a skewed host either gets a
+#: live worker reaped (behind) or keeps a dead one alive (ahead). The mesh runs dramatiq's own
+#: script with this prelude, which puts the Redis server's clock in ARGV[2] before the script reads
+#: it. Chosen over routing the commands through settle.lua or a copy of dispatch.lua: every command
+#: is covered, the script stays the installed dramatiq's, and no TIME round trip is added. (The
+#: delay queue's due time is the message's own ``eta``, which the script does not read.)
+SERVER_CLOCK_PRELUDE = """local mesh_t = redis.call("time")
+ARGV[2] = tonumber(mesh_t[1]) * 1000 + math.floor(tonumber(mesh_t[2]) / 1000)
+"""
+DISPATCH_LUA = SERVER_CLOCK_PRELUDE + resources.files("dramatiq.brokers").joinpath("redis/dispatch.lua").read_text()
+
 
 class MeshBroker(RedisBroker):
     """dramatiq's Redis broker with the mesh's consumer, settle script and key layout."""
@@ -41,6 +54,7 @@ class MeshBroker(RedisBroker):
         client: redis.Redis | None = None,
         records: redis.Redis | None = None,
         middleware: list[Middleware] | None = None,
+        clock: Callable[[], int] = current_millis,
     ) -> None:
         client = client or queue_client(settings.redis_url)
         #: The connection for claims and job records (``client`` is for fetching and settling).
@@ -54,8 +68,11 @@ class MeshBroker(RedisBroker):
             client=client,
         )
         self.settings = settings
+        #: This host's clock (ms), sent where dramatiq's script layout has the caller's timestamp.
+        self.clock = clock
         self.keys = Keys(settings.namespace)
         self.scripts["settle"] = self.client.register_script(SETTLE_LUA)
+        self.scripts["dispatch"] = self.client.register_script(DISPATCH_LUA)
         self.host = socket.gethostname()
         self.pid = os.getpid()
         #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
@@ -69,6 +86,18 @@ class MeshBroker(RedisBroker):
             wake(pipe, self.keys, queue_name)
             pipe.execute()
         return result
+
+    def _dispatch(self, command: str) -> Callable[..., Any]:
+        """dramatiq's dispatch (see SERVER_CLOCK_PRELUDE), sending this broker's clock as the caller's
+        timestamp, which the script replaces with the server's."""
+        dispatch, keys = self.scripts["dispatch"], [self.namespace]
+
+        def do_dispatch(queue_name: str, *args: Any) -> Any:
+            return dispatch(keys=keys, args=[
+                command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, self.dead_message_ttl,
+                self._should_do_maintenance(command), self._max_unpack_size(), *args])
+
+        return do_dispatch
 
     def wait_for_work(self, queue_name: str, timeout_s: float) -> bool:
         """Block until a wake-up token for ``queue_name`` arrives or ``timeout_s`` passes."""
@@ -87,7 +116,7 @@ class MeshBroker(RedisBroker):
         """Run one command of ``settle.lua`` for this worker on ``queue_name``."""
         return self.scripts["settle"](
             keys=[self.namespace],
-            args=[command, current_millis(), queue_name, self.broker_id, self.heartbeat_timeout, *args],
+            args=[command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, *args],
         )
 
     def dead_letter_entry(

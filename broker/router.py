@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 #: Jitter added to a wait the dependency named (Retry-After, a breaker's reopen time), in ms.
 NAMED_WAIT_JITTER_MS = 250
 
+#: Messages an open breaker defers come back spread over this fraction of the wait (never less than
+#: NAMED_WAIT_JITTER_MS, at most BREAKER_SPREAD_MAX_MS), so a closing breaker meets no herd.
+BREAKER_SPREAD = 0.5
+BREAKER_SPREAD_MAX_MS = 60_000
+
 #: How long a superseded attempt's copy waits before the claim decides its fate (ms, jittered up to twice).
 SUPERSEDED_WAIT_MS = 1_000
 
@@ -93,7 +98,16 @@ def route(
 ) -> Routing:
     """Where a failed attempt goes: the whole routing policy, without I/O or a clock.
 
-    ``effect_unrecorded``: the attempt applied an effect and its outcome cannot be recorded."""
+    ``effect_unrecorded``: the attempt applied an effect and its outcome cannot be recorded.
+
+    A wait the dependency named gets a uniform jitter on top. For a Retry-After that is up to
+    NAMED_WAIT_JITTER_MS. For an open breaker (a brownout with a wait) it is a window of
+    BREAKER_SPREAD of the wait, at least NAMED_WAIT_JITTER_MS and at most BREAKER_SPREAD_MAX_MS:
+    every message deferred during a cool-down is due at the same reopen time, and a quarter second
+    would bring them all back at once onto a dependency that just recovered (and onto its one
+    probe). A long cool-down spreads them over seconds; the window never pushes a message past its
+    deadline when the reopen time itself is within it (down to the old quarter second).
+    """
     lo, hi = settings.retry_min_backoff_ms, settings.retry_max_backoff_ms
     if failure_class is FailureClass.MESH_UNAVAILABLE:
         if effect_unrecorded:
@@ -110,7 +124,11 @@ def route(
             return Routing(Route.DEAD_LETTER, failure_class,
                            reason=f"deferred {defers} times already (MESH_MAX_DEFERS={settings.max_defers})")
         if retry_after_s is not None:
-            delay = int(retry_after_s * 1000 + rng() * NAMED_WAIT_JITTER_MS)
+            wait_ms, window_ms = retry_after_s * 1000, float(NAMED_WAIT_JITTER_MS)
+            if failure_class is FailureClass.BROWNOUT:
+                window_ms = min(max(window_ms, BREAKER_SPREAD * wait_ms), BREAKER_SPREAD_MAX_MS,
+                                max(window_ms, remaining_s * 1000 - wait_ms - 1))
+            delay = int(wait_ms + rng() * window_ms)
         else:
             delay = full_jitter_ms(defers, lo, hi, rng)
         return _within_deadline(Routing(Route.DEFER, failure_class, delay), remaining_s)

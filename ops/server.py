@@ -4,7 +4,6 @@ at least one worker heartbeats)."""
 from __future__ import annotations
 
 import logging
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
@@ -39,8 +38,10 @@ def make_server(client: MeshClient, host: str, port: int) -> ThreadingHTTPServer
         def _ready(self) -> None:
             timeout_s = client.settings.heartbeat_timeout_s
             try:
-                client.redis.ping()
-                live = client.redis.zcount(client.keys.heartbeats, (time.time() - timeout_s) * 1000, "+inf")
+                # Heartbeats are the Redis server's clock (settle.lua), so "recent" is judged by it too.
+                secs, micros = client.redis.time()
+                live = client.redis.zcount(client.keys.heartbeats, secs * 1000 + micros // 1000 - timeout_s * 1000,
+                                           "+inf")
             except redis.RedisError as exc:
                 self._send(503, "application/json", orjson.dumps({"status": "not ready", "redis": str(exc)}))
                 return

@@ -2,7 +2,7 @@
 -- Each command is one atomic step, so no crash or lost connection can leave a message
 -- both settled and pending, or neither.
 --
--- settle(keys=[namespace], args=[command, now_ms, queue, worker_id, heartbeat_timeout_ms, ...])
+-- settle(keys=[namespace], args=[command, caller_ms (unused), queue, worker_id, heartbeat_timeout_ms, ...])
 --
 --   fetch     n                      -> {id1, data1, id2, data2, ...}
 --   heartbeat                        -> 1
@@ -25,9 +25,12 @@
 
 local ns = KEYS[1]
 local command = ARGV[1]
--- The caller's clock, as in dramatiq's dispatch.lua, which writes the same heartbeats: hosts'
--- clocks must agree to well within the heartbeat timeout.
-local now = tonumber(ARGV[2])
+-- The Redis server's clock, never the caller's (ARGV[2], kept for dramatiq's argument layout):
+-- heartbeats, reaping and DLQ times are compared across hosts, and one skewed host must neither
+-- make live workers look dead nor keep dead ones looking alive. (Redis 7 replicates scripts by
+-- their effects, so TIME may be read before writing.)
+local t = redis.call("time")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local queue = ARGV[3]
 local worker = ARGV[4]
 local heartbeat_timeout = tonumber(ARGV[5])

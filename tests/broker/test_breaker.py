@@ -96,11 +96,18 @@ def test_a_probe_that_times_out_reopens_but_a_probe_answered_with_400_closes(bre
     assert state(breakers).state == "closed"
 
 
-def test_timeouts_and_permanent_errors_do_not_count_against_a_closed_breaker(breakers):
+def test_permanent_errors_do_not_count_against_a_closed_breaker(breakers):
     for _ in range(5):
-        fail(breakers, DependencyTimeout("slow", dependency=DEP))
         fail(breakers, PermanentFailure("400"))
     assert breakers.list() == []  # no breaker was ever needed
+
+
+def test_timeouts_count_against_a_closed_breaker_like_brownouts(breakers):
+    fail(breakers, DependencyTimeout("slow", dependency=DEP))
+    fail(breakers)
+    assert (state(breakers).state, state(breakers).failures) == ("closed", 2)
+    fail(breakers, DependencyTimeout("slow", dependency=DEP))
+    assert state(breakers).state == "open"
 
 
 def test_a_probe_whose_worker_died_frees_its_slot_after_the_probe_ttl(make_settings, rclient):
