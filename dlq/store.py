@@ -113,13 +113,13 @@ class DeadLetterStore:
         newest = self.client.zrevrangebyscore(index, hi, lo, start=0, num=1, withscores=True)
         if not newest:
             return
-        end_id, end_score = newest[0]
+        end_id, end_score = newest[0][0], newest[0][1]
         after: tuple[Any, Any] = (lo, "")
         while True:
             rows = self._walk(keys=[index], args=[*after, end_score, end_id, batch])
             if not rows:
                 return
-            after = (rows[-1], rows[-2])
+            after = (rows[-1], rows[-2])  # (score, id) of the last entry read
             matching = [s for s in self._fetch(rows[0::2]) if flt.matches(s.entry)]
             if matching:
                 yield matching

@@ -14,7 +14,7 @@ TRACEBACK = "".join(f'  File "/srv/mesh/agents/module_{i}.py", line {10 * i}, in
                     for i in range(4))
 
 
-def entry_id(i: int) -> str:
+def nth_id(i: int) -> str:
     """The id of the ``i``-th generated entry (ids sort in the order they were generated)."""
     return f"e{i:07d}-{uuid.UUID(int=i)}"
 
@@ -39,7 +39,7 @@ def generate(rclient: Any, keys: Any, n: int, t0: float, chunk: int = 5_000, *, 
         class_index: dict[str, dict[str, int]] = {c: {} for c in CLASSES}
         for i in range(start, min(start + chunk, n)):
             agent, failure_class = agent_of(i), class_of(i)
-            eid = entry_id(i)
+            eid = nth_id(i)
             at_ms = int(t0 * 1000) + i // per_ms
             key = f"order-{i:07d}"
             envelope = {"key": key, "job_id": f"job-{i:032x}", "step_id": agent, "agent": agent,

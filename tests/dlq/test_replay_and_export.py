@@ -22,7 +22,7 @@ from broker import MeshClient
 from contracts import State
 from dlq import Audit, DeadLetter, DeadLetterStore, Filter, Replayer, Stored
 from dlq.export import line_of
-from tests.dlq.bulk import AGENTS, CLASSES, agent_of, class_of, entry_id, generate
+from tests.dlq.bulk import AGENTS, CLASSES, agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
 
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
@@ -467,9 +467,9 @@ BULK_CASES = [(1_201, Filter()), (10_007, Filter()), (10_007, Filter(agent="plan
 def bulk(client: MeshClient, n: int, flt: Filter) -> tuple[set[str], set[str]]:
     """``n`` generated entries in the DLQ; the ids ``flt`` selects and the others."""
     generate(client.redis, client.keys, n, 1_700_000_000.0, per_ms=3)
-    chosen = {entry_id(i) for i in range(n)
+    chosen = {nth_id(i) for i in range(n)
               if flt.agent in (None, agent_of(i)) and flt.failure_class in (None, class_of(i))}
-    return chosen, {entry_id(i) for i in range(n)} - chosen
+    return chosen, {nth_id(i) for i in range(n)} - chosen
 
 
 def assert_dlq_holds_exactly(client: MeshClient, ids: set[str]) -> None:

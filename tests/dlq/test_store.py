@@ -10,7 +10,6 @@ import time
 import tracemalloc
 import uuid
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -19,7 +18,7 @@ from dramatiq.message import Message
 from broker.outbox import encode
 from dlq import Audit, DeadLetter, DeadLetterStore, Filter, drain
 from dlq.entry import Attempt
-from tests.dlq.bulk import agent_of, class_of, entry_id, generate
+from tests.dlq.bulk import agent_of, class_of, generate, nth_id
 
 MB = 1024 * 1024
 
@@ -172,7 +171,7 @@ def test_walk_hands_out_each_entry_once_however_its_consumer_groups_removals(rcl
     oldest first; entries dead-lettered in the same millisecond included."""
     store = DeadLetterStore(rclient, client.keys)
     generate(rclient, client.keys, WALK_N, 1_700_000_000.0, per_ms=per_ms)
-    expected = [entry_id(i) for i in range(WALK_N) if matches(flt, i)]
+    expected = [nth_id(i) for i in range(WALK_N) if matches(flt, i)]
 
     handed: list[str] = []
     pending: list[DeadLetter] = []
@@ -188,7 +187,7 @@ def test_walk_hands_out_each_entry_once_however_its_consumer_groups_removals(rcl
 
     assert handed == expected
     left = {i.decode() for i in rclient.zrange(client.keys.dlq, 0, -1)}
-    assert left == {entry_id(i) for i in range(WALK_N)} - (set() if group is None else set(expected))
+    assert left == {nth_id(i) for i in range(WALK_N)} - (set() if group is None else set(expected))
 
 
 def matches(flt: Filter, i: int) -> bool:
@@ -210,7 +209,7 @@ def test_walk_takes_only_what_was_in_the_dlq_when_it_started_and_skips_none_remo
     for number, batch in enumerate(store.iter(Filter(), batch=50)):
         handed += [s.entry.entry_id for s in batch]
         # another process removes some entries, handed out or not, and new ones fail meanwhile
-        gone = [store.get(entry_id(i)) for i in rng.sample(range(n), 15)]
+        gone = [store.get(nth_id(i)) for i in rng.sample(range(n), 15)]
         store.remove([e for e in gone if e is not None and e.entry_id not in removed_elsewhere])
         removed_elsewhere |= {e.entry_id for e in gone if e is not None and e.entry_id not in handed}
         # in the newest entry's millisecond (an id that sorts after it), or 5 ms later
@@ -218,9 +217,26 @@ def test_walk_takes_only_what_was_in_the_dlq_when_it_started_and_skips_none_remo
         assert store.put(late, raw_of(late))
 
     assert len(handed) == len(set(handed))
-    assert set(handed) | removed_elsewhere == {entry_id(i) for i in range(n)}
+    assert set(handed) | removed_elsewhere == {nth_id(i) for i in range(n)}
     assert not set(handed) & removed_elsewhere
     assert handed == sorted(handed)  # ids sort as generated: oldest first
+
+
+@pytest.mark.parametrize("removes", [True, False])
+def test_walk_of_entries_of_one_millisecond_goes_in_id_byte_order_as_redis_ranks_them(rclient, client, removes):
+    """Ties are ranked by the bytes of the id, whatever the server's locale would say."""
+    store = DeadLetterStore(rclient, client.keys)
+    names = ["-z", "A", "Z", "_a", "a", "a-b", "aB", "ab", "a\u00e9", "\u00e9", "z", "0", "a b"]
+    random.Random(3).shuffle(names)
+    for name in names:
+        entry = dead_letter(at=1_700_000_000.5, entry_id=name)
+        assert store.put(entry, raw_of(entry))
+    handed = []
+    for batch in store.iter(Filter(), batch=2):
+        handed += [s.entry.entry_id for s in batch]
+        if removes:
+            store.remove([s.entry for s in batch])
+    assert handed == sorted(names, key=str.encode)
 
 
 def test_put_writes_once_per_id_and_indexes_an_entry_without_agent_under_dash(rclient, client):
@@ -346,11 +362,11 @@ def test_drain_of_100k_entries_streams_to_a_file_in_bounded_memory_and_empties_t
             first = first or line
             last = line
     assert lines == N_SCALE
-    assert orjson.loads(first)["entry"]["entry_id"] == entry_id(0)  # oldest first
-    assert orjson.loads(last)["entry"]["entry_id"] == entry_id(N_SCALE - 1)
+    assert orjson.loads(first)["entry"]["entry_id"] == nth_id(0)  # oldest first
+    assert orjson.loads(last)["entry"]["entry_id"] == nth_id(N_SCALE - 1)
 
     assert store.count() == 0
     assert store.stats() == {"total": 0, "by_agent": {}, "by_class": {}, "oldest_at": None, "newest_at": None}
-    assert not any(rclient.exists(keys.dead_letter(entry_id(i))) for i in (0, 4_242, N_SCALE - 1))
+    assert not any(rclient.exists(keys.dead_letter(nth_id(i))) for i in (0, 4_242, N_SCALE - 1))
     assert int(rclient.hget(keys.stats, "dlq_drained")) == N_SCALE
     os.remove(path)

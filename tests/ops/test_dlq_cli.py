@@ -19,7 +19,7 @@ from broker.outbox import encode
 from contracts import State
 from dlq import Audit, DeadLetter, DeadLetterStore, Filter
 from dlq.entry import Attempt
-from tests.dlq.bulk import agent_of, class_of, entry_id, generate
+from tests.dlq.bulk import agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
 
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
@@ -288,7 +288,7 @@ def test_bulk_commands_take_every_selected_entry_and_leave_exactly_the_others(cl
     DLQ afterwards holds exactly the entries that were not."""
     generate(client.redis, client.keys, n, 1_700_000_000.0, per_ms=3)
     flags = dict(zip(selection[::2], selection[1::2], strict=False))
-    chosen = {entry_id(i) for i in range(n) if flags.get("--agent") in (None, agent_of(i))
+    chosen = {nth_id(i) for i in range(n) if flags.get("--agent") in (None, agent_of(i))
               and flags.get("--class") in (None, class_of(i))}
     extra = ("--to", str(tmp_path / "dead.jsonl")) if command == "drain" else ()
 
@@ -305,7 +305,7 @@ def test_bulk_commands_take_every_selected_entry_and_leave_exactly_the_others(cl
     else:
         assert report == {"purged": len(chosen)}
     left = {i.decode() for i in client.redis.zrange(client.keys.dlq, 0, -1)}
-    assert left == {entry_id(i) for i in range(n)} - chosen
+    assert left == {nth_id(i) for i in range(n)} - chosen
     assert store_of(client).count() + len(chosen) == n
 
 
