@@ -48,7 +48,7 @@ def drain(store: DeadLetterStore, path: Path, flt: Filter | None = None, *, audi
     where = str(path.resolve())
     n = 0
     with path.open("ab") as f:
-        for batch in store.iter(flt or Filter(), removing=True):
+        for batch in store.iter(flt or Filter()):
             f.writelines(line_of(s) for s in batch)
             f.flush()
             os.fsync(f.fileno())
@@ -117,7 +117,7 @@ def purge(store: DeadLetterStore, flt: Filter | None = None, ids: list[str] | No
     if ids is not None:
         batches: Iterator[list[Stored]] = iter([[s for s in map(store.load, ids) if s is not None]])
     else:
-        batches = store.iter(flt or Filter(), removing=True)
+        batches = store.iter(flt or Filter())
     return sum(_take_out(store, batch, audit, "purge", "dlq_purged",
                          lambda s: {"failure_class": s.entry.failure_class, "agent": s.entry.agent}, progress)
                for batch in batches if batch)

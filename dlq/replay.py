@@ -120,8 +120,7 @@ class Replayer:
             flush()
         return report
 
-    def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None,
-                *, dry_run: bool = False) -> Iterator[Stored]:
+    def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None) -> Iterator[Stored]:
         """The entries to replay: the given ids, or every entry ``flt`` matches, oldest first."""
         if ids is not None:
             for entry_id in ids:
@@ -129,7 +128,7 @@ class Replayer:
                 if stored is not None:
                     yield stored
             return
-        for batch in self.store.iter(flt or Filter(), removing=not dry_run):
+        for batch in self.store.iter(flt or Filter()):
             yield from batch
 
     def _replay_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[bool]:

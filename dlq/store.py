@@ -2,12 +2,12 @@
 agent and failure class, so listing and counting never scan everything.
 
 Operations that take entries out (replay, drain, purge) walk an index oldest first in batches, in
-constant memory, and remove each entry with its indexes in one transaction.
+constant memory, by a cursor that does not depend on when they remove what they were handed, and
+remove each entry with its indexes in one transaction.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +21,7 @@ from contracts import FailureClass, dumps, loads
 from .entry import DeadLetter
 
 PUT_LUA = resources.files("dlq").joinpath("scripts/put.lua").read_text()
+WALK_LUA = resources.files("dlq").joinpath("scripts/walk.lua").read_text()
 
 #: Entries read per round trip when walking the DLQ.
 BATCH = 500
@@ -58,6 +59,7 @@ class DeadLetterStore:
         self.client = client
         self.keys = keys
         self._put = client.register_script(PUT_LUA)
+        self._walk = client.register_script(WALK_LUA)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -97,34 +99,32 @@ class DeadLetterStore:
             out += [s.entry for s in self._fetch(ids) if flt.matches(s.entry)]
         return out[:limit]
 
-    def iter(self, flt: Filter, *, removing: bool = False, batch: int = BATCH) -> Iterator[list[Stored]]:
-        """Batches of matching entries, oldest first, in constant memory.
+    def iter(self, flt: Filter, *, batch: int = BATCH) -> Iterator[list[Stored]]:
+        """Batches of matching entries, oldest first, in constant memory: each entry that was in range
+        when the walk started, once, unless it left the DLQ before the walk reached it.
 
-        With ``removing``, the caller removes (or deliberately keeps) every entry it is handed
-        before asking for the next batch: the walk then restarts from the front each time,
-        skipping only the entries that were kept.
+        The walk keeps its place by the (time, id) of the last entry it read, never by an offset, so
+        whether and when the caller removes (or keeps) what it was handed changes nothing. It ends at
+        the newest entry in range at its start: an entry dead-lettered meanwhile (a replay whose cause
+        is not fixed yet) is not taken again, and the walk ends.
         """
+        index = self._index(flt)
         lo, hi = self._range(flt)
-        if removing and flt.until is None:
-            # Only what is in the DLQ when the walk starts: an entry dead-lettered again meanwhile
-            # (a replay whose cause is not fixed yet) is not taken again, and the walk ends.
-            hi = int(time.time() * 1000)
-        offset = 0
+        newest = self.client.zrevrangebyscore(index, hi, lo, start=0, num=1, withscores=True)
+        if not newest:
+            return
+        end_id, end_score = newest[0][0], newest[0][1]
+        after: tuple[Any, Any] = (lo, "")
         while True:
-            ids = self.client.zrangebyscore(self._index(flt), lo, hi, start=offset, num=batch)
-            if not ids:
+            rows = self._walk(keys=[index], args=[*after, end_score, end_id, batch])
+            if not rows:
                 return
-            stored = self._fetch(ids)
-            matching = [s for s in stored if flt.matches(s.entry)]
+            after = (rows[-1], rows[-2])  # (score, id) of the last entry read
+            matching = [s for s in self._fetch(rows[0::2]) if flt.matches(s.entry)]
             if matching:
                 yield matching
-            if removing:  # what is still indexed was kept: skip it next time
-                pipe = self.client.pipeline(transaction=False)
-                for entry_id in ids:
-                    pipe.zscore(self._index(flt), entry_id)  # type: ignore[arg-type]
-                offset += sum(score is not None for score in pipe.execute())
-            else:
-                offset += len(ids)
+            if len(rows) < 2 * batch:
+                return
 
     def stats(self) -> dict[str, Any]:
         """Counts by agent and by class, the total, and the oldest and newest dead-lettered times."""

@@ -204,7 +204,7 @@ def replay(
     if not dry_run:
         _confirm(yes, f"replay {total} dead letter(s)")
     with _progress(total, "replaying", not as_json and not dry_run) as advance:
-        report = replayer.replay(replayer.entries(ids or None, None if ids else flt, dry_run=dry_run),
+        report = replayer.replay(replayer.entries(ids or None, None if ids else flt),
                                  dry_run=dry_run, rate=rate, progress=advance)
     if ids:
         for missing in set(ids) - set(report.replayed) - set(report.skipped):

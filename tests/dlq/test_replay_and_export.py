@@ -20,8 +20,9 @@ from conftest import ROOT, flat, mesh_env, push_raw, wait_for
 
 from broker import MeshClient
 from contracts import State
-from dlq import Audit, DeadLetter, DeadLetterStore, Filter, Stored
+from dlq import Audit, DeadLetter, DeadLetterStore, Filter, Replayer, Stored
 from dlq.export import line_of
+from tests.dlq.bulk import AGENTS, CLASSES, agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
 
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
@@ -455,3 +456,63 @@ def test_two_replays_at_once_replay_each_entry_exactly_once(client, make_setting
     assert store.count() == 0
     assert Counter(r["entry_id"] for r in Audit(client.redis, client.keys).records(limit=1000)
                    if r["op"] == "replay") == Counter({i: 1 for i in originals})
+
+
+# -- every entry, whatever the batch sizes -----------------------------------------------------
+
+BULK_CASES = [(1_201, Filter()), (10_007, Filter()), (10_007, Filter(agent="planner")),
+              (1_201, Filter(failure_class="timeout")), (10_007, Filter(agent="researcher", failure_class="deadline"))]
+
+
+def bulk(client: MeshClient, n: int, flt: Filter) -> tuple[set[str], set[str]]:
+    """``n`` generated entries in the DLQ; the ids ``flt`` selects and the others."""
+    generate(client.redis, client.keys, n, 1_700_000_000.0, per_ms=3)
+    chosen = {nth_id(i) for i in range(n)
+              if flt.agent in (None, agent_of(i)) and flt.failure_class in (None, class_of(i))}
+    return chosen, {nth_id(i) for i in range(n)} - chosen
+
+
+def assert_dlq_holds_exactly(client: MeshClient, ids: set[str]) -> None:
+    """The DLQ, its agent and class indexes and its entry hashes hold exactly ``ids``."""
+    r, keys = client.redis, client.keys
+    assert {i.decode() for i in r.zrange(keys.dlq, 0, -1)} == ids
+    assert sum(r.zcard(keys.dlq_by_agent(a)) for a in AGENTS) == len(ids)
+    assert sum(r.zcard(keys.dlq_by_class(c)) for c in CLASSES) == len(ids)
+    assert sum(1 for _ in r.scan_iter(match=keys.dead_letter("*"), count=5000)) == len(ids)
+
+
+@pytest.mark.parametrize(("n", "flt"), BULK_CASES, ids=repr)
+def test_replay_takes_every_matching_entry_once_and_its_counts_add_up_to_what_was_in_the_dlq(client, settings, n, flt):
+    chosen, others = bulk(client, n, flt)
+    store = store_of(client)
+    replayer = Replayer(store, settings)
+
+    dry = replayer.replay(replayer.entries(flt=flt), dry_run=True)
+    assert sorted(dry.replayed) == sorted(chosen) and dry.skipped == {}
+
+    report = replayer.replay(replayer.entries(flt=flt))
+    kept = store.count()
+    assert len(report.replayed) + len(report.skipped) + kept == n
+    assert sorted(report.replayed) == sorted(chosen) and report.skipped == {}
+    assert_dlq_holds_exactly(client, others)
+    queued = client.queues(AGENTS)
+    assert sum(q["ready"] for q in queued.values()) == len(chosen)  # each replayed message enqueued once
+    assert int(client.redis.hget(client.keys.stats, "replayed")) == len(chosen)
+
+
+@pytest.mark.parametrize(("n", "flt"), BULK_CASES, ids=repr)
+def test_drain_and_purge_take_every_matching_entry_once(client, tmp_path, n, flt):
+    from dlq import drain, purge
+
+    chosen, others = bulk(client, n, flt)
+    store = store_of(client)
+    path = tmp_path / "dead.jsonl"
+    assert drain(store, path, flt) == len(chosen)
+    lines = [json.loads(line)["entry"]["entry_id"] for line in path.read_bytes().splitlines()]
+    assert len(lines) == len(chosen) and set(lines) == chosen
+    assert_dlq_holds_exactly(client, others)
+
+    rest = Filter(agent="executor")  # of what is left, purge one agent's entries
+    purged = {i for i in others if client.redis.hget(client.keys.dead_letter(i), "agent") == b"executor"}
+    assert purge(store, rest) == len(purged)
+    assert_dlq_holds_exactly(client, others - purged)

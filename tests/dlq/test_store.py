@@ -4,19 +4,21 @@ batched walk used by replay/drain/purge, and drain of 100,000 entries in bounded
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 import tracemalloc
 import uuid
 from pathlib import Path
-from typing import Any
 
 import orjson
+import pytest
 from dramatiq.message import Message
 
 from broker.outbox import encode
 from dlq import Audit, DeadLetter, DeadLetterStore, Filter, drain
 from dlq.entry import Attempt
+from tests.dlq.bulk import agent_of, class_of, generate, nth_id
 
 MB = 1024 * 1024
 
@@ -113,7 +115,7 @@ def test_empty_store_has_zero_counts_and_no_oldest_or_newest(rclient, client):
     assert store.count() == 0
     assert store.entries(Filter(agent="executor", failure_class="permanent")) == []
     assert store.stats() == {"total": 0, "by_agent": {}, "by_class": {}, "oldest_at": None, "newest_at": None}
-    assert list(store.iter(Filter(), removing=True)) == []
+    assert list(store.iter(Filter())) == []
 
 
 def test_entries_of_agent_and_class_together_page_past_more_than_a_batch_of_other_agents(rclient, client):
@@ -140,7 +142,7 @@ def test_iter_removing_hands_out_each_entry_once_oldest_first_and_skips_those_ke
 
     handed: list[str] = []
     kept: list[str] = []
-    for batch in store.iter(Filter(), removing=True, batch=4):
+    for batch in store.iter(Filter(), batch=4):
         assert 0 < len(batch) <= 4
         for n, s in enumerate(batch):
             handed.append(s.entry.entry_id)
@@ -154,6 +156,87 @@ def test_iter_removing_hands_out_each_entry_once_oldest_first_and_skips_those_ke
 
     # a walk without removing hands out everything left, once
     assert [s.entry.entry_id for b in store.iter(Filter(), batch=3) for s in b] == [i for i in ids(made) if i in kept]
+
+
+WALK_N = 1_201  # not a multiple of any batch size
+
+
+@pytest.mark.parametrize("flt", [Filter(), Filter(agent="planner"), Filter(failure_class="timeout"),
+                                 Filter(agent="planner", failure_class="timeout")], ids=repr)
+@pytest.mark.parametrize("per_ms", [1, 7, WALK_N], ids=lambda n: f"{n}_per_ms")
+@pytest.mark.parametrize("group", [1, 200, 333, None], ids=lambda g: f"removes_by_{g}")
+def test_walk_hands_out_each_entry_once_however_its_consumer_groups_removals(rclient, client, flt, per_ms, group):
+    """A consumer that removes what it was handed in groups of its own (the replayer flushes every
+    200 while the walk reads 500), or removes nothing, still gets every matching entry exactly once,
+    oldest first; entries dead-lettered in the same millisecond included."""
+    store = DeadLetterStore(rclient, client.keys)
+    generate(rclient, client.keys, WALK_N, 1_700_000_000.0, per_ms=per_ms)
+    expected = [nth_id(i) for i in range(WALK_N) if matches(flt, i)]
+
+    handed: list[str] = []
+    pending: list[DeadLetter] = []
+    for batch in store.iter(flt):
+        for s in batch:
+            handed.append(s.entry.entry_id)
+            if group is not None:
+                pending.append(s.entry)
+                if len(pending) >= group:
+                    store.remove(pending)
+                    pending = []
+    store.remove(pending)
+
+    assert handed == expected
+    left = {i.decode() for i in rclient.zrange(client.keys.dlq, 0, -1)}
+    assert left == {nth_id(i) for i in range(WALK_N)} - (set() if group is None else set(expected))
+
+
+def matches(flt: Filter, i: int) -> bool:
+    """Whether the ``i``-th generated entry is one ``flt`` selects."""
+    return (flt.agent in (None, agent_of(i))) and (flt.failure_class in (None, class_of(i)))
+
+
+def test_walk_takes_only_what_was_in_the_dlq_when_it_started_and_skips_none_removed_meanwhile(rclient, client):
+    """Entries dead-lettered during a walk (later, or in the same millisecond as the newest one) are not
+    handed out; entries another process removes meanwhile are simply not handed out, and the walk
+    neither skips nor repeats any other."""
+    store = DeadLetterStore(rclient, client.keys)
+    n = 1_201
+    generate(rclient, client.keys, n, 1_700_000_000.0, per_ms=3)
+    newest_ms = rclient.zrange(client.keys.dlq, -1, -1, withscores=True)[0][1]
+    rng = random.Random(11)
+    removed_elsewhere: set[str] = set()
+    handed: list[str] = []
+    for number, batch in enumerate(store.iter(Filter(), batch=50)):
+        handed += [s.entry.entry_id for s in batch]
+        # another process removes some entries, handed out or not, and new ones fail meanwhile
+        gone = [store.get(nth_id(i)) for i in rng.sample(range(n), 15)]
+        store.remove([e for e in gone if e is not None and e.entry_id not in removed_elsewhere])
+        removed_elsewhere |= {e.entry_id for e in gone if e is not None and e.entry_id not in handed}
+        # in the newest entry's millisecond (an id that sorts after it), or 5 ms later
+        late = dead_letter(at=(newest_ms + 0.5 + number % 2 * 5) / 1000, entry_id=f"z-late-{number}")
+        assert store.put(late, raw_of(late))
+
+    assert len(handed) == len(set(handed))
+    assert set(handed) | removed_elsewhere == {nth_id(i) for i in range(n)}
+    assert not set(handed) & removed_elsewhere
+    assert handed == sorted(handed)  # ids sort as generated: oldest first
+
+
+@pytest.mark.parametrize("removes", [True, False])
+def test_walk_of_entries_of_one_millisecond_goes_in_id_byte_order_as_redis_ranks_them(rclient, client, removes):
+    """Ties are ranked by the bytes of the id, whatever the server's locale would say."""
+    store = DeadLetterStore(rclient, client.keys)
+    names = ["-z", "A", "Z", "_a", "a", "a-b", "aB", "ab", "a\u00e9", "\u00e9", "z", "0", "a b"]
+    random.Random(3).shuffle(names)
+    for name in names:
+        entry = dead_letter(at=1_700_000_000.5, entry_id=name)
+        assert store.put(entry, raw_of(entry))
+    handed = []
+    for batch in store.iter(Filter(), batch=2):
+        handed += [s.entry.entry_id for s in batch]
+        if removes:
+            store.remove([s.entry for s in batch])
+    assert handed == sorted(names, key=str.encode)
 
 
 def test_put_writes_once_per_id_and_indexes_an_entry_without_agent_under_dash(rclient, client):
@@ -179,57 +262,6 @@ def test_put_writes_once_per_id_and_indexes_an_entry_without_agent_under_dash(rc
 # -- scale -------------------------------------------------------------------------------------
 
 N_SCALE = 100_000
-AGENTS = ("planner", "researcher", "executor")
-CLASSES = ("permanent", "invalid_input", "deadline", "timeout")
-TRACEBACK = "".join(f'  File "/srv/mesh/agents/module_{i}.py", line {10 * i}, in handler\n    step_{i}()\n'
-                    for i in range(4))
-
-
-def generate(rclient: Any, keys: Any, n: int, t0: float, chunk: int = 5_000) -> dict[str, Any]:
-    """Write ``n`` entries straight into the layout the settle script writes, in big pipelines."""
-    by_agent: dict[str, int] = {}
-    by_class: dict[str, int] = {}
-    for start in range(0, n, chunk):
-        pipe = rclient.pipeline(transaction=False)
-        everything: dict[str, int] = {}
-        agent_index: dict[str, dict[str, int]] = {a: {} for a in AGENTS}
-        class_index: dict[str, dict[str, int]] = {c: {} for c in CLASSES}
-        for i in range(start, min(start + chunk, n)):
-            agent, failure_class = AGENTS[i % 3], CLASSES[i % 4]
-            entry_id = f"e{i:07d}-{uuid.UUID(int=i)}"
-            at_ms = int(t0 * 1000) + i
-            key = f"order-{i:07d}"
-            envelope = {"key": key, "job_id": f"job-{i:032x}", "step_id": agent, "agent": agent,
-                        "trace_id": f"{i + 1:032x}", "deadline": at_ms / 1000 + 600, "hops": [], "attempt": 1,
-                        "schema_version": 1, "replay_of": None,
-                        "payload": {"tool": "http_post", "args": {"url": "http://127.0.0.1:1/hook",
-                                                                  "json": {"order": i, "note": "x" * 40}}}}
-            entry = {"entry_id": entry_id, "queue": agent, "agent": agent, "failure_class": failure_class,
-                     "error": f"127.0.0.1:1 answered 400 for order {i}", "traceback": TRACEBACK + "PermanentFailure\n",
-                     "envelope": envelope, "key": key, "job_id": envelope["job_id"], "trace_id": envelope["trace_id"],
-                     "attempts": [{"attempt": 1, "outcome": "dead_lettered", "failure_class": failure_class,
-                                   "error": "answered 400", "at": at_ms / 1000, "worker": "host:1:abcdef12"}],
-                     "worker": "host:1:abcdef12", "host": "host", "dead_lettered_at": at_ms / 1000,
-                     "replay_count": 0, "replay_of": None}
-            raw = orjson.dumps({"queue_name": agent, "actor_name": agent, "args": [envelope], "kwargs": {},
-                                "options": {}, "message_id": entry_id, "message_timestamp": at_ms})
-            pipe.hset(keys.dead_letter(entry_id),
-                      mapping={"entry": orjson.dumps(entry), "raw": raw, "agent": agent, "class": failure_class})
-            everything[entry_id] = at_ms
-            agent_index[agent][entry_id] = at_ms
-            class_index[failure_class][entry_id] = at_ms
-            by_agent[agent] = by_agent.get(agent, 0) + 1
-            by_class[failure_class] = by_class.get(failure_class, 0) + 1
-        pipe.zadd(keys.dlq, everything)
-        for agent, members in agent_index.items():
-            if members:
-                pipe.zadd(keys.dlq_by_agent(agent), members)
-        for failure_class, members in class_index.items():
-            if members:
-                pipe.zadd(keys.dlq_by_class(failure_class), members)
-        pipe.execute()
-    rclient.sadd(keys.dlq_agents, *AGENTS)
-    return {"by_agent": by_agent, "by_class": by_class}
 
 
 def rss_bytes() -> int:
@@ -330,11 +362,11 @@ def test_drain_of_100k_entries_streams_to_a_file_in_bounded_memory_and_empties_t
             first = first or line
             last = line
     assert lines == N_SCALE
-    assert orjson.loads(first)["entry"]["entry_id"] == f"e{0:07d}-{uuid.UUID(int=0)}"  # oldest first
-    assert orjson.loads(last)["entry"]["entry_id"] == f"e{N_SCALE - 1:07d}-{uuid.UUID(int=N_SCALE - 1)}"
+    assert orjson.loads(first)["entry"]["entry_id"] == nth_id(0)  # oldest first
+    assert orjson.loads(last)["entry"]["entry_id"] == nth_id(N_SCALE - 1)
 
     assert store.count() == 0
     assert store.stats() == {"total": 0, "by_agent": {}, "by_class": {}, "oldest_at": None, "newest_at": None}
-    assert not any(rclient.exists(keys.dead_letter(f"e{i:07d}-{uuid.UUID(int=i)}")) for i in (0, 4_242, N_SCALE - 1))
+    assert not any(rclient.exists(keys.dead_letter(nth_id(i))) for i in (0, 4_242, N_SCALE - 1))
     assert int(rclient.hget(keys.stats, "dlq_drained")) == N_SCALE
     os.remove(path)

@@ -19,6 +19,7 @@ from broker.outbox import encode
 from contracts import State
 from dlq import Audit, DeadLetter, DeadLetterStore, Filter
 from dlq.entry import Attempt
+from tests.dlq.bulk import agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
 
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
@@ -271,6 +272,41 @@ def test_purge_refuses_without_yes_and_with_yes_deletes_only_the_matching_entrie
 
     assert run_json(cli, "dlq", "purge", "--all", "--yes") == {"purged": 2}
     assert store.count() == 0 and store.stats()["by_class"] == {}
+
+
+# -- every entry, whatever the batch sizes ---------------------------------------------------------
+
+@pytest.mark.parametrize(("command", "n", "selection"), [
+    ("replay", 1_201, ("--all",)),
+    ("replay", 10_007, ("--agent", "planner")),
+    ("drain", 10_007, ("--class", "timeout")),
+    ("purge", 1_201, ("--agent", "executor", "--class", "permanent")),
+], ids=lambda v: v if isinstance(v, str) else str(v) if isinstance(v, int) else " ".join(v))
+def test_bulk_commands_take_every_selected_entry_and_leave_exactly_the_others(cli, client, tmp_path, command, n,
+                                                                             selection):
+    """Sizes that are no multiple of any batch: the report counts every entry that was selected, and the
+    DLQ afterwards holds exactly the entries that were not."""
+    generate(client.redis, client.keys, n, 1_700_000_000.0, per_ms=3)
+    flags = dict(zip(selection[::2], selection[1::2], strict=False))
+    chosen = {nth_id(i) for i in range(n) if flags.get("--agent") in (None, agent_of(i))
+              and flags.get("--class") in (None, class_of(i))}
+    extra = ("--to", str(tmp_path / "dead.jsonl")) if command == "drain" else ()
+
+    res = cli("dlq", command, *selection, *extra, "--yes", "--json", timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    if command == "replay":
+        assert report["replayed"] == len(chosen) and report["skipped"] == {} and set(report["ids"]) == chosen
+        assert sum(q["ready"] for q in client.queues(AGENTS).values()) == len(chosen)
+    elif command == "drain":
+        assert report["drained"] == len(chosen)
+        lines = (tmp_path / "dead.jsonl").read_bytes().splitlines()
+        assert len(lines) == len(chosen) and {json.loads(line)["entry"]["entry_id"] for line in lines} == chosen
+    else:
+        assert report == {"purged": len(chosen)}
+    left = {i.decode() for i in client.redis.zrange(client.keys.dlq, 0, -1)}
+    assert left == {nth_id(i) for i in range(n)} - chosen
+    assert store_of(client).count() + len(chosen) == n
 
 
 # -- poison ---------------------------------------------------------------------------------------
