@@ -89,7 +89,10 @@ class Breakers:
         try:
             result = fn()
         except COUNTED as exc:
-            after, wait_ms = self._call("failure", dependency, owner, str(exc) or type(exc).__name__)
+            verdict = self._record("failure", dependency, owner, str(exc) or type(exc).__name__)
+            if verdict is None:
+                raise
+            after, wait_ms = verdict
             if after != b"closed" and isinstance(exc, Brownout):
                 exc.retry_after_s = int(wait_ms) / 1000
             if after == b"open":
@@ -98,16 +101,27 @@ class Breakers:
             raise
         except Exception:
             if probe:  # the dependency answered (a 4xx, a bad body): it is up
-                self._call("success", dependency, owner)
+                self._record("success", dependency, owner)
             raise
         except BaseException as exc:
             if probe:  # stopped (shutdown) before any answer: not proof it is up
-                self._call("failure", dependency, owner, f"probe interrupted: {type(exc).__name__}")
+                self._record("failure", dependency, owner, f"probe interrupted: {type(exc).__name__}")
             raise
         if probe:
-            self._call("success", dependency, owner)
+            self._record("success", dependency, owner)
             logger.info("circuit breaker closed", extra={"dependency": dependency})
         return result
+
+    def _record(self, command: str, name: str, owner: str, error: str = "") -> Any:
+        """Record a call's outcome; None when the mesh's Redis refuses. The call has happened
+        (an effect may have been applied): a bookkeeping failure must never replace its outcome.
+        An unrecorded probe frees its slot after MESH_BREAKER_PROBE_TTL_S."""
+        try:
+            return self._call(command, name, owner, error)
+        except redis.RedisError as exc:
+            logger.warning("could not record a call's outcome on its breaker",
+                           extra={"dependency": name, "error": str(exc)})
+            return None
 
     def reset(self, name: str) -> bool:
         """Close ``name``'s breaker; False if no breaker of that name exists."""
