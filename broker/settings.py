@@ -37,7 +37,8 @@ class MeshSettings(BaseSettings):
     retry_max_backoff_ms: int = Field(default=30_000, ge=1)
     max_defers: int = Field(default=20, ge=0, description="deferrals (rate limits, open breakers) before the DLQ")
     max_waits: int = Field(default=500, ge=1, description="waits for a key's live owner before the DLQ")
-    breaker_failures: int = Field(default=5, ge=1, description="brownouts within the window that open a breaker")
+    breaker_failures: int = Field(default=5, ge=1,
+                                  description="brownouts or timeouts within the window that open a breaker")
     breaker_window_s: float = Field(default=30.0, gt=0)
     breaker_cooldown_s: float = Field(default=10.0, gt=0, description="open this long before one probe")
     breaker_max_cooldown_s: float = Field(default=300.0, gt=0, description="cap of the doubling cool-down")
