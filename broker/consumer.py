@@ -154,8 +154,11 @@ class MeshConsumer(_RedisConsumer):
     def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str,
               job: JobWrite | None = None) -> None:
         retention_ms = int(self.broker.settings.dlq_retention_s * 1000)
+        # Indexed under its agent only when this worker declares it: a name a producer invented keeps
+        # its place in the entry but creates no index key of its own.
+        agent = entry.agent if entry.agent in self.broker.actors else "-"
         self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                         entry.agent or "-", entry.failure_class, retention_ms)
+                         agent, entry.failure_class, retention_ms)
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})

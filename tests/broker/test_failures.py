@@ -178,6 +178,9 @@ def test_message_for_an_unknown_actor_lands_in_the_mesh_dlq_not_in_dramatiqs_xq(
     store = DeadLetterStore(client.redis, client.keys)
     entry = only_entry(store)
     assert entry.agent == "nope" and entry.entry_id == message.message_id
+    # The invented name is kept in the entry but makes no index key (those would grow without bound).
+    assert not client.redis.exists(client.keys.dlq_by_agent("nope"))
+    assert client.redis.zscore(client.keys.dlq_by_agent("-"), entry.entry_id) is not None
     assert entry.failure_class == "permanent"
     assert store.raw(entry.entry_id) == encode(message)
     wait_for(lambda: settled(client))
