@@ -84,9 +84,8 @@ class MeshConsumer(_RedisConsumer):
         self.ack(message)
 
     def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str) -> None:
-        retention_ms = int(self.broker.settings.dlq_retention_s * 1000)
         self.broker.settle("dead", self.queue_name, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                           entry.agent or "-", entry.failure_class, retention_ms)
+                           entry.agent or "-", entry.failure_class)
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})
