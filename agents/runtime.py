@@ -64,7 +64,7 @@ class AgentRuntime:
     def __post_init__(self) -> None:
         self.worker = trace.worker_name()
         self.keys = Keys(self.settings.namespace)
-        self.jobs = JobStore(self.redis, self.keys)
+        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         if self.breakers is None:
             self.breakers = Breakers(self.settings, self.redis)
 

@@ -66,7 +66,7 @@ class MeshClient:
         self.settings = settings or MeshSettings.from_env()
         self.redis = client or redis.Redis.from_url(self.settings.redis_url)
         self.keys = Keys(self.settings.namespace)
-        self.jobs = JobStore(self.redis, self.keys)
+        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
 
     def submit(self, goal: str, *, key: str | None = None) -> JobRef:
         """Run the whole pipeline for ``goal``."""

@@ -23,7 +23,7 @@ from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
-from contracts import FailureClass, JobRecord, State, dumps, loads
+from contracts import TERMINAL, FailureClass, JobRecord, State, dumps, loads
 from dlq.entry import DeadLetter, format_traceback
 
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
@@ -135,10 +135,14 @@ class MeshConsumer(_RedisConsumer):
             arg["claim"], arg["owner"] = job.release
         current: bytes | None = self.broker.client.get(keys.job(job.job_id))  # type: ignore[assignment]
         if current is not None:
-            record, messages = job.change(JobRecord.model_validate(loads(current)))
+            before = JobRecord.model_validate(loads(current))
+            record, messages = job.change(before)
             assert not messages, "a failed attempt's change sends nothing"
             arg["sha"] = hashlib.sha1(current).hexdigest()
             arg["new"] = dumps(record).decode()
+            if record.state in TERMINAL and before.state not in TERMINAL:
+                # Ending the job starts its retention clock (as jobs.stage_record does); else KEEPTTL.
+                arg["ttl"] = max(1, int(self.broker.settings.job_retention_s))
         return dumps(arg).decode()
 
     def nack(self, message: MessageProxy) -> None:
@@ -153,12 +157,11 @@ class MeshConsumer(_RedisConsumer):
 
     def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str,
               job: JobWrite | None = None) -> None:
-        retention_ms = int(self.broker.settings.dlq_retention_s * 1000)
         # Indexed under its agent only when this worker declares it: a name a producer invented keeps
         # its place in the entry but creates no index key of its own.
         agent = entry.agent if entry.agent in self.broker.actors else "-"
         self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                         agent, entry.failure_class, retention_ms)
+                         agent, entry.failure_class)
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})

@@ -1,4 +1,10 @@
-"""Job records in Redis: read, created with their first message, updated in WATCH/MULTI transactions."""
+"""Job records in Redis: read, created with their first message, updated in WATCH/MULTI transactions.
+
+Retention rides on the writes: the write that ends a job (moves it to a TERMINAL state) gives its
+record and trace a TTL of MESH_JOB_RETENTION_S in the same MULTI; a write that makes it active
+again (a DLQ replay) removes both TTLs. A running or waiting job therefore never expires, and an
+ended one needs no sweep to go (broker/retention.py only tidies the indexes).
+"""
 
 from __future__ import annotations
 
@@ -22,14 +28,39 @@ if TYPE_CHECKING:
 Change = Callable[[JobRecord], tuple[JobRecord, list[Message]]]
 
 
+#: MESH_JOB_RETENTION_S's default, for stores built without settings.
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+
+
 class JobNotFound(LookupError):
     pass
 
 
+def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retention_s: float) -> None:
+    """Stage the write of ``record`` (which was in state ``was``) with the TTLs its state implies.
+
+    Ending the job starts the retention clock on its record and trace; later writes to an ended job
+    keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET drops
+    it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
+    """
+    key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
+    if record.state not in TERMINAL:
+        pipe.set(key, data)
+        if was in TERMINAL:
+            pipe.persist(trace_key)
+    elif was in TERMINAL:
+        pipe.set(key, data, keepttl=True)
+    else:
+        ttl_ms = max(1, int(retention_s * 1000))
+        pipe.set(key, data, px=ttl_ms)
+        pipe.pexpire(trace_key, ttl_ms)
+
+
 class JobStore:
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_RETENTION_S) -> None:
         self.client = client
         self.keys = keys
+        self.retention_s = retention_s
 
     def stage_create(self, pipe: Any, record: JobRecord) -> None:
         """Stage the record's creation into ``pipe``; an existing record is left as it is."""
@@ -48,8 +79,10 @@ class JobStore:
         With ``fence``, the change lands only while that lease still holds its key: an attempt
         whose key was taken over raises LeaseLost and writes nothing. ``events`` (trace events)
         and whatever ``also`` stages (counters) land in the same MULTI, and every message the
-        change sends is traced as ``enqueued``. A change that leaves the record as it is writes
-        nothing at all, so re-sending an update that already landed is harmless.
+        change sends is traced as ``enqueued``. A change that ends the job gives its record and
+        trace their retention TTL in that MULTI too (:func:`stage_record`). A change that leaves
+        the record as it is writes nothing at all, so re-sending an update that already landed is
+        harmless.
         """
         key = self.keys.job(job_id)
         watched = (key,) if fence is None else (key, fence.claim_key)
@@ -62,19 +95,19 @@ class JobStore:
             data = pipe.get(key)
             if data is None:
                 raise JobNotFound(job_id)
-            current = JobRecord.model_validate(loads(data))
-            record, messages = change(current)
-            if record is current and not messages:
+            before = JobRecord.model_validate(loads(data))
+            record, messages = change(before)
+            if record is before and not messages:
                 # Nothing to write: the change was already applied (a transaction re-sent after its
                 # reply was lost), so its events and counters are not staged a second time.
                 return record
             pipe.multi()
-            pipe.set(key, dumps(record))
             stage_all(pipe, self.keys, messages)
             for message in messages:
                 trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
             for ev in events:
                 trace.stage(pipe, self.keys, ev)
+            stage_record(pipe, self.keys, record, was=before.state, retention_s=self.retention_s)
             if also is not None:
                 also(pipe, record)
             return record

@@ -22,10 +22,16 @@ The mesh's own:
     {ns}:breaker:{name}:failures      zset of recent brownouts (the failure window)
     {ns}:breakers                     set of every dependency that has a breaker
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
-    {ns}:job:{job_id}                 JSON job record (job fields and every step)
-    {ns}:jobs                         zset job id -> created time (s)
-    {ns}:trace:{job_id}               stream, capped: the job's timeline (broker/trace.py)
-    {ns}:running                      zset "{job_id}/{step_id}" -> last progress (s) of running steps
+    {ns}:job:{job_id}                 JSON job record (job fields and every step); expires
+                                      MESH_JOB_RETENTION_S after the job ends (broker/jobs.py)
+    {ns}:jobs                         zset job id -> created time (s); members whose record expired
+                                      are swept (broker/retention.py)
+    {ns}:jobs.expired                 zset job id -> swept time (s): tombstones of swept jobs, so
+                                      `mesh status` can say "expired"; capped and trimmed by the sweep
+    {ns}:trace:{job_id}               stream, capped: the job's timeline (broker/trace.py); expires
+                                      with the job record
+    {ns}:running                      zset "{job_id}/{step_id}" -> last progress (s) of running steps;
+                                      members whose job record is gone are swept
     {ns}:outcomes                     hash "{agent}:{outcome}" -> messages (succeeded, retried, ...)
     {ns}:hist:{agent}                 hash: handler duration histogram (le buckets, sum, count)
     {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes), agent, class
@@ -34,11 +40,15 @@ The mesh's own:
     {ns}:dlq.agents                   set of agent names that ever had a dead letter
     {ns}:dlq.class:{class}            zset entry id -> time, per failure class
     {ns}:dlq.audit                    stream, capped: who did what to which entry, when
-    {ns}:note:{effect_id}             JSON note written by the ``note`` tool
-    {ns}:notes                        zset effect id -> written time (s)
-    {ns}:stats                        hash of counters (duplicates, dead letters, poison, ...); its field
-                                      ``fence`` is the last fencing token a claim took (claim.lua): never
-                                      reset it, or tokens would repeat
+    {ns}:note:{effect_id}             JSON note written by the ``note`` tool; expires after
+                                      MESH_NOTE_RETENTION_S
+    {ns}:notes                        zset effect id -> written time (s); members whose note expired
+                                      are swept
+    {ns}:stats                        hash of counters (duplicates, dead letters, poison, sweeps, ...); its
+                                      field ``fence`` is the last fencing token a claim took (claim.lua):
+                                      never reset it, or tokens would repeat
+    {ns}:sweep.lock                   string, expires after MESH_SWEEP_INTERVAL_S: the worker that set
+                                      it runs this interval's retention sweep (ops/sweeper.py)
 """
 
 from __future__ import annotations
@@ -114,6 +124,10 @@ class Keys:
     def jobs(self) -> str:
         return f"{self.namespace}:jobs"
 
+    @property
+    def jobs_expired(self) -> str:
+        return f"{self.namespace}:jobs.expired"
+
     def dead_letter(self, entry_id: str) -> str:
         return f"{self.namespace}:dlq:{entry_id}"
 
@@ -145,6 +159,10 @@ class Keys:
     @property
     def stats(self) -> str:
         return f"{self.namespace}:stats"
+
+    @property
+    def sweep_lock(self) -> str:
+        return f"{self.namespace}:sweep.lock"
 
     @property
     def everything(self) -> str:

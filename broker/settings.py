@@ -53,6 +53,12 @@ class MeshSettings(BaseSettings):
                                   "it runs; default: MESH_HEARTBEAT_TIMEOUT_S")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is remembered")
     dlq_retention_s: float = Field(default=0.0, ge=0, description="0 keeps dead letters until removed")
+    job_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="how long a job's record, trace "
+                                   "and index entries are kept after the job ends; running jobs are kept")
+    note_retention_s: float = Field(default=30 * 24 * 3600.0, gt=0, description="how long a note the `note` "
+                                    "tool wrote is kept (users' data, not bookkeeping)")
+    sweep_interval_s: float = Field(default=60.0, gt=0, description="retention sweeps run this often, "
+                                    "once per interval across the whole fleet")
     worker_threads: int = Field(default=4, ge=1, le=256)
     prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
 

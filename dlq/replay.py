@@ -18,10 +18,11 @@ from typing import Any
 import redis
 from dramatiq.message import Message
 
+from broker.jobs import stage_record
 from broker.keys import Keys
 from broker.outbox import stage_all
 from broker.settings import MeshSettings
-from contracts import JobRecord, State, dumps, loads, transition
+from contracts import JobRecord, State, loads, transition
 
 from .audit import Audit
 from .store import DeadLetterStore, Filter, Stored
@@ -162,6 +163,7 @@ class Replayer:
                      records: dict[str, JobRecord]) -> None:
         now = time.time()
         changed: set[str] = set()
+        was = {job_id: record.state for job_id, record in records.items()}
         messages, entries = [], []
         pipe.multi()
         for (stored, message), here in zip(batch, present, strict=True):
@@ -179,7 +181,8 @@ class Replayer:
         stage_all(pipe, self.keys, messages)
         self.store.remove(entries, pipe)
         for job_id in changed:
-            pipe.set(self.keys.job(job_id), dumps(records[job_id]))
+            # Active again: the record and trace lose the retention TTL the job's end gave them.
+            stage_record(pipe, self.keys, records[job_id], was=was[job_id], retention_s=self.settings.job_retention_s)
         if entries:
             pipe.hincrby(self.keys.stats, "replayed", len(entries))
 

@@ -161,11 +161,16 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
 @app.command()
 def status(job_id: str, as_json: JsonFlag = False) -> None:
     """A job's state and every step's: attempts, timings, errors, results; a running step without
-    progress for MESH_STUCK_AFTER_S shows as stuck."""
+    progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by retention is reported expired."""
+    from broker.retention import expired
+
     c = client()
     try:
         record = c.status(job_id)
     except JobNotFound:
+        if expired(c.redis, c.keys, job_id):
+            fail(f"job {job_id} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
+                 "after a job ends", EXIT_INPUT)
         fail(f"no job {job_id}", EXIT_INPUT)
     _show(record, as_json, c.stuck(record))
 

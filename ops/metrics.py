@@ -38,7 +38,11 @@ STATS = {
     "replayed": "Dead letters replayed onto their queues.",
     "dlq_drained": "Dead letters exported to a file and removed.",
     "dlq_purged": "Dead letters deleted by an operator.",
-    "dlq_expired": "Dead letters removed by MESH_DLQ_RETENTION_S.",
+    "dlq_expired": "Dead letters removed by MESH_DLQ_RETENTION_S (each with an audit record).",
+    "sweeps": "Retention sweeps run (one per MESH_SWEEP_INTERVAL_S across the fleet); the mesh's own work.",
+    "swept_jobs": "Ended jobs whose record and trace expired (MESH_JOB_RETENTION_S), removed from the job index.",
+    "swept_running": "Running-step index entries removed because their job record had expired.",
+    "swept_notes": "Notes expired by MESH_NOTE_RETENTION_S, removed from the note index.",
     "stuck": "Steps flagged stuck: holding their claim without progress for MESH_STUCK_AFTER_S.",
 }
 

@@ -14,6 +14,7 @@ from dramatiq import Worker
 from agents.runtime import AgentRuntime, declare_agents
 from broker.mesh_broker import build_broker
 from broker.settings import MeshSettings
+from ops.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ IDLE_POLL_MS = 100
 def start_worker(settings: MeshSettings, agents: list[str], threads: int) -> Worker:
     """Build the broker, declare ``agents`` on it and start consuming their queues in this process."""
     broker = build_broker(settings)
+    broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records)
     declare_agents(broker, runtime, agents)
     worker = Worker(broker, queues=set(agents), worker_threads=threads, worker_timeout=IDLE_POLL_MS)

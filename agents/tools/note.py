@@ -1,4 +1,8 @@
-"""``note``: writes a note to Redis once per message key, and can read it back."""
+"""``note``: writes a note to Redis once per message key, and can read it back.
+
+A note is the user's data, not the mesh's bookkeeping: it is kept MESH_NOTE_RETENTION_S after it is
+written (a TTL set with it; the retention sweep tidies the ``notes`` index), not as long as its job.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ def write_note(ctx: ToolContext, args: NoteArgs) -> Receipt:
     note = {"note_id": note_id, "title": args.title, "body": args.body, "findings": args.findings,
             "key": ctx.key, "job_id": ctx.job_id, "trace_id": ctx.trace_id, "written_at": written_at}
     pipe = ctx.redis.pipeline(transaction=True)
-    pipe.set(ctx.keys.note(note_id), dumps(note), nx=True)
+    pipe.set(ctx.keys.note(note_id), dumps(note), nx=True, px=max(1, int(ctx.settings.note_retention_s * 1000)))
     pipe.zadd(ctx.keys.notes, {note_id: written_at}, nx=True)
     created, _ = pipe.execute()
     return Receipt(tool="note", effect_id=note_id, detail={"title": args.title, "created": bool(created)})

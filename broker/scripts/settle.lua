@@ -8,11 +8,10 @@
 --   heartbeat                        -> 1
 --   retry     id, new_id, new_data, stat, route
 --                                    -> the copy goes on {queue}.DQ, the original is settled
---   dead      id, entry_id, entry, raw, stat, route, agent, class, retention_ms
+--   dead      id, entry_id, entry, raw, stat, route, agent, class
 --                                    -> the entry lands in the mesh DLQ and its agent and class
 --                                       indexes, the original is settled (route: "{class}:{route}",
---                                       counted in {ns}:routes); with retention_ms > 0, up to 100
---                                       entries older than that are removed and counted
+--                                       counted in {ns}:routes); retention is the sweep's (dlq/retention.py)
 --   retry and dead take one more argument, the job-record change of the failed attempt (JSON, see
 --   apply_job below, or ""): it lands in the same step as the message's fate, and a record that
 --   changed since the caller read it is refused before anything is written (-1: read and retry)
@@ -160,7 +159,7 @@ elseif command == "retry" then
 
 elseif command == "dead" then
     local id, entry_id, entry, raw, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-    local agent, class, retention = ARGV[12], ARGV[13], tonumber(ARGV[14])
+    local agent, class = ARGV[12], ARGV[13]
     local dlq = ns .. ":dlq"
     local job = job_of(ARGV[15])
     if job_conflict(job) and redis.call("hexists", msgs_key, id) == 1 then return -1 end
@@ -178,18 +177,6 @@ elseif command == "dead" then
             redis.call("hincrby", ns .. ":outcomes", queue .. ":" .. stat, 1)
         end
         apply_job(job)
-    end
-    if retention > 0 then
-        -- Retention is explicit and counted: nothing leaves the DLQ silently.
-        local old = redis.call("zrangebyscore", dlq, 0, now - retention, "LIMIT", 0, 100)
-        for _, old_id in ipairs(old) do
-            local fields = redis.call("hmget", dlq .. ":" .. old_id, "agent", "class")
-            if fields[1] then redis.call("zrem", dlq .. ".agent:" .. fields[1], old_id) end
-            if fields[2] then redis.call("zrem", dlq .. ".class:" .. fields[2], old_id) end
-            redis.call("del", dlq .. ":" .. old_id)
-            redis.call("zrem", dlq, old_id)
-        end
-        if #old > 0 then redis.call("hincrby", ns .. ":stats", "dlq_expired", #old) end
     end
     return 1
 
