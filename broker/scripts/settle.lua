@@ -6,14 +6,14 @@
 --
 --   fetch     n                      -> {id1, data1, id2, data2, ...}
 --   heartbeat                        -> 1
---   retry     id, new_id, new_data, stat, route
+--   retry     id, new_id, new_data, stat, route, job
 --                                    -> the copy goes on {queue}.DQ, the original is settled
---   dead      id, entry_id, entry, raw, stat, route, agent, class
+--   dead      id, entry_id, entry, raw, stat, route, agent, class, job
 --                                    -> the entry lands in the mesh DLQ and its agent and class
 --                                       indexes, the original is settled (route: "{class}:{route}",
 --                                       counted in {ns}:routes); retention is the sweep's (dlq/retention.py)
---   retry and dead take one more argument, the job-record change of the failed attempt (JSON, see
---   apply_job below, or ""): it lands in the same step as the message's fate, and a record that
+--   job (retry, dead): the job-record change of the failed attempt (JSON, see apply_job below, or
+--   ""): it lands in the same step as the message's fate, and a record that
 --   changed since the caller read it is refused before anything is written (-1: read and retry)
 --   requeue   id                     -> an unsettled message goes back to the head of its queue
 --   reclaim   keep_id...             -> every message this worker holds on the queue except
@@ -161,7 +161,7 @@ elseif command == "dead" then
     local id, entry_id, entry, raw, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
     local agent, class = ARGV[12], ARGV[13]
     local dlq = ns .. ":dlq"
-    local job = job_of(ARGV[15])
+    local job = job_of(ARGV[14])
     if job_conflict(job) and redis.call("hexists", msgs_key, id) == 1 then return -1 end
     -- Safe to run twice: only the call that settles the original writes the entry, counts it and
     -- writes the job record.
