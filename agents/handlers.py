@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from dramatiq.middleware import TimeLimitExceeded
 
-from broker.idempotency import current_lease
-from contracts import (
+from mesh.broker.idempotency import current_lease
+from mesh.contracts import (
     DependencyTimeout,
     Envelope,
     Findings,

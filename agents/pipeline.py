@@ -12,9 +12,9 @@ from typing import Any
 
 from dramatiq.message import Message
 
-from broker.jobs import Change
-from broker.outbox import build_message
-from contracts import (
+from mesh.broker.jobs import Change
+from mesh.broker.outbox import build_message
+from mesh.contracts import (
     TERMINAL,
     Envelope,
     Findings,

@@ -14,15 +14,15 @@ import redis
 from pydantic import ValidationError
 from redis import Redis
 
-from broker import trace
-from broker.breaker import Breakers
-from broker.idempotency import current_lease
-from broker.jobs import JobNotFound, JobStore
-from broker.keys import Keys
-from broker.mesh_broker import MeshBroker
-from broker.observe import count_outcome, observe_duration, running_member
-from broker.settings import MeshSettings
-from contracts import (
+from mesh.broker import trace
+from mesh.broker.breaker import Breakers
+from mesh.broker.idempotency import current_lease
+from mesh.broker.jobs import JobNotFound, JobStore
+from mesh.broker.keys import Keys
+from mesh.broker.mesh_broker import MeshBroker
+from mesh.broker.observe import count_outcome, observe_duration, running_member
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import (
     TERMINAL,
     ContractError,
     CycleDetected,

@@ -26,14 +26,14 @@ import httpx
 import redis
 from dramatiq.middleware import TimeLimitExceeded
 
-from contracts import BreakerOpen, Brownout, DependencyTimeout
+from mesh.contracts import BreakerOpen, Brownout, DependencyTimeout
 
 from .keys import Keys
 from .settings import MeshSettings
 
 logger = logging.getLogger(__name__)
 
-BREAKER_LUA = resources.files("broker").joinpath("scripts/breaker.lua").read_text()
+BREAKER_LUA = resources.files("mesh.broker").joinpath("scripts/breaker.lua").read_text()
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ import pydantic
 import redis
 from dramatiq.middleware import TimeLimitExceeded
 
-from contracts import (
+from mesh.contracts import (
     Brownout,
     DependencyTimeout,
     FailureClass,

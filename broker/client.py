@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from contracts import (
+from mesh.contracts import (
     CONTRACTS,
     TERMINAL,
     ContractError,

@@ -23,7 +23,7 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware, SkipMessage
 
-from contracts import FailureClass, dumps
+from mesh.contracts import FailureClass, dumps
 
 from . import trace
 from .keys import Keys
@@ -34,7 +34,7 @@ from .settle import DeadLetterIt, RetryLater, decide, delayed_copy
 
 logger = logging.getLogger(__name__)
 
-CLAIM_LUA = resources.files("broker").joinpath("scripts/claim.lua").read_text()
+CLAIM_LUA = resources.files("mesh.broker").joinpath("scripts/claim.lua").read_text()
 
 #: Bounds of the wait before a deferred duplicate looks again (ms): short, since owners usually finish.
 DEFER_MIN_MS, DEFER_MAX_MS = 100, 2_000

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from dramatiq.message import Message
 
-from contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, dumps, loads, transition
+from mesh.contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, dumps, loads, transition
 
 from . import trace
 from .keys import Keys

@@ -17,8 +17,8 @@ from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from contracts import OrjsonEncoder
-from dlq.entry import Attempt, DeadLetter
+from mesh.contracts import OrjsonEncoder
+from mesh.dlq.entry import Attempt, DeadLetter
 
 from .consumer import MeshConsumer
 from .deadline import Deadline
@@ -29,7 +29,7 @@ from .outbox import wake
 from .router import FailureRouter
 from .settings import MeshSettings
 
-SETTLE_LUA = resources.files("broker").joinpath("scripts/settle.lua").read_text()
+SETTLE_LUA = resources.files("mesh.broker").joinpath("scripts/settle.lua").read_text()
 
 #: dramatiq's dispatch.lua writes the caller's timestamp (ARGV[2]) as the worker's heartbeat on
 #: every command (enqueue, ack, requeue, ...), and a heartbeat from a skewed host either gets a

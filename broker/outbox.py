@@ -13,7 +13,7 @@ from typing import Any
 
 from dramatiq.message import Message
 
-from contracts import Envelope, dumps
+from mesh.contracts import Envelope, dumps
 
 from .keys import Keys
 

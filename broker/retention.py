@@ -23,12 +23,12 @@ from typing import Any
 
 import redis
 
-from contracts import TERMINAL
+from mesh.contracts import TERMINAL
 
 from .keys import Keys
 from .settings import MeshSettings
 
-RETENTION_LUA = resources.files("broker").joinpath("scripts/retention.lua").read_text()
+RETENTION_LUA = resources.files("mesh.broker").joinpath("scripts/retention.lua").read_text()
 
 #: Index members looked at per script call.
 BATCH = 500

@@ -32,8 +32,8 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware
 
-from contracts import FailureClass, LeaseLost, OutcomeUnrecorded, State
-from dlq.entry import Attempt, format_traceback
+from mesh.contracts import FailureClass, LeaseLost, OutcomeUnrecorded, State
+from mesh.dlq.entry import Attempt, format_traceback
 
 from . import trace
 from .classify import classify

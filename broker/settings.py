@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts import ConfigError
+from mesh.contracts import ConfigError
 
 ENV_PREFIX = "MESH_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -10,7 +10,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis, dq_name
 from dramatiq.message import Message
 
-from dlq.entry import DeadLetter
+from mesh.dlq.entry import DeadLetter
 
 if TYPE_CHECKING:
     from .jobs import Change

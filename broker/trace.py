@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from contracts import dumps, loads
+from mesh.contracts import dumps, loads
 
 from .keys import Keys
 

@@ -1,7 +1,7 @@
 """The dead-letter queue: the single home of messages the mesh could not resolve, and the
 operations that bring them back or take them out.
 
-    from dlq import DeadLetterStore, Filter, Replayer, drain, load, purge
+    from mesh.dlq import DeadLetterStore, Filter, Replayer, drain, load, purge
 
     store = DeadLetterStore(redis_client, Keys(namespace))
     store.entries(Filter(failure_class="permanent"), limit=20)

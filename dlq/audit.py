@@ -10,8 +10,8 @@ from typing import Any
 
 import redis
 
-from broker.keys import Keys
-from contracts import dumps, loads
+from mesh.broker.keys import Keys
+from mesh.contracts import dumps, loads
 
 #: The audit log keeps about this many records (oldest trimmed first).
 AUDIT_MAXLEN = 100_000

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from contracts import Frozen
+from mesh.contracts import Frozen
 
 
 class Attempt(Frozen):

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 from pydantic import ValidationError
 
-from contracts import MeshError
+from mesh.contracts import MeshError
 
 from .audit import Audit
 from .entry import DeadLetter

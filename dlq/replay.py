@@ -18,11 +18,11 @@ from typing import Any
 import redis
 from dramatiq.message import Message
 
-from broker.jobs import stage_record
-from broker.keys import Keys
-from broker.outbox import stage_all
-from broker.settings import MeshSettings
-from contracts import JobRecord, State, loads, transition
+from mesh.broker.jobs import stage_record
+from mesh.broker.keys import Keys
+from mesh.broker.outbox import stage_all
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import JobRecord, State, loads, transition
 
 from .audit import Audit
 from .store import DeadLetterStore, Filter, Stored

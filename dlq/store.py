@@ -15,13 +15,13 @@ from typing import Any
 
 import redis
 
-from broker.keys import Keys
-from contracts import FailureClass, dumps, loads
+from mesh.broker.keys import Keys
+from mesh.contracts import FailureClass, dumps, loads
 
 from .entry import DeadLetter
 
-PUT_LUA = resources.files("dlq").joinpath("scripts/put.lua").read_text()
-WALK_LUA = resources.files("dlq").joinpath("scripts/walk.lua").read_text()
+PUT_LUA = resources.files("mesh.dlq").joinpath("scripts/put.lua").read_text()
+WALK_LUA = resources.files("mesh.dlq").joinpath("scripts/walk.lua").read_text()
 
 #: Entries read per round trip when walking the DLQ.
 BATCH = 500

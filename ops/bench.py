@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from broker.settings import MeshSettings
+from mesh.broker.settings import MeshSettings
 
 MESH_Q, RAW_Q = "bench_mesh", "bench_raw"
 
@@ -60,12 +60,12 @@ def _serve(side: str, url: str, namespace: str, threads: int, prefetch: int, sto
     import dramatiq
     from dramatiq import Worker
 
-    from ops.logs import setup_logging
+    from mesh.ops.logs import setup_logging
 
     setup_logging("ERROR")
     if side == "mesh":
-        from broker.mesh_broker import build_broker
-        from contracts import MeshError
+        from mesh.broker.mesh_broker import build_broker
+        from mesh.contracts import MeshError
 
         broker: Any = build_broker(MeshSettings(redis_url=url, namespace=namespace, prefetch=prefetch,
                                                 worker_threads=threads))
@@ -133,9 +133,9 @@ def _envelope(i: int, run: str, payload: dict[str, Any] | None = None) -> dict[s
 
 def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str, Any]]) -> None:
     """Messages in dramatiq's own format, written in one pipeline (as its enqueue would, minus round trips)."""
-    from broker.keys import Keys
-    from broker.outbox import wake
-    from contracts import dumps
+    from mesh.broker.keys import Keys
+    from mesh.broker.outbox import wake
+    from mesh.contracts import dumps
 
     pipe = client.pipeline(transaction=False)
     for args in bodies:
@@ -192,7 +192,7 @@ def _enqueue(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> dict[s
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
-    from broker import MeshClient
+    from mesh.broker import MeshClient
 
     n = min(cfg.messages, 2_000)
     mesh = MeshClient(MeshSettings(redis_url=url, namespace=ns), client=client)
@@ -235,8 +235,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _dlq(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> dict[str, float]:
-    from broker.keys import Keys
-    from dlq import DeadLetterStore, Filter, Replayer, drain
+    from mesh.broker.keys import Keys
+    from mesh.dlq import DeadLetterStore, Filter, Replayer, drain
 
     settings = MeshSettings(redis_url=url, namespace=ns)
     store = DeadLetterStore(client, Keys(ns))
@@ -262,8 +262,8 @@ def _dlq(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> dict[str, 
 
 
 def _fill_dlq(store: Any, n: int) -> None:
-    from contracts import JobRecord, State, StepRecord, dumps, transition
-    from dlq import DeadLetter
+    from mesh.contracts import JobRecord, State, StepRecord, dumps, transition
+    from mesh.dlq import DeadLetter
 
     run = uuid.uuid4().hex[:8]
     pipe = store.client.pipeline(transaction=False)
@@ -291,8 +291,8 @@ def _fill_dlq(store: Any, n: int) -> None:
 
 def _duplicates(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> float:
     """msg/s of messages whose key is already done: the cost of a duplicate."""
-    from broker.idempotency import Idempotency
-    from contracts import dumps
+    from mesh.broker.idempotency import Idempotency
+    from mesh.contracts import dumps
 
     run = uuid.uuid4().hex[:8]
     mw = Idempotency(MeshSettings(redis_url=url, namespace=ns), client)

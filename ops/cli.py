@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from broker import JobNotFound, MeshClient, WaitTimeout
-from contracts import CONTRACTS, ContractError, JobRecord, MeshError, State
-from ops.console import (
+from mesh.broker import JobNotFound, MeshClient, WaitTimeout
+from mesh.contracts import CONTRACTS, ContractError, JobRecord, MeshError, State
+from mesh.ops.console import (
     EXIT_FAILED,
     EXIT_INPUT,
     EXIT_TIMEOUT,
@@ -25,7 +25,7 @@ from ops.console import (
     out,
     settings,
 )
-from ops.dlq_cli import dlq_app
+from mesh.ops.dlq_cli import dlq_app
 
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -34,7 +34,7 @@ app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redi
 @app.callback()
 def _logging() -> None:
     """Every command logs like the workers: JSON lines on stderr, readable lines on a terminal."""
-    from ops.logs import setup_logging
+    from mesh.ops.logs import setup_logging
 
     setup_logging("WARNING")
 
@@ -55,8 +55,8 @@ def worker(
     threads: Annotated[int | None, typer.Option(min=1, help="Threads per process [MESH_WORKER_THREADS].")] = None,
 ) -> None:
     """Serve agents' queues until SIGTERM or Ctrl-C; in-memory messages are requeued on the way out."""
-    from ops.logs import setup_logging
-    from ops.worker import run_worker, supervise
+    from mesh.ops.logs import setup_logging
+    from mesh.ops.worker import run_worker, supervise
 
     names = _agents(agents)
     s = settings()
@@ -162,7 +162,7 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
 def status(job_id: str, as_json: JsonFlag = False) -> None:
     """A job's state and every step's: attempts, timings, errors, results; a running step without
     progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by retention is reported expired."""
-    from broker.retention import expired
+    from mesh.broker.retention import expired
 
     c = client()
     try:
@@ -218,8 +218,8 @@ def _summary(result: dict[str, Any] | None) -> str:
 def trace_(job_id: str, as_json: JsonFlag = False) -> None:
     """A job's timeline: every step's events (enqueued, picked up, tool calls, deferrals, failures,
     dead letters, duplicates, success) in order, with offsets and durations."""
-    from broker import trace
-    from ops.timeline import by_step, render
+    from mesh.broker import trace
+    from mesh.ops.timeline import by_step, render
 
     c = client()
     events = trace.read(c.redis, c.keys, job_id)
@@ -252,7 +252,7 @@ def queues(as_json: JsonFlag = False) -> None:
 def stats(as_json: JsonFlag = False) -> None:
     """Counters of the deployment: duplicates suppressed or deferred, takeovers, retries, dead letters,
     poison, recoveries, and failed attempts by class and route."""
-    from ops.metrics import STATS
+    from mesh.ops.metrics import STATS
 
     c = client()
     raw = c.redis.hgetall(c.keys.stats)
@@ -285,7 +285,7 @@ def bench(
     as_json: JsonFlag = False,
 ) -> None:
     """Measure the mesh against raw dramatiq on the configured Redis, in a throw-away namespace."""
-    from ops.bench import BenchConfig, run
+    from mesh.ops.bench import BenchConfig, run
 
     s = settings()
     client()  # exits 3 if Redis does not answer
@@ -328,7 +328,7 @@ def breakers_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     import dataclasses
     import time
 
-    from broker.breaker import Breakers
+    from mesh.broker.breaker import Breakers
 
     c = client()
     states = Breakers(c.settings, c.redis).list()
@@ -350,7 +350,7 @@ def breakers_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 @breakers_app.command("reset")
 def breakers_reset(name: Annotated[str, typer.Argument(help="The dependency, as listed (host:port).")]) -> None:
     """Close one breaker now, whatever its state."""
-    from broker.breaker import Breakers
+    from mesh.broker.breaker import Breakers
 
     c = client()
     if not Breakers(c.settings, c.redis).reset(name):
@@ -370,8 +370,8 @@ def ops_serve(
     """Serve /metrics (Prometheus), /healthz and /readyz until Ctrl-C or SIGTERM."""
     import signal
 
-    from ops.logs import setup_logging
-    from ops.server import make_server
+    from mesh.ops.logs import setup_logging
+    from mesh.ops.server import make_server
 
     setup_logging()
     server = make_server(MeshClient(settings()), host, port)
@@ -394,7 +394,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 60.0,
 ) -> None:
     """Start workers, submit a sample job, show its steps as they happen and the result, stop the workers."""
-    from ops.demo import run_demo
+    from mesh.ops.demo import run_demo
 
     raise typer.Exit(run_demo(goal, timeout, out))
 

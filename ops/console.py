@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from broker import MeshClient, MeshSettings
-from contracts import ConfigError
+from mesh.broker import MeshClient, MeshSettings
+from mesh.contracts import ConfigError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

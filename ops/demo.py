@@ -11,9 +11,9 @@ import uuid
 
 from rich.console import Console
 
-from agents.tools import read_note
-from broker import MeshClient, MeshSettings
-from contracts import TERMINAL, JobRecord, State
+from mesh.agents.tools import read_note
+from mesh.broker import MeshClient, MeshSettings
+from mesh.contracts import TERMINAL, JobRecord, State
 
 from .local_redis import ensure_redis
 
@@ -28,7 +28,7 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     env = {**os.environ, "MESH_REDIS_URL": url, "MESH_NAMESPACE": namespace}
     out.print(f"Redis {url}, namespace {namespace!r}; starting 2 worker processes (planner, researcher, executor)")
     workers = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "worker", "--processes", "2", "--threads", "4"],
+        [sys.executable, "-m", "mesh.ops.cli", "worker", "--processes", "2", "--threads", "4"],
         env=env, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ops import console as base
+from mesh.ops import console as base
 
 dlq_app = typer.Typer(help="The dead-letter queue: list, show, stats, replay, drain, load, purge.",
                       no_args_is_help=True)
@@ -62,8 +62,8 @@ Yes = Annotated[bool, typer.Option("--yes", help="Do it without asking.")]
 
 
 def _filter(agent: str | None, failure_class: str | None, since: str | None, until: str | None) -> Any:
-    from contracts import FailureClass
-    from dlq import Filter
+    from mesh.contracts import FailureClass
+    from mesh.dlq import Filter
 
     if failure_class is not None and failure_class not in set(FailureClass):
         base.fail(f"unknown failure class {failure_class!r}; classes are {', '.join(FailureClass)}", base.EXIT_INPUT)
@@ -80,7 +80,7 @@ def _selection(ids: list[str] | None, all_: bool, agent: str | None, failure_cla
 
 
 def _store() -> Any:
-    from dlq import DeadLetterStore
+    from mesh.dlq import DeadLetterStore
 
     c = base.client()
     return c, DeadLetterStore(c.redis, c.keys)
@@ -136,8 +136,8 @@ def list_(agent: Agent = None, failure_class: Class = None, since: Since = None,
 def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh dlq list`).")],
          as_json: base.JsonFlag = False) -> None:
     """Everything an entry keeps, the payload as sent and its audit records included."""
-    from contracts import loads
-    from dlq import Audit
+    from mesh.contracts import loads
+    from mesh.dlq import Audit
 
     c, store = _store()
     stored = store.load(entry_id)
@@ -195,7 +195,7 @@ def replay(
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
     """Re-enqueue entries with their original key, fresh attempts and deadline, and replay_of lineage."""
-    from dlq import Replayer
+    from mesh.dlq import Replayer
 
     flt = _selection(ids, all_, agent, failure_class, since, until)
     c, store = _store()
@@ -230,7 +230,7 @@ def drain(
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
     """Export entries to a JSONL file and remove them; each batch is fsynced before it is removed."""
-    from dlq import drain as drain_entries
+    from mesh.dlq import drain as drain_entries
 
     flt = _filter(agent, failure_class, since, until)
     _, store = _store()
@@ -252,8 +252,8 @@ def drain(
 def load(file: Annotated[Path, typer.Argument(help="A file written by `mesh dlq drain`.")],
          as_json: base.JsonFlag = False) -> None:
     """Put drained entries back (ids preserved; an entry already in the DLQ is not added twice)."""
-    from dlq import ExportFileError
-    from dlq import load as load_entries
+    from mesh.dlq import ExportFileError
+    from mesh.dlq import load as load_entries
 
     if not file.is_file():
         base.fail(f"no file {file}", base.EXIT_INPUT)
@@ -276,7 +276,7 @@ def purge(
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
     """Delete entries for good. Refuses without --yes."""
-    from dlq import purge as purge_entries
+    from mesh.dlq import purge as purge_entries
 
     flt = _selection(ids, all_, agent, failure_class, since, until)
     if not yes:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from broker.settings import DEFAULT_REDIS_URL
+from mesh.broker.settings import DEFAULT_REDIS_URL
 
 logger = logging.getLogger(__name__)
 

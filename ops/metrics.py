@@ -17,11 +17,11 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from broker import MeshClient
-from broker.breaker import Breakers
-from broker.observe import BUCKETS
-from contracts import CONTRACTS, loads
-from dlq import DeadLetterStore
+from mesh.broker import MeshClient
+from mesh.broker.breaker import Breakers
+from mesh.broker.observe import BUCKETS
+from mesh.contracts import CONTRACTS, loads
+from mesh.dlq import DeadLetterStore
 
 #: Counters the workers keep in ``{ns}:stats`` (broker/scripts/settle.lua and claim.lua, agents/runtime.py).
 STATS = {

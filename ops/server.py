@@ -10,7 +10,7 @@ import orjson
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from broker import MeshClient
+from mesh.broker import MeshClient
 
 from .metrics import MeshCollector
 

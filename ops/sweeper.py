@@ -17,13 +17,13 @@ from typing import Any
 import redis
 from dramatiq.middleware import Middleware
 
-from broker import trace
-from broker.keys import Keys
-from broker.retention import Retention
-from broker.settings import MeshSettings
-from dlq.audit import Audit
-from dlq.retention import expire_dead_letters
-from dlq.store import DeadLetterStore
+from mesh.broker import trace
+from mesh.broker.keys import Keys
+from mesh.broker.retention import Retention
+from mesh.broker.settings import MeshSettings
+from mesh.dlq.audit import Audit
+from mesh.dlq.retention import expire_dead_letters
+from mesh.dlq.store import DeadLetterStore
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 from rich.text import Text
 from rich.tree import Tree
 
-from contracts import JobRecord
+from mesh.contracts import JobRecord
 
 #: How each event reads on one line, from its fields.
 _DETAIL = {

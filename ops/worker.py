@@ -11,10 +11,10 @@ import threading
 
 from dramatiq import Worker
 
-from agents.runtime import AgentRuntime, declare_agents
-from broker.mesh_broker import build_broker
-from broker.settings import MeshSettings
-from ops.sweeper import Sweeper
+from mesh.agents.runtime import AgentRuntime, declare_agents
+from mesh.broker.mesh_broker import build_broker
+from mesh.broker.settings import MeshSettings
+from mesh.ops.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def run_worker(settings: MeshSettings, agents: list[str], threads: int) -> int:
 
 def supervise(agents: list[str], processes: int, threads: int) -> int:
     """Start ``processes`` worker processes and forward SIGTERM/SIGINT to them."""
-    cmd = [sys.executable, "-m", "ops.cli", "worker", "--agents", ",".join(agents),
+    cmd = [sys.executable, "-m", "mesh.ops.cli", "worker", "--agents", ",".join(agents),
            "--processes", "1", "--threads", str(threads)]
     children = [subprocess.Popen(cmd) for _ in range(processes)]
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import redis
 
-from broker import MeshClient, MeshSettings
-from broker.settings import DEFAULT_REDIS_URL
-from ops.local_redis import ensure_redis
+from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.settings import DEFAULT_REDIS_URL
+from mesh.ops.local_redis import ensure_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def flat(text: str) -> str:
 @contextmanager
 def ops_server(client: MeshClient) -> Iterator[str]:
     """``mesh ops serve``'s server on a free loopback port, served from a thread; yields its base URL."""
-    from ops.server import make_server
+    from mesh.ops.server import make_server
 
     server = make_server(client, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -112,7 +112,7 @@ def client(settings: MeshSettings, rclient: redis.Redis) -> MeshClient:
 @pytest.fixture
 def start_worker() -> Iterator[Callable[..., Any]]:
     """Start an in-process dramatiq worker for some agents; stopped at teardown."""
-    from ops.worker import start_worker as start
+    from mesh.ops.worker import start_worker as start
 
     started = []
 
@@ -145,7 +145,7 @@ def worker_process(settings: MeshSettings, tmp_path: Path) -> Iterator[Callable[
     def run(*args: str, **extra_env: str) -> subprocess.Popen[bytes]:
         log_path = tmp_path / f"worker-{len(procs)}.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", *args],
+            proc = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "worker", *args],
                                     env=mesh_env(settings, **extra_env), cwd=ROOT,
                                     stdout=subprocess.DEVNULL, stderr=log)
         proc.log_path = log_path  # type: ignore[attr-defined]
@@ -168,7 +168,7 @@ def cli(settings: MeshSettings) -> Callable[..., subprocess.CompletedProcess[str
     """Run ``mesh ...`` as a subprocess against this test's namespace."""
 
     def run(*args: str, timeout: float = 60, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=mesh_env(settings, **extra_env),
+        return subprocess.run([sys.executable, "-m", "mesh.ops.cli", *args], env=mesh_env(settings, **extra_env),
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 

@@ -8,8 +8,8 @@ from .base import ModelProvider
 from .local import LocalProvider
 
 if TYPE_CHECKING:
-    from broker.breaker import Breakers
-    from broker.settings import MeshSettings
+    from mesh.broker.breaker import Breakers
+    from mesh.broker.settings import MeshSettings
 
 
 def provider_for(settings: MeshSettings, breakers: Breakers | None = None) -> ModelProvider:

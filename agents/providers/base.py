@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from contracts import Findings, Plan
+from mesh.contracts import Findings, Plan
 
 
 class ModelProvider(Protocol):

@@ -10,7 +10,7 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
-from contracts import ActionStep, Finding, Findings, Plan, ResearchStep
+from mesh.contracts import ActionStep, Finding, Findings, Plan, ResearchStep
 
 ACTION_VERBS = frozenset(
     {"file", "create", "write", "record", "note", "save", "post", "send", "notify", "open", "log", "publish"}
@@ -126,7 +126,7 @@ class LocalProvider:
     def _documents(self) -> list[tuple[str, str]]:
         if self.corpus is not None:
             return [(p.name, p.read_text()) for p in self.corpus.glob("*.md")]
-        root = resources.files("agents").joinpath("corpus")
+        root = resources.files("mesh.agents").joinpath("corpus")
         return [(p.name, p.read_text()) for p in root.iterdir() if p.name.endswith(".md")]
 
 

@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from broker.breaker import Breakers
-from broker.classify import error_for_response
-from broker.settings import MeshSettings
-from contracts import Brownout, ConfigError, DependencyTimeout, Findings, InvalidOutput, Plan
-from contracts.messages import validate_output
+from mesh.broker.breaker import Breakers
+from mesh.broker.classify import error_for_response
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import Brownout, ConfigError, DependencyTimeout, Findings, InvalidOutput, Plan
+from mesh.contracts.messages import validate_output
 
 log = logging.getLogger(__name__)
 

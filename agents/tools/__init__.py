@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contracts.tools import HttpPostArgs, NoteArgs
+from mesh.contracts.tools import HttpPostArgs, NoteArgs
 
 from .base import Tool, ToolContext, ToolSpec, effect_id
 from .http_post import host_port, http_post

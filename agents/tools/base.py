@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 import httpx
 import redis
 
-from broker.breaker import Breakers
-from broker.keys import Keys
-from broker.settings import MeshSettings
-from contracts import Frozen, Receipt
+from mesh.broker.breaker import Breakers
+from mesh.broker.keys import Keys
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import Frozen, Receipt
 
 T = TypeVar("T")
 

@@ -7,9 +7,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from broker.classify import error_for_response
-from contracts import Brownout, DependencyTimeout, Receipt, ToolRefused, traceparent
-from contracts.tools import HttpPostArgs
+from mesh.broker.classify import error_for_response
+from mesh.contracts import Brownout, DependencyTimeout, Receipt, ToolRefused, traceparent
+from mesh.contracts.tools import HttpPostArgs
 
 from .base import ToolContext, effect_id
 

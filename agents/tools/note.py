@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from contracts import Receipt, dumps, loads
-from contracts.tools import NoteArgs
+from mesh.contracts import Receipt, dumps, loads
+from mesh.contracts.tools import NoteArgs
 
 from .base import ToolContext, effect_id
 

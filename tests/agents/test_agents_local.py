@@ -7,9 +7,9 @@ from pathlib import Path
 
 from conftest import ROOT, wait_for
 
-from agents.providers import LocalProvider
-from agents.tools import effect_id, read_note
-from contracts import ActionStep, Findings, Plan, Receipt, ResearchStep, State
+from mesh.agents.providers import LocalProvider
+from mesh.agents.tools import effect_id, read_note
+from mesh.contracts import ActionStep, Findings, Plan, Receipt, ResearchStep, State
 
 CORPUS = ROOT / "agents" / "corpus"
 SOURCE = re.compile(r"^corpus/([A-Za-z0-9_.-]+\.md)#([a-z0-9-]+)$")

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
-from contracts import Findings, Plan, State
-from dlq import DeadLetterStore
+from mesh.contracts import Findings, Plan, State
+from mesh.dlq import DeadLetterStore
 from tests.agents.openai_server import FakeOpenAI, Reply, completion
 
 

@@ -6,9 +6,9 @@ import re
 
 from conftest import wait_for
 
-from agents.tools import effect_id
-from contracts import State
-from dlq import DeadLetterStore
+from mesh.agents.tools import effect_id
+from mesh.contracts import State
+from mesh.dlq import DeadLetterStore
 from tests.httpserver import RecordingServer
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-01$")

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from agents.providers.openai import OpenAIProvider
-from broker.breaker import Breakers
-from broker.settings import MeshSettings
-from contracts import (
+from mesh.agents.providers.openai import OpenAIProvider
+from mesh.broker.breaker import Breakers
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import (
     ActionStep,
     BreakerOpen,
     Brownout,

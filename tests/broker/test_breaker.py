@@ -7,8 +7,8 @@ import time
 import pytest
 from conftest import wait_for
 
-from broker.breaker import Breakers
-from contracts import BreakerOpen, Brownout, DependencyTimeout, PermanentFailure
+from mesh.broker.breaker import Breakers
+from mesh.contracts import BreakerOpen, Brownout, DependencyTimeout, PermanentFailure
 
 DEP = "api.example:443"
 

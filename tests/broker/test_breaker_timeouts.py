@@ -11,14 +11,14 @@ import httpx
 import pytest
 from conftest import wait_for
 
-from agents.tools.base import ToolContext
-from agents.tools.http_post import http_post
-from broker import MeshClient, MeshSettings
-from broker.breaker import Breakers
-from broker.keys import Keys
-from broker.router import Route, route
-from contracts import BreakerOpen, Brownout, DependencyTimeout, FailureClass, loads
-from contracts.tools import HttpPostArgs
+from mesh.agents.tools.base import ToolContext
+from mesh.agents.tools.http_post import http_post
+from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.breaker import Breakers
+from mesh.broker.keys import Keys
+from mesh.broker.router import Route, route
+from mesh.contracts import BreakerOpen, Brownout, DependencyTimeout, FailureClass, loads
+from mesh.contracts.tools import HttpPostArgs
 from tests.httpserver import RecordingServer
 
 FAILURES = 3

@@ -10,10 +10,10 @@ import pydantic
 import pytest
 from dramatiq.middleware import TimeLimitExceeded
 
-from broker.classify import classify, error_for_response, parse_retry_after
-from broker.router import full_jitter_ms
-from broker.settings import MeshSettings
-from contracts import (
+from mesh.broker.classify import classify, error_for_response, parse_retry_after
+from mesh.broker.router import full_jitter_ms
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import (
     Brownout,
     ConfigError,
     ContractError,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import wait_for
 
-from broker import MeshClient, WaitTimeout, job_id_for
-from contracts import ContractError, State, UnknownAgent
+from mesh.broker import MeshClient, WaitTimeout, job_id_for
+from mesh.contracts import ContractError, State, UnknownAgent
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
 

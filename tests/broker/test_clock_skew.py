@@ -10,9 +10,9 @@ import signal
 from conftest import push_raw, wait_for
 from dramatiq.common import current_millis
 
-from broker import MeshClient
-from broker.mesh_broker import MeshBroker
-from contracts import State
+from mesh.broker import MeshClient
+from mesh.broker.mesh_broker import MeshBroker
+from mesh.contracts import State
 from tests.httpserver import RecordingServer
 
 #: As reported: one host 16 s off, with the default 15 s heartbeat timeout.

@@ -16,11 +16,11 @@ from dramatiq import Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.message import Message
 
-from broker.deadline import Deadline, effective_limit_ms
-from broker.mesh_broker import MeshBroker, build_broker
-from broker.outbox import build_message
-from contracts import Envelope, new_trace_id
-from dlq import DeadLetterStore
+from mesh.broker.deadline import Deadline, effective_limit_ms
+from mesh.broker.mesh_broker import MeshBroker, build_broker
+from mesh.broker.outbox import build_message
+from mesh.contracts import Envelope, new_trace_id
+from mesh.dlq import DeadLetterStore
 
 NOW_MS = 1_700_000_000_000
 

@@ -14,8 +14,8 @@ from dramatiq.message import Message
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
 
-from broker.mesh_broker import build_broker
-from dlq import DeadLetterStore
+from mesh.broker.mesh_broker import build_broker
+from mesh.dlq import DeadLetterStore
 
 SCALARS: list[Any] = [42, "x", None, [1, 2], 1.5, True, {"a": [1, None]}]
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import push_raw, wait_for
 from dramatiq.message import Message
 
-from broker.outbox import encode, stage
-from contracts import State, dumps, loads
-from dlq import DeadLetterStore
+from mesh.broker.outbox import encode, stage
+from mesh.contracts import State, dumps, loads
+from mesh.dlq import DeadLetterStore
 from tests.httpserver import RecordingServer
 
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
@@ -205,7 +205,7 @@ def test_message_without_exactly_one_envelope_argument_is_dead_lettered_as_inval
 
 
 def test_settling_a_retry_twice_pushes_the_copy_once(client, settings):
-    from broker.mesh_broker import MeshBroker
+    from mesh.broker.mesh_broker import MeshBroker
 
     broker = MeshBroker(settings, client=client.redis)
     rid = push_raw(client, "executor", b"{}")
@@ -217,7 +217,7 @@ def test_settling_a_retry_twice_pushes_the_copy_once(client, settings):
 
 
 def test_a_retry_settled_again_after_its_copy_moved_on_pushes_nothing_more(client, settings):
-    from broker.mesh_broker import MeshBroker
+    from mesh.broker.mesh_broker import MeshBroker
 
     broker = MeshBroker(settings, client=client.redis)
     rid = push_raw(client, "executor", b"{}")
@@ -232,7 +232,7 @@ def test_a_retry_settled_again_after_its_copy_moved_on_pushes_nothing_more(clien
 
 def test_a_worker_back_from_a_redis_outage_does_not_reap_the_others_until_they_could_beat_again(
         client, settings):
-    from broker.mesh_broker import MeshBroker
+    from mesh.broker.mesh_broker import MeshBroker
 
     # The script reads the Redis server's clock, so the outage is a real (short) silence.
     timeout = 500

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import wait_for
 
-from broker.idempotency import Idempotency
-from contracts import dumps
+from mesh.broker.idempotency import Idempotency
+from mesh.contracts import dumps
 
 
 def claim(mw: Idempotency, key: str, owner: str) -> tuple[str, int]:

@@ -8,9 +8,9 @@ import time
 import pytest
 from conftest import wait_for
 
-from broker.idempotency import Idempotency, Lease
-from broker.jobs import JobStore
-from contracts import JobRecord, LeaseLost, StepRecord, dumps, loads
+from mesh.broker.idempotency import Idempotency, Lease
+from mesh.broker.jobs import JobStore
+from mesh.contracts import JobRecord, LeaseLost, StepRecord, dumps, loads
 
 
 def claim(mw: Idempotency, key: str, owner: str) -> tuple[str, int, bytes | int | None]:

@@ -25,13 +25,13 @@ import pytest
 import redis
 from conftest import wait_for
 
-from agents.tools import effect_id
-from broker import MeshClient
-from broker.client import JobRef
-from broker.observe import running_member
-from contracts import State
-from dlq import DeadLetterStore
-from ops.local_redis import PrivateRedis, answers, redis_binary
+from mesh.agents.tools import effect_id
+from mesh.broker import MeshClient
+from mesh.broker.client import JobRef
+from mesh.broker.observe import running_member
+from mesh.contracts import State
+from mesh.dlq import DeadLetterStore
+from mesh.ops.local_redis import PrivateRedis, answers, redis_binary
 from tests.httpserver import RecordingServer
 
 FINISH_S = 40  # the deadline to settle everything once Redis is back

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agents.tools import read_note
-from contracts import State
+from mesh.agents.tools import read_note
+from mesh.contracts import State
 
 
 def test_submitted_goal_flows_planner_researcher_executor_and_succeeds(client, settings, start_worker):

@@ -9,8 +9,8 @@ from collections import Counter
 
 from conftest import wait_for
 
-from broker import MeshClient
-from contracts import State
+from mesh.broker import MeshClient
+from mesh.contracts import State
 from tests.httpserver import RecordingServer
 
 HEARTBEAT_TIMEOUT_S = 3

@@ -22,12 +22,12 @@ import pytest
 import redis
 from conftest import wait_for
 
-from agents.tools.base import effect_id
-from agents.tools.note import read_note
-from broker import MeshClient
-from broker.client import JobRef
-from contracts import TERMINAL, State
-from ops.local_redis import PrivateRedis, redis_binary
+from mesh.agents.tools.base import effect_id
+from mesh.agents.tools.note import read_note
+from mesh.broker import MeshClient
+from mesh.broker.client import JobRef
+from mesh.contracts import TERMINAL, State
+from mesh.ops.local_redis import PrivateRedis, redis_binary
 
 N = 100  # messages per test
 CUTS = 5  # times every client connection is killed in the first test

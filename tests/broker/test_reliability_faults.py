@@ -15,17 +15,17 @@ from conftest import push_raw, wait_for
 from dramatiq import Worker
 from dramatiq.middleware import ShutdownNotifications, TimeLimit, TimeLimitExceeded
 
-from agents.runtime import AgentRuntime, declare_agents
-from broker import MeshClient, MeshSettings, trace
-from broker.deadline import Deadline
-from broker.idempotency import Idempotency
-from broker.jobs import JobStore
-from broker.mesh_broker import MeshBroker, build_broker
-from broker.outbox import build_message, encode
-from broker.router import FailureRouter
-from contracts import Envelope, State, dumps, loads, new_trace_id
-from dlq import DeadLetterStore
-from ops.local_redis import PrivateRedis, redis_binary
+from mesh.agents.runtime import AgentRuntime, declare_agents
+from mesh.broker import MeshClient, MeshSettings, trace
+from mesh.broker.deadline import Deadline
+from mesh.broker.idempotency import Idempotency
+from mesh.broker.jobs import JobStore
+from mesh.broker.mesh_broker import MeshBroker, build_broker
+from mesh.broker.outbox import build_message, encode
+from mesh.broker.router import FailureRouter
+from mesh.contracts import Envelope, State, dumps, loads, new_trace_id
+from mesh.dlq import DeadLetterStore
+from mesh.ops.local_redis import PrivateRedis, redis_binary
 
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
 
@@ -157,8 +157,8 @@ def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_
 
 def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings):
     """The lease is taken over while the handler waits before its tool: the tool must not act."""
-    from agents.handlers import executor
-    from broker.idempotency import Lease, _current
+    from mesh.agents.handlers import executor
+    from mesh.broker.idempotency import Lease, _current
 
     lease = Lease(key="k-lost", claim_key=client.keys.claim("k-lost"), owner="a", token=1, lost=True)
     _current.lease = lease
@@ -166,7 +166,7 @@ def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings
         env = Envelope(key="k-lost", job_id="j", step_id="executor", agent="executor", trace_id=new_trace_id(),
                        deadline=time.time() + 30, payload=note("never"))
         runtime = AgentRuntime.from_settings(settings, client.redis)
-        from contracts import LeaseLost, ToolCall
+        from mesh.contracts import LeaseLost, ToolCall
         with pytest.raises(LeaseLost):
             executor(runtime, env, ToolCall.model_validate(note("never")))
     finally:
@@ -205,7 +205,7 @@ def test_waiting_for_a_busy_key_stops_at_the_deadline_and_at_max_waits(client, m
 def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settings):
     """A transaction re-sent after its reply was lost applies its change a second time: the
     record must come out the same and nothing may be traced or counted twice."""
-    from agents import pipeline
+    from mesh.agents import pipeline
 
     ref = client.send("executor", note("re-sent"))
     env = Envelope.model_validate(loads(client.redis.hvals(client.keys.messages("executor"))[0])["args"][0])

@@ -10,15 +10,15 @@ from typing import Any
 import redis
 from conftest import wait_for
 
-from broker import MeshClient, trace
-from broker.jobs import JobStore, fail_step
-from broker.keys import Keys
-from broker.observe import running_member
-from broker.outbox import build_message, encode
-from broker.retention import Retention, expired
-from contracts import Envelope, JobRecord, State, StepRecord, dumps, transition
-from dlq import DeadLetter, DeadLetterStore
-from dlq.replay import Replayer
+from mesh.broker import MeshClient, trace
+from mesh.broker.jobs import JobStore, fail_step
+from mesh.broker.keys import Keys
+from mesh.broker.observe import running_member
+from mesh.broker.outbox import build_message, encode
+from mesh.broker.retention import Retention, expired
+from mesh.contracts import Envelope, JobRecord, State, StepRecord, dumps, transition
+from mesh.dlq import DeadLetter, DeadLetterStore
+from mesh.dlq.replay import Replayer
 from tests.httpserver import RecordingServer
 
 RETENTION_S = 2.0

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from broker.router import Route, route
-from broker.settings import MeshSettings
-from contracts import FailureClass as F
+from mesh.broker.router import Route, route
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import FailureClass as F
 
 S = MeshSettings(max_retries=2, max_defers=3, retry_min_backoff_ms=100, retry_max_backoff_ms=10_000)
 

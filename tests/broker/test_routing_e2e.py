@@ -10,10 +10,10 @@ from typing import Any
 
 from conftest import wait_for
 
-from broker import MeshClient
-from broker.breaker import Breakers
-from contracts import State
-from dlq import DeadLetterStore
+from mesh.broker import MeshClient
+from mesh.broker.breaker import Breakers
+from mesh.contracts import State
+from mesh.dlq import DeadLetterStore
 from tests.httpserver import RecordingServer
 
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from dramatiq.errors import DecodeError
 
-from contracts import Envelope, OrjsonEncoder, dumps, loads
+from mesh.contracts import Envelope, OrjsonEncoder, dumps, loads
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 

@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from contracts import Envelope, child_key, new_trace_id, traceparent
+from mesh.contracts import Envelope, child_key, new_trace_id, traceparent
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 

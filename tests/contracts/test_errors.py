@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from contracts import errors
-from contracts.errors import (
+from mesh.contracts import errors
+from mesh.contracts.errors import (
     BreakerOpen,
     Brownout,
     ConfigError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from contracts import IllegalTransition, JobRecord, State, StepRecord, transition
+from mesh.contracts import IllegalTransition, JobRecord, State, StepRecord, transition
 
 
 def step(**overrides: object) -> StepRecord:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from contracts import (
+from mesh.contracts import (
     ContractError,
     InvalidOutput,
     Plan,
@@ -19,8 +19,8 @@ from contracts import (
     validate_input,
     validate_output,
 )
-from contracts.messages import Findings
-from contracts.tools import HttpPostArgs, NoteArgs
+from mesh.contracts.messages import Findings
+from mesh.contracts.tools import HttpPostArgs, NoteArgs
 
 GOOD_PLAN = {
     "goal": "write a note",

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from conftest import ROOT, flat, mesh_env, push_raw, wait_for
 
-from broker import MeshClient
-from contracts import State
-from dlq import Audit, DeadLetter, DeadLetterStore, Filter, Replayer, Stored
-from dlq.export import line_of
+from mesh.broker import MeshClient
+from mesh.contracts import State
+from mesh.dlq import Audit, DeadLetter, DeadLetterStore, Filter, Replayer, Stored
+from mesh.dlq.export import line_of
 from tests.dlq.bulk import AGENTS, CLASSES, agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
 
@@ -203,7 +203,7 @@ def test_replay_all_while_the_cause_persists_replays_each_entry_once_and_ends(
 
         log = tmp_path / "replay.log"
         with log.open("wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "dlq", "replay", "--all", "--yes", "--json",
+            proc = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "dlq", "replay", "--all", "--yes", "--json",
                                      "--rate", "2"], env=mesh_env(settings), cwd=ROOT, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=err)
         try:
@@ -238,7 +238,7 @@ def test_replay_killed_with_sigkill_halfway_and_run_again_loses_no_entry_and_pos
         switch.fixed = True
         log = tmp_path / "replay-killed.log"
         with log.open("wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "dlq", "replay", "--all", "--yes", "--rate",
+            proc = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "dlq", "replay", "--all", "--yes", "--rate",
                                      "20"], env=mesh_env(settings), cwd=ROOT, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -393,7 +393,7 @@ def put_synthetic(store: DeadLetterStore, n: int, *, agent: str, failure_class: 
 
 def test_drain_and_purge_with_agent_and_class_together_take_only_matching_entries_past_a_batch_of_others(
         client, tmp_path):
-    from dlq import drain, load, purge
+    from mesh.dlq import drain, load, purge
 
     store = store_of(client)
     t0 = 1_700_000_000.0
@@ -434,7 +434,7 @@ def test_two_replays_at_once_replay_each_entry_exactly_once(client, make_setting
         procs = []
         for i in range(2):
             err = (tmp_path / f"replay-{i}.log").open("wb")
-            procs.append(subprocess.Popen([sys.executable, "-m", "ops.cli", "dlq", "replay", "--all", "--yes",
+            procs.append(subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "dlq", "replay", "--all", "--yes",
                                            "--json"], env=mesh_env(settings), cwd=ROOT, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE, stderr=err))
             err.close()
@@ -502,7 +502,7 @@ def test_replay_takes_every_matching_entry_once_and_its_counts_add_up_to_what_wa
 
 @pytest.mark.parametrize(("n", "flt"), BULK_CASES, ids=repr)
 def test_drain_and_purge_take_every_matching_entry_once(client, tmp_path, n, flt):
-    from dlq import drain, purge
+    from mesh.dlq import drain, purge
 
     chosen, others = bulk(client, n, flt)
     store = store_of(client)

@@ -15,9 +15,9 @@ import orjson
 import pytest
 from dramatiq.message import Message
 
-from broker.outbox import encode
-from dlq import Audit, DeadLetter, DeadLetterStore, Filter, drain
-from dlq.entry import Attempt
+from mesh.broker.outbox import encode
+from mesh.dlq import Audit, DeadLetter, DeadLetterStore, Filter, drain
+from mesh.dlq.entry import Attempt
 from tests.dlq.bulk import agent_of, class_of, generate, nth_id
 
 MB = 1024 * 1024

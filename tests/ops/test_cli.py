@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import flat, wait_for
 
-from broker import job_id_for
-from contracts import State
+from mesh.broker import job_id_for
+from mesh.contracts import State
 
 AGENTS = ("planner", "researcher", "executor")
 NOTE = {"tool": "note", "args": {"title": "hello"}}

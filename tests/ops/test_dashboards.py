@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.metrics import MeshCollector
+from mesh.ops.metrics import MeshCollector
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "ops" / "dashboards"
 

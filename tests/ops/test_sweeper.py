@@ -8,9 +8,9 @@ import time
 
 from conftest import flat, wait_for
 
-from broker import MeshClient
-from dlq import Audit, DeadLetter, DeadLetterStore
-from ops.sweeper import Sweeper
+from mesh.broker import MeshClient
+from mesh.dlq import Audit, DeadLetter, DeadLetterStore
+from mesh.ops.sweeper import Sweeper
 
 
 def entry(entry_id: str, at: float) -> DeadLetter:

@@ -8,8 +8,8 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from broker import MeshClient
-from contracts import State
+from mesh.broker import MeshClient
+from mesh.contracts import State
 from tests.httpserver import RecordingServer
 
 GOAL = "Find out how retries work and how dead letters are replayed, then write a note"
