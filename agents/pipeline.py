@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from dramatiq.message import Message
+from pydantic import BaseModel
 
 from mesh.broker.jobs import Change
 from mesh.broker.outbox import build_message
@@ -18,7 +19,6 @@ from mesh.contracts import (
     TERMINAL,
     Envelope,
     Findings,
-    Frozen,
     JobRecord,
     Plan,
     State,
@@ -59,7 +59,7 @@ def start(env: Envelope, token: int) -> Change:
     return change
 
 
-def complete(env: Envelope, output: Frozen) -> Change:
+def complete(env: Envelope, output: BaseModel) -> Change:
     """The step succeeded with ``output``; work out what it sets in motion."""
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
@@ -127,6 +127,9 @@ def _fan_in(env: Envelope, record: JobRecord, now: float) -> tuple[JobRecord, li
 def _finish_if_done(record: JobRecord, now: float) -> JobRecord:
     if record.state is not State.RUNNING or any(s.state is not State.SUCCEEDED for s in record.steps.values()):
         return record
-    last = max((ORDER.index(s.agent) for s in record.steps.values() if s.agent in ORDER), default=0)
-    result = {sid: s.result for sid, s in record.steps.items() if s.agent == ORDER[last]}
+    builtin = [ORDER.index(s.agent) for s in record.steps.values() if s.agent in ORDER]
+    if builtin:  # the built-in flow: the job's result is its last agent's output
+        result = {sid: s.result for sid, s in record.steps.items() if s.agent == ORDER[max(builtin)]}
+    else:  # a user agent's job: every step's output
+        result = {sid: s.result for sid, s in record.steps.items()}
     return transition(record, State.SUCCEEDED, now=now, result=result)

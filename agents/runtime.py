@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
 import httpx
 import redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis import Redis
 
 from mesh.broker import trace
@@ -24,42 +23,37 @@ from mesh.broker.observe import count_outcome, observe_duration, running_member
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import (
     TERMINAL,
+    ConfigError,
     ContractError,
     CycleDetected,
     DeadlineExceeded,
     Envelope,
-    Frozen,
+    InvalidOutput,
     JobRecord,
     MeshError,
     OutcomeUnrecorded,
     PermanentFailure,
     State,
-    validate_input,
-    validate_output,
 )
 
 from . import pipeline
+from .app import AgentSpec, App
+from .context import Context
 from .providers import ModelProvider, provider_for
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[["AgentRuntime", Envelope, Any], Frozen]
-
-#: Agents whose timed-out attempt gets one more try: model calls that change nothing outside.
-#: The executor's tools may have acted before timing out, so its timeouts fail fast.
-TIMEOUT_RETRIES = {"planner": 1, "researcher": 1}
-
-
 @dataclass
 class AgentRuntime:
-    """What agents share in one worker process: settings, Redis, job store, model provider, HTTP client."""
+    """What agents share in one worker process: the app, settings, Redis, job store, model provider,
+    HTTP client and breakers."""
 
     settings: MeshSettings
     redis: Redis
     provider: ModelProvider
     http: httpx.Client = field(default_factory=httpx.Client)
-
     breakers: Breakers | None = None
+    app: App = field(default_factory=lambda: _builtin())
 
     def __post_init__(self) -> None:
         self.worker = trace.worker_name()
@@ -69,13 +63,15 @@ class AgentRuntime:
             self.breakers = Breakers(self.settings, self.redis)
 
     @classmethod
-    def from_settings(cls, settings: MeshSettings, client: Redis) -> AgentRuntime:
+    def from_settings(cls, settings: MeshSettings, client: Redis, app: App | None = None) -> AgentRuntime:
         breakers = Breakers(settings, client)
-        return cls(settings=settings, redis=client, provider=provider_for(settings, breakers), breakers=breakers)
+        return cls(settings=settings, redis=client, provider=provider_for(settings, breakers), breakers=breakers,
+                   app=app or _builtin())
 
-    def handle(self, agent: str, raw: Any, handler: Handler) -> None:
+    def handle(self, spec: AgentSpec, raw: Any) -> None:
         """Run one message whose key this thread has claimed; the result goes to the job record
         and to the claim (``done``), both fenced by the claim's token."""
+        agent = spec.name
         if not (isinstance(raw, dict) and isinstance(raw.get("key"), str) and raw["key"]):
             # A foreign producer's bare payload: poison, not a sign of a broken deployment.
             raise ContractError(f"not a mesh message: a {agent} message carries an envelope with a key, "
@@ -84,7 +80,10 @@ class AgentRuntime:
         if lease is None:
             raise PermanentFailure("no claim held on the message key: the broker lacks the Idempotency middleware")
         env = self.envelope(agent, raw)
-        payload = validate_input(agent, env.payload)
+        if env.contract_version is not None and env.contract_version != spec.version:
+            raise ContractError(f"message for contract version {env.contract_version} of agent {agent!r}; this "
+                                f"worker serves version {spec.version}: not run against the wrong model")
+        payload = _validated(spec.input, env.payload, f"invalid {agent} input", ContractError)
         envelope = env.model_dump(mode="json")
         member = running_member(env.job_id, env.step_id)
 
@@ -112,9 +111,12 @@ class AgentRuntime:
             return
         if lease.recorded_output is not None:
             # An earlier attempt finished and Redis refused its record: record that, run nothing again.
-            output = validate_output(agent, lease.recorded_output)
+            result: Any = lease.recorded_output
         else:
-            output = validate_output(agent, handler(self, env, payload).model_dump(mode="json"))
+            result = spec.handler(Context(self, env, spec, lease), payload)
+        if isinstance(result, BaseModel):
+            result = result.model_dump(mode="json")
+        output = _validated(spec.output, result, f"invalid {agent} output", InvalidOutput)
         duration = time.monotonic() - lease.started
 
         def succeeded(pipe: Any, record: JobRecord) -> None:
@@ -180,22 +182,48 @@ class AgentRuntime:
         return env
 
 
-def declare_agents(broker: MeshBroker, runtime: AgentRuntime, agents: list[str]) -> list[dramatiq.Actor]:
-    """Declare the chosen agents as dramatiq actors on ``broker``, each on its own queue."""
-    from .handlers import HANDLERS
-
+def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | None = None) -> list[dramatiq.Actor]:
+    """Declare the app's agents (``names``, default all) as dramatiq actors on ``broker``, each on its
+    own queue, with its policy as actor options (time limit, retries, timeout retries)."""
+    app = runtime.app
+    app.check()
+    names = list(app.agents) if names is None else names
+    unknown = [n for n in names if n not in app.agents]
+    if unknown:
+        raise ConfigError(f"no agent named {', '.join(map(repr, unknown))} in app {app.name!r}; "
+                          f"agents are {', '.join(app.agents)}")
     actors = []
-    for name in agents:
-        handler = HANDLERS[name]
+    for name in names:
+        spec = app.agents[name]
 
-        def run(*args: Any, _name: str = name, _handler: Handler = handler, **kwargs: Any) -> None:
+        def run(*args: Any, _spec: AgentSpec = spec, **kwargs: Any) -> None:
             if len(args) != 1 or kwargs:
-                raise ContractError(f"a {_name} message carries exactly one envelope, "
+                raise ContractError(f"a {_spec.name} message carries exactly one envelope, "
                                     f"not {len(args)} args and {len(kwargs)} kwargs")
-            runtime.handle(_name, args[0], _handler)
+            runtime.handle(_spec, args[0])
 
         run.__name__ = run.__qualname__ = name
-        actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=name, priority=0,
-                                     options={"timeout_retries": TIMEOUT_RETRIES.get(name, 0),
-                                              "throws": (MeshError,)}))
+        options: dict[str, Any] = {"timeout_retries": spec.timeout_retries, "throws": (MeshError,)}
+        if spec.time_limit_s is not None:
+            options["time_limit"] = int(spec.time_limit_s * 1000)
+        if spec.max_retries is not None:
+            options["max_retries"] = spec.max_retries
+        actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
+                                     options=options))
     return actors
+
+
+def _validated(model: type[BaseModel], payload: Any, what: str, error: type[MeshError]) -> BaseModel:
+    """``payload`` as ``model``, or ``error`` naming every invalid field."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors)
+        raise error(f"{what}: {fields}", errors=errors) from None
+
+
+def _builtin() -> App:
+    from .builtin import app
+
+    return app

@@ -24,7 +24,7 @@ from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
 from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, dumps, loads
-from mesh.dlq.entry import DeadLetter, format_traceback
+from mesh.contracts.deadletter import DeadLetter, format_traceback
 
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
 from .trace import TRACE_MAXLEN

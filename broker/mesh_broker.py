@@ -18,7 +18,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from mesh.contracts import OrjsonEncoder
-from mesh.dlq.entry import Attempt, DeadLetter
+from mesh.contracts.deadletter import Attempt, DeadLetter
 
 from .consumer import MeshConsumer
 from .deadline import Deadline
@@ -26,6 +26,7 @@ from .idempotency import Idempotency
 from .jobs import JobStore
 from .keys import Keys
 from .outbox import wake
+from .redact import redact
 from .router import FailureRouter
 from .settings import MeshSettings
 
@@ -141,8 +142,8 @@ class MeshBroker(RedisBroker):
             queue=message.queue_name,
             agent=message.actor_name,
             failure_class=failure_class,
-            error=error,
-            traceback=traceback,
+            error=redact(error),
+            traceback=redact(traceback) if traceback else None,
             envelope=envelope,
             key=_str(env.get("key")),
             job_id=_str(env.get("job_id")),

@@ -33,12 +33,13 @@ from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware
 
 from mesh.contracts import FailureClass, LeaseLost, OutcomeUnrecorded, State
-from mesh.dlq.entry import Attempt, format_traceback
+from mesh.contracts.deadletter import Attempt, format_traceback
 
 from . import trace
 from .classify import classify
 from .jobs import JobStore, fail_step
 from .observe import observe_duration, running_member
+from .redact import redact
 from .settings import MeshSettings
 from .settle import DeadLetterIt, Decision, JobWrite, RetryLater, decide, delayed_copy
 
@@ -74,7 +75,7 @@ class Routing:
 
     def error(self, exc: BaseException) -> str:
         """The error as recorded: the exception's message, and why it took this route when it says."""
-        text = str(exc) or type(exc).__name__
+        text = redact(str(exc) or type(exc).__name__)
         return f"{text} ({self.reason})" if self.reason else text
 
 
@@ -237,7 +238,7 @@ class FailureRouter(Middleware):
         decide(message, dataclasses.replace(decision, job=job))
         logger.warning("message failed", extra={
             **log, "failure_class": str(failure_class), "route": str(routing.route), "delay_ms": routing.delay_ms,
-            "attempt": attempt, "error": str(exception), "reason": routing.reason or None})
+            "attempt": attempt, "error": redact(str(exception)), "reason": routing.reason or None})
         if lease is not None and self.jobs is not None:
             self._observe(message.actor_name, time.monotonic() - lease.started)
 
@@ -249,7 +250,7 @@ class FailureRouter(Middleware):
 
     def _decide(self, broker: Broker, message: MessageProxy, envelope: dict[str, Any], attempt: int,
                 routing: Routing, exception: BaseException) -> Decision:
-        error = str(exception) or type(exception).__name__
+        error = redact(str(exception) or type(exception).__name__)
         counter = f"{routing.failure_class}:{routing.route}"
         if routing.route is Route.DEAD_LETTER:
             entry = broker.dead_letter_entry(  # type: ignore[attr-defined]

@@ -29,6 +29,8 @@ class MeshSettings(BaseSettings):
     model_api_key: SecretStr | None = None
     model_timeout_s: float = Field(default=30.0, gt=0)
 
+    secrets_dir: str | None = Field(default=None, description="folder of secret files (one per name) tools may "
+                                    "declare; the environment is looked at first")
     http_allow: str = Field(default="", description="comma-separated host:port pairs http_post may reach")
     http_timeout_s: float = Field(default=10.0, gt=0)
 

@@ -10,7 +10,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis, dq_name
 from dramatiq.message import Message
 
-from mesh.dlq.entry import DeadLetter
+from mesh.contracts.deadletter import DeadLetter
 
 if TYPE_CHECKING:
     from .jobs import Change

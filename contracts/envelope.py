@@ -46,6 +46,8 @@ class Envelope(Frozen):
     hops: tuple[str, ...] = ()
     attempt: int = Field(default=1, ge=1)
     schema_version: int = SCHEMA_VERSION
+    #: The agent's contract version the payload was written for; None: unchecked (not known to the sender).
+    contract_version: int | None = Field(default=None, ge=1)
     replay_of: str | None = None
     payload: dict[str, Any]
 

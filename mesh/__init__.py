@@ -1,15 +1,21 @@
 """The agent mesh: one import package for apps.
 
-    from mesh import MeshClient, MeshSettings
+    from mesh import App, Context, MeshClient
 
-The repository's folders are its subpackages: ``mesh.contracts`` (the typed language),
-``mesh.broker`` (Redis, middleware, client), ``mesh.agents`` (the agent runtime), ``mesh.dlq``
-(dead letters) and ``mesh.ops`` (the ``mesh`` command).
+``App`` declares agents and tools (``@app.agent``, ``@app.tool``); ``Context`` is what a handler
+is given; ``ToolContext`` what a tool is given; ``MeshClient`` sends work and follows jobs. The
+repository's folders are its subpackages: ``mesh.contracts`` (the typed language), ``mesh.broker``
+(Redis, middleware, client), ``mesh.agents`` (the agent runtime), ``mesh.dlq`` (dead letters) and
+``mesh.ops`` (the ``mesh`` command).
 """
 
 from __future__ import annotations
 
+from mesh.agents.app import AgentSpec, App, ToolSpec, load_app
+from mesh.agents.context import Context
+from mesh.agents.tools.base import ToolContext
 from mesh.broker import JobRef, MeshClient, MeshSettings, WaitTimeout
-from mesh.contracts import FailureClass, MeshError, State
+from mesh.contracts import FailureClass, MeshError, Receipt, State
 
-__all__ = ["FailureClass", "JobRef", "MeshClient", "MeshError", "MeshSettings", "State", "WaitTimeout"]
+__all__ = ["AgentSpec", "App", "Context", "FailureClass", "JobRef", "MeshClient", "MeshError", "MeshSettings",
+           "Receipt", "State", "ToolContext", "ToolSpec", "WaitTimeout", "load_app"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import JobNotFound, MeshClient, WaitTimeout
-from mesh.contracts import CONTRACTS, ContractError, JobRecord, MeshError, State
+from mesh.contracts import CONTRACTS, ConfigError, ContractError, JobRecord, MeshError, State
 from mesh.ops.console import (
     EXIT_FAILED,
     EXIT_INPUT,
@@ -39,18 +41,33 @@ def _logging() -> None:
     setup_logging("WARNING")
 
 
-def _agents(value: str) -> list[str]:
+def _agents(value: str | None, app_path: str | None) -> list[str] | None:
+    """The agents to serve, checked against the app (which is loaded here, so a bad path fails early)."""
+    from mesh.agents.app import load_app
+    from mesh.agents.builtin import app as builtin
+
+    try:
+        mesh_app = load_app(app_path) if app_path else builtin
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--app") from None
+    if value is None:
+        return None
     names = [a.strip() for a in value.split(",") if a.strip()]
-    unknown = [a for a in names if a not in CONTRACTS]
+    unknown = [a for a in names if a not in mesh_app.agents]
     if unknown or not names:
         raise typer.BadParameter(f"unknown agent(s) {', '.join(unknown) or '(none)'}; "
-                                 f"agents are {', '.join(CONTRACTS)}")
+                                 f"agents of app {mesh_app.name!r} are {', '.join(mesh_app.agents)}",
+                                 param_hint="--agents")
     return names
 
 
 @app.command()
 def worker(
-    agents: Annotated[str, typer.Option(help="Comma-separated agents to serve.")] = ",".join(CONTRACTS),
+    agents: Annotated[str | None, typer.Option(help="Comma-separated agents to serve (default: all of the app's).",
+                                               show_default=False)] = None,
+    app_path: Annotated[str | None, typer.Option("--app", help="The app to serve, as module[:attribute], e.g. "
+                                                 "support.agents:app (default: the built-in planner, researcher "
+                                                 "and executor).", show_default=False)] = None,
     processes: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     threads: Annotated[int | None, typer.Option(min=1, help="Threads per process [MESH_WORKER_THREADS].")] = None,
 ) -> None:
@@ -58,13 +75,15 @@ def worker(
     from mesh.ops.logs import setup_logging
     from mesh.ops.worker import run_worker, supervise
 
-    names = _agents(agents)
+    if app_path and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `celery -A` and `dramatiq` do: the app is found from here
+    names = _agents(agents, app_path)
     s = settings()
     setup_logging()
     n_threads = threads or s.worker_threads
     if processes > 1:
-        raise typer.Exit(supervise(names, processes, n_threads))
-    raise typer.Exit(run_worker(s, names, n_threads))
+        raise typer.Exit(supervise(names, processes, n_threads, app_path))
+    raise typer.Exit(run_worker(s, names, n_threads, app_path))
 
 
 @app.command()

@@ -11,7 +11,8 @@ import threading
 
 from dramatiq import Worker
 
-from mesh.agents.runtime import AgentRuntime, declare_agents
+from mesh.agents.app import App, load_app
+from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker.mesh_broker import build_broker
 from mesh.broker.settings import MeshSettings
 from mesh.ops.sweeper import Sweeper
@@ -22,13 +23,18 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
 
 
-def start_worker(settings: MeshSettings, agents: list[str], threads: int) -> Worker:
-    """Build the broker, declare ``agents`` on it and start consuming their queues in this process."""
+def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: App | str | None = None
+                 ) -> Worker:
+    """Build the broker, declare the app's ``agents`` (default: all of them) on it and start consuming
+    their queues in this process. ``app``: an App, an import path (``pkg.module:app``) or None for
+    the built-in planner, researcher and executor."""
+    app = load_app(app) if isinstance(app, str) else app
     broker = build_broker(settings)
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
-    runtime = AgentRuntime.from_settings(settings, broker.records)
-    declare_agents(broker, runtime, agents)
-    worker = Worker(broker, queues=set(agents), worker_threads=threads, worker_timeout=IDLE_POLL_MS)
+    runtime = AgentRuntime.from_settings(settings, broker.records, app)
+    actors = declare_app(broker, runtime, agents)
+    queues = {actor.queue_name for actor in actors}
+    worker = Worker(broker, queues=queues, worker_threads=threads, worker_timeout=IDLE_POLL_MS)
     if settings.prefetch:
         worker.queue_prefetch = settings.prefetch
     broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
@@ -36,13 +42,14 @@ def start_worker(settings: MeshSettings, agents: list[str], threads: int) -> Wor
     return worker
 
 
-def run_worker(settings: MeshSettings, agents: list[str], threads: int) -> int:
+def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: str | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then stop gracefully: in-memory messages go back to their queues."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    worker = start_worker(settings, agents, threads)
-    logger.info("worker started", extra={"agents": ",".join(agents), "threads": threads, "pid": os.getpid(),
+    worker = start_worker(settings, agents, threads, app)
+    logger.info("worker started", extra={"app": app or "builtin", "agents": ",".join(agents or ["all"]),
+                                         "threads": threads, "pid": os.getpid(),
                                          "namespace": settings.namespace})
     stop.wait()
     logger.info("worker stopping", extra={"pid": os.getpid()})
@@ -51,10 +58,13 @@ def run_worker(settings: MeshSettings, agents: list[str], threads: int) -> int:
     return 0
 
 
-def supervise(agents: list[str], processes: int, threads: int) -> int:
+def supervise(agents: list[str] | None, processes: int, threads: int, app: str | None = None) -> int:
     """Start ``processes`` worker processes and forward SIGTERM/SIGINT to them."""
-    cmd = [sys.executable, "-m", "mesh.ops.cli", "worker", "--agents", ",".join(agents),
-           "--processes", "1", "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "mesh.ops.cli", "worker", "--processes", "1", "--threads", str(threads)]
+    if agents:
+        cmd += ["--agents", ",".join(agents)]
+    if app:
+        cmd += ["--app", app]
     children = [subprocess.Popen(cmd) for _ in range(processes)]
 
     def forward(signum: int, _frame: object) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 import redis
@@ -15,7 +15,7 @@ import redis
 from mesh.broker.breaker import Breakers
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import Frozen, Receipt
+from mesh.contracts import ToolRefused
 
 T = TypeVar("T")
 
@@ -35,6 +35,16 @@ class ToolContext:
     #: The message's deadline (absolute, s): no call may outlast it.
     deadline: float = math.inf
     breakers: Breakers | None = None
+    #: The secrets this tool declared, read at run time; no other code is handed them.
+    secrets: Mapping[str, str] = field(default_factory=dict)
+
+    def secret(self, name: str) -> str:
+        """The value of a secret this tool declared (``@app.tool(secrets=[...])``)."""
+        try:
+            return self.secrets[name]
+        except KeyError:
+            raise ToolRefused(f"secret {name} was not declared by this tool; it declared "
+                              f"{sorted(self.secrets) or 'none'}") from None
 
     def timeout_s(self, configured: float) -> float:
         """``configured``, cut to what is left of the deadline (at least a millisecond)."""
@@ -45,26 +55,6 @@ class ToolContext:
         return call() if self.breakers is None else self.breakers.call(dependency, call)
 
 
-Tool = Callable[[ToolContext, Any], Receipt]
-
-
 def effect_id(key: str) -> str:
     """The id of the effect a key produces: the same key always names the same effect."""
     return hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    args: type[Frozen]
-    run: Tool
-    #: The dependency a call reaches (for the trace and the breaker), from its arguments.
-    target: Callable[[Any], str] = lambda _args: "redis"
-    #: Whether a call changes something outside the mesh: an attempt that made one is never re-run blindly.
-    effect: bool = True
-
-    def dependency(self, args: Any) -> str:
-        try:
-            return self.target(args)
-        except ValueError:
-            return "?"

@@ -15,7 +15,7 @@ from conftest import push_raw, wait_for
 from dramatiq import Worker
 from dramatiq.middleware import ShutdownNotifications, TimeLimit, TimeLimitExceeded
 
-from mesh.agents.runtime import AgentRuntime, declare_agents
+from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient, MeshSettings, trace
 from mesh.broker.deadline import Deadline
 from mesh.broker.idempotency import Idempotency
@@ -86,7 +86,7 @@ def test_a_router_that_breaks_dead_letters_the_message_instead_of_acking_it_away
         ShutdownNotifications(), FailureRouter(settings, JobStore(keys_client, client.keys), rng=broken_rng),
         Idempotency(settings, keys_client), Deadline(settings), TimeLimit(time_limit=60_000)])
     runtime = AgentRuntime.from_settings(settings, keys_client)
-    declare_agents(broker, runtime, ["executor"])
+    declare_app(broker, runtime, ["executor"])
     worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
     # A brownout is retried: the route needs the jitter, and the broken source raises inside the hook.
     ref = client.send("executor", {"tool": "http_post", "args": {"url": "http://127.0.0.1:9/x"}})
@@ -137,7 +137,7 @@ def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_
     broker = build_broker(settings)
     runtime = AgentRuntime.from_settings(settings, broker.records)
     runtime.jobs = LateInterrupt(broker.records, client.keys)
-    declare_agents(broker, runtime, ["executor"])
+    declare_app(broker, runtime, ["executor"])
     worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
     ref = client.send("executor", note("interrupted late"))
     worker.start()
@@ -157,20 +157,17 @@ def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_
 
 def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings):
     """The lease is taken over while the handler waits before its tool: the tool must not act."""
-    from mesh.agents.handlers import executor
-    from mesh.broker.idempotency import Lease, _current
+    from mesh.agents.builtin import app, executor
+    from mesh.agents.context import Context
+    from mesh.broker.idempotency import Lease
+    from mesh.contracts import LeaseLost, ToolCall
 
     lease = Lease(key="k-lost", claim_key=client.keys.claim("k-lost"), owner="a", token=1, lost=True)
-    _current.lease = lease
-    try:
-        env = Envelope(key="k-lost", job_id="j", step_id="executor", agent="executor", trace_id=new_trace_id(),
-                       deadline=time.time() + 30, payload=note("never"))
-        runtime = AgentRuntime.from_settings(settings, client.redis)
-        from mesh.contracts import LeaseLost, ToolCall
-        with pytest.raises(LeaseLost):
-            executor(runtime, env, ToolCall.model_validate(note("never")))
-    finally:
-        _current.lease = None
+    env = Envelope(key="k-lost", job_id="j", step_id="executor", agent="executor", trace_id=new_trace_id(),
+                   deadline=time.time() + 30, payload=note("never"))
+    runtime = AgentRuntime.from_settings(settings, client.redis)
+    with pytest.raises(LeaseLost):
+        executor(Context(runtime, env, app.agents["executor"], lease), ToolCall.model_validate(note("never")))
     assert client.redis.zcard(client.keys.notes) == 0
     assert lease.effects == 0
 

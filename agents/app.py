@@ -1,0 +1,213 @@
+"""``App``: how users put their own agents and tools on the mesh.
+
+    from mesh import App, Context
+    from pydantic import BaseModel
+
+    app = App("support")
+
+    class Ticket(BaseModel):
+        text: str
+
+    class Triage(BaseModel):
+        queue: str
+        confidence: float
+
+    @app.agent(version=1, time_limit_s=60, max_retries=3)   # queue "triage" by default
+    def triage(ctx: Context, ticket: Ticket) -> Triage:      # models read from the signature
+        ...
+
+    @app.tool(dependency="tickets.internal:443", secrets=["TICKETS_TOKEN"], effect=True)
+    def file_ticket(ctx: ToolContext, args: FileTicket) -> Receipt: ...
+
+Workers load an app by import path (``mesh worker --app support.agents:app``). The built-in
+planner, researcher and executor are declared the same way (:mod:`mesh.agents.builtin`); there is
+no private path. A declared agent is still the plain function (callable in a unit test).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from mesh.contracts import ConfigError
+
+NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """A declared agent: its contract, its policy and its handler ``(ctx, input) -> output``."""
+
+    name: str
+    input: type[BaseModel]
+    output: type[BaseModel]
+    handler: Callable[..., Any]
+    #: The contract version: a message sent for another version is dead-lettered, never run.
+    version: int = 1
+    queue: str = ""
+    #: The handler's time limit (s); None: MESH_TIME_LIMIT_S. Always cut to the job's deadline.
+    time_limit_s: float | None = None
+    #: Retries of retryable failures (brownout, invalid output, unknown); None: MESH_MAX_RETRIES.
+    max_retries: int | None = None
+    #: Retries of a timed-out attempt: 0 for agents with outside effects (the call may have acted).
+    timeout_retries: int = 0
+    #: Tools the handler may call through ``ctx.call``.
+    tools: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.queue:
+            object.__setattr__(self, "queue", self.name)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A declared tool: an args model, the dependency it calls, the secrets it needs."""
+
+    name: str
+    args: type[BaseModel]
+    run: Callable[..., Any]
+    #: The dependency a call reaches: the breaker's identity (e.g. ``host:port``), fixed or from the
+    #: args; None: the mesh's own store, no breaker.
+    dependency: str | Callable[[Any], str] | None = None
+    #: Names of the secrets the tool reads (``ctx.secret(NAME)``): from the worker's environment or
+    #: MESH_SECRETS_DIR, at run time; they reach this tool and no other code.
+    secrets: tuple[str, ...] = ()
+    #: Whether a call changes something outside the mesh: an attempt that made one is never re-run blindly.
+    effect: bool = True
+    description: str = ""
+
+    def target(self, args: Any) -> str:
+        """The dependency a call with ``args`` reaches ("?" when the args do not say)."""
+        if self.dependency is None:
+            return "mesh"
+        if isinstance(self.dependency, str):
+            return self.dependency
+        try:
+            return self.dependency(args)
+        except ValueError:
+            return "?"
+
+
+class App:
+    """The agents, tools (and, later, pipelines) of one application."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.agents: dict[str, AgentSpec] = {}
+        self.tools: dict[str, ToolSpec] = {}
+
+    def agent(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
+              input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
+              version: int = 1, queue: str | None = None, time_limit_s: float | None = None,
+              max_retries: int | None = None, timeout_retries: int = 0,
+              tools: Iterable[str] = ()) -> Any:
+        """Declare ``fn(ctx, input) -> output`` as an agent; the models default to its annotations."""
+
+        def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+            agent_name = name or fn.__name__
+            in_model, out_model = _models(fn, input, output)
+            self.add_agent(AgentSpec(
+                name=agent_name, input=in_model, output=out_model, handler=fn, version=version,
+                queue=queue or agent_name, time_limit_s=time_limit_s, max_retries=max_retries,
+                timeout_retries=timeout_retries, tools=tuple(tools), description=_doc(fn)))
+            return fn
+
+        return declare(fn) if fn is not None else declare
+
+    def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
+             args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
+             secrets: Iterable[str] = (), effect: bool = True) -> Any:
+        """Declare ``fn(ctx, args) -> result`` as a tool agents may call."""
+
+        def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+            args_model = args or _models(fn, None, None, need_output=False)[0]
+            self.add_tool(ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
+                                   secrets=tuple(secrets), effect=effect, description=_doc(fn)))
+            return fn
+
+        return declare(fn) if fn is not None else declare
+
+    def add_agent(self, spec: AgentSpec) -> None:
+        if not NAME.match(spec.name):
+            raise ConfigError(f"agent name {spec.name!r} must match {NAME.pattern}")
+        if spec.name in self.agents:
+            raise ConfigError(f"app {self.name!r} declares agent {spec.name!r} twice")
+        self.agents[spec.name] = spec
+
+    def add_tool(self, spec: ToolSpec) -> None:
+        if spec.name in self.tools:
+            raise ConfigError(f"app {self.name!r} declares tool {spec.name!r} twice")
+        self.tools[spec.name] = spec
+
+    def include(self, other: App) -> App:
+        """Add ``other``'s agents and tools (e.g. the built-in ones) to this app."""
+        for tool in other.tools.values():
+            self.add_tool(tool)
+        for spec in other.agents.values():
+            self.add_agent(spec)
+        return self
+
+    @property
+    def contracts(self) -> Mapping[str, tuple[type[BaseModel], type[BaseModel]]]:
+        """Agent name -> (input model, output model): what clients validate against."""
+        return {name: (spec.input, spec.output) for name, spec in self.agents.items()}
+
+    def check(self) -> None:
+        """Every tool an agent names is declared: a worker refuses to start otherwise."""
+        for spec in self.agents.values():
+            missing = [t for t in spec.tools if t not in self.tools]
+            if missing:
+                raise ConfigError(f"agent {spec.name!r} names undeclared tools {missing}; "
+                                  f"tools are {sorted(self.tools) or 'none'}")
+
+
+def load_app(path: str) -> App:
+    """The ``App`` at ``module[:attribute]`` (as ``uvicorn pkg.module:app`` and ``celery -A`` do).
+    Without an attribute: the module's ``app``, or its one ``App``."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from None
+    if attr:
+        found = getattr(module, attr, None)
+        if not isinstance(found, App):
+            raise ConfigError(f"{module_name}:{attr} is not a mesh App (found {type(found).__name__})")
+        return found
+    if isinstance(getattr(module, "app", None), App):
+        return typing.cast(App, module.app)
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if len(apps) != 1:
+        raise ConfigError(f"module {module_name!r} holds {len(apps)} mesh Apps; name one: {module_name}:ATTR")
+    return apps[0]
+
+
+def _models(fn: Callable[..., Any], input: type[BaseModel] | None, output: type[BaseModel] | None,
+            *, need_output: bool = True) -> tuple[type[BaseModel], type[BaseModel]]:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:  # an annotation that does not resolve
+        raise ConfigError(f"cannot read the annotations of {fn.__qualname__}: {exc}") from None
+    params = list(inspect.signature(fn).parameters)
+    if len(params) != 2:
+        raise ConfigError(f"{fn.__qualname__} must take (ctx, input); it takes {params}")
+    in_model = input or hints.get(params[1])
+    out_model = output or hints.get("return")
+    if not (isinstance(in_model, type) and issubclass(in_model, BaseModel)):
+        raise ConfigError(f"{fn.__qualname__}: the input must be a pydantic model (annotate it or pass input=)")
+    if need_output and not (isinstance(out_model, type) and issubclass(out_model, BaseModel)):
+        raise ConfigError(f"{fn.__qualname__}: the output must be a pydantic model (annotate it or pass output=)")
+    return in_model, typing.cast(type[BaseModel], out_model or BaseModel)
+
+
+def _doc(fn: Callable[..., Any]) -> str:
+    return (inspect.getdoc(fn) or "").split("\n\n")[0].strip()
+

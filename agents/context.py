@@ -1,0 +1,191 @@
+"""``Context``: what a handler is given. Every guarantee the mesh gives reaches user code here.
+
+    ctx.key, ctx.job_id, ctx.trace_id, ctx.step_id, ctx.attempt, ctx.token   the message's identity
+    ctx.deadline_left_s()                                                     the budget left (s)
+    ctx.progress("fetched 3 pages")                                           the step moved on
+    ctx.model                                                                 the model provider
+    ctx.call("file_ticket", {...})                                            a declared tool: traced,
+                                                                              breaker-guarded, cut to
+                                                                              the deadline, classified
+    ctx.http.post(url, json=...)                                              HTTP with the same guards
+
+Secrets are not on the context: a tool reads the ones it declared (``ToolContext.secret``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from dramatiq.middleware import TimeLimitExceeded
+from pydantic import BaseModel, ValidationError
+
+from mesh.broker import redact
+from mesh.broker.classify import error_for_response
+from mesh.contracts import (
+    Brownout,
+    ConfigError,
+    ContractError,
+    DependencyTimeout,
+    Envelope,
+    LeaseLost,
+    MeshError,
+    ToolRefused,
+)
+
+from .tools.base import ToolContext
+from .tools.http import host_port, send_request
+
+if TYPE_CHECKING:
+    from mesh.broker.idempotency import Lease
+
+    from .app import AgentSpec, ToolSpec
+    from .providers import ModelProvider
+    from .runtime import AgentRuntime
+
+
+def read_secret(name: str, secrets_dir: str | None) -> str:
+    """A secret by name, at run time: the worker's environment, else a file in MESH_SECRETS_DIR.
+    Its value is registered for redaction: it never appears in a log line, trace or dead letter."""
+    value = os.environ.get(name)
+    if value is None and secrets_dir:
+        path = Path(secrets_dir) / name
+        if path.is_file():
+            value = path.read_text().strip()
+    if value is None:
+        raise ConfigError(f"secret {name} is not set (environment or MESH_SECRETS_DIR)")
+    redact.register(value)
+    return value
+
+
+@dataclass
+class GuardedHttp:
+    """``ctx.http``: requests with the mesh's guards."""
+
+    tool: ToolContext
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """``method url`` through its ``host:port``'s circuit breaker (see :func:`send_request`)."""
+        return self.tool.guarded(host_port(url), lambda: send_request(self.tool, method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+
+@dataclass
+class Context:
+    """The step a handler runs: its identity, budget, model, tools and guarded HTTP."""
+
+    runtime: AgentRuntime
+    env: Envelope
+    spec: AgentSpec
+    lease: Lease
+    _tool_ctx: ToolContext = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._tool_ctx = self._tool_context(())
+
+    key = property(lambda self: self.env.key)
+    job_id = property(lambda self: self.env.job_id)
+    trace_id = property(lambda self: self.env.trace_id)
+    step_id = property(lambda self: self.env.step_id)
+    agent = property(lambda self: self.env.agent)
+    attempt = property(lambda self: self.env.attempt)
+
+    @property
+    def token(self) -> int:
+        """The fencing token of this attempt's claim: pass it to effects that compare tokens."""
+        return self.lease.token
+
+    @property
+    def deadline(self) -> float:
+        return self.env.deadline
+
+    def deadline_left_s(self) -> float:
+        return self.env.remaining_s()
+
+    @property
+    def model(self) -> ModelProvider:
+        return self.runtime.provider
+
+    @property
+    def http(self) -> GuardedHttp:
+        return GuardedHttp(self._tool_ctx)
+
+    def progress(self, note: str) -> None:
+        """The handler moved on: a step that only heartbeats without this is reported stuck."""
+        self.runtime.progress(self.env, note)
+
+    def call(self, tool: str, args: BaseModel | dict[str, Any]) -> Any:
+        """Call a tool this agent declared (``tools=[...]``): traced, breaker-guarded, classified;
+        an effectful call that returned is remembered, so the attempt is never re-run blindly."""
+        spec = self.runtime.app.tools.get(tool) if tool in self.spec.tools else None
+        if spec is None:
+            raise ToolRefused(f"agent {self.spec.name!r} did not declare tool {tool!r}; it declared "
+                              f"{list(self.spec.tools) or 'none'}", tool=tool)
+        try:
+            typed = args if isinstance(args, spec.args) else spec.args.model_validate(
+                args.model_dump(mode="json") if isinstance(args, BaseModel) else args)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
+            raise ContractError(f"invalid {tool} args: {exc.error_count()} error(s)", errors=errors) from None  # type: ignore[arg-type]
+        if self.lease.lost:
+            # Renewal found the key taken over: the new owner carries the work, this attempt acts no more.
+            raise LeaseLost(self.lease.key, self.lease.token)
+        return self._run(spec, typed)
+
+    def _run(self, spec: ToolSpec, args: BaseModel) -> Any:
+        tool_ctx = self._tool_context(spec.secrets)
+        dependency = spec.target(args) if spec.dependency is not None else "mesh"
+        started = time.monotonic()
+        outcome: dict[str, Any] = {}
+        try:
+            if spec.dependency is None:
+                result = spec.run(tool_ctx, args)
+            else:
+                result = tool_ctx.guarded(dependency, lambda: _classified(dependency, spec.run, tool_ctx, args))
+            if spec.effect:
+                self.lease.effects += 1
+            detail = getattr(result, "detail", None)
+            outcome = {"status": detail.get("status") if isinstance(detail, dict) else "ok"}
+            return result
+        except TimeLimitExceeded as exc:
+            # Stopped mid-call: the tool may have acted. The effect cannot be proven either way.
+            outcome = {"error": "time limit"}
+            raise DependencyTimeout(f"{spec.name} hit its time limit; its effect is unknown", tool=spec.name,
+                                    effect_unknown=spec.effect) from exc
+        except Exception as exc:
+            outcome = {"error": redact.redact(str(exc))}
+            raise
+        finally:
+            if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
+                self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started, **outcome)
+
+    def _tool_context(self, secrets: tuple[str, ...]) -> ToolContext:
+        rt = self.runtime
+        return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
+                           fencing_token=self.lease.token, deadline=self.env.deadline, breakers=rt.breakers,
+                           settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http,
+                           secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
+
+
+def _classified(dependency: str, run: Any, tool_ctx: ToolContext, args: BaseModel) -> Any:
+    """Run a tool, its raw HTTP failures raised as the mesh's classes, so its breaker counts them."""
+    try:
+        return run(tool_ctx, args)
+    except MeshError:
+        raise
+    except httpx.HTTPStatusError as exc:
+        raise error_for_response(exc.response, dependency=dependency) from exc
+    except httpx.TimeoutException as exc:
+        raise DependencyTimeout(f"{dependency} timed out: {exc}", dependency=dependency,
+                                effect_unknown=True) from exc
+    except httpx.TransportError as exc:
+        raise Brownout(f"{dependency} unreachable: {exc}", dependency=dependency) from exc

@@ -1,0 +1,48 @@
+"""What a dead letter keeps: enough to understand the failure and to replay the message as sent."""
+
+from __future__ import annotations
+
+import socket
+import time
+import traceback as tb
+from typing import Any
+
+from pydantic import Field
+
+from .envelope import Frozen
+
+
+class Attempt(Frozen):
+    """One delivery of the message and how it ended."""
+
+    attempt: int
+    outcome: str = Field(description="retried, dead_lettered, ...")
+    failure_class: str | None = None
+    error: str | None = None
+    at: float
+    worker: str | None = None
+
+
+class DeadLetter(Frozen):
+    entry_id: str
+    queue: str
+    agent: str | None = None
+    failure_class: str
+    error: str
+    traceback: str | None = None
+    envelope: dict[str, Any] | None = None
+    key: str | None = None
+    job_id: str | None = None
+    trace_id: str | None = None
+    attempts: tuple[Attempt, ...] = ()
+    worker: str
+    host: str = Field(default_factory=socket.gethostname)
+    dead_lettered_at: float = Field(default_factory=time.time)
+    replay_count: int = 0
+    replay_of: str | None = None
+
+
+def format_traceback(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
