@@ -96,10 +96,12 @@ def route(
     settings: MeshSettings,
     rng: Callable[[], float] = random.random,
     effect_unrecorded: bool = False,
+    max_retries: int | None = None,
 ) -> Routing:
     """Where a failed attempt goes: the whole routing policy, without I/O or a clock.
 
     ``effect_unrecorded``: the attempt applied an effect and its outcome cannot be recorded.
+    ``max_retries``: the agent's own retry budget (None: MESH_MAX_RETRIES).
 
     A wait the dependency named gets a uniform jitter on top. For a Retry-After that is up to
     NAMED_WAIT_JITTER_MS. For an open breaker (a brownout with a wait) it is a window of
@@ -134,7 +136,7 @@ def route(
             delay = full_jitter_ms(defers, lo, hi, rng)
         return _within_deadline(Routing(Route.DEFER, failure_class, delay), remaining_s)
     budget = timeout_retries if failure_class is FailureClass.TIMEOUT else (
-        settings.max_retries if failure_class in RETRIED else 0)
+        (settings.max_retries if max_retries is None else max_retries) if failure_class in RETRIED else 0)
     if attempt - 1 < budget:
         return _within_deadline(Routing(Route.RETRY, failure_class, full_jitter_ms(attempt - 1, lo, hi, rng)),
                                 remaining_s)
@@ -185,7 +187,7 @@ class FailureRouter(Middleware):
     @property
     def actor_options(self) -> set[str]:
         # ``throws``: exceptions dramatiq's worker logs as expected (no traceback); the router logs the route.
-        return {"timeout_retries", "throws"}
+        return {"timeout_retries", "max_retries", "throws"}
 
     def after_process_message(
         self,
@@ -226,6 +228,7 @@ class FailureRouter(Middleware):
             failure_class, retry_after_s, attempt=attempt, defers=int(message.options.get("mesh_defers", 0)),
             remaining_s=deadline - current_millis() / 1000 if isinstance(deadline, int | float) else math.inf,
             timeout_retries=self._timeout_retries(broker, message) if envelope else 0,
+            max_retries=self._option(broker, message, "max_retries"),
             settings=self.settings, rng=self.rng,
             effect_unrecorded=bool(lease and lease.effects) and not isinstance(exception, OutcomeUnrecorded),
         )
@@ -241,6 +244,13 @@ class FailureRouter(Middleware):
             "attempt": attempt, "error": redact(str(exception)), "reason": routing.reason or None})
         if lease is not None and self.jobs is not None:
             self._observe(message.actor_name, time.monotonic() - lease.started)
+
+    def _option(self, broker: Broker, message: MessageProxy, name: str) -> int | None:
+        try:
+            value = broker.get_actor(message.actor_name).options.get(name)
+        except Exception:  # an unknown actor
+            return None
+        return value if isinstance(value, int) else None
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy) -> int:
         try:
