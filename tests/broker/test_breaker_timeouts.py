@@ -43,8 +43,10 @@ def test_timeouts_of_a_hanging_dependency_trip_its_breaker_and_then_no_call_reac
         args = HttpPostArgs(url=server.url())
         outcomes = []
         for n in range(10):
+            ctx = tool_context(settings, rclient, http, n)
+            # As ctx.call runs a declared tool: through the breaker of the dependency it names.
             with pytest.raises((DependencyTimeout, BreakerOpen)) as info:
-                http_post(tool_context(settings, rclient, http, n), args)
+                ctx.guarded(server.host_port, lambda ctx=ctx: http_post(ctx, args))
             outcomes.append(type(info.value).__name__)
         requests = len(server.requests)
 

@@ -93,7 +93,7 @@ def test_trace_json_of_a_submitted_goal_shows_every_step_enqueued_picked_up_prog
         assert duration <= step.finished_at - step.started_at + 2
 
     [tool_call] = [e for e in steps["a1"] if e["event"] == "tool_call"]
-    assert tool_call["tool"] == "note" and tool_call["dependency"] == "redis" and tool_call["duration_s"] >= 0
+    assert tool_call["tool"] == "note" and tool_call["dependency"] == "mesh" and tool_call["duration_s"] >= 0
     assert kinds(steps["a1"])[2:] == ["tool_call", "progress", "succeeded"]
     # The downstream steps were enqueued by the step before them (fan-out, then fan-in after the last finding).
     assert all(steps[r][0]["at"] >= steps["plan"][1]["at"] for r in ("r1", "r2"))
