@@ -29,6 +29,7 @@ from dramatiq.middleware import TimeLimitExceeded
 from mesh.contracts import BreakerOpen, Brownout, DependencyTimeout
 
 from .keys import Keys
+from .redact import redact
 from .settings import MeshSettings
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class Breakers:
         try:
             result = fn()
         except COUNTED as exc:
-            verdict = self._record("failure", dependency, owner, str(exc) or type(exc).__name__)
+            # The error is kept as the breaker's last_error: masked like every error text the mesh keeps.
+            verdict = self._record("failure", dependency, owner, redact(str(exc) or type(exc).__name__))
             if verdict is None:
                 raise
             after, wait_ms = verdict

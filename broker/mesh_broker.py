@@ -126,6 +126,7 @@ class MeshBroker(RedisBroker):
         """Everything the DLQ keeps about ``message``, whose last attempt failed with ``error``."""
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else None
         env = envelope or {}
+        error = redact(error)  # the entry's and its last attempt's: some callers pass an exception's raw text
         history = [Attempt.model_validate(a) for a in message.options.get("mesh_attempts", [])]
         history.append(
             Attempt(
@@ -142,7 +143,7 @@ class MeshBroker(RedisBroker):
             queue=message.queue_name,
             agent=message.actor_name,
             failure_class=failure_class,
-            error=redact(error),
+            error=error,
             traceback=redact(traceback) if traceback else None,
             envelope=envelope,
             key=_str(env.get("key")),
