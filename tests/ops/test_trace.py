@@ -106,7 +106,7 @@ def test_trace_json_of_a_submitted_goal_shows_every_step_enqueued_picked_up_prog
     for step_id, step in record.steps.items():
         assert f"{step_id} {step.agent} succeeded" in text, text
     assert len(re.findall(r"succeeded +in ", text)) == 4, text  # one "succeeded" event line per step, with its duration
-    for word in ("enqueued", "picked_up", "progress", "tool_call", "note → redis"):
+    for word in ("enqueued", "picked_up", "progress", "tool_call", "note → mesh"):
         assert word in text, text
 
 
