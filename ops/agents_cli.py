@@ -27,9 +27,9 @@ def agents(as_json: base.JsonFlag = False) -> None:
 
 def table(listings: list[AgentListing]) -> Table:
     out = Table("agent", "queue", "version", "tools", "workers", "heartbeat")
-    # Names are inputs (mesh send NAME): wrap them whole rather than cut; tools may wrap.
-    for column in out.columns[:2]:
-        column.overflow = "fold"
+    # Names are inputs (mesh send NAME): their columns keep them whole; the others give way.
+    out.columns[0].min_width = max(len(x.agent.name) for x in listings)
+    out.columns[1].min_width = max(len(x.agent.queue) for x in listings)
     out.columns[3].overflow = "fold"
     for listing in listings:
         a, workers = listing.agent, listing.workers

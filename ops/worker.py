@@ -41,7 +41,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
     actors = declare_app(broker, runtime, agents)
     registry(settings, broker).publish(broker.broker_id, broker.worker_label,
-                                       [published(runtime.app.agents[a.actor_name]) for a in actors],
+                                       [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors],
                                        app=runtime.app.name)
     queues = {actor.queue_name for actor in actors}
     worker = Worker(broker, queues=queues, worker_threads=threads, worker_timeout=IDLE_POLL_MS)
@@ -77,10 +77,11 @@ def registry(settings: MeshSettings, broker: MeshBroker) -> Registry:
     return Registry(broker.records, Keys(settings.namespace), settings.heartbeat_timeout_s)
 
 
-def published(spec: AgentSpec) -> PublishedAgent:
-    """How a declared agent is published: its queue, contract version, models as JSON Schema, tools."""
+def published(spec: AgentSpec, app: str = "") -> PublishedAgent:
+    """How a declared agent of ``app`` is published: its queue, contract version, models as JSON Schema, tools."""
     return PublishedAgent(name=spec.name, queue=spec.queue, version=spec.version, input_schema=_schema(spec.input),
-                          output_schema=_schema(spec.output), tools=spec.tools, description=spec.description)
+                          output_schema=_schema(spec.output), tools=spec.tools, description=spec.description,
+                          app=app)
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any] | None:
