@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +20,18 @@ from mesh.contracts import (
     MeshError,
     State,
     StepRecord,
+    UnknownAgent,
     new_trace_id,
     validate_input,
 )
+from mesh.contracts.messages import validate_model
 
 from . import trace
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
 from .outbox import build_message, stage_all
+from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
 
 #: The entry agent of the pipeline and the step id its work is recorded under.
@@ -39,6 +42,17 @@ class WaitTimeout(MeshError):
     def __init__(self, job_id: str, timeout_s: float, record: JobRecord) -> None:
         super().__init__(f"job {job_id} still {record.state} after {timeout_s:g}s", job_id=job_id)
         self.record = record
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a message for an agent goes and what it must satisfy first: its queue, the contract
+    version stamped on it (None: unchecked), and the check of its payload."""
+
+    agent: str
+    queue: str
+    version: int | None
+    check: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -60,62 +74,106 @@ def trace_id_for(key: str) -> str:
 
 class MeshClient:
     """Submit goals, send messages to one agent, and follow jobs. Settings come from ``MESH_*``
-    unless given; the Redis connection may be injected."""
+    unless given; the Redis connection may be injected. With ``app`` (a ``mesh.App``) its agents'
+    payloads are checked with their models and stamped with their contract version; without it, an
+    agent other than the built-in ones is checked against the input schema its workers published."""
 
-    def __init__(self, settings: MeshSettings | None = None, *, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: MeshSettings | None = None, *, client: redis.Redis | None = None,
+                 app: AgentCatalog | None = None) -> None:
         self.settings = settings or MeshSettings.from_env()
         self.redis = client or redis.Redis.from_url(self.settings.redis_url)
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
+        self.app = app
+        self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
 
     def submit(self, goal: str, *, key: str | None = None) -> JobRef:
         """Run the whole pipeline for ``goal``."""
         payload = {"goal": goal}
-        validate_input(ENTRY_AGENT, payload)
-        return self._send([(ENTRY_AGENT, ENTRY_STEP, payload, key)], goal=goal)[0]
+        target = self.target(ENTRY_AGENT)
+        target.check(payload)
+        return self._send(target, [(ENTRY_STEP, payload, key)], goal=goal)[0]
 
     def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None) -> JobRef:
         """One message to one agent, checked against its input contract before it reaches Redis."""
-        validate_input(agent, payload)
-        return self._send([(agent, agent, payload, key)])[0]
+        target = self.target(agent)
+        target.check(payload)
+        return self._send(target, [(agent, payload, key)])[0]
 
     def send_many(self, agent: str, items: Iterable[tuple[dict[str, Any], str | None]],
                   *, chunk: int = 1000) -> list[JobRef]:
         """Many messages to one agent in pipelined chunks; every payload is checked before any is sent."""
         batch = list(items)
+        target = self.target(agent)
         for index, (payload, _key) in enumerate(batch):
             try:
-                validate_input(agent, payload)
+                target.check(payload)
             except ContractError as exc:
                 raise ContractError(f"item {index}: {exc.message}", errors=exc.errors, index=index) from None
         refs: list[JobRef] = []
         for start in range(0, len(batch), chunk):
             part = batch[start:start + chunk]
-            refs += self._send([(agent, agent, p, k) for p, k in part])
+            refs += self._send(target, [(agent, p, k) for p, k in part])
         return refs
 
-    def _send(self, items: list[tuple[str, str, dict[str, Any], str | None]], *,
+    def target(self, agent: str) -> Target:
+        """How a message for ``agent`` is checked and routed: by the app's models when it declares
+        the agent, by the built-in contracts, or by the schema the agent's workers published (one
+        Redis read). UnknownAgent, naming the known agents, when none of them knows it."""
+        def builtin(payload: Any) -> Any:
+            return validate_input(agent, payload)
+
+        spec = self.app.agents.get(agent) if self.app is not None else None
+        if self.app is not None and spec is not None:
+            model = self.app.contracts[agent][0]
+
+            def declared(payload: Any) -> Any:
+                return validate_model(agent, model, payload)
+
+            # The built-in models' own check goes further (an executor call's args fit its tool).
+            check = builtin if agent in CONTRACTS and CONTRACTS[agent][0] is model else declared
+            return Target(agent, spec.queue, spec.version, check)
+        if agent in CONTRACTS:
+            return Target(agent, agent, None, builtin)
+        published = self.registry.get(agent)
+        if published is None:
+            raise UnknownAgent(agent, self.known_agents())
+        return Target(agent, published.queue, published.version, published.validate_input)
+
+    def known_agents(self) -> list[str]:
+        """Every agent a message can be sent to: the built-in ones, the app's, then the published ones."""
+        known = dict.fromkeys(CONTRACTS)
+        if self.app is not None:
+            known.update(dict.fromkeys(self.app.agents))
+        known.update(dict.fromkeys(self.registry.agents()))
+        return list(known)
+
+    def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
               goal: str | None = None) -> list[JobRef]:
-        """Record and enqueue ``(agent, step_id, payload, key)`` items whose payloads were validated."""
+        """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated."""
+        agent = target.agent
         now = time.time()
         refs = []
         pipe = self.redis.pipeline(transaction=True)
         messages = []
-        for agent, step_id, payload, key in items:
+        for step_id, payload, key in items:
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
             trace_id = trace_id_for(key) if key else new_trace_id()
             key = key or uuid.uuid4().hex
             ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
             env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
-                           deadline=now + self.settings.job_deadline_s, payload=payload)
+                           deadline=now + self.settings.job_deadline_s, contract_version=target.version,
+                           payload=payload)
             step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
                               created_at=now, updated_at=now)
             record = JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
                                steps={step_id: step}, created_at=now, updated_at=now)
             self.jobs.stage_create(pipe, record)
             message = build_message(env)
+            if target.queue != message.queue_name:
+                message = message.copy(queue_name=target.queue)
             messages.append(message)
-            trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=agent, by="client"))
+            trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=target.queue, by="client"))
             refs.append(ref)
         stage_all(pipe, self.keys, messages)
         pipe.execute()
@@ -154,10 +212,19 @@ class MeshClient:
                 raise WaitTimeout(job_id, timeout_s, record)
             time.sleep(poll_s)
 
-    def queues(self, agents: Iterable[str] = tuple(CONTRACTS)) -> dict[str, dict[str, int]]:
-        """Per agent queue: ready, delayed, and in flight (fetched by a worker, not yet settled)."""
+    def agent_queues(self) -> list[str]:
+        """The queues of every agent this client knows: built-in, the app's, and published ones."""
+        queues = dict.fromkeys(CONTRACTS)
+        if self.app is not None:
+            queues.update(dict.fromkeys(spec.queue for spec in self.app.agents.values()))
+        queues.update(dict.fromkeys(a.queue for a in self.registry.agents().values()))
+        return list(queues)
+
+    def queues(self, agents: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+        """Per queue (default: every agent's, see :meth:`agent_queues`): ready, delayed, and in
+        flight (fetched by a worker, not yet settled)."""
         pipe = self.redis.pipeline(transaction=False)
-        names = list(agents)
+        names = list(agents) if agents is not None else self.agent_queues()
         for name in names:
             pipe.llen(self.keys.queue(name))
             pipe.hlen(self.keys.messages(name))

@@ -49,6 +49,15 @@ The mesh's own:
                                       never reset it, or tokens would repeat
     {ns}:sweep.lock                   string, expires after MESH_SWEEP_INTERVAL_S: the worker that set
                                       it runs this interval's retention sweep (ops/sweeper.py)
+    {ns}:registry.agents              hash agent name -> JSON: the agent as its workers publish it on
+                                      start (queue, contract version, input/output JSON Schema, tools;
+                                      broker/registry.py); stays when its workers stop
+    {ns}:registry.serving:{agent}     zset worker id (dramatiq broker id) -> when it published (ms, Redis
+                                      TIME): the workers serving the agent; a worker removes itself on
+                                      a graceful stop, dead ones are pruned by the next publish
+    {ns}:registry.workers             hash worker id -> JSON: its label (host:pid), app and the contract
+                                      version of each agent it serves
+    (The registry's names hold a dot, which agent names cannot, so no queue's key collides with them.)
 """
 
 from __future__ import annotations
@@ -163,6 +172,17 @@ class Keys:
     @property
     def sweep_lock(self) -> str:
         return f"{self.namespace}:sweep.lock"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.namespace}:registry.agents"
+
+    def serving(self, agent: str) -> str:
+        return f"{self.namespace}:registry.serving:{agent}"
+
+    @property
+    def registry_workers(self) -> str:
+        return f"{self.namespace}:registry.workers"
 
     @property
     def everything(self) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .envelope import Frozen
 from .errors import ContractError, InvalidOutput, UnknownAgent
 from .tools import TOOL_ARGS
+
+M = TypeVar("M", bound=BaseModel)
 
 StepId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 
@@ -131,16 +133,21 @@ def _contract(agent: str) -> tuple[type[Frozen], type[Frozen]]:
         raise UnknownAgent(agent, sorted(CONTRACTS)) from None
 
 
-def validate_input(agent: str, payload: Any) -> Frozen:
-    """The agent's typed input, or a ContractError naming every invalid field."""
-    model = _contract(agent)[0]
+def validate_model(agent: str, model: type[M], payload: Any) -> M:
+    """``payload`` as ``model``, the input of ``agent`` (any agent, declared by any app), or a
+    ContractError naming every invalid field."""
     try:
-        typed = model.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         raise ContractError(
             f"invalid {agent} input: {_describe(errors)}", errors=errors, agent=agent  # type: ignore[arg-type]
         ) from None
+
+
+def validate_input(agent: str, payload: Any) -> Frozen:
+    """The built-in agent's typed input, or a ContractError naming every invalid field."""
+    typed = validate_model(agent, _contract(agent)[0], payload)
     if isinstance(typed, ToolCall):
         try:
             typed.typed_args()

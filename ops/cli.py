@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import JobNotFound, MeshClient, WaitTimeout
-from mesh.contracts import CONTRACTS, ConfigError, ContractError, JobRecord, MeshError, State
+from mesh.contracts import ConfigError, ContractError, JobRecord, MeshError, State, UnknownAgent
+from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.console import (
     EXIT_FAILED,
     EXIT_INPUT,
@@ -122,23 +123,27 @@ def _finish(c: MeshClient, job_id: str, timeout: float, as_json: bool) -> None:
 
 @app.command()
 def send(
-    agent: Annotated[str, typer.Argument(help="planner, researcher or executor.")],
+    agent: Annotated[str, typer.Argument(help="planner, researcher, executor, or an agent its workers published "
+                                          "(mesh agents).")],
     payload: Annotated[str | None, typer.Option(help="The agent's input as JSON.")] = None,
     file: Annotated[Path | None, typer.Option(help='JSONL, one {"key": ..., "payload": ...} per line.')] = None,
     key: Annotated[str | None, typer.Option(help="Idempotency key (with --payload).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Send messages straight to one agent. Every payload is checked first; on any error nothing is sent."""
+    """Send messages straight to one agent. Every payload is checked first, against the built-in
+    contract or the input schema the agent's workers published; on any error nothing is sent."""
     if (payload is None) == (file is None):
         fail("give exactly one of --payload or --file", EXIT_INPUT)
-    if agent not in CONTRACTS:
-        fail(f"unknown agent {agent!r}; agents are {', '.join(CONTRACTS)}", EXIT_INPUT)
+    c = client()
+    try:
+        c.target(agent)
+    except UnknownAgent:
+        fail(f"unknown agent {agent!r}; agents are {', '.join(c.known_agents())}", EXIT_INPUT)
     if payload is not None:
         items, where = [(_json(payload, "--payload"), key)], ["--payload"]
     else:
         rows = _read_jsonl(file)  # type: ignore[arg-type]
         items, where = [(p, k) for p, k, _ in rows], [f"{file}:{n}" for _, _, n in rows]
-    c = client()
     try:
         refs = c.send_many(agent, items)
     except ContractError as exc:
@@ -265,6 +270,9 @@ def queues(as_json: JsonFlag = False) -> None:
     for name, d in depths.items():
         table.add_row(name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"]))
     out.print(table)
+
+
+app.command("agents")(agents_command)
 
 
 @app.command()

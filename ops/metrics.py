@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from mesh.broker import MeshClient
 from mesh.broker.breaker import Breakers
 from mesh.broker.observe import BUCKETS
-from mesh.contracts import CONTRACTS, loads
+from mesh.contracts import loads
 from mesh.dlq import DeadLetterStore
 
 #: Counters the workers keep in ``{ns}:stats`` (broker/scripts/settle.lua and claim.lua, agents/runtime.py).
@@ -66,6 +66,7 @@ class MeshCollector(Collector):
         yield from self._breakers()
         yield from self._dlq()
         yield from self._running()
+        yield from self._agents()
         stats = _hash(self.client, self.client.keys.stats)
         for name, doc in STATS.items():
             counter = CounterMetricFamily(f"mesh_{name}", doc)
@@ -122,7 +123,7 @@ class MeshCollector(Collector):
         family = HistogramMetricFamily("mesh_handler_duration_seconds",
                                        "How long handlers ran, per agent (successes and failures).",
                                        labels=["agent"])
-        for agent in CONTRACTS:
+        for agent in self.client.known_agents():  # built-in, the app's and published ones
             h = _hash(self.client, self.client.keys.histogram(agent))
             if not h:
                 continue
@@ -158,6 +159,13 @@ class MeshCollector(Collector):
         yield size
         yield by_agent
         yield by_class
+
+    def _agents(self) -> Iterator[GaugeMetricFamily]:
+        workers = GaugeMetricFamily("mesh_agent_workers", "Workers serving each published agent whose heartbeat "
+                                    "is recent (MESH_HEARTBEAT_TIMEOUT_S).", labels=["agent"])
+        for listing in self.client.registry.listing():
+            workers.add_metric([listing.agent.name], sum(w.alive for w in listing.workers))
+        yield workers
 
     def _running(self) -> Iterator[GaugeMetricFamily]:
         keys, now = self.client.keys, time.time()

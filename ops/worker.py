@@ -8,12 +8,19 @@ import signal
 import subprocess
 import sys
 import threading
+import typing
+from typing import Any
 
+import redis
 from dramatiq import Worker
+from pydantic import BaseModel
+from pydantic.errors import PydanticInvalidForJsonSchema
 
-from mesh.agents.app import App, load_app
+from mesh.agents.app import AgentSpec, App, load_app
 from mesh.agents.runtime import AgentRuntime, declare_app
-from mesh.broker.mesh_broker import build_broker
+from mesh.broker.keys import Keys
+from mesh.broker.mesh_broker import MeshBroker, build_broker
+from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.settings import MeshSettings
 from mesh.ops.sweeper import Sweeper
 
@@ -25,14 +32,17 @@ IDLE_POLL_MS = 100
 
 def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: App | str | None = None
                  ) -> Worker:
-    """Build the broker, declare the app's ``agents`` (default: all of them) on it and start consuming
-    their queues in this process. ``app``: an App, an import path (``pkg.module:app``) or None for
-    the built-in planner, researcher and executor."""
+    """Build the broker, declare the app's ``agents`` (default: all of them) on it, publish them
+    (``mesh agents``) and start consuming their queues in this process. ``app``: an App, an import
+    path (``pkg.module:app``) or None for the built-in planner, researcher and executor."""
     app = load_app(app) if isinstance(app, str) else app
     broker = build_broker(settings)
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
     actors = declare_app(broker, runtime, agents)
+    registry(settings, broker).publish(broker.broker_id, broker.worker_label,
+                                       [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors],
+                                       app=runtime.app.name)
     queues = {actor.queue_name for actor in actors}
     worker = Worker(broker, queues=queues, worker_threads=threads, worker_timeout=IDLE_POLL_MS)
     if settings.prefetch:
@@ -54,8 +64,31 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
     stop.wait()
     logger.info("worker stopping", extra={"pid": os.getpid()})
     worker.stop(timeout=30_000)
-    worker.broker.close()
+    broker = typing.cast(MeshBroker, worker.broker)
+    try:
+        registry(settings, broker).unpublish(broker.broker_id)
+    except redis.RedisError as exc:  # its heartbeat stops anyway: listed as dead, pruned later
+        logger.warning("could not unpublish the worker", extra={"error": str(exc)})
+    broker.close()
     return 0
+
+
+def registry(settings: MeshSettings, broker: MeshBroker) -> Registry:
+    return Registry(broker.records, Keys(settings.namespace), settings.heartbeat_timeout_s)
+
+
+def published(spec: AgentSpec, app: str = "") -> PublishedAgent:
+    """How a declared agent of ``app`` is published: its queue, contract version, models as JSON Schema, tools."""
+    return PublishedAgent(name=spec.name, queue=spec.queue, version=spec.version, input_schema=_schema(spec.input),
+                          output_schema=_schema(spec.output), tools=spec.tools, description=spec.description,
+                          app=app)
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any] | None:
+    try:
+        return model.model_json_schema()
+    except PydanticInvalidForJsonSchema:  # a field type JSON Schema cannot say: clients need the app
+        return None
 
 
 def supervise(agents: list[str] | None, processes: int, threads: int, app: str | None = None) -> int:

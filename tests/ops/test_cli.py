@@ -113,8 +113,8 @@ def test_status_of_unknown_job_exits_2_saying_no_such_job(cli):
     assert res.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "stats", "breakers", "dlq",
-                                     "demo"])
+@pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "agents", "stats", "breakers",
+                                     "dlq", "demo"])
 def test_every_command_answers_help_with_exit_0(cli, command):
     res = cli(command, "--help")
     assert res.returncode == 0, res.stderr
@@ -124,7 +124,8 @@ def test_every_command_answers_help_with_exit_0(cli, command):
 def test_top_level_help_lists_every_command(cli):
     res = cli("--help")
     assert res.returncode == 0, res.stderr
-    for command in ("worker", "submit", "send", "status", "queues", "stats", "breakers", "dlq", "ops", "demo"):
+    for command in ("worker", "submit", "send", "status", "queues", "agents", "stats", "breakers", "dlq", "ops",
+                    "demo"):
         assert command in res.stdout
 
 

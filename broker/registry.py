@@ -1,0 +1,219 @@
+"""The agents a deployment serves, as its workers publish them: what ``mesh agents`` shows, and what a
+client that does not import the app validates against.
+
+A worker publishes each agent it serves when it starts (name, queue, contract version, input and
+output JSON Schema, tools) and records itself as one of the agent's workers; on a graceful stop it
+removes itself, and the agent stays published. Whether a worker is alive is read from dramatiq's
+heartbeat zset, on the Redis server's clock. Plain data only: the broker does not import the agent
+runtime; ``mesh.ops.worker`` builds the records from the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import redis
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError
+
+from mesh.contracts import ContractError, dumps, loads
+
+from .keys import Keys
+
+
+@dataclass(frozen=True)
+class PublishedAgent:
+    """An agent as published: enough to route a message to it and to check a payload against it."""
+
+    name: str
+    queue: str
+    version: int
+    input_schema: dict[str, Any] | None
+    output_schema: dict[str, Any] | None
+    tools: tuple[str, ...] = ()
+    description: str = ""
+    app: str = ""
+
+    def to_json(self) -> bytes:
+        return dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> PublishedAgent:
+        raw = loads(data)
+        return cls(name=raw["name"], queue=raw["queue"], version=int(raw["version"]),
+                   input_schema=raw.get("input_schema"), output_schema=raw.get("output_schema"),
+                   tools=tuple(raw.get("tools", ())), description=raw.get("description", ""),
+                   app=raw.get("app", ""))
+
+    def validate_input(self, payload: Any) -> None:
+        """Check ``payload`` against the published input schema; ContractError naming every bad field."""
+        if self.input_schema is None:
+            raise ContractError(f"agent {self.name!r} published no input schema: send it from a process that "
+                                "imports its app (MeshClient(app=...))", agent=self.name)
+        try:
+            validator = Draft202012Validator(self.input_schema)
+            found = sorted(validator.iter_errors(payload), key=lambda e: [str(p) for p in e.absolute_path])
+        except SchemaError as exc:
+            raise ContractError(f"agent {self.name!r} published an invalid input schema: {exc.message}",
+                                agent=self.name) from None
+        if not found:
+            return
+        errors = [error for e in found for error in _located(e)]
+        described = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors)
+        raise ContractError(f"invalid {self.name} input: {described}", errors=errors, agent=self.name)
+
+
+def _located(error: ValidationError) -> list[dict[str, Any]]:
+    """A schema error located at the field it is about, as pydantic locates its own: a missing or an
+    unexpected property is reported at that property, not at the object holding it."""
+    path = tuple(error.absolute_path)
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    missing = [p for p in error.validator_value if p not in instance and repr(p) in error.message] \
+        if error.validator == "required" else []
+    if missing:
+        return [{"loc": (*path, missing[0]), "msg": "Field required", "type": "missing"}]
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        extra = [p for p in instance if p not in known]
+        if extra:
+            return [{"loc": (*path, p), "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+                    for p in extra]
+    return [{"loc": path, "msg": error.message, "type": str(error.validator)}]
+
+
+@dataclass(frozen=True)
+class ServingWorker:
+    """One worker serving an agent: its label, the version it serves and its last heartbeat."""
+
+    id: str
+    label: str
+    version: int | None
+    published_ms: int
+    #: Its last heartbeat (ms, Redis TIME); None: none yet, or it was reaped.
+    heartbeat_ms: int | None
+    alive: bool
+
+
+@dataclass(frozen=True)
+class AgentListing:
+    agent: PublishedAgent
+    workers: tuple[ServingWorker, ...] = field(default_factory=tuple)
+    #: The Redis server's clock when listed (ms): ages are measured against it.
+    now_ms: int = 0
+
+
+class AgentCatalog(Protocol):
+    """What a client needs of an app (``mesh.agents.App`` is one): each agent's models, version and queue."""
+
+    @property
+    def contracts(self) -> Mapping[str, tuple[Any, Any]]: ...
+
+    @property
+    def agents(self) -> Mapping[str, Any]: ...
+
+
+class Registry:
+    """Read and write the published agents of the deployment ``keys`` names."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, heartbeat_timeout_s: float) -> None:
+        self.redis = client
+        self.keys = keys
+        self.heartbeat_timeout_ms = int(heartbeat_timeout_s * 1000)
+
+    def now_ms(self) -> int:
+        secs, micros = self.redis.time()
+        return int(secs) * 1000 + int(micros) // 1000
+
+    def publish(self, worker_id: str, label: str, agents: Iterable[PublishedAgent], *, app: str = "") -> None:
+        """Publish ``agents`` and record ``worker_id`` as serving each; workers of them that stopped
+        heartbeating long ago are pruned on the way."""
+        agents = list(agents)
+        now = self.now_ms()
+        self._prune([a.name for a in agents], now)
+        pipe = self.redis.pipeline(transaction=True)
+        for agent in agents:
+            pipe.hset(self.keys.registry, agent.name, agent.to_json())
+            pipe.zadd(self.keys.serving(agent.name), {worker_id: now})
+        pipe.hset(self.keys.registry_workers, worker_id, dumps(
+            {"label": label, "app": app, "agents": {a.name: a.version for a in agents}}))
+        pipe.execute()
+
+    def unpublish(self, worker_id: str) -> None:
+        """``worker_id`` stopped: it no longer serves its agents (which stay published)."""
+        raw = self.redis.hget(self.keys.registry_workers, worker_id)
+        served = loads(raw).get("agents", {}) if raw else {}
+        pipe = self.redis.pipeline(transaction=True)
+        for name in served:
+            pipe.zrem(self.keys.serving(name), worker_id)
+        pipe.hdel(self.keys.registry_workers, worker_id)
+        pipe.execute()
+
+    def get(self, name: str) -> PublishedAgent | None:
+        raw = self.redis.hget(self.keys.registry, name)
+        return PublishedAgent.from_json(raw) if raw else None
+
+    def agents(self) -> dict[str, PublishedAgent]:
+        raw: Any = self.redis.hgetall(self.keys.registry)
+        return {k.decode(): PublishedAgent.from_json(v) for k, v in sorted(raw.items())}
+
+    def listing(self) -> list[AgentListing]:
+        """Every published agent with the workers serving it and their last heartbeat."""
+        agents = self.agents()
+        if not agents:
+            return []
+        now = self.now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in agents:
+            pipe.zrange(self.keys.serving(name), 0, -1, withscores=True)
+        serving = pipe.execute()
+        ids = sorted({member.decode() for members in serving for member, _ in members})
+        info, beats = self._workers(ids)
+        out = []
+        for (name, agent), members in zip(agents.items(), serving, strict=True):
+            workers = []
+            for member, published in members:
+                wid = member.decode()
+                about = info.get(wid, {})
+                beat = beats.get(wid)
+                workers.append(ServingWorker(
+                    id=wid, label=about.get("label", wid[:8]), version=about.get("agents", {}).get(name),
+                    published_ms=int(published), heartbeat_ms=beat,
+                    alive=beat is not None and now - beat <= self.heartbeat_timeout_ms))
+            out.append(AgentListing(agent=agent, workers=tuple(workers), now_ms=now))
+        return out
+
+    def _workers(self, ids: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+        """Per worker id: what it recorded about itself, and its last heartbeat (ms)."""
+        if not ids:
+            return {}, {}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.keys.registry_workers, ids)
+        for wid in ids:
+            pipe.zscore(self.keys.heartbeats, wid)
+        about, *scores = pipe.execute()
+        info = {wid: loads(raw) for wid, raw in zip(ids, about, strict=True) if raw}
+        beats = {wid: int(score) for wid, score in zip(ids, scores, strict=True) if score is not None}
+        return info, beats
+
+    def _prune(self, names: list[str], now: int) -> None:
+        """Drop workers of ``names`` that published over a heartbeat timeout ago and do not heartbeat:
+        killed workers that never said goodbye, so the lists cannot grow without bound."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.zrangebyscore(self.keys.serving(name), "-inf", now - self.heartbeat_timeout_ms)
+        candidates = pipe.execute()
+        ids = sorted({m.decode() for members in candidates for m in members})
+        if not ids:
+            return
+        info, beats = self._workers(ids)
+        dead = [wid for wid in ids if wid not in beats or now - beats[wid] > self.heartbeat_timeout_ms]
+        if not dead:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in dead:
+            for name in {*names, *info.get(wid, {}).get("agents", {})}:
+                pipe.zrem(self.keys.serving(name), wid)
+        pipe.hdel(self.keys.registry_workers, *dead)
+        pipe.execute()

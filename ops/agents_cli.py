@@ -1,0 +1,71 @@
+"""``mesh agents``: what is deployed, as the workers published it when they started."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from mesh.broker.registry import AgentListing, ServingWorker
+from mesh.ops import console as base
+
+
+def agents(as_json: base.JsonFlag = False) -> None:
+    """Published agents: queue, contract version, tools, the workers serving each (alive / total)
+    and their latest heartbeat; --json adds the input and output JSON Schemas and every worker."""
+    c = base.client()
+    listings = c.registry.listing()
+    if as_json:
+        base.emit_json([record(listing) for listing in listings])
+        return
+    if not listings:
+        base.out.print("no agents published: start a worker (mesh worker --app module:app)")
+        return
+    base.out.print(table(listings))
+
+
+def table(listings: list[AgentListing]) -> Table:
+    out = Table("agent", "queue", "version", "tools", "workers", "heartbeat")
+    # Names are inputs (mesh send NAME): their columns keep them whole; the others give way.
+    out.columns[0].min_width = max(len(x.agent.name) for x in listings)
+    out.columns[1].min_width = max(len(x.agent.queue) for x in listings)
+    out.columns[3].overflow = "fold"
+    for listing in listings:
+        a, workers = listing.agent, listing.workers
+        alive = sum(w.alive for w in workers)
+        versions = sorted({a.version, *(w.version for w in workers if w.version is not None)})
+        out.add_row(Text(a.name), Text(a.queue), ",".join(map(str, versions)), Text(", ".join(a.tools) or "-"),
+                    f"{alive}/{len(workers)}", _age(_latest(workers), listing.now_ms))
+    return out
+
+
+def record(listing: AgentListing) -> dict[str, Any]:
+    """The full published record of one agent, with its workers, for ``--json``."""
+    a, now = listing.agent, listing.now_ms
+    return {
+        "name": a.name, "queue": a.queue, "version": a.version, "app": a.app, "description": a.description,
+        "tools": list(a.tools), "input_schema": a.input_schema, "output_schema": a.output_schema,
+        "workers_alive": sum(w.alive for w in listing.workers), "workers_total": len(listing.workers),
+        "workers": [{"id": w.id, "label": w.label, "version": w.version, "alive": w.alive,
+                     "published_at": w.published_ms / 1000,
+                     "last_heartbeat": None if w.heartbeat_ms is None else w.heartbeat_ms / 1000,
+                     "heartbeat_age_s": None if w.heartbeat_ms is None else round((now - w.heartbeat_ms) / 1000, 3)}
+                    for w in listing.workers],
+    }
+
+
+def _latest(workers: tuple[ServingWorker, ...]) -> int | None:
+    beats = [w.heartbeat_ms for w in workers if w.heartbeat_ms is not None]
+    return max(beats) if beats else None
+
+
+def _age(ms: int | None, now_ms: int) -> str:
+    if ms is None:
+        return "-"
+    seconds = max(0.0, (now_ms - ms) / 1000)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
