@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mesh import App, Context, Receipt, ToolContext
 from mesh.agents.tools.http import host_port, send_request
 
-app = App("support")
+app = App("support")                                    # holds the app's agents and tools
 
 Queue = Literal["billing", "technical", "account", "general"]
 QUEUES: tuple[str, ...] = typing.get_args(Queue)
