@@ -39,6 +39,9 @@ from pydantic import BaseModel
 from mesh.contracts import ConfigError
 
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+#: Names of the mesh's own keys (``broker/keys.py``): a queue of that name would share the key.
+RESERVED = frozenset({"breakers", "routes", "running", "outcomes", "jobs", "dlq", "notes", "stats", "claim", "job",
+                      "trace", "hist", "note", "breaker", "registry", "sweep", "fence"})
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,12 @@ class App:
     def add_agent(self, spec: AgentSpec) -> None:
         if not NAME.match(spec.name):
             raise ConfigError(f"agent name {spec.name!r} must match {NAME.pattern}")
+        if not NAME.match(spec.queue):
+            raise ConfigError(f"queue name {spec.queue!r} of agent {spec.name!r} must match {NAME.pattern}")
+        clash = {spec.name, spec.queue} & RESERVED
+        if clash:
+            raise ConfigError(f"agent {spec.name!r}: {sorted(clash)} name the mesh's own keys; choose another name"
+                              " (or queue=)")
         if spec.name in self.agents:
             raise ConfigError(f"app {self.name!r} declares agent {spec.name!r} twice")
         self.agents[spec.name] = spec

@@ -14,8 +14,9 @@ from __future__ import annotations
 from mesh.agents.app import AgentSpec, App, ToolSpec, load_app
 from mesh.agents.context import Context
 from mesh.agents.tools.base import ToolContext
+from mesh.agents.tools.http import host_port, send_request
 from mesh.broker import JobRef, MeshClient, MeshSettings, WaitTimeout
 from mesh.contracts import FailureClass, MeshError, Receipt, State
 
 __all__ = ["AgentSpec", "App", "Context", "FailureClass", "JobRef", "MeshClient", "MeshError", "MeshSettings",
-           "Receipt", "State", "ToolContext", "ToolSpec", "WaitTimeout", "load_app"]
+           "Receipt", "State", "ToolContext", "ToolSpec", "WaitTimeout", "host_port", "load_app", "send_request"]

@@ -18,8 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh import App, Context, Receipt, ToolContext
-from mesh.agents.tools.http import host_port, send_request
+from mesh import App, Context, Receipt, ToolContext, host_port, send_request
 
 app = App("support")                                    # holds the app's agents and tools
 

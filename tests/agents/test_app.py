@@ -126,6 +126,10 @@ def test_bad_declarations_are_refused_with_what_to_do() -> None:
         bad.agent(echo)
     with pytest.raises(ConfigError, match="must match"):
         bad.agent(echo, name="Has Spaces")
+    with pytest.raises(ConfigError, match="the mesh's own keys"):
+        bad.agent(echo, name="stats")
+    with pytest.raises(ConfigError, match="the mesh's own keys"):
+        bad.agent(echo, name="fine", queue="jobs")
     bad.agent(echo, name="caller", tools=["nowhere"])
     with pytest.raises(ConfigError, match="undeclared tools"):
         bad.check()

@@ -32,10 +32,8 @@ EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
 
 
 def send(client: MeshClient, agent: str, payload: dict[str, Any], key: str | None = None) -> JobRef:
-    """What ``MeshClient.send`` does for a built-in agent, for one of this app's: the payload checked
-    against the agent's input model, then the job recorded and the message enqueued in one MULTI."""
-    app.agents[agent].input.model_validate(payload)
-    return client._send([(agent, agent, payload, key)])[0]
+    """A send by a client that knows the app: checked against the agent's model, stamped with its version."""
+    return MeshClient(client.settings, client=client.redis, app=app).send(agent, payload, key=key)
 
 
 def filing(url: str, n: int = 0) -> dict[str, Any]:

@@ -4,7 +4,6 @@ endpoint. Parts that need ``ctx.model.complete`` skip until the providers have i
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -62,16 +61,10 @@ def enqueue(client: MeshClient, agent: str, payload: dict[str, Any], *, key: str
     return ref
 
 
-class AppClient(MeshClient):
-    """``MeshClient.send`` for the support app's agents (what ``MeshClient(settings, app=...)`` does)."""
-
-    def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None) -> JobRef:
-        return enqueue(self, agent, payload, key=key or uuid.uuid4().hex)
-
-
 @pytest.fixture
-def app_client(settings: MeshSettings, rclient: Any) -> AppClient:
-    return AppClient(settings, client=rclient)
+def app_client(settings: MeshSettings, rclient: Any) -> MeshClient:
+    """A client that knows the support app: sends are checked with its models and stamped with their versions."""
+    return MeshClient(settings, client=rclient, app=agents.app)
 
 
 @pytest.fixture
@@ -114,7 +107,7 @@ def test_app_declares_three_agents_and_a_tool_with_their_policy(monkeypatch: pyt
 
 
 def test_file_agent_files_once_per_key_with_its_secret_key_token_and_trace(
-        worker_process: Any, app_client: AppClient, tickets: RecordingServer) -> None:
+        worker_process: Any, app_client: MeshClient, tickets: RecordingServer) -> None:
     support_worker(worker_process, tickets)
     filing = Filing(ticket=TICKET, queue="billing", summary="Charged twice in March.")
     job = enqueue(app_client, "file", filing.model_dump(mode="json"), key="support/t-42/file")
@@ -140,7 +133,7 @@ def test_file_agent_files_once_per_key_with_its_secret_key_token_and_trace(
 
 
 def test_refused_filing_is_dead_lettered_with_its_secret_masked_and_replays_once_fixed(
-        worker_process: Any, app_client: AppClient, cli: Any) -> None:
+        worker_process: Any, app_client: MeshClient, cli: Any) -> None:
     def refuse_first(n: int, request: dict[str, Any]) -> tuple[int, Any]:
         token = request["headers"]["authorization"]
         return (403, {"error": f"token {token} has no access"}) if n == 1 else (201, {"id": "TCK-9"})
@@ -163,7 +156,7 @@ def test_refused_filing_is_dead_lettered_with_its_secret_masked_and_replays_once
 
 
 def test_message_for_another_contract_version_is_dead_lettered_naming_both_versions(
-        worker_process: Any, app_client: AppClient, tickets: RecordingServer) -> None:
+        worker_process: Any, app_client: MeshClient, tickets: RecordingServer) -> None:
     support_worker(worker_process, tickets)
     filing = Filing(ticket=TICKET, queue="billing")
     job = enqueue(app_client, "file", filing.model_dump(mode="json"), key="support/t-42/v2", contract_version=2)
@@ -176,7 +169,7 @@ def test_message_for_another_contract_version_is_dead_lettered_naming_both_versi
 
 @needs_complete_local
 def test_ticket_is_triaged_summarized_and_filed_with_the_local_provider(
-        worker_process: Any, app_client: AppClient, tickets: RecordingServer) -> None:
+        worker_process: Any, app_client: MeshClient, tickets: RecordingServer) -> None:
     support_worker(worker_process, tickets)
     outcome = run.handle(app_client, TICKET, timeout_s=30)
     assert outcome.triage.queue in agents.QUEUES and 0 <= outcome.triage.confidence <= 1
@@ -199,7 +192,7 @@ def model_answers(request: dict[str, Any]) -> Reply:
 
 @needs_complete_openai
 def test_ticket_is_triaged_summarized_and_filed_with_an_openai_compatible_endpoint(
-        worker_process: Any, app_client: AppClient, tickets: RecordingServer) -> None:
+        worker_process: Any, app_client: MeshClient, tickets: RecordingServer) -> None:
     with FakeOpenAI(model_answers) as api:
         support_worker(worker_process, tickets, MESH_MODEL_PROVIDER="openai", MESH_MODEL_URL=api.url)
         outcome = run.handle(app_client, TICKET, timeout_s=30)
@@ -211,8 +204,6 @@ def test_ticket_is_triaged_summarized_and_filed_with_an_openai_compatible_endpoi
 
 
 @needs_complete_local
-@pytest.mark.skipif("app" not in inspect.signature(MeshClient).parameters,
-                    reason="MeshClient(settings, app=...) is not in this checkout yet")
 def test_run_script_prints_the_filed_ticket(worker_process: Any, settings: MeshSettings,
                                             tickets: RecordingServer) -> None:
     support_worker(worker_process, tickets)
