@@ -68,20 +68,23 @@ class MeshClient:
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
 
-    def submit(self, goal: str, *, key: str | None = None) -> JobRef:
-        """Run the whole pipeline for ``goal``."""
+    def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
+        """Run the whole pipeline for ``goal``. ``token_budget``: model tokens the job may spend
+        (default MESH_JOB_TOKEN_BUDGET; 0 = none); past it the job is dead-lettered ``budget_exceeded``."""
         payload = {"goal": goal}
         validate_input(ENTRY_AGENT, payload)
-        return self._send([(ENTRY_AGENT, ENTRY_STEP, payload, key)], goal=goal)[0]
+        return self._send([(ENTRY_AGENT, ENTRY_STEP, payload, key)], goal=goal, token_budget=token_budget)[0]
 
-    def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None) -> JobRef:
+    def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef:
         """One message to one agent, checked against its input contract before it reaches Redis."""
         validate_input(agent, payload)
-        return self._send([(agent, agent, payload, key)])[0]
+        return self._send([(agent, agent, payload, key)], token_budget=token_budget)[0]
 
     def send_many(self, agent: str, items: Iterable[tuple[dict[str, Any], str | None]],
-                  *, chunk: int = 1000) -> list[JobRef]:
-        """Many messages to one agent in pipelined chunks; every payload is checked before any is sent."""
+                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef]:
+        """Many messages to one agent in pipelined chunks; every payload is checked before any is sent.
+        ``token_budget`` applies to each job."""
         batch = list(items)
         for index, (payload, _key) in enumerate(batch):
             try:
@@ -91,13 +94,14 @@ class MeshClient:
         refs: list[JobRef] = []
         for start in range(0, len(batch), chunk):
             part = batch[start:start + chunk]
-            refs += self._send([(agent, agent, p, k) for p, k in part])
+            refs += self._send([(agent, agent, p, k) for p, k in part], token_budget=token_budget)
         return refs
 
     def _send(self, items: list[tuple[str, str, dict[str, Any], str | None]], *,
-              goal: str | None = None) -> list[JobRef]:
+              goal: str | None = None, token_budget: int | None = None) -> list[JobRef]:
         """Record and enqueue ``(agent, step_id, payload, key)`` items whose payloads were validated."""
         now = time.time()
+        budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
         refs = []
         pipe = self.redis.pipeline(transaction=True)
         messages = []
@@ -107,7 +111,7 @@ class MeshClient:
             key = key or uuid.uuid4().hex
             ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
             env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
-                           deadline=now + self.settings.job_deadline_s, payload=payload)
+                           deadline=now + self.settings.job_deadline_s, token_budget=budget, payload=payload)
             step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
                               created_at=now, updated_at=now)
             record = JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
