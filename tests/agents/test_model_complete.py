@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 import pytest
@@ -120,7 +120,7 @@ def test_repairs_run_out_into_invalid_output(api: FakeOpenAI) -> None:
     assert "not JSON" in api.requests[2]["json"]["messages"][-1]["content"]
 
 
-class Color(str, Enum):
+class Color(StrEnum):
     RED = "red"
     BLUE = "blue"
 
