@@ -23,6 +23,7 @@ from mesh.contracts import (
     Plan,
     State,
     StepRecord,
+    add_tokens,
     child_key,
     transition,
 )
@@ -32,10 +33,11 @@ ORDER = ("planner", "researcher", "executor")
 
 
 def downstream(env: Envelope, agent: str, step_id: str, payload: dict[str, Any]) -> Envelope:
-    """The envelope of the next hop: derived key, same job, trace and deadline, one more hop."""
+    """The envelope of the next hop: derived key, same job, trace, deadline and token budget, one more hop."""
     return Envelope(
         key=child_key(env.key, agent, step_id), job_id=env.job_id, step_id=step_id, agent=agent,
-        trace_id=env.trace_id, deadline=env.deadline, hops=(*env.hops, env.agent), payload=payload,
+        trace_id=env.trace_id, deadline=env.deadline, hops=(*env.hops, env.agent), token_budget=env.token_budget,
+        payload=payload,
     )
 
 
@@ -59,15 +61,17 @@ def start(env: Envelope, token: int) -> Change:
     return change
 
 
-def complete(env: Envelope, output: BaseModel) -> Change:
-    """The step succeeded with ``output``; work out what it sets in motion."""
+def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0)) -> Change:
+    """The step succeeded with ``output``, spending ``tokens`` (in, out) in this attempt; work out what
+    it sets in motion."""
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
         now = time.time()
         step = record.steps[env.step_id]
         if step.state is State.SUCCEEDED:
             return record, []
-        record = record.with_step(
+        step = add_tokens(step, *tokens)
+        record = add_tokens(record, *tokens).with_step(
             transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
         )
         messages: list[Message] = []

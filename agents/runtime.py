@@ -39,7 +39,7 @@ from mesh.contracts import (
 from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
-from .providers import ModelProvider, provider_for
+from .providers import Meter, ModelProvider, provider_for
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ class AgentRuntime:
     @classmethod
     def from_settings(cls, settings: MeshSettings, client: Redis, app: App | None = None) -> AgentRuntime:
         breakers = Breakers(settings, client)
-        return cls(settings=settings, redis=client, provider=provider_for(settings, breakers), breakers=breakers,
-                   app=app or _builtin())
+        provider = provider_for(settings, breakers, Meter(settings, client))
+        return cls(settings=settings, redis=client, provider=provider, breakers=breakers, app=app or _builtin())
 
     def handle(self, spec: AgentSpec, raw: Any) -> None:
         """Run one message whose key this thread has claimed; the result goes to the job record
@@ -125,7 +125,8 @@ class AgentRuntime:
             observe_duration(pipe, self.keys, agent, duration)
 
         try:
-            self.jobs.update(env.job_id, pipeline.complete(env, output), fence=lease, also=succeeded,
+            self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out)),
+                             fence=lease, also=succeeded,
                              events=[trace.event("succeeded", envelope, worker=self.worker,
                                                  duration_s=round(duration, 4))])
         except redis.RedisError as exc:

@@ -87,22 +87,25 @@ class MeshClient:
         self.app = app
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
 
-    def submit(self, goal: str, *, key: str | None = None) -> JobRef:
-        """Run the whole pipeline for ``goal``."""
+    def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
+        """Run the whole pipeline for ``goal``. ``token_budget``: model tokens the job may spend
+        (default MESH_JOB_TOKEN_BUDGET; 0 = none); past it the job is dead-lettered ``budget_exceeded``."""
         payload = {"goal": goal}
         target = self.target(ENTRY_AGENT)
         target.check(payload)
-        return self._send(target, [(ENTRY_STEP, payload, key)], goal=goal)[0]
+        return self._send(target, [(ENTRY_STEP, payload, key)], goal=goal, token_budget=token_budget)[0]
 
-    def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None) -> JobRef:
+    def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef:
         """One message to one agent, checked against its input contract before it reaches Redis."""
         target = self.target(agent)
         target.check(payload)
-        return self._send(target, [(agent, payload, key)])[0]
+        return self._send(target, [(agent, payload, key)], token_budget=token_budget)[0]
 
     def send_many(self, agent: str, items: Iterable[tuple[dict[str, Any], str | None]],
-                  *, chunk: int = 1000) -> list[JobRef]:
-        """Many messages to one agent in pipelined chunks; every payload is checked before any is sent."""
+                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef]:
+        """Many messages to one agent in pipelined chunks; every payload is checked before any is sent.
+        ``token_budget`` applies to each job."""
         batch = list(items)
         target = self.target(agent)
         for index, (payload, _key) in enumerate(batch):
@@ -113,7 +116,7 @@ class MeshClient:
         refs: list[JobRef] = []
         for start in range(0, len(batch), chunk):
             part = batch[start:start + chunk]
-            refs += self._send(target, [(agent, p, k) for p, k in part])
+            refs += self._send(target, [(agent, p, k) for p, k in part], token_budget=token_budget)
         return refs
 
     def target(self, agent: str) -> Target:
@@ -149,10 +152,11 @@ class MeshClient:
         return list(known)
 
     def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-              goal: str | None = None) -> list[JobRef]:
+              goal: str | None = None, token_budget: int | None = None) -> list[JobRef]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated."""
         agent = target.agent
         now = time.time()
+        budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
         refs = []
         pipe = self.redis.pipeline(transaction=True)
         messages = []
@@ -163,7 +167,7 @@ class MeshClient:
             ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
             env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
                            deadline=now + self.settings.job_deadline_s, contract_version=target.version,
-                           payload=payload)
+                           token_budget=budget, payload=payload)
             step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
                               created_at=now, updated_at=now)
             record = JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,

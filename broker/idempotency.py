@@ -64,6 +64,9 @@ class Lease:
     effects: int = field(default=0, compare=False)
     #: An output computed by an earlier attempt whose recording Redis refused: recorded, not recomputed.
     recorded_output: dict[str, Any] | None = field(default=None, compare=False)
+    #: Model tokens this attempt spent (prompt, completion): written to its step and job with its outcome.
+    tokens_in: int = field(default=0, compare=False)
+    tokens_out: int = field(default=0, compare=False)
 
 
 _current = threading.local()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from dramatiq.message import Message
 
-from mesh.contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, dumps, loads, transition
+from mesh.contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, add_tokens, dumps, loads, transition
 
 from . import trace
 from .keys import Keys
@@ -116,11 +116,14 @@ class JobStore:
         return record
 
 
-def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None) -> Change:
+def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None,
+              tokens: tuple[int, int] = (0, 0)) -> Change:
     """A step's attempt failed: it waits for a retry (FAILED), or ends the job (DEAD_LETTERED, UNKNOWN).
 
     ``token`` is the fencing token of the failed attempt: a step another owner holds now
     (running with another token) is not touched, nor a running step by an attempt that held none.
+    ``tokens``: the model tokens (in, out) the attempt spent, added to the step and the job while the
+    step is still its attempt's (running), so a re-sent write does not count them twice.
     """
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
@@ -130,6 +133,8 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
             return record, []
         if step.state is State.RUNNING and step.token != token:
             return record, []
+        if step.state is State.RUNNING:
+            step, record = add_tokens(step, *tokens), add_tokens(record, *tokens)
         record = record.with_step(
             transition(step, state, now=now, error=error, failure_class=failure_class)
         )

@@ -34,6 +34,9 @@ The mesh's own:
                                       members whose job record is gone are swept
     {ns}:outcomes                     hash "{agent}:{outcome}" -> messages (succeeded, retried, ...)
     {ns}:hist:{agent}                 hash: handler duration histogram (le buckets, sum, count)
+    {ns}:tokens                       hash "{agent}:{in|out}" -> model tokens spent (prompt, completion)
+    {ns}:tokens:{job_id}              integer: model tokens a job with a token budget has spent; expires
+                                      MESH_JOB_RETENTION_S after the job's deadline (agents/providers/meter.py)
     {ns}:dlq:{entry_id}               hash: entry (JSON), raw (original message bytes), agent, class
     {ns}:dlq                          zset entry id -> dead-lettered time (ms)
     {ns}:dlq.agent:{agent}            zset entry id -> time, per agent ("-" when none)
@@ -125,6 +128,13 @@ class Keys:
     @property
     def outcomes(self) -> str:
         return f"{self.namespace}:outcomes"
+
+    @property
+    def tokens(self) -> str:
+        return f"{self.namespace}:tokens"
+
+    def job_tokens(self, job_id: str) -> str:
+        return f"{self.namespace}:tokens:{job_id}"
 
     def histogram(self, agent: str) -> str:
         return f"{self.namespace}:hist:{agent}"

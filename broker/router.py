@@ -302,7 +302,9 @@ class FailureRouter(Middleware):
                          until=now + routing.delay_ms / 1000 if routing.route is not Route.DEAD_LETTER else None)
         release = (lease.claim_key, lease.owner) if lease is not None and lease.release_pending else None
         token = lease.token if lease else None
-        return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token),
+        tokens = (lease.tokens_in, lease.tokens_out) if lease else (0, 0)
+        return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token,
+                                          tokens=tokens),
                         step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
                         release=release)
 

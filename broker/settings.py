@@ -28,6 +28,13 @@ class MeshSettings(BaseSettings):
     model_name: str = "gpt-4o-mini"
     model_api_key: SecretStr | None = None
     model_timeout_s: float = Field(default=30.0, gt=0)
+    model_structured: Literal["json_schema", "json_object"] = Field(
+        default="json_schema", description="how answers are asked for: the output's JSON schema as response_format "
+        "(json_object is used instead once the endpoint refuses it), or json_object with the schema in the prompt")
+    model_repairs: int = Field(default=2, ge=0, le=10, description="times an invalid answer is sent back with its "
+                               "validation errors before the attempt fails as invalid_output")
+    job_token_budget: int = Field(default=0, ge=0, description="model tokens a job may spend unless its sender "
+                                  "says otherwise; 0: no budget")
 
     secrets_dir: str | None = Field(default=None, description="folder of secret files (one per name) tools may "
                                     "declare; the environment is looked at first")

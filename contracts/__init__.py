@@ -7,6 +7,7 @@ from .envelope import Envelope, Frozen, child_key, new_trace_id, traceparent
 from .errors import (
     BreakerOpen,
     Brownout,
+    BudgetExceeded,
     ConfigError,
     ContractError,
     CycleDetected,
@@ -24,7 +25,7 @@ from .errors import (
     ToolRefused,
     UnknownAgent,
 )
-from .jobs import ACTIVE, TERMINAL, JobRecord, State, StepRecord, transition
+from .jobs import ACTIVE, TERMINAL, JobRecord, State, StepRecord, add_tokens, transition
 from .messages import (
     CONTRACTS,
     ActionStep,
@@ -47,6 +48,7 @@ __all__ = [
     "ActionStep",
     "BreakerOpen",
     "Brownout",
+    "BudgetExceeded",
     "ConfigError",
     "ContractError",
     "CycleDetected",
@@ -77,6 +79,7 @@ __all__ = [
     "ToolCall",
     "ToolRefused",
     "UnknownAgent",
+    "add_tokens",
     "child_key",
     "dumps",
     "loads",

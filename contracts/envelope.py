@@ -49,6 +49,8 @@ class Envelope(Frozen):
     #: The agent's contract version the payload was written for; None: unchecked (not known to the sender).
     contract_version: int | None = Field(default=None, ge=1)
     replay_of: str | None = None
+    #: Model tokens the whole job may spend (every step, every attempt); None: no budget.
+    token_budget: int | None = Field(default=None, ge=1)
     payload: dict[str, Any]
 
     @field_validator("trace_id")

@@ -14,6 +14,7 @@
     │   └── IllegalTransition       a job-record transition the lifecycle forbids
     ├── DeadlineExceeded            the envelope's deadline has passed   deadline
     ├── CycleDetected               hop limit hit or an agent re-entered cycle
+    ├── BudgetExceeded              the job's model-token budget is spent budget_exceeded
     ├── UnknownAgent                a message names no agent of the mesh permanent
     ├── LeaseLost                   another owner took the message key over; the attempt is
     │                               superseded (acked, not retried, not dead-lettered)
@@ -44,6 +45,8 @@ class FailureClass(StrEnum):
     INVALID_OUTPUT = "invalid_output"
     DEADLINE = "deadline"
     CYCLE = "cycle"
+    #: The job spent its model-token budget (``token_budget``): no further model call is made.
+    BUDGET_EXCEEDED = "budget_exceeded"
     #: The mesh's own Redis failed mid-attempt: never a dependency's failure, never its budget.
     MESH_UNAVAILABLE = "mesh_unavailable"
     UNKNOWN = "unknown"
@@ -155,6 +158,20 @@ class DeadlineExceeded(MeshError):
 class CycleDetected(MeshError):
     failure_class = FailureClass.CYCLE
     terminal = True
+
+
+class BudgetExceeded(MeshError):
+    """The job's model tokens reached its ``token_budget``: fail closed, never a silent overspend.
+    Raised before a model call once ``used >= budget``, and after one that took the job past it
+    (its answer is not used)."""
+
+    failure_class = FailureClass.BUDGET_EXCEEDED
+    terminal = True
+
+    def __init__(self, message: str, *, used: int, budget: int, **context: Any) -> None:
+        super().__init__(message, used=used, budget=budget, **context)
+        self.used = used
+        self.budget = budget
 
 
 class UnknownAgent(PermanentFailure):

@@ -59,6 +59,9 @@ class Record(Frozen):
     started_at: float | None = None
     finished_at: float | None = None
     failed_at: float | None = None
+    #: Model tokens spent: a step's over its attempts, a job's over its steps (prompt in, completion out).
+    tokens_in: int = Field(default=0, ge=0)
+    tokens_out: int = Field(default=0, ge=0)
 
 
 class StepRecord(Record):
@@ -84,6 +87,14 @@ class JobRecord(Record):
 
 
 R = TypeVar("R", bound=Record)
+
+
+def add_tokens(record: R, tokens_in: int, tokens_out: int) -> R:
+    """``record`` with an attempt's model tokens added to what it already counts."""
+    if not (tokens_in or tokens_out):
+        return record
+    return record.model_copy(update={"tokens_in": record.tokens_in + tokens_in,
+                                     "tokens_out": record.tokens_out + tokens_out})
 
 
 def transition(

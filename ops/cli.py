@@ -209,12 +209,15 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
         out.print(Text(f"goal: {record.goal}"))
     if record.error:
         out.print(Text.assemble(("error: ", "red"), record.error))
+    if record.tokens_in or record.tokens_out:
+        out.print(Text(f"model tokens: {record.tokens_in} in, {record.tokens_out} out"))
     out.print(steps_table(record, stuck))
 
 
 def steps_table(record: JobRecord, stuck: dict[str, float] | None = None) -> Table:
     stuck = stuck or {}
-    table = Table("step", "agent", "state", "attempt", "took", "detail")
+    tokens = any(s.tokens_in or s.tokens_out for s in record.steps.values())
+    table = Table("step", "agent", "state", "attempt", "took", *(["tokens in/out"] if tokens else []), "detail")
     for step in record.steps.values():
         took = (f"{step.finished_at - step.started_at:.2f}s"
                 if step.finished_at and step.started_at else "")
@@ -222,7 +225,8 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None) -> Tab
         state = Text(str(step.state))
         if step.step_id in stuck:
             state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
-        table.add_row(step.step_id, step.agent, state, str(step.attempt or ""), took, Text(detail))
+        spent = [f"{step.tokens_in}/{step.tokens_out}"] if tokens else []
+        table.add_row(step.step_id, step.agent, state, str(step.attempt or ""), took, *spent, Text(detail))
     return table
 
 

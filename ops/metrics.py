@@ -5,7 +5,7 @@ the settle and claim scripts), so every process on every host adds to the same f
 ops server reads them: the numbers are right with any number of worker processes, and workers
 open no port. (prometheus-client's multiprocess mode would aggregate one host only, through a
 shared directory; it is not needed.) Labels are limited to agent / queue, failure class, route,
-reason and dependency.
+reason, dependency and token direction.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class MeshCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         yield from self._queues()
         yield from self._outcomes()
+        yield from self._tokens()
         yield from self._routes()
         yield from self._histogram()
         yield from self._breakers()
@@ -103,6 +104,14 @@ class MeshCollector(Collector):
         for field, n in sorted(_hash(self.client, self.client.keys.outcomes).items()):
             agent, _, outcome = field.rpartition(":")
             family.add_metric([agent, outcome], float(n))
+        yield family
+
+    def _tokens(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("mesh_model_tokens", "Model tokens spent, by agent and direction (in: the "
+                                     "prompt, out: the completion).", labels=["agent", "direction"])
+        for field, n in sorted(_hash(self.client, self.client.keys.tokens).items()):
+            agent, _, direction = field.rpartition(":")
+            family.add_metric([agent, direction], float(n))
         yield family
 
     def _routes(self) -> Iterator[CounterMetricFamily]:

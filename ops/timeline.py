@@ -18,6 +18,8 @@ _DETAIL = {
     "progress": lambda e: f"#{e.get('progress')}: {e.get('note', '')}",
     "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {e.get('status') or e.get('error') or ''}"
                            f" in {e.get('duration_s', 0):.3f}s",
+    "model_call": lambda e: f"{e.get('model')}: {e.get('tokens_in')} tokens in, {e.get('tokens_out')} out, "
+                            f"{e.get('repairs')} repair(s), {e.get('outcome')}",
     "deferred": lambda e: f"{e.get('failure_class') or e.get('reason', '')} until {_clock(e.get('until'))}: "
                           f"{e.get('error', e.get('reason', ''))}",
     "failed": lambda e: f"{e.get('failure_class')}, retry at {_clock(e.get('until'))}: {e.get('error', '')}",

@@ -6,19 +6,22 @@ from typing import TYPE_CHECKING
 
 from .base import ModelProvider
 from .local import LocalProvider
+from .meter import Meter
 
 if TYPE_CHECKING:
     from mesh.broker.breaker import Breakers
     from mesh.broker.settings import MeshSettings
 
 
-def provider_for(settings: MeshSettings, breakers: Breakers | None = None) -> ModelProvider:
-    """The configured provider; a remote one calls its endpoint through ``breakers``."""
+def provider_for(settings: MeshSettings, breakers: Breakers | None = None, meter: Meter | None = None
+                 ) -> ModelProvider:
+    """The configured provider; a remote one calls its endpoint through ``breakers``; ``meter``
+    counts every call's tokens (and holds jobs to their token budget)."""
     if settings.model_provider == "openai":
         from .openai import OpenAIProvider
 
-        return OpenAIProvider(settings, breakers=breakers)
-    return LocalProvider()
+        return OpenAIProvider(settings, breakers=breakers, meter=meter)
+    return LocalProvider(meter=meter)
 
 
-__all__ = ["LocalProvider", "ModelProvider", "provider_for"]
+__all__ = ["LocalProvider", "Meter", "ModelProvider", "provider_for"]

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel
 
 from mesh.contracts import Findings, Plan
 
+M = TypeVar("M", bound=BaseModel)
+
 
 class ModelProvider(Protocol):
-    """Turns a goal into a plan and a question into findings; outputs are validated contracts."""
+    """Answers a prompt as a validated instance of the caller's output model; plans and researches
+    for the built-in agents. Every call is metered in tokens against the job's budget."""
 
     name: str
+
+    def complete(self, prompt: str, output: type[M], *, system: str | None = None, model: str | None = None) -> M:
+        """``prompt`` answered as an ``output``; ``model`` overrides MESH_MODEL_NAME for this call.
+        InvalidOutput when no valid answer came; BudgetExceeded when the job's token budget is spent."""
+        ...
 
     def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan: ...
 

@@ -1,7 +1,10 @@
-"""The offline, deterministic provider: a rule-based planner and a keyword researcher over a local corpus."""
+"""The offline, deterministic provider: a rule-based planner, a keyword researcher over a local corpus,
+and ``complete`` answering with a synthetic but valid instance of the output model (a stand-in for
+tests and demos, see :mod:`.synthetic`)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -9,8 +12,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from mesh.contracts import ActionStep, Finding, Findings, Plan, ResearchStep
+
+from .meter import Meter
+from .synthetic import synthesize
+
+M = TypeVar("M", bound=BaseModel)
 
 ACTION_VERBS = frozenset(
     {"file", "create", "write", "record", "note", "save", "post", "send", "notify", "open", "log", "publish"}
@@ -56,8 +67,20 @@ class LocalProvider:
 
     name = "local"
 
-    def __init__(self, corpus: Path | None = None) -> None:
+    def __init__(self, corpus: Path | None = None, *, meter: Meter | None = None) -> None:
         self.corpus = corpus
+        self._meter = meter or Meter()
+
+    def complete(self, prompt: str, output: type[M], *, system: str | None = None, model: str | None = None) -> M:
+        """A valid ``output`` built from its schema and the prompt's words, the same for the same prompt
+        (a stand-in, not a model). Tokens are counted as words: the prompt's and the system prompt's in,
+        the answer's JSON out; they count against the job's budget like a real model's."""
+        with self._meter.call(model or self.name) as call:
+            self._meter.admit()
+            answer = synthesize(output, prompt)
+            spent_in = len(prompt.split()) + len((system or "").split())
+            self._meter.charge(call, spent_in, len(json.dumps(answer.model_dump(mode="json")).split()))
+            return answer
 
     def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         research: list[ResearchStep] = []

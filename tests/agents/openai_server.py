@@ -22,9 +22,10 @@ Reply = tuple[int, dict[str, Any] | str, dict[str, str]]
 Responder = Callable[[dict[str, Any]], Reply]
 
 
-def completion(content: str, *, model: str = "fake-model") -> dict[str, Any]:
-    """A chat-completions response body whose single choice carries ``content``."""
-    return {
+def completion(content: str, *, model: str = "fake-model", usage: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A chat-completions response body whose single choice carries ``content``; ``usage`` is
+    (prompt tokens, completion tokens)."""
+    body: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "model": model,
@@ -32,6 +33,10 @@ def completion(content: str, *, model: str = "fake-model") -> dict[str, Any]:
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
         ],
     }
+    if usage is not None:
+        body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                         "total_tokens": usage[0] + usage[1]}
+    return body
 
 
 def _messages(request: dict[str, Any]) -> tuple[str, str]:

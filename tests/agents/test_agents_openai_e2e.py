@@ -46,7 +46,9 @@ def test_goal_runs_planner_and_researcher_through_the_model_and_succeeds(
     for call in api.requests:
         assert call["headers"]["authorization"] == "Bearer sk-test"
         assert call["json"]["model"] == "gpt-test"
-        assert call["json"]["response_format"] == {"type": "json_object"}
+        assert call["json"]["response_format"]["type"] == "json_schema"
+    assert planner_call["json"]["response_format"]["json_schema"]["name"] == "Plan"
+    assert researcher_call["json"]["response_format"]["json_schema"]["schema"] == Findings.model_json_schema()
     assert "planner" in planner_call["json"]["messages"][0]["content"]
     assert planner_call["json"]["messages"][1]["content"] == goal
     assert researcher_call["json"]["messages"][1]["content"] == f"what is known about {goal}?"
@@ -59,7 +61,8 @@ def test_plan_breaking_the_contract_is_retried_as_invalid_output_then_dead_lette
         return 200, completion(json.dumps({"goal": "x", "steps": [], "extra": 1})), {}
 
     api.responder = bad_plan
-    start_worker(openai_settings(make_settings, api, max_retries=1))
+    # No repairs within an attempt: what is shown here is the router's retry of the attempt.
+    start_worker(openai_settings(make_settings, api, max_retries=1, model_repairs=0))
     ref = client.submit("plan something impossible")
     record = client.wait(ref.id, timeout_s=30)
 

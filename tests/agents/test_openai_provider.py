@@ -65,7 +65,9 @@ def test_plan_success_sends_model_auth_and_json_format(api: FakeOpenAI, provider
     assert len(api.requests) == 1
     sent, headers = api.requests[0]["json"], api.requests[0]["headers"]
     assert sent["model"] == "gpt-test"
-    assert sent["response_format"] == {"type": "json_object"}
+    assert sent["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "Plan", "schema": Plan.model_json_schema(),
+                                                       "strict": False}}
     assert sent["temperature"] == 0
     assert [m["role"] for m in sent["messages"]] == ["system", "user"]
     assert sent["messages"][1]["content"] == "write a release note"

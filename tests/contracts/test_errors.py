@@ -10,6 +10,7 @@ from mesh.contracts import errors
 from mesh.contracts.errors import (
     BreakerOpen,
     Brownout,
+    BudgetExceeded,
     ConfigError,
     ContractError,
     CycleDetected,
@@ -46,6 +47,7 @@ EXPECTED: dict[str, tuple[FailureClass, bool]] = {
     "DeadlineExceeded": (FailureClass.DEADLINE, True),
     "OutcomeUnrecorded": (FailureClass.MESH_UNAVAILABLE, False),
     "CycleDetected": (FailureClass.CYCLE, True),
+    "BudgetExceeded": (FailureClass.BUDGET_EXCEEDED, True),
     "UnknownAgent": (FailureClass.PERMANENT, True),
     "LeaseLost": (FailureClass.UNKNOWN, False),
     "BreakerOpen": (FailureClass.BROWNOUT, False),  # not routed by class: the router acks it as superseded
@@ -67,6 +69,7 @@ INSTANCES: dict[str, MeshError] = {
     "IllegalTransition": IllegalTransition("StepRecord", "succeeded", "running"),
     "DeadlineExceeded": DeadlineExceeded("late"),
     "CycleDetected": CycleDetected("loop"),
+    "BudgetExceeded": BudgetExceeded("job j1 used 120 of its 100 model tokens", used=120, budget=100),
     "UnknownAgent": UnknownAgent("poet", ["executor", "planner"]),
     "LeaseLost": LeaseLost("k-1", 3),
     "OutcomeUnrecorded": OutcomeUnrecorded("no record", {"ok": True}),
@@ -145,5 +148,8 @@ def test_errors_carry_their_context() -> None:
     unknown = INSTANCES["UnknownAgent"]
     assert unknown.agent == "poet"  # type: ignore[attr-defined]
     assert unknown.context == {"agent": "poet"}
+    budget = INSTANCES["BudgetExceeded"]
+    assert (budget.used, budget.budget) == (120, 100)  # type: ignore[attr-defined]
+    assert budget.context == {"used": 120, "budget": 100}
     illegal = INSTANCES["IllegalTransition"]
     assert str(illegal) == "StepRecord cannot move from succeeded to running"

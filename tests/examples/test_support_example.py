@@ -18,8 +18,6 @@ from conftest import ROOT, mesh_env, wait_for
 from examples.support import agents, run
 from examples.support.agents import Filed, Filing, Ticket
 from mesh import JobRef, MeshClient, MeshSettings, State, load_app
-from mesh.agents.providers import LocalProvider
-from mesh.agents.providers.openai import OpenAIProvider
 from mesh.broker import trace
 from mesh.broker.client import job_id_for, trace_id_for
 from mesh.broker.outbox import build_message, stage_all
@@ -32,10 +30,6 @@ APP = "examples.support.agents:app"
 TOKEN = "tok-" + uuid.uuid4().hex
 TICKET = Ticket(id="t-42", subject="Charged twice", body="My card was charged twice for the March invoice.")
 
-needs_complete_local = pytest.mark.skipif(not hasattr(LocalProvider, "complete"),
-                                          reason="the local provider has no complete() yet")
-needs_complete_openai = pytest.mark.skipif(not hasattr(OpenAIProvider, "complete"),
-                                           reason="the openai provider has no complete() yet")
 
 
 def enqueue(client: MeshClient, agent: str, payload: dict[str, Any], *, key: str,
@@ -167,7 +161,6 @@ def test_message_for_another_contract_version_is_dead_lettered_naming_both_versi
     assert tickets.requests == []
 
 
-@needs_complete_local
 def test_ticket_is_triaged_summarized_and_filed_with_the_local_provider(
         worker_process: Any, app_client: MeshClient, tickets: RecordingServer) -> None:
     support_worker(worker_process, tickets)
@@ -190,7 +183,6 @@ def model_answers(request: dict[str, Any]) -> Reply:
     return 200, completion(json.dumps(answer)), {}
 
 
-@needs_complete_openai
 def test_ticket_is_triaged_summarized_and_filed_with_an_openai_compatible_endpoint(
         worker_process: Any, app_client: MeshClient, tickets: RecordingServer) -> None:
     with FakeOpenAI(model_answers) as api:
@@ -203,7 +195,6 @@ def test_ticket_is_triaged_summarized_and_filed_with_an_openai_compatible_endpoi
     assert (request["json"]["queue"], request["json"]["summary"]) == ("billing", outcome.summary)
 
 
-@needs_complete_local
 def test_run_script_prints_the_filed_ticket(worker_process: Any, settings: MeshSettings,
                                             tickets: RecordingServer) -> None:
     support_worker(worker_process, tickets)
