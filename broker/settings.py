@@ -23,7 +23,8 @@ class MeshSettings(BaseSettings):
     redis_url: str = DEFAULT_REDIS_URL
     namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-    model_provider: Literal["local", "openai"] = "local"
+    model_provider: Literal["local", "openai"] | None = Field(
+        default=None, description="default: openai when MESH_MODEL_URL is set, local otherwise")
     model_url: str | None = Field(default=None, description="base URL of an OpenAI-compatible API, e.g. .../v1")
     model_name: str = "gpt-4o-mini"
     model_api_key: SecretStr | None = None

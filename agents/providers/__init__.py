@@ -17,7 +17,7 @@ def provider_for(settings: MeshSettings, breakers: Breakers | None = None, meter
                  ) -> ModelProvider:
     """The configured provider; a remote one calls its endpoint through ``breakers``; ``meter``
     counts every call's tokens (and holds jobs to their token budget)."""
-    if settings.model_provider == "openai":
+    if settings.model_provider == "openai" or (settings.model_provider is None and settings.model_url):
         from .openai import OpenAIProvider
 
         return OpenAIProvider(settings, breakers=breakers, meter=meter)
