@@ -60,11 +60,11 @@ class MeshConsumer(_RedisConsumer):
 
     def ack(self, message: MessageProxy) -> None:
         decision = decision_of(message)
-        if decision is None and message.__dict__.get("_exception") is not None:
-            # The attempt failed and no hook decided its fate (one of them broke): never acked away.
-            decision = self._unrouted(message)
         rid = message.options["redis_message_id"]
         try:
+            if decision is None and message.__dict__.get("_exception") is not None:
+                # The attempt failed and no hook decided its fate (one of them broke): never acked away.
+                decision = self._unrouted(message)
             if decision is not None and decision.job is not None and self._recorded_success(decision.job):
                 # The failure struck after this attempt's success was written (a time limit landing
                 # after EXEC): the record is the truth, and the message is done.
@@ -134,7 +134,10 @@ class MeshConsumer(_RedisConsumer):
         if job.release:
             arg["claim"], arg["owner"] = job.release
         current: bytes | None = self.broker.client.get(keys.job(job.job_id))  # type: ignore[assignment]
-        if current is not None:
+        if current is None:
+            # The record is gone (expired): the events still written must not start an endless trace.
+            arg["ttl"] = max(1, int(self.broker.settings.job_retention_s))
+        else:
             before = JobRecord.model_validate(loads(current))
             record, messages = job.change(before)
             assert not messages, "a failed attempt's change sends nothing"

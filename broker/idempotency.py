@@ -28,9 +28,9 @@ from mesh.contracts import FailureClass, dumps
 from . import trace
 from .keys import Keys
 from .observe import count_outcome
-from .router import full_jitter_ms
+from .router import dead_letter_with_step, full_jitter_ms
 from .settings import MeshSettings
-from .settle import DeadLetterIt, RetryLater, decide, delayed_copy
+from .settle import RetryLater, decide, delayed_copy
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ class Idempotency(Middleware):
         if past or waits >= self.settings.max_waits:
             why = "its deadline passed" if past else f"it waited {waits} times (MESH_MAX_WAITS)"
             failure_class = FailureClass.DEADLINE if past else FailureClass.UNKNOWN
-            entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
-                message._message, failure_class, f"{reason}: {why}", None)
-            decide(message, DeadLetterIt(entry, "dead_lettered", f"{failure_class}:dead_letter"))
+            # The step ends with it (unless another owner is running it: fail_step leaves that alone).
+            decide(message, dead_letter_with_step(broker, message, failure_class, f"{reason}: {why}", None))
             logger.warning("message dead-lettered before running", extra={"key": key, "reason": why})
             return
         delay_ms = full_jitter_ms(waits, DEFER_MIN_MS, DEFER_MAX_MS, random.random)

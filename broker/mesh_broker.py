@@ -127,7 +127,12 @@ class MeshBroker(RedisBroker):
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else None
         env = envelope or {}
         error = redact(error)  # the entry's and its last attempt's: some callers pass an exception's raw text
-        history = [Attempt.model_validate(a) for a in message.options.get("mesh_attempts", [])]
+        history = []
+        for a in message.options.get("mesh_attempts", []) or []:
+            try:
+                history.append(Attempt.model_validate(a))
+            except ValueError:  # a malformed record from elsewhere: the entry is still written
+                continue
         history.append(
             Attempt(
                 attempt=int(env.get("attempt", 1)) if isinstance(env.get("attempt", 1), int) else 1,

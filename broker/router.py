@@ -152,26 +152,33 @@ def _within_deadline(routing: Routing, remaining_s: float) -> Routing:
                           f"deadline in {max(remaining_s, 0):.1f}s")
 
 
-def unroutable(broker: Broker, message: MessageProxy, error: str) -> DeadLetterIt:
-    """A dead letter (``invalid_input``, with the raw bytes) for a failed message the mesh's own
-    hooks could not route, and its step's record to match: never acked away, never left running."""
-    exc = message.__dict__.get("_exception")
-    entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
-        message._message, FailureClass.INVALID_INPUT, error, format_traceback(exc))
+def dead_letter_with_step(broker: Broker, message: MessageProxy, failure_class: FailureClass, error: str,
+                          traceback: str | None, *, stat: str = "dead_lettered",
+                          state: State = State.DEAD_LETTERED) -> DeadLetterIt:
+    """Dead-letter ``message`` and, when it carries a job step, end that step with it (in the same
+    settlement): a message in the DLQ never leaves its step queued or running."""
+    error = redact(error)
+    entry = broker.dead_letter_entry(message._message, failure_class, error, traceback)  # type: ignore[attr-defined]
     envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
     job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
     job = None
     if isinstance(job_id, str) and isinstance(step_id, str):
         lease = message.__dict__.get("mesh_lease")
         token = lease.token if lease else None
-        ev = trace.event("dead_lettered", envelope, worker=trace.worker_name(),
-                         failure_class=str(FailureClass.INVALID_INPUT), error=error[:500], route="dead_letter",
-                         state=str(State.DEAD_LETTERED))
-        job = JobWrite(job_id, fail_step(step_id, State.DEAD_LETTERED, error, str(FailureClass.INVALID_INPUT),
-                                         token=token),
+        ev = trace.event("dead_lettered", envelope, worker=trace.worker_name(), failure_class=str(failure_class),
+                         error=error[:500], route="dead_letter", state=str(state))
+        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token),
                        step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
                        release=(lease.claim_key, lease.owner) if lease and lease.release_pending else None)
-    return DeadLetterIt(entry, "poison", "invalid_input:dead_letter", job=job)
+    return DeadLetterIt(entry, stat, f"{failure_class}:dead_letter", job=job)
+
+
+def unroutable(broker: Broker, message: MessageProxy, error: str) -> DeadLetterIt:
+    """A dead letter (``invalid_input``, with the raw bytes) for a failed message the mesh's own
+    hooks could not route, and its step's record to match: never acked away, never left running."""
+    exc = message.__dict__.get("_exception")
+    return dead_letter_with_step(broker, message, FailureClass.INVALID_INPUT, error, format_traceback(exc),
+                                 stat="poison")
 
 
 class FailureRouter(Middleware):
@@ -290,7 +297,10 @@ class FailureRouter(Middleware):
             return None
         if isinstance(decision, RetryLater):
             state = State.FAILED
-        elif getattr(exc, "context", {}).get("effect_unknown") or routing.reason.startswith("an effect was"):
+        elif (getattr(exc, "context", {}).get("effect_unknown") or isinstance(exc, OutcomeUnrecorded)
+              or (lease is not None and lease.effects and routing.failure_class is FailureClass.MESH_UNAVAILABLE)):
+            # An effect happened (or may have) and its outcome is not on the record: never shown as
+            # a plain failure, and a replay must not run it blindly.
             state = State.UNKNOWN
         else:
             state = State.DEAD_LETTERED

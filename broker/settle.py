@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis, dq_name
 from dramatiq.message import Message
+from pydantic import ValidationError
 
-from mesh.contracts.deadletter import DeadLetter
+from mesh.contracts.deadletter import Attempt, DeadLetter
 
 if TYPE_CHECKING:
     from .jobs import Change
@@ -104,7 +105,8 @@ def options_problem(options: dict[str, Any]) -> str | None:
         if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
             return f"option {name} is {type(value).__name__} {str(value)[:40]!r}, not {kind.__name__}"  # type: ignore[union-attr]
     for i, attempt in enumerate(options.get("mesh_attempts", ())):
-        if not (isinstance(attempt, dict) and isinstance(attempt.get("attempt"), int)
-                and isinstance(attempt.get("at"), int | float) and isinstance(attempt.get("outcome"), str)):
-            return f"option mesh_attempts[{i}] is not an attempt record"
+        try:
+            Attempt.model_validate(attempt)
+        except ValidationError as exc:
+            return f"option mesh_attempts[{i}] is not an attempt record ({exc.error_count()} error(s))"
     return None

@@ -67,9 +67,13 @@ def replay_message(stored: Stored, settings: MeshSettings, now: float) -> Messag
         raise NotReplayable("carries no envelope; drain or purge it")
     envelope = {**message.args[0], "attempt": 1, "deadline": now + settings.job_deadline_s,
                 "replay_of": stored.entry.entry_id}
+    options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4()), "mesh_replays": stored.entry.replay_count + 1}
+    output = (body.get("options") or {}).get("mesh_output") if isinstance(body.get("options"), dict) else None
+    if isinstance(output, dict):
+        # A handler that finished but whose outcome was never recorded: the replay records it, not re-runs it.
+        options["mesh_output"] = output
     return Message(queue_name=message.queue_name.removesuffix(".DQ"), actor_name=message.actor_name,
-                   args=(envelope,), kwargs={}, message_id=str(uuid.uuid4()),
-                   options={"redis_message_id": str(uuid.uuid4()), "mesh_replays": stored.entry.replay_count + 1})
+                   args=(envelope,), kwargs={}, message_id=str(uuid.uuid4()), options=options)
 
 
 class Replayer:

@@ -20,11 +20,13 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
-        out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        # Masked before JSON escaping too: a secret holding a quote or backslash is escaped in the line.
+        out.update({k: redact(v) if isinstance(v, str) else v
+                    for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact(self.formatException(record.exc_info))
         return redact(orjson.dumps(out, default=str).decode())
 
 

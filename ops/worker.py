@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import typing
 from typing import Any
 
@@ -40,9 +41,9 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
     actors = declare_app(broker, runtime, agents)
-    registry(settings, broker).publish(broker.broker_id, broker.worker_label,
-                                       [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors],
-                                       app=runtime.app.name)
+    entries = [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors]
+    threading.Thread(target=_publish, args=(registry(settings, broker), broker, entries, runtime.app.name),
+                     name="mesh-publish", daemon=True).start()
     queues = {actor.queue_name for actor in actors}
     worker = Worker(broker, queues=queues, worker_threads=threads, worker_timeout=IDLE_POLL_MS)
     if settings.prefetch:
@@ -71,6 +72,21 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
         logger.warning("could not unpublish the worker", extra={"error": str(exc)})
     broker.close()
     return 0
+
+
+def _publish(reg: Registry, broker: MeshBroker, entries: list[PublishedAgent], app: str) -> None:
+    """Publish the worker's agents; while Redis refuses (down, OOM, read-only) the worker serves
+    anyway and the publication is retried with backoff, so a deploy never waits on it."""
+    delay = 0.1
+    while True:
+        try:
+            reg.publish(broker.broker_id, broker.worker_label, entries, app=app)
+            return
+        except redis.RedisError as exc:
+            logger.warning("could not publish the worker's agents; retrying",
+                           extra={"error": str(exc), "retry_in_s": delay})
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def registry(settings: MeshSettings, broker: MeshBroker) -> Registry:
