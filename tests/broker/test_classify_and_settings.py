@@ -216,7 +216,17 @@ def test_from_env_with_no_vars_gives_defaults() -> None:
     settings = MeshSettings.from_env({})
     assert settings.namespace == "mesh"
     assert settings.max_retries == 3
-    assert settings.model_provider == "local"
+    assert settings.model_provider is None  # decided by MESH_MODEL_URL: local without it
+
+
+def test_a_model_url_alone_selects_the_openai_provider_and_an_explicit_choice_wins() -> None:
+    from mesh.agents.providers import LocalProvider, provider_for
+
+    assert isinstance(provider_for(MeshSettings.from_env({})), LocalProvider)
+    with_url = provider_for(MeshSettings.from_env({"MESH_MODEL_URL": "http://127.0.0.1:9/v1"}))
+    assert type(with_url).__name__ == "OpenAIProvider"
+    explicit = MeshSettings.from_env({"MESH_MODEL_URL": "http://127.0.0.1:9/v1", "MESH_MODEL_PROVIDER": "local"})
+    assert isinstance(provider_for(explicit), LocalProvider)
 
 
 def test_from_env_accepts_known_vars_and_coerces_types() -> None:
