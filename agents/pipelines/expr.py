@@ -72,7 +72,7 @@ class Expression:
             raise ExpressionError(f"{self.kind} {self.source!r}: cannot evaluate: {exc}") from None
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.source == self.source  # type: ignore[attr-defined]
+        return isinstance(other, Expression) and type(other) is type(self) and other.source == self.source
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.source))
