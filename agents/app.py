@@ -32,11 +32,15 @@ import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from mesh.contracts import ConfigError
+
+if TYPE_CHECKING:
+    from mesh.agents.pipelines import Pipeline, PipelineSpec
 
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 #: Names of the mesh's own keys (``broker/keys.py``): a queue of that name would share the key.
@@ -100,12 +104,13 @@ class ToolSpec:
 
 
 class App:
-    """The agents, tools (and, later, pipelines) of one application."""
+    """The agents, tools and pipelines of one application."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.agents: dict[str, AgentSpec] = {}
         self.tools: dict[str, ToolSpec] = {}
+        self.pipelines: dict[str, PipelineSpec] = {}
 
     def agent(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
               input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
@@ -137,6 +142,19 @@ class App:
             return fn
 
         return declare(fn) if fn is not None else declare
+
+    def pipeline(self, source: str | Path | PipelineSpec | Pipeline) -> PipelineSpec:
+        """Register a pipeline: a YAML file (or text), a :class:`PipelineSpec` or a builder. It is
+        checked against this app's agents now; declare the agents first."""
+        from mesh.agents.pipelines import Pipeline, PipelineSpec, check, load_pipeline
+
+        if isinstance(source, Pipeline):
+            source = source.build()
+        spec = check(source, self) if isinstance(source, PipelineSpec) else load_pipeline(source, self)
+        if spec.name in self.pipelines:
+            raise ConfigError(f"app {self.name!r} declares pipeline {spec.name!r} twice")
+        self.pipelines[spec.name] = spec
+        return spec
 
     def add_agent(self, spec: AgentSpec) -> None:
         if not NAME.match(spec.name):

@@ -29,6 +29,7 @@ from mesh.ops.console import (
     settings,
 )
 from mesh.ops.dlq_cli import dlq_app
+from mesh.ops.pipeline_cli import pipeline_app
 
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -431,6 +432,7 @@ def demo(
 
 
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(pipeline_app, name="pipeline")
 
 
 def main() -> None:

@@ -1,0 +1,25 @@
+"""Declarative pipelines: a DAG of steps over declared agents, written in YAML or built in Python,
+both giving one :class:`PipelineSpec`. Gates, ``when`` conditions and key templates are CEL, compiled
+at load time. This package loads and validates pipelines; it does not run them."""
+
+from __future__ import annotations
+
+from .builder import Pipeline
+from .expr import Condition, Expression, ExpressionError, KeyTemplate, PathRef, compile_condition, compile_template
+from .loader import LoadError, PipelineError, load_pipeline, parse
+from .spec import (
+    Backoff,
+    CheckpointingSpec,
+    FailureMode,
+    Join,
+    PipelineSpec,
+    RetryPolicy,
+    StepSpec,
+    TracingSpec,
+)
+from .validate import Problem, check, order, problems, roots, upstream
+
+__all__ = ["Backoff", "CheckpointingSpec", "Condition", "Expression", "ExpressionError", "FailureMode", "Join",
+           "KeyTemplate", "LoadError", "PathRef", "Pipeline", "PipelineError", "PipelineSpec", "Problem",
+           "RetryPolicy", "StepSpec", "TracingSpec", "check", "compile_condition", "compile_template",
+           "load_pipeline", "order", "parse", "problems", "roots", "upstream"]

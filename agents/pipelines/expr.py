@@ -1,0 +1,206 @@
+"""The pipelines' one expression language: CEL, compiled once at load time, evaluated many times.
+
+Gates and ``when`` conditions are CEL (``coder.confidence >= 0.85 && input.lang == "go"``), run by
+``common-expression-language`` (a Rust CEL core): side-effect free, no attribute access into Python,
+never ``eval``. ``{{ path }}`` is sugar for a path, so a file may write ``"{{coder.confidence}} >= 0.85"``.
+Key templates (``idempotency_key``) are literal text with ``{{ path }}`` holes; they compile to a
+CEL string concatenation (``"{{task_id}}:coder"`` → ``string(task_id) + ":coder"``).
+
+Each compiled expression knows the paths it reads (``("coder", "confidence")``), so the loader can
+check them against the upstream steps' output models before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import cel
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import core_schema
+
+from mesh.contracts import ConfigError, MeshError
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_PATH = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
+_HOLE = re.compile(r"\{\{(.*?)\}\}", re.S)
+#: CEL words that read like identifiers but are not variables.
+_WORDS = frozenset({"true", "false", "null", "in"})
+#: Macros whose first argument binds a variable (``list.exists(x, x > 1)``): ``x`` is no path.
+_BINDERS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+_TOKEN = re.compile(r"""
+    (?P<str>[rRbB]{0,2}(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'))
+  | (?P<num>0[xX][0-9a-fA-F]+[uU]?|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[uU]?|\.\d+(?:[eE][+-]?\d+)?)
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>\S)
+""", re.X)
+
+
+class ExpressionError(MeshError):
+    """An expression could not be evaluated against the values given (a missing field, a wrong type)."""
+
+
+class Expression:
+    """One compiled expression: the text as written (``source``), the CEL it compiled to (``cel``),
+    the compiled program and the paths it reads. Pydantic fields of this type accept the text and
+    serialise back to it, so a spec's JSON (and its digest) holds what the user wrote."""
+
+    kind: ClassVar[str] = "expression"
+    __slots__ = ("cel", "paths", "program", "source")
+
+    def __init__(self, source: str) -> None:
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError(f"a {self.kind} must be a non-empty string")
+        self.source = source
+        self.cel = self._to_cel(source)
+        try:
+            self.program = cel.compile(self.cel)
+        except ValueError as exc:
+            raise ValueError(f"{self.kind} {source!r} does not compile: {_first_error(exc)}") from None
+        self.paths = _paths(self.cel, set(self.program.variables()))
+
+    def _to_cel(self, source: str) -> str:
+        return _HOLE.sub(lambda m: _hole(m.group(1)), source)
+
+    def evaluate(self, values: Mapping[str, Any]) -> Any:
+        """The expression's value over ``values`` (``{"coder": {...}, "task_id": "...", ...}``)."""
+        try:
+            return self.program.execute(dict(values))
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise ExpressionError(f"{self.kind} {self.source!r}: cannot evaluate: {exc}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Expression) and type(other) is type(self) and other.source == self.source
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.source))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r})"
+
+    def __str__(self) -> str:
+        return self.source
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        def build(value: Any) -> Expression:
+            return value if isinstance(value, cls) else cls(value)
+
+        return core_schema.no_info_plain_validator_function(
+            build, json_schema_input_schema=core_schema.str_schema(),
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda e: e.source))
+
+
+class Condition(Expression):
+    """A CEL condition (``gate``, ``when``): true or false over the job and the upstream outputs."""
+
+    kind = "condition"
+
+    def test(self, values: Mapping[str, Any]) -> bool:
+        result = self.evaluate(values)
+        if not isinstance(result, bool):
+            raise ExpressionError(f"condition {self.source!r} gave {result!r}, not true or false")
+        return result
+
+
+class PathRef(Expression):
+    """A bare path (``researcher.sources`` or ``{{researcher.sources}}``): what ``for_each`` walks."""
+
+    kind = "path"
+
+    def _to_cel(self, source: str) -> str:
+        text = super()._to_cel(source).strip()
+        if not _PATH.match(text):
+            raise ValueError(f"{source!r} is not a path (step.field.field)")
+        return text
+
+
+class KeyTemplate(Expression):
+    """Text with ``{{ path }}`` holes (``"{{task_id}}:coder"``), rendered to a string."""
+
+    kind = "key template"
+
+    def _to_cel(self, source: str) -> str:
+        parts: list[str] = []
+        at = 0
+        for m in _HOLE.finditer(source):
+            if m.start() > at:
+                parts.append(json.dumps(source[at:m.start()]))
+            parts.append(f"string({_hole(m.group(1))})")
+            at = m.end()
+        if not parts or all(p.startswith('"') for p in parts):
+            raise ValueError(f"key template {source!r} holds no {{{{ path }}}}: every job would render the same "
+                             "key and share one effect; use e.g. \"{{task_id}}:step\"")
+        if at < len(source):
+            parts.append(json.dumps(source[at:]))
+        return " + ".join(parts)
+
+    def render(self, values: Mapping[str, Any]) -> str:
+        return str(self.evaluate(values))
+
+
+def compile_condition(text: str) -> Condition:
+    """Compile a condition, raising :class:`ConfigError` with CEL's message on a syntax error."""
+    return _compile(Condition, text)
+
+
+def compile_template(text: str) -> KeyTemplate:
+    """Compile a key template, raising :class:`ConfigError` if it does not compile or has no hole."""
+    return _compile(KeyTemplate, text)
+
+
+def evaluate(expr: Expression, values: Mapping[str, Any]) -> Any:
+    """The value of a compiled expression over ``values``; :class:`ExpressionError` if it cannot be had."""
+    return expr.evaluate(values)
+
+
+def _compile(kind: type[Any], text: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _hole(inner: str) -> str:
+    path = inner.strip()
+    if not _PATH.match(path):
+        raise ValueError(f"{{{{{inner}}}}} must hold a path (step.field); write other expressions as plain CEL")
+    return path
+
+
+def _first_error(exc: ValueError) -> str:
+    message = str(exc)
+    m = re.search(r"ERROR: <input>:(\d+:\d+): (.*)", message)
+    return f"at {m.group(1)}: {m.group(2)}" if m else message.splitlines()[0]
+
+
+def _paths(text: str, variables: set[str]) -> tuple[tuple[str, ...], ...]:
+    """The member paths a CEL text reads, e.g. ``("coder", "confidence")``, from a lexical scan
+    (strings and numbers skipped; function and method names and macro-bound variables dropped).
+    Every variable CEL itself reports is covered even if the scan missed its path."""
+    tokens = [(m.lastgroup, m.group()) for m in _TOKEN.finditer(text)]
+    bound = {tokens[i + 2][1] for i in range(len(tokens) - 3)
+             if tokens[i][1] in _BINDERS and tokens[i + 1][1] == "(" and tokens[i + 2][0] == "ident"
+             and tokens[i + 3][1] == "," and i > 0 and tokens[i - 1][1] == "."}
+    found: list[tuple[str, ...]] = []
+    i = 0
+    while i < len(tokens):
+        kind, value = tokens[i]
+        if kind != "ident" or value in _WORDS or (i > 0 and tokens[i - 1][1] == "."):
+            i += 1
+            continue
+        path = [value]
+        j = i + 1
+        while j + 1 < len(tokens) and tokens[j][1] == "." and tokens[j + 1][0] == "ident":
+            path.append(tokens[j + 1][1])
+            j += 2
+        if j < len(tokens) and tokens[j][1] == "(":
+            path.pop()  # a function or method call: its name is no field
+        if path and path[0] not in bound:
+            found.append(tuple(path))
+        i = j
+    roots = {p[0] for p in found}
+    found += [(v,) for v in sorted(variables - roots - bound)]
+    return tuple(dict.fromkeys(found))

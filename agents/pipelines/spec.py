@@ -1,0 +1,202 @@
+"""The pipeline spec: ONE pydantic model that YAML files and the Python builder both produce.
+
+It holds what a pipeline is (steps, their DAG, per-step policy, expressions) and checks what can be
+checked on its own: types, unknown keys, expressions that compile, duplicate ids. What needs the app
+(agents, output models, fields a gate reads) and the DAG as a whole is checked by
+:func:`mesh.agents.pipelines.validate.problems`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+import orjson
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .expr import Condition, KeyTemplate, PathRef
+
+#: Step ids are CEL identifiers (expressions read ``coder.confidence``): no ``-``.
+STEP_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+#: Names expressions read besides step ids: not usable as step ids.
+JOB_NAMES = frozenset({"task_id", "job_id", "input"})
+RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break", "const", "continue", "else",
+                            "for", "function", "if", "import", "let", "loop", "package", "namespace", "return",
+                            "var", "void", "while"}
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Backoff(StrEnum):
+    EXPONENTIAL = "exponential"
+    FIXED = "fixed"
+    NONE = "none"
+
+
+class FailureMode(StrEnum):
+    """What a false gate (or a failed step) does to the job."""
+
+    HALT_PIPELINE = "halt_pipeline"
+    CONTINUE = "continue"
+
+
+class RetryPolicy(_Spec):
+    """How often a step is tried. ``max_attempts`` counts ALL attempts, the first included:
+    ``max_attempts: 3`` is one try and at most two retries (``1`` never retries). Backoff between
+    attempts is always jittered; rate limits (429) defer without spending attempts."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff: Backoff = Backoff.EXPONENTIAL
+
+
+class Join(_Spec):
+    """When a ``for_each`` fan-out counts as done for its dependents: ``min_success`` items
+    succeeded — a count (``17``) or a fraction of the items (``0.8``)."""
+
+    min_success: int | float
+
+    @field_validator("min_success")
+    @classmethod
+    def _range(cls, v: int | float) -> int | float:
+        if isinstance(v, bool):
+            raise ValueError("min_success is a count or a fraction, not a boolean")
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"a fraction min_success must be in (0, 1]; got {v} (write a count as an integer)")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"a count min_success must be >= 0; got {v}")
+        return v
+
+
+class StepSpec(_Spec):
+    """One step: which declared agent runs, when, with which policy and contract."""
+
+    id: str
+    #: The declared agent that runs the step; default: the step's id.
+    agent: str | None = None
+    #: Passed to the provider (the model the agent's calls use); default: the worker's.
+    model: str | None = None
+    #: The step's time limit (ms), always cut to the job's deadline; default: the agent's.
+    timeout_ms: int | None = Field(default=None, gt=0)
+    retry_policy: RetryPolicy | None = None
+    failure_mode: FailureMode = FailureMode.HALT_PIPELINE
+    #: A declared output contract (the snake_case name of a model the app's agents declare).
+    output_schema: str | None = None
+    depends_on: tuple[str, ...] = ()
+    #: A re-run under the same key is harmless: a timed-out attempt may be retried.
+    idempotent: bool = False
+    idempotency_key: KeyTemplate | None = None
+    #: Which upstream output (step id or output_schema name) is the input; default: the dependencies'.
+    state_input: str | None = None
+    #: Checked before the step runs; false → ``failure_mode`` decides (halt, or skip and go on).
+    gate: Condition | None = None
+    #: Checked before the step runs; false → the step is ``skipped`` (no failure mode applies).
+    when: Condition | None = None
+    requires_human_approval: bool = False
+    #: A path to a list in an upstream output: one message per item (``item`` in expressions).
+    for_each: PathRef | None = None
+    max_parallel: int | None = Field(default=None, ge=1)
+    join: Join | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not STEP_ID.match(v):
+            raise ValueError(f"step id {v!r} must match {STEP_ID.pattern} (expressions read it as a name)")
+        if v in RESERVED_IDS:
+            raise ValueError(f"step id {v!r} is reserved (expressions read it as {v!r} of the job or CEL)")
+        return v
+
+    @field_validator("depends_on")
+    @classmethod
+    def _deps(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        twice = sorted({d for d in v if v.count(d) > 1})
+        if twice:
+            raise ValueError(f"depends_on names {', '.join(twice)} twice")
+        return v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> StepSpec:
+        if self.agent is None:
+            object.__setattr__(self, "agent", self.id)
+        if self.for_each is None and (self.max_parallel is not None or self.join is not None):
+            raise ValueError("max_parallel and join apply to a for_each step only")
+        return self
+
+    @property
+    def agent_name(self) -> str:
+        return self.agent or self.id
+
+
+class TracingSpec(_Spec):
+    """What the job's trace keeps. Without ``log_inputs`` / ``log_outputs`` a step's input and output
+    are kept as size and hash only. ``provider`` names an exporter (e.g. ``langfuse``); export goes to
+    OpenTelemetry (OTLP) when an endpoint is configured."""
+
+    enabled: bool = True
+    provider: str | None = None
+    log_inputs: bool = False
+    log_outputs: bool = False
+
+
+class CheckpointingSpec(_Spec):
+    """Completed steps' outputs kept with the job, so it resumes from the last completed step.
+    ``ttl_minutes`` bounds how long a finished job's checkpoints stay (never below its longest wait);
+    default: the job retention (MESH_JOB_RETENTION_S)."""
+
+    enabled: bool = True
+    store: Literal["redis"] = "redis"
+    ttl_minutes: int | None = Field(default=None, gt=0)
+
+
+class PipelineSpec(_Spec):
+    """A pipeline: a DAG of steps over declared agents. Built from YAML (``agents:`` or ``steps:``)
+    or in Python; :meth:`digest` identifies a version by content."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    version: str = "1"
+    description: str = ""
+    steps: tuple[StepSpec, ...] = Field(validation_alias=AliasChoices("agents", "steps"))
+    tracing: TracingSpec = TracingSpec()
+    checkpointing: CheckpointingSpec = CheckpointingSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "agents" in data and "steps" in data:
+            raise ValueError("give the steps as `agents:` or `steps:`, not both")
+        return data
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        # `version: 2` or `version: 1.5` in YAML are numbers; a version is text.
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @field_validator("steps")
+    @classmethod
+    def _unique(cls, v: tuple[StepSpec, ...]) -> tuple[StepSpec, ...]:
+        if not v:
+            raise ValueError("a pipeline needs at least one step")
+        ids = [s.id for s in v]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"step id(s) {', '.join(twice)} declared twice")
+        return v
+
+    def step(self, step_id: str) -> StepSpec:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(step_id)
+
+    def canonical(self) -> bytes:
+        """The spec as canonical JSON (sorted keys, every field): what :meth:`digest` hashes."""
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+    def digest(self) -> str:
+        """sha256 (hex) of :meth:`canonical`: the version a job keeps; equal specs, equal digests."""
+        return hashlib.sha256(self.canonical()).hexdigest()

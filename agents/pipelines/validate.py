@@ -1,0 +1,279 @@
+"""The checks a pipeline needs its app and its whole DAG for.
+
+Every problem comes with the location (``("steps", 2, "gate")``) of what caused it, so the YAML
+loader can name the file and line. Checked: ``depends_on`` names known steps and has no cycle
+(the cycle is named); every step's agent is declared; ``output_schema`` names a declared model
+and matches the agent's output; ``state_input`` names an upstream output; every path an
+expression reads starts at an upstream step (or the job: ``task_id``, ``job_id``, ``input``; ``item``
+in a ``for_each`` step) and names fields that step's output model has.
+
+An ``output_schema`` name is the snake_case name of a pydantic model one of the app's agents
+declares (as output or input): ``ResearchResult`` is ``research_result``.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import re
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from mesh.contracts import ConfigError
+
+from .expr import Expression
+from .spec import JOB_NAMES, PipelineSpec, StepSpec
+
+if TYPE_CHECKING:
+    from mesh.agents.app import App
+
+Loc = tuple[str | int, ...]
+_SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Set)
+_MAPPINGS = (dict, collections.abc.Mapping)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a pipeline is refused, at the spec location that caused it."""
+
+    loc: Loc
+    message: str
+
+
+def check(spec: PipelineSpec, app: App) -> PipelineSpec:
+    """``spec`` if it holds against ``app``; :class:`ConfigError` listing every problem otherwise."""
+    found = problems(spec, app)
+    if found:
+        lines = [f"{'.'.join(map(str, p.loc))}: {p.message}" for p in found]
+        raise ConfigError(f"pipeline {spec.name!r} is invalid:\n  " + "\n  ".join(lines))
+    return spec
+
+
+def problems(spec: PipelineSpec, app: App) -> list[Problem]:
+    """Every problem of ``spec`` against ``app``, in file order."""
+    index = {s.id: i for i, s in enumerate(spec.steps)}
+    out: list[Problem] = []
+    for i, step in enumerate(spec.steps):
+        for j, dep in enumerate(step.depends_on):
+            if dep not in index:
+                out.append(Problem(("steps", i, "depends_on", j),
+                                   f"step {step.id!r} depends on unknown step {dep!r}; steps are "
+                                   f"{', '.join(index)}"))
+    for cycle in cycles(spec):
+        out.append(Problem(("steps", index[cycle[0]], "depends_on"),
+                           f"depends_on makes a cycle: {' → '.join([*cycle, cycle[0]])}"))
+    names = schema_names(app)
+    up = upstream(spec)
+    for i, step in enumerate(spec.steps):
+        out += _step_problems(spec, app, names, up, i, step)
+    return out
+
+
+def order(spec: PipelineSpec) -> list[str]:
+    """The step ids in a DAG order (every step after its dependencies; file order breaks ties)."""
+    deps = {s.id: set(s.depends_on) for s in spec.steps}
+    done: list[str] = []
+    while len(done) < len(deps):
+        ready = [sid for sid, d in deps.items() if sid not in done and d <= set(done)]
+        if not ready:
+            raise ConfigError(f"pipeline {spec.name!r} has a cycle")
+        done.append(ready[0])
+    return done
+
+
+def roots(spec: PipelineSpec) -> list[str]:
+    """The steps that depend on nothing: they start together."""
+    return [s.id for s in spec.steps if not s.depends_on]
+
+
+def upstream(spec: PipelineSpec) -> dict[str, set[str]]:
+    """Step id → every step it depends on, directly or not."""
+    direct = {s.id: set(s.depends_on) for s in spec.steps}
+    closure: dict[str, set[str]] = {}
+    for sid in direct:
+        seen: set[str] = set()
+        todo = list(direct[sid])
+        while todo:
+            dep = todo.pop()
+            if dep not in seen and dep in direct:
+                seen.add(dep)
+                todo += direct[dep]
+        closure[sid] = seen
+    return closure
+
+
+def cycles(spec: PipelineSpec) -> list[list[str]]:
+    """Each cycle of ``depends_on`` once, as its members in dependency order from the first declared."""
+    deps = {s.id: [d for d in s.depends_on] for s in spec.steps}
+    found: list[list[str]] = []
+    seen_sets: set[frozenset[str]] = set()
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+
+    def visit(sid: str, path: list[str]) -> None:
+        state[sid] = 1
+        path.append(sid)
+        for dep in deps.get(sid, ()):
+            if dep not in deps:
+                continue
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):]
+                if frozenset(cycle) not in seen_sets:
+                    seen_sets.add(frozenset(cycle))
+                    found.append(cycle)
+            elif dep not in state:
+                visit(dep, path)
+        path.pop()
+        state[sid] = 2
+
+    for sid in deps:
+        if sid not in state:
+            visit(sid, [])
+    return found
+
+
+def schema_names(app: App) -> dict[str, list[type[BaseModel]]]:
+    """``output_schema`` name → the models of that name the app's agents declare."""
+    names: dict[str, list[type[BaseModel]]] = {}
+    for agent in app.agents.values():
+        for model in (agent.output, agent.input):
+            found = names.setdefault(snake(model.__name__), [])
+            if model not in found:
+                found.append(model)
+    return names
+
+
+def snake(name: str) -> str:
+    """``ResearchResult`` → ``research_result`` (``HTTPResult`` → ``http_result``)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def output_model(spec: PipelineSpec, app: App, step_id: str) -> type[BaseModel] | None:
+    """The model a step's output satisfies: its ``output_schema``'s, else its agent's (None if unknown)."""
+    step = spec.step(step_id)
+    if step.output_schema:
+        models = schema_names(app).get(step.output_schema, [])
+        if len(models) == 1:
+            return models[0]
+    agent = app.agents.get(step.agent_name)
+    return agent.output if agent else None
+
+
+def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[BaseModel]]],
+                   up: dict[str, set[str]], i: int, step: StepSpec) -> Iterator[Problem]:
+    agent = app.agents.get(step.agent_name)
+    if agent is None:
+        where = "agent" if "agent" in step.model_fields_set else "id"
+        yield Problem(("steps", i, where), f"step {step.id!r} runs agent {step.agent_name!r}, which app "
+                      f"{app.name!r} does not declare; its agents are {', '.join(app.agents) or 'none'}")
+    if step.output_schema:
+        models = names.get(step.output_schema, [])
+        if not models:
+            yield Problem(("steps", i, "output_schema"), f"output_schema {step.output_schema!r} names no model the "
+                          f"app's agents declare; known: {', '.join(sorted(names)) or 'none'} (the snake_case "
+                          "name of a model class)")
+        elif len(models) > 1:
+            yield Problem(("steps", i, "output_schema"), f"output_schema {step.output_schema!r} is ambiguous: "
+                          f"{', '.join(f'{m.__module__}.{m.__qualname__}' for m in models)}")
+        elif agent is not None and not issubclass(agent.output, models[0]):
+            yield Problem(("steps", i, "output_schema"), f"output_schema {step.output_schema!r} is "
+                          f"{models[0].__name__}, but agent {agent.name!r} returns {agent.output.__name__}")
+    if step.state_input:
+        sources = {u for u in up[step.id]} | {spec.step(u).output_schema for u in up[step.id]}
+        if step.state_input not in sources:
+            yield Problem(("steps", i, "state_input"), f"state_input {step.state_input!r} is neither an upstream "
+                          f"step nor an upstream output_schema of step {step.id!r}; upstream: "
+                          f"{', '.join(sorted(s for s in sources if s)) or 'none'}")
+    item: Any = None
+    if step.for_each is not None:
+        kind, message = _path_type(spec, app, up, step, "for_each", step.for_each, step.for_each.paths[0])
+        if message:
+            yield Problem(("steps", i, "for_each"), message)
+        else:
+            element = _element(kind)
+            if element is None:
+                yield Problem(("steps", i, "for_each"), f"for_each {step.for_each.source!r} is "
+                              f"{_describe(kind)}, not a list")
+            item = element
+    for field in ("gate", "when", "idempotency_key"):
+        expr = getattr(step, field)
+        if expr is not None:
+            for path in expr.paths:
+                _, message = _path_type(spec, app, up, step, field, expr, path, item=item)
+                if message:
+                    yield Problem(("steps", i, field), message)
+
+
+def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: StepSpec, field: str,
+               expr: Expression, path: tuple[str, ...], item: Any = None) -> tuple[Any, str | None]:
+    """The type ``path`` reads in ``step``'s ``field``, or why it cannot be read."""
+    what = f"step {step.id!r}: {field} {expr.source!r} reads {'.'.join(path)}"
+    root = path[0]
+    if root in ("task_id", "job_id"):
+        return (str, None) if len(path) == 1 else (None, f"{what}, but {root} is a string")
+    if root == "input":
+        return Any, None  # the job's input has no declared model yet: not checked
+    if root == "item" and item is not None:
+        return _walk(item, path[1:], what, "item")
+    ids = {s.id for s in spec.steps}
+    if root not in ids:
+        allowed = sorted(up[step.id]) + sorted(JOB_NAMES) + (["item"] if item is not None else [])
+        return None, f"{what}, but {root!r} is neither an upstream step nor the job; it may read {', '.join(allowed)}"
+    if root not in up[step.id]:
+        return None, f"{what}, but step {root!r} is not upstream of {step.id!r} (add it to depends_on)"
+    if spec.step(root).for_each is not None and len(path) > 1:
+        return None, f"{what}, but {root!r} is a for_each step: its output is the list of its items' outputs"
+    model = output_model(spec, app, root)
+    if model is None:
+        return Any, None  # its agent is unknown: reported once, at that step
+    return _walk(model, path[1:], what, f"{model.__name__} (the output of step {root!r})")
+
+
+def _walk(tp: Any, fields: tuple[str, ...], what: str, name: str) -> tuple[Any, str | None]:
+    for k, field in enumerate(fields):
+        options = _options(tp)
+        if Any in options:
+            return Any, None
+        found = []
+        for option in options:
+            if isinstance(option, type) and issubclass(option, BaseModel) and field in option.model_fields:
+                found.append(option.model_fields[field].annotation)
+            elif typing.get_origin(option) in _MAPPINGS:
+                found.append((typing.get_args(option) or (Any, Any))[-1])
+        if not found:
+            at = name if k == 0 else ".".join(fields[:k])
+            fields_of = sorted({f for o in options if isinstance(o, type) and issubclass(o, BaseModel)
+                                for f in o.model_fields})
+            has = f"; its fields: {', '.join(fields_of)}" if fields_of else f" ({_describe(tp)})"
+            return None, f"{what}, but {at} has no field {field!r}{has}"
+        tp = found[0] if len(found) == 1 else typing.Union[tuple(found)]  # noqa: UP007
+    return tp, None
+
+
+def _options(tp: Any) -> list[Any]:
+    """The concrete types ``tp`` may be (Optional, Union and Annotated taken apart)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _options(typing.get_args(tp)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [o for a in typing.get_args(tp) if a is not type(None) for o in _options(a)]
+    return [tp]
+
+
+def _element(tp: Any) -> Any:
+    """The element type of a list type (Any when unsaid), None if ``tp`` is no list."""
+    for option in _options(tp):
+        if option is Any:
+            return Any
+        origin = typing.get_origin(option) or option
+        if isinstance(origin, type) and issubclass(origin, _SEQUENCES) and not issubclass(origin, str | bytes):
+            args = typing.get_args(option)
+            return args[0] if args else Any
+    return None
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
