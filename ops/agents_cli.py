@@ -34,7 +34,6 @@ def table(listings: list[AgentListing], *, wide: bool = False) -> base.Listing:
         rows.append((a.name, a.queue, ",".join(map(str, versions)), ", ".join(a.tools) or "-",
                      f"{alive}/{len(workers)}", _age(_latest(workers), listing.now_ms)))
     return base.Listing(columns, rows, wide=wide)
-    return out
 
 
 def record(listing: AgentListing) -> dict[str, Any]:
