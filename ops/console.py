@@ -100,8 +100,9 @@ class Listing:
         for col, n in zip(self.columns, self.natural(), strict=True):
             if col.wrap:
                 table.add_column(col.name, justify=col.justify, min_width=min(n, WRAP_MIN))
-            else:
-                table.add_column(col.name, justify=col.justify, no_wrap=True, min_width=n, overflow="ignore")
+            else:  # "ignore" (never an ellipsis) would drop the justification, which ids do not need
+                table.add_column(col.name, justify=col.justify, no_wrap=True, min_width=n,
+                                 overflow="ignore" if col.key else "ellipsis")
         for row in self.rows:
             table.add_row(*row)
         return table
