@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.table import Table
-from rich.text import Text
-
 from mesh.broker.registry import AgentListing, ServingWorker
 from mesh.ops import console as base
 
 
-def agents(as_json: base.JsonFlag = False) -> None:
+def agents(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
     """Published agents: queue, contract version, tools, the workers serving each (alive / total)
     and their latest heartbeat; --json adds the input and output JSON Schemas and every worker."""
     c = base.client()
@@ -22,22 +19,21 @@ def agents(as_json: base.JsonFlag = False) -> None:
     if not listings:
         base.out.print("no agents published: start a worker (mesh worker --app module:app)")
         return
-    base.out.print(table(listings))
+    base.out.print(table(listings, wide=wide))
 
 
-def table(listings: list[AgentListing]) -> Table:
-    out = Table("agent", "queue", "version", "tools", "workers", "heartbeat")
-    # Names are inputs (mesh send NAME): their columns keep them whole; the others give way.
-    out.columns[0].min_width = max(len(x.agent.name) for x in listings)
-    out.columns[1].min_width = max(len(x.agent.queue) for x in listings)
-    out.columns[3].overflow = "fold"
+def table(listings: list[AgentListing], *, wide: bool = False) -> base.Listing:
+    """One row per agent; names are inputs (mesh send NAME), so they are printed whole."""
+    columns = (base.Column("agent", key=True), base.Column("queue", key=True), base.Column("version"),
+               base.Column("tools", wrap=True), base.Column("workers"), base.Column("heartbeat"))
+    rows = []
     for listing in listings:
         a, workers = listing.agent, listing.workers
         alive = sum(w.alive for w in workers)
         versions = sorted({a.version, *(w.version for w in workers if w.version is not None)})
-        out.add_row(Text(a.name), Text(a.queue), ",".join(map(str, versions)), Text(", ".join(a.tools) or "-"),
-                    f"{alive}/{len(workers)}", _age(_latest(workers), listing.now_ms))
-    return out
+        rows.append((a.name, a.queue, ",".join(map(str, versions)), ", ".join(a.tools) or "-",
+                     f"{alive}/{len(workers)}", _age(_latest(workers), listing.now_ms)))
+    return base.Listing(columns, rows, wide=wide)
 
 
 def record(listing: AgentListing) -> dict[str, Any]:

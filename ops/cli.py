@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -20,12 +19,16 @@ from mesh.ops.console import (
     EXIT_FAILED,
     EXIT_INPUT,
     EXIT_TIMEOUT,
+    Column,
     JsonFlag,
+    Listing,
+    WideFlag,
     client,
     emit_json,
     err,
     fail,
     out,
+    resolve,
     settings,
 )
 from mesh.ops.dlq_cli import dlq_app
@@ -183,13 +186,23 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
     return items
 
 
+JobId = Annotated[str, typer.Argument(help="The job id (printed by submit and send), or its start.",
+                                      show_default=False)]
+
+
+def _job_id(c: MeshClient, given: str) -> str:
+    """The job id ``given`` is, or is the unique start of (``job-`` may be left out)."""
+    return resolve(c, c.keys.jobs, given, "jobs", alias="job-")
+
+
 @app.command()
-def status(job_id: str, as_json: JsonFlag = False) -> None:
+def status(job_id: JobId, wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     """A job's state and every step's: attempts, timings, errors, results; a running step without
     progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by retention is reported expired."""
     from mesh.broker.retention import expired
 
     c = client()
+    job_id = _job_id(c, job_id)
     try:
         record = c.status(job_id)
     except JobNotFound:
@@ -197,10 +210,10 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
             fail(f"job {job_id} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
                  "after a job ends", EXIT_INPUT)
         fail(f"no job {job_id}", EXIT_INPUT)
-    _show(record, as_json, c.stuck(record))
+    _show(record, as_json, c.stuck(record), wide=wide)
 
 
-def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None) -> None:
+def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None, *, wide: bool = False) -> None:
     stuck = stuck or {}
     if as_json:
         emit_json({**record.model_dump(mode="json"), "stuck": stuck})
@@ -212,13 +225,16 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
         out.print(Text.assemble(("error: ", "red"), record.error))
     if record.tokens_in or record.tokens_out:
         out.print(Text(f"model tokens: {record.tokens_in} in, {record.tokens_out} out"))
-    out.print(steps_table(record, stuck))
+    out.print(steps_table(record, stuck, wide=wide))
 
 
-def steps_table(record: JobRecord, stuck: dict[str, float] | None = None) -> Table:
+def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wide: bool = False) -> Listing:
+    """Every step of ``record``: a table, or a block per step on a narrow terminal."""
     stuck = stuck or {}
     tokens = any(s.tokens_in or s.tokens_out for s in record.steps.values())
-    table = Table("step", "agent", "state", "attempt", "took", *(["tokens in/out"] if tokens else []), "detail")
+    columns = (Column("step", key=True), Column("agent", key=True), Column("state"), Column("attempt"),
+               Column("took"), *([Column("tokens in/out")] if tokens else []), Column("detail", wrap=True))
+    rows: list[tuple[str | Text, ...]] = []
     for step in record.steps.values():
         took = (f"{step.finished_at - step.started_at:.2f}s"
                 if step.finished_at and step.started_at else "")
@@ -227,8 +243,8 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None) -> Tab
         if step.step_id in stuck:
             state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
         spent = [f"{step.tokens_in}/{step.tokens_out}"] if tokens else []
-        table.add_row(step.step_id, step.agent, state, str(step.attempt or ""), took, *spent, Text(detail))
-    return table
+        rows.append((step.step_id, step.agent, state, str(step.attempt or ""), took, *spent, Text(detail)))
+    return Listing(columns, rows, wide=wide)
 
 
 def _summary(result: dict[str, Any] | None) -> str:
@@ -244,13 +260,14 @@ def _summary(result: dict[str, Any] | None) -> str:
 
 
 @app.command("trace")
-def trace_(job_id: str, as_json: JsonFlag = False) -> None:
+def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
     """A job's timeline: every step's events (enqueued, picked up, tool calls, deferrals, failures,
     dead letters, duplicates, success) in order, with offsets and durations."""
     from mesh.broker import trace
     from mesh.ops.timeline import by_step, render
 
     c = client()
+    job_id = _job_id(c, job_id)
     events = trace.read(c.redis, c.keys, job_id)
     record = c.jobs.get(job_id)
     if not events and record is None:
@@ -259,9 +276,8 @@ def trace_(job_id: str, as_json: JsonFlag = False) -> None:
         emit_json({"job_id": job_id, "state": str(record.state) if record else None,
                    "trace_id": record.trace_id if record else None, "steps": by_step(events), "events": events})
         return
-    # Piped, a line keeps its whole trace id and error rather than being cut at 80 columns.
-    wide = out if out.is_terminal else Console(soft_wrap=True, width=1_000)
-    wide.print(render(record, events))
+    for line in render(record, events):
+        out.print(line)  # soft-wrapped: a long line stays whole, never cropped at the terminal's width
 
 
 @app.command()
@@ -271,10 +287,9 @@ def queues(as_json: JsonFlag = False) -> None:
     if as_json:
         emit_json(depths)
         return
-    table = Table("queue", "ready", "delayed", "in flight")
-    for name, d in depths.items():
-        table.add_row(name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"]))
-    out.print(table)
+    columns = (Column("queue", key=True), *(Column(n, justify="right") for n in ("ready", "delayed", "in flight")))
+    out.print(Listing(columns, [(name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"]))
+                                for name, d in depths.items()]))
 
 
 app.command("agents")(agents_command)
@@ -353,7 +368,7 @@ app.add_typer(breakers_app, name="breakers")
 
 
 @breakers_app.callback(invoke_without_command=True)
-def breakers_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     """List every breaker: state, failures in the window, reopen time, cool-down, trips, last error."""
     if ctx.invoked_subcommand is not None:
         return
@@ -370,21 +385,25 @@ def breakers_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     if not states:
         out.print("no breakers yet: none of the dependencies has failed")
         return
-    table = Table("dependency", "state", "failures", "reopens in", "cool-down", "trips", "last error")
+    columns = (Column("dependency", key=True), Column("state"), Column("failures", justify="right"),
+               Column("reopens in"), Column("cool-down"), Column("trips", justify="right"),
+               Column("last error", wrap=True))
     now = time.time()
+    rows = []
     for b in states:
         reopen = f"{max(0.0, b.reopen_at - now):.1f}s" if b.reopen_at else "-"
-        table.add_row(Text(b.name), b.state, str(b.failures), reopen, f"{b.cooldown_s:g}s", str(b.trips),
-                      Text(b.last_error or "-"))
-    out.print(table)
+        rows.append((b.name, b.state, str(b.failures), reopen, f"{b.cooldown_s:g}s", str(b.trips), b.last_error or "-"))
+    out.print(Listing(columns, rows, wide=wide))
 
 
 @breakers_app.command("reset")
-def breakers_reset(name: Annotated[str, typer.Argument(help="The dependency, as listed (host:port).")]) -> None:
+def breakers_reset(name: Annotated[str, typer.Argument(help="The dependency, as listed (host:port), or its start.",
+                                                     show_default=False)]) -> None:
     """Close one breaker now, whatever its state."""
     from mesh.broker.breaker import Breakers
 
     c = client()
+    name = resolve(c, c.keys.breakers, name, "breakers", zset=False)
     if not Breakers(c.settings, c.redis).reset(name):
         fail(f"no breaker named {name!r}; `mesh breakers` lists them", EXIT_INPUT)
     out.print(Text(f"breaker {name} closed"))

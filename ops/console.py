@@ -1,14 +1,20 @@
-"""What every ``mesh`` command shares: consoles, exit codes, settings, the client, JSON output."""
+"""What every ``mesh`` command shares: consoles, exit codes, settings, the client, JSON output, and
+listings that never cut a value a command takes as input."""
 
 from __future__ import annotations
 
 import sys
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
 
 import orjson
 import redis
 import typer
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, JustifyMethod, RenderResult
+from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import MeshClient, MeshSettings
@@ -47,3 +53,108 @@ def client() -> MeshClient:
 
 def emit_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+WideFlag = Annotated[bool, typer.Option("--wide", help="Always print a table, however wide, instead of one block "
+                                                        "per row on a narrow terminal.")]
+
+#: A column that may wrap still gets at least this many characters; below that the rows print as blocks.
+WRAP_MIN = 40
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a :class:`Listing`. ``key``: it holds values some command takes as input (ids, keys,
+    names, failure classes), printed whole on one line so they can be pasted back. ``wrap``: free text
+    (an error) that may wrap inside the table; every other column keeps its values on one line."""
+
+    name: str
+    key: bool = False
+    wrap: bool = False
+    justify: JustifyMethod = "left"
+
+
+class Listing:
+    """Rows shown as a table when it fits the width without cutting or squeezing a cell, else as one
+    block of ``field: value`` lines per row; ``wide`` forces the table, however wide (lines are never
+    cropped: the consoles soft-wrap)."""
+
+    def __init__(self, columns: Sequence[Column], rows: Iterable[Sequence[str | Text]], *, wide: bool = False) -> None:
+        self.columns = list(columns)
+        self.rows = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+        self.wide = wide
+
+    def natural(self) -> list[int]:
+        """Each column's width with no cell wrapped: its longest line, header included."""
+        return [max(_width(Text(col.name)), *(_width(row[i]) for row in self.rows))
+                for i, col in enumerate(self.columns)]
+
+    def fits(self, width: int) -> bool:
+        natural = self.natural()
+        needed = sum(min(n, WRAP_MIN) if col.wrap else n for col, n in zip(self.columns, natural, strict=True))
+        return needed + 3 * len(self.columns) + 1 <= width  # padding 2 and a rule per column, one edge
+
+    def table(self) -> Table:
+        """The rows as a rich table whose key and plain columns never wrap (only ``wrap`` columns may)."""
+        table = Table()
+        for col, n in zip(self.columns, self.natural(), strict=True):
+            if col.wrap:
+                table.add_column(col.name, justify=col.justify, min_width=min(n, WRAP_MIN))
+            else:  # "ignore" (never an ellipsis) would drop the justification, which ids do not need
+                table.add_column(col.name, justify=col.justify, no_wrap=True, min_width=n,
+                                 overflow="ignore" if col.key else "ellipsis")
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def blocks(self, width: int) -> list[Text]:
+        """One block per row, a blank line between blocks; free text wraps under its value, keys never do."""
+        label = max(len(col.name) for col in self.columns) + 2
+        lines: list[Text] = []
+        for n, row in enumerate(self.rows):
+            if n:
+                lines.append(Text())
+            for col, cell in zip(self.columns, row, strict=True):
+                head = Text(f"{col.name}:".ljust(label), style="bold")
+                if col.key:
+                    lines.append(Text.assemble(head, cell))
+                    continue
+                chunks = [part for line in cell.plain.splitlines() or [""]
+                          for part in textwrap.wrap(line, max(20, width - label), break_long_words=False,
+                                                    break_on_hyphens=False) or [""]]
+                style = cell.style
+                lines.append(Text.assemble(head, Text(chunks[0], style=style)))
+                lines += [Text(" " * label + chunk, style=style) for chunk in chunks[1:]]
+        return lines
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if not self.rows:
+            return
+        if self.fits(options.max_width) or self.wide:
+            table, width = self.table(), options.max_width
+            if not self.fits(width):  # --wide: as wide as the table is with nothing wrapped
+                width = max(width, console.measure(table, options=options.update_width(100_000)).maximum)
+            yield from console.render(table, options.update_width(width))
+            return
+        for line in self.blocks(options.max_width):
+            line.no_wrap, line.overflow = True, "ignore"
+            yield line
+
+
+def _width(cell: Text) -> int:
+    return max((cell_len(line) for line in cell.plain.splitlines()), default=0)
+
+
+def resolve(c: MeshClient, key: str, given: str, what: str, *, zset: bool = True, alias: str = "") -> str:
+    """``given`` as a whole id, or the one id of the set ``key`` it is the start of (git-style); exits 2
+    listing the candidates when it starts several. An id that matches nothing comes back as given, for
+    the command's own "no such" error."""
+    from mesh.ops.prefixes import AmbiguousPrefix
+    from mesh.ops.prefixes import resolve as unique
+
+    try:
+        return unique(c.redis, key, given, zset=zset, alias=alias)
+    except AmbiguousPrefix as exc:
+        listed = "".join(f"\n  {candidate}" for candidate in exc.candidates)
+        more = "\n  ... and more" if exc.more else ""
+        fail(f"{given!r} is the start of several {what}; give more of it:{listed}{more}", EXIT_INPUT)

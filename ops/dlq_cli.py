@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
 
 from mesh.ops import console as base
@@ -86,6 +85,11 @@ def _store() -> Any:
     return c, DeadLetterStore(c.redis, c.keys)
 
 
+def _resolve(c: Any, given: str) -> str:
+    """The entry id ``given`` is, or is the unique start of (exits 2 listing them when it starts several)."""
+    return base.resolve(c, c.keys.dlq, given, "dead letters")
+
+
 def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -114,7 +118,7 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Any]:
 @dlq_app.command("list")
 def list_(agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
           limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
-          as_json: base.JsonFlag = False) -> None:
+          wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
     """Dead letters, newest first, by agent, class and time."""
     flt = _filter(agent, failure_class, since, until)
     _, store = _store()
@@ -125,21 +129,22 @@ def list_(agent: Agent = None, failure_class: Class = None, since: Since = None,
     if not entries:
         base.out.print("the dead-letter queue has no such entries")
         return
-    table = Table("id", "dead-lettered", "agent", "class", "key", "attempts", "error")
-    for e in entries:
-        table.add_row(e.entry_id, _when(e.dead_lettered_at), e.agent or "-", e.failure_class, Text(e.key or "-"),
-                      str(len(e.attempts)), Text(e.error[:80]))
-    base.out.print(table)
+    columns = (base.Column("id", key=True), base.Column("dead-lettered"), base.Column("agent", key=True),
+               base.Column("class", key=True), base.Column("key", key=True), base.Column("attempts", justify="right"),
+               base.Column("error", wrap=True))
+    base.out.print(base.Listing(columns, [(e.entry_id, _when(e.dead_lettered_at), e.agent or "-", e.failure_class,
+                                           e.key or "-", str(len(e.attempts)), e.error) for e in entries], wide=wide))
 
 
 @dlq_app.command()
-def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh dlq list`).")],
+def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh dlq list`), or its start.")],
          as_json: base.JsonFlag = False) -> None:
     """Everything an entry keeps, the payload as sent and its audit records included."""
     from mesh.contracts import loads
     from mesh.dlq import Audit
 
     c, store = _store()
+    entry_id = _resolve(c, entry_id)
     stored = store.load(entry_id)
     if stored is None:
         base.fail(f"no dead letter {entry_id!r}", base.EXIT_INPUT)
@@ -179,15 +184,13 @@ def stats(as_json: base.JsonFlag = False) -> None:
         return
     base.out.print(f"{s['total']} dead letters; oldest {_when(s['oldest_at'])}, newest {_when(s['newest_at'])}")
     for title, counts in (("agent", s["by_agent"]), ("class", s["by_class"])):
-        table = Table(title, "entries")
-        for name, n in sorted(counts.items()):
-            table.add_row(Text(name), str(n))
-        base.out.print(table)
+        base.out.print(base.Listing((base.Column(title, key=True), base.Column("entries", justify="right")),
+                                    [(name, str(n)) for name, n in sorted(counts.items())]))
 
 
 @dlq_app.command()
 def replay(
-    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids; or --all, or filters.")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids (or their starts); or --all, or filters.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
     rate: Annotated[float | None, typer.Option(min=0.001, help="At most this many entries per second.")] = None,
@@ -199,6 +202,7 @@ def replay(
 
     flt = _selection(ids, all_, agent, failure_class, since, until)
     c, store = _store()
+    ids = [_resolve(c, i) for i in ids] if ids else ids
     replayer = Replayer(store, c.settings)
     total = len(ids) if ids else store.count(flt)
     if not dry_run:
@@ -270,7 +274,7 @@ def load(file: Annotated[Path, typer.Argument(help="A file written by `mesh dlq 
 
 @dlq_app.command()
 def purge(
-    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids; or --all, or filters.")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids (or their starts); or --all, or filters.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
     yes: Yes = False, as_json: base.JsonFlag = False,
@@ -282,7 +286,8 @@ def purge(
     if not yes:
         base.fail("purge deletes dead letters for good: add --yes (or drain them to a file instead)",
                   base.EXIT_INPUT)
-    _, store = _store()
+    c, store = _store()
+    ids = [_resolve(c, i) for i in ids] if ids else ids
     n = purge_entries(store, None if ids else flt, ids=ids or None)
     if as_json:
         base.emit_json({"purged": n})

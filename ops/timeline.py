@@ -1,13 +1,16 @@
-"""``mesh trace``: a job's timeline as a tree of steps, each with its events in order."""
+"""``mesh trace``: a job's timeline as a tree of steps, each with its events in order.
+
+The tree is drawn as whole lines (never cropped or wrapped at the terminal's width), so trace ids,
+job ids and errors stay whole and can be copied."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from rich.text import Text
-from rich.tree import Tree
 
 from mesh.contracts import JobRecord
 
@@ -16,8 +19,7 @@ _DETAIL = {
     "enqueued": lambda e: f"on {e.get('queue', '?')}" + (f" by {e['by']}" if e.get("by") else ""),
     "picked_up": lambda e: f"attempt {e.get('attempt')} (token {e.get('token')}) by {e.get('worker')}",
     "progress": lambda e: f"#{e.get('progress')}: {e.get('note', '')}",
-    "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {e.get('status') or e.get('error') or ''}"
-                           f" in {e.get('duration_s', 0):.3f}s",
+    "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {_outcome(e)} in {e.get('duration_s', 0):.3f}s",
     "model_call": lambda e: f"{e.get('model')}: {e.get('tokens_in')} tokens in, {e.get('tokens_out')} out, "
                             f"{e.get('repairs')} repair(s), {e.get('outcome')}",
     "deferred": lambda e: f"{e.get('failure_class') or e.get('reason', '')} until {_clock(e.get('until'))}: "
@@ -29,6 +31,14 @@ _DETAIL = {
     "stuck": lambda e: f"no progress for {e.get('idle_s')}s while holding its claim",
 }
 _STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red", "succeeded": "green"}
+
+
+def _outcome(event: dict[str, Any]) -> str:
+    """A tool call's status or whole error, without the dependency the line already names."""
+    if event.get("status") is not None:
+        return str(event["status"])
+    error, dependency = str(event.get("error") or ""), str(event.get("dependency") or "")
+    return error[len(dependency):].lstrip(" :") if dependency and error.startswith(dependency) else error
 
 
 def _clock(ts: float | None) -> str:
@@ -43,15 +53,25 @@ def by_step(events: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return out
 
 
-def render(record: JobRecord | None, events: list[dict[str, Any]]) -> Tree:
+@dataclass
+class _Node:
+    label: Text
+    children: list[_Node] = field(default_factory=list)
+
+    def add(self, label: Text) -> _Node:
+        self.children.append(node := _Node(label))
+        return node
+
+
+def render(record: JobRecord | None, events: list[dict[str, Any]]) -> list[Text]:
     """The job, then each step (indented under the step that sent it) with its events and offsets
-    from the job's first event."""
+    from the job's first event; one Text per line, to print without wrapping."""
     start = min((e.get("at", 0) for e in events), default=0)
     title = Text(f"job {record.job_id} {record.state}  trace {record.trace_id}" if record
                  else f"job (no record)  {len(events)} events")
-    tree = Tree(title)
+    tree = _Node(title)
     steps = by_step(events)
-    nodes: dict[str, Tree] = {}
+    nodes: dict[str, _Node] = {}
     for step_id, evs in steps.items():
         agent = evs[0].get("agent", "?")
         first, last = evs[0].get("at", start), evs[-1].get("at", start)
@@ -66,10 +86,17 @@ def render(record: JobRecord | None, events: list[dict[str, Any]]) -> Tree:
             detail = _DETAIL.get(kind, lambda e: "")(ev)
             node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (f"{kind:<14}", _STYLE.get(kind, "")),
                                    detail))
-    return tree
+    return list(_lines(tree))
 
 
-def _parent(step_id: str, agent: str, nodes: dict[str, Tree], root: Tree) -> Tree:
+def _lines(node: _Node, lead: str = "", last: bool = True, top: bool = True) -> Iterator[Text]:
+    yield node.label if top else Text.assemble((lead + ("└── " if last else "├── "), "dim"), node.label)
+    inner = "" if top else lead + ("    " if last else "│   ")
+    for i, child in enumerate(node.children):
+        yield from _lines(child, inner, i == len(node.children) - 1, top=False)
+
+
+def _parent(step_id: str, agent: str, nodes: dict[str, _Node], root: _Node) -> _Node:
     # The pipeline's shape: the plan sends research, research fans in to actions.
     if agent == "researcher" and "plan" in nodes:
         return nodes["plan"]
