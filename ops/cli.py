@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import JobNotFound, MeshClient, WaitTimeout
-from mesh.contracts import ConfigError, ContractError, JobRecord, MeshError, State, UnknownAgent
+from mesh.contracts import TERMINAL, ConfigError, ContractError, JobRecord, MeshError, State, UnknownAgent
 from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.console import (
     EXIT_FAILED,
@@ -115,10 +115,22 @@ def _finish(c: MeshClient, job_id: str, timeout: float, as_json: bool) -> None:
         record = c.wait(job_id, timeout_s=timeout)
     except WaitTimeout as exc:
         _show(exc.record, as_json, c.stuck(exc.record))
+        unserved = _unserved(c, exc.record)
+        if unserved:
+            fail(f"{exc}: no live worker serves {', '.join(unserved)} (start one: mesh worker; see mesh agents)",
+                 EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _unserved(c: MeshClient, record: JobRecord) -> list[str]:
+    """Agents of the job's unfinished steps that no live worker serves (by the published serving sets
+    and the workers' heartbeats): why a job stays queued however long one waits."""
+    waiting = {s.agent for s in record.steps.values() if s.state not in TERMINAL}
+    alive = {x.agent.name for x in c.registry.listing() if any(w.alive for w in x.workers)}
+    return sorted(waiting - alive)
 
 
 @app.command()

@@ -67,7 +67,21 @@ def _filter(agent: str | None, failure_class: str | None, since: str | None, unt
 
     if failure_class is not None and failure_class not in set(FailureClass):
         base.fail(f"unknown failure class {failure_class!r}; classes are {', '.join(FailureClass)}", base.EXIT_INPUT)
+    if agent is not None:
+        _check_agent(agent)
     return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until))
+
+
+def _check_agent(agent: str) -> None:
+    """A misspelt --agent is an error (exit 2, naming the known agents), not an empty result: known are
+    the built-in agents, the published ones and every agent that ever had a dead letter."""
+    from mesh.contracts import CONTRACTS
+
+    c = base.client()
+    known = dict.fromkeys([*CONTRACTS, *c.registry.agents(),
+                           *sorted(m.decode() for m in c.redis.smembers(c.keys.dlq_agents))])  # type: ignore[union-attr]
+    if agent not in known:
+        base.fail(f"unknown agent {agent!r}; agents are {', '.join(a for a in known if a != '-')}", base.EXIT_INPUT)
 
 
 def _selection(ids: list[str] | None, all_: bool, agent: str | None, failure_class: str | None,
@@ -216,7 +230,7 @@ def replay(
     else:
         verb = "would replay" if dry_run else "replayed"
         base.out.print(f"{verb} {len(report.replayed)} dead letter(s)"
-                       + "".join(f"; {n} of {k}" for k, n in sorted(report.by_class.items())))
+                       + "".join(f"; {n} of class {k}" for k, n in sorted(report.by_class.items())))
         for entry_id, reason in report.skipped.items():
             base.err.print(Text(f"skipped {entry_id}: {reason}"))
     if report.skipped:
