@@ -14,7 +14,16 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import JobNotFound, MeshClient, WaitTimeout
-from mesh.contracts import TERMINAL, ConfigError, ContractError, JobRecord, MeshError, State, UnknownAgent
+from mesh.contracts import (
+    TERMINAL,
+    ConfigError,
+    ContractError,
+    JobRecord,
+    KeyConflict,
+    MeshError,
+    State,
+    UnknownAgent,
+)
 from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.console import (
     EXIT_FAILED,
@@ -177,6 +186,9 @@ def send(
         items, where = [(p, k) for p, k, _ in rows], [f"{file}:{n}" for _, _, n in rows]
     try:
         refs = c.send_many(agent, items)
+    except KeyConflict as exc:  # names its key, not an item index
+        fail(f"{exc} (nothing of its chunk of 1000 was sent)" if len(items) > 1000 else f"{exc} (nothing was sent)",
+             EXIT_INPUT)
     except ContractError as exc:
         index = exc.context.get("index", 0)
         message = exc.message.split(": ", 1)[1] if "index" in exc.context else exc.message
