@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 
 from mesh.contracts import (
@@ -17,10 +18,12 @@ from mesh.contracts import (
     ContractError,
     Envelope,
     JobRecord,
+    KeyConflict,
     MeshError,
     State,
     StepRecord,
     UnknownAgent,
+    loads,
     new_trace_id,
     validate_input,
 )
@@ -67,9 +70,26 @@ def job_id_for(key: str) -> str:
     return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-key:{key}").hex
 
 
+def payload_hash(agent: str, payload: dict[str, Any]) -> str:
+    """What a key is bound to: the agent and the payload, hashed independent of the keys' order."""
+    canonical = orjson.dumps({"agent": agent, "payload": payload}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
 def trace_id_for(key: str) -> str:
     """The W3C trace id of the job a key names: every send of that key reports the same trace."""
     return hashlib.sha256(f"mesh-trace:{key}".encode()).hexdigest()[:32]
+
+
+def _refuse_conflicts(records: list[JobRecord], stored: list[Any]) -> None:
+    """KeyConflict for the first record whose key already names a job created with another payload
+    (stored, or earlier in the same batch)."""
+    batch: dict[str, str | None] = {}
+    for record, raw in zip(records, stored, strict=True):
+        bound = loads(raw).get("payload_hash") if raw else batch.get(record.key)
+        batch.setdefault(record.key, record.payload_hash)
+        if bound is not None and bound != record.payload_hash:
+            raise KeyConflict(record.key, record.job_id, next(iter(record.steps.values())).agent)
 
 
 class MeshClient:
@@ -153,13 +173,14 @@ class MeshClient:
 
     def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
               goal: str | None = None, token_budget: int | None = None) -> list[JobRef]:
-        """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated."""
+        """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
+        A given key already bound to another payload raises KeyConflict and nothing is sent; the check
+        and the writes are one transaction (the job records are WATCHed), so two racing senders of one
+        key cannot both win."""
         agent = target.agent
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
-        refs = []
-        pipe = self.redis.pipeline(transaction=True)
-        messages = []
+        refs, records, messages = [], [], []
         for step_id, payload, key in items:
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
             trace_id = trace_id_for(key) if key else new_trace_id()
@@ -170,18 +191,32 @@ class MeshClient:
                            token_budget=budget, payload=payload)
             step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
                               created_at=now, updated_at=now)
-            record = JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
-                               steps={step_id: step}, created_at=now, updated_at=now)
-            self.jobs.stage_create(pipe, record)
+            records.append(JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
+                                     steps={step_id: step}, created_at=now, updated_at=now,
+                                     payload_hash=payload_hash(agent, payload)))
             message = build_message(env)
             if target.queue != message.queue_name:
                 message = message.copy(queue_name=target.queue)
             messages.append(message)
-            trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=target.queue, by="client"))
             refs.append(ref)
-        stage_all(pipe, self.keys, messages)
-        pipe.execute()
-        return refs
+        given = [r for r, (_, _, key) in zip(records, items, strict=True) if key]
+        while True:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    if given:
+                        watched = [self.keys.job(r.job_id) for r in given]
+                        pipe.watch(*watched)
+                        _refuse_conflicts(given, pipe.mget(watched))
+                        pipe.multi()
+                    for record, message in zip(records, messages, strict=True):
+                        self.jobs.stage_create(pipe, record)
+                        trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=target.queue,
+                                                                 by="client"))
+                    stage_all(pipe, self.keys, messages)
+                    pipe.execute()
+                    return refs
+                except redis.WatchError:
+                    continue  # a record changed between the check and the writes: check again
 
     def status(self, job_id: str) -> JobRecord:
         record = self.jobs.get(job_id)

@@ -32,7 +32,7 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware
 
-from mesh.contracts import FailureClass, LeaseLost, OutcomeUnrecorded, State
+from mesh.contracts import BreakerOpen, FailureClass, LeaseLost, OutcomeUnrecorded, State
 from mesh.contracts.deadletter import Attempt, format_traceback
 
 from . import trace
@@ -72,10 +72,17 @@ class Routing:
     failure_class: FailureClass
     delay_ms: int = 0
     reason: str = ""
+    #: The reason, not the attempt's exception, is what ended the message (deferrals ran out, the
+    #: deadline would pass): the recorded error then states it first, the exception as the last error.
+    limit: bool = False
 
     def error(self, exc: BaseException) -> str:
         """The error as recorded: the exception's message, and why it took this route when it says."""
         text = redact(str(exc) or type(exc).__name__)
+        if self.limit:
+            if isinstance(exc, BreakerOpen):  # its "retry in N s" was stale by the time it ended the message
+                text = f"circuit breaker for {exc.dependency} was {exc.state}"
+            return f"{self.reason}; last error: {text}"
         return f"{text} ({self.reason})" if self.reason else text
 
 
@@ -117,15 +124,13 @@ def route(
             return Routing(Route.DEAD_LETTER, failure_class,
                            reason="an effect was applied and could not be recorded: not run again blindly")
         if defers >= settings.max_defers:
-            return Routing(Route.DEAD_LETTER, failure_class,
-                           reason=f"deferred {defers} times already (MESH_MAX_DEFERS={settings.max_defers})")
+            return Routing(Route.DEAD_LETTER, failure_class, reason=_defers_spent(defers, settings), limit=True)
         return _within_deadline(Routing(Route.DEFER, failure_class, full_jitter_ms(defers, lo, hi, rng)),
                                 remaining_s)
     if failure_class is FailureClass.RATE_LIMITED or (failure_class is FailureClass.BROWNOUT
                                                       and retry_after_s is not None):
         if defers >= settings.max_defers:
-            return Routing(Route.DEAD_LETTER, failure_class,
-                           reason=f"deferred {defers} times already (MESH_MAX_DEFERS={settings.max_defers})")
+            return Routing(Route.DEAD_LETTER, failure_class, reason=_defers_spent(defers, settings), limit=True)
         if retry_after_s is not None:
             wait_ms, window_ms = retry_after_s * 1000, float(NAMED_WAIT_JITTER_MS)
             if failure_class is FailureClass.BROWNOUT:
@@ -144,12 +149,16 @@ def route(
     return Routing(Route.DEAD_LETTER, failure_class, reason=reason)
 
 
+def _defers_spent(defers: int, settings: MeshSettings) -> str:
+    return f"deferred {defers} times, the most MESH_MAX_DEFERS={settings.max_defers} allows"
+
+
 def _within_deadline(routing: Routing, remaining_s: float) -> Routing:
     if routing.delay_ms / 1000 < remaining_s:
         return routing
-    return Routing(Route.DEAD_LETTER, FailureClass.DEADLINE,
-                   reason=f"{routing.failure_class}: waiting {routing.delay_ms / 1000:.1f}s would pass the "
-                          f"deadline in {max(remaining_s, 0):.1f}s")
+    return Routing(Route.DEAD_LETTER, FailureClass.DEADLINE, limit=True,
+                   reason=f"waiting {routing.delay_ms / 1000:.1f}s to {routing.route} after {routing.failure_class} "
+                          f"would pass the deadline ({max(remaining_s, 0):.1f}s left)")
 
 
 def dead_letter_with_step(broker: Broker, message: MessageProxy, failure_class: FailureClass, error: str,

@@ -3,7 +3,8 @@
     MeshError                       root; ``failure_class`` and ``terminal`` on every error
     ├── ConfigError                 bad or unknown settings              permanent
     ├── ContractError               payload fails its contract           invalid_input
-    │   └── PoisonMessage           bytes that do not even decode        invalid_input
+    │   ├── PoisonMessage           bytes that do not even decode        invalid_input
+    │   └── KeyConflict             a key re-sent with another payload   invalid_input
     ├── InvalidOutput               a model's output fails its contract  invalid_output
     ├── RateLimited                 429 / quota; carries ``retry_after_s`` rate_limited
     ├── DependencyTimeout           read timeout, 408, 504, time limit   timeout
@@ -93,6 +94,18 @@ class PoisonMessage(ContractError):
     def __init__(self, message: str, *, raw: bytes, **context: Any) -> None:
         super().__init__(message, **context)
         self.raw = raw
+
+
+class KeyConflict(ContractError):
+    """An idempotency key is bound to the payload it was first sent with: a different payload under
+    the same key would silently return the old job, so it is refused and nothing is enqueued."""
+
+    def __init__(self, key: str, job_id: str, agent: str) -> None:
+        super().__init__(f"key {key!r} already names job {job_id} with a different payload; use a new key "
+                         "(the same payload under the same key is a harmless duplicate)",
+                         key=key, job_id=job_id, agent=agent)
+        self.key = key
+        self.job_id = job_id
 
 
 class InvalidOutput(MeshError):

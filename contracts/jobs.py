@@ -81,6 +81,9 @@ class JobRecord(Record):
     trace_id: str
     goal: str | None = None
     steps: dict[str, StepRecord] = Field(default_factory=dict)
+    #: What the client's key was first sent with (agent and payload, hashed): a re-send of the key
+    #: with another payload is refused (KeyConflict). None: a record written before it was kept.
+    payload_hash: str | None = None
 
     def with_step(self, step: StepRecord) -> JobRecord:
         return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})

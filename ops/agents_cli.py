@@ -9,8 +9,10 @@ from mesh.ops import console as base
 
 
 def agents(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
-    """Published agents: queue, contract version, tools, the workers serving each (alive / total)
-    and their latest heartbeat; --json adds the input and output JSON Schemas and every worker."""
+    """Published agents, their queues and the workers serving them.
+
+    Per agent: queue, contract version, tools, workers alive / total and the latest heartbeat;
+    --json adds the input and output JSON Schemas and every worker."""
     c = base.client()
     listings = c.registry.listing()
     if as_json:

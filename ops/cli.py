@@ -13,12 +13,22 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import JobNotFound, MeshClient, WaitTimeout
-from mesh.contracts import ConfigError, ContractError, JobRecord, MeshError, State, UnknownAgent
+from mesh.contracts import (
+    TERMINAL,
+    ConfigError,
+    ContractError,
+    JobRecord,
+    KeyConflict,
+    MeshError,
+    State,
+    UnknownAgent,
+)
 from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.console import (
     EXIT_FAILED,
     EXIT_INPUT,
     EXIT_TIMEOUT,
+    MARKUP,
     Column,
     JsonFlag,
     Listing,
@@ -28,6 +38,7 @@ from mesh.ops.console import (
     err,
     fail,
     out,
+    plain_help,
     resolve,
     settings,
 )
@@ -35,7 +46,9 @@ from mesh.ops.dlq_cli import dlq_app
 from mesh.ops.pipeline_cli import pipeline_app
 
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=MARKUP,
+                  epilog="Exit codes: 0 ok, 1 the job did not succeed, 2 bad input, 3 Redis unreachable, "
+                         "4 timed out. Settings come from MESH_* variables (MESH_REDIS_URL, MESH_NAMESPACE, ...).")
 
 
 @app.callback()
@@ -66,17 +79,22 @@ def _agents(value: str | None, app_path: str | None) -> list[str] | None:
     return names
 
 
-@app.command()
+@app.command(epilog="Examples: `mesh worker` (the built-in agents), `mesh worker --agents planner "
+             "--threads 8`, `mesh worker --app support.agents:app --processes 2`")
 def worker(
     agents: Annotated[str | None, typer.Option(help="Comma-separated agents to serve (default: all of the app's).",
-                                               show_default=False)] = None,
+                                               metavar="NAMES", show_default=False)] = None,
     app_path: Annotated[str | None, typer.Option("--app", help="The app to serve, as module[:attribute], e.g. "
                                                  "support.agents:app (default: the built-in planner, researcher "
-                                                 "and executor).", show_default=False)] = None,
-    processes: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
-    threads: Annotated[int | None, typer.Option(min=1, help="Threads per process [MESH_WORKER_THREADS].")] = None,
+                                                 "and executor).", metavar="MODULE:APP", show_default=False)] = None,
+    processes: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, metavar="N", help="Threads per process (default: "
+                                                "MESH_WORKER_THREADS).")] = None,
 ) -> None:
-    """Serve agents' queues until SIGTERM or Ctrl-C; in-memory messages are requeued on the way out."""
+    """Serve agents' queues until SIGTERM or Ctrl-C.
+
+    On the way out, messages fetched but not started go back to their queues, and the worker
+    withdraws its heartbeat and its place among the agents' workers."""
     from mesh.ops.logs import setup_logging
     from mesh.ops.worker import run_worker, supervise
 
@@ -91,15 +109,21 @@ def worker(
     raise typer.Exit(run_worker(s, names, n_threads, app_path))
 
 
-@app.command()
+@app.command(epilog="Examples: `mesh submit \"summarise the DLQ runbook\" --wait`, "
+             "`mesh submit \"write the release note\" --key release-42`")
 def submit(
-    goal: Annotated[str, typer.Argument(help="What the mesh should do.")],
-    key: Annotated[str | None, typer.Option(help="Idempotency key; the same key is the same job.")] = None,
+    goal: Annotated[str, typer.Argument(help="What the mesh should do, in plain words.", metavar="GOAL",
+                                        show_default=False)],
+    key: Annotated[str | None, typer.Option(help="Idempotency key: the same key and goal are the same job; the "
+                                            "same key with another goal is refused.", metavar="KEY")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end and print it.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="How long --wait waits.", metavar="SECONDS")] = 60.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Submit a goal to the whole pipeline: planner, researchers, executor."""
+    """Submit a goal to the whole pipeline: planner, researchers, executor.
+
+    Prints the job id (with --wait, the finished job). A job still unfinished when --wait gives up
+    exits 4, naming the agents no live worker serves."""
     c = client()
     try:
         ref = c.submit(goal, key=key)
@@ -119,23 +143,39 @@ def _finish(c: MeshClient, job_id: str, timeout: float, as_json: bool) -> None:
         record = c.wait(job_id, timeout_s=timeout)
     except WaitTimeout as exc:
         _show(exc.record, as_json, c.stuck(exc.record))
+        unserved = _unserved(c, exc.record)
+        if unserved:
+            fail(f"{exc}: no live worker serves {', '.join(unserved)} (start one: mesh worker; see mesh agents)",
+                 EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
 
 
-@app.command()
+def _unserved(c: MeshClient, record: JobRecord) -> list[str]:
+    """Agents of the job's unfinished steps that no live worker serves (by the published serving sets
+    and the workers' heartbeats): why a job stays queued however long one waits."""
+    waiting = {s.agent for s in record.steps.values() if s.state not in TERMINAL}
+    alive = {x.agent.name for x in c.registry.listing() if any(w.alive for w in x.workers)}
+    return sorted(waiting - alive)
+
+
+@app.command(epilog="Examples: `mesh send researcher --payload '{\"question\": \"what is a DLQ?\"}'`, "
+             "`mesh send triage --file tickets.jsonl`")
 def send(
     agent: Annotated[str, typer.Argument(help="planner, researcher, executor, or an agent its workers published "
-                                          "(mesh agents).")],
-    payload: Annotated[str | None, typer.Option(help="The agent's input as JSON.")] = None,
-    file: Annotated[Path | None, typer.Option(help='JSONL, one {"key": ..., "payload": ...} per line.')] = None,
-    key: Annotated[str | None, typer.Option(help="Idempotency key (with --payload).")] = None,
+                                          "(mesh agents).", metavar="AGENT", show_default=False)],
+    payload: Annotated[str | None, typer.Option(help="The agent's input as JSON.", metavar="JSON")] = None,
+    file: Annotated[Path | None, typer.Option(help='JSONL, one {"key": ..., "payload": ...} per line.',
+                                              metavar="FILE")] = None,
+    key: Annotated[str | None, typer.Option(help="Idempotency key (with --payload).", metavar="KEY")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Send messages straight to one agent. Every payload is checked first, against the built-in
-    contract or the input schema the agent's workers published; on any error nothing is sent."""
+    """Send messages straight to one agent.
+
+    Every payload is checked first, against the built-in contract or the input schema the agent's
+    workers published; on any error nothing is sent."""
     if (payload is None) == (file is None):
         fail("give exactly one of --payload or --file", EXIT_INPUT)
     c = client()
@@ -150,6 +190,9 @@ def send(
         items, where = [(p, k) for p, k, _ in rows], [f"{file}:{n}" for _, _, n in rows]
     try:
         refs = c.send_many(agent, items)
+    except KeyConflict as exc:  # names its key, not an item index
+        fail(f"{exc} (nothing of its chunk of 1000 was sent)" if len(items) > 1000 else f"{exc} (nothing was sent)",
+             EXIT_INPUT)
     except ContractError as exc:
         index = exc.context.get("index", 0)
         message = exc.message.split(": ", 1)[1] if "index" in exc.context else exc.message
@@ -186,8 +229,8 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
     return items
 
 
-JobId = Annotated[str, typer.Argument(help="The job id (printed by submit and send), or its start.",
-                                      show_default=False)]
+JobId = Annotated[str, typer.Argument(help="The job's id as submit or send printed it, or its start.",
+                                      metavar="JOB_ID", show_default=False)]
 
 
 def _job_id(c: MeshClient, given: str) -> str:
@@ -195,10 +238,12 @@ def _job_id(c: MeshClient, given: str) -> str:
     return resolve(c, c.keys.jobs, given, "jobs", alias="job-")
 
 
-@app.command()
+@app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough)")
 def status(job_id: JobId, wide: WideFlag = False, as_json: JsonFlag = False) -> None:
-    """A job's state and every step's: attempts, timings, errors, results; a running step without
-    progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by retention is reported expired."""
+    """A job's state and every step's: attempts, timings, errors, results.
+
+    A running step without progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by
+    retention is reported expired."""
     from mesh.broker.retention import expired
 
     c = client()
@@ -259,10 +304,12 @@ def _summary(result: dict[str, Any] | None) -> str:
     return str(result)[:90]
 
 
-@app.command("trace")
+@app.command("trace", epilog="Example: `mesh trace job-5f0c... --json`")
 def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
-    """A job's timeline: every step's events (enqueued, picked up, tool calls, deferrals, failures,
-    dead letters, duplicates, success) in order, with offsets and durations."""
+    """A job's timeline, step by step, with offsets and durations.
+
+    Every step's events in order: enqueued, picked up, tool calls, deferrals, failures, dead
+    letters, duplicates, success."""
     from mesh.broker import trace
     from mesh.ops.timeline import by_step, render
 
@@ -282,7 +329,7 @@ def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
 
 @app.command()
 def queues(as_json: JsonFlag = False) -> None:
-    """Per agent queue: messages ready, delayed (retries), and in flight."""
+    """Per agent queue: messages ready, delayed (retries) and in flight."""
     depths = client().queues()
     if as_json:
         emit_json(depths)
@@ -292,13 +339,14 @@ def queues(as_json: JsonFlag = False) -> None:
                                 for name, d in depths.items()]))
 
 
-app.command("agents")(agents_command)
+app.command("agents", epilog="Examples: `mesh agents`, `mesh agents --json`")(agents_command)
 
 
 @app.command()
 def stats(as_json: JsonFlag = False) -> None:
-    """Counters of the deployment: duplicates suppressed or deferred, takeovers, retries, dead letters,
-    poison, recoveries, and failed attempts by class and route."""
+    """Counters of the deployment, and failed attempts by class and route.
+
+    Duplicates suppressed or deferred, takeovers, retries, dead letters, poison, recoveries."""
     from mesh.ops.metrics import STATS
 
     c = client()
@@ -322,16 +370,21 @@ def stats(as_json: JsonFlag = False) -> None:
 
 @app.command()
 def bench(
-    messages: Annotated[int, typer.Option(min=10, help="Messages per throughput run.")] = 5_000,
-    processes: Annotated[int, typer.Option(min=1, help="Worker processes per side.")] = 2,
-    threads: Annotated[int, typer.Option(min=1, help="Threads per worker process.")] = 4,
-    prefetch: Annotated[int, typer.Option(min=0, help="Prefetch per consumer, both sides; 0: 2 x threads.")] = 0,
-    pairs: Annotated[int, typer.Option(min=1, help="Alternating mesh/raw throughput pairs.")] = 2,
-    latency_samples: Annotated[int, typer.Option(min=1, help="Idle pickup samples per side.")] = 30,
-    dlq_entries: Annotated[int, typer.Option(min=10, help="Entries for the DLQ replay and drain runs.")] = 10_000,
+    messages: Annotated[int, typer.Option(min=10, metavar="N", help="Messages per throughput run.")] = 5_000,
+    processes: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes per side.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, metavar="N", help="Threads per worker process.")] = 4,
+    prefetch: Annotated[int, typer.Option(min=0, metavar="N",
+                                          help="Prefetch per consumer, both sides; 0: 2 x threads.")] = 0,
+    pairs: Annotated[int, typer.Option(min=1, metavar="N", help="Alternating mesh/raw throughput pairs.")] = 2,
+    latency_samples: Annotated[int, typer.Option(min=1, metavar="N", help="Idle pickup samples per side.")] = 30,
+    dlq_entries: Annotated[int, typer.Option(min=10, metavar="N",
+                                             help="Entries for the DLQ replay and drain runs.")] = 10_000,
     as_json: JsonFlag = False,
 ) -> None:
-    """Measure the mesh against raw dramatiq on the configured Redis, in a throw-away namespace."""
+    """Measure the mesh against raw dramatiq on the configured Redis.
+
+    Runs in a throw-away namespace: throughput, Redis commands per message, enqueue rate, idle
+    pickup latency, DLQ replay and drain."""
     from mesh.ops.bench import BenchConfig, run
 
     s = settings()
@@ -363,13 +416,15 @@ def bench(
               f"prefetch {cf['prefetch']}, {cf['pairs']} mesh/raw pairs")
 
 
-breakers_app = typer.Typer(help="Circuit breakers of the dependencies, shared by the whole fleet.")
+breakers_app = typer.Typer(help="Circuit breakers of the dependencies, shared by the whole fleet.",
+                           rich_markup_mode=MARKUP, epilog="Examples: `mesh breakers`, "
+                           "`mesh breakers reset api.example.com:443`")
 app.add_typer(breakers_app, name="breakers")
 
 
 @breakers_app.callback(invoke_without_command=True)
 def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = False) -> None:
-    """List every breaker: state, failures in the window, reopen time, cool-down, trips, last error."""
+    """List every breaker: state, failures, reopen time, cool-down, trips, last error."""
     if ctx.invoked_subcommand is not None:
         return
     import dataclasses
@@ -398,7 +453,7 @@ def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag 
 
 @breakers_app.command("reset")
 def breakers_reset(name: Annotated[str, typer.Argument(help="The dependency, as listed (host:port), or its start.",
-                                                     show_default=False)]) -> None:
+                                                     metavar="DEPENDENCY", show_default=False)]) -> None:
     """Close one breaker now, whatever its state."""
     from mesh.broker.breaker import Breakers
 
@@ -409,14 +464,16 @@ def breakers_reset(name: Annotated[str, typer.Argument(help="The dependency, as 
     out.print(Text(f"breaker {name} closed"))
 
 
-ops_app = typer.Typer(help="Operations: the health and metrics server.", no_args_is_help=True)
+ops_app = typer.Typer(help="Operations: the health and metrics server.", no_args_is_help=True,
+                      rich_markup_mode=MARKUP)
 app.add_typer(ops_app, name="ops")
 
 
-@ops_app.command("serve")
+@ops_app.command("serve", epilog="Example: `mesh ops serve --host 0.0.0.0 --port 9464`, then "
+                 "`curl localhost:9464/readyz`")
 def ops_serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9464,
+    host: Annotated[str, typer.Option(help="Address to listen on.", metavar="ADDRESS")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).", metavar="PORT")] = 9464,
 ) -> None:
     """Serve /metrics (Prometheus), /healthz and /readyz until Ctrl-C or SIGTERM."""
     import signal
@@ -436,15 +493,19 @@ def ops_serve(
         server.server_close()
 
 
-@app.command()
+@app.command(epilog="Example: `mesh demo --timeout 120`")
 def demo(
-    goal: Annotated[str, typer.Option(help="The goal the sample job pursues.")] = (
+    goal: Annotated[str, typer.Option(help="The goal the sample job pursues.", metavar="TEXT")] = (
         "Find out how failures are classified and how dead letters are replayed, "
         "then write a note for the on-call team"
     ),
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="How long to wait for the job.", metavar="SECONDS")] = 60.0,
 ) -> None:
-    """Start workers, submit a sample job, show its steps as they happen and the result, stop the workers."""
+    """Run a sample job through real workers and show it as it happens.
+
+    Starts two worker processes, submits the job, prints each step's state changes and the
+    result, then stops the workers. Without a reachable Redis it starts a private one for the
+    run (its data goes with it)."""
     from mesh.ops.demo import run_demo
 
     raise typer.Exit(run_demo(goal, timeout, out))
@@ -455,6 +516,7 @@ app.add_typer(pipeline_app, name="pipeline")
 
 
 def main() -> None:
+    plain_help()
     try:
         app()
     except MeshError as exc:

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import orjson
 import redis
@@ -27,6 +27,33 @@ err = Console(stderr=True, soft_wrap=True)
 EXIT_FAILED, EXIT_INPUT, EXIT_REDIS, EXIT_TIMEOUT = 1, 2, 3, 4
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+#: How every ``mesh`` Typer renders help: Markdown reflows docstrings and help texts to the terminal
+#: (rich markup keeps the source's line breaks, and eats ``[...]``).
+MARKUP: Literal["markdown"] = "markdown"
+
+
+def plain_help() -> None:
+    """Show a value's name in help (``--limit N``, ``--to FILE``) instead of Typer's Python type tag
+    (``--json <bool>``, ``<list[str]>``), and nothing for a flag or an argument (its name says it).
+
+    Typer renders the tag in ``display_type_rich`` of its parameter classes and offers no setting for
+    it, so the ``mesh`` entry point replaces that one method before any help is printed."""
+    from typer.core import TyperArgument, TyperOption
+
+    typed = TyperOption.display_type_rich
+
+    def value_name(self: TyperOption | TyperArgument, ctx: Any) -> str | None:
+        if isinstance(self, TyperArgument) or getattr(self, "is_flag", False):
+            return None
+        if self.metavar:
+            return self.metavar
+        label = typed(self, ctx) or ""
+        label = label.strip("<>").removesuffix(" range")
+        return label if "|" in label else {"int": "N", "float": "NUMBER", "str": "TEXT"}.get(label, label.upper())
+
+    TyperOption.display_type_rich = value_name  # type: ignore[method-assign]
+    TyperArgument.display_type_rich = value_name  # type: ignore[method-assign,assignment]
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -22,7 +22,7 @@ DEMO_NAMESPACE = "mesh-demo"
 
 def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     env_settings = MeshSettings.from_env()
-    url = ensure_redis(env_settings.redis_url)
+    url = ensure_redis(env_settings.redis_url, private=True)  # a demo runs anywhere, Redis or not
     namespace = os.environ.get("MESH_NAMESPACE", DEMO_NAMESPACE)
     settings = env_settings.model_copy(update={"redis_url": url, "namespace": namespace})
     env = {**os.environ, "MESH_REDIS_URL": url, "MESH_NAMESPACE": namespace}
@@ -49,8 +49,14 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     out.print(f"job {record.job_id}: [bold]{record.state}[/bold]")
     out.print(steps_table(record))
     _show_effects(client, record, out)
-    out.print(f"\nInspect it again with: MESH_REDIS_URL={url} MESH_NAMESPACE={namespace} "
-              f"mesh status {record.job_id}", highlight=False)
+    if url == env_settings.redis_url:
+        out.print(f"\nInspect it again with: MESH_REDIS_URL={url} MESH_NAMESPACE={namespace} "
+                  f"mesh status {record.job_id}", highlight=False)
+    else:  # the private server stops with this process, and its data with it
+        out.print(f"\nNo Redis answered at {env_settings.redis_url}, so this demo ran on a private one that "
+                  "stops now, with its data: the job cannot be inspected afterwards. To keep jobs, start "
+                  f"a Redis there (e.g. redis-server) and run the demo again; then: mesh status {record.job_id}",
+                  highlight=False)
     return 0 if record.state is State.SUCCEEDED else 1
 
 

@@ -21,7 +21,9 @@ from rich.text import Text
 from mesh.ops import console as base
 
 dlq_app = typer.Typer(help="The dead-letter queue: list, show, stats, replay, drain, load, purge.",
-                      no_args_is_help=True)
+                      no_args_is_help=True, rich_markup_mode=base.MARKUP,
+                      epilog="Examples: `mesh dlq list --agent executor --since 2h`, "
+                             "`mesh dlq replay --class rate_limited --yes`, `mesh dlq drain --to dlq.jsonl --yes`")
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -53,10 +55,13 @@ def parse_time(value: str | None, *, now: float | None = None) -> float | None:
     return when.timestamp()
 
 
-Agent = Annotated[str | None, typer.Option("--agent", help="Only entries of this agent.")]
-Class = Annotated[str | None, typer.Option("--class", help="Only entries of this failure class.")]
-Since = Annotated[str | None, typer.Option(help="Dead-lettered at or after: 15m, 2h, 3d (ago), UNIX s, ISO 8601.")]
-Until = Annotated[str | None, typer.Option(help="Dead-lettered at or before (same forms as --since).")]
+Agent = Annotated[str | None, typer.Option("--agent", metavar="AGENT", help="Only entries of this agent.")]
+Class = Annotated[str | None, typer.Option("--class", metavar="CLASS",
+                                           help="Only entries of this failure class, e.g. rate_limited.")]
+Since = Annotated[str | None, typer.Option(metavar="TIME", help="Dead-lettered at or after: 15m, 2h, 3d (ago), "
+                                           "UNIX seconds, ISO 8601.")]
+Until = Annotated[str | None, typer.Option(metavar="TIME",
+                                           help="Dead-lettered at or before (same forms as --since).")]
 Yes = Annotated[bool, typer.Option("--yes", help="Do it without asking.")]
 
 
@@ -66,7 +71,21 @@ def _filter(agent: str | None, failure_class: str | None, since: str | None, unt
 
     if failure_class is not None and failure_class not in set(FailureClass):
         base.fail(f"unknown failure class {failure_class!r}; classes are {', '.join(FailureClass)}", base.EXIT_INPUT)
+    if agent is not None:
+        _check_agent(agent)
     return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until))
+
+
+def _check_agent(agent: str) -> None:
+    """A misspelt --agent is an error (exit 2, naming the known agents), not an empty result: known are
+    the built-in agents, the published ones and every agent that ever had a dead letter."""
+    from mesh.contracts import CONTRACTS
+
+    c = base.client()
+    known = dict.fromkeys([*CONTRACTS, *c.registry.agents(),
+                           *sorted(m.decode() for m in c.redis.smembers(c.keys.dlq_agents))])  # type: ignore[union-attr]
+    if agent not in known:
+        base.fail(f"unknown agent {agent!r}; agents are {', '.join(a for a in known if a != '-')}", base.EXIT_INPUT)
 
 
 def _selection(ids: list[str] | None, all_: bool, agent: str | None, failure_class: str | None,
@@ -117,7 +136,7 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Any]:
 
 @dlq_app.command("list")
 def list_(agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
-          limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+          limit: Annotated[int, typer.Option(min=1, metavar="N", help="At most this many, newest first.")] = 50,
           wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
     """Dead letters, newest first, by agent, class and time."""
     flt = _filter(agent, failure_class, since, until)
@@ -137,7 +156,8 @@ def list_(agent: Agent = None, failure_class: Class = None, since: Since = None,
 
 
 @dlq_app.command()
-def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh dlq list`), or its start.")],
+def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh dlq list`), or its start.",
+                                                metavar="ID", show_default=False)],
          as_json: base.JsonFlag = False) -> None:
     """Everything an entry keeps, the payload as sent and its audit records included."""
     from mesh.contracts import loads
@@ -190,14 +210,19 @@ def stats(as_json: base.JsonFlag = False) -> None:
 
 @dlq_app.command()
 def replay(
-    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids (or their starts); or --all, or filters.")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids (or their starts); or --all, or filters.",
+                                                    metavar="ID", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
-    rate: Annotated[float | None, typer.Option(min=0.001, help="At most this many entries per second.")] = None,
+    rate: Annotated[float | None, typer.Option(min=0.001, metavar="N",
+                                               help="At most this many entries per second.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing; report what would move.")] = False,
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
-    """Re-enqueue entries with their original key, fresh attempts and deadline, and replay_of lineage."""
+    """Re-enqueue entries: original key, fresh attempts and deadline.
+
+    Each copy records the entry it replays (replay_of); an entry leaves the DLQ only once its copy
+    is enqueued."""
     from mesh.dlq import Replayer
 
     flt = _selection(ids, all_, agent, failure_class, since, until)
@@ -220,7 +245,7 @@ def replay(
     else:
         verb = "would replay" if dry_run else "replayed"
         base.out.print(f"{verb} {len(report.replayed)} dead letter(s)"
-                       + "".join(f"; {n} of {k}" for k, n in sorted(report.by_class.items())))
+                       + "".join(f"; {n} of class {k}" for k, n in sorted(report.by_class.items())))
         for entry_id, reason in report.skipped.items():
             base.err.print(Text(f"skipped {entry_id}: {reason}"))
     if report.skipped:
@@ -229,11 +254,14 @@ def replay(
 
 @dlq_app.command()
 def drain(
-    to: Annotated[Path, typer.Option("--to", help="JSONL file to append the entries to.")],
+    to: Annotated[Path, typer.Option("--to", metavar="FILE", help="JSONL file to append the entries to.",
+                                     show_default=False)],
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
-    """Export entries to a JSONL file and remove them; each batch is fsynced before it is removed."""
+    """Export entries to a JSONL file and remove them from the DLQ.
+
+    Each batch is written and fsynced before it is removed; `mesh dlq load` puts them back."""
     from mesh.dlq import drain as drain_entries
 
     flt = _filter(agent, failure_class, since, until)
@@ -253,9 +281,12 @@ def drain(
 
 
 @dlq_app.command()
-def load(file: Annotated[Path, typer.Argument(help="A file written by `mesh dlq drain`.")],
+def load(file: Annotated[Path, typer.Argument(help="A file written by `mesh dlq drain`.", metavar="FILE",
+                                              show_default=False)],
          as_json: base.JsonFlag = False) -> None:
-    """Put drained entries back (ids preserved; an entry already in the DLQ is not added twice)."""
+    """Put drained entries back into the DLQ.
+
+    Ids are preserved; an entry already in the DLQ is not added twice."""
     from mesh.dlq import ExportFileError
     from mesh.dlq import load as load_entries
 
@@ -274,7 +305,8 @@ def load(file: Annotated[Path, typer.Argument(help="A file written by `mesh dlq 
 
 @dlq_app.command()
 def purge(
-    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids (or their starts); or --all, or filters.")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids (or their starts); or --all, or filters.",
+                                                    metavar="ID", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
     yes: Yes = False, as_json: base.JsonFlag = False,

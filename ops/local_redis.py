@@ -18,8 +18,12 @@ from mesh.broker.settings import DEFAULT_REDIS_URL
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-LOCAL_DIR = PROJECT_DIR / ".mesh" / "redis"
+
+
+def local_dir() -> Path:
+    """Where a private server keeps its files: ``.mesh/redis`` under the current directory (the
+    package's own folder is read-only, or shared, once installed from a wheel)."""
+    return Path.cwd() / ".mesh" / "redis"
 
 
 def answers(url: str, timeout_s: float = 1.0) -> bool:
@@ -53,14 +57,15 @@ def _free_port() -> int:
 
 
 class PrivateRedis:
-    """A redis-server child process in a project-local folder, stopped at exit.
+    """A redis-server child process in a local folder (default :func:`local_dir`), stopped at exit.
 
     ``args`` are extra server arguments, after (so overriding) the defaults: e.g.
     ``("--appendonly", "yes", "--appendfsync", "always")`` for a server whose data survives ``restart()``.
     """
 
-    def __init__(self, binary: str, port: int | None = None, folder: Path = LOCAL_DIR,
+    def __init__(self, binary: str, port: int | None = None, folder: Path | None = None,
                  args: Sequence[str] = ()) -> None:
+        folder = folder or local_dir()
         self.binary = binary
         self.port = port or _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -101,16 +106,18 @@ class PrivateRedis:
         self.start()
 
 
-def ensure_redis(url: str = DEFAULT_REDIS_URL) -> str:
-    """``url`` if a Redis answers there; else, for the default local URL, a private server's URL."""
+def ensure_redis(url: str = DEFAULT_REDIS_URL, *, private: bool | None = None) -> str:
+    """``url`` if a Redis answers there; else a private server's URL when ``private`` (default: only
+    for the default local URL), else RuntimeError."""
     if answers(url):
         return url
-    if url != DEFAULT_REDIS_URL:
+    if not (url == DEFAULT_REDIS_URL if private is None else private):
         raise RuntimeError(f"no Redis answers at {url}")
     binary = redis_binary()
     if binary is None:
         raise RuntimeError(f"no Redis answers at {url} and no redis-server binary is available")
     server = PrivateRedis(binary)
-    print(f"no Redis answered at {url}; started a private one at {server.url} ({binary}, data in {LOCAL_DIR})",
+    print(f"no Redis answered at {url}; started a private one at {server.url} ({binary}, files in {server.folder}; "
+          "it stops when this command ends)",
           file=sys.stderr)
     return server.url

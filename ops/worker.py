@@ -70,8 +70,37 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
         registry(settings, broker).unpublish(broker.broker_id)
     except redis.RedisError as exc:  # its heartbeat stops anyway: listed as dead, pruned later
         logger.warning("could not unpublish the worker", extra={"error": str(exc)})
+    try:
+        sign_off(broker)
+    except redis.RedisError as exc:  # then its heartbeat just ages out (MESH_HEARTBEAT_TIMEOUT_S)
+        logger.warning("could not remove the worker's heartbeat", extra={"error": str(exc)})
     broker.close()
     return 0
+
+
+#: KEYS: heartbeats zset, the worker's held-queues set; ARGV: worker id, its acks key prefix.
+_SIGN_OFF = """
+for _, queue in ipairs(redis.call("smembers", KEYS[2])) do
+    if redis.call("scard", ARGV[2] .. queue) > 0 then
+        redis.call("zadd", KEYS[1], 0, ARGV[1])
+        return 0
+    end
+end
+redis.call("zrem", KEYS[1], ARGV[1])
+redis.call("del", KEYS[2])
+return 1
+"""
+
+
+def sign_off(broker: MeshBroker) -> bool:
+    """A worker that stopped gracefully says so: its heartbeat is removed, so /readyz and ``mesh
+    agents`` see it gone now rather than a heartbeat timeout later. Should it still hold unsettled
+    messages (its stop timed out), its heartbeat is aged instead, so the next worker's maintenance
+    returns them to their queues at once. True when it held nothing. Call after its consumers stopped."""
+    keys = broker.keys
+    held = f"{keys.namespace}:__held__.{broker.broker_id}"  # written by settle.lua, which names it so
+    return bool(broker.client.eval(_SIGN_OFF, 2, keys.heartbeats, held, broker.broker_id,
+                                   keys.acks(broker.broker_id, "")))
 
 
 def _publish(reg: Registry, broker: MeshBroker, entries: list[PublishedAgent], app: str) -> None:

@@ -19,6 +19,7 @@ from mesh.contracts.errors import (
     FailureClass,
     IllegalTransition,
     InvalidOutput,
+    KeyConflict,
     LeaseLost,
     MeshError,
     OutcomeUnrecorded,
@@ -37,6 +38,7 @@ EXPECTED: dict[str, tuple[FailureClass, bool]] = {
     "ConfigError": (FailureClass.PERMANENT, True),
     "ContractError": (FailureClass.INVALID_INPUT, True),
     "PoisonMessage": (FailureClass.INVALID_INPUT, True),
+    "KeyConflict": (FailureClass.INVALID_INPUT, True),
     "InvalidOutput": (FailureClass.INVALID_OUTPUT, False),
     "RateLimited": (FailureClass.RATE_LIMITED, False),
     "DependencyTimeout": (FailureClass.TIMEOUT, True),
@@ -60,6 +62,7 @@ INSTANCES: dict[str, MeshError] = {
     "ConfigError": ConfigError("bad setting"),
     "ContractError": ContractError("bad", errors=[{"loc": ("a", "b")}]),
     "PoisonMessage": PoisonMessage("undecodable", raw=b"\x80"),
+    "KeyConflict": KeyConflict("k-1", "job-1", "planner"),
     "InvalidOutput": InvalidOutput("bad output"),
     "RateLimited": RateLimited("slow down", retry_after_s=2.0),
     "DependencyTimeout": DependencyTimeout("slow"),
@@ -132,6 +135,7 @@ def test_terminal_exactly_when_class_is_not_retryable(name: str) -> None:
 
 def test_subclass_structure_matches_tree() -> None:
     assert issubclass(PoisonMessage, ContractError)
+    assert issubclass(KeyConflict, ContractError)
     assert issubclass(ToolRefused, PermanentFailure)
     assert issubclass(IllegalTransition, PermanentFailure)
 
@@ -151,5 +155,8 @@ def test_errors_carry_their_context() -> None:
     budget = INSTANCES["BudgetExceeded"]
     assert (budget.used, budget.budget) == (120, 100)  # type: ignore[attr-defined]
     assert budget.context == {"used": 120, "budget": 100}
+    conflict = INSTANCES["KeyConflict"]
+    assert (conflict.key, conflict.job_id) == ("k-1", "job-1")  # type: ignore[attr-defined]
+    assert "k-1" in str(conflict) and "job-1" in str(conflict)
     illegal = INSTANCES["IllegalTransition"]
     assert str(illegal) == "StepRecord cannot move from succeeded to running"

@@ -163,7 +163,6 @@ def test_list_filters_by_agent_class_since_until_and_limit_and_stats_counts_with
         ((), ["m1", "m10", "m90", "h5", "d3"]),
         (("--agent", "executor"), ["m1", "m10", "h5"]),
         (("--agent", "planner"), ["d3"]),
-        (("--agent", "nobody"), []),
         (("--class", "permanent"), ["m1", "h5"]),
         (("--class", "cycle"), []),
         (("--agent", "executor", "--class", "permanent"), ["m1", "h5"]),
