@@ -16,6 +16,7 @@ fast (its route is the timeout's); only the breaker counts it.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import httpx
 import redis
 from dramatiq.middleware import TimeLimitExceeded
 
-from mesh.contracts import BreakerOpen, Brownout, DependencyTimeout
+from mesh.contracts import BreakerOpen, Brownout, DependencyTimeout, loads
 
 from .keys import Keys
 from .redact import redact
@@ -38,14 +39,31 @@ BREAKER_LUA = resources.files("mesh.broker").joinpath("scripts/breaker.lua").rea
 
 T = TypeVar("T")
 
+#: How long a breaker's set of deferred messages outlives the last one's due time (ms).
+DEFERRED_GRACE_MS = 60_000
+
 #: Failures that count against a dependency's breaker: it is down (brownout) or it hangs (timeout;
 #: the time limit cutting a call short is a timeout the dependency did not answer within).
 COUNTED = (Brownout, DependencyTimeout, httpx.TimeoutException, TimeLimitExceeded)
 
 
 @dataclass(frozen=True)
+class OpeningFailure:
+    """One of the failures that opened a breaker: when (s) and its error (masked)."""
+
+    at: float
+    error: str
+
+
+@dataclass(frozen=True)
 class BreakerState:
-    """What ``mesh breakers`` shows for one dependency."""
+    """What ``mesh breakers`` shows for one dependency.
+
+    ``failures`` counts the current failure window, which opening clears; ``opened_failures`` and
+    ``opened_by`` keep the failures that opened it (the last opening's, newest first). ``reopen_in_s``
+    is measured on the Redis server's clock, as the reopen time is. ``deferred``: messages the open
+    breaker deferred that are not due back yet (see :meth:`Breakers.note_deferred`).
+    """
 
     name: str
     state: str
@@ -54,6 +72,11 @@ class BreakerState:
     cooldown_s: float
     trips: int
     last_error: str | None
+    opened_at: float | None = None
+    opened_failures: int = 0
+    opened_by: tuple[OpeningFailure, ...] = ()
+    reopen_in_s: float | None = None
+    deferred: int = 0
 
 
 class Breakers:
@@ -68,7 +91,8 @@ class Breakers:
     def _call(self, command: str, name: str, owner: str = "", error: str = "") -> Any:
         s = self.settings
         return self.script(
-            keys=[self.keys.breaker(name), self.keys.breaker_failures(name), self.keys.breakers],
+            keys=[self.keys.breaker(name), self.keys.breaker_failures(name), self.keys.breakers,
+                  self.keys.breaker_errors(name)],
             args=[command, name, owner, s.breaker_failures, int(s.breaker_window_s * 1000),
                   int(s.breaker_cooldown_s * 1000), int(s.breaker_max_cooldown_s * 1000),
                   int(s.breaker_probe_ttl_s * 1000), error[:500]],
@@ -132,21 +156,59 @@ class Breakers:
         self._call("reset", name)
         return True
 
+    def note_deferred(self, name: str, message_id: str, due_ms: int, pipe: Any = None) -> None:
+        """Record that ``message_id`` waits on ``name``'s open breaker until ``due_ms`` (epoch ms, the
+        clock its delayed copy is due by). One member per message (a re-deferral moves it), and members
+        already due are trimmed on each add, so the set holds at most the messages waiting now."""
+        own = pipe is None
+        pipe = self.client.pipeline(transaction=False) if own else pipe
+        key, now_ms = self.keys.breaker_deferred(name), int(time.time() * 1000)
+        ttl_ms = max(0, due_ms - now_ms) + DEFERRED_GRACE_MS
+        pipe.zadd(key, {message_id: due_ms})
+        pipe.zremrangebyscore(key, "-inf", f"({min(due_ms, now_ms)}")
+        pipe.pexpire(key, ttl_ms, nx=True)  # a fresh set; then only ever lengthened
+        pipe.pexpire(key, ttl_ms, gt=True)
+        if own:
+            pipe.execute()
+
     def list(self) -> list[BreakerState]:
+        """Every breaker, with what opened it and the messages waiting on it (counted on Redis's clock)."""
         names = sorted(n.decode() for n in self.client.smembers(self.keys.breakers))  # type: ignore[union-attr]
+        secs, micros = self.client.time()
+        now_ms = int(secs) * 1000 + int(micros) // 1000
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(self.keys.breaker(name))
             pipe.zcard(self.keys.breaker_failures(name))
+            pipe.zcount(self.keys.breaker_deferred(name), f"({now_ms}", "+inf")
         values = pipe.execute()
-        out = []
-        for i, name in enumerate(names):
-            h = {k.decode(): v.decode() for k, v in values[2 * i].items()}
-            state = h.get("state", "closed")
-            out.append(BreakerState(
-                name=name, state=state, failures=int(values[2 * i + 1]),
-                reopen_at=int(h["reopen_at"]) / 1000 if state != "closed" and "reopen_at" in h else None,
-                cooldown_s=int(h.get("cooldown_ms", self.settings.breaker_cooldown_s * 1000)) / 1000,
-                trips=int(h.get("trips", 0)), last_error=h.get("last_error"),
-            ))
-        return out
+        return [self._state(name, values[3 * i], values[3 * i + 1], values[3 * i + 2], now_ms)
+                for i, name in enumerate(names)]
+
+    def _state(self, name: str, raw: dict[bytes, bytes], failures: int, deferred: int, now_ms: int) -> BreakerState:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        state = h.get("state", "closed")
+        reopen_ms = int(h["reopen_at"]) if state != "closed" and "reopen_at" in h else None
+        opened = state != "closed" and "opened_at" in h
+        return BreakerState(
+            name=name, state=state, failures=int(failures),
+            reopen_at=reopen_ms / 1000 if reopen_ms is not None else None,
+            cooldown_s=int(h.get("cooldown_ms", self.settings.breaker_cooldown_s * 1000)) / 1000,
+            trips=int(h.get("trips", 0)), last_error=h.get("last_error"),
+            opened_at=int(h["opened_at"]) / 1000 if opened else None,
+            opened_failures=int(h.get("opened_failures", 0)) if opened else 0,
+            opened_by=_opening_failures(h.get("opened_errors")) if opened else (),
+            reopen_in_s=max(0.0, (reopen_ms - now_ms) / 1000) if reopen_ms is not None else None,
+            deferred=int(deferred),
+        )
+
+
+def _opening_failures(raw: str | None) -> tuple[OpeningFailure, ...]:
+    try:
+        items = loads(raw) if raw else []
+    except ValueError:
+        return ()
+    if not isinstance(items, list):  # Lua's cjson encodes an empty table as an object
+        return ()
+    return tuple(OpeningFailure(at=float(i.get("at", 0)) / 1000, error=str(i.get("error", "")))
+                 for i in items if isinstance(i, dict))

@@ -20,9 +20,16 @@ from mesh.contracts import (
     RateLimited,
 )
 
+from .redact import redact
+
 _TIMEOUT_STATUS = {408, 504}
 _BROWNOUT_STATUS = {500, 502, 503}
 _PERMANENT_STATUS = {400, 401, 403, 404, 405, 409, 410, 413, 415, 422}
+
+#: Characters of a response body kept in the error (whitespace collapsed, secrets masked).
+BODY_SNIPPET_CHARS = 200
+#: Characters of the body read to make it (a huge body is not scanned whole).
+BODY_READ_CHARS = 65_536
 
 
 def classify(exc: BaseException) -> tuple[FailureClass, float | None]:
@@ -50,6 +57,8 @@ def error_for_response(response: httpx.Response, *, dependency: str, now: float 
     """The mesh error a non-success HTTP response stands for."""
     status = response.status_code
     text = f"{dependency} answered {status}"
+    if snippet := body_snippet(response):
+        text = f"{text}: {snippet}"
     if status == 429:
         return RateLimited(text, retry_after_s=parse_retry_after(response.headers, now=now), dependency=dependency)
     if status in _TIMEOUT_STATUS:
@@ -59,6 +68,19 @@ def error_for_response(response: httpx.Response, *, dependency: str, now: float 
     if status in _PERMANENT_STATUS or 400 <= status < 500:
         return PermanentFailure(text, dependency=dependency, status=status)
     return MeshError(text, dependency=dependency, status=status)
+
+
+def body_snippet(response: httpx.Response, limit: int = BODY_SNIPPET_CHARS) -> str:
+    """The start of ``response``'s body, whitespace collapsed and secrets masked, at most ``limit``
+    characters (an ellipsis marks a cut): what the dependency said about the failure. Empty when
+    the body is empty or was never read (a streamed response)."""
+    try:
+        body = response.text[:BODY_READ_CHARS]
+    except (httpx.ResponseNotRead, UnicodeDecodeError, LookupError):
+        return ""
+    # Masked before it is cut, so a cut can never leave part of a secret showing.
+    text = " ".join(redact(body).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:

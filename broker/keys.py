@@ -20,6 +20,11 @@ The mesh's own:
                                       state claimed|free|done, owner, token (fencing), expires (ms), result
     {ns}:breaker:{name}               hash: circuit breaker of a dependency (broker/scripts/breaker.lua)
     {ns}:breaker:{name}:failures      zset of recent brownouts (the failure window)
+    {ns}:breaker:{name}:errors        list, capped at MESH_BREAKER_FAILURES: the recent failures' errors
+                                      (JSON {at, error}); copied into the hash when the breaker opens
+    {ns}:breaker:{name}:deferred      zset message id -> when it is due back (ms): messages an open
+                                      breaker deferred (broker/router.py); those due in the future are
+                                      the ones waiting on it; past ones are trimmed on each add
     {ns}:breakers                     set of every dependency that has a breaker
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step); expires
@@ -58,8 +63,8 @@ The mesh's own:
     {ns}:registry.serving:{agent}     zset worker id (dramatiq broker id) -> when it published (ms, Redis
                                       TIME): the workers serving the agent; a worker removes itself on
                                       a graceful stop, dead ones are pruned by the next publish
-    {ns}:registry.workers             hash worker id -> JSON: its label (host:pid), app and the contract
-                                      version of each agent it serves
+    {ns}:registry.workers             hash worker id -> JSON: its label (host:pid), app, the contract
+                                      version of each agent it serves and since when (ms, its first publish)
     (The registry's names hold a dot, which agent names cannot, so no queue's key collides with them.)
 """
 
@@ -106,6 +111,12 @@ class Keys:
 
     def breaker_failures(self, name: str) -> str:
         return f"{self.namespace}:breaker:{name}:failures"
+
+    def breaker_errors(self, name: str) -> str:
+        return f"{self.namespace}:breaker:{name}:errors"
+
+    def breaker_deferred(self, name: str) -> str:
+        return f"{self.namespace}:breaker:{name}:deferred"
 
     @property
     def breakers(self) -> str:

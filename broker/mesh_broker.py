@@ -121,9 +121,11 @@ class MeshBroker(RedisBroker):
         )
 
     def dead_letter_entry(
-        self, message: Message, failure_class: str, error: str, traceback: str | None
+        self, message: Message, failure_class: str, error: str, traceback: str | None, *,
+        dependency: str | None = None,
     ) -> DeadLetter:
-        """Everything the DLQ keeps about ``message``, whose last attempt failed with ``error``."""
+        """Everything the DLQ keeps about ``message``, whose last attempt failed with ``error``
+        (``dependency``: the one the failure names, when it names one)."""
         envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else None
         env = envelope or {}
         error = redact(error)  # the entry's and its last attempt's: some callers pass an exception's raw text
@@ -159,6 +161,7 @@ class MeshBroker(RedisBroker):
             host=self.host,
             replay_of=_str(env.get("replay_of")),
             replay_count=int(message.options.get("mesh_replays", 0) or 0),
+            dependency=dependency,
         )
 
     @property

@@ -97,6 +97,21 @@ class ServingWorker:
 
 
 @dataclass(frozen=True)
+class WorkerListing:
+    """One worker as ``mesh workers`` shows it: who, what it serves, since when, last heartbeat."""
+
+    id: str
+    label: str
+    app: str
+    agents: tuple[str, ...]
+    #: When it first published (ms, Redis TIME); None: recorded by a worker from before this was kept.
+    since_ms: int | None
+    #: Its last heartbeat (ms, Redis TIME); None: none, or it was reaped.
+    heartbeat_ms: int | None
+    alive: bool
+
+
+@dataclass(frozen=True)
 class AgentListing:
     agent: PublishedAgent
     workers: tuple[ServingWorker, ...] = field(default_factory=tuple)
@@ -132,12 +147,14 @@ class Registry:
         agents = list(agents)
         now = self.now_ms()
         self._prune([a.name for a in agents], now)
+        before = self.redis.hget(self.keys.registry_workers, worker_id)
+        since = (loads(before).get("since") if before else None) or now  # its first publish, kept on re-publishing
         pipe = self.redis.pipeline(transaction=True)
         for agent in agents:
             pipe.hset(self.keys.registry, agent.name, agent.to_json())
             pipe.zadd(self.keys.serving(agent.name), {worker_id: now})
         pipe.hset(self.keys.registry_workers, worker_id, dumps(
-            {"label": label, "app": app, "agents": {a.name: a.version for a in agents}}))
+            {"label": label, "app": app, "agents": {a.name: a.version for a in agents}, "since": since}))
         pipe.execute()
 
     def unpublish(self, worker_id: str) -> None:
@@ -183,6 +200,26 @@ class Registry:
                     alive=beat is not None and now - beat <= self.heartbeat_timeout_ms))
             out.append(AgentListing(agent=agent, workers=tuple(workers), now_ms=now))
         return out
+
+    def workers(self) -> tuple[list[WorkerListing], int]:
+        """Every worker that published what it serves (a graceful stop removes it; a killed one stays,
+        not alive, until a later publish prunes it), newest first, with its last heartbeat; and the
+        Redis server's clock (ms) the ages are measured against. Producers heartbeat too (dramatiq
+        records every process that enqueues), so the heartbeat zset alone does not say who serves."""
+        raw: Any = self.redis.hgetall(self.keys.registry_workers)
+        ids = sorted(k.decode() for k in raw)
+        now = self.now_ms()
+        _, beats = self._workers(ids)
+        out = []
+        for wid in ids:
+            about = loads(raw[wid.encode()])
+            beat = beats.get(wid)
+            out.append(WorkerListing(
+                id=wid, label=about.get("label", wid[:8]), app=about.get("app", ""),
+                agents=tuple(sorted(about.get("agents", {}))), since_ms=about.get("since"), heartbeat_ms=beat,
+                alive=beat is not None and now - beat <= self.heartbeat_timeout_ms))
+        out.sort(key=lambda w: (not w.alive, -(w.since_ms or 0), w.label))
+        return out, now
 
     def _workers(self, ids: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
         """Per worker id: what it recorded about itself, and its last heartbeat (ms)."""

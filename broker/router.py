@@ -32,7 +32,7 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware
 
-from mesh.contracts import BreakerOpen, FailureClass, LeaseLost, OutcomeUnrecorded, State
+from mesh.contracts import BreakerOpen, Brownout, FailureClass, LeaseLost, OutcomeUnrecorded, State
 from mesh.contracts.deadletter import Attempt, format_traceback
 
 from . import trace
@@ -161,13 +161,29 @@ def _within_deadline(routing: Routing, remaining_s: float) -> Routing:
                           f"would pass the deadline ({max(remaining_s, 0):.1f}s left)")
 
 
+def dependency_of(exc: BaseException | None) -> str | None:
+    """The dependency a failure names (``host:port``), from the mesh error or the HTTP error that
+    caused it, or None: kept on the dead letter so ``mesh dlq ... --dependency`` can select by it."""
+    seen = 0
+    while exc is not None and seen < 5:
+        name = getattr(exc, "dependency", None) or (getattr(exc, "context", None) or {}).get("dependency")
+        if isinstance(name, str) and name:
+            return name
+        request = getattr(exc, "_request", None)  # httpx errors; their .request raises when unset
+        if request is not None:
+            return str(request.url.netloc.decode())
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def dead_letter_with_step(broker: Broker, message: MessageProxy, failure_class: FailureClass, error: str,
                           traceback: str | None, *, stat: str = "dead_lettered",
                           state: State = State.DEAD_LETTERED) -> DeadLetterIt:
     """Dead-letter ``message`` and, when it carries a job step, end that step with it (in the same
     settlement): a message in the DLQ never leaves its step queued or running."""
     error = redact(error)
-    entry = broker.dead_letter_entry(message._message, failure_class, error, traceback)  # type: ignore[attr-defined]
+    entry = broker.dead_letter_entry(message._message, failure_class, error, traceback,  # type: ignore[attr-defined]
+                                     dependency=dependency_of(message.__dict__.get("_exception")))
     envelope = message.args[0] if message.args and isinstance(message.args[0], dict) else {}
     job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
     job = None
@@ -260,6 +276,9 @@ class FailureRouter(Middleware):
             "attempt": attempt, "error": redact(str(exception)), "reason": routing.reason or None})
         if lease is not None and self.jobs is not None:
             self._observe(message.actor_name, time.monotonic() - lease.started)
+        if (isinstance(decision, RetryLater) and routing.route is Route.DEFER and isinstance(exception, Brownout)
+                and exception.retry_after_s is not None):
+            self._note_deferred(exception.dependency, decision.message)
 
     def _option(self, broker: Broker, message: MessageProxy, name: str) -> int | None:
         try:
@@ -280,7 +299,8 @@ class FailureRouter(Middleware):
         counter = f"{routing.failure_class}:{routing.route}"
         if routing.route is Route.DEAD_LETTER:
             entry = broker.dead_letter_entry(  # type: ignore[attr-defined]
-                message._message, routing.failure_class, routing.error(exception), format_traceback(exception))
+                message._message, routing.failure_class, routing.error(exception), format_traceback(exception),
+                dependency=dependency_of(exception))
             stat = "poison" if routing.failure_class is FailureClass.INVALID_INPUT else "dead_lettered"
             return DeadLetterIt(entry, stat, counter)
         deferred = routing.route is Route.DEFER
@@ -326,6 +346,19 @@ class FailureRouter(Middleware):
                                           tokens=tokens),
                         step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
                         release=release)
+
+    def _note_deferred(self, dependency: str, copy: Any) -> None:
+        """Count the message as waiting on the open breaker (``mesh breakers``): a figure, never worth
+        failing the settlement for."""
+        if self.jobs is None:
+            return
+        from .breaker import Breakers
+
+        try:
+            Breakers(self.settings, self.jobs.client).note_deferred(dependency, copy.message_id,
+                                                                    int(copy.options.get("eta", current_millis())))
+        except Exception as exc:
+            logger.warning("could not count the message deferred on its breaker", extra={"error": str(exc)})
 
     def _observe(self, agent: str, duration: float) -> None:
         """The attempt's duration, for the histogram: a figure, never worth failing the settlement for."""

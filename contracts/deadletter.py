@@ -40,6 +40,8 @@ class DeadLetter(Frozen):
     dead_lettered_at: float = Field(default_factory=time.time)
     replay_count: int = 0
     replay_of: str | None = None
+    #: The dependency the failure names (``host:port``), when it names one: ``mesh dlq --dependency``.
+    dependency: str | None = None
 
 
 def format_traceback(exc: BaseException | None) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from importlib import resources
 from typing import Any
 
@@ -29,21 +30,36 @@ BATCH = 500
 
 @dataclass(frozen=True)
 class Filter:
-    """Which entries an operation takes: all of them, or by agent, class and dead-lettered time (s)."""
+    """Which entries an operation takes: all of them, or by agent, class and dead-lettered time (s),
+    and by what the entry says: ``grep`` (a substring of its error, any case), ``key`` (a glob on its
+    message key, as fnmatch reads it) and ``dependency`` (the dependency its failure names, exactly;
+    an entry that recorded none matches when its error names it).
+
+    Agent, class and time choose an index; the rest is checked on each entry the walk reads.
+    """
 
     agent: str | None = None
     failure_class: str | None = None
     since: float | None = None
     until: float | None = None
+    grep: str | None = None
+    key: str | None = None
+    dependency: str | None = None
 
     def matches(self, entry: DeadLetter) -> bool:
         return ((self.agent is None or (entry.agent or "-") == self.agent)
-                and (self.failure_class is None or entry.failure_class == self.failure_class))
+                and (self.failure_class is None or entry.failure_class == self.failure_class)
+                and (self.grep is None or self.grep.casefold() in entry.error.casefold())
+                and (self.key is None or (entry.key is not None and fnmatchcase(entry.key, self.key)))
+                and (self.dependency is None or entry.dependency == self.dependency
+                     # an entry written before dead letters recorded it: its error names the dependency
+                     or (entry.dependency is None and self.dependency in entry.error)))
 
     @property
     def exact(self) -> bool:
         """True when the chosen index alone decides membership (no entry needs checking)."""
-        return self.agent is None or self.failure_class is None
+        return ((self.agent is None or self.failure_class is None)
+                and self.grep is None and self.key is None and self.dependency is None)
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,8 @@ class DeadLetterStore:
     # -- reading ------------------------------------------------------------------------------
 
     def count(self, flt: Filter | None = None) -> int:
-        """Entries matching ``flt``: exact from one index, or an upper bound when it filters on both
-        agent and class (use :meth:`iter` to count those exactly)."""
+        """Entries matching ``flt``: exact from one index, or an upper bound when ``flt`` is not
+        :attr:`Filter.exact` (use :meth:`iter` to count those exactly)."""
         flt = flt or Filter()
         return int(self.client.zcount(self._index(flt), *self._range(flt)))
 

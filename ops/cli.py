@@ -238,24 +238,120 @@ def _job_id(c: MeshClient, given: str) -> str:
     return resolve(c, c.keys.jobs, given, "jobs", alias="job-")
 
 
-@app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough)")
-def status(job_id: JobId, wide: WideFlag = False, as_json: JsonFlag = False) -> None:
+@app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), or `mesh status order-7`")
+def status(job_id: Annotated[str, typer.Argument(help="The job id (from `mesh submit` or `mesh jobs`) or its start, "
+                                                  "or the key it was sent with, e.g. order-7.", metavar="JOB_ID|KEY",
+                                                  show_default=False)],
+           wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     """A job's state and every step's: attempts, timings, errors, results.
 
     A running step without progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by
     retention is reported expired."""
+    from mesh.broker.client import job_id_for
     from mesh.broker.retention import expired
 
     c = client()
-    job_id = _job_id(c, job_id)
-    try:
-        record = c.status(job_id)
-    except JobNotFound:
-        if expired(c.redis, c.keys, job_id):
-            fail(f"job {job_id} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
+    # A job id (or its unique start) is tried first, then the key (the same key always names the same job).
+    resolved = _job_id(c, job_id)
+    candidates = [resolved] if resolved != job_id or (job_id.startswith("job-") and len(job_id) == 36) \
+        else [job_id, job_id_for(job_id)]
+    for candidate in candidates:
+        try:
+            record = c.status(candidate)
+        except JobNotFound:
+            continue
+        _show(record, as_json, c.stuck(record), wide=wide)
+        return
+    for candidate in candidates:
+        if expired(c.redis, c.keys, candidate):
+            fail(f"job {candidate} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
                  "after a job ends", EXIT_INPUT)
-        fail(f"no job {job_id}", EXIT_INPUT)
-    _show(record, as_json, c.stuck(record), wide=wide)
+    fail(f"no job {job_id}" + ("" if len(candidates) == 1 else f" (nor a job of key {job_id!r})"), EXIT_INPUT)
+
+
+@app.command()
+def jobs(
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state, e.g. dead_lettered.",
+                                              show_default=False)] = None,
+    agent: Annotated[str | None, typer.Option(help="Only jobs with a step on this agent, e.g. executor.",
+                                              show_default=False)] = None,
+    since: Annotated[str | None, typer.Option(help="Created at or after: 15m, 2h, 3d (ago), UNIX s, ISO 8601.",
+                                              show_default=False)] = None,
+    key: Annotated[str | None, typer.Option(help="Only jobs whose key matches this glob, e.g. 'order-*'.",
+                                            show_default=False)] = None,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="At most this many, newest first.")] = 20,
+    wide: WideFlag = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Jobs, newest first, from the jobs index (no scan of the keyspace). State, agent and key are
+    checked on the records, read newest first: at most the newest 10,000 (narrow with --since)."""
+    from mesh.broker.joblist import SCAN_BUDGET, JobQuery, list_jobs
+    from mesh.ops.dlq_cli import parse_time
+
+    if state is not None and state not in set(State):
+        fail(f"unknown state {state!r}; states are {', '.join(State)}", EXIT_INPUT)
+    query = JobQuery(state=State(state) if state else None, agent=agent, since=parse_time(since), key=key,
+                     limit=limit)
+    c = client()
+    page = list_jobs(c.redis, c.keys, query)
+    if page.cut_by_budget:
+        err.print(Text(f"read the newest {SCAN_BUDGET:,} jobs only; narrow with --since to look further back"))
+    if as_json:
+        emit_json([{"job_id": r.job_id, "key": r.key, "state": str(r.state), "created_at": r.created_at,
+                    "updated_at": r.updated_at, "goal": r.goal, "error": r.error,
+                    "agents": sorted({s.agent for s in r.steps.values()}), "steps": len(r.steps)}
+                   for r in page.jobs])
+        return
+    if not page.jobs:
+        out.print("no such jobs")
+        return
+    columns = [Column("job", key=True), Column("state"), Column("created"), Column("key", key=True),
+               Column("steps", justify="right")]
+    out.print(Listing(columns, [(Text(r.job_id), str(r.state), _clock(r.created_at), Text(r.key), str(len(r.steps)))
+                                for r in page.jobs], wide=wide))
+
+
+def _clock(ts: float | None) -> str:
+    from datetime import datetime
+
+    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@app.command()
+def workers(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
+    """Workers that serve agents: label (host:pid), app, agents, since when, last heartbeat, alive.
+    A worker that stopped gracefully is gone; a killed one shows as dead until pruned."""
+    from mesh.broker.registry import Registry
+
+    c = client()
+    listed, now_ms = Registry(c.redis, c.keys, c.settings.heartbeat_timeout_s).workers()
+    if as_json:
+        emit_json([{"id": w.id, "label": w.label, "app": w.app, "agents": list(w.agents),
+                    "since": w.since_ms / 1000 if w.since_ms else None,
+                    "heartbeat_age_s": (now_ms - w.heartbeat_ms) / 1000 if w.heartbeat_ms is not None else None,
+                    "alive": w.alive} for w in listed])
+        return
+    if not listed:
+        out.print("no workers: none has published what it serves (start one with `mesh worker`)")
+        return
+    rows = []
+    for w in listed:
+        beat = f"{_age((now_ms - w.heartbeat_ms) / 1000)} ago" if w.heartbeat_ms is not None else "none"
+        rows.append((Text(w.label), Text(w.app or "-"), Text(", ".join(w.agents)),
+                     _clock(w.since_ms / 1000) if w.since_ms else "-", beat,
+                     Text("alive", "green") if w.alive else Text("dead", "red")))
+    columns = [Column("worker", key=True), Column("app", key=True), Column("agents", wrap=True), Column("since"),
+               Column("heartbeat"), Column("state")]
+    out.print(Listing(columns, rows, wide=wide))
 
 
 def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None, *, wide: bool = False) -> None:
@@ -424,11 +520,11 @@ app.add_typer(breakers_app, name="breakers")
 
 @breakers_app.callback(invoke_without_command=True)
 def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = False) -> None:
-    """List every breaker: state, failures, reopen time, cool-down, trips, last error."""
+    """List every breaker: state, failures in the window, reopen time (on Redis's clock), cool-down, trips,
+    messages deferred on it, last error; an open one also shows the failures that opened it."""
     if ctx.invoked_subcommand is not None:
         return
     import dataclasses
-    import time
 
     from mesh.broker.breaker import Breakers
 
@@ -442,13 +538,21 @@ def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag 
         return
     columns = (Column("dependency", key=True), Column("state"), Column("failures", justify="right"),
                Column("reopens in"), Column("cool-down"), Column("trips", justify="right"),
-               Column("last error", wrap=True))
-    now = time.time()
+               Column("deferred", justify="right"), Column("last error", wrap=True))
     rows = []
     for b in states:
-        reopen = f"{max(0.0, b.reopen_at - now):.1f}s" if b.reopen_at else "-"
-        rows.append((b.name, b.state, str(b.failures), reopen, f"{b.cooldown_s:g}s", str(b.trips), b.last_error or "-"))
+        reopen = f"{b.reopen_in_s:.1f}s" if b.reopen_in_s is not None else "-"
+        rows.append((b.name, b.state, str(b.failures), reopen, f"{b.cooldown_s:g}s", str(b.trips), str(b.deferred),
+                     b.last_error or "-"))
     out.print(Listing(columns, rows, wide=wide))
+    for b in states:
+        if b.opened_at is None:
+            continue
+        out.print(Text(f"{b.name} {b.state}: opened {_clock(b.opened_at)} by {b.opened_failures} failure(s); "
+                       f"reopens {_clock(b.reopen_at)} (in {b.reopen_in_s or 0:.1f}s); "
+                       f"{b.deferred} message(s) deferred on it"))
+        for f in b.opened_by:
+            out.print(Text(f"  {_clock(f.at)}  {f.error}"))
 
 
 @breakers_app.command("reset")

@@ -63,9 +63,16 @@ Since = Annotated[str | None, typer.Option(metavar="TIME", help="Dead-lettered a
 Until = Annotated[str | None, typer.Option(metavar="TIME",
                                            help="Dead-lettered at or before (same forms as --since).")]
 Yes = Annotated[bool, typer.Option("--yes", help="Do it without asking.")]
+Grep = Annotated[str | None, typer.Option("--grep", help="Only entries whose error contains this text (any case), "
+                                          "e.g. --grep 'answered 400'.")]
+KeyGlob = Annotated[str | None, typer.Option("--key", help="Only entries whose message key matches this glob, "
+                                             "e.g. --key 'order-*'.")]
+Dependency = Annotated[str | None, typer.Option("--dependency", help="Only entries whose failure names this "
+                                                "dependency, e.g. --dependency 127.0.0.1:18777.")]
 
 
-def _filter(agent: str | None, failure_class: str | None, since: str | None, until: str | None) -> Any:
+def _filter(agent: str | None, failure_class: str | None, since: str | None, until: str | None,
+            grep: str | None = None, key: str | None = None, dependency: str | None = None) -> Any:
     from mesh.contracts import FailureClass
     from mesh.dlq import Filter
 
@@ -73,7 +80,8 @@ def _filter(agent: str | None, failure_class: str | None, since: str | None, unt
         base.fail(f"unknown failure class {failure_class!r}; classes are {', '.join(FailureClass)}", base.EXIT_INPUT)
     if agent is not None:
         _check_agent(agent)
-    return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until))
+    return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until),
+                  grep=grep, key=key, dependency=dependency)
 
 
 def _check_agent(agent: str) -> None:
@@ -89,12 +97,19 @@ def _check_agent(agent: str) -> None:
 
 
 def _selection(ids: list[str] | None, all_: bool, agent: str | None, failure_class: str | None,
-               since: str | None, until: str | None) -> Any:
+               since: str | None, until: str | None, grep: str | None = None, key: str | None = None,
+               dependency: str | None = None) -> Any:
     """The filter of a bulk command that takes exactly one of: entry ids, --all, or filters."""
-    has_filter = any(v is not None for v in (agent, failure_class, since, until))
+    has_filter = any(v is not None for v in (agent, failure_class, since, until, grep, key, dependency))
     if bool(ids) + all_ + has_filter != 1:
-        base.fail("give entry ids, or --all, or filters (--agent/--class/--since/--until)", base.EXIT_INPUT)
-    return _filter(agent, failure_class, since, until)
+        base.fail("give entry ids, or --all, or filters (--agent/--class/--since/--until/--grep/--key/--dependency)",
+                  base.EXIT_INPUT)
+    return _filter(agent, failure_class, since, until, grep, key, dependency)
+
+
+def _upto(ids: list[str] | None, flt: Any) -> str:
+    """"up to " when the count is an index's, an upper bound for a filter checked on each entry."""
+    return "" if ids or flt.exact else "up to "
 
 
 def _store() -> Any:
@@ -136,10 +151,11 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Any]:
 
 @dlq_app.command("list")
 def list_(agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+          grep: Grep = None, key: KeyGlob = None, dependency: Dependency = None,
           limit: Annotated[int, typer.Option(min=1, metavar="N", help="At most this many, newest first.")] = 50,
           wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
-    """Dead letters, newest first, by agent, class and time."""
-    flt = _filter(agent, failure_class, since, until)
+    """Dead letters, newest first, by agent, class and time, error text, key and dependency."""
+    flt = _filter(agent, failure_class, since, until, grep, key, dependency)
     _, store = _store()
     entries = store.entries(flt, limit=limit)
     if as_json:
@@ -214,6 +230,7 @@ def replay(
                                                     metavar="ID", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+    grep: Grep = None, key: KeyGlob = None, dependency: Dependency = None,
     rate: Annotated[float | None, typer.Option(min=0.001, metavar="N",
                                                help="At most this many entries per second.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing; report what would move.")] = False,
@@ -225,13 +242,13 @@ def replay(
     is enqueued."""
     from mesh.dlq import Replayer
 
-    flt = _selection(ids, all_, agent, failure_class, since, until)
+    flt = _selection(ids, all_, agent, failure_class, since, until, grep, key, dependency)
     c, store = _store()
     ids = [_resolve(c, i) for i in ids] if ids else ids
     replayer = Replayer(store, c.settings)
     total = len(ids) if ids else store.count(flt)
     if not dry_run:
-        _confirm(yes, f"replay {total} dead letter(s)")
+        _confirm(yes, f"replay {_upto(ids, flt)}{total} dead letter(s)")
     with _progress(total, "replaying", not as_json and not dry_run) as advance:
         report = replayer.replay(replayer.entries(ids or None, None if ids else flt),
                                  dry_run=dry_run, rate=rate, progress=advance)
@@ -257,6 +274,7 @@ def drain(
     to: Annotated[Path, typer.Option("--to", metavar="FILE", help="JSONL file to append the entries to.",
                                      show_default=False)],
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+    grep: Grep = None, key: KeyGlob = None, dependency: Dependency = None,
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
     """Export entries to a JSONL file and remove them from the DLQ.
@@ -264,10 +282,10 @@ def drain(
     Each batch is written and fsynced before it is removed; `mesh dlq load` puts them back."""
     from mesh.dlq import drain as drain_entries
 
-    flt = _filter(agent, failure_class, since, until)
+    flt = _filter(agent, failure_class, since, until, grep, key, dependency)
     _, store = _store()
     total = store.count(flt)
-    _confirm(yes, f"drain {total} dead letter(s) to {to}")
+    _confirm(yes, f"drain {_upto(None, flt)}{total} dead letter(s) to {to}")
     try:
         to.open("ab").close()
     except OSError as exc:
@@ -309,12 +327,13 @@ def purge(
                                                     metavar="ID", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
     agent: Agent = None, failure_class: Class = None, since: Since = None, until: Until = None,
+    grep: Grep = None, key: KeyGlob = None, dependency: Dependency = None,
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
     """Delete entries for good. Refuses without --yes."""
     from mesh.dlq import purge as purge_entries
 
-    flt = _selection(ids, all_, agent, failure_class, since, until)
+    flt = _selection(ids, all_, agent, failure_class, since, until, grep, key, dependency)
     if not yes:
         base.fail("purge deletes dead letters for good: add --yes (or drain them to a file instead)",
                   base.EXIT_INPUT)

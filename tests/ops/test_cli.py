@@ -161,7 +161,7 @@ def test_send_needs_exactly_one_of_payload_or_file(cli, client, tmp_path):
 
 def test_square_brackets_in_user_text_are_printed_literally_not_as_markup(cli, client):
     res = cli("status", "[/x]")
-    assert (res.returncode, flat(res.stderr)) == (2, "error: no job [/x]")
+    assert (res.returncode, flat(res.stderr)) == (2, "error: no job [/x] (nor a job of key '[/x]')")
     ref = client.submit("deploy [/x] now")
     shown = cli("status", ref.id)
     assert shown.returncode == 0, shown.stderr

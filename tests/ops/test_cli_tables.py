@@ -167,7 +167,8 @@ def test_status_and_trace_take_a_job_id_start_and_trace_keeps_whole_lines_at_80_
     assert res.returncode == 0, res.stderr
     assert f"trace {ref.trace_id}" in res.stdout and len(ref.trace_id) == 32
     [call] = [line for line in res.stdout.splitlines() if "tool_call" in line]
-    assert call.count(host_port) == 1 and f"http_post → {host_port} answered 400 in " in call, call
+    # the whole error, with the snippet of the body the dependency answered
+    assert call.count(host_port) == 1 and f"http_post → {host_port} answered 400: " in call and " in " in call, call
 
     for given in (ref.id[:10], ref.id.removeprefix("job-")[:8]):
         status = cli("status", given, COLUMNS="80")
