@@ -130,7 +130,8 @@ def test_http_status_maps_to_mesh_error(
 
 @pytest.mark.parametrize(("configured_s", "deadline_left_s", "message"), [
     (0.2, None, r"within 0\.2s"),  # MESH_MODEL_TIMEOUT_S
-    (30, 0.2, r"within 0\.2s"),  # what is left of the message's deadline, when that is less
+    # what is left of the message's deadline, when that is less (a few ms have passed by the call)
+    (30, 0.2, r"within 0\.(2|1\d?)s"),
 ], ids=["model-timeout", "deadline-left"])
 def test_slow_server_is_dependency_timeout_at_the_lesser_of_timeout_and_deadline(
     api: FakeOpenAI, configured_s: float, deadline_left_s: float | None, message: str
