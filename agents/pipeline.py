@@ -13,6 +13,8 @@ from typing import Any
 from dramatiq.message import Message
 from pydantic import BaseModel
 
+from mesh.agents.pipelines import PipelineSpec
+from mesh.agents.pipelines.engine import Routes, Run, advance
 from mesh.broker.jobs import Change
 from mesh.broker.outbox import build_message
 from mesh.contracts import (
@@ -61,11 +63,18 @@ def start(env: Envelope, token: int) -> Change:
     return change
 
 
-def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0)) -> Change:
+def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0), *,
+             spec: PipelineSpec | None = None, routes: Routes | None = None,
+             events: list[dict[str, Any]] | None = None) -> Change:
     """The step succeeded with ``output``, spending ``tokens`` (in, out) in this attempt; work out what
-    it sets in motion."""
+    it sets in motion. A declared pipeline's job (``spec``: the spec it started with) moves by its DAG
+    (:func:`mesh.agents.pipelines.engine.advance`), whose trace events are appended to ``events``;
+    any other job by the built-in flow."""
+    events = [] if events is None else events
+    given = len(events)
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
+        del events[given:]  # a transaction retried after a conflict starts over
         now = time.time()
         step = record.steps[env.step_id]
         if step.state is State.SUCCEEDED:
@@ -75,6 +84,9 @@ def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0))
             transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
         )
         messages: list[Message] = []
+        if spec is not None and record.pipeline_digest is not None:
+            run = Run(trace_id=env.trace_id, deadline=env.deadline, token_budget=env.token_budget)
+            return advance(spec, record, run, routes or Routes(), events, now=now)
         if isinstance(output, Plan):
             record, messages = _fan_out(env, record, output, now)
             if not output.research:  # nothing to wait for: the actions go now

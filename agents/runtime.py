@@ -20,6 +20,7 @@ from mesh.broker.jobs import JobNotFound, JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import count_outcome, observe_duration, running_member
+from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import (
     TERMINAL,
@@ -39,6 +40,7 @@ from mesh.contracts import (
 from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
+from .pipelines.engine import Routes, load_spec
 from .providers import Meter, ModelProvider, provider_for
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class AgentRuntime:
         self.worker = trace.worker_name()
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
+        self.pipelines = PipelineStore(self.redis, self.keys)
+        agents = self.app.agents
+        self.routes = Routes(queue=lambda a: agents[a].queue if a in agents else a,
+                             version=lambda a: agents[a].version if a in agents else None)
         if self.breakers is None:
             self.breakers = Breakers(self.settings, self.redis)
 
@@ -98,6 +104,8 @@ class AgentRuntime:
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         step = record.steps[env.step_id]
+        flow = (load_spec(self.pipelines, record.pipeline, record.pipeline_digest)
+                if record.pipeline and record.pipeline_digest else None)
         if step.state in TERMINAL:
             # Finished before its claim said so (a crash between the two): a duplicate, answered
             # with the stored result. A dead-lettered step stays free for its replay.
@@ -124,11 +132,11 @@ class AgentRuntime:
             count_outcome(pipe, self.keys, agent, "succeeded")
             observe_duration(pipe, self.keys, agent, duration)
 
+        events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4))]
         try:
-            self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out)),
-                             fence=lease, also=succeeded,
-                             events=[trace.event("succeeded", envelope, worker=self.worker,
-                                                 duration_s=round(duration, 4))])
+            self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out),
+                                                           spec=flow, routes=self.routes, events=events),
+                             fence=lease, also=succeeded, events=events)
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",
                                     output.model_dump(mode="json")) from exc

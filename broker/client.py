@@ -34,6 +34,7 @@ from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
 from .outbox import build_message, stage_all
+from .pipelines import PipelineStore, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
 
@@ -106,6 +107,7 @@ class MeshClient:
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.app = app
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
+        self.pipelines = PipelineStore(self.redis, self.keys)
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
         """Run the whole pipeline for ``goal``. ``token_budget``: model tokens the job may spend
@@ -138,6 +140,74 @@ class MeshClient:
             part = batch[start:start + chunk]
             refs += self._send(target, [(agent, p, k) for p, k in part], token_budget=token_budget)
         return refs
+
+    def run(self, pipeline: Any, input: dict[str, Any], *, key: str | None = None,
+            token_budget: int | None = None) -> JobRef:
+        """Run a declared pipeline on ``input``: ``pipeline`` is a ``PipelineSpec`` or a name (the client's
+        app's pipeline of that name, else the newest registered one). The spec is registered by name
+        and digest, the job recorded with every step (queued, unsent) and the root steps sent, all in
+        one transaction. A key already naming a run of the same pipeline and input returns that job;
+        with another input, KeyConflict."""
+        # The spec model and the engine live with the agents; the broker only stores the JSON.
+        from mesh.agents.pipelines import engine
+
+        spec = self._pipeline_spec(pipeline, engine)
+        routes: dict[str, Target] = {}
+
+        def target(agent: str) -> Target:
+            if agent not in routes:
+                routes[agent] = self.target(agent)
+            return routes[agent]
+
+        for root in (s for s in spec.steps if not s.depends_on):
+            target(root.agent_name).check(input)
+        now = time.time()
+        budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
+        trace_id = trace_id_for(key) if key else new_trace_id()
+        key = key or uuid.uuid4().hex
+        ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
+        record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, created_at=now, updated_at=now,
+                           payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
+                           pipeline_digest=spec.digest(), pipeline_input=input)
+        run = engine.Run(trace_id=trace_id, deadline=now + self.settings.job_deadline_s, token_budget=budget)
+        record, messages, events = engine.begin(
+            spec, record, run, engine.Routes(queue=lambda a: target(a).queue, version=lambda a: target(a).version),
+            now=now)
+        while True:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.keys.job(ref.id))
+                    existing = pipe.get(self.keys.job(ref.id))
+                    _refuse_conflicts([record], [existing])
+                    pipe.multi()
+                    stage_register(pipe, self.keys, spec.name, spec.digest(), spec.canonical())
+                    if existing is None:  # a re-sent run of the same key and input is that job
+                        self.jobs.stage_create(pipe, record)
+                        for message in messages:
+                            trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0],
+                                                                     queue=message.queue_name, by="client"))
+                        for ev in events:
+                            trace.stage(pipe, self.keys, ev)
+                        stage_all(pipe, self.keys, messages)
+                    pipe.execute()
+                    return ref
+                except redis.WatchError:
+                    continue
+
+    def register(self, spec: Any) -> str:
+        """Register ``spec`` (a ``PipelineSpec``) by name and digest, as the newest; its digest."""
+        digest: str = spec.digest()
+        self.pipelines.register(spec.name, digest, spec.canonical())
+        return digest
+
+    def _pipeline_spec(self, pipeline: Any, engine: Any) -> Any:
+        if not isinstance(pipeline, str):
+            return pipeline
+        declared = getattr(self.app, "pipelines", None) or {}
+        if pipeline in declared:
+            return declared[pipeline]
+        _, data = self.pipelines.get(pipeline)
+        return engine.spec_from_json(data)
 
     def target(self, agent: str) -> Target:
         """How a message for ``agent`` is checked and routed: by the app's models when it declares

@@ -48,6 +48,10 @@ The mesh's own:
     {ns}:dlq.agents                   set of agent names that ever had a dead letter
     {ns}:dlq.class:{class}            zset entry id -> time, per failure class
     {ns}:dlq.audit                    stream, capped: who did what to which entry, when
+    {ns}:pipeline:{name}              hash: a registered pipeline's versions, digest (sha256 of its canonical
+                                      JSON) -> that JSON; field ``latest`` -> the newest digest (new runs
+                                      take it; a running job keeps the digest it started with)
+    {ns}:pipelines                    set of registered pipeline names
     {ns}:note:{effect_id}             JSON note written by the ``note`` tool; expires after
                                       MESH_NOTE_RETENTION_S
     {ns}:notes                        zset effect id -> written time (s); members whose note expired
@@ -178,6 +182,13 @@ class Keys:
     @property
     def dlq_audit(self) -> str:
         return f"{self.namespace}:dlq.audit"
+
+    def pipeline(self, name: str) -> str:
+        return f"{self.namespace}:pipeline:{name}"
+
+    @property
+    def pipelines(self) -> str:
+        return f"{self.namespace}:pipelines"
 
     def note(self, effect_id: str) -> str:
         return f"{self.namespace}:note:{effect_id}"

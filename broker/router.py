@@ -161,6 +161,12 @@ def _within_deadline(routing: Routing, remaining_s: float) -> Routing:
                           f"would pass the deadline ({max(remaining_s, 0):.1f}s left)")
 
 
+def _step_budget(envelope: dict[str, Any] | None) -> int | None:
+    """A pipeline step's own retry budget, carried on its envelope (None: the agent's applies)."""
+    value = (envelope or {}).get("max_retries")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def dependency_of(exc: BaseException | None) -> str | None:
     """The dependency a failure names (``host:port``), from the mesh error or the HTTP error that
     caused it, or None: kept on the dead letter so ``mesh dlq ... --dependency`` can select by it."""
@@ -256,11 +262,12 @@ class FailureRouter(Middleware):
         failure_class, retry_after_s = classify(exception)
         attempt = envelope.get("attempt", 1) if isinstance(envelope.get("attempt"), int) else 1
         deadline = envelope.get("deadline")
+        step_budget = _step_budget(envelope)
         routing = route(
             failure_class, retry_after_s, attempt=attempt, defers=int(message.options.get("mesh_defers", 0)),
             remaining_s=deadline - current_millis() / 1000 if isinstance(deadline, int | float) else math.inf,
             timeout_retries=self._timeout_retries(broker, message) if envelope else 0,
-            max_retries=self._option(broker, message, "max_retries"),
+            max_retries=step_budget if step_budget is not None else self._option(broker, message, "max_retries"),
             settings=self.settings, rng=self.rng,
             effect_unrecorded=bool(lease and lease.effects) and not isinstance(exception, OutcomeUnrecorded),
         )

@@ -51,6 +51,9 @@ class Envelope(Frozen):
     replay_of: str | None = None
     #: Model tokens the whole job may spend (every step, every attempt); None: no budget.
     token_budget: int | None = Field(default=None, ge=1)
+    #: This step's retry budget (a pipeline step's ``retry_policy.max_attempts`` - 1); None: the agent's.
+    #: On the envelope, not the message options, so retries and DLQ replays keep it.
+    max_retries: int | None = Field(default=None, ge=0)
     payload: dict[str, Any]
 
     @field_validator("trace_id")

@@ -26,24 +26,32 @@ class State(StrEnum):
     FAILED = "failed"
     DEAD_LETTERED = "dead_lettered"
     UNKNOWN = "unknown"
+    #: A pipeline stopped by a false gate (its step, and the job): nothing downstream runs.
+    HALTED = "halted"
+    #: A pipeline step not run (a false ``when``, or a false gate under ``failure_mode: continue``):
+    #: its dependents go on.
+    SKIPPED = "skipped"
 
 
 #: States in which work is still expected to happen.
 ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.AWAITING_APPROVAL})
 #: States a job ends in. A step in FAILED is waiting for its retry; a job never rests there
 #: unless an operator or a policy fails it for good.
-TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN})
+TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED})
 
 ALLOWED: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED}),
-    State.RUNNING: frozenset(
-        {State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}
-    ),
-    State.AWAITING_APPROVAL: frozenset({State.RUNNING, State.FAILED, State.DEAD_LETTERED}),
+    State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.AWAITING_APPROVAL,
+                             State.HALTED, State.SKIPPED}),
+    State.RUNNING: frozenset({State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED,
+                              State.DEAD_LETTERED, State.UNKNOWN, State.HALTED}),
+    State.AWAITING_APPROVAL: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED,
+                                        State.HALTED, State.SKIPPED}),
     State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}),
     State.DEAD_LETTERED: frozenset({State.QUEUED}),
     State.UNKNOWN: frozenset({State.QUEUED}),
+    State.HALTED: frozenset({State.QUEUED}),
     State.SUCCEEDED: frozenset(),
+    State.SKIPPED: frozenset(),
 }
 
 _SCRUBBED_WHEN_ACTIVE = {"error": None, "failure_class": None, "result": None, "finished_at": None, "failed_at": None}
@@ -84,6 +92,11 @@ class JobRecord(Record):
     #: What the client's key was first sent with (agent and payload, hashed): a re-send of the key
     #: with another payload is refused (KeyConflict). None: a record written before it was kept.
     payload_hash: str | None = None
+    #: A declared pipeline's run: its name, the digest of the spec it started with (kept for its
+    #: whole life: a newer registration does not change a running job) and the run's input.
+    pipeline: str | None = None
+    pipeline_digest: str | None = None
+    pipeline_input: dict[str, Any] | None = None
 
     def with_step(self, step: StepRecord) -> JobRecord:
         return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})

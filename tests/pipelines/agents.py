@@ -3,19 +3,26 @@
 Their output models are the file's ``output_schema`` names in CamelCase (``research_result`` is
 ``ResearchResult``): coder's output has the ``confidence`` reviewer's gate reads, reviewer's the
 ``approved`` deployer's gate reads. ``Findings`` carries a list for ``for_each`` tests.
+
+Their behaviour follows the run's input, so tests steer a run without other knobs: the researcher
+passes ``confidence`` on and the coder answers it. Every execution is counted per step key in the
+hash ``{ns}:test.runs``; a step key listed in the set ``{ns}:test.fail`` fails permanently.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from mesh import App, Context
+from mesh.contracts import PermanentFailure
 
 app = App("orchestration")
 
 
 class Task(BaseModel):
     goal: str
+    #: The confidence the coder will answer.
+    confidence: float = 0.9
 
 
 class Source(BaseModel):
@@ -26,6 +33,7 @@ class Source(BaseModel):
 class ResearchResult(BaseModel):
     summary: str
     sources: list[Source] = []
+    confidence: float = 0.9
 
 
 class CodeDiff(BaseModel):
@@ -42,25 +50,51 @@ class Deployment(BaseModel):
     url: str
 
 
+class Parts(BaseModel):
+    """Several upstream outputs, keyed by step id."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def _ran(ctx: Context) -> None:
+    """Count this execution; fail for good while the step's key is listed to fail."""
+    runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
+    runtime.redis.hincrby(f"{ns}:test.runs", ctx.key, 1)
+    if runtime.redis.sismember(f"{ns}:test.fail", ctx.key):
+        raise PermanentFailure(f"step {ctx.step_id} told to fail")
+
+
 @app.agent
 def researcher(ctx: Context, task: Task) -> ResearchResult:
     """Researches the goal."""
-    return ResearchResult(summary=f"notes on {task.goal}")
+    _ran(ctx)
+    return ResearchResult(summary=f"notes on {task.goal}", confidence=task.confidence)
+
+
+@app.agent
+def combine(ctx: Context, parts: Parts) -> ResearchResult:
+    """Merges several research results into one."""
+    _ran(ctx)
+    found = [ResearchResult.model_validate(v) for v in (parts.model_extra or {}).values()]
+    return ResearchResult(summary="; ".join(r.summary for r in found), confidence=min(r.confidence for r in found))
 
 
 @app.agent
 def coder(ctx: Context, research: ResearchResult) -> CodeDiff:
     """Writes a diff from the research."""
-    return CodeDiff(diff=f"+ {research.summary}", confidence=0.9)
+    _ran(ctx)
+    return CodeDiff(diff=f"+ {research.summary}", confidence=research.confidence)
 
 
 @app.agent
 def reviewer(ctx: Context, diff: CodeDiff) -> ReviewResult:
     """Approves a confident diff."""
+    _ran(ctx)
     return ReviewResult(approved=diff.confidence >= 0.85)
 
 
 @app.agent
 def deployer(ctx: Context, review: ReviewResult) -> Deployment:
     """Deploys an approved change."""
+    _ran(ctx)
     return Deployment(url="https://example.invalid/deploy/1")

@@ -1,0 +1,229 @@
+"""The engine that runs a declared pipeline: which steps go next, with which key and input.
+
+Everything here is a pure function of the job record and the spec: the client calls :func:`begin`
+to create a run (every step recorded, the roots sent); a worker calls :func:`advance` inside the
+transaction that records a step's success, so the steps it releases are sent in the same MULTI
+(the outbox). The job's state is then derived from its steps (:func:`settle`).
+
+A step is ready when every dependency succeeded or was skipped. Before it is sent, ``when`` (false:
+``skipped``, dependents go on) and ``gate`` (false: ``failure_mode`` — ``halt_pipeline`` halts the
+job with the gate, the values it read and why; ``continue`` skips the step) are evaluated over
+``{task_id, job_id, input, <step id>: output, ...}``. ``requires_human_approval`` parks the step in
+``awaiting_approval`` instead of sending it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dramatiq.message import Message
+
+from mesh.broker import trace
+from mesh.broker.outbox import build_message
+from mesh.broker.pipelines import PipelineStore
+from mesh.contracts import Envelope, JobRecord, State, StepRecord, child_key, transition
+
+from .expr import Condition, ExpressionError
+from .spec import FailureMode, PipelineSpec, StepSpec
+from .validate import order, upstream
+
+_SPECS: dict[str, PipelineSpec] = {}
+
+
+def spec_from_json(data: Mapping[str, Any]) -> PipelineSpec:
+    """A stored spec's JSON (``PipelineSpec.canonical``) back as the spec."""
+    return PipelineSpec.model_validate(dict(data))
+
+
+def load_spec(store: PipelineStore, name: str, digest: str) -> PipelineSpec:
+    """The spec a job started with, read from Redis once per digest per process (a digest names its
+    content, so the cache never goes stale)."""
+    spec = _SPECS.get(digest)
+    if spec is None:
+        _, data = store.get(name, digest)
+        spec = _SPECS[digest] = spec_from_json(data)
+    return spec
+
+
+@dataclass(frozen=True)
+class Routes:
+    """How a step's message reaches its agent: the agent's queue and contract version (None: unchecked)."""
+
+    queue: Callable[[str], str] = lambda agent: agent
+    version: Callable[[str], int | None] = lambda agent: None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every message of one run carries: its trace, deadline and token budget."""
+
+    trace_id: str
+    deadline: float
+    token_budget: int | None = None
+
+
+def values(record: JobRecord) -> dict[str, Any]:
+    """What expressions read: the job's key (``task_id``) and id, the run's input, each succeeded step's output."""
+    out: dict[str, Any] = {"task_id": record.key, "job_id": record.job_id, "input": record.pipeline_input or {}}
+    for sid, step in record.steps.items():
+        if step.state is State.SUCCEEDED and step.result is not None:
+            out[sid] = step.result
+    return out
+
+
+def begin(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes,
+          now: float | None = None) -> tuple[JobRecord, list[Message], list[dict[str, Any]]]:
+    """A new run's record: every step queued and not yet sent, then the ready ones (the roots) sent.
+    Returns the record, the messages and the trace events (gates, approvals) to write with them."""
+    now = time.time() if now is None else now
+    for step in spec.steps:
+        record = record.with_step(StepRecord(step_id=step.id, agent=step.agent_name, key=_default_key(record, step),
+                                             created_at=now, updated_at=now))
+    events: list[dict[str, Any]] = []
+    record, messages = advance(spec, record, run, routes, events, now=now)
+    return record, messages, events
+
+
+def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, events: list[dict[str, Any]],
+            *, now: float | None = None) -> tuple[JobRecord, list[Message]]:
+    """Send every step that became ready; skip, halt or park the ones their conditions say; derive the
+    job's state. Trace events are appended to ``events``."""
+    now = time.time() if now is None else now
+    if record.state is State.HALTED:  # a parallel branch finishing after a halt releases nothing
+        return record, []
+    before, mark = record, len(events)
+    messages: list[Message] = []
+    up = upstream(spec)
+    for sid in order(spec):
+        step, rec = spec.step(sid), record.steps.get(sid)
+        if rec is None or rec.state is not State.QUEUED or rec.sent_at is not None:
+            continue
+        if any(record.steps[d].state not in (State.SUCCEEDED, State.SKIPPED) for d in step.depends_on):
+            continue
+        seen = values(record)
+        if step.when is not None:
+            ok, why = _check(step.when, seen, "when")
+            if not ok:
+                record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why))
+                events.append(_event("skipped", record, rec, reason=why))
+                continue
+        if step.gate is not None:
+            ok, why = _check(step.gate, seen, "gate")
+            if not ok:
+                read = _read(step.gate, seen)
+                if step.failure_mode is FailureMode.HALT_PIPELINE:
+                    del events[mark:]
+                    return _halt(before, rec, why, read, now, events), []
+                record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why))
+                events.append(_event("skipped", record, rec, reason=why, gate=step.gate.source, values=read))
+                continue
+        payload = _input(spec, step, record, up)
+        key = step.idempotency_key.render(seen) if step.idempotency_key is not None else rec.key
+        if step.requires_human_approval:
+            rec = transition(rec, State.AWAITING_APPROVAL, now=now, input=payload, key=key)
+            record = record.with_step(rec)
+            events.append(_event("awaiting_approval", record, rec))
+            continue
+        env = Envelope(key=key, job_id=record.job_id, step_id=sid, agent=step.agent_name, trace_id=run.trace_id,
+                       deadline=run.deadline, contract_version=routes.version(step.agent_name),
+                       token_budget=run.token_budget, payload=payload,
+                       max_retries=step.retry_policy.max_attempts - 1 if step.retry_policy else None)
+        # hops stay empty: the DAG is acyclic by validation and the record sequences it; two steps
+        # may share an agent, which a hop-based cycle check would refuse.
+        options = {"time_limit": step.timeout_ms} if step.timeout_ms is not None else {}
+        message = build_message(env, **options)
+        queue = routes.queue(step.agent_name)
+        if queue != message.queue_name:
+            message = message.copy(queue_name=queue)
+        messages.append(message)
+        record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
+                                                         "updated_at": now}))
+    return settle(record, now), messages
+
+
+def settle(record: JobRecord, now: float) -> JobRecord:
+    """The job's state as a function of its steps: halted if one halted; dead-lettered while any step
+    is; succeeded when every step succeeded or was skipped (the result: each succeeded step's output);
+    running otherwise (queued until a step was picked up)."""
+    states = [s.state for s in record.steps.values()]
+    if State.HALTED in states:
+        target = State.HALTED
+    elif State.DEAD_LETTERED in states:
+        target = State.DEAD_LETTERED
+    elif all(s in (State.SUCCEEDED, State.SKIPPED) for s in states):
+        target = State.SUCCEEDED
+    elif record.state in (State.QUEUED, State.RUNNING):
+        return record
+    else:
+        target = State.RUNNING
+    if record.state is target:
+        return record
+    if target is State.SUCCEEDED:
+        result = {sid: s.result for sid, s in record.steps.items() if s.state is State.SUCCEEDED}
+        if record.state is State.QUEUED:  # every step skipped: nothing ran
+            record = transition(record, State.RUNNING, now=now)
+        return transition(record, State.SUCCEEDED, now=now, result=result)
+    if target is State.DEAD_LETTERED:
+        step = next(s for s in record.steps.values() if s.state is State.DEAD_LETTERED)
+        return transition(record, target, now=now, error=f"step {step.step_id}: {step.error}",
+                          failure_class=step.failure_class)
+    return transition(record, target, now=now)
+
+
+def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], now: float,
+          events: list[dict[str, Any]]) -> JobRecord:
+    record = record.with_step(transition(rec, State.HALTED, now=now, error=why, failure_class="gate"))
+    if record.state is not State.HALTED:
+        record = transition(record, State.HALTED, now=now, error=f"step {rec.step_id}: {why}", failure_class="gate")
+    events.append(_event("halted", record, rec, reason=why, values=read))
+    return record
+
+
+def _check(cond: Condition, seen: Mapping[str, Any], what: str) -> tuple[bool, str]:
+    """(holds, why not): a condition that cannot be evaluated (a field missing) does not hold."""
+    try:
+        if cond.test(seen):
+            return True, ""
+    except ExpressionError as exc:
+        return False, f"{what} {cond.source!r} could not be evaluated: {exc.message}"
+    shown = ", ".join(f"{k} = {v!r}" for k, v in _read(cond, seen).items())
+    return False, f"{what} {cond.source!r} was false ({shown})" if shown else f"{what} {cond.source!r} was false"
+
+
+def _read(cond: Condition, seen: Mapping[str, Any]) -> dict[str, Any]:
+    """The values the condition read, by path (``{"coder.confidence": 0.6}``); a missing one is None."""
+    out: dict[str, Any] = {}
+    for path in cond.paths:
+        value: Any = seen
+        for part in path:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        out[".".join(path)] = value
+    return out
+
+
+def _input(spec: PipelineSpec, step: StepSpec, record: JobRecord, up: dict[str, set[str]]) -> dict[str, Any]:
+    """``state_input``'s output; else one dependency's output, several keyed by id; none: the run's input.
+    Skipped dependencies give nothing; if all were skipped, the step gets the run's input."""
+    if step.state_input:
+        for source in sorted(up[step.id]):
+            if source == step.state_input or spec.step(source).output_schema == step.state_input:
+                return dict(record.steps[source].result or {})
+    outputs = {d: record.steps[d].result or {} for d in step.depends_on if record.steps[d].state is State.SUCCEEDED}
+    if not outputs:
+        return dict(record.pipeline_input or {})
+    if len(step.depends_on) == 1:
+        return dict(next(iter(outputs.values())))
+    return outputs
+
+
+def _default_key(record: JobRecord, step: StepSpec) -> str:
+    return child_key(record.key, step.agent_name, step.id)
+
+
+def _event(kind: str, record: JobRecord, rec: StepRecord, **fields: Any) -> dict[str, Any]:
+    env = {"job_id": record.job_id, "step_id": rec.step_id, "agent": rec.agent, "key": rec.key,
+           "trace_id": record.trace_id}
+    return trace.event(kind, env, pipeline=record.pipeline, **fields)
