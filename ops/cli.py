@@ -43,7 +43,7 @@ from mesh.ops.console import (
     settings,
 )
 from mesh.ops.dlq_cli import dlq_app
-from mesh.ops.pipeline_cli import pipeline_app
+from mesh.ops.pipeline_cli import AppPath, pipeline_app, resolve_pipeline
 
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=MARKUP,
@@ -128,6 +128,52 @@ def submit(
     try:
         ref = c.submit(goal, key=key)
     except ContractError as exc:
+        fail(str(exc), EXIT_INPUT)
+    if not wait:
+        if as_json:
+            emit_json({"job_id": ref.id, "key": ref.key, "trace_id": ref.trace_id})
+        else:
+            out.print(ref.id)
+        return
+    _finish(c, ref.id, timeout, as_json)
+
+
+@app.command(epilog="Examples: `mesh run review.yaml --input '{\"goal\": \"add retries\"}' --app myapp --wait`, "
+             "`mesh run multi-agent-orchestration --input @task.json --key review-7`")
+def run(
+    pipeline: Annotated[str, typer.Argument(help="A registered pipeline's name (mesh pipeline list), or its YAML "
+                                             "file.", metavar="NAME_OR_FILE", show_default=False)],
+    input_: Annotated[str, typer.Option("--input", help="The run's input as JSON, or @FILE to read it from a file.",
+                                        metavar="JSON|@FILE", show_default=False)],
+    app_path: AppPath = None,
+    key: Annotated[str | None, typer.Option(help="Idempotency key: the same key and input are the same run; the "
+                                            "same key with another input is refused.", metavar="KEY")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="How long --wait waits.", metavar="SECONDS")] = 60.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run a declared pipeline: record the job with every step, send the root steps.
+
+    A file is loaded and checked against --app's agents, then registered by name and content
+    digest; a name runs the newest registered version. Prints the job id (with --wait, the finished
+    job; exit 1 if it halted or failed)."""
+    if input_.startswith("@"):
+        path = Path(input_[1:])
+        if not path.is_file():
+            fail(f"--input {input_}: no such file", EXIT_INPUT)
+        data = _json(path.read_bytes(), str(path))
+    else:
+        data = _json(input_, "--input")
+    if not isinstance(data, dict):
+        fail("--input must be a JSON object", EXIT_INPUT)
+    mesh_app, spec = resolve_pipeline(pipeline, app_path)
+    c = client()
+    c.app = mesh_app
+    try:
+        ref = c.run(spec or pipeline, data, key=key)
+    except (ContractError, KeyConflict, UnknownAgent) as exc:
+        fail(f"{exc} (nothing was sent)", EXIT_INPUT)
+    except MeshError as exc:  # no pipeline of that name
         fail(str(exc), EXIT_INPUT)
     if not wait:
         if as_json:
@@ -362,6 +408,8 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
     out.print(Text.assemble(f"job {record.job_id}  ", (str(record.state), "bold"), f"  trace {record.trace_id}"))
     if record.goal:
         out.print(Text(f"goal: {record.goal}"))
+    if record.pipeline:
+        out.print(Text(f"pipeline: {record.pipeline} ({(record.pipeline_digest or '')[:12]})"))
     if record.error:
         out.print(Text.assemble(("error: ", "red"), record.error))
     if record.tokens_in or record.tokens_out:
@@ -380,12 +428,18 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wid
         took = (f"{step.finished_at - step.started_at:.2f}s"
                 if step.finished_at and step.started_at else "")
         detail = step.error or _summary(step.result) or ""
-        state = Text(str(step.state))
+        if record.pipeline and step.state is State.QUEUED and step.sent_at is None:
+            detail = "not sent: the job halted" if record.state is State.HALTED else "waits for its dependencies"
+        state = Text(str(step.state), style=_STATE_STYLE.get(step.state, ""))
         if step.step_id in stuck:
             state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
         spent = [f"{step.tokens_in}/{step.tokens_out}"] if tokens else []
         rows.append((step.step_id, step.agent, state, str(step.attempt or ""), took, *spent, Text(detail)))
     return Listing(columns, rows, wide=wide)
+
+
+_STATE_STYLE = {State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim",
+                State.AWAITING_APPROVAL: "yellow"}
 
 
 def _summary(result: dict[str, Any] | None) -> str:

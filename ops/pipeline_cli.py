@@ -1,4 +1,5 @@
-"""``mesh pipeline``: check pipeline files against the app whose agents they name."""
+"""``mesh pipeline``: check pipeline files against the app whose agents they name, register them by
+name and content digest, list and show what is registered."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from rich.text import Text
 from mesh.contracts import ConfigError
 from mesh.ops import console as base
 
-pipeline_app = typer.Typer(help="Declared pipelines: validate a file.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="Declared pipelines: validate a file, register it, list and show what is registered.",
+                           no_args_is_help=True)
 
 AppPath = Annotated[str | None, typer.Option("--app", help="The app whose agents the file names, as "
                                              "module[:attribute] (default: the built-in planner, researcher and "
@@ -51,6 +53,94 @@ def validate(
                    highlight=False)
     for line in _lines(summary["steps"]):
         base.out.print(line, highlight=False)
+
+
+@pipeline_app.command()
+def register(
+    file: Annotated[Path, typer.Argument(help="The pipeline's YAML file.", dir_okay=False)],
+    app_path: AppPath = None,
+    as_json: base.JsonFlag = False,
+) -> None:
+    """Load FILE, check it against the app, and register it by name and content digest as the newest
+    version: `mesh run NAME` takes it; running jobs keep the version they started with."""
+    _, spec = resolve_pipeline(str(file), app_path, must_be_file=True)
+    digest = base.client().register(spec)
+    if as_json:
+        base.emit_json({"name": spec.name, "version": spec.version, "digest": digest})
+        return
+    base.out.print(Text(f"registered {spec.name} {spec.version}  digest {digest[:12]}"), highlight=False)
+
+
+@pipeline_app.command("list")
+def list_(as_json: base.JsonFlag = False) -> None:
+    """Every registered pipeline: its newest version and digest, and how many versions are kept."""
+    from mesh.agents.pipelines.engine import spec_from_json
+
+    c = base.client()
+    rows: list[dict[str, Any]] = []
+    for name in c.pipelines.names():
+        latest, versions = c.pipelines.versions(name)
+        newest = versions.get(latest or "")
+        spec = spec_from_json(newest) if newest is not None else None
+        rows.append({"name": name, "version": spec.version if spec else None, "digest": latest,
+                     "steps": len(spec.steps) if spec else 0, "versions": len(versions)})
+    if as_json:
+        base.emit_json(rows)
+        return
+    if not rows:
+        base.err.print("no pipelines registered (mesh pipeline register FILE, or mesh run FILE)")
+        return
+    columns = (base.Column("name", key=True), base.Column("version"), base.Column("digest"), base.Column("steps"),
+               base.Column("versions"))
+    base.out.print(base.Listing(columns, [(str(r["name"]), str(r["version"]), str(r["digest"] or "")[:12],
+                                           str(r["steps"]), str(r["versions"])) for r in rows]))
+
+
+@pipeline_app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="A registered pipeline's name.", show_default=False)],
+    as_json: base.JsonFlag = False,
+) -> None:
+    """The newest registered version of NAME: its steps, their order, gates and policies."""
+    from mesh.agents.pipelines.engine import spec_from_json
+    from mesh.broker.pipelines import PipelineNotFound
+
+    c = base.client()
+    try:
+        digest, data = c.pipelines.get(name)
+    except PipelineNotFound as exc:
+        base.fail(str(exc), base.EXIT_INPUT)
+    spec = spec_from_json(data)
+    summary = _summary(spec)
+    _, versions = c.pipelines.versions(name)
+    if as_json:
+        base.emit_json({**summary, "versions": sorted(versions), "spec": data})
+        return
+    base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  digest {digest[:12]}  "
+                                 f"({len(versions)} version(s) registered)"), highlight=False)
+    if spec.description:
+        base.out.print(Text(spec.description), highlight=False)
+    base.out.print(Text(f"order: {' → '.join(summary['order'])}   roots: {', '.join(summary['roots'])}"),
+                   highlight=False)
+    for line in _lines(summary["steps"]):
+        base.out.print(line, highlight=False)
+
+
+def resolve_pipeline(name_or_file: str, app_path: str | None, *, must_be_file: bool = False) -> tuple[Any, Any]:
+    """(the app, the spec loaded from the file) when ``name_or_file`` is a file (exit 2 with FILE:LINE
+    errors if it does not load); (the app, None) for a name to look up when run."""
+    from mesh.agents.pipelines import PipelineError, load_pipeline
+
+    mesh_app = _app(app_path)
+    path = Path(name_or_file)
+    if not must_be_file and not path.is_file() and path.suffix not in (".yaml", ".yml"):
+        return mesh_app, None
+    try:
+        return mesh_app, load_pipeline(path, mesh_app)
+    except PipelineError as exc:
+        for error in exc.errors:
+            base.err.print(Text(str(error)), highlight=False)
+        raise typer.Exit(base.EXIT_INPUT) from None
 
 
 def _app(path: str | None) -> Any:

@@ -67,3 +67,46 @@ def test_validate_a_missing_file_or_app_exits_2(cli: Cli, tmp_path: Path) -> Non
     assert run.returncode == 2 and f"{missing}:1: cannot read the file" in run.stderr
     run = cli("pipeline", "validate", ISSUE_FILE, "--app", "no_such_module:app")
     assert run.returncode == 2 and "cannot import app module" in run.stderr
+
+
+def test_register_list_and_show_a_pipeline(cli: Cli) -> None:
+    done = cli("pipeline", "register", ISSUE_FILE, "--app", APP, "--json")
+    assert done.returncode == 0, done.stderr
+    digest = json.loads(done.stdout)["digest"]
+
+    listed = json.loads(cli("pipeline", "list", "--json").stdout)
+    assert listed == [{"name": "multi-agent-orchestration", "version": "1.0.0", "digest": digest, "steps": 4,
+                       "versions": 1}]
+    shown = cli("pipeline", "show", "multi-agent-orchestration")
+    assert shown.returncode == 0, shown.stderr
+    assert "order: researcher → coder → reviewer → deployer" in shown.stdout and digest[:12] in shown.stdout
+    assert json.loads(cli("pipeline", "show", "multi-agent-orchestration", "--json").stdout)["digest"] == digest
+    missing = cli("pipeline", "show", "nope")
+    assert missing.returncode == 2 and "no pipeline 'nope'" in missing.stderr
+
+
+def test_mesh_run_a_file_waits_for_success_and_status_shows_a_halt(cli: Cli, worker_process, tmp_path: Path) -> None:
+    worker_process("--app", APP)
+    ok = cli("run", ISSUE_FILE, "--app", APP, "--input", '{"goal": "ship it"}', "--wait", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["state"] == "succeeded"
+
+    task = tmp_path / "task.json"
+    task.write_text('{"goal": "risky", "confidence": 0.6}')
+    halted = cli("run", "multi-agent-orchestration", "--app", APP, "--input", f"@{task}", "--key", "k-1", "--wait")
+    assert halted.returncode == 1, halted.stderr
+    assert "halted" in halted.stdout
+    status = cli("status", "k-1")
+    assert status.returncode == 0, status.stderr
+    text = " ".join(status.stdout.split())
+    assert "halted" in text and "coder.confidence" in text and "0.6" in text
+    assert "not sent: the job halted" in text
+
+
+def test_mesh_run_refuses_bad_input_and_unknown_names(cli: Cli) -> None:
+    bad = cli("run", ISSUE_FILE, "--app", APP, "--input", "[1]")
+    assert bad.returncode == 2 and "JSON object" in bad.stderr
+    unknown = cli("run", "nope", "--input", "{}")
+    assert unknown.returncode == 2 and "no pipeline 'nope'" in unknown.stderr
+    wrong = cli("run", ISSUE_FILE, "--app", APP, "--input", '{"topic": 1}')
+    assert wrong.returncode == 2 and "goal" in wrong.stderr
