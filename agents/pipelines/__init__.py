@@ -1,6 +1,6 @@
 """Declarative pipelines: a DAG of steps over declared agents, written in YAML or built in Python,
 both giving one :class:`PipelineSpec`. Gates, ``when`` conditions and key templates are CEL, compiled
-at load time. This package loads and validates pipelines; it does not run them."""
+at load time. This package loads and validates pipelines; :mod:`.engine` runs them."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ Their output models are the file's ``output_schema`` names in CamelCase (``resea
 
 Their behaviour follows the run's input, so tests steer a run without other knobs: the researcher
 passes ``confidence`` on and the coder answers it. Every execution is counted per step key in the
-hash ``{ns}:test.runs``; a step key listed in the set ``{ns}:test.fail`` fails permanently.
+hash ``{ns}:test.runs``; a step key listed in the set ``{ns}:test.fail`` fails permanently, one in
+``{ns}:test.flaky`` with an error that is retried.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _ran(ctx: Context) -> None:
     runtime.redis.hincrby(f"{ns}:test.runs", ctx.key, 1)
     if runtime.redis.sismember(f"{ns}:test.fail", ctx.key):
         raise PermanentFailure(f"step {ctx.step_id} told to fail")
+    if runtime.redis.sismember(f"{ns}:test.flaky", ctx.key):
+        raise RuntimeError(f"step {ctx.step_id} told to fail, retryably")
 
 
 @app.agent

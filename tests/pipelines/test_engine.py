@@ -166,3 +166,55 @@ def test_a_running_job_keeps_its_spec_and_new_runs_take_the_newest(mesh):
     assert mesh.status(first.id).pipeline_digest == old.digest()
     assert mesh.status(second.id).pipeline_digest == newer.digest()
     assert list(mesh.status(second.id).steps) == ["only"]
+
+
+def test_a_false_when_skips_its_step_and_its_dependent_gets_the_runs_input(mesh, run_workers):
+    spec = load_pipeline_spec(Pipeline("maybe")
+                              .step("maybe", agent="researcher", when="input.confidence > 0.95")
+                              .step("report", agent="researcher", depends_on=["maybe"])
+                              .build())
+    run_workers()
+    record = mesh.wait(mesh.run(spec, {"goal": "g", "confidence": 0.5}).id, timeout_s=30)
+
+    assert record.state is State.SUCCEEDED, record.error
+    assert record.steps["maybe"].state is State.SKIPPED and "when" in record.steps["maybe"].error
+    assert record.steps["report"].input == {"goal": "g", "confidence": 0.5}
+    assert list(runs(mesh)) == [record.steps["report"].key]
+
+
+def test_a_step_that_requires_approval_waits_unsent_with_a_trace_event(mesh, run_workers):
+    spec = load_pipeline_spec(Pipeline("approve")
+                              .step("researcher")
+                              .step("coder", depends_on=["researcher"], requires_human_approval=True)
+                              .build())
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g"})
+    record = wait_for(lambda: (r := mesh.status(ref.id)).steps["coder"].state is State.AWAITING_APPROVAL and r)
+
+    assert record.steps["coder"].sent_at is None and record.steps["coder"].input["summary"] == "notes on g"
+    assert record.state is State.RUNNING
+    assert any(e["event"] == "awaiting_approval" and e["step_id"] == "coder" for e in mesh_trace(mesh, ref.id))
+    assert list(runs(mesh)) == [record.steps["researcher"].key]
+
+
+def test_timeout_and_retry_policy_ride_on_the_steps_message(mesh):
+    from mesh.contracts import loads
+
+    spec = load_pipeline_spec(Pipeline("policy").step(
+        "researcher", timeout_ms=1500, retry_policy={"max_attempts": 2}).build())
+    mesh.run(spec, {"goal": "g"})
+    [raw] = mesh.redis.hvals(mesh.keys.messages("researcher"))
+    message = loads(raw)
+    assert message["options"]["time_limit"] == 1500
+    assert message["args"][0]["max_retries"] == 1
+
+
+def test_max_attempts_counts_every_attempt_then_the_step_is_dead_lettered(mesh, run_workers):
+    spec = load_pipeline_spec(Pipeline("flaky").step("researcher", retry_policy={"max_attempts": 2}).build())
+    mesh.redis.sadd(f"{mesh.settings.namespace}:test.flaky", "flaky-1/researcher/researcher")
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g"}, key="flaky-1")
+    record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=30)
+
+    assert record.steps["researcher"].state is State.DEAD_LETTERED
+    assert runs(mesh) == {"flaky-1/researcher/researcher": 2}
