@@ -143,6 +143,13 @@ class App:
 
         return declare(fn) if fn is not None else declare
 
+    def stored_pipeline(self, data: Mapping[str, Any]) -> PipelineSpec:
+        """A registered pipeline's stored JSON back as its spec (how a client that knows this app runs
+        a pipeline by name: the broker stores specs as JSON and never imports the spec model)."""
+        from mesh.agents.pipelines.engine import spec_from_json
+
+        return spec_from_json(data)
+
     def pipeline(self, source: str | Path | PipelineSpec | Pipeline) -> PipelineSpec:
         """Register a pipeline: a YAML file (or text), a :class:`PipelineSpec` or a builder. It is
         checked against this app's agents now; declare the agents first."""

@@ -15,6 +15,7 @@ import redis
 from mesh.contracts import (
     CONTRACTS,
     TERMINAL,
+    ConfigError,
     ContractError,
     Envelope,
     JobRecord,
@@ -148,10 +149,9 @@ class MeshClient:
         and digest, the job recorded with every step (queued, unsent) and the root steps sent, all in
         one transaction. A key already naming a run of the same pipeline and input returns that job;
         with another input, KeyConflict."""
-        # The spec model and the engine live with the agents; the broker only stores the JSON.
-        from mesh.agents.pipelines import engine
-
-        spec = self._pipeline_spec(pipeline, engine)
+        # The spec model and the engine live with the agents: the spec starts its own run (duck-typed,
+        # as a job-record change is), and the broker only stores its JSON.
+        spec = self._pipeline_spec(pipeline)
         routes: dict[str, Target] = {}
 
         def target(agent: str) -> Target:
@@ -169,10 +169,9 @@ class MeshClient:
         record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, created_at=now, updated_at=now,
                            payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
                            pipeline_digest=spec.digest(), pipeline_input=input)
-        run = engine.Run(trace_id=trace_id, deadline=now + self.settings.job_deadline_s, token_budget=budget)
-        record, messages, events = engine.begin(
-            spec, record, run, engine.Routes(queue=lambda a: target(a).queue, version=lambda a: target(a).version),
-            now=now)
+        record, messages, events = spec.start(
+            record, trace_id=trace_id, deadline=now + self.settings.job_deadline_s, token_budget=budget,
+            queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now)
         while True:
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -200,14 +199,17 @@ class MeshClient:
         self.pipelines.register(spec.name, digest, spec.canonical())
         return digest
 
-    def _pipeline_spec(self, pipeline: Any, engine: Any) -> Any:
+    def _pipeline_spec(self, pipeline: Any) -> Any:
         if not isinstance(pipeline, str):
             return pipeline
         declared = getattr(self.app, "pipelines", None) or {}
         if pipeline in declared:
             return declared[pipeline]
+        if self.app is None:
+            raise ConfigError(f"pipeline {pipeline!r} is run by name by a client that knows its app "
+                              "(MeshClient(app=...)); or pass the spec")
         _, data = self.pipelines.get(pipeline)
-        return engine.spec_from_json(data)
+        return self.app.stored_pipeline(data)
 
     def target(self, agent: str) -> Target:
         """How a message for ``agent`` is checked and routed: by the app's models when it declares

@@ -128,6 +128,10 @@ class AgentCatalog(Protocol):
     @property
     def agents(self) -> Mapping[str, Any]: ...
 
+    def stored_pipeline(self, data: Mapping[str, Any]) -> Any:
+        """A registered pipeline's stored JSON back as a spec (one with ``start`` and ``digest``)."""
+        ...
+
 
 class Registry:
     """Read and write the published agents of the deployment ``keys`` names."""
