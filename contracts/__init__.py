@@ -26,7 +26,7 @@ from .errors import (
     ToolRefused,
     UnknownAgent,
 )
-from .jobs import ACTIVE, TERMINAL, JobRecord, State, StepRecord, add_tokens, transition
+from .jobs import ACTIVE, TERMINAL, GateCheck, JobRecord, State, StepRecord, add_tokens, transition
 from .messages import (
     CONTRACTS,
     ActionStep,
@@ -60,6 +60,7 @@ __all__ = [
     "Finding",
     "Findings",
     "Frozen",
+    "GateCheck",
     "IllegalTransition",
     "InvalidOutput",
     "JobRecord",

@@ -72,6 +72,15 @@ class Record(Frozen):
     tokens_out: int = Field(default=0, ge=0)
 
 
+class GateCheck(Frozen):
+    """A pipeline step's gate as it was last evaluated: the expression, the values it read (by path,
+    ``{"coder.confidence": 0.6}``; a missing one is None) and whether it held."""
+
+    expr: str
+    values: dict[str, Any] = Field(default_factory=dict)
+    passed: bool
+
+
 class StepRecord(Record):
     step_id: str
     agent: str
@@ -81,6 +90,8 @@ class StepRecord(Record):
     picked_up: int = Field(default=0, description="how many attempts have picked this step up")
     token: int = Field(default=0, description="fencing token of the claim the current attempt holds")
     sent_at: float | None = Field(default=None, description="when its message was enqueued; None: not yet")
+    #: A pipeline step's gate evaluation (None: it has no gate, or it was not evaluated yet).
+    gate: GateCheck | None = None
 
 
 class JobRecord(Record):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -188,13 +189,13 @@ def _finish(c: MeshClient, job_id: str, timeout: float, as_json: bool) -> None:
     try:
         record = c.wait(job_id, timeout_s=timeout)
     except WaitTimeout as exc:
-        _show(exc.record, as_json, c.stuck(exc.record))
+        _show(exc.record, as_json, c.stuck(exc.record), c=c)
         unserved = _unserved(c, exc.record)
         if unserved:
             fail(f"{exc}: no live worker serves {', '.join(unserved)} (start one: mesh worker; see mesh agents)",
                  EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
-    _show(record, as_json)
+    _show(record, as_json, c=c)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
 
@@ -306,7 +307,7 @@ def status(job_id: Annotated[str, typer.Argument(help="The job id (from `mesh su
             record = c.status(candidate)
         except JobNotFound:
             continue
-        _show(record, as_json, c.stuck(record), wide=wide)
+        _show(record, as_json, c.stuck(record), wide=wide, c=c)
         return
     for candidate in candidates:
         if expired(c.redis, c.keys, candidate):
@@ -400,21 +401,43 @@ def workers(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     out.print(Listing(columns, rows, wide=wide))
 
 
-def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None, *, wide: bool = False) -> None:
+def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None, *, wide: bool = False,
+          c: MeshClient | None = None) -> None:
+    from mesh.ops import dag
+
     stuck = stuck or {}
+    nodes = dag.load(c, record) if record.pipeline and c is not None else None
     if as_json:
-        emit_json({**record.model_dump(mode="json"), "stuck": stuck})
+        emit_json({**record.model_dump(mode="json"), "stuck": stuck,
+                   **({"dag": dag.as_json(nodes)} if nodes is not None else {})})
         return
-    out.print(Text.assemble(f"job {record.job_id}  ", (str(record.state), "bold"), f"  trace {record.trace_id}"))
+    width = out.size.width
+    head = Text.assemble(f"job {record.job_id}  ", (str(record.state), "bold"))
+    trace = f"trace {record.trace_id}"
+    if nodes is not None and head.cell_len + 2 + len(trace) > width:  # a pipeline's view fits the width
+        out.print(head)
+        out.print(Text(trace))
+    else:
+        out.print(Text.assemble(head, f"  {trace}"))
     if record.goal:
         out.print(Text(f"goal: {record.goal}"))
     if record.pipeline:
         out.print(Text(f"pipeline: {record.pipeline} ({(record.pipeline_digest or '')[:12]})"))
-    if record.error:
+    if record.error and nodes is not None:
+        lines = textwrap.wrap(f"error: {record.error}", max(20, width), subsequent_indent="       ",
+                              break_long_words=False, break_on_hyphens=False)
+        out.print(Text.assemble(("error:", "red"), lines[0].removeprefix("error:")))
+        for rest in lines[1:]:
+            out.print(Text(rest))
+    elif record.error:
         out.print(Text.assemble(("error: ", "red"), record.error))
     if record.tokens_in or record.tokens_out:
         out.print(Text(f"model tokens: {record.tokens_in} in, {record.tokens_out} out"))
-    out.print(steps_table(record, stuck, wide=wide))
+    if nodes is None:
+        out.print(steps_table(record, stuck, wide=wide))
+        return
+    for drawn in dag.draw(record, nodes, stuck, width=width):
+        out.print(drawn)
 
 
 def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wide: bool = False) -> Listing:
@@ -461,6 +484,7 @@ def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
     Every step's events in order: enqueued, picked up, tool calls, deferrals, failures, dead
     letters, duplicates, success."""
     from mesh.broker import trace
+    from mesh.ops import dag
     from mesh.ops.timeline import by_step, render
 
     c = client()
@@ -469,11 +493,13 @@ def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
     record = c.jobs.get(job_id)
     if not events and record is None:
         fail(f"no job {job_id}", EXIT_INPUT)
+    nodes = dag.load(c, record) if record is not None and record.pipeline else None
     if as_json:
         emit_json({"job_id": job_id, "state": str(record.state) if record else None,
-                   "trace_id": record.trace_id if record else None, "steps": by_step(events), "events": events})
+                   "trace_id": record.trace_id if record else None, "steps": by_step(events), "events": events,
+                   **({"dag": dag.as_json(nodes)} if nodes is not None else {})})
         return
-    for line in render(record, events):
+    for line in render(record, events, nodes):
         out.print(line)  # soft-wrapped: a long line stays whole, never cropped at the terminal's width
 
 

@@ -12,7 +12,9 @@ from typing import Any
 
 from rich.text import Text
 
-from mesh.contracts import JobRecord
+from mesh.contracts import JobRecord, State
+from mesh.ops.dag import STATE_STYLE, gate_line
+from mesh.ops.dag import Node as DagNode
 
 #: How each event reads on one line, from its fields.
 _DETAIL = {
@@ -29,8 +31,12 @@ _DETAIL = {
     "duplicate": lambda e: "acked without running (already done)",
     "succeeded": lambda e: f"in {e.get('duration_s', 0):.3f}s",
     "stuck": lambda e: f"no progress for {e.get('idle_s')}s while holding its claim",
+    "halted": lambda e: str(e.get("reason", "")),
+    "skipped": lambda e: str(e.get("reason", "")),
+    "awaiting_approval": lambda e: "parked before it runs: waits for a human's approval",
 }
-_STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red", "succeeded": "green"}
+_STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red", "succeeded": "green",
+          "halted": "red", "skipped": "dim", "awaiting_approval": "yellow"}
 
 
 def _outcome(event: dict[str, Any]) -> str:
@@ -63,14 +69,18 @@ class _Node:
         return node
 
 
-def render(record: JobRecord | None, events: list[dict[str, Any]]) -> list[Text]:
+def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[DagNode] | None = None) -> list[Text]:
     """The job, then each step (indented under the step that sent it) with its events and offsets
-    from the job's first event; one Text per line, to print without wrapping."""
+    from the job's first event; one Text per line, to print without wrapping. A pipeline's job
+    (``dag``) lists its steps in DAG order instead, see :func:`_pipeline`."""
     start = min((e.get("at", 0) for e in events), default=0)
     title = Text(f"job {record.job_id} {record.state}  trace {record.trace_id}" if record
                  else f"job (no record)  {len(events)} events")
     tree = _Node(title)
     steps = by_step(events)
+    if record is not None and dag is not None:
+        _pipeline(tree, record, dag, steps, start)
+        return list(_lines(tree))
     nodes: dict[str, _Node] = {}
     for step_id, evs in steps.items():
         agent = evs[0].get("agent", "?")
@@ -81,12 +91,38 @@ def render(record: JobRecord | None, events: list[dict[str, Any]]) -> list[Text]
         parent = _parent(step_id, agent, nodes, tree)
         node = parent.add(label)
         nodes[step_id] = node
-        for ev in evs:
-            kind = ev.get("event", "?")
-            detail = _DETAIL.get(kind, lambda e: "")(ev)
-            node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (f"{kind:<14}", _STYLE.get(kind, "")),
-                                   detail))
+        _events(node, evs, start)
     return list(_lines(tree))
+
+
+def _events(node: _Node, evs: list[dict[str, Any]], start: float) -> None:
+    for ev in evs:
+        kind = ev.get("event", "?")
+        detail = _DETAIL.get(kind, lambda e: "")(ev)
+        node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (f"{kind:<14}", _STYLE.get(kind, "")),
+                               detail))
+
+
+def _pipeline(tree: _Node, record: JobRecord, dag: list[DagNode], steps: dict[str, list[dict[str, Any]]],
+              start: float) -> None:
+    """Each step of the DAG in order (``← dependencies``), even one that never ran: its gate
+    evaluation (the values it saw), then its events (halted, skipped and awaiting approval among them)."""
+    for item in dag:
+        rec, evs = item.step, steps.get(item.step.step_id, [])
+        label = Text.assemble((rec.step_id, "bold"), f" {rec.agent} " if rec.agent != rec.step_id else " ",
+                              (str(rec.state), STATE_STYLE.get(rec.state, "")))
+        if item.depends_on:
+            label.append(f"  ← {', '.join(item.depends_on)}")
+        if evs:
+            first, last = evs[0].get("at", start), evs[-1].get("at", start)
+            label.append(f"  +{first - start:.3f}s, {last - first:.3f}s from first to last event")
+        elif rec.sent_at is None and rec.state is State.QUEUED:
+            label.append("  not sent" + (": the job halted" if record.state is State.HALTED else ""), "dim")
+        node = tree.add(label)
+        if rec.gate is not None:
+            node.add(Text.assemble(("gate".ljust(10), "red" if not rec.gate.passed else "green"),
+                                   gate_line(rec.gate).removeprefix("gate ")))
+        _events(node, evs, start)
 
 
 def _lines(node: _Node, lead: str = "", last: bool = True, top: bool = True) -> Iterator[Text]:

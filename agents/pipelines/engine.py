@@ -24,7 +24,7 @@ from dramatiq.message import Message
 from mesh.broker import trace
 from mesh.broker.outbox import build_message
 from mesh.broker.pipelines import PipelineStore
-from mesh.contracts import Envelope, JobRecord, State, StepRecord, child_key, transition
+from mesh.contracts import Envelope, GateCheck, JobRecord, State, StepRecord, child_key, transition
 
 from .expr import Condition, ExpressionError
 from .spec import FailureMode, PipelineSpec, StepSpec
@@ -112,8 +112,9 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
                 continue
         if step.gate is not None:
             ok, why = _check(step.gate, seen, "gate")
+            read = _read(step.gate, seen)
+            rec = rec.model_copy(update={"gate": GateCheck(expr=step.gate.source, values=read, passed=ok)})
             if not ok:
-                read = _read(step.gate, seen)
                 if step.failure_mode is FailureMode.HALT_PIPELINE:
                     del events[mark:]
                     return _halt(before, rec, why, read, now, events), []

@@ -1,0 +1,134 @@
+"""A pipeline job drawn as its DAG: steps in dependency order, each with its state, what it waits for
+and, for a gated step, the gate and the values it saw.
+
+``mesh status`` prints :func:`draw`; ``mesh trace`` orders its steps by :func:`dag`; both put
+:func:`as_json` in their ``--json``. The lines fit the terminal's width: free text (gates, errors,
+outputs) wraps under its step, ids and values are never cut."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from rich.text import Text
+
+from mesh.contracts import GateCheck, JobRecord, MeshError, State, StepRecord
+
+STATE_STYLE = {State.SUCCEEDED: "green", State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim",
+               State.AWAITING_APPROVAL: "yellow", State.FAILED: "yellow"}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One step of the DAG: its record, the steps it depends on and its depth (longest path from a root)."""
+
+    step: StepRecord
+    depends_on: tuple[str, ...]
+    depth: int
+
+
+def dag(record: JobRecord, spec_json: dict[str, Any] | None) -> list[Node]:
+    """``record``'s steps in the spec's DAG order with their dependencies; without the spec (no longer
+    stored), the steps in record order, with none known."""
+    if spec_json is None:
+        return [Node(s, (), 0) for s in record.steps.values()]
+    from mesh.agents.pipelines.engine import spec_from_json
+    from mesh.agents.pipelines.validate import order
+
+    spec = spec_from_json(spec_json)
+    depth: dict[str, int] = {}
+    nodes = []
+    for sid in order(spec):
+        deps = spec.step(sid).depends_on
+        depth[sid] = 1 + max((depth[d] for d in deps), default=-1)
+        if sid in record.steps:
+            nodes.append(Node(record.steps[sid], tuple(deps), depth[sid]))
+    return nodes
+
+
+def load(client: Any, record: JobRecord) -> list[Node]:
+    """The DAG of a pipeline job, reading the spec it started with (by digest) from ``client.pipelines``."""
+    spec_json = None
+    if record.pipeline and record.pipeline_digest:
+        try:
+            _, spec_json = client.pipelines.get(record.pipeline, record.pipeline_digest)
+        except MeshError:
+            spec_json = None
+    return dag(record, spec_json)
+
+
+def as_json(nodes: list[Node]) -> list[dict[str, Any]]:
+    """The DAG for ``--json``: each step's id, agent, dependencies, depth, state and gate evaluation."""
+    return [{"step_id": n.step.step_id, "agent": n.step.agent, "depends_on": list(n.depends_on), "depth": n.depth,
+             "state": str(n.step.state), "gate": n.step.gate.model_dump(mode="json") if n.step.gate else None}
+            for n in nodes]
+
+
+def value(v: Any) -> str:
+    """A value as the expression language writes it: ``0.6``, ``true``, ``"text"``, ``null``."""
+    return orjson.dumps(v, default=str).decode()
+
+
+def gate_line(gate: GateCheck) -> str:
+    """``gate coder.confidence >= 0.85 saw coder.confidence=0.6 → false``."""
+    seen = ", ".join(f"{k}={value(v)}" for k, v in gate.values.items())
+    return f"gate {gate.expr}" + (f" saw {seen}" if seen else "") + f" → {'true' if gate.passed else 'false'}"
+
+
+def draw(record: JobRecord, nodes: list[Node], stuck: dict[str, float] | None = None, *,
+         width: int = 80) -> list[Text]:
+    """The DAG as an indented tree, one step per line (``└─ coder  succeeded  ← researcher``), then its
+    gate, error, output or why it was not sent, wrapped under it to ``width``."""
+    stuck = stuck or {}
+    lines: list[Text] = []
+    for node in nodes:
+        step, lead = node.step, "   " * max(0, node.depth - 1)
+        branch = lead + ("└─ " if node.depth else "")
+        state = Text(str(step.state), style=STATE_STYLE.get(step.state, ""))
+        if step.step_id in stuck:
+            state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
+        head = Text.assemble((branch, "dim"), (step.step_id, "bold"), "  ", state)
+        for part in _facts(step, node.depends_on):
+            head.append(f"  {part}")
+        lines.append(head)
+        indent = " " * (len(branch) + 2)
+        room = max(20, width - len(indent))
+        for text, style in _details(record, step):
+            if text.startswith("out: "):  # an output can be long: two lines of it say enough here
+                text = textwrap.shorten(text, 2 * room, placeholder=" …")
+            for chunk in textwrap.wrap(text, room, break_long_words=False, break_on_hyphens=False):
+                lines.append(Text(indent + chunk, style=style))
+    return lines
+
+
+def _facts(step: StepRecord, deps: tuple[str, ...]) -> list[str]:
+    """The short facts on a step's line: its agent (when not its id), attempt, duration, tokens, dependencies."""
+    facts = [f"agent {step.agent}"] if step.agent != step.step_id else []
+    if step.attempt > 1:
+        facts.append(f"attempt {step.attempt}")
+    if step.finished_at and step.started_at:
+        facts.append(f"{step.finished_at - step.started_at:.2f}s")
+    if step.tokens_in or step.tokens_out:
+        facts.append(f"tokens {step.tokens_in}/{step.tokens_out}")
+    if deps:
+        facts.append("← " + ", ".join(deps))
+    return facts
+
+
+def _details(record: JobRecord, step: StepRecord) -> list[tuple[str, str]]:
+    """The free-text lines under a step, with their style."""
+    out: list[tuple[str, str]] = []
+    if step.gate is not None:
+        out.append((gate_line(step.gate), "" if step.gate.passed else "red"))
+    if step.error and step.failure_class != "gate" and not (step.gate and not step.gate.passed):
+        out.append((step.error, "red" if step.state in (State.DEAD_LETTERED, State.HALTED) else ""))
+    if step.state is State.QUEUED and step.sent_at is None:
+        out.append(("not sent: the job halted" if record.state is State.HALTED else "waits for its dependencies",
+                    "dim"))
+    if step.state is State.AWAITING_APPROVAL:
+        out.append(("waits for a human's approval", "yellow"))
+    if step.result:
+        out.append(("out: " + ", ".join(f"{k}={value(v)}" for k, v in step.result.items()), "dim"))
+    return out
