@@ -84,3 +84,31 @@ def test_trace_lists_steps_in_dag_order_with_the_gate_evaluation_and_the_halt(cl
     assert "halted" in reviewer and "was false" in reviewer
     assert "not sent: the job halted" in lines[heads[3]]
     assert json.loads(cli("trace", job_id, "--json").stdout)["dag"][2]["state"] == "halted"
+
+
+def test_draw_indents_a_diamond_by_depth_and_names_every_dependency() -> None:
+    import orjson
+
+    from mesh.agents.pipelines import Pipeline
+    from mesh.contracts import GateCheck, JobRecord, State, StepRecord
+    from mesh.ops.dag import dag, draw
+
+    spec = (Pipeline("diamond").step("a").step("b", depends_on=["a"]).step("c", depends_on=["a"])
+            .step("d", depends_on=["b", "c"], gate="b.ok == true", failure_mode="continue").build())
+    record = JobRecord(job_id="job-1", key="k", trace_id="t", state=State.RUNNING, pipeline="diamond")
+    for sid in ("d", "c", "b", "a"):  # record order is not DAG order
+        record = record.with_step(StepRecord(step_id=sid, agent=sid, key=f"k/{sid}"))
+    gate = GateCheck(expr="b.ok == true", values={"b.ok": None}, passed=False)
+    record = record.with_step(record.steps["d"].model_copy(update={"state": State.SKIPPED, "gate": gate,
+                                                                   "error": "gate 'b.ok == true' was false"}))
+
+    nodes = dag(record, orjson.loads(spec.canonical()))
+    assert [(n.step.step_id, n.depth, n.depends_on) for n in nodes] == [
+        ("a", 0, ()), ("b", 1, ("a",)), ("c", 1, ("a",)), ("d", 2, ("b", "c"))]
+    lines = [line.plain for line in draw(record, nodes, width=40)]
+    assert lines[0] == "a  queued"
+    assert "└─ c  queued  ← a" in lines
+    assert "   └─ d  skipped  ← b, c" in lines
+    assert "        gate b.ok == true saw b.ok=null" in lines and "        → false" in lines  # wrapped under d
+    assert not any("was false" in line for line in lines)  # the error says the gate again: shown once
+    assert all(len(line) <= 40 for line in lines)
