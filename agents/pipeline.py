@@ -27,6 +27,7 @@ from mesh.contracts import (
     StepRecord,
     add_tokens,
     child_key,
+    settle,
     transition,
 )
 
@@ -55,7 +56,7 @@ def start(env: Envelope, token: int) -> Change:
             return record, []  # finished, or this attempt's pick-up already written (a re-sent update)
         step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1,
                           token=token)
-        record = record.with_step(step)
+        record = settle(record.with_step(step), now)  # a replay while another step is dead stays dead
         if record.state in (State.QUEUED, State.FAILED):
             record = transition(record, State.RUNNING, now=now)
         return record, []
@@ -141,11 +142,11 @@ def _fan_in(env: Envelope, record: JobRecord, now: float) -> tuple[JobRecord, li
 
 
 def _finish_if_done(record: JobRecord, now: float) -> JobRecord:
-    if record.state is not State.RUNNING or any(s.state is not State.SUCCEEDED for s in record.steps.values()):
-        return record
+    """The job's state derived from its steps (:func:`mesh.contracts.settle`); when it succeeds, its
+    result is its last built-in agent's outputs (a user agent's job: every step's output)."""
     builtin = [ORDER.index(s.agent) for s in record.steps.values() if s.agent in ORDER]
     if builtin:  # the built-in flow: the job's result is its last agent's output
         result = {sid: s.result for sid, s in record.steps.items() if s.agent == ORDER[max(builtin)]}
     else:  # a user agent's job: every step's output
         result = {sid: s.result for sid, s in record.steps.items()}
-    return transition(record, State.SUCCEEDED, now=now, result=result)
+    return settle(record, now, result)

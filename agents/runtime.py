@@ -16,7 +16,7 @@ from redis import Redis
 from mesh.broker import trace
 from mesh.broker.breaker import Breakers
 from mesh.broker.idempotency import current_lease
-from mesh.broker.jobs import JobNotFound, JobStore
+from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
 from mesh.broker.keys import Keys
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import count_outcome, observe_duration, running_member
@@ -40,7 +40,7 @@ from mesh.contracts import (
 from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
-from .pipelines.engine import Routes, load_spec
+from .pipelines.engine import Routes, after_loss, load_spec
 from .providers import Meter, ModelProvider, provider_for
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class AgentRuntime:
                              version=lambda a: agents[a].version if a in agents else None)
         if self.breakers is None:
             self.breakers = Breakers(self.settings, self.redis)
+        # A pipeline step lost on the failure path (the broker's) moves its job on by the engine.
+        on_step_lost(lambda record: after_loss(load_spec(self.pipelines, record.pipeline or "",
+                                                         record.pipeline_digest or ""), record, self.routes))
 
     @classmethod
     def from_settings(cls, settings: MeshSettings, client: Redis, app: App | None = None) -> AgentRuntime:

@@ -26,6 +26,8 @@ from dramatiq.message import Message
 from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
+from . import trace
+from .outbox import encode
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
 from .trace import TRACE_MAXLEN
 
@@ -140,7 +142,12 @@ class MeshConsumer(_RedisConsumer):
         else:
             before = JobRecord.model_validate(loads(current))
             record, messages = job.change(before)
-            assert not messages, "a failed attempt's change sends nothing"
+            # What the failure sets in motion (a pipeline's next steps) is sent with the record.
+            arg["msgs"] = [{"hash": keys.messages(m.queue_name), "queue": keys.queue(m.queue_name),
+                            "wake": keys.wake(m.queue_name), "rid": m.options["redis_message_id"],
+                            "data": encode(m).decode()} for m in messages]
+            arg["events"] += [dumps(trace.event("enqueued", m.args[0], queue=m.queue_name)).decode()
+                              for m in messages]
             arg["sha"] = hashlib.sha1(current).hexdigest()
             arg["new"] = dumps(record).decode()
             if record.state in TERMINAL and before.state not in TERMINAL:

@@ -15,7 +15,18 @@ from typing import TYPE_CHECKING, Any
 import redis
 from dramatiq.message import Message
 
-from mesh.contracts import TERMINAL, JobRecord, LeaseLost, State, StepRecord, add_tokens, dumps, loads, transition
+from mesh.contracts import (
+    TERMINAL,
+    JobRecord,
+    LeaseLost,
+    State,
+    StepRecord,
+    add_tokens,
+    dumps,
+    loads,
+    settle,
+    transition,
+)
 
 from . import trace
 from .keys import Keys
@@ -116,9 +127,24 @@ class JobStore:
         return record
 
 
+#: What a declared pipeline's step ending without output sets in motion (the next item of a
+#: ``for_each`` step, its join, the dependents a join releases): registered by the agents layer, so
+#: the broker imports nothing of the engine. None: only the job's state is derived.
+_after_loss: Change | None = None
+
+
+def on_step_lost(change: Change | None) -> None:
+    """Register what a pipeline job's dead-lettered (or unknown) step sets in motion (see ``fail_step``)."""
+    global _after_loss
+    _after_loss = change
+
+
 def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None,
               tokens: tuple[int, int] = (0, 0)) -> Change:
-    """A step's attempt failed: it waits for a retry (FAILED), or ends the job (DEAD_LETTERED, UNKNOWN).
+    """A step's attempt failed: it waits for a retry (FAILED), or it ends (DEAD_LETTERED, UNKNOWN) and
+    the job's state is derived from its steps (:func:`mesh.contracts.settle`): a lost item of a
+    ``for_each`` step whose join can still be met does not end the job, and a declared pipeline's
+    job moves on by what :func:`on_step_lost` registered (the messages it sends go with the record).
 
     ``token`` is the fencing token of the failed attempt: a step another owner holds now
     (running with another token) is not touched, nor a running step by an attempt that held none.
@@ -138,11 +164,11 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
         record = record.with_step(
             transition(step, state, now=now, error=error, failure_class=failure_class)
         )
-        if state in TERMINAL and record.state not in TERMINAL:
-            record = transition(
-                record, state, now=now, error=f"step {step_id}: {error}", failure_class=failure_class
-            )
-        return record, []
+        if state not in TERMINAL:
+            return record, []
+        if _after_loss is not None and record.pipeline_digest is not None:
+            return _after_loss(record)
+        return settle(record, now), []
 
     return change
 

@@ -26,7 +26,21 @@ from .errors import (
     ToolRefused,
     UnknownAgent,
 )
-from .jobs import ACTIVE, TERMINAL, GateCheck, JobRecord, State, StepRecord, add_tokens, transition
+from .jobs import (
+    ACTIVE,
+    LOST,
+    TERMINAL,
+    GateCheck,
+    JobRecord,
+    State,
+    StepRecord,
+    add_tokens,
+    blocking,
+    items_of,
+    job_state,
+    settle,
+    transition,
+)
 from .messages import (
     CONTRACTS,
     ActionStep,
@@ -45,6 +59,7 @@ from .messages import (
 __all__ = [
     "ACTIVE",
     "CONTRACTS",
+    "LOST",
     "TERMINAL",
     "ActionStep",
     "BreakerOpen",
@@ -83,10 +98,14 @@ __all__ = [
     "ToolRefused",
     "UnknownAgent",
     "add_tokens",
+    "blocking",
     "child_key",
     "dumps",
+    "items_of",
+    "job_state",
     "loads",
     "new_trace_id",
+    "settle",
     "traceparent",
     "transition",
     "validate_input",

@@ -43,7 +43,7 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.AWAITING_APPROVAL,
                              State.HALTED, State.SKIPPED}),
     State.RUNNING: frozenset({State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED,
-                              State.DEAD_LETTERED, State.UNKNOWN, State.HALTED}),
+                              State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED}),
     State.AWAITING_APPROVAL: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED,
                                         State.HALTED, State.SKIPPED}),
     State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}),
@@ -92,6 +92,10 @@ class StepRecord(Record):
     sent_at: float | None = Field(default=None, description="when its message was enqueued; None: not yet")
     #: A pipeline step's gate evaluation (None: it has no gate, or it was not evaluated yet).
     gate: GateCheck | None = None
+    #: An item of a ``for_each`` step: that step's id (the item's own id is ``<step>[<index>]``).
+    parent: str | None = None
+    #: A ``for_each`` step that fanned out: how many of its items must succeed (its join).
+    need: int | None = None
 
 
 class JobRecord(Record):
@@ -150,3 +154,75 @@ def transition(
         if target in TERMINAL:
             update["finished_at"] = now
     return record.model_copy(update=update)
+
+
+#: Step states that end a step without its output: a replay may bring it back.
+LOST = frozenset({State.DEAD_LETTERED, State.UNKNOWN})
+
+
+def items_of(record: JobRecord, step_id: str) -> list[StepRecord]:
+    """The items of ``for_each`` step ``step_id``, in index order."""
+    found = [s for s in record.steps.values() if s.parent == step_id]
+    return sorted(found, key=lambda s: int(s.step_id.rsplit("[", 1)[1].rstrip("]")))
+
+
+def blocking(record: JobRecord, step: StepRecord) -> bool:
+    """Whether a dead-lettered (or unknown) step holds its job: always, unless it is an item of a
+    ``for_each`` step whose join is resolved or can still be met by the other items."""
+    if step.parent is None:
+        return True
+    parent = record.steps.get(step.parent)
+    if parent is None or parent.need is None:
+        return True
+    if parent.state in (State.SUCCEEDED, State.SKIPPED):
+        return False
+    items = items_of(record, step.parent)
+    return len(items) - sum(s.state in LOST for s in items) < parent.need
+
+
+def job_state(record: JobRecord) -> State:
+    """The job's state as a function of its steps: halted if one halted; dead-lettered while any
+    blocking step is (then unknown while one is); succeeded when every step succeeded, was skipped,
+    or is a non-blocking lost item; otherwise active (the record's own queued or running)."""
+    if not ALLOWED[record.state]:  # a succeeded job stays so
+        return record.state
+    steps = list(record.steps.values())
+    if any(s.state is State.HALTED for s in steps):
+        return State.HALTED
+    lost = [s.state for s in steps if s.state in LOST and blocking(record, s)]
+    if State.DEAD_LETTERED in lost:
+        return State.DEAD_LETTERED
+    if lost:
+        return State.UNKNOWN
+    if steps and all(s.state in (State.SUCCEEDED, State.SKIPPED) or s.state in LOST for s in steps):
+        return State.SUCCEEDED
+    if record.state in (State.QUEUED, State.RUNNING, State.FAILED, State.AWAITING_APPROVAL):
+        return record.state
+    return State.QUEUED if State.QUEUED in ALLOWED[record.state] else State.RUNNING
+
+
+def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) -> JobRecord:
+    """``record`` moved to :func:`job_state`, through ``queued`` (and ``running``) when the lifecycle
+    allows no direct move (a dead-lettered job that succeeds after a replay). ``result``: the job's
+    result when it succeeds (default: each succeeded step's output, by step id)."""
+    target = job_state(record)
+    if record.state is target:
+        return record
+    if target not in ALLOWED[record.state]:
+        if record.state is not State.QUEUED:
+            record = transition(record, State.QUEUED, now=now)
+        if target is not State.QUEUED and target not in ALLOWED[record.state]:
+            record = transition(record, State.RUNNING, now=now)
+    if record.state is target:
+        return record
+    if target is State.SUCCEEDED:
+        if result is None:
+            result = {sid: s.result for sid, s in record.steps.items() if s.state is State.SUCCEEDED}
+        if record.state is State.QUEUED:  # every step skipped: nothing ran
+            record = transition(record, State.RUNNING, now=now)
+        return transition(record, target, now=now, result=result)
+    if target in (State.DEAD_LETTERED, State.UNKNOWN, State.HALTED):
+        step = next(s for s in record.steps.values() if s.state is target and blocking(record, s))
+        return transition(record, target, now=now, error=f"step {step.step_id}: {step.error}",
+                          failure_class=step.failure_class)
+    return transition(record, target, now=now)

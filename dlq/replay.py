@@ -22,7 +22,7 @@ from mesh.broker.jobs import stage_record
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import stage_all
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import JobRecord, State, loads, transition
+from mesh.contracts import JobRecord, State, loads, settle, transition
 
 from .audit import Audit
 from .store import DeadLetterStore, Filter, Stored
@@ -192,11 +192,17 @@ class Replayer:
 
 
 def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:
-    """The job with the replayed step queued again (its stale error and timestamps scrubbed)."""
+    """The job with the replayed step queued again (its stale error and timestamps scrubbed), the
+    ``for_each`` step it is an item of reopened if its join had failed, and the job's state derived
+    from its steps: still dead-lettered while another blocking step is."""
     step = record.steps.get(step_id) if isinstance(step_id, str) else None
     if step is not None and step.state in REPLAYABLE:
         record = record.with_step(transition(step, State.QUEUED, now=now, sent_at=now))
-    if record.state in REPLAYABLE:
+        parent = record.steps.get(step.parent) if step.parent else None
+        if parent is not None and parent.state in REPLAYABLE:
+            record = record.with_step(transition(transition(parent, State.QUEUED, now=now), State.RUNNING, now=now))
+    record = settle(record, now)
+    if record.state is State.FAILED:
         record = transition(record, State.QUEUED, now=now)
     return record
 

@@ -14,6 +14,7 @@ job with the gate, the values it read and why; ``continue`` skips the step) are 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from dramatiq.message import Message
 from mesh.broker import trace
 from mesh.broker.outbox import build_message
 from mesh.broker.pipelines import PipelineStore
-from mesh.contracts import Envelope, GateCheck, JobRecord, State, StepRecord, child_key, transition
+from mesh.contracts import LOST, Envelope, GateCheck, JobRecord, State, StepRecord, child_key, items_of, transition
+from mesh.contracts import settle as settle_job
 
 from .expr import Condition, ExpressionError
 from .spec import FailureMode, PipelineSpec, StepSpec
@@ -69,8 +71,9 @@ def values(record: JobRecord) -> dict[str, Any]:
     """What expressions read: the job's key (``task_id``) and id, the run's input, each succeeded step's output."""
     out: dict[str, Any] = {"task_id": record.key, "job_id": record.job_id, "input": record.pipeline_input or {}}
     for sid, step in record.steps.items():
-        if step.state is State.SUCCEEDED and step.result is not None:
-            out[sid] = step.result
+        if step.state is State.SUCCEEDED and step.result is not None and step.parent is None:
+            # a for_each step reads as the list of its items' outputs
+            out[sid] = step.result["items"] if step.need is not None else step.result
     return out
 
 
@@ -99,6 +102,9 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
     up = upstream(spec)
     for sid in order(spec):
         step, rec = spec.step(sid), record.steps.get(sid)
+        if rec is not None and rec.need is not None and rec.state is State.RUNNING:
+            record = _pump(spec, step, record, run, routes, messages, events, now)
+            continue
         if rec is None or rec.state is not State.QUEUED or rec.sent_at is not None:
             continue
         if any(record.steps[d].state not in (State.SUCCEEDED, State.SKIPPED) for d in step.depends_on):
@@ -128,50 +134,132 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             record = record.with_step(rec)
             events.append(_event("awaiting_approval", record, rec))
             continue
-        env = Envelope(key=key, job_id=record.job_id, step_id=sid, agent=step.agent_name, trace_id=run.trace_id,
-                       deadline=run.deadline, contract_version=routes.version(step.agent_name),
-                       token_budget=run.token_budget, payload=payload,
-                       max_retries=step.retry_policy.max_attempts - 1 if step.retry_policy else None)
-        # hops stay empty: the DAG is acyclic by validation and the record sequences it; two steps
-        # may share an agent, which a hop-based cycle check would refuse.
-        options = {"time_limit": step.timeout_ms} if step.timeout_ms is not None else {}
-        message = build_message(env, **options)
-        queue = routes.queue(step.agent_name)
-        if queue != message.queue_name:
-            message = message.copy(queue_name=queue)
-        messages.append(message)
+        if step.for_each is not None:
+            record = _fan_out(step, record, seen, run, now)
+            record = _pump(spec, step, record, run, routes, messages, events, now)
+            continue
+        messages.append(_message(step, record, run, routes, sid, key, payload))
         record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
                                                          "updated_at": now}))
     return settle(record, now), messages
 
 
-def settle(record: JobRecord, now: float) -> JobRecord:
-    """The job's state as a function of its steps: halted if one halted; dead-lettered while any step
-    is; succeeded when every step succeeded or was skipped (the result: each succeeded step's output);
-    running otherwise (queued until a step was picked up)."""
-    states = [s.state for s in record.steps.values()]
-    if State.HALTED in states:
-        target = State.HALTED
-    elif State.DEAD_LETTERED in states:
-        target = State.DEAD_LETTERED
-    elif all(s in (State.SUCCEEDED, State.SKIPPED) for s in states):
-        target = State.SUCCEEDED
-    elif record.state in (State.QUEUED, State.RUNNING):
+def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes,
+               now: float | None = None) -> tuple[JobRecord, list[Message]]:
+    """A step of the job ended without output (dead-lettered, unknown): a running ``for_each`` step
+    sends its next item or decides its join, which may release dependents (with the run its fan-out
+    kept); the job's state is derived."""
+    now = time.time() if now is None else now
+    fanned = [s for s in record.steps.values() if s.need is not None and s.state is State.RUNNING]
+    if not fanned:
+        return settle(record, now), []
+    kept = fanned[0].input
+    run = Run(trace_id=record.trace_id, deadline=float(kept.get("deadline") or now),
+              token_budget=kept.get("token_budget"))
+    return advance(spec, record, run, routes, [], now=now)
+
+
+def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Run, now: float) -> JobRecord:
+    """Record one item per element of the ``for_each`` list (``<step>[<i>]``, queued, unsent) and the
+    step running with its join's need: ``min_success`` as a count, or that fraction of the items
+    rounded up; without a join, every item."""
+    assert step.for_each is not None
+    rec = record.steps[step.id]
+    try:
+        found = step.for_each.evaluate(seen)
+    except ExpressionError:
+        found = []
+    found = list(found) if isinstance(found, list | tuple) else []
+    n = len(found)
+    rule = step.join.min_success if step.join is not None else n
+    need = math.ceil(rule * n - 1e-9) if isinstance(rule, float) else min(int(rule), n)
+    for i, element in enumerate(found):
+        item = _plain(element)
+        payload = dict(item) if isinstance(item, Mapping) else {"item": item}
+        if step.idempotency_key is not None:
+            key = step.idempotency_key.render({**seen, "item": item})
+            if not any(p[0] == "item" for p in step.idempotency_key.paths):
+                key = f"{key}/{i}"  # one key for every item would make them share one effect
+        else:
+            key = child_key(record.key, step.agent_name, f"{step.id}/{i}")
+        record = record.with_step(StepRecord(step_id=f"{step.id}[{i}]", agent=step.agent_name, key=key,
+                                             input=payload, parent=step.id, created_at=now, updated_at=now))
+    # The run is kept on the step: an item lost on the failure path sends the next ones with it.
+    kept = {"items": n, "deadline": run.deadline, "token_budget": run.token_budget}
+    return record.with_step(transition(rec, State.RUNNING, now=now, sent_at=now, need=need, input=kept))
+
+
+def _pump(spec: PipelineSpec, step: StepSpec, record: JobRecord, run: Run, routes: Routes,
+          messages: list[Message], events: list[dict[str, Any]], now: float) -> JobRecord:
+    """Send the ``for_each`` step's next items, at most ``max_parallel`` in flight; once every item has
+    ended, decide its join: enough succeeded → the step succeeded (output: the successful items'
+    outputs in order, the failed ones listed); else ``continue`` skips it and ``halt_pipeline``
+    dead-letters it (its failed items are in the DLQ: replaying them re-decides the join)."""
+    items = items_of(record, step.id)
+    busy = sum(1 for s in items if s.sent_at is not None and s.state not in (State.SUCCEEDED, *LOST))
+    room = (step.max_parallel or len(items)) - busy
+    for it in items:
+        if room <= 0:
+            break
+        if it.state is State.QUEUED and it.sent_at is None:
+            messages.append(_message(step, record, run, routes, it.step_id, it.key, it.input))
+            record = record.with_step(it.model_copy(update={"sent_at": now, "updated_at": now}))
+            room -= 1
+    items = items_of(record, step.id)
+    if not all(s.state is State.SUCCEEDED or s.state in LOST for s in items):
         return record
+    rec = record.steps[step.id]
+    need = rec.need or 0
+    good = [s for s in items if s.state is State.SUCCEEDED]
+    failed = {s.step_id: s.error or str(s.state) for s in items if s.state is not State.SUCCEEDED}
+    if len(good) >= need:
+        result = {"items": [s.result for s in good], "failed": failed}
+        record = record.with_step(transition(rec, State.SUCCEEDED, now=now, result=result))
+        events.append(_event("joined", record, rec, succeeded=len(good), needed=need, failed=sorted(failed)))
+        return record
+    why = (f"join not met: {len(good)} of {len(items)} items succeeded, {need} needed; "
+           f"failed: {', '.join(failed)}")
+    if step.failure_mode is FailureMode.CONTINUE:
+        record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why, failure_class="join"))
+        events.append(_event("skipped", record, rec, reason=why, failed=sorted(failed)))
     else:
-        target = State.RUNNING
-    if record.state is target:
-        return record
-    if target is State.SUCCEEDED:
-        result = {sid: s.result for sid, s in record.steps.items() if s.state is State.SUCCEEDED}
-        if record.state is State.QUEUED:  # every step skipped: nothing ran
-            record = transition(record, State.RUNNING, now=now)
-        return transition(record, State.SUCCEEDED, now=now, result=result)
-    if target is State.DEAD_LETTERED:
-        step = next(s for s in record.steps.values() if s.state is State.DEAD_LETTERED)
-        return transition(record, target, now=now, error=f"step {step.step_id}: {step.error}",
-                          failure_class=step.failure_class)
-    return transition(record, target, now=now)
+        record = record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why, failure_class="join"))
+        events.append(_event("join_failed", record, rec, reason=why, failed=sorted(failed)))
+    return record
+
+
+def _message(step: StepSpec, record: JobRecord, run: Run, routes: Routes, step_id: str, key: str,
+             payload: dict[str, Any]) -> Message:
+    env = Envelope(key=key, job_id=record.job_id, step_id=step_id, agent=step.agent_name, trace_id=run.trace_id,
+                   deadline=run.deadline, contract_version=routes.version(step.agent_name),
+                   token_budget=run.token_budget, payload=payload,
+                   max_retries=step.retry_policy.max_attempts - 1 if step.retry_policy else None)
+    # hops stay empty: the DAG is acyclic by validation and the record sequences it; two steps
+    # may share an agent, which a hop-based cycle check would refuse.
+    options = {"time_limit": step.timeout_ms} if step.timeout_ms is not None else {}
+    message = build_message(env, **options)
+    queue = routes.queue(step.agent_name)
+    if queue != message.queue_name:
+        message = message.copy(queue_name=queue)
+    return message
+
+
+def _plain(value: Any) -> Any:
+    """A CEL value as plain JSON data (maps and lists of the package's types)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def settle(record: JobRecord, now: float) -> JobRecord:
+    """The job's state as a function of its steps (:func:`mesh.contracts.settle`): halted if one
+    halted; dead-lettered while any blocking step is (an item of a ``for_each`` step whose join can
+    still be met is not blocking); succeeded when every step succeeded or was skipped (the result:
+    each succeeded step's output, items left out); running otherwise (queued until picked up)."""
+    result = {sid: s.result for sid, s in record.steps.items() if s.state is State.SUCCEEDED and s.parent is None}
+    return settle_job(record, now, result)
 
 
 def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], now: float,

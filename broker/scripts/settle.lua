@@ -84,7 +84,7 @@ end
 -- The job-record change of a failed attempt (broker/settle.py JobWrite): {"job": key, "sha": sha1
 -- of the record it was computed from, "new": the record (absent: unchanged), "ttl": s (absent: keep
 -- the record's), "trace": key, "maxlen": n, "events": [...], "running": key, "member": ..., "claim":
--- key, "owner": ...}.
+-- key, "owner": ..., "msgs": [{"hash", "queue", "wake", "rid", "data"}]: messages the change sends}.
 local function job_of(arg)
     if not arg or arg == "" then return nil end
     return cjson.decode(arg)
@@ -104,6 +104,12 @@ local function apply_job(job)
         else
             redis.call("set", job.job, job.new, "KEEPTTL")
         end
+    end
+    for _, m in ipairs(job.msgs or {}) do
+        redis.call("hset", m.hash, m.rid, m.data)
+        redis.call("rpush", m.queue, m.rid)
+        redis.call("rpush", m.wake, 1)
+        redis.call("ltrim", m.wake, -64, -1)
     end
     for _, ev in ipairs(job.events or {}) do
         redis.call("xadd", job.trace, "MAXLEN", "~", job.maxlen, "*", "e", ev)

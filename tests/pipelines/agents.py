@@ -8,9 +8,15 @@ Their behaviour follows the run's input, so tests steer a run without other knob
 passes ``confidence`` on and the coder answers it. Every execution is counted per step key in the
 hash ``{ns}:test.runs``; a step key listed in the set ``{ns}:test.fail`` fails permanently, one in
 ``{ns}:test.flaky`` with an error that is retried.
+
+For ``for_each`` tests: ``scout`` lists ``count`` sources, ``fetch`` runs once per source (counting
+how many run at once in ``{ns}:test.inflight``, the most ever in the sorted set ``{ns}:test.peak``)
+and ``digest`` joins the pages.
 """
 
 from __future__ import annotations
+
+import time
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,6 +30,8 @@ class Task(BaseModel):
     goal: str
     #: The confidence the coder will answer.
     confidence: float = 0.9
+    #: How many sources ``scout`` lists.
+    count: int = 0
 
 
 class Source(BaseModel):
@@ -49,6 +57,23 @@ class ReviewResult(BaseModel):
 
 class Deployment(BaseModel):
     url: str
+
+
+class Page(BaseModel):
+    url: str
+    words: int
+
+
+class Gathered(BaseModel):
+    """A for_each step's output: its successful items' outputs and the failed items' errors."""
+
+    items: list[Page]
+    failed: dict[str, str] = {}
+
+
+class Digest(BaseModel):
+    pages: int
+    words: int
 
 
 class Parts(BaseModel):
@@ -101,3 +126,32 @@ def deployer(ctx: Context, review: ReviewResult) -> Deployment:
     """Deploys an approved change."""
     _ran(ctx)
     return Deployment(url="https://example.invalid/deploy/1")
+
+
+@app.agent
+def scout(ctx: Context, task: Task) -> ResearchResult:
+    """Lists ``task.count`` sources."""
+    _ran(ctx)
+    return ResearchResult(summary=task.goal, sources=[Source(url=f"https://example.invalid/{i}", score=i)
+                                                      for i in range(task.count)])
+
+
+@app.agent
+def fetch(ctx: Context, source: Source) -> Page:
+    """Fetches one source; counts how many fetches run at once."""
+    runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
+    now = runtime.redis.incr(f"{ns}:test.inflight")
+    try:
+        runtime.redis.zadd(f"{ns}:test.peak", {"peak": now}, gt=True)
+        time.sleep(0.02)  # the fetch takes a moment, so fetches overlap when allowed to
+        _ran(ctx)
+        return Page(url=source.url, words=int(source.score) * 10)
+    finally:
+        runtime.redis.decr(f"{ns}:test.inflight")
+
+
+@app.agent
+def digest(ctx: Context, gathered: Gathered) -> Digest:
+    """Joins the fetched pages."""
+    _ran(ctx)
+    return Digest(pages=len(gathered.items), words=sum(p.words for p in gathered.items))
