@@ -191,11 +191,12 @@ def test_an_unknown_agent_is_refused_at_its_line(tmp_path: Path) -> None:
           - id: second_review
             agent: critic
         """)
+    known = ", ".join(app.agents)
     assert found == [
-        "bad.yaml:4: step 'writer' runs agent 'writer', which app 'orchestration' does not declare; "
-        "its agents are researcher, combine, coder, reviewer, deployer",
-        "bad.yaml:6: step 'second_review' runs agent 'critic', which app 'orchestration' does not declare; "
-        "its agents are researcher, combine, coder, reviewer, deployer"]
+        f"bad.yaml:4: step 'writer' runs agent 'writer', which app 'orchestration' does not declare; "
+        f"its agents are {known}",
+        f"bad.yaml:6: step 'second_review' runs agent 'critic', which app 'orchestration' does not declare; "
+        f"its agents are {known}"]
 
 
 def test_two_steps_may_run_one_agent(tmp_path: Path) -> None:
@@ -213,9 +214,10 @@ def test_an_unknown_output_schema_is_refused_at_its_line(tmp_path: Path) -> None
           - id: researcher
             output_schema: research_results
         """)
-    assert found == ["bad.yaml:4: output_schema 'research_results' names no model the app's agents declare; known: "
-                     "code_diff, deployment, parts, research_result, review_result, task (the snake_case name of a "
-                     "model class)"]
+    [line] = found
+    assert line.startswith("bad.yaml:4: output_schema 'research_results' names no model the app's agents declare; "
+                           "known: ") and line.endswith("(the snake_case name of a model class)")
+    assert "research_result, review_result" in line and "code_diff" in line
 
 
 def test_an_output_schema_other_than_the_agents_output_is_refused(tmp_path: Path) -> None:
