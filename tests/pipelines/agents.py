@@ -12,10 +12,14 @@ hash ``{ns}:test.runs``; a step key listed in the set ``{ns}:test.fail`` fails p
 For ``for_each`` tests: ``scout`` lists ``count`` sources, ``fetch`` runs once per source (counting
 how many run at once in ``{ns}:test.inflight``, the most ever in the sorted set ``{ns}:test.peak``)
 and ``digest`` joins the pages.
+
+For crash tests: ``hold`` writes its process id to ``{ns}:test.holder`` and waits (at most 60 s)
+until ``{ns}:test.release`` exists, so a test can SIGKILL the worker that holds the step.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from pydantic import BaseModel, ConfigDict
@@ -155,3 +159,15 @@ def digest(ctx: Context, gathered: Gathered) -> Digest:
     """Joins the fetched pages."""
     _ran(ctx)
     return Digest(pages=len(gathered.items), words=sum(p.words for p in gathered.items))
+
+
+@app.agent
+def hold(ctx: Context, diff: CodeDiff) -> CodeDiff:
+    """Passes the diff on once released; says which process holds it while it waits."""
+    runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
+    _ran(ctx)
+    runtime.redis.set(f"{ns}:test.holder", os.getpid())
+    deadline = time.monotonic() + 60
+    while not runtime.redis.exists(f"{ns}:test.release") and time.monotonic() < deadline:
+        time.sleep(0.05)  # a stand-in for slow work: the test releases it
+    return diff
