@@ -40,7 +40,8 @@ from mesh.contracts import (
 from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
-from .pipelines.engine import Routes, after_loss, load_spec
+from .pipelines import PipelineSpec
+from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .providers import Meter, ModelProvider, provider_for
 
 logger = logging.getLogger(__name__)
@@ -100,15 +101,19 @@ class AgentRuntime:
             if record.steps[env.step_id].state is State.RUNNING:
                 pipe.zadd(self.keys.running, {member: time.time()})
 
+        picked = trace.event("picked_up", envelope, worker=self.worker, token=lease.token)
+
+        def start(record: JobRecord) -> Any:
+            # A declared pipeline's spec says whether the input is kept in the event, or its size and hash.
+            picked.update(traced(self.flow(record), "input", env.payload))
+            return pipeline.start(env, lease.token)(record)
+
         try:
-            record = self.jobs.update(env.job_id, pipeline.start(env, lease.token), fence=lease, also=picked_up,
-                                      events=[trace.event("picked_up", envelope, worker=self.worker,
-                                                          token=lease.token)])
+            record = self.jobs.update(env.job_id, start, fence=lease, also=picked_up, events=[picked])
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         step = record.steps[env.step_id]
-        flow = (load_spec(self.pipelines, record.pipeline, record.pipeline_digest)
-                if record.pipeline and record.pipeline_digest else None)
+        flow = self.flow(record)
         if step.state in TERMINAL:
             # Finished before its claim said so (a crash between the two): a duplicate, answered
             # with the stored result. A dead-lettered step stays free for its replay.
@@ -135,11 +140,12 @@ class AgentRuntime:
             count_outcome(pipe, self.keys, agent, "succeeded")
             observe_duration(pipe, self.keys, agent, duration)
 
-        events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4))]
+        events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
+                              **traced(flow, "output", output.model_dump(mode="json")))]
         try:
             self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out),
                                                            spec=flow, routes=self.routes, events=events),
-                             fence=lease, also=succeeded, events=events)
+                             fence=lease, also=succeeded, events=events, retention_s=retention_s(flow))
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",
                                     output.model_dump(mode="json")) from exc
@@ -147,6 +153,12 @@ class AgentRuntime:
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
+
+    def flow(self, record: JobRecord) -> PipelineSpec | None:
+        """The spec a declared pipeline's job started with; None for any other job."""
+        if not (record.pipeline and record.pipeline_digest):
+            return None
+        return load_spec(self.pipelines, record.pipeline, record.pipeline_digest)
 
     def tool_call(self, env: Envelope, tool: str, dependency: str, duration_s: float, *,
                   status: Any = None, error: str | None = None) -> None:

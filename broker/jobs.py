@@ -84,7 +84,8 @@ class JobStore:
 
     def update(self, job_id: str, change: Change, *, fence: Lease | None = None,
                events: Sequence[dict[str, Any]] = (),
-               also: Callable[[Any, JobRecord], None] | None = None) -> JobRecord:
+               also: Callable[[Any, JobRecord], None] | None = None,
+               retention_s: float | None = None) -> JobRecord:
         """Apply ``change`` atomically; concurrent writers are retried, never overwritten.
 
         With ``fence``, the change lands only while that lease still holds its key: an attempt
@@ -93,7 +94,8 @@ class JobStore:
         change sends is traced as ``enqueued``. A change that ends the job gives its record and
         trace their retention TTL in that MULTI too (:func:`stage_record`). A change that leaves
         the record as it is writes nothing at all, so re-sending an update that already landed is
-        harmless.
+        harmless. ``retention_s`` replaces the store's retention for this write (a declared
+        pipeline's ``checkpointing.ttl_minutes``).
         """
         key = self.keys.job(job_id)
         watched = (key,) if fence is None else (key, fence.claim_key)
@@ -118,7 +120,8 @@ class JobStore:
                 trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
             for ev in events:
                 trace.stage(pipe, self.keys, ev)
-            stage_record(pipe, self.keys, record, was=before.state, retention_s=self.retention_s)
+            stage_record(pipe, self.keys, record, was=before.state,
+                         retention_s=self.retention_s if retention_s is None else retention_s)
             if also is not None:
                 also(pipe, record)
             return record

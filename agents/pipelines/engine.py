@@ -14,12 +14,14 @@ job with the gate, the values it read and why; ``continue`` skips the step) are 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from dramatiq.message import Message
 
 from mesh.broker import trace
@@ -48,6 +50,29 @@ def load_spec(store: PipelineStore, name: str, digest: str) -> PipelineSpec:
         _, data = store.get(name, digest)
         spec = _SPECS[digest] = spec_from_json(data)
     return spec
+
+
+def traced(spec: PipelineSpec | None, what: str, value: Any) -> dict[str, Any]:
+    """How a step's ``input`` or ``output`` (``what``) appears in its trace event: as it is when the
+    spec's ``tracing.log_inputs`` / ``log_outputs`` says so, else its size and SHA-256 (of its JSON,
+    keys sorted), so two events can still be compared without keeping the data. Nothing for a job
+    that is not a declared pipeline's."""
+    if spec is None:
+        return {}
+    if getattr(spec.tracing, f"log_{what}s"):
+        return {what: value}
+    data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return {f"{what}_bytes": len(data), f"{what}_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def retention_s(spec: PipelineSpec | None) -> float | None:
+    """How long a finished job of ``spec`` keeps its record (its checkpoints) and trace:
+    ``checkpointing.ttl_minutes`` when checkpointing is on and it is set; else None (the store's
+    MESH_JOB_RETENTION_S). No step waits past its job's end today (approval has no timeout yet), so
+    no wait can outlast it."""
+    if spec is None or not spec.checkpointing.enabled or spec.checkpointing.ttl_minutes is None:
+        return None
+    return spec.checkpointing.ttl_minutes * 60.0
 
 
 @dataclass(frozen=True)
