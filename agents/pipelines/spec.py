@@ -133,8 +133,8 @@ class StepSpec(_Spec):
 
 class TracingSpec(_Spec):
     """What the job's trace keeps. Without ``log_inputs`` / ``log_outputs`` a step's input and output
-    are kept as size and hash only. ``provider`` names an exporter (e.g. ``langfuse``); export goes to
-    OpenTelemetry (OTLP) when an endpoint is configured."""
+    are kept as size and hash only. ``provider`` names an exporter (e.g. ``langfuse``): accepted and
+    kept with the spec, but nothing exports yet; the trace stays in Redis (``mesh trace``)."""
 
     enabled: bool = True
     provider: str | None = None
