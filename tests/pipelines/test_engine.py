@@ -3,11 +3,8 @@ skip, a DAG with two roots, and a dead-lettered middle step replayed to the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, load_pipeline
@@ -16,29 +13,6 @@ from tests.conftest import wait_for
 from tests.pipelines.agents import app
 
 FILE = Path(__file__).with_name("multi-agent-orchestration.skill.yaml")
-
-
-@pytest.fixture
-def run_workers(settings: Any) -> Iterator[Callable[[], Any]]:
-    """Start an in-process worker serving the tests' agents; stopped at teardown."""
-    from mesh.ops.worker import start_worker
-
-    started = []
-
-    def start() -> Any:
-        worker = start_worker(settings, None, 4, app=app)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop(timeout=10_000)
-        worker.broker.close()
-
-
-@pytest.fixture
-def mesh(settings: Any, rclient: Any) -> MeshClient:
-    return MeshClient(settings, client=rclient, app=app)
 
 
 def runs(mesh: MeshClient) -> dict[str, int]:

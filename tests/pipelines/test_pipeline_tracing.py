@@ -5,12 +5,10 @@ kept for ``checkpointing.ttl_minutes``."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check, load_pipeline
@@ -19,29 +17,6 @@ from mesh.contracts import State
 from tests.pipelines.agents import app
 
 FILE = Path(__file__).with_name("multi-agent-orchestration.skill.yaml")
-
-
-@pytest.fixture
-def run_workers(settings: Any) -> Iterator[Callable[[], Any]]:
-    """Start an in-process worker serving the tests' agents; stopped at teardown."""
-    from mesh.ops.worker import start_worker
-
-    started = []
-
-    def start() -> Any:
-        worker = start_worker(settings, None, 4, app=app)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop(timeout=10_000)
-        worker.broker.close()
-
-
-@pytest.fixture
-def mesh(settings: Any, rclient: Any) -> MeshClient:
-    return MeshClient(settings, client=rclient, app=app)
 
 
 def events(mesh: MeshClient, job_id: str, kind: str) -> dict[str, dict[str, Any]]:
