@@ -3,7 +3,9 @@
     ctx.key, ctx.job_id, ctx.trace_id, ctx.step_id, ctx.attempt, ctx.token   the message's identity
     ctx.deadline_left_s()                                                     the budget left (s)
     ctx.progress("fetched 3 pages")                                           the step moved on
-    ctx.model                                                                 the model provider
+    ctx.model                                                                 the model provider (a
+                                                                              pipeline step's ``model``
+                                                                              as its default model)
     ctx.call("file_ticket", {...})                                            a declared tool: traced,
                                                                               breaker-guarded, cut to
                                                                               the deadline, classified
@@ -18,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from dramatiq.middleware import TimeLimitExceeded
@@ -42,10 +44,13 @@ from .tools.http import host_port, send_request
 
 if TYPE_CHECKING:
     from mesh.broker.idempotency import Lease
+    from mesh.contracts import Findings, Plan
 
     from .app import AgentSpec, ToolSpec
     from .providers import ModelProvider
     from .runtime import AgentRuntime
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def read_secret(name: str, secrets_dir: str | None) -> str:
@@ -113,7 +118,10 @@ class Context:
 
     @property
     def model(self) -> ModelProvider:
-        return self.runtime.provider
+        """The worker's provider; for a pipeline step that names a ``model``, one whose ``complete``
+        uses that model unless the call names another."""
+        provider = self.runtime.provider
+        return provider if self.env.model is None else StepModel(provider, self.env.model)
 
     @property
     def http(self) -> GuardedHttp:
@@ -174,6 +182,28 @@ class Context:
                            fencing_token=self.lease.token, deadline=self.env.deadline, breakers=rt.breakers,
                            settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
+
+
+class StepModel:
+    """A provider whose ``complete`` defaults to ``model`` (a pipeline step's) instead of
+    MESH_MODEL_NAME; everything else is the wrapped provider's."""
+
+    def __init__(self, provider: ModelProvider, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        self.name = provider.name
+
+    def complete(self, prompt: str, output: type[M], *, system: str | None = None, model: str | None = None) -> M:
+        return self.provider.complete(prompt, output, system=system, model=model or self.model)
+
+    def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
+        return self.provider.plan(goal, timeout_s=timeout_s)
+
+    def research(self, question: str, *, timeout_s: float | None = None) -> Findings:
+        return self.provider.research(question, timeout_s=timeout_s)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.provider, attr)  # the provider's other attributes (``dependency``, ``close``, ...)
 
 
 def _classified(dependency: str, run: Any, tool_ctx: ToolContext, args: BaseModel) -> Any:

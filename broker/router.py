@@ -9,6 +9,7 @@
                             recomputed; an unfinished one is dead-lettered with its job ``unknown``
     timeout                 fail fast: dead-letter (one retry where the actor's ``timeout_retries`` says so)
     invalid_output, unknown bounded retries (MESH_MAX_RETRIES), exponential backoff with full jitter
+                            (a pipeline step's ``backoff`` may make it fixed or none: :func:`retry_delay_ms`)
     everything else         dead-letter at once
 
 Deferrals stop at MESH_MAX_DEFERS, and no wait may pass the message's deadline: such a message is
@@ -92,6 +93,21 @@ def full_jitter_ms(n: int, min_ms: int, max_ms: int, rng: Callable[[], float]) -
     return int(min_ms + rng() * (ceiling - min_ms))
 
 
+def retry_delay_ms(backoff: str | None, n: int, min_ms: int, max_ms: int, rng: Callable[[], float]) -> int:
+    """The wait before retry ``n + 1`` under a step's ``retry_policy.backoff``, always jittered:
+
+    exponential (and None)  full jitter, uniform in [min, min(max, min * 2**n)]
+    fixed                   uniform in [min, 2 * min]: the same wait every time, spread up to 100%
+    none                    uniform in [0, min / 10]: no wait, only enough jitter that failures
+                            which came together do not retry together
+    """
+    if backoff == "fixed":
+        return int(min_ms + rng() * min_ms)
+    if backoff == "none":
+        return int(rng() * min_ms / 10)
+    return full_jitter_ms(n, min_ms, max_ms, rng)
+
+
 def route(
     failure_class: FailureClass,
     retry_after_s: float | None,
@@ -104,11 +120,13 @@ def route(
     rng: Callable[[], float] = random.random,
     effect_unrecorded: bool = False,
     max_retries: int | None = None,
+    backoff: str | None = None,
 ) -> Routing:
     """Where a failed attempt goes: the whole routing policy, without I/O or a clock.
 
     ``effect_unrecorded``: the attempt applied an effect and its outcome cannot be recorded.
     ``max_retries``: the agent's own retry budget (None: MESH_MAX_RETRIES).
+    ``backoff``: a pipeline step's wait between retries (:func:`retry_delay_ms`); deferrals keep theirs.
 
     A wait the dependency named gets a uniform jitter on top. For a Retry-After that is up to
     NAMED_WAIT_JITTER_MS. For an open breaker (a brownout with a wait) it is a window of
@@ -143,8 +161,8 @@ def route(
     budget = timeout_retries if failure_class is FailureClass.TIMEOUT else (
         (settings.max_retries if max_retries is None else max_retries) if failure_class in RETRIED else 0)
     if attempt - 1 < budget:
-        return _within_deadline(Routing(Route.RETRY, failure_class, full_jitter_ms(attempt - 1, lo, hi, rng)),
-                                remaining_s)
+        delay = retry_delay_ms(backoff, attempt - 1, lo, hi, rng)
+        return _within_deadline(Routing(Route.RETRY, failure_class, delay), remaining_s)
     reason = f"retries exhausted ({attempt - 1} of {budget})" if budget else ""
     return Routing(Route.DEAD_LETTER, failure_class, reason=reason)
 
@@ -165,6 +183,10 @@ def _step_budget(envelope: dict[str, Any] | None) -> int | None:
     """A pipeline step's own retry budget, carried on its envelope (None: the agent's applies)."""
     value = (envelope or {}).get("max_retries")
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def dependency_of(exc: BaseException | None) -> str | None:
@@ -268,7 +290,7 @@ class FailureRouter(Middleware):
             remaining_s=deadline - current_millis() / 1000 if isinstance(deadline, int | float) else math.inf,
             timeout_retries=self._timeout_retries(broker, message) if envelope else 0,
             max_retries=step_budget if step_budget is not None else self._option(broker, message, "max_retries"),
-            settings=self.settings, rng=self.rng,
+            settings=self.settings, rng=self.rng, backoff=_str_or_none(envelope.get("backoff")),
             effect_unrecorded=bool(lease and lease.effects) and not isinstance(exception, OutcomeUnrecorded),
         )
         if not envelope and routing.route is not Route.DEAD_LETTER:

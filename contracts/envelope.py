@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -54,6 +54,10 @@ class Envelope(Frozen):
     #: This step's retry budget (a pipeline step's ``retry_policy.max_attempts`` - 1); None: the agent's.
     #: On the envelope, not the message options, so retries and DLQ replays keep it.
     max_retries: int | None = Field(default=None, ge=0)
+    #: This step's wait between attempts (a pipeline step's ``retry_policy.backoff``); None: exponential.
+    backoff: Literal["exponential", "fixed", "none"] | None = None
+    #: The model this step's ``ctx.model.complete`` calls use (a pipeline step's ``model``); None: MESH_MODEL_NAME.
+    model: str | None = None
     payload: dict[str, Any]
 
     @field_validator("trace_id")
