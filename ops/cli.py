@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mesh.broker import JobNotFound, MeshClient, WaitTimeout
+from mesh.broker import JobNotFound, JobRef, MeshClient, WaitTimeout
 from mesh.contracts import (
     TERMINAL,
     ConfigError,
@@ -130,13 +130,7 @@ def submit(
         ref = c.submit(goal, key=key)
     except ContractError as exc:
         fail(str(exc), EXIT_INPUT)
-    if not wait:
-        if as_json:
-            emit_json({"job_id": ref.id, "key": ref.key, "trace_id": ref.trace_id})
-        else:
-            out.print(ref.id)
-        return
-    _finish(c, ref.id, timeout, as_json)
+    _sent(c, ref, wait, timeout, as_json)
 
 
 @app.command(epilog="Examples: `mesh run review.yaml --input '{\"goal\": \"add retries\"}' --app myapp --wait`, "
@@ -176,18 +170,19 @@ def run(
         fail(f"{exc} (nothing was sent)", EXIT_INPUT)
     except MeshError as exc:  # no pipeline of that name
         fail(str(exc), EXIT_INPUT)
+    _sent(c, ref, wait, timeout, as_json)
+
+
+def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool) -> None:
+    """What submit and run print once the job is sent: its id, or with --wait the finished job."""
     if not wait:
         if as_json:
             emit_json({"job_id": ref.id, "key": ref.key, "trace_id": ref.trace_id})
         else:
             out.print(ref.id)
         return
-    _finish(c, ref.id, timeout, as_json)
-
-
-def _finish(c: MeshClient, job_id: str, timeout: float, as_json: bool) -> None:
     try:
-        record = c.wait(job_id, timeout_s=timeout)
+        record = c.wait(ref.id, timeout_s=timeout)
     except WaitTimeout as exc:
         _show(exc.record, as_json, c.stuck(exc.record), c=c)
         unserved = _unserved(c, exc.record)
