@@ -29,6 +29,7 @@ from dramatiq.middleware import TimeLimitExceeded
 
 from mesh.contracts import BreakerOpen, Brownout, DependencyTimeout, loads
 
+from .clock import server_ms
 from .keys import Keys
 from .redact import redact
 from .settings import MeshSettings
@@ -174,8 +175,7 @@ class Breakers:
     def list(self) -> list[BreakerState]:
         """Every breaker, with what opened it and the messages waiting on it (counted on Redis's clock)."""
         names = sorted(n.decode() for n in self.client.smembers(self.keys.breakers))  # type: ignore[union-attr]
-        secs, micros = self.client.time()
-        now_ms = int(secs) * 1000 + int(micros) // 1000
+        now_ms = server_ms(self.client)
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(self.keys.breaker(name))

@@ -20,6 +20,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 
 from mesh.contracts import ContractError, dumps, loads
 
+from .clock import server_ms
 from .keys import Keys
 
 
@@ -142,8 +143,7 @@ class Registry:
         self.heartbeat_timeout_ms = int(heartbeat_timeout_s * 1000)
 
     def now_ms(self) -> int:
-        secs, micros = self.redis.time()
-        return int(secs) * 1000 + int(micros) // 1000
+        return server_ms(self.redis)
 
     def publish(self, worker_id: str, label: str, agents: Iterable[PublishedAgent], *, app: str = "") -> None:
         """Publish ``agents`` and record ``worker_id`` as serving each; workers of them that stopped

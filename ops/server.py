@@ -11,6 +11,7 @@ import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from mesh.broker import MeshClient
+from mesh.broker.clock import server_ms
 
 from .metrics import MeshCollector
 
@@ -39,8 +40,7 @@ def make_server(client: MeshClient, host: str, port: int) -> ThreadingHTTPServer
             timeout_s = client.settings.heartbeat_timeout_s
             try:
                 # Heartbeats are the Redis server's clock (settle.lua), so "recent" is judged by it too.
-                secs, micros = client.redis.time()
-                live = client.redis.zcount(client.keys.heartbeats, secs * 1000 + micros // 1000 - timeout_s * 1000,
+                live = client.redis.zcount(client.keys.heartbeats, server_ms(client.redis) - timeout_s * 1000,
                                            "+inf")
             except redis.RedisError as exc:
                 self._send(503, "application/json", orjson.dumps({"status": "not ready", "redis": str(exc)}))

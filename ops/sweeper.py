@@ -18,6 +18,7 @@ import redis
 from dramatiq.middleware import Middleware
 
 from mesh.broker import trace
+from mesh.broker.clock import server_ms
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention
 from mesh.broker.settings import MeshSettings
@@ -64,8 +65,7 @@ class Sweeper(Middleware):
         interval_ms = max(1, int(self.settings.sweep_interval_s * 1000))
         if not self.client.set(self.keys.sweep_lock, self.owner, nx=True, px=interval_ms):
             return None
-        seconds, micros = self.client.time()
-        now = seconds + micros / 1e6
+        now = server_ms(self.client) / 1000
         done = {f"swept_{name}": n for name, n in asdict(self.retention.sweep(now)).items()}
         done["dlq_expired"] = expire_dead_letters(self.dlq, self.audit, self.settings.dlq_retention_s, now)
         self.client.hincrby(self.keys.stats, "sweeps", 1)
