@@ -42,6 +42,7 @@ from mesh.ops.console import (
     plain_help,
     resolve,
     settings,
+    when,
 )
 from mesh.ops.dlq_cli import dlq_app
 from mesh.ops.pipeline_cli import AppPath, pipeline_app, resolve_pipeline
@@ -349,14 +350,8 @@ def jobs(
         return
     columns = [Column("job", key=True), Column("state"), Column("created"), Column("key", key=True),
                Column("steps", justify="right")]
-    out.print(Listing(columns, [(Text(r.job_id), str(r.state), _clock(r.created_at), Text(r.key), str(len(r.steps)))
+    out.print(Listing(columns, [(Text(r.job_id), str(r.state), when(r.created_at), Text(r.key), str(len(r.steps)))
                                 for r in page.jobs], wide=wide))
-
-
-def _clock(ts: float | None) -> str:
-    from datetime import datetime
-
-    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _age(seconds: float) -> str:
@@ -389,7 +384,7 @@ def workers(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     for w in listed:
         beat = f"{_age((now_ms - w.heartbeat_ms) / 1000)} ago" if w.heartbeat_ms is not None else "none"
         rows.append((Text(w.label), Text(w.app or "-"), Text(", ".join(w.agents)),
-                     _clock(w.since_ms / 1000) if w.since_ms else "-", beat,
+                     when(w.since_ms / 1000) if w.since_ms else "-", beat,
                      Text("alive", "green") if w.alive else Text("dead", "red")))
     columns = [Column("worker", key=True), Column("app", key=True), Column("agents", wrap=True), Column("since"),
                Column("heartbeat"), Column("state")]
@@ -623,11 +618,11 @@ def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag 
     for b in states:
         if b.opened_at is None:
             continue
-        out.print(Text(f"{b.name} {b.state}: opened {_clock(b.opened_at)} by {b.opened_failures} failure(s); "
-                       f"reopens {_clock(b.reopen_at)} (in {b.reopen_in_s or 0:.1f}s); "
+        out.print(Text(f"{b.name} {b.state}: opened {when(b.opened_at)} by {b.opened_failures} failure(s); "
+                       f"reopens {when(b.reopen_at)} (in {b.reopen_in_s or 0:.1f}s); "
                        f"{b.deferred} message(s) deferred on it"))
         for f in b.opened_by:
-            out.print(Text(f"  {_clock(f.at)}  {f.error}"))
+            out.print(Text(f"  {when(f.at)}  {f.error}"))
 
 
 @breakers_app.command("reset")

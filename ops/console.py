@@ -7,6 +7,7 @@ import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, NoReturn
 
 import orjson
@@ -185,3 +186,8 @@ def resolve(c: MeshClient, key: str, given: str, what: str, *, zset: bool = True
         listed = "".join(f"\n  {candidate}" for candidate in exc.candidates)
         more = "\n  ... and more" if exc.more else ""
         fail(f"{given!r} is the start of several {what}; give more of it:{listed}{more}", EXIT_INPUT)
+
+
+def when(ts: float | None) -> str:
+    """A moment as operators read it, in local time to the second; ``-`` when there is none."""
+    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")

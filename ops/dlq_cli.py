@@ -124,9 +124,6 @@ def _resolve(c: Any, given: str) -> str:
     return base.resolve(c, c.keys.dlq, given, "dead letters")
 
 
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
 
 def _confirm(yes: bool, what: str) -> None:
     if yes:
@@ -167,7 +164,7 @@ def list_(agent: Agent = None, failure_class: Class = None, since: Since = None,
     columns = (base.Column("id", key=True), base.Column("dead-lettered"), base.Column("agent", key=True),
                base.Column("class", key=True), base.Column("key", key=True), base.Column("attempts", justify="right"),
                base.Column("error", wrap=True))
-    base.out.print(base.Listing(columns, [(e.entry_id, _when(e.dead_lettered_at), e.agent or "-", e.failure_class,
+    base.out.print(base.Listing(columns, [(e.entry_id, base.when(e.dead_lettered_at), e.agent or "-", e.failure_class,
                                            e.key or "-", str(len(e.attempts)), e.error) for e in entries], wide=wide))
 
 
@@ -199,9 +196,9 @@ def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh 
     for name in ("entry_id", "agent", "queue", "failure_class", "error", "key", "job_id", "trace_id", "worker", "host",
                  "replay_count", "replay_of"):
         base.out.print(Text.assemble((f"{name}: ", "bold"), str(getattr(e, name))))
-    base.out.print(Text.assemble(("dead_lettered_at: ", "bold"), _when(e.dead_lettered_at)))
+    base.out.print(Text.assemble(("dead_lettered_at: ", "bold"), base.when(e.dead_lettered_at)))
     for a in e.attempts:
-        base.out.print(Text(f"  attempt {a.attempt}: {a.outcome} {a.failure_class or ''} at {_when(a.at)}"
+        base.out.print(Text(f"  attempt {a.attempt}: {a.outcome} {a.failure_class or ''} at {base.when(a.at)}"
                             f" on {a.worker}: {a.error or ''}"))
     payload = e.envelope.get("payload") if e.envelope else None
     base.out.print(Text.assemble(("payload: ", "bold"), orjson.dumps(payload).decode() if payload is not None
@@ -218,7 +215,7 @@ def stats(as_json: base.JsonFlag = False) -> None:
     if as_json:
         base.emit_json(s)
         return
-    base.out.print(f"{s['total']} dead letters; oldest {_when(s['oldest_at'])}, newest {_when(s['newest_at'])}")
+    base.out.print(f"{s['total']} dead letters; oldest {base.when(s['oldest_at'])}, newest {base.when(s['newest_at'])}")
     for title, counts in (("agent", s["by_agent"]), ("class", s["by_class"])):
         base.out.print(base.Listing((base.Column(title, key=True), base.Column("entries", justify="right")),
                                     [(name, str(n)) for name, n in sorted(counts.items())]))
