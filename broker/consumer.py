@@ -67,12 +67,6 @@ class MeshConsumer(_RedisConsumer):
             if decision is None and message.__dict__.get("_exception") is not None:
                 # The attempt failed and no hook decided its fate (one of them broke): never acked away.
                 decision = self._unrouted(message)
-            if decision is not None and decision.job is not None and self._recorded_success(decision.job):
-                # The failure struck after this attempt's success was written (a time limit landing
-                # after EXEC): the record is the truth, and the message is done.
-                logger.warning("attempt failed after its success was recorded: settled as done",
-                               extra={"job_id": decision.job.job_id, "step_id": decision.job.step_id})
-                decision = None
             if isinstance(decision, RetryLater):
                 new = decision.message
                 self._settle_job("retry", decision.job, rid, new.options["redis_message_id"], new.encode(),
@@ -108,24 +102,26 @@ class MeshConsumer(_RedisConsumer):
         decide(message, decision)
         return decision
 
-    def _recorded_success(self, job: JobWrite) -> bool:
-        if job.token is None or job.step_id is None:
-            return False
-        data = self.broker.client.get(self.broker.keys.job(job.job_id))
-        if data is None:
-            return False
-        step = JobRecord.model_validate(loads(data)).steps.get(job.step_id)
-        return step is not None and step.state is State.SUCCEEDED and step.token == job.token
-
     def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any) -> None:
         """Settle with the job-record change in the same script; a record changed meanwhile by
         another writer is read again and the change recomputed (optimistic, like WATCH)."""
         for _ in range(CONFLICT_RETRIES):
-            if self.broker.settle(command, self.queue_name, rid, *args, self._job_arg(job)) != -1:
+            arg = self._job_arg(job)
+            if arg is None:
+                # The failure struck after this attempt's success was written (a time limit landing
+                # after EXEC): the record is the truth, and the message is done.
+                assert job is not None
+                logger.warning("attempt failed after its success was recorded: settled as done",
+                               extra={"job_id": job.job_id, "step_id": job.step_id})
+                self.broker.do_ack(self.queue_name, rid)
+                return
+            if self.broker.settle(command, self.queue_name, rid, *args, arg) != -1:
                 return
         raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")
 
-    def _job_arg(self, job: JobWrite | None) -> str:
+    def _job_arg(self, job: JobWrite | None) -> str | None:
+        """The settle script's job argument for ``job``, from one read of its record; None when that
+        record shows this very attempt's step succeeded (then there is no failure to record)."""
         if job is None:
             return ""
         keys = self.broker.keys
@@ -141,6 +137,10 @@ class MeshConsumer(_RedisConsumer):
             arg["ttl"] = max(1, int(self.broker.settings.job_retention_s))
         else:
             before = JobRecord.model_validate(loads(current))
+            step = before.steps.get(job.step_id) if job.step_id is not None else None
+            if (step is not None and job.token is not None and step.state is State.SUCCEEDED
+                    and step.token == job.token):
+                return None
             record, messages = job.change(before)
             # What the failure sets in motion (a pipeline's next steps) is sent with the record.
             arg["msgs"] = [{"hash": keys.messages(m.queue_name), "queue": keys.queue(m.queue_name),
