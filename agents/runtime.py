@@ -29,13 +29,13 @@ from mesh.contracts import (
     CycleDetected,
     DeadlineExceeded,
     Envelope,
-    InvalidOutput,
     JobRecord,
     MeshError,
     OutcomeUnrecorded,
     PermanentFailure,
     State,
 )
+from mesh.contracts.messages import validate_model, validate_output_model
 
 from . import pipeline
 from .app import AgentSpec, App
@@ -93,7 +93,7 @@ class AgentRuntime:
         if env.contract_version is not None and env.contract_version != spec.version:
             raise ContractError(f"message for contract version {env.contract_version} of agent {agent!r}; this "
                                 f"worker serves version {spec.version}: not run against the wrong model")
-        payload = _validated(spec.input, env.payload, f"invalid {agent} input", ContractError)
+        payload = validate_model(agent, spec.input, env.payload)
         envelope = env.model_dump(mode="json")
         member = running_member(env.job_id, env.step_id)
 
@@ -132,7 +132,7 @@ class AgentRuntime:
             result = spec.handler(Context(self, env, spec, lease), payload)
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
-        output = _validated(spec.output, result, f"invalid {agent} output", InvalidOutput)
+        output = validate_output_model(agent, spec.output, result)
         duration = time.monotonic() - lease.started
 
         def succeeded(pipe: Any, record: JobRecord) -> None:
@@ -235,16 +235,6 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
                                      options=options))
     return actors
-
-
-def _validated(model: type[BaseModel], payload: Any, what: str, error: type[MeshError]) -> BaseModel:
-    """``payload`` as ``model``, or ``error`` naming every invalid field."""
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors)
-        raise error(f"{what}: {fields}", errors=errors) from None
 
 
 def _builtin() -> App:

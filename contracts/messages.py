@@ -157,11 +157,17 @@ def validate_input(agent: str, payload: Any) -> Frozen:
     return typed
 
 
-def validate_output(agent: str, payload: Any) -> Frozen:
-    """The agent's typed output, or InvalidOutput (retryable: a model may do better next time)."""
-    model = _contract(agent)[1]
+def validate_output_model(agent: str, model: type[M], payload: Any) -> M:
+    """``payload`` as ``model``, the output of ``agent`` (any agent, declared by any app), or
+    InvalidOutput naming every invalid field (retryable: a model may do better next time)."""
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
-        raise InvalidOutput(f"invalid {agent} output: {_describe(errors)}", agent=agent) from None  # type: ignore[arg-type]
+        raise InvalidOutput(f"invalid {agent} output: {_describe(errors)}", errors=errors,  # type: ignore[arg-type]
+                            agent=agent) from None
+
+
+def validate_output(agent: str, payload: Any) -> Frozen:
+    """The built-in agent's typed output, or InvalidOutput (retryable: a model may do better next time)."""
+    return validate_output_model(agent, _contract(agent)[1], payload)
