@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import textwrap
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +14,6 @@ from rich.text import Text
 from mesh.broker import JobNotFound, JobRef, MeshClient, WaitTimeout
 from mesh.contracts import (
     TERMINAL,
-    ConfigError,
     ContractError,
     JobRecord,
     KeyConflict,
@@ -34,6 +31,7 @@ from mesh.ops.console import (
     JsonFlag,
     Listing,
     WideFlag,
+    app_for,
     client,
     emit_json,
     err,
@@ -63,13 +61,7 @@ def _logging() -> None:
 
 def _agents(value: str | None, app_path: str | None) -> list[str] | None:
     """The agents to serve, checked against the app (which is loaded here, so a bad path fails early)."""
-    from mesh.agents.app import load_app
-    from mesh.agents.builtin import app as builtin
-
-    try:
-        mesh_app = load_app(app_path) if app_path else builtin
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--app") from None
+    mesh_app = app_for(app_path)
     if value is None:
         return None
     names = [a.strip() for a in value.split(",") if a.strip()]
@@ -100,8 +92,6 @@ def worker(
     from mesh.ops.logs import setup_logging
     from mesh.ops.worker import run_worker, supervise
 
-    if app_path and "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `celery -A` and `dramatiq` do: the app is found from here
     names = _agents(agents, app_path)
     s = settings()
     setup_logging()

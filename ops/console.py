@@ -3,6 +3,7 @@ listings that never cut a value a command takes as input."""
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -191,3 +192,21 @@ def resolve(c: MeshClient, key: str, given: str, what: str, *, zset: bool = True
 def when(ts: float | None) -> str:
     """A moment as operators read it, in local time to the second; ``-`` when there is none."""
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def app_for(path: str | None) -> Any:
+    """The app a command's ``--app module[:attribute]`` names, found from the current directory (as
+    ``celery -A`` and ``dramatiq`` find theirs); the built-in app without one. A path that does not
+    load is a bad ``--app`` (exit 2, saying why)."""
+    from mesh.agents.app import load_app
+    from mesh.agents.builtin import app as builtin
+    from mesh.contracts import ConfigError
+
+    if path is None:
+        return builtin
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return load_app(path)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--app") from None

@@ -3,15 +3,12 @@ name and content digest, list and show what is registered."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
-from mesh.contracts import ConfigError
 from mesh.ops import console as base
 
 pipeline_app = typer.Typer(help="Declared pipelines: validate a file, register it, list and show what is registered.",
@@ -32,7 +29,7 @@ def validate(
     schemas and every expression. Exit 0 with a summary; exit 2 with one FILE:LINE: error per line."""
     from mesh.agents.pipelines import PipelineError, load_pipeline
 
-    mesh_app = _app(app_path)
+    mesh_app = base.app_for(app_path)
     try:
         spec = load_pipeline(file, mesh_app)
     except PipelineError as exc:
@@ -131,7 +128,7 @@ def resolve_pipeline(name_or_file: str, app_path: str | None, *, must_be_file: b
     errors if it does not load); (the app, None) for a name to look up when run."""
     from mesh.agents.pipelines import PipelineError, load_pipeline
 
-    mesh_app = _app(app_path)
+    mesh_app = base.app_for(app_path)
     path = Path(name_or_file)
     if not must_be_file and not path.is_file() and path.suffix not in (".yaml", ".yml"):
         return mesh_app, None
@@ -141,20 +138,6 @@ def resolve_pipeline(name_or_file: str, app_path: str | None, *, must_be_file: b
         for error in exc.errors:
             base.err.print(Text(str(error)), highlight=False)
         raise typer.Exit(base.EXIT_INPUT) from None
-
-
-def _app(path: str | None) -> Any:
-    from mesh.agents.app import load_app
-    from mesh.agents.builtin import app as builtin
-
-    if path is None:
-        return builtin
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `mesh worker --app`: the app is found from here
-    try:
-        return load_app(path)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--app") from None
 
 
 def _summary(spec: Any) -> dict[str, Any]:
