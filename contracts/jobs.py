@@ -207,6 +207,12 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
     result when it succeeds (default: each succeeded step's output, by step id)."""
     target = job_state(record)
     if record.state is target:
+        if target in (State.DEAD_LETTERED, State.UNKNOWN):
+            # Still failed, but maybe for another step now (one was replayed and succeeded): the
+            # job's error names a step that still blocks it, never a resolved one.
+            error, failure_class = _blocked_by(record, target)
+            if record.error != error:
+                return record.model_copy(update={"error": error, "failure_class": failure_class, "updated_at": now})
         return record
     if target not in ALLOWED[record.state]:
         if record.state is not State.QUEUED:
@@ -222,7 +228,12 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
             record = transition(record, State.RUNNING, now=now)
         return transition(record, target, now=now, result=result)
     if target in (State.DEAD_LETTERED, State.UNKNOWN, State.HALTED):
-        step = next(s for s in record.steps.values() if s.state is target and blocking(record, s))
-        return transition(record, target, now=now, error=f"step {step.step_id}: {step.error}",
-                          failure_class=step.failure_class)
+        error, failure_class = _blocked_by(record, target)
+        return transition(record, target, now=now, error=error, failure_class=failure_class)
     return transition(record, target, now=now)
+
+
+def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
+    """The error and class of the first step in ``state`` that blocks the job."""
+    step = next(s for s in record.steps.values() if s.state is state and blocking(record, s))
+    return f"step {step.step_id}: {step.error}", step.failure_class

@@ -91,6 +91,14 @@ def test_state_is_a_function_of_the_steps():
     assert done.state is State.SUCCEEDED and done.result == {"a": {"x": 1}}
 
 
+def test_a_job_still_dead_lettered_after_a_replay_names_the_step_that_still_blocks_it():
+    # r1 was dead-lettered last (the job's error named it), then replayed and succeeded; r2 still blocks.
+    stale = _job(_step("r1", State.SUCCEEDED, result={"x": 1}), _step("r2", State.DEAD_LETTERED, error="r2 failed"),
+                 state=State.DEAD_LETTERED).model_copy(update={"error": "step r1: r1 failed"})
+    settled = settle(stale, now=2.0)
+    assert settled.state is State.DEAD_LETTERED and settled.error == "step r2: r2 failed"
+
+
 def test_a_lost_item_blocks_only_when_its_join_can_no_longer_be_met():
     parent = _step("f", State.RUNNING, need=2)
     items = [_step(f"f[{i}]", s, parent="f") for i, s in enumerate([State.DEAD_LETTERED, State.RUNNING,
