@@ -14,6 +14,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -27,6 +28,8 @@ from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, dumps, load
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
 from . import trace
+from .group_commit import GroupCommit
+from .idempotency import Idempotency, done_args, message_key
 from .outbox import encode
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
 from .trace import TRACE_MAXLEN
@@ -48,7 +51,17 @@ class MeshConsumer(_RedisConsumer):
 
     def __init__(self, broker: MeshBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)
-        self.pairs: list[tuple[str, bytes]] = []
+        #: Fetched, decoded (and claimed) messages not yet handed to dramatiq.
+        self.pairs: list[MessageProxy] = []
+        #: Claims a fetched batch in one call (not on a delay queue: its messages do not run here).
+        self.idempotency = None if queue_name.endswith(".DQ") else next(
+            (m for m in broker.middleware if isinstance(m, Idempotency)), None)
+        #: Fetch only once this many slots of the window are free (or none is in hand): batches stay
+        #: large, where fetching whenever one message settled costs a round trip per message.
+        self.low_water = max(1, prefetch // 4)
+        #: Acks from the worker threads go to Redis in groups (one script call for all that wait).
+        self.acks: GroupCommit[tuple[str, Any, Any, Any]] = GroupCommit(self._ack_group)
+        self.dedup_ttl_s = int(broker.settings.dedup_ttl_s)
         self.last_beat = 0.0
         self.in_hand: set[str] = broker.in_hand.setdefault(queue_name, set())
         self.reclaimed = False
@@ -64,6 +77,7 @@ class MeshConsumer(_RedisConsumer):
         decision = decision_of(message)
         rid = message.options["redis_message_id"]
         try:
+            self._drop_unrun(message)
             if decision is None and message.__dict__.get("_exception") is not None:
                 # The attempt failed and no hook decided its fate (one of them broke): never acked away.
                 decision = self._unrouted(message)
@@ -74,7 +88,8 @@ class MeshConsumer(_RedisConsumer):
             elif isinstance(decision, DeadLetterIt):
                 self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job)
             else:
-                self.broker.do_ack(self.queue_name, rid)
+                if not self.acks.submit((rid, *done_args(message))):
+                    logger.warning("lease lost before the attempt settled", extra={"key": message_key(message)})
         except (redis.RedisError, ConnectionClosed) as exc:
             # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
             # retries the settlement until it goes through, and the message stays in hand meanwhile.
@@ -85,6 +100,14 @@ class MeshConsumer(_RedisConsumer):
             self._let_go(message, rid)
             raise
         self._let_go(message, rid)
+
+    def _ack_group(self, group: Sequence[tuple[str, Any, Any, Any]]) -> list[int]:
+        return self.broker.settle("ack", self.queue_name, self.dedup_ttl_s, *(a for item in group for a in item))
+
+    def _drop_unrun(self, message: MessageProxy) -> None:
+        """A message settled without running (rejected before a thread took it) frees its batch claim."""
+        if self.idempotency is not None and "mesh_claim" in message.__dict__:
+            self.idempotency.drop_claims([message])
 
     def _let_go(self, message: MessageProxy, rid: str) -> None:
         self.queued_message_ids.discard(message.message_id)
@@ -188,30 +211,34 @@ class MeshConsumer(_RedisConsumer):
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None
 
+    def _decode(self, rid: str, data: bytes) -> MessageProxy | None:
+        """The fetched message as dramatiq's proxy; poison (dead-lettered here) is None."""
+        try:
+            message = Message.decode(data)
+            # JSON that decodes into a Message with the wrong shapes (options null, an unhashable
+            # id, ...) would crash the consumer below and strand itself in flight: poison, too.
+            if not (isinstance(message.options, dict) and isinstance(message.message_id, str)
+                    and isinstance(message.actor_name, str) and isinstance(message.queue_name, str)
+                    and isinstance(message.kwargs, dict)):
+                raise DecodeError("not a dramatiq message", data, TypeError("bad field types"))
+            problem = options_problem(message.options)
+            if problem:
+                raise DecodeError("malformed mesh options", data, ValueError(f"malformed mesh options: {problem}"))
+        except DecodeError as exc:
+            self._poison(rid, data, exc)
+            return None
+        message.options["redis_message_id"] = rid
+        proxy = MessageProxy(message)
+        proxy.mesh_raw = data  # type: ignore[attr-defined]
+        return proxy
+
     def _next_message(self) -> MessageProxy | None:
-        while self.pairs:
-            rid, data = self.pairs.pop(0)
-            try:
-                message = Message.decode(data)
-                # JSON that decodes into a Message with the wrong shapes (options null, an unhashable
-                # id, ...) would crash the consumer below and strand itself in flight: poison, too.
-                if not (isinstance(message.options, dict) and isinstance(message.message_id, str)
-                        and isinstance(message.actor_name, str) and isinstance(message.queue_name, str)
-                        and isinstance(message.kwargs, dict)):
-                    raise DecodeError("not a dramatiq message", data, TypeError("bad field types"))
-                problem = options_problem(message.options)
-                if problem:
-                    raise DecodeError("malformed mesh options", data, ValueError(f"malformed mesh options: {problem}"))
-            except DecodeError as exc:
-                self._poison(rid, data, exc)
-                continue
-            message.options["redis_message_id"] = rid
-            self.queued_message_ids.add(message.message_id)
-            self.in_hand.add(rid)
-            proxy = MessageProxy(message)
-            proxy.mesh_raw = data  # type: ignore[attr-defined]
-            return proxy
-        return None
+        if not self.pairs:
+            return None
+        proxy = self.pairs.pop(0)
+        self.queued_message_ids.add(proxy.message_id)
+        self.in_hand.add(proxy.options["redis_message_id"])
+        return proxy
 
     def _fetch(self) -> bool:
         if not self.reclaimed:
@@ -224,14 +251,21 @@ class MeshConsumer(_RedisConsumer):
                 logger.warning("messages left behind by a lost connection put back",
                                extra={"queue": self.queue_name, "count": n})
         self.settled.clear()
-        wanted = self.prefetch - self.outstanding_message_count
-        self.window_full = wanted <= 0
+        outstanding = self.outstanding_message_count
+        wanted = self.prefetch - outstanding
+        self.window_full = wanted < (self.low_water if outstanding else 1)
         if self.window_full:
             self._beat()
             return False
-        flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted)
-        self.last_beat = time.monotonic()
-        self.pairs = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        now = time.monotonic()
+        beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
+        flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted, "1" if beat else "0")
+        if beat:
+            self.last_beat = now
+        fetched = [self._decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        self.pairs = [p for p in fetched if p is not None]
+        if self.idempotency is not None and self.pairs:
+            self.idempotency.claim_batch(self.broker, self.pairs)
         return bool(self.pairs)
 
     def _beat(self) -> None:
@@ -265,6 +299,11 @@ class MeshConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None
 
     def close(self) -> None:
+        if self.idempotency is not None and self.pairs:
+            # Fetched and claimed, never handed out: the next consumer's reclaim puts them back, and
+            # their leases must not be renewed from here meanwhile.
+            self.idempotency.drop_claims(self.pairs)
+            self.pairs = []
         if self.queue_name.endswith(".DQ"):
             # Before a delay-queue consumer is closed, dramatiq has requeued or dropped every delayed
             # message it held: none is in hand any more, and the next consumer reclaims the dropped.
@@ -278,10 +317,13 @@ class MeshConsumer(_RedisConsumer):
         # consumer's reclaim puts them back.
         for message in messages:
             self.in_hand.discard(message.options["redis_message_id"])
+        if self.idempotency is not None:
+            # Claimed when fetched, never run here: the next worker to fetch them claims them at once.
+            self.idempotency.drop_claims(messages + pairs)
         try:
             super().requeue(messages)
             # Fetched but never handed out: these go back too, so a restart strands nothing.
-            for rid, _ in pairs:
-                self.broker.settle("requeue", self.queue_name, rid)
+            for proxy in pairs:
+                self.broker.settle("requeue", self.queue_name, proxy.options["redis_message_id"])
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None

@@ -5,6 +5,11 @@ absent → claimed with a lease and run; held by a live owner → the duplicate 
 lease expired (owner died) → taken over with a higher fencing token; done → acked as a
 duplicate. Leases are renewed while handlers run; a success stores ``done`` with the result,
 a failure frees the key for the next attempt. Each phase is one call of ``scripts/claim.lua``.
+
+The round trips are the cost, so the common ones ride on calls the consumer makes anyway: it
+claims every message of a fetched batch in one call (:meth:`Idempotency.claim_batch`; the leases
+are renewed while the messages wait for a thread), and a success's ``done`` is stored by the ack
+that settles the message (:func:`done_args`), in the same script.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import redis
@@ -26,6 +30,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 from mesh.contracts import FailureClass, dumps
 
 from . import trace
+from .claims import script_source
 from .keys import Keys
 from .observe import count_outcome
 from .router import dead_letter_with_step, full_jitter_ms
@@ -34,7 +39,7 @@ from .settle import RetryLater, decide, delayed_copy
 
 logger = logging.getLogger(__name__)
 
-CLAIM_LUA = resources.files("mesh.broker").joinpath("scripts/claim.lua").read_text()
+CLAIM_LUA = script_source("claim.lua")
 
 #: Bounds of the wait before a deferred duplicate looks again (ms): short, since owners usually finish.
 DEFER_MIN_MS, DEFER_MAX_MS = 100, 2_000
@@ -67,6 +72,24 @@ class Lease:
     #: Model tokens this attempt spent (prompt, completion): written to its step and job with its outcome.
     tokens_in: int = field(default=0, compare=False)
     tokens_out: int = field(default=0, compare=False)
+
+
+@dataclass
+class Claim:
+    """A claim's verdict for one message (``{run|busy|done, token, ...}`` from claim.lua), and the
+    lease when it won one."""
+
+    key: str
+    claim_key: str
+    owner: str
+    verdict: list[Any]
+    lease: Lease | None = None
+
+
+def done_args(message: MessageProxy) -> tuple[Any, Any, Any]:
+    """The ack's claim key, owner and result that store a succeeded message's key as done (empty
+    strings for other messages)."""
+    return message.__dict__.get("mesh_done") or ("", "", "")
 
 
 _current = threading.local()
@@ -103,29 +126,81 @@ class Idempotency(Middleware):
         self._renewer: threading.Thread | None = None
 
     def _call(self, command: str, claim_key: str, owner: str, *args: Any, client: Any = None) -> Any:
-        return self.script(keys=[claim_key, self.keys.stats],
-                           args=[command, owner, self.lease_ms, self.ttl_s, *args], client=client)
+        result = self.script(keys=[self.keys.stats, claim_key],
+                             args=[command, self.lease_ms, self.ttl_s, owner, *args], client=client)
+        return result[0] if command == "claim" and client is None else result
+
+    def _owner(self, broker: Broker, message: MessageProxy) -> str:
+        return f"{broker.broker_id}:{message.message_id}:{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
+
+    def claim_batch(self, broker: Broker, messages: list[MessageProxy]) -> None:
+        """Claim the keys of a fetched batch in one call; each message carries its verdict to
+        :meth:`before_process_message`, and a lease won is renewed from now on. Messages without a
+        key are left alone; should Redis fail, each message claims for itself when it runs."""
+        todo = [(m, key) for m in messages if (key := message_key(m)) is not None]
+        if not todo:
+            return
+        owners = [self._owner(broker, m) for m, _ in todo]
+        claim_keys = [self.keys.claim(key) for _, key in todo]
+        try:
+            verdicts = self.script(keys=[self.keys.stats, *claim_keys],
+                                   args=["claim", self.lease_ms, self.ttl_s, *owners])
+        except redis.RedisError as exc:
+            logger.warning("batch claim failed; messages claim as they run", extra={"error": str(exc)})
+            return
+        for (message, key), claim_key, owner, verdict in zip(todo, claim_keys, owners, verdicts, strict=True):
+            claim = Claim(key, claim_key, owner, verdict)
+            if verdict[0] == b"run":
+                claim.lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(verdict[1]),
+                                    envelope=message.args[0], recorded_output=message.options.get("mesh_output"))
+                self._hold(claim.lease)
+            message.mesh_claim = claim  # type: ignore[attr-defined]
+
+    def drop_claims(self, messages: list[MessageProxy]) -> None:
+        """Free the batch claims of messages that will not run here (requeued, rejected unrun)."""
+        leases = []
+        for message in messages:
+            claim = message.__dict__.pop("mesh_claim", None)
+            if claim is not None and claim.lease is not None:
+                self._release_hold(claim.lease)
+                leases.append(claim.lease)
+        if leases:
+            pipe = self.client.pipeline(transaction=False)
+            for lease in leases:
+                self._call("release", lease.claim_key, lease.owner, lease.token, client=pipe)
+            self._quietly(pipe.execute)
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         _current.lease = None
         key = message_key(message)
         if key is None:
             return  # not an envelope: the agent rejects it as invalid input
-        claim_key = self.keys.claim(key)
-        owner = f"{broker.broker_id}:{message.message_id}:{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
-        try:
-            verdict, token, *rest = self._call("claim", claim_key, owner)
-        except redis.RedisError as exc:
-            # dramatiq would log this hook's error and run the actor anyway, unclaimed: the message
-            # waits on the delay queue instead (settled once Redis answers again).
-            self._defer(broker, message, key, 0, reason=f"claim failed: {exc}", stat="deferred", route="unknown:defer")
-            raise SkipMessage(f"{key}: no claim could be made") from None
+        claim: Claim | None = message.__dict__.pop("mesh_claim", None)
+        if claim is not None and claim.lease is not None and claim.lease.lost:
+            self._release_hold(claim.lease)  # lost while it waited: claim again
+            claim = None
+        if claim is None:
+            claim_key = self.keys.claim(key)
+            owner = self._owner(broker, message)
+            try:
+                claim = Claim(key, claim_key, owner, self._call("claim", claim_key, owner))
+            except redis.RedisError as exc:
+                # dramatiq would log this hook's error and run the actor anyway, unclaimed: the message
+                # waits on the delay queue instead (settled once Redis answers again).
+                self._defer(broker, message, key, 0, reason=f"claim failed: {exc}", stat="deferred",
+                            route="unknown:defer")
+                raise SkipMessage(f"{key}: no claim could be made") from None
+        verdict, token, *rest = claim.verdict
         if verdict == b"run":
-            lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(token), envelope=message.args[0],
-                          recorded_output=message.options.get("mesh_output"))
+            lease = claim.lease
+            if lease is None:
+                lease = Lease(key=key, claim_key=claim.claim_key, owner=claim.owner, token=int(token),
+                              envelope=message.args[0], recorded_output=message.options.get("mesh_output"))
+                self._hold(lease)
+            else:
+                lease.started = lease.progress_at = time.monotonic()  # it runs from now, not from the fetch
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
-            self._hold(lease)
             return
         envelope = message.args[0]
         if verdict == b"done":
@@ -173,16 +248,16 @@ class Idempotency(Middleware):
         if lease is None:
             return
         self._release_hold(lease)
+        if exception is None and lease.done:
+            # Stored by the ack that settles the message, in the same script (MeshConsumer.ack).
+            message.mesh_done = (lease.claim_key, lease.owner, dumps(lease.result or {}))  # type: ignore[attr-defined]
+            return
         try:
-            if exception is None and lease.done:
-                ok = self._call("done", lease.claim_key, lease.owner, dumps(lease.result or {}))
-            else:
-                ok = self._call("release", lease.claim_key, lease.owner, lease.token)
+            ok = self._call("release", lease.claim_key, lease.owner, lease.token)
         except redis.RedisError as exc:
-            # Redis is away. A success needs nothing more: its job record holds the result, and the
-            # next delivery of the key (after the lease runs out) answers as a duplicate from it.
-            # A failure's release goes with its settlement, which is retried until Redis answers.
-            lease.release_pending = exception is not None or not lease.done
+            # Redis is away. The release goes with the failure's settlement, which is retried until
+            # Redis answers.
+            lease.release_pending = True
             logger.warning("claim not settled: Redis unavailable", extra={"key": lease.key, "error": str(exc)})
             return
         if not ok:

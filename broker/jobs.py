@@ -28,7 +28,7 @@ from mesh.contracts import (
     transition,
 )
 
-from . import trace
+from . import claims, trace
 from .keys import Keys
 from .outbox import stage_all
 
@@ -102,8 +102,8 @@ class JobStore:
 
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
             if fence is not None:
-                state, owner = pipe.hmget(fence.claim_key, "state", "owner")
-                if state != b"claimed" or owner != fence.owner.encode():
+                claim = claims.read(pipe, fence.claim_key)
+                if claim.state != "claimed" or claim.owner != fence.owner:
                     raise LeaseLost(fence.key, fence.token)
             data = pipe.get(key)
             if data is None:

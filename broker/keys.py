@@ -16,8 +16,11 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
 
 The mesh's own:
 
-    {ns}:claim:{key}                  hash: the idempotency claim on a message key (broker/scripts/claim.lua)
-                                      state claimed|free|done, owner, token (fencing), expires (ms), result
+    {ns}:claim:{key}                  string "state|token|expires|owner|result": the idempotency claim on a
+                                      message key (broker/scripts/claim_lib.lua, claim.lua; read in Python
+                                      by broker/claims.py): state claimed|free|done, fencing token, lease
+                                      end (ms, server clock), owner, result; a hash an earlier release
+                                      wrote is still read
     {ns}:breaker:{name}               hash: circuit breaker of a dependency (broker/scripts/breaker.lua)
     {ns}:breaker:{name}:failures      zset of recent brownouts (the failure window)
     {ns}:breaker:{name}:errors        list, capped at MESH_BREAKER_FAILURES: the recent failures' errors

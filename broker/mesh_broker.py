@@ -20,6 +20,7 @@ from redis.retry import Retry
 from mesh.contracts import OrjsonEncoder
 from mesh.contracts.deadletter import Attempt, DeadLetter
 
+from .claims import script_source
 from .consumer import MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
@@ -30,7 +31,7 @@ from .redact import redact
 from .router import FailureRouter
 from .settings import MeshSettings
 
-SETTLE_LUA = resources.files("mesh.broker").joinpath("scripts/settle.lua").read_text()
+SETTLE_LUA = script_source("settle.lua")
 
 #: dramatiq's dispatch.lua writes the caller's timestamp (ARGV[2]) as the worker's heartbeat on
 #: every command (enqueue, ack, requeue, ...), and a heartbeat from a skewed host either gets a

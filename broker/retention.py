@@ -18,17 +18,17 @@ retention period: about 60 bytes per job instead of the ~10 KB its record and tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis
 
 from mesh.contracts import TERMINAL
 
+from .claims import script_source
 from .keys import Keys
 from .settings import MeshSettings
 
-RETENTION_LUA = resources.files("mesh.broker").joinpath("scripts/retention.lua").read_text()
+RETENTION_LUA = script_source("retention.lua")
 
 #: Index members looked at per script call.
 BATCH = 500

@@ -37,7 +37,7 @@ local function ended_at(record)
     local steps = 0
     for _, step in pairs(record.steps) do
         if step.state ~= "queued" or type(step.key) ~= "string" then return nil end
-        if redis.call("hget", ns .. ":claim:" .. step.key, "state") ~= "done" then return nil end
+        if claim_read(ns .. ":claim:" .. step.key) ~= "done" then return nil end
         steps = steps + 1
     end
     if steps == 0 then return nil end

@@ -4,8 +4,12 @@
 --
 -- settle(keys=[namespace], args=[command, caller_ms (unused), queue, worker_id, heartbeat_timeout_ms, ...])
 --
---   fetch     n                      -> {id1, data1, id2, data2, ...}
+--   fetch     n [beat]               -> {id1, data1, id2, data2, ...}; unless beat is "0", also heartbeat
+--                                       and reap
 --   heartbeat                        -> 1
+--   ack       ttl_s, (id, claim, owner, result)...
+--                                    -> {1|0, ...}: the messages are settled; each with a claim has its
+--                                       key stored as done with its result (claim_lib.lua) in the same step
 --   retry     id, new_id, new_data, stat, route, job
 --                                    -> the copy goes on {queue}.DQ, the original is settled
 --   dead      id, entry_id, entry, raw, stat, route, agent, class, job
@@ -19,17 +23,13 @@
 --   reclaim   keep_id...             -> every message this worker holds on the queue except
 --                                       keep_id... goes back to the head of the queue
 --
--- Every command heartbeats for the worker; fetch and heartbeat also return to their queues what
--- dead workers left unsettled, so recovery does not wait for traffic on any particular queue.
+-- heartbeat (and fetch when asked) heartbeats for the worker and returns to their queues what dead
+-- workers left unsettled, so recovery does not wait for traffic on any particular queue. The other
+-- commands leave the heartbeat alone: a consumer beats once per quarter of the timeout, and runs
+-- no TIME, ZSCORE or ZADD for every message it settles.
 
 local ns = KEYS[1]
 local command = ARGV[1]
--- The Redis server's clock, never the caller's (ARGV[2], kept for dramatiq's argument layout):
--- heartbeats, reaping and DLQ times are compared across hosts, and one skewed host must neither
--- make live workers look dead nor keep dead ones looking alive. (Redis 7 replicates scripts by
--- their effects, so TIME may be read before writing.)
-local t = redis.call("time")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local queue = ARGV[3]
 local worker = ARGV[4]
 local heartbeat_timeout = tonumber(ARGV[5])
@@ -41,15 +41,26 @@ local msgs_key = queue_key .. ".msgs"
 local acks = acks_prefix .. worker .. "." .. queue
 local held_prefix = ns .. ":__held__."
 
--- A worker that was itself silent longer than the timeout has most likely lived through a Redis
--- outage, like every other worker: recovery waits one more timeout for them all to beat again.
-local previous = tonumber(redis.call("zscore", heartbeats, worker))
-if previous and now - previous > heartbeat_timeout then
-    redis.call("set", ns .. ":__reap_after__", now + heartbeat_timeout, "PX", heartbeat_timeout * 2)
+-- The Redis server's clock, never the caller's (ARGV[2], kept for dramatiq's argument layout):
+-- heartbeats, reaping and DLQ times are compared across hosts, and one skewed host must neither
+-- make live workers look dead nor keep dead ones looking alive. (Redis 7 replicates scripts by
+-- their effects, so TIME may be read before writing.) Read only by the commands that need it.
+local function server_ms()
+    local t = redis.call("time")
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-redis.call("zadd", heartbeats, now, worker)
 
-local function reap()
+local function beat(now)
+    -- A worker that was itself silent longer than the timeout has most likely lived through a Redis
+    -- outage, like every other worker: recovery waits one more timeout for them all to beat again.
+    local previous = tonumber(redis.call("zscore", heartbeats, worker))
+    if previous and now - previous > heartbeat_timeout then
+        redis.call("set", ns .. ":__reap_after__", now + heartbeat_timeout, "PX", heartbeat_timeout * 2)
+    end
+    redis.call("zadd", heartbeats, now, worker)
+end
+
+local function reap(now)
     -- Workers whose heartbeat stopped: whatever they held goes back to the head of its queue.
     if now < (tonumber(redis.call("get", ns .. ":__reap_after__")) or 0) then return end
     local dead = redis.call("zrangebyscore", heartbeats, 0, now - heartbeat_timeout)
@@ -116,35 +127,52 @@ local function apply_job(job)
     end
     if job.ttl and job.trace then redis.call("expire", job.trace, job.ttl) end
     if job.member then redis.call("zrem", job.running, job.member) end
-    if job.claim then
-        local c = redis.call("hmget", job.claim, "state", "owner")
-        if c[1] == "claimed" and c[2] == job.owner then
-            redis.call("hset", job.claim, "state", "free")
-            redis.call("hdel", job.claim, "owner", "expires")
-        end
-    end
+    if job.claim then claim_free(job.claim, job.owner) end
 end
 
 if command == "fetch" then
-    reap()
-    local n = tonumber(ARGV[6])
-    local out = {}
-    redis.call("sadd", held_prefix .. worker, queue)
-    for _ = 1, n do
-        local id = redis.call("lpop", queue_key)
-        if not id then break end
-        local data = redis.call("hget", msgs_key, id)
-        if data then
-            redis.call("sadd", acks, id)
+    -- Unless ARGV[7] is "0", heartbeat and recover dead workers' messages too (a consumer asks once
+    -- per quarter of the heartbeat timeout, not on every fetch).
+    if ARGV[7] ~= "0" then
+        local now = server_ms()
+        beat(now)
+        reap(now)
+        redis.call("sadd", held_prefix .. worker, queue)
+    end
+    local ids = redis.call("lpop", queue_key, tonumber(ARGV[6]))
+    if not ids then return {} end
+    local data = redis.call("hmget", msgs_key, unpack(ids))
+    local out, held = {}, {}
+    for i, id in ipairs(ids) do
+        if data[i] then
+            held[#held + 1] = id
             out[#out + 1] = id
-            out[#out + 1] = data
+            out[#out + 1] = data[i]
         end
     end
+    if #held > 0 then redis.call("sadd", acks, unpack(held)) end
     return out
 
 elseif command == "heartbeat" then
-    reap()
+    local now = server_ms()
+    beat(now)
+    reap(now)
+    redis.call("sadd", held_prefix .. worker, queue)
     return 1
+
+elseif command == "ack" then
+    -- Settles a group of messages that succeeded (or need no more than an ack). ARGV[6]: the dedup
+    -- window (s); then per message: id, claim key ("": none), owner, result. A message with a claim
+    -- has its key stored as done with its result in the same step. Per message: 1 done (or already
+    -- done, or no claim), 0 the lease was lost to another owner (the message is acked all the same).
+    local ttl, ids, out = tonumber(ARGV[6]), {}, {}
+    for i = 7, #ARGV, 4 do
+        ids[#ids + 1] = ARGV[i]
+        out[#out + 1] = ARGV[i + 1] ~= "" and claim_done(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ttl) or 1
+    end
+    redis.call("srem", acks, unpack(ids))
+    redis.call("hdel", msgs_key, unpack(ids))
+    return out
 
 elseif command == "retry" then
     local id, new_id, new_data, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
@@ -173,6 +201,7 @@ elseif command == "dead" then
     -- writes the job record.
     redis.call("srem", acks, id)
     if redis.call("hdel", msgs_key, id) == 1 then
+        local now = server_ms()
         if redis.call("zadd", dlq, "NX", now, entry_id) == 1 then
             redis.call("hset", dlq .. ":" .. entry_id, "entry", entry, "raw", raw, "agent", agent, "class", class)
             redis.call("zadd", dlq .. ".agent:" .. agent, now, entry_id)

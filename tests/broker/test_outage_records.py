@@ -26,7 +26,7 @@ import redis
 from conftest import wait_for
 
 from mesh.agents.tools import effect_id
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, claims
 from mesh.broker.client import JobRef
 from mesh.broker.observe import running_member
 from mesh.contracts import State
@@ -89,7 +89,7 @@ class Rig:
         try:
             record = self.client.jobs.get(ref.id)
             lines.append(f"job: {record.model_dump() if record else None}")
-            lines.append(f"claim: {self.admin.hgetall(keys.claim(ref.key))}")
+            lines.append(f"claim: {claims.read(self.admin, keys.claim(ref.key))}")
             lines.append(f"running: {self.admin.zrange(keys.running, 0, -1)}")
             lines.append(f"queues: {self.client.queues(['executor'])}")
             lines.append(f"dlq: {[(e.key, e.failure_class, e.error) for e in self.dlq()]}")
@@ -221,7 +221,7 @@ def test_a_dead_letter_decided_while_redis_is_down_ends_the_job_when_redis_retur
         [entry] = rig.dlq()
         assert entry.key == "order-1" and entry.failure_class == "permanent"
         assert rig.admin.zscore(keys.running, running_member(ref.id, "executor")) is None
-        assert rig.admin.hget(keys.claim("order-1"), "state") == b"free"
+        assert claims.read(rig.admin, keys.claim("order-1")).state == "free"
         wait_for(rig.idle, timeout_s=FINISH_S)
         assert rig.counts(keys.routes) == {"permanent:dead_letter": 1}
         breaker_untouched(rig)
@@ -250,7 +250,7 @@ def succeeds_once(rig: Rig, key: str) -> dict[str, int]:
         assert receipt["detail"]["status"] == 200 and json.loads(receipt["detail"]["response"]) == RECEIPT
         assert rig.dlq() == []
         assert rig.admin.zscore(keys.running, running_member(ref.id, "executor")) is None
-        assert rig.admin.hget(keys.claim(key), "state") == b"done"
+        assert claims.read(rig.admin, keys.claim(key)).state == "done"
         wait_for(rig.idle, timeout_s=FINISH_S)
         breaker_untouched(rig)
         stats = rig.counts(keys.stats)

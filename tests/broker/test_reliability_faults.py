@@ -16,7 +16,7 @@ from dramatiq import Worker
 from dramatiq.middleware import ShutdownNotifications, TimeLimit, TimeLimitExceeded
 
 from mesh.agents.runtime import AgentRuntime, declare_app
-from mesh.broker import MeshClient, MeshSettings, trace
+from mesh.broker import MeshClient, MeshSettings, claims, trace
 from mesh.broker.deadline import Deadline
 from mesh.broker.idempotency import Idempotency
 from mesh.broker.jobs import JobStore
@@ -110,7 +110,7 @@ def test_release_after_a_takeover_and_the_new_owners_release_reports_the_attempt
     ck = mw.keys.claim(f"k-{uuid.uuid4().hex}")
     verdict, token_a = mw._call("claim", ck, "a")
     assert verdict == b"run" and int(token_a) == 1
-    rclient.hset(ck, "expires", 0)  # a's lease ran out (a long pause)
+    rclient.set(ck, b"claimed|1|0|a|", keepttl=True)  # a's lease ran out (a long pause)
     verdict, token_b = mw._call("claim", ck, "b")
     assert verdict == b"run" and int(token_b) == 2
     assert mw._call("release", ck, "b", 2) == 1  # b failed and freed the key for its retry
@@ -152,7 +152,7 @@ def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_
     record = client.jobs.get(ref.id)
     assert record is not None and record.state is State.SUCCEEDED
     assert dlq_entries(client) == []
-    assert client.redis.hget(client.keys.claim(ref.key), "state") != b"claimed"
+    assert claims.read(client.redis, client.keys.claim(ref.key)).state != "claimed"
 
 
 def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings):

@@ -10,7 +10,7 @@ from typing import Any
 import redis
 from conftest import wait_for
 
-from mesh.broker import MeshClient, trace
+from mesh.broker import MeshClient, claims, trace
 from mesh.broker.jobs import JobStore, fail_step
 from mesh.broker.keys import Keys
 from mesh.broker.observe import running_member
@@ -80,9 +80,9 @@ def test_forty_jobs_leave_the_namespace_at_its_baseline_while_the_dedup_window_h
     assert counter(rclient, keys.stats, "swept_notes") == 41
 
     # The dedup window holds: every key of every job (plan, research, action) is still done ...
-    claims = list(rclient.scan_iter(match=keys.claim("job-*"), count=1000))
-    assert len(claims) == 40 * 3
-    assert all(rclient.hget(c, "state") == b"done" for c in claims)
+    claim_keys = list(rclient.scan_iter(match=keys.claim("job-*"), count=1000))
+    assert len(claim_keys) == 40 * 3
+    assert all(claims.read(rclient, c.decode()).state == "done" for c in claim_keys)
     # ... so a re-send of a done key is a duplicate, not a second run.
     duplicates = counter(rclient, keys.outcomes, "planner:duplicate")
     again = client.submit(GOAL, key="job-7")

@@ -12,7 +12,7 @@ import httpx
 from conftest import ops_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.broker import MeshClient, trace
+from mesh.broker import MeshClient, claims, trace
 from mesh.contracts import State
 from tests.httpserver import RecordingServer
 
@@ -123,10 +123,10 @@ def test_a_step_holding_its_claim_for_less_than_the_threshold_is_not_flagged(mak
         ref = client.send("executor", call(server.url()))
         wait_for(lambda: len(server.requests) == 1, timeout_s=30)
         # Two lease renewals (each moves the claim's expiry) while the call is held.
-        expiries: set[bytes | None] = set()
+        expiries: set[int] = set()
 
         def renewed_twice() -> bool:
-            expiries.add(rclient.hget(client.keys.claim(ref.key), "expires"))
+            expiries.add(claims.read(rclient, client.keys.claim(ref.key)).expires_ms)
             return len(expiries) >= 3
 
         wait_for(renewed_twice, timeout_s=10)

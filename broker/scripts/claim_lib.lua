@@ -1,0 +1,41 @@
+-- The claim on a message key, read and written in one place; prepended to every script that
+-- touches claims (claim.lua, settle.lua, retention.lua; see broker/claims.py for Python readers).
+--
+-- A claim is one string key, {ns}:claim:{key} = "state|token|expires_ms|owner|result", kept for
+-- the dedup window (EX ttl): state claimed|free|done; token, the fencing token; expires_ms, the end
+-- of a claimed lease on the Redis server's clock; owner, the attempt holding it; result, what a
+-- done key answers duplicates with. One SET writes it and one GET reads it, where a hash took an
+-- HSET, an EXPIRE and an HMGET. A hash left by an earlier release of the mesh is still read (and
+-- replaced by the string at its next write).
+
+local function claim_read(key)
+    local v = redis.pcall("get", key)
+    if type(v) == "table" and v.err then
+        local h = redis.call("hmget", key, "state", "owner", "token", "expires", "result")
+        return h[1], h[2], tonumber(h[3]) or 0, tonumber(h[4]) or 0, h[5]
+    end
+    if not v then return false, false, 0, 0, false end
+    local state, token, expires, owner, result = string.match(v, "^(%a+)|(%d*)|(%d*)|([^|]*)|(.*)$")
+    return state, owner, tonumber(token) or 0, tonumber(expires) or 0, result
+end
+
+local function claim_value(state, token, expires, owner, result)
+    return state .. "|" .. token .. "|" .. expires .. "|" .. (owner or "") .. "|" .. (result or "")
+end
+
+-- Stores the attempt's result as done; 1 done (or already done), 0 the lease was lost to another owner.
+local function claim_done(key, owner, result, ttl_s)
+    local state, holder, token = claim_read(key)
+    if state == "done" then return 1 end
+    if state ~= "claimed" or holder ~= owner then return 0 end
+    redis.call("set", key, claim_value("done", token, 0, owner, result), "EX", ttl_s)
+    return 1
+end
+
+-- Frees a claim this owner still holds (the token is kept); 1 freed, 0 not ours.
+local function claim_free(key, owner)
+    local state, holder, token = claim_read(key)
+    if state ~= "claimed" or holder ~= owner then return 0 end
+    redis.call("set", key, claim_value("free", token, 0, "", ""), "KEEPTTL")
+    return 1
+end
