@@ -108,6 +108,14 @@ class KeyConflict(ContractError):
         self.job_id = job_id
 
 
+class LimitExceeded(ContractError):
+    """A message is larger or deeper than a ``MESH_MAX_*`` limit allows; refused before anything is
+    written. ``setting`` names the limit, ``limit`` its value, ``size`` what was found."""
+
+    def __init__(self, message: str, *, setting: str, limit: int, size: int, **context: Any) -> None:
+        super().__init__(message, setting=setting, limit=limit, size=size, **context)
+
+
 class InvalidOutput(MeshError):
     failure_class = FailureClass.INVALID_OUTPUT
 
