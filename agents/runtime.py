@@ -43,6 +43,7 @@ from .context import Context
 from .pipelines import PipelineSpec
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .providers import Meter, ModelProvider, provider_for
+from .tools.allow import Resolver, system_resolver
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class AgentRuntime:
     http: httpx.Client = field(default_factory=httpx.Client)
     breakers: Breakers | None = None
     app: App = field(default_factory=lambda: _builtin())
+    #: How tools resolve host names (see :mod:`mesh.agents.tools.allow`).
+    resolve: Resolver = system_resolver
 
     def __post_init__(self) -> None:
         self.worker = trace.worker_name()
