@@ -4,7 +4,8 @@
     ├── ConfigError                 bad or unknown settings              permanent
     ├── ContractError               payload fails its contract           invalid_input
     │   ├── PoisonMessage           bytes that do not even decode        invalid_input
-    │   └── KeyConflict             a key re-sent with another payload   invalid_input
+    │   ├── KeyConflict             a key re-sent with another payload   invalid_input
+    │   └── LimitExceeded           over a MESH_MAX_* size or depth      invalid_input
     ├── InvalidOutput               a model's output fails its contract  invalid_output
     ├── RateLimited                 429 / quota; carries ``retry_after_s`` rate_limited
     ├── DependencyTimeout           read timeout, 408, 504, time limit   timeout
