@@ -28,14 +28,16 @@ def depth_exceeds(data: bytes, value: Any, limit: int) -> bool:
     (the common case) two C-speed counts answer without walking the value."""
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
-    level: list[Any] = [value] if isinstance(value, dict | list | tuple) else []
+    level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
     for _ in range(limit):
-        level = [child for node in level
-                 for child in (node.values() if isinstance(node, dict) else node)
-                 if isinstance(child, dict | list)]
+        level = [child for node in level for child in (node.values() if type(node) is dict else node)
+                 if isinstance(child, _CONTAINERS)]
         if not level:
             return False
     return True
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 def _default(value: Any) -> Any:

@@ -27,7 +27,7 @@ def call(settings, url: str, resolve: Any = None, http: httpx.Client | None = No
     """Run the http_post tool once, as the executor would, with ``resolve`` as the resolver."""
     extra = {"resolve": resolve} if resolve is not None else {}
     with http or httpx.Client() as client:
-        ctx = ToolContext(key="k-1", job_id="job-1", trace_id="0" * 32, fencing_token=1, settings=settings,
+        ctx = ToolContext(key="k-1", job_id="job-1", trace_id="1" * 32, fencing_token=1, settings=settings,
                           redis=None, keys=Keys(settings.namespace), http=client, **extra)  # type: ignore[arg-type]
         return http_post(ctx, HttpPostArgs.model_validate({"url": url, "json": {"n": 1}}))
 
