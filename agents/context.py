@@ -180,7 +180,7 @@ class Context:
         rt = self.runtime
         return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
                            fencing_token=self.lease.token, deadline=self.env.deadline, breakers=rt.breakers,
-                           settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http,
+                           settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http, resolve=rt.resolve,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
 
 

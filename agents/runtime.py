@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,11 +30,14 @@ from mesh.contracts import (
     CycleDetected,
     DeadlineExceeded,
     Envelope,
+    InvalidOutput,
     JobRecord,
     MeshError,
     OutcomeUnrecorded,
     PermanentFailure,
+    Plan,
     State,
+    dumps,
 )
 from mesh.contracts.messages import validate_model, validate_output_model
 
@@ -43,6 +47,7 @@ from .context import Context
 from .pipelines import PipelineSpec
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .providers import Meter, ModelProvider, provider_for
+from .tools.allow import Resolver, system_resolver
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class AgentRuntime:
     http: httpx.Client = field(default_factory=httpx.Client)
     breakers: Breakers | None = None
     app: App = field(default_factory=lambda: _builtin())
+    #: How tools resolve host names (see :mod:`mesh.agents.tools.allow`).
+    resolve: Resolver = system_resolver
 
     def __post_init__(self) -> None:
         self.worker = trace.worker_name()
@@ -65,7 +72,8 @@ class AgentRuntime:
         self.pipelines = PipelineStore(self.redis, self.keys)
         agents = self.app.agents
         self.routes = Routes(queue=lambda a: agents[a].queue if a in agents else a,
-                             version=lambda a: agents[a].version if a in agents else None)
+                             version=lambda a: agents[a].version if a in agents else None,
+                             max_fan_out=self.settings.max_fan_out)
         if self.breakers is None:
             self.breakers = Breakers(self.settings, self.redis)
         # A pipeline step lost on the failure path (the broker's) moves its job on by the engine.
@@ -133,6 +141,7 @@ class AgentRuntime:
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
         output = validate_output_model(agent, spec.output, result)
+        self._check_limits(agent, output)
         duration = time.monotonic() - lease.started
 
         def succeeded(pipe: Any, record: JobRecord) -> None:
@@ -153,6 +162,20 @@ class AgentRuntime:
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
+
+    def _check_limits(self, agent: str, output: BaseModel) -> None:
+        """InvalidOutput, before anything is recorded or sent, for an output over MESH_MAX_OUTPUT_BYTES
+        or a plan of more steps than MESH_MAX_FAN_OUT."""
+        limits = self.settings
+        if isinstance(output, Plan) and len(output.steps) > limits.max_fan_out:
+            raise InvalidOutput(f"{agent} planned {len(output.steps)} steps, over MESH_MAX_FAN_OUT "
+                                f"({limits.max_fan_out}); no step was sent", size=len(output.steps),
+                                limit=limits.max_fan_out)
+        data = dumps(output)
+        if len(data) > limits.max_output_bytes:
+            raise InvalidOutput(f"{agent} output of {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()}) "
+                                f"is over MESH_MAX_OUTPUT_BYTES ({limits.max_output_bytes}); not kept",
+                                size=len(data), limit=limits.max_output_bytes)
 
     def flow(self, record: JobRecord) -> PipelineSpec | None:
         """The spec a declared pipeline's job started with; None for any other job."""

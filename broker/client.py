@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import redis
+from dramatiq.message import Message
 
 from mesh.contracts import (
     CONTRACTS,
@@ -20,6 +21,7 @@ from mesh.contracts import (
     Envelope,
     JobRecord,
     KeyConflict,
+    LimitExceeded,
     MeshError,
     State,
     StepRecord,
@@ -34,7 +36,7 @@ from . import trace
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
-from .outbox import build_message, stage_all
+from .outbox import build_message, encode_checked, stage_all
 from .pipelines import PipelineStore, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
@@ -136,11 +138,11 @@ class MeshClient:
                 target.check(payload)
             except ContractError as exc:
                 raise ContractError(f"item {index}: {exc.message}", errors=exc.errors, index=index) from None
-        refs: list[JobRef] = []
-        for start in range(0, len(batch), chunk):
-            part = batch[start:start + chunk]
-            refs += self._send(target, [(agent, p, k) for p, k in part], token_budget=token_budget)
-        return refs
+        # Every chunk is built (and each message checked against the limits) before the first is sent.
+        built = [self._build(target, [(agent, p, k) for p, k in batch[start:start + chunk]], token_budget=token_budget,
+                             first=start)
+                 for start in range(0, len(batch), chunk)]
+        return [ref for part in built for ref in self._write(*part)]
 
     def run(self, pipeline: Any, input: dict[str, Any], *, key: str | None = None,
             token_budget: int | None = None) -> JobRef:
@@ -171,7 +173,13 @@ class MeshClient:
                            pipeline_digest=spec.digest(), pipeline_input=input)
         record, messages, events = spec.start(
             record, trace_id=trace_id, deadline=now + self.settings.job_deadline_s, token_budget=budget,
-            queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now)
+            queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
+            max_fan_out=self.settings.max_fan_out)
+        refused = [s for s in record.steps.values() if s.state is State.DEAD_LETTERED]
+        if refused:  # a root for_each over the input listed more than MESH_MAX_FAN_OUT items
+            raise LimitExceeded(f"step {refused[0].step_id}: {refused[0].error}", setting="MESH_MAX_FAN_OUT",
+                                limit=self.settings.max_fan_out, size=-1)
+        encoded = [self._encode(m) for m in messages]
         while True:
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -187,7 +195,7 @@ class MeshClient:
                                                                      queue=message.queue_name, by="client"))
                         for ev in events:
                             trace.stage(pipe, self.keys, ev)
-                        stage_all(pipe, self.keys, messages)
+                        stage_all(pipe, self.keys, messages, encoded)
                     pipe.execute()
                     return ref
                 except redis.WatchError:
@@ -243,17 +251,35 @@ class MeshClient:
         known.update(dict.fromkeys(self.registry.agents()))
         return list(known)
 
+    def _encode(self, message: Message, index: int | None = None) -> bytes:
+        """``message`` encoded; LimitExceeded (naming item ``index``) when over MESH_MAX_MESSAGE_BYTES or
+        MESH_MAX_JSON_DEPTH."""
+        try:
+            return encode_checked(message, self.settings.max_message_bytes, self.settings.max_json_depth)
+        except LimitExceeded as exc:
+            if index is None:
+                raise
+            raise LimitExceeded(f"item {index}: {exc.message}", index=index, **exc.context) from None
+
     def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
               goal: str | None = None, token_budget: int | None = None) -> list[JobRef]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
         and the writes are one transaction (the job records are WATCHed), so two racing senders of one
         key cannot both win."""
+        return self._write(*self._build(target, items, goal=goal, token_budget=token_budget))
+
+    def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
+               goal: str | None = None, token_budget: int | None = None, first: int | None = None,
+               ) -> tuple[Target, list[tuple[str, dict[str, Any], str | None]], list[JobRef], list[JobRecord],
+                          list[Message], list[bytes]]:
+        """The refs, records, messages and encoded messages of ``items``; nothing is written. ``first``:
+        the batch index of the first item, named by a limit's error."""
         agent = target.agent
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
-        refs, records, messages = [], [], []
-        for step_id, payload, key in items:
+        refs, records, messages, encoded = [], [], [], []
+        for index, (step_id, payload, key) in enumerate(items):
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
             trace_id = trace_id_for(key) if key else new_trace_id()
             key = key or uuid.uuid4().hex
@@ -261,16 +287,22 @@ class MeshClient:
             env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
                            deadline=now + self.settings.job_deadline_s, contract_version=target.version,
                            token_budget=budget, payload=payload)
+            message = build_message(env)
+            if target.queue != message.queue_name:
+                message = message.copy(queue_name=target.queue)
+            encoded.append(self._encode(message, None if first is None else first + index))
             step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
                               created_at=now, updated_at=now)
             records.append(JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
                                      steps={step_id: step}, created_at=now, updated_at=now,
                                      payload_hash=payload_hash(agent, payload)))
-            message = build_message(env)
-            if target.queue != message.queue_name:
-                message = message.copy(queue_name=target.queue)
             messages.append(message)
             refs.append(ref)
+        return target, items, refs, records, messages, encoded
+
+    def _write(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], refs: list[JobRef],
+               records: list[JobRecord], messages: list[Message], encoded: list[bytes]) -> list[JobRef]:
+        """Write what :meth:`_build` built, in one transaction (see :meth:`_send`)."""
         given = [r for r, (_, _, key) in zip(records, items, strict=True) if key]
         while True:
             with self.redis.pipeline(transaction=True) as pipe:
@@ -284,7 +316,7 @@ class MeshClient:
                         self.jobs.stage_create(pipe, record)
                         trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=target.queue,
                                                                  by="client"))
-                    stage_all(pipe, self.keys, messages)
+                    stage_all(pipe, self.keys, messages, encoded)
                     pipe.execute()
                     return refs
                 except redis.WatchError:

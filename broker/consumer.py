@@ -24,7 +24,7 @@ from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
-from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, dumps, loads
+from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, depth_exceeds, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
 from . import trace
@@ -44,6 +44,13 @@ WAIT_S = 1.0
 
 #: Times a settlement re-reads a job record that another writer changed meanwhile.
 CONFLICT_RETRIES = 50
+
+#: Bytes of a message over MESH_MAX_MESSAGE_BYTES its dead letter keeps (with the full length and sha256).
+OVERSIZED_PREFIX_BYTES = 4096
+
+
+def _refused(data: bytes, why: str) -> DecodeError:
+    return DecodeError(why, data, ValueError(why))
 
 
 class MeshConsumer(_RedisConsumer):
@@ -206,6 +213,10 @@ class MeshConsumer(_RedisConsumer):
             error=f"undecodable message: {error.error or error}",
             worker=self.broker.broker_id,
         )
+        if len(data) > self.broker.settings.max_message_bytes:
+            # Only a prefix is kept (a DLQ must not hold what the queue could not); length and hash name the rest.
+            entry = entry.model_copy(update={"raw_bytes": len(data), "raw_sha256": hashlib.sha256(data).hexdigest()})
+            data = data[:OVERSIZED_PREFIX_BYTES]
         try:
             self._dead(rid, entry, data, "poison", "invalid_input:dead_letter")
         except redis.RedisError as exc:
@@ -214,7 +225,14 @@ class MeshConsumer(_RedisConsumer):
     def _decode(self, rid: str, data: bytes) -> MessageProxy | None:
         """The fetched message as dramatiq's proxy; poison (dead-lettered here) is None."""
         try:
+            limits = self.broker.settings
+            if len(data) > limits.max_message_bytes:
+                raise _refused(data, f"{len(data)} bytes, over MESH_MAX_MESSAGE_BYTES "
+                                     f"({limits.max_message_bytes}); its first {OVERSIZED_PREFIX_BYTES} "
+                                     "bytes are kept")
             message = Message.decode(data)
+            if depth_exceeds(data, message.args, limits.max_json_depth - 1):
+                raise _refused(data, f"nested deeper than MESH_MAX_JSON_DEPTH ({limits.max_json_depth})")
             # JSON that decodes into a Message with the wrong shapes (options null, an unhashable
             # id, ...) would crash the consumer below and strand itself in flight: poison, too.
             if not (isinstance(message.options, dict) and isinstance(message.message_id, str)

@@ -42,6 +42,17 @@ class MeshSettings(BaseSettings):
     http_allow: str = Field(default="", description="comma-separated host:port pairs http_post may reach")
     http_timeout_s: float = Field(default=10.0, gt=0)
 
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest message (encoded) a "
+                                   "client sends or a worker runs; a larger one found in a queue is dead-lettered")
+    max_json_depth: int = Field(default=64, ge=8, le=200, description="deepest nesting of objects and arrays "
+                                "a message may carry (orjson refuses to encode past about 250)")
+    max_fan_out: int = Field(default=256, ge=1, description="most steps a plan or items a for_each list may "
+                             "release from one step")
+    max_output_bytes: int = Field(default=256 * 1024, ge=1024, description="largest step output (encoded) kept "
+                                  "in a job record; a larger one fails the step as invalid_output")
+    max_response_bytes: int = Field(default=1024 * 1024, ge=1024, description="most bytes of an HTTP "
+                                    "response a tool reads into memory; a longer body fails the call")
+
     max_retries: int = Field(default=3, ge=0, le=100)
     retry_min_backoff_ms: int = Field(default=200, ge=1)
     retry_max_backoff_ms: int = Field(default=30_000, ge=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .codec import OrjsonEncoder, dumps, loads
+from .codec import OrjsonEncoder, depth_exceeds, dumps, loads
 from .envelope import Envelope, Frozen, child_key, new_trace_id, traceparent
 from .errors import (
     BreakerOpen,
@@ -18,6 +18,7 @@ from .errors import (
     InvalidOutput,
     KeyConflict,
     LeaseLost,
+    LimitExceeded,
     MeshError,
     OutcomeUnrecorded,
     PermanentFailure,
@@ -81,6 +82,7 @@ __all__ = [
     "JobRecord",
     "KeyConflict",
     "LeaseLost",
+    "LimitExceeded",
     "MeshError",
     "OrjsonEncoder",
     "OutcomeUnrecorded",
@@ -100,6 +102,7 @@ __all__ = [
     "add_tokens",
     "blocking",
     "child_key",
+    "depth_exceeds",
     "dumps",
     "items_of",
     "job_state",

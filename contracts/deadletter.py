@@ -42,6 +42,10 @@ class DeadLetter(Frozen):
     replay_of: str | None = None
     #: The dependency the failure names (``host:port``), when it names one: ``mesh dlq --dependency``.
     dependency: str | None = None
+    #: Set when only a prefix of the message was kept (it was over MESH_MAX_MESSAGE_BYTES): its full
+    #: length and sha256 (hex), so the original can be recognised.
+    raw_bytes: int | None = None
+    raw_sha256: str | None = None
 
 
 def format_traceback(exc: BaseException | None) -> str | None:

@@ -4,7 +4,8 @@
     ├── ConfigError                 bad or unknown settings              permanent
     ├── ContractError               payload fails its contract           invalid_input
     │   ├── PoisonMessage           bytes that do not even decode        invalid_input
-    │   └── KeyConflict             a key re-sent with another payload   invalid_input
+    │   ├── KeyConflict             a key re-sent with another payload   invalid_input
+    │   └── LimitExceeded           over a MESH_MAX_* size or depth      invalid_input
     ├── InvalidOutput               a model's output fails its contract  invalid_output
     ├── RateLimited                 429 / quota; carries ``retry_after_s`` rate_limited
     ├── DependencyTimeout           read timeout, 408, 504, time limit   timeout
@@ -106,6 +107,14 @@ class KeyConflict(ContractError):
                          key=key, job_id=job_id, agent=agent)
         self.key = key
         self.job_id = job_id
+
+
+class LimitExceeded(ContractError):
+    """A message is larger or deeper than a ``MESH_MAX_*`` limit allows; refused before anything is
+    written. ``setting`` names the limit, ``limit`` its value, ``size`` what was found."""
+
+    def __init__(self, message: str, *, setting: str, limit: int, size: int, **context: Any) -> None:
+        super().__init__(message, setting=setting, limit=limit, size=size, **context)
 
 
 class InvalidOutput(MeshError):

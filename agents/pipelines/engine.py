@@ -81,6 +81,8 @@ class Routes:
 
     queue: Callable[[str], str] = lambda agent: agent
     version: Callable[[str], int | None] = lambda agent: None
+    #: Most items a ``for_each`` list may have (MESH_MAX_FAN_OUT); None: no limit.
+    max_fan_out: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,10 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             events.append(_event("awaiting_approval", record, rec))
             continue
         if step.for_each is not None:
-            record = _fan_out(step, record, seen, run, now)
+            record = _fan_out(step, record, seen, run, now, routes.max_fan_out)
+            if record.steps[sid].state is State.DEAD_LETTERED:  # too many items: none recorded or sent
+                events.append(_event("fan_out_refused", record, record.steps[sid], reason=record.steps[sid].error))
+                continue
             record = _pump(spec, step, record, run, routes, messages, events, now)
             continue
         messages.append(_message(step, record, run, routes, sid, key, payload))
@@ -184,10 +189,12 @@ def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes,
     return advance(spec, record, run, routes, [], now=now)
 
 
-def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Run, now: float) -> JobRecord:
+def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Run, now: float,
+             limit: int | None = None) -> JobRecord:
     """Record one item per element of the ``for_each`` list (``<step>[<i>]``, queued, unsent) and the
     step running with its join's need: ``min_success`` as a count, or that fraction of the items
-    rounded up; without a join, every item."""
+    rounded up; without a join, every item. A list longer than ``limit`` dead-letters the step
+    (``invalid_output``) with no item recorded."""
     assert step.for_each is not None
     rec = record.steps[step.id]
     try:
@@ -196,6 +203,11 @@ def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Ru
         found = []
     found = list(found) if isinstance(found, list | tuple) else []
     n = len(found)
+    if limit is not None and n > limit:
+        why = (f"for_each {step.for_each.source} lists {n} items, over MESH_MAX_FAN_OUT ({limit}); "
+               "no item was sent")
+        return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why,
+                                           failure_class="invalid_output"))
     rule = step.join.min_success if step.join is not None else n
     need = math.ceil(rule * n - 1e-9) if isinstance(rule, float) else min(int(rule), n)
     for i, element in enumerate(found):

@@ -17,6 +17,8 @@ from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ToolRefused
 
+from .allow import Resolver, system_resolver
+
 T = TypeVar("T")
 
 
@@ -37,6 +39,8 @@ class ToolContext:
     breakers: Breakers | None = None
     #: The secrets this tool declared, read at run time; no other code is handed them.
     secrets: Mapping[str, str] = field(default_factory=dict)
+    #: How host names are resolved (``(host, port) -> addresses``); the request connects to the one checked.
+    resolve: Resolver = system_resolver
 
     def secret(self, name: str) -> str:
         """The value of a secret this tool declared (``@app.tool(secrets=[...])``)."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from mesh.contracts import Receipt, ToolRefused
+from mesh.contracts import Receipt
 from mesh.contracts.tools import HttpPostArgs
 
+from .allow import parse_allowlist, pin
 from .base import ToolContext, effect_id
 from .http import host_port, send_request
 
@@ -20,17 +21,15 @@ def target(args: HttpPostArgs) -> str:
 
 def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
     """POST ``args.json`` (and the findings, when given) to ``args.url``; the host:port must be in
-    MESH_HTTP_ALLOW. The endpoint gets ``Idempotency-Key``, ``X-Mesh-Fencing-Token`` and ``traceparent``."""
-    try:
-        dependency = host_port(args.url)
-    except ValueError as exc:  # e.g. a non-numeric or out-of-range port: no retry can cure it
-        raise ToolRefused(f"http_post to {args.url} refused: {exc}", url=args.url) from None
-    if dependency not in ctx.settings.http_allowlist:
-        raise ToolRefused(f"http_post to {dependency} refused: not in MESH_HTTP_ALLOW", dependency=dependency)
+    MESH_HTTP_ALLOW, and the request connects to the address that was checked (see
+    :mod:`mesh.agents.tools.allow`). The endpoint gets ``Idempotency-Key``, ``X-Mesh-Fencing-Token``
+    and ``traceparent``."""
+    pinned = pin(args.url, parse_allowlist(ctx.settings.http_allowlist), ctx.resolve)
     body = dict(args.json_body)
     if args.findings:
         body["findings"] = args.findings
-    response = send_request(ctx, "POST", args.url, json=body)
-    logger.info("http_post done", extra={"dependency": dependency, "status": response.status_code})
+    response = send_request(ctx, "POST", args.url, json=body, via=pinned)
+    logger.info("http_post done", extra={"dependency": pinned.dependency, "address": pinned.address,
+                                         "status": response.status_code})
     return Receipt(tool="http_post", effect_id=effect_id(ctx.key),
                    detail={"url": args.url, "status": response.status_code, "response": response.text[:500]})

@@ -25,7 +25,8 @@ from tests.httpserver import RecordingServer
 EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
 AGENTS = ("planner", "researcher", "executor")
 FIELDS = {"entry_id", "queue", "agent", "failure_class", "error", "traceback", "envelope", "key", "job_id",
-          "trace_id", "attempts", "worker", "host", "dead_lettered_at", "replay_count", "replay_of", "dependency"}
+          "trace_id", "attempts", "worker", "host", "dead_lettered_at", "replay_count", "replay_of", "dependency",
+          "raw_bytes", "raw_sha256"}
 REFUSED_URL = "http://127.0.0.1:9/hook"  # never in MESH_HTTP_ALLOW here: refused, permanently
 
 
