@@ -31,6 +31,7 @@ from mesh.contracts import (
 from mesh.contracts.messages import validate_model
 
 from . import trace
+from .connection import connect
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
@@ -103,7 +104,7 @@ class MeshClient:
     def __init__(self, settings: MeshSettings | None = None, *, client: redis.Redis | None = None,
                  app: AgentCatalog | None = None) -> None:
         self.settings = settings or MeshSettings.from_env()
-        self.redis = client or redis.Redis.from_url(self.settings.redis_url)
+        self.redis = client or connect(self.settings)
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.app = app
