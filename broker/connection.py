@@ -146,7 +146,8 @@ def check(settings: MeshSettings) -> None:
              "MESH_REDIS_KEY_FILE": settings.redis_key_file}
     given = {name: path for name, path in files.items() if path}
     if given and not address.tls:
-        raise ConfigError(f"{', '.join(given)} apply to TLS only, and MESH_REDIS_URL is "
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} {verb} to TLS only, and MESH_REDIS_URL is "
                           f"{address.scheme}://; use rediss://")
     for name, path in given.items():
         if not os.path.isfile(path):
@@ -190,21 +191,65 @@ def connect(settings: MeshSettings, *, retries: bool = True, **options: Any) -> 
     return redis.Redis(host=host, port=port, **kwargs)
 
 
+def configured(settings: MeshSettings) -> dict[str, Any]:
+    """Which Redis ``settings`` name, as operators read it, without asking it: ``address`` (or, for
+    Sentinel, ``sentinel`` and ``sentinels``), ``db`` and ``tls``. Never a credential."""
+    address = parse_url(settings.redis_url)
+    hosts = [_shown(host, port) for host, port in address.hosts]
+    out: dict[str, Any] = {"sentinel": address.service, "sentinels": hosts} if address.sentinel \
+        else {"address": hosts[0]}
+    return {**out, "db": address.db, "tls": address.tls}
+
+
 def where(client: redis.Redis) -> dict[str, Any]:
-    """Which Redis ``client`` uses, for operators: ``address`` (host:port; for Sentinel the master it
-    names now), ``role`` (``INFO replication``: master or replica), ``sentinel`` (the service, if
-    any) and ``tls``. Never a credential. Raises redis errors when the server does not answer."""
+    """Which Redis ``client`` uses now: ``address`` (host:port; for Sentinel the master it names
+    now) and ``role`` (``INFO replication``: master or replica; ``unknown`` for a user not allowed
+    INFO). Never a credential. Raises redis errors when the server does not answer."""
     pool = client.connection_pool
-    kwargs = pool.connection_kwargs
-    out: dict[str, Any] = {}
     if isinstance(pool, SentinelConnectionPool):
         host, port = pool.get_master_address()
-        out["sentinel"] = pool.service_name
     else:
-        host, port = kwargs.get("host", "?"), kwargs.get("port", "?")
-    out["address"] = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    out["db"] = kwargs.get("db", 0)
-    role = client.info("replication").get("role", "unknown")
-    out["role"] = "replica" if role == "slave" else role
-    out["tls"] = "ssl_ca_certs" in kwargs or pool.connection_class.__name__.endswith("SSLConnection")
+        host, port = pool.connection_kwargs.get("host", "?"), pool.connection_kwargs.get("port", "?")
+    try:
+        role = str(client.info("replication").get("role", "unknown"))
+    except redis.exceptions.NoPermissionError:
+        role = "unknown"
+    return {"address": _shown(host, port), "role": "replica" if role == "slave" else role}
+
+
+def describe(settings: MeshSettings, client: redis.Redis) -> dict[str, Any]:
+    """:func:`configured` and, when the server answers, :func:`where`; else the error, under ``error``."""
+    out = configured(settings)
+    try:
+        out.update(where(client))
+    except redis.RedisError as exc:
+        out["error"] = str(exc)
     return out
+
+
+def _shown(host: Any, port: Any) -> str:
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+#: Every command the mesh sends (its Lua scripts' included), for an ACL user that may run nothing
+#: else; ``info`` only tells ``mesh status`` and /readyz the server's role and may be left out.
+#: Found by running every flow under a user of ``+@all`` and reading ``INFO commandstats``, plus the
+#: commands of paths the flows do not take; tests/broker/test_redis_auth.py runs them under it.
+ACL_COMMANDS = (
+    "ping", "info", "select",
+    "eval", "evalsha", "script|load", "multi", "exec", "discard", "watch", "unwatch",
+    "get", "set", "mget", "del", "exists", "expire", "pexpire", "pexpireat", "persist", "pttl", "incrby", "time",
+    "hget", "hset", "hsetnx", "hdel", "hexists", "hgetall", "hmget", "hlen", "hincrby", "hincrbyfloat",
+    "blpop", "lpop", "lpush", "rpush", "llen", "lindex", "lrange", "ltrim",
+    "sadd", "srem", "smembers", "scard", "sismember",
+    "zadd", "zrem", "zcard", "zcount", "zscore", "zrange", "zrangebyscore", "zrevrangebyscore",
+    "zremrangebyscore", "zremrangebyrank",
+    "xadd", "xrange", "xrevrange",
+)
+
+
+def acl_rules(namespace: str) -> list[str]:
+    """The ACL rules of a user that can run the mesh in ``namespace`` and nothing else: its keys (the
+    bare namespace too: dramatiq's scripts get it as their KEYS[1]), no channels, the commands above."""
+    return ["resetkeys", f"~{namespace}", f"~{namespace}:*", "resetchannels", "-@all",
+            *(f"+{command}" for command in ACL_COMMANDS)]

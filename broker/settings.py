@@ -23,7 +23,7 @@ class MeshSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid",
                                       hide_input_in_errors=True)  # an input may be a URL with a password
 
-    redis_url: str = Field(default=DEFAULT_REDIS_URL, description="redis://, rediss:// (TLS) or redis+sentinel:// "
+    redis_url: str = Field(default=DEFAULT_REDIS_URL, repr=False, description="redis://, rediss:// (TLS) or redis+sentinel:// "
                            "URL, with credentials if the server wants them (see broker/connection.py)")
     redis_ca_file: str | None = Field(default=None, description="rediss://: the CA bundle (PEM) the server's "
                                       "certificate is checked against; default: the system's")
@@ -130,8 +130,9 @@ class MeshSettings(BaseSettings):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            problems = "; ".join(  # a check across settings (no loc) names its settings itself
+                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" if e["loc"]
+                else str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()
             )
             raise ConfigError(f"invalid settings: {problems}") from None
 
