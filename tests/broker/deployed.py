@@ -41,7 +41,8 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     for ca in ("ca", "other_ca"):
         _openssl("req", "-x509", *ec, "-keyout", str(p[f"{ca}_key"]), "-out", str(p[ca]), "-days", "1",
                  "-subj", f"/CN=mesh test {ca}")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                      ("client", "extendedKeyUsage=clientAuth")):
         csr, extfile = folder / f"{name}.csr", folder / f"{name}.ext"
         extfile.write_text(ext + "\n")
         _openssl("req", *ec, "-keyout", str(p[f"{name}_key"]), "-out", str(csr), "-subj", f"/CN=mesh test {name}")
