@@ -51,9 +51,10 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     return p
 
 
-def tls_args(certs: dict[str, Path], *, auth_clients: bool) -> tuple[str, ...]:
-    """redis-server arguments for TLS only (the plain port closed) on PrivateRedis's port."""
-    return ("--port", "0", "--tls-cert-file", str(certs["server"]), "--tls-key-file", str(certs["server_key"]),
+def tls_args(port: int, certs: dict[str, Path], *, auth_clients: bool) -> tuple[str, ...]:
+    """redis-server arguments for TLS only on ``port`` (the plain port closed)."""
+    return ("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs["server"]),
+            "--tls-key-file", str(certs["server_key"]),
             "--tls-ca-cert-file", str(certs["ca"]), "--tls-auth-clients", "yes" if auth_clients else "no")
 
 
