@@ -31,7 +31,7 @@ from mesh.contracts import (
 from mesh.contracts.messages import validate_model
 
 from . import trace
-from .connection import connect
+from .connection import connect, replicated, transaction
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
@@ -174,7 +174,7 @@ class MeshClient:
             record, trace_id=trace_id, deadline=now + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now)
         while True:
-            with self.redis.pipeline(transaction=True) as pipe:
+            with transaction(self.redis, self.settings) as pipe:
                 try:
                     pipe.watch(self.keys.job(ref.id))
                     existing = pipe.get(self.keys.job(ref.id))
@@ -190,6 +190,7 @@ class MeshClient:
                             trace.stage(pipe, self.keys, ev)
                         stage_all(pipe, self.keys, messages)
                     pipe.execute()
+                    replicated(pipe, [ref])
                     return ref
                 except redis.WatchError:
                     continue
@@ -274,7 +275,7 @@ class MeshClient:
             refs.append(ref)
         given = [r for r, (_, _, key) in zip(records, items, strict=True) if key]
         while True:
-            with self.redis.pipeline(transaction=True) as pipe:
+            with transaction(self.redis, self.settings) as pipe:
                 try:
                     if given:
                         watched = [self.keys.job(r.job_id) for r in given]
@@ -287,6 +288,7 @@ class MeshClient:
                                                                  by="client"))
                     stage_all(pipe, self.keys, messages)
                     pipe.execute()
+                    replicated(pipe, refs)
                     return refs
                 except redis.WatchError:
                     continue  # a record changed between the check and the writes: check again

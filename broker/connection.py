@@ -28,7 +28,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from mesh.contracts import ConfigError
+from mesh.contracts import ConfigError, MeshError
 
 if TYPE_CHECKING:
     from .settings import MeshSettings
@@ -253,3 +253,45 @@ def acl_rules(namespace: str) -> list[str]:
     bare namespace too: dramatiq's scripts get it as their KEYS[1]), no channels, the commands above."""
     return ["resetkeys", f"~{namespace}", f"~{namespace}:*", "resetchannels", "-@all",
             *(f"+{command}" for command in ACL_COMMANDS)]
+
+
+class NotReplicated(MeshError):
+    """An enqueue the primary applied but fewer replicas than MESH_REDIS_WAIT_REPLICAS confirmed in
+    time: should the primary fail now, a replica promoted in its place may not have it. Sending it
+    again with the same key is safe (the mesh runs a key once). ``refs``: the jobs it sent."""
+
+    def __init__(self, acked: int, wanted: int, timeout_ms: int, refs: list[Any]) -> None:
+        super().__init__(f"enqueued on the primary, but {acked} of {wanted} replica(s) confirmed it within "
+                         f"{timeout_ms} ms (MESH_REDIS_WAIT_REPLICAS): it may be lost if the primary fails "
+                         "now; send it again with the same key", acked=acked, wanted=wanted)
+        self.refs = refs
+
+
+class ReplicatedTransaction(redis.client.Pipeline):
+    """A MULTI/EXEC transaction followed by ``WAIT replicas timeout_ms`` on the same connection (WAIT
+    counts the replicas that have the writes of the connection it is sent on). ``acked``: its answer."""
+
+    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, True, None)
+        self.replicas, self.timeout_ms = replicas, timeout_ms
+        self.acked = 0
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
+        result: list[Any] = super()._execute_transaction(connection, commands, raise_on_error)
+        connection.send_command("WAIT", self.replicas, self.timeout_ms)
+        self.acked = int(connection.read_response())
+        return result
+
+
+def transaction(client: redis.Redis, settings: MeshSettings) -> redis.client.Pipeline:
+    """A MULTI/EXEC pipeline for an enqueue: with MESH_REDIS_WAIT_REPLICAS, one that WAITs for them
+    (check it with :func:`replicated`)."""
+    if settings.redis_wait_replicas:
+        return ReplicatedTransaction(client, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+    return client.pipeline(transaction=True)
+
+
+def replicated(pipe: redis.client.Pipeline, refs: list[Any]) -> None:
+    """NotReplicated when ``pipe`` (from :func:`transaction`) WAITed and fewer replicas confirmed."""
+    if isinstance(pipe, ReplicatedTransaction) and pipe.acked < pipe.replicas:
+        raise NotReplicated(pipe.acked, pipe.replicas, pipe.timeout_ms, refs)
