@@ -41,6 +41,9 @@ def make_server(client: MeshClient, host: str, port: int) -> ThreadingHTTPServer
             timeout_s = client.settings.heartbeat_timeout_s
             # Which Redis: its address and role (for Sentinel, the master it names now), no credential.
             server = describe(client.settings, client.redis)
+            if "error" in server:  # it did not answer (after the client's retries): no second wait
+                self._send(503, "application/json", orjson.dumps({"status": "not ready", "redis": server}))
+                return
             try:
                 # Heartbeats are the Redis server's clock (settle.lua), so "recent" is judged by it too.
                 live = client.redis.zcount(client.keys.heartbeats, server_ms(client.redis) - timeout_s * 1000,
