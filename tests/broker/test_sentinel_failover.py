@@ -146,3 +146,19 @@ def test_workers_and_clients_follow_the_promoted_replica_and_no_acknowledged_job
     wait_for(lambda: client.redis.zcard(client.keys.heartbeats) >= 2, timeout_s=10)
     print(f"failover: {dict(refused)} enqueues refused and sent again; outcomes {dict(outcomes)}; "
           f"all settled {time.monotonic() - killed_at:.1f}s after the kill")
+
+
+def test_an_enqueue_no_replica_confirmed_raises_not_replicated_and_resending_its_key_is_the_same_job(
+        make_settings, rclient):
+    """The shared test Redis has no replica: WAIT 1 answers 0 after its timeout. The job is on the
+    primary all the same, and sending its key again neither forks nor duplicates the job."""
+    assert rclient.info("replication")["connected_slaves"] == 0
+    client = MeshClient(make_settings(redis_wait_replicas=1, redis_wait_timeout_ms=20))
+    note = {"tool": "note", "args": {"title": "unconfirmed", "body": "x"}}
+    with pytest.raises(NotReplicated, match="0 of 1 replica") as caught:
+        client.send("executor", note, key="unconfirmed-1")
+    ref = caught.value.refs[0]
+    assert client.status(ref.id).state is State.QUEUED
+    with pytest.raises(NotReplicated):
+        client.send("executor", note, key="unconfirmed-1")
+    assert client.jobs.get(ref.id) is not None and len(list(client.redis.zrange(client.keys.jobs, 0, -1))) == 1
