@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from .client import JobRef, MeshClient, WaitTimeout, job_id_for
+from .connection import NotReplicated
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .settings import MeshSettings
 
-__all__ = ["JobNotFound", "JobRef", "JobStore", "Keys", "MeshClient", "MeshSettings", "WaitTimeout", "job_id_for"]
+__all__ = ["JobNotFound", "JobRef", "JobStore", "Keys", "MeshClient", "MeshSettings", "NotReplicated", "WaitTimeout",
+           "job_id_for"]

@@ -33,6 +33,7 @@ from mesh.contracts import (
 from mesh.contracts.messages import validate_model
 
 from . import trace
+from .connection import connect, replicated, transaction
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
@@ -105,7 +106,7 @@ class MeshClient:
     def __init__(self, settings: MeshSettings | None = None, *, client: redis.Redis | None = None,
                  app: AgentCatalog | None = None) -> None:
         self.settings = settings or MeshSettings.from_env()
-        self.redis = client or redis.Redis.from_url(self.settings.redis_url)
+        self.redis = client or connect(self.settings)
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.app = app
@@ -181,7 +182,7 @@ class MeshClient:
                                 limit=self.settings.max_fan_out, size=-1)
         encoded = [self._encode(m) for m in messages]
         while True:
-            with self.redis.pipeline(transaction=True) as pipe:
+            with transaction(self.redis, self.settings) as pipe:
                 try:
                     pipe.watch(self.keys.job(ref.id))
                     existing = pipe.get(self.keys.job(ref.id))
@@ -197,6 +198,7 @@ class MeshClient:
                             trace.stage(pipe, self.keys, ev)
                         stage_all(pipe, self.keys, messages, encoded)
                     pipe.execute()
+                    replicated(pipe, [ref])
                     return ref
                 except redis.WatchError:
                     continue
@@ -305,7 +307,7 @@ class MeshClient:
         """Write what :meth:`_build` built, in one transaction (see :meth:`_send`)."""
         given = [r for r, (_, _, key) in zip(records, items, strict=True) if key]
         while True:
-            with self.redis.pipeline(transaction=True) as pipe:
+            with transaction(self.redis, self.settings) as pipe:
                 try:
                     if given:
                         watched = [self.keys.job(r.job_id) for r in given]
@@ -318,6 +320,7 @@ class MeshClient:
                                                                  by="client"))
                     stage_all(pipe, self.keys, messages, encoded)
                     pipe.execute()
+                    replicated(pipe, refs)
                     return refs
                 except redis.WatchError:
                     continue  # a record changed between the check and the writes: check again

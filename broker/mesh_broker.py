@@ -14,13 +14,12 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.retry import Retry
 
 from mesh.contracts import OrjsonEncoder
 from mesh.contracts.deadletter import Attempt, DeadLetter
 
 from .claims import script_source
+from .connection import connect
 from .consumer import MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
@@ -58,9 +57,9 @@ class MeshBroker(RedisBroker):
         middleware: list[Middleware] | None = None,
         clock: Callable[[], int] = current_millis,
     ) -> None:
-        client = client or queue_client(settings.redis_url)
+        client = client or queue_client(settings)
         #: The connection for claims and job records (``client`` is for fetching and settling).
-        self.records = records or records_client(settings.redis_url)
+        self.records = records or records_client(settings)
         super().__init__(
             namespace=settings.namespace,
             # Recovery runs deterministically in every fetch (settle.lua), not by chance.
@@ -174,19 +173,18 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def queue_client(url: str) -> redis.Redis:
+def queue_client(settings: MeshSettings) -> redis.Redis:
     """The connection the broker fetches and settles on. redis-py's automatic retry is off: a fetch
     re-sent after a lost reply would strand its first batch, while a surfaced error makes dramatiq
     rebuild the consumer, which reclaims whatever the lost connection left behind."""
-    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+    return connect(settings, retries=False)
 
 
-def records_client(url: str) -> redis.Redis:
+def records_client(settings: MeshSettings) -> redis.Redis:
     """The connection for claims, leases, breakers and job records: their commands are safe to
     re-send (claims are idempotent per owner, job writes are WATCH/MULTI transactions), so a
     dropped connection or a restarting Redis is retried for a few seconds before anything fails."""
-    return redis.Redis.from_url(url, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 8),
-                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    return connect(settings, retries=True)
 
 
 def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Middleware]:
@@ -208,6 +206,6 @@ def build_broker(settings: MeshSettings, *, client: redis.Redis | None = None) -
     the process's, shared with dramatiq's result backends: it takes any JSON value (see
     :class:`~contracts.OrjsonEncoder`)."""
     dramatiq.set_encoder(OrjsonEncoder())
-    broker = MeshBroker(settings, records=client or records_client(settings.redis_url))
+    broker = MeshBroker(settings, records=client or records_client(settings))
     dramatiq.set_broker(broker)
     return broker

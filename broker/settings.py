@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh.contracts import ConfigError
 
+from . import connection
+
 ENV_PREFIX = "MESH_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -18,9 +20,22 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 class MeshSettings(BaseSettings):
     """Every knob of a deployment. Durations carry their unit in the name."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid",
+                                      hide_input_in_errors=True)  # an input may be a URL with a password
 
-    redis_url: str = DEFAULT_REDIS_URL
+    redis_url: str = Field(default=DEFAULT_REDIS_URL, repr=False, description="redis://, rediss:// (TLS) or "
+                           "redis+sentinel:// URL, with credentials if the server wants them")
+    redis_ca_file: str | None = Field(default=None, description="rediss://: the CA bundle (PEM) the server's "
+                                      "certificate is checked against; default: the system's")
+    redis_cert_file: str | None = Field(default=None, description="rediss://: client certificate (PEM), for "
+                                        "servers with tls-auth-clients")
+    redis_key_file: str | None = Field(default=None, description="rediss://: the client certificate's key (PEM)")
+    redis_sentinel_password: SecretStr | None = Field(default=None, description="redis+sentinel://: the "
+                                                      "sentinels' own password (the URL's is the master's)")
+    redis_wait_replicas: int = Field(default=0, ge=0, description="a client's enqueue returns only once this many "
+                                     "replicas have it (Redis WAIT); 0: once the primary has it")
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, description="how long an enqueue waits for "
+                                       "MESH_REDIS_WAIT_REPLICAS before it fails as not replicated")
     namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
     model_provider: Literal["local", "openai"] | None = Field(
@@ -91,6 +106,14 @@ class MeshSettings(BaseSettings):
                              f"MESH_DLQ_RETENTION_S ({self.dlq_retention_s:g})")
         return self
 
+    @model_validator(mode="after")
+    def _redis_reachable_as_written(self) -> MeshSettings:
+        try:
+            connection.check(self)
+        except ConfigError as exc:  # pydantic wants a ValueError; from_env turns it back into a ConfigError
+            raise ValueError(exc.message) from None
+        return self
+
     @property
     def claim_lease_s(self) -> float:
         """The lease a claim holds; by default as long as a worker may go silent before it counts as dead."""
@@ -118,8 +141,9 @@ class MeshSettings(BaseSettings):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            problems = "; ".join(  # a check across settings (no loc) names its settings itself
+                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" if e["loc"]
+                else str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()
             )
             raise ConfigError(f"invalid settings: {problems}") from None
 

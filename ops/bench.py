@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from mesh.broker.connection import SETTINGS, connect
 from mesh.broker.settings import MeshSettings
 
 MESH_Q, RAW_Q = "bench_mesh", "bench_raw"
@@ -56,7 +57,7 @@ def _latency(sent_at: float, *_rest: Any) -> None:
     broker.bench_client.rpush(broker.bench_latency_key, repr(time.time() - sent_at))
 
 
-def _serve(side: str, url: str, namespace: str, threads: int, prefetch: int, stop: Any, ready: Any) -> None:
+def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch: int, stop: Any, ready: Any) -> None:
     import dramatiq
     from dramatiq import Worker
 
@@ -67,18 +68,18 @@ def _serve(side: str, url: str, namespace: str, threads: int, prefetch: int, sto
         from mesh.broker.mesh_broker import build_broker
         from mesh.contracts import MeshError
 
-        broker: Any = build_broker(MeshSettings(redis_url=url, namespace=namespace, prefetch=prefetch,
-                                                worker_threads=threads))
+        broker: Any = build_broker(base.model_copy(update={"namespace": namespace, "prefetch": prefetch,
+                                                           "worker_threads": threads}))
         options: dict[str, Any] = {"throws": (MeshError,)}
         queue = MESH_Q
     else:
         from dramatiq.brokers.redis import RedisBroker
 
-        broker = RedisBroker(url=url, namespace=namespace)
+        broker = RedisBroker(client=connect(base, retries=False), namespace=namespace)
         dramatiq.set_broker(broker)
         options = {}
         queue = RAW_Q
-    broker.bench_client = redis.Redis.from_url(url)
+    broker.bench_client = connect(base)
     broker.bench_latency_key = f"{namespace}:latency:{side}"
 
     def run(envelope: Any) -> None:
@@ -97,14 +98,14 @@ def _serve(side: str, url: str, namespace: str, threads: int, prefetch: int, sto
 
 
 @contextmanager
-def _workers(side: str, url: str, namespace: str, cfg: BenchConfig, processes: int | None = None,
+def _workers(side: str, base: MeshSettings, namespace: str, cfg: BenchConfig, processes: int | None = None,
              threads: int | None = None) -> Iterator[None]:
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     readies, procs = [], []
     for _ in range(processes or cfg.processes):
         ready = ctx.Event()
-        p = ctx.Process(target=_serve, args=(side, url, namespace, threads or cfg.threads, cfg.effective_prefetch,
+        p = ctx.Process(target=_serve, args=(side, base, namespace, threads or cfg.threads, cfg.effective_prefetch,
                                              stop, ready), daemon=True)
         p.start()
         readies.append(ready)
@@ -171,13 +172,13 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 # -- measurements ---------------------------------------------------------------------------------------
 
 
-def _throughput(client: redis.Redis, url: str, ns: str, cfg: BenchConfig,
+def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig,
                 side: str) -> tuple[float, float, dict[str, float]]:
     """msg/s, Redis commands per message, and per message by command, for one side."""
     queue = MESH_Q if side == "mesh" else RAW_Q
     run = uuid.uuid4().hex[:8]
     bodies = [_envelope(i, run) if side == "mesh" else {"n": i} for i in range(cfg.messages)]
-    with _workers(side, url, ns, cfg):
+    with _workers(side, base, ns, cfg):
         before = _commands(client)
         started = time.perf_counter()
         _push(client, ns, queue, bodies)
@@ -188,19 +189,19 @@ def _throughput(client: redis.Redis, url: str, ns: str, cfg: BenchConfig,
     return cfg.messages / elapsed, sum(used.values()) / cfg.messages, per
 
 
-def _enqueue(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> dict[str, float]:
+def _enqueue(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> dict[str, float]:
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
     from mesh.broker import MeshClient
 
     n = min(cfg.messages, 2_000)
-    mesh = MeshClient(MeshSettings(redis_url=url, namespace=ns), client=client)
+    mesh = MeshClient(base.model_copy(update={"namespace": ns}), client=client)
     payloads = [({"tool": "note", "args": {"title": f"n{i}"}}, f"enq-{uuid.uuid4().hex}") for i in range(n)]
     started = time.perf_counter()
     mesh.send_many("executor", payloads)
     many = n / (time.perf_counter() - started)
-    broker = RedisBroker(url=url, namespace=ns)
+    broker = RedisBroker(client=connect(base, retries=False), namespace=ns)
     actor = dramatiq.Actor(_noop, broker=broker, actor_name="bench_enqueue", queue_name="bench_enqueue",
                            priority=0, options={})
     started = time.perf_counter()
@@ -211,14 +212,14 @@ def _enqueue(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> dict[s
     return {"send_many_msg_s": many, "send_loop_msg_s": loop, "ratio": many / loop}
 
 
-def _pickup(client: redis.Redis, url: str, ns: str, cfg: BenchConfig, side: str) -> dict[str, float]:
+def _pickup(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, side: str) -> dict[str, float]:
     """send → handler start on an idle queue, one worker process with one thread."""
     import random
 
     queue = MESH_Q if side == "mesh" else RAW_Q
     key = f"{ns}:latency:{side}"
     run = uuid.uuid4().hex[:8]
-    with _workers(side, url, ns, cfg, processes=1, threads=1):
+    with _workers(side, base, ns, cfg, processes=1, threads=1):
         for i in range(cfg.latency_samples):
             time.sleep(random.uniform(0.05, 0.3))  # idle, so the consumer's polling backs off as it would
             payload = {"sent_at": time.time()}
@@ -234,11 +235,11 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def _dlq(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> dict[str, float]:
+def _dlq(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> dict[str, float]:
     from mesh.broker.keys import Keys
     from mesh.dlq import DeadLetterStore, Filter, Replayer, drain
 
-    settings = MeshSettings(redis_url=url, namespace=ns)
+    settings = base.model_copy(update={"namespace": ns})
     store = DeadLetterStore(client, Keys(ns))
     _fill_dlq(store, cfg.dlq_entries)
     replayer = Replayer(store, settings)
@@ -289,20 +290,20 @@ def _fill_dlq(store: Any, n: int) -> None:
     pipe.execute()
 
 
-def _duplicates(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> float:
+def _duplicates(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> float:
     """msg/s of messages whose key is already done: the cost of a duplicate."""
     from mesh.broker.idempotency import Idempotency
     from mesh.contracts import dumps
 
     run = uuid.uuid4().hex[:8]
-    mw = Idempotency(MeshSettings(redis_url=url, namespace=ns), client)
+    mw = Idempotency(base.model_copy(update={"namespace": ns}), client)
     pipe = client.pipeline(transaction=False)
     bodies = [_envelope(i, run) for i in range(cfg.messages)]
     for body in bodies:
         mw._call("claim", mw.keys.claim(body["key"]), "bench", client=pipe)
         mw._call("done", mw.keys.claim(body["key"]), "bench", dumps({}), client=pipe)
     pipe.execute()
-    with _workers("mesh", url, ns, cfg):
+    with _workers("mesh", base, ns, cfg):
         started = time.perf_counter()
         _push(client, ns, MESH_Q, bodies)
         _drained(client, ns, MESH_Q)
@@ -311,24 +312,25 @@ def _duplicates(client: redis.Redis, url: str, ns: str, cfg: BenchConfig) -> flo
 
 def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every figure of ``mesh bench``, as a dict with stable keys."""
-    url = settings.redis_url
     ns = f"bench-{uuid.uuid4().hex[:10]}"
-    client = redis.Redis.from_url(url)
+    # The configured Redis (and its TLS files); every other setting at its default, as measured.
+    settings = MeshSettings(**settings.model_dump(include=set(SETTINGS)))
+    client = connect(settings)
     try:
         pairs = []
         for i in range(cfg.pairs):
             progress(f"throughput pair {i + 1}/{cfg.pairs}")
-            mesh = _throughput(client, url, ns, cfg, "mesh")
-            raw = _throughput(client, url, ns, cfg, "raw")
+            mesh = _throughput(client, settings, ns, cfg, "mesh")
+            raw = _throughput(client, settings, ns, cfg, "raw")
             pairs.append((mesh, raw))
         progress("enqueue")
-        enqueue = _enqueue(client, url, ns, cfg)
+        enqueue = _enqueue(client, settings, ns, cfg)
         progress("pickup latency")
-        pickup = {side: _pickup(client, url, ns, cfg, side) for side in ("mesh", "raw")}
+        pickup = {side: _pickup(client, settings, ns, cfg, side) for side in ("mesh", "raw")}
         progress("dead-letter queue")
-        dlq = _dlq(client, url, ns, cfg)
+        dlq = _dlq(client, settings, ns, cfg)
         progress("duplicates")
-        dup = _duplicates(client, url, ns, cfg)
+        dup = _duplicates(client, settings, ns, cfg)
     finally:
         _clean(client, ns)
         client.close()

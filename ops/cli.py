@@ -271,19 +271,24 @@ def _job_id(c: MeshClient, given: str) -> str:
     return resolve(c, c.keys.jobs, given, "jobs", alias="job-")
 
 
-@app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), or `mesh status order-7`")
-def status(job_id: Annotated[str, typer.Argument(help="The job id (from `mesh submit` or `mesh jobs`) or its start, "
-                                                  "or the key it was sent with, e.g. order-7.", metavar="JOB_ID|KEY",
-                                                  show_default=False)],
+@app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), `mesh status order-7`, "
+             "or `mesh status` for the deployment")
+def status(job_id: Annotated[str | None, typer.Argument(
+               help="The job id (from `mesh submit` or `mesh jobs`) or its start, or the key it was sent with, "
+                    "e.g. order-7. Without it: the deployment.", metavar="JOB_ID|KEY", show_default=False)] = None,
            wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     """A job's state and every step's: attempts, timings, errors, results.
 
     A running step without progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by
-    retention is reported expired."""
+    retention is reported expired. Without a job: the Redis in use (address, role; for Sentinel
+    the master it names now), the namespace, live workers and dead letters."""
     from mesh.broker.client import job_id_for
     from mesh.broker.retention import expired
 
     c = client()
+    if job_id is None:
+        _deployment(c, as_json)
+        return
     # A job id (or its unique start) is tried first, then the key (the same key always names the same job).
     resolved = _job_id(c, job_id)
     candidates = [resolved] if resolved != job_id or (job_id.startswith("job-") and len(job_id) == 36) \
@@ -300,6 +305,26 @@ def status(job_id: Annotated[str, typer.Argument(help="The job id (from `mesh su
             fail(f"job {candidate} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
                  "after a job ends", EXIT_INPUT)
     fail(f"no job {job_id}" + ("" if len(candidates) == 1 else f" (nor a job of key {job_id!r})"), EXIT_INPUT)
+
+
+def _deployment(c: MeshClient, as_json: bool) -> None:
+    from mesh.broker.clock import server_ms
+    from mesh.broker.connection import describe
+
+    server = describe(c.settings, c.redis)
+    since = server_ms(c.redis) - c.settings.heartbeat_timeout_s * 1000
+    overview = {"redis": server, "namespace": c.settings.namespace,
+                "workers": int(c.redis.zcount(c.keys.heartbeats, since, "+inf")), "dlq": int(c.redis.zcard(c.keys.dlq))}
+    if as_json:
+        emit_json(overview)
+        return
+    via = f", Sentinel service {server['sentinel']} via {', '.join(server['sentinels'])}" if "sentinel" in server \
+        else ""
+    tls = ", TLS" if server["tls"] else ""
+    out.print(Text(f"redis:     {server.get('address', '?')} db {server['db']}, {server.get('role', '?')}{tls}{via}"))
+    out.print(Text(f"namespace: {overview['namespace']}"))
+    out.print(Text(f"workers:   {overview['workers']} live"))
+    out.print(Text(f"dlq:       {overview['dlq']} entries"))
 
 
 @app.command()

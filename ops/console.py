@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.connection import masked_url
 from mesh.contracts import ConfigError
 
 out = Console(soft_wrap=True)
@@ -76,7 +77,9 @@ def client() -> MeshClient:
     try:
         c.redis.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        fail(f"cannot reach Redis at {s.redis_url}: {exc}", EXIT_REDIS)
+        hint = ("; give its user and password in MESH_REDIS_URL: redis://user:password@host:port/db"
+                if isinstance(exc, redis.AuthenticationError) else "")
+        fail(f"cannot reach Redis at {masked_url(s.redis_url)}: {exc}{hint}", EXIT_REDIS)
     return c
 
 

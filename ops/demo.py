@@ -13,6 +13,7 @@ from rich.console import Console
 
 from mesh.agents.tools import read_note
 from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.connection import masked_url
 from mesh.contracts import TERMINAL, JobRecord, State
 
 from .local_redis import ensure_redis
@@ -22,11 +23,16 @@ DEMO_NAMESPACE = "mesh-demo"
 
 def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     env_settings = MeshSettings.from_env()
-    url = ensure_redis(env_settings.redis_url, private=True)  # a demo runs anywhere, Redis or not
+    url = ensure_redis(env_settings, private=True)  # a demo runs anywhere, Redis or not
     namespace = os.environ.get("MESH_NAMESPACE", DEMO_NAMESPACE)
-    settings = env_settings.model_copy(update={"redis_url": url, "namespace": namespace})
     env = {**os.environ, "MESH_REDIS_URL": url, "MESH_NAMESPACE": namespace}
-    out.print(f"Redis {url}, namespace {namespace!r}; starting 2 worker processes (planner, researcher, executor)")
+    tls = {"redis_ca_file": None, "redis_cert_file": None, "redis_key_file": None}
+    if url != env_settings.redis_url:  # the private server speaks plain TCP
+        env = {k: v for k, v in env.items() if k.lower().removeprefix("mesh_") not in tls}
+    settings = env_settings.model_copy(update={"redis_url": url, "namespace": namespace,
+                                               **(tls if url != env_settings.redis_url else {})})
+    out.print(f"Redis {masked_url(url)}, namespace {namespace!r}; starting 2 worker processes "
+              "(planner, researcher, executor)", highlight=False)
     workers = subprocess.Popen(
         [sys.executable, "-m", "mesh.ops.cli", "worker", "--processes", "2", "--threads", "4"],
         env=env, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -50,11 +56,11 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     out.print(steps_table(record))
     _show_effects(client, record, out)
     if url == env_settings.redis_url:
-        out.print(f"\nInspect it again with: MESH_REDIS_URL={url} MESH_NAMESPACE={namespace} "
+        out.print(f"\nInspect it again with: MESH_REDIS_URL={masked_url(url)} MESH_NAMESPACE={namespace} "
                   f"mesh status {record.job_id}", highlight=False)
     else:  # the private server stops with this process, and its data with it
-        out.print(f"\nNo Redis answered at {env_settings.redis_url}, so this demo ran on a private one that "
-                  "stops now, with its data: the job cannot be inspected afterwards. To keep jobs, start "
+        out.print(f"\nNo Redis answered at {masked_url(env_settings.redis_url)}, so this demo ran on a private "
+                  "one that stops now, with its data: the job cannot be inspected afterwards. To keep jobs, start "
                   f"a Redis there (e.g. redis-server) and run the demo again; then: mesh status {record.job_id}",
                   highlight=False)
     return 0 if record.state is State.SUCCEEDED else 1

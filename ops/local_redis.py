@@ -9,12 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from mesh.broker.settings import DEFAULT_REDIS_URL
+from mesh.broker.connection import connect, masked_url
+from mesh.broker.settings import DEFAULT_REDIS_URL, MeshSettings
+from mesh.contracts import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +29,17 @@ def local_dir() -> Path:
     return Path.cwd() / ".mesh" / "redis"
 
 
-def answers(url: str, timeout_s: float = 1.0) -> bool:
+def answers(target: str | MeshSettings, timeout_s: float = 1.0) -> bool:
+    """Whether a Redis answers a PING at ``target`` (a URL, or settings with their TLS files)."""
+    settings = MeshSettings(redis_url=target) if isinstance(target, str) else target
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client = connect(settings, retries=False, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
         try:
             return bool(client.ping())
         finally:
             client.close()
+    except redis.AuthenticationError as exc:  # someone answers, and refuses us: not a missing server
+        raise ConfigError(f"Redis at {masked_url(settings.redis_url)} refused the credentials: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         return False
 
@@ -61,14 +68,18 @@ class PrivateRedis:
 
     ``args`` are extra server arguments, after (so overriding) the defaults: e.g.
     ``("--appendonly", "yes", "--appendfsync", "always")`` for a server whose data survives ``restart()``.
+    ``url``: how clients reach it, ``{port}`` standing for the port (default ``redis://127.0.0.1:{port}/0``);
+    ``probe``: more settings for the check that it answers (e.g. ``redis_ca_file`` for a TLS server).
     """
 
     def __init__(self, binary: str, port: int | None = None, folder: Path | None = None,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] = (), *, url: str = "redis://127.0.0.1:{port}/0",
+                 probe: Mapping[str, Any] | None = None) -> None:
         folder = folder or local_dir()
         self.binary = binary
         self.port = port or _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = url.format(port=self.port)
+        self.settings = MeshSettings(redis_url=self.url, **(probe or {}))
         self.folder = folder
         self.args = tuple(args)
         folder.mkdir(parents=True, exist_ok=True)
@@ -84,7 +95,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not answers(self.url, 0.2):
+        while not answers(self.settings, 0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"private redis-server on port {self.port} did not start; see {self.folder}")
@@ -106,18 +117,20 @@ class PrivateRedis:
         self.start()
 
 
-def ensure_redis(url: str = DEFAULT_REDIS_URL, *, private: bool | None = None) -> str:
-    """``url`` if a Redis answers there; else a private server's URL when ``private`` (default: only
-    for the default local URL), else RuntimeError."""
-    if answers(url):
+def ensure_redis(target: str | MeshSettings = DEFAULT_REDIS_URL, *, private: bool | None = None) -> str:
+    """The URL of ``target`` (a URL, or settings with their TLS files) if a Redis answers there; else a
+    private server's URL when ``private`` (default: only for the default local URL), else
+    RuntimeError. A server that refuses the credentials is a ConfigError, never replaced."""
+    url = target if isinstance(target, str) else target.redis_url
+    if answers(target):
         return url
     if not (url == DEFAULT_REDIS_URL if private is None else private):
-        raise RuntimeError(f"no Redis answers at {url}")
+        raise RuntimeError(f"no Redis answers at {masked_url(url)}")
     binary = redis_binary()
     if binary is None:
-        raise RuntimeError(f"no Redis answers at {url} and no redis-server binary is available")
+        raise RuntimeError(f"no Redis answers at {masked_url(url)} and no redis-server binary is available")
     server = PrivateRedis(binary)
-    print(f"no Redis answered at {url}; started a private one at {server.url} ({binary}, files in {server.folder}; "
-          "it stops when this command ends)",
+    print(f"no Redis answered at {masked_url(url)}; started a private one at {server.url} ({binary}, files in "
+          f"{server.folder}; it stops when this command ends)",
           file=sys.stderr)
     return server.url

@@ -98,7 +98,8 @@ def test_metrics_count_the_work_of_two_worker_processes_a_breaker_trip_and_dead_
             health = httpx.get(f"{base}/healthz", timeout=10)
             assert health.status_code == 200 and health.json() == {"status": "ok"}
             assert httpx.get(f"{base}/nope", timeout=10).status_code == 404
-            assert ready(base) == (200, {"status": "ready", "workers": 2})
+            status, body = ready(base)
+            assert (status, body["status"], body["workers"]) == (200, "ready", 2)
 
             # 30 messages: two http_post through the gate, then 28 notes.
             items = [(http_call(gated.url(), i), f"gate-{i}") for i in range(2)]
@@ -182,7 +183,9 @@ def test_readyz_is_503_without_a_worker_heartbeat_within_the_timeout(client, rcl
         assert ready(base)[0] == 503  # a heartbeat older than MESH_HEARTBEAT_TIMEOUT_S is a dead worker
 
         rclient.zadd(client.keys.heartbeats, {"alive": time.time() * 1000})
-        assert ready(base) == (200, {"status": "ready", "workers": 1})
+        status, body = ready(base)
+        assert (status, body["status"], body["workers"]) == (200, "ready", 1)
+        assert body["redis"]["role"] == "master" and body["redis"]["address"]
 
 
 @pytest.fixture
@@ -214,13 +217,16 @@ def test_readyz_turns_503_when_redis_stops_and_200_again_once_it_is_back_and_the
             private_redis.stop()
             status, body = wait_for(lambda: (r := ready(base))[0] == 503 and r, timeout_s=15, interval_s=0.1)
             assert body["status"] == "not ready" and "redis" in body
+            assert body["redis"]["address"] == f"127.0.0.1:{private_redis.port}" and body["redis"]["error"]
             assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200  # alive, just not ready
             assert httpx.get(f"{base}/metrics", timeout=10).status_code == 503
 
             private_redis.start()  # same port, empty: only a fresh heartbeat makes it ready again
             wait_for(lambda: ready(base)[0] == 200, timeout_s=45, interval_s=0.1)
             status, body = ready(base)
-            assert body == {"status": "ready", "workers": 1}
+            assert (body["status"], body["workers"]) == ("ready", 1)
+            assert body["redis"] == {"address": f"127.0.0.1:{private_redis.port}", "db": 0, "tls": False,
+                                     "role": "master"}
             assert probe.zcard(client.keys.heartbeats) == 1
             assert proc.poll() is None
             scrape(base)  # and /metrics answers again

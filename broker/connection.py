@@ -1,0 +1,297 @@
+"""Every Redis connection the mesh opens, made from settings in one place.
+
+``MESH_REDIS_URL`` takes three forms:
+
+- ``redis://[[user]:password@]host[:port][/db]``: plain TCP, with AUTH (an ACL user, or the
+  ``default`` user when only a password is given);
+- ``rediss://...``: the same over TLS; ``MESH_REDIS_CA_FILE`` names the CA bundle that signed the
+  server's certificate (default: the system's), ``MESH_REDIS_CERT_FILE`` and ``MESH_REDIS_KEY_FILE``
+  a client certificate for servers that ask for one (``tls-auth-clients yes``);
+- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the master that
+  Redis Sentinel names ``service`` (the sentinels' default port is 26379). The URL's credentials
+  are the master's; sentinels that require a password of their own get
+  ``MESH_REDIS_SENTINEL_PASSWORD``.
+
+Two kinds of client are made (see :func:`connect`): with redis-py's automatic retry of a failed
+command, for commands that are safe to re-send, and without it, for the broker's fetches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from mesh.contracts import ConfigError, MeshError
+
+if TYPE_CHECKING:
+    from .settings import MeshSettings
+
+SCHEMES = ("redis", "rediss", "redis+sentinel")
+SENTINEL_PORT = 26379
+#: The settings that say how to reach Redis (the rest say what to do there).
+SETTINGS = ("redis_url", "redis_ca_file", "redis_cert_file", "redis_key_file", "redis_sentinel_password")
+#: What a masked password reads as.
+MASKED = "***"
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """``MESH_REDIS_URL`` taken apart. ``hosts``: the server, or the sentinels."""
+
+    scheme: str
+    hosts: tuple[tuple[str, int], ...]
+    db: int
+    username: str | None
+    password: str | None
+    service: str | None = None
+
+    @property
+    def sentinel(self) -> bool:
+        return self.scheme == "redis+sentinel"
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "rediss"
+
+
+def parse_url(url: str) -> RedisAddress:
+    """``url`` taken apart; ConfigError (naming the URL with its password masked) when it is not one
+    of the three forms."""
+    try:
+        return _parse(url)
+    except ValueError as exc:
+        raise ConfigError(f"MESH_REDIS_URL {masked_url(url)!r}: {exc}") from None
+
+
+def _parse(url: str) -> RedisAddress:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        raise ValueError(f"the scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
+    scheme = scheme.lower()
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    if query:
+        raise ValueError("query parameters are not taken; use MESH_* settings")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if not colon:  # redis-py's reading too: a lone userinfo is the password
+            username, password = None, unquote(user) or None
+    default_port = SENTINEL_PORT if scheme == "redis+sentinel" else 6379
+    hosts = tuple(_host_port(h, default_port) for h in hostlist.split(","))
+    parts = [p for p in path.split("/") if p] if path else []
+    service = None
+    if scheme == "redis+sentinel":
+        if not parts:
+            raise ValueError("a Sentinel URL names the master's service: redis+sentinel://host:port,.../service[/db]")
+        service, parts = parts[0], parts[1:]
+    elif len(hosts) != 1:
+        raise ValueError("several hosts are a Sentinel URL: redis+sentinel://host:port,.../service[/db]")
+    if len(parts) > 1:
+        raise ValueError(f"unexpected path {'/' + path!r}")
+    try:
+        db = int(parts[0]) if parts else 0
+    except ValueError:
+        raise ValueError(f"the database must be a number, not {parts[0]!r}") from None
+    if db < 0:
+        raise ValueError("the database must not be negative")
+    return RedisAddress(scheme, hosts, db, username, password, service)
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int]:
+    if item.startswith("["):  # [::1]:6379
+        host, _, port = item[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host:
+        raise ValueError("a host is missing")
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"the port of {host} must be a number") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"the port of {host} is out of range")
+    return host, number
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: the only way a Redis URL is shown."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url else MASKED
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:{MASKED}" if colon else MASKED
+    return f"{scheme}://{shown}@{hostlist}{slash}{tail}"
+
+
+def check(settings: MeshSettings) -> None:
+    """ConfigError unless the URL parses and the TLS settings fit it (files exist, only for rediss)."""
+    address = parse_url(settings.redis_url)
+    files = {"MESH_REDIS_CA_FILE": settings.redis_ca_file, "MESH_REDIS_CERT_FILE": settings.redis_cert_file,
+             "MESH_REDIS_KEY_FILE": settings.redis_key_file}
+    given = {name: path for name, path in files.items() if path}
+    if given and not address.tls:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} {verb} to TLS only, and MESH_REDIS_URL is "
+                          f"{address.scheme}://; use rediss://")
+    for name, path in given.items():
+        if not os.path.isfile(path):
+            raise ConfigError(f"{name}: no such file: {path}")
+    if bool(settings.redis_cert_file) != bool(settings.redis_key_file):
+        raise ConfigError("MESH_REDIS_CERT_FILE and MESH_REDIS_KEY_FILE go together: a client certificate "
+                          "needs its key")
+
+
+def _retry(retries: bool) -> dict[str, Any]:
+    if not retries:
+        return {"retry": Retry(NoBackoff(), 0)}
+    return {"retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 8),
+            "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+
+
+def _tls(settings: MeshSettings) -> dict[str, Any]:
+    return {"ssl_ca_certs": settings.redis_ca_file, "ssl_certfile": settings.redis_cert_file,
+            "ssl_keyfile": settings.redis_key_file, "ssl_cert_reqs": "required"}
+
+
+def connect(settings: MeshSettings, *, retries: bool = True, **options: Any) -> redis.Redis:
+    """A client of the Redis ``settings`` name. ``retries``: a command that fails on a dropped
+    connection or a restarting (failing-over) server is re-sent for a few seconds, for commands safe
+    to re-send (claims, job writes in WATCH/MULTI, reads); without, the error surfaces at once.
+    ``options``: more redis-py connection arguments (e.g. ``socket_timeout``)."""
+    address = parse_url(settings.redis_url)
+    kwargs: dict[str, Any] = {"db": address.db, "username": address.username, "password": address.password,
+                              **_retry(retries), **options}
+    if address.sentinel:
+        assert address.service is not None
+        sentinel_auth = settings.redis_sentinel_password
+        sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+        if sentinel_auth is not None:
+            sentinel_kwargs["password"] = sentinel_auth.get_secret_value()
+        sentinels = Sentinel(list(address.hosts), sentinel_kwargs=sentinel_kwargs)
+        return sentinels.master_for(address.service, **kwargs)
+    host, port = address.hosts[0]
+    if address.tls:
+        kwargs.update(ssl=True, **_tls(settings))
+    return redis.Redis(host=host, port=port, **kwargs)
+
+
+def configured(settings: MeshSettings) -> dict[str, Any]:
+    """Which Redis ``settings`` name, as operators read it, without asking it: ``address`` (or, for
+    Sentinel, ``sentinel`` and ``sentinels``), ``db`` and ``tls``. Never a credential."""
+    address = parse_url(settings.redis_url)
+    hosts = [_shown(host, port) for host, port in address.hosts]
+    out: dict[str, Any] = {"sentinel": address.service, "sentinels": hosts} if address.sentinel \
+        else {"address": hosts[0]}
+    return {**out, "db": address.db, "tls": address.tls}
+
+
+def where(client: redis.Redis) -> dict[str, Any]:
+    """Which Redis ``client`` uses now: ``address`` (host:port; for Sentinel the master it names
+    now) and ``role`` (``INFO replication``: master or replica; ``unknown`` for a user not allowed
+    INFO). Never a credential. Raises redis errors when the server does not answer."""
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        host, port = pool.get_master_address()
+    else:
+        host, port = pool.connection_kwargs.get("host", "?"), pool.connection_kwargs.get("port", "?")
+    try:
+        role = str(client.info("replication").get("role", "unknown"))
+    except redis.exceptions.NoPermissionError:
+        role = "unknown"
+    return {"address": _shown(host, port), "role": "replica" if role == "slave" else role}
+
+
+def describe(settings: MeshSettings, client: redis.Redis) -> dict[str, Any]:
+    """:func:`configured` and, when the server answers, :func:`where`; else the error, under ``error``."""
+    out = configured(settings)
+    try:
+        out.update(where(client))
+    except redis.RedisError as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def _shown(host: Any, port: Any) -> str:
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+#: Every command the mesh sends (its Lua scripts' included), for an ACL user that may run nothing
+#: else; ``info`` only tells ``mesh status`` and /readyz the server's role and may be left out.
+#: Found by running every flow under a user of ``+@all`` and reading ``INFO commandstats``, plus the
+#: commands of paths the flows do not take; tests/broker/test_redis_auth.py runs them under it.
+ACL_COMMANDS = (
+    "ping", "info", "select",
+    "eval", "evalsha", "script|load", "multi", "exec", "discard", "watch", "unwatch",
+    "get", "set", "mget", "del", "exists", "expire", "pexpire", "pexpireat", "persist", "pttl", "incrby", "time",
+    "hget", "hset", "hsetnx", "hdel", "hexists", "hgetall", "hmget", "hlen", "hincrby", "hincrbyfloat",
+    "blpop", "lpop", "lpush", "rpush", "llen", "lindex", "lrange", "ltrim",
+    "sadd", "srem", "smembers", "scard", "sismember",
+    "zadd", "zrem", "zcard", "zcount", "zscore", "zrange", "zrangebyscore", "zrevrangebyscore",
+    "zremrangebyscore", "zremrangebyrank",
+    "xadd", "xrange", "xrevrange",
+)
+
+
+def acl_rules(namespace: str) -> list[str]:
+    """The ACL rules of a user that can run the mesh in ``namespace`` and nothing else: its keys (the
+    bare namespace too: dramatiq's scripts get it as their KEYS[1]), no channels, the commands above."""
+    return ["resetkeys", f"~{namespace}", f"~{namespace}:*", "resetchannels", "-@all",
+            *(f"+{command}" for command in ACL_COMMANDS)]
+
+
+class NotReplicated(MeshError):
+    """An enqueue the primary applied but fewer replicas than MESH_REDIS_WAIT_REPLICAS confirmed in
+    time: should the primary fail now, a replica promoted in its place may not have it. Sending it
+    again with the same key is safe (the mesh runs a key once). ``refs``: the jobs it sent."""
+
+    def __init__(self, acked: int, wanted: int, timeout_ms: int, refs: list[Any]) -> None:
+        super().__init__(f"enqueued on the primary, but {acked} of {wanted} replica(s) confirmed it within "
+                         f"{timeout_ms} ms (MESH_REDIS_WAIT_REPLICAS): it may be lost if the primary fails "
+                         "now; send it again with the same key", acked=acked, wanted=wanted)
+        self.refs = refs
+
+
+class ReplicatedTransaction(redis.client.Pipeline):
+    """A MULTI/EXEC transaction followed by ``WAIT replicas timeout_ms`` on the same connection (WAIT
+    counts the replicas that have the writes of the connection it is sent on). ``acked``: its answer."""
+
+    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, True, None)
+        self.replicas, self.timeout_ms = replicas, timeout_ms
+        self.acked = 0
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
+        result: list[Any] = super()._execute_transaction(connection, commands, raise_on_error)
+        connection.send_command("WAIT", self.replicas, self.timeout_ms)
+        self.acked = int(connection.read_response())
+        return result
+
+
+def transaction(client: redis.Redis, settings: MeshSettings) -> redis.client.Pipeline:
+    """A MULTI/EXEC pipeline for an enqueue: with MESH_REDIS_WAIT_REPLICAS, one that WAITs for them
+    (check it with :func:`replicated`)."""
+    if settings.redis_wait_replicas:
+        return ReplicatedTransaction(client, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+    return client.pipeline(transaction=True)
+
+
+def replicated(pipe: redis.client.Pipeline, refs: list[Any]) -> None:
+    """NotReplicated when ``pipe`` (from :func:`transaction`) WAITed and fewer replicas confirmed."""
+    if isinstance(pipe, ReplicatedTransaction) and pipe.acked < pipe.replicas:
+        raise NotReplicated(pipe.acked, pipe.replicas, pipe.timeout_ms, refs)

@@ -1,0 +1,97 @@
+"""MESH_REDIS_URL's forms taken apart, bad ones refused with the password masked, and the clients
+made for each form (no server needed: nothing here connects)."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from redis.sentinel import SentinelConnectionPool
+
+from mesh.broker import MeshSettings
+from mesh.broker.connection import configured, connect, masked_url, parse_url
+from mesh.contracts import ConfigError
+
+SECRET = "s3cr3t-Pa55"
+
+
+@pytest.mark.parametrize(("url", "hosts", "db", "user", "password", "service"), [
+    ("redis://127.0.0.1:6379/0", [("127.0.0.1", 6379)], 0, None, None, None),
+    ("redis://localhost", [("localhost", 6379)], 0, None, None, None),
+    (f"redis://:{SECRET}@h:1/2", [("h", 1)], 2, None, SECRET, None),
+    (f"redis://{SECRET}@h:1/2", [("h", 1)], 2, None, SECRET, None),  # redis-py's reading of a lone userinfo
+    (f"redis://mesh:{SECRET}@h/3", [("h", 6379)], 3, "mesh", SECRET, None),
+    ("redis://mesh:p%40ss%3Aw@h", [("h", 6379)], 0, "mesh", "p@ss:w", None),
+    ("rediss://[::1]:6380/1", [("::1", 6380)], 1, None, None, None),
+    (f"redis+sentinel://:{SECRET}@a:26379,b:26380,c/mymaster/4",
+     [("a", 26379), ("b", 26380), ("c", 26379)], 4, None, SECRET, "mymaster"),
+    ("redis+sentinel://a/mymaster", [("a", 26379)], 0, None, None, "mymaster"),
+])
+def test_every_url_form_is_taken_apart(url, hosts, db, user, password, service):
+    address = parse_url(url)
+    assert (list(address.hosts), address.db, address.username, address.password, address.service) == \
+        (hosts, db, user, password, service)
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    (f"http://u:{SECRET}@h/0", "scheme must be one of"),
+    (f"redis://u:{SECRET}@h:port/0", "port of h must be a number"),
+    (f"redis://u:{SECRET}@h:70000/0", "out of range"),
+    (f"redis://u:{SECRET}@h/zero", "database must be a number"),
+    (f"redis://u:{SECRET}@a,b/0", "several hosts are a Sentinel URL"),
+    (f"redis+sentinel://u:{SECRET}@a:1,b:2", "names the master's service"),
+    (f"redis+sentinel://u:{SECRET}@a:1/m/0/x", "unexpected path"),
+    (f"redis://u:{SECRET}@h/0?ssl_cert_reqs=none", "query parameters are not taken"),
+    (f"redis://u:{SECRET}@:6379/0", "host is missing"),
+])
+def test_a_bad_url_is_a_config_error_that_names_it_with_the_password_masked(url, says):
+    with pytest.raises(ConfigError) as caught:
+        MeshSettings.from_env({"MESH_REDIS_URL": url})
+    assert says in str(caught.value)
+    assert "u:***@" in str(caught.value)
+    assert SECRET not in str(caught.value)
+    with pytest.raises(ValueError) as direct:  # built directly, pydantic's own error text hides the input
+        MeshSettings(redis_url=url)
+    assert SECRET not in str(direct.value)
+
+
+def test_masked_url_hides_only_the_password():
+    assert masked_url(f"redis://mesh:{SECRET}@h:1/0") == "redis://mesh:***@h:1/0"
+    assert masked_url(f"redis://:{SECRET}@h:1/0") == "redis://:***@h:1/0"
+    assert masked_url(f"rediss://{SECRET}@h:1/0") == "rediss://***@h:1/0"
+    assert masked_url(f"redis+sentinel://:{SECRET}@a:1,b:2/m/0") == "redis+sentinel://:***@a:1,b:2/m/0"
+    assert masked_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_tls_files_are_refused_without_rediss_missing_or_half_given(tmp_path):
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-")
+    with pytest.raises(ConfigError, match="MESH_REDIS_CA_FILE applies to TLS only"):
+        MeshSettings.from_env({"MESH_REDIS_URL": "redis://h/0", "MESH_REDIS_CA_FILE": str(pem)})
+    with pytest.raises(ConfigError, match="MESH_REDIS_CA_FILE: no such file"):
+        MeshSettings.from_env({"MESH_REDIS_URL": "rediss://h/0", "MESH_REDIS_CA_FILE": str(tmp_path / "no")})
+    with pytest.raises(ConfigError, match="go together"):
+        MeshSettings.from_env({"MESH_REDIS_URL": "rediss://h/0", "MESH_REDIS_CERT_FILE": str(pem)})
+    s = MeshSettings.from_env({"MESH_REDIS_URL": "rediss://h/0", "MESH_REDIS_CA_FILE": str(pem)})
+    assert s.redis_ca_file == str(pem)
+
+
+def test_clients_of_each_form_carry_credentials_tls_and_the_retry_policy(tmp_path):
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-")
+    plain = connect(MeshSettings(redis_url=f"redis://mesh:{SECRET}@h:7/3"), retries=False)
+    kw = plain.connection_pool.connection_kwargs
+    assert (kw["host"], kw["port"], kw["db"], kw["username"], kw["password"]) == ("h", 7, 3, "mesh", SECRET)
+    assert kw["retry"].get_retries() == 0
+    assert connect(MeshSettings(redis_url="redis://h/0")).connection_pool.connection_kwargs["retry"].get_retries() > 0
+
+    tls = connect(MeshSettings(redis_url="rediss://h:7/0", redis_ca_file=str(pem)))
+    assert tls.connection_pool.connection_class is redis.SSLConnection
+    assert tls.connection_pool.connection_kwargs["ssl_ca_certs"] == str(pem)
+
+    sentinel = connect(MeshSettings(redis_url=f"redis+sentinel://:{SECRET}@a:1,b:2/mymaster/5"))
+    pool = sentinel.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
+    assert (pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == (5, SECRET)
+    assert configured(sentinel_settings := MeshSettings(redis_url="redis+sentinel://a:1,b:2/mymaster/5")) == {
+        "sentinel": "mymaster", "sentinels": ["a:1", "b:2"], "db": 5, "tls": False}
+    assert SECRET not in repr(configured(sentinel_settings))

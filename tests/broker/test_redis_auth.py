@@ -1,0 +1,168 @@
+"""The mesh on a Redis that wants a password, or an ACL user that may touch only the namespace's
+keys with the commands the mesh uses; and the password never appears in anything the mesh prints
+or stores. Each test starts its own redis-server on a free loopback port."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import ROOT, wait_for
+
+from mesh.broker import MeshClient
+from mesh.broker.connection import ACL_COMMANDS, acl_rules
+from mesh.contracts import State
+from mesh.ops.local_redis import PrivateRedis, _free_port
+from tests.broker.deployed import private_redis, run_flows
+
+pytestmark = pytest.mark.slow
+
+NOTE = {"tool": "note", "args": {"title": "auth note", "body": "written through AUTH"}}
+
+
+@pytest.fixture
+def secured(tmp_path) -> Iterator[tuple[PrivateRedis, str]]:
+    """A redis-server whose default user has a password; and the password."""
+    password = f"pw-{uuid.uuid4().hex}"
+    server = private_redis(tmp_path / "redis", ("--requirepass", password),
+                           url=f"redis://:{password}@127.0.0.1:{{port}}/0")
+    try:
+        yield server, password
+    finally:
+        server.stop()
+
+
+def test_a_job_runs_end_to_end_with_the_password_in_the_url_and_a_wrong_one_is_a_clear_error(
+        secured, make_settings, worker_process, cli):
+    server, password = secured
+    client = MeshClient(make_settings(redis_url=server.url))
+    worker_process("--agents", "executor", "--threads", "2", MESH_REDIS_URL=server.url)
+    ref = client.send("executor", NOTE)
+    assert client.wait(ref.id, timeout_s=30).state is State.SUCCEEDED
+
+    wrong = f"redis://:not-{password}@127.0.0.1:{server.port}/0"
+    with pytest.raises(redis.AuthenticationError):
+        MeshClient(make_settings(redis_url=wrong)).send("executor", NOTE)
+    done = cli("status", MESH_REDIS_URL=wrong)
+    assert done.returncode == 3
+    message = " ".join(done.stderr.split())
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{server.port}/0" in message
+    assert "invalid username-password pair" in message and "give its user and password" in message
+    assert password not in done.stderr + done.stdout
+
+    missing = cli("status", MESH_REDIS_URL=f"redis://127.0.0.1:{server.port}/0")
+    assert missing.returncode == 3
+    assert "give its user and password in MESH_REDIS_URL" in " ".join(missing.stderr.split())
+
+
+def every_value(admin: redis.Redis, namespace: str) -> Iterator[tuple[str, Any]]:
+    """Every key of ``namespace`` (and the bare name) with its whole value, whatever its type."""
+    keys = [namespace.encode(), *admin.scan_iter(match=f"{namespace}:*", count=1000)]
+    for key in keys:
+        kind = admin.type(key).decode()
+        reader = {"string": admin.get, "hash": admin.hgetall, "list": lambda k: admin.lrange(k, 0, -1),
+                  "set": admin.smembers, "zset": lambda k: admin.zrange(k, 0, -1, withscores=True),
+                  "stream": lambda k: admin.xrange(k), "none": lambda k: None}[kind]
+        yield key.decode(), reader(key)
+
+
+def test_the_password_never_appears_in_anything_the_mesh_prints_or_stores(
+        secured, make_settings, worker_process, cli, tmp_path):
+    server, password = secured
+    settings = make_settings(redis_url=server.url)
+    client = MeshClient(settings)
+    env = {"MESH_REDIS_URL": server.url}
+    worker = worker_process("--threads", "2", **env)  # every built-in agent
+    admin = redis.Redis.from_url(server.url)
+    wait_for(lambda: admin.zcard(client.keys.heartbeats) >= 1, timeout_s=20)
+    run = run_flows(client, cli, env)
+    assert run.readyz["redis"] == {"address": f"127.0.0.1:{server.port}", "db": 0, "tls": False, "role": "master"}
+
+    demo = cli("demo", "--timeout", "60", timeout=120, **env)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert f"Redis redis://:***@127.0.0.1:{server.port}/0" in demo.stdout
+    refused = cli("status", MESH_REDIS_URL=f"redis://:{password}@127.0.0.1:{_free_port()}/0")
+    assert refused.returncode == 3 and "redis://:***@127.0.0.1:" in refused.stderr
+    bad = cli("status", MESH_REDIS_URL=f"redis://:{password}@127.0.0.1:port/0")
+    assert bad.returncode == 2 and "redis://:***@127.0.0.1:port/0" in bad.stderr
+    worker.terminate()
+    worker.wait(30)
+
+    printed = "\n".join([*run.outputs, demo.stdout, demo.stderr, refused.stdout, refused.stderr,
+                         bad.stdout, bad.stderr])
+    logs = "\n".join(Path(p).read_text(errors="replace") for p in tmp_path.glob("worker-*.log"))
+    stored = {key: value for key, value in every_value(admin, settings.namespace)}
+    # What was read is what the mesh wrote: dead letters, traces, job records, notes, stats, registry.
+    assert any(":dlq" in k for k in stored) and any(":job:" in k for k in stored), sorted(stored)
+    assert any(":trace:" in k for k in stored), sorted(stored)
+    assert "submitted job" in demo.stdout and "worker started" in logs
+    for where, text in (("CLI, demo, /readyz and /metrics", printed), ("worker logs", logs),
+                        ("keys of the namespace", repr(stored))):
+        assert password not in text, f"the password appears in the {where}"
+    admin.close()
+
+
+@pytest.fixture
+def acl_server(tmp_path) -> Iterator[tuple[PrivateRedis, redis.Redis]]:
+    """A redis-server whose default (admin) user has a password; and an admin connection."""
+    admin_password = f"admin-{uuid.uuid4().hex}"
+    server = private_redis(tmp_path / "redis", ("--requirepass", admin_password),
+                           url=f"redis://:{admin_password}@127.0.0.1:{{port}}/0")
+    admin = redis.Redis.from_url(server.url)
+    try:
+        yield server, admin
+    finally:
+        admin.close()
+        server.stop()
+
+
+def test_an_acl_user_held_to_the_namespace_and_the_mesh_commands_runs_jobs_replays_and_status(
+        acl_server, make_settings, worker_process, cli):
+    server, admin = acl_server
+    namespace = make_settings().namespace
+    password = f"mesh-{uuid.uuid4().hex}"
+    admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", f">{password}", *acl_rules(namespace))
+    url = f"redis://mesh:{password}@127.0.0.1:{server.port}/0"
+    settings = make_settings(redis_url=url)
+    client = MeshClient(settings)
+    env = {"MESH_REDIS_URL": url, "MESH_SWEEP_INTERVAL_S": "1"}  # the retention sweeper runs too
+    worker_process("--threads", "2", **env)
+    wait_for(lambda: admin.zcard(client.keys.heartbeats) >= 1, timeout_s=20)
+    admin.execute_command("ACL", "LOG", "RESET")
+    run_flows(client, cli, env)  # every flow passes under the user
+    wait_for(lambda: admin.info("commandstats").get("cmdstat_zremrangebyscore"), timeout_s=10)  # a sweep ran
+    denied = admin.execute_command("ACL", "LOG")
+    assert denied == [], denied
+
+    # What the user may not do: other keys, and the commands that wipe or walk the server.
+    mesh_user = client.redis
+    for command in (("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"), ("SCAN", "0"), ("CONFIG", "GET", "*"),
+                    ("GET", "other:key"), ("SET", f"{namespace}x", "1"), ("SHUTDOWN",), ("ACL", "LIST")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            mesh_user.execute_command(*command)
+
+    # The README gives operators the same rules, for the default namespace.
+    # (a redis-cli command in the README, continued over lines and quoted for the shell).
+    readme = re.sub(r"\\\n\s*", "", (ROOT / "README.md").read_text()).replace("'", "")
+    line = " ".join(acl_rules("mesh"))
+    assert re.search(r"redis-cli ACL SETUSER mesh on >\S+ " + re.escape(line), readme), line
+    assert len(set(ACL_COMMANDS)) == len(ACL_COMMANDS)
+
+
+def test_redis_commands_a_flow_needs_but_the_acl_user_lacks_are_refused_not_ignored(
+        acl_server, make_settings):
+    """The ACL test can fail: without one command the mesh uses (here ``set``: job records), the
+    client's submit is refused with NOPERM, and nothing is half-written."""
+    server, admin = acl_server
+    namespace = make_settings().namespace
+    admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", ">pw-mesh-1", *acl_rules(namespace),
+                          "-set")
+    client = MeshClient(make_settings(redis_url=f"redis://mesh:pw-mesh-1@127.0.0.1:{server.port}/0"))
+    with pytest.raises(redis.RedisError, match=r"NOPERM|permission"):
+        client.submit("anything")
+    assert list(admin.scan_iter(match=f"{namespace}:*")) == []
