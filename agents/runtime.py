@@ -126,7 +126,8 @@ class AgentRuntime:
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
         if lease.recorded_output is not None:
-            # An earlier attempt finished and Redis refused its record: record that, run nothing again.
+            # An earlier attempt finished and Redis refused its record, or another job's step under
+            # this key (a shared idempotency_key) did the work: record that output, run nothing.
             result: Any = lease.recorded_output
         else:
             result = spec.handler(Context(self, env, spec, lease), payload)
@@ -137,11 +138,15 @@ class AgentRuntime:
 
         def succeeded(pipe: Any, record: JobRecord) -> None:
             pipe.zrem(self.keys.running, member)
+            if lease.shared:  # nothing ran: the output is another job's, under the same key
+                count_outcome(pipe, self.keys, agent, "duplicate")
+                return
             count_outcome(pipe, self.keys, agent, "succeeded")
             observe_duration(pipe, self.keys, agent, duration)
 
+        shared = {"shared": True} if lease.shared else {}
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
-                              **traced(flow, "output", output.model_dump(mode="json")))]
+                              **shared, **traced(flow, "output", output.model_dump(mode="json")))]
         try:
             self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out),
                                                            spec=flow, routes=self.routes, events=events),

@@ -103,7 +103,9 @@ class JobStore:
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
             if fence is not None:
                 state, owner = pipe.hmget(fence.claim_key, "state", "owner")
-                if state != b"claimed" or owner != fence.owner.encode():
+                # A shared lease (another job's step did the effect) holds while the key stays done.
+                held = state == b"done" if fence.shared else state == b"claimed" and owner == fence.owner.encode()
+                if not held:
                     raise LeaseLost(fence.key, fence.token)
             data = pipe.get(key)
             if data is None:
