@@ -42,6 +42,7 @@ from .app import AgentSpec, App
 from .context import Context
 from .pipelines import PipelineSpec
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
+from .pipelines.export import SpanExport
 from .providers import Meter, ModelProvider, provider_for
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class AgentRuntime:
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
+        self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents
         self.routes = Routes(queue=lambda a: agents[a].queue if a in agents else a,
                              version=lambda a: agents[a].version if a in agents else None)
@@ -155,9 +157,17 @@ class AgentRuntime:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",
                                     output.model_dump(mode="json")) from exc
         lease.result = output.model_dump(mode="json")
+        self._export(flow, env, duration, output=lease.result)
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
+
+    def _export(self, flow: PipelineSpec | None, env: Envelope, duration: float, output: Any) -> None:
+        """The step's span to OTLP when its pipeline's tracing asks for it: never the step's outcome."""
+        try:
+            self.spans.step(flow, env, time.time() - duration, input=env.payload, output=output)
+        except Exception as exc:  # an exporter bug must not fail a step that is already recorded
+            logger.warning("could not export the step's span", extra={"job_id": env.job_id, "error": str(exc)})
 
     def flow(self, record: JobRecord) -> PipelineSpec | None:
         """The spec a declared pipeline's job started with; None for any other job."""
