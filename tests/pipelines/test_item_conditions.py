@@ -42,7 +42,7 @@ def test_a_false_when_skips_its_item_and_the_join_counts_only_the_items_that_ran
     assert sorted(k for k in runs(mesh) if "/fetch/" in k) == [f"when-1/fetch/fetch/{i}" for i in range(2, 6)]
 
 
-def test_a_false_item_gate_halts_the_job_before_any_item_is_sent(mesh, run_workers):
+def test_a_false_item_gate_halts_the_job_before_any_item_is_sent(mesh, run_workers, cli):
     run_workers()
     ref = mesh.run(fan_out(gate="item.score < 4.0"), {"goal": "g", "count": 6}, key="gate-1")
     record = mesh.wait(ref.id, timeout_s=30)
@@ -55,6 +55,9 @@ def test_a_false_item_gate_halts_the_job_before_any_item_is_sent(mesh, run_worke
     assert all(s.sent_at is None for s in record.steps.values() if s.parent == "fetch")
     assert record.steps["digest"].sent_at is None
     assert list(runs(mesh)) == ["gate-1/scout/scout"]
+    shown = cli("status", ref.id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert "fetch[4]" in shown.stdout and "item.score" in shown.stdout
 
 
 def test_a_false_item_gate_with_continue_skips_that_item_and_the_rest_run(mesh, run_workers):

@@ -27,7 +27,7 @@ def runs(mesh: MeshClient) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 
-def test_two_jobs_rendering_one_key_run_its_step_once_and_both_succeed(mesh, run_workers):
+def test_two_jobs_rendering_one_key_run_its_step_once_and_both_succeed(mesh, run_workers, cli):
     spec = shared()
     run_workers()
     first = mesh.wait(mesh.run(spec, {"goal": "cache", "confidence": 0.9}, key="job-a").id, timeout_s=30)
@@ -44,6 +44,9 @@ def test_two_jobs_rendering_one_key_run_its_step_once_and_both_succeed(mesh, run
     shared_events = [e for e in trace.read(mesh.redis, mesh.keys, second.job_id)
                      if e["event"] == "succeeded" and e.get("step_id") == "coder"]
     assert shared_events and shared_events[0].get("shared") is True
+    shown = cli("trace", second.job_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "stored output of another job's step" in " ".join(shown.stdout.split())
 
 
 def test_jobs_started_together_on_one_key_share_the_effect(mesh, run_workers):
