@@ -159,17 +159,21 @@ class Idempotency(Middleware):
         raise SkipMessage(f"{key} is held by a live owner")
 
     def _shares(self, envelope: dict[str, Any]) -> bool:
-        """A done key whose message's own step has not ended: the key is shared by two jobs (a
-        pipeline's ``idempotency_key``), and this job needs the stored result. A duplicate of a step
-        that ended (the usual case), or of a job no longer kept, is acked as a duplicate."""
+        """A done key whose message's own step, in a declared pipeline's job, has not ended: the key
+        is shared by two jobs (a pipeline's ``idempotency_key``), and this job needs the stored result.
+        A duplicate of a step that ended (the usual case), of a job no longer kept, or of a job that is
+        not a declared pipeline's (a re-sent built-in job keeps its queued record) is acked as a
+        duplicate."""
         job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
         if not (isinstance(job_id, str) and isinstance(step_id, str)):
             return False
         data = self.client.get(self.keys.job(job_id))
         if data is None:
             return False
-        step = loads(data).get("steps", {}).get(step_id)
-        return isinstance(step, dict) and step.get("state") not in {str(s) for s in TERMINAL}
+        record = loads(data)
+        step = record.get("steps", {}).get(step_id)
+        return (bool(record.get("pipeline_digest")) and isinstance(step, dict)
+                and step.get("state") not in {str(s) for s in TERMINAL})
 
     def _defer(self, broker: Broker, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str,
                stat: str, route: str) -> None:
