@@ -46,6 +46,7 @@ from .app import AgentSpec, App
 from .context import Context
 from .pipelines import PipelineSpec
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
+from .pipelines.export import SpanExport
 from .providers import Meter, ModelProvider, provider_for
 from .tools.allow import Resolver, system_resolver
 
@@ -70,6 +71,7 @@ class AgentRuntime:
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
+        self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents
         self.routes = Routes(queue=lambda a: agents[a].queue if a in agents else a,
                              version=lambda a: agents[a].version if a in agents else None,
@@ -134,7 +136,8 @@ class AgentRuntime:
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
         if lease.recorded_output is not None:
-            # An earlier attempt finished and Redis refused its record: record that, run nothing again.
+            # An earlier attempt finished and Redis refused its record, or another job's step under
+            # this key (a shared idempotency_key) did the work: record that output, run nothing.
             result: Any = lease.recorded_output
         else:
             result = spec.handler(Context(self, env, spec, lease), payload)
@@ -146,11 +149,15 @@ class AgentRuntime:
 
         def succeeded(pipe: Any, record: JobRecord) -> None:
             pipe.zrem(self.keys.running, member)
+            if lease.shared:  # nothing ran: the output is another job's, under the same key
+                count_outcome(pipe, self.keys, agent, "duplicate")
+                return
             count_outcome(pipe, self.keys, agent, "succeeded")
             observe_duration(pipe, self.keys, agent, duration)
 
+        shared = {"shared": True} if lease.shared else {}
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
-                              **traced(flow, "output", output.model_dump(mode="json")))]
+                              **shared, **traced(flow, "output", output.model_dump(mode="json")))]
         try:
             self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out),
                                                            spec=flow, routes=self.routes, events=events),
@@ -159,6 +166,7 @@ class AgentRuntime:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",
                                     output.model_dump(mode="json")) from exc
         lease.result = output.model_dump(mode="json")
+        self._export(flow, env, duration, output=lease.result)
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
@@ -176,6 +184,13 @@ class AgentRuntime:
             raise InvalidOutput(f"{agent} output of {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()}) "
                                 f"is over MESH_MAX_OUTPUT_BYTES ({limits.max_output_bytes}); not kept",
                                 size=len(data), limit=limits.max_output_bytes)
+
+    def _export(self, flow: PipelineSpec | None, env: Envelope, duration: float, output: Any) -> None:
+        """The step's span to OTLP when its pipeline's tracing asks for it: never the step's outcome."""
+        try:
+            self.spans.step(flow, env, time.time() - duration, input=env.payload, output=output)
+        except Exception as exc:  # an exporter bug must not fail a step that is already recorded
+            logger.warning("could not export the step's span", extra={"job_id": env.job_id, "error": str(exc)})
 
     def flow(self, record: JobRecord) -> PipelineSpec | None:
         """The spec a declared pipeline's job started with; None for any other job."""

@@ -27,7 +27,7 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware, SkipMessage
 
-from mesh.contracts import FailureClass, dumps
+from mesh.contracts import TERMINAL, FailureClass, dumps, loads
 
 from . import trace
 from .claims import script_source
@@ -72,6 +72,9 @@ class Lease:
     #: Model tokens this attempt spent (prompt, completion): written to its step and job with its outcome.
     tokens_in: int = field(default=0, compare=False)
     tokens_out: int = field(default=0, compare=False)
+    #: The key is done for another job (a shared ``idempotency_key``): this lease holds no claim; the
+    #: attempt records the stored result (``recorded_output``) on its own job and runs nothing.
+    shared: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -203,6 +206,20 @@ class Idempotency(Middleware):
             _current.lease = lease
             return
         envelope = message.args[0]
+        try:
+            shares = verdict == b"done" and self._shares(envelope)
+        except redis.RedisError as exc:
+            self._defer(broker, message, key, 0, reason=f"job read failed: {exc}", stat="deferred",
+                        route="unknown:defer")
+            raise SkipMessage(f"{key}: its job could not be read") from None
+        if shares:
+            # Another job's step with this key applied the effect: this job's step takes its stored
+            # result (the handler is not run) and its job goes on.
+            lease = Lease(key=key, claim_key=claim.claim_key, owner=claim.owner, token=int(token), envelope=envelope,
+                          recorded_output=loads(rest[0]) if rest and rest[0] else {}, shared=True)
+            message.mesh_lease = lease  # type: ignore[attr-defined]
+            _current.lease = lease
+            return
         if verdict == b"done":
             logger.info("duplicate suppressed", extra={"key": key, "trace_id": envelope.get("trace_id"),
                                                         "agent": message.actor_name})
@@ -215,6 +232,23 @@ class Idempotency(Middleware):
         self._defer(broker, message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
                     route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
+
+    def _shares(self, envelope: dict[str, Any]) -> bool:
+        """A done key whose message's own step, in a declared pipeline's job, has not ended: the key
+        is shared by two jobs (a pipeline's ``idempotency_key``), and this job needs the stored result.
+        A duplicate of a step that ended (the usual case), of a job no longer kept, or of a job that is
+        not a declared pipeline's (a re-sent built-in job keeps its queued record) is acked as a
+        duplicate."""
+        job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
+        if not (isinstance(job_id, str) and isinstance(step_id, str)):
+            return False
+        data = self.client.get(self.keys.job(job_id))
+        if data is None:
+            return False
+        record = loads(data)
+        step = record.get("steps", {}).get(step_id)
+        return (bool(record.get("pipeline_digest")) and isinstance(step, dict)
+                and step.get("state") not in {str(s) for s in TERMINAL})
 
     def _defer(self, broker: Broker, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str,
                stat: str, route: str) -> None:
@@ -245,8 +279,8 @@ class Idempotency(Middleware):
                               result: Any | None = None, exception: BaseException | None = None) -> None:
         _current.lease = None
         lease: Lease | None = message.__dict__.get("mesh_lease")
-        if lease is None:
-            return
+        if lease is None or lease.shared:
+            return  # a shared lease holds no claim: nothing to settle on the key
         self._release_hold(lease)
         if exception is None and lease.done:
             # Stored by the ack that settles the message, in the same script (MeshConsumer.ack).

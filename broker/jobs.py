@@ -103,7 +103,10 @@ class JobStore:
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
             if fence is not None:
                 claim = claims.read(pipe, fence.claim_key)
-                if claim.state != "claimed" or claim.owner != fence.owner:
+                # A shared lease (another job's step did the effect) holds while the key stays done.
+                held = claim.state == "done" if fence.shared else (claim.state == "claimed"
+                                                                    and claim.owner == fence.owner)
+                if not held:
                     raise LeaseLost(fence.key, fence.token)
             data = pipe.get(key)
             if data is None:

@@ -288,7 +288,7 @@ class FailureRouter(Middleware):
         routing = route(
             failure_class, retry_after_s, attempt=attempt, defers=int(message.options.get("mesh_defers", 0)),
             remaining_s=deadline - current_millis() / 1000 if isinstance(deadline, int | float) else math.inf,
-            timeout_retries=self._timeout_retries(broker, message) if envelope else 0,
+            timeout_retries=self._timeout_retries(broker, message, envelope, step_budget) if envelope else 0,
             max_retries=step_budget if step_budget is not None else self._option(broker, message, "max_retries"),
             settings=self.settings, rng=self.rng, backoff=_str_or_none(envelope.get("backoff")),
             effect_unrecorded=bool(lease and lease.effects) and not isinstance(exception, OutcomeUnrecorded),
@@ -316,7 +316,14 @@ class FailureRouter(Middleware):
             return None
         return value if isinstance(value, int) else None
 
-    def _timeout_retries(self, broker: Broker, message: MessageProxy) -> int:
+    def _timeout_retries(self, broker: Broker, message: MessageProxy, envelope: dict[str, Any],
+                         step_budget: int | None) -> int:
+        """The agent's ``timeout_retries``; an idempotent step's timeouts share its retry budget."""
+        if envelope.get("idempotent") is True:
+            if step_budget is not None:
+                return step_budget
+            own = self._option(broker, message, "max_retries")
+            return self.settings.max_retries if own is None else own
         try:
             return int(broker.get_actor(message.actor_name).options.get("timeout_retries", 0))
         except Exception:  # an unknown actor: nothing to retry with

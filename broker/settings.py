@@ -97,6 +97,9 @@ class MeshSettings(BaseSettings):
                                     "once per interval across the whole fleet")
     worker_threads: int = Field(default=4, ge=1, le=256)
     prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces URL (e.g. http://collector:4318"
+                                      "/v1/traces) a declared pipeline with tracing.provider set exports its step "
+                                      "spans to; needs the otlp extra. Unset: nothing is exported")
 
     @model_validator(mode="after")
     def _dedup_outlives_dlq(self) -> MeshSettings:

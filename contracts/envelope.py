@@ -56,6 +56,9 @@ class Envelope(Frozen):
     max_retries: int | None = Field(default=None, ge=0)
     #: This step's wait between attempts (a pipeline step's ``retry_policy.backoff``); None: exponential.
     backoff: Literal["exponential", "fixed", "none"] | None = None
+    #: This step may be re-run harmlessly (a pipeline step's ``idempotent: true``): a timed-out attempt is
+    #: retried within ``max_retries`` like other retried failures; False: the agent's ``timeout_retries``.
+    idempotent: bool = False
     #: The model this step's ``ctx.model.complete`` calls use (a pipeline step's ``model``); None: MESH_MODEL_NAME.
     model: str | None = None
     payload: dict[str, Any]

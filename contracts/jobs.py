@@ -177,7 +177,7 @@ def blocking(record: JobRecord, step: StepRecord) -> bool:
     if parent.state in (State.SUCCEEDED, State.SKIPPED):
         return False
     items = items_of(record, step.parent)
-    return len(items) - sum(s.state in LOST for s in items) < parent.need
+    return len(items) - sum(s.state in LOST or s.state is State.SKIPPED for s in items) < parent.need
 
 
 def job_state(record: JobRecord) -> State:

@@ -29,7 +29,8 @@ _DETAIL = {
     "failed": lambda e: f"{e.get('failure_class')}, retry at {_clock(e.get('until'))}: {e.get('error', '')}",
     "dead_lettered": lambda e: f"{e.get('failure_class')} → {e.get('state')}: {e.get('error', '')}",
     "duplicate": lambda e: "acked without running (already done)",
-    "succeeded": lambda e: f"in {e.get('duration_s', 0):.3f}s",
+    "succeeded": lambda e: ("with the stored output of another job's step under its key (not run)"
+                            if e.get("shared") else f"in {e.get('duration_s', 0):.3f}s"),
     "stuck": lambda e: f"no progress for {e.get('idle_s')}s while holding its claim",
     "halted": lambda e: str(e.get("reason", "")),
     "skipped": lambda e: str(e.get("reason", "")),

@@ -8,8 +8,9 @@ transaction that records a step's success, so the steps it releases are sent in 
 A step is ready when every dependency succeeded or was skipped. Before it is sent, ``when`` (false:
 ``skipped``, dependents go on) and ``gate`` (false: ``failure_mode`` — ``halt_pipeline`` halts the
 job with the gate, the values it read and why; ``continue`` skips the step) are evaluated over
-``{task_id, job_id, input, <step id>: output, ...}``. ``requires_human_approval`` parks the step in
-``awaiting_approval`` instead of sending it.
+``{task_id, job_id, input, <step id>: output, ...}``; for a ``for_each`` step, per item, with
+``item`` too (a skipped item counts neither as a success nor as a failure for the join).
+``requires_human_approval`` parks the step in ``awaiting_approval`` instead of sending it.
 """
 
 from __future__ import annotations
@@ -137,6 +138,17 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         if any(record.steps[d].state not in (State.SUCCEEDED, State.SKIPPED) for d in step.depends_on):
             continue
         seen = values(record)
+        if step.for_each is not None and not step.requires_human_approval:
+            # its when and gate read `item`: checked per item (_fan_out)
+            record, halt = _fan_out(step, record, seen, run, events, now, routes.max_fan_out)
+            if record.steps[sid].state is State.DEAD_LETTERED:  # too many items: none recorded or sent
+                events.append(_event("fan_out_refused", record, record.steps[sid], reason=record.steps[sid].error))
+                continue
+            if halt is not None:
+                del events[mark:]
+                return _halt_items(before, record, step, *halt, now, events), []
+            record = _pump(spec, step, record, run, routes, messages, events, now)
+            continue
         if step.when is not None:
             ok, why = _check(step.when, seen, "when")
             if not ok:
@@ -161,13 +173,6 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             record = record.with_step(rec)
             events.append(_event("awaiting_approval", record, rec))
             continue
-        if step.for_each is not None:
-            record = _fan_out(step, record, seen, run, now, routes.max_fan_out)
-            if record.steps[sid].state is State.DEAD_LETTERED:  # too many items: none recorded or sent
-                events.append(_event("fan_out_refused", record, record.steps[sid], reason=record.steps[sid].error))
-                continue
-            record = _pump(spec, step, record, run, routes, messages, events, now)
-            continue
         messages.append(_message(step, record, run, routes, sid, key, payload))
         record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
                                                          "updated_at": now}))
@@ -189,12 +194,15 @@ def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes,
     return advance(spec, record, run, routes, [], now=now)
 
 
-def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Run, now: float,
-             limit: int | None = None) -> JobRecord:
+def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Run, events: list[dict[str, Any]],
+             now: float, limit: int | None = None) -> tuple[JobRecord, tuple[StepRecord, str, dict[str, Any]] | None]:
     """Record one item per element of the ``for_each`` list (``<step>[<i>]``, queued, unsent) and the
-    step running with its join's need: ``min_success`` as a count, or that fraction of the items
-    rounded up; without a join, every item. A list longer than ``limit`` dead-letters the step
-    (``invalid_output``) with no item recorded."""
+    step running with its join's need. Each item's ``when`` and ``gate`` are checked with ``item`` in
+    scope: a false ``when``, or a false gate under ``continue``, skips the item; a false gate under
+    ``halt_pipeline`` is returned as (item, why, values read), for the caller to halt the job. The
+    need is ``min_success`` as a count (at most the items not skipped), or that fraction of the items
+    not skipped, rounded up; without a join, every item not skipped. A list longer than ``limit``
+    dead-letters the step (``invalid_output``) with no item recorded."""
     assert step.for_each is not None
     rec = record.steps[step.id]
     try:
@@ -202,28 +210,67 @@ def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Ru
     except ExpressionError:
         found = []
     found = list(found) if isinstance(found, list | tuple) else []
-    n = len(found)
-    if limit is not None and n > limit:
-        why = (f"for_each {step.for_each.source} lists {n} items, over MESH_MAX_FAN_OUT ({limit}); "
+    if limit is not None and len(found) > limit:
+        why = (f"for_each {step.for_each.source} lists {len(found)} items, over MESH_MAX_FAN_OUT ({limit}); "
                "no item was sent")
         return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why,
-                                           failure_class="invalid_output"))
-    rule = step.join.min_success if step.join is not None else n
-    need = math.ceil(rule * n - 1e-9) if isinstance(rule, float) else min(int(rule), n)
+                                           failure_class="invalid_output")), None
+    halt: tuple[StepRecord, str, dict[str, Any]] | None = None
     for i, element in enumerate(found):
         item = _plain(element)
+        scope = {**seen, "item": item}
         payload = dict(item) if isinstance(item, Mapping) else {"item": item}
         if step.idempotency_key is not None:
-            key = step.idempotency_key.render({**seen, "item": item})
+            key = step.idempotency_key.render(scope)
             if not any(p[0] == "item" for p in step.idempotency_key.paths):
                 key = f"{key}/{i}"  # one key for every item would make them share one effect
         else:
             key = child_key(record.key, step.agent_name, f"{step.id}/{i}")
-        record = record.with_step(StepRecord(step_id=f"{step.id}[{i}]", agent=step.agent_name, key=key,
-                                             input=payload, parent=step.id, created_at=now, updated_at=now))
+        it = StepRecord(step_id=f"{step.id}[{i}]", agent=step.agent_name, key=key, input=payload, parent=step.id,
+                        created_at=now, updated_at=now)
+        it, stop = _item_conditions(step, it, scope, record, events, now)
+        if stop is not None and halt is None:
+            halt = (it, *stop)
+        record = record.with_step(it)
+    ran = sum(1 for s in items_of(record, step.id) if s.state is not State.SKIPPED)
+    rule = step.join.min_success if step.join is not None else ran
+    need = math.ceil(rule * ran - 1e-9) if isinstance(rule, float) else min(int(rule), ran)
     # The run is kept on the step: an item lost on the failure path sends the next ones with it.
-    kept = {"items": n, "deadline": run.deadline, "token_budget": run.token_budget}
-    return record.with_step(transition(rec, State.RUNNING, now=now, sent_at=now, need=need, input=kept))
+    kept = {"items": len(found), "deadline": run.deadline, "token_budget": run.token_budget}
+    return record.with_step(transition(rec, State.RUNNING, now=now, sent_at=now, need=need, input=kept)), halt
+
+
+def _item_conditions(step: StepSpec, it: StepRecord, scope: Mapping[str, Any], record: JobRecord,
+                     events: list[dict[str, Any]], now: float) -> tuple[StepRecord, tuple[str, dict[str, Any]] | None]:
+    """One item's ``when`` and ``gate``: the item as it stands after them (queued, or skipped), and
+    (why, values read) when its gate is false under ``halt_pipeline``."""
+    if step.when is not None:
+        ok, why = _check(step.when, scope, "when")
+        if not ok:
+            events.append(_event("skipped", record, it, reason=why))
+            return transition(it, State.SKIPPED, now=now, error=why), None
+    if step.gate is not None:
+        ok, why = _check(step.gate, scope, "gate")
+        read = _read(step.gate, scope)
+        it = it.model_copy(update={"gate": GateCheck(expr=step.gate.source, values=read, passed=ok)})
+        if not ok:
+            if step.failure_mode is FailureMode.HALT_PIPELINE:
+                return it, (why, read)
+            events.append(_event("skipped", record, it, reason=why, gate=step.gate.source, values=read))
+            return transition(it, State.SKIPPED, now=now, error=why), None
+    return it, None
+
+
+def _halt_items(before: JobRecord, record: JobRecord, step: StepSpec, it: StepRecord, why: str,
+                read: dict[str, Any], now: float, events: list[dict[str, Any]]) -> JobRecord:
+    """An item's gate halted the job at fan-out: the job as it was before this pass, with the step's
+    items recorded (none sent), the step halted and the item halted with the gate's values."""
+    for s in items_of(record, step.id):
+        if s.step_id != it.step_id:
+            before = before.with_step(s)
+    parent = transition(before.steps[step.id], State.HALTED, now=now, error=f"{it.step_id}: {why}",
+                        failure_class="gate")
+    return _halt(before.with_step(parent), it, why, read, now, events)
 
 
 def _pump(spec: PipelineSpec, step: StepSpec, record: JobRecord, run: Run, routes: Routes,
@@ -243,14 +290,18 @@ def _pump(spec: PipelineSpec, step: StepSpec, record: JobRecord, run: Run, route
             record = record.with_step(it.model_copy(update={"sent_at": now, "updated_at": now}))
             room -= 1
     items = items_of(record, step.id)
-    if not all(s.state is State.SUCCEEDED or s.state in LOST for s in items):
+    if not all(s.state in (State.SUCCEEDED, State.SKIPPED) or s.state in LOST for s in items):
         return record
     rec = record.steps[step.id]
     need = rec.need or 0
     good = [s for s in items if s.state is State.SUCCEEDED]
-    failed = {s.step_id: s.error or str(s.state) for s in items if s.state is not State.SUCCEEDED}
+    skipped = [s.step_id for s in items if s.state is State.SKIPPED]
+    failed = {s.step_id: s.error or str(s.state) for s in items if s.state in LOST}
+    items = [s for s in items if s.state is not State.SKIPPED]
     if len(good) >= need:
-        result = {"items": [s.result for s in good], "failed": failed}
+        result: dict[str, Any] = {"items": [s.result for s in good], "failed": failed}
+        if skipped:  # items a false when (or a continue gate) skipped: neither successes nor failures
+            result["skipped"] = skipped
         record = record.with_step(transition(rec, State.SUCCEEDED, now=now, result=result))
         events.append(_event("joined", record, rec, succeeded=len(good), needed=need, failed=sorted(failed)))
         return record
@@ -271,7 +322,8 @@ def _message(step: StepSpec, record: JobRecord, run: Run, routes: Routes, step_i
                    deadline=run.deadline, contract_version=routes.version(step.agent_name),
                    token_budget=run.token_budget, payload=payload,
                    max_retries=step.retry_policy.max_attempts - 1 if step.retry_policy else None,
-                   backoff=step.retry_policy.backoff.value if step.retry_policy else None, model=step.model or None)
+                   backoff=step.retry_policy.backoff.value if step.retry_policy else None, model=step.model or None,
+                   idempotent=step.idempotent)
     # hops stay empty: the DAG is acyclic by validation and the record sequences it; two steps
     # may share an agent, which a hop-based cycle check would refuse.
     options = {"time_limit": step.timeout_ms} if step.timeout_ms is not None else {}

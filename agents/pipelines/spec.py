@@ -133,8 +133,9 @@ class StepSpec(_Spec):
 
 class TracingSpec(_Spec):
     """What the job's trace keeps. Without ``log_inputs`` / ``log_outputs`` a step's input and output
-    are kept as size and hash only. ``provider`` names an exporter (e.g. ``langfuse``): accepted and
-    kept with the spec, but nothing exports yet; the trace stays in Redis (``mesh trace``)."""
+    are kept as size and hash only. ``provider`` names an exporter (e.g. ``langfuse``): with
+    MESH_OTLP_ENDPOINT and the ``otlp`` extra, step spans are exported over OTLP (:mod:`.export`);
+    otherwise it is accepted and nothing is exported. The trace stays in Redis (``mesh trace``)."""
 
     enabled: bool = True
     provider: str | None = None

@@ -7,7 +7,7 @@ Their output models are the file's ``output_schema`` names in CamelCase (``resea
 Their behaviour follows the run's input, so tests steer a run without other knobs: the researcher
 passes ``confidence`` on and the coder answers it. Every execution is counted per step key in the
 hash ``{ns}:test.runs``; a step key listed in the set ``{ns}:test.fail`` fails permanently, one in
-``{ns}:test.flaky`` with an error that is retried.
+``{ns}:test.flaky`` with an error that is retried, one in ``{ns}:test.timeout`` with a timeout.
 
 For ``for_each`` tests: ``scout`` lists ``count`` sources, ``fetch`` runs once per source (counting
 how many run at once in ``{ns}:test.inflight``, the most ever in the sorted set ``{ns}:test.peak``)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 
+import httpx
 from pydantic import BaseModel, ConfigDict
 
 from mesh import App, Context
@@ -94,6 +95,8 @@ def _ran(ctx: Context) -> None:
         raise PermanentFailure(f"step {ctx.step_id} told to fail")
     if runtime.redis.sismember(f"{ns}:test.flaky", ctx.key):
         raise RuntimeError(f"step {ctx.step_id} told to fail, retryably")
+    if runtime.redis.sismember(f"{ns}:test.timeout", ctx.key):
+        raise httpx.ReadTimeout(f"step {ctx.step_id} told to time out")
 
 
 @app.agent
