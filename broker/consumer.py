@@ -14,6 +14,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -277,13 +278,23 @@ class MeshConsumer(_RedisConsumer):
             return False
         now = time.monotonic()
         beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
-        flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted, "1" if beat else "0")
+        idem = self.idempotency
+        nonce = uuid.uuid4().hex[:12]
+        claim = (nonce, idem.lease_ms, idem.ttl_s) if idem is not None else ()
+        flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted, "1" if beat else "0", *claim)
         if beat:
             self.last_beat = now
-        fetched = [self._decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
-        self.pairs = [p for p in fetched if p is not None]
-        if self.idempotency is not None and self.pairs:
-            self.idempotency.claim_batch(self.broker, self.pairs)
+        self.pairs = []
+        step = 3 if claim else 2
+        for i in range(0, len(flat), step):
+            rid, data = flat[i].decode(), flat[i + 1]
+            verdict: Any = flat[i + 2] if claim else 0
+            proxy = self._decode(rid, data)
+            if idem is not None and verdict:
+                owner = f"{self.broker.broker_id}:{rid}:{nonce}"
+                idem.adopt(proxy, verdict[0].decode(), owner, verdict[1:])
+            if proxy is not None:
+                self.pairs.append(proxy)
         return bool(self.pairs)
 
     def _beat(self) -> None:

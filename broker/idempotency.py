@@ -6,10 +6,11 @@ lease expired (owner died) → taken over with a higher fencing token; done → 
 duplicate. Leases are renewed while handlers run; a success stores ``done`` with the result,
 a failure frees the key for the next attempt. Each phase is one call of ``scripts/claim.lua``.
 
-The round trips are the cost, so the common ones ride on calls the consumer makes anyway: it
-claims every message of a fetched batch in one call (:meth:`Idempotency.claim_batch`; the leases
-are renewed while the messages wait for a thread), and a success's ``done`` is stored by the ack
-that settles the message (:func:`done_args`), in the same script.
+The round trips are the cost, so the common ones ride on calls the consumer makes anyway: the
+fetch claims the key of every message it fetches, in the same script (:meth:`Idempotency.adopt`
+takes the claims on; the leases are renewed while the messages wait for a thread), and a
+success's ``done`` is stored by the ack that settles the message (:func:`done_args`), in the same
+script.
 """
 
 from __future__ import annotations
@@ -136,42 +137,41 @@ class Idempotency(Middleware):
     def _owner(self, broker: Broker, message: MessageProxy) -> str:
         return f"{broker.broker_id}:{message.message_id}:{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
 
-    def claim_batch(self, broker: Broker, messages: list[MessageProxy]) -> None:
-        """Claim the keys of a fetched batch in one call; each message carries its verdict to
-        :meth:`before_process_message`, and a lease won is renewed from now on. Messages without a
-        key are left alone; should Redis fail, each message claims for itself when it runs."""
-        todo = [(m, key) for m in messages if (key := message_key(m)) is not None]
-        if not todo:
+    def adopt(self, message: MessageProxy | None, key: str, owner: str, verdict: list[Any]) -> None:
+        """Take on the claim the fetch made on ``key`` for ``message`` (``verdict`` as claim.lua answers):
+        the message carries it to :meth:`before_process_message`, and a lease won is renewed from now
+        on. A claim that does not fit the decoded message (poison, or a key the fetch read otherwise)
+        is released, and that message claims for itself when it runs."""
+        claim = Claim(key, self.keys.claim(key), owner, verdict)
+        if verdict[0] == b"run":
+            claim.lease = Lease(key=key, claim_key=claim.claim_key, owner=owner, token=int(verdict[1]))
+            self._hold(claim.lease)
+        if message is None or message_key(message) != key:
+            if claim.lease is not None:
+                self._drop([claim.lease])
             return
-        owners = [self._owner(broker, m) for m, _ in todo]
-        claim_keys = [self.keys.claim(key) for _, key in todo]
-        try:
-            verdicts = self.script(keys=[self.keys.stats, *claim_keys],
-                                   args=["claim", self.lease_ms, self.ttl_s, *owners])
-        except redis.RedisError as exc:
-            logger.warning("batch claim failed; messages claim as they run", extra={"error": str(exc)})
-            return
-        for (message, key), claim_key, owner, verdict in zip(todo, claim_keys, owners, verdicts, strict=True):
-            claim = Claim(key, claim_key, owner, verdict)
-            if verdict[0] == b"run":
-                claim.lease = Lease(key=key, claim_key=claim_key, owner=owner, token=int(verdict[1]),
-                                    envelope=message.args[0], recorded_output=message.options.get("mesh_output"))
-                self._hold(claim.lease)
-            message.mesh_claim = claim  # type: ignore[attr-defined]
+        if claim.lease is not None:
+            claim.lease.envelope = message.args[0]
+            claim.lease.recorded_output = message.options.get("mesh_output")
+        message.mesh_claim = claim  # type: ignore[attr-defined]
 
     def drop_claims(self, messages: list[MessageProxy]) -> None:
-        """Free the batch claims of messages that will not run here (requeued, rejected unrun)."""
+        """Free the fetch's claims of messages that will not run here (requeued, rejected unrun)."""
         leases = []
         for message in messages:
             claim = message.__dict__.pop("mesh_claim", None)
             if claim is not None and claim.lease is not None:
-                self._release_hold(claim.lease)
                 leases.append(claim.lease)
-        if leases:
-            pipe = self.client.pipeline(transaction=False)
-            for lease in leases:
-                self._call("release", lease.claim_key, lease.owner, lease.token, client=pipe)
-            self._quietly(pipe.execute)
+        self._drop(leases)
+
+    def _drop(self, leases: list[Lease]) -> None:
+        if not leases:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for lease in leases:
+            self._release_hold(lease)
+            self._call("release", lease.claim_key, lease.owner, lease.token, client=pipe)
+        self._quietly(pipe.execute)
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         _current.lease = None

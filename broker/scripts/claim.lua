@@ -13,6 +13,9 @@
 --   release  owner, token   -> 1 freed for the next attempt (the token is kept), or already freed by this
 --                              attempt; 0 another owner holds it, freed it under a later token, or finished it
 --
+-- settle.lua's fetch takes the claims of the messages it fetches the same way (claim_take), in
+-- the same step.
+--
 -- Fencing tokens come from one counter per deployment, the field "fence" of the stats hash: every
 -- claim that runs (the first, after a release, a takeover, and a claim made once the key has
 -- expired after the dedup window) takes a value of it. So a key's token only ever grows, even
@@ -27,51 +30,13 @@ local lease_ms, ttl_s = tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call("time")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- The counter, read once and written once by a claim call; tokens are handed out in between.
-local fence = 0
-local function next_token(token)
-    -- max: a claim older than the counter (its stats lost) moves the counter past it
-    fence = math.max(fence, token) + 1
-    return fence
-end
-
--- A key that already exists: what it holds decides.
-local function claim_existing(key, owner)
-    local state, holder, token, expires, result = claim_read(key)
-    if state == "done" then
-        redis.call("hincrby", stats, "duplicates", 1)
-        return {"done", token, result or ""}
-    end
-    if state == "claimed" then
-        if holder == owner then -- the same attempt asking again (a client retry after a lost reply)
-            redis.call("set", key, claim_value("claimed", token, now + lease_ms, owner, ""), "EX", ttl_s)
-            return {"run", token}
-        end
-        if expires > now then
-            return {"busy", token, expires - now}
-        end
-        redis.call("hincrby", stats, "takeovers", 1)
-    end
-    token = next_token(token)
-    redis.call("set", key, claim_value("claimed", token, now + lease_ms, owner, ""), "EX", ttl_s)
-    return {"run", token}
-end
-
 if command == "claim" then
-    fence = tonumber(redis.call("hget", stats, "fence")) or 0
-    local first = fence
+    local batch = claims_open(stats, lease_ms, ttl_s, now)
     local out = {}
     for i = 1, #KEYS - 1 do
-        local key, owner = KEYS[i + 1], ARGV[3 + i]
-        -- A key never claimed (the usual case) costs one SET NX.
-        if redis.call("set", key, claim_value("claimed", fence + 1, now + lease_ms, owner, ""), "NX", "EX", ttl_s) then
-            fence = fence + 1
-            out[i] = {"run", fence}
-        else
-            out[i] = claim_existing(key, owner)
-        end
+        out[i] = claim_take(batch, KEYS[i + 1], ARGV[3 + i])
     end
-    if fence ~= first then redis.call("hset", stats, "fence", fence) end
+    claims_close(batch)
     return out
 end
 
@@ -81,7 +46,7 @@ if command == "renew" then
     local state, holder, token = claim_read(key)
     if state ~= "claimed" or holder ~= owner then return 0 end
     -- EX: a handler running past the dedup window keeps its claim
-    redis.call("set", key, claim_value("claimed", token, now + lease_ms, owner, ""), "EX", ttl_s)
+    claim_put({lease_ms = lease_ms, ttl_s = ttl_s, now = now}, key, token, owner)
     return 1
 
 elseif command == "done" then

@@ -39,3 +39,48 @@ local function claim_free(key, owner)
     redis.call("set", key, claim_value("free", token, 0, "", ""), "KEEPTTL")
     return 1
 end
+
+-- Taking claims: a call opens a batch (one read of the deployment's fencing counter, the field
+-- "fence" of the stats hash), takes claims, and closes it (one write of the counter, if it moved).
+local function claims_open(stats, lease_ms, ttl_s, now)
+    local fence = tonumber(redis.call("hget", stats, "fence")) or 0
+    return {stats = stats, lease_ms = lease_ms, ttl_s = ttl_s, now = now, fence = fence, first = fence}
+end
+
+local function claims_close(b)
+    if b.fence ~= b.first then redis.call("hset", b.stats, "fence", b.fence) end
+end
+
+local function claim_put(b, key, token, owner)
+    redis.call("set", key, claim_value("claimed", token, b.now + b.lease_ms, owner, ""), "EX", b.ttl_s)
+end
+
+-- {"run", token} claimed with a new token (a takeover if a lease had expired); {"busy", token,
+-- expires_in_ms} a live owner holds it; {"done", token, result} it succeeded before.
+local function claim_take(b, key, owner)
+    -- A key never claimed (the usual case) costs one SET NX.
+    if redis.call("set", key, claim_value("claimed", b.fence + 1, b.now + b.lease_ms, owner, ""),
+                  "NX", "EX", b.ttl_s) then
+        b.fence = b.fence + 1
+        return {"run", b.fence}
+    end
+    local state, holder, token, expires, result = claim_read(key)
+    if state == "done" then
+        redis.call("hincrby", b.stats, "duplicates", 1)
+        return {"done", token, result or ""}
+    end
+    if state == "claimed" then
+        if holder == owner then -- the same attempt asking again (a client retry after a lost reply)
+            claim_put(b, key, token, owner)
+            return {"run", token}
+        end
+        if expires > b.now then
+            return {"busy", token, expires - b.now}
+        end
+        redis.call("hincrby", b.stats, "takeovers", 1)
+    end
+    -- max: a claim older than the counter (its stats lost) moves the counter past it
+    b.fence = math.max(b.fence, token) + 1
+    claim_put(b, key, b.fence, owner)
+    return {"run", b.fence}
+end

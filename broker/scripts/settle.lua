@@ -4,8 +4,11 @@
 --
 -- settle(keys=[namespace], args=[command, caller_ms (unused), queue, worker_id, heartbeat_timeout_ms, ...])
 --
---   fetch     n [beat]               -> {id1, data1, id2, data2, ...}; unless beat is "0", also heartbeat
---                                       and reap
+--   fetch     n [beat [nonce, lease_ms, ttl_s]]
+--                                    -> {id1, data1, id2, data2, ...}; unless beat is "0", also heartbeat
+--                                       and reap; with a nonce, each message's key is claimed and
+--                                       each id and data are followed by the claim ({key, "run"|"busy"|
+--                                       "done", token, ...} as claim.lua answers, or 0: no key found)
 --   heartbeat                        -> 1
 --   ack       ttl_s, (id, claim, owner, result)...
 --                                    -> {1|0, ...}: the messages are settled; each with a claim has its
@@ -84,6 +87,19 @@ local function reap(now)
     end
 end
 
+-- The envelope key of a message as the mesh encodes it ({"queue_name", "actor_name", "args": [{"key":
+-- ...}], ...}), found without decoding it; nil for any other shape or an escaped key (that message
+-- claims its key itself when it runs). The consumer checks the key against the decoded message.
+local function message_key(data)
+    local _, e = string.find(data, '"args":[{"key":"', 1, true)
+    if not e then return nil end
+    local close = string.find(data, '"', e + 1, true)
+    if not close or close == e + 1 then return nil end
+    local key = string.sub(data, e + 1, close - 1)
+    if string.find(key, "\\", 1, true) then return nil end
+    return key
+end
+
 local function push_back(id)
     if redis.call("hexists", msgs_key, id) == 1 then
         redis.call("lpush", queue_key, id)
@@ -132,9 +148,11 @@ end
 
 if command == "fetch" then
     -- Unless ARGV[7] is "0", heartbeat and recover dead workers' messages too (a consumer asks once
-    -- per quarter of the heartbeat timeout, not on every fetch).
+    -- per quarter of the heartbeat timeout, not on every fetch). With ARGV[8..10] (nonce, lease_ms,
+    -- ttl_s), each message's key is claimed in the same step, for owner "{worker}:{id}:{nonce}".
+    local now = nil
     if ARGV[7] ~= "0" then
-        local now = server_ms()
+        now = server_ms()
         beat(now)
         reap(now)
         redis.call("sadd", held_prefix .. worker, queue)
@@ -142,15 +160,30 @@ if command == "fetch" then
     local ids = redis.call("lpop", queue_key, tonumber(ARGV[6]))
     if not ids then return {} end
     local data = redis.call("hmget", msgs_key, unpack(ids))
+    local nonce, batch = ARGV[8], nil
+    if nonce then
+        batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms())
+    end
     local out, held = {}, {}
     for i, id in ipairs(ids) do
         if data[i] then
             held[#held + 1] = id
             out[#out + 1] = id
             out[#out + 1] = data[i]
+            if batch then
+                local key = message_key(data[i])
+                if key then
+                    local verdict = claim_take(batch, ns .. ":claim:" .. key, worker .. ":" .. id .. ":" .. nonce)
+                    table.insert(verdict, 1, key)
+                    out[#out + 1] = verdict
+                else
+                    out[#out + 1] = 0
+                end
+            end
         end
     end
     if #held > 0 then redis.call("sadd", acks, unpack(held)) end
+    if batch then claims_close(batch) end
     return out
 
 elseif command == "heartbeat" then
