@@ -17,12 +17,10 @@ from mesh.contracts import (
     TERMINAL,
     ConfigError,
     ContractError,
-    Envelope,
     JobRecord,
     KeyConflict,
     MeshError,
     State,
-    StepRecord,
     UnknownAgent,
     loads,
     new_trace_id,
@@ -34,7 +32,7 @@ from . import trace
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
-from .outbox import build_message, stage_all
+from .outbox import NewJobs, register, stage_all
 from .pipelines import PipelineStore, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
@@ -68,8 +66,15 @@ class JobRef:
 
 
 def job_id_for(key: str) -> str:
-    """The same key always names the same job: sending twice cannot fork it."""
-    return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-key:{key}").hex
+    """The same key always names the same job: sending twice cannot fork it. (``uuid5(NAMESPACE_URL,
+    "mesh-key:" + key).hex``, computed without the UUID objects.)"""
+    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + f"mesh-key:{key}".encode()).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50
+    digest[8] = digest[8] & 0x3F | 0x80
+    return "job-" + digest.hex()
+
+
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
 
 
 def payload_hash(agent: str, payload: dict[str, Any]) -> str:
@@ -109,6 +114,7 @@ class MeshClient:
         self.app = app
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
+        self._enqueue = register(self.redis)
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
         """Run the whole pipeline for ``goal``. ``token_budget``: model tokens the job may spend
@@ -247,48 +253,25 @@ class MeshClient:
               goal: str | None = None, token_budget: int | None = None) -> list[JobRef]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
-        and the writes are one transaction (the job records are WATCHed), so two racing senders of one
-        key cannot both win."""
+        and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
+        one key cannot both win."""
         agent = target.agent
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
-        refs, records, messages = [], [], []
-        for step_id, payload, key in items:
+        batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=goal, now=now,
+                        deadline=now + self.settings.job_deadline_s, token_budget=budget)
+        refs = []
+        for step_id, payload, given in items:
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
-            trace_id = trace_id_for(key) if key else new_trace_id()
-            key = key or uuid.uuid4().hex
-            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
-            env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
-                           deadline=now + self.settings.job_deadline_s, contract_version=target.version,
-                           token_budget=budget, payload=payload)
-            step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
-                              created_at=now, updated_at=now)
-            records.append(JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
-                                     steps={step_id: step}, created_at=now, updated_at=now,
-                                     payload_hash=payload_hash(agent, payload)))
-            message = build_message(env)
-            if target.queue != message.queue_name:
-                message = message.copy(queue_name=target.queue)
-            messages.append(message)
+            key = given or uuid.uuid4().hex
+            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id_for(key) if given else new_trace_id())
+            batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
+                      payload_hash=payload_hash(agent, payload), checked=bool(given))
             refs.append(ref)
-        given = [r for r, (_, _, key) in zip(records, items, strict=True) if key]
-        while True:
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    if given:
-                        watched = [self.keys.job(r.job_id) for r in given]
-                        pipe.watch(*watched)
-                        _refuse_conflicts(given, pipe.mget(watched))
-                        pipe.multi()
-                    for record, message in zip(records, messages, strict=True):
-                        self.jobs.stage_create(pipe, record)
-                        trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=target.queue,
-                                                                 by="client"))
-                    stage_all(pipe, self.keys, messages)
-                    pipe.execute()
-                    return refs
-                except redis.WatchError:
-                    continue  # a record changed between the check and the writes: check again
+        conflict = batch.write(self._enqueue, self.keys)
+        if conflict is not None:
+            raise KeyConflict(refs[conflict].key, refs[conflict].id, agent)
+        return refs
 
     def status(self, job_id: str) -> JobRecord:
         record = self.jobs.get(job_id)
