@@ -124,8 +124,8 @@ class NewJobs:
         message = {"queue_name": self.queue, "actor_name": self.agent, "args": [env], "kwargs": {},
                    "options": {"redis_message_id": rid}, "message_id": new_message_id(),
                    "message_timestamp": self.timestamp_ms}
-        self.args += (job_id, payload_hash if checked else "", orjson.dumps(record), orjson.dumps(event), rid,
-                      orjson.dumps(message))
+        self.args.append(b"\n".join((job_id.encode(), payload_hash.encode() if checked else b"", orjson.dumps(record),
+                                      orjson.dumps(event), rid.encode(), orjson.dumps(message))))
         self.keys.append(key)
 
     def write(self, script: Any, keys: Keys) -> int | None:

@@ -154,3 +154,12 @@ def test_a_record_without_a_payload_hash_binds_nothing(client):
     other = {"tool": "note", "args": {"title": "other"}}
     client.send_many("executor", [(other, "old"), (NOTE, "old")])
     assert client.queues(["executor"])["executor"]["ready"] == 3
+
+
+def test_a_chunk_larger_than_the_scripts_slice_is_written_whole(client):
+    items = [({"tool": "note", "args": {"title": f"n{i}"}}, f"big-{i}") for i in range(2_100)]
+    refs = client.send_many("executor", items, chunk=2_100)
+    assert client.queues(["executor"])["executor"]["ready"] == 2_100
+    assert client.redis.zcard(client.keys.jobs) == 2_100
+    assert all(client.redis.mget([client.keys.job(r.id) for r in refs]))
+    assert client.redis.llen(client.keys.wake("executor")) == 64  # capped
