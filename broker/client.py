@@ -6,6 +6,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,11 +143,8 @@ class MeshClient:
                 target.check(payload)
             except ContractError as exc:
                 raise ContractError(f"item {index}: {exc.message}", errors=exc.errors, index=index) from None
-        refs: list[JobRef] = []
-        for start in range(0, len(batch), chunk):
-            part = batch[start:start + chunk]
-            refs += self._send(target, [(agent, p, k) for p, k in part], token_budget=token_budget)
-        return refs
+        chunks = ([(agent, p, k) for p, k in batch[start:start + chunk]] for start in range(0, len(batch), chunk))
+        return self._send_chunks(target, chunks, token_budget=token_budget)
 
     def run(self, pipeline: Any, input: dict[str, Any], *, key: str | None = None,
             token_budget: int | None = None) -> JobRef:
@@ -255,6 +253,27 @@ class MeshClient:
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
         and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
         one key cannot both win."""
+        return self._write(*self._build(target, items, goal=goal, token_budget=token_budget))
+
+    def _send_chunks(self, target: Target, chunks: Iterable[list[tuple[str, dict[str, Any], str | None]]], *,
+                     token_budget: int | None = None) -> list[JobRef]:
+        """:meth:`_send` of each chunk in turn, each built while the one before it is written (a thread
+        waits for Redis meanwhile). A chunk is written only once the one before it was, so a conflict
+        stops the sending at its chunk, as one chunk at a time would."""
+        refs: list[JobRef] = []
+        parts = iter(chunks)
+        built = next((self._build(target, part, token_budget=token_budget) for part in parts), None)
+        if built is None:
+            return refs
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-send") as writer:
+            for part in parts:
+                writing = writer.submit(self._write, *built)
+                built = self._build(target, part, token_budget=token_budget)
+                refs += writing.result()
+        return refs + self._write(*built)
+
+    def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
+               goal: str | None = None, token_budget: int | None = None) -> tuple[NewJobs, list[JobRef]]:
         agent = target.agent
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
@@ -268,9 +287,12 @@ class MeshClient:
             batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
                       payload_hash=payload_hash(agent, payload), checked=bool(given))
             refs.append(ref)
+        return batch, refs
+
+    def _write(self, batch: NewJobs, refs: list[JobRef]) -> list[JobRef]:
         conflict = batch.write(self._enqueue, self.keys)
         if conflict is not None:
-            raise KeyConflict(refs[conflict].key, refs[conflict].id, agent)
+            raise KeyConflict(refs[conflict].key, refs[conflict].id, batch.agent)
         return refs
 
     def status(self, job_id: str) -> JobRecord:

@@ -125,14 +125,16 @@ def test_a_key_the_envelope_refuses_is_refused_and_nothing_reaches_redis(client)
     assert nothing_in_redis(client)
 
 
-def test_a_conflict_in_a_later_chunk_leaves_the_earlier_chunks_sent_and_its_own_chunk_unsent(client):
+def test_a_conflict_in_a_later_chunk_leaves_the_earlier_chunks_sent_and_the_rest_unsent(client):
+    """Chunks are built while the one before is written, but written only after it: the chunk after
+    the conflicting one, already built, is not sent either."""
     client.send("executor", NOTE, key="taken")
     other = {"tool": "note", "args": {"title": "other"}}
-    items = [(NOTE, f"c-{i}") for i in range(3)] + [(NOTE, "c-3"), (other, "taken"), (NOTE, "c-5")]
+    items = [(NOTE, f"c-{i}") for i in range(4)] + [(other, "taken")] + [(NOTE, f"c-{i}") for i in range(5, 9)]
     with pytest.raises(KeyConflict) as caught:
         client.send_many("executor", items, chunk=3)
     assert caught.value.context["key"] == "taken"
-    assert [client.jobs.get(job_id_for(f"c-{i}")) is not None for i in range(6)] == [True] * 3 + [False] * 3
+    assert [client.jobs.get(job_id_for(f"c-{i}")) is not None for i in range(9) if i != 4] == [True] * 3 + [False] * 5
     assert client.queues(["executor"])["executor"]["ready"] == 1 + 3
 
 
