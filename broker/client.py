@@ -18,13 +18,11 @@ from mesh.contracts import (
     TERMINAL,
     ConfigError,
     ContractError,
-    Envelope,
     JobRecord,
     KeyConflict,
     LimitExceeded,
     MeshError,
     State,
-    StepRecord,
     UnknownAgent,
     loads,
     new_trace_id,
@@ -33,11 +31,11 @@ from mesh.contracts import (
 from mesh.contracts.messages import validate_model
 
 from . import trace
-from .connection import connect, replicated, transaction
+from .connection import NotReplicated, connect, replicated, transaction
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
-from .outbox import build_message, encode_checked, stage_all
+from .outbox import NewJobs, encode_checked, register, stage_all
 from .pipelines import PipelineStore, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
@@ -71,8 +69,15 @@ class JobRef:
 
 
 def job_id_for(key: str) -> str:
-    """The same key always names the same job: sending twice cannot fork it."""
-    return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-key:{key}").hex
+    """The same key always names the same job: sending twice cannot fork it. (``uuid5(NAMESPACE_URL,
+    "mesh-key:" + key).hex``, computed without the UUID objects.)"""
+    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + f"mesh-key:{key}".encode()).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50
+    digest[8] = digest[8] & 0x3F | 0x80
+    return "job-" + digest.hex()
+
+
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
 
 
 def payload_hash(agent: str, payload: dict[str, Any]) -> str:
@@ -112,6 +117,7 @@ class MeshClient:
         self.app = app
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
+        self._enqueue = register(self.redis)
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
         """Run the whole pipeline for ``goal``. ``token_budget``: model tokens the job may spend
@@ -140,8 +146,8 @@ class MeshClient:
             except ContractError as exc:
                 raise ContractError(f"item {index}: {exc.message}", errors=exc.errors, index=index) from None
         # Every chunk is built (and each message checked against the limits) before the first is sent.
-        built = [self._build(target, [(agent, p, k) for p, k in batch[start:start + chunk]], token_budget=token_budget,
-                             first=start)
+        built = [self._build(target, [(agent, p, k) for p, k in batch[start:start + chunk]],
+                             token_budget=token_budget, first=start)
                  for start in range(0, len(batch), chunk)]
         return [ref for part in built for ref in self._write(*part)]
 
@@ -267,63 +273,55 @@ class MeshClient:
               goal: str | None = None, token_budget: int | None = None) -> list[JobRef]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
-        and the writes are one transaction (the job records are WATCHed), so two racing senders of one
-        key cannot both win."""
+        and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
+        one key cannot both win."""
         return self._write(*self._build(target, items, goal=goal, token_budget=token_budget))
 
     def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-               goal: str | None = None, token_budget: int | None = None, first: int | None = None,
-               ) -> tuple[Target, list[tuple[str, dict[str, Any], str | None]], list[JobRef], list[JobRecord],
-                          list[Message], list[bytes]]:
-        """The refs, records, messages and encoded messages of ``items``; nothing is written. ``first``:
-        the batch index of the first item, named by a limit's error."""
+               goal: str | None = None, token_budget: int | None = None,
+               first: int | None = None) -> tuple[NewJobs, list[JobRef]]:
+        """The jobs and messages of ``items``, nothing written; LimitExceeded for a message over
+        MESH_MAX_MESSAGE_BYTES or MESH_MAX_JSON_DEPTH (naming its batch index when ``first`` is given:
+        the index of the first item)."""
         agent = target.agent
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
-        refs, records, messages, encoded = [], [], [], []
-        for index, (step_id, payload, key) in enumerate(items):
+        batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=goal, now=now,
+                        deadline=now + self.settings.job_deadline_s, token_budget=budget,
+                        max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth)
+        refs = []
+        for index, (step_id, payload, given) in enumerate(items):
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
-            trace_id = trace_id_for(key) if key else new_trace_id()
-            key = key or uuid.uuid4().hex
-            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
-            env = Envelope(key=key, job_id=ref.id, step_id=step_id, agent=agent, trace_id=ref.trace_id,
-                           deadline=now + self.settings.job_deadline_s, contract_version=target.version,
-                           token_budget=budget, payload=payload)
-            message = build_message(env)
-            if target.queue != message.queue_name:
-                message = message.copy(queue_name=target.queue)
-            encoded.append(self._encode(message, None if first is None else first + index))
-            step = StepRecord(step_id=step_id, agent=agent, key=key, input=payload, sent_at=now,
-                              created_at=now, updated_at=now)
-            records.append(JobRecord(job_id=ref.id, key=key, trace_id=ref.trace_id, goal=goal,
-                                     steps={step_id: step}, created_at=now, updated_at=now,
-                                     payload_hash=payload_hash(agent, payload)))
-            messages.append(message)
+            key = given or uuid.uuid4().hex
+            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id_for(key) if given else new_trace_id())
+            try:
+                batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
+                          payload_hash=payload_hash(agent, payload), checked=bool(given))
+            except LimitExceeded as exc:
+                if first is None:
+                    raise
+                raise LimitExceeded(f"item {first + index}: {exc.message}", index=first + index,
+                                    **exc.context) from None
             refs.append(ref)
-        return target, items, refs, records, messages, encoded
+        return batch, refs
 
-    def _write(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], refs: list[JobRef],
-               records: list[JobRecord], messages: list[Message], encoded: list[bytes]) -> list[JobRef]:
-        """Write what :meth:`_build` built, in one transaction (see :meth:`_send`)."""
-        given = [r for r, (_, _, key) in zip(records, items, strict=True) if key]
-        while True:
-            with transaction(self.redis, self.settings) as pipe:
-                try:
-                    if given:
-                        watched = [self.keys.job(r.job_id) for r in given]
-                        pipe.watch(*watched)
-                        _refuse_conflicts(given, pipe.mget(watched))
-                        pipe.multi()
-                    for record, message in zip(records, messages, strict=True):
-                        self.jobs.stage_create(pipe, record)
-                        trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=target.queue,
-                                                                 by="client"))
-                    stage_all(pipe, self.keys, messages, encoded)
-                    pipe.execute()
-                    replicated(pipe, refs)
-                    return refs
-                except redis.WatchError:
-                    continue  # a record changed between the check and the writes: check again
+    def _write(self, batch: NewJobs, refs: list[JobRef]) -> list[JobRef]:
+        """Write what :meth:`_build` built, in one script call; with MESH_REDIS_WAIT_REPLICAS, then WAIT
+        for the replicas on the same connection (NotReplicated when too few confirm)."""
+        wanted = self.settings.redis_wait_replicas
+        if wanted:
+            pipe = self.redis.pipeline(transaction=False)
+            batch.write(self._enqueue, self.keys, client=pipe)
+            pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+            answer, acked = pipe.execute()
+            conflict = batch.conflict(answer)
+        else:
+            conflict, acked = batch.conflict(batch.write(self._enqueue, self.keys)), wanted
+        if conflict is not None:
+            raise KeyConflict(refs[conflict].key, refs[conflict].id, batch.agent)
+        if int(acked) < wanted:
+            raise NotReplicated(int(acked), wanted, self.settings.redis_wait_timeout_ms, refs)
+        return refs
 
     def status(self, job_id: str) -> JobRecord:
         record = self.jobs.get(job_id)

@@ -2,20 +2,37 @@
 
 Staging a message next to the job-record write that caused it (one MULTI/EXEC) is the
 transactional outbox: the record and the messages it implies land together or not at all.
+A client's new jobs take the lean form of the same outbox: :class:`NewJobs`, one script per batch.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from importlib import resources
 from typing import Any
 
+import orjson
+import redis
 from dramatiq.message import Message
 
-from mesh.contracts import Envelope, LimitExceeded, depth_exceeds, dumps
+from mesh.contracts import Envelope, JobRecord, LimitExceeded, StepRecord, depth_exceeds, dumps
 
+from . import trace
 from .keys import Keys
+
+ENQUEUE_LUA = resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
+
+
+
+def _max_length(model: Any, field: str) -> int:
+    return min(m.max_length for m in model.model_fields[field].metadata if hasattr(m, "max_length"))
+
+
+#: The longest key and step id an envelope takes.
+_KEY_MAX, _STEP_MAX = _max_length(Envelope, "key"), _max_length(Envelope, "step_id")
 
 
 def build_message(envelope: Envelope, **options: Any) -> Message:
@@ -41,10 +58,16 @@ def encode_checked(message: Message, max_bytes: int, max_depth: int) -> bytes:
     except TypeError as exc:  # orjson's own recursion limit, far past any sane depth
         raise LimitExceeded(f"message nested deeper than MESH_MAX_JSON_DEPTH ({max_depth}): {exc}",
                             setting="MESH_MAX_JSON_DEPTH", limit=max_depth, size=-1) from None
+    return check_limits(data, message.args, max_bytes, max_depth)
+
+
+def check_limits(data: bytes, args: Any, max_bytes: int, max_depth: int) -> bytes:
+    """``data`` (an encoded message whose ``args`` are given decoded) when it is within the limits;
+    else LimitExceeded."""
     if len(data) > max_bytes:
         raise LimitExceeded(f"message of {len(data)} bytes is over MESH_MAX_MESSAGE_BYTES ({max_bytes})",
                             setting="MESH_MAX_MESSAGE_BYTES", limit=max_bytes, size=len(data))
-    if depth_exceeds(data, message.args, max_depth - 1):  # args sit one level below the message
+    if depth_exceeds(data, args, max_depth - 1):  # args sit one level below the message
         raise LimitExceeded(f"message nested deeper than MESH_MAX_JSON_DEPTH ({max_depth})",
                             setting="MESH_MAX_JSON_DEPTH", limit=max_depth, size=-1)
     return data
@@ -80,3 +103,102 @@ def stage_all(pipe: Any, keys: Keys, messages: Iterable[Message], encoded: Itera
 def wake(pipe: Any, keys: Keys, queue: str, n: int = 1) -> None:
     pipe.rpush(keys.wake(queue), *([1] * min(n, WAKE_CAP)))
     pipe.ltrim(keys.wake(queue), -WAKE_CAP, -1)
+
+
+class NewJobs:
+    """A batch of new jobs for one agent, each recorded with its first message and ``enqueued`` trace
+    event: the transactional outbox of a client's sends, written by one script (scripts/enqueue.lua)
+    that checks the batch's keys and writes everything atomically, in one round trip.
+
+    The envelope, job and step dicts are dumped from their models once per batch (which checks the
+    fields every item shares) and copied per item with the item's own fields, and the payload is
+    encoded once and embedded as it is: the bytes are the ones the models would encode."""
+
+    def __init__(self, *, agent: str, queue: str, version: int | None, deadline: float,
+                 token_budget: int | None, goal: str | None, now: float,
+                 max_bytes: int | None = None, max_depth: int | None = None) -> None:
+        """``max_bytes`` / ``max_depth``: MESH_MAX_MESSAGE_BYTES / MESH_MAX_JSON_DEPTH, checked per
+        message by :meth:`add` (LimitExceeded)."""
+        blank, trace_id = "-", "1" * 32
+        self.max_bytes, self.max_depth = max_bytes, max_depth
+        self.agent, self.queue, self.now = agent, queue, now
+        self.envelope = Envelope(key=blank, job_id=blank, step_id=blank, agent=agent, trace_id=trace_id,
+                                 deadline=deadline, contract_version=version, token_budget=token_budget,
+                                 payload={}).model_dump(mode="json")
+        self.record = JobRecord(job_id=blank, key=blank, trace_id=trace_id, goal=goal, created_at=now,
+                                updated_at=now, payload_hash=blank).model_dump(mode="json")
+        self.step = StepRecord(step_id=blank, agent=agent, key=blank, sent_at=now, created_at=now,
+                               updated_at=now).model_dump(mode="json")
+        self.event = trace.event("enqueued", self.envelope, at=now, queue=queue, by="client")
+        self.timestamp_ms = int(now * 1000)
+        self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN]
+        self.keys: list[str] = []
+
+    def add(self, step_id: str, payload: dict[str, Any], *, key: str, job_id: str, trace_id: str,
+            payload_hash: str, checked: bool) -> None:
+        """One job and its message. ``checked``: the key was given, so it must not already name a job
+        created with another payload (nor an earlier item of the batch with another one)."""
+        if not key or len(key) > _KEY_MAX or not step_id or len(step_id) > _STEP_MAX or type(payload) is not dict:
+            # What the templates do not cover: the envelope's own validation says what is wrong (or,
+            # for a mapping that is not a dict, gives the dict).
+            payload = Envelope(**{**self.envelope, "key": key, "step_id": step_id, "payload": payload}).payload
+        body = orjson.Fragment(dumps(payload))
+        env = {**self.envelope, "key": key, "job_id": job_id, "step_id": step_id, "trace_id": trace_id,
+               "payload": body}
+        step = {**self.step, "step_id": step_id, "key": key, "input": body}
+        record = {**self.record, "job_id": job_id, "key": key, "trace_id": trace_id, "steps": {step_id: step},
+                  "payload_hash": payload_hash}
+        event = {**self.event, "trace_id": trace_id, "job_id": job_id, "key": key, "step_id": step_id}
+        rid = new_message_id()
+        message = {"queue_name": self.queue, "actor_name": self.agent, "args": [env], "kwargs": {},
+                   "options": {"redis_message_id": rid}, "message_id": new_message_id(),
+                   "message_timestamp": self.timestamp_ms}
+        data = orjson.dumps(message)
+        if self.max_bytes is not None and self.max_depth is not None:
+            check_limits(data, [{**env, "payload": payload}], self.max_bytes, self.max_depth)
+        self.args.append(b"\n".join((job_id.encode(), payload_hash.encode() if checked else b"", orjson.dumps(record),
+                                      orjson.dumps(event), rid.encode(), data)))
+        self.keys.append(key)
+
+    def write(self, script: Any, keys: Keys, client: Any = None) -> Any:
+        """Run the batch through ``script`` (``ENQUEUE_LUA`` registered on the client; ``client``: a
+        pipeline to queue the call on instead): its answer, for :meth:`conflict`."""
+        if not self.keys:
+            return 0
+        return script(keys=[keys.namespace], args=self.args, client=client)
+
+    @staticmethod
+    def conflict(answer: Any) -> int | None:
+        """None when every job and message was written, else the index of the first item whose key
+        conflicts (nothing was written)."""
+        return int(answer) - 1 if answer else None
+
+
+def new_message_id() -> str:
+    """``str(uuid.uuid4())`` (dramatiq's message ids), without building the UUID object."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class EnqueueScript:
+    """``ENQUEUE_LUA`` on a client. Loaded into Redis before its first call: redis-py's fallback for a
+    script Redis does not hold sends the whole call a second time, a chunk of a thousand jobs."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.script = client.register_script(ENQUEUE_LUA)
+        self.loaded = False
+
+    def __call__(self, *, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        if not self.loaded:
+            self.client.script_load(ENQUEUE_LUA)
+            self.loaded = True
+        return self.script(keys=keys, args=args, client=client)
+
+
+def register(client: redis.Redis) -> EnqueueScript:
+    """The enqueue script of :class:`NewJobs`, for ``client``."""
+    return EnqueueScript(client)

@@ -2,12 +2,16 @@
 
 Everything runs against the configured Redis in a throw-away namespace that is deleted at the
 end. Both sides get the same worker processes, threads and prefetch; throughput runs alternate
-mesh / raw and report the median ratio of the pairs. Counts (Redis commands per message) come
-from ``INFO commandstats`` deltas, so other clients of the same Redis inflate both sides.
+mesh / raw and report the median ratio of the pairs, at each prefetch of the sweep. Counts (Redis
+commands per message) come from ``INFO commandstats`` deltas and Redis CPU from ``INFO cpu``
+deltas, so other clients of the same Redis inflate both sides; worker CPU is each worker process's
+own CPU time from ready to stop. The real step is a declared agent (``BENCH_APP``) run by the same
+worker code as ``mesh worker``: each step a job with its record and trace, sent with MeshClient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -18,14 +22,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import redis
+from pydantic import BaseModel, ConfigDict
 
+from mesh.agents.app import App
+from mesh.agents.context import Context
 from mesh.broker.connection import SETTINGS, connect
 from mesh.broker.settings import MeshSettings
 
-MESH_Q, RAW_Q = "bench_mesh", "bench_raw"
+MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
 
 
 @dataclass(frozen=True)
@@ -33,14 +41,33 @@ class BenchConfig:
     messages: int = 5_000
     processes: int = 2
     threads: int = 4
-    prefetch: int = 0  # 0: the mesh default (2 x threads)
+    prefetch: tuple[int, ...] = (0,)  # the sweep; 0: the mesh default (2 x threads)
     pairs: int = 2
     latency_samples: int = 30
     dlq_entries: int = 10_000
 
     @property
-    def effective_prefetch(self) -> int:
-        return self.prefetch or 2 * self.threads
+    def prefetches(self) -> list[int]:
+        """The sweep's prefetches as run (0 resolved), each once, in the order given."""
+        return list(dict.fromkeys(p or 2 * self.threads for p in self.prefetch))
+
+
+# -- the real step: a declared agent, through the public App API ----------------------------------------
+
+
+class Echo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str
+
+
+BENCH_APP = App("bench")
+
+
+@BENCH_APP.agent(name=STEP_AGENT, time_limit_s=60)
+def bench_echo(ctx: Context, message: Echo) -> Echo:
+    """Gives its input back: a step's whole cost (claim, job record, trace, settle) and no work of its own."""
+    return message
 
 
 # -- worker processes (spawned: each builds its own broker) ------------------------------------------
@@ -57,13 +84,23 @@ def _latency(sent_at: float, *_rest: Any) -> None:
     broker.bench_client.rpush(broker.bench_latency_key, repr(time.time() - sent_at))
 
 
-def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch: int, stop: Any, ready: Any) -> None:
+def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch: int, stop: Any, ready: Any,
+           cpu: Any) -> None:
+    """One worker process of ``side`` (mesh, raw or step); puts its CPU seconds from ready to stop on ``cpu``."""
     import dramatiq
     from dramatiq import Worker
 
     from mesh.ops.logs import setup_logging
 
     setup_logging("ERROR")
+    if side == "step":  # what `mesh worker --app mesh.ops.bench:BENCH_APP` runs
+        from mesh.ops.worker import start_worker
+
+        step = start_worker(base.model_copy(update={"namespace": namespace, "prefetch": prefetch,
+                                                    "worker_threads": threads}),
+                            None, threads, "mesh.ops.bench:BENCH_APP")
+        _measure(step, ready, stop, cpu)
+        return
     if side == "mesh":
         from mesh.broker.mesh_broker import build_broker
         from mesh.contracts import MeshError
@@ -92,21 +129,29 @@ def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch
     worker.queue_prefetch = prefetch
     broker.emit_after("process_boot")
     worker.start()
+    _measure(worker, ready, stop, cpu)
+
+
+def _measure(worker: Any, ready: Any, stop: Any, cpu: Any) -> None:
+    started = time.process_time()  # every thread of this process
     ready.set()
     stop.wait()
+    cpu.put(time.process_time() - started)
     worker.stop(timeout=10_000)
 
 
 @contextmanager
-def _workers(side: str, base: MeshSettings, namespace: str, cfg: BenchConfig, processes: int | None = None,
-             threads: int | None = None) -> Iterator[None]:
+def _workers(side: str, base: MeshSettings, namespace: str, cfg: BenchConfig, prefetch: int,
+             processes: int | None = None, threads: int | None = None) -> Iterator[list[float]]:
+    """Worker processes of ``side`` while the block runs; the list yielded holds, once the block is
+    left, each process's CPU seconds from its ready to the stop."""
     ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    readies, procs = [], []
+    stop, cpu_queue = ctx.Event(), ctx.Queue()
+    readies, procs, cpu = [], [], []  # type: list[Any], list[Any], list[float]
     for _ in range(processes or cfg.processes):
         ready = ctx.Event()
-        p = ctx.Process(target=_serve, args=(side, base, namespace, threads or cfg.threads, cfg.effective_prefetch,
-                                             stop, ready), daemon=True)
+        p = ctx.Process(target=_serve, args=(side, base, namespace, threads or cfg.threads, prefetch, stop, ready,
+                                             cpu_queue), daemon=True)
         p.start()
         readies.append(ready)
         procs.append(p)
@@ -114,9 +159,14 @@ def _workers(side: str, base: MeshSettings, namespace: str, cfg: BenchConfig, pr
         for ready in readies:
             if not ready.wait(60):
                 raise RuntimeError(f"{side} bench worker did not start")
-        yield
+        yield cpu
     finally:
         stop.set()
+        for _ in procs:
+            try:
+                cpu.append(cpu_queue.get(timeout=15))
+            except Empty:
+                break
         for p in procs:
             p.join(15)
             if p.is_alive():
@@ -165,6 +215,12 @@ def _commands(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
+def _redis_cpu(client: redis.Redis) -> float:
+    """CPU seconds the Redis server has used (user + system), whoever it served."""
+    cpu: Any = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0) > 0}
 
@@ -172,21 +228,89 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 # -- measurements ---------------------------------------------------------------------------------------
 
 
-def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig,
-                side: str) -> tuple[float, float, dict[str, float]]:
-    """msg/s, Redis commands per message, and per message by command, for one side."""
-    queue = MESH_Q if side == "mesh" else RAW_Q
+@dataclass(frozen=True)
+class Run:
+    """One timed run: n messages (or steps), wall seconds, Redis commands by name, worker and Redis CPU seconds."""
+
+    n: int
+    seconds: float
+    commands: dict[str, int]
+    worker_cpu_s: float
+    redis_cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds
+
+    @property
+    def commands_per(self) -> float:
+        return sum(self.commands.values()) / self.n
+
+    def by_command(self) -> dict[str, float]:
+        return {k: round(c / self.n, 2) for k, c in sorted(self.commands.items(), key=lambda kv: -kv[1])}
+
+    def cpu_us(self) -> dict[str, float]:
+        return {"worker": 1e6 * self.worker_cpu_s / self.n, "redis": 1e6 * self.redis_cpu_s / self.n}
+
+
+class _Stopwatch:
+    """Wall time, Redis commands and Redis CPU from its creation to :meth:`stop`."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.commands, self.redis_cpu = _commands(client), _redis_cpu(client)
+        self.started = time.perf_counter()
+
+    def stop(self, n: int) -> Run:
+        elapsed = time.perf_counter() - self.started
+        used = _delta(self.commands, _commands(self.client))
+        return Run(n, elapsed, used, 0.0, _redis_cpu(self.client) - self.redis_cpu)
+
+
+def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, side: str, prefetch: int) -> Run:
+    """No-op messages through ``side``'s workers: pushed in one pipeline, timed until drained."""
+    queue_name = MESH_Q if side == "mesh" else RAW_Q
     run = uuid.uuid4().hex[:8]
     bodies = [_envelope(i, run) if side == "mesh" else {"n": i} for i in range(cfg.messages)]
-    with _workers(side, base, ns, cfg):
-        before = _commands(client)
-        started = time.perf_counter()
-        _push(client, ns, queue, bodies)
-        _drained(client, ns, queue)
-        elapsed = time.perf_counter() - started
-        used = _delta(before, _commands(client))
-    per = {k: round(n / cfg.messages, 2) for k, n in sorted(used.items(), key=lambda kv: -kv[1])}
-    return cfg.messages / elapsed, sum(used.values()) / cfg.messages, per
+    with _workers(side, base, ns, cfg, prefetch) as cpu:
+        watch = _Stopwatch(client)
+        _push(client, ns, queue_name, bodies)
+        _drained(client, ns, queue_name)
+        measured = watch.stop(cfg.messages)
+    return dataclasses.replace(measured, worker_cpu_s=sum(cpu))
+
+
+def _step(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, prefetch: int) -> Run:
+    """Steps through the declared echo agent: sent with MeshClient (a keyed job each), timed until every
+    job is ``succeeded``."""
+    from mesh.broker import MeshClient
+
+    mesh = MeshClient(base.model_copy(update={"namespace": ns}), client=client, app=BENCH_APP)
+    run = uuid.uuid4().hex[:8]
+    items = [({"text": f"step {i}"}, f"bench-step-{run}-{i}") for i in range(cfg.messages)]
+    with _workers("step", base, ns, cfg, prefetch) as cpu:
+        watch = _Stopwatch(client)
+        refs = mesh.send_many(STEP_AGENT, items)
+        _drained(client, ns, STEP_AGENT)
+        _succeeded(client, [mesh.keys.job(r.id) for r in refs])
+        measured = watch.stop(cfg.messages)
+    return dataclasses.replace(measured, worker_cpu_s=sum(cpu))
+
+
+def _succeeded(client: redis.Redis, keys: list[str], timeout_s: float = 60) -> None:
+    from mesh.contracts import loads
+
+    deadline = time.monotonic() + timeout_s
+    for start in range(0, len(keys), 1_000):
+        part = keys[start:start + 1_000]
+        while True:
+            records: Any = client.mget(part)
+            states = {loads(r)["state"] if r else None for r in records}
+            if states == {"succeeded"}:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench steps not all succeeded within {timeout_s}s: {sorted(map(str, states))}")
+            time.sleep(0.01)
 
 
 def _enqueue(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> dict[str, float]:
@@ -216,15 +340,15 @@ def _pickup(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, 
     """send → handler start on an idle queue, one worker process with one thread."""
     import random
 
-    queue = MESH_Q if side == "mesh" else RAW_Q
+    queue_name = MESH_Q if side == "mesh" else RAW_Q
     key = f"{ns}:latency:{side}"
     run = uuid.uuid4().hex[:8]
-    with _workers(side, base, ns, cfg, processes=1, threads=1):
+    with _workers(side, base, ns, cfg, cfg.prefetches[0], processes=1, threads=1):
         for i in range(cfg.latency_samples):
             time.sleep(random.uniform(0.05, 0.3))  # idle, so the consumer's polling backs off as it would
             payload = {"sent_at": time.time()}
-            _push(client, ns, queue, [_envelope(i, run, payload) if side == "mesh" else payload])
-            _drained(client, ns, queue, timeout_s=30)
+            _push(client, ns, queue_name, [_envelope(i, run, payload) if side == "mesh" else payload])
+            _drained(client, ns, queue_name, timeout_s=30)
         samples = sorted(float(x) * 1000 for x in client.lrange(key, 0, -1))
     return {"p50_ms": _pct(samples, 50), "p99_ms": _pct(samples, 99), "samples": len(samples)}
 
@@ -303,7 +427,7 @@ def _duplicates(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
         mw._call("claim", mw.keys.claim(body["key"]), "bench", client=pipe)
         mw._call("done", mw.keys.claim(body["key"]), "bench", dumps({}), client=pipe)
     pipe.execute()
-    with _workers("mesh", base, ns, cfg):
+    with _workers("mesh", base, ns, cfg, cfg.prefetches[0]):
         started = time.perf_counter()
         _push(client, ns, MESH_Q, bodies)
         _drained(client, ns, MESH_Q)
@@ -317,12 +441,17 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
     settings = MeshSettings(**settings.model_dump(include=set(SETTINGS)))
     client = connect(settings)
     try:
-        pairs = []
-        for i in range(cfg.pairs):
-            progress(f"throughput pair {i + 1}/{cfg.pairs}")
-            mesh = _throughput(client, settings, ns, cfg, "mesh")
-            raw = _throughput(client, settings, ns, cfg, "raw")
-            pairs.append((mesh, raw))
+        sweep, steps = [], []
+        for prefetch in cfg.prefetches:
+            pairs = []
+            for i in range(cfg.pairs):
+                progress(f"prefetch {prefetch}: throughput pair {i + 1}/{cfg.pairs}")
+                mesh = _throughput(client, settings, ns, cfg, "mesh", prefetch)
+                raw = _throughput(client, settings, ns, cfg, "raw", prefetch)
+                pairs.append((mesh, raw))
+            sweep.append(_sweep_entry(prefetch, pairs))
+            progress(f"prefetch {prefetch}: real steps")
+            steps.append(_step_entry(prefetch, _step(client, settings, ns, cfg, prefetch)))
         progress("enqueue")
         enqueue = _enqueue(client, settings, ns, cfg)
         progress("pickup latency")
@@ -336,19 +465,42 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
         client.close()
     return {
         "config": {"messages": cfg.messages, "processes": cfg.processes, "threads": cfg.threads,
-                   "prefetch": cfg.effective_prefetch, "pairs": cfg.pairs},
-        "throughput": {"mesh_msg_s": statistics.median(m[0] for m, _ in pairs),
-                       "raw_msg_s": statistics.median(r[0] for _, r in pairs),
-                       "ratio": statistics.median(m[0] / r[0] for m, r in pairs),
-                       "pairs": [{"mesh_msg_s": m[0], "raw_msg_s": r[0]} for m, r in pairs]},
-        "redis_commands_per_message": {"mesh": statistics.median(m[1] for m, _ in pairs),
-                                       "raw": statistics.median(r[1] for _, r in pairs),
-                                       "mesh_by_command": pairs[-1][0][2], "raw_by_command": pairs[-1][1][2]},
+                   "prefetch": cfg.prefetches, "pairs": cfg.pairs},
+        "throughput": sweep,
+        "step": steps,
         "enqueue": enqueue,
         "pickup_latency": pickup,
         "dlq": dlq,
         "duplicates": {"msg_s": dup},
     }
+
+
+def _sweep_entry(prefetch: int, pairs: list[tuple[Run, Run]]) -> dict[str, Any]:
+    """The throughput pairs at one prefetch: medians over the pairs, the last pair's commands by name."""
+    def median(f: Callable[[Run], float], side: int) -> float:
+        return statistics.median(f(pair[side]) for pair in pairs)
+
+    def cpu(kind: str) -> dict[str, float]:
+        mesh, raw = median(lambda r: r.cpu_us()[kind], 0), median(lambda r: r.cpu_us()[kind], 1)
+        return {"mesh": mesh, "raw": raw, "ratio": statistics.median(m.cpu_us()[kind] / r.cpu_us()[kind]
+                                                                       for m, r in pairs)}
+
+    return {"prefetch": prefetch,
+            "mesh_msg_s": median(lambda r: r.rate, 0), "raw_msg_s": median(lambda r: r.rate, 1),
+            "ratio": statistics.median(m.rate / r.rate for m, r in pairs),
+            "pairs": [{"mesh_msg_s": m.rate, "raw_msg_s": r.rate} for m, r in pairs],
+            "redis_commands_per_message": {"mesh": median(lambda r: r.commands_per, 0),
+                                           "raw": median(lambda r: r.commands_per, 1),
+                                           "mesh_by_command": pairs[-1][0].by_command(),
+                                           "raw_by_command": pairs[-1][1].by_command()},
+            "worker_cpu_us_per_message": cpu("worker"),
+            "redis_cpu_us_per_message": cpu("redis")}
+
+
+def _step_entry(prefetch: int, step: Run) -> dict[str, Any]:
+    return {"prefetch": prefetch, "steps": step.n, "steps_s": step.rate,
+            "worker_cpu_us_per_step": step.cpu_us()["worker"], "redis_cpu_us_per_step": step.cpu_us()["redis"],
+            "redis_commands_per_step": step.commands_per, "by_command": step.by_command()}
 
 
 def _clean(client: redis.Redis, ns: str) -> None:

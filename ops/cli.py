@@ -551,11 +551,12 @@ def stats(as_json: JsonFlag = False) -> None:
 
 @app.command()
 def bench(
-    messages: Annotated[int, typer.Option(min=10, metavar="N", help="Messages per throughput run.")] = 5_000,
+    messages: Annotated[int, typer.Option(min=10, metavar="N", help="Messages (and real steps) per run.")] = 5_000,
     processes: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes per side.")] = 2,
     threads: Annotated[int, typer.Option(min=1, metavar="N", help="Threads per worker process.")] = 4,
-    prefetch: Annotated[int, typer.Option(min=0, metavar="N",
-                                          help="Prefetch per consumer, both sides; 0: 2 x threads.")] = 0,
+    prefetch: Annotated[str, typer.Option(metavar="N[,N...]", help="Prefetch per consumer, both sides; a "
+                                          "comma list runs the throughput pairs and real steps at each; "
+                                          "0: 2 x threads.")] = "0",
     pairs: Annotated[int, typer.Option(min=1, metavar="N", help="Alternating mesh/raw throughput pairs.")] = 2,
     latency_samples: Annotated[int, typer.Option(min=1, metavar="N", help="Idle pickup samples per side.")] = 30,
     dlq_entries: Annotated[int, typer.Option(min=10, metavar="N",
@@ -564,37 +565,66 @@ def bench(
 ) -> None:
     """Measure the mesh against raw dramatiq on the configured Redis.
 
-    Runs in a throw-away namespace: throughput, Redis commands per message, enqueue rate, idle
+    Runs in a throw-away namespace: throughput and the CPU per message (workers, Redis) at each
+    prefetch, Redis commands per message, real steps through a declared agent, enqueue rate, idle
     pickup latency, DLQ replay and drain."""
     from mesh.ops.bench import BenchConfig, run
 
+    sweep = _prefetches(prefetch)
     s = settings()
     client()  # exits 3 if Redis does not answer
-    cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=prefetch, pairs=pairs,
+    cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=sweep, pairs=pairs,
                       latency_samples=latency_samples, dlq_entries=dlq_entries)
     result = run(s, cfg, progress=lambda step: err.print(Text(f"bench: {step}"), style="dim"))
     if as_json:
         emit_json(result)
         return
-    t, c, e, p, d = (result["throughput"], result["redis_commands_per_message"], result["enqueue"],
-                     result["pickup_latency"], result["dlq"])
-    table = Table("measure", "mesh", "raw dramatiq", "mesh / raw")
-    table.add_row("throughput, no-op messages (msg/s)", f"{t['mesh_msg_s']:,.0f}", f"{t['raw_msg_s']:,.0f}",
-                  f"{t['ratio']:.2f}")
-    table.add_row("Redis commands per message", f"{c['mesh']:.1f}", f"{c['raw']:.1f}", f"{c['mesh'] - c['raw']:+.1f}")
-    table.add_row("enqueue (msg/s): send_many vs a send() loop", f"{e['send_many_msg_s']:,.0f}",
-                  f"{e['send_loop_msg_s']:,.0f}", f"{e['ratio']:.1f}")
+    out.print(_bench_table(result))
+    cf = result["config"]
+    out.print(f"{cf['messages']:,} messages, {cf['processes']} processes x {cf['threads']} threads, "
+              f"{cf['pairs']} mesh/raw pairs per prefetch.\nRedis CPU and commands count every client of "
+              "that Redis, not only the bench.")
+
+
+def _prefetches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = (-1,)
+    if any(v < 0 for v in values):
+        raise typer.BadParameter(f"{text!r}: give whole numbers >= 0, comma-separated (e.g. 8,32,64)",
+                                 param_hint="--prefetch")
+    return values
+
+
+def _bench_table(result: dict[str, Any]) -> Table:
+    """``mesh bench``'s figures in 80 columns: one group of rows per prefetch, then the rest."""
+    table = Table("measure", "mesh", "raw", "mesh/raw")
+    steps = {s["prefetch"]: s for s in result["step"]}
+    for t in result["throughput"]:
+        c, w, r = t["redis_commands_per_message"], t["worker_cpu_us_per_message"], t["redis_cpu_us_per_message"]
+        st = steps[t["prefetch"]]
+        table.add_row(Text(f"prefetch {t['prefetch']}", style="bold"), "", "", "")
+        table.add_row("no-op throughput (msg/s)", f"{t['mesh_msg_s']:,.0f}", f"{t['raw_msg_s']:,.0f}",
+                      f"{t['ratio']:.2f}")
+        table.add_row("  worker CPU (µs/msg)", f"{w['mesh']:,.0f}", f"{w['raw']:,.0f}", f"{w['ratio']:.2f}")
+        table.add_row("  Redis CPU (µs/msg)", f"{r['mesh']:,.0f}", f"{r['raw']:,.0f}", f"{r['ratio']:.2f}")
+        table.add_row("  Redis commands per msg", f"{c['mesh']:.1f}", f"{c['raw']:.1f}", f"{c['mesh'] - c['raw']:+.1f}")
+        table.add_row("real step, echo agent (steps/s)", f"{st['steps_s']:,.0f}", "", "")
+        table.add_row("  worker CPU (µs/step)", f"{st['worker_cpu_us_per_step']:,.0f}", "", "")
+        table.add_row("  Redis CPU (µs/step)", f"{st['redis_cpu_us_per_step']:,.0f}", "", "")
+        table.add_row("  Redis commands per step", f"{st['redis_commands_per_step']:.1f}", "", "", end_section=True)
+    e, p, d = result["enqueue"], result["pickup_latency"], result["dlq"]
+    table.add_row("send_many vs send() loop (msg/s)", f"{e['send_many_msg_s']:,.0f}", f"{e['send_loop_msg_s']:,.0f}",
+                  f"{e['ratio']:.1f}")
     table.add_row("idle pickup p50 (ms)", f"{p['mesh']['p50_ms']:.1f}", f"{p['raw']['p50_ms']:.1f}", "")
     table.add_row("idle pickup p99 (ms)", f"{p['mesh']['p99_ms']:.1f}", f"{p['raw']['p99_ms']:.1f}", "")
     table.add_row(f"DLQ replay of {d['entries']:,} (entries/s)", f"{d['replay_entries_s']:,.0f}", "", "")
     table.add_row(f"DLQ drain of {d['entries']:,} (entries/s)", f"{d['drain_entries_s']:,.0f}", "", "")
-    table.add_row("DLQ drain peak traced memory (MB)", f"{d['drain_peak_traced_mb']:.1f}", "",
-                  f"file {d['drain_file_mb']:.1f} MB")
+    table.add_row("DLQ drain peak traced memory (MB)", f"{d['drain_peak_traced_mb']:.1f}", "", "")
+    table.add_row("  DLQ drain file (MB)", f"{d['drain_file_mb']:.1f}", "", "")
     table.add_row("already-done keys (msg/s)", f"{result['duplicates']['msg_s']:,.0f}", "", "")
-    out.print(table)
-    cf = result["config"]
-    out.print(f"{cf['messages']} messages, {cf['processes']} processes x {cf['threads']} threads, "
-              f"prefetch {cf['prefetch']}, {cf['pairs']} mesh/raw pairs")
+    return table
 
 
 breakers_app = typer.Typer(help="Circuit breakers of the dependencies, shared by the whole fleet.",

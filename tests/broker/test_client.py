@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from conftest import wait_for
+from pydantic import ValidationError
 
 from mesh.broker import MeshClient, WaitTimeout, job_id_for
-from mesh.contracts import ContractError, State, UnknownAgent
+from mesh.broker.client import payload_hash
+from mesh.contracts import ContractError, KeyConflict, State, UnknownAgent, dumps, loads
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
 
@@ -71,3 +75,93 @@ def test_duplicate_delivery_of_a_done_step_is_acked_with_the_stored_result(clien
     again = client.status(ref.id)
     assert again.result == done.result and again.steps["executor"].picked_up == 1
     assert client.redis.zcard(client.keys.notes) == 1
+
+
+# -- the lean enqueue (broker/outbox.py NewJobs + scripts/enqueue.lua) ------------------------------------
+
+
+def test_a_sent_job_is_written_in_the_exact_bytes_its_models_encode(client):
+    """The record, message and trace event are built from dicts dumped once per batch; each is what
+    the models would encode, so nothing downstream can tell the lean path from the model path."""
+    from dramatiq.message import Message
+
+    from mesh.broker import trace
+    from mesh.contracts import Envelope, JobRecord
+
+    other = {"tool": "note", "args": {"title": "é", "findings": [{"n": 1.5}]}}
+    refs = client.send_many("executor", [(NOTE, "lean-1"), (other, None)], token_budget=500)
+    for ref in refs:
+        raw = client.redis.get(client.keys.job(ref.id))
+        record = JobRecord.model_validate(loads(raw))
+        assert dumps(record) == raw and record.key == ref.key and record.trace_id == ref.trace_id
+        assert record.state is State.QUEUED and record.steps["executor"].sent_at == record.created_at
+        assert record.payload_hash == payload_hash("executor", record.steps["executor"].input)
+        assert client.redis.zscore(client.keys.jobs, ref.id) == record.created_at
+        [event] = trace.read(client.redis, client.keys, ref.id)
+        assert event["event"] == "enqueued" and event["by"] == "client" and event["queue"] == "executor"
+    bodies = [Message.decode(b) for b in client.redis.hvals(client.keys.messages("executor"))]
+    ids = client.redis.lrange(client.keys.queue("executor"), 0, -1)
+    assert sorted(m.options["redis_message_id"].encode() for m in bodies) == sorted(ids)
+    for message in bodies:
+        env = Envelope.model_validate(message.args[0])
+        assert env.model_dump(mode="json") == message.args[0] and env.token_budget == 500
+        assert message.queue_name == message.actor_name == "executor" and uuid.UUID(message.message_id).version == 4
+        assert dumps(message.asdict()) == client.redis.hget(client.keys.messages("executor"),
+                                                           message.options["redis_message_id"])
+        [event] = trace.read(client.redis, client.keys, env.job_id)
+        assert event == trace.event("enqueued", message.args[0], at=event["at"], queue="executor", by="client")
+    assert {env["key"] for env in (m.args[0] for m in bodies)} == {r.key for r in refs}
+    assert client.redis.llen(client.keys.wake("executor")) == 2
+
+
+def test_job_ids_are_the_uuid5_of_the_key(client):
+    for key in ("a", "x" * 600, "é/ü k"):
+        assert job_id_for(key) == "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-key:{key}").hex
+
+
+def test_a_key_the_envelope_refuses_is_refused_and_nothing_reaches_redis(client):
+    with pytest.raises(ValidationError, match="key"):
+        client.send_many("executor", [(NOTE, "fine"), (NOTE, "k" * 513)])
+    assert nothing_in_redis(client)
+
+
+def test_a_conflict_in_a_later_chunk_leaves_the_earlier_chunks_sent_and_the_rest_unsent(client):
+    """Chunks are built while the one before is written, but written only after it: the chunk after
+    the conflicting one, already built, is not sent either."""
+    client.send("executor", NOTE, key="taken")
+    other = {"tool": "note", "args": {"title": "other"}}
+    items = [(NOTE, f"c-{i}") for i in range(4)] + [(other, "taken")] + [(NOTE, f"c-{i}") for i in range(5, 9)]
+    with pytest.raises(KeyConflict) as caught:
+        client.send_many("executor", items, chunk=3)
+    assert caught.value.context["key"] == "taken"
+    assert [client.jobs.get(job_id_for(f"c-{i}")) is not None for i in range(9) if i != 4] == [True] * 3 + [False] * 5
+    assert client.queues(["executor"])["executor"]["ready"] == 1 + 3
+
+
+def test_a_re_sent_key_with_its_own_payload_is_sent_again_and_its_record_kept(client):
+    first = client.send_many("executor", [(NOTE, "again"), (NOTE, "again")])
+    assert first[0] == first[1]
+    record = client.status(first[0].id)
+    client.send_many("executor", [(NOTE, "again")])
+    assert client.status(first[0].id) == record  # SET NX: never reset
+    assert client.queues(["executor"])["executor"]["ready"] == 3  # each send delivers; receivers deduplicate
+    assert len(client.redis.xrange(client.keys.trace(first[0].id))) == 3
+
+
+def test_a_record_without_a_payload_hash_binds_nothing(client):
+    """Records written before keys were bound accept any payload under their key (as before)."""
+    ref = client.send("executor", NOTE, key="old")
+    stored = loads(client.redis.get(client.keys.job(ref.id)))
+    client.redis.set(client.keys.job(ref.id), dumps({**stored, "payload_hash": None}))
+    other = {"tool": "note", "args": {"title": "other"}}
+    client.send_many("executor", [(other, "old"), (NOTE, "old")])
+    assert client.queues(["executor"])["executor"]["ready"] == 3
+
+
+def test_a_chunk_larger_than_the_scripts_slice_is_written_whole(client):
+    items = [({"tool": "note", "args": {"title": f"n{i}"}}, f"big-{i}") for i in range(2_100)]
+    refs = client.send_many("executor", items, chunk=2_100)
+    assert client.queues(["executor"])["executor"]["ready"] == 2_100
+    assert client.redis.zcard(client.keys.jobs) == 2_100
+    assert all(client.redis.mget([client.keys.job(r.id) for r in refs]))
+    assert client.redis.llen(client.keys.wake("executor")) == 64  # capped
