@@ -112,7 +112,8 @@ def test_readyz_turns_not_ready_as_soon_as_gracefully_stopped_workers_exit(
         client: MeshClient, worker_process: Any) -> None:
     procs = [worker_process("--agents", "planner", "--threads", "1") for _ in range(2)]
     with ops_server(client) as url:
-        wait_for(lambda: _readyz(url) == (200, {"status": "ready", "workers": 2}), timeout_s=30)
+        wait_for(lambda: (r := _readyz(url))[0] == 200 and r[1]["status"] == "ready" and r[1]["workers"] == 2,
+                 timeout_s=30)
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
