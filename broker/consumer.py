@@ -240,7 +240,10 @@ class MeshConsumer(_RedisConsumer):
                     and isinstance(message.actor_name, str) and isinstance(message.queue_name, str)
                     and isinstance(message.kwargs, dict)):
                 raise DecodeError("not a dramatiq message", data, TypeError("bad field types"))
-            problem = options_problem(message.options)
+            problem = options_problem(message.options, self.queue_name)
+            if message.queue_name != self.queue_name:
+                # dramatiq hands a processed message back to the consumer of the queue it names.
+                problem = f"names queue {message.queue_name[:64]!r} but was fetched from {self.queue_name!r}"
             if problem:
                 raise DecodeError("malformed mesh options", data, ValueError(f"malformed mesh options: {problem}"))
         except DecodeError as exc:

@@ -23,7 +23,7 @@ def effective_limit_ms(setting_ms: int, *options_ms: Any, deadline_s: Any = None
     limit = min([setting_ms, *(v for v in options_ms if _positive(v))])
     if _number(deadline_s):
         limit = min(limit, deadline_s * 1000 - now_ms)
-    return max(1, int(limit))
+    return int(max(1, limit))  # a deadline of -1e308 makes the limit -inf, which int() refuses
 
 
 def _number(value: Any) -> bool:

@@ -93,11 +93,20 @@ MESH_OPTIONS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def options_problem(options: dict[str, Any]) -> str | None:
-    """Why the mesh's options on a message are malformed (a foreign or corrupted producer), or None.
+def options_problem(options: dict[str, Any], queue_name: str | None = None) -> str | None:
+    """Why the options on a message fetched from ``queue_name`` are malformed (a foreign or corrupted
+    producer), or None.
 
     Checked when the message is fetched: a message the mesh's own hooks could not route is poison,
-    dead-lettered with its bytes, never a hook error that dramatiq would log and ack away."""
+    dead-lettered with its bytes, never a hook error that dramatiq would log and ack away. So is one
+    dramatiq's worker would mishandle: ``throws`` (an actor option; a string there crashes the worker
+    thread that ran the message) and an ``eta`` on a ready queue (dramatiq would hold the message in
+    memory until then, out of the queue's counts, taking a prefetch slot; the mesh only puts delayed
+    messages on delay queues)."""
+    if "throws" in options:
+        return f"option throws is {type(options['throws']).__name__}: an actor's option, not a message's"
+    if "eta" in options and queue_name is not None and not queue_name.endswith(".DQ"):
+        return f"option eta {str(options['eta'])[:40]!r} on ready queue {queue_name!r}: only delay queues hold etas"
     for name, kind in MESH_OPTIONS.items():
         if name not in options:
             continue

@@ -11,6 +11,9 @@ from pydantic import Field
 
 from .envelope import Frozen
 
+#: The latest time a record may name (UNIX s, year 5138): in ms it is still an exact Redis score.
+MAX_TIME_S = 1e11
+
 
 class Attempt(Frozen):
     """One delivery of the message and how it ended."""
@@ -37,7 +40,8 @@ class DeadLetter(Frozen):
     attempts: tuple[Attempt, ...] = ()
     worker: str
     host: str = Field(default_factory=socket.gethostname)
-    dead_lettered_at: float = Field(default_factory=time.time)
+    #: UNIX seconds; bounded, as the DLQ's indexes score entries by it in ms (an export file is input).
+    dead_lettered_at: float = Field(default_factory=time.time, ge=0, le=MAX_TIME_S, allow_inf_nan=False)
     replay_count: int = 0
     replay_of: str | None = None
     #: The dependency the failure names (``host:port``), when it names one: ``mesh dlq --dependency``.

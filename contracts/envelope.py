@@ -42,7 +42,9 @@ class Envelope(Frozen):
     step_id: str = Field(min_length=1, max_length=128)
     agent: str = Field(min_length=1, max_length=64)
     trace_id: str
-    deadline: float = Field(description="absolute UNIX time in seconds; the budget carried across hops")
+    #: Finite: an infinite deadline never comes, and NaN compares false with every time (never past).
+    deadline: float = Field(allow_inf_nan=False, description="absolute UNIX time in seconds; the budget carried "
+                                                             "across hops")
     hops: tuple[str, ...] = ()
     attempt: int = Field(default=1, ge=1)
     schema_version: int = SCHEMA_VERSION

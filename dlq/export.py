@@ -80,11 +80,20 @@ def read_export(path: Path) -> Iterator[Stored]:
                 item = orjson.loads(line)
                 entry = DeadLetter.model_validate(item["entry"])
                 raw = base64.b64decode(item["raw_b64"], validate=True)
-            except (ValueError, TypeError, KeyError, ValidationError) as exc:
+            except ValidationError as exc:  # before ValueError, its base: name every invalid field
+                raise ExportFileError(f"{path}:{number} is not an exported dead letter: {_fields(exc)}",
+                                      line=number) from None
+            except (ValueError, TypeError, KeyError) as exc:
                 raise ExportFileError(f"{path}:{number} is not an exported dead letter: "
                                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                                       line=number) from None
             yield Stored(entry, raw)
+
+
+def _fields(exc: ValidationError) -> str:
+    """``entry.field: problem; ...`` for every invalid field of an exported entry."""
+    return "; ".join(f"entry.{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+                     for e in exc.errors(include_url=False, include_input=False))[:500]
 
 
 def load(store: DeadLetterStore, path: Path, *, audit: Audit | None = None,

@@ -627,6 +627,55 @@ def _bench_table(result: dict[str, Any]) -> Table:
     return table
 
 
+@app.command(epilog="Examples: `mesh soak --minutes 60`, `mesh soak --seconds 30 --kill-every 10 --json`")
+def soak(
+    minutes: Annotated[float, typer.Option(min=0, metavar="N", help="How long to send traffic.")] = 10.0,
+    seconds: Annotated[float | None, typer.Option(min=1, metavar="N", show_default=False,
+                                                  help="How long to send traffic, in seconds (instead of --minutes).")
+                       ] = None,
+    interval: Annotated[float, typer.Option(min=1, metavar="SECONDS", help="Time between samples.")] = 30.0,
+    processes: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, metavar="N", help="Threads per worker process.")] = 4,
+    rate: Annotated[float, typer.Option(min=0.1, metavar="N", help="Messages sent per second.")] = 5.0,
+    kill_every: Annotated[float, typer.Option(min=0, metavar="SECONDS",
+                                              help="SIGKILL and replace a worker this often; 0: never.")] = 60.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run mixed traffic with injected faults and report the memory of workers and Redis.
+
+    In a fresh namespace (deleted at the end), with its own workers: whole jobs, note and
+    http_post steps (a loopback server answers 200, 429, 503, 400 or too slowly), poison
+    pushed raw, and a worker SIGKILLed and replaced every --kill-every seconds. Prints a sample
+    every --interval, then a summary. Exits 1 if anything sent was lost."""
+    from mesh.ops.soak import SoakConfig
+    from mesh.ops.soak import run as run_soak
+
+    s = settings()
+    client()  # exits 3 if Redis does not answer
+    cfg = SoakConfig(seconds=seconds if seconds is not None else minutes * 60, interval_s=interval,
+                     processes=processes, threads=threads, rate=rate, kill_every_s=kill_every)
+    show = (lambda line: err.print(Text(line), style="dim")) if as_json else (lambda line: out.print(Text(line)))
+    result = run_soak(s, cfg, progress=show)
+    if as_json:
+        emit_json(result)
+    else:
+        r, m = result["worker_rss_mb"], result["redis_used_memory_mb"]
+        table = Table("measure", "value")
+        table.add_row("duration (s)", f"{result['duration_s']:.0f}")
+        table.add_row("jobs sent / succeeded / dead-lettered", f"{result['sent']['jobs']} / "
+                      f"{result['jobs']['succeeded']} / {result['jobs']['dead_lettered']}")
+        table.add_row("poison sent / in the DLQ", f"{result['sent']['poison']} / {result['poison_dead_lettered']}")
+        table.add_row("workers killed", str(result["workers"]["killed"]))
+        table.add_row("worker RSS MB start / end / max", f"{r['start']} / {r['end']} / {r['max']}")
+        table.add_row("Redis used_memory MB start / end / max", f"{m['start']} / {m['end']} / {m['max']}")
+        n = result["namespace_memory_mb"]
+        table.add_row("its namespace's keys MB start / end / max", f"{n['start']} / {n['end']} / {n['max']}")
+        table.add_row("lost", str(result["lost"]))
+        out.print(table)
+    if result["lost"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
 breakers_app = typer.Typer(help="Circuit breakers of the dependencies, shared by the whole fleet.",
                            rich_markup_mode=MARKUP, epilog="Examples: `mesh breakers`, "
                            "`mesh breakers reset api.example.com:443`")

@@ -114,7 +114,7 @@ def test_status_of_unknown_job_exits_2_saying_no_such_job(cli):
 
 
 @pytest.mark.parametrize("command", ["worker", "submit", "send", "status", "queues", "agents", "stats", "breakers",
-                                     "dlq", "demo"])
+                                     "dlq", "demo", "soak"])
 def test_every_command_answers_help_with_exit_0(cli, command):
     res = cli(command, "--help")
     assert res.returncode == 0, res.stderr
@@ -125,7 +125,7 @@ def test_top_level_help_lists_every_command(cli):
     res = cli("--help")
     assert res.returncode == 0, res.stderr
     for command in ("worker", "submit", "send", "status", "queues", "agents", "stats", "breakers", "dlq", "ops",
-                    "demo"):
+                    "demo", "soak"):
         assert command in res.stdout
 
 

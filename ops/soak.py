@@ -1,0 +1,393 @@
+"""``mesh soak``: mixed traffic with injected faults for minutes or hours, and the memory it costs.
+
+Runs against the configured Redis in a fresh namespace (deleted at the end) with its own worker
+processes (``mesh worker``, one process each). Traffic, at a steady rate: whole jobs through the
+built-in planner/researcher/executor flow, single ``note`` steps, ``http_post`` steps to a loopback
+server that answers 200, 429 (Retry-After), 503, 400 or too slowly, and poison bytes pushed raw into
+a queue. Every ``kill_every_s`` one worker is SIGKILLed and a new one started in its place. Each
+interval it samples every worker's resident memory and Redis ``used_memory``. At the end it stops
+the traffic, waits for the work to settle and counts: every job must have ended (succeeded, dead-
+lettered, ...) and every poison message must be in the DLQ; anything else is ``lost``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from mesh.broker.client import MeshClient
+from mesh.broker.keys import Keys
+from mesh.broker.outbox import wake
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import TERMINAL, JobRecord, State
+from mesh.dlq import DeadLetterStore
+
+#: What each fault path of the loopback server answers (status, extra headers, delay s).
+FAULTS: dict[str, tuple[int, dict[str, str], float]] = {
+    "/ok": (200, {}, 0.0), "/429": (429, {"Retry-After": "1"}, 0.0), "/503": (503, {}, 0.0),
+    "/400": (400, {}, 0.0), "/slow": (200, {}, 3.0),
+}
+
+#: Share of the traffic by kind (poison is pushed raw; http paths are chosen uniformly).
+MIX = {"flow": 0.15, "note": 0.45, "http": 0.30, "poison": 0.10}
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    seconds: float
+    interval_s: float = 30.0
+    processes: int = 2
+    threads: int = 4
+    #: Messages sent per second (jobs and poison together).
+    rate: float = 5.0
+    #: A worker is SIGKILLed and replaced this often (0: never).
+    kill_every_s: float = 60.0
+    #: How long the end waits for the work to settle.
+    settle_s: float = 180.0
+
+
+@dataclass
+class Sample:
+    at_s: float
+    sent: int
+    ended: int
+    dead_letters: int
+    queued: int
+    kills: int
+    rss_mb: list[float]
+    redis_mb: float
+    namespace_mb: float
+
+    def row(self) -> str:
+        rss = f"{min(self.rss_mb):.1f}-{max(self.rss_mb):.1f}" if self.rss_mb else "-"
+        m, s = divmod(int(self.at_s), 60)
+        return (f"{m:4d}:{s:02d} {self.sent:7d} {self.ended:7d} {self.dead_letters:6d} {self.queued:6d} "
+                f"{self.kills:5d} {rss:>11} {self.redis_mb:8.1f} {self.namespace_mb:7.1f}")
+
+
+#: 78 columns: the sample table fits an 80-column terminal.
+HEADER = f"{'time':>7} {'sent':>7} {'ended':>7} {'dlq':>6} {'queued':>6} {'kills':>5} {'worker RSS':>11} " \
+         f"{'redis MB':>8} {'ns MB':>7}"
+
+
+@dataclass
+class Traffic:
+    """What was sent, to account for it at the end."""
+
+    jobs: dict[str, str] = field(default_factory=dict)  # job id -> kind
+    poison: list[str] = field(default_factory=list)  # Redis message ids
+    open: set[str] = field(default_factory=set)  # job ids not ended yet
+
+
+# -- the loopback server ---------------------------------------------------------------------------------
+
+
+class _Faults(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        status, headers, delay = FAULTS.get(self.path, (404, {}, 0.0))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if delay:
+            time.sleep(delay)
+        body = json.dumps({"path": self.path}).encode()
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client gave up (a timeout): nothing to answer
+            pass
+
+    def log_message(self, *_args: Any) -> None:
+        return
+
+
+@contextmanager
+def fault_server() -> Iterator[str]:
+    """The loopback server on a free port; yields its ``host:port``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Faults)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- workers ---------------------------------------------------------------------------------------------
+
+
+class Workers:
+    """``processes`` worker slots, each one ``mesh worker`` process; a killed one is replaced."""
+
+    def __init__(self, env: dict[str, str], processes: int, threads: int, logs: Path) -> None:
+        self.env, self.threads, self.logs = env, threads, logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.started = 0
+        for _ in range(processes):
+            self.procs.append(self._start())
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.started += 1
+        with (self.logs / f"worker-{self.started}.log").open("wb") as log:
+            return subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "worker", "--processes", "1",
+                                     "--threads", str(self.threads)], env=self.env, stdout=subprocess.DEVNULL,
+                                    stderr=log, stdin=subprocess.DEVNULL)
+
+    def kill_one(self, slot: int) -> None:
+        """SIGKILL the worker in ``slot`` (no chance to put anything back) and start another."""
+        proc = self.procs[slot]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        self.procs[slot] = self._start()
+
+    def rss_mb(self) -> list[float]:
+        return [r for r in (rss_mb(p.pid) for p in self.procs if p.poll() is None) if r is not None]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of ``pid`` in MB (Linux /proc), or None where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _ready(client: redis.Redis, keys: Keys, processes: int, timeout_s: float = 120.0) -> None:
+    """Wait for every worker's first heartbeat, so the first sample is of serving workers."""
+    deadline = time.monotonic() + timeout_s
+    while client.zcard(keys.heartbeats) < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"soak workers did not start within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def namespace_mb(client: redis.Redis, ns: str) -> float:
+    """What the soak's own keys take in Redis (MEMORY USAGE of each), in MB: unlike ``used_memory``,
+    not moved by other clients of the same server."""
+    total = 0
+    keys = list(client.scan_iter(match=f"{ns}:*", count=2_000))
+    for i in range(0, len(keys), 1_000):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i:i + 1_000]:
+            pipe.memory_usage(key, samples=0)
+        total += sum(n or 0 for n in pipe.execute())
+    return total / 2**20
+
+
+def redis_mb(client: redis.Redis) -> float:
+    info: Any = client.info("memory")
+    return int(info["used_memory"]) / 2**20
+
+
+# -- traffic ---------------------------------------------------------------------------------------------
+
+
+def send_one(client: MeshClient, traffic: Traffic, host_port: str, rng: random.Random, n: int) -> None:
+    kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    if kind == "poison":
+        traffic.poison.append(push_raw(client, "executor", rng.randbytes(rng.randint(0, 64))))
+        return
+    if kind == "flow":
+        ref = client.submit(f"soak {n}: how are failures classified and dead letters replayed?")
+    elif kind == "note":
+        ref = client.send("executor", {"tool": "note", "args": {"title": f"soak {n}"}})
+    else:
+        path = rng.choice(list(FAULTS))
+        ref = client.send("executor", {"tool": "http_post", "args": {"url": f"http://{host_port}{path}",
+                                                                     "json": {"n": n}}})
+        kind = f"http{path}"
+    traffic.jobs[ref.id] = kind
+    traffic.open.add(ref.id)
+
+
+def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
+    """``data`` on ``queue`` as dramatiq's enqueue would store it, bypassing every check: poison."""
+    rid = str(uuid.uuid4())
+    pipe = client.redis.pipeline(transaction=False)
+    pipe.hset(client.keys.messages(queue), rid, data)
+    pipe.rpush(client.keys.queue(queue), rid)
+    wake(pipe, client.keys, queue)
+    pipe.execute()
+    return rid
+
+
+def ended(client: MeshClient, traffic: Traffic) -> dict[str, int]:
+    """Move jobs that ended out of ``traffic.open``; the count of jobs by state so far."""
+    ids = sorted(traffic.open)
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        for job_id, data in zip(chunk, client.redis.mget([client.keys.job(j) for j in chunk]), strict=True):
+            if data is not None and JobRecord.model_validate_json(data).state in TERMINAL:
+                traffic.open.discard(job_id)
+    return {"sent": len(traffic.jobs), "ended": len(traffic.jobs) - len(traffic.open)}
+
+
+def queued(client: MeshClient) -> int:
+    return sum(sum(v.values()) for v in client.queues(["planner", "researcher", "executor"]).values())
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None] = lambda s: None
+        ) -> dict[str, Any]:
+    """The whole soak; returns the summary (stable keys, see README). ``progress`` gets the table."""
+    ns = f"{settings.namespace}-soak-{uuid.uuid4().hex[:8]}"
+    rng = random.Random()
+    raw = redis.Redis.from_url(settings.redis_url)
+    with fault_server() as host_port, tempfile.TemporaryDirectory(prefix="mesh-soak-") as logs:
+        soak = settings.model_copy(update={"namespace": ns, "http_allow": host_port})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env.update({"MESH_REDIS_URL": settings.redis_url, "MESH_NAMESPACE": ns, "MESH_HTTP_ALLOW": host_port,
+                    "MESH_HTTP_TIMEOUT_S": "2", "MESH_HEARTBEAT_TIMEOUT_S": "5", "MESH_MAX_RETRIES": "2",
+                    "MESH_RETRY_MAX_BACKOFF_MS": "2000",
+                    "MESH_BREAKER_COOLDOWN_S": "2", "MESH_BREAKER_MAX_COOLDOWN_S": "10"})
+        client = MeshClient(soak, client=raw)
+        traffic = Traffic()
+        samples: list[Sample] = []
+        workers = Workers(env, cfg.processes, cfg.threads, Path(logs))
+        _ready(raw, Keys(ns), cfg.processes)
+        started = time.monotonic()
+        kills = 0
+
+        def sample() -> Sample:
+            counts = ended(client, traffic)
+            s = Sample(at_s=time.monotonic() - started, sent=counts["sent"] + len(traffic.poison),
+                       ended=counts["ended"], dead_letters=DeadLetterStore(raw, Keys(ns)).count(),
+                       queued=queued(client), kills=kills, rss_mb=workers.rss_mb(), redis_mb=redis_mb(raw),
+                       namespace_mb=namespace_mb(raw, ns))
+            samples.append(s)
+            progress(s.row())
+            return s
+
+        try:
+            progress(HEADER)
+            sample()
+            n, next_sample = 0, started + cfg.interval_s
+            next_kill = started + cfg.kill_every_s if cfg.kill_every_s else float("inf")
+            while (now := time.monotonic()) < started + cfg.seconds:
+                if now >= next_kill:
+                    workers.kill_one(kills % len(workers.procs))
+                    kills += 1
+                    next_kill += cfg.kill_every_s
+                if now >= next_sample:
+                    sample()
+                    next_sample += cfg.interval_s
+                send_one(client, traffic, host_port, rng, n)
+                n += 1
+                time.sleep(max(0.0, started + n / cfg.rate - time.monotonic()))
+            settle_by = time.monotonic() + cfg.settle_s
+            while time.monotonic() < settle_by:
+                ended(client, traffic)
+                if not traffic.open and queued(client) == 0:
+                    break
+                time.sleep(0.5)
+            last = sample()
+            summary = _summary(cfg, client, traffic, samples, last, kills, workers.started)
+        finally:
+            workers.stop()
+            _clean(raw, ns)
+            raw.close()
+    return summary
+
+
+def _summary(cfg: SoakConfig, client: MeshClient, traffic: Traffic, samples: list[Sample], last: Sample,
+             kills: int, started: int) -> dict[str, Any]:
+    store = DeadLetterStore(client.redis, client.keys)
+    states: dict[str, int] = {}
+    by_kind: dict[str, dict[str, int]] = {}
+    for job_id, kind in traffic.jobs.items():
+        data = client.redis.get(client.keys.job(job_id))
+        state = JobRecord.model_validate_json(data).state.value if data is not None else "missing"
+        states[state] = states.get(state, 0) + 1
+        by_kind.setdefault(kind, {}).setdefault(state, 0)
+        by_kind[kind][state] += 1
+    poison_kept = sum(store.get(rid) is not None for rid in traffic.poison)
+    lost_jobs = len(traffic.open)
+    rss = [r for s in samples for r in s.rss_mb]
+    first, redis_series, ns_series = samples[0], [s.redis_mb for s in samples], [s.namespace_mb for s in samples]
+    return {
+        "config": {"seconds": cfg.seconds, "interval_s": cfg.interval_s, "processes": cfg.processes,
+                   "threads": cfg.threads, "rate": cfg.rate, "kill_every_s": cfg.kill_every_s},
+        "duration_s": round(last.at_s, 1),
+        "sent": {"jobs": len(traffic.jobs), "poison": len(traffic.poison)},
+        "jobs": {"by_state": states, "by_kind": by_kind,
+                 "succeeded": states.get(State.SUCCEEDED.value, 0),
+                 "dead_lettered": states.get(State.DEAD_LETTERED.value, 0)},
+        "dead_letters": last.dead_letters,
+        "poison_dead_lettered": poison_kept,
+        "lost": lost_jobs + len(traffic.poison) - poison_kept,
+        #: Jobs that had not ended when the soak stopped waiting, and where each one's steps were.
+        "not_ended": [_where(client, job_id, traffic.jobs[job_id]) for job_id in sorted(traffic.open)[:20]],
+        "workers": {"started": started, "killed": kills},
+        "worker_rss_mb": {"start": _stat(first.rss_mb), "end": _stat(last.rss_mb),
+                          "max": round(max(rss), 1) if rss else None},
+        "redis_used_memory_mb": {"start": round(redis_series[0], 2), "end": round(redis_series[-1], 2),
+                                 "max": round(max(redis_series), 2)},
+        "namespace_memory_mb": {"start": round(ns_series[0], 2), "end": round(ns_series[-1], 2),
+                                "max": round(max(ns_series), 2)},
+        "samples": [{"at_s": round(s.at_s, 1), "sent": s.sent, "ended": s.ended, "dead_letters": s.dead_letters,
+                     "queued": s.queued, "kills": s.kills, "rss_mb": [round(r, 1) for r in s.rss_mb],
+                     "redis_mb": round(s.redis_mb, 2), "namespace_mb": round(s.namespace_mb, 2)}
+                    for s in samples],
+    }
+
+
+def _where(client: MeshClient, job_id: str, kind: str) -> dict[str, Any]:
+    data = client.redis.get(client.keys.job(job_id))
+    if data is None:
+        return {"job_id": job_id, "kind": kind, "state": "missing"}
+    record = JobRecord.model_validate_json(data)
+    return {"job_id": job_id, "kind": kind, "state": record.state.value,
+            "steps": {k: step.state.value for k, step in record.steps.items()}}
+
+
+def _stat(values: list[float]) -> float | None:
+    """The largest worker's resident memory in a sample (MB)."""
+    return round(max(values), 1) if values else None
+
+
+def _clean(client: redis.Redis, ns: str) -> None:
+    batch: list[Any] = []
+    for key in client.scan_iter(match=f"{ns}:*", count=2_000):
+        batch.append(key)
+        if len(batch) >= 1_000:
+            client.delete(*batch)
+            batch = []
+    if batch:
+        client.delete(*batch)
