@@ -133,9 +133,10 @@ class MeshConsumer(_RedisConsumer):
         decide(message, decision)
         return decision
 
-    def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any) -> None:
+    def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any) -> int:
         """Settle with the job-record change in the same script; a record changed meanwhile by
-        another writer is read again and the change recomputed (optimistic, like WATCH)."""
+        another writer is read again and the change recomputed (optimistic, like WATCH). The
+        script's answer."""
         for _ in range(CONFLICT_RETRIES):
             arg = self._job_arg(job)
             if arg is None:
@@ -145,9 +146,10 @@ class MeshConsumer(_RedisConsumer):
                 logger.warning("attempt failed after its success was recorded: settled as done",
                                extra={"job_id": job.job_id, "step_id": job.step_id})
                 self.broker.do_ack(self.queue_name, rid)
-                return
-            if self.broker.settle(command, self.queue_name, rid, *args, arg) != -1:
-                return
+                return 1
+            answer = int(self.broker.settle(command, self.queue_name, rid, *args, arg))
+            if answer != -1:
+                return answer
         raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")
 
     def _job_arg(self, job: JobWrite | None) -> str | None:
@@ -201,8 +203,13 @@ class MeshConsumer(_RedisConsumer):
         # Indexed under its agent only when this worker declares it: a name a producer invented keeps
         # its place in the entry but creates no index key of its own.
         agent = entry.agent if entry.agent in self.broker.actors else "-"
-        self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                         agent, entry.failure_class)
+        if self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
+                            agent, entry.failure_class) == 2:
+            # Another dead letter holds this id (a producer gave two messages one id): this one is
+            # kept under an id of its own, never dropped.
+            entry = entry.model_copy(update={"entry_id": f"{entry.entry_id}.{rid}"})
+            self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
+                             agent, entry.failure_class)
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})

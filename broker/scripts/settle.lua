@@ -16,7 +16,8 @@
 --   retry     id, new_id, new_data, stat, route, job
 --                                    -> the copy goes on {queue}.DQ, the original is settled
 --   dead      id, entry_id, entry, raw, stat, route, agent, class, job
---                                    -> the entry lands in the mesh DLQ and its agent and class
+--                                    -> 2 (nothing done) when another entry holds entry_id; else 1:
+--                                       the entry lands in the mesh DLQ and its agent and class
 --                                       indexes, the original is settled (route: "{class}:{route}",
 --                                       counted in {ns}:routes); retention is the sweep's (dlq/retention.py)
 --   job (retry, dead): the job-record change of the failed attempt (JSON, see apply_job below, or
@@ -229,7 +230,11 @@ elseif command == "dead" then
     local agent, class = ARGV[12], ARGV[13]
     local dlq = ns .. ":dlq"
     local job = job_of(ARGV[14])
-    if job_conflict(job) and redis.call("hexists", msgs_key, id) == 1 then return -1 end
+    local pending = redis.call("hexists", msgs_key, id) == 1
+    if pending and job_conflict(job) then return -1 end
+    -- Another message's dead letter under the same entry id (a producer gave two messages one id):
+    -- nothing is settled, and the caller picks an id of this message's own (2).
+    if pending and redis.call("zscore", dlq, entry_id) then return 2 end
     -- Safe to run twice: only the call that settles the original writes the entry, counts it and
     -- writes the job record.
     redis.call("srem", acks, id)

@@ -261,3 +261,22 @@ def test_a_worker_back_from_a_redis_outage_does_not_reap_the_others_until_they_c
     wait_for(lambda: settle("heartbeat", "survivor") and server_ms() > back + timeout, timeout_s=5)
     assert settle("fetch", "survivor", 1)[0].decode() == rid
     assert int(client.redis.hget(client.keys.stats, "recovered")) == 1
+
+
+def test_two_messages_a_producer_gave_one_id_both_land_in_the_dlq(client, settings, start_worker):
+    """The DLQ keys entries by message id; a second dead letter under a taken id keeps an id of its
+    own instead of being dropped with its message."""
+    raws = []
+    for shape in ((), ({}, {})):
+        message = Message(queue_name="executor", actor_name="executor", args=shape, kwargs={}, options={},
+                          message_id="shared-id")
+        raws.append(encode(message))
+        push_raw(client, "executor", raws[-1])
+    start_worker(settings, ("executor",))
+
+    store = DeadLetterStore(client.redis, client.keys)
+    found = wait_for(lambda: len(entries(store)) == 2 and entries(store))
+    assert sorted(store.raw(e.entry_id) for e in found) == sorted(raws)
+    assert {e.entry_id.split(".")[0] for e in found} == {"shared-id"}
+    assert int(client.redis.hget(client.keys.stats, "poison") or 0) == 2  # both counted, once each
+    wait_for(lambda: settled(client))
