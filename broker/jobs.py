@@ -102,13 +102,18 @@ class JobStore:
 
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
             if fence is not None:
-                claim = claims.read(pipe, fence.claim_key)
+                # One round trip reads the record and the claim (MGET answers None for a claim hash an
+                # earlier release wrote: that one is read again, as a hash).
+                both: Any = pipe.mget(key, fence.claim_key)
+                data, raw_claim = both
+                claim = claims.parse(raw_claim) if raw_claim is not None else claims.read(pipe, fence.claim_key)
                 # A shared lease (another job's step did the effect) holds while the key stays done.
                 held = claim.state == "done" if fence.shared else (claim.state == "claimed"
                                                                     and claim.owner == fence.owner)
                 if not held:
                     raise LeaseLost(fence.key, fence.token)
-            data = pipe.get(key)
+            else:
+                data = pipe.get(key)
             if data is None:
                 raise JobNotFound(job_id)
             before = JobRecord.model_validate(loads(data))
