@@ -6,6 +6,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from mesh.contracts import (
     MeshError,
     State,
     UnknownAgent,
+    dumps,
     loads,
     new_trace_id,
     validate_input,
@@ -102,6 +104,11 @@ def _refuse_conflicts(records: list[JobRecord], stored: list[Any]) -> None:
             raise KeyConflict(record.key, record.job_id, next(iter(record.steps.values())).agent)
 
 
+#: More bytes than an envelope and its message add to a payload (a key is at most 512 characters, a
+#: step id 128): a payload this far under MESH_MAX_MESSAGE_BYTES makes a message within it.
+ENVELOPE_SLACK = 8192
+
+
 class MeshClient:
     """Submit goals, send messages to one agent, and follow jobs. Settings come from ``MESH_*``
     unless given; the Redis connection may be injected. With ``app`` (a ``mesh.App``) its agents'
@@ -145,11 +152,11 @@ class MeshClient:
                 target.check(payload)
             except ContractError as exc:
                 raise ContractError(f"item {index}: {exc.message}", errors=exc.errors, index=index) from None
-        # Every chunk is built (and each message checked against the limits) before the first is sent.
-        built = [self._build(target, [(agent, p, k) for p, k in batch[start:start + chunk]],
-                             token_budget=token_budget, first=start)
-                 for start in range(0, len(batch), chunk)]
-        return [ref for part in built for ref in self._write(*part)]
+        steps = [(agent, p, k) for p, k in batch]
+        # Every message is checked against the limits before the first is sent.
+        self._check_limits(target, steps, token_budget)
+        return self._send_chunks(target, [steps[i:i + chunk] for i in range(0, len(steps), chunk)],
+                                 token_budget=token_budget)
 
     def run(self, pipeline: Any, input: dict[str, Any], *, key: str | None = None,
             token_budget: int | None = None) -> JobRef:
@@ -276,6 +283,33 @@ class MeshClient:
         and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
         one key cannot both win."""
         return self._write(*self._build(target, items, goal=goal, token_budget=token_budget))
+
+    def _check_limits(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]],
+                      token_budget: int | None) -> None:
+        """LimitExceeded, naming the item, for a message over MESH_MAX_MESSAGE_BYTES or MESH_MAX_JSON_DEPTH.
+        A payload far enough under both is within them whatever its envelope (an envelope adds far
+        less than ENVELOPE_SLACK bytes and three levels of nesting); only the others are built to see."""
+        size, depth = self.settings.max_message_bytes - ENVELOPE_SLACK, self.settings.max_json_depth - 4
+        for index, item in enumerate(items):
+            data = dumps(item[1])
+            if len(data) > size or data.count(b"[") + data.count(b"{") > depth:
+                self._build(target, [item], token_budget=token_budget, first=index)
+
+    def _send_chunks(self, target: Target, chunks: list[list[tuple[str, dict[str, Any], str | None]]], *,
+                     token_budget: int | None = None) -> list[JobRef]:
+        """:meth:`_send` of each chunk in turn, each built while the one before it is written (a thread
+        waits for Redis meanwhile). A chunk is written only once the one before it was, so a conflict
+        stops the sending at its chunk, as one chunk at a time would."""
+        if not chunks:
+            return []
+        refs: list[JobRef] = []
+        built = self._build(target, chunks[0], token_budget=token_budget)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-send") as writer:
+            for part in chunks[1:]:
+                writing = writer.submit(self._write, *built)
+                built = self._build(target, part, token_budget=token_budget)
+                refs += writing.result()
+        return refs + self._write(*built)
 
     def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
                goal: str | None = None, token_budget: int | None = None,

@@ -133,6 +133,8 @@ class NewJobs:
         self.timestamp_ms = int(now * 1000)
         self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN]
         self.keys: list[str] = []
+        #: Message ids made ahead, two per message.
+        self.ids: list[str] = []
 
     def add(self, step_id: str, payload: dict[str, Any], *, key: str, job_id: str, trace_id: str,
             payload_hash: str, checked: bool) -> None:
@@ -149,9 +151,11 @@ class NewJobs:
         record = {**self.record, "job_id": job_id, "key": key, "trace_id": trace_id, "steps": {step_id: step},
                   "payload_hash": payload_hash}
         event = {**self.event, "trace_id": trace_id, "job_id": job_id, "key": key, "step_id": step_id}
-        rid = new_message_id()
+        if not self.ids:
+            self.ids = new_message_ids(256)
+        rid, mid = self.ids.pop(), self.ids.pop()
         message = {"queue_name": self.queue, "actor_name": self.agent, "args": [env], "kwargs": {},
-                   "options": {"redis_message_id": rid}, "message_id": new_message_id(),
+                   "options": {"redis_message_id": rid}, "message_id": mid,
                    "message_timestamp": self.timestamp_ms}
         data = orjson.dumps(message)
         if self.max_bytes is not None and self.max_depth is not None:
@@ -176,7 +180,17 @@ class NewJobs:
 
 def new_message_id() -> str:
     """``str(uuid.uuid4())`` (dramatiq's message ids), without building the UUID object."""
-    b = bytearray(os.urandom(16))
+    return _uuid4_text(os.urandom(16))
+
+
+def new_message_ids(n: int) -> list[str]:
+    """``n`` of :func:`new_message_id`, from one read of the system's random source."""
+    pool = os.urandom(16 * n)
+    return [_uuid4_text(pool[i:i + 16]) for i in range(0, 16 * n, 16)]
+
+
+def _uuid4_text(random16: bytes) -> str:
+    b = bytearray(random16)
     b[6] = b[6] & 0x0F | 0x40
     b[8] = b[8] & 0x3F | 0x80
     h = b.hex()
