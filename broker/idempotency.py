@@ -63,6 +63,8 @@ class Lease:
     progress: int = field(default=0, compare=False)
     progress_at: float = field(default_factory=time.monotonic, compare=False)
     stuck: bool = field(default=False, compare=False)
+    #: The handler runs (False: claimed by the fetch, waiting for a thread; never counted as stuck).
+    running: bool = field(default=True, compare=False)
     envelope: dict[str, Any] = field(default_factory=dict, compare=False)
     #: The release of a failed attempt did not reach Redis: the settlement frees the key instead.
     release_pending: bool = field(default=False, compare=False)
@@ -144,7 +146,8 @@ class Idempotency(Middleware):
         is released, and that message claims for itself when it runs."""
         claim = Claim(key, self.keys.claim(key), owner, verdict)
         if verdict[0] == b"run":
-            claim.lease = Lease(key=key, claim_key=claim.claim_key, owner=owner, token=int(verdict[1]))
+            claim.lease = Lease(key=key, claim_key=claim.claim_key, owner=owner, token=int(verdict[1]),
+                                running=False)
             self._hold(claim.lease)
         if message is None or message_key(message) != key:
             if claim.lease is not None:
@@ -202,6 +205,7 @@ class Idempotency(Middleware):
                 self._hold(lease)
             else:
                 lease.started = lease.progress_at = time.monotonic()  # it runs from now, not from the fetch
+                lease.running = True
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
             return
@@ -349,7 +353,7 @@ class Idempotency(Middleware):
         now = time.monotonic()
         for lease in leases:
             idle = now - lease.progress_at
-            if lease.stuck or idle < self.settings.stuck_after_s:
+            if lease.stuck or not lease.running or idle < self.settings.stuck_after_s:
                 continue
             lease.stuck = True
             extra = {"key": lease.key, "trace_id": lease.envelope.get("trace_id"),

@@ -105,3 +105,14 @@ def test_job_write_fenced_by_a_lost_lease_raises_lease_lost_and_writes_nothing(m
         jobs.update("j", lambda r: (r.model_copy(update={"goal": "stale"}), []), fence=lease)
     stored = jobs.get("j")
     assert stored is not None and stored.goal == "ours"
+
+
+def test_a_claim_the_fetch_made_for_a_message_still_waiting_for_a_thread_is_never_reported_stuck(
+        make_settings, rclient):
+    mw = Idempotency(make_settings(stuck_after_s=0.5), rclient)
+    long_ago = time.monotonic() - 60
+    waiting = Lease(key="w", claim_key=mw.keys.claim("w"), owner="a", token=1, running=False, progress_at=long_ago)
+    running = Lease(key="r", claim_key=mw.keys.claim("r"), owner="a", token=2, progress_at=long_ago)
+    mw._flag_stuck([waiting, running])
+    assert (waiting.stuck, running.stuck) == (False, True)
+    assert stat(mw, "stuck") == 1
