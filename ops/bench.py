@@ -32,6 +32,7 @@ from mesh.agents.app import App
 from mesh.agents.context import Context
 from mesh.broker.connection import SETTINGS, connect
 from mesh.broker.settings import MeshSettings
+from mesh.ops.namespaces import delete_namespace
 
 MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
 
@@ -461,7 +462,7 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
         progress("duplicates")
         dup = _duplicates(client, settings, ns, cfg)
     finally:
-        _clean(client, ns)
+        delete_namespace(client, ns)
         client.close()
     return {
         "config": {"messages": cfg.messages, "processes": cfg.processes, "threads": cfg.threads,
@@ -501,14 +502,3 @@ def _step_entry(prefetch: int, step: Run) -> dict[str, Any]:
     return {"prefetch": prefetch, "steps": step.n, "steps_s": step.rate,
             "worker_cpu_us_per_step": step.cpu_us()["worker"], "redis_cpu_us_per_step": step.cpu_us()["redis"],
             "redis_commands_per_step": step.commands_per, "by_command": step.by_command()}
-
-
-def _clean(client: redis.Redis, ns: str) -> None:
-    batch = []
-    for key in client.scan_iter(match=f"{ns}:*", count=2_000):
-        batch.append(key)
-        if len(batch) >= 1_000:
-            client.delete(*batch)
-            batch = []
-    if batch:
-        client.delete(*batch)

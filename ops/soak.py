@@ -37,6 +37,7 @@ from mesh.broker.outbox import wake
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import TERMINAL, JobRecord, State
 from mesh.dlq import DeadLetterStore
+from mesh.ops.namespaces import delete_namespace
 
 #: What each fault path of the loopback server answers (status, extra headers, delay s).
 FAULTS: dict[str, tuple[int, dict[str, str], float]] = {
@@ -321,7 +322,7 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
             summary = _summary(cfg, client, traffic, samples, last, kills, workers.started)
         finally:
             workers.stop()
-            _clean(raw, ns)
+            delete_namespace(raw, ns)
             raw.close()
     return summary
 
@@ -380,14 +381,3 @@ def _where(client: MeshClient, job_id: str, kind: str) -> dict[str, Any]:
 def _stat(values: list[float]) -> float | None:
     """The largest worker's resident memory in a sample (MB)."""
     return round(max(values), 1) if values else None
-
-
-def _clean(client: redis.Redis, ns: str) -> None:
-    batch: list[Any] = []
-    for key in client.scan_iter(match=f"{ns}:*", count=2_000):
-        batch.append(key)
-        if len(batch) >= 1_000:
-            client.delete(*batch)
-            batch = []
-    if batch:
-        client.delete(*batch)
