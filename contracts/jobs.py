@@ -238,6 +238,8 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
 
 
 def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
-    """The error and class of the first step in ``state`` that blocks the job."""
-    step = next(s for s in record.steps.values() if s.state is state and blocking(record, s))
+    """The error and class of the first step in ``state`` that blocks the job; a step that failed on
+    its own before a ``for_each`` step whose join failed because of its items."""
+    found = [s for s in record.steps.values() if s.state is state and blocking(record, s)]
+    step = next((s for s in found if s.failure_class != "join"), found[0])
     return f"step {step.step_id}: {step.error}", step.failure_class
