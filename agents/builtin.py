@@ -1,9 +1,13 @@
 """The built-in planner → researchers → executor, declared through the same public API as any
-user's agents (``App``, ``@app.agent``, ``@app.tool``): no private path. Workers serve this app
-when ``mesh worker`` is given no ``--app``."""
+user's agents and pipelines (``App``, ``@app.agent``, ``@app.tool``, ``app.pipeline``): no private
+path. Workers serve this app when ``mesh worker`` is given no ``--app``; the flow between the
+agents is the pipeline ``builtin.yaml``, which ``MeshClient.submit`` (``mesh submit``) runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from mesh.broker.client import on_submit
 from mesh.contracts import Findings, Plan, PlannerInput, Receipt, ResearchInput, ToolCall
 from mesh.contracts.tools import HttpPostArgs, NoteArgs
 
@@ -41,3 +45,8 @@ def executor(ctx: Context, call: ToolCall) -> Receipt:
     """Calls one tool; its timeouts fail fast (the tool may have acted before timing out)."""
     receipt: Receipt = ctx.call(call.tool, call.typed_args())
     return receipt
+
+
+#: The flow itself, a declared pipeline (``builtin.yaml``): ``MeshClient.submit`` runs it.
+PIPELINE = app.pipeline(Path(__file__).with_name("builtin.yaml"))
+on_submit(PIPELINE)

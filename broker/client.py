@@ -42,9 +42,6 @@ from .pipelines import PipelineStore, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
 
-#: The entry agent of the pipeline and the step id its work is recorded under.
-ENTRY_AGENT, ENTRY_STEP = "planner", "plan"
-
 
 class WaitTimeout(MeshError):
     def __init__(self, job_id: str, timeout_s: float, record: JobRecord) -> None:
@@ -109,6 +106,17 @@ def _refuse_conflicts(records: list[JobRecord], stored: list[Any]) -> None:
 ENVELOPE_SLACK = 8192
 
 
+#: The pipeline :meth:`MeshClient.submit` runs (the built-in planner → researchers → executor):
+#: registered by the agents layer when ``mesh`` is imported, so the broker imports nothing of it.
+_entry: Any = None
+
+
+def on_submit(spec: Any) -> None:
+    """Register the pipeline spec ``MeshClient.submit`` runs (``mesh.agents.builtin`` does)."""
+    global _entry
+    _entry = spec
+
+
 class MeshClient:
     """Submit goals, send messages to one agent, and follow jobs. Settings come from ``MESH_*``
     unless given; the Redis connection may be injected. With ``app`` (a ``mesh.App``) its agents'
@@ -127,12 +135,13 @@ class MeshClient:
         self._enqueue = register(self.redis)
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
-        """Run the whole pipeline for ``goal``. ``token_budget``: model tokens the job may spend
-        (default MESH_JOB_TOKEN_BUDGET; 0 = none); past it the job is dead-lettered ``budget_exceeded``."""
-        payload = {"goal": goal}
-        target = self.target(ENTRY_AGENT)
-        target.check(payload)
-        return self._send(target, [(ENTRY_STEP, payload, key)], goal=goal, token_budget=token_budget)[0]
+        """Run the built-in pipeline (planner → researchers → executor) for ``goal``: a run of the
+        declared pipeline ``mesh`` on ``{"goal": goal}`` (see :meth:`run`). ``token_budget``: model
+        tokens the job may spend (default MESH_JOB_TOKEN_BUDGET; 0 = none); past it the job is
+        dead-lettered ``budget_exceeded``."""
+        if _entry is None:
+            raise ConfigError("no built-in pipeline is registered: import mesh (mesh.agents.builtin registers it)")
+        return self._start(_entry, {"goal": goal}, key=key, token_budget=token_budget, goal=goal)
 
     def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None,
              token_budget: int | None = None) -> JobRef:
@@ -165,9 +174,12 @@ class MeshClient:
         and digest, the job recorded with every step (queued, unsent) and the root steps sent, all in
         one transaction. A key already naming a run of the same pipeline and input returns that job;
         with another input, KeyConflict."""
+        return self._start(self._pipeline_spec(pipeline), input, key=key, token_budget=token_budget)
+
+    def _start(self, spec: Any, input: dict[str, Any], *, key: str | None, token_budget: int | None,
+               goal: str | None = None) -> JobRef:
         # The spec model and the engine live with the agents: the spec starts its own run (duck-typed,
         # as a job-record change is), and the broker only stores its JSON.
-        spec = self._pipeline_spec(pipeline)
         routes: dict[str, Target] = {}
 
         def target(agent: str) -> Target:
@@ -182,7 +194,7 @@ class MeshClient:
         trace_id = trace_id_for(key) if key else new_trace_id()
         key = key or uuid.uuid4().hex
         ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
-        record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, created_at=now, updated_at=now,
+        record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, goal=goal, created_at=now, updated_at=now,
                            payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
                            pipeline_digest=spec.digest(), pipeline_input=input)
         record, messages, events = spec.start(
@@ -277,12 +289,12 @@ class MeshClient:
             raise LimitExceeded(f"item {index}: {exc.message}", index=index, **exc.context) from None
 
     def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-              goal: str | None = None, token_budget: int | None = None) -> list[JobRef]:
+              token_budget: int | None = None) -> list[JobRef]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
         and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
         one key cannot both win."""
-        return self._write(*self._build(target, items, goal=goal, token_budget=token_budget))
+        return self._write(*self._build(target, items, token_budget=token_budget))
 
     def _check_limits(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]],
                       token_budget: int | None) -> None:
@@ -312,15 +324,14 @@ class MeshClient:
         return refs + self._write(*built)
 
     def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-               goal: str | None = None, token_budget: int | None = None,
-               first: int | None = None) -> tuple[NewJobs, list[JobRef]]:
+               token_budget: int | None = None, first: int | None = None) -> tuple[NewJobs, list[JobRef]]:
         """The jobs and messages of ``items``, nothing written; LimitExceeded for a message over
         MESH_MAX_MESSAGE_BYTES or MESH_MAX_JSON_DEPTH (naming its batch index when ``first`` is given:
         the index of the first item)."""
         agent = target.agent
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
-        batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=goal, now=now,
+        batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=None, now=now,
                         deadline=now + self.settings.job_deadline_s, token_budget=budget,
                         max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth)
         refs = []

@@ -27,7 +27,8 @@ SCAN_BUDGET = 10_000
 
 @dataclass(frozen=True)
 class JobQuery:
-    """A listing's filters: ``state`` (the job's), ``agent`` (any step's), ``since`` (created at or
+    """A listing's filters: ``state`` (the job's), ``agent`` (any step sent to it: a pipeline step
+    still waiting for its dependencies is not yet at its agent), ``since`` (created at or
     after, UNIX s), ``key`` (a glob on the job's key, as fnmatch reads it), ``limit`` (at most)."""
 
     state: State | None = None
@@ -38,7 +39,8 @@ class JobQuery:
 
     def matches(self, record: JobRecord) -> bool:
         return ((self.state is None or record.state is self.state)
-                and (self.agent is None or any(s.agent == self.agent for s in record.steps.values()))
+                and (self.agent is None or any(s.agent == self.agent and s.sent_at is not None
+                                               for s in record.steps.values()))
                 and (self.key is None or fnmatchcase(record.key, self.key)))
 
 

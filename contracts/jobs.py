@@ -92,8 +92,11 @@ class StepRecord(Record):
     sent_at: float | None = Field(default=None, description="when its message was enqueued; None: not yet")
     #: A pipeline step's gate evaluation (None: it has no gate, or it was not evaluated yet).
     gate: GateCheck | None = None
-    #: An item of a ``for_each`` step: that step's id (the item's own id is ``<step>[<index>]``).
+    #: An item of a ``for_each`` step: that step's id (the item's own id is ``<step>[<index>]``,
+    #: or what the step's ``item_id`` gave).
     parent: str | None = None
+    #: An item's position in its ``for_each`` list (None: a record written before it was kept).
+    index: int | None = None
     #: A ``for_each`` step that fanned out: how many of its items must succeed (its join).
     need: int | None = None
 
@@ -163,7 +166,8 @@ LOST = frozenset({State.DEAD_LETTERED, State.UNKNOWN})
 def items_of(record: JobRecord, step_id: str) -> list[StepRecord]:
     """The items of ``for_each`` step ``step_id``, in index order."""
     found = [s for s in record.steps.values() if s.parent == step_id]
-    return sorted(found, key=lambda s: int(s.step_id.rsplit("[", 1)[1].rstrip("]")))
+    return sorted(found, key=lambda s: s.index if s.index is not None
+                  else int(s.step_id.rsplit("[", 1)[1].rstrip("]")))
 
 
 def blocking(record: JobRecord, step: StepRecord) -> bool:
@@ -234,6 +238,8 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
 
 
 def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
-    """The error and class of the first step in ``state`` that blocks the job."""
-    step = next(s for s in record.steps.values() if s.state is state and blocking(record, s))
+    """The error and class of the first step in ``state`` that blocks the job; a step that failed on
+    its own before a ``for_each`` step whose join failed because of its items."""
+    found = [s for s in record.steps.values() if s.state is state and blocking(record, s)]
+    step = next((s for s in found if s.failure_class != "join"), found[0])
     return f"step {step.step_id}: {step.error}", step.failure_class

@@ -11,6 +11,7 @@ repository's folders are its subpackages: ``mesh.contracts`` (the typed language
 
 from __future__ import annotations
 
+from mesh.agents import builtin as _builtin  # noqa: F401  (registers the flow ``MeshClient.submit`` runs)
 from mesh.agents.app import AgentSpec, App, ToolSpec, load_app
 from mesh.agents.context import Context
 from mesh.agents.tools.base import ToolContext

@@ -187,9 +187,11 @@ def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool)
 
 
 def _unserved(c: MeshClient, record: JobRecord) -> list[str]:
-    """Agents of the job's unfinished steps that no live worker serves (by the published serving sets
-    and the workers' heartbeats): why a job stays queued however long one waits."""
-    waiting = {s.agent for s in record.steps.values() if s.state not in TERMINAL}
+    """Agents of the job's sent, unfinished steps that no live worker serves (by the published serving
+    sets and the workers' heartbeats): why a job stays queued however long one waits. A pipeline step
+    not sent yet waits for its dependencies, and a ``for_each`` step's own record for its items."""
+    waiting = {s.agent for s in record.steps.values()
+               if s.state not in TERMINAL and s.sent_at is not None and s.need is None}
     alive = {x.agent.name for x in c.registry.listing() if any(w.alive for w in x.workers)}
     return sorted(waiting - alive)
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from rich.text import Text
 
-from mesh.contracts import GateCheck, JobRecord, MeshError, State, StepRecord
+from mesh.contracts import GateCheck, JobRecord, MeshError, State, StepRecord, items_of
 
 STATE_STYLE = {State.SUCCEEDED: "green", State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim",
                State.AWAITING_APPROVAL: "yellow", State.FAILED: "yellow"}
@@ -30,8 +30,9 @@ class Node:
 
 
 def dag(record: JobRecord, spec_json: dict[str, Any] | None) -> list[Node]:
-    """``record``'s steps in the spec's DAG order with their dependencies; without the spec (no longer
-    stored), the steps in record order, with none known."""
+    """``record``'s steps in the spec's DAG order with their dependencies, each ``for_each`` step's
+    items right after it, one level deeper; without the spec (no longer stored), the steps in record
+    order, with none known."""
     if spec_json is None:
         return [Node(s, (), 0) for s in record.steps.values()]
     from mesh.agents.pipelines.engine import spec_from_json
@@ -45,6 +46,8 @@ def dag(record: JobRecord, spec_json: dict[str, Any] | None) -> list[Node]:
         depth[sid] = 1 + max((depth[d] for d in deps), default=-1)
         if sid in record.steps:
             nodes.append(Node(record.steps[sid], tuple(deps), depth[sid]))
+            # a for_each step's items, in list order, one level under it
+            nodes += [Node(it, (), depth[sid] + 1) for it in items_of(record, sid)]
     return nodes
 
 
@@ -60,9 +63,11 @@ def load(client: Any, record: JobRecord) -> list[Node]:
 
 
 def as_json(nodes: list[Node]) -> list[dict[str, Any]]:
-    """The DAG for ``--json``: each step's id, agent, dependencies, depth, state and gate evaluation."""
+    """The DAG for ``--json``: each step's id, agent, dependencies, depth, state and gate evaluation
+    (and, for a ``for_each`` item, its step as ``parent``)."""
     return [{"step_id": n.step.step_id, "agent": n.step.agent, "depends_on": list(n.depends_on), "depth": n.depth,
-             "state": str(n.step.state), "gate": n.step.gate.model_dump(mode="json") if n.step.gate else None}
+             "state": str(n.step.state), "gate": n.step.gate.model_dump(mode="json") if n.step.gate else None,
+             **({"parent": n.step.parent} if n.step.parent else {})}
             for n in nodes]
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from mesh.agents.tools import read_note
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.connection import masked_url
-from mesh.contracts import TERMINAL, JobRecord, State
+from mesh.contracts import TERMINAL, JobRecord, State, StepRecord
 
 from .local_redis import ensure_redis
 
@@ -53,7 +53,8 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
 
     out.print()
     out.print(f"job {record.job_id}: [bold]{record.state}[/bold]")
-    out.print(steps_table(record))
+    # The steps that ran: the plan and the items (a for_each step's own record holds its join).
+    out.print(steps_table(record.model_copy(update={"steps": _ran(record)})))
     _show_effects(client, record, out)
     if url == env_settings.redis_url:
         out.print(f"\nInspect it again with: MESH_REDIS_URL={masked_url(url)} MESH_NAMESPACE={namespace} "
@@ -72,7 +73,7 @@ def _follow(client: MeshClient, job_id: str, timeout_s: float, out: Console) -> 
     started = time.monotonic()
     while True:
         record = client.status(job_id)
-        for step in record.steps.values():
+        for step in _ran(record).values():
             if seen.get(step.step_id) != step.state:
                 seen[step.step_id] = step.state
                 note = f" ({step.error})" if step.error else ""
@@ -84,6 +85,15 @@ def _follow(client: MeshClient, job_id: str, timeout_s: float, out: Console) -> 
             out.print(f"[red]job still {record.state} after {timeout_s:g}s[/red]")
             return record
         time.sleep(0.05)
+
+
+def _ran(record: JobRecord) -> dict[str, StepRecord]:
+    """The job's steps that run an agent: the built-in pipeline's ``for_each`` steps' own records
+    (each holds its items' join) left out."""
+    from mesh.agents.builtin import PIPELINE
+
+    fanned = {s.id for s in PIPELINE.steps if s.for_each is not None}
+    return {sid: s for sid, s in record.steps.items() if sid not in fanned}
 
 
 def _show_effects(client: MeshClient, record: JobRecord, out: Console) -> None:

@@ -149,7 +149,8 @@ def _summary(spec: Any) -> dict[str, Any]:
             "id": s.id, "agent": s.agent_name, "depends_on": list(s.depends_on), "output_schema": s.output_schema,
             "failure_mode": s.failure_mode.value, "requires_human_approval": s.requires_human_approval,
             **{name: {"source": e.source, "cel": e.cel, "reads": [".".join(p) for p in e.paths]}
-               for name in ("gate", "when", "idempotency_key", "for_each") if (e := getattr(s, name)) is not None},
+               for name in ("gate", "when", "idempotency_key", "for_each", "item_id")
+               if (e := getattr(s, name)) is not None},
         })
     return {"name": spec.name, "version": spec.version, "digest": spec.digest(), "order": order(spec),
             "roots": roots(spec), "steps": steps,

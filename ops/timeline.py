@@ -107,7 +107,9 @@ def _events(node: _Node, evs: list[dict[str, Any]], start: float) -> None:
 def _pipeline(tree: _Node, record: JobRecord, dag: list[DagNode], steps: dict[str, list[dict[str, Any]]],
               start: float) -> None:
     """Each step of the DAG in order (``← dependencies``), even one that never ran: its gate
-    evaluation (the values it saw), then its events (halted, skipped and awaiting approval among them)."""
+    evaluation (the values it saw), then its events (halted, skipped and awaiting approval among them);
+    a ``for_each`` step's items under it."""
+    made: dict[str, _Node] = {}
     for item in dag:
         rec, evs = item.step, steps.get(item.step.step_id, [])
         label = Text.assemble((rec.step_id, "bold"), f" {rec.agent} " if rec.agent != rec.step_id else " ",
@@ -119,7 +121,7 @@ def _pipeline(tree: _Node, record: JobRecord, dag: list[DagNode], steps: dict[st
             label.append(f"  +{first - start:.3f}s, {last - first:.3f}s from first to last event")
         elif rec.sent_at is None and rec.state is State.QUEUED:
             label.append("  not sent" + (": the job halted" if record.state is State.HALTED else ""), "dim")
-        node = tree.add(label)
+        node = made[rec.step_id] = made.get(rec.parent or "", tree).add(label)
         if rec.gate is not None:
             node.add(Text.assemble(("gate".ljust(10), "red" if not rec.gate.passed else "green"),
                                    gate_line(rec.gate).removeprefix("gate ")))

@@ -5,7 +5,16 @@ at load time. This package loads and validates pipelines; :mod:`.engine` runs th
 from __future__ import annotations
 
 from .builder import Pipeline
-from .expr import Condition, Expression, ExpressionError, KeyTemplate, PathRef, compile_condition, compile_template
+from .expr import (
+    Condition,
+    Expression,
+    ExpressionError,
+    ItemIdTemplate,
+    KeyTemplate,
+    ListExpr,
+    compile_condition,
+    compile_template,
+)
 from .loader import LoadError, PipelineError, load_pipeline, parse
 from .spec import (
     Backoff,
@@ -19,7 +28,7 @@ from .spec import (
 )
 from .validate import Problem, check, order, problems, roots, upstream
 
-__all__ = ["Backoff", "CheckpointingSpec", "Condition", "Expression", "ExpressionError", "FailureMode", "Join",
-           "KeyTemplate", "LoadError", "PathRef", "Pipeline", "PipelineError", "PipelineSpec", "Problem",
-           "RetryPolicy", "StepSpec", "TracingSpec", "check", "compile_condition", "compile_template",
-           "load_pipeline", "order", "parse", "problems", "roots", "upstream"]
+__all__ = ["Backoff", "CheckpointingSpec", "Condition", "Expression", "ExpressionError", "FailureMode",
+           "ItemIdTemplate", "Join", "KeyTemplate", "ListExpr", "LoadError", "Pipeline", "PipelineError",
+           "PipelineSpec", "Problem", "RetryPolicy", "StepSpec", "TracingSpec", "check", "compile_condition",
+           "compile_template", "load_pipeline", "order", "parse", "problems", "roots", "upstream"]

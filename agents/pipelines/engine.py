@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -166,7 +167,13 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
                 record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why))
                 events.append(_event("skipped", record, rec, reason=why, gate=step.gate.source, values=read))
                 continue
-        payload = _input(spec, step, record, up)
+        try:
+            payload = _input(spec, step, record, up)
+        except ExpressionError as exc:  # its input: cannot be built; nothing is sent
+            record = record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=exc.message,
+                                                 failure_class="invalid_output"))
+            events.append(_event("input_refused", record, record.steps[sid], reason=exc.message))
+            continue
         key = step.idempotency_key.render(seen) if step.idempotency_key is not None else rec.key
         if step.requires_human_approval:
             rec = transition(rec, State.AWAITING_APPROVAL, now=now, input=payload, key=key)
@@ -176,7 +183,7 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         messages.append(_message(step, record, run, routes, sid, key, payload))
         record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
                                                          "updated_at": now}))
-    return settle(record, now), messages
+    return settle(record, now, spec), messages
 
 
 def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes,
@@ -187,7 +194,7 @@ def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes,
     now = time.time() if now is None else now
     fanned = [s for s in record.steps.values() if s.need is not None and s.state is State.RUNNING]
     if not fanned:
-        return settle(record, now), []
+        return settle(record, now, spec), []
     kept = fanned[0].input
     run = Run(trace_id=record.trace_id, deadline=float(kept.get("deadline") or now),
               token_budget=kept.get("token_budget"))
@@ -216,21 +223,36 @@ def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Ru
         return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why,
                                            failure_class="invalid_output")), None
     halt: tuple[StepRecord, str, dict[str, Any]] | None = None
+    made: list[StepRecord] = []
     for i, element in enumerate(found):
         item = _plain(element)
         scope = {**seen, "item": item}
-        payload = dict(item) if isinstance(item, Mapping) else {"item": item}
+        try:
+            sid = _item_id(step, i, scope, record, made)
+        except ExpressionError as exc:  # nothing recorded or sent: the step says why
+            return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, failure_class="invalid_output",
+                                               error=f"for_each item {i}: {exc.message}; no item was sent")), None
         if step.idempotency_key is not None:
             key = step.idempotency_key.render(scope)
             if not any(p[0] == "item" for p in step.idempotency_key.paths):
                 key = f"{key}/{i}"  # one key for every item would make them share one effect
         else:
-            key = child_key(record.key, step.agent_name, f"{step.id}/{i}")
-        it = StepRecord(step_id=f"{step.id}[{i}]", agent=step.agent_name, key=key, input=payload, parent=step.id,
+            key = child_key(record.key, step.agent_name, sid if step.item_id is not None else f"{step.id}/{i}")
+        it = StepRecord(step_id=sid, agent=step.agent_name, key=key, parent=step.id, index=i,
                         created_at=now, updated_at=now)
         it, stop = _item_conditions(step, it, scope, record, events, now)
         if stop is not None and halt is None:
             halt = (it, *stop)
+        if it.state is State.QUEUED:
+            try:
+                payload = _build_input(step.input, scope) if step.input is not None else (
+                    dict(item) if isinstance(item, Mapping) else {"item": item})
+            except ExpressionError as exc:
+                return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, failure_class="invalid_output",
+                                                   error=f"item {sid}: {exc.message}; no item was sent")), None
+            it = it.model_copy(update={"input": payload})
+        made.append(it)
+    for it in made:
         record = record.with_step(it)
     ran = sum(1 for s in items_of(record, step.id) if s.state is not State.SKIPPED)
     rule = step.join.min_success if step.join is not None else ran
@@ -238,6 +260,45 @@ def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Ru
     # The run is kept on the step: an item lost on the failure path sends the next ones with it.
     kept = {"items": len(found), "deadline": run.deadline, "token_budget": run.token_budget}
     return record.with_step(transition(rec, State.RUNNING, now=now, sent_at=now, need=need, input=kept)), halt
+
+
+#: What a rendered item id may be: it names the item's record, key and trace lines.
+_ITEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _item_id(step: StepSpec, i: int, scope: Mapping[str, Any], record: JobRecord, made: list[StepRecord]) -> str:
+    """Item ``i``'s id: ``item_id`` rendered, else ``<step>[<i>]``; ExpressionError when a rendered
+    id is not a plain name, or names a step the job already has (another item's, or a step's)."""
+    if step.item_id is None:
+        return f"{step.id}[{i}]"
+    sid = step.item_id.render(scope)
+    if not _ITEM_ID.match(sid):
+        raise ExpressionError(f"item_id {step.item_id.source!r} gave {sid!r}, which is not a plain id "
+                              f"({_ITEM_ID.pattern})")
+    if sid in record.steps or any(m.step_id == sid for m in made):
+        raise ExpressionError(f"item_id {step.item_id.source!r} gave {sid!r}, which another step of the job "
+                              "already has")
+    return sid
+
+
+def _build_input(fields: Mapping[str, Any], scope: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's ``input:`` evaluated: each field's expression over ``scope``, shorter fields first, a
+    dotted field set inside the map the shorter ones gave, a null leaving the field out."""
+    out: dict[str, Any] = {}
+    for name in sorted(fields, key=lambda n: n.count(".")):
+        expr = fields[name]
+        value = _plain(expr.evaluate(scope))
+        if value is None:
+            continue
+        *inside, last = name.split(".")
+        at: Any = out
+        for part in inside:
+            nxt = at.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ExpressionError(f"input field {name!r}: {part!r} is {type(nxt).__name__}, not a map")
+            at = nxt
+        at[last] = value
+    return out
 
 
 def _item_conditions(step: StepSpec, it: StepRecord, scope: Mapping[str, Any], record: JobRecord,
@@ -343,13 +404,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def settle(record: JobRecord, now: float) -> JobRecord:
+def settle(record: JobRecord, now: float, spec: PipelineSpec | None = None) -> JobRecord:
     """The job's state as a function of its steps (:func:`mesh.contracts.settle`): halted if one
     halted; dead-lettered while any blocking step is (an item of a ``for_each`` step whose join can
-    still be met is not blocking); succeeded when every step succeeded or was skipped (the result:
-    each succeeded step's output, items left out); running otherwise (queued until picked up)."""
-    result = {sid: s.result for sid, s in record.steps.items() if s.state is State.SUCCEEDED and s.parent is None}
-    return settle_job(record, now, result)
+    still be met is not blocking); succeeded when every step succeeded or was skipped; running
+    otherwise (queued until picked up). The result: the outputs of the spec's ``result`` steps (a
+    ``for_each`` step's by item id), else each succeeded step's output, items left out."""
+    return settle_job(record, now, job_result(record, spec))
+
+
+def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
+    """What a succeeded job's result is (see :func:`settle`)."""
+    if spec is None or spec.result is None:
+        return {sid: s.result for sid, s in record.steps.items() if s.state is State.SUCCEEDED and s.parent is None}
+    out: dict[str, Any] = {}
+    for sid in spec.result:
+        rec = record.steps.get(sid)
+        if rec is None or rec.state is not State.SUCCEEDED:
+            continue
+        if spec.step(sid).for_each is not None:
+            out.update({it.step_id: it.result for it in items_of(record, sid) if it.state is State.SUCCEEDED})
+        else:
+            out[sid] = rec.result
+    return out
 
 
 def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], now: float,
@@ -384,8 +461,11 @@ def _read(cond: Condition, seen: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _input(spec: PipelineSpec, step: StepSpec, record: JobRecord, up: dict[str, set[str]]) -> dict[str, Any]:
-    """``state_input``'s output; else one dependency's output, several keyed by id; none: the run's input.
-    Skipped dependencies give nothing; if all were skipped, the step gets the run's input."""
+    """``input:`` evaluated over the job and the upstream outputs; else ``state_input``'s output; else
+    one dependency's output, several keyed by id; none: the run's input. Skipped dependencies give
+    nothing; if all were skipped, the step gets the run's input."""
+    if step.input is not None:
+        return _build_input(step.input, values(record))
     if step.state_input:
         for source in sorted(up[step.id]):
             if source == step.state_input or spec.step(source).output_schema == step.state_input:

@@ -105,22 +105,20 @@ class Condition(Expression):
         return result
 
 
-class PathRef(Expression):
-    """A bare path (``researcher.sources`` or ``{{researcher.sources}}``): what ``for_each`` walks."""
+class ListExpr(Expression):
+    """What ``for_each`` walks: a CEL expression giving a list. A path (``researcher.sources`` or
+    ``{{researcher.sources}}``), or any expression over the same names (``plan.steps.filter(s,
+    s.kind == "research")``)."""
 
-    kind = "path"
-
-    def _to_cel(self, source: str) -> str:
-        text = super()._to_cel(source).strip()
-        if not _PATH.match(text):
-            raise ValueError(f"{source!r} is not a path (step.field.field)")
-        return text
+    kind = "for_each expression"
 
 
 class KeyTemplate(Expression):
     """Text with ``{{ path }}`` holes (``"{{task_id}}:coder"``), rendered to a string."""
 
     kind = "key template"
+    #: Why a template without a hole is refused.
+    constant = "every job would render the same key and share one effect; use e.g. \"{{task_id}}:step\""
 
     def _to_cel(self, source: str) -> str:
         parts: list[str] = []
@@ -131,14 +129,20 @@ class KeyTemplate(Expression):
             parts.append(f"string({_hole(m.group(1))})")
             at = m.end()
         if not parts or all(p.startswith('"') for p in parts):
-            raise ValueError(f"key template {source!r} holds no {{{{ path }}}}: every job would render the same "
-                             "key and share one effect; use e.g. \"{{task_id}}:step\"")
+            raise ValueError(f"{self.kind} {source!r} holds no {{{{ path }}}}: {self.constant}")
         if at < len(source):
             parts.append(json.dumps(source[at:]))
         return " + ".join(parts)
 
     def render(self, values: Mapping[str, Any]) -> str:
         return str(self.evaluate(values))
+
+
+class ItemIdTemplate(KeyTemplate):
+    """A ``for_each`` item's id (``"{{item.step_id}}"``): text with ``{{ path }}`` holes over ``item``."""
+
+    kind = "item_id template"
+    constant = "every item would get the same id; use e.g. \"{{item.step_id}}\""
 
 
 def compile_condition(text: str) -> Condition:

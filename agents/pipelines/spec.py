@@ -16,10 +16,12 @@ from typing import Any, Literal
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .expr import Condition, KeyTemplate, PathRef
+from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
 
 #: Step ids are CEL identifiers (expressions read ``coder.confidence``): no ``-``.
 STEP_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+#: An ``input:`` field: a name, or a dotted path into a map an earlier field gave.
+INPUT_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
 #: Names expressions read besides step ids: not usable as step ids.
 JOB_NAMES = frozenset({"task_id", "job_id", "input"})
 RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break", "const", "continue", "else",
@@ -96,10 +98,17 @@ class StepSpec(_Spec):
     #: Checked before the step runs; false → the step is ``skipped`` (no failure mode applies).
     when: Condition | None = None
     requires_human_approval: bool = False
-    #: A path to a list in an upstream output: one message per item (``item`` in expressions).
-    for_each: PathRef | None = None
+    #: A CEL expression giving a list (a path to a list in an upstream output, or e.g. a ``filter``
+    #: of one): one message per item (``item`` in expressions).
+    for_each: ListExpr | None = None
     max_parallel: int | None = Field(default=None, ge=1)
     join: Join | None = None
+    #: A ``for_each`` item's id, a template over ``item`` (default: ``<step>[<index>]``).
+    item_id: ItemIdTemplate | None = None
+    #: The step's input built field by field: field → CEL expression over the job, the upstream
+    #: outputs and ``item``. A dotted field (``args.findings``) is set inside the map an earlier,
+    #: shorter field gave (made if absent); a field whose expression gives null is left out.
+    input: dict[str, Expression] | None = None
 
     @field_validator("id")
     @classmethod
@@ -124,7 +133,24 @@ class StepSpec(_Spec):
             object.__setattr__(self, "agent", self.id)
         if self.for_each is None and (self.max_parallel is not None or self.join is not None):
             raise ValueError("max_parallel and join apply to a for_each step only")
+        if self.for_each is None and self.item_id is not None:
+            raise ValueError("item_id applies to a for_each step only")
+        if self.item_id is not None and not any(p[0] == "item" for p in self.item_id.paths):
+            raise ValueError(f"item_id {self.item_id.source!r} reads no item field: every item would get the "
+                             "same id")
+        if self.input is not None and self.state_input is not None:
+            raise ValueError("give the step's input as state_input or as input, not both")
         return self
+
+    @field_validator("input")
+    @classmethod
+    def _fields(cls, v: dict[str, Expression] | None) -> dict[str, Expression] | None:
+        if v is not None:
+            bad = [k for k in v if not INPUT_FIELD.match(k)]
+            if bad:
+                raise ValueError(f"input field(s) {', '.join(map(repr, bad))} must be names, dotted for a "
+                                 "field inside another (args.findings)")
+        return v
 
     @property
     def agent_name(self) -> str:
@@ -163,6 +189,9 @@ class PipelineSpec(_Spec):
     steps: tuple[StepSpec, ...] = Field(validation_alias=AliasChoices("agents", "steps"))
     tracing: TracingSpec = TracingSpec()
     checkpointing: CheckpointingSpec = CheckpointingSpec()
+    #: The steps whose outputs make the job's result, by step id (a ``for_each`` step's: each
+    #: succeeded item's output, by item id); default: every step's output.
+    result: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -70,6 +70,9 @@ def problems(spec: PipelineSpec, app: App) -> list[Problem]:
     up = upstream(spec)
     for i, step in enumerate(spec.steps):
         out += _step_problems(spec, app, names, up, i, step)
+    for j, sid in enumerate(spec.result or ()):
+        if sid not in index:
+            out.append(Problem(("result", j), f"result names unknown step {sid!r}; steps are {', '.join(index)}"))
     return out
 
 
@@ -189,22 +192,58 @@ def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[Base
                           f"{', '.join(sorted(s for s in sources if s)) or 'none'}")
     item: Any = None
     if step.for_each is not None:
-        kind, message = _path_type(spec, app, up, step, "for_each", step.for_each, step.for_each.paths[0])
+        item, message = _for_each_item(spec, app, up, step)
         if message:
             yield Problem(("steps", i, "for_each"), message)
-        else:
-            element = _element(kind)
-            if element is None:
-                yield Problem(("steps", i, "for_each"), f"for_each {step.for_each.source!r} is "
-                              f"{_describe(kind)}, not a list")
-            item = element
-    for field in ("gate", "when", "idempotency_key"):
-        expr = getattr(step, field)
-        if expr is not None:
-            for path in expr.paths:
-                _, message = _path_type(spec, app, up, step, field, expr, path, item=item)
-                if message:
-                    yield Problem(("steps", i, field), message)
+            item = Any  # reported once: what the items read is not checked against an unknown list
+    checked: list[tuple[Loc, str, Expression]] = [
+        (("steps", i, field), field, expr) for field in ("gate", "when", "idempotency_key", "item_id")
+        if (expr := getattr(step, field)) is not None]
+    checked += [(("steps", i, "input", name), f"input.{name}", expr) for name, expr in (step.input or {}).items()]
+    for loc, field, expr in checked:
+        for path in expr.paths:
+            _, message = _path_type(spec, app, up, step, field, expr, path, item=item)
+            if message:
+                yield Problem(loc, message)
+
+
+#: ``PATH.filter(v, ...)``: a filter of a list keeps its element type.
+_FILTER = re.compile(r"^\s*(?P<path>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*"
+                     r"(?:\.\s*filter\s*\(\s*[A-Za-z_]\w*\s*,(?P<body>.*)\)\s*)?$", re.S)
+
+
+def _for_each_item(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: StepSpec) -> tuple[Any, str | None]:
+    """The type of a ``for_each`` step's ``item``, or why its expression cannot be walked. Every path
+    the expression reads is checked; the element type is known when it is a path to a list, or a
+    ``filter`` of one (Any for other expressions: what ``item`` reads is then checked when it runs)."""
+    expr = step.for_each
+    assert expr is not None
+    for path in expr.paths:
+        _, message = _path_type(spec, app, up, step, "for_each", expr, path)
+        if message:
+            return None, message
+    m = _FILTER.match(expr.cel)
+    if m is None or (m.group("body") is not None and not _compiles(m.group("body"))):
+        return Any, None
+    path = tuple(m.group("path").split("."))
+    kind, message = _path_type(spec, app, up, step, "for_each", expr, path)
+    if message:
+        return None, message
+    element = _element(kind)
+    if element is None:
+        return None, f"for_each {expr.source!r} is {_describe(kind)}, not a list"
+    return element, None
+
+
+def _compiles(text: str) -> bool:
+    """Whether ``text`` is one CEL expression on its own (a filter's body, not ``x).map(y, y``)."""
+    import cel
+
+    try:
+        cel.compile(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: StepSpec, field: str,
@@ -229,6 +268,8 @@ def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: Step
     model = output_model(spec, app, root)
     if model is None:
         return Any, None  # its agent is unknown: reported once, at that step
+    if spec.step(root).for_each is not None:
+        return list[model], None  # type: ignore[valid-type]
     return _walk(model, path[1:], what, f"{model.__name__} (the output of step {root!r})")
 
 

@@ -79,14 +79,16 @@ def test_planner_alone_records_its_plan_and_queues_research_then_researchers_run
     record = wait_for(lambda: (r := client.status(ref.id)).steps["plan"].state is State.SUCCEEDED and r)
     assert Plan.model_validate(record.steps["plan"].result) == expected
     assert record.state is State.RUNNING
-    research = {s.step_id: s for s in record.steps.values() if s.agent == "researcher"}
+    # The research items of the for_each step `researcher` (builtin.yaml) are sent.
+    research = {s.step_id: s for s in record.steps.values() if s.parent == "researcher"}
     assert sorted(research) == ["r1", "r2"]
     assert all(s.state is State.QUEUED and s.sent_at is not None for s in research.values())
-    assert record.steps["a1"].sent_at is None  # actions wait for the research
+    # actions wait for the research: the executor's for_each step has not fanned out
+    assert record.steps["executor"].sent_at is None and "a1" not in record.steps
     assert client.queues(["researcher"])["researcher"]["ready"] == 2
 
     start_worker(settings, ("researcher",))
-    record = wait_for(lambda: (r := client.status(ref.id)).steps["a1"].sent_at is not None and r)
+    record = wait_for(lambda: "a1" in (r := client.status(ref.id)).steps and r.steps["a1"].sent_at is not None and r)
     for step in research:
         findings = Findings.model_validate(record.steps[step].result)
         assert findings.question == research[step].input["question"] and findings.findings

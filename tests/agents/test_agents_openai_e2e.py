@@ -33,7 +33,8 @@ def test_goal_runs_planner_and_researcher_through_the_model_and_succeeds(
     record = client.wait(ref.id, timeout_s=30)
 
     assert record.state is State.SUCCEEDED
-    assert [(s.step_id, s.agent) for s in record.steps.values()] == [
+    # The steps that ran (the for_each steps `researcher` and `executor` of builtin.yaml hold the join).
+    assert [(s.step_id, s.agent) for s in record.steps.values() if s.need is None] == [
         ("plan", "planner"), ("r1", "researcher"), ("a1", "executor")]
     plan = Plan.model_validate(record.steps["plan"].result)
     assert plan.goal == goal and plan.research[0].question == f"what is known about {goal}?"
@@ -52,7 +53,7 @@ def test_goal_runs_planner_and_researcher_through_the_model_and_succeeds(
     assert "planner" in planner_call["json"]["messages"][0]["content"]
     assert planner_call["json"]["messages"][1]["content"] == goal
     assert researcher_call["json"]["messages"][1]["content"] == f"what is known about {goal}?"
-    assert all(s.picked_up == 1 for s in record.steps.values())
+    assert all(s.picked_up == 1 for s in record.steps.values() if s.need is None)
 
 
 def test_plan_breaking_the_contract_is_retried_as_invalid_output_then_dead_lettered(
@@ -71,7 +72,9 @@ def test_plan_breaking_the_contract_is_retried_as_invalid_output_then_dead_lette
     assert step.state is State.DEAD_LETTERED and step.attempt == 2 and step.picked_up == 2
     assert "invalid planner output" in step.error
     assert len(api.requests) == 2
-    assert list(record.steps) == ["plan"]  # nothing fanned out
+    # nothing fanned out: the for_each steps were never sent and no item exists
+    assert list(record.steps) == ["plan", "researcher", "executor"]
+    assert all(record.steps[s].sent_at is None for s in ("researcher", "executor"))
     store = DeadLetterStore(client.redis, client.keys)
     wait_for(lambda: store.count() == 1)
     [entry_id] = client.redis.zrange(client.keys.dlq, 0, -1)
@@ -89,7 +92,10 @@ def test_a_plan_of_actions_only_sends_them_at_once_and_the_job_succeeds(
     record = client.wait(client.submit("just write the note").id, timeout_s=30)
 
     assert record.state is State.SUCCEEDED
-    assert [(s.step_id, s.agent) for s in record.steps.values()] == [("plan", "planner"), ("a1", "executor")]
+    # No research: its for_each step joins at once on no items, and the action goes.
+    assert [(s.step_id, s.agent) for s in record.steps.values() if s.need is None] == [("plan", "planner"),
+                                                                                        ("a1", "executor")]
+    assert record.steps["researcher"].state is State.SUCCEEDED and record.steps["researcher"].need == 0
     assert record.result["a1"]["tool"] == "note"
 
 

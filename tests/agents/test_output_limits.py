@@ -21,7 +21,10 @@ def test_a_plan_with_more_steps_than_the_fan_out_limit_fails_the_planner_and_sen
 
     assert record.state is State.DEAD_LETTERED and record.failure_class == "invalid_output"
     assert "planned 3 steps, over MESH_MAX_FAN_OUT (2); no step was sent" in record.steps["plan"].error
-    assert set(record.steps) == {"plan"}
+    # Nothing but the plan ran: the for_each steps never fanned out, no item exists.
+    assert set(record.steps) == {"plan", "researcher", "executor"}
+    assert all(record.steps[s].state is State.QUEUED and record.steps[s].sent_at is None
+               for s in ("researcher", "executor"))
     store = DeadLetterStore(client.redis, client.keys)
     wait_for(lambda: store.count() == 1)
     [entry_id] = client.redis.zrange(client.keys.dlq, 0, -1)

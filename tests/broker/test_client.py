@@ -54,7 +54,12 @@ def test_submit_records_a_queued_job_with_its_planner_step_and_envelope_fields(c
     ref = client.submit("what is a brownout", key="k")
     record = client.status(ref.id)
     assert record.state is State.QUEUED and record.goal == "what is a brownout"
-    assert list(record.steps) == ["plan"] and record.steps["plan"].sent_at is not None
+    # The built-in pipeline's steps are recorded at once; only the planner's is sent.
+    assert list(record.steps) == ["plan", "researcher", "executor"] and record.steps["plan"].sent_at is not None
+    assert all(record.steps[s].state is State.QUEUED and record.steps[s].sent_at is None
+               for s in ("researcher", "executor"))
+    assert record.pipeline == "mesh" and record.pipeline_input == {"goal": "what is a brownout"}
+    assert sum(len(client.redis.hvals(client.keys.messages(q))) for q in ("researcher", "executor")) == 0
     raw = client.redis.hvals(client.keys.messages("planner"))
     assert len(raw) == 1 and ref.trace_id.encode() in raw[0]
 

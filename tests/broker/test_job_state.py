@@ -50,7 +50,9 @@ def test_partial_replays_keep_the_job_dead_lettered_until_every_blocking_step_is
     ref = client.submit("two questions", key="partial-1")
     record = wait_for(lambda: (r := client.status(ref.id)).steps.get("r2") is not None
                       and all(r.steps[s].state is State.DEAD_LETTERED for s in ("r1", "r2")) and r, timeout_s=30)
-    assert record.state is State.DEAD_LETTERED and record.steps["a1"].sent_at is None
+    # Nothing of the executor was sent: its for_each step waits, and no action item exists yet.
+    assert record.state is State.DEAD_LETTERED and record.steps["executor"].sent_at is None
+    assert "a1" not in record.steps
 
     BROKEN.clear()
     done = cli("dlq", "replay", "--key", "partial-1/researcher/r1", "--yes")
@@ -58,13 +60,17 @@ def test_partial_replays_keep_the_job_dead_lettered_until_every_blocking_step_is
     record = wait_for(lambda: (r := client.status(ref.id)).steps["r1"].state is State.SUCCEEDED and r, timeout_s=30)
     assert record.state is State.DEAD_LETTERED  # r2 still blocks
     assert "r2" in (record.error or "")
-    assert record.steps["a1"].sent_at is None
+    assert record.steps["executor"].sent_at is None and "a1" not in record.steps
 
     done = cli("dlq", "replay", "--key", "partial-1/researcher/r2", "--yes")
     assert done.returncode == 0, done.stderr
     record = client.wait(ref.id, timeout_s=30)
     assert record.state is State.SUCCEEDED, record.error
-    assert {s: r.state for s, r in record.steps.items()} == dict.fromkeys(["plan", "r1", "r2", "a1"], State.SUCCEEDED)
+    # Every step ran to success, each once; the for_each steps (researcher, executor) joined.
+    assert {s: r.state for s, r in record.steps.items()} == dict.fromkeys(
+        ["plan", "researcher", "executor", "r1", "r2", "a1"], State.SUCCEEDED)
+    assert {s: r.picked_up for s, r in record.steps.items() if r.need is None} == {"plan": 1, "r1": 2, "r2": 2,
+                                                                                    "a1": 1}
     assert set(record.result) == {"a1"}
 
 

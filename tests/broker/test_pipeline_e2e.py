@@ -12,9 +12,14 @@ def test_submitted_goal_flows_planner_researcher_executor_and_succeeds(client, s
     record = client.wait(ref.id, timeout_s=30)
 
     assert record.state is State.SUCCEEDED
-    agents = [s.agent for s in record.steps.values()]
-    assert agents == ["planner", "researcher", "researcher", "executor"]
-    assert all(s.state is State.SUCCEEDED and s.picked_up == 1 for s in record.steps.values())
+    # The flow is the pipeline builtin.yaml: its for_each steps (researcher, executor) are recorded
+    # with their join's need; the steps that ran are the plan and the items.
+    ran = [s for s in record.steps.values() if s.need is None]
+    assert [s.agent for s in ran] == ["planner", "researcher", "researcher", "executor"]
+    assert all(s.state is State.SUCCEEDED and s.picked_up == 1 for s in ran)
+    assert {s.step_id: (s.state, s.need, s.picked_up) for s in record.steps.values() if s.need is not None} == {
+        "researcher": (State.SUCCEEDED, 2, 0), "executor": (State.SUCCEEDED, 1, 0)}
+    assert set(record.result) == {"a1"}
     receipt = record.result["a1"]
     note = read_note(client.redis, client.keys, receipt["effect_id"])
     assert note["key"] == f"{ref.key}/executor/a1"
@@ -27,8 +32,11 @@ def test_downstream_keys_derive_from_the_submitted_key(client, settings, start_w
     start_worker(settings)
     ref = client.submit("what is a brownout", key="order-42")
     record = client.wait(ref.id, timeout_s=30)
-    assert {s.step_id: s.key for s in record.steps.values()} == {
+    assert {s.step_id: s.key for s in record.steps.values() if s.need is None} == {
         "plan": "order-42", "r1": "order-42/researcher/r1", "a1": "order-42/executor/a1"}
+    # The for_each steps' own records send nothing: no claim exists under any other key.
+    claims = {k.decode().split(":claim:", 1)[1] for k in client.redis.scan_iter(match=client.keys.claim("order-42*"))}
+    assert claims == {"order-42", "order-42/researcher/r1", "order-42/executor/a1"}
 
 
 def test_direct_send_to_executor_records_a_one_step_job(client, settings, start_worker):
