@@ -150,23 +150,13 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
                 return _halt_items(before, record, step, *halt, now, events), []
             record = _pump(spec, step, record, run, routes, messages, events, now)
             continue
-        if step.when is not None:
-            ok, why = _check(step.when, seen, "when")
-            if not ok:
-                record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why))
-                events.append(_event("skipped", record, rec, reason=why))
-                continue
-        if step.gate is not None:
-            ok, why = _check(step.gate, seen, "gate")
-            read = _read(step.gate, seen)
-            rec = rec.model_copy(update={"gate": GateCheck(expr=step.gate.source, values=read, passed=ok)})
-            if not ok:
-                if step.failure_mode is FailureMode.HALT_PIPELINE:
-                    del events[mark:]
-                    return _halt(before, rec, why, read, now, events), []
-                record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why))
-                events.append(_event("skipped", record, rec, reason=why, gate=step.gate.source, values=read))
-                continue
+        rec, stop = _conditions(step, rec, seen, record, events, now)
+        if stop is not None:
+            del events[mark:]
+            return _halt(before, rec, *stop, now, events), []
+        if rec.state is State.SKIPPED:
+            record = record.with_step(rec)
+            continue
         try:
             payload = _input(spec, step, record, up)
         except ExpressionError as exc:  # its input: cannot be built; nothing is sent
@@ -240,7 +230,7 @@ def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Ru
             key = child_key(record.key, step.agent_name, sid if step.item_id is not None else f"{step.id}/{i}")
         it = StepRecord(step_id=sid, agent=step.agent_name, key=key, parent=step.id, index=i,
                         created_at=now, updated_at=now)
-        it, stop = _item_conditions(step, it, scope, record, events, now)
+        it, stop = _conditions(step, it, scope, record, events, now)
         if stop is not None and halt is None:
             halt = (it, *stop)
         if it.state is State.QUEUED:
@@ -301,10 +291,11 @@ def _build_input(fields: Mapping[str, Any], scope: Mapping[str, Any]) -> dict[st
     return out
 
 
-def _item_conditions(step: StepSpec, it: StepRecord, scope: Mapping[str, Any], record: JobRecord,
-                     events: list[dict[str, Any]], now: float) -> tuple[StepRecord, tuple[str, dict[str, Any]] | None]:
-    """One item's ``when`` and ``gate``: the item as it stands after them (queued, or skipped), and
-    (why, values read) when its gate is false under ``halt_pipeline``."""
+def _conditions(step: StepSpec, it: StepRecord, scope: Mapping[str, Any], record: JobRecord,
+                events: list[dict[str, Any]], now: float) -> tuple[StepRecord, tuple[str, dict[str, Any]] | None]:
+    """The step's (or one ``for_each`` item's, with ``item`` in ``scope``) ``when`` and ``gate``: the
+    record as it stands after them (queued, or skipped), and (why, values read) when its gate is
+    false under ``halt_pipeline``."""
     if step.when is not None:
         ok, why = _check(step.when, scope, "when")
         if not ok:
