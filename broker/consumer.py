@@ -301,7 +301,7 @@ class MeshConsumer(_RedisConsumer):
             verdict: Any = flat[i + 2] if claim else 0
             proxy = self._decode(rid, data)
             if idem is not None and verdict:
-                owner = f"{self.broker.broker_id}:{rid}:{nonce}"
+                owner = f"{self.broker.broker_id}:{nonce}:{i // step + 1}"
                 idem.adopt(proxy, verdict[0].decode(), owner, verdict[1:])
             if proxy is not None:
                 self.pairs.append(proxy)

@@ -137,7 +137,8 @@ class Idempotency(Middleware):
         return result[0] if command == "claim" and client is None else result
 
     def _owner(self, broker: Broker, message: MessageProxy) -> str:
-        return f"{broker.broker_id}:{message.message_id}:{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
+        # Never the producer's message id: it may hold '|', the claim string's separator.
+        return f"{broker.broker_id}:{uuid.uuid4().hex}"  # type: ignore[attr-defined]
 
     def adopt(self, message: MessageProxy | None, key: str, owner: str, verdict: list[Any]) -> None:
         """Take on the claim the fetch made on ``key`` for ``message`` (``verdict`` as claim.lua answers):

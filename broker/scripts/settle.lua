@@ -150,7 +150,9 @@ end
 if command == "fetch" then
     -- Unless ARGV[7] is "0", heartbeat and recover dead workers' messages too (a consumer asks once
     -- per quarter of the heartbeat timeout, not on every fetch). With ARGV[8..10] (nonce, lease_ms,
-    -- ttl_s), each message's key is claimed in the same step, for owner "{worker}:{id}:{nonce}".
+    -- ttl_s), each message's key is claimed in the same step, for owner "{worker}:{nonce}:{n}", n the
+    -- message's place in the answer (1, 2, ...): never a producer's id, which may hold the claim
+    -- string's separator.
     local now = nil
     if ARGV[7] ~= "0" then
         now = server_ms()
@@ -174,7 +176,7 @@ if command == "fetch" then
             if batch then
                 local key = message_key(data[i])
                 if key then
-                    local verdict = claim_take(batch, ns .. ":claim:" .. key, worker .. ":" .. id .. ":" .. nonce)
+                    local verdict = claim_take(batch, ns .. ":claim:" .. key, worker .. ":" .. nonce .. ":" .. #held)
                     table.insert(verdict, 1, key)
                     out[#out + 1] = verdict
                 else
