@@ -70,7 +70,7 @@ class MeshConsumer(_RedisConsumer):
         #: Acks from the worker threads go to Redis in groups (one script call for all that wait).
         self.acks: GroupCommit[tuple[str, Any, Any, Any]] = GroupCommit(self._ack_group)
         self.dedup_ttl_s = int(broker.settings.dedup_ttl_s)
-        self.last_beat = 0.0
+        self.last_beat = float("-inf")  # the first fetch beats
         self.in_hand: set[str] = broker.in_hand.setdefault(queue_name, set())
         self.reclaimed = False
         #: Set by every settlement: a consumer whose prefetch window is full waits on it, not on a timer.

@@ -17,13 +17,16 @@ T = TypeVar("T")
 
 
 class _Slot:
-    __slots__ = ("done", "error", "item", "result", "wake")
+    __slots__ = ("done", "error", "item", "leader", "passed", "result", "wake")
 
     def __init__(self, item: Any) -> None:
         self.item = item
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
+        #: This caller holds the sender's role (``passed``: and has handed it on).
+        self.leader = False
+        self.passed = False
         #: Held until the caller may go on: its result is in, or it is the next to send.
         self.wake = threading.Lock()
         self.wake.acquire()
@@ -36,7 +39,11 @@ class _Slot:
 
 class GroupCommit(Generic[T]):
     """``submit(item)`` returns what ``flush`` answered for ``item`` (or raises what it raised);
-    ``flush`` gets the items of a group in arrival order and answers one result per item."""
+    ``flush`` gets the items of a group in arrival order and answers one result per item.
+
+    A caller interrupted by an exception of its own (dramatiq raises time limits and shutdown
+    into worker threads) leaves the line, and hands the sender's role on if it held it: one
+    interrupted caller never stops the others' writes."""
 
     def __init__(self, flush: Callable[[Sequence[T]], Sequence[Any]], max_group: int = 64) -> None:
         self._flush = flush
@@ -47,24 +54,34 @@ class GroupCommit(Generic[T]):
 
     def submit(self, item: T) -> Any:
         slot = _Slot(item)
-        with self._lock:
-            self._waiting.append(slot)
-            send = not self._busy
-            self._busy = True
-        if not send:
-            slot.wake.acquire()
-            if slot.done:
-                return slot.outcome()
-        # This caller sends: it is first in line, and takes whoever waits behind it.
-        with self._lock:
-            group, self._waiting = self._waiting[:self._max], self._waiting[self._max:]
-        self._send(group)
-        with self._lock:
-            if self._waiting:
-                self._waiting[0].wake.release()  # the next group's sender
-            else:
-                self._busy = False
+        try:
+            with self._lock:
+                self._waiting.append(slot)
+                if not self._busy:
+                    self._busy = slot.leader = True
+            if not slot.leader:
+                slot.wake.acquire()
+            if not slot.done:
+                # This caller sends: it is first in line, and takes whoever waits behind it.
+                with self._lock:
+                    group, self._waiting = self._waiting[:self._max], self._waiting[self._max:]
+                self._send(group)
+        finally:
+            self._leave(slot)
         return slot.outcome()
+
+    def _leave(self, slot: _Slot) -> None:
+        with self._lock:
+            if slot in self._waiting:  # interrupted before its write was sent
+                self._waiting.remove(slot)
+            if slot.leader and not slot.passed:
+                slot.passed = True
+                if self._waiting:
+                    nxt = self._waiting[0]  # the next group's sender
+                    nxt.leader = True
+                    nxt.wake.release()
+                else:
+                    self._busy = False
 
     def _send(self, group: list[_Slot]) -> None:
         try:

@@ -44,6 +44,7 @@ local queue_key = ns .. ":" .. queue
 local msgs_key = queue_key .. ".msgs"
 local acks = acks_prefix .. worker .. "." .. queue
 local held_prefix = ns .. ":__held__."
+local FETCH_MAX = 1000
 
 -- The Redis server's clock, never the caller's (ARGV[2], kept for dramatiq's argument layout):
 -- heartbeats, reaping and DLQ times are compared across hosts, and one skewed host must neither
@@ -158,9 +159,13 @@ if command == "fetch" then
         now = server_ms()
         beat(now)
         reap(now)
-        redis.call("sadd", held_prefix .. worker, queue)
     end
-    local ids = redis.call("lpop", queue_key, tonumber(ARGV[6]))
+    -- Every fetch (one SADD): messages in hand are always where a reaper looks, also right after
+    -- a false reap removed this worker's entry and before its next beat.
+    redis.call("sadd", held_prefix .. worker, queue)
+    -- At most FETCH_MAX: the ids are unpacked into HMGET and SADD below, and Lua unpacks ~8,000
+    -- values at most; a script that failed there would have popped ids nobody holds.
+    local ids = redis.call("lpop", queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX))
     if not ids then return {} end
     local data = redis.call("hmget", msgs_key, unpack(ids))
     local nonce, batch = ARGV[8], nil

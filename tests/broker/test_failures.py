@@ -280,3 +280,21 @@ def test_two_messages_a_producer_gave_one_id_both_land_in_the_dlq(client, settin
     assert {e.entry_id.split(".")[0] for e in found} == {"shared-id"}
     assert int(client.redis.hget(client.keys.stats, "poison") or 0) == 2  # both counted, once each
     wait_for(lambda: settled(client))
+
+
+def test_a_fetch_asking_for_more_than_a_script_can_unpack_takes_a_bounded_batch_and_loses_nothing(client, settings):
+    """Redis's Lua unpacks at most ~8,000 values: a fetch for more (a huge MESH_PREFETCH) once popped
+    them all, failed on the unpack, and left every popped id in no queue and no worker's hand."""
+    from mesh.broker.mesh_broker import MeshBroker
+
+    broker = MeshBroker(settings, client=client.redis)
+    keys, r = client.keys, client.redis
+    pipe = r.pipeline()
+    for i in range(9_000):
+        pipe.hset(keys.messages("executor"), f"m{i}", b"{}")
+        pipe.rpush(keys.queue("executor"), f"m{i}")
+    pipe.execute()
+    got = broker.settle("fetch", "executor", 9_000)
+    held = r.scard(f"{keys.namespace}:__acks__.{broker.broker_id}.executor")
+    assert 0 < len(got) // 2 == held < 9_000
+    assert r.llen(keys.queue("executor")) + held == 9_000  # every id is queued or in hand

@@ -90,3 +90,51 @@ def test_a_flush_answering_the_wrong_number_of_results_fails_the_group_instead_o
     with pytest.raises(RuntimeError, match="0 results for 1 writes"):
         gc.submit(1)
     assert gc._busy is False
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise Interrupted in ``thread`` the way dramatiq raises time limits and shutdown into workers."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Interrupted))
+
+
+def test_a_caller_interrupted_while_it_waits_leaves_the_line_and_the_others_still_get_their_answers():
+    gate, calls = threading.Event(), []
+
+    def flush(items: Sequence[str]) -> list[str]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            gate.wait(5)
+        return [i.upper() for i in items]
+
+    gc: GroupCommit[str] = GroupCommit(flush)
+    answers: dict[str, object] = {}
+
+    def call(name: str) -> None:
+        try:
+            answers[name] = gc.submit(name)
+        except Interrupted as exc:
+            answers[name] = exc
+
+    threads = {n: threading.Thread(target=call, args=(n,)) for n in "abc"}
+    threads["a"].start()
+    while not calls:
+        threading.Event().wait(0.001)
+    threads["b"].start()
+    while len(gc._waiting) < 1:  # a's write is on the wire; b waits behind it
+        threading.Event().wait(0.001)
+    threads["c"].start()
+    while len(gc._waiting) < 2:
+        threading.Event().wait(0.001)
+    _interrupt(threads["b"])  # raised as soon as b runs again: when it is handed the sender's role
+    gate.set()
+    for t in threads.values():
+        t.join(5)
+    assert not any(t.is_alive() for t in threads.values())
+    assert answers["a"] == "A" and answers["c"] == "C" and isinstance(answers["b"], Interrupted)
+    assert gc._busy is False and gc._waiting == []
