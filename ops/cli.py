@@ -30,6 +30,8 @@ from mesh.ops.console import (
     Column,
     JsonFlag,
     Listing,
+    WaitFlag,
+    WaitTimeoutS,
     WideFlag,
     app_for,
     client,
@@ -108,8 +110,8 @@ def submit(
                                         show_default=False)],
     key: Annotated[str | None, typer.Option(help="Idempotency key: the same key and goal are the same job; the "
                                             "same key with another goal is refused.", metavar="KEY")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end and print it.")] = False,
-    timeout: Annotated[float, typer.Option(help="How long --wait waits.", metavar="SECONDS")] = 60.0,
+    wait: WaitFlag = False,
+    timeout: WaitTimeoutS = 60.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a goal to the whole pipeline: planner, researchers, executor.
@@ -134,8 +136,8 @@ def run(
     app_path: AppPath = None,
     key: Annotated[str | None, typer.Option(help="Idempotency key: the same key and input are the same run; the "
                                             "same key with another input is refused.", metavar="KEY")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end and print it.")] = False,
-    timeout: Annotated[float, typer.Option(help="How long --wait waits.", metavar="SECONDS")] = 60.0,
+    wait: WaitFlag = False,
+    timeout: WaitTimeoutS = 60.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Run a declared pipeline: record the job with every step, send the root steps.

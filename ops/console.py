@@ -30,6 +30,8 @@ err = Console(stderr=True, soft_wrap=True)
 EXIT_FAILED, EXIT_INPUT, EXIT_REDIS, EXIT_TIMEOUT = 1, 2, 3, 4
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+WaitFlag = Annotated[bool, typer.Option("--wait", help="Wait for the job to end and print it.")]
+WaitTimeoutS = Annotated[float, typer.Option("--timeout", help="How long --wait waits.", metavar="SECONDS")]
 
 #: How every ``mesh`` Typer renders help: Markdown reflows docstrings and help texts to the terminal
 #: (rich markup keeps the source's line breaks, and eats ``[...]``).
