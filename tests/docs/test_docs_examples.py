@@ -100,6 +100,15 @@ def test_every_block_is_runnable_or_marked_and_quotes_match(page: Path) -> None:
         _check_data(block)
 
 
+def test_readme_links_into_the_docs_resolve() -> None:
+    """README.md is read on the forge, not built: its relative links must name files that exist."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(((?!https?:)[^)#]+)(?:#[^)]*)?\)", readme)
+    assert links
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+
+
 def _check_quotes(block: Block) -> None:
     if (path := block.marker("file")) is not None:
         text = (ROOT / path).read_text(encoding="utf-8")
