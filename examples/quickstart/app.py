@@ -1,3 +1,7 @@
+"""The README's app: two agents, a tool, and a pipeline that chains them."""
+
+from __future__ import annotations
+
 from pydantic import BaseModel
 
 from mesh import App, Context, ToolContext
