@@ -119,6 +119,8 @@ def _pipeline(tree: _Node, record: JobRecord, dag: list[DagNode], steps: dict[st
         if evs:
             first, last = evs[0].get("at", start), evs[-1].get("at", start)
             label.append(f"  +{first - start:.3f}s, {last - first:.3f}s from first to last event")
+        elif rec.state is State.NOT_RUN:
+            label.append(f"  {rec.error or 'not sent'}", "dim")
         elif rec.sent_at is None and rec.state is State.QUEUED:
             label.append("  not sent" + (": the job halted" if record.state is State.HALTED else ""), "dim")
         node = made[rec.step_id] = made.get(rec.parent or "", tree).add(label)

@@ -423,10 +423,21 @@ def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
 def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], now: float,
           events: list[dict[str, Any]]) -> JobRecord:
     record = record.with_step(transition(rec, State.HALTED, now=now, error=why, failure_class="gate"))
+    record, unsent = _not_run(record, rec.step_id, now)
     if record.state is not State.HALTED:
         record = transition(record, State.HALTED, now=now, error=f"step {rec.step_id}: {why}", failure_class="gate")
-    events.append(_event("halted", record, rec, reason=why, values=read))
+    events.append(_event("halted", record, rec, reason=why, values=read, not_run=unsent))
     return record
+
+
+def _not_run(record: JobRecord, halted: str, now: float) -> tuple[JobRecord, list[str]]:
+    """Every step (and ``for_each`` item) still queued and unsent when the job halts at ``halted``
+    moved to ``not_run``, saying why: nothing will ever send it, so ``queued`` would be a lie."""
+    why = f"not sent: the job halted at step {halted}"
+    unsent = [s for s in record.steps.values() if s.state is State.QUEUED and s.sent_at is None]
+    for s in unsent:
+        record = record.with_step(transition(s, State.NOT_RUN, now=now, error=why))
+    return record, [s.step_id for s in unsent]
 
 
 def _check(cond: Condition, seen: Mapping[str, Any], what: str) -> tuple[bool, str]:
