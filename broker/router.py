@@ -218,10 +218,11 @@ def dead_letter_with_step(broker: Broker, message: MessageProxy, failure_class: 
     if isinstance(job_id, str) and isinstance(step_id, str):
         lease = message.__dict__.get("mesh_lease")
         token = lease.token if lease else None
-        ev = trace.event("dead_lettered", envelope, worker=trace.worker_name(), failure_class=str(failure_class),
-                         error=error[:500], route="dead_letter", state=str(state))
-        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token),
-                       step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+        events = [trace.event("dead_lettered", envelope, worker=trace.worker_name(),
+                              failure_class=str(failure_class), error=error[:500], route="dead_letter",
+                              state=str(state))]
+        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token, events=events),
+                       step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                        release=(lease.claim_key, lease.owner) if lease and lease.release_pending else None)
     return DeadLetterIt(entry, stat, f"{failure_class}:dead_letter", job=job)
 
@@ -378,9 +379,10 @@ class FailureRouter(Middleware):
         release = (lease.claim_key, lease.owner) if lease is not None and lease.release_pending else None
         token = lease.token if lease else None
         tokens = (lease.tokens_in, lease.tokens_out) if lease else (0, 0)
+        events = [ev]  # and what the change sets off (a join's decision), written with it
         return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token,
-                                          tokens=tokens),
-                        step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+                                          tokens=tokens, events=events),
+                        step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                         release=release)
 
     def _note_deferred(self, dependency: str, copy: Any) -> None:

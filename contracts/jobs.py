@@ -243,7 +243,10 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
 
 def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
     """The error and class of the first step in ``state`` that blocks the job; a step that failed on
-    its own before a ``for_each`` step whose join failed because of its items."""
+    its own before a ``for_each`` step whose join failed, and that step (its error names the rule
+    that failed) before its items."""
     found = [s for s in record.steps.values() if s.state is state and blocking(record, s)]
-    step = next((s for s in found if s.failure_class != "join"), found[0])
+    joins = {s.step_id for s in found if s.failure_class == "join"}
+    own = [s for s in found if s.failure_class != "join" and s.parent not in joins]
+    step = own[0] if own else next((s for s in found if s.step_id in joins), found[0])
     return f"step {step.step_id}: {step.error}", step.failure_class
