@@ -36,7 +36,7 @@ from dramatiq.middleware import Middleware
 from mesh.contracts import BreakerOpen, Brownout, FailureClass, LeaseLost, OutcomeUnrecorded, State
 from mesh.contracts.deadletter import Attempt, format_traceback
 
-from . import trace
+from . import compat, trace
 from .classify import classify
 from .jobs import JobStore, fail_step
 from .observe import observe_duration, running_member
@@ -283,6 +283,8 @@ class FailureRouter(Middleware):
             logger.warning("attempt superseded", extra={**log, "delay_ms": delay_ms})
             return
         failure_class, retry_after_s = classify(exception)
+        if compat.thrown(exception, self._option(broker, message, "throws", kind=object)):
+            failure_class, retry_after_s = FailureClass.PERMANENT, None  # dramatiq's "never retry this"
         attempt = envelope.get("attempt", 1) if isinstance(envelope.get("attempt"), int) else 1
         deadline = envelope.get("deadline")
         step_budget = _step_budget(envelope)
@@ -310,12 +312,13 @@ class FailureRouter(Middleware):
                 and exception.retry_after_s is not None):
             self._note_deferred(exception.dependency, decision.message)
 
-    def _option(self, broker: Broker, message: MessageProxy, name: str) -> int | None:
+    def _option(self, broker: Broker, message: MessageProxy, name: str, kind: type = int) -> Any:
+        """The actor's option ``name`` when it is a ``kind`` (default int), else None."""
         try:
             value = broker.get_actor(message.actor_name).options.get(name)
         except Exception:  # an unknown actor
             return None
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, kind) else None
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy, envelope: dict[str, Any],
                          step_budget: int | None) -> int:
