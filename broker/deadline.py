@@ -45,7 +45,7 @@ def applied_limit(limits: list[tuple[str, Any]], *, deadline_s: Any = None,
 
 def explain(limit_ms: int, name: str, counted: list[tuple[str, float]]) -> str:
     """Why an attempt was stopped: ``TimeLimitExceeded: stopped at 0.5 s, the step's timeout_ms (the
-    other limits: agent a's time_limit_s 60 s, MESH_TIME_LIMIT_S 300 s, the job's deadline 41.8 s)``."""
+    other limits: MESH_TIME_LIMIT_S 300 s, agent a's time limit 60 s, the job's deadline 41.8 s)``."""
     others = ", ".join(f"{other} {_secs(ms)}" for other, ms in counted if other != name)
     return f"TimeLimitExceeded: stopped at {_secs(limit_ms)}, {name}" + (
         f" (the other limits: {others})" if others else "")
@@ -90,7 +90,7 @@ class Deadline(Middleware):
             deadline_s=envelope.get("deadline"), now_ms=current_millis())
         message.options["time_limit"] = limit_ms
         setattr(message, _OWN, own)
-        setattr(message, _WHY, explain(limit_ms, name, counted))
+        setattr(message, _WHY, (limit_ms, name, counted))  # worded only if the limit stops the attempt
 
     def after_process_message(
         self, broker: Broker, message: MessageProxy, *, result: Any = None, exception: BaseException | None = None
@@ -98,7 +98,9 @@ class Deadline(Middleware):
         own = message.__dict__.pop(_OWN, _NOT_RUN)
         if own is _NOT_RUN:  # skipped by an earlier middleware before this one ran
             return
-        _name_the_limit(exception, message.__dict__.pop(_WHY, ""))
+        applied = message.__dict__.pop(_WHY, None)
+        if applied is not None:
+            _name_the_limit(exception, *applied)
         if own is _ABSENT:
             message.options.pop("time_limit", None)
         else:
@@ -107,13 +109,12 @@ class Deadline(Middleware):
     after_skip_message = after_process_message
 
 
-def _name_the_limit(exception: BaseException | None, why: str) -> None:
+def _name_the_limit(exception: BaseException | None, limit_ms: int, name: str,
+                    counted: list[tuple[str, float]]) -> None:
     """Say which limit stopped the attempt in the error it failed with (this runs before the router's
     hook records it): dramatiq raises a bare ``TimeLimitExceeded`` into the thread, and a tool
     interrupted mid-call raises a timeout naming only itself (``DependencyTimeout`` from it)."""
-    if not why or exception is None:
-        return
     if isinstance(exception, TimeLimitExceeded) and not exception.args:
-        exception.args = (why,)
-    elif isinstance(exception.__cause__, TimeLimitExceeded) and isinstance(exception, MeshError):
-        exception.message = f"{exception.message} ({why})"
+        exception.args = (explain(limit_ms, name, counted),)
+    elif isinstance(exception, MeshError) and isinstance(exception.__cause__, TimeLimitExceeded):
+        exception.message = f"{exception.message} ({explain(limit_ms, name, counted)})"
