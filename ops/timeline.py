@@ -43,7 +43,7 @@ _STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stu
 
 
 def _join(event: dict[str, Any]) -> str:
-    """A join's decision: ``revised: 20 of 20 succeeded, 16 needed (min_success 0.8) → succeeded``."""
+    """A join's decision: ``revised: 20 succeeded, 16 needed (min_success 0.8) → succeeded``."""
     failed = event.get("failed") or []
     return (("revised: " if event.get("revised") else "")
             + f"{event.get('succeeded')} succeeded, {event.get('need', event.get('needed'))} needed"
