@@ -128,6 +128,7 @@ def test_a_tool_interrupted_by_the_limit_names_it_too(broker, settings) -> None:
 LOOP_S = 20.0  # the handler's own bound: well under the setting below, well over the actor's limit
 
 
+@pytest.mark.slow
 def test_an_actor_declared_with_a_one_second_limit_is_interrupted_and_dead_lettered_as_timeout(
         make_settings, client) -> None:
     settings = make_settings(time_limit_s=60)
