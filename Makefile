@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint docs install clean
+.PHONY: demo test check lint docs install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11 or newer is needed")'
@@ -24,6 +24,11 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/pytest -q
+
+# The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
+# (tests/tier.py fails a test that does so without @pytest.mark.slow).
+check: lint
+	$(BIN)/pytest -q -m "not slow"
 
 # The documentation site, in site/: the reference pages are generated from the code; a broken
 # link or anchor fails the build (--strict).
