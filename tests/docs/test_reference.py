@@ -4,6 +4,8 @@ every name ``mesh`` exports is on the Python API page."""
 
 from __future__ import annotations
 
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,34 @@ def test_every_public_name_is_on_the_python_api_page() -> None:
     page = (ROOT / "docs/reference/python-api.md").read_text(encoding="utf-8")
     for name in mesh.__all__:
         assert f"`{name}" in page and f"::: mesh.{name}" in page, f"mesh.{name} is not documented"
+
+
+def _keys(model: Any, prefix: str) -> list[str]:
+    """Every key a pipeline file may hold under ``model``, dotted, nested models followed."""
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        types = typing.get_args(field.annotation) or (field.annotation,)
+        nested = [t for t in types if isinstance(t, type) and issubclass(t, BaseModel)]
+        if nested:
+            keys.extend(_keys(nested[0], f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_every_pipeline_key_is_on_the_pipeline_keys_page() -> None:
+    """The keys page is written by hand (each key needs its why); it must not miss one the spec has."""
+    from mesh.agents.pipelines import PipelineSpec, StepSpec
+
+    page = (ROOT / "docs/reference/pipeline-keys.md").read_text(encoding="utf-8")
+    documented = set()
+    for cell in (line.split("|")[1] for line in page.split("\n") if line.startswith("| `")):
+        names = [n.removeprefix("…").rstrip(":") for n in re.findall(r"`([^`]+)`", cell)]
+        parent = names[0].rpartition(".")[0]  # `tracing.log_inputs` / `log_outputs`
+        documented.update(n if "." in n or not parent else f"{parent}.{n}" for n in names)
+    steps = _keys(StepSpec, "")
+    spec = [k for k in _keys(PipelineSpec, "") if not k.startswith("steps")]  # the steps: StepSpec
+    missing = sorted(set(steps + spec + ["agents"]) - documented)
+    assert not missing, f"pipeline keys missing from docs/reference/pipeline-keys.md: {missing}"
