@@ -92,3 +92,16 @@ def test_every_pipeline_key_is_on_the_pipeline_keys_page() -> None:
     spec = [k for k in _keys(PipelineSpec, "") if not k.startswith("steps")]  # the steps: StepSpec
     missing = sorted(set(steps + spec + ["agents"]) - documented)
     assert not missing, f"pipeline keys missing from docs/reference/pipeline-keys.md: {missing}"
+
+
+def test_every_option_of_app_agent_and_app_tool_is_in_the_guide() -> None:
+    """The guide's option tables of ``@app.agent`` and ``@app.tool`` name every keyword they take."""
+    import inspect
+
+    page = (ROOT / "docs/guides/agents-and-tools.md").read_text(encoding="utf-8")
+    for decorator in (mesh.App.agent, mesh.App.tool):
+        table = page[page.index(f"| `@app.{decorator.__name__}(...)` |"):]
+        table = table[:table.index("\n\n")]
+        for name in inspect.signature(decorator).parameters:
+            if name not in ("self", "fn"):
+                assert f"`{name}`" in table, f"@app.{decorator.__name__}({name}=...) is not in the guide's table"
