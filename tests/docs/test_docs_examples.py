@@ -77,8 +77,9 @@ def inventory(request: pytest.FixtureRequest) -> Iterator[None]:
     if reporter is None or capture is None:
         return
     with capture.global_and_fixture_disabled():
-        reporter.write_line(f"\ndocs blocks in {len(PAGES)} pages: {counts['run']} run ({counts['output']} with "
-                            f"their output compared), {counts['checked']} checked against the files they quote, "
+        reporter.write_line(f"\ndocs blocks in {len(PAGES)} pages: {counts['run']} run, {counts['output']} outputs "
+                            f"compared with what the Python before them printed, {counts['checked']} checked "
+                            f"against the files they quote, "
                             f"{counts['skipped']} skipped, {counts['text']} text (diagrams, sample output)")
         for line in skipped:
             reporter.write_line(line)
