@@ -16,6 +16,7 @@ from redis import Redis
 
 from mesh.broker import trace
 from mesh.broker.breaker import Breakers
+from mesh.broker.fence import Fence
 from mesh.broker.idempotency import current_lease
 from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
 from mesh.broker.keys import Keys
@@ -71,6 +72,7 @@ class AgentRuntime:
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
+        self.fence = Fence(self.settings, self.redis)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents
         self.routes = Routes(queue=lambda a: agents[a].queue if a in agents else a,
@@ -199,11 +201,20 @@ class AgentRuntime:
         return load_spec(self.pipelines, record.pipeline, record.pipeline_digest)
 
     def tool_call(self, env: Envelope, tool: str, dependency: str, duration_s: float, *,
-                  status: Any = None, error: str | None = None) -> None:
-        """Trace one tool call, and count it as progress (the handler moved on), in one round trip."""
-        call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool,
+                  token: int | None = None, status: Any = None, error: str | None = None) -> None:
+        """Trace one tool call with the fencing token that made it, and count it as progress (the
+        handler moved on), in one round trip."""
+        call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool, token=token,
                            dependency=dependency, duration_s=round(duration_s, 4), status=status, error=error)
         self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}", before=call)
+
+    def fenced(self, env: Envelope, call: str, token: int) -> None:
+        """Trace a call refused because the attempt's lease (``token``) was lost to another owner."""
+        ev = trace.event("fenced", env.model_dump(mode="json"), worker=self.worker, call=call, token=token)
+        try:
+            trace.emit(self.redis, self.keys, ev)
+        except redis.RedisError as exc:  # a trace line: the refusal stands without it
+            logger.warning("could not trace a fenced call", extra={"error": str(exc)})
 
     def progress(self, env: Envelope, note: str, *, before: dict[str, Any] | None = None) -> None:
         """The handler moved on: the step's progress counter advances (a step that only heartbeats

@@ -58,6 +58,9 @@ class Lease:
     result: dict[str, Any] | None = None
     done: bool = True
     lost: bool = field(default=False, compare=False)
+    #: ``time.monotonic()`` when the request that last confirmed the claim in Redis (the claim, a
+    #: renewal, a check before an effect) was sent: the lease runs at least a lease from then.
+    confirmed_at: float = field(default_factory=time.monotonic, compare=False)
     #: ``time.monotonic()`` at the claim, and at the handler's last progress report.
     started: float = field(default_factory=time.monotonic, compare=False)
     progress: int = field(default=0, compare=False)
@@ -343,8 +346,11 @@ class Idempotency(Middleware):
         pipe = self.client.pipeline(transaction=False)
         for lease in leases:
             self._call("renew", lease.claim_key, lease.owner, client=pipe)
+        sent = time.monotonic()
         for lease, ok in zip(leases, pipe.execute(), strict=True):
-            if not ok and not lease.lost:
+            if ok:
+                lease.confirmed_at = max(lease.confirmed_at, sent)
+            elif not lease.lost:
                 lease.lost = True
                 logger.warning("lease lost while running", extra={"key": lease.key, "token": lease.token})
         self._flag_stuck(leases)
