@@ -125,7 +125,8 @@ class Context:
         return self.env.deadline
 
     def deadline_left_s(self) -> float:
-        return self.env.remaining_s()
+        """Seconds until the deadline, on the Redis server's clock (the deadline's)."""
+        return self.env.remaining_s(self.runtime.clock.now_s())
 
     @property
     def model(self) -> ModelProvider:
@@ -200,7 +201,8 @@ class Context:
     def _tool_context(self, secrets: tuple[str, ...]) -> ToolContext:
         rt = self.runtime
         return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
-                           fencing_token=self.lease.token, deadline=self.env.deadline, breakers=rt.breakers,
+                           fencing_token=self.lease.token, deadline=self.env.deadline, clock=rt.clock.now_s,
+                           breakers=rt.breakers,
                            settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http, resolve=rt.resolve,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
 

@@ -16,6 +16,7 @@ from redis import Redis
 
 from mesh.broker import trace
 from mesh.broker.breaker import Breakers
+from mesh.broker.clock import ServerClock
 from mesh.broker.fence import Fence
 from mesh.broker.idempotency import current_lease
 from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
@@ -73,6 +74,7 @@ class AgentRuntime:
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self.fence = Fence(self.settings, self.redis)
+        self.clock = ServerClock(self.redis)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents
         self.routes = Routes(queue=lambda a: agents[a].queue if a in agents else a,
@@ -246,8 +248,9 @@ class AgentRuntime:
                                 errors=errors) from None  # type: ignore[arg-type]
         if env.agent != agent:
             raise ContractError(f"envelope for {env.agent!r} delivered to {agent!r}")
-        if env.remaining_s() <= 0:
-            raise DeadlineExceeded(f"deadline passed {-env.remaining_s():.1f}s ago", deadline=env.deadline)
+        left = env.remaining_s(self.clock.now_s())  # the deadline is on the Redis server's clock
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline passed {-left:.1f}s ago", deadline=env.deadline)
         if agent in env.hops:
             raise CycleDetected(f"{agent} re-entered: hops {' > '.join(env.hops)}", hops=env.hops)
         if len(env.hops) >= self.settings.max_hops:

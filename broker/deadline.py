@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from dramatiq.broker import Broker, MessageProxy
-from dramatiq.common import current_millis
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware
 
+from .clock import server_now_ms
 from .settings import MeshSettings
 
 #: Where the message's own ``time_limit`` waits while the computed one is in its options.
@@ -40,7 +40,8 @@ class Deadline(Middleware):
 
     TimeLimit takes the message's option when there is one, so this writes the computed limit there
     for the attempt and puts the message's own value back afterwards: a retried copy carries what
-    the sender asked for, not one worker's computation. A message already past its deadline is
+    the sender asked for, not one worker's computation. The time left is counted on the Redis
+    server's clock (the deadline's), not this host's. A message already past its deadline is
     dead-lettered by the agent runtime without running; this keeps a running handler inside it.
     """
 
@@ -56,7 +57,7 @@ class Deadline(Middleware):
         envelope = message.args[0] if len(message.args) == 1 and isinstance(message.args[0], dict) else {}
         message.options["time_limit"] = effective_limit_ms(
             self.limit_ms, None if own is _ABSENT else own, actor_limit,
-            deadline_s=envelope.get("deadline"), now_ms=current_millis())
+            deadline_s=envelope.get("deadline"), now_ms=server_now_ms(broker))
         setattr(message, _OWN, own)
 
     def after_process_message(

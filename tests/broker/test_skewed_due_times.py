@@ -1,0 +1,70 @@
+"""A retry's due time is on the Redis server's clock: a failing host whose clock runs ahead does
+not make a short retry wait as long as its skew, nor does a delay-queue consumer whose clock runs
+behind. Real ``mesh worker`` processes, one with a skewed wall clock (tests/skewed/sitecustomize.py:
+the process's ``time.time`` runs off, as on a host whose clock is off), over the real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+from conftest import ROOT, wait_for
+
+from mesh.broker import MeshClient
+from mesh.broker.clock import server_ms
+from mesh.contracts import State, loads
+from tests.httpserver import RecordingServer
+
+#: Far more than the retry's wait, and than the time a takeover needs.
+SKEW_S = 60
+#: The retry's wait (MESH_RETRY_MIN/MAX_BACKOFF_MS): long enough to stop the failing host before it
+#: moves the copy on itself.
+DELAY_MS = 2_000
+HEARTBEAT_TIMEOUT_S = 3
+
+
+def skewed(skew_s: int) -> dict[str, str]:
+    """The environment of a worker whose wall clock runs ``skew_s`` seconds off."""
+    if not skew_s:
+        return {}
+    return {"PYTHONPATH": f"{ROOT / 'tests' / 'skewed'}{os.pathsep}{ROOT}", "SKEWED_CLOCK_S": str(skew_s)}
+
+
+def fails_once(n: int, _request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    return (503, {"error": "busy"}) if n == 1 else (200, {"ok": True})
+
+
+def delayed_eta(client: MeshClient, queue: str) -> int | None:
+    """The due time (ms) of the one message waiting on ``queue``'s delay queue, or None."""
+    bodies = client.redis.hvals(client.keys.messages(f"{queue}.DQ"))
+    return int(loads(bodies[0])["options"]["eta"]) if bodies else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("failing_skew_s", "consumer_skew_s"), [(SKEW_S, 0), (0, -SKEW_S)],
+                         ids=["failing-host-ahead", "delay-consumer-behind"])
+def test_a_retry_comes_due_after_its_wait_on_the_redis_clock_whatever_each_hosts_clock_says(
+        make_settings, rclient, worker_process, failing_skew_s, consumer_skew_s):
+    with RecordingServer(fails_once) as server:
+        settings = make_settings(http_allow=server.host_port, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+        client = MeshClient(settings, client=rclient)
+        env = {"MESH_HTTP_ALLOW": server.host_port, "MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+               "MESH_RETRY_MIN_BACKOFF_MS": str(DELAY_MS), "MESH_RETRY_MAX_BACKOFF_MS": str(DELAY_MS)}
+        failing = worker_process("--agents", "executor", "--threads", "1", **env, **skewed(failing_skew_s))
+        ref = client.send("executor", {"tool": "http_post", "args": {"url": server.url()}}, key="skewed-retry")
+
+        eta = wait_for(lambda: delayed_eta(client, "executor"), timeout_s=60)  # the 503 was routed: retry
+        now = server_ms(rclient)
+        # Gone before the copy is due: the waiting is left to another host (with its own clock).
+        os.kill(failing.pid, signal.SIGKILL)
+        failing.wait()
+        assert now - DELAY_MS < eta <= now + DELAY_MS, f"due {(eta - now) / 1000:.1f}s from now"
+
+        worker_process("--agents", "executor", **env, **skewed(consumer_skew_s))
+        # Well inside the skew: the retry waits its 2 s (plus the takeover), not a minute.
+        record = client.wait(ref.id, timeout_s=SKEW_S / 2)
+
+    assert record.state is State.SUCCEEDED
+    assert len(server.requests) == 2
