@@ -1,7 +1,9 @@
-"""A retry's due time is on the Redis server's clock: a failing host whose clock runs ahead does
-not make a short retry wait as long as its skew, nor does a delay-queue consumer whose clock runs
-behind. Real ``mesh worker`` processes, one with a skewed wall clock (tests/skewed/sitecustomize.py:
-the process's ``time.time`` runs off, as on a host whose clock is off), over the real Redis."""
+"""Due times and deadlines are on the Redis server's clock: a failing host whose clock runs ahead
+does not make a short retry wait as long as its skew, nor does a delay-queue consumer whose clock
+runs behind; a worker ahead or a sender behind does not find a live deadline passed. Real
+``mesh worker`` and ``mesh send`` processes, one with a skewed wall clock
+(tests/skewed/sitecustomize.py: the process's ``time.time`` runs off, as on a host whose clock is
+off), over the real Redis."""
 
 from __future__ import annotations
 
@@ -68,3 +70,18 @@ def test_a_retry_comes_due_after_its_wait_on_the_redis_clock_whatever_each_hosts
 
     assert record.state is State.SUCCEEDED
     assert len(server.requests) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sender_skew_s", "worker_skew_s"), [(0, SKEW_S), (-SKEW_S, 0)],
+                         ids=["worker-ahead", "sender-behind"])
+def test_a_message_runs_while_its_deadline_is_ahead_on_the_redis_clock_whatever_each_hosts_clock_says(
+        make_settings, rclient, worker_process, cli, sender_skew_s, worker_skew_s):
+    deadline_s = SKEW_S // 2  # passed already on the skewed host's clock, if it were trusted
+    client = MeshClient(make_settings(), client=rclient)
+    worker_process("--agents", "researcher", **skewed(worker_skew_s))
+    sent = cli("send", "researcher", "--payload", '{"question": "what is a DLQ?"}', "--json",
+               MESH_JOB_DEADLINE_S=str(deadline_s), **skewed(sender_skew_s))
+    assert sent.returncode == 0, sent.stderr
+    record = client.wait(loads(sent.stdout)[0]["job_id"], timeout_s=60)
+    assert record.state is State.SUCCEEDED, record.error
