@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any
 
 import pytest
@@ -71,3 +72,67 @@ def test_a_worker_paused_past_its_lease_sends_nothing_after_another_took_its_mes
         # The paused owner's call was refused, under its own (older) token.
         assert len(fenced) == 1 and fenced[0]["token"] < calls[0]["token"]
     assert sorted(e["token"] for ref in refs for e in events(client, ref.id, "tool_call")) == sent
+
+
+class FencingEndpoint:
+    """A loopback endpoint that does what docs/design/fencing.md asks: per key, it refuses a token
+    lower than the highest it accepted (409) and applies a key once. Its first request is held
+    before it is decided (a request in flight while its sender is paused) until ``release``."""
+
+    def __init__(self) -> None:
+        self.highest: dict[str, int] = {}
+        self.applied: list[int] = []
+        self.answered: list[tuple[int, int]] = []  # (token, status) in the order decided
+        self.first_arrived = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if n == 1:
+            self.first_arrived.set()
+            self.release.wait(120)
+        key, token = request["headers"]["idempotency-key"], int(request["headers"]["x-mesh-fencing-token"])
+        with self.lock:
+            status = 409 if token < self.highest.get(key, 0) else 200
+            if status == 200:
+                self.highest[key] = token
+                if len(self.applied) == 0:
+                    self.applied.append(token)
+            self.answered.append((token, status))
+        return status, {"token": token}
+
+
+@pytest.mark.slow
+def test_a_request_sent_before_a_pause_and_decided_after_the_takeover_is_refused_by_its_token(
+        make_settings, rclient, worker_process):
+    """The window no worker-side check closes: the paused owner passed its check and its request is
+    on its way when it stops. The endpoint refuses the older token, and the refused attempt is
+    settled as superseded: no dead letter, the job keeps the new owner's outcome."""
+    endpoint = FencingEndpoint()
+    with RecordingServer(endpoint) as server:
+        settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+        client = MeshClient(settings, client=rclient, app=app)
+        ns = settings.namespace
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+        rclient.set(gate_key(ns), 1)
+        paused = worker_process("--app", APP, "--threads", "1", **env)
+        ref = client.send("poster", {"url": server.url(), "n": 1}, key="in-flight")
+        assert endpoint.first_arrived.wait(60)
+
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            worker_process("--app", APP, **env)
+            record = client.wait(ref.id, timeout_s=60)
+            endpoint.release.set()  # now the endpoint decides the paused owner's request
+            wait_for(lambda: len(endpoint.answered) == 2, timeout_s=30)
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        log = paused.log_path  # type: ignore[attr-defined]
+        wait_for(lambda: "attempt superseded" in log.read_text(), timeout_s=60)
+
+    stale, newer = sorted(token for token, _ in endpoint.answered)
+    assert endpoint.answered == [(newer, 200), (stale, 409)]
+    assert endpoint.applied == [newer]
+    assert record.state is State.SUCCEEDED
+    assert client.redis.hget(client.keys.stats, "dead_lettered") is None
+    assert [e["token"] for e in events(client, ref.id, "tool_call")] == [newer, stale]
