@@ -113,7 +113,7 @@ class AgentRuntime:
 
         def picked_up(pipe: Any, record: JobRecord) -> None:
             if record.steps[env.step_id].state is State.RUNNING:
-                pipe.zadd(self.keys.running, {member: time.time()})
+                pipe.zadd(self.keys.running, {member: self.clock.now_s()})  # compared on other hosts
 
         picked = trace.event("picked_up", envelope, worker=self.worker, token=lease.token)
 
@@ -230,7 +230,7 @@ class AgentRuntime:
         pipe = self.redis.pipeline(transaction=False)
         if before is not None:
             trace.stage(pipe, self.keys, before)
-        pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): time.time()}, xx=True)
+        pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): self.clock.now_s()}, xx=True)
         trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
                                                  progress=n, note=note))
         try:

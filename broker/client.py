@@ -379,11 +379,12 @@ class MeshClient:
 
     def stuck(self, record: JobRecord, *, now: float | None = None) -> dict[str, float]:
         """Running steps of ``record`` whose last progress is older than MESH_STUCK_AFTER_S: step id ->
-        seconds without progress. Such a step is not shown as running happily."""
+        seconds without progress (on the Redis server's clock, as the workers record progress). Such a
+        step is not shown as running happily."""
         running = [s for s in record.steps.values() if s.state is State.RUNNING]
         if not running:
             return {}
-        now = time.time() if now is None else now
+        now = self.clock.now_s() if now is None else now
         pipe = self.redis.pipeline(transaction=False)
         for step in running:
             pipe.zscore(self.keys.running, running_member(record.job_id, step.step_id))

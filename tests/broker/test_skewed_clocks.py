@@ -17,6 +17,7 @@ from conftest import ROOT, wait_for
 from mesh.broker import MeshClient
 from mesh.broker.clock import server_ms
 from mesh.contracts import State, loads
+from tests.apps import gated
 from tests.httpserver import RecordingServer
 
 #: Far more than the retry's wait, and than the time a takeover needs.
@@ -85,3 +86,20 @@ def test_a_message_runs_while_its_deadline_is_ahead_on_the_redis_clock_whatever_
     assert sent.returncode == 0, sent.stderr
     record = client.wait(loads(sent.stdout)[0]["job_id"], timeout_s=60)
     assert record.state is State.SUCCEEDED, record.error
+
+
+@pytest.mark.slow
+def test_a_step_just_picked_up_by_a_worker_whose_clock_runs_behind_is_not_reported_stuck(
+        make_settings, rclient, worker_process):
+    settings = make_settings(stuck_after_s=SKEW_S / 2)
+    client = MeshClient(settings, client=rclient, app=gated.app)
+    worker_process("--app", "tests.apps.gated:app", **skewed(-SKEW_S))
+    with RecordingServer() as server:
+        ref = client.send("poster", {"url": server.url(), "n": 1}, key="behind-progress")
+        wait_for(lambda: rclient.get(gated.arrived_key(settings.namespace)), timeout_s=60)  # it runs
+        record = client.status(ref.id)
+        assert record.state is State.RUNNING
+        assert client.stuck(record) == {}  # its progress is seconds old, not a minute
+
+        rclient.set(gated.gate_key(settings.namespace), 1)
+        assert client.wait(ref.id, timeout_s=60).state is State.SUCCEEDED
