@@ -90,9 +90,18 @@ def server_now_ms(broker: Broker) -> int:
 
 
 class DelayClock(Middleware):
-    """Turns a delayed message's ``eta`` (written on the Redis server's clock) into this host's clock
-    right before dramatiq puts it in its in-memory delay queue, where it waits until the local clock
-    passes it. Only the in-memory copy changes: the bytes in Redis keep the server's time."""
+    """Delayed messages are due on the Redis server's clock.
+
+    A message sent with dramatiq's ``delay`` (``actor.send_with_options(delay=...)``) gets its
+    ``eta`` from the server's clock, not this host's. A delayed message fetched from a delay queue
+    has its ``eta`` turned into this host's clock right before dramatiq puts it in its in-memory
+    delay queue, where it waits until the local clock passes it; only the in-memory copy changes,
+    the bytes in Redis keep the server's time."""
+
+    def before_enqueue(self, broker: Broker, message: Any, delay: int | None) -> None:
+        clock = getattr(broker, "server_clock", None)
+        if delay is not None and isinstance(clock, ServerClock) and "eta" in message.options:
+            message.options["eta"] = clock.now_ms() + int(delay)
 
     def before_delay_message(self, broker: Broker, message: MessageProxy) -> None:
         clock = getattr(broker, "server_clock", None)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, mesh_env, wait_for
 
 from mesh.broker import MeshClient
 from mesh.broker.clock import server_ms
@@ -103,3 +105,29 @@ def test_a_step_just_picked_up_by_a_worker_whose_clock_runs_behind_is_not_report
 
         rclient.set(gated.gate_key(settings.namespace), 1)
         assert client.wait(ref.id, timeout_s=60).state is State.SUCCEEDED
+
+
+#: A producer that sends one message with dramatiq's ``delay`` through the mesh's broker.
+DELAYED_SEND = """
+from dramatiq.message import Message
+from mesh.broker.mesh_broker import MeshBroker
+from mesh.broker.settings import MeshSettings
+
+broker = MeshBroker(MeshSettings.from_env())
+broker.enqueue(Message(queue_name="later", actor_name="later", args=(), kwargs={}, options={}), delay=%d)
+broker.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_message_sent_with_dramatiqs_delay_from_a_host_ahead_is_due_after_its_delay_on_the_redis_clock(
+        make_settings, rclient):
+    settings = make_settings()
+    client = MeshClient(settings, client=rclient)
+    before = server_ms(rclient)
+    subprocess.run([sys.executable, "-c", DELAYED_SEND % DELAY_MS], env=mesh_env(settings, **skewed(SKEW_S)),
+                   cwd=ROOT, check=True, timeout=60)
+    eta, after = delayed_eta(client, "later"), server_ms(rclient)
+    assert eta is not None
+    # Sent between the two readings of the server's clock, due DELAY_MS after that.
+    assert before + DELAY_MS <= eta <= after + DELAY_MS, f"due {(eta - after) / 1000:.1f}s from now"
