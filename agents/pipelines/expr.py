@@ -182,12 +182,12 @@ def _first_error(exc: ValueError) -> str:
 
 def _paths(text: str, variables: set[str]) -> tuple[tuple[str, ...], ...]:
     """The member paths a CEL text reads, e.g. ``("coder", "confidence")``, from a lexical scan
-    (strings and numbers skipped; function and method names and macro-bound variables dropped).
-    Every variable CEL itself reports is covered even if the scan missed its path."""
+    (strings and numbers skipped; function and method names dropped). A macro's variable
+    (``list.map(x, ...)``) is bound only inside that macro's parentheses: the same name outside
+    them is a path like any other. Every variable CEL itself reports is covered even if the scan
+    missed its path (except names the scan saw bound only)."""
     tokens = [(m.lastgroup, m.group()) for m in _TOKEN.finditer(text)]
-    bound = {tokens[i + 2][1] for i in range(len(tokens) - 3)
-             if tokens[i][1] in _BINDERS and tokens[i + 1][1] == "(" and tokens[i + 2][0] == "ident"
-             and tokens[i + 3][1] == "," and i > 0 and tokens[i - 1][1] == "."}
+    bound = _bound(tokens)
     found: list[tuple[str, ...]] = []
     i = 0
     while i < len(tokens):
@@ -202,9 +202,28 @@ def _paths(text: str, variables: set[str]) -> tuple[tuple[str, ...], ...]:
             j += 2
         if j < len(tokens) and tokens[j][1] == "(":
             path.pop()  # a function or method call: its name is no field
-        if path and path[0] not in bound:
+        if path and value not in bound.get(i, ()):
             found.append(tuple(path))
         i = j
     roots = {p[0] for p in found}
-    found += [(v,) for v in sorted(variables - roots - bound)]
+    only_bound = {name for names in bound.values() for name in names} - roots
+    found += [(v,) for v in sorted(variables - roots - only_bound)]
     return tuple(dict.fromkeys(found))
+
+
+def _bound(tokens: list[tuple[str | None, str]]) -> dict[int, frozenset[str]]:
+    """Token index → the macro variables in scope there: ``.map(x, ...)`` binds ``x`` from the
+    variable to the macro's closing parenthesis."""
+    scopes: dict[int, set[str]] = {}
+    opened: list[tuple[int, str | None]] = []  # (index of "(", the variable it binds)
+    for i, (_, value) in enumerate(tokens):
+        if value == "(":
+            binds = (i >= 2 and tokens[i - 2][1] == "." and tokens[i - 1][1] in _BINDERS
+                     and i + 2 < len(tokens) and tokens[i + 1][0] == "ident" and tokens[i + 2][1] == ",")
+            opened.append((i, tokens[i + 1][1] if binds else None))
+        elif value == ")" and opened:
+            start, name = opened.pop()
+            if name is not None:
+                for k in range(start + 1, i):
+                    scopes.setdefault(k, set()).add(name)
+    return {k: frozenset(v) for k, v in scopes.items()}
