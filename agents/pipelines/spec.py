@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
 
+#: Most steps a pipeline may declare.
+MAX_STEPS = 1000
 #: Step ids are CEL identifiers (expressions read ``coder.confidence``): no ``-``.
 STEP_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 #: An ``input:`` field: a name, or a dotted path into a map an earlier field gave.
@@ -211,8 +214,9 @@ class PipelineSpec(_Spec):
     def _unique(cls, v: tuple[StepSpec, ...]) -> tuple[StepSpec, ...]:
         if not v:
             raise ValueError("a pipeline needs at least one step")
-        ids = [s.id for s in v]
-        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if len(v) > MAX_STEPS:
+            raise ValueError(f"{len(v)} steps, over the {MAX_STEPS} a pipeline may have")
+        twice = sorted(i for i, n in Counter(s.id for s in v).items() if n > 1)
         if twice:
             raise ValueError(f"step id(s) {', '.join(twice)} declared twice")
         return v
