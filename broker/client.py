@@ -200,7 +200,7 @@ class MeshClient:
         record, messages, events = spec.start(
             record, trace_id=trace_id, deadline=now + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
-            max_fan_out=self.settings.max_fan_out)
+            max_fan_out=self.settings.max_fan_out, settings=self.settings)
         refused = [s for s in record.steps.values() if s.state is State.DEAD_LETTERED]
         if refused:  # a root for_each over the input listed more than MESH_MAX_FAN_OUT items
             raise LimitExceeded(f"step {refused[0].step_id}: {refused[0].error}", setting="MESH_MAX_FAN_OUT",

@@ -233,14 +233,18 @@ class PipelineSpec(_Spec):
 
 
     def start(self, record: Any, *, trace_id: str, deadline: float, token_budget: int | None,
-              queue: Any, version: Any, now: float, max_fan_out: int | None = None) -> Any:
+              queue: Any, version: Any, now: float, max_fan_out: int | None = None, settings: Any = None) -> Any:
         """A new run's record, messages and trace events (:func:`engine.begin`): what the client writes
         in one transaction. The client calls this on the spec it is given, so the broker layer needs
-        no import of the engine."""
+        no import of the engine. ``settings`` (MeshSettings) bound what the engine builds and how
+        expressions run."""
         from . import engine
 
+        routes = engine.Routes(queue=queue, version=version, max_fan_out=max_fan_out)
+        if settings is not None:
+            routes = engine.Routes.from_settings(settings, queue=queue, version=version)
         return engine.begin(self, record, engine.Run(trace_id=trace_id, deadline=deadline, token_budget=token_budget),
-                            engine.Routes(queue=queue, version=version, max_fan_out=max_fan_out), now=now)
+                            routes, now=now)
     def digest(self) -> str:
         """sha256 (hex) of :meth:`canonical`: the version a job keeps; equal specs, equal digests."""
         return hashlib.sha256(self.canonical()).hexdigest()
