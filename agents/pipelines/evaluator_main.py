@@ -54,6 +54,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     programs: dict[str, Any] = {}
+    stdout.write(b"R")  # ready: imports done, limits set
+    stdout.flush()
     while True:
         try:
             (size,) = struct.unpack(">I", _read(stdin, 4))

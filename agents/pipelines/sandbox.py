@@ -30,6 +30,9 @@ import orjson
 from mesh.contracts import MeshError
 
 _MAIN = str(Path(__file__).with_name("evaluator_main.py"))
+#: What the evaluator writes once it is ready, and how long it may take to get there.
+READY = b"R"
+STARTUP_S = 30.0
 
 
 class EvaluatorLimit(MeshError):
@@ -72,10 +75,18 @@ class Evaluator:
     def _started(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
             memory = self.limits.memory_mb * 1024 * 1024
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-I", _MAIN, str(memory), str(self.limits.max_result_bytes)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env={"RUST_BACKTRACE": "0", "PATH": os.environ.get("PATH", "")}, bufsize=0)
+            assert proc.stdout is not None
+            self._proc = proc
+            try:  # its start (an interpreter and two imports) is not the first expression's time
+                if _read(proc.stdout, 1, time.monotonic() + STARTUP_S, 0) != READY:
+                    raise EOFError
+            except (EvaluatorLimit, EOFError):
+                self._stop()
+                raise EvaluatorLimit(f"the expression evaluator did not start within {STARTUP_S:g}s") from None
         return self._proc
 
     def _ask(self, proc: subprocess.Popen[bytes], request: bytes) -> dict[str, Any]:
