@@ -116,7 +116,12 @@ def _too_big(size: int) -> str:
 
 
 def _compose(text: str, name: str) -> tuple[yaml.Node, Any]:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: the reader checks the whole text first
+        line = text[:exc.position].count("\n") + 1
+        raise PipelineError([LoadError(name, line, f"not valid YAML: character {exc.character:#06x} is not "
+                                                   "allowed")]) from None
     try:
         node = loader.get_single_node()
         if node is None:

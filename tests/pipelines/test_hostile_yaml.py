@@ -93,3 +93,9 @@ def test_pipeline_validate_exits_2_with_file_line_on_hostile_files(cli: Cli, tmp
     run = cli("pipeline", "validate", str(bad), "--app", APP)
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith(f"{bad}:3: not valid YAML: ")
+
+
+def test_a_control_character_is_a_load_error_at_its_line(tmp_path: Path) -> None:
+    # found by tests/fuzz/test_pipeline_fuzz.py: PyYAML's reader refused it outside the loader's guard
+    assert load_error(tmp_path, "name: p\nagents:\n  - id: researcher\n\x08\n") == (
+        "bad.yaml:4: not valid YAML: character 0x0008 is not allowed")
