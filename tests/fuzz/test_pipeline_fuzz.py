@@ -113,5 +113,5 @@ def test_any_expression_over_any_values_gives_a_value_or_an_expression_error(
         return
     try:
         expr.evaluate(values)
-    except ExpressionError:
-        pass
+    except ExpressionError as exc:
+        assert exc.message.startswith(f"condition {case[0][:20]!r}"[:20]), exc.message
