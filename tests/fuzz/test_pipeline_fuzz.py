@@ -114,4 +114,4 @@ def test_any_expression_over_any_values_gives_a_value_or_an_expression_error(
     try:
         expr.evaluate(values)
     except ExpressionError as exc:
-        assert exc.message.startswith(f"condition {case[0][:20]!r}"[:20]), exc.message
+        assert exc.message.startswith("condition ") and len(exc.message) > len("condition "), exc.message
