@@ -78,8 +78,9 @@ class AgentRuntime:
         if self.breakers is None:
             self.breakers = Breakers(self.settings, self.redis)
         # A pipeline step lost on the failure path (the broker's) moves its job on by the engine.
-        on_step_lost(lambda record: after_loss(load_spec(self.pipelines, record.pipeline or "",
-                                                         record.pipeline_digest or ""), record, self.routes))
+        on_step_lost(lambda record, events: after_loss(load_spec(self.pipelines, record.pipeline or "",
+                                                                 record.pipeline_digest or ""),
+                                                       record, self.routes, events))
 
     @classmethod
     def from_settings(cls, settings: MeshSettings, client: Redis, app: App | None = None) -> AgentRuntime:

@@ -18,6 +18,7 @@ from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
 from mesh.contracts import OrjsonEncoder
 from mesh.contracts.deadletter import Attempt, DeadLetter
 
+from . import compat
 from .claims import script_source
 from .connection import connect
 from .consumer import MeshConsumer
@@ -69,6 +70,9 @@ class MeshBroker(RedisBroker):
             client=client,
         )
         self.settings = settings
+        # dramatiq's @actor refuses an option no middleware declares with a bare "undefined": let the
+        # refused ones reach declare_actor, which names what the mesh does instead.
+        self.actor_options |= set(compat.REFUSED)
         #: This host's clock (ms), sent where dramatiq's script layout has the caller's timestamp.
         self.clock = clock
         self.keys = Keys(settings.namespace)
@@ -78,6 +82,13 @@ class MeshBroker(RedisBroker):
         self.pid = os.getpid()
         #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
         self.in_hand: dict[str, set[str]] = {}
+
+    def declare_actor(self, actor: dramatiq.Actor[Any, Any]) -> None:
+        """dramatiq's declaration, refusing the actor options the mesh would silently ignore
+        (:mod:`mesh.broker.compat`): ConfigError, naming the mesh's equivalent."""
+        declared = {name for m in self.middleware for name in m.actor_options}
+        compat.check_options(actor.actor_name, actor.options, declared)
+        super().declare_actor(actor)
 
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
         """dramatiq's enqueue (``actor.send``, a delayed message coming due), plus the wake-up token."""

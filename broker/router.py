@@ -36,7 +36,7 @@ from dramatiq.middleware import Middleware
 from mesh.contracts import BreakerOpen, Brownout, FailureClass, LeaseLost, OutcomeUnrecorded, State
 from mesh.contracts.deadletter import Attempt, format_traceback
 
-from . import trace
+from . import compat, trace
 from .classify import classify
 from .jobs import JobStore, fail_step
 from .observe import observe_duration, running_member
@@ -218,10 +218,11 @@ def dead_letter_with_step(broker: Broker, message: MessageProxy, failure_class: 
     if isinstance(job_id, str) and isinstance(step_id, str):
         lease = message.__dict__.get("mesh_lease")
         token = lease.token if lease else None
-        ev = trace.event("dead_lettered", envelope, worker=trace.worker_name(), failure_class=str(failure_class),
-                         error=error[:500], route="dead_letter", state=str(state))
-        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token),
-                       step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+        events = [trace.event("dead_lettered", envelope, worker=trace.worker_name(),
+                              failure_class=str(failure_class), error=error[:500], route="dead_letter",
+                              state=str(state))]
+        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token, events=events),
+                       step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                        release=(lease.claim_key, lease.owner) if lease and lease.release_pending else None)
     return DeadLetterIt(entry, stat, f"{failure_class}:dead_letter", job=job)
 
@@ -282,6 +283,8 @@ class FailureRouter(Middleware):
             logger.warning("attempt superseded", extra={**log, "delay_ms": delay_ms})
             return
         failure_class, retry_after_s = classify(exception)
+        if compat.thrown(exception, self._option(broker, message, "throws", kind=object)):
+            failure_class, retry_after_s = FailureClass.PERMANENT, None  # dramatiq's "never retry this"
         attempt = envelope.get("attempt", 1) if isinstance(envelope.get("attempt"), int) else 1
         deadline = envelope.get("deadline")
         step_budget = _step_budget(envelope)
@@ -309,12 +312,13 @@ class FailureRouter(Middleware):
                 and exception.retry_after_s is not None):
             self._note_deferred(exception.dependency, decision.message)
 
-    def _option(self, broker: Broker, message: MessageProxy, name: str) -> int | None:
+    def _option(self, broker: Broker, message: MessageProxy, name: str, kind: type = int) -> Any:
+        """The actor's option ``name`` when it is a ``kind`` (default int), else None."""
         try:
             value = broker.get_actor(message.actor_name).options.get(name)
         except Exception:  # an unknown actor
             return None
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, kind) else None
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy, envelope: dict[str, Any],
                          step_budget: int | None) -> int:
@@ -378,9 +382,10 @@ class FailureRouter(Middleware):
         release = (lease.claim_key, lease.owner) if lease is not None and lease.release_pending else None
         token = lease.token if lease else None
         tokens = (lease.tokens_in, lease.tokens_out) if lease else (0, 0)
+        events = [ev]  # and what the change sets off (a join's decision), written with it
         return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token,
-                                          tokens=tokens),
-                        step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+                                          tokens=tokens, events=events),
+                        step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                         release=release)
 
     def _note_deferred(self, dependency: str, copy: Any) -> None:

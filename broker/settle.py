@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,9 @@ class JobWrite:
     #: (the failure struck after the record's EXEC, e.g. a time limit) settles as done, not failed.
     step_id: str | None = None
     token: int | None = None
-    #: Trace events (JSON objects) written with it.
-    events: tuple[dict[str, Any], ...] = ()
+    #: Trace events (JSON objects) written with it; ``change`` may append to them (a join's decision),
+    #: so they are read after it ran.
+    events: Sequence[dict[str, Any]] = ()
     #: ``{job_id}/{step_id}``: leaves the index of running steps.
     running_member: str | None = None
     #: ``(claim key, owner)`` of a claim whose release did not go through: freed in the same step.
