@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from dramatiq.broker import Broker, MessageProxy
-from dramatiq.common import current_millis
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware, TimeLimitExceeded
 
 from mesh.contracts import MeshError
 
+from .clock import server_now_ms
 from .settings import MeshSettings
 
 #: Where the message's own ``time_limit`` waits while the computed one is in its options.
@@ -69,7 +69,8 @@ class Deadline(Middleware):
 
     TimeLimit takes the message's option when there is one, so this writes the computed limit there
     for the attempt and puts the message's own value back afterwards: a retried copy carries what
-    the sender asked for, not one worker's computation. A message already past its deadline is
+    the sender asked for, not one worker's computation. The time left is counted on the Redis
+    server's clock (the deadline's), not this host's. A message already past its deadline is
     dead-lettered by the agent runtime without running; this keeps a running handler inside it.
     """
 
@@ -87,7 +88,7 @@ class Deadline(Middleware):
             [("MESH_TIME_LIMIT_S", self.limit_ms),
              ("the step's timeout_ms" if envelope else "the message's time_limit", None if own is _ABSENT else own),
              (f"agent {message.actor_name}'s time limit", actor_limit)],
-            deadline_s=envelope.get("deadline"), now_ms=current_millis())
+            deadline_s=envelope.get("deadline"), now_ms=server_now_ms(broker))
         message.options["time_limit"] = limit_ms
         setattr(message, _OWN, own)
         setattr(message, _WHY, (limit_ms, name, counted))  # worded only if the limit stops the attempt

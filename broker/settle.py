@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dramatiq.broker import MessageProxy
-from dramatiq.common import current_millis, dq_name
+from dramatiq.common import dq_name
 from dramatiq.message import Message
 from pydantic import ValidationError
 
@@ -80,12 +80,15 @@ def raw_of(message: MessageProxy) -> bytes:
     return raw if raw is not None else message._message.encode()
 
 
-def delayed_copy(message: Message, delay_ms: int, *, args: tuple[Any, ...] | None = None, **options: Any) -> Message:
-    """A fresh copy of ``message`` for its queue's delay queue, due in ``delay_ms``."""
+def delayed_copy(message: Message, delay_ms: int, *, now_ms: int, args: tuple[Any, ...] | None = None,
+                 **options: Any) -> Message:
+    """A fresh copy of ``message`` for its queue's delay queue, due ``delay_ms`` after ``now_ms``:
+    the Redis server's time (:func:`~mesh.broker.clock.server_now_ms`), so the due time means the
+    same on every host whatever this one's clock says (see :class:`~mesh.broker.clock.DelayClock`)."""
     return message.copy(
         queue_name=dq_name(message.queue_name),
         args=message.args if args is None else args,
-        options={"redis_message_id": str(uuid.uuid4()), "eta": current_millis() + delay_ms, **options},
+        options={"redis_message_id": str(uuid.uuid4()), "eta": now_ms + delay_ms, **options},
     )
 
 

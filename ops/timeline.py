@@ -21,7 +21,9 @@ _DETAIL = {
     "enqueued": lambda e: f"on {e.get('queue', '?')}" + (f" by {e['by']}" if e.get("by") else ""),
     "picked_up": lambda e: f"attempt {e.get('attempt')} (token {e.get('token')}) by {e.get('worker')}",
     "progress": lambda e: f"#{e.get('progress')}: {e.get('note', '')}",
-    "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {_outcome(e)} in {e.get('duration_s', 0):.3f}s",
+    "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {_outcome(e)} in {e.get('duration_s', 0):.3f}s"
+                           + (f" (token {e['token']})" if e.get("token") is not None else ""),
+    "fenced": lambda e: f"{e.get('call')} refused: token {e.get('token')}'s lease was lost to another owner",
     "model_call": lambda e: f"{e.get('model')}: {e.get('tokens_in')} tokens in, {e.get('tokens_out')} out, "
                             f"{e.get('repairs')} repair(s), {e.get('outcome')}",
     "deferred": lambda e: f"{e.get('failure_class') or e.get('reason', '')} until {_clock(e.get('until'))}: "
@@ -38,8 +40,8 @@ _DETAIL = {
     "joined": lambda e: _join(e),
     "join_failed": lambda e: _join(e),
 }
-_STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red", "succeeded": "green",
-          "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red"}
+_STYLE = {"fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
+          "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red"}
 
 
 def _join(event: dict[str, Any]) -> str:

@@ -90,7 +90,7 @@ def test_a_timed_out_attempts_error_names_the_limit_that_stopped_it_and_the_othe
         broker, settings, monkeypatch, actor_ms, own_ms, deadline_in_s, named, others) -> None:
     from dramatiq.middleware import TimeLimitExceeded
 
-    monkeypatch.setattr("mesh.broker.deadline.current_millis", lambda: NOW_MS)
+    monkeypatch.setattr("mesh.broker.deadline.server_now_ms", lambda broker: NOW_MS)  # the Redis clock
     declare(broker, "quick", **({"time_limit": actor_ms} if actor_ms else {}))
     options = {"time_limit": own_ms} if own_ms else {}
     message = MessageProxy(build_message(envelope("quick", NOW_MS / 1000 + deadline_in_s), **options))
