@@ -57,6 +57,6 @@ def test_a_root_for_each_over_the_input_is_refused_by_the_client_and_nothing_is_
 
 def test_a_root_whose_for_each_cannot_be_evaluated_is_refused_by_the_client(mesh: MeshClient):
     spec = check(Pipeline("root-missing").step("fetch", for_each="input.missing").build(), app)
-    with pytest.raises(ContractError, match="step fetch: for_each expression 'input.missing': cannot evaluate"):
+    with pytest.raises(ContractError, match=r"step fetch: for_each expression 'input\.missing': cannot evaluate"):
         mesh.run(spec, {"url": "u", "score": 1.0}, key="root-missing")
     assert not list(mesh.redis.scan_iter(match=f"{mesh.settings.namespace}:*"))
