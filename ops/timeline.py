@@ -35,6 +35,9 @@ _DETAIL = {
     "halted": lambda e: str(e.get("reason", "")),
     "skipped": lambda e: str(e.get("reason", "")),
     "awaiting_approval": lambda e: "parked before it runs: waits for a human's approval",
+    "replayed": lambda e: f"dead letter {e.get('entry_id')} replayed by {e.get('by')} as message "
+                          f"{e.get('message_id')}" + (f" to version {e['to_version']}" if e.get("to_version") else "")
+                          + (" (record recreated)" if e.get("recreated_record") else ""),
 }
 _STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red", "succeeded": "green",
           "halted": "red", "skipped": "dim", "awaiting_approval": "yellow"}
