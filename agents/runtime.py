@@ -102,7 +102,9 @@ class AgentRuntime:
         env = self.envelope(agent, raw)
         if env.contract_version is not None and env.contract_version != spec.version:
             raise ContractError(f"message for contract version {env.contract_version} of agent {agent!r}; this "
-                                f"worker serves version {spec.version}: not run against the wrong model")
+                                f"worker serves version {spec.version}: not run against the wrong model. If no "
+                                f"worker serves {env.contract_version} any more and the payload fits version "
+                                f"{spec.version}: mesh dlq replay ID --to-version {spec.version}")
         payload = validate_model(agent, spec.input, env.payload)
         envelope = env.model_dump(mode="json")
         member = running_member(env.job_id, env.step_id)
