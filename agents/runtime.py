@@ -137,6 +137,9 @@ class AgentRuntime:
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
+        if lease.shared and lease.recorded_output is None:
+            # The key's effect happened, but its output is kept nowhere any more: never run it again.
+            raise PermanentFailure(lease.output_gone or f"key {env.key} is done but its output is not kept")
         if lease.recorded_output is not None:
             # An earlier attempt finished and Redis refused its record, or another job's step under
             # this key (a shared idempotency_key) did the work: record that output, run nothing.

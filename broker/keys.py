@@ -19,8 +19,10 @@ The mesh's own:
     {ns}:claim:{key}                  string "state|token|expires|owner|result": the idempotency claim on a
                                       message key (broker/scripts/claim_lib.lua, claim.lua; read in Python
                                       by broker/claims.py): state claimed|free|done, fencing token, lease
-                                      end (ms, server clock), owner, result; a hash an earlier release
-                                      wrote is still read
+                                      end (ms, server clock), owner (empty once done), result (a done key's
+                                      output up to MESH_CLAIM_RESULT_BYTES, else "@" and a reference to
+                                      the step holding it: broker/claim_results.py); kept for
+                                      MESH_DEDUP_TTL_S; a hash an earlier release wrote is still read
     {ns}:breaker:{name}               hash: circuit breaker of a dependency (broker/scripts/breaker.lua)
     {ns}:breaker:{name}:failures      zset of recent brownouts (the failure window)
     {ns}:breaker:{name}:errors        list, capped at MESH_BREAKER_FAILURES: the recent failures' errors

@@ -88,6 +88,9 @@ class MeshSettings(BaseSettings):
     lease_s: float | None = Field(default=None, gt=0, description="claim lease on a message key, renewed while "
                                   "it runs; default: MESH_HEARTBEAT_TIMEOUT_S")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is remembered")
+    claim_result_bytes: int = Field(default=4096, ge=0, description="largest step output (encoded) a done "
+                                    "key's claim keeps for the dedup window; a larger one is kept as its digest "
+                                    "and its step's place, read from the job record while that is kept")
     dlq_retention_s: float = Field(default=0.0, ge=0, description="0 keeps dead letters until removed")
     job_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="how long a job's record, trace "
                                    "and index entries are kept after the job ends; running jobs are kept")
