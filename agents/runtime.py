@@ -69,7 +69,8 @@ class AgentRuntime:
     def __post_init__(self) -> None:
         self.worker = trace.worker_name()
         self.keys = Keys(self.settings.namespace)
-        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
+        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
+                             self.settings.dead_letter_job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents

@@ -192,7 +192,8 @@ def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Midd
     to re-send). No dramatiq ``Retries``: the FailureRouter decides every failed message's fate."""
     return [
         ShutdownNotifications(),
-        FailureRouter(settings, JobStore(client, Keys(settings.namespace), settings.job_retention_s)),
+        FailureRouter(settings, JobStore(client, Keys(settings.namespace), settings.job_retention_s,
+                                         settings.dead_letter_job_retention_s)),
         Idempotency(settings, client),
         Deadline(settings),
         # Last, so its after-hook (run first) cancels the timer before the router does any work.

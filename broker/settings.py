@@ -126,6 +126,13 @@ class MeshSettings(BaseSettings):
         return self.heartbeat_timeout_s if self.lease_s is None else self.lease_s
 
     @property
+    def dead_letter_job_retention_s(self) -> float:
+        """How long the record of an ended job holding dead-lettered (or unknown) steps is kept: as long
+        as its dead letters may wait for a replay (MESH_DLQ_RETENTION_S, or, when they are kept until
+        removed, the dedup window a replay is safe in), and never less than MESH_JOB_RETENTION_S."""
+        return max(self.job_retention_s, self.dlq_retention_s or self.dedup_ttl_s)
+
+    @property
     def http_allowlist(self) -> frozenset[str]:
         return frozenset(p.strip().lower() for p in self.http_allow.split(",") if p.strip())
 

@@ -7,7 +7,9 @@ the DLQ with its audit record, all in one MULTI/EXEC: a replay killed at any poi
 entry either replayed or still in the DLQ, never lost and never enqueued twice. The job's trace gets a
 ``replayed`` event (who, from which entry) in that transaction too.
 
-A job whose record has expired (MESH_JOB_RETENTION_S) while its dead letter waited: a job of one
+A job that ended holding a dead letter keeps its record while the dead letter may be replayed
+(``MeshSettings.dead_letter_job_retention_s``, broker/jobs.py). One whose record is gone all the same
+(an entry that waited past the dedup window, or was drained and loaded back later): a job of one
 message (``mesh send``) has its record recreated by the replay, queued with that one step; a step of a
 pipeline's job cannot run without the job's other steps and spec, so its entry is skipped (it stays in
 the DLQ, its error intact) with the reason, in a dry run as in a replay.
@@ -250,7 +252,8 @@ class Replayer:
         for job_id in changed:
             # Active again: the record and trace lose the retention TTL the job's end gave them.
             stage_record(pipe, self.keys, records[job_id], was=was[job_id] or State.QUEUED,
-                         retention_s=self.settings.job_retention_s)
+                         retention_s=self.settings.job_retention_s,
+                         keep_s=self.settings.dead_letter_job_retention_s)
         if entries:
             pipe.hincrby(self.keys.stats, "replayed", len(entries))
         return skipped

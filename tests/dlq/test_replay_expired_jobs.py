@@ -1,7 +1,9 @@
-"""A dead letter outliving its job's record (MESH_JOB_RETENTION_S shorter than its stay in the DLQ):
-the replay of a one-message job recreates the record and runs; a pipeline step whose job expired is
-skipped with the reason, in a dry run as in a replay, and keeps its entry and error. Every replay
-leaves a ``replayed`` event in the job's trace: who replayed which entry."""
+"""Dead letters and their jobs' records: a job ended holding a dead letter keeps its record while
+the dead letter may be replayed (not only MESH_JOB_RETENTION_S); one whose record is gone all the
+same (an entry that waited past the dedup window, or was drained and loaded back later): the replay
+of a one-message job recreates the record and runs, a pipeline step is skipped with the reason, in a
+dry run as in a replay, and keeps its entry and error. Every replay leaves a ``replayed`` event in
+the job's trace: who replayed which entry."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def test_a_replay_of_a_job_whose_record_expired_recreates_it_runs_and_traces_the
         make_settings, start_worker, cli, rclient):
     switch = Switch()
     with RecordingServer(switch) as server:
-        settings = make_settings(http_allow=server.host_port, job_retention_s=1)
+        settings = make_settings(http_allow=server.host_port)
         client = MeshClient(settings, client=rclient)
         ref = client.send("executor", {"tool": "http_post", "args": {"url": server.url(), "json": {"n": 1}}},
                           key="order-1")
@@ -47,8 +49,10 @@ def test_a_replay_of_a_job_whose_record_expired_recreates_it_runs_and_traces_the
         store = DeadLetterStore(client.redis, client.keys)
         wait_for(lambda: store.count() == 1, timeout_s=30)
         [entry] = store.newest()
-        # The job ended dead-lettered; its record expires while the entry waits in the DLQ.
-        wait_for(lambda: not rclient.exists(client.keys.job(ref.id)), timeout_s=30)
+        # The job ended dead-lettered, and its record is kept while the entry may be replayed; one that
+        # waited longer (past the dedup window, or drained to a file and loaded back later) finds it gone.
+        wait_for(lambda: client.jobs.get(ref.id).state is State.DEAD_LETTERED)  # type: ignore[union-attr]
+        rclient.delete(client.keys.job(ref.id), client.keys.trace(ref.id))
         switch.fixed = True
 
         dry = cli("dlq", "replay", entry.entry_id, "--dry-run", "--json")
@@ -116,3 +120,32 @@ def test_a_pipeline_step_whose_job_expired_is_skipped_with_the_reason_by_a_dry_r
     kept = store.get(eid)
     assert kept is not None and kept.error == entry["error"]  # the original error is not lost
     assert client.queues(["executor"])["executor"]["ready"] == 0
+
+
+@pytest.mark.slow
+def test_a_pipeline_job_that_ended_with_a_dead_letter_keeps_its_record_past_its_retention_and_replays(
+        make_settings, rclient, cli):
+    from mesh.agents.pipelines import Pipeline, check
+    from mesh.ops.worker import start_worker
+    from tests.pipelines.agents import app
+
+    settings = make_settings(job_retention_s=1, dedup_ttl_s=120)
+    mesh = MeshClient(settings, client=rclient, app=app)
+    spec = check(Pipeline("kept").step("researcher").step("coder", depends_on=["researcher"]).build(), app)
+    fail = f"{settings.namespace}:test.fail"
+    rclient.sadd(fail, "run-1/coder/coder")
+    worker = start_worker(settings, None, 4, app=app)
+    try:
+        ref = mesh.run(spec, {"goal": "g"}, key="run-1")
+        assert mesh.wait(ref.id, timeout_s=30).state is State.DEAD_LETTERED
+        # Kept as long as its dead letter may be replayed (the dedup window here), not MESH_JOB_RETENTION_S.
+        assert rclient.pttl(mesh.keys.job(ref.id)) > 60_000 and rclient.pttl(mesh.keys.trace(ref.id)) > 60_000
+        rclient.srem(fail, "run-1/coder/coder")
+        res = cli("dlq", "replay", "--all", "--yes", "--json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert mesh.wait(ref.id, timeout_s=30).state is State.SUCCEEDED
+        # Ended without a dead letter now: the ordinary retention applies again.
+        assert 0 < rclient.pttl(mesh.keys.job(ref.id)) <= 1000
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
