@@ -87,6 +87,9 @@ class MeshSettings(BaseSettings):
     stuck_after_s: float = Field(default=120.0, gt=0, description="a running step without progress this long is stuck")
     lease_s: float | None = Field(default=None, gt=0, description="claim lease on a message key, renewed while "
                                   "it runs; default: MESH_HEARTBEAT_TIMEOUT_S")
+    lease_check_after_s: float | None = Field(default=None, ge=0, description="a tool call whose lease Redis "
+                                              "last confirmed longer ago than this confirms it first (a tool with "
+                                              "an effect always does); default: a quarter of the lease")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is remembered")
     claim_result_bytes: int = Field(default=4096, ge=0, description="largest step output (encoded) a done "
                                     "key's claim keeps for the dedup window; a larger one is kept as its digest "
@@ -131,6 +134,12 @@ class MeshSettings(BaseSettings):
         as its dead letters may wait for a replay (MESH_DLQ_RETENTION_S, or, when they are kept until
         removed, the dedup window a replay is safe in), and never less than MESH_JOB_RETENTION_S."""
         return max(self.job_retention_s, self.dlq_retention_s or self.dedup_ttl_s)
+
+    @property
+    def lease_check_s(self) -> float:
+        """How long a lease Redis confirmed counts as valid before a tool call without an effect
+        confirms it again (MESH_LEASE_CHECK_AFTER_S; default a quarter of the lease)."""
+        return self.claim_lease_s / 4 if self.lease_check_after_s is None else self.lease_check_after_s
 
     @property
     def http_allowlist(self) -> frozenset[str]:
