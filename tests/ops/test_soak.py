@@ -8,9 +8,8 @@ import json
 import pytest
 import redis
 
-pytestmark = pytest.mark.slow  # every test here starts a worker or a redis-server
 
-
+@pytest.mark.slow
 def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_cleans_up(cli, settings, redis_url):
     # The mesh's retention reaches the soak's workers: records expire during the run, and a job whose
     # record expired counts as ended, not lost.
