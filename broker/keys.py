@@ -33,7 +33,8 @@ The mesh's own:
     {ns}:breakers                     set of every dependency that has a breaker
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step); expires
-                                      MESH_JOB_RETENTION_S after the job ends (broker/jobs.py)
+                                      MESH_JOB_RETENTION_S after the job ends (broker/jobs.py); one holding
+                                      dead-lettered steps while their dead letters may be replayed
     {ns}:jobs                         zset job id -> created time (s); members whose record expired
                                       are swept (broker/retention.py)
     {ns}:jobs.expired                 zset job id -> swept time (s): tombstones of swept jobs, so
