@@ -31,6 +31,7 @@ from mesh.contracts.deadletter import DeadLetter, format_traceback
 from . import trace
 from .group_commit import GroupCommit
 from .idempotency import Idempotency, done_args, message_key
+from .jobs import ended_ttl_s, holds_dead_letters
 from .outbox import encode
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
 from .trace import TRACE_MAXLEN
@@ -184,9 +185,12 @@ class MeshConsumer(_RedisConsumer):
                               for m in messages]
             arg["sha"] = hashlib.sha1(current).hexdigest()
             arg["new"] = dumps(record).decode()
-            if record.state in TERMINAL and before.state not in TERMINAL:
-                # Ending the job starts its retention clock (as jobs.stage_record does); else KEEPTTL.
-                arg["ttl"] = max(1, int(self.broker.settings.job_retention_s))
+            settings = self.broker.settings
+            if record.state in TERMINAL and (before.state not in TERMINAL or holds_dead_letters(record)):
+                # Ending the job starts its retention clock (as jobs.stage_record does); else KEEPTTL. A
+                # job holding dead letters is kept while they may be replayed, counted from the last one.
+                arg["ttl"] = max(1, int(ended_ttl_s(record, settings.job_retention_s,
+                                                    settings.dead_letter_job_retention_s)))
         return dumps(arg).decode()
 
     def nack(self, message: MessageProxy) -> None:

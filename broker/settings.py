@@ -117,6 +117,9 @@ class MeshSettings(BaseSettings):
                                               "an effect always does); default: a quarter of the lease")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is "
                                  "remembered; must not be shorter than MESH_DLQ_RETENTION_S")
+    claim_result_bytes: int = Field(default=4096, ge=0, description="largest step output (encoded) a done "
+                                    "key's claim keeps for the dedup window; a larger one is kept as its digest "
+                                    "and its step's place, read from the job record while that is kept")
     dlq_retention_s: float = Field(default=0.0, ge=0, description="how long dead letters are kept; 0 keeps "
                                    "them until an operator removes them; the retention sweep removes older ones, "
                                    "each audited (expire) and counted (dlq_expired)")
@@ -152,6 +155,13 @@ class MeshSettings(BaseSettings):
     def claim_lease_s(self) -> float:
         """The lease a claim holds; by default as long as a worker may go silent before it counts as dead."""
         return self.heartbeat_timeout_s if self.lease_s is None else self.lease_s
+
+    @property
+    def dead_letter_job_retention_s(self) -> float:
+        """How long the record of an ended job holding dead-lettered (or unknown) steps is kept: as long
+        as its dead letters may wait for a replay (MESH_DLQ_RETENTION_S, or, when they are kept until
+        removed, the dedup window a replay is safe in), and never less than MESH_JOB_RETENTION_S."""
+        return max(self.job_retention_s, self.dlq_retention_s or self.dedup_ttl_s)
 
     @property
     def lease_check_s(self) -> float:
