@@ -102,12 +102,41 @@ class MeshConsumer(_RedisConsumer):
             # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
             # retries the settlement until it goes through, and the message stays in hand meanwhile.
             raise ConnectionClosed(exc) from None
-        except Exception:
-            # Not retried by dramatiq: let go of the message (the next consumer's reclaim puts it
-            # back), so the prefetch window does not shrink for good.
-            self._let_go(message, rid)
-            raise
+        except Exception as exc:
+            # Not retried by dramatiq, and a message left in this live worker's acks set would be
+            # held for good (nobody reclaims a worker that heartbeats): it is dead-lettered without
+            # its job-record change, or put back on its queue.
+            self._settle_anyway(message, rid, decision, exc)
         self._let_go(message, rid)
+
+    def _settle_anyway(self, message: MessageProxy, rid: str, decision: Any, exc: Exception) -> None:
+        """Settle a message whose settlement raised ``exc`` (not a Redis error): a failed attempt is
+        dead-lettered without its job-record change (the entry says why); anything else, or a dead
+        letter that cannot be written either, goes back to the head of its queue."""
+        logger.error("settlement failed: %s: %s", type(exc).__name__, exc, exc_info=exc,
+                     extra={"queue": self.queue_name, "redis_message_id": rid})
+        why = f"the mesh could not settle this message ({type(exc).__name__}: {str(exc)[:300]})"
+        try:
+            if isinstance(decision, DeadLetterIt):
+                entry = decision.entry.model_copy(update={"error": f"{decision.entry.error}; {why}"})
+                self._dead(rid, entry, raw_of(message), decision.stat, decision.route)
+                return
+            if isinstance(decision, RetryLater):
+                entry = self.broker.dead_letter_entry(message._message, FailureClass.UNKNOWN,
+                                                      f"{why}; it was to be {decision.stat}", None)
+                self._dead(rid, entry, raw_of(message), "dead_lettered", "unknown:dead_letter")
+                return
+        except redis.RedisError as err:
+            raise ConnectionClosed(err) from None  # dramatiq retries the whole settlement
+        except ConnectionClosed:
+            raise
+        except Exception:
+            logger.exception("dead letter failed too: message put back on its queue",
+                             extra={"queue": self.queue_name, "redis_message_id": rid})
+        try:
+            self.broker.settle("requeue", self.queue_name, rid)
+        except redis.RedisError as err:
+            raise ConnectionClosed(err) from None
 
     def _ack_group(self, group: Sequence[tuple[str, Any, Any, Any]]) -> list[int]:
         return self.broker.settle("ack", self.queue_name, self.dedup_ttl_s, *(a for item in group for a in item))

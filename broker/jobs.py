@@ -27,6 +27,7 @@ from mesh.contracts import (
     settle,
     transition,
 )
+from mesh.contracts.jobs import known
 
 from . import claims, trace
 from .keys import Keys
@@ -166,8 +167,8 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
         now = time.time()
         step = record.steps.get(step_id)
-        if step is None or step.state in TERMINAL:
-            return record, []
+        if step is None or step.state in TERMINAL or not known(step.state):
+            return record, []  # ended, or in a newer release's state: that release's to move
         if step.state is State.RUNNING and step.token != token:
             return record, []
         if step.state is State.RUNNING:

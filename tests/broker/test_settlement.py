@@ -1,0 +1,144 @@
+"""Settlement faults, produced by driving the mesh's consumer through the interleaving at the
+script level (as a worker would, one call at a time), on a real Redis: records a newer release
+wrote, settlements that raise, superseded owners settling late, dead-letter ids taken twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from dramatiq.broker import MessageProxy
+
+from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.consumer import MeshConsumer
+from mesh.broker.mesh_broker import MeshBroker
+from mesh.broker.router import dead_letter_with_step
+from mesh.broker.settle import DeadLetterIt, JobWrite, RetryLater, decide, delayed_copy
+from mesh.contracts import FailureClass, JobRecord, dumps, loads
+from mesh.dlq import DeadLetterStore
+
+Consume = Callable[..., tuple[MeshBroker, MeshConsumer]]
+
+
+def note(title: str) -> dict[str, Any]:
+    return {"tool": "note", "args": {"title": title}}
+
+
+@pytest.fixture
+def consume(settings: MeshSettings) -> Iterator[Consume]:
+    """A broker (one worker id) and its consumer of a queue; closed at teardown."""
+    made: list[MeshBroker] = []
+
+    def make(queue: str = "executor", s: MeshSettings = settings) -> tuple[MeshBroker, MeshConsumer]:
+        broker = MeshBroker(s)
+        made.append(broker)
+        return broker, broker.consume(queue, prefetch=8, timeout=100)  # type: ignore[return-value]
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+def fetch(consumer: MeshConsumer) -> MessageProxy:
+    """The next message the consumer fetches (polled: an idle fetch answers None)."""
+    found: MessageProxy = wait_for(lambda: next(consumer))
+    return found
+
+
+def held(client: MeshClient, broker: MeshBroker, queue: str = "executor") -> set[bytes]:
+    """The message ids ``broker``'s worker holds on ``queue`` (its acks set)."""
+    return client.redis.smembers(f"{client.keys.namespace}:__acks__.{broker.broker_id}.{queue}")  # type: ignore[return-value]
+
+
+def dlq(client: MeshClient) -> list[Any]:
+    store = DeadLetterStore(client.redis, client.keys)
+    return [store.get(i.decode()) for i in client.redis.zrange(client.keys.dlq, 0, -1)]
+
+
+def rewrite(client: MeshClient, job_id: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite a job record as a newer release of the mesh might have written it."""
+    key = client.keys.job(job_id)
+    record = loads(client.redis.get(key))
+    edit(record)
+    client.redis.set(key, dumps(record))
+
+
+# -- item 8: records from newer releases, settlements that raise -------------------------------------
+
+def _newer_field(record: dict[str, Any]) -> None:
+    record["compensation"] = {"order": ["executor"]}
+    record["steps"]["executor"]["ledger"] = [{"intent": "x"}]
+
+
+def _newer_step_state(record: dict[str, Any]) -> None:
+    record["steps"]["other"] = {**record["steps"]["executor"], "step_id": "other", "state": "compensating"}
+
+
+def _newer_job_state(record: dict[str, Any]) -> None:
+    record["state"] = "cancelled"
+
+
+@pytest.mark.parametrize("edit", [_newer_field, _newer_step_state, _newer_job_state],
+                         ids=["unknown-fields", "unknown-step-state", "unknown-job-state"])
+def test_a_failure_settles_on_a_record_a_newer_release_wrote_and_keeps_what_it_added(
+        client, consume, edit):
+    ref = client.send("executor", note("newer record"))
+    rewrite(client, ref.id, edit)
+    broker, consumer = consume()
+    message = fetch(consumer)
+    decide(message, dead_letter_with_step(broker, message, FailureClass.PERMANENT, "refused", None))
+
+    consumer.ack(message)  # before: ValidationError out of the settlement, the message held
+
+    assert held(client, broker) == set()
+    (entry,) = dlq(client)
+    assert entry.error == "refused"
+    after = loads(client.redis.get(client.keys.job(ref.id)))
+    expected = loads(dumps(JobRecord.model_validate(after)))  # read and written back: nothing dropped
+    assert expected == after
+    assert after["steps"]["executor"]["state"] == "dead_lettered"
+    if edit is _newer_field:
+        assert after["compensation"] == {"order": ["executor"]}
+        assert after["steps"]["executor"]["ledger"] == [{"intent": "x"}]
+    if edit is _newer_step_state:
+        assert after["steps"]["other"]["state"] == "compensating"
+    if edit is _newer_job_state:
+        assert after["state"] == "cancelled"  # a newer release's state is that release's to move
+
+
+def test_a_step_in_a_state_this_release_does_not_know_is_left_alone_by_a_failure(client, consume):
+    ref = client.send("executor", note("compensated step"))
+    rewrite(client, ref.id, lambda r: r["steps"]["executor"].update(state="compensated"))
+    broker, consumer = consume()
+    message = fetch(consumer)
+    decide(message, dead_letter_with_step(broker, message, FailureClass.PERMANENT, "refused", None))
+    consumer.ack(message)
+    assert held(client, broker) == set() and len(dlq(client)) == 1
+    assert loads(client.redis.get(client.keys.job(ref.id)))["steps"]["executor"]["state"] == "compensated"
+
+
+def _broken(record: JobRecord) -> Any:
+    raise ValueError("a change that cannot be computed")
+
+
+@pytest.mark.parametrize("route", ["dead", "retry"])
+def test_a_settlement_that_raises_dead_letters_the_message_instead_of_holding_it(client, consume, route):
+    ref = client.send("executor", note("settlement breaks"))
+    broker, consumer = consume()
+    message = fetch(consumer)
+    job = JobWrite(ref.id, _broken, step_id="executor")
+    if route == "dead":
+        entry = broker.dead_letter_entry(message._message, FailureClass.PERMANENT, "refused", None)
+        decide(message, DeadLetterIt(entry, job=job))
+    else:
+        decide(message, RetryLater(delayed_copy(message._message, 10), 10, job=job))
+
+    consumer.ack(message)  # before: the ValueError came out of ack, and the message stayed held
+
+    assert held(client, broker) == set()
+    assert client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 0, "in_flight": 0}
+    (entry,) = dlq(client)
+    assert "could not settle this message (ValueError: a change that cannot be computed)" in entry.error
+    assert consumer.outstanding_message_count == 0
