@@ -54,6 +54,11 @@ def _refused(data: bytes, why: str) -> DecodeError:
     return DecodeError(why, data, ValueError(why))
 
 
+def _superseded(queue: str, rid: str) -> None:
+    logger.warning("message no longer held by this worker (reaped while it was paused): its "
+                   "settlement left it to its new owner", extra={"queue": queue, "redis_message_id": rid})
+
+
 class MeshConsumer(_RedisConsumer):
     broker: MeshBroker
 
@@ -96,8 +101,11 @@ class MeshConsumer(_RedisConsumer):
             elif isinstance(decision, DeadLetterIt):
                 self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job)
             else:
-                if not self.acks.submit((rid, *done_args(message))):
+                answer = self.acks.submit((rid, *done_args(message)))
+                if answer in (0, 2):
                     logger.warning("lease lost before the attempt settled", extra={"key": message_key(message)})
+                if answer >= 2:
+                    _superseded(self.queue_name, rid)
         except (redis.RedisError, ConnectionClosed) as exc:
             # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
             # retries the settlement until it goes through, and the message stays in hand meanwhile.
@@ -177,6 +185,8 @@ class MeshConsumer(_RedisConsumer):
                 self.broker.do_ack(self.queue_name, rid)
                 return 1
             answer = int(self.broker.settle(command, self.queue_name, rid, *args, arg))
+            if answer == 3:
+                _superseded(self.queue_name, rid)
             if answer != -1:
                 return answer
         raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")

@@ -11,7 +11,7 @@ import pytest
 from conftest import wait_for
 from dramatiq.broker import MessageProxy
 
-from mesh.broker import MeshClient, MeshSettings
+from mesh.broker import MeshClient, MeshSettings, claims
 from mesh.broker.consumer import MeshConsumer
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.router import dead_letter_with_step
@@ -142,3 +142,53 @@ def test_a_settlement_that_raises_dead_letters_the_message_instead_of_holding_it
     (entry,) = dlq(client)
     assert "could not settle this message (ValueError: a change that cannot be computed)" in entry.error
     assert consumer.outstanding_message_count == 0
+
+
+# -- item 2: a superseded owner settling late leaves the new owner's message alone --------------------
+
+def _pause_past_the_heartbeat_timeout(client: MeshClient, broker: MeshBroker, message: MessageProxy) -> None:
+    """What a SIGSTOP longer than the heartbeat timeout and the lease looks like in Redis: the
+    worker's last heartbeat is old, and its lease on the message's key has run out."""
+    client.redis.zadd(f"{client.keys.namespace}:__heartbeats__", {broker.broker_id: 0})
+    claim = message.__dict__["mesh_claim"]
+    state = claims.read(client.redis, claim.claim_key)
+    client.redis.set(claim.claim_key, f"claimed|{state.token}|0|{state.owner}|", keepttl=True)
+
+
+def _late(broker: MeshBroker, message: MessageProxy, how: str) -> None:
+    """The paused worker wakes up and settles its copy of the message as ``how``."""
+    if how == "ack":
+        claim = message.__dict__["mesh_claim"]
+        message.mesh_done = (claim.claim_key, claim.owner, "{}")  # type: ignore[attr-defined]
+    elif how == "retry":
+        decide(message, RetryLater(delayed_copy(message._message, 10), 10))
+    else:
+        entry = broker.dead_letter_entry(message._message, FailureClass.PERMANENT, "late", None)
+        decide(message, DeadLetterIt(entry))
+
+
+@pytest.mark.parametrize("how", ["ack", "retry", "dead"])
+def test_a_superseded_owner_settling_late_leaves_the_message_to_its_new_owner(client, consume, how):
+    ref = client.send("executor", note("paused owner"))
+    old_broker, old = consume()
+    stale = fetch(old)
+    _pause_past_the_heartbeat_timeout(client, old_broker, stale)
+    new_broker, new = consume()
+    running = fetch(new)  # the reaper gave the message back; the new owner took its key over
+    assert running.options["redis_message_id"] == stale.options["redis_message_id"]
+    assert running.__dict__["mesh_claim"].verdict[0] == b"run"
+    rid = running.options["redis_message_id"]
+
+    _late(old_broker, stale, how)
+    old.ack(stale)
+
+    # The new owner still holds the message, its body is there, and nothing of the late one landed.
+    assert client.redis.hexists(client.keys.messages("executor"), rid)  # before: deleted by the late one
+    assert held(client, new_broker) == {rid.encode()}
+    assert dlq(client) == [] and client.queues(["executor"])["executor"]["delayed"] == 0
+    assert claims.read(client.redis, client.keys.claim(ref.key)).state == "claimed"
+    # The new owner's own failure settles as it should: its retry lands on the delay queue.
+    decide(running, RetryLater(delayed_copy(running._message, 10), 10))
+    new.ack(running)
+    assert client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 1, "in_flight": 0}
+    assert held(client, new_broker) == set() and held(client, old_broker) == set()
