@@ -242,13 +242,19 @@ class MeshConsumer(_RedisConsumer):
         # Indexed under its agent only when this worker declares it: a name a producer invented keeps
         # its place in the entry but creates no index key of its own.
         agent = entry.agent if entry.agent in self.broker.actors else "-"
-        if self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                            agent, entry.failure_class) == 2:
-            # Another dead letter holds this id (a producer gave two messages one id): this one is
-            # kept under an id of its own, never dropped.
-            entry = entry.model_copy(update={"entry_id": f"{entry.entry_id}.{rid}"})
-            self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                             agent, entry.failure_class)
+        # Another dead letter may hold the id (a producer gave two messages one id, or this message
+        # was dead-lettered before under it): this one is kept under an id of its own, never dropped.
+        taken = []
+        for entry_id in (entry.entry_id, f"{entry.entry_id}.{rid}", f"{entry.entry_id}.{rid}.{uuid.uuid4().hex[:12]}"):
+            entry = entry.model_copy(update={"entry_id": entry_id})
+            if self._settle_job("dead", job, rid, entry_id, dumps(entry), raw, stat, route,
+                                agent, entry.failure_class) != 2:
+                if taken:
+                    logger.warning("dead-letter id taken: kept under another", extra={
+                        "queue": self.queue_name, "taken": taken, "entry_id": entry_id})
+                return
+            taken.append(entry_id)
+        raise RuntimeError(f"dead letter of {rid}: every entry id is taken ({', '.join(taken)})")
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})

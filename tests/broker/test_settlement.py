@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import push_raw, wait_for
 from dramatiq.broker import MessageProxy
 
 from mesh.broker import MeshClient, MeshSettings, claims
@@ -192,3 +192,21 @@ def test_a_superseded_owner_settling_late_leaves_the_message_to_its_new_owner(cl
     new.ack(running)
     assert client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 1, "in_flight": 0}
     assert held(client, new_broker) == set() and held(client, old_broker) == set()
+
+
+# -- item 11: a dead letter whose id and fallback id are both taken -----------------------------------
+
+def test_a_dead_letter_whose_id_and_fallback_are_taken_is_kept_under_a_third_id(client, consume):
+    rid = push_raw(client, "executor", b"{not json")
+    for taken in (rid, f"{rid}.{rid}"):  # two earlier dead letters hold both ids this one would take
+        client.redis.zadd(client.keys.dlq, {taken: 1})
+    broker, consumer = consume()
+    wait_for(lambda: next(consumer) is None and not client.redis.llen(client.keys.queue("executor")))
+
+    assert held(client, broker) == set()  # before: held for good, no entry written
+    assert not client.redis.hexists(client.keys.messages("executor"), rid)
+    ids = [i.decode() for i in client.redis.zrange(client.keys.dlq, 0, -1)]
+    (third,) = [i for i in ids if i not in (rid, f"{rid}.{rid}")]
+    assert third.startswith(f"{rid}.{rid}.")
+    store = DeadLetterStore(client.redis, client.keys)
+    assert store.raw(third) == b"{not json" and store.get(third).entry_id == third
