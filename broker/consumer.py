@@ -244,7 +244,7 @@ class MeshConsumer(_RedisConsumer):
         agent = entry.agent if entry.agent in self.broker.actors else "-"
         # Another dead letter may hold the id (a producer gave two messages one id, or this message
         # was dead-lettered before under it): this one is kept under an id of its own, never dropped.
-        taken = []
+        taken: list[str] = []
         for entry_id in (entry.entry_id, f"{entry.entry_id}.{rid}", f"{entry.entry_id}.{rid}.{uuid.uuid4().hex[:12]}"):
             entry = entry.model_copy(update={"entry_id": entry_id})
             if self._settle_job("dead", job, rid, entry_id, dumps(entry), raw, stat, route,
