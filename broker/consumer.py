@@ -25,12 +25,12 @@ from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
-from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, depth_exceeds, dumps, loads
+from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, StepRecord, depth_exceeds, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
 from . import trace
 from .group_commit import GroupCommit
-from .idempotency import Idempotency, done_args, message_key
+from .idempotency import Idempotency, Lease, done_args, message_key
 from .outbox import encode
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
 from .trace import TRACE_MAXLEN
@@ -97,9 +97,10 @@ class MeshConsumer(_RedisConsumer):
             if isinstance(decision, RetryLater):
                 new = decision.message
                 self._settle_job("retry", decision.job, rid, new.options["redis_message_id"], new.encode(),
-                                 decision.stat, decision.route)
+                                 decision.stat, decision.route, lease=message.__dict__.get("mesh_lease"))
             elif isinstance(decision, DeadLetterIt):
-                self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job)
+                self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job,
+                           lease=message.__dict__.get("mesh_lease"))
             else:
                 answer = self.acks.submit((rid, *done_args(message)))
                 if answer in (0, 2):
@@ -170,20 +171,20 @@ class MeshConsumer(_RedisConsumer):
         decide(message, decision)
         return decision
 
-    def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any) -> int:
+    def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any,
+                    lease: Lease | None = None) -> int:
         """Settle with the job-record change in the same script; a record changed meanwhile by
         another writer is read again and the change recomputed (optimistic, like WATCH). The
         script's answer."""
         for _ in range(CONFLICT_RETRIES):
             arg = self._job_arg(job)
-            if arg is None:
+            if isinstance(arg, StepRecord):
                 # The failure struck after this attempt's success was written (a time limit landing
-                # after EXEC): the record is the truth, and the message is done.
+                # after EXEC): the record is the truth, and the message and its key are done.
                 assert job is not None
                 logger.warning("attempt failed after its success was recorded: settled as done",
                                extra={"job_id": job.job_id, "step_id": job.step_id})
-                self.broker.do_ack(self.queue_name, rid)
-                return 1
+                return self._settle_done(rid, arg, lease)
             answer = int(self.broker.settle(command, self.queue_name, rid, *args, arg))
             if answer == 3:
                 _superseded(self.queue_name, rid)
@@ -191,9 +192,22 @@ class MeshConsumer(_RedisConsumer):
                 return answer
         raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")
 
-    def _job_arg(self, job: JobWrite | None) -> str | None:
-        """The settle script's job argument for ``job``, from one read of its record; None when that
-        record shows this very attempt's step succeeded (then there is no failure to record)."""
+    def _settle_done(self, rid: str, step: StepRecord, lease: Lease | None) -> int:
+        """Settle a message whose attempt's success is recorded (``step``) as done, and store its key
+        as done with the step's result (the failure freed the claim: another message under the same
+        key, e.g. a shared ``idempotency_key``, must not run the effect again)."""
+        claim = (lease.claim_key, lease.owner, lease.token) if lease is not None and not lease.shared else ("", "", 0)
+        answer = int(self.broker.settle("done", self.queue_name, self.dedup_ttl_s, rid, *claim,
+                                        dumps(step.result or {})))
+        if answer in (0, 2):
+            logger.warning("lease lost before the attempt settled", extra={"key": lease.key if lease else None})
+        if answer >= 2:
+            _superseded(self.queue_name, rid)
+        return 1
+
+    def _job_arg(self, job: JobWrite | None) -> str | StepRecord:
+        """The settle script's job argument for ``job``, from one read of its record; the step when
+        that record shows this very attempt's step succeeded (then there is no failure to record)."""
         if job is None:
             return ""
         keys = self.broker.keys
@@ -212,7 +226,7 @@ class MeshConsumer(_RedisConsumer):
             step = before.steps.get(job.step_id) if job.step_id is not None else None
             if (step is not None and job.token is not None and step.state is State.SUCCEEDED
                     and step.token == job.token):
-                return None
+                return step
             record, messages = job.change(before)
             # What the failure sets in motion (a pipeline's next steps) is sent with the record.
             arg["msgs"] = [{"hash": keys.messages(m.queue_name), "queue": keys.queue(m.queue_name),
@@ -238,7 +252,7 @@ class MeshConsumer(_RedisConsumer):
         self.ack(message)
 
     def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str,
-              job: JobWrite | None = None) -> None:
+              job: JobWrite | None = None, lease: Lease | None = None) -> None:
         # Indexed under its agent only when this worker declares it: a name a producer invented keeps
         # its place in the entry but creates no index key of its own.
         agent = entry.agent if entry.agent in self.broker.actors else "-"
@@ -248,7 +262,7 @@ class MeshConsumer(_RedisConsumer):
         for entry_id in (entry.entry_id, f"{entry.entry_id}.{rid}", f"{entry.entry_id}.{rid}.{uuid.uuid4().hex[:12]}"):
             entry = entry.model_copy(update={"entry_id": entry_id})
             if self._settle_job("dead", job, rid, entry_id, dumps(entry), raw, stat, route,
-                                agent, entry.failure_class) != 2:
+                                agent, entry.failure_class, lease=lease) != 2:
                 if taken:
                     logger.warning("dead-letter id taken: kept under another", extra={
                         "queue": self.queue_name, "taken": taken, "entry_id": entry_id})

@@ -15,6 +15,10 @@
 --                                       its key stored as done with its result (claim_lib.lua) in the
 --                                       same step (0: the lease was lost); +2: this worker no longer
 --                                       held the message (reaped while paused), its body is left alone
+--   done      ttl_s, id, claim, owner, token, result
+--                                    -> as ack, for one message whose failure struck after its success
+--                                       was recorded: its key is stored as done even though the
+--                                       failure freed the claim (still at this token: nobody took it)
 --   retry     id, new_id, new_data, stat, route, job
 --                                    -> 1: the copy goes on {queue}.DQ, the original is settled; 3:
 --                                       this worker no longer held the original, nothing is done
@@ -232,6 +236,24 @@ elseif command == "ack" then
         out[#out + 1] = settles(ARGV[i]) and done or done + 2
     end
     return out
+
+elseif command == "done" then
+    -- An attempt whose success reached the job record and then failed (a time limit right after the
+    -- write): settled as done, its key stored as done with the step's result, so no other message
+    -- under the key runs the effect again. ARGV[6..11]: ttl_s, id, claim key ("": none), owner,
+    -- token, result. The failure already freed the claim: a free claim still at this attempt's token
+    -- was taken by nobody since, and is this attempt's to mark done.
+    local ttl, id, key, owner, token, result = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+    local done = 1
+    if key ~= "" then
+        local state, _, held_token = claim_read(key)
+        if state == "free" and held_token == tonumber(token) then
+            redis.call("set", key, claim_value("done", held_token, 0, owner, result), "EX", ttl)
+        else
+            done = claim_done(key, owner, result, ttl)
+        end
+    end
+    return settles(id) and done or done + 2
 
 elseif command == "retry" then
     local id, new_id, new_data, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9]

@@ -13,6 +13,7 @@ from dramatiq.broker import MessageProxy
 
 from mesh.broker import MeshClient, MeshSettings, claims
 from mesh.broker.consumer import MeshConsumer
+from mesh.broker.idempotency import Idempotency
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.router import dead_letter_with_step
 from mesh.broker.settle import DeadLetterIt, JobWrite, RetryLater, decide, delayed_copy
@@ -210,3 +211,32 @@ def test_a_dead_letter_whose_id_and_fallback_are_taken_is_kept_under_a_third_id(
     assert third.startswith(f"{rid}.{rid}.")
     store = DeadLetterStore(client.redis, client.keys)
     assert store.raw(third) == b"{not json" and store.get(third).entry_id == third
+
+
+# -- item 9: a failure after the success was recorded marks the key done ------------------------------
+
+def test_a_failure_after_the_success_was_recorded_stores_the_key_as_done_with_the_result(
+        client, consume, settings):
+    ref = client.send("executor", note("effect applied"))
+    broker, consumer = consume()
+    message = fetch(consumer)
+    lease = message.__dict__["mesh_claim"].lease
+    message.mesh_lease = lease  # type: ignore[attr-defined]  # as the claim hook hands it on
+    output = {"ok": True, "receipt": "r-1"}
+    # The attempt's success reached the record (with its token)...
+    rewrite(client, ref.id, lambda r: r["steps"]["executor"].update(
+        state="succeeded", token=lease.token, result=output))
+    # ... then a time limit struck: the claim hook freed the key, the router dead-lettered the attempt.
+    assert Idempotency(settings, client.redis)._call("release", lease.claim_key, lease.owner, lease.token) == 1
+    decide(message, dead_letter_with_step(broker, message, FailureClass.TIMEOUT, "TimeLimitExceeded", None))
+
+    consumer.ack(message)
+
+    claim = claims.read(client.redis, client.keys.claim(ref.key))
+    assert claim.state == "done" and claim.token == lease.token  # before: "free", so it runs again
+    assert loads(claim.result) == output
+    assert held(client, broker) == set() and dlq(client) == []
+    # Another message under the same key (a shared idempotency_key) is now a duplicate, not a second run.
+    push_raw(client, "executor", message._message.encode())
+    again = fetch(consumer)
+    assert again.__dict__["mesh_claim"].verdict[0] == b"done"
