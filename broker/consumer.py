@@ -24,6 +24,7 @@ from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
+from dramatiq.middleware import Interrupt
 
 from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, StepRecord, depth_exceeds, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
@@ -54,11 +55,6 @@ def _refused(data: bytes, why: str) -> DecodeError:
     return DecodeError(why, data, ValueError(why))
 
 
-def _superseded(queue: str, rid: str) -> None:
-    logger.warning("message no longer held by this worker (reaped while it was paused): its "
-                   "settlement left it to its new owner", extra={"queue": queue, "redis_message_id": rid})
-
-
 class MeshConsumer(_RedisConsumer):
     broker: MeshBroker
 
@@ -73,7 +69,10 @@ class MeshConsumer(_RedisConsumer):
         #: large, where fetching whenever one message settled costs a round trip per message.
         self.low_water = max(1, prefetch // 4)
         #: Acks from the worker threads go to Redis in groups (one script call for all that wait).
-        self.acks: GroupCommit[tuple[str, Any, Any, Any]] = GroupCommit(self._ack_group)
+        self.acks: GroupCommit[tuple[str, Any, Any, Any]] = GroupCommit(
+            self._ack_group, name=f"mesh-acks-{queue_name}")
+        #: ``on`` while a settlement is re-run after an interruption (its "no longer held" is expected).
+        self._quiet = threading.local()
         self.dedup_ttl_s = int(broker.settings.dedup_ttl_s)
         self.last_beat = float("-inf")  # the first fetch beats
         self.in_hand: set[str] = broker.in_hand.setdefault(queue_name, set())
@@ -87,6 +86,26 @@ class MeshConsumer(_RedisConsumer):
         return len(self.queued_message_ids) + len(self.pairs)
 
     def ack(self, message: MessageProxy) -> None:
+        """Settle ``message`` by its decision, shielded from dramatiq's interruptions: a time limit or
+        shutdown raised into this thread while it settles is held until the settlement is complete
+        (settled again from the start when it struck midway: every settle command is safe to re-send),
+        then dropped with a warning. It was meant for the handler, which has returned; raised further
+        it would end this worker thread with the message still in hand."""
+        interrupted: Interrupt | None = None
+        while True:
+            try:
+                self._quiet.on = interrupted is not None
+                self._settle(message)
+                break
+            except Interrupt as exc:
+                interrupted = interrupted or exc
+        self._quiet.on = False
+        if interrupted is not None:
+            logger.warning("%s raised while settling: the settlement completed, the exception is dropped",
+                           type(interrupted).__name__, extra={"queue": self.queue_name,
+                                                              "redis_message_id": message.options["redis_message_id"]})
+
+    def _settle(self, message: MessageProxy) -> None:
         decision = decision_of(message)
         rid = message.options["redis_message_id"]
         try:
@@ -106,7 +125,7 @@ class MeshConsumer(_RedisConsumer):
                 if answer in (0, 2):
                     logger.warning("lease lost before the attempt settled", extra={"key": message_key(message)})
                 if answer >= 2:
-                    _superseded(self.queue_name, rid)
+                    self._superseded(rid)
         except (redis.RedisError, ConnectionClosed) as exc:
             # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
             # retries the settlement until it goes through, and the message stays in hand meanwhile.
@@ -146,6 +165,12 @@ class MeshConsumer(_RedisConsumer):
             self.broker.settle("requeue", self.queue_name, rid)
         except redis.RedisError as err:
             raise ConnectionClosed(err) from None
+
+    def _superseded(self, rid: str) -> None:
+        if getattr(self._quiet, "on", False):
+            return  # settled again after an interruption: the first settlement took it
+        logger.warning("message no longer held by this worker (reaped while it was paused): its "
+                       "settlement left it to its new owner", extra={"queue": self.queue_name, "redis_message_id": rid})
 
     def _ack_group(self, group: Sequence[tuple[str, Any, Any, Any]]) -> list[int]:
         return self.broker.settle("ack", self.queue_name, self.dedup_ttl_s, *(a for item in group for a in item))
@@ -187,7 +212,7 @@ class MeshConsumer(_RedisConsumer):
                 return self._settle_done(rid, arg, lease)
             answer = int(self.broker.settle(command, self.queue_name, rid, *args, arg))
             if answer == 3:
-                _superseded(self.queue_name, rid)
+                self._superseded(rid)
             if answer != -1:
                 return answer
         raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")
@@ -202,7 +227,7 @@ class MeshConsumer(_RedisConsumer):
         if answer in (0, 2):
             logger.warning("lease lost before the attempt settled", extra={"key": lease.key if lease else None})
         if answer >= 2:
-            _superseded(self.queue_name, rid)
+            self._superseded(rid)
         return 1
 
     def _job_arg(self, job: JobWrite | None) -> str | StepRecord:

@@ -4,12 +4,15 @@ wrote, settlements that raise, superseded owners settling late, dead-letter ids 
 
 from __future__ import annotations
 
+import ctypes
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import push_raw, wait_for
 from dramatiq.broker import MessageProxy
+from dramatiq.middleware import TimeLimitExceeded
 
 from mesh.broker import MeshClient, MeshSettings, claims
 from mesh.broker.consumer import MeshConsumer
@@ -159,7 +162,7 @@ def _pause_past_the_heartbeat_timeout(client: MeshClient, broker: MeshBroker, me
 def _late(broker: MeshBroker, message: MessageProxy, how: str) -> None:
     """The paused worker wakes up and settles its copy of the message as ``how``."""
     if how == "ack":
-        claim = message.__dict__["mesh_claim"]
+        claim = message.__dict__.pop("mesh_claim")  # taken by the claim hook when the message ran
         message.mesh_done = (claim.claim_key, claim.owner, "{}")  # type: ignore[attr-defined]
     elif how == "retry":
         decide(message, RetryLater(delayed_copy(message._message, 10), 10))
@@ -240,3 +243,30 @@ def test_a_failure_after_the_success_was_recorded_stores_the_key_as_done_with_th
     push_raw(client, "executor", message._message.encode())
     again = fetch(consumer)
     assert again.__dict__["mesh_claim"].verdict[0] == b"done"
+
+
+# -- item 7: an interruption raised into the thread that acks ------------------------------------------
+
+def test_an_interruption_after_redis_answered_the_ack_leaves_the_message_settled_and_let_go(client, consume):
+    ref = client.send("executor", note("interrupted ack"))
+    broker, consumer = consume()
+    message = fetch(consumer)
+    claim = message.__dict__.pop("mesh_claim")  # taken by the claim hook when the message ran
+    message.mesh_done = (claim.claim_key, claim.owner, "{}")  # type: ignore[attr-defined]
+    caller, send, fired = threading.current_thread(), consumer.acks._flush, []
+
+    def flush(group: Any) -> Any:
+        answer = send(group)
+        if not fired:  # Redis has applied the ack: now dramatiq's time limit fires into the acking thread
+            fired.append(ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(caller.ident), ctypes.py_object(TimeLimitExceeded)))
+        return answer
+
+    consumer.acks._flush = flush  # type: ignore[method-assign]
+
+    consumer.ack(message)  # before: TimeLimitExceeded came out of ack, the message still counted in hand
+
+    assert consumer.outstanding_message_count == 0 and consumer.in_hand == set()
+    assert held(client, broker) == set()
+    assert fired == [1] and claims.read(client.redis, client.keys.claim(ref.key)).state == "done"
+    assert client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 0, "in_flight": 0}
