@@ -54,9 +54,12 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     Ending the job starts the retention clock on its record and trace; later writes to an ended job
     keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET drops
     it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
+    A job in a state a newer release wrote keeps whatever TTL that release gave it.
     """
     key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
-    if record.state not in TERMINAL:
+    if not known(record.state):
+        pipe.set(key, data, keepttl=True)
+    elif record.state not in TERMINAL:
         pipe.set(key, data)
         if was in TERMINAL:
             pipe.persist(trace_key)

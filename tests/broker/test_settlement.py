@@ -270,3 +270,12 @@ def test_an_interruption_after_redis_answered_the_ack_leaves_the_message_settled
     assert held(client, broker) == set()
     assert fired == [1] and claims.read(client.redis, client.keys.claim(ref.key)).state == "done"
     assert client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 0, "in_flight": 0}
+
+
+def test_a_job_in_a_newer_release_state_keeps_the_ttl_that_release_gave_it(client):
+    ref = client.send("executor", note("cancelled by a newer release"))
+    rewrite(client, ref.id, lambda r: r.update(state="cancelled"))
+    client.redis.expire(client.keys.job(ref.id), 600)
+    client.jobs.update(ref.id, lambda r: (r.model_copy(update={"goal": "edited"}), []))
+    assert loads(client.redis.get(client.keys.job(ref.id)))["state"] == "cancelled"
+    assert 0 < client.redis.ttl(client.keys.job(ref.id)) <= 600  # before: a plain SET dropped it
