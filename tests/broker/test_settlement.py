@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -137,7 +138,7 @@ def test_a_settlement_that_raises_dead_letters_the_message_instead_of_holding_it
         entry = broker.dead_letter_entry(message._message, FailureClass.PERMANENT, "refused", None)
         decide(message, DeadLetterIt(entry, job=job))
     else:
-        decide(message, RetryLater(delayed_copy(message._message, 10), 10, job=job))
+        decide(message, RetryLater(delayed_copy(message._message, 10, now_ms=int(time.time() * 1000)), 10, job=job))
 
     consumer.ack(message)  # before: the ValueError came out of ack, and the message stayed held
 
@@ -165,7 +166,7 @@ def _late(broker: MeshBroker, message: MessageProxy, how: str) -> None:
         claim = message.__dict__.pop("mesh_claim")  # taken by the claim hook when the message ran
         message.mesh_done = (claim.claim_key, claim.owner, "{}")  # type: ignore[attr-defined]
     elif how == "retry":
-        decide(message, RetryLater(delayed_copy(message._message, 10), 10))
+        decide(message, RetryLater(delayed_copy(message._message, 10, now_ms=int(time.time() * 1000)), 10))
     else:
         entry = broker.dead_letter_entry(message._message, FailureClass.PERMANENT, "late", None)
         decide(message, DeadLetterIt(entry))
@@ -192,7 +193,7 @@ def test_a_superseded_owner_settling_late_leaves_the_message_to_its_new_owner(cl
     assert dlq(client) == [] and client.queues(["executor"])["executor"]["delayed"] == 0
     assert claims.read(client.redis, client.keys.claim(ref.key)).state == "claimed"
     # The new owner's own failure settles as it should: its retry lands on the delay queue.
-    decide(running, RetryLater(delayed_copy(running._message, 10), 10))
+    decide(running, RetryLater(delayed_copy(running._message, 10, now_ms=int(time.time() * 1000)), 10))
     new.ack(running)
     assert client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 1, "in_flight": 0}
     assert held(client, new_broker) == set() and held(client, old_broker) == set()
