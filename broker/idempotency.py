@@ -211,6 +211,9 @@ class Idempotency(Middleware):
                 lease.started = lease.progress_at = time.monotonic()  # it runs from now, not from the fetch
                 lease.running = True
             message.mesh_lease = lease  # type: ignore[attr-defined]
+            kills = int(rest[0]) if rest else 0
+            if kills >= self.settings.poison_kills:
+                self._poison(broker, message, lease, kills)
             _current.lease = lease
             return
         envelope = message.args[0]
@@ -240,6 +243,19 @@ class Idempotency(Middleware):
         self._defer(broker, message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
                     route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
+
+    def _poison(self, broker: Broker, message: MessageProxy, lease: Lease, kills: int) -> None:
+        """The message's last ``kills`` owners died running it (their claims were taken over): it is
+        dead-lettered as poison, unrun, and its claim freed (which clears the count) by the same
+        settlement, so a replay runs it again."""
+        self._release_hold(lease)
+        lease.release_pending = True
+        why = (f"poison: {kills} workers died running this message (MESH_POISON_KILLS="
+               f"{self.settings.poison_kills}); not run again")
+        decide(message, dead_letter_with_step(broker, message, FailureClass.INVALID_INPUT, why, None, stat="poison"))
+        logger.error("message dead-lettered as poison", extra={"key": lease.key, "kills": kills,
+                                                                "agent": message.actor_name})
+        raise SkipMessage(f"{lease.key}: poison")
 
     def _shares(self, envelope: dict[str, Any]) -> bool:
         """A done key whose message's own step, in a declared pipeline's job, has not ended: the key

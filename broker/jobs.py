@@ -163,8 +163,10 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
     ``for_each`` step whose join can still be met does not end the job, and a declared pipeline's
     job moves on by what :func:`on_step_lost` registered (the messages it sends go with the record).
 
-    ``token`` is the fencing token of the failed attempt: a step another owner holds now
-    (running with another token) is not touched, nor a running step by an attempt that held none.
+    ``token`` is the fencing token of the failed attempt: a step a later owner holds now (running
+    with a higher token) is not touched, nor a running step by an attempt that held none. A running
+    step with a lower token was left by an owner whose claim this attempt took over (it died): the
+    failure is this attempt's to record, even before it picked the step up.
     ``tokens``: the model tokens (in, out) the attempt spent, added to the step and the job while the
     step is still its attempt's (running), so a re-sent write does not count them twice.
     ``events``: where the trace events the loss sets off (a join's decision) are appended, to be
@@ -179,8 +181,8 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
         step = record.steps.get(step_id)
         if step is None or step.state in TERMINAL or not known(step.state):
             return record, []  # ended, or in a newer release's state: that release's to move
-        if step.state is State.RUNNING and step.token != token:
-            return record, []
+        if step.state is State.RUNNING and (token is None or (step.token or 0) > token):
+            return record, []  # a later claim's owner runs it now
         if step.state is State.RUNNING:
             step, record = add_tokens(step, *tokens), add_tokens(record, *tokens)
         record = record.with_step(

@@ -70,6 +70,17 @@ class MeshSettings(BaseSettings):
     max_response_bytes: int = Field(default=1024 * 1024, ge=1024, description="most bytes of an HTTP "
                                     "response a tool reads into memory; a longer body fails the call")
 
+    expr_timeout_ms: int = Field(default=1000, ge=10, description="longest a pipeline expression may run; "
+                                 "past it its step is dead-lettered")
+    expr_memory_mb: int = Field(default=512, ge=64, description="address space of the process pipeline "
+                                "expressions run in; an expression that needs more dead-letters its step")
+    expr_max_result_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest value (encoded) a "
+                                       "pipeline expression may give; a larger one dead-letters its step")
+    max_job_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, description="largest job record "
+                               "(encoded) a for_each fan-out may grow; a larger one dead-letters the step")
+    poison_kills: int = Field(default=3, ge=1, description="workers a message may take down (its claim taken "
+                              "over from a dead owner) before its next delivery is dead-lettered as poison")
+
     max_retries: int = Field(default=3, ge=0, le=100, description="retries of retryable failures (brownout, "
                              "invalid_output, unknown) before the DLQ; an agent's max_retries overrides it")
     retry_min_backoff_ms: int = Field(default=200, ge=1, description="lower bound of the backoff of retries and "

@@ -112,8 +112,8 @@ def test_release_after_a_takeover_and_the_new_owners_release_reports_the_attempt
     verdict, token_a = mw._call("claim", ck, "a")
     assert verdict == b"run" and int(token_a) == 1
     rclient.set(ck, b"claimed|1|0|a|", keepttl=True)  # a's lease ran out (a long pause)
-    verdict, token_b = mw._call("claim", ck, "b")
-    assert verdict == b"run" and int(token_b) == 2
+    verdict, token_b, kills = mw._call("claim", ck, "b")  # a takeover also says how many owners died
+    assert verdict == b"run" and int(token_b) == 2 and kills == 1
     assert mw._call("release", ck, "b", 2) == 1  # b failed and freed the key for its retry
     # a wakes up and fails: before the fix this returned 1 and a started a second retry chain.
     assert mw._call("release", ck, "a", 1) == 0
