@@ -29,6 +29,7 @@ from mesh.contracts import (
     settle,
     transition,
 )
+from mesh.contracts.jobs import known
 
 from . import claims, trace
 from .keys import Keys
@@ -72,9 +73,12 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     longer, if the job holds dead-lettered steps: see :func:`ended_ttl_s`); later writes to an ended
     job keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET
     drops it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
+    A job in a state a newer release wrote keeps whatever TTL that release gave it.
     """
     key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
-    if record.state not in TERMINAL:
+    if not known(record.state):
+        pipe.set(key, data, keepttl=True)
+    elif record.state not in TERMINAL:
         pipe.set(key, data)
         if was in TERMINAL:
             pipe.persist(trace_key)
@@ -198,8 +202,8 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
         del events[given:]  # a settlement recomputed after a conflict starts over
         now = time.time()
         step = record.steps.get(step_id)
-        if step is None or step.state in TERMINAL:
-            return record, []
+        if step is None or step.state in TERMINAL or not known(step.state):
+            return record, []  # ended, or in a newer release's state: that release's to move
         if step.state is State.RUNNING and (token is None or (step.token or 0) > token):
             return record, []  # a later claim's owner runs it now
         if step.state is State.RUNNING:
