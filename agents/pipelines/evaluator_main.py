@@ -40,7 +40,9 @@ def _answer(text: str, values: dict[str, Any], programs: dict[str, Any], max_res
         program = programs[text] = cel.compile(text)
     try:
         result = program.execute(values)
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # CEL's own errors: also ZeroDivision, Overflow, IndexError ([][0])
         return {"error": str(exc)}
     data = orjson.dumps(result, default=str, option=orjson.OPT_NON_STR_KEYS)
     if len(data) > max_result:
