@@ -9,7 +9,8 @@
     ctx.call("file_ticket", {...})                                            a declared tool: traced,
                                                                               breaker-guarded, cut to
                                                                               the deadline, classified
-    ctx.http.post(url, json=...)                                              HTTP with the same guards
+    ctx.http.post(url, json=...)                                              HTTP with the same guards,
+                                                                              MESH_HTTP_ALLOW applied
 
 Secrets are not on the context: a tool reads the ones it declared (``ToolContext.secret``).
 """
@@ -40,7 +41,7 @@ from mesh.contracts import (
 )
 
 from .tools.base import ToolContext
-from .tools.http import host_port, send_request
+from .tools.http import GuardedHttp
 
 if TYPE_CHECKING:
     from mesh.broker.idempotency import Lease
@@ -68,23 +69,6 @@ def read_secret(name: str, secrets_dir: str | None) -> str:
 
 
 @dataclass
-class GuardedHttp:
-    """``ctx.http``: requests with the mesh's guards."""
-
-    tool: ToolContext
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """``method url`` through its ``host:port``'s circuit breaker (see :func:`send_request`)."""
-        return self.tool.guarded(host_port(url), lambda: send_request(self.tool, method, url, **kwargs))
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
-
-@dataclass
 class Context:
     """The step a handler runs: its identity, budget, model, tools and guarded HTTP."""
 
@@ -95,7 +79,7 @@ class Context:
     _tool_ctx: ToolContext = field(init=False)
 
     def __post_init__(self) -> None:
-        self._tool_ctx = self._tool_context(())
+        self._tool_ctx = self._tool_context(None)
 
     key = property(lambda self: self.env.key)
     job_id = property(lambda self: self.env.job_id)
@@ -150,8 +134,8 @@ class Context:
         return self._run(spec, typed)
 
     def _run(self, spec: ToolSpec, args: BaseModel) -> Any:
-        tool_ctx = self._tool_context(spec.secrets)
         dependency = spec.target(args) if spec.dependency is not None else "mesh"
+        tool_ctx = self._tool_context(spec, dependency if spec.dependency is not None else None)
         started = time.monotonic()
         outcome: dict[str, Any] = {}
         try:
@@ -176,11 +160,15 @@ class Context:
             if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
                 self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started, **outcome)
 
-    def _tool_context(self, secrets: tuple[str, ...]) -> ToolContext:
+    def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext:
+        """What ``spec`` is given (None: the handler's own ``ctx.http``): its secrets and allowlist."""
         rt = self.runtime
+        secrets = spec.secrets if spec is not None else ()
+        allow = spec.allowlist(rt.settings) if spec is not None else None
         return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
                            fencing_token=self.lease.token, deadline=self.env.deadline, breakers=rt.breakers,
-                           settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http, resolve=rt.resolve,
+                           settings=rt.settings, redis=rt.redis, keys=rt.keys, client=rt.http, resolve=rt.resolve,
+                           allow=allow, dependency=dependency,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
 
 

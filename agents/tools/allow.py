@@ -108,7 +108,8 @@ def pin(url: str, allow: frozenset[str], resolve: Resolver) -> Pinned:
         raise ToolRefused(f"{url} refused: credentials in the URL are not allowed", url=url)
     dependency = host_key(host, port)
     if dependency not in allow:
-        raise ToolRefused(f"{dependency} refused: not in MESH_HTTP_ALLOW", dependency=dependency)
+        raise ToolRefused(f"{dependency} refused: not in MESH_HTTP_ALLOW (or the tool's allow=)",
+                          dependency=dependency)
     try:
         ipaddress.ip_address(host)
         return Pinned(parts.scheme, host, port, host)
