@@ -56,7 +56,8 @@ M = TypeVar("M", bound=BaseModel)
 
 def read_secret(name: str, secrets_dir: str | None) -> str:
     """A secret by name, at run time: the worker's environment, else a file in MESH_SECRETS_DIR.
-    Its value is registered for redaction: it never appears in a log line, trace or dead letter."""
+    Its value is registered for redaction: it never appears in a log line, trace, job record, output
+    or dead letter. A value shorter than 8 characters is refused (ConfigError): it could not be masked."""
     value = os.environ.get(name)
     if value is None and secrets_dir:
         path = Path(secrets_dir) / name
@@ -64,7 +65,10 @@ def read_secret(name: str, secrets_dir: str | None) -> str:
             value = path.read_text().strip()
     if value is None:
         raise ConfigError(f"secret {name} is not set (environment or MESH_SECRETS_DIR)")
-    redact.register(value)
+    try:
+        redact.register(value, name)
+    except redact.SecretTooShort as exc:
+        raise ConfigError(str(exc), secret=name) from None
     return value
 
 

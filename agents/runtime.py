@@ -14,7 +14,7 @@ import redis
 from pydantic import BaseModel, ValidationError
 from redis import Redis
 
-from mesh.broker import trace
+from mesh.broker import redact, trace
 from mesh.broker.breaker import Breakers
 from mesh.broker.idempotency import current_lease
 from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
@@ -143,7 +143,8 @@ class AgentRuntime:
             result = spec.handler(Context(self, env, spec, lease), payload)
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
-        output = validate_output_model(agent, spec.output, result)
+        # Masked before anything keeps it: the record, the claim, the trace, the next steps' messages.
+        output = validate_output_model(agent, spec.output, redact.redact_value(result))
         self._check_limits(agent, output)
         duration = time.monotonic() - lease.started
 
@@ -202,7 +203,8 @@ class AgentRuntime:
                   status: Any = None, error: str | None = None) -> None:
         """Trace one tool call, and count it as progress (the handler moved on), in one round trip."""
         call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool,
-                           dependency=dependency, duration_s=round(duration_s, 4), status=status, error=error)
+                           dependency=dependency, duration_s=round(duration_s, 4),
+                           status=redact.redact_value(status), error=error)
         self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}", before=call)
 
     def progress(self, env: Envelope, note: str, *, before: dict[str, Any] | None = None) -> None:
@@ -219,7 +221,7 @@ class AgentRuntime:
             trace.stage(pipe, self.keys, before)
         pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): time.time()}, xx=True)
         trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
-                                                 progress=n, note=note))
+                                                 progress=n, note=redact.redact(note)))
         try:
             pipe.execute()
         except redis.RedisError as exc:

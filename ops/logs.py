@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from mesh.broker.redact import redact
+from mesh.broker.redact import redact, redact_value
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -22,12 +22,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        # Masked before JSON escaping too: a secret holding a quote or backslash is escaped in the line.
-        out.update({k: redact(v) if isinstance(v, str) else v
-                    for k, v in record.__dict__.items() if k not in _STANDARD})
+        # Masked before serialising, never in the JSON text: a secret holding a quote is escaped
+        # in the line, and masking the text could cut a number or a key in half.
+        out.update({k: redact_value(v) for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             out["exc"] = redact(self.formatException(record.exc_info))
-        return redact(orjson.dumps(out, default=str).decode())
+        return orjson.dumps(out, default=lambda v: redact(str(v))).decode()
 
 
 class ReadableFormatter(logging.Formatter):

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from mesh.broker import redact
 from mesh.broker.breaker import Breakers
 from mesh.broker.classify import error_for_response
 from mesh.broker.idempotency import current_lease
@@ -60,6 +61,12 @@ class OpenAIProvider:
                  breakers: Breakers | None = None, meter: Meter | None = None) -> None:
         if settings.model_url is None:
             raise ConfigError("model provider 'openai' needs a model URL: set MESH_MODEL_URL (e.g. .../v1)")
+        if settings.model_api_key is not None:
+            # The endpoint may echo the key (a 401 body): masked wherever the mesh keeps text.
+            try:
+                redact.register(settings.model_api_key.get_secret_value(), "MESH_MODEL_API_KEY")
+            except redact.SecretTooShort as exc:
+                raise ConfigError(str(exc)) from None
         self._settings = settings
         self._endpoint = settings.model_url.rstrip("/") + "/chat/completions"
         parts = urlsplit(settings.model_url)
