@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from mesh.broker.redact import redact, redact_value
+from mesh.ops.escape import escape
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -37,7 +38,8 @@ class ReadableFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()} {extra}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return redact(line)
+        # A terminal reads this: control characters from data (keys, errors) are shown escaped.
+        return escape(redact(line))
 
 
 def setup_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
