@@ -296,3 +296,15 @@ def test_the_token_a_failing_tool_sent_appears_nowhere_in_redis_the_dead_letter_
     log = worker.log_path.read_text()
     assert "filing failed" in log and "[secret]" in log  # the tool logged its headers, masked
     assert token not in log
+
+
+@pytest.mark.slow
+def test_a_users_tool_cannot_reach_a_host_missing_from_mesh_http_allow(mesh, worker_process, token):
+    """``send_request`` in a user's tool obeys MESH_HTTP_ALLOW as ``http_post`` does: the filing is
+    refused (permanent, dead-lettered, naming the setting) and the tickets service never hears of it."""
+    with RecordingServer(filed) as tickets:
+        worker_process("--app", APP, "--threads", "1", TICKETS_TOKEN=token, MESH_HTTP_ALLOW="127.0.0.1:1")
+        record = mesh.wait(send(mesh, "filer", filing(tickets.url()), key="elsewhere-1").id, timeout_s=30)
+    assert tickets.requests == []
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "permanent"
+    assert "not in MESH_HTTP_ALLOW" in (record.error or "")
