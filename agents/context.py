@@ -8,7 +8,9 @@
                                                                               as its default model)
     ctx.call("file_ticket", {...})                                            a declared tool: traced,
                                                                               breaker-guarded, cut to
-                                                                              the deadline, classified
+                                                                              the deadline, classified,
+                                                                              fenced (the lease is
+                                                                              confirmed in Redis first)
     ctx.http.post(url, json=...)                                              HTTP with the same guards,
                                                                               MESH_HTTP_ALLOW applied
 
@@ -72,6 +74,10 @@ def read_secret(name: str, secrets_dir: str | None) -> str:
     return value
 
 
+#: Methods that change nothing at the endpoint: they confirm a stale lease only, not every time.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @dataclass
 class Context:
     """The step a handler runs: its identity, budget, model, tools and guarded HTTP."""
@@ -102,7 +108,8 @@ class Context:
         return self.env.deadline
 
     def deadline_left_s(self) -> float:
-        return self.env.remaining_s()
+        """Seconds until the deadline, on the Redis server's clock (the deadline's)."""
+        return self.env.remaining_s(self.runtime.clock.now_s())
 
     @property
     def model(self) -> ModelProvider:
@@ -113,7 +120,8 @@ class Context:
 
     @property
     def http(self) -> GuardedHttp:
-        return GuardedHttp(self._tool_ctx)
+        return GuardedHttp(self._tool_ctx, lambda method: self._confirm(
+            f"http {method.upper()}", effect=method.upper() not in SAFE_METHODS))
 
     def progress(self, note: str) -> None:
         """The handler moved on: a step that only heartbeats without this is reported stuck."""
@@ -132,10 +140,18 @@ class Context:
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False)
             raise ContractError(f"invalid {tool} args: {exc.error_count()} error(s)", errors=errors) from None  # type: ignore[arg-type]
-        if self.lease.lost:
-            # Renewal found the key taken over: the new owner carries the work, this attempt acts no more.
-            raise LeaseLost(self.lease.key, self.lease.token)
+        self._confirm(spec.name, effect=spec.effect)
         return self._run(spec, typed)
+
+    def _confirm(self, call: str, *, effect: bool) -> None:
+        """The attempt's lease holds its key now (checked in Redis when :class:`~mesh.broker.fence.Fence`
+        says so), or LeaseLost: the new owner carries the work, this attempt acts no more. A refusal
+        is traced with the refused token."""
+        try:
+            self.runtime.fence.confirm(self.lease, effect=effect)
+        except LeaseLost:
+            self.runtime.fenced(self.env, call, self.lease.token)
+            raise
 
     def _run(self, spec: ToolSpec, args: BaseModel) -> Any:
         dependency = spec.target(args) if spec.dependency is not None else "mesh"
@@ -162,7 +178,8 @@ class Context:
             raise
         finally:
             if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
-                self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started, **outcome)
+                self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started,
+                                       token=self.lease.token, **outcome)
 
     def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext:
         """What ``spec`` is given (None: the handler's own ``ctx.http``): its secrets and allowlist."""
@@ -170,9 +187,9 @@ class Context:
         secrets = spec.secrets if spec is not None else ()
         allow = spec.allowlist(rt.settings) if spec is not None else None
         return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
-                           fencing_token=self.lease.token, deadline=self.env.deadline, breakers=rt.breakers,
-                           settings=rt.settings, redis=rt.redis, keys=rt.keys, client=rt.http, resolve=rt.resolve,
-                           allow=allow, dependency=dependency,
+                           fencing_token=self.lease.token, deadline=self.env.deadline, clock=rt.clock.now_s,
+                           breakers=rt.breakers, settings=rt.settings, redis=rt.redis, keys=rt.keys,
+                           client=rt.http, resolve=rt.resolve, allow=allow, dependency=dependency,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
 
 

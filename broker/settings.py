@@ -87,6 +87,9 @@ class MeshSettings(BaseSettings):
     stuck_after_s: float = Field(default=120.0, gt=0, description="a running step without progress this long is stuck")
     lease_s: float | None = Field(default=None, gt=0, description="claim lease on a message key, renewed while "
                                   "it runs; default: MESH_HEARTBEAT_TIMEOUT_S")
+    lease_check_after_s: float | None = Field(default=None, ge=0, description="a tool call whose lease Redis "
+                                              "last confirmed longer ago than this confirms it first (a tool with "
+                                              "an effect always does); default: a quarter of the lease")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is remembered")
     dlq_retention_s: float = Field(default=0.0, ge=0, description="0 keeps dead letters until removed")
     job_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="how long a job's record, trace "
@@ -121,6 +124,12 @@ class MeshSettings(BaseSettings):
     def claim_lease_s(self) -> float:
         """The lease a claim holds; by default as long as a worker may go silent before it counts as dead."""
         return self.heartbeat_timeout_s if self.lease_s is None else self.lease_s
+
+    @property
+    def lease_check_s(self) -> float:
+        """How long a lease Redis confirmed counts as valid before a tool call without an effect
+        confirms it again (MESH_LEASE_CHECK_AFTER_S; default a quarter of the lease)."""
+        return self.claim_lease_s / 4 if self.lease_check_after_s is None else self.lease_check_after_s
 
     @property
     def http_allowlist(self) -> frozenset[str]:

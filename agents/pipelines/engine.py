@@ -134,6 +134,9 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         if rec is not None and rec.need is not None and rec.state is State.RUNNING:
             record = _pump(spec, step, record, run, routes, messages, events, now)
             continue
+        if rec is not None and rec.need is not None and rec.state is State.SUCCEEDED:
+            record = _revise_join(step, record, events, now)
+            continue
         if rec is None or rec.state is not State.QUEUED or rec.sent_at is not None:
             continue
         if any(record.steps[d].state not in (State.SUCCEEDED, State.SKIPPED) for d in step.depends_on):
@@ -176,19 +179,25 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
     return settle(record, now, spec), messages
 
 
-def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes,
+def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes, events: list[dict[str, Any]] | None = None,
                now: float | None = None) -> tuple[JobRecord, list[Message]]:
     """A step of the job ended without output (dead-lettered, unknown): a running ``for_each`` step
     sends its next item or decides its join, which may release dependents (with the run its fan-out
-    kept); the job's state is derived."""
+    kept), and a met join whose replayed item failed again is revised; the job's state is derived.
+    The trace events (a join's decision) are appended to ``events``."""
     now = time.time() if now is None else now
+    events = [] if events is None else events
     fanned = [s for s in record.steps.values() if s.need is not None and s.state is State.RUNNING]
     if not fanned:
+        for step in spec.steps:
+            rec = record.steps.get(step.id)
+            if rec is not None and rec.need is not None and rec.state is State.SUCCEEDED:
+                record = _revise_join(step, record, events, now)
         return settle(record, now, spec), []
     kept = fanned[0].input
     run = Run(trace_id=record.trace_id, deadline=float(kept.get("deadline") or now),
               token_budget=kept.get("token_budget"))
-    return advance(spec, record, run, routes, [], now=now)
+    return advance(spec, record, run, routes, events, now=now)
 
 
 def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Run, events: list[dict[str, Any]],
@@ -342,29 +351,73 @@ def _pump(spec: PipelineSpec, step: StepSpec, record: JobRecord, run: Run, route
             record = record.with_step(it.model_copy(update={"sent_at": now, "updated_at": now}))
             room -= 1
     items = items_of(record, step.id)
-    if not all(s.state in (State.SUCCEEDED, State.SKIPPED) or s.state in LOST for s in items):
+    if not all(_ended(s) for s in items):
         return record
-    rec = record.steps[step.id]
-    need = rec.need or 0
-    good = [s for s in items if s.state is State.SUCCEEDED]
+    return _decide_join(step, record, items, events, now)
+
+
+#: How many failed items a join's error names (the event and the step's result list them all).
+_NAMED = 10
+
+
+def _ended(item: StepRecord) -> bool:
+    return item.state in (State.SUCCEEDED, State.SKIPPED) or item.state in LOST
+
+
+def _tally(step: StepSpec, need: int, items: list[StepRecord]) -> dict[str, Any]:
+    """A join's decision as its trace event carries it: the rule, the need, how many items
+    succeeded, which failed (in item order) and which were skipped."""
+    rule = f"min_success {step.join.min_success}" if step.join is not None else "every item"
+    return {"rule": rule, "need": need, "succeeded": sum(s.state is State.SUCCEEDED for s in items),
+            "failed": [s.step_id for s in items if s.state in LOST],
+            "skipped": [s.step_id for s in items if s.state is State.SKIPPED]}
+
+
+def _join_result(items: list[StepRecord]) -> dict[str, Any]:
+    """A met join's output: the successful items' outputs in order, the failed ones by id with their
+    error, the skipped ones listed."""
+    result: dict[str, Any] = {"items": [s.result for s in items if s.state is State.SUCCEEDED],
+                              "failed": {s.step_id: s.error or str(s.state) for s in items if s.state in LOST}}
     skipped = [s.step_id for s in items if s.state is State.SKIPPED]
-    failed = {s.step_id: s.error or str(s.state) for s in items if s.state in LOST}
-    items = [s for s in items if s.state is not State.SKIPPED]
-    if len(good) >= need:
-        result: dict[str, Any] = {"items": [s.result for s in good], "failed": failed}
-        if skipped:  # items a false when (or a continue gate) skipped: neither successes nor failures
-            result["skipped"] = skipped
-        record = record.with_step(transition(rec, State.SUCCEEDED, now=now, result=result))
-        events.append(_event("joined", record, rec, succeeded=len(good), needed=need, failed=sorted(failed)))
+    if skipped:  # items a false when (or a continue gate) skipped: neither successes nor failures
+        result["skipped"] = skipped
+    return result
+
+
+def _decide_join(step: StepSpec, record: JobRecord, items: list[StepRecord], events: list[dict[str, Any]],
+                 now: float) -> JobRecord:
+    """Every item ended: the join is met (the step succeeded, ``joined``) or not (``join_failed``: the
+    step skipped under ``continue``, else dead-lettered), and the event says why (:func:`_tally`)."""
+    rec = record.steps[step.id]
+    tally = _tally(step, rec.need or 0, items)
+    if tally["succeeded"] >= tally["need"]:
+        record = record.with_step(transition(rec, State.SUCCEEDED, now=now, result=_join_result(items)))
+        events.append(_event("joined", record, rec, met=True, outcome="succeeded", **tally))
         return record
-    why = (f"join not met: {len(good)} of {len(items)} items succeeded, {need} needed; "
-           f"failed: {', '.join(failed)}")
-    if step.failure_mode is FailureMode.CONTINUE:
-        record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why, failure_class="join"))
-        events.append(_event("skipped", record, rec, reason=why, failed=sorted(failed)))
-    else:
-        record = record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why, failure_class="join"))
-        events.append(_event("join_failed", record, rec, reason=why, failed=sorted(failed)))
+    ran, failed = len(items) - len(tally["skipped"]), tally["failed"]
+    named = ", ".join(failed[:_NAMED]) + (f" and {len(failed) - _NAMED} more" if len(failed) > _NAMED else "")
+    why = (f"join not met ({tally['rule']}): {tally['succeeded']} of {ran} items succeeded, {tally['need']} "
+           f"needed; failed: {named}")
+    target = State.SKIPPED if step.failure_mode is FailureMode.CONTINUE else State.DEAD_LETTERED
+    record = record.with_step(transition(rec, target, now=now, error=why, failure_class="join"))
+    events.append(_event("join_failed", record, rec, met=False, outcome=str(target), reason=why, **tally))
+    return record
+
+
+def _revise_join(step: StepSpec, record: JobRecord, events: list[dict[str, Any]], now: float) -> JobRecord:
+    """A met join whose items changed since it was decided (a failed item replayed, and it succeeded
+    or failed anew): its output recomputed from the items as they are now, and a ``joined`` event
+    with ``revised``. Steps that already ran on the earlier output are not run again."""
+    rec = record.steps[step.id]
+    items = items_of(record, step.id)
+    if not all(_ended(s) for s in items):
+        return record  # a replayed item still running: revised once it ends
+    result = _join_result(items)
+    if result == rec.result:
+        return record
+    record = record.with_step(rec.model_copy(update={"result": result, "updated_at": now}))
+    events.append(_event("joined", record, rec, met=True, outcome="succeeded", revised=True,
+                         **_tally(step, rec.need or 0, items)))
     return record
 
 
@@ -401,7 +454,13 @@ def settle(record: JobRecord, now: float, spec: PipelineSpec | None = None) -> J
     still be met is not blocking); succeeded when every step succeeded or was skipped; running
     otherwise (queued until picked up). The result: the outputs of the spec's ``result`` steps (a
     ``for_each`` step's by item id), else each succeeded step's output, items left out."""
-    return settle_job(record, now, job_result(record, spec))
+    result = job_result(record, spec)
+    record = settle_job(record, now, result)
+    if record.state is State.SUCCEEDED and record.result != result:
+        # Ended already, and a step's output changed since (a join revised after a replayed item):
+        # the job's result says what its steps say now.
+        record = record.model_copy(update={"result": result, "updated_at": now})
+    return record
 
 
 def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
@@ -423,10 +482,21 @@ def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
 def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], now: float,
           events: list[dict[str, Any]]) -> JobRecord:
     record = record.with_step(transition(rec, State.HALTED, now=now, error=why, failure_class="gate"))
+    record, unsent = _not_run(record, rec.step_id, now)
     if record.state is not State.HALTED:
         record = transition(record, State.HALTED, now=now, error=f"step {rec.step_id}: {why}", failure_class="gate")
-    events.append(_event("halted", record, rec, reason=why, values=read))
+    events.append(_event("halted", record, rec, reason=why, values=read, not_run=unsent))
     return record
+
+
+def _not_run(record: JobRecord, halted: str, now: float) -> tuple[JobRecord, list[str]]:
+    """Every step (and ``for_each`` item) still queued and unsent when the job halts at ``halted``
+    moved to ``not_run``, saying why: nothing will ever send it, so ``queued`` would be a lie."""
+    why = f"not sent: the job halted at step {halted}"
+    unsent = [s for s in record.steps.values() if s.state is State.QUEUED and s.sent_at is None]
+    for s in unsent:
+        record = record.with_step(transition(s, State.NOT_RUN, now=now, error=why))
+    return record, [s.step_id for s in unsent]
 
 
 def _check(cond: Condition, seen: Mapping[str, Any], what: str) -> tuple[bool, str]:

@@ -4,6 +4,7 @@ trace on every request, the timeout cut to the deadline, and failures raised as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,9 +41,14 @@ class GuardedHttp:
     request goes through the breaker of the ``host:port`` it is pinned to."""
 
     tool: ToolContext
+    #: Called with the method before each request: a handler's confirms the attempt's lease
+    #: (raises LeaseLost); a tool's lease was confirmed when ``ctx.call`` ran it.
+    confirm: Callable[[str], None] = lambda method: None
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """``method url`` through the allowlist, once ``confirm`` passes; see :class:`GuardedHttp`."""
         pinned = pin(url, self.tool.allowlist, self.tool.resolve)
+        self.confirm(method)
         if self.tool.dependency is not None:  # the tool's own breaker guards the whole call
             return send_request(self.tool, method, url, via=pinned, **kwargs)
         return self.tool.guarded(pinned.dependency, lambda: send_request(self.tool, method, url, via=pinned, **kwargs))

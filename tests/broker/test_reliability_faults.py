@@ -75,6 +75,7 @@ def test_malformed_mesh_options_are_dead_lettered_as_poison_with_their_bytes(
     wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY)
 
 
+@pytest.mark.slow
 def test_a_router_that_breaks_dead_letters_the_message_instead_of_acking_it_away(client, make_settings):
     settings = make_settings(http_allow="127.0.0.1:9")  # nothing listens there: refused, a brownout
 
@@ -122,6 +123,7 @@ def test_release_after_a_takeover_and_the_new_owners_release_reports_the_attempt
     assert mw._call("release", ck, "a", 1) == 0  # finished by another owner: superseded too
 
 
+@pytest.mark.slow
 def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_not_dead(
         client, settings):
     """The time limit's exception lands after ``complete``'s EXEC: the job succeeded, and the
