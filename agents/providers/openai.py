@@ -17,7 +17,6 @@ import math
 import re
 import time
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -29,6 +28,7 @@ from mesh.broker.idempotency import current_lease
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import Brownout, ConfigError, DeadlineExceeded, DependencyTimeout, Findings, InvalidOutput, Plan
 
+from ..tools.http import host_port
 from .meter import Call, Meter
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,8 @@ class OpenAIProvider:
                 raise ConfigError(str(exc)) from None
         self._settings = settings
         self._endpoint = settings.model_url.rstrip("/") + "/chat/completions"
-        parts = urlsplit(settings.model_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.dependency = f"{parts.hostname}:{port}"
+        # The breaker's name in the allowlist's normal form, as a tool's HTTP dependency is named.
+        self.dependency = host_port(settings.model_url)
         self._client = client or httpx.Client()
         self._owns_client = client is None
         self._breakers = breakers

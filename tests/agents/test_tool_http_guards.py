@@ -164,3 +164,14 @@ def test_a_handlers_ctx_http_is_held_by_the_breaker_of_the_pinned_address(make_s
         with pytest.raises(BreakerOpen):
             tool_ctx(settings, http, breakers=breakers).http.get(f"http://[::ffff:127.0.0.1]:{port_of(server)}/")
     assert server.requests == []
+
+
+def test_the_model_endpoints_breaker_is_named_in_the_same_normal_form():
+    from mesh.agents.providers.openai import OpenAIProvider
+    from mesh.broker.settings import MeshSettings
+
+    provider = OpenAIProvider(MeshSettings(model_provider="openai", model_url="http://[::ffff:127.0.0.1]:8000/v1"))
+    try:
+        assert provider.dependency == "127.0.0.1:8000"
+    finally:
+        provider.close()
