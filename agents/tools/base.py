@@ -60,6 +60,11 @@ class ToolContext:
         return parse_allowlist(self.settings.http_allowlist) if self.allow is None else self.allow
 
     @property
+    def allowlist_name(self) -> str:
+        """How refusals name the list: ``MESH_HTTP_ALLOW``, or the tool's ``allow=``."""
+        return "MESH_HTTP_ALLOW" if self.allow is None else "the tool's allow="
+
+    @property
     def http(self) -> GuardedHttp:
         """HTTP with the mesh's guards: the allowlist, DNS pinning, no redirects, a bounded body."""
         from .http import GuardedHttp

@@ -47,7 +47,7 @@ class GuardedHttp:
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """``method url`` through the allowlist, once ``confirm`` passes; see :class:`GuardedHttp`."""
-        pinned = pin(url, self.tool.allowlist, self.tool.resolve)
+        pinned = pin(url, self.tool.allowlist, self.tool.resolve, listed_in=self.tool.allowlist_name)
         self.confirm(method)
         if self.tool.dependency is not None:  # the tool's own breaker guards the whole call
             return send_request(self.tool, method, url, via=pinned, **kwargs)
@@ -121,8 +121,8 @@ def _checked(tool: ToolContext, url: str, via: Pinned | None) -> Pinned:
     (``via`` None) the address :func:`pin` checks now; ToolRefused when it may not be reached."""
     allow = tool.allowlist
     if via is None:
-        return pin(url, allow, tool.resolve)
-    admitted = pin(url, allow, lambda _host, _port: [via.address])
+        return pin(url, allow, tool.resolve, listed_in=tool.allowlist_name)
+    admitted = pin(url, allow, lambda _host, _port: [via.address], listed_in=tool.allowlist_name)
     if admitted != via:
         raise ToolRefused(f"{url} refused: the pinned address {via.address} is not where the URL "
                           "leads under the allowlist", url=url)

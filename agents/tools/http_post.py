@@ -24,7 +24,7 @@ def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
     the tool's allowlist (MESH_HTTP_ALLOW unless declared with ``allow=``), and the request connects
     to the address that was checked (see :mod:`mesh.agents.tools.allow`). The endpoint gets
     ``Idempotency-Key``, ``X-Mesh-Fencing-Token`` and ``traceparent``."""
-    pinned = pin(args.url, ctx.allowlist, ctx.resolve)
+    pinned = pin(args.url, ctx.allowlist, ctx.resolve, listed_in=ctx.allowlist_name)
     body = dict(args.json_body)
     if args.findings:
         body["findings"] = args.findings

@@ -175,3 +175,11 @@ def test_the_model_endpoints_breaker_is_named_in_the_same_normal_form():
         assert provider.dependency == "127.0.0.1:8000"
     finally:
         provider.close()
+
+
+def test_a_refusal_names_the_list_that_refused(make_settings, http):
+    settings = make_settings(http_allow="")
+    with pytest.raises(ToolRefused, match="not in MESH_HTTP_ALLOW"):
+        send_request(tool_ctx(settings, http), "GET", "http://127.0.0.1:9/")
+    with pytest.raises(ToolRefused, match="not in the tool's allow="):
+        send_request(tool_ctx(settings, http, allow=frozenset({"127.0.0.1:1"})), "GET", "http://127.0.0.1:9/")

@@ -23,6 +23,17 @@ def test_the_documented_acl_command_is_the_generated_one():
     assert documented == [acl_command("mesh")], f"regenerate {DOC_PAGE}: python -m mesh.broker.acl"
 
 
+def test_every_page_that_gives_the_acl_command_gives_the_generated_one():
+    pages = {}
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        for block in fenced_blocks(page.read_text()):
+            if "ACL SETUSER" in block:
+                pages[str(page.relative_to(ROOT))] = block
+    assert DOC_PAGE in pages
+    stale = [page for page, block in pages.items() if block != acl_command("mesh")]
+    assert stale == [], f"regenerate the ACL command in {stale}: python -m mesh.broker.acl"
+
+
 def test_the_generated_command_holds_every_rule_once_and_fits_80_columns():
     command = acl_command("mesh")
     assert all(len(line) <= 80 for line in command.splitlines())
