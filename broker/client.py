@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -129,7 +130,8 @@ class MeshClient:
         self.settings = settings or MeshSettings.from_env()
         self.redis = client or connect(self.settings)
         self.keys = Keys(self.settings.namespace)
-        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
+        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
+                             self.settings.dead_letter_job_retention_s)
         self.app = app
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
@@ -203,11 +205,15 @@ class MeshClient:
         record, messages, events = spec.start(
             record, trace_id=trace_id, deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
-            max_fan_out=self.settings.max_fan_out)
+            max_fan_out=self.settings.max_fan_out, settings=self.settings)
         refused = [s for s in record.steps.values() if s.state is State.DEAD_LETTERED]
-        if refused:  # a root for_each over the input listed more than MESH_MAX_FAN_OUT items
-            raise LimitExceeded(f"step {refused[0].step_id}: {refused[0].error}", setting="MESH_MAX_FAN_OUT",
-                                limit=self.settings.max_fan_out, size=-1)
+        if refused:  # a root the engine would not send: a list, key, expression or input past a limit
+            why = f"step {refused[0].step_id}: {refused[0].error or ''}"
+            named = re.search(r"MESH_[A-Z_]+", why)
+            if named is None:  # the run's input does not fit its expressions (a field missing)
+                raise ContractError(why, job_id=ref.id)
+            limit = getattr(self.settings, named.group().removeprefix("MESH_").lower(), -1)
+            raise LimitExceeded(why, setting=named.group(), limit=limit if isinstance(limit, int) else -1, size=-1)
         encoded = [self._encode(m) for m in messages]
         while True:
             with transaction(self.redis, self.settings) as pipe:

@@ -70,6 +70,17 @@ class MeshSettings(BaseSettings):
     max_response_bytes: int = Field(default=1024 * 1024, ge=1024, description="most bytes of an HTTP "
                                     "response a tool reads into memory; a longer body fails the call")
 
+    expr_timeout_ms: int = Field(default=1000, ge=10, description="longest a pipeline expression may run; "
+                                 "past it its step is dead-lettered")
+    expr_memory_mb: int = Field(default=512, ge=64, description="address space of the process pipeline "
+                                "expressions run in; an expression that needs more dead-letters its step")
+    expr_max_result_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest value (encoded) a "
+                                       "pipeline expression may give; a larger one dead-letters its step")
+    max_job_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, description="largest job record "
+                               "(encoded) a for_each fan-out may grow; a larger one dead-letters the step")
+    poison_kills: int = Field(default=3, ge=1, description="workers a message may take down (its claim taken "
+                              "over from a dead owner) before its next delivery is dead-lettered as poison")
+
     max_retries: int = Field(default=3, ge=0, le=100, description="retries of retryable failures (brownout, "
                              "invalid_output, unknown) before the DLQ; an agent's max_retries overrides it")
     retry_min_backoff_ms: int = Field(default=200, ge=1, description="lower bound of the backoff of retries and "
@@ -106,6 +117,9 @@ class MeshSettings(BaseSettings):
                                               "an effect always does); default: a quarter of the lease")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is "
                                  "remembered; must not be shorter than MESH_DLQ_RETENTION_S")
+    claim_result_bytes: int = Field(default=4096, ge=0, description="largest step output (encoded) a done "
+                                    "key's claim keeps for the dedup window; a larger one is kept as its digest "
+                                    "and its step's place, read from the job record while that is kept")
     dlq_retention_s: float = Field(default=0.0, ge=0, description="how long dead letters are kept; 0 keeps "
                                    "them until an operator removes them; the retention sweep removes older ones, "
                                    "each audited (expire) and counted (dlq_expired)")
@@ -141,6 +155,13 @@ class MeshSettings(BaseSettings):
     def claim_lease_s(self) -> float:
         """The lease a claim holds; by default as long as a worker may go silent before it counts as dead."""
         return self.heartbeat_timeout_s if self.lease_s is None else self.lease_s
+
+    @property
+    def dead_letter_job_retention_s(self) -> float:
+        """How long the record of an ended job holding dead-lettered (or unknown) steps is kept: as long
+        as its dead letters may wait for a replay (MESH_DLQ_RETENTION_S, or, when they are kept until
+        removed, the dedup window a replay is safe in), and never less than MESH_JOB_RETENTION_S."""
+        return max(self.job_retention_s, self.dlq_retention_s or self.dedup_ttl_s)
 
     @property
     def lease_check_s(self) -> float:
