@@ -3,13 +3,15 @@
     enqueued        a message for the step was sent (by the client, or by the outbox)
     picked_up       an attempt started (once per attempt)
     progress        the handler moved on (the counter a stuck step does not move)
-    tool_call       a tool called a dependency: dependency, status, duration
+    tool_call       a tool called a dependency: dependency, status, duration, the fencing token
+    fenced          a call was refused: the attempt's lease (its token) was lost to another owner
     model_call      a handler asked the model: model, tokens in/out, repairs, outcome
     deferred        the message waits: reason and until when
     failed          an attempt failed and will be retried: failure class, error
     dead_lettered   the message went to the DLQ: failure class, error
     duplicate       a delivery of a done key was acked without running
     succeeded       the step finished
+    replayed        an operator replayed the step's dead letter: the entry, who (``by``), the new message
     stuck           the step holds its claim but made no progress for MESH_STUCK_AFTER_S
 
 Every event carries the trace id, job id, key, step, agent, attempt, worker and time. Events are
@@ -33,8 +35,8 @@ from .keys import Keys
 #: Events kept per job (the stream is trimmed, oldest first, past about this many).
 TRACE_MAXLEN = 2_000
 
-EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "model_call", "deferred", "failed", "dead_lettered",
-          "duplicate", "succeeded", "stuck")
+EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "fenced", "model_call", "deferred", "failed",
+          "dead_lettered", "duplicate", "succeeded", "stuck", "replayed")
 
 _ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
 

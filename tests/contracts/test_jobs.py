@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from mesh.contracts import IllegalTransition, JobRecord, State, StepRecord, transition
+from mesh.contracts import IllegalTransition, JobRecord, State, StepRecord, settle, transition
 
 
 def step(**overrides: object) -> StepRecord:
@@ -133,3 +133,49 @@ def test_job_with_step_adds_step_without_mutating_job() -> None:
     updated = original.with_step(step())
     assert set(updated.steps) == {"a1"}
     assert original.steps == {}
+
+
+def test_records_keep_fields_and_states_a_newer_release_wrote_and_never_move_unknown_states():
+    from mesh.contracts.jobs import known, moves, settle
+
+    data = {"job_id": "j", "key": "k", "trace_id": "0" * 31 + "1", "state": "cancelled", "cancel_reason": "ops",
+            "steps": {"s": {"step_id": "s", "agent": "a", "key": "k/a/s", "state": "compensating",
+                            "ledger": [1], "gate": {"expr": "true", "passed": True, "why": "x"}}}}
+    record = JobRecord.model_validate(data)
+    assert record.state == "cancelled" and not known(record.state) and moves(record.state) == frozenset()
+    assert record.steps["s"].state == "compensating"
+    assert record.model_dump(mode="json")["cancel_reason"] == "ops"
+    assert record.model_dump(mode="json")["steps"]["s"]["ledger"] == [1]
+    assert record.model_dump(mode="json")["steps"]["s"]["gate"]["why"] == "x"
+    assert settle(record, 1.0) is record  # a newer release's job state is that release's to move
+    with pytest.raises(IllegalTransition):
+        transition(record.steps["s"], State.RUNNING)
+    with pytest.raises(ValueError):
+        State(42)  # type: ignore[arg-type]
+    assert "cancelled" not in set(State)  # never listed as this release's state
+
+
+def dead(step_id: str, error: str, failure_class: str = "permanent", **fields: object) -> StepRecord:
+    running = transition(step(step_id=step_id, key=f"k/{step_id}", **fields), State.RUNNING)
+    return transition(running, State.DEAD_LETTERED, error=error, failure_class=failure_class)
+
+
+def join_failed_job(*extra: StepRecord) -> JobRecord:
+    """A job whose for_each step ``fetch`` (need 2) has both items dead, its join failed."""
+    record = job(state=State.RUNNING)
+    for s in (dead("fetch", "join not met (min_success 2): 0 of 2 items succeeded", "join", need=2),
+              dead("fetch[0]", "boom", parent="fetch", index=0), dead("fetch[1]", "boom", parent="fetch", index=1),
+              *extra):
+        record = record.with_step(s)
+    return settle(record, 1.0)
+
+
+def test_a_job_whose_join_failed_names_the_join_and_its_rule_not_its_first_dead_item() -> None:
+    record = join_failed_job()
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "join"
+    assert record.error == "step fetch: join not met (min_success 2): 0 of 2 items succeeded"
+
+
+def test_a_step_that_failed_on_its_own_is_named_before_a_failed_join() -> None:
+    record = join_failed_job(dead("notify", "notify.example:443 answered 403"))
+    assert record.error == "step notify: notify.example:443 answered 403"
