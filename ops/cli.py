@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import textwrap
 from pathlib import Path
 from typing import Annotated, Any
@@ -797,6 +798,10 @@ app.add_typer(pipeline_app, name="pipeline")
 
 
 def main() -> None:
+    # The objects the imports made (modules, models, schemas) live until the process exits: moved
+    # out of the collector's sight, neither the command's collections nor the interpreter's
+    # teardown walk them again. A sixth of a short command's CPU time went there.
+    gc.freeze()
     plain_help()
     try:
         app()
