@@ -68,6 +68,12 @@ class MeshSettings(BaseSettings):
     max_response_bytes: int = Field(default=1024 * 1024, ge=1024, description="most bytes of an HTTP "
                                     "response a tool reads into memory; a longer body fails the call")
 
+    dlq_max_line_bytes: int | None = Field(default=None, ge=1024, description="longest line `mesh dlq load` "
+                                           "reads from an export file; a longer one refuses the file unread. "
+                                           "Default: 4 x MESH_MAX_MESSAGE_BYTES")
+    dlq_max_raw_bytes: int | None = Field(default=None, ge=1024, description="largest message (raw bytes) an "
+                                          "exported entry may carry, at most MESH_MAX_MESSAGE_BYTES (the default)")
+
     max_retries: int = Field(default=3, ge=0, le=100)
     retry_min_backoff_ms: int = Field(default=200, ge=1)
     retry_max_backoff_ms: int = Field(default=30_000, ge=1)
@@ -110,6 +116,14 @@ class MeshSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _dlq_raw_within_messages(self) -> MeshSettings:
+        # A dead letter never holds more than a message may (an oversized poison keeps a prefix).
+        if self.dlq_max_raw_bytes is not None and self.dlq_max_raw_bytes > self.max_message_bytes:
+            raise ValueError(f"MESH_DLQ_MAX_RAW_BYTES ({self.dlq_max_raw_bytes}) must not be over "
+                             f"MESH_MAX_MESSAGE_BYTES ({self.max_message_bytes})")
+        return self
+
+    @model_validator(mode="after")
     def _redis_reachable_as_written(self) -> MeshSettings:
         try:
             connection.check(self)
@@ -121,6 +135,17 @@ class MeshSettings(BaseSettings):
     def claim_lease_s(self) -> float:
         """The lease a claim holds; by default as long as a worker may go silent before it counts as dead."""
         return self.heartbeat_timeout_s if self.lease_s is None else self.lease_s
+
+    @property
+    def dlq_line_cap(self) -> int:
+        """The longest export-file line loaded: room for an entry's envelope, its raw bytes in base64
+        and its error and traceback, each bounded by MESH_MAX_MESSAGE_BYTES."""
+        return 4 * self.max_message_bytes if self.dlq_max_line_bytes is None else self.dlq_max_line_bytes
+
+    @property
+    def dlq_raw_cap(self) -> int:
+        """The largest raw message an exported entry may carry."""
+        return self.max_message_bytes if self.dlq_max_raw_bytes is None else self.dlq_max_raw_bytes
 
     @property
     def http_allowlist(self) -> frozenset[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +21,22 @@ from dramatiq.message import Message
 
 from mesh.broker.jobs import stage_record
 from mesh.broker.keys import Keys
-from mesh.broker.outbox import stage_all
+from mesh.broker.outbox import encode_checked, stage, wake
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import JobRecord, State, loads, settle, transition
+from mesh.contracts import JobRecord, LimitExceeded, State, loads, settle, transition
 
 from .audit import Audit
+from .checks import Routes, message_body
 from .store import DeadLetterStore, Filter, Stored
 
 #: Entries replayed per MULTI/EXEC when no rate is set.
 BATCH = 200
+
+#: Why an entry a replay was handed is left where it is.
+GONE = "no longer in the DLQ (replayed or removed meanwhile)"
+
+#: The Redis type each key of a queue must have (or none) for a replay to enqueue onto it.
+QUEUE_TYPES = {"queue": b"list", "messages": b"hash", "wake": b"list"}
 
 #: Step and job states a replay moves back to ``queued``.
 REPLAYABLE = frozenset({State.DEAD_LETTERED, State.UNKNOWN, State.FAILED})
@@ -47,6 +55,9 @@ class ReplayReport:
     skipped: dict[str, str] = field(default_factory=dict)
     by_agent: dict[str, int] = field(default_factory=dict)
     by_class: dict[str, int] = field(default_factory=dict)
+    #: Commands of a replay's transaction Redis refused that did not stop an enqueue (an audit record,
+    #: a counter): the entries were replayed, but what these record is missing.
+    errors: list[str] = field(default_factory=list)
 
     def count(self, stored: Stored) -> None:
         self.replayed.append(stored.entry.entry_id)
@@ -92,21 +103,22 @@ class Replayer:
         """
         report = ReplayReport(dry_run=dry_run)
         pace = _pacer(rate)
+        routes = Routes.read(self.client, self.keys)
         batch: list[tuple[Stored, Message[Any]]] = []
 
         def flush() -> None:
-            for (stored, _), done in zip(batch, self._replay_batch(batch), strict=True):
-                if done:
+            for (stored, _), problem in zip(batch, self._replay_batch(batch, report), strict=True):
+                if problem is None:
                     report.count(stored)
                 else:
-                    report.skipped[stored.entry.entry_id] = "no longer in the DLQ (replayed or removed meanwhile)"
+                    report.skipped[stored.entry.entry_id] = problem
             if progress:
                 progress(len(batch))
             batch.clear()
 
         for stored in entries:
             try:
-                message = replay_message(stored, self.settings, time.time())
+                message = self._message(stored, routes)
             except NotReplayable as exc:
                 report.skipped[stored.entry.entry_id] = str(exc)
                 if progress:
@@ -136,59 +148,129 @@ class Replayer:
         for batch in self.store.iter(flt or Filter()):
             yield from batch
 
-    def _replay_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[bool]:
-        """Replay a batch in one MULTI/EXEC, watching its entries and their jobs: every entry still in
-        the DLQ goes back to its queue with its step requeued, or, if anything changed, none does
-        and the batch is read again."""
+    def _message(self, stored: Stored, routes: Routes) -> Message[Any]:
+        """The message replaying ``stored``; NotReplayable when its bytes address anything but a known
+        agent's own queue under the entry's label, or when it would be over the message limits."""
+        body = message_body(stored.raw)
+        problem = routes.problem(stored.entry, body) if body is not None else None
+        if problem:
+            raise NotReplayable(f"{problem}; purge it, or drain it to fix it by hand")
+        message = replay_message(stored, self.settings, time.time())
+        try:
+            encode_checked(message, self.settings.max_message_bytes, self.settings.max_json_depth)
+        except LimitExceeded as exc:
+            raise NotReplayable(f"{exc}: a worker would refuse it; drain or purge it") from None
+        return message
+
+    def _replay_batch(self, batch: list[tuple[Stored, Message[Any]]], report: ReplayReport) -> list[str | None]:
+        """Replay a batch in one MULTI/EXEC, watching its entries, their jobs and their queues' keys:
+        every entry still in the DLQ goes back to its queue with its step requeued, or, if anything
+        changed, none does and the batch is read again. Per entry: None (replayed) or why not."""
         entry_keys = [self.keys.dead_letter(s.entry.entry_id) for s, _ in batch]
         job_ids = sorted({m.args[0]["job_id"] for _, m in batch if isinstance(m.args[0].get("job_id"), str)})
         job_keys = [self.keys.job(j) for j in job_ids]
+        queue_keys = {k: t for q in sorted({m.queue_name for _, m in batch}) for k, t in self._queue_keys(q)}
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(*entry_keys, *job_keys)
+                    pipe.watch(*entry_keys, *job_keys, *queue_keys)
                     # Read on another connection: WATCH still voids the EXEC if any of these change.
                     reads = self.client.pipeline(transaction=False)
                     for key in entry_keys:
                         reads.exists(key)
                     for key in job_keys:
                         reads.get(key)
+                    for key in queue_keys:
+                        reads.type(key)
                     values = reads.execute()
-                    present = [bool(v) for v in values[:len(entry_keys)]]
+                    n, m = len(entry_keys), len(entry_keys) + len(job_keys)
                     records = {j: JobRecord.model_validate(loads(d))
-                               for j, d in zip(job_ids, values[len(entry_keys):], strict=True) if d is not None}
-                    self._stage_batch(pipe, batch, present, records)
-                    pipe.execute()
-                    return present
+                               for j, d in zip(job_ids, values[n:m], strict=True) if d is not None}
+                    problems = self._problems(batch, values[:n], dict(zip(queue_keys, values[m:], strict=True)),
+                                              records)
+                    spans = self._stage_batch(pipe, batch, problems, records)
+                    return self._settle(batch, problems, spans, execute(pipe), report)
                 except redis.WatchError:
                     continue
 
-    def _stage_batch(self, pipe: Any, batch: list[tuple[Stored, Message[Any]]], present: list[bool],
-                     records: dict[str, JobRecord]) -> None:
+    def _queue_keys(self, queue: str) -> list[tuple[str, bytes]]:
+        """The keys an enqueue onto ``queue`` writes, each with the type it must have."""
+        return [(getattr(self.keys, name)(queue), kind) for name, kind in QUEUE_TYPES.items()]
+
+    def _problems(self, batch: list[tuple[Stored, Message[Any]]], present: list[Any],
+                  types: dict[str, bytes], records: dict[str, JobRecord]) -> list[str | None]:
+        """Per entry, why it cannot be replayed now: gone from the DLQ; its queue's keys hold other
+        types (an enqueue would fail inside the transaction, after the entry's removal was queued);
+        or its job's step belongs to another agent (the replay would requeue that agent's step)."""
+        out: list[str | None] = []
+        for (_, message), here in zip(batch, present, strict=True):
+            env = message.args[0]
+            wrong = [f"{k} holds a {types[k].decode()}" for k, t in self._queue_keys(message.queue_name)
+                     if types[k] not in (t, b"none")]
+            record = records.get(env.get("job_id"))
+            step = record.steps.get(env.get("step_id")) if record is not None else None
+            if not here:
+                out.append(GONE)
+            elif wrong:
+                out.append(f"queue {message.queue_name!r} cannot take it: {', '.join(wrong)}")
+            elif step is not None and step.agent != message.actor_name:
+                out.append(f"step {step.step_id} of job {env['job_id']} is agent {step.agent}'s, "
+                           f"not {message.actor_name}'s")
+            else:
+                out.append(None)
+        return out
+
+    def _settle(self, batch: list[tuple[Stored, Message[Any]]], problems: list[str | None],
+                spans: dict[int, range], refused: list[str | None], report: ReplayReport) -> list[str | None]:
+        """Read every reply of the transaction (``refused``: per command, the error Redis answered, or
+        None): an entry whose enqueue Redis refused is put back in the DLQ (its removal ran in the same
+        transaction) and reported; other refusals go to the report."""
+        out = list(problems)
+        enqueues = {i for span in spans.values() for i in span}
+        for i, (stored, _) in enumerate(batch):
+            failed = [r for r in (refused[j] for j in spans.get(i, ())) if r is not None]
+            if failed:
+                self.store.put(stored.entry, stored.raw)
+                audit = self.client.pipeline(transaction=False)
+                self.audit.stage(audit, "replay_failed", stored.entry.entry_id, error=failed[0])
+                audit.execute()
+                out[i] = f"Redis refused its enqueue ({failed[0]}); it is back in the DLQ"
+        report.errors += [r for j, r in enumerate(refused) if r is not None and j not in enqueues]
+        return out
+
+    def _stage_batch(self, pipe: Any, batch: list[tuple[Stored, Message[Any]]], problems: list[str | None],
+                     records: dict[str, JobRecord]) -> dict[int, range]:
+        """Stage the batch's replay into ``pipe``; returns, per entry staged, the positions of its
+        enqueue's commands in the transaction (so their replies can be read)."""
         now = time.time()
         changed: set[str] = set()
         was = {job_id: record.state for job_id, record in records.items()}
-        messages, entries = [], []
+        entries, spans, per_queue = [], {}, Counter[str]()
         pipe.multi()
-        for (stored, message), here in zip(batch, present, strict=True):
-            if not here:
+        for i, ((stored, message), problem) in enumerate(zip(batch, problems, strict=True)):
+            if problem is not None:
                 continue
             env, entry = message.args[0], stored.entry
             job_id = env.get("job_id")
             if job_id in records:
                 records[job_id] = _requeue(records[job_id], env.get("step_id"), now)
                 changed.add(job_id)
-            messages.append(message)
+            start = len(pipe.command_stack)
+            stage(pipe, self.keys, message, wake_up=False)
+            spans[i] = range(start, len(pipe.command_stack))
+            per_queue[message.queue_name] += 1
             entries.append(entry)
             self.audit.stage(pipe, "replay", entry.entry_id, message_id=message.message_id, key=env.get("key"),
                              queue=message.queue_name, replay_count=entry.replay_count + 1)
-        stage_all(pipe, self.keys, messages)
+        for queue, n in per_queue.items():
+            wake(pipe, self.keys, queue, n)
         self.store.remove(entries, pipe)
         for job_id in changed:
             # Active again: the record and trace lose the retention TTL the job's end gave them.
             stage_record(pipe, self.keys, records[job_id], was=was[job_id], retention_s=self.settings.job_retention_s)
         if entries:
             pipe.hincrby(self.keys.stats, "replayed", len(entries))
+        return spans
 
 
 def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:
@@ -205,6 +287,14 @@ def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:
     if record.state is State.FAILED:
         record = transition(record, State.QUEUED, now=now)
     return record
+
+
+def execute(pipe: Any) -> list[str | None]:
+    """Run the transaction staged in ``pipe``; per command, what Redis refused it with (its name and
+    key first), or None. Redis runs every command of an EXEC, so one refusal stops nothing else."""
+    commands = [" ".join(map(str, args[:2])) for args, _ in pipe.command_stack]
+    replies = pipe.execute(raise_on_error=False)
+    return [f"{c}: {r}" if isinstance(r, Exception) else None for c, r in zip(commands, replies, strict=True)]
 
 
 def _pacer(rate: float | None) -> Iterator[None]:
