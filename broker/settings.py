@@ -74,6 +74,15 @@ class MeshSettings(BaseSettings):
     dlq_max_raw_bytes: int | None = Field(default=None, ge=1024, description="largest message (raw bytes) an "
                                           "exported entry may carry, at most MESH_MAX_MESSAGE_BYTES (the default)")
 
+    ops_request_timeout_s: float = Field(default=10.0, gt=0, description="the ops server closes a connection "
+                                         "that has not sent a whole request head this long after it opened or "
+                                         "after its last response")
+    ops_keep_alive_s: int = Field(default=5, ge=1, description="the ops server closes an idle keep-alive "
+                                  "connection after this long")
+    ops_max_connections: int = Field(default=64, ge=2, description="connections the ops server holds at once "
+                                     "(at most its descriptor limit less a reserve); past it a new one replaces "
+                                     "the oldest idle one")
+
     max_retries: int = Field(default=3, ge=0, le=100)
     retry_min_backoff_ms: int = Field(default=200, ge=1)
     retry_max_backoff_ms: int = Field(default=30_000, ge=1)
