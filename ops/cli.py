@@ -751,6 +751,10 @@ def ops_serve(
 
     Guarded for an open port: MESH_OPS_REQUEST_TIMEOUT_S, MESH_OPS_KEEP_ALIVE_S and
     MESH_OPS_MAX_CONNECTIONS bound what slow or idle clients can hold."""
+    import contextlib
+    import signal
+    import sys
+
     from mesh.ops.logs import setup_logging
     from mesh.ops.server import OpsServer
 
@@ -760,7 +764,10 @@ def ops_serve(
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_INPUT)
     err.print(f"serving /metrics, /healthz, /readyz on http://{host}:{server.port}")
-    server.run()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a stop asked for exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
 
 
 @app.command(epilog="Example: `mesh demo --timeout 120`")

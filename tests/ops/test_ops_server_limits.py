@@ -118,11 +118,10 @@ def serve_with_descriptor_limit(settings: MeshSettings, tmp_path: Path, limit: i
                          timeout_s=30)
         assert proc.poll() is None, log.read_text()
         yield int(found.group(1))
-    finally:
         proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
+        assert proc.wait(15) == 0, "SIGTERM is a clean stop"
+    finally:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
 
