@@ -203,16 +203,16 @@ class Replayer:
         types (an enqueue would fail inside the transaction, after the entry's removal was queued);
         or its job's step belongs to another agent (the replay would requeue that agent's step)."""
         out: list[str | None] = []
+        wrong = {q: [f"{k} holds a {types[k].decode()}" for k, t in self._queue_keys(q) if types[k] not in (t, b"none")]
+                 for q in {m.queue_name for _, m in batch}}
         for (_, message), here in zip(batch, present, strict=True):
             env = message.args[0]
-            wrong = [f"{k} holds a {types[k].decode()}" for k, t in self._queue_keys(message.queue_name)
-                     if types[k] not in (t, b"none")]
             record = records.get(env.get("job_id"))
             step = record.steps.get(env.get("step_id")) if record is not None else None
             if not here:
                 out.append(GONE)
-            elif wrong:
-                out.append(f"queue {message.queue_name!r} cannot take it: {', '.join(wrong)}")
+            elif wrong[message.queue_name]:
+                out.append(f"queue {message.queue_name!r} cannot take it: {', '.join(wrong[message.queue_name])}")
             elif step is not None and step.agent != message.actor_name:
                 out.append(f"step {step.step_id} of job {env['job_id']} is agent {step.agent}'s, "
                            f"not {message.actor_name}'s")
@@ -292,9 +292,10 @@ def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:
 def execute(pipe: Any) -> list[str | None]:
     """Run the transaction staged in ``pipe``; per command, what Redis refused it with (its name and
     key first), or None. Redis runs every command of an EXEC, so one refusal stops nothing else."""
-    commands = [" ".join(map(str, args[:2])) for args, _ in pipe.command_stack]
+    commands = [args for args, _ in pipe.command_stack]
     replies = pipe.execute(raise_on_error=False)
-    return [f"{c}: {r}" if isinstance(r, Exception) else None for c, r in zip(commands, replies, strict=True)]
+    return [f"{' '.join(map(str, c[:2]))}: {r}" if isinstance(r, Exception) else None
+            for c, r in zip(commands, replies, strict=True)]
 
 
 def _pacer(rate: float | None) -> Iterator[None]:
