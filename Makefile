@@ -4,13 +4,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test check lint docs install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11 or newer is needed")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,otlp]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,otlp,docs]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -25,5 +25,15 @@ lint: $(BIN)/.installed
 test: lint
 	$(BIN)/pytest -q
 
+# The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
+# (tests/tier.py fails a test that does so without @pytest.mark.slow).
+check: lint
+	$(BIN)/pytest -q -m "not slow"
+
+# The documentation site, in site/: the reference pages are generated from the code; a broken
+# link or anchor fails the build (--strict).
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) .mesh .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) site .mesh .pytest_cache .mypy_cache .ruff_cache *.egg-info

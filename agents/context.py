@@ -8,7 +8,9 @@
                                                                               as its default model)
     ctx.call("file_ticket", {...})                                            a declared tool: traced,
                                                                               breaker-guarded, cut to
-                                                                              the deadline, classified
+                                                                              the deadline, classified,
+                                                                              fenced (the lease is
+                                                                              confirmed in Redis first)
     ctx.http.post(url, json=...)                                              HTTP with the same guards
 
 Secrets are not on the context: a tool reads the ones it declared (``ToolContext.secret``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -67,14 +70,22 @@ def read_secret(name: str, secrets_dir: str | None) -> str:
     return value
 
 
+#: Methods that change nothing at the endpoint: they confirm a stale lease only, not every time.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @dataclass
 class GuardedHttp:
     """``ctx.http``: requests with the mesh's guards."""
 
     tool: ToolContext
+    #: Called with the method before each request: confirms the attempt's lease (raises LeaseLost).
+    confirm: Callable[[str], None] = lambda method: None
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """``method url`` through its ``host:port``'s circuit breaker (see :func:`send_request`)."""
+        """``method url`` through its ``host:port``'s circuit breaker (see :func:`send_request`),
+        once the attempt's lease is confirmed (always, unless the method is GET, HEAD or OPTIONS)."""
+        self.confirm(method)
         return self.tool.guarded(host_port(url), lambda: send_request(self.tool, method, url, **kwargs))
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
@@ -114,7 +125,8 @@ class Context:
         return self.env.deadline
 
     def deadline_left_s(self) -> float:
-        return self.env.remaining_s()
+        """Seconds until the deadline, on the Redis server's clock (the deadline's)."""
+        return self.env.remaining_s(self.runtime.clock.now_s())
 
     @property
     def model(self) -> ModelProvider:
@@ -125,7 +137,8 @@ class Context:
 
     @property
     def http(self) -> GuardedHttp:
-        return GuardedHttp(self._tool_ctx)
+        return GuardedHttp(self._tool_ctx, lambda method: self._confirm(
+            f"http {method.upper()}", effect=method.upper() not in SAFE_METHODS))
 
     def progress(self, note: str) -> None:
         """The handler moved on: a step that only heartbeats without this is reported stuck."""
@@ -144,10 +157,18 @@ class Context:
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False)
             raise ContractError(f"invalid {tool} args: {exc.error_count()} error(s)", errors=errors) from None  # type: ignore[arg-type]
-        if self.lease.lost:
-            # Renewal found the key taken over: the new owner carries the work, this attempt acts no more.
-            raise LeaseLost(self.lease.key, self.lease.token)
+        self._confirm(spec.name, effect=spec.effect)
         return self._run(spec, typed)
+
+    def _confirm(self, call: str, *, effect: bool) -> None:
+        """The attempt's lease holds its key now (checked in Redis when :class:`~mesh.broker.fence.Fence`
+        says so), or LeaseLost: the new owner carries the work, this attempt acts no more. A refusal
+        is traced with the refused token."""
+        try:
+            self.runtime.fence.confirm(self.lease, effect=effect)
+        except LeaseLost:
+            self.runtime.fenced(self.env, call, self.lease.token)
+            raise
 
     def _run(self, spec: ToolSpec, args: BaseModel) -> Any:
         tool_ctx = self._tool_context(spec.secrets)
@@ -174,12 +195,14 @@ class Context:
             raise
         finally:
             if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
-                self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started, **outcome)
+                self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started,
+                                       token=self.lease.token, **outcome)
 
     def _tool_context(self, secrets: tuple[str, ...]) -> ToolContext:
         rt = self.runtime
         return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
-                           fencing_token=self.lease.token, deadline=self.env.deadline, breakers=rt.breakers,
+                           fencing_token=self.lease.token, deadline=self.env.deadline, clock=rt.clock.now_s,
+                           breakers=rt.breakers,
                            settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http, resolve=rt.resolve,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
 

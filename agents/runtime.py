@@ -16,6 +16,8 @@ from redis import Redis
 
 from mesh.broker import trace
 from mesh.broker.breaker import Breakers
+from mesh.broker.clock import ServerClock
+from mesh.broker.fence import Fence
 from mesh.broker.idempotency import current_lease
 from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
 from mesh.broker.keys import Keys
@@ -71,16 +73,18 @@ class AgentRuntime:
         self.keys = Keys(self.settings.namespace)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
+        self.fence = Fence(self.settings, self.redis)
+        self.clock = ServerClock(self.redis)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents
-        self.routes = Routes(queue=lambda a: agents[a].queue if a in agents else a,
-                             version=lambda a: agents[a].version if a in agents else None,
-                             max_fan_out=self.settings.max_fan_out)
+        self.routes = Routes.from_settings(self.settings, queue=lambda a: agents[a].queue if a in agents else a,
+                                           version=lambda a: agents[a].version if a in agents else None)
         if self.breakers is None:
             self.breakers = Breakers(self.settings, self.redis)
         # A pipeline step lost on the failure path (the broker's) moves its job on by the engine.
-        on_step_lost(lambda record: after_loss(load_spec(self.pipelines, record.pipeline or "",
-                                                         record.pipeline_digest or ""), record, self.routes))
+        on_step_lost(lambda record, events: after_loss(load_spec(self.pipelines, record.pipeline or "",
+                                                                 record.pipeline_digest or ""),
+                                                       record, self.routes, events))
 
     @classmethod
     def from_settings(cls, settings: MeshSettings, client: Redis, app: App | None = None) -> AgentRuntime:
@@ -109,7 +113,7 @@ class AgentRuntime:
 
         def picked_up(pipe: Any, record: JobRecord) -> None:
             if record.steps[env.step_id].state is State.RUNNING:
-                pipe.zadd(self.keys.running, {member: time.time()})
+                pipe.zadd(self.keys.running, {member: self.clock.now_s()})  # compared on other hosts
 
         picked = trace.event("picked_up", envelope, worker=self.worker, token=lease.token)
 
@@ -199,11 +203,20 @@ class AgentRuntime:
         return load_spec(self.pipelines, record.pipeline, record.pipeline_digest)
 
     def tool_call(self, env: Envelope, tool: str, dependency: str, duration_s: float, *,
-                  status: Any = None, error: str | None = None) -> None:
-        """Trace one tool call, and count it as progress (the handler moved on), in one round trip."""
-        call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool,
+                  token: int | None = None, status: Any = None, error: str | None = None) -> None:
+        """Trace one tool call with the fencing token that made it, and count it as progress (the
+        handler moved on), in one round trip."""
+        call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool, token=token,
                            dependency=dependency, duration_s=round(duration_s, 4), status=status, error=error)
         self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}", before=call)
+
+    def fenced(self, env: Envelope, call: str, token: int) -> None:
+        """Trace a call refused because the attempt's lease (``token``) was lost to another owner."""
+        ev = trace.event("fenced", env.model_dump(mode="json"), worker=self.worker, call=call, token=token)
+        try:
+            trace.emit(self.redis, self.keys, ev)
+        except redis.RedisError as exc:  # a trace line: the refusal stands without it
+            logger.warning("could not trace a fenced call", extra={"error": str(exc)})
 
     def progress(self, env: Envelope, note: str, *, before: dict[str, Any] | None = None) -> None:
         """The handler moved on: the step's progress counter advances (a step that only heartbeats
@@ -217,7 +230,7 @@ class AgentRuntime:
         pipe = self.redis.pipeline(transaction=False)
         if before is not None:
             trace.stage(pipe, self.keys, before)
-        pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): time.time()}, xx=True)
+        pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): self.clock.now_s()}, xx=True)
         trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
                                                  progress=n, note=note))
         try:
@@ -235,8 +248,9 @@ class AgentRuntime:
                                 errors=errors) from None  # type: ignore[arg-type]
         if env.agent != agent:
             raise ContractError(f"envelope for {env.agent!r} delivered to {agent!r}")
-        if env.remaining_s() <= 0:
-            raise DeadlineExceeded(f"deadline passed {-env.remaining_s():.1f}s ago", deadline=env.deadline)
+        left = env.remaining_s(self.clock.now_s())  # the deadline is on the Redis server's clock
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline passed {-left:.1f}s ago", deadline=env.deadline)
         if agent in env.hops:
             raise CycleDetected(f"{agent} re-entered: hops {' > '.join(env.hops)}", hops=env.hops)
         if len(env.hops) >= self.settings.max_hops:

@@ -157,13 +157,16 @@ class Breakers:
         self._call("reset", name)
         return True
 
-    def note_deferred(self, name: str, message_id: str, due_ms: int, pipe: Any = None) -> None:
-        """Record that ``message_id`` waits on ``name``'s open breaker until ``due_ms`` (epoch ms, the
-        clock its delayed copy is due by). One member per message (a re-deferral moves it), and members
-        already due are trimmed on each add, so the set holds at most the messages waiting now."""
+    def note_deferred(self, name: str, message_id: str, due_ms: int, pipe: Any = None, *,
+                      now_ms: int | None = None) -> None:
+        """Record that ``message_id`` waits on ``name``'s open breaker until ``due_ms`` (epoch ms on the
+        Redis server's clock, as its delayed copy's eta; ``now_ms`` the server's time now, default this
+        host's clock). One member per message (a re-deferral moves it), and members already due are
+        trimmed on each add, so the set holds at most the messages waiting now."""
         own = pipe is None
         pipe = self.client.pipeline(transaction=False) if own else pipe
-        key, now_ms = self.keys.breaker_deferred(name), int(time.time() * 1000)
+        key = self.keys.breaker_deferred(name)
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         ttl_ms = max(0, due_ms - now_ms) + DEFERRED_GRACE_MS
         pipe.zadd(key, {message_id: due_ms})
         pipe.zremrangebyscore(key, "-inf", f"({min(due_ms, now_ms)}")

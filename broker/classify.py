@@ -6,6 +6,7 @@ import email.utils
 import time
 from collections.abc import Mapping
 
+import dramatiq
 import httpx
 import pydantic
 import redis
@@ -39,6 +40,9 @@ def classify(exc: BaseException) -> tuple[FailureClass, float | None]:
         return exc.failure_class, exc.retry_after_s
     if isinstance(exc, MeshError):
         return exc.failure_class, None
+    if isinstance(exc, dramatiq.Retry) and exc.delay is not None:
+        # dramatiq's "retry me after at least this long": a deferral, as a named wait is.
+        return FailureClass.RATE_LIMITED, max(0.0, exc.delay / 1000)
     if isinstance(exc, TimeLimitExceeded | httpx.TimeoutException):
         return FailureClass.TIMEOUT, None
     if isinstance(exc, httpx.HTTPStatusError):

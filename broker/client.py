@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -33,6 +34,7 @@ from mesh.contracts import (
 from mesh.contracts.messages import validate_model
 
 from . import trace
+from .clock import ServerClock
 from .connection import NotReplicated, connect, replicated, transaction
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
@@ -133,6 +135,8 @@ class MeshClient:
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self._enqueue = register(self.redis)
+        #: Deadlines are set on the Redis server's clock, where workers check them.
+        self.clock = ServerClock(self.redis)
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
         """Run the built-in pipeline (planner → researchers → executor) for ``goal``: a run of the
@@ -198,13 +202,17 @@ class MeshClient:
                            payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
                            pipeline_digest=spec.digest(), pipeline_input=input)
         record, messages, events = spec.start(
-            record, trace_id=trace_id, deadline=now + self.settings.job_deadline_s, token_budget=budget,
+            record, trace_id=trace_id, deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
-            max_fan_out=self.settings.max_fan_out)
+            max_fan_out=self.settings.max_fan_out, settings=self.settings)
         refused = [s for s in record.steps.values() if s.state is State.DEAD_LETTERED]
-        if refused:  # a root for_each over the input listed more than MESH_MAX_FAN_OUT items
-            raise LimitExceeded(f"step {refused[0].step_id}: {refused[0].error}", setting="MESH_MAX_FAN_OUT",
-                                limit=self.settings.max_fan_out, size=-1)
+        if refused:  # a root the engine would not send: a list, key, expression or input past a limit
+            why = f"step {refused[0].step_id}: {refused[0].error or ''}"
+            named = re.search(r"MESH_[A-Z_]+", why)
+            if named is None:  # the run's input does not fit its expressions (a field missing)
+                raise ContractError(why, job_id=ref.id)
+            limit = getattr(self.settings, named.group().removeprefix("MESH_").lower(), -1)
+            raise LimitExceeded(why, setting=named.group(), limit=limit if isinstance(limit, int) else -1, size=-1)
         encoded = [self._encode(m) for m in messages]
         while True:
             with transaction(self.redis, self.settings) as pipe:
@@ -332,7 +340,7 @@ class MeshClient:
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
         batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=None, now=now,
-                        deadline=now + self.settings.job_deadline_s, token_budget=budget,
+                        deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
                         max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth)
         refs = []
         for index, (step_id, payload, given) in enumerate(items):
@@ -376,11 +384,12 @@ class MeshClient:
 
     def stuck(self, record: JobRecord, *, now: float | None = None) -> dict[str, float]:
         """Running steps of ``record`` whose last progress is older than MESH_STUCK_AFTER_S: step id ->
-        seconds without progress. Such a step is not shown as running happily."""
+        seconds without progress (on the Redis server's clock, as the workers record progress). Such a
+        step is not shown as running happily."""
         running = [s for s in record.steps.values() if s.state is State.RUNNING]
         if not running:
             return {}
-        now = time.time() if now is None else now
+        now = self.clock.now_s() if now is None else now
         pipe = self.redis.pipeline(transaction=False)
         for step in running:
             pipe.zscore(self.keys.running, running_member(record.job_id, step.step_id))

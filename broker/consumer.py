@@ -175,6 +175,7 @@ class MeshConsumer(_RedisConsumer):
                     and step.token == job.token):
                 return None
             record, messages = job.change(before)
+            arg["events"] = [dumps(ev).decode() for ev in job.events]  # with what the change added
             # What the failure sets in motion (a pipeline's next steps) is sent with the record.
             arg["msgs"] = [{"hash": keys.messages(m.queue_name), "queue": keys.queue(m.queue_name),
                             "wake": keys.wake(m.queue_name), "rid": m.options["redis_message_id"],

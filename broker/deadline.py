@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from dramatiq.broker import Broker, MessageProxy
-from dramatiq.common import current_millis
 from dramatiq.errors import ActorNotFound
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, TimeLimitExceeded
 
+from mesh.contracts import MeshError
+
+from .clock import server_now_ms
 from .settings import MeshSettings
 
 #: Where the message's own ``time_limit`` waits while the computed one is in its options.
 _OWN = "mesh_own_time_limit"
+#: Which limit the attempt runs under, for the error it fails with if the limit stops it.
+_WHY = "mesh_time_limit_why"
 _ABSENT, _NOT_RUN = object(), object()
 
 
@@ -20,10 +24,35 @@ def effective_limit_ms(setting_ms: int, *options_ms: Any, deadline_s: Any = None
     """The smallest of ``setting_ms``, the ``time_limit`` options given (ms; anything that is not a
     positive number sets no limit) and the time left until ``deadline_s`` (absolute UNIX seconds);
     at least 1 ms, so a spent budget still arms the timer."""
-    limit = min([setting_ms, *(v for v in options_ms if _positive(v))])
+    return applied_limit([("", setting_ms), *(("", v) for v in options_ms)], deadline_s=deadline_s,
+                         now_ms=now_ms)[0]
+
+
+def applied_limit(limits: list[tuple[str, Any]], *, deadline_s: Any = None,
+                  now_ms: int) -> tuple[int, str, list[tuple[str, float]]]:
+    """Of the named limits (ms; what is not a positive number sets none; the first always counts)
+    and the time left until ``deadline_s`` (named "the job's deadline"): the smallest (at least
+    1 ms), its name, and every limit that counted, by name."""
+    counted = [(name, float(ms)) for i, (name, ms) in enumerate(limits) if i == 0 or _positive(ms)]
     if _number(deadline_s):
-        limit = min(limit, deadline_s * 1000 - now_ms)
-    return int(max(1, limit))  # a deadline of -1e308 makes the limit -inf, which int() refuses
+        counted.append(("the job's deadline", deadline_s * 1000 - now_ms))
+    name, limit = counted[0]
+    for other, ms in counted[1:]:
+        if ms < limit:
+            name, limit = other, ms
+    return int(max(1, limit)), name, counted  # a deadline of -1e308 makes the limit -inf, which int() refuses
+
+
+def explain(limit_ms: int, name: str, counted: list[tuple[str, float]]) -> str:
+    """Why an attempt was stopped: ``TimeLimitExceeded: stopped at 0.5 s, the step's timeout_ms (the
+    other limits: MESH_TIME_LIMIT_S 300 s, agent a's time limit 60 s, the job's deadline 41.8 s)``."""
+    others = ", ".join(f"{other} {_secs(ms)}" for other, ms in counted if other != name)
+    return f"TimeLimitExceeded: stopped at {_secs(limit_ms)}, {name}" + (
+        f" (the other limits: {others})" if others else "")
+
+
+def _secs(ms: float) -> str:
+    return f"{max(ms, 0) / 1000:.3f}".rstrip("0").rstrip(".") + " s"
 
 
 def _number(value: Any) -> bool:
@@ -40,7 +69,8 @@ class Deadline(Middleware):
 
     TimeLimit takes the message's option when there is one, so this writes the computed limit there
     for the attempt and puts the message's own value back afterwards: a retried copy carries what
-    the sender asked for, not one worker's computation. A message already past its deadline is
+    the sender asked for, not one worker's computation. The time left is counted on the Redis
+    server's clock (the deadline's), not this host's. A message already past its deadline is
     dead-lettered by the agent runtime without running; this keeps a running handler inside it.
     """
 
@@ -54,10 +84,14 @@ class Deadline(Middleware):
         except ActorNotFound:  # TimeLimit raises it next; the router dead-letters the message
             actor_limit = None
         envelope = message.args[0] if len(message.args) == 1 and isinstance(message.args[0], dict) else {}
-        message.options["time_limit"] = effective_limit_ms(
-            self.limit_ms, None if own is _ABSENT else own, actor_limit,
-            deadline_s=envelope.get("deadline"), now_ms=current_millis())
+        limit_ms, name, counted = applied_limit(
+            [("MESH_TIME_LIMIT_S", self.limit_ms),
+             ("the step's timeout_ms" if envelope else "the message's time_limit", None if own is _ABSENT else own),
+             (f"agent {message.actor_name}'s time limit", actor_limit)],
+            deadline_s=envelope.get("deadline"), now_ms=server_now_ms(broker))
+        message.options["time_limit"] = limit_ms
         setattr(message, _OWN, own)
+        setattr(message, _WHY, (limit_ms, name, counted))  # worded only if the limit stops the attempt
 
     def after_process_message(
         self, broker: Broker, message: MessageProxy, *, result: Any = None, exception: BaseException | None = None
@@ -65,9 +99,23 @@ class Deadline(Middleware):
         own = message.__dict__.pop(_OWN, _NOT_RUN)
         if own is _NOT_RUN:  # skipped by an earlier middleware before this one ran
             return
+        applied = message.__dict__.pop(_WHY, None)
+        if applied is not None:
+            _name_the_limit(exception, *applied)
         if own is _ABSENT:
             message.options.pop("time_limit", None)
         else:
             message.options["time_limit"] = own
 
     after_skip_message = after_process_message
+
+
+def _name_the_limit(exception: BaseException | None, limit_ms: int, name: str,
+                    counted: list[tuple[str, float]]) -> None:
+    """Say which limit stopped the attempt in the error it failed with (this runs before the router's
+    hook records it): dramatiq raises a bare ``TimeLimitExceeded`` into the thread, and a tool
+    interrupted mid-call raises a timeout naming only itself (``DependencyTimeout`` from it)."""
+    if isinstance(exception, TimeLimitExceeded) and not exception.args:
+        exception.args = (explain(limit_ms, name, counted),)
+    elif isinstance(exception, MeshError) and isinstance(exception.__cause__, TimeLimitExceeded):
+        exception.message = f"{exception.message} ({explain(limit_ms, name, counted)})"

@@ -25,13 +25,13 @@ from typing import Any
 
 import redis
 from dramatiq.broker import Broker, MessageProxy
-from dramatiq.common import current_millis
 from dramatiq.middleware import Middleware, SkipMessage
 
 from mesh.contracts import TERMINAL, FailureClass, dumps, loads
 
 from . import trace
 from .claims import script_source
+from .clock import server_now_ms
 from .keys import Keys
 from .observe import count_outcome
 from .router import dead_letter_with_step, full_jitter_ms
@@ -58,6 +58,9 @@ class Lease:
     result: dict[str, Any] | None = None
     done: bool = True
     lost: bool = field(default=False, compare=False)
+    #: ``time.monotonic()`` when the request that last confirmed the claim in Redis (the claim, a
+    #: renewal, a check before an effect) was sent: the lease runs at least a lease from then.
+    confirmed_at: float = field(default_factory=time.monotonic, compare=False)
     #: ``time.monotonic()`` at the claim, and at the handler's last progress report.
     started: float = field(default_factory=time.monotonic, compare=False)
     progress: int = field(default=0, compare=False)
@@ -208,6 +211,9 @@ class Idempotency(Middleware):
                 lease.started = lease.progress_at = time.monotonic()  # it runs from now, not from the fetch
                 lease.running = True
             message.mesh_lease = lease  # type: ignore[attr-defined]
+            kills = int(rest[0]) if rest else 0
+            if kills >= self.settings.poison_kills:
+                self._poison(broker, message, lease, kills)
             _current.lease = lease
             return
         envelope = message.args[0]
@@ -238,6 +244,19 @@ class Idempotency(Middleware):
                     route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
 
+    def _poison(self, broker: Broker, message: MessageProxy, lease: Lease, kills: int) -> None:
+        """The message's last ``kills`` owners died running it (their claims were taken over): it is
+        dead-lettered as poison, unrun, and its claim freed (which clears the count) by the same
+        settlement, so a replay runs it again."""
+        self._release_hold(lease)
+        lease.release_pending = True
+        why = (f"poison: {kills} workers died running this message (MESH_POISON_KILLS="
+               f"{self.settings.poison_kills}); not run again")
+        decide(message, dead_letter_with_step(broker, message, FailureClass.INVALID_INPUT, why, None, stat="poison"))
+        logger.error("message dead-lettered as poison", extra={"key": lease.key, "kills": kills,
+                                                                "agent": message.actor_name})
+        raise SkipMessage(f"{lease.key}: poison")
+
     def _shares(self, envelope: dict[str, Any]) -> bool:
         """A done key whose message's own step, in a declared pipeline's job, has not ended: the key
         is shared by two jobs (a pipeline's ``idempotency_key``), and this job needs the stored result.
@@ -260,7 +279,8 @@ class Idempotency(Middleware):
         # Its own counter: waiting for a key's owner spends none of the router's MESH_MAX_DEFERS.
         waits = int(message.options.get("mesh_waits", 0))
         deadline = message.args[0].get("deadline")
-        past = isinstance(deadline, int | float) and deadline * 1000 <= current_millis()
+        now_ms = server_now_ms(broker)  # the deadline and the due time are on the Redis server's clock
+        past = isinstance(deadline, int | float) and deadline * 1000 <= now_ms
         if past or waits >= self.settings.max_waits:
             why = "its deadline passed" if past else f"it waited {waits} times (MESH_MAX_WAITS)"
             failure_class = FailureClass.DEADLINE if past else FailureClass.UNKNOWN
@@ -271,10 +291,10 @@ class Idempotency(Middleware):
         delay_ms = full_jitter_ms(waits, DEFER_MIN_MS, DEFER_MAX_MS, random.random)
         if lease_left_ms:
             delay_ms = min(lease_left_ms + 50, delay_ms)
-        copy = delayed_copy(message._message, delay_ms, mesh_waits=waits + 1)
+        copy = delayed_copy(message._message, delay_ms, now_ms=now_ms, mesh_waits=waits + 1)
         decide(message, RetryLater(copy, delay_ms, stat=stat, route=route))
         ev = trace.event("deferred", message.args[0], worker=trace.worker_name(), reason=reason,
-                         until=time.time() + delay_ms / 1000)
+                         until=(now_ms + delay_ms) / 1000)
         self._quietly(lambda: trace.emit(self.client, self.keys, ev))
         logger.info("message deferred before running",
                     extra={"key": key, "trace_id": message.args[0].get("trace_id"), "agent": message.actor_name,
@@ -343,8 +363,11 @@ class Idempotency(Middleware):
         pipe = self.client.pipeline(transaction=False)
         for lease in leases:
             self._call("renew", lease.claim_key, lease.owner, client=pipe)
+        sent = time.monotonic()
         for lease, ok in zip(leases, pipe.execute(), strict=True):
-            if not ok and not lease.lost:
+            if ok:
+                lease.confirmed_at = max(lease.confirmed_at, sent)
+            elif not lease.lost:
                 lease.lost = True
                 logger.warning("lease lost while running", extra={"key": lease.key, "token": lease.token})
         self._flag_stuck(leases)

@@ -139,37 +139,46 @@ class JobStore:
 
 
 #: What a declared pipeline's step ending without output sets in motion (the next item of a
-#: ``for_each`` step, its join, the dependents a join releases): registered by the agents layer, so
-#: the broker imports nothing of the engine. None: only the job's state is derived.
-_after_loss: Change | None = None
+#: ``for_each`` step, its join, the dependents a join releases), appending the trace events it
+#: makes (a join's decision) to the list given: registered by the agents layer, so the broker
+#: imports nothing of the engine. None: only the job's state is derived.
+LossChange = Callable[[JobRecord, list[dict[str, Any]]], tuple[JobRecord, list[Message]]]
+_after_loss: LossChange | None = None
 
 
-def on_step_lost(change: Change | None) -> None:
+def on_step_lost(change: LossChange | None) -> None:
     """Register what a pipeline job's dead-lettered (or unknown) step sets in motion (see ``fail_step``)."""
     global _after_loss
     _after_loss = change
 
 
 def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None,
-              tokens: tuple[int, int] = (0, 0)) -> Change:
+              tokens: tuple[int, int] = (0, 0), events: list[dict[str, Any]] | None = None) -> Change:
     """A step's attempt failed: it waits for a retry (FAILED), or it ends (DEAD_LETTERED, UNKNOWN) and
     the job's state is derived from its steps (:func:`mesh.contracts.settle`): a lost item of a
     ``for_each`` step whose join can still be met does not end the job, and a declared pipeline's
     job moves on by what :func:`on_step_lost` registered (the messages it sends go with the record).
 
-    ``token`` is the fencing token of the failed attempt: a step another owner holds now
-    (running with another token) is not touched, nor a running step by an attempt that held none.
+    ``token`` is the fencing token of the failed attempt: a step a later owner holds now (running
+    with a higher token) is not touched, nor a running step by an attempt that held none. A running
+    step with a lower token was left by an owner whose claim this attempt took over (it died): the
+    failure is this attempt's to record, even before it picked the step up.
     ``tokens``: the model tokens (in, out) the attempt spent, added to the step and the job while the
     step is still its attempt's (running), so a re-sent write does not count them twice.
+    ``events``: where the trace events the loss sets off (a join's decision) are appended, to be
+    written with the record; each call of the change starts over from the events first given.
     """
+    events = [] if events is None else events
+    given = len(events)
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
+        del events[given:]  # a settlement recomputed after a conflict starts over
         now = time.time()
         step = record.steps.get(step_id)
         if step is None or step.state in TERMINAL:
             return record, []
-        if step.state is State.RUNNING and step.token != token:
-            return record, []
+        if step.state is State.RUNNING and (token is None or (step.token or 0) > token):
+            return record, []  # a later claim's owner runs it now
         if step.state is State.RUNNING:
             step, record = add_tokens(step, *tokens), add_tokens(record, *tokens)
         record = record.with_step(
@@ -178,7 +187,7 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
         if state not in TERMINAL:
             return record, []
         if _after_loss is not None and record.pipeline_digest is not None:
-            return _after_loss(record)
+            return _after_loss(record, events)
         return settle(record, now), []
 
     return change

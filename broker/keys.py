@@ -21,6 +21,9 @@ The mesh's own:
                                       by broker/claims.py): state claimed|free|done, fencing token, lease
                                       end (ms, server clock), owner, result; a hash an earlier release
                                       wrote is still read
+    {ns}:kills:{key}                  integer: owners of the claim on {key} that died holding it (taken
+                                      over after their lease ran out), cleared when an attempt lets go;
+                                      at MESH_POISON_KILLS the next delivery is dead-lettered as poison
     {ns}:breaker:{name}               hash: circuit breaker of a dependency (broker/scripts/breaker.lua)
     {ns}:breaker:{name}:failures      zset of recent brownouts (the failure window)
     {ns}:breaker:{name}:errors        list, capped at MESH_BREAKER_FAILURES: the recent failures' errors
@@ -112,6 +115,9 @@ class Keys:
 
     def claim(self, key: str) -> str:
         return f"{self.namespace}:claim:{key}"
+
+    def kills(self, key: str) -> str:
+        return f"{self.namespace}:kills:{key}"
 
     def breaker(self, name: str) -> str:
         return f"{self.namespace}:breaker:{name}"

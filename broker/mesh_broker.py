@@ -18,7 +18,9 @@ from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
 from mesh.contracts import OrjsonEncoder
 from mesh.contracts.deadletter import Attempt, DeadLetter
 
+from . import compat
 from .claims import script_source
+from .clock import DelayClock, ServerClock
 from .connection import connect
 from .consumer import MeshConsumer
 from .deadline import Deadline
@@ -38,7 +40,8 @@ SETTLE_LUA = script_source("settle.lua")
 #: script with this prelude, which puts the Redis server's clock in ARGV[2] before the script reads
 #: it. Chosen over routing the commands through settle.lua or a copy of dispatch.lua: every command
 #: is covered, the script stays the installed dramatiq's, and no TIME round trip is added. (The
-#: delay queue's due time is the message's own ``eta``, which the script does not read.)
+#: delay queue's due time is the message's own ``eta``, which the script does not read: it is
+#: written on the server's clock too, see broker/clock.py.)
 SERVER_CLOCK_PRELUDE = """local mesh_t = redis.call("time")
 ARGV[2] = tonumber(mesh_t[1]) * 1000 + math.floor(tonumber(mesh_t[2]) / 1000)
 """
@@ -69,8 +72,13 @@ class MeshBroker(RedisBroker):
             client=client,
         )
         self.settings = settings
+        # dramatiq's @actor refuses an option no middleware declares with a bare "undefined": let the
+        # refused ones reach declare_actor, which names what the mesh does instead.
+        self.actor_options |= set(compat.REFUSED)
         #: This host's clock (ms), sent where dramatiq's script layout has the caller's timestamp.
         self.clock = clock
+        #: The Redis server's clock as this host reads it: due times and deadline checks.
+        self.server_clock = ServerClock(self.records, local=clock)
         self.keys = Keys(settings.namespace)
         self.scripts["settle"] = self.client.register_script(SETTLE_LUA)
         self.scripts["dispatch"] = self.client.register_script(DISPATCH_LUA)
@@ -78,6 +86,13 @@ class MeshBroker(RedisBroker):
         self.pid = os.getpid()
         #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
         self.in_hand: dict[str, set[str]] = {}
+
+    def declare_actor(self, actor: dramatiq.Actor[Any, Any]) -> None:
+        """dramatiq's declaration, refusing the actor options the mesh would silently ignore
+        (:mod:`mesh.broker.compat`): ConfigError, naming the mesh's equivalent."""
+        declared = {name for m in self.middleware for name in m.actor_options}
+        compat.check_options(actor.actor_name, actor.options, declared)
+        super().declare_actor(actor)
 
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
         """dramatiq's enqueue (``actor.send``, a delayed message coming due), plus the wake-up token."""
@@ -195,6 +210,7 @@ def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Midd
         FailureRouter(settings, JobStore(client, Keys(settings.namespace), settings.job_retention_s)),
         Idempotency(settings, client),
         Deadline(settings),
+        DelayClock(),
         # Last, so its after-hook (run first) cancels the timer before the router does any work.
         TimeLimit(time_limit=int(settings.time_limit_s * 1000)),
     ]

@@ -36,8 +36,9 @@ from dramatiq.middleware import Middleware
 from mesh.contracts import BreakerOpen, Brownout, FailureClass, LeaseLost, OutcomeUnrecorded, State
 from mesh.contracts.deadletter import Attempt, format_traceback
 
-from . import trace
+from . import compat, trace
 from .classify import classify
+from .clock import server_now_ms
 from .jobs import JobStore, fail_step
 from .observe import observe_duration, running_member
 from .redact import redact
@@ -218,10 +219,11 @@ def dead_letter_with_step(broker: Broker, message: MessageProxy, failure_class: 
     if isinstance(job_id, str) and isinstance(step_id, str):
         lease = message.__dict__.get("mesh_lease")
         token = lease.token if lease else None
-        ev = trace.event("dead_lettered", envelope, worker=trace.worker_name(), failure_class=str(failure_class),
-                         error=error[:500], route="dead_letter", state=str(state))
-        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token),
-                       step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+        events = [trace.event("dead_lettered", envelope, worker=trace.worker_name(),
+                              failure_class=str(failure_class), error=error[:500], route="dead_letter",
+                              state=str(state))]
+        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token, events=events),
+                       step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                        release=(lease.claim_key, lease.owner) if lease and lease.release_pending else None)
     return DeadLetterIt(entry, stat, f"{failure_class}:dead_letter", job=job)
 
@@ -273,21 +275,25 @@ class FailureRouter(Middleware):
         log = {"agent": message.actor_name, "trace_id": envelope.get("trace_id"), "key": envelope.get("key"),
                "job_id": envelope.get("job_id")}
         lease = message.__dict__.get("mesh_lease")
+        # Due times and the deadline are on the Redis server's clock: this host's may be off.
+        now_ms = server_now_ms(broker)
         if isinstance(exception, LeaseLost) or message.__dict__.get("mesh_superseded"):
             # Another owner took the key over and carries the work on. This copy is not dropped: it
             # comes back shortly, and the claim absorbs it (done: acked; still held: waits).
             delay_ms = full_jitter_ms(1, SUPERSEDED_WAIT_MS, 2 * SUPERSEDED_WAIT_MS, self.rng)
-            decide(message, RetryLater(delayed_copy(message._message, delay_ms), delay_ms, "superseded",
-                                       "duplicate:defer"))
+            decide(message, RetryLater(delayed_copy(message._message, delay_ms, now_ms=now_ms), delay_ms,
+                                       "superseded", "duplicate:defer"))
             logger.warning("attempt superseded", extra={**log, "delay_ms": delay_ms})
             return
         failure_class, retry_after_s = classify(exception)
+        if compat.thrown(exception, self._option(broker, message, "throws", kind=object)):
+            failure_class, retry_after_s = FailureClass.PERMANENT, None  # dramatiq's "never retry this"
         attempt = envelope.get("attempt", 1) if isinstance(envelope.get("attempt"), int) else 1
         deadline = envelope.get("deadline")
         step_budget = _step_budget(envelope)
         routing = route(
             failure_class, retry_after_s, attempt=attempt, defers=int(message.options.get("mesh_defers", 0)),
-            remaining_s=deadline - current_millis() / 1000 if isinstance(deadline, int | float) else math.inf,
+            remaining_s=deadline - now_ms / 1000 if isinstance(deadline, int | float) else math.inf,
             timeout_retries=self._timeout_retries(broker, message, envelope, step_budget) if envelope else 0,
             max_retries=step_budget if step_budget is not None else self._option(broker, message, "max_retries"),
             settings=self.settings, rng=self.rng, backoff=_str_or_none(envelope.get("backoff")),
@@ -297,7 +303,7 @@ class FailureRouter(Middleware):
             routing = Routing(Route.DEAD_LETTER, failure_class, reason="no envelope to retry with")
         # The decision is made before any I/O: whatever happens next, the message is settled by it,
         # and the job record's change goes with the settlement (retried with it until Redis answers).
-        decision = self._decide(broker, message, envelope, attempt, routing, exception)
+        decision = self._decide(broker, message, envelope, attempt, routing, exception, now_ms)
         job = self._job_write(envelope, decision, routing, exception, lease)
         decide(message, dataclasses.replace(decision, job=job))
         logger.warning("message failed", extra={
@@ -307,14 +313,15 @@ class FailureRouter(Middleware):
             self._observe(message.actor_name, time.monotonic() - lease.started)
         if (isinstance(decision, RetryLater) and routing.route is Route.DEFER and isinstance(exception, Brownout)
                 and exception.retry_after_s is not None):
-            self._note_deferred(exception.dependency, decision.message)
+            self._note_deferred(exception.dependency, decision.message, now_ms)
 
-    def _option(self, broker: Broker, message: MessageProxy, name: str) -> int | None:
+    def _option(self, broker: Broker, message: MessageProxy, name: str, kind: type = int) -> Any:
+        """The actor's option ``name`` when it is a ``kind`` (default int), else None."""
         try:
             value = broker.get_actor(message.actor_name).options.get(name)
         except Exception:  # an unknown actor
             return None
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, kind) else None
 
     def _timeout_retries(self, broker: Broker, message: MessageProxy, envelope: dict[str, Any],
                          step_budget: int | None) -> int:
@@ -330,7 +337,7 @@ class FailureRouter(Middleware):
             return 0
 
     def _decide(self, broker: Broker, message: MessageProxy, envelope: dict[str, Any], attempt: int,
-                routing: Routing, exception: BaseException) -> Decision:
+                routing: Routing, exception: BaseException, now_ms: int) -> Decision:
         error = redact(str(exception) or type(exception).__name__)
         counter = f"{routing.failure_class}:{routing.route}"
         if routing.route is Route.DEAD_LETTER:
@@ -347,11 +354,11 @@ class FailureRouter(Middleware):
         if deferred:  # same attempt: a deferral spends no retry budget
             extra: dict[str, Any] = (
                 {"mesh_output": exception.output} if isinstance(exception, OutcomeUnrecorded) else {})
-            copy = delayed_copy(message._message, routing.delay_ms, mesh_attempts=history,
+            copy = delayed_copy(message._message, routing.delay_ms, now_ms=now_ms, mesh_attempts=history,
                                 mesh_defers=int(message.options.get("mesh_defers", 0)) + 1, **extra)
             return RetryLater(copy, routing.delay_ms, "deferred", counter)
-        copy = delayed_copy(message._message, routing.delay_ms, args=({**envelope, "attempt": attempt + 1},),
-                            mesh_attempts=history)
+        copy = delayed_copy(message._message, routing.delay_ms, now_ms=now_ms,
+                            args=({**envelope, "attempt": attempt + 1},), mesh_attempts=history)
         return RetryLater(copy, routing.delay_ms, "retried", counter)
 
     def _job_write(self, envelope: dict[str, Any], decision: Decision, routing: Routing, exc: BaseException,
@@ -371,19 +378,20 @@ class FailureRouter(Middleware):
             state = State.DEAD_LETTERED
         error = routing.error(exc)
         kind = {Route.DEFER: "deferred", Route.RETRY: "failed", Route.DEAD_LETTER: "dead_lettered"}[routing.route]
-        now = time.time()
-        ev = trace.event(kind, envelope, worker=trace.worker_name(), at=now, failure_class=str(routing.failure_class),
-                         error=error[:500], route=str(routing.route), state=str(state),
-                         until=now + routing.delay_ms / 1000 if routing.route is not Route.DEAD_LETTER else None)
+        # ``until``: the copy's due time, on the Redis server's clock like the copy's eta.
+        until = decision.message.options["eta"] / 1000 if isinstance(decision, RetryLater) else None
+        ev = trace.event(kind, envelope, worker=trace.worker_name(), failure_class=str(routing.failure_class),
+                         error=error[:500], route=str(routing.route), state=str(state), until=until)
         release = (lease.claim_key, lease.owner) if lease is not None and lease.release_pending else None
         token = lease.token if lease else None
         tokens = (lease.tokens_in, lease.tokens_out) if lease else (0, 0)
+        events = [ev]  # and what the change sets off (a join's decision), written with it
         return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token,
-                                          tokens=tokens),
-                        step_id=step_id, token=token, events=(ev,), running_member=running_member(job_id, step_id),
+                                          tokens=tokens, events=events),
+                        step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                         release=release)
 
-    def _note_deferred(self, dependency: str, copy: Any) -> None:
+    def _note_deferred(self, dependency: str, copy: Any, now_ms: int) -> None:
         """Count the message as waiting on the open breaker (``mesh breakers``): a figure, never worth
         failing the settlement for."""
         if self.jobs is None:
@@ -392,7 +400,7 @@ class FailureRouter(Middleware):
 
         try:
             Breakers(self.settings, self.jobs.client).note_deferred(dependency, copy.message_id,
-                                                                    int(copy.options.get("eta", current_millis())))
+                                                                    int(copy.options.get("eta", now_ms)), now_ms=now_ms)
         except Exception as exc:
             logger.warning("could not count the message deferred on its breaker", extra={"error": str(exc)})
 

@@ -36,14 +36,16 @@ class MeshSettings(BaseSettings):
                                      "replicas have it (Redis WAIT); 0: once the primary has it")
     redis_wait_timeout_ms: int = Field(default=1000, ge=1, description="how long an enqueue waits for "
                                        "MESH_REDIS_WAIT_REPLICAS before it fails as not replicated")
-    namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                           description="prefix of every key; one deployment per namespace")
 
     model_provider: Literal["local", "openai"] | None = Field(
         default=None, description="default: openai when MESH_MODEL_URL is set, local otherwise")
     model_url: str | None = Field(default=None, description="base URL of an OpenAI-compatible API, e.g. .../v1")
-    model_name: str = "gpt-4o-mini"
-    model_api_key: SecretStr | None = None
-    model_timeout_s: float = Field(default=30.0, gt=0)
+    model_name: str = Field(default="gpt-4o-mini", description="the model asked unless a pipeline step or a call "
+                            "names one")
+    model_api_key: SecretStr | None = Field(default=None, description="bearer token for MESH_MODEL_URL")
+    model_timeout_s: float = Field(default=30.0, gt=0, description="a model call's timeout, cut to the job's deadline")
     model_structured: Literal["json_schema", "json_object"] = Field(
         default="json_schema", description="how answers are asked for: the output's JSON schema as response_format "
         "(json_object is used instead once the endpoint refuses it), or json_object with the schema in the prompt")
@@ -55,7 +57,7 @@ class MeshSettings(BaseSettings):
     secrets_dir: str | None = Field(default=None, description="folder of secret files (one per name) tools may "
                                     "declare; the environment is looked at first")
     http_allow: str = Field(default="", description="comma-separated host:port pairs http_post may reach")
-    http_timeout_s: float = Field(default=10.0, gt=0)
+    http_timeout_s: float = Field(default=10.0, gt=0, description="http_post's timeout, cut to the job's deadline")
 
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest message (encoded) a "
                                    "client sends or a worker runs; a larger one found in a queue is dead-lettered")
@@ -83,34 +85,63 @@ class MeshSettings(BaseSettings):
                                      "(at most its descriptor limit less a reserve); past it a new one replaces "
                                      "the oldest idle one")
 
-    max_retries: int = Field(default=3, ge=0, le=100)
-    retry_min_backoff_ms: int = Field(default=200, ge=1)
-    retry_max_backoff_ms: int = Field(default=30_000, ge=1)
-    max_defers: int = Field(default=20, ge=0, description="deferrals (rate limits, open breakers) before the DLQ")
-    max_waits: int = Field(default=500, ge=1, description="waits for a key's live owner before the DLQ")
+    expr_timeout_ms: int = Field(default=1000, ge=10, description="longest a pipeline expression may run; "
+                                 "past it its step is dead-lettered")
+    expr_memory_mb: int = Field(default=512, ge=64, description="address space of the process pipeline "
+                                "expressions run in; an expression that needs more dead-letters its step")
+    expr_max_result_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest value (encoded) a "
+                                       "pipeline expression may give; a larger one dead-letters its step")
+    max_job_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, description="largest job record "
+                               "(encoded) a for_each fan-out may grow; a larger one dead-letters the step")
+    poison_kills: int = Field(default=3, ge=1, description="workers a message may take down (its claim taken "
+                              "over from a dead owner) before its next delivery is dead-lettered as poison")
+
+    max_retries: int = Field(default=3, ge=0, le=100, description="retries of retryable failures (brownout, "
+                             "invalid_output, unknown) before the DLQ; an agent's max_retries overrides it")
+    retry_min_backoff_ms: int = Field(default=200, ge=1, description="lower bound of the backoff of retries and "
+                                      "of deferrals that name no wait")
+    retry_max_backoff_ms: int = Field(default=30_000, ge=1, description="upper bound of that backoff")
+    max_defers: int = Field(default=20, ge=0, description="deferrals (rate limits, open breakers, "
+                            "mesh Redis outages) of one message before the DLQ; the entry's error then starts "
+                            "with that cause, each attempt keeping its own")
+    max_waits: int = Field(default=500, ge=1, description="waits of a duplicate for a key's live owner "
+                           "before the DLQ (a passed deadline stops it sooner)")
     breaker_failures: int = Field(default=5, ge=1,
                                   description="brownouts or timeouts within the window that open a breaker")
-    breaker_window_s: float = Field(default=30.0, gt=0)
+    breaker_window_s: float = Field(default=30.0, gt=0, description="the window MESH_BREAKER_FAILURES are "
+                                    "counted in")
     breaker_cooldown_s: float = Field(default=10.0, gt=0, description="open this long before one probe")
-    breaker_max_cooldown_s: float = Field(default=300.0, gt=0, description="cap of the doubling cool-down")
-    breaker_probe_ttl_s: float = Field(default=60.0, gt=0, description="a probe not answered by then frees its slot")
-    job_deadline_s: float = Field(default=600.0, gt=0)
-    max_hops: int = Field(default=8, ge=1)
-    time_limit_s: float = Field(default=300.0, gt=0)
+    breaker_max_cooldown_s: float = Field(default=300.0, gt=0, description="cap of the cool-down, which "
+                                          "doubles after each failed probe")
+    breaker_probe_ttl_s: float = Field(default=60.0, gt=0, description="a probe not answered by then frees the "
+                                       "half-open slot")
+    job_deadline_s: float = Field(default=600.0, gt=0, description="a job's budget, carried across hops as an "
+                                  "absolute deadline")
+    max_hops: int = Field(default=8, ge=1, description="hop limit of a message (an agent re-entered is a "
+                          "cycle)")
+    time_limit_s: float = Field(default=300.0, gt=0, description="a handler's time limit, cut to what is left "
+                                "of the job's deadline; an agent's time_limit_s can only lower it")
 
-    heartbeat_timeout_s: float = Field(default=15.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=15.0, gt=0, description="a worker silent this long (by the Redis "
+                                       "server's clock) is dead; its messages go back to their queues")
     stuck_after_s: float = Field(default=120.0, gt=0, description="a running step without progress this long is stuck")
-    lease_s: float | None = Field(default=None, gt=0, description="claim lease on a message key, renewed while "
-                                  "it runs; default: MESH_HEARTBEAT_TIMEOUT_S")
-    dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is remembered")
-    dlq_retention_s: float = Field(default=0.0, ge=0, description="0 keeps dead letters until removed")
+    lease_s: float | None = Field(default=None, gt=0, description="claim lease on a message key, renewed every "
+                                  "third of it while the handler runs; default: MESH_HEARTBEAT_TIMEOUT_S")
+    lease_check_after_s: float | None = Field(default=None, ge=0, description="a tool call whose lease Redis "
+                                              "last confirmed longer ago than this confirms it first (a tool with "
+                                              "an effect always does); default: a quarter of the lease")
+    dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is "
+                                 "remembered; must not be shorter than MESH_DLQ_RETENTION_S")
+    dlq_retention_s: float = Field(default=0.0, ge=0, description="how long dead letters are kept; 0 keeps "
+                                   "them until an operator removes them; the retention sweep removes older ones, "
+                                   "each audited (expire) and counted (dlq_expired)")
     job_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="how long a job's record, trace "
                                    "and index entries are kept after the job ends; running jobs are kept")
     note_retention_s: float = Field(default=30 * 24 * 3600.0, gt=0, description="how long a note the `note` "
                                     "tool wrote is kept (users' data, not bookkeeping)")
     sweep_interval_s: float = Field(default=60.0, gt=0, description="retention sweeps run this often, "
                                     "once per interval across the whole fleet")
-    worker_threads: int = Field(default=4, ge=1, le=256)
+    worker_threads: int = Field(default=4, ge=1, le=256, description="threads per worker process")
     prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces URL (e.g. http://collector:4318"
                                       "/v1/traces) a declared pipeline with tracing.provider set exports its step "
@@ -155,6 +186,12 @@ class MeshSettings(BaseSettings):
     def dlq_raw_cap(self) -> int:
         """The largest raw message an exported entry may carry."""
         return self.max_message_bytes if self.dlq_max_raw_bytes is None else self.dlq_max_raw_bytes
+
+    @property
+    def lease_check_s(self) -> float:
+        """How long a lease Redis confirmed counts as valid before a tool call without an effect
+        confirms it again (MESH_LEASE_CHECK_AFTER_S; default a quarter of the lease)."""
+        return self.claim_lease_s / 4 if self.lease_check_after_s is None else self.lease_check_after_s
 
     @property
     def http_allowlist(self) -> frozenset[str]:

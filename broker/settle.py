@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dramatiq.broker import MessageProxy
-from dramatiq.common import current_millis, dq_name
+from dramatiq.common import dq_name
 from dramatiq.message import Message
 from pydantic import ValidationError
 
@@ -29,8 +30,9 @@ class JobWrite:
     #: (the failure struck after the record's EXEC, e.g. a time limit) settles as done, not failed.
     step_id: str | None = None
     token: int | None = None
-    #: Trace events (JSON objects) written with it.
-    events: tuple[dict[str, Any], ...] = ()
+    #: Trace events (JSON objects) written with it; ``change`` may append to them (a join's decision),
+    #: so they are read after it ran.
+    events: Sequence[dict[str, Any]] = ()
     #: ``{job_id}/{step_id}``: leaves the index of running steps.
     running_member: str | None = None
     #: ``(claim key, owner)`` of a claim whose release did not go through: freed in the same step.
@@ -78,12 +80,15 @@ def raw_of(message: MessageProxy) -> bytes:
     return raw if raw is not None else message._message.encode()
 
 
-def delayed_copy(message: Message, delay_ms: int, *, args: tuple[Any, ...] | None = None, **options: Any) -> Message:
-    """A fresh copy of ``message`` for its queue's delay queue, due in ``delay_ms``."""
+def delayed_copy(message: Message, delay_ms: int, *, now_ms: int, args: tuple[Any, ...] | None = None,
+                 **options: Any) -> Message:
+    """A fresh copy of ``message`` for its queue's delay queue, due ``delay_ms`` after ``now_ms``:
+    the Redis server's time (:func:`~mesh.broker.clock.server_now_ms`), so the due time means the
+    same on every host whatever this one's clock says (see :class:`~mesh.broker.clock.DelayClock`)."""
     return message.copy(
         queue_name=dq_name(message.queue_name),
         args=message.args if args is None else args,
-        options={"redis_message_id": str(uuid.uuid4()), "eta": current_millis() + delay_ms, **options},
+        options={"redis_message_id": str(uuid.uuid4()), "eta": now_ms + delay_ms, **options},
     )
 
 

@@ -3,7 +3,8 @@
     enqueued        a message for the step was sent (by the client, or by the outbox)
     picked_up       an attempt started (once per attempt)
     progress        the handler moved on (the counter a stuck step does not move)
-    tool_call       a tool called a dependency: dependency, status, duration
+    tool_call       a tool called a dependency: dependency, status, duration, the fencing token
+    fenced          a call was refused: the attempt's lease (its token) was lost to another owner
     model_call      a handler asked the model: model, tokens in/out, repairs, outcome
     deferred        the message waits: reason and until when
     failed          an attempt failed and will be retried: failure class, error
@@ -33,8 +34,8 @@ from .keys import Keys
 #: Events kept per job (the stream is trimmed, oldest first, past about this many).
 TRACE_MAXLEN = 2_000
 
-EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "model_call", "deferred", "failed", "dead_lettered",
-          "duplicate", "succeeded", "stuck")
+EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "fenced", "model_call", "deferred", "failed",
+          "dead_lettered", "duplicate", "succeeded", "stuck")
 
 _ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
 

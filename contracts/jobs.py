@@ -31,17 +31,20 @@ class State(StrEnum):
     #: A pipeline step not run (a false ``when``, or a false gate under ``failure_mode: continue``):
     #: its dependents go on.
     SKIPPED = "skipped"
+    #: A pipeline step never sent because its job halted first; its error says where it halted.
+    NOT_RUN = "not_run"
 
 
 #: States in which work is still expected to happen.
 ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.AWAITING_APPROVAL})
 #: States a job ends in. A step in FAILED is waiting for its retry; a job never rests there
 #: unless an operator or a policy fails it for good.
-TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED})
+TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED,
+                      State.NOT_RUN})
 
 ALLOWED: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.AWAITING_APPROVAL,
-                             State.HALTED, State.SKIPPED}),
+                             State.HALTED, State.SKIPPED, State.NOT_RUN}),
     State.RUNNING: frozenset({State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED,
                               State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED}),
     State.AWAITING_APPROVAL: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED,
@@ -50,6 +53,7 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.DEAD_LETTERED: frozenset({State.QUEUED}),
     State.UNKNOWN: frozenset({State.QUEUED}),
     State.HALTED: frozenset({State.QUEUED}),
+    State.NOT_RUN: frozenset({State.QUEUED}),
     State.SUCCEEDED: frozenset(),
     State.SKIPPED: frozenset(),
 }
@@ -239,7 +243,10 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
 
 def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
     """The error and class of the first step in ``state`` that blocks the job; a step that failed on
-    its own before a ``for_each`` step whose join failed because of its items."""
+    its own before a ``for_each`` step whose join failed, and that step (its error names the rule
+    that failed) before its items."""
     found = [s for s in record.steps.values() if s.state is state and blocking(record, s)]
-    step = next((s for s in found if s.failure_class != "join"), found[0])
+    joins = {s.step_id for s in found if s.failure_class == "join"}
+    own = [s for s in found if s.failure_class != "join" and s.parent not in joins]
+    step = own[0] if own else next((s for s in found if s.step_id in joins), found[0])
     return f"step {step.step_id}: {step.error}", step.failure_class

@@ -470,7 +470,7 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wid
     return Listing(columns, rows, wide=wide)
 
 
-_STATE_STYLE = {State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim",
+_STATE_STYLE = {State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim", State.NOT_RUN: "dim",
                 State.AWAITING_APPROVAL: "yellow"}
 
 

@@ -17,7 +17,7 @@ from rich.text import Text
 from mesh.contracts import GateCheck, JobRecord, MeshError, State, StepRecord, items_of
 
 STATE_STYLE = {State.SUCCEEDED: "green", State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim",
-               State.AWAITING_APPROVAL: "yellow", State.FAILED: "yellow"}
+               State.NOT_RUN: "dim", State.AWAITING_APPROVAL: "yellow", State.FAILED: "yellow"}
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,12 @@ def load(client: Any, record: JobRecord) -> list[Node]:
 
 
 def as_json(nodes: list[Node]) -> list[dict[str, Any]]:
-    """The DAG for ``--json``: each step's id, agent, dependencies, depth, state and gate evaluation
-    (and, for a ``for_each`` item, its step as ``parent``)."""
+    """The DAG for ``--json``: each step's id, agent, dependencies, depth, state, error (for a step that
+    did not run, why: ``not_run``, ``skipped``) and gate evaluation (and, for a ``for_each`` item, its
+    step as ``parent``)."""
     return [{"step_id": n.step.step_id, "agent": n.step.agent, "depends_on": list(n.depends_on), "depth": n.depth,
-             "state": str(n.step.state), "gate": n.step.gate.model_dump(mode="json") if n.step.gate else None,
+             "state": str(n.step.state), "error": n.step.error,
+             "gate": n.step.gate.model_dump(mode="json") if n.step.gate else None,
              **({"parent": n.step.parent} if n.step.parent else {})}
             for n in nodes]
 
@@ -128,8 +130,9 @@ def _details(record: JobRecord, step: StepRecord) -> list[tuple[str, str]]:
     if step.gate is not None:
         out.append((gate_line(step.gate), "" if step.gate.passed else "red"))
     if step.error and step.failure_class != "gate" and not (step.gate and not step.gate.passed):
-        out.append((step.error, "red" if step.state in (State.DEAD_LETTERED, State.HALTED) else ""))
-    if step.state is State.QUEUED and step.sent_at is None:
+        out.append((step.error, "red" if step.state in (State.DEAD_LETTERED, State.HALTED) else
+                    "dim" if step.state is State.NOT_RUN else ""))
+    if step.state is State.QUEUED and step.sent_at is None:  # (a record written before not_run)
         out.append(("not sent: the job halted" if record.state is State.HALTED else "waits for its dependencies",
                     "dim"))
     if step.state is State.AWAITING_APPROVAL:

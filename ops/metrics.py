@@ -177,7 +177,7 @@ class MeshCollector(Collector):
         yield workers
 
     def _running(self) -> Iterator[GaugeMetricFamily]:
-        keys, now = self.client.keys, time.time()
+        keys, now = self.client.keys, self.client.clock.now_s()  # progress is recorded on the server's clock
         stuck_after = self.client.settings.stuck_after_s
         running = GaugeMetricFamily("mesh_steps_running", "Steps running now.")
         running.add_metric([], self.client.redis.zcard(keys.running))

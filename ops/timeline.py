@@ -21,7 +21,9 @@ _DETAIL = {
     "enqueued": lambda e: f"on {e.get('queue', '?')}" + (f" by {e['by']}" if e.get("by") else ""),
     "picked_up": lambda e: f"attempt {e.get('attempt')} (token {e.get('token')}) by {e.get('worker')}",
     "progress": lambda e: f"#{e.get('progress')}: {e.get('note', '')}",
-    "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {_outcome(e)} in {e.get('duration_s', 0):.3f}s",
+    "tool_call": lambda e: f"{e.get('tool')} → {e.get('dependency')} {_outcome(e)} in {e.get('duration_s', 0):.3f}s"
+                           + (f" (token {e['token']})" if e.get("token") is not None else ""),
+    "fenced": lambda e: f"{e.get('call')} refused: token {e.get('token')}'s lease was lost to another owner",
     "model_call": lambda e: f"{e.get('model')}: {e.get('tokens_in')} tokens in, {e.get('tokens_out')} out, "
                             f"{e.get('repairs')} repair(s), {e.get('outcome')}",
     "deferred": lambda e: f"{e.get('failure_class') or e.get('reason', '')} until {_clock(e.get('until'))}: "
@@ -35,9 +37,20 @@ _DETAIL = {
     "halted": lambda e: str(e.get("reason", "")),
     "skipped": lambda e: str(e.get("reason", "")),
     "awaiting_approval": lambda e: "parked before it runs: waits for a human's approval",
+    "joined": lambda e: _join(e),
+    "join_failed": lambda e: _join(e),
 }
-_STYLE = {"failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red", "succeeded": "green",
-          "halted": "red", "skipped": "dim", "awaiting_approval": "yellow"}
+_STYLE = {"fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
+          "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red"}
+
+
+def _join(event: dict[str, Any]) -> str:
+    """A join's decision: ``revised: 20 succeeded, 16 needed (min_success 0.8) → succeeded``."""
+    failed = event.get("failed") or []
+    return (("revised: " if event.get("revised") else "")
+            + f"{event.get('succeeded')} succeeded, {event.get('need', event.get('needed'))} needed"
+            + (f" ({event['rule']})" if event.get("rule") else "")
+            + (f", {len(failed)} failed" if failed else "") + f" → {event.get('outcome', 'succeeded')}")
 
 
 def _outcome(event: dict[str, Any]) -> str:
@@ -119,6 +132,8 @@ def _pipeline(tree: _Node, record: JobRecord, dag: list[DagNode], steps: dict[st
         if evs:
             first, last = evs[0].get("at", start), evs[-1].get("at", start)
             label.append(f"  +{first - start:.3f}s, {last - first:.3f}s from first to last event")
+        elif rec.state is State.NOT_RUN:
+            label.append(f"  {rec.error or 'not sent'}", "dim")
         elif rec.sent_at is None and rec.state is State.QUEUED:
             label.append("  not sent" + (": the job halted" if record.state is State.HALTED else ""), "dim")
         node = made[rec.step_id] = made.get(rec.parent or "", tree).add(label)

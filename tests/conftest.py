@@ -19,8 +19,20 @@ import redis
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.settings import DEFAULT_REDIS_URL
 from mesh.ops.local_redis import ensure_redis
+from tests.tier import _slow_marker_guard  # noqa: F401  (autouse: the fast tier's guard)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Fixtures that start a worker: a test using one is in the slow tier without saying so.
+WORKER_FIXTURES = frozenset({"start_worker", "worker_process", "run_workers"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts a worker through a fixture; the others that start a
+    worker or a redis-server say so themselves (``tests/tier.py`` refuses them otherwise)."""
+    for item in items:
+        if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02) -> Any:

@@ -27,12 +27,26 @@ import orjson
 from dramatiq.message import Message
 
 from mesh.broker import trace
-from mesh.broker.outbox import build_message
+from mesh.broker.outbox import build_message, encode_checked
 from mesh.broker.pipelines import PipelineStore
-from mesh.contracts import LOST, Envelope, GateCheck, JobRecord, State, StepRecord, child_key, items_of, transition
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import (
+    LOST,
+    Envelope,
+    GateCheck,
+    JobRecord,
+    LimitExceeded,
+    State,
+    StepRecord,
+    child_key,
+    dumps,
+    items_of,
+    transition,
+)
 from mesh.contracts import settle as settle_job
 
-from .expr import Condition, ExpressionError
+from . import sandbox
+from .expr import Condition, ExpressionError, ExpressionLimit
 from .spec import FailureMode, PipelineSpec, StepSpec
 from .validate import order, upstream
 
@@ -85,6 +99,22 @@ class Routes:
     version: Callable[[str], int | None] = lambda agent: None
     #: Most items a ``for_each`` list may have (MESH_MAX_FAN_OUT); None: no limit.
     max_fan_out: int | None = None
+    #: Largest message (MESH_MAX_MESSAGE_BYTES) and deepest nesting (MESH_MAX_JSON_DEPTH) a step's
+    #: built input may make; None: unchecked.
+    max_message_bytes: int | None = None
+    max_json_depth: int | None = None
+    #: Largest job record a fan-out may grow (MESH_MAX_JOB_BYTES); None: unchecked.
+    max_job_bytes: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: MeshSettings, queue: Callable[[str], str],
+                      version: Callable[[str], int | None]) -> Routes:
+        """The routes with the deployment's limits; this process's expressions run under its MESH_EXPR_*."""
+        sandbox.configure(sandbox.ExprLimits(timeout_ms=settings.expr_timeout_ms, memory_mb=settings.expr_memory_mb,
+                                             max_result_bytes=settings.expr_max_result_bytes))
+        return cls(queue=queue, version=version, max_fan_out=settings.max_fan_out,
+                   max_message_bytes=settings.max_message_bytes, max_json_depth=settings.max_json_depth,
+                   max_job_bytes=settings.max_job_bytes)
 
 
 @dataclass(frozen=True)
@@ -128,11 +158,13 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         return record, []
     before, mark = record, len(events)
     messages: list[Message] = []
-    up = upstream(spec)
     for sid in order(spec):
         step, rec = spec.step(sid), record.steps.get(sid)
         if rec is not None and rec.need is not None and rec.state is State.RUNNING:
             record = _pump(spec, step, record, run, routes, messages, events, now)
+            continue
+        if rec is not None and rec.need is not None and rec.state is State.SUCCEEDED:
+            record = _revise_join(step, record, events, now)
             continue
         if rec is None or rec.state is not State.QUEUED or rec.sent_at is not None:
             continue
@@ -141,8 +173,8 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         seen = values(record)
         if step.for_each is not None and not step.requires_human_approval:
             # its when and gate read `item`: checked per item (_fan_out)
-            record, halt = _fan_out(step, record, seen, run, events, now, routes.max_fan_out)
-            if record.steps[sid].state is State.DEAD_LETTERED:  # too many items: none recorded or sent
+            record, halt = _fan_out(step, record, seen, run, events, now, routes)
+            if record.steps[sid].state is State.DEAD_LETTERED:  # refused: no item recorded or sent
                 events.append(_event("fan_out_refused", record, record.steps[sid], reason=record.steps[sid].error))
                 continue
             if halt is not None:
@@ -150,7 +182,11 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
                 return _halt_items(before, record, step, *halt, now, events), []
             record = _pump(spec, step, record, run, routes, messages, events, now)
             continue
-        rec, stop = _conditions(step, rec, seen, record, events, now)
+        try:
+            rec, stop = _conditions(step, rec, seen, record, events, now)
+        except ExpressionLimit as exc:
+            record = _refuse(record, rec, exc.message, "invalid_input", events, now)
+            continue
         if stop is not None:
             del events[mark:]
             return _halt(before, rec, *stop, now, events), []
@@ -158,90 +194,96 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             record = record.with_step(rec)
             continue
         try:
-            payload = _input(spec, step, record, up)
+            payload = _input(spec, step, record)
         except ExpressionError as exc:  # its input: cannot be built; nothing is sent
-            record = record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=exc.message,
-                                                 failure_class="invalid_output"))
-            events.append(_event("input_refused", record, record.steps[sid], reason=exc.message))
+            record = _refuse(record, rec, exc.message, _failure(exc), events, now)
             continue
-        key = step.idempotency_key.render(seen) if step.idempotency_key is not None else rec.key
+        try:  # the step's own key and message: this step's error, never the upstream step's
+            key = _key(step, seen, rec.key)
+            message = _message(step, record, run, routes, sid, key, payload)
+        except (ExpressionError, LimitExceeded) as exc:
+            record = _refuse(record, rec, exc.message, "invalid_input", events, now)
+            continue
         if step.requires_human_approval:
             rec = transition(rec, State.AWAITING_APPROVAL, now=now, input=payload, key=key)
             record = record.with_step(rec)
             events.append(_event("awaiting_approval", record, rec))
             continue
-        messages.append(_message(step, record, run, routes, sid, key, payload))
+        messages.append(message)
         record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
                                                          "updated_at": now}))
     return settle(record, now, spec), messages
 
 
-def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes,
+def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes, events: list[dict[str, Any]] | None = None,
                now: float | None = None) -> tuple[JobRecord, list[Message]]:
     """A step of the job ended without output (dead-lettered, unknown): a running ``for_each`` step
     sends its next item or decides its join, which may release dependents (with the run its fan-out
-    kept); the job's state is derived."""
+    kept), and a met join whose replayed item failed again is revised; the job's state is derived.
+    The trace events (a join's decision) are appended to ``events``."""
     now = time.time() if now is None else now
+    events = [] if events is None else events
     fanned = [s for s in record.steps.values() if s.need is not None and s.state is State.RUNNING]
     if not fanned:
+        for step in spec.steps:
+            rec = record.steps.get(step.id)
+            if rec is not None and rec.need is not None and rec.state is State.SUCCEEDED:
+                record = _revise_join(step, record, events, now)
         return settle(record, now, spec), []
     kept = fanned[0].input
     run = Run(trace_id=record.trace_id, deadline=float(kept.get("deadline") or now),
               token_budget=kept.get("token_budget"))
-    return advance(spec, record, run, routes, [], now=now)
+    return advance(spec, record, run, routes, events, now=now)
 
 
 def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Run, events: list[dict[str, Any]],
-             now: float, limit: int | None = None) -> tuple[JobRecord, tuple[StepRecord, str, dict[str, Any]] | None]:
+             now: float, routes: Routes) -> tuple[JobRecord, tuple[StepRecord, str, dict[str, Any]] | None]:
     """Record one item per element of the ``for_each`` list (``<step>[<i>]``, queued, unsent) and the
     step running with its join's need. Each item's ``when`` and ``gate`` are checked with ``item`` in
     scope: a false ``when``, or a false gate under ``continue``, skips the item; a false gate under
     ``halt_pipeline`` is returned as (item, why, values read), for the caller to halt the job. The
     need is ``min_success`` as a count (at most the items not skipped), or that fraction of the items
-    not skipped, rounded up; without a join, every item not skipped. A list longer than ``limit``
-    dead-letters the step (``invalid_output``) with no item recorded."""
+    not skipped, rounded up; without a join, every item not skipped. The step is dead-lettered with
+    no item recorded when its list cannot be had (an error, not an empty list) or is longer than
+    MESH_MAX_FAN_OUT, when an item's expressions, key or message cannot be made within the limits, or
+    when the items would grow the job record past MESH_MAX_JOB_BYTES."""
     assert step.for_each is not None
     rec = record.steps[step.id]
+
+    def refused(why: str, failure_class: str = "invalid_output") -> tuple[JobRecord, None]:
+        return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why,
+                                           failure_class=failure_class)), None
+
     try:
         found = step.for_each.evaluate(seen)
-    except ExpressionError:
-        found = []
-    found = list(found) if isinstance(found, list | tuple) else []
+    except ExpressionError as exc:
+        return refused(f"{exc.message}; no item was sent", _failure(exc))
+    if not isinstance(found, list | tuple):
+        return refused(f"for_each {step.for_each.source!r} gave {type(found).__name__}, not a list; no item was sent")
+    found = list(found)
+    limit = routes.max_fan_out
     if limit is not None and len(found) > limit:
-        why = (f"for_each {step.for_each.source} lists {len(found)} items, over MESH_MAX_FAN_OUT ({limit}); "
-               "no item was sent")
-        return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why,
-                                           failure_class="invalid_output")), None
+        return refused(f"for_each {step.for_each.source} lists {len(found)} items, over MESH_MAX_FAN_OUT ({limit}); "
+                       "no item was sent")
     halt: tuple[StepRecord, str, dict[str, Any]] | None = None
     made: list[StepRecord] = []
+    grown = 0
     for i, element in enumerate(found):
         item = _plain(element)
         scope = {**seen, "item": item}
         try:
-            sid = _item_id(step, i, scope, record, made)
-        except ExpressionError as exc:  # nothing recorded or sent: the step says why
-            return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, failure_class="invalid_output",
-                                               error=f"for_each item {i}: {exc.message}; no item was sent")), None
-        if step.idempotency_key is not None:
-            key = step.idempotency_key.render(scope)
-            if not any(p[0] == "item" for p in step.idempotency_key.paths):
-                key = f"{key}/{i}"  # one key for every item would make them share one effect
-        else:
-            key = child_key(record.key, step.agent_name, sid if step.item_id is not None else f"{step.id}/{i}")
-        it = StepRecord(step_id=sid, agent=step.agent_name, key=key, parent=step.id, index=i,
-                        created_at=now, updated_at=now)
-        it, stop = _conditions(step, it, scope, record, events, now)
+            it, stop = _item(step, i, item, scope, record, made, run, routes, events, now)
+        except (ExpressionError, LimitExceeded) as exc:  # nothing recorded or sent: the step says why
+            failure = _failure(exc) if isinstance(exc, ExpressionError) else "invalid_input"
+            return refused(f"for_each item {i}: {exc.message}; no item was sent", failure)
         if stop is not None and halt is None:
             halt = (it, *stop)
-        if it.state is State.QUEUED:
-            try:
-                payload = _build_input(step.input, scope) if step.input is not None else (
-                    dict(item) if isinstance(item, Mapping) else {"item": item})
-            except ExpressionError as exc:
-                return record.with_step(transition(rec, State.DEAD_LETTERED, now=now, failure_class="invalid_output",
-                                                   error=f"item {sid}: {exc.message}; no item was sent")), None
-            it = it.model_copy(update={"input": payload})
+        grown += len(dumps(it.input)) if it.input is not None else 0
         made.append(it)
+    if routes.max_job_bytes is not None and grown and len(dumps(record)) + grown > routes.max_job_bytes:
+        return refused(f"for_each {step.for_each.source}: its {len(found)} items' inputs ({grown} bytes) would grow "
+                       f"the job record past MESH_MAX_JOB_BYTES ({routes.max_job_bytes}); no item was sent",
+                       "invalid_input")
     for it in made:
         record = record.with_step(it)
     ran = sum(1 for s in items_of(record, step.id) if s.state is not State.SKIPPED)
@@ -250,6 +292,39 @@ def _fan_out(step: StepSpec, record: JobRecord, seen: Mapping[str, Any], run: Ru
     # The run is kept on the step: an item lost on the failure path sends the next ones with it.
     kept = {"items": len(found), "deadline": run.deadline, "token_budget": run.token_budget}
     return record.with_step(transition(rec, State.RUNNING, now=now, sent_at=now, need=need, input=kept)), halt
+
+
+def _item(step: StepSpec, i: int, item: Any, scope: Mapping[str, Any], record: JobRecord, made: list[StepRecord],
+          run: Run, routes: Routes, events: list[dict[str, Any]],
+          now: float) -> tuple[StepRecord, tuple[str, dict[str, Any]] | None]:
+    """Item ``i`` of a ``for_each`` step as recorded (queued with its input, or skipped by its
+    conditions), and (why, values read) when its gate halts the job. ExpressionError or
+    LimitExceeded when its id, key, conditions or message cannot be made within the limits."""
+    sid = _item_id(step, i, scope, record, made)
+    if step.idempotency_key is not None:
+        # one key for every item would make them share one effect
+        shared = not any(p[0] == "item" for p in step.idempotency_key.paths)
+        key = _key(step, scope, "", f"/{i}" if shared else "")
+    else:
+        key = child_key(record.key, step.agent_name, sid if step.item_id is not None else f"{step.id}/{i}")
+    it = StepRecord(step_id=sid, agent=step.agent_name, key=key, parent=step.id, index=i,
+                    created_at=now, updated_at=now)
+    it, stop = _conditions(step, it, scope, record, events, now)
+    if it.state is State.QUEUED:
+        try:
+            payload = _build_input(step.input, scope) if step.input is not None else (
+                dict(item) if isinstance(item, Mapping) else {"item": item})
+        except ExpressionError as exc:
+            raise type(exc)(f"item {sid}: {exc.message}") from None
+        _message(step, record, run, routes, sid, key, payload)  # within the message limits, or LimitExceeded
+        it = it.model_copy(update={"input": payload})
+    return it, stop
+
+
+def _failure(exc: ExpressionError) -> str:
+    """The failure class of a step whose expression failed: past a limit, its own (invalid_input);
+    else what it read did not fit (invalid_output, the upstream output's)."""
+    return "invalid_input" if isinstance(exc, ExpressionLimit) else "invalid_output"
 
 
 #: What a rendered item id may be: it names the item's record, key and trace lines.
@@ -342,29 +417,73 @@ def _pump(spec: PipelineSpec, step: StepSpec, record: JobRecord, run: Run, route
             record = record.with_step(it.model_copy(update={"sent_at": now, "updated_at": now}))
             room -= 1
     items = items_of(record, step.id)
-    if not all(s.state in (State.SUCCEEDED, State.SKIPPED) or s.state in LOST for s in items):
+    if not all(_ended(s) for s in items):
         return record
-    rec = record.steps[step.id]
-    need = rec.need or 0
-    good = [s for s in items if s.state is State.SUCCEEDED]
+    return _decide_join(step, record, items, events, now)
+
+
+#: How many failed items a join's error names (the event and the step's result list them all).
+_NAMED = 10
+
+
+def _ended(item: StepRecord) -> bool:
+    return item.state in (State.SUCCEEDED, State.SKIPPED) or item.state in LOST
+
+
+def _tally(step: StepSpec, need: int, items: list[StepRecord]) -> dict[str, Any]:
+    """A join's decision as its trace event carries it: the rule, the need, how many items
+    succeeded, which failed (in item order) and which were skipped."""
+    rule = f"min_success {step.join.min_success}" if step.join is not None else "every item"
+    return {"rule": rule, "need": need, "succeeded": sum(s.state is State.SUCCEEDED for s in items),
+            "failed": [s.step_id for s in items if s.state in LOST],
+            "skipped": [s.step_id for s in items if s.state is State.SKIPPED]}
+
+
+def _join_result(items: list[StepRecord]) -> dict[str, Any]:
+    """A met join's output: the successful items' outputs in order, the failed ones by id with their
+    error, the skipped ones listed."""
+    result: dict[str, Any] = {"items": [s.result for s in items if s.state is State.SUCCEEDED],
+                              "failed": {s.step_id: s.error or str(s.state) for s in items if s.state in LOST}}
     skipped = [s.step_id for s in items if s.state is State.SKIPPED]
-    failed = {s.step_id: s.error or str(s.state) for s in items if s.state in LOST}
-    items = [s for s in items if s.state is not State.SKIPPED]
-    if len(good) >= need:
-        result: dict[str, Any] = {"items": [s.result for s in good], "failed": failed}
-        if skipped:  # items a false when (or a continue gate) skipped: neither successes nor failures
-            result["skipped"] = skipped
-        record = record.with_step(transition(rec, State.SUCCEEDED, now=now, result=result))
-        events.append(_event("joined", record, rec, succeeded=len(good), needed=need, failed=sorted(failed)))
+    if skipped:  # items a false when (or a continue gate) skipped: neither successes nor failures
+        result["skipped"] = skipped
+    return result
+
+
+def _decide_join(step: StepSpec, record: JobRecord, items: list[StepRecord], events: list[dict[str, Any]],
+                 now: float) -> JobRecord:
+    """Every item ended: the join is met (the step succeeded, ``joined``) or not (``join_failed``: the
+    step skipped under ``continue``, else dead-lettered), and the event says why (:func:`_tally`)."""
+    rec = record.steps[step.id]
+    tally = _tally(step, rec.need or 0, items)
+    if tally["succeeded"] >= tally["need"]:
+        record = record.with_step(transition(rec, State.SUCCEEDED, now=now, result=_join_result(items)))
+        events.append(_event("joined", record, rec, met=True, outcome="succeeded", **tally))
         return record
-    why = (f"join not met: {len(good)} of {len(items)} items succeeded, {need} needed; "
-           f"failed: {', '.join(failed)}")
-    if step.failure_mode is FailureMode.CONTINUE:
-        record = record.with_step(transition(rec, State.SKIPPED, now=now, error=why, failure_class="join"))
-        events.append(_event("skipped", record, rec, reason=why, failed=sorted(failed)))
-    else:
-        record = record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why, failure_class="join"))
-        events.append(_event("join_failed", record, rec, reason=why, failed=sorted(failed)))
+    ran, failed = len(items) - len(tally["skipped"]), tally["failed"]
+    named = ", ".join(failed[:_NAMED]) + (f" and {len(failed) - _NAMED} more" if len(failed) > _NAMED else "")
+    why = (f"join not met ({tally['rule']}): {tally['succeeded']} of {ran} items succeeded, {tally['need']} "
+           f"needed; failed: {named}")
+    target = State.SKIPPED if step.failure_mode is FailureMode.CONTINUE else State.DEAD_LETTERED
+    record = record.with_step(transition(rec, target, now=now, error=why, failure_class="join"))
+    events.append(_event("join_failed", record, rec, met=False, outcome=str(target), reason=why, **tally))
+    return record
+
+
+def _revise_join(step: StepSpec, record: JobRecord, events: list[dict[str, Any]], now: float) -> JobRecord:
+    """A met join whose items changed since it was decided (a failed item replayed, and it succeeded
+    or failed anew): its output recomputed from the items as they are now, and a ``joined`` event
+    with ``revised``. Steps that already ran on the earlier output are not run again."""
+    rec = record.steps[step.id]
+    items = items_of(record, step.id)
+    if not all(_ended(s) for s in items):
+        return record  # a replayed item still running: revised once it ends
+    result = _join_result(items)
+    if result == rec.result:
+        return record
+    record = record.with_step(rec.model_copy(update={"result": result, "updated_at": now}))
+    events.append(_event("joined", record, rec, met=True, outcome="succeeded", revised=True,
+                         **_tally(step, rec.need or 0, items)))
     return record
 
 
@@ -383,6 +502,8 @@ def _message(step: StepSpec, record: JobRecord, run: Run, routes: Routes, step_i
     queue = routes.queue(step.agent_name)
     if queue != message.queue_name:
         message = message.copy(queue_name=queue)
+    if routes.max_message_bytes is not None:  # what a worker would dead-letter unrun, with no job id
+        encode_checked(message, routes.max_message_bytes, routes.max_json_depth or 200)
     return message
 
 
@@ -401,7 +522,13 @@ def settle(record: JobRecord, now: float, spec: PipelineSpec | None = None) -> J
     still be met is not blocking); succeeded when every step succeeded or was skipped; running
     otherwise (queued until picked up). The result: the outputs of the spec's ``result`` steps (a
     ``for_each`` step's by item id), else each succeeded step's output, items left out."""
-    return settle_job(record, now, job_result(record, spec))
+    result = job_result(record, spec)
+    record = settle_job(record, now, result)
+    if record.state is State.SUCCEEDED and record.result != result:
+        # Ended already, and a step's output changed since (a join revised after a replayed item):
+        # the job's result says what its steps say now.
+        record = record.model_copy(update={"result": result, "updated_at": now})
+    return record
 
 
 def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
@@ -423,10 +550,21 @@ def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
 def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], now: float,
           events: list[dict[str, Any]]) -> JobRecord:
     record = record.with_step(transition(rec, State.HALTED, now=now, error=why, failure_class="gate"))
+    record, unsent = _not_run(record, rec.step_id, now)
     if record.state is not State.HALTED:
         record = transition(record, State.HALTED, now=now, error=f"step {rec.step_id}: {why}", failure_class="gate")
-    events.append(_event("halted", record, rec, reason=why, values=read))
+    events.append(_event("halted", record, rec, reason=why, values=read, not_run=unsent))
     return record
+
+
+def _not_run(record: JobRecord, halted: str, now: float) -> tuple[JobRecord, list[str]]:
+    """Every step (and ``for_each`` item) still queued and unsent when the job halts at ``halted``
+    moved to ``not_run``, saying why: nothing will ever send it, so ``queued`` would be a lie."""
+    why = f"not sent: the job halted at step {halted}"
+    unsent = [s for s in record.steps.values() if s.state is State.QUEUED and s.sent_at is None]
+    for s in unsent:
+        record = record.with_step(transition(s, State.NOT_RUN, now=now, error=why))
+    return record, [s.step_id for s in unsent]
 
 
 def _check(cond: Condition, seen: Mapping[str, Any], what: str) -> tuple[bool, str]:
@@ -434,6 +572,8 @@ def _check(cond: Condition, seen: Mapping[str, Any], what: str) -> tuple[bool, s
     try:
         if cond.test(seen):
             return True, ""
+    except ExpressionLimit:
+        raise  # not a false condition: the step is dead-lettered (advance, _fan_out)
     except ExpressionError as exc:
         return False, f"{what} {cond.source!r} could not be evaluated: {exc.message}"
     shown = ", ".join(f"{k} = {v!r}" for k, v in _read(cond, seen).items())
@@ -451,14 +591,14 @@ def _read(cond: Condition, seen: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _input(spec: PipelineSpec, step: StepSpec, record: JobRecord, up: dict[str, set[str]]) -> dict[str, Any]:
+def _input(spec: PipelineSpec, step: StepSpec, record: JobRecord) -> dict[str, Any]:
     """``input:`` evaluated over the job and the upstream outputs; else ``state_input``'s output; else
     one dependency's output, several keyed by id; none: the run's input. Skipped dependencies give
     nothing; if all were skipped, the step gets the run's input."""
     if step.input is not None:
         return _build_input(step.input, values(record))
     if step.state_input:
-        for source in sorted(up[step.id]):
+        for source in sorted(upstream(spec)[step.id]):
             if source == step.state_input or spec.step(source).output_schema == step.state_input:
                 return dict(record.steps[source].result or {})
     outputs = {d: record.steps[d].result or {} for d in step.depends_on if record.steps[d].state is State.SUCCEEDED}
@@ -467,6 +607,31 @@ def _input(spec: PipelineSpec, step: StepSpec, record: JobRecord, up: dict[str, 
     if len(step.depends_on) == 1:
         return dict(next(iter(outputs.values())))
     return outputs
+
+
+#: Longest message key (the envelope's own limit).
+MAX_KEY_CHARS = 512
+
+
+def _key(step: StepSpec, scope: Mapping[str, Any], default: str, suffix: str = "") -> str:
+    """The step's (or an item's) message key: ``idempotency_key`` rendered over ``scope`` (plus
+    ``suffix``), else ``default``; ExpressionError when it cannot be rendered or is no valid key."""
+    if step.idempotency_key is None:
+        return default
+    key = step.idempotency_key.render(scope) + suffix
+    if not 0 < len(key) <= MAX_KEY_CHARS:
+        raise ExpressionError(f"idempotency_key {step.idempotency_key.source!r} gave a key of {len(key)} "
+                              f"characters; a key has 1 to {MAX_KEY_CHARS}")
+    return key
+
+
+def _refuse(record: JobRecord, rec: StepRecord, why: str, failure_class: str, events: list[dict[str, Any]],
+            now: float) -> JobRecord:
+    """The step dead-lettered before anything was sent for it (its expressions, key or input went past
+    a limit or could not be had): its job ends dead-lettered, with the reason on the step."""
+    record = record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why, failure_class=failure_class))
+    events.append(_event("input_refused", record, record.steps[rec.step_id], reason=why))
+    return record
 
 
 def _default_key(record: JobRecord, step: StepSpec) -> str:

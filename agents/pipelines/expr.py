@@ -23,9 +23,21 @@ from pydantic_core import core_schema
 
 from mesh.contracts import ConfigError, MeshError
 
+from . import sandbox
+
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _PATH = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
 _HOLE = re.compile(r"\{\{(.*?)\}\}", re.S)
+#: Longest expression (characters, as written and as compiled): a 180 KB chain of macros compiles
+#: but overflows the evaluator's stack.
+MAX_EXPR_CHARS = 4096
+#: Deepest nesting of parentheses, brackets and braces in an expression.
+MAX_EXPR_NESTING = 32
+#: Most macro calls (``all``, ``exists``, ``exists_one``, ``map``, ``filter``) in an expression: each
+#: may multiply the work and the data (34 chained ``.map(s, s + s)`` double a string 2**34 times).
+MAX_MACROS = 8
+#: Deepest nesting of macro calls (a macro inside a macro's body): the work grows as size**depth.
+MAX_MACRO_DEPTH = 3
 #: CEL words that read like identifiers but are not variables.
 _WORDS = frozenset({"true", "false", "null", "in"})
 #: Macros whose first argument binds a variable (``list.exists(x, x > 1)``): ``x`` is no path.
@@ -42,34 +54,52 @@ class ExpressionError(MeshError):
     """An expression could not be evaluated against the values given (a missing field, a wrong type)."""
 
 
+class ExpressionLimit(ExpressionError):
+    """An expression went past a run-time limit (MESH_EXPR_TIMEOUT_MS, MESH_EXPR_MEMORY_MB,
+    MESH_EXPR_MAX_RESULT_BYTES) or killed its evaluator: its step is dead-lettered, never retried."""
+
+    terminal = True
+
+
 class Expression:
     """One compiled expression: the text as written (``source``), the CEL it compiled to (``cel``),
     the compiled program and the paths it reads. Pydantic fields of this type accept the text and
     serialise back to it, so a spec's JSON (and its digest) holds what the user wrote."""
 
     kind: ClassVar[str] = "expression"
-    __slots__ = ("cel", "paths", "program", "source")
+    __slots__ = ("cel", "names", "paths", "program", "source")
 
     def __init__(self, source: str) -> None:
         if not isinstance(source, str) or not source.strip():
             raise ValueError(f"a {self.kind} must be a non-empty string")
+        if len(source) > MAX_EXPR_CHARS:
+            raise ValueError(f"a {self.kind} of {len(source)} characters is over the {MAX_EXPR_CHARS} allowed")
         self.source = source
         self.cel = self._to_cel(source)
+        tokens = _tokens(self.cel)
+        _check_shape(self.kind, source, self.cel, tokens)
         try:
             self.program = cel.compile(self.cel)
         except ValueError as exc:
             raise ValueError(f"{self.kind} {source!r} does not compile: {_first_error(exc)}") from None
-        self.paths = _paths(self.cel, set(self.program.variables()))
+        self.names = frozenset(self.program.variables())
+        self.paths = _paths(tokens, set(self.names))
 
     def _to_cel(self, source: str) -> str:
         return _HOLE.sub(lambda m: _hole(m.group(1)), source)
 
     def evaluate(self, values: Mapping[str, Any]) -> Any:
-        """The expression's value over ``values`` (``{"coder": {...}, "task_id": "...", ...}``)."""
+        """The expression's value over ``values`` (``{"coder": {...}, "task_id": "...", ...}``),
+        computed by this process's evaluator (:mod:`.sandbox`) from the names it reads;
+        :class:`ExpressionLimit` past a run-time limit."""
+        sent = {name: value for name, value in values.items() if name in self.names}
         try:
-            return self.program.execute(dict(values))
-        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise ExpressionError(f"{self.kind} {self.source!r}: cannot evaluate: {exc}") from None
+            status, value = sandbox.evaluator().evaluate(self.cel, sent)
+        except sandbox.EvaluatorLimit as exc:
+            raise ExpressionLimit(f"{self.kind} {_short(self.source)}: {exc.message}") from None
+        if status == "error":
+            raise ExpressionError(f"{self.kind} {self.source!r}: cannot evaluate: {value}")
+        return value
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Expression) and type(other) is type(self) and other.source == self.source
@@ -167,6 +197,11 @@ def _compile(kind: type[Any], text: str) -> Any:
         raise ConfigError(str(exc)) from None
 
 
+def _short(source: str) -> str:
+    """An expression as it is named in an error: cut to 120 characters (a refused one may be long)."""
+    return repr(source if len(source) <= 120 else source[:117] + "...")
+
+
 def _hole(inner: str) -> str:
     path = inner.strip()
     if not _PATH.match(path):
@@ -180,14 +215,49 @@ def _first_error(exc: ValueError) -> str:
     return f"at {m.group(1)}: {m.group(2)}" if m else message.splitlines()[0]
 
 
-def _paths(text: str, variables: set[str]) -> tuple[tuple[str, ...], ...]:
+Token = tuple[str | None, str]
+
+
+def _tokens(text: str) -> list[Token]:
+    return [(m.lastgroup, m.group()) for m in _TOKEN.finditer(text)]
+
+
+def _check_shape(kind: str, source: str, text: str, tokens: list[Token]) -> None:
+    """ValueError for an expression past the load-time limits: length (of its CEL too), nesting,
+    macro calls and their nesting."""
+    what = f"{kind} {_short(source)}"
+    if len(text) > MAX_EXPR_CHARS:
+        raise ValueError(f"{what} compiles to {len(text)} characters, over the {MAX_EXPR_CHARS} allowed")
+    depth = deepest = macros = 0
+    open_macros: list[int] = []  # the nesting depth each open macro call's "(" is at
+    for i, (kind_, value) in enumerate(tokens):
+        if value in "([{" and kind_ == "op":
+            depth += 1
+            deepest = max(deepest, depth)
+            if value == "(" and i >= 2 and tokens[i - 2][1] == "." and tokens[i - 1][1] in _BINDERS:
+                macros += 1
+                open_macros.append(depth)
+                if len(open_macros) > MAX_MACRO_DEPTH:
+                    raise ValueError(f"{what} nests macros {len(open_macros)} deep, over the {MAX_MACRO_DEPTH} "
+                                     "allowed")
+        elif value in ")]}" and kind_ == "op":
+            if open_macros and open_macros[-1] == depth:
+                open_macros.pop()
+            depth -= 1
+    if deepest > MAX_EXPR_NESTING:
+        raise ValueError(f"{what} nests {deepest} levels deep, over the {MAX_EXPR_NESTING} allowed")
+    if macros > MAX_MACROS:
+        raise ValueError(f"{what} calls {macros} macros (map, filter, all, exists, exists_one), over the "
+                         f"{MAX_MACROS} allowed")
+
+
+def _paths(tokens: list[Token], variables: set[str]) -> tuple[tuple[str, ...], ...]:
     """The member paths a CEL text reads, e.g. ``("coder", "confidence")``, from a lexical scan
-    (strings and numbers skipped; function and method names and macro-bound variables dropped).
-    Every variable CEL itself reports is covered even if the scan missed its path."""
-    tokens = [(m.lastgroup, m.group()) for m in _TOKEN.finditer(text)]
-    bound = {tokens[i + 2][1] for i in range(len(tokens) - 3)
-             if tokens[i][1] in _BINDERS and tokens[i + 1][1] == "(" and tokens[i + 2][0] == "ident"
-             and tokens[i + 3][1] == "," and i > 0 and tokens[i - 1][1] == "."}
+    (strings and numbers skipped; function and method names dropped). A macro's variable
+    (``list.map(x, ...)``) is bound only inside that macro's parentheses: the same name outside
+    them is a path like any other. Every variable CEL itself reports is covered even if the scan
+    missed its path (except names the scan saw bound only)."""
+    bound = _bound(tokens)
     found: list[tuple[str, ...]] = []
     i = 0
     while i < len(tokens):
@@ -202,9 +272,28 @@ def _paths(text: str, variables: set[str]) -> tuple[tuple[str, ...], ...]:
             j += 2
         if j < len(tokens) and tokens[j][1] == "(":
             path.pop()  # a function or method call: its name is no field
-        if path and path[0] not in bound:
+        if path and value not in bound.get(i, ()):
             found.append(tuple(path))
         i = j
     roots = {p[0] for p in found}
-    found += [(v,) for v in sorted(variables - roots - bound)]
+    only_bound = {name for names in bound.values() for name in names} - roots
+    found += [(v,) for v in sorted(variables - roots - only_bound)]
     return tuple(dict.fromkeys(found))
+
+
+def _bound(tokens: list[Token]) -> dict[int, frozenset[str]]:
+    """Token index → the macro variables in scope there: ``.map(x, ...)`` binds ``x`` from the
+    variable to the macro's closing parenthesis."""
+    scopes: dict[int, set[str]] = {}
+    opened: list[tuple[int, str | None]] = []  # (index of "(", the variable it binds)
+    for i, (_, value) in enumerate(tokens):
+        if value == "(":
+            binds = (i >= 2 and tokens[i - 2][1] == "." and tokens[i - 1][1] in _BINDERS
+                     and i + 2 < len(tokens) and tokens[i + 1][0] == "ident" and tokens[i + 2][1] == ",")
+            opened.append((i, tokens[i + 1][1] if binds else None))
+        elif value == ")" and opened:
+            start, name = opened.pop()
+            if name is not None:
+                for k in range(start + 1, i):
+                    scopes.setdefault(k, set()).add(name)
+    return {k: frozenset(v) for k, v in scopes.items()}

@@ -3,6 +3,10 @@
 The YAML is composed into nodes first (PyYAML keeps each node's line), then constructed into plain
 data; pydantic's error locations and the validator's locations are mapped back to those nodes.
 A key given twice in one mapping is an error (plain YAML would keep the last silently).
+
+A pipeline file is hostile input until it loads: anchors and aliases are refused (an alias bomb
+expands to billions of nodes), and so are files over :data:`MAX_FILE_BYTES`, nesting deeper than
+:data:`MAX_DEPTH` and more than :data:`MAX_STEPS` steps, each as ``FILE:LINE: message``.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from pydantic import BaseModel, ValidationError
 from mesh.contracts import ConfigError
 
 from . import validate
-from .spec import PipelineSpec
+from .spec import MAX_STEPS, PipelineSpec
 
 if TYPE_CHECKING:
     from mesh.agents.app import App
+
+#: Largest pipeline file (bytes): far above any real pipeline, far below what hurts a worker.
+MAX_FILE_BYTES = 1024 * 1024
+#: Deepest nesting of mappings and lists in a pipeline file.
+MAX_DEPTH = 32
 
 #: The spec's field names as a file may spell them.
 _ALIASES: dict[str | int, tuple[str, ...]] = {"steps": ("steps", "agents")}
@@ -54,6 +63,9 @@ def load_pipeline(source: str | Path, app: App) -> PipelineSpec:
     if isinstance(source, Path) or "\n" not in source:
         name = str(source)
         try:
+            size = Path(source).stat().st_size
+            if size > MAX_FILE_BYTES:  # refused before it is read into memory
+                raise PipelineError([LoadError(name, 1, _too_big(size))])
             text = Path(source).read_text(encoding="utf-8")
         except OSError as exc:
             raise PipelineError([LoadError(name, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
@@ -64,7 +76,11 @@ def load_pipeline(source: str | Path, app: App) -> PipelineSpec:
 
 def parse(text: str, app: App, name: str = "<string>") -> PipelineSpec:
     """Like :func:`load_pipeline`, from YAML text named ``name`` in its errors."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_BYTES:
+        raise PipelineError([LoadError(name, 1, _too_big(size))])
     node, data = _compose(text, name)
+    _count_steps(node, data, name)
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
@@ -75,8 +91,37 @@ def parse(text: str, app: App, name: str = "<string>") -> PipelineSpec:
     return spec
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing aliases and nesting deeper than :data:`MAX_DEPTH`, each at its line."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a pipeline file; "
+                                              "write the value out", event.start_mark)
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _too_big(size: int) -> str:
+    return f"the file is {size} bytes, over the {MAX_FILE_BYTES} a pipeline file may have"
+
+
 def _compose(text: str, name: str) -> tuple[yaml.Node, Any]:
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: the reader checks the whole text first
+        line = text[:exc.position].count("\n") + 1
+        raise PipelineError([LoadError(name, line, f"not valid YAML: character {exc.character:#06x} is not "
+                                                   "allowed")]) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -95,6 +140,15 @@ def _compose(text: str, name: str) -> tuple[yaml.Node, Any]:
         raise PipelineError([LoadError(name, node.start_mark.line + 1,
                                        "a pipeline is a mapping (name:, version:, agents:, ...)")])
     return node, data
+
+
+def _count_steps(node: yaml.Node, data: dict[Any, Any], name: str) -> None:
+    """Refuse more than :data:`MAX_STEPS` steps before anything walks them."""
+    for key in _ALIASES["steps"]:
+        steps = data.get(key)
+        if isinstance(steps, list) and len(steps) > MAX_STEPS:
+            raise PipelineError([LoadError(name, _line(node, (key,)), f"{key}: {len(steps)} steps, over the "
+                                                                     f"{MAX_STEPS} a pipeline may have")])
 
 
 def _no_duplicate_keys(node: yaml.Node, name: str) -> None:

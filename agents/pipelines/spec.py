@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
 
+#: Most steps a pipeline may declare.
+MAX_STEPS = 1000
 #: Step ids are CEL identifiers (expressions read ``coder.confidence``): no ``-``.
 STEP_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 #: An ``input:`` field: a name, or a dotted path into a map an earlier field gave.
@@ -211,8 +214,9 @@ class PipelineSpec(_Spec):
     def _unique(cls, v: tuple[StepSpec, ...]) -> tuple[StepSpec, ...]:
         if not v:
             raise ValueError("a pipeline needs at least one step")
-        ids = [s.id for s in v]
-        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if len(v) > MAX_STEPS:
+            raise ValueError(f"{len(v)} steps, over the {MAX_STEPS} a pipeline may have")
+        twice = sorted(i for i, n in Counter(s.id for s in v).items() if n > 1)
         if twice:
             raise ValueError(f"step id(s) {', '.join(twice)} declared twice")
         return v
@@ -229,14 +233,18 @@ class PipelineSpec(_Spec):
 
 
     def start(self, record: Any, *, trace_id: str, deadline: float, token_budget: int | None,
-              queue: Any, version: Any, now: float, max_fan_out: int | None = None) -> Any:
+              queue: Any, version: Any, now: float, max_fan_out: int | None = None, settings: Any = None) -> Any:
         """A new run's record, messages and trace events (:func:`engine.begin`): what the client writes
         in one transaction. The client calls this on the spec it is given, so the broker layer needs
-        no import of the engine."""
+        no import of the engine. ``settings`` (MeshSettings) bound what the engine builds and how
+        expressions run."""
         from . import engine
 
+        routes = engine.Routes(queue=queue, version=version, max_fan_out=max_fan_out)
+        if settings is not None:
+            routes = engine.Routes.from_settings(settings, queue=queue, version=version)
         return engine.begin(self, record, engine.Run(trace_id=trace_id, deadline=deadline, token_budget=token_budget),
-                            engine.Routes(queue=queue, version=version, max_fan_out=max_fan_out), now=now)
+                            routes, now=now)
     def digest(self) -> str:
         """sha256 (hex) of :meth:`canonical`: the version a job keeps; equal specs, equal digests."""
         return hashlib.sha256(self.canonical()).hexdigest()

@@ -14,6 +14,7 @@ declares (as output or input): ``ResearchResult`` is ``research_result``.
 from __future__ import annotations
 
 import collections.abc
+import heapq
 import re
 import types
 import typing
@@ -77,14 +78,26 @@ def problems(spec: PipelineSpec, app: App) -> list[Problem]:
 
 
 def order(spec: PipelineSpec) -> list[str]:
-    """The step ids in a DAG order (every step after its dependencies; file order breaks ties)."""
-    deps = {s.id: set(s.depends_on) for s in spec.steps}
+    """The step ids in a DAG order (every step after its dependencies; file order breaks ties), in
+    O(steps log steps + edges): the engine asks on every advance."""
+    index = {s.id: i for i, s in enumerate(spec.steps)}
+    waiting = {s.id: len({d for d in s.depends_on if d in index}) for s in spec.steps}
+    dependents: dict[str, list[str]] = {}
+    for s in spec.steps:
+        for dep in set(s.depends_on):
+            dependents.setdefault(dep, []).append(s.id)
+    ready = [index[sid] for sid, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
     done: list[str] = []
-    while len(done) < len(deps):
-        ready = [sid for sid, d in deps.items() if sid not in done and d <= set(done)]
-        if not ready:
-            raise ConfigError(f"pipeline {spec.name!r} has a cycle")
-        done.append(ready[0])
+    while ready:
+        sid = spec.steps[heapq.heappop(ready)].id
+        done.append(sid)
+        for nxt in dependents.get(sid, ()):
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                heapq.heappush(ready, index[nxt])
+    if len(done) < len(index):
+        raise ConfigError(f"pipeline {spec.name!r} has a cycle")
     return done
 
 
@@ -110,31 +123,33 @@ def upstream(spec: PipelineSpec) -> dict[str, set[str]]:
 
 
 def cycles(spec: PipelineSpec) -> list[list[str]]:
-    """Each cycle of ``depends_on`` once, as its members in dependency order from the first declared."""
-    deps = {s.id: [d for d in s.depends_on] for s in spec.steps}
+    """Each cycle of ``depends_on`` once, as its members in dependency order from the first declared.
+    A depth-first walk with its own stack: a chain of a thousand steps is no recursion limit."""
+    ids = {s.id for s in spec.steps}
+    deps = {s.id: [d for d in s.depends_on if d in ids] for s in spec.steps}
     found: list[list[str]] = []
     seen_sets: set[frozenset[str]] = set()
     state: dict[str, int] = {}  # 1 on the current path, 2 finished
-
-    def visit(sid: str, path: list[str]) -> None:
-        state[sid] = 1
-        path.append(sid)
-        for dep in deps.get(sid, ()):
-            if dep not in deps:
-                continue
-            if state.get(dep) == 1:
+    for root in deps:
+        if root in state:
+            continue
+        path: list[str] = [root]
+        stack = [iter(deps[root])]
+        state[root] = 1
+        while stack:
+            dep = next(stack[-1], None)
+            if dep is None:
+                stack.pop()
+                state[path.pop()] = 2
+            elif state.get(dep) == 1:
                 cycle = path[path.index(dep):]
                 if frozenset(cycle) not in seen_sets:
                     seen_sets.add(frozenset(cycle))
                     found.append(cycle)
             elif dep not in state:
-                visit(dep, path)
-        path.pop()
-        state[sid] = 2
-
-    for sid in deps:
-        if sid not in state:
-            visit(sid, [])
+                state[dep] = 1
+                path.append(dep)
+                stack.append(iter(deps[dep]))
     return found
 
 

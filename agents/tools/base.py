@@ -34,8 +34,10 @@ class ToolContext:
     redis: redis.Redis
     keys: Keys
     http: httpx.Client
-    #: The message's deadline (absolute, s): no call may outlast it.
+    #: The message's deadline (absolute, s, on the Redis server's clock): no call may outlast it.
     deadline: float = math.inf
+    #: The clock the deadline is read with (s): the worker's view of the Redis server's clock.
+    clock: Callable[[], float] = time.time
     breakers: Breakers | None = None
     #: The secrets this tool declared, read at run time; no other code is handed them.
     secrets: Mapping[str, str] = field(default_factory=dict)
@@ -52,7 +54,7 @@ class ToolContext:
 
     def timeout_s(self, configured: float) -> float:
         """``configured``, cut to what is left of the deadline (at least a millisecond)."""
-        return max(0.001, min(configured, self.deadline - time.time()))
+        return max(0.001, min(configured, self.deadline - self.clock()))
 
     def guarded(self, dependency: str, call: Callable[[], T]) -> T:
         """``call`` through ``dependency``'s circuit breaker (straight through without breakers)."""

@@ -32,11 +32,19 @@ local function claim_done(key, owner, result, ttl_s)
     return 1
 end
 
--- Frees a claim this owner still holds (the token is kept); 1 freed, 0 not ours.
+-- {ns}:kills:{key}: how many owners of the claim at {ns}:claim:{key} died holding it (their lease
+-- ran out and another attempt took it over): a message that keeps taking workers down is poison.
+local function kills_key(key)
+    return (string.gsub(key, ":claim:", ":kills:", 1))
+end
+
+-- Frees a claim this owner still holds (the token is kept); 1 freed, 0 not ours. An attempt that
+-- ended and let go (a failure, a dead letter) ends the run of deaths: its kill count is cleared.
 local function claim_free(key, owner)
     local state, holder, token = claim_read(key)
     if state ~= "claimed" or holder ~= owner then return 0 end
     redis.call("set", key, claim_value("free", token, 0, "", ""), "KEEPTTL")
+    redis.call("del", kills_key(key))
     return 1
 end
 
@@ -55,8 +63,9 @@ local function claim_put(b, key, token, owner)
     redis.call("set", key, claim_value("claimed", token, b.now + b.lease_ms, owner, ""), "EX", b.ttl_s)
 end
 
--- {"run", token} claimed with a new token (a takeover if a lease had expired); {"busy", token,
--- expires_in_ms} a live owner holds it; {"done", token, result} it succeeded before.
+-- {"run", token} claimed with a new token, {"run", token, kills} a takeover (a lease had expired:
+-- its owner died, the kills-th in a row); {"busy", token, expires_in_ms} a live owner holds it;
+-- {"done", token, result} it succeeded before.
 local function claim_take(b, key, owner)
     -- A key never claimed (the usual case) costs one SET NX.
     if redis.call("set", key, claim_value("claimed", b.fence + 1, b.now + b.lease_ms, owner, ""),
@@ -78,6 +87,11 @@ local function claim_take(b, key, owner)
             return {"busy", token, expires - b.now}
         end
         redis.call("hincrby", b.stats, "takeovers", 1)
+        local kills = redis.call("incr", kills_key(key))
+        redis.call("expire", kills_key(key), b.ttl_s)
+        b.fence = math.max(b.fence, token) + 1
+        claim_put(b, key, b.fence, owner)
+        return {"run", b.fence, kills}
     end
     -- max: a claim older than the counter (its stats lost) moves the counter past it
     b.fence = math.max(b.fence, token) + 1

@@ -157,6 +157,7 @@ def app_worker(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     release.clear()
 
 
+@pytest.mark.slow
 def test_a_declared_agents_own_retry_budget_queue_and_time_limit_are_applied(client, app_worker) -> None:
     flaky_job = send(client, app, "flaky", {"text": "q"})
     slow_job = send(client, app, "slow", {"text": "q"})
@@ -174,6 +175,7 @@ def test_a_declared_agents_own_retry_budget_queue_and_time_limit_are_applied(cli
     assert entries[flaky_job].queue == "answers"
 
 
+@pytest.mark.slow
 def test_a_tool_reads_only_the_secrets_it_declared_and_only_declared_tools_are_called(
         client, app_worker) -> None:
     ok = send(client, app, "peeker", {"text": "TEST_APP_SECRET"})

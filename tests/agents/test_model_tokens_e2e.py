@@ -19,6 +19,8 @@ from mesh.dlq import DeadLetterStore
 from mesh.ops.metrics import MeshCollector
 from tests.agents.openai_server import FakeOpenAI, Reply, completion, default_responder
 
+pytestmark = pytest.mark.slow  # every test here starts a worker or a redis-server
+
 USAGE = (10, 5)  # prompt, completion tokens of every answer the server gives
 
 

@@ -78,11 +78,57 @@ def test_the_actors_time_limit_is_kept_and_the_messages_own_option_travels_on_un
     assert "time_limit" not in bare.options
 
 
+@pytest.mark.parametrize(("actor_ms", "own_ms", "deadline_in_s", "named", "others"), [
+    (1_000, None, 600, "stopped at 1 s, agent quick's time limit",
+     "(the other limits: MESH_TIME_LIMIT_S 300 s, the job's deadline 600 s)"),
+    (60_000, 500, 600, "stopped at 0.5 s, the step's timeout_ms",
+     "(the other limits: MESH_TIME_LIMIT_S 300 s, agent quick's time limit 60 s, the job's deadline 600 s)"),
+    (None, None, 600, "stopped at 300 s, MESH_TIME_LIMIT_S", "(the other limits: the job's deadline 600 s)"),
+    (60_000, None, 2.5, "stopped at 2.5 s, the job's deadline", "agent quick's time limit 60 s"),
+])
+def test_a_timed_out_attempts_error_names_the_limit_that_stopped_it_and_the_others(
+        broker, settings, monkeypatch, actor_ms, own_ms, deadline_in_s, named, others) -> None:
+    from dramatiq.middleware import TimeLimitExceeded
+
+    monkeypatch.setattr("mesh.broker.deadline.server_now_ms", lambda broker: NOW_MS)  # the Redis clock
+    declare(broker, "quick", **({"time_limit": actor_ms} if actor_ms else {}))
+    options = {"time_limit": own_ms} if own_ms else {}
+    message = MessageProxy(build_message(envelope("quick", NOW_MS / 1000 + deadline_in_s), **options))
+    deadline = Deadline(settings)
+    deadline.before_process_message(broker, message)
+
+    exc = TimeLimitExceeded()  # what dramatiq raises into the thread: no message of its own
+    deadline.after_process_message(broker, message, exception=exc)
+    assert str(exc).startswith(f"TimeLimitExceeded: {named}"), str(exc)
+    assert others in str(exc), str(exc)
+
+
+def test_a_tool_interrupted_by_the_limit_names_it_too(broker, settings) -> None:
+    from dramatiq.middleware import TimeLimitExceeded
+
+    from mesh.contracts import DependencyTimeout
+
+    declare(broker, "quick", time_limit=1_000)
+    message = MessageProxy(build_message(envelope("quick", time.time() + 600)))
+    deadline = Deadline(settings)
+    deadline.before_process_message(broker, message)
+    try:
+        try:
+            raise TimeLimitExceeded()
+        except TimeLimitExceeded as cause:
+            raise DependencyTimeout("pay hit its time limit; its effect is unknown", tool="pay") from cause
+    except DependencyTimeout as exc:
+        deadline.after_process_message(broker, message, exception=exc)
+        assert str(exc).startswith("pay hit its time limit; its effect is unknown (TimeLimitExceeded: stopped at "
+                                   "1 s, agent quick's time limit"), str(exc)
+
+
 # -- a real worker ----------------------------------------------------------------------------------
 
 LOOP_S = 20.0  # the handler's own bound: well under the setting below, well over the actor's limit
 
 
+@pytest.mark.slow
 def test_an_actor_declared_with_a_one_second_limit_is_interrupted_and_dead_lettered_as_timeout(
         make_settings, client) -> None:
     settings = make_settings(time_limit_s=60)
@@ -106,6 +152,8 @@ def test_an_actor_declared_with_a_one_second_limit_is_interrupted_and_dead_lette
         store = DeadLetterStore(client.redis, client.keys)
         entry = wait_for(lambda: store.get(message.message_id), timeout_s=12)
         assert entry.failure_class == "timeout"
+        assert entry.error.startswith("TimeLimitExceeded: stopped at 1 s, agent slowpoke's time limit (the other "
+                                      "limits: MESH_TIME_LIMIT_S 60 s, the job's deadline "), entry.error
         assert started.is_set() and not finished.is_set()  # stopped by the limit, not by its own bound
     finally:
         release.set()

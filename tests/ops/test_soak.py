@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
+
+pytestmark = pytest.mark.slow  # every test here starts a worker or a redis-server
 
 
 def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_cleans_up(cli, settings, redis_url):

@@ -38,7 +38,7 @@ def test_status_draws_the_halted_dag_with_the_gate_and_the_value_it_saw(cli: Cli
     assert steps["researcher"].startswith("researcher  succeeded")
     assert steps["coder"].startswith("└─ coder  succeeded") and "← researcher" in steps["coder"]
     assert steps["reviewer"].startswith("   └─ reviewer  halted") and "← coder" in steps["reviewer"]
-    assert steps["deployer"].startswith("      └─ deployer  queued")
+    assert steps["deployer"].startswith("      └─ deployer  not_run")
     text = " ".join(status.stdout.split())
     assert "gate {{coder.confidence}} >= 0.85 saw coder.confidence=0.6 → false" in text
     assert "not sent: the job halted" in text
@@ -46,7 +46,8 @@ def test_status_draws_the_halted_dag_with_the_gate_and_the_value_it_saw(cli: Cli
     dag = json.loads(cli("status", "halt-1", "--json").stdout)["dag"]
     assert [(s["step_id"], s["depends_on"], s["state"]) for s in dag] == [
         ("researcher", [], "succeeded"), ("coder", ["researcher"], "succeeded"),
-        ("reviewer", ["coder"], "halted"), ("deployer", ["reviewer"], "queued")]
+        ("reviewer", ["coder"], "halted"), ("deployer", ["reviewer"], "not_run")]
+    assert dag[3]["error"] == "not sent: the job halted at step reviewer"
     assert dag[2]["gate"] == {"expr": "{{coder.confidence}} >= 0.85", "values": {"coder.confidence": 0.6},
                               "passed": False}
     assert dag[3]["gate"] is None  # never evaluated: nothing downstream of a halt is looked at
@@ -83,7 +84,10 @@ def test_trace_lists_steps_in_dag_order_with_the_gate_evaluation_and_the_halt(cl
     assert "{{coder.confidence}} >= 0.85 saw coder.confidence=0.6 → false" in reviewer
     assert "halted" in reviewer and "was false" in reviewer
     assert "not sent: the job halted" in lines[heads[3]]
-    assert json.loads(cli("trace", job_id, "--json").stdout)["dag"][2]["state"] == "halted"
+    traced = json.loads(cli("trace", job_id, "--json").stdout)
+    assert [s["state"] for s in traced["dag"][2:]] == ["halted", "not_run"]
+    halted = next(e for e in traced["events"] if e["event"] == "halted")
+    assert halted["not_run"] == ["deployer"]
 
 
 def test_draw_indents_a_diamond_by_depth_and_names_every_dependency() -> None:

@@ -47,11 +47,13 @@ def test_a_false_gate_halts_the_job_at_reviewer_and_says_why(mesh, run_workers):
     assert reviewer.state is State.HALTED and reviewer.picked_up == 0 and reviewer.sent_at is None
     assert "coder.confidence" in reviewer.error and "0.6" in reviewer.error
     assert "reviewer" in record.error and "0.6" in record.error
-    assert record.steps["deployer"].state is State.QUEUED and record.steps["deployer"].sent_at is None
+    deployer = record.steps["deployer"]
+    assert deployer.state == "not_run" and deployer.sent_at is None and deployer.picked_up == 0
+    assert deployer.error == "not sent: the job halted at step reviewer"
     assert record.steps["coder"].state is State.SUCCEEDED
     assert not any(k.endswith("/reviewer/reviewer") for k in runs(mesh))
     events = [e for e in mesh_trace(mesh, ref.id) if e["event"] == "halted"]
-    assert events and events[0]["values"] == {"coder.confidence": 0.6}
+    assert events and events[0]["values"] == {"coder.confidence": 0.6} and events[0]["not_run"] == ["deployer"]
 
 
 def mesh_trace(mesh: MeshClient, job_id: str) -> list[dict[str, Any]]:

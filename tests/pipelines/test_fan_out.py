@@ -92,3 +92,50 @@ def test_max_parallel_bounds_the_items_in_flight(mesh, run_workers):
     assert len(record.steps["fetch"].result["items"]) == 20
     peak = mesh.redis.zscore(f"{mesh.settings.namespace}:test.peak", "peak")
     assert peak is not None and 1 <= peak <= 5
+
+
+def join_events(mesh: MeshClient, job_id: str) -> list[dict[str, Any]]:
+    from mesh.broker import trace
+
+    return [e for e in trace.read(mesh.redis, mesh.keys, job_id) if e["event"] in ("joined", "join_failed")]
+
+
+def test_a_join_decided_by_a_dead_item_is_traced_and_the_jobs_error_names_the_rule(mesh, run_workers):
+    # One item at a time, the last one failing: the join is decided on the failure path.
+    fail_items(mesh, "fan-6", 3, 11, 19)
+    run_workers()
+    ref = mesh.run(fan_out(0.9, max_parallel=1), {"goal": "g", "count": 20}, key="fan-6")
+    record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=60)
+
+    assert record.error.startswith("step fetch: join not met (min_success 0.9): 17 of 20 items succeeded, "
+                                   "18 needed; failed: fetch[3], fetch[11], fetch[19]"), record.error
+    assert record.failure_class == "join"
+    (decision,) = join_events(mesh, ref.id)
+    assert decision["event"] == "join_failed" and decision["step_id"] == "fetch"
+    assert (decision["need"], decision["succeeded"], decision["failed"], decision["outcome"]) == (
+        18, 17, ["fetch[3]", "fetch[11]", "fetch[19]"], "dead_lettered")
+
+
+def test_a_met_join_is_revised_when_its_dead_items_are_replayed_and_succeed(mesh, run_workers, cli):
+    fail_items(mesh, "fan-7", 3, 11, 19)
+    run_workers()
+    ref = mesh.run(fan_out(0.8, max_parallel=1), {"goal": "g", "count": 20}, key="fan-7")
+    record = mesh.wait(ref.id, timeout_s=60)
+    assert record.state is State.SUCCEEDED, record.error
+    assert list(record.steps["fetch"].result["failed"]) == ["fetch[3]", "fetch[11]", "fetch[19]"]
+
+    mesh.redis.delete(f"{mesh.settings.namespace}:test.fail")
+    done = cli("dlq", "replay", "--all", "--yes")
+    assert done.returncode == 0, done.stderr
+    record = wait_for(lambda: (r := mesh.status(ref.id)) and all(
+        s.state is State.SUCCEEDED for s in r.steps.values() if s.parent == "fetch") and r, timeout_s=60)
+
+    fetch = record.steps["fetch"]
+    assert fetch.result["failed"] == {} and len(fetch.result["items"]) == 20
+    assert record.state is State.SUCCEEDED and record.result["fetch"] == fetch.result
+    # The first decision (made when fetch[19] was dead-lettered), then the revision of its output.
+    decided, revised = join_events(mesh, ref.id)
+    assert (decided["event"], decided["need"], decided["succeeded"], decided["failed"]) == (
+        "joined", 16, 17, ["fetch[3]", "fetch[11]", "fetch[19]"])
+    assert (revised["event"], revised["revised"], revised["need"], revised["succeeded"], revised["failed"]) == (
+        "joined", True, 16, 20, [])

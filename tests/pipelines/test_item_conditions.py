@@ -54,6 +54,10 @@ def test_a_false_item_gate_halts_the_job_before_any_item_is_sent(mesh, run_worke
     assert record.steps["fetch[0]"].gate.passed is True  # type: ignore[union-attr]
     assert all(s.sent_at is None for s in record.steps.values() if s.parent == "fetch")
     assert record.steps["digest"].sent_at is None
+    # Nothing will ever send them: not "queued" (forever), but not_run, saying where the job halted.
+    unsent = {sid: s for sid, s in record.steps.items() if sid in ("digest", "fetch[0]", "fetch[5]")}
+    assert {str(s.state) for s in unsent.values()} == {"not_run"}
+    assert {s.error for s in unsent.values()} == {"not sent: the job halted at step fetch[4]"}
     assert list(runs(mesh)) == ["gate-1/scout/scout"]
     shown = cli("status", ref.id, "--json")
     assert shown.returncode == 0, shown.stderr

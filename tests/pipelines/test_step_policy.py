@@ -61,6 +61,7 @@ def worker(make_settings: Callable[..., MeshSettings], api: FakeOpenAI) -> Itera
     started.broker.close()
 
 
+@pytest.mark.slow
 def test_a_steps_model_reaches_the_provider_and_a_step_without_one_uses_mesh_model_name(worker, rclient, api):
     spec = check(Pipeline("models")
                  .step("plain", agent="summarize", retry_policy={"max_attempts": 2, "backoff": "fixed"})

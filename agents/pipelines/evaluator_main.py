@@ -1,0 +1,74 @@
+"""The expression evaluator's own process: a loop reading ``[cel, values]`` frames on stdin and
+answering ``{"ok": value}`` / ``{"error": why}`` / ``{"limit": why}`` frames on stdout.
+
+It runs as a script (``python -I evaluator_main.py MEMORY_BYTES MAX_RESULT_BYTES``), importing only
+``cel`` and ``orjson``, under an address-space limit: an expression that allocates without bound
+aborts this process, one that recurses past the Rust stack segfaults it, one that loops is killed by
+the parent at its time limit. The worker that asked loses nothing but the answer. A frame is a
+4-byte big-endian length and that many bytes of JSON.
+"""
+
+from __future__ import annotations
+
+import resource
+import struct
+import sys
+from typing import Any
+
+import cel
+import orjson
+
+#: Compiled programs kept, by CEL text (a worker evaluates the same few expressions many times).
+_CACHE_SIZE = 512
+
+
+def _read(stream: Any, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _answer(text: str, values: dict[str, Any], programs: dict[str, Any], max_result: int) -> dict[str, Any]:
+    program = programs.get(text)
+    if program is None:
+        if len(programs) >= _CACHE_SIZE:
+            programs.clear()
+        program = programs[text] = cel.compile(text)
+    try:
+        result = program.execute(values)
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        return {"error": str(exc)}
+    data = orjson.dumps(result, default=str, option=orjson.OPT_NON_STR_KEYS)
+    if len(data) > max_result:
+        return {"limit": f"its value is {len(data)} bytes, over MESH_EXPR_MAX_RESULT_BYTES ({max_result})"}
+    return {"ok": orjson.Fragment(data)}
+
+
+def main() -> None:
+    memory, max_result = int(sys.argv[1]), int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    programs: dict[str, Any] = {}
+    stdout.write(b"R")  # ready: imports done, limits set
+    stdout.flush()
+    while True:
+        try:
+            (size,) = struct.unpack(">I", _read(stdin, 4))
+            text, values = orjson.loads(_read(stdin, size))
+        except EOFError:
+            return  # the parent went away
+        try:
+            reply = orjson.dumps(_answer(text, values, programs, max_result))
+        except MemoryError:
+            reply = orjson.dumps({"limit": "it ran out of memory (MESH_EXPR_MEMORY_MB)"})
+        stdout.write(struct.pack(">I", len(reply)) + reply)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

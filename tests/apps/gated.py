@@ -1,0 +1,63 @@
+"""An app whose one agent waits at a gate before its one effect, so a test can hold a worker's
+handlers right before ``ctx.call``: ``mesh worker --app tests.apps.gated:app``.
+
+The gate is a Redis key in the test's namespace (:func:`gate_key`); each handler counts itself in
+at the gate (:func:`arrived_key`) and out once its call returned or raised (:func:`passed_key`),
+so the test waits on counts, never on time.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel
+
+from mesh import App, Context, Receipt, ToolContext
+from mesh.agents.tools import effect_id, host_port, send_request
+
+app = App("gated")
+
+#: How often a handler at the gate looks whether it opened (s).
+GATE_POLL_S = 0.02
+
+
+def gate_key(namespace: str) -> str:
+    return f"{namespace}:test:gate"
+
+
+def arrived_key(namespace: str) -> str:
+    return f"{namespace}:test:arrived"
+
+
+def passed_key(namespace: str) -> str:
+    return f"{namespace}:test:passed"
+
+
+class Hook(BaseModel):
+    url: str
+    n: int
+
+
+class Posted(BaseModel):
+    status: int
+
+
+@app.tool(dependency=lambda args: host_port(args.url), effect=True)
+def post_hook(ctx: ToolContext, args: Hook) -> Receipt:
+    """POSTs ``n`` to the hook: the effect (the request carries the key and the fencing token)."""
+    response = send_request(ctx, "POST", args.url, json={"n": args.n})
+    return Receipt(tool="post_hook", effect_id=effect_id(ctx.key), detail={"status": response.status_code})
+
+
+@app.agent(tools=["post_hook"])
+def poster(ctx: Context, hook: Hook) -> Posted:
+    """Waits at the gate, then calls ``post_hook`` once."""
+    redis, ns = ctx.runtime.redis, ctx.runtime.settings.namespace
+    redis.incr(arrived_key(ns))
+    while not redis.exists(gate_key(ns)):
+        time.sleep(GATE_POLL_S)
+    try:
+        receipt = ctx.call("post_hook", hook)
+    finally:
+        redis.incr(passed_key(ns))
+    return Posted(status=receipt.detail["status"])

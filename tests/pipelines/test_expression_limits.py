@@ -1,0 +1,123 @@
+"""Expressions are bounded at load (length, nesting, macro calls and their nesting: FILE:LINE) and
+when they run (time, memory, result size, a crash of the evaluator): an expression past a run-time
+limit dead-letters its step, and the process that asked goes on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.agents.pipelines import (
+    ExpressionError,
+    Pipeline,
+    PipelineError,
+    compile_condition,
+    engine,
+    load_pipeline,
+    sandbox,
+)
+from mesh.agents.pipelines.expr import MAX_EXPR_CHARS, MAX_EXPR_NESTING, MAX_MACRO_DEPTH, MAX_MACROS, ExpressionLimit
+from mesh.contracts import ConfigError, JobRecord, State
+from tests.pipelines.agents import app
+
+#: The review's 930-byte ``when``: a string doubled 34 times (16 GiB).
+DOUBLING = "['ab']" + ".map(s, s + s)" * 34 + "[0].size() > 0"
+#: The review's 180 KB chain of maps, which compiles and overflows the evaluator's stack.
+CHAIN = "[1]" + ".map(x, [x])" * 15_000 + " == []"
+#: Within the load limits, and about 10**8 steps over a list of 500.
+SLOW = "input.xs.exists(a, input.xs.exists(b, input.xs.exists(c, a + b + c < 0)))"
+#: Within the load limits, and 2**8 copies of a 1 MB string.
+GREEDY = "[input.s]" + ".map(s, s + s)" * 8 + "[0].size() > 0"
+
+
+@pytest.fixture
+def tight() -> Iterator[sandbox.ExprLimits]:
+    limits = sandbox.ExprLimits(timeout_ms=500, memory_mb=128, max_result_bytes=64 * 1024)
+    sandbox.configure(limits)
+    yield limits
+    sandbox.configure(sandbox.ExprLimits())
+
+
+def refused(tmp_path: Path, when: str) -> str:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: p\nagents:\n  - id: researcher\n  - id: coder\n    depends_on: [researcher]\n"
+                    f"    when: \"{when}\"\n")
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, app)
+    return str(caught.value).replace(str(path), "p.yaml")
+
+
+def test_the_doubling_when_is_refused_at_its_line(tmp_path: Path) -> None:
+    assert len(DOUBLING) < 1000
+    message = refused(tmp_path, DOUBLING)
+    assert message.startswith("p.yaml:6: agents[1].when: condition \"['ab'].map(s, s + s)")
+    assert message.endswith(f"calls 34 macros (map, filter, all, exists, exists_one), over the {MAX_MACROS} allowed")
+
+
+def test_the_long_chain_is_refused_at_its_line_before_it_compiles(tmp_path: Path) -> None:
+    assert refused(tmp_path, CHAIN).endswith(f"characters is over the {MAX_EXPR_CHARS} allowed")
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("(" * (MAX_EXPR_NESTING + 1) + "1" + ")" * (MAX_EXPR_NESTING + 1) + " == 1", "levels deep"),
+    ("[[1]]" + "".join(f".exists(v{i}, [[1]]" for i in range(MAX_MACRO_DEPTH + 1)) + ", true" + ")" *
+     (MAX_MACRO_DEPTH + 1), "nests macros"),
+])
+def test_nesting_and_macro_depth_past_the_limits_are_refused(text: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        compile_condition(text)
+
+
+def test_expressions_within_the_limits_compile() -> None:
+    compile_condition("[1, 2].exists(a, [3].exists(b, [4].all(c, a + b + c > 0)))")
+    compile_condition("(" * MAX_EXPR_NESTING + "true" + ")" * MAX_EXPR_NESTING)
+
+
+def test_an_expression_past_the_time_limit_is_stopped(tight: sandbox.ExprLimits) -> None:
+    with pytest.raises(ExpressionLimit, match=r"ran longer than MESH_EXPR_TIMEOUT_MS \(500\)"):
+        compile_condition(SLOW).test({"input": {"xs": list(range(500))}})
+    assert compile_condition("input.n > 1").test({"input": {"n": 2}})  # a fresh evaluator answers
+
+
+def test_an_expression_past_the_memory_limit_kills_its_evaluator_only(tight: sandbox.ExprLimits) -> None:
+    with pytest.raises(ExpressionLimit, match="killed its evaluator"):
+        compile_condition(GREEDY).test({"input": {"s": "m" * 1_000_000}})
+    assert compile_condition("input.n > 1").test({"input": {"n": 2}})
+
+
+def test_a_value_past_the_result_limit_is_refused(tight: sandbox.ExprLimits) -> None:
+    expr = compile_condition("input.xs.map(x, input.s)")
+    with pytest.raises(ExpressionLimit, match=r"over MESH_EXPR_MAX_RESULT_BYTES \(65536\)"):
+        expr.evaluate({"input": {"xs": list(range(100)), "s": "r" * 1000}})
+
+
+def test_a_segfault_in_the_evaluator_is_an_expression_limit() -> None:
+    # the chain is refused at load; given to the evaluator as it is, it takes the evaluator down
+    evaluator = sandbox.Evaluator(sandbox.ExprLimits(timeout_ms=30_000))
+    try:
+        with pytest.raises(sandbox.EvaluatorLimit, match=r"killed its evaluator \(signal 11"):
+            evaluator.evaluate(CHAIN, {})
+        assert evaluator.evaluate("1 + 1", {}) == ("ok", 2)
+    finally:
+        evaluator.close()
+
+
+def test_an_evaluation_error_is_still_an_expression_error() -> None:
+    with pytest.raises(ExpressionError, match="cannot evaluate") as caught:
+        compile_condition("input.missing > 1").test({"input": {}})
+    assert not isinstance(caught.value, ExpressionLimit)
+
+
+def test_a_when_past_a_limit_dead_letters_its_step_and_the_job(tight: sandbox.ExprLimits) -> None:
+    spec = Pipeline("slow").step("researcher", when=SLOW).step("coder", depends_on=["researcher"]).build()
+    record = JobRecord(job_id="j", key="k", trace_id="0" * 32, created_at=0, updated_at=0, pipeline="slow",
+                       pipeline_digest=spec.digest(), pipeline_input={"goal": "g", "xs": list(range(500))})
+    record, messages, events = engine.begin(spec, record, engine.Run(trace_id="0" * 32, deadline=1e10),
+                                            engine.Routes(), now=1.0)
+    step = record.steps["researcher"]
+    assert (step.state, step.failure_class) == (State.DEAD_LETTERED, "invalid_input")
+    assert "MESH_EXPR_TIMEOUT_MS" in (step.error or "") and not messages
+    assert record.state is State.DEAD_LETTERED
+    assert [e["event"] for e in events if e.get("step_id") == "researcher"] == ["input_refused"]
