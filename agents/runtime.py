@@ -71,7 +71,8 @@ class AgentRuntime:
     def __post_init__(self) -> None:
         self.worker = trace.worker_name()
         self.keys = Keys(self.settings.namespace)
-        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
+        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
+                             self.settings.dead_letter_job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self.fence = Fence(self.settings, self.redis)
         self.clock = ServerClock(self.redis)
@@ -106,7 +107,9 @@ class AgentRuntime:
         env = self.envelope(agent, raw)
         if env.contract_version is not None and env.contract_version != spec.version:
             raise ContractError(f"message for contract version {env.contract_version} of agent {agent!r}; this "
-                                f"worker serves version {spec.version}: not run against the wrong model")
+                                f"worker serves version {spec.version}: not run against the wrong model. If no "
+                                f"worker serves {env.contract_version} any more and the payload fits version "
+                                f"{spec.version}: mesh dlq replay ID --to-version {spec.version}")
         payload = validate_model(agent, spec.input, env.payload)
         envelope = env.model_dump(mode="json")
         member = running_member(env.job_id, env.step_id)
@@ -139,6 +142,9 @@ class AgentRuntime:
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
+        if lease.shared and lease.recorded_output is None:
+            # The key's effect happened, but its output is kept nowhere any more: never run it again.
+            raise PermanentFailure(lease.output_gone or f"key {env.key} is done but its output is not kept")
         if lease.recorded_output is not None:
             # An earlier attempt finished and Redis refused its record, or another job's step under
             # this key (a shared idempotency_key) did the work: record that output, run nothing.

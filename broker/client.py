@@ -130,7 +130,8 @@ class MeshClient:
         self.settings = settings or MeshSettings.from_env()
         self.redis = client or connect(self.settings)
         self.keys = Keys(self.settings.namespace)
-        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s)
+        self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
+                             self.settings.dead_letter_job_retention_s)
         self.app = app
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)

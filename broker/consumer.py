@@ -24,13 +24,15 @@ from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
+from dramatiq.middleware import Interrupt
 
-from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, depth_exceeds, dumps, loads
+from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, StepRecord, depth_exceeds, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
 from . import trace
 from .group_commit import GroupCommit
-from .idempotency import Idempotency, done_args, message_key
+from .idempotency import Idempotency, Lease, done_args, message_key
+from .jobs import ended_ttl_s, holds_dead_letters
 from .outbox import encode
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
 from .trace import TRACE_MAXLEN
@@ -68,7 +70,10 @@ class MeshConsumer(_RedisConsumer):
         #: large, where fetching whenever one message settled costs a round trip per message.
         self.low_water = max(1, prefetch // 4)
         #: Acks from the worker threads go to Redis in groups (one script call for all that wait).
-        self.acks: GroupCommit[tuple[str, Any, Any, Any]] = GroupCommit(self._ack_group)
+        self.acks: GroupCommit[tuple[str, Any, Any, Any]] = GroupCommit(
+            self._ack_group, name=f"mesh-acks-{queue_name}")
+        #: ``on`` while a settlement is re-run after an interruption (its "no longer held" is expected).
+        self._quiet = threading.local()
         self.dedup_ttl_s = int(broker.settings.dedup_ttl_s)
         self.last_beat = float("-inf")  # the first fetch beats
         self.in_hand: set[str] = broker.in_hand.setdefault(queue_name, set())
@@ -82,6 +87,26 @@ class MeshConsumer(_RedisConsumer):
         return len(self.queued_message_ids) + len(self.pairs)
 
     def ack(self, message: MessageProxy) -> None:
+        """Settle ``message`` by its decision, shielded from dramatiq's interruptions: a time limit or
+        shutdown raised into this thread while it settles is held until the settlement is complete
+        (settled again from the start when it struck midway: every settle command is safe to re-send),
+        then dropped with a warning. It was meant for the handler, which has returned; raised further
+        it would end this worker thread with the message still in hand."""
+        interrupted: Interrupt | None = None
+        while True:
+            try:
+                self._quiet.on = interrupted is not None
+                self._settle(message)
+                break
+            except Interrupt as exc:
+                interrupted = interrupted or exc
+        self._quiet.on = False
+        if interrupted is not None:
+            logger.warning("%s raised while settling: the settlement completed, the exception is dropped",
+                           type(interrupted).__name__, extra={"queue": self.queue_name,
+                                                              "redis_message_id": message.options["redis_message_id"]})
+
+    def _settle(self, message: MessageProxy) -> None:
         decision = decision_of(message)
         rid = message.options["redis_message_id"]
         try:
@@ -92,22 +117,61 @@ class MeshConsumer(_RedisConsumer):
             if isinstance(decision, RetryLater):
                 new = decision.message
                 self._settle_job("retry", decision.job, rid, new.options["redis_message_id"], new.encode(),
-                                 decision.stat, decision.route)
+                                 decision.stat, decision.route, lease=message.__dict__.get("mesh_lease"))
             elif isinstance(decision, DeadLetterIt):
-                self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job)
+                self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job,
+                           lease=message.__dict__.get("mesh_lease"))
             else:
-                if not self.acks.submit((rid, *done_args(message))):
+                answer = self.acks.submit((rid, *done_args(message)))
+                if answer in (0, 2):
                     logger.warning("lease lost before the attempt settled", extra={"key": message_key(message)})
+                if answer >= 2:
+                    self._superseded(rid)
         except (redis.RedisError, ConnectionClosed) as exc:
             # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
             # retries the settlement until it goes through, and the message stays in hand meanwhile.
             raise ConnectionClosed(exc) from None
-        except Exception:
-            # Not retried by dramatiq: let go of the message (the next consumer's reclaim puts it
-            # back), so the prefetch window does not shrink for good.
-            self._let_go(message, rid)
-            raise
+        except Exception as exc:
+            # Not retried by dramatiq, and a message left in this live worker's acks set would be
+            # held for good (nobody reclaims a worker that heartbeats): it is dead-lettered without
+            # its job-record change, or put back on its queue.
+            self._settle_anyway(message, rid, decision, exc)
         self._let_go(message, rid)
+
+    def _settle_anyway(self, message: MessageProxy, rid: str, decision: Any, exc: Exception) -> None:
+        """Settle a message whose settlement raised ``exc`` (not a Redis error): a failed attempt is
+        dead-lettered without its job-record change (the entry says why); anything else, or a dead
+        letter that cannot be written either, goes back to the head of its queue."""
+        logger.error("settlement failed: %s: %s", type(exc).__name__, exc, exc_info=exc,
+                     extra={"queue": self.queue_name, "redis_message_id": rid})
+        why = f"the mesh could not settle this message ({type(exc).__name__}: {str(exc)[:300]})"
+        try:
+            if isinstance(decision, DeadLetterIt):
+                entry = decision.entry.model_copy(update={"error": f"{decision.entry.error}; {why}"})
+                self._dead(rid, entry, raw_of(message), decision.stat, decision.route)
+                return
+            if isinstance(decision, RetryLater):
+                entry = self.broker.dead_letter_entry(message._message, FailureClass.UNKNOWN,
+                                                      f"{why}; it was to be {decision.stat}", None)
+                self._dead(rid, entry, raw_of(message), "dead_lettered", "unknown:dead_letter")
+                return
+        except redis.RedisError as err:
+            raise ConnectionClosed(err) from None  # dramatiq retries the whole settlement
+        except ConnectionClosed:
+            raise
+        except Exception:
+            logger.exception("dead letter failed too: message put back on its queue",
+                             extra={"queue": self.queue_name, "redis_message_id": rid})
+        try:
+            self.broker.settle("requeue", self.queue_name, rid)
+        except redis.RedisError as err:
+            raise ConnectionClosed(err) from None
+
+    def _superseded(self, rid: str) -> None:
+        if getattr(self._quiet, "on", False):
+            return  # settled again after an interruption: the first settlement took it
+        logger.warning("message no longer held by this worker (reaped while it was paused): its "
+                       "settlement left it to its new owner", extra={"queue": self.queue_name, "redis_message_id": rid})
 
     def _ack_group(self, group: Sequence[tuple[str, Any, Any, Any]]) -> list[int]:
         return self.broker.settle("ack", self.queue_name, self.dedup_ttl_s, *(a for item in group for a in item))
@@ -133,28 +197,43 @@ class MeshConsumer(_RedisConsumer):
         decide(message, decision)
         return decision
 
-    def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any) -> int:
+    def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any,
+                    lease: Lease | None = None) -> int:
         """Settle with the job-record change in the same script; a record changed meanwhile by
         another writer is read again and the change recomputed (optimistic, like WATCH). The
         script's answer."""
         for _ in range(CONFLICT_RETRIES):
             arg = self._job_arg(job)
-            if arg is None:
+            if isinstance(arg, StepRecord):
                 # The failure struck after this attempt's success was written (a time limit landing
-                # after EXEC): the record is the truth, and the message is done.
+                # after EXEC): the record is the truth, and the message and its key are done.
                 assert job is not None
                 logger.warning("attempt failed after its success was recorded: settled as done",
                                extra={"job_id": job.job_id, "step_id": job.step_id})
-                self.broker.do_ack(self.queue_name, rid)
-                return 1
+                return self._settle_done(rid, arg, lease)
             answer = int(self.broker.settle(command, self.queue_name, rid, *args, arg))
+            if answer == 3:
+                self._superseded(rid)
             if answer != -1:
                 return answer
         raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")
 
-    def _job_arg(self, job: JobWrite | None) -> str | None:
-        """The settle script's job argument for ``job``, from one read of its record; None when that
-        record shows this very attempt's step succeeded (then there is no failure to record)."""
+    def _settle_done(self, rid: str, step: StepRecord, lease: Lease | None) -> int:
+        """Settle a message whose attempt's success is recorded (``step``) as done, and store its key
+        as done with the step's result (the failure freed the claim: another message under the same
+        key, e.g. a shared ``idempotency_key``, must not run the effect again)."""
+        claim = (lease.claim_key, lease.owner, lease.token) if lease is not None and not lease.shared else ("", "", 0)
+        answer = int(self.broker.settle("done", self.queue_name, self.dedup_ttl_s, rid, *claim,
+                                        dumps(step.result or {})))
+        if answer in (0, 2):
+            logger.warning("lease lost before the attempt settled", extra={"key": lease.key if lease else None})
+        if answer >= 2:
+            self._superseded(rid)
+        return 1
+
+    def _job_arg(self, job: JobWrite | None) -> str | StepRecord:
+        """The settle script's job argument for ``job``, from one read of its record; the step when
+        that record shows this very attempt's step succeeded (then there is no failure to record)."""
         if job is None:
             return ""
         keys = self.broker.keys
@@ -173,7 +252,7 @@ class MeshConsumer(_RedisConsumer):
             step = before.steps.get(job.step_id) if job.step_id is not None else None
             if (step is not None and job.token is not None and step.state is State.SUCCEEDED
                     and step.token == job.token):
-                return None
+                return step
             record, messages = job.change(before)
             arg["events"] = [dumps(ev).decode() for ev in job.events]  # with what the change added
             # What the failure sets in motion (a pipeline's next steps) is sent with the record.
@@ -184,9 +263,12 @@ class MeshConsumer(_RedisConsumer):
                               for m in messages]
             arg["sha"] = hashlib.sha1(current).hexdigest()
             arg["new"] = dumps(record).decode()
-            if record.state in TERMINAL and before.state not in TERMINAL:
-                # Ending the job starts its retention clock (as jobs.stage_record does); else KEEPTTL.
-                arg["ttl"] = max(1, int(self.broker.settings.job_retention_s))
+            settings = self.broker.settings
+            if record.state in TERMINAL and (before.state not in TERMINAL or holds_dead_letters(record)):
+                # Ending the job starts its retention clock (as jobs.stage_record does); else KEEPTTL. A
+                # job holding dead letters is kept while they may be replayed, counted from the last one.
+                arg["ttl"] = max(1, int(ended_ttl_s(record, settings.job_retention_s,
+                                                    settings.dead_letter_job_retention_s)))
         return dumps(arg).decode()
 
     def nack(self, message: MessageProxy) -> None:
@@ -200,17 +282,23 @@ class MeshConsumer(_RedisConsumer):
         self.ack(message)
 
     def _dead(self, rid: str, entry: DeadLetter, raw: bytes, stat: str, route: str,
-              job: JobWrite | None = None) -> None:
+              job: JobWrite | None = None, lease: Lease | None = None) -> None:
         # Indexed under its agent only when this worker declares it: a name a producer invented keeps
         # its place in the entry but creates no index key of its own.
         agent = entry.agent if entry.agent in self.broker.actors else "-"
-        if self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                            agent, entry.failure_class) == 2:
-            # Another dead letter holds this id (a producer gave two messages one id): this one is
-            # kept under an id of its own, never dropped.
-            entry = entry.model_copy(update={"entry_id": f"{entry.entry_id}.{rid}"})
-            self._settle_job("dead", job, rid, entry.entry_id, dumps(entry), raw, stat, route,
-                             agent, entry.failure_class)
+        # Another dead letter may hold the id (a producer gave two messages one id, or this message
+        # was dead-lettered before under it): this one is kept under an id of its own, never dropped.
+        taken: list[str] = []
+        for entry_id in (entry.entry_id, f"{entry.entry_id}.{rid}", f"{entry.entry_id}.{rid}.{uuid.uuid4().hex[:12]}"):
+            entry = entry.model_copy(update={"entry_id": entry_id})
+            if self._settle_job("dead", job, rid, entry_id, dumps(entry), raw, stat, route,
+                                agent, entry.failure_class, lease=lease) != 2:
+                if taken:
+                    logger.warning("dead-letter id taken: kept under another", extra={
+                        "queue": self.queue_name, "taken": taken, "entry_id": entry_id})
+                return
+            taken.append(entry_id)
+        raise RuntimeError(f"dead letter of {rid}: every entry id is taken ({', '.join(taken)})")
 
     def _poison(self, rid: str, data: bytes, error: DecodeError) -> None:
         logger.error("poison message", extra={"queue": self.queue_name, "redis_message_id": rid})

@@ -27,9 +27,9 @@ import redis
 from dramatiq.broker import Broker, MessageProxy
 from dramatiq.middleware import Middleware, SkipMessage
 
-from mesh.contracts import TERMINAL, FailureClass, dumps, loads
+from mesh.contracts import TERMINAL, FailureClass, loads
 
-from . import trace
+from . import claim_results, trace
 from .claims import script_source
 from .clock import server_now_ms
 from .keys import Keys
@@ -81,6 +81,8 @@ class Lease:
     #: The key is done for another job (a shared ``idempotency_key``): this lease holds no claim; the
     #: attempt records the stored result (``recorded_output``) on its own job and runs nothing.
     shared: bool = field(default=False, compare=False)
+    #: A shared lease whose key's output is no longer kept anywhere: why (the step fails with it).
+    output_gone: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -224,10 +226,16 @@ class Idempotency(Middleware):
                         route="unknown:defer")
             raise SkipMessage(f"{key}: its job could not be read") from None
         if shares:
-            # Another job's step with this key applied the effect: this job's step takes its stored
-            # result (the handler is not run) and its job goes on.
+            # The effect under this key happened (another job's step, or this job's before its record
+            # expired): this step takes the stored output (the handler is not run) and its job goes on.
+            try:
+                stored = claim_results.resolve(self.client, self.keys, key, rest[0] if rest else None)
+            except redis.RedisError as exc:
+                self._defer(broker, message, key, 0, reason=f"stored output read failed: {exc}", stat="deferred",
+                            route="unknown:defer")
+                raise SkipMessage(f"{key}: its stored output could not be read") from None
             lease = Lease(key=key, claim_key=claim.claim_key, owner=claim.owner, token=int(token), envelope=envelope,
-                          recorded_output=loads(rest[0]) if rest and rest[0] else {}, shared=True)
+                          recorded_output=stored.output, shared=True, output_gone=stored.gone)
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
             return
@@ -258,11 +266,11 @@ class Idempotency(Middleware):
         raise SkipMessage(f"{lease.key}: poison")
 
     def _shares(self, envelope: dict[str, Any]) -> bool:
-        """A done key whose message's own step, in a declared pipeline's job, has not ended: the key
-        is shared by two jobs (a pipeline's ``idempotency_key``), and this job needs the stored result.
-        A duplicate of a step that ended (the usual case), of a job no longer kept, or of a job that is
-        not a declared pipeline's (a re-sent built-in job keeps its queued record) is acked as a
-        duplicate."""
+        """A done key whose message's own step has not ended: this job needs the stored result. Either
+        the key is shared by two jobs (a pipeline's ``idempotency_key``), or the job was sent again
+        after its record expired (MESH_JOB_RETENTION_S) inside the dedup window, which re-created it
+        queued: answered from the claim, it ends as it did, never queued for good. A duplicate of a
+        step that ended (the usual case), or of a job no longer kept, is acked as a duplicate."""
         job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
         if not (isinstance(job_id, str) and isinstance(step_id, str)):
             return False
@@ -271,8 +279,7 @@ class Idempotency(Middleware):
             return False
         record = loads(data)
         step = record.get("steps", {}).get(step_id)
-        return (bool(record.get("pipeline_digest")) and isinstance(step, dict)
-                and step.get("state") not in {str(s) for s in TERMINAL})
+        return isinstance(step, dict) and step.get("state") not in {str(s) for s in TERMINAL}
 
     def _defer(self, broker: Broker, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str,
                stat: str, route: str) -> None:
@@ -309,7 +316,8 @@ class Idempotency(Middleware):
         self._release_hold(lease)
         if exception is None and lease.done:
             # Stored by the ack that settles the message, in the same script (MeshConsumer.ack).
-            message.mesh_done = (lease.claim_key, lease.owner, dumps(lease.result or {}))  # type: ignore[attr-defined]
+            message.mesh_done = (lease.claim_key, lease.owner,  # type: ignore[attr-defined]
+                                 claim_results.encode(lease.result, lease.envelope, self.settings.claim_result_bytes))
             return
         try:
             ok = self._call("release", lease.claim_key, lease.owner, lease.token)

@@ -3,7 +3,9 @@
 Retention rides on the writes: the write that ends a job (moves it to a TERMINAL state) gives its
 record and trace a TTL of MESH_JOB_RETENTION_S in the same MULTI; a write that makes it active
 again (a DLQ replay) removes both TTLs. A running or waiting job therefore never expires, and an
-ended one needs no sweep to go (broker/retention.py only tidies the indexes).
+ended one needs no sweep to go (broker/retention.py only tidies the indexes). A job that ends
+holding dead-lettered or unknown steps keeps its record as long as their dead letters may wait for
+a replay (``MeshSettings.dead_letter_job_retention_s``), so the replay finds the job to go on with.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mesh.contracts import (
     settle,
     transition,
 )
+from mesh.contracts.jobs import known
 
 from . import claims, trace
 from .keys import Keys
@@ -47,31 +50,55 @@ class JobNotFound(LookupError):
     pass
 
 
-def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retention_s: float) -> None:
+#: Step states that come with a dead letter an operator may replay.
+HELD_FOR_REPLAY = frozenset({State.DEAD_LETTERED, State.UNKNOWN})
+
+
+def holds_dead_letters(record: JobRecord) -> bool:
+    """Whether ``record`` has a step whose message waits in the DLQ (dead-lettered, or unknown)."""
+    return any(step.state in HELD_FOR_REPLAY for step in record.steps.values())
+
+
+def ended_ttl_s(record: JobRecord, retention_s: float, keep_s: float | None) -> float:
+    """How long an ended job's record is kept: ``retention_s``, or ``keep_s`` (when longer) while it
+    holds dead-lettered steps a replay must find it for."""
+    return max(retention_s, keep_s or 0) if holds_dead_letters(record) else retention_s
+
+
+def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retention_s: float,
+                 keep_s: float | None = None) -> None:
     """Stage the write of ``record`` (which was in state ``was``) with the TTLs its state implies.
 
-    Ending the job starts the retention clock on its record and trace; later writes to an ended job
-    keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET drops
-    it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
+    Ending the job starts the retention clock on its record and trace (``keep_s`` instead, when
+    longer, if the job holds dead-lettered steps: see :func:`ended_ttl_s`); later writes to an ended
+    job keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET
+    drops it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
+    A job in a state a newer release wrote keeps whatever TTL that release gave it.
     """
     key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
-    if record.state not in TERMINAL:
+    if not known(record.state):
+        pipe.set(key, data, keepttl=True)
+    elif record.state not in TERMINAL:
         pipe.set(key, data)
         if was in TERMINAL:
             pipe.persist(trace_key)
     elif was in TERMINAL:
         pipe.set(key, data, keepttl=True)
     else:
-        ttl_ms = max(1, int(retention_s * 1000))
+        ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_RETENTION_S) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_RETENTION_S,
+                 keep_s: float | None = None) -> None:
+        """``keep_s``: how long an ended job holding dead-lettered steps is kept, when longer than
+        ``retention_s`` (``MeshSettings.dead_letter_job_retention_s``)."""
         self.client = client
         self.keys = keys
         self.retention_s = retention_s
+        self.keep_s = keep_s
 
     def stage_create(self, pipe: Any, record: JobRecord) -> None:
         """Stage the record's creation into ``pipe``; an existing record is left as it is."""
@@ -129,7 +156,7 @@ class JobStore:
             for ev in events:
                 trace.stage(pipe, self.keys, ev)
             stage_record(pipe, self.keys, record, was=before.state,
-                         retention_s=self.retention_s if retention_s is None else retention_s)
+                         retention_s=self.retention_s if retention_s is None else retention_s, keep_s=self.keep_s)
             if also is not None:
                 also(pipe, record)
             return record
@@ -175,8 +202,8 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
         del events[given:]  # a settlement recomputed after a conflict starts over
         now = time.time()
         step = record.steps.get(step_id)
-        if step is None or step.state in TERMINAL:
-            return record, []
+        if step is None or step.state in TERMINAL or not known(step.state):
+            return record, []  # ended, or in a newer release's state: that release's to move
         if step.state is State.RUNNING and (token is None or (step.token or 0) > token):
             return record, []  # a later claim's owner runs it now
         if step.state is State.RUNNING:

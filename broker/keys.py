@@ -19,8 +19,10 @@ The mesh's own:
     {ns}:claim:{key}                  string "state|token|expires|owner|result": the idempotency claim on a
                                       message key (broker/scripts/claim_lib.lua, claim.lua; read in Python
                                       by broker/claims.py): state claimed|free|done, fencing token, lease
-                                      end (ms, server clock), owner, result; a hash an earlier release
-                                      wrote is still read
+                                      end (ms, server clock), owner (empty once done), result (a done key's
+                                      output up to MESH_CLAIM_RESULT_BYTES, else "@" and a reference to
+                                      the step holding it: broker/claim_results.py); kept for
+                                      MESH_DEDUP_TTL_S; a hash an earlier release wrote is still read
     {ns}:kills:{key}                  integer: owners of the claim on {key} that died holding it (taken
                                       over after their lease ran out), cleared when an attempt lets go;
                                       at MESH_POISON_KILLS the next delivery is dead-lettered as poison
@@ -34,7 +36,8 @@ The mesh's own:
     {ns}:breakers                     set of every dependency that has a breaker
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step); expires
-                                      MESH_JOB_RETENTION_S after the job ends (broker/jobs.py)
+                                      MESH_JOB_RETENTION_S after the job ends (broker/jobs.py); one holding
+                                      dead-lettered steps while their dead letters may be replayed
     {ns}:jobs                         zset job id -> created time (s); members whose record expired
                                       are swept (broker/retention.py)
     {ns}:jobs.expired                 zset job id -> swept time (s): tombstones of swept jobs, so

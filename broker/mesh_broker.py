@@ -207,7 +207,8 @@ def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Midd
     to re-send). No dramatiq ``Retries``: the FailureRouter decides every failed message's fate."""
     return [
         ShutdownNotifications(),
-        FailureRouter(settings, JobStore(client, Keys(settings.namespace), settings.job_retention_s)),
+        FailureRouter(settings, JobStore(client, Keys(settings.namespace), settings.job_retention_s,
+                                         settings.dead_letter_job_retention_s)),
         Idempotency(settings, client),
         Deadline(settings),
         DelayClock(),

@@ -132,6 +132,9 @@ class MeshSettings(BaseSettings):
                                               "an effect always does); default: a quarter of the lease")
     dedup_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, description="how long a done key is "
                                  "remembered; must not be shorter than MESH_DLQ_RETENTION_S")
+    claim_result_bytes: int = Field(default=4096, ge=0, description="largest step output (encoded) a done "
+                                    "key's claim keeps for the dedup window; a larger one is kept as its digest "
+                                    "and its step's place, read from the job record while that is kept")
     dlq_retention_s: float = Field(default=0.0, ge=0, description="how long dead letters are kept; 0 keeps "
                                    "them until an operator removes them; the retention sweep removes older ones, "
                                    "each audited (expire) and counted (dlq_expired)")
@@ -186,6 +189,13 @@ class MeshSettings(BaseSettings):
     def dlq_raw_cap(self) -> int:
         """The largest raw message an exported entry may carry."""
         return self.max_message_bytes if self.dlq_max_raw_bytes is None else self.dlq_max_raw_bytes
+
+    @property
+    def dead_letter_job_retention_s(self) -> float:
+        """How long the record of an ended job holding dead-lettered (or unknown) steps is kept: as long
+        as its dead letters may wait for a replay (MESH_DLQ_RETENTION_S, or, when they are kept until
+        removed, the dedup window a replay is safe in), and never less than MESH_JOB_RETENTION_S."""
+        return max(self.job_retention_s, self.dlq_retention_s or self.dedup_ttl_s)
 
     @property
     def lease_check_s(self) -> float:

@@ -11,6 +11,7 @@
     dead_lettered   the message went to the DLQ: failure class, error
     duplicate       a delivery of a done key was acked without running
     succeeded       the step finished
+    replayed        an operator replayed the step's dead letter: the entry, who (``by``), the new message
     stuck           the step holds its claim but made no progress for MESH_STUCK_AFTER_S
 
 Every event carries the trace id, job id, key, step, agent, attempt, worker and time. Events are
@@ -35,7 +36,7 @@ from .keys import Keys
 TRACE_MAXLEN = 2_000
 
 EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "fenced", "model_call", "deferred", "failed",
-          "dead_lettered", "duplicate", "succeeded", "stuck")
+          "dead_lettered", "duplicate", "succeeded", "stuck", "replayed")
 
 _ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
 

@@ -4,6 +4,12 @@ Every change of state goes through :func:`transition`, which refuses moves the
 lifecycle does not allow and scrubs terminal fields (error, result, finished and
 failed timestamps) whenever a record becomes active again, so a retried step can
 never show the previous attempt's error or result as if it were current.
+
+Records are read by every release running during a rolling deploy, so they tolerate what a newer
+release writes (unlike messages, which stay ``extra="forbid"``): :class:`Record` and its
+subclasses (:class:`JobRecord`, :class:`StepRecord`) and :class:`GateCheck` keep unknown fields and
+write them back unchanged, and a :class:`State` value this release does not know is read as a
+state of its own that this release never moves (:func:`known`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import time
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .envelope import Frozen
 from .errors import IllegalTransition
@@ -33,6 +39,16 @@ class State(StrEnum):
     SKIPPED = "skipped"
     #: A pipeline step never sent because its job halted first; its error says where it halted.
     NOT_RUN = "not_run"
+
+    @classmethod
+    def _missing_(cls, value: object) -> State | None:
+        """A state a newer release wrote (e.g. ``compensating``): read as a member of its own, not in
+        :data:`ALLOWED`, so this release keeps it and never moves it (see :func:`known`)."""
+        if not isinstance(value, str) or not value or len(value) > 64:
+            return None
+        member = str.__new__(cls, value)
+        member._name_, member._value_ = value.upper(), value
+        return member
 
 
 #: States in which work is still expected to happen.
@@ -58,10 +74,27 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.SKIPPED: frozenset(),
 }
 
+
+def known(state: State) -> bool:
+    """Whether this release knows ``state`` (a newer release's state is kept as it is, never moved)."""
+    return state in ALLOWED
+
+
+def moves(state: State) -> frozenset[State]:
+    """The states ``state`` may move to: none for a state this release does not know."""
+    return ALLOWED.get(state, frozenset())
+
+
 _SCRUBBED_WHEN_ACTIVE = {"error": None, "failure_class": None, "result": None, "finished_at": None, "failed_at": None}
 
 
-class Record(Frozen):
+class Tolerant(Frozen):
+    """A record model: frozen, and an unknown field (a newer release's) is kept and written back."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class Record(Tolerant):
     state: State = State.QUEUED
     error: str | None = None
     failure_class: str | None = None
@@ -76,7 +109,7 @@ class Record(Frozen):
     tokens_out: int = Field(default=0, ge=0)
 
 
-class GateCheck(Frozen):
+class GateCheck(Tolerant):
     """A pipeline step's gate as it was last evaluated: the expression, the values it read (by path,
     ``{"coder.confidence": 0.6}``; a missing one is None) and whether it held."""
 
@@ -146,7 +179,7 @@ def transition(
     **fields: Any,
 ) -> R:
     """Move ``record`` to ``target``, scrubbing or stamping the fields that state implies."""
-    if target not in ALLOWED[record.state]:
+    if target not in moves(record.state):
         raise IllegalTransition(type(record).__name__, record.state, target)
     now = time.time() if now is None else now
     update: dict[str, Any] = {"state": target, "updated_at": now, **fields}
@@ -192,7 +225,7 @@ def job_state(record: JobRecord) -> State:
     """The job's state as a function of its steps: halted if one halted; dead-lettered while any
     blocking step is (then unknown while one is); succeeded when every step succeeded, was skipped,
     or is a non-blocking lost item; otherwise active (the record's own queued or running)."""
-    if not ALLOWED[record.state]:  # a succeeded job stays so
+    if not moves(record.state):  # a succeeded job stays so, and a newer release's state too
         return record.state
     steps = list(record.steps.values())
     if any(s.state is State.HALTED for s in steps):
@@ -206,7 +239,7 @@ def job_state(record: JobRecord) -> State:
         return State.SUCCEEDED
     if record.state in (State.QUEUED, State.RUNNING, State.FAILED, State.AWAITING_APPROVAL):
         return record.state
-    return State.QUEUED if State.QUEUED in ALLOWED[record.state] else State.RUNNING
+    return State.QUEUED if State.QUEUED in moves(record.state) else State.RUNNING
 
 
 def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) -> JobRecord:
@@ -222,10 +255,10 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
             if record.error != error:
                 return record.model_copy(update={"error": error, "failure_class": failure_class, "updated_at": now})
         return record
-    if target not in ALLOWED[record.state]:
+    if target not in moves(record.state):
         if record.state is not State.QUEUED:
             record = transition(record, State.QUEUED, now=now)
-        if target is not State.QUEUED and target not in ALLOWED[record.state]:
+        if target is not State.QUEUED and target not in moves(record.state):
             record = transition(record, State.RUNNING, now=now)
     if record.state is target:
         return record

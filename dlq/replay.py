@@ -4,7 +4,19 @@ A replayed message keeps its **original key** (so idempotency absorbs an effect 
 happened), gets a fresh attempt counter and deadline, and carries ``replay_of`` (the entry id)
 as lineage. Its job step goes back to ``queued``, the message is enqueued, and the entry leaves
 the DLQ with its audit record, all in one MULTI/EXEC: a replay killed at any point leaves every
-entry either replayed or still in the DLQ, never lost and never enqueued twice.
+entry either replayed or still in the DLQ, never lost and never enqueued twice. The job's trace gets a
+``replayed`` event (who, from which entry) in that transaction too.
+
+A job that ended holding a dead letter keeps its record while the dead letter may be replayed
+(``MeshSettings.dead_letter_job_retention_s``, broker/jobs.py). One whose record is gone all the same
+(an entry that waited past the dedup window, or was drained and loaded back later): a job of one
+message (``mesh send``) has its record recreated by the replay, queued with that one step; a step of a
+pipeline's job cannot run without the job's other steps and spec, so its entry is skipped (it stays in
+the DLQ, its error intact) with the reason, in a dry run as in a replay.
+
+``to_version``: a message stamped with a contract version no worker serves any more (a rolling deploy)
+is sent to the version the agent's workers publish now, when its payload validates against that
+version's input schema; otherwise it is skipped with the validation error.
 """
 
 from __future__ import annotations
@@ -19,11 +31,14 @@ from typing import Any
 import redis
 from dramatiq.message import Message
 
+from mesh.broker import trace
+from mesh.broker.client import job_id_for, payload_hash
 from mesh.broker.jobs import stage_record
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import encode_checked, stage, wake
+from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import JobRecord, LimitExceeded, State, loads, settle, transition
+from mesh.contracts import ContractError, JobRecord, LimitExceeded, State, StepRecord, loads, settle, transition
 
 from .audit import Audit
 from .checks import Routes, message_body
@@ -43,7 +58,8 @@ REPLAYABLE = frozenset({State.DEAD_LETTERED, State.UNKNOWN, State.FAILED})
 
 
 class NotReplayable(ValueError):
-    """The entry's bytes do not hold a mesh message that could run again (e.g. poison)."""
+    """The entry's bytes do not hold a mesh message that could run again (e.g. poison), or not as
+    asked (``to_version``)."""
 
 
 @dataclass
@@ -66,8 +82,10 @@ class ReplayReport:
         self.by_class[stored.entry.failure_class] = self.by_class.get(stored.entry.failure_class, 0) + 1
 
 
-def replay_message(stored: Stored, settings: MeshSettings, now: float) -> Message[Any]:
-    """The message a replay enqueues: the original envelope and key, a fresh attempt and deadline."""
+def replay_message(stored: Stored, settings: MeshSettings, now: float, *,
+                   contract_version: int | None = None) -> Message[Any]:
+    """The message a replay enqueues: the original envelope and key, a fresh attempt and deadline
+    (and ``contract_version`` in place of the one it was stamped with, when given)."""
     try:
         body = loads(stored.raw)
         message: Message[Any] = Message(queue_name=body["queue_name"], actor_name=body["actor_name"],
@@ -78,6 +96,8 @@ def replay_message(stored: Stored, settings: MeshSettings, now: float) -> Messag
         raise NotReplayable("carries no envelope; drain or purge it")
     envelope = {**message.args[0], "attempt": 1, "deadline": now + settings.job_deadline_s,
                 "replay_of": stored.entry.entry_id}
+    if contract_version is not None:
+        envelope["contract_version"] = contract_version
     options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4()), "mesh_replays": stored.entry.replay_count + 1}
     output = (body.get("options") or {}).get("mesh_output") if isinstance(body.get("options"), dict) else None
     if isinstance(output, dict):
@@ -88,16 +108,21 @@ def replay_message(stored: Stored, settings: MeshSettings, now: float) -> Messag
 
 
 class Replayer:
-    def __init__(self, store: DeadLetterStore, settings: MeshSettings, audit: Audit | None = None) -> None:
+    def __init__(self, store: DeadLetterStore, settings: MeshSettings, audit: Audit | None = None, *,
+                 to_version: int | None = None) -> None:
+        """``to_version``: send each message to this contract version of its agent (see the module)."""
         self.store = store
         self.settings = settings
         self.client: redis.Redis = store.client
         self.keys: Keys = store.keys
         self.audit = audit or Audit(store.client, store.keys)
+        self.to_version = to_version
+        self.registry = Registry(store.client, store.keys, settings.heartbeat_timeout_s)
 
     def replay(self, entries: Iterable[Stored], *, dry_run: bool = False, rate: float | None = None,
                progress: Callable[[int], None] | None = None) -> ReplayReport:
-        """Replay ``entries`` (at most ``rate`` per second); a dry run changes nothing.
+        """Replay ``entries`` (at most ``rate`` per second); a dry run changes nothing and reports
+        what a replay would do, skips included.
 
         Unpaced, entries go in batches of BATCH, each batch one MULTI/EXEC; paced, one by one.
         """
@@ -107,11 +132,12 @@ class Replayer:
         batch: list[tuple[Stored, Message[Any]]] = []
 
         def flush() -> None:
-            for (stored, _), problem in zip(batch, self._replay_batch(batch, report), strict=True):
-                if problem is None:
+            outcomes = self._check_batch(batch) if dry_run else self._replay_batch(batch, report)
+            for (stored, _), skipped in zip(batch, outcomes, strict=True):
+                if skipped is None:
                     report.count(stored)
                 else:
-                    report.skipped[stored.entry.entry_id] = problem
+                    report.skipped[stored.entry.entry_id] = skipped
             if progress:
                 progress(len(batch))
             batch.clear()
@@ -124,18 +150,64 @@ class Replayer:
                 if progress:
                     progress(1)
                 continue
-            if dry_run:
-                report.count(stored)
-                if progress:
-                    progress(1)
-                continue
-            next(pace)
+            if not dry_run:
+                next(pace)
             batch.append((stored, message))
-            if rate is not None or len(batch) >= BATCH:
+            if (rate is not None and not dry_run) or len(batch) >= BATCH:
                 flush()
         if batch:
             flush()
         return report
+
+    def _message(self, stored: Stored, routes: Routes) -> Message[Any]:
+        """The message replaying ``stored`` enqueues; NotReplayable when there is none (as asked), when
+        its bytes address anything but a known agent's own queue under the entry's label, or when it
+        would be over the message limits."""
+        body = message_body(stored.raw)
+        problem = routes.problem(stored.entry, body) if body is not None else None
+        if problem:
+            raise NotReplayable(f"{problem}; purge it, or drain it to fix it by hand")
+        message = self._versioned(stored)
+        try:
+            encode_checked(message, self.settings.max_message_bytes, self.settings.max_json_depth)
+        except LimitExceeded as exc:
+            raise NotReplayable(f"{exc}: a worker would refuse it; drain or purge it") from None
+        return message
+
+    def _versioned(self, stored: Stored) -> Message[Any]:
+        """The message as ``to_version`` asks (NotReplayable when its agent's workers do not serve it)."""
+        if self.to_version is None:
+            return replay_message(stored, self.settings, time.time())
+        message = replay_message(stored, self.settings, time.time(), contract_version=self.to_version)
+        agent = message.actor_name
+        published = self.registry.get(agent)
+        if published is None or published.version != self.to_version:
+            now = "publish no version" if published is None else f"publish version {published.version}"
+            raise NotReplayable(f"--to-version {self.to_version}: the workers of {agent!r} {now}")
+        try:
+            published.validate_input(message.args[0].get("payload"))
+        except ContractError as exc:
+            raise NotReplayable(f"--to-version {self.to_version}: the payload does not fit it: {exc.message}") from None
+        return message
+
+    def _check_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[str | None]:
+        """A dry run's answer for a batch, per entry: None (it would be replayed) or why it would be
+        skipped, as the replay's own transaction would decide it from the same reads."""
+        pipe = self.client.pipeline(transaction=False)
+        for stored, message in batch:
+            pipe.exists(self.keys.dead_letter(stored.entry.entry_id))
+            job_id = message.args[0].get("job_id")
+            pipe.exists(self.keys.job(job_id if isinstance(job_id, str) else ""))
+        found = pipe.execute()
+        out: list[str | None] = []
+        for i, (_, message) in enumerate(batch):
+            here, has_job = found[2 * i], found[2 * i + 1]
+            env = message.args[0]
+            if not here:
+                out.append("no longer in the DLQ (replayed or removed meanwhile)")
+            else:
+                out.append(None if has_job or not isinstance(env.get("job_id"), str) else _unrecreatable(env))
+        return out
 
     def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None) -> Iterator[Stored]:
         """The entries to replay: the given ids, or every entry ``flt`` matches, oldest first."""
@@ -148,24 +220,10 @@ class Replayer:
         for batch in self.store.iter(flt or Filter()):
             yield from batch
 
-    def _message(self, stored: Stored, routes: Routes) -> Message[Any]:
-        """The message replaying ``stored``; NotReplayable when its bytes address anything but a known
-        agent's own queue under the entry's label, or when it would be over the message limits."""
-        body = message_body(stored.raw)
-        problem = routes.problem(stored.entry, body) if body is not None else None
-        if problem:
-            raise NotReplayable(f"{problem}; purge it, or drain it to fix it by hand")
-        message = replay_message(stored, self.settings, time.time())
-        try:
-            encode_checked(message, self.settings.max_message_bytes, self.settings.max_json_depth)
-        except LimitExceeded as exc:
-            raise NotReplayable(f"{exc}: a worker would refuse it; drain or purge it") from None
-        return message
-
     def _replay_batch(self, batch: list[tuple[Stored, Message[Any]]], report: ReplayReport) -> list[str | None]:
         """Replay a batch in one MULTI/EXEC, watching its entries, their jobs and their queues' keys:
         every entry still in the DLQ goes back to its queue with its step requeued, or, if anything
-        changed, none does and the batch is read again. Per entry: None (replayed) or why not."""
+        changed, none does and the batch is read again. Per entry: None (replayed) or why it was skipped."""
         entry_keys = [self.keys.dead_letter(s.entry.entry_id) for s, _ in batch]
         job_ids = sorted({m.args[0]["job_id"] for _, m in batch if isinstance(m.args[0].get("job_id"), str)})
         job_keys = [self.keys.job(j) for j in job_ids]
@@ -188,8 +246,8 @@ class Replayer:
                                for j, d in zip(job_ids, values[n:m], strict=True) if d is not None}
                     problems = self._problems(batch, values[:n], dict(zip(queue_keys, values[m:], strict=True)),
                                               records)
-                    spans = self._stage_batch(pipe, batch, problems, records)
-                    return self._settle(batch, problems, spans, execute(pipe), report)
+                    skipped, spans = self._stage_batch(pipe, batch, problems, records)
+                    return self._settle(batch, skipped, spans, execute(pipe), report)
                 except redis.WatchError:
                     continue
 
@@ -239,19 +297,28 @@ class Replayer:
         return out
 
     def _stage_batch(self, pipe: Any, batch: list[tuple[Stored, Message[Any]]], problems: list[str | None],
-                     records: dict[str, JobRecord]) -> dict[int, range]:
-        """Stage the batch's replay into ``pipe``; returns, per entry staged, the positions of its
-        enqueue's commands in the transaction (so their replies can be read)."""
+                     records: dict[str, JobRecord]) -> tuple[list[str | None], dict[int, range]]:
+        """Stage the batch's replay into ``pipe``; returns per entry None or why it is skipped, and, per
+        entry staged, the positions of its enqueue's commands in the transaction (to read their replies)."""
         now = time.time()
         changed: set[str] = set()
-        was = {job_id: record.state for job_id, record in records.items()}
-        entries, spans, per_queue = [], {}, Counter[str]()
+        was: dict[str, State | None] = {job_id: record.state for job_id, record in records.items()}
+        entries, skipped, spans, per_queue = [], [], {}, Counter[str]()
         pipe.multi()
         for i, ((stored, message), problem) in enumerate(zip(batch, problems, strict=True)):
-            if problem is not None:
-                continue
             env, entry = message.args[0], stored.entry
             job_id = env.get("job_id")
+            why = problem
+            if why is None and isinstance(job_id, str) and job_id not in records:
+                why = _unrecreatable(env)
+                if why is None:
+                    records[job_id], was[job_id] = _recreated(env, message.actor_name, now), None
+                    pipe.zadd(self.keys.jobs, {job_id: now}, nx=True)
+                    pipe.zrem(self.keys.jobs_expired, job_id)
+            skipped.append(why)
+            if why is not None:
+                continue
+            recreated = was.get(job_id) is None and job_id in records
             if job_id in records:
                 records[job_id] = _requeue(records[job_id], env.get("step_id"), now)
                 changed.add(job_id)
@@ -260,17 +327,53 @@ class Replayer:
             spans[i] = range(start, len(pipe.command_stack))
             per_queue[message.queue_name] += 1
             entries.append(entry)
-            self.audit.stage(pipe, "replay", entry.entry_id, message_id=message.message_id, key=env.get("key"),
-                             queue=message.queue_name, replay_count=entry.replay_count + 1)
+            self._stage_trail(pipe, message, entry, recreated=recreated)
         for queue, n in per_queue.items():
             wake(pipe, self.keys, queue, n)
         self.store.remove(entries, pipe)
         for job_id in changed:
             # Active again: the record and trace lose the retention TTL the job's end gave them.
-            stage_record(pipe, self.keys, records[job_id], was=was[job_id], retention_s=self.settings.job_retention_s)
+            stage_record(pipe, self.keys, records[job_id], was=was[job_id] or State.QUEUED,
+                         retention_s=self.settings.job_retention_s,
+                         keep_s=self.settings.dead_letter_job_retention_s)
         if entries:
             pipe.hincrby(self.keys.stats, "replayed", len(entries))
-        return spans
+        return skipped, spans
+
+    def _stage_trail(self, pipe: Any, message: Message[Any], entry: Any, *, recreated: bool) -> None:
+        """What a replay leaves behind: the audit record, and a ``replayed`` event in the job's trace
+        (who replayed which entry, as which message, and what it changed)."""
+        env = message.args[0]
+        detail = {"message_id": message.message_id, "key": env.get("key"), "queue": message.queue_name,
+                  "replay_count": entry.replay_count + 1}
+        if self.to_version is not None:
+            detail["to_version"] = self.to_version
+        if recreated:
+            detail["recreated_record"] = True
+        self.audit.stage(pipe, "replay", entry.entry_id, **detail)
+        trace.stage(pipe, self.keys, trace.event(
+            "replayed", env, entry_id=entry.entry_id, by=self.audit.who, failure_class=entry.failure_class,
+            error=entry.error[:200], **{k: v for k, v in detail.items() if k != "key"}))
+
+
+def _unrecreatable(env: dict[str, Any]) -> str | None:
+    """Why the expired job of ``env`` cannot be recreated by its replay; None when it can: a job of
+    one message (``mesh send``: its key names the job, its step is its agent)."""
+    key, job_id = env.get("key"), env.get("job_id")
+    if isinstance(key, str) and job_id_for(key) == job_id and env.get("step_id") == env.get("agent"):
+        return None
+    return (f"job {job_id}'s record has expired (MESH_JOB_RETENTION_S) and this is a step of a pipeline, "
+            "which cannot run without the job's other steps: run the pipeline again, or drain or purge it")
+
+
+def _recreated(env: dict[str, Any], agent: str, now: float) -> JobRecord:
+    """The record of a one-message job whose record expired, as its client wrote it, queued again."""
+    raw = env.get("payload")
+    payload: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    step = StepRecord(step_id=env["step_id"], agent=agent, key=env["key"], input=payload, created_at=now,
+                      updated_at=now)
+    return JobRecord(job_id=env["job_id"], key=env["key"], trace_id=env["trace_id"], created_at=now,
+                     updated_at=now, payload_hash=payload_hash(agent, payload), steps={step.step_id: step})
 
 
 def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:

@@ -11,8 +11,9 @@ from mesh.ops import console as base
 def agents(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
     """Published agents, their queues and the workers serving them.
 
-    Per agent: queue, contract version, tools, workers alive / total and the latest heartbeat;
-    --json adds the input and output JSON Schemas and every worker."""
+    Per agent: queue, the contract versions live workers serve ("-": none alive), tools, workers
+    alive / total and the latest heartbeat; --json adds the input and output JSON Schemas and every
+    worker ("version" is the one published last)."""
     c = base.client()
     listings = c.registry.listing()
     if as_json:
@@ -32,8 +33,7 @@ def table(listings: list[AgentListing], *, wide: bool = False) -> base.Listing:
     for listing in listings:
         a, workers = listing.agent, listing.workers
         alive = sum(w.alive for w in workers)
-        versions = sorted({a.version, *(w.version for w in workers if w.version is not None)})
-        rows.append((a.name, a.queue, ",".join(map(str, versions)), ", ".join(a.tools) or "-",
+        rows.append((a.name, a.queue, ",".join(map(str, served(listing))) or "-", ", ".join(a.tools) or "-",
                      f"{alive}/{len(workers)}", _age(_latest(workers), listing.now_ms)))
     return base.Listing(columns, rows, wide=wide)
 
@@ -44,6 +44,7 @@ def record(listing: AgentListing) -> dict[str, Any]:
     return {
         "name": a.name, "queue": a.queue, "version": a.version, "app": a.app, "description": a.description,
         "tools": list(a.tools), "input_schema": a.input_schema, "output_schema": a.output_schema,
+        "versions_served": served(listing),
         "workers_alive": sum(w.alive for w in listing.workers), "workers_total": len(listing.workers),
         "workers": [{"id": w.id, "label": w.label, "version": w.version, "alive": w.alive,
                      "published_at": w.published_ms / 1000,
@@ -51,6 +52,12 @@ def record(listing: AgentListing) -> dict[str, Any]:
                      "heartbeat_age_s": None if w.heartbeat_ms is None else round((now - w.heartbeat_ms) / 1000, 3)}
                     for w in listing.workers],
     }
+
+
+def served(listing: AgentListing) -> list[int]:
+    """The contract versions live workers serve: after a rolling deploy, a retired version drops out
+    once no live worker serves it (a stopped or dead worker's version is not listed)."""
+    return sorted({w.version for w in listing.workers if w.alive and w.version is not None})
 
 
 def _latest(workers: tuple[ServingWorker, ...]) -> int | None:

@@ -231,18 +231,25 @@ def replay(
     rate: Annotated[float | None, typer.Option(min=0.001, metavar="N",
                                                help="At most this many entries per second.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing; report what would move.")] = False,
+    to_version: Annotated[int | None, typer.Option(
+        "--to-version", min=1, metavar="N",
+        help="Send each message to contract version N of its agent (the version its workers publish now), "
+             "if its payload fits N's input; entries that do not fit are skipped.")] = None,
     yes: Yes = False, as_json: base.JsonFlag = False,
 ) -> None:
     """Re-enqueue entries: original key, fresh attempts and deadline.
 
-    Each copy records the entry it replays (replay_of); an entry leaves the DLQ only once its copy
-    is enqueued."""
+    Each copy records the entry it replays (replay_of), in the DLQ's audit log and in its job's
+    trace; an entry leaves the DLQ only once its copy is enqueued. A one-message job whose record
+    expired gets it back; a pipeline step whose job expired is skipped (--dry-run says so too).
+    After a rolling deploy, --to-version sends messages stamped with a retired contract version to
+    the current one."""
     from mesh.dlq import Replayer
 
     flt = _selection(ids, all_, agent, failure_class, since, until, grep, key, dependency)
     c, store = _store()
     ids = [_resolve(c, i) for i in ids] if ids else ids
-    replayer = Replayer(store, c.settings)
+    replayer = Replayer(store, c.settings, to_version=to_version)
     total = len(ids) if ids else store.count(flt)
     if not dry_run:
         _confirm(yes, f"replay {_upto(ids, flt)}{total} dead letter(s)")

@@ -7,7 +7,13 @@ server that answers 200, 429 (Retry-After), 503, 400 or too slowly, and poison b
 a queue. Every ``kill_every_s`` one worker is SIGKILLed and a new one started in its place. Each
 interval it samples every worker's resident memory and Redis ``used_memory``. At the end it stops
 the traffic, waits for the work to settle and counts: every job must have ended (succeeded, dead-
-lettered, ...) and every poison message must be in the DLQ; anything else is ``lost``.
+lettered, ...) and every poison message must be in the DLQ; anything else is ``lost``. A job whose
+record expired (MESH_JOB_RETENTION_S) ended before it could: it counts as ended, with the state it
+was last seen in.
+
+The workers get the mesh's own settings (every ``MESH_*`` the soak was started with, e.g. its
+retention), so the memory figures are the deployment's; where those leave a setting unset, the soak
+sets one suited to its fault mix (:data:`SOAK_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import SecretStr
 
 from mesh.broker.client import MeshClient
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import wake
-from mesh.broker.settings import MeshSettings
+from mesh.broker.retention import expired
+from mesh.broker.settings import ENV_PREFIX, MeshSettings
 from mesh.contracts import TERMINAL, JobRecord, State
 from mesh.dlq import DeadLetterStore
 from mesh.ops.namespaces import delete_namespace
@@ -44,6 +52,12 @@ FAULTS: dict[str, tuple[int, dict[str, str], float]] = {
     "/ok": (200, {}, 0.0), "/429": (429, {"Retry-After": "1"}, 0.0), "/503": (503, {}, 0.0),
     "/400": (400, {}, 0.0), "/slow": (200, {}, 3.0),
 }
+
+#: What the soak's workers run with where the mesh's settings leave it unset: a short HTTP timeout (the
+#: loopback's slow answers must time out), quick recovery of killed workers, short backoffs.
+SOAK_DEFAULTS = {"MESH_HTTP_TIMEOUT_S": "2", "MESH_HEARTBEAT_TIMEOUT_S": "5", "MESH_MAX_RETRIES": "2",
+                 "MESH_RETRY_MAX_BACKOFF_MS": "2000", "MESH_BREAKER_COOLDOWN_S": "2",
+                 "MESH_BREAKER_MAX_COOLDOWN_S": "10"}
 
 #: Share of the traffic by kind (poison is pushed raw; http paths are chosen uniformly).
 MIX = {"flow": 0.15, "note": 0.45, "http": 0.30, "poison": 0.10}
@@ -94,6 +108,8 @@ class Traffic:
     jobs: dict[str, str] = field(default_factory=dict)  # job id -> kind
     poison: list[str] = field(default_factory=list)  # Redis message ids
     open: set[str] = field(default_factory=set)  # job ids not ended yet
+    #: Job id -> the state it ended in, as last seen ("expired": its record expired before it was seen).
+    final: dict[str, str] = field(default_factory=dict)
 
 
 # -- the loopback server ---------------------------------------------------------------------------------
@@ -248,14 +264,56 @@ def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
 
 
 def ended(client: MeshClient, traffic: Traffic) -> dict[str, int]:
-    """Move jobs that ended out of ``traffic.open``; the count of jobs by state so far."""
+    """Move jobs that ended out of ``traffic.open`` (one whose record expired ended before it could);
+    the count of jobs sent and ended so far."""
     ids = sorted(traffic.open)
     for i in range(0, len(ids), 500):
         chunk = ids[i:i + 500]
         for job_id, data in zip(chunk, client.redis.mget([client.keys.job(j) for j in chunk]), strict=True):
-            if data is not None and JobRecord.model_validate_json(data).state in TERMINAL:
-                traffic.open.discard(job_id)
+            state = JobRecord.model_validate_json(data).state if data is not None else None
+            if state in TERMINAL:
+                traffic.final[job_id] = str(state)
+            elif state is None and expired(client.redis, client.keys, job_id):
+                traffic.final[job_id] = "expired"
+            else:
+                continue
+            traffic.open.discard(job_id)
     return {"sent": len(traffic.jobs), "ended": len(traffic.jobs) - len(traffic.open)}
+
+
+def worker_env(settings: MeshSettings, namespace: str, host_port: str,
+               environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the soak's workers: the process's own without its ``MESH_*``, then
+    :data:`SOAK_DEFAULTS`, then every setting the mesh's settings were given, then the soak's
+    namespace and the loopback server it may reach."""
+    environ = dict(os.environ) if environ is None else environ
+    env = {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(SOAK_DEFAULTS)
+    env.update(settings_env(settings))
+    env.update({"MESH_REDIS_URL": settings.redis_url, "MESH_NAMESPACE": namespace, "MESH_HTTP_ALLOW": host_port})
+    return env
+
+
+#: Settings a summary never prints: they may hold credentials.
+SECRET_SETTINGS = frozenset({"MESH_REDIS_URL", "MESH_REDIS_SENTINEL_PASSWORD", "MESH_MODEL_API_KEY"})
+
+
+def shown_settings(env: dict[str, str]) -> dict[str, str]:
+    """The ``MESH_*`` settings of the workers' environment ``env``, without credentials: what the
+    figures were measured with."""
+    return {k: v for k, v in sorted(env.items()) if k.startswith(ENV_PREFIX) and k not in SECRET_SETTINGS}
+
+
+def settings_env(settings: MeshSettings) -> dict[str, str]:
+    """The ``MESH_*`` variables that give a process the settings ``settings`` was given explicitly."""
+    out = {}
+    for name in sorted(settings.model_fields_set):
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        value = value.get_secret_value() if isinstance(value, SecretStr) else value
+        out[ENV_PREFIX + name.upper()] = str(value)
+    return out
 
 
 def queued(client: MeshClient) -> int:
@@ -273,11 +331,7 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
     raw = redis.Redis.from_url(settings.redis_url)
     with fault_server() as host_port, tempfile.TemporaryDirectory(prefix="mesh-soak-") as logs:
         soak = settings.model_copy(update={"namespace": ns, "http_allow": host_port})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-        env.update({"MESH_REDIS_URL": settings.redis_url, "MESH_NAMESPACE": ns, "MESH_HTTP_ALLOW": host_port,
-                    "MESH_HTTP_TIMEOUT_S": "2", "MESH_HEARTBEAT_TIMEOUT_S": "5", "MESH_MAX_RETRIES": "2",
-                    "MESH_RETRY_MAX_BACKOFF_MS": "2000",
-                    "MESH_BREAKER_COOLDOWN_S": "2", "MESH_BREAKER_MAX_COOLDOWN_S": "10"})
+        env = worker_env(settings, ns, host_port)
         client = MeshClient(soak, client=raw)
         traffic = Traffic()
         samples: list[Sample] = []
@@ -299,7 +353,7 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
         try:
             progress(HEADER)
             sample()
-            n, next_sample = 0, started + cfg.interval_s
+            n, next_sample, next_look = 0, started + cfg.interval_s, started + 1
             next_kill = started + cfg.kill_every_s if cfg.kill_every_s else float("inf")
             while (now := time.monotonic()) < started + cfg.seconds:
                 if now >= next_kill:
@@ -309,6 +363,11 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
                 if now >= next_sample:
                     sample()
                     next_sample += cfg.interval_s
+                elif now >= next_look:
+                    # Often, so a job is seen ended before its record expires (MESH_JOB_RETENTION_S may
+                    # be seconds); one that expires unseen still counts by its tombstone.
+                    ended(client, traffic)
+                    next_look = now + 1
                 send_one(client, traffic, host_port, rng, n)
                 n += 1
                 time.sleep(max(0.0, started + n / cfg.rate - time.monotonic()))
@@ -320,6 +379,7 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
                 time.sleep(0.5)
             last = sample()
             summary = _summary(cfg, client, traffic, samples, last, kills, workers.started)
+            summary["worker_settings"] = shown_settings(env)
         finally:
             workers.stop()
             delete_namespace(raw, ns)
@@ -334,7 +394,8 @@ def _summary(cfg: SoakConfig, client: MeshClient, traffic: Traffic, samples: lis
     by_kind: dict[str, dict[str, int]] = {}
     for job_id, kind in traffic.jobs.items():
         data = client.redis.get(client.keys.job(job_id))
-        state = JobRecord.model_validate_json(data).state.value if data is not None else "missing"
+        state = (JobRecord.model_validate_json(data).state.value if data is not None
+                 else traffic.final.get(job_id, "missing"))
         states[state] = states.get(state, 0) + 1
         by_kind.setdefault(kind, {}).setdefault(state, 0)
         by_kind[kind][state] += 1

@@ -37,6 +37,9 @@ _DETAIL = {
     "halted": lambda e: str(e.get("reason", "")),
     "skipped": lambda e: str(e.get("reason", "")),
     "awaiting_approval": lambda e: "parked before it runs: waits for a human's approval",
+    "replayed": lambda e: f"dead letter {e.get('entry_id')} replayed by {e.get('by')} as message "
+                          f"{e.get('message_id')}" + (f" to version {e['to_version']}" if e.get("to_version") else "")
+                          + (" (record recreated)" if e.get("recreated_record") else ""),
     "joined": lambda e: _join(e),
     "join_failed": lambda e: _join(e),
 }

@@ -24,11 +24,13 @@ local function claim_value(state, token, expires, owner, result)
 end
 
 -- Stores the attempt's result as done; 1 done (or already done), 0 the lease was lost to another owner.
+-- A done claim keeps no owner: nothing asks a done key who finished it, and the dedup window is long.
+-- The result is already bounded by the caller (broker/claim_results.py: MESH_CLAIM_RESULT_BYTES).
 local function claim_done(key, owner, result, ttl_s)
     local state, holder, token = claim_read(key)
     if state == "done" then return 1 end
     if state ~= "claimed" or holder ~= owner then return 0 end
-    redis.call("set", key, claim_value("done", token, 0, owner, result), "EX", ttl_s)
+    redis.call("set", key, claim_value("done", token, 0, "", result), "EX", ttl_s)
     return 1
 end
 

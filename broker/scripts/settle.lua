@@ -11,12 +11,20 @@
 --                                       "done", token, ...} as claim.lua answers, or 0: no key found)
 --   heartbeat                        -> 1
 --   ack       ttl_s, (id, claim, owner, result)...
---                                    -> {1|0, ...}: the messages are settled; each with a claim has its
---                                       key stored as done with its result (claim_lib.lua) in the same step
+--                                    -> {1|0 (+2), ...}: the messages are settled; each with a claim has
+--                                       its key stored as done with its result (claim_lib.lua) in the
+--                                       same step (0: the lease was lost); +2: this worker no longer
+--                                       held the message (reaped while paused), its body is left alone
+--   done      ttl_s, id, claim, owner, token, result
+--                                    -> as ack, for one message whose failure struck after its success
+--                                       was recorded: its key is stored as done even though the
+--                                       failure freed the claim (still at this token: nobody took it)
 --   retry     id, new_id, new_data, stat, route, job
---                                    -> the copy goes on {queue}.DQ, the original is settled
+--                                    -> 1: the copy goes on {queue}.DQ, the original is settled; 3:
+--                                       this worker no longer held the original, nothing is done
 --   dead      id, entry_id, entry, raw, stat, route, agent, class, job
---                                    -> 2 (nothing done) when another entry holds entry_id; else 1:
+--                                    -> 2 (nothing done) when another entry holds entry_id; 3 (nothing
+--                                       done) when this worker no longer held the message; else 1:
 --                                       the entry lands in the mesh DLQ and its agent and class
 --                                       indexes, the original is settled (route: "{class}:{route}",
 --                                       counted in {ns}:routes); retention is the sweep's (dlq/retention.py)
@@ -108,6 +116,20 @@ local function push_back(id)
         redis.call("rpush", queue_key .. ".wake", 1)
         redis.call("ltrim", queue_key .. ".wake", -64, -1)
     end
+end
+
+-- Whether this worker still holds message id (in its acks set, its body in the queue's hash). A
+-- worker paused past the heartbeat timeout was reaped: its acks set is gone and the message may be
+-- running elsewhere, so whatever it settles late must not touch the message.
+local function holds(id)
+    return redis.call("sismember", acks, id) == 1 and redis.call("hexists", msgs_key, id) == 1
+end
+
+-- Takes message id out of this worker's hands and deletes its body: true when this worker held it
+-- (its own removal from its acks set succeeded), false, with nothing changed, otherwise.
+local function settles(id)
+    if redis.call("srem", acks, id) == 0 then return false end
+    return redis.call("hdel", msgs_key, id) == 1
 end
 
 -- The job-record change of a failed attempt (broker/settle.py JobWrite): {"job": key, "sha": sha1
@@ -206,23 +228,42 @@ elseif command == "ack" then
     -- window (s); then per message: id, claim key ("": none), owner, result. A message with a claim
     -- has its key stored as done with its result in the same step. Per message: 1 done (or already
     -- done, or no claim), 0 the lease was lost to another owner (the message is acked all the same).
-    local ttl, ids, out = tonumber(ARGV[6]), {}, {}
+    -- The claim is fenced by its owner, so a done key is stored whatever became of the message;
+    -- the body is deleted only by the worker that still holds the message (+2: it did not).
+    local ttl, out = tonumber(ARGV[6]), {}
     for i = 7, #ARGV, 4 do
-        ids[#ids + 1] = ARGV[i]
-        out[#out + 1] = ARGV[i + 1] ~= "" and claim_done(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ttl) or 1
+        local done = ARGV[i + 1] ~= "" and claim_done(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ttl) or 1
+        out[#out + 1] = settles(ARGV[i]) and done or done + 2
     end
-    redis.call("srem", acks, unpack(ids))
-    redis.call("hdel", msgs_key, unpack(ids))
     return out
+
+elseif command == "done" then
+    -- An attempt whose success reached the job record and then failed (a time limit right after the
+    -- write): settled as done, its key stored as done with the step's result, so no other message
+    -- under the key runs the effect again. ARGV[6..11]: ttl_s, id, claim key ("": none), owner,
+    -- token, result. The failure already freed the claim: a free claim still at this attempt's token
+    -- was taken by nobody since, and is this attempt's to mark done.
+    local ttl, id, key, owner, token, result = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+    local done = 1
+    if key ~= "" then
+        local state, _, held_token = claim_read(key)
+        if state == "free" and held_token == tonumber(token) then
+            redis.call("set", key, claim_value("done", held_token, 0, owner, result), "EX", ttl)
+        else
+            done = claim_done(key, owner, result, ttl)
+        end
+    end
+    return settles(id) and done or done + 2
 
 elseif command == "retry" then
     local id, new_id, new_data, stat = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
     local job = job_of(ARGV[11])
-    if job_conflict(job) and redis.call("hexists", msgs_key, id) == 1 then return -1 end
-    -- Safe to run twice (a re-sent ack after a lost reply, even once the copy has moved on): only
-    -- the call that settles the original pushes the copy, counts it and writes the job record.
-    redis.call("srem", acks, id)
-    if redis.call("hdel", msgs_key, id) == 1 then
+    if job_conflict(job) and holds(id) then return -1 end
+    -- Safe to run twice (a re-sent ack after a lost reply, even once the copy has moved on), and
+    -- by a superseded owner: only the call that settles the message this worker still holds pushes
+    -- the copy, counts it and writes the job record (3: it held nothing).
+    if not settles(id) then return 3 end
+    do
         redis.call("hsetnx", queue_key .. ".DQ.msgs", new_id, new_data)
         redis.call("rpush", queue_key .. ".DQ", new_id)
         redis.call("hincrby", ns .. ":stats", stat, 1)
@@ -237,15 +278,15 @@ elseif command == "dead" then
     local agent, class = ARGV[12], ARGV[13]
     local dlq = ns .. ":dlq"
     local job = job_of(ARGV[14])
-    local pending = redis.call("hexists", msgs_key, id) == 1
+    local pending = holds(id)
     if pending and job_conflict(job) then return -1 end
     -- Another message's dead letter under the same entry id (a producer gave two messages one id):
     -- nothing is settled, and the caller picks an id of this message's own (2).
     if pending and redis.call("zscore", dlq, entry_id) then return 2 end
-    -- Safe to run twice: only the call that settles the original writes the entry, counts it and
-    -- writes the job record.
-    redis.call("srem", acks, id)
-    if redis.call("hdel", msgs_key, id) == 1 then
+    -- Safe to run twice, and by a superseded owner: only the call that settles the message this
+    -- worker still holds writes the entry, counts it and writes the job record (3: it held nothing).
+    if not settles(id) then return 3 end
+    do
         local now = server_ms()
         if redis.call("zadd", dlq, "NX", now, entry_id) == 1 then
             redis.call("hset", dlq .. ":" .. entry_id, "entry", entry, "raw", raw, "agent", agent, "class", class)

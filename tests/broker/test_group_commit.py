@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
+from dramatiq.middleware import TimeLimitExceeded
 
 from mesh.broker.group_commit import GroupCommit
 
@@ -138,3 +140,96 @@ def test_a_caller_interrupted_while_it_waits_leaves_the_line_and_the_others_stil
     assert not any(t.is_alive() for t in threads.values())
     assert answers["a"] == "A" and answers["c"] == "C" and isinstance(answers["b"], Interrupted)
     assert gc._busy is False and gc._waiting == []
+
+
+# -- dramatiq's asynchronous interruptions (TimeLimitExceeded, Shutdown) landing in a group's commit ---
+
+def _raise_into(thread: threading.Thread, exc: type[BaseException] = TimeLimitExceeded) -> None:
+    """Raise ``exc`` in ``thread`` as dramatiq's TimeLimit and ShutdownNotifications do."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
+
+
+def _callers(gc: GroupCommit[str], names: str) -> tuple[dict[str, threading.Thread], dict[str, object]]:
+    answers: dict[str, object] = {}
+
+    def call(name: str) -> None:
+        try:
+            answers[name] = gc.submit(name)
+        except BaseException as exc:  # an interruption is an answer here
+            answers[name] = exc
+
+    return {n: threading.Thread(target=call, args=(n,)) for n in names}, answers
+
+
+def _line_up(gc: GroupCommit[str], threads: dict[str, threading.Thread], calls: list[list[str]]) -> None:
+    """a's write goes out alone and is held on the wire; b and then c queue behind it."""
+    threads["a"].start()
+    while not calls:
+        threading.Event().wait(0.001)
+    for n, waiting in (("b", 1), ("c", 2)):
+        threads[n].start()
+        while len(gc._waiting) < waiting:
+            threading.Event().wait(0.001)
+
+
+def test_an_interruption_while_a_group_is_on_the_wire_fails_no_other_write_in_it():
+    first, second, on_wire, calls = threading.Event(), threading.Event(), threading.Event(), []
+
+    def flush(items: Sequence[str]) -> list[str]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            first.wait(5)
+        else:
+            on_wire.set()
+            second.wait(5)
+        return [i.upper() for i in items]
+
+    gc: GroupCommit[str] = GroupCommit(flush)
+    threads, answers = _callers(gc, "abc")
+    _line_up(gc, threads, calls)
+    first.set()
+    assert on_wire.wait(5)  # b and c's group is being sent
+    _raise_into(threads["b"])
+    second.set()
+    for t in threads.values():
+        t.join(5)
+    assert not any(t.is_alive() for t in threads.values())
+    assert answers["c"] == "C"  # before: c got b's TimeLimitExceeded (b sent the group)
+    assert isinstance(answers["b"], TimeLimitExceeded)  # b hears of it once its write was answered
+    assert calls == [["a"], ["b", "c"]] and answers["a"] == "A"
+
+
+def test_an_interruption_between_taking_a_group_and_sending_it_leaves_nobody_waiting():
+    gate, calls = threading.Event(), []
+
+    def flush(items: Sequence[str]) -> list[str]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            gate.wait(5)
+        return [i.upper() for i in items]
+
+    class Trapped(GroupCommit[str]):
+        """Raises into b the moment the group holding b's write is taken off the line."""
+
+        victim: threading.Thread | None = None
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            before = self.__dict__.get("_waiting") or []
+            object.__setattr__(self, name, value)
+            if (name == "_waiting" and self.victim is not None and any(s.item == "b" for s in before)
+                    and not any(s.item == "b" for s in value)):
+                victim, self.victim = self.victim, None
+                _raise_into(victim)
+
+    gc = Trapped(flush)
+    threads, answers = _callers(gc, "abc")
+    _line_up(gc, threads, calls)
+    gc.victim = threads["b"]
+    gate.set()
+    for t in threads.values():
+        t.join(5)
+    assert not threads["c"].is_alive()  # before: c's group was taken by b and never sent
+    assert answers["c"] == "C" and isinstance(answers["b"], TimeLimitExceeded)
+    assert calls == [["a"], ["b", "c"]]

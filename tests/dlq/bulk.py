@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from mesh.broker.client import job_id_for
+
 AGENTS = ("planner", "researcher", "executor")
 CLASSES = ("permanent", "invalid_input", "deadline", "timeout")
 TRACEBACK = "".join(f'  File "/srv/mesh/agents/module_{i}.py", line {10 * i}, in handler\n    step_{i}()\n'
@@ -28,7 +30,8 @@ def class_of(i: int) -> str:
 
 
 def generate(rclient: Any, keys: Any, n: int, t0: float, chunk: int = 5_000, *, per_ms: int = 1) -> dict[str, Any]:
-    """Write ``n`` replayable entries, ``per_ms`` of them dead-lettered in each millisecond from ``t0``
+    """Write ``n`` replayable entries (each a one-message job's, as ``mesh send`` makes them, whose record
+    has expired), ``per_ms`` of them dead-lettered in each millisecond from ``t0``
     (more than one gives entries with equal scores, as a burst of dead letters does)."""
     by_agent: dict[str, int] = {}
     by_class: dict[str, int] = {}
@@ -42,7 +45,7 @@ def generate(rclient: Any, keys: Any, n: int, t0: float, chunk: int = 5_000, *, 
             eid = nth_id(i)
             at_ms = int(t0 * 1000) + i // per_ms
             key = f"order-{i:07d}"
-            envelope = {"key": key, "job_id": f"job-{i:032x}", "step_id": agent, "agent": agent,
+            envelope = {"key": key, "job_id": job_id_for(key), "step_id": agent, "agent": agent,
                         "trace_id": f"{i + 1:032x}", "deadline": at_ms / 1000 + 600, "hops": [], "attempt": 1,
                         "schema_version": 1, "replay_of": None,
                         "payload": {"tool": "http_post", "args": {"url": "http://127.0.0.1:1/hook",

@@ -16,13 +16,14 @@ from typing import Any
 import orjson
 import pytest
 
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, job_id_for
 from mesh.dlq import Audit, DeadLetter, DeadLetterStore, ExportFileError, Filter, Replayer, Stored, load
 from mesh.dlq.export import line_of
 
 
 def envelope(key: str, agent: str = "executor", **extra: Any) -> dict[str, Any]:
-    return {"key": key, "job_id": f"job-{uuid.uuid4().hex}", "step_id": agent, "agent": agent,
+    """A one-message job's envelope (its job id derives from its key: a replay may recreate its record)."""
+    return {"key": key, "job_id": job_id_for(key), "step_id": agent, "agent": agent,
             "trace_id": uuid.uuid4().hex, "deadline": time.time() + 600,
             "payload": {"tool": "note", "args": {"title": "t", "body": "b"}}, **extra}
 
@@ -120,7 +121,7 @@ def test_an_enqueue_redis_refuses_inside_the_transaction_puts_the_entry_back(cli
     batch = [(stored, replayer._message(stored, replayer_routes(client)))]
     report = ReplayReport(dry_run=False)
     with client.redis.pipeline(transaction=True) as pipe:
-        spans = replayer._stage_batch(pipe, batch, [None], {})
+        _, spans = replayer._stage_batch(pipe, batch, [None], {})
         problems = replayer._settle(batch, [None], spans, execute(pipe), report)
 
     assert problems[0] is not None and "WRONGTYPE" in problems[0] and "back in the DLQ" in problems[0]

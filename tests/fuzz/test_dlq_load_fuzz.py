@@ -18,6 +18,7 @@ from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from mesh.broker import job_id_for
 from mesh.broker.keys import Keys
 from mesh.dlq import DeadLetter, DeadLetterStore, Filter, Replayer
 from mesh.dlq.checks import Limits, Routes
@@ -51,7 +52,9 @@ def addressed_lines(draw: Any) -> bytes:
     """A valid entry whose message's queue, actor, envelope agent or label may be anything."""
     actor = draw(st.one_of(st.just("executor"), NAMES))
     queue = draw(st.one_of(st.just(actor), NAMES))
-    env = {**valid_envelope("executor"), "agent": draw(st.one_of(st.just(actor), NAMES))}
+    env = valid_envelope("executor")
+    # A one-message job's ids, so a replay whose record expired may recreate it.
+    env.update(job_id=job_id_for(env["key"]), step_id=actor, agent=draw(st.one_of(st.just(actor), NAMES)))
     raw = orjson.dumps({"queue_name": queue, "actor_name": actor, "args": [env], "kwargs": {}, "options": {},
                         "message_id": "m", "message_timestamp": 0})
     entry = {**GOOD, "entry_id": f"msg-{uuid.uuid4().hex}", "agent": draw(st.one_of(st.just(actor), NAMES,

@@ -8,17 +8,20 @@ import json
 import pytest
 import redis
 
-pytestmark = pytest.mark.slow  # every test here starts a worker or a redis-server
 
-
+@pytest.mark.slow
 def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_cleans_up(cli, settings, redis_url):
+    # The mesh's retention reaches the soak's workers: records expire during the run, and a job whose
+    # record expired counts as ended, not lost.
     res = cli("soak", "--seconds", "15", "--interval", "5", "--kill-every", "6", "--rate", "4", "--json",
-              timeout=420)
+              timeout=420, MESH_JOB_RETENTION_S="2", MESH_SWEEP_INTERVAL_S="1")
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert {"config", "duration_s", "sent", "jobs", "dead_letters", "poison_dead_lettered", "lost", "not_ended",
             "workers", "worker_rss_mb", "redis_used_memory_mb", "namespace_memory_mb", "samples"} <= set(out)
     assert out["lost"] == 0 and out["not_ended"] == []
+    assert out["worker_settings"]["MESH_JOB_RETENTION_S"] == "2.0" and "MESH_REDIS_URL" not in out["worker_settings"]
+    assert "missing" not in out["jobs"]["by_state"]
     assert out["sent"]["jobs"] > 0 and out["jobs"]["succeeded"] > 0
     assert out["poison_dead_lettered"] == out["sent"]["poison"]
     assert sum(out["jobs"]["by_state"].values()) == out["sent"]["jobs"]
@@ -30,3 +33,34 @@ def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_clea
     assert all(len(line) <= 80 for line in res.stderr.splitlines() if "worker RSS" in line)
     client = redis.Redis.from_url(redis_url)
     assert not list(client.scan_iter(match=f"{settings.namespace}-soak-*", count=1000))
+
+
+def test_soak_workers_get_the_mesh_settings_and_its_own_defaults_only_where_those_are_unset(make_settings):
+    from mesh.broker import MeshSettings
+    from mesh.ops.soak import SOAK_DEFAULTS, shown_settings, worker_env
+
+    settings = MeshSettings.from_env({"MESH_REDIS_URL": make_settings().redis_url, "MESH_JOB_RETENTION_S": "60",
+                                      "MESH_NOTE_RETENTION_S": "90", "MESH_HTTP_TIMEOUT_S": "7"})
+    env = worker_env(settings, "soak-ns", "127.0.0.1:9", environ={"PATH": "/bin", "MESH_NAMESPACE": "prod"})
+    assert env["PATH"] == "/bin" and env["MESH_NAMESPACE"] == "soak-ns" and env["MESH_HTTP_ALLOW"] == "127.0.0.1:9"
+    assert env["MESH_JOB_RETENTION_S"] == "60.0" and env["MESH_NOTE_RETENTION_S"] == "90.0"
+    assert env["MESH_HTTP_TIMEOUT_S"] == "7.0"  # the mesh's own, not the soak's 2
+    assert env["MESH_HEARTBEAT_TIMEOUT_S"] == SOAK_DEFAULTS["MESH_HEARTBEAT_TIMEOUT_S"]
+    workers = MeshSettings.from_env({k: v for k, v in env.items() if k.startswith("MESH_")})
+    assert (workers.job_retention_s, workers.note_retention_s, workers.namespace) == (60, 90, "soak-ns")
+    assert "MESH_REDIS_URL" not in shown_settings(env) and shown_settings(env)["MESH_JOB_RETENTION_S"] == "60.0"
+
+
+def test_a_job_whose_record_expired_counts_as_ended_not_lost(client, rclient):
+    from mesh.broker.retention import Retention
+    from mesh.ops.soak import Traffic, ended
+
+    ref = client.send("executor", {"tool": "note", "args": {"title": "gone"}})
+    traffic = Traffic(jobs={ref.id: "note"}, open={ref.id})
+    rclient.delete(client.keys.job(ref.id))  # its record expired (MESH_JOB_RETENTION_S) ...
+    Retention(rclient, client.settings).sweep(now=4e9)  # ... and the sweep took it from the index
+    assert ended(client, traffic) == {"sent": 1, "ended": 1}
+    assert traffic.open == set() and traffic.final == {ref.id: "expired"}
+    never = "job-" + "0" * 32  # never sent: its missing record is not taken for an expired one
+    traffic = Traffic(jobs={never: "note"}, open={never})
+    assert ended(client, traffic) == {"sent": 1, "ended": 0}
