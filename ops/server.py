@@ -42,7 +42,11 @@ RESERVED_FDS = 32
 
 #: Connections accepted in one go before any is checked against the cap (asyncio accepts up to the
 #: listen backlog per wake-up), and the listen backlog itself: an ops server needs no long queue.
-ACCEPT_BATCH = 16
+ACCEPT_BATCH = 8
+
+#: Batches of accepts that may be under way before the first is checked against the cap (each
+#: connection's setup, and an evicted one's close, take a turn of the event loop or two).
+BATCHES_IN_FLIGHT = 4
 
 #: Requests reading Redis at once (each may hold a Redis connection).
 REDIS_THREADS = 8
@@ -106,7 +110,7 @@ def connection_cap(wanted: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
-    return max(2, min(wanted, soft - RESERVED_FDS - ACCEPT_BATCH))
+    return max(2, min(wanted, soft - RESERVED_FDS - BATCHES_IN_FLIGHT * ACCEPT_BATCH))
 
 
 class OpsServer:
