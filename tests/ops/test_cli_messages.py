@@ -20,6 +20,7 @@ import typer
 from conftest import flat, mesh_env, ops_server, wait_for
 
 from mesh.broker import MeshClient, job_id_for
+from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.router import Route, Routing, route
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import BreakerOpen, FailureClass, KeyConflict, State
@@ -95,9 +96,13 @@ def test_dlq_unknown_agent_is_an_error_naming_the_known_ones_and_replay_says_cla
     assert res.returncode == 2
     assert "unknown agent 'plannr'; agents are planner, researcher, executor, triage" in flat(res.stderr)
     assert cli("dlq", "list", "--agent", "triage").returncode == 0  # known by its dead letters
-    res = cli("dlq", "replay", "--agent", "triage", "--yes")
-    assert res.returncode == 0, res.stderr
-    assert "replayed 1 dead letter(s); 1 of class unknown" in flat(res.stdout)
+    res = cli("dlq", "replay", "--agent", "triage", "--yes")  # but no worker ever served it: no queue to trust
+    assert res.returncode == 1 and "its message is for agent 'triage', which this deployment does not know" \
+        in flat(res.stderr)
+    Registry(client.redis, client.keys, 15).publish("w-triage", "host:1", [PublishedAgent(
+        name="triage", queue="triage", version=1, input_schema=None, output_schema=None)])
+    res = cli("dlq", "replay", "--agent", "triage", "--dry-run")
+    assert "does not know" not in flat(res.stderr)  # published: its queue is the agent's own
 
 
 def _readyz(url: str) -> tuple[int, dict[str, Any]]:
