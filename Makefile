@@ -34,7 +34,7 @@ check: lint
 # The documentation site, in site/: the reference pages are generated from the code; a broken
 # link or anchor fails the build (--strict).
 docs: $(BIN)/.installed
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) site .mesh .pytest_cache .mypy_cache .ruff_cache *.egg-info
