@@ -172,3 +172,17 @@ def test_demo_without_a_reachable_redis_prints_an_honest_hint_and_keeps_files_un
     assert "Inspect it again with" not in out
     assert "the job cannot be inspected afterwards" in out
     assert (tmp_path / ".mesh" / "redis").is_dir()
+
+
+@pytest.mark.slow
+def test_demo_hint_names_a_mesh_the_shell_finds_when_the_venv_is_not_on_path(settings: MeshSettings) -> None:
+    # As `make demo` runs it: .venv/bin/mesh, from a shell whose PATH lacks .venv/bin.
+    env = {**mesh_env(settings), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "demo", "--timeout", "60"], env=env,
+                         capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    [hint] = [line for line in res.stdout.splitlines() if line.startswith("Inspect it again with: ")]
+    shown = subprocess.run(["/bin/sh", "-c", hint.removeprefix("Inspect it again with: ")], env=env,
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert shown.returncode == 0, shown.stderr
+    assert "succeeded" in shown.stdout
