@@ -163,10 +163,11 @@ def run(
         fail(f"{exc} (nothing was sent)", EXIT_INPUT)
     except MeshError as exc:  # no pipeline of that name
         fail(str(exc), EXIT_INPUT)
-    _sent(c, ref, wait, timeout, as_json)
+    _sent(c, ref, wait, timeout, as_json, app_path=app_path)
 
 
-def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool) -> None:
+def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool,
+          app_path: str | None = None) -> None:
     """What submit and run print once the job is sent: its id, or with --wait the finished job."""
     if not wait:
         if as_json:
@@ -180,12 +181,21 @@ def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool)
         _show(exc.record, as_json, c.stuck(exc.record), c=c)
         unserved = _unserved(c, exc.record)
         if unserved:
-            fail(f"{exc}: no live worker serves {', '.join(unserved)} (start one: mesh worker; see mesh agents)",
-                 EXIT_TIMEOUT)
+            fail(f"{exc}: no live worker serves {', '.join(unserved)} "
+                 f"(start one: {_worker_command(unserved, app_path)}; see mesh agents)", EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json, c=c)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _worker_command(agents: list[str], app_path: str | None) -> str:
+    """The command that serves ``agents``: a bare ``mesh worker`` serves only the built-in ones."""
+    from mesh.agents.builtin import app as builtin
+
+    if app_path:
+        return f"mesh worker --app {app_path}"
+    return "mesh worker" if set(agents) <= set(builtin.agents) else "mesh worker --app MODULE:APP"
 
 
 def _unserved(c: MeshClient, record: JobRecord) -> list[str]:

@@ -69,6 +69,18 @@ def test_submit_wait_without_a_live_worker_says_no_worker_serves_the_agent(cli: 
     assert "no live worker serves planner" in flat(res.stderr)
 
 
+def test_run_wait_without_a_live_worker_names_the_worker_command_that_serves_the_app(cli: Any) -> None:
+    args = ("--input", '{"topic": "otters"}', "--wait", "--timeout", "0.5")
+    res = cli("run", "article", "--app", "examples.quickstart.app", *args)
+    assert res.returncode == 4
+    assert "no live worker serves writer (start one: mesh worker --app examples.quickstart.app;" in flat(res.stderr)
+    from mesh.ops.cli import _worker_command
+
+    # Without --app (a pipeline run by name): a bare `mesh worker` serves the built-in agents only.
+    assert _worker_command(["writer"], None) == "mesh worker --app MODULE:APP"
+    assert _worker_command(["planner", "executor"], None) == "mesh worker"
+
+
 def test_same_key_with_another_goal_is_refused_and_nothing_more_is_enqueued(cli: Any, client: MeshClient) -> None:
     first = cli("submit", "write a note", "--key", "k-1")
     again = cli("submit", "write a note", "--key", "k-1")
