@@ -232,7 +232,9 @@ def load_app(path: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from None
+        hint = f" (an import path, not a file: {module_name.removesuffix('.py').replace('/', '.')})" \
+            if module_name.endswith(".py") else ""
+        raise ConfigError(f"cannot import app module {module_name!r}: {exc}{hint}") from None
     if attr:
         found = getattr(module, attr, None)
         if not isinstance(found, App):

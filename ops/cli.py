@@ -168,10 +168,11 @@ def run(
         fail(f"{exc} (nothing was sent)", EXIT_INPUT)
     except MeshError as exc:  # no pipeline of that name
         fail(str(exc), EXIT_INPUT)
-    _sent(c, ref, wait, timeout, as_json)
+    _sent(c, ref, wait, timeout, as_json, app_path=app_path)
 
 
-def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool) -> None:
+def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool,
+          app_path: str | None = None) -> None:
     """What submit and run print once the job is sent: its id, or with --wait the finished job."""
     if not wait:
         if as_json:
@@ -185,12 +186,21 @@ def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool)
         _show(exc.record, as_json, c.stuck(exc.record), c=c)
         unserved = _unserved(c, exc.record)
         if unserved:
-            fail(f"{exc}: no live worker serves {', '.join(unserved)} (start one: mesh worker; see mesh agents)",
-                 EXIT_TIMEOUT)
+            fail(f"{exc}: no live worker serves {', '.join(unserved)} "
+                 f"(start one: {_worker_command(unserved, app_path)}; see mesh agents)", EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json, c=c)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _worker_command(agents: list[str], app_path: str | None) -> str:
+    """The command that serves ``agents``: a bare ``mesh worker`` serves only the built-in ones."""
+    from mesh.agents.builtin import app as builtin
+
+    if app_path:
+        return f"mesh worker --app {app_path}"
+    return "mesh worker" if set(agents) <= set(builtin.agents) else "mesh worker --app MODULE:APP"
 
 
 def _unserved(c: MeshClient, record: JobRecord) -> list[str]:
@@ -271,13 +281,21 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
     return items
 
 
-JobId = Annotated[str, typer.Argument(help="The job's id as submit or send printed it, or its start.",
-                                      metavar="JOB_ID", show_default=False)]
-
-
 def _job_id(c: MeshClient, given: str) -> str:
     """The job id ``given`` is, or is the unique start of (``job-`` may be left out)."""
     return resolve(c, c.keys.jobs, given, "jobs", alias="job-")
+
+
+def _job_candidates(c: MeshClient, given: str) -> list[str]:
+    """The job ids ``given`` may name, in order: the id it is or starts, else itself then its key's job.
+
+    The same key always names the same job, so a key the job was sent with finds it too."""
+    from mesh.broker.client import job_id_for
+
+    resolved = _job_id(c, given)
+    if resolved != given or (given.startswith("job-") and len(given) == 36):
+        return [resolved]
+    return [given, job_id_for(given)]
 
 
 @app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), `mesh status order-7`, "
@@ -291,17 +309,13 @@ def status(job_id: Annotated[str | None, typer.Argument(
     A running step without progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by
     retention is reported expired. Without a job: the Redis in use (address, role; for Sentinel
     the master it names now), the namespace, live workers and dead letters."""
-    from mesh.broker.client import job_id_for
     from mesh.broker.retention import expired
 
     c = client()
     if job_id is None:
         _deployment(c, as_json)
         return
-    # A job id (or its unique start) is tried first, then the key (the same key always names the same job).
-    resolved = _job_id(c, job_id)
-    candidates = [resolved] if resolved != job_id or (job_id.startswith("job-") and len(job_id) == 36) \
-        else [job_id, job_id_for(job_id)]
+    candidates = _job_candidates(c, job_id)
     for candidate in candidates:
         try:
             record = c.status(candidate)
@@ -496,8 +510,11 @@ def _summary(result: dict[str, Any] | None) -> str:
     return str(result)[:90]
 
 
-@app.command("trace", epilog="Example: `mesh trace job-5f0c... --json`")
-def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
+@app.command("trace", epilog="Example: `mesh trace job-5f0c --json`, or `mesh trace order-7`")
+def trace_(job_id: Annotated[str, typer.Argument(
+               help="The job id (from `mesh submit` or `mesh jobs`) or its start, or the key it was sent with, "
+                    "e.g. order-7.", metavar="JOB_ID|KEY", show_default=False)],
+           as_json: JsonFlag = False) -> None:
     """A job's timeline, step by step, with offsets and durations.
 
     Every step's events in order: enqueued, picked up, tool calls, deferrals, failures, dead
@@ -507,11 +524,14 @@ def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
     from mesh.ops.timeline import by_step, render
 
     c = client()
-    job_id = _job_id(c, job_id)
-    events = trace.read(c.redis, c.keys, job_id)
-    record = c.jobs.get(job_id)
-    if not events and record is None:
-        fail(f"no job {job_id}", EXIT_INPUT)
+    given, candidates = job_id, _job_candidates(c, job_id)
+    for job_id in candidates:
+        events = trace.read(c.redis, c.keys, job_id)
+        record = c.jobs.get(job_id)
+        if events or record is not None:
+            break
+    else:
+        fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), EXIT_INPUT)
     nodes = dag.load(c, record) if record is not None and record.pipeline else None
     if as_json:
         emit_json({"job_id": job_id, "state": str(record.state) if record else None,

@@ -150,6 +150,11 @@ def test_load_app_by_import_path() -> None:
         load_app("tests.agents.test_app:Question")
 
 
+def test_load_app_given_a_file_name_says_to_give_the_import_path() -> None:
+    with pytest.raises(ConfigError, match=r"an import path, not a file: tests\.agents\.test_app\)$"):
+        load_app("tests/agents/test_app.py")
+
+
 @pytest.fixture
 def app_worker(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("TEST_APP_SECRET", "s3cret-value-for-the-test")

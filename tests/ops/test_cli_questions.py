@@ -93,6 +93,15 @@ def test_mesh_status_takes_a_job_id_or_the_key_it_was_sent_with(cli, client):
     assert missing.returncode == 2 and "no job order-78 (nor a job of key 'order-78')" in flat(missing.stderr)
 
 
+def test_mesh_trace_takes_the_key_a_job_was_sent_with_as_mesh_status_does(cli, client):
+    ref = client.submit("find the order", key="order-77")
+
+    by_key, by_id = run_json(cli, "trace", "order-77"), run_json(cli, "trace", ref.id)
+    assert by_key["job_id"] == by_id["job_id"] == ref.id and by_key["events"]
+    missing = cli("trace", "order-78")
+    assert missing.returncode == 2 and "no job order-78 (nor a job of key 'order-78')" in flat(missing.stderr)
+
+
 # -- mesh workers ----------------------------------------------------------------------------------
 
 def test_mesh_workers_shows_a_live_worker_with_what_it_serves_and_since_when_then_not_after_sigterm(
