@@ -38,6 +38,7 @@ from mesh.broker.outbox import stage_all
 from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ContractError, JobRecord, State, StepRecord, loads, settle, transition
+from mesh.contracts.jobs import known
 
 from .audit import Audit
 from .store import DeadLetterStore, Filter, Stored
@@ -170,16 +171,18 @@ class Replayer:
         for stored, message in batch:
             pipe.exists(self.keys.dead_letter(stored.entry.entry_id))
             job_id = message.args[0].get("job_id")
-            pipe.exists(self.keys.job(job_id if isinstance(job_id, str) else ""))
+            pipe.get(self.keys.job(job_id if isinstance(job_id, str) else ""))
         found = pipe.execute()
         out: list[str | None] = []
         for i, (_, message) in enumerate(batch):
-            here, has_job = found[2 * i], found[2 * i + 1]
+            here, job = found[2 * i], found[2 * i + 1]
             env = message.args[0]
             if not here:
                 out.append("no longer in the DLQ (replayed or removed meanwhile)")
+            elif job is not None:
+                out.append(_owned_by_newer(JobRecord.model_validate(loads(job)), env.get("step_id")))
             else:
-                out.append(None if has_job or not isinstance(env.get("job_id"), str) else _unrecreatable(env))
+                out.append(None if not isinstance(env.get("job_id"), str) else _unrecreatable(env))
         return out
 
     def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None) -> Iterator[Stored]:
@@ -231,6 +234,8 @@ class Replayer:
             env, entry = message.args[0], stored.entry
             job_id = env.get("job_id")
             why = None if here else "no longer in the DLQ (replayed or removed meanwhile)"
+            if why is None and isinstance(job_id, str) and job_id in records:
+                why = _owned_by_newer(records[job_id], env.get("step_id"))
             if why is None and isinstance(job_id, str) and job_id not in records:
                 why = _unrecreatable(env)
                 if why is None:
@@ -272,6 +277,18 @@ class Replayer:
         trace.stage(pipe, self.keys, trace.event(
             "replayed", env, entry_id=entry.entry_id, by=self.audit.who, failure_class=entry.failure_class,
             error=entry.error[:200], **{k: v for k, v in detail.items() if k != "key"}))
+
+
+def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:
+    """Why a replay must leave the job alone: a newer release of the mesh moved it (or the replayed
+    step) into a state this release does not know (a rolling deploy: ``compensating``, ``cancelled``).
+    This release never moves a record out of such a state, so it sends nothing to run behind it."""
+    step = record.steps.get(step_id) if isinstance(step_id, str) else None
+    for what, state in ((f"job {record.job_id}", record.state), (f"step {step_id}", step.state if step else None)):
+        if state is not None and not known(state):
+            return (f"{what} is {state.value!r}, a state of a newer release of the mesh: replay it with a "
+                    "worker of that release")
+    return None
 
 
 def _unrecreatable(env: dict[str, Any]) -> str | None:
