@@ -108,6 +108,7 @@ class Replayer:
         self.audit = audit or Audit(store.client, store.keys)
         self.to_version = to_version
         self.registry = Registry(store.client, store.keys, settings.heartbeat_timeout_s)
+        self._versions: dict[str, set[int]] | None = None
 
     def replay(self, entries: Iterable[Stored], *, dry_run: bool = False, rate: float | None = None,
                progress: Callable[[int], None] | None = None) -> ReplayReport:
@@ -158,11 +159,24 @@ class Replayer:
         if published is None or published.version != self.to_version:
             now = "publish no version" if published is None else f"publish version {published.version}"
             raise NotReplayable(f"--to-version {self.to_version}: the workers of {agent!r} {now}")
+        served = self._served().get(agent, set())
+        if self.to_version not in served:
+            now = ", ".join(map(str, sorted(served))) or "none"
+            raise NotReplayable(f"--to-version {self.to_version}: no live worker of {agent!r} serves it "
+                                f"(live workers serve: {now})")
         try:
             published.validate_input(message.args[0].get("payload"))
         except ContractError as exc:
             raise NotReplayable(f"--to-version {self.to_version}: the payload does not fit it: {exc.message}") from None
         return message
+
+    def _served(self) -> dict[str, set[int]]:
+        """Per agent, the contract versions its live workers serve (read once per replay): the registry
+        holds what was published last, which a rollback leaves naming a version nobody serves."""
+        if self._versions is None:
+            self._versions = {x.agent.name: {w.version for w in x.workers if w.alive and w.version is not None}
+                              for x in self.registry.listing()}
+        return self._versions
 
     def _check_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[str | None]:
         """A dry run's answer for a batch, per entry: None (it would be replayed) or why it would be
