@@ -303,4 +303,5 @@ def test_a_success_recorded_then_a_failure_keeps_only_a_bounded_result_in_the_cl
     claim = claims.read(client.redis, client.keys.claim(ref.key))
     assert claim.state == "done"
     assert claim.result.startswith(b"@")  # before: the 500-byte output kept whole in the claim
+    assert claim.owner == ""  # a done claim keeps no owner (before: the done settlement kept it)
     assert len(claim.result) < 200
