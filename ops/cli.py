@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
+import redis
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -792,7 +793,19 @@ def main() -> None:
     try:
         app()
     except MeshError as exc:
-        fail(str(exc), EXIT_INPUT)
+        _stop(str(exc), EXIT_INPUT)
+    except redis.exceptions.NoPermissionError as exc:
+        # A user held by ACL rules that lack a command: say so, not a traceback.
+        _stop(f"Redis refused a command to this user: {exc}. The rules a mesh user needs: "
+              "`python -m mesh.broker.connection NAMESPACE` (docs/reference/acl.md)", EXIT_INPUT)
+
+
+def _stop(message: str, code: int) -> None:
+    """:func:`fail` outside the typer app, whose ``Exit`` nothing is left to catch."""
+    try:
+        fail(message, code)
+    except typer.Exit as exit_:
+        raise SystemExit(exit_.exit_code) from None
 
 
 if __name__ == "__main__":

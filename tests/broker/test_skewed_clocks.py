@@ -95,8 +95,8 @@ def test_a_step_just_picked_up_by_a_worker_whose_clock_runs_behind_is_not_report
         make_settings, rclient, worker_process):
     settings = make_settings(stuck_after_s=SKEW_S / 2)
     client = MeshClient(settings, client=rclient, app=gated.app)
-    worker_process("--app", "tests.apps.gated:app", **skewed(-SKEW_S))
     with RecordingServer() as server:
+        worker_process("--app", "tests.apps.gated:app", MESH_HTTP_ALLOW=server.host_port, **skewed(-SKEW_S))
         ref = client.send("poster", {"url": server.url(), "n": 1}, key="behind-progress")
         wait_for(lambda: rclient.get(gated.arrived_key(settings.namespace)), timeout_s=60)  # it runs
         record = client.status(ref.id)
