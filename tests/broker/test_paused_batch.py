@@ -31,7 +31,8 @@ def test_a_worker_paused_holding_a_batch_settles_nothing_of_it_after_the_takeove
     with RecordingServer() as server:
         settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
         client = MeshClient(settings, client=rclient, app=app)
-        ns, env = settings.namespace, {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+        ns = settings.namespace
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), "MESH_HTTP_ALLOW": server.host_port}
         paused = worker_process("--app", APP, "--threads", "2", MESH_PREFETCH=str(MESSAGES), **env)
         refs = [client.send("poster", {"url": server.url(), "n": n}, key=f"batch-{n}") for n in range(MESSAGES)]
         wait_for(lambda: count(client, arrived_key(ns)) == 2, timeout_s=60)
@@ -42,7 +43,8 @@ def test_a_worker_paused_holding_a_batch_settles_nothing_of_it_after_the_takeove
             rclient.set(gate_key(ns), 1)
             worker_process("--app", APP, "--threads", "4", **env)
             records = [client.wait(ref.id, timeout_s=90) for ref in refs]
-            assert [r.state for r in records] == [State.SUCCEEDED] * MESSAGES
+            assert [r.state for r in records] == [State.SUCCEEDED] * MESSAGES, [
+                (r.state, r.error) for r in records if r.state is not State.SUCCEEDED]
         finally:
             os.kill(paused.pid, signal.SIGCONT)
         # The paused worker's two handlers pass the gate; what else it had in hand may run and be fenced.
