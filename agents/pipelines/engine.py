@@ -44,6 +44,7 @@ from mesh.contracts import (
     transition,
 )
 from mesh.contracts import settle as settle_job
+from mesh.contracts.jobs import known
 
 from . import sandbox
 from .expr import Condition, ExpressionError, ExpressionLimit
@@ -155,6 +156,8 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
     job's state. Trace events are appended to ``events``."""
     now = time.time() if now is None else now
     if record.state is State.HALTED:  # a parallel branch finishing after a halt releases nothing
+        return record, []
+    if not known(record.state):  # a newer release's state (cancelled): that release moves the job
         return record, []
     before, mark = record, len(events)
     messages: list[Message] = []
