@@ -32,6 +32,7 @@ from dramatiq.message import Message
 
 from mesh.broker import trace
 from mesh.broker.client import job_id_for, payload_hash
+from mesh.broker.clock import ServerClock
 from mesh.broker.jobs import stage_record
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import stage_all
@@ -109,6 +110,8 @@ class Replayer:
         self.to_version = to_version
         self.registry = Registry(store.client, store.keys, settings.heartbeat_timeout_s)
         self._versions: dict[str, set[int]] | None = None
+        #: The fresh deadline is on the Redis server's clock, where workers check it, whatever this host's says.
+        self.clock = ServerClock(store.client)
 
     def replay(self, entries: Iterable[Stored], *, dry_run: bool = False, rate: float | None = None,
                progress: Callable[[int], None] | None = None) -> ReplayReport:
@@ -152,8 +155,8 @@ class Replayer:
     def _message(self, stored: Stored) -> Message[Any]:
         """The message replaying ``stored`` enqueues; NotReplayable when there is none (as asked)."""
         if self.to_version is None:
-            return replay_message(stored, self.settings, time.time())
-        message = replay_message(stored, self.settings, time.time(), contract_version=self.to_version)
+            return replay_message(stored, self.settings, self.clock.now_s())
+        message = replay_message(stored, self.settings, self.clock.now_s(), contract_version=self.to_version)
         agent = message.actor_name
         published = self.registry.get(agent)
         if published is None or published.version != self.to_version:

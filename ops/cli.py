@@ -48,6 +48,9 @@ from mesh.ops.console import (
 from mesh.ops.dlq_cli import dlq_app
 from mesh.ops.pipeline_cli import AppPath, pipeline_app, resolve_pipeline
 
+#: States only a step takes: a job is never in them (settle derives a job's state from its steps).
+STEP_ONLY = frozenset({State.SKIPPED, State.NOT_RUN})
+
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=MARKUP,
                   epilog="Exit codes: 0 ok, 1 the job did not succeed, 2 bad input, 3 Redis unreachable, "
@@ -353,6 +356,11 @@ def jobs(
 
     if state is not None and state not in set(State):
         fail(f"unknown state {state!r}; states are {', '.join(State)}", EXIT_INPUT)
+    if state in STEP_ONLY:
+        # A filter no job can match would answer "No such jobs" for ever: say where to look instead.
+        fail(f"{state} is a step's state, never a job's: a job with steps not run halted (--state halted), "
+             "one with skipped steps ended as the rest of its steps did; `mesh status JOB` lists its steps",
+             EXIT_INPUT)
     query = JobQuery(state=State(state) if state else None, agent=agent, since=parse_time(since), key=key,
                      limit=limit)
     c = client()

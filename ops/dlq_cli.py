@@ -80,8 +80,19 @@ def _filter(agent: str | None, failure_class: str | None, since: str | None, unt
         base.fail(f"unknown failure class {failure_class!r}; classes are {', '.join(FailureClass)}", base.EXIT_INPUT)
     if agent is not None:
         _check_agent(agent)
-    return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until),
-                  grep=grep, key=key, dependency=dependency)
+    now = _server_now(since, until)
+    return Filter(agent=agent, failure_class=failure_class, since=parse_time(since, now=now),
+                  until=parse_time(until, now=now), grep=grep, key=key, dependency=dependency)
+
+
+def _server_now(*values: str | None) -> float | None:
+    """The Redis server's time (s) when a value is relative (``15m``): dead letters are timed on that
+    clock (the settle script's TIME), so "the last 15 minutes" must be too, whatever this host's says."""
+    if not any(v is not None and _RELATIVE.match(v.strip()) for v in values):
+        return None
+    from mesh.broker.clock import server_ms
+
+    return server_ms(base.client().redis) / 1000
 
 
 def _check_agent(agent: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from conftest import flat, wait_for
 
 from mesh.broker import MeshClient, redact
@@ -62,6 +63,14 @@ def test_mesh_jobs_lists_newest_first_and_filters_by_state_agent_since_key_and_l
     assert table.returncode == 0 and executed[0].id in table.stdout and "refund-0" in table.stdout
     bad = cli("jobs", "--state", "done")
     assert bad.returncode == 2 and "unknown state 'done'" in flat(bad.stderr)
+
+
+@pytest.mark.parametrize("state", ["not_run", "skipped"])
+def test_mesh_jobs_refuses_a_state_only_steps_take_instead_of_finding_nothing_for_ever(cli, state):
+    refused = cli("jobs", "--state", state)
+    assert refused.returncode == 2, refused.stdout
+    assert f"{state} is a step's state, never a job's" in flat(refused.stderr)
+    assert "--state halted" in flat(refused.stderr)
 
 
 def test_mesh_jobs_reads_at_most_its_budget_of_records_and_says_so(client):
