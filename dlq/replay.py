@@ -40,6 +40,7 @@ from mesh.broker.outbox import encode_checked, stage, wake
 from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ContractError, JobRecord, LimitExceeded, State, StepRecord, loads, settle, transition
+from mesh.contracts.jobs import known
 
 from .audit import Audit
 from .checks import Routes, message_body
@@ -119,6 +120,7 @@ class Replayer:
         self.audit = audit or Audit(store.client, store.keys)
         self.to_version = to_version
         self.registry = Registry(store.client, store.keys, settings.heartbeat_timeout_s)
+        self._versions: dict[str, set[int]] | None = None
         #: The fresh deadline is on the Redis server's clock, where workers check it, whatever this host's says.
         self.clock = ServerClock(store.client)
 
@@ -187,11 +189,24 @@ class Replayer:
         if published is None or published.version != self.to_version:
             now = "publish no version" if published is None else f"publish version {published.version}"
             raise NotReplayable(f"--to-version {self.to_version}: the workers of {agent!r} {now}")
+        served = self._served().get(agent, set())
+        if self.to_version not in served:
+            now = ", ".join(map(str, sorted(served))) or "none"
+            raise NotReplayable(f"--to-version {self.to_version}: no live worker of {agent!r} serves it "
+                                f"(live workers serve: {now})")
         try:
             published.validate_input(message.args[0].get("payload"))
         except ContractError as exc:
             raise NotReplayable(f"--to-version {self.to_version}: the payload does not fit it: {exc.message}") from None
         return message
+
+    def _served(self) -> dict[str, set[int]]:
+        """Per agent, the contract versions its live workers serve (read once per replay): the registry
+        holds what was published last, which a rollback leaves naming a version nobody serves."""
+        if self._versions is None:
+            self._versions = {x.agent.name: {w.version for w in x.workers if w.alive and w.version is not None}
+                              for x in self.registry.listing()}
+        return self._versions
 
     def _check_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[str | None]:
         """A dry run's answer for a batch, per entry: None (it would be replayed) or why it would be
@@ -200,16 +215,18 @@ class Replayer:
         for stored, message in batch:
             pipe.exists(self.keys.dead_letter(stored.entry.entry_id))
             job_id = message.args[0].get("job_id")
-            pipe.exists(self.keys.job(job_id if isinstance(job_id, str) else ""))
+            pipe.get(self.keys.job(job_id if isinstance(job_id, str) else ""))
         found = pipe.execute()
         out: list[str | None] = []
         for i, (_, message) in enumerate(batch):
-            here, has_job = found[2 * i], found[2 * i + 1]
+            here, job = found[2 * i], found[2 * i + 1]
             env = message.args[0]
             if not here:
                 out.append("no longer in the DLQ (replayed or removed meanwhile)")
+            elif job is not None:
+                out.append(_owned_by_newer(JobRecord.model_validate(loads(job)), env.get("step_id")))
             else:
-                out.append(None if has_job or not isinstance(env.get("job_id"), str) else _unrecreatable(env))
+                out.append(None if not isinstance(env.get("job_id"), str) else _unrecreatable(env))
         return out
 
     def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None) -> Iterator[Stored]:
@@ -312,6 +329,8 @@ class Replayer:
             env, entry = message.args[0], stored.entry
             job_id = env.get("job_id")
             why = problem
+            if why is None and isinstance(job_id, str) and job_id in records:
+                why = _owned_by_newer(records[job_id], env.get("step_id"))
             if why is None and isinstance(job_id, str) and job_id not in records:
                 why = _unrecreatable(env)
                 if why is None:
@@ -357,6 +376,18 @@ class Replayer:
         trace.stage(pipe, self.keys, trace.event(
             "replayed", env, entry_id=entry.entry_id, by=self.audit.who, failure_class=entry.failure_class,
             error=entry.error[:200], **{k: v for k, v in detail.items() if k != "key"}))
+
+
+def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:
+    """Why a replay must leave the job alone: a newer release of the mesh moved it (or the replayed
+    step) into a state this release does not know (a rolling deploy: ``compensating``, ``cancelled``).
+    This release never moves a record out of such a state, so it sends nothing to run behind it."""
+    step = record.steps.get(step_id) if isinstance(step_id, str) else None
+    for what, state in ((f"job {record.job_id}", record.state), (f"step {step_id}", step.state if step else None)):
+        if state is not None and not known(state):
+            return (f"{what} is {state.value!r}, a state of a newer release of the mesh: replay it with a "
+                    "worker of that release")
+    return None
 
 
 def _unrecreatable(env: dict[str, Any]) -> str | None:

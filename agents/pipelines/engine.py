@@ -44,6 +44,7 @@ from mesh.contracts import (
     transition,
 )
 from mesh.contracts import settle as settle_job
+from mesh.contracts.jobs import known
 
 from . import sandbox
 from .expr import Condition, ExpressionError, ExpressionLimit
@@ -156,6 +157,8 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
     now = time.time() if now is None else now
     if record.state is State.HALTED:  # a parallel branch finishing after a halt releases nothing
         return _close_fan_outs(spec, record, events, now), []
+    if not known(record.state):  # a newer release's state (cancelled): that release moves the job
+        return record, []
     before, mark = record, len(events)
     messages: list[Message] = []
     for sid in order(spec):
