@@ -79,6 +79,7 @@ def test_replay_to_a_version_skips_a_payload_that_does_not_fit_it(client, settin
     raw = store.raw(nth_id(0))
     assert raw is not None
     client.redis.hset(client.keys.dead_letter(nth_id(0)), "raw", raw.replace(f'"{agent_of(0)}"'.encode(), b'"greet"'))
+    _relabel(client, nth_id(0), agent_of(0))
     replayer = Replayer(store, settings, to_version=2)
     report = replayer.replay(replayer.entries([nth_id(0)]))
     assert report.replayed == []
@@ -98,7 +99,16 @@ def _greet_entry(client: MeshClient) -> str:
     body.update(actor_name="greet", queue_name="greet")
     raw = json.dumps(body).replace(f'"{agent_of(0)}"', '"greet"')
     client.redis.hset(client.keys.dead_letter(nth_id(0)), "raw", raw)
+    _relabel(client, nth_id(0), agent_of(0))
     return nth_id(0)
+
+
+def _relabel(client: MeshClient, entry_id: str, agent: str) -> None:
+    """Label the entry ``greet``'s, as its rewritten message is (replay refuses a mislabelled entry)."""
+    key = client.keys.dead_letter(entry_id)
+    entry = client.redis.hget(key, "entry")
+    assert entry is not None
+    client.redis.hset(key, mapping={"entry": entry.replace(f'"{agent}"'.encode(), b'"greet"'), "agent": "greet"})
 
 
 def test_replay_to_a_version_only_a_dead_worker_served_is_skipped(client, settings):
