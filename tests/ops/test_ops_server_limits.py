@@ -12,20 +12,29 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+import redis
 from conftest import ROOT, mesh_env, ops_server, wait_for
 
 from mesh.broker import MeshClient, MeshSettings
 
-#: MESH_OPS_REQUEST_TIMEOUT_S's default: the tests use it, so they read the same on any version.
-REQUEST_TIMEOUT_S = 10.0
+#: MESH_OPS_REQUEST_TIMEOUT_S for the servers these tests start in a thread (its default is 10 s): short,
+#: so a test waits seconds for the cut it proves, not the default.
+REQUEST_TIMEOUT_S = 2.0
 
 #: How long past the timeout a closed connection may take to be seen (the loop's and the test's polling).
 SLACK_S = 10.0
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., MeshSettings], rclient: redis.Redis) -> MeshClient:
+    """The test's client, whose settings give the threaded server its request timeout."""
+    return MeshClient(make_settings(ops_request_timeout_s=REQUEST_TIMEOUT_S), client=rclient)
 
 
 def port_of(base: str) -> int:
