@@ -26,14 +26,15 @@ test: lint
 	$(BIN)/pytest -q
 
 # The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
-# (tests/tier.py fails a test that does so without @pytest.mark.slow).
+# (tests/tier.py fails a test that does so without @pytest.mark.slow). They are CPU-bound (most of
+# their time is `mesh` subprocesses starting), so they run on one process per core (pytest-xdist).
 check: lint
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" -n auto
 
 # The documentation site, in site/: the reference pages are generated from the code; a broken
 # link or anchor fails the build (--strict).
 docs: $(BIN)/.installed
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) site .mesh .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -39,9 +39,14 @@ from pydantic import BaseModel
 
 from mesh.contracts import ConfigError
 
+from .tools.allow import parse_allowlist
+
 if TYPE_CHECKING:
     from mesh.agents.pipelines import Pipeline, PipelineSpec
+    from mesh.broker.settings import MeshSettings
 
+#: A tool's ``allow=``: see :attr:`ToolSpec.allow`.
+Allow = Iterable[str] | Callable[[frozenset[str]], Iterable[str]] | None
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 #: Names of the mesh's own keys (``broker/keys.py``): a queue of that name would share the key.
 RESERVED = frozenset({"breakers", "routes", "running", "outcomes", "jobs", "dlq", "notes", "stats", "claim", "job",
@@ -90,6 +95,19 @@ class ToolSpec:
     #: Whether a call changes something outside the mesh: an attempt that made one is never re-run blindly.
     effect: bool = True
     description: str = ""
+    #: What the tool's HTTP may reach (``send_request``, ``ctx.http``): None for MESH_HTTP_ALLOW; a
+    #: list of ``host:port`` for exactly those; a function of MESH_HTTP_ALLOW's entries (normal form)
+    #: returning the tool's, to widen (``lambda base: base | {"api.example.com:443"}``) or narrow it.
+    allow: Allow = None
+
+    def allowlist(self, settings: MeshSettings) -> frozenset[str] | None:
+        """The ``host:port`` entries (normal form) this tool may reach; None: MESH_HTTP_ALLOW's."""
+        if self.allow is None:
+            return None
+        if callable(self.allow):
+            base = parse_allowlist(settings.http_allowlist)
+            return parse_allowlist(self.allow(base))
+        return parse_allowlist(self.allow)
 
     def target(self, args: Any) -> str:
         """The dependency a call with ``args`` reaches ("?" when the args do not say)."""
@@ -132,13 +150,17 @@ class App:
 
     def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
-             secrets: Iterable[str] = (), effect: bool = True) -> Any:
-        """Declare ``fn(ctx, args) -> result`` as a tool agents may call."""
+             secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None) -> Any:
+        """Declare ``fn(ctx, args) -> result`` as a tool agents may call. ``allow``: the ``host:port``
+        its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`)."""
+        fixed = tuple(allow) if allow is not None and not callable(allow) else allow
+        if fixed is not None and not callable(fixed):
+            parse_allowlist(fixed)  # a bad entry fails the declaration, not the first call
 
         def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
             args_model = args or _models(fn, None, None, need_output=False)[0]
             self.add_tool(ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
-                                   secrets=tuple(secrets), effect=effect, description=_doc(fn)))
+                                   secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed))
             return fn
 
         return declare(fn) if fn is not None else declare
@@ -210,7 +232,9 @@ def load_app(path: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from None
+        hint = f" (an import path, not a file: {module_name.removesuffix('.py').replace('/', '.')})" \
+            if module_name.endswith(".py") else ""
+        raise ConfigError(f"cannot import app module {module_name!r}: {exc}{hint}") from None
     if attr:
         found = getattr(module, attr, None)
         if not isinstance(found, App):

@@ -11,7 +11,8 @@
                                                                               the deadline, classified,
                                                                               fenced (the lease is
                                                                               confirmed in Redis first)
-    ctx.http.post(url, json=...)                                              HTTP with the same guards
+    ctx.http.post(url, json=...)                                              HTTP with the same guards,
+                                                                              MESH_HTTP_ALLOW applied
 
 Secrets are not on the context: a tool reads the ones it declared (``ToolContext.secret``).
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,7 +43,7 @@ from mesh.contracts import (
 )
 
 from .tools.base import ToolContext
-from .tools.http import host_port, send_request
+from .tools.http import GuardedHttp
 
 if TYPE_CHECKING:
     from mesh.broker.idempotency import Lease
@@ -58,7 +58,8 @@ M = TypeVar("M", bound=BaseModel)
 
 def read_secret(name: str, secrets_dir: str | None) -> str:
     """A secret by name, at run time: the worker's environment, else a file in MESH_SECRETS_DIR.
-    Its value is registered for redaction: it never appears in a log line, trace or dead letter."""
+    Its value is registered for redaction: it never appears in a log line, trace, job record, output
+    or dead letter. A value shorter than 8 characters is refused (ConfigError): it could not be masked."""
     value = os.environ.get(name)
     if value is None and secrets_dir:
         path = Path(secrets_dir) / name
@@ -66,33 +67,15 @@ def read_secret(name: str, secrets_dir: str | None) -> str:
             value = path.read_text().strip()
     if value is None:
         raise ConfigError(f"secret {name} is not set (environment or MESH_SECRETS_DIR)")
-    redact.register(value)
+    try:
+        redact.register(value, name)
+    except redact.SecretTooShort as exc:
+        raise ConfigError(str(exc), secret=name) from None
     return value
 
 
 #: Methods that change nothing at the endpoint: they confirm a stale lease only, not every time.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-@dataclass
-class GuardedHttp:
-    """``ctx.http``: requests with the mesh's guards."""
-
-    tool: ToolContext
-    #: Called with the method before each request: confirms the attempt's lease (raises LeaseLost).
-    confirm: Callable[[str], None] = lambda method: None
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """``method url`` through its ``host:port``'s circuit breaker (see :func:`send_request`),
-        once the attempt's lease is confirmed (always, unless the method is GET, HEAD or OPTIONS)."""
-        self.confirm(method)
-        return self.tool.guarded(host_port(url), lambda: send_request(self.tool, method, url, **kwargs))
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
 
 
 @dataclass
@@ -106,7 +89,7 @@ class Context:
     _tool_ctx: ToolContext = field(init=False)
 
     def __post_init__(self) -> None:
-        self._tool_ctx = self._tool_context(())
+        self._tool_ctx = self._tool_context(None)
 
     key = property(lambda self: self.env.key)
     job_id = property(lambda self: self.env.job_id)
@@ -171,8 +154,8 @@ class Context:
             raise
 
     def _run(self, spec: ToolSpec, args: BaseModel) -> Any:
-        tool_ctx = self._tool_context(spec.secrets)
         dependency = spec.target(args) if spec.dependency is not None else "mesh"
+        tool_ctx = self._tool_context(spec, dependency if spec.dependency is not None else None)
         started = time.monotonic()
         outcome: dict[str, Any] = {}
         try:
@@ -198,12 +181,15 @@ class Context:
                 self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started,
                                        token=self.lease.token, **outcome)
 
-    def _tool_context(self, secrets: tuple[str, ...]) -> ToolContext:
+    def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext:
+        """What ``spec`` is given (None: the handler's own ``ctx.http``): its secrets and allowlist."""
         rt = self.runtime
+        secrets = spec.secrets if spec is not None else ()
+        allow = spec.allowlist(rt.settings) if spec is not None else None
         return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
                            fencing_token=self.lease.token, deadline=self.env.deadline, clock=rt.clock.now_s,
-                           breakers=rt.breakers,
-                           settings=rt.settings, redis=rt.redis, keys=rt.keys, http=rt.http, resolve=rt.resolve,
+                           breakers=rt.breakers, settings=rt.settings, redis=rt.redis, keys=rt.keys,
+                           client=rt.http, resolve=rt.resolve, allow=allow, dependency=dependency,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})
 
 

@@ -14,7 +14,7 @@ import redis
 from pydantic import BaseModel, ValidationError
 from redis import Redis
 
-from mesh.broker import trace
+from mesh.broker import redact, trace
 from mesh.broker.breaker import Breakers
 from mesh.broker.clock import ServerClock
 from mesh.broker.fence import Fence
@@ -153,7 +153,8 @@ class AgentRuntime:
             result = spec.handler(Context(self, env, spec, lease), payload)
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
-        output = validate_output_model(agent, spec.output, result)
+        # Masked before anything keeps it: the record, the claim, the trace, the next steps' messages.
+        output = validate_output_model(agent, spec.output, redact.redact_value(result))
         self._check_limits(agent, output)
         duration = time.monotonic() - lease.started
 
@@ -213,7 +214,8 @@ class AgentRuntime:
         """Trace one tool call with the fencing token that made it, and count it as progress (the
         handler moved on), in one round trip."""
         call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool, token=token,
-                           dependency=dependency, duration_s=round(duration_s, 4), status=status, error=error)
+                           dependency=dependency, duration_s=round(duration_s, 4),
+                           status=redact.redact_value(status), error=error)
         self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}", before=call)
 
     def fenced(self, env: Envelope, call: str, token: int) -> None:
@@ -238,7 +240,7 @@ class AgentRuntime:
             trace.stage(pipe, self.keys, before)
         pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): self.clock.now_s()}, xx=True)
         trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
-                                                 progress=n, note=note))
+                                                 progress=n, note=redact.redact(note)))
         try:
             pipe.execute()
         except redis.RedisError as exc:

@@ -88,17 +88,29 @@ def body_snippet(response: httpx.Response, limit: int = BODY_SNIPPET_CHARS) -> s
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP-date; None when absent or bad."""
+    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP-date; None when absent or bad.
+
+    An HTTP-date is on the endpoint's clock, so without ``now`` it is read against the response's own
+    ``Date`` (the same clock): a worker whose clock is off neither retries at once nor waits its skew
+    longer. Without a usable ``Date``, this host's clock."""
     value = headers.get("retry-after") or headers.get("Retry-After")
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
         return float(value)
+    when = _http_date(value)
+    if when is None:
+        return None
+    if now is None:
+        now = _http_date(headers.get("date") or headers.get("Date") or "") or time.time()
+    return max(0.0, when - now)
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP-date as UNIX seconds; None when it is not one (or names no time zone)."""
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return when.timestamp() if when.tzinfo is not None else None

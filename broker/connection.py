@@ -234,15 +234,17 @@ def _shown(host: Any, port: Any) -> str:
 #: Every command the mesh sends (its Lua scripts' included), for an ACL user that may run nothing
 #: else; ``info`` only tells ``mesh status`` and /readyz the server's role and may be left out.
 #: Found by running every flow under a user of ``+@all`` and reading ``INFO commandstats``, plus the
-#: commands of paths the flows do not take; tests/broker/test_redis_auth.py runs them under it.
+#: commands of paths the flows do not take; tests/broker/test_redis_auth.py runs every flow and
+#: every ``mesh`` command under it. The one list: a feature that sends a new command adds it here,
+#: then regenerates docs/reference/acl.md (``python -m mesh.broker.acl``).
 ACL_COMMANDS = (
     "ping", "info", "select",
     "eval", "evalsha", "script|load", "multi", "exec", "discard", "watch", "unwatch",
     "get", "set", "mget", "del", "exists", "expire", "pexpire", "pexpireat", "persist", "pttl", "incrby", "time",
     "hget", "hset", "hsetnx", "hdel", "hexists", "hgetall", "hmget", "hlen", "hincrby", "hincrbyfloat",
     "blpop", "lpop", "lpush", "rpush", "llen", "lindex", "lrange", "ltrim",
-    "sadd", "srem", "smembers", "scard", "sismember",
-    "zadd", "zrem", "zcard", "zcount", "zscore", "zrange", "zrangebyscore", "zrevrangebyscore",
+    "sadd", "srem", "smembers", "scard", "sismember", "sscan",
+    "zadd", "zrem", "zcard", "zcount", "zscore", "zrange", "zrangebyscore", "zrevrangebyscore", "zscan",
     "zremrangebyscore", "zremrangebyrank",
     "xadd", "xrange", "xrevrange",
 )

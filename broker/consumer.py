@@ -29,7 +29,7 @@ from dramatiq.middleware import Interrupt
 from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, StepRecord, depth_exceeds, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
-from . import trace
+from . import claim_results, trace
 from .group_commit import GroupCommit
 from .idempotency import Idempotency, Lease, done_args, message_key
 from .jobs import ended_ttl_s, holds_dead_letters
@@ -223,8 +223,10 @@ class MeshConsumer(_RedisConsumer):
         as done with the step's result (the failure freed the claim: another message under the same
         key, e.g. a shared ``idempotency_key``, must not run the effect again)."""
         claim = (lease.claim_key, lease.owner, lease.token) if lease is not None and not lease.shared else ("", "", 0)
-        answer = int(self.broker.settle("done", self.queue_name, self.dedup_ttl_s, rid, *claim,
-                                        dumps(step.result or {})))
+        # Bounded like every done claim (MESH_CLAIM_RESULT_BYTES): the claim outlives the record.
+        result = claim_results.encode(step.result, lease.envelope if lease is not None else {},
+                                      self.broker.settings.claim_result_bytes)
+        answer = int(self.broker.settle("done", self.queue_name, self.dedup_ttl_s, rid, *claim, result))
         if answer in (0, 2):
             logger.warning("lease lost before the attempt settled", extra={"key": lease.key if lease else None})
         if answer >= 2:

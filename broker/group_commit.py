@@ -86,7 +86,9 @@ class GroupCommit(Generic[T]):
         slot = _Slot(item)
         with self._cond:
             self._waiting.append(slot)
-            if self._sender is None:
+            # Not only "is None": an exception raised into a caller inside Thread.start can leave a
+            # sender that never started (the sender itself clears the field, under this lock, as it ends).
+            if self._sender is None or not self._sender.is_alive():
                 self._sender = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._sender.start()
             self._cond.notify()

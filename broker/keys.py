@@ -12,6 +12,9 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
     {ns}:__reap_after__               recovery pauses until this time (ms) after a worker saw an outage
     {ns}:__held__.{worker}            set of queues a worker has fetched from (the mesh's addition:
                                       recovery finds a dead worker's messages on every queue)
+    {ns}:__stop__.{worker}            list of wake-up tokens a stopping worker pushes for its own idle
+                                      consumers (the mesh's addition), so a stop never waits out their
+                                      block; expires within seconds
     {ns}:{queue}.XQ                   dramatiq's dead letters: kept empty, the mesh DLQ replaces it
 
 The mesh's own:
@@ -104,6 +107,9 @@ class Keys:
 
     def wake(self, queue: str) -> str:
         return f"{self.namespace}:{queue}.wake"
+
+    def stop(self, worker_id: str) -> str:
+        return f"{self.namespace}:__stop__.{worker_id}"
 
     def acks(self, worker_id: str, queue: str) -> str:
         return f"{self.namespace}:__acks__.{worker_id}.{queue}"

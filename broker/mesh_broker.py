@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -32,7 +34,15 @@ from .redact import redact
 from .router import FailureRouter
 from .settings import MeshSettings
 
+logger = logging.getLogger(__name__)
+
 SETTLE_LUA = script_source("settle.lua")
+
+#: How long an idle consumer of a stopping worker blocks between looks (s): it is woken when the stop
+#: begins, and then must notice within this that dramatiq asked it to stop.
+STOPPING_WAIT_S = 0.1
+#: How long a stopping worker's wake-up tokens are kept (s): a consumer not blocked takes none.
+STOP_TOKENS_TTL_S = 10
 
 #: dramatiq's dispatch.lua writes the caller's timestamp (ARGV[2]) as the worker's heartbeat on
 #: every command (enqueue, ack, requeue, ...), and a heartbeat from a skewed host either gets a
@@ -86,6 +96,8 @@ class MeshBroker(RedisBroker):
         self.pid = os.getpid()
         #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
         self.in_hand: dict[str, set[str]] = {}
+        #: Set when a worker on this broker starts stopping (see ``emit_before``).
+        self.stopping = threading.Event()
 
     def declare_actor(self, actor: dramatiq.Actor[Any, Any]) -> None:
         """dramatiq's declaration, refusing the actor options the mesh would silently ignore
@@ -116,8 +128,40 @@ class MeshBroker(RedisBroker):
         return do_dispatch
 
     def wait_for_work(self, queue_name: str, timeout_s: float) -> bool:
-        """Block until a wake-up token for ``queue_name`` arrives or ``timeout_s`` passes."""
-        return self.client.blpop([self.keys.wake(queue_name)], timeout=timeout_s) is not None
+        """Block until a wake-up token for ``queue_name`` arrives or ``timeout_s`` passes. A consumer
+        of a stopping worker is woken by its own token and from then on blocks only briefly, so
+        stopping a worker does not wait out an idle consumer's block."""
+        if self.stopping.is_set():
+            timeout_s = min(timeout_s, STOPPING_WAIT_S)
+        keys = [self.keys.wake(queue_name), self.keys.stop(self.broker_id)]
+        return self.client.blpop(keys, timeout=timeout_s) is not None
+
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        """dramatiq's hook dispatch, plus the broker's own part of a worker's boot and stop."""
+        if signal == "worker_boot":
+            self.stopping.clear()
+        elif signal == "worker_shutdown":
+            queues = getattr(args[0], "consumers", {}) if args else {}
+            self._wake_for_stop(sum(1 for queue in queues if not queue.endswith(".DQ")))
+        super().emit_before(signal, *args, **kwargs)
+
+    def _wake_for_stop(self, consumers: int) -> None:
+        """As a worker's stop begins, wake its idle consumers, each blocked on Redis for up to
+        ``WAIT_S``: otherwise every stop (a deploy, a SIGTERM) waits that out. The tokens are pushed
+        from a thread of their own, so an unresponsive Redis cannot hold up the stop."""
+        self.stopping.set()
+        threading.Thread(target=self._push_stop_tokens, args=(max(consumers, 1),), name="mesh-stop-wake",
+                         daemon=True).start()
+
+    def _push_stop_tokens(self, n: int) -> None:
+        stop = self.keys.stop(self.broker_id)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.rpush(stop, *([1] * n))
+                pipe.expire(stop, STOP_TOKENS_TTL_S)
+                pipe.execute()
+        except redis.RedisError as exc:  # then the stop waits out the block, as it did before
+            logger.warning("could not wake the consumers for the stop", extra={"error": str(exc)})
 
     def close(self) -> None:
         super().close()

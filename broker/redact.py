@@ -1,27 +1,44 @@
-"""Secret values known to this process, and their redaction from any text the mesh keeps.
+"""Secret values known to this process, and their redaction from anything the mesh keeps.
 
-Tools read their secrets at run time (``agents/context.py``); each value read is registered here,
-and every error text and traceback the mesh writes (dead letters, trace events, job records) and
-every log line the mesh's formatters write (``ops/logs.py``) goes through :func:`redact`. A secret
-therefore never reaches Redis or a log.
+Tools read their secrets at run time (``agents/context.py``) and the model provider its API key
+(``MESH_MODEL_API_KEY``); each value is registered here. Every error text and traceback the mesh
+writes (dead letters, trace events, job records), every step output before it is recorded or handed
+on (job record, claim, trace, the next steps' messages and so their dead letters and drain files)
+and every log line the mesh's formatters write (``ops/logs.py``) goes through :func:`redact` or
+:func:`redact_value`. A secret therefore never reaches Redis or a log.
+
+Values are masked before they are serialised (:func:`redact_value` walks the data), never in the
+serialised text, so masking cannot break JSON; and a secret must be at least :data:`MIN_LENGTH`
+characters long, so masking cannot eat ordinary words or numbers.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 MASK = "[secret]"
-#: Values shorter than this are not masked: they would mask ordinary words.
-MIN_LENGTH = 6
+#: Secrets shorter than this are refused: masking them would mask ordinary words and numbers.
+MIN_LENGTH = 8
 
 _values: set[str] = set()
 _lock = threading.Lock()
 
 
-def register(value: str) -> None:
-    if len(value) >= MIN_LENGTH:
-        with _lock:
-            _values.add(value)
+class SecretTooShort(ValueError):
+    """A secret value shorter than :data:`MIN_LENGTH`: the mesh could not keep it out of what it stores."""
+
+
+def register(value: str, name: str = "a secret") -> None:
+    """Mask ``value`` from now on. SecretTooShort (naming ``name``, never the value) when it is
+    shorter than :data:`MIN_LENGTH`: masking it would corrupt ordinary text, and not masking it
+    would let it reach Redis and the logs."""
+    if len(value) < MIN_LENGTH:
+        raise SecretTooShort(f"{name} is {len(value)} characters long; the mesh masks secrets of "
+                             f"{MIN_LENGTH} characters or more and refuses shorter ones")
+    with _lock:
+        _values.add(value)
 
 
 def redact(text: str) -> str:
@@ -33,3 +50,20 @@ def redact(text: str) -> str:
             text = text.replace(value, MASK)
     return text
 
+
+def redact_value(data: Any) -> Any:
+    """``data`` (JSON-shaped: mappings, lists, strings, numbers) with every registered secret masked
+    in its strings and mapping keys; numbers, booleans and None are kept as they are (a secret is a
+    string: a number that happens to contain its digits is not it). Anything else becomes its
+    masked ``str``."""
+    if not _values:
+        return data
+    if isinstance(data, str):
+        return redact(data)
+    if data is None or isinstance(data, (bool, int, float)):
+        return data
+    if isinstance(data, Mapping):
+        return {redact_value(k) if isinstance(k, str) else k: redact_value(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redact_value(v) for v in data]
+    return redact(str(data))

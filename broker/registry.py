@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError
 
 from mesh.contracts import ContractError, dumps, loads
 
 from .clock import server_ms
 from .keys import Keys
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class PublishedAgent:
         if self.input_schema is None:
             raise ContractError(f"agent {self.name!r} published no input schema: send it from a process that "
                                 "imports its app (MeshClient(app=...))", agent=self.name)
+        # Imported here: only a send by name validates, and every `mesh` command would pay for it.
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
         try:
             validator = Draft202012Validator(self.input_schema)
             found = sorted(validator.iter_errors(payload), key=lambda e: [str(p) for p in e.absolute_path])

@@ -70,6 +70,21 @@ class MeshSettings(BaseSettings):
     max_response_bytes: int = Field(default=1024 * 1024, ge=1024, description="most bytes of an HTTP "
                                     "response a tool reads into memory; a longer body fails the call")
 
+    dlq_max_line_bytes: int | None = Field(default=None, ge=1024, description="longest line `mesh dlq load` "
+                                           "reads from an export file; a longer one refuses the file unread. "
+                                           "Default: 4 x MESH_MAX_MESSAGE_BYTES")
+    dlq_max_raw_bytes: int | None = Field(default=None, ge=1024, description="largest message (raw bytes) an "
+                                          "exported entry may carry, at most MESH_MAX_MESSAGE_BYTES (the default)")
+
+    ops_request_timeout_s: float = Field(default=10.0, gt=0, description="the ops server closes a connection "
+                                         "that has not sent a whole request head this long after it opened or "
+                                         "after its last response")
+    ops_keep_alive_s: int = Field(default=5, ge=1, description="the ops server closes an idle keep-alive "
+                                  "connection after this long")
+    ops_max_connections: int = Field(default=64, ge=2, description="connections the ops server holds at once "
+                                     "(at most its descriptor limit less a reserve); past it a new one replaces "
+                                     "the oldest idle one")
+
     expr_timeout_ms: int = Field(default=1000, ge=10, description="longest a pipeline expression may run; "
                                  "past it its step is dead-lettered")
     expr_memory_mb: int = Field(default=512, ge=64, description="address space of the process pipeline "
@@ -144,6 +159,14 @@ class MeshSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _dlq_raw_within_messages(self) -> MeshSettings:
+        # A dead letter never holds more than a message may (an oversized poison keeps a prefix).
+        if self.dlq_max_raw_bytes is not None and self.dlq_max_raw_bytes > self.max_message_bytes:
+            raise ValueError(f"MESH_DLQ_MAX_RAW_BYTES ({self.dlq_max_raw_bytes}) must not be over "
+                             f"MESH_MAX_MESSAGE_BYTES ({self.max_message_bytes})")
+        return self
+
+    @model_validator(mode="after")
     def _redis_reachable_as_written(self) -> MeshSettings:
         try:
             connection.check(self)
@@ -155,6 +178,17 @@ class MeshSettings(BaseSettings):
     def claim_lease_s(self) -> float:
         """The lease a claim holds; by default as long as a worker may go silent before it counts as dead."""
         return self.heartbeat_timeout_s if self.lease_s is None else self.lease_s
+
+    @property
+    def dlq_line_cap(self) -> int:
+        """The longest export-file line loaded: room for an entry's envelope, its raw bytes in base64
+        and its error and traceback, each bounded by MESH_MAX_MESSAGE_BYTES."""
+        return 4 * self.max_message_bytes if self.dlq_max_line_bytes is None else self.dlq_max_line_bytes
+
+    @property
+    def dlq_raw_cap(self) -> int:
+        """The largest raw message an exported entry may carry."""
+        return self.max_message_bytes if self.dlq_max_raw_bytes is None else self.dlq_max_raw_bytes
 
     @property
     def dead_letter_job_retention_s(self) -> float:

@@ -37,7 +37,8 @@ class State(StrEnum):
     #: A pipeline step not run (a false ``when``, or a false gate under ``failure_mode: continue``):
     #: its dependents go on.
     SKIPPED = "skipped"
-    #: A pipeline step never sent because its job halted first; its error says where it halted.
+    #: A pipeline step never sent because its job halted first (or a ``for_each`` step not all of whose
+    #: items were sent); its error says where it halted.
     NOT_RUN = "not_run"
 
     @classmethod
@@ -61,8 +62,9 @@ TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN, State
 ALLOWED: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.AWAITING_APPROVAL,
                              State.HALTED, State.SKIPPED, State.NOT_RUN}),
+    # NOT_RUN: a for_each step whose job halted before all its items were sent.
     State.RUNNING: frozenset({State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED,
-                              State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED}),
+                              State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED, State.NOT_RUN}),
     State.AWAITING_APPROVAL: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED,
                                         State.HALTED, State.SKIPPED}),
     State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}),

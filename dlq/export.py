@@ -1,6 +1,7 @@
 """Drain (export and remove), load (put back) and purge (delete), streaming in constant memory.
 
-An exported line is ``{"entry": {...}, "raw_b64": "..."}``. Drain appends a batch to the file,
+An exported line is ``{"entry": {...}, "raw_b64": "..."}``; load reads a file as untrusted input
+(checks.py says what it refuses). Drain appends a batch to the file,
 flushes and fsyncs it, and only then removes that batch from the DLQ: a crash leaves entries at
 worst both in the file and in the DLQ, and loading them back is idempotent (ids are preserved and
 an id already in the DLQ is skipped).
@@ -13,6 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 from pydantic import ValidationError
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 from mesh.contracts import MeshError
 
 from .audit import Audit
+from .checks import Limits, Routes, entry_problem, message_body, shown
 from .entry import DeadLetter
 from .store import DeadLetterStore, Filter, Stored
 
@@ -70,10 +73,17 @@ def _take_out(store: DeadLetterStore, batch: list[Stored], audit: Audit, op: str
     return len(batch)
 
 
-def read_export(path: Path) -> Iterator[Stored]:
-    """The entries of an export file, one line at a time; ExportFileError names a bad line."""
+def read_export(path: Path, limits: Limits | None = None) -> Iterator[Stored]:
+    """The entries of an export file, one line at a time and never more than a line's cap in memory;
+    ExportFileError names a bad line."""
+    for _, stored in _read(path, limits or Limits()):
+        yield stored
+
+
+def _read(path: Path, limits: Limits) -> Iterator[tuple[int, Stored]]:
+    """Each entry of an export file with its line number."""
     with path.open("rb") as f:
-        for number, line in enumerate(f, 1):
+        for number, line in enumerate(_lines(f, path, limits.max_line_bytes), 1):
             if not line.strip():
                 continue
             try:
@@ -87,7 +97,23 @@ def read_export(path: Path) -> Iterator[Stored]:
                 raise ExportFileError(f"{path}:{number} is not an exported dead letter: "
                                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                                       line=number) from None
-            yield Stored(entry, raw)
+            problem = entry_problem(entry, raw, limits)
+            if problem:
+                raise ExportFileError(f"{path}:{number} is refused: entry {shown(entry.entry_id)}: {problem}",
+                                      line=number)
+            yield number, Stored(entry, raw)
+
+
+def _lines(f: BinaryIO, path: Path, cap: int) -> Iterator[bytes]:
+    """The file's lines, each read up to ``cap`` bytes (its newline aside): a longer line is refused,
+    never read whole."""
+    number = 0
+    while line := f.readline(cap + 1):
+        number += 1
+        if len(line) > cap and not line.endswith(b"\n"):
+            raise ExportFileError(f"{path}:{number} is refused: the line is over MESH_DLQ_MAX_LINE_BYTES ({cap} "
+                                  "bytes); raise it to load this file", line=number)
+        yield line
 
 
 def _fields(exc: ValidationError) -> str:
@@ -96,17 +122,25 @@ def _fields(exc: ValidationError) -> str:
                      for e in exc.errors(include_url=False, include_input=False))[:500]
 
 
-def load(store: DeadLetterStore, path: Path, *, audit: Audit | None = None,
-         progress: Progress | None = None) -> LoadReport:
+def load(store: DeadLetterStore, path: Path, *, limits: Limits | None = None, routes: Routes | None = None,
+         audit: Audit | None = None, progress: Progress | None = None) -> LoadReport:
     """Put an export's entries back, ids preserved; an id already in the DLQ is skipped.
 
-    The whole file is checked first, so a bad line loads nothing.
+    The whole file is checked first, so a bad line loads nothing: each line within ``limits``, and
+    each entry whose bytes are a message addressed as a replay would send it (``routes``: the
+    deployment's agents and queues, read from its registry by default).
     """
-    for _ in read_export(path):
-        pass
+    limits = limits or Limits()
+    routes = routes or Routes.read(store.client, store.keys)
+    for number, stored in _read(path, limits):
+        body = message_body(stored.raw)
+        problem = routes.problem(stored.entry, body) if body is not None else None
+        if problem:
+            raise ExportFileError(f"{path}:{number} is refused: entry {shown(stored.entry.entry_id)}: {problem}",
+                                  line=number)
     audit = audit or Audit(store.client, store.keys)
     loaded = present = 0
-    for stored in read_export(path):
+    for stored in read_export(path, limits):
         if store.put(stored.entry, stored.raw):
             loaded += 1
             pipe = store.client.pipeline(transaction=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,18 +33,27 @@ from dramatiq.message import Message
 
 from mesh.broker import trace
 from mesh.broker.client import job_id_for, payload_hash
+from mesh.broker.clock import ServerClock
 from mesh.broker.jobs import stage_record
 from mesh.broker.keys import Keys
-from mesh.broker.outbox import stage_all
+from mesh.broker.outbox import encode_checked, stage, wake
 from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import ContractError, JobRecord, State, StepRecord, loads, settle, transition
+from mesh.contracts import ContractError, JobRecord, LimitExceeded, State, StepRecord, loads, settle, transition
+from mesh.contracts.jobs import known
 
 from .audit import Audit
+from .checks import Routes, message_body
 from .store import DeadLetterStore, Filter, Stored
 
 #: Entries replayed per MULTI/EXEC when no rate is set.
 BATCH = 200
+
+#: Why an entry a replay was handed is left where it is.
+GONE = "no longer in the DLQ (replayed or removed meanwhile)"
+
+#: The Redis type each key of a queue must have (or none) for a replay to enqueue onto it.
+QUEUE_TYPES = {"queue": b"list", "messages": b"hash", "wake": b"list"}
 
 #: Step and job states a replay moves back to ``queued``.
 REPLAYABLE = frozenset({State.DEAD_LETTERED, State.UNKNOWN, State.FAILED})
@@ -63,6 +73,9 @@ class ReplayReport:
     skipped: dict[str, str] = field(default_factory=dict)
     by_agent: dict[str, int] = field(default_factory=dict)
     by_class: dict[str, int] = field(default_factory=dict)
+    #: Commands of a replay's transaction Redis refused that did not stop an enqueue (an audit record,
+    #: a counter): the entries were replayed, but what these record is missing.
+    errors: list[str] = field(default_factory=list)
 
     def count(self, stored: Stored) -> None:
         self.replayed.append(stored.entry.entry_id)
@@ -107,6 +120,9 @@ class Replayer:
         self.audit = audit or Audit(store.client, store.keys)
         self.to_version = to_version
         self.registry = Registry(store.client, store.keys, settings.heartbeat_timeout_s)
+        self._versions: dict[str, set[int]] | None = None
+        #: The fresh deadline is on the Redis server's clock, where workers check it, whatever this host's says.
+        self.clock = ServerClock(store.client)
 
     def replay(self, entries: Iterable[Stored], *, dry_run: bool = False, rate: float | None = None,
                progress: Callable[[int], None] | None = None) -> ReplayReport:
@@ -117,10 +133,11 @@ class Replayer:
         """
         report = ReplayReport(dry_run=dry_run)
         pace = _pacer(rate)
+        routes = Routes.read(self.client, self.keys)
         batch: list[tuple[Stored, Message[Any]]] = []
 
         def flush() -> None:
-            outcomes = self._check_batch(batch) if dry_run else self._replay_batch(batch)
+            outcomes = self._check_batch(batch) if dry_run else self._replay_batch(batch, report)
             for (stored, _), skipped in zip(batch, outcomes, strict=True):
                 if skipped is None:
                     report.count(stored)
@@ -132,7 +149,7 @@ class Replayer:
 
         for stored in entries:
             try:
-                message = self._message(stored)
+                message = self._message(stored, routes)
             except NotReplayable as exc:
                 report.skipped[stored.entry.entry_id] = str(exc)
                 if progress:
@@ -147,21 +164,49 @@ class Replayer:
             flush()
         return report
 
-    def _message(self, stored: Stored) -> Message[Any]:
-        """The message replaying ``stored`` enqueues; NotReplayable when there is none (as asked)."""
+    def _message(self, stored: Stored, routes: Routes) -> Message[Any]:
+        """The message replaying ``stored`` enqueues; NotReplayable when there is none (as asked), when
+        its bytes address anything but a known agent's own queue under the entry's label, or when it
+        would be over the message limits."""
+        body = message_body(stored.raw)
+        problem = routes.problem(stored.entry, body) if body is not None else None
+        if problem:
+            raise NotReplayable(f"{problem}; purge it, or drain it to fix it by hand")
+        message = self._versioned(stored)
+        try:
+            encode_checked(message, self.settings.max_message_bytes, self.settings.max_json_depth)
+        except LimitExceeded as exc:
+            raise NotReplayable(f"{exc}: a worker would refuse it; drain or purge it") from None
+        return message
+
+    def _versioned(self, stored: Stored) -> Message[Any]:
+        """The message as ``to_version`` asks (NotReplayable when its agent's workers do not serve it)."""
         if self.to_version is None:
-            return replay_message(stored, self.settings, time.time())
-        message = replay_message(stored, self.settings, time.time(), contract_version=self.to_version)
+            return replay_message(stored, self.settings, self.clock.now_s())
+        message = replay_message(stored, self.settings, self.clock.now_s(), contract_version=self.to_version)
         agent = message.actor_name
         published = self.registry.get(agent)
         if published is None or published.version != self.to_version:
             now = "publish no version" if published is None else f"publish version {published.version}"
             raise NotReplayable(f"--to-version {self.to_version}: the workers of {agent!r} {now}")
+        served = self._served().get(agent, set())
+        if self.to_version not in served:
+            now = ", ".join(map(str, sorted(served))) or "none"
+            raise NotReplayable(f"--to-version {self.to_version}: no live worker of {agent!r} serves it "
+                                f"(live workers serve: {now})")
         try:
             published.validate_input(message.args[0].get("payload"))
         except ContractError as exc:
             raise NotReplayable(f"--to-version {self.to_version}: the payload does not fit it: {exc.message}") from None
         return message
+
+    def _served(self) -> dict[str, set[int]]:
+        """Per agent, the contract versions its live workers serve (read once per replay): the registry
+        holds what was published last, which a rollback leaves naming a version nobody serves."""
+        if self._versions is None:
+            self._versions = {x.agent.name: {w.version for w in x.workers if w.alive and w.version is not None}
+                              for x in self.registry.listing()}
+        return self._versions
 
     def _check_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[str | None]:
         """A dry run's answer for a batch, per entry: None (it would be replayed) or why it would be
@@ -170,16 +215,18 @@ class Replayer:
         for stored, message in batch:
             pipe.exists(self.keys.dead_letter(stored.entry.entry_id))
             job_id = message.args[0].get("job_id")
-            pipe.exists(self.keys.job(job_id if isinstance(job_id, str) else ""))
+            pipe.get(self.keys.job(job_id if isinstance(job_id, str) else ""))
         found = pipe.execute()
         out: list[str | None] = []
         for i, (_, message) in enumerate(batch):
-            here, has_job = found[2 * i], found[2 * i + 1]
+            here, job = found[2 * i], found[2 * i + 1]
             env = message.args[0]
             if not here:
                 out.append("no longer in the DLQ (replayed or removed meanwhile)")
+            elif job is not None:
+                out.append(_owned_by_newer(JobRecord.model_validate(loads(job)), env.get("step_id")))
             else:
-                out.append(None if has_job or not isinstance(env.get("job_id"), str) else _unrecreatable(env))
+                out.append(None if not isinstance(env.get("job_id"), str) else _unrecreatable(env))
         return out
 
     def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None) -> Iterator[Stored]:
@@ -193,44 +240,97 @@ class Replayer:
         for batch in self.store.iter(flt or Filter()):
             yield from batch
 
-    def _replay_batch(self, batch: list[tuple[Stored, Message[Any]]]) -> list[str | None]:
-        """Replay a batch in one MULTI/EXEC, watching its entries and their jobs: every entry still in
-        the DLQ goes back to its queue with its step requeued, or, if anything changed, none does
-        and the batch is read again. Per entry: None (replayed) or why it was skipped."""
+    def _replay_batch(self, batch: list[tuple[Stored, Message[Any]]], report: ReplayReport) -> list[str | None]:
+        """Replay a batch in one MULTI/EXEC, watching its entries, their jobs and their queues' keys:
+        every entry still in the DLQ goes back to its queue with its step requeued, or, if anything
+        changed, none does and the batch is read again. Per entry: None (replayed) or why it was skipped."""
         entry_keys = [self.keys.dead_letter(s.entry.entry_id) for s, _ in batch]
         job_ids = sorted({m.args[0]["job_id"] for _, m in batch if isinstance(m.args[0].get("job_id"), str)})
         job_keys = [self.keys.job(j) for j in job_ids]
+        queue_keys = {k: t for q in sorted({m.queue_name for _, m in batch}) for k, t in self._queue_keys(q)}
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(*entry_keys, *job_keys)
+                    pipe.watch(*entry_keys, *job_keys, *queue_keys)
                     # Read on another connection: WATCH still voids the EXEC if any of these change.
                     reads = self.client.pipeline(transaction=False)
                     for key in entry_keys:
                         reads.exists(key)
                     for key in job_keys:
                         reads.get(key)
+                    for key in queue_keys:
+                        reads.type(key)
                     values = reads.execute()
-                    present = [bool(v) for v in values[:len(entry_keys)]]
+                    n, m = len(entry_keys), len(entry_keys) + len(job_keys)
                     records = {j: JobRecord.model_validate(loads(d))
-                               for j, d in zip(job_ids, values[len(entry_keys):], strict=True) if d is not None}
-                    skipped = self._stage_batch(pipe, batch, present, records)
-                    pipe.execute()
-                    return skipped
+                               for j, d in zip(job_ids, values[n:m], strict=True) if d is not None}
+                    problems = self._problems(batch, values[:n], dict(zip(queue_keys, values[m:], strict=True)),
+                                              records)
+                    skipped, spans = self._stage_batch(pipe, batch, problems, records)
+                    return self._settle(batch, skipped, spans, execute(pipe), report)
                 except redis.WatchError:
                     continue
 
-    def _stage_batch(self, pipe: Any, batch: list[tuple[Stored, Message[Any]]], present: list[bool],
-                     records: dict[str, JobRecord]) -> list[str | None]:
+    def _queue_keys(self, queue: str) -> list[tuple[str, bytes]]:
+        """The keys an enqueue onto ``queue`` writes, each with the type it must have."""
+        return [(getattr(self.keys, name)(queue), kind) for name, kind in QUEUE_TYPES.items()]
+
+    def _problems(self, batch: list[tuple[Stored, Message[Any]]], present: list[Any],
+                  types: dict[str, bytes], records: dict[str, JobRecord]) -> list[str | None]:
+        """Per entry, why it cannot be replayed now: gone from the DLQ; its queue's keys hold other
+        types (an enqueue would fail inside the transaction, after the entry's removal was queued);
+        or its job's step belongs to another agent (the replay would requeue that agent's step)."""
+        out: list[str | None] = []
+        wrong = {q: [f"{k} holds a {types[k].decode()}" for k, t in self._queue_keys(q) if types[k] not in (t, b"none")]
+                 for q in {m.queue_name for _, m in batch}}
+        for (_, message), here in zip(batch, present, strict=True):
+            env = message.args[0]
+            record = records.get(env.get("job_id"))
+            step = record.steps.get(env.get("step_id")) if record is not None else None
+            if not here:
+                out.append(GONE)
+            elif wrong[message.queue_name]:
+                out.append(f"queue {message.queue_name!r} cannot take it: {', '.join(wrong[message.queue_name])}")
+            elif step is not None and step.agent != message.actor_name:
+                out.append(f"step {step.step_id} of job {env['job_id']} is agent {step.agent}'s, "
+                           f"not {message.actor_name}'s")
+            else:
+                out.append(None)
+        return out
+
+    def _settle(self, batch: list[tuple[Stored, Message[Any]]], problems: list[str | None],
+                spans: dict[int, range], refused: list[str | None], report: ReplayReport) -> list[str | None]:
+        """Read every reply of the transaction (``refused``: per command, the error Redis answered, or
+        None): an entry whose enqueue Redis refused is put back in the DLQ (its removal ran in the same
+        transaction) and reported; other refusals go to the report."""
+        out = list(problems)
+        enqueues = {i for span in spans.values() for i in span}
+        for i, (stored, _) in enumerate(batch):
+            failed = [r for r in (refused[j] for j in spans.get(i, ())) if r is not None]
+            if failed:
+                self.store.put(stored.entry, stored.raw)
+                audit = self.client.pipeline(transaction=False)
+                self.audit.stage(audit, "replay_failed", stored.entry.entry_id, error=failed[0])
+                audit.execute()
+                out[i] = f"Redis refused its enqueue ({failed[0]}); it is back in the DLQ"
+        report.errors += [r for j, r in enumerate(refused) if r is not None and j not in enqueues]
+        return out
+
+    def _stage_batch(self, pipe: Any, batch: list[tuple[Stored, Message[Any]]], problems: list[str | None],
+                     records: dict[str, JobRecord]) -> tuple[list[str | None], dict[int, range]]:
+        """Stage the batch's replay into ``pipe``; returns per entry None or why it is skipped, and, per
+        entry staged, the positions of its enqueue's commands in the transaction (to read their replies)."""
         now = time.time()
         changed: set[str] = set()
         was: dict[str, State | None] = {job_id: record.state for job_id, record in records.items()}
-        messages, entries, skipped = [], [], []
+        entries, skipped, spans, per_queue = [], [], {}, Counter[str]()
         pipe.multi()
-        for (stored, message), here in zip(batch, present, strict=True):
+        for i, ((stored, message), problem) in enumerate(zip(batch, problems, strict=True)):
             env, entry = message.args[0], stored.entry
             job_id = env.get("job_id")
-            why = None if here else "no longer in the DLQ (replayed or removed meanwhile)"
+            why = problem
+            if why is None and isinstance(job_id, str) and job_id in records:
+                why = _owned_by_newer(records[job_id], env.get("step_id"))
             if why is None and isinstance(job_id, str) and job_id not in records:
                 why = _unrecreatable(env)
                 if why is None:
@@ -244,10 +344,14 @@ class Replayer:
             if job_id in records:
                 records[job_id] = _requeue(records[job_id], env.get("step_id"), now)
                 changed.add(job_id)
-            messages.append(message)
+            start = len(pipe.command_stack)
+            stage(pipe, self.keys, message, wake_up=False)
+            spans[i] = range(start, len(pipe.command_stack))
+            per_queue[message.queue_name] += 1
             entries.append(entry)
             self._stage_trail(pipe, message, entry, recreated=recreated)
-        stage_all(pipe, self.keys, messages)
+        for queue, n in per_queue.items():
+            wake(pipe, self.keys, queue, n)
         self.store.remove(entries, pipe)
         for job_id in changed:
             # Active again: the record and trace lose the retention TTL the job's end gave them.
@@ -256,7 +360,7 @@ class Replayer:
                          keep_s=self.settings.dead_letter_job_retention_s)
         if entries:
             pipe.hincrby(self.keys.stats, "replayed", len(entries))
-        return skipped
+        return skipped, spans
 
     def _stage_trail(self, pipe: Any, message: Message[Any], entry: Any, *, recreated: bool) -> None:
         """What a replay leaves behind: the audit record, and a ``replayed`` event in the job's trace
@@ -272,6 +376,18 @@ class Replayer:
         trace.stage(pipe, self.keys, trace.event(
             "replayed", env, entry_id=entry.entry_id, by=self.audit.who, failure_class=entry.failure_class,
             error=entry.error[:200], **{k: v for k, v in detail.items() if k != "key"}))
+
+
+def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:
+    """Why a replay must leave the job alone: a newer release of the mesh moved it (or the replayed
+    step) into a state this release does not know (a rolling deploy: ``compensating``, ``cancelled``).
+    This release never moves a record out of such a state, so it sends nothing to run behind it."""
+    step = record.steps.get(step_id) if isinstance(step_id, str) else None
+    for what, state in ((f"job {record.job_id}", record.state), (f"step {step_id}", step.state if step else None)):
+        if state is not None and not known(state):
+            return (f"{what} is {state.value!r}, a state of a newer release of the mesh: replay it with a "
+                    "worker of that release")
+    return None
 
 
 def _unrecreatable(env: dict[str, Any]) -> str | None:
@@ -308,6 +424,15 @@ def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:
     if record.state is State.FAILED:
         record = transition(record, State.QUEUED, now=now)
     return record
+
+
+def execute(pipe: Any) -> list[str | None]:
+    """Run the transaction staged in ``pipe``; per command, what Redis refused it with (its name and
+    key first), or None. Redis runs every command of an EXEC, so one refusal stops nothing else."""
+    commands = [args for args, _ in pipe.command_stack]
+    replies = pipe.execute(raise_on_error=False)
+    return [f"{' '.join(map(str, c[:2]))}: {r}" if isinstance(r, Exception) else None
+            for c, r in zip(commands, replies, strict=True)]
 
 
 def _pacer(rate: float | None) -> Iterator[None]:

@@ -32,7 +32,8 @@ from mesh.agents.app import App
 from mesh.agents.context import Context
 from mesh.broker.connection import SETTINGS, connect
 from mesh.broker.settings import MeshSettings
-from mesh.ops.namespaces import delete_namespace
+from mesh.contracts import ConfigError
+from mesh.ops.namespaces import check_scratch, delete_namespace
 
 MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
 
@@ -441,6 +442,11 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
     # The configured Redis (and its TLS files); every other setting at its default, as measured.
     settings = MeshSettings(**settings.model_dump(include=set(SETTINGS)))
     client = connect(settings)
+    try:
+        check_scratch(client, ns, "mesh bench")
+    except ConfigError:
+        client.close()
+        raise
     try:
         sweep, steps = [], []
         for prefetch in cfg.prefetches:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
+import redis
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -46,6 +48,9 @@ from mesh.ops.console import (
 )
 from mesh.ops.dlq_cli import dlq_app
 from mesh.ops.pipeline_cli import AppPath, pipeline_app, resolve_pipeline
+
+#: States only a step takes: a job is never in them (settle derives a job's state from its steps).
+STEP_ONLY = frozenset({State.SKIPPED, State.NOT_RUN})
 
 app = typer.Typer(help="The agent mesh: queue-driven agents on dramatiq and Redis.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=MARKUP,
@@ -163,10 +168,11 @@ def run(
         fail(f"{exc} (nothing was sent)", EXIT_INPUT)
     except MeshError as exc:  # no pipeline of that name
         fail(str(exc), EXIT_INPUT)
-    _sent(c, ref, wait, timeout, as_json)
+    _sent(c, ref, wait, timeout, as_json, app_path=app_path)
 
 
-def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool) -> None:
+def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool,
+          app_path: str | None = None) -> None:
     """What submit and run print once the job is sent: its id, or with --wait the finished job."""
     if not wait:
         if as_json:
@@ -180,12 +186,21 @@ def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool)
         _show(exc.record, as_json, c.stuck(exc.record), c=c)
         unserved = _unserved(c, exc.record)
         if unserved:
-            fail(f"{exc}: no live worker serves {', '.join(unserved)} (start one: mesh worker; see mesh agents)",
-                 EXIT_TIMEOUT)
+            fail(f"{exc}: no live worker serves {', '.join(unserved)} "
+                 f"(start one: {_worker_command(unserved, app_path)}; see mesh agents)", EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json, c=c)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _worker_command(agents: list[str], app_path: str | None) -> str:
+    """The command that serves ``agents``: a bare ``mesh worker`` serves only the built-in ones."""
+    from mesh.agents.builtin import app as builtin
+
+    if app_path:
+        return f"mesh worker --app {app_path}"
+    return "mesh worker" if set(agents) <= set(builtin.agents) else "mesh worker --app MODULE:APP"
 
 
 def _unserved(c: MeshClient, record: JobRecord) -> list[str]:
@@ -266,13 +281,21 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
     return items
 
 
-JobId = Annotated[str, typer.Argument(help="The job's id as submit or send printed it, or its start.",
-                                      metavar="JOB_ID", show_default=False)]
-
-
 def _job_id(c: MeshClient, given: str) -> str:
     """The job id ``given`` is, or is the unique start of (``job-`` may be left out)."""
     return resolve(c, c.keys.jobs, given, "jobs", alias="job-")
+
+
+def _job_candidates(c: MeshClient, given: str) -> list[str]:
+    """The job ids ``given`` may name, in order: the id it is or starts, else itself then its key's job.
+
+    The same key always names the same job, so a key the job was sent with finds it too."""
+    from mesh.broker.client import job_id_for
+
+    resolved = _job_id(c, given)
+    if resolved != given or (given.startswith("job-") and len(given) == 36):
+        return [resolved]
+    return [given, job_id_for(given)]
 
 
 @app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), `mesh status order-7`, "
@@ -286,17 +309,13 @@ def status(job_id: Annotated[str | None, typer.Argument(
     A running step without progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by
     retention is reported expired. Without a job: the Redis in use (address, role; for Sentinel
     the master it names now), the namespace, live workers and dead letters."""
-    from mesh.broker.client import job_id_for
     from mesh.broker.retention import expired
 
     c = client()
     if job_id is None:
         _deployment(c, as_json)
         return
-    # A job id (or its unique start) is tried first, then the key (the same key always names the same job).
-    resolved = _job_id(c, job_id)
-    candidates = [resolved] if resolved != job_id or (job_id.startswith("job-") and len(job_id) == 36) \
-        else [job_id, job_id_for(job_id)]
+    candidates = _job_candidates(c, job_id)
     for candidate in candidates:
         try:
             record = c.status(candidate)
@@ -352,6 +371,11 @@ def jobs(
 
     if state is not None and state not in set(State):
         fail(f"unknown state {state!r}; states are {', '.join(State)}", EXIT_INPUT)
+    if state in STEP_ONLY:
+        # A filter no job can match would answer "No such jobs" for ever: say where to look instead.
+        fail(f"{state} is a step's state, never a job's: a job with steps not run halted (--state halted), "
+             "one with skipped steps ended as the rest of its steps did; `mesh status JOB` lists its steps",
+             EXIT_INPUT)
     query = JobQuery(state=State(state) if state else None, agent=agent, since=parse_time(since), key=key,
                      limit=limit)
     c = client()
@@ -486,8 +510,11 @@ def _summary(result: dict[str, Any] | None) -> str:
     return str(result)[:90]
 
 
-@app.command("trace", epilog="Example: `mesh trace job-5f0c... --json`")
-def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
+@app.command("trace", epilog="Example: `mesh trace job-5f0c --json`, or `mesh trace order-7`")
+def trace_(job_id: Annotated[str, typer.Argument(
+               help="The job id (from `mesh submit` or `mesh jobs`) or its start, or the key it was sent with, "
+                    "e.g. order-7.", metavar="JOB_ID|KEY", show_default=False)],
+           as_json: JsonFlag = False) -> None:
     """A job's timeline, step by step, with offsets and durations.
 
     Every step's events in order: enqueued, picked up, tool calls, deferrals, failures, dead
@@ -497,11 +524,14 @@ def trace_(job_id: JobId, as_json: JsonFlag = False) -> None:
     from mesh.ops.timeline import by_step, render
 
     c = client()
-    job_id = _job_id(c, job_id)
-    events = trace.read(c.redis, c.keys, job_id)
-    record = c.jobs.get(job_id)
-    if not events and record is None:
-        fail(f"no job {job_id}", EXIT_INPUT)
+    given, candidates = job_id, _job_candidates(c, job_id)
+    for job_id in candidates:
+        events = trace.read(c.redis, c.keys, job_id)
+        record = c.jobs.get(job_id)
+        if events or record is not None:
+            break
+    else:
+        fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), EXIT_INPUT)
     nodes = dag.load(c, record) if record is not None and record.pipeline else None
     if as_json:
         emit_json({"job_id": job_id, "state": str(record.state) if record else None,
@@ -747,22 +777,27 @@ def ops_serve(
     host: Annotated[str, typer.Option(help="Address to listen on.", metavar="ADDRESS")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).", metavar="PORT")] = 9464,
 ) -> None:
-    """Serve /metrics (Prometheus), /healthz and /readyz until Ctrl-C or SIGTERM."""
+    """Serve /metrics (Prometheus), /healthz and /readyz until Ctrl-C or SIGTERM.
+
+    Guarded for an open port: MESH_OPS_REQUEST_TIMEOUT_S, MESH_OPS_KEEP_ALIVE_S and
+    MESH_OPS_MAX_CONNECTIONS bound what slow or idle clients can hold."""
+    import contextlib
     import signal
+    import sys
 
     from mesh.ops.logs import setup_logging
-    from mesh.ops.server import make_server
+    from mesh.ops.server import OpsServer
 
     setup_logging()
-    server = make_server(MeshClient(settings()), host, port)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    err.print(f"serving /metrics, /healthz, /readyz on http://{host}:{server.server_port}")
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        server = OpsServer(MeshClient(settings()), host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_INPUT)
+    err.print(f"serving /metrics, /healthz, /readyz on http://{host}:{server.port}")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a stop asked for exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
 
 
 @app.command(epilog="Example: `mesh demo --timeout 120`")
@@ -788,11 +823,27 @@ app.add_typer(pipeline_app, name="pipeline")
 
 
 def main() -> None:
+    # The objects the imports made (modules, models, schemas) live until the process exits: moved
+    # out of the collector's sight, neither the command's collections nor the interpreter's
+    # teardown walk them again. A sixth of a short command's CPU time went there.
+    gc.freeze()
     plain_help()
     try:
         app()
     except MeshError as exc:
-        fail(str(exc), EXIT_INPUT)
+        _stop(str(exc), EXIT_INPUT)
+    except redis.exceptions.NoPermissionError as exc:
+        # A user held by ACL rules that lack a command: say so, not a traceback.
+        _stop(f"Redis refused a command to this user: {exc}. The rules a mesh user needs: "
+              "`python -m mesh.broker.connection NAMESPACE` (docs/reference/acl.md)", EXIT_INPUT)
+
+
+def _stop(message: str, code: int) -> None:
+    """:func:`fail` outside the typer app, whose ``Exit`` nothing is left to catch."""
+    try:
+        fail(message, code)
+    except typer.Exit as exit_:
+        raise SystemExit(exit_.exit_code) from None
 
 
 if __name__ == "__main__":

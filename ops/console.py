@@ -22,9 +22,12 @@ from rich.text import Text
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.connection import masked_url
 from mesh.contracts import ConfigError
+from mesh.ops.escape import CONTROL, escape, escape_json, install
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+# Data printed raw could carry ESC sequences to the operator's terminal (see ops/escape.py).
+install((out, err))
 
 #: Exit codes: 0 ok; 1 the job did not succeed; 2 bad input; 3 Redis unreachable; 4 timed out.
 EXIT_FAILED, EXIT_INPUT, EXIT_REDIS, EXIT_TIMEOUT = 1, 2, 3, 4
@@ -86,7 +89,7 @@ def client() -> MeshClient:
 
 
 def emit_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.write(escape_json(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()) + "\n")
 
 
 WideFlag = Annotated[bool, typer.Option("--wide", help="Always print a table, however wide, instead of one block "
@@ -115,7 +118,8 @@ class Listing:
 
     def __init__(self, columns: Sequence[Column], rows: Iterable[Sequence[str | Text]], *, wide: bool = False) -> None:
         self.columns = list(columns)
-        self.rows = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+        # Escaped before layout, so widths are those of what is shown (the consoles escape again).
+        self.rows = [[_cell(c) for c in row] for row in rows]
         self.wide = wide
 
     def natural(self) -> list[int]:
@@ -173,6 +177,13 @@ class Listing:
         for line in self.blocks(options.max_width):
             line.no_wrap, line.overflow = True, "ignore"
             yield line
+
+
+def _cell(value: str | Text) -> Text:
+    """A cell as shown: its control characters escaped (a styled cell keeps its spans when it has none)."""
+    if not isinstance(value, Text):
+        return Text(escape(value))
+    return value if not CONTROL.search(value.plain) else Text(escape(value.plain), style=value.style)
 
 
 def _width(cell: Text) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 from rich.console import Console
 
@@ -58,13 +60,29 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     _show_effects(client, record, out)
     if url == env_settings.redis_url:
         out.print(f"\nInspect it again with: MESH_REDIS_URL={masked_url(url)} MESH_NAMESPACE={namespace} "
-                  f"mesh status {record.job_id}", highlight=False)
+                  f"{mesh_command()} status {record.job_id}", highlight=False)
     else:  # the private server stops with this process, and its data with it
         out.print(f"\nNo Redis answered at {masked_url(env_settings.redis_url)}, so this demo ran on a private "
                   "one that stops now, with its data: the job cannot be inspected afterwards. To keep jobs, start "
-                  f"a Redis there (e.g. redis-server) and run the demo again; then: mesh status {record.job_id}",
+                  f"a Redis there (e.g. redis-server) and run the demo again; then: "
+                  f"{mesh_command()} status {record.job_id}",
                   highlight=False)
     return 0 if record.state is State.SUCCEEDED else 1
+
+
+def mesh_command() -> str:
+    """How the reader's shell reaches this ``mesh``: ``mesh`` when ``PATH`` finds this one, else its path.
+
+    ``make demo`` runs ``.venv/bin/mesh`` from a shell where the venv is not active, so a hint that
+    says ``mesh status`` would answer "command not found"."""
+    script = Path(sys.executable).parent / "mesh"
+    found = shutil.which("mesh")
+    if not script.is_file() or (found is not None and Path(found).resolve() == script.resolve()):
+        return "mesh"
+    try:
+        return str(script.relative_to(Path.cwd()))  # e.g. .venv/bin/mesh: a slash, so not looked up on PATH
+    except ValueError:
+        return str(script)
 
 
 def _follow(client: MeshClient, job_id: str, timeout_s: float, out: Console) -> JobRecord:

@@ -80,8 +80,19 @@ def _filter(agent: str | None, failure_class: str | None, since: str | None, unt
         base.fail(f"unknown failure class {failure_class!r}; classes are {', '.join(FailureClass)}", base.EXIT_INPUT)
     if agent is not None:
         _check_agent(agent)
-    return Filter(agent=agent, failure_class=failure_class, since=parse_time(since), until=parse_time(until),
-                  grep=grep, key=key, dependency=dependency)
+    now = _server_now(since, until)
+    return Filter(agent=agent, failure_class=failure_class, since=parse_time(since, now=now),
+                  until=parse_time(until, now=now), grep=grep, key=key, dependency=dependency)
+
+
+def _server_now(*values: str | None) -> float | None:
+    """The Redis server's time (s) when a value is relative (``15m``): dead letters are timed on that
+    clock (the settle script's TIME), so "the last 15 minutes" must be too, whatever this host's says."""
+    if not any(v is not None and _RELATIVE.match(v.strip()) for v in values):
+        return None
+    from mesh.broker.clock import server_ms
+
+    return server_ms(base.client().redis) / 1000
 
 
 def _check_agent(agent: str) -> None:
@@ -260,7 +271,8 @@ def replay(
         for missing in set(ids) - set(report.replayed) - set(report.skipped):
             report.skipped[missing] = "no such entry"
     result = {"dry_run": dry_run, "replayed": len(report.replayed), "skipped": report.skipped,
-              "by_agent": report.by_agent, "by_class": report.by_class, "ids": report.replayed}
+              "by_agent": report.by_agent, "by_class": report.by_class, "ids": report.replayed,
+              "errors": report.errors}
     if as_json:
         base.emit_json(result)
     else:
@@ -269,7 +281,9 @@ def replay(
                        + "".join(f"; {n} of class {k}" for k, n in sorted(report.by_class.items())))
         for entry_id, reason in report.skipped.items():
             base.err.print(Text(f"skipped {entry_id}: {reason}"))
-    if report.skipped:
+        for error in report.errors:
+            base.err.print(Text(f"error: Redis refused {error} (the entries were replayed)"))
+    if report.skipped or report.errors:
         raise typer.Exit(base.EXIT_FAILED)
 
 
@@ -311,12 +325,13 @@ def load(file: Annotated[Path, typer.Argument(help="A file written by `mesh dlq 
     Ids are preserved; an entry already in the DLQ is not added twice."""
     from mesh.dlq import ExportFileError
     from mesh.dlq import load as load_entries
+    from mesh.dlq.checks import Limits
 
     if not file.is_file():
         base.fail(f"no file {file}", base.EXIT_INPUT)
-    _, store = _store()
+    c, store = _store()
     try:
-        report = load_entries(store, file)
+        report = load_entries(store, file, limits=Limits.of(c.settings))
     except ExportFileError as exc:
         base.fail(f"{exc} (nothing was loaded)", base.EXIT_INPUT)
     if as_json:

@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from mesh.broker.redact import redact
+from mesh.broker.redact import redact, redact_value
+from mesh.ops.escape import escape
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -22,12 +23,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        # Masked before JSON escaping too: a secret holding a quote or backslash is escaped in the line.
-        out.update({k: redact(v) if isinstance(v, str) else v
-                    for k, v in record.__dict__.items() if k not in _STANDARD})
+        # Masked before serialising, never in the JSON text: a secret holding a quote is escaped
+        # in the line, and masking the text could cut a number or a key in half.
+        out.update({k: redact_value(v) for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             out["exc"] = redact(self.formatException(record.exc_info))
-        return redact(orjson.dumps(out, default=str).decode())
+        return orjson.dumps(out, default=lambda v: redact(str(v))).decode()
 
 
 class ReadableFormatter(logging.Formatter):
@@ -37,7 +38,8 @@ class ReadableFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()} {extra}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return redact(line)
+        # A terminal reads this: control characters from data (keys, errors) are shown escaped.
+        return escape(redact(line))
 
 
 def setup_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 import redis
 
+from mesh.contracts import ConfigError
+
 
 def delete_namespace(client: redis.Redis, ns: str) -> None:
     """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS)."""
@@ -17,3 +19,21 @@ def delete_namespace(client: redis.Redis, ns: str) -> None:
             batch = []
     if batch:
         client.delete(*batch)
+
+
+def check_scratch(client: redis.Redis, ns: str, command: str, *, memory: bool = False) -> None:
+    """ConfigError, before anything starts, unless this Redis user may write, walk (SCAN) and delete
+    the throw-away namespace ``ns`` (``memory``: and read MEMORY USAGE): the ACL user of
+    docs/reference/acl.md, held to its own namespace and refused SCAN, may not, and ``command``
+    would fail half-way through."""
+    probe = f"{ns}:probe"
+    try:
+        client.set(probe, b"1", px=60_000)
+        client.scan(0, match=f"{ns}:*", count=10)
+        if memory:
+            client.memory_usage(probe, samples=0)
+        client.delete(probe)
+    except redis.exceptions.NoPermissionError as exc:
+        raise ConfigError(f"{command} runs in a throw-away namespace ({ns}) that it walks with SCAN and "
+                          f"deletes at the end, and this Redis user may not ({exc}); run it as a user "
+                          "that may, against a Redis kept for tests") from None

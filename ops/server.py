@@ -1,72 +1,154 @@
 """``mesh ops serve``: /metrics, /healthz (the process is alive) and /readyz (Redis answers and
-at least one worker heartbeats; it also names the Redis in use, its address and role)."""
+at least one worker heartbeats; it also names the Redis in use, its address and role).
+
+A Starlette app served by uvicorn, guarded for a port anything may connect to (http_guard.py): a
+request head must arrive within MESH_OPS_REQUEST_TIMEOUT_S, idle keep-alive connections close after
+MESH_OPS_KEEP_ALIVE_S, and at most MESH_OPS_MAX_CONNECTIONS are held (within the process's
+descriptor limit), so slow or idle clients cannot starve /healthz. The endpoints that read Redis run
+on a small thread pool; /healthz runs on the event loop and reads nothing.
+"""
 
 from __future__ import annotations
 
 import logging
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import resource
+import socket
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio.to_thread
 import orjson
 import redis
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from mesh.broker import MeshClient
 from mesh.broker.clock import server_ms
 from mesh.broker.connection import describe
 
+from .http_guard import guarded
 from .metrics import MeshCollector
 
 logger = logging.getLogger(__name__)
 
+#: Descriptors kept free of connections: the listening socket, Redis connections, logs, the loop's own.
+RESERVED_FDS = 32
 
-def make_server(client: MeshClient, host: str, port: int) -> ThreadingHTTPServer:
+#: Connections accepted in one go before any is checked against the cap (asyncio accepts up to the
+#: listen backlog per wake-up), and the listen backlog itself: an ops server needs no long queue.
+ACCEPT_BATCH = 8
+
+#: Batches of accepts that may be under way before the first is checked against the cap (each
+#: connection's setup, and an evicted one's close, take a turn of the event loop or two).
+BATCHES_IN_FLIGHT = 4
+
+#: Requests reading Redis at once (each may hold a Redis connection).
+REDIS_THREADS = 8
+
+#: The largest request head read (h11 buffers no more of an incomplete one).
+MAX_HEAD_BYTES = 16 * 1024
+
+
+def make_app(client: MeshClient) -> Starlette:
+    """The ops endpoints as an ASGI app."""
     registry = CollectorRegistry()
     registry.register(MeshCollector(client))
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                self._send(200, "application/json", b'{"status":"ok"}')
-            elif self.path == "/readyz":
-                self._ready()
-            elif self.path == "/metrics":
-                try:
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-                except redis.RedisError as exc:
-                    self._send(503, "text/plain", f"redis unavailable: {exc}\n".encode())
-            else:
-                self._send(404, "text/plain", b"not found\n")
+    async def healthz(_: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
 
-        def _ready(self) -> None:
-            timeout_s = client.settings.heartbeat_timeout_s
-            # Which Redis: its address and role (for Sentinel, the master it names now), no credential.
-            server = describe(client.settings, client.redis)
-            if "error" in server:  # it did not answer (after the client's retries): no second wait
-                self._send(503, "application/json", orjson.dumps({"status": "not ready", "redis": server}))
-                return
-            try:
-                # Heartbeats are the Redis server's clock (settle.lua), so "recent" is judged by it too.
-                live = client.redis.zcount(client.keys.heartbeats, server_ms(client.redis) - timeout_s * 1000,
-                                           "+inf")
-            except redis.RedisError as exc:
-                server.setdefault("error", str(exc))
-                self._send(503, "application/json", orjson.dumps({"status": "not ready", "redis": server}))
-                return
-            if not live:
-                self._send(503, "application/json", orjson.dumps(
-                    {"status": "not ready", "workers": 0,
-                     "reason": f"no worker has heartbeated in the last {timeout_s:g}s", "redis": server}))
-                return
-            self._send(200, "application/json", orjson.dumps({"status": "ready", "workers": live, "redis": server}))
+    def readyz(_: Request) -> Response:
+        status, body = ready(client)
+        return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
-        def _send(self, status: int, content_type: str, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def metrics(_: Request) -> Response:
+        try:
+            return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        except redis.RedisError as exc:
+            return Response(f"redis unavailable: {exc}\n", status_code=503, media_type="text/plain")
 
-        def log_message(self, format: str, *args: object) -> None:
-            logger.debug(format, *args)
+    async def not_found(_: Request, __: Exception) -> Response:
+        return Response(b"not found\n", status_code=404, media_type="text/plain")
 
-    return ThreadingHTTPServer((host, port), Handler)
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = REDIS_THREADS
+        yield
+
+    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)],
+                     exception_handlers={404: not_found}, lifespan=lifespan)
+
+
+def ready(client: MeshClient) -> tuple[int, dict[str, Any]]:
+    """/readyz's status and body: Redis answers and a worker heartbeated within the timeout."""
+    timeout_s = client.settings.heartbeat_timeout_s
+    # Which Redis: its address and role (for Sentinel, the master it names now), no credential.
+    server = describe(client.settings, client.redis)
+    if "error" in server:  # it did not answer (after the client's retries): no second wait
+        return 503, {"status": "not ready", "redis": server}
+    try:
+        # Heartbeats are the Redis server's clock (settle.lua), so "recent" is judged by it too.
+        live = client.redis.zcount(client.keys.heartbeats, server_ms(client.redis) - timeout_s * 1000, "+inf")
+    except redis.RedisError as exc:
+        server.setdefault("error", str(exc))
+        return 503, {"status": "not ready", "redis": server}
+    if not live:
+        return 503, {"status": "not ready", "workers": 0,
+                     "reason": f"no worker has heartbeated in the last {timeout_s:g}s", "redis": server}
+    return 200, {"status": "ready", "workers": live, "redis": server}
+
+
+def connection_cap(wanted: int) -> int:
+    """``wanted`` connections, or fewer if the descriptor limit leaves less room after the reserve and
+    one batch of accepts."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(2, min(wanted, soft - RESERVED_FDS - BATCHES_IN_FLIGHT * ACCEPT_BATCH))
+
+
+class OpsServer:
+    """The app on a bound socket: :meth:`run` serves until SIGINT/SIGTERM (from the main thread) or
+    :meth:`stop`; ``port`` is known as soon as it is made (port 0 picks a free one)."""
+
+    def __init__(self, client: MeshClient, host: str, port: int) -> None:
+        s = client.settings
+        cap = connection_cap(s.ops_max_connections)
+        self.socket = _bind(host, port, backlog=ACCEPT_BATCH)
+        self.port: int = self.socket.getsockname()[1]
+        config = uvicorn.Config(make_app(client), http=guarded(s.ops_request_timeout_s, cap), lifespan="on",
+                                timeout_keep_alive=s.ops_keep_alive_s, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                                backlog=ACCEPT_BATCH, log_config=None, access_log=False, server_header=False)
+        self.server = uvicorn.Server(config)
+
+    def run(self) -> None:
+        try:
+            self.server.run(sockets=[self.socket])
+        finally:
+            self.socket.close()
+
+    def start(self) -> threading.Thread:
+        """Serve from a thread; returns once the server accepts connections."""
+        thread = threading.Thread(target=self.run, name="ops-server", daemon=True)
+        thread.start()
+        while not self.server.started and thread.is_alive():
+            threading.Event().wait(0.01)
+        return thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+def make_server(client: MeshClient, host: str, port: int) -> OpsServer:
+    return OpsServer(client, host, port)

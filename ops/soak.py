@@ -39,13 +39,14 @@ import redis
 from pydantic import SecretStr
 
 from mesh.broker.client import MeshClient
+from mesh.broker.connection import connect
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import wake
 from mesh.broker.retention import expired
 from mesh.broker.settings import ENV_PREFIX, MeshSettings
-from mesh.contracts import TERMINAL, JobRecord, State
+from mesh.contracts import TERMINAL, ConfigError, JobRecord, State
 from mesh.dlq import DeadLetterStore
-from mesh.ops.namespaces import delete_namespace
+from mesh.ops.namespaces import check_scratch, delete_namespace
 
 #: What each fault path of the loopback server answers (status, extra headers, delay s).
 FAULTS: dict[str, tuple[int, dict[str, str], float]] = {
@@ -157,10 +158,13 @@ def fault_server() -> Iterator[str]:
 class Workers:
     """``processes`` worker slots, each one ``mesh worker`` process; a killed one is replaced."""
 
-    def __init__(self, env: dict[str, str], processes: int, threads: int, logs: Path) -> None:
+    def __init__(self, env: dict[str, str], threads: int, logs: Path) -> None:
         self.env, self.threads, self.logs = env, threads, logs
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started = 0
+
+    def start(self, processes: int) -> None:
+        """Start ``processes`` workers; each is in :attr:`procs` (and so stopped) as soon as it runs."""
         for _ in range(processes):
             self.procs.append(self._start())
 
@@ -328,15 +332,20 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
     """The whole soak; returns the summary (stable keys, see README). ``progress`` gets the table."""
     ns = f"{settings.namespace}-soak-{uuid.uuid4().hex[:8]}"
     rng = random.Random()
-    raw = redis.Redis.from_url(settings.redis_url)
+    raw = connect(settings)
+    try:
+        check_scratch(raw, ns, "mesh soak", memory=True)
+    except ConfigError:
+        raw.close()
+        raise
     with fault_server() as host_port, tempfile.TemporaryDirectory(prefix="mesh-soak-") as logs:
         soak = settings.model_copy(update={"namespace": ns, "http_allow": host_port})
         env = worker_env(settings, ns, host_port)
         client = MeshClient(soak, client=raw)
         traffic = Traffic()
         samples: list[Sample] = []
-        workers = Workers(env, cfg.processes, cfg.threads, Path(logs))
-        _ready(raw, Keys(ns), cfg.processes)
+        # Started inside the try: a failure while they start (or before they serve) stops them too.
+        workers = Workers(env, cfg.threads, Path(logs))
         started = time.monotonic()
         kills = 0
 
@@ -351,6 +360,9 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
             return s
 
         try:
+            workers.start(cfg.processes)
+            _ready(raw, Keys(ns), cfg.processes)
+            started = time.monotonic()
             progress(HEADER)
             sample()
             n, next_sample, next_look = 0, started + cfg.interval_s, started + 1

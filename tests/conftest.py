@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,16 +63,14 @@ def flat(text: str) -> str:
 @contextmanager
 def ops_server(client: MeshClient) -> Iterator[str]:
     """``mesh ops serve``'s server on a free loopback port, served from a thread; yields its base URL."""
-    from mesh.ops.server import make_server
+    from mesh.ops.server import OpsServer
 
-    server = make_server(client, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = OpsServer(client, "127.0.0.1", 0)
+    thread = server.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        yield f"http://127.0.0.1:{server.port}"
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
         thread.join(10)
 
 

@@ -2,7 +2,8 @@
 ``redis-server`` must carry ``@pytest.mark.slow``; without it the test fails, whichever tier runs.
 
 ``make check`` runs ``pytest -m "not slow"``: the tests that need no worker and no server of their
-own. The guard is what keeps that tier honest: a new test that starts a worker cannot slip into it
+own (and a test at production scale, such as the 100,000-entry DLQ drain, carries the marker by
+hand). The guard is what keeps that tier honest: a new test that starts a worker cannot slip into it
 unmarked, because the start itself is refused with the marker named.
 """
 

@@ -44,6 +44,7 @@ from mesh.contracts import (
     transition,
 )
 from mesh.contracts import settle as settle_job
+from mesh.contracts.jobs import known
 
 from . import sandbox
 from .expr import Condition, ExpressionError, ExpressionLimit
@@ -155,6 +156,8 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
     job's state. Trace events are appended to ``events``."""
     now = time.time() if now is None else now
     if record.state is State.HALTED:  # a parallel branch finishing after a halt releases nothing
+        return _close_fan_outs(spec, record, events, now), []
+    if not known(record.state):  # a newer release's state (cancelled): that release moves the job
         return record, []
     before, mark = record, len(events)
     messages: list[Message] = []
@@ -467,6 +470,26 @@ def _decide_join(step: StepSpec, record: JobRecord, items: list[StepRecord], eve
     target = State.SKIPPED if step.failure_mode is FailureMode.CONTINUE else State.DEAD_LETTERED
     record = record.with_step(transition(rec, target, now=now, error=why, failure_class="join"))
     events.append(_event("join_failed", record, rec, met=False, outcome=str(target), reason=why, **tally))
+    return record
+
+
+def _close_fan_outs(spec: PipelineSpec, record: JobRecord, events: list[dict[str, Any]], now: float) -> JobRecord:
+    """A halted job's ``for_each`` steps still running end once their items in flight have: the join
+    decided when every item had been sent, else ``not_run`` (the halt left items unsent), so no step
+    of a halted job stays ``running`` with nothing left to decide it."""
+    for step in spec.steps:
+        rec = record.steps.get(step.id)
+        if rec is None or rec.need is None or rec.state is not State.RUNNING:
+            continue
+        items = items_of(record, step.id)
+        cut = [s for s in items if s.state is State.NOT_RUN]
+        if not all(_ended(s) or s.state is State.NOT_RUN for s in items):
+            continue
+        if not cut:
+            record = _decide_join(step, record, items, events, now)
+            continue
+        why = f"{cut[0].error}: {len(items) - len(cut)} of {len(items)} items were sent"
+        record = record.with_step(transition(rec, State.NOT_RUN, now=now, error=why))
     return record
 
 

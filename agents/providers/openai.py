@@ -17,17 +17,18 @@ import math
 import re
 import time
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from mesh.broker import redact
 from mesh.broker.breaker import Breakers
 from mesh.broker.classify import error_for_response
 from mesh.broker.idempotency import current_lease
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import Brownout, ConfigError, DeadlineExceeded, DependencyTimeout, Findings, InvalidOutput, Plan
 
+from ..tools.http import host_port
 from .meter import Call, Meter
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,16 @@ class OpenAIProvider:
                  breakers: Breakers | None = None, meter: Meter | None = None) -> None:
         if settings.model_url is None:
             raise ConfigError("model provider 'openai' needs a model URL: set MESH_MODEL_URL (e.g. .../v1)")
+        if settings.model_api_key is not None:
+            # The endpoint may echo the key (a 401 body): masked wherever the mesh keeps text.
+            try:
+                redact.register(settings.model_api_key.get_secret_value(), "MESH_MODEL_API_KEY")
+            except redact.SecretTooShort as exc:
+                raise ConfigError(str(exc)) from None
         self._settings = settings
         self._endpoint = settings.model_url.rstrip("/") + "/chat/completions"
-        parts = urlsplit(settings.model_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.dependency = f"{parts.hostname}:{port}"
+        # The breaker's name in the allowlist's normal form, as a tool's HTTP dependency is named.
+        self.dependency = host_port(settings.model_url)
         self._client = client or httpx.Client()
         self._owns_client = client is None
         self._breakers = breakers

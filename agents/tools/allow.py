@@ -95,9 +95,9 @@ class Pinned:
         return parts._replace(netloc=netloc).geturl()
 
 
-def pin(url: str, allow: frozenset[str], resolve: Resolver) -> Pinned:
+def pin(url: str, allow: frozenset[str], resolve: Resolver, *, listed_in: str = "MESH_HTTP_ALLOW") -> Pinned:
     """Check ``url`` against ``allow`` (normal form) and pick the address to connect to; ToolRefused
-    says why when it may not be reached."""
+    says why when it may not be reached, naming the list as ``listed_in``."""
     parts = urlsplit(url)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -108,7 +108,7 @@ def pin(url: str, allow: frozenset[str], resolve: Resolver) -> Pinned:
         raise ToolRefused(f"{url} refused: credentials in the URL are not allowed", url=url)
     dependency = host_key(host, port)
     if dependency not in allow:
-        raise ToolRefused(f"{dependency} refused: not in MESH_HTTP_ALLOW", dependency=dependency)
+        raise ToolRefused(f"{dependency} refused: not in {listed_in}", dependency=dependency)
     try:
         ipaddress.ip_address(host)
         return Pinned(parts.scheme, host, port, host)
@@ -126,5 +126,5 @@ def pin(url: str, allow: frozenset[str], resolve: Resolver) -> Pinned:
         if ipaddress.ip_address(ip).is_global or host_key(ip, port) in allow:
             return Pinned(parts.scheme, host, port, ip)
     raise ToolRefused(f"{dependency} refused: {host} resolves to {', '.join(found) or 'nothing'}, and a name "
-                      f"may reach a non-public address only when that address:port is in MESH_HTTP_ALLOW",
+                      f"may reach a non-public address only when that address:port is in {listed_in}",
                       dependency=dependency, addresses=found)

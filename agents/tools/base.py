@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 import redis
@@ -17,7 +17,10 @@ from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ToolRefused
 
-from .allow import Resolver, system_resolver
+from .allow import Resolver, parse_allowlist, system_resolver
+
+if TYPE_CHECKING:
+    from .http import GuardedHttp
 
 T = TypeVar("T")
 
@@ -33,7 +36,9 @@ class ToolContext:
     settings: MeshSettings
     redis: redis.Redis
     keys: Keys
-    http: httpx.Client
+    #: The worker's HTTP client, raw: :func:`~mesh.agents.tools.http.send_request` sends through it.
+    #: A tool uses ``ctx.http`` or ``send_request``; calling this directly skips every guard.
+    client: httpx.Client
     #: The message's deadline (absolute, s, on the Redis server's clock): no call may outlast it.
     deadline: float = math.inf
     #: The clock the deadline is read with (s): the worker's view of the Redis server's clock.
@@ -43,6 +48,28 @@ class ToolContext:
     secrets: Mapping[str, str] = field(default_factory=dict)
     #: How host names are resolved (``(host, port) -> addresses``); the request connects to the one checked.
     resolve: Resolver = system_resolver
+    #: The ``host:port`` entries (normal form) this tool may reach; None: MESH_HTTP_ALLOW.
+    allow: frozenset[str] | None = None
+    #: The dependency the tool's own breaker guards (``@app.tool(dependency=...)``); None when no
+    #: breaker guards the call already, so ``ctx.http`` guards each request by its ``host:port``.
+    dependency: str | None = None
+
+    @property
+    def allowlist(self) -> frozenset[str]:
+        """What this tool's requests may reach: its ``allow=``, else MESH_HTTP_ALLOW (normal form)."""
+        return parse_allowlist(self.settings.http_allowlist) if self.allow is None else self.allow
+
+    @property
+    def allowlist_name(self) -> str:
+        """How refusals name the list: ``MESH_HTTP_ALLOW``, or the tool's ``allow=``."""
+        return "MESH_HTTP_ALLOW" if self.allow is None else "the tool's allow="
+
+    @property
+    def http(self) -> GuardedHttp:
+        """HTTP with the mesh's guards: the allowlist, DNS pinning, no redirects, a bounded body."""
+        from .http import GuardedHttp
+
+        return GuardedHttp(self)
 
     def secret(self, name: str) -> str:
         """The value of a secret this tool declared (``@app.tool(secrets=[...])``)."""

@@ -1,25 +1,69 @@
-"""HTTP for tools and handlers: the message key, fencing token and trace on every request, the
-timeout cut to the deadline, and failures raised as the mesh's classes."""
+"""HTTP for tools and handlers: every request checked against the allowlist (MESH_HTTP_ALLOW or the
+tool's ``allow=``) and sent to the address that was checked; the message key, fencing token and
+trace on every request, the timeout cut to the deadline, and failures raised as the mesh's classes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from mesh.broker.classify import error_for_response
-from mesh.contracts import Brownout, DependencyTimeout, PermanentFailure, traceparent
+from mesh.contracts import Brownout, DependencyTimeout, PermanentFailure, ToolRefused, traceparent
 
-from .allow import Pinned
+from .allow import Pinned, host_key, normal_host, pin
 from .base import ToolContext
 
 
 def host_port(url: str) -> str:
-    """``host:port`` of ``url``: the identity of its dependency (and of its circuit breaker)."""
+    """``host:port`` of ``url`` in the allowlist's normal form (``127.0.0.1.`` and
+    ``[::ffff:127.0.0.1]`` are ``127.0.0.1``): the identity of its dependency and circuit breaker,
+    so every spelling of one address shares one breaker. A host the allowlist refuses is kept as
+    written, lower case (the request itself is refused)."""
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{(parts.hostname or '').lower()}:{port}"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"{(parts.hostname or '').lower()}:?"
+    try:
+        return host_key(normal_host(parts.hostname or ""), port)
+    except ValueError:
+        return f"{(parts.hostname or '').lower()}:{port}"
+
+
+@dataclass(frozen=True)
+class GuardedHttp:
+    """``ctx.http`` (a handler's and a tool's): :func:`send_request` for any method. Without a
+    breaker already guarding the call (a handler, or a tool that declared no dependency), each
+    request goes through the breaker of the ``host:port`` it is pinned to."""
+
+    tool: ToolContext
+    #: Called with the method before each request: a handler's confirms the attempt's lease
+    #: (raises LeaseLost); a tool's lease was confirmed when ``ctx.call`` ran it.
+    confirm: Callable[[str], None] = lambda method: None
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """``method url`` through the allowlist, once ``confirm`` passes; see :class:`GuardedHttp`."""
+        pinned = pin(url, self.tool.allowlist, self.tool.resolve, listed_in=self.tool.allowlist_name)
+        self.confirm(method)
+        if self.tool.dependency is not None:  # the tool's own breaker guards the whole call
+            return send_request(self.tool, method, url, via=pinned, **kwargs)
+        return self.tool.guarded(pinned.dependency, lambda: send_request(self.tool, method, url, via=pinned, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kwargs)
 
 
 def send_request(tool: ToolContext, method: str, url: str, *, timeout_s: float | None = None,
@@ -28,23 +72,26 @@ def send_request(tool: ToolContext, method: str, url: str, *, timeout_s: float |
     trace, its timeout cut to the deadline, its failures raised as the mesh's classes (a 429
     rate_limited, a 503 brownout, a 400 permanent). No breaker here: the caller guards the call.
 
-    Redirects are not followed: a 3xx is a permanent failure naming where it pointed. The body is
-    read up to MESH_MAX_RESPONSE_BYTES; a longer one fails the call (permanent; the effect of a
-    request other than GET/HEAD is unknown). ``via``: connect to that checked address
-    (:func:`mesh.agents.tools.allow.pin`), the URL's host going in ``Host`` and TLS SNI."""
-    dependency = host_port(url) if via is None else via.dependency
+    The URL's ``host:port`` must be in the tool's allowlist (its ``allow=``, else MESH_HTTP_ALLOW;
+    ToolRefused otherwise) and the request connects to the address that was checked
+    (:func:`mesh.agents.tools.allow.pin`), the URL's host going in ``Host`` and TLS SNI; ``via``, a
+    :class:`Pinned` from ``pin``, is checked again against the same list. Redirects are not
+    followed: a 3xx is a permanent failure naming where it pointed. The body is read up to
+    MESH_MAX_RESPONSE_BYTES; a longer one fails the call (permanent; the effect of a request other
+    than GET/HEAD is unknown)."""
+    via = _checked(tool, url, via)
+    dependency = via.dependency
     timeout = tool.timeout_s(timeout_s or tool.settings.http_timeout_s)
     headers = {"Idempotency-Key": tool.key, "X-Mesh-Fencing-Token": str(tool.fencing_token),
                "traceparent": traceparent(tool.trace_id), **kwargs.pop("headers", {})}
-    if via is not None:
-        headers["Host"] = urlsplit(url).netloc.rsplit("@", 1)[-1]
-        if via.scheme == "https":
-            kwargs["extensions"] = {**kwargs.get("extensions", {}), "sni_hostname": via.host}
-        url = via.url(url)
+    headers["Host"] = urlsplit(url).netloc.rsplit("@", 1)[-1]
+    if via.scheme == "https":
+        kwargs["extensions"] = {**kwargs.get("extensions", {}), "sni_hostname": via.host}
+    url = via.url(url)
     effect_unknown = method.upper() not in ("GET", "HEAD")
     try:
-        request = tool.http.build_request(method, url, headers=headers, timeout=timeout, **kwargs)
-        response = tool.http.send(request, stream=True, follow_redirects=False)
+        request = tool.client.build_request(method, url, headers=headers, timeout=timeout, **kwargs)
+        response = tool.client.send(request, stream=True, follow_redirects=False)
         try:
             response = _bounded(response, tool.settings.max_response_bytes, dependency, effect_unknown)
         finally:
@@ -67,6 +114,19 @@ def send_request(tool: ToolContext, method: str, url: str, *, timeout_s: float |
     if not response.is_success:
         raise error_for_response(response, dependency=dependency)
     return response
+
+
+def _checked(tool: ToolContext, url: str, via: Pinned | None) -> Pinned:
+    """Where a request to ``url`` connects: ``via`` when the allowlist admits it for that URL, else
+    (``via`` None) the address :func:`pin` checks now; ToolRefused when it may not be reached."""
+    allow = tool.allowlist
+    if via is None:
+        return pin(url, allow, tool.resolve, listed_in=tool.allowlist_name)
+    admitted = pin(url, allow, lambda _host, _port: [via.address], listed_in=tool.allowlist_name)
+    if admitted != via:
+        raise ToolRefused(f"{url} refused: the pinned address {via.address} is not where the URL "
+                          "leads under the allowlist", url=url)
+    return via
 
 
 def _bounded(response: httpx.Response, limit: int, dependency: str, effect_unknown: bool) -> httpx.Response:

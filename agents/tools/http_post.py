@@ -7,7 +7,7 @@ import logging
 from mesh.contracts import Receipt
 from mesh.contracts.tools import HttpPostArgs
 
-from .allow import parse_allowlist, pin
+from .allow import pin
 from .base import ToolContext, effect_id
 from .http import host_port, send_request
 
@@ -21,10 +21,10 @@ def target(args: HttpPostArgs) -> str:
 
 def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
     """POST ``args.json`` (and the findings, when given) to ``args.url``; the host:port must be in
-    MESH_HTTP_ALLOW, and the request connects to the address that was checked (see
-    :mod:`mesh.agents.tools.allow`). The endpoint gets ``Idempotency-Key``, ``X-Mesh-Fencing-Token``
-    and ``traceparent``."""
-    pinned = pin(args.url, parse_allowlist(ctx.settings.http_allowlist), ctx.resolve)
+    the tool's allowlist (MESH_HTTP_ALLOW unless declared with ``allow=``), and the request connects
+    to the address that was checked (see :mod:`mesh.agents.tools.allow`). The endpoint gets
+    ``Idempotency-Key``, ``X-Mesh-Fencing-Token`` and ``traceparent``."""
+    pinned = pin(args.url, ctx.allowlist, ctx.resolve, listed_in=ctx.allowlist_name)
     body = dict(args.json_body)
     if args.findings:
         body["findings"] = args.findings

@@ -248,7 +248,7 @@ elseif command == "done" then
     if key ~= "" then
         local state, _, held_token = claim_read(key)
         if state == "free" and held_token == tonumber(token) then
-            redis.call("set", key, claim_value("done", held_token, 0, owner, result), "EX", ttl)
+            redis.call("set", key, claim_value("done", held_token, 0, "", result), "EX", ttl)
         else
             done = claim_done(key, owner, result, ttl)
         end

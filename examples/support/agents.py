@@ -124,7 +124,12 @@ def tickets_endpoint(_args: FileTicket) -> str:
     return host_port(tickets_url())
 
 
-@app.tool(dependency=tickets_endpoint, secrets=["SUPPORT_TICKETS_TOKEN"], effect=True)
+def with_tickets(allowed: frozenset[str]) -> set[str]:
+    """What ``file_ticket`` may reach: MESH_HTTP_ALLOW and the tickets service the operator configured."""
+    return {*allowed, host_port(tickets_url())}
+
+
+@app.tool(dependency=tickets_endpoint, secrets=["SUPPORT_TICKETS_TOKEN"], effect=True, allow=with_tickets)
 def file_ticket(ctx: ToolContext, args: FileTicket) -> Receipt:
     """POSTs the ticket with the message key as ``Idempotency-Key``, so a repeat files nothing twice."""
     token = ctx.secret("SUPPORT_TICKETS_TOKEN")

@@ -21,7 +21,7 @@ def api() -> Iterator[FakeOpenAI]:
 
 
 def openai_settings(make_settings, api: FakeOpenAI, **overrides: Any):
-    return make_settings(model_provider="openai", model_url=api.url, model_api_key="sk-test",
+    return make_settings(model_provider="openai", model_url=api.url, model_api_key="sk-test-key",
                          model_name="gpt-test", model_timeout_s=10, **overrides)
 
 
@@ -45,7 +45,7 @@ def test_goal_runs_planner_and_researcher_through_the_model_and_succeeds(
     assert len(api.requests) == 2
     planner_call, researcher_call = api.requests
     for call in api.requests:
-        assert call["headers"]["authorization"] == "Bearer sk-test"
+        assert call["headers"]["authorization"] == "Bearer sk-test-key"
         assert call["json"]["model"] == "gpt-test"
         assert call["json"]["response_format"]["type"] == "json_schema"
     assert planner_call["json"]["response_format"]["json_schema"]["name"] == "Plan"

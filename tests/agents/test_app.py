@@ -50,7 +50,11 @@ def flaky(ctx: Context, q: Question) -> Answer:
 @app.agent(time_limit_s=1)
 def slow(ctx: Context, q: Question) -> Answer:
     """Runs past its own one-second time limit (bounded, so a broken limit cannot hang the suite)."""
-    release.wait(20)
+    # Short waits: dramatiq's time limit lands between Python bytecodes, never inside one blocking
+    # call, so a single 20 s wait would run to its end before the limit cut the handler.
+    for _ in range(400):
+        if release.wait(0.05):
+            break
     return Answer(text="too late", attempt=ctx.attempt)
 
 
@@ -144,6 +148,11 @@ def test_load_app_by_import_path() -> None:
         load_app("no_such_module_here")
     with pytest.raises(ConfigError, match="is not a mesh App"):
         load_app("tests.agents.test_app:Question")
+
+
+def test_load_app_given_a_file_name_says_to_give_the_import_path() -> None:
+    with pytest.raises(ConfigError, match=r"an import path, not a file: tests\.agents\.test_app\)$"):
+        load_app("tests/agents/test_app.py")
 
 
 @pytest.fixture

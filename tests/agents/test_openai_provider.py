@@ -31,7 +31,7 @@ from tests.agents.openai_server import FakeOpenAI, Reply, completion
 
 def _settings(url: str | None, *, timeout_s: float = 5.0) -> MeshSettings:
     return MeshSettings(
-        model_provider="openai", model_url=url, model_name="gpt-test", model_api_key="sk-test",
+        model_provider="openai", model_url=url, model_name="gpt-test", model_api_key="sk-test-key",
         model_timeout_s=timeout_s,
     )
 
@@ -72,7 +72,7 @@ def test_plan_success_sends_model_auth_and_json_format(api: FakeOpenAI, provider
     assert [m["role"] for m in sent["messages"]] == ["system", "user"]
     assert sent["messages"][1]["content"] == "write a release note"
     assert '"research"' in sent["messages"][0]["content"] and "http_post" in sent["messages"][0]["content"]
-    assert headers["authorization"] == "Bearer sk-test"
+    assert headers["authorization"] == "Bearer sk-test-key"
     assert provider.name == "openai"
 
 

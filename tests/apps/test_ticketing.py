@@ -61,10 +61,12 @@ def token() -> str:
 
 @pytest.fixture
 def serve(worker_process: Callable[..., Any], token: str) -> Callable[..., Any]:
-    """Start ``mesh worker --app tests.apps.ticketing:app`` with the token in its environment."""
+    """Start ``mesh worker --app tests.apps.ticketing:app`` with the token in its environment and
+    the tickets service in MESH_HTTP_ALLOW (the tool reaches nothing else)."""
 
-    def start(threads: int = 2, **env: str) -> Any:
-        return worker_process("--app", APP, "--threads", str(threads), TICKETS_TOKEN=token, **env)
+    def start(tickets: RecordingServer, threads: int = 2, **env: str) -> Any:
+        return worker_process("--app", APP, "--threads", str(threads), TICKETS_TOKEN=token,
+                              MESH_HTTP_ALLOW=tickets.host_port, **env)
 
     return start
 
@@ -81,7 +83,7 @@ def test_50_sends_of_one_key_across_2_processes_file_one_ticket_after_triage(mes
 
     with RecordingServer(slow) as tickets:
         for _ in range(2):
-            serve(threads=4)
+            serve(tickets, threads=4)
         # Both agents of the app are served: triage first, its output feeds the filer.
         triaged = mesh.wait(send(mesh, "triage", {"customer": "ada", "text": "Refund: charged twice"}).id,
                             timeout_s=30)
@@ -122,8 +124,8 @@ def test_a_worker_sigkilled_mid_batch_leaves_every_ticket_filed_repeating_at_mos
         settings = make_settings(heartbeat_timeout_s=heartbeat_s)
         mesh = MeshClient(settings, client=rclient)
         env = {"MESH_HEARTBEAT_TIMEOUT_S": str(heartbeat_s), "MESH_PREFETCH": str(prefetch)}
-        victim = serve(threads=threads, **env)
-        serve(threads=threads, **env)
+        victim = serve(tickets, threads=threads, **env)
+        serve(tickets, threads=threads, **env)
         keys = [f"batch-{i:02d}" for i in range(n)]
         refs = [send(mesh, "filer", filing(tickets.url(), i), key=key) for i, key in enumerate(keys)]
         wait_for(lambda: len(tickets.requests) >= 10, timeout_s=30)
@@ -155,7 +157,7 @@ def test_a_429_from_the_tools_dependency_is_deferred_without_spending_a_retry(me
 
     with RecordingServer(limited) as tickets:
         # No retry budget at all: a spent retry would dead-letter the message.
-        serve(MESH_MAX_RETRIES="0")
+        serve(tickets, MESH_MAX_RETRIES="0")
         ref = send(mesh, "filer", filing(tickets.url()), key="limited-1")
         record = mesh.wait(ref.id, timeout_s=30)
 
@@ -182,7 +184,7 @@ def test_a_503_storm_trips_the_tools_dependency_breaker_across_2_processes_and_a
         settings = make_settings(**limits)
         mesh = MeshClient(settings, client=rclient)
         for _ in range(2):
-            serve(threads=1, **{f"MESH_{k.upper()}": str(v) for k, v in limits.items()})
+            serve(tickets, threads=1, **{f"MESH_{k.upper()}": str(v) for k, v in limits.items()})
         refs = [send(mesh, "filer", filing(tickets.url(), i), key=f"storm-{i}") for i in range(20)]
         breakers = Breakers(settings, rclient)
         wait_for(lambda: [b.trips for b in breakers.list()] >= [2], timeout_s=30)
@@ -207,7 +209,7 @@ def test_a_503_storm_trips_the_tools_dependency_breaker_across_2_processes_and_a
 def test_a_permanent_failure_is_dead_lettered_then_replayed_once_and_files_the_ticket(mesh, serve, cli):
     fixed = threading.Event()
     with RecordingServer(lambda n, r: filed(n, r) if fixed.is_set() else (400, {"error": "bad queue"})) as tickets:
-        serve()
+        serve(tickets)
         ref = send(mesh, "filer", filing(tickets.url()), key="perm-1")
         record = mesh.wait(ref.id, timeout_s=30)
         assert record.state is State.DEAD_LETTERED and record.failure_class == "permanent"
@@ -264,7 +266,7 @@ def test_the_token_a_failing_tool_sent_appears_nowhere_in_redis_the_dead_letter_
         return (503 if n == 2 else 400), echo
 
     with RecordingServer(failing) as tickets:
-        worker = serve()
+        worker = serve(tickets)
         ref = send(mesh, "filer", filing(tickets.url()), key="secret-1")
         record = mesh.wait(ref.id, timeout_s=30)
         wait_for(lambda: settled(mesh), timeout_s=30)
@@ -294,3 +296,15 @@ def test_the_token_a_failing_tool_sent_appears_nowhere_in_redis_the_dead_letter_
     log = worker.log_path.read_text()
     assert "filing failed" in log and "[secret]" in log  # the tool logged its headers, masked
     assert token not in log
+
+
+@pytest.mark.slow
+def test_a_users_tool_cannot_reach_a_host_missing_from_mesh_http_allow(mesh, worker_process, token):
+    """``send_request`` in a user's tool obeys MESH_HTTP_ALLOW as ``http_post`` does: the filing is
+    refused (permanent, dead-lettered, naming the setting) and the tickets service never hears of it."""
+    with RecordingServer(filed) as tickets:
+        worker_process("--app", APP, "--threads", "1", TICKETS_TOKEN=token, MESH_HTTP_ALLOW="127.0.0.1:1")
+        record = mesh.wait(send(mesh, "filer", filing(tickets.url()), key="elsewhere-1").id, timeout_s=30)
+    assert tickets.requests == []
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "permanent"
+    assert "not in MESH_HTTP_ALLOW" in (record.error or "")

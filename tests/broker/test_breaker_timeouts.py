@@ -32,7 +32,7 @@ def raising(exc: Exception):
 
 def tool_context(settings, rclient, http: httpx.Client, n: int) -> ToolContext:
     return ToolContext(key=f"k-{n}", job_id=f"job-{n}", trace_id="0" * 32, fencing_token=1, settings=settings,
-                       redis=rclient, keys=Keys(settings.namespace), http=http,
+                       redis=rclient, keys=Keys(settings.namespace), client=http,
                        breakers=Breakers(settings, rclient))
 
 

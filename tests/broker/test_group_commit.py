@@ -233,3 +233,29 @@ def test_an_interruption_between_taking_a_group_and_sending_it_leaves_nobody_wai
     assert not threads["c"].is_alive()  # before: c's group was taken by b and never sent
     assert answers["c"] == "C" and isinstance(answers["b"], TimeLimitExceeded)
     assert calls == [["a"], ["b", "c"]]
+
+
+def test_an_interruption_that_keeps_the_sender_from_starting_leaves_nobody_waiting(monkeypatch):
+    # dramatiq's time limit lands in the first caller inside Thread.start, before the sender thread
+    # was started: the group commit must not go on believing it has a sender.
+    import mesh.broker.group_commit as gcm
+
+    class Interrupted(threading.Thread):
+        struck: list[bool] = []
+
+        def start(self) -> None:
+            if not self.struck:
+                self.struck.append(True)
+                raise TimeLimitExceeded()
+            super().start()
+
+    monkeypatch.setattr(gcm, "threading", type("T", (), {"Thread": Interrupted, "Condition": threading.Condition,
+                                                     "Lock": threading.Lock}))
+    gc: GroupCommit[int] = GroupCommit(lambda items: [i * 10 for i in items])
+    with pytest.raises(TimeLimitExceeded):
+        gc.submit(1)  # its write is queued; the caller settles again (MeshConsumer.ack)
+    answers: list[int] = []
+    second = threading.Thread(target=lambda: answers.append(gc.submit(2)), daemon=True)
+    second.start()
+    second.join(10)
+    assert answers == [20]  # before: nobody ever sent it (the never-started sender was kept)

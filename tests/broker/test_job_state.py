@@ -45,7 +45,7 @@ def api() -> Iterator[FakeOpenAI]:
 def test_partial_replays_keep_the_job_dead_lettered_until_every_blocking_step_is_resolved(
         client, make_settings, api, start_worker, cli):
     BROKEN.update({"alpha", "beta"})
-    start_worker(make_settings(model_provider="openai", model_url=api.url, model_api_key="sk-test",
+    start_worker(make_settings(model_provider="openai", model_url=api.url, model_api_key="sk-test-key",
                                model_name="gpt-test", model_timeout_s=10))
     ref = client.submit("two questions", key="partial-1")
     record = wait_for(lambda: (r := client.status(ref.id)).steps.get("r2") is not None

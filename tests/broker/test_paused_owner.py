@@ -43,7 +43,7 @@ def test_a_worker_paused_past_its_lease_sends_nothing_after_another_took_its_mes
         settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
         client = MeshClient(settings, client=rclient, app=app)
         ns = settings.namespace
-        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), "MESH_HTTP_ALLOW": server.host_port}
         paused = worker_process("--app", APP, "--threads", str(HANDLERS), **env)
         refs = [client.send("poster", {"url": server.url(), "n": n}, key=f"paused-{n}") for n in range(HANDLERS)]
         wait_for(lambda: count(client, arrived_key(ns)) == HANDLERS, timeout_s=60)
@@ -113,7 +113,7 @@ def test_a_request_sent_before_a_pause_and_decided_after_the_takeover_is_refused
         settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
         client = MeshClient(settings, client=rclient, app=app)
         ns = settings.namespace
-        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), "MESH_HTTP_ALLOW": server.host_port}
         rclient.set(gate_key(ns), 1)
         paused = worker_process("--app", APP, "--threads", "1", **env)
         ref = client.send("poster", {"url": server.url(), "n": 1}, key="in-flight")

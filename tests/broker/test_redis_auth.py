@@ -4,7 +4,6 @@ or stores. Each test starts its own redis-server on a free loopback port."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +14,12 @@ import redis
 from conftest import ROOT, wait_for
 
 from mesh.broker import MeshClient
+from mesh.broker.acl import DOC_PAGE, acl_command
+from mesh.broker.breaker import Breakers
 from mesh.broker.connection import ACL_COMMANDS, acl_rules
-from mesh.contracts import State
+from mesh.contracts import Brownout, State
 from mesh.ops.local_redis import PrivateRedis, _free_port
-from tests.broker.deployed import private_redis, run_flows
+from tests.broker.deployed import GOAL, REFUSED_URL, private_redis, run_flows
 
 pytestmark = pytest.mark.slow
 
@@ -146,11 +147,8 @@ def test_an_acl_user_held_to_the_namespace_and_the_mesh_commands_runs_jobs_repla
         with pytest.raises(redis.exceptions.NoPermissionError):
             mesh_user.execute_command(*command)
 
-    # The README gives operators the same rules, for the default namespace.
-    # (a redis-cli command in the README, continued over lines and quoted for the shell).
-    readme = re.sub(r"\\\n\s*", "", (ROOT / "README.md").read_text()).replace("'", "")
-    line = " ".join(acl_rules("mesh"))
-    assert re.search(r"redis-cli ACL SETUSER mesh on >\S+ " + re.escape(line), readme), line
+    # The docs give operators the same rules, for the default namespace (tests/broker/test_acl_doc.py).
+    assert acl_command("mesh") in (ROOT / DOC_PAGE).read_text()
     assert len(set(ACL_COMMANDS)) == len(ACL_COMMANDS)
 
 
@@ -167,3 +165,87 @@ def test_redis_commands_a_flow_needs_but_the_acl_user_lacks_are_refused_not_igno
     with pytest.raises(redis.RedisError, match=r"NOPERM|permission|can't run this command"):
         client.submit("anything")
     assert list(admin.scan_iter(match=f"{namespace}:*")) == []
+
+
+def _down() -> None:
+    raise Brownout("503", dependency="127.0.0.1:9")
+
+
+def _processes_using(port: int) -> list[int]:
+    """Pids of live processes whose environment names the Redis on ``port`` (a soak's workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"@127.0.0.1:{port}/".encode() in environ and b"MESH_NAMESPACE=" in environ:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.timeout(300)  # some 30 `mesh` processes, each importing the CLI afresh
+def test_every_mesh_command_runs_under_the_acl_user_and_bench_and_soak_refuse_it_clearly(
+        acl_server, make_settings, worker_process, cli, tmp_path):
+    """Every command of ``mesh`` under the user of ``acl_rules()``: none is refused a Redis command
+    (ACL LOG stays empty) or ends in a traceback. ``mesh bench`` and ``mesh soak`` work in throw-away
+    namespaces outside the user's keys: they refuse at once (exit 2, saying why) and leave no worker."""
+    server, admin = acl_server
+    namespace = make_settings().namespace
+    password = f"mesh-{uuid.uuid4().hex}"
+    admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", f">{password}", *acl_rules(namespace))
+    url = f"redis://mesh:{password}@127.0.0.1:{server.port}/0"
+    client = MeshClient(make_settings(redis_url=url))
+    env = {"MESH_REDIS_URL": url}
+    worker_process("--threads", "2", **env)
+    wait_for(lambda: admin.zcard(client.keys.heartbeats) >= 1, timeout_s=20)
+    admin.execute_command("ACL", "LOG", "RESET")
+    job = client.wait(client.submit(GOAL).id, timeout_s=60)
+    bad = client.send("executor", {"tool": "http_post", "args": {"url": REFUSED_URL, "json": {"n": 1}}})
+    assert client.wait(bad.id, timeout_s=30).state is State.DEAD_LETTERED
+    entry = client.redis.zrange(client.keys.dlq, 0, -1)[0].decode()
+    drained, pipeline = tmp_path / "dlq.jsonl", ROOT / "agents" / "builtin.yaml"
+
+    def mesh(*args: str, code: int = 0) -> str:
+        done = cli(*args, **env)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+        assert done.returncode == code, (args, done.stdout, done.stderr)
+        return done.stdout + done.stderr
+
+    for args in (("status",), ("status", job.key), ("status", job.job_id[:12]), ("status", job.job_id[4:14], "--json"),
+                 ("trace", job.job_id[:12]), ("dlq", "list"), ("dlq", "show", entry[:8]), ("dlq", "list", "--wide"),
+                 ("jobs", "--json"), ("jobs", "--state", "succeeded"), ("jobs", "--key", job.key),
+                 ("workers", "--json"),
+                 ("agents", "--json"), ("queues", "--json"), ("stats", "--json"), ("breakers", "--json"),
+                 ("dlq", "stats", "--json"), ("pipeline", "validate", str(pipeline)),
+                 ("pipeline", "register", str(pipeline)), ("pipeline", "list"), ("pipeline", "show", "mesh"),
+                 ("send", "executor", "--payload", '{"tool": "note", "args": {"title": "acl"}}'),
+                 ("submit", "acl note", "--wait", "--timeout", "60"),
+                 ("run", str(pipeline), "--input", '{"goal": "acl run"}', "--wait", "--timeout", "60"),
+                 ("dlq", "replay", entry[:8], "--yes"), ("dlq", "drain", "--to", str(drained), "--yes"),
+                 ("dlq", "load", str(drained)), ("dlq", "purge", "--all", "--yes")):
+        mesh(*args)
+    with pytest.raises(Brownout):  # a breaker to reset, opened by the user as a worker would
+        Breakers(client.settings, client.redis).call("127.0.0.1:9", _down)
+    mesh("breakers", "reset", "127.0.0.1:9")
+    denied = admin.execute_command("ACL", "LOG")
+    assert denied == [], denied
+
+
+
+def test_mesh_soak_and_bench_under_the_acl_user_refuse_at_once_and_leave_no_worker_behind(
+        acl_server, make_settings, cli):
+    """Both work in throw-away namespaces outside the user's keys, walked with SCAN: they refuse
+    before starting anything (exit 2, saying why). A soak used to exit 1 with a traceback, its
+    worker process left running."""
+    server, admin = acl_server
+    namespace = make_settings().namespace
+    admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", ">pw-mesh-soak", *acl_rules(namespace))
+    env = {"MESH_REDIS_URL": f"redis://mesh:pw-mesh-soak@127.0.0.1:{server.port}/0", "MESH_NAMESPACE": namespace}
+    for args in (("soak", "--seconds", "1", "--processes", "1"), ("bench", "--messages", "10")):
+        done = cli(*args, **env)
+        assert _processes_using(server.port) == [], f"{args[0]} left workers running"
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert "throw-away namespace" in done.stderr and "SCAN" in done.stderr, done.stderr

@@ -280,3 +280,28 @@ def test_a_job_in_a_newer_release_state_keeps_the_ttl_that_release_gave_it(clien
     client.jobs.update(ref.id, lambda r: (r.model_copy(update={"goal": "edited"}), []))
     assert loads(client.redis.get(client.keys.job(ref.id)))["state"] == "cancelled"
     assert 0 < client.redis.ttl(client.keys.job(ref.id)) <= 600  # before: a plain SET dropped it
+
+
+def test_a_success_recorded_then_a_failure_keeps_only_a_bounded_result_in_the_claim(
+        client, consume, make_settings):
+    # The "done" settlement stores the step's recorded result in the claim: it must be bounded by
+    # MESH_CLAIM_RESULT_BYTES like every other done claim, not kept whole for the dedup window.
+    settings = make_settings(claim_result_bytes=16)
+    ref = client.send("executor", note("big effect"))
+    broker, consumer = consume(s=settings)
+    message = fetch(consumer)
+    lease = message.__dict__["mesh_claim"].lease
+    message.mesh_lease = lease  # type: ignore[attr-defined]
+    output = {"ok": True, "receipt": "r" * 500}
+    rewrite(client, ref.id, lambda r: r["steps"]["executor"].update(
+        state="succeeded", token=lease.token, result=output))
+    assert Idempotency(settings, client.redis)._call("release", lease.claim_key, lease.owner, lease.token) == 1
+    decide(message, dead_letter_with_step(broker, message, FailureClass.TIMEOUT, "TimeLimitExceeded", None))
+
+    consumer.ack(message)
+
+    claim = claims.read(client.redis, client.keys.claim(ref.key))
+    assert claim.state == "done"
+    assert claim.result.startswith(b"@")  # before: the 500-byte output kept whole in the claim
+    assert claim.owner == ""  # a done claim keeps no owner (before: the done settlement kept it)
+    assert len(claim.result) < 200

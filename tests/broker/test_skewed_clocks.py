@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from email.utils import formatdate
 from typing import Any
 
 import pytest
@@ -95,8 +97,8 @@ def test_a_step_just_picked_up_by_a_worker_whose_clock_runs_behind_is_not_report
         make_settings, rclient, worker_process):
     settings = make_settings(stuck_after_s=SKEW_S / 2)
     client = MeshClient(settings, client=rclient, app=gated.app)
-    worker_process("--app", "tests.apps.gated:app", **skewed(-SKEW_S))
     with RecordingServer() as server:
+        worker_process("--app", "tests.apps.gated:app", MESH_HTTP_ALLOW=server.host_port, **skewed(-SKEW_S))
         ref = client.send("poster", {"url": server.url(), "n": 1}, key="behind-progress")
         wait_for(lambda: rclient.get(gated.arrived_key(settings.namespace)), timeout_s=60)  # it runs
         record = client.status(ref.id)
@@ -131,3 +133,30 @@ def test_a_message_sent_with_dramatiqs_delay_from_a_host_ahead_is_due_after_its_
     assert eta is not None
     # Sent between the two readings of the server's clock, due DELAY_MS after that.
     assert before + DELAY_MS <= eta <= after + DELAY_MS, f"due {(eta - after) / 1000:.1f}s from now"
+
+
+#: The endpoint's Retry-After (s), as an HTTP-date: far more than a deferral's jitter, far less than the skew.
+RETRY_AFTER_S = 30
+
+
+def rate_limited_until_a_date(_n: int, _request: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """429 with ``Retry-After`` an HTTP-date on the endpoint's clock (its ``Date`` header is on it too)."""
+    return 429, {"error": "slow down"}, {"Retry-After": formatdate(time.time() + RETRY_AFTER_S, usegmt=True)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("worker_skew_s", [SKEW_S, -SKEW_S], ids=["worker-ahead", "worker-behind"])
+def test_a_retry_after_http_date_waits_what_the_endpoint_asked_whatever_the_workers_clock_says(
+        make_settings, rclient, worker_process, worker_skew_s):
+    """The date is on the endpoint's clock, as its ``Date`` header is: their difference is the wait.
+    Read against a worker's clock a minute ahead, it would be no wait (a retry storm against a rate
+    limit); a minute behind, a wait of a minute and a half."""
+    with RecordingServer(rate_limited_until_a_date) as server:
+        settings = make_settings(http_allow=server.host_port)
+        client = MeshClient(settings, client=rclient)
+        worker_process("--agents", "executor", "--threads", "1", MESH_HTTP_ALLOW=server.host_port,
+                       **skewed(worker_skew_s))
+        client.send("executor", {"tool": "http_post", "args": {"url": server.url()}}, key="retry-after-date")
+        eta = wait_for(lambda: delayed_eta(client, "executor"), timeout_s=60)  # the 429 was deferred
+        left_s = (eta - server_ms(rclient)) / 1000
+    assert RETRY_AFTER_S - 5 < left_s <= RETRY_AFTER_S + 1, f"due {left_s:.1f}s from now"

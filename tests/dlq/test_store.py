@@ -289,6 +289,7 @@ class RssSampler:
         return self.peak - self.base
 
 
+@pytest.mark.slow  # 100,000 entries: a scale test, longer than the rest of the fast tier's DLQ tests
 def test_drain_of_100k_entries_streams_to_a_file_in_bounded_memory_and_empties_the_dlq(
         rclient, client, tmp_path: Path):
     keys = client.keys

@@ -20,6 +20,7 @@ import typer
 from conftest import flat, mesh_env, ops_server, wait_for
 
 from mesh.broker import MeshClient, job_id_for
+from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.router import Route, Routing, route
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import BreakerOpen, FailureClass, KeyConflict, State
@@ -69,6 +70,18 @@ def test_submit_wait_without_a_live_worker_says_no_worker_serves_the_agent(cli: 
     assert "no live worker serves planner" in flat(res.stderr)
 
 
+def test_run_wait_without_a_live_worker_names_the_worker_command_that_serves_the_app(cli: Any) -> None:
+    args = ("--input", '{"topic": "otters"}', "--wait", "--timeout", "0.5")
+    res = cli("run", "article", "--app", "examples.quickstart.app", *args)
+    assert res.returncode == 4
+    assert "no live worker serves writer (start one: mesh worker --app examples.quickstart.app;" in flat(res.stderr)
+    from mesh.ops.cli import _worker_command
+
+    # Without --app (a pipeline run by name): a bare `mesh worker` serves the built-in agents only.
+    assert _worker_command(["writer"], None) == "mesh worker --app MODULE:APP"
+    assert _worker_command(["planner", "executor"], None) == "mesh worker"
+
+
 def test_same_key_with_another_goal_is_refused_and_nothing_more_is_enqueued(cli: Any, client: MeshClient) -> None:
     first = cli("submit", "write a note", "--key", "k-1")
     again = cli("submit", "write a note", "--key", "k-1")
@@ -95,9 +108,13 @@ def test_dlq_unknown_agent_is_an_error_naming_the_known_ones_and_replay_says_cla
     assert res.returncode == 2
     assert "unknown agent 'plannr'; agents are planner, researcher, executor, triage" in flat(res.stderr)
     assert cli("dlq", "list", "--agent", "triage").returncode == 0  # known by its dead letters
-    res = cli("dlq", "replay", "--agent", "triage", "--yes")
-    assert res.returncode == 0, res.stderr
-    assert "replayed 1 dead letter(s); 1 of class unknown" in flat(res.stdout)
+    res = cli("dlq", "replay", "--agent", "triage", "--yes")  # but no worker ever served it: no queue to trust
+    assert res.returncode == 1 and "its message is for agent 'triage', which this deployment does not know" \
+        in flat(res.stderr)
+    Registry(client.redis, client.keys, 15).publish("w-triage", "host:1", [PublishedAgent(
+        name="triage", queue="triage", version=1, input_schema=None, output_schema=None)])
+    res = cli("dlq", "replay", "--agent", "triage", "--dry-run")
+    assert "does not know" not in flat(res.stderr)  # published: its queue is the agent's own
 
 
 def _readyz(url: str) -> tuple[int, dict[str, Any]]:
@@ -172,3 +189,17 @@ def test_demo_without_a_reachable_redis_prints_an_honest_hint_and_keeps_files_un
     assert "Inspect it again with" not in out
     assert "the job cannot be inspected afterwards" in out
     assert (tmp_path / ".mesh" / "redis").is_dir()
+
+
+@pytest.mark.slow
+def test_demo_hint_names_a_mesh_the_shell_finds_when_the_venv_is_not_on_path(settings: MeshSettings) -> None:
+    # As `make demo` runs it: .venv/bin/mesh, from a shell whose PATH lacks .venv/bin.
+    env = {**mesh_env(settings), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "demo", "--timeout", "60"], env=env,
+                         capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    [hint] = [line for line in res.stdout.splitlines() if line.startswith("Inspect it again with: ")]
+    shown = subprocess.run(["/bin/sh", "-c", hint.removeprefix("Inspect it again with: ")], env=env,
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert shown.returncode == 0, shown.stderr
+    assert "succeeded" in shown.stdout

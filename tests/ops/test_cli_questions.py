@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from conftest import flat, wait_for
 
 from mesh.broker import MeshClient, redact
@@ -64,6 +65,14 @@ def test_mesh_jobs_lists_newest_first_and_filters_by_state_agent_since_key_and_l
     assert bad.returncode == 2 and "unknown state 'done'" in flat(bad.stderr)
 
 
+@pytest.mark.parametrize("state", ["not_run", "skipped"])
+def test_mesh_jobs_refuses_a_state_only_steps_take_instead_of_finding_nothing_for_ever(cli, state):
+    refused = cli("jobs", "--state", state)
+    assert refused.returncode == 2, refused.stdout
+    assert f"{state} is a step's state, never a job's" in flat(refused.stderr)
+    assert "--state halted" in flat(refused.stderr)
+
+
 def test_mesh_jobs_reads_at_most_its_budget_of_records_and_says_so(client):
     refs = [client.send("executor", call("http://127.0.0.1:9/x", i), key=f"k-{i}") for i in range(12)]
 
@@ -81,6 +90,15 @@ def test_mesh_status_takes_a_job_id_or_the_key_it_was_sent_with(cli, client):
     by_key, by_id = run_json(cli, "status", "order-77"), run_json(cli, "status", ref.id)
     assert by_key["job_id"] == by_id["job_id"] == ref.id
     missing = cli("status", "order-78")
+    assert missing.returncode == 2 and "no job order-78 (nor a job of key 'order-78')" in flat(missing.stderr)
+
+
+def test_mesh_trace_takes_the_key_a_job_was_sent_with_as_mesh_status_does(cli, client):
+    ref = client.submit("find the order", key="order-77")
+
+    by_key, by_id = run_json(cli, "trace", "order-77"), run_json(cli, "trace", ref.id)
+    assert by_key["job_id"] == by_id["job_id"] == ref.id and by_key["events"]
+    missing = cli("trace", "order-78")
     assert missing.returncode == 2 and "no job order-78 (nor a job of key 'order-78')" in flat(missing.stderr)
 
 

@@ -73,13 +73,75 @@ def test_replay_to_a_version_skips_a_payload_that_does_not_fit_it(client, settin
     from tests.dlq.bulk import agent_of, generate, nth_id
 
     client.registry.publish("w", "host:1", [published(s, "greeter") for s in app_v2.agents.values()])
+    client.redis.zadd(client.keys.heartbeats, {"w": client.registry.now_ms()})  # a live worker serves it
     generate(client.redis, client.keys, 1, 1_700_000_000.0)  # an http_post call: no name for greet
     store = DeadLetterStore(client.redis, client.keys)
     raw = store.raw(nth_id(0))
     assert raw is not None
     client.redis.hset(client.keys.dead_letter(nth_id(0)), "raw", raw.replace(f'"{agent_of(0)}"'.encode(), b'"greet"'))
+    _relabel(client, nth_id(0), agent_of(0))
     replayer = Replayer(store, settings, to_version=2)
     report = replayer.replay(replayer.entries([nth_id(0)]))
     assert report.replayed == []
     assert "does not fit it" in report.skipped[nth_id(0)] and "name: Field required" in report.skipped[nth_id(0)]
     assert store.count() == 1
+
+
+def _greet_entry(client: MeshClient) -> str:
+    """A dead letter of ``greet`` (version 1's message) whose payload fits version 2 too."""
+    from tests.dlq.bulk import agent_of, generate, nth_id
+
+    generate(client.redis, client.keys, 1, 1_700_000_000.0)
+    store = DeadLetterStore(client.redis, client.keys)
+    body = json.loads(store.raw(nth_id(0)))  # type: ignore[arg-type]
+    env = body["args"][0]
+    env.update(agent="greet", payload={"name": "ada"}, contract_version=1)
+    body.update(actor_name="greet", queue_name="greet")
+    raw = json.dumps(body).replace(f'"{agent_of(0)}"', '"greet"')
+    client.redis.hset(client.keys.dead_letter(nth_id(0)), "raw", raw)
+    _relabel(client, nth_id(0), agent_of(0))
+    return nth_id(0)
+
+
+def _relabel(client: MeshClient, entry_id: str, agent: str) -> None:
+    """Label the entry ``greet``'s, as its rewritten message is (replay refuses a mislabelled entry)."""
+    key = client.keys.dead_letter(entry_id)
+    entry = client.redis.hget(key, "entry")
+    assert entry is not None
+    client.redis.hset(key, mapping={"entry": entry.replace(f'"{agent}"'.encode(), b'"greet"'), "agent": "greet"})
+
+
+def test_replay_to_a_version_only_a_dead_worker_served_is_skipped(client, settings):
+    # A rollback: version 2's workers were started after version 1's and then killed (no unpublish).
+    # The registry still holds what was published last (version 2), but only version 1 is served:
+    # a message sent to version 2 would be refused again by every live worker.
+    from mesh.dlq import Replayer
+    from mesh.ops.worker import published
+    from tests.apps.greeter import app_v2
+
+    client.registry.publish("old", "host:1", [published(s, "greeter") for s in app.agents.values()])
+    client.registry.publish("new", "host:2", [published(s, "greeter") for s in app_v2.agents.values()])
+    client.redis.zadd(client.keys.heartbeats, {"old": client.registry.now_ms()})  # "new" never beats
+    eid = _greet_entry(client)
+    replayer = Replayer(DeadLetterStore(client.redis, client.keys), settings, to_version=2)
+
+    dry = replayer.replay(replayer.entries([eid]), dry_run=True)
+    report = replayer.replay(replayer.entries([eid]))
+
+    assert report.replayed == [] == dry.replayed  # before: replayed to a version nobody serves
+    assert "no live worker" in report.skipped[eid] and report.skipped == dry.skipped
+    assert client.queues(["greet"])["greet"]["ready"] == 0
+
+
+def test_replay_to_a_version_a_live_worker_serves_is_sent(client, settings):
+    from mesh.dlq import Replayer
+    from mesh.ops.worker import published
+    from tests.apps.greeter import app_v2
+
+    client.registry.publish("new", "host:2", [published(s, "greeter") for s in app_v2.agents.values()])
+    client.redis.zadd(client.keys.heartbeats, {"new": client.registry.now_ms()})
+    eid = _greet_entry(client)
+    replayer = Replayer(DeadLetterStore(client.redis, client.keys), settings, to_version=2)
+    report = replayer.replay(replayer.entries([eid]))
+    assert report.replayed == [eid], report.skipped
+    assert client.queues(["greet"])["greet"]["ready"] == 1

@@ -1,0 +1,81 @@
+"""uvicorn's h11 protocol with the two guards it lacks for a server exposed to anything that connects.
+
+uvicorn times out only idle keep-alive connections, and only once a response was sent: a client that
+opens a connection and sends nothing, or half a request head, holds it (and a file descriptor) for
+good. ``limit_concurrency`` answers 503 but still accepts, so it caps no descriptor. Here:
+
+- **a request-head deadline**: a connection must send a whole request head within ``request_timeout_s``
+  of opening, or of its previous response; a client dripping bytes does not move the deadline;
+- **a connection cap**: past ``max_connections`` a new connection replaces the oldest one that is not
+  in the middle of a request (idle, or still sending its head); when every one is, the new one is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+class GuardedH11(H11Protocol):
+    """Set the limits by subclassing with :func:`guarded`."""
+
+    request_timeout_s: float = 10.0
+    max_connections: int = 64
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.opened_at = self.loop.time()
+        self.head_deadline: asyncio.TimerHandle | None = None
+        self._await_head()
+        self._make_room()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.in_request:
+            self._cancel_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    @property
+    def in_request(self) -> bool:
+        """A request head arrived and its response is not complete: the app is working on it."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _await_head(self) -> None:
+        self._cancel_deadline()
+        if not self.in_request and not self.transport.is_closing():
+            self.head_deadline = self.loop.call_later(self.request_timeout_s, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self.head_deadline = None
+        if not self.in_request and not self.transport.is_closing():
+            self.transport.close()
+
+    def _cancel_deadline(self) -> None:
+        if getattr(self, "head_deadline", None) is not None:
+            self.head_deadline.cancel()  # type: ignore[union-attr]
+            self.head_deadline = None
+
+    def _make_room(self) -> None:
+        """Over the cap: close the oldest connection not in a request, or this one if all are."""
+        if len(self.connections) <= self.max_connections:
+            return
+        idle = [c for c in self.connections if c is not self and isinstance(c, GuardedH11)
+                and not c.in_request and not c.transport.is_closing()]
+        victim = min(idle, key=lambda c: c.opened_at) if idle else self
+        victim.transport.close()
+        self.connections.discard(victim)
+
+
+def guarded(request_timeout_s: float, max_connections: int) -> Any:
+    """The protocol class to give uvicorn's ``Config(http=...)``, with these limits."""
+    return type("GuardedH11", (GuardedH11,), {"request_timeout_s": request_timeout_s,
+                                              "max_connections": max_connections})

@@ -1,0 +1,157 @@
+"""The ops server against clients that hold connections: half-sent requests, a client dripping its
+request head a byte at a time, and idle connections up to the process's descriptor limit. Real
+sockets on loopback; the server in a thread (as the other ops tests run it) or as `mesh ops serve`
+in a process with a 100-descriptor limit."""
+
+from __future__ import annotations
+
+import re
+import resource
+import select
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from conftest import ROOT, mesh_env, ops_server, wait_for
+
+from mesh.broker import MeshClient, MeshSettings
+
+#: MESH_OPS_REQUEST_TIMEOUT_S for the servers these tests start in a thread (its default is 10 s): short,
+#: so a test waits seconds for the cut it proves, not the default.
+REQUEST_TIMEOUT_S = 2.0
+
+#: How long past the timeout a closed connection may take to be seen (the loop's and the test's polling).
+SLACK_S = 10.0
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., MeshSettings], rclient: redis.Redis) -> MeshClient:
+    """The test's client, whose settings give the threaded server its request timeout."""
+    return MeshClient(make_settings(ops_request_timeout_s=REQUEST_TIMEOUT_S), client=rclient)
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def half_sent(port: int, n: int, stack: ExitStack) -> list[socket.socket]:
+    """``n`` connections, each with the first half of a request head and never the rest."""
+    socks = []
+    for _ in range(n):
+        sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: the head never ends
+        socks.append(sock)
+    return socks
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed ``sock`` (end of file or reset), without blocking."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(65536) == b""
+    except (ConnectionResetError, TimeoutError):
+        return True
+
+
+def still_open(socks: list[socket.socket]) -> list[socket.socket]:
+    return [s for s in socks if not closed_by_server(s)]
+
+
+def healthz(port: int) -> int:
+    return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code
+
+
+def test_400_half_sent_requests_are_closed_within_the_request_timeout_and_healthz_answers_meanwhile(client):
+    with ops_server(client) as base, ExitStack() as stack:
+        port = port_of(base)
+        socks = half_sent(port, 400, stack)
+        assert healthz(port) == 200
+        left = list(socks)
+
+        def all_closed() -> bool:
+            left[:] = still_open(left)
+            return not left
+
+        # Every one is closed by the server: those past the connection cap at once, the rest at the timeout.
+        wait_for(all_closed, timeout_s=REQUEST_TIMEOUT_S + SLACK_S, interval_s=0.2)
+        assert healthz(port) == 200
+
+
+def test_a_request_head_dripped_a_byte_at_a_time_is_cut_off_at_the_request_timeout(client):
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000
+    stop = threading.Event()
+    with ops_server(client) as base, socket.create_connection(("127.0.0.1", port_of(base)), timeout=10) as sock:
+
+        def drip() -> None:
+            for byte in head:  # a byte every 100 ms: about 17 minutes for the whole head
+                if stop.wait(0.1):
+                    return
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    return
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        try:
+            wait_for(lambda: closed_by_server(sock), timeout_s=REQUEST_TIMEOUT_S + SLACK_S, interval_s=0.2)
+        finally:
+            stop.set()
+            dripper.join(5)
+        assert healthz(port_of(base)) == 200
+
+
+@contextmanager
+def serve_with_descriptor_limit(settings: MeshSettings, tmp_path: Path, limit: int) -> Iterator[int]:
+    """`mesh ops serve` in a process whose RLIMIT_NOFILE is ``limit``; yields its port (its log is
+    ``tmp_path / "ops.log"``)."""
+    log = tmp_path / "ops.log"
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "ops", "serve", "--port", "0"],
+                                env=mesh_env(settings), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out,
+                                preexec_fn=limited)
+    try:
+        found = wait_for(lambda: re.search(r"on http://127\.0\.0\.1:(\d+)", log.read_text()) or proc.poll(),
+                         timeout_s=30)
+        assert proc.poll() is None, log.read_text()
+        yield int(found.group(1))
+        proc.terminate()
+        assert proc.wait(15) == 0, "SIGTERM is a clean stop"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_healthz_answers_with_95_idle_connections_under_a_100_descriptor_limit(client: MeshClient, settings,
+                                                                               tmp_path):
+    with serve_with_descriptor_limit(settings, tmp_path, 100) as port, ExitStack() as stack:
+        # As deployed: a probe and a scrape have run, so the server holds its Redis connection too.
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 503  # no worker
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
+        for _ in range(95):
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+        assert healthz(port) == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
+    assert "Too many open files" not in (tmp_path / "ops.log").read_text(), "it never ran out of descriptors"
+
+
+def test_a_request_head_growing_past_16_kib_is_refused_with_400_before_it_ends(client):
+    with ops_server(client) as base, socket.create_connection(("127.0.0.1", port_of(base)), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000)  # and more to come
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
