@@ -1,15 +1,17 @@
 """The expression evaluator's own process: a loop reading ``[cel, values]`` frames on stdin and
 answering ``{"ok": value}`` / ``{"error": why}`` / ``{"limit": why}`` frames on stdout.
 
-It runs as a script (``python -I evaluator_main.py MEMORY_BYTES MAX_RESULT_BYTES``), importing only
-``cel`` and ``orjson``, under an address-space limit: an expression that allocates without bound
-aborts this process, one that recurses past the Rust stack segfaults it, one that loops is killed by
-the parent at its time limit. The worker that asked loses nothing but the answer. A frame is a
-4-byte big-endian length and that many bytes of JSON.
+It runs as a script (``python -I evaluator_main.py MEMORY_BYTES MAX_RESULT_BYTES TIMEOUT_MS``),
+importing only ``cel`` and ``orjson``, under an address-space limit: an expression that allocates
+without bound aborts this process, one that recurses past the Rust stack segfaults it, one that
+loops is killed by the parent at its time limit (or by its CPU limit, if the parent is gone). The
+worker that asked loses nothing but the answer. A frame is a 4-byte big-endian length and that many
+bytes of JSON.
 """
 
 from __future__ import annotations
 
+import math
 import resource
 import struct
 import sys
@@ -32,6 +34,19 @@ def _read(stream: Any, n: int) -> bytes:
     return data
 
 
+def _bound_cpu(timeout_ms: int) -> None:
+    """Let the next evaluation use at most about ``timeout_ms`` of CPU (RLIMIT_CPU, whole seconds).
+
+    The parent kills this process at the time limit, but a parent that is itself killed (SIGKILL,
+    the OOM killer) cannot: the kernel's SIGXCPU then ends an evaluation no one waits for, where it
+    would have run on for hours. The limit counts this process's whole life, so it moves forward
+    before each evaluation; a second of slack keeps it behind the parent's own clock."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used = usage.ru_utime + usage.ru_stime
+    soft = math.ceil(used + timeout_ms / 1000) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+
+
 def _answer(text: str, values: dict[str, Any], programs: dict[str, Any], max_result: int) -> dict[str, Any]:
     program = programs.get(text)
     if program is None:
@@ -40,7 +55,9 @@ def _answer(text: str, values: dict[str, Any], programs: dict[str, Any], max_res
         program = programs[text] = cel.compile(text)
     try:
         result = program.execute(values)
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # CEL's own errors: also ZeroDivision, Overflow, IndexError ([][0])
         return {"error": str(exc)}
     data = orjson.dumps(result, default=str, option=orjson.OPT_NON_STR_KEYS)
     if len(data) > max_result:
@@ -49,7 +66,7 @@ def _answer(text: str, values: dict[str, Any], programs: dict[str, Any], max_res
 
 
 def main() -> None:
-    memory, max_result = int(sys.argv[1]), int(sys.argv[2])
+    memory, max_result, timeout_ms = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -62,6 +79,7 @@ def main() -> None:
             text, values = orjson.loads(_read(stdin, size))
         except EOFError:
             return  # the parent went away
+        _bound_cpu(timeout_ms)
         try:
             reply = orjson.dumps(_answer(text, values, programs, max_result))
         except MemoryError:

@@ -11,6 +11,8 @@ expands to billions of nodes), and so are files over :data:`MAX_FILE_BYTES`, nes
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,15 +65,34 @@ def load_pipeline(source: str | Path, app: App) -> PipelineSpec:
     if isinstance(source, Path) or "\n" not in source:
         name = str(source)
         try:
-            size = Path(source).stat().st_size
-            if size > MAX_FILE_BYTES:  # refused before it is read into memory
-                raise PipelineError([LoadError(name, 1, _too_big(size))])
-            text = Path(source).read_text(encoding="utf-8")
+            text = _read_file(Path(source)).decode("utf-8")
         except OSError as exc:
             raise PipelineError([LoadError(name, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
+        except UnicodeDecodeError as exc:
+            raise PipelineError([LoadError(name, 1, f"not UTF-8: {exc.reason} at byte {exc.start}")]) from None
+        except ValueError as exc:
+            raise PipelineError([LoadError(name, 1, str(exc))]) from None
     else:
         name, text = "<string>", source
     return parse(text, app, name)
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``, read without blocking and never past the limit.
+
+    Its size is checked before it is read into memory; a FIFO (whose open would wait for a writer)
+    or a device such as ``/dev/zero`` (size 0, endless) is refused, as ValueError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as stream:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file: a pipeline file must be a plain file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ValueError(_too_big(info.st_size))
+        data = stream.read(MAX_FILE_BYTES + 1)  # it may have grown since fstat
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(_too_big(len(data)))
+    return data
 
 
 def parse(text: str, app: App, name: str = "<string>") -> PipelineSpec:

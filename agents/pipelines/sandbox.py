@@ -76,7 +76,8 @@ class Evaluator:
         if self._proc is None or self._proc.poll() is not None:
             memory = self.limits.memory_mb * 1024 * 1024
             proc = subprocess.Popen(
-                [sys.executable, "-I", _MAIN, str(memory), str(self.limits.max_result_bytes)],
+                [sys.executable, "-I", _MAIN, str(memory), str(self.limits.max_result_bytes),
+                 str(self.limits.timeout_ms)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env={"RUST_BACKTRACE": "0", "PATH": os.environ.get("PATH", "")}, bufsize=0)
             assert proc.stdout is not None
@@ -93,7 +94,7 @@ class Evaluator:
         deadline = time.monotonic() + self.limits.timeout_ms / 1000
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            _write(proc.stdin, struct.pack(">I", len(request)) + request)
+            _write(proc.stdin, struct.pack(">I", len(request)) + request, deadline, self.limits.timeout_ms)
             (size,) = struct.unpack(">I", _read(proc.stdout, 4, deadline, self.limits.timeout_ms))
             reply: dict[str, Any] = orjson.loads(_read(proc.stdout, size, deadline, self.limits.timeout_ms))
         except (BrokenPipeError, EOFError):
@@ -114,10 +115,19 @@ class Evaluator:
             self._stop()
 
 
-def _write(stream: IO[bytes], data: bytes) -> None:
+def _write(stream: IO[bytes], data: bytes, deadline: float, timeout_ms: int) -> None:
+    """Write ``data`` by ``deadline``: an evaluator that does not read (stopped, stuck) must not
+    block the worker past its limit on a full pipe, holding the lock every other thread waits on."""
+    os.set_blocking(stream.fileno(), False)
     view = memoryview(data)
     while view:
-        view = view[stream.write(view) or 0:]
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [stream], [], left)[1]:
+            raise EvaluatorLimit(f"it ran longer than MESH_EXPR_TIMEOUT_MS ({timeout_ms})")
+        try:
+            view = view[os.write(stream.fileno(), view):]
+        except BlockingIOError:
+            continue
 
 
 def _read(stream: IO[bytes], n: int, deadline: float, timeout_ms: int) -> bytes:

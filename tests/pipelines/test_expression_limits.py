@@ -4,6 +4,11 @@ limit dead-letters its step, and the process that asked goes on."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from mesh.agents.pipelines import (
 )
 from mesh.agents.pipelines.expr import MAX_EXPR_CHARS, MAX_EXPR_NESTING, MAX_MACRO_DEPTH, MAX_MACROS, ExpressionLimit
 from mesh.contracts import ConfigError, JobRecord, State
+from tests.conftest import ROOT, wait_for
 from tests.pipelines.agents import app
 
 #: The review's 930-byte ``when``: a string doubled 34 times (16 GiB).
@@ -121,3 +127,90 @@ def test_a_when_past_a_limit_dead_letters_its_step_and_the_job(tight: sandbox.Ex
     assert "MESH_EXPR_TIMEOUT_MS" in (step.error or "") and not messages
     assert record.state is State.DEAD_LETTERED
     assert [e["event"] for e in events if e.get("step_id") == "researcher"] == ["input_refused"]
+
+
+@pytest.mark.parametrize("text", ["input.xs[0] == 1", "input.n / input.zero > 1", "input.n % input.zero == 0",
+                                  "input.big * 2 > 0", "input.big + 1 > 0", "uint(input.n - 2) > 0u"])
+def test_an_arithmetic_or_index_error_is_an_expression_error_not_a_dead_evaluator(text: str) -> None:
+    # CEL raises IndexError, ZeroDivisionError and OverflowError too: an empty list or a zero is
+    # ordinary data (the ``when`` is false), not an expression that killed its evaluator
+    values = {"input": {"xs": [], "n": 1, "zero": 0, "big": 2**63 - 1}}
+    with pytest.raises(ExpressionError, match="cannot evaluate") as caught:
+        compile_condition(text).test(values)
+    assert not isinstance(caught.value, ExpressionLimit)
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command's name (state first), or [] once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _evaluator_of(pid: int) -> int | None:
+    """The pid of ``pid``'s evaluator child."""
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"evaluator_main.py" in cmdline and _stat(int(entry.name))[1:2] == [str(pid)]:
+            return int(entry.name)
+    return None
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[11]) + int(fields[12]) if fields else 0
+
+
+@pytest.mark.timeout(180)
+def test_a_process_killed_mid_evaluation_leaves_no_evaluator_running() -> None:
+    # the parent kills its evaluator at the time limit; a parent SIGKILLed (or OOM-killed) cannot,
+    # and the evaluator ran the expression on for hours as an orphan
+    script = ("from mesh.agents.pipelines import compile_condition, sandbox\n"
+              "sandbox.configure(sandbox.ExprLimits(timeout_ms=5000))\n"
+              "sandbox.evaluator().evaluate('1', {})\n"
+              "print('asking', flush=True)\n"
+              f"compile_condition({SLOW!r}).test({{'input': {{'xs': list(range(3000))}}}})\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = None
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"asking\n"
+        child = _evaluator_of(parent.pid)
+        assert child is not None
+        started = _cpu_ticks(child)
+        wait_for(lambda: _cpu_ticks(child) > started + 20, timeout_s=60)  # it is evaluating
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: _stat(child)[:1] in ([], ["Z"]), timeout_s=60)
+    finally:
+        parent.kill()
+        parent.wait()
+        if child is not None and _stat(child)[:1] not in ([], ["Z"]):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_evaluator_does_not_block_the_writer_past_the_limit(tight: sandbox.ExprLimits) -> None:
+    # a request larger than the pipe, to an evaluator that does not read: the write blocked for
+    # ever, holding the lock every other thread of the worker waits on
+    evaluator = sandbox.evaluator()
+    assert evaluator.evaluate("1 + 1", {}) == ("ok", 2)
+    assert evaluator._proc is not None
+    os.kill(evaluator._proc.pid, signal.SIGSTOP)
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            compile_condition("size(input.s) > 0").test({"input": {"s": "x" * 300_000}})
+        except ExpressionLimit as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    wait_for(lambda: outcome, timeout_s=30)
+    assert "MESH_EXPR_TIMEOUT_MS (500)" in str(outcome[0])
+    assert compile_condition("input.n > 1").test({"input": {"n": 2}})  # a fresh evaluator answers

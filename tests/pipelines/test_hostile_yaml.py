@@ -3,6 +3,7 @@ as ``FILE:LINE: message`` (exit 2 from the CLI), never a hang or a RecursionErro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -99,3 +100,26 @@ def test_a_control_character_is_a_load_error_at_its_line(tmp_path: Path) -> None
     # found by tests/fuzz/test_pipeline_fuzz.py: PyYAML's reader refused it outside the loader's guard
     assert load_error(tmp_path, "name: p\nagents:\n  - id: researcher\n\x08\n") == (
         "bad.yaml:4: not valid YAML: character 0x0008 is not allowed")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_pipeline_validate_refuses_a_fifo_or_a_device_without_reading_it(cli: Cli, tmp_path: Path, kind: str) -> None:
+    # a FIFO's open waits for a writer, and /dev/zero's size is 0 though it never ends: both hung
+    # `validate` (the second growing its memory) where a size check before reading was meant to hold
+    bad = tmp_path / "bad.yaml"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to("/dev/zero")
+    run = cli("pipeline", "validate", str(bad), "--app", APP, timeout=30)
+    assert (run.returncode, run.stderr.strip()) == (2, f"{bad}:1: not a regular file: a pipeline file must be a "
+                                                       "plain file")
+
+
+def test_a_file_not_in_utf8_is_a_load_error_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"name: p\nagents:\n  - id: researcher\ndescription: \xff\n")
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, app)
+    assert str(caught.value) == f"{path}:1: not UTF-8: invalid start byte at byte 48"
