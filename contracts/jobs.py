@@ -279,9 +279,19 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
 def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
     """The error and class of the first step in ``state`` that blocks the job; a step that failed on
     its own before a ``for_each`` step whose join failed, and that step (its error names the rule
-    that failed) before its items."""
+    that failed) before its items. A failed join's job takes the class of its first failed item:
+    the cause an operator filters on (the ``for_each`` step itself keeps ``join``)."""
     found = [s for s in record.steps.values() if s.state is state and blocking(record, s)]
     joins = {s.step_id for s in found if s.failure_class == "join"}
     own = [s for s in found if s.failure_class != "join" and s.parent not in joins]
     step = own[0] if own else next((s for s in found if s.step_id in joins), found[0])
-    return f"step {step.step_id}: {step.error}", step.failure_class
+    return f"step {step.step_id}: {step.error}", _cause(record, step)
+
+
+def _cause(record: JobRecord, step: StepRecord) -> str | None:
+    """``step``'s failure class, or for a failed join the class of its first failed item."""
+    if step.failure_class != "join":
+        return step.failure_class
+    items = sorted((s for s in record.steps.values() if s.parent == step.step_id and s.failure_class
+                    and s.state in (State.DEAD_LETTERED, State.UNKNOWN)), key=lambda s: s.index or 0)
+    return items[0].failure_class if items else step.failure_class

@@ -835,7 +835,7 @@ def main() -> None:
     except redis.exceptions.NoPermissionError as exc:
         # A user held by ACL rules that lack a command: say so, not a traceback.
         _stop(f"Redis refused a command to this user: {exc}. The rules a mesh user needs: "
-              "`python -m mesh.broker.connection NAMESPACE` (docs/reference/acl.md)", EXIT_INPUT)
+              "`python -m mesh.broker.acl NAMESPACE` (docs/reference/acl.md)", EXIT_INPUT)
 
 
 def _stop(message: str, code: int) -> None:

@@ -172,7 +172,8 @@ def join_failed_job(*extra: StepRecord) -> JobRecord:
 
 def test_a_job_whose_join_failed_names_the_join_and_its_rule_not_its_first_dead_item() -> None:
     record = join_failed_job()
-    assert record.state is State.DEAD_LETTERED and record.failure_class == "join"
+    assert record.state is State.DEAD_LETTERED and record.steps["fetch"].failure_class == "join"
+    assert record.failure_class == record.steps["fetch[0]"].failure_class  # the cause, not the rule
     assert record.error == "step fetch: join not met (min_success 2): 0 of 2 items succeeded"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import flat
 
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, job_id_for
 from mesh.broker.breaker import Breakers
 from mesh.broker.outbox import encode
 from mesh.contracts import Brownout, State
@@ -27,11 +27,12 @@ LONG_ERROR = ("the order service answered 422 Unprocessable Entity: field items[
 
 
 def put(client: MeshClient, entry_id: str, key: str, failure_class: str, error: str) -> DeadLetter:
-    """A dead letter as the settle script writes it, with the id chosen by the test."""
+    """A dead letter of a one-message job (`mesh send`) as the settle script writes it, with the id
+    chosen by the test: its replay re-creates the job record, which the test never wrote."""
     from dramatiq.message import Message
 
     at = time.time()
-    envelope = {"key": key, "job_id": f"job-{key}", "step_id": "executor", "agent": "executor",
+    envelope = {"key": key, "job_id": job_id_for(key), "step_id": "executor", "agent": "executor",
                 "trace_id": "0" * 32, "deadline": at + 600, "hops": [], "attempt": 1, "schema_version": 1,
                 "replay_of": None, "payload": {"tool": "note", "args": {"title": key}}}
     entry = DeadLetter(entry_id=entry_id, queue="executor", agent="executor", failure_class=failure_class,
