@@ -40,5 +40,6 @@ def test_ids_with_the_claim_separator_and_keys_with_escapes_run_once_and_are_sto
                           and rec, timeout_s=30)
         assert record.state is State.SUCCEEDED, record.error
         assert record.steps["executor"].picked_up == 1
-        assert claims.read(client.redis, client.keys.claim(ref.key)).state == "done"
+        # the key is marked done by the message's ack, a write after the record's success
+        wait_for(lambda r=ref: claims.read(client.redis, client.keys.claim(r.key)).state == "done", timeout_s=10)
     assert int(client.redis.hget(client.keys.stats, "superseded") or 0) == 0
