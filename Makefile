@@ -23,7 +23,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
 # (tests/tier.py fails a test that does so without @pytest.mark.slow). They are CPU-bound (most of
