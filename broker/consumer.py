@@ -393,7 +393,7 @@ class MeshConsumer(_RedisConsumer):
             proxy = self._decode(rid, data)
             if idem is not None and verdict:
                 owner = f"{self.broker.broker_id}:{nonce}:{i // step + 1}"
-                idem.adopt(proxy, verdict[0].decode(), owner, verdict[1:])
+                idem.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=now)
             if proxy is not None:
                 self.pairs.append(proxy)
         return bool(self.pairs)

@@ -145,15 +145,18 @@ class Idempotency(Middleware):
         # Never the producer's message id: it may hold '|', the claim string's separator.
         return f"{broker.broker_id}:{uuid.uuid4().hex}"  # type: ignore[attr-defined]
 
-    def adopt(self, message: MessageProxy | None, key: str, owner: str, verdict: list[Any]) -> None:
+    def adopt(self, message: MessageProxy | None, key: str, owner: str, verdict: list[Any],
+              sent: float | None = None) -> None:
         """Take on the claim the fetch made on ``key`` for ``message`` (``verdict`` as claim.lua answers):
         the message carries it to :meth:`before_process_message`, and a lease won is renewed from now
         on. A claim that does not fit the decoded message (poison, or a key the fetch read otherwise)
-        is released, and that message claims for itself when it runs."""
+        is released, and that message claims for itself when it runs. ``sent``: ``time.monotonic()``
+        when the fetch that made the claim was sent, where the lease's confirmation counts from (a
+        pause between the fetch and this call must not make the claim look fresher than it is)."""
         claim = Claim(key, self.keys.claim(key), owner, verdict)
         if verdict[0] == b"run":
             claim.lease = Lease(key=key, claim_key=claim.claim_key, owner=owner, token=int(verdict[1]),
-                                running=False)
+                                running=False, confirmed_at=time.monotonic() if sent is None else sent)
             self._hold(claim.lease)
         if message is None or message_key(message) != key:
             if claim.lease is not None:
@@ -191,6 +194,7 @@ class Idempotency(Middleware):
         if claim is not None and claim.lease is not None and claim.lease.lost:
             self._release_hold(claim.lease)  # lost while it waited: claim again
             claim = None
+        sent = time.monotonic()  # a lease claimed here counts from before its request went out
         if claim is None:
             claim_key = self.keys.claim(key)
             owner = self._owner(broker, message)
@@ -207,7 +211,8 @@ class Idempotency(Middleware):
             lease = claim.lease
             if lease is None:
                 lease = Lease(key=key, claim_key=claim.claim_key, owner=claim.owner, token=int(token),
-                              envelope=message.args[0], recorded_output=message.options.get("mesh_output"))
+                              envelope=message.args[0], recorded_output=message.options.get("mesh_output"),
+                              confirmed_at=sent)
                 self._hold(lease)
             else:
                 lease.started = lease.progress_at = time.monotonic()  # it runs from now, not from the fetch

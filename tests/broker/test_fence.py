@@ -76,3 +76,24 @@ def test_a_stale_non_effect_call_on_a_lease_taken_over_is_refused(mw):
     stale.confirmed_at -= mw.settings.lease_check_s
     with pytest.raises(LeaseLost):
         fence.confirm(stale, effect=False)
+
+
+
+def test_a_claim_the_fetch_made_counts_from_when_the_fetch_was_sent_not_from_when_it_was_read(mw):
+    # A worker paused between sending its fetch (which claims) and reading the answer must not take
+    # the claim as freshly confirmed: the next call checks it if the fetch is older than the limit.
+    from dramatiq.broker import MessageProxy
+    from dramatiq.message import Message
+
+    fence = Fence(mw.settings, mw.client)
+    owner = "fetcher:1"
+    verdict = mw._call("claim", mw.keys.claim("k"), owner)
+    message = MessageProxy(Message(queue_name="executor", actor_name="executor", args=({"key": "k"},),
+                                   kwargs={}, options={}))
+    sent = time.monotonic() - mw.settings.lease_check_s - 1  # the fetch went out before a pause
+    mw.adopt(message, "k", owner, list(verdict), sent=sent)
+    lease = message.mesh_claim.lease
+    try:
+        assert lease.confirmed_at == sent and fence.needs_check(lease, effect=False)
+    finally:
+        mw.drop_claims([message])
