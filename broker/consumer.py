@@ -122,11 +122,7 @@ class MeshConsumer(_RedisConsumer):
                 self._dead(rid, decision.entry, raw_of(message), decision.stat, decision.route, decision.job,
                            lease=message.__dict__.get("mesh_lease"))
             else:
-                answer = self.acks.submit((rid, *done_args(message)))
-                if answer in (0, 2):
-                    logger.warning("lease lost before the attempt settled", extra={"key": message_key(message)})
-                if answer >= 2:
-                    self._superseded(rid)
+                self._after_done(rid, self.acks.submit((rid, *done_args(message))), message_key(message))
         except (redis.RedisError, ConnectionClosed) as exc:
             # Any Redis error (a lost connection, OOM, READONLY after a failover, BUSY): dramatiq
             # retries the settlement until it goes through, and the message stays in hand meanwhile.
@@ -227,11 +223,16 @@ class MeshConsumer(_RedisConsumer):
         result = claim_results.encode(step.result, lease.envelope if lease is not None else {},
                                       self.broker.settings.claim_result_bytes)
         answer = int(self.broker.settle("done", self.queue_name, self.dedup_ttl_s, rid, *claim, result))
+        self._after_done(rid, answer, lease.key if lease else None)
+        return 1
+
+    def _after_done(self, rid: str, answer: int, key: str | None) -> None:
+        """What a done settlement's answer says: 0 or 2 the lease was lost before it settled (the key
+        is not stored done by this attempt), 2 or more the message is no longer this worker's."""
         if answer in (0, 2):
-            logger.warning("lease lost before the attempt settled", extra={"key": lease.key if lease else None})
+            logger.warning("lease lost before the attempt settled", extra={"key": key})
         if answer >= 2:
             self._superseded(rid)
-        return 1
 
     def _job_arg(self, job: JobWrite | None) -> str | StepRecord:
         """The settle script's job argument for ``job``, from one read of its record; the step when

@@ -148,7 +148,3 @@ class OpsServer:
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     return socket.create_server((host, port), family=family, backlog=backlog)
-
-
-def make_server(client: MeshClient, host: str, port: int) -> OpsServer:
-    return OpsServer(client, host, port)

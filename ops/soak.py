@@ -346,7 +346,6 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
         samples: list[Sample] = []
         # Started inside the try: a failure while they start (or before they serve) stops them too.
         workers = Workers(env, cfg.threads, Path(logs))
-        started = time.monotonic()
         kills = 0
 
         def sample() -> Sample:
