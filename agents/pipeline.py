@@ -29,7 +29,7 @@ from mesh.contracts import (
     transition,
 )
 from mesh.contracts.errors import PermanentFailure
-from mesh.contracts.jobs import known
+from mesh.contracts.jobs import newer_state
 
 
 def start(env: Envelope, token: int) -> Change:
@@ -42,12 +42,12 @@ def start(env: Envelope, token: int) -> Change:
         )
         if step.state in TERMINAL or (step.state is State.RUNNING and step.token == token):
             return record, []  # finished, or this attempt's pick-up already written (a re-sent update)
-        for what, state in (("job", record.state), ("step", step.state)):
-            if not known(state):
-                # A newer release moved it (cancelled, compensating): that release owns it, and this
-                # one runs nothing of it; the message is dead-lettered, kept for that release.
-                raise PermanentFailure(f"the {what} is {state.value!r}, a state of a newer release of the mesh: "
-                                       "not run by this release", job_id=record.job_id)
+        if newer := newer_state(record, step):
+            # A newer release moved it (cancelled, compensating): that release owns it, and this
+            # one runs nothing of it; the message is dead-lettered, kept for that release.
+            what, state = newer
+            raise PermanentFailure(f"the {what} is {state.value!r}, a state of a newer release of the mesh: "
+                                   "not run by this release", job_id=record.job_id)
         step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1,
                           token=token)
         record = settle(record.with_step(step), now)  # a replay while another step is dead stays dead

@@ -82,6 +82,15 @@ def known(state: State) -> bool:
     return state in ALLOWED
 
 
+def newer_state(record: JobRecord, step: StepRecord | None) -> tuple[str, State] | None:
+    """``("job" | "step", state)`` when a newer release moved the job, or ``step``, into a state this
+    release does not know: that release owns it, and this one runs and replays nothing of it."""
+    for what, state in (("job", record.state), ("step", step.state if step else None)):
+        if state is not None and not known(state):
+            return what, state
+    return None
+
+
 def moves(state: State) -> frozenset[State]:
     """The states ``state`` may move to: none for a state this release does not know."""
     return ALLOWED.get(state, frozenset())

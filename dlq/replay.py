@@ -40,7 +40,7 @@ from mesh.broker.outbox import encode_checked, stage, wake
 from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ContractError, JobRecord, LimitExceeded, State, StepRecord, loads, settle, transition
-from mesh.contracts.jobs import known
+from mesh.contracts.jobs import newer_state
 
 from .audit import Audit
 from .checks import Routes, message_body
@@ -382,12 +382,12 @@ def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:
     """Why a replay must leave the job alone: a newer release of the mesh moved it (or the replayed
     step) into a state this release does not know (a rolling deploy: ``compensating``, ``cancelled``).
     This release never moves a record out of such a state, so it sends nothing to run behind it."""
-    step = record.steps.get(step_id) if isinstance(step_id, str) else None
-    for what, state in ((f"job {record.job_id}", record.state), (f"step {step_id}", step.state if step else None)):
-        if state is not None and not known(state):
-            return (f"{what} is {state.value!r}, a state of a newer release of the mesh: replay it with a "
-                    "worker of that release")
-    return None
+    newer = newer_state(record, record.steps.get(step_id) if isinstance(step_id, str) else None)
+    if newer is None:
+        return None
+    what, state = newer
+    name = f"job {record.job_id}" if what == "job" else f"step {step_id}"
+    return f"{name} is {state.value!r}, a state of a newer release of the mesh: replay it with a worker of that release"
 
 
 def _unrecreatable(env: dict[str, Any]) -> str | None:
