@@ -90,9 +90,7 @@ def _server_now(*values: str | None) -> float | None:
     clock (the settle script's TIME), so "the last 15 minutes" must be too, whatever this host's says."""
     if not any(v is not None and _RELATIVE.match(v.strip()) for v in values):
         return None
-    from mesh.broker.clock import server_ms
-
-    return server_ms(base.client().redis) / 1000
+    return base.client().clock.now_s()
 
 
 def _check_agent(agent: str) -> None:
