@@ -15,6 +15,7 @@ Rules (see README, "Limits"):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -62,7 +63,17 @@ def host_key(host: str, port: int) -> str:
 
 
 def parse_allowlist(entries: Iterable[str]) -> frozenset[str]:
-    """MESH_HTTP_ALLOW's ``host:port`` entries in normal form; ConfigError names a bad one."""
+    """MESH_HTTP_ALLOW's ``host:port`` entries in normal form; ConfigError names a bad one. Asked
+    on every tool call (the list, and a tool's own ``allow=``), so each list is parsed once."""
+    listed = tuple(entries)
+    try:
+        return _parsed(listed)
+    except TypeError:  # an unhashable entry (a tool's own allow= gave one): parsed, not cached
+        return _parsed.__wrapped__(listed)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(entries: tuple[str, ...]) -> frozenset[str]:
     out = set()
     for entry in entries:
         try:
