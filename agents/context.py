@@ -3,6 +3,8 @@
     ctx.key, ctx.job_id, ctx.trace_id, ctx.step_id, ctx.attempt, ctx.token   the message's identity
     ctx.deadline_left_s()                                                     the budget left (s)
     ctx.progress("fetched 3 pages")                                           the step moved on
+    ctx.cancelled                                                             the job was cancelled
+                                                                              (mesh cancel): stop
     ctx.model                                                                 the model provider (a
                                                                               pipeline step's ``model``
                                                                               as its default model)
@@ -106,6 +108,12 @@ class Context:
     @property
     def deadline(self) -> float:
         return self.env.deadline
+
+    @property
+    def cancelled(self) -> bool:
+        """The job was cancelled (``mesh cancel``), seen within one lease renewal: stop and return (or
+        raise); whatever the handler returns now is recorded ``cancelled``, never ``succeeded``."""
+        return self.lease.cancelled
 
     def deadline_left_s(self) -> float:
         """Seconds until the deadline, on the Redis server's clock (the deadline's)."""

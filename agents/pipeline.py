@@ -32,6 +32,11 @@ from mesh.contracts.errors import PermanentFailure
 from mesh.contracts.jobs import newer_state
 
 
+def cancelled(record: JobRecord, step: StepRecord) -> bool:
+    """Whether ``step`` belongs to a cancelled job and is not one of its compensations (which run)."""
+    return record.unwind is not None and record.unwind.cause == "cancelled" and step.compensates is None
+
+
 def start(env: Envelope, token: int) -> Change:
     """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running."""
 
@@ -43,11 +48,16 @@ def start(env: Envelope, token: int) -> Change:
         if step.state in TERMINAL or (step.state is State.RUNNING and step.token == token):
             return record, []  # finished, or this attempt's pick-up already written (a re-sent update)
         if newer := newer_state(record, step):
-            # A newer release moved it (cancelled, compensating): that release owns it, and this
+            # A newer release moved it (archived, say): that release owns it, and this
             # one runs nothing of it; the message is dead-lettered, kept for that release.
             what, state = newer
             raise PermanentFailure(f"the {what} is {state.value!r}, a state of a newer release of the mesh: "
                                    "not run by this release", job_id=record.job_id)
+        if cancelled(record, step):
+            # A retry (or a message sent before the cancel) picked up after it: never run.
+            step = transition(step, State.CANCELLED, now=now, error="not run: the job was cancelled",
+                              failure_class="cancelled")
+            return settle(record.with_step(step), now), []
         step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1,
                           token=token)
         record = settle(record.with_step(step), now)  # a replay while another step is dead stays dead
@@ -75,9 +85,17 @@ def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0),
         if step.state is State.SUCCEEDED:
             return record, []
         step = add_tokens(step, *tokens)
-        record = add_tokens(record, *tokens).with_step(
-            transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
-        )
+        if cancelled(record, step):
+            # Its job was cancelled while it ran: it is not a success and nothing reads its output, but
+            # its effect happened, so the output is kept for its compensation (compensate.effect).
+            done = transition(step, State.CANCELLED, now=now, error="ended after the job was cancelled: its "
+                              "output is not used", failure_class="cancelled")
+            record = add_tokens(record, *tokens).with_step(done.model_copy(
+                update={"result": output.model_dump(mode="json")}))
+        else:
+            record = add_tokens(record, *tokens).with_step(
+                transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
+            )
         if spec is not None and record.pipeline_digest is not None:
             run = Run(trace_id=env.trace_id, deadline=env.deadline, token_budget=env.token_budget)
             return advance(spec, record, run, routes or Routes(), events, now=now)

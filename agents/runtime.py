@@ -131,6 +131,12 @@ class AgentRuntime:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         step = record.steps[env.step_id]
         flow = self.flow(record)
+        if step.state is State.CANCELLED and step.result is None:
+            # Its job was cancelled before it ran (mesh cancel): acked, nothing run, the key left free.
+            trace.emit(self.redis, self.keys, trace.event("not_run", envelope, worker=self.worker,
+                                                          reason=step.error or "cancelled"))
+            lease.result, lease.done = None, False
+            return
         if step.state in TERMINAL:
             # Finished before its claim said so (a crash between the two): a duplicate, answered
             # with the stored result. A dead-lettered step stays free for its replay.
