@@ -47,6 +47,7 @@ from mesh.ops.console import (
     when,
 )
 from mesh.ops.dlq_cli import dlq_app
+from mesh.ops.jobctl_cli import register as register_jobctl
 from mesh.ops.pipeline_cli import AppPath, pipeline_app, resolve_pipeline
 
 #: States only a step takes: a job is never in them (settle derives a job's state from its steps).
@@ -820,6 +821,7 @@ def demo(
 
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(pipeline_app, name="pipeline")
+register_jobctl(app)  # mesh cancel, mesh rerun
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from mesh.broker.connection import transaction
 from mesh.broker.jobs import JobNotFound, stage_record
 from mesh.broker.outbox import stage_all
 from mesh.contracts import ConfigError, JobRecord, MeshError, State, StepRecord, items_of, new_trace_id
+from mesh.contracts.jobs import compensations
 
 from . import compensate
 from .engine import Routes, Run, advance, load_spec
@@ -99,6 +100,12 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
     if missing:
         raise ConfigError(f"step(s) {', '.join(missing)} upstream of {from_step} did not succeed in job {job_id}: "
                           "their outputs cannot be reused; rerun from the first of them")
+    undone = sorted(s for s in upstream(spec)[from_step]
+                    if any(c.compensates in (s, *(i.step_id for i in items_of(old, s)))
+                           and c.state is State.SUCCEEDED for c in compensations(old)))
+    if undone:
+        raise ConfigError(f"step(s) {', '.join(undone)} upstream of {from_step} were compensated in job {job_id}: "
+                          "their effects are undone, so their outputs are not reused; rerun from the first of them")
     key = key or f"{old.key}/rerun/{len(old.reruns) + 1}"
     now = time.time()
     trace_id = new_trace_id()

@@ -69,3 +69,9 @@ TRIP = app.pipeline(Pipeline("trip")
                     .step("flight", agent="book", compensate=UNDO)
                     .step("hotel", agent="book", depends_on=["flight"], compensate=UNDO)
                     .step("car", agent="book", depends_on=["hotel"]))
+
+#: The same steps without compensations: a failure leaves the job dead-lettered (for rerun tests).
+TOUR = app.pipeline(Pipeline("tour")
+                    .step("flight", agent="book")
+                    .step("hotel", agent="book", depends_on=["flight"])
+                    .step("car", agent="book", depends_on=["hotel"]))
