@@ -33,6 +33,7 @@ from mesh.contracts.jobs import COMPENSATION_FAILED, known
 
 from . import claims, trace
 from .keys import Keys
+from .observe import unwind_counts
 from .outbox import stage_all
 
 if TYPE_CHECKING:
@@ -155,6 +156,8 @@ class JobStore:
                 trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
             for ev in events:
                 trace.stage(pipe, self.keys, ev)
+            for field in unwind_counts(events):
+                pipe.hincrby(self.keys.stats, field, 1)
             stage_record(pipe, self.keys, record, was=before.state,
                          retention_s=self.retention_s if retention_s is None else retention_s, keep_s=self.keep_s)
             if also is not None:

@@ -86,6 +86,22 @@ def rerun(job: Job,
     _sent(c, ref, wait, timeout, as_json)
 
 
+def lines(record: JobRecord) -> list[Text]:
+    """What `mesh status` says of a job's control: why it undoes its effects (cause, since when) and its
+    compensations' progress; the job it reruns, and its reruns."""
+    out_: list[Text] = []
+    if record.unwind is not None:
+        undo = compensations(record)
+        done = sum(c.state is State.SUCCEEDED for c in undo)
+        progress = f"; compensations {done} of {len(undo)} done" if undo else ""
+        out_.append(Text(f"{record.unwind.cause}: {record.unwind.reason}{progress}"))
+    if record.rerun_of:
+        out_.append(Text(f"rerun of {record.rerun_of} from step {record.rerun_from}"))
+    if record.reruns:
+        out_.append(Text(f"reruns: {', '.join(record.reruns)}"))
+    return out_
+
+
 def register(app: typer.Typer) -> None:
     """Add ``cancel`` and ``rerun`` to the ``mesh`` command."""
     app.command(epilog="Examples: `mesh cancel job-5f0c --reason 'wrong customer'`, `mesh cancel order-7`")(cancel)

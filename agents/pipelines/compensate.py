@@ -148,8 +148,11 @@ def proceed(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[dic
             record = record.with_step(transition(comp, State.SKIPPED, now=now, error=why))
             events.append(_event("compensation_skipped", record, record.steps[comp.step_id], reason=why))
     messages: list[Message] = []
-    record = _send_next(spec, record, routes, events, now, messages)
-    return settle(record, now, spec), messages
+    was = record.state
+    record = settle(_send_next(spec, record, routes, events, now, messages), now, spec)
+    if record.state is State.COMPENSATED and was is not State.COMPENSATED:
+        events.append(_event("compensated", record, None, cause=record.unwind.cause if record.unwind else None))
+    return record, messages
 
 
 def _send_next(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[dict[str, Any]], now: float,

@@ -5,6 +5,7 @@ and when step 3's dead letter is replayed afterwards."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -47,7 +48,7 @@ def _start(make_settings: Any, rclient: Any, worker_process: Any, server: Record
 
 
 def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and_a_replay_does_not_again(
-        make_settings: Any, rclient: Any, worker_process: Any) -> None:
+        make_settings: Any, rclient: Any, worker_process: Any, cli: Any) -> None:
     ledger = Ledger()
     with RecordingServer(ledger) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
@@ -77,6 +78,30 @@ def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and
         assert after.state is State.COMPENSATED and after.steps["car"].state is State.DEAD_LETTERED
         assert [a for a in ledger.applied if a[0] == "/undo"] == [("/undo", "hotel"), ("/undo", "flight")]
         assert int(rclient.hget(f"{ns}:outcomes", "unbook:succeeded") or 0) == 2
+
+        # Every view shows the new states with their cause.
+        status = cli("status", "trip-1")
+        assert status.returncode == 0, status.stderr
+        flat = " ".join(status.stdout.split())
+        assert "compensated" in flat and "failed: step car" in flat and "compensations 2 of 2 done" in flat
+        assert "undo:hotel succeeded agent unbook" in flat and "compensation undo:flight: succeeded" in flat
+        trace = " ".join(cli("trace", ref.id).stdout.split())
+        assert "(failed: step car" in trace and "compensating failed: step car" in trace
+        assert "compensation_sent undoes hotel" in trace
+        listed = cli("jobs", "--state", "compensated", "--json")
+        assert [j["job_id"] for j in json.loads(listed.stdout)] == [ref.id]
+        samples = _metrics(mesh)
+        assert samples[("mesh_jobs_unwound_total", ("failed",))] == 1
+        assert samples[("mesh_compensations_sent_total", ())] == 2
+        assert samples[("mesh_jobs_compensated_total", ())] == 1
+        assert samples[("mesh_compensations_failed_total", ())] == 0
+
+
+def _metrics(mesh: MeshClient) -> dict[tuple[str, tuple[str, ...]], float]:
+    from mesh.ops.metrics import MeshCollector
+
+    return {(s.name, tuple(s.labels.values())): s.value
+            for family in MeshCollector(mesh).collect() for s in family.samples}
 
 
 def test_a_worker_sigkilled_mid_compensation_leaves_each_compensation_applied_once_in_order(
