@@ -151,6 +151,23 @@ class Context:
         self._confirm(spec.name, effect=spec.effect)
         return self._run(spec, typed)
 
+    def undo(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        """Run a compensation of tool calls (``{"tool", "args"}``, in the order given: last call
+        first): each through the same guards as :meth:`call`, whichever agent declared the tool."""
+        for done, undo in enumerate(calls):
+            spec = self.runtime.app.tools.get(str(undo.get("tool")))
+            if spec is None:
+                raise ConfigError(f"compensating tool {undo.get('tool')!r} is not declared by app "
+                                  f"{self.runtime.app.name!r} ({done} of {len(calls)} calls undone)")
+            try:
+                typed = spec.args.model_validate(undo.get("args") or {})
+            except ValidationError as exc:
+                raise ContractError(f"{spec.name} cannot take the args of the call it undoes: "
+                                    f"{exc.error_count()} error(s)") from None
+            self._confirm(spec.name, effect=spec.effect)
+            self._run(spec, typed)
+        return {"undone": len(calls)}
+
     def _confirm(self, call: str, *, effect: bool) -> None:
         """The attempt's lease holds its key now (checked in Redis when :class:`~mesh.broker.fence.Fence`
         says so), or LeaseLost: the new owner carries the work, this attempt acts no more. A refusal
@@ -173,6 +190,8 @@ class Context:
                 result = tool_ctx.guarded(dependency, lambda: _classified(dependency, spec.run, tool_ctx, args))
             if spec.effect:
                 self.lease.effects += 1
+                if spec.compensate:  # what undoes this call, should the job halt or be cancelled
+                    self.lease.undo_calls.append({"tool": spec.compensate, "args": args.model_dump(mode="json")})
             detail = getattr(result, "detail", None)
             outcome = {"status": detail.get("status") if isinstance(detail, dict) else "ok"}
             return result

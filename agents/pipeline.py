@@ -70,11 +70,13 @@ def start(env: Envelope, token: int) -> Change:
 
 def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0), *,
              spec: PipelineSpec | None = None, routes: Routes | None = None,
-             events: list[dict[str, Any]] | None = None) -> Change:
+             events: list[dict[str, Any]] | None = None,
+             undo_calls: list[dict[str, Any]] | None = None) -> Change:
     """The step succeeded with ``output``, spending ``tokens`` (in, out) in this attempt; work out what
     it sets in motion. A declared pipeline's job (``spec``: the spec it started with) moves by its DAG
     (:func:`mesh.agents.pipelines.engine.advance`), whose trace events are appended to ``events``;
-    a job of one directly sent step ends with its output as the result."""
+    a job of one directly sent step ends with its output as the result. ``undo_calls``: what undoes
+    the calls the attempt made of tools declared with ``compensate=``, kept on the step."""
     events = [] if events is None else events
     given = len(events)
 
@@ -85,6 +87,8 @@ def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0),
         if step.state is State.SUCCEEDED:
             return record, []
         step = add_tokens(step, *tokens)
+        if undo_calls:
+            step = step.model_copy(update={"undo_calls": undo_calls})
         if cancelled(record, step):
             # Its job was cancelled while it ran: it is not a success and nothing reads its output, but
             # its effect happened, so the output is kept for its compensation (compensate.effect).

@@ -85,6 +85,9 @@ class Lease:
     output_gone: str | None = field(default=None, compare=False)
     #: The attempt's job was cancelled (``mesh cancel``): seen by the lease renewal (``ctx.cancelled``).
     cancelled: bool = field(default=False, compare=False)
+    #: Calls of tools declared with ``compensate=`` that returned, as what undoes each: ``{"tool":
+    #: the compensating tool, "args": the call's args}``; kept on the step when it succeeds.
+    undo_calls: list[dict[str, Any]] = field(default_factory=list, compare=False)
 
 
 @dataclass

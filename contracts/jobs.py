@@ -171,6 +171,9 @@ class StepRecord(Record):
     need: int | None = None
     #: A compensation (its id ``undo:<step>``): the step, or ``for_each`` item, whose effect it undoes.
     compensates: str | None = None
+    #: What undoes the calls the step made of tools declared with ``compensate=`` (``{"tool", "args"}``,
+    #: in call order); None: it made none.
+    undo_calls: list[dict[str, Any]] | None = None
 
 
 #: How a compensation's step id begins: ``undo:<step id>`` (no step or item id contains ``:``).
@@ -184,6 +187,11 @@ def undo_id(step_id: str) -> str:
 
 def is_compensation(step_id: str) -> bool:
     return step_id.startswith(UNDO)
+
+
+#: The payload field of a compensation that undoes a step's tool calls (tools declared with
+#: ``compensate=``): ``[{"tool", "args"}, ...]``, last call first; run by the step's own agent's worker.
+UNDO_CALLS = "mesh_undo_calls"
 
 
 class Unwind(Tolerant):

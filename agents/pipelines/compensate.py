@@ -37,7 +37,7 @@ from dramatiq.message import Message
 from mesh.broker import trace
 from mesh.broker.outbox import build_message, encode_checked
 from mesh.contracts import LOST, Envelope, JobRecord, LimitExceeded, State, StepRecord, transition
-from mesh.contracts.jobs import UNWOUND, Unwind, compensations, known, undo_id
+from mesh.contracts.jobs import UNDO_CALLS, UNWOUND, Unwind, compensations, known, undo_id
 
 from .expr import ExpressionError
 from .spec import FailureMode, PipelineSpec, StepSpec
@@ -66,15 +66,16 @@ def declares(spec: PipelineSpec) -> bool:
 
 def compensable(spec: PipelineSpec, rec: StepRecord) -> StepSpec | None:
     """The spec of the step whose compensation undoes ``rec`` (a step, or an item of a ``for_each``
-    step), or None: it declares none, it is a compensation, or it is a ``for_each`` step itself (its
-    items are compensated each)."""
+    step), or None: it declares no ``compensate:`` and made no call of a tool declared with
+    ``compensate=`` (``rec.undo_calls``), it is a compensation, or it is a ``for_each`` step itself
+    (its items are compensated each)."""
     if rec.compensates is not None or rec.need is not None:
         return None
     try:
         step = spec.step(rec.parent or rec.step_id)
     except KeyError:
         return None
-    return step if step.compensate is not None else None
+    return step if step.compensate is not None or rec.undo_calls else None
 
 
 def effect(rec: StepRecord) -> str:
@@ -111,7 +112,7 @@ def after(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[dict[
     """What ends every pass of the engine: a job that must undo its effects (:func:`cause`) and has
     something to undo starts unwinding; one that unwinds goes on (:func:`proceed`)."""
     if record.unwind is None:
-        if not declares(spec) or not known(record.state):
+        if not known(record.state) or not (declares(spec) or any(r.undo_calls for r in record.steps.values())):
             return record, messages
         why = cause(spec, record)
         if why is None or not _undoable(spec, record.steps.values()):
@@ -137,8 +138,8 @@ def proceed(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[dic
         step = compensable(spec, rec)
         if step is None or undo_id(rec.step_id) in record.steps or effect(rec) == "none":
             continue
-        assert step.compensate is not None
-        record = record.with_step(StepRecord(step_id=undo_id(rec.step_id), agent=step.compensate.agent,
+        agent = step.compensate.agent if step.compensate is not None else rec.agent  # its tools' worker
+        record = record.with_step(StepRecord(step_id=undo_id(rec.step_id), agent=agent,
                                              key=undo_key(rec.key), compensates=rec.step_id,
                                              created_at=now, updated_at=now))
     for comp in compensations(record):
@@ -169,7 +170,7 @@ def _send_next(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[
     comp = max(waiting, key=lambda c: (origs[c.step_id].finished_at or 0.0, origs[c.step_id].updated_at))
     orig = origs[comp.step_id]
     step = compensable(spec, orig)
-    assert step is not None and step.compensate is not None
+    assert step is not None
     try:
         payload = _input(step, orig, record)
         message = _message(step, record, routes, comp, payload, now)
@@ -186,10 +187,12 @@ def _send_next(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[
 
 
 def _input(step: StepSpec, orig: StepRecord, record: JobRecord) -> dict[str, Any]:
-    """The compensation's input: its ``input:`` fields over the step's input and output, else both."""
+    """The compensation's input: its ``input:`` fields over the step's input and output, else both; for
+    a step without ``compensate:``, the calls of its compensating tools (run by its own agent's worker)."""
     from .engine import _build_input
 
-    assert step.compensate is not None
+    if step.compensate is None:  # the compensating tools of its calls, last call first
+        return {UNDO_CALLS: list(reversed(orig.undo_calls or []))}
     scope = {"input": orig.input, "output": orig.result or {}, "task_id": record.key, "job_id": record.job_id}
     if step.compensate.input is None:
         return {"input": orig.input, "output": orig.result or {}}
@@ -199,15 +202,15 @@ def _input(step: StepSpec, orig: StepRecord, record: JobRecord) -> dict[str, Any
 def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, payload: dict[str, Any],
              now: float) -> Message:
     undo = step.compensate
-    assert undo is not None
-    env = Envelope(key=comp.key, job_id=record.job_id, step_id=comp.step_id, agent=undo.agent,
+    policy = undo.retry_policy if undo is not None else step.retry_policy
+    env = Envelope(key=comp.key, job_id=record.job_id, step_id=comp.step_id, agent=comp.agent,
                    trace_id=record.trace_id, deadline=now + COMPENSATION_DEADLINE_S,
-                   contract_version=routes.version(undo.agent), payload=payload,
-                   max_retries=undo.retry_policy.max_attempts - 1 if undo.retry_policy else None,
-                   backoff=undo.retry_policy.backoff.value if undo.retry_policy else None)
-    options = {"time_limit": undo.timeout_ms} if undo.timeout_ms is not None else {}
-    message = build_message(env, **options)
-    queue = routes.queue(undo.agent)
+                   contract_version=routes.version(comp.agent), payload=payload,
+                   max_retries=policy.max_attempts - 1 if policy else None,
+                   backoff=policy.backoff.value if policy else None)
+    timeout = undo.timeout_ms if undo is not None else None
+    message = build_message(env, **({"time_limit": timeout} if timeout is not None else {}))
+    queue = routes.queue(comp.agent)
     if queue != message.queue_name:
         message = message.copy(queue_name=queue)
     if routes.max_message_bytes is not None:

@@ -18,7 +18,7 @@ import time
 
 from pydantic import BaseModel
 
-from mesh import App, Context
+from mesh import App, Context, ToolContext, host_port, send_request
 from mesh.agents.pipelines import Pipeline
 from mesh.contracts import PermanentFailure
 
@@ -63,6 +63,33 @@ def unbook(ctx: Context, booking: Booking) -> Booking:
     return booking
 
 
+class Seat(BaseModel):
+    url: str
+    seat: str
+
+
+@app.tool(dependency=lambda args: host_port(args.url), compensate="release")
+def reserve(ctx: ToolContext, args: Seat) -> dict:
+    """Reserves a seat (POST /reserve); ``release`` undoes it."""
+    send_request(ctx, "POST", f"{args.url}/reserve", json={"ref": args.seat})
+    return {"seat": args.seat}
+
+
+@app.tool(dependency=lambda args: host_port(args.url))
+def release(ctx: ToolContext, args: Seat) -> dict:
+    """Releases a seat (POST /release), given the args ``reserve`` was called with."""
+    send_request(ctx, "POST", f"{args.url}/release", json={"ref": args.seat})
+    return {"seat": args.seat}
+
+
+@app.agent(tools=["reserve"])
+def seats(ctx: Context, booking: Booking) -> Booking:
+    """Reserves two seats through the ``reserve`` tool (no ``compensate:`` on its step: the tool's own)."""
+    for seat in ("1A", "1B"):
+        ctx.call("reserve", {"url": booking.url, "seat": seat})
+    return Booking(url=booking.url, ref=ctx.step_id)
+
+
 UNDO = {"agent": "unbook", "input": {"url": "output.url", "ref": "output.ref"}}
 
 TRIP = app.pipeline(Pipeline("trip")
@@ -75,3 +102,8 @@ TOUR = app.pipeline(Pipeline("tour")
                     .step("flight", agent="book")
                     .step("hotel", agent="book", depends_on=["flight"])
                     .step("car", agent="book", depends_on=["hotel"]))
+
+#: A step compensated by its tool calls' own compensating tool (``@app.tool(compensate="release")``).
+SHOW = app.pipeline(Pipeline("show")
+                    .step("seat", agent="seats")
+                    .step("car", agent="book", depends_on=["seat"]))

@@ -16,13 +16,13 @@ from mesh.contracts import State
 from mesh.dlq import DeadLetterStore, Replayer
 from tests.conftest import wait_for
 from tests.httpserver import RecordingServer
-from tests.pipelines.saga import TRIP, app
+from tests.pipelines.saga import SHOW, TRIP, app
 
 HEARTBEAT_TIMEOUT_S = 3.0
 
 
 class Ledger:
-    """A booking API's responder: each Idempotency-Key's effect applied once, in arrival order."""
+    """A booking API's responder: each Idempotency-Key's effect (on one item) applied once, in arrival order."""
 
     def __init__(self) -> None:
         self.applied: list[tuple[str, str]] = []
@@ -31,10 +31,13 @@ class Ledger:
 
     def __call__(self, _n: int, request: dict[str, Any]) -> tuple[int, Any]:
         body = request["json"] or {}
+        what = body.get("ref") or body.get("step")
+        # One key per request, and per item of a request that names several (a step's seats).
+        key = f"{request['headers'].get('idempotency-key')}#{request['path']}#{what}"
         with self._lock:
-            if request["headers"].get("idempotency-key") not in self._keys:
-                self._keys.add(request["headers"].get("idempotency-key"))
-                self.applied.append((request["path"], body.get("ref") or body.get("step")))
+            if key not in self._keys:
+                self._keys.add(key)
+                self.applied.append((request["path"], what))
         return 200, {"ok": True}
 
 
@@ -135,3 +138,19 @@ def _trace(mesh: MeshClient, job_id: str) -> list[dict[str, Any]]:
     from mesh.broker import trace
 
     return trace.read(mesh.redis, mesh.keys, job_id)
+
+
+def test_a_tool_declared_with_compensate_is_undone_by_its_compensating_tool_last_call_first(
+        make_settings: Any, rclient: Any, worker_process: Any) -> None:
+    ledger = Ledger()
+    with RecordingServer(ledger) as server:
+        mesh, _ = _start(make_settings, rclient, worker_process, server)
+        rclient.sadd(f"{mesh.settings.namespace}:test.fail", "car")
+        ref = mesh.run(SHOW, {"url": server.url("")}, key="show-1")
+        record = mesh.wait(ref.id, timeout_s=60)
+
+        assert record.state is State.COMPENSATED, (record.state, record.error)
+        assert ledger.applied == [("/reserve", "1A"), ("/reserve", "1B"), ("/release", "1B"), ("/release", "1A")]
+        undo = record.steps["undo:seat"]
+        assert undo.agent == "seats" and undo.state is State.SUCCEEDED and undo.result == {"undone": 2}
+        assert [c["tool"] for c in record.steps["seat"].undo_calls or []] == ["release", "release"]
