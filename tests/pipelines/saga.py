@@ -6,7 +6,8 @@ The pipeline ``trip``: ``flight`` → ``hotel`` → ``car``; flight and hotel ar
 (the input built from the step's output), car has no compensation. A step whose id is listed in the
 set ``{ns}:test.fail`` fails permanently. ``unbook`` writes its process id to ``{ns}:test.holder``
 and, while ``{ns}:test.hold`` exists, waits (at most 60 s) for ``{ns}:test.release``: a test can
-SIGKILL the worker in the middle of a compensation. ``book`` waits the same way while
+SIGKILL the worker in the middle of a compensation; it fails for good for a ``ref`` listed in
+``{ns}:test.fail_undo``. ``book`` waits the same way while
 ``{ns}:test.hold_book`` lists its step id, watching ``ctx.cancelled``, and writes what it saw to
 ``{ns}:test.saw_cancel``.
 """
@@ -59,6 +60,8 @@ def unbook(ctx: Context, booking: Booking) -> Booking:
         end = time.monotonic() + 60
         while not r.exists(f"{ns}:test.release") and time.monotonic() < end:
             time.sleep(0.05)
+    if r.sismember(f"{ns}:test.fail_undo", booking.ref):
+        raise PermanentFailure(f"undo of {booking.ref} told to fail")
     ctx.http.post(f"{booking.url}/undo", json={"ref": booking.ref}).raise_for_status()
     return booking
 

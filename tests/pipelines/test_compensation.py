@@ -180,3 +180,14 @@ def test_cancel_with_nothing_to_undo_ends_the_job_cancelled():
     record, sent = saga.cancel(CHAIN, record, "", Routes(), [], now=2.0)
     assert record.state is State.CANCELLED and record.failure_class == "cancelled" and sent == []
     assert all(s.state is State.CANCELLED for s in record.steps.values())
+
+
+def test_cancel_withdraws_a_step_awaiting_approval():
+    spec = (Pipeline("approve").step("a", agent="book", compensate=UNDO)
+            .step("b", agent="book", depends_on=["a"], requires_human_approval=True).build())
+    record, _ = _job(spec)
+    record, sent = _ok(spec, record, "a", 2.0)
+    assert sent == [] and record.steps["b"].state is State.AWAITING_APPROVAL
+    record, sent = saga.cancel(spec, record, "no", Routes(), [], now=3.0)
+    assert record.steps["b"].state is State.CANCELLED and "withdrawn from approval" in (record.steps["b"].error or "")
+    assert _sent(sent) == ["undo:a"]

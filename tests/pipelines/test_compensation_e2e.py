@@ -154,3 +154,30 @@ def test_a_tool_declared_with_compensate_is_undone_by_its_compensating_tool_last
         undo = record.steps["undo:seat"]
         assert undo.agent == "seats" and undo.state is State.SUCCEEDED and undo.result == {"undone": 2}
         assert [c["tool"] for c in record.steps["seat"].undo_calls or []] == ["release", "release"]
+
+
+def test_a_compensation_failing_for_good_is_dead_lettered_compensation_failed_and_its_replay_finishes_the_job(
+        make_settings: Any, rclient: Any, worker_process: Any) -> None:
+    ledger = Ledger()
+    with RecordingServer(ledger) as server:
+        mesh, _ = _start(make_settings, rclient, worker_process, server)
+        ns = mesh.settings.namespace
+        rclient.sadd(f"{ns}:test.fail", "car")
+        rclient.sadd(f"{ns}:test.fail_undo", "hotel")
+        ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-undo-fails")
+        record = mesh.wait(ref.id, timeout_s=60)
+
+        assert record.state is State.UNKNOWN and record.failure_class == "compensation_failed", record.error
+        assert record.error.startswith("compensation undo:hotel failed: permanent: ")
+        assert record.steps["undo:flight"].sent_at is None  # the rest wait: flight stays booked
+        store = DeadLetterStore(rclient, mesh.keys)
+        [entry] = [e for e in store.newest() if e.envelope and e.envelope["step_id"] == "undo:hotel"]
+        assert entry.failure_class == "compensation_failed"
+        assert ledger.applied == [("/do", "flight"), ("/do", "hotel")]
+        assert _metrics(mesh)[("mesh_compensations_failed_total", ())] == 1
+
+        rclient.srem(f"{ns}:test.fail_undo", "hotel")
+        replayer = Replayer(store, mesh.settings)
+        assert replayer.replay(replayer.entries([entry.entry_id])).replayed == [entry.entry_id]
+        record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.COMPENSATED and r, timeout_s=60)
+        assert ledger.applied == [("/do", "flight"), ("/do", "hotel"), ("/undo", "hotel"), ("/undo", "flight")]
