@@ -94,6 +94,9 @@ def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0),
             # its effect happened, so the output is kept for its compensation (compensate.effect).
             done = transition(step, State.CANCELLED, now=now, error="ended after the job was cancelled: its "
                               "output is not used", failure_class="cancelled")
+            for ev in events[:given]:  # the attempt's own "succeeded" event says what it is
+                if ev.get("event") == "succeeded" and ev.get("step_id") == env.step_id:
+                    ev["event"] = "cancelled"
             record = add_tokens(record, *tokens).with_step(done.model_copy(
                 update={"result": output.model_dump(mode="json")}))
         else:

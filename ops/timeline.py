@@ -43,7 +43,8 @@ _DETAIL = {
     "joined": lambda e: _join(e),
     "join_failed": lambda e: _join(e),
     "compensating": lambda e: f"{e.get('cause')}: {e.get('reason', '')}",
-    "cancelled": lambda e: "by an operator" + (f": {e['reason']}" if e.get("reason") else ""),
+    "cancelled": lambda e: ("ended after the job was cancelled: its output is not used" if e.get("step_id")
+                            else "by an operator" + (f": {e['reason']}" if e.get("reason") else "")),
     "compensation_sent": lambda e: f"undoes {e.get('compensates')}",
     "compensation_skipped": lambda e: str(e.get("reason", "")),
     "compensation_failed": lambda e: str(e.get("reason", "")),

@@ -37,6 +37,9 @@ def test_cancel_of_a_job_with_a_running_step_stops_it_and_compensates_and_a_seco
         assert record.error == "cancelled: wrong dates" and record.failure_class == "cancelled"
         hotel = record.steps["hotel"]
         assert hotel.state is State.CANCELLED and hotel.result == {"url": server.url(""), "ref": "hotel"}
+        trace = " ".join(cli("trace", ref.id).stdout.split())
+        assert "cancelled by an operator: wrong dates" in trace
+        assert "cancelled ended after the job was cancelled" in trace  # hotel's attempt, not "succeeded"
         # hotel's effect happened before it stopped: undone first (it ended last), then flight's.
         assert ledger.applied == [("/do", "flight"), ("/do", "hotel"), ("/undo", "hotel"), ("/undo", "flight")]
 
