@@ -94,7 +94,9 @@ def lines(record: JobRecord) -> list[Text]:
         undo = compensations(record)
         done = sum(c.state is State.SUCCEEDED for c in undo)
         progress = f"; compensations {done} of {len(undo)} done" if undo else ""
-        out_.append(Text(f"{record.unwind.cause}: {record.unwind.reason}{progress}"))
+        why = record.unwind.reason  # "cancelled: <reason>" names its cause already
+        why = why if why.startswith(record.unwind.cause) else f"{record.unwind.cause}: {why}"
+        out_.append(Text(f"{why}{progress}"))
     if record.rerun_of:
         out_.append(Text(f"rerun of {record.rerun_of} from step {record.rerun_from}"))
     if record.reruns:

@@ -104,7 +104,8 @@ def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[Dag
     title = Text(f"job {record.job_id} {record.state}  trace {record.trace_id}" if record
                  else f"job (no record)  {len(events)} events")
     if record is not None and record.unwind is not None:  # why it undoes its effects, with its state
-        title.append(f"  ({record.unwind.cause}: {record.unwind.reason})")
+        why = record.unwind.reason
+        title.append(f"  ({why if why.startswith(record.unwind.cause) else f'{record.unwind.cause}: {why}'})")
     tree = _Node(title)
     steps = by_step(events)
     _events(tree, steps.pop("None", []), start)  # the job's own: compensating, cancelled, rerun
