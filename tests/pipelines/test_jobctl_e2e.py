@@ -66,6 +66,10 @@ def test_cancel_of_a_job_without_compensations_ends_it_cancelled_through_the_cli
         assert record.state is State.CANCELLED and record.error == "cancelled: not needed"
         assert [s.state for s in record.steps.values()] == [State.CANCELLED] * 3
         assert cli("cancel", "tour-cancel").stdout.startswith(f"job {ref.id} is cancelled")
+        listed = json.loads(cli("jobs", "--state", "cancelled", "--json").stdout)
+        assert [j["job_id"] for j in listed] == [ref.id] and listed[0]["error"] == "cancelled: not needed"
+        shown = json.loads(cli("status", ref.id, "--json").stdout)
+        assert [n["state"] for n in shown["dag"]] == ["cancelled"] * 3 and shown["unwind"]["cause"] == "cancelled"
 
 
 def test_rerun_from_a_step_reuses_upstream_outputs_and_runs_the_rest_under_new_keys(
