@@ -4,9 +4,10 @@
 
 The pipeline ``trip``: ``flight`` → ``hotel`` → ``car``; flight and hotel are undone by ``unbook``
 (the input built from the step's output), car has no compensation. A step whose id is listed in the
-set ``{ns}:test.fail`` fails permanently. ``unbook`` writes its process id to ``{ns}:test.holder``
-and, while ``{ns}:test.hold`` exists, waits (at most 60 s) for ``{ns}:test.release``: a test can
-SIGKILL the worker in the middle of a compensation; it fails for good for a ``ref`` listed in
+set ``{ns}:test.fail`` fails permanently. ``unbook`` undoes, then writes its process id to
+``{ns}:test.holder`` and, while ``{ns}:test.hold`` exists, waits (at most 60 s) for
+``{ns}:test.release``: a test can SIGKILL the worker in the middle of a compensation, after its
+effect and before its success is recorded; it fails for good for a ``ref`` listed in
 ``{ns}:test.fail_undo``. ``book`` waits the same way while
 ``{ns}:test.hold_book`` lists its step id, watching ``ctx.cancelled``, and writes what it saw to
 ``{ns}:test.saw_cancel``.
@@ -55,14 +56,14 @@ def book(ctx: Context, booking: Booking) -> Booking:
 def unbook(ctx: Context, booking: Booking) -> Booking:
     """Undoes booking ``ref``."""
     r, ns = ctx.runtime.redis, _ns(ctx)
-    r.set(f"{ns}:test.holder", os.getpid())
-    if r.exists(f"{ns}:test.hold"):
-        end = time.monotonic() + 60
-        while not r.exists(f"{ns}:test.release") and time.monotonic() < end:
-            time.sleep(0.05)
     if r.sismember(f"{ns}:test.fail_undo", booking.ref):
         raise PermanentFailure(f"undo of {booking.ref} told to fail")
     ctx.http.post(f"{booking.url}/undo", json={"ref": booking.ref}).raise_for_status()
+    r.set(f"{ns}:test.holder", os.getpid())
+    if r.exists(f"{ns}:test.hold"):  # the effect is made, its success not yet recorded
+        end = time.monotonic() + 60
+        while not r.exists(f"{ns}:test.release") and time.monotonic() < end:
+            time.sleep(0.05)
     return booking
 
 
