@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import ConfigDict, Field
 
+from .effects import Settlement, Verdict
 from .envelope import Frozen
 from .errors import IllegalTransition
 
@@ -69,7 +70,9 @@ ALLOWED: dict[State, frozenset[State]] = {
                                         State.HALTED, State.SKIPPED}),
     State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}),
     State.DEAD_LETTERED: frozenset({State.QUEUED}),
-    State.UNKNOWN: frozenset({State.QUEUED}),
+    # QUEUED: a replay, or an effect verified or settled applied (the step runs again and its
+    # ledger returns the recorded outcome); DEAD_LETTERED: an effect refuted or settled not applied.
+    State.UNKNOWN: frozenset({State.QUEUED, State.DEAD_LETTERED}),
     State.HALTED: frozenset({State.QUEUED}),
     State.NOT_RUN: frozenset({State.QUEUED}),
     State.SUCCEEDED: frozenset(),
@@ -147,6 +150,11 @@ class StepRecord(Record):
     index: int | None = None
     #: A ``for_each`` step that fanned out: how many of its items must succeed (its join).
     need: int | None = None
+    #: What the step's effectful tool calls came to (:func:`mesh.contracts.effects.summary`):
+    #: ``verified``, or ``unverified`` (done by the tool's own word), ...; None: it made none.
+    effect: Verdict | None = None
+    #: An operator's decision on its unknown effect (``mesh settle``): who, when, why.
+    settlement: Settlement | None = None
 
 
 class JobRecord(Record):
