@@ -152,13 +152,13 @@ class EffectCalls:
             return typed(spec, entry.outcome, key=entry.key, verdict=entry.verdict)
         recorded = None if entry.outcome_at is None else typed(spec, entry.outcome, key=entry.key,
                                                                verdict=Verdict.UNKNOWN)
+        why = ("its call went out and its outcome was never written" if entry.outcome_at is None
+               else "its verdict was never written")
         if spec.verify is None:
-            why = ("its call went out and its outcome was never written" if entry.outcome_at is None
-                   else "its verdict was never written")
-            return self._settle(spec, entry, Check(Verdict.UNKNOWN, f"{why}; no verifier"), recorded)
+            return self._settle(spec, entry, Check(Verdict.UNKNOWN, f"{why}; the tool has no verifier"), recorded)
         found = check(spec, ctx, args, recorded)
         if found.verdict is Verdict.UNVERIFIED:
-            found = Check(Verdict.UNKNOWN, "its outcome is not proven and the verifier has no check for this call")
+            found = Check(Verdict.UNKNOWN, f"{why}; the verifier has no check for this call")
         return self._settle(spec, entry, found, recorded)
 
     def _failed(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, entry: EffectEntry, exc: Exception) -> Any:
