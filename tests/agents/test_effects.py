@@ -10,7 +10,7 @@ import pytest
 
 from mesh import MeshClient
 from mesh.broker import trace
-from mesh.broker.ledger import Ledger, unknown_count
+from mesh.broker.ledger import Ledger, audit_records, unknown_count
 from mesh.contracts import State
 from mesh.contracts.effects import Verdict
 from tests.apps.effects import app
@@ -67,7 +67,18 @@ def test_a_post_its_verify_url_confirms_succeeds_verified(client, make_settings,
 
 
 @pytest.mark.slow
-def test_a_post_without_verify_url_shows_unverified_not_proven(client, make_settings, start_worker):
+def test_a_note_is_verified_by_reading_it_back(client, settings, start_worker):
+    start_worker(settings, ("executor",))
+    ref = client.send("executor", {"tool": "note", "args": {"title": "t", "body": "b"}})
+    record = client.wait(ref.id, timeout_s=20)
+
+    assert record.state is State.SUCCEEDED and record.steps["executor"].effect is Verdict.VERIFIED
+    [entry] = ledger(client, ref.id, "executor").entries()
+    assert entry.tool == "note" and entry.verdict is Verdict.VERIFIED and entry.args["title"] == "t"
+
+
+@pytest.mark.slow
+def test_a_post_without_verify_url_shows_unverified_not_proven(client, make_settings, start_worker, cli):
     with RecordingServer() as server:
         settings = make_settings(http_allow=server.host_port)
         start_worker(settings, ("executor",))
@@ -75,6 +86,7 @@ def test_a_post_without_verify_url_shows_unverified_not_proven(client, make_sett
         record = client.wait(ref.id, timeout_s=20)
 
     assert record.state is State.SUCCEEDED and record.steps["executor"].effect is Verdict.UNVERIFIED
+    assert "succeeded (unverified)" in cli("status", ref.id, "--wide").stdout
     events = [e for e in trace.read(client.redis, client.keys, ref.id) if e["event"] == "effect"]
     assert [e["verdict"] for e in events] == ["unverified"]
 
@@ -133,3 +145,69 @@ def test_a_down_verifier_leaves_the_step_unknown_until_mesh_verify_moves_the_job
     assert record.steps["after"].state is State.SUCCEEDED
     assert len(server.requests) == 1  # verified, never posted again
     assert unknown_count(rclient, mesh.keys) == 0
+
+
+def unknown_job(mesh: MeshClient, server: RecordingServer, key: str) -> tuple[Any, str]:
+    """Run ``posted`` with a verify URL its check cannot reach: its post step ends unknown."""
+    verify_url = f"http://127.0.0.1:{free_port()}/orders/7"
+    ref = mesh.run("posted", {"url": server.url("/orders"), "verify_url": verify_url}, key=key)
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert record.steps["post"].state is State.UNKNOWN, record
+    return ref, verify_url
+
+
+@pytest.mark.slow
+def test_mesh_settle_applied_moves_the_job_on_and_is_audited(make_settings, effects_worker, cli, rclient):
+    with RecordingServer() as server:
+        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
+        mesh = MeshClient(settings, client=rclient, app=app)
+        effects_worker(settings)
+        ref, _ = unknown_job(mesh, server, "settle-applied")
+        done = cli("settle", "settle-applied", "post", "--as", "applied", "--reason", "order 7 is in the orders db",
+                   "--by", "ops@test", "--json")
+        assert done.returncode == 0, done.stderr + done.stdout
+        record = mesh.wait(ref.id, timeout_s=30)
+        shown = cli("status", ref.id, "--wide")
+
+    assert record.state is State.SUCCEEDED, record
+    post = record.steps["post"]
+    assert post.effect is Verdict.APPLIED and post.settlement is not None
+    assert (post.settlement.by, post.settlement.reason, post.settlement.applied) == (
+        "ops@test", "order 7 is in the orders db", True)
+    assert record.steps["after"].state is State.SUCCEEDED
+    assert len(server.requests) == 1  # settled applied: the call is answered from the ledger, not made again
+    [entry] = ledger(mesh, ref.id, "post").entries()
+    assert (entry.verdict, entry.by) == (Verdict.APPLIED, "ops@test")
+    [audit] = [a for a in audit_records(rclient, mesh.keys, ref.id) if a["op"] == "settle"]
+    assert (audit["by"], audit["verdict"], audit["reason"]) == ("ops@test", "applied", "order 7 is in the orders db")
+    settled = [e for e in trace.read(rclient, mesh.keys, ref.id) if e["event"] == "settled"]
+    assert settled and settled[0]["by"] == "ops@test"
+    assert "succeeded (applied)" in shown.stdout and "settled applied by ops@test" in shown.stdout
+
+
+@pytest.mark.slow
+def test_mesh_settle_not_applied_dead_letters_the_step_and_its_dependent_never_runs(
+        make_settings, effects_worker, cli, rclient):
+    with RecordingServer() as server:
+        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
+        mesh = MeshClient(settings, client=rclient, app=app)
+        effects_worker(settings)
+        ref, _ = unknown_job(mesh, server, "settle-not")
+        done = cli("settle", ref.id[:10], "post", "--as", "not-applied", "--reason", "no order 7 upstream", "--json")
+        assert done.returncode == 0, done.stderr + done.stdout
+
+    record = mesh.status(ref.id)
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "permanent"
+    post = record.steps["post"]
+    assert post.state is State.DEAD_LETTERED and "settled not applied" in (post.error or "")
+    assert post.settlement is not None and not post.settlement.applied and "@" in post.settlement.by
+    assert record.steps["after"].sent_at is None and record.steps["after"].state is not State.SUCCEEDED
+    assert unknown_count(rclient, mesh.keys) == 0
+    again = cli("settle", ref.id, "post", "--as", "applied", "--reason", "x")
+    assert again.returncode == 2 and "not unknown" in again.stderr
+
+
+def test_mesh_verify_refuses_a_step_that_is_not_unknown(client, cli):
+    ref = client.send("executor", {"tool": "note", "args": {"title": "t"}})
+    result = cli("verify", ref.id, "executor")
+    assert result.returncode == 2 and "not unknown" in result.stderr
