@@ -13,14 +13,14 @@
     │   └── BreakerOpen             the dependency's circuit breaker is open (no call made)
     ├── PermanentFailure            400/401/403/404/422, auth, refusals  permanent
     │   ├── ToolRefused             a tool call the executor will not make
-    │   └── IllegalTransition       a job-record transition the lifecycle forbids
+    │   ├── IllegalTransition       a job-record transition the lifecycle forbids
+    │   ├── EffectUnknown           an effect that cannot be proven either way: the step is
+    │   │                           ``unknown`` (never retried, never shown as done)
+    │   └── EffectRefuted           a tool said ok and its verifier saw that nothing happened
     ├── DeadlineExceeded            the envelope's deadline has passed   deadline
     ├── CycleDetected               hop limit hit or an agent re-entered cycle
     ├── BudgetExceeded              the job's model-token budget is spent budget_exceeded
     ├── UnknownAgent                a message names no agent of the mesh permanent
-    ├── EffectUnknown               an effect that cannot be proven either way    permanent
-    │                               (the step is ``unknown``: never retried, never shown as done)
-    ├── EffectRefuted               a tool said ok and its verifier saw nothing   permanent
     ├── LeaseLost                   another owner took the message key over; the attempt is
     │                               superseded (acked, not retried, not dead-lettered)
     └── OutcomeUnrecorded           done, but the mesh's Redis refused the record mesh_unavailable
