@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     from .app import App
 
 
-class NotUnknown(ValueError):
-    """The step is not ``unknown``: there is nothing to verify or settle."""
+class CannotDecide(ValueError):
+    """The step cannot be verified or settled: it is not ``unknown``, or (settled applied) nothing
+    in its ledger would keep a re-run from acting again."""
 
 
 @dataclass
@@ -69,12 +70,12 @@ class Decision:
 
 
 def unknown_step(record: JobRecord, step_id: str) -> None:
-    """NotUnknown unless ``step_id`` is a step of ``record`` in state ``unknown``."""
+    """CannotDecide unless ``step_id`` is a step of ``record`` in state ``unknown``."""
     step = record.steps.get(step_id)
     if step is None:
-        raise NotUnknown(f"job {record.job_id} has no step {step_id!r}; its steps are {', '.join(record.steps)}")
+        raise CannotDecide(f"job {record.job_id} has no step {step_id!r}; its steps are {', '.join(record.steps)}")
     if step.state is not State.UNKNOWN:
-        raise NotUnknown(f"step {step_id} of job {record.job_id} is {step.state}, not unknown: "
+        raise CannotDecide(f"step {step_id} of job {record.job_id} is {step.state}, not unknown: "
                          "only an unknown step is verified or settled")
 
 
@@ -143,8 +144,14 @@ def settle_by_hand(c: MeshClient, record: JobRecord, step_id: str, *, applied: b
     unknown_step(record, step_id)
     ledger = ledger_of(c, record.job_id, step_id)
     verdict = Verdict.APPLIED if applied else Verdict.NOT_APPLIED
+    opened = [e for e in ledger.entries() if e.open]
+    if applied and not opened:
+        # Nothing in the ledger would answer the step's calls: running it again would act again.
+        raise CannotDecide(f"step {step_id} of job {record.job_id} has no open effect in its ledger (its effect was "
+                           "not made through a declared tool): settled applied, it would run and act again. Settle "
+                           "it not-applied, or replay its dead letter (mesh dlq replay) if acting again is right")
     checks = []
-    for entry in (e for e in ledger.entries() if e.open):
+    for entry in opened:
         ledger.decide(entry, verdict, reason, by=by, audit={"op": "settle", "verdict": verdict.value,
                                                              "reason": reason, "by": by})
         checks.append({"call": entry.n, "tool": entry.tool, "verdict": verdict.value, "reason": reason})

@@ -36,7 +36,7 @@ def verify(job: Job, step: Step, app_path: AppPath = None, by: By = None, as_jso
     Verified: the step runs again, its calls answered from the ledger (none is made twice), and
     the job moves on. Refuted: the step is dead-lettered (permanent). Still undecided: nothing
     moves; exit 1. Tools come from --app (default: the built-in ones)."""
-    from mesh.agents.verify import NotUnknown, verified_event
+    from mesh.agents.verify import CannotDecide, verified_event
     from mesh.agents.verify import verify as run_checks
 
     c, app = base.client(), base.app_for(app_path)
@@ -45,7 +45,7 @@ def verify(job: Job, step: Step, app_path: AppPath = None, by: By = None, as_jso
     with httpx.Client() as http:
         try:
             decision = run_checks(c, app, record, step, http)
-        except NotUnknown as exc:
+        except CannotDecide as exc:
             base.fail(str(exc), base.EXIT_INPUT)
     trace.emit(c.redis, c.keys, verified_event(record, decision, who))
     moved = _move(c, app, record, decision)
@@ -64,7 +64,7 @@ def settle(job: Job, step: Step,
 
     applied: the step runs again, its calls answered from the ledger, and the job moves on.
     not-applied: the step is dead-lettered (permanent); `mesh dlq replay` calls again."""
-    from mesh.agents.verify import NotUnknown, settle_by_hand
+    from mesh.agents.verify import CannotDecide, settle_by_hand
 
     if as_ not in ("applied", "not-applied"):
         raise typer.BadParameter(f"{as_!r}: give applied or not-applied", param_hint="--as")
@@ -75,7 +75,7 @@ def settle(job: Job, step: Step,
     who = by or operator()
     try:
         decision = settle_by_hand(c, record, step, applied=as_ == "applied", reason=reason, by=who)
-    except NotUnknown as exc:
+    except CannotDecide as exc:
         base.fail(str(exc), base.EXIT_INPUT)
     moved = _move(c, app, c.status(record.job_id), decision)
     _report(decision.as_json() | {"by": who, **moved}, as_json)
