@@ -10,8 +10,9 @@ outcome is written, and its verifier (``@app.tool(verify=...)``) checks the effe
 
 A re-run of the step (a redelivery after a crash, a retry, a replay) meets its earlier calls in the
 ledger, in order, and never calls blindly again: a call whose effect happened returns the recorded
-result; an intent without an outcome (the worker died between the two) is settled by the verifier,
-and without one the step is ``unknown``; a call that did not happen is made again.
+result; an intent without an outcome (the worker died between the two) is settled by the verifier
+(refuted, it never reached its target and is made now), and without one the step is ``unknown``;
+a call that did not happen is made again.
 
 :func:`check` is also what ``mesh verify`` runs (:mod:`mesh.ops.effects_cli`).
 """
@@ -122,9 +123,18 @@ class EffectCalls:
         plain = args.model_dump(mode="json", by_alias=True)
         digest = args_hash(plain)
         entry = self.ledger.get(n)
+
+        def fresh() -> Any:
+            made = self.ledger.intent(n, spec.name, redact.redact_value(plain), digest, self.key, self.token)
+            return self._make(spec, args, ctx, made, run)
+
         if entry is not None and entry.verdict not in NOT_HAPPENED:
-            return self._recover(spec, args, ctx, entry, digest)
-        entry = self.ledger.intent(n, spec.name, redact.redact_value(plain), digest, self.key, self.token)
+            return self._recover(spec, args, ctx, entry, digest, fresh)
+        return fresh()
+
+    def _make(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, entry: EffectEntry,
+              run: Callable[[], Any]) -> Any:
+        """Make the call whose intent ``entry`` is, then record its outcome and verdict."""
         try:
             result = run()
         except Exception as exc:
@@ -139,8 +149,11 @@ class EffectCalls:
             return result
         return self._settle(spec, entry, found, result)
 
-    def _recover(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, entry: EffectEntry, digest: str) -> Any:
-        """Call ``entry.n`` was made by an earlier attempt: its recorded result, or its verifier's word."""
+    def _recover(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, entry: EffectEntry, digest: str,
+                 fresh: Callable[[], Any]) -> Any:
+        """Call ``entry.n`` was made by an earlier attempt: its recorded result, or its verifier's word.
+        An intent without an outcome that the verifier refutes never reached its target: it is made now
+        (``fresh``), the one time it happens."""
         if entry.tool != spec.name or entry.args_hash != digest:
             self.verdicts.append(Verdict.UNKNOWN)
             raise EffectUnknown(f"{spec.name} call #{entry.n} differs from the call #{entry.n} an earlier attempt "
@@ -152,13 +165,17 @@ class EffectCalls:
             return typed(spec, entry.outcome, key=entry.key, verdict=entry.verdict)
         recorded = None if entry.outcome_at is None else typed(spec, entry.outcome, key=entry.key,
                                                                verdict=Verdict.UNKNOWN)
-        why = ("its call went out and its outcome was never written" if entry.outcome_at is None
+        why = ("its call may have gone out and its outcome was never written" if entry.outcome_at is None
                else "its verdict was never written")
         if spec.verify is None:
             return self._settle(spec, entry, Check(Verdict.UNKNOWN, f"{why}; the tool has no verifier"), recorded)
         found = check(spec, ctx, args, recorded)
         if found.verdict is Verdict.UNVERIFIED:
             found = Check(Verdict.UNKNOWN, f"{why}; the verifier has no check for this call")
+        if found.verdict is Verdict.REFUTED and entry.outcome_at is None:
+            self.ledger.decide(entry, Verdict.REFUTED, found.reason)
+            self.report(entry.tool, entry.n, Verdict.REFUTED, f"{found.reason}; it never happened: called now")
+            return fresh()
         return self._settle(spec, entry, found, recorded)
 
     def _failed(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, entry: EffectEntry, exc: Exception) -> Any:

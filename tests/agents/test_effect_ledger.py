@@ -92,3 +92,11 @@ def _hash(cents: int) -> str:
     from mesh.agents.effects import args_hash
 
     return args_hash({"cents": cents})
+
+
+def test_an_intent_the_verifier_refutes_never_happened_and_is_made_now_once(client):
+    spec, run = declare(verify=lambda ctx, args, result: result is not None or False), Counter()
+    calls(client).ledger.intent(1, "pay", {"cents": 5}, _hash(5), "k-1", 1)  # died before the request left
+    got = calls(client, 2).call(spec, Pay(cents=5), None, run)
+    assert run.n == 1 and got.detail == {"n": 1}
+    assert calls(client).ledger.get(1).verdict is Verdict.VERIFIED  # the new call, checked
