@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import redis
 from pydantic import BaseModel
 
 from mesh.broker import redact
@@ -142,7 +143,7 @@ class EffectCalls:
         if spec.verify is None:
             self._decide(entry, Verdict.UNVERIFIED, None, outcome=as_json(result))
             return result
-        entry = self.ledger.outcome(entry, as_json(result))
+        entry = self._written(lambda: self.ledger.outcome(entry, as_json(result)), entry)
         found = check(spec, ctx, args, result)
         if found.verdict is Verdict.UNVERIFIED:
             self._decide(entry, Verdict.UNVERIFIED, found.reason)
@@ -183,9 +184,9 @@ class EffectCalls:
         the effect may have happened (a timeout after the request went out), the verifier decides."""
         error = redact.redact(str(exc) or type(exc).__name__)
         if not (getattr(exc, "context", None) or {}).get("effect_unknown"):
-            self.ledger.outcome(entry, error=error, verdict=Verdict.FAILED, reason=error)
+            self._written(lambda: self.ledger.outcome(entry, error=error, verdict=Verdict.FAILED, reason=error), entry)
             raise exc
-        entry = self.ledger.outcome(entry, error=error)
+        entry = self._written(lambda: self.ledger.outcome(entry, error=error), entry)
         found = check(spec, ctx, args, None) if spec.verify is not None else Check(Verdict.UNKNOWN, error)
         if found.verdict is Verdict.VERIFIED:
             return self._settle(spec, entry, found, None)
@@ -209,11 +210,24 @@ class EffectCalls:
 
     def _decide(self, entry: EffectEntry, verdict: Verdict, reason: str | None, *, outcome: Any = None) -> None:
         if outcome is not None:
-            self.ledger.outcome(entry, outcome, verdict=verdict, reason=reason)
+            self._written(lambda: self.ledger.outcome(entry, outcome, verdict=verdict, reason=reason), entry)
         else:
-            self.ledger.decide(entry, verdict, reason)
+            self._written(lambda: self.ledger.decide(entry, verdict, reason), entry)
         self.verdicts.append(verdict)
         self.report(entry.tool, entry.n, verdict, reason)
+
+    @staticmethod
+    def _written(write: Callable[[], EffectEntry], entry: EffectEntry) -> EffectEntry:
+        """A write after the call went out: the mesh's Redis failing here must not turn what the call
+        did into a failure of the call. The attempt goes on; its step's own record says how it ended
+        (an output Redis refused rides on the redelivery: the handler is not run again), and a re-run
+        that finds only the intent asks the verifier, never calls blindly."""
+        try:
+            return write()
+        except redis.RedisError as exc:
+            logger.warning("could not write an effect's outcome to its ledger",
+                           extra={"tool": entry.tool, "call": entry.n, "error": str(exc)})
+            return entry
 
 
 def with_effect(change: Change, step_id: str, effect: Verdict | None) -> Change:
