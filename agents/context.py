@@ -42,6 +42,7 @@ from mesh.contracts import (
     MeshError,
     ToolRefused,
 )
+from mesh.contracts.effects import Verdict, summary
 
 from .effects import EffectCalls
 from .tools.base import ToolContext
@@ -105,6 +106,10 @@ class Context:
             ledger = Ledger(rt.redis, rt.keys, self.env.job_id, self.env.step_id, rt.settings.dedup_ttl_s)
             self._effects = EffectCalls(ledger, self.env.key, self.lease.token, report=self._verdict)
         return self._effects
+
+    def effect(self) -> Verdict | None:
+        """What this attempt's effectful calls came to, the worst of them (None: it made none)."""
+        return None if self._effects is None else summary(self._effects.verdicts)
 
     def _verdict(self, tool: str, n: int, verdict: Any, reason: str | None) -> None:
         """Trace an effectful call's verdict (``verified``, ``unverified``, ...) on the job's timeline."""

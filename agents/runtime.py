@@ -41,7 +41,6 @@ from mesh.contracts import (
     State,
     dumps,
 )
-from mesh.contracts.effects import summary
 from mesh.contracts.messages import validate_model, validate_output_model
 
 from . import pipeline
@@ -155,7 +154,7 @@ class AgentRuntime:
         else:
             ctx = Context(self, env, spec, lease)
             result = spec.handler(ctx, payload)
-            effect = summary(ctx.effects.verdicts) if ctx._effects is not None else None
+            effect = ctx.effect()
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
         # Masked before anything keeps it: the record, the claim, the trace, the next steps' messages.
