@@ -164,6 +164,8 @@ class EffectCalls:
         if entry.verdict in HAPPENED:
             self.verdicts.append(entry.verdict)
             return typed(spec, entry.outcome, key=entry.key, verdict=entry.verdict)
+        # This attempt owns the entry now: a stale owner still running cannot overwrite its verdict.
+        entry = entry.model_copy(update={"token": max(entry.token, self.token)})
         recorded = None if entry.outcome_at is None else typed(spec, entry.outcome, key=entry.key,
                                                                verdict=Verdict.UNKNOWN)
         why = ("its call may have gone out and its outcome was never written" if entry.outcome_at is None

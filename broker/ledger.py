@@ -34,6 +34,19 @@ AUDIT_MAXLEN = 100_000
 #: Counters in ``{ns}:stats``, one per verdict reached (``mesh_effects_<verdict>``).
 STAT = "effects_{}"
 
+#: HSET of a call's entry (ARGV: call number, JSON, fencing token, TTL ms) unless the entry stored
+#: for that call carries a higher token: 1 when written, 0 when refused.
+FENCED_WRITE = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held then
+  local token = cjson.decode(held)['token']
+  if token and tonumber(token) > tonumber(ARGV[3]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
 
 def operator() -> str:
     """``user@host`` of the process: who an operator's decision is recorded as by default."""
@@ -59,6 +72,7 @@ class Ledger:
         self.step_id = step_id
         self.key = keys.ledger(job_id, step_id)
         self.ttl_ms = max(1, int(ttl_s * 1000))
+        self._fenced = client.register_script(FENCED_WRITE)
 
     def get(self, n: int) -> EffectEntry | None:
         raw: Any = self.client.hget(self.key, str(n))
@@ -71,11 +85,15 @@ class Ledger:
         return sorted(found, key=lambda e: e.n)
 
     def write(self, entry: EffectEntry, *, audit: dict[str, Any] | None = None) -> EffectEntry:
-        """Store ``entry`` (its verdict counted, an unknown one indexed, a decided one taken off the
-        index), and ``audit`` in the audit stream, in one transaction."""
+        """Store ``entry`` unless the ledger holds that call under a higher fencing token (a stale
+        owner, paused while a takeover made the call again, never overwrites the newer owner's
+        record); then count its verdict, index an unknown one (a decided one leaves the index) and
+        add ``audit`` to the audit stream."""
+        written = self._fenced(keys=[self.key], args=[str(entry.n), dumps(entry.model_dump(mode="json")),
+                                                       entry.token, self.ttl_ms])
+        if not written:
+            return entry
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.key, str(entry.n), dumps(entry.model_dump(mode="json")))
-        pipe.pexpire(self.key, self.ttl_ms)
         name = member(self.job_id, self.step_id, entry.n)
         if entry.verdict is Verdict.UNKNOWN:
             pipe.zadd(self.keys.effects_unknown, {name: time.time()})

@@ -76,6 +76,8 @@ class EffectEntry(Frozen):
     args: dict[str, Any] = Field(default_factory=dict)
     args_hash: str
     key: str
+    #: The fencing token of the attempt that owns the entry: the call's, or that of the attempt that
+    #: took a dead owner's call over to settle it. A write under a lower token is refused.
     token: int
     intent_at: float
     #: The tool's result (JSON) once it returned; None: no outcome was written.

@@ -100,3 +100,13 @@ def test_an_intent_the_verifier_refutes_never_happened_and_is_made_now_once(clie
     got = calls(client, 2).call(spec, Pay(cents=5), None, run)
     assert run.n == 1 and got.detail == {"n": 1}
     assert calls(client).ledger.get(1).verdict is Verdict.VERIFIED  # the new call, checked
+
+
+def test_a_stale_owner_never_overwrites_the_entry_a_newer_owner_settled(client):
+    spec, run = declare(verify=lambda ctx, args, result: True), Counter()
+    stale = calls(client).ledger.intent(1, "pay", {"cents": 5}, _hash(5), "k-1", 1)  # paused mid-call
+    calls(client, 2).call(spec, Pay(cents=5), None, run)  # the takeover settles it: verified
+    calls(client).ledger.outcome(stale, {"late": True}, verdict=Verdict.UNVERIFIED)  # the stale owner wakes
+    entry = calls(client).ledger.get(1)
+    assert entry is not None and (entry.verdict, entry.token, entry.outcome) == (Verdict.VERIFIED, 2, None)
+    assert run.n == 0
