@@ -105,6 +105,10 @@ def typed(spec: ToolSpec, value: Any, *, key: str, verdict: Verdict) -> Any:
     return value
 
 
+#: ``_decide`` without an outcome to write (None is an outcome: the tool returned None).
+_NO_OUTCOME: Any = object()
+
+
 @dataclass
 class EffectCalls:
     """The effectful calls of one attempt of a step, numbered in order, through its ledger."""
@@ -195,7 +199,7 @@ class EffectCalls:
         if found.verdict is Verdict.REFUTED:  # it did not happen: the tool's own error routes the step
             self._decide(entry, Verdict.FAILED, found.reason)
             raise exc
-        self._decide(entry, Verdict.UNKNOWN, found.reason or error)
+        self._decide(entry, Verdict.UNKNOWN, error if found.verdict is Verdict.UNVERIFIED else found.reason or error)
         raise exc
 
     def _settle(self, spec: ToolSpec, entry: EffectEntry, found: Check, result: Any) -> Any:
@@ -210,8 +214,8 @@ class EffectCalls:
         raise EffectUnknown(f"{spec.name}'s effect is unknown: {found.reason}; not called again (mesh verify "
                             "JOB STEP checks again, mesh settle decides by hand)", tool=spec.name)
 
-    def _decide(self, entry: EffectEntry, verdict: Verdict, reason: str | None, *, outcome: Any = None) -> None:
-        if outcome is not None:
+    def _decide(self, entry: EffectEntry, verdict: Verdict, reason: str | None, *, outcome: Any = _NO_OUTCOME) -> None:
+        if outcome is not _NO_OUTCOME:
             self._written(lambda: self.ledger.outcome(entry, outcome, verdict=verdict, reason=reason), entry)
         else:
             self._written(lambda: self.ledger.decide(entry, verdict, reason), entry)
