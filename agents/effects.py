@@ -203,8 +203,12 @@ class EffectCalls:
         raise exc
 
     def _settle(self, spec: ToolSpec, entry: EffectEntry, found: Check, result: Any) -> Any:
-        """Record ``found``'s verdict on ``entry``; the call's result when verified, else the error."""
-        self._decide(entry, found.verdict, found.reason)
+        """Record ``found``'s verdict on ``entry`` (and what the verifier found, when the call's own
+        outcome was never written); the call's result when verified, else the error."""
+        if found.verdict is Verdict.VERIFIED and entry.outcome_at is None and found.result is not None:
+            self._decide(entry, found.verdict, found.reason, outcome=as_json(found.result))
+        else:
+            self._decide(entry, found.verdict, found.reason)
         if found.verdict is Verdict.VERIFIED:
             if result is None and found.result is not None:
                 return found.result

@@ -33,7 +33,7 @@ from mesh.broker.ledger import Ledger
 from mesh.contracts import ConfigError, JobRecord, State, settle, transition
 from mesh.contracts.effects import EffectEntry, Settlement, Verdict
 
-from .effects import Check, check, typed
+from .effects import Check, as_json, check, typed
 from .pipelines.engine import Routes, after_loss, load_spec
 from .tools.base import ToolContext
 
@@ -96,6 +96,9 @@ def verify(c: MeshClient, app: App, record: JobRecord, step_id: str, http: httpx
     for entry in opened:
         found = _check(c, app, record, entry, http)
         audit = {"op": "verify", "verdict": found.verdict.value, "reason": found.reason}
+        if found.verdict is Verdict.VERIFIED and entry.outcome_at is None and found.result is not None:
+            # what the verifier found is the call's result: the step's re-run returns it
+            entry = entry.model_copy(update={"outcome": as_json(found.result), "outcome_at": time.time()})
         ledger.decide(entry, found.verdict, found.reason, audit=audit)
         checks.append({"call": entry.n, "tool": entry.tool, "verdict": found.verdict.value, "reason": found.reason})
         verdicts.append(found.verdict)

@@ -64,7 +64,8 @@ def test_a_worker_killed_mid_call_is_verified_on_recovery_and_never_calls_again(
     step = record.steps["executor"]
     assert step.effect is Verdict.VERIFIED and step.picked_up == 2
     [entry] = Ledger(rclient, mesh.keys, record.job_id, "executor", 60).entries()
-    assert entry.verdict is Verdict.VERIFIED and entry.outcome_at is None  # settled by the check, not an outcome
+    # settled by the check: its outcome is what the verifier found, the tool's own answer never arrived
+    assert entry.verdict is Verdict.VERIFIED and entry.outcome["detail"]["verified_by"] == server.url("/orders/7")
     assert record.result["executor"]["tool"] == "http_post"
 
 
