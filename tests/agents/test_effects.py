@@ -87,6 +87,7 @@ def test_a_post_without_verify_url_shows_unverified_not_proven(client, make_sett
 
     assert record.state is State.SUCCEEDED and record.steps["executor"].effect is Verdict.UNVERIFIED
     assert "succeeded (unverified)" in cli("status", ref.id, "--wide").stdout
+    assert "http_post call #1: unverified" in cli("trace", ref.id).stdout
     events = [e for e in trace.read(client.redis, client.keys, ref.id) if e["event"] == "effect"]
     assert [e["verdict"] for e in events] == ["unverified"]
 
