@@ -34,9 +34,12 @@ AUDIT_MAXLEN = 100_000
 #: Counters in ``{ns}:stats``, one per verdict reached (``mesh_effects_<verdict>``).
 STAT = "effects_{}"
 
-#: HSET of a call's entry (ARGV: call number, JSON, fencing token, TTL ms) unless the entry stored
-#: for that call carries a higher token: 1 when written, 0 when refused.
-FENCED_WRITE = """
+#: One write of a call's entry, in one round trip. KEYS: the ledger, ``effects.unknown``, ``stats``,
+#: ``effects.audit``. ARGV: call number, entry JSON, its fencing token, TTL (ms), verdict ("" none),
+#: its name in the index, now (s), the index's horizon (s), the stats field, then the audit record's
+#: field/value pairs (none: no audit). Refused (0) when the entry stored for that call carries a
+#: higher token; 1 when written.
+WRITE = """
 local held = redis.call('HGET', KEYS[1], ARGV[1])
 if held then
   local token = cjson.decode(held)['token']
@@ -44,6 +47,18 @@ if held then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] == 'unknown' then
+  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
+elseif ARGV[5] ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[6])
+end
+if ARGV[5] ~= '' then
+  redis.call('HINCRBY', KEYS[3], ARGV[9], 1)
+end
+if #ARGV > 9 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[10], '*', unpack(ARGV, 11))
+end
 return 1
 """
 
@@ -72,7 +87,7 @@ class Ledger:
         self.step_id = step_id
         self.key = keys.ledger(job_id, step_id)
         self.ttl_ms = max(1, int(ttl_s * 1000))
-        self._fenced = client.register_script(FENCED_WRITE)
+        self._write = client.register_script(WRITE)
 
     def get(self, n: int) -> EffectEntry | None:
         raw: Any = self.client.hget(self.key, str(n))
@@ -87,28 +102,18 @@ class Ledger:
     def write(self, entry: EffectEntry, *, audit: dict[str, Any] | None = None) -> EffectEntry:
         """Store ``entry`` unless the ledger holds that call under a higher fencing token (a stale
         owner, paused while a takeover made the call again, never overwrites the newer owner's
-        record); then count its verdict, index an unknown one (a decided one leaves the index) and
-        add ``audit`` to the audit stream."""
-        written = self._fenced(keys=[self.key], args=[str(entry.n), dumps(entry.model_dump(mode="json")),
-                                                       entry.token, self.ttl_ms])
-        if not written:
-            return entry
-        pipe = self.client.pipeline(transaction=True)
-        name = member(self.job_id, self.step_id, entry.n)
-        if entry.verdict is Verdict.UNKNOWN:
-            pipe.zadd(self.keys.effects_unknown, {name: time.time()})
-            # an index entry older than the ledger's own life names an effect nobody can look up
-            pipe.zremrangebyscore(self.keys.effects_unknown, "-inf", time.time() - self.ttl_ms / 1000)
-        elif entry.verdict is not None:
-            pipe.zrem(self.keys.effects_unknown, name)
-        if entry.verdict is not None:
-            pipe.hincrby(self.keys.stats, STAT.format(entry.verdict.value), 1)
+        record), count its verdict, index an unknown one (a decided one leaves the index) and add
+        ``audit`` to the audit stream: one script, one round trip. An index entry older than the
+        ledger's own life names an effect nobody can look up any more: it is trimmed."""
+        now = time.time()
+        verdict = entry.verdict.value if entry.verdict is not None else ""
+        args: list[Any] = [str(entry.n), dumps(entry.model_dump(mode="json")), entry.token, self.ttl_ms, verdict,
+                           member(self.job_id, self.step_id, entry.n), now, now - self.ttl_ms / 1000,
+                           STAT.format(verdict)]
         if audit is not None:
-            pipe.xadd(self.keys.effects_audit, {"job_id": self.job_id, "step_id": self.step_id, "n": str(entry.n),
-                                                "tool": entry.tool, "at": f"{time.time():.3f}",
-                                                "detail": dumps(audit)},
-                      maxlen=AUDIT_MAXLEN, approximate=True)
-        pipe.execute()
+            args += [AUDIT_MAXLEN, "job_id", self.job_id, "step_id", self.step_id, "n", str(entry.n),
+                     "tool", entry.tool, "at", f"{now:.3f}", "detail", dumps(audit)]
+        self._write(keys=[self.key, self.keys.effects_unknown, self.keys.stats, self.keys.effects_audit], args=args)
         return entry
 
     def intent(self, n: int, tool: str, args: dict[str, Any], args_hash: str, key: str, token: int) -> EffectEntry:
