@@ -111,3 +111,25 @@ TOUR = app.pipeline(Pipeline("tour")
 SHOW = app.pipeline(Pipeline("show")
                     .step("seat", agent="seats")
                     .step("car", agent="book", depends_on=["seat"]))
+
+
+@app.tool(dependency=lambda args: host_port(args.url))
+def hold(ctx: ToolContext, args: Seat) -> dict:
+    """Holds a seat (POST /hold): effectful, without a verifier, so a call whose outcome was never
+    written leaves its step ``unknown`` until ``mesh settle``."""
+    send_request(ctx, "POST", f"{args.url}/hold", json={"ref": args.seat})
+    return {"seat": args.seat}
+
+
+@app.agent(tools=["hold"])
+def holds(ctx: Context, booking: Booking) -> Booking:
+    """Holds seat ``ctx.step_id`` through the ``hold`` tool."""
+    ctx.call("hold", {"url": booking.url, "seat": ctx.step_id})
+    return Booking(url=booking.url, ref=ctx.step_id)
+
+
+#: ``held`` (compensated by ``unbook``) and ``other`` side by side: ``other`` can fail for good
+#: while ``held``'s effect is unknown.
+PAIR = app.pipeline(Pipeline("pair")
+                    .step("held", agent="holds", compensate=UNDO)
+                    .step("other", agent="book"))
