@@ -6,7 +6,8 @@ The pipeline ``trip``: ``flight`` → ``hotel`` → ``car``; flight and hotel ar
 (the input built from the step's output), car has no compensation. A step whose id is listed in the
 set ``{ns}:test.fail`` fails permanently. ``unbook`` undoes, then writes its process id to
 ``{ns}:test.holder`` and, while ``{ns}:test.hold`` exists, waits (at most 60 s) for
-``{ns}:test.release``: a test can SIGKILL the worker in the middle of a compensation, after its
+``{ns}:test.release`` (writing what ``ctx.cancelled`` says, and a loop count, to the hash
+``{ns}:test.undo_saw``): a test can SIGKILL the worker in the middle of a compensation, after its
 effect and before its success is recorded; it fails for good for a ``ref`` listed in
 ``{ns}:test.fail_undo``. ``book`` waits the same way while
 ``{ns}:test.hold_book`` lists its step id, watching ``ctx.cancelled``, and writes what it saw to
@@ -63,6 +64,8 @@ def unbook(ctx: Context, booking: Booking) -> Booking:
     if r.exists(f"{ns}:test.hold"):  # the effect is made, its success not yet recorded
         end = time.monotonic() + 60
         while not r.exists(f"{ns}:test.release") and time.monotonic() < end:
+            r.hset(f"{ns}:test.undo_saw", mapping={"cancelled": int(ctx.cancelled), "at": time.monotonic()})
+            r.hincrby(f"{ns}:test.undo_saw", "loops", 1)
             time.sleep(0.05)
     return booking
 
