@@ -4,11 +4,13 @@ cancelled job is not told to stop (``ctx.cancelled`` is for the job's own steps)
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from mesh.broker import claims
+from mesh.broker import claims, trace
 from mesh.contracts import ConfigError, State
 from tests.conftest import wait_for
 from tests.httpserver import RecordingServer
@@ -70,3 +72,25 @@ def test_a_compensation_of_a_cancelled_job_is_not_told_to_stop(make_settings, rc
         record = mesh.wait(held.job_id, timeout_s=60)
     assert saw == b"0", "the compensation was told the job was cancelled: an undo that obeys stops half done"
     assert record.state is State.COMPENSATED, (record.state, record.error)
+
+
+@pytest.mark.slow
+def test_two_cancels_at_once_from_two_processes_cancel_once(make_settings, rclient, worker_process, cli):
+    with RecordingServer(Ledger()) as server:
+        mesh, _ = _start(make_settings, rclient, worker_process, server)
+        ns = mesh.settings.namespace
+        rclient.sadd(f"{ns}:test.hold_book", "car")
+        ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-twice")
+        wait_for(lambda: rclient.get(f"{ns}:test.book_holder"), timeout_s=60)
+        with ThreadPoolExecutor(2) as pool:
+            runs = list(pool.map(lambda why: cli("cancel", ref.id, "--reason", why, "--json"), ["one", "two"]))
+        record = mesh.wait(ref.id, timeout_s=60)
+
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    assert sorted(json.loads(r.stdout)["cancelled"] for r in runs) == [False, True]
+    assert record.state is State.COMPENSATED, (record.state, record.error)
+    events = [e for e in trace.read(rclient, mesh.keys, ref.id) if not e.get("step_id")]
+    assert [e["event"] for e in events].count("cancelled") == 1
+    assert [e["event"] for e in events].count("compensating") == 0
+    undos = [r["json"]["ref"] for r in server.requests if r["path"] == "/undo"]
+    assert undos == ["hotel", "flight"]  # each compensation sent once (car declares none)
