@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from mesh import App, Context, ToolContext, host_port, send_request
 from mesh.agents.pipelines import Pipeline
@@ -136,3 +136,38 @@ def holds(ctx: Context, booking: Booking) -> Booking:
 PAIR = app.pipeline(Pipeline("pair")
                     .step("held", agent="holds", compensate=UNDO)
                     .step("other", agent="book"))
+
+
+class Pinned(BaseModel):
+    """Args with an alias (``json``, as ``http_post``'s): a call is kept and undone by its wire names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    body: dict = Field(default_factory=dict, alias="json")
+
+
+@app.tool(dependency=lambda args: host_port(args.url), compensate="unpin")
+def pin(ctx: ToolContext, args: Pinned) -> dict:
+    """Pins ``args.body`` (POST /pin); ``unpin`` undoes it."""
+    send_request(ctx, "POST", f"{args.url}/pin", json=args.body)
+    return {"pinned": args.body}
+
+
+@app.tool(dependency=lambda args: host_port(args.url))
+def unpin(ctx: ToolContext, args: Pinned) -> dict:
+    """Unpins ``args.body`` (POST /unpin), given the args ``pin`` was called with."""
+    send_request(ctx, "POST", f"{args.url}/unpin", json=args.body)
+    return {"unpinned": args.body}
+
+
+@app.agent(tools=["pin"])
+def pins(ctx: Context, booking: Booking) -> Booking:
+    """Pins ``ctx.step_id`` through the ``pin`` tool (its tool's own compensation)."""
+    ctx.call("pin", {"url": booking.url, "json": {"ref": ctx.step_id}})
+    return Booking(url=booking.url, ref=ctx.step_id)
+
+
+PINS = app.pipeline(Pipeline("pins")
+                    .step("pin", agent="pins")
+                    .step("car", agent="book", depends_on=["pin"]))

@@ -14,7 +14,7 @@ from mesh.broker import claims, trace
 from mesh.contracts import ConfigError, State
 from tests.conftest import wait_for
 from tests.httpserver import RecordingServer
-from tests.pipelines.saga import TRIP
+from tests.pipelines.saga import PINS, TRIP
 from tests.pipelines.test_compensation_e2e import HEARTBEAT_TIMEOUT_S, Ledger, _start
 
 
@@ -94,3 +94,16 @@ def test_two_cancels_at_once_from_two_processes_cancel_once(make_settings, rclie
     assert [e["event"] for e in events].count("compensating") == 0
     undos = [r["json"]["ref"] for r in server.requests if r["path"] == "/undo"]
     assert undos == ["hotel", "flight"]  # each compensation sent once (car declares none)
+
+
+@pytest.mark.slow
+def test_a_tool_call_with_aliased_args_is_undone_with_the_args_it_had(make_settings, rclient, worker_process):
+    with RecordingServer(Ledger()) as server:
+        mesh, _ = _start(make_settings, rclient, worker_process, server)
+        rclient.sadd(f"{mesh.settings.namespace}:test.fail", "car")
+        ref = mesh.run(PINS, {"url": server.url("")}, key="pins-1")
+        record = mesh.wait(ref.id, timeout_s=60)
+
+    assert record.state is State.COMPENSATED, (record.state, record.error, record.steps["undo:pin"].error)
+    assert [(r["path"], r["json"]) for r in server.requests if r["path"] != "/do"] == [
+        ("/pin", {"ref": "pin"}), ("/unpin", {"ref": "pin"})]
