@@ -113,8 +113,11 @@ def replay_message(stored: Stored, settings: MeshSettings, now: float, *,
 
 class Replayer:
     def __init__(self, store: DeadLetterStore, settings: MeshSettings, audit: Audit | None = None, *,
-                 to_version: int | None = None) -> None:
-        """``to_version``: send each message to this contract version of its agent (see the module)."""
+                 to_version: int | None = None, decided: frozenset[tuple[str, str]] = frozenset()) -> None:
+        """``to_version``: send each message to this contract version of its agent (see the module).
+        ``decided``: the (job, step) pairs whose unknown effects ``mesh verify`` or ``mesh settle``
+        just decided happened: replayed even in a job undoing its effects (see :func:`_unwound`)."""
+        self.decided = decided
         self.store = store
         self.settings = settings
         self.client: redis.Redis = store.client
@@ -234,8 +237,11 @@ class Replayer:
         return out
 
     def _decided(self, job_id: str, step_id: str) -> bool:
-        """Whether every effect in the step's ledger is decided as having happened (verified, or
-        settled applied): its re-run is answered from the ledger and calls nothing."""
+        """Whether this replay is ``mesh verify``'s or ``mesh settle``'s (``decided``) and every effect
+        in the step's ledger is decided as having happened (verified, or settled applied): its re-run
+        is answered from the ledger and calls nothing. A plain DLQ replay never is."""
+        if (job_id, step_id) not in self.decided:
+            return False
         found = Ledger(self.client, self.keys, job_id, step_id, self.settings.dedup_ttl_s).entries()
         return bool(found) and all(e.verdict in HAPPENED for e in found)
 
@@ -406,9 +412,9 @@ def _unwound(record: JobRecord, step_id: Any, decided: Callable[[str, str], bool
     under ``halt_pipeline`` or was cancelled, and its compensations ran or run): running the step now
     would redo an effect next to undone ones, and a second halt would compensate twice. Its entry
     stays in the DLQ. A compensation's own dead letter is replayed: it takes the chain up again. So
-    is the dead letter of an ``unknown`` step the compensations wait for once ``mesh verify`` or
-    ``mesh settle`` found its effects happened (``decided``): its re-run is answered from its ledger,
-    and its output is what its compensation undoes."""
+    is the dead letter of an ``unknown`` step the compensations wait for, replayed by ``mesh verify``
+    or ``mesh settle`` once they found its effects happened (``decided``): its re-run is answered
+    from its ledger, and its output is what its compensation undoes."""
     if record.unwind is None or (isinstance(step_id, str) and is_compensation(step_id)):
         return None
     step = record.steps.get(step_id) if isinstance(step_id, str) else None

@@ -121,7 +121,8 @@ def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
     if not found:
         base.fail(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it cannot "
                   "run again from here; run the job again", base.EXIT_FAILED)
-    report = Replayer(store, c.settings, Audit(c.redis, c.keys)).replay(found[-1:])
+    report = Replayer(store, c.settings, Audit(c.redis, c.keys),
+                      decided=frozenset({(record.job_id, step_id)})).replay(found[-1:])
     if report.skipped:
         base.fail(f"step {step_id}'s effect is decided, but its replay was refused: "
                   f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)

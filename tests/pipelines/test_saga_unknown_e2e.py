@@ -14,6 +14,7 @@ import pytest
 
 from mesh import MeshClient
 from mesh.contracts import State
+from mesh.dlq import DeadLetterStore, Replayer
 from tests.conftest import wait_for
 from tests.httpserver import RecordingServer
 from tests.pipelines.saga import PAIR, app
@@ -68,6 +69,12 @@ def _unknown_then_settle(make_settings: Any, rclient: Any, worker_process: Any, 
         assert record.state is State.COMPENSATING, (record.state, record.error)
         assert record.steps["undo:held"].sent_at is None
         assert not [r for r in server.requests if r["path"] == "/undo"]
+
+        # A plain DLQ replay of the unknown step is still refused: only verify/settle's decision lets it run.
+        store = DeadLetterStore(rclient, mesh.keys)
+        [held] = [e for e in store.newest() if e.key == record.steps["held"].key]
+        report = Replayer(store, mesh.settings).replay(Replayer(store, mesh.settings).entries([held.entry_id]))
+        assert report.replayed == [] and "mesh rerun" in report.skipped[held.entry_id]
 
         settled = cli("settle", ref.id, "held", "--as", as_, "--reason", "seen in the console",
                       "--app", "tests.pipelines.saga:app")
