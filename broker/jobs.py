@@ -31,7 +31,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.jobs import known
 
-from . import claims, trace
+from . import approvals, claims, trace
 from .keys import Keys
 from .outbox import stage_all
 
@@ -88,6 +88,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
         ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
+    approvals.stage_approvals(pipe, keys, record)  # waiting steps: their index, timers, no TTL
 
 
 class JobStore:
@@ -104,6 +105,7 @@ class JobStore:
         """Stage the record's creation into ``pipe``; an existing record is left as it is."""
         pipe.set(self.keys.job(record.job_id), dumps(record), nx=True)
         pipe.zadd(self.keys.jobs, {record.job_id: record.created_at}, nx=True)
+        approvals.stage_approvals(pipe, self.keys, record)
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.get(self.keys.job(job_id))

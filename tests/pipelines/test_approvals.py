@@ -1,0 +1,151 @@
+"""Human approvals over real workers and Redis: an approved step runs once with exactly the call
+approved; a denial applies the step's failure_mode; the first decision wins; a decision after the
+timeout is refused; an expiry denies or escalates to the DLQ, whose replay asks again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh import MeshClient
+from mesh.agents.pipelines import Pipeline
+from mesh.broker import approvals
+from mesh.broker.clock import server_ms
+from mesh.contracts import State
+from mesh.dlq.replay import Replayer
+from mesh.dlq.store import DeadLetterStore
+from tests.conftest import wait_for
+from tests.pipelines.agents import app
+from tests.pipelines.test_engine import runs
+
+
+def spec_with(approval: Any = True, failure_mode: str = "halt_pipeline", **extra: Any) -> Any:
+    step: dict[str, Any] = {"depends_on": ["researcher"], "failure_mode": failure_mode}
+    if approval is True:
+        step["requires_human_approval"] = True
+    else:
+        step["approval"] = approval
+    built = (Pipeline("approve").step("researcher").step("coder", **step, **extra)
+             .step("report", agent="researcher", depends_on=["coder"], input={"goal": "input.goal"}).build())
+    return load_pipeline_spec(built)
+
+
+def load_pipeline_spec(spec: Any) -> Any:
+    from mesh.agents.pipelines.validate import check
+
+    check(spec, app)
+    return spec
+
+
+def parked(mesh: MeshClient, job_id: str, step: str = "coder") -> Any:
+    return wait_for(lambda: (r := mesh.status(job_id)).steps[step].state is State.AWAITING_APPROVAL and r)
+
+
+def trace_kinds(mesh: MeshClient, job_id: str) -> list[str]:
+    from mesh.contracts import loads
+
+    return [loads(f[b"e"])["event"] for _, f in mesh.redis.xrange(mesh.keys.trace(job_id))]
+
+
+def test_an_approved_step_runs_once_and_the_job_goes_on(mesh, run_workers):
+    run_workers()
+    ref = mesh.run(spec_with(), {"goal": "g"})
+    record = parked(mesh, ref.id)
+    assert record.state is State.AWAITING_APPROVAL
+    [waiting] = mesh.approvals()
+    assert (waiting.job_id, waiting.step.step_id) == (ref.id, "coder") and waiting.expires_at is not None
+
+    mesh.approve(ref.id, "coder", note="looks fine", by="ana")
+    record = mesh.wait(ref.id, timeout_s=30)
+
+    assert record.state is State.SUCCEEDED, record.error
+    approval = record.steps["coder"].approval
+    assert (approval.decision, approval.by, approval.note) == ("approved", "ana", "looks fine")
+    assert runs(mesh)[record.steps["coder"].key] == 1
+    assert mesh.approvals() == []
+    assert "approved" in trace_kinds(mesh, ref.id)
+    [audit] = approvals.audit(mesh.redis, mesh.keys)
+    assert audit["op"] == "approved" and audit["detail"]["by"] == "ana" and audit["detail"]["hash"] == approval.hash
+    assert mesh.redis.zcard(mesh.keys.timers) == 0
+
+
+def test_a_denial_halts_the_job_like_a_false_gate(mesh, run_workers):
+    run_workers()
+    ref = mesh.run(spec_with(), {"goal": "g"})
+    parked(mesh, ref.id)
+    record = mesh.deny(ref.id, "coder", reason="not today", by="bo")
+
+    assert record.state is State.HALTED and "denied by bo: not today" in record.error
+    assert record.steps["coder"].state is State.HALTED and record.steps["report"].state is State.NOT_RUN
+    assert record.failure_class == "approval_denied"
+    assert "coder" not in {k.rsplit("/", 1)[-1] for k in runs(mesh)}
+
+
+def test_a_denial_under_continue_skips_the_step_and_its_dependents_run(mesh, run_workers):
+    run_workers()
+    ref = mesh.run(spec_with(failure_mode="continue"), {"goal": "g"})
+    parked(mesh, ref.id)
+    mesh.deny(ref.id, "coder", reason="skip it")
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert record.state is State.SUCCEEDED
+    assert record.steps["coder"].state is State.SKIPPED and record.steps["report"].state is State.SUCCEEDED
+
+
+def test_the_second_decision_is_told_which_won(mesh, run_workers):
+    run_workers()
+    ref = mesh.run(spec_with(), {"goal": "g"})
+    parked(mesh, ref.id)
+    mesh.deny(ref.id, "coder", reason="no", by="first")
+    with pytest.raises(approvals.AlreadyDecided) as lost:
+        mesh.approve(ref.id, "coder", by="second")
+    assert lost.value.decision == "denied" and lost.value.by == "first"
+
+
+@pytest.mark.slow
+def test_an_expired_approval_is_denied_never_early_and_a_late_decision_is_refused(mesh, run_workers):
+    run_workers()
+    ref = mesh.run(spec_with({"timeout": "2s"}), {"goal": "g"})
+    record = parked(mesh, ref.id)
+    due_ms = approvals.expiry_due_ms(mesh.redis, mesh.keys, ref.id, record.steps["coder"])
+    record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.HALTED and r, timeout_s=10)
+    fired_ms = server_ms(mesh.redis)
+
+    assert record.steps["coder"].approval.decision == "expired"
+    assert record.steps["coder"].approval.at * 1000 >= due_ms  # never early, by the Redis clock
+    assert fired_ms - due_ms < 1500
+    with pytest.raises(approvals.AlreadyDecided):
+        mesh.approve(ref.id, "coder")
+
+
+def test_a_decision_after_the_due_time_is_refused_before_any_worker_fired_it(mesh):
+    # no worker runs: the root step parks at submit and nothing fires its timer
+    ref = mesh.run(Pipeline("root").step("researcher", approval={"timeout": "1s"}).build(), {"goal": "g"})
+    record = mesh.status(ref.id)
+    assert record.state is State.AWAITING_APPROVAL
+    due = approvals.expiry_due_ms(mesh.redis, mesh.keys, ref.id, record.steps["researcher"])
+    wait_for(lambda: server_ms(mesh.redis) >= due, timeout_s=5)
+    with pytest.raises(approvals.ApprovalExpired):
+        mesh.approve(ref.id, "researcher")
+    assert mesh.status(ref.id).steps["researcher"].state is State.AWAITING_APPROVAL
+
+
+@pytest.mark.slow
+def test_an_escalated_expiry_is_dead_lettered_and_its_replay_asks_again(mesh, run_workers, settings):
+    run_workers()
+    ref = mesh.run(spec_with({"timeout": "1s", "on_timeout": "escalate"}), {"goal": "g"})
+    parked(mesh, ref.id)
+    record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=10)
+    assert record.steps["coder"].failure_class == "approval_expired"
+    dlq = DeadLetterStore(mesh.redis, mesh.keys)
+    [stored] = list(Replayer(dlq, settings).entries())
+    assert stored.entry.failure_class == "approval_expired"
+
+    Replayer(dlq, settings).replay([stored])
+    record = wait_for(lambda: (r := mesh.status(ref.id)).steps["coder"].state is State.AWAITING_APPROVAL
+                      and r.steps["coder"].approval.asks == 2 and r, timeout_s=10)
+    assert record.state is State.AWAITING_APPROVAL
+    assert record.steps["coder"].key not in runs(mesh)  # asked again, never run
+    mesh.approve(ref.id, "coder")
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert record.state is State.SUCCEEDED and runs(mesh)[record.steps["coder"].key] == 1
