@@ -23,6 +23,7 @@ from mesh.contracts import (
     State,
     UnknownAgent,
 )
+from mesh.ops import approvals_cli
 from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.console import (
     EXIT_FAILED,
@@ -820,6 +821,7 @@ def demo(
 
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(pipeline_app, name="pipeline")
+approvals_cli.register(app)
 
 
 def main() -> None:
