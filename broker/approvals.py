@@ -309,6 +309,7 @@ def decide(jobs: Any, job_id: str, verdict: Verdict, change: DecideChange, *,
             stage_dead_letter(pipe, keys, message, step.error or "approval expired", worker or verdict.by)
         if dead:
             pipe.hincrby(keys.stats, "dead_lettered", 1)
+        pipe.hincrby(keys.stats, f"approvals_{verdict.decision.value}", 1)
 
     def apply(record: JobRecord) -> tuple[JobRecord, list[Message]]:
         del dead[:], events[:]  # a transaction retried after a conflict starts over

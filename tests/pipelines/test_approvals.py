@@ -149,3 +149,49 @@ def test_an_escalated_expiry_is_dead_lettered_and_its_replay_asks_again(mesh, ru
     mesh.approve(ref.id, "coder")
     record = mesh.wait(ref.id, timeout_s=30)
     assert record.state is State.SUCCEEDED and runs(mesh)[record.steps["coder"].key] == 1
+
+
+def metrics(mesh: MeshClient) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mesh.ops.metrics import MeshCollector
+
+    registry = CollectorRegistry()
+    registry.register(MeshCollector(mesh))
+    return {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in f.samples if not s.labels}
+
+
+@pytest.mark.slow
+def test_a_warning_fires_warn_before_the_expiry_and_the_metrics_count_what_waits(mesh, run_workers):
+    run_workers()
+    ref = mesh.run(spec_with({"timeout": "4s", "warn_before": "3s"}), {"goal": "g"})
+    record = parked(mesh, ref.id)
+    due = approvals.expiry_due_ms(mesh.redis, mesh.keys, ref.id, record.steps["coder"])
+    seen = metrics(mesh)
+    assert seen["mesh_approvals_pending"] == 1 and 0 <= seen["mesh_approval_oldest_age_seconds"] < 4
+
+    wait_for(lambda: "approval_warning" in trace_kinds(mesh, ref.id), timeout_s=5, interval_s=0.01)
+    warned_ms = server_ms(mesh.redis)
+    assert mesh.status(ref.id).steps["coder"].state is State.AWAITING_APPROVAL  # warned, not expired
+    assert due - 3000 <= warned_ms < due - 1500
+    assert metrics(mesh)["mesh_approval_warnings_total"] == 1
+    assert [a["op"] for a in approvals.audit(mesh.redis, mesh.keys)] == ["warning"]
+
+    wait_for(lambda: mesh.status(ref.id).state is State.HALTED, timeout_s=10)
+    seen = metrics(mesh)
+    assert seen["mesh_approvals_pending"] == 0 and seen["mesh_approvals_expired_total"] == 1
+
+
+def test_a_job_waiting_for_approval_has_no_ttl_even_when_another_branch_ended_it(mesh, run_workers):
+    spec = load_pipeline_spec(Pipeline("two").step("researcher").step(
+        "coder", depends_on=["researcher"], requires_human_approval=True)
+        .step("other", agent="researcher").build())
+    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "ttl-1/researcher/other")
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g"}, key="ttl-1")
+    record = wait_for(lambda: (r := mesh.status(ref.id)).steps["other"].state is State.DEAD_LETTERED
+                      and r.steps["coder"].state is State.AWAITING_APPROVAL and r, timeout_s=15)
+    assert record.state is State.DEAD_LETTERED  # the job ended, but a step still waits for a person
+    assert mesh.redis.ttl(mesh.keys.job(ref.id)) == -1 and mesh.redis.ttl(mesh.keys.trace(ref.id)) == -1
