@@ -4,6 +4,7 @@ timeout is refused; an expiry denies or escalates to the DLQ, whose replay asks 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -195,3 +196,21 @@ def test_a_job_waiting_for_approval_has_no_ttl_even_when_another_branch_ended_it
                       and r.steps["coder"].state is State.AWAITING_APPROVAL and r, timeout_s=15)
     assert record.state is State.DEAD_LETTERED  # the job ended, but a step still waits for a person
     assert mesh.redis.ttl(mesh.keys.job(ref.id)) == -1 and mesh.redis.ttl(mesh.keys.trace(ref.id)) == -1
+
+
+def test_status_jobs_and_trace_show_the_wait_and_the_decision_with_its_cause(mesh, cli):
+    ref = mesh.run(Pipeline("shown").step("researcher", approval={"timeout": "1h", "approvers": ["ana"]}).build(),
+                   {"goal": "g"}, key="shown-1")
+    status = cli("status", ref.id)
+    assert "awaiting_approval" in status.stdout and "waits for a human's approval" in status.stdout
+    assert "then deny; approvers ana" in " ".join(status.stdout.split())
+    listed = cli("jobs", "--state", "awaiting_approval", "--json")
+    assert [j["job_id"] for j in json.loads(listed.stdout)] == [ref.id]
+
+    mesh.deny(ref.id, "researcher", reason="too risky", by="ana")
+    status = " ".join(cli("status", "shown-1").stdout.split())
+    assert "halted" in status and "denied by ana" in status and "too risky" in status
+    trace = " ".join(cli("trace", ref.id).stdout.split())
+    assert "awaiting_approval" in trace and "denied by ana" in trace
+    dag = json.loads(cli("status", ref.id, "--json").stdout)["dag"]
+    assert dag[0]["approval"]["decision"] == "denied"
