@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from dramatiq.message import Message
 
-from mesh.contracts import JobRecord, MeshError, State, StepRecord, dumps, loads
+from mesh.contracts import TERMINAL, JobRecord, MeshError, State, StepRecord, dumps, loads
 from mesh.contracts.approvals import Approval, Decision
 from mesh.contracts.deadletter import DeadLetter
 
@@ -120,8 +120,15 @@ def check_approver(approval: Approval, user: str) -> None:
                             user=user, approvers=list(approval.approvers))
 
 
-def stage_approvals(pipe: Any, keys: Keys, record: JobRecord) -> None:
-    """Stage, with a write of ``record``, the index, timers and TTLs its waiting steps imply (above)."""
+def waiting(record: JobRecord) -> bool:
+    """Whether a step of ``record`` waits for a person's approval."""
+    return any(s.state is State.AWAITING_APPROVAL for s in record.steps.values())
+
+
+def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int | None = None) -> None:
+    """Stage, with a write of ``record``, the index, timers and TTLs its waiting steps imply (above).
+    ``ended_ttl_ms``: the retention an ended job takes once nothing waits any more; given to a record
+    that has none (it waited while ended) in the same MULTI."""
     waiting = False
     for step in record.steps.values():
         approval = step.approval
@@ -147,6 +154,10 @@ def stage_approvals(pipe: Any, keys: Keys, record: JobRecord) -> None:
     if waiting:  # a job waiting for a person is never taken by retention
         pipe.persist(keys.job(record.job_id))
         pipe.persist(keys.trace(record.job_id))
+    elif ended_ttl_ms is not None and record.state in TERMINAL and any(s.approval for s in record.steps.values()):
+        # ended while a step waited (no TTL then): its retention starts now that nothing waits
+        pipe.pexpire(keys.job(record.job_id), ended_ttl_ms, nx=True)
+        pipe.pexpire(keys.trace(record.job_id), ended_ttl_ms, nx=True)
 
 
 def stage_audit(pipe: Any, keys: Keys, what: str, job_id: str, step_id: str, **detail: Any) -> None:

@@ -6,6 +6,8 @@ again (a DLQ replay) removes both TTLs. A running or waiting job therefore never
 ended one needs no sweep to go (broker/retention.py only tidies the indexes). A job that ends
 holding dead-lettered or unknown steps keeps its record as long as their dead letters may wait for
 a replay (``MeshSettings.dead_letter_job_retention_s``), so the replay finds the job to go on with.
+A job with a step waiting for a person's approval keeps no TTL while it waits, even once another
+branch ended it (broker/approvals.py stages that, its index and its timers, with every write).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
         ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
-    approvals.stage_approvals(pipe, keys, record)  # waiting steps: their index, timers, no TTL
+    # waiting steps: their index, their timers, and no TTL while one waits
+    approvals.stage_approvals(pipe, keys, record, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
 
 
 class JobStore:

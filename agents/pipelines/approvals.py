@@ -159,8 +159,9 @@ def timer_handlers(jobs: Any, pipelines: PipelineStore, routes: engine.Routes, c
 
     def expire(due: Any) -> bool:
         job_id, step_id, asks = due.ref.rsplit("|", 2)
-        verdict = Verdict(step_id=step_id, decision=Decision.EXPIRED, by="timeout", at=clock.now_s(),
-                          asks=int(asks), note=None)
+        # when it fired, on the Redis clock: never before its due time (the timer was read with TIME)
+        at = max(clock.now_s(), due.now_ms / 1000)
+        verdict = Verdict(step_id=step_id, decision=Decision.EXPIRED, by="timeout", at=at, asks=int(asks), note=None)
         # decided, asked again or gone meanwhile: nothing left to expire
         with contextlib.suppress(NotAwaiting, AlreadyDecided, JobNotFound):
             store.decide(jobs, job_id, verdict, change, worker=worker)

@@ -627,6 +627,8 @@ def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], no
     record = record.with_step(transition(rec, State.HALTED, now=now, error=why, failure_class=failure_class))
     record, unsent = _not_run(record, rec.step_id, now)
     if record.state is not State.HALTED:
+        if State.HALTED not in moves(record.state):  # ended by another branch (dead-lettered) meanwhile
+            record = transition(record, State.QUEUED, now=now)
         record = transition(record, State.HALTED, now=now, error=f"step {rec.step_id}: {why}",
                             failure_class=failure_class)
     events.append(_event("halted", record, rec, reason=why, values=read, not_run=unsent))

@@ -185,10 +185,12 @@ def test_a_warning_fires_warn_before_the_expiry_and_the_metrics_count_what_waits
     assert seen["mesh_approvals_pending"] == 0 and seen["mesh_approvals_expired_total"] == 1
 
 
-def test_a_job_waiting_for_approval_has_no_ttl_even_when_another_branch_ended_it(mesh, run_workers):
+def test_a_job_waiting_for_approval_has_no_ttl_even_when_another_branch_ended_it_then_takes_one(mesh, run_workers):
     spec = load_pipeline_spec(Pipeline("two").step("researcher").step(
         "coder", depends_on=["researcher"], requires_human_approval=True)
-        .step("other", agent="researcher").build())
+        .step("other", agent="researcher", depends_on=["researcher"], input={"goal": "input.goal"}).build())
+    # other is sent in the write that parks coder, then dead-lettered: the failure's settlement
+    # (broker/consumer.py) writes the ended job while coder waits
     mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "ttl-1/researcher/other")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="ttl-1")
@@ -196,6 +198,8 @@ def test_a_job_waiting_for_approval_has_no_ttl_even_when_another_branch_ended_it
                       and r.steps["coder"].state is State.AWAITING_APPROVAL and r, timeout_s=15)
     assert record.state is State.DEAD_LETTERED  # the job ended, but a step still waits for a person
     assert mesh.redis.ttl(mesh.keys.job(ref.id)) == -1 and mesh.redis.ttl(mesh.keys.trace(ref.id)) == -1
+    mesh.deny(ref.id, "coder", reason="no")  # nothing waits any more: the retention clock starts
+    assert mesh.redis.ttl(mesh.keys.job(ref.id)) > 0 and mesh.redis.ttl(mesh.keys.trace(ref.id)) > 0
 
 
 def test_status_jobs_and_trace_show_the_wait_and_the_decision_with_its_cause(mesh, cli):
