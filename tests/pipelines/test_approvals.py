@@ -218,3 +218,22 @@ def test_status_jobs_and_trace_show_the_wait_and_the_decision_with_its_cause(mes
     assert "awaiting_approval" in trace and "denied by ana" in trace
     dag = json.loads(cli("status", ref.id, "--json").stdout)["dag"]
     assert dag[0]["approval"]["decision"] == "denied"
+
+
+def test_a_for_each_step_is_approved_as_a_whole_before_it_fans_out(mesh, run_workers):
+    from mesh.agents.pipelines import check
+
+    spec = check(Pipeline("fan").step("scout")
+                 .step("fetch", depends_on=["scout"], for_each="scout.sources", requires_human_approval=True)
+                 .step("digest", depends_on=["fetch"]).build(), app)
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g", "count": 3}, key="fan-ok")
+    record = parked(mesh, ref.id, "fetch")
+    assert [s for s in record.steps if s.startswith("fetch[")] == []  # nothing fanned out yet
+    assert len(record.steps["fetch"].input["items"]) == 3  # the call asked for: its list of items
+
+    mesh.approve(ref.id, "fetch")
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert record.state is State.SUCCEEDED, record.error
+    assert record.result["digest"]["pages"] == 3
+    assert sorted(k for k in runs(mesh) if "/fetch/" in k) == [f"fan-ok/fetch/fetch/{i}" for i in range(3)]
