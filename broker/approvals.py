@@ -38,6 +38,13 @@ from .clock import server_ms
 from .keys import Keys
 from .outbox import encode
 
+#: Gives each key that has no TTL one of ARGV[1] ms (PEXPIRE's NX, before Redis 7).
+_EXPIRE_IF_NONE = """
+for _, key in ipairs(KEYS) do
+    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[1]) end
+end
+"""
+
 #: Timer kinds (:mod:`mesh.broker.timers`).
 EXPIRY, WARNING = "approval", "approval.warn"
 #: The audit stream keeps about this many records.
@@ -156,8 +163,7 @@ def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int 
         pipe.persist(keys.trace(record.job_id))
     elif ended_ttl_ms is not None and record.state in TERMINAL and any(s.approval for s in record.steps.values()):
         # ended while a step waited (no TTL then): its retention starts now that nothing waits
-        pipe.pexpire(keys.job(record.job_id), ended_ttl_ms, nx=True)
-        pipe.pexpire(keys.trace(record.job_id), ended_ttl_ms, nx=True)
+        pipe.eval(_EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
 
 
 def stage_audit(pipe: Any, keys: Keys, what: str, job_id: str, step_id: str, **detail: Any) -> None:
