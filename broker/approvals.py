@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from dramatiq.message import Message
 
-from mesh.contracts import TERMINAL, JobRecord, MeshError, State, StepRecord, dumps, loads
+from mesh.contracts import TERMINAL, FailureClass, JobRecord, MeshError, State, StepRecord, dumps, loads
 from mesh.contracts.approvals import Approval, Decision
 from mesh.contracts.deadletter import DeadLetter
 
@@ -190,7 +190,7 @@ def stage_dead_letter(pipe: Any, keys: Keys, message: Message, error: str, worke
     writes one: an approval that expired under ``on_timeout: escalate`` waits there for a replay."""
     env = message.args[0]
     entry = DeadLetter(entry_id=message.message_id, queue=message.queue_name, agent=message.actor_name,
-                       failure_class="approval_expired", error=error, envelope=env, key=env.get("key"),
+                       failure_class=FailureClass.APPROVAL_EXPIRED.value, error=error, envelope=env, key=env.get("key"),
                        job_id=env.get("job_id"), trace_id=env.get("trace_id"), worker=worker)
     at = int(entry.dead_lettered_at * 1000)
     pipe.zadd(keys.dlq, {entry.entry_id: at})

@@ -120,6 +120,10 @@ def test_an_expiry_survives_a_redis_restart_and_fires_on_time(tmp_path, make_set
         record = _expired(mesh, ref.id, due, timeout_s=20)
         assert record.state is State.DEAD_LETTERED
         assert mesh.redis.zcard(mesh.keys.dlq_by_class("approval_expired")) == 1
+        listed = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "dlq", "list", "--class", "approval_expired",
+                                 "--json"], env=mesh_env(settings), cwd=ROOT, capture_output=True, text=True)
+        assert listed.returncode == 0, listed.stderr
+        assert [e["job_id"] for e in json.loads(listed.stdout)] == [ref.id]
     finally:
         server.stop()
 
