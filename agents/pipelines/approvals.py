@@ -51,6 +51,9 @@ def decision(spec: PipelineSpec, routes: engine.Routes, verdict: Verdict, events
         rec = record.steps.get(verdict.step_id)
         if rec is None:
             raise NotAwaiting(f"job {record.job_id} has no step {verdict.step_id!r}", job_id=record.job_id)
+        if not known(record.state) or not known(rec.state):  # a newer release's (cancelled): it moves it
+            raise NotAwaiting(f"job {record.job_id} is {record.state.value}: a newer release's state, not decided "
+                              "here", job_id=record.job_id, state=record.state.value)
         approval = rec.approval
         stale = verdict.asks is not None and approval is not None and approval.asks != verdict.asks
         if rec.state is not State.AWAITING_APPROVAL or approval is None or stale:

@@ -237,3 +237,20 @@ def test_a_for_each_step_is_approved_as_a_whole_before_it_fans_out(mesh, run_wor
     assert record.state is State.SUCCEEDED, record.error
     assert record.result["digest"]["pages"] == 3
     assert sorted(k for k in runs(mesh) if "/fetch/" in k) == [f"fan-ok/fetch/fetch/{i}" for i in range(3)]
+
+
+def test_a_job_a_newer_release_moved_is_not_decided_here():
+    from mesh.agents.pipelines.approvals import decision
+    from mesh.agents.pipelines.engine import Routes, park
+    from mesh.agents.pipelines.spec import ApprovalPolicy
+    from mesh.broker.approvals import NotAwaiting, Verdict
+    from mesh.contracts import JobRecord, StepRecord
+    from mesh.contracts.approvals import Decision
+
+    spec = Pipeline("p").step("researcher", requires_human_approval=True).build()
+    record = JobRecord(job_id="j", key="k", trace_id="0" * 32, pipeline="p", pipeline_digest=spec.digest())
+    rec = park(record, StepRecord(step_id="researcher", agent="researcher", key="k/r"), ApprovalPolicy(), {},
+               "k/r", deadline_left_s=60, token_budget=None, now=1.0)
+    record = record.with_step(rec).model_copy(update={"state": State("cancelled")})
+    with pytest.raises(NotAwaiting, match="newer release"):
+        decision(spec, Routes(), Verdict("researcher", Decision.EXPIRED, by="timeout"), [], [])(record)
