@@ -99,6 +99,9 @@ class ToolSpec:
     #: list of ``host:port`` for exactly those; a function of MESH_HTTP_ALLOW's entries (normal form)
     #: returning the tool's, to widen (``lambda base: base | {"api.example.com:443"}``) or narrow it.
     allow: Allow = None
+    #: The declared tool that undoes a call of this one (called with the same args) when the job of
+    #: the step that made the call halts or is cancelled: see docs/guides/compensation.md.
+    compensate: str | None = None
 
     def allowlist(self, settings: MeshSettings) -> frozenset[str] | None:
         """The ``host:port`` entries (normal form) this tool may reach; None: MESH_HTTP_ALLOW's."""
@@ -150,9 +153,15 @@ class App:
 
     def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
-             secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None) -> Any:
+             secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
+             compensate: str | None = None) -> Any:
         """Declare ``fn(ctx, args) -> result`` as a tool agents may call. ``allow``: the ``host:port``
-        its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`)."""
+        its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`).
+        ``compensate``: the declared tool that undoes a call of this one, given the same args (run,
+        last call first, when the job of the step that made the calls halts or is cancelled)."""
+        if compensate is not None and not effect:
+            raise ConfigError(f"tool {name or getattr(fn, '__name__', '?')!r}: compensate= undoes an effect; "
+                              "a tool declared effect=False has none")
         fixed = tuple(allow) if allow is not None and not callable(allow) else allow
         if fixed is not None and not callable(fixed):
             parse_allowlist(fixed)  # a bad entry fails the declaration, not the first call
@@ -160,7 +169,8 @@ class App:
         def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
             args_model = args or _models(fn, None, None, need_output=False)[0]
             self.add_tool(ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
-                                   secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed))
+                                   secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
+                                   compensate=compensate))
             return fn
 
         return declare(fn) if fn is not None else declare

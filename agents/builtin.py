@@ -13,6 +13,7 @@ from mesh.contracts.tools import HttpPostArgs, NoteArgs
 
 from .app import App
 from .context import Context
+from .pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
 from .tools import http_post, write_note
 from .tools.http_post import target as http_post_target
 

@@ -3,6 +3,8 @@
     ctx.key, ctx.job_id, ctx.trace_id, ctx.step_id, ctx.attempt, ctx.token   the message's identity
     ctx.deadline_left_s()                                                     the budget left (s)
     ctx.progress("fetched 3 pages")                                           the step moved on
+    ctx.cancelled                                                             the job was cancelled
+                                                                              (mesh cancel): stop
     ctx.model                                                                 the model provider (a
                                                                               pipeline step's ``model``
                                                                               as its default model)
@@ -107,6 +109,12 @@ class Context:
     def deadline(self) -> float:
         return self.env.deadline
 
+    @property
+    def cancelled(self) -> bool:
+        """The job was cancelled (``mesh cancel``), seen within one lease renewal: stop and return (or
+        raise); whatever the handler returns now is recorded ``cancelled``, never ``succeeded``."""
+        return self.lease.cancelled
+
     def deadline_left_s(self) -> float:
         """Seconds until the deadline, on the Redis server's clock (the deadline's)."""
         return self.env.remaining_s(self.runtime.clock.now_s())
@@ -143,6 +151,23 @@ class Context:
         self._confirm(spec.name, effect=spec.effect)
         return self._run(spec, typed)
 
+    def undo(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        """Run a compensation of tool calls (``{"tool", "args"}``, in the order given: last call
+        first): each through the same guards as :meth:`call`, whichever agent declared the tool."""
+        for done, undo in enumerate(calls):
+            spec = self.runtime.app.tools.get(str(undo.get("tool")))
+            if spec is None:
+                raise ConfigError(f"compensating tool {undo.get('tool')!r} is not declared by app "
+                                  f"{self.runtime.app.name!r} ({done} of {len(calls)} calls undone)")
+            try:
+                typed = spec.args.model_validate(undo.get("args") or {})
+            except ValidationError as exc:
+                raise ContractError(f"{spec.name} cannot take the args of the call it undoes: "
+                                    f"{exc.error_count()} error(s)") from None
+            self._confirm(spec.name, effect=spec.effect)
+            self._run(spec, typed)
+        return {"undone": len(calls)}
+
     def _confirm(self, call: str, *, effect: bool) -> None:
         """The attempt's lease holds its key now (checked in Redis when :class:`~mesh.broker.fence.Fence`
         says so), or LeaseLost: the new owner carries the work, this attempt acts no more. A refusal
@@ -165,6 +190,8 @@ class Context:
                 result = tool_ctx.guarded(dependency, lambda: _classified(dependency, spec.run, tool_ctx, args))
             if spec.effect:
                 self.lease.effects += 1
+                if spec.compensate:  # what undoes this call, should the job halt or be cancelled
+                    self.lease.undo_calls.append({"tool": spec.compensate, "args": args.model_dump(mode="json")})
             detail = getattr(result, "detail", None)
             outcome = {"status": detail.get("status") if isinstance(detail, dict) else "ok"}
             return result

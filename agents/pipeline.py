@@ -32,6 +32,11 @@ from mesh.contracts.errors import PermanentFailure
 from mesh.contracts.jobs import newer_state
 
 
+def cancelled(record: JobRecord, step: StepRecord) -> bool:
+    """Whether ``step`` belongs to a cancelled job and is not one of its compensations (which run)."""
+    return record.unwind is not None and record.unwind.cause == "cancelled" and step.compensates is None
+
+
 def start(env: Envelope, token: int) -> Change:
     """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running."""
 
@@ -43,11 +48,16 @@ def start(env: Envelope, token: int) -> Change:
         if step.state in TERMINAL or (step.state is State.RUNNING and step.token == token):
             return record, []  # finished, or this attempt's pick-up already written (a re-sent update)
         if newer := newer_state(record, step):
-            # A newer release moved it (cancelled, compensating): that release owns it, and this
+            # A newer release moved it (archived, say): that release owns it, and this
             # one runs nothing of it; the message is dead-lettered, kept for that release.
             what, state = newer
             raise PermanentFailure(f"the {what} is {state.value!r}, a state of a newer release of the mesh: "
                                    "not run by this release", job_id=record.job_id)
+        if cancelled(record, step):
+            # A retry (or a message sent before the cancel) picked up after it: never run.
+            step = transition(step, State.CANCELLED, now=now, error="not run: the job was cancelled",
+                              failure_class="cancelled")
+            return settle(record.with_step(step), now), []
         step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1,
                           token=token)
         record = settle(record.with_step(step), now)  # a replay while another step is dead stays dead
@@ -60,11 +70,13 @@ def start(env: Envelope, token: int) -> Change:
 
 def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0), *,
              spec: PipelineSpec | None = None, routes: Routes | None = None,
-             events: list[dict[str, Any]] | None = None) -> Change:
+             events: list[dict[str, Any]] | None = None,
+             undo_calls: list[dict[str, Any]] | None = None) -> Change:
     """The step succeeded with ``output``, spending ``tokens`` (in, out) in this attempt; work out what
     it sets in motion. A declared pipeline's job (``spec``: the spec it started with) moves by its DAG
     (:func:`mesh.agents.pipelines.engine.advance`), whose trace events are appended to ``events``;
-    a job of one directly sent step ends with its output as the result."""
+    a job of one directly sent step ends with its output as the result. ``undo_calls``: what undoes
+    the calls the attempt made of tools declared with ``compensate=``, kept on the step."""
     events = [] if events is None else events
     given = len(events)
 
@@ -75,9 +87,22 @@ def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0),
         if step.state is State.SUCCEEDED:
             return record, []
         step = add_tokens(step, *tokens)
-        record = add_tokens(record, *tokens).with_step(
-            transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
-        )
+        if undo_calls:
+            step = step.model_copy(update={"undo_calls": undo_calls})
+        if cancelled(record, step):
+            # Its job was cancelled while it ran: it is not a success and nothing reads its output, but
+            # its effect happened, so the output is kept for its compensation (compensate.effect).
+            done = transition(step, State.CANCELLED, now=now, error="ended after the job was cancelled: its "
+                              "output is not used", failure_class="cancelled")
+            for ev in events[:given]:  # the attempt's own "succeeded" event says what it is
+                if ev.get("event") == "succeeded" and ev.get("step_id") == env.step_id:
+                    ev["event"] = "cancelled"
+            record = add_tokens(record, *tokens).with_step(done.model_copy(
+                update={"result": output.model_dump(mode="json")}))
+        else:
+            record = add_tokens(record, *tokens).with_step(
+                transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
+            )
         if spec is not None and record.pipeline_digest is not None:
             run = Run(trace_id=env.trace_id, deadline=env.deadline, token_budget=env.token_budget)
             return advance(spec, record, run, routes or Routes(), events, now=now)

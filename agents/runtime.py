@@ -41,6 +41,7 @@ from mesh.contracts import (
     State,
     dumps,
 )
+from mesh.contracts.jobs import UNDO_CALLS, is_compensation
 from mesh.contracts.messages import validate_model, validate_output_model
 
 from . import pipeline
@@ -53,6 +54,12 @@ from .providers import Meter, ModelProvider, provider_for
 from .tools.allow import Resolver, system_resolver
 
 logger = logging.getLogger(__name__)
+
+
+class Undone(BaseModel):
+    """The output of a compensation of tool calls: how many were undone."""
+
+    undone: int
 
 @dataclass
 class AgentRuntime:
@@ -110,7 +117,10 @@ class AgentRuntime:
                                 f"worker serves version {spec.version}: not run against the wrong model. If no "
                                 f"worker serves {env.contract_version} any more and the payload fits version "
                                 f"{spec.version}: mesh dlq replay ID --to-version {spec.version}")
-        payload = validate_model(agent, spec.input, env.payload)
+        # A compensation of the step's tool calls (tools declared with compensate=): the compensating
+        # tools run, not the handler, and neither the agent's input nor its output model applies.
+        undo = env.payload.get(UNDO_CALLS) if is_compensation(env.step_id) else None
+        payload = validate_model(agent, spec.input, env.payload) if not isinstance(undo, list) else None
         envelope = env.model_dump(mode="json")
         member = running_member(env.job_id, env.step_id)
 
@@ -141,6 +151,12 @@ class AgentRuntime:
                                                            "step_id": env.step_id})
             return
         flow = self.flow(record)
+        if step.state is State.CANCELLED and step.result is None:
+            # Its job was cancelled before it ran (mesh cancel): acked, nothing run, the key left free.
+            trace.emit(self.redis, self.keys, trace.event("not_run", envelope, worker=self.worker,
+                                                          reason=step.error or "cancelled"))
+            lease.result, lease.done = None, False
+            return
         if step.state in TERMINAL:
             # Finished before its claim said so (a crash between the two): a duplicate, answered
             # with the stored result. A dead-lettered step stays free for its replay.
@@ -160,11 +176,13 @@ class AgentRuntime:
             # this key (a shared idempotency_key) did the work: record that output, run nothing.
             result: Any = lease.recorded_output
         else:
-            result = spec.handler(Context(self, env, spec, lease), payload)
+            ctx = Context(self, env, spec, lease)
+            result = spec.handler(ctx, payload) if not isinstance(undo, list) else ctx.undo(undo)
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
         # Masked before anything keeps it: the record, the claim, the trace, the next steps' messages.
-        output = validate_output_model(agent, spec.output, redact.redact_value(result))
+        output = (validate_output_model(agent, spec.output, redact.redact_value(result)) if not isinstance(undo, list)
+                  else Undone.model_validate(redact.redact_value(result)))
         self._check_limits(agent, output)
         duration = time.monotonic() - lease.started
 
@@ -181,7 +199,8 @@ class AgentRuntime:
                               **shared, **traced(flow, "output", output.model_dump(mode="json")))]
         try:
             self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out),
-                                                           spec=flow, routes=self.routes, events=events),
+                                                           spec=flow, routes=self.routes, events=events,
+                                                           undo_calls=lease.undo_calls or None),
                              fence=lease, also=succeeded, events=events, retention_s=retention_s(flow))
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",

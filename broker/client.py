@@ -120,6 +120,16 @@ def on_submit(spec: Any) -> None:
     _entry = spec
 
 
+#: Job control (cancel, rerun), registered by the agents layer (``mesh.agents.pipelines.jobctl``),
+#: which holds the engine they need: the broker imports nothing of it.
+_control: dict[str, Callable[..., Any]] = {}
+
+
+def on_job_control(**handlers: Callable[..., Any]) -> None:
+    """Register what :meth:`MeshClient.cancel` and :meth:`MeshClient.rerun` call."""
+    _control.update(handlers)
+
+
 class MeshClient:
     """Submit goals, send messages to one agent, and follow jobs. Settings come from ``MESH_*``
     unless given; the Redis connection may be injected. With ``app`` (a ``mesh.App``) its agents'
@@ -407,6 +417,26 @@ class MeshClient:
         if record is None:
             raise JobNotFound(job_id)
         return record
+
+    def cancel(self, job_id: str, reason: str | None = None) -> JobRecord:
+        """Cancel a job: no new step is sent, running steps see ``ctx.cancelled`` (within one lease
+        renewal) and their results are not recorded as successes, steps awaiting approval are
+        withdrawn, and the compensations of what succeeded run; the job ends ``cancelled`` (or
+        ``compensated``). Idempotent: a job already cancelled (or ended) is returned as it is."""
+        return self._control("cancel")(self, job_id, reason)[0]
+
+    def rerun(self, job_id: str, from_step: str, *, key: str | None = None) -> JobRef:
+        """A new run of a declared pipeline's job: the same spec digest and input, the outputs of the
+        steps upstream of ``from_step`` reused, ``from_step`` and everything downstream run again under
+        new keys; the two records name each other (``rerun_of``, ``reruns``)."""
+        ref: JobRef = self._control("rerun")(self, job_id, from_step, key=key)
+        return ref
+
+    def _control(self, name: str) -> Callable[..., Any]:
+        if name not in _control:
+            raise ConfigError(f"no job control is registered: import mesh (mesh.agents.pipelines.jobctl "
+                              f"registers {name})")
+        return _control[name]
 
     def stuck(self, record: JobRecord, *, now: float | None = None) -> dict[str, float]:
         """Running steps of ``record`` whose last progress is older than MESH_STUCK_AFTER_S: step id ->

@@ -33,6 +33,7 @@ from . import approvals, claim_results, trace
 from .group_commit import GroupCommit
 from .idempotency import Idempotency, Lease, done_args, message_key
 from .jobs import ended_ttl_s, holds_dead_letters
+from .observe import unwind_counts
 from .outbox import encode
 from .settle import DeadLetterIt, JobWrite, RetryLater, decide, decision_of, options_problem, raw_of
 from .trace import TRACE_MAXLEN
@@ -258,6 +259,7 @@ class MeshConsumer(_RedisConsumer):
                 return step
             record, messages = job.change(before)
             arg["events"] = [dumps(ev).decode() for ev in job.events]  # with what the change added
+            arg["incr"] = unwind_counts(job.events)  # a compensation sent or failed, a job compensated
             # What the failure sets in motion (a pipeline's next steps) is sent with the record.
             arg["msgs"] = [{"hash": keys.messages(m.queue_name), "queue": keys.queue(m.queue_name),
                             "wake": keys.wake(m.queue_name), "rid": m.options["redis_message_id"],

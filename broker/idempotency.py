@@ -83,6 +83,11 @@ class Lease:
     shared: bool = field(default=False, compare=False)
     #: A shared lease whose key's output is no longer kept anywhere: why (the step fails with it).
     output_gone: str | None = field(default=None, compare=False)
+    #: The attempt's job was cancelled (``mesh cancel``): seen by the lease renewal (``ctx.cancelled``).
+    cancelled: bool = field(default=False, compare=False)
+    #: Calls of tools declared with ``compensate=`` that returned, as what undoes each: ``{"tool":
+    #: the compensating tool, "args": the call's args}``; kept on the step when it succeeds.
+    undo_calls: list[dict[str, Any]] = field(default_factory=list, compare=False)
 
 
 @dataclass
@@ -376,8 +381,16 @@ class Idempotency(Middleware):
         pipe = self.client.pipeline(transaction=False)
         for lease in leases:
             self._call("renew", lease.claim_key, lease.owner, client=pipe)
+        # In the same round trip: whether a running attempt's job was cancelled (ctx.cancelled).
+        watched = [lease for lease in leases if lease.running and not lease.cancelled
+                   and isinstance(lease.envelope.get("job_id"), str)]
+        for lease in watched:
+            pipe.exists(self.keys.cancel(lease.envelope["job_id"]))
         sent = time.monotonic()
-        for lease, ok in zip(leases, pipe.execute(), strict=True):
+        answers = pipe.execute()
+        for lease, gone in zip(watched, answers[len(leases):], strict=True):
+            lease.cancelled = bool(gone)
+        for lease, ok in zip(leases, answers[:len(leases)], strict=True):
             if ok:
                 lease.confirmed_at = max(lease.confirmed_at, sent)
             elif not lease.lost:

@@ -31,10 +31,11 @@ from mesh.contracts import (
     settle,
     transition,
 )
-from mesh.contracts.jobs import known
+from mesh.contracts.jobs import COMPENSATION_FAILED, known
 
 from . import approvals, claims, trace
 from .keys import Keys
+from .observe import unwind_counts
 from .outbox import stage_all
 
 if TYPE_CHECKING:
@@ -160,6 +161,8 @@ class JobStore:
                 trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
             for ev in events:
                 trace.stage(pipe, self.keys, ev)
+            for field in unwind_counts(events):
+                pipe.hincrby(self.keys.stats, field, 1)
             stage_record(pipe, self.keys, record, was=before.state,
                          retention_s=self.retention_s if retention_s is None else retention_s, keep_s=self.keep_s)
             if also is not None:
@@ -213,10 +216,15 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
             return record, []  # a later claim's owner runs it now
         if step.state is State.RUNNING:
             step, record = add_tokens(step, *tokens), add_tokens(record, *tokens)
-        record = record.with_step(
-            transition(step, state, now=now, error=error, failure_class=failure_class)
-        )
-        if state not in TERMINAL:
+        ends = (state, error, failure_class)
+        if record.unwind is not None and record.unwind.cause == "cancelled" and step.compensates is None:
+            # Its job was cancelled (mesh cancel): a failure ends the step, never waits for a retry.
+            ends = (State.CANCELLED, f"ended after the job was cancelled: {error}", "cancelled")
+        elif step.compensates is not None and state in TERMINAL:
+            # A compensation failed for good: its job is unknown (its effect may stand), said by one class.
+            ends = (state, f"{failure_class}: {error}", COMPENSATION_FAILED)
+        record = record.with_step(transition(step, ends[0], now=now, error=ends[1], failure_class=ends[2]))
+        if ends[0] not in TERMINAL:
             return record, []
         if _after_loss is not None and record.pipeline_digest is not None:
             return _after_loss(record, events)

@@ -45,6 +45,9 @@ The mesh's own:
                                       are swept (broker/retention.py)
     {ns}:jobs.expired                 zset job id -> swept time (s): tombstones of swept jobs, so
                                       `mesh status` can say "expired"; capped and trimmed by the sweep
+    {ns}:cancel:{job_id}              string: the reason a job was cancelled (mesh cancel), written with
+                                      its record; lease renewal reads it, so a running step sees
+                                      ctx.cancelled; expires MESH_JOB_RETENTION_S after the cancel
     {ns}:trace:{job_id}               stream, capped: the job's timeline (broker/trace.py); expires
                                       with the job record
     {ns}:running                      zset "{job_id}/{step_id}" -> last progress (s) of running steps;
@@ -158,6 +161,9 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.namespace}:cancel:{job_id}"
 
     def trace(self, job_id: str) -> str:
         return f"{self.namespace}:trace:{job_id}"

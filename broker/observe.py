@@ -26,6 +26,31 @@ def observe_duration(pipe: Any, keys: Keys, agent: str, seconds: float) -> None:
     pipe.hincrbyfloat(key, "sum", seconds)
 
 
+#: ``{ns}:stats`` fields a job's control counts (ops/metrics.py), from the trace events written with it.
+UNWIND_STATS = ("unwound:halted", "unwound:failed", "unwound:cancelled", "compensations_sent",
+                "compensations_failed", "jobs_compensated")
+
+
+def unwind_counts(events: Any) -> list[str]:
+    """The ``{ns}:stats`` fields the trace events of one job write add 1 to: a job that began undoing
+    its effects, by cause (``compensating``, ``cancelled``); a compensation sent; one dead-lettered
+    (``compensation_failed``); a job whose compensations all ran (``compensated``)."""
+    out = []
+    for ev in events:
+        kind, step = ev.get("event"), str(ev.get("step_id") or "")
+        if kind == "compensating":
+            out.append(f"unwound:{ev.get('cause')}")
+        elif kind == "cancelled" and not ev.get("step_id"):
+            out.append("unwound:cancelled")
+        elif kind == "compensation_sent":
+            out.append("compensations_sent")
+        elif kind == "compensation_failed" or (kind == "dead_lettered" and step.startswith("undo:")):
+            out.append("compensations_failed")
+        elif kind == "compensated":
+            out.append("jobs_compensated")
+    return out
+
+
 def count_outcome(pipe: Any, keys: Keys, agent: str, outcome: str) -> None:
     pipe.hincrby(keys.outcomes, f"{agent}:{outcome}", 1)
 

@@ -35,6 +35,7 @@ from dramatiq.middleware import Middleware
 
 from mesh.contracts import BreakerOpen, Brownout, FailureClass, LeaseLost, OutcomeUnrecorded, State
 from mesh.contracts.deadletter import Attempt, format_traceback
+from mesh.contracts.jobs import COMPENSATION_FAILED, is_compensation
 
 from . import compat, trace
 from .classify import classify
@@ -345,6 +346,10 @@ class FailureRouter(Middleware):
                 message._message, routing.failure_class, routing.error(exception), format_traceback(exception),
                 dependency=dependency_of(exception))
             stat = "poison" if routing.failure_class is FailureClass.INVALID_INPUT else "dead_lettered"
+            if is_compensation(str(envelope.get("step_id") or "")):
+                # A compensation that failed for good: filed under its own class (mesh dlq --class).
+                entry = entry.model_copy(update={"failure_class": COMPENSATION_FAILED,
+                                                 "error": f"{routing.failure_class}: {entry.error}"})
             return DeadLetterIt(entry, stat, counter)
         deferred = routing.route is Route.DEFER
         history = [*message.options.get("mesh_attempts", []), Attempt(

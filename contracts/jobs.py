@@ -41,10 +41,18 @@ class State(StrEnum):
     #: A pipeline step never sent because its job halted first (or a ``for_each`` step not all of whose
     #: items were sent); its error says where it halted.
     NOT_RUN = "not_run"
+    #: A job undoing the effects of its succeeded steps after it halted (or was cancelled): their
+    #: compensations run, one at a time, in reverse order of completion (agents/pipelines/compensate.py).
+    COMPENSATING = "compensating"
+    #: A job whose every compensation succeeded: its effects are undone.
+    COMPENSATED = "compensated"
+    #: A job cancelled by an operator (``mesh cancel``) with nothing to undo; a step the cancel stopped
+    #: (never sent, withdrawn from approval, or ended after the cancel: its output is not used).
+    CANCELLED = "cancelled"
 
     @classmethod
     def _missing_(cls, value: object) -> State | None:
-        """A state a newer release wrote (e.g. ``compensating``): read as a member of its own, not in
+        """A state a newer release wrote (e.g. ``superseded``): read as a member of its own, not in
         :data:`ALLOWED`, so this release keeps it and never moves it (see :func:`known`)."""
         if not isinstance(value, str) or not value or len(value) > 64:
             return None
@@ -58,24 +66,38 @@ ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.AWAITING_APPROVAL})
 #: States a job ends in. A step in FAILED is waiting for its retry; a job never rests there
 #: unless an operator or a policy fails it for good.
 TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED,
-                      State.NOT_RUN})
+                      State.NOT_RUN, State.COMPENSATED, State.CANCELLED})
+
+#: Where a job may go once it has to undo its effects (halted, dead-lettered under halt_pipeline,
+#: cancelled): compensating while compensations run, cancelled when there is nothing to undo.
+_UNWIND = frozenset({State.COMPENSATING, State.CANCELLED})
 
 ALLOWED: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.AWAITING_APPROVAL,
-                             State.HALTED, State.SKIPPED, State.NOT_RUN}),
+                             State.HALTED, State.SKIPPED, State.NOT_RUN, *_UNWIND}),
     # NOT_RUN: a for_each step whose job halted before all its items were sent.
     State.RUNNING: frozenset({State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED,
-                              State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED, State.NOT_RUN}),
+                              State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED, State.NOT_RUN,
+                              *_UNWIND}),
     State.AWAITING_APPROVAL: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED,
-                                        State.HALTED, State.SKIPPED}),
-    State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN}),
-    State.DEAD_LETTERED: frozenset({State.QUEUED}),
-    State.UNKNOWN: frozenset({State.QUEUED}),
-    State.HALTED: frozenset({State.QUEUED}),
+                                        State.HALTED, State.SKIPPED, *_UNWIND}),
+    State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN,
+                             *_UNWIND}),
+    State.DEAD_LETTERED: frozenset({State.QUEUED, *_UNWIND}),
+    State.UNKNOWN: frozenset({State.QUEUED, *_UNWIND}),
+    State.HALTED: frozenset({State.QUEUED, *_UNWIND}),
     State.NOT_RUN: frozenset({State.QUEUED}),
+    # A job only: back to halted or dead-lettered when nothing turned out to need undoing.
+    State.COMPENSATING: frozenset({State.COMPENSATED, State.UNKNOWN, State.HALTED, State.DEAD_LETTERED,
+                                   State.CANCELLED}),
     State.SUCCEEDED: frozenset(),
     State.SKIPPED: frozenset(),
+    State.COMPENSATED: frozenset(),
+    State.CANCELLED: frozenset(),
 }
+
+#: Job states of a job that began undoing its effects: no step of it is sent, run or replayed again.
+UNWOUND = frozenset({State.COMPENSATING, State.COMPENSATED, State.CANCELLED})
 
 
 def known(state: State) -> bool:
@@ -150,6 +172,39 @@ class StepRecord(Record):
     need: int | None = None
     #: A step that waits (or waited) for a human's approval: the call asked for and its decision.
     approval: Approval | None = None
+    #: A compensation (its id ``undo:<step>``): the step, or ``for_each`` item, whose effect it undoes.
+    compensates: str | None = None
+    #: What undoes the calls the step made of tools declared with ``compensate=`` (``{"tool", "args"}``,
+    #: in call order); None: it made none.
+    undo_calls: list[dict[str, Any]] | None = None
+
+
+#: How a compensation's step id begins: ``undo:<step id>`` (no step or item id contains ``:``).
+UNDO = "undo:"
+
+
+def undo_id(step_id: str) -> str:
+    """The id of the compensation of step (or item) ``step_id``."""
+    return f"{UNDO}{step_id}"
+
+
+def is_compensation(step_id: str) -> bool:
+    return step_id.startswith(UNDO)
+
+
+#: The payload field of a compensation that undoes a step's tool calls (tools declared with
+#: ``compensate=``): ``[{"tool", "args"}, ...]``, last call first; run by the step's own agent's worker.
+UNDO_CALLS = "mesh_undo_calls"
+
+
+class Unwind(Tolerant):
+    """Why a job undoes its effects: ``cause`` is ``halted`` (a false gate, a denial), ``failed`` (a
+    step dead-lettered under ``failure_mode: halt_pipeline``, a join not met) or ``cancelled``
+    (``mesh cancel``); ``reason`` says which step and why, or the operator's reason."""
+
+    cause: str
+    reason: str
+    at: float = Field(default_factory=time.time)
 
 
 class JobRecord(Record):
@@ -166,6 +221,14 @@ class JobRecord(Record):
     pipeline: str | None = None
     pipeline_digest: str | None = None
     pipeline_input: dict[str, Any] | None = None
+    #: Set once the job began undoing its effects (or was cancelled): why. Never cleared; a step of
+    #: such a job is never sent, run or replayed again (start a new run: ``mesh rerun``).
+    unwind: Unwind | None = None
+    #: A rerun (``mesh rerun JOB --from STEP``): the job it reran and the step it reran from; the old
+    #: job lists its reruns' ids in ``reruns``.
+    rerun_of: str | None = None
+    rerun_from: str | None = None
+    reruns: list[str] = Field(default_factory=list)
 
     def with_step(self, step: StepRecord) -> JobRecord:
         return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})
@@ -235,14 +298,38 @@ def blocking(record: JobRecord, step: StepRecord) -> bool:
     return len(items) - sum(s.state in LOST or s.state is State.SKIPPED for s in items) < parent.need
 
 
+def compensations(record: JobRecord) -> list[StepRecord]:
+    """The job's compensations (``undo:<step>`` records), in the order they were recorded."""
+    return [s for s in record.steps.values() if s.compensates is not None]
+
+
+def unwound_state(record: JobRecord) -> State | None:
+    """The state of a job that began undoing its effects (``record.unwind``): unknown once a
+    compensation failed for good; compensating while one is still to run (or waits for its step to
+    end); compensated when they all ended and one undid something; cancelled when a cancelled job
+    had nothing to undo. None: a halt with nothing to undo, whose state its steps give as before."""
+    assert record.unwind is not None
+    comps = compensations(record)
+    if any(c.state in LOST for c in comps):
+        return State.UNKNOWN
+    if any(c.state not in (State.SUCCEEDED, State.SKIPPED) for c in comps):
+        return State.COMPENSATING
+    if any(c.state is State.SUCCEEDED for c in comps):
+        return State.COMPENSATED
+    return State.CANCELLED if record.unwind.cause == "cancelled" else None
+
+
 def job_state(record: JobRecord) -> State:
-    """The job's state as a function of its steps: halted if one halted; dead-lettered while any
-    blocking step is (then unknown while one is); succeeded when every step succeeded, was skipped,
-    or is a non-blocking lost item; awaiting_approval when a step waits for a person and none is
-    in flight; otherwise active (the record's own queued or running)."""
+    """The job's state as a function of its steps: once it undoes its effects, :func:`unwound_state`;
+    else halted if one halted; dead-lettered while any blocking step is (then unknown while one is);
+    succeeded when every step succeeded, was skipped, or is a non-blocking lost item;
+    awaiting_approval when a step waits for a person and none is in flight; otherwise active (the
+    record's own queued or running)."""
     if not moves(record.state):  # a succeeded job stays so, and a newer release's state too
         return record.state
-    steps = list(record.steps.values())
+    if record.unwind is not None and (undone := unwound_state(record)) is not None:
+        return undone
+    steps = [s for s in record.steps.values() if s.compensates is None]
     if any(s.state is State.HALTED for s in steps):
         return State.HALTED
     lost = [s.state for s in steps if s.state in LOST and blocking(record, s)]
@@ -275,7 +362,7 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
         if target in (State.DEAD_LETTERED, State.UNKNOWN):
             # Still failed, but maybe for another step now (one was replayed and succeeded): the
             # job's error names a step that still blocks it, never a resolved one.
-            error, failure_class = _blocked_by(record, target)
+            error, failure_class = _why(record, target)
             if record.error != error:
                 return record.model_copy(update={"error": error, "failure_class": failure_class, "updated_at": now})
         return record
@@ -292,10 +379,28 @@ def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) 
         if record.state is State.QUEUED:  # every step skipped: nothing ran
             record = transition(record, State.RUNNING, now=now)
         return transition(record, target, now=now, result=result)
-    if target in (State.DEAD_LETTERED, State.UNKNOWN, State.HALTED):
-        error, failure_class = _blocked_by(record, target)
+    if target in (State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.COMPENSATING, State.COMPENSATED,
+                  State.CANCELLED):
+        error, failure_class = _why(record, target)
         return transition(record, target, now=now, error=error, failure_class=failure_class)
     return transition(record, target, now=now)
+
+
+#: A job's failure class once a compensation of it failed for good.
+COMPENSATION_FAILED = "compensation_failed"
+
+
+def _why(record: JobRecord, state: State) -> tuple[str, str | None]:
+    """The job's error and class in ``state``: a job undoing its effects says why it does (its cause:
+    ``halted``, ``failed``, ``cancelled``), or which compensation failed; any other, the step that
+    blocks it (:func:`_blocked_by`)."""
+    if record.unwind is not None:
+        failed = [c for c in compensations(record) if c.state in LOST]
+        if failed:
+            return f"compensation {failed[0].step_id} failed: {failed[0].error}", COMPENSATION_FAILED
+        if state in (State.COMPENSATING, State.COMPENSATED, State.CANCELLED):
+            return record.unwind.reason, record.unwind.cause
+    return _blocked_by(record, state)
 
 
 def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
@@ -303,7 +408,9 @@ def _blocked_by(record: JobRecord, state: State) -> tuple[str, str | None]:
     its own before a ``for_each`` step whose join failed, and that step (its error names the rule
     that failed) before its items. A failed join's job takes the class of its first failed item:
     the cause an operator filters on (the ``for_each`` step itself keeps ``join``)."""
-    found = [s for s in record.steps.values() if s.state is state and blocking(record, s)]
+    found = [s for s in record.steps.values() if s.state is state and s.compensates is None and blocking(record, s)]
+    if not found:
+        return record.error or str(state), record.failure_class
     joins = {s.step_id for s in found if s.failure_class == "join"}
     own = [s for s in found if s.failure_class != "join" and s.parent not in joins]
     step = own[0] if own else next((s for s in found if s.step_id in joins), found[0])

@@ -40,7 +40,7 @@ from mesh.broker.outbox import encode_checked, stage, wake
 from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ContractError, JobRecord, LimitExceeded, State, StepRecord, loads, settle, transition
-from mesh.contracts.jobs import newer_state
+from mesh.contracts.jobs import is_compensation, newer_state
 
 from .audit import Audit
 from .checks import Routes, message_body
@@ -224,7 +224,8 @@ class Replayer:
             if not here:
                 out.append("no longer in the DLQ (replayed or removed meanwhile)")
             elif job is not None:
-                out.append(_owned_by_newer(JobRecord.model_validate(loads(job)), env.get("step_id")))
+                record = JobRecord.model_validate(loads(job))
+                out.append(_owned_by_newer(record, env.get("step_id")) or _unwound(record, env.get("step_id")))
             else:
                 out.append(None if not isinstance(env.get("job_id"), str) else _unrecreatable(env))
         return out
@@ -330,7 +331,8 @@ class Replayer:
             job_id = env.get("job_id")
             why = problem
             if why is None and isinstance(job_id, str) and job_id in records:
-                why = _owned_by_newer(records[job_id], env.get("step_id"))
+                why = _owned_by_newer(records[job_id], env.get("step_id")) or _unwound(records[job_id],
+                                                                                         env.get("step_id"))
             if why is None and isinstance(job_id, str) and job_id not in records:
                 why = _unrecreatable(env)
                 if why is None:
@@ -380,7 +382,7 @@ class Replayer:
 
 def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:
     """Why a replay must leave the job alone: a newer release of the mesh moved it (or the replayed
-    step) into a state this release does not know (a rolling deploy: ``compensating``, ``cancelled``).
+    step) into a state this release does not know (a rolling deploy: ``archived``, ``quarantined``).
     This release never moves a record out of such a state, so it sends nothing to run behind it."""
     newer = newer_state(record, record.steps.get(step_id) if isinstance(step_id, str) else None)
     if newer is None:
@@ -388,6 +390,17 @@ def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:
     what, state = newer
     name = f"job {record.job_id}" if what == "job" else f"step {step_id}"
     return f"{name} is {state.value!r}, a state of a newer release of the mesh: replay it with a worker of that release"
+
+
+def _unwound(record: JobRecord, step_id: Any) -> str | None:
+    """Why a replay must leave a step of a job that began undoing its effects alone (it halted, failed
+    under ``halt_pipeline`` or was cancelled, and its compensations ran or run): running the step now
+    would redo an effect next to undone ones, and a second halt would compensate twice. Its entry
+    stays in the DLQ. A compensation's own dead letter is replayed: it takes the chain up again."""
+    if record.unwind is None or (isinstance(step_id, str) and is_compensation(step_id)):
+        return None
+    return (f"job {record.job_id} is {record.state.value} ({record.unwind.reason}): its steps are not run again; "
+            f"start a new run with mesh rerun {record.job_id} --from {step_id}")
 
 
 def _unrecreatable(env: dict[str, Any]) -> str | None:

@@ -48,6 +48,8 @@ from mesh.ops.console import (
     when,
 )
 from mesh.ops.dlq_cli import dlq_app
+from mesh.ops.jobctl_cli import lines as jobctl_lines
+from mesh.ops.jobctl_cli import register as register_jobctl
 from mesh.ops.pipeline_cli import AppPath, pipeline_app, resolve_pipeline
 
 #: States only a step takes: a job is never in them (settle derives a job's state from its steps).
@@ -467,6 +469,8 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
         out.print(Text.assemble(("error: ", "red"), record.error))
     if record.tokens_in or record.tokens_out:
         out.print(Text(f"model tokens: {record.tokens_in} in, {record.tokens_out} out"))
+    for line in jobctl_lines(record):  # why it undoes its effects; the reruns it is of, or has
+        out.print(line)
     if nodes is None:
         out.print(steps_table(record, stuck, wide=wide))
         return
@@ -496,7 +500,8 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wid
 
 
 _STATE_STYLE = {State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim", State.NOT_RUN: "dim",
-                State.AWAITING_APPROVAL: "yellow"}
+                State.AWAITING_APPROVAL: "yellow", State.CANCELLED: "dim", State.COMPENSATING: "yellow",
+                State.COMPENSATED: "cyan"}
 
 
 def _summary(result: dict[str, Any] | None) -> str:
@@ -822,6 +827,7 @@ def demo(
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(pipeline_app, name="pipeline")
 approvals_cli.register(app)
+register_jobctl(app)  # mesh cancel, mesh rerun
 
 
 def main() -> None:

@@ -16,9 +16,11 @@ import orjson
 from rich.text import Text
 
 from mesh.contracts import GateCheck, JobRecord, MeshError, State, StepRecord, items_of
+from mesh.contracts.jobs import compensations, undo_id
 
 STATE_STYLE = {State.SUCCEEDED: "green", State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim",
-               State.NOT_RUN: "dim", State.AWAITING_APPROVAL: "yellow", State.FAILED: "yellow"}
+               State.NOT_RUN: "dim", State.AWAITING_APPROVAL: "yellow", State.FAILED: "yellow",
+               State.CANCELLED: "dim", State.COMPENSATING: "yellow", State.COMPENSATED: "cyan"}
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class Node:
 
 def dag(record: JobRecord, spec_json: dict[str, Any] | None) -> list[Node]:
     """``record``'s steps in the spec's DAG order with their dependencies, each ``for_each`` step's
-    items right after it, one level deeper; without the spec (no longer stored), the steps in record
-    order, with none known."""
+    items right after it, one level deeper, then the job's compensations (``undo:<step>``) in the order
+    they were sent; without the spec (no longer stored), the steps in record order, with none known."""
     if spec_json is None:
         return [Node(s, (), 0) for s in record.steps.values()]
     from mesh.agents.pipelines.engine import spec_from_json
@@ -49,7 +51,8 @@ def dag(record: JobRecord, spec_json: dict[str, Any] | None) -> list[Node]:
             nodes.append(Node(record.steps[sid], tuple(deps), depth[sid]))
             # a for_each step's items, in list order, one level under it
             nodes += [Node(it, (), depth[sid] + 1) for it in items_of(record, sid)]
-    return nodes
+    undo = sorted(compensations(record), key=lambda c: (c.sent_at is None, c.sent_at or 0.0))
+    return nodes + [Node(c, (), 0) for c in undo]
 
 
 def load(client: Any, record: JobRecord) -> list[Node]:
@@ -71,7 +74,8 @@ def as_json(nodes: list[Node]) -> list[dict[str, Any]]:
              "state": str(n.step.state), "error": n.step.error,
              "gate": n.step.gate.model_dump(mode="json") if n.step.gate else None,
              "approval": n.step.approval.model_dump(mode="json") if n.step.approval else None,
-             **({"parent": n.step.parent} if n.step.parent else {})}
+             **({"parent": n.step.parent} if n.step.parent else {}),
+             **({"compensates": n.step.compensates} if n.step.compensates else {})}
             for n in nodes]
 
 
@@ -140,6 +144,8 @@ def _facts(step: StepRecord, deps: tuple[str, ...]) -> list[str]:
         facts.append(f"tokens {step.tokens_in}/{step.tokens_out}")
     if deps:
         facts.append("← " + ", ".join(deps))
+    if step.compensates:
+        facts.append(f"undoes {step.compensates}")
     return facts
 
 
@@ -151,12 +157,18 @@ def _details(record: JobRecord, step: StepRecord) -> list[tuple[str, str]]:
     if step.error and step.failure_class != "gate" and not (step.gate and not step.gate.passed):
         out.append((step.error, "red" if step.state in (State.DEAD_LETTERED, State.HALTED) else
                     "dim" if step.state is State.NOT_RUN else ""))
-    if step.state is State.QUEUED and step.sent_at is None:  # (a record written before not_run)
+    if step.state is State.QUEUED and step.sent_at is None and not step.compensates:  # (written before not_run)
         out.append(("not sent: the job halted" if record.state is State.HALTED else "waits for its dependencies",
                     "dim"))
     line = approval_line(step)
     if line is not None:
         out.append((line, "yellow" if step.state is State.AWAITING_APPROVAL else ""))
+    undo = record.steps.get(undo_id(step.step_id))
+    if undo is not None:
+        out.append((f"compensation {undo.step_id}: {undo.state}", "cyan" if undo.state is State.SUCCEEDED else
+                    "red" if undo.state in (State.DEAD_LETTERED, State.UNKNOWN) else "yellow"))
+    if step.compensates and step.state is State.QUEUED and step.sent_at is None:
+        out.append(("waits: compensations run one at a time, last completed step first", "dim"))
     if step.result:
         out.append(("out: " + ", ".join(f"{k}={value(v)}" for k, v in step.result.items()), "dim"))
     return out

@@ -50,6 +50,22 @@ STATS = {
     "stuck": "Steps flagged stuck: holding their claim without progress for MESH_STUCK_AFTER_S.",
 }
 
+def _unwinding(stats: dict[str, str]) -> Iterator[CounterMetricFamily]:
+    """Sagas and cancels (agents/pipelines/compensate.py), from the counters broker/observe.py keeps."""
+    unwound = CounterMetricFamily("mesh_jobs_unwound", "Jobs that began undoing their effects, by cause: halted "
+                                  "(a false gate, a denial), failed (dead-lettered under halt_pipeline), "
+                                  "cancelled (mesh cancel).", labels=["cause"])
+    for cause in ("halted", "failed", "cancelled"):
+        unwound.add_metric([cause], float(stats.get(f"unwound:{cause}", 0)))
+    yield unwound
+    for name, doc in (("compensations_sent", "Compensations sent (each once, one at a time per job)."),
+                      ("compensations_failed", "Compensations dead-lettered compensation_failed (their job unknown)."),
+                      ("jobs_compensated", "Jobs whose every compensation ran (state compensated).")):
+        counter = CounterMetricFamily(f"mesh_{name}", doc)
+        counter.add_metric([], float(stats.get(name, 0)))
+        yield counter
+
+
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -74,6 +90,7 @@ class MeshCollector(Collector):
         yield from self._approvals()
         yield from self._agents()
         stats = _hash(self.client, self.client.keys.stats)
+        yield from _unwinding(stats)
         for name, doc in STATS.items():
             counter = CounterMetricFamily(f"mesh_{name}", doc)
             counter.add_metric([], float(stats.get(name, 0)))

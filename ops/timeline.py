@@ -49,8 +49,18 @@ _DETAIL = {
                           + (" (record recreated)" if e.get("recreated_record") else ""),
     "joined": lambda e: _join(e),
     "join_failed": lambda e: _join(e),
+    "compensating": lambda e: f"{e.get('cause')}: {e.get('reason', '')}",
+    "cancelled": lambda e: ("ended after the job was cancelled: its output is not used" if e.get("step_id")
+                            else "by an operator" + (f": {e['reason']}" if e.get("reason") else "")),
+    "compensation_sent": lambda e: f"undoes {e.get('compensates')}",
+    "compensation_skipped": lambda e: str(e.get("reason", "")),
+    "compensation_failed": lambda e: str(e.get("reason", "")),
+    "not_run": lambda e: f"acked without running: {e.get('reason', '')}",
+    "rerun": lambda e: f"rerun of {e.get('rerun_of')} from step {e.get('rerun_from')}",
 }
-_STYLE = {"fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
+_STYLE = {"compensating": "yellow", "cancelled": "yellow", "compensation_sent": "cyan",
+          "compensation_skipped": "dim", "compensation_failed": "red", "not_run": "dim",
+          "fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
           "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red",
           "approved": "green", "denied": "red", "approval_expired": "red", "approval_warning": "yellow"}
 
@@ -107,8 +117,12 @@ def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[Dag
     start = min((e.get("at", 0) for e in events), default=0)
     title = Text(f"job {record.job_id} {record.state}  trace {record.trace_id}" if record
                  else f"job (no record)  {len(events)} events")
+    if record is not None and record.unwind is not None:  # why it undoes its effects, with its state
+        why = record.unwind.reason
+        title.append(f"  ({why if why.startswith(record.unwind.cause) else f'{record.unwind.cause}: {why}'})")
     tree = _Node(title)
     steps = by_step(events)
+    _events(tree, steps.pop("None", []), start)  # the job's own: compensating, cancelled, rerun
     if record is not None and dag is not None:
         _pipeline(tree, record, dag, steps, start)
         return list(_lines(tree))
@@ -130,9 +144,8 @@ def _events(node: _Node, evs: list[dict[str, Any]], start: float) -> None:
     for ev in evs:
         kind = ev.get("event", "?")
         detail = _DETAIL.get(kind, lambda e: "")(ev)
-        # a name longer than the column (awaiting_approval) still has a space before its detail
-        node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (f"{kind:<13} ", _STYLE.get(kind, "")),
-                               detail))
+        column = f"{kind:<14}" if len(kind) < 14 else f"{kind} "  # a long kind is never run into its detail
+        node.add(Text.assemble(f"+{ev.get('at', start) - start:8.3f}s ", (column, _STYLE.get(kind, "")), detail))
 
 
 def _pipeline(tree: _Node, record: JobRecord, dag: list[DagNode], steps: dict[str, list[dict[str, Any]]],

@@ -20,6 +20,7 @@ from .loader import LoadError, PipelineError, load_pipeline, parse
 from .spec import (
     Backoff,
     CheckpointingSpec,
+    Compensation,
     FailureMode,
     Join,
     PipelineSpec,
@@ -29,7 +30,7 @@ from .spec import (
 )
 from .validate import Problem, check, order, problems, roots, upstream
 
-__all__ = ["Backoff", "CheckpointingSpec", "Condition", "Expression", "ExpressionError", "FailureMode",
-           "ItemIdTemplate", "Join", "KeyTemplate", "ListExpr", "LoadError", "Pipeline", "PipelineError",
+__all__ = ["Backoff", "CheckpointingSpec", "Compensation", "Condition", "Expression", "ExpressionError",
+           "FailureMode", "ItemIdTemplate", "Join", "KeyTemplate", "ListExpr", "LoadError", "Pipeline", "PipelineError",
            "PipelineSpec", "Problem", "RetryPolicy", "StepSpec", "TracingSpec", "check", "compile_condition",
            "compile_template", "load_pipeline", "order", "parse", "problems", "roots", "upstream"]

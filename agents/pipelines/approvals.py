@@ -34,7 +34,7 @@ from mesh.contracts import TERMINAL, Envelope, JobRecord, State, StepRecord, tra
 from mesh.contracts.approvals import Decision, call_hash, show_duration
 from mesh.contracts.jobs import known
 
-from . import engine
+from . import compensate, engine
 from .spec import FailureMode, OnTimeout, PipelineSpec
 
 #: Trace event kinds of the decisions.
@@ -51,9 +51,12 @@ def decision(spec: PipelineSpec, routes: engine.Routes, verdict: Verdict, events
         rec = record.steps.get(verdict.step_id)
         if rec is None:
             raise NotAwaiting(f"job {record.job_id} has no step {verdict.step_id!r}", job_id=record.job_id)
-        if not known(record.state) or not known(rec.state):  # a newer release's (cancelled): it moves it
+        if not known(record.state) or not known(rec.state):  # a newer release's: it moves it
             raise NotAwaiting(f"job {record.job_id} is {record.state.value}: a newer release's state, not decided "
                               "here", job_id=record.job_id, state=record.state.value)
+        if record.unwind is not None:  # cancelled, or undoing its effects: nothing of it is sent any more
+            raise NotAwaiting(f"job {record.job_id} is {record.state.value} ({record.unwind.cause}): nothing of it "
+                              "is decided any more", job_id=record.job_id, state=record.state.value)
         approval = rec.approval
         stale = verdict.asks is not None and approval is not None and approval.asks != verdict.asks
         if rec.state is not State.AWAITING_APPROVAL or approval is None or stale:
@@ -86,7 +89,9 @@ def decision(spec: PipelineSpec, routes: engine.Routes, verdict: Verdict, events
             rec = transition(rec, State.SKIPPED, now=at, error=why, failure_class=failure)
             events.append(engine._event("skipped", record, rec, reason=why))
             return engine.advance(spec, record.with_step(rec), run, routes, events, now=at)
-        return engine._halt(record, rec, why, {}, at, events, failure_class=failure), []
+        # halted as a false gate halts it: what succeeded before is compensated (compensate.py)
+        return compensate.after(spec, engine._halt(record, rec, why, {}, at, events, failure_class=failure),
+                                routes, events, at, [])
 
     return change
 
@@ -96,8 +101,8 @@ def recheck(spec: PipelineSpec | None, record: JobRecord, env: Envelope, events:
     """Before a step's agent runs: the record with the step parked again when its spec asks for
     approval and the step does not hold an approval of exactly this message's call (a replayed
     step, an expired or denied ask, another input or key); None when it may run."""
-    if spec is None or record.pipeline_digest is None:
-        return None
+    if spec is None or record.pipeline_digest is None or record.unwind is not None:
+        return None  # not a pipeline's, or cancelled / undoing its effects: pipeline.start decides
     rec = record.steps.get(env.step_id)
     if rec is None or rec.parent is not None or rec.state in TERMINAL or not known(rec.state):
         return None  # an item of an approved fan-out, a duplicate, or a newer release's

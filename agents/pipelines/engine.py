@@ -135,7 +135,8 @@ def values(record: JobRecord) -> dict[str, Any]:
     """What expressions read: the job's key (``task_id``) and id, the run's input, each succeeded step's output."""
     out: dict[str, Any] = {"task_id": record.key, "job_id": record.job_id, "input": record.pipeline_input or {}}
     for sid, step in record.steps.items():
-        if step.state is State.SUCCEEDED and step.result is not None and step.parent is None:
+        if (step.state is State.SUCCEEDED and step.result is not None and step.parent is None
+                and step.compensates is None):
             # a for_each step reads as the list of its items' outputs
             out[sid] = step.result["items"] if step.need is not None else step.result
     return out
@@ -158,10 +159,14 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             *, now: float | None = None) -> tuple[JobRecord, list[Message]]:
     """Send every step that became ready; skip, halt or park the ones their conditions say; derive the
     job's state. Trace events are appended to ``events``."""
+    from . import compensate
+
     now = time.time() if now is None else now
+    if record.unwind is not None:  # undoing its effects (compensate.py): no step is sent any more
+        return compensate.proceed(spec, _close_fan_outs(spec, record, events, now), routes, events, now)
     if record.state is State.HALTED:  # a parallel branch finishing after a halt releases nothing
-        return _close_fan_outs(spec, record, events, now), []
-    if not known(record.state):  # a newer release's state (cancelled): that release moves the job
+        return compensate.after(spec, _close_fan_outs(spec, record, events, now), routes, events, now, [])
+    if not known(record.state):  # a newer release's state (archived, say): that release moves the job
         return record, []
     before, mark = record, len(events)
     messages: list[Message] = []
@@ -193,7 +198,8 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
                 continue
             if halt is not None:
                 del events[mark:]
-                return _halt_items(before, record, step, *halt, now, events), []
+                return compensate.after(spec, _halt_items(before, record, step, *halt, now, events), routes,
+                                        events, now, [])
             record = _pump(spec, step, record, run, routes, messages, events, now)
             continue
         try:
@@ -203,7 +209,7 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             continue
         if stop is not None:
             del events[mark:]
-            return _halt(before, rec, *stop, now, events), []
+            return compensate.after(spec, _halt(before, rec, *stop, now, events), routes, events, now, [])
         if rec.state is State.SKIPPED:
             record = record.with_step(rec)
             continue
@@ -213,7 +219,7 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             record = _refuse(record, rec, exc.message, _failure(exc), events, now)
             continue
         try:  # the step's own key and message: this step's error, never the upstream step's
-            key = _key(step, seen, rec.key)
+            key = _rerun_key(record, step, _key(step, seen, rec.key))
             message = _message(step, record, run, routes, sid, key, payload)
         except (ExpressionError, LimitExceeded) as exc:
             record = _refuse(record, rec, exc.message, "invalid_input", events, now)
@@ -224,7 +230,7 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         messages.append(message)
         record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
                                                          "updated_at": now}))
-    return settle(record, now, spec), messages
+    return compensate.after(spec, settle(record, now, spec), routes, events, now, messages)
 
 
 def approved(rec: StepRecord, call: str) -> bool:
@@ -276,15 +282,19 @@ def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes, events: li
     sends its next item or decides its join, which may release dependents (with the run its fan-out
     kept), and a met join whose replayed item failed again is revised; the job's state is derived.
     The trace events (a join's decision) are appended to ``events``."""
+    from . import compensate
+
     now = time.time() if now is None else now
     events = [] if events is None else events
+    if record.unwind is not None:
+        return compensate.proceed(spec, _close_fan_outs(spec, record, events, now), routes, events, now)
     fanned = [s for s in record.steps.values() if s.need is not None and s.state is State.RUNNING]
     if not fanned:
         for step in spec.steps:
             rec = record.steps.get(step.id)
             if rec is not None and rec.need is not None and rec.state is State.SUCCEEDED:
                 record = _revise_join(step, record, events, now)
-        return settle(record, now, spec), []
+        return compensate.after(spec, settle(record, now, spec), routes, events, now, [])
     kept = fanned[0].input
     run = Run(trace_id=record.trace_id, deadline=float(kept.get("deadline") or now),
               token_budget=kept.get("token_budget"))
@@ -359,7 +369,7 @@ def _item(step: StepSpec, i: int, item: Any, scope: Mapping[str, Any], record: J
     if step.idempotency_key is not None:
         # one key for every item would make them share one effect
         shared = not any(p[0] == "item" for p in step.idempotency_key.paths)
-        key = _key(step, scope, "", f"/{i}" if shared else "")
+        key = _rerun_key(record, step, _key(step, scope, "", f"/{i}" if shared else ""))
     else:
         key = child_key(record.key, step.agent_name, sid if step.item_id is not None else f"{step.id}/{i}")
     it = StepRecord(step_id=sid, agent=step.agent_name, key=key, parent=step.id, index=i,
@@ -609,7 +619,8 @@ def settle(record: JobRecord, now: float, spec: PipelineSpec | None = None) -> J
 def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
     """What a succeeded job's result is (see :func:`settle`)."""
     if spec is None or spec.result is None:
-        return {sid: s.result for sid, s in record.steps.items() if s.state is State.SUCCEEDED and s.parent is None}
+        return {sid: s.result for sid, s in record.steps.items()
+                if s.state is State.SUCCEEDED and s.parent is None and s.compensates is None}
     out: dict[str, Any] = {}
     for sid in spec.result:
         rec = record.steps.get(sid)
@@ -701,6 +712,16 @@ def _key(step: StepSpec, scope: Mapping[str, Any], default: str, suffix: str = "
         raise ExpressionError(f"idempotency_key {step.idempotency_key.source!r} gave a key of {len(key)} "
                               f"characters; a key has 1 to {MAX_KEY_CHARS}")
     return key
+
+
+def _rerun_key(record: JobRecord, step: StepSpec, key: str) -> str:
+    """A rerun's (``mesh rerun``) key for a step whose ``idempotency_key`` rendered ``key``: the run is a
+    new effect by intent, so it must not share the old run's key (a default key derives from the new
+    job's key already)."""
+    if record.rerun_of is None or step.idempotency_key is None:
+        return key
+    suffix = f"/rerun/{record.job_id.removeprefix('job-')[:16]}"
+    return key[:MAX_KEY_CHARS - len(suffix)] + suffix
 
 
 def _refuse(record: JobRecord, rec: StepRecord, why: str, failure_class: str, events: list[dict[str, Any]],

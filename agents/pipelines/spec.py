@@ -118,6 +118,28 @@ class ApprovalPolicy(_Spec):
     def warn_before_s(self) -> float | None:
         return None if self.warn_before is None else parse_duration(self.warn_before)
 
+class Compensation(_Spec):
+    """What undoes a step's effect when its job halts or is cancelled after the step succeeded: the
+    declared agent to run and its input, field → CEL expression over ``input`` (the step's input),
+    ``output`` (its output), ``item`` (a ``for_each`` item's element), ``task_id`` and ``job_id``
+    (default: ``{"input": ..., "output": ...}``). Its message key derives from the step's key, so it
+    is idempotent; its own ``retry_policy`` applies before it is dead-lettered ``compensation_failed``."""
+
+    agent: str
+    input: dict[str, Expression] | None = None
+    retry_policy: RetryPolicy | None = None
+    timeout_ms: int | None = Field(default=None, gt=0)
+
+    @field_validator("input")
+    @classmethod
+    def _fields(cls, v: dict[str, Expression] | None) -> dict[str, Expression] | None:
+        if v is not None:
+            bad = [k for k in v if not INPUT_FIELD.match(k)]
+            if bad:
+                raise ValueError(f"compensate input field(s) {', '.join(map(repr, bad))} must be names, dotted for "
+                                 "a field inside another")
+        return v
+
 
 class StepSpec(_Spec):
     """One step: which declared agent runs, when, with which policy and contract."""
@@ -158,6 +180,8 @@ class StepSpec(_Spec):
     #: outputs and ``item``. A dotted field (``args.findings``) is set inside the map an earlier,
     #: shorter field gave (made if absent); a field whose expression gives null is left out.
     input: dict[str, Expression] | None = None
+    #: What undoes the step's effect if its job halts or is cancelled after it succeeded (a saga).
+    compensate: Compensation | None = None
 
     @field_validator("id")
     @classmethod

@@ -187,6 +187,10 @@ def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[Base
         where = "agent" if "agent" in step.model_fields_set else "id"
         yield Problem(("steps", i, where), f"step {step.id!r} runs agent {step.agent_name!r}, which app "
                       f"{app.name!r} does not declare; its agents are {', '.join(app.agents) or 'none'}")
+    if step.compensate is not None and step.compensate.agent not in app.agents:
+        yield Problem(("steps", i, "compensate", "agent"), f"step {step.id!r} is compensated by agent "
+                      f"{step.compensate.agent!r}, which app {app.name!r} does not declare; its agents are "
+                      f"{', '.join(app.agents) or 'none'}")
     if step.output_schema:
         models = names.get(step.output_schema, [])
         if not models:

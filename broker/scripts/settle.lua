@@ -135,7 +135,8 @@ end
 -- The job-record change of a failed attempt (broker/settle.py JobWrite): {"job": key, "sha": sha1
 -- of the record it was computed from, "new": the record (absent: unchanged), "ttl": s (absent: keep
 -- the record's), "trace": key, "maxlen": n, "events": [...], "running": key, "member": ..., "claim":
--- key, "owner": ..., "msgs": [{"hash", "queue", "wake", "rid", "data"}]: messages the change sends}.
+-- key, "owner": ..., "msgs": [{"hash", "queue", "wake", "rid", "data"}]: messages the change sends,
+-- "incr": [field, ...]: {ns}:stats fields to add 1 to (a compensation sent or failed: broker/observe.py)}.
 local function job_of(arg)
     if not arg or arg == "" then return nil end
     return cjson.decode(arg)
@@ -164,6 +165,9 @@ local function apply_job(job)
     end
     for _, ev in ipairs(job.events or {}) do
         redis.call("xadd", job.trace, "MAXLEN", "~", job.maxlen, "*", "e", ev)
+    end
+    for _, field in ipairs(job.incr or {}) do
+        redis.call("hincrby", ns .. ":stats", field, 1)
     end
     if job.ttl and job.trace then redis.call("expire", job.trace, job.ttl) end
     if job.member then redis.call("zrem", job.running, job.member) end

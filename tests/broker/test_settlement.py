@@ -78,11 +78,11 @@ def _newer_field(record: dict[str, Any]) -> None:
 
 
 def _newer_step_state(record: dict[str, Any]) -> None:
-    record["steps"]["other"] = {**record["steps"]["executor"], "step_id": "other", "state": "compensating"}
+    record["steps"]["other"] = {**record["steps"]["executor"], "step_id": "other", "state": "quarantined"}
 
 
 def _newer_job_state(record: dict[str, Any]) -> None:
-    record["state"] = "cancelled"
+    record["state"] = "archived"
 
 
 @pytest.mark.parametrize("edit", [_newer_field, _newer_step_state, _newer_job_state],
@@ -108,20 +108,20 @@ def test_a_failure_settles_on_a_record_a_newer_release_wrote_and_keeps_what_it_a
         assert after["compensation"] == {"order": ["executor"]}
         assert after["steps"]["executor"]["ledger"] == [{"intent": "x"}]
     if edit is _newer_step_state:
-        assert after["steps"]["other"]["state"] == "compensating"
+        assert after["steps"]["other"]["state"] == "quarantined"
     if edit is _newer_job_state:
-        assert after["state"] == "cancelled"  # a newer release's state is that release's to move
+        assert after["state"] == "archived"  # a newer release's state is that release's to move
 
 
 def test_a_step_in_a_state_this_release_does_not_know_is_left_alone_by_a_failure(client, consume):
-    ref = client.send("executor", note("compensated step"))
-    rewrite(client, ref.id, lambda r: r["steps"]["executor"].update(state="compensated"))
+    ref = client.send("executor", note("rolled-back step"))
+    rewrite(client, ref.id, lambda r: r["steps"]["executor"].update(state="rolled_back"))
     broker, consumer = consume()
     message = fetch(consumer)
     decide(message, dead_letter_with_step(broker, message, FailureClass.PERMANENT, "refused", None))
     consumer.ack(message)
     assert held(client, broker) == set() and len(dlq(client)) == 1
-    assert loads(client.redis.get(client.keys.job(ref.id)))["steps"]["executor"]["state"] == "compensated"
+    assert loads(client.redis.get(client.keys.job(ref.id)))["steps"]["executor"]["state"] == "rolled_back"
 
 
 def _broken(record: JobRecord) -> Any:
@@ -274,11 +274,11 @@ def test_an_interruption_after_redis_answered_the_ack_leaves_the_message_settled
 
 
 def test_a_job_in_a_newer_release_state_keeps_the_ttl_that_release_gave_it(client):
-    ref = client.send("executor", note("cancelled by a newer release"))
-    rewrite(client, ref.id, lambda r: r.update(state="cancelled"))
+    ref = client.send("executor", note("archived by a newer release"))
+    rewrite(client, ref.id, lambda r: r.update(state="archived"))
     client.redis.expire(client.keys.job(ref.id), 600)
     client.jobs.update(ref.id, lambda r: (r.model_copy(update={"goal": "edited"}), []))
-    assert loads(client.redis.get(client.keys.job(ref.id)))["state"] == "cancelled"
+    assert loads(client.redis.get(client.keys.job(ref.id)))["state"] == "archived"
     assert 0 < client.redis.ttl(client.keys.job(ref.id)) <= 600  # before: a plain SET dropped it
 
 

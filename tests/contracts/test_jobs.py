@@ -138,13 +138,13 @@ def test_job_with_step_adds_step_without_mutating_job() -> None:
 def test_records_keep_fields_and_states_a_newer_release_wrote_and_never_move_unknown_states():
     from mesh.contracts.jobs import known, moves, settle
 
-    data = {"job_id": "j", "key": "k", "trace_id": "0" * 31 + "1", "state": "cancelled", "cancel_reason": "ops",
-            "steps": {"s": {"step_id": "s", "agent": "a", "key": "k/a/s", "state": "compensating",
+    data = {"job_id": "j", "key": "k", "trace_id": "0" * 31 + "1", "state": "archived", "archive_reason": "ops",
+            "steps": {"s": {"step_id": "s", "agent": "a", "key": "k/a/s", "state": "quarantined",
                             "ledger": [1], "gate": {"expr": "true", "passed": True, "why": "x"}}}}
     record = JobRecord.model_validate(data)
-    assert record.state == "cancelled" and not known(record.state) and moves(record.state) == frozenset()
-    assert record.steps["s"].state == "compensating"
-    assert record.model_dump(mode="json")["cancel_reason"] == "ops"
+    assert record.state == "archived" and not known(record.state) and moves(record.state) == frozenset()
+    assert record.steps["s"].state == "quarantined"
+    assert record.model_dump(mode="json")["archive_reason"] == "ops"
     assert record.model_dump(mode="json")["steps"]["s"]["ledger"] == [1]
     assert record.model_dump(mode="json")["steps"]["s"]["gate"]["why"] == "x"
     assert settle(record, 1.0) is record  # a newer release's job state is that release's to move
@@ -152,7 +152,7 @@ def test_records_keep_fields_and_states_a_newer_release_wrote_and_never_move_unk
         transition(record.steps["s"], State.RUNNING)
     with pytest.raises(ValueError):
         State(42)  # type: ignore[arg-type]
-    assert "cancelled" not in set(State)  # never listed as this release's state
+    assert "archived" not in set(State)  # never listed as this release's state
 
 
 def dead(step_id: str, error: str, failure_class: str = "permanent", **fields: object) -> StepRecord:

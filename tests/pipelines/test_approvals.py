@@ -251,6 +251,6 @@ def test_a_job_a_newer_release_moved_is_not_decided_here():
     record = JobRecord(job_id="j", key="k", trace_id="0" * 32, pipeline="p", pipeline_digest=spec.digest())
     rec = park(record, StepRecord(step_id="researcher", agent="researcher", key="k/r"), ApprovalPolicy(), {},
                "k/r", deadline_left_s=60, token_budget=None, now=1.0)
-    record = record.with_step(rec).model_copy(update={"state": State("cancelled")})
+    record = record.with_step(rec).model_copy(update={"state": State("superseded")})
     with pytest.raises(NotAwaiting, match="newer release"):
         decision(spec, Routes(), Verdict("researcher", Decision.EXPIRED, by="timeout"), [], [])(record)

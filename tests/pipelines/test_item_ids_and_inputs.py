@@ -159,17 +159,17 @@ def test_over_real_workers_items_run_once_under_their_ids_and_the_job_gives_the_
         "picked-1/scout/scout": 1, "picked-1/fetch/s2": 1, "picked-1/fetch/s3": 1, "picked-1/digest/digest": 1}
 
 
-def test_a_step_finishing_in_a_job_a_newer_release_cancelled_releases_nothing() -> None:
+def test_a_step_finishing_in_a_job_a_newer_release_archived_releases_nothing() -> None:
     # During a rolling deploy a newer release may move the job into a state this release does not
-    # know (cancelled) while a step runs here: its success is recorded, but nothing more is sent.
+    # know (archived) while a step runs here: its success is recorded, but nothing more is sent.
     spec = load_pipeline(dedent(FLOW), app)
     run = Run(trace_id="0" * 31 + "1", deadline=2e9)
     record = JobRecord(job_id="j", key="k", trace_id="0" * 31 + "1", pipeline="picked", pipeline_digest=spec.digest(),
                        pipeline_input={"goal": "g", "count": 4})
     record, _, _ = begin(spec, record, run, Routes(), now=1.0)
-    record = record.model_copy(update={"state": State("cancelled")})
+    record = record.model_copy(update={"state": State("archived")})
     sources = [{"url": f"https://example.invalid/{i}", "score": float(i)} for i in range(4)]
     after, messages = advance(spec, _ran(record, "scout", {"summary": "g", "sources": sources}), run, Routes(), [],
                               now=2.0)
     assert messages == []  # before: the fetch items were sent, to be refused (or run) downstream
-    assert after.state == "cancelled" and after.steps["scout"].state is State.SUCCEEDED
+    assert after.state == "archived" and after.steps["scout"].state is State.SUCCEEDED

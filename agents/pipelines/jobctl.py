@@ -1,0 +1,159 @@
+"""Job control: cancel a job (``mesh cancel``, ``MeshClient.cancel``) and rerun a declared pipeline's
+job from a step (``mesh rerun``, ``MeshClient.rerun``).
+
+Registered with the broker's client when the agents layer is imported (as the built-in pipeline is),
+so the broker imports nothing of the engine. Both write in one transaction: the cancel changes the job
+record (and sends the first compensation) atomically; the rerun creates the new job, sends its ready
+steps and links the old job to it, together.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from mesh.broker import trace
+from mesh.broker.client import JobRef, MeshClient, job_id_for, on_job_control, payload_hash
+from mesh.broker.connection import transaction
+from mesh.broker.jobs import JobNotFound, stage_record
+from mesh.broker.outbox import stage_all
+from mesh.contracts import ConfigError, JobRecord, MeshError, State, StepRecord, items_of, new_trace_id
+from mesh.contracts.jobs import compensations
+
+from . import compensate
+from .engine import Routes, Run, advance, load_spec
+from .spec import PipelineSpec
+from .validate import upstream
+
+
+def _routes(client: MeshClient) -> Routes:
+    """How the client routes a message to an agent it may not declare itself (a compensation's): by
+    the app or the published schemas, else the agent's own queue, unchecked."""
+
+    def queue(agent: str) -> str:
+        try:
+            return client.target(agent).queue
+        except MeshError:
+            return agent
+
+    def version(agent: str) -> int | None:
+        try:
+            return client.target(agent).version
+        except MeshError:
+            return None
+
+    return Routes.from_settings(client.settings, queue=queue, version=version)
+
+
+def _spec(client: MeshClient, record: JobRecord) -> PipelineSpec | None:
+    if not (record.pipeline and record.pipeline_digest):
+        return None
+    return load_spec(client.pipelines, record.pipeline, record.pipeline_digest)
+
+
+def cancel(client: MeshClient, job_id: str, reason: str | None = None) -> tuple[JobRecord, bool]:
+    """Cancel job ``job_id`` (see :func:`compensate.cancel`); (its record, whether this call cancelled
+    it). A job already cancelled, undoing its effects or succeeded is left as it is."""
+    record = client.status(job_id)
+    spec, routes = _spec(client, record), _routes(client)
+    events: list[dict[str, Any]] = []
+    changed = False
+
+    def change(before: JobRecord) -> tuple[JobRecord, list[Any]]:
+        nonlocal changed
+        del events[:]
+        after, messages = compensate.cancel(spec, before, reason or "", routes, events, time.time())
+        changed = after is not before
+        return after, messages
+
+    def flag(pipe: Any, _record: JobRecord) -> None:
+        # What the lease renewal reads: running steps see ctx.cancelled.
+        pipe.set(client.keys.cancel(job_id), reason or "cancelled", ex=max(1, int(client.settings.job_retention_s)))
+
+    record = client.jobs.update(job_id, change, events=events, also=flag)
+    return record, changed
+
+
+def downstream(spec: PipelineSpec, step_id: str) -> set[str]:
+    """``step_id`` and every step that depends on it, directly or not."""
+    up = upstream(spec)
+    return {step_id} | {sid for sid, deps in up.items() if step_id in deps}
+
+
+def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = None) -> JobRef:
+    """A new run of job ``job_id``'s pipeline (the same spec digest and input) that reuses the outputs
+    of every step not downstream of ``from_step`` that succeeded (every step upstream of it must have),
+    and runs ``from_step`` and everything downstream again under new keys: a new effect by intent. The
+    new job's ``rerun_of`` names the old one, whose ``reruns`` lists the new one."""
+    old = client.status(job_id)
+    spec = _spec(client, old)
+    if spec is None:
+        raise ConfigError(f"job {job_id} is not a declared pipeline's run: only those are rerun from a step")
+    ids = [s.id for s in spec.steps]
+    if from_step not in ids:
+        raise ConfigError(f"pipeline {spec.name} has no step {from_step!r}; its steps: {', '.join(ids)}")
+    again = downstream(spec, from_step)
+    missing = sorted(s for s in upstream(spec)[from_step]
+                     if old.steps.get(s) is None or old.steps[s].state not in (State.SUCCEEDED, State.SKIPPED))
+    if missing:
+        raise ConfigError(f"step(s) {', '.join(missing)} upstream of {from_step} did not succeed in job {job_id}: "
+                          "their outputs cannot be reused; rerun from the first of them")
+    undone = sorted(s for s in upstream(spec)[from_step]
+                    if any(c.compensates in (s, *(i.step_id for i in items_of(old, s)))
+                           and c.state is State.SUCCEEDED for c in compensations(old)))
+    if undone:
+        raise ConfigError(f"step(s) {', '.join(undone)} upstream of {from_step} were compensated in job {job_id}: "
+                          "their effects are undone, so their outputs are not reused; rerun from the first of them")
+    key = key or f"{old.key}/rerun/{len(old.reruns) + 1}"
+    now = time.time()
+    trace_id = new_trace_id()
+    record = JobRecord(job_id=job_id_for(key), key=key, trace_id=trace_id, goal=old.goal, created_at=now,
+                       updated_at=now, payload_hash=payload_hash(f"pipeline:{spec.name}", old.pipeline_input or {}),
+                       pipeline=old.pipeline, pipeline_digest=old.pipeline_digest, pipeline_input=old.pipeline_input,
+                       rerun_of=old.job_id, rerun_from=from_step)
+    for step in spec.steps:
+        kept = old.steps.get(step.id)
+        if step.id not in again and kept is not None and kept.state in (State.SUCCEEDED, State.SKIPPED):
+            for rec in (kept, *items_of(old, step.id)):
+                record = record.with_step(rec)
+        else:
+            record = record.with_step(StepRecord(step_id=step.id, agent=step.agent_name,
+                                                 key=f"{key}/{step.agent_name}/{step.id}", created_at=now,
+                                                 updated_at=now))
+    run = Run(trace_id=trace_id, deadline=client.clock.now_s() + client.settings.job_deadline_s,
+              token_budget=client.settings.job_token_budget or None)
+    events: list[dict[str, Any]] = [trace.event("rerun", {"job_id": record.job_id, "key": key, "trace_id": trace_id},
+                                                rerun_of=old.job_id, rerun_from=from_step)]
+    record, messages = advance(spec, record, run, _routes(client), events, now=now)
+    ref = JobRef(id=record.job_id, key=key, trace_id=trace_id)
+    keys = client.keys
+    while True:
+        with transaction(client.redis, client.settings) as pipe:
+            try:
+                pipe.watch(keys.job(old.job_id), keys.job(record.job_id))
+                data = pipe.get(keys.job(old.job_id))
+                if data is None:
+                    raise JobNotFound(old.job_id)
+                if pipe.exists(keys.job(record.job_id)):
+                    raise ConfigError(f"key {key} already names job {record.job_id}: give the rerun another key")
+                before = JobRecord.model_validate_json(data)
+                linked = before.model_copy(update={"reruns": [*before.reruns, record.job_id]})
+                pipe.multi()
+                client.jobs.stage_create(pipe, record)
+                for message in messages:
+                    trace.stage(pipe, keys, trace.event("enqueued", message.args[0], queue=message.queue_name,
+                                                        by="client"))
+                for ev in events:
+                    trace.stage(pipe, keys, ev)
+                stage_all(pipe, keys, messages)
+                stage_record(pipe, keys, linked, was=before.state, retention_s=client.settings.job_retention_s,
+                             keep_s=client.settings.dead_letter_job_retention_s)
+                pipe.execute()
+                return ref
+            except redis.WatchError:
+                continue
+
+
+on_job_control(cancel=cancel, rerun=rerun)
