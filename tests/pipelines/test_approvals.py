@@ -254,3 +254,14 @@ def test_a_job_a_newer_release_moved_is_not_decided_here():
     record = record.with_step(rec).model_copy(update={"state": State("superseded")})
     with pytest.raises(NotAwaiting, match="newer release"):
         decision(spec, Routes(), Verdict("researcher", Decision.EXPIRED, by="timeout"), [], [])(record)
+
+
+def test_a_cancel_withdraws_the_waiting_step_with_its_timers_and_a_later_decision_is_refused(mesh):
+    ref = mesh.run(Pipeline("root").step("researcher", approval={"timeout": "1h", "warn_before": "10m"}).build(),
+                   {"goal": "g"})
+    assert mesh.redis.zcard(mesh.keys.timers) == 2 and len(mesh.approvals()) == 1
+    record = mesh.cancel(ref.id, reason="changed my mind")
+    assert record.state is State.CANCELLED
+    assert mesh.redis.zcard(mesh.keys.timers) == 0 and mesh.approvals() == []
+    with pytest.raises(approvals.NotAwaiting):
+        mesh.approve(ref.id, "researcher")
