@@ -86,6 +86,7 @@ def _expired(mesh: MeshClient, job_id: str, due_ms: int, timeout_s: float = 15) 
     assert approval.decision == "expired" and approval.by == "timeout"
     assert approval.at * 1000 >= due_ms, "fired before its due time"
     assert seen_ms - due_ms < 1000, f"fired {seen_ms - due_ms} ms after its due time"
+    print(f"expiry decided {approval.at * 1000 - due_ms:.0f} ms after its due time, seen {seen_ms - due_ms} ms after")
     return record
 
 
