@@ -50,7 +50,7 @@ Allow = Iterable[str] | Callable[[frozenset[str]], Iterable[str]] | None
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 #: Names of the mesh's own keys (``broker/keys.py``): a queue of that name would share the key.
 RESERVED = frozenset({"breakers", "routes", "running", "outcomes", "jobs", "dlq", "notes", "stats", "claim", "job",
-                      "trace", "hist", "note", "breaker", "registry", "sweep", "fence"})
+                      "trace", "hist", "note", "breaker", "registry", "sweep", "fence", "ledger"})
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,13 @@ class ToolSpec:
     #: Whether a call changes something outside the mesh: an attempt that made one is never re-run blindly.
     effect: bool = True
     description: str = ""
+    #: An independent check that the call's effect happened, run after the tool says ok and on
+    #: recovery from a crash between the call and its outcome: ``verify(ctx, args, result)`` with
+    #: ``result`` None when no outcome was written; it returns True (verified) or what it found
+    #: (verified, and the call's result), False (refuted) or None (cannot decide: ``unknown``);
+    #: raising EffectRefuted refutes with its message, any other error is ``unknown``. None: the
+    #: tool has no verifier and its calls show ``unverified`` (see docs/guides/effects.md).
+    verify: Callable[..., Any] | None = None
     #: What the tool's HTTP may reach (``send_request``, ``ctx.http``): None for MESH_HTTP_ALLOW; a
     #: list of ``host:port`` for exactly those; a function of MESH_HTTP_ALLOW's entries (normal form)
     #: returning the tool's, to widen (``lambda base: base | {"api.example.com:443"}``) or narrow it.
@@ -154,14 +161,16 @@ class App:
     def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
-             compensate: str | None = None) -> Any:
+             compensate: str | None = None, verify: Callable[..., Any] | None = None) -> Any:
         """Declare ``fn(ctx, args) -> result`` as a tool agents may call. ``allow``: the ``host:port``
         its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`).
         ``compensate``: the declared tool that undoes a call of this one, given the same args (run,
-        last call first, when the job of the step that made the calls halts or is cancelled)."""
-        if compensate is not None and not effect:
-            raise ConfigError(f"tool {name or getattr(fn, '__name__', '?')!r}: compensate= undoes an effect; "
-                              "a tool declared effect=False has none")
+        last call first, when the job of the step that made the calls halts or is cancelled).
+        ``verify``: a check that the call's effect happened (see :attr:`ToolSpec.verify`)."""
+        for option, given in (("compensate", compensate), ("verify", verify)):
+            if given is not None and not effect:
+                raise ConfigError(f"tool {name or getattr(fn, '__name__', '?')!r}: {option}= concerns an effect; "
+                                  "a tool declared effect=False has none")
         fixed = tuple(allow) if allow is not None and not callable(allow) else allow
         if fixed is not None and not callable(fixed):
             parse_allowlist(fixed)  # a bad entry fails the declaration, not the first call
@@ -170,7 +179,7 @@ class App:
             args_model = args or _models(fn, None, None, need_output=False)[0]
             self.add_tool(ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
                                    secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
-                                   compensate=compensate))
+                                   compensate=compensate, verify=verify))
             return fn
 
         return declare(fn) if fn is not None else declare

@@ -14,15 +14,16 @@ from mesh.contracts.tools import HttpPostArgs, NoteArgs
 from .app import App
 from .context import Context
 from .pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
-from .tools import http_post, write_note
+from .tools import http_post, verify_note, verify_post, write_note
 from .tools.http_post import target as http_post_target
 
 app = App("mesh")
 
 # ``note`` writes to the mesh's own store (no dependency of its own, no breaker); ``http_post``
-# reaches the URL's host:port, which names its breaker.
-app.tool(write_note, name="note", args=NoteArgs, dependency=None)
-app.tool(http_post, name="http_post", args=HttpPostArgs, dependency=http_post_target)
+# reaches the URL's host:port, which names its breaker. ``note`` verifies by reading the note back;
+# ``http_post`` by a GET of its ``verify_url`` when the call gives one (else it shows unverified).
+app.tool(write_note, name="note", args=NoteArgs, dependency=None, verify=verify_note)
+app.tool(http_post, name="http_post", args=HttpPostArgs, dependency=http_post_target, verify=verify_post)
 
 
 @app.agent(name="planner", timeout_retries=1)

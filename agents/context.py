@@ -21,6 +21,8 @@ Secrets are not on the context: a tool reads the ones it declared (``ToolContext
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ import httpx
 from dramatiq.middleware import TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
-from mesh.broker import redact
+from mesh.broker import redact, trace
 from mesh.broker.classify import error_for_response
 from mesh.contracts import (
     Brownout,
@@ -43,7 +45,9 @@ from mesh.contracts import (
     MeshError,
     ToolRefused,
 )
+from mesh.contracts.effects import Verdict, summary
 
+from .effects import EffectCalls
 from .tools.base import ToolContext
 from .tools.http import GuardedHttp
 
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
     from .runtime import AgentRuntime
 
 M = TypeVar("M", bound=BaseModel)
+logger = logging.getLogger(__name__)
 
 
 def read_secret(name: str, secrets_dir: str | None) -> str:
@@ -89,9 +94,34 @@ class Context:
     spec: AgentSpec
     lease: Lease
     _tool_ctx: ToolContext = field(init=False)
+    _effects: EffectCalls | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._tool_ctx = self._tool_context(None)
+
+    @property
+    def effects(self) -> EffectCalls:
+        """This attempt's effectful calls, through the step's ledger (:mod:`mesh.agents.effects`)."""
+        if self._effects is None:
+            from mesh.broker.ledger import Ledger
+
+            rt = self.runtime
+            ledger = Ledger(rt.redis, rt.keys, self.env.job_id, self.env.step_id, rt.settings.dedup_ttl_s)
+            self._effects = EffectCalls(ledger, self.env.key, self.lease.token, report=self._verdict)
+        return self._effects
+
+    def effect(self) -> Verdict | None:
+        """What this attempt's effectful calls came to, the worst of them (None: it made none)."""
+        return None if self._effects is None else summary(self._effects.verdicts)
+
+    def _verdict(self, tool: str, n: int, verdict: Any, reason: str | None) -> None:
+        """Trace an effectful call's verdict (``verified``, ``unverified``, ...) on the job's timeline."""
+        ev = trace.event("effect", self.env.model_dump(mode="json"), worker=self.runtime.worker, tool=tool,
+                         call=n, verdict=str(verdict), reason=reason, token=self.lease.token)
+        try:
+            trace.emit(self.runtime.redis, self.runtime.keys, ev)
+        except Exception as exc:  # a trace line: the ledger holds the verdict
+            logger.warning("could not trace an effect's verdict", extra={"error": str(exc)})
 
     key = property(lambda self: self.env.key)
     job_id = property(lambda self: self.env.job_id)
@@ -149,6 +179,17 @@ class Context:
             errors = exc.errors(include_url=False, include_input=False)
             raise ContractError(f"invalid {tool} args: {exc.error_count()} error(s)", errors=errors) from None  # type: ignore[arg-type]
         self._confirm(spec.name, effect=spec.effect)
+        if spec.effect:
+            # Through the ledger: intent before the call, outcome and verdict after; a re-run
+            # attempt gets the recorded result or the verifier's word, never a blind second call.
+            dependency = spec.target(typed) if spec.dependency is not None else None
+            result = self.effects.call(spec, typed, self._tool_context(spec, dependency),
+                                       lambda: self._run(spec, typed))
+            if spec.compensate:
+                # What undoes this call should the job halt or be cancelled: also for a call the
+                # ledger answered from an earlier attempt (it happened, so it is undone too).
+                self.lease.undo_calls.append({"tool": spec.compensate, "args": typed.model_dump(mode="json")})
+            return result
         return self._run(spec, typed)
 
     def undo(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
@@ -165,7 +206,12 @@ class Context:
                 raise ContractError(f"{spec.name} cannot take the args of the call it undoes: "
                                     f"{exc.error_count()} error(s)") from None
             self._confirm(spec.name, effect=spec.effect)
-            self._run(spec, typed)
+            if spec.effect:  # through the ledger: a compensation re-run after a crash never undoes twice blindly
+                dependency = spec.target(typed) if spec.dependency is not None else None
+                self.effects.call(spec, typed, self._tool_context(spec, dependency),
+                                  functools.partial(self._run, spec, typed))
+            else:
+                self._run(spec, typed)
         return {"undone": len(calls)}
 
     def _confirm(self, call: str, *, effect: bool) -> None:
@@ -190,8 +236,6 @@ class Context:
                 result = tool_ctx.guarded(dependency, lambda: _classified(dependency, spec.run, tool_ctx, args))
             if spec.effect:
                 self.lease.effects += 1
-                if spec.compensate:  # what undoes this call, should the job halt or be cancelled
-                    self.lease.undo_calls.append({"tool": spec.compensate, "args": args.model_dump(mode="json")})
             detail = getattr(result, "detail", None)
             outcome = {"status": detail.get("status") if isinstance(detail, dict) else "ok"}
             return result

@@ -47,6 +47,7 @@ from mesh.contracts.messages import validate_model, validate_output_model
 from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
+from .effects import with_effect
 from .pipelines import PipelineSpec, approvals
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
@@ -175,9 +176,11 @@ class AgentRuntime:
             # An earlier attempt finished and Redis refused its record, or another job's step under
             # this key (a shared idempotency_key) did the work: record that output, run nothing.
             result: Any = lease.recorded_output
+            effect = None
         else:
             ctx = Context(self, env, spec, lease)
             result = spec.handler(ctx, payload) if not isinstance(undo, list) else ctx.undo(undo)
+            effect = ctx.effect()
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
         # Masked before anything keeps it: the record, the claim, the trace, the next steps' messages.
@@ -198,9 +201,9 @@ class AgentRuntime:
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
                               **shared, **traced(flow, "output", output.model_dump(mode="json")))]
         try:
-            self.jobs.update(env.job_id, pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out),
-                                                           spec=flow, routes=self.routes, events=events,
-                                                           undo_calls=lease.undo_calls or None),
+            change = pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
+                                       routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
+            self.jobs.update(env.job_id, with_effect(change, env.step_id, effect),
                              fence=lease, also=succeeded, events=events, retention_s=retention_s(flow))
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",

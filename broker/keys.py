@@ -67,6 +67,12 @@ The mesh's own:
                                       JSON) -> that JSON; field ``latest`` -> the newest digest (new runs
                                       take it; a running job keeps the digest it started with)
     {ns}:pipelines                    set of registered pipeline names
+    {ns}:ledger:{job_id}:{step_id}    hash call number -> JSON effect entry (contracts/effects.py): the
+                                      intent, outcome and verdict of each effectful tool call of a step
+                                      (broker/ledger.py); expires MESH_DEDUP_TTL_S after its last write
+    {ns}:effects.unknown              zset "{job_id}/{step_id}/{n}" -> when its verdict became unknown (s):
+                                      effects nobody has proven; left when verified, refuted or settled
+    {ns}:effects.audit                stream, capped: who verified or settled which effect, when, why
     {ns}:note:{effect_id}             JSON note written by the ``note`` tool; expires after
                                       MESH_NOTE_RETENTION_S
     {ns}:notes                        zset effect id -> written time (s); members whose note expired
@@ -221,6 +227,17 @@ class Keys:
     @property
     def pipelines(self) -> str:
         return f"{self.namespace}:pipelines"
+
+    def ledger(self, job_id: str, step_id: str) -> str:
+        return f"{self.namespace}:ledger:{job_id}:{step_id}"
+
+    @property
+    def effects_unknown(self) -> str:
+        return f"{self.namespace}:effects.unknown"
+
+    @property
+    def effects_audit(self) -> str:
+        return f"{self.namespace}:effects.audit"
 
     def note(self, effect_id: str) -> str:
         return f"{self.namespace}:note:{effect_id}"

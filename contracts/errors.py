@@ -13,7 +13,10 @@
     │   └── BreakerOpen             the dependency's circuit breaker is open (no call made)
     ├── PermanentFailure            400/401/403/404/422, auth, refusals  permanent
     │   ├── ToolRefused             a tool call the executor will not make
-    │   └── IllegalTransition       a job-record transition the lifecycle forbids
+    │   ├── IllegalTransition       a job-record transition the lifecycle forbids
+    │   ├── EffectUnknown           an effect that cannot be proven either way: the step is
+    │   │                           ``unknown`` (never retried, never shown as done)
+    │   └── EffectRefuted           a tool said ok and its verifier saw that nothing happened
     ├── DeadlineExceeded            the envelope's deadline has passed   deadline
     ├── CycleDetected               hop limit hit or an agent re-entered cycle
     ├── BudgetExceeded              the job's model-token budget is spent budget_exceeded
@@ -223,3 +226,22 @@ class OutcomeUnrecorded(MeshError):
     def __init__(self, message: str, output: dict[str, Any]) -> None:
         super().__init__(message)
         self.output = output
+
+
+class EffectUnknown(PermanentFailure):
+    """Whether an effectful call happened cannot be proven: its verifier could not decide, or the call
+    went out and its outcome was never written and the tool has no verifier. The step is ``unknown``
+    (never retried: an irreversible effect is not repeated blindly) until ``mesh verify`` or
+    ``mesh settle`` decides it."""
+
+    def __init__(self, message: str, *, tool: str | None = None, **context: Any) -> None:
+        super().__init__(message, tool=tool, effect_unknown=True, **context)
+        self.tool = tool
+
+
+class EffectRefuted(PermanentFailure):
+    """A tool said its effect was applied and its verifier saw that it was not: the step fails."""
+
+    def __init__(self, message: str, *, tool: str | None = None, **context: Any) -> None:
+        super().__init__(message, tool=tool, **context)
+        self.tool = tool

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import ConfigDict, Field
 
 from .approvals import Approval
+from .effects import Settlement, Verdict
 from .envelope import Frozen
 from .errors import IllegalTransition
 
@@ -84,7 +85,9 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN,
                              *_UNWIND}),
     State.DEAD_LETTERED: frozenset({State.QUEUED, *_UNWIND}),
-    State.UNKNOWN: frozenset({State.QUEUED, *_UNWIND}),
+    # QUEUED: a replay, or an effect verified or settled applied (the step runs again and its
+    # ledger returns the recorded outcome); DEAD_LETTERED: an effect refuted or settled not applied.
+    State.UNKNOWN: frozenset({State.QUEUED, State.DEAD_LETTERED, *_UNWIND}),
     State.HALTED: frozenset({State.QUEUED, *_UNWIND}),
     State.NOT_RUN: frozenset({State.QUEUED}),
     # A job only: back to halted or dead-lettered when nothing turned out to need undoing.
@@ -177,6 +180,11 @@ class StepRecord(Record):
     #: What undoes the calls the step made of tools declared with ``compensate=`` (``{"tool", "args"}``,
     #: in call order); None: it made none.
     undo_calls: list[dict[str, Any]] | None = None
+    #: What the step's effectful tool calls came to (:func:`mesh.contracts.effects.summary`):
+    #: ``verified``, or ``unverified`` (done by the tool's own word), ...; None: it made none.
+    effect: Verdict | None = None
+    #: An operator's decision on its unknown effect (``mesh settle``): who, when, why.
+    settlement: Settlement | None = None
 
 
 #: How a compensation's step id begins: ``undo:<step id>`` (no step or item id contains ``:``).

@@ -23,6 +23,9 @@ class HttpPostArgs(Frozen):
     url: str = Field(pattern=r"^https?://[^\s/]+(/.*)?$", max_length=2000)
     json_body: dict[str, Any] = Field(default_factory=dict, alias="json")
     findings: list[dict[str, Any]] = Field(default_factory=list)
+    #: Where the POST's effect can be seen: a GET that must answer 2xx with the request's
+    #: Idempotency-Key or the receipt's effect id in its body. None: the call shows ``unverified``.
+    verify_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/.*)?$", max_length=2000)
 
 
 TOOL_ARGS: dict[str, type[Frozen]] = {"note": NoteArgs, "http_post": HttpPostArgs}

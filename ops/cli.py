@@ -23,7 +23,7 @@ from mesh.contracts import (
     State,
     UnknownAgent,
 )
-from mesh.ops import approvals_cli
+from mesh.ops import approvals_cli, effects_cli
 from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.console import (
     EXIT_FAILED,
@@ -480,6 +480,8 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
 
 def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wide: bool = False) -> Listing:
     """Every step of ``record``: a table, or a block per step on a narrow terminal."""
+    from mesh.ops import dag
+
     stuck = stuck or {}
     tokens = any(s.tokens_in or s.tokens_out for s in record.steps.values())
     columns = (Column("step", key=True), Column("agent", key=True), Column("state"), Column("attempt"),
@@ -491,7 +493,9 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wid
         detail = step.error or _summary(step.result) or ""
         if record.pipeline and step.state is State.QUEUED and step.sent_at is None:
             detail = "not sent: the job halted" if record.state is State.HALTED else "waits for its dependencies"
-        state = Text(str(step.state), style=_STATE_STYLE.get(step.state, ""))
+        if step.settlement is not None:
+            detail = f"{detail}; {dag.settled_line(step)}" if detail else dag.settled_line(step)
+        state = Text(dag.shown_state(step), style=_STATE_STYLE.get(step.state, ""))
         if step.step_id in stuck:
             state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
         spent = [f"{step.tokens_in}/{step.tokens_out}"] if tokens else []
@@ -828,6 +832,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(pipeline_app, name="pipeline")
 approvals_cli.register(app)
 register_jobctl(app)  # mesh cancel, mesh rerun
+effects_cli.register(app)  # mesh verify, mesh settle
 
 
 def main() -> None:

@@ -116,7 +116,7 @@ def draw(record: JobRecord, nodes: list[Node], stuck: dict[str, float] | None = 
     for node in nodes:
         step, lead = node.step, "   " * max(0, node.depth - 1)
         branch = lead + ("└─ " if node.depth else "")
-        state = Text(str(step.state), style=STATE_STYLE.get(step.state, ""))
+        state = Text(shown_state(step), style=STATE_STYLE.get(step.state, ""))
         if step.step_id in stuck:
             state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
         head = Text.assemble((branch, "dim"), (step.step_id, "bold"), "  ", state)
@@ -149,6 +149,22 @@ def _facts(step: StepRecord, deps: tuple[str, ...]) -> list[str]:
     return facts
 
 
+def shown_state(step: StepRecord) -> str:
+    """A step's state as the console prints it: a succeeded step with effects says whether they are
+    proven (``succeeded (verified)``) or only the tool's word (``succeeded (unverified)``)."""
+    if step.state is State.SUCCEEDED and step.effect is not None:
+        return f"{step.state} ({step.effect})"
+    return str(step.state)
+
+
+def settled_line(step: StepRecord) -> str:
+    """An operator's settlement of the step's effect: ``settled applied by ops@host at 12:03:04: why``."""
+    s = step.settlement
+    assert s is not None
+    return (f"settled {'applied' if s.applied else 'not applied'} by {s.by} at "
+            f"{time.strftime('%H:%M:%S', time.localtime(s.at))}: {s.reason}")
+
+
 def _details(record: JobRecord, step: StepRecord) -> list[tuple[str, str]]:
     """The free-text lines under a step, with their style."""
     out: list[tuple[str, str]] = []
@@ -169,6 +185,8 @@ def _details(record: JobRecord, step: StepRecord) -> list[tuple[str, str]]:
                     "red" if undo.state in (State.DEAD_LETTERED, State.UNKNOWN) else "yellow"))
     if step.compensates and step.state is State.QUEUED and step.sent_at is None:
         out.append(("waits: compensations run one at a time, last completed step first", "dim"))
+    if step.settlement is not None:
+        out.append((settled_line(step), "yellow"))
     if step.result:
         out.append(("out: " + ", ".join(f"{k}={value(v)}" for k, v in step.result.items()), "dim"))
     return out

@@ -86,7 +86,10 @@ def mesh_command() -> str:
 
 
 def _follow(client: MeshClient, job_id: str, timeout_s: float, out: Console) -> JobRecord:
-    """Print each step's state changes as they happen, until the job ends."""
+    """Print each step's state changes as they happen, until the job ends (a succeeded step with
+    effects says whether they are verified or only the tool's word)."""
+    from mesh.ops.dag import shown_state
+
     seen: dict[str, str] = {}
     started = time.monotonic()
     while True:
@@ -96,7 +99,7 @@ def _follow(client: MeshClient, job_id: str, timeout_s: float, out: Console) -> 
                 seen[step.step_id] = step.state
                 note = f" ({step.error})" if step.error else ""
                 out.print(f"  {time.monotonic() - started:6.2f}s  {step.step_id:<5} {step.agent:<10} "
-                          f"{step.state}{note}", highlight=False)
+                          f"{shown_state(step)}{note}", highlight=False)
         if record.state in TERMINAL:
             return record
         if time.monotonic() - started > timeout_s:

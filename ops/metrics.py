@@ -48,6 +48,14 @@ STATS = {
     "approvals_denied": "Pipeline steps a person denied.",
     "approvals_expired": "Approvals nobody decided before their timeout (their on_timeout applied).",
     "stuck": "Steps flagged stuck: holding their claim without progress for MESH_STUCK_AFTER_S.",
+    # Verdicts reached on effectful tool calls (broker/ledger.py): how many effects were proven.
+    "effects_verified": "Effectful calls whose verifier saw the effect.",
+    "effects_unverified": "Effectful calls done by the tool's own word (no verifier, or no check for the call).",
+    "effects_refuted": "Effectful calls the tool said were done and its verifier saw were not.",
+    "effects_unknown": "Effectful calls whose effect could not be proven either way (their step is unknown).",
+    "effects_failed": "Effectful calls that failed with nothing applied.",
+    "effects_applied": "Unknown effects an operator settled as applied (mesh settle).",
+    "effects_not_applied": "Unknown effects an operator settled as not applied (mesh settle).",
 }
 
 def _unwinding(stats: dict[str, str]) -> Iterator[CounterMetricFamily]:
@@ -89,12 +97,21 @@ class MeshCollector(Collector):
         yield from self._running()
         yield from self._approvals()
         yield from self._agents()
+        yield self._unknown_effects()
         stats = _hash(self.client, self.client.keys.stats)
         yield from _unwinding(stats)
         for name, doc in STATS.items():
             counter = CounterMetricFamily(f"mesh_{name}", doc)
             counter.add_metric([], float(stats.get(name, 0)))
             yield counter
+
+    def _unknown_effects(self) -> GaugeMetricFamily:
+        from mesh.broker.ledger import unknown_count
+
+        gauge = GaugeMetricFamily("mesh_unknown_effects", "Effects nobody has proven now (their steps are unknown "
+                                  "until mesh verify or mesh settle decides them).")
+        gauge.add_metric([], float(unknown_count(self.client.redis, self.client.keys)))
+        return gauge
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
         depth = {name: GaugeMetricFamily(f"mesh_queue_{name}", f"Messages {name.replace('_', ' ')}, per queue.",

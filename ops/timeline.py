@@ -47,6 +47,11 @@ _DETAIL = {
     "replayed": lambda e: f"dead letter {e.get('entry_id')} replayed by {e.get('by')} as message "
                           f"{e.get('message_id')}" + (f" to version {e['to_version']}" if e.get("to_version") else "")
                           + (" (record recreated)" if e.get("recreated_record") else ""),
+    "effect": lambda e: f"{e.get('tool')} call #{e.get('call')}: {e.get('verdict')}"
+                        + (f": {e['reason']}" if e.get("reason") else ""),
+    "verified": lambda e: f"mesh verify by {e.get('by')}: {e.get('verdict')}"
+                          + (f": {e['reason']}" if e.get("reason") else ""),
+    "settled": lambda e: f"mesh settle by {e.get('by')}: {e.get('verdict')}: {e.get('reason', '')}",
     "joined": lambda e: _join(e),
     "join_failed": lambda e: _join(e),
     "compensating": lambda e: f"{e.get('cause')}: {e.get('reason', '')}",
@@ -62,6 +67,7 @@ _STYLE = {"compensating": "yellow", "cancelled": "yellow", "compensation_sent": 
           "compensation_skipped": "dim", "compensation_failed": "red", "not_run": "dim",
           "fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
           "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red",
+          "settled": "yellow", "verified": "yellow",
           "approved": "green", "denied": "red", "approval_expired": "red", "approval_warning": "yellow"}
 
 

@@ -10,6 +10,9 @@
 (``time.monotonic()`` on arrival) and, once answered, ``status``. ``hold`` makes every answer
 wait until the server is stopped (or ``release()`` is called), so a client with a short timeout
 gives up first; no sleeps.
+
+``get`` answers GET requests the same way (recorded apart, in ``gets``; without it a GET gets 501);
+``port`` binds a given port (a server started again where a stopped one was).
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ def ok(_n: int, _request: dict[str, Any]) -> tuple[int, Any]:
 
 
 class RecordingServer:
-    def __init__(self, responder: Responder = ok, *, hold: bool = False) -> None:
+    def __init__(self, responder: Responder = ok, *, hold: bool = False, get: Responder | None = None,
+                 port: int = 0) -> None:
         self.responder = responder
+        self.get = get
         self.requests: list[dict[str, Any]] = []
+        self.gets: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._released = threading.Event()
         if not hold:
             self._released.set()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
@@ -70,6 +76,29 @@ class RecordingServer:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def do_GET(self) -> None:
+                request = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                           "at": time.monotonic()}
+                with server._lock:
+                    server.gets.append(request)
+                    n = len(server.gets)
+                status, reply, *extra = server.get(n, request) if server.get else (501, {})
+                request["status"] = status
+                self._answer(status, reply, extra[0] if extra else {})
+
+            def _answer(self, status: int, reply: Any, headers: dict[str, str]) -> None:
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .base import ToolContext, effect_id
 from .http import host_port, send_request
-from .http_post import http_post
-from .note import read_note, write_note
+from .http_post import http_post, verify_post
+from .note import read_note, verify_note, write_note
 
-__all__ = ["ToolContext", "effect_id", "host_port", "http_post", "read_note", "send_request", "write_note"]
+__all__ = ["ToolContext", "effect_id", "host_port", "http_post", "read_note", "send_request", "verify_note",
+           "verify_post", "write_note"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from mesh.contracts import Receipt
+from mesh.contracts import PermanentFailure, Receipt
+from mesh.contracts.effects import Verdict
+from mesh.contracts.errors import EffectRefuted
 from mesh.contracts.tools import HttpPostArgs
 
 from .allow import pin
@@ -33,3 +35,28 @@ def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
                                          "status": response.status_code})
     return Receipt(tool="http_post", effect_id=effect_id(ctx.key),
                    detail={"url": args.url, "status": response.status_code, "response": response.text[:500]})
+
+
+def verify_post(ctx: ToolContext, args: HttpPostArgs, result: Receipt | None) -> Receipt | Verdict:
+    """``http_post``'s verifier: GET ``args.verify_url`` (allow-listed like the POST, carrying the
+    same Idempotency-Key); it must answer 2xx with the key or the receipt's effect id in its body or
+    headers. A 404, or a 2xx that names neither, refutes the effect; a verify URL that cannot be
+    reached or answers another error leaves it unknown (the error propagates). No ``verify_url``:
+    the call shows ``unverified``."""
+    if args.verify_url is None:
+        return Verdict.UNVERIFIED
+    receipt = effect_id(ctx.key)
+    try:
+        response = ctx.http.get(args.verify_url)
+    except PermanentFailure as exc:
+        if exc.context.get("status") in (404, 410):
+            raise EffectRefuted(f"GET {args.verify_url} answered {exc.context['status']}: no such resource") from exc
+        raise
+    seen = response.text + " ".join(response.headers.values())
+    if ctx.key not in seen and receipt not in seen:
+        raise EffectRefuted(f"GET {args.verify_url} answered {response.status_code} without the request's "
+                            f"Idempotency-Key or effect id {receipt}")
+    if result is not None:
+        return result
+    return Receipt(tool="http_post", effect_id=receipt,
+                   detail={"url": args.url, "verified_by": args.verify_url, "status": response.status_code})

@@ -14,6 +14,8 @@ from pydantic import BaseModel
 
 from mesh import App, Context, Receipt, ToolContext
 from mesh.agents.tools import effect_id, host_port, send_request
+from mesh.contracts import PermanentFailure
+from mesh.contracts.effects import Verdict
 
 app = App("gated")
 
@@ -36,13 +38,29 @@ def passed_key(namespace: str) -> str:
 class Hook(BaseModel):
     url: str
     n: int
+    #: Where the hook's effect can be looked up (a GET carrying the key: 200 applied, 404 not);
+    #: None: the call shows ``unverified``.
+    verify_url: str | None = None
 
 
 class Posted(BaseModel):
     status: int
 
 
-@app.tool(dependency=lambda args: host_port(args.url), effect=True)
+def hook_applied(ctx: ToolContext, args: Hook, result: Receipt | None) -> Receipt | bool | Verdict:
+    """``post_hook``'s verifier: GET ``verify_url`` with the key; 404 says it never arrived."""
+    if args.verify_url is None:
+        return Verdict.UNVERIFIED
+    try:
+        send_request(ctx, "GET", args.verify_url)
+    except PermanentFailure as exc:
+        if exc.context.get("status") == 404:
+            return False
+        raise
+    return result or Receipt(tool="post_hook", effect_id=effect_id(ctx.key), detail={"status": 200})
+
+
+@app.tool(dependency=lambda args: host_port(args.url), effect=True, verify=hook_applied)
 def post_hook(ctx: ToolContext, args: Hook) -> Receipt:
     """POSTs ``n`` to the hook: the effect (the request carries the key and the fencing token)."""
     response = send_request(ctx, "POST", args.url, json={"n": args.n})

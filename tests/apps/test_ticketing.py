@@ -112,8 +112,10 @@ def test_50_sends_of_one_key_across_2_processes_file_one_ticket_after_triage(mes
     assert counters(mesh, mesh.keys.stats).get("duplicates") == 49
 
 
-def test_a_worker_sigkilled_mid_batch_leaves_every_ticket_filed_repeating_at_most_what_it_held(
+def test_a_worker_sigkilled_mid_batch_files_no_ticket_twice_and_leaves_what_it_was_filing_unknown(
         make_settings, serve, rclient):
+    """file_ticket has no verifier: a filing the victim was making when it died cannot be proven
+    either way, so its step ends ``unknown``, never filed again; everything else is filed once."""
     threads, prefetch, heartbeat_s, n = 2, 4, 3, 40
 
     def slow(k: int, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -136,19 +138,15 @@ def test_a_worker_sigkilled_mid_batch_leaves_every_ticket_filed_repeating_at_mos
         wait_for(lambda: settled(mesh), timeout_s=30)
 
     assert at_kill < n, "the kill landed after the batch: nothing was tested"
-    assert {r.state for r in records} == {State.SUCCEEDED}
+    assert {r.state for r in records} <= {State.SUCCEEDED, State.UNKNOWN}
     per_key = Counter(r["headers"]["idempotency-key"] for r in tickets.requests)
-    assert set(per_key) == set(keys)  # every ticket filed
-    assert max(per_key.values()) <= 2
-    twice = [k for k, c in per_key.items() if c == 2]
-    # Only what the victim held (fetched, or running on its threads) can have been filed twice.
-    assert len(twice) <= prefetch + threads
-    assert len(twice) <= int(rclient.hget(mesh.keys.stats, "recovered") or 0)
-    for key in twice:  # the repeat carried a higher fencing token than the attempt it repeats
-        tokens = [int(r["headers"]["x-mesh-fencing-token"]) for r in tickets.requests
-                  if r["headers"]["idempotency-key"] == key]
-        assert tokens[0] < tokens[1], (key, tokens)
-    print(f"SIGKILL after {at_kill} of {n} filings: {len(twice)} filed twice")
+    assert max(per_key.values()) == 1  # no ticket filed twice
+    unknown = [r.key for r in records if r.state is State.UNKNOWN]
+    # Only a filing running on one of the victim's threads can be unknown (a prefetched one had not begun).
+    assert len(unknown) <= threads
+    assert set(per_key) >= {r.key for r in records if r.state is State.SUCCEEDED}  # every succeeded one filed
+    assert all(r.steps["filer"].effect == "unverified" for r in records if r.state is State.SUCCEEDED)
+    print(f"SIGKILL after {at_kill} of {n} filings: {len(unknown)} unknown, none filed twice")
 
 
 def test_a_429_from_the_tools_dependency_is_deferred_without_spending_a_retry(mesh, serve):

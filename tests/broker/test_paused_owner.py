@@ -101,22 +101,31 @@ class FencingEndpoint:
             self.answered.append((token, status))
         return status, {"token": token}
 
+    def lookup(self, _n: int, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """GET: whether the key's effect was applied (what the tool's verifier asks)."""
+        with self.lock:
+            applied = request["headers"]["idempotency-key"] in self.highest
+        return (200, {"applied": True}) if applied else (404, {"applied": False})
+
 
 @pytest.mark.slow
 def test_a_request_sent_before_a_pause_and_decided_after_the_takeover_is_refused_by_its_token(
         make_settings, rclient, worker_process):
     """The window no worker-side check closes: the paused owner passed its check and its request is
     on its way when it stops. The endpoint refuses the older token, and the refused attempt is
-    settled as superseded: no dead letter, the job keeps the new owner's outcome."""
+    settled as superseded: no dead letter, the job keeps the new owner's outcome. The new owner
+    finds the paused owner's intent in the ledger and asks the verifier first: the held request is
+    not applied yet (404), so the call never arrived as far as anyone can tell and is made now."""
     endpoint = FencingEndpoint()
-    with RecordingServer(endpoint) as server:
+    with RecordingServer(endpoint, get=endpoint.lookup) as server:
         settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
         client = MeshClient(settings, client=rclient, app=app)
         ns = settings.namespace
         env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), "MESH_HTTP_ALLOW": server.host_port}
         rclient.set(gate_key(ns), 1)
         paused = worker_process("--app", APP, "--threads", "1", **env)
-        ref = client.send("poster", {"url": server.url(), "n": 1}, key="in-flight")
+        ref = client.send("poster", {"url": server.url(), "n": 1, "verify_url": server.url("/applied")},
+                          key="in-flight")
         assert endpoint.first_arrived.wait(60)
 
         os.kill(paused.pid, signal.SIGSTOP)

@@ -109,7 +109,7 @@ def test_a_handler_that_heartbeats_without_progress_is_reported_stuck_then_recov
             assert data["state"] == "succeeded" and data["stuck"] == {}
             assert "stuck" not in cli("status", ref.id, **env).stdout
             kinds = [e["event"] for e in events_of(client, ref.id)]
-            assert kinds == ["enqueued", "picked_up", "stuck", "tool_call", "progress", "succeeded"]
+            assert kinds == ["enqueued", "picked_up", "stuck", "tool_call", "progress", "effect", "succeeded"]
             assert len(server.requests) == 1
 
 

@@ -86,7 +86,7 @@ def test_trace_json_of_a_submitted_goal_shows_every_step_enqueued_picked_up_prog
         assert seq[:2] == ["enqueued", "picked_up"], (step_id, seq)
         assert seq[-1] == "succeeded", (step_id, seq)
         middle = seq[2:-1]
-        assert middle and set(middle) <= {"progress", "tool_call"}, (step_id, seq)
+        assert middle and set(middle) <= {"progress", "tool_call", "effect"}, (step_id, seq)
         enqueued, picked_up, *_, succeeded = evs
         assert enqueued["queue"] == record.steps[step_id].agent
         assert enqueued.get("by") == ("client" if step_id == "plan" else None)
@@ -101,8 +101,10 @@ def test_trace_json_of_a_submitted_goal_shows_every_step_enqueued_picked_up_prog
         assert duration <= step.finished_at - step.started_at + 2
 
     [tool_call] = [e for e in steps["a1"] if e["event"] == "tool_call"]
+    [effect] = [e for e in steps["a1"] if e["event"] == "effect"]
+    assert (effect["tool"], effect["call"], effect["verdict"]) == ("note", 1, "verified")  # read back
     assert tool_call["tool"] == "note" and tool_call["dependency"] == "mesh" and tool_call["duration_s"] >= 0
-    assert kinds(steps["a1"])[2:] == ["tool_call", "progress", "succeeded"]
+    assert kinds(steps["a1"])[2:] == ["tool_call", "progress", "effect", "succeeded"]
     # The downstream steps were enqueued by the step before them (fan-out, then fan-in after the last finding).
     assert all(steps[r][0]["at"] >= steps["plan"][1]["at"] for r in ("r1", "r2"))
     assert steps["a1"][0]["at"] >= max(steps[r][1]["at"] for r in ("r1", "r2"))
@@ -185,8 +187,8 @@ def test_trace_of_a_retried_step_shows_failed_with_its_retry_time_then_succeeded
     check_ids(data, ref, {"executor": step.key}, {"executor": "executor"})
     evs = data["steps"]["executor"]
     assert kinds(evs) == ["enqueued", "picked_up", "tool_call", "progress", "failed",
-                          "picked_up", "tool_call", "progress", "succeeded"]
-    failed, retry, ok, succeeded = evs[4], evs[5], evs[6], evs[8]
+                          "picked_up", "tool_call", "progress", "effect", "succeeded"]
+    failed, retry, ok, succeeded = evs[4], evs[5], evs[6], evs[9]
     assert failed["failure_class"] == "brownout" and failed["route"] == "retry" and failed["state"] == "failed"
     assert "500" in failed["error"] and failed["attempt"] == 1
     assert failed["until"] >= failed["at"]

@@ -1,0 +1,151 @@
+"""``mesh verify`` and ``mesh settle``: deciding a step whose effect is ``unknown``.
+
+``mesh verify JOB STEP`` runs the verifiers of the step's open effects again; ``mesh settle JOB
+STEP --as applied|not-applied --reason T`` records an operator's decision. Either way a step whose
+effects happened runs again (its dead letter replayed: the ledger answers its calls, nothing is
+called twice) and its success moves the job on through the worker's own settlement; a step whose
+effect did not happen is dead-lettered and the job moves on as after any lost step (see
+:mod:`mesh.agents.verify`). Both are audited: the ledger, the step record, the job's trace and
+the ``{ns}:effects.audit`` stream say who, when and why.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from mesh.broker import trace
+from mesh.broker.client import MeshClient
+from mesh.broker.ledger import operator
+from mesh.contracts import JobRecord
+from mesh.ops import console as base
+from mesh.ops.pipeline_cli import AppPath
+
+Job = Annotated[str, typer.Argument(help="The job id or its start, or the key it was sent with (as in mesh status).",
+                                    metavar="JOB_ID|KEY", show_default=False)]
+Step = Annotated[str, typer.Argument(help="The step id whose effect is unknown (as mesh status lists it).",
+                                     metavar="STEP", show_default=False)]
+By = Annotated[str | None, typer.Option("--by", help="Who decides (default: user@host).", show_default=False)]
+
+
+def verify(job: Job, step: Step, app_path: AppPath = None, by: By = None, as_json: base.JsonFlag = False) -> None:
+    """Check an unknown step's effects again with its tools' verifiers.
+
+    Verified: the step runs again, its calls answered from the ledger (none is made twice), and
+    the job moves on. Refuted: the step is dead-lettered (permanent). Still undecided: nothing
+    moves; exit 1. Tools come from --app (default: the built-in ones)."""
+    from mesh.agents.verify import CannotDecide, verified_event
+    from mesh.agents.verify import verify as run_checks
+
+    c, app = base.client(), base.app_for(app_path)
+    record = _record(c, job)
+    who = by or operator()
+    with httpx.Client() as http:
+        try:
+            decision = run_checks(c, app, record, step, http)
+        except CannotDecide as exc:
+            base.fail(str(exc), base.EXIT_INPUT)
+    trace.emit(c.redis, c.keys, verified_event(record, decision, who))
+    moved = _move(c, app, record, decision)
+    _report(decision.as_json() | {"by": who, **moved}, as_json)
+    if decision.verdict.value != "verified":
+        raise typer.Exit(base.EXIT_FAILED)
+
+
+def settle(job: Job, step: Step,
+           as_: Annotated[str, typer.Option("--as", help="applied (it happened) or not-applied (it did not).",
+                                            metavar="applied|not-applied", show_default=False)],
+           reason: Annotated[str, typer.Option("--reason", help="Why: kept on the step, in the trace and the "
+                                               "audit stream.", show_default=False)],
+           by: By = None, app_path: AppPath = None, as_json: base.JsonFlag = False) -> None:
+    """Decide an unknown step's effect by hand, audited (who, when, why).
+
+    applied: the step runs again, its calls answered from the ledger, and the job moves on.
+    not-applied: the step is dead-lettered (permanent); `mesh dlq replay` calls again."""
+    from mesh.agents.verify import CannotDecide, settle_by_hand
+
+    if as_ not in ("applied", "not-applied"):
+        raise typer.BadParameter(f"{as_!r}: give applied or not-applied", param_hint="--as")
+    if not reason.strip():
+        raise typer.BadParameter("say why the effect is settled so", param_hint="--reason")
+    c, app = base.client(), base.app_for(app_path)
+    record = _record(c, job)
+    who = by or operator()
+    try:
+        decision = settle_by_hand(c, record, step, applied=as_ == "applied", reason=reason, by=who)
+    except CannotDecide as exc:
+        base.fail(str(exc), base.EXIT_INPUT)
+    moved = _move(c, app, c.status(record.job_id), decision)
+    _report(decision.as_json() | {"by": who, **moved}, as_json)
+
+
+def _record(c: MeshClient, given: str) -> JobRecord:
+    """The job ``given`` names, as ``mesh status`` finds it (an id, its start, or a key)."""
+    from mesh.broker import JobNotFound
+    from mesh.ops.cli import _job_candidates
+
+    candidates = _job_candidates(c, given)
+    for candidate in candidates:
+        try:
+            return c.status(candidate)
+        except JobNotFound:
+            continue
+    base.fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), base.EXIT_INPUT)
+
+
+def _move(c: MeshClient, app: Any, record: JobRecord, decision: Any) -> dict[str, Any]:
+    """Move the step as ``decision`` says: replay its dead letter (it happened) or dead-letter it."""
+    from mesh.agents.verify import lose
+
+    if decision.happened:
+        return {"moved": "replayed", **_replay(c, record, decision.step_id)}
+    if decision.verdict.value in ("refuted", "not_applied"):
+        after = lose(c, app, record, decision)
+        return {"moved": "dead_lettered", "job_state": str(after.state)}
+    return {"moved": None, "job_state": str(record.state)}
+
+
+def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
+    """Replay the dead letter the unknown step left: the step runs again, its ledger answering its calls."""
+    from mesh.dlq import DeadLetterStore
+    from mesh.dlq.audit import Audit
+    from mesh.dlq.replay import Replayer
+    from mesh.dlq.store import Filter
+
+    step = record.steps[step_id]
+    store = DeadLetterStore(c.redis, c.keys)
+    found = [s for batch in store.iter(Filter(agent=step.agent)) for s in batch
+             if s.entry.job_id == record.job_id and s.entry.key == step.key]
+    if not found:
+        base.fail(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it cannot "
+                  "run again from here; run the job again", base.EXIT_FAILED)
+    report = Replayer(store, c.settings, Audit(c.redis, c.keys)).replay(found[-1:])
+    if report.skipped:
+        base.fail(f"step {step_id}'s effect is decided, but its replay was refused: "
+                  f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)
+    return {"dead_letter": found[-1].entry.entry_id}
+
+
+def _report(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        base.emit_json(data)
+        return
+    base.out.print(f"step {data['step_id']} of job {data['job_id']}: {data['verdict']}"
+                   + (f" (by {data['by']})" if data.get("by") else ""))
+    for effect in data["effects"]:
+        line = f"  {effect['tool']} call #{effect['call']}: {effect['verdict']}"
+        base.out.print(line + (f": {effect['reason']}" if effect["reason"] else ""))
+    if data["verdict"] == "unknown" and data.get("reason") and not data["effects"]:
+        base.out.print(f"  {data['reason']}")
+    moved = {"replayed": "the step runs again; its calls are answered from the ledger",
+             "dead_lettered": f"the step is dead-lettered; job {data.get('job_state')}"}.get(data.get("moved") or "")
+    base.out.print(f"  {moved or 'nothing moved: mesh settle decides by hand'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``verify`` and ``settle`` to the ``mesh`` command."""
+    app.command("verify", epilog="Example: `mesh verify job-5f0c post`, `mesh verify order-7 executor --json`")(verify)
+    app.command("settle", epilog="Example: `mesh settle order-7 executor --as applied --reason \"seen in the "
+                                 "billing console\"`")(settle)
