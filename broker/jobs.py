@@ -6,6 +6,8 @@ again (a DLQ replay) removes both TTLs. A running or waiting job therefore never
 ended one needs no sweep to go (broker/retention.py only tidies the indexes). A job that ends
 holding dead-lettered or unknown steps keeps its record as long as their dead letters may wait for
 a replay (``MeshSettings.dead_letter_job_retention_s``), so the replay finds the job to go on with.
+A job with a step waiting for a person's approval keeps no TTL while it waits, even once another
+branch ended it (broker/approvals.py stages that, its index and its timers, with every write).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.jobs import COMPENSATION_FAILED, known
 
-from . import claims, trace
+from . import approvals, claims, trace
 from .keys import Keys
 from .observe import unwind_counts
 from .outbox import stage_all
@@ -89,6 +91,8 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
         ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
+    # waiting steps: their index, their timers, and no TTL while one waits
+    approvals.stage_approvals(pipe, keys, record, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
 
 
 class JobStore:
@@ -105,6 +109,7 @@ class JobStore:
         """Stage the record's creation into ``pipe``; an existing record is left as it is."""
         pipe.set(self.keys.job(record.job_id), dumps(record), nx=True)
         pipe.zadd(self.keys.jobs, {record.job_id: record.created_at}, nx=True)
+        approvals.stage_approvals(pipe, self.keys, record)
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.get(self.keys.job(job_id))

@@ -82,6 +82,14 @@ The mesh's own:
                                       never reset it, or tokens would repeat
     {ns}:sweep.lock                   string, expires after MESH_SWEEP_INTERVAL_S: the worker that set
                                       it runs this interval's retention sweep (ops/sweeper.py)
+    {ns}:timers                       zset "{kind}|{ref}" -> due time (ms, Redis TIME): durable timers
+                                      (broker/timers.py), fired by whichever worker holds timers.lock
+    {ns}:timers.lock                  string, expires within seconds: the worker that set it fires the
+                                      due timers now (ops/timer_loop.py)
+    {ns}:approvals                    zset "{job_id}|{step_id}" -> when it was asked (ms, Redis TIME):
+                                      the steps awaiting a human's approval (broker/approvals.py)
+    {ns}:approvals.audit              stream, capped: every approval decision (who, when, the note, the
+                                      hash of the call), expiry and warning
     {ns}:registry.agents              hash agent name -> JSON: the agent as its workers publish it on
                                       start (queue, contract version, input/output JSON Schema, tools;
                                       broker/registry.py); stays when its workers stop
@@ -245,6 +253,22 @@ class Keys:
     @property
     def sweep_lock(self) -> str:
         return f"{self.namespace}:sweep.lock"
+
+    @property
+    def timers(self) -> str:
+        return f"{self.namespace}:timers"
+
+    @property
+    def timers_lock(self) -> str:
+        return f"{self.namespace}:timers.lock"
+
+    @property
+    def approvals(self) -> str:
+        return f"{self.namespace}:approvals"
+
+    @property
+    def approvals_audit(self) -> str:
+        return f"{self.namespace}:approvals.audit"
 
     @property
     def registry(self) -> str:
