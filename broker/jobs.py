@@ -73,7 +73,8 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     """Stage the write of ``record`` (which was in state ``was``) with the TTLs its state implies.
 
     Ending the job starts the retention clock on its record and trace (``keep_s`` instead, when
-    longer, if the job holds dead-lettered steps: see :func:`ended_ttl_s`); later writes to an ended
+    longer, if the job holds dead-lettered steps: see :func:`ended_ttl_s`), and on the effect ledgers
+    of its steps that made effectful calls or wait for a replay; later writes to an ended
     job keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET
     drops it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
     A job in a state a newer release wrote keeps whatever TTL that release gave it.
@@ -91,6 +92,10 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
         ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
+        for step in record.steps.values():
+            if step.effect is not None or step.state in HELD_FOR_REPLAY:
+                # its effect ledger (what mesh verify and a replay read) goes with the record
+                pipe.pexpire(keys.ledger(record.job_id, step.step_id), ttl_ms)
     # waiting steps: their index, their timers, and no TTL while one waits
     approvals.stage_approvals(pipe, keys, record, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
 

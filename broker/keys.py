@@ -69,7 +69,8 @@ The mesh's own:
     {ns}:pipelines                    set of registered pipeline names
     {ns}:ledger:{job_id}:{step_id}    hash call number -> JSON effect entry (contracts/effects.py): the
                                       intent, outcome and verdict of each effectful tool call of a step
-                                      (broker/ledger.py); expires MESH_DEDUP_TTL_S after its last write
+                                      (broker/ledger.py); expires MESH_DEDUP_TTL_S after its last write,
+                                      or with its job's record once the job ends
     {ns}:effects.unknown              zset "{job_id}/{step_id}/{n}" -> when its verdict became unknown (s):
                                       effects nobody has proven; left when verified, refuted or settled
     {ns}:effects.audit                stream, capped: who verified or settled which effect, when, why
