@@ -48,7 +48,7 @@ from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
 from .effects import with_effect
-from .pipelines import PipelineSpec
+from .pipelines import PipelineSpec, approvals
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
 from .providers import Meter, ModelProvider, provider_for
@@ -130,17 +130,27 @@ class AgentRuntime:
                 pipe.zadd(self.keys.running, {member: self.clock.now_s()})  # compared on other hosts
 
         picked = trace.event("picked_up", envelope, worker=self.worker, token=lease.token)
+        events = [picked]
 
         def start(record: JobRecord) -> Any:
+            del events[1:]  # a transaction retried after a conflict starts over
             # A declared pipeline's spec says whether the input is kept in the event, or its size and hash.
             picked.update(traced(self.flow(record), "input", env.payload))
+            parked = approvals.recheck(self.flow(record), record, env, events)
+            if parked is not None:  # not the call a person approved: asked (again), not run
+                return parked, []
             return pipeline.start(env, lease.token)(record)
 
         try:
-            record = self.jobs.update(env.job_id, start, fence=lease, also=picked_up, events=[picked])
+            record = self.jobs.update(env.job_id, start, fence=lease, also=picked_up, events=events)
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         step = record.steps[env.step_id]
+        if step.state is State.AWAITING_APPROVAL:
+            lease.result, lease.done = None, False  # the key stays free for the approved call
+            logger.info("step parked for approval", extra={"key": env.key, "job_id": env.job_id,
+                                                           "step_id": env.step_id})
+            return
         flow = self.flow(record)
         if step.state is State.CANCELLED and step.result is None:
             # Its job was cancelled before it ran (mesh cancel): acked, nothing run, the key left free.
@@ -203,6 +213,10 @@ class AgentRuntime:
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
+
+    def timer_handlers(self) -> dict[str, Any]:
+        """What fires this app's durable timers (approvals' expiries and warnings) in this worker."""
+        return approvals.timer_handlers(self.jobs, self.pipelines, self.routes, self.clock, self.worker)
 
     def _check_limits(self, agent: str, output: BaseModel) -> None:
         """InvalidOutput, before anything is recorded or sent, for an output over MESH_MAX_OUTPUT_BYTES

@@ -31,9 +31,10 @@ from mesh.contracts import (
     new_trace_id,
     validate_input,
 )
+from mesh.contracts.approvals import Decision
 from mesh.contracts.messages import validate_model
 
-from . import trace
+from . import approvals, trace
 from .clock import ServerClock
 from .connection import NotReplicated, connect, replicated, transaction
 from .jobs import JobNotFound, JobStore
@@ -386,6 +387,30 @@ class MeshClient:
         if int(acked) < wanted:
             raise NotReplicated(int(acked), wanted, self.settings.redis_wait_timeout_ms, refs)
         return refs
+
+    def approvals(self) -> list[approvals.Pending]:
+        """The pipeline steps waiting for a person's approval, oldest first (``mesh approvals``)."""
+        return approvals.pending(self.redis, self.keys)
+
+    def approve(self, job_id: str, step_id: str, *, note: str | None = None, by: str | None = None) -> JobRecord:
+        """Approve the exact call step ``step_id`` of job ``job_id`` (an id, or the key it was sent
+        with) waits with: it is sent. ``by`` defaults to ``user@host``. Raises AlreadyDecided (the
+        first decision won), ApprovalExpired or NotAwaiting (mesh.broker.approvals)."""
+        return self._decide(job_id, step_id, Decision.APPROVED, by, note)
+
+    def deny(self, job_id: str, step_id: str, *, reason: str, by: str | None = None) -> JobRecord:
+        """Deny the waiting step: its ``failure_mode`` applies (halt the job, or skip the step and go on)."""
+        return self._decide(job_id, step_id, Decision.DENIED, by, reason)
+
+    def _decide(self, job_id: str, step_id: str, decision: Decision, by: str | None,
+                note: str | None) -> JobRecord:
+        if self.redis.exists(self.keys.job(job_id)) == 0 and self.redis.exists(self.keys.job(job_id_for(job_id))):
+            job_id = job_id_for(job_id)  # the key the job was sent with
+        change = approvals.decide_change(self.pipelines, lambda a: self.target(a).queue,
+                                         lambda a: self.target(a).version, self.settings)
+        verdict = approvals.Verdict(step_id=step_id, decision=decision, by=by or approvals.default_by(), note=note,
+                                    at=self.clock.now_s())
+        return approvals.decide(self.jobs, job_id, verdict, change)[0]
 
     def status(self, job_id: str) -> JobRecord:
         record = self.jobs.get(job_id)

@@ -29,7 +29,7 @@ from dramatiq.middleware import Interrupt
 from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, StepRecord, depth_exceeds, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
-from . import claim_results, trace
+from . import approvals, claim_results, trace
 from .group_commit import GroupCommit
 from .idempotency import Idempotency, Lease, done_args, message_key
 from .jobs import ended_ttl_s, holds_dead_letters
@@ -269,7 +269,8 @@ class MeshConsumer(_RedisConsumer):
             arg["sha"] = hashlib.sha1(current).hexdigest()
             arg["new"] = dumps(record).decode()
             settings = self.broker.settings
-            if record.state in TERMINAL and (before.state not in TERMINAL or holds_dead_letters(record)):
+            if (record.state in TERMINAL and (before.state not in TERMINAL or holds_dead_letters(record))
+                    and not approvals.waiting(record)):  # a job a person's decision waits on never expires
                 # Ending the job starts its retention clock (as jobs.stage_record does); else KEEPTTL. A
                 # job holding dead letters is kept while they may be replayed, counted from the last one.
                 arg["ttl"] = max(1, int(ended_ttl_s(record, settings.job_retention_s,

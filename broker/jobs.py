@@ -6,6 +6,8 @@ again (a DLQ replay) removes both TTLs. A running or waiting job therefore never
 ended one needs no sweep to go (broker/retention.py only tidies the indexes). A job that ends
 holding dead-lettered or unknown steps keeps its record as long as their dead letters may wait for
 a replay (``MeshSettings.dead_letter_job_retention_s``), so the replay finds the job to go on with.
+A job with a step waiting for a person's approval keeps no TTL while it waits, even once another
+branch ended it (broker/approvals.py stages that, its index and its timers, with every write).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.jobs import COMPENSATION_FAILED, known
 
-from . import claims, trace
+from . import approvals, claims, trace
 from .keys import Keys
 from .observe import unwind_counts
 from .outbox import stage_all
@@ -71,7 +73,8 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     """Stage the write of ``record`` (which was in state ``was``) with the TTLs its state implies.
 
     Ending the job starts the retention clock on its record and trace (``keep_s`` instead, when
-    longer, if the job holds dead-lettered steps: see :func:`ended_ttl_s`); later writes to an ended
+    longer, if the job holds dead-lettered steps: see :func:`ended_ttl_s`), and on the effect ledgers
+    of its steps that made effectful calls or wait for a replay; later writes to an ended
     job keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET
     drops it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
     A job in a state a newer release wrote keeps whatever TTL that release gave it.
@@ -89,6 +92,12 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
         ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
+        for step in record.steps.values():
+            if step.effect is not None or step.state in HELD_FOR_REPLAY:
+                # its effect ledger (what mesh verify and a replay read) goes with the record
+                pipe.pexpire(keys.ledger(record.job_id, step.step_id), ttl_ms)
+    # waiting steps: their index, their timers, and no TTL while one waits
+    approvals.stage_approvals(pipe, keys, record, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
 
 
 class JobStore:
@@ -105,6 +114,7 @@ class JobStore:
         """Stage the record's creation into ``pipe``; an existing record is left as it is."""
         pipe.set(self.keys.job(record.job_id), dumps(record), nx=True)
         pipe.zadd(self.keys.jobs, {record.job_id: record.created_at}, nx=True)
+        approvals.stage_approvals(pipe, self.keys, record)
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.get(self.keys.job(job_id))

@@ -69,7 +69,8 @@ The mesh's own:
     {ns}:pipelines                    set of registered pipeline names
     {ns}:ledger:{job_id}:{step_id}    hash call number -> JSON effect entry (contracts/effects.py): the
                                       intent, outcome and verdict of each effectful tool call of a step
-                                      (broker/ledger.py); expires MESH_DEDUP_TTL_S after its last write
+                                      (broker/ledger.py); expires MESH_DEDUP_TTL_S after its last write,
+                                      or with its job's record once the job ends
     {ns}:effects.unknown              zset "{job_id}/{step_id}/{n}" -> when its verdict became unknown (s):
                                       effects nobody has proven; left when verified, refuted or settled
     {ns}:effects.audit                stream, capped: who verified or settled which effect, when, why
@@ -82,6 +83,14 @@ The mesh's own:
                                       never reset it, or tokens would repeat
     {ns}:sweep.lock                   string, expires after MESH_SWEEP_INTERVAL_S: the worker that set
                                       it runs this interval's retention sweep (ops/sweeper.py)
+    {ns}:timers                       zset "{kind}|{ref}" -> due time (ms, Redis TIME): durable timers
+                                      (broker/timers.py), fired by whichever worker holds timers.lock
+    {ns}:timers.lock                  string, expires within seconds: the worker that set it fires the
+                                      due timers now (ops/timer_loop.py)
+    {ns}:approvals                    zset "{job_id}|{step_id}" -> when it was asked (ms, Redis TIME):
+                                      the steps awaiting a human's approval (broker/approvals.py)
+    {ns}:approvals.audit              stream, capped: every approval decision (who, when, the note, the
+                                      hash of the call), expiry and warning
     {ns}:registry.agents              hash agent name -> JSON: the agent as its workers publish it on
                                       start (queue, contract version, input/output JSON Schema, tools;
                                       broker/registry.py); stays when its workers stop
@@ -245,6 +254,22 @@ class Keys:
     @property
     def sweep_lock(self) -> str:
         return f"{self.namespace}:sweep.lock"
+
+    @property
+    def timers(self) -> str:
+        return f"{self.namespace}:timers"
+
+    @property
+    def timers_lock(self) -> str:
+        return f"{self.namespace}:timers.lock"
+
+    @property
+    def approvals(self) -> str:
+        return f"{self.namespace}:approvals"
+
+    @property
+    def approvals_audit(self) -> str:
+        return f"{self.namespace}:approvals.audit"
 
     @property
     def registry(self) -> str:

@@ -144,6 +144,9 @@ class MeshSettings(BaseSettings):
                                     "tool wrote is kept (users' data, not bookkeeping)")
     sweep_interval_s: float = Field(default=60.0, gt=0, description="retention sweeps run this often, "
                                     "once per interval across the whole fleet")
+    timer_interval_s: float = Field(default=0.2, gt=0, le=1.0, description="how often a worker looks for due "
+                                    "durable timers (approval expiries and warnings): a timer fires within about "
+                                    "this long after its due time on the Redis clock, never before it")
     worker_threads: int = Field(default=4, ge=1, le=256, description="threads per worker process")
     prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces URL (e.g. http://collector:4318"

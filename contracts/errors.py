@@ -54,6 +54,9 @@ class FailureClass(StrEnum):
     BUDGET_EXCEEDED = "budget_exceeded"
     #: The mesh's own Redis failed mid-attempt: never a dependency's failure, never its budget.
     MESH_UNAVAILABLE = "mesh_unavailable"
+    #: Nobody approved a pipeline step before its approval's timeout (``on_timeout: escalate``): the
+    #: step's dead letter is written by the timer, never by an exception; its replay asks again.
+    APPROVAL_EXPIRED = "approval_expired"
     UNKNOWN = "unknown"
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import ConfigDict, Field
 
+from .approvals import Approval
 from .effects import Settlement, Verdict
 from .envelope import Frozen
 from .errors import IllegalTransition
@@ -172,6 +173,8 @@ class StepRecord(Record):
     index: int | None = None
     #: A ``for_each`` step that fanned out: how many of its items must succeed (its join).
     need: int | None = None
+    #: A step that waits (or waited) for a human's approval: the call asked for and its decision.
+    approval: Approval | None = None
     #: A compensation (its id ``undo:<step>``): the step, or ``for_each`` item, whose effect it undoes.
     compensates: str | None = None
     #: What undoes the calls the step made of tools declared with ``compensate=`` (``{"tool", "args"}``,
@@ -327,8 +330,9 @@ def unwound_state(record: JobRecord) -> State | None:
 def job_state(record: JobRecord) -> State:
     """The job's state as a function of its steps: once it undoes its effects, :func:`unwound_state`;
     else halted if one halted; dead-lettered while any blocking step is (then unknown while one is);
-    succeeded when every step succeeded, was skipped, or is a non-blocking lost item; otherwise
-    active (the record's own queued or running)."""
+    succeeded when every step succeeded, was skipped, or is a non-blocking lost item;
+    awaiting_approval when a step waits for a person and none is in flight; otherwise active (the
+    record's own queued or running)."""
     if not moves(record.state):  # a succeeded job stays so, and a newer release's state too
         return record.state
     if record.unwind is not None and (undone := unwound_state(record)) is not None:
@@ -343,9 +347,18 @@ def job_state(record: JobRecord) -> State:
         return State.UNKNOWN
     if steps and all(s.state in (State.SUCCEEDED, State.SKIPPED) or s.state in LOST for s in steps):
         return State.SUCCEEDED
-    if record.state in (State.QUEUED, State.RUNNING, State.FAILED, State.AWAITING_APPROVAL):
+    if any(s.state is State.AWAITING_APPROVAL for s in steps) and not any(_in_flight(s) for s in steps):
+        return State.AWAITING_APPROVAL  # nothing moves until a person decides
+    if record.state is State.AWAITING_APPROVAL:
+        return State.QUEUED  # a decision sent a step: queued until it is picked up
+    if record.state in (State.QUEUED, State.RUNNING, State.FAILED):
         return record.state
     return State.QUEUED if State.QUEUED in moves(record.state) else State.RUNNING
+
+
+def _in_flight(step: StepRecord) -> bool:
+    """Whether a step is being worked on: running, waiting for its retry, or sent and not picked up."""
+    return step.state in (State.RUNNING, State.FAILED) or (step.state is State.QUEUED and step.sent_at is not None)
 
 
 def settle(record: JobRecord, now: float, result: dict[str, Any] | None = None) -> JobRecord:

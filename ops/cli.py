@@ -23,7 +23,7 @@ from mesh.contracts import (
     State,
     UnknownAgent,
 )
-from mesh.ops import effects_cli
+from mesh.ops import approvals_cli, effects_cli
 from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.console import (
     EXIT_FAILED,
@@ -830,6 +830,7 @@ def demo(
 
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(pipeline_app, name="pipeline")
+approvals_cli.register(app)
 register_jobctl(app)  # mesh cancel, mesh rerun
 effects_cli.register(app)  # mesh verify, mesh settle
 

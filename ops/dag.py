@@ -68,11 +68,12 @@ def load(client: Any, record: JobRecord) -> list[Node]:
 
 def as_json(nodes: list[Node]) -> list[dict[str, Any]]:
     """The DAG for ``--json``: each step's id, agent, dependencies, depth, state, error (for a step that
-    did not run, why: ``not_run``, ``skipped``) and gate evaluation (and, for a ``for_each`` item, its
-    step as ``parent``)."""
+    did not run, why: ``not_run``, ``skipped``), approval (what it asks, its decision) and gate
+    evaluation (and, for a ``for_each`` item, its step as ``parent``)."""
     return [{"step_id": n.step.step_id, "agent": n.step.agent, "depends_on": list(n.depends_on), "depth": n.depth,
              "state": str(n.step.state), "error": n.step.error,
              "gate": n.step.gate.model_dump(mode="json") if n.step.gate else None,
+             "approval": n.step.approval.model_dump(mode="json") if n.step.approval else None,
              **({"parent": n.step.parent} if n.step.parent else {}),
              **({"compensates": n.step.compensates} if n.step.compensates else {})}
             for n in nodes]
@@ -81,6 +82,23 @@ def as_json(nodes: list[Node]) -> list[dict[str, Any]]:
 def value(v: Any) -> str:
     """A value as the expression language writes it: ``0.6``, ``true``, ``"text"``, ``null``."""
     return orjson.dumps(v, default=str).decode()
+
+
+def approval_line(step: StepRecord) -> str | None:
+    """A step's approval as its DAG line shows it: what it waits for and until when (``mesh approve
+    JOB STEP``), or the decision (who, when, the note); None for a step without one."""
+    a = step.approval
+    if a is None:
+        return None
+    call = f"call {a.hash[:12]}" + (f", ask {a.asks}" if a.asks > 1 else "")
+    if step.state is State.AWAITING_APPROVAL:
+        expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.asked_at + a.timeout_s))
+        who = f"; approvers {', '.join(a.approvers)}" if a.approvers else ""
+        return f"waits for a human's approval ({call}) until {expires}, then {a.on_timeout}{who}"
+    if a.decision is None:
+        return None
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.at)) if a.at else "?"
+    return f"{a.decision} by {a.by} at {at} ({call})" + (f": {a.note}" if a.note else "")
 
 
 def gate_line(gate: GateCheck) -> str:
@@ -158,8 +176,9 @@ def _details(record: JobRecord, step: StepRecord) -> list[tuple[str, str]]:
     if step.state is State.QUEUED and step.sent_at is None and not step.compensates:  # (written before not_run)
         out.append(("not sent: the job halted" if record.state is State.HALTED else "waits for its dependencies",
                     "dim"))
-    if step.state is State.AWAITING_APPROVAL:
-        out.append(("waits for a human's approval", "yellow"))
+    line = approval_line(step)
+    if line is not None:
+        out.append((line, "yellow" if step.state is State.AWAITING_APPROVAL else ""))
     undo = record.steps.get(undo_id(step.step_id))
     if undo is not None:
         out.append((f"compensation {undo.step_id}: {undo.state}", "cyan" if undo.state is State.SUCCEEDED else

@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, approvals
 from mesh.broker.breaker import Breakers
 from mesh.broker.observe import BUCKETS
 from mesh.contracts import loads
@@ -43,6 +43,10 @@ STATS = {
     "swept_jobs": "Ended jobs whose record and trace expired (MESH_JOB_RETENTION_S), removed from the job index.",
     "swept_running": "Running-step index entries removed because their job record had expired.",
     "swept_notes": "Notes expired by MESH_NOTE_RETENTION_S, removed from the note index.",
+    "approval_warnings": "Approvals whose warn_before was reached undecided (an approval_warning event each).",
+    "approvals_approved": "Pipeline steps a person approved.",
+    "approvals_denied": "Pipeline steps a person denied.",
+    "approvals_expired": "Approvals nobody decided before their timeout (their on_timeout applied).",
     "stuck": "Steps flagged stuck: holding their claim without progress for MESH_STUCK_AFTER_S.",
     # Verdicts reached on effectful tool calls (broker/ledger.py): how many effects were proven.
     "effects_verified": "Effectful calls whose verifier saw the effect.",
@@ -91,6 +95,7 @@ class MeshCollector(Collector):
         yield from self._breakers()
         yield from self._dlq()
         yield from self._running()
+        yield from self._approvals()
         yield from self._agents()
         yield self._unknown_effects()
         stats = _hash(self.client, self.client.keys.stats)
@@ -209,6 +214,16 @@ class MeshCollector(Collector):
         for listing in self.client.registry.listing():
             workers.add_metric([listing.agent.name], sum(w.alive for w in listing.workers))
         yield workers
+
+    def _approvals(self) -> Iterator[GaugeMetricFamily]:
+        waiting, oldest = approvals.counts(self.client.redis, self.client.keys)  # ages on the server's clock
+        pending = GaugeMetricFamily("mesh_approvals_pending", "Pipeline steps waiting for a person's approval.")
+        pending.add_metric([], waiting)
+        age = GaugeMetricFamily("mesh_approval_oldest_age_seconds", "How long the oldest waiting approval has "
+                                "waited (0 when none waits).")
+        age.add_metric([], oldest)
+        yield pending
+        yield age
 
     def _running(self) -> Iterator[GaugeMetricFamily]:
         keys, now = self.client.keys, self.client.clock.now_s()  # progress is recorded on the server's clock

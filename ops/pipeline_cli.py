@@ -148,6 +148,7 @@ def _summary(spec: Any) -> dict[str, Any]:
         steps.append({
             "id": s.id, "agent": s.agent_name, "depends_on": list(s.depends_on), "output_schema": s.output_schema,
             "failure_mode": s.failure_mode.value, "requires_human_approval": s.requires_human_approval,
+            **({"approval": s.approval_policy.model_dump(mode="json")} if s.approval_policy else {}),
             **{name: {"source": e.source, "cel": e.cel, "reads": [".".join(p) for p in e.paths]}
                for name in ("gate", "when", "idempotency_key", "for_each", "item_id")
                if (e := getattr(s, name)) is not None},
@@ -173,6 +174,7 @@ def _lines(steps: list[dict[str, Any]]) -> list[Text]:
         if "gate" in s:
             parts.append(f"gate: {s['gate']['cel']} (false: {s['failure_mode']})")
         if s["requires_human_approval"]:
-            parts.append("awaits approval")
+            a = s.get("approval") or {}
+            parts.append(f"awaits approval ({a.get('timeout', '24h')}, then {a.get('on_timeout', 'deny')})")
         out.append(Text("  " + "  ".join(parts)))
     return out

@@ -36,7 +36,14 @@ _DETAIL = {
     "stuck": lambda e: f"no progress for {e.get('idle_s')}s while holding its claim",
     "halted": lambda e: str(e.get("reason", "")),
     "skipped": lambda e: str(e.get("reason", "")),
-    "awaiting_approval": lambda e: "parked before it runs: waits for a human's approval",
+    "awaiting_approval": lambda e: "parked before it runs: waits for a human's approval"
+                                   + (f" of call {e['hash'][:12]}" if e.get("hash") else "")
+                                   + (f" for {e['timeout']}, then {e.get('on_timeout')}" if e.get("timeout") else "")
+                                   + (f" (asked again: {e['asked_again']})" if e.get("asked_again") else ""),
+    "approved": lambda e: _decision(e),
+    "denied": lambda e: _decision(e),
+    "approval_expired": lambda e: f"nobody decided in time (call {str(e.get('hash', ''))[:12]})",
+    "approval_warning": lambda e: f"expires in {e.get('expires_in')}, undecided",
     "replayed": lambda e: f"dead letter {e.get('entry_id')} replayed by {e.get('by')} as message "
                           f"{e.get('message_id')}" + (f" to version {e['to_version']}" if e.get("to_version") else "")
                           + (" (record recreated)" if e.get("recreated_record") else ""),
@@ -60,7 +67,14 @@ _STYLE = {"compensating": "yellow", "cancelled": "yellow", "compensation_sent": 
           "compensation_skipped": "dim", "compensation_failed": "red", "not_run": "dim",
           "fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
           "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red",
-          "settled": "yellow", "verified": "yellow"}
+          "settled": "yellow", "verified": "yellow",
+          "approved": "green", "denied": "red", "approval_expired": "red", "approval_warning": "yellow"}
+
+
+def _decision(event: dict[str, Any]) -> str:
+    """``by ana (call 3f2a…): looks fine``."""
+    return (f"by {event.get('by')} (call {str(event.get('hash', ''))[:12]})"
+            + (f": {event['note']}" if event.get("note") else ""))
 
 
 def _join(event: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.settings import MeshSettings
 from mesh.ops.sweeper import Sweeper
+from mesh.ops.timer_loop import TimerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker = build_broker(settings)
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
+    broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))  # durable timers
     actors = declare_app(broker, runtime, agents)
     entries = [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors]
     threading.Thread(target=_publish, args=(registry(settings, broker), broker, entries, runtime.app.name),

@@ -4,6 +4,7 @@ at load time. This package loads and validates pipelines; :mod:`.engine` runs th
 
 from __future__ import annotations
 
+from . import approvals as approvals  # registers what a decision does (mesh.broker.approvals)
 from .builder import Pipeline
 from .expr import (
     Condition,

@@ -10,7 +10,10 @@ A step is ready when every dependency succeeded or was skipped. Before it is sen
 job with the gate, the values it read and why; ``continue`` skips the step) are evaluated over
 ``{task_id, job_id, input, <step id>: output, ...}``; for a ``for_each`` step, per item, with
 ``item`` too (a skipped item counts neither as a success nor as a failure for the join).
-``requires_human_approval`` parks the step in ``awaiting_approval`` instead of sending it.
+``requires_human_approval`` (or ``approval:``) parks the step in ``awaiting_approval`` instead of
+sending it, asking for exactly the call it would make (its input, key and the spec's digest, hashed;
+a ``for_each`` step: its list of items); once a person approved that very call it is sent
+(:mod:`.approvals` records decisions).
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ from mesh.contracts import (
     transition,
 )
 from mesh.contracts import settle as settle_job
-from mesh.contracts.jobs import known
+from mesh.contracts.approvals import Approval, Decision, call_hash
+from mesh.contracts.jobs import known, moves
 
 from . import sandbox
 from .expr import Condition, ExpressionError, ExpressionLimit
-from .spec import FailureMode, PipelineSpec, StepSpec
+from .spec import ApprovalPolicy, FailureMode, PipelineSpec, StepSpec
 from .validate import order, upstream
 
 _SPECS: dict[str, PipelineSpec] = {}
@@ -85,8 +89,8 @@ def traced(spec: PipelineSpec | None, what: str, value: Any) -> dict[str, Any]:
 def retention_s(spec: PipelineSpec | None) -> float | None:
     """How long a finished job of ``spec`` keeps its record (its checkpoints) and trace:
     ``checkpointing.ttl_minutes`` when checkpointing is on and it is set; else None (the store's
-    MESH_JOB_RETENTION_S). No step waits past its job's end today (approval has no timeout yet), so
-    no wait can outlast it."""
+    MESH_JOB_RETENTION_S). A job with a step waiting for approval has no TTL at all while it waits
+    (:mod:`mesh.broker.approvals`), so no wait can outlast it."""
     if spec is None or not spec.checkpointing.enabled or spec.checkpointing.ttl_minutes is None:
         return None
     return spec.checkpointing.ttl_minutes * 60.0
@@ -179,7 +183,14 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         if any(record.steps[d].state not in (State.SUCCEEDED, State.SKIPPED) for d in step.depends_on):
             continue
         seen = values(record)
-        if step.for_each is not None and not step.requires_human_approval:
+        policy = step.approval_policy
+        if step.for_each is not None and policy is not None:
+            # the whole fan-out is approved at once: the call asked for is its list of items
+            asked = _fan_out_call(step, seen)
+            if asked is not None and not approved(rec, call_hash(asked, rec.key, record.pipeline_digest)):
+                record = _park(record, rec, policy, asked, rec.key, run, events, now)
+                continue
+        if step.for_each is not None:
             # its when and gate read `item`: checked per item (_fan_out)
             record, halt = _fan_out(step, record, seen, run, events, now, routes)
             if record.steps[sid].state is State.DEAD_LETTERED:  # refused: no item recorded or sent
@@ -213,15 +224,56 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         except (ExpressionError, LimitExceeded) as exc:
             record = _refuse(record, rec, exc.message, "invalid_input", events, now)
             continue
-        if step.requires_human_approval:
-            rec = transition(rec, State.AWAITING_APPROVAL, now=now, input=payload, key=key)
-            record = record.with_step(rec)
-            events.append(_event("awaiting_approval", record, rec))
+        if policy is not None and not approved(rec, call_hash(payload, key, record.pipeline_digest)):
+            record = _park(record, rec, policy, payload, key, run, events, now)
             continue
         messages.append(message)
         record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
                                                          "updated_at": now}))
     return compensate.after(spec, settle(record, now, spec), routes, events, now, messages)
+
+
+def approved(rec: StepRecord, call: str) -> bool:
+    """Whether ``rec`` holds an approval of exactly the call hashed ``call``."""
+    return rec.approval is not None and rec.approval.decision is Decision.APPROVED and rec.approval.hash == call
+
+
+def _fan_out_call(step: StepSpec, seen: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a ``for_each`` step asks approval for: its list of items; None when the list cannot be
+    had (the fan-out then refuses the step, saying why)."""
+    assert step.for_each is not None
+    try:
+        found = step.for_each.evaluate(seen)
+    except ExpressionError:
+        return None
+    return {"items": _plain(found)} if isinstance(found, list | tuple) else None
+
+
+def _park(record: JobRecord, rec: StepRecord, policy: ApprovalPolicy, payload: dict[str, Any], key: str,
+          run: Run, events: list[dict[str, Any]], now: float) -> JobRecord:
+    """Park the step in ``awaiting_approval``, asking for exactly this call (:func:`park`)."""
+    rec = park(record, rec, policy, payload, key, deadline_left_s=run.deadline - now,
+               token_budget=run.token_budget, now=now)
+    record = record.with_step(rec)
+    events.append(_event("awaiting_approval", record, rec, hash=rec.approval.hash if rec.approval else None,
+                         timeout=policy.timeout, on_timeout=policy.on_timeout.value,
+                         approvers=list(policy.approvers), asks=rec.approval.asks if rec.approval else 1))
+    return record
+
+
+def park(record: JobRecord, rec: StepRecord, policy: ApprovalPolicy, payload: dict[str, Any], key: str, *,
+         deadline_left_s: float, token_budget: int | None, now: float) -> StepRecord:
+    """``rec`` waiting for a person to approve the call (``payload`` under ``key`` in the job's spec),
+    hashed; asked again (``asks`` counted) when it was asked before. What the run had left of its
+    deadline is kept: the wait does not spend it (a released step gets it back from its release)."""
+    asks = rec.approval.asks + 1 if rec.approval is not None else 1
+    approval = Approval(hash=call_hash(payload, key, record.pipeline_digest), asked_at=now,
+                        timeout_s=policy.timeout_s, on_timeout=policy.on_timeout.value, approvers=policy.approvers,
+                        warn_before_s=policy.warn_before_s, asks=asks,
+                        deadline_left_s=max(1.0, deadline_left_s), token_budget=token_budget)
+    if State.AWAITING_APPROVAL not in moves(rec.state):
+        rec = transition(rec, State.QUEUED, now=now)
+    return transition(rec, State.AWAITING_APPROVAL, now=now, input=payload, key=key, sent_at=None, approval=approval)
 
 
 def after_loss(spec: PipelineSpec, record: JobRecord, routes: Routes, events: list[dict[str, Any]] | None = None,
@@ -582,11 +634,14 @@ def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
 
 
 def _halt(record: JobRecord, rec: StepRecord, why: str, read: dict[str, Any], now: float,
-          events: list[dict[str, Any]]) -> JobRecord:
-    record = record.with_step(transition(rec, State.HALTED, now=now, error=why, failure_class="gate"))
+          events: list[dict[str, Any]], failure_class: str = "gate") -> JobRecord:
+    record = record.with_step(transition(rec, State.HALTED, now=now, error=why, failure_class=failure_class))
     record, unsent = _not_run(record, rec.step_id, now)
     if record.state is not State.HALTED:
-        record = transition(record, State.HALTED, now=now, error=f"step {rec.step_id}: {why}", failure_class="gate")
+        if State.HALTED not in moves(record.state):  # ended by another branch (dead-lettered) meanwhile
+            record = transition(record, State.QUEUED, now=now)
+        record = transition(record, State.HALTED, now=now, error=f"step {rec.step_id}: {why}",
+                            failure_class=failure_class)
     events.append(_event("halted", record, rec, reason=why, values=read, not_run=unsent))
     return record
 

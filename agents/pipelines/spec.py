@@ -17,6 +17,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mesh.contracts.approvals import parse_duration
+
 from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
 
 #: Most steps a pipeline may declare.
@@ -76,6 +78,46 @@ class Join(_Spec):
         return v
 
 
+class OnTimeout(StrEnum):
+    """What an approval nobody decided in time does: ``deny`` applies the step's ``failure_mode``;
+    ``escalate`` dead-letters the step ``approval_expired`` (a replay asks again)."""
+
+    DENY = "deny"
+    ESCALATE = "escalate"
+
+
+class ApprovalPolicy(_Spec):
+    """A step parked for a human's approval before its agent runs (``requires_human_approval: true``
+    is this with its defaults). Durations are written ``30s``, ``10m``, ``24h``."""
+
+    timeout: str = "24h"
+    on_timeout: OnTimeout = OnTimeout.DENY
+    #: Who may decide: advisory on the CLI, enforced where the decider is authenticated.
+    approvers: tuple[str, ...] = ()
+    #: A warning event (and metric) this long before the timeout; none when unset.
+    warn_before: str | None = None
+
+    @field_validator("timeout", "warn_before")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    @model_validator(mode="after")
+    def _warn_within(self) -> ApprovalPolicy:
+        if self.warn_before is not None and parse_duration(self.warn_before) >= self.timeout_s:
+            raise ValueError(f"approval warn_before {self.warn_before} is not shorter than its timeout {self.timeout}")
+        return self
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration(self.timeout)
+
+    @property
+    def warn_before_s(self) -> float | None:
+        return None if self.warn_before is None else parse_duration(self.warn_before)
+
 class Compensation(_Spec):
     """What undoes a step's effect when its job halts or is cancelled after the step succeeded: the
     declared agent to run and its input, field → CEL expression over ``input`` (the step's input),
@@ -123,7 +165,10 @@ class StepSpec(_Spec):
     gate: Condition | None = None
     #: Checked before the step runs; false → the step is ``skipped`` (no failure mode applies).
     when: Condition | None = None
+    #: Parked in ``awaiting_approval`` before its agent runs (``approval`` gives the policy; this
+    #: alone takes the policy's defaults).
     requires_human_approval: bool = False
+    approval: ApprovalPolicy | None = None
     #: A CEL expression giving a list (a path to a list in an upstream output, or e.g. a ``filter``
     #: of one): one message per item (``item`` in expressions).
     for_each: ListExpr | None = None
@@ -159,6 +204,8 @@ class StepSpec(_Spec):
     def _defaults(self) -> StepSpec:
         if self.agent is None:
             object.__setattr__(self, "agent", self.id)
+        if self.approval is not None:
+            object.__setattr__(self, "requires_human_approval", True)
         if self.for_each is None and (self.max_parallel is not None or self.join is not None):
             raise ValueError("max_parallel and join apply to a for_each step only")
         if self.for_each is None and self.item_id is not None:
@@ -183,6 +230,13 @@ class StepSpec(_Spec):
     @property
     def agent_name(self) -> str:
         return self.agent or self.id
+
+    @property
+    def approval_policy(self) -> ApprovalPolicy | None:
+        """The approval the step waits for (its defaults for ``requires_human_approval: true``); None: none."""
+        if self.approval is not None:
+            return self.approval
+        return ApprovalPolicy() if self.requires_human_approval else None
 
 
 class TracingSpec(_Spec):
@@ -254,7 +308,11 @@ class PipelineSpec(_Spec):
 
     def canonical(self) -> bytes:
         """The spec as canonical JSON (sorted keys, every field): what :meth:`digest` hashes."""
-        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        data = self.model_dump(mode="json")
+        for step in data["steps"]:
+            if step.get("approval", ...) is None:  # a spec without one keeps the digest it always had
+                del step["approval"]
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
 
     def start(self, record: Any, *, trace_id: str, deadline: float, token_budget: int | None,

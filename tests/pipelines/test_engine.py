@@ -168,7 +168,7 @@ def test_a_step_that_requires_approval_waits_unsent_with_a_trace_event(mesh, run
     record = wait_for(lambda: (r := mesh.status(ref.id)).steps["coder"].state is State.AWAITING_APPROVAL and r)
 
     assert record.steps["coder"].sent_at is None and record.steps["coder"].input["summary"] == "notes on g"
-    assert record.state is State.RUNNING
+    assert record.state is State.AWAITING_APPROVAL  # nothing else moves: the job waits for a person
     assert any(e["event"] == "awaiting_approval" and e["step_id"] == "coder" for e in mesh_trace(mesh, ref.id))
     assert list(runs(mesh)) == [record.steps["researcher"].key]
 

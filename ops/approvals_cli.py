@@ -1,0 +1,125 @@
+"""``mesh approvals``, ``mesh approve``, ``mesh deny``: the pipeline steps waiting for a person, and
+the decision on one. The first decision wins; a later one is told which won (exit 5), and one after
+the timeout is refused (exit 6)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from mesh.broker import JobNotFound
+from mesh.broker.approvals import AlreadyDecided, ApprovalError, ApprovalExpired, Pending
+from mesh.contracts import JobRecord
+from mesh.contracts.approvals import show_duration
+from mesh.ops import console as base
+
+JobArg = Annotated[str, typer.Argument(help="The job id or its start, or the key it was sent with.",
+                                       metavar="JOB_ID|KEY", show_default=False)]
+StepArg = Annotated[str, typer.Argument(help="The step waiting (as `mesh approvals` lists it).", metavar="STEP",
+                                        show_default=False)]
+ByOpt = Annotated[str | None, typer.Option("--by", help="Who decides; default user@host. Advisory here: the "
+                                           "step's approvers are enforced where users are authenticated.")]
+#: How much of a waiting step's input a table row shows (--json and `mesh status` give all of it).
+INPUT_CHARS = 120
+
+
+def approvals(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
+    """Pipeline steps waiting for a person's approval, oldest first.
+
+    Per step: the job, the step, the exact call asked for (its rendered input, shortened here; its
+    hash in --json), since when it waits and when it expires (what happens then: deny or escalate).
+    Decide with `mesh approve JOB STEP` or `mesh deny JOB STEP --reason TEXT`."""
+    c = base.client()
+    waiting = c.approvals()
+    if as_json:
+        base.emit_json([p.as_json() for p in waiting])
+        return
+    if not waiting:
+        base.out.print("nothing waits for approval")
+        return
+    base.out.print(table(waiting, wide=wide))
+
+
+def table(waiting: list[Pending], *, wide: bool = False) -> base.Listing:
+    """One row per waiting step; the job id and step are inputs (mesh approve JOB STEP), printed whole."""
+    now = time.time()
+    columns = (base.Column("job", key=True), base.Column("step", key=True), base.Column("since"),
+               base.Column("expires"), base.Column("input", wrap=True))
+    rows = []
+    for p in waiting:
+        shown = orjson.dumps(p.step.input, option=orjson.OPT_SORT_KEYS).decode()
+        if len(shown) > INPUT_CHARS:
+            shown = shown[:INPUT_CHARS - 3] + "..."
+        expires = "now" if p.expires_at is None else (
+            f"in {show_duration(p.expires_at - now)} ({p.approval.on_timeout})")
+        rows.append((p.job_id, p.step.step_id, f"{show_duration(now - p.asked_at)} ago", expires, shown))
+    return base.Listing(columns, rows, wide=wide)
+
+
+def approve(job_id: JobArg, step_id: StepArg,
+            note: Annotated[str | None, typer.Option("--note", help="Why, kept with the decision.")] = None,
+            by: ByOpt = None, as_json: base.JsonFlag = False) -> None:
+    """Approve the exact call a waiting step asks for: it is sent to its agent.
+
+    Exit codes: 5 another decision came first (it is named), 6 the approval expired, 2 no such job
+    or the step does not wait."""
+    _decide(job_id, lambda c, job: c.approve(job, step_id, note=note, by=by), as_json)
+
+
+def deny(job_id: JobArg, step_id: StepArg,
+         reason: Annotated[str, typer.Option("--reason", help="Why, kept with the decision.",
+                                             show_default=False)],
+         by: ByOpt = None, as_json: base.JsonFlag = False) -> None:
+    """Deny a waiting step: its failure_mode applies (halt_pipeline halts the job the way a false
+    gate does; continue skips the step and its dependents go on).
+
+    Exit codes: 5 another decision came first (it is named), 6 the approval expired, 2 no such job
+    or the step does not wait."""
+    _decide(job_id, lambda c, job: c.deny(job, step_id, reason=reason, by=by), as_json)
+
+
+def _decide(given: str, call: Any, as_json: bool) -> None:
+    from mesh.ops.cli import _job_candidates
+
+    c = base.client()
+    for job in _job_candidates(c, given):
+        try:
+            record: JobRecord = call(c, job)
+        except JobNotFound:
+            continue
+        except (AlreadyDecided, ApprovalExpired, ApprovalError) as exc:
+            if as_json:
+                base.emit_json({"decided": False, "error": exc.message, "code": exc.exit_code, **_context(exc)})
+                raise typer.Exit(exc.exit_code) from None
+            base.fail(exc.message, exc.exit_code)
+        _show(record, as_json)
+        return
+    base.fail(f"no job {given}", base.EXIT_INPUT)
+
+
+def _context(exc: ApprovalError) -> dict[str, Any]:
+    return {k: v for k, v in exc.context.items() if isinstance(v, str | int | float | list | None)}
+
+
+def _show(record: JobRecord, as_json: bool) -> None:
+    decided = [s for s in record.steps.values() if s.approval is not None and s.approval.decision is not None]
+    step = max(decided, key=lambda s: s.approval.at or 0 if s.approval else 0)
+    approval = step.approval
+    assert approval is not None
+    if as_json:
+        base.emit_json({"decided": True, "job_id": record.job_id, "step_id": step.step_id,
+                        "decision": approval.decision, "by": approval.by, "at": approval.at, "note": approval.note,
+                        "hash": approval.hash, "step_state": step.state.value, "job_state": record.state.value})
+        return
+    base.out.print(f"{approval.decision}: step {step.step_id} of {record.job_id} by {approval.by}; "
+                   f"step {step.state.value}, job {record.state.value}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands to the ``mesh`` app."""
+    app.command("approvals", epilog="Examples: `mesh approvals`, `mesh approvals --json`")(approvals)
+    app.command("approve", epilog="Example: `mesh approve job-5f0c deployer --note 'change 4411 ok'`")(approve)
+    app.command("deny", epilog="Example: `mesh deny order-7 deployer --reason 'freeze until Monday'`")(deny)
