@@ -188,7 +188,9 @@ class Context:
             if spec.compensate:
                 # What undoes this call should the job halt or be cancelled: also for a call the
                 # ledger answered from an earlier attempt (it happened, so it is undone too).
-                self.lease.undo_calls.append({"tool": spec.compensate, "args": typed.model_dump(mode="json")})
+                # Its wire names (by alias), as the call was made: the compensating tool validates them.
+                self.lease.undo_calls.append({"tool": spec.compensate,
+                                              "args": typed.model_dump(mode="json", by_alias=True)})
             return result
         return self._run(spec, typed)
 

@@ -169,7 +169,9 @@ class EffectCalls:
             self.verdicts.append(entry.verdict)
             return typed(spec, entry.outcome, key=entry.key, verdict=entry.verdict)
         # This attempt owns the entry now: a stale owner still running cannot overwrite its verdict.
-        entry = entry.model_copy(update={"token": max(entry.token, self.token)})
+        # Under this attempt's own token: a stale attempt meeting a newer owner's entry has its
+        # writes refused (LeaseLost), never settling (and re-making) a call the newer owner made.
+        entry = entry.model_copy(update={"token": self.token})
         recorded = None if entry.outcome_at is None else typed(spec, entry.outcome, key=entry.key,
                                                                verdict=Verdict.UNKNOWN)
         why = ("its call may have gone out and its outcome was never written" if entry.outcome_at is None

@@ -53,8 +53,11 @@ def start(env: Envelope, token: int) -> Change:
             what, state = newer
             raise PermanentFailure(f"the {what} is {state.value!r}, a state of a newer release of the mesh: "
                                    "not run by this release", job_id=record.job_id)
-        if cancelled(record, step):
-            # A retry (or a message sent before the cancel) picked up after it: never run.
+        if cancelled(record, step) and not (env.replay_of and step.state is State.QUEUED):
+            # A retry (or a message sent before the cancel) picked up after it: never run. A step
+            # queued by a replay after the cancel is one whose unknown effect was decided applied
+            # (mesh verify, mesh settle; dlq.replay refuses any other): it runs, answered from its
+            # ledger, and its output is what its compensation undoes.
             step = transition(step, State.CANCELLED, now=now, error="not run: the job was cancelled",
                               failure_class="cancelled")
             return settle(record.with_step(step), now), []

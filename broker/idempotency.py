@@ -28,6 +28,7 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.middleware import Middleware, SkipMessage
 
 from mesh.contracts import TERMINAL, FailureClass, loads
+from mesh.contracts.jobs import is_compensation
 
 from . import claim_results, trace
 from .claims import script_source
@@ -381,9 +382,11 @@ class Idempotency(Middleware):
         pipe = self.client.pipeline(transaction=False)
         for lease in leases:
             self._call("renew", lease.claim_key, lease.owner, client=pipe)
-        # In the same round trip: whether a running attempt's job was cancelled (ctx.cancelled).
+        # In the same round trip: whether a running attempt's job was cancelled (ctx.cancelled). Not
+        # for a compensation: the cancel is what it runs for, and an undo told to stop stops half done.
         watched = [lease for lease in leases if lease.running and not lease.cancelled
-                   and isinstance(lease.envelope.get("job_id"), str)]
+                   and isinstance(lease.envelope.get("job_id"), str)
+                   and not is_compensation(str(lease.envelope.get("step_id") or ""))]
         for lease in watched:
             pipe.exists(self.keys.cancel(lease.envelope["job_id"]))
         sent = time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from mesh.contracts import dumps, loads
+from mesh.contracts import LeaseLost, dumps, loads
 from mesh.contracts.effects import EffectEntry, Verdict
 
 from .keys import Keys
@@ -104,7 +104,8 @@ class Ledger:
         owner, paused while a takeover made the call again, never overwrites the newer owner's
         record), count its verdict, index an unknown one (a decided one leaves the index) and add
         ``audit`` to the audit stream: one script, one round trip. An index entry older than the
-        ledger's own life names an effect nobody can look up any more: it is trimmed."""
+        ledger's own life names an effect nobody can look up any more: it is trimmed. LeaseLost when
+        refused: the stale owner stops there (its intent refused, its call is never made)."""
         now = time.time()
         verdict = entry.verdict.value if entry.verdict is not None else ""
         args: list[Any] = [str(entry.n), dumps(entry.model_dump(mode="json")), entry.token, self.ttl_ms, verdict,
@@ -113,7 +114,11 @@ class Ledger:
         if audit is not None:
             args += [AUDIT_MAXLEN, "job_id", self.job_id, "step_id", self.step_id, "n", str(entry.n),
                      "tool", entry.tool, "at", f"{now:.3f}", "detail", dumps(audit)]
-        self._write(keys=[self.key, self.keys.effects_unknown, self.keys.stats, self.keys.effects_audit], args=args)
+        written = self._write(keys=[self.key, self.keys.effects_unknown, self.keys.stats, self.keys.effects_audit],
+                              args=args)
+        if not written:
+            # A newer owner holds the call: this attempt neither records nor makes it.
+            raise LeaseLost(entry.key, entry.token)
         return entry
 
     def intent(self, n: int, tool: str, args: dict[str, Any], args_hash: str, key: str, token: int) -> EffectEntry:

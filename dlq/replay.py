@@ -36,10 +36,12 @@ from mesh.broker.client import job_id_for, payload_hash
 from mesh.broker.clock import ServerClock
 from mesh.broker.jobs import stage_record
 from mesh.broker.keys import Keys
+from mesh.broker.ledger import Ledger
 from mesh.broker.outbox import encode_checked, stage, wake
 from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ContractError, JobRecord, LimitExceeded, State, StepRecord, loads, settle, transition
+from mesh.contracts.effects import HAPPENED
 from mesh.contracts.jobs import is_compensation, newer_state
 
 from .audit import Audit
@@ -111,8 +113,11 @@ def replay_message(stored: Stored, settings: MeshSettings, now: float, *,
 
 class Replayer:
     def __init__(self, store: DeadLetterStore, settings: MeshSettings, audit: Audit | None = None, *,
-                 to_version: int | None = None) -> None:
-        """``to_version``: send each message to this contract version of its agent (see the module)."""
+                 to_version: int | None = None, decided: frozenset[tuple[str, str]] = frozenset()) -> None:
+        """``to_version``: send each message to this contract version of its agent (see the module).
+        ``decided``: the (job, step) pairs whose unknown effects ``mesh verify`` or ``mesh settle``
+        just decided happened: replayed even in a job undoing its effects (see :func:`_unwound`)."""
+        self.decided = decided
         self.store = store
         self.settings = settings
         self.client: redis.Redis = store.client
@@ -225,10 +230,20 @@ class Replayer:
                 out.append("no longer in the DLQ (replayed or removed meanwhile)")
             elif job is not None:
                 record = JobRecord.model_validate(loads(job))
-                out.append(_owned_by_newer(record, env.get("step_id")) or _unwound(record, env.get("step_id")))
+                out.append(_owned_by_newer(record, env.get("step_id"))
+                           or _unwound(record, env.get("step_id"), self._decided))
             else:
                 out.append(None if not isinstance(env.get("job_id"), str) else _unrecreatable(env))
         return out
+
+    def _decided(self, job_id: str, step_id: str) -> bool:
+        """Whether this replay is ``mesh verify``'s or ``mesh settle``'s (``decided``) and every effect
+        in the step's ledger is decided as having happened (verified, or settled applied): its re-run
+        is answered from the ledger and calls nothing. A plain DLQ replay never is."""
+        if (job_id, step_id) not in self.decided:
+            return False
+        found = Ledger(self.client, self.keys, job_id, step_id, self.settings.dedup_ttl_s).entries()
+        return bool(found) and all(e.verdict in HAPPENED for e in found)
 
     def entries(self, ids: Iterable[str] | None = None, flt: Filter | None = None) -> Iterator[Stored]:
         """The entries to replay: the given ids, or every entry ``flt`` matches, oldest first."""
@@ -331,8 +346,8 @@ class Replayer:
             job_id = env.get("job_id")
             why = problem
             if why is None and isinstance(job_id, str) and job_id in records:
-                why = _owned_by_newer(records[job_id], env.get("step_id")) or _unwound(records[job_id],
-                                                                                         env.get("step_id"))
+                why = _owned_by_newer(records[job_id], env.get("step_id")) or _unwound(
+                    records[job_id], env.get("step_id"), self._decided)
             if why is None and isinstance(job_id, str) and job_id not in records:
                 why = _unrecreatable(env)
                 if why is None:
@@ -392,12 +407,19 @@ def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:
     return f"{name} is {state.value!r}, a state of a newer release of the mesh: replay it with a worker of that release"
 
 
-def _unwound(record: JobRecord, step_id: Any) -> str | None:
+def _unwound(record: JobRecord, step_id: Any, decided: Callable[[str, str], bool] | None = None) -> str | None:
     """Why a replay must leave a step of a job that began undoing its effects alone (it halted, failed
     under ``halt_pipeline`` or was cancelled, and its compensations ran or run): running the step now
     would redo an effect next to undone ones, and a second halt would compensate twice. Its entry
-    stays in the DLQ. A compensation's own dead letter is replayed: it takes the chain up again."""
+    stays in the DLQ. A compensation's own dead letter is replayed: it takes the chain up again. So
+    is the dead letter of an ``unknown`` step the compensations wait for, replayed by ``mesh verify``
+    or ``mesh settle`` once they found its effects happened (``decided``): its re-run is answered
+    from its ledger, and its output is what its compensation undoes."""
     if record.unwind is None or (isinstance(step_id, str) and is_compensation(step_id)):
+        return None
+    step = record.steps.get(step_id) if isinstance(step_id, str) else None
+    if (step is not None and step.state is State.UNKNOWN and record.state is State.COMPENSATING
+            and decided is not None and decided(record.job_id, step.step_id)):
         return None
     return (f"job {record.job_id} is {record.state.value} ({record.unwind.reason}): its steps are not run again; "
             f"start a new run with mesh rerun {record.job_id} --from {step_id}")

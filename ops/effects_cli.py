@@ -19,7 +19,7 @@ import typer
 from mesh.broker import trace
 from mesh.broker.client import MeshClient
 from mesh.broker.ledger import operator
-from mesh.contracts import JobRecord
+from mesh.contracts import JobRecord, LeaseLost
 from mesh.ops import console as base
 from mesh.ops.pipeline_cli import AppPath
 
@@ -27,6 +27,10 @@ Job = Annotated[str, typer.Argument(help="The job id or its start, or the key it
                                     metavar="JOB_ID|KEY", show_default=False)]
 Step = Annotated[str, typer.Argument(help="The step id whose effect is unknown (as mesh status lists it).",
                                      metavar="STEP", show_default=False)]
+#: A decision refused by the ledger: an attempt of the step (a newer fencing token) owns its calls now.
+_TAKEN_OVER = ("step {step} runs again meanwhile (its ledger is held by a newer attempt): nothing was decided "
+               "for the calls it holds; see mesh status, and decide again if it ends unknown")
+
 By = Annotated[str | None, typer.Option("--by", help="Who decides (default: user@host).", show_default=False)]
 
 
@@ -47,6 +51,8 @@ def verify(job: Job, step: Step, app_path: AppPath = None, by: By = None, as_jso
             decision = run_checks(c, app, record, step, http)
         except CannotDecide as exc:
             base.fail(str(exc), base.EXIT_INPUT)
+        except LeaseLost:
+            base.fail(_TAKEN_OVER.format(step=step), base.EXIT_FAILED)
     trace.emit(c.redis, c.keys, verified_event(record, decision, who))
     moved = _move(c, app, record, decision)
     _report(decision.as_json() | {"by": who, **moved}, as_json)
@@ -77,6 +83,8 @@ def settle(job: Job, step: Step,
         decision = settle_by_hand(c, record, step, applied=as_ == "applied", reason=reason, by=who)
     except CannotDecide as exc:
         base.fail(str(exc), base.EXIT_INPUT)
+    except LeaseLost:
+        base.fail(_TAKEN_OVER.format(step=step), base.EXIT_FAILED)
     moved = _move(c, app, c.status(record.job_id), decision)
     _report(decision.as_json() | {"by": who, **moved}, as_json)
 
@@ -121,7 +129,8 @@ def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
     if not found:
         base.fail(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it cannot "
                   "run again from here; run the job again", base.EXIT_FAILED)
-    report = Replayer(store, c.settings, Audit(c.redis, c.keys)).replay(found[-1:])
+    report = Replayer(store, c.settings, Audit(c.redis, c.keys),
+                      decided=frozenset({(record.job_id, step_id)})).replay(found[-1:])
     if report.skipped:
         base.fail(f"step {step_id}'s effect is decided, but its replay was refused: "
                   f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)

@@ -100,12 +100,17 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
     if missing:
         raise ConfigError(f"step(s) {', '.join(missing)} upstream of {from_step} did not succeed in job {job_id}: "
                           "their outputs cannot be reused; rerun from the first of them")
-    undone = sorted(s for s in upstream(spec)[from_step]
-                    if any(c.compensates in (s, *(i.step_id for i in items_of(old, s)))
-                           and c.state is State.SUCCEEDED for c in compensations(old)))
+    # A step with a compensation that was not skipped is undone, or is being or will be (the job is
+    # still compensating): its output describes an effect that does not stand.
+    undoing = {s.id for s in spec.steps
+               if any(c.compensates in (s.id, *(i.step_id for i in items_of(old, s.id)))
+                      and c.state is not State.SKIPPED for c in compensations(old))}
+    undone = sorted(undoing & upstream(spec)[from_step])
     if undone:
-        raise ConfigError(f"step(s) {', '.join(undone)} upstream of {from_step} were compensated in job {job_id}: "
-                          "their effects are undone, so their outputs are not reused; rerun from the first of them")
+        raise ConfigError(f"step(s) {', '.join(undone)} upstream of {from_step} were compensated (or are being) in "
+                          f"job {job_id}: their effects are undone, so their outputs are not reused; rerun from the "
+                          "first of them")
+    again |= undoing  # another step whose effect is undone runs again rather than being reused
     key = key or f"{old.key}/rerun/{len(old.reruns) + 1}"
     now = time.time()
     trace_id = new_trace_id()

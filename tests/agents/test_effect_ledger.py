@@ -14,7 +14,7 @@ from mesh.agents.effects import EffectCalls
 from mesh.broker.ledger import Ledger, unknown_count
 from mesh.contracts import Receipt
 from mesh.contracts.effects import Verdict
-from mesh.contracts.errors import EffectRefuted, EffectUnknown
+from mesh.contracts.errors import EffectRefuted, EffectUnknown, LeaseLost
 
 
 class Pay(BaseModel):
@@ -106,7 +106,33 @@ def test_a_stale_owner_never_overwrites_the_entry_a_newer_owner_settled(client):
     spec, run = declare(verify=lambda ctx, args, result: True), Counter()
     stale = calls(client).ledger.intent(1, "pay", {"cents": 5}, _hash(5), "k-1", 1)  # paused mid-call
     calls(client, 2).call(spec, Pay(cents=5), None, run)  # the takeover settles it: verified
-    calls(client).ledger.outcome(stale, {"late": True}, verdict=Verdict.UNVERIFIED)  # the stale owner wakes
+    with pytest.raises(LeaseLost):  # the stale owner wakes: its write is refused, and it is told so
+        calls(client).ledger.outcome(stale, {"late": True}, verdict=Verdict.UNVERIFIED)
     entry = calls(client).ledger.get(1)
     assert entry is not None and (entry.verdict, entry.token, entry.outcome) == (Verdict.VERIFIED, 2, None)
     assert run.n == 0
+
+
+def test_a_stale_owner_never_makes_a_call_the_newer_owner_settled_not_made(client):
+    # The newer owner (token 2) found the stale one's intent refuted (it never left) and owns the
+    # entry now; the stale owner (token 1), paused between its fence check and its call, wakes.
+    spec, run = declare(verify=lambda ctx, args, result: False), Counter()
+    calls(client).ledger.intent(1, "pay", {"cents": 5}, _hash(5), "k-1", 1)
+    entry = calls(client).ledger.get(1)
+    calls(client).ledger.decide(entry.model_copy(update={"token": 2}), Verdict.REFUTED, "never left")
+    with pytest.raises(LeaseLost):
+        calls(client, 1).call(spec, Pay(cents=5), None, run)
+    assert run.n == 0
+    assert calls(client).ledger.get(1).token == 2
+
+
+def test_a_stale_owner_never_settles_the_call_a_newer_owner_is_making(client):
+    # The newer owner (token 2) wrote its intent and its call is in flight (not arrived: the verifier
+    # finds nothing yet); the stale owner (token 1) wakes and meets that intent.
+    spec, run = declare(verify=lambda ctx, args, result: False), Counter()
+    calls(client).ledger.intent(1, "pay", {"cents": 5}, _hash(5), "k-1", 2)
+    with pytest.raises(LeaseLost):
+        calls(client, 1).call(spec, Pay(cents=5), None, run)
+    assert run.n == 0  # never a second call next to the newer owner's
+    entry = calls(client).ledger.get(1)
+    assert (entry.token, entry.verdict) == (2, None)  # the newer owner's intent, untouched

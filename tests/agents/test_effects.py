@@ -149,8 +149,9 @@ def test_a_down_verifier_leaves_the_step_unknown_until_mesh_verify_moves_the_job
 
 
 def unknown_job(mesh: MeshClient, server: RecordingServer, key: str) -> tuple[Any, str]:
-    """Run ``posted`` with a verify URL its check cannot reach: its post step ends unknown."""
-    verify_url = f"http://127.0.0.1:{free_port()}/orders/7"
+    """Run ``posted`` with a verify URL its check cannot reach (allow-listed, nothing listening on
+    port 1): its post step ends unknown."""
+    verify_url = "http://127.0.0.1:1/orders/7"
     ref = mesh.run("posted", {"url": server.url("/orders"), "verify_url": verify_url}, key=key)
     record = mesh.wait(ref.id, timeout_s=30)
     assert record.steps["post"].state is State.UNKNOWN, record

@@ -6,7 +6,8 @@ The pipeline ``trip``: ``flight`` → ``hotel`` → ``car``; flight and hotel ar
 (the input built from the step's output), car has no compensation. A step whose id is listed in the
 set ``{ns}:test.fail`` fails permanently. ``unbook`` undoes, then writes its process id to
 ``{ns}:test.holder`` and, while ``{ns}:test.hold`` exists, waits (at most 60 s) for
-``{ns}:test.release``: a test can SIGKILL the worker in the middle of a compensation, after its
+``{ns}:test.release`` (writing what ``ctx.cancelled`` says, and a loop count, to the hash
+``{ns}:test.undo_saw``): a test can SIGKILL the worker in the middle of a compensation, after its
 effect and before its success is recorded; it fails for good for a ``ref`` listed in
 ``{ns}:test.fail_undo``. ``book`` waits the same way while
 ``{ns}:test.hold_book`` lists its step id, watching ``ctx.cancelled``, and writes what it saw to
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from mesh import App, Context, ToolContext, host_port, send_request
 from mesh.agents.pipelines import Pipeline
@@ -63,6 +64,8 @@ def unbook(ctx: Context, booking: Booking) -> Booking:
     if r.exists(f"{ns}:test.hold"):  # the effect is made, its success not yet recorded
         end = time.monotonic() + 60
         while not r.exists(f"{ns}:test.release") and time.monotonic() < end:
+            r.hset(f"{ns}:test.undo_saw", mapping={"cancelled": int(ctx.cancelled), "at": time.monotonic()})
+            r.hincrby(f"{ns}:test.undo_saw", "loops", 1)
             time.sleep(0.05)
     return booking
 
@@ -111,3 +114,60 @@ TOUR = app.pipeline(Pipeline("tour")
 SHOW = app.pipeline(Pipeline("show")
                     .step("seat", agent="seats")
                     .step("car", agent="book", depends_on=["seat"]))
+
+
+@app.tool(dependency=lambda args: host_port(args.url))
+def hold(ctx: ToolContext, args: Seat) -> dict:
+    """Holds a seat (POST /hold): effectful, without a verifier, so a call whose outcome was never
+    written leaves its step ``unknown`` until ``mesh settle``."""
+    send_request(ctx, "POST", f"{args.url}/hold", json={"ref": args.seat})
+    return {"seat": args.seat}
+
+
+@app.agent(tools=["hold"])
+def holds(ctx: Context, booking: Booking) -> Booking:
+    """Holds seat ``ctx.step_id`` through the ``hold`` tool."""
+    ctx.call("hold", {"url": booking.url, "seat": ctx.step_id})
+    return Booking(url=booking.url, ref=ctx.step_id)
+
+
+#: ``held`` (compensated by ``unbook``) and ``other`` side by side: ``other`` can fail for good
+#: while ``held``'s effect is unknown.
+PAIR = app.pipeline(Pipeline("pair")
+                    .step("held", agent="holds", compensate=UNDO)
+                    .step("other", agent="book"))
+
+
+class Pinned(BaseModel):
+    """Args with an alias (``json``, as ``http_post``'s): a call is kept and undone by its wire names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    body: dict = Field(default_factory=dict, alias="json")
+
+
+@app.tool(dependency=lambda args: host_port(args.url), compensate="unpin")
+def pin(ctx: ToolContext, args: Pinned) -> dict:
+    """Pins ``args.body`` (POST /pin); ``unpin`` undoes it."""
+    send_request(ctx, "POST", f"{args.url}/pin", json=args.body)
+    return {"pinned": args.body}
+
+
+@app.tool(dependency=lambda args: host_port(args.url))
+def unpin(ctx: ToolContext, args: Pinned) -> dict:
+    """Unpins ``args.body`` (POST /unpin), given the args ``pin`` was called with."""
+    send_request(ctx, "POST", f"{args.url}/unpin", json=args.body)
+    return {"unpinned": args.body}
+
+
+@app.agent(tools=["pin"])
+def pins(ctx: Context, booking: Booking) -> Booking:
+    """Pins ``ctx.step_id`` through the ``pin`` tool (its tool's own compensation)."""
+    ctx.call("pin", {"url": booking.url, "json": {"ref": ctx.step_id}})
+    return Booking(url=booking.url, ref=ctx.step_id)
+
+
+PINS = app.pipeline(Pipeline("pins")
+                    .step("pin", agent="pins")
+                    .step("car", agent="book", depends_on=["pin"]))
