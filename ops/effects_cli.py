@@ -46,6 +46,7 @@ def verify(job: Job, step: Step, app_path: AppPath = None, by: By = None, as_jso
     c, app = base.client(), base.app_for(app_path)
     record = _record(c, job)
     who = by or operator()
+    _replayable(c, record, step)
     with httpx.Client() as http:
         try:
             decision = run_checks(c, app, record, step, http)
@@ -79,6 +80,8 @@ def settle(job: Job, step: Step,
     c, app = base.client(), base.app_for(app_path)
     record = _record(c, job)
     who = by or operator()
+    if as_ == "applied":
+        _replayable(c, record, step)
     try:
         decision = settle_by_hand(c, record, step, applied=as_ == "applied", reason=reason, by=who)
     except CannotDecide as exc:
@@ -115,17 +118,57 @@ def _move(c: MeshClient, app: Any, record: JobRecord, decision: Any) -> dict[str
     return {"moved": None, "job_state": str(record.state)}
 
 
+def _dead_letter(c: MeshClient, record: JobRecord, step_id: str) -> list[Any]:
+    """The dead letters the unknown step left (newest last); none when the step is not the job's."""
+    from mesh.dlq import DeadLetterStore
+    from mesh.dlq.store import Filter
+
+    step = record.steps.get(step_id)
+    if step is None:
+        return []
+    store = DeadLetterStore(c.redis, c.keys)
+    return [s for batch in store.iter(Filter(agent=step.agent)) for s in batch
+            if s.entry.job_id == record.job_id and s.entry.key == step.key]
+
+
+def _replayable(c: MeshClient, record: JobRecord, step_id: str) -> None:
+    """Before anything is decided: the step's dead letter is there and a replay of it would go through
+    once its effects are decided as having happened, else exit 1 with nothing written (deciding
+    first would leave the ledger settled and the step stuck, since a settled effect is not open)."""
+    from mesh.agents.verify import CannotDecide, unknown_step
+    from mesh.dlq import DeadLetterStore
+    from mesh.dlq.audit import Audit
+    from mesh.dlq.replay import Replayer
+
+    try:
+        unknown_step(record, step_id)
+    except CannotDecide as exc:  # said by the command itself, with its own exit code
+        base.fail(str(exc), base.EXIT_INPUT)
+    found = _dead_letter(c, record, step_id)
+    if not found:
+        base.fail(f"step {step_id}'s dead letter is gone (drained or purged), so it cannot run again with its "
+                  "calls answered from the ledger; nothing was decided. `mesh settle --as not-applied` still "
+                  "applies, or `mesh rerun`", base.EXIT_FAILED)
+
+    class Assumed(Replayer):  # the dry run as it will be once the effects are decided as having happened
+        def _decided(self, job_id: str, step: str) -> bool:
+            return (job_id, step) == (record.job_id, step_id)
+
+    report = Assumed(DeadLetterStore(c.redis, c.keys), c.settings, Audit(c.redis, c.keys)).replay(
+        found[-1:], dry_run=True)
+    if report.skipped:
+        base.fail(f"step {step_id}'s dead letter could not be replayed, so nothing was decided: "
+                  f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)
+
+
 def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
     """Replay the dead letter the unknown step left: the step runs again, its ledger answering its calls."""
     from mesh.dlq import DeadLetterStore
     from mesh.dlq.audit import Audit
     from mesh.dlq.replay import Replayer
-    from mesh.dlq.store import Filter
 
-    step = record.steps[step_id]
     store = DeadLetterStore(c.redis, c.keys)
-    found = [s for batch in store.iter(Filter(agent=step.agent)) for s in batch
-             if s.entry.job_id == record.job_id and s.entry.key == step.key]
+    found = _dead_letter(c, record, step_id)
     if not found:
         base.fail(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it cannot "
                   "run again from here; run the job again", base.EXIT_FAILED)

@@ -213,3 +213,26 @@ def test_mesh_verify_refuses_a_step_that_is_not_unknown(client, cli):
     ref = client.send("executor", {"tool": "note", "args": {"title": "t"}})
     result = cli("verify", ref.id, "executor")
     assert result.returncode == 2 and "not unknown" in result.stderr
+
+
+@pytest.mark.slow
+def test_mesh_settle_applied_with_its_dead_letter_gone_decides_nothing(make_settings, effects_worker, cli, rclient):
+    # Deciding first and replaying after left the ledger settled and the step stuck unknown: a
+    # second settle was refused ("no open effect"), and not-applied could no longer be said.
+    with RecordingServer() as server:
+        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
+        mesh = MeshClient(settings, client=rclient, app=app)
+        effects_worker(settings)
+        ref, _ = unknown_job(mesh, server, "settle-gone")
+        purged = cli("dlq", "purge", "--all", "--yes")
+        assert purged.returncode == 0, purged.stderr + purged.stdout
+        refused = cli("settle", ref.id, "post", "--as", "applied", "--reason", "seen upstream")
+        assert refused.returncode == 1 and "dead letter is gone" in refused.stderr, refused.stderr
+        [entry] = ledger(mesh, ref.id, "post").entries()
+        assert entry.open and entry.verdict is Verdict.UNKNOWN  # nothing was decided
+        assert mesh.status(ref.id).steps["post"].settlement is None
+        verify = cli("verify", ref.id, "post")
+        assert verify.returncode == 1 and "dead letter is gone" in verify.stderr
+        done = cli("settle", ref.id, "post", "--as", "not-applied", "--reason", "no order upstream")
+        assert done.returncode == 0, done.stderr + done.stdout
+    assert mesh.status(ref.id).steps["post"].state is State.DEAD_LETTERED
