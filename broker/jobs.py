@@ -193,7 +193,8 @@ def on_step_lost(change: LossChange | None) -> None:
 
 
 def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None,
-              tokens: tuple[int, int] = (0, 0), events: list[dict[str, Any]] | None = None) -> Change:
+              tokens: tuple[int, int] = (0, 0), events: list[dict[str, Any]] | None = None,
+              undo_calls: list[dict[str, Any]] | None = None) -> Change:
     """A step's attempt failed: it waits for a retry (FAILED), or it ends (DEAD_LETTERED, UNKNOWN) and
     the job's state is derived from its steps (:func:`mesh.contracts.settle`): a lost item of a
     ``for_each`` step whose join can still be met does not end the job, and a declared pipeline's
@@ -207,6 +208,9 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
     step is still its attempt's (running), so a re-sent write does not count them twice.
     ``events``: where the trace events the loss sets off (a join's decision) are appended, to be
     written with the record; each call of the change starts over from the events first given.
+    ``undo_calls``: what undoes the calls of tools declared with ``compensate=`` the attempt made
+    before it failed, kept on a step that ends: they happened, so a job that unwinds undoes them too
+    (and waits for a step left ``unknown`` holding some, until ``mesh verify``/``mesh settle`` decide).
     """
     events = [] if events is None else events
     given = len(events)
@@ -228,7 +232,10 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
         elif step.compensates is not None and state in TERMINAL:
             # A compensation failed for good: its job is unknown (its effect may stand), said by one class.
             ends = (state, f"{failure_class}: {error}", COMPENSATION_FAILED)
-        record = record.with_step(transition(step, ends[0], now=now, error=ends[1], failure_class=ends[2]))
+        ended = transition(step, ends[0], now=now, error=ends[1], failure_class=ends[2])
+        if undo_calls and ends[0] in TERMINAL:
+            ended = ended.model_copy(update={"undo_calls": undo_calls})
+        record = record.with_step(ended)
         if ends[0] not in TERMINAL:
             return record, []
         if _after_loss is not None and record.pipeline_digest is not None:

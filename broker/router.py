@@ -223,7 +223,9 @@ def dead_letter_with_step(broker: Broker, message: MessageProxy, failure_class: 
         events = [trace.event("dead_lettered", envelope, worker=trace.worker_name(),
                               failure_class=str(failure_class), error=error[:500], route="dead_letter",
                               state=str(state))]
-        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token, events=events),
+        undo = list(lease.undo_calls) if lease and lease.undo_calls else None
+        job = JobWrite(job_id, fail_step(step_id, state, error, str(failure_class), token=token, events=events,
+                                         undo_calls=undo),
                        step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                        release=(lease.claim_key, lease.owner) if lease and lease.release_pending else None)
     return DeadLetterIt(entry, stat, f"{failure_class}:dead_letter", job=job)
@@ -391,8 +393,9 @@ class FailureRouter(Middleware):
         token = lease.token if lease else None
         tokens = (lease.tokens_in, lease.tokens_out) if lease else (0, 0)
         events = [ev]  # and what the change sets off (a join's decision), written with it
+        undo = list(lease.undo_calls) if lease is not None and lease.undo_calls else None
         return JobWrite(job_id, fail_step(step_id, state, error, str(routing.failure_class), token=token,
-                                          tokens=tokens, events=events),
+                                          tokens=tokens, events=events, undo_calls=undo),
                         step_id=step_id, token=token, events=events, running_member=running_member(job_id, step_id),
                         release=release)
 

@@ -78,11 +78,20 @@ def compensable(spec: PipelineSpec, rec: StepRecord) -> StepSpec | None:
     return step if step.compensate is not None or rec.undo_calls else None
 
 
+def by_tools(step: StepSpec, rec: StepRecord) -> bool:
+    """Whether ``rec`` is undone by its calls' compensating tools (run by its own agent's worker):
+    its step declares no ``compensate:``, or it ended without output (dead-lettered after some of
+    those calls returned), so an agent's compensation of its output has nothing to go on."""
+    return step.compensate is None or (rec.state is State.DEAD_LETTERED and bool(rec.undo_calls))
+
+
 def effect(rec: StepRecord) -> str:
     """``done`` (its effect happened: it succeeded, or it finished after its job was cancelled),
     ``pending`` (in flight, or ``unknown`` until ``mesh verify``/``mesh settle`` decide) or ``none``."""
     if rec.state is State.SUCCEEDED or (rec.state is State.CANCELLED and rec.result is not None):
         return "done"
+    if rec.state is State.DEAD_LETTERED and rec.undo_calls:
+        return "done"  # failed after calls of tools declared with compensate= returned: those are undone
     if rec.state in (State.RUNNING, State.FAILED, State.UNKNOWN) or (rec.state is State.QUEUED and rec.sent_at):
         return "pending"
     return "none"
@@ -138,7 +147,7 @@ def proceed(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[dic
         step = compensable(spec, rec)
         if step is None or undo_id(rec.step_id) in record.steps or effect(rec) == "none":
             continue
-        agent = step.compensate.agent if step.compensate is not None else rec.agent  # its tools' worker
+        agent = rec.agent if by_tools(step, rec) else step.compensate.agent  # type: ignore[union-attr]
         record = record.with_step(StepRecord(step_id=undo_id(rec.step_id), agent=agent,
                                              key=undo_key(rec.key), compensates=rec.step_id,
                                              created_at=now, updated_at=now))
@@ -191,8 +200,9 @@ def _input(step: StepSpec, orig: StepRecord, record: JobRecord) -> dict[str, Any
     a step without ``compensate:``, the calls of its compensating tools (run by its own agent's worker)."""
     from .engine import _build_input
 
-    if step.compensate is None:  # the compensating tools of its calls, last call first
+    if by_tools(step, orig):  # the compensating tools of its calls, last call first
         return {UNDO_CALLS: list(reversed(orig.undo_calls or []))}
+    assert step.compensate is not None
     scope = {"input": orig.input, "output": orig.result or {}, "task_id": record.key, "job_id": record.job_id}
     if step.compensate.input is None:
         return {"input": orig.input, "output": orig.result or {}}

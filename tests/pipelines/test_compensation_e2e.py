@@ -184,3 +184,27 @@ def test_a_compensation_failing_for_good_is_dead_lettered_compensation_failed_an
         assert replayer.replay(replayer.entries([entry.entry_id])).replayed == [entry.entry_id]
         record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.COMPENSATED and r, timeout_s=60)
         assert ledger.applied == [("/do", "flight"), ("/do", "hotel"), ("/undo", "hotel"), ("/undo", "flight")]
+
+
+def test_a_step_failing_after_a_compensable_tool_call_returned_has_that_call_undone(
+        make_settings: Any, rclient: Any, worker_process: Any) -> None:
+    # Before: the calls a step made before it failed were kept only on success, so the job ended
+    # dead_lettered with seat 1A reserved and nothing to undo it.
+    ledger = Ledger()
+
+    def refuse_1b(n: int, request: dict[str, Any]) -> tuple[int, Any]:
+        if request["path"] == "/reserve" and (request["json"] or {}).get("ref") == "1B":
+            return 422, {"error": "no seat 1B"}
+        return ledger(n, request)
+
+    with RecordingServer(refuse_1b) as server:
+        mesh, _ = _start(make_settings, rclient, worker_process, server)
+        ref = mesh.run(SHOW, {"url": server.url("")}, key="show-partial")
+        record = mesh.wait(ref.id, timeout_s=60)
+
+        assert record.state is State.COMPENSATED, (record.state, record.error)
+        assert record.unwind is not None and record.unwind.cause == "failed"
+        assert record.steps["seat"].state is State.DEAD_LETTERED
+        assert ledger.applied == [("/reserve", "1A"), ("/release", "1A")]
+        assert record.steps["undo:seat"].result == {"undone": 1}
+        assert record.steps["car"].sent_at is None
