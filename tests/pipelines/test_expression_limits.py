@@ -221,3 +221,19 @@ def test_a_stopped_evaluator_does_not_block_the_writer_and_a_fresh_one_answers_i
     assert outcome == [True]
     assert evaluator._proc is not None and evaluator._proc.pid != stopped
 
+
+
+def test_compiling_and_evaluating_loads_cel_without_its_repl() -> None:
+    # cel/__init__.py imports its REPL (cel.cli: typer, rich, prompt_toolkit, pygments), 0.16 s of
+    # CPU in every worker, evaluator and `mesh` process; neither the mesh nor its evaluator needs it,
+    # and an `import cel.cli` of one's own still gets the real module
+    script = ("import sys\n"
+              "from mesh.agents.pipelines import compile_condition\n"
+              "assert compile_condition('input.n > 1').test({'input': {'n': 2}})\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cel', 'typer', 'prompt_toolkit')))\n"
+              "import cel.cli\n"
+              "print(callable(cel.cli.cli_entry))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['cel', 'cel.cel', 'cel.stdlib']", "True"]
