@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -194,14 +195,24 @@ def run_cli_process(settings: MeshSettings, *args: str, timeout: float = 60,
 
 
 class _Stream(io.TextIOWrapper):
-    """A captured standard stream: text over bytes in UTF-8, as a pipe is, and no terminal."""
+    """A captured standard stream: text over bytes in strict UTF-8, as a pipe is, and no terminal."""
 
     def __init__(self, data: bytes = b"") -> None:
-        super().__init__(io.BytesIO(data), encoding="utf-8", errors="backslashreplace", newline="\n",
+        super().__init__(io.BytesIO(data), encoding="utf-8", errors="strict", newline="\n",
                          write_through=True)
 
     def value(self) -> str:
         return self.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
+
+
+def _set_environ(env: dict[str, str]) -> None:
+    """Make ``os.environ`` ``env``, touching only the variables that differ (threads of the test,
+    such as an in-process worker reading a tool's secret, never see the others go)."""
+    for name in [name for name in os.environ if name not in env]:
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 @contextmanager
@@ -209,7 +220,9 @@ def _as_a_process(env: dict[str, str]) -> Iterator[tuple[_Stream, _Stream]]:
     """What a ``mesh`` process would see, for one command run in this one: ``env`` as the whole
     environment, the repository as the current directory, stdin at end of file, stdout and stderr
     captured (and not a terminal), ``mesh``'s consoles plain and as wide as COLUMNS says (80 without
-    it, a pipe's width); the logging the command sets up is undone afterwards."""
+    it, a pipe's width). The logging the command sets up takes only its own records (not those of
+    threads already running, such as a test's in-process worker), and is undone afterwards."""
+    from mesh.ops import logs
     from mesh.ops.console import err, out
 
     stdout, stderr = _Stream(), _Stream()
@@ -219,19 +232,27 @@ def _as_a_process(env: dict[str, str]) -> Iterator[tuple[_Stream, _Stream]]:
     root = logging.getLogger()
     loggers = [logging.getLogger(name) for name in ("dramatiq", "dramatiq.worker.WorkerThread")]
     saved_logging = list(root.handlers), root.level, [logger.level for logger in loggers]
-    os.environ.clear()
-    os.environ.update({"COLUMNS": "80", **env})
+    setup_logging = logs.setup_logging
+    others = {thread.ident for thread in threading.enumerate()} - {threading.get_ident()}
+
+    def setup_own_logging(*args: Any, **kwargs: Any) -> None:
+        setup_logging(*args, **kwargs)
+        for handler in root.handlers:
+            handler.addFilter(lambda record: record.thread not in others)
+
+    _set_environ({"COLUMNS": "80", **env})
     os.chdir(ROOT)
     sys.stdin, sys.stdout, sys.stderr = _Stream(), stdout, stderr
     for console, *_ in consoles:
         console._width = console._height = console._color_system = None
+    logs.setup_logging = setup_own_logging
     try:
         yield stdout, stderr
     finally:
+        logs.setup_logging = setup_logging
         sys.stdin, sys.stdout, sys.stderr = saved_streams
         os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
+        _set_environ(saved_env)
         for console, width, height, color_system in consoles:
             console._width, console._height, console._color_system = width, height, color_system
         root.handlers[:], root.level = saved_logging[0], saved_logging[1]
