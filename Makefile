@@ -22,14 +22,21 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# PYTHONDONTWRITEBYTECODE (which many container images set) would have every test process, and every
+# process a test starts, compile the mesh and the tests from source again: 5 s of CPU per pytest-xdist
+# worker for the assertion rewriting alone. With it set, the tests keep their bytecode under
+# .pytest_cache/pycache instead (out of the source tree, which the variable keeps clean).
+PYTEST := $(if $(PYTHONDONTWRITEBYTECODE),PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/.pytest_cache/pycache) \
+          $(BIN)/pytest
+
 test: lint
-	$(BIN)/pytest -q --durations=25
+	$(PYTEST) -q --durations=25
 
 # The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
 # (tests/tier.py fails a test that does so without @pytest.mark.slow). They are CPU-bound (most of
 # their time is `mesh` subprocesses starting), so they run on one process per core (pytest-xdist).
 check: lint
-	$(BIN)/pytest -q -m "not slow" -n auto
+	$(PYTEST) -q -m "not slow" -n auto
 
 # The documentation site, in site/: the reference pages are generated from the code; a broken
 # link or anchor fails the build (--strict).

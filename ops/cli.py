@@ -840,9 +840,17 @@ def main() -> None:
     # out of the collector's sight, neither the command's collections nor the interpreter's
     # teardown walk them again. A sixth of a short command's CPU time went there.
     gc.freeze()
+    invoke()
+
+
+def invoke(args: list[str] | None = None, prog_name: str | None = None) -> None:
+    """The command line without the process's set-up: ``args`` (default ``sys.argv[1:]``) as one
+    ``mesh`` command, ending in ``SystemExit`` with its exit code. :func:`main` runs it; the tests
+    call it in-process (tests/conftest.py's ``cli`` fixture), where a process per command cost more
+    than the command."""
     plain_help()
     try:
-        app()
+        app(args=args, prog_name=prog_name)
     except MeshError as exc:
         _stop(str(exc), EXIT_INPUT)
     except redis.exceptions.NoPermissionError as exc:

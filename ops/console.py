@@ -50,6 +50,8 @@ def plain_help() -> None:
     from typer.core import TyperArgument, TyperOption
 
     typed = TyperOption.display_type_rich
+    if getattr(typed, "plain_help", False):  # replaced already (the tests run many commands in one process)
+        return
 
     def value_name(self: TyperOption | TyperArgument, ctx: Any) -> str | None:
         if isinstance(self, TyperArgument) or getattr(self, "is_flag", False):
@@ -60,6 +62,7 @@ def plain_help() -> None:
         label = label.strip("<>").removesuffix(" range")
         return label if "|" in label else {"int": "N", "float": "NUMBER", "str": "TEXT"}.get(label, label.upper())
 
+    value_name.plain_help = True  # type: ignore[attr-defined]
     TyperOption.display_type_rich = value_name  # type: ignore[method-assign]
     TyperArgument.display_type_rich = value_name  # type: ignore[method-assign,assignment]
 

@@ -15,10 +15,32 @@ import math
 import resource
 import struct
 import sys
+import types
 from typing import Any
 
-import cel
 import orjson
+
+
+def import_cel() -> Any:
+    """The ``cel`` package without its REPL: ``cel/__init__.py`` imports ``cel.cli`` (typer, rich,
+    prompt_toolkit, pygments: some 250 modules and 0.16 s of CPU, in every process that compiles or
+    evaluates an expression) for the ``cel`` command only. A placeholder stands in for ``cel.cli``
+    while the package loads and is taken away after, so an ``import cel.cli`` later still gets the
+    real one."""
+    if "cel" in sys.modules:
+        return sys.modules["cel"]
+    placeholder = sys.modules["cel.cli"] = types.ModuleType("cel.cli")
+    try:
+        import cel
+    finally:
+        if sys.modules.get("cel.cli") is placeholder:
+            del sys.modules["cel.cli"]
+    if getattr(cel, "cli", None) is placeholder:
+        del cel.cli
+    return cel
+
+
+cel = import_cel()
 
 #: Compiled programs kept, by CEL text (a worker evaluates the same few expressions many times).
 _CACHE_SIZE = 512

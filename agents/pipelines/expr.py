@@ -17,13 +17,13 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import cel
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
 from mesh.contracts import ConfigError, MeshError
 
 from . import sandbox
+from .evaluator_main import cel
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _PATH = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")

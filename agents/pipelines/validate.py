@@ -256,7 +256,7 @@ def _for_each_item(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: 
 
 def _compiles(text: str) -> bool:
     """Whether ``text`` is one CEL expression on its own (a filter's body, not ``x).map(y, y``)."""
-    import cel
+    from .evaluator_main import cel
 
     try:
         cel.compile(text)

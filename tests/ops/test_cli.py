@@ -1,4 +1,5 @@
-"""The ``mesh`` CLI as a real subprocess against real Redis (each test in its own namespace)."""
+"""The ``mesh`` CLI against real Redis (each test in its own namespace): in-process through the
+entry point's code (the ``cli`` fixture), or as a real process where the test says so."""
 
 from __future__ import annotations
 
@@ -138,8 +139,8 @@ def test_unknown_setting_makes_a_command_exit_2_naming_it(cli, client, args):
     assert_nothing_enqueued(client)
 
 
-def test_unreachable_redis_makes_queues_exit_3(cli):
-    res = cli("queues", MESH_REDIS_URL="redis://127.0.0.1:1/0")
+def test_unreachable_redis_makes_queues_exit_3(cli_process):
+    res = cli_process("queues", MESH_REDIS_URL="redis://127.0.0.1:1/0")
     assert res.returncode == 3
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in flat(res.stderr)
 

@@ -168,9 +168,11 @@ def _cpu_ticks(pid: int) -> int:
 @pytest.mark.timeout(180)
 def test_a_process_killed_mid_evaluation_leaves_no_evaluator_running() -> None:
     # the parent kills its evaluator at the time limit; a parent SIGKILLed (or OOM-killed) cannot,
-    # and the evaluator ran the expression on for hours as an orphan
+    # and the evaluator ran the expression on for hours as an orphan. The limit is 2 s: the orphan
+    # then spends about 4 s of CPU before its own limit ends it (5 s cost 7 s, on a machine the
+    # whole fast tier shares), and 2 s is still ten times the 0.2 s of CPU the parent is killed after
     script = ("from mesh.agents.pipelines import compile_condition, sandbox\n"
-              "sandbox.configure(sandbox.ExprLimits(timeout_ms=5000))\n"
+              "sandbox.configure(sandbox.ExprLimits(timeout_ms=2000))\n"
               "sandbox.evaluator().evaluate('1', {})\n"
               "print('asking', flush=True)\n"
               f"compile_condition({SLOW!r}).test({{'input': {{'xs': list(range(3000))}}}})\n")
@@ -185,6 +187,7 @@ def test_a_process_killed_mid_evaluation_leaves_no_evaluator_running() -> None:
         wait_for(lambda: _cpu_ticks(child) > started + 20, timeout_s=60)  # it is evaluating
         parent.kill()
         parent.wait()
+        assert _stat(child)[:1] not in ([], ["Z"]), "the parent was killed before its time limit stopped the evaluator"
         wait_for(lambda: _stat(child)[:1] in ([], ["Z"]), timeout_s=60)
     finally:
         parent.kill()
@@ -218,3 +221,19 @@ def test_a_stopped_evaluator_does_not_block_the_writer_and_a_fresh_one_answers_i
     assert outcome == [True]
     assert evaluator._proc is not None and evaluator._proc.pid != stopped
 
+
+
+def test_compiling_and_evaluating_loads_cel_without_its_repl() -> None:
+    # cel/__init__.py imports its REPL (cel.cli: typer, rich, prompt_toolkit, pygments), 0.16 s of
+    # CPU in every worker, evaluator and `mesh` process; neither the mesh nor its evaluator needs it,
+    # and an `import cel.cli` of one's own still gets the real module
+    script = ("import sys\n"
+              "from mesh.agents.pipelines import compile_condition\n"
+              "assert compile_condition('input.n > 1').test({'input': {'n': 2}})\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cel', 'typer', 'prompt_toolkit')))\n"
+              "import cel.cli\n"
+              "print(callable(cel.cli.cli_entry))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['cel', 'cel.cel', 'cel.stdlib']", "True"]
