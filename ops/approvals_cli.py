@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.text import Text
 
 from mesh.broker import JobNotFound
 from mesh.broker.approvals import AlreadyDecided, ApprovalError, ApprovalExpired, Pending
@@ -114,8 +115,9 @@ def _show(record: JobRecord, as_json: bool) -> None:
                         "decision": approval.decision, "by": approval.by, "at": approval.at, "note": approval.note,
                         "hash": approval.hash, "step_state": step.state.value, "job_state": record.state.value})
         return
-    base.out.print(f"{approval.decision}: step {step.step_id} of {record.job_id} by {approval.by}; "
-                   f"step {step.state.value}, job {record.state.value}")
+    # a Text, not markup: the name comes from --by, and "[/red]" in it must print, not raise
+    base.out.print(Text(f"{approval.decision}: step {step.step_id} of {record.job_id} by {approval.by}; "
+                        f"step {step.state.value}, job {record.state.value}"))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,94 @@
+"""Hostile review of approvals: a paused timer-lock holder resuming after another worker fired its
+timers, decisions whose by/note carry rich markup, and durations that are not finite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh import MeshClient
+from mesh.agents.pipelines import Pipeline
+from mesh.agents.pipelines import approvals as flow
+from mesh.agents.pipelines.engine import Routes
+from mesh.agents.pipelines.spec import ApprovalPolicy
+from mesh.broker import timers
+from mesh.broker.clock import server_ms
+from mesh.contracts import State
+from mesh.contracts.approvals import parse_duration
+from tests.conftest import wait_for
+from tests.pipelines.test_approvals import trace_kinds
+
+
+def worker_timers(mesh: MeshClient, owner: str) -> timers.Timers:
+    """The timers a worker process fires (ops/timer_loop.py), with this process's routes."""
+    handlers = flow.timer_handlers(mesh.jobs, mesh.pipelines, Routes(queue=lambda a: a, version=lambda a: None),
+                                   mesh.clock, owner)
+    return timers.Timers(mesh.redis, mesh.keys, owner, handlers)
+
+
+def test_a_paused_lock_holder_resuming_fires_no_warning_or_expiry_a_second_time(mesh):
+    # no worker: the root step parks at submit; its warning is due 1s after the ask
+    ref = mesh.run(Pipeline("warned").step("researcher", approval={"timeout": "2s", "warn_before": "1s"}).build(),
+                   {"goal": "g"})
+    record = mesh.status(ref.id)
+    step = record.steps["researcher"]
+    warn_due = timers.due_at(mesh.redis, mesh.keys, "approval.warn", f"{ref.id}|researcher|1")
+    assert warn_due is not None
+    wait_for(lambda: server_ms(mesh.redis) >= warn_due, timeout_s=5)
+    paused, other = worker_timers(mesh, "paused"), worker_timers(mesh, "other")
+    # the holder read what is due (Timers.tick) and was SIGSTOPped past its lock; another worker
+    # took the lock and fired the warning; then the first one resumed with what it had read
+    [read] = timers.due(mesh.redis, mesh.keys)
+    assert read.kind == "approval.warn"
+    assert other.tick() == 1
+    paused._fire(read)
+    assert trace_kinds(mesh, ref.id).count("approval_warning") == 1
+    assert int(mesh.redis.hget(mesh.keys.stats, "approval_warnings") or 0) == 1
+
+    due = timers.due_at(mesh.redis, mesh.keys, "approval", f"{ref.id}|researcher|1")
+    assert due is not None and step.approval is not None
+    wait_for(lambda: server_ms(mesh.redis) >= due, timeout_s=5)
+    [read] = timers.due(mesh.redis, mesh.keys)
+    assert other.tick() == 1
+    paused._fire(read)
+    record = mesh.status(ref.id)
+    assert record.state is State.HALTED and record.steps["researcher"].approval.decision == "expired"
+    assert trace_kinds(mesh, ref.id).count("approval_expired") == 1
+    assert mesh.redis.zcard(mesh.keys.timers) == 0
+
+
+@pytest.mark.parametrize("by", ["[/red]", "[bold]ana[/bold]"])
+def test_a_decision_by_a_name_with_rich_markup_is_printed_as_given(mesh, cli, by):
+    ref = mesh.run(Pipeline("marked").step("researcher", approval={"timeout": "1h"}).build(), {"goal": "g"})
+    done = cli("deny", ref.id, "researcher", "--reason", "[red]no[/red] [link=http://x]y[/link]", "--by", by)
+    assert done.returncode == 0, done.stderr
+    assert f"by {by};" in done.stdout
+    record = mesh.status(ref.id)
+    assert record.steps["researcher"].approval.by == by
+    for command in ("status", "trace"):
+        shown = cli(command, ref.id)
+        assert shown.returncode == 0, shown.stderr
+        assert by in shown.stdout and "[red]no[/red]" in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "s", "1" + "0" * 320 + "h", "99999999h", "366d"])
+def test_a_duration_infinite_or_over_a_year_is_refused(text: str):
+    # '9' * 400 + 's' parsed as inf; 99999999h merged the warning's timer into the expiry's and
+    # made `mesh status` fail with an OverflowError
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+    with pytest.raises(ValueError, match="duration"):
+        ApprovalPolicy(timeout=text)
+
+
+@pytest.mark.parametrize("value", ["0.0001ms", float("nan"), float("inf")])
+def test_a_duration_under_a_millisecond_or_not_a_number_is_refused(value: Any):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+def test_a_year_is_still_a_duration():
+    assert parse_duration("365d") == 365 * 86400 and parse_duration("1.5h") == 5400
+
+
