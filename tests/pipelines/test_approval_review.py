@@ -92,3 +92,46 @@ def test_a_year_is_still_a_duration():
     assert parse_duration("365d") == 365 * 86400 and parse_duration("1.5h") == 5400
 
 
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T in /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.slow
+def test_a_lock_holder_sigstopped_mid_tick_delays_no_expiry_and_fires_nothing_twice(mesh, worker_process):
+    import os
+    import signal
+
+    from tests.pipelines.test_approval_faults import APP, _due, _expired, root_spec
+
+    ref = mesh.run(root_spec(timeout="7s"), {"goal": "g"})
+    due = _due(mesh, ref.id)
+    # a worker ticking every 10 ms holds the timers' lock often; it is stopped while it holds it
+    held = worker_process("--app", APP, "--threads", "1", MESH_TIMER_INTERVAL_S="0.01")
+    lock = mesh.keys.timers_lock
+
+    def stopped_holding() -> bool:
+        if mesh.redis.get(lock) is None:
+            return False
+        os.kill(held.pid, signal.SIGSTOP)
+        wait_for(lambda: stopped(held.pid), timeout_s=5, interval_s=0.0005)  # a signal lands later
+        if mesh.redis.get(lock) is not None:  # only it runs: the lock is its own
+            return True
+        os.kill(held.pid, signal.SIGCONT)
+        return False
+
+    try:
+        wait_for(stopped_holding, timeout_s=30, interval_s=0.0005)
+        left = due - server_ms(mesh.redis)
+        print(f"stopped holding the lock {left} ms before the due time")
+        assert left > 2000, "stopped too late to tell"
+        worker_process("--app", APP, "--threads", "1")  # the one that must take over
+        record = _expired(mesh, ref.id, due)
+    finally:
+        os.kill(held.pid, signal.SIGCONT)
+    assert record.state is State.HALTED
+    wait_for(lambda: mesh.redis.zcard(mesh.keys.timers) == 0, timeout_s=5)
+    assert trace_kinds(mesh, ref.id).count("approval_expired") == 1
