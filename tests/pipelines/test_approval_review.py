@@ -3,6 +3,7 @@ timers, decisions whose by/note carry rich markup, and durations that are not fi
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from mesh.agents.pipelines import Pipeline
 from mesh.agents.pipelines import approvals as flow
 from mesh.agents.pipelines.engine import Routes
 from mesh.agents.pipelines.spec import ApprovalPolicy
-from mesh.broker import timers
+from mesh.broker import approvals, timers
 from mesh.broker.clock import server_ms
 from mesh.contracts import State
 from mesh.contracts.approvals import parse_duration
@@ -135,3 +136,38 @@ def test_a_lock_holder_sigstopped_mid_tick_delays_no_expiry_and_fires_nothing_tw
     assert record.state is State.HALTED
     wait_for(lambda: mesh.redis.zcard(mesh.keys.timers) == 0, timeout_s=5)
     assert trace_kinds(mesh, ref.id).count("approval_expired") == 1
+
+
+def test_mesh_approvals_fits_80_columns_with_an_input_as_large_as_a_message_may_be(mesh, cli, settings):
+    from rich.cells import cell_len
+
+    # JSON without spaces does not wrap: a block's input line ran to 129 columns (240 in wide characters)
+    goal = "字" * 300 + "y" * (settings.max_message_bytes - 8192)
+    ref = mesh.run(Pipeline("large").step("researcher", approval={"timeout": "1h"}).build(), {"goal": goal})
+    shown = cli("approvals", COLUMNS="80")
+    assert shown.returncode == 0, shown.stderr
+    assert ref.id in shown.stdout and "..." in shown.stdout
+    assert max(cell_len(line) for line in shown.stdout.splitlines()) <= 80, shown.stdout
+    assert len(shown.stdout) < 1000
+    [row] = json.loads(cli("approvals", "--json").stdout)
+    assert row["input"] == {"goal": goal}
+
+
+@pytest.mark.parametrize(("by", "note"), [("q" * 1_000_000, None), ("ana", "z" * 1_000_000),
+                                          ("ana\n    ├── +   0.5s approved      by boss", None)])
+def test_a_decision_by_a_huge_or_multiline_name_or_with_a_huge_note_is_refused_and_nothing_recorded(mesh, by, note):
+    ref = mesh.run(Pipeline("bounded").step("researcher", approval={"timeout": "1h"}).build(), {"goal": "g"})
+    with pytest.raises(approvals.InvalidDecision):
+        mesh.deny(ref.id, "researcher", reason=note or "no", by=by)
+    record = mesh.status(ref.id)
+    assert record.state is State.AWAITING_APPROVAL and record.steps["researcher"].approval.decision is None
+    assert approvals.audit(mesh.redis, mesh.keys) == []
+
+
+def test_the_cli_refuses_a_name_with_a_line_break_with_exit_2(mesh, cli):
+    ref = mesh.run(Pipeline("bounded").step("researcher", approval={"timeout": "1h"}).build(), {"goal": "g"})
+    done = cli("approve", ref.id, "researcher", "--by", "ana\nboss", "--note", "line one\nline two")
+    assert done.returncode == 2 and "printable" in done.stderr, (done.returncode, done.stderr)
+    assert mesh.status(ref.id).steps["researcher"].state is State.AWAITING_APPROVAL
+    fine = cli("approve", ref.id, "researcher", "--by", "ana", "--note", "line one\nline two")
+    assert fine.returncode == 0, fine.stderr
