@@ -171,3 +171,28 @@ def test_the_cli_refuses_a_name_with_a_line_break_with_exit_2(mesh, cli):
     assert mesh.status(ref.id).steps["researcher"].state is State.AWAITING_APPROVAL
     fine = cli("approve", ref.id, "researcher", "--by", "ana", "--note", "line one\nline two")
     assert fine.returncode == 0, fine.stderr
+
+
+def test_the_retention_sweep_never_takes_a_job_that_ended_while_a_step_waits(mesh, run_workers, make_settings):
+    from mesh.broker.retention import Retention
+    from tests.pipelines.test_approvals import load_pipeline_spec
+
+    spec = load_pipeline_spec(Pipeline("two").step("researcher").step(
+        "coder", depends_on=["researcher"], requires_human_approval=True)
+        .step("other", agent="researcher", depends_on=["researcher"], input={"goal": "input.goal"}).build())
+    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "sweep-1/researcher/other")
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g"}, key="sweep-1")
+    record = wait_for(lambda: (r := mesh.status(ref.id)).steps["other"].state is State.DEAD_LETTERED
+                      and r.steps["coder"].state is State.AWAITING_APPROVAL and r, timeout_s=15)
+    assert record.state is State.DEAD_LETTERED and mesh.redis.pttl(mesh.keys.job(ref.id)) == -1
+    # the sweep gave a TTL to an ended record without one (as to a record from before retention),
+    # which is what a job that ended while a step waits is: its retention, counted from its end,
+    # passed (1s here), it was gone within a millisecond
+    sweeper = Retention(mesh.redis, make_settings(job_retention_s=1))
+    wait_for(lambda: server_ms(mesh.redis) / 1000 - record.created_at > 1.5, timeout_s=5)
+    sweeper.sweep(server_ms(mesh.redis) / 1000)
+    assert mesh.redis.pttl(mesh.keys.job(ref.id)) == -1 and mesh.redis.pttl(mesh.keys.trace(ref.id)) == -1
+    assert [p.job_id for p in mesh.approvals()] == [ref.id]
+    mesh.deny(ref.id, "coder", reason="no")  # nothing waits any more: now its retention runs
+    assert mesh.redis.pttl(mesh.keys.job(ref.id)) > 0
