@@ -87,6 +87,28 @@ class ApprovalExpired(ApprovalError):
         self.due_ms = due_ms
 
 
+#: The longest name (``by``) and note a person's decision takes, in characters: both are kept on the
+#: job record, its trace and the audit stream, and printed by ``mesh status`` and ``mesh trace``.
+BY_MAX, NOTE_MAX = 200, 4000
+
+
+class InvalidDecision(ApprovalError):
+    """A decision whose ``by`` or note cannot be recorded: too long, or a name with a line break or
+    another control character (it would forge lines in ``mesh trace``)."""
+
+    exit_code = 2
+
+
+def check_decision(by: str, note: str | None) -> None:
+    """Raise :class:`InvalidDecision` unless ``by`` is a printable name of 1 to :data:`BY_MAX`
+    characters and ``note`` at most :data:`NOTE_MAX` characters."""
+    if not by or len(by) > BY_MAX or not by.isprintable():
+        raise InvalidDecision(f"who decides is 1 to {BY_MAX} printable characters on one line, not "
+                              f"{by[:40]!r}{'...' if len(by) > 40 else ''} ({len(by)} characters)", by=by[:BY_MAX])
+    if note is not None and len(note) > NOTE_MAX:
+        raise InvalidDecision(f"a decision's note or reason is at most {NOTE_MAX} characters, not {len(note)}")
+
+
 class NotAnApprover(ApprovalError):
     """The (authenticated) user is not among the step's ``approvers``."""
 
@@ -302,10 +324,12 @@ def decide_change(pipelines: Any, queue: Callable[[str], str], version: Callable
 def decide(jobs: Any, job_id: str, verdict: Verdict, change: DecideChange, *,
            worker: str = "") -> tuple[JobRecord, list[dict[str, Any]]]:
     """Record ``verdict`` on the waiting step in one transaction with what it sets in motion; the
-    record as written and its trace events. Raises :class:`NotAwaiting`, :class:`AlreadyDecided`
-    (the first decision won), or :class:`ApprovalExpired` (read after the timeout's due time)."""
+    record as written and its trace events. Raises :class:`InvalidDecision` (``by`` or the note),
+    :class:`NotAwaiting`, :class:`AlreadyDecided` (the first decision won), or
+    :class:`ApprovalExpired` (read after the timeout's due time)."""
     client, keys = jobs.client, jobs.keys
     if verdict.decision is not Decision.EXPIRED:
+        check_decision(verdict.by, verdict.note)
         data = client.get(keys.job(job_id))
         if data is not None:
             step = JobRecord.model_validate(loads(data)).steps.get(verdict.step_id)

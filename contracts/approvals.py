@@ -61,9 +61,15 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+#: The longest duration taken (365 days): a longer one (``99999999h``) is a typo, and past the
+#: millisecond precision of the timers' scores or the platform's dates, it would merge an approval's
+#: warning into its expiry, or fail ``mesh status`` with an OverflowError.
+MAX_DURATION_S = 365 * 86400.0
+
+
 def parse_duration(text: str | float | int) -> float:
     """Seconds in a duration written ``30s``, ``10m``, ``24h`` (also ``500ms``, ``2d``); a bare
-    number is seconds. ValueError otherwise."""
+    number is seconds. ValueError otherwise, or when it is under 1ms or over 365d (:data:`MAX_DURATION_S`)."""
     if isinstance(text, bool):
         raise ValueError(f"a duration is written 30s, 10m or 24h, not {text!r}")
     if isinstance(text, int | float):
@@ -73,8 +79,10 @@ def parse_duration(text: str | float | int) -> float:
         if found is None:
             raise ValueError(f"a duration is written 30s, 10m or 24h, not {text!r}")
         seconds = float(found.group(1)) * _UNIT_S[found.group(2)]
-    if seconds <= 0:
+    if not seconds > 0:  # also NaN
         raise ValueError(f"a duration must be positive, not {text!r}")
+    if seconds < 0.001 or seconds > MAX_DURATION_S:  # an infinite one ('9' * 400 + 's') too
+        raise ValueError(f"a duration is at least 1ms and at most 365d, not {str(text)[:40]!r}")
     return seconds
 
 

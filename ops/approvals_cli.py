@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.cells import cell_len
+from rich.text import Text
 
 from mesh.broker import JobNotFound
 from mesh.broker.approvals import AlreadyDecided, ApprovalError, ApprovalExpired, Pending
@@ -22,8 +24,11 @@ StepArg = Annotated[str, typer.Argument(help="The step waiting (as `mesh approva
                                         show_default=False)]
 ByOpt = Annotated[str | None, typer.Option("--by", help="Who decides; default user@host. Advisory here: the "
                                            "step's approvers are enforced where users are authenticated.")]
-#: How much of a waiting step's input a table row shows (--json and `mesh status` give all of it).
-INPUT_CHARS = 120
+#: How much of a waiting step's input a table row shows, in terminal cells (--json and `mesh status`
+#: give all of it).
+INPUT_CELLS = 120
+#: The input's lines, in cells: under a block's ``expires: `` label they end within 80 columns.
+INPUT_LINE_CELLS = 70
 
 
 def approvals(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
@@ -50,13 +55,39 @@ def table(waiting: list[Pending], *, wide: bool = False) -> base.Listing:
                base.Column("expires"), base.Column("input", wrap=True))
     rows = []
     for p in waiting:
-        shown = orjson.dumps(p.step.input, option=orjson.OPT_SORT_KEYS).decode()
-        if len(shown) > INPUT_CHARS:
-            shown = shown[:INPUT_CHARS - 3] + "..."
+        shown = shown_input(p.step.input)
         expires = "now" if p.expires_at is None else (
             f"in {show_duration(p.expires_at - now)} ({p.approval.on_timeout})")
         rows.append((p.job_id, p.step.step_id, f"{show_duration(now - p.asked_at)} ago", expires, shown))
     return base.Listing(columns, rows, wide=wide)
+
+
+def shown_input(payload: Any) -> str:
+    """A waiting step's input as its row shows it: compact JSON cut to :data:`INPUT_CELLS` cells (a
+    wide character takes two), in lines of :data:`INPUT_LINE_CELLS` cells, since JSON without spaces
+    would not wrap and a block would run past 80 columns."""
+    text = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS).decode()
+    cut = cell_len(text) > INPUT_CELLS
+    lines: list[str] = []
+    line: list[str] = []
+    used = total = 0
+    for ch in text:
+        width = cell_len(ch)
+        if cut and total + width > INPUT_CELLS - 3:
+            break
+        if used + width > INPUT_LINE_CELLS:
+            lines.append("".join(line))
+            line, used = [], 0
+        line.append(ch)
+        used += width
+        total += width
+    if cut:
+        if used + 3 > INPUT_LINE_CELLS:
+            lines.append("".join(line))
+            line = []
+        line.append("...")
+    lines.append("".join(line))
+    return "\n".join(lines)
 
 
 def approve(job_id: JobArg, step_id: StepArg,
@@ -114,8 +145,9 @@ def _show(record: JobRecord, as_json: bool) -> None:
                         "decision": approval.decision, "by": approval.by, "at": approval.at, "note": approval.note,
                         "hash": approval.hash, "step_state": step.state.value, "job_state": record.state.value})
         return
-    base.out.print(f"{approval.decision}: step {step.step_id} of {record.job_id} by {approval.by}; "
-                   f"step {step.state.value}, job {record.state.value}")
+    # a Text, not markup: the name comes from --by, and "[/red]" in it must print, not raise
+    base.out.print(Text(f"{approval.decision}: step {step.step_id} of {record.job_id} by {approval.by}; "
+                        f"step {step.state.value}, job {record.state.value}"))
 
 
 def register(app: typer.Typer) -> None:

@@ -30,7 +30,7 @@ from dramatiq.message import Message
 from mesh.broker import approvals as store
 from mesh.broker.approvals import AlreadyDecided, NotAwaiting, Verdict
 from mesh.broker.pipelines import PipelineStore
-from mesh.contracts import TERMINAL, Envelope, JobRecord, State, StepRecord, transition
+from mesh.contracts import TERMINAL, Envelope, JobRecord, State, StepRecord, loads, transition
 from mesh.contracts.approvals import Decision, call_hash, show_duration
 from mesh.contracts.jobs import known
 
@@ -177,21 +177,30 @@ def timer_handlers(jobs: Any, pipelines: PipelineStore, routes: engine.Routes, c
 
     def warn(due: Any) -> bool:
         job_id, step_id, asks = due.ref.rsplit("|", 2)
-        record = jobs.get(job_id)
-        rec = waiting_step(record, step_id) if record is not None else None
-        if record is None or rec is None or rec.approval is None or rec.approval.asks != int(asks):
-            return True
-        left = max(0.0, rec.approval.timeout_s - (rec.approval.warn_before_s or 0))
-        ev = engine._event("approval_warning", record, rec, expires_in=show_duration(
-            rec.approval.warn_before_s or 0), asked=show_duration(left), hash=rec.approval.hash)
-        pipe = jobs.client.pipeline(transaction=True)
         from mesh.broker import trace
 
-        trace.stage(pipe, jobs.keys, ev)
-        store.stage_audit(pipe, jobs.keys, "warning", job_id, step_id, hash=rec.approval.hash,
-                          expires_in_s=rec.approval.warn_before_s)
-        pipe.hincrby(jobs.keys.stats, "approval_warnings", 1)
-        pipe.execute()
+        def write(pipe: Any) -> None:
+            # watched with the record: a lock holder paused past its lock that resumes after another
+            # worker sent this warning (and removed its timer) finds it gone, and sends none again
+            score = pipe.zscore(jobs.keys.timers, due.member)
+            if score is None or int(score) != due.due_ms:
+                return
+            data = pipe.get(jobs.keys.job(job_id))
+            record = JobRecord.model_validate(loads(data)) if data is not None else None
+            rec = waiting_step(record, step_id) if record is not None else None
+            pipe.multi()
+            pipe.zrem(jobs.keys.timers, due.member)
+            if record is None or rec is None or rec.approval is None or rec.approval.asks != int(asks):
+                return
+            left = max(0.0, rec.approval.timeout_s - (rec.approval.warn_before_s or 0))
+            ev = engine._event("approval_warning", record, rec, expires_in=show_duration(
+                rec.approval.warn_before_s or 0), asked=show_duration(left), hash=rec.approval.hash)
+            trace.stage(pipe, jobs.keys, ev)
+            store.stage_audit(pipe, jobs.keys, "warning", job_id, step_id, hash=rec.approval.hash,
+                              expires_in_s=rec.approval.warn_before_s)
+            pipe.hincrby(jobs.keys.stats, "approval_warnings", 1)
+
+        jobs.client.transaction(write, jobs.keys.timers, jobs.keys.job(job_id))
         return True
 
     return {store.EXPIRY: expire, store.WARNING: warn}
