@@ -147,7 +147,9 @@ def proceed(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[dic
         step = compensable(spec, rec)
         if step is None or undo_id(rec.step_id) in record.steps or effect(rec) == "none":
             continue
-        agent = rec.agent if by_tools(step, rec) else step.compensate.agent  # type: ignore[union-attr]
+        undo = step.compensate
+        # a tool's compensation (compensate: {tool:}, or its calls' own) runs on the step's agent's worker
+        agent = undo.agent if undo is not None and undo.agent is not None and not by_tools(step, rec) else rec.agent
         record = record.with_step(StepRecord(step_id=undo_id(rec.step_id), agent=agent,
                                              key=undo_key(rec.key), compensates=rec.step_id,
                                              created_at=now, updated_at=now))
@@ -202,11 +204,15 @@ def _input(step: StepSpec, orig: StepRecord, record: JobRecord) -> dict[str, Any
 
     if by_tools(step, orig):  # the compensating tools of its calls, last call first
         return {UNDO_CALLS: list(reversed(orig.undo_calls or []))}
-    assert step.compensate is not None
+    undo = step.compensate
+    assert undo is not None
     scope = {"input": orig.input, "output": orig.result or {}, "task_id": record.key, "job_id": record.job_id}
-    if step.compensate.input is None:
+    if undo.tool is not None:  # one call of the declared tool, its args built (default: the step's output)
+        args = _build_input(undo.input, scope) if undo.input is not None else dict(orig.result or {})
+        return {UNDO_CALLS: [{"tool": undo.tool, "args": args}]}
+    if undo.input is None:
         return {"input": orig.input, "output": orig.result or {}}
-    return _build_input(step.compensate.input, scope)
+    return _build_input(undo.input, scope)
 
 
 def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, payload: dict[str, Any],

@@ -120,15 +120,25 @@ class ApprovalPolicy(_Spec):
 
 class Compensation(_Spec):
     """What undoes a step's effect when its job halts or is cancelled after the step succeeded: the
-    declared agent to run and its input, field → CEL expression over ``input`` (the step's input),
-    ``output`` (its output), ``item`` (a ``for_each`` item's element), ``task_id`` and ``job_id``
-    (default: ``{"input": ..., "output": ...}``). Its message key derives from the step's key, so it
-    is idempotent; its own ``retry_policy`` applies before it is dead-lettered ``compensation_failed``."""
+    declared agent to run (or the declared tool to call) and its input, field → CEL expression over
+    ``input`` (the step's input), ``output`` (its output), ``item`` (a ``for_each`` item's element),
+    ``task_id`` and ``job_id`` (default: ``{"input": ..., "output": ...}`` for an agent, the step's
+    output for a tool). Its message key derives from the step's key, so it is idempotent; its own
+    ``retry_policy`` applies before it is dead-lettered ``compensation_failed``."""
 
-    agent: str
+    #: The declared agent that undoes the step; or ``tool``: a declared tool, called by the step's own
+    #: agent's worker with ``input`` as its args (default: the step's output). One of the two.
+    agent: str | None = None
+    tool: str | None = None
     input: dict[str, Expression] | None = None
     retry_policy: RetryPolicy | None = None
     timeout_ms: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> Compensation:
+        if (self.agent is None) == (self.tool is None):
+            raise ValueError("compensate names an agent or a tool: give exactly one of agent: and tool:")
+        return self
 
     @field_validator("input")
     @classmethod

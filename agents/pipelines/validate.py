@@ -187,10 +187,23 @@ def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[Base
         where = "agent" if "agent" in step.model_fields_set else "id"
         yield Problem(("steps", i, where), f"step {step.id!r} runs agent {step.agent_name!r}, which app "
                       f"{app.name!r} does not declare; its agents are {', '.join(app.agents) or 'none'}")
-    if step.compensate is not None and step.compensate.agent not in app.agents:
+    undo = step.compensate
+    if undo is not None and undo.agent is not None and undo.agent not in app.agents:
         yield Problem(("steps", i, "compensate", "agent"), f"step {step.id!r} is compensated by agent "
-                      f"{step.compensate.agent!r}, which app {app.name!r} does not declare; its agents are "
+                      f"{undo.agent!r}, which app {app.name!r} does not declare; its agents are "
                       f"{', '.join(app.agents) or 'none'}")
+    if undo is not None and undo.tool is not None:
+        tool = app.tools.get(undo.tool)
+        if tool is None:
+            yield Problem(("steps", i, "compensate", "tool"), f"step {step.id!r} is compensated by tool "
+                          f"{undo.tool!r}, which app {app.name!r} does not declare; its tools are "
+                          f"{', '.join(app.tools) or 'none'}")
+        elif undo.input is not None:
+            missing = [name for name, f in tool.args.model_fields.items()
+                       if f.is_required() and (f.alias or name) not in undo.input and name not in undo.input]
+            if missing:
+                yield Problem(("steps", i, "compensate", "input"), f"step {step.id!r}: compensate input gives tool "
+                              f"{undo.tool!r} no {', '.join(map(repr, missing))}, which its args require")
     if step.output_schema:
         models = names.get(step.output_schema, [])
         if not models:

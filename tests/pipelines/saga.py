@@ -171,3 +171,10 @@ def pins(ctx: Context, booking: Booking) -> Booking:
 PINS = app.pipeline(Pipeline("pins")
                     .step("pin", agent="pins")
                     .step("car", agent="book", depends_on=["pin"]))
+
+
+#: ``flight`` undone by a declared tool named in the pipeline (``compensate: {tool: release}``).
+RELEASED = app.pipeline(Pipeline("released")
+                        .step("flight", agent="book",
+                              compensate={"tool": "release", "input": {"url": "output.url", "seat": "output.ref"}})
+                        .step("car", agent="book", depends_on=["flight"]))

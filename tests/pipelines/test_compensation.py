@@ -191,3 +191,21 @@ def test_cancel_withdraws_a_step_awaiting_approval():
     record, sent = saga.cancel(spec, record, "no", Routes(), [], now=3.0)
     assert record.steps["b"].state is State.CANCELLED and "withdrawn from approval" in (record.steps["b"].error or "")
     assert _sent(sent) == ["undo:a"]
+
+
+def test_a_compensating_tool_must_be_declared_and_given_the_args_it_requires() -> None:
+    import pytest
+
+    from mesh.agents.pipelines.validate import problems
+    from mesh.contracts import ConfigError
+    from tests.pipelines.saga import app as saga_app
+
+    def found(compensate: dict) -> list[str]:
+        spec = Pipeline("p").step("flight", agent="book", compensate=compensate).build()
+        return [p.message for p in problems(spec, saga_app)]
+
+    assert found({"tool": "release", "input": {"url": "output.url", "seat": "output.ref"}}) == []
+    assert any("tool 'refund', which app 'saga' does not declare" in m for m in found({"tool": "refund"}))
+    assert any("no 'seat'" in m for m in found({"tool": "release", "input": {"url": "output.url"}}))
+    with pytest.raises(ConfigError, match="exactly one of agent: and tool:"):
+        Pipeline("p").step("flight", agent="book", compensate={"agent": "unbook", "tool": "release"}).build()

@@ -208,3 +208,20 @@ def test_a_step_failing_after_a_compensable_tool_call_returned_has_that_call_und
         assert ledger.applied == [("/reserve", "1A"), ("/release", "1A")]
         assert record.steps["undo:seat"].result == {"undone": 1}
         assert record.steps["car"].sent_at is None
+
+
+def test_a_step_compensated_by_a_tool_named_in_the_pipeline_has_it_called_once(
+        make_settings: Any, rclient: Any, worker_process: Any) -> None:
+    from tests.pipelines.saga import RELEASED
+
+    ledger = Ledger()
+    with RecordingServer(ledger) as server:
+        mesh, _ = _start(make_settings, rclient, worker_process, server)
+        rclient.sadd(f"{mesh.settings.namespace}:test.fail", "car")
+        ref = mesh.run(RELEASED, {"url": server.url("")}, key="released-1")
+        record = mesh.wait(ref.id, timeout_s=60)
+
+        assert record.state is State.COMPENSATED, (record.state, record.error)
+        assert ledger.applied == [("/do", "flight"), ("/release", "flight")]
+        undo = record.steps["undo:flight"]
+        assert undo.agent == "book" and undo.result == {"undone": 1}

@@ -75,7 +75,7 @@ def test_a_compensation_of_a_cancelled_job_is_not_told_to_stop(make_settings, rc
 
 
 @pytest.mark.slow
-def test_two_cancels_at_once_from_two_processes_cancel_once(make_settings, rclient, worker_process, cli):
+def test_two_cancels_at_once_from_two_processes_cancel_once(make_settings, rclient, worker_process, cli_process):
     with RecordingServer(Ledger()) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
         ns = mesh.settings.namespace
@@ -83,7 +83,8 @@ def test_two_cancels_at_once_from_two_processes_cancel_once(make_settings, rclie
         ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-twice")
         wait_for(lambda: rclient.get(f"{ns}:test.book_holder"), timeout_s=60)
         with ThreadPoolExecutor(2) as pool:
-            runs = list(pool.map(lambda why: cli("cancel", ref.id, "--reason", why, "--json"), ["one", "two"]))
+            runs = list(pool.map(lambda why: cli_process("cancel", ref.id, "--reason", why, "--json"),
+                                 ["one", "two"]))
         record = mesh.wait(ref.id, timeout_s=60)
 
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
