@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.outbox import wake
 from mesh.broker.settings import DEFAULT_REDIS_URL
 from mesh.ops.local_redis import ensure_redis
 from tests.tier import _slow_marker_guard  # noqa: F401  (autouse: the fast tier's guard)
@@ -48,10 +49,15 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: 
 
 
 def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
-    """Put ``data`` on ``queue`` exactly as dramatiq's enqueue would, bypassing every check."""
+    """Put ``data`` on ``queue`` exactly as the mesh's enqueue would (dramatiq's two writes, then the
+    queue's wake-up token: an idle consumer takes it at once, not at the end of its block), bypassing
+    every check."""
     rid = str(uuid.uuid4())
-    client.redis.hset(client.keys.messages(queue), rid, data)
-    client.redis.rpush(client.keys.queue(queue), rid)
+    pipe = client.redis.pipeline(transaction=False)
+    pipe.hset(client.keys.messages(queue), rid, data)
+    pipe.rpush(client.keys.queue(queue), rid)
+    wake(pipe, client.keys, queue)
+    pipe.execute()
     return rid
 
 
