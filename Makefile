@@ -29,8 +29,11 @@ lint: $(BIN)/.installed
 PYTEST := $(if $(PYTHONDONTWRITEBYTECODE),PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/.pytest_cache/pycache) \
           $(BIN)/pytest
 
+# The whole suite on two processes (pytest-xdist): the slow tier's tests spend most of their time
+# waiting (on workers, heartbeats, leases, redis-servers), not computing, and each works in its own
+# namespace, on its own ports; on 2 cores two processes overlap those waits.
 test: lint
-	$(PYTEST) -q --durations=25
+	$(PYTEST) -q -n 2 --durations=25
 
 # The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
 # (tests/tier.py fails a test that does so without @pytest.mark.slow). They are CPU-bound (most of

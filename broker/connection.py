@@ -157,10 +157,10 @@ def check(settings: MeshSettings) -> None:
                           "needs its key")
 
 
-def _retry(retries: bool) -> dict[str, Any]:
+def _retry(retries: int) -> dict[str, Any]:
     if not retries:
         return {"retry": Retry(NoBackoff(), 0)}
-    return {"retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 8),
+    return {"retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
             "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
 
 
@@ -171,12 +171,13 @@ def _tls(settings: MeshSettings) -> dict[str, Any]:
 
 def connect(settings: MeshSettings, *, retries: bool = True, **options: Any) -> redis.Redis:
     """A client of the Redis ``settings`` name. ``retries``: a command that fails on a dropped
-    connection or a restarting (failing-over) server is re-sent for a few seconds, for commands safe
-    to re-send (claims, job writes in WATCH/MULTI, reads); without, the error surfaces at once.
+    connection or a restarting (failing-over) server is re-sent for a few seconds (MESH_REDIS_RETRIES
+    times), for commands safe to re-send (claims, job writes in WATCH/MULTI, reads); without, the error
+    surfaces at once.
     ``options``: more redis-py connection arguments (e.g. ``socket_timeout``)."""
     address = parse_url(settings.redis_url)
     kwargs: dict[str, Any] = {"db": address.db, "username": address.username, "password": address.password,
-                              **_retry(retries), **options}
+                              **_retry(settings.redis_retries if retries else 0), **options}
     if address.sentinel:
         assert address.service is not None
         sentinel_auth = settings.redis_sentinel_password

@@ -32,6 +32,13 @@ class MeshSettings(BaseSettings):
     redis_key_file: str | None = Field(default=None, description="rediss://: the client certificate's key (PEM)")
     redis_sentinel_password: SecretStr | None = Field(default=None, description="redis+sentinel://: the "
                                                       "sentinels' own password (the URL's is the master's)")
+    redis_retries: int = Field(default=8, ge=0, le=30, description="times a command that is safe to re-send "
+                               "(claims, leases, job records, reads) is re-sent after a lost connection or a "
+                               "timeout, backing off from 50 ms to 1 s (8: about 4 s); past them it fails as "
+                               "Redis unavailable")
+    reconnect_delay_s: float | None = Field(default=None, gt=0, description="how long a worker waits after a "
+                                            "lost Redis connection before it rebuilds a consumer or re-sends a "
+                                            "settlement; default: dramatiq's (3 s and 5 s)")
     redis_wait_replicas: int = Field(default=0, ge=0, description="a client's enqueue returns only once this many "
                                      "replicas have it (Redis WAIT); 0: once the primary has it")
     redis_wait_timeout_ms: int = Field(default=1000, ge=1, description="how long an enqueue waits for "

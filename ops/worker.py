@@ -12,6 +12,7 @@ import time
 import typing
 from typing import Any
 
+import dramatiq.worker
 import redis
 from dramatiq import Worker
 from pydantic import BaseModel
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 #: How long an idle consumer waits between polls of an empty queue (ms).
 IDLE_POLL_MS = 100
 
+#: dramatiq's waits after a lost connection (s): before a consumer is rebuilt, before a settlement is
+#: re-sent. MESH_RECONNECT_DELAY_S replaces both; unset, these stand.
+DRAMATIQ_DELAYS = (dramatiq.worker.CONSUMER_RESTART_DELAY_SECS, dramatiq.worker.POST_PROCESS_MESSAGE_RETRY_DELAY_SECS)
+
 
 def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: App | str | None = None
                  ) -> Worker:
@@ -38,6 +43,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     (``mesh agents``) and start consuming their queues in this process. ``app``: an App, an import
     path (``pkg.module:app``) or None for the built-in planner, researcher and executor."""
     app = load_app(app) if isinstance(app, str) else app
+    reconnect_delays(settings.reconnect_delay_s)
     broker = build_broker(settings)
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
@@ -53,6 +59,15 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
     worker.start()
     return worker
+
+
+def reconnect_delays(delay_s: float | None) -> None:
+    """Set how long dramatiq waits after a lost Redis connection before it rebuilds a consumer and
+    before it re-sends a settlement (MESH_RECONNECT_DELAY_S; None: dramatiq's own). They are module
+    globals of ``dramatiq.worker``, read at each wait, so they hold for every worker of the process."""
+    restart_s, resend_s = DRAMATIQ_DELAYS if delay_s is None else (delay_s, delay_s)
+    dramatiq.worker.CONSUMER_RESTART_DELAY_SECS = restart_s
+    dramatiq.worker.POST_PROCESS_MESSAGE_RETRY_DELAY_SECS = resend_s  # type: ignore[assignment]  # an int there
 
 
 def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: str | None = None) -> int:

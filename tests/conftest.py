@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.outbox import wake
 from mesh.broker.settings import DEFAULT_REDIS_URL
 from mesh.ops.local_redis import ensure_redis
 from tests.tier import (
@@ -30,6 +31,11 @@ from tests.tier import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: MESH_RECONNECT_DELAY_S of the tests' workers, in-process and processes: dramatiq's own 3 s (rebuilding
+#: a consumer) and 5 s (re-sending a settlement) after a lost Redis connection are what a test that cuts
+#: or restarts Redis would otherwise spend most of its time waiting out.
+RECONNECT_DELAY_S = 0.5
 
 # Fixtures that start a worker: a test using one is in the slow tier without saying so.
 WORKER_FIXTURES = frozenset({"start_worker", "worker_process", "run_workers"})
@@ -56,10 +62,15 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: 
 
 
 def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
-    """Put ``data`` on ``queue`` exactly as dramatiq's enqueue would, bypassing every check."""
+    """Put ``data`` on ``queue`` exactly as the mesh's enqueue would (dramatiq's two writes, then the
+    queue's wake-up token: an idle consumer takes it at once, not at the end of its block), bypassing
+    every check."""
     rid = str(uuid.uuid4())
-    client.redis.hset(client.keys.messages(queue), rid, data)
-    client.redis.rpush(client.keys.queue(queue), rid)
+    pipe = client.redis.pipeline(transaction=False)
+    pipe.hset(client.keys.messages(queue), rid, data)
+    pipe.rpush(client.keys.queue(queue), rid)
+    wake(pipe, client.keys, queue)
+    pipe.execute()
     return rid
 
 
@@ -102,7 +113,8 @@ def namespace(redis_url: str) -> Iterator[str]:
 def make_settings(redis_url: str, namespace: str) -> Callable[..., MeshSettings]:
     def make(**overrides: Any) -> MeshSettings:
         values: dict[str, Any] = {"redis_url": redis_url, "namespace": namespace,
-                                  "retry_min_backoff_ms": 20, "retry_max_backoff_ms": 100}
+                                  "retry_min_backoff_ms": 20, "retry_max_backoff_ms": 100,
+                                  "reconnect_delay_s": RECONNECT_DELAY_S}
         values.update(overrides)
         return MeshSettings(**values)
 
@@ -156,11 +168,13 @@ def mesh_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
 @pytest.fixture
 def worker_process(settings: MeshSettings, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start ``mesh worker`` as a real process; killed at teardown if still alive. Its log goes to a
-    file (``proc.log_path``), never to an unread pipe that would block the worker once full."""
+    file (``proc.log_path``), never to an unread pipe that would block the worker once full. It runs
+    with MESH_RECONNECT_DELAY_S set to RECONNECT_DELAY_S unless ``extra_env`` says otherwise."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def run(*args: str, **extra_env: str) -> subprocess.Popen[bytes]:
         log_path = tmp_path / f"worker-{len(procs)}.log"
+        extra_env = {"MESH_RECONNECT_DELAY_S": str(RECONNECT_DELAY_S), **extra_env}
         with log_path.open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "worker", *args],
                                     env=mesh_env(settings, **extra_env), cwd=ROOT,

@@ -36,6 +36,10 @@ from tests.httpserver import RecordingServer
 
 FINISH_S = 40  # the deadline to settle everything once Redis is back
 SHORT_OUTAGE_S = 1.0  # well inside the records client's few seconds of retries
+#: For the outages the worker must give up on: its records client re-sends a command twice (about
+#: 0.15 s), not MESH_REDIS_RETRIES' default 8 (about 4 s), before each write fails as Redis unavailable;
+#: the test otherwise waits out that default once per write the outage fails (progress, lease, claim...).
+GIVE_UP = {"MESH_REDIS_RETRIES": "2"}
 IDLE = {"ready": 0, "delayed": 0, "in_flight": 0}
 RECEIPT = {"receipt": "r-1", "charged": 100}
 
@@ -207,7 +211,7 @@ def breaker_untouched(rig: Rig) -> None:
 
 def test_a_dead_letter_decided_while_redis_is_down_ends_the_job_when_redis_returns(outage_rig):
     # No retry budget: whatever the attempt is taken for, its failure is final, decided in the outage.
-    rig = outage_rig(400, until_the_settlement_was_refused, MESH_MAX_RETRIES="0")
+    rig = outage_rig(400, until_the_settlement_was_refused, MESH_MAX_RETRIES="0", **GIVE_UP)
     keys = rig.client.keys
     ref = http_post(rig, "order-1")
     try:
@@ -263,7 +267,7 @@ def succeeds_once(rig: Rig, key: str) -> dict[str, int]:
 
 
 def test_a_tool_success_whose_record_failed_is_recorded_when_redis_returns_not_run_again(outage_rig):
-    rig = outage_rig(200, until_the_settlement_was_refused)
+    rig = outage_rig(200, until_the_settlement_was_refused, **GIVE_UP)
     # The attempt could not record its success: deferred (no retry budget), carrying the output.
     assert succeeds_once(rig, "pay-1") == {"mesh_unavailable:defer": 1}
 

@@ -44,6 +44,18 @@ def server(tmp_path, certs) -> Iterator[PrivateRedis]:
         s.stop()
 
 
+@pytest.fixture
+def client_cert_server(tmp_path, certs) -> Iterator[PrivateRedis]:
+    """A TLS server that wants client certificates. A fixture, set up before ``worker_process``, so
+    the worker is stopped while the server still answers (stopping it against a gone server waits
+    out its reconnection attempts)."""
+    s = tls_server(tmp_path / "redis", certs, auth_clients=True)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 def test_a_job_runs_end_to_end_over_tls_with_the_ca_file_and_every_flow_works(
         server, certs, make_settings, worker_process, cli):
     env = {"MESH_REDIS_URL": server.url, "MESH_REDIS_CA_FILE": str(certs["ca"])}
@@ -63,22 +75,19 @@ def test_a_job_runs_end_to_end_over_tls_with_the_ca_file_and_every_flow_works(
 
 
 def test_a_server_that_wants_client_certificates_takes_the_cert_and_key_files(
-        tmp_path, certs, make_settings, worker_process, cli):
-    server = tls_server(tmp_path / "redis", certs, auth_clients=True)
-    try:
-        files = {"redis_ca_file": str(certs["ca"]), "redis_cert_file": str(certs["client"]),
-                 "redis_key_file": str(certs["client_key"])}
-        env = {"MESH_REDIS_URL": server.url, **{f"MESH_{k.upper()}": v for k, v in files.items()}}
-        client = MeshClient(make_settings(redis_url=server.url, **files))
-        worker_process("--agents", "executor", "--threads", "2", **env)
-        ref = client.send("executor", NOTE)
-        assert client.wait(ref.id, timeout_s=30).state is State.SUCCEEDED
+        client_cert_server, certs, make_settings, worker_process, cli):
+    server = client_cert_server
+    files = {"redis_ca_file": str(certs["ca"]), "redis_cert_file": str(certs["client"]),
+             "redis_key_file": str(certs["client_key"])}
+    env = {"MESH_REDIS_URL": server.url, **{f"MESH_{k.upper()}": v for k, v in files.items()}}
+    client = MeshClient(make_settings(redis_url=server.url, **files))
+    worker_process("--agents", "executor", "--threads", "2", **env)
+    ref = client.send("executor", NOTE)
+    assert client.wait(ref.id, timeout_s=30).state is State.SUCCEEDED
 
-        # Without a client certificate the handshake fails.
-        anonymous = MeshClient(make_settings(redis_url=server.url, redis_ca_file=str(certs["ca"])))
-        with pytest.raises(redis.ConnectionError):
-            anonymous.redis.ping()
-        refused = cli("status", MESH_REDIS_URL=server.url, MESH_REDIS_CA_FILE=str(certs["ca"]))
-        assert refused.returncode == 3, refused.stderr
-    finally:
-        server.stop()
+    # Without a client certificate the handshake fails.
+    anonymous = MeshClient(make_settings(redis_url=server.url, redis_ca_file=str(certs["ca"])))
+    with pytest.raises(redis.ConnectionError):
+        anonymous.redis.ping()
+    refused = cli("status", MESH_REDIS_URL=server.url, MESH_REDIS_CA_FILE=str(certs["ca"]))
+    assert refused.returncode == 3, refused.stderr

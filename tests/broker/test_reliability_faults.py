@@ -257,7 +257,7 @@ def tiny_redis(tmp_path: Path) -> Any:
 
 
 def test_poison_met_while_redis_refuses_writes_with_oom_is_dead_lettered_once_memory_frees(
-        make_settings, start_worker, tiny_redis):
+        make_settings, tiny_redis, start_worker):  # in this order: the worker stops before the server
     settings: MeshSettings = make_settings(redis_url=tiny_redis.url)
     rc = redis.Redis.from_url(tiny_redis.url)
     client = MeshClient(settings, client=rc)

@@ -12,9 +12,10 @@ import redis
 @pytest.mark.slow
 def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_cleans_up(cli, settings, redis_url):
     # The mesh's retention reaches the soak's workers: records expire during the run, and a job whose
-    # record expired counts as ended, not lost.
-    res = cli("soak", "--seconds", "15", "--interval", "5", "--kill-every", "6", "--rate", "4", "--json",
-              timeout=420, MESH_JOB_RETENTION_S="2", MESH_SWEEP_INTERVAL_S="1")
+    # record expired counts as ended, not lost. So does its heartbeat timeout: the messages a killed
+    # worker held are taken over after 2 s, not the soak's default 5 s.
+    res = cli("soak", "--seconds", "8", "--interval", "2", "--kill-every", "3", "--rate", "4", "--json",
+              timeout=420, MESH_JOB_RETENTION_S="2", MESH_SWEEP_INTERVAL_S="1", MESH_HEARTBEAT_TIMEOUT_S="2")
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert {"config", "duration_s", "sent", "jobs", "dead_letters", "poison_dead_lettered", "lost", "not_ended",

@@ -53,9 +53,12 @@ def test_one_sweep_runs_per_interval_across_the_fleet(make_settings, rclient):
 def test_status_of_a_job_removed_by_retention_says_it_expired(make_settings, start_worker, rclient, cli):
     settings = make_settings(job_retention_s=3, sweep_interval_s=0.2)
     client = MeshClient(settings, client=rclient)
-    start_worker(settings, ("executor",))
+    worker = start_worker(settings, ("executor",))
     ref = client.send("executor", {"tool": "note", "args": {"title": "t"}})
     wait_for(lambda: rclient.zscore(client.keys.jobs_expired, ref.id) is not None, timeout_s=30)
+    # Its sweeper stopped with it: the tombstone lives MESH_JOB_RETENTION_S, and a later sweep would
+    # trim it while a slow `mesh status` starts (a loaded machine), making the job unknown, not expired.
+    worker.stop(timeout=10_000)
 
     res = cli("status", ref.id, MESH_JOB_RETENTION_S="3")
     assert res.returncode == 2
