@@ -19,8 +19,6 @@ registered here (:func:`on_decide`), so the broker imports nothing of it.
 
 from __future__ import annotations
 
-import getpass
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from . import timers
 from .clock import server_ms
 from .keys import Keys
 from .outbox import encode
+from .trace import operator
 
 #: Gives each key that has no TTL one of ARGV[1] ms (PEXPIRE's NX, before Redis 7).
 _EXPIRE_IF_NONE = """
@@ -115,13 +114,8 @@ class NotAnApprover(ApprovalError):
     exit_code = 2
 
 
-def default_by() -> str:
-    """``user@host`` of this process: who decides when no name is given."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+#: ``user@host`` of this process: who decides when no name is given.
+default_by = operator
 
 
 def _iso(at: float | None) -> str:

@@ -16,8 +16,6 @@ verification or settlement is written to the ``{ns}:effects.audit`` stream.
 
 from __future__ import annotations
 
-import getpass
-import socket
 import time
 from typing import Any
 
@@ -61,15 +59,6 @@ if #ARGV > 9 then
 end
 return 1
 """
-
-
-def operator() -> str:
-    """``user@host`` of the process: who an operator's decision is recorded as by default."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def member(job_id: str, step_id: str, n: int) -> str:

@@ -21,6 +21,7 @@ timeline and the record agree.
 
 from __future__ import annotations
 
+import getpass
 import os
 import socket
 import time
@@ -44,6 +45,16 @@ _ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
 def worker_name() -> str:
     """How events name the worker process: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def operator() -> str:
+    """``user@host`` of this process: who an operator's action (a replay, a decision, a settlement)
+    is recorded as when no name is given."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def event(kind: str, envelope: dict[str, Any], *, worker: str | None = None, at: float | None = None,

@@ -3,27 +3,17 @@ transaction as the operation it records."""
 
 from __future__ import annotations
 
-import getpass
-import socket
 import time
 from typing import Any
 
 import redis
 
 from mesh.broker.keys import Keys
+from mesh.broker.trace import operator
 from mesh.contracts import dumps, loads
 
 #: The audit log keeps about this many records (oldest trimmed first).
 AUDIT_MAXLEN = 100_000
-
-
-def operator() -> str:
-    """``user@host`` of the process doing the operation."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 class Audit:

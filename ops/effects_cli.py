@@ -18,7 +18,7 @@ import typer
 
 from mesh.broker import trace
 from mesh.broker.client import MeshClient
-from mesh.broker.ledger import operator
+from mesh.broker.trace import operator
 from mesh.contracts import JobRecord, LeaseLost
 from mesh.ops import console as base
 from mesh.ops.pipeline_cli import AppPath
