@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import typer
 from rich.text import Text
 
@@ -42,13 +43,12 @@ def validate(
         raise typer.Exit(base.EXIT_INPUT) from None
     summary = _summary(spec)
     if as_json:
-        base.emit_json({"valid": True, "file": str(file), "app": mesh_app.name, **summary})
+        base.emit_json({"valid": True, "file": str(file), "app": mesh_app.name, **summary,
+                        "spec": orjson.loads(spec.canonical())})
         return
     base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  valid against app {mesh_app.name!r}  "
                                  f"digest {summary['digest'][:12]}"), highlight=False)
-    base.out.print(Text(f"order: {' → '.join(summary['order'])}   roots: {', '.join(summary['roots'])}"),
-                   highlight=False)
-    for line in _lines(summary["steps"]):
+    for line in [*_pipeline_lines(summary), *_lines(summary["steps"])]:
         base.out.print(line, highlight=False)
 
 
@@ -115,11 +115,7 @@ def show(
         return
     base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  digest {digest[:12]}  "
                                  f"({len(versions)} version(s) registered)"), highlight=False)
-    if spec.description:
-        base.out.print(Text(spec.description), highlight=False)
-    base.out.print(Text(f"order: {' → '.join(summary['order'])}   roots: {', '.join(summary['roots'])}"),
-                   highlight=False)
-    for line in _lines(summary["steps"]):
+    for line in [*_pipeline_lines(summary), *_lines(summary["steps"])]:
         base.out.print(line, highlight=False)
 
 
@@ -140,41 +136,171 @@ def resolve_pipeline(name_or_file: str, app_path: str | None, *, must_be_file: b
         raise typer.Exit(base.EXIT_INPUT) from None
 
 
+#: Expression keys of a step, shown with their CEL and what they read.
+EXPRESSIONS = ("gate", "when", "idempotency_key", "for_each", "item_id")
+
+
+def _expression(e: Any) -> dict[str, Any]:
+    return {"source": e.source, "cel": e.cel, "reads": [".".join(p) for p in e.paths]}
+
+
 def _summary(spec: Any) -> dict[str, Any]:
+    """The whole spec, as ``--json`` prints it: every key a step sets (a key left unset is left out),
+    expressions with their CEL and the fields they read, the pipeline's tracing, checkpointing and
+    result, and the order and roots of its DAG."""
     from mesh.agents.pipelines import order, roots
 
     steps = []
     for s in spec.steps:
-        steps.append({
+        step = {k: v for k, v in s.model_dump(mode="json").items() if v is not None and k != "approval"}
+        step.update({
             "id": s.id, "agent": s.agent_name, "depends_on": list(s.depends_on), "output_schema": s.output_schema,
             "failure_mode": s.failure_mode.value, "requires_human_approval": s.requires_human_approval,
             **({"approval": s.approval_policy.model_dump(mode="json")} if s.approval_policy else {}),
-            **{name: {"source": e.source, "cel": e.cel, "reads": [".".join(p) for p in e.paths]}
-               for name in ("gate", "when", "idempotency_key", "for_each", "item_id")
-               if (e := getattr(s, name)) is not None},
+            **{name: _expression(e) for name in EXPRESSIONS if (e := getattr(s, name)) is not None},
+            **({"input": {k: _expression(e) for k, e in s.input.items()}} if s.input is not None else {}),
         })
-    return {"name": spec.name, "version": spec.version, "digest": spec.digest(), "order": order(spec),
-            "roots": roots(spec), "steps": steps,
-            "gates": {s.id: s.gate.cel for s in spec.steps if s.gate is not None}}
+        steps.append(step)
+    return {"name": spec.name, "version": spec.version, "description": spec.description, "digest": spec.digest(),
+            "order": order(spec), "roots": roots(spec), "steps": steps,
+            "gates": {s.id: s.gate.cel for s in spec.steps if s.gate is not None},
+            "tracing": spec.tracing.model_dump(mode="json"),
+            "checkpointing": spec.checkpointing.model_dump(mode="json"),
+            "result": list(spec.result) if spec.result is not None else None}
+
+
+#: Text output fits this many columns (a part longer than a line is wrapped, never cut).
+WIDTH = 80
+
+
+def _ms(ms: int) -> str:
+    """A ``timeout_ms`` the way durations are written: ``45s``, ``2m``, or ``1500ms`` when not whole."""
+    from mesh.contracts.approvals import show_duration
+
+    return show_duration(ms / 1000) if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _retry(policy: dict[str, Any]) -> str:
+    backoff = "no backoff" if policy["backoff"] == "none" else f"{policy['backoff']} backoff"
+    return f"{policy['max_attempts']} attempt(s), {backoff}"
+
+
+def _inputs(inputs: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {v['source'] if isinstance(v, dict) else v}" for k, v in sorted(inputs.items()))
+
+
+def _parts(s: dict[str, Any]) -> list[str]:
+    """What a step's line says, one part per key the step sets, in the file's terms."""
+    parts = [f"agent {s['agent']}"]
+    if s["depends_on"]:
+        parts.append(f"after {', '.join(s['depends_on'])}")
+    if s["output_schema"]:
+        parts.append(f"output {s['output_schema']}")
+    if "model" in s:
+        parts.append(f"model {s['model']}")
+    if "timeout_ms" in s:
+        parts.append(f"timeout {_ms(s['timeout_ms'])}")
+    if "retry_policy" in s:
+        parts.append(f"retry {_retry(s['retry_policy'])}")
+    if s.get("idempotent"):
+        parts.append("idempotent")
+    if "idempotency_key" in s:
+        parts.append(f"key: {s['idempotency_key']['source']}")
+    if "state_input" in s:
+        parts.append(f"state_input {s['state_input']}")
+    if "input" in s:
+        parts.append(f"input: {_inputs(s['input'])}")
+    if "for_each" in s:
+        parts.append(f"for_each: {s['for_each']['cel']}")
+    if "max_parallel" in s:
+        parts.append(f"max_parallel {s['max_parallel']}")
+    if "join" in s:
+        parts.append(f"join: min_success {s['join']['min_success']}")
+    if "item_id" in s:
+        parts.append(f"item_id: {s['item_id']['source']}")
+    if "when" in s:
+        parts.append(f"when: {s['when']['cel']}")
+    if "gate" in s:
+        parts.append(f"gate: {s['gate']['cel']} (false: {s['failure_mode']})")
+    elif s["failure_mode"] != "halt_pipeline":
+        parts.append(f"failure_mode {s['failure_mode']}")
+    if s["requires_human_approval"]:
+        a = s.get("approval") or {}
+        parts.append(f"awaits approval ({a.get('timeout', '24h')}, then {a.get('on_timeout', 'deny')})")
+        if a.get("approvers"):
+            parts.append(f"approvers {', '.join(a['approvers'])}")
+        if a.get("warn_before"):
+            parts.append(f"warns {a['warn_before']} before")
+    if "compensate" in s:
+        parts.append(f"compensate: {_compensation(s['compensate'])}")
+    return parts
+
+
+def _compensation(c: dict[str, Any]) -> str:
+    said = [f"agent {c['agent']}" if c.get("agent") else f"tool {c['tool']}"]
+    if c.get("input") is not None:
+        said.append(f"input: {_inputs(c['input'])}")
+    if c.get("retry_policy") is not None:
+        said.append(f"retry {_retry(c['retry_policy'])}")
+    if c.get("timeout_ms") is not None:
+        said.append(f"timeout {_ms(c['timeout_ms'])}")
+    return ", ".join(said)
+
+
+def _pack(first: str, parts: list[str], indent: int) -> list[str]:
+    """``first`` then the parts two spaces apart, a new line (at ``indent``) where the next part
+    would pass :data:`WIDTH`; a part longer than a whole line is wrapped, nothing is cut."""
+    import textwrap
+
+    lines, line = [], first
+    for part in parts:
+        if len(line) + 2 + len(part) <= WIDTH:
+            line += "  " + part
+            continue
+        lines.append(line)
+        pieces = textwrap.wrap(part, WIDTH - indent, break_on_hyphens=False) or [part]
+        lines += [" " * indent + p for p in pieces[:-1]]
+        line = " " * indent + pieces[-1]
+    return [*lines, line]
 
 
 def _lines(steps: list[dict[str, Any]]) -> list[Text]:
-    """One line per step, nothing cut: ids, agents and schemas are what the file says."""
+    """A step's lines: its id, then every key it sets, within :data:`WIDTH` columns (ids, agents,
+    schemas and expressions as the file says them, never cut)."""
     width = max(len(s["id"]) for s in steps)
+    indent = 4 + width if 4 + width <= 24 else 6
     out = []
     for s in steps:
-        parts = [f"{s['id']:<{width}}", f"agent {s['agent']}"]
-        if s["depends_on"]:
-            parts.append(f"after {', '.join(s['depends_on'])}")
-        if s["output_schema"]:
-            parts.append(f"output {s['output_schema']}")
-        parts += [f"{k}: {s[k]['cel']}" for k in ("for_each", "when") if k in s]
-        if "idempotency_key" in s:
-            parts.append(f"key: {s['idempotency_key']['source']}")
-        if "gate" in s:
-            parts.append(f"gate: {s['gate']['cel']} (false: {s['failure_mode']})")
-        if s["requires_human_approval"]:
-            a = s.get("approval") or {}
-            parts.append(f"awaits approval ({a.get('timeout', '24h')}, then {a.get('on_timeout', 'deny')})")
-        out.append(Text("  " + "  ".join(parts)))
+        head = f"  {s['id']:<{width}}"
+        if len(head) > WIDTH:
+            out.append(Text(head.rstrip()))
+            head = " " * (indent - 2)
+        out += [Text(line) for line in _pack(head, _parts(s), indent)]
     return out
+
+
+def _wrapped(text: str, indent: int = 2) -> list[Text]:
+    """``text`` in lines of at most :data:`WIDTH` columns, the later ones indented; nothing cut."""
+    import textwrap
+
+    return [Text(line) for line in textwrap.wrap(text, WIDTH, subsequent_indent=" " * indent,
+                                                 break_on_hyphens=False) or [text]]
+
+
+def _pipeline_lines(summary: dict[str, Any]) -> list[Text]:
+    """The pipeline's own keys: description, order and roots of its DAG, tracing, checkpointing and
+    result (``mesh pipeline validate`` and ``show`` print them above the steps)."""
+    from mesh.contracts.approvals import show_duration
+
+    t, c = summary["tracing"], summary["checkpointing"]
+    logs = " and ".join(k for k in ("inputs", "outputs") if t[f"log_{k}"])
+    tracing = "tracing: off" if not t["enabled"] else f"tracing: {t.get('provider') or 'on'}" + (
+        f", logs {logs}" if logs else "")
+    kept = f"kept {show_duration(c['ttl_minutes'] * 60)}" if c["ttl_minutes"] else "kept MESH_JOB_RETENTION_S"
+    keys = [f"checkpointing: {c['store']}, {kept}" if c["enabled"] else "checkpointing: off"]
+    if summary["result"] is not None:
+        keys.append(f"result: {', '.join(summary['result'])}")
+    lines = _wrapped(summary["description"], 0) if summary["description"] else []
+    lines += _wrapped(f"order: {' → '.join(summary['order'])}   roots: {', '.join(summary['roots'])}")
+    lines += [Text(line) for line in _pack(tracing, keys, 2)]
+    return lines

@@ -110,3 +110,107 @@ def test_mesh_run_refuses_bad_input_and_unknown_names(cli: Cli) -> None:
     assert unknown.returncode == 2 and "no pipeline 'nope'" in unknown.stderr
     wrong = cli("run", ISSUE_FILE, "--app", APP, "--input", '{"topic": 1}')
     assert wrong.returncode == 2 and "goal" in wrong.stderr
+
+
+#: A pipeline that sets every key a step and a pipeline have (the test below checks it stays so).
+EVERY_KEY = """\
+name: every-key
+version: "2.1"
+description: A pipeline with every key set, so that show and validate print each.
+tracing: {enabled: true, provider: otlp, log_inputs: true, log_outputs: true}
+checkpointing: {enabled: true, store: redis, ttl_minutes: 90}
+agents:
+  - id: scout
+    agent: scout
+    model: gpt-test-mini
+    timeout_ms: 45000
+    retry_policy: {max_attempts: 5, backoff: fixed}
+    output_schema: research_result
+    idempotent: true
+    idempotency_key: "{{task_id}}:scout"
+    compensate: {agent: scout, input: {goal: input.goal}, retry_policy: {max_attempts: 2, backoff: none},
+                 timeout_ms: 1500}
+  - id: coder
+    depends_on: [scout]
+    state_input: research_result
+  - id: fetch
+    depends_on: [scout]
+    for_each: 'scout.sources.filter(s, s.score >= 2.0)'
+    max_parallel: 4
+    join: {min_success: 0.8}
+    item_id: "s{{item.score}}"
+    when: item.score > 0.5
+    failure_mode: continue
+    input:
+      url: item.url
+      score: item.score * 2.0
+  - id: digest
+    depends_on: [fetch]
+    input:
+      items: fetch
+    gate: size(fetch) > 0
+    requires_human_approval: true
+    approval: {timeout: 2h, on_timeout: escalate, approvers: [alice, bob], warn_before: 30m}
+result: [fetch, digest]
+"""
+
+#: What the text says of each key set above.
+EVERY_KEY_SHOWN = [
+    "every-key 2.1", "A pipeline with every key set", "order: scout → coder → fetch → digest",
+    "tracing: otlp, logs inputs and outputs", "checkpointing: redis, kept 1h30m",
+    "result: fetch, digest", "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
+    "output research_result", "idempotent", "key: {{task_id}}:scout",
+    "compensate: agent scout, input: goal = input.goal, retry 2 attempt(s), no backoff, timeout 1500ms",
+    "after scout", "state_input research_result", "for_each: scout.sources.filter(s, s.score >= 2.0)",
+    "max_parallel 4", "join: min_success 0.8", "item_id: s{{item.score}}", "when: item.score > 0.5",
+    "failure_mode continue", "input: score = item.score * 2.0, url = item.url", "input: items = fetch",
+    "gate: size(fetch) > 0 (false: halt_pipeline)", "awaits approval (2h, then escalate)", "approvers alice, bob",
+    "warns 30m before",
+]
+
+
+def _shown(stdout: str) -> str:
+    """The text with every line within 80 columns, its lines joined (a part may wrap)."""
+    lines = stdout.rstrip("\n").split("\n")
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    return " ".join(" ".join(lines).split())
+
+
+def test_validate_and_show_print_every_key_and_json_is_the_whole_canonical_spec(cli: Cli, tmp_path: Path) -> None:
+    """A registered join rule, retry policy, timeout, model, compensation or approval is visible to
+    an operator: each key the file sets is in the text (within 80 columns) and in --json."""
+    from mesh.agents.pipelines import PipelineSpec, StepSpec, load_pipeline
+    from tests.pipelines.agents import app
+
+    path = tmp_path / "every-key.yaml"
+    path.write_text(EVERY_KEY)
+    spec = load_pipeline(path, app)
+    canonical = json.loads(spec.canonical())
+    defaults = {k: f.get_default(call_default_factory=True) for k, f in StepSpec.model_fields.items()}
+    set_keys = {k for s in spec.steps for k in StepSpec.model_fields if getattr(s, k) != defaults[k]}
+    assert set_keys == set(StepSpec.model_fields), f"EVERY_KEY leaves unset: {set(StepSpec.model_fields) - set_keys}"
+    assert all(getattr(spec, k) != f.get_default(call_default_factory=True)
+               for k, f in PipelineSpec.model_fields.items() if k not in ("name", "steps"))
+
+    for run in (cli("pipeline", "validate", str(path), "--app", APP),
+                cli("pipeline", "register", str(path), "--app", APP) and cli("pipeline", "show", "every-key")):
+        assert run.returncode == 0, run.stderr
+        text = _shown(run.stdout)
+        missing = [part for part in EVERY_KEY_SHOWN if part not in text]
+        assert not missing, f"not shown: {missing}\n{run.stdout}"
+
+    validated = json.loads(cli("pipeline", "validate", str(path), "--app", APP, "--json").stdout)
+    shown = json.loads(cli("pipeline", "show", "every-key", "--json").stdout)
+    for report in (validated, shown):
+        assert report["spec"] == canonical
+        assert report["tracing"] == canonical["tracing"] and report["checkpointing"] == canonical["checkpointing"]
+        assert report["result"] == ["fetch", "digest"] and report["description"] == canonical["description"]
+        for step, whole in zip(report["steps"], canonical["steps"], strict=True):
+            unset = {k for k, v in whole.items() if v is None or v == defaults.get(k)}
+            assert set(whole) - unset <= set(step), f"step {step['id']} lacks {set(whole) - unset - set(step)}"
+        scout, fetch = report["steps"][0], report["steps"][2]
+        assert scout["retry_policy"] == {"max_attempts": 5, "backoff": "fixed"} and scout["timeout_ms"] == 45000
+        assert scout["model"] == "gpt-test-mini" and scout["idempotent"] is True
+        assert scout["compensate"]["timeout_ms"] == 1500
+        assert fetch["join"] == {"min_success": 0.8} and fetch["max_parallel"] == 4
+        assert fetch["input"]["url"] == {"source": "item.url", "cel": "item.url", "reads": ["item.url"]}
