@@ -244,7 +244,9 @@ def replay(
         "--to-version", min=1, metavar="N",
         help="Send each message to contract version N of its agent (the version its workers publish now), "
              "if its payload fits N's input; entries that do not fit are skipped.")] = None,
-    yes: Yes = False, as_json: base.JsonFlag = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Replay --all or the filtered entries without asking "
+                                      "(entries named by id never ask).")] = False,
+    as_json: base.JsonFlag = False,
 ) -> None:
     """Re-enqueue entries: original key, fresh attempts and deadline.
 
@@ -252,7 +254,8 @@ def replay(
     trace; an entry leaves the DLQ only once its copy is enqueued. A one-message job whose record
     expired gets it back; a pipeline step whose job expired is skipped (--dry-run says so too).
     After a rolling deploy, --to-version sends messages stamped with a retired contract version to
-    the current one."""
+    the current one. Entries named by id replay at once; --all and filters ask first (without a
+    terminal to ask on, they need --yes)."""
     from mesh.dlq import Replayer
 
     flt = _selection(ids, all_, agent, failure_class, since, until, grep, key, dependency)
@@ -260,7 +263,7 @@ def replay(
     ids = [_resolve(c, i) for i in ids] if ids else ids
     replayer = Replayer(store, c.settings, to_version=to_version)
     total = len(ids) if ids else store.count(flt)
-    if not dry_run:
+    if not dry_run and not ids:  # entries named one by one are already chosen: no question to ask
         _confirm(yes, f"replay {_upto(ids, flt)}{total} dead letter(s)")
     with _progress(total, "replaying", not as_json and not dry_run) as advance:
         report = replayer.replay(replayer.entries(ids or None, None if ids else flt),

@@ -4,11 +4,17 @@ say the same thing about them."""
 from __future__ import annotations
 
 import json
+import time
+import uuid
 
 import pytest
 from conftest import flat
 
 from mesh.broker import MeshClient
+from mesh.broker.client import job_id_for
+from mesh.broker.outbox import encode
+from mesh.dlq import DeadLetter, DeadLetterStore, Filter
+from mesh.dlq.entry import Attempt
 
 
 def sent(cli, key: str) -> str:
@@ -40,3 +46,38 @@ def test_trace_of_an_expired_job_says_it_expired_as_status_does(cli, settings, r
         res = cli(cmd, "order-never-sent")
         assert res.returncode == 2
         assert "no job order-never-sent (nor a job of key 'order-never-sent')" in flat(res.stderr), (cmd, res.stderr)
+
+
+def dead_letter(client: MeshClient, key: str) -> DeadLetter:
+    """A dead letter of a one-message job (``mesh send``) of the executor, as the settle script writes it:
+    a replay recreates its job, so it needs no worker to move."""
+    from dramatiq.message import Message
+
+    now = time.time()
+    envelope = {"key": key, "job_id": job_id_for(key), "step_id": "executor", "agent": "executor",
+                "trace_id": uuid.uuid4().hex, "deadline": now + 600, "hops": [], "attempt": 1, "schema_version": 1,
+                "replay_of": None, "payload": {"tool": "note", "args": {"title": key}}}
+    entry = DeadLetter(entry_id=str(uuid.uuid4()), queue="executor", agent="executor", failure_class="permanent",
+                       error=f"{key} failed", envelope=envelope, key=key, job_id=envelope["job_id"],
+                       trace_id=envelope["trace_id"], attempts=(Attempt(attempt=1, outcome="dead_lettered", at=now),),
+                       worker="w", dead_lettered_at=now)
+    raw = encode(Message(queue_name="executor", actor_name="executor", args=(envelope,), kwargs={}, options={},
+                         message_id=entry.entry_id))
+    assert DeadLetterStore(client.redis, client.keys).put(entry, raw)
+    return entry
+
+
+def test_dlq_replay_of_entries_named_by_id_needs_no_yes_but_all_and_filters_still_do(cli, client):
+    store = DeadLetterStore(client.redis, client.keys)
+    one, two, other = (dead_letter(client, f"order-{n}") for n in (1, 2, 3))
+    res = cli("dlq", "replay", one.entry_id, "--json")  # stdin is no terminal here: nothing to ask on
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["ids"] == [one.entry_id]
+    res = cli("dlq", "replay", two.entry_id[:13])  # a unique start names it too
+    assert res.returncode == 0 and "replayed 1 dead letter(s)" in res.stdout, res.stderr
+    assert {e.entry_id for e in store.entries(Filter())} == {other.entry_id}
+    assert client.queues(["executor"])["executor"]["ready"] == 2
+    for args in (("--all",), ("--class", "permanent")):
+        res = cli("dlq", "replay", *args)
+        assert res.returncode == 2 and "replay 1 dead letter(s): add --yes to confirm" in flat(res.stderr), res.stderr
+    assert {e.entry_id for e in store.entries(Filter())} == {other.entry_id}
