@@ -189,21 +189,28 @@ def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool,
         _show(exc.record, as_json, c.stuck(exc.record), c=c)
         unserved = _unserved(c, exc.record)
         if unserved:
+            apps = {a: p.app for a, p in c.registry.agents().items() if a in unserved}
             fail(f"{exc}: no live worker serves {', '.join(unserved)} "
-                 f"(start one: {_worker_command(unserved, app_path)}; see mesh agents)", EXIT_TIMEOUT)
+                 f"(start one: {_worker_command(unserved, app_path, apps)}; see mesh agents)", EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json, c=c)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
 
 
-def _worker_command(agents: list[str], app_path: str | None) -> str:
-    """The command that serves ``agents``: a bare ``mesh worker`` serves only the built-in ones."""
+def _worker_command(agents: list[str], app_path: str | None, published: dict[str, str] | None = None) -> str:
+    """The command that serves ``agents``: with the ``--app`` the command was given, exactly as given; a
+    bare ``mesh worker`` serves only the built-in ones. Otherwise ``--app MODULE:APP``, naming the app
+    their workers published (``published``: agent -> its app's name), when one app has them all."""
     from mesh.agents.builtin import app as builtin
 
     if app_path:
         return f"mesh worker --app {app_path}"
-    return "mesh worker" if set(agents) <= set(builtin.agents) else "mesh worker --app MODULE:APP"
+    if set(agents) <= set(builtin.agents):
+        return "mesh worker"
+    apps = {(published or {}).get(a, "") for a in agents}
+    of = f" (the import path of app {next(iter(apps))!r})" if len(apps) == 1 and "" not in apps else ""
+    return f"mesh worker --app MODULE:APP{of}"
 
 
 def _unserved(c: MeshClient, record: JobRecord) -> list[str]:

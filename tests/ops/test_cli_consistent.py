@@ -81,3 +81,24 @@ def test_dlq_replay_of_entries_named_by_id_needs_no_yes_but_all_and_filters_stil
         res = cli("dlq", "replay", *args)
         assert res.returncode == 2 and "replay 1 dead letter(s): add --yes to confirm" in flat(res.stderr), res.stderr
     assert {e.entry_id for e in store.entries(Filter())} == {other.entry_id}
+
+
+def test_the_no_worker_hint_repeats_the_app_it_was_given_and_names_the_published_app_without_one(
+        cli, settings, rclient):
+    from examples.quickstart.app import app as quickstart
+    from mesh.broker.registry import Registry
+    from mesh.ops.worker import published
+
+    args = ("--input", '{"topic": "otters"}', "--wait", "--timeout", "0.5")
+    for given in ("examples.quickstart.app", "examples.quickstart.app:app"):
+        res = cli("run", "article", "--app", given, *args)
+        assert res.returncode == 4
+        assert f"no live worker serves writer (start one: mesh worker --app {given}; see" in flat(res.stderr)
+    # A run by name without --app: the app its workers published (they are gone, the record stays).
+    keys = MeshClient(settings, client=rclient).keys
+    Registry(rclient, keys, settings.heartbeat_timeout_s).publish(
+        "w-gone", "host:1", [published(a, quickstart.name) for a in quickstart.agents.values()], app=quickstart.name)
+    res = cli("run", "article", *args)
+    assert res.returncode == 4
+    assert ("start one: mesh worker --app MODULE:APP (the import path of app 'quickstart'); see mesh agents"
+            in flat(res.stderr)), res.stderr
