@@ -102,3 +102,43 @@ def test_the_no_worker_hint_repeats_the_app_it_was_given_and_names_the_published
     assert res.returncode == 4
     assert ("start one: mesh worker --app MODULE:APP (the import path of app 'quickstart'); see mesh agents"
             in flat(res.stderr)), res.stderr
+
+
+def test_dlq_show_of_a_replayed_entry_shows_it_as_replayed_when_by_whom_and_as_which_message(cli, client):
+    from mesh.broker import trace
+    from mesh.broker.trace import operator
+
+    entry = dead_letter(client, "order-9")
+    res = cli("dlq", "replay", entry.entry_id, "--json", MESH_DLQ_RETENTION_S="3600")
+    assert res.returncode == 0 and json.loads(res.stdout)["ids"] == [entry.entry_id], res.stderr
+    (event,) = [e for e in trace.read(client.redis, client.keys, entry.job_id) if e["event"] == "replayed"]
+
+    shown = cli("dlq", "show", entry.entry_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["state"] == "replayed" and data["entry_id"] == entry.entry_id
+    assert (data["agent"], data["failure_class"], data["error"], data["key"]) == (
+        "executor", "permanent", "order-9 failed", "order-9")
+    assert data["message_id"] == event["message_id"] and data["queue"] == "executor"
+    assert data["job_id"] == entry.job_id and data["replayed_by"] == operator() == event["by"]
+    assert data["replay_count"] == 1 and abs(data["replayed_at"] - time.time()) < 60
+    assert [r["op"] for r in data["audit"]] == ["replay"]
+    assert data["audit"][0]["detail"]["message_id"] == event["message_id"]
+    # Kept as long as the entry could have stayed in the DLQ: MESH_DLQ_RETENTION_S.
+    assert 3500 < client.redis.ttl(client.keys.dlq_replayed(entry.entry_id)) <= 3600
+
+    human = cli("dlq", "show", entry.entry_id)
+    text = flat(human.stdout)
+    assert human.returncode == 0, human.stderr
+    assert f"entry_id: {entry.entry_id}\nstate: replayed (no longer in the DLQ)" in human.stdout
+    assert f"by {operator()}" in text and f"message_id: {event['message_id']}" in text
+    assert "queue: executor (replay 1)" in text and f"job_id: {entry.job_id}" in text
+    assert all(len(line) <= 80 for line in human.stdout.splitlines()), human.stdout
+    missing = cli("dlq", "show", str(uuid.uuid4()))
+    assert missing.returncode == 2 and "no dead letter" in flat(missing.stderr)
+
+
+def test_a_replayed_entrys_tombstone_lives_for_the_dedup_ttl_when_dlq_retention_is_off(cli, client):
+    entry = dead_letter(client, "order-10")
+    assert cli("dlq", "replay", entry.entry_id, MESH_DEDUP_TTL_S="7200").returncode == 0
+    assert 7100 < client.redis.ttl(client.keys.dlq_replayed(entry.entry_id)) <= 7200
