@@ -3,9 +3,10 @@
 A replayed message keeps its **original key** (so idempotency absorbs an effect that already
 happened), gets a fresh attempt counter and deadline, and carries ``replay_of`` (the entry id)
 as lineage. Its job step goes back to ``queued``, the message is enqueued, and the entry leaves
-the DLQ with its audit record, all in one MULTI/EXEC: a replay killed at any point leaves every
-entry either replayed or still in the DLQ, never lost and never enqueued twice. The job's trace gets a
-``replayed`` event (who, from which entry) in that transaction too.
+the DLQ with its audit record and a tombstone (``mesh dlq show`` of the replayed id), all in one
+MULTI/EXEC: a replay killed at any point leaves every entry either replayed or still in the DLQ,
+never lost and never enqueued twice. The job's trace gets a ``replayed``
+event (who, from which entry) in that transaction too.
 
 A job that ended holding a dead letter keeps its record while the dead letter may be replayed
 (``MeshSettings.dead_letter_job_retention_s``, broker/jobs.py). One whose record is gone all the same
