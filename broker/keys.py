@@ -63,6 +63,10 @@ The mesh's own:
     {ns}:dlq.agents                   set of agent names that ever had a dead letter
     {ns}:dlq.class:{class}            zset entry id -> time, per failure class
     {ns}:dlq.audit                    stream, capped: who did what to which entry, when
+    {ns}:dlq.replayed:{entry_id}      string (JSON): the tombstone of a replayed entry, written in the
+                                      replay's transaction: what it was and where it went (when, by
+                                      whom, message id, queue, job); expires after MESH_DLQ_RETENTION_S
+                                      (MESH_DEDUP_TTL_S when that is 0) (dlq/replay.py)
     {ns}:pipeline:{name}              hash: a registered pipeline's versions, digest (sha256 of its canonical
                                       JSON) -> that JSON; field ``latest`` -> the newest digest (new runs
                                       take it; a running job keeps the digest it started with)
@@ -221,6 +225,9 @@ class Keys:
     @property
     def dlq_audit(self) -> str:
         return f"{self.namespace}:dlq.audit"
+
+    def dlq_replayed(self, entry_id: str) -> str:
+        return f"{self.namespace}:dlq.replayed:{entry_id}"
 
     def pipeline(self, name: str) -> str:
         return f"{self.namespace}:pipeline:{name}"

@@ -3,9 +3,10 @@
 A replayed message keeps its **original key** (so idempotency absorbs an effect that already
 happened), gets a fresh attempt counter and deadline, and carries ``replay_of`` (the entry id)
 as lineage. Its job step goes back to ``queued``, the message is enqueued, and the entry leaves
-the DLQ with its audit record, all in one MULTI/EXEC: a replay killed at any point leaves every
-entry either replayed or still in the DLQ, never lost and never enqueued twice. The job's trace gets a
-``replayed`` event (who, from which entry) in that transaction too.
+the DLQ with its audit record and a tombstone (``mesh dlq show`` of the replayed id), all in one
+MULTI/EXEC: a replay killed at any point leaves every entry either replayed or still in the DLQ,
+never lost and never enqueued twice. The job's trace gets a ``replayed``
+event (who, from which entry) in that transaction too.
 
 A job that ended holding a dead letter keeps its record while the dead letter may be replayed
 (``MeshSettings.dead_letter_job_retention_s``, broker/jobs.py). One whose record is gone all the same
@@ -21,6 +22,7 @@ version's input schema; otherwise it is skipped with the validation error.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import Counter
@@ -40,7 +42,17 @@ from mesh.broker.ledger import Ledger
 from mesh.broker.outbox import encode_checked, stage, wake
 from mesh.broker.registry import Registry
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import ContractError, JobRecord, LimitExceeded, State, StepRecord, loads, settle, transition
+from mesh.contracts import (
+    ContractError,
+    JobRecord,
+    LimitExceeded,
+    State,
+    StepRecord,
+    dumps,
+    loads,
+    settle,
+    transition,
+)
 from mesh.contracts.effects import HAPPENED
 from mesh.contracts.jobs import is_compensation, newer_state
 
@@ -326,6 +338,7 @@ class Replayer:
             if failed:
                 self.store.put(stored.entry, stored.raw)
                 audit = self.client.pipeline(transaction=False)
+                audit.delete(self.keys.dlq_replayed(stored.entry.entry_id))  # not replayed after all
                 self.audit.stage(audit, "replay_failed", stored.entry.entry_id, error=failed[0])
                 audit.execute()
                 out[i] = f"Redis refused its enqueue ({failed[0]}); it is back in the DLQ"
@@ -380,8 +393,9 @@ class Replayer:
         return skipped, spans
 
     def _stage_trail(self, pipe: Any, message: Message[Any], entry: Any, *, recreated: bool) -> None:
-        """What a replay leaves behind: the audit record, and a ``replayed`` event in the job's trace
-        (who replayed which entry, as which message, and what it changed)."""
+        """What a replay leaves behind: the audit record, the entry's tombstone (``mesh dlq show`` of a
+        replayed id), and a ``replayed`` event in the job's trace (who replayed which entry, as which
+        message, and what it changed)."""
         env = message.args[0]
         detail = {"message_id": message.message_id, "key": env.get("key"), "queue": message.queue_name,
                   "replay_count": entry.replay_count + 1}
@@ -390,9 +404,32 @@ class Replayer:
         if recreated:
             detail["recreated_record"] = True
         self.audit.stage(pipe, "replay", entry.entry_id, **detail)
+        stage_tombstone(pipe, self.keys, entry, by=self.audit.who, job_id=env.get("job_id"),
+                        ttl_s=self.settings.dlq_retention_s or self.settings.dedup_ttl_s, **detail)
         trace.stage(pipe, self.keys, trace.event(
             "replayed", env, entry_id=entry.entry_id, by=self.audit.who, failure_class=entry.failure_class,
             error=entry.error[:200], **{k: v for k, v in detail.items() if k != "key"}))
+
+
+def stage_tombstone(pipe: Any, keys: Keys, entry: Any, *, by: str, job_id: Any, ttl_s: float,
+                    **detail: Any) -> None:
+    """Stage the tombstone of a replayed entry into the replay's transaction: what the entry was
+    (agent, class, error, key, job, when dead-lettered) and where it went (when, by whom, as which
+    message onto which queue), for ``mesh dlq show ID`` once the entry itself left the DLQ. It
+    expires after the DLQ retention (MESH_DLQ_RETENTION_S, else MESH_DEDUP_TTL_S when that is 0),
+    as long as the entry itself could have stayed; the audit log keeps the record after that."""
+    tomb = {"entry_id": entry.entry_id, "agent": entry.agent, "failure_class": entry.failure_class,
+            "error": entry.error[:500], "key": entry.key, "job_id": job_id if isinstance(job_id, str) else entry.job_id,
+            "trace_id": entry.trace_id, "dead_lettered_at": entry.dead_lettered_at, "replay_of": entry.replay_of,
+            "replayed_at": time.time(), "replayed_by": by, **detail}
+    pipe.set(keys.dlq_replayed(entry.entry_id), dumps(tomb), ex=max(1, math.ceil(ttl_s)))
+
+
+def replayed(client: redis.Redis, keys: Keys, entry_id: str) -> dict[str, Any] | None:
+    """The tombstone of a replayed entry (see :func:`stage_tombstone`), or None (never replayed, still
+    in the DLQ, or its tombstone expired)."""
+    raw = client.get(keys.dlq_replayed(entry_id))
+    return loads(raw) if raw else None
 
 
 def _owned_by_newer(record: JobRecord, step_id: Any) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import textwrap
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import redis
@@ -189,21 +189,28 @@ def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool,
         _show(exc.record, as_json, c.stuck(exc.record), c=c)
         unserved = _unserved(c, exc.record)
         if unserved:
+            apps = {a: p.app for a, p in c.registry.agents().items() if a in unserved}
             fail(f"{exc}: no live worker serves {', '.join(unserved)} "
-                 f"(start one: {_worker_command(unserved, app_path)}; see mesh agents)", EXIT_TIMEOUT)
+                 f"(start one: {_worker_command(unserved, app_path, apps)}; see mesh agents)", EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
     _show(record, as_json, c=c)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
 
 
-def _worker_command(agents: list[str], app_path: str | None) -> str:
-    """The command that serves ``agents``: a bare ``mesh worker`` serves only the built-in ones."""
+def _worker_command(agents: list[str], app_path: str | None, published: dict[str, str] | None = None) -> str:
+    """The command that serves ``agents``: with the ``--app`` the command was given, exactly as given; a
+    bare ``mesh worker`` serves only the built-in ones. Otherwise ``--app MODULE:APP``, naming the app
+    their workers published (``published``: agent -> its app's name), when one app has them all."""
     from mesh.agents.builtin import app as builtin
 
     if app_path:
         return f"mesh worker --app {app_path}"
-    return "mesh worker" if set(agents) <= set(builtin.agents) else "mesh worker --app MODULE:APP"
+    if set(agents) <= set(builtin.agents):
+        return "mesh worker"
+    apps = {(published or {}).get(a, "") for a in agents}
+    of = f" (the import path of app {next(iter(apps))!r})" if len(apps) == 1 and "" not in apps else ""
+    return f"mesh worker --app MODULE:APP{of}"
 
 
 def _unserved(c: MeshClient, record: JobRecord) -> list[str]:
@@ -312,8 +319,6 @@ def status(job_id: Annotated[str | None, typer.Argument(
     A running step without progress for MESH_STUCK_AFTER_S shows as stuck; a job removed by
     retention is reported expired. Without a job: the Redis in use (address, role; for Sentinel
     the master it names now), the namespace, live workers and dead letters."""
-    from mesh.broker.retention import expired
-
     c = client()
     if job_id is None:
         _deployment(c, as_json)
@@ -326,11 +331,19 @@ def status(job_id: Annotated[str | None, typer.Argument(
             continue
         _show(record, as_json, c.stuck(record), wide=wide, c=c)
         return
+    _no_job(c, job_id, candidates)
+
+
+def _no_job(c: MeshClient, given: str, candidates: list[str]) -> NoReturn:
+    """Exit 2 for a job id or key that names no job any more: expired when retention removed it
+    (what `mesh status` and `mesh trace` both say), else unknown."""
+    from mesh.broker.retention import expired
+
     for candidate in candidates:
         if expired(c.redis, c.keys, candidate):
             fail(f"job {candidate} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
                  "after a job ends", EXIT_INPUT)
-    fail(f"no job {job_id}" + ("" if len(candidates) == 1 else f" (nor a job of key {job_id!r})"), EXIT_INPUT)
+    fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), EXIT_INPUT)
 
 
 def _deployment(c: MeshClient, as_json: bool) -> None:
@@ -541,7 +554,7 @@ def trace_(job_id: Annotated[str, typer.Argument(
         if events or record is not None:
             break
     else:
-        fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), EXIT_INPUT)
+        _no_job(c, given, candidates)
     nodes = dag.load(c, record) if record is not None and record.pipeline else None
     if as_json:
         emit_json({"job_id": job_id, "state": str(record.state) if record else None,

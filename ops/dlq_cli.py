@@ -181,15 +181,24 @@ def list_(agent: Agent = None, failure_class: Class = None, since: Since = None,
 def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh dlq list`), or its start.",
                                                 metavar="ID", show_default=False)],
          as_json: base.JsonFlag = False) -> None:
-    """Everything an entry keeps, the payload as sent and its audit records included."""
+    """Everything an entry keeps, the payload as sent and its audit records included.
+
+    An entry replayed since (its whole id) shows as replayed: what it was, when and by whom it was
+    replayed, and the message and job it went on as, for MESH_DLQ_RETENTION_S (else
+    MESH_DEDUP_TTL_S) after the replay."""
     from mesh.contracts import loads
     from mesh.dlq import Audit
+    from mesh.dlq.replay import replayed
 
     c, store = _store()
     entry_id = _resolve(c, entry_id)
     stored = store.load(entry_id)
     if stored is None:
-        base.fail(f"no dead letter {entry_id!r}", base.EXIT_INPUT)
+        tomb = replayed(c.redis, c.keys, entry_id)
+        if tomb is None:
+            base.fail(f"no dead letter {entry_id!r}", base.EXIT_INPUT)
+        _show_replayed(tomb, Audit(c.redis, c.keys).records(entry_id), as_json)
+        return
     try:
         message: Any = loads(stored.raw)
     except ValueError:
@@ -214,6 +223,25 @@ def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh 
                                  else item["raw"] or "-"))
     if e.traceback:
         base.out.print(Text(e.traceback.rstrip()))
+
+
+def _show_replayed(tomb: dict[str, Any], audit: list[dict[str, Any]], as_json: bool) -> None:
+    """A replayed entry, from its tombstone: what it was, and where it went."""
+    if as_json:
+        base.emit_json({**tomb, "state": "replayed", "audit": audit})
+        return
+    base.out.print(Text.assemble(("entry_id: ", "bold"), tomb["entry_id"]))
+    base.out.print(Text.assemble(("state: ", "bold"), "replayed (no longer in the DLQ)"))
+    for name in ("agent", "failure_class", "error", "key", "replay_of"):
+        base.out.print(Text.assemble((f"{name}: ", "bold"), str(tomb.get(name))))
+    base.out.print(Text.assemble(("dead_lettered_at: ", "bold"), base.when(tomb.get("dead_lettered_at"))))
+    base.out.print(Text.assemble(("replayed_at: ", "bold"), base.when(tomb.get("replayed_at")),
+                                 f" by {tomb.get('replayed_by')}"))
+    version = f", contract version {tomb['to_version']}" if tomb.get("to_version") is not None else ""
+    base.out.print(Text.assemble(("message_id: ", "bold"), str(tomb.get("message_id"))))
+    base.out.print(Text.assemble(("queue: ", "bold"), f"{tomb.get('queue')} (replay {tomb.get('replay_count')}"
+                                 f"{version})"))
+    base.out.print(Text.assemble(("job_id: ", "bold"), str(tomb.get("job_id"))))
 
 
 @dlq_app.command()
@@ -244,7 +272,9 @@ def replay(
         "--to-version", min=1, metavar="N",
         help="Send each message to contract version N of its agent (the version its workers publish now), "
              "if its payload fits N's input; entries that do not fit are skipped.")] = None,
-    yes: Yes = False, as_json: base.JsonFlag = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Replay --all or the filtered entries without asking "
+                                      "(entries named by id never ask).")] = False,
+    as_json: base.JsonFlag = False,
 ) -> None:
     """Re-enqueue entries: original key, fresh attempts and deadline.
 
@@ -252,7 +282,8 @@ def replay(
     trace; an entry leaves the DLQ only once its copy is enqueued. A one-message job whose record
     expired gets it back; a pipeline step whose job expired is skipped (--dry-run says so too).
     After a rolling deploy, --to-version sends messages stamped with a retired contract version to
-    the current one."""
+    the current one. Entries named by id replay at once; --all and filters ask first (without a
+    terminal to ask on, they need --yes)."""
     from mesh.dlq import Replayer
 
     flt = _selection(ids, all_, agent, failure_class, since, until, grep, key, dependency)
@@ -260,7 +291,7 @@ def replay(
     ids = [_resolve(c, i) for i in ids] if ids else ids
     replayer = Replayer(store, c.settings, to_version=to_version)
     total = len(ids) if ids else store.count(flt)
-    if not dry_run:
+    if not dry_run and not ids:  # entries named one by one are already chosen: no question to ask
         _confirm(yes, f"replay {_upto(ids, flt)}{total} dead letter(s)")
     with _progress(total, "replaying", not as_json and not dry_run) as advance:
         report = replayer.replay(replayer.entries(ids or None, None if ids else flt),

@@ -127,6 +127,8 @@ def test_an_enqueue_redis_refuses_inside_the_transaction_puts_the_entry_back(cli
     assert problems[0] is not None and "WRONGTYPE" in problems[0] and "back in the DLQ" in problems[0]
     assert store.get(stored.entry.entry_id) == stored.entry
     assert audited(client, stored.entry.entry_id)[0] == "replay_failed"
+    # Not replayed after all: no tombstone says it was (`mesh dlq show` shows the entry itself).
+    assert client.redis.exists(client.keys.dlq_replayed(stored.entry.entry_id)) == 0
 
 
 def replayer_routes(client: MeshClient) -> Any:
