@@ -5,11 +5,15 @@ cannot be evaluated when it runs (the job's input is not typed) dead-letters its
 
 from __future__ import annotations
 
+from pathlib import Path
+from textwrap import dedent
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from mesh.agents.pipelines import Pipeline, engine
+from mesh import App, Context
+from mesh.agents.pipelines import Pipeline, PipelineError, engine, load_pipeline
 from mesh.contracts import JobRecord, State, transition
 
 RUN = engine.Run(trace_id="0" * 31 + "1", deadline=2e9)
@@ -76,3 +80,85 @@ def test_an_items_gate_that_cannot_be_evaluated_dead_letters_the_for_each_step_s
     assert (fetch.error or "").startswith("for_each item 0: gate 'item.score >= input.level' could not be evaluated "
                                           "(item.score = 1.0, input.level = 'high')")
     assert not any(s.parent == "fetch" for s in record.steps.values())
+
+
+triage = App("triage")
+
+
+class Ticket(BaseModel):
+    text: str
+
+
+class Triage(BaseModel):
+    urgency: float
+    label: str = ""
+    tags: list[str] = []
+    flagged: bool = False
+    score: float | None = None
+    extra: dict[str, Any] = {}
+
+
+@triage.agent
+def classify(ctx: Context, ticket: Ticket) -> Triage:
+    """Rates a ticket."""
+    return Triage(urgency=0.5)
+
+
+@triage.agent
+def act(ctx: Context, ticket: Ticket) -> Ticket:
+    """Acts on a ticket."""
+    return ticket
+
+
+FLOW = """
+name: triage
+agents:
+  - id: classify
+  - id: act
+    depends_on: [classify]
+    gate: {gate}
+"""
+
+
+def problems(tmp_path: Path, gate: str) -> list[str]:
+    path = tmp_path / "flow.yaml"
+    path.write_text(dedent(FLOW).lstrip().format(gate=gate))
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, triage)
+    return [str(e).replace(str(path), "flow.yaml") for e in caught.value.errors]
+
+
+def test_a_gate_comparing_a_float_field_with_a_string_is_a_load_error_with_file_and_line(tmp_path: Path) -> None:
+    assert problems(tmp_path, "'classify.urgency >= \"high\"'") == [
+        "flow.yaml:6: step 'act': gate 'classify.urgency >= \"high\"' compares classify.urgency (float) >= "
+        "\"high\" (string); CEL has no >= between a number and a string: it would fail when the step is due"]
+
+
+@pytest.mark.parametrize(("gate", "says"), [
+    ("'classify.label == 3'", "label (str) == 3 (int); a string is never equal to a number: == is always false"),
+    ("'classify.flagged > 0'", "flagged (bool) > 0 (int); CEL has no > between a bool and a number"),
+    ("'classify.tags != \"x\"'", "tags (list[str]) != \"x\" (string); a list is never equal to a string: != is "
+                                 "always true"),
+    ("'classify.score + 1.0 > 0.5 || classify.urgency * \"2\" > 1.0'", "urgency (float) * \"2\" (string)"),
+    ("'classify.label - classify.label == \"\"'", "label (str) - classify.label (str); CEL has no - between a "
+                                                  "string and a string"),
+    ("'classify.score < \"a\"'", "score (float | None) < \"a\" (string)"),
+    ("'{{classify.urgency}} >= \"high\"'", "urgency (float) >= \"high\""),
+    ("'task_id > 1'", "compares task_id (str) > 1 (int)"),
+])
+def test_clearly_incompatible_operands_are_load_errors(tmp_path: Path, gate: str, says: str) -> None:
+    found = problems(tmp_path, gate)
+    assert len(found) == 1 and found[0].startswith("flow.yaml:6: step 'act': gate ") and says in found[0], found
+
+
+@pytest.mark.parametrize("gate", [
+    "'classify.urgency >= 0.85'", "'classify.urgency >= 1'", "'classify.urgency > 1u'", "'classify.label >= \"b\"'",
+    "'classify.score == null'", "'classify.extra.level == \"high\"'", "'input.urgency >= \"high\"'",
+    "'classify.urgency + 1.0 >= 2.0'", "'classify.tags + [\"x\"] == classify.tags'", "'classify.flagged == true'",
+    "'size(classify.label) > 2'", "'classify.tags.exists(t, t == \"x\")'", "'-classify.urgency < 1.0'",
+    "'classify.label + \"x\" == \"ax\"'", "'classify.urgency >= 0.5 ? true : \"x\" == \"y\"'",
+])
+def test_what_may_hold_or_is_not_known_passes(tmp_path: Path, gate: str) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(dedent(FLOW).lstrip().format(gate=gate))
+    assert load_pipeline(path, triage).step("act").gate is not None
