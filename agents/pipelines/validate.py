@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 
 from mesh.contracts import ConfigError
 
@@ -302,7 +302,7 @@ def _kinds(tp: Any) -> set[str] | None:
             if not found <= {str, int, float, bool} or len(found) != 1:
                 return None
             origin = found.pop()
-        if not isinstance(origin, type):
+        if not isinstance(origin, type) or issubclass(origin, RootModel):  # a RootModel reads as its root
             return None
         if issubclass(origin, bool):
             kinds.add("bool")
