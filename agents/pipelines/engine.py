@@ -9,7 +9,9 @@ A step is ready when every dependency succeeded or was skipped. Before it is sen
 ``skipped``, dependents go on) and ``gate`` (false: ``failure_mode`` — ``halt_pipeline`` halts the
 job with the gate, the values it read and why; ``continue`` skips the step) are evaluated over
 ``{task_id, job_id, input, <step id>: output, ...}``; for a ``for_each`` step, per item, with
-``item`` too (a skipped item counts neither as a success nor as a failure for the join).
+``item`` too (a skipped item counts neither as a success nor as a failure for the join). A condition
+that cannot be evaluated (a field missing, a wrong type) is neither false nor true: the step is
+dead-lettered ``invalid_output`` with the condition and the values it read.
 ``requires_human_approval`` (or ``approval:``) parks the step in ``awaiting_approval`` instead of
 sending it, asking for exactly the call it would make (its input, key and the spec's digest, hashed;
 a ``for_each`` step: its list of items); once a person approved that very call it is sent
@@ -204,8 +206,9 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
             continue
         try:
             rec, stop = _conditions(step, rec, seen, record, events, now)
-        except ExpressionLimit as exc:
-            record = _refuse(record, rec, exc.message, "invalid_input", events, now)
+        except ExpressionError as exc:  # past a limit, or not evaluable: never a false condition
+            detail = {"expression": exc.expression, "values": exc.values} if isinstance(exc, ConditionError) else {}
+            record = _refuse(record, rec, exc.message, _failure(exc), events, now, **detail)
             continue
         if stop is not None:
             del events[mark:]
@@ -435,7 +438,7 @@ def _conditions(step: StepSpec, it: StepRecord, scope: Mapping[str, Any], record
                 events: list[dict[str, Any]], now: float) -> tuple[StepRecord, tuple[str, dict[str, Any]] | None]:
     """The step's (or one ``for_each`` item's, with ``item`` in ``scope``) ``when`` and ``gate``: the
     record as it stands after them (queued, or skipped), and (why, values read) when its gate is
-    false under ``halt_pipeline``."""
+    false under ``halt_pipeline``; :class:`ConditionError` when one cannot be evaluated."""
     if step.when is not None:
         ok, why = _check(step.when, scope, "when")
         if not ok:
@@ -656,16 +659,31 @@ def _not_run(record: JobRecord, halted: str, now: float) -> tuple[JobRecord, lis
     return record, [s.step_id for s in unsent]
 
 
+class ConditionError(ExpressionError):
+    """A ``when`` or ``gate`` that could not be evaluated (a field missing, a wrong type, no boolean):
+    not a false condition but an error of its step, which is dead-lettered ``invalid_output`` with
+    the condition (``expression``) and the values it read (``values``), never halted or skipped."""
+
+    def __init__(self, message: str, *, expression: str, values: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.expression = expression
+        self.values = values
+
+
 def _check(cond: Condition, seen: Mapping[str, Any], what: str) -> tuple[bool, str]:
-    """(holds, why not): a condition that cannot be evaluated (a field missing) does not hold."""
+    """(holds, why not); :class:`ConditionError` when the condition cannot be evaluated: a type bug
+    (``urgency >= "high"`` over a number) must not look like a business outcome."""
+    read = _read(cond, seen)
+    shown = ", ".join(f"{k} = {v!r}" for k, v in read.items())
     try:
         if cond.test(seen):
             return True, ""
     except ExpressionLimit:
-        raise  # not a false condition: the step is dead-lettered (advance, _fan_out)
+        raise  # past a limit: the step is dead-lettered invalid_input (advance, _fan_out)
     except ExpressionError as exc:
-        return False, f"{what} {cond.source!r} could not be evaluated: {exc.message}"
-    shown = ", ".join(f"{k} = {v!r}" for k, v in _read(cond, seen).items())
+        why = exc.message.removeprefix(f"{cond.kind} {cond.source!r}").lstrip(": ")
+        raise ConditionError(f"{what} {cond.source!r} could not be evaluated{f' ({shown})' if shown else ''}: "
+                             f"{why}", expression=cond.source, values=read) from None
     return False, f"{what} {cond.source!r} was false ({shown})" if shown else f"{what} {cond.source!r} was false"
 
 
@@ -725,11 +743,12 @@ def _rerun_key(record: JobRecord, step: StepSpec, key: str) -> str:
 
 
 def _refuse(record: JobRecord, rec: StepRecord, why: str, failure_class: str, events: list[dict[str, Any]],
-            now: float) -> JobRecord:
+            now: float, **detail: Any) -> JobRecord:
     """The step dead-lettered before anything was sent for it (its expressions, key or input went past
-    a limit or could not be had): its job ends dead-lettered, with the reason on the step."""
+    a limit or could not be had): its job ends dead-lettered, with the reason on the step and in an
+    ``input_refused`` event (with ``detail``: a condition's ``expression`` and the ``values`` it read)."""
     record = record.with_step(transition(rec, State.DEAD_LETTERED, now=now, error=why, failure_class=failure_class))
-    events.append(_event("input_refused", record, record.steps[rec.step_id], reason=why))
+    events.append(_event("input_refused", record, record.steps[rec.step_id], reason=why, **detail))
     return record
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import GetCoreSchemaHandler
@@ -87,6 +88,13 @@ class Expression:
 
     def _to_cel(self, source: str) -> str:
         return _HOLE.sub(lambda m: _hole(m.group(1)), source)
+
+    def operations(self) -> list[Operation]:
+        """The binary operations (comparisons, arithmetic) whose two operands are each a path or a
+        literal, as CEL parses them (``a.x >= "high"``, not the ``1 >= "high"`` of ``a.x + 1 >=
+        "high"``), for the loader to check their types. Conservative: an operand that is anything
+        else (a call, an index, a negation, a list) leaves its operation out."""
+        return _operations(_tokens(self.cel))
 
     def evaluate(self, values: Mapping[str, Any]) -> Any:
         """The expression's value over ``values`` (``{"coder": {...}, "task_id": "...", ...}``),
@@ -297,3 +305,89 @@ def _bound(tokens: list[Token]) -> dict[int, frozenset[str]]:
                 for k in range(start + 1, i):
                     scopes.setdefault(k, set()).add(name)
     return {k: frozenset(v) for k, v in scopes.items()}
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One side of an :class:`Operation`: a path read (``("coder", "confidence")``), or a literal
+    as written with its CEL type (``"high"``, ``string``)."""
+
+    text: str
+    path: tuple[str, ...] | None = None
+    kind: str | None = None  # a literal's: string, int, uint, double, bool, null
+
+
+@dataclass(frozen=True)
+class Operation:
+    """``left op right``, an operator applied to two operands an expression reads."""
+
+    op: str
+    left: Operand
+    right: Operand
+
+
+#: Binary operators by precedence (higher binds tighter); the ones whose operand types are checked.
+_PRECEDENCE = {"||": 1, "&&": 2, "<": 3, "<=": 3, ">": 3, ">=": 3, "==": 3, "!=": 3, "in": 3,
+               "+": 4, "-": 4, "*": 5, "/": 5, "%": 5}
+_CHECKED = frozenset({"<", "<=", ">", ">=", "==", "!=", "+", "-", "*", "/", "%"})
+_TWO = frozenset({"<=", ">=", "==", "!=", "&&", "||"})
+#: What may stand right before an operand, or right after one, without binding it elsewhere.
+_BEFORE = frozenset({"(", "[", "{", ",", "?", ":"})
+_AFTER = frozenset({")", "]", "}", ",", "?", ":"})
+
+
+def _operations(tokens: list[Token]) -> list[Operation]:
+    """The operations of :meth:`Expression.operations`: the text cut into units (a path, a literal,
+    an operator, other), then each operator between two operands that its neighbours do not bind."""
+    bound = _bound(tokens)
+    units: list[tuple[str, Any]] = []  # ("operand", Operand) | ("op", "<=") | ("punct", "(") | ("other", text)
+    i = 0
+    while i < len(tokens):
+        kind, value = tokens[i]
+        if kind == "ident" and value in ("true", "false", "null"):
+            units.append(("operand", Operand(value, kind="null" if value == "null" else "bool")))
+        elif kind == "ident" and value == "in":
+            units.append(("op", "in"))
+        elif kind == "ident" and not (i > 0 and tokens[i - 1][1] == "."):
+            j = i + 1
+            while j + 1 < len(tokens) and tokens[j][1] == "." and tokens[j + 1][0] == "ident":
+                j += 2
+            path = tuple(v for k, v in tokens[i:j] if k == "ident")
+            called = j < len(tokens) and tokens[j][1] in ("(", "[", ".")
+            plain = not called and value not in bound.get(i, ())
+            units.append(("operand", Operand(".".join(path), path=path)) if plain else ("other", value))
+            i = j
+            continue
+        elif kind == "str":
+            text = re.match(r"[rR]?[\"']", value) is not None  # b"..." is bytes: not checked
+            units.append(("operand", Operand(value, kind="string")) if text else ("other", value))
+        elif kind == "num":
+            low = value.lower()
+            units.append(("operand", Operand(value, kind="uint" if low.endswith("u") else
+                                             "double" if ("." in low or "e" in low) and not low.startswith("0x")
+                                             else "int")))
+        elif kind == "op" and i + 1 < len(tokens) and value + tokens[i + 1][1] in _TWO:
+            units.append(("op", value + tokens[i + 1][1]))
+            i += 2
+            continue
+        elif kind == "op" and value in _PRECEDENCE:
+            units.append(("op", value))
+        elif kind == "op" and (value in _BEFORE or value in _AFTER):
+            units.append(("punct", value))
+        else:
+            units.append(("other", value))
+        i += 1
+    found: list[Operation] = []
+    for k in range(1, len(units) - 1):
+        (tag, op), (ltag, left), (rtag, right) = units[k], units[k - 1], units[k + 1]
+        if tag != "op" or op not in _CHECKED or ltag != "operand" or rtag != "operand":
+            continue
+        before = units[k - 2] if k >= 2 else ("punct", "(")
+        after = units[k + 2] if k + 2 < len(units) else ("punct", ")")
+        free_before = (before[0] == "punct" and before[1] in _BEFORE) or (
+            before[0] == "op" and before[1] not in ("-", "!") and _PRECEDENCE[before[1]] < _PRECEDENCE[op])
+        free_after = (after[0] == "punct" and after[1] in _AFTER) or (
+            after[0] == "op" and after[1] != "!" and _PRECEDENCE.get(after[1], 99) <= _PRECEDENCE[op])
+        if free_before and free_after:
+            found.append(Operation(op, left, right))
+    return found

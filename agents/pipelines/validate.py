@@ -14,6 +14,7 @@ declares (as output or input): ``ResearchResult`` is ``research_result``.
 from __future__ import annotations
 
 import collections.abc
+import enum
 import heapq
 import re
 import types
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 
 from mesh.contracts import ConfigError
 
@@ -233,10 +234,89 @@ def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[Base
         if (expr := getattr(step, field)) is not None]
     checked += [(("steps", i, "input", name), f"input.{name}", expr) for name, expr in (step.input or {}).items()]
     for loc, field, expr in checked:
+        wrong = False
         for path in expr.paths:
             _, message = _path_type(spec, app, up, step, field, expr, path, item=item)
             if message:
+                wrong = True
                 yield Problem(loc, message)
+        if field in ("gate", "when") and not wrong:  # its paths are known: are their types compatible?
+            for message in _operation_problems(spec, app, up, step, field, expr, item):
+                yield Problem(loc, message)
+
+
+#: CEL's kind of a literal: int, uint and double are all numbers (compared with each other freely).
+_LITERAL_KINDS = {"string": "string", "int": "number", "uint": "number", "double": "number", "bool": "bool"}
+_RELATIONS = frozenset({"<", "<=", ">", ">="})
+
+
+def _operation_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: StepSpec, field: str,
+                        expr: Expression, item: Any) -> Iterator[str]:
+    """Why a condition's comparison or arithmetic cannot hold whatever the run's data: both operands'
+    types are known (a path typed by an output model, or a literal) and CEL has no such operation
+    between them (``classify.urgency >= "high"`` over a float fails when the step is due), or they are
+    never equal (``==``). Only what is certainly wrong: an operand of unknown type passes."""
+    for operation in expr.operations():
+        sides = []
+        for operand in (operation.left, operation.right):
+            if operand.path is not None:
+                tp, message = _path_type(spec, app, up, step, field, expr, operand.path, item=item)
+                kinds = None if message else _kinds(tp)
+                named = str(tp).replace("typing.", "") if typing.get_origin(tp) is not None else _describe(tp)
+                sides.append((kinds, f"{operand.text} ({named})"))
+            else:
+                kind = _LITERAL_KINDS.get(operand.kind or "")
+                sides.append(({kind} if kind else None, f"{operand.text} ({operand.kind})"))
+        (left, named_left), (right, named_right) = sides
+        if not left or not right or not all(_clash(operation.op, a, b) for a in left for b in right):
+            continue
+        op = operation.op
+        if op in ("==", "!="):
+            why = f"a {'/'.join(sorted(left))} is never equal to a {'/'.join(sorted(right))}: {op} is always " \
+                  f"{'false' if op == '==' else 'true'}"
+        else:
+            why = (f"CEL has no {op} between a {'/'.join(sorted(left))} and a {'/'.join(sorted(right))}: it would "
+                   "fail when the step is due")
+        yield f"step {step.id!r}: {field} {expr.source!r} compares {named_left} {op} {named_right}; {why}"
+
+
+def _clash(op: str, left: str, right: str) -> bool:
+    """Whether CEL has no ``left op right`` for values of these kinds (``==`` between them: never true)."""
+    if left != right:
+        return True
+    if op in _RELATIONS:
+        return left not in ("number", "string", "bool")
+    if op == "+":
+        return left not in ("number", "string", "list")
+    return op in ("-", "*", "/", "%") and left != "number"
+
+
+def _kinds(tp: Any) -> set[str] | None:
+    """The CEL kinds a value of type ``tp`` may be in a job's record (number, string, bool, list,
+    map), None if one of them is not known for certain (Any, a date, a decimal: JSON strings)."""
+    kinds: set[str] = set()
+    for option in _options(tp):
+        origin = typing.get_origin(option) or option
+        if origin is typing.Literal:
+            found = {type(a) for a in typing.get_args(option)}
+            if not found <= {str, int, float, bool} or len(found) != 1:
+                return None
+            origin = found.pop()
+        if not isinstance(origin, type) or issubclass(origin, RootModel):  # a RootModel reads as its root
+            return None
+        if issubclass(origin, bool):
+            kinds.add("bool")
+        elif issubclass(origin, int | float) and not issubclass(origin, enum.Enum):
+            kinds.add("number")
+        elif issubclass(origin, str):
+            kinds.add("string")
+        elif issubclass(origin, _SEQUENCES) and not issubclass(origin, bytes):
+            kinds.add("list")
+        elif issubclass(origin, _MAPPINGS) or issubclass(origin, BaseModel):
+            kinds.add("map")
+        else:
+            return None
+    return kinds or None
 
 
 #: ``PATH.filter(v, ...)``: a filter of a list keeps its element type.

@@ -133,7 +133,7 @@ def test_a_when_past_a_limit_dead_letters_its_step_and_the_job(tight: sandbox.Ex
                                   "input.big * 2 > 0", "input.big + 1 > 0", "uint(input.n - 2) > 0u"])
 def test_an_arithmetic_or_index_error_is_an_expression_error_not_a_dead_evaluator(text: str) -> None:
     # CEL raises IndexError, ZeroDivisionError and OverflowError too: an empty list or a zero is
-    # ordinary data (the ``when`` is false), not an expression that killed its evaluator
+    # ordinary data (its step is dead-lettered invalid_output), not an expression that killed its evaluator
     values = {"input": {"xs": [], "n": 1, "zero": 0, "big": 2**63 - 1}}
     with pytest.raises(ExpressionError, match="cannot evaluate") as caught:
         compile_condition(text).test(values)
