@@ -236,12 +236,28 @@ class App:
         return {name: (spec.input, spec.output) for name, spec in self.agents.items()}
 
     def check(self) -> None:
-        """Every tool an agent names is declared: a worker refuses to start otherwise."""
+        """Every tool an agent names, and every tool named to undo a tool's calls (``compensate=``),
+        is declared: a worker refuses to start otherwise."""
         for spec in self.agents.values():
             missing = [t for t in spec.tools if t not in self.tools]
             if missing:
                 raise ConfigError(f"agent {spec.name!r} names undeclared tools {missing}; "
                                   f"tools are {sorted(self.tools) or 'none'}")
+        for tool in self.tools.values():
+            if tool.compensate is not None and tool.compensate not in self.tools:
+                raise ConfigError(f"tool {tool.name!r} names undeclared tool {tool.compensate!r} as compensate=; "
+                                  f"tools are {sorted(self.tools)}")
+
+    def tools_of(self, agents: Iterable[str]) -> dict[str, str]:
+        """The tools ``agents`` may call (those they name, and the tools that undo those), each with
+        the first of ``agents`` that reaches it: what a worker serving them runs. Call after :meth:`check`."""
+        reached: dict[str, str] = {}
+        for agent in agents:
+            for name in self.agents[agent].tools:
+                undo = self.tools[name].compensate
+                for tool in (name, undo) if undo is not None else (name,):
+                    reached.setdefault(tool, agent)
+        return reached
 
 
 def load_app(path: str) -> App:

@@ -24,6 +24,7 @@ from mesh.broker.keys import Keys
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.settings import MeshSettings
+from mesh.contracts import ConfigError
 from mesh.ops.sweeper import Sweeper
 from mesh.ops.timer_loop import TimerLoop
 
@@ -43,6 +44,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     (``mesh agents``) and start consuming their queues in this process. ``app``: an App, an import
     path (``pkg.module:app``) or None for the built-in planner, researcher and executor."""
     app = load_app(app) if isinstance(app, str) else app
+    check_served(app, agents, settings)
     reconnect_delays(settings.reconnect_delay_s)
     broker = build_broker(settings)
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
@@ -59,6 +61,26 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
     worker.start()
     return worker
+
+
+def check_served(app: App | None, agents: list[str] | None, settings: MeshSettings) -> None:
+    """Refuse to serve ``agents`` (default: all) of ``app`` (None: the built-in one) when every call
+    would fail on a mistake of the deployment: an agent naming an undeclared tool, a tool naming an
+    undeclared one to undo its calls, a secret of a tool they call that is not set (or too short to
+    mask). A ConfigError naming the agent, tool and secret, before the worker connects anywhere, rather
+    than a first call dead-lettered. Only the worker serving the agent needs its tools' secrets."""
+    from mesh.agents.builtin import app as builtin
+    from mesh.agents.context import read_secret
+
+    app = app or builtin
+    app.check()
+    names = list(app.agents) if agents is None else [a for a in agents if a in app.agents]
+    for tool, agent in app.tools_of(names).items():
+        for secret in app.tools[tool].secrets:
+            try:
+                read_secret(secret, settings.secrets_dir)
+            except ConfigError as exc:
+                raise ConfigError(f"agent {agent!r} calls tool {tool!r}: {exc}") from None
 
 
 def reconnect_delays(delay_s: float | None) -> None:
