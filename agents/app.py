@@ -148,6 +148,7 @@ class App:
         """Declare ``fn(ctx, input) -> output`` as an agent; the models default to its annotations."""
 
         def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+            _sync(fn, "agent")
             agent_name = name or fn.__name__
             in_model, out_model = _models(fn, input, output)
             self.add_agent(AgentSpec(
@@ -176,6 +177,9 @@ class App:
             parse_allowlist(fixed)  # a bad entry fails the declaration, not the first call
 
         def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+            _sync(fn, "tool")
+            if verify is not None:
+                _sync(verify, "verifier")
             args_model = args or _models(fn, None, None, need_output=False)[0]
             self.add_tool(ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
                                    secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
@@ -299,6 +303,14 @@ def _models(fn: Callable[..., Any], input: type[BaseModel] | None, output: type[
     if need_output and not (isinstance(out_model, type) and issubclass(out_model, BaseModel)):
         raise ConfigError(f"{fn.__qualname__}: the output must be a pydantic model (annotate it or pass output=)")
     return in_model, typing.cast(type[BaseModel], out_model or BaseModel)
+
+
+def _sync(fn: Callable[..., Any], what: str) -> None:
+    """Refuse an ``async def`` handler when it is declared: the mesh calls handlers on worker threads
+    and never awaits what they return, so every attempt would fail on a coroutine never awaited."""
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(f"{what} {getattr(fn, '__qualname__', repr(fn))!r} is an async function: async handlers are "
+                          "not supported yet; write a sync function (def, not async def)")
 
 
 def _doc(fn: Callable[..., Any]) -> str:
