@@ -148,6 +148,7 @@ class App:
         """Declare ``fn(ctx, input) -> output`` as an agent; the models default to its annotations."""
 
         def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+            _sync(fn, "agent")
             agent_name = name or fn.__name__
             in_model, out_model = _models(fn, input, output)
             self.add_agent(AgentSpec(
@@ -176,6 +177,9 @@ class App:
             parse_allowlist(fixed)  # a bad entry fails the declaration, not the first call
 
         def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+            _sync(fn, "tool")
+            if verify is not None:
+                _sync(verify, "verifier")
             args_model = args or _models(fn, None, None, need_output=False)[0]
             self.add_tool(ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
                                    secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
@@ -236,12 +240,28 @@ class App:
         return {name: (spec.input, spec.output) for name, spec in self.agents.items()}
 
     def check(self) -> None:
-        """Every tool an agent names is declared: a worker refuses to start otherwise."""
+        """Every tool an agent names, and every tool named to undo a tool's calls (``compensate=``),
+        is declared: a worker refuses to start otherwise."""
         for spec in self.agents.values():
             missing = [t for t in spec.tools if t not in self.tools]
             if missing:
                 raise ConfigError(f"agent {spec.name!r} names undeclared tools {missing}; "
                                   f"tools are {sorted(self.tools) or 'none'}")
+        for tool in self.tools.values():
+            if tool.compensate is not None and tool.compensate not in self.tools:
+                raise ConfigError(f"tool {tool.name!r} names undeclared tool {tool.compensate!r} as compensate=; "
+                                  f"tools are {sorted(self.tools)}")
+
+    def tools_of(self, agents: Iterable[str]) -> dict[str, str]:
+        """The tools ``agents`` may call (those they name, and the tools that undo those), each with
+        the first of ``agents`` that reaches it: what a worker serving them runs. Call after :meth:`check`."""
+        reached: dict[str, str] = {}
+        for agent in agents:
+            for name in self.agents[agent].tools:
+                undo = self.tools[name].compensate
+                for tool in (name, undo) if undo is not None else (name,):
+                    reached.setdefault(tool, agent)
+        return reached
 
 
 def load_app(path: str) -> App:
@@ -283,6 +303,14 @@ def _models(fn: Callable[..., Any], input: type[BaseModel] | None, output: type[
     if need_output and not (isinstance(out_model, type) and issubclass(out_model, BaseModel)):
         raise ConfigError(f"{fn.__qualname__}: the output must be a pydantic model (annotate it or pass output=)")
     return in_model, typing.cast(type[BaseModel], out_model or BaseModel)
+
+
+def _sync(fn: Callable[..., Any], what: str) -> None:
+    """Refuse an ``async def`` handler when it is declared: the mesh calls handlers on worker threads
+    and never awaits what they return, so every attempt would fail on a coroutine never awaited."""
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(f"{what} {getattr(fn, '__qualname__', repr(fn))!r} is an async function: async handlers are "
+                          "not supported yet; write a sync function (def, not async def)")
 
 
 def _doc(fn: Callable[..., Any]) -> str:

@@ -100,10 +100,11 @@ def worker(
     On the way out, messages fetched but not started go back to their queues, and the worker
     withdraws its heartbeat and its place among the agents' workers."""
     from mesh.ops.logs import setup_logging
-    from mesh.ops.worker import run_worker, supervise
+    from mesh.ops.worker import check_served, run_worker, supervise
 
     names = _agents(agents, app_path)
     s = settings()
+    check_served(app_for(app_path), names, s)  # once, before any process starts or connects
     setup_logging()
     n_threads = threads or s.worker_threads
     if processes > 1:

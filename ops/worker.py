@@ -10,10 +10,12 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq.worker
 import redis
+import tenacity
 from dramatiq import Worker
 from pydantic import BaseModel
 from pydantic.errors import PydanticInvalidForJsonSchema
@@ -24,6 +26,7 @@ from mesh.broker.keys import Keys
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.settings import MeshSettings
+from mesh.contracts import ConfigError
 from mesh.ops.sweeper import Sweeper
 from mesh.ops.timer_loop import TimerLoop
 
@@ -43,6 +46,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     (``mesh agents``) and start consuming their queues in this process. ``app``: an App, an import
     path (``pkg.module:app``) or None for the built-in planner, researcher and executor."""
     app = load_app(app) if isinstance(app, str) else app
+    check_served(app, agents, settings)
     reconnect_delays(settings.reconnect_delay_s)
     broker = build_broker(settings)
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
@@ -50,7 +54,8 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))  # durable timers
     actors = declare_app(broker, runtime, agents)
     entries = [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors]
-    threading.Thread(target=_publish, args=(registry(settings, broker), broker, entries, runtime.app.name),
+    threading.Thread(target=_publish, args=(registry(settings, broker), broker.broker_id, broker.worker_label,
+                                            entries, runtime.app.name),
                      name="mesh-publish", daemon=True).start()
     queues = {actor.queue_name for actor in actors}
     worker = Worker(broker, queues=queues, worker_threads=threads, worker_timeout=IDLE_POLL_MS)
@@ -59,6 +64,26 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
     worker.start()
     return worker
+
+
+def check_served(app: App | None, agents: list[str] | None, settings: MeshSettings) -> None:
+    """Refuse to serve ``agents`` (default: all) of ``app`` (None: the built-in one) when every call
+    would fail on a mistake of the deployment: an agent naming an undeclared tool, a tool naming an
+    undeclared one to undo its calls, a secret of a tool they call that is not set (or too short to
+    mask). A ConfigError naming the agent, tool and secret, before the worker connects anywhere, rather
+    than a first call dead-lettered. Only the worker serving the agent needs its tools' secrets."""
+    from mesh.agents.builtin import app as builtin
+    from mesh.agents.context import read_secret
+
+    app = app or builtin
+    app.check()
+    names = list(app.agents) if agents is None else [a for a in agents if a in app.agents]
+    for tool, agent in app.tools_of(names).items():
+        for secret in app.tools[tool].secrets:
+            try:
+                read_secret(secret, settings.secrets_dir)
+            except ConfigError as exc:
+                raise ConfigError(f"agent {agent!r} calls tool {tool!r}: {exc}") from None
 
 
 def reconnect_delays(delay_s: float | None) -> None:
@@ -120,19 +145,25 @@ def sign_off(broker: MeshBroker) -> bool:
                                    keys.acks(broker.broker_id, "")))
 
 
-def _publish(reg: Registry, broker: MeshBroker, entries: list[PublishedAgent], app: str) -> None:
+#: The waits between tries of the worker's publication while Redis refuses it: 0.1s, doubling, at
+#: most 5s (tenacity: ``0.1 * 2 ** (try - 1)``, capped).
+PUBLISH_WAIT = tenacity.wait_exponential(multiplier=0.1, max=5.0)
+
+
+def _publish(reg: Registry, worker_id: str, label: str, entries: list[PublishedAgent], app: str, *,
+             sleep: Callable[[float], None] = time.sleep) -> None:
     """Publish the worker's agents; while Redis refuses (down, OOM, read-only) the worker serves
-    anyway and the publication is retried with backoff, so a deploy never waits on it."""
-    delay = 0.1
-    while True:
-        try:
-            reg.publish(broker.broker_id, broker.worker_label, entries, app=app)
-            return
-        except redis.RedisError as exc:
-            logger.warning("could not publish the worker's agents; retrying",
-                           extra={"error": str(exc), "retry_in_s": delay})
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    anyway and the publication is retried with backoff (:data:`PUBLISH_WAIT`) until it is made, so a
+    deploy never waits on it. Any other error ends the tries."""
+    retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(redis.RedisError), wait=PUBLISH_WAIT,
+                                 stop=tenacity.stop_never, before_sleep=_publish_failed, sleep=sleep, reraise=True)
+    retrying(reg.publish, worker_id, label, entries, app=app)
+
+
+def _publish_failed(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else None
+    logger.warning("could not publish the worker's agents; retrying", extra={"error": str(exc), "retry_in_s": wait})
 
 
 def registry(settings: MeshSettings, broker: MeshBroker) -> Registry:

@@ -198,3 +198,26 @@ def test_a_tool_reads_only_the_secrets_it_declared_and_only_declared_tools_are_c
     assert undeclared_record.state is State.DEAD_LETTERED
     assert "did not declare tool 'peek'" in (undeclared_record.error or "")
     wait_for(lambda: DeadLetterStore(client.redis, client.keys).count() == 2)
+
+
+def test_async_handlers_are_refused_when_declared_not_on_every_attempt() -> None:
+    # Called on a worker thread and never awaited, an async handler would fail every attempt.
+    bad = App("async")
+    with pytest.raises(ConfigError, match=r"^agent '.*answer' is an async function: async handlers are not "
+                                          r"supported yet; write a sync function \(def, not async def\)$"):
+        @bad.agent
+        async def answer(ctx: Context, q: Question) -> Answer:
+            return Answer(text=q.text, attempt=ctx.attempt)
+    with pytest.raises(ConfigError, match=r"^tool '.*look_up' is an async function: async handlers are not supported"):
+        @bad.tool(effect=False)
+        async def look_up(ctx: ToolContext, args: SecretArgs) -> Noted:
+            return Noted(saw_secret=False)
+
+    async def check(ctx: Any, args: Any, result: Any) -> bool:
+        return True
+
+    with pytest.raises(ConfigError, match=r"^verifier '.*check' is an async function"):
+        @bad.tool(verify=check)
+        def book(ctx: ToolContext, args: SecretArgs) -> Noted:
+            return Noted(saw_secret=False)
+    assert not bad.agents and not bad.tools
