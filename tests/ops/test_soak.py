@@ -10,6 +10,7 @@ import redis
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # the soak waits up to 180 s for open jobs: a job that never ends shows in not_ended
 def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_cleans_up(cli, settings, redis_url):
     # The mesh's retention reaches the soak's workers: records expire during the run, and a job whose
     # record expired counts as ended, not lost. So does its heartbeat timeout: the messages a killed
