@@ -110,16 +110,6 @@ class RecordingServer:
                 status, reply, *extra = server.responder(n, request)
                 request["status"] = status
                 server._released.wait(30)
-                data = json.dumps(reply).encode()
-                try:
-                    self.send_response(status)
-                    for name, value in (extra[0] if extra else {}).items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up first
+                self._answer(status, reply, extra[0] if extra else {})
 
         return Handler

@@ -27,6 +27,17 @@ MAX_STEPS = 1000
 STEP_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 #: An ``input:`` field: a name, or a dotted path into a map an earlier field gave.
 INPUT_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _input_fields(v: dict[str, Expression] | None, what: str, example: str) -> dict[str, Expression] | None:
+    """``v`` (an ``input:`` map, a step's or a compensation's) when every field is a name, dotted for
+    a field inside another; else ValueError naming the bad ones."""
+    if v is not None:
+        bad = [k for k in v if not INPUT_FIELD.match(k)]
+        if bad:
+            raise ValueError(f"{what} {', '.join(map(repr, bad))} must be names, dotted for a field inside "
+                             f"another{example}")
+    return v
 #: Names expressions read besides step ids: not usable as step ids.
 JOB_NAMES = frozenset({"task_id", "job_id", "input"})
 RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break", "const", "continue", "else",
@@ -143,12 +154,7 @@ class Compensation(_Spec):
     @field_validator("input")
     @classmethod
     def _fields(cls, v: dict[str, Expression] | None) -> dict[str, Expression] | None:
-        if v is not None:
-            bad = [k for k in v if not INPUT_FIELD.match(k)]
-            if bad:
-                raise ValueError(f"compensate input field(s) {', '.join(map(repr, bad))} must be names, dotted for "
-                                 "a field inside another")
-        return v
+        return _input_fields(v, "compensate input field(s)", "")
 
 
 class StepSpec(_Spec):
@@ -230,12 +236,7 @@ class StepSpec(_Spec):
     @field_validator("input")
     @classmethod
     def _fields(cls, v: dict[str, Expression] | None) -> dict[str, Expression] | None:
-        if v is not None:
-            bad = [k for k in v if not INPUT_FIELD.match(k)]
-            if bad:
-                raise ValueError(f"input field(s) {', '.join(map(repr, bad))} must be names, dotted for a "
-                                 "field inside another (args.findings)")
-        return v
+        return _input_fields(v, "input field(s)", " (args.findings)")
 
     @property
     def agent_name(self) -> str:
