@@ -80,6 +80,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     A job in a state a newer release wrote keeps whatever TTL that release gave it.
     """
     key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
+    ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))  # once the job has ended
     if not known(record.state):
         pipe.set(key, data, keepttl=True)
     elif record.state not in TERMINAL:
@@ -89,7 +90,6 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     elif was in TERMINAL:
         pipe.set(key, data, keepttl=True)
     else:
-        ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
         for step in record.steps.values():
@@ -97,7 +97,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
                 # its effect ledger (what mesh verify and a replay read) goes with the record
                 pipe.pexpire(keys.ledger(record.job_id, step.step_id), ttl_ms)
     # waiting steps: their index, their timers, and no TTL while one waits
-    approvals.stage_approvals(pipe, keys, record, int(ended_ttl_s(record, retention_s, keep_s) * 1000))
+    approvals.stage_approvals(pipe, keys, record, ttl_ms)
 
 
 class JobStore:
