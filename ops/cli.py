@@ -309,6 +309,17 @@ def _job_candidates(c: MeshClient, given: str) -> list[str]:
     return [given, job_id_for(given)]
 
 
+def find_job(c: MeshClient, given: str) -> tuple[JobRecord | None, list[str]]:
+    """The record of the job ``given`` names (:func:`_job_candidates`), or None; and the ids tried."""
+    candidates = _job_candidates(c, given)
+    for candidate in candidates:
+        try:
+            return c.status(candidate), candidates
+        except JobNotFound:
+            continue
+    return None, candidates
+
+
 @app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), `mesh status order-7`, "
              "or `mesh status` for the deployment")
 def status(job_id: Annotated[str | None, typer.Argument(
@@ -324,15 +335,10 @@ def status(job_id: Annotated[str | None, typer.Argument(
     if job_id is None:
         _deployment(c, as_json)
         return
-    candidates = _job_candidates(c, job_id)
-    for candidate in candidates:
-        try:
-            record = c.status(candidate)
-        except JobNotFound:
-            continue
-        _show(record, as_json, c.stuck(record), wide=wide, c=c)
-        return
-    _no_job(c, job_id, candidates)
+    record, candidates = find_job(c, job_id)
+    if record is None:
+        _no_job(c, job_id, candidates)
+    _show(record, as_json, c.stuck(record), wide=wide, c=c)
 
 
 def _no_job(c: MeshClient, given: str, candidates: list[str]) -> NoReturn:

@@ -94,15 +94,11 @@ def settle(job: Job, step: Step,
 
 def _record(c: MeshClient, given: str) -> JobRecord:
     """The job ``given`` names, as ``mesh status`` finds it (an id, its start, or a key)."""
-    from mesh.broker import JobNotFound
-    from mesh.ops.cli import _job_candidates
+    from mesh.ops.cli import find_job
 
-    candidates = _job_candidates(c, given)
-    for candidate in candidates:
-        try:
-            return c.status(candidate)
-        except JobNotFound:
-            continue
+    record, candidates = find_job(c, given)
+    if record is not None:
+        return record
     base.fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), base.EXIT_INPUT)
 
 

@@ -19,13 +19,11 @@ Job = Annotated[str, typer.Argument(
 
 def _record(c: MeshClient, given: str) -> JobRecord:
     """The job ``given`` names, as `mesh status` finds it (an id, its unique start, or a key)."""
-    from mesh.ops.cli import _job_candidates
+    from mesh.ops.cli import find_job
 
-    for candidate in _job_candidates(c, given):
-        try:
-            return c.status(candidate)
-        except JobNotFound:
-            continue
+    record, _ = find_job(c, given)
+    if record is not None:
+        return record
     fail(f"no job {given}", EXIT_INPUT)
     raise AssertionError  # fail exits
 
