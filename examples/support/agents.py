@@ -106,14 +106,6 @@ def summarize(ctx: Context, ticket: Ticket) -> Summary:
     return summary
 
 
-@app.agent(name="file", time_limit_s=30, max_retries=5, tools=["file_ticket"])
-def file(ctx: Context, filing: Filing) -> Filed:
-    """Files the ticket in its queue: an outside effect, so a timed-out attempt is never re-run blindly."""
-    receipt: Receipt = ctx.call("file_ticket", FileTicket(ticket_id=filing.ticket.id, queue=filing.queue,
-                                                           subject=filing.ticket.subject, summary=filing.summary))
-    return Filed(ticket_id=filing.ticket.id, queue=filing.queue, reference=receipt.effect_id)
-
-
 def tickets_url() -> str:
     """Where tickets are filed; read when a call is made, never at import."""
     return os.environ.get("SUPPORT_TICKETS_URL", "http://127.0.0.1:8088/tickets")
@@ -140,3 +132,11 @@ def file_ticket(ctx: ToolContext, args: FileTicket) -> Receipt:
     except (ValueError, KeyError, TypeError):
         reference = ctx.key  # a tickets system that answers no id: the key names the effect
     return Receipt(tool="file_ticket", effect_id=reference, detail={"status": response.status_code})
+
+
+@app.agent(name="file", time_limit_s=30, max_retries=5, tools=[file_ticket])
+def file(ctx: Context, filing: Filing) -> Filed:
+    """Files the ticket in its queue: an outside effect, so a timed-out attempt is never re-run blindly."""
+    receipt = ctx.call(file_ticket, FileTicket(ticket_id=filing.ticket.id, queue=filing.queue,  # a Receipt
+                                               subject=filing.ticket.subject, summary=filing.summary))
+    return Filed(ticket_id=filing.ticket.id, queue=filing.queue, reference=receipt.effect_id)
