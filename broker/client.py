@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, cast, overload
 
 import orjson
 import redis
@@ -103,7 +103,7 @@ class JobRef(Generic[T]):
         record = self.client.wait(self.id, timeout_s=timeout_s)
         if record.state is not State.SUCCEEDED:
             raise NoOutput(self.id, str(record.state), record.error)
-        return record if self.output is None else self.output(record)  # type: ignore[return-value]
+        return cast(T, record) if self.output is None else self.output(record)
 
 
 def job_id_for(key: str) -> str:
@@ -383,7 +383,7 @@ class MeshClient:
             raise LimitExceeded(f"item {index}: {exc.message}", index=index, **exc.context) from None
 
     def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-              token_budget: int | None = None) -> list[JobRef]:
+              token_budget: int | None = None) -> list[JobRef[Any]]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
         and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
@@ -402,13 +402,13 @@ class MeshClient:
                 self._build(target, [item], token_budget=token_budget, first=index)
 
     def _send_chunks(self, target: Target, chunks: list[list[tuple[str, dict[str, Any], str | None]]], *,
-                     token_budget: int | None = None) -> list[JobRef]:
+                     token_budget: int | None = None) -> list[JobRef[Any]]:
         """:meth:`_send` of each chunk in turn, each built while the one before it is written (a thread
         waits for Redis meanwhile). A chunk is written only once the one before it was, so a conflict
         stops the sending at its chunk, as one chunk at a time would."""
         if not chunks:
             return []
-        refs: list[JobRef] = []
+        refs: list[JobRef[Any]] = []
         built = self._build(target, chunks[0], token_budget=token_budget)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-send") as writer:
             for part in chunks[1:]:
@@ -418,7 +418,7 @@ class MeshClient:
         return refs + self._write(*built)
 
     def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-               token_budget: int | None = None, first: int | None = None) -> tuple[NewJobs, list[JobRef]]:
+               token_budget: int | None = None, first: int | None = None) -> tuple[NewJobs, list[JobRef[Any]]]:
         """The jobs and messages of ``items``, nothing written; LimitExceeded for a message over
         MESH_MAX_MESSAGE_BYTES or MESH_MAX_JSON_DEPTH (naming its batch index when ``first`` is given:
         the index of the first item)."""
@@ -446,7 +446,7 @@ class MeshClient:
             refs.append(ref)
         return batch, refs
 
-    def _write(self, batch: NewJobs, refs: list[JobRef]) -> list[JobRef]:
+    def _write(self, batch: NewJobs, refs: list[JobRef[Any]]) -> list[JobRef[Any]]:
         """Write what :meth:`_build` built, in one script call; with MESH_REDIS_WAIT_REPLICAS, then WAIT
         for the replicas on the same connection (NotReplicated when too few confirm)."""
         wanted = self.settings.redis_wait_replicas
