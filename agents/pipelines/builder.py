@@ -37,7 +37,8 @@ class Pipeline:
     def step(self, step: str | AgentRef[Any, Any], /, **keys: Any) -> Pipeline:
         """Add a step: its id, or the declared agent it runs (its id then defaults to the agent's name:
         pass ``id=`` for another). Its keys as in YAML: ``agent``, ``depends_on``, ``gate``, ...;
-        ``agent`` and ``depends_on`` may give declared agents where YAML gives names."""
+        ``agent``, ``depends_on`` and ``compensate``'s ``agent`` may give declared agents where YAML
+        gives names."""
         if isinstance(step, AgentRef):
             keys = {"id": keys.pop("id", step.name), "agent": keys.pop("agent", step), **keys}
         else:
@@ -47,6 +48,9 @@ class Pipeline:
             keys["agent"] = keys["agent"].name
         if "depends_on" in keys and not isinstance(keys["depends_on"], str):
             keys["depends_on"] = self._ids(keys["depends_on"])
+        undo = keys.get("compensate")
+        if isinstance(undo, dict) and isinstance(undo.get("agent"), AgentRef):
+            keys["compensate"] = {**undo, "agent": undo["agent"].name}
         self._data["steps"].append(keys)
         return self
 
