@@ -37,7 +37,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
 from pydantic import BaseModel
 
@@ -177,6 +177,24 @@ class Tool(Generic[Args, R]):
         return f"<tool {self.name} ({self.spec.args.__name__})>"
 
 
+class DeclareAgent(Protocol):
+    """What ``@app.agent(...)`` with options returns: the decorator, typed as ``@app.agent`` is."""
+
+    @overload
+    def __call__(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
+
+
+class DeclareTool(Protocol):
+    """What ``@app.tool(...)`` with options returns: the decorator, typed as ``@app.tool`` is."""
+
+    @overload
+    def __call__(self, fn: Callable[[ToolContext, Args], R], /) -> Tool[Args, R]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Any], /) -> Tool[Any, Any]: ...
+
+
 def _named(given: str | Tool[Any, Any]) -> str:
     return given if isinstance(given, str) else given.name
 
@@ -193,11 +211,12 @@ class App:
     @overload
     def agent(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
     @overload
+    def agent(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
+    @overload
     def agent(self, fn: None = None, /, *, name: str | None = None, input: type[BaseModel] | None = None,
               output: type[BaseModel] | None = None, version: int = 1, queue: str | None = None,
               time_limit_s: float | None = None, max_retries: int | None = None, timeout_retries: int = 0,
-              tools: Iterable[str | Tool[Any, Any]] = (),
-              ) -> Callable[[Callable[[Context, In], Out]], Agent[In, Out]]: ...
+              tools: Iterable[str | Tool[Any, Any]] = ()) -> DeclareAgent: ...
 
     def agent(self, fn: Callable[[Context, In], Out] | None = None, /, *, name: str | None = None,
               input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
@@ -228,12 +247,17 @@ class App:
              compensate: str | Tool[Any, Any] | None = None,
              verify: Callable[..., Any] | None = None) -> Tool[Args, R]: ...
     @overload
+    def tool(self, fn: Callable[..., Any], /, *, name: str | None = None,
+             args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
+             secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
+             compensate: str | Tool[Any, Any] | None = None,
+             verify: Callable[..., Any] | None = None) -> Tool[Any, Any]: ...
+    @overload
     def tool(self, fn: None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None,
-             ) -> Callable[[Callable[[ToolContext, Args], R]], Tool[Args, R]]: ...
+             verify: Callable[..., Any] | None = None) -> DeclareTool: ...
 
     def tool(self, fn: Callable[[ToolContext, Args], R] | None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,

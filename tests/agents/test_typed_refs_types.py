@@ -58,6 +58,16 @@ def classify(ctx: Context, msg: Incoming) -> Classified:
 @app.agent
 def notify(ctx: Context, c: Classified) -> Receipt:
     return Receipt(status=1)
+
+
+@app.agent(name="loose", output=Classified)  # a handler returning a dict: declared, typed Any
+def loose(ctx: Context, msg: Incoming) -> dict[str, Any]:
+    return {"label": msg.text}
+
+
+@app.agent(input=Incoming, output=Classified)
+def untyped(ctx, msg):  # unannotated: typed Any
+    return msg
 '''
 
 GOOD = DECLARED + '''
@@ -65,6 +75,10 @@ GOOD = DECLARED + '''
 def use(client: MeshClient, record: JobRecord) -> None:
     assert_type(classify, Agent[Incoming, Classified])
     assert_type(post_hook, Tool[Hook, Receipt])
+    assert_type(notify, Agent[Classified, Receipt])
+    assert_type(loose, Agent[Any, Any])
+    assert_type(untyped, Agent[Any, Any])
+    assert_type(client.send(loose, {"text": "x"}), JobRef[Any])
     assert_type(classify(Context.__new__(Context), Incoming(text="x")), Classified)  # still the function
     ref = client.send(classify, Incoming(text="x"))
     assert_type(ref, JobRef[Classified])
