@@ -92,7 +92,7 @@ class JobRef(Generic[T]):
     #: The client that sent it (None: a ref built by hand, which cannot wait).
     client: MeshClient | None = field(default=None, repr=False, compare=False)
     #: How its output is read from its succeeded record (None: the record itself).
-    output: Callable[[JobRecord], T] | None = field(default=None, repr=False, compare=False)
+    reader: Callable[[JobRecord], T] | None = field(default=None, repr=False, compare=False)
 
     def result(self, *, timeout_s: float = 30.0) -> T:
         """Wait (``client.wait``) until the job ends and return its output; NoOutput, naming the job's
@@ -103,7 +103,7 @@ class JobRef(Generic[T]):
         record = self.client.wait(self.id, timeout_s=timeout_s)
         if record.state is not State.SUCCEEDED:
             raise NoOutput(self.id, str(record.state), record.error)
-        return cast(T, record) if self.output is None else self.output(record)
+        return cast(T, record) if self.reader is None else self.reader(record)
 
 
 def job_id_for(key: str) -> str:
@@ -429,12 +429,12 @@ class MeshClient:
                         deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
                         max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth)
         refs = []
-        output = _step_output(agent, target.output)
+        reader = _step_output(agent, target.output)
         for index, (step_id, payload, given) in enumerate(items):
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
             key = given or uuid.uuid4().hex
             ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id_for(key) if given else new_trace_id(),
-                         client=self, output=output)
+                         client=self, reader=reader)
             try:
                 batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
                           payload_hash=payload_hash(agent, payload), checked=bool(given))
