@@ -23,7 +23,7 @@ from mesh import (
     StepRecord,
     ToolContext,
 )
-from mesh.broker import WaitTimeout
+from mesh.broker import JobRef, WaitTimeout
 from mesh.contracts import ContractError, Envelope
 from mesh.ops.worker import start_worker
 
@@ -201,6 +201,9 @@ def test_result_of_a_job_not_ended_in_time_raises_wait_timeout_with_its_record(s
     with pytest.raises(WaitTimeout) as caught:
         ref.result(timeout_s=0.05)
     assert caught.value.record.state is State.QUEUED
+    with pytest.raises(ConfigError, match="this JobRef knows no client"):
+        JobRef(id=ref.id, key=ref.key, trace_id=ref.trace_id).result()  # built by hand: it cannot wait
+    assert JobRef(id=ref.id, key=ref.key, trace_id=ref.trace_id) == ref  # equal by id, key and trace
 
 
 @pytest.mark.slow
