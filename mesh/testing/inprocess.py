@@ -27,7 +27,7 @@ from typing import Any
 
 from dramatiq import Worker
 
-from mesh.agents.app import App, ToolSpec
+from mesh.agents.app import App
 from mesh.agents.pipelines import Pipeline, PipelineSpec
 from mesh.agents.providers.meter import Meter
 from mesh.broker import MeshClient, MeshSettings
@@ -234,25 +234,26 @@ class TestMesh:
         call recorded in ``calls``."""
         served = App(self.app.name)
         for spec in self.app.tools.values():
-            fake = self._fakes.get(spec.name)
-            run = spec.run if spec.name not in self._fakes else (lambda ctx, args, fake=fake: _fake(fake, args))
-            served.add_tool(dataclasses.replace(spec, run=self._recorded(spec, run),
-                                                verify=spec.verify if spec.name not in self._fakes else None))
+            if spec.name in self._fakes:  # a fake reads no secret and has no effect to verify
+                fake = self._fakes[spec.name]
+                spec = dataclasses.replace(spec, run=lambda ctx, args, fake=fake: _fake(fake, args), secrets=(),
+                                           verify=None)
+            served.add_tool(dataclasses.replace(spec, run=self._recorded(spec.name, spec.run)))
         for agent in self.app.agents.values():
             served.add_agent(agent)
         served.pipelines.update(self.app.pipelines)
         return served
 
-    def _recorded(self, spec: ToolSpec, run: Callable[..., Any]) -> Callable[..., Any]:
+    def _recorded(self, tool: str, run: Callable[..., Any]) -> Callable[..., Any]:
         def recorded(ctx: Any, args: Any) -> Any:
             try:
                 result = run(ctx, args)
             except BaseException as exc:
                 with self._lock:
-                    self.calls.append(ToolCall(spec.name, args, exc))
+                    self.calls.append(ToolCall(tool, args, exc))
                 raise
             with self._lock:
-                self.calls.append(ToolCall(spec.name, args, result))
+                self.calls.append(ToolCall(tool, args, result))
             return result
 
         return recorded
