@@ -13,7 +13,7 @@ import pytest
 from mesh import Brownout, Receipt, State, ToolRefused
 from mesh.testing import TestContext, TestMesh, TestModel, run_pipeline
 
-from .agents import Filing, FileTicket, Route, Summary, Ticket, app, file, file_ticket, summarize, triage
+from .agents import FileTicket, Filing, Route, Summary, Ticket, app, file, file_ticket, summarize, triage
 
 TICKET = Ticket(id="t-42", subject="Charged twice", body="My card was charged twice for the March invoice.")
 FILED = Receipt(tool="file_ticket", effect_id="TCK-1")
