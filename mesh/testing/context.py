@@ -89,6 +89,7 @@ class TestContext(Context):
         self._fakes = {_tool_name(app, t): fake for t, fake in (tools or {}).items()}
         self._secrets = dict(secrets or {})
         self._settings = settings or MeshSettings(namespace="mesh-testing")
+        self._redis = redis.Redis.from_url(self._settings.redis_url)  # connects only if a tool uses it
         self._http = http
         self._resolve = resolve
         #: Every ``progress`` note, in order.
@@ -179,7 +180,7 @@ class TestContext(Context):
             self._http = httpx.Client()
         settings = self._settings
         return ToolContext(key=self.key, job_id=self.job_id, trace_id=self.trace_id, fencing_token=self.token,
-                           settings=settings, redis=redis.Redis.from_url(settings.redis_url),
+                           settings=settings, redis=self._redis,
                            keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,
                            allow=spec.allowlist(settings) if spec is not None else None,

@@ -90,7 +90,7 @@ class TestMesh:
         if redis_url is not None:
             self._overrides["redis_url"] = redis_url
         self.settings: MeshSettings | None = None
-        self.client: MeshClient | None = None
+        self._client: MeshClient | None = None
         self._worker: Worker | None = None
 
     def __enter__(self) -> TestMesh:
@@ -101,6 +101,13 @@ class TestMesh:
 
     def start(self) -> TestMesh:
         """Start the worker (refused, as a worker start, in the mesh's own fast test tier)."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> TestMesh:
         from mesh.agents.runtime import AgentRuntime, declare_app
         from mesh.broker.mesh_broker import build_broker
         from mesh.ops.local_redis import ensure_redis
@@ -117,7 +124,7 @@ class TestMesh:
         runtime = AgentRuntime(settings=settings, redis=broker.records, provider=self.model, app=app)
         broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))
         actors = declare_app(broker, runtime)
-        self.client = MeshClient(settings, client=broker.records, app=app)
+        self._client = MeshClient(settings, client=broker.records, app=app)
         self._timers = runtime.timer_handlers()
         worker = Worker(broker, queues={a.queue_name for a in actors}, worker_threads=self._threads,
                         worker_timeout=IDLE_POLL_MS)
@@ -132,31 +139,32 @@ class TestMesh:
             self._worker.stop(timeout=10_000)
             self._worker.broker.close()
             self._worker = None
-        if self.client is not None and self.settings is not None:
-            r = self.client.redis
+        if self._client is not None and self.settings is not None:
+            r = self._client.redis
             keys = list(r.scan_iter(match=f"{self.settings.namespace}:*", count=1000))
             for i in range(0, len(keys), 500):
                 r.delete(*keys[i:i + 500])
             r.close()
-            self.client = None
+            self._client = None
         shutil.rmtree(self._secrets_dir, ignore_errors=True)
 
     @property
-    def mesh(self) -> MeshClient:
-        if self.client is None:
+    def client(self) -> MeshClient:
+        """The mesh's client, which knows the app (``status``, ``cancel``, ``approvals``, ...)."""
+        if self._client is None:
             raise ConfigError("the TestMesh is not started: use it as a context manager (with TestMesh(app) as m)")
-        return self.client
+        return self._client
 
     def run(self, pipeline: str | PipelineSpec | Pipeline, input: Mapping[str, Any], *, key: str | None = None,
             token_budget: int | None = None) -> JobRef:
         """Start a run of ``pipeline`` (a name of the app's, a spec or a builder) on ``input``."""
         spec = pipeline.build() if isinstance(pipeline, Pipeline) else pipeline
-        return self.mesh.run(spec, dict(input), key=key, token_budget=token_budget)
+        return self.client.run(spec, dict(input), key=key, token_budget=token_budget)
 
     def send(self, agent: str, payload: Mapping[str, Any], *, key: str | None = None,
              token_budget: int | None = None) -> JobRef:
         """One message to one of the app's agents."""
-        return self.mesh.send(agent, dict(payload), key=key, token_budget=token_budget)
+        return self.client.send(agent, dict(payload), key=key, token_budget=token_budget)
 
     def wait(self, job: JobRef | str, *, approve: Approve | None = None, timeout_s: float = 30.0) -> JobRecord:
         """The job once it ended, or once a step waits for an approval ``approve`` does not decide
@@ -166,7 +174,7 @@ class TestMesh:
         decided: set[tuple[str, int]] = set()
         deadline = time.monotonic() + timeout_s
         while True:
-            record = self.mesh.status(job_id)
+            record = self.client.status(job_id)
             if record.state in TERMINAL:
                 return record
             waiting = [s for s in record.steps.values() if s.state is State.AWAITING_APPROVAL and s.approval]
@@ -178,7 +186,7 @@ class TestMesh:
                 elif (step.step_id, step.approval.asks) not in decided:
                     decided.add((step.step_id, step.approval.asks))
                     self._decide(job_id, step.step_id, approve[step.step_id])
-            if unscripted and not any(in_flight(s) for s in record.steps.values()):
+            if unscripted and not any(_in_flight(s) for s in record.steps.values()):
                 return record
             if time.monotonic() >= deadline:
                 raise WaitTimeout(job_id, timeout_s, record)
@@ -186,11 +194,11 @@ class TestMesh:
 
     def approve(self, job: JobRef | str, step: str, *, note: str | None = None, by: str = "test") -> JobRecord:
         """Approve the step waiting in ``job``."""
-        return self.mesh.approve(job.id if isinstance(job, JobRef) else job, step, note=note, by=by)
+        return self.client.approve(job.id if isinstance(job, JobRef) else job, step, note=note, by=by)
 
     def deny(self, job: JobRef | str, step: str, *, reason: str = "denied by the test", by: str = "test") -> JobRecord:
         """Deny the step waiting in ``job``: its ``failure_mode`` applies."""
-        return self.mesh.deny(job.id if isinstance(job, JobRef) else job, step, reason=reason, by=by)
+        return self.client.deny(job.id if isinstance(job, JobRef) else job, step, reason=reason, by=by)
 
     def advance(self, seconds: float) -> None:
         """Let ``seconds`` pass for the durable timers: those due by then fire (an approval expires,
@@ -199,12 +207,12 @@ class TestMesh:
 
     def expires_in_s(self, job: JobRef | str, step: str) -> float | None:
         """Seconds until the approval ``step`` of ``job`` waits for expires; None when it waits for none."""
-        record = self.mesh.status(job.id if isinstance(job, JobRef) else job)
+        record = self.client.status(job.id if isinstance(job, JobRef) else job)
         rec = record.steps.get(step)
         if rec is None or rec.approval is None or rec.state is not State.AWAITING_APPROVAL:
             return None
-        due = due_at(self.mesh.redis, self.mesh.keys, EXPIRY, ask_ref(record.job_id, step, rec.approval.asks))
-        return None if due is None else max(0.0, (due - server_ms(self.mesh.redis)) / 1000)
+        due = due_at(self.client.redis, self.client.keys, EXPIRY, ask_ref(record.job_id, step, rec.approval.asks))
+        return None if due is None else max(0.0, (due - server_ms(self.client.redis)) / 1000)
 
     def _decide(self, job_id: str, step: str, decision: bool | None) -> None:
         if decision is True:
@@ -219,9 +227,9 @@ class TestMesh:
     def _shift(self, seconds: float) -> None:
         """Move the namespace's timers ``seconds`` earlier, then fire those due (the timer loop may
         fire them first: each fires once)."""
-        if self.client is None:
+        if self._client is None:
             return
-        client, keys = self.client.redis, self.client.keys
+        client, keys = self._client.redis, self._client.keys
         client.eval(_SHIFT, 1, keys.timers, int(seconds * 1000))
         timers = Timers(client, keys, f"test-{uuid.uuid4().hex[:8]}", self._timers)
         deadline = time.monotonic() + 10.0
@@ -259,7 +267,7 @@ class TestMesh:
         return recorded
 
 
-def in_flight(step: StepRecord) -> bool:
+def _in_flight(step: StepRecord) -> bool:
     """The step is running or sent: the job moves on without a decision."""
     return step.state is State.RUNNING or (step.state is State.QUEUED and step.sent_at is not None)
 

@@ -78,7 +78,7 @@ def test_an_undecided_approval_returns_the_waiting_job_and_expires_when_the_cloc
         left = mesh.expires_in_s(job, "publish")
         assert left is not None and 3590 < left <= 3600
         mesh.advance(left - 60)
-        assert mesh.mesh.status(job.id).steps["publish"].state is State.AWAITING_APPROVAL
+        assert mesh.client.status(job.id).steps["publish"].state is State.AWAITING_APPROVAL
         mesh.advance(61)
         record = mesh.wait(job)
     assert record.steps["publish"].state is State.HALTED and "expired" in (record.steps["publish"].error or "")
