@@ -99,3 +99,10 @@ def test_a_model_brownout_is_retried_by_the_mesh_and_a_spent_budget_dead_letters
     long = TestModel({Draft: [{"text": " ".join(["word"] * 50)}]})
     record = run_pipeline(app, "blog", {"topic": "otters"}, model=long, tools={post: Posted(id="P")}, token_budget=10)
     assert (record.state, record.steps["write"].failure_class) == (State.DEAD_LETTERED, "budget_exceeded")
+
+
+def test_a_message_sent_to_one_agent_runs_on_the_test_mesh() -> None:
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: Posted(id="P")}) as mesh:
+        record = mesh.wait(mesh.send("write", {"topic": "otters"}, key="one-draft"))
+    assert record.state is State.SUCCEEDED and record.steps["write"].result == {"text": "otters"}
+    assert record.key == "one-draft"
