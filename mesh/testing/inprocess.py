@@ -34,7 +34,6 @@ from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.approvals import EXPIRY, ask_ref
 from mesh.broker.client import JobRef, WaitTimeout
 from mesh.broker.clock import server_ms
-from mesh.broker.settings import DEFAULT_REDIS_URL
 from mesh.broker.timers import Timers, due, due_at
 from mesh.contracts import TERMINAL, ConfigError, JobRecord, State, StepRecord
 
@@ -80,18 +79,19 @@ class TestMesh:
         unknown = sorted(set(self._fakes) - set(app.tools))
         if unknown:
             raise ConfigError(f"fakes for tools app {app.name!r} does not declare: {unknown}")
-        self._secrets_dir = Path(tempfile.mkdtemp(prefix="mesh-testing-"))
-        for name, value in (secrets or {}).items():
-            (self._secrets_dir / name).write_text(value)
+        self._secrets = dict(secrets or {})
+        self._secrets_dir: Path | None = None
         self._threads = threads
-        self._overrides = {"namespace": f"test-{uuid.uuid4().hex[:12]}", "secrets_dir": str(self._secrets_dir),
-                           "retry_min_backoff_ms": 20, "retry_max_backoff_ms": 100, "timer_interval_s": 0.05,
-                           "reconnect_delay_s": 0.5, **settings}
+        self._overrides = {"namespace": f"test-{uuid.uuid4().hex[:12]}", "retry_min_backoff_ms": 20,
+                           "retry_max_backoff_ms": 100, "timer_interval_s": 0.05, "reconnect_delay_s": 0.5,
+                           **settings}
         if redis_url is not None:
             self._overrides["redis_url"] = redis_url
         self.settings: MeshSettings | None = None
         self._client: MeshClient | None = None
+        self._broker: Any = None
         self._worker: Worker | None = None
+        self._timers: dict[str, Any] = {}
 
     def __enter__(self) -> TestMesh:
         return self.start()
@@ -114,12 +114,15 @@ class TestMesh:
         from mesh.ops.timer_loop import TimerLoop
         from mesh.ops.worker import IDLE_POLL_MS, check_served
 
-        settings = MeshSettings.from_env(**self._overrides)
-        url = ensure_redis(settings.redis_url, private=settings.redis_url == DEFAULT_REDIS_URL)
-        self.settings = settings = MeshSettings.from_env(**{**self._overrides, "redis_url": url})
+        self._secrets_dir = Path(tempfile.mkdtemp(prefix="mesh-testing-"))
+        for name, value in self._secrets.items():
+            (self._secrets_dir / name).write_text(value)
+        settings = MeshSettings.from_env(**self._overrides, secrets_dir=str(self._secrets_dir))
+        url = ensure_redis(settings)  # at the default URL, the embedded one when none answers
+        self.settings = settings = settings.model_copy(update={"redis_url": url})
         app = self._worker_app()
         check_served(app, None, settings)
-        broker = build_broker(settings)
+        self._broker = broker = build_broker(settings)
         self.model.meter = Meter(settings, broker.records)  # the job's token budget holds, as a worker's
         runtime = AgentRuntime(settings=settings, redis=broker.records, provider=self.model, app=app)
         broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))
@@ -137,8 +140,10 @@ class TestMesh:
         """Stop the worker and delete the namespace's keys."""
         if self._worker is not None:
             self._worker.stop(timeout=10_000)
-            self._worker.broker.close()
             self._worker = None
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
         if self._client is not None and self.settings is not None:
             r = self._client.redis
             keys = list(r.scan_iter(match=f"{self.settings.namespace}:*", count=1000))
@@ -146,7 +151,8 @@ class TestMesh:
                 r.delete(*keys[i:i + 500])
             r.close()
             self._client = None
-        shutil.rmtree(self._secrets_dir, ignore_errors=True)
+        if self._secrets_dir is not None:
+            shutil.rmtree(self._secrets_dir, ignore_errors=True)
 
     @property
     def client(self) -> MeshClient:

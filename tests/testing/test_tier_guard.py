@@ -17,4 +17,4 @@ def test_a_test_mesh_in_an_unmarked_test_is_refused_and_leaves_no_key_or_folder(
         mesh.start()
     assert mesh.settings is not None
     assert list(redis.Redis.from_url(redis_url).scan_iter(match=f"{mesh.settings.namespace}:*")) == []
-    assert not mesh._secrets_dir.exists()
+    assert mesh._secrets_dir is not None and not mesh._secrets_dir.exists()
