@@ -62,11 +62,11 @@ class _NoRuntime:
 
 class TestContext(Context):
     """A ``Context`` made by a test (see the module). ``app`` and ``agent`` (the declared function
-    or its name) give the agent's declared tools; without them any tool in ``tools`` may be called.
-    ``tools``: fakes by tool name or declared function, each a function of the args or the result
-    itself; a declared tool without a fake runs for real, given ``secrets`` (a dict, never the
-    environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``) and ``resolve``.
-    ``deadline_s``: seconds until the deadline on ``clock``."""
+    or its name) give the agent's declared tools; without an agent, any of the app's tools or of
+    ``tools`` may be called. ``tools``: fakes by tool name or declared function, each a function of
+    the args or the result itself; a declared tool without a fake runs for real, given ``secrets`` (a
+    dict, never the environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``)
+    and ``resolve``. ``deadline_s``: seconds until the deadline on ``clock``."""
 
     __test__ = False  # not a pytest test class
 
@@ -79,6 +79,7 @@ class TestContext(Context):
         self.app = app
         self.clock = clock or TestClock()
         spec = _agent(app, agent)
+        self._agent_given = agent is not None
         self.runtime = typing.cast("AgentRuntime", _NoRuntime())
         self.spec = spec
         self.env = Envelope(key=key, job_id=job_id, step_id=step_id or spec.name, agent=spec.name, trace_id=trace_id,
@@ -134,7 +135,7 @@ class TestContext(Context):
         """Call a tool as a worker would (refused unless the agent declared it, args validated), by
         name or by the declared function; recorded in ``calls``."""
         name = _tool_name(self.app, tool)
-        if self.app is not None and name not in self.spec.tools:
+        if self._agent_given and name not in self.spec.tools:
             raise ToolRefused(f"agent {self.spec.name!r} did not declare tool {name!r}; it declared "
                               f"{list(self.spec.tools) or 'none'}", tool=name)
         return self._invoke(name, args)

@@ -118,3 +118,6 @@ def test_without_an_app_any_faked_tool_may_be_called_and_the_model_is_the_tests(
         ctx.call("other", {})
     with pytest.raises(ConfigError):
         TestContext(agent="place")
+    ctx = TestContext(app)  # an app without an agent: any of its tools, checked by their args
+    assert ctx.call(refund, {"amount": 1}) == Receipt(tool="refund", effect_id="R-1")
+    assert ctx.calls == [ToolCall("refund", Charge(amount=1), Receipt(tool="refund", effect_id="R-1"))]
