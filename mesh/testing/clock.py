@@ -10,14 +10,14 @@ from collections.abc import Callable
 
 
 class TestClock:
-    """Seconds that pass only when :meth:`advance` says so (UNIX time, starting at ``start``, the
+    """Seconds that pass only when :meth:`advance` says so (UNIX time, starting at ``start_s``, the
     real time when None). ``on_advance`` callbacks are told each advance (``TestMesh`` moves the
     timers in Redis with it)."""
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, start: float | None = None) -> None:
-        self._now = time.time() if start is None else float(start)
+    def __init__(self, start_s: float | None = None) -> None:
+        self._now = time.time() if start_s is None else float(start_s)
         self._lock = threading.Lock()
         self.on_advance: list[Callable[[float], None]] = []
 

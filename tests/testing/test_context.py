@@ -65,7 +65,7 @@ def test_a_declared_agent_runs_with_a_test_context_where_a_context_is_expected()
 
 
 def test_the_deadline_is_read_on_the_test_clock_and_cancelled_is_settable() -> None:
-    clock = TestClock(start=1_000.0)
+    clock = TestClock(start_s=1_000.0)
     ctx = TestContext(app, "place", tools={charge: lambda args: Receipt(tool="charge", effect_id=str(args.amount))},
                       deadline_s=10, clock=clock, key="k-1", attempt=3)
     ctx.advance(4)
