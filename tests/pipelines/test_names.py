@@ -153,4 +153,5 @@ def test_the_stored_spec_keeps_failure_mode_so_digests_and_older_workers_hold() 
     assert [s["failure_mode"] for s in stored["steps"]] == ["halt_pipeline"] * 4
     assert not any("on_false" in s for s in stored["steps"])
     assert spec.digest() == "ec26f96eadfd54c34724cc0f69dfe85ab3f627e7b30a562e9f18058560962ff5"
-    assert type(spec).model_validate(stored) == spec
+    again = type(spec).model_validate(stored)
+    assert again == spec and again.step("deployer").on_false is FailureMode.HALT_PIPELINE
