@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from mesh.agents.context import StepModel
 from mesh.agents.providers import provider_for
 from mesh.agents.providers.anthropic_sdk import AnthropicProvider
 from mesh.agents.providers.meter import Call, Meter
 from mesh.agents.providers.openai_sdk import OpenAISDKProvider
 from mesh.agents.providers.sdk import SDKProvider
+from mesh.broker.breaker import Breakers
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import Brownout, ConfigError, DependencyTimeout, InvalidOutput, RateLimited
+from mesh.contracts import BreakerOpen, Brownout, ConfigError, DependencyTimeout, InvalidOutput, RateLimited
 from tests.agents.openai_server import completion
 from tests.httpserver import RecordingServer
 
@@ -172,3 +174,31 @@ def test_a_missing_sdk_is_a_config_error_naming_the_extra(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, module, None)  # what `import` finds when the SDK is not installed
     with pytest.raises(ConfigError, match=rf"needs the {module} SDK: pip install 'agent-mesh\[{module}\]'"):
         provider_for(MeshSettings(model_provider=provider, model_name="m"))  # type: ignore[arg-type]
+
+
+def test_5xx_open_the_endpoints_breaker_and_then_no_request_reaches_it(wire: Wire, mode: str, make_settings: Any,
+                                                                       rclient: Any) -> None:
+    """Through the breaker every worker shares (a real Redis): in acomplete its bookkeeping runs on
+    a thread while the request runs on the event loop."""
+    with RecordingServer(lambda n, r: (503, {"error": {"message": "overloaded"}})) as server:
+        settings = make_settings(model_provider=wire.provider, model_url=wire.base(server), model_name="m",
+                                 model_api_key="sk-test-key-0123", breaker_failures=2, breaker_cooldown_s=30)
+        provider = provider_for(settings, breakers=Breakers(settings, rclient))
+        assert isinstance(provider, SDKProvider)
+        for _ in range(2):
+            with pytest.raises(Brownout):
+                ask(provider, mode)
+        with pytest.raises(BreakerOpen) as caught:
+            ask(provider, mode)
+    assert len(server.requests) == 2
+    assert caught.value.dependency == server.host_port and caught.value.retry_after_s > 25
+
+
+def test_a_steps_model_reaches_acomplete_as_it_reaches_complete(wire: Wire) -> None:
+    """``ctx.model`` in a pipeline step defaults to the step's ``model:`` (the seed file's
+    ``claude-3-opus``) in ``acomplete`` too."""
+    with RecordingServer(lambda n, r: (200, wire.answer(VALID, (1, 1)))) as server:
+        step_model = StepModel(make(wire, server), "claude-3-opus")
+        assert asyncio.run(step_model.acomplete("review", Verdict)) == Verdict(**VALID)
+        assert step_model.complete("review", Verdict, model="claude-3-5-sonnet") == Verdict(**VALID)
+    assert [r["json"]["model"] for r in server.requests] == ["claude-3-opus", "claude-3-5-sonnet"]
