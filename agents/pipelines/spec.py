@@ -49,7 +49,7 @@ RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break"
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def _one_of(data: Any, key: str, old: str, what: str) -> Any:
