@@ -90,7 +90,7 @@ def _text(ticket: Ticket) -> str:
     return f"Subject: {ticket.subject}\n\n{ticket.body}"
 
 
-@app.agent(version=1, time_limit_s=60, max_retries=3, timeout_retries=1)
+@app.agent(version=1, time_limit_s=60, max_attempts=4, timeout_retries=1)
 def triage(ctx: Context, ticket: Ticket) -> Triage:
     """Routes a ticket to a queue (a model call: it changes nothing outside, so a timeout is retried once)."""
     route = ctx.model.complete(_text(ticket), Route, system=TRIAGE_SYSTEM)
@@ -108,7 +108,7 @@ def summarize(ctx: Context, ticket: Ticket) -> Summary:
     return summary
 
 
-@app.agent(name="file", time_limit_s=30, max_retries=5, tools=["file_ticket"])
+@app.agent(name="file", time_limit_s=30, max_attempts=6, tools=["file_ticket"])
 def file(ctx: Context, filing: Filing) -> Filed:
     """Files the ticket in its queue: an outside effect, so a timed-out attempt is never re-run blindly."""
     receipt: Receipt = ctx.call("file_ticket", FileTicket(ticket_id=filing.ticket.id, queue=filing.queue,
