@@ -18,10 +18,7 @@ from dataclasses import dataclass
 
 from mesh import MeshClient, MeshError
 
-from .agents import Filed, Filing, Ticket, Triage, app, file, summarize, triage
-
-#: Below this, triage's queue is not trusted: a person reads the ticket in ``general``.
-MIN_CONFIDENCE = 0.6
+from .agents import MIN_CONFIDENCE, Filed, Filing, Ticket, Triage, app, file, summarize, triage
 
 
 @dataclass(frozen=True)

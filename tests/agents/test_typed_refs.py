@@ -26,6 +26,7 @@ from mesh import (
 from mesh.broker import JobRef, WaitTimeout
 from mesh.contracts import ContractError, Envelope
 from mesh.ops.worker import start_worker
+from mesh.testing import TestContext
 
 app = App("typed")
 
@@ -86,12 +87,15 @@ def nothing_in_redis(client: MeshClient) -> bool:
 
 
 def test_a_declared_agent_is_still_its_function_and_carries_its_spec() -> None:
-    assert classify(None, Incoming(text="hi")) == Classified(label="anon:hi", length=2)
+    assert classify(TestContext(app, classify), Incoming(text="hi")) == Classified(label="anon:hi", length=2)
     assert classify.spec is app.agents["classify"] and classify.name == "classify"
     assert (classify.input, classify.output, classify.queue) == (Incoming, Classified, "typed-classify")
     assert classify.__name__ == "classify" and classify.__wrapped__ is app.agents["classify"].handler
     assert post_hook.spec is app.tools["post_hook"] and app.agents["notify"].tools == ("post_hook",)
     assert post_hook(None, Hook(url="u", label="l")) == Posted(echoed="u#l")
+    # A TestContext takes the declared objects for the agent and for a tool's fake.
+    ctx = TestContext(app, notify, tools={post_hook: Posted(echoed="faked")})
+    assert notify(ctx, Classified(label="x", length=1)) == Sent(via="faked") and ctx.calls[0].tool == "post_hook"
 
 
 def test_send_takes_the_declared_agent_and_its_model_and_queues_the_payload_by_wire_names(settings, rclient) -> None:
