@@ -21,11 +21,15 @@
 
 Workers load an app by import path (``mesh worker --app support.agents:app``). The built-in
 planner, researcher and executor are declared the same way (:mod:`mesh.agents.builtin`); there is
-no private path. A declared agent is still the plain function (callable in a unit test).
+no private path. A declared agent is still the plain function (callable in a unit test): ``@app.agent``
+returns an :class:`Agent` that calls it and carries its spec, typed by the function's signature
+(``Agent[Ticket, Triage]``), so ``client.send(triage, Ticket(...))``, ``ctx.call(file_ticket, ...)``
+and ``record.output(triage)`` are checked by a type checker; ``@app.tool`` returns a :class:`Tool`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
@@ -33,11 +37,11 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
 from pydantic import BaseModel
 
-from mesh.contracts import ConfigError
+from mesh.contracts import AgentRef, ConfigError
 
 from .names import name_problem
 from .tools.allow import parse_allowlist
@@ -45,6 +49,14 @@ from .tools.allow import parse_allowlist
 if TYPE_CHECKING:
     from mesh.agents.pipelines import Pipeline, PipelineSpec
     from mesh.broker.settings import MeshSettings
+
+    from .context import Context
+    from .tools.base import ToolContext
+
+In = TypeVar("In", bound=BaseModel)
+Out = TypeVar("Out", bound=BaseModel)
+Args = TypeVar("Args", bound=BaseModel)
+R = TypeVar("R")
 
 #: A tool's ``allow=``: see :attr:`ToolSpec.allow`.
 Allow = Iterable[str] | Callable[[frozenset[str]], Iterable[str]] | None
@@ -140,6 +152,62 @@ class ToolSpec:
             return "?"
 
 
+class Agent(AgentRef[In, Out]):
+    """What ``@app.agent`` returns: still the function (``triage(ctx, ticket)`` runs it, as a unit test
+    does), with its :class:`AgentSpec` (``.spec``). The client, job records and pipelines take it where
+    they take the agent's name, typed by its models: ``client.send(triage, Ticket(...))`` returns a
+    ``JobRef[Triage]``."""
+
+    def __init__(self, fn: Callable[[Context, In], Out], spec: AgentSpec) -> None:
+        super().__init__(spec.name, cast("type[In]", spec.input), cast("type[Out]", spec.output), queue=spec.queue,
+                         version=spec.version)
+        self.spec = spec
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, ctx: Context, input: In) -> Out:
+        return self.fn(ctx, input)
+
+
+class Tool(Generic[Args, R]):
+    """What ``@app.tool`` returns: still the function (``post_hook(tool_ctx, args)`` runs it), with its
+    :class:`ToolSpec` (``.spec``); ``ctx.call(post_hook, Hook(...))`` is typed by it (returns ``R``)."""
+
+    def __init__(self, fn: Callable[[ToolContext, Args], R], spec: ToolSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, ctx: ToolContext, args: Args) -> R:
+        return self.fn(ctx, args)
+
+    def __repr__(self) -> str:
+        return f"<tool {self.name} ({self.spec.args.__name__})>"
+
+
+class DeclareAgent(Protocol):
+    """What ``@app.agent(...)`` with options returns: the decorator, typed as ``@app.agent`` is."""
+
+    @overload
+    def __call__(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
+
+
+class DeclareTool(Protocol):
+    """What ``@app.tool(...)`` with options returns: the decorator, typed as ``@app.tool`` is."""
+
+    @overload
+    def __call__(self, fn: Callable[[ToolContext, Args], R], /) -> Tool[Args, R]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Any], /) -> Tool[Any, Any]: ...
+
+
+def _named(given: str | Tool[Any, Any]) -> str:
+    return given if isinstance(given, str) else given.name
+
+
 class App:
     """The agents, tools and pipelines of one application."""
 
@@ -149,39 +217,73 @@ class App:
         self.tools: dict[str, ToolSpec] = {}
         self.pipelines: dict[str, PipelineSpec] = {}
 
-    def agent(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
+    @overload
+    def agent(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
+    @overload
+    def agent(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
+    @overload
+    def agent(self, fn: None = None, /, *, name: str | None = None, input: type[BaseModel] | None = None,
+              output: type[BaseModel] | None = None, version: int = 1, queue: str | None = None,
+              time_limit_s: float | None = None, max_attempts: int | None = None, max_retries: int | None = None,
+              timeout_retries: int = 0, tools: Iterable[str | Tool[Any, Any]] = ()) -> DeclareAgent: ...
+
+    def agent(self, fn: Callable[[Context, In], Out] | None = None, /, *, name: str | None = None,
               input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
               version: int = 1, queue: str | None = None, time_limit_s: float | None = None,
               max_attempts: int | None = None, max_retries: int | None = None, timeout_retries: int = 0,
-              tools: Iterable[str] = ()) -> Any:
+              tools: Iterable[str | Tool[Any, Any]] = ()) -> Any:
         """Declare ``fn(ctx, input) -> output`` as an agent; the models default to its annotations.
-        ``max_attempts`` counts every attempt of a retryable failure, the first included, as a
-        pipeline step's ``retry_policy.max_attempts`` does; ``max_retries``, its older spelling,
-        counts the retries after the first (``max_attempts - 1``). Give one of the two."""
+        Returns an :class:`Agent`: the function still, typed by its models. ``tools``: the tools its
+        handler may call, by name or as declared (``tools=[file_ticket]``). ``max_attempts`` counts
+        every attempt of a retryable failure, the first included, as a pipeline step's
+        ``retry_policy.max_attempts`` does; ``max_retries``, its older spelling, counts the retries
+        after the first (``max_attempts - 1``). Give one of the two."""
 
-        def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def declare(fn: Callable[[Context, In], Out]) -> Agent[In, Out]:
             _sync(fn, "agent")
             agent_name = name or fn.__name__
             retries = _retries(agent_name, max_attempts, max_retries)
             in_model, out_model = _models(fn, input, output)
-            self.add_agent(AgentSpec(
+            spec = AgentSpec(
                 name=agent_name, input=in_model, output=out_model, handler=fn, version=version,
                 queue=queue or agent_name, time_limit_s=time_limit_s, max_retries=retries,
-                timeout_retries=timeout_retries, tools=tuple(tools), description=_doc(fn)))
-            return fn
+                timeout_retries=timeout_retries, tools=tuple(map(_named, tools)), description=_doc(fn))
+            self.add_agent(spec)
+            return Agent(fn, spec)
 
         return declare(fn) if fn is not None else declare
 
-    def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
+    @overload
+    def tool(self, fn: Callable[[ToolContext, Args], R], /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
-             compensate: str | None = None, verify: Callable[..., Any] | None = None) -> Any:
-        """Declare ``fn(ctx, args) -> result`` as a tool agents may call. ``allow``: the ``host:port``
+             compensate: str | Tool[Any, Any] | None = None,
+             verify: Callable[..., Any] | None = None) -> Tool[Args, R]: ...
+    @overload
+    def tool(self, fn: Callable[..., Any], /, *, name: str | None = None,
+             args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
+             secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
+             compensate: str | Tool[Any, Any] | None = None,
+             verify: Callable[..., Any] | None = None) -> Tool[Any, Any]: ...
+    @overload
+    def tool(self, fn: None = None, /, *, name: str | None = None,
+             args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
+             secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
+             compensate: str | Tool[Any, Any] | None = None,
+             verify: Callable[..., Any] | None = None) -> DeclareTool: ...
+
+    def tool(self, fn: Callable[[ToolContext, Args], R] | None = None, /, *, name: str | None = None,
+             args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
+             secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
+             compensate: str | Tool[Any, Any] | None = None, verify: Callable[..., Any] | None = None) -> Any:
+        """Declare ``fn(ctx, args) -> result`` as a tool agents may call; returns a :class:`Tool`, the
+        function still, typed by its args and result. ``allow``: the ``host:port``
         its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`).
         ``compensate``: the declared tool that undoes a call of this one, given the same args (run,
         last call first, when the job of the step that made the calls halts or is cancelled).
         ``verify``: a check that the call's effect happened (see :attr:`ToolSpec.verify`)."""
-        for option, given in (("compensate", compensate), ("verify", verify)):
+        undo = None if compensate is None else _named(compensate)
+        for option, given in (("compensate", undo), ("verify", verify)):
             if given is not None and not effect:
                 raise ConfigError(f"tool {name or getattr(fn, '__name__', '?')!r}: {option}= concerns an effect; "
                                   "a tool declared effect=False has none")
@@ -189,15 +291,16 @@ class App:
         if fixed is not None and not callable(fixed):
             parse_allowlist(fixed)  # a bad entry fails the declaration, not the first call
 
-        def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def declare(fn: Callable[[ToolContext, Args], R]) -> Tool[Args, R]:
             _sync(fn, "tool")
             if verify is not None:
                 _sync(verify, "verifier")
             args_model = args or _models(fn, None, None, need_output=False)[0]
-            self.add_tool(ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
-                                   secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
-                                   compensate=compensate, verify=verify))
-            return fn
+            spec = ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
+                            secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
+                            compensate=undo, verify=verify)
+            self.add_tool(spec)
+            return Tool(fn, spec)
 
         return declare(fn) if fn is not None else declare
 

@@ -8,7 +8,8 @@
     ctx.model                                                                 the model provider (a
                                                                               pipeline step's ``model``
                                                                               as its default model)
-    ctx.call("file_ticket", {...})                                            a declared tool: traced,
+    ctx.call(file_ticket, FileTicket(...))                                    a declared tool (or its
+                                                                              name): traced,
                                                                               breaker-guarded, cut to
                                                                               the deadline, classified,
                                                                               fenced (the lease is
@@ -27,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import httpx
 from dramatiq.middleware import TimeLimitExceeded
@@ -55,11 +56,13 @@ if TYPE_CHECKING:
     from mesh.broker.idempotency import Lease
     from mesh.contracts import Findings, Plan
 
-    from .app import AgentSpec, ToolSpec
+    from .app import AgentSpec, Tool, ToolSpec
     from .providers import ModelProvider
     from .runtime import AgentRuntime
 
 M = TypeVar("M", bound=BaseModel)
+Args = TypeVar("Args", bound=BaseModel)
+R = TypeVar("R")
 logger = logging.getLogger(__name__)
 
 
@@ -165,9 +168,17 @@ class Context:
         """The handler moved on: a step that only heartbeats without this is reported stuck."""
         self.runtime.progress(self.env, note)
 
-    def call(self, tool: str, args: BaseModel | dict[str, Any]) -> Any:
+    @overload
+    def call(self, tool: Tool[Args, R], args: Args | dict[str, Any]) -> R: ...
+    @overload
+    def call(self, tool: str, args: BaseModel | dict[str, Any]) -> Any: ...
+
+    def call(self, tool: Tool[Any, Any] | str, args: BaseModel | dict[str, Any]) -> Any:
         """Call a tool this agent declared (``tools=[...]``): traced, breaker-guarded, classified;
-        an effectful call that returned is remembered, so the attempt is never re-run blindly."""
+        an effectful call that returned is remembered, so the attempt is never re-run blindly.
+        ``tool`` is the declared tool (``ctx.call(post_hook, Hook(...))``, typed: it returns what the
+        tool's signature says) or its name."""
+        tool = tool if isinstance(tool, str) else tool.name
         spec = self.runtime.app.tools.get(tool) if tool in self.spec.tools else None
         if spec is None:
             raise ToolRefused(f"agent {self.spec.name!r} did not declare tool {tool!r}; it declared "

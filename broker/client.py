@@ -1,19 +1,28 @@
-"""MeshClient: how applications put work on the mesh and follow it."""
+"""MeshClient: how applications put work on the mesh and follow it.
+
+    ref = client.send(classify, Incoming(text="..."))   # a declared agent and its input model
+    ref.result(timeout_s=30)                            # Classified, once the job succeeded
+
+Agents are named by their declared object (``@app.agent``) or by name, payloads given as the
+agent's input model or as a dict; either way a payload is checked before anything is written.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast, overload
 
 import orjson
 import redis
 from dramatiq.message import Message
+from pydantic import BaseModel
 
 from mesh.contracts import (
     CONTRACTS,
@@ -24,6 +33,7 @@ from mesh.contracts import (
     KeyConflict,
     LimitExceeded,
     MeshError,
+    NoOutput,
     State,
     UnknownAgent,
     dumps,
@@ -32,6 +42,7 @@ from mesh.contracts import (
     validate_input,
 )
 from mesh.contracts.approvals import Decision
+from mesh.contracts.declared import AgentRef, In, Out
 from mesh.contracts.messages import validate_model
 
 from . import approvals, trace
@@ -52,22 +63,47 @@ class WaitTimeout(MeshError):
         self.record = record
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a message for an agent goes and what it must satisfy first: its queue, the contract
-    version stamped on it (None: unchecked), and the check of its payload."""
+    version stamped on it (None: unchecked), the check of its payload, and its input and output
+    models when the client knows them (None: the agent's workers published a schema only)."""
 
     agent: str
     queue: str
     version: int | None
     check: Callable[[Any], Any]
+    input: type[BaseModel] | None = None
+    output: type[BaseModel] | None = None
 
 
 @dataclass(frozen=True)
-class JobRef:
+class JobRef(Generic[T]):
+    """A job sent: its id, the key it was sent with and its trace. :meth:`result` waits for its output,
+    typed: a ``JobRef[Triage]`` (from ``client.send(triage, ...)``) returns a ``Triage``, a pipeline
+    run's its succeeded :class:`JobRecord` (``record.output(step)`` reads each step's output)."""
+
     id: str
     key: str
     trace_id: str
+    #: The client that sent it (None: a ref built by hand, which cannot wait).
+    client: MeshClient | None = field(default=None, repr=False, compare=False)
+    #: How its output is read from its succeeded record (None: the record itself).
+    reader: Callable[[JobRecord], T] | None = field(default=None, repr=False, compare=False)
+
+    def result(self, *, timeout_s: float = 30.0) -> T:
+        """Wait (``client.wait``) until the job ends and return its output; NoOutput, naming the job's
+        state and error, when it ended otherwise (dead-lettered, halted, cancelled, ...); WaitTimeout
+        (with the record as it was) when it has not ended within ``timeout_s``."""
+        if self.client is None:
+            raise ConfigError(f"job {self.id}: this JobRef knows no client; use client.wait({self.id!r})")
+        record = self.client.wait(self.id, timeout_s=timeout_s)
+        if record.state is not State.SUCCEEDED:
+            raise NoOutput(self.id, str(record.state), record.error)
+        return cast(T, record) if self.reader is None else self.reader(record)
 
 
 def job_id_for(key: str) -> str:
@@ -130,6 +166,19 @@ def on_job_control(**handlers: Callable[..., Any]) -> None:
     _control.update(handlers)
 
 
+def _declared(agent: str, queue: str, version: int, input: type[BaseModel], output: type[BaseModel]) -> Target:
+    """The target of a declared agent: checked with its input model; the built-in models' own check
+    goes further (an executor call's args fit its tool)."""
+    builtin = agent in CONTRACTS and CONTRACTS[agent][0] is input
+    check = functools.partial(validate_input, agent) if builtin else functools.partial(validate_model, agent, input)
+    return Target(agent, queue, version, check, input, output)
+
+
+def _step_output(step_id: str, model: type[BaseModel] | None) -> Callable[[JobRecord], Any]:
+    """How a sent job's output is read: its one step's, as ``model`` (None: the stored dict)."""
+    return lambda record: record.output(step_id, model) if model is not None else record.output(step_id)
+
+
 class MeshClient:
     """Submit goals, send messages to one agent, and follow jobs. Settings come from ``MESH_*``
     unless given; the Redis connection may be injected. With ``app`` (a ``mesh.App``) its agents'
@@ -150,7 +199,7 @@ class MeshClient:
         #: Deadlines are set on the Redis server's clock, where workers check them.
         self.clock = ServerClock(self.redis)
 
-    def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef:
+    def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef[JobRecord]:
         """Run the built-in pipeline (planner → researchers → executor) for ``goal``: a run of the
         declared pipeline ``mesh`` on ``{"goal": goal}`` (see :meth:`run`). ``token_budget``: model
         tokens the job may spend (default MESH_JOB_TOKEN_BUDGET; 0 = none); past it the job is
@@ -159,41 +208,62 @@ class MeshClient:
             raise ConfigError("no built-in pipeline is registered: import mesh (mesh.agents.builtin registers it)")
         return self._start(_entry, {"goal": goal}, key=key, token_budget=token_budget, goal=goal)
 
-    def send(self, agent: str, payload: dict[str, Any], *, key: str | None = None,
-             token_budget: int | None = None) -> JobRef:
-        """One message to one agent, checked against its input contract before it reaches Redis."""
-        target = self.target(agent)
-        target.check(payload)
-        return self._send(target, [(agent, payload, key)], token_budget=token_budget)[0]
+    @overload
+    def send(self, agent: AgentRef[In, Out], payload: In | dict[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef[Out]: ...
+    @overload
+    def send(self, agent: str, payload: BaseModel | dict[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef[Any]: ...
 
-    def send_many(self, agent: str, items: Iterable[tuple[dict[str, Any], str | None]],
-                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef]:
-        """Many messages to one agent in pipelined chunks; every payload is checked before any is sent.
-        ``token_budget`` applies to each job."""
-        batch = list(items)
+    def send(self, agent: AgentRef[Any, Any] | str, payload: BaseModel | dict[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef[Any]:
+        """One message to one agent, checked against its input contract before it reaches Redis.
+        ``agent``: the declared agent (``@app.agent``) or its name; ``payload``: its input model or a
+        dict. A model of another class than the agent's input is a ContractError, nothing sent."""
         target = self.target(agent)
-        for index, (payload, _key) in enumerate(batch):
+        data = self._payload(target, payload)
+        target.check(data)
+        return self._send(target, [(target.agent, data, key)], token_budget=token_budget)[0]
+
+    @overload
+    def send_many(self, agent: AgentRef[In, Out], items: Iterable[tuple[In | dict[str, Any], str | None]],
+                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef[Out]]: ...
+    @overload
+    def send_many(self, agent: str, items: Iterable[tuple[BaseModel | dict[str, Any], str | None]],
+                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef[Any]]: ...
+
+    def send_many(self, agent: AgentRef[Any, Any] | str, items: Iterable[tuple[BaseModel | dict[str, Any], str | None]],
+                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef[Any]]:
+        """Many ``(payload, key)`` messages to one agent in pipelined chunks; every payload is checked
+        before any is sent. ``token_budget`` applies to each job."""
+        target = self.target(agent)
+        batch = []
+        for index, (payload, key) in enumerate(items):
             try:
-                target.check(payload)
+                data = self._payload(target, payload)
+                target.check(data)
             except ContractError as exc:
                 raise ContractError(f"item {index}: {exc.message}", errors=exc.errors, index=index) from None
-        steps = [(agent, p, k) for p, k in batch]
+            batch.append((data, key))
+        steps = [(target.agent, p, k) for p, k in batch]
         # Every message is checked against the limits before the first is sent.
         self._check_limits(target, steps, token_budget)
         return self._send_chunks(target, [steps[i:i + chunk] for i in range(0, len(steps), chunk)],
                                  token_budget=token_budget)
 
-    def run(self, pipeline: Any, input: dict[str, Any], *, key: str | None = None,
-            token_budget: int | None = None) -> JobRef:
-        """Run a declared pipeline on ``input``: ``pipeline`` is a ``PipelineSpec`` or a name (the client's
+    def run(self, pipeline: Any, input: BaseModel | dict[str, Any], *, key: str | None = None,
+            token_budget: int | None = None) -> JobRef[JobRecord]:
+        """Run a declared pipeline on ``input`` (a model or a dict; its ``result()`` is the succeeded
+        job's record: ``record.output(step)``): ``pipeline`` is a ``PipelineSpec`` or a name (the client's
         app's pipeline of that name, else the newest registered one). The spec is registered by name
         and digest, the job recorded with every step (queued, unsent) and the root steps sent, all in
         one transaction. A key already naming a run of the same pipeline and input returns that job;
         with another input, KeyConflict."""
-        return self._start(self._pipeline_spec(pipeline), input, key=key, token_budget=token_budget)
+        data = input.model_dump(mode="json", by_alias=True) if isinstance(input, BaseModel) else input
+        return self._start(self._pipeline_spec(pipeline), data, key=key, token_budget=token_budget)
 
     def _start(self, spec: Any, input: dict[str, Any], *, key: str | None, token_budget: int | None,
-               goal: str | None = None) -> JobRef:
+               goal: str | None = None) -> JobRef[JobRecord]:
         # The spec model and the engine live with the agents: the spec starts its own run (duck-typed,
         # as a job-record change is), and the broker only stores its JSON.
         routes: dict[str, Target] = {}
@@ -209,7 +279,7 @@ class MeshClient:
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
         trace_id = trace_id_for(key) if key else new_trace_id()
         key = key or uuid.uuid4().hex
-        ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id)
+        ref: JobRef[JobRecord] = JobRef(id=job_id_for(key), key=key, trace_id=trace_id, client=self)
         record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, goal=goal, created_at=now, updated_at=now,
                            payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
                            pipeline_digest=spec.digest(), pipeline_input=input)
@@ -266,29 +336,33 @@ class MeshClient:
         _, data = self.pipelines.get(pipeline)
         return self.app.stored_pipeline(data)
 
-    def target(self, agent: str) -> Target:
-        """How a message for ``agent`` is checked and routed: by the app's models when it declares
-        the agent, by the built-in contracts, or by the schema the agent's workers published (one
-        Redis read). UnknownAgent, naming the known agents, when none of them knows it."""
-        def builtin(payload: Any) -> Any:
-            return validate_input(agent, payload)
-
+    def target(self, agent: str | AgentRef[Any, Any]) -> Target:
+        """How a message for ``agent`` is checked and routed: by its declared models (a declared agent,
+        or one the client's app declares), by the built-in contracts, or by the schema the agent's
+        workers published (one Redis read). UnknownAgent, naming the known agents, when none of them
+        knows it."""
+        if isinstance(agent, AgentRef):
+            return _declared(agent.name, agent.queue, agent.version, agent.input, agent.output)
         spec = self.app.agents.get(agent) if self.app is not None else None
         if self.app is not None and spec is not None:
-            model = self.app.contracts[agent][0]
-
-            def declared(payload: Any) -> Any:
-                return validate_model(agent, model, payload)
-
-            # The built-in models' own check goes further (an executor call's args fit its tool).
-            check = builtin if agent in CONTRACTS and CONTRACTS[agent][0] is model else declared
-            return Target(agent, spec.queue, spec.version, check)
+            return _declared(agent, spec.queue, spec.version, *self.app.contracts[agent])
         if agent in CONTRACTS:
-            return Target(agent, agent, None, builtin)
+            return Target(agent, agent, None, functools.partial(validate_input, agent), *CONTRACTS[agent])
         published = self.registry.get(agent)
         if published is None:
             raise UnknownAgent(agent, self.known_agents())
         return Target(agent, published.queue, published.version, published.validate_input)
+
+    @staticmethod
+    def _payload(target: Target, payload: Any) -> Any:
+        """``payload`` as the message carries it: a model dumped by its wire names (ContractError for
+        a model of another class than ``target``'s input), anything else as given, to be checked."""
+        if not isinstance(payload, BaseModel):
+            return payload
+        if target.input is not None and not isinstance(payload, target.input):
+            raise ContractError(f"agent {target.agent!r} takes a {target.input.__name__}, not a "
+                                f"{type(payload).__name__}; nothing was sent", agent=target.agent)
+        return payload.model_dump(mode="json", by_alias=True)
 
     def known_agents(self) -> list[str]:
         """Every agent a message can be sent to: the built-in ones, the app's, then the published ones."""
@@ -309,7 +383,7 @@ class MeshClient:
             raise LimitExceeded(f"item {index}: {exc.message}", index=index, **exc.context) from None
 
     def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-              token_budget: int | None = None) -> list[JobRef]:
+              token_budget: int | None = None) -> list[JobRef[Any]]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
         and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
@@ -328,13 +402,13 @@ class MeshClient:
                 self._build(target, [item], token_budget=token_budget, first=index)
 
     def _send_chunks(self, target: Target, chunks: list[list[tuple[str, dict[str, Any], str | None]]], *,
-                     token_budget: int | None = None) -> list[JobRef]:
+                     token_budget: int | None = None) -> list[JobRef[Any]]:
         """:meth:`_send` of each chunk in turn, each built while the one before it is written (a thread
         waits for Redis meanwhile). A chunk is written only once the one before it was, so a conflict
         stops the sending at its chunk, as one chunk at a time would."""
         if not chunks:
             return []
-        refs: list[JobRef] = []
+        refs: list[JobRef[Any]] = []
         built = self._build(target, chunks[0], token_budget=token_budget)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-send") as writer:
             for part in chunks[1:]:
@@ -344,7 +418,7 @@ class MeshClient:
         return refs + self._write(*built)
 
     def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-               token_budget: int | None = None, first: int | None = None) -> tuple[NewJobs, list[JobRef]]:
+               token_budget: int | None = None, first: int | None = None) -> tuple[NewJobs, list[JobRef[Any]]]:
         """The jobs and messages of ``items``, nothing written; LimitExceeded for a message over
         MESH_MAX_MESSAGE_BYTES or MESH_MAX_JSON_DEPTH (naming its batch index when ``first`` is given:
         the index of the first item)."""
@@ -355,10 +429,12 @@ class MeshClient:
                         deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
                         max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth)
         refs = []
+        reader = _step_output(agent, target.output)
         for index, (step_id, payload, given) in enumerate(items):
             # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
             key = given or uuid.uuid4().hex
-            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id_for(key) if given else new_trace_id())
+            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id_for(key) if given else new_trace_id(),
+                         client=self, reader=reader)
             try:
                 batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
                           payload_hash=payload_hash(agent, payload), checked=bool(given))
@@ -370,7 +446,7 @@ class MeshClient:
             refs.append(ref)
         return batch, refs
 
-    def _write(self, batch: NewJobs, refs: list[JobRef]) -> list[JobRef]:
+    def _write(self, batch: NewJobs, refs: list[JobRef[Any]]) -> list[JobRef[Any]]:
         """Write what :meth:`_build` built, in one script call; with MESH_REDIS_WAIT_REPLICAS, then WAIT
         for the replicas on the same connection (NotReplicated when too few confirm)."""
         wanted = self.settings.redis_wait_replicas
@@ -425,11 +501,11 @@ class MeshClient:
         ``compensated``). Idempotent: a job already cancelled (or ended) is returned as it is."""
         return self._control("cancel")(self, job_id, reason)[0]
 
-    def rerun(self, job_id: str, from_step: str, *, key: str | None = None) -> JobRef:
+    def rerun(self, job_id: str, from_step: str, *, key: str | None = None) -> JobRef[JobRecord]:
         """A new run of a declared pipeline's job: the same spec digest and input, the outputs of the
         steps upstream of ``from_step`` reused, ``from_step`` and everything downstream run again under
         new keys; the two records name each other (``rerun_of``, ``reruns``)."""
-        ref: JobRef = self._control("rerun")(self, job_id, from_step, key=key)
+        ref: JobRef[JobRecord] = self._control("rerun")(self, job_id, from_step, key=key)
         return ref
 
     def _control(self, name: str) -> Callable[..., Any]:

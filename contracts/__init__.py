@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .codec import OrjsonEncoder, depth_exceeds, dumps, loads
+from .declared import AgentRef
 from .envelope import Envelope, Frozen, child_key, new_trace_id, traceparent
 from .errors import (
     BreakerOpen,
@@ -20,6 +21,7 @@ from .errors import (
     LeaseLost,
     LimitExceeded,
     MeshError,
+    NoOutput,
     OutcomeUnrecorded,
     PermanentFailure,
     PoisonMessage,
@@ -63,6 +65,7 @@ __all__ = [
     "LOST",
     "TERMINAL",
     "ActionStep",
+    "AgentRef",
     "BreakerOpen",
     "Brownout",
     "BudgetExceeded",
@@ -84,6 +87,7 @@ __all__ = [
     "LeaseLost",
     "LimitExceeded",
     "MeshError",
+    "NoOutput",
     "OrjsonEncoder",
     "OutcomeUnrecorded",
     "PermanentFailure",

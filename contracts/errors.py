@@ -23,8 +23,10 @@
     ├── UnknownAgent                a message names no agent of the mesh permanent
     ├── LeaseLost                   another owner took the message key over; the attempt is
     │                               superseded (acked, not retried, not dead-lettered)
-    └── OutcomeUnrecorded           done, but the mesh's Redis refused the record mesh_unavailable
-                                    (the output is recorded on the next delivery, not recomputed)
+    ├── OutcomeUnrecorded           done, but the mesh's Redis refused the record mesh_unavailable
+    │                               (the output is recorded on the next delivery, not recomputed)
+    └── NoOutput                    a job or step read for its output did not succeed permanent
+                                    (``state`` and ``error`` say why; raised to the reader)
 
 A ``redis.RedisError`` reaching the router is the mesh's own Redis failing (``mesh_unavailable``):
 dependencies' errors are raised as the classes above by the tools that call them.
@@ -245,3 +247,20 @@ class EffectRefuted(PermanentFailure):
     def __init__(self, message: str, *, tool: str | None = None, **context: Any) -> None:
         super().__init__(message, tool=tool, **context)
         self.tool = tool
+
+
+class NoOutput(MeshError):
+    """A job (``ref.result()``) or a step (``record.output(...)``) has no output to read: it did not
+    succeed. ``state`` and ``error`` say what became of it; ``step_id`` is None for a whole job."""
+
+    failure_class = FailureClass.PERMANENT
+    terminal = True
+
+    def __init__(self, job_id: str, state: str, error: str | None, *, step_id: str | None = None) -> None:
+        what = f"step {step_id!r} of job {job_id}" if step_id is not None else f"job {job_id}"
+        super().__init__(f"{what} has no output: it is {state}" + (f": {error}" if error else ""),
+                         job_id=job_id, step_id=step_id, state=state)
+        self.job_id = job_id
+        self.step_id = step_id
+        self.state = state
+        self.error = error

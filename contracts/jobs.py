@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .approvals import Approval
+from .declared import AgentRef
 from .effects import Settlement, Verdict
 from .envelope import Frozen
-from .errors import IllegalTransition
+from .errors import IllegalTransition, NoOutput
+
+M = TypeVar("M", bound=BaseModel)
+Out = TypeVar("Out", bound=BaseModel)
 
 
 class State(StrEnum):
@@ -240,6 +244,37 @@ class JobRecord(Record):
 
     def with_step(self, step: StepRecord) -> JobRecord:
         return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})
+
+    @overload
+    def output(self, step: AgentRef[Any, Out], model: None = None) -> Out: ...
+    @overload
+    def output(self, step: str | AgentRef[Any, Any], model: type[M]) -> M: ...
+    @overload
+    def output(self, step: str, model: None = None) -> dict[str, Any]: ...
+
+    def output(self, step: str | AgentRef[Any, Any], model: type[BaseModel] | None = None) -> Any:
+        """The output of a succeeded step: ``record.output(classify)`` (a declared agent: its step,
+        as its output model) or ``record.output("notify", Sent)`` (a step id: as ``model``, or the
+        stored dict without one). A pipeline step runs an agent under its own id: an agent names
+        the step of that id, else the one step that runs it. NoOutput (with the step's state and
+        error) when the step did not succeed; LookupError when the job has no such step."""
+        found = self.steps[self._step_id(step)]
+        if found.state is not State.SUCCEEDED or found.result is None:
+            raise NoOutput(self.job_id, str(found.state), found.error, step_id=found.step_id)
+        model = model or (step.output if isinstance(step, AgentRef) else None)
+        return found.result if model is None else model.model_validate(found.result)
+
+    def _step_id(self, step: str | AgentRef[Any, Any]) -> str:
+        name = step if isinstance(step, str) else step.name
+        if name in self.steps:
+            return name
+        running = [] if isinstance(step, str) else [
+            s.step_id for s in self.steps.values() if s.agent == name and s.parent is None and s.compensates is None]
+        if len(running) == 1:
+            return running[0]
+        what = f"steps running agent {name!r} ({', '.join(running)}); name one by its id" if running \
+            else f"step {name!r}; its steps are {', '.join(self.steps) or 'none'}"
+        raise LookupError(f"job {self.job_id} has {'several' if running else 'no'} {what}")
 
 
 R = TypeVar("R", bound=Record)

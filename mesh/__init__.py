@@ -3,7 +3,8 @@
     from mesh import App, Context, MeshClient, PermanentFailure
 
 Every name an app uses is here (``mesh.__all__``, each one on the Python API reference page):
-``App`` declares agents and tools (``@app.agent``, ``@app.tool``); ``Context`` is what a handler
+``App`` declares agents and tools (``@app.agent``, ``@app.tool``, which return an ``Agent`` and a
+``Tool``: the function still, typed by its models); ``Context`` is what a handler
 is given; ``ToolContext`` what a tool is given; ``Pipeline`` and ``load_pipeline`` declare
 pipelines; ``MeshClient`` sends work and follows jobs; the errors are those a handler or tool
 raises (``PermanentFailure``, ``RateLimited``, ...) and those a send or a decision raises
@@ -18,7 +19,7 @@ anyway (the built-in flow needs it), so the list costs nothing at import.
 from __future__ import annotations
 
 from mesh.agents import builtin as _builtin  # noqa: F401  (registers the flow ``MeshClient.submit`` runs)
-from mesh.agents.app import AgentSpec, App, ToolSpec, load_app
+from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec, load_app
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline, PipelineError, PipelineSpec, load_pipeline
 from mesh.agents.tools.base import ToolContext, effect_id
@@ -43,6 +44,7 @@ from mesh.contracts import (
     KeyConflict,
     LimitExceeded,
     MeshError,
+    NoOutput,
     PermanentFailure,
     RateLimited,
     Receipt,
@@ -55,11 +57,11 @@ from mesh.contracts.effects import Verdict
 from mesh.contracts.errors import EffectRefuted, EffectUnknown
 
 __all__ = [
-    "AgentSpec", "AlreadyDecided", "App", "ApprovalError", "ApprovalExpired", "Brownout", "ConfigError", "Context",
-    "ContractError", "DependencyTimeout", "EffectRefuted", "EffectUnknown", "FailureClass", "InvalidDecision",
-    "InvalidOutput", "JobNotFound", "JobRecord", "JobRef", "KeyConflict", "LimitExceeded", "MeshClient",
-    "MeshError", "MeshSettings", "NotAnApprover", "NotAwaiting", "NotReplicated", "PermanentFailure", "Pipeline",
-    "PipelineError", "PipelineSpec", "RateLimited", "Receipt", "State", "StepRecord", "ToolContext", "ToolRefused",
-    "ToolSpec", "UnknownAgent", "Verdict", "WaitTimeout", "effect_id", "host_port", "load_app", "load_pipeline",
-    "send_request"
+    "Agent", "AgentSpec", "AlreadyDecided", "App", "ApprovalError", "ApprovalExpired", "Brownout", "ConfigError",
+    "Context", "ContractError", "DependencyTimeout", "EffectRefuted", "EffectUnknown", "FailureClass",
+    "InvalidDecision", "InvalidOutput", "JobNotFound", "JobRecord", "JobRef", "KeyConflict", "LimitExceeded",
+    "MeshClient", "MeshError", "MeshSettings", "NoOutput", "NotAnApprover", "NotAwaiting", "NotReplicated",
+    "PermanentFailure", "Pipeline", "PipelineError", "PipelineSpec", "RateLimited", "Receipt", "State", "StepRecord",
+    "Tool", "ToolContext", "ToolRefused", "ToolSpec", "UnknownAgent", "Verdict", "WaitTimeout", "effect_id",
+    "host_port", "load_app", "load_pipeline", "send_request"
 ]

@@ -132,7 +132,7 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
     events: list[dict[str, Any]] = [trace.event("rerun", {"job_id": record.job_id, "key": key, "trace_id": trace_id},
                                                 rerun_of=old.job_id, rerun_from=from_step)]
     record, messages = advance(spec, record, run, _routes(client), events, now=now)
-    ref = JobRef(id=record.job_id, key=key, trace_id=trace_id)
+    ref: JobRef[JobRecord] = JobRef(id=record.job_id, key=key, trace_id=trace_id, client=client)
     keys = client.keys
     while True:
         with transaction(client.redis, client.settings) as pipe:

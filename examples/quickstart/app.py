@@ -33,9 +33,9 @@ def writer(ctx: Context, topic: Topic) -> Draft:
     return Draft(text=f"Three facts about {topic.topic}.")
 
 
-@app.agent(tools=["count_words"])
+@app.agent(tools=[count_words])                         # tools, steps and sends take the declared objects
 def editor(ctx: Context, draft: Draft) -> Review:
-    return Review(text=draft.text, words=ctx.call("count_words", draft))
+    return Review(text=draft.text, words=ctx.call(count_words, draft))  # typed: count_words returns an int
 
 
-app.pipeline(Pipeline("article").step("writer").step("editor", depends_on=["writer"]))
+app.pipeline(Pipeline("article").step(writer).step(editor, depends_on=[writer]))

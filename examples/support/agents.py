@@ -108,14 +108,6 @@ def summarize(ctx: Context, ticket: Ticket) -> Summary:
     return summary
 
 
-@app.agent(name="file", time_limit_s=30, max_attempts=6, tools=["file_ticket"])
-def file(ctx: Context, filing: Filing) -> Filed:
-    """Files the ticket in its queue: an outside effect, so a timed-out attempt is never re-run blindly."""
-    receipt: Receipt = ctx.call("file_ticket", FileTicket(ticket_id=filing.ticket.id, queue=filing.queue,
-                                                           subject=filing.ticket.subject, summary=filing.summary))
-    return Filed(ticket_id=filing.ticket.id, queue=filing.queue, reference=receipt.effect_id)
-
-
 def tickets_url() -> str:
     """Where tickets are filed; read when a call is made, never at import."""
     return os.environ.get("SUPPORT_TICKETS_URL", "http://127.0.0.1:8088/tickets")
@@ -144,15 +136,23 @@ def file_ticket(ctx: ToolContext, args: FileTicket) -> Receipt:
     return Receipt(tool="file_ticket", effect_id=reference, detail={"status": response.status_code})
 
 
+@app.agent(name="file", time_limit_s=30, max_attempts=6, tools=[file_ticket])
+def file(ctx: Context, filing: Filing) -> Filed:
+    """Files the ticket in its queue: an outside effect, so a timed-out attempt is never re-run blindly."""
+    receipt = ctx.call(file_ticket, FileTicket(ticket_id=filing.ticket.id, queue=filing.queue,  # a Receipt
+                                               subject=filing.ticket.subject, summary=filing.summary))
+    return Filed(ticket_id=filing.ticket.id, queue=filing.queue, reference=receipt.effect_id)
+
+
 #: Below this, triage's queue is not trusted: a person reads the ticket in ``general``.
 MIN_CONFIDENCE = 0.6
 
 # The whole flow as a pipeline: a person approves the filing (its queue and summary) within 4 hours,
 # else it is not filed (``on_timeout: deny`` halts the job).
 app.pipeline(Pipeline("support")
-             .step("triage")
-             .step("summarize")
-             .step("file", depends_on=["triage", "summarize"], approval={"timeout": "4h"},
+             .step(triage)
+             .step(summarize)
+             .step(file, depends_on=[triage, summarize], approval={"timeout": "4h"},
                    input={"ticket": "input",
                           "queue": f'triage.confidence >= {MIN_CONFIDENCE} ? triage.queue : "general"',
                           "summary": "summarize.summary"}))

@@ -15,11 +15,10 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any
 
-from mesh import JobRef, MeshClient, MeshError, State
+from mesh import MeshClient, MeshError
 
-from .agents import MIN_CONFIDENCE, Filed, Filing, Ticket, Triage, app
+from .agents import MIN_CONFIDENCE, Filed, Filing, Ticket, Triage, app, file, summarize, triage
 
 
 @dataclass(frozen=True)
@@ -30,25 +29,16 @@ class Outcome:
 
 
 def handle(client: MeshClient, ticket: Ticket, *, timeout_s: float = 60.0) -> Outcome:
-    """Triage and summarize ``ticket``, then file it; raises MeshError if a step did not succeed."""
-    payload = ticket.model_dump(mode="json")
-    triage_job = client.send("triage", payload, key=f"support/{ticket.id}/triage")
-    summary_job = client.send("summarize", payload, key=f"support/{ticket.id}/summarize")
-    triage = Triage.model_validate(output(client, triage_job, "triage", timeout_s))
-    summary = str(output(client, summary_job, "summarize", timeout_s)["summary"])
-    queue = triage.queue if triage.confidence >= MIN_CONFIDENCE else "general"
+    """Triage and summarize ``ticket``, then file it; raises MeshError (NoOutput, naming the job's
+    state and error) if a step did not succeed."""
+    triage_job = client.send(triage, ticket, key=f"support/{ticket.id}/triage")      # a JobRef[Triage]
+    summary_job = client.send(summarize, ticket, key=f"support/{ticket.id}/summarize")
+    triaged = triage_job.result(timeout_s=timeout_s)                                   # a Triage
+    summary = summary_job.result(timeout_s=timeout_s).summary
+    queue = triaged.queue if triaged.confidence >= MIN_CONFIDENCE else "general"
     filing = Filing(ticket=ticket, queue=queue, summary=summary)
-    filed_job = client.send("file", filing.model_dump(mode="json"), key=f"support/{ticket.id}/file")
-    return Outcome(triage, summary, Filed.model_validate(output(client, filed_job, "file", timeout_s)))
-
-
-def output(client: MeshClient, job: JobRef, agent: str, timeout_s: float) -> dict[str, Any]:
-    """The output of the one step of ``job``, once it succeeded."""
-    record = client.wait(job.id, timeout_s=timeout_s)
-    step = record.steps[agent]
-    if record.state is not State.SUCCEEDED or step.result is None:
-        raise MeshError(f"{agent} job {job.id} ended {record.state}: {step.error}", job_id=job.id)
-    return step.result
+    filed = client.send(file, filing, key=f"support/{ticket.id}/file").result(timeout_s=timeout_s)
+    return Outcome(triaged, summary, filed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import httpx
 import redis
 from pydantic import BaseModel, ValidationError
 
-from mesh.agents.app import AgentSpec, App, ToolSpec
+from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec
 from mesh.agents.context import Context, _classified
 from mesh.agents.tools.allow import Resolver, system_resolver
 from mesh.agents.tools.base import ToolContext
@@ -194,7 +194,7 @@ def _agent(app: App | None, agent: str | Callable[..., Any] | None) -> AgentSpec
         return AgentSpec(name="test", input=BaseModel, output=BaseModel, handler=lambda ctx, x: x)
     if app is None:
         raise ConfigError("TestContext(agent=...) needs the app that declares it: TestContext(app, agent)")
-    name = agent if isinstance(agent, str) else next(
+    name = agent if isinstance(agent, str) else agent.name if isinstance(agent, Agent) else next(
         (s.name for s in app.agents.values() if s.handler is agent), getattr(agent, "__name__", "?"))
     if name not in app.agents:
         raise ConfigError(f"app {app.name!r} declares no agent {name!r}; agents are {sorted(app.agents)}")
@@ -204,6 +204,8 @@ def _agent(app: App | None, agent: str | Callable[..., Any] | None) -> AgentSpec
 def _tool_name(app: App | None, tool: ToolRef) -> str:
     if isinstance(tool, str):
         return tool
+    if isinstance(tool, Tool):
+        return tool.name
     declared = (s.name for s in app.tools.values() if s.run is tool) if app is not None else iter(())
     return next(declared, getattr(tool, "__name__", repr(tool)))
 

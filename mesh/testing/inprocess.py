@@ -23,9 +23,10 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from dramatiq import Worker
+from pydantic import BaseModel
 
 from mesh.agents.app import App
 from mesh.agents.pipelines import Pipeline, PipelineSpec
@@ -36,6 +37,7 @@ from mesh.broker.client import JobRef, WaitTimeout
 from mesh.broker.clock import server_ms
 from mesh.broker.timers import Timers, due, due_at
 from mesh.contracts import TERMINAL, ConfigError, JobRecord, State, StepRecord
+from mesh.contracts.declared import AgentRef, In, Out
 
 from .clock import TestClock
 from .context import ToolCall, ToolRef, _fake, _tool_name
@@ -161,16 +163,26 @@ class TestMesh:
             raise ConfigError("the TestMesh is not started: use it as a context manager (with TestMesh(app) as m)")
         return self._client
 
-    def run(self, pipeline: str | PipelineSpec | Pipeline, input: Mapping[str, Any], *, key: str | None = None,
-            token_budget: int | None = None) -> JobRef:
-        """Start a run of ``pipeline`` (a name of the app's, a spec or a builder) on ``input``."""
+    def run(self, pipeline: str | PipelineSpec | Pipeline, input: BaseModel | Mapping[str, Any], *,
+            key: str | None = None, token_budget: int | None = None) -> JobRef[JobRecord]:
+        """Start a run of ``pipeline`` (a name of the app's, a spec or a builder) on ``input`` (a model
+        or a mapping)."""
         spec = pipeline.build() if isinstance(pipeline, Pipeline) else pipeline
-        return self.client.run(spec, dict(input), key=key, token_budget=token_budget)
+        return self.client.run(spec, input if isinstance(input, BaseModel) else dict(input), key=key,
+                               token_budget=token_budget)
 
-    def send(self, agent: str, payload: Mapping[str, Any], *, key: str | None = None,
-             token_budget: int | None = None) -> JobRef:
-        """One message to one of the app's agents."""
-        return self.client.send(agent, dict(payload), key=key, token_budget=token_budget)
+    @overload
+    def send(self, agent: AgentRef[In, Out], payload: In | Mapping[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef[Out]: ...
+    @overload
+    def send(self, agent: str, payload: BaseModel | Mapping[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef[Any]: ...
+
+    def send(self, agent: AgentRef[Any, Any] | str, payload: BaseModel | Mapping[str, Any], *, key: str | None = None,
+             token_budget: int | None = None) -> JobRef[Any]:
+        """One message to one of the app's agents (the declared agent or its name; a model or a mapping)."""
+        data = payload if isinstance(payload, BaseModel) else dict(payload)
+        return self.client.send(agent, data, key=key, token_budget=token_budget)
 
     def wait(self, job: JobRef | str, *, approve: Approve | None = None, timeout_s: float = 30.0) -> JobRecord:
         """The job once it ended, or once a step waits for an approval ``approve`` does not decide
@@ -278,7 +290,7 @@ def _in_flight(step: StepRecord) -> bool:
     return step.state is State.RUNNING or (step.state is State.QUEUED and step.sent_at is not None)
 
 
-def run_pipeline(app: App, pipeline: str | PipelineSpec | Pipeline, input: Mapping[str, Any], *,
+def run_pipeline(app: App, pipeline: str | PipelineSpec | Pipeline, input: BaseModel | Mapping[str, Any], *,
                  model: TestModel | None = None, tools: Mapping[ToolRef, Any] | None = None,
                  secrets: Mapping[str, str] | None = None, approve: Approve | None = None, key: str | None = None,
                  token_budget: int | None = None, timeout_s: float = 30.0, **settings: Any) -> JobRecord:

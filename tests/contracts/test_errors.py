@@ -25,6 +25,7 @@ from mesh.contracts.errors import (
     LeaseLost,
     LimitExceeded,
     MeshError,
+    NoOutput,
     OutcomeUnrecorded,
     PermanentFailure,
     PoisonMessage,
@@ -58,6 +59,7 @@ EXPECTED: dict[str, tuple[FailureClass, bool]] = {
     "BudgetExceeded": (FailureClass.BUDGET_EXCEEDED, True),
     "UnknownAgent": (FailureClass.PERMANENT, True),
     "LeaseLost": (FailureClass.UNKNOWN, False),
+    "NoOutput": (FailureClass.PERMANENT, True),  # raised to a reader of a job's output, never routed
     "BreakerOpen": (FailureClass.BROWNOUT, False),  # not routed by class: the router acks it as superseded
 }
 RETRYABLE_CLASSES = {FailureClass.RATE_LIMITED, FailureClass.BROWNOUT, FailureClass.INVALID_OUTPUT,
@@ -86,6 +88,7 @@ INSTANCES: dict[str, MeshError] = {
     "LeaseLost": LeaseLost("k-1", 3),
     "OutcomeUnrecorded": OutcomeUnrecorded("no record", {"ok": True}),
     "BreakerOpen": BreakerOpen("model:443", 2.5, "open"),
+    "NoOutput": NoOutput("job-1", "dead_lettered", "boom", step_id="classify"),
 }
 
 

@@ -97,7 +97,7 @@ def test_app_declares_three_agents_and_a_tool_with_their_policy(monkeypatch: pyt
     monkeypatch.setenv("SUPPORT_TICKETS_URL", "https://tickets.example.com/api/tickets")
     args = agents.FileTicket(ticket_id="t", queue="billing", subject="s", summary="")
     assert tool.target(args) == "tickets.example.com:443"
-    assert agents.file is filer.handler  # still the plain function
+    assert agents.file.spec is filer and agents.file.fn is filer.handler  # the declared agent, its function
 
 
 def test_file_agent_files_once_per_key_with_its_secret_key_token_and_trace(

@@ -43,6 +43,15 @@ def publish(ctx: Context, draft: Draft) -> Posted:
     return posted
 
 
+class Batch(BaseModel):
+    topics: list[Topic]
+
+
+@app.agent
+def tally(ctx: Context, batch: Batch) -> Posted:
+    return Posted(id=",".join(t.topic for t in batch.topics))
+
+
 app.pipeline(Pipeline("blog").step("write").step("publish", depends_on=["write"], approval={"timeout": "1h"}))
 DRAFTS = {Draft: [{"text": "otters"}]}
 
@@ -106,3 +115,14 @@ def test_a_message_sent_to_one_agent_runs_on_the_test_mesh() -> None:
         record = mesh.wait(mesh.send("write", {"topic": "otters"}, key="one-draft"))
     assert record.state is State.SUCCEEDED and record.steps["write"].result == {"text": "otters"}
     assert record.key == "one-draft"
+
+
+def test_send_and_run_take_the_declared_agent_and_input_models() -> None:
+    with TestMesh(app, model=TestModel({Draft: [{"text": "sent"}]}), tools={post: Posted(id="never")}) as mesh:
+        assert mesh.send(write, Topic(topic="otters")).result(timeout_s=20) == Draft(text="sent")
+        batch = Batch(topics=[Topic(topic="a"), Topic(topic="b")])  # nested models: sent as JSON
+        assert mesh.send(tally, batch).result(timeout_s=20) == Posted(id="a,b")
+    record = run_pipeline(app, "blog", Topic(topic="otters"), model=TestModel(DRAFTS),
+                          tools={post: lambda d: Posted(id=f"P-{d.text}")}, approve={"publish": True})
+    assert record.pipeline_input == {"topic": "otters"}
+    assert (record.output(write), record.output(publish)) == (Draft(text="otters"), Posted(id="P-otters"))
