@@ -70,9 +70,10 @@ class AgentRuntime:
     settings: MeshSettings
     redis: Redis
     provider: ModelProvider
+    #: The app whose agents this worker serves (the built-in one is loaded by whoever serves it).
+    app: App
     http: httpx.Client = field(default_factory=httpx.Client)
     breakers: Breakers | None = None
-    app: App = field(default_factory=lambda: _builtin())
     #: How tools resolve host names (see :mod:`mesh.agents.tools.allow`).
     resolve: Resolver = system_resolver
 
@@ -96,10 +97,10 @@ class AgentRuntime:
                                                        record, self.routes, events))
 
     @classmethod
-    def from_settings(cls, settings: MeshSettings, client: Redis, app: App | None = None) -> AgentRuntime:
+    def from_settings(cls, settings: MeshSettings, client: Redis, app: App) -> AgentRuntime:
         breakers = Breakers(settings, client)
         provider = provider_for(settings, breakers, Meter(settings, client))
-        return cls(settings=settings, redis=client, provider=provider, breakers=breakers, app=app or _builtin())
+        return cls(settings=settings, redis=client, provider=provider, breakers=breakers, app=app)
 
     def handle(self, spec: AgentSpec, raw: Any) -> None:
         """Run one message whose key this thread has claimed; the result goes to the job record
@@ -331,9 +332,3 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
                                      options=options))
     return actors
-
-
-def _builtin() -> App:
-    from .builtin import app
-
-    return app
