@@ -44,11 +44,10 @@ from mesh.contracts import (
 from mesh.contracts.jobs import UNDO_CALLS, is_compensation
 from mesh.contracts.messages import validate_model, validate_output_model
 
-from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
 from .effects import with_effect
-from .pipelines import PipelineSpec, approvals
+from .pipelines import PipelineSpec, approvals, progress
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
 from .providers import Meter, ModelProvider, provider_for
@@ -140,7 +139,7 @@ class AgentRuntime:
             parked = approvals.recheck(self.flow(record), record, env, events)
             if parked is not None:  # not the call a person approved: asked (again), not run
                 return parked, []
-            return pipeline.start(env, lease.token)(record)
+            return progress.start(env, lease.token)(record)
 
         try:
             record = self.jobs.update(env.job_id, start, fence=lease, also=picked_up, events=events)
@@ -202,7 +201,7 @@ class AgentRuntime:
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
                               **shared, **traced(flow, "output", output.model_dump(mode="json")))]
         try:
-            change = pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
+            change = progress.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
                                        routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
             self.jobs.update(env.job_id, with_effect(change, env.step_id, effect),
                              fence=lease, also=succeeded, events=events, retention_s=retention_s(flow))

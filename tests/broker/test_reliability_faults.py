@@ -205,7 +205,7 @@ def test_waiting_for_a_busy_key_stops_at_the_deadline_and_at_max_waits(client, m
 def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settings):
     """A transaction re-sent after its reply was lost applies its change a second time: the
     record must come out the same and nothing may be traced or counted twice."""
-    from mesh.agents import pipeline
+    from mesh.agents.pipelines import progress
 
     ref = client.send("executor", note("re-sent"))
     env = Envelope.model_validate(loads(client.redis.hvals(client.keys.messages("executor"))[0])["args"][0])
@@ -217,8 +217,8 @@ def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settin
         pipe.hincrby(client.keys.stats, "test_pickups", 1)
 
     ev = trace.event("picked_up", env.model_dump(mode="json"), token=7)
-    first = jobs.update(ref.id, pipeline.start(env, 7), also=also, events=[ev])
-    again = jobs.update(ref.id, pipeline.start(env, 7), also=also, events=[ev])
+    first = jobs.update(ref.id, progress.start(env, 7), also=also, events=[ev])
+    again = jobs.update(ref.id, progress.start(env, 7), also=also, events=[ev])
     assert first.steps["executor"].picked_up == again.steps["executor"].picked_up == 1
     assert int(client.redis.hget(client.keys.stats, "test_pickups")) == 1 and counted == [1]
     assert [e["event"] for e in trace.read(client.redis, client.keys, ref.id)].count("picked_up") == 1
