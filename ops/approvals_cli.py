@@ -113,7 +113,7 @@ def deny(job_id: JobArg, step_id: StepArg,
 
 
 def _decide(given: str, call: Any, as_json: bool) -> None:
-    from mesh.ops.cli import _job_candidates
+    from mesh.ops.jobs_cli import _job_candidates
 
     c = base.client()
     for job in _job_candidates(c, given):
