@@ -45,23 +45,27 @@ def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag 
     if not states:
         out.print("no breakers yet: none of the dependencies has failed")
         return
-    columns = (Column("dependency", key=True), Column("state"), Column("failures", justify="right"),
+    columns: tuple[Column, ...] = (Column("dependency", key=True), Column("state"), Column("failures", justify="right"),
                Column("reopens in"), Column("cool-down"), Column("trips", justify="right"),
                Column("deferred", justify="right"), Column("last error", wrap=True))
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for b in states:
         reopen = f"{b.reopen_in_s:.1f}s" if b.reopen_in_s is not None else "-"
         rows.append((b.name, b.state, str(b.failures), reopen, f"{b.cooldown_s:g}s", str(b.trips), str(b.deferred),
                      b.last_error or "-"))
+    if wide:  # when the last opening was, and by how many failures
+        columns = (*columns[:-1], Column("opened"), Column("opened by", justify="right"), columns[-1])
+        rows = [(*row[:-1], when(b.opened_at), str(b.opened_failures), row[-1]) for row, b in zip(rows, states,
+                                                                                               strict=True)]
     out.print(Listing(columns, rows, wide=wide))
     for b in states:
         if b.opened_at is None:
             continue
         out.print(Text(f"{b.name} {b.state}: opened {when(b.opened_at)} by {b.opened_failures} failure(s); "
                        f"reopens {when(b.reopen_at)} (in {b.reopen_in_s or 0:.1f}s); "
-                       f"{b.deferred} message(s) deferred on it"))
+                       f"{b.deferred} message(s) deferred on it"), soft_wrap=False)  # wrapped at the width
         for f in b.opened_by:
-            out.print(Text(f"  {when(f.at)}  {f.error}"))
+            out.print(Text(f"  {when(f.at)}  {f.error}"), soft_wrap=False)
 
 
 @breakers_app.command("reset")

@@ -333,8 +333,13 @@ def jobs(
         return
     columns = [Column("job", key=True), Column("state"), Column("created"), Column("key", key=True),
                Column("steps", justify="right")]
-    out.print(Listing(columns, [(Text(r.job_id), str(r.state), when(r.created_at), Text(r.key), str(len(r.steps)))
-                                for r in page.jobs], wide=wide))
+    rows: list[tuple[str | Text, ...]] = [(Text(r.job_id), str(r.state), when(r.created_at), Text(r.key),
+                                           str(len(r.steps))) for r in page.jobs]
+    if wide:  # what --json has besides: the agents of its steps, when it last changed, its error
+        columns += [Column("agents", wrap=True), Column("updated"), Column("error", wrap=True)]
+        rows = [(*row, Text(", ".join(sorted({s.agent for s in r.steps.values()}))), when(r.updated_at),
+                 Text(r.error or "-")) for row, r in zip(rows, page.jobs, strict=True)]
+    out.print(Listing(columns, rows, wide=wide))
 
 
 def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None, *, wide: bool = False,
@@ -350,7 +355,7 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
     width = out.size.width
     head = Text.assemble(f"job {record.job_id}  ", (str(record.state), "bold"))
     trace = f"trace {record.trace_id}"
-    if nodes is not None and head.cell_len + 2 + len(trace) > width:  # a pipeline's view fits the width
+    if head.cell_len + 2 + len(trace) > width:  # the view fits the width: the trace id on a line of its own
         out.print(head)
         out.print(Text(trace))
     else:
@@ -390,7 +395,7 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wid
     for step in record.steps.values():
         took = (f"{step.finished_at - step.started_at:.2f}s"
                 if step.finished_at and step.started_at else "")
-        detail = step.error or _summary(step.result) or ""
+        detail = step.error or _summary(step.result, whole=wide) or ""
         if record.pipeline and step.state is State.QUEUED and step.sent_at is None:
             detail = "not sent: the job halted" if record.state is State.HALTED else "waits for its dependencies"
         if step.settlement is not None:
@@ -408,16 +413,18 @@ _STATE_STYLE = {State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: 
                 State.COMPENSATED: "cyan"}
 
 
-def _summary(result: dict[str, Any] | None) -> str:
+def _summary(result: dict[str, Any] | None, *, whole: bool = False) -> str:
+    """A step's result in a few words: its first 90 characters unless ``whole`` (--wide)."""
+    cut = None if whole else 90
     if not result:
         return ""
     if "steps" in result:
         return f"{len(result['steps'])} steps"
     if "summary" in result:
-        return str(result["summary"])[:90]
+        return str(result["summary"])[:cut]
     if "effect_id" in result:
         return f"{result.get('tool')} effect {result['effect_id']}"
-    return str(result)[:90]
+    return str(result)[:cut]
 
 
 def trace_(job_id: Annotated[str, typer.Argument(

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
-from mesh.ops.console import Column, JsonFlag, Listing, client, emit_json, out
+from mesh.ops.console import Column, JsonFlag, Listing, WideFlag, client, emit_json, out
 
 
-def queues(as_json: JsonFlag = False) -> None:
+def queues(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     """Per agent queue: messages ready, delayed (retries) and in flight."""
     depths = client().queues()
     if as_json:
@@ -19,10 +18,10 @@ def queues(as_json: JsonFlag = False) -> None:
         return
     columns = (Column("queue", key=True), *(Column(n, justify="right") for n in ("ready", "delayed", "in flight")))
     out.print(Listing(columns, [(name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"]))
-                                for name, d in depths.items()]))
+                                for name, d in depths.items()], wide=wide))
 
 
-def stats(as_json: JsonFlag = False) -> None:
+def stats(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     """Counters of the deployment, and failed attempts by class and route.
 
     Duplicates suppressed or deferred, takeovers, retries, dead letters, poison, recoveries."""
@@ -36,15 +35,12 @@ def stats(as_json: JsonFlag = False) -> None:
     if as_json:
         emit_json({**counts, "routes": routes})
         return
-    table = Table("counter", "value", "meaning")
-    for name, value in counts.items():
-        table.add_row(name, str(value), STATS.get(name, "Entries in the dead-letter queue now."))
-    out.print(table)
+    columns = (Column("counter", key=True), Column("value", justify="right"), Column("meaning", wrap=True))
+    out.print(Listing(columns, [(name, str(value), STATS.get(name, "Entries in the dead-letter queue now."))
+                                for name, value in counts.items()], wide=wide))
     if routes:
-        by_route = Table("failure class : route", "attempts")
-        for name, n in routes.items():
-            by_route.add_row(Text(name), str(n))
-        out.print(by_route)
+        by_route = (Column("failure class : route", key=True), Column("attempts", justify="right"))
+        out.print(Listing(by_route, [(Text(name), str(n)) for name, n in routes.items()], wide=wide))
 
 
 def register(app: typer.Typer) -> None:

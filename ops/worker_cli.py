@@ -76,7 +76,7 @@ def workers(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     if not listed:
         out.print("no workers: none has published what it serves (start one with `mesh worker`)")
         return
-    rows = []
+    rows: list[tuple[str | Text, ...]] = []
     for w in listed:
         beat = f"{_age((now_ms - w.heartbeat_ms) / 1000)} ago" if w.heartbeat_ms is not None else "none"
         rows.append((Text(w.label), Text(w.app or "-"), Text(", ".join(w.agents)),
@@ -84,6 +84,9 @@ def workers(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
                      Text("alive", "green") if w.alive else Text("dead", "red")))
     columns = [Column("worker", key=True), Column("app", key=True), Column("agents", wrap=True), Column("since"),
                Column("heartbeat"), Column("state")]
+    if wide:  # the id the worker's heartbeat and published records are kept under
+        columns.append(Column("id", key=True))
+        rows = [(*row, Text(w.id)) for row, w in zip(rows, listed, strict=True)]
     out.print(Listing(columns, rows, wide=wide))
 
 
