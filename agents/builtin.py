@@ -1,19 +1,19 @@
 """The built-in planner → researchers → executor, declared through the same public API as any
 user's agents and pipelines (``App``, ``@app.agent``, ``@app.tool``, ``app.pipeline``): no private
-path. Workers serve this app when ``mesh worker`` is given no ``--app``; the flow between the
-agents is the pipeline ``builtin.yaml``, which ``MeshClient.submit`` (``mesh submit``) runs."""
+path, and no import of it from the runtime: it is one app among others, loaded where it is served
+(``mesh worker`` without ``--app``) and where its flow is run. The flow between the agents is the
+pipeline ``builtin.yaml``, which ``MeshClient.submit`` (``mesh submit``) runs, loading this module at
+its first call."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mesh.broker.client import on_submit
 from mesh.contracts import Findings, Plan, PlannerInput, Receipt, ResearchInput, ToolCall
 from mesh.contracts.tools import HttpPostArgs, NoteArgs
 
 from .app import App
 from .context import Context
-from .pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
 from .tools import http_post, verify_note, verify_post, write_note
 from .tools.http_post import target as http_post_target
 
@@ -51,4 +51,3 @@ def executor(ctx: Context, call: ToolCall) -> Receipt:
 
 #: The flow itself, a declared pipeline (``builtin.yaml``): ``MeshClient.submit`` runs it.
 PIPELINE = app.pipeline(Path(__file__).with_name("builtin.yaml"))
-on_submit(PIPELINE)

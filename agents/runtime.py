@@ -44,11 +44,10 @@ from mesh.contracts import (
 from mesh.contracts.jobs import UNDO_CALLS, is_compensation
 from mesh.contracts.messages import validate_model, validate_output_model
 
-from . import pipeline
 from .app import AgentSpec, App
 from .context import Context
 from .effects import with_effect
-from .pipelines import PipelineSpec, approvals
+from .pipelines import PipelineSpec, approvals, progress
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
 from .providers import Meter, ModelProvider, provider_for
@@ -70,9 +69,10 @@ class AgentRuntime:
     settings: MeshSettings
     redis: Redis
     provider: ModelProvider
+    #: The app whose agents this worker serves (the built-in one is loaded by whoever serves it).
+    app: App
     http: httpx.Client = field(default_factory=httpx.Client)
     breakers: Breakers | None = None
-    app: App = field(default_factory=lambda: _builtin())
     #: How tools resolve host names (see :mod:`mesh.agents.tools.allow`).
     resolve: Resolver = system_resolver
 
@@ -96,10 +96,10 @@ class AgentRuntime:
                                                        record, self.routes, events))
 
     @classmethod
-    def from_settings(cls, settings: MeshSettings, client: Redis, app: App | None = None) -> AgentRuntime:
+    def from_settings(cls, settings: MeshSettings, client: Redis, app: App) -> AgentRuntime:
         breakers = Breakers(settings, client)
         provider = provider_for(settings, breakers, Meter(settings, client))
-        return cls(settings=settings, redis=client, provider=provider, breakers=breakers, app=app or _builtin())
+        return cls(settings=settings, redis=client, provider=provider, breakers=breakers, app=app)
 
     def handle(self, spec: AgentSpec, raw: Any) -> None:
         """Run one message whose key this thread has claimed; the result goes to the job record
@@ -139,7 +139,7 @@ class AgentRuntime:
             parked = approvals.recheck(self.flow(record), record, env, events)
             if parked is not None:  # not the call a person approved: asked (again), not run
                 return parked, []
-            return pipeline.start(env, lease.token)(record)
+            return progress.start(env, lease.token)(record)
 
         try:
             record = self.jobs.update(env.job_id, start, fence=lease, also=picked_up, events=events)
@@ -201,7 +201,7 @@ class AgentRuntime:
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
                               **shared, **traced(flow, "output", output.model_dump(mode="json")))]
         try:
-            change = pipeline.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
+            change = progress.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
                                        routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
             self.jobs.update(env.job_id, with_effect(change, env.step_id, effect),
                              fence=lease, also=succeeded, events=events, retention_s=retention_s(flow))
@@ -331,9 +331,3 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
                                      options=options))
     return actors
-
-
-def _builtin() -> App:
-    from .builtin import app
-
-    return app

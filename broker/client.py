@@ -145,15 +145,17 @@ def _refuse_conflicts(records: list[JobRecord], stored: list[Any]) -> None:
 ENVELOPE_SLACK = 8192
 
 
-#: The pipeline :meth:`MeshClient.submit` runs (the built-in planner → researchers → executor):
-#: registered by the agents layer when ``mesh`` is imported, so the broker imports nothing of it.
-_entry: Any = None
+#: What loads the pipeline :meth:`MeshClient.submit` runs (the built-in planner → researchers →
+#: executor): registered when ``mesh`` is imported and called at the first submit, so neither the
+#: broker nor ``import mesh`` loads the built-in app.
+_entry: Callable[[], Any] | None = None
 
 
-def on_submit(spec: Any) -> None:
-    """Register the pipeline spec ``MeshClient.submit`` runs (``mesh.agents.builtin`` does)."""
+def on_submit(load: Callable[[], Any]) -> None:
+    """Register what returns the pipeline spec ``MeshClient.submit`` runs (``mesh`` does: it loads
+    :mod:`mesh.agents.builtin` when first called)."""
     global _entry
-    _entry = spec
+    _entry = load
 
 
 #: Job control (cancel, rerun), registered by the agents layer (``mesh.agents.pipelines.jobctl``),
@@ -205,8 +207,8 @@ class MeshClient:
         tokens the job may spend (default MESH_JOB_TOKEN_BUDGET; 0 = none); past it the job is
         dead-lettered ``budget_exceeded``."""
         if _entry is None:
-            raise ConfigError("no built-in pipeline is registered: import mesh (mesh.agents.builtin registers it)")
-        return self._start(_entry, {"goal": goal}, key=key, token_budget=token_budget, goal=goal)
+            raise ConfigError("no built-in pipeline is registered: import mesh (it registers it)")
+        return self._start(_entry(), {"goal": goal}, key=key, token_budget=token_budget, goal=goal)
 
     @overload
     def send(self, agent: AgentRef[In, Out], payload: In | dict[str, Any], *, key: str | None = None,

@@ -12,16 +12,17 @@ raises (``PermanentFailure``, ``RateLimited``, ...) and those a send or a decisi
 ``mesh.contracts`` (the typed language), ``mesh.broker`` (Redis, middleware, client),
 ``mesh.agents`` (the agent runtime), ``mesh.dlq`` (dead letters) and ``mesh.ops`` (the ``mesh``
 command); ``mesh.testing`` is what an app's tests use (``TestContext``, ``TestModel``,
-``run_pipeline``), imported only by them. Everything imported here is imported by ``import mesh``
-anyway (the built-in flow needs it), so the list costs nothing at import.
+``run_pipeline``), imported only by them. The built-in planner → researchers → executor
+(:mod:`mesh.agents.builtin`) is one app among others: ``import mesh`` does not load it; a worker
+serving it and ``MeshClient.submit`` (which runs its flow) do.
 """
 
 from __future__ import annotations
 
-from mesh.agents import builtin as _builtin  # noqa: F401  (registers the flow ``MeshClient.submit`` runs)
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec, load_app
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline, PipelineError, PipelineSpec, load_pipeline
+from mesh.agents.pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
 from mesh.agents.tools.base import ToolContext, effect_id
 from mesh.agents.tools.http import host_port, send_request
 from mesh.broker import JobNotFound, JobRef, MeshClient, MeshSettings, NotReplicated, WaitTimeout
@@ -33,6 +34,7 @@ from mesh.broker.approvals import (
     NotAnApprover,
     NotAwaiting,
 )
+from mesh.broker.client import on_submit as _on_submit
 from mesh.contracts import (
     Brownout,
     ConfigError,
@@ -55,6 +57,16 @@ from mesh.contracts import (
 )
 from mesh.contracts.effects import Verdict
 from mesh.contracts.errors import EffectRefuted, EffectUnknown
+
+
+def _builtin_flow() -> PipelineSpec:
+    """The pipeline ``MeshClient.submit`` runs, loaded with the built-in app at the first submit."""
+    from mesh.agents.builtin import PIPELINE
+
+    return PIPELINE
+
+
+_on_submit(_builtin_flow)
 
 __all__ = [
     "Agent", "AgentSpec", "AlreadyDecided", "App", "ApprovalError", "ApprovalExpired", "Brownout", "ConfigError",

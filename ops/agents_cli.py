@@ -27,14 +27,18 @@ def agents(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
 
 def table(listings: list[AgentListing], *, wide: bool = False) -> base.Listing:
     """One row per agent; names are inputs (mesh send NAME), so they are printed whole."""
-    columns = (base.Column("agent", key=True), base.Column("queue", key=True), base.Column("version"),
-               base.Column("tools", wrap=True), base.Column("workers"), base.Column("heartbeat"))
-    rows = []
+    columns: tuple[base.Column, ...] = (
+        base.Column("agent", key=True), base.Column("queue", key=True), base.Column("version"),
+        base.Column("tools", wrap=True), base.Column("workers"), base.Column("heartbeat"))
+    rows: list[tuple[str, ...]] = []
     for listing in listings:
         a, workers = listing.agent, listing.workers
         alive = sum(w.alive for w in workers)
         rows.append((a.name, a.queue, ",".join(map(str, served(listing))) or "-", ", ".join(a.tools) or "-",
                      f"{alive}/{len(workers)}", _age(_latest(workers), listing.now_ms)))
+    if wide:  # the app that declared it (mesh worker --app) and what it does
+        columns = (*columns, base.Column("app", key=True), base.Column("description", wrap=True))
+        rows = [(*row, x.agent.app or "-", x.agent.description or "-") for row, x in zip(rows, listings, strict=True)]
     return base.Listing(columns, rows, wide=wide)
 
 

@@ -51,23 +51,26 @@ def approvals(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> No
 def table(waiting: list[Pending], *, wide: bool = False) -> base.Listing:
     """One row per waiting step; the job id and step are inputs (mesh approve JOB STEP), printed whole."""
     now = time.time()
-    columns = (base.Column("job", key=True), base.Column("step", key=True), base.Column("since"),
-               base.Column("expires"), base.Column("input", wrap=True))
+    columns: tuple[base.Column, ...] = (base.Column("job", key=True), base.Column("step", key=True),
+                                        base.Column("since"), base.Column("expires"), base.Column("input", wrap=True))
+    if wide:  # who may decide; and the call asked for whole, not shortened
+        columns = (*columns[:-1], base.Column("approvers", wrap=True), columns[-1])
     rows = []
     for p in waiting:
-        shown = shown_input(p.step.input)
+        shown = shown_input(p.step.input, whole=wide)
         expires = "now" if p.expires_at is None else (
             f"in {show_duration(p.expires_at - now)} ({p.approval.on_timeout})")
-        rows.append((p.job_id, p.step.step_id, f"{show_duration(now - p.asked_at)} ago", expires, shown))
+        who = (", ".join(p.approval.approvers) or "anyone",) if wide else ()
+        rows.append((p.job_id, p.step.step_id, f"{show_duration(now - p.asked_at)} ago", expires, *who, shown))
     return base.Listing(columns, rows, wide=wide)
 
 
-def shown_input(payload: Any) -> str:
+def shown_input(payload: Any, *, whole: bool = False) -> str:
     """A waiting step's input as its row shows it: compact JSON cut to :data:`INPUT_CELLS` cells (a
-    wide character takes two), in lines of :data:`INPUT_LINE_CELLS` cells, since JSON without spaces
-    would not wrap and a block would run past 80 columns."""
+    wide character takes two; ``whole``, for --wide: not cut), in lines of :data:`INPUT_LINE_CELLS`
+    cells, since JSON without spaces would not wrap and a block would run past 80 columns."""
     text = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS).decode()
-    cut = cell_len(text) > INPUT_CELLS
+    cut = not whole and cell_len(text) > INPUT_CELLS
     lines: list[str] = []
     line: list[str] = []
     used = total = 0
@@ -113,7 +116,7 @@ def deny(job_id: JobArg, step_id: StepArg,
 
 
 def _decide(given: str, call: Any, as_json: bool) -> None:
-    from mesh.ops.cli import _job_candidates
+    from mesh.ops.jobs_cli import _job_candidates
 
     c = base.client()
     for job in _job_candidates(c, given):

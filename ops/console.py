@@ -95,8 +95,9 @@ def emit_json(value: Any) -> None:
     sys.stdout.write(escape_json(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()) + "\n")
 
 
-WideFlag = Annotated[bool, typer.Option("--wide", help="Always print a table, however wide, instead of one block "
-                                                        "per row on a narrow terminal.")]
+WideFlag = Annotated[bool, typer.Option("--wide", help="Every column and every value in full (ids, digests, text), "
+                                                        "in one table however wide; without it the output fits the "
+                                                        "terminal (a block per row when a table would not).")]
 
 #: A column that may wrap still gets at least this many characters; below that the rows print as blocks.
 WRAP_MIN = 40

@@ -51,7 +51,7 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
             workers.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(workers.pid, signal.SIGKILL)
-    from .cli import steps_table
+    from .jobs_cli import steps_table
 
     out.print()
     out.print(f"job {record.job_id}: [bold]{record.state}[/bold]")

@@ -170,11 +170,16 @@ def list_(agent: Agent = None, failure_class: Class = None, since: Since = None,
     if not entries:
         base.out.print("the dead-letter queue has no such entries")
         return
-    columns = (base.Column("id", key=True), base.Column("dead-lettered"), base.Column("agent", key=True),
-               base.Column("class", key=True), base.Column("key", key=True), base.Column("attempts", justify="right"),
-               base.Column("error", wrap=True))
-    base.out.print(base.Listing(columns, [(e.entry_id, base.when(e.dead_lettered_at), e.agent or "-", e.failure_class,
-                                           e.key or "-", str(len(e.attempts)), e.error) for e in entries], wide=wide))
+    columns: tuple[base.Column, ...] = (
+        base.Column("id", key=True), base.Column("dead-lettered"), base.Column("agent", key=True),
+        base.Column("class", key=True), base.Column("key", key=True), base.Column("attempts", justify="right"),
+        base.Column("error", wrap=True))
+    rows: list[tuple[str, ...]] = [(e.entry_id, base.when(e.dead_lettered_at), e.agent or "-", e.failure_class,
+                                    e.key or "-", str(len(e.attempts)), e.error) for e in entries]
+    if wide:  # the job (mesh status) and the trace (your tracing backend) each entry belongs to
+        columns = (*columns[:-1], base.Column("job", key=True), base.Column("trace", key=True), columns[-1])
+        rows = [(*row[:-1], e.job_id or "-", e.trace_id or "-", row[-1]) for row, e in zip(rows, entries, strict=True)]
+    base.out.print(base.Listing(columns, rows, wide=wide))
 
 
 @dlq_app.command()
@@ -245,7 +250,7 @@ def _show_replayed(tomb: dict[str, Any], audit: list[dict[str, Any]], as_json: b
 
 
 @dlq_app.command()
-def stats(as_json: base.JsonFlag = False) -> None:
+def stats(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
     """Counts by agent and class, with the oldest and newest entry's time."""
     _, store = _store()
     s = store.stats()
@@ -255,7 +260,7 @@ def stats(as_json: base.JsonFlag = False) -> None:
     base.out.print(f"{s['total']} dead letters; oldest {base.when(s['oldest_at'])}, newest {base.when(s['newest_at'])}")
     for title, counts in (("agent", s["by_agent"]), ("class", s["by_class"])):
         base.out.print(base.Listing((base.Column(title, key=True), base.Column("entries", justify="right")),
-                                    [(name, str(n)) for name, n in sorted(counts.items())]))
+                                    [(name, str(n)) for name, n in sorted(counts.items())], wide=wide))
 
 
 @dlq_app.command()

@@ -27,9 +27,12 @@ def _cell(text: str) -> str:
 
 
 def _commands(group: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
-    """Every command under ``group`` with its path, depth first in declaration order."""
+    """Every command under ``group`` with its path, depth first in the order ``--help`` lists them."""
+    import click
+
     found: list[tuple[tuple[str, ...], Any]] = []
-    for name, command in group.commands.items():
+    for name in group.list_commands(click.Context(group)):
+        command = group.commands[name]
         if getattr(command, "hidden", False):
             continue
         found.append(((*path, name), command))

@@ -94,7 +94,7 @@ def settle(job: Job, step: Step,
 
 def _record(c: MeshClient, given: str) -> JobRecord:
     """The job ``given`` names, as ``mesh status`` finds it (an id, its start, or a key)."""
-    from mesh.ops.cli import find_job
+    from mesh.ops.jobs_cli import find_job
 
     record, candidates = find_job(c, given)
     if record is not None:

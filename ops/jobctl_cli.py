@@ -19,7 +19,7 @@ Job = Annotated[str, typer.Argument(
 
 def _record(c: MeshClient, given: str) -> JobRecord:
     """The job ``given`` names, as `mesh status` finds it (an id, its unique start, or a key)."""
-    from mesh.ops.cli import find_job
+    from mesh.ops.jobs_cli import find_job
 
     record, _ = find_job(c, given)
     if record is not None:
@@ -73,7 +73,7 @@ def rerun(job: Job,
     effect by intent). The new job's `rerun_of` names the old one; the old one lists it in `reruns`.
 
     Prints the new job's id (with --wait, the finished job; exit 1 if it did not succeed)."""
-    from mesh.ops.cli import _sent
+    from mesh.ops.jobs_cli import _sent
 
     c = client()
     record = _record(c, job)

@@ -69,7 +69,7 @@ def register(
 
 
 @pipeline_app.command("list")
-def list_(as_json: base.JsonFlag = False) -> None:
+def list_(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
     """Every registered pipeline: its newest version and digest, and how many versions are kept."""
     from mesh.agents.pipelines.engine import spec_from_json
 
@@ -89,8 +89,9 @@ def list_(as_json: base.JsonFlag = False) -> None:
         return
     columns = (base.Column("name", key=True), base.Column("version"), base.Column("digest"), base.Column("steps"),
                base.Column("versions"))
-    base.out.print(base.Listing(columns, [(str(r["name"]), str(r["version"]), str(r["digest"] or "")[:12],
-                                           str(r["steps"]), str(r["versions"])) for r in rows]))
+    cut = None if wide else 12  # the digest's start, as `mesh status` shows it; --wide: whole
+    base.out.print(base.Listing(columns, [(str(r["name"]), str(r["version"]), str(r["digest"] or "")[:cut],
+                                           str(r["steps"]), str(r["versions"])) for r in rows], wide=wide))
 
 
 @pipeline_app.command()

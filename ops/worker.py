@@ -45,7 +45,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     """Build the broker, declare the app's ``agents`` (default: all of them) on it, publish them
     (``mesh agents``) and start consuming their queues in this process. ``app``: an App, an import
     path (``pkg.module:app``) or None for the built-in planner, researcher and executor."""
-    app = load_app(app) if isinstance(app, str) else app
+    app = load_app(app) if isinstance(app, str) else app or builtin_app()
     check_served(app, agents, settings)
     reconnect_delays(settings.reconnect_delay_s)
     broker = build_broker(settings)
@@ -72,10 +72,9 @@ def check_served(app: App | None, agents: list[str] | None, settings: MeshSettin
     undeclared one to undo its calls, a secret of a tool they call that is not set (or too short to
     mask). A ConfigError naming the agent, tool and secret, before the worker connects anywhere, rather
     than a first call dead-lettered. Only the worker serving the agent needs its tools' secrets."""
-    from mesh.agents.builtin import app as builtin
     from mesh.agents.context import read_secret
 
-    app = app or builtin
+    app = app or builtin_app()
     app.check()
     names = list(app.agents) if agents is None else [a for a in agents if a in app.agents]
     for tool, agent in app.tools_of(names).items():
@@ -84,6 +83,14 @@ def check_served(app: App | None, agents: list[str] | None, settings: MeshSettin
                 read_secret(secret, settings.secrets_dir)
             except ConfigError as exc:
                 raise ConfigError(f"agent {agent!r} calls tool {tool!r}: {exc}") from None
+
+
+def builtin_app() -> App:
+    """The built-in planner, researcher and executor: loaded here, where a worker serves them (a
+    bare ``mesh worker``, ``--agents planner``), as any app is; the runtime knows no app of its own."""
+    from mesh.agents.builtin import app
+
+    return app
 
 
 def reconnect_delays(delay_s: float | None) -> None:

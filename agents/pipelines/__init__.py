@@ -1,6 +1,7 @@
 """Declarative pipelines: a DAG of steps over declared agents, written in YAML or built in Python,
 both giving one :class:`PipelineSpec`. Gates, ``when`` conditions and key templates are CEL, compiled
-at load time. This package loads and validates pipelines; :mod:`.engine` runs them."""
+at load time. This package loads and validates pipelines; :mod:`.engine` runs them, and
+:mod:`.progress` moves a job when one of its steps starts or succeeds (what a worker calls)."""
 
 from __future__ import annotations
 

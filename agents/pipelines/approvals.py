@@ -102,7 +102,7 @@ def recheck(spec: PipelineSpec | None, record: JobRecord, env: Envelope, events:
     approval and the step does not hold an approval of exactly this message's call (a replayed
     step, an expired or denied ask, another input or key); None when it may run."""
     if spec is None or record.pipeline_digest is None or record.unwind is not None:
-        return None  # not a pipeline's, or cancelled / undoing its effects: pipeline.start decides
+        return None  # not a pipeline's, or cancelled / undoing its effects: progress.start decides
     rec = record.steps.get(env.step_id)
     if rec is None or rec.parent is not None or rec.state in TERMINAL or not known(rec.state):
         return None  # an item of an approved fan-out, a duplicate, or a newer release's

@@ -1,7 +1,7 @@
 """Job control: cancel a job (``mesh cancel``, ``MeshClient.cancel``) and rerun a declared pipeline's
 job from a step (``mesh rerun``, ``MeshClient.rerun``).
 
-Registered with the broker's client when the agents layer is imported (as the built-in pipeline is),
+Registered with the broker's client when ``mesh`` is imported (as what loads the built-in pipeline is),
 so the broker imports nothing of the engine. Both write in one transaction: the cancel changes the job
 record (and sends the first compensation) atomically; the rerun creates the new job, sends its ready
 steps and links the old job to it, together.

@@ -3,9 +3,12 @@ declared agent's policy (queue, retries, time limit, tools, secrets) is what its
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,6 +140,26 @@ def test_bad_declarations_are_refused_with_what_to_do() -> None:
     bad.agent(echo, name="caller", tools=["nowhere"])
     with pytest.raises(ConfigError, match="undeclared tools"):
         bad.check()
+
+
+#: Run in a fresh interpreter: what ``import mesh`` loads and registers, then what a submit loads.
+IMPORT_MESH = """
+import sys
+import mesh
+from mesh.broker import client
+loaded = "mesh.agents.builtin" in sys.modules
+print(loaded, getattr(client._entry, "name", None), client._control.keys() >= {"cancel", "rerun"})
+flow = client._entry()
+print("mesh.agents.builtin" in sys.modules, flow.name, [s.agent for s in flow.steps])
+"""
+
+
+def test_import_mesh_loads_no_builtin_app_and_the_first_submit_loads_its_flow() -> None:
+    """The built-in agents are one app among others: ``import mesh`` neither imports them nor registers
+    their flow (only what loads it, and job control); the flow loads where a submit needs it."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_MESH], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2], check=True).stdout.splitlines()
+    assert out == ["False None True", "True mesh ['planner', 'researcher', 'executor']"]
 
 
 def test_load_app_by_import_path() -> None:

@@ -15,6 +15,7 @@ from conftest import push_raw, wait_for
 from dramatiq import Worker
 from dramatiq.middleware import ShutdownNotifications, TimeLimit, TimeLimitExceeded
 
+from mesh.agents.builtin import app as builtin
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient, MeshSettings, claims, trace
 from mesh.broker.deadline import Deadline
@@ -86,7 +87,7 @@ def test_a_router_that_breaks_dead_letters_the_message_instead_of_acking_it_away
     broker = MeshBroker(settings, records=keys_client, middleware=[
         ShutdownNotifications(), FailureRouter(settings, JobStore(keys_client, client.keys), rng=broken_rng),
         Idempotency(settings, keys_client), Deadline(settings), TimeLimit(time_limit=60_000)])
-    runtime = AgentRuntime.from_settings(settings, keys_client)
+    runtime = AgentRuntime.from_settings(settings, keys_client, builtin)
     declare_app(broker, runtime, ["executor"])
     worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
     # A brownout is retried: the route needs the jitter, and the broken source raises inside the hook.
@@ -137,7 +138,7 @@ def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_
             return record
 
     broker = build_broker(settings)
-    runtime = AgentRuntime.from_settings(settings, broker.records)
+    runtime = AgentRuntime.from_settings(settings, broker.records, builtin)
     runtime.jobs = LateInterrupt(broker.records, client.keys)
     declare_app(broker, runtime, ["executor"])
     worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
@@ -167,7 +168,7 @@ def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings
     lease = Lease(key="k-lost", claim_key=client.keys.claim("k-lost"), owner="a", token=1, lost=True)
     env = Envelope(key="k-lost", job_id="j", step_id="executor", agent="executor", trace_id=new_trace_id(),
                    deadline=time.time() + 30, payload=note("never"))
-    runtime = AgentRuntime.from_settings(settings, client.redis)
+    runtime = AgentRuntime.from_settings(settings, client.redis, builtin)
     with pytest.raises(LeaseLost):
         executor(Context(runtime, env, app.agents["executor"], lease), ToolCall.model_validate(note("never")))
     assert client.redis.zcard(client.keys.notes) == 0
@@ -204,7 +205,7 @@ def test_waiting_for_a_busy_key_stops_at_the_deadline_and_at_max_waits(client, m
 def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settings):
     """A transaction re-sent after its reply was lost applies its change a second time: the
     record must come out the same and nothing may be traced or counted twice."""
-    from mesh.agents import pipeline
+    from mesh.agents.pipelines import progress
 
     ref = client.send("executor", note("re-sent"))
     env = Envelope.model_validate(loads(client.redis.hvals(client.keys.messages("executor"))[0])["args"][0])
@@ -216,8 +217,8 @@ def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settin
         pipe.hincrby(client.keys.stats, "test_pickups", 1)
 
     ev = trace.event("picked_up", env.model_dump(mode="json"), token=7)
-    first = jobs.update(ref.id, pipeline.start(env, 7), also=also, events=[ev])
-    again = jobs.update(ref.id, pipeline.start(env, 7), also=also, events=[ev])
+    first = jobs.update(ref.id, progress.start(env, 7), also=also, events=[ev])
+    again = jobs.update(ref.id, progress.start(env, 7), also=also, events=[ev])
     assert first.steps["executor"].picked_up == again.steps["executor"].picked_up == 1
     assert int(client.redis.hget(client.keys.stats, "test_pickups")) == 1 and counted == [1]
     assert [e["event"] for e in trace.read(client.redis, client.keys, ref.id)].count("picked_up") == 1

@@ -64,6 +64,19 @@ def test_help_fits_80_columns_without_type_tags_and_every_parameter_has_text(pat
         assert (getattr(param, "help", None) or "").strip(), f"{path}: {param.name} has no help"
 
 
+def test_mesh_help_lists_every_command_in_the_order_the_assembly_names_whichever_module_declares_it(cli: Any) -> None:
+    """The commands come from one module per group, registered in any order: ``mesh --help`` lists them
+    as ``ops/cli.py``'s ORDER says, and ORDER names every one (a new command gets its place on purpose)."""
+    from mesh.ops.cli import ORDER, app
+
+    registered = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert set(ORDER) == registered
+    listed = [line.split()[1] for line in cli("--help", COLUMNS="100").stdout.splitlines()
+              if line.startswith("│ ") and len(line.split()) > 2 and line.split()[1] in registered]
+    assert listed == list(ORDER)
+    assert listed[:3] == ["worker", "submit", "run"] and listed[-4:] == ["breakers", "ops", "dlq", "pipeline"]
+
+
 def test_submit_wait_without_a_live_worker_says_no_worker_serves_the_agent(cli: Any) -> None:
     res = cli("submit", "write a note", "--wait", "--timeout", "0.5")
     assert res.returncode == 4
@@ -75,7 +88,7 @@ def test_run_wait_without_a_live_worker_names_the_worker_command_that_serves_the
     res = cli("run", "article", "--app", "examples.quickstart.app", *args)
     assert res.returncode == 4
     assert "no live worker serves writer (start one: mesh worker --app examples.quickstart.app;" in flat(res.stderr)
-    from mesh.ops.cli import _worker_command
+    from mesh.ops.jobs_cli import _worker_command
 
     # Without --app (a pipeline run by name): a bare `mesh worker` serves the built-in agents only.
     assert _worker_command(["writer"], None) == "mesh worker --app MODULE:APP"

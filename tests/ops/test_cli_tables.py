@@ -174,7 +174,10 @@ def test_status_and_trace_take_a_job_id_start_and_trace_keeps_whole_lines_at_80_
     for given in (ref.id[:10], ref.id.removeprefix("job-")[:8]):
         status = cli("status", given, COLUMNS="80")
         assert status.returncode == 0, status.stderr
-        assert status.stdout.startswith(f"job {ref.id}  dead_lettered  trace {ref.trace_id}")
+        # 80 columns: the trace id on a line of its own (the header's one line is 95 characters)
+        assert status.stdout.startswith(f"job {ref.id}  dead_lettered\ntrace {ref.trace_id}\n")
+        assert max(map(len, status.stdout.splitlines())) <= 80, status.stdout
+        assert cli("status", given, COLUMNS="120").stdout.startswith(f"job {ref.id}  dead_lettered  trace ")
         assert re.search(r"^step: +executor$", status.stdout, re.MULTILINE), status.stdout  # a block per step
 
     ambiguous = cli("status", "job-")

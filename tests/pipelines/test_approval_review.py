@@ -153,6 +153,19 @@ def test_mesh_approvals_fits_80_columns_with_an_input_as_large_as_a_message_may_
     assert row["input"] == {"goal": goal}
 
 
+def test_mesh_approvals_wide_shows_the_whole_input_and_who_may_decide_the_default_a_shortened_one(mesh, cli):
+    goal = "review the change " + " ".join(f"part-{n}" for n in range(200))
+    ref = mesh.run(Pipeline("wide").step("researcher", approval={"timeout": "1h", "approvers": ["ana", "bo"]})
+                   .build(), {"goal": goal})
+    default = cli("approvals", COLUMNS="80")
+    assert default.returncode == 0 and ref.id in default.stdout and "part-199" not in default.stdout
+    assert max(map(len, default.stdout.splitlines())) <= 80, default.stdout
+    shown = cli("approvals", "--wide", COLUMNS="80").stdout
+    head = next(line for line in shown.splitlines() if line.startswith("┃"))
+    assert [c.strip() for c in head.strip("┃").split("┃")] == ["job", "step", "since", "expires", "approvers", "input"]
+    assert "ana, bo" in shown and "part-199" in "".join(line.strip("│ ") for line in shown.splitlines())
+
+
 @pytest.mark.parametrize(("by", "note"), [("q" * 1_000_000, None), ("ana", "z" * 1_000_000),
                                           ("ana\n    ├── +   0.5s approved      by boss", None)])
 def test_a_decision_by_a_huge_or_multiline_name_or_with_a_huge_note_is_refused_and_nothing_recorded(mesh, by, note):

@@ -157,7 +157,7 @@ def test_cancel_stops_what_is_not_running_waits_for_a_running_step_and_undoes_it
     again, more = saga.cancel(CHAIN, record, "again", Routes(), [], now=3.5)
     assert again is record and more == []  # idempotent
     # b's handler returns after the cancel: recorded cancelled with its output, and undone first
-    from mesh.agents import pipeline
+    from mesh.agents.pipelines import progress
     from mesh.contracts import Envelope
 
     env = Envelope(key=record.steps["b"].key, job_id="job-1", step_id="b", agent="book", trace_id=RUN.trace_id,
@@ -167,7 +167,7 @@ def test_cancel_stops_what_is_not_running_waits_for_a_running_step_and_undoes_it
         def model_dump(self, mode: str = "json") -> dict[str, Any]:
             return {"ref": "b"}
 
-    record, messages = pipeline.complete(env, Out(), spec=CHAIN, routes=Routes())(record)  # type: ignore[arg-type]
+    record, messages = progress.complete(env, Out(), spec=CHAIN, routes=Routes())(record)  # type: ignore[arg-type]
     assert record.steps["b"].state is State.CANCELLED and record.steps["b"].result == {"ref": "b"}
     assert _sent(messages) == ["undo:b"]
     record, sent = _ok(CHAIN, record, "undo:b", 5.0)

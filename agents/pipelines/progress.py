@@ -4,7 +4,7 @@ Every function here is a pure change to a job record that also returns the messa
 the job store writes both in one transaction (the outbox), so no step is recorded as done
 without its downstream messages, and no message is sent for a step not recorded. A declared
 pipeline's job (the built-in planner → researchers → executor flow is one: ``builtin.yaml``) moves
-by its DAG (:mod:`mesh.agents.pipelines.engine`); a job of one directly sent step just ends.
+by its DAG (:mod:`.engine`); a job of one directly sent step just ends.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from typing import Any
 from dramatiq.message import Message
 from pydantic import BaseModel
 
-from mesh.agents.pipelines import PipelineSpec
-from mesh.agents.pipelines.engine import Routes, Run, advance
 from mesh.broker.jobs import Change
 from mesh.contracts import (
     TERMINAL,
@@ -30,6 +28,9 @@ from mesh.contracts import (
 )
 from mesh.contracts.errors import PermanentFailure
 from mesh.contracts.jobs import newer_state
+
+from .engine import Routes, Run, advance
+from .spec import PipelineSpec
 
 
 def cancelled(record: JobRecord, step: StepRecord) -> bool:

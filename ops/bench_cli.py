@@ -1,0 +1,143 @@
+"""``mesh bench`` and ``mesh soak``: measure the mesh against raw dramatiq, and run it for long under faults,
+each in a namespace and with workers of its own."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from mesh.ops.console import EXIT_FAILED, JsonFlag, client, emit_json, err, out, settings
+
+
+def bench(
+    messages: Annotated[int, typer.Option(min=10, metavar="N", help="Messages (and real steps) per run.")] = 5_000,
+    processes: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes per side.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, metavar="N", help="Threads per worker process.")] = 4,
+    prefetch: Annotated[str, typer.Option(metavar="N[,N...]", help="Prefetch per consumer, both sides; a "
+                                          "comma list runs the throughput pairs and real steps at each; "
+                                          "0: 2 x threads.")] = "0",
+    pairs: Annotated[int, typer.Option(min=1, metavar="N", help="Alternating mesh/raw throughput pairs.")] = 2,
+    latency_samples: Annotated[int, typer.Option(min=1, metavar="N", help="Idle pickup samples per side.")] = 30,
+    dlq_entries: Annotated[int, typer.Option(min=10, metavar="N",
+                                             help="Entries for the DLQ replay and drain runs.")] = 10_000,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure the mesh against raw dramatiq on the configured Redis.
+
+    Runs in a throw-away namespace: throughput and the CPU per message (workers, Redis) at each
+    prefetch, Redis commands per message, real steps through a declared agent, enqueue rate, idle
+    pickup latency, DLQ replay and drain."""
+    from mesh.ops.bench import BenchConfig, run
+
+    sweep = _prefetches(prefetch)
+    s = settings()
+    client()  # exits 3 if Redis does not answer
+    cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=sweep, pairs=pairs,
+                      latency_samples=latency_samples, dlq_entries=dlq_entries)
+    result = run(s, cfg, progress=lambda step: err.print(Text(f"bench: {step}"), style="dim"))
+    if as_json:
+        emit_json(result)
+        return
+    out.print(_bench_table(result))
+    cf = result["config"]
+    out.print(f"{cf['messages']:,} messages, {cf['processes']} processes x {cf['threads']} threads, "
+              f"{cf['pairs']} mesh/raw pairs per prefetch.\nRedis CPU and commands count every client of "
+              "that Redis, not only the bench.")
+
+
+def _prefetches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = (-1,)
+    if any(v < 0 for v in values):
+        raise typer.BadParameter(f"{text!r}: give whole numbers >= 0, comma-separated (e.g. 8,32,64)",
+                                 param_hint="--prefetch")
+    return values
+
+
+def _bench_table(result: dict[str, Any]) -> Table:
+    """``mesh bench``'s figures in 80 columns: one group of rows per prefetch, then the rest."""
+    table = Table("measure", "mesh", "raw", "mesh/raw")
+    steps = {s["prefetch"]: s for s in result["step"]}
+    for t in result["throughput"]:
+        c, w, r = t["redis_commands_per_message"], t["worker_cpu_us_per_message"], t["redis_cpu_us_per_message"]
+        st = steps[t["prefetch"]]
+        table.add_row(Text(f"prefetch {t['prefetch']}", style="bold"), "", "", "")
+        table.add_row("no-op throughput (msg/s)", f"{t['mesh_msg_s']:,.0f}", f"{t['raw_msg_s']:,.0f}",
+                      f"{t['ratio']:.2f}")
+        table.add_row("  worker CPU (µs/msg)", f"{w['mesh']:,.0f}", f"{w['raw']:,.0f}", f"{w['ratio']:.2f}")
+        table.add_row("  Redis CPU (µs/msg)", f"{r['mesh']:,.0f}", f"{r['raw']:,.0f}", f"{r['ratio']:.2f}")
+        table.add_row("  Redis commands per msg", f"{c['mesh']:.1f}", f"{c['raw']:.1f}", f"{c['mesh'] - c['raw']:+.1f}")
+        table.add_row("real step, echo agent (steps/s)", f"{st['steps_s']:,.0f}", "", "")
+        table.add_row("  worker CPU (µs/step)", f"{st['worker_cpu_us_per_step']:,.0f}", "", "")
+        table.add_row("  Redis CPU (µs/step)", f"{st['redis_cpu_us_per_step']:,.0f}", "", "")
+        table.add_row("  Redis commands per step", f"{st['redis_commands_per_step']:.1f}", "", "", end_section=True)
+    e, p, d = result["enqueue"], result["pickup_latency"], result["dlq"]
+    table.add_row("send_many vs send() loop (msg/s)", f"{e['send_many_msg_s']:,.0f}", f"{e['send_loop_msg_s']:,.0f}",
+                  f"{e['ratio']:.1f}")
+    table.add_row("idle pickup p50 (ms)", f"{p['mesh']['p50_ms']:.1f}", f"{p['raw']['p50_ms']:.1f}", "")
+    table.add_row("idle pickup p99 (ms)", f"{p['mesh']['p99_ms']:.1f}", f"{p['raw']['p99_ms']:.1f}", "")
+    table.add_row(f"DLQ replay of {d['entries']:,} (entries/s)", f"{d['replay_entries_s']:,.0f}", "", "")
+    table.add_row(f"DLQ drain of {d['entries']:,} (entries/s)", f"{d['drain_entries_s']:,.0f}", "", "")
+    table.add_row("DLQ drain peak traced memory (MB)", f"{d['drain_peak_traced_mb']:.1f}", "", "")
+    table.add_row("  DLQ drain file (MB)", f"{d['drain_file_mb']:.1f}", "", "")
+    table.add_row("already-done keys (msg/s)", f"{result['duplicates']['msg_s']:,.0f}", "", "")
+    return table
+
+
+def soak(
+    minutes: Annotated[float, typer.Option(min=0, metavar="N", help="How long to send traffic.")] = 10.0,
+    seconds: Annotated[float | None, typer.Option(min=1, metavar="N", show_default=False,
+                                                  help="How long to send traffic, in seconds (instead of --minutes).")
+                       ] = None,
+    interval: Annotated[float, typer.Option(min=1, metavar="SECONDS", help="Time between samples.")] = 30.0,
+    processes: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, metavar="N", help="Threads per worker process.")] = 4,
+    rate: Annotated[float, typer.Option(min=0.1, metavar="N", help="Messages sent per second.")] = 5.0,
+    kill_every: Annotated[float, typer.Option(min=0, metavar="SECONDS",
+                                              help="SIGKILL and replace a worker this often; 0: never.")] = 60.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run mixed traffic with injected faults and report the memory of workers and Redis.
+
+    In a fresh namespace (deleted at the end), with its own workers: whole jobs, note and
+    http_post steps (a loopback server answers 200, 429, 503, 400 or too slowly), poison
+    pushed raw, and a worker SIGKILLed and replaced every --kill-every seconds. Prints a sample
+    every --interval, then a summary. Exits 1 if anything sent was lost."""
+    from mesh.ops.soak import SoakConfig
+    from mesh.ops.soak import run as run_soak
+
+    s = settings()
+    client()  # exits 3 if Redis does not answer
+    cfg = SoakConfig(seconds=seconds if seconds is not None else minutes * 60, interval_s=interval,
+                     processes=processes, threads=threads, rate=rate, kill_every_s=kill_every)
+    show = (lambda line: err.print(Text(line), style="dim")) if as_json else (lambda line: out.print(Text(line)))
+    result = run_soak(s, cfg, progress=show)
+    if as_json:
+        emit_json(result)
+    else:
+        r, m = result["worker_rss_mb"], result["redis_used_memory_mb"]
+        table = Table("measure", "value")
+        table.add_row("duration (s)", f"{result['duration_s']:.0f}")
+        table.add_row("jobs sent / succeeded / dead-lettered", f"{result['sent']['jobs']} / "
+                      f"{result['jobs']['succeeded']} / {result['jobs']['dead_lettered']}")
+        table.add_row("poison sent / in the DLQ", f"{result['sent']['poison']} / {result['poison_dead_lettered']}")
+        table.add_row("workers killed", str(result["workers"]["killed"]))
+        table.add_row("worker RSS MB start / end / max", f"{r['start']} / {r['end']} / {r['max']}")
+        table.add_row("Redis used_memory MB start / end / max", f"{m['start']} / {m['end']} / {m['max']}")
+        n = result["namespace_memory_mb"]
+        table.add_row("its namespace's keys MB start / end / max", f"{n['start']} / {n['end']} / {n['max']}")
+        table.add_row("lost", str(result["lost"]))
+        out.print(table)
+    if result["lost"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench`` and ``soak`` to the ``mesh`` command."""
+    app.command()(bench)
+    app.command(epilog="Examples: `mesh soak --minutes 60`, `mesh soak --seconds 30 --kill-every 10 --json`")(soak)

@@ -1,0 +1,49 @@
+"""``mesh queues`` and ``mesh stats``: what the agents' queues hold, and what the deployment has counted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.text import Text
+
+from mesh.ops.console import Column, JsonFlag, Listing, WideFlag, client, emit_json, out
+
+
+def queues(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
+    """Per agent queue: messages ready, delayed (retries) and in flight."""
+    depths = client().queues()
+    if as_json:
+        emit_json(depths)
+        return
+    columns = (Column("queue", key=True), *(Column(n, justify="right") for n in ("ready", "delayed", "in flight")))
+    out.print(Listing(columns, [(name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"]))
+                                for name, d in depths.items()], wide=wide))
+
+
+def stats(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
+    """Counters of the deployment, and failed attempts by class and route.
+
+    Duplicates suppressed or deferred, takeovers, retries, dead letters, poison, recoveries."""
+    from mesh.ops.metrics import STATS
+
+    c = client()
+    raw = c.redis.hgetall(c.keys.stats)
+    counts: dict[str, Any] = {name: int(raw.get(name.encode(), 0)) for name in STATS}
+    counts["dlq_size"] = int(c.redis.zcard(c.keys.dlq))
+    routes = {k.decode(): int(v) for k, v in sorted(c.redis.hgetall(c.keys.routes).items())}  # type: ignore[union-attr]
+    if as_json:
+        emit_json({**counts, "routes": routes})
+        return
+    columns = (Column("counter", key=True), Column("value", justify="right"), Column("meaning", wrap=True))
+    out.print(Listing(columns, [(name, str(value), STATS.get(name, "Entries in the dead-letter queue now."))
+                                for name, value in counts.items()], wide=wide))
+    if routes:
+        by_route = (Column("failure class : route", key=True), Column("attempts", justify="right"))
+        out.print(Listing(by_route, [(Text(name), str(n)) for name, n in routes.items()], wide=wide))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``queues`` and ``stats`` to the ``mesh`` command."""
+    app.command()(queues)
+    app.command()(stats)
