@@ -48,6 +48,7 @@ from mesh.contracts import (
 from mesh.contracts.effects import Verdict, summary
 
 from .effects import EffectCalls
+from .event_loop import resolve
 from .tools.base import ToolContext
 from .tools.http import GuardedHttp
 
@@ -233,7 +234,7 @@ class Context:
         outcome: dict[str, Any] = {}
         try:
             if spec.dependency is None:
-                result = spec.run(tool_ctx, args)
+                result = resolve(spec.run(tool_ctx, args))
             else:
                 result = tool_ctx.guarded(dependency, lambda: _classified(dependency, spec.run, tool_ctx, args))
             if spec.effect:
@@ -295,7 +296,7 @@ class StepModel:
 def _classified(dependency: str, run: Any, tool_ctx: ToolContext, args: BaseModel) -> Any:
     """Run a tool, its raw HTTP failures raised as the mesh's classes, so its breaker counts them."""
     try:
-        return run(tool_ctx, args)
+        return resolve(run(tool_ctx, args))
     except MeshError:
         raise
     except httpx.HTTPStatusError as exc:

@@ -30,6 +30,7 @@ import httpx
 from dramatiq.middleware import TimeLimitExceeded
 from dramatiq.threading import raise_thread_exception
 
+from mesh.broker.idempotency import acting_for, current_lease
 from mesh.contracts import PermanentFailure
 
 T = TypeVar("T")
@@ -185,6 +186,7 @@ async def in_thread(fn: Callable[[], T]) -> T:
     call = _Call(future)
     calls = _calls.get()
     context = contextvars.copy_context()
+    lease = current_lease()
 
     def settle(ok: bool, value: Any) -> None:
         if future.done():
@@ -198,7 +200,8 @@ async def in_thread(fn: Callable[[], T]) -> T:
         call.ident = threading.get_ident()
         try:
             try:
-                outcome: tuple[bool, Any] = (True, context.run(fn))
+                with acting_for(lease):
+                    outcome: tuple[bool, Any] = (True, context.run(fn))
             finally:
                 with call.lock:
                     call.running = False

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,7 @@ from mesh.contracts.messages import validate_model, validate_output_model
 
 from . import pipeline
 from .app import AgentSpec, App
+from .async_context import run_handler
 from .context import Context
 from .effects import with_effect
 from .pipelines import PipelineSpec, approvals
@@ -179,7 +182,12 @@ class AgentRuntime:
             effect = None
         else:
             ctx = Context(self, env, spec, lease)
-            result = spec.handler(ctx, payload) if not isinstance(undo, list) else ctx.undo(undo)
+            if isinstance(undo, list):
+                result = ctx.undo(undo)
+            elif inspect.iscoroutinefunction(spec.handler):  # on this thread's event loop
+                result = run_handler(ctx, typing.cast(BaseModel, payload))
+            else:
+                result = spec.handler(ctx, payload)
             effect = ctx.effect()
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")

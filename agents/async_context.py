@@ -1,0 +1,140 @@
+"""``AsyncContext``: what an ``async def`` handler is given, the awaitable face of :class:`Context`.
+
+    @app.agent(tools=["file_ticket"])
+    async def triage(ctx: AsyncContext, ticket: Ticket) -> Triage:
+        answer = await ctx.model.complete(f"Route: {ticket.text}", output=Triage)
+        await ctx.call("file_ticket", {"queue": answer.queue})
+        return answer
+
+Every guarantee is the sync context's, from the same code: ``await ctx.call(...)`` runs
+:meth:`Context.call` (fencing, breaker, deadline cut, classification, tracing, the effect ledger)
+in a thread of its own while the loop goes on; an ``async def`` tool's coroutine is awaited back
+on the handler's loop (:func:`mesh.agents.event_loop.resolve`), a sync tool runs in that thread.
+Calls are made one at a time, in the order the handler makes them: the ledger numbers effectful
+calls in order, and a re-run attempt must meet them in that order. ``await ctx.model.complete(...)``
+awaits the provider's ``acomplete``; ``ctx.http`` is :class:`~mesh.agents.tools.http.AsyncGuardedHttp`.
+The handler runs on the worker thread's event loop (:mod:`mesh.agents.event_loop`), cut to the
+job's deadline, stopped by its time limit and cancelled by ``mesh cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from . import event_loop
+from .context import SAFE_METHODS, Context
+from .tools.http import AsyncGuardedHttp
+
+if TYPE_CHECKING:
+    from mesh.broker.idempotency import Lease
+    from mesh.contracts import Envelope, Findings, Plan
+    from mesh.contracts.effects import Verdict
+
+    from .app import AgentSpec
+    from .effects import EffectCalls
+    from .providers import ModelProvider
+    from .runtime import AgentRuntime
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class AsyncContext:
+    """The step an ``async def`` handler runs: :class:`Context`'s identity, budget and guards, its
+    tool calls, model and HTTP awaited."""
+
+    def __init__(self, context: Context) -> None:
+        self.sync = context
+        self._one_call: asyncio.Lock | None = None
+
+    runtime: AgentRuntime = property(lambda self: self.sync.runtime)  # type: ignore[assignment]
+    env: Envelope = property(lambda self: self.sync.env)  # type: ignore[assignment]
+    spec: AgentSpec = property(lambda self: self.sync.spec)  # type: ignore[assignment]
+    lease: Lease = property(lambda self: self.sync.lease)  # type: ignore[assignment]
+    key: str = property(lambda self: self.sync.key)  # type: ignore[assignment]
+    job_id: str = property(lambda self: self.sync.job_id)  # type: ignore[assignment]
+    trace_id: str = property(lambda self: self.sync.trace_id)  # type: ignore[assignment]
+    step_id: str = property(lambda self: self.sync.step_id)  # type: ignore[assignment]
+    agent: str = property(lambda self: self.sync.agent)  # type: ignore[assignment]
+    attempt: int = property(lambda self: self.sync.attempt)  # type: ignore[assignment]
+
+    @property
+    def token(self) -> int:
+        """The fencing token of this attempt's claim (:attr:`Context.token`)."""
+        return self.sync.token
+
+    @property
+    def deadline(self) -> float:
+        return self.sync.deadline
+
+    @property
+    def cancelled(self) -> bool:
+        """The job was cancelled (:attr:`Context.cancelled`); the handler's task is cancelled too."""
+        return self.sync.cancelled
+
+    @property
+    def effects(self) -> EffectCalls:
+        return self.sync.effects
+
+    def effect(self) -> Verdict | None:
+        return self.sync.effect()
+
+    def deadline_left_s(self) -> float:
+        """Seconds until the deadline, on the Redis server's clock."""
+        return self.sync.deadline_left_s()
+
+    def progress(self, note: str) -> None:
+        """The handler moved on (:meth:`Context.progress`)."""
+        self.sync.progress(note)
+
+    @property
+    def model(self) -> AsyncModel:
+        """The worker's provider, its ``complete`` awaited (the provider's ``acomplete``)."""
+        return AsyncModel(self.sync.model)
+
+    @property
+    def http(self) -> AsyncGuardedHttp:
+        """HTTP with the sync context's guards (allowlist, pinning, lease confirmed, breakers), awaited."""
+        sync = self.sync
+        return AsyncGuardedHttp(sync._tool_ctx, lambda method: sync._confirm(
+            f"http {method.upper()}", effect=method.upper() not in SAFE_METHODS))
+
+    async def call(self, tool: str, args: BaseModel | dict[str, Any]) -> Any:
+        """Call a tool this agent declared: :meth:`Context.call`, awaited (see the module docstring)."""
+        if self._one_call is None:
+            self._one_call = asyncio.Lock()
+        async with self._one_call:
+            return await event_loop.in_thread(lambda: self.sync.call(tool, args))
+
+
+class AsyncModel:
+    """``ctx.model`` of an async handler: ``await ctx.model.complete(...)`` (the provider's
+    ``acomplete``); ``plan`` and ``research`` awaitable too. Other attributes are the provider's."""
+
+    def __init__(self, provider: ModelProvider) -> None:
+        self.provider = provider
+        self.name = provider.name
+
+    async def complete(self, prompt: str, output: type[M], *, system: str | None = None,
+                       model: str | None = None) -> M:
+        """``prompt`` answered as a validated ``output`` (:meth:`ModelProvider.complete`), awaited."""
+        return await self.provider.acomplete(prompt, output, system=system, model=model)
+
+    async def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
+        return await event_loop.in_thread(lambda: self.provider.plan(goal, timeout_s=timeout_s))
+
+    async def research(self, question: str, *, timeout_s: float | None = None) -> Findings:
+        return await event_loop.in_thread(lambda: self.provider.research(question, timeout_s=timeout_s))
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.provider, attr)
+
+
+def run_handler(context: Context, payload: BaseModel) -> Any:
+    """Run the ``async def`` handler of ``context``'s agent on this worker thread's loop, cut to the
+    job's deadline and cancelled with the job (see :mod:`mesh.agents.event_loop`)."""
+    handler = context.spec.handler
+    return event_loop.run(handler(AsyncContext(context), payload), cancelled=lambda: context.cancelled,
+                          timeout_s=context.deadline_left_s())
