@@ -1,0 +1,155 @@
+"""``async def`` agents and tools in a real worker on a real Redis: an async agent end to end (its
+model awaited, an async effectful tool under ``ctx.call`` recorded once in the ledger across a
+retry), the time limit stopping a handler that awaits forever (the step ends ``timeout``, as a sync
+one does, and the thread's loop serves the next message), ``mesh cancel`` while a handler awaits,
+and two messages on one worker thread sharing its loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from pydantic import BaseModel
+
+from mesh import App, AsyncContext, ToolContext
+from mesh.agents import event_loop
+from mesh.broker import MeshClient
+from mesh.broker.ledger import Ledger
+from mesh.contracts import Receipt, State
+from mesh.contracts.effects import Verdict
+
+pytestmark = pytest.mark.slow  # every test here starts a worker
+
+app = App("asyncs")
+
+
+class Ticket(BaseModel):
+    text: str
+
+
+class Triage(BaseModel):
+    queue: str
+    loop: int = 0
+    thread: int = 0
+
+
+class Stamp(BaseModel):
+    text: str
+
+
+def _ns(ctx: Any) -> str:
+    return str(ctx.settings.namespace if isinstance(ctx, ToolContext) else ctx.runtime.settings.namespace)
+
+
+@app.tool
+async def stamp(ctx: ToolContext, args: Stamp) -> Receipt:
+    """Counts its calls per key (the effect), awaiting on the handler's loop."""
+    await asyncio.sleep(0.01)
+    ctx.redis.incr(f"{_ns(ctx)}:test.stamped:{ctx.key}")
+    return Receipt(tool="stamp", effect_id=f"s-{args.text}", detail={"loop": id(asyncio.get_running_loop())})
+
+
+@app.agent(tools=["stamp"], max_retries=1)
+async def triage(ctx: AsyncContext, ticket: Ticket) -> Triage:
+    """Asks the model, stamps the ticket; its first attempt fails after the stamp."""
+    answer = await ctx.model.complete(f"Route: {ticket.text}", Triage)
+    receipt = await ctx.call("stamp", {"text": ticket.text})
+    if ticket.text == "retry" and ctx.attempt == 1:
+        raise RuntimeError("fails after its effect: the retry must not stamp again")
+    assert receipt.detail["loop"] == id(asyncio.get_running_loop())
+    return Triage(queue=answer.queue, loop=id(asyncio.get_running_loop()), thread=threading.get_ident())
+
+
+@app.agent(time_limit_s=1)
+async def hang(ctx: AsyncContext, ticket: Ticket) -> Triage:
+    """Awaits forever: only its time limit ends it."""
+    await asyncio.Event().wait()
+    return Triage(queue="never")
+
+
+@app.agent
+async def wait_cancel(ctx: AsyncContext, ticket: Ticket) -> Triage:
+    """Says it started, then awaits (an hour) until the job is cancelled."""
+    ctx.runtime.redis.set(f"{_ns(ctx)}:test.waiting", os.getpid())
+    await asyncio.sleep(3600)
+    return Triage(queue="never")
+
+
+@pytest.fixture
+def serve(make_settings: Callable[..., Any]) -> Iterator[Callable[..., MeshClient]]:
+    """Start a one-thread worker for ``app``; the client that sends to it."""
+    from mesh.ops.worker import start_worker
+
+    workers = []
+
+    def run(**overrides: Any) -> MeshClient:
+        settings = make_settings(**overrides)
+        workers.append(start_worker(settings, None, 1, app=app))
+        return MeshClient(settings, app=app)
+
+    yield run
+    for worker in workers:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+
+
+def test_an_async_agent_runs_end_to_end_and_its_async_effect_is_made_once_across_a_retry(serve: Any) -> None:
+    client = serve(retry_min_backoff_ms=10, retry_max_backoff_ms=20)
+    job = client.send("triage", {"text": "retry"}).id
+    record = client.wait(job, timeout_s=30)
+
+    assert record.state is State.SUCCEEDED, (record.state, record.error)
+    step_id = next(iter(record.steps))
+    assert record.steps[step_id].picked_up == 2
+    key = record.steps[step_id].key
+    assert client.redis.get(f"{client.settings.namespace}:test.stamped:{key}") == b"1"  # not stamped again
+    entries = Ledger(client.redis, client.keys, job, step_id, 60).entries()
+    assert [(e.tool, e.verdict) for e in entries] == [("stamp", Verdict.UNVERIFIED)]
+    assert entries[0].outcome["effect_id"] == "s-retry"
+    assert record.result is not None and record.result["triage"]["queue"]  # the local model's answer
+
+
+def test_two_messages_on_one_worker_thread_share_its_event_loop(serve: Any) -> None:
+    client = serve()
+    first = client.wait(client.send("triage", {"text": "one"}).id, timeout_s=30)
+    second = client.wait(client.send("triage", {"text": "two"}).id, timeout_s=30)
+
+    assert first.state is State.SUCCEEDED and second.state is State.SUCCEEDED
+    one, two = first.result["triage"], second.result["triage"]  # type: ignore[index]
+    assert one["thread"] == two["thread"]  # one worker thread
+    assert one["loop"] == two["loop"]  # one loop, not one per message
+
+
+def test_the_time_limit_stops_an_async_handler_awaiting_forever_as_a_sync_one_and_the_loop_serves_the_next(
+        serve: Any) -> None:
+    client = serve()
+    stuck = client.send("hang", {"text": "x"}).id
+    record = client.wait(stuck, timeout_s=30)
+
+    assert record.state is State.DEAD_LETTERED and record.failure_class == "timeout", (record.state, record.error)
+    assert "TimeLimitExceeded: stopped at 1 s" in (record.error or "")
+    after = client.wait(client.send("triage", {"text": "next"}).id, timeout_s=30)  # the same thread, its loop
+    assert after.state is State.SUCCEEDED, (after.state, after.error)
+
+
+def test_mesh_cancel_while_an_async_handler_awaits_cancels_its_task_and_ends_the_step_cancelled(
+        serve: Any) -> None:
+    client = serve(lease_s=3)
+    job = client.send("wait_cancel", {"text": "x"}).id
+    wait_for(lambda: client.redis.get(f"{client.settings.namespace}:test.waiting"), timeout_s=30)
+
+    client.cancel(job, reason="not needed")
+    # Within a lease renewal (1 s), not the hour it awaits.
+    wait_for(lambda: next(iter(client.status(job).steps.values())).state is not State.RUNNING, timeout_s=15)
+
+    record = client.status(job)
+    assert record.state is State.CANCELLED, (record.state, record.error)
+    step = next(iter(record.steps.values()))
+    assert step.state is State.CANCELLED, (step.state, step.error)
+    assert "stopped: the job was cancelled (mesh cancel) while its handler awaited" in (step.error or "")
+    assert event_loop.TICK_S < 1  # the cancel is seen on the loop's next wake
