@@ -2,11 +2,13 @@
 model awaited, an async effectful tool under ``ctx.call`` recorded once in the ledger across a
 retry), the time limit stopping a handler that awaits forever (the step ends ``timeout``, as a sync
 one does, and the thread's loop serves the next message), ``mesh cancel`` while a handler awaits,
-and two messages on one worker thread sharing its loop."""
+two messages on one worker thread sharing its loop, and an async agent's model (the OpenAI wire
+format, on a loopback server) answering 429: the message is deferred, not failed."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -18,10 +20,11 @@ from pydantic import BaseModel
 
 from mesh import App, AsyncContext, ToolContext
 from mesh.agents import event_loop
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, trace
 from mesh.broker.ledger import Ledger
 from mesh.contracts import Receipt, State
 from mesh.contracts.effects import Verdict
+from tests.agents.openai_server import FakeOpenAI, completion
 
 pytestmark = pytest.mark.slow  # every test here starts a worker
 
@@ -153,3 +156,35 @@ def test_mesh_cancel_while_an_async_handler_awaits_cancels_its_task_and_ends_the
     assert step.state is State.CANCELLED, (step.state, step.error)
     assert "stopped: the job was cancelled (mesh cancel) while its handler awaited" in (step.error or "")
     assert event_loop.TICK_S < 1  # the cancel is seen on the loop's next wake
+
+
+def test_an_async_agents_model_429_defers_the_message_and_its_tokens_are_metered(
+        make_settings: Callable[..., Any]) -> None:
+    from mesh.ops.worker import start_worker
+
+    replies: list[Any] = [
+        (429, {"error": {"message": "slow down"}}, {"Retry-After": "1"}),
+        (200, completion(json.dumps({"queue": "billing"}), usage=(10, 5)), {}),
+    ]
+    with FakeOpenAI(lambda request: replies.pop(0) if len(replies) > 1 else replies[0]) as api:
+        settings = make_settings(model_provider="openai", model_url=api.url, model_name="gpt-test",
+                                 model_timeout_s=10)
+        worker = start_worker(settings, ["triage"], 1, app=app)
+        try:
+            client = MeshClient(settings, app=app)
+            job = client.send("triage", {"text": "invoice"}).id
+            record = client.wait(job, timeout_s=30)
+        finally:
+            worker.stop(timeout=10_000)
+            worker.broker.close()
+
+    assert record.state is State.SUCCEEDED, (record.state, record.error)
+    assert record.result is not None and record.result["triage"]["queue"] == "billing"
+    assert len(api.requests) == 2
+    step = next(iter(record.steps.values()))
+    assert (step.tokens_in, step.tokens_out) == (10, 5) and step.picked_up == 2
+    events = trace.read(client.redis, client.keys, job)
+    deferred = [e for e in events if e["event"] == "deferred"]
+    assert [e["failure_class"] for e in deferred] == ["rate_limited"]
+    model_calls = [e for e in events if e["event"] == "model_call"]
+    assert [e["outcome"] for e in model_calls] == ["rate_limited", "ok"]
