@@ -94,7 +94,9 @@ def run(coro: Coroutine[Any, Any, T], *, cancelled: Callable[[], bool] = lambda:
         raise
     finally:
         watch.stop()
-        _end(loop, task, calls, interrupted)
+        instead = _end(loop, task, calls, interrupted)
+        if instead is not None:
+            raise instead
 
 
 async def _cut(coro: Awaitable[T], timeout_s: float | None) -> T:
@@ -133,11 +135,15 @@ class _Watch:
             self.handle = None
 
 
-def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_Call], interrupted: bool) -> None:
+def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_Call],
+         interrupted: bool) -> BaseException | None:
     """After the handler: its calls in threads end first (their ledger entries are written by
     them; an interrupt is passed on to them, as it would have reached a sync handler's call), then
-    every task it left is cancelled and given CLEANUP_S to end: nothing runs on into the next message."""
+    every task it left is cancelled and given CLEANUP_S to end: nothing runs on into the next message.
+    Interrupted, a call that says its effect is unknown (a tool stopped mid-call) is what the
+    attempt ends with, as when the interrupt stops a sync handler's call: the step is ``unknown``."""
     made = list(calls)
+    instead: BaseException | None = None
     try:
         if made:
             if interrupted:
@@ -146,7 +152,9 @@ def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_C
             loop.run_until_complete(asyncio.wait([c.future for c in made], timeout=CLEANUP_S if interrupted else None))
             for call in made:
                 if call.future.done() and not call.future.cancelled():
-                    call.future.exception()  # the handler stopped awaiting it: retrieved here
+                    error = call.future.exception()  # retrieved here: the handler may not await it any more
+                    if interrupted and instead is None and _effect_unknown(error):
+                        instead = error
     finally:
         pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
         for t in pending:
@@ -156,6 +164,11 @@ def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_C
         for t in pending:
             if t.done() and not t.cancelled():
                 t.exception()  # retrieved: no "exception was never retrieved" at collection
+    return instead
+
+
+def _effect_unknown(error: BaseException | None) -> bool:
+    return bool(error is not None and (getattr(error, "context", None) or {}).get("effect_unknown"))
 
 
 _calls: contextvars.ContextVar[set[_Call] | None] = contextvars.ContextVar("mesh_thread_calls", default=None)

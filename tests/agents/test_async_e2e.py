@@ -75,6 +75,21 @@ async def hang(ctx: AsyncContext, ticket: Ticket) -> Triage:
     return Triage(queue="never")
 
 
+@app.tool
+async def slow_book(ctx: ToolContext, args: Stamp) -> Receipt:
+    """Books (the effect), then awaits forever: its caller's time limit stops it mid-call."""
+    ctx.redis.incr(f"{_ns(ctx)}:test.booked:{ctx.key}")
+    await asyncio.Event().wait()
+    return Receipt(tool="slow_book", effect_id="never")
+
+
+@app.agent(tools=["slow_book"], time_limit_s=1)
+async def books(ctx: AsyncContext, ticket: Ticket) -> Triage:
+    """Its call is in flight when its time limit stops it."""
+    await ctx.call("slow_book", {"text": ticket.text})
+    return Triage(queue="never")
+
+
 @app.agent
 async def wait_cancel(ctx: AsyncContext, ticket: Ticket) -> Triage:
     """Says it started, then awaits (an hour) until the job is cancelled."""
@@ -138,6 +153,21 @@ def test_the_time_limit_stops_an_async_handler_awaiting_forever_as_a_sync_one_an
     assert "TimeLimitExceeded: stopped at 1 s" in (record.error or "")
     after = client.wait(client.send("triage", {"text": "next"}).id, timeout_s=30)  # the same thread, its loop
     assert after.state is State.SUCCEEDED, (after.state, after.error)
+
+
+def test_the_time_limit_stopping_an_async_tool_mid_call_leaves_its_effect_unknown_as_in_a_sync_handler(
+        serve: Any) -> None:
+    client = serve()
+    job = client.send("books", {"text": "x"}).id
+    record = client.wait(job, timeout_s=30)
+
+    step_id, step = next(iter(record.steps.items()))
+    assert record.state is State.UNKNOWN and step.state is State.UNKNOWN, (record.state, record.error)
+    assert step.failure_class == "timeout"
+    assert "slow_book hit its time limit; its effect is unknown" in (step.error or "")
+    assert client.redis.get(f"{client.settings.namespace}:test.booked:{step.key}") == b"1"
+    entries = Ledger(client.redis, client.keys, job, step_id, 60).entries()
+    assert [(e.tool, e.verdict) for e in entries] == [("slow_book", Verdict.UNKNOWN)]
 
 
 def test_mesh_cancel_while_an_async_handler_awaits_cancels_its_task_and_ends_the_step_cancelled(
