@@ -197,6 +197,25 @@ def test_asend_request_refuses_a_body_over_the_limit(make_settings: Any) -> None
             asyncio.run(ctx.ahttp.post(server.url(), json={}))
 
 
+def test_ahttp_post_posts_what_http_post_posts_and_gives_the_same_receipt(make_settings: Any) -> None:
+    from mesh.agents.tools import ahttp_post, http_post
+    from mesh.contracts.tools import HttpPostArgs
+
+    with RecordingServer() as server:
+        ctx = _tool_ctx(make_settings(http_allow=server.host_port))
+        args = HttpPostArgs.model_validate({"url": server.url("/orders"), "json": {"order": 7}})
+        awaited = asyncio.run(ahttp_post(ctx, args))
+        synced = http_post(ctx, args)
+        refused = _tool_ctx(make_settings(http_allow="127.0.0.1:1"))
+        with pytest.raises(ToolRefused):
+            asyncio.run(ahttp_post(refused, args))
+    assert awaited == synced and awaited.detail["status"] == 200
+    first, second = server.requests
+    assert first["json"] == second["json"] == {"order": 7}
+    assert first["headers"]["idempotency-key"] == second["headers"]["idempotency-key"] == "k-1"
+    assert len(server.requests) == 2
+
+
 def test_an_async_verifier_is_awaited_by_the_effect_check(make_settings: Any) -> None:
     app = App("t")
 
