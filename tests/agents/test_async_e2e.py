@@ -90,6 +90,28 @@ async def books(ctx: AsyncContext, ticket: Ticket) -> Triage:
     return Triage(queue="never")
 
 
+@app.tool
+async def held_book(ctx: ToolContext, args: Stamp) -> Receipt:
+    """Says it is in flight, waits for ``{ns}:test.release``, then books (the effect)."""
+    ns = _ns(ctx)
+    ctx.redis.set(f"{ns}:test.in_flight", 1)
+    while not ctx.redis.exists(f"{ns}:test.release"):
+        await asyncio.sleep(0.02)
+    ctx.redis.incr(f"{ns}:test.booked:{ctx.key}")
+    return Receipt(tool="held_book", effect_id=f"b-{args.text}")
+
+
+@app.agent(tools=["held_book"])
+async def books_then_waits(ctx: AsyncContext, ticket: Ticket) -> Triage:
+    """Makes a call that is in flight when the job is cancelled; says when its task is cancelled."""
+    try:
+        await ctx.call("held_book", {"text": ticket.text})
+    except asyncio.CancelledError:
+        ctx.runtime.redis.set(f"{_ns(ctx)}:test.handler_cancelled", 1)
+        raise
+    return Triage(queue="booked")
+
+
 @app.agent
 async def wait_cancel(ctx: AsyncContext, ticket: Ticket) -> Triage:
     """Says it started, then awaits (an hour) until the job is cancelled."""
@@ -218,3 +240,26 @@ def test_an_async_agents_model_429_defers_the_message_and_its_tokens_are_metered
     assert [e["failure_class"] for e in deferred] == ["rate_limited"]
     model_calls = [e for e in events if e["event"] == "model_call"]
     assert [e["outcome"] for e in model_calls] == ["rate_limited", "ok"]
+
+
+def test_mesh_cancel_lets_an_async_tool_call_in_flight_finish_so_its_effect_is_in_the_ledger(serve: Any) -> None:
+    client = serve(lease_s=3)
+    ns = client.settings.namespace
+    job = client.send("books_then_waits", {"text": "x"}).id
+    wait_for(lambda: client.redis.get(f"{ns}:test.in_flight"), timeout_s=30)
+
+    client.cancel(job, reason="changed plans")
+    # The handler's task is cancelled within a lease renewal; the call goes on until it is released.
+    wait_for(lambda: client.redis.get(f"{ns}:test.handler_cancelled"), timeout_s=15)
+    assert not client.redis.get(f"{ns}:test.booked:{client.status(job).steps['books_then_waits'].key}")
+    client.redis.set(f"{ns}:test.release", 1)
+    wait_for(lambda: next(iter(client.status(job).steps.values())).state is not State.RUNNING, timeout_s=15)
+
+    record = client.status(job)
+    step_id, step = next(iter(record.steps.items()))
+    assert step.state is State.CANCELLED, (step.state, step.error)
+    assert client.redis.get(f"{ns}:test.booked:{step.key}") == b"1"  # the call finished: its effect happened
+    entries = Ledger(client.redis, client.keys, job, step_id, 60).entries()
+    assert [(e.tool, e.verdict) for e in entries] == [("held_book", Verdict.UNVERIFIED)]
+    assert entries[0].outcome["effect_id"] == "b-x"
+
