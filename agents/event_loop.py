@@ -27,7 +27,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import httpx
-from dramatiq.middleware import TimeLimitExceeded
+from dramatiq.broker import Broker
+from dramatiq.middleware import Middleware, TimeLimitExceeded
 from dramatiq.threading import raise_thread_exception
 
 from mesh.broker.idempotency import acting_for, current_lease
@@ -62,6 +63,28 @@ def http_client() -> httpx.AsyncClient:
     if client is None or client.is_closed:
         client = _clients[loop] = httpx.AsyncClient()
     return client
+
+
+def close_thread_loop() -> None:
+    """Close this thread's loop and its HTTP client, if it made them (its worker thread is stopping)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_thread, "loop", None)
+    _thread.loop = None
+    if loop is None or loop.is_closed():
+        return
+    client = _clients.pop(loop, None)
+    try:
+        if client is not None:
+            loop.run_until_complete(client.aclose())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+class EventLoops(Middleware):
+    """Closes each worker thread's event loop (and its HTTP client) as the thread stops."""
+
+    def before_worker_thread_shutdown(self, broker: Broker, thread: Any) -> None:
+        close_thread_loop()
 
 
 def run(coro: Coroutine[Any, Any, T], *, cancelled: Callable[[], bool] = lambda: False,

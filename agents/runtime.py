@@ -51,6 +51,7 @@ from .app import AgentSpec, App
 from .async_context import run_handler
 from .context import Context
 from .effects import with_effect
+from .event_loop import EventLoops
 from .pipelines import PipelineSpec, approvals
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
@@ -320,6 +321,9 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
     if unknown:
         raise ConfigError(f"no agent named {', '.join(map(repr, unknown))} in app {app.name!r}; "
                           f"agents are {', '.join(app.agents)}")
+    if any(inspect.iscoroutinefunction(app.agents[n].handler) for n in names) and not any(
+            isinstance(m, EventLoops) for m in broker.middleware):
+        broker.add_middleware(EventLoops())  # each worker thread's loop closed as the thread stops
     actors = []
     for name in names:
         spec = app.agents[name]

@@ -65,7 +65,11 @@ async def triage(ctx: AsyncContext, ticket: Ticket) -> Triage:
     if ticket.text == "retry" and ctx.attempt == 1:
         raise RuntimeError("fails after its effect: the retry must not stamp again")
     assert receipt.detail["loop"] == id(asyncio.get_running_loop())
+    LOOPS.append(asyncio.get_running_loop())
     return Triage(queue=answer.queue, loop=id(asyncio.get_running_loop()), thread=threading.get_ident())
+
+
+LOOPS: list[asyncio.AbstractEventLoop] = []  # the loops triage ran on, in this process
 
 
 @app.agent(time_limit_s=1)
@@ -163,6 +167,22 @@ def test_two_messages_on_one_worker_thread_share_its_event_loop(serve: Any) -> N
     one, two = first.result["triage"], second.result["triage"]  # type: ignore[index]
     assert one["thread"] == two["thread"]  # one worker thread
     assert one["loop"] == two["loop"]  # one loop, not one per message
+
+
+def test_a_worker_thread_closes_its_loop_as_it_stops(make_settings: Callable[..., Any]) -> None:
+    from mesh.ops.worker import start_worker
+
+    settings = make_settings()
+    worker = start_worker(settings, ["triage"], 1, app=app)
+    try:
+        client = MeshClient(settings, app=app)
+        assert client.wait(client.send("triage", {"text": "one"}).id, timeout_s=30).state is State.SUCCEEDED
+        loop = LOOPS[-1]
+        assert not loop.is_closed()
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+    assert loop.is_closed()
 
 
 def test_the_time_limit_stops_an_async_handler_awaiting_forever_as_a_sync_one_and_the_loop_serves_the_next(

@@ -161,3 +161,19 @@ def test_the_time_limit_reaches_a_call_made_in_a_thread_and_the_handler_waits_fo
         return list(seen)  # read when run returned: the call's thread had ended by then
 
     assert in_a_thread(worker)["value"] == ["interrupted"]
+
+
+def test_closing_a_threads_loop_closes_its_http_client_and_the_next_run_makes_a_new_loop() -> None:
+    async def grab() -> tuple[asyncio.AbstractEventLoop, Any]:
+        return asyncio.get_running_loop(), event_loop.http_client()
+
+    def worker() -> Any:
+        loop, client = event_loop.run(grab())
+        event_loop.close_thread_loop()
+        again, _ = event_loop.run(grab())
+        event_loop.close_thread_loop()
+        return loop, client, again
+
+    loop, client, again = in_a_thread(worker)["value"]
+    assert loop.is_closed() and client.is_closed
+    assert again is not loop and again.is_closed()
