@@ -25,6 +25,7 @@ from mesh.broker.ledger import Ledger
 from mesh.contracts import Receipt, State
 from mesh.contracts.effects import Verdict
 from tests.agents.openai_server import FakeOpenAI, completion
+from tests.httpserver import RecordingServer
 
 pytestmark = pytest.mark.slow  # every test here starts a worker
 
@@ -114,6 +115,17 @@ async def books_then_waits(ctx: AsyncContext, ticket: Ticket) -> Triage:
         ctx.runtime.redis.set(f"{_ns(ctx)}:test.handler_cancelled", 1)
         raise
     return Triage(queue="booked")
+
+
+class Post(BaseModel):
+    url: str
+
+
+@app.agent
+async def poster(ctx: AsyncContext, post: Post) -> Triage:
+    """POSTs through the awaited ctx.http."""
+    response = await ctx.http.post(post.url, json={"from": ctx.step_id})
+    return Triage(queue=str(response.json()["ok"]))
 
 
 @app.agent
@@ -283,3 +295,18 @@ def test_mesh_cancel_lets_an_async_tool_call_in_flight_finish_so_its_effect_is_i
     assert [(e.tool, e.verdict) for e in entries] == [("held_book", Verdict.UNVERIFIED)]
     assert entries[0].outcome["effect_id"] == "b-x"
 
+
+
+def test_an_async_handlers_http_is_guarded_and_carries_the_key_and_token(serve: Any) -> None:
+    with RecordingServer() as server:
+        client = serve(http_allow=server.host_port)
+        allowed = client.wait(client.send("poster", {"url": server.url("/hook")}).id, timeout_s=30)
+        refused = client.wait(client.send("poster", {"url": "http://127.0.0.1:1/hook"}).id, timeout_s=30)
+
+    assert allowed.state is State.SUCCEEDED and allowed.result == {"poster": {"queue": "True", "loop": 0, "thread": 0}}
+    step = allowed.steps["poster"]
+    (request,) = server.requests
+    assert request["json"] == {"from": "poster"}
+    assert request["headers"]["idempotency-key"] == step.key
+    assert request["headers"]["x-mesh-fencing-token"] == str(step.token)
+    assert refused.state is State.DEAD_LETTERED and "not in MESH_HTTP_ALLOW" in (refused.error or "")
