@@ -108,9 +108,9 @@ def run(coro: Coroutine[Any, Any, T], *, cancelled: Callable[[], bool] = lambda:
         interrupted = False
         return result
     except asyncio.CancelledError:
-        if not watch.fired:
-            raise
         interrupted = False
+        if not watch.fired:  # cancelled by the handler's own code: a failure of the handler, retried as one
+            raise RuntimeError("the handler's task was cancelled, and not by mesh cancel") from None
         raise PermanentFailure("stopped: the job was cancelled (mesh cancel) while its handler awaited") from None
     except Exception:
         interrupted = False

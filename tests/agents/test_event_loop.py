@@ -177,3 +177,14 @@ def test_closing_a_threads_loop_closes_its_http_client_and_the_next_run_makes_a_
     loop, client, again = in_a_thread(worker)["value"]
     assert loop.is_closed() and client.is_closed
     assert again is not loop and again.is_closed()
+
+
+def test_a_handler_cancelling_its_own_task_fails_as_an_error_not_as_a_cancel() -> None:
+    async def cancels_itself() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(1)
+
+    out = in_a_thread(lambda: event_loop.run(cancels_itself()))
+    assert type(out["error"]) is RuntimeError and "not by mesh cancel" in str(out["error"])
