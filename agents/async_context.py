@@ -49,16 +49,47 @@ class AsyncContext:
         self.sync = context
         self._one_call: asyncio.Lock | None = None
 
-    runtime: AgentRuntime = property(lambda self: self.sync.runtime)  # type: ignore[assignment]
-    env: Envelope = property(lambda self: self.sync.env)  # type: ignore[assignment]
-    spec: AgentSpec = property(lambda self: self.sync.spec)  # type: ignore[assignment]
-    lease: Lease = property(lambda self: self.sync.lease)  # type: ignore[assignment]
-    key: str = property(lambda self: self.sync.key)  # type: ignore[assignment]
-    job_id: str = property(lambda self: self.sync.job_id)  # type: ignore[assignment]
-    trace_id: str = property(lambda self: self.sync.trace_id)  # type: ignore[assignment]
-    step_id: str = property(lambda self: self.sync.step_id)  # type: ignore[assignment]
-    agent: str = property(lambda self: self.sync.agent)  # type: ignore[assignment]
-    attempt: int = property(lambda self: self.sync.attempt)  # type: ignore[assignment]
+    @property
+    def runtime(self) -> AgentRuntime:
+        return self.sync.runtime
+
+    @property
+    def env(self) -> Envelope:
+        return self.sync.env
+
+    @property
+    def spec(self) -> AgentSpec:
+        return self.sync.spec
+
+    @property
+    def lease(self) -> Lease:
+        return self.sync.lease
+
+    @property
+    def key(self) -> str:
+        """The message's idempotency key."""
+        return self.env.key
+
+    @property
+    def job_id(self) -> str:
+        return self.env.job_id
+
+    @property
+    def trace_id(self) -> str:
+        return self.env.trace_id
+
+    @property
+    def step_id(self) -> str:
+        return self.env.step_id
+
+    @property
+    def agent(self) -> str:
+        return self.env.agent
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, one more per retry (a deferral keeps it)."""
+        return self.env.attempt
 
     @property
     def token(self) -> int:
