@@ -14,6 +14,12 @@ on one shared loop in a thread of its own: the thread-local claim would not be t
 A job cancelled while its handler awaits (``mesh cancel``, seen by the lease renewal) cancels the
 handler's task: it may catch ``CancelledError`` and return (the output is recorded ``cancelled``);
 if it does not, the attempt ends ``cancelled`` all the same.
+
+A handler's tool calls run the sync machinery (:meth:`Context.call`) in a thread of their own
+(:func:`in_thread`); an ``async def`` tool's coroutine is sent back to the handler's loop from there
+(:func:`resolve`). When the handler ends, its calls in flight are waited for (a cancel lets them
+finish, so their effects are in the ledger); an interrupt is raised into them as well, as it would
+have stopped a sync handler's call, and the call's "effect unknown" is what the attempt ends with.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ TICK_S = 0.05
 CLEANUP_S = 1.0
 
 _thread = threading.local()
-#: The loop of the handler a sync call made from a thread (``asyncio.to_thread``) belongs to.
+#: The loop of the handler that a sync call made in a thread of its own (:func:`in_thread`) serves.
 _home: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar("mesh_home_loop",
                                                                                           default=None)
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
