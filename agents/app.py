@@ -240,7 +240,7 @@ class App:
         after the first (``max_attempts - 1``). Give one of the two."""
 
         def declare(fn: Callable[[Context, In], Out]) -> Agent[In, Out]:
-            _sync(fn, "agent")
+            _not_generator(fn, "agent")
             agent_name = name or fn.__name__
             retries = _retries(agent_name, max_attempts, max_retries)
             in_model, out_model = _models(fn, input, output)
@@ -292,9 +292,9 @@ class App:
             parse_allowlist(fixed)  # a bad entry fails the declaration, not the first call
 
         def declare(fn: Callable[[ToolContext, Args], R]) -> Tool[Args, R]:
-            _sync(fn, "tool")
+            _not_generator(fn, "tool")
             if verify is not None:
-                _sync(verify, "verifier")
+                _not_generator(verify, "verifier")
             args_model = args or _models(fn, None, None, need_output=False)[0]
             spec = ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
                             secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
@@ -437,12 +437,12 @@ def _retries(agent: str, max_attempts: int | None, max_retries: int | None) -> i
     return max_retries
 
 
-def _sync(fn: Callable[..., Any], what: str) -> None:
-    """Refuse an ``async def`` handler when it is declared: the mesh calls handlers on worker threads
-    and never awaits what they return, so every attempt would fail on a coroutine never awaited."""
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        raise ConfigError(f"{what} {getattr(fn, '__qualname__', repr(fn))!r} is an async function: async handlers are "
-                          "not supported yet; write a sync function (def, not async def)")
+def _not_generator(fn: Callable[..., Any], what: str) -> None:
+    """Refuse an ``async def`` generator when it is declared (a plain ``async def`` runs on the worker
+    thread's event loop, see :mod:`mesh.agents.event_loop`): it returns no output, it yields many."""
+    if inspect.isasyncgenfunction(fn):
+        raise ConfigError(f"{what} {getattr(fn, '__qualname__', repr(fn))!r} is an async generator: a handler "
+                          "returns its output (async def with return, not yield)")
 
 
 def _doc(fn: Callable[..., Any]) -> str:

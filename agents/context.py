@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -49,6 +50,7 @@ from mesh.contracts import (
 from mesh.contracts.effects import Verdict, summary
 
 from .effects import EffectCalls
+from .event_loop import resolve
 from .tools.base import ToolContext
 from .tools.http import GuardedHttp
 
@@ -169,6 +171,8 @@ class Context:
         self.runtime.progress(self.env, note)
 
     @overload
+    def call(self, tool: Tool[Args, Awaitable[R]], args: Args | dict[str, Any]) -> R: ...
+    @overload
     def call(self, tool: Tool[Args, R], args: Args | dict[str, Any]) -> R: ...
     @overload
     def call(self, tool: str, args: BaseModel | dict[str, Any]) -> Any: ...
@@ -244,7 +248,7 @@ class Context:
         outcome: dict[str, Any] = {}
         try:
             if spec.dependency is None:
-                result = spec.run(tool_ctx, args)
+                result = resolve(spec.run(tool_ctx, args))
             else:
                 result = tool_ctx.guarded(dependency, lambda: _classified(dependency, spec.run, tool_ctx, args))
             if spec.effect:
@@ -291,9 +295,7 @@ class StepModel:
 
     async def acomplete(self, prompt: str, output: type[M], *, system: str | None = None,
                         model: str | None = None) -> M:
-        """The provider's ``acomplete``, defaulting to the step's model as :meth:`complete` does."""
-        acomplete: Any = getattr(self.provider, "acomplete")  # noqa: B009 (not every provider has one yet)
-        return await acomplete(prompt, output, system=system, model=model or self.model)
+        return await self.provider.acomplete(prompt, output, system=system, model=model or self.model)
 
     def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         return self.provider.plan(goal, timeout_s=timeout_s)
@@ -308,7 +310,7 @@ class StepModel:
 def _classified(dependency: str, run: Any, tool_ctx: ToolContext, args: BaseModel) -> Any:
     """Run a tool, its raw HTTP failures raised as the mesh's classes, so its breaker counts them."""
     try:
-        return run(tool_ctx, args)
+        return resolve(run(tool_ctx, args))
     except MeshError:
         raise
     except httpx.HTTPStatusError as exc:

@@ -36,6 +36,7 @@ from mesh.contracts import JobRecord, Receipt, dumps
 from mesh.contracts.effects import HAPPENED, NOT_HAPPENED, EffectEntry, Verdict
 from mesh.contracts.errors import EffectRefuted, EffectUnknown
 
+from .event_loop import resolve
 from .tools.base import ToolContext, effect_id
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def check(spec: ToolSpec, ctx: ToolContext, args: BaseModel, result: Any) -> Che
     if spec.verify is None:
         return Check(Verdict.UNKNOWN, f"tool {spec.name} has no verifier")
     try:
-        answer = spec.verify(ctx, args, result)
+        answer = resolve(spec.verify(ctx, args, result))  # an async def verifier awaited
     except EffectRefuted as exc:
         return Check(Verdict.REFUTED, redact.redact(str(exc)))
     except Exception as exc:

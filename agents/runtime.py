@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +47,10 @@ from mesh.contracts.jobs import UNDO_CALLS, is_compensation
 from mesh.contracts.messages import validate_model, validate_output_model
 
 from .app import AgentSpec, App
+from .async_context import run_handler
 from .context import Context
 from .effects import with_effect
+from .event_loop import EventLoops
 from .pipelines import PipelineSpec, approvals, progress
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
@@ -179,7 +183,12 @@ class AgentRuntime:
             effect = None
         else:
             ctx = Context(self, env, spec, lease)
-            result = spec.handler(ctx, payload) if not isinstance(undo, list) else ctx.undo(undo)
+            if isinstance(undo, list):
+                result = ctx.undo(undo)
+            elif inspect.iscoroutinefunction(spec.handler):  # on this thread's event loop
+                result = run_handler(ctx, typing.cast(BaseModel, payload))
+            else:
+                result = spec.handler(ctx, payload)
             effect = ctx.effect()
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
@@ -312,6 +321,9 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
     if unknown:
         raise ConfigError(f"no agent named {', '.join(map(repr, unknown))} in app {app.name!r}; "
                           f"agents are {', '.join(app.agents)}")
+    if any(inspect.iscoroutinefunction(app.agents[n].handler) for n in names) and not any(
+            isinstance(m, EventLoops) for m in broker.middleware):
+        broker.add_middleware(EventLoops())  # each worker thread's loop closed as the thread stops
     actors = []
     for name in names:
         spec = app.agents[name]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -106,6 +107,18 @@ class Breakers:
         time to the reopen, so the message waits for it (a timeout keeps its fail-fast route). Any
         other outcome of a probe means the dependency answered, which closes the breaker.
         """
+        with self.guard(dependency):
+            return fn()
+
+    async def acall(self, dependency: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`call` for a coroutine function: ``await fn()`` through the same breaker."""
+        with self.guard(dependency):
+            return await fn()
+
+    @contextmanager
+    def guard(self, dependency: str) -> Iterator[None]:
+        """The breaker around one call to ``dependency`` (see :meth:`call`): BreakerOpen on entry
+        while it is open; the call's outcome recorded on exit."""
         owner = uuid.uuid4().hex
         verdict = self._call("admit", dependency, owner)
         state = verdict[0].decode()
@@ -113,7 +126,7 @@ class Breakers:
             raise BreakerOpen(dependency, int(verdict[1]) / 1000, state)
         probe = state == "probe"
         try:
-            result = fn()
+            yield
         except COUNTED as exc:
             # The error is kept as the breaker's last_error: masked like every error text the mesh keeps.
             verdict = self._record("failure", dependency, owner, redact(str(exc) or type(exc).__name__))
@@ -137,7 +150,6 @@ class Breakers:
         if probe:
             self._record("success", dependency, owner)
             logger.info("circuit breaker closed", extra={"dependency": dependency})
-        return result
 
     def _record(self, command: str, name: str, owner: str, error: str = "") -> Any:
         """Record a call's outcome; None when the mesh's Redis refuses. The call has happened

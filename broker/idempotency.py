@@ -20,6 +20,8 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +117,18 @@ _current = threading.local()
 def current_lease() -> Lease | None:
     """The lease held by the message this thread is processing, if any."""
     return getattr(_current, "lease", None)
+
+
+@contextmanager
+def acting_for(lease: Lease | None) -> Iterator[None]:
+    """This thread acts for ``lease`` while inside (a thread an async handler's call runs in): what
+    reads :func:`current_lease` (token metering) sees the message's claim, as on the worker thread."""
+    before = getattr(_current, "lease", None)
+    _current.lease = lease
+    try:
+        yield
+    finally:
+        _current.lease = before
 
 
 def message_key(message: MessageProxy | Any) -> str | None:

@@ -4,11 +4,11 @@
 
 Every name an app uses is here (``mesh.__all__``, each one on the Python API reference page):
 ``App`` declares agents and tools (``@app.agent``, ``@app.tool``, which return an ``Agent`` and a
-``Tool``: the function still, typed by its models); ``Context`` is what a handler
-is given; ``ToolContext`` what a tool is given; ``Pipeline`` and ``load_pipeline`` declare
-pipelines; ``MeshClient`` sends work and follows jobs; the errors are those a handler or tool
-raises (``PermanentFailure``, ``RateLimited``, ...) and those a send or a decision raises
-(``ContractError``, ``AlreadyDecided``, ...). The repository's folders are its subpackages:
+``Tool``: the function still, typed by its models); ``Context`` is what a handler is given
+(``AsyncContext`` an ``async def`` one); ``ToolContext`` what a tool is given; ``Pipeline`` and
+``load_pipeline`` declare pipelines; ``MeshClient`` sends work and follows jobs; the errors are
+those a handler or tool raises (``PermanentFailure``, ``RateLimited``, ...) and those a send or a
+decision raises (``ContractError``, ``AlreadyDecided``, ...). The repository's folders are its subpackages:
 ``mesh.contracts`` (the typed language), ``mesh.broker`` (Redis, middleware, client),
 ``mesh.agents`` (the agent runtime), ``mesh.dlq`` (dead letters) and ``mesh.ops`` (the ``mesh``
 command); ``mesh.testing`` is what an app's tests use (``TestContext``, ``TestModel``,
@@ -20,11 +20,12 @@ serving it and ``MeshClient.submit`` (which runs its flow) do.
 from __future__ import annotations
 
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec, load_app
+from mesh.agents.async_context import AsyncContext
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline, PipelineError, PipelineSpec, load_pipeline
 from mesh.agents.pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
 from mesh.agents.tools.base import ToolContext, effect_id
-from mesh.agents.tools.http import host_port, send_request
+from mesh.agents.tools.http import AsyncGuardedHttp, asend_request, host_port, send_request
 from mesh.broker import JobNotFound, JobRef, MeshClient, MeshSettings, NotReplicated, WaitTimeout
 from mesh.broker.approvals import (
     AlreadyDecided,
@@ -69,11 +70,12 @@ def _builtin_flow() -> PipelineSpec:
 _on_submit(_builtin_flow)
 
 __all__ = [
-    "Agent", "AgentSpec", "AlreadyDecided", "App", "ApprovalError", "ApprovalExpired", "Brownout", "ConfigError",
-    "Context", "ContractError", "DependencyTimeout", "EffectRefuted", "EffectUnknown", "FailureClass",
-    "InvalidDecision", "InvalidOutput", "JobNotFound", "JobRecord", "JobRef", "KeyConflict", "LimitExceeded",
-    "MeshClient", "MeshError", "MeshSettings", "NoOutput", "NotAnApprover", "NotAwaiting", "NotReplicated",
-    "PermanentFailure", "Pipeline", "PipelineError", "PipelineSpec", "RateLimited", "Receipt", "State", "StepRecord",
-    "Tool", "ToolContext", "ToolRefused", "ToolSpec", "UnknownAgent", "Verdict", "WaitTimeout", "effect_id",
+    "Agent", "AgentSpec", "AlreadyDecided", "App", "ApprovalError", "ApprovalExpired", "AsyncContext",
+    "AsyncGuardedHttp", "Brownout", "ConfigError", "Context", "ContractError", "DependencyTimeout", "EffectRefuted",
+    "EffectUnknown", "FailureClass", "InvalidDecision", "InvalidOutput", "JobNotFound", "JobRecord", "JobRef",
+    "KeyConflict", "LimitExceeded", "MeshClient", "MeshError", "MeshSettings", "NoOutput", "NotAnApprover",
+    "NotAwaiting", "NotReplicated", "PermanentFailure", "Pipeline", "PipelineError", "PipelineSpec", "RateLimited",
+    "Receipt", "State", "StepRecord", "Tool", "ToolContext", "ToolRefused", "ToolSpec", "UnknownAgent", "Verdict",
+    "WaitTimeout", "asend_request", "effect_id",
     "host_port", "load_app", "load_pipeline", "send_request"
 ]

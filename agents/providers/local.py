@@ -82,6 +82,11 @@ class LocalProvider:
             self._meter.charge(call, spent_in, len(json.dumps(answer.model_dump(mode="json")).split()))
             return answer
 
+    async def acomplete(self, prompt: str, output: type[M], *, system: str | None = None,
+                        model: str | None = None) -> M:
+        """:meth:`complete`, awaitable (it does no I/O but its metering: nothing to wait for)."""
+        return self.complete(prompt, output, system=system, model=model)
+
     def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         research: list[ResearchStep] = []
         actions: list[ActionStep] = []

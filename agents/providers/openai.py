@@ -16,7 +16,10 @@ import logging
 import math
 import re
 import time
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -58,7 +61,8 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(self, settings: MeshSettings, *, client: httpx.Client | None = None,
-                 breakers: Breakers | None = None, meter: Meter | None = None) -> None:
+                 breakers: Breakers | None = None, meter: Meter | None = None,
+                 aclient: httpx.AsyncClient | None = None) -> None:
         if settings.model_url is None:
             raise ConfigError("model provider 'openai' needs a model URL: set MESH_MODEL_URL (e.g. .../v1)")
         if settings.model_api_key is not None:
@@ -73,6 +77,8 @@ class OpenAIProvider:
         self.dependency = host_port(settings.model_url)
         self._client = client or httpx.Client()
         self._owns_client = client is None
+        #: :meth:`acomplete`'s client; None: the running loop's (:func:`mesh.agents.event_loop.http_client`).
+        self._aclient = aclient
         self._breakers = breakers
         self._meter = meter or Meter()
         #: How answers are asked for: json_schema until the endpoint refuses it, then json_object.
@@ -96,44 +102,82 @@ class OpenAIProvider:
         """Validated findings for ``question``; InvalidOutput when the answer breaks the contract."""
         return self._ask(question, Findings, system=RESEARCH_PROMPT, timeout_s=timeout_s, label="researcher")
 
+    async def acomplete(self, prompt: str, output: type[M], *, system: str | None = None,
+                        model: str | None = None) -> M:
+        """:meth:`complete` on an ``httpx.AsyncClient`` (the running loop's unless one was given):
+        the same requests, breaker, deadline cut, repairs, classification and metering."""
+        asking = self._asking(prompt, output, system=system, model=model)
+        with self._meter.call(asking.model) as call:
+            content: str | None = None
+            while True:
+                request = asking.next(call, content)
+                if request is None:
+                    return asking.answer
+                content = await self._achat(call, request)
+
     def _ask(self, prompt: str, output: type[M], *, system: str | None, model: str | None = None,
              timeout_s: float | None = None, label: str | None = None) -> M:
         """Ask, validate, and send an invalid answer back with its errors until it is valid or the
         repairs run out."""
+        asking = self._asking(prompt, output, system=system, model=model, timeout_s=timeout_s, label=label)
+        with self._meter.call(asking.model) as call:
+            content: str | None = None
+            while True:
+                request = asking.next(call, content)
+                if request is None:
+                    return asking.answer
+                content = self._chat(call, request)
+
+    def _asking(self, prompt: str, output: type[M], *, system: str | None, model: str | None = None,
+                timeout_s: float | None = None, label: str | None = None) -> _Asking[M]:
         lease = current_lease()
         label = label or (str(lease.envelope.get("agent")) if lease else output.__name__)
         until = time.time() + timeout_s if timeout_s is not None else (
             float(lease.envelope["deadline"]) if lease and "deadline" in lease.envelope else None)
-        messages = [{"role": "user", "content": prompt}]
-        with self._meter.call(model or self._settings.model_name) as call:
-            while True:
-                content = self._chat(call, system, messages, output, label, until)
-                answer, problem = parsed(content, output)
-                if answer is not None:
-                    return answer
-                if call.repairs >= self._settings.model_repairs:
-                    after = f" after {call.repairs} repair(s)" if call.repairs else ""
-                    raise InvalidOutput(f"invalid {label} output{after}: {problem}", agent=label,
-                                        repairs=call.repairs)
-                call.repairs += 1
-                log.info("repairing model output", extra={"agent": label, "repair": call.repairs})
-                messages += [{"role": "assistant", "content": content},
-                             {"role": "user", "content": f"Your reply is invalid: {problem}\n"
-                                                         f"Reply again with the corrected JSON object only."}]
+        return _Asking(self._settings, output, system, [{"role": "user", "content": prompt}], label, until,
+                       model or self._settings.model_name)
 
-    def _chat(self, call: Call, system: str | None, messages: list[dict[str, str]], output: type[BaseModel],
-              label: str, until: float | None) -> str:
-        """One chat completion (metered, breaker-guarded, cut to ``until``); its message content."""
-        mode = self.structured
-        prompt, fmt = response_format(mode, output, system)
-        body = {"model": call.model, "messages": [{"role": "system", "content": prompt}, *messages],
-                "response_format": fmt, "temperature": 0}
+    def _chat(self, call: Call, request: _Request) -> str:
+        """One chat completion (metered, breaker-guarded, cut to the deadline); its message content."""
         self._meter.admit()
-        resp = self._post(body, label, until, schema_refusable=mode == "json_schema")
+        post = self._post_args(request)
+
+        def send() -> httpx.Response:
+            with post.classified():
+                resp = self._client.post(self._endpoint, **post.kwargs)
+            return post.checked(resp)
+
+        resp = send() if self._breakers is None else self._breakers.call(self.dependency, send)
         if not resp.is_success:  # the endpoint refused json_schema: ask it for json_object from now on
-            log.warning("model %s refused response_format json_schema; using json_object", self.dependency)
-            self.structured = "json_object"
-            return self._chat(call, system, messages, output, label, until)
+            return self._chat(call, self._refused(request))
+        return self._content(call, request, resp)
+
+    async def _achat(self, call: Call, request: _Request) -> str:
+        """:meth:`_chat` awaited on an ``httpx.AsyncClient``."""
+        from ..event_loop import http_client
+
+        self._meter.admit()
+        post = self._post_args(request)
+        client = self._aclient or http_client()
+
+        async def send() -> httpx.Response:
+            with post.classified():
+                resp = await client.post(self._endpoint, **post.kwargs)
+            return post.checked(resp)
+
+        resp = await send() if self._breakers is None else await self._breakers.acall(self.dependency, send)
+        if not resp.is_success:
+            return await self._achat(call, self._refused(request))
+        return self._content(call, request, resp)
+
+    def _refused(self, request: _Request) -> _Request:
+        log.warning("model %s refused response_format json_schema; using json_object", self.dependency)
+        self.structured = "json_object"
+        return request
+
+    def _content(self, call: Call, request: _Request, resp: httpx.Response) -> str:
+        """The answer's text, its tokens charged to the call (BudgetExceeded past the job's budget)."""
+        label = request.label
         try:
             data = resp.json()
         except ValueError as exc:
@@ -148,32 +192,97 @@ class OpenAIProvider:
             raise InvalidOutput(f"{label} output is not text", agent=label)
         return content
 
-    def _post(self, body: dict[str, Any], label: str, until: float | None, *,
-              schema_refusable: bool) -> httpx.Response:
-        """POST through the endpoint's breaker; a success, or (``schema_refusable``) a 400 refusing
-        ``json_schema``; any other answer raised as the mesh's class."""
+    def _post_args(self, request: _Request) -> _Post:
+        """How ``request`` is POSTed: body, headers, timeout cut to its deadline (DeadlineExceeded
+        when none is left), and how its answers are classified."""
         headers = {"Accept": "application/json"}
         if self._settings.model_api_key is not None:
             headers["Authorization"] = f"Bearer {self._settings.model_api_key.get_secret_value()}"
+        until = request.until
         left = math.inf if until is None else until - time.time()
         if left <= 0:
             raise DeadlineExceeded(f"no time left for a call to {self.dependency}", deadline=until)
         timeout = min(self._settings.model_timeout_s, left)
+        body = request.body(self.structured)
+        return _Post(self.dependency, request.label, timeout, self.structured == "json_schema",
+                     {"json": body, "headers": headers, "timeout": timeout})
 
-        def send() -> httpx.Response:
-            try:
-                resp = self._client.post(self._endpoint, json=body, headers=headers, timeout=timeout)
-            except httpx.TimeoutException as exc:
-                raise DependencyTimeout(f"{self.dependency} did not answer within {timeout:.2g}s",
-                                        dependency=self.dependency) from exc
-            except httpx.TransportError as exc:
-                raise Brownout(f"{self.dependency} unreachable: {exc}", dependency=self.dependency) from exc
-            if resp.is_success or (schema_refusable and _refuses_schema(resp)):
-                return resp
-            log.warning("model %s answered %s for %s", self.dependency, resp.status_code, label)
-            raise error_for_response(resp, dependency=self.dependency)
 
-        return send() if self._breakers is None else self._breakers.call(self.dependency, send)
+@dataclass
+class _Request:
+    """One chat completion to ask: the conversation so far and what the answer must be."""
+
+    model: str
+    system: str | None
+    messages: list[dict[str, str]]
+    output: type[BaseModel]
+    label: str
+    until: float | None
+
+    def body(self, mode: str) -> dict[str, Any]:
+        """The request body, the answer asked for as ``mode`` (``json_schema`` or ``json_object``)."""
+        prompt, fmt = response_format(mode, self.output, self.system)
+        return {"model": self.model, "messages": [{"role": "system", "content": prompt}, *self.messages],
+                "response_format": fmt, "temperature": 0}
+
+
+@dataclass
+class _Post:
+    """One POST to the endpoint and how its answer is read."""
+
+    dependency: str
+    label: str
+    timeout: float
+    schema_refusable: bool
+    kwargs: dict[str, Any]
+
+    @contextmanager
+    def classified(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise DependencyTimeout(f"{self.dependency} did not answer within {self.timeout:.2g}s",
+                                    dependency=self.dependency) from exc
+        except httpx.TransportError as exc:
+            raise Brownout(f"{self.dependency} unreachable: {exc}", dependency=self.dependency) from exc
+
+    def checked(self, resp: httpx.Response) -> httpx.Response:
+        """A success, or (``schema_refusable``) a 400 refusing ``json_schema``; any other answer
+        raised as the mesh's class (a 429 rate_limited, a 5xx brownout)."""
+        if resp.is_success or (self.schema_refusable and _refuses_schema(resp)):
+            return resp
+        log.warning("model %s answered %s for %s", self.dependency, resp.status_code, self.label)
+        raise error_for_response(resp, dependency=self.dependency)
+
+
+class _Asking(Generic[M]):
+    """One ``complete``: the requests it makes, an invalid answer sent back with its errors until it
+    is valid (:attr:`answer`) or the repairs run out (InvalidOutput). Both clients drive it."""
+
+    def __init__(self, settings: MeshSettings, output: type[M], system: str | None, messages: list[dict[str, str]],
+                 label: str, until: float | None, model: str) -> None:
+        self.settings, self.output, self.label, self.model = settings, output, label, model
+        self.request = _Request(model, system, messages, output, label, until)
+        self.answer: M
+
+    def next(self, call: Call, content: str | None) -> _Request | None:
+        """The next request, given the last one's answer (None: none made yet); None once valid."""
+        if content is None:
+            return self.request
+        answer, problem = parsed(content, self.output)
+        if answer is not None:
+            self.answer = answer
+            return None
+        if call.repairs >= self.settings.model_repairs:
+            after = f" after {call.repairs} repair(s)" if call.repairs else ""
+            raise InvalidOutput(f"invalid {self.label} output{after}: {problem}", agent=self.label,
+                                repairs=call.repairs)
+        call.repairs += 1
+        log.info("repairing model output", extra={"agent": self.label, "repair": call.repairs})
+        self.request.messages += [{"role": "assistant", "content": content},
+                                  {"role": "user", "content": f"Your reply is invalid: {problem}\n"
+                                                              f"Reply again with the corrected JSON object only."}]
+        return self.request
 
 
 def schema_name(output: type[BaseModel]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,7 +20,7 @@ from mesh.contracts import ToolRefused
 from .allow import Resolver, parse_allowlist, system_resolver
 
 if TYPE_CHECKING:
-    from .http import GuardedHttp
+    from .http import AsyncGuardedHttp, GuardedHttp
 
 T = TypeVar("T")
 
@@ -71,6 +71,13 @@ class ToolContext:
 
         return GuardedHttp(self)
 
+    @property
+    def ahttp(self) -> AsyncGuardedHttp:
+        """:attr:`http` for an ``async def`` tool: each request awaited, with the same guards."""
+        from .http import AsyncGuardedHttp
+
+        return AsyncGuardedHttp(self)
+
     def secret(self, name: str) -> str:
         """The value of a secret this tool declared (``@app.tool(secrets=[...])``)."""
         try:
@@ -86,6 +93,10 @@ class ToolContext:
     def guarded(self, dependency: str, call: Callable[[], T]) -> T:
         """``call`` through ``dependency``'s circuit breaker (straight through without breakers)."""
         return call() if self.breakers is None else self.breakers.call(dependency, call)
+
+    async def aguarded(self, dependency: str, call: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`guarded` for a coroutine function."""
+        return await call() if self.breakers is None else await self.breakers.acall(dependency, call)
 
 
 def effect_id(key: str) -> str:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 from mesh.contracts import PermanentFailure, Receipt
 from mesh.contracts.effects import Verdict
 from mesh.contracts.errors import EffectRefuted, EffectUnknown
 from mesh.contracts.tools import HttpPostArgs
 
-from .allow import pin
+from .allow import Pinned, pin
 from .base import ToolContext, effect_id
-from .http import host_port, send_request
+from .http import asend_request, host_port, send_request
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,19 @@ def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
     the tool's allowlist (MESH_HTTP_ALLOW unless declared with ``allow=``), and the request connects
     to the address that was checked (see :mod:`mesh.agents.tools.allow`). The endpoint gets
     ``Idempotency-Key``, ``X-Mesh-Fencing-Token`` and ``traceparent``."""
+    pinned, body = _post(ctx, args)
+    return _receipt(ctx, args, pinned, send_request(ctx, "POST", args.url, json=body, via=pinned))
+
+
+async def ahttp_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
+    """:func:`http_post` awaited (:func:`~mesh.agents.tools.http.asend_request`): for an ``async def``
+    tool of an app's own; the same checks, headers and receipt."""
+    pinned, body = _post(ctx, args)
+    return _receipt(ctx, args, pinned, await asend_request(ctx, "POST", args.url, json=body, via=pinned))
+
+
+def _post(ctx: ToolContext, args: HttpPostArgs) -> tuple[Pinned, dict[str, Any]]:
+    """Where the POST goes (checked now) and its body."""
     pinned = pin(args.url, ctx.allowlist, ctx.resolve, listed_in=ctx.allowlist_name)
     if args.verify_url is not None:
         # Refused now, before the effect, rather than leaving an effect no check can ever prove.
@@ -35,7 +51,10 @@ def http_post(ctx: ToolContext, args: HttpPostArgs) -> Receipt:
     body = dict(args.json_body)
     if args.findings:
         body["findings"] = args.findings
-    response = send_request(ctx, "POST", args.url, json=body, via=pinned)
+    return pinned, body
+
+
+def _receipt(ctx: ToolContext, args: HttpPostArgs, pinned: Pinned, response: httpx.Response) -> Receipt:
     logger.info("http_post done", extra={"dependency": pinned.dependency, "address": pinned.address,
                                          "status": response.status_code})
     return Receipt(tool="http_post", effect_id=effect_id(ctx.key),

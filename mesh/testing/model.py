@@ -97,6 +97,11 @@ class TestModel:
         with self._lock:
             self._fail.extend(failure(f, self.name) for f in failures)
 
+    async def acomplete(self, prompt: str, output: type[M], *, system: str | None = None,
+                        model: str | None = None) -> M:
+        """:meth:`complete` for an ``async def`` handler (``await ctx.model.complete(...)``)."""
+        return self.complete(prompt, output, system=system, model=model)
+
     def complete(self, prompt: str, output: type[M], *, system: str | None = None, model: str | None = None) -> M:
         """The next scripted answer for ``output`` (validated: InvalidOutput when it does not fit)."""
         asked = Prompt(prompt, system, output, model)

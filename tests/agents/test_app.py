@@ -223,24 +223,28 @@ def test_a_tool_reads_only_the_secrets_it_declared_and_only_declared_tools_are_c
     wait_for(lambda: DeadLetterStore(client.redis, client.keys).count() == 2)
 
 
-def test_async_handlers_are_refused_when_declared_not_on_every_attempt() -> None:
-    # Called on a worker thread and never awaited, an async handler would fail every attempt.
-    bad = App("async")
-    with pytest.raises(ConfigError, match=r"^agent '.*answer' is an async function: async handlers are not "
-                                          r"supported yet; write a sync function \(def, not async def\)$"):
-        @bad.agent
-        async def answer(ctx: Context, q: Question) -> Answer:
-            return Answer(text=q.text, attempt=ctx.attempt)
-    with pytest.raises(ConfigError, match=r"^tool '.*look_up' is an async function: async handlers are not supported"):
-        @bad.tool(effect=False)
-        async def look_up(ctx: ToolContext, args: SecretArgs) -> Noted:
-            return Noted(saw_secret=False)
+def test_async_handlers_tools_and_verifiers_are_declared_and_async_generators_refused() -> None:
+    # async def runs on the worker thread's event loop (tests/agents/test_async_e2e.py); a generator
+    # yields many values where a handler returns one output.
+    ok = App("async")
+
+    @ok.agent(tools=["look_up"])
+    async def answer(ctx: Context, q: Question) -> Answer:
+        return Answer(text=q.text, attempt=ctx.attempt)
 
     async def check(ctx: Any, args: Any, result: Any) -> bool:
         return True
 
-    with pytest.raises(ConfigError, match=r"^verifier '.*check' is an async function"):
-        @bad.tool(verify=check)
-        def book(ctx: ToolContext, args: SecretArgs) -> Noted:
-            return Noted(saw_secret=False)
-    assert not bad.agents and not bad.tools
+    @ok.tool(verify=check)
+    async def look_up(ctx: ToolContext, args: SecretArgs) -> Noted:
+        return Noted(saw_secret=False)
+
+    assert ok.agents["answer"].handler is answer and (ok.agents["answer"].input, ok.agents["answer"].output) == (
+        Question, Answer)
+    assert ok.tools["look_up"].run is look_up and ok.tools["look_up"].verify is check
+    assert ok.tools["look_up"].args is SecretArgs
+    with pytest.raises(ConfigError, match=r"^agent '.*streams' is an async generator: a handler returns its output"):
+        @ok.agent
+        async def streams(ctx: Context, q: Question) -> Answer:  # type: ignore[misc]
+            yield Answer(text=q.text, attempt=1)
+    assert set(ok.agents) == {"answer"}
