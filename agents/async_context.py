@@ -20,7 +20,7 @@ job's deadline, stopped by its time limit and cancelled by ``mesh cancel``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
@@ -136,7 +136,7 @@ class AsyncContext:
             f"http {method.upper()}", effect=method.upper() not in SAFE_METHODS))
 
     @overload
-    async def call(self, tool: Tool[Args, Awaitable[R]], args: Args | dict[str, Any]) -> R: ...
+    async def call(self, tool: Tool[Args, Coroutine[Any, Any, R]], args: Args | dict[str, Any]) -> R: ...
     @overload
     async def call(self, tool: Tool[Args, R], args: Args | dict[str, Any]) -> R: ...
     @overload

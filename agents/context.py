@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -171,7 +171,7 @@ class Context:
         self.runtime.progress(self.env, note)
 
     @overload
-    def call(self, tool: Tool[Args, Awaitable[R]], args: Args | dict[str, Any]) -> R: ...
+    def call(self, tool: Tool[Args, Coroutine[Any, Any, R]], args: Args | dict[str, Any]) -> R: ...
     @overload
     def call(self, tool: Tool[Args, R], args: Args | dict[str, Any]) -> R: ...
     @overload
