@@ -239,9 +239,9 @@ def test_async_handlers_tools_and_verifiers_are_declared_and_async_generators_re
     async def look_up(ctx: ToolContext, args: SecretArgs) -> Noted:
         return Noted(saw_secret=False)
 
-    assert ok.agents["answer"].handler is answer and (ok.agents["answer"].input, ok.agents["answer"].output) == (
+    assert ok.agents["answer"].handler is answer.fn and (ok.agents["answer"].input, ok.agents["answer"].output) == (
         Question, Answer)
-    assert ok.tools["look_up"].run is look_up and ok.tools["look_up"].verify is check
+    assert ok.tools["look_up"].run is look_up.fn and ok.tools["look_up"].verify is check
     assert ok.tools["look_up"].args is SecretArgs
     with pytest.raises(ConfigError, match=r"^agent '.*streams' is an async generator: a handler returns its output"):
         @ok.agent
