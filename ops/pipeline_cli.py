@@ -161,7 +161,8 @@ def _summary(spec: Any) -> dict[str, Any]:
             **({"input": {k: _expression(e) for k, e in s.input.items()}} if s.input is not None else {}),
         })
         steps.append(step)
-    return {"name": spec.name, "version": spec.version, "description": spec.description, "digest": spec.digest(),
+    return {"name": spec.name, "version": spec.version, "description": spec.description,
+            "input_schema": spec.input_schema, "digest": spec.digest(),
             "order": order(spec), "roots": roots(spec), "steps": steps,
             "gates": {s.id: s.gate.cel for s in spec.steps if s.gate is not None},
             "tracing": spec.tracing.model_dump(mode="json"),
@@ -288,8 +289,8 @@ def _wrapped(text: str, indent: int = 2) -> list[Text]:
 
 
 def _pipeline_lines(summary: dict[str, Any]) -> list[Text]:
-    """The pipeline's own keys: description, order and roots of its DAG, tracing, checkpointing and
-    result (``mesh pipeline validate`` and ``show`` print them above the steps)."""
+    """The pipeline's own keys: description, order and roots of its DAG, tracing, checkpointing,
+    input_schema and result (``mesh pipeline validate`` and ``show`` print them above the steps)."""
     from mesh.contracts.approvals import show_duration
 
     t, c = summary["tracing"], summary["checkpointing"]
@@ -298,6 +299,8 @@ def _pipeline_lines(summary: dict[str, Any]) -> list[Text]:
         f", logs {logs}" if logs else "")
     kept = f"kept {show_duration(c['ttl_minutes'] * 60)}" if c["ttl_minutes"] else "kept MESH_JOB_RETENTION_S"
     keys = [f"checkpointing: {c['store']}, {kept}" if c["enabled"] else "checkpointing: off"]
+    if summary.get("input_schema"):
+        keys.append(f"input_schema {summary['input_schema']}")
     if summary["result"] is not None:
         keys.append(f"result: {', '.join(summary['result'])}")
     lines = _wrapped(summary["description"], 0) if summary["description"] else []

@@ -23,8 +23,11 @@ from .spec import PipelineSpec
 class Pipeline:
     """A pipeline under construction: ``.step(...)`` in any order, then :meth:`build`."""
 
-    def __init__(self, name: str, *, version: str = "1", description: str = "") -> None:
+    def __init__(self, name: str, *, version: str = "1", description: str = "",
+                 input_schema: str | None = None) -> None:
         self._data: dict[str, Any] = {"name": name, "version": version, "description": description, "steps": []}
+        if input_schema is not None:
+            self._data["input_schema"] = input_schema
 
     def step(self, id: str, **keys: Any) -> Pipeline:
         """Add the step ``id`` (its keys as in YAML: ``agent``, ``depends_on``, ``gate``, ...)."""

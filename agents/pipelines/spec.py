@@ -279,6 +279,9 @@ class PipelineSpec(_Spec):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
     version: str = "1"
     description: str = ""
+    #: The run's input contract (the snake_case name of a model the app's agents declare): paths
+    #: under ``input.`` are checked against it at load, and a run's input is checked before it starts.
+    input_schema: str | None = None
     steps: tuple[StepSpec, ...] = Field(validation_alias=AliasChoices("agents", "steps"))
     tracing: TracingSpec = TracingSpec()
     checkpointing: CheckpointingSpec = CheckpointingSpec()
@@ -320,6 +323,8 @@ class PipelineSpec(_Spec):
     def canonical(self) -> bytes:
         """The spec as canonical JSON (sorted keys, every field): what :meth:`digest` hashes."""
         data = self.model_dump(mode="json")
+        if data.get("input_schema", ...) is None:  # nor does a spec without an input_schema
+            del data["input_schema"]
         for step in data["steps"]:
             if step.get("approval", ...) is None:  # a spec without one keeps the digest it always had
                 del step["approval"]

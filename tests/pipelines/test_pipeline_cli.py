@@ -119,6 +119,7 @@ version: "2.1"
 description: A pipeline with every key set, so that show and validate print each.
 tracing: {enabled: true, provider: otlp, log_inputs: true, log_outputs: true}
 checkpointing: {enabled: true, store: redis, ttl_minutes: 90}
+input_schema: task
 agents:
   - id: scout
     agent: scout
@@ -158,7 +159,8 @@ result: [fetch, digest]
 EVERY_KEY_SHOWN = [
     "every-key 2.1", "A pipeline with every key set", "order: scout → coder → fetch → digest",
     "tracing: otlp, logs inputs and outputs", "checkpointing: redis, kept 1h30m",
-    "result: fetch, digest", "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
+    "result: fetch, digest", "input_schema task",
+    "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
     "output research_result", "idempotent", "key: {{task_id}}:scout",
     "compensate: agent scout, input: goal = input.goal, retry 2 attempt(s), no backoff, timeout 1500ms",
     "after scout", "state_input research_result", "for_each: scout.sources.filter(s, s.score >= 2.0)",
