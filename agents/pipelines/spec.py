@@ -344,6 +344,17 @@ class PipelineSpec(_Spec):
             routes = engine.Routes.from_settings(settings, queue=queue, version=version)
         return engine.begin(self, record, engine.Run(trace_id=trace_id, deadline=deadline, token_budget=token_budget),
                             routes, now=now)
+    def check_input(self, input: Any, app: Any) -> None:
+        """ContractError naming each field of ``input`` (a run's input) that does not fit the model
+        ``input_schema`` names in ``app`` (nothing to check without one)."""
+        from mesh.contracts.messages import validate_model
+
+        from .validate import input_model
+
+        model = input_model(self, app)
+        if model is not None:
+            validate_model(f"pipeline {self.name!r}", model, input)
+
     def digest(self) -> str:
         """sha256 (hex) of :meth:`canonical`: the version a job keeps; equal specs, equal digests."""
         return hashlib.sha256(self.canonical()).hexdigest()
