@@ -278,8 +278,8 @@ def test_mesh_run_a_file_says_it_registered_it_and_refuses_to_replace_another_ve
     refused = cli("run", str(path), "--app", APP, "--input", task)
     assert refused.returncode == 2 and refused.stdout == ""
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr  # one line, whatever the width
-    assert refused.stderr.startswith(
-        f"error: pipeline 'multi-agent-orchestration' is registered as another version (digest {registered['digest'][:12]}; ")
+    assert refused.stderr.startswith("error: pipeline 'multi-agent-orchestration' is registered as another version "
+                                     f"(digest {registered['digest'][:12]}; ")
     assert "run with --register to register" in refused.stderr
     assert json.loads(cli("pipeline", "show", "multi-agent-orchestration", "--json").stdout)["digest"] == \
         registered["digest"]
