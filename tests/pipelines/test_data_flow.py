@@ -244,3 +244,22 @@ def test_app_pipeline_refuses_a_built_pipeline_whose_data_cannot_flow() -> None:
 
     assert check(builtin.pipelines["mesh"], builtin).name == "mesh"
     assert check(quickstart.pipelines["article"], quickstart).name == "article"
+
+
+@pytest.mark.slow
+def test_an_input_the_agent_refuses_at_run_time_dead_letters_the_step_naming_it_and_the_field(mesh, run_workers):
+    """Without input_schema the job's input is not typed at load: a field of the wrong type reaches
+    the worker, whose model refuses it; the step's error names the step and the field."""
+    from mesh.contracts import State
+    from tests.conftest import wait_for
+    from tests.pipelines.agents import app as orchestration
+
+    spec = App("typed").include(orchestration).pipeline(
+        Pipeline("untyped").step("researcher").step(
+            "coder", depends_on=["researcher"], input={"summary": "input.note", "confidence": "researcher.confidence"}))
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g", "note": 3}, key="untyped-1")
+    record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=30)
+    coder = record.steps["coder"]
+    assert (coder.state, coder.failure_class) == (State.DEAD_LETTERED, "invalid_input")
+    assert (coder.error or "").startswith("step coder: invalid coder input: summary: Input should be a valid string")
