@@ -72,6 +72,8 @@ def python_pipeline(source: str) -> Any:
         found: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{source}: cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself fails (an app whose pipeline does not hold, a bug)
+        raise ConfigError(f"{source}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     for part in attr.split("."):
         if not hasattr(found, part):
             module = importlib.import_module(module_name)

@@ -468,6 +468,27 @@ _SCALARS: tuple[tuple[type, str], ...] = (
 _CONVERSIONS = {"string": str, "int": int, "uint": int, "double": float, "bool": bool, "size": int}
 
 
+def _reshapes(model: type[BaseModel]) -> bool:
+    """Whether ``model`` validates its input before (or around) its fields (``model_validator(mode=
+    "before")``): what it takes is then not what its fields say, and it is not checked at load."""
+    return any(d.info.mode in ("before", "wrap") for d in model.__pydantic_decorators__.model_validators.values())
+
+
+def _field_type(model: type[BaseModel], name: str) -> Any:
+    """The type ``model``'s field ``name`` takes: its annotation, or Any when a validator of its own
+    sees the value first (``mode="before"``, ``"wrap"`` or ``"plain"``, or such a validator in
+    ``Annotated``), so what it takes is not what it says."""
+    from pydantic.functional_validators import BeforeValidator, PlainValidator, WrapValidator
+
+    field = model.model_fields[name]
+    if any(isinstance(m, BeforeValidator | PlainValidator | WrapValidator) for m in field.metadata):
+        return Any
+    for d in model.__pydantic_decorators__.field_validators.values():
+        if d.info.mode in ("before", "wrap", "plain") and (name in d.info.fields or "*" in d.info.fields):
+            return Any
+    return field.annotation
+
+
 def _field_name(model: type[BaseModel], name: str) -> str | None:
     """The field of ``model`` a payload key names (by its name or its alias), None if none."""
     if name in model.model_fields:
@@ -597,14 +618,16 @@ def _data_fits(source: str, given: dict[str, Any], target: type[BaseModel], dept
     """Why data with the fields ``given`` (key → type) is certainly not a valid ``target``: a field
     the target requires that it has not, a field of a type the target's does not take, a field the
     target forbids (``extra="forbid"``)."""
-    found = []
+    found: list[str] = []
+    if _reshapes(target):
+        return found
     for name, f in target.model_fields.items():
         key = name if name in given else f.alias if f.alias in given else None
         if key is None:
             if f.is_required():
                 found.append(f"{source} has no {f.alias or name!r}, which {target.__name__} requires")
             continue
-        why = _fits(given[key], f.annotation, depth)
+        why = _fits(given[key], _field_type(target, name), depth)
         if why:
             found.append(f"{source}.{key} does not fit {target.__name__}.{name}: {why}")
     if target.model_config.get("extra") == "forbid":
@@ -686,6 +709,8 @@ def _fields_into(typed: dict[str, Any], target: Any, prefix: tuple[str, ...], lo
         if name.count(".") >= len(prefix):
             firsts.setdefault(name.split(".")[len(prefix)], []).append(name)
     model = _model_of(target)
+    if model is not None and _reshapes(model):
+        return
     if model is None:  # a map (its values' type), or a type not followed
         options = _options(target)
         value = (typing.get_args(options[0]) or (Any, Any))[-1] if (
@@ -705,7 +730,7 @@ def _fields_into(typed: dict[str, Any], target: Any, prefix: tuple[str, ...], lo
                 yield Problem((*loc, names[0]), f"{who}: input field {whole!r} is not a field of {within}; its "
                               f"fields: {_fields_list(model)}")
             continue
-        annotation = model.model_fields[field].annotation
+        annotation = _field_type(model, field)
         if whole in here:
             why = _fits(here[whole], annotation)
             if why:

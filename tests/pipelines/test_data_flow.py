@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from textwrap import dedent
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 
 from mesh import App, Context, Receipt, ToolContext
 from mesh.agents.pipelines import Pipeline, PipelineError, load_pipeline
@@ -51,6 +51,18 @@ class Notice(BaseModel):
     meta: dict[str, int] = {}
 
 
+class Loose(BaseModel):
+    """Fields whose own validators see the value first: what they take is not what they say."""
+
+    channel: str
+    level: Annotated[int, BeforeValidator(lambda v: round(float(v)))] = 0
+
+    @field_validator("channel", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        return str(v)
+
+
 class Sent(BaseModel):
     channel: str
     receipt: str
@@ -72,6 +84,11 @@ def classify(ctx: Context, ticket: Ticket) -> Rating:
 
 @alerts.agent
 def notify(ctx: Context, notice: Notice) -> Sent:
+    return Sent(channel=notice.channel, receipt="r")
+
+
+@alerts.agent
+def loose(ctx: Context, notice: Loose) -> Sent:
     return Sent(channel=notice.channel, receipt="r")
 
 
@@ -126,6 +143,10 @@ def test_an_input_field_of_the_wrong_type_is_a_load_error_at_its_line(tmp_path: 
     assert errors(tmp_path, FLOW.format(field="channel", expr="classify.urgency")) == [
         "flow.yaml:7: step 'notify': input field 'channel' gives float, but Notice.channel is str: "
         "a float is no str"]
+    # a field whose own validator sees the value first takes what that validator takes: not checked
+    loose = FLOW.format(field="channel", expr="classify.urgency\n      level: classify.label").replace(
+        "body: '\"urgent\"'", "").replace("- id: notify", "- id: notify\n    agent: loose")
+    assert load(tmp_path, loose).step("notify").agent == "loose"
     found = errors(tmp_path, FLOW.format(field="channel", expr='classify.label\n      weight: classify.note'))
     assert found == ["flow.yaml:8: step 'notify': input field 'weight' gives str | None, but Notice.weight is "
                      "float: a str is no float"]
@@ -192,8 +213,8 @@ def test_input_schema_types_the_jobs_input(tmp_path: Path) -> None:
     assert errors(tmp_path, text.replace("input.team", "input.priority")) == [
         "flow.yaml:8: step 'notify': input field 'channel' gives int, but Notice.channel is str: an int is no str"]
     assert errors(tmp_path, text.replace("input_schema: ticket", "input_schema: tiket")) == [
-        "flow.yaml:2: input_schema 'tiket' names no model the app's agents declare; known: notice, rating, "
-        "recall, sent, strict, ticket (the snake_case name of a model class)"]
+        "flow.yaml:2: input_schema 'tiket' names no model the app's agents declare; known: loose, notice, "
+        "rating, recall, sent, strict, ticket (the snake_case name of a model class)"]
     # a root without input: is given the run's input, which must be what its agent takes
     found = errors(tmp_path, text.replace("input_schema: ticket", "input_schema: rating"))
     assert found[0] == ("flow.yaml:4: step 'classify' is given the run's input (Rating, its input_schema) as its "

@@ -247,6 +247,9 @@ def test_a_bad_python_pipeline_says_what_is_wrong_and_exits_2(cli: Cli) -> None:
         ("tests.pipelines.nope:review", "tests.pipelines.nope:review: cannot import module 'tests.pipelines.nope'"),
         (f"{FLOWS}:missing", f"{FLOWS}:missing: module '{FLOWS}' has no attribute 'missing'; its pipelines: "
                              "mistyped, review, short"),
+        ("tests.pipelines.flows_broken:review", "tests.pipelines.flows_broken:review: importing module "
+                                                 "'tests.pipelines.flows_broken' failed: ConfigError: pipeline "
+                                                 "'broken' is invalid:"),
         (f"{FLOWS}:NOT_A_PIPELINE", f"{FLOWS}:NOT_A_PIPELINE is a str, not a Pipeline builder or a PipelineSpec"),
         (APP, f"{APP} is a App, not a Pipeline builder or a PipelineSpec (an app: run one of its pipelines"),
         (f"{FLOWS}:mistyped", f"{FLOWS}:mistyped: steps.1.input.sumary: step 'coder': input field 'sumary' is not a "
