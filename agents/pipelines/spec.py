@@ -132,7 +132,7 @@ class ApprovalPolicy(_Spec):
 class Compensation(_Spec):
     """What undoes a step's effect when its job halts or is cancelled after the step succeeded: the
     declared agent to run (or the declared tool to call) and its input, field → CEL expression over
-    ``input`` (the step's input), ``output`` (its output), ``item`` (a ``for_each`` item's element),
+    ``input`` (the step's input; an item's, for a ``for_each`` step), ``output`` (its output),
     ``task_id`` and ``job_id`` (default: ``{"input": ..., "output": ...}`` for an agent, the step's
     output for a tool). Its message key derives from the step's key, so it is idempotent; its own
     ``retry_policy`` applies before it is dead-lettered ``compensation_failed``."""
