@@ -12,7 +12,7 @@
         queue: str
         confidence: float
 
-    @app.agent(version=1, time_limit_s=60, max_retries=3)   # queue "triage" by default
+    @app.agent(version=1, time_limit_s=60, max_attempts=4)  # queue "triage" by default
     def triage(ctx: Context, ticket: Ticket) -> Triage:      # models read from the signature
         ...
 
@@ -39,6 +39,7 @@ from pydantic import BaseModel
 
 from mesh.contracts import ConfigError
 
+from .names import name_problem
 from .tools.allow import parse_allowlist
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 #: A tool's ``allow=``: see :attr:`ToolSpec.allow`.
 Allow = Iterable[str] | Callable[[frozenset[str]], Iterable[str]] | None
+#: A queue's name (an agent's own name follows :data:`mesh.agents.names.NAME`, which has no ``-``).
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 #: Names of the mesh's own keys (``broker/keys.py``): a queue of that name would share the key.
 RESERVED = frozenset({"breakers", "routes", "running", "outcomes", "jobs", "dlq", "notes", "stats", "claim", "job",
@@ -66,7 +68,8 @@ class AgentSpec:
     queue: str = ""
     #: The handler's time limit (s); None: MESH_TIME_LIMIT_S. Always cut to the job's deadline.
     time_limit_s: float | None = None
-    #: Retries of retryable failures (brownout, invalid output, unknown); None: MESH_MAX_RETRIES.
+    #: Retries of retryable failures (brownout, invalid output, unknown) after the first attempt;
+    #: None: MESH_MAX_RETRIES. ``@app.agent(max_attempts=n)`` sets it to ``n - 1``.
     max_retries: int | None = None
     #: Retries of a timed-out attempt: 0 for agents with outside effects (the call may have acted).
     timeout_retries: int = 0
@@ -77,6 +80,12 @@ class AgentSpec:
     def __post_init__(self) -> None:
         if not self.queue:
             object.__setattr__(self, "queue", self.name)
+
+    @property
+    def max_attempts(self) -> int | None:
+        """All attempts of a retryable failure, the first included (as a step's
+        ``retry_policy.max_attempts`` counts them); None: MESH_MAX_RETRIES + 1."""
+        return None if self.max_retries is None else self.max_retries + 1
 
 
 @dataclass(frozen=True)
@@ -143,17 +152,21 @@ class App:
     def agent(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
               input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
               version: int = 1, queue: str | None = None, time_limit_s: float | None = None,
-              max_retries: int | None = None, timeout_retries: int = 0,
+              max_attempts: int | None = None, max_retries: int | None = None, timeout_retries: int = 0,
               tools: Iterable[str] = ()) -> Any:
-        """Declare ``fn(ctx, input) -> output`` as an agent; the models default to its annotations."""
+        """Declare ``fn(ctx, input) -> output`` as an agent; the models default to its annotations.
+        ``max_attempts`` counts every attempt of a retryable failure, the first included, as a
+        pipeline step's ``retry_policy.max_attempts`` does; ``max_retries``, its older spelling,
+        counts the retries after the first (``max_attempts - 1``). Give one of the two."""
 
         def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
             _sync(fn, "agent")
             agent_name = name or fn.__name__
+            retries = _retries(agent_name, max_attempts, max_retries)
             in_model, out_model = _models(fn, input, output)
             self.add_agent(AgentSpec(
                 name=agent_name, input=in_model, output=out_model, handler=fn, version=version,
-                queue=queue or agent_name, time_limit_s=time_limit_s, max_retries=max_retries,
+                queue=queue or agent_name, time_limit_s=time_limit_s, max_retries=retries,
                 timeout_retries=timeout_retries, tools=tuple(tools), description=_doc(fn)))
             return fn
 
@@ -209,8 +222,9 @@ class App:
         return spec
 
     def add_agent(self, spec: AgentSpec) -> None:
-        if not NAME.match(spec.name):
-            raise ConfigError(f"agent name {spec.name!r} must match {NAME.pattern}")
+        problem = name_problem("agent name", spec.name)
+        if problem:
+            raise ConfigError(problem)
         if not NAME.match(spec.queue):
             raise ConfigError(f"queue name {spec.queue!r} of agent {spec.name!r} must match {NAME.pattern}")
         clash = {spec.name, spec.queue} & RESERVED
@@ -303,6 +317,21 @@ def _models(fn: Callable[..., Any], input: type[BaseModel] | None, output: type[
     if need_output and not (isinstance(out_model, type) and issubclass(out_model, BaseModel)):
         raise ConfigError(f"{fn.__qualname__}: the output must be a pydantic model (annotate it or pass output=)")
     return in_model, typing.cast(type[BaseModel], out_model or BaseModel)
+
+
+def _retries(agent: str, max_attempts: int | None, max_retries: int | None) -> int | None:
+    """The retries after the first attempt that ``max_attempts`` or ``max_retries`` says (one of them)."""
+    if max_attempts is not None and max_retries is not None:
+        raise ConfigError(f"agent {agent!r}: give max_attempts={max_attempts} or max_retries={max_retries}, not both: "
+                          "max_attempts counts every attempt, the first included (as a pipeline step's "
+                          "retry_policy.max_attempts does); max_retries, its older spelling, counts the retries "
+                          f"after the first (max_attempts={max_retries + 1} is max_retries={max_retries})")
+    if max_attempts is not None:
+        if max_attempts < 1:
+            raise ConfigError(f"agent {agent!r}: max_attempts={max_attempts} counts the first attempt too: it is at "
+                              "least 1 (1 never retries)")
+        return max_attempts - 1
+    return max_retries
 
 
 def _sync(fn: Callable[..., Any], what: str) -> None:

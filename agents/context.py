@@ -278,6 +278,12 @@ class StepModel:
     def complete(self, prompt: str, output: type[M], *, system: str | None = None, model: str | None = None) -> M:
         return self.provider.complete(prompt, output, system=system, model=model or self.model)
 
+    async def acomplete(self, prompt: str, output: type[M], *, system: str | None = None,
+                        model: str | None = None) -> M:
+        """The provider's ``acomplete``, defaulting to the step's model as :meth:`complete` does."""
+        acomplete: Any = getattr(self.provider, "acomplete")  # noqa: B009 (not every provider has one yet)
+        return await acomplete(prompt, output, system=system, model=model or self.model)
+
     def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         return self.provider.plan(goal, timeout_s=timeout_s)
 

@@ -411,7 +411,7 @@ class MeshClient:
         return self._decide(job_id, step_id, Decision.APPROVED, by, note)
 
     def deny(self, job_id: str, step_id: str, *, reason: str, by: str | None = None) -> JobRecord:
-        """Deny the waiting step: its ``failure_mode`` applies (halt the job, or skip the step and go on)."""
+        """Deny the waiting step: its ``on_false`` applies (halt the job, or skip the step and go on)."""
         return self._decide(job_id, step_id, Decision.DENIED, by, reason)
 
     def _decide(self, job_id: str, step_id: str, decision: Decision, by: str | None,

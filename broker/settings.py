@@ -46,12 +46,20 @@ class MeshSettings(BaseSettings):
     namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                            description="prefix of every key; one deployment per namespace")
 
-    model_provider: Literal["local", "openai"] | None = Field(
-        default=None, description="default: openai when MESH_MODEL_URL is set, local otherwise")
-    model_url: str | None = Field(default=None, description="base URL of an OpenAI-compatible API, e.g. .../v1")
+    model_provider: Literal["local", "openai", "openai_sdk", "anthropic"] | None = Field(
+        default=None, description="local (offline, deterministic); openai (any OpenAI-compatible endpoint, over "
+        "httpx); openai_sdk or anthropic (the vendor's SDK: the openai or anthropic extra). Default: openai when "
+        "MESH_MODEL_URL is set, local otherwise")
+    model_url: str | None = Field(default=None, description="base URL of the model API: an OpenAI-compatible API's "
+                                  "(e.g. .../v1; openai needs it), or Anthropic's; unset for openai_sdk and "
+                                  "anthropic: the SDK's own")
     model_name: str = Field(default="gpt-4o-mini", description="the model asked unless a pipeline step or a call "
                             "names one")
-    model_api_key: SecretStr | None = Field(default=None, description="bearer token for MESH_MODEL_URL")
+    model_api_key: SecretStr | None = Field(default=None, description="the API key (a bearer token for "
+                                            "MESH_MODEL_URL); unset for openai_sdk and anthropic: the SDK's own "
+                                            "variable (OPENAI_API_KEY, ANTHROPIC_API_KEY)")
+    model_max_tokens: int = Field(default=4096, ge=1, description="the most tokens an answer may take (anthropic "
+                                  "requires a bound)")
     model_timeout_s: float = Field(default=30.0, gt=0, description="a model call's timeout, cut to the job's deadline")
     model_structured: Literal["json_schema", "json_object"] = Field(
         default="json_schema", description="how answers are asked for: the output's JSON schema as response_format "

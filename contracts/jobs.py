@@ -36,7 +36,7 @@ class State(StrEnum):
     UNKNOWN = "unknown"
     #: A pipeline stopped by a false gate (its step, and the job): nothing downstream runs.
     HALTED = "halted"
-    #: A pipeline step not run (a false ``when``, or a false gate under ``failure_mode: continue``):
+    #: A pipeline step not run (a false ``when``, or a false gate under ``on_false: continue``):
     #: its dependents go on.
     SKIPPED = "skipped"
     #: A pipeline step never sent because its job halted first (or a ``for_each`` step not all of whose
@@ -207,7 +207,7 @@ UNDO_CALLS = "mesh_undo_calls"
 
 class Unwind(Tolerant):
     """Why a job undoes its effects: ``cause`` is ``halted`` (a false gate, a denial), ``failed`` (a
-    step dead-lettered under ``failure_mode: halt_pipeline``, a join not met) or ``cancelled``
+    step dead-lettered under ``on_false: halt_pipeline``, a join not met) or ``cancelled``
     (``mesh cancel``); ``reason`` says which step and why, or the operator's reason."""
 
     cause: str

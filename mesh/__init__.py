@@ -10,8 +10,9 @@ raises (``PermanentFailure``, ``RateLimited``, ...) and those a send or a decisi
 (``ContractError``, ``AlreadyDecided``, ...). The repository's folders are its subpackages:
 ``mesh.contracts`` (the typed language), ``mesh.broker`` (Redis, middleware, client),
 ``mesh.agents`` (the agent runtime), ``mesh.dlq`` (dead letters) and ``mesh.ops`` (the ``mesh``
-command). Everything imported here is imported by ``import mesh`` anyway (the built-in flow needs
-it), so the list costs nothing at import.
+command); ``mesh.testing`` is what an app's tests use (``TestContext``, ``TestModel``,
+``run_pipeline``), imported only by them. Everything imported here is imported by ``import mesh``
+anyway (the built-in flow needs it), so the list costs nothing at import.
 """
 
 from __future__ import annotations

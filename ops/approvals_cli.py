@@ -104,7 +104,7 @@ def deny(job_id: JobArg, step_id: StepArg,
          reason: Annotated[str, typer.Option("--reason", help="Why, kept with the decision.",
                                              show_default=False)],
          by: ByOpt = None, as_json: base.JsonFlag = False) -> None:
-    """Deny a waiting step: its failure_mode applies (halt_pipeline halts the job the way a false
+    """Deny a waiting step: its on_false applies (halt_pipeline halts the job the way a false
     gate does; continue skips the step and its dependents go on).
 
     Exit codes: 5 another decision came first (it is named), 6 the approval expired, 2 no such job

@@ -303,7 +303,7 @@ def _summary(spec: Any) -> dict[str, Any]:
         step = {k: v for k, v in s.model_dump(mode="json").items() if v is not None and k != "approval"}
         step.update({
             "id": s.id, "agent": s.agent_name, "depends_on": list(s.depends_on), "output_schema": s.output_schema,
-            "failure_mode": s.failure_mode.value, "requires_human_approval": s.requires_human_approval,
+            "on_false": s.on_false.value, "requires_human_approval": s.requires_human_approval,
             **({"approval": s.approval_policy.model_dump(mode="json")} if s.approval_policy else {}),
             **{name: _expression(e) for name in EXPRESSIONS if (e := getattr(s, name)) is not None},
             **({"input": {k: _expression(e) for k, e in s.input.items()}} if s.input is not None else {}),
@@ -370,9 +370,9 @@ def _parts(s: dict[str, Any]) -> list[str]:
     if "when" in s:
         parts.append(f"when: {s['when']['cel']}")
     if "gate" in s:
-        parts.append(f"gate: {s['gate']['cel']} (false: {s['failure_mode']})")
-    elif s["failure_mode"] != "halt_pipeline":
-        parts.append(f"failure_mode {s['failure_mode']}")
+        parts.append(f"gate: {s['gate']['cel']} (false: {s['on_false']})")
+    elif s["on_false"] != "halt_pipeline":
+        parts.append(f"on_false {s['on_false']}")
     if s["requires_human_approval"]:
         a = s.get("approval") or {}
         parts.append(f"awaits approval ({a.get('timeout', '24h')}, then {a.get('on_timeout', 'deny')})")

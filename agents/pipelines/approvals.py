@@ -6,7 +6,7 @@ A decision is a pure change to the job record (:func:`decision`), written by
 - ``approved``: the step goes back to ``queued`` holding the approval, and the engine sends it
   (:func:`mesh.agents.pipelines.engine.advance` sends a step only when it holds an approval of
   exactly the call it would make), with what its run had left of its deadline counted from now;
-- ``denied``, or ``expired`` under ``on_timeout: deny``: the step's ``failure_mode`` applies —
+- ``denied``, or ``expired`` under ``on_timeout: deny``: the step's ``on_false`` applies —
   ``halt_pipeline`` halts the job the way a false gate does, ``continue`` skips the step and its
   dependents go on;
 - ``expired`` under ``on_timeout: escalate``: the step is dead-lettered ``approval_expired`` with the
@@ -85,7 +85,7 @@ def decision(spec: PipelineSpec, routes: engine.Routes, verdict: Verdict, events
                                                  failure_class="approval_expired"))
             return engine.after_loss(spec, record, routes, events, now=at)
         failure = "approval_expired" if verdict.decision is Decision.EXPIRED else "approval_denied"
-        if step.failure_mode is FailureMode.CONTINUE:
+        if step.on_false is FailureMode.CONTINUE:
             rec = transition(rec, State.SKIPPED, now=at, error=why, failure_class=failure)
             events.append(engine._event("skipped", record, rec, reason=why))
             return engine.advance(spec, record.with_step(rec), run, routes, events, now=at)

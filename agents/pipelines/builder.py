@@ -2,7 +2,7 @@
 
     spec = (Pipeline("review", version="1.0.0")
             .step("researcher", output_schema="research_result")
-            .step("coder", depends_on=["researcher"], idempotency_key="{{task_id}}:coder")
+            .step("coder", depends_on=["researcher"], idempotency_key="{{key}}:coder")
             .step("reviewer", depends_on=["coder"], gate="coder.confidence >= 0.85")
             .build())
 

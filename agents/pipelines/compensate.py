@@ -2,7 +2,7 @@
 
 A step declares ``compensate:`` (an agent and its input over the step's ``input`` and ``output``).
 When its job halts — a false gate or a denial (a step ``halted``), a step dead-lettered under
-``failure_mode: halt_pipeline`` (a permanent failure, retries spent, a join not met), or a cancel —
+``on_false: halt_pipeline`` (a permanent failure, retries spent, a join not met), or a cancel —
 and at least one such step succeeded (or is still in flight, or its effect is ``unknown``), the job
 records why (``JobRecord.unwind``) and becomes ``compensating``:
 
@@ -99,7 +99,7 @@ def effect(rec: StepRecord) -> str:
 
 def cause(spec: PipelineSpec, record: JobRecord) -> Unwind | None:
     """Why the job must undo its effects, or None: a step halted (``halted``: a false gate, a denial),
-    or a step blocking the job is dead-lettered under ``failure_mode: halt_pipeline`` (``failed``).
+    or a step blocking the job is dead-lettered under ``on_false: halt_pipeline`` (``failed``).
     A dead-lettered step under ``continue`` leaves the job dead-lettered, waiting for a replay."""
     if record.state is State.HALTED:
         return Unwind(cause="halted", reason=record.error or "halted")
@@ -111,7 +111,7 @@ def cause(spec: PipelineSpec, record: JobRecord) -> Unwind | None:
                 step = spec.step(rec.parent or rec.step_id)
             except KeyError:
                 continue
-            if step.failure_mode is FailureMode.HALT_PIPELINE:
+            if step.on_false is FailureMode.HALT_PIPELINE:
                 return Unwind(cause="failed", reason=record.error or f"step {rec.step_id} failed")
     return None
 
@@ -206,7 +206,8 @@ def _input(step: StepSpec, orig: StepRecord, record: JobRecord) -> dict[str, Any
         return {UNDO_CALLS: list(reversed(orig.undo_calls or []))}
     undo = step.compensate
     assert undo is not None
-    scope = {"input": orig.input, "output": orig.result or {}, "task_id": record.key, "job_id": record.job_id}
+    scope = {"input": orig.input, "output": orig.result or {}, "key": record.key, "task_id": record.key,
+             "job_id": record.job_id}
     if undo.tool is not None:  # one call of the declared tool, its args built (default: the step's output)
         args = _build_input(undo.input, scope) if undo.input is not None else dict(orig.result or {})
         return {UNDO_CALLS: [{"tool": undo.tool, "args": args}]}

@@ -6,9 +6,9 @@ transaction that records a step's success, so the steps it releases are sent in 
 (the outbox). The job's state is then derived from its steps (:func:`settle`).
 
 A step is ready when every dependency succeeded or was skipped. Before it is sent, ``when`` (false:
-``skipped``, dependents go on) and ``gate`` (false: ``failure_mode`` — ``halt_pipeline`` halts the
+``skipped``, dependents go on) and ``gate`` (false: ``on_false`` — ``halt_pipeline`` halts the
 job with the gate, the values it read and why; ``continue`` skips the step) are evaluated over
-``{task_id, job_id, input, <step id>: output, ...}``; for a ``for_each`` step, per item, with
+``{key, task_id, job_id, input, <step id>: output, ...}``; for a ``for_each`` step, per item, with
 ``item`` too (a skipped item counts neither as a success nor as a failure for the join). A condition
 that cannot be evaluated (a field missing, a wrong type) is neither false nor true: the step is
 dead-lettered ``invalid_output`` with the condition and the values it read.
@@ -134,8 +134,10 @@ class Run:
 
 
 def values(record: JobRecord) -> dict[str, Any]:
-    """What expressions read: the job's key (``task_id``) and id, the run's input, each succeeded step's output."""
-    out: dict[str, Any] = {"task_id": record.key, "job_id": record.job_id, "input": record.pipeline_input or {}}
+    """What expressions read: the job's key (``key``, and ``task_id``, its older name) and id, the run's
+    input, each succeeded step's output."""
+    out: dict[str, Any] = {"key": record.key, "task_id": record.key, "job_id": record.job_id,
+                           "input": record.pipeline_input or {}}
     for sid, step in record.steps.items():
         if (step.state is State.SUCCEEDED and step.result is not None and step.parent is None
                 and step.compensates is None):
@@ -449,7 +451,7 @@ def _conditions(step: StepSpec, it: StepRecord, scope: Mapping[str, Any], record
         read = _read(step.gate, scope)
         it = it.model_copy(update={"gate": GateCheck(expr=step.gate.source, values=read, passed=ok)})
         if not ok:
-            if step.failure_mode is FailureMode.HALT_PIPELINE:
+            if step.on_false is FailureMode.HALT_PIPELINE:
                 return it, (why, read)
             events.append(_event("skipped", record, it, reason=why, gate=step.gate.source, values=read))
             return transition(it, State.SKIPPED, now=now, error=why), None
@@ -532,7 +534,7 @@ def _decide_join(step: StepSpec, record: JobRecord, items: list[StepRecord], eve
     named = ", ".join(failed[:_NAMED]) + (f" and {len(failed) - _NAMED} more" if len(failed) > _NAMED else "")
     why = (f"join not met ({tally['rule']}): {tally['succeeded']} of {ran} items succeeded, {tally['need']} "
            f"needed; failed: {named}")
-    target = State.SKIPPED if step.failure_mode is FailureMode.CONTINUE else State.DEAD_LETTERED
+    target = State.SKIPPED if step.on_false is FailureMode.CONTINUE else State.DEAD_LETTERED
     record = record.with_step(transition(rec, target, now=now, error=why, failure_class="join"))
     events.append(_event("join_failed", record, rec, met=False, outcome=str(target), reason=why, **tally))
     return record

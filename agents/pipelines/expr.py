@@ -4,7 +4,8 @@ Gates and ``when`` conditions are CEL (``coder.confidence >= 0.85 && input.lang 
 ``common-expression-language`` (a Rust CEL core): side-effect free, no attribute access into Python,
 never ``eval``. ``{{ path }}`` is sugar for a path, so a file may write ``"{{coder.confidence}} >= 0.85"``.
 Key templates (``idempotency_key``) are literal text with ``{{ path }}`` holes; they compile to a
-CEL string concatenation (``"{{task_id}}:coder"`` → ``string(task_id) + ":coder"``).
+CEL string concatenation (``"{{key}}:coder"`` → ``string(key) + ":coder"``; ``key`` is the job's key,
+``task_id`` its older name).
 
 Each compiled expression knows the paths it reads (``("coder", "confidence")``), so the loader can
 check them against the upstream steps' output models before anything runs.
@@ -97,7 +98,7 @@ class Expression:
         return _operations(_tokens(self.cel))
 
     def evaluate(self, values: Mapping[str, Any]) -> Any:
-        """The expression's value over ``values`` (``{"coder": {...}, "task_id": "...", ...}``),
+        """The expression's value over ``values`` (``{"coder": {...}, "key": "...", ...}``),
         computed by this process's evaluator (:mod:`.sandbox`) from the names it reads;
         :class:`ExpressionLimit` past a run-time limit."""
         sent = {name: value for name, value in values.items() if name in self.names}
@@ -152,11 +153,11 @@ class ListExpr(Expression):
 
 
 class KeyTemplate(Expression):
-    """Text with ``{{ path }}`` holes (``"{{task_id}}:coder"``), rendered to a string."""
+    """Text with ``{{ path }}`` holes (``"{{key}}:coder"``), rendered to a string."""
 
     kind = "key template"
     #: Why a template without a hole is refused.
-    constant = "every job would render the same key and share one effect; use e.g. \"{{task_id}}:step\""
+    constant = "every job would render the same key and share one effect; use e.g. \"{{key}}:step\""
 
     def _to_cel(self, source: str) -> str:
         parts: list[str] = []

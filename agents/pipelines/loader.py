@@ -34,7 +34,7 @@ MAX_FILE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 
 #: The spec's field names as a file may spell them.
-_ALIASES: dict[str | int, tuple[str, ...]] = {"steps": ("steps", "agents")}
+_ALIASES: dict[str | int, tuple[str, ...]] = {"steps": ("steps", "agents"), "on_false": ("on_false", "failure_mode")}
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _compose(text: str, name: str) -> tuple[yaml.Node, Any]:
     try:
         node = loader.get_single_node()
         if node is None:
-            raise PipelineError([LoadError(name, 1, "the file is empty; a pipeline needs name: and agents:")])
+            raise PipelineError([LoadError(name, 1, "the file is empty; a pipeline needs name: and steps:")])
         _no_duplicate_keys(node, name)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
@@ -159,7 +159,7 @@ def _compose(text: str, name: str) -> tuple[yaml.Node, Any]:
         loader.dispose()
     if not isinstance(data, dict):
         raise PipelineError([LoadError(name, node.start_mark.line + 1,
-                                       "a pipeline is a mapping (name:, version:, agents:, ...)")])
+                                       "a pipeline is a mapping (name:, version:, steps:, ...)")])
     return node, data
 
 
@@ -236,14 +236,14 @@ def _keys(loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get("steps" if part == "agents" else part)
+        field = model.model_fields.get(next((k for k, names in _ALIASES.items() if part in names), part))
         if field is None:
             return []
         model = next((t for t in validate._options(field.annotation) if isinstance(t, type)
                       and issubclass(t, BaseModel)), None) or _step_model(field.annotation)
         if model is None:
             return []
-    return [("agents|steps" if name == "steps" else name) for name in model.model_fields]
+    return [("steps (or agents)" if name == "steps" else name) for name in model.model_fields]
 
 
 def _step_model(annotation: Any) -> Any:

@@ -19,12 +19,14 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from mesh.contracts.approvals import parse_duration
 
+from ..names import NAME, name_problem
 from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
 
 #: Most steps a pipeline may declare.
 MAX_STEPS = 1000
-#: Step ids are CEL identifiers (expressions read ``coder.confidence``): no ``-``.
-STEP_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+#: Step ids are CEL identifiers (expressions read ``coder.confidence``): no ``-``; the rule of agent
+#: names too (:mod:`mesh.agents.names`).
+STEP_ID = NAME
 #: An ``input:`` field: a name, or a dotted path into a map an earlier field gave.
 INPUT_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -38,8 +40,9 @@ def _input_fields(v: dict[str, Expression] | None, what: str, example: str) -> d
             raise ValueError(f"{what} {', '.join(map(repr, bad))} must be names, dotted for a field inside "
                              f"another{example}")
     return v
-#: Names expressions read besides step ids: not usable as step ids.
-JOB_NAMES = frozenset({"task_id", "job_id", "input"})
+#: Names expressions read besides step ids: not usable as step ids. ``key`` is the key the job was
+#: submitted with; ``task_id`` is its older name, kept for the files that spell it so.
+JOB_NAMES = frozenset({"key", "task_id", "job_id", "input"})
 RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break", "const", "continue", "else",
                             "for", "function", "if", "import", "let", "loop", "package", "namespace", "return",
                             "var", "void", "while"}
@@ -47,6 +50,13 @@ RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break"
 
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _one_of(data: Any, key: str, old: str, what: str) -> Any:
+    """``data`` unless it gives both ``key`` and ``old`` (the older name of the same key)."""
+    if isinstance(data, dict) and key in data and old in data:
+        raise ValueError(f"give {what} as `{key}:` or by its older name `{old}:`, not both")
+    return data
 
 
 class Backoff(StrEnum):
@@ -133,7 +143,7 @@ class Compensation(_Spec):
     """What undoes a step's effect when its job halts or is cancelled after the step succeeded: the
     declared agent to run (or the declared tool to call) and its input, field → CEL expression over
     ``input`` (the step's input; an item's, for a ``for_each`` step), ``output`` (its output),
-    ``task_id`` and ``job_id`` (default: ``{"input": ..., "output": ...}`` for an agent, the step's
+    ``key`` (``task_id``) and ``job_id`` (default: ``{"input": ..., "output": ...}`` for an agent, the step's
     output for a tool). Its message key derives from the step's key, so it is idempotent; its own
     ``retry_policy`` applies before it is dead-lettered ``compensation_failed``."""
 
@@ -168,7 +178,10 @@ class StepSpec(_Spec):
     #: The step's time limit (ms), always cut to the job's deadline; default: the agent's.
     timeout_ms: int | None = Field(default=None, gt=0)
     retry_policy: RetryPolicy | None = None
-    failure_mode: FailureMode = FailureMode.HALT_PIPELINE
+    #: What a false ``gate`` (per item for a ``for_each`` step), a denied or timed-out approval and an
+    #: unmet ``join`` do: halt the job, or skip the step and go on. ``failure_mode`` is its older name.
+    on_false: FailureMode = Field(default=FailureMode.HALT_PIPELINE,
+                                  validation_alias=AliasChoices("on_false", "failure_mode"))
     #: A declared output contract (the snake_case name of a model the app's agents declare).
     output_schema: str | None = None
     depends_on: tuple[str, ...] = ()
@@ -177,7 +190,7 @@ class StepSpec(_Spec):
     idempotency_key: KeyTemplate | None = None
     #: Which upstream output (step id or output_schema name) is the input; default: the dependencies'.
     state_input: str | None = None
-    #: Checked before the step runs; false → ``failure_mode`` decides (halt, or skip and go on).
+    #: Checked before the step runs; false → ``on_false`` decides (halt, or skip and go on).
     gate: Condition | None = None
     #: Checked before the step runs; false → the step is ``skipped`` (no failure mode applies).
     when: Condition | None = None
@@ -199,11 +212,17 @@ class StepSpec(_Spec):
     #: What undoes the step's effect if its job halts or is cancelled after it succeeded (a saga).
     compensate: Compensation | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_on_false(cls, data: Any) -> Any:
+        return _one_of(data, "on_false", "failure_mode", "what a false gate does")
+
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not STEP_ID.match(v):
-            raise ValueError(f"step id {v!r} must match {STEP_ID.pattern} (expressions read it as a name)")
+        problem = name_problem("step id", v)
+        if problem:
+            raise ValueError(problem)
         if v in RESERVED_IDS:
             raise ValueError(f"step id {v!r} is reserved (expressions read it as {v!r} of the job or CEL)")
         return v
@@ -237,6 +256,11 @@ class StepSpec(_Spec):
     @classmethod
     def _fields(cls, v: dict[str, Expression] | None) -> dict[str, Expression] | None:
         return _input_fields(v, "input field(s)", " (args.findings)")
+
+    @property
+    def failure_mode(self) -> FailureMode:
+        """:attr:`on_false` by its older name."""
+        return self.on_false
 
     @property
     def agent_name(self) -> str:
@@ -273,28 +297,26 @@ class CheckpointingSpec(_Spec):
 
 
 class PipelineSpec(_Spec):
-    """A pipeline: a DAG of steps over declared agents. Built from YAML (``agents:`` or ``steps:``)
-    or in Python; :meth:`digest` identifies a version by content."""
+    """A pipeline: a DAG of steps over declared agents. Built from YAML (``steps:``, or ``agents:``,
+    its older name) or in Python; :meth:`digest` identifies a version by content."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
     version: str = "1"
     description: str = ""
-    #: The run's input contract (the snake_case name of a model the app's agents declare): paths
-    #: under ``input.`` are checked against it at load, and a run's input is checked before it starts.
-    input_schema: str | None = None
-    steps: tuple[StepSpec, ...] = Field(validation_alias=AliasChoices("agents", "steps"))
+    steps: tuple[StepSpec, ...] = Field(validation_alias=AliasChoices("steps", "agents"))
     tracing: TracingSpec = TracingSpec()
     checkpointing: CheckpointingSpec = CheckpointingSpec()
     #: The steps whose outputs make the job's result, by step id (a ``for_each`` step's: each
     #: succeeded item's output, by item id); default: every step's output.
     result: tuple[str, ...] | None = None
+    #: The run's input contract (the snake_case name of a model the app's agents declare): paths
+    #: under ``input.`` are checked against it at load, and a run's input is checked before it starts.
+    input_schema: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _one_list(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "agents" in data and "steps" in data:
-            raise ValueError("give the steps as `agents:` or `steps:`, not both")
-        return data
+        return _one_of(data, "steps", "agents", "the steps")
 
     @field_validator("version", mode="before")
     @classmethod
@@ -328,6 +350,9 @@ class PipelineSpec(_Spec):
         for step in data["steps"]:
             if step.get("approval", ...) is None:  # a spec without one keeps the digest it always had
                 del step["approval"]
+            # Stored under the name it was first stored by: a spec keeps its digest, and a worker that
+            # knows only that name still reads what a newer client registered.
+            step["failure_mode"] = step.pop("on_false")
         return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
 

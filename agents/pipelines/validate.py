@@ -4,7 +4,7 @@ Every problem comes with the location (``("steps", 2, "gate")``) of what caused 
 loader can name the file and line. Checked: ``depends_on`` names known steps and has no cycle
 (the cycle is named); every step's agent is declared; ``output_schema`` names a declared model
 and matches the agent's output; ``state_input`` names an upstream output; every path an
-expression reads starts at an upstream step (or the job: ``task_id``, ``job_id``, ``input``; ``item``
+expression reads starts at an upstream step (or the job: ``key``, ``job_id``, ``input``; ``item``
 in a ``for_each`` step) and names fields that step's output model has.
 
 An ``output_schema`` name is the snake_case name of a pydantic model one of the app's agents
@@ -380,7 +380,7 @@ def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: Step
     """The type ``path`` reads in ``step``'s ``field``, or why it cannot be read."""
     what = f"step {step.id!r}: {field} {expr.source!r} reads {'.'.join(path)}"
     root = path[0]
-    if root in ("task_id", "job_id"):
+    if root in ("key", "task_id", "job_id"):
         return (str, None) if len(path) == 1 else (None, f"{what}, but {root} is a string")
     if root == "input":
         model = input_model(spec, app)
@@ -782,14 +782,14 @@ def _flow_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], i: int
 
     def comp_path(expr: Expression, path: tuple[str, ...]) -> tuple[Any, str | None]:
         what = f"step {step.id!r}: compensate input {expr.source!r} reads {'.'.join(path)}"
-        if path[0] in ("task_id", "job_id"):
+        if path[0] in ("key", "task_id", "job_id"):
             return (str, None) if len(path) == 1 else (None, f"{what}, but {path[0]} is a string")
         if path[0] == "input":
             return _walk(step_input, path[1:], what, f"the step's input ({_name(step_input)})")
         if path[0] == "output":
             return _walk(step_output, path[1:], what, f"the step's output ({_name(step_output)})")
         return None, (f"{what}, but a compensation reads only input (the step's input), output (its output), "
-                      "task_id and job_id")
+                      "key and job_id")
 
     for name, expr in (undo.input or {}).items():
         for path in expr.paths:

@@ -108,7 +108,7 @@ class OpenAIProvider:
         with self._meter.call(model or self._settings.model_name) as call:
             while True:
                 content = self._chat(call, system, messages, output, label, until)
-                answer, problem = _parsed(content, output)
+                answer, problem = parsed(content, output)
                 if answer is not None:
                     return answer
                 if call.repairs >= self._settings.model_repairs:
@@ -125,15 +125,7 @@ class OpenAIProvider:
               label: str, until: float | None) -> str:
         """One chat completion (metered, breaker-guarded, cut to ``until``); its message content."""
         mode = self.structured
-        schema = output.model_json_schema()
-        prompt = f"{system}\n{_JSON_ONLY}" if system else _JSON_ONLY
-        if mode == "json_schema":
-            name = re.sub(r"[^A-Za-z0-9_-]", "_", output.__name__)[:64]
-            fmt: dict[str, Any] = {"type": "json_schema",
-                                   "json_schema": {"name": name, "schema": schema, "strict": False}}
-        else:
-            prompt += f"\nThe object must match this JSON schema:\n{json.dumps(schema, separators=(',', ':'))}"
-            fmt = {"type": "json_object"}
+        prompt, fmt = response_format(mode, output, system)
         body = {"model": call.model, "messages": [{"role": "system", "content": prompt}, *messages],
                 "response_format": fmt, "temperature": 0}
         self._meter.admit()
@@ -184,7 +176,24 @@ class OpenAIProvider:
         return send() if self._breakers is None else self._breakers.call(self.dependency, send)
 
 
-def _parsed(content: str, output: type[M]) -> tuple[M | None, str]:
+def schema_name(output: type[BaseModel]) -> str:
+    """``output``'s name as the APIs take a schema's or a tool's name (``[A-Za-z0-9_-]``, at most 64)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", output.__name__)[:64]
+
+
+def response_format(mode: str, output: type[BaseModel], system: str | None) -> tuple[str, dict[str, Any]]:
+    """The system prompt and ``response_format`` that ask for ``output`` as JSON: its JSON schema as
+    ``json_schema``, or (``json_object``) the schema in the prompt."""
+    schema = output.model_json_schema()
+    prompt = f"{system}\n{_JSON_ONLY}" if system else _JSON_ONLY
+    if mode == "json_schema":
+        return prompt, {"type": "json_schema",
+                        "json_schema": {"name": schema_name(output), "schema": schema, "strict": False}}
+    prompt += f"\nThe object must match this JSON schema:\n{json.dumps(schema, separators=(',', ':'))}"
+    return prompt, {"type": "json_object"}
+
+
+def parsed(content: str, output: type[M]) -> tuple[M | None, str]:
     """The answer as ``output``, or what is wrong with it (said so that a model can fix it)."""
     try:
         data = json.loads(content)

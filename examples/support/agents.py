@@ -4,6 +4,8 @@
     summarize  Ticket  -> Summary   the model writes a two-line summary for the agent who picks it up
     file       Filing  -> Filed     files the ticket in the tickets system through the tool below
     file_ticket (tool)              POSTs to SUPPORT_TICKETS_URL with the SUPPORT_TICKETS_TOKEN secret
+    support (pipeline)              triage and summarize side by side, then file once a person approves
+
 
 Served by ``mesh worker --app examples.support.agents:app``. The model is the worker's provider:
 an OpenAI-compatible endpoint with ``MESH_MODEL_PROVIDER=openai MESH_MODEL_URL=...``, the offline
@@ -18,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh import App, Context, Receipt, ToolContext, host_port, send_request
+from mesh import App, Context, Pipeline, Receipt, ToolContext, host_port, send_request
 
 app = App("support")                                    # holds the app's agents and tools
 
@@ -88,7 +90,7 @@ def _text(ticket: Ticket) -> str:
     return f"Subject: {ticket.subject}\n\n{ticket.body}"
 
 
-@app.agent(version=1, time_limit_s=60, max_retries=3, timeout_retries=1)
+@app.agent(version=1, time_limit_s=60, max_attempts=4, timeout_retries=1)
 def triage(ctx: Context, ticket: Ticket) -> Triage:
     """Routes a ticket to a queue (a model call: it changes nothing outside, so a timeout is retried once)."""
     route = ctx.model.complete(_text(ticket), Route, system=TRIAGE_SYSTEM)
@@ -106,7 +108,7 @@ def summarize(ctx: Context, ticket: Ticket) -> Summary:
     return summary
 
 
-@app.agent(name="file", time_limit_s=30, max_retries=5, tools=["file_ticket"])
+@app.agent(name="file", time_limit_s=30, max_attempts=6, tools=["file_ticket"])
 def file(ctx: Context, filing: Filing) -> Filed:
     """Files the ticket in its queue: an outside effect, so a timed-out attempt is never re-run blindly."""
     receipt: Receipt = ctx.call("file_ticket", FileTicket(ticket_id=filing.ticket.id, queue=filing.queue,
@@ -140,3 +142,17 @@ def file_ticket(ctx: ToolContext, args: FileTicket) -> Receipt:
     except (ValueError, KeyError, TypeError):
         reference = ctx.key  # a tickets system that answers no id: the key names the effect
     return Receipt(tool="file_ticket", effect_id=reference, detail={"status": response.status_code})
+
+
+#: Below this, triage's queue is not trusted: a person reads the ticket in ``general``.
+MIN_CONFIDENCE = 0.6
+
+# The whole flow as a pipeline: a person approves the filing (its queue and summary) within 4 hours,
+# else it is not filed (``on_timeout: deny`` halts the job).
+app.pipeline(Pipeline("support")
+             .step("triage")
+             .step("summarize")
+             .step("file", depends_on=["triage", "summarize"], approval={"timeout": "4h"},
+                   input={"ticket": "input",
+                          "queue": f'triage.confidence >= {MIN_CONFIDENCE} ? triage.queue : "general"',
+                          "summary": "summarize.summary"}))

@@ -19,10 +19,7 @@ from typing import Any
 
 from mesh import JobRef, MeshClient, MeshError, State
 
-from .agents import Filed, Filing, Ticket, Triage, app
-
-#: Below this, triage's queue is not trusted: a person reads the ticket in ``general``.
-MIN_CONFIDENCE = 0.6
+from .agents import MIN_CONFIDENCE, Filed, Filing, Ticket, Triage, app
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def test_bad_declarations_are_refused_with_what_to_do() -> None:
     bad.agent(echo)
     with pytest.raises(ConfigError, match="twice"):
         bad.agent(echo)
-    with pytest.raises(ConfigError, match="must match"):
+    with pytest.raises(ConfigError, match="must be a lower-case name"):
         bad.agent(echo, name="Has Spaces")
     with pytest.raises(ConfigError, match="the mesh's own keys"):
         bad.agent(echo, name="stats")

@@ -86,6 +86,21 @@ def test_mesh_all_is_exactly_what_the_python_api_page_lists() -> None:
     assert issubclass(mesh.PermanentFailure, mesh.MeshError) and issubclass(mesh.AlreadyDecided, mesh.MeshError)
 
 
+def test_mesh_testing_all_is_exactly_what_the_python_api_page_lists() -> None:
+    """The test seam an app's tests import: every public name listed (once), documented and importable."""
+    import mesh.testing
+
+    page = (ROOT / "docs/reference/python-api.md").read_text(encoding="utf-8")
+    section = page[page.index("## Names of `mesh.testing`"):]
+    section = section[:section.index("\n## ", 1)]
+    listed = [re.match(r"`(\w+)", line.split("|")[1].strip()).group(1)  # type: ignore[union-attr]
+              for line in section.split("\n") if line.startswith("| `")]
+    assert sorted(listed) == sorted(mesh.testing.__all__) and len(listed) == len(set(listed))
+    directives = re.findall(r"^::: mesh\.testing\.(\w+)$", page, re.MULTILINE)
+    assert sorted(directives) == sorted(mesh.testing.__all__)
+    assert all(hasattr(mesh.testing, name) for name in mesh.testing.__all__)
+
+
 def _keys(model: Any, prefix: str) -> list[str]:
     """Every key a pipeline file may hold under ``model``, dotted, nested models followed."""
     from pydantic import BaseModel

@@ -99,7 +99,7 @@ def test_an_unknown_key_is_refused_at_its_line(tmp_path: Path) -> None:
           - id: researcher
             colour: red
         """) == ["bad.yaml:4: unknown key 'colour' in agents[0]; allowed: id, agent, model, timeout_ms, retry_policy, "
-                 "failure_mode, output_schema, depends_on, idempotent, idempotency_key, state_input, gate, when, "
+                 "on_false, output_schema, depends_on, idempotent, idempotency_key, state_input, gate, when, "
                  "requires_human_approval, approval, for_each, max_parallel, join, item_id, input, compensate"]
 
 
@@ -271,7 +271,7 @@ def test_a_gate_reading_a_step_that_is_not_upstream_is_refused(tmp_path: Path) -
         "bad.yaml:7: step 'reviewer': when 'coder.confidence > 0.5 && nobody.field == 1' reads coder.confidence, "
         "but step 'coder' is not upstream of 'reviewer' (add it to depends_on)",
         "bad.yaml:7: step 'reviewer': when 'coder.confidence > 0.5 && nobody.field == 1' reads nobody.field, "
-        "but 'nobody' is neither an upstream step nor the job; it may read researcher, input, job_id, task_id"]
+        "but 'nobody' is neither an upstream step nor the job; it may read researcher, input, job_id, key, task_id"]
 
 
 def test_a_gate_may_read_a_transitive_upstream_step_and_the_job(tmp_path: Path) -> None:
@@ -372,12 +372,12 @@ def test_a_key_given_twice_and_broken_yaml_are_refused_at_their_line(tmp_path: P
 def test_a_duplicate_step_id_and_a_missing_list_are_refused(tmp_path: Path) -> None:
     assert errors(tmp_path, "name: p\nagents:\n  - id: researcher\n  - id: researcher\n") == [
         "bad.yaml:2: agents: step id(s) researcher declared twice"]
-    assert errors(tmp_path, "name: p\n") == ["bad.yaml:1: agents: required key missing"]
+    assert errors(tmp_path, "name: p\n") == ["bad.yaml:1: steps: required key missing"]
 
 
 def test_step_ids_must_be_expression_names(tmp_path: Path) -> None:
     found = errors(tmp_path, "name: p\nagents:\n  - id: web-search\n  - id: input\n    agent: researcher\n")
-    assert found[0].startswith("bad.yaml:3: agents[0].id: step id 'web-search' must match")
+    assert found[0].startswith("bad.yaml:3: agents[0].id: step id 'web-search' must be a lower-case name")
     assert found[1].startswith("bad.yaml:4: agents[1].id: step id 'input' is reserved")
 
 

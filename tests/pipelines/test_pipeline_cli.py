@@ -120,7 +120,7 @@ description: A pipeline with every key set, so that show and validate print each
 tracing: {enabled: true, provider: otlp, log_inputs: true, log_outputs: true}
 checkpointing: {enabled: true, store: redis, ttl_minutes: 90}
 input_schema: task
-agents:
+steps:
   - id: scout
     agent: scout
     model: gpt-test-mini
@@ -128,7 +128,7 @@ agents:
     retry_policy: {max_attempts: 5, backoff: fixed}
     output_schema: research_result
     idempotent: true
-    idempotency_key: "{{task_id}}:scout"
+    idempotency_key: "{{key}}:scout"
     compensate: {agent: scout, input: {goal: input.goal}, retry_policy: {max_attempts: 2, backoff: none},
                  timeout_ms: 1500}
   - id: coder
@@ -141,7 +141,7 @@ agents:
     join: {min_success: 0.8}
     item_id: "s{{item.score}}"
     when: item.score > 0.5
-    failure_mode: continue
+    on_false: continue
     input:
       url: item.url
       score: item.score * 2.0
@@ -161,11 +161,11 @@ EVERY_KEY_SHOWN = [
     "tracing: otlp, logs inputs and outputs", "checkpointing: redis, kept 1h30m",
     "result: fetch, digest", "input_schema task",
     "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
-    "output research_result", "idempotent", "key: {{task_id}}:scout",
+    "output research_result", "idempotent", "key: {{key}}:scout",
     "compensate: agent scout, input: goal = input.goal, retry 2 attempt(s), no backoff, timeout 1500ms",
     "after scout", "state_input research_result", "for_each: scout.sources.filter(s, s.score >= 2.0)",
     "max_parallel 4", "join: min_success 0.8", "item_id: s{{item.score}}", "when: item.score > 0.5",
-    "failure_mode continue", "input: score = item.score * 2.0, url = item.url", "input: items = fetch",
+    "on_false continue", "input: score = item.score * 2.0, url = item.url", "input: items = fetch",
     "gate: size(fetch) > 0 (false: halt_pipeline)", "awaits approval (2h, then escalate)", "approvers alice, bob",
     "warns 30m before",
 ]
@@ -208,6 +208,7 @@ def test_validate_and_show_print_every_key_and_json_is_the_whole_canonical_spec(
         assert report["tracing"] == canonical["tracing"] and report["checkpointing"] == canonical["checkpointing"]
         assert report["result"] == ["fetch", "digest"] and report["description"] == canonical["description"]
         for step, whole in zip(report["steps"], canonical["steps"], strict=True):
+            whole = {("on_false" if k == "failure_mode" else k): v for k, v in whole.items()}  # its stored name
             unset = {k for k, v in whole.items() if v is None or v == defaults.get(k)}
             assert set(whole) - unset <= set(step), f"step {step['id']} lacks {set(whole) - unset - set(step)}"
         scout, fetch = report["steps"][0], report["steps"][2]

@@ -1,0 +1,123 @@
+"""mesh.testing.TestContext: a Context a test makes, for a declared handler called directly."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from pydantic import BaseModel
+
+from mesh import App, ConfigError, Context, ContractError, MeshSettings, RateLimited, Receipt, ToolContext, ToolRefused
+from mesh.testing import TestClock, TestContext, TestModel, ToolCall
+
+app = App("unit")
+
+
+class Order(BaseModel):
+    item: str
+    qty: int = 1
+
+
+class Placed(BaseModel):
+    reference: str
+    left_s: float
+    cancelled: bool
+
+
+class Charge(BaseModel):
+    amount: int
+
+
+@app.tool(secrets=["SHOP_TOKEN"], dependency="shop.test:443", compensate="refund")
+def charge(ctx: ToolContext, args: Charge) -> Receipt:
+    response = ctx.http.post("https://shop.test/charge", json={"amount": args.amount},
+                             headers={"authorization": ctx.secret("SHOP_TOKEN")})
+    return Receipt(tool="charge", effect_id=response.json()["id"])
+
+
+@app.tool
+def refund(ctx: ToolContext, args: Charge) -> Receipt:
+    return Receipt(tool="refund", effect_id="R-1")
+
+
+@app.agent(tools=["charge"])
+def place(ctx: Context, order: Order) -> Placed:
+    ctx.progress(f"placing {order.item}")
+    receipt = ctx.call("charge", {"amount": 10 * order.qty})
+    return Placed(reference=receipt.effect_id, left_s=ctx.deadline_left_s(), cancelled=ctx.cancelled)
+
+
+SHOP = MeshSettings(http_allow="shop.test:443")
+
+
+def pinned(host: str, port: int) -> list[str]:
+    return ["93.184.216.34"]  # a public address: the request never leaves (httpx.MockTransport)
+
+
+def test_a_declared_agent_runs_with_a_test_context_where_a_context_is_expected() -> None:
+    ctx = TestContext(app, place, tools={"charge": Receipt(tool="charge", effect_id="C-1")}, deadline_s=30)
+    assert isinstance(ctx, Context)
+    placed = place(ctx, Order(item="tea", qty=2))
+    assert placed == Placed(reference="C-1", left_s=30.0, cancelled=False)
+    assert ctx.progress_notes == ["placing tea"]
+    assert ctx.calls == [ToolCall("charge", Charge(amount=20), Receipt(tool="charge", effect_id="C-1"))]
+    assert (ctx.key, ctx.job_id, ctx.step_id, ctx.attempt, ctx.token) == ("test-key", "test-job", "place", 1, 1)
+    assert ctx.lease.undo_calls == [{"tool": "refund", "args": {"amount": 20}}]
+
+
+def test_the_deadline_is_read_on_the_test_clock_and_cancelled_is_settable() -> None:
+    clock = TestClock(start_s=1_000.0)
+    ctx = TestContext(app, "place", tools={charge: lambda args: Receipt(tool="charge", effect_id=str(args.amount))},
+                      deadline_s=10, clock=clock, key="k-1", attempt=3)
+    ctx.advance(4)
+    ctx.cancelled = True
+    assert place(ctx, Order(item="tea")) == Placed(reference="10", left_s=6.0, cancelled=True)
+    assert (ctx.key, ctx.attempt, clock.now_s()) == ("k-1", 3, 1_004.0)
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+
+
+def test_a_real_tool_runs_with_the_tests_secrets_through_the_tests_http_client() -> None:
+    seen: list[httpx.Request] = []
+
+    def shop(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"id": "C-9"})
+
+    ctx = TestContext(app, place, secrets={"SHOP_TOKEN": "shop-secret-1"}, resolve=pinned, settings=SHOP,
+                      http=httpx.Client(transport=httpx.MockTransport(shop)))
+    assert place(ctx, Order(item="tea")).reference == "C-9"
+    (request,) = seen
+    assert request.headers["authorization"] == "shop-secret-1" and request.headers["idempotency-key"] == "test-key"
+
+
+def test_a_real_tools_http_failure_is_raised_as_the_mesh_classifies_it() -> None:
+    ctx = TestContext(app, place, secrets={"SHOP_TOKEN": "shop-secret-1"}, resolve=pinned, settings=SHOP,
+                      http=httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(429))))
+    with pytest.raises(RateLimited):
+        place(ctx, Order(item="tea"))
+    assert ctx.calls[0].tool == "charge" and isinstance(ctx.calls[0].result, RateLimited)
+
+
+def test_calls_are_checked_as_a_worker_checks_them() -> None:
+    ctx = TestContext(app, place, tools={"charge": Receipt(tool="charge", effect_id="C-1")})
+    with pytest.raises(ToolRefused, match="did not declare tool 'refund'"):
+        ctx.call(refund, {"amount": 1})
+    with pytest.raises(ContractError, match="invalid charge args"):
+        ctx.call("charge", {"amount": "lots"})
+    with pytest.raises(ConfigError, match="SHOP_TOKEN"):  # a real tool without its secret
+        TestContext(app, place).call("charge", {"amount": 1})
+    assert ctx.calls == []
+
+
+def test_without_an_app_any_faked_tool_may_be_called_and_the_model_is_the_tests() -> None:
+    model = TestModel([Order(item="tea")])
+    ctx = TestContext(tools={"lookup": lambda args: {"found": args["q"]}}, model=model)
+    assert ctx.call("lookup", {"q": "tea"}) == {"found": "tea"}
+    assert ctx.model is model and ctx.model.complete("an order", Order) == Order(item="tea")
+    with pytest.raises(ToolRefused):
+        ctx.call("other", {})
+    with pytest.raises(ConfigError):
+        TestContext(agent="place")
+    ctx = TestContext(app)  # an app without an agent: any of its tools, checked by their args
+    assert ctx.call(refund, {"amount": 1}) == Receipt(tool="refund", effect_id="R-1")
+    assert ctx.calls == [ToolCall("refund", Charge(amount=1), Receipt(tool="refund", effect_id="R-1"))]

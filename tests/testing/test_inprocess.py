@@ -1,0 +1,108 @@
+"""mesh.testing.run_pipeline and TestMesh: an app's pipeline on an in-process worker, on the real
+Redis in a namespace of its own, approvals decided from the test and timers moved by its clock."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from pydantic import BaseModel
+
+from mesh import App, Context, Pipeline, State, ToolContext
+from mesh.testing import TestMesh, TestModel, ToolCall, run_pipeline
+
+pytestmark = pytest.mark.slow  # each test starts an in-process worker
+
+app = App("inprocess")
+
+
+class Topic(BaseModel):
+    topic: str
+
+
+class Draft(BaseModel):
+    text: str
+
+
+class Posted(BaseModel):
+    id: str
+
+
+@app.tool(secrets=["BLOG_TOKEN"])
+def post(ctx: ToolContext, args: Draft) -> Posted:
+    return Posted(id=f"{ctx.secret('BLOG_TOKEN')[:4]}:{args.text}")
+
+
+@app.agent
+def write(ctx: Context, topic: Topic) -> Draft:
+    return ctx.model.complete(f"write about {topic.topic}", Draft)
+
+
+@app.agent(tools=["post"], max_retries=2)
+def publish(ctx: Context, draft: Draft) -> Posted:
+    posted: Posted = ctx.call("post", draft)
+    return posted
+
+
+app.pipeline(Pipeline("blog").step("write").step("publish", depends_on=["write"], approval={"timeout": "1h"}))
+DRAFTS = {Draft: [{"text": "otters"}]}
+
+
+def test_an_approved_run_ends_with_the_fake_tools_answer_and_leaves_no_key() -> None:
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: lambda d: Posted(id=f"P-{d.text}")}) as mesh:
+        record = mesh.wait(mesh.run("blog", {"topic": "otters"}), approve={"publish": True})
+        assert mesh.settings is not None
+        namespace, url = mesh.settings.namespace, mesh.settings.redis_url
+    assert record.state is State.SUCCEEDED and record.steps["publish"].result == {"id": "P-otters"}
+    assert mesh.calls == [ToolCall("post", Draft(text="otters"), Posted(id="P-otters"))]
+    assert mesh.model.prompts[0].prompt == "write about otters"
+    assert list(redis.Redis.from_url(url).scan_iter(match=f"{namespace}:*")) == []
+
+
+def test_a_real_tool_reads_the_secret_the_test_gives() -> None:
+    record = run_pipeline(app, "blog", {"topic": "otters"}, model=TestModel(DRAFTS),
+                          secrets={"BLOG_TOKEN": "tok-for-the-test"}, approve={"publish": True})
+    assert record.steps["publish"].result == {"id": "tok-:otters"}
+
+
+def test_a_denied_step_halts_the_job_and_calls_nothing() -> None:
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: Posted(id="never")}) as mesh:
+        record = mesh.wait(mesh.run("blog", {"topic": "otters"}), approve={"publish": False})
+    assert (record.state, record.steps["publish"].state) == (State.HALTED, State.HALTED)
+    assert mesh.calls == []
+
+
+def test_an_undecided_approval_returns_the_waiting_job_and_expires_when_the_clock_passes_it() -> None:
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: Posted(id="never")}) as mesh:
+        job = mesh.run("blog", {"topic": "otters"})
+        assert mesh.wait(job).steps["publish"].state is State.AWAITING_APPROVAL
+        left = mesh.expires_in_s(job, "publish")
+        assert left is not None and 3590 < left <= 3600
+        mesh.advance(left - 60)
+        assert mesh.client.status(job.id).steps["publish"].state is State.AWAITING_APPROVAL
+        mesh.advance(61)
+        record = mesh.wait(job)
+    assert record.steps["publish"].state is State.HALTED and "expired" in (record.steps["publish"].error or "")
+    assert mesh.calls == []
+
+
+def test_approve_none_lets_the_approval_expire() -> None:
+    record = run_pipeline(app, "blog", {"topic": "otters"}, model=TestModel(DRAFTS), tools={post: Posted(id="x")},
+                          approve={"publish": None})
+    assert record.state is State.HALTED
+
+
+def test_a_model_brownout_is_retried_by_the_mesh_and_a_spent_budget_dead_letters_the_job() -> None:
+    model = TestModel({Draft: [{"text": "otters"}]}, fail=["brownout"])
+    record = run_pipeline(app, "blog", {"topic": "otters"}, model=model, tools={post: Posted(id="P")},
+                          approve={"publish": True})
+    assert record.state is State.SUCCEEDED and len(model.prompts) == 2
+    long = TestModel({Draft: [{"text": " ".join(["word"] * 50)}]})
+    record = run_pipeline(app, "blog", {"topic": "otters"}, model=long, tools={post: Posted(id="P")}, token_budget=10)
+    assert (record.state, record.steps["write"].failure_class) == (State.DEAD_LETTERED, "budget_exceeded")
+
+
+def test_a_message_sent_to_one_agent_runs_on_the_test_mesh() -> None:
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: Posted(id="P")}) as mesh:
+        record = mesh.wait(mesh.send("write", {"topic": "otters"}, key="one-draft"))
+    assert record.state is State.SUCCEEDED and record.steps["write"].result == {"text": "otters"}
+    assert record.key == "one-draft"

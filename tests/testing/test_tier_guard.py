@@ -1,0 +1,20 @@
+"""A TestMesh starts a worker: the fast tier refuses it (tests/tier.py), and the refused start
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from examples.quickstart.app import app
+from mesh.testing import TestMesh
+from tests.tier import NeedsSlowMarker
+
+
+def test_a_test_mesh_in_an_unmarked_test_is_refused_and_leaves_no_key_or_folder(redis_url: str) -> None:
+    mesh = TestMesh(app, secrets={"UNUSED_SECRET": "a-secret-value"}, redis_url=redis_url)
+    with pytest.raises(NeedsSlowMarker, match=r"mark it @pytest\.mark\.slow"):
+        mesh.start()
+    assert mesh.settings is not None
+    assert list(redis.Redis.from_url(redis_url).scan_iter(match=f"{mesh.settings.namespace}:*")) == []
+    assert mesh._secrets_dir is not None and not mesh._secrets_dir.exists()
