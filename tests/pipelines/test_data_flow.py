@@ -244,6 +244,10 @@ def test_a_compensations_input_is_checked_like_a_steps(tmp_path: Path) -> None:
             f"flow.yaml:8: step 'notify': compensate: input gives no 'receipt', which Recall ({whose}) requires",
             f"flow.yaml:9: step 'notify': compensate: input field 'reciept' is not a field of Recall ({whose}); its "
             "fields: receipt"]
+    assert load(tmp_path, text.format(how="agent: recall").replace("output.receipt", "key")).name == "alert"
+    assert errors(tmp_path, text.format(how="agent: recall").replace("output.receipt", "item.receipt")) == [
+        "flow.yaml:9: step 'notify': compensate input 'item.receipt' reads item.receipt, but a compensation reads "
+        "only input (the step's input), output (its output), key and job_id"]
     assert errors(tmp_path, text.format(how="agent: recall").replace("output.receipt", "input.weight")) == [
         "flow.yaml:9: step 'notify': compensate: input field 'receipt' gives float, but Recall.receipt is str: "
         "a float is no str"]
