@@ -125,7 +125,10 @@ class AgentRuntime:
         # A compensation of the step's tool calls (tools declared with compensate=): the compensating
         # tools run, not the handler, and neither the agent's input nor its output model applies.
         undo = env.payload.get(UNDO_CALLS) if is_compensation(env.step_id) else None
-        payload = validate_model(agent, spec.input, env.payload) if not isinstance(undo, list) else None
+        try:
+            payload = validate_model(agent, spec.input, env.payload) if not isinstance(undo, list) else None
+        except ContractError as exc:  # dead-lettered: its error names the job's step and the field
+            raise ContractError(f"step {env.step_id}: {exc.message}", errors=exc.errors, agent=agent) from None
         envelope = env.model_dump(mode="json")
         member = running_member(env.job_id, env.step_id)
 

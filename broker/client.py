@@ -275,7 +275,12 @@ class MeshClient:
                 routes[agent] = self.target(agent)
             return routes[agent]
 
-        for root in (s for s in spec.steps if not s.depends_on):
+        check_input = getattr(spec, "check_input", None)
+        if check_input is not None and self.app is not None:
+            check_input(input, self.app)  # its input_schema's model, when it declares one
+        # A root step without input: (nor for_each) is given the run's input as it is; the others'
+        # inputs are built by the engine below and checked as sent.
+        for root in (s for s in spec.steps if not s.depends_on and s.input is None and s.for_each is None):
             target(root.agent_name).check(input)
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
@@ -289,6 +294,13 @@ class MeshClient:
             record, trace_id=trace_id, deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
             max_fan_out=self.settings.max_fan_out, settings=self.settings)
+        for message in messages:
+            env = message.args[0]
+            try:
+                target(env["agent"]).check(env["payload"])
+            except ContractError as exc:
+                raise ContractError(f"step {env['step_id']}: {exc.message}", errors=exc.errors, agent=env["agent"],
+                                    job_id=ref.id) from None
         refused = [s for s in record.steps.values() if s.state is State.DEAD_LETTERED]
         if refused:  # a root the engine would not send: a list, key, expression or input past a limit
             why = f"step {refused[0].step_id}: {refused[0].error or ''}"

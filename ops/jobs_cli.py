@@ -32,7 +32,7 @@ from mesh.ops.console import (
     when,
 )
 from mesh.ops.jobctl_cli import lines as jobctl_lines
-from mesh.ops.pipeline_cli import AppPath, resolve_pipeline
+from mesh.ops.pipeline_cli import AppPath, registration, resolve_pipeline, say_registration
 
 #: States only a step takes: a job is never in them (settle derives a job's state from its steps).
 STEP_ONLY = frozenset({State.SKIPPED, State.NOT_RUN})
@@ -60,8 +60,9 @@ def submit(
 
 
 def run(
-    pipeline: Annotated[str, typer.Argument(help="A registered pipeline's name (mesh pipeline list), or its YAML "
-                                             "file.", metavar="NAME_OR_FILE", show_default=False)],
+    pipeline: Annotated[str, typer.Argument(help="A registered pipeline's name (mesh pipeline list; an app's own with "
+                                             "--app), its YAML file, or a Python pipeline as module:attribute.",
+                                             metavar="NAME|FILE|MODULE:ATTR", show_default=False)],
     input_: Annotated[str, typer.Option("--input", help="The run's input as JSON, or @FILE to read it from a file.",
                                         metavar="JSON|@FILE", show_default=False)],
     app_path: AppPath = None,
@@ -70,12 +71,17 @@ def run(
     wait: WaitFlag = False,
     timeout: WaitTimeoutS = 60.0,
     as_json: JsonFlag = False,
+    register: Annotated[bool, typer.Option("--register", help="Register the file (or module:attribute) as the "
+                                           "newest version of its name even when another version is registered.")
+                        ] = False,
 ) -> None:
     """Run a declared pipeline: record the job with every step, send the root steps.
 
-    A file is loaded and checked against --app's agents, then registered by name and content
-    digest; a name runs the newest registered version. Prints the job id (with --wait, the finished
-    job; exit 1 if it halted or failed)."""
+    A file or module:attribute is loaded and checked against --app's agents, then registered by
+    name and content digest (said on stderr; refused, exit 2, when another version of the name is
+    registered, unless --register); a name runs the app's pipeline of that name, else the newest
+    registered version. Prints the job id (with --wait, the finished job; exit 1 if it halted or
+    failed)."""
     if input_.startswith("@"):
         path = Path(input_[1:])
         if not path.is_file():
@@ -88,21 +94,25 @@ def run(
     mesh_app, spec = resolve_pipeline(pipeline, app_path)
     c = client()
     c.app = mesh_app
+    done = registration(c, spec, pipeline, replace=register) if spec is not None else None
     try:
         ref = c.run(spec or pipeline, data, key=key)
     except (ContractError, KeyConflict, UnknownAgent) as exc:
         fail(f"{exc} (nothing was sent)", EXIT_INPUT)
     except MeshError as exc:  # no pipeline of that name
         fail(str(exc), EXIT_INPUT)
-    _sent(c, ref, wait, timeout, as_json, app_path=app_path)
+    if done is not None and not as_json:
+        say_registration(done)
+    _sent(c, ref, wait, timeout, as_json, app_path=app_path, extra={"registration": done} if done else None)
 
 
 def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool,
-          app_path: str | None = None) -> None:
-    """What submit and run print once the job is sent: its id, or with --wait the finished job."""
+          app_path: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    """What submit and run print once the job is sent: its id, or with --wait the finished job
+    (``extra``: more fields of its --json)."""
     if not wait:
         if as_json:
-            emit_json({"job_id": ref.id, "key": ref.key, "trace_id": ref.trace_id})
+            emit_json({"job_id": ref.id, "key": ref.key, "trace_id": ref.trace_id, **(extra or {})})
         else:
             out.print(ref.id)
         return
@@ -116,7 +126,7 @@ def _sent(c: MeshClient, ref: JobRef, wait: bool, timeout: float, as_json: bool,
             fail(f"{exc}: no live worker serves {', '.join(unserved)} "
                  f"(start one: {_worker_command(unserved, app_path, apps)}; see mesh agents)", EXIT_TIMEOUT)
         fail(str(exc), EXIT_TIMEOUT)
-    _show(record, as_json, c=c)
+    _show(record, as_json, c=c, extra=extra)
     if record.state is not State.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
 
@@ -343,14 +353,14 @@ def jobs(
 
 
 def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = None, *, wide: bool = False,
-          c: MeshClient | None = None) -> None:
+          c: MeshClient | None = None, extra: dict[str, Any] | None = None) -> None:
     from mesh.ops import dag
 
     stuck = stuck or {}
     nodes = dag.load(c, record) if record.pipeline and c is not None else None
     if as_json:
         emit_json({**record.model_dump(mode="json"), "stuck": stuck,
-                   **({"dag": dag.as_json(nodes)} if nodes is not None else {})})
+                   **({"dag": dag.as_json(nodes)} if nodes is not None else {}), **(extra or {})})
         return
     width = out.size.width
     head = Text.assemble(f"job {record.job_id}  ", (str(record.state), "bold"))

@@ -1,8 +1,12 @@
-"""``mesh pipeline``: check pipeline files against the app whose agents they name, register them by
-name and content digest, list and show what is registered."""
+"""``mesh pipeline``: check pipelines (YAML files, Python ones as ``module:attribute``, registered
+ones) against the app whose agents they name, register them by name and content digest, list and
+show them."""
 
 from __future__ import annotations
 
+import re
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,30 +24,146 @@ AppPath = Annotated[str | None, typer.Option("--app", help="The app whose agents
                                              "executor).", show_default=False)]
 
 
+#: A Python pipeline: ``package.module:attribute`` (a ``Pipeline`` builder or a ``PipelineSpec``).
+PYTHON_PIPELINE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
+
+Source = Annotated[str, typer.Argument(
+    help="The pipeline: its YAML file, a registered name (mesh pipeline list; an app's own pipeline with "
+         "--app), or a Python pipeline as module:attribute (a Pipeline builder or a PipelineSpec, imported "
+         "from the current directory as --app is).", metavar="FILE|NAME|MODULE:ATTR", show_default=False)]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A pipeline a command was given, loaded and checked against ``app``: ``how`` it was given
+    (``file``, ``python``, ``app``: the app declares it, ``registered``), ``digest``: the newest
+    registered version's when it is one."""
+
+    app: Any
+    spec: Any
+    how: str
+    digest: str | None = None
+
+
+def kind_of(source: str) -> str:
+    """How ``source`` names a pipeline: ``file`` (an existing file, or a .yaml/.yml path), ``python``
+    (``module:attribute``) or ``name``."""
+    path = Path(source)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return "file"
+    return "python" if PYTHON_PIPELINE.match(source) else "name"
+
+
+def python_pipeline(source: str) -> Any:
+    """The ``PipelineSpec`` at ``module:attribute`` (a builder is built); ConfigError saying what is
+    wrong: the module does not import, has no such attribute, or it is no pipeline."""
+    import importlib
+    import os
+    import sys
+
+    from mesh.agents.app import App
+    from mesh.agents.pipelines import Pipeline, PipelineSpec
+    from mesh.contracts import ConfigError
+
+    module_name, _, attr = source.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{source}: cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself fails (an app whose pipeline does not hold, a bug)
+        raise ConfigError(f"{source}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            module = importlib.import_module(module_name)
+            pipelines = sorted(k for k, v in vars(module).items() if isinstance(v, Pipeline | PipelineSpec))
+            raise ConfigError(f"{source}: module {module_name!r} has no attribute {attr!r}; its pipelines: "
+                              f"{', '.join(pipelines) or 'none'}")
+        found = getattr(found, part)
+    if isinstance(found, Pipeline):
+        return found.build()
+    if isinstance(found, PipelineSpec):
+        return found
+    hint = " (an app: run one of its pipelines by name with --app, or name the pipeline itself)" \
+        if isinstance(found, App) else ""
+    raise ConfigError(f"{source} is a {type(found).__name__}, not a Pipeline builder or a PipelineSpec{hint}")
+
+
+def load(source: str, app_path: str | None, *, registered: bool = True) -> Loaded:
+    """The pipeline ``source`` names (a file, ``module:attribute``, a pipeline the app declares or,
+    with ``registered``, a registered name), checked against the app. Exit 2 with one error per line
+    (``FILE:LINE: message`` for a file) when it is not found or does not hold."""
+    from mesh.agents.pipelines import PipelineError, load_pipeline, problems
+    from mesh.agents.pipelines.engine import spec_from_json
+    from mesh.broker.pipelines import PipelineNotFound
+    from mesh.contracts import ConfigError
+
+    mesh_app = base.app_for(app_path)
+    kind = kind_of(source)
+    if kind == "file":
+        try:
+            return Loaded(mesh_app, load_pipeline(Path(source), mesh_app), "file")
+        except PipelineError as exc:
+            _errors([str(e) for e in exc.errors])
+    if kind == "python":
+        try:
+            spec = python_pipeline(source)
+        except ConfigError as exc:
+            _errors(str(exc).splitlines())
+        how, digest = "python", None
+    elif source in mesh_app.pipelines:
+        spec, how, digest = mesh_app.pipelines[source], "app", None
+    elif not registered:
+        _errors([f"{source}: no such file, and app {mesh_app.name!r} declares no pipeline of that name (give a YAML "
+                 "file, module:attribute, or --app with the app that declares it)"])
+    else:
+        try:
+            digest, data = base.client().pipelines.get(source)
+        except PipelineNotFound as exc:
+            _errors([f"{exc} (nor a file, nor a pipeline app {mesh_app.name!r} declares; module:attribute names a "
+                     "Python pipeline)"])
+        spec, how = spec_from_json(data), "registered"
+    found = problems(spec, mesh_app)
+    if found:
+        _errors([f"{source}: {'.'.join(map(str, p.loc))}: {p.message}" for p in found])
+    return Loaded(mesh_app, spec, how, digest)
+
+
+def _errors(lines: list[str]) -> typing.NoReturn:
+    for line in lines:
+        base.err.print(Text(line), highlight=False)
+    raise typer.Exit(base.EXIT_INPUT)
+
+
 @pipeline_app.command()
 def validate(
-    file: Annotated[Path, typer.Argument(help="The pipeline's YAML file.", dir_okay=False)],
+    source: Source,
     app_path: AppPath = None,
     as_json: base.JsonFlag = False,
 ) -> None:
-    """Load FILE and check it against the app: keys and types, the depends_on DAG, agents, output
-    schemas and every expression. Exit 0 with a summary; exit 2 with one FILE:LINE: error per line."""
+    """Load the pipeline and check it against the app: keys and types, the depends_on DAG, agents,
+    output schemas, every expression, and that each step's input fits its agent's input model. Exit 0
+    with a summary; exit 2 with one error per line (FILE:LINE: for a file)."""
     from mesh.agents.pipelines import PipelineError, load_pipeline
 
     mesh_app = base.app_for(app_path)
-    try:
-        spec = load_pipeline(file, mesh_app)
-    except PipelineError as exc:
-        if as_json:
-            base.emit_json({"valid": False, "file": str(file), "app": mesh_app.name, "errors": [
-                {"file": e.file, "line": e.line, "message": e.message} for e in exc.errors]})
-        else:
-            for error in exc.errors:
-                base.err.print(Text(str(error)), highlight=False)
-        raise typer.Exit(base.EXIT_INPUT) from None
+    if kind_of(source) == "file":
+        try:
+            spec = load_pipeline(Path(source), mesh_app)
+        except PipelineError as exc:
+            if as_json:
+                base.emit_json({"valid": False, "file": source, "app": mesh_app.name, "errors": [
+                    {"file": e.file, "line": e.line, "message": e.message} for e in exc.errors]})
+            else:
+                for error in exc.errors:
+                    base.err.print(Text(str(error)), highlight=False)
+            raise typer.Exit(base.EXIT_INPUT) from None
+    else:
+        spec = load(source, app_path).spec
     summary = _summary(spec)
     if as_json:
-        base.emit_json({"valid": True, "file": str(file), "app": mesh_app.name, **summary,
+        base.emit_json({"valid": True, "file": source, "app": mesh_app.name, **summary,
                         "spec": orjson.loads(spec.canonical())})
         return
     base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  valid against app {mesh_app.name!r}  "
@@ -54,13 +174,14 @@ def validate(
 
 @pipeline_app.command()
 def register(
-    file: Annotated[Path, typer.Argument(help="The pipeline's YAML file.", dir_okay=False)],
+    source: Source,
     app_path: AppPath = None,
     as_json: base.JsonFlag = False,
 ) -> None:
-    """Load FILE, check it against the app, and register it by name and content digest as the newest
-    version: `mesh run NAME` takes it; running jobs keep the version they started with."""
-    _, spec = resolve_pipeline(str(file), app_path, must_be_file=True)
+    """Load the pipeline (a file, module:attribute, or one the app declares), check it against the app,
+    and register it by name and content digest as the newest version: `mesh run NAME` takes it;
+    running jobs keep the version they started with."""
+    spec = load(source, app_path, registered=False).spec
     digest = base.client().register(spec)
     if as_json:
         base.emit_json({"name": spec.name, "version": spec.version, "digest": digest})
@@ -96,45 +217,72 @@ def list_(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> None:
 
 @pipeline_app.command()
 def show(
-    name: Annotated[str, typer.Argument(help="A registered pipeline's name.", show_default=False)],
+    source: Source,
+    app_path: AppPath = None,
     as_json: base.JsonFlag = False,
 ) -> None:
-    """The newest registered version of NAME: its steps, their order, gates and policies."""
-    from mesh.agents.pipelines.engine import spec_from_json
-    from mesh.broker.pipelines import PipelineNotFound
-
+    """The pipeline's steps, their order, gates and policies: a registered name's newest version, or a
+    file's or module:attribute's (checked against the app, and said whether it is the registered one)."""
     c = base.client()
-    try:
-        digest, data = c.pipelines.get(name)
-    except PipelineNotFound as exc:
-        base.fail(str(exc), base.EXIT_INPUT)
-    spec = spec_from_json(data)
+    loaded = load(source, app_path) if kind_of(source) != "name" or source in base.app_for(app_path).pipelines \
+        else None
+    if loaded is None:
+        from mesh.agents.pipelines.engine import spec_from_json
+        from mesh.broker.pipelines import PipelineNotFound
+
+        try:
+            digest, data = c.pipelines.get(source)
+        except PipelineNotFound as exc:
+            base.fail(f"{exc} (nor a file, nor a pipeline the app declares)", base.EXIT_INPUT)
+        spec = spec_from_json(data)
+    else:
+        spec, digest, data = loaded.spec, loaded.spec.digest(), orjson.loads(loaded.spec.canonical())
     summary = _summary(spec)
-    _, versions = c.pipelines.versions(name)
+    latest, versions = c.pipelines.versions(spec.name)
     if as_json:
-        base.emit_json({**summary, "versions": sorted(versions), "spec": data})
+        base.emit_json({**summary, "versions": sorted(versions), "registered": digest in versions,
+                        "newest": latest == digest, "spec": data})
         return
-    base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  digest {digest[:12]}  "
-                                 f"({len(versions)} version(s) registered)"), highlight=False)
+    said = f"({len(versions)} version(s) registered)" if loaded is None else (
+        "the newest registered version" if latest == digest else
+        "registered, not the newest" if digest in versions else "not registered")
+    base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  digest {digest[:12]}  {said}"),
+                   highlight=False)
     for line in [*_pipeline_lines(summary), *_lines(summary["steps"])]:
         base.out.print(line, highlight=False)
 
 
-def resolve_pipeline(name_or_file: str, app_path: str | None, *, must_be_file: bool = False) -> tuple[Any, Any]:
-    """(the app, the spec loaded from the file) when ``name_or_file`` is a file (exit 2 with FILE:LINE
-    errors if it does not load); (the app, None) for a name to look up when run."""
-    from mesh.agents.pipelines import PipelineError, load_pipeline
+def resolve_pipeline(source: str, app_path: str | None) -> tuple[Any, Any]:
+    """(the app, the spec) for ``mesh run``: a file or ``module:attribute`` loaded and checked (exit 2
+    otherwise), a pipeline the app declares; (the app, None) for a name to look up when run."""
+    if kind_of(source) == "name" and source not in base.app_for(app_path).pipelines:
+        return base.app_for(app_path), None
+    loaded = load(source, app_path, registered=False)
+    return loaded.app, loaded.spec
 
-    mesh_app = base.app_for(app_path)
-    path = Path(name_or_file)
-    if not must_be_file and not path.is_file() and path.suffix not in (".yaml", ".yml"):
-        return mesh_app, None
-    try:
-        return mesh_app, load_pipeline(path, mesh_app)
-    except PipelineError as exc:
-        for error in exc.errors:
-            base.err.print(Text(str(error)), highlight=False)
-        raise typer.Exit(base.EXIT_INPUT) from None
+
+def registration(c: Any, spec: Any, source: str, *, replace: bool) -> dict[str, Any]:
+    """What running ``spec`` does to its name's registration, before it is run (a run registers the
+    spec it runs as the newest version of its name): ``{"name", "digest", "registered": "new" |
+    "already" | "replaced"}``. A name whose newest registered version is another digest is not
+    replaced without ``replace`` (--register): exit 2 saying what to do."""
+    latest, _ = c.pipelines.versions(spec.name)
+    digest = spec.digest()
+    said = "new" if latest is None else "already" if latest == digest else "replaced"
+    if said == "replaced" and not replace:
+        base.fail(f"pipeline {spec.name!r} is registered as another version (digest {latest[:12]}; {source} is "
+                  f"{digest[:12]}): run with --register to register {source} as its newest version, or run the "
+                  f"registered one: mesh run {spec.name}", base.EXIT_INPUT)
+    return {"name": spec.name, "version": spec.version, "digest": digest, "registered": said,
+            "previous": latest if said == "replaced" else None}
+
+
+def say_registration(done: dict[str, Any]) -> None:
+    """One line (on stderr: stdout stays the job id) saying what the run did to the registration."""
+    what = {"new": "registered", "already": "already registered:", "replaced": "registered as the newest version:"}
+    previous = f" (was {done['previous'][:12]})" if done["previous"] else ""
+    base.err.print(Text(f"{what[done['registered']]} {done['name']} {done['version']}  digest "
+                        f"{done['digest'][:12]}{previous}"), highlight=False)
 
 
 #: Expression keys of a step, shown with their CEL and what they read.
@@ -162,7 +310,8 @@ def _summary(spec: Any) -> dict[str, Any]:
             **({"input": {k: _expression(e) for k, e in s.input.items()}} if s.input is not None else {}),
         })
         steps.append(step)
-    return {"name": spec.name, "version": spec.version, "description": spec.description, "digest": spec.digest(),
+    return {"name": spec.name, "version": spec.version, "description": spec.description,
+            "input_schema": spec.input_schema, "digest": spec.digest(),
             "order": order(spec), "roots": roots(spec), "steps": steps,
             "gates": {s.id: s.gate.cel for s in spec.steps if s.gate is not None},
             "tracing": spec.tracing.model_dump(mode="json"),
@@ -289,8 +438,8 @@ def _wrapped(text: str, indent: int = 2) -> list[Text]:
 
 
 def _pipeline_lines(summary: dict[str, Any]) -> list[Text]:
-    """The pipeline's own keys: description, order and roots of its DAG, tracing, checkpointing and
-    result (``mesh pipeline validate`` and ``show`` print them above the steps)."""
+    """The pipeline's own keys: description, order and roots of its DAG, tracing, checkpointing,
+    input_schema and result (``mesh pipeline validate`` and ``show`` print them above the steps)."""
     from mesh.contracts.approvals import show_duration
 
     t, c = summary["tracing"], summary["checkpointing"]
@@ -299,6 +448,8 @@ def _pipeline_lines(summary: dict[str, Any]) -> list[Text]:
         f", logs {logs}" if logs else "")
     kept = f"kept {show_duration(c['ttl_minutes'] * 60)}" if c["ttl_minutes"] else "kept MESH_JOB_RETENTION_S"
     keys = [f"checkpointing: {c['store']}, {kept}" if c["enabled"] else "checkpointing: off"]
+    if summary.get("input_schema"):
+        keys.append(f"input_schema {summary['input_schema']}")
     if summary["result"] is not None:
         keys.append(f"result: {', '.join(summary['result'])}")
     lines = _wrapped(summary["description"], 0) if summary["description"] else []

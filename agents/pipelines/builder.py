@@ -29,10 +29,13 @@ from .spec import PipelineSpec
 class Pipeline:
     """A pipeline under construction: ``.step(...)`` in any order, then :meth:`build`."""
 
-    def __init__(self, name: str, *, version: str = "1", description: str = "") -> None:
+    def __init__(self, name: str, *, version: str = "1", description: str = "",
+                 input_schema: str | None = None) -> None:
         self._data: dict[str, Any] = {"name": name, "version": version, "description": description, "steps": []}
         #: Agent name -> the id of the step added for it (given as a declared agent), for ``depends_on``.
         self._by_agent: dict[str, str] = {}
+        if input_schema is not None:
+            self._data["input_schema"] = input_schema
 
     def step(self, step: str | AgentRef[Any, Any], /, **keys: Any) -> Pipeline:
         """Add a step: its id, or the declared agent it runs (its id then defaults to the agent's name:

@@ -142,7 +142,7 @@ class ApprovalPolicy(_Spec):
 class Compensation(_Spec):
     """What undoes a step's effect when its job halts or is cancelled after the step succeeded: the
     declared agent to run (or the declared tool to call) and its input, field → CEL expression over
-    ``input`` (the step's input), ``output`` (its output), ``item`` (a ``for_each`` item's element),
+    ``input`` (the step's input; an item's, for a ``for_each`` step), ``output`` (its output),
     ``key`` (``task_id``) and ``job_id`` (default: ``{"input": ..., "output": ...}`` for an agent, the step's
     output for a tool). Its message key derives from the step's key, so it is idempotent; its own
     ``retry_policy`` applies before it is dead-lettered ``compensation_failed``."""
@@ -309,6 +309,9 @@ class PipelineSpec(_Spec):
     #: The steps whose outputs make the job's result, by step id (a ``for_each`` step's: each
     #: succeeded item's output, by item id); default: every step's output.
     result: tuple[str, ...] | None = None
+    #: The run's input contract (the snake_case name of a model the app's agents declare): paths
+    #: under ``input.`` are checked against it at load, and a run's input is checked before it starts.
+    input_schema: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -342,6 +345,8 @@ class PipelineSpec(_Spec):
     def canonical(self) -> bytes:
         """The spec as canonical JSON (sorted keys, every field): what :meth:`digest` hashes."""
         data = self.model_dump(mode="json")
+        if data.get("input_schema", ...) is None:  # nor does a spec without an input_schema
+            del data["input_schema"]
         for step in data["steps"]:
             if step.get("approval", ...) is None:  # a spec without one keeps the digest it always had
                 del step["approval"]
@@ -364,6 +369,17 @@ class PipelineSpec(_Spec):
             routes = engine.Routes.from_settings(settings, queue=queue, version=version)
         return engine.begin(self, record, engine.Run(trace_id=trace_id, deadline=deadline, token_budget=token_budget),
                             routes, now=now)
+    def check_input(self, input: Any, app: Any) -> None:
+        """ContractError naming each field of ``input`` (a run's input) that does not fit the model
+        ``input_schema`` names in ``app`` (nothing to check without one)."""
+        from mesh.contracts.messages import validate_model
+
+        from .validate import input_model
+
+        model = input_model(self, app)
+        if model is not None:
+            validate_model(f"pipeline {self.name!r}", model, input)
+
     def digest(self) -> str:
         """sha256 (hex) of :meth:`canonical`: the version a job keeps; equal specs, equal digests."""
         return hashlib.sha256(self.canonical()).hexdigest()

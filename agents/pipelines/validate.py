@@ -70,6 +70,10 @@ def problems(spec: PipelineSpec, app: App) -> list[Problem]:
                            f"depends_on makes a cycle: {' → '.join([*cycle, cycle[0]])}"))
     names = schema_names(app)
     up = upstream(spec)
+    if spec.input_schema:
+        message = _schema_problem(names, "input_schema", spec.input_schema)
+        if message:
+            out.append(Problem(("input_schema",), message))
     for i, step in enumerate(spec.steps):
         out += _step_problems(spec, app, names, up, i, step)
     for j, sid in enumerate(spec.result or ()):
@@ -165,6 +169,17 @@ def schema_names(app: App) -> dict[str, list[type[BaseModel]]]:
     return names
 
 
+def _schema_problem(names: dict[str, list[type[BaseModel]]], key: str, name: str) -> str | None:
+    """Why ``name`` (an ``output_schema`` or ``input_schema``) names no one model of the app, None if it does."""
+    models = names.get(name, [])
+    if not models:
+        return (f"{key} {name!r} names no model the app's agents declare; known: "
+                f"{', '.join(sorted(names)) or 'none'} (the snake_case name of a model class)")
+    if len(models) > 1:
+        return f"{key} {name!r} is ambiguous: {', '.join(f'{m.__module__}.{m.__qualname__}' for m in models)}"
+    return None
+
+
 def snake(name: str) -> str:
     """``ResearchResult`` → ``research_result`` (``HTTPResult`` → ``http_result``)."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
@@ -182,7 +197,18 @@ def output_model(spec: PipelineSpec, app: App, step_id: str) -> type[BaseModel] 
 
 
 def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[BaseModel]]],
-                   up: dict[str, set[str]], i: int, step: StepSpec) -> Iterator[Problem]:
+                   up: dict[str, set[str]], i: int, step: StepSpec) -> list[Problem]:
+    """The step's problems: its own keys, then what data it and its compensation are given (what it
+    takes by default only when nothing else is wrong with it: its dependencies may be what is)."""
+    item: list[Any] = [None]
+    found = list(_step_checks(spec, app, names, up, i, step, item))
+    ids = {s.id for s in spec.steps}
+    sound = not found and step.id not in up[step.id] and set(step.depends_on) <= ids  # no cycle, no unknown step
+    return found + list(_flow_problems(spec, app, up, i, step, item[0], default=sound))
+
+
+def _step_checks(spec: PipelineSpec, app: App, names: dict[str, list[type[BaseModel]]],
+                 up: dict[str, set[str]], i: int, step: StepSpec, item_type: list[Any]) -> Iterator[Problem]:
     agent = app.agents.get(step.agent_name)
     if agent is None:
         where = "agent" if "agent" in step.model_fields_set else "id"
@@ -199,21 +225,11 @@ def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[Base
             yield Problem(("steps", i, "compensate", "tool"), f"step {step.id!r} is compensated by tool "
                           f"{undo.tool!r}, which app {app.name!r} does not declare; its tools are "
                           f"{', '.join(app.tools) or 'none'}")
-        elif undo.input is not None:
-            missing = [name for name, f in tool.args.model_fields.items()
-                       if f.is_required() and (f.alias or name) not in undo.input and name not in undo.input]
-            if missing:
-                yield Problem(("steps", i, "compensate", "input"), f"step {step.id!r}: compensate input gives tool "
-                              f"{undo.tool!r} no {', '.join(map(repr, missing))}, which its args require")
     if step.output_schema:
         models = names.get(step.output_schema, [])
-        if not models:
-            yield Problem(("steps", i, "output_schema"), f"output_schema {step.output_schema!r} names no model the "
-                          f"app's agents declare; known: {', '.join(sorted(names)) or 'none'} (the snake_case "
-                          "name of a model class)")
-        elif len(models) > 1:
-            yield Problem(("steps", i, "output_schema"), f"output_schema {step.output_schema!r} is ambiguous: "
-                          f"{', '.join(f'{m.__module__}.{m.__qualname__}' for m in models)}")
+        message = _schema_problem(names, "output_schema", step.output_schema)
+        if message:
+            yield Problem(("steps", i, "output_schema"), message)
         elif agent is not None and not issubclass(agent.output, models[0]):
             yield Problem(("steps", i, "output_schema"), f"output_schema {step.output_schema!r} is "
                           f"{models[0].__name__}, but agent {agent.name!r} returns {agent.output.__name__}")
@@ -243,6 +259,7 @@ def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[Base
         if field in ("gate", "when") and not wrong:  # its paths are known: are their types compatible?
             for message in _operation_problems(spec, app, up, step, field, expr, item):
                 yield Problem(loc, message)
+    item_type[0] = item
 
 
 #: CEL's kind of a literal: int, uint and double are all numbers (compared with each other freely).
@@ -366,7 +383,11 @@ def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: Step
     if root in ("key", "task_id", "job_id"):
         return (str, None) if len(path) == 1 else (None, f"{what}, but {root} is a string")
     if root == "input":
-        return Any, None  # the job's input has no declared model yet: not checked
+        model = input_model(spec, app)
+        if model is None:
+            return Any, None  # the job's input has no declared model (input_schema): not checked
+        return _walk(model, path[1:], what, f"{model.__name__} (the job's input, input_schema "
+                     f"{spec.input_schema!r})")
     if root == "item" and item is not None:
         return _walk(item, path[1:], what, "item")
     ids = {s.id for s in spec.steps}
@@ -430,3 +451,448 @@ def _element(tp: Any) -> Any:
 
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+# The data a step is given, checked against its agent's input model: the fields ``input:`` builds (an
+# unknown one, a required one missing, one of a type the model does not take), else what the step
+# takes by default (the run's input, its dependency's output, its dependencies' outputs by id, a
+# ``for_each`` item). Only what is certainly wrong: a type not known at load (Any, an expression
+# other than a path, a literal or a conversion) passes, and is checked by the model when it runs.
+
+#: How deep a model inside a model is compared (a recursive model stops here).
+_DEPTH = 8
+#: What a JSON value of each kind is, as a step's output is kept in its job's record.
+_SCALARS: tuple[tuple[type, str], ...] = (
+    (bool, "bool"), (enum.Enum, ""), (int, "int"), (float, "float"), (str, "str"), (bytes, "str"))
+#: CEL functions whose result type is known whatever their argument.
+_CONVERSIONS = {"string": str, "int": int, "uint": int, "double": float, "bool": bool, "size": int}
+
+
+def _reshapes(model: type[BaseModel]) -> bool:
+    """Whether ``model`` validates its input before (or around) its fields (``model_validator(mode=
+    "before")``): what it takes is then not what its fields say, and it is not checked at load."""
+    return any(d.info.mode in ("before", "wrap") for d in model.__pydantic_decorators__.model_validators.values())
+
+
+def _field_type(model: type[BaseModel], name: str) -> Any:
+    """The type ``model``'s field ``name`` takes: its annotation, or Any when a validator of its own
+    sees the value first (``mode="before"``, ``"wrap"`` or ``"plain"``, or such a validator in
+    ``Annotated``), so what it takes is not what it says."""
+    from pydantic.functional_validators import BeforeValidator, PlainValidator, WrapValidator
+
+    field = model.model_fields[name]
+    if any(isinstance(m, BeforeValidator | PlainValidator | WrapValidator) for m in field.metadata):
+        return Any
+    for d in model.__pydantic_decorators__.field_validators.values():
+        if d.info.mode in ("before", "wrap", "plain") and (name in d.info.fields or "*" in d.info.fields):
+            return Any
+    return field.annotation
+
+
+def _field_name(model: type[BaseModel], name: str) -> str | None:
+    """The field of ``model`` a payload key names (by its name or its alias), None if none."""
+    if name in model.model_fields:
+        return name
+    return next((n for n, f in model.model_fields.items() if f.alias == name), None)
+
+
+def _model_of(tp: Any) -> type[BaseModel] | None:
+    """The one pydantic model ``tp`` is (Optional and Annotated taken apart), None otherwise."""
+    models = [o for o in _options(tp) if isinstance(o, type) and issubclass(o, BaseModel)]
+    return models[0] if len(models) == 1 and len(_options(tp)) == 1 else None
+
+
+def _fields_list(model: type[BaseModel]) -> str:
+    return ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
+
+
+def _kind(tp: Any) -> str | None:
+    """The JSON kind of a value of type ``tp`` as a job's record keeps it (``str``, ``int``, ``float``,
+    ``bool``, ``list``, ``map``; a date or a decimal is a string), None if not known."""
+    origin = typing.get_origin(tp) or tp
+    if origin is typing.Literal:
+        kinds = {_kind(type(a)) for a in typing.get_args(tp)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if not isinstance(origin, type):
+        return None
+    if issubclass(origin, enum.Enum):
+        kinds = {_kind(type(m.value)) for m in origin}
+        return kinds.pop() if len(kinds) == 1 else None
+    if issubclass(origin, RootModel):
+        return None
+    for base, kind in _SCALARS:
+        if kind and issubclass(origin, base):
+            return kind
+    if issubclass(origin, BaseModel) or issubclass(origin, _MAPPINGS):
+        return "map"
+    if issubclass(origin, _SEQUENCES):
+        return "list"
+    import datetime
+    import decimal
+    import pathlib
+    import uuid
+
+    if issubclass(origin, datetime.date | datetime.time | datetime.timedelta | decimal.Decimal | uuid.UUID
+                  | pathlib.PurePath):
+        return "str"
+    return None
+
+
+def _takes(tp: Any) -> set[str] | None:
+    """The JSON kinds a field of type ``tp`` takes (an int into a float field is fine; a float into an
+    int field, a number into a string field are not), None if not known (any kind may do)."""
+    import datetime
+    import decimal
+
+    origin = typing.get_origin(tp) or tp
+    if isinstance(origin, type) and issubclass(origin, datetime.date | datetime.time | datetime.timedelta):
+        return {"str", "int", "float"}
+    if isinstance(origin, type) and issubclass(origin, decimal.Decimal):
+        return {"str", "int", "float"}
+    kind = _kind(tp)
+    if kind is None:
+        return None
+    return {"int", "float"} if kind == "float" else {kind}
+
+
+def _name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return _describe(tp)
+
+
+def _fits(src: Any, dst: Any, depth: int = 0) -> str | None:
+    """Why a value of type ``src`` certainly does not fit a field of type ``dst``, None if it may.
+    A union fits when one of its members may; None (a null) is left out of an input, so not counted."""
+    if src is Any or dst is Any or depth > _DEPTH:
+        return None
+    sources = [o for o in _options(src)]
+    targets = _options(dst)
+    if not sources or Any in sources or Any in targets:
+        return None
+    reasons = []
+    for s in sources:
+        why = [_fits_one(s, d, depth) for d in targets]
+        if any(w is None for w in why):
+            return None
+        reasons.append(next(w for w in why if w))
+    return reasons[0]
+
+
+def _fits_one(src: Any, dst: Any, depth: int) -> str | None:
+    takes, kind = _takes(dst), _kind(src)
+    if takes is None or kind is None:
+        return None
+    if kind not in takes:
+        named = _name(src)
+        return f"{'an' if named[:1] in ('i', 'I') else 'a'} {named} is no {_name(dst)}"
+    if kind == "list":
+        s, d = _element(src), _element(dst)
+        if s is not None and d is not None:
+            why = _fits(s, d, depth + 1)
+            return f"its elements do not fit: {why}" if why else None
+    if kind == "map":
+        target, source = _model_of(dst), _model_of(src)
+        if target is not None and source is not None:
+            found = _model_fits(source, target, depth + 1)
+            return "; ".join(found) if found else None
+        if target is None and source is not None and typing.get_origin(dst) in _MAPPINGS:
+            value = (typing.get_args(dst) or (Any, Any))[-1]
+            for name, f in source.model_fields.items():
+                why = _fits(f.annotation, value, depth + 1)
+                if why:
+                    return f"its field {name!r} does not fit: {why}"
+    return None
+
+
+def _model_fits(source: type[BaseModel], target: type[BaseModel], depth: int = 0) -> list[str]:
+    """Why a ``source`` model's data (every field of it, as a record keeps it) is certainly not a
+    valid ``target``: see :func:`_data_fits`."""
+    if issubclass(source, target) or depth > _DEPTH:
+        return []
+    return _data_fits(source.__name__, {f.alias or n: f.annotation for n, f in source.model_fields.items()},
+                      target, depth)
+
+
+def _data_fits(source: str, given: dict[str, Any], target: type[BaseModel], depth: int = 0) -> list[str]:
+    """Why data with the fields ``given`` (key → type) is certainly not a valid ``target``: a field
+    the target requires that it has not, a field of a type the target's does not take, a field the
+    target forbids (``extra="forbid"``)."""
+    found: list[str] = []
+    if _reshapes(target):
+        return found
+    for name, f in target.model_fields.items():
+        key = name if name in given else f.alias if f.alias in given else None
+        if key is None:
+            if f.is_required():
+                found.append(f"{source} has no {f.alias or name!r}, which {target.__name__} requires")
+            continue
+        why = _fits(given[key], _field_type(target, name), depth)
+        if why:
+            found.append(f"{source}.{key} does not fit {target.__name__}.{name}: {why}")
+    if target.model_config.get("extra") == "forbid":
+        extra = [k for k in given if _field_name(target, k) is None]
+        if extra:
+            found.append(f"{source} has {', '.join(map(repr, extra))}, which {target.__name__} does not take "
+                         "(it forbids extra fields)")
+    return found
+
+
+def _expr_type(expr: Expression, path_type: typing.Callable[[tuple[str, ...]], tuple[Any, str | None]]) -> Any:
+    """The type ``expr`` yields, as far as is known at load: a path's (its model's field), a
+    literal's, a conversion's (``string(...)``), a comparison's or a logical one's (bool); Any otherwise."""
+    from .expr import _tokens
+
+    text = expr.cel.strip()
+    tokens = _tokens(text)
+    if len(tokens) == 1:
+        kind, value = tokens[0]
+        if kind == "str":
+            return bytes if value[:1] in "bB" else str
+        if kind == "num":
+            low = value.lower()
+            return float if ("." in low or "e" in low) and not low.startswith("0x") else int
+        if value in ("true", "false"):
+            return bool
+    if len(expr.paths) == 1 and text == ".".join(expr.paths[0]) and tokens[0][1] != "null":
+        tp, message = path_type(expr.paths[0])
+        return Any if message else tp
+    if len(tokens) >= 3 and tokens[0][1] in _CONVERSIONS and tokens[1][1] == "(" and _closes_at_end(tokens, 1):
+        return _CONVERSIONS[tokens[0][1]]
+    depth, ternary, logical = 0, False, False
+    for kind, value in tokens:
+        if value in "([{" and kind == "op":
+            depth += 1
+        elif value in ")]}" and kind == "op":
+            depth -= 1
+        elif depth == 0 and value == "?":
+            ternary = True
+        elif depth == 0 and ((kind == "op" and value in "<>=!&|") or (kind == "ident" and value == "in")):
+            logical = True
+    if logical and not ternary:
+        return bool
+    if tokens and tokens[0][1] == "[" and _closes_at_end(tokens, 0):
+        return list
+    if tokens and tokens[0][1] == "{" and _closes_at_end(tokens, 0):
+        return dict
+    return Any
+
+
+def _closes_at_end(tokens: list[tuple[str | None, str]], start: int) -> bool:
+    """Whether the bracket opened at ``tokens[start]`` closes at the last token."""
+    depth = 0
+    for k in range(start, len(tokens)):
+        kind, value = tokens[k]
+        if kind == "op" and value in "([{":
+            depth += 1
+        elif kind == "op" and value in ")]}":
+            depth -= 1
+            if depth == 0:
+                return k == len(tokens) - 1
+    return False
+
+
+def _input_problems(fields: dict[str, Expression], target: type[BaseModel], loc: Loc, who: str, whose: str,
+                    type_of: typing.Callable[[Expression], Any]) -> Iterator[Problem]:
+    """``input:`` fields against ``target`` (``whose``: what it is, for the messages): each names a
+    field of it (a dotted one, a field of the model or map a shorter one names), gives a type that
+    field takes, and no field it requires is missing."""
+    typed = {name: type_of(expr) for name, expr in fields.items()}
+    yield from _fields_into(typed, target, (), loc, who, f"{target.__name__} ({whose})")
+
+
+def _fields_into(typed: dict[str, Any], target: Any, prefix: tuple[str, ...], loc: Loc, who: str,
+                 within: str) -> Iterator[Problem]:
+    here = {name: tp for name, tp in typed.items() if tuple(name.split("."))[:len(prefix)] == prefix}
+    firsts: dict[str, list[str]] = {}
+    for name in here:
+        if name.count(".") >= len(prefix):
+            firsts.setdefault(name.split(".")[len(prefix)], []).append(name)
+    model = _model_of(target)
+    if model is not None and _reshapes(model):
+        return
+    if model is None:  # a map (its values' type), or a type not followed
+        options = _options(target)
+        value = (typing.get_args(options[0]) or (Any, Any))[-1] if (
+            len(options) == 1 and typing.get_origin(options[0]) in _MAPPINGS) else Any
+        for first in firsts:
+            whole = ".".join((*prefix, first))
+            why = _fits(here[whole], value) if whole in here else None
+            if why:
+                yield Problem((*loc, whole), f"{who}: input field {whole!r} gives {_name(here[whole])}, but "
+                              f"{'.'.join(prefix)} is {_name(target)}: {why}")
+        return
+    for first, names in firsts.items():
+        whole = ".".join((*prefix, first))
+        field = _field_name(model, first)
+        if field is None:
+            if model.model_config.get("extra") != "allow":
+                yield Problem((*loc, names[0]), f"{who}: input field {whole!r} is not a field of {within}; its "
+                              f"fields: {_fields_list(model)}")
+            continue
+        annotation = _field_type(model, field)
+        if whole in here:
+            why = _fits(here[whole], annotation)
+            if why:
+                yield Problem((*loc, whole), f"{who}: input field {whole!r} gives {_name(here[whole])}, but "
+                              f"{model.__name__}.{field} is {_name(annotation)}: {why}")
+        if any(n != whole for n in names):
+            inner = _model_of(annotation)
+            yield from _fields_into(here, annotation, (*prefix, first), loc, who,
+                                    inner.__name__ if inner is not None else _name(annotation))
+    given = ".".join(prefix) in typed if prefix else False  # its own expression may give the rest
+    missing = [f.alias or n for n, f in model.model_fields.items()
+               if f.is_required() and (f.alias or n) not in firsts and n not in firsts]
+    if missing and not given:
+        at = f" {'.'.join(prefix)!r}" if prefix else ""
+        yield Problem((*loc, ".".join(prefix)) if prefix else loc,
+                      f"{who}: input{at} gives no {', '.join(map(repr, missing))}, which {within} requires")
+
+
+def _flow_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], i: int, step: StepSpec,
+                   item: Any, *, default: bool = True) -> Iterator[Problem]:
+    """What the step is given against its agent's input model; its compensation's input against its
+    agent's (or its tool's args)."""
+    agent = app.agents.get(step.agent_name)
+    who = f"step {step.id!r}"
+    if agent is not None:
+        whose = f"the input of agent {agent.name!r}"
+        if step.input is not None:
+            def type_of(expr: Expression) -> Any:
+                return _expr_type(expr, lambda p: _path_type(spec, app, up, step, "input", expr, p, item=item))
+
+            yield from _input_problems(dict(step.input), agent.input, ("steps", i, "input"), who, whose, type_of)
+        elif default:
+            taken = _default_input(spec, app, up, step, item)
+            if taken is not None:
+                where, what, given = taken
+                for message in _data_fits(what, given, agent.input):
+                    yield Problem(("steps", i, *where), f"{who} is given {what} as its input, which is no "
+                                  f"{agent.input.__name__} ({whose}): {message}")
+    undo = step.compensate
+    if undo is None:
+        return
+    target: type[BaseModel] | None = None
+    if undo.agent is not None and undo.agent in app.agents:
+        target, whose = app.agents[undo.agent].input, f"the input of agent {undo.agent!r}"
+    elif undo.tool is not None and undo.tool in app.tools:
+        target, whose = app.tools[undo.tool].args, f"the args of tool {undo.tool!r}"
+    step_input = agent.input if agent is not None else Any
+    step_output = output_model(spec, app, step.id) or Any
+
+    def comp_path(expr: Expression, path: tuple[str, ...]) -> tuple[Any, str | None]:
+        what = f"step {step.id!r}: compensate input {expr.source!r} reads {'.'.join(path)}"
+        if path[0] in ("key", "task_id", "job_id"):
+            return (str, None) if len(path) == 1 else (None, f"{what}, but {path[0]} is a string")
+        if path[0] == "input":
+            return _walk(step_input, path[1:], what, f"the step's input ({_name(step_input)})")
+        if path[0] == "output":
+            return _walk(step_output, path[1:], what, f"the step's output ({_name(step_output)})")
+        return None, (f"{what}, but a compensation reads only input (the step's input), output (its output), "
+                      "key and job_id")
+
+    for name, expr in (undo.input or {}).items():
+        for path in expr.paths:
+            _, unread = comp_path(expr, path)
+            if unread:
+                yield Problem(("steps", i, "compensate", "input", name), unread)
+    if target is None:
+        return
+    loc: Loc = ("steps", i, "compensate", "input")
+    if undo.input is not None:
+        yield from _input_problems(dict(undo.input), target, loc, f"step {step.id!r}: compensate", whose,
+                                   lambda e: _expr_type(e, lambda p: comp_path(e, p)))
+    elif undo.tool is not None and _model_of(step_output) is not None:
+        for message in _model_fits(typing.cast(type[BaseModel], step_output), target):
+            yield Problem(("steps", i, "compensate", "tool"), f"step {step.id!r}: compensate calls tool "
+                          f"{undo.tool!r} with the step's output, which is no {target.__name__} ({whose}): {message}")
+    elif undo.agent is not None:
+        given = {"input": step_input, "output": step_output}
+        for message in _data_fits("the step's input and output", given, target):
+            yield Problem(("steps", i, "compensate", "agent"), f"step {step.id!r}: compensate gives agent "
+                          f"{undo.agent!r} {{input, output}} of the step, which is no {target.__name__} ({whose}): "
+                          f"{message}")
+
+
+def _default_input(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: StepSpec,
+                   item: Any) -> tuple[Loc, str, dict[str, Any]] | None:
+    """What a step without ``input:`` is given, as (where the spec says so, what it is, its fields →
+    their types), None when not known at load. As the engine builds it: ``state_input``'s output;
+    a ``for_each`` item (a map as is, else as ``item``); one dependency's output; several keyed by
+    id; none: the run's input (typed by ``input_schema``)."""
+    if step.state_input:
+        for source in sorted(up[step.id]):
+            if source == step.state_input or spec.step(source).output_schema == step.state_input:
+                given = _output_fields(spec, app, source)
+                return None if given is None else (("state_input",), _output_name(spec, app, source), given)
+        return None
+    if step.for_each is not None:
+        if item is None or item is Any:
+            return None
+        model = _model_of(item)
+        if model is not None:
+            return ("for_each",), f"each item ({model.__name__})", _fields_of(model)
+        if _kind(item) == "map":
+            return None
+        return ("for_each",), f"each item as {{item: {_name(item)}}}", {"item": item}
+    if not step.depends_on:
+        model = input_model(spec, app)
+        if model is None:
+            return None
+        return ("id",), f"the run's input ({model.__name__}, its input_schema)", _fields_of(model)
+    if len(step.depends_on) == 1:
+        source = step.depends_on[0]
+        if source not in up[step.id]:
+            return None
+        given = _output_fields(spec, app, source)
+        return None if given is None else (("depends_on",), _output_name(spec, app, source), given)
+    outputs: dict[str, Any] = {}
+    for source in step.depends_on:
+        model = output_model(spec, app, source) if source in up[step.id] else None
+        outputs[source] = Any if model is None else (
+            _join_model(model) if spec.step(source).for_each is not None else model)
+    return ("depends_on",), f"the outputs of steps {', '.join(step.depends_on)} by id", outputs
+
+
+def _output_name(spec: PipelineSpec, app: App, source: str) -> str:
+    model = output_model(spec, app, source)
+    name = model.__name__ if model is not None else "?"
+    if spec.step(source).for_each is not None:
+        return f"the join of step {source!r} ({{items: [{name}], failed, skipped}})"
+    return f"{name} (the output of step {source!r})"
+
+
+def _fields_of(model: type[BaseModel]) -> dict[str, Any]:
+    return {f.alias or n: f.annotation for n, f in model.model_fields.items()}
+
+
+def _output_fields(spec: PipelineSpec, app: App, source: str) -> dict[str, Any] | None:
+    """A step's output as the step after it is given it, field → type (a ``for_each`` step's: its join)."""
+    model = output_model(spec, app, source)
+    if model is None:
+        return None
+    if spec.step(source).for_each is not None:
+        return _fields_of(_join_model(model))
+    return _fields_of(model)
+
+
+_JOINS: dict[type[BaseModel], type[BaseModel]] = {}
+
+
+def _join_model(model: type[BaseModel]) -> type[BaseModel]:
+    """A ``for_each`` step's output as a model: its items' outputs, the failed ones' errors, the skipped."""
+    from pydantic import create_model
+
+    if model not in _JOINS:
+        _JOINS[model] = create_model(f"{model.__name__}Join", items=(list[model], ...),  # type: ignore[valid-type]
+                                     failed=(dict[str, str], ...), skipped=(list[str], []))
+    return _JOINS[model]
+
+
+def input_model(spec: PipelineSpec, app: App) -> type[BaseModel] | None:
+    """The model a run's input satisfies: its ``input_schema``'s (None without one, or if unknown)."""
+    name = getattr(spec, "input_schema", None)
+    if not name:
+        return None
+    models = schema_names(app).get(name, [])
+    return models[0] if len(models) == 1 else None

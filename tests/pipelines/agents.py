@@ -87,6 +87,12 @@ class Parts(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class Given(BaseModel):
+    """Whatever a step is given: the run's input (its dependencies skipped) or an upstream output."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 def _ran(ctx: Context) -> None:
     """Count this execution; fail for good while the step's key is listed to fail."""
     runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
@@ -112,6 +118,13 @@ def combine(ctx: Context, parts: Parts) -> ResearchResult:
     _ran(ctx)
     found = [ResearchResult.model_validate(v) for v in (parts.model_extra or {}).values()]
     return ResearchResult(summary="; ".join(r.summary for r in found), confidence=min(r.confidence for r in found))
+
+
+@app.agent
+def jot(ctx: Context, given: Given) -> ResearchResult:
+    """Notes which fields it was given (a run's input or an upstream output: it takes either)."""
+    _ran(ctx)
+    return ResearchResult(summary=", ".join(sorted(given.model_extra or {})))
 
 
 @app.agent

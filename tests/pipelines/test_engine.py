@@ -67,7 +67,7 @@ def test_a_continue_gate_skips_its_step_and_dependents_run(mesh, run_workers):
             .step("research", agent="researcher")
             .step("coder", depends_on=["research"])
             .step("reviewer", depends_on=["coder"], gate="coder.confidence >= 0.85", failure_mode="continue")
-            .step("report", agent="researcher", depends_on=["reviewer"])
+            .step("report", agent="jot", depends_on=["reviewer"])
             .build())
     app_spec = load_pipeline_spec(spec)
     run_workers()
@@ -147,7 +147,7 @@ def test_a_running_job_keeps_its_spec_and_new_runs_take_the_newest(mesh):
 def test_a_false_when_skips_its_step_and_its_dependent_gets_the_runs_input(mesh, run_workers):
     spec = load_pipeline_spec(Pipeline("maybe")
                               .step("maybe", agent="researcher", when="input.confidence > 0.95")
-                              .step("report", agent="researcher", depends_on=["maybe"])
+                              .step("report", agent="jot", depends_on=["maybe"])
                               .build())
     run_workers()
     record = mesh.wait(mesh.run(spec, {"goal": "g", "confidence": 0.5}).id, timeout_s=30)

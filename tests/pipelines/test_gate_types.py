@@ -105,9 +105,9 @@ def classify(ctx: Context, ticket: Ticket) -> Triage:
 
 
 @triage.agent
-def act(ctx: Context, ticket: Ticket) -> Ticket:
-    """Acts on a ticket."""
-    return ticket
+def act(ctx: Context, rated: Triage) -> Ticket:
+    """Acts on a rated ticket (the output of classify, its one dependency)."""
+    return Ticket(text=rated.label)
 
 
 FLOW = """

@@ -28,9 +28,10 @@ def alias_bomb(levels: int) -> str:
 
 
 def reverse_chain(n: int, *, cycle: bool = False) -> str:
-    """``n`` steps, each depending on the one declared after it (the last on the first if ``cycle``)."""
-    steps = [f"  - id: s{i}\n    agent: researcher\n    depends_on: [s{i + 1}]" for i in range(n - 1)]
-    steps.append(f"  - id: s{n - 1}\n    agent: researcher" + ("\n    depends_on: [s0]" if cycle else ""))
+    """``n`` steps, each depending on the one declared after it (the last on the first if ``cycle``), each
+    given the one before's output (``hold`` takes and gives a CodeDiff)."""
+    steps = [f"  - id: s{i}\n    agent: hold\n    depends_on: [s{i + 1}]" for i in range(n - 1)]
+    steps.append(f"  - id: s{n - 1}\n    agent: hold" + ("\n    depends_on: [s0]" if cycle else ""))
     return "name: p\nagents:\n" + "\n".join(steps) + "\n"
 
 

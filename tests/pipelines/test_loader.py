@@ -310,6 +310,7 @@ def test_for_each_walks_a_list_and_item_is_typed(tmp_path: Path) -> None:
         agents:
           - id: researcher
           - id: coder
+            agent: fetch
             depends_on: [researcher]
             for_each: "{{researcher.sources}}"
             max_parallel: 4
@@ -321,7 +322,7 @@ def test_for_each_walks_a_list_and_item_is_typed(tmp_path: Path) -> None:
     assert coder.for_each is not None and coder.for_each.cel == "researcher.sources"
     assert coder.join is not None and coder.join.min_success == 0.8 and coder.max_parallel == 4
     found = errors(tmp_path, path.read_text().replace("item.score", "item.rank"))
-    assert found == ["bad.yaml:9: step 'coder': when 'item.rank > 0.5' reads item.rank, but item has no field "
+    assert found == ["bad.yaml:10: step 'coder': when 'item.rank > 0.5' reads item.rank, but item has no field "
                      "'rank'; its fields: score, url"]
 
 

@@ -59,6 +59,7 @@ def test_key_names_the_jobs_key_in_templates_and_inputs_as_task_id_did() -> None
         name: p
         steps:
           - id: researcher
+            agent: jot  # takes any field: ref is none of Task's
             idempotency_key: "{{key}}:research"
             input:
               goal: input.goal

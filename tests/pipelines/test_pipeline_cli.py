@@ -119,6 +119,7 @@ version: "2.1"
 description: A pipeline with every key set, so that show and validate print each.
 tracing: {enabled: true, provider: otlp, log_inputs: true, log_outputs: true}
 checkpointing: {enabled: true, store: redis, ttl_minutes: 90}
+input_schema: task
 steps:
   - id: scout
     agent: scout
@@ -158,7 +159,8 @@ result: [fetch, digest]
 EVERY_KEY_SHOWN = [
     "every-key 2.1", "A pipeline with every key set", "order: scout → coder → fetch → digest",
     "tracing: otlp, logs inputs and outputs", "checkpointing: redis, kept 1h30m",
-    "result: fetch, digest", "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
+    "result: fetch, digest", "input_schema task",
+    "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
     "output research_result", "idempotent", "key: {{key}}:scout",
     "compensate: agent scout, input: goal = input.goal, retry 2 attempt(s), no backoff, timeout 1500ms",
     "after scout", "state_input research_result", "for_each: scout.sources.filter(s, s.score >= 2.0)",
@@ -215,3 +217,94 @@ def test_validate_and_show_print_every_key_and_json_is_the_whole_canonical_spec(
         assert scout["compensate"]["timeout_ms"] == 1500
         assert fetch["join"] == {"min_success": 0.8} and fetch["max_parallel"] == 4
         assert fetch["input"]["url"] == {"source": "item.url", "cel": "item.url", "reads": ["item.url"]}
+
+
+FLOWS = "tests.pipelines.flows"
+
+
+def test_validate_register_and_show_take_a_python_pipeline_or_a_registered_name(cli: Cli) -> None:
+    for attr, name in (("review", "py-review"), ("short", "py-short")):
+        run = cli("pipeline", "validate", f"{FLOWS}:{attr}", "--app", APP)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith(f"{name} 1  valid against app 'orchestration'")
+    assert "input_schema task" in cli("pipeline", "validate", f"{FLOWS}:review", "--app", APP).stdout
+
+    unregistered = cli("pipeline", "show", f"{FLOWS}:review", "--app", APP)
+    assert unregistered.returncode == 0, unregistered.stderr
+    assert "not registered" in unregistered.stdout.splitlines()[0]
+    done = cli("pipeline", "register", f"{FLOWS}:review", "--app", APP, "--json")
+    assert done.returncode == 0, done.stderr
+    digest = json.loads(done.stdout)["digest"]
+    shown = json.loads(cli("pipeline", "show", f"{FLOWS}:review", "--app", APP, "--json").stdout)
+    assert (shown["digest"], shown["registered"], shown["newest"]) == (digest, True, True)
+    assert "the newest registered version" in cli("pipeline", "show", f"{FLOWS}:review", "--app", APP).stdout
+    by_name = cli("pipeline", "validate", "py-review", "--app", APP, "--json")  # the registered one, checked again
+    assert by_name.returncode == 0, by_name.stderr
+    assert json.loads(by_name.stdout)["digest"] == digest
+
+
+def test_a_bad_python_pipeline_says_what_is_wrong_and_exits_2(cli: Cli) -> None:
+    for source, says in [
+        ("tests.pipelines.nope:review", "tests.pipelines.nope:review: cannot import module 'tests.pipelines.nope'"),
+        (f"{FLOWS}:missing", f"{FLOWS}:missing: module '{FLOWS}' has no attribute 'missing'; its pipelines: "
+                             "mistyped, review, short"),
+        ("tests.pipelines.flows_broken:review", "tests.pipelines.flows_broken:review: importing module "
+                                                 "'tests.pipelines.flows_broken' failed: ConfigError: pipeline "
+                                                 "'broken' is invalid:"),
+        (f"{FLOWS}:NOT_A_PIPELINE", f"{FLOWS}:NOT_A_PIPELINE is a str, not a Pipeline builder or a PipelineSpec"),
+        (APP, f"{APP} is a App, not a Pipeline builder or a PipelineSpec (an app: run one of its pipelines"),
+        (f"{FLOWS}:mistyped", f"{FLOWS}:mistyped: steps.1.input.sumary: step 'coder': input field 'sumary' is not a "
+                              "field of ResearchResult (the input of agent 'coder'); its fields: summary, sources, "
+                              "confidence"),
+    ]:
+        for command in (("pipeline", "validate"), ("pipeline", "register"), ("pipeline", "show"), ("run",)):
+            run = cli(*command, source, "--app", APP, *(("--input", "{}") if command == ("run",) else ()))
+            assert run.returncode == 2, (command, source, run.stdout)
+            assert says in " ".join(run.stderr.split()), (command, source, run.stderr)
+
+
+def test_mesh_run_a_file_says_it_registered_it_and_refuses_to_replace_another_version(cli: Cli,
+                                                                                    tmp_path: Path) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(Path(ISSUE_FILE).read_text())
+    task = '{"goal": "ship it"}'
+    first = cli("run", str(path), "--app", APP, "--input", task, "--json")
+    assert first.returncode == 0, first.stderr
+    registered = json.loads(first.stdout)["registration"]
+    assert registered["registered"] == "new" and registered["name"] == "multi-agent-orchestration"
+    again = cli("run", str(path), "--app", APP, "--input", task)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.startswith("already registered: multi-agent-orchestration 1.0.0  digest "
+                                   f"{registered['digest'][:12]}")
+    assert len(json.loads(cli("pipeline", "show", "multi-agent-orchestration", "--json").stdout)["versions"]) == 1
+
+    path.write_text(path.read_text().replace("ttl_minutes: 60", "ttl_minutes: 90"))
+    refused = cli("run", str(path), "--app", APP, "--input", task)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr  # one line, whatever the width
+    assert refused.stderr.startswith("error: pipeline 'multi-agent-orchestration' is registered as another version "
+                                     f"(digest {registered['digest'][:12]}; ")
+    assert "run with --register to register" in refused.stderr
+    assert json.loads(cli("pipeline", "show", "multi-agent-orchestration", "--json").stdout)["digest"] == \
+        registered["digest"]
+    replaced = cli("run", str(path), "--app", APP, "--input", task, "--register")
+    assert replaced.returncode == 0, replaced.stderr
+    assert replaced.stderr.startswith("registered as the newest version: multi-agent-orchestration 1.0.0")
+    assert f"(was {registered['digest'][:12]})" in replaced.stderr
+    assert len(replaced.stdout.split()) == 1  # stdout: the job id alone
+
+    py = cli("run", f"{FLOWS}:short", "--app", APP, "--input", task, "--json")
+    assert py.returncode == 0, py.stderr
+    assert json.loads(py.stdout)["registration"]["name"] == "py-short"
+
+
+def test_mesh_run_checks_the_input_against_input_schema_and_each_roots_built_input(cli: Cli) -> None:
+    # a root with input: is given what its fields build, not the run's input as it is
+    ok = cli("run", f"{FLOWS}:short", "--app", APP, "--input", '{"goal": "g", "note": "not a Task field"}')
+    assert ok.returncode == 0, ok.stderr
+    bad = cli("run", f"{FLOWS}:short", "--app", APP, "--input", '{"goal": ["not", "text"]}')
+    assert bad.returncode == 2
+    assert "step researcher: invalid researcher input: goal: Input should be a valid string" in bad.stderr
+    typed = cli("run", f"{FLOWS}:review", "--app", APP, "--input", '{"goal": "g", "count": "many"}')
+    assert typed.returncode == 2
+    assert "invalid pipeline 'py-review' input: count: Input should be a valid integer" in typed.stderr
