@@ -151,7 +151,7 @@ def test_the_builder_takes_declared_agents_for_steps_and_dependencies() -> None:
                      "again": ("notify", ("notify",))}
     # depends_on=[agent] names the step the builder added for it, whatever its id.
     spec = (Pipeline("typed").step(classify, id="first")
-            .step(notify, depends_on=[classify], compensate={"agent": classify}).build())
+            .step(notify, depends_on=[classify], compensate={"agent": classify, "input": {"text": "key"}}).build())
     assert spec.steps[1].depends_on == ("first",)
     assert spec.steps[1].compensate is not None and spec.steps[1].compensate.agent == "classify"
     assert app.pipeline(spec).name == "typed"  # the same spec YAML loads to, checked against the app
