@@ -1,7 +1,8 @@
 """Credentials minted for the call: a short-lived token for one tool call, instead of a standing secret.
 
     def issue(scope: CredentialScope) -> Credential:                 # called just before each call
-        answer = token_server.post(..., auth=scope.secret("CLIENT_SECRET"), json={"key": scope.key})
+        answer = token_server.post(..., auth=scope.secret("CLIENT_SECRET"), json={"key": scope.key},
+                                   timeout=scope.timeout_s(5))
         return Credential(answer["token"], expires_at=answer["expires_at"])
 
     @app.tool(dependency="api.example.com:443", secrets=["CLIENT_SECRET"], mint=issue)
@@ -70,6 +71,14 @@ class CredentialScope:
     step_id: str
     attempt: int
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: The message's deadline (absolute, s, on :attr:`clock`): minting spends the call's budget too.
+    deadline: float = math.inf
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+
+    def timeout_s(self, configured: float) -> float:
+        """``configured``, cut to what is left of the deadline (at least a millisecond): the minter's
+        own request to its token server should not outlast the call it mints for."""
+        return max(0.001, min(configured, self.deadline - self.clock()))
 
     def secret(self, name: str) -> str:
         """The value of a secret the tool declared (``@app.tool(secrets=[...])``)."""
@@ -105,7 +114,7 @@ def mint(spec: ToolSpec, args: BaseModel, ctx: ToolContext, env: Envelope) -> Cr
     (``permanent``, naming the tool and what went wrong, never the token) when there is none to use."""
     assert spec.mint is not None
     scope = CredentialScope(tool=spec.name, args=args, job_id=env.job_id, key=env.key, step_id=env.step_id,
-                            attempt=env.attempt, secrets=ctx.secrets)
+                            attempt=env.attempt, secrets=ctx.secrets, deadline=ctx.deadline, clock=ctx.clock)
     try:
         credential = resolve(spec.mint(scope))
     except Exception as exc:

@@ -46,7 +46,7 @@ def fresh(scope: CredentialScope) -> Credential:
 
 def context(app: App, **kw: Any) -> TestContext:
     return TestContext(app, secrets={"CLIENT_SECRET": "client-secret-value"}, key="k-1", job_id="j-1",
-                       step_id="s-1", attempt=2, **kw)
+                       step_id="s-1", attempt=2, deadline_s=60, **kw)
 
 
 def test_each_call_mints_its_own_credential_with_the_calls_scope_and_the_token_is_masked_from_then_on() -> None:
@@ -58,6 +58,7 @@ def test_each_call_mints_its_own_credential_with_the_calls_scope_and_the_token_i
     assert [(s.tool, s.args, s.job_id, s.key, s.step_id, s.attempt) for s in scopes] == [
         ("ping", Ping(n=1), "j-1", "k-1", "s-1", 2), ("ping", Ping(n=2), "j-1", "k-1", "s-1", 2)]
     assert redact.redact(first) == "sent with [secret]"
+    assert 59 < scopes[0].timeout_s(120) <= 60 and scopes[0].timeout_s(5) == 5  # cut to the 60 s deadline
     assert seen[0] not in repr(Credential(seen[0], expires_at=1.0)) and "client-secret" not in repr(scopes[0])
 
 

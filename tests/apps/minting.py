@@ -50,12 +50,12 @@ def _credential(answer: httpx.Response) -> Credential:
 
 def issue(scope: CredentialScope) -> Credential:
     """Mints through the token server."""
-    return _credential(httpx.post(**_request(scope), timeout=5))
+    return _credential(httpx.post(**_request(scope), timeout=scope.timeout_s(5)))
 
 
 async def aissue(scope: CredentialScope) -> Credential:
     """Mints through the token server, awaited."""
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(timeout=scope.timeout_s(5)) as client:
         return _credential(await client.post(**_request(scope)))
 
 
