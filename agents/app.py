@@ -43,6 +43,7 @@ from pydantic import BaseModel
 
 from mesh.contracts import AgentRef, ConfigError
 
+from .credentials import Minter, check_minter
 from .names import name_problem
 from .tools.allow import parse_allowlist
 
@@ -130,6 +131,9 @@ class ToolSpec:
     #: The declared tool that undoes a call of this one (called with the same args) when the job of
     #: the step that made the call halts or is cancelled: see docs/guides/compensation.md.
     compensate: str | None = None
+    #: Mints a short-lived credential just before each call, ``mint(scope) -> Credential`` (or
+    #: ``async def``); the tool reads it as ``ctx.credential`` (:mod:`mesh.agents.credentials`).
+    mint: Minter | None = None
 
     def allowlist(self, settings: MeshSettings) -> frozenset[str] | None:
         """The ``host:port`` entries (normal form) this tool may reach; None: MESH_HTTP_ALLOW's."""
@@ -258,30 +262,32 @@ class App:
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None) -> Tool[Args, R]: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None) -> Tool[Args, R]: ...
     @overload
     def tool(self, fn: Callable[..., Any], /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None) -> Tool[Any, Any]: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None) -> Tool[Any, Any]: ...
     @overload
     def tool(self, fn: None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None) -> DeclareTool: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None) -> DeclareTool: ...
 
     def tool(self, fn: Callable[[ToolContext, Args], R] | None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
-             compensate: str | Tool[Any, Any] | None = None, verify: Callable[..., Any] | None = None) -> Any:
+             compensate: str | Tool[Any, Any] | None = None, verify: Callable[..., Any] | None = None,
+             mint: Minter | None = None) -> Any:
         """Declare ``fn(ctx, args) -> result`` as a tool agents may call; returns a :class:`Tool`, the
         function still, typed by its args and result. ``allow``: the ``host:port``
         its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`).
         ``compensate``: the declared tool that undoes a call of this one, given the same args (run,
         last call first, when the job of the step that made the calls halts or is cancelled).
-        ``verify``: a check that the call's effect happened (see :attr:`ToolSpec.verify`)."""
+        ``verify``: a check that the call's effect happened (see :attr:`ToolSpec.verify`).
+        ``mint``: mints the call's short-lived credential, ``ctx.credential`` (see :attr:`ToolSpec.mint`)."""
         undo = None if compensate is None else _named(compensate)
         for option, given in (("compensate", undo), ("verify", verify)):
             if given is not None and not effect:
@@ -295,10 +301,12 @@ class App:
             _not_generator(fn, "tool")
             if verify is not None:
                 _not_generator(verify, "verifier")
+            if mint is not None:
+                check_minter(name or fn.__name__, mint)
             args_model = args or _models(fn, None, None, need_output=False)[0]
             spec = ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
                             secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
-                            compensate=undo, verify=verify)
+                            compensate=undo, verify=verify, mint=mint)
             self.add_tool(spec)
             return Tool(fn, spec)
 

@@ -14,6 +14,7 @@ checked as a worker checks it (declared by the agent, its args validated) and re
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ import httpx
 import redis
 from pydantic import BaseModel, ValidationError
 
+from mesh.agents import credentials
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec
 from mesh.agents.context import Context, _classified
 from mesh.agents.tools.allow import Resolver, system_resolver
@@ -164,10 +166,13 @@ class TestContext(Context):
 
     def _run(self, spec: ToolSpec | None, args: BaseModel) -> Any:
         assert spec is not None
-        if spec.dependency is None:
-            return spec.run(self._tool_context(spec), args)
-        dependency = spec.target(args)
-        return _classified(dependency, spec.run, self._tool_context(spec, dependency), args)
+        dependency = spec.target(args) if spec.dependency is not None else None
+        tool_ctx = self._tool_context(spec, dependency)
+        if spec.mint is not None:  # minted for each call, as a worker does
+            tool_ctx = dataclasses.replace(tool_ctx, minted=credentials.mint(spec, args, tool_ctx, self.env))
+        if dependency is None:
+            return spec.run(tool_ctx, args)
+        return _classified(dependency, spec.run, tool_ctx, args)
 
     def _confirm(self, call: str, *, effect: bool) -> None:
         """No lease to confirm: the test holds the step."""

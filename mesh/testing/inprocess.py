@@ -260,10 +260,10 @@ class TestMesh:
         call recorded in ``calls``."""
         served = App(self.app.name)
         for spec in self.app.tools.values():
-            if spec.name in self._fakes:  # a fake reads no secret and has no effect to verify
+            if spec.name in self._fakes:  # a fake reads no secret, mints nothing and has no effect to verify
                 fake = self._fakes[spec.name]
                 spec = dataclasses.replace(spec, run=lambda ctx, args, fake=fake: _fake(fake, args), secrets=(),
-                                           verify=None)
+                                           verify=None, mint=None)
             served.add_tool(dataclasses.replace(spec, run=self._recorded(spec.name, spec.run)))
         for agent in self.app.agents.values():
             served.add_agent(agent)

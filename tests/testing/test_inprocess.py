@@ -7,7 +7,7 @@ import pytest
 import redis
 from pydantic import BaseModel
 
-from mesh import App, Context, Pipeline, State, ToolContext
+from mesh import App, Context, Credential, Pipeline, State, ToolContext
 from mesh.testing import TestMesh, TestModel, ToolCall, run_pipeline
 
 pytestmark = pytest.mark.slow  # each test starts an in-process worker
@@ -126,3 +126,29 @@ def test_send_and_run_take_the_declared_agent_and_input_models() -> None:
                           tools={post: lambda d: Posted(id=f"P-{d.text}")}, approve={"publish": True})
     assert record.pipeline_input == {"topic": "otters"}
     assert (record.output(write), record.output(publish)) == (Draft(text="otters"), Posted(id="P-otters"))
+
+
+minting = App("inprocess-minting")
+
+
+def no_token_server(scope: object) -> Credential:
+    raise RuntimeError("no token server in a unit test")
+
+
+@minting.tool(mint=no_token_server)
+def charge(ctx: ToolContext, args: Draft) -> Posted:
+    return Posted(id=ctx.credential.token)
+
+
+@minting.agent(tools=[charge])
+def pay(ctx: Context, draft: Draft) -> Posted:
+    return ctx.call(charge, draft)
+
+
+def test_a_faked_tool_mints_no_credential_and_a_real_one_is_refused_when_its_minter_fails() -> None:
+    with TestMesh(minting, tools={charge: Posted(id="P-1")}) as mesh:
+        assert mesh.wait(mesh.send(pay, Draft(text="tea"))).result == {"pay": {"id": "P-1"}}
+    with TestMesh(minting) as mesh:
+        record = mesh.wait(mesh.send(pay, Draft(text="tea")))
+    assert record.state is State.DEAD_LETTERED
+    assert "tool charge: its credential minter failed: RuntimeError: no token server" in str(record.error)
