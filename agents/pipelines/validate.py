@@ -490,10 +490,24 @@ def _field_type(model: type[BaseModel], name: str) -> Any:
 
 
 def _field_name(model: type[BaseModel], name: str) -> str | None:
-    """The field of ``model`` a payload key names (by its name or its alias), None if none."""
-    if name in model.model_fields:
-        return name
-    return next((n for n, f in model.model_fields.items() if f.alias == name), None)
+    """The field of ``model`` a payload key names (see :func:`_keys`), None if none."""
+    return next((n for n in model.model_fields if name in _keys(model, n)), None)
+
+
+def _keys(model: type[BaseModel], name: str) -> tuple[str, ...]:
+    """The payload keys that give ``model``'s field ``name`` as pydantic validates it: its validation
+    alias (each of ``AliasChoices``; an ``AliasPath``'s first key), else its alias; its name too when
+    it has neither or the model validates by name (``populate_by_name``)."""
+    from pydantic import AliasChoices, AliasPath
+
+    field, config = model.model_fields[name], model.model_config
+    given = field.validation_alias if field.validation_alias is not None else field.alias
+    choices = given.choices if isinstance(given, AliasChoices) else [] if given is None else [given]
+    keys = [c.path[0] if isinstance(c, AliasPath) else c for c in choices]
+    if config.get("validate_by_alias") is False:
+        keys = []
+    by_name = not keys or config.get("populate_by_name") or config.get("validate_by_name")
+    return tuple(dict.fromkeys(str(k) for k in [*keys, *([name] if by_name else [])]))
 
 
 def _model_of(tp: Any) -> type[BaseModel] | None:
@@ -503,7 +517,7 @@ def _model_of(tp: Any) -> type[BaseModel] | None:
 
 
 def _fields_list(model: type[BaseModel]) -> str:
-    return ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
+    return ", ".join(_keys(model, n)[0] for n in model.model_fields) or "none"
 
 
 def _kind(tp: Any) -> str | None:
@@ -610,8 +624,7 @@ def _model_fits(source: type[BaseModel], target: type[BaseModel], depth: int = 0
     valid ``target``: see :func:`_data_fits`."""
     if issubclass(source, target) or depth > _DEPTH:
         return []
-    return _data_fits(source.__name__, {f.alias or n: f.annotation for n, f in source.model_fields.items()},
-                      target, depth)
+    return _data_fits(source.__name__, _fields_of(source), target, depth)
 
 
 def _data_fits(source: str, given: dict[str, Any], target: type[BaseModel], depth: int = 0) -> list[str]:
@@ -622,10 +635,10 @@ def _data_fits(source: str, given: dict[str, Any], target: type[BaseModel], dept
     if _reshapes(target):
         return found
     for name, f in target.model_fields.items():
-        key = name if name in given else f.alias if f.alias in given else None
+        key = next((k for k in _keys(target, name) if k in given), None)
         if key is None:
             if f.is_required():
-                found.append(f"{source} has no {f.alias or name!r}, which {target.__name__} requires")
+                found.append(f"{source} has no {_keys(target, name)[0]!r}, which {target.__name__} requires")
             continue
         why = _fits(given[key], _field_type(target, name), depth)
         if why:
@@ -741,8 +754,8 @@ def _fields_into(typed: dict[str, Any], target: Any, prefix: tuple[str, ...], lo
             yield from _fields_into(here, annotation, (*prefix, first), loc, who,
                                     inner.__name__ if inner is not None else _name(annotation))
     given = ".".join(prefix) in typed if prefix else False  # its own expression may give the rest
-    missing = [f.alias or n for n, f in model.model_fields.items()
-               if f.is_required() and (f.alias or n) not in firsts and n not in firsts]
+    missing = [_keys(model, n)[0] for n, f in model.model_fields.items()
+               if f.is_required() and not set(_keys(model, n)) & set(firsts)]
     if missing and not given:
         at = f" {'.'.join(prefix)!r}" if prefix else ""
         yield Problem((*loc, ".".join(prefix)) if prefix else loc,
@@ -839,7 +852,7 @@ def _default_input(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: 
         model = input_model(spec, app)
         if model is None:
             return None
-        return ("id",), f"the run's input ({model.__name__}, its input_schema)", _fields_of(model)
+        return ("id",), f"the run's input ({model.__name__}, its input_schema)", _fields_of(model, by_alias=True)
     if len(step.depends_on) == 1:
         source = step.depends_on[0]
         if source not in up[step.id]:
@@ -862,8 +875,10 @@ def _output_name(spec: PipelineSpec, app: App, source: str) -> str:
     return f"{name} (the output of step {source!r})"
 
 
-def _fields_of(model: type[BaseModel]) -> dict[str, Any]:
-    return {f.alias or n: f.annotation for n, f in model.model_fields.items()}
+def _fields_of(model: type[BaseModel], *, by_alias: bool = False) -> dict[str, Any]:
+    """A model's data as a job's record keeps it, key → type: an output by field name (a worker
+    dumps it so), a run's input (``by_alias``) by the keys its model validates."""
+    return {(_keys(model, n)[0] if by_alias else n): f.annotation for n, f in model.model_fields.items()}
 
 
 def _output_fields(spec: PipelineSpec, app: App, source: str) -> dict[str, Any] | None:
