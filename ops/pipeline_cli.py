@@ -270,11 +270,16 @@ def registration(c: Any, spec: Any, source: str, *, replace: bool) -> dict[str, 
     digest = spec.digest()
     said = "new" if latest is None else "already" if latest == digest else "replaced"
     if said == "replaced" and not replace:
-        base.fail(f"pipeline {spec.name!r} is registered as another version (digest {latest[:12]}; {source} is "
-                  f"{digest[:12]}): run with --register to register {source} as its newest version, or run the "
-                  f"registered one: mesh run {spec.name}", base.EXIT_INPUT)
+        refuse_replacing(spec.name, typing.cast(str, latest), digest, source)
     return {"name": spec.name, "version": spec.version, "digest": digest, "registered": said,
             "previous": latest if said == "replaced" else None}
+
+
+def refuse_replacing(name: str, latest: str, digest: str, source: str) -> typing.NoReturn:
+    """Exit 2: ``source`` is not run, another version of ``name`` is registered as the newest."""
+    base.fail(f"pipeline {name!r} is registered as another version (digest {latest[:12]}; {source} is "
+              f"{digest[:12]}): run with --register to register {source} as its newest version, or run the "
+              f"registered one: mesh run {name}", base.EXIT_INPUT)
 
 
 def say_registration(done: dict[str, Any]) -> None:
