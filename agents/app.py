@@ -326,6 +326,10 @@ class App:
 
     def add_agent(self, spec: AgentSpec) -> None:
         problem = name_problem("agent name", spec.name)
+        if problem and "-" in spec.name:  # a name older versions took: its queued messages keep it
+            problem += (f". Messages already sent to {spec.name!r} (on its queue, in the dead-letter queue) name it "
+                        "and are served only by workers that declare it: drain them with the version that does "
+                        "(mesh queues, mesh dlq list) before renaming the agent")
         if problem:
             raise ConfigError(problem)
         if not NAME.match(spec.queue):
