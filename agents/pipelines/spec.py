@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import orjson
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mesh.contracts.approvals import parse_duration
 
@@ -46,6 +46,12 @@ JOB_NAMES = frozenset({"key", "task_id", "job_id", "input"})
 RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break", "const", "continue", "else",
                             "for", "function", "if", "import", "let", "loop", "package", "namespace", "return",
                             "var", "void", "while"}
+#: Reserved since ``key`` names the job's key: a spec registered before (a job's, a registered version)
+#: keeps a step of that name, whose output its expressions read as ``key`` (a step's output is read
+#: over the job's names).
+STORED_IDS = frozenset({"key"})
+#: The validation context of a spec read back from Redis (:func:`engine.spec_from_json`).
+STORED = {"stored": True}
 
 
 class _Spec(BaseModel):
@@ -219,11 +225,11 @@ class StepSpec(_Spec):
 
     @field_validator("id")
     @classmethod
-    def _id(cls, v: str) -> str:
+    def _id(cls, v: str, info: ValidationInfo) -> str:
         problem = name_problem("step id", v)
         if problem:
             raise ValueError(problem)
-        if v in RESERVED_IDS:
+        if v in RESERVED_IDS and not (v in STORED_IDS and (info.context or {}).get("stored")):
             raise ValueError(f"step id {v!r} is reserved (expressions read it as {v!r} of the job or CEL)")
         return v
 
