@@ -1,6 +1,6 @@
-"""An agent name with ``-`` (older versions took one) is refused with what renaming it means for
-what a deployment already sent: its messages name the old agent, and only workers declaring it
-serve them."""
+"""An agent's declaration refused, saying why: a name with ``-`` (older versions took one), with what
+renaming it means for what a deployment already sent (its messages name the old agent, and only
+workers declaring it serve them); attempts that are no whole count."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ def test_a_dashed_agent_name_is_refused_saying_its_queued_messages_keep_the_old_
         def search2(ctx: Context, q: Q) -> Q:
             return q
     assert "Messages already sent" not in str(other.value)  # no older version took that one either
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    ({"max_retries": -1}, "agent 'counted': max_retries=-1 counts the retries after the first attempt: it is at "
+                          "least 0 (0 never retries)"),
+    ({"max_attempts": 2.5}, "agent 'counted': max_attempts=2.5 is a count: a whole number"),
+    ({"max_attempts": True}, "agent 'counted': max_attempts=True is a count: a whole number"),
+])
+def test_an_agents_attempts_are_a_whole_count_or_its_declaration_is_refused(given: dict[str, object],
+                                                                            says: str) -> None:
+    mine = App("mine")
+    with pytest.raises(ConfigError) as caught:
+        mine.agent(name="counted", **given)(lambda ctx, q: q)  # type: ignore[call-overload]
+    assert str(caught.value) == says
+    assert "counted" not in mine.agents
