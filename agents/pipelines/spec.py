@@ -29,6 +29,8 @@ MAX_STEPS = 1000
 STEP_ID = NAME
 #: An ``input:`` field: a name, or a dotted path into a map an earlier field gave.
 INPUT_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+#: Most names in a dotted ``input:`` field: as deep as a pipeline file may nest.
+MAX_INPUT_DEPTH = 32
 
 
 def _input_fields(v: dict[str, Expression] | None, what: str, example: str) -> dict[str, Expression] | None:
@@ -39,6 +41,10 @@ def _input_fields(v: dict[str, Expression] | None, what: str, example: str) -> d
         if bad:
             raise ValueError(f"{what} {', '.join(map(repr, bad))} must be names, dotted for a field inside "
                              f"another{example}")
+        deep = [k for k in v if k.count(".") >= MAX_INPUT_DEPTH]
+        if deep:
+            raise ValueError(f"{what} {', '.join(repr(k[:40] + '...') for k in deep)} nest(s) deeper than the "
+                             f"{MAX_INPUT_DEPTH} names a dotted field may have")
     return v
 #: Names expressions read besides step ids: not usable as step ids. ``key`` is the key the job was
 #: submitted with; ``task_id`` is its older name, kept for the files that spell it so.

@@ -1,6 +1,7 @@
 """An expression is CEL text; YAML reads an unquoted ``true``, ``3``, ``null`` or ``2024-01-01`` as
 a boolean, a number, null or a date. Such a value in ``input:`` (or a gate) is refused at its line
-saying what YAML read and how to write what was meant."""
+saying what YAML read and how to write what was meant; a dotted ``input:`` field deeper than a
+file may nest is refused at its line too."""
 
 from __future__ import annotations
 
@@ -8,9 +9,26 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+from pydantic import BaseModel
 
+from mesh import App, Context
 from mesh.agents.pipelines import PipelineError, load_pipeline
 from tests.pipelines.agents import app
+
+
+class Tree(BaseModel):
+    """A model inside itself: a dotted input field may name it however deep."""
+
+    name: str = ""
+    child: Tree | None = None
+
+
+trees = App("trees")
+
+
+@trees.agent
+def grow(ctx: Context, tree: Tree) -> Tree:
+    return tree
 
 FLOW = """
 name: flow
@@ -45,3 +63,17 @@ def test_a_yaml_value_that_is_no_text_is_refused_saying_what_yaml_read(tmp_path:
         load_pipeline(path, app)
     line = 4 if gate == "true" else 8
     assert [str(e) for e in caught.value.errors] == [f"{path}:{line}: {says}"]
+
+
+def test_a_dotted_input_field_deeper_than_a_file_may_nest_is_a_load_error_at_its_line(tmp_path: Path) -> None:
+    deep = ".".join(["child"] * 3000) + ".name"
+    path = tmp_path / "flow.yaml"
+    path.write_text(f"name: flow\nsteps:\n  - id: grow\n    input:\n      ? {deep}\n      : '\"x\"'\n")
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, trees)
+    assert [str(e) for e in caught.value.errors] == [
+        f"{path}:4: steps[0].input: input field(s) 'child.child.child.child.child.child.chil...' nest(s) deeper "
+        "than the 32 names a dotted field may have"]
+    shallow = ".".join(["child"] * 31) + ".name"
+    path.write_text(f"name: flow\nsteps:\n  - id: grow\n    input:\n      {shallow}: '\"x\"'\n")
+    assert load_pipeline(path, trees).step("grow").input
