@@ -73,7 +73,7 @@ def python_pipeline(source: str) -> Any:
     except ImportError as exc:
         raise ConfigError(f"{source}: cannot import module {module_name!r}: {exc}") from None
     except Exception as exc:  # the module itself fails (an app whose pipeline does not hold, a bug)
-        raise ConfigError(f"{source}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise _named(source, f"importing module {module_name!r} failed: {type(exc).__name__}: ", exc) from None
     for part in attr.split("."):
         if not hasattr(found, part):
             module = importlib.import_module(module_name)
@@ -82,12 +82,23 @@ def python_pipeline(source: str) -> Any:
                               f"{', '.join(pipelines) or 'none'}")
         found = getattr(found, part)
     if isinstance(found, Pipeline):
-        return found.build()
+        try:
+            return found.build()
+        except ConfigError as exc:
+            raise _named(source, "", exc) from None
     if isinstance(found, PipelineSpec):
         return found
     hint = " (an app: run one of its pipelines by name with --app, or name the pipeline itself)" \
         if isinstance(found, App) else ""
     raise ConfigError(f"{source} is a {type(found).__name__}, not a Pipeline builder or a PipelineSpec{hint}")
+
+
+def _named(source: str, said: str, exc: Exception) -> Exception:
+    """A ConfigError of ``exc``'s lines (a pipeline's errors, one a line), each naming ``source``."""
+    from mesh.contracts import ConfigError
+
+    first, *more = str(exc).splitlines() or [""]
+    return ConfigError("\n".join([f"{source}: {said}{first}", *(f"{source}: {line.strip()}" for line in more)]))
 
 
 def load(source: str, app_path: str | None, *, registered: bool = True) -> Loaded:
