@@ -387,7 +387,7 @@ def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: Step
         if model is None:
             return Any, None  # the job's input has no declared model (input_schema): not checked
         return _walk(model, path[1:], what, f"{model.__name__} (the job's input, input_schema "
-                     f"{spec.input_schema!r})")
+                     f"{spec.input_schema!r})", given=True)
     if root == "item" and item is not None:
         return _walk(item, path[1:], what, "item")
     ids = {s.id for s in spec.steps}
@@ -406,21 +406,27 @@ def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: Step
     return _walk(model, path[1:], what, f"{model.__name__} (the output of step {root!r})")
 
 
-def _walk(tp: Any, fields: tuple[str, ...], what: str, name: str) -> tuple[Any, str | None]:
+def _walk(tp: Any, fields: tuple[str, ...], what: str, name: str, *, given: bool = False) -> tuple[Any, str | None]:
+    """The type ``fields`` reach in a value of type ``tp``: a model's fields read by name, as a worker
+    records an output, or (``given``: a run's input, as given or dumped by alias) by the keys the
+    model validates (:func:`_keys`)."""
     for k, field in enumerate(fields):
         options = _options(tp)
         if Any in options:
             return Any, None
         found = []
         for option in options:
-            if isinstance(option, type) and issubclass(option, BaseModel) and field in option.model_fields:
-                found.append(option.model_fields[field].annotation)
+            model = option if isinstance(option, type) and issubclass(option, BaseModel) else None
+            named = None if model is None else _field_name(model, field) if given else \
+                field if field in model.model_fields else None
+            if model is not None and named is not None:
+                found.append(model.model_fields[named].annotation)
             elif typing.get_origin(option) in _MAPPINGS:
                 found.append((typing.get_args(option) or (Any, Any))[-1])
         if not found:
             at = name if k == 0 else ".".join(fields[:k])
-            fields_of = sorted({f for o in options if isinstance(o, type) and issubclass(o, BaseModel)
-                                for f in o.model_fields})
+            fields_of = sorted({_keys(o, f)[0] if given else f for o in options
+                                if isinstance(o, type) and issubclass(o, BaseModel) for f in o.model_fields})
             has = f"; its fields: {', '.join(fields_of)}" if fields_of else f" ({_describe(tp)})"
             return None, f"{what}, but {at} has no field {field!r}{has}"
         tp = found[0] if len(found) == 1 else typing.Union[tuple(found)]  # noqa: UP007

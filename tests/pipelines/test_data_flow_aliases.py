@@ -136,3 +136,18 @@ def test_a_default_input_reads_the_upstream_output_by_field_name_as_the_record_k
     assert [e.message for e in caught.value.errors] == [
         "step 'next' is given Named (the output of step 'start') as its input, which is no ByAlias (the input of "
         "agent 'by_alias'): Named (the output of step 'start') has no 'userName', which ByAlias requires"]
+
+
+def test_input_paths_read_the_runs_input_by_the_keys_its_input_schema_validates(tmp_path: Path) -> None:
+    given = ByAlias(userName="x").model_dump(mode="json", by_alias=True)  # how MeshClient.run keeps a model input
+    assert given == {"userName": "x"}
+    flow = "name: flow\ninput_schema: by_alias\nsteps:\n  - id: plain\n    input:\n      user_name: input.{}\n"
+    path = tmp_path / "flow.yaml"
+    path.write_text(flow.format("userName"))
+    assert load_pipeline(path, aliases).step("plain").input
+    path.write_text(flow.format("user_name"))
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, aliases)
+    assert [e.message for e in caught.value.errors] == [
+        "step 'plain': input.user_name 'input.user_name' reads input.user_name, but ByAlias (the job's input, "
+        "input_schema 'by_alias') has no field 'user_name'; its fields: userName"]
