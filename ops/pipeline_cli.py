@@ -101,49 +101,59 @@ def _named(source: str, said: str, exc: Exception) -> Exception:
     return ConfigError("\n".join([f"{source}: {said}{first}", *(f"{source}: {line.strip()}" for line in more)]))
 
 
-def load(source: str, app_path: str | None, *, registered: bool = True) -> Loaded:
+def load(source: str, app_path: str | None, *, registered: bool = True, as_json: bool = False) -> Loaded:
     """The pipeline ``source`` names (a file, ``module:attribute``, a pipeline the app declares or,
     with ``registered``, a registered name), checked against the app. Exit 2 with one error per line
-    (``FILE:LINE: message`` for a file) when it is not found or does not hold."""
+    (``FILE:LINE: message`` for a file) when it is not found or does not hold (``as_json``: as
+    ``mesh pipeline validate --json`` prints them)."""
     from mesh.agents.pipelines import PipelineError, load_pipeline, problems
     from mesh.agents.pipelines.engine import spec_from_json
     from mesh.broker.pipelines import PipelineNotFound
     from mesh.contracts import ConfigError
 
     mesh_app = base.app_for(app_path)
+
+    def refused(lines: list[str]) -> typing.NoReturn:
+        refuse(lines, source if as_json else None, mesh_app.name)
     kind = kind_of(source)
     if kind == "file":
         try:
             return Loaded(mesh_app, load_pipeline(Path(source), mesh_app), "file")
         except PipelineError as exc:
-            _errors([str(e) for e in exc.errors])
+            refused([str(e) for e in exc.errors])
     if kind == "python":
         try:
             spec = python_pipeline(source)
         except ConfigError as exc:
-            _errors(str(exc).splitlines())
+            refused(str(exc).splitlines())
         how, digest = "python", None
     elif source in mesh_app.pipelines:
         spec, how, digest = mesh_app.pipelines[source], "app", None
     elif not registered:
-        _errors([f"{source}: no such file, and app {mesh_app.name!r} declares no pipeline of that name (give a YAML "
+        refused([f"{source}: no such file, and app {mesh_app.name!r} declares no pipeline of that name (give a YAML "
                  "file, module:attribute, or --app with the app that declares it)"])
     else:
         try:
             digest, data = base.client().pipelines.get(source)
         except PipelineNotFound as exc:
-            _errors([f"{exc} (nor a file, nor a pipeline app {mesh_app.name!r} declares; module:attribute names a "
+            refused([f"{exc} (nor a file, nor a pipeline app {mesh_app.name!r} declares; module:attribute names a "
                      "Python pipeline)"])
         spec, how = spec_from_json(data), "registered"
     found = problems(spec, mesh_app)
     if found:
-        _errors([f"{source}: {'.'.join(map(str, p.loc))}: {p.message}" for p in found])
+        refused([f"{source}: {'.'.join(map(str, p.loc))}: {p.message}" for p in found])
     return Loaded(mesh_app, spec, how, digest)
 
 
-def _errors(lines: list[str]) -> typing.NoReturn:
-    for line in lines:
-        base.err.print(Text(line), highlight=False)
+def refuse(lines: list[str], json_source: str | None = None, app_name: str = "") -> typing.NoReturn:
+    """Exit 2 with one error per line on stderr; with ``json_source``, as ``--json`` (``valid: false``,
+    each error's message without the source it starts with)."""
+    if json_source is not None:
+        base.emit_json({"valid": False, "file": json_source, "app": app_name, "errors": [
+            {"file": json_source, "line": None, "message": line.removeprefix(f"{json_source}: ")} for line in lines]})
+    else:
+        for line in lines:
+            base.err.print(Text(line), highlight=False)
     raise typer.Exit(base.EXIT_INPUT)
 
 
@@ -171,7 +181,7 @@ def validate(
                     base.err.print(Text(str(error)), highlight=False)
             raise typer.Exit(base.EXIT_INPUT) from None
     else:
-        spec = load(source, app_path).spec
+        spec = load(source, app_path, as_json=as_json).spec
     summary = _summary(spec)
     if as_json:
         base.emit_json({"valid": True, "file": source, "app": mesh_app.name, **summary,
