@@ -150,6 +150,9 @@ def _not_text(kind: str, value: Any) -> str:
         shown = str(value).lower() if isinstance(value, bool) else str(value)
         return f"{said}, but YAML read {shown} as {_article(type(value).__name__)} {type(value).__name__}: quote it " \
                f"({shown!r})"
+    if isinstance(value, datetime.datetime):
+        return (f"{said}, but YAML read {value} as a timestamp: write '\"{value}\"' for the string, quoted for "
+                "YAML and for CEL")
     if isinstance(value, datetime.date):
         shown = value.isoformat()
         return (f"{said}, but YAML read {shown} as a date (in CEL, {shown} would be a subtraction): write "

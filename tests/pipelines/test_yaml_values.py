@@ -52,6 +52,9 @@ steps:
      "quoted for YAML and for CEL"),
     ("researcher.confidence > 0.5", "null", "steps[1].input.diff: an expression is CEL text, but YAML read this one "
                                             "as null: leave the key out, or write 'null' quoted"),
+    ("researcher.confidence > 0.5", "2024-01-01 10:00:00", "steps[1].input.diff: an expression is CEL text, but "
+     "YAML read 2024-01-01 10:00:00 as a timestamp: write '\"2024-01-01 10:00:00\"' for the string, quoted for "
+     "YAML and for CEL"),
     ("true", "researcher.summary", "steps[0].gate: a condition is CEL text, but YAML read true as a bool: quote it "
                                    "('true')"),
 ])
