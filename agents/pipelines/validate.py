@@ -274,20 +274,27 @@ def _operation_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], s
     between them (``classify.urgency >= "high"`` over a float fails when the step is due), or they are
     never equal (``==``). Only what is certainly wrong: an operand of unknown type passes."""
     for operation in expr.operations():
-        sides = []
+        sides, numbers = [], []
         for operand in (operation.left, operation.right):
             if operand.path is not None:
                 tp, message = _path_type(spec, app, up, step, field, expr, operand.path, item=item)
                 kinds = None if message else _kinds(tp)
                 named = str(tp).replace("typing.", "") if typing.get_origin(tp) is not None else _describe(tp)
                 sides.append((kinds, f"{operand.text} ({named})"))
+                numbers.append(None if message else _number(tp))
             else:
                 kind = _LITERAL_KINDS.get(operand.kind or "")
                 sides.append(({kind} if kind else None, f"{operand.text} ({operand.kind})"))
+                numbers.append(operand.kind if operand.kind in ("int", "uint", "double") else None)
         (left, named_left), (right, named_right) = sides
+        op = operation.op
+        if op in ("+", "-", "*", "/", "%") and numbers[0] and numbers[1] and numbers[0] != numbers[1]:
+            yield (f"step {step.id!r}: {field} {expr.source!r} computes {named_left} {op} {named_right}; CEL has no "
+                   f"{op} between {_article(numbers[0])} {numbers[0]} and {_article(numbers[1])} {numbers[1]} (it "
+                   f"converts neither): it would fail when the step is due; convert one, e.g. double(...)")
+            continue
         if not left or not right or not all(_clash(operation.op, a, b) for a in left for b in right):
             continue
-        op = operation.op
         if op in ("==", "!="):
             why = f"a {'/'.join(sorted(left))} is never equal to a {'/'.join(sorted(right))}: {op} is always " \
                   f"{'false' if op == '==' else 'true'}"
@@ -295,6 +302,26 @@ def _operation_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], s
             why = (f"CEL has no {op} between a {'/'.join(sorted(left))} and a {'/'.join(sorted(right))}: it would "
                    "fail when the step is due")
         yield f"step {step.id!r}: {field} {expr.source!r} compares {named_left} {op} {named_right}; {why}"
+
+
+def _number(tp: Any) -> str | None:
+    """The CEL number type (``int`` or ``double``) a value of type ``tp`` certainly is in a job's
+    record, None if it may be another (a union of both, a bool, an enum, anything not a number)."""
+    found = set()
+    for option in _options(tp):
+        if not isinstance(option, type) or issubclass(option, bool | enum.Enum):
+            return None
+        if issubclass(option, int):
+            found.add("int")
+        elif issubclass(option, float):
+            found.add("double")
+        else:
+            return None
+    return found.pop() if len(found) == 1 else None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _clash(op: str, left: str, right: str) -> bool:
