@@ -831,7 +831,7 @@ def _flow_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], i: int
         if path[0] in ("key", "task_id", "job_id"):
             return (str, None) if len(path) == 1 else (None, f"{what}, but {path[0]} is a string")
         if path[0] == "input":
-            return _walk(step_input, path[1:], what, f"the step's input ({_name(step_input)})")
+            return _walk(step_input, path[1:], what, f"the step's input ({_name(step_input)})", given=True)
         if path[0] == "output":
             return _walk(step_output, path[1:], what, f"the step's output ({_name(step_output)})")
         return None, (f"{what}, but a compensation reads only input (the step's input), output (its output), "

@@ -151,3 +151,18 @@ def test_input_paths_read_the_runs_input_by_the_keys_its_input_schema_validates(
     assert [e.message for e in caught.value.errors] == [
         "step 'plain': input.user_name 'input.user_name' reads input.user_name, but ByAlias (the job's input, "
         "input_schema 'by_alias') has no field 'user_name'; its fields: userName"]
+
+
+def test_a_compensation_reads_the_steps_input_by_the_keys_its_agent_validated(tmp_path: Path) -> None:
+    flow = ("name: flow\nsteps:\n  - id: start\n  - id: next\n    agent: by_alias\n    depends_on: [start]\n"
+            "    input:\n      userName: start.user_name\n    compensate:\n      agent: plain\n      input:\n"
+            "        user_name: input.{}\n")
+    path = tmp_path / "flow.yaml"
+    path.write_text(flow.format("userName"))  # the step's input as sent: it had to be a ByAlias
+    assert load_pipeline(path, aliases).step("next").compensate is not None
+    path.write_text(flow.format("user_name"))
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, aliases)
+    assert [e.message for e in caught.value.errors] == [
+        "step 'next': compensate input 'input.user_name' reads input.user_name, but the step's input (ByAlias) has "
+        "no field 'user_name'; its fields: userName"]
