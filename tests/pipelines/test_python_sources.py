@@ -44,3 +44,12 @@ def test_validate_json_says_a_python_or_registered_pipeline_is_invalid_as_it_doe
     assert {(e["file"], e["line"]) for e in said["errors"]} == {(source, None)}
     unknown = cli("pipeline", "validate", "nothing_registered", "--json")
     assert unknown.returncode == 2 and json.loads(unknown.stdout)["valid"] is False
+
+
+def test_an_app_whose_module_fails_on_import_is_a_bad_app_option(cli: Cli) -> None:
+    for command in (("pipeline", "validate", "agents/builtin.yaml"), ("run", "agents/builtin.yaml", "--input", "{}")):
+        run = cli(*command, "--app", "tests.pipelines.app_raises")
+        assert run.returncode == 2, run.stderr  # bad input, not 1 (a job that did not succeed)
+        said = " ".join(run.stderr.replace("│", " ").split())
+        assert "Invalid value for --app: importing app module 'tests.pipelines.app_raises' failed: RuntimeError: " \
+               "MY_APP_TOKEN is not set" in said and "Traceback" not in run.stderr
