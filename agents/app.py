@@ -334,6 +334,10 @@ class App:
 
     def add_agent(self, spec: AgentSpec) -> None:
         problem = name_problem("agent name", spec.name)
+        if problem and "-" in spec.name:  # a name older versions took: its queued messages keep it
+            problem += (f". Messages already sent to {spec.name!r} (on its queue, in the dead-letter queue) name it "
+                        "and are served only by workers that declare it: drain them with the version that does "
+                        "(mesh queues, mesh dlq list) before renaming the agent")
         if problem:
             raise ConfigError(problem)
         if not NAME.match(spec.queue):
@@ -437,11 +441,17 @@ def _retries(agent: str, max_attempts: int | None, max_retries: int | None) -> i
                           "max_attempts counts every attempt, the first included (as a pipeline step's "
                           "retry_policy.max_attempts does); max_retries, its older spelling, counts the retries "
                           f"after the first (max_attempts={max_retries + 1} is max_retries={max_retries})")
+    for name, value in (("max_attempts", max_attempts), ("max_retries", max_retries)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"agent {agent!r}: {name}={value!r} is a count: a whole number")
     if max_attempts is not None:
         if max_attempts < 1:
             raise ConfigError(f"agent {agent!r}: max_attempts={max_attempts} counts the first attempt too: it is at "
                               "least 1 (1 never retries)")
         return max_attempts - 1
+    if max_retries is not None and max_retries < 0:
+        raise ConfigError(f"agent {agent!r}: max_retries={max_retries} counts the retries after the first attempt: "
+                          "it is at least 0 (0 never retries)")
     return max_retries
 
 
