@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from pydantic import BaseModel
 
 from . import event_loop
-from .context import SAFE_METHODS, Context
+from .context import Context
 from .tools.http import AsyncGuardedHttp
 
 if TYPE_CHECKING:
@@ -131,9 +131,8 @@ class AsyncContext:
     @property
     def http(self) -> AsyncGuardedHttp:
         """HTTP with the sync context's guards (allowlist, pinning, lease confirmed, breakers), awaited."""
-        sync = self.sync
-        return AsyncGuardedHttp(sync._tool_ctx, lambda method: sync._confirm(
-            f"http {method.upper()}", effect=method.upper() not in SAFE_METHODS))
+        guarded = self.sync.http  # the sync context's guards, whatever the context (a TestContext's too)
+        return AsyncGuardedHttp(guarded.tool, guarded.confirm)
 
     @overload
     async def call(self, tool: Tool[Args, Coroutine[Any, Any, R]], args: Args | dict[str, Any]) -> R: ...

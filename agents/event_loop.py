@@ -228,6 +228,8 @@ async def in_thread(fn: Callable[[], T]) -> T:
     call = _Call(future)
     calls = _calls.get()
     context = contextvars.copy_context()
+    if _home.get() is None:  # a loop not the mesh's (a test's asyncio.run): an async tool is awaited back on it
+        context.run(_home.set, loop)
     lease = current_lease()
 
     def settle(ok: bool, value: Any) -> None:

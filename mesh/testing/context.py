@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec
 from mesh.agents.context import Context, _classified
+from mesh.agents.event_loop import resolve
 from mesh.agents.tools.allow import Resolver, system_resolver
 from mesh.agents.tools.base import ToolContext
 from mesh.agents.tools.http import GuardedHttp
@@ -152,7 +153,7 @@ class TestContext(Context):
                               tool=name)
         typed: Any = args if spec is None else _validated(spec, args)
         try:
-            result = self._run(spec, typed) if name not in self._fakes else _fake(self._fakes[name], typed)
+            result = resolve(self._run(spec, typed) if name not in self._fakes else _fake(self._fakes[name], typed))
         except BaseException as exc:
             self.calls.append(ToolCall(name, typed, exc))
             raise
