@@ -228,3 +228,43 @@ def test_result_and_record_output_round_trip_typed_through_a_worker(settings, rc
     finally:
         worker.stop(timeout=10_000)
         worker.broker.close()
+
+
+aliased = App("typed-alias")
+
+
+class Stamp(BaseModel):
+    kind: str = Field(alias="type")  # no populate_by_name: only the wire name validates
+
+
+class Signed(BaseModel):
+    sender: str = Field(alias="from")
+    stamp: Stamp
+
+
+@aliased.agent
+def sign(ctx: Context, msg: Incoming) -> Signed:
+    return Signed.model_validate({"from": msg.sender, "stamp": {"type": msg.text}})
+
+
+@aliased.agent
+def countersign(ctx: Context, signed: Signed) -> Sent:
+    return Sent(via=f"{signed.sender}/{signed.stamp.kind}")
+
+
+@pytest.mark.slow
+def test_an_output_model_with_aliases_round_trips_by_its_wire_names_to_result_and_the_next_step(
+        settings, rclient) -> None:
+    worker = start_worker(settings, None, 2, app=aliased)
+    try:
+        client = MeshClient(settings, client=rclient, app=aliased)
+        done = client.send(sign, Incoming(text="urgent", sender="ann"))
+        run = client.run(Pipeline("typed-alias").step(sign).step(countersign, depends_on=[sign]).build(),
+                         Incoming(text="late", sender="bob"))
+        assert done.result(timeout_s=20) == Signed.model_validate({"from": "ann", "stamp": {"type": "urgent"}})
+        record = run.result(timeout_s=20)
+        assert record.steps["sign"].result == {"from": "bob", "stamp": {"type": "late"}}  # stored by wire names
+        assert record.output(countersign) == Sent(via="bob/late")
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
