@@ -133,6 +133,23 @@ def test_a_model_of_another_class_is_refused_naming_both_and_nothing_is_written(
     assert nothing_in_redis(client)
 
 
+def test_another_apps_agent_of_a_name_the_clients_app_declares_otherwise_is_refused(settings, rclient) -> None:
+    other = App("other")
+
+    @other.agent(name="classify", queue="typed-classify")
+    def impostor(ctx: Context, o: Other) -> Classified:
+        return Classified(label=o.text, length=0)
+
+    client = MeshClient(settings, client=rclient, app=app)  # its classify takes an Incoming
+    with pytest.raises(ContractError, match=r"agent 'classify' of the client's app takes a Incoming .*another's, "
+                                            r"taking a Other .*nothing was sent"):
+        client.send(impostor, Other(text="x"))
+    with pytest.raises(ContractError, match="nothing was sent"):
+        client.send_many(impostor, [(Other(text="x"), None)])
+    assert nothing_in_redis(client)
+    MeshClient(settings, client=rclient).send(impostor, Other(text="x"))  # a client without an app sends it as declared
+
+
 def test_run_takes_its_input_as_a_model(settings, rclient) -> None:
     spec = Pipeline("typed-run").step(classify).step(notify, depends_on=[classify]).build()
     client = MeshClient(settings, client=rclient, app=app)
