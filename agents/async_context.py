@@ -51,6 +51,7 @@ class AsyncContext:
     def __init__(self, context: Context) -> None:
         self.sync = context
         self._one_call: asyncio.Lock | None = None
+        self._in_flight: asyncio.Future[Any] | None = None
 
     @property
     def runtime(self) -> AgentRuntime:
@@ -147,7 +148,17 @@ class AsyncContext:
         if self._one_call is None:
             self._one_call = asyncio.Lock()
         async with self._one_call:
-            return await event_loop.in_thread(lambda: self.sync.call(tool, args))
+            if self._in_flight is not None:  # a call the handler stopped awaiting (cancelled) ends first
+                await asyncio.wait([self._in_flight])
+            self._in_flight = call = asyncio.ensure_future(event_loop.in_thread(lambda: self.sync.call(tool, args)))
+            call.add_done_callback(_retrieved)
+            return await asyncio.shield(call)
+
+
+def _retrieved(call: asyncio.Future[Any]) -> None:
+    """A call's outcome marked read: a cancelled handler no longer awaits it (its effect is the ledger's)."""
+    if not call.cancelled():
+        call.exception()
 
 
 class AsyncModel:
