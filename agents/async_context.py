@@ -133,7 +133,7 @@ class AsyncContext:
     def http(self) -> AsyncGuardedHttp:
         """HTTP with the sync context's guards (allowlist, pinning, lease confirmed, breakers), awaited."""
         guarded = self.sync.http  # the sync context's guards, whatever the context (a TestContext's too)
-        return AsyncGuardedHttp(guarded.tool, guarded.confirm)
+        return AsyncGuardedHttp(guarded.tool, guarded.confirm, client=guarded.tool.aclient)
 
     @overload
     async def call(self, tool: Tool[Args, Coroutine[Any, Any, R]], args: Args | dict[str, Any]) -> R: ...

@@ -53,6 +53,8 @@ class ToolContext:
     #: The dependency the tool's own breaker guards (``@app.tool(dependency=...)``); None when no
     #: breaker guards the call already, so ``ctx.http`` guards each request by its ``host:port``.
     dependency: str | None = None
+    #: The client ``ahttp`` sends through; None: the running loop's (a test gives its own).
+    aclient: httpx.AsyncClient | None = None
 
     @property
     def allowlist(self) -> frozenset[str]:
@@ -76,7 +78,7 @@ class ToolContext:
         """:attr:`http` for an ``async def`` tool: each request awaited, with the same guards."""
         from .http import AsyncGuardedHttp
 
-        return AsyncGuardedHttp(self)
+        return AsyncGuardedHttp(self, client=self.aclient)
 
     def secret(self, name: str) -> str:
         """The value of a secret this tool declared (``@app.tool(secrets=[...])``)."""

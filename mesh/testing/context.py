@@ -66,7 +66,8 @@ class TestContext(Context):
     or its name) give the agent's declared tools; without an agent, any of the app's tools or of
     ``tools`` may be called. ``tools``: fakes by tool name or declared function, each a function of
     the args or the result itself; a declared tool without a fake runs for real, given ``secrets`` (a
-    dict, never the environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``)
+    dict, never the environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``;
+    ``ahttp``: the ``httpx.AsyncClient`` of ``ctx.ahttp`` and of an async handler's ``ctx.http``)
     and ``resolve``. ``deadline_s``: seconds until the deadline on ``clock``."""
 
     __test__ = False  # not a pytest test class
@@ -76,7 +77,8 @@ class TestContext(Context):
                  secrets: Mapping[str, str] | None = None, key: str = "test-key", job_id: str = "test-job",
                  trace_id: str = TRACE_ID, step_id: str | None = None, attempt: int = 1, token: int = 1,
                  deadline_s: float = 60.0, clock: TestClock | None = None, http: httpx.Client | None = None,
-                 resolve: Resolver = system_resolver, settings: MeshSettings | None = None) -> None:
+                 ahttp: httpx.AsyncClient | None = None, resolve: Resolver = system_resolver,
+                 settings: MeshSettings | None = None) -> None:
         self.app = app
         self.clock = clock or TestClock()
         spec = _agent(app, agent)
@@ -93,6 +95,7 @@ class TestContext(Context):
         self._settings = settings or MeshSettings(namespace="mesh-testing")
         self._redis = redis.Redis.from_url(self._settings.redis_url)  # connects only if a tool uses it
         self._http = http
+        self._ahttp = ahttp
         self._resolve = resolve
         #: Every ``progress`` note, in order.
         self.progress_notes: list[str] = []
@@ -185,7 +188,7 @@ class TestContext(Context):
                            settings=settings, redis=self._redis,
                            keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,
-                           allow=spec.allowlist(settings) if spec is not None else None,
+                           allow=spec.allowlist(settings) if spec is not None else None, aclient=self._ahttp,
                            secrets={n: self._secrets[n] for n in spec.secrets} if spec is not None else {})
 
 

@@ -73,6 +73,12 @@ async def price(ctx: ToolContext, args: Order) -> Quote:
     return Quote(price=3 * args.qty)
 
 
+@app.tool(dependency="shop.test:443")
+async def stock(ctx: ToolContext, args: Order) -> Quote:
+    response = await ctx.ahttp.get(f"https://shop.test/stock/{args.item}")
+    return Quote(price=response.json()["left"])
+
+
 @app.agent(tools=[price])
 async def quote(ctx: AsyncContext, order: Order) -> Placed:
     LOOPS.append(asyncio.get_running_loop())
@@ -173,3 +179,21 @@ def test_a_test_contexts_call_of_an_async_tool_returns_its_result_as_a_workers_c
     ctx = TestContext(app)
     assert ctx.call(price, {"item": "tea", "qty": 5}) == Quote(price=15)
     assert ctx.calls == [ToolCall("price", Order(item="tea", qty=5), Quote(price=15))]
+
+
+def test_an_async_tool_and_an_async_handlers_http_go_through_the_tests_async_client() -> None:
+    seen: list[str] = []
+
+    def shop(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path} {request.headers['idempotency-key']}")
+        return httpx.Response(200, json={"left": 4})
+
+    ctx = TestContext(app, resolve=pinned, settings=SHOP, ahttp=httpx.AsyncClient(transport=httpx.MockTransport(shop)))
+    assert ctx.call(stock, {"item": "tea"}) == Quote(price=4)
+
+    async def handler() -> int:
+        response = await AsyncContext(ctx).http.post("https://shop.test/orders", json={})
+        return int(response.json()["left"])
+
+    assert asyncio.run(handler()) == 4
+    assert seen == ["GET /stock/tea test-key", "POST /orders test-key"]
