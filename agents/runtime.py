@@ -314,6 +314,14 @@ class AgentRuntime:
         return env
 
 
+def _runs_async(app: App, names: list[str]) -> bool:
+    """Whether an agent of ``names``, or a tool or verifier one of them calls, is ``async def``: its
+    worker threads then make event loops (a sync handler's async tool runs on the thread's loop too)."""
+    tools = [app.tools[t] for n in names for t in app.agents[n].tools if t in app.tools]
+    return any(inspect.iscoroutinefunction(fn) for fn in [*(app.agents[n].handler for n in names),
+                                                           *(t.run for t in tools), *(t.verify for t in tools)])
+
+
 def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | None = None) -> list[dramatiq.Actor]:
     """Declare the app's agents (``names``, default all) as dramatiq actors on ``broker``, each on its
     own queue, with its policy as actor options (time limit, retries, timeout retries)."""
@@ -324,8 +332,7 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
     if unknown:
         raise ConfigError(f"no agent named {', '.join(map(repr, unknown))} in app {app.name!r}; "
                           f"agents are {', '.join(app.agents)}")
-    if any(inspect.iscoroutinefunction(app.agents[n].handler) for n in names) and not any(
-            isinstance(m, EventLoops) for m in broker.middleware):
+    if _runs_async(app, names) and not any(isinstance(m, EventLoops) for m in broker.middleware):
         broker.add_middleware(EventLoops())  # each worker thread's loop closed as the thread stops
     actors = []
     for name in names:
