@@ -168,7 +168,9 @@ def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_C
          interrupted: bool) -> BaseException | None:
     """After the handler: its calls in threads end first (their ledger entries are written by
     them; an interrupt is passed on to them, as it would have reached a sync handler's call), then
-    every task it left is cancelled and given CLEANUP_S to end: nothing runs on into the next message.
+    every task it left is cancelled and given CLEANUP_S to end: nothing runs on into the next message
+    (a task still running then, one that swallows its cancel, is dropped with the thread's loop,
+    which the next message makes anew).
     Interrupted, a call that says its effect is unknown (a tool stopped mid-call) is what the
     attempt ends with, as when the interrupt stops a sync handler's call: the step is ``unknown``."""
     made = list(calls)
@@ -193,6 +195,8 @@ def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_C
         for t in pending:
             if t.done() and not t.cancelled():
                 t.exception()  # retrieved: no "exception was never retrieved" at collection
+        if any(not t.done() for t in pending):  # one swallows its cancel: the loop goes, and it with it
+            close_thread_loop()
     return instead
 
 

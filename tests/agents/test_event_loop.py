@@ -218,3 +218,32 @@ def test_a_call_made_after_a_cancel_waits_for_the_call_still_in_flight_one_call_
     out = in_a_thread(lambda: event_loop.run(handler(AsyncContext(ctx)), cancelled=cancelled.is_set))
     assert out.get("value") == "cleaned up", out
     assert log == ["slow started", "handler cancelled", "slow ended", "fast called"]
+
+
+def test_a_task_that_swallows_its_cancel_does_not_run_on_into_the_next_message() -> None:
+    ticks: list[int] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+                ticks.append(1)
+            except asyncio.CancelledError:
+                pass  # it will not end
+
+    left: list[asyncio.Future[None]] = []
+
+    async def leaves_it() -> str:
+        left.append(asyncio.ensure_future(stubborn()))
+        await asyncio.sleep(0.05)
+        return "done"
+
+    async def next_message() -> int:
+        before = len(ticks)
+        await asyncio.sleep(0.3)
+        return len(ticks) - before
+
+    def both() -> tuple[str, int]:
+        return event_loop.run(leaves_it()), event_loop.run(next_message())
+
+    assert in_a_thread(both)["value"] == ("done", 0)
