@@ -298,14 +298,24 @@ def resolve(value: T | Awaitable[T]) -> T:
             future.cancel()
             raise
     loop = thread_loop()
-    if loop.is_running():
+    if loop.is_running() or _on_a_loop():
         coro.close()
-        raise RuntimeError("an async tool or verifier called from sync code on a running loop: await it")
+        raise RuntimeError("an async tool or verifier called from sync code on a running loop: await it "
+                           "(an async handler is given an AsyncContext: AsyncContext(ctx) in a test)")
     return run(coro)
 
 
 async def _awaited(value: Awaitable[T]) -> T:
     return await value
+
+
+def _on_a_loop() -> bool:
+    """Whether a loop (the mesh's or another, a test's ``asyncio.run``) runs on this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:

@@ -197,3 +197,10 @@ def test_an_async_tool_and_an_async_handlers_http_go_through_the_tests_async_cli
 
     assert asyncio.run(handler()) == 4
     assert seen == ["GET /stock/tea test-key", "POST /orders test-key"]
+
+
+def test_an_async_handler_given_the_test_context_itself_is_told_to_wrap_it_in_an_async_context() -> None:
+    ctx = TestContext(app, quote, model=TestModel({Charge: [{"amount": 7}]}))
+    with pytest.raises(RuntimeError, match=r"await it \(an async handler is given an AsyncContext: AsyncContext"):
+        asyncio.run(quote(ctx, Order(item="tea")))  # type: ignore[arg-type]
+    assert isinstance(ctx.calls[0].result, RuntimeError)  # the call, refused, is recorded as what it raised
