@@ -34,7 +34,7 @@ import importlib
 import inspect
 import re
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from mesh.agents.pipelines import Pipeline, PipelineSpec
     from mesh.broker.settings import MeshSettings
 
+    from .async_context import AsyncContext
     from .context import Context
     from .tools.base import ToolContext
 
@@ -169,7 +170,14 @@ class Agent(AgentRef[In, Out]):
         self.fn = fn
         functools.update_wrapper(self, fn)
 
-    def __call__(self, ctx: Context, input: In) -> Out:
+    @overload
+    def __call__(self, ctx: Context, input: In) -> Out: ...
+    @overload
+    def __call__(self, ctx: AsyncContext, input: In) -> Coroutine[Any, Any, Out]: ...
+
+    def __call__(self, ctx: Any, input: In) -> Any:
+        """The handler: ``triage(ctx, ticket)``; an ``async def`` one is given an ``AsyncContext``
+        and awaited (``await answer(AsyncContext(ctx), question)`` in a unit test)."""
         return self.fn(ctx, input)
 
 
@@ -195,6 +203,8 @@ class DeclareAgent(Protocol):
 
     @overload
     def __call__(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
+    @overload
+    def __call__(self, fn: Callable[[AsyncContext, In], Coroutine[Any, Any, Out]], /) -> Agent[In, Out]: ...
     @overload
     def __call__(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
 
@@ -224,6 +234,8 @@ class App:
     @overload
     def agent(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
     @overload
+    def agent(self, fn: Callable[[AsyncContext, In], Coroutine[Any, Any, Out]], /) -> Agent[In, Out]: ...
+    @overload
     def agent(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
     @overload
     def agent(self, fn: None = None, /, *, name: str | None = None, input: type[BaseModel] | None = None,
@@ -231,7 +243,7 @@ class App:
               time_limit_s: float | None = None, max_attempts: int | None = None, max_retries: int | None = None,
               timeout_retries: int = 0, tools: Iterable[str | Tool[Any, Any]] = ()) -> DeclareAgent: ...
 
-    def agent(self, fn: Callable[[Context, In], Out] | None = None, /, *, name: str | None = None,
+    def agent(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
               input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
               version: int = 1, queue: str | None = None, time_limit_s: float | None = None,
               max_attempts: int | None = None, max_retries: int | None = None, timeout_retries: int = 0,
@@ -243,7 +255,7 @@ class App:
         ``retry_policy.max_attempts`` does; ``max_retries``, its older spelling, counts the retries
         after the first (``max_attempts - 1``). Give one of the two."""
 
-        def declare(fn: Callable[[Context, In], Out]) -> Agent[In, Out]:
+        def declare(fn: Callable[..., Any]) -> Agent[Any, Any]:
             _not_generator(fn, "agent")
             agent_name = name or fn.__name__
             retries = _retries(agent_name, max_attempts, max_retries)

@@ -361,6 +361,11 @@ class MeshClient:
         workers published (one Redis read). UnknownAgent, naming the known agents, when none of them
         knows it."""
         if isinstance(agent, AgentRef):
+            own = self.app.agents.get(agent.name) if self.app is not None else None
+            if own is not None and (own.input, own.output, own.queue) != (agent.input, agent.output, agent.queue):
+                raise ContractError(f"agent {agent.name!r} of the client's app takes a {own.input.__name__} (queue "
+                                    f"{own.queue!r}); the agent given is another's, taking a {agent.input.__name__} "
+                                    f"(queue {agent.queue!r}); nothing was sent", agent=agent.name)
             return _declared(agent.name, agent.queue, agent.version, agent.input, agent.output)
         spec = self.app.agents.get(agent) if self.app is not None else None
         if self.app is not None and spec is not None:

@@ -57,6 +57,8 @@ class ToolContext:
     dependency: str | None = None
     #: The credential minted for this call (``@app.tool(mint=...)``); read it as :attr:`credential`.
     minted: Credential | None = field(default=None, repr=False)
+    #: The client ``ahttp`` sends through; None: the running loop's (a test gives its own).
+    aclient: httpx.AsyncClient | None = None
 
     @property
     def allowlist(self) -> frozenset[str]:
@@ -80,7 +82,7 @@ class ToolContext:
         """:attr:`http` for an ``async def`` tool: each request awaited, with the same guards."""
         from .http import AsyncGuardedHttp
 
-        return AsyncGuardedHttp(self)
+        return AsyncGuardedHttp(self, client=self.aclient)
 
     def secret(self, name: str) -> str:
         """The value of a secret this tool declared (``@app.tool(secrets=[...])``)."""

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from mesh.agents import credentials
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec
 from mesh.agents.context import Context, _classified
+from mesh.agents.event_loop import resolve
 from mesh.agents.tools.allow import Resolver, system_resolver
 from mesh.agents.tools.base import ToolContext
 from mesh.agents.tools.http import GuardedHttp
@@ -67,7 +68,8 @@ class TestContext(Context):
     or its name) give the agent's declared tools; without an agent, any of the app's tools or of
     ``tools`` may be called. ``tools``: fakes by tool name or declared function, each a function of
     the args or the result itself; a declared tool without a fake runs for real, given ``secrets`` (a
-    dict, never the environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``)
+    dict, never the environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``;
+    ``ahttp``: the ``httpx.AsyncClient`` of ``ctx.ahttp`` and of an async handler's ``ctx.http``)
     and ``resolve``. ``deadline_s``: seconds until the deadline on ``clock``."""
 
     __test__ = False  # not a pytest test class
@@ -77,7 +79,8 @@ class TestContext(Context):
                  secrets: Mapping[str, str] | None = None, key: str = "test-key", job_id: str = "test-job",
                  trace_id: str = TRACE_ID, step_id: str | None = None, attempt: int = 1, token: int = 1,
                  deadline_s: float = 60.0, clock: TestClock | None = None, http: httpx.Client | None = None,
-                 resolve: Resolver = system_resolver, settings: MeshSettings | None = None) -> None:
+                 ahttp: httpx.AsyncClient | None = None, resolve: Resolver = system_resolver,
+                 settings: MeshSettings | None = None) -> None:
         self.app = app
         self.clock = clock or TestClock()
         spec = _agent(app, agent)
@@ -94,6 +97,7 @@ class TestContext(Context):
         self._settings = settings or MeshSettings(namespace="mesh-testing")
         self._redis = redis.Redis.from_url(self._settings.redis_url)  # connects only if a tool uses it
         self._http = http
+        self._ahttp = ahttp
         self._resolve = resolve
         #: Every ``progress`` note, in order.
         self.progress_notes: list[str] = []
@@ -154,7 +158,7 @@ class TestContext(Context):
                               tool=name)
         typed: Any = args if spec is None else _validated(spec, args)
         try:
-            result = self._run(spec, typed) if name not in self._fakes else _fake(self._fakes[name], typed)
+            result = resolve(self._run(spec, typed) if name not in self._fakes else _fake(self._fakes[name], typed))
         except BaseException as exc:
             self.calls.append(ToolCall(name, typed, exc))
             raise
@@ -189,7 +193,7 @@ class TestContext(Context):
                            settings=settings, redis=self._redis,
                            keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,
-                           allow=spec.allowlist(settings) if spec is not None else None,
+                           allow=spec.allowlist(settings) if spec is not None else None, aclient=self._ahttp,
                            secrets={n: self._secrets[n] for n in spec.secrets} if spec is not None else {})
 
 
