@@ -15,6 +15,7 @@ from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult
 
 server = MCPServer("mesh-test")
 VARIANT = os.environ.get("MCP_VARIANT", "1")
@@ -52,6 +53,13 @@ def hang(ctx: Context) -> str:
 def fail(ctx: Context) -> str:
     _log(ctx, "fail", {})
     raise ToolError("the ledger is closed today")
+
+
+@server.tool(description="Fails, and says a retry may succeed.")
+def busy(ctx: Context) -> CallToolResult:
+    _log(ctx, "busy", {})
+    return CallToolResult.model_validate({"content": [{"type": "text", "text": "busy, try again"}], "isError": True,
+                                          "_meta": {"mesh/retryable": True}})
 
 
 @server.tool(description="Not allowed by the app.")

@@ -22,7 +22,7 @@ import redis
 from conftest import wait_for
 from pydantic import BaseModel
 
-from mesh import App, Context, McpServer, ToolContext
+from mesh import App, Context, McpServer, McpToolError, ToolContext
 from mesh.agents.tools.mcp import McpResult
 from mesh.agents.tools.pins import Pins
 from mesh.broker import MeshClient, MeshSettings
@@ -49,11 +49,11 @@ def build(log: Path, *, url: str | None = None, variant: str = "1", timeout_s: f
     ``secret_admin``), and one agent calling whichever the message names."""
     app = App("mcp-test")
     if url is None:
-        server = app.mcp("demo", command=[sys.executable, SERVER], allow=["add", "fail", "hang"],
+        server = app.mcp("demo", command=[sys.executable, SERVER], allow=["add", "fail", "hang", "busy"],
                          secrets=["MCP_TEST_TOKEN"], timeout_s=timeout_s,
                          env={"MCP_TEST_TOKEN": "{MCP_TEST_TOKEN}", "MCP_LOG": str(log), "MCP_VARIANT": variant})
     else:
-        server = app.mcp("demo", url=url, allow=["add", "fail", "hang"], secrets=["MCP_TEST_TOKEN"],
+        server = app.mcp("demo", url=url, allow=["add", "fail", "hang", "busy"], secrets=["MCP_TEST_TOKEN"],
                          headers={"Authorization": "Bearer {MCP_TEST_TOKEN}"}, timeout_s=timeout_s)
 
     @app.agent(max_attempts=1, tools=["demo.add", "demo.fail", "demo.hang"])
@@ -169,6 +169,10 @@ def test_a_stdio_tool_call_through_a_worker_carries_the_key_and_the_secret_reach
     closing(server)
     worker = start(settings, None, 1, app=app)
     try:
+        # The worker's first registration pins the tools its agents use, before any call.
+        pins = Pins(client.redis, Keys(settings.namespace))
+        wait_for(lambda: {"demo.add", "demo.fail", "demo.hang"} <= set(pins.pinned()), timeout_s=30)
+        assert seen(log) == []
         record = client.wait(client.send("caller", {"tool": "demo.add", "args": {"a": 2, "b": 3}}).id, timeout_s=60)
     finally:
         worker.stop(timeout=10_000)
@@ -193,6 +197,10 @@ def test_an_http_tool_call_sends_the_secret_in_a_header_and_the_key_in_meta(
     spec = app.tools["demo.add"]
     result = spec.run(tool_context(settings, rclient, key="k-http"), spec.args.model_validate({"a": 40, "b": 2}))
     assert result.structured == {"sum": 42, "key": "k-http", "had_token": True}
+    busy = app.tools["demo.busy"]
+    with pytest.raises(McpToolError, match="busy, try again") as failed:
+        busy.run(tool_context(settings, rclient), busy.args.model_validate({}))
+    assert failed.value.failure_class is FailureClass.UNKNOWN and not failed.value.terminal  # retried, bounded
     assert seen(log)[0]["auth"] == f"Bearer {SECRET}"
     assert seen(log)[0]["meta"]["mesh/key"] == "k-http"
 
@@ -221,6 +229,7 @@ def test_is_error_is_a_permanent_tool_error_and_bad_args_never_reach_the_server(
     assert "invalid demo.add args" in (bad.error or "")
     assert admin.state is State.DEAD_LETTERED and "did not declare tool 'demo.secret_admin'" in (admin.error or "")
     assert [c["tool"] for c in seen(log)] == ["fail"] and calls_before == 1  # neither bad call reached it
+    assert failed.failure_class == FailureClass.PERMANENT  # isError without "mesh/retryable": not retried
 
 
 @pytest.mark.slow
