@@ -227,9 +227,13 @@ class McpServer:
         return self._answer(ctx, tool, result)
 
     def session(self, secrets: Mapping[str, str], timeout_s: float) -> _Session:
-        """The open session for these secrets, opened now when there is none (or it failed)."""
+        """The open session for these secrets, opened now when there is none (or it failed). One
+        thread opens it; the others wait for that (within ``timeout_s``) and share it."""
         config = self._config(secrets)
-        with self._lock:
+        if not self._lock.acquire(timeout=max(0.0, timeout_s)):
+            raise Brownout(f"MCP server {self.name}: its session did not open in {timeout_s:g}s",
+                           dependency=self.dependency)
+        try:
             held = self._session
             if held is not None and held.alive and held.config == config:
                 return held
@@ -237,16 +241,19 @@ class McpServer:
                 _LOOP.spawn(held.close())
             self._session = held = _Session(self, config)
             _OPEN.add(self)
-        try:
-            _LOOP.run(held.open(), timeout_s)
-        except (TimeoutError, concurrent.futures.TimeoutError):
-            _LOOP.spawn(held.close())
-            raise Brownout(f"MCP server {self.name} did not open a session in {timeout_s:g}s",
-                           dependency=self.dependency) from None
-        except Exception as exc:
-            raise Brownout(f"MCP server {self.name} unreachable: {_describe(exc)}", dependency=self.dependency) from exc
-        self.definitions = dict(held.tools)
-        return held
+            try:
+                _LOOP.run(held.open(), timeout_s)
+            except (TimeoutError, concurrent.futures.TimeoutError):
+                _LOOP.spawn(held.close())
+                raise Brownout(f"MCP server {self.name} did not open a session in {timeout_s:g}s",
+                               dependency=self.dependency) from None
+            except Exception as exc:
+                raise Brownout(f"MCP server {self.name} unreachable: {_describe(exc)}",
+                               dependency=self.dependency) from exc
+            self.definitions = dict(held.tools)
+            return held
+        finally:
+            self._lock.release()
 
     def presented(self, session: _Session, tool: str) -> Definition:
         definition = session.tools.get(tool)

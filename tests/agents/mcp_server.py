@@ -27,7 +27,7 @@ def _log(ctx: Context, tool: str, args: dict[str, Any]) -> dict[str, Any]:
     request = getattr(ctx.request_context, "request", None)
     headers = dict(getattr(request, "headers", {}) or {})
     seen = {"tool": tool, "args": args, "meta": meta_dict, "env_token": os.environ.get("MCP_TEST_TOKEN"),
-            "auth": headers.get("authorization")}
+            "auth": headers.get("authorization"), "pid": os.getpid()}
     path = os.environ.get("MCP_LOG")
     if path:
         with open(path, "a") as f:

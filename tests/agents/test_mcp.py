@@ -254,6 +254,45 @@ def test_a_server_that_hangs_times_out_and_opens_its_breaker(
     assert state["mcp:demo"] == "open"
 
 
+@pytest.mark.slow
+def test_worker_threads_share_one_session_and_a_dead_server_is_reconnected(
+        settings: MeshSettings, rclient: redis.Redis, tmp_path: Path,
+        closing: Callable[[McpServer], McpServer]) -> None:
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mesh import Brownout
+
+    log = tmp_path / "calls.jsonl"
+    app, server = build(log)
+    closing(server)
+    spec = app.tools["demo.add"]
+
+    def add(n: int) -> Any:
+        return spec.run(tool_context(settings, rclient, key=f"k-{n}"), spec.args.model_validate({"a": n, "b": 1}))
+
+    with ThreadPoolExecutor(4) as pool:
+        sums = [r.structured["sum"] for r in pool.map(add, range(8))]
+    assert sums == [n + 1 for n in range(8)]
+    pids = {c["pid"] for c in seen(log)}
+    assert len(pids) == 1  # one server process: one session for every thread
+
+    os.kill(pids.pop(), signal.SIGKILL)
+    failures: list[str] = []
+
+    def answered() -> bool:
+        try:
+            add(100)
+            return True
+        except Brownout as exc:  # the transport closed under the session: the next call opens another
+            failures.append(str(exc))
+            return False
+
+    wait_for(answered, timeout_s=30)
+    assert len({c["pid"] for c in seen(log)}) == 2 and len(failures) <= 1, failures
+
+
 # -- pinned descriptions -----------------------------------------------------------------------------
 
 
