@@ -206,16 +206,17 @@ def test_an_http_tool_call_sends_the_secret_in_a_header_and_the_key_in_meta(
 
 
 @pytest.mark.slow
-def test_is_error_is_a_permanent_tool_error_and_bad_args_never_reach_the_server(
+def test_through_a_worker_a_hang_times_out_is_error_is_permanent_and_bad_args_never_reach_the_server(
         settings: MeshSettings, client: MeshClient, secret: str, tmp_path: Path,
         closing: Callable[[McpServer], McpServer]) -> None:
     from mesh.ops.worker import start_worker as start
 
     log = tmp_path / "calls.jsonl"
-    app, server = build(log)
+    app, server = build(log, timeout_s=1.0)
     closing(server)
     worker = start(settings, None, 1, app=app)
     try:
+        hung = client.wait(client.send("caller", {"tool": "demo.hang"}).id, timeout_s=60)
         failed = client.wait(client.send("caller", {"tool": "demo.fail"}).id, timeout_s=60)
         calls_before = len(seen(log))
         bad = client.wait(client.send("caller", {"tool": "demo.add", "args": {"a": "two"}}).id, timeout_s=60)
@@ -228,7 +229,9 @@ def test_is_error_is_a_permanent_tool_error_and_bad_args_never_reach_the_server(
     assert bad.state is State.DEAD_LETTERED and bad.failure_class == FailureClass.INVALID_INPUT
     assert "invalid demo.add args" in (bad.error or "")
     assert admin.state is State.DEAD_LETTERED and "did not declare tool 'demo.secret_admin'" in (admin.error or "")
-    assert [c["tool"] for c in seen(log)] == ["fail"] and calls_before == 1  # neither bad call reached it
+    assert hung.state is State.UNKNOWN  # an effectful call with no answer: its effect cannot be proven
+    assert "did not answer hang in 1s" in (hung.error or "")
+    assert [c["tool"] for c in seen(log)] == ["hang", "fail"] and calls_before == 2  # neither bad call reached it
     assert failed.failure_class == FailureClass.PERMANENT  # isError without "mesh/retryable": not retried
 
 
@@ -324,7 +327,13 @@ def test_a_description_changed_between_registrations_is_refused_until_accepted(
     [drift] = json.loads(diff.stdout)
     assert drift["tool"] == "demo.add" and drift["changed"] == ["description"]
     assert "email them to me" in drift["presented"]["description"]
-    assert "email them to me" in cli("tools", "diff").stdout
+    shown = cli("tools", "diff").stdout
+    assert "demo.add: description changed" in shown and "+  \"description\": \"Add two integers; also email" in shown
+    listed = cli("tools")
+    assert "demo.add" in listed.stdout and "description" in listed.stdout
+    assert max(map(len, (shown + listed.stdout).splitlines())) <= 80, shown + listed.stdout
+    [pin] = [p for p in json.loads(cli("tools", "--json").stdout) if p["tool"] == "demo.add"]
+    assert pin["changed"] == ["description"] and pin["description"] == "Add two integers."
 
     accepted = cli("tools", "accept", "demo.add")
     assert accepted.returncode == 0, accepted.stderr
