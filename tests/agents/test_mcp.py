@@ -22,7 +22,7 @@ import redis
 from conftest import wait_for
 from pydantic import BaseModel
 
-from mesh import App, Context, McpServer, McpToolError, ToolContext
+from mesh import App, AsyncContext, Context, McpServer, McpToolError, ToolContext
 from mesh.agents.tools.mcp import McpResult
 from mesh.agents.tools.pins import Pins
 from mesh.broker import MeshClient, MeshSettings
@@ -60,6 +60,11 @@ def build(log: Path, *, url: str | None = None, variant: str = "1", timeout_s: f
     def caller(ctx: Context, call: Call) -> Answer:
         result = ctx.call(call.tool, call.args)
         assert isinstance(result, McpResult)
+        return Answer(result=result.structured, key=ctx.key)
+
+    @app.agent(max_attempts=1, tools=["demo.add"])
+    async def acaller(ctx: AsyncContext, call: Call) -> Answer:
+        result = await ctx.call(call.tool, call.args)  # the sync call, in a thread of its own
         return Answer(result=result.structured, key=ctx.key)
 
     return app, server
@@ -174,14 +179,18 @@ def test_a_stdio_tool_call_through_a_worker_carries_the_key_and_the_secret_reach
         wait_for(lambda: {"demo.add", "demo.fail", "demo.hang"} <= set(pins.pinned()), timeout_s=30)
         assert seen(log) == []
         record = client.wait(client.send("caller", {"tool": "demo.add", "args": {"a": 2, "b": 3}}).id, timeout_s=60)
+        awaited = client.wait(client.send("acaller", {"tool": "demo.add", "args": {"a": 4, "b": 4}}).id, timeout_s=60)
     finally:
         worker.stop(timeout=10_000)
         worker.broker.close()
     assert record.state is State.SUCCEEDED, record.error
     out = record.output("caller", Answer)
     assert out.result is not None and out.result["sum"] == 5
+    assert awaited.state is State.SUCCEEDED, awaited.error
+    assert awaited.output("acaller", Answer).result == {"sum": 8, "key": awaited.output("acaller", Answer).key,
+                                                        "had_token": True}
     calls = seen(log)
-    assert [c["tool"] for c in calls] == ["add"]
+    assert [c["tool"] for c in calls] == ["add", "add"]
     assert calls[0]["meta"]["mesh/key"] == out.key  # the message key, for the server to dedupe on
     assert calls[0]["env_token"] == secret  # the worker's secret reached the server ...
     assert secret not in record.model_dump_json()  # ... and not the job's record
