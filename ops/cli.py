@@ -33,8 +33,8 @@ from mesh.ops.server_cli import ops_app
 #: The commands in the order ``mesh --help`` and the CLI reference list them, whichever module
 #: declares them; a command not named here comes after these.
 ORDER = ("worker", "submit", "run", "send", "status", "jobs", "workers", "trace", "queues", "agents", "stats",
-         "bench", "soak", "demo", "approvals", "approve", "deny", "cancel", "rerun", "verify", "settle",
-         "breakers", "tools", "ops", "dlq", "pipeline")
+         "bench", "soak", "demo", "approvals", "approve", "deny", "cancel", "rerun", "verify", "settle", "tools",
+         "breakers", "ops", "dlq", "pipeline")
 
 
 class Listed(TyperGroup):
