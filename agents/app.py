@@ -363,9 +363,10 @@ class App:
         self.tools[spec.name] = spec
 
     def include(self, other: App) -> App:
-        """Add ``other``'s agents and tools (e.g. the built-in ones) to this app."""
+        """Add ``other``'s agents, tools and MCP servers (e.g. the built-in ones) to this app."""
         for tool in other.tools.values():
             self.add_tool(tool)
+        self.mcp_servers.update(other.mcp_servers)  # their tools were added above: a clash was refused there
         for spec in other.agents.values():
             self.add_agent(spec)
         return self

@@ -136,6 +136,9 @@ def test_allowed_tools_become_declared_tools_named_server_dot_tool_and_nothing_e
     app.mcp("empty", url="http://127.0.0.1:9/mcp")
     assert sorted(app.tools) == ["github.search_issues"]
     assert app.tools["github.search_issues"].dependency == "mcp:github"
+    whole = App("whole").include(app)  # its servers come along: a worker serving it registers them
+    assert whole.tools["github.search_issues"] is app.tools["github.search_issues"]
+    assert whole.mcp_servers == app.mcp_servers
 
 
 def test_a_bad_mcp_declaration_is_a_config_error() -> None:
