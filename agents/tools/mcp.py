@@ -29,17 +29,12 @@ server in headers (``env=``, ``headers=``: templates such as ``"Bearer {GITHUB_T
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import concurrent.futures
 import importlib.util
 import logging
 import string
 import threading
-import time
-import weakref
 from collections.abc import Iterable, Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,6 +52,7 @@ from mesh.contracts import (
 
 from ..names import name_problem
 from .base import ToolContext
+from .mcp_sessions import LOOP, Session, describe
 from .pins import Definition, Pins
 
 if TYPE_CHECKING:
@@ -69,8 +65,6 @@ META_KEY = "mesh/key"
 META_TOKEN = "mesh/fencing-token"
 #: The ``_meta`` key of an ``isError`` result that says a retry may succeed.
 META_RETRYABLE = "mesh/retryable"
-#: How often a worker thread waiting for a call wakes (s): a time limit raised into it lands then.
-TICK_S = 0.05
 #: How long opening a session may take (s; a stdio server starts a process), cut to the deadline.
 OPEN_TIMEOUT_S = 30.0
 
@@ -157,7 +151,7 @@ class McpServer:
     timeout_s: float | None = None
     #: The definitions this process last listed, by the server's tool name.
     definitions: dict[str, Definition] = field(default_factory=dict, init=False, repr=False)
-    _session: _Session | None = field(default=None, init=False, repr=False)
+    _session: Session | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,7 +211,7 @@ class McpServer:
         meta = {META_KEY: ctx.key, META_TOKEN: ctx.fencing_token}
         timeout = ctx.timeout_s(self.timeout_s or ctx.settings.http_timeout_s)
         try:
-            result = _LOOP.run(session.call(tool, args, meta, timeout), timeout + 1.0)
+            result = LOOP.run(session.call(tool, args, meta, timeout), timeout + 1.0)
         except (TimeoutError, concurrent.futures.TimeoutError):
             raise DependencyTimeout(f"MCP server {self.name} did not answer {tool} in {timeout:g}s; its effect is "
                                     "unknown", dependency=self.dependency, tool=self.declared(tool),
@@ -226,7 +220,7 @@ class McpServer:
             raise self._failure(session, tool, exc) from exc
         return self._answer(ctx, tool, result)
 
-    def session(self, secrets: Mapping[str, str], timeout_s: float) -> _Session:
+    def session(self, secrets: Mapping[str, str], timeout_s: float) -> Session:
         """The open session for these secrets, opened now when there is none (or it failed). One
         thread opens it; the others wait for that (within ``timeout_s``) and share it."""
         config = self._config(secrets)
@@ -238,24 +232,23 @@ class McpServer:
             if held is not None and held.alive and held.config == config:
                 return held
             if held is not None:
-                _LOOP.spawn(held.close())
-            self._session = held = _Session(self, config)
-            _OPEN.add(self)
+                LOOP.spawn(held.close())
+            self._session = held = Session(self.name, config)
             try:
-                _LOOP.run(held.open(), timeout_s)
+                LOOP.run(held.open(), timeout_s)
             except (TimeoutError, concurrent.futures.TimeoutError):
-                _LOOP.spawn(held.close())
+                LOOP.spawn(held.close())
                 raise Brownout(f"MCP server {self.name} did not open a session in {timeout_s:g}s",
                                dependency=self.dependency) from None
             except Exception as exc:
-                raise Brownout(f"MCP server {self.name} unreachable: {_describe(exc)}",
+                raise Brownout(f"MCP server {self.name} unreachable: {describe(exc)}",
                                dependency=self.dependency) from exc
             self.definitions = dict(held.tools)
             return held
         finally:
             self._lock.release()
 
-    def presented(self, session: _Session, tool: str) -> Definition:
+    def presented(self, session: Session, tool: str) -> Definition:
         definition = session.tools.get(tool)
         if definition is None:
             raise PermanentFailure(f"MCP server {self.name} offers no tool {tool!r} (it offers "
@@ -281,7 +274,7 @@ class McpServer:
         with self._lock:
             held, self._session = self._session, None
         if held is not None:
-            _LOOP.run(held.close(), 10.0)
+            LOOP.run(held.close(), 10.0)
 
     def _config(self, secrets: Mapping[str, str]) -> dict[str, Any]:
         missing = [s for s in self.secrets if s not in secrets]
@@ -293,7 +286,7 @@ class McpServer:
             {k: v.format_map(secrets) for k, v in self.env.items()}
         return {"command": list(self.command), "env": env}
 
-    def _failure(self, session: _Session, tool: str, exc: Exception) -> MeshError:
+    def _failure(self, session: Session, tool: str, exc: Exception) -> MeshError:
         from mcp import MCPError
         from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
@@ -305,7 +298,7 @@ class McpServer:
             return PermanentFailure(f"MCP server {self.name} refused {tool}: {exc.message} (code {exc.code})",
                                     dependency=self.dependency, tool=name, code=exc.code)
         session.alive = False  # the transport failed: the next call opens another session
-        return Brownout(f"MCP server {self.name} failed during {tool}: {_describe(exc)}", dependency=self.dependency,
+        return Brownout(f"MCP server {self.name} failed during {tool}: {describe(exc)}", dependency=self.dependency,
                         tool=name)
 
     def _answer(self, ctx: ToolContext, tool: str, result: Any) -> McpResult:
@@ -324,154 +317,6 @@ class McpServer:
             raise McpToolError(f"{name} failed: {answer.text[:500] or 'isError, no text'}", tool=name,
                                retryable=retryable, dependency=self.dependency)
         return answer
-
-
-class _Session:
-    """One MCP client session, held by a task on :data:`_LOOP` from open to close."""
-
-    def __init__(self, server: McpServer, config: dict[str, Any]) -> None:
-        self.server = server
-        self.config = config
-        self.alive = False
-        self.tools: dict[str, Definition] = {}
-        self.client: Any = None
-        self._stop: asyncio.Event | None = None
-        self._ready: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._ready = loop.create_future()
-        self._task = loop.create_task(self._hold())
-        await asyncio.shield(self._ready)
-
-    async def _hold(self) -> None:
-        assert self._ready is not None and self._stop is not None
-        try:
-            async with AsyncExitStack() as stack:
-                self.client = await stack.enter_async_context(await _connect(stack, self.config))
-                await self.client.initialize()
-                self.tools = await _list_tools(self.client)
-                self.alive = True
-                self._ready.set_result(None)
-                await self._stop.wait()
-        except BaseException as exc:
-            if not self._ready.done():
-                self._ready.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-            else:
-                logger.warning("MCP session ended", extra={"server": self.server.name, "error": _describe(exc)})
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            self.alive = False
-
-    async def call(self, tool: str, args: dict[str, Any], meta: dict[str, Any], timeout_s: float) -> Any:
-        if not self.alive:
-            from mcp import MCPError
-            from mcp_types import CONNECTION_CLOSED
-
-            raise MCPError(CONNECTION_CLOSED, "session closed")
-        async with asyncio.timeout(timeout_s):
-            return await self.client.call_tool(tool, args, meta=meta)
-
-    async def close(self) -> None:
-        self.alive = False
-        if self._stop is not None:
-            self._stop.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), 5.0)
-            except BaseException:
-                self._task.cancel()
-
-
-async def _connect(stack: AsyncExitStack, config: dict[str, Any]) -> Any:
-    """The ``ClientSession`` over the transport ``config`` names (not yet entered)."""
-    from mcp import ClientSession, StdioServerParameters, stdio_client
-
-    if "url" in config:
-        from mcp.client.streamable_http import streamable_http_client
-        from mcp.shared._httpx_utils import create_mcp_http_client
-
-        http = await stack.enter_async_context(create_mcp_http_client(headers=config["headers"]))
-        read, write = await stack.enter_async_context(streamable_http_client(config["url"], http_client=http))
-    else:
-        command = config["command"]
-        params = StdioServerParameters(command=command[0], args=command[1:], env=config["env"])
-        read, write = await stack.enter_async_context(stdio_client(params))
-    return ClientSession(read, write)
-
-
-async def _list_tools(client: Any) -> dict[str, Definition]:
-    tools: dict[str, Definition] = {}
-    cursor = None
-    while True:
-        from mcp_types import PaginatedRequestParams
-
-        listed = await client.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
-        for tool in listed.tools:
-            tools[tool.name] = Definition(tool.name, tool.description or "", dict(tool.input_schema or {}))
-        cursor = listed.next_cursor
-        if not cursor:
-            return tools
-
-
-def _describe(exc: BaseException) -> str:
-    """An error's text, a task group's first inner error's when it is a group."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class _McpLoop:
-    """The process's event loop for MCP sessions, on a daemon thread started on first use."""
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-
-    def loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None or self._loop.is_closed():
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="mesh-mcp", daemon=True).start()
-            return self._loop
-
-    def spawn(self, coro: Any) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self.loop())
-
-    def run(self, coro: Any, timeout_s: float) -> Any:
-        """``coro``'s result, waited for at most ``timeout_s`` (TimeoutError after: the coroutine is
-        cancelled), polling so an exception raised into this thread lands (and cancels it too)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop())
-        end = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    return future.result(timeout=max(0.0, min(TICK_S, end - time.monotonic())))
-                except concurrent.futures.TimeoutError:
-                    if future.done():
-                        return future.result(timeout=0)
-                    if time.monotonic() >= end:
-                        raise TimeoutError(f"no answer in {timeout_s:g}s") from None
-        except BaseException:
-            future.cancel()
-            raise
-
-
-_LOOP = _McpLoop()
-#: Servers that opened a session in this process: closed at exit (a stdio server's process ends).
-_OPEN: weakref.WeakSet[McpServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for server in list(_OPEN):
-        try:
-            server.close()
-        except BaseException as exc:
-            logger.warning("could not close an MCP session", extra={"server": server.name, "error": str(exc)})
 
 
 def declare(app: App, name: str, *, command: Iterable[str] = (), url: str | None = None,
