@@ -62,6 +62,12 @@ def busy(ctx: Context) -> CallToolResult:
                                           "_meta": {"mesh/retryable": True}})
 
 
+@server.tool(description="Answers n characters.")
+def big(n: int, ctx: Context) -> str:
+    _log(ctx, "big", {"n": n})
+    return "x" * n
+
+
 @server.tool(description="Not allowed by the app.")
 def secret_admin(ctx: Context) -> str:
     _log(ctx, "secret_admin", {})

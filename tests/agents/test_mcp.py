@@ -28,7 +28,7 @@ from mesh.agents.tools.pins import Pins
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.breaker import Breakers
 from mesh.broker.keys import Keys
-from mesh.contracts import ConfigError, ContractError, FailureClass, State, ToolRefused
+from mesh.contracts import ConfigError, ContractError, FailureClass, PermanentFailure, State, ToolRefused
 
 SERVER = str(Path(__file__).with_name("mcp_server.py"))
 SECRET = "mcp-secret-4f9a2c71"
@@ -49,11 +49,11 @@ def build(log: Path, *, url: str | None = None, variant: str = "1", timeout_s: f
     ``secret_admin``), and one agent calling whichever the message names."""
     app = App("mcp-test")
     if url is None:
-        server = app.mcp("demo", command=[sys.executable, SERVER], allow=["add", "fail", "hang", "busy"],
+        server = app.mcp("demo", command=[sys.executable, SERVER], allow=["add", "fail", "hang", "busy", "big"],
                          secrets=["MCP_TEST_TOKEN"], timeout_s=timeout_s,
                          env={"MCP_TEST_TOKEN": "{MCP_TEST_TOKEN}", "MCP_LOG": str(log), "MCP_VARIANT": variant})
     else:
-        server = app.mcp("demo", url=url, allow=["add", "fail", "hang", "busy"], secrets=["MCP_TEST_TOKEN"],
+        server = app.mcp("demo", url=url, allow=["add", "fail", "hang", "busy", "big"], secrets=["MCP_TEST_TOKEN"],
                          headers={"Authorization": "Bearer {MCP_TEST_TOKEN}"}, timeout_s=timeout_s)
 
     @app.agent(max_attempts=1, tools=["demo.add", "demo.fail", "demo.hang"])
@@ -214,7 +214,21 @@ def test_an_http_tool_call_sends_the_secret_in_a_header_and_the_key_in_meta(
         busy.run(tool_context(settings, rclient), busy.args.model_validate({}))
     assert failed.value.failure_class is FailureClass.UNKNOWN and not failed.value.terminal  # retried, bounded
     assert seen(log)[0]["auth"] == f"Bearer {SECRET}"
-    assert seen(log)[0]["meta"]["mesh/key"] == "k-http"
+    assert seen(log)[0]["meta"] == {"mesh/key": "k-http", "mesh/fencing-token": 7}
+
+
+@pytest.mark.slow
+def test_a_result_over_max_response_bytes_fails_the_call_and_one_under_it_is_read(
+        make_settings: Callable[..., MeshSettings], rclient: redis.Redis, http_server: tuple[str, Path],
+        closing: Callable[[McpServer], McpServer]) -> None:
+    settings = make_settings(max_response_bytes=4096)
+    url, log = http_server
+    app, server = build(log, url=url)
+    closing(server)
+    big = app.tools["demo.big"]
+    assert len(big.run(tool_context(settings, rclient), big.args.model_validate({"n": 1000})).text) == 1000
+    with pytest.raises(PermanentFailure, match=r"over MESH_MAX_RESPONSE_BYTES \(4096\)"):
+        big.run(tool_context(settings, rclient), big.args.model_validate({"n": 5000}))
 
 
 @pytest.mark.slow
