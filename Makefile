@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11 or newer is needed")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,otlp,docs,openai,anthropic]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,otlp,docs,openai,anthropic,mcp]"
 	touch $@
 
 install: $(BIN)/.installed

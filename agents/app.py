@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .async_context import AsyncContext
     from .context import Context
     from .tools.base import ToolContext
+    from .tools.mcp import McpServer
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
@@ -230,6 +231,7 @@ class App:
         self.agents: dict[str, AgentSpec] = {}
         self.tools: dict[str, ToolSpec] = {}
         self.pipelines: dict[str, PipelineSpec] = {}
+        self.mcp_servers: dict[str, McpServer] = {}
 
     @overload
     def agent(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
@@ -324,6 +326,23 @@ class App:
 
         return declare(fn) if fn is not None else declare
 
+    def mcp(self, name: str, *, command: Iterable[str] = (), url: str | None = None, allow: Iterable[str] = (),
+            secrets: Iterable[str] = (), env: Mapping[str, str] | None = None,
+            headers: Mapping[str, str] | None = None, effect: bool = True,
+            timeout_s: float | None = None) -> McpServer:
+        """Use MCP server ``name`` (``command=[...]``: stdio; ``url=``: streamable HTTP) as a tool source:
+        each of its tools named in ``allow`` becomes the declared tool ``<name>.<tool>`` (none by
+        default). ``secrets``: read by the worker (environment or MESH_SECRETS_DIR), given to a stdio
+        server in its environment (``env``: templates such as ``{"GH_TOKEN": "{GITHUB_TOKEN}"}``; by
+        default each under its own name) and to an HTTP one in ``headers``. See docs/guides/mcp.md."""
+        from .tools.mcp import declare
+
+        if name in self.mcp_servers:
+            raise ConfigError(f"app {self.name!r} declares MCP server {name!r} twice")
+        server = self.mcp_servers[name] = declare(self, name, command=command, url=url, allow=allow, secrets=secrets,
+                                                  env=env, headers=headers, effect=effect, timeout_s=timeout_s)
+        return server
+
     def stored_pipeline(self, data: Mapping[str, Any]) -> PipelineSpec:
         """A registered pipeline's stored JSON back as its spec (how a client that knows this app runs
         a pipeline by name: the broker stores specs as JSON and never imports the spec model)."""
@@ -368,9 +387,10 @@ class App:
         self.tools[spec.name] = spec
 
     def include(self, other: App) -> App:
-        """Add ``other``'s agents and tools (e.g. the built-in ones) to this app."""
+        """Add ``other``'s agents, tools and MCP servers (e.g. the built-in ones) to this app."""
         for tool in other.tools.values():
             self.add_tool(tool)
+        self.mcp_servers.update(other.mcp_servers)  # their tools were added above: a clash was refused there
         for spec in other.agents.values():
             self.add_agent(spec)
         return self

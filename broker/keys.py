@@ -78,6 +78,11 @@ The mesh's own:
     {ns}:effects.unknown              zset "{job_id}/{step_id}/{n}" -> when its verdict became unknown (s):
                                       effects nobody has proven; left when verified, refuted or settled
     {ns}:effects.audit                stream, capped: who verified or settled which effect, when, why
+    {ns}:pins:tools                   hash declared tool -> JSON of the definition (name, description,
+                                      input schema, sha256) an MCP server presented the first time it was
+                                      seen (agents/tools/pins.py); replaced only by ``mesh tools accept``
+    {ns}:pins:presented               hash declared tool -> JSON of another definition a server presented
+                                      since: the tool is refused until an operator accepts it
     {ns}:note:{effect_id}             JSON note written by the ``note`` tool; expires after
                                       MESH_NOTE_RETENTION_S
     {ns}:notes                        zset effect id -> written time (s); members whose note expired
@@ -277,6 +282,14 @@ class Keys:
     @property
     def approvals_audit(self) -> str:
         return f"{self.namespace}:approvals.audit"
+
+    @property
+    def tool_pins(self) -> str:
+        return f"{self.namespace}:pins:tools"
+
+    @property
+    def tool_presented(self) -> str:
+        return f"{self.namespace}:pins:presented"
 
     @property
     def registry(self) -> str:

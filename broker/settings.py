@@ -83,7 +83,8 @@ class MeshSettings(BaseSettings):
     max_output_bytes: int = Field(default=256 * 1024, ge=1024, description="largest step output (encoded) kept "
                                   "in a job record; a larger one fails the step as invalid_output")
     max_response_bytes: int = Field(default=1024 * 1024, ge=1024, description="most bytes of an HTTP "
-                                    "response a tool reads into memory; a longer body fails the call")
+                                    "response a tool reads into memory, and of an MCP tool's result (its "
+                                    "JSON); a longer one fails the call")
 
     dlq_max_line_bytes: int | None = Field(default=None, ge=1024, description="longest line `mesh dlq load` "
                                            "reads from an export file; a longer one refuses the file unread. "

@@ -28,6 +28,7 @@ from mesh.agents.pipelines import Pipeline, PipelineError, PipelineSpec, load_pi
 from mesh.agents.pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
 from mesh.agents.tools.base import ToolContext, effect_id
 from mesh.agents.tools.http import AsyncGuardedHttp, asend_request, host_port, send_request
+from mesh.agents.tools.mcp import McpResult, McpServer, McpToolError
 from mesh.broker import JobNotFound, JobRef, MeshClient, MeshSettings, NotReplicated, WaitTimeout
 from mesh.broker.approvals import (
     AlreadyDecided,
@@ -76,7 +77,8 @@ __all__ = [
     "AsyncGuardedHttp", "Brownout", "ConfigError", "Context", "ContractError", "Credential", "CredentialScope",
     "DependencyTimeout", "EffectRefuted",
     "EffectUnknown", "FailureClass", "InvalidDecision", "InvalidOutput", "JobNotFound", "JobRecord", "JobRef",
-    "KeyConflict", "LimitExceeded", "MeshClient", "MeshError", "MeshSettings", "NoOutput", "NotAnApprover",
+    "KeyConflict", "LimitExceeded", "McpResult", "McpServer", "McpToolError", "MeshClient", "MeshError",
+    "MeshSettings", "NoOutput", "NotAnApprover",
     "NotAwaiting", "NotReplicated", "PermanentFailure", "Pipeline", "PipelineError", "PipelineSpec", "RateLimited",
     "Receipt", "State", "StepRecord", "Tool", "ToolContext", "ToolRefused", "ToolSpec", "UnknownAgent", "Verdict",
     "WaitTimeout", "asend_request", "effect_id",

@@ -20,6 +20,7 @@ from mesh.ops import (
     jobctl_cli,
     jobs_cli,
     stats_cli,
+    tools_cli,
     worker_cli,
 )
 from mesh.ops.agents_cli import agents as agents_command
@@ -32,7 +33,7 @@ from mesh.ops.server_cli import ops_app
 #: The commands in the order ``mesh --help`` and the CLI reference list them, whichever module
 #: declares them; a command not named here comes after these.
 ORDER = ("worker", "submit", "run", "send", "status", "jobs", "workers", "trace", "queues", "agents", "stats",
-         "bench", "soak", "demo", "approvals", "approve", "deny", "cancel", "rerun", "verify", "settle",
+         "bench", "soak", "demo", "approvals", "approve", "deny", "cancel", "rerun", "verify", "settle", "tools",
          "breakers", "ops", "dlq", "pipeline")
 
 
@@ -68,6 +69,7 @@ approvals_cli.register(app)  # mesh approvals, approve, deny
 jobctl_cli.register(app)  # mesh cancel, mesh rerun
 effects_cli.register(app)  # mesh verify, mesh settle
 app.add_typer(breakers_app, name="breakers")
+tools_cli.register(app)  # mesh tools, tools diff, tools accept
 app.add_typer(ops_app, name="ops")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(pipeline_app, name="pipeline")

@@ -57,6 +57,9 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     threading.Thread(target=_publish, args=(registry(settings, broker), broker.broker_id, broker.worker_label,
                                             entries, runtime.app.name),
                      name="mesh-publish", daemon=True).start()
+    if runtime.app.mcp_servers:  # pin the MCP tools the served agents call: in the background, as publishing
+        threading.Thread(target=_register_mcp, args=(runtime.app, [a.actor_name for a in actors], settings, broker),
+                         name="mesh-mcp-register", daemon=True).start()
     queues = {actor.queue_name for actor in actors}
     worker = Worker(broker, queues=queues, worker_threads=threads, worker_timeout=IDLE_POLL_MS)
     if settings.prefetch:
@@ -171,6 +174,19 @@ def _publish_failed(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome is not None else None
     wait = state.next_action.sleep if state.next_action is not None else None
     logger.warning("could not publish the worker's agents; retrying", extra={"error": str(exc), "retry_in_s": wait})
+
+
+def _register_mcp(app: App, agents: list[str], settings: MeshSettings, broker: MeshBroker) -> None:
+    """The worker's first registration of the MCP servers its agents use: each allowed tool's
+    definition pinned, or checked against its pin (see :mod:`mesh.agents.tools.pins`)."""
+    from mesh.agents.tools.mcp import register_servers
+    from mesh.agents.tools.pins import Pins
+
+    try:
+        register_servers(app, app.tools_of(agents), Pins(broker.records, Keys(settings.namespace)),
+                         settings.secrets_dir)
+    except Exception as exc:  # a call connects and pins again: never the worker's end
+        logger.warning("could not register the MCP servers", extra={"error": str(exc)})
 
 
 def registry(settings: MeshSettings, broker: MeshBroker) -> Registry:
