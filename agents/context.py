@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -49,6 +49,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.effects import Verdict, summary
 
+from . import tool_loop
 from .effects import EffectCalls
 from .event_loop import resolve
 from .tools.base import ToolContext
@@ -100,6 +101,8 @@ class Context:
     lease: Lease
     _tool_ctx: ToolContext = field(init=False)
     _effects: EffectCalls | None = field(init=False, default=None)
+    #: Effectful calls go through the step's effect ledger (:attr:`effects`).
+    _ledger = True
 
     def __post_init__(self) -> None:
         self._tool_ctx = self._tool_context(None)
@@ -158,8 +161,7 @@ class Context:
     def model(self) -> ModelProvider:
         """The worker's provider; for a pipeline step that names a ``model``, one whose ``complete``
         uses that model unless the call names another."""
-        provider = self.runtime.provider
-        return provider if self.env.model is None else StepModel(provider, self.env.model)
+        return StepModel(self.runtime.provider, self.env.model, self)
 
     @property
     def http(self) -> GuardedHttp:
@@ -208,6 +210,27 @@ class Context:
                                               "args": typed.model_dump(mode="json", by_alias=True)})
             return result
         return self._run(spec, typed)
+
+    def _loop_tools(self, tools: Sequence[Tool[Any, Any] | str] | None) -> list[ToolSpec]:
+        """The declared tools a tool loop offers the model (:mod:`mesh.agents.tool_loop`)."""
+        names = tool_loop.offered(self.spec.tools, tools, self.spec.name)
+        return [self.runtime.app.tools[name] for name in names]
+
+    def _checkpoints(self) -> tool_loop.Checkpoints:
+        """Where this step's tool loop keeps its turns and calls (:mod:`mesh.broker.transcript`)."""
+        from mesh.broker.transcript import Transcript
+
+        rt = self.runtime
+        return Transcript(rt.redis, rt.keys, self.env.job_id, self.env.step_id, rt.settings.dedup_ttl_s)
+
+    def _loop_event(self, kind: str, **fields: Any) -> None:
+        """Trace what a tool loop did without a call (a call replayed, one the model invented)."""
+        ev = trace.event(kind, self.env.model_dump(mode="json"), worker=self.runtime.worker,
+                         **{k: redact.redact_value(v) for k, v in fields.items()})
+        try:
+            trace.emit(self.runtime.redis, self.runtime.keys, ev)
+        except Exception as exc:  # a trace line: the loop goes on without it
+            logger.warning("could not trace a tool loop event", extra={"error": str(exc)})
 
     def undo(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
         """Run a compensation of tool calls (``{"tool", "args"}``, in the order given: last call
@@ -282,13 +305,27 @@ class Context:
 
 
 class StepModel:
-    """A provider whose ``complete`` defaults to ``model`` (a pipeline step's) instead of
-    MESH_MODEL_NAME; everything else is the wrapped provider's."""
+    """``ctx.model``: the worker's provider, whose ``complete`` defaults to ``model`` (a pipeline
+    step's; None: MESH_MODEL_NAME), and whose :meth:`run` lets the model call the step's tools
+    through ``context``. Everything else is the wrapped provider's."""
 
-    def __init__(self, provider: ModelProvider, model: str) -> None:
+    def __init__(self, provider: ModelProvider, model: str | None, context: Context | None = None) -> None:
         self.provider = provider
         self.model = model
         self.name = provider.name
+        self.context = context
+
+    def run(self, prompt: str, *, output: type[M], tools: Sequence[Tool[Any, Any] | str] | None = None,
+            max_turns: int = 10, system: str | None = None, model: str | None = None) -> M:
+        """``prompt`` answered as a validated ``output`` by the model, which may call ``tools`` (the
+        agent's declared tools, all of them when None) first: each call through :meth:`Context.call`,
+        each turn and call checkpointed on the step. See :mod:`mesh.agents.tool_loop`."""
+        if self.context is None:
+            raise ConfigError("ctx.model.run needs the step's context: call it as ctx.model.run(...)")
+        context = self.context
+        return tool_loop.run(context, self.provider, lambda spec, args: context.call(spec.name, args), prompt,
+                             tools=tools, output=output, max_turns=max_turns, system=system,
+                             model=model or self.model)
 
     def complete(self, prompt: str, output: type[M], *, system: str | None = None, model: str | None = None) -> M:
         return self.provider.complete(prompt, output, system=system, model=model or self.model)
