@@ -91,6 +91,8 @@ class TestContext(Context):
         self.lease = Lease(key=key, claim_key=f"claim:{key}", owner="test", token=token, envelope=self.env.model_dump())
         self._effects = None
         self._model: TestModel | ModelProvider = model or TestModel()
+        if isinstance(self._model, TestModel):
+            self._model.context = self  # its ``run`` is this context's tool loop
         self._fakes = {_tool_name(app, t): fake for t, fake in (tools or {}).items()}
         self._secrets = dict(secrets or {})
         self._settings = settings or MeshSettings(namespace="mesh-testing")

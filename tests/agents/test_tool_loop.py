@@ -19,7 +19,7 @@ from mesh.agents.tool_loop import MemoryCheckpoints
 from mesh.agents.tools.base import ToolContext
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import Brownout, DeadlineExceeded, InvalidOutput, ToolRefused
-from mesh.testing import TestContext
+from mesh.testing import TestContext, TestModel, calls
 from tests.agents.openai_server import FakeOpenAI, completion, tool_calls, turns
 
 
@@ -189,3 +189,16 @@ def test_the_local_provider_calls_each_offered_tool_once_then_answers() -> None:
     ctx = TestContext(app, support, model=LocalProvider())
     answer = ctx.model.run("Refund order A1", tools=[lookup], output=Decision)
     assert isinstance(answer, Decision) and [c.tool for c in ctx.calls] == ["lookup"]
+
+
+def test_a_test_model_scripts_the_loops_turns_and_keeps_what_each_turn_was_given() -> None:
+    model = TestModel({Decision: [calls(("lookup", {"order_id": "A1"})),
+                                  calls(("refund", '{"order_id": "A1"}')),  # cents missing: an error
+                                  {"refunded": False, "reason": "no amount"}]})
+    ctx = TestContext(app, support, model=model)
+    assert support(ctx, Order(order_id="A1")) == Decision(refunded=False, reason="no amount")
+    assert [c.tool for c in ctx.calls] == ["lookup"] and refunds == []
+    given = [p.prompt for p in model.prompts]
+    assert given[0] == "Refund order A1 if it was delivered"
+    assert json.loads(given[1]) == {"order_id": "A1", "status": "delivered"}
+    assert given[2].startswith("error: invalid arguments for refund: cents: Field required")
