@@ -158,9 +158,9 @@ class Context:
         return self.env.remaining_s(self.runtime.clock.now_s())
 
     @property
-    def model(self) -> ModelProvider:
-        """The worker's provider; for a pipeline step that names a ``model``, one whose ``complete``
-        uses that model unless the call names another."""
+    def model(self) -> StepModel:
+        """The worker's provider (:class:`StepModel`): for a pipeline step that names a ``model``, its
+        ``complete`` uses that model unless the call names another; ``run`` lets the model call tools."""
         return StepModel(self.runtime.provider, self.env.model, self)
 
     @property
