@@ -302,7 +302,7 @@ def tool_calling(provider: Any) -> ToolCalling:
     """``provider`` if it lets the model call tools, else ConfigError naming it."""
     if not callable(getattr(provider, "turn", None)):
         raise ConfigError(f"model provider {getattr(provider, 'name', provider)!r} does not let the model call "
-                          "tools (ctx.model.run): use openai, openai_sdk, anthropic or local")
+                          "tools (ctx.model.run): it needs turn and aturn (mesh.agents.tool_loop.ToolCalling)")
     return provider
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from mesh import App, Context
 from mesh.agents.async_context import AsyncContext
+from mesh.agents.providers import provider_for
 from mesh.agents.providers.local import LocalProvider
 from mesh.agents.providers.openai import OpenAIProvider
 from mesh.agents.tool_loop import MemoryCheckpoints
@@ -21,6 +22,7 @@ from mesh.broker.settings import MeshSettings
 from mesh.contracts import Brownout, DeadlineExceeded, InvalidOutput, ToolRefused
 from mesh.testing import TestContext, TestModel, calls
 from tests.agents.openai_server import FakeOpenAI, completion, tool_calls, turns
+from tests.httpserver import RecordingServer
 
 
 class Order(BaseModel):
@@ -202,3 +204,46 @@ def test_a_test_model_scripts_the_loops_turns_and_keeps_what_each_turn_was_given
     assert given[0] == "Refund order A1 if it was delivered"
     assert json.loads(given[1]) == {"order_id": "A1", "status": "delivered"}
     assert given[2].startswith("error: invalid arguments for refund: cents: Field required")
+
+
+def _anthropic(blocks: list[dict[str, Any]], stop: str = "tool_use") -> dict[str, Any]:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": blocks,
+            "stop_reason": stop, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 3}}
+
+
+ANTHROPIC = [_anthropic([{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"order_id": "A1"}}]),
+             _anthropic([{"type": "text", "text": "Refunding."},
+                         {"type": "tool_use", "id": "toolu_2", "name": "refund",
+                          "input": {"order_id": "A1", "cents": 500}}]),
+             _anthropic([{"type": "text", "text": json.dumps({"refunded": True, "reason": "delivered"})}], "end_turn")]
+
+
+@pytest.mark.parametrize("provider", ["openai_sdk", "anthropic"])
+def test_the_sdk_providers_drive_the_same_loop_in_their_wire_formats(provider: str) -> None:
+    def respond(_n: int, request: dict[str, Any]) -> tuple[int, Any]:
+        n = sum(1 for m in request["json"]["messages"] if m["role"] == "assistant")
+        return 200, (SCRIPT if provider == "openai_sdk" else ANTHROPIC)[n]
+
+    with RecordingServer(respond) as server:
+        base = server.url("/v1") if provider == "openai_sdk" else server.url("")
+        model = provider_for(MeshSettings(model_provider=provider, model_url=base, model_name="m",
+                                          model_api_key="sk-test-key-0123"))
+        ctx = TestContext(app, support, model=model)
+        assert support(ctx, Order(order_id="A1")) == Decision(refunded=True, reason="delivered")
+
+        async def awaited() -> Decision:
+            return await AsyncContext(TestContext(app, support, model=model)).model.run(
+                "Refund order A1", output=Decision)
+
+        assert asyncio.run(awaited()).refunded
+    assert [c.tool for c in ctx.calls] == ["lookup", "refund"] and len(refunds) == 2
+    first, second, third = (r["json"] for r in server.requests[:3])
+    if provider == "anthropic":
+        assert {t["name"]: t["input_schema"]["required"] for t in first["tools"]} == {
+            "lookup": ["order_id"], "refund": ["order_id", "cents"]}
+        assert second["messages"][-1] == {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": '{"order_id":"A1","status":"delivered"}'}]}
+        assert third["messages"][-2]["content"][0] == {"type": "text", "text": "Refunding."}
+    else:
+        assert [t["function"]["name"] for t in first["tools"]] == ["lookup", "refund"]
+        assert second["messages"][-1]["tool_call_id"] == "call_1_1"
