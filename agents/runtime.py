@@ -247,9 +247,17 @@ class AgentRuntime:
     def _export(self, flow: PipelineSpec | None, env: Envelope, duration: float, output: Any) -> None:
         """The step's span to OTLP when its pipeline's tracing asks for it: never the step's outcome."""
         try:
-            self.spans.step(flow, env, time.time() - duration, input=env.payload, output=output)
+            started = time.time() - duration
+            self.spans.step(flow, env, started, input=env.payload, output=output,
+                            calls=lambda: self._calls(env, started))
         except Exception as exc:  # an exporter bug must not fail a step that is already recorded
             logger.warning("could not export the step's span", extra={"job_id": env.job_id, "error": str(exc)})
+
+    def _calls(self, env: Envelope, started: float) -> list[dict[str, Any]]:
+        """The model and tool calls this attempt of ``env``'s step made, from the job's trace."""
+        return [e for e in trace.read(self.redis, self.keys, env.job_id)
+                if e.get("event") in ("model_call", "tool_call") and e.get("step_id") == env.step_id
+                and e.get("attempt") == env.attempt and float(e.get("at") or 0) >= started]
 
     def flow(self, record: JobRecord) -> PipelineSpec | None:
         """The spec a declared pipeline's job started with; None for any other job."""
