@@ -47,6 +47,7 @@ from mesh.contracts import (
     MeshError,
     ToolRefused,
 )
+from mesh.contracts.approvals import Decision, call_hash
 from mesh.contracts.effects import Verdict, summary
 
 from . import tool_loop
@@ -231,6 +232,22 @@ class Context:
             trace.emit(self.runtime.redis, self.runtime.keys, ev)
         except Exception as exc:  # a trace line: the loop goes on without it
             logger.warning("could not trace a tool loop event", extra={"error": str(exc)})
+
+    def _approve(self, spec: ToolSpec, args: BaseModel) -> None:
+        """A destructive call of a tool loop may be made: this step holds a person's approval of
+        exactly it, or CallNeedsApproval (the worker parks the step asking for it)."""
+        call = {"tool": spec.name, "args": args.model_dump(mode="json", by_alias=True)}
+        record = self.runtime.jobs.get(self.env.job_id)
+        if record is None or not record.pipeline_digest:
+            raise ToolRefused(f"tool {spec.name!r} is destructive: each call waits for a person's approval, and "
+                              "only a pipeline's step can wait; run the agent in a pipeline", tool=spec.name)
+        digest = call_hash(call, f"{self.env.job_id}/{self.env.step_id}", record.pipeline_digest)
+        step = record.steps.get(self.env.step_id)
+        approval = step.approval if step is not None else None
+        if approval is not None and approval.decision is Decision.APPROVED and approval.hash == digest:
+            return
+        raise tool_loop.CallNeedsApproval(f"{spec.name} is destructive: its call {digest[:12]} waits for a "
+                                          "person's approval", call=call, hash=digest)
 
     def undo(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
         """Run a compensation of tool calls (``{"tool", "args"}``, in the order given: last call

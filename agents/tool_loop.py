@@ -22,7 +22,9 @@ Bounded: ``max_turns`` (exceeded: InvalidOutput), the job's token budget (the pr
 BudgetExceeded), the step's deadline (DeadlineExceeded before a turn, the provider's request cut to
 it). A call the model invents (a tool not offered, args that are not JSON or break the tool's
 model) is answered to the model as an error ``mistakes`` times; one more ends the step
-InvalidOutput. When the loop itself fails (InvalidOutput) its checkpoints are cleared: a retry
+InvalidOutput. A call of a destructive tool (``@app.tool(destructive=True)``) is made only once a
+person approved exactly it (CallNeedsApproval parks the step until then; the approved step runs
+again from its checkpoints). When the loop itself fails (InvalidOutput) its checkpoints are cleared: a retry
 starts the conversation over, its effectful calls still answered by the ledger.
 """
 
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from mesh.contracts import ConfigError, DeadlineExceeded, InvalidOutput, ToolRefused
+from mesh.contracts import ConfigError, DeadlineExceeded, FailureClass, InvalidOutput, MeshError, ToolRefused
 
 from .effects import as_json
 
@@ -52,6 +54,20 @@ RESULT_LIMIT = 16_000
 MISTAKES = 2
 #: Invalid final answers sent back with their errors before the step ends ``invalid_output``.
 REPAIRS = 2
+
+
+class CallNeedsApproval(MeshError):
+    """A call of a destructive tool (``@app.tool(destructive=True)``) that the model asked for and no
+    person approved yet: the worker parks the step (``awaiting_approval``) asking for exactly this
+    call (``call``: tool and args; ``hash``), and once approved the step runs again from its
+    checkpoints, the call made then. Outside a pipeline's step nothing can wait: refused (permanent)."""
+
+    failure_class = FailureClass.PERMANENT
+
+    def __init__(self, message: str, *, call: dict[str, Any], hash: str) -> None:
+        super().__init__(message, tool=call.get("tool"), hash=hash)
+        self.call = call
+        self.hash = hash
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,8 @@ class LoopHost(Protocol):
     def _checkpoints(self) -> Checkpoints: ...
 
     def _loop_event(self, kind: str, **fields: Any) -> None: ...
+
+    def _approve(self, spec: ToolSpec, args: BaseModel) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -274,6 +292,8 @@ class Loop:
         need = Call(self.turn, n, request, spec, args)
         recorded = self.recorded.get(need.label)
         if recorded is None:
+            if spec.destructive:  # CallNeedsApproval until a person approved exactly this call
+                self.host._approve(spec, args)
             return need
         self.host._loop_event("tool_replayed", call=need.label, tool=spec.name, effect=spec.effect)
         if spec.effect and self.host._ledger:  # met again in the ledger: it answers from its record, not made

@@ -79,7 +79,7 @@ class TestContext(Context):
                  trace_id: str = TRACE_ID, step_id: str | None = None, attempt: int = 1, token: int = 1,
                  deadline_s: float = 60.0, clock: TestClock | None = None, http: httpx.Client | None = None,
                  resolve: Resolver = system_resolver, settings: MeshSettings | None = None,
-                 checkpoints: tool_loop.MemoryCheckpoints | None = None) -> None:
+                 checkpoints: tool_loop.MemoryCheckpoints | None = None, approve_calls: bool = True) -> None:
         self.app = app
         self.clock = clock or TestClock()
         spec = _agent(app, agent)
@@ -106,8 +106,10 @@ class TestContext(Context):
         #: A tool loop's turns and calls (``ctx.model.run``): shared with another TestContext, its loop
         #: resumes from them as a redelivered step's does.
         self.checkpoints = checkpoints if checkpoints is not None else tool_loop.MemoryCheckpoints()
-        #: What a tool loop did without a call, in order: ``tool_replayed``, ``tool_refused``.
+        #: What a tool loop did without a call, in order: ``tool_replayed``, ``tool_refused``, ``approval``.
         self.loop_events: list[dict[str, Any]] = []
+        #: Whether a tool loop's destructive calls are approved (False: CallNeedsApproval, as a step waits).
+        self.approve_calls = approve_calls
 
     def __repr__(self) -> str:
         return f"TestContext(agent={self.spec.name!r}, key={self.key!r}, job_id={self.job_id!r})"
@@ -140,6 +142,15 @@ class TestContext(Context):
 
     def _loop_event(self, kind: str, **fields: Any) -> None:
         self.loop_events.append({"event": kind, **fields})
+
+    def _approve(self, spec: ToolSpec, args: BaseModel) -> None:
+        """A destructive call of a tool loop: approved when ``approve_calls`` (recorded in
+        ``loop_events`` as ``approval``), else CallNeedsApproval, as a worker parks the step."""
+        call = {"tool": spec.name, "args": args.model_dump(mode="json", by_alias=True)}
+        if not self.approve_calls:
+            raise tool_loop.CallNeedsApproval(f"{spec.name} is destructive: its call waits for a person's approval",
+                                              call=call, hash="")
+        self.loop_events.append({"event": "approval", **call})
 
     @property
     def http(self) -> GuardedHttp:

@@ -16,7 +16,7 @@ from mesh.agents.async_context import AsyncContext
 from mesh.agents.providers import provider_for
 from mesh.agents.providers.local import LocalProvider
 from mesh.agents.providers.openai import OpenAIProvider
-from mesh.agents.tool_loop import MemoryCheckpoints
+from mesh.agents.tool_loop import CallNeedsApproval, MemoryCheckpoints
 from mesh.agents.tools.base import ToolContext
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import Brownout, DeadlineExceeded, InvalidOutput, ToolRefused
@@ -247,3 +247,21 @@ def test_the_sdk_providers_drive_the_same_loop_in_their_wire_formats(provider: s
     else:
         assert [t["function"]["name"] for t in first["tools"]] == ["lookup", "refund"]
         assert second["messages"][-1]["tool_call_id"] == "call_1_1"
+
+
+def test_a_destructive_call_needs_an_approval_and_a_test_context_approves_when_told() -> None:
+    from tests.apps import tool_loop as loop_app
+
+    script = [calls(("charge", {"order_id": "o-1", "n": 1})), calls(("refund", {"order_id": "o-1", "cents": 5})),
+              {"order_id": "o-1", "cents": 5}]
+    waiting = TestContext(loop_app.app, loop_app.refunder, approve_calls=False,
+                          model=TestModel({loop_app.Refunded: script}), tools={"charge": {}, "refund": {}})
+    with pytest.raises(CallNeedsApproval) as asked:
+        loop_app.refunder(waiting, loop_app.Order(order_id="o-1"))
+    assert asked.value.call == {"tool": "refund", "args": {"order_id": "o-1", "cents": 5}}
+    assert [c.tool for c in waiting.calls] == ["charge"]  # the destructive call was not made
+    approved = TestContext(loop_app.app, loop_app.refunder, model=TestModel({loop_app.Refunded: script}),
+                           tools={"charge": {}, "refund": {}})
+    assert loop_app.refunder(approved, loop_app.Order(order_id="o-1")).cents == 5
+    assert [c.tool for c in approved.calls] == ["charge", "refund"]
+    assert [e["event"] for e in approved.loop_events] == ["approval"]

@@ -38,3 +38,26 @@ def biller(ctx: Context, order: Order) -> Bill:
     """Asks the model to charge ``order`` in five instalments."""
     return ctx.model.run(f"Charge order {order.order_id} in five instalments", tools=[charge], output=Bill,
                          max_turns=8)
+
+
+class Refund(BaseModel):
+    order_id: str
+    cents: int
+
+
+class Refunded(BaseModel):
+    order_id: str
+    cents: int
+
+
+@app.tool(destructive=True)
+def refund(ctx: ToolContext, args: Refund) -> dict[str, int]:
+    """Refund an order: destructive, each call approved by a person."""
+    total = int(ctx.redis.incr(f"{ctx.keys.namespace}:test.refunds"))
+    return {"cents": args.cents, "refunds_so_far": total}
+
+
+@app.agent(tools=[charge, refund])
+def refunder(ctx: Context, order: Order) -> Refunded:
+    """Asks the model to charge, then refund, ``order``."""
+    return ctx.model.run(f"Charge order {order.order_id}, then refund it", output=Refunded, max_turns=5)
