@@ -104,6 +104,8 @@ class Context:
     _effects: EffectCalls | None = field(init=False, default=None)
     #: Effectful calls go through the step's effect ledger (:attr:`effects`).
     _ledger = True
+    #: The key a tool loop's call gives its tool (``<key>/turn-3/call-1``); None: the message's key.
+    _call_key: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._tool_ctx = self._tool_context(None)
@@ -314,7 +316,7 @@ class Context:
         rt = self.runtime
         secrets = spec.secrets if spec is not None else ()
         allow = spec.allowlist(rt.settings) if spec is not None else None
-        return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
+        return ToolContext(key=self._call_key or self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
                            fencing_token=self.lease.token, deadline=self.env.deadline, clock=rt.clock.now_s,
                            breakers=rt.breakers, settings=rt.settings, redis=rt.redis, keys=rt.keys,
                            client=rt.http, resolve=rt.resolve, allow=allow, dependency=dependency,

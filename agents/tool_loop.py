@@ -11,7 +11,9 @@ final answer, validated as ``output`` (an invalid one is sent back with its erro
 ``repairs`` times).
 
 Durable: every model turn and every tool call is checkpointed on the step (``turn-3``,
-``turn-3/call-1`` under ``<key>``; :mod:`mesh.broker.transcript`) once it completed. A re-run of the
+``turn-3/call-1`` under ``<key>``; :mod:`mesh.broker.transcript`) once it completed; the tool of
+a call is given ``<key>/turn-3/call-1`` as its key (its ``Idempotency-Key``: each call its own,
+the same on a re-run). A re-run of the
 step (a worker killed mid-loop, its message redelivered) replays them: the model is not asked again
 for a recorded turn, a recorded call is not made again and its recorded result goes back to the
 model; an effectful one is met again in the effect ledger, which answers from its record (so the
@@ -163,6 +165,8 @@ class LoopHost(Protocol):
     key: str
     #: Whether effectful calls go through an effect ledger (a recorded one is met there again).
     _ledger: bool
+    #: The key the tool of the call being made is given (None: the message's key).
+    _call_key: str | None
 
     def deadline_left_s(self) -> float: ...
 
@@ -338,7 +342,11 @@ def run(host: LoopHost, provider: Any, call: Callable[[ToolSpec, BaseModel], Any
                 loop.answered(asking.turn(loop.messages, loop.defs, output, system=system, model=model,
                                           turn=need.turn))
             else:
-                loop.called(need, call(need.spec, need.args))
+                host._call_key = f"{host.key}/{need.label}"
+                try:
+                    loop.called(need, call(need.spec, need.args))
+                finally:
+                    host._call_key = None
     except InvalidOutput:
         loop.failed()
         raise
@@ -357,7 +365,11 @@ async def arun(host: LoopHost, provider: Any, call: Callable[[ToolSpec, BaseMode
                 loop.answered(await asking.aturn(loop.messages, loop.defs, output, system=system, model=model,
                                                  turn=need.turn))
             else:
-                loop.called(need, await call(need.spec, need.args))
+                host._call_key = f"{host.key}/{need.label}"
+                try:
+                    loop.called(need, await call(need.spec, need.args))
+                finally:
+                    host._call_key = None
     except InvalidOutput:
         loop.failed()
         raise

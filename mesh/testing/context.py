@@ -217,7 +217,8 @@ class TestContext(Context):
         if self._http is None:
             self._http = httpx.Client()
         settings = self._settings
-        return ToolContext(key=self.key, job_id=self.job_id, trace_id=self.trace_id, fencing_token=self.token,
+        return ToolContext(key=self._call_key or self.key, job_id=self.job_id, trace_id=self.trace_id,
+                           fencing_token=self.token,
                            settings=settings, redis=self._redis,
                            keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,

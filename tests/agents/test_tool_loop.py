@@ -265,3 +265,24 @@ def test_a_destructive_call_needs_an_approval_and_a_test_context_approves_when_t
     assert loop_app.refunder(approved, loop_app.Order(order_id="o-1")).cents == 5
     assert [c.tool for c in approved.calls] == ["charge", "refund"]
     assert [e["event"] for e in approved.loop_events] == ["approval"]
+
+
+def test_each_call_of_the_loop_gives_its_tool_a_key_of_its_own_derived_from_the_turn() -> None:
+    keyed = App("keyed")
+
+    @keyed.tool(effect=False)
+    def whose(ctx: ToolContext, args: Order) -> str:
+        """The key this call was given."""
+        return ctx.key
+
+    @keyed.agent(tools=[whose])
+    def asks(ctx: Context, order: Order) -> Decision:
+        return ctx.model.run("which keys?", output=Decision)
+
+    model = TestModel({Decision: [calls(("whose", {"order_id": "a"}), ("whose", {"order_id": "b"})),
+                                  calls(("whose", {"order_id": "c"})), {"refunded": False, "reason": "keys"}]})
+    ctx = TestContext(keyed, asks, model=model, key="job-9/asks")
+    asks(ctx, Order(order_id="x"))
+    assert [c.result for c in ctx.calls] == ["job-9/asks/turn-1/call-1", "job-9/asks/turn-1/call-2",
+                                             "job-9/asks/turn-2/call-1"]
+    assert ctx._tool_context(None).key == "job-9/asks"  # the handler's own calls keep the message's key

@@ -30,6 +30,7 @@ class Bill(BaseModel):
 def charge(ctx: ToolContext, args: Charge) -> dict[str, int]:
     """Charge one instalment of an order."""
     total = int(ctx.redis.incr(f"{ctx.keys.namespace}:test.charges"))
+    ctx.redis.rpush(f"{ctx.keys.namespace}:test.charge_keys", ctx.key)  # the key each call was given
     return {"instalment": args.n, "charges_so_far": total}
 
 
