@@ -34,7 +34,7 @@ import importlib
 import inspect
 import re
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
@@ -43,6 +43,7 @@ from pydantic import BaseModel
 
 from mesh.contracts import AgentRef, ConfigError
 
+from .credentials import Minter, check_minter
 from .names import name_problem
 from .tools.allow import parse_allowlist
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from mesh.agents.pipelines import Pipeline, PipelineSpec
     from mesh.broker.settings import MeshSettings
 
+    from .async_context import AsyncContext
     from .context import Context
     from .tools.base import ToolContext
 
@@ -130,6 +132,9 @@ class ToolSpec:
     #: The declared tool that undoes a call of this one (called with the same args) when the job of
     #: the step that made the call halts or is cancelled: see docs/guides/compensation.md.
     compensate: str | None = None
+    #: Mints a short-lived credential just before each call, ``mint(scope) -> Credential`` (or
+    #: ``async def``); the tool reads it as ``ctx.credential`` (:mod:`mesh.agents.credentials`).
+    mint: Minter | None = None
     #: A call the model asks for in a tool loop (``ctx.model.run``) waits for a person's approval of
     #: exactly that call (tool and args): see docs/guides/tool-loop.md.
     destructive: bool = False
@@ -168,7 +173,14 @@ class Agent(AgentRef[In, Out]):
         self.fn = fn
         functools.update_wrapper(self, fn)
 
-    def __call__(self, ctx: Context, input: In) -> Out:
+    @overload
+    def __call__(self, ctx: Context, input: In) -> Out: ...
+    @overload
+    def __call__(self, ctx: AsyncContext, input: In) -> Coroutine[Any, Any, Out]: ...
+
+    def __call__(self, ctx: Any, input: In) -> Any:
+        """The handler: ``triage(ctx, ticket)``; an ``async def`` one is given an ``AsyncContext``
+        and awaited (``await answer(AsyncContext(ctx), question)`` in a unit test)."""
         return self.fn(ctx, input)
 
 
@@ -194,6 +206,8 @@ class DeclareAgent(Protocol):
 
     @overload
     def __call__(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
+    @overload
+    def __call__(self, fn: Callable[[AsyncContext, In], Coroutine[Any, Any, Out]], /) -> Agent[In, Out]: ...
     @overload
     def __call__(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
 
@@ -223,6 +237,8 @@ class App:
     @overload
     def agent(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
     @overload
+    def agent(self, fn: Callable[[AsyncContext, In], Coroutine[Any, Any, Out]], /) -> Agent[In, Out]: ...
+    @overload
     def agent(self, fn: Callable[..., Any], /) -> Agent[Any, Any]: ...
     @overload
     def agent(self, fn: None = None, /, *, name: str | None = None, input: type[BaseModel] | None = None,
@@ -230,7 +246,7 @@ class App:
               time_limit_s: float | None = None, max_attempts: int | None = None, max_retries: int | None = None,
               timeout_retries: int = 0, tools: Iterable[str | Tool[Any, Any]] = ()) -> DeclareAgent: ...
 
-    def agent(self, fn: Callable[[Context, In], Out] | None = None, /, *, name: str | None = None,
+    def agent(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
               input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
               version: int = 1, queue: str | None = None, time_limit_s: float | None = None,
               max_attempts: int | None = None, max_retries: int | None = None, timeout_retries: int = 0,
@@ -242,7 +258,7 @@ class App:
         ``retry_policy.max_attempts`` does; ``max_retries``, its older spelling, counts the retries
         after the first (``max_attempts - 1``). Give one of the two."""
 
-        def declare(fn: Callable[[Context, In], Out]) -> Agent[In, Out]:
+        def declare(fn: Callable[..., Any]) -> Agent[Any, Any]:
             _not_generator(fn, "agent")
             agent_name = name or fn.__name__
             retries = _retries(agent_name, max_attempts, max_retries)
@@ -261,31 +277,35 @@ class App:
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None, destructive: bool = False) -> Tool[Args, R]: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None,
+             destructive: bool = False) -> Tool[Args, R]: ...
     @overload
     def tool(self, fn: Callable[..., Any], /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None, destructive: bool = False) -> Tool[Any, Any]: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None,
+             destructive: bool = False) -> Tool[Any, Any]: ...
     @overload
     def tool(self, fn: None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None, destructive: bool = False) -> DeclareTool: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None,
+             destructive: bool = False) -> DeclareTool: ...
 
     def tool(self, fn: Callable[[ToolContext, Args], R] | None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None, verify: Callable[..., Any] | None = None,
-             destructive: bool = False) -> Any:
+             mint: Minter | None = None, destructive: bool = False) -> Any:
         """Declare ``fn(ctx, args) -> result`` as a tool agents may call; returns a :class:`Tool`, the
         function still, typed by its args and result. ``allow``: the ``host:port``
         its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`).
         ``compensate``: the declared tool that undoes a call of this one, given the same args (run,
         last call first, when the job of the step that made the calls halts or is cancelled).
         ``verify``: a check that the call's effect happened (see :attr:`ToolSpec.verify`).
+        ``mint``: mints the call's short-lived credential, ``ctx.credential`` (see :attr:`ToolSpec.mint`).
         ``destructive``: each call the model asks for waits for a person's approval (:attr:`ToolSpec.destructive`)."""
         undo = None if compensate is None else _named(compensate)
         for option, given in (("compensate", undo), ("verify", verify)):
@@ -300,10 +320,12 @@ class App:
             _not_generator(fn, "tool")
             if verify is not None:
                 _not_generator(verify, "verifier")
+            if mint is not None:
+                check_minter(name or fn.__name__, mint)
             args_model = args or _models(fn, None, None, need_output=False)[0]
             spec = ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
                             secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
-                            compensate=undo, verify=verify, destructive=destructive)
+                            compensate=undo, verify=verify, mint=mint, destructive=destructive)
             self.add_tool(spec)
             return Tool(fn, spec)
 
@@ -331,6 +353,10 @@ class App:
 
     def add_agent(self, spec: AgentSpec) -> None:
         problem = name_problem("agent name", spec.name)
+        if problem and "-" in spec.name:  # a name older versions took: its queued messages keep it
+            problem += (f". Messages already sent to {spec.name!r} (on its queue, in the dead-letter queue) name it "
+                        "and are served only by workers that declare it: drain them with the version that does "
+                        "(mesh queues, mesh dlq list) before renaming the agent")
         if problem:
             raise ConfigError(problem)
         if not NAME.match(spec.queue):
@@ -434,11 +460,17 @@ def _retries(agent: str, max_attempts: int | None, max_retries: int | None) -> i
                           "max_attempts counts every attempt, the first included (as a pipeline step's "
                           "retry_policy.max_attempts does); max_retries, its older spelling, counts the retries "
                           f"after the first (max_attempts={max_retries + 1} is max_retries={max_retries})")
+    for name, value in (("max_attempts", max_attempts), ("max_retries", max_retries)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"agent {agent!r}: {name}={value!r} is a count: a whole number")
     if max_attempts is not None:
         if max_attempts < 1:
             raise ConfigError(f"agent {agent!r}: max_attempts={max_attempts} counts the first attempt too: it is at "
                               "least 1 (1 never retries)")
         return max_attempts - 1
+    if max_retries is not None and max_retries < 0:
+        raise ConfigError(f"agent {agent!r}: max_retries={max_retries} counts the retries after the first attempt: "
+                          "it is at least 0 (0 never retries)")
     return max_retries
 
 

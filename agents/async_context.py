@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from mesh.contracts import ConfigError
 
 from . import event_loop, tool_loop
-from .context import SAFE_METHODS, Context
+from .context import Context
 from .tools.http import AsyncGuardedHttp
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class AsyncContext:
     def __init__(self, context: Context) -> None:
         self.sync = context
         self._one_call: asyncio.Lock | None = None
+        self._in_flight: asyncio.Future[Any] | None = None
 
     @property
     def runtime(self) -> AgentRuntime:
@@ -133,9 +134,8 @@ class AsyncContext:
     @property
     def http(self) -> AsyncGuardedHttp:
         """HTTP with the sync context's guards (allowlist, pinning, lease confirmed, breakers), awaited."""
-        sync = self.sync
-        return AsyncGuardedHttp(sync._tool_ctx, lambda method: sync._confirm(
-            f"http {method.upper()}", effect=method.upper() not in SAFE_METHODS))
+        guarded = self.sync.http  # the sync context's guards, whatever the context (a TestContext's too)
+        return AsyncGuardedHttp(guarded.tool, guarded.confirm, client=guarded.tool.aclient)
 
     @overload
     async def call(self, tool: Tool[Args, Coroutine[Any, Any, R]], args: Args | dict[str, Any]) -> R: ...
@@ -150,7 +150,17 @@ class AsyncContext:
         if self._one_call is None:
             self._one_call = asyncio.Lock()
         async with self._one_call:
-            return await event_loop.in_thread(lambda: self.sync.call(tool, args))
+            if self._in_flight is not None:  # a call the handler stopped awaiting (cancelled) ends first
+                await asyncio.wait([self._in_flight])
+            self._in_flight = call = asyncio.ensure_future(event_loop.in_thread(lambda: self.sync.call(tool, args)))
+            call.add_done_callback(_retrieved)
+            return await asyncio.shield(call)
+
+
+def _retrieved(call: asyncio.Future[Any]) -> None:
+    """A call's outcome marked read: a cancelled handler no longer awaits it (its effect is the ledger's)."""
+    if not call.cancelled():
+        call.exception()
 
 
 class AsyncModel:

@@ -17,11 +17,13 @@
     ctx.http.post(url, json=...)                                              HTTP with the same guards,
                                                                               MESH_HTTP_ALLOW applied
 
-Secrets are not on the context: a tool reads the ones it declared (``ToolContext.secret``).
+Secrets are not on the context: a tool reads the ones it declared (``ToolContext.secret``), and the
+credential minted for the call (``ToolContext.credential``, ``@app.tool(mint=...)``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -50,7 +52,7 @@ from mesh.contracts import (
 from mesh.contracts.approvals import Decision, call_hash
 from mesh.contracts.effects import Verdict, summary
 
-from . import tool_loop
+from . import credentials, tool_loop
 from .effects import EffectCalls
 from .event_loop import resolve
 from .tools.base import ToolContext
@@ -289,6 +291,8 @@ class Context:
         started = time.monotonic()
         outcome: dict[str, Any] = {}
         try:
+            if spec.mint is not None:  # a fresh credential for each call, each attempt: never one kept
+                tool_ctx = dataclasses.replace(tool_ctx, minted=credentials.mint(spec, args, tool_ctx, self.env))
             if spec.dependency is None:
                 result = resolve(spec.run(tool_ctx, args))
             else:

@@ -168,7 +168,9 @@ def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_C
          interrupted: bool) -> BaseException | None:
     """After the handler: its calls in threads end first (their ledger entries are written by
     them; an interrupt is passed on to them, as it would have reached a sync handler's call), then
-    every task it left is cancelled and given CLEANUP_S to end: nothing runs on into the next message.
+    every task it left is cancelled and given CLEANUP_S to end: nothing runs on into the next message
+    (a task still running then, one that swallows its cancel, is dropped with the thread's loop,
+    which the next message makes anew).
     Interrupted, a call that says its effect is unknown (a tool stopped mid-call) is what the
     attempt ends with, as when the interrupt stops a sync handler's call: the step is ``unknown``."""
     made = list(calls)
@@ -193,6 +195,8 @@ def _end(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], calls: set[_C
         for t in pending:
             if t.done() and not t.cancelled():
                 t.exception()  # retrieved: no "exception was never retrieved" at collection
+        if any(not t.done() for t in pending):  # one swallows its cancel: the loop goes, and it with it
+            close_thread_loop()
     return instead
 
 
@@ -228,6 +232,8 @@ async def in_thread(fn: Callable[[], T]) -> T:
     call = _Call(future)
     calls = _calls.get()
     context = contextvars.copy_context()
+    if _home.get() is None:  # a loop not the mesh's (a test's asyncio.run): an async tool is awaited back on it
+        context.run(_home.set, loop)
     lease = current_lease()
 
     def settle(ok: bool, value: Any) -> None:
@@ -292,14 +298,24 @@ def resolve(value: T | Awaitable[T]) -> T:
             future.cancel()
             raise
     loop = thread_loop()
-    if loop.is_running():
+    if loop.is_running() or _on_a_loop():
         coro.close()
-        raise RuntimeError("an async tool or verifier called from sync code on a running loop: await it")
+        raise RuntimeError("an async tool or verifier called from sync code on a running loop: await it "
+                           "(an async handler is given an AsyncContext: AsyncContext(ctx) in a test)")
     return run(coro)
 
 
 async def _awaited(value: Awaitable[T]) -> T:
     return await value
+
+
+def _on_a_loop() -> bool:
+    """Whether a loop (the mesh's or another, a test's ``asyncio.run``) runs on this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:

@@ -198,8 +198,8 @@ class AgentRuntime:
                 self._park_call(flow, env, lease, asked, member)
                 return
             effect = ctx.effect()
-        if isinstance(result, BaseModel):
-            result = result.model_dump(mode="json")
+        if isinstance(result, BaseModel):  # by its wire names: the output model validates those
+            result = result.model_dump(mode="json", by_alias=True)
         # Masked before anything keeps it: the record, the claim, the trace, the next steps' messages.
         output = (validate_output_model(agent, spec.output, redact.redact_value(result)) if not isinstance(undo, list)
                   else Undone.model_validate(redact.redact_value(result)))
@@ -216,7 +216,7 @@ class AgentRuntime:
 
         shared = {"shared": True} if lease.shared else {}
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
-                              **shared, **traced(flow, "output", output.model_dump(mode="json")))]
+                              **shared, **traced(flow, "output", output.model_dump(mode="json", by_alias=True)))]
         try:
             change = progress.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
                                        routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
@@ -224,8 +224,8 @@ class AgentRuntime:
                              fence=lease, also=succeeded, events=events, retention_s=retention_s(flow))
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",
-                                    output.model_dump(mode="json")) from exc
-        lease.result = output.model_dump(mode="json")
+                                    output.model_dump(mode="json", by_alias=True)) from exc
+        lease.result = output.model_dump(mode="json", by_alias=True)
         self._export(flow, env, duration, output=lease.result)
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
@@ -338,6 +338,14 @@ class AgentRuntime:
         return env
 
 
+def _runs_async(app: App, names: list[str]) -> bool:
+    """Whether an agent of ``names``, or a tool or verifier one of them calls, is ``async def``: its
+    worker threads then make event loops (a sync handler's async tool runs on the thread's loop too)."""
+    tools = [app.tools[t] for n in names for t in app.agents[n].tools if t in app.tools]
+    return any(inspect.iscoroutinefunction(fn) for fn in [*(app.agents[n].handler for n in names),
+                                                           *(t.run for t in tools), *(t.verify for t in tools)])
+
+
 def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | None = None) -> list[dramatiq.Actor]:
     """Declare the app's agents (``names``, default all) as dramatiq actors on ``broker``, each on its
     own queue, with its policy as actor options (time limit, retries, timeout retries)."""
@@ -348,8 +356,7 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
     if unknown:
         raise ConfigError(f"no agent named {', '.join(map(repr, unknown))} in app {app.name!r}; "
                           f"agents are {', '.join(app.agents)}")
-    if any(inspect.iscoroutinefunction(app.agents[n].handler) for n in names) and not any(
-            isinstance(m, EventLoops) for m in broker.middleware):
+    if _runs_async(app, names) and not any(isinstance(m, EventLoops) for m in broker.middleware):
         broker.add_middleware(EventLoops())  # each worker thread's loop closed as the thread stops
     actors = []
     for name in names:

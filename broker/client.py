@@ -52,7 +52,7 @@ from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
 from .outbox import NewJobs, encode_checked, register, stage_all
-from .pipelines import PipelineStore, stage_register
+from .pipelines import LATEST, PipelineConflict, PipelineStore, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
 
@@ -254,18 +254,20 @@ class MeshClient:
                                  token_budget=token_budget)
 
     def run(self, pipeline: Any, input: BaseModel | dict[str, Any], *, key: str | None = None,
-            token_budget: int | None = None) -> JobRef[JobRecord]:
+            token_budget: int | None = None, replace: bool = True) -> JobRef[JobRecord]:
         """Run a declared pipeline on ``input`` (a model or a dict; its ``result()`` is the succeeded
         job's record: ``record.output(step)``): ``pipeline`` is a ``PipelineSpec`` or a name (the client's
         app's pipeline of that name, else the newest registered one). The spec is registered by name
         and digest, the job recorded with every step (queued, unsent) and the root steps sent, all in
         one transaction. A key already naming a run of the same pipeline and input returns that job;
-        with another input, KeyConflict."""
+        with another input, KeyConflict. ``replace=False``: PipelineConflict (nothing sent, nothing
+        registered) when another version of the name is registered as the newest, checked in that
+        same transaction."""
         data = input.model_dump(mode="json", by_alias=True) if isinstance(input, BaseModel) else input
-        return self._start(self._pipeline_spec(pipeline), data, key=key, token_budget=token_budget)
+        return self._start(self._pipeline_spec(pipeline), data, key=key, token_budget=token_budget, replace=replace)
 
     def _start(self, spec: Any, input: dict[str, Any], *, key: str | None, token_budget: int | None,
-               goal: str | None = None) -> JobRef[JobRecord]:
+               goal: str | None = None, replace: bool = True) -> JobRef[JobRecord]:
         # The spec model and the engine live with the agents: the spec starts its own run (duck-typed,
         # as a job-record change is), and the broker only stores its JSON.
         routes: dict[str, Target] = {}
@@ -313,9 +315,12 @@ class MeshClient:
         while True:
             with transaction(self.redis, self.settings) as pipe:
                 try:
-                    pipe.watch(self.keys.job(ref.id))
+                    pipe.watch(self.keys.job(ref.id), *([] if replace else [self.keys.pipeline(spec.name)]))
                     existing = pipe.get(self.keys.job(ref.id))
                     _refuse_conflicts([record], [existing])
+                    latest: Any = None if replace else pipe.hget(self.keys.pipeline(spec.name), LATEST)
+                    if latest is not None and latest.decode() != spec.digest():
+                        raise PipelineConflict(spec.name, latest.decode(), spec.digest())
                     pipe.multi()
                     stage_register(pipe, self.keys, spec.name, spec.digest(), spec.canonical())
                     if existing is None:  # a re-sent run of the same key and input is that job
@@ -356,6 +361,11 @@ class MeshClient:
         workers published (one Redis read). UnknownAgent, naming the known agents, when none of them
         knows it."""
         if isinstance(agent, AgentRef):
+            own = self.app.agents.get(agent.name) if self.app is not None else None
+            if own is not None and (own.input, own.output, own.queue) != (agent.input, agent.output, agent.queue):
+                raise ContractError(f"agent {agent.name!r} of the client's app takes a {own.input.__name__} (queue "
+                                    f"{own.queue!r}); the agent given is another's, taking a {agent.input.__name__} "
+                                    f"(queue {agent.queue!r}); nothing was sent", agent=agent.name)
             return _declared(agent.name, agent.queue, agent.version, agent.input, agent.output)
         spec = self.app.agents.get(agent) if self.app is not None else None
         if self.app is not None and spec is not None:

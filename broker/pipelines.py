@@ -27,6 +27,18 @@ class PipelineNotFound(MeshError):
                          pipeline=name)
 
 
+class PipelineConflict(MeshError):
+    """A run that must not replace its name's registration (``MeshClient.run(replace=False)``) found
+    another version registered as the newest: nothing was sent, nothing registered."""
+
+    terminal = True
+
+    def __init__(self, name: str, latest: str, digest: str) -> None:
+        super().__init__(f"pipeline {name!r} is registered as another version (digest {latest[:12]}; this one is "
+                         f"{digest[:12]})", pipeline=name, latest=latest, digest=digest)
+        self.latest = latest
+
+
 def stage_register(pipe: Any, keys: Keys, name: str, digest: str, canonical: bytes) -> None:
     """Stage the registration of one version (``digest`` → ``canonical`` JSON), made the newest."""
     pipe.hsetnx(keys.pipeline(name), digest, canonical)

@@ -6,7 +6,8 @@ Every name an app uses is here (``mesh.__all__``, each one on the Python API ref
 ``App`` declares agents and tools (``@app.agent``, ``@app.tool``, which return an ``Agent`` and a
 ``Tool``: the function still, typed by its models); ``Context`` is what a handler is given
 (``AsyncContext`` an ``async def`` one); ``ToolContext`` what a tool is given; ``Pipeline`` and
-``load_pipeline`` declare pipelines; ``MeshClient`` sends work and follows jobs; the errors are
+``load_pipeline`` declare pipelines; ``Credential`` and ``CredentialScope`` are what a tool's credential
+minter (``@app.tool(mint=...)``) returns and is given; ``MeshClient`` sends work and follows jobs; the errors are
 those a handler or tool raises (``PermanentFailure``, ``RateLimited``, ...) and those a send or a
 decision raises (``ContractError``, ``AlreadyDecided``, ...). The repository's folders are its subpackages:
 ``mesh.contracts`` (the typed language), ``mesh.broker`` (Redis, middleware, client),
@@ -22,6 +23,7 @@ from __future__ import annotations
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec, load_app
 from mesh.agents.async_context import AsyncContext
 from mesh.agents.context import Context
+from mesh.agents.credentials import Credential, CredentialScope
 from mesh.agents.pipelines import Pipeline, PipelineError, PipelineSpec, load_pipeline
 from mesh.agents.pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
 from mesh.agents.tools.base import ToolContext, effect_id
@@ -71,7 +73,8 @@ _on_submit(_builtin_flow)
 
 __all__ = [
     "Agent", "AgentSpec", "AlreadyDecided", "App", "ApprovalError", "ApprovalExpired", "AsyncContext",
-    "AsyncGuardedHttp", "Brownout", "ConfigError", "Context", "ContractError", "DependencyTimeout", "EffectRefuted",
+    "AsyncGuardedHttp", "Brownout", "ConfigError", "Context", "ContractError", "Credential", "CredentialScope",
+    "DependencyTimeout", "EffectRefuted",
     "EffectUnknown", "FailureClass", "InvalidDecision", "InvalidOutput", "JobNotFound", "JobRecord", "JobRef",
     "KeyConflict", "LimitExceeded", "MeshClient", "MeshError", "MeshSettings", "NoOutput", "NotAnApprover",
     "NotAwaiting", "NotReplicated", "PermanentFailure", "Pipeline", "PipelineError", "PipelineSpec", "RateLimited",

@@ -219,10 +219,11 @@ def app_for(path: str | None) -> Any:
     ``celery -A`` and ``dramatiq`` find theirs); the built-in app without one. A path that does not
     load is a bad ``--app`` (exit 2, saying why)."""
     from mesh.agents.app import load_app
-    from mesh.agents.builtin import app as builtin
     from mesh.contracts import ConfigError
 
     if path is None:
+        from mesh.agents.builtin import app as builtin
+
         return builtin
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -230,3 +231,6 @@ def app_for(path: str | None) -> Any:
         return load_app(path)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--app") from None
+    except Exception as exc:  # the module itself fails (a bug, a setting it reads at import)
+        raise typer.BadParameter(f"importing app module {path.partition(':')[0]!r} failed: {type(exc).__name__}: "
+                                 f"{exc}", param_hint="--app") from None

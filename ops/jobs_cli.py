@@ -12,6 +12,7 @@ import typer
 from rich.text import Text
 
 from mesh.broker import JobNotFound, JobRef, MeshClient, WaitTimeout
+from mesh.broker.pipelines import PipelineConflict
 from mesh.contracts import TERMINAL, ContractError, JobRecord, KeyConflict, MeshError, State, UnknownAgent
 from mesh.ops.console import (
     EXIT_FAILED,
@@ -32,7 +33,7 @@ from mesh.ops.console import (
     when,
 )
 from mesh.ops.jobctl_cli import lines as jobctl_lines
-from mesh.ops.pipeline_cli import AppPath, registration, resolve_pipeline, say_registration
+from mesh.ops.pipeline_cli import AppPath, refuse_replacing, registration, resolve_pipeline, say_registration
 
 #: States only a step takes: a job is never in them (settle derives a job's state from its steps).
 STEP_ONLY = frozenset({State.SKIPPED, State.NOT_RUN})
@@ -95,8 +96,10 @@ def run(
     c = client()
     c.app = mesh_app
     done = registration(c, spec, pipeline, replace=register) if spec is not None else None
-    try:
-        ref = c.run(spec or pipeline, data, key=key)
+    try:  # refused in the run's own transaction too: another run may register its version meanwhile
+        ref = c.run(spec or pipeline, data, key=key, replace=register or spec is None)
+    except PipelineConflict as exc:
+        refuse_replacing(exc.context["pipeline"], exc.latest, exc.context["digest"], pipeline)
     except (ContractError, KeyConflict, UnknownAgent) as exc:
         fail(f"{exc} (nothing was sent)", EXIT_INPUT)
     except MeshError as exc:  # no pipeline of that name

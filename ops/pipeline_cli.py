@@ -73,7 +73,7 @@ def python_pipeline(source: str) -> Any:
     except ImportError as exc:
         raise ConfigError(f"{source}: cannot import module {module_name!r}: {exc}") from None
     except Exception as exc:  # the module itself fails (an app whose pipeline does not hold, a bug)
-        raise ConfigError(f"{source}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise _named(source, f"importing module {module_name!r} failed: {type(exc).__name__}: ", exc) from None
     for part in attr.split("."):
         if not hasattr(found, part):
             module = importlib.import_module(module_name)
@@ -82,7 +82,10 @@ def python_pipeline(source: str) -> Any:
                               f"{', '.join(pipelines) or 'none'}")
         found = getattr(found, part)
     if isinstance(found, Pipeline):
-        return found.build()
+        try:
+            return found.build()
+        except ConfigError as exc:
+            raise _named(source, "", exc) from None
     if isinstance(found, PipelineSpec):
         return found
     hint = " (an app: run one of its pipelines by name with --app, or name the pipeline itself)" \
@@ -90,49 +93,67 @@ def python_pipeline(source: str) -> Any:
     raise ConfigError(f"{source} is a {type(found).__name__}, not a Pipeline builder or a PipelineSpec{hint}")
 
 
-def load(source: str, app_path: str | None, *, registered: bool = True) -> Loaded:
+def _named(source: str, said: str, exc: Exception) -> Exception:
+    """A ConfigError of ``exc``'s lines (a pipeline's errors, one a line), each naming ``source``."""
+    from mesh.contracts import ConfigError
+
+    first, *more = str(exc).splitlines() or [""]
+    return ConfigError("\n".join([f"{source}: {said}{first}", *(f"{source}: {line.strip()}" for line in more)]))
+
+
+def load(source: str, app_path: str | None, *, registered: bool = True, as_json: bool = False) -> Loaded:
     """The pipeline ``source`` names (a file, ``module:attribute``, a pipeline the app declares or,
     with ``registered``, a registered name), checked against the app. Exit 2 with one error per line
-    (``FILE:LINE: message`` for a file) when it is not found or does not hold."""
+    (``FILE:LINE: message`` for a file) when it is not found or does not hold (``as_json``: as
+    ``mesh pipeline validate --json`` prints them)."""
     from mesh.agents.pipelines import PipelineError, load_pipeline, problems
     from mesh.agents.pipelines.engine import spec_from_json
     from mesh.broker.pipelines import PipelineNotFound
     from mesh.contracts import ConfigError
 
     mesh_app = base.app_for(app_path)
+
+    def refused(lines: list[str]) -> typing.NoReturn:
+        refuse(lines, source if as_json else None, mesh_app.name)
     kind = kind_of(source)
     if kind == "file":
         try:
             return Loaded(mesh_app, load_pipeline(Path(source), mesh_app), "file")
         except PipelineError as exc:
-            _errors([str(e) for e in exc.errors])
+            refused([str(e) for e in exc.errors])
     if kind == "python":
         try:
             spec = python_pipeline(source)
         except ConfigError as exc:
-            _errors(str(exc).splitlines())
+            refused(str(exc).splitlines())
         how, digest = "python", None
     elif source in mesh_app.pipelines:
         spec, how, digest = mesh_app.pipelines[source], "app", None
     elif not registered:
-        _errors([f"{source}: no such file, and app {mesh_app.name!r} declares no pipeline of that name (give a YAML "
+        refused([f"{source}: no such file, and app {mesh_app.name!r} declares no pipeline of that name (give a YAML "
                  "file, module:attribute, or --app with the app that declares it)"])
     else:
         try:
             digest, data = base.client().pipelines.get(source)
         except PipelineNotFound as exc:
-            _errors([f"{exc} (nor a file, nor a pipeline app {mesh_app.name!r} declares; module:attribute names a "
+            refused([f"{exc} (nor a file, nor a pipeline app {mesh_app.name!r} declares; module:attribute names a "
                      "Python pipeline)"])
         spec, how = spec_from_json(data), "registered"
     found = problems(spec, mesh_app)
     if found:
-        _errors([f"{source}: {'.'.join(map(str, p.loc))}: {p.message}" for p in found])
+        refused([f"{source}: {'.'.join(map(str, p.loc))}: {p.message}" for p in found])
     return Loaded(mesh_app, spec, how, digest)
 
 
-def _errors(lines: list[str]) -> typing.NoReturn:
-    for line in lines:
-        base.err.print(Text(line), highlight=False)
+def refuse(lines: list[str], json_source: str | None = None, app_name: str = "") -> typing.NoReturn:
+    """Exit 2 with one error per line on stderr; with ``json_source``, as ``--json`` (``valid: false``,
+    each error's message without the source it starts with)."""
+    if json_source is not None:
+        base.emit_json({"valid": False, "file": json_source, "app": app_name, "errors": [
+            {"file": json_source, "line": None, "message": line.removeprefix(f"{json_source}: ")} for line in lines]})
+    else:
+        for line in lines:
+            base.err.print(Text(line), highlight=False)
     raise typer.Exit(base.EXIT_INPUT)
 
 
@@ -160,7 +181,7 @@ def validate(
                     base.err.print(Text(str(error)), highlight=False)
             raise typer.Exit(base.EXIT_INPUT) from None
     else:
-        spec = load(source, app_path).spec
+        spec = load(source, app_path, as_json=as_json).spec
     summary = _summary(spec)
     if as_json:
         base.emit_json({"valid": True, "file": source, "app": mesh_app.name, **summary,
@@ -270,11 +291,16 @@ def registration(c: Any, spec: Any, source: str, *, replace: bool) -> dict[str, 
     digest = spec.digest()
     said = "new" if latest is None else "already" if latest == digest else "replaced"
     if said == "replaced" and not replace:
-        base.fail(f"pipeline {spec.name!r} is registered as another version (digest {latest[:12]}; {source} is "
-                  f"{digest[:12]}): run with --register to register {source} as its newest version, or run the "
-                  f"registered one: mesh run {spec.name}", base.EXIT_INPUT)
+        refuse_replacing(spec.name, typing.cast(str, latest), digest, source)
     return {"name": spec.name, "version": spec.version, "digest": digest, "registered": said,
             "previous": latest if said == "replaced" else None}
+
+
+def refuse_replacing(name: str, latest: str, digest: str, source: str) -> typing.NoReturn:
+    """Exit 2: ``source`` is not run, another version of ``name`` is registered as the newest."""
+    base.fail(f"pipeline {name!r} is registered as another version (digest {latest[:12]}; {source} is "
+              f"{digest[:12]}): run with --register to register {source} as its newest version, or run the "
+              f"registered one: mesh run {name}", base.EXIT_INPUT)
 
 
 def say_registration(done: dict[str, Any]) -> None:

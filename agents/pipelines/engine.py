@@ -54,15 +54,16 @@ from mesh.contracts.jobs import known, moves
 
 from . import sandbox
 from .expr import Condition, ExpressionError, ExpressionLimit
-from .spec import ApprovalPolicy, FailureMode, PipelineSpec, StepSpec
+from .spec import STORED, ApprovalPolicy, FailureMode, PipelineSpec, StepSpec
 from .validate import order, upstream
 
 _SPECS: dict[str, PipelineSpec] = {}
 
 
 def spec_from_json(data: Mapping[str, Any]) -> PipelineSpec:
-    """A stored spec's JSON (``PipelineSpec.canonical``) back as the spec."""
-    return PipelineSpec.model_validate(dict(data))
+    """A stored spec's JSON (``PipelineSpec.canonical``) back as the spec, as it was registered (a
+    step id reserved since, :data:`~.spec.STORED_IDS`, still reads)."""
+    return PipelineSpec.model_validate(dict(data), context=STORED)
 
 
 def load_spec(store: PipelineStore, name: str, digest: str) -> PipelineSpec:

@@ -72,8 +72,10 @@ class Expression:
     __slots__ = ("cel", "names", "paths", "program", "source")
 
     def __init__(self, source: str) -> None:
-        if not isinstance(source, str) or not source.strip():
-            raise ValueError(f"a {self.kind} must be a non-empty string")
+        if not isinstance(source, str):
+            raise ValueError(_not_text(self.kind, source))
+        if not source.strip():
+            raise ValueError(f"{_article(self.kind)} {self.kind} must be a non-empty string")
         if len(source) > MAX_EXPR_CHARS:
             raise ValueError(f"a {self.kind} of {len(source)} characters is over the {MAX_EXPR_CHARS} allowed")
         self.source = source
@@ -130,6 +132,32 @@ class Expression:
         return core_schema.no_info_plain_validator_function(
             build, json_schema_input_schema=core_schema.str_schema(),
             serialization=core_schema.plain_serializer_function_ser_schema(lambda e: e.source))
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _not_text(kind: str, value: Any) -> str:
+    """Why ``value`` (what YAML made of an unquoted scalar, or a list or map) is no expression, and how
+    to write what was meant."""
+    import datetime
+
+    said = f"{_article(kind)} {kind} is CEL text"
+    if value is None:
+        return f"{said}, but YAML read this one as null: leave the key out, or write 'null' quoted"
+    if isinstance(value, bool | int | float):
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        return f"{said}, but YAML read {shown} as {_article(type(value).__name__)} {type(value).__name__}: quote it " \
+               f"({shown!r})"
+    if isinstance(value, datetime.datetime):
+        return (f"{said}, but YAML read {value} as a timestamp: write '\"{value}\"' for the string, quoted for "
+                "YAML and for CEL")
+    if isinstance(value, datetime.date):
+        shown = value.isoformat()
+        return (f"{said}, but YAML read {shown} as a date (in CEL, {shown} would be a subtraction): write "
+                f"'\"{shown}\"' for the string, quoted for YAML and for CEL")
+    return f"{said}, not {_article(type(value).__name__)} {type(value).__name__}"
 
 
 class Condition(Expression):

@@ -102,10 +102,10 @@ def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0),
                 if ev.get("event") == "succeeded" and ev.get("step_id") == env.step_id:
                     ev["event"] = "cancelled"
             record = add_tokens(record, *tokens).with_step(done.model_copy(
-                update={"result": output.model_dump(mode="json")}))
+                update={"result": output.model_dump(mode="json", by_alias=True)}))
         else:
             record = add_tokens(record, *tokens).with_step(
-                transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json"))
+                transition(step, State.SUCCEEDED, now=now, result=output.model_dump(mode="json", by_alias=True))
             )
         if spec is not None and record.pipeline_digest is not None:
             run = Run(trace_id=env.trace_id, deadline=env.deadline, token_budget=env.token_budget)

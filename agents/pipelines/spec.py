@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import orjson
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mesh.contracts.approvals import parse_duration
 
@@ -29,6 +29,8 @@ MAX_STEPS = 1000
 STEP_ID = NAME
 #: An ``input:`` field: a name, or a dotted path into a map an earlier field gave.
 INPUT_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+#: Most names in a dotted ``input:`` field: as deep as a pipeline file may nest.
+MAX_INPUT_DEPTH = 32
 
 
 def _input_fields(v: dict[str, Expression] | None, what: str, example: str) -> dict[str, Expression] | None:
@@ -39,6 +41,10 @@ def _input_fields(v: dict[str, Expression] | None, what: str, example: str) -> d
         if bad:
             raise ValueError(f"{what} {', '.join(map(repr, bad))} must be names, dotted for a field inside "
                              f"another{example}")
+        deep = [k for k in v if k.count(".") >= MAX_INPUT_DEPTH]
+        if deep:
+            raise ValueError(f"{what} {', '.join(repr(k[:40] + '...') for k in deep)} nest(s) deeper than the "
+                             f"{MAX_INPUT_DEPTH} names a dotted field may have")
     return v
 #: Names expressions read besides step ids: not usable as step ids. ``key`` is the key the job was
 #: submitted with; ``task_id`` is its older name, kept for the files that spell it so.
@@ -46,6 +52,12 @@ JOB_NAMES = frozenset({"key", "task_id", "job_id", "input"})
 RESERVED_IDS = JOB_NAMES | {"item", "true", "false", "null", "in", "as", "break", "const", "continue", "else",
                             "for", "function", "if", "import", "let", "loop", "package", "namespace", "return",
                             "var", "void", "while"}
+#: Reserved since ``key`` names the job's key: a spec registered before (a job's, a registered version)
+#: keeps a step of that name, whose output its expressions read as ``key`` (a step's output is read
+#: over the job's names).
+STORED_IDS = frozenset({"key"})
+#: The validation context of a spec read back from Redis (:func:`engine.spec_from_json`).
+STORED = {"stored": True}
 
 
 class _Spec(BaseModel):
@@ -219,11 +231,11 @@ class StepSpec(_Spec):
 
     @field_validator("id")
     @classmethod
-    def _id(cls, v: str) -> str:
+    def _id(cls, v: str, info: ValidationInfo) -> str:
         problem = name_problem("step id", v)
         if problem:
             raise ValueError(problem)
-        if v in RESERVED_IDS:
+        if v in RESERVED_IDS and not (v in STORED_IDS and (info.context or {}).get("stored")):
             raise ValueError(f"step id {v!r} is reserved (expressions read it as {v!r} of the job or CEL)")
         return v
 

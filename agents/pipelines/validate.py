@@ -274,20 +274,27 @@ def _operation_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], s
     between them (``classify.urgency >= "high"`` over a float fails when the step is due), or they are
     never equal (``==``). Only what is certainly wrong: an operand of unknown type passes."""
     for operation in expr.operations():
-        sides = []
+        sides, numbers = [], []
         for operand in (operation.left, operation.right):
             if operand.path is not None:
                 tp, message = _path_type(spec, app, up, step, field, expr, operand.path, item=item)
                 kinds = None if message else _kinds(tp)
                 named = str(tp).replace("typing.", "") if typing.get_origin(tp) is not None else _describe(tp)
                 sides.append((kinds, f"{operand.text} ({named})"))
+                numbers.append(None if message else _number(tp))
             else:
                 kind = _LITERAL_KINDS.get(operand.kind or "")
                 sides.append(({kind} if kind else None, f"{operand.text} ({operand.kind})"))
+                numbers.append(operand.kind if operand.kind in ("int", "uint", "double") else None)
         (left, named_left), (right, named_right) = sides
+        op = operation.op
+        if op in ("+", "-", "*", "/", "%") and numbers[0] and numbers[1] and numbers[0] != numbers[1]:
+            yield (f"step {step.id!r}: {field} {expr.source!r} computes {named_left} {op} {named_right}; CEL has no "
+                   f"{op} between {_article(numbers[0])} {numbers[0]} and {_article(numbers[1])} {numbers[1]} (it "
+                   f"converts neither): it would fail when the step is due; convert one, e.g. double(...)")
+            continue
         if not left or not right or not all(_clash(operation.op, a, b) for a in left for b in right):
             continue
-        op = operation.op
         if op in ("==", "!="):
             why = f"a {'/'.join(sorted(left))} is never equal to a {'/'.join(sorted(right))}: {op} is always " \
                   f"{'false' if op == '==' else 'true'}"
@@ -295,6 +302,26 @@ def _operation_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], s
             why = (f"CEL has no {op} between a {'/'.join(sorted(left))} and a {'/'.join(sorted(right))}: it would "
                    "fail when the step is due")
         yield f"step {step.id!r}: {field} {expr.source!r} compares {named_left} {op} {named_right}; {why}"
+
+
+def _number(tp: Any) -> str | None:
+    """The CEL number type (``int`` or ``double``) a value of type ``tp`` certainly is in a job's
+    record, None if it may be another (a union of both, a bool, an enum, anything not a number)."""
+    found = set()
+    for option in _options(tp):
+        if not isinstance(option, type) or issubclass(option, bool | enum.Enum):
+            return None
+        if issubclass(option, int):
+            found.add("int")
+        elif issubclass(option, float):
+            found.add("double")
+        else:
+            return None
+    return found.pop() if len(found) == 1 else None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _clash(op: str, left: str, right: str) -> bool:
@@ -387,7 +414,7 @@ def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: Step
         if model is None:
             return Any, None  # the job's input has no declared model (input_schema): not checked
         return _walk(model, path[1:], what, f"{model.__name__} (the job's input, input_schema "
-                     f"{spec.input_schema!r})")
+                     f"{spec.input_schema!r})", given=True)
     if root == "item" and item is not None:
         return _walk(item, path[1:], what, "item")
     ids = {s.id for s in spec.steps}
@@ -406,21 +433,27 @@ def _path_type(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: Step
     return _walk(model, path[1:], what, f"{model.__name__} (the output of step {root!r})")
 
 
-def _walk(tp: Any, fields: tuple[str, ...], what: str, name: str) -> tuple[Any, str | None]:
+def _walk(tp: Any, fields: tuple[str, ...], what: str, name: str, *, given: bool = False) -> tuple[Any, str | None]:
+    """The type ``fields`` reach in a value of type ``tp``: a model's fields read by name, as a worker
+    records an output, or (``given``: a run's input, as given or dumped by alias) by the keys the
+    model validates (:func:`_keys`)."""
     for k, field in enumerate(fields):
         options = _options(tp)
         if Any in options:
             return Any, None
         found = []
         for option in options:
-            if isinstance(option, type) and issubclass(option, BaseModel) and field in option.model_fields:
-                found.append(option.model_fields[field].annotation)
+            model = option if isinstance(option, type) and issubclass(option, BaseModel) else None
+            named = None if model is None else _field_name(model, field) if given else \
+                field if field in model.model_fields else None
+            if model is not None and named is not None:
+                found.append(model.model_fields[named].annotation)
             elif typing.get_origin(option) in _MAPPINGS:
                 found.append((typing.get_args(option) or (Any, Any))[-1])
         if not found:
             at = name if k == 0 else ".".join(fields[:k])
-            fields_of = sorted({f for o in options if isinstance(o, type) and issubclass(o, BaseModel)
-                                for f in o.model_fields})
+            fields_of = sorted({_keys(o, f)[0] if given else f for o in options
+                                if isinstance(o, type) and issubclass(o, BaseModel) for f in o.model_fields})
             has = f"; its fields: {', '.join(fields_of)}" if fields_of else f" ({_describe(tp)})"
             return None, f"{what}, but {at} has no field {field!r}{has}"
         tp = found[0] if len(found) == 1 else typing.Union[tuple(found)]  # noqa: UP007
@@ -490,10 +523,24 @@ def _field_type(model: type[BaseModel], name: str) -> Any:
 
 
 def _field_name(model: type[BaseModel], name: str) -> str | None:
-    """The field of ``model`` a payload key names (by its name or its alias), None if none."""
-    if name in model.model_fields:
-        return name
-    return next((n for n, f in model.model_fields.items() if f.alias == name), None)
+    """The field of ``model`` a payload key names (see :func:`_keys`), None if none."""
+    return next((n for n in model.model_fields if name in _keys(model, n)), None)
+
+
+def _keys(model: type[BaseModel], name: str) -> tuple[str, ...]:
+    """The payload keys that give ``model``'s field ``name`` as pydantic validates it: its validation
+    alias (each of ``AliasChoices``; an ``AliasPath``'s first key), else its alias; its name too when
+    it has neither or the model validates by name (``populate_by_name``)."""
+    from pydantic import AliasChoices, AliasPath
+
+    field, config = model.model_fields[name], model.model_config
+    given = field.validation_alias if field.validation_alias is not None else field.alias
+    choices = given.choices if isinstance(given, AliasChoices) else [] if given is None else [given]
+    keys = [c.path[0] if isinstance(c, AliasPath) else c for c in choices]
+    if config.get("validate_by_alias") is False:
+        keys = []
+    by_name = not keys or config.get("populate_by_name") or config.get("validate_by_name")
+    return tuple(dict.fromkeys(str(k) for k in [*keys, *([name] if by_name else [])]))
 
 
 def _model_of(tp: Any) -> type[BaseModel] | None:
@@ -503,7 +550,7 @@ def _model_of(tp: Any) -> type[BaseModel] | None:
 
 
 def _fields_list(model: type[BaseModel]) -> str:
-    return ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
+    return ", ".join(_keys(model, n)[0] for n in model.model_fields) or "none"
 
 
 def _kind(tp: Any) -> str | None:
@@ -610,8 +657,7 @@ def _model_fits(source: type[BaseModel], target: type[BaseModel], depth: int = 0
     valid ``target``: see :func:`_data_fits`."""
     if issubclass(source, target) or depth > _DEPTH:
         return []
-    return _data_fits(source.__name__, {f.alias or n: f.annotation for n, f in source.model_fields.items()},
-                      target, depth)
+    return _data_fits(source.__name__, _fields_of(source), target, depth)
 
 
 def _data_fits(source: str, given: dict[str, Any], target: type[BaseModel], depth: int = 0) -> list[str]:
@@ -622,10 +668,10 @@ def _data_fits(source: str, given: dict[str, Any], target: type[BaseModel], dept
     if _reshapes(target):
         return found
     for name, f in target.model_fields.items():
-        key = name if name in given else f.alias if f.alias in given else None
+        key = next((k for k in _keys(target, name) if k in given), None)
         if key is None:
             if f.is_required():
-                found.append(f"{source} has no {f.alias or name!r}, which {target.__name__} requires")
+                found.append(f"{source} has no {_keys(target, name)[0]!r}, which {target.__name__} requires")
             continue
         why = _fits(given[key], _field_type(target, name), depth)
         if why:
@@ -741,8 +787,8 @@ def _fields_into(typed: dict[str, Any], target: Any, prefix: tuple[str, ...], lo
             yield from _fields_into(here, annotation, (*prefix, first), loc, who,
                                     inner.__name__ if inner is not None else _name(annotation))
     given = ".".join(prefix) in typed if prefix else False  # its own expression may give the rest
-    missing = [f.alias or n for n, f in model.model_fields.items()
-               if f.is_required() and (f.alias or n) not in firsts and n not in firsts]
+    missing = [_keys(model, n)[0] for n, f in model.model_fields.items()
+               if f.is_required() and not set(_keys(model, n)) & set(firsts)]
     if missing and not given:
         at = f" {'.'.join(prefix)!r}" if prefix else ""
         yield Problem((*loc, ".".join(prefix)) if prefix else loc,
@@ -785,7 +831,7 @@ def _flow_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], i: int
         if path[0] in ("key", "task_id", "job_id"):
             return (str, None) if len(path) == 1 else (None, f"{what}, but {path[0]} is a string")
         if path[0] == "input":
-            return _walk(step_input, path[1:], what, f"the step's input ({_name(step_input)})")
+            return _walk(step_input, path[1:], what, f"the step's input ({_name(step_input)})", given=True)
         if path[0] == "output":
             return _walk(step_output, path[1:], what, f"the step's output ({_name(step_output)})")
         return None, (f"{what}, but a compensation reads only input (the step's input), output (its output), "
@@ -839,7 +885,7 @@ def _default_input(spec: PipelineSpec, app: App, up: dict[str, set[str]], step: 
         model = input_model(spec, app)
         if model is None:
             return None
-        return ("id",), f"the run's input ({model.__name__}, its input_schema)", _fields_of(model)
+        return ("id",), f"the run's input ({model.__name__}, its input_schema)", _fields_of(model, by_alias=True)
     if len(step.depends_on) == 1:
         source = step.depends_on[0]
         if source not in up[step.id]:
@@ -862,8 +908,10 @@ def _output_name(spec: PipelineSpec, app: App, source: str) -> str:
     return f"{name} (the output of step {source!r})"
 
 
-def _fields_of(model: type[BaseModel]) -> dict[str, Any]:
-    return {f.alias or n: f.annotation for n, f in model.model_fields.items()}
+def _fields_of(model: type[BaseModel], *, by_alias: bool = False) -> dict[str, Any]:
+    """A model's data as a job's record keeps it, key → type: an output by field name (a worker
+    dumps it so), a run's input (``by_alias``) by the keys its model validates."""
+    return {(_keys(model, n)[0] if by_alias else n): f.annotation for n, f in model.model_fields.items()}
 
 
 def _output_fields(spec: PipelineSpec, app: App, source: str) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ from mesh.contracts import ToolRefused
 from .allow import Resolver, parse_allowlist, system_resolver
 
 if TYPE_CHECKING:
+    from mesh.agents.credentials import Credential
+
     from .http import AsyncGuardedHttp, GuardedHttp
 
 T = TypeVar("T")
@@ -53,6 +55,10 @@ class ToolContext:
     #: The dependency the tool's own breaker guards (``@app.tool(dependency=...)``); None when no
     #: breaker guards the call already, so ``ctx.http`` guards each request by its ``host:port``.
     dependency: str | None = None
+    #: The credential minted for this call (``@app.tool(mint=...)``); read it as :attr:`credential`.
+    minted: Credential | None = field(default=None, repr=False)
+    #: The client ``ahttp`` sends through; None: the running loop's (a test gives its own).
+    aclient: httpx.AsyncClient | None = None
 
     @property
     def allowlist(self) -> frozenset[str]:
@@ -76,7 +82,7 @@ class ToolContext:
         """:attr:`http` for an ``async def`` tool: each request awaited, with the same guards."""
         from .http import AsyncGuardedHttp
 
-        return AsyncGuardedHttp(self)
+        return AsyncGuardedHttp(self, client=self.aclient)
 
     def secret(self, name: str) -> str:
         """The value of a secret this tool declared (``@app.tool(secrets=[...])``)."""
@@ -85,6 +91,14 @@ class ToolContext:
         except KeyError:
             raise ToolRefused(f"secret {name} was not declared by this tool; it declared "
                               f"{sorted(self.secrets) or 'none'}") from None
+
+    @property
+    def credential(self) -> Credential:
+        """The short-lived credential minted for this call by the tool's ``mint=``: fresh for every call
+        and every attempt, masked like a secret, never stored by the mesh."""
+        if self.minted is None:
+            raise ToolRefused("this tool declared no credential minter (@app.tool(mint=...)): it has no ctx.credential")
+        return self.minted
 
     def timeout_s(self, configured: float) -> float:
         """``configured``, cut to what is left of the deadline (at least a millisecond)."""

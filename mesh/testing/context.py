@@ -14,6 +14,7 @@ checked as a worker checks it (declared by the agent, its args validated) and re
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -22,9 +23,10 @@ import httpx
 import redis
 from pydantic import BaseModel, ValidationError
 
-from mesh.agents import tool_loop
+from mesh.agents import credentials, tool_loop
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec
 from mesh.agents.context import Context, StepModel, _classified
+from mesh.agents.event_loop import resolve
 from mesh.agents.providers import ModelProvider
 from mesh.agents.tools.allow import Resolver, system_resolver
 from mesh.agents.tools.base import ToolContext
@@ -67,7 +69,8 @@ class TestContext(Context):
     or its name) give the agent's declared tools; without an agent, any of the app's tools or of
     ``tools`` may be called. ``tools``: fakes by tool name or declared function, each a function of
     the args or the result itself; a declared tool without a fake runs for real, given ``secrets`` (a
-    dict, never the environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``)
+    dict, never the environment), ``http`` (an ``httpx.Client``, e.g. over ``httpx.MockTransport``;
+    ``ahttp``: the ``httpx.AsyncClient`` of ``ctx.ahttp`` and of an async handler's ``ctx.http``)
     and ``resolve``. ``deadline_s``: seconds until the deadline on ``clock``."""
 
     __test__ = False  # not a pytest test class
@@ -78,8 +81,9 @@ class TestContext(Context):
                  secrets: Mapping[str, str] | None = None, key: str = "test-key", job_id: str = "test-job",
                  trace_id: str = TRACE_ID, step_id: str | None = None, attempt: int = 1, token: int = 1,
                  deadline_s: float = 60.0, clock: TestClock | None = None, http: httpx.Client | None = None,
-                 resolve: Resolver = system_resolver, settings: MeshSettings | None = None,
-                 checkpoints: tool_loop.MemoryCheckpoints | None = None, approve_calls: bool = True) -> None:
+                 ahttp: httpx.AsyncClient | None = None, resolve: Resolver = system_resolver,
+                 settings: MeshSettings | None = None, checkpoints: tool_loop.MemoryCheckpoints | None = None,
+                 approve_calls: bool = True) -> None:
         self.app = app
         self.clock = clock or TestClock()
         spec = _agent(app, agent)
@@ -98,6 +102,7 @@ class TestContext(Context):
         self._settings = settings or MeshSettings(namespace="mesh-testing")
         self._redis = redis.Redis.from_url(self._settings.redis_url)  # connects only if a tool uses it
         self._http = http
+        self._ahttp = ahttp
         self._resolve = resolve
         #: Every ``progress`` note, in order.
         self.progress_notes: list[str] = []
@@ -189,7 +194,7 @@ class TestContext(Context):
                               tool=name)
         typed: Any = args if spec is None else _validated(spec, args)
         try:
-            result = self._run(spec, typed) if name not in self._fakes else _fake(self._fakes[name], typed)
+            result = resolve(self._run(spec, typed) if name not in self._fakes else _fake(self._fakes[name], typed))
         except BaseException as exc:
             self.calls.append(ToolCall(name, typed, exc))
             raise
@@ -201,10 +206,13 @@ class TestContext(Context):
 
     def _run(self, spec: ToolSpec | None, args: BaseModel) -> Any:
         assert spec is not None
-        if spec.dependency is None:
-            return spec.run(self._tool_context(spec), args)
-        dependency = spec.target(args)
-        return _classified(dependency, spec.run, self._tool_context(spec, dependency), args)
+        dependency = spec.target(args) if spec.dependency is not None else None
+        tool_ctx = self._tool_context(spec, dependency)
+        if spec.mint is not None:  # minted for each call, as a worker does
+            tool_ctx = dataclasses.replace(tool_ctx, minted=credentials.mint(spec, args, tool_ctx, self.env))
+        if dependency is None:
+            return spec.run(tool_ctx, args)
+        return _classified(dependency, spec.run, tool_ctx, args)
 
     def _confirm(self, call: str, *, effect: bool) -> None:
         """No lease to confirm: the test holds the step."""
@@ -222,7 +230,7 @@ class TestContext(Context):
                            settings=settings, redis=self._redis,
                            keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,
-                           allow=spec.allowlist(settings) if spec is not None else None,
+                           allow=spec.allowlist(settings) if spec is not None else None, aclient=self._ahttp,
                            secrets={n: self._secrets[n] for n in spec.secrets} if spec is not None else {})
 
 

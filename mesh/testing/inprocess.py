@@ -16,6 +16,7 @@ worker and deletes every key of its namespace.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import shutil
 import tempfile
 import threading
@@ -260,10 +261,10 @@ class TestMesh:
         call recorded in ``calls``."""
         served = App(self.app.name)
         for spec in self.app.tools.values():
-            if spec.name in self._fakes:  # a fake reads no secret and has no effect to verify
+            if spec.name in self._fakes:  # a fake reads no secret, mints nothing and has no effect to verify
                 fake = self._fakes[spec.name]
                 spec = dataclasses.replace(spec, run=lambda ctx, args, fake=fake: _fake(fake, args), secrets=(),
-                                           verify=None)
+                                           verify=None, mint=None)
             served.add_tool(dataclasses.replace(spec, run=self._recorded(spec.name, spec.run)))
         for agent in self.app.agents.values():
             served.add_agent(agent)
@@ -275,14 +276,27 @@ class TestMesh:
             try:
                 result = run(ctx, args)
             except BaseException as exc:
-                with self._lock:
-                    self.calls.append(ToolCall(tool, args, exc))
+                self._record(ToolCall(tool, args, exc))
                 raise
-            with self._lock:
-                self.calls.append(ToolCall(tool, args, result))
+            if inspect.isawaitable(result):  # an async tool (or fake): recorded once awaited
+                return self._awaited(ToolCall(tool, args, result))
+            self._record(ToolCall(tool, args, result))
             return result
 
         return recorded
+
+    async def _awaited(self, call: ToolCall) -> Any:
+        try:
+            result = await call.result
+        except BaseException as exc:
+            self._record(call._replace(result=exc))
+            raise
+        self._record(call._replace(result=result))
+        return result
+
+    def _record(self, call: ToolCall) -> None:
+        with self._lock:
+            self.calls.append(call)
 
 
 def _in_flight(step: StepRecord) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_for
 from pydantic import BaseModel
 
-from mesh import App, AsyncContext, ToolContext
+from mesh import App, AsyncContext, Context, ToolContext
 from mesh.agents import event_loop
 from mesh.broker import MeshClient, trace
 from mesh.broker.ledger import Ledger
@@ -71,6 +71,21 @@ async def triage(ctx: AsyncContext, ticket: Ticket) -> Triage:
 
 
 LOOPS: list[asyncio.AbstractEventLoop] = []  # the loops triage ran on, in this process
+
+
+TOOL_LOOPS: list[asyncio.AbstractEventLoop] = []  # the loops the async tool ran on, called from sync code
+
+
+@app.tool(effect=False)
+async def where(ctx: ToolContext, args: Stamp) -> Receipt:
+    TOOL_LOOPS.append(asyncio.get_running_loop())
+    return Receipt(tool="where", effect_id=args.text)
+
+
+@app.agent(tools=[where])
+def sync_caller(ctx: Context, ticket: Ticket) -> Triage:
+    """A sync handler calling an async tool: the tool runs on the worker thread's loop."""
+    return Triage(queue=ctx.call(where, Stamp(text=ticket.text)).effect_id)
 
 
 @app.agent(time_limit_s=1)
@@ -190,6 +205,23 @@ def test_a_worker_thread_closes_its_loop_as_it_stops(make_settings: Callable[...
         client = MeshClient(settings, app=app)
         assert client.wait(client.send("triage", {"text": "one"}).id, timeout_s=30).state is State.SUCCEEDED
         loop = LOOPS[-1]
+        assert not loop.is_closed()
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+    assert loop.is_closed()
+
+
+def test_a_worker_thread_closes_the_loop_a_sync_agents_async_tool_made_as_it_stops(
+        make_settings: Callable[..., Any]) -> None:
+    from mesh.ops.worker import start_worker
+
+    settings = make_settings()
+    worker = start_worker(settings, ["sync_caller"], 1, app=app)  # no async agent among those served
+    try:
+        client = MeshClient(settings, app=app)
+        assert client.send(sync_caller, Ticket(text="q")).result(timeout_s=30) == Triage(queue="q")
+        loop = TOOL_LOOPS[-1]
         assert not loop.is_closed()
     finally:
         worker.stop(timeout=10_000)

@@ -188,3 +188,62 @@ def test_a_handler_cancelling_its_own_task_fails_as_an_error_not_as_a_cancel() -
 
     out = in_a_thread(lambda: event_loop.run(cancels_itself()))
     assert type(out["error"]) is RuntimeError and "not by mesh cancel" in str(out["error"])
+
+
+def test_a_call_made_after_a_cancel_waits_for_the_call_still_in_flight_one_call_at_a_time() -> None:
+    from mesh import AsyncContext
+    from mesh.testing import TestContext
+
+    log: list[str] = []
+    started, cancelled = threading.Event(), threading.Event()
+
+    def slow(args: Any) -> dict[str, int]:
+        log.append("slow started")
+        started.set()
+        time.sleep(0.5)  # in flight meanwhile: the cancel lands, the handler makes its cleanup call
+        log.append("slow ended")
+        return {"n": 1}
+
+    async def handler(ctx: AsyncContext) -> str:
+        try:
+            await ctx.call("slow", {})
+        except asyncio.CancelledError:  # the cancel reaches the handler while its call goes on
+            log.append("handler cancelled")
+            await ctx.call("fast", {})  # its cleanup call: made once the call in flight ended
+            return "cleaned up"
+        return "never"
+
+    ctx = TestContext(tools={"slow": slow, "fast": lambda args: log.append("fast called") or {"n": 2}})
+    threading.Thread(target=lambda: started.wait(10) and cancelled.set()).start()
+    out = in_a_thread(lambda: event_loop.run(handler(AsyncContext(ctx)), cancelled=cancelled.is_set))
+    assert out.get("value") == "cleaned up", out
+    assert log == ["slow started", "handler cancelled", "slow ended", "fast called"]
+
+
+def test_a_task_that_swallows_its_cancel_does_not_run_on_into_the_next_message() -> None:
+    ticks: list[int] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+                ticks.append(1)
+            except asyncio.CancelledError:
+                pass  # it will not end
+
+    left: list[asyncio.Future[None]] = []
+
+    async def leaves_it() -> str:
+        left.append(asyncio.ensure_future(stubborn()))
+        await asyncio.sleep(0.05)
+        return "done"
+
+    async def next_message() -> int:
+        before = len(ticks)
+        await asyncio.sleep(0.3)
+        return len(ticks) - before
+
+    def both() -> tuple[str, int]:
+        return event_loop.run(leaves_it()), event_loop.run(next_message())
+
+    assert in_a_thread(both)["value"] == ("done", 0)

@@ -133,6 +133,23 @@ def test_a_model_of_another_class_is_refused_naming_both_and_nothing_is_written(
     assert nothing_in_redis(client)
 
 
+def test_another_apps_agent_of_a_name_the_clients_app_declares_otherwise_is_refused(settings, rclient) -> None:
+    other = App("other")
+
+    @other.agent(name="classify", queue="typed-classify")
+    def impostor(ctx: Context, o: Other) -> Classified:
+        return Classified(label=o.text, length=0)
+
+    client = MeshClient(settings, client=rclient, app=app)  # its classify takes an Incoming
+    with pytest.raises(ContractError, match=r"agent 'classify' of the client's app takes a Incoming .*another's, "
+                                            r"taking a Other .*nothing was sent"):
+        client.send(impostor, Other(text="x"))
+    with pytest.raises(ContractError, match="nothing was sent"):
+        client.send_many(impostor, [(Other(text="x"), None)])
+    assert nothing_in_redis(client)
+    MeshClient(settings, client=rclient).send(impostor, Other(text="x"))  # a client without an app sends it as declared
+
+
 def test_run_takes_its_input_as_a_model(settings, rclient) -> None:
     spec = Pipeline("typed-run").step(classify).step(notify, depends_on=[classify]).build()
     client = MeshClient(settings, client=rclient, app=app)
@@ -225,6 +242,46 @@ def test_result_and_record_output_round_trip_typed_through_a_worker(settings, rc
         record = run.result(timeout_s=20)
         assert record.output(classify) == Classified(label="anon:yo", length=2)
         assert record.output(notify) == Sent(via="https://hooks.example#anon:yo")  # ctx.call(post_hook, ...)
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+
+
+aliased = App("typed-alias")
+
+
+class Stamp(BaseModel):
+    kind: str = Field(alias="type")  # no populate_by_name: only the wire name validates
+
+
+class Signed(BaseModel):
+    sender: str = Field(alias="from")
+    stamp: Stamp
+
+
+@aliased.agent
+def sign(ctx: Context, msg: Incoming) -> Signed:
+    return Signed.model_validate({"from": msg.sender, "stamp": {"type": msg.text}})
+
+
+@aliased.agent
+def countersign(ctx: Context, signed: Signed) -> Sent:
+    return Sent(via=f"{signed.sender}/{signed.stamp.kind}")
+
+
+@pytest.mark.slow
+def test_an_output_model_with_aliases_round_trips_by_its_wire_names_to_result_and_the_next_step(
+        settings, rclient) -> None:
+    worker = start_worker(settings, None, 2, app=aliased)
+    try:
+        client = MeshClient(settings, client=rclient, app=aliased)
+        done = client.send(sign, Incoming(text="urgent", sender="ann"))
+        run = client.run(Pipeline("typed-alias").step(sign).step(countersign, depends_on=[sign]).build(),
+                         Incoming(text="late", sender="bob"))
+        assert done.result(timeout_s=20) == Signed.model_validate({"from": "ann", "stamp": {"type": "urgent"}})
+        record = run.result(timeout_s=20)
+        assert record.steps["sign"].result == {"from": "bob", "stamp": {"type": "late"}}  # stored by wire names
+        assert record.output(countersign) == Sent(via="bob/late")
     finally:
         worker.stop(timeout=10_000)
         worker.broker.close()

@@ -110,6 +110,14 @@ def use(client: MeshClient, record: JobRecord) -> None:
     assert_type(record.output(classify, Other), Other)
     assert_type(record.output("notify"), dict[str, Any])
     Pipeline("p").step(classify).step(notify, depends_on=[classify]).build()
+
+
+async def use_async(client: MeshClient, ctx: AsyncContext, record: JobRecord) -> None:
+    assert_type(anotify, Agent[Classified, Receipt])  # an async agent is typed by its models as well
+    assert_type(client.send(anotify, Classified(label="x")).result(), Receipt)
+    assert_type(record.output(anotify), Receipt)
+    assert_type(await anotify(ctx, Classified(label="x")), Receipt)  # awaited, with an AsyncContext
+    Pipeline("q").step(classify).step(anotify, depends_on=[classify]).build()
 '''
 
 BAD = DECLARED + '''
@@ -120,7 +128,8 @@ def misuse(client: MeshClient, ctx: Context, record: JobRecord) -> None:
     ctx.call(post_hook, Incoming(text="x"))  # error: misc
     label: str = client.send(notify, Classified(label="x")).result().label  # error: attr-defined
     count: int = record.output(classify).label  # error: assignment
-    classify(ctx, Other(n=1))  # error: arg-type
+    classify(ctx, Other(n=1))  # error: call-overload
+    client.send(anotify, Incoming(text="x"))  # error: misc
 '''
 
 
@@ -145,7 +154,7 @@ def test_a_misuse_is_a_type_error_on_its_line(tmp_path: Path) -> None:
     said = _mypy(tmp_path, BAD)
     found = {(int(m.group(1)), m.group(2)) for line in said
              if (m := re.match(r"^.*?typed_usage\.py:(\d+): error: .*\[([\w-]+)\]$", line))}
-    assert len(expected) == 6
+    assert len(expected) == 7
     # Each misuse is flagged on its line with its code (a wrong tool args may add a second message,
     # for the overload of async tools), and nothing else is.
     assert expected <= found, "\n".join(said)

@@ -164,7 +164,7 @@ def test_cancel_stops_what_is_not_running_waits_for_a_running_step_and_undoes_it
                    deadline=2e9, payload={})
 
     class Out:
-        def model_dump(self, mode: str = "json") -> dict[str, Any]:
+        def model_dump(self, mode: str = "json", by_alias: bool = False) -> dict[str, Any]:
             return {"ref": "b"}
 
     record, messages = progress.complete(env, Out(), spec=CHAIN, routes=Routes())(record)  # type: ignore[arg-type]

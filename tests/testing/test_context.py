@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from pydantic import BaseModel
 
-from mesh import App, ConfigError, Context, ContractError, MeshSettings, RateLimited, Receipt, ToolContext, ToolRefused
+from mesh import (
+    App,
+    AsyncContext,
+    ConfigError,
+    Context,
+    ContractError,
+    MeshSettings,
+    RateLimited,
+    Receipt,
+    ToolContext,
+    ToolRefused,
+)
 from mesh.testing import TestClock, TestContext, TestModel, ToolCall
 
 app = App("unit")
@@ -44,6 +57,34 @@ def place(ctx: Context, order: Order) -> Placed:
     ctx.progress(f"placing {order.item}")
     receipt = ctx.call("charge", {"amount": 10 * order.qty})
     return Placed(reference=receipt.effect_id, left_s=ctx.deadline_left_s(), cancelled=ctx.cancelled)
+
+
+class Quote(BaseModel):
+    price: int
+
+
+LOOPS: list[asyncio.AbstractEventLoop] = []  # where the async tool and handler ran
+
+
+@app.tool(effect=False)
+async def price(ctx: ToolContext, args: Order) -> Quote:
+    await asyncio.sleep(0)
+    LOOPS.append(asyncio.get_running_loop())
+    return Quote(price=3 * args.qty)
+
+
+@app.tool(dependency="shop.test:443")
+async def stock(ctx: ToolContext, args: Order) -> Quote:
+    response = await ctx.ahttp.get(f"https://shop.test/stock/{args.item}")
+    return Quote(price=response.json()["left"])
+
+
+@app.agent(tools=[price])
+async def quote(ctx: AsyncContext, order: Order) -> Placed:
+    LOOPS.append(asyncio.get_running_loop())
+    ctx.progress(f"quoting {order.item}")
+    drafted, quoted = await asyncio.gather(ctx.model.complete("a reference", Charge), ctx.call(price, order))
+    return Placed(reference=f"{drafted.amount}/{quoted.price}", left_s=ctx.deadline_left_s(), cancelled=ctx.cancelled)
 
 
 SHOP = MeshSettings(http_allow="shop.test:443")
@@ -121,3 +162,45 @@ def test_without_an_app_any_faked_tool_may_be_called_and_the_model_is_the_tests(
     ctx = TestContext(app)  # an app without an agent: any of its tools, checked by their args
     assert ctx.call(refund, {"amount": 1}) == Receipt(tool="refund", effect_id="R-1")
     assert ctx.calls == [ToolCall("refund", Charge(amount=1), Receipt(tool="refund", effect_id="R-1"))]
+
+
+def test_an_async_agent_runs_with_an_async_context_over_a_test_context_on_the_tests_own_loop() -> None:
+    ctx = TestContext(app, quote, model=TestModel({Charge: [{"amount": 7}]}), deadline_s=20)
+    LOOPS.clear()
+    placed = asyncio.run(quote(AsyncContext(ctx), Order(item="tea", qty=2)))
+    assert placed == Placed(reference="7/6", left_s=20.0, cancelled=False)
+    assert ctx.calls == [ToolCall("price", Order(item="tea", qty=2), Quote(price=6))]
+    assert ctx.progress_notes == ["quoting tea"]
+    assert len(LOOPS) == 2 and LOOPS[0] is LOOPS[1]  # the async tool was awaited back on the test's loop
+    assert AsyncContext(ctx).http.tool.key == "test-key"  # the test context's guarded HTTP, awaited
+
+
+def test_a_test_contexts_call_of_an_async_tool_returns_its_result_as_a_workers_context_does() -> None:
+    ctx = TestContext(app)
+    assert ctx.call(price, {"item": "tea", "qty": 5}) == Quote(price=15)
+    assert ctx.calls == [ToolCall("price", Order(item="tea", qty=5), Quote(price=15))]
+
+
+def test_an_async_tool_and_an_async_handlers_http_go_through_the_tests_async_client() -> None:
+    seen: list[str] = []
+
+    def shop(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path} {request.headers['idempotency-key']}")
+        return httpx.Response(200, json={"left": 4})
+
+    ctx = TestContext(app, resolve=pinned, settings=SHOP, ahttp=httpx.AsyncClient(transport=httpx.MockTransport(shop)))
+    assert ctx.call(stock, {"item": "tea"}) == Quote(price=4)
+
+    async def handler() -> int:
+        response = await AsyncContext(ctx).http.post("https://shop.test/orders", json={})
+        return int(response.json()["left"])
+
+    assert asyncio.run(handler()) == 4
+    assert seen == ["GET /stock/tea test-key", "POST /orders test-key"]
+
+
+def test_an_async_handler_given_the_test_context_itself_is_told_to_wrap_it_in_an_async_context() -> None:
+    ctx = TestContext(app, quote, model=TestModel({Charge: [{"amount": 7}]}))
+    with pytest.raises(RuntimeError, match=r"await it \(an async handler is given an AsyncContext: AsyncContext"):
+        asyncio.run(quote(ctx, Order(item="tea")))  # type: ignore[arg-type]
+    assert isinstance(ctx.calls[0].result, RuntimeError)  # the call, refused, is recorded as what it raised

@@ -3,11 +3,13 @@ Redis in a namespace of its own, approvals decided from the test and timers move
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis
 from pydantic import BaseModel
 
-from mesh import App, Context, Pipeline, State, ToolContext
+from mesh import App, AsyncContext, Context, Credential, Pipeline, State, ToolContext
 from mesh.testing import TestMesh, TestModel, ToolCall, run_pipeline
 
 pytestmark = pytest.mark.slow  # each test starts an in-process worker
@@ -50,6 +52,19 @@ class Batch(BaseModel):
 @app.agent
 def tally(ctx: Context, batch: Batch) -> Posted:
     return Posted(id=",".join(t.topic for t in batch.topics))
+
+
+@app.tool(effect=False)
+async def shout(ctx: ToolContext, args: Draft) -> Posted:
+    await asyncio.sleep(0)
+    if args.text == "boom":
+        raise RuntimeError("the shout failed")
+    return Posted(id=args.text.upper())
+
+
+@app.agent(tools=[shout], max_attempts=1)
+async def shouts(ctx: AsyncContext, draft: Draft) -> Posted:
+    return await ctx.call(shout, draft)
 
 
 app.pipeline(Pipeline("blog").step("write").step("publish", depends_on=["write"], approval={"timeout": "1h"}))
@@ -126,3 +141,44 @@ def test_send_and_run_take_the_declared_agent_and_input_models() -> None:
                           tools={post: lambda d: Posted(id=f"P-{d.text}")}, approve={"publish": True})
     assert record.pipeline_input == {"topic": "otters"}
     assert (record.output(write), record.output(publish)) == (Draft(text="otters"), Posted(id="P-otters"))
+
+
+minting = App("inprocess-minting")
+
+
+def no_token_server(scope: object) -> Credential:
+    raise RuntimeError("no token server in a unit test")
+
+
+@minting.tool(mint=no_token_server)
+def charge(ctx: ToolContext, args: Draft) -> Posted:
+    return Posted(id=ctx.credential.token)
+
+
+@minting.agent(tools=[charge])
+def pay(ctx: Context, draft: Draft) -> Posted:
+    return ctx.call(charge, draft)
+
+
+def test_a_faked_tool_mints_no_credential_and_a_real_one_is_refused_when_its_minter_fails() -> None:
+    with TestMesh(minting, tools={charge: Posted(id="P-1")}) as mesh:
+        assert mesh.wait(mesh.send(pay, Draft(text="tea"))).result == {"pay": {"id": "P-1"}}
+    with TestMesh(minting) as mesh:
+        record = mesh.wait(mesh.send(pay, Draft(text="tea")))
+    assert record.state is State.DEAD_LETTERED
+    assert "tool charge: its credential minter failed: RuntimeError: no token server" in str(record.error)
+
+
+def test_an_async_tools_calls_are_recorded_with_what_it_returned_or_raised_as_a_sync_tools_are() -> None:
+    with TestMesh(app, tools={post: Posted(id="never")}) as mesh:
+        assert mesh.send(shouts, Draft(text="hey")).result(timeout_s=20) == Posted(id="HEY")
+        assert mesh.wait(mesh.send(shouts, Draft(text="boom"))).state is State.DEAD_LETTERED
+    assert mesh.calls[0] == ToolCall("shout", Draft(text="hey"), Posted(id="HEY"))
+    assert len(mesh.calls) == 2 and isinstance(mesh.calls[1].result, RuntimeError)
+
+    async def faked(args: Draft) -> Posted:  # an async fake: recorded with what it returns, too
+        return Posted(id=f"F-{args.text}")
+
+    with TestMesh(app, tools={post: Posted(id="never"), shout: faked}) as mesh:
+        assert mesh.send(shouts, Draft(text="hey")).result(timeout_s=20) == Posted(id="F-hey")
+    assert mesh.calls == [ToolCall("shout", Draft(text="hey"), Posted(id="F-hey"))]
