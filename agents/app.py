@@ -136,6 +136,9 @@ class ToolSpec:
     #: Mints a short-lived credential just before each call, ``mint(scope) -> Credential`` (or
     #: ``async def``); the tool reads it as ``ctx.credential`` (:mod:`mesh.agents.credentials`).
     mint: Minter | None = None
+    #: A call the model asks for in a tool loop (``ctx.model.run``) waits for a person's approval of
+    #: exactly that call (tool and args): see docs/guides/tool-loop.md.
+    destructive: bool = False
 
     def allowlist(self, settings: MeshSettings) -> frozenset[str] | None:
         """The ``host:port`` entries (normal form) this tool may reach; None: MESH_HTTP_ALLOW's."""
@@ -276,32 +279,36 @@ class App:
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None, mint: Minter | None = None) -> Tool[Args, R]: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None,
+             destructive: bool = False) -> Tool[Args, R]: ...
     @overload
     def tool(self, fn: Callable[..., Any], /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None, mint: Minter | None = None) -> Tool[Any, Any]: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None,
+             destructive: bool = False) -> Tool[Any, Any]: ...
     @overload
     def tool(self, fn: None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
-             verify: Callable[..., Any] | None = None, mint: Minter | None = None) -> DeclareTool: ...
+             verify: Callable[..., Any] | None = None, mint: Minter | None = None,
+             destructive: bool = False) -> DeclareTool: ...
 
     def tool(self, fn: Callable[[ToolContext, Args], R] | None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None, verify: Callable[..., Any] | None = None,
-             mint: Minter | None = None) -> Any:
+             mint: Minter | None = None, destructive: bool = False) -> Any:
         """Declare ``fn(ctx, args) -> result`` as a tool agents may call; returns a :class:`Tool`, the
         function still, typed by its args and result. ``allow``: the ``host:port``
         its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`).
         ``compensate``: the declared tool that undoes a call of this one, given the same args (run,
         last call first, when the job of the step that made the calls halts or is cancelled).
         ``verify``: a check that the call's effect happened (see :attr:`ToolSpec.verify`).
-        ``mint``: mints the call's short-lived credential, ``ctx.credential`` (see :attr:`ToolSpec.mint`)."""
+        ``mint``: mints the call's short-lived credential, ``ctx.credential`` (see :attr:`ToolSpec.mint`).
+        ``destructive``: each call the model asks for waits for a person's approval (:attr:`ToolSpec.destructive`)."""
         undo = None if compensate is None else _named(compensate)
         for option, given in (("compensate", undo), ("verify", verify)):
             if given is not None and not effect:
@@ -320,7 +327,7 @@ class App:
             args_model = args or _models(fn, None, None, need_output=False)[0]
             spec = ToolSpec(name=name or fn.__name__, args=args_model, run=fn, dependency=dependency,
                             secrets=tuple(secrets), effect=effect, description=_doc(fn), allow=fixed,
-                            compensate=undo, verify=verify, mint=mint)
+                            compensate=undo, verify=verify, mint=mint, destructive=destructive)
             self.add_tool(spec)
             return Tool(fn, spec)
 

@@ -20,12 +20,14 @@ job's deadline, stopped by its time limit and cancelled by ``mesh cancel``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
-from . import event_loop
+from mesh.contracts import ConfigError
+
+from . import event_loop, tool_loop
 from .context import Context
 from .tools.http import AsyncGuardedHttp
 
@@ -127,7 +129,7 @@ class AsyncContext:
     @property
     def model(self) -> AsyncModel:
         """The worker's provider, its ``complete`` awaited (the provider's ``acomplete``)."""
-        return AsyncModel(self.sync.model)
+        return AsyncModel(self.sync.model, self)
 
     @property
     def http(self) -> AsyncGuardedHttp:
@@ -165,9 +167,23 @@ class AsyncModel:
     """``ctx.model`` of an async handler: ``await ctx.model.complete(...)`` (the provider's
     ``acomplete``); ``plan`` and ``research`` awaitable too. Other attributes are the provider's."""
 
-    def __init__(self, provider: ModelProvider) -> None:
+    def __init__(self, provider: ModelProvider, context: AsyncContext | None = None) -> None:
         self.provider = provider
         self.name = provider.name
+        self.context = context
+
+    async def run(self, prompt: str, *, output: type[M], tools: Sequence[Tool[Any, Any] | str] | None = None,
+                  max_turns: int = 10, system: str | None = None, model: str | None = None) -> M:
+        """:meth:`StepModel.run <mesh.agents.context.StepModel.run>` awaited: the provider's turns
+        awaited (``aturn``), each tool call through ``await ctx.call`` (one at a time, in order)."""
+        context = self.context
+        if context is None:
+            raise ConfigError("ctx.model.run needs the step's context: call it as await ctx.model.run(...)")
+        provider = getattr(self.provider, "provider", self.provider)  # the StepModel's own provider
+        step_model = getattr(self.provider, "model", None)
+        return await tool_loop.arun(context.sync, provider, lambda spec, args: context.call(spec.name, args), prompt,
+                                    tools=tools, output=output, max_turns=max_turns, system=system,
+                                    model=model or (step_model if isinstance(step_model, str) else None))
 
     async def complete(self, prompt: str, output: type[M], *, system: str | None = None,
                        model: str | None = None) -> M:

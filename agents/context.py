@@ -28,7 +28,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -49,9 +49,10 @@ from mesh.contracts import (
     MeshError,
     ToolRefused,
 )
+from mesh.contracts.approvals import Decision, call_hash
 from mesh.contracts.effects import Verdict, summary
 
-from . import credentials
+from . import credentials, tool_loop
 from .effects import EffectCalls
 from .event_loop import resolve
 from .tools.base import ToolContext
@@ -103,6 +104,10 @@ class Context:
     lease: Lease
     _tool_ctx: ToolContext = field(init=False)
     _effects: EffectCalls | None = field(init=False, default=None)
+    #: Effectful calls go through the step's effect ledger (:attr:`effects`).
+    _ledger = True
+    #: The key a tool loop's call gives its tool (``<key>/turn-3/call-1``); None: the message's key.
+    _call_key: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._tool_ctx = self._tool_context(None)
@@ -158,11 +163,10 @@ class Context:
         return self.env.remaining_s(self.runtime.clock.now_s())
 
     @property
-    def model(self) -> ModelProvider:
-        """The worker's provider; for a pipeline step that names a ``model``, one whose ``complete``
-        uses that model unless the call names another."""
-        provider = self.runtime.provider
-        return provider if self.env.model is None else StepModel(provider, self.env.model)
+    def model(self) -> StepModel:
+        """The worker's provider (:class:`StepModel`): for a pipeline step that names a ``model``, its
+        ``complete`` uses that model unless the call names another; ``run`` lets the model call tools."""
+        return StepModel(self.runtime.provider, self.env.model, self)
 
     @property
     def http(self) -> GuardedHttp:
@@ -211,6 +215,43 @@ class Context:
                                               "args": typed.model_dump(mode="json", by_alias=True)})
             return result
         return self._run(spec, typed)
+
+    def _loop_tools(self, tools: Sequence[Tool[Any, Any] | str] | None) -> list[ToolSpec]:
+        """The declared tools a tool loop offers the model (:mod:`mesh.agents.tool_loop`)."""
+        names = tool_loop.offered(self.spec.tools, tools, self.spec.name)
+        return [self.runtime.app.tools[name] for name in names]
+
+    def _checkpoints(self) -> tool_loop.Checkpoints:
+        """Where this step's tool loop keeps its turns and calls (:mod:`mesh.broker.transcript`)."""
+        from mesh.broker.transcript import Transcript
+
+        rt = self.runtime
+        return Transcript(rt.redis, rt.keys, self.env.job_id, self.env.step_id, rt.settings.dedup_ttl_s)
+
+    def _loop_event(self, kind: str, **fields: Any) -> None:
+        """Trace what a tool loop did without a call (a call replayed, one the model invented)."""
+        ev = trace.event(kind, self.env.model_dump(mode="json"), worker=self.runtime.worker,
+                         **{k: redact.redact_value(v) for k, v in fields.items()})
+        try:
+            trace.emit(self.runtime.redis, self.runtime.keys, ev)
+        except Exception as exc:  # a trace line: the loop goes on without it
+            logger.warning("could not trace a tool loop event", extra={"error": str(exc)})
+
+    def _approve(self, spec: ToolSpec, args: BaseModel) -> None:
+        """A destructive call of a tool loop may be made: this step holds a person's approval of
+        exactly it, or CallNeedsApproval (the worker parks the step asking for it)."""
+        call = {"tool": spec.name, "args": args.model_dump(mode="json", by_alias=True)}
+        record = self.runtime.jobs.get(self.env.job_id)
+        if record is None or not record.pipeline_digest:
+            raise ToolRefused(f"tool {spec.name!r} is destructive: each call waits for a person's approval, and "
+                              "only a pipeline's step can wait; run the agent in a pipeline", tool=spec.name)
+        digest = call_hash(call, f"{self.env.job_id}/{self.env.step_id}", record.pipeline_digest)
+        step = record.steps.get(self.env.step_id)
+        approval = step.approval if step is not None else None
+        if approval is not None and approval.decision is Decision.APPROVED and approval.hash == digest:
+            return
+        raise tool_loop.CallNeedsApproval(f"{spec.name} is destructive: its call {digest[:12]} waits for a "
+                                          "person's approval", call=call, hash=digest)
 
     def undo(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
         """Run a compensation of tool calls (``{"tool", "args"}``, in the order given: last call
@@ -279,7 +320,7 @@ class Context:
         rt = self.runtime
         secrets = spec.secrets if spec is not None else ()
         allow = spec.allowlist(rt.settings) if spec is not None else None
-        return ToolContext(key=self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
+        return ToolContext(key=self._call_key or self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
                            fencing_token=self.lease.token, deadline=self.env.deadline, clock=rt.clock.now_s,
                            breakers=rt.breakers, settings=rt.settings, redis=rt.redis, keys=rt.keys,
                            client=rt.http, resolve=rt.resolve, allow=allow, dependency=dependency,
@@ -287,13 +328,27 @@ class Context:
 
 
 class StepModel:
-    """A provider whose ``complete`` defaults to ``model`` (a pipeline step's) instead of
-    MESH_MODEL_NAME; everything else is the wrapped provider's."""
+    """``ctx.model``: the worker's provider, whose ``complete`` defaults to ``model`` (a pipeline
+    step's; None: MESH_MODEL_NAME), and whose :meth:`run` lets the model call the step's tools
+    through ``context``. Everything else is the wrapped provider's."""
 
-    def __init__(self, provider: ModelProvider, model: str) -> None:
+    def __init__(self, provider: ModelProvider, model: str | None, context: Context | None = None) -> None:
         self.provider = provider
         self.model = model
         self.name = provider.name
+        self.context = context
+
+    def run(self, prompt: str, *, output: type[M], tools: Sequence[Tool[Any, Any] | str] | None = None,
+            max_turns: int = 10, system: str | None = None, model: str | None = None) -> M:
+        """``prompt`` answered as a validated ``output`` by the model, which may call ``tools`` (the
+        agent's declared tools, all of them when None) first: each call through :meth:`Context.call`,
+        each turn and call checkpointed on the step. See :mod:`mesh.agents.tool_loop`."""
+        if self.context is None:
+            raise ConfigError("ctx.model.run needs the step's context: call it as ctx.model.run(...)")
+        context = self.context
+        return tool_loop.run(context, self.provider, lambda spec, args: context.call(spec.name, args), prompt,
+                             tools=tools, output=output, max_turns=max_turns, system=system,
+                             model=model or self.model)
 
     def complete(self, prompt: str, output: type[M], *, system: str | None = None, model: str | None = None) -> M:
         return self.provider.complete(prompt, output, system=system, model=model or self.model)

@@ -55,6 +55,7 @@ from .pipelines import PipelineSpec, approvals, progress
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
 from .providers import Meter, ModelProvider, provider_for
+from .tool_loop import CallNeedsApproval
 from .tools.allow import Resolver, system_resolver
 
 logger = logging.getLogger(__name__)
@@ -186,12 +187,16 @@ class AgentRuntime:
             effect = None
         else:
             ctx = Context(self, env, spec, lease)
-            if isinstance(undo, list):
-                result = ctx.undo(undo)
-            elif inspect.iscoroutinefunction(spec.handler):  # on this thread's event loop
-                result = run_handler(ctx, typing.cast(BaseModel, payload))
-            else:
-                result = spec.handler(ctx, payload)
+            try:
+                if isinstance(undo, list):
+                    result = ctx.undo(undo)
+                elif inspect.iscoroutinefunction(spec.handler):  # on this thread's event loop
+                    result = run_handler(ctx, typing.cast(BaseModel, payload))
+                else:
+                    result = spec.handler(ctx, payload)
+            except CallNeedsApproval as asked:  # a destructive call of its tool loop: parked, not failed
+                self._park_call(flow, env, lease, asked, member)
+                return
             effect = ctx.effect()
         if isinstance(result, BaseModel):  # by its wire names: the output model validates those
             result = result.model_dump(mode="json", by_alias=True)
@@ -247,9 +252,28 @@ class AgentRuntime:
     def _export(self, flow: PipelineSpec | None, env: Envelope, duration: float, output: Any) -> None:
         """The step's span to OTLP when its pipeline's tracing asks for it: never the step's outcome."""
         try:
-            self.spans.step(flow, env, time.time() - duration, input=env.payload, output=output)
+            started = time.time() - duration
+            self.spans.step(flow, env, started, input=env.payload, output=output,
+                            calls=lambda: self._calls(env, started))
         except Exception as exc:  # an exporter bug must not fail a step that is already recorded
             logger.warning("could not export the step's span", extra={"job_id": env.job_id, "error": str(exc)})
+
+    def _park_call(self, flow: PipelineSpec | None, env: Envelope, lease: Any, asked: CallNeedsApproval,
+                   member: str) -> None:
+        """Park the step for a person's approval of the destructive call ``asked``; its key stays free
+        for the approved run (:func:`mesh.agents.pipelines.approvals.park_call`)."""
+        events: list[dict[str, Any]] = []
+        self.jobs.update(env.job_id, approvals.park_call(flow, env, asked.call, asked.hash, events), fence=lease,
+                         events=events, also=lambda pipe, record: pipe.zrem(self.keys.running, member))
+        lease.result, lease.done = None, False
+        logger.info("step parked for the approval of a call", extra={"key": env.key, "job_id": env.job_id,
+                                                                     "step_id": env.step_id, "hash": asked.hash})
+
+    def _calls(self, env: Envelope, started: float) -> list[dict[str, Any]]:
+        """The model and tool calls this attempt of ``env``'s step made, from the job's trace."""
+        return [e for e in trace.read(self.redis, self.keys, env.job_id)
+                if e.get("event") in ("model_call", "tool_call") and e.get("step_id") == env.step_id
+                and e.get("attempt") == env.attempt and float(e.get("at") or 0) >= started]
 
     def flow(self, record: JobRecord) -> PipelineSpec | None:
         """The spec a declared pipeline's job started with; None for any other job."""

@@ -75,6 +75,10 @@ The mesh's own:
                                       intent, outcome and verdict of each effectful tool call of a step
                                       (broker/ledger.py); expires MESH_DEDUP_TTL_S after its last write,
                                       or with its job's record once the job ends
+    {ns}:loop:{job_id}:{step_id}      hash "turn-{t}" / "turn-{t}/call-{c}" -> JSON: a tool loop's checkpoints,
+                                      each model turn and each tool call's result as the model was
+                                      given it (broker/transcript.py); expires MESH_DEDUP_TTL_S after
+                                      its last write
     {ns}:effects.unknown              zset "{job_id}/{step_id}/{n}" -> when its verdict became unknown (s):
                                       effects nobody has proven; left when verified, refuted or settled
     {ns}:effects.audit                stream, capped: who verified or settled which effect, when, why
@@ -243,6 +247,9 @@ class Keys:
 
     def ledger(self, job_id: str, step_id: str) -> str:
         return f"{self.namespace}:ledger:{job_id}:{step_id}"
+
+    def loop(self, job_id: str, step_id: str) -> str:
+        return f"{self.namespace}:loop:{job_id}:{step_id}"
 
     @property
     def effects_unknown(self) -> str:

@@ -5,7 +5,10 @@
     progress        the handler moved on (the counter a stuck step does not move)
     tool_call       a tool called a dependency: dependency, status, duration, the fencing token
     fenced          a call was refused: the attempt's lease (its token) was lost to another owner
-    model_call      a handler asked the model: model, tokens in/out, repairs, outcome
+    model_call      a handler asked the model: model, tokens in/out, repairs, outcome, duration; in a
+                    tool loop, the turn and the tools the model asked for
+    tool_replayed   a tool loop's call made by an earlier attempt: its recorded result replayed
+    tool_refused    a tool loop's call the model invented (no such tool, bad args): answered as an error
     deferred        the message waits: reason and until when
     failed          an attempt failed and will be retried: failure class, error
     dead_lettered   the message went to the DLQ: failure class, error
@@ -36,8 +39,8 @@ from .keys import Keys
 #: Events kept per job (the stream is trimmed, oldest first, past about this many).
 TRACE_MAXLEN = 2_000
 
-EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "fenced", "model_call", "deferred", "failed",
-          "dead_lettered", "duplicate", "succeeded", "stuck", "replayed")
+EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "fenced", "model_call", "tool_replayed", "tool_refused",
+          "deferred", "failed", "dead_lettered", "duplicate", "succeeded", "stuck", "replayed")
 
 _ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
 

@@ -25,7 +25,10 @@ _DETAIL = {
                            + (f" (token {e['token']})" if e.get("token") is not None else ""),
     "fenced": lambda e: f"{e.get('call')} refused: token {e.get('token')}'s lease was lost to another owner",
     "model_call": lambda e: f"{e.get('model')}: {e.get('tokens_in')} tokens in, {e.get('tokens_out')} out, "
-                            f"{e.get('repairs')} repair(s), {e.get('outcome')}",
+                            f"{e.get('repairs')} repair(s), {e.get('outcome')}" + _turn(e),
+    "tool_replayed": lambda e: f"{e.get('call')} {e.get('tool')}: its recorded result replayed, not called again"
+                               + (" (the effect ledger answers)" if e.get("effect") else ""),
+    "tool_refused": lambda e: f"{e.get('call')} {e.get('tool')}: {e.get('reason', '')} (answered to the model)",
     "deferred": lambda e: f"{e.get('failure_class') or e.get('reason', '')} until {_clock(e.get('until'))}: "
                           f"{e.get('error', e.get('reason', ''))}",
     "failed": lambda e: f"{e.get('failure_class')}, retry at {_clock(e.get('until'))}: {e.get('error', '')}",
@@ -63,12 +66,23 @@ _DETAIL = {
     "not_run": lambda e: f"acked without running: {e.get('reason', '')}",
     "rerun": lambda e: f"rerun of {e.get('rerun_of')} from step {e.get('rerun_from')}",
 }
-_STYLE = {"compensating": "yellow", "cancelled": "yellow", "compensation_sent": "cyan",
+_STYLE = {"tool_refused": "yellow", "compensating": "yellow", "cancelled": "yellow", "compensation_sent": "cyan",
           "compensation_skipped": "dim", "compensation_failed": "red", "not_run": "dim",
           "fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
           "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red",
           "settled": "yellow", "verified": "yellow",
           "approved": "green", "denied": "red", "approval_expired": "red", "approval_warning": "yellow"}
+
+
+def _turn(event: dict[str, Any]) -> str:
+    """``, turn 3 asked lookup, refund, in 0.412s`` (a tool loop's turn), or the duration alone."""
+    out = ""
+    if event.get("turn") is not None:
+        tools = event.get("tools") or []
+        out += f", turn {event['turn']} " + (f"asked {', '.join(map(str, tools))}" if tools else "answered")
+    if event.get("duration_s") is not None:
+        out += f" in {event['duration_s']:.3f}s"
+    return out
 
 
 def _decision(event: dict[str, Any]) -> str:

@@ -31,11 +31,11 @@ from mesh.broker import approvals as store
 from mesh.broker.approvals import AlreadyDecided, NotAwaiting, Verdict
 from mesh.broker.pipelines import PipelineStore
 from mesh.contracts import TERMINAL, Envelope, JobRecord, State, StepRecord, loads, transition
-from mesh.contracts.approvals import Decision, call_hash, show_duration
+from mesh.contracts.approvals import Approval, Decision, call_hash, show_duration
 from mesh.contracts.jobs import known
 
 from . import compensate, engine
-from .spec import FailureMode, OnTimeout, PipelineSpec
+from .spec import ApprovalPolicy, FailureMode, OnTimeout, PipelineSpec
 
 #: Trace event kinds of the decisions.
 EVENT = {Decision.APPROVED: "approved", Decision.DENIED: "denied", Decision.EXPIRED: "approval_expired"}
@@ -126,6 +126,33 @@ def recheck(spec: PipelineSpec | None, record: JobRecord, env: Envelope, events:
                                 approvers=list(policy.approvers), asks=approval.asks if approval else 1,
                                 asked_again="the call is not the one approved"))
     return engine.settle(record, at, spec)
+
+
+def park_call(spec: PipelineSpec | None, env: Envelope, call: dict[str, Any], digest: str,
+              events: list[dict[str, Any]], now: float | None = None
+              ) -> Callable[[JobRecord], tuple[JobRecord, list[Message]]]:
+    """The running step of ``env`` parked in ``awaiting_approval`` for a person to approve exactly the
+    destructive ``call`` (tool and args) its tool loop asked for, hashed ``digest``: approved, the step
+    is sent again and runs from its checkpoints (see :mod:`mesh.agents.tool_loop`); denied or expired,
+    its ``on_false`` applies as for any approval. The wait keeps what the run had left of its deadline."""
+
+    def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
+        at = time.time() if now is None else now
+        rec = record.steps[env.step_id]
+        if rec.state is not State.RUNNING:  # settled meanwhile (cancelled, a newer attempt's): left as it is
+            return record, []
+        policy = ApprovalPolicy()
+        asks = rec.approval.asks + 1 if rec.approval is not None else 1
+        approval = Approval(hash=digest, asked_at=at, timeout_s=policy.timeout_s, on_timeout=policy.on_timeout.value,
+                            asks=asks, deadline_left_s=max(1.0, env.deadline - at), token_budget=env.token_budget,
+                            call=call)
+        rec = transition(rec, State.AWAITING_APPROVAL, now=at, approval=approval, sent_at=None)
+        record = record.with_step(rec)
+        events.append(engine._event("awaiting_approval", record, rec, hash=digest, timeout=policy.timeout,
+                                    on_timeout=policy.on_timeout.value, asks=asks, call=call))
+        return engine.settle(record, at, spec), []
+
+    return change
 
 
 def _factory(pipelines: PipelineStore, queue: Callable[[str], str], version: Callable[[str], int | None],

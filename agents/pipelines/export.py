@@ -3,10 +3,13 @@ is set, when MESH_OTLP_ENDPOINT names a collector and the ``otlp`` extra is inst
 provider is accepted and nothing is exported: the trace in Redis (``mesh trace``) is the record.
 
 One span per step that succeeded, in the job's trace (the job's W3C trace id), named ``<pipeline>/<step>``,
-from the attempt's start to its record; attributes name the job, step, agent, key and attempt, and the
-input and output as ``tracing.log_inputs`` / ``log_outputs`` allow (else their size and hash). Spans are
-batched and sent by a background thread; an export that fails is logged by OpenTelemetry and never
-touches the step.
+from the attempt's start to its record, with a child span per model call (``chat <model>``: a tool
+loop's turns each one) and per tool call (``execute_tool <tool>``) of the attempt, in the order they
+happened, carrying OpenTelemetry's GenAI attributes (``gen_ai.operation.name``,
+``gen_ai.request.model``, ``gen_ai.usage.input_tokens`` / ``output_tokens``, ``gen_ai.tool.name``);
+the step span's attributes name the job, step, agent, key and attempt, and the input and output as
+``tracing.log_inputs`` / ``log_outputs`` allow (else their size and hash). Spans are batched and
+sent by a background thread; an export that fails is logged by OpenTelemetry and never touches the step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -61,8 +65,10 @@ class SpanExport:
             return self._tracer
 
     def step(self, spec: PipelineSpec | None, env: Envelope, started: float, *, input: Any = None,
-             output: Any = None) -> None:
-        """Record the span of ``env``'s step, which started at ``started`` (UNIX s) and ended now."""
+             output: Any = None, calls: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        """Record the span of ``env``'s step, which started at ``started`` (UNIX s) and ended now, and
+        one child span per model call and tool call the attempt made (``calls``: their trace events,
+        read only when a span is exported), with OpenTelemetry's GenAI attributes."""
         if spec is None or not self.endpoint or not spec.tracing.enabled or not spec.tracing.provider:
             return
         tracer = self._start()
@@ -83,6 +89,16 @@ class SpanExport:
         attributes.update(_data("output", output, spec.tracing.log_outputs))
         span = tracer.start_span(f"{spec.name}/{env.step_id}", context=trace.set_span_in_context(
             NonRecordingSpan(parent)), start_time=int(started * 1e9), attributes=attributes)
+        inside = trace.set_span_in_context(span)
+        for event in sorted(calls() if calls is not None else [], key=lambda e: float(e.get("at") or 0)):
+            named = genai_span(event)
+            if named is None:
+                continue
+            name, attrs = named
+            end = float(event.get("at") or time.time())
+            child = tracer.start_span(name, context=inside, attributes=attrs,
+                                      start_time=int((end - float(event.get("duration_s") or 0)) * 1e9))
+            child.end(end_time=int(end * 1e9))
         span.end(end_time=time.time_ns())
 
     def flush(self, timeout_ms: int = 5000) -> None:
@@ -93,6 +109,27 @@ class SpanExport:
     def close(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def genai_span(event: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The name and GenAI attributes of the span of a ``model_call`` or ``tool_call`` trace event
+    (None for any other event): ``chat <model>`` and ``execute_tool <tool>``, as OpenTelemetry's GenAI
+    semantic conventions name them."""
+    if event.get("event") == "model_call":
+        attrs: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": str(event.get("model")),
+                                 "gen_ai.usage.input_tokens": int(event.get("tokens_in") or 0),
+                                 "gen_ai.usage.output_tokens": int(event.get("tokens_out") or 0),
+                                 "mesh.outcome": str(event.get("outcome"))}
+        if event.get("turn") is not None:
+            attrs["mesh.turn"] = int(event["turn"])
+            attrs["mesh.tools_asked"] = [str(t) for t in event.get("tools") or []]
+        return f"chat {event.get('model')}", attrs
+    if event.get("event") == "tool_call":
+        attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": str(event.get("tool")),
+                 "mesh.dependency": str(event.get("dependency")),
+                 "mesh.outcome": "error" if event.get("error") else "ok"}
+        return f"execute_tool {event.get('tool')}", attrs
+    return None
 
 
 def _data(what: str, value: Any, keep: bool) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 
 from mesh.contracts import ActionStep, Finding, Findings, Plan, ResearchStep
 
+from ..tool_loop import Message, ModelTurn, ToolDef, ToolRequest
 from .meter import Meter
 from .synthetic import synthesize
 
@@ -86,6 +88,34 @@ class LocalProvider:
                         model: str | None = None) -> M:
         """:meth:`complete`, awaitable (it does no I/O but its metering: nothing to wait for)."""
         return self.complete(prompt, output, system=system, model=model)
+
+    def turn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+             system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """One turn of a tool loop, deterministic: the first asks for one call of each offered tool
+        (args synthesized from its schema and the prompt), the next answers ``output`` synthesized
+        from the prompt. Tokens are counted as words, as :meth:`complete` counts them."""
+        with self._meter.call(model or self.name) as call:
+            call.turn = turn
+            self._meter.admit()
+            prompt = str(messages[0].get("content") or "") if messages else ""
+            called = any(m["role"] == "tool" for m in messages)
+            spent_in = sum(len(str(m.get("content") or "").split()) for m in messages) + len((system or "").split())
+            if tools and not called:
+                calls = tuple(ToolRequest(f"local-{turn}-{n}", t.name,
+                                          json.dumps(synthesize(t.args, prompt).model_dump(mode="json", by_alias=True)))
+                              for n, t in enumerate(tools, 1))
+                call.tools = [c.name for c in calls]
+                spent_out = sum(len(c.arguments.split()) for c in calls)
+                self._meter.charge(call, spent_in, spent_out)
+                return ModelTurn(None, calls, spent_in, spent_out)
+            content = json.dumps(synthesize(output, prompt).model_dump(mode="json"))
+            self._meter.charge(call, spent_in, len(content.split()))
+            return ModelTurn(content, (), spent_in, len(content.split()))
+
+    async def aturn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+                    system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """:meth:`turn`, awaitable."""
+        return self.turn(messages, tools, output, system=system, model=model, turn=turn)
 
     def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         research: list[ResearchStep] = []

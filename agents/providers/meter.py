@@ -5,7 +5,8 @@ and job get them with the attempt's outcome), per agent (``{ns}:tokens``, export
 ``mesh_model_tokens_total``) and, when the job has a ``token_budget``, per job (``{ns}:tokens:{job}``).
 The budget fails closed: a call is refused once the job has spent it, and a call that takes the
 job past it raises too, so its answer is never used. Each ``complete`` (with its repairs) is one
-``model_call`` trace event.
+``model_call`` trace event, with its duration; so is each turn of a tool loop, with its number and
+the tools the model asked for.
 
 Only calls made on a worker thread that holds a message's claim are metered: outside a worker
 there is no job to charge, and a thread the handler starts itself is not metered either.
@@ -14,6 +15,7 @@ there is no job to charge, and a thread the handler starts itself is not metered
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +40,9 @@ class Call:
     tokens_in: int = 0
     tokens_out: int = 0
     repairs: int = 0
+    #: A tool loop's turn (:mod:`mesh.agents.tool_loop`): its number and the tools the model asked for.
+    turn: int | None = None
+    tools: list[str] | None = None
 
 
 class Meter:
@@ -56,14 +61,14 @@ class Meter:
     @contextmanager
     def call(self, model: str) -> Iterator[Call]:
         """Meter one ``complete``; its ``model_call`` event is written however it ends."""
-        call, outcome = Call(model), "ok"
+        call, outcome, started = Call(model), "ok", time.monotonic()
         try:
             yield call
         except BaseException as exc:
             outcome = str(getattr(exc, "failure_class", None) or type(exc).__name__)
             raise
         finally:
-            self._trace(call, outcome)
+            self._trace(call, outcome, time.monotonic() - started)
 
     def admit(self) -> None:
         """Before a request: BudgetExceeded, and no request, once the job has spent its budget."""
@@ -99,13 +104,14 @@ class Meter:
         if budget is not None and int(replies[2]) > budget:
             raise _exceeded(lease, int(replies[2]), budget, "its answer is not used")
 
-    def _trace(self, call: Call, outcome: str) -> None:
+    def _trace(self, call: Call, outcome: str, duration_s: float) -> None:
         lease = self._lease()
         if lease is None:
             return
         assert self.client is not None
         ev = trace.event("model_call", lease.envelope, worker=self.worker, model=call.model,
-                         tokens_in=call.tokens_in, tokens_out=call.tokens_out, repairs=call.repairs, outcome=outcome)
+                         tokens_in=call.tokens_in, tokens_out=call.tokens_out, repairs=call.repairs, outcome=outcome,
+                         duration_s=round(duration_s, 4), turn=call.turn, tools=call.tools)
         try:
             trace.emit(self.client, self.keys, ev)
         except redis.RedisError as exc:

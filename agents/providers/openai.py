@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -31,6 +31,7 @@ from mesh.broker.idempotency import current_lease
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import Brownout, ConfigError, DeadlineExceeded, DependencyTimeout, Findings, InvalidOutput, Plan
 
+from ..tool_loop import Message, ModelTurn, ToolDef, ToolRequest, answer_prompt
 from ..tools.http import host_port
 from .meter import Call, Meter
 
@@ -115,6 +116,74 @@ class OpenAIProvider:
                     return asking.answer
                 content = await self._achat(call, request)
 
+    def turn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+             system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """One turn of a tool loop (:mod:`mesh.agents.tool_loop`): the conversation and the tools sent
+        as ``tools``; the tool calls asked for (``tool_calls``) or the final text. Metered, breaker-guarded,
+        cut to the deadline and classified as :meth:`complete` is."""
+        request = self._turn_request(messages, tools, output, system, model)
+        with self._meter.call(request.model) as call:
+            call.turn = turn
+            self._meter.admit()
+            post = self._post_args(request)
+            post.schema_refusable = False
+
+            def send() -> httpx.Response:
+                with post.classified():
+                    resp = self._client.post(self._endpoint, **post.kwargs)
+                return post.checked(resp)
+
+            resp = send() if self._breakers is None else self._breakers.call(self.dependency, send)
+            return self._turn_reply(call, request.label, resp)
+
+    async def aturn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+                    system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """:meth:`turn` on an ``httpx.AsyncClient``."""
+        from ..event_loop import http_client
+
+        request = self._turn_request(messages, tools, output, system, model)
+        with self._meter.call(request.model) as call:
+            call.turn = turn
+            self._meter.admit()
+            post = self._post_args(request)
+            post.schema_refusable = False
+            client = self._aclient or http_client()
+
+            async def send() -> httpx.Response:
+                with post.classified():
+                    resp = await client.post(self._endpoint, **post.kwargs)
+                return post.checked(resp)
+
+            resp = await send() if self._breakers is None else await self._breakers.acall(self.dependency, send)
+            return self._turn_reply(call, request.label, resp)
+
+    def _turn_request(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel],
+                      system: str | None, model: str | None) -> _TurnRequest:
+        asking = self._asking("", output, system=system, model=model)
+        return _TurnRequest(asking.model, answer_prompt(system, output), messages, tools, asking.label,
+                            asking.request.until)
+
+    def _turn_reply(self, call: Call, label: str, resp: httpx.Response) -> ModelTurn:
+        """The turn the endpoint answered, its tokens charged (BudgetExceeded past the job's budget)."""
+        try:
+            data = resp.json()
+            message = data["choices"][0]["message"]
+        except (ValueError, LookupError, TypeError) as exc:
+            raise InvalidOutput(f"{self.dependency} sent no chat completion", agent=label) from exc
+        usage = data.get("usage") if isinstance(data, dict) else None
+        tokens_in, tokens_out = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
+        self._meter.charge(call, tokens_in, tokens_out)
+        calls = []
+        for n, asked in enumerate(message.get("tool_calls") or (), 1):
+            asked = asked if isinstance(asked, dict) else {}
+            fn: dict[str, Any] = asked["function"] if isinstance(asked.get("function"), dict) else {}
+            arguments = fn.get("arguments")
+            calls.append(ToolRequest(str(asked.get("id") or f"call-{n}"), str(fn.get("name") or ""),
+                                     arguments if isinstance(arguments, str) else json.dumps(arguments or {})))
+        call.tools = [c.name for c in calls]
+        content = message.get("content")
+        return ModelTurn(content if isinstance(content, str) else None, tuple(calls), tokens_in, tokens_out)
+
     def _ask(self, prompt: str, output: type[M], *, system: str | None, model: str | None = None,
              timeout_s: float | None = None, label: str | None = None) -> M:
         """Ask, validate, and send an invalid answer back with its errors until it is valid or the
@@ -192,7 +261,7 @@ class OpenAIProvider:
             raise InvalidOutput(f"{label} output is not text", agent=label)
         return content
 
-    def _post_args(self, request: _Request) -> _Post:
+    def _post_args(self, request: _Request | _TurnRequest) -> _Post:
         """How ``request`` is POSTed: body, headers, timeout cut to its deadline (DeadlineExceeded
         when none is left), and how its answers are classified."""
         headers = {"Accept": "application/json"}
@@ -224,6 +293,40 @@ class _Request:
         prompt, fmt = response_format(mode, self.output, self.system)
         return {"model": self.model, "messages": [{"role": "system", "content": prompt}, *self.messages],
                 "response_format": fmt, "temperature": 0}
+
+
+@dataclass
+class _TurnRequest:
+    """One turn of a tool loop to ask: the conversation, the tools offered, how to answer."""
+
+    model: str
+    system: str
+    messages: list[Message]
+    tools: Sequence[ToolDef]
+    label: str
+    until: float | None
+
+    def body(self, mode: str) -> dict[str, Any]:
+        """The request body in the OpenAI wire format (``tools``, ``tool_calls``, ``role: tool``)."""
+        body: dict[str, Any] = {"model": self.model, "temperature": 0,
+                                "messages": [{"role": "system", "content": self.system},
+                                             *(wire_message(m) for m in self.messages)]}
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                               "parameters": t.parameters}} for t in self.tools]
+        return body
+
+
+def wire_message(message: Message) -> dict[str, Any]:
+    """A message of a tool loop's conversation as the OpenAI chat-completions API takes it."""
+    if message["role"] == "tool":
+        return {"role": "tool", "tool_call_id": message["id"], "content": message["content"]}
+    if message["role"] == "assistant" and message.get("calls"):
+        return {"role": "assistant", "content": message.get("content"),
+                "tool_calls": [{"id": c["id"], "type": "function",
+                                "function": {"name": c["name"], "arguments": c["arguments"]}}
+                               for c in message["calls"]]}
+    return {"role": message["role"], "content": message.get("content") or ""}
 
 
 @dataclass

@@ -3,19 +3,22 @@ speaks it (MESH_MODEL_URL as the SDK's ``base_url``).
 
 Answers are asked for as structured output, as :mod:`.openai` asks: the output model's JSON schema
 as ``response_format`` (``json_schema``), or with MESH_MODEL_STRUCTURED=json_object the schema in
-the system prompt. The token counts are the response's ``usage``. What the SDKs share (retries off,
-failures mapped to the mesh's classes, repairs, metering) is :mod:`.sdk`.
+the system prompt. The token counts are the response's ``usage``. A tool loop's turn
+(``ctx.model.run``) offers the tools as ``tools`` and reads the ``tool_calls`` asked for. What the
+SDKs share (retries off, failures mapped to the mesh's classes, repairs, metering) is :mod:`.sdk`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
 from mesh.contracts import InvalidOutput
 
-from .openai import response_format
+from ..tool_loop import Message, ModelTurn, ToolDef, ToolRequest
+from .openai import response_format, wire_message
 from .sdk import Answer, SDKProvider
 
 
@@ -35,6 +38,27 @@ class OpenAISDKProvider(SDKProvider):
         return client.chat.completions.create(
             model=model, messages=[{"role": "system", "content": prompt}, *messages], response_format=fmt,
             temperature=0, max_completion_tokens=self._settings.model_max_tokens, timeout=timeout)
+
+    def _send_turn(self, client: Any, model: str, system: str, messages: list[Message], tools: Sequence[ToolDef],
+                   timeout: float) -> Any:
+        offered = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                     "parameters": t.parameters}} for t in tools]
+        return client.chat.completions.create(
+            model=model, messages=[{"role": "system", "content": system}, *(wire_message(m) for m in messages)],
+            temperature=0, max_completion_tokens=self._settings.model_max_tokens, timeout=timeout,
+            **({"tools": offered} if offered else {}))
+
+    def _read_turn(self, response: Any, label: str) -> ModelTurn:
+        usage = getattr(response, "usage", None)
+        try:
+            message = response.choices[0].message
+        except (AttributeError, LookupError, TypeError) as exc:
+            raise InvalidOutput(f"{self.dependency} sent no chat completion", agent=label) from exc
+        calls = tuple(ToolRequest(str(c.id), str(c.function.name), str(c.function.arguments or "{}"))
+                      for c in getattr(message, "tool_calls", None) or ())
+        content = getattr(message, "content", None)
+        return ModelTurn(content if isinstance(content, str) else None, calls,
+                         _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"))
 
     def _read(self, response: Any, label: str) -> Answer:
         usage = getattr(response, "usage", None)

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from mesh.contracts import (
     Plan,
 )
 
+from ..tool_loop import Message, ModelTurn, ToolDef, answer_prompt
 from ..tools.http import host_port
 from .meter import Call, Meter
 from .openai import PLAN_PROMPT, RESEARCH_PROMPT, parsed
@@ -117,7 +118,52 @@ class SDKProvider:
         """The answer's text and token counts; InvalidOutput when the response holds no answer."""
         raise NotImplementedError
 
+    def _send_turn(self, client: Any, model: str, system: str, messages: list[Message], tools: Sequence[ToolDef],
+                   timeout: float) -> Any:
+        """One turn of a tool loop through ``client``: the conversation in the vendor's format, the tools
+        offered (for the async client: an awaitable)."""
+        raise NotImplementedError
+
+    def _read_turn(self, response: Any, label: str) -> ModelTurn:
+        """The tool calls the response asks for, or its final text, and its token counts."""
+        raise NotImplementedError
+
     # -- the provider ---------------------------------------------------------------------------
+
+    def turn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+             system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """One turn of a tool loop (:mod:`mesh.agents.tool_loop`) through the SDK: metered, through
+        the endpoint's breaker, cut to the deadline, its failure as the mesh's class."""
+        label, until = _where(output, None, None)
+        prompt = answer_prompt(system, output)
+        with self._meter.call(self._model(model)) as call:
+            call.turn = turn
+            self._meter.admit()
+            timeout = self._timeout(until)
+            response = self._guarded(lambda: self._mapped(
+                lambda: self._send_turn(self._client, call.model, prompt, messages, tools, timeout), timeout))
+            return self._turned(call, response, label)
+
+    async def aturn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+                    system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """:meth:`turn` through the SDK's async client of the running loop."""
+        label, until = _where(output, None, None)
+        prompt = answer_prompt(system, output)
+        with self._meter.call(self._model(model)) as call:
+            call.turn = turn
+            self._meter.admit()
+            timeout = self._timeout(until)
+            client = self._aclient()
+            response = await self._aguarded(lambda: self._amapped(
+                self._send_turn(client, call.model, prompt, messages, tools, timeout), timeout))
+            return self._turned(call, response, label)
+
+    def _turned(self, call: Call, response: Any, label: str) -> ModelTurn:
+        turned = self._read_turn(response, label)
+        self._meter.charge(call, turned.tokens_in, turned.tokens_out)
+        call.tools = [c.name for c in turned.calls]
+        return turned
+
 
     def close(self) -> None:
         """Close the SDK's synchronous client (the async one closes with its event loop's transports)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 from .clock import TestClock
 from .context import TestContext, ToolCall
 from .inprocess import TestMesh, run_pipeline
-from .model import Prompt, ScriptExhausted, TestModel
+from .model import Prompt, ScriptExhausted, TestModel, calls
 
 __all__ = ["Prompt", "ScriptExhausted", "TestClock", "TestContext", "TestMesh", "TestModel", "ToolCall",
-           "run_pipeline"]
+           "calls", "run_pipeline"]

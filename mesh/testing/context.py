@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import httpx
 import redis
 from pydantic import BaseModel, ValidationError
 
-from mesh.agents import credentials
+from mesh.agents import credentials, tool_loop
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec
-from mesh.agents.context import Context, _classified
+from mesh.agents.context import Context, StepModel, _classified
 from mesh.agents.event_loop import resolve
+from mesh.agents.providers import ModelProvider
 from mesh.agents.tools.allow import Resolver, system_resolver
 from mesh.agents.tools.base import ToolContext
 from mesh.agents.tools.http import GuardedHttp
@@ -73,14 +74,16 @@ class TestContext(Context):
     and ``resolve``. ``deadline_s``: seconds until the deadline on ``clock``."""
 
     __test__ = False  # not a pytest test class
+    _ledger = False  # no effect ledger: a tool loop's recorded call is replayed, not met again
 
     def __init__(self, app: App | None = None, agent: str | Callable[..., Any] | None = None, *,
-                 model: TestModel | None = None, tools: Mapping[ToolRef, Any] | None = None,
+                 model: TestModel | ModelProvider | None = None, tools: Mapping[ToolRef, Any] | None = None,
                  secrets: Mapping[str, str] | None = None, key: str = "test-key", job_id: str = "test-job",
                  trace_id: str = TRACE_ID, step_id: str | None = None, attempt: int = 1, token: int = 1,
                  deadline_s: float = 60.0, clock: TestClock | None = None, http: httpx.Client | None = None,
                  ahttp: httpx.AsyncClient | None = None, resolve: Resolver = system_resolver,
-                 settings: MeshSettings | None = None) -> None:
+                 settings: MeshSettings | None = None, checkpoints: tool_loop.MemoryCheckpoints | None = None,
+                 approve_calls: bool = True) -> None:
         self.app = app
         self.clock = clock or TestClock()
         spec = _agent(app, agent)
@@ -91,7 +94,9 @@ class TestContext(Context):
                             deadline=self.clock.now_s() + deadline_s, attempt=attempt, payload={})
         self.lease = Lease(key=key, claim_key=f"claim:{key}", owner="test", token=token, envelope=self.env.model_dump())
         self._effects = None
-        self._model = model or TestModel()
+        self._model: TestModel | ModelProvider = model or TestModel()
+        if isinstance(self._model, TestModel):
+            self._model.context = self  # its ``run`` is this context's tool loop
         self._fakes = {_tool_name(app, t): fake for t, fake in (tools or {}).items()}
         self._secrets = dict(secrets or {})
         self._settings = settings or MeshSettings(namespace="mesh-testing")
@@ -103,6 +108,13 @@ class TestContext(Context):
         self.progress_notes: list[str] = []
         #: Every tool call, in order: ``(tool, args, result)``; ``result`` is the exception when it raised.
         self.calls: list[ToolCall] = []
+        #: A tool loop's turns and calls (``ctx.model.run``): shared with another TestContext, its loop
+        #: resumes from them as a redelivered step's does.
+        self.checkpoints = checkpoints if checkpoints is not None else tool_loop.MemoryCheckpoints()
+        #: What a tool loop did without a call, in order: ``tool_replayed``, ``tool_refused``, ``approval``.
+        self.loop_events: list[dict[str, Any]] = []
+        #: Whether a tool loop's destructive calls are approved (False: CallNeedsApproval, as a step waits).
+        self.approve_calls = approve_calls
 
     def __repr__(self) -> str:
         return f"TestContext(agent={self.spec.name!r}, key={self.key!r}, job_id={self.job_id!r})"
@@ -117,9 +129,33 @@ class TestContext(Context):
         self.lease.cancelled = value
 
     @property
-    def model(self) -> TestModel:
-        """The test's model (a :class:`~mesh.testing.TestModel`)."""
-        return self._model
+    def model(self) -> Any:
+        """The test's model: its :class:`~mesh.testing.TestModel` itself, or the provider it gave
+        (``LocalProvider()``, an ``OpenAIProvider`` on a loopback server) whose ``run`` (a tool loop)
+        calls tools through this context's ``call``."""
+        return self._model if isinstance(self._model, TestModel) else StepModel(self._model, None, self)
+
+    def _loop_tools(self, tools: Sequence[Tool[Any, Any] | str] | None) -> list[ToolSpec]:
+        if self.app is None:
+            raise ConfigError("ctx.model.run offers the app's declared tools: TestContext(app, agent)")
+        declared = list(self.spec.tools) if self._agent_given else list(self.app.tools)
+        return [self.app.tools[name] for name in tool_loop.offered(declared, tools, self.spec.name)]
+
+    def _checkpoints(self) -> tool_loop.Checkpoints:
+        """The tool loop's checkpoints, in :attr:`checkpoints` (give one to resume a loop)."""
+        return self.checkpoints
+
+    def _loop_event(self, kind: str, **fields: Any) -> None:
+        self.loop_events.append({"event": kind, **fields})
+
+    def _approve(self, spec: ToolSpec, args: BaseModel) -> None:
+        """A destructive call of a tool loop: approved when ``approve_calls`` (recorded in
+        ``loop_events`` as ``approval``), else CallNeedsApproval, as a worker parks the step."""
+        call = {"tool": spec.name, "args": args.model_dump(mode="json", by_alias=True)}
+        if not self.approve_calls:
+            raise tool_loop.CallNeedsApproval(f"{spec.name} is destructive: its call waits for a person's approval",
+                                              call=call, hash="")
+        self.loop_events.append({"event": "approval", **call})
 
     @property
     def http(self) -> GuardedHttp:
@@ -189,7 +225,8 @@ class TestContext(Context):
         if self._http is None:
             self._http = httpx.Client()
         settings = self._settings
-        return ToolContext(key=self.key, job_id=self.job_id, trace_id=self.trace_id, fencing_token=self.token,
+        return ToolContext(key=self._call_key or self.key, job_id=self.job_id, trace_id=self.trace_id,
+                           fencing_token=self.token,
                            settings=settings, redis=self._redis,
                            keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,

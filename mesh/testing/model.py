@@ -5,6 +5,7 @@ counts tokens, and fails on demand with the mesh's failure classes.
     model = TestModel([Route(queue="billing", confidence=0.9), Summary(summary="...")])  # in order
     model = TestModel(lambda p: Summary(summary=p.prompt[:40]))              # a function of the prompt
     model = TestModel(fail=["rate_limited", Brownout("down", dependency="model")])  # the next calls fail
+    model = TestModel({Answer: [calls(("lookup", {"id": "A1"})), {"text": "..."}]})  # a tool loop's turns
 
 An output model nothing scripts gets the local provider's synthetic answer (valid, deterministic).
 """
@@ -20,12 +21,15 @@ from typing import Any, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
 
+from mesh.agents import tool_loop
 from mesh.agents.providers.local import LocalProvider
 from mesh.agents.providers.meter import Meter
 from mesh.agents.providers.synthetic import synthesize
+from mesh.agents.tool_loop import Message, ModelTurn, ToolDef, ToolRequest
 from mesh.contracts import (
     Brownout,
     BudgetExceeded,
+    ConfigError,
     DependencyTimeout,
     FailureClass,
     Findings,
@@ -49,7 +53,7 @@ class Prompt:
     model: str | None
 
 
-Answer = Union[BaseModel, Mapping[str, Any]]  # noqa: UP007  (a runtime alias: the | of a Mapping alias fails)
+Answer = Union[BaseModel, Mapping[str, Any], ModelTurn]  # noqa: UP007  (a runtime alias: the | of a Mapping alias fails)
 #: What a TestModel answers with: per output model a list (taken in order), one list for every call
 #: in order, or a function of the :class:`Prompt`.
 Script = Union[Mapping[type[BaseModel], Sequence[Answer]], Sequence[Answer], Callable[[Prompt], Answer]]  # noqa: UP007
@@ -86,6 +90,8 @@ class TestModel:
         self._taken: dict[Any, int] = {}
         self._lock = threading.Lock()
         self._local = LocalProvider()
+        #: The TestContext this model was last given to: whose ``call`` its :meth:`run` uses.
+        self.context: Any = None
 
     @property
     def tokens(self) -> int:
@@ -128,6 +134,49 @@ class TestModel:
                                      "its answer is not used", used=used, budget=self.token_budget)
             return answer
 
+    def turn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+             system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """One turn of a tool loop (``ctx.model.run``): the next scripted answer for ``output``, which
+        is either tool calls (:func:`~mesh.testing.calls`) or the final answer. Its prompt is the
+        turn's last message (the user's prompt, or the last tool result)."""
+        asked = Prompt(str(messages[-1].get("content") or "") if messages else "", system, output, model)
+        with self.meter.call(model or self.name) as metered:
+            metered.turn = turn
+            self.meter.admit()
+            with self._lock:
+                self.prompts.append(asked)
+                if self._fail:
+                    raise self._fail.popleft()
+                raw = self._next(asked)
+            if isinstance(raw, ModelTurn):
+                answer, text = raw, " ".join(c.arguments for c in raw.calls)
+                metered.tools = [c.name for c in raw.calls]
+            else:
+                text = json.dumps(_validated(output, raw).model_dump(mode="json"))
+                answer = ModelTurn(text)
+            spent_in = sum(len(str(m.get("content") or "").split()) for m in messages) + len((system or "").split())
+            with self._lock:
+                self.tokens_in += spent_in
+                self.tokens_out += len(text.split())
+            self.meter.charge(metered, spent_in, len(text.split()))
+            return answer
+
+    async def aturn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
+                    system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
+        """:meth:`turn`, awaitable."""
+        return self.turn(messages, tools, output, system=system, model=model, turn=turn)
+
+    def run(self, prompt: str, *, output: type[M], tools: Sequence[Any] | None = None, max_turns: int = 10,
+            system: str | None = None, model: str | None = None) -> M:
+        """``ctx.model.run`` of the :class:`~mesh.testing.TestContext` made with this model: the tool
+        loop, its turns scripted, its calls through that context's ``call``."""
+        context = self.context
+        if context is None:
+            raise ConfigError("TestModel.run is ctx.model.run of a TestContext: give the model to one "
+                              "(TestContext(app, agent, model=model))")
+        return tool_loop.run(context, self, lambda spec, args: context.call(spec.name, args), prompt, tools=tools,
+                             output=output, max_turns=max_turns, system=system, model=model)
+
     def plan(self, goal: str, *, timeout_s: float | None = None) -> Plan:
         """A scripted ``Plan`` when the script has one, else the local provider's plan."""
         return self.complete(goal, Plan) if self._scripts(Plan) else self._local.plan(goal)
@@ -159,6 +208,14 @@ class TestModel:
                                   f"(prompt: {asked.prompt[:80]!r})")
         self._taken[slot] = n + 1
         return answers[n]
+
+
+def calls(*asked: tuple[str, Mapping[str, Any] | str]) -> ModelTurn:
+    """A scripted tool-loop turn asking for tool calls, each ``(tool, args)`` (a str is the args' JSON
+    text as a model sent it, broken or not): ``TestModel({Answer: [calls(("lookup", {...})), {...}]})``."""
+    made = tuple(ToolRequest(f"test-call-{n}", name, args if isinstance(args, str) else json.dumps(dict(args)))
+                 for n, (name, args) in enumerate(asked, 1))
+    return ModelTurn(None, made)
 
 
 def failure(given: Failure, dependency: str = "model") -> BaseException:

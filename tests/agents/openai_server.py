@@ -140,3 +140,29 @@ class FakeOpenAI:
                     pass  # the client gave up (e.g. it timed out) before the answer was ready
 
         return Handler
+
+
+def tool_calls(*calls: tuple[str, dict[str, Any] | str], model: str = "fake-model",
+               usage: tuple[int, int] | None = None, turn: int = 1) -> dict[str, Any]:
+    """A chat-completions response body asking for tool calls, each ``(name, args)`` (a str is sent as
+    the arguments' text as it is: a model's broken JSON)."""
+    asked = [{"id": f"call_{turn}_{n}", "type": "function",
+              "function": {"name": name, "arguments": args if isinstance(args, str) else json.dumps(args)}}
+             for n, (name, args) in enumerate(calls, 1)]
+    body = completion("", model=model, usage=usage)
+    body["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": asked}
+    body["choices"][0]["finish_reason"] = "tool_calls"
+    return body
+
+
+def turns(script: list[dict[str, Any]]) -> Responder:
+    """A responder playing ``script``: the answer to turn N is ``script[N-1]`` (the turn counted from the
+    assistant messages the request carries), so a resumed conversation gets the turn it is at."""
+
+    def respond(request: dict[str, Any]) -> Reply:
+        n = sum(1 for m in request.get("messages") or [] if m.get("role") == "assistant")
+        if n >= len(script):
+            return 500, {"error": {"message": f"the script has no turn {n + 1}"}}, {}
+        return 200, script[n], {}
+
+    return respond
