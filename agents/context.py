@@ -108,6 +108,8 @@ class Context:
     _ledger = True
     #: The key a tool loop's call gives its tool (``<key>/turn-3/call-1``); None: the message's key.
     _call_key: str | None = field(init=False, default=None)
+    #: How many tool loops (``ctx.model.run``) this attempt started (:mod:`mesh.agents.tool_loop`).
+    _loops: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._tool_ctx = self._tool_context(None)

@@ -167,6 +167,8 @@ class LoopHost(Protocol):
     _ledger: bool
     #: The key the tool of the call being made is given (None: the message's key).
     _call_key: str | None
+    #: How many tool loops this attempt started: the second and later keep their checkpoints apart.
+    _loops: int
 
     def deadline_left_s(self) -> float: ...
 
@@ -197,10 +199,12 @@ class Call:
     spec: ToolSpec
     args: BaseModel
     recorded: str | None = None
+    #: The loop's own part of the labels ("" for a step's first loop, ``run-2/`` for its second).
+    run: str = ""
 
     @property
     def label(self) -> str:
-        return f"turn-{self.turn}/call-{self.n}"
+        return f"{self.run}turn-{self.turn}/call-{self.n}"
 
 
 class Loop:
@@ -212,6 +216,11 @@ class Loop:
         if max_turns < 1:
             raise ConfigError(f"max_turns must be at least 1, not {max_turns}")
         self.host, self.output, self.max_turns = host, output, max_turns
+        # A step may run several loops, each its own conversation: the first keeps the plain labels
+        # (turn-3/call-1), a later one its own (run-2/turn-3/call-1), so none replays another's turns
+        # or gives its calls another's keys. The same handler numbers its loops the same on a re-run.
+        host._loops += 1
+        self.run = "" if host._loops == 1 else f"run-{host._loops}/"
         self.specs = {s.name: s for s in specs}
         self.defs = [ToolDef(s.name, s.description, s.args) for s in specs]
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
@@ -237,7 +246,7 @@ class Loop:
             if self.turn > self.max_turns:
                 raise InvalidOutput(f"the model used its {self.max_turns} turn(s) (max_turns) without a final "
                                     f"answer; last tools asked: {self._last_asked()}", max_turns=self.max_turns)
-            recorded = self.recorded.get(f"turn-{self.turn}")
+            recorded = self.recorded.get(f"{self.run}turn-{self.turn}")
             if recorded is not None:
                 self._take(ModelTurn.from_json(recorded))
                 continue
@@ -248,8 +257,9 @@ class Loop:
 
     def answered(self, turn: ModelTurn) -> None:
         """The model answered turn :attr:`turn`: checkpoint it (a turn already there wins), then take it."""
-        value = {"key": f"{self.host.key}/turn-{self.turn}", **turn.to_json()}
-        self._take(ModelTurn.from_json(self.checkpoints.put(f"turn-{self.turn}", value)))
+        label = f"{self.run}turn-{self.turn}"
+        value = {"key": f"{self.host.key}/{label}", **turn.to_json()}
+        self._take(ModelTurn.from_json(self.checkpoints.put(label, value)))
 
     def called(self, need: Call, result: Any) -> None:
         """Call ``need`` returned ``result``: checkpoint what the model is given, and give it."""
@@ -293,7 +303,7 @@ class Loop:
             problem = _problem(exc) if isinstance(exc, ValidationError) else f"not JSON: {exc}"
             self._invented(n, request, f"invalid arguments for {spec.name}: {problem}")
             return None
-        need = Call(self.turn, n, request, spec, args)
+        need = Call(self.turn, n, request, spec, args, run=self.run)
         recorded = self.recorded.get(need.label)
         if recorded is None:
             if spec.destructive:  # CallNeedsApproval until a person approved exactly this call
@@ -301,13 +311,13 @@ class Loop:
             return need
         self.host._loop_event("tool_replayed", call=need.label, tool=spec.name, effect=spec.effect)
         if spec.effect and self.host._ledger:  # met again in the ledger: it answers from its record, not made
-            return Call(self.turn, n, request, spec, args, recorded=str(recorded["content"]))
+            return Call(self.turn, n, request, spec, args, recorded=str(recorded["content"]), run=self.run)
         self._reply(request, str(recorded["content"]))
         return None
 
     def _invented(self, n: int, request: ToolRequest, problem: str) -> None:
         self.mistakes += 1
-        self.host._loop_event("tool_refused", call=f"turn-{self.turn}/call-{n}",
+        self.host._loop_event("tool_refused", call=f"{self.run}turn-{self.turn}/call-{n}",
                               tool=request.name, reason=problem)
         if self.mistakes > self.mistakes_allowed:
             raise InvalidOutput(f"the model kept asking for calls it cannot make ({self.mistakes} in this loop); "
