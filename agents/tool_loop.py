@@ -299,7 +299,7 @@ class Loop:
             return None
         try:
             args = spec.args.model_validate(json.loads(request.arguments or "{}"))
-        except ValueError as exc:  # not JSON, or a ValidationError
+        except (ValueError, RecursionError) as exc:  # not JSON (or nested past the parser), or a ValidationError
             problem = _problem(exc) if isinstance(exc, ValidationError) else f"not JSON: {exc}"
             self._invented(n, request, f"invalid arguments for {spec.name}: {problem}")
             return None
@@ -417,7 +417,7 @@ def _text(result: Any) -> str:
 def _parsed(content: str, output: type[M]) -> tuple[M | None, str]:
     try:
         data = json.loads(content)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return None, f"not JSON: {exc}"
     try:
         return output.model_validate(data), ""

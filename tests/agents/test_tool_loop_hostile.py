@@ -5,8 +5,11 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from mesh import App, Context
+from mesh.agents.providers.openai import OpenAIProvider
 from mesh.agents.tools.base import ToolContext
+from mesh.broker.settings import MeshSettings
 from mesh.testing import TestContext, TestModel, calls
+from tests.agents.openai_server import FakeOpenAI, completion, turns
 
 
 class Order(BaseModel):
@@ -46,3 +49,19 @@ def test_two_loops_of_one_step_keep_their_own_checkpoints_and_keys() -> None:
     # and its call has a key of its own (an Idempotency-Key the first loop's call does not share)
     assert [c.result for c in ctx.calls] == ["job-1/twice/turn-1/call-1", "job-1/twice/run-2/turn-1/call-1"]
 
+
+def test_args_nested_too_deep_to_parse_are_answered_to_the_model_as_an_error() -> None:
+    deep = '{"order_id": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    model = TestModel({Verdict: [calls(("whose", deep)), {"ok": False}]})
+    ctx = TestContext(hostile, twice, model=model)
+    assert ctx.model.run("check", output=Verdict) == Verdict(ok=False)
+    assert ctx.calls == []
+    assert model.prompts[1].prompt.startswith("error: invalid arguments for whose: not JSON:")
+
+
+def test_a_final_answer_nested_too_deep_to_parse_is_sent_back_as_invalid() -> None:
+    with FakeOpenAI(turns([completion("[" * 200_000), completion('{"ok": true}')])) as api:
+        model = OpenAIProvider(MeshSettings(model_provider="openai", model_url=api.url, model_name="m"))
+        ctx = TestContext(hostile, twice, model=model)
+        assert ctx.model.run("check", output=Verdict) == Verdict(ok=True)
+    assert api.requests[1]["json"]["messages"][-1]["content"].startswith("Your answer is invalid: not JSON:")
