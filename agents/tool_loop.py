@@ -33,6 +33,7 @@ starts the conversation over, its effectful calls still answered by the ledger.
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ M = TypeVar("M", bound=BaseModel)
 RESULT_LIMIT = 16_000
 #: Invented calls answered to the model as errors before the step ends ``invalid_output``.
 MISTAKES = 2
+#: What a tool's name may hold as the model APIs take it (OpenAI's and Anthropic's tool names).
+WIRE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 #: Invalid final answers sent back with their errors before the step ends ``invalid_output``.
 REPAIRS = 2
 
@@ -221,8 +224,10 @@ class Loop:
         # or gives its calls another's keys. The same handler numbers its loops the same on a re-run.
         host._loops += 1
         self.run = "" if host._loops == 1 else f"run-{host._loops}/"
-        self.specs = {s.name: s for s in specs}
-        self.defs = [ToolDef(s.name, s.description, s.args) for s in specs]
+        wire = wire_names([s.name for s in specs])
+        self.specs = {wire[s.name]: s for s in specs}
+        self.declared = {s.name: s for s in specs}
+        self.defs = [ToolDef(wire[s.name], s.description, s.args) for s in specs]
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
         self.checkpoints = host._checkpoints()
         self.recorded = self.checkpoints.load()
@@ -293,7 +298,7 @@ class Loop:
     def _call(self, n: int, request: ToolRequest) -> Call | None:
         """Call ``n`` of this turn as ``ctx.call`` makes it; None when answered here (an invented call
         answered as an error, a recorded call of a tool without effect replayed)."""
-        spec = self.specs.get(request.name)
+        spec = self.specs.get(request.name) or self.declared.get(request.name)
         if spec is None:
             self._invented(n, request, f"there is no tool {request.name!r}; the tools are {sorted(self.specs)}")
             return None
@@ -330,6 +335,21 @@ class Loop:
     def _last_asked(self) -> list[str]:
         last = next((m for m in reversed(self.messages) if m["role"] == "assistant"), None)
         return [c["name"] for c in last["calls"]] if last else []
+
+
+def wire_names(names: Sequence[str]) -> dict[str, str]:
+    """Each tool's name as the model is shown it, by declared name: letters, digits, ``_`` and ``-``,
+    at most 64 characters, as the OpenAI and Anthropic APIs require (an MCP tool's ``github.search``
+    is ``github_search``); a name another tool took already gets a ``-2`` (``-3``, ...) suffix."""
+    wire: dict[str, str] = {}
+    for name in names:
+        base = WIRE_NAME.sub("_", name)[:64]
+        candidate, n = base, 1
+        while candidate in wire.values():
+            n += 1
+            candidate = f"{base[:60]}-{n}"
+        wire[name] = candidate
+    return wire
 
 
 def tool_calling(provider: Any) -> ToolCalling:

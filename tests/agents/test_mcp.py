@@ -8,6 +8,7 @@ registrations (refused, then ``mesh tools accept``)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -388,3 +389,42 @@ def test_args_are_checked_against_the_schema_the_server_presented() -> None:
             args.model_validate({"a": "x"})
         except ValidationError as exc:
             raise ContractError(str(exc)) from None
+
+
+# -- offered to the model (ctx.model.run) ------------------------------------------------------------
+
+#: What the OpenAI and Anthropic APIs accept as a tool's name: a name with a "." is refused (400).
+WIRE_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def test_a_model_loop_offers_an_mcp_tool_under_a_name_the_model_apis_accept_and_calls_it(
+        settings: MeshSettings, secret: str, tmp_path: Path, closing: Callable[[McpServer], McpServer]) -> None:
+    from mesh.agents.providers.openai import OpenAIProvider
+    from mesh.testing import TestContext
+    from tests.agents.openai_server import FakeOpenAI, completion, tool_calls, turns
+
+    log = tmp_path / "calls.jsonl"
+    app, server = build(log)
+    closing(server)
+
+    @app.agent(tools=["demo.add"])
+    def adder(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("What is 2 + 3?", output=Answer)
+
+    script = turns([tool_calls(("demo_add", {"a": 2, "b": 3})), completion(json.dumps({"key": "done"}))])
+
+    def api(request: dict[str, Any]) -> Any:
+        names = [t["function"]["name"] for t in request.get("tools") or []]
+        bad = [n for n in names if not WIRE_NAME.match(n)]
+        if bad:  # as the OpenAI API answers it
+            return 400, {"error": {"message": f"Invalid 'tools[0].function.name': {bad[0]!r} does not match "
+                                              "pattern '^[a-zA-Z0-9_-]+$'", "type": "invalid_request_error"}}, {}
+        return script(request)
+
+    with FakeOpenAI(api) as model_api:
+        model = OpenAIProvider(MeshSettings(model_provider="openai", model_url=model_api.url, model_name="m"))
+        ctx = TestContext(app, adder, model=model, settings=settings, secrets={"MCP_TEST_TOKEN": secret})
+        assert adder(ctx, Call(tool="-")) == Answer(key="done")
+    assert [t["function"]["name"] for t in model_api.requests[0]["json"]["tools"]] == ["demo_add"]
+    assert [(c["tool"], c["args"]) for c in seen(log)] == [("add", {"a": 2, "b": 3})]
+    assert [c.tool for c in ctx.calls] == ["demo.add"]
