@@ -294,7 +294,7 @@ class Context:
         outcome: dict[str, Any] = {}
         try:
             if spec.mint is not None:  # a fresh credential for each call, each attempt: never one kept
-                tool_ctx = dataclasses.replace(tool_ctx, minted=credentials.mint(spec, args, tool_ctx, self.env))
+                tool_ctx = dataclasses.replace(tool_ctx, minted=self._mint(spec, args, tool_ctx))
             if spec.dependency is None:
                 result = resolve(spec.run(tool_ctx, args))
             else:
@@ -316,6 +316,15 @@ class Context:
             if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
                 self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started,
                                        token=self.lease.token, **outcome)
+
+    def _mint(self, spec: ToolSpec, args: BaseModel, tool_ctx: ToolContext) -> credentials.Credential:
+        """A credential for this call of ``spec``. Stopped by the time limit while minting, the tool
+        was not called: a timeout whose effect is known not to have happened (the ledger says failed)."""
+        try:
+            return credentials.mint(spec, args, tool_ctx, self.env)
+        except TimeLimitExceeded as exc:
+            raise DependencyTimeout(f"{spec.name}: its credential minter was still running at the time limit; "
+                                    "not called", tool=spec.name, effect_unknown=False) from exc
 
     def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext:
         """What ``spec`` is given (None: the handler's own ``ctx.http``): its secrets and allowlist."""
