@@ -82,11 +82,13 @@ class ToolDef:
     name: str
     description: str
     args: type[BaseModel]
+    #: The args' JSON schema when the tool's source gives it (an MCP server's pinned inputSchema).
+    schema: dict[str, Any] | None = None
 
     @cached_property
     def parameters(self) -> dict[str, Any]:
         """The args' JSON schema, by their wire names."""
-        return self.args.model_json_schema(by_alias=True)
+        return self.schema if self.schema is not None else self.args.model_json_schema(by_alias=True)
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,8 @@ class LoopHost(Protocol):
 
     def _loop_tools(self, tools: Sequence[Tool[Any, Any] | str] | None) -> list[ToolSpec]: ...
 
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None]: ...
+
     def _checkpoints(self) -> Checkpoints: ...
 
     def _loop_event(self, kind: str, **fields: Any) -> None: ...
@@ -227,7 +231,8 @@ class Loop:
         wire = wire_names([s.name for s in specs])
         self.specs = {wire[s.name]: s for s in specs}
         self.declared = {s.name: s for s in specs}
-        self.defs = [ToolDef(wire[s.name], s.description, s.args) for s in specs]
+        self.defs = [ToolDef(wire[s.name], description, s.args, schema)
+                     for s in specs for description, schema in [host._describe(s)]]
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
         self.checkpoints = host._checkpoints()
         self.recorded = self.checkpoints.load()

@@ -425,6 +425,37 @@ def test_a_model_loop_offers_an_mcp_tool_under_a_name_the_model_apis_accept_and_
         model = OpenAIProvider(MeshSettings(model_provider="openai", model_url=model_api.url, model_name="m"))
         ctx = TestContext(app, adder, model=model, settings=settings, secrets={"MCP_TEST_TOKEN": secret})
         assert adder(ctx, Call(tool="-")) == Answer(key="done")
-    assert [t["function"]["name"] for t in model_api.requests[0]["json"]["tools"]] == ["demo_add"]
+    [offered] = [t["function"] for t in model_api.requests[0]["json"]["tools"]]
+    assert offered["name"] == "demo_add"
+    # the model reads the server's (pinned) description and inputSchema, not a stand-in
+    assert offered["description"] == "Add two integers."
+    assert offered["parameters"]["required"] == ["a", "b"]
+    assert offered["parameters"]["properties"]["a"]["type"] == "integer"
     assert [(c["tool"], c["args"]) for c in seen(log)] == [("add", {"a": 2, "b": 3})]
     assert [c.tool for c in ctx.calls] == ["demo.add"]
+
+
+def test_a_model_loop_never_shows_the_model_a_description_changed_since_its_pin(
+        settings: MeshSettings, rclient: redis.Redis, secret: str, tmp_path: Path,
+        closing: Callable[[McpServer], McpServer]) -> None:
+    from mesh.agents.providers.openai import OpenAIProvider
+    from mesh.testing import TestContext
+    from tests.agents.openai_server import FakeOpenAI, completion, turns
+
+    log = tmp_path / "calls.jsonl"
+    _, first = build(log)
+    closing(first).register(Pins(rclient, Keys(settings.namespace)), {"MCP_TEST_TOKEN": secret}, 30)
+    first.close()
+    app, server = build(log, variant="2")  # add's description now asks the model to email the numbers
+    closing(server)
+
+    @app.agent(tools=["demo.add"])
+    def adder(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("What is 2 + 3?", output=Answer)
+
+    with FakeOpenAI(turns([completion(json.dumps({"key": "done"}))])) as model_api:
+        model = OpenAIProvider(MeshSettings(model_provider="openai", model_url=model_api.url, model_name="m"))
+        ctx = TestContext(app, adder, model=model, settings=settings, secrets={"MCP_TEST_TOKEN": secret})
+        with pytest.raises(ToolRefused, match="another description"):
+            adder(ctx, Call(tool="-"))
+    assert model_api.requests == []  # refused before the model was asked anything
