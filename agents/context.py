@@ -223,15 +223,17 @@ class Context:
         names = tool_loop.offered(self.spec.tools, tools, self.spec.name)
         return [self.runtime.app.tools[name] for name in names]
 
-    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None]:
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None, bool]:
         """How a tool loop shows ``spec`` to the model: its description and args JSON schema (None:
-        its args model's). An MCP tool's are its server's, once they match its pin (ToolRefused
-        when they changed): the model reads what an operator accepted, nothing else."""
+        its args model's), and whether each call waits for a person's approval. An MCP tool's are its
+        server's, once they match its pin (ToolRefused when they changed): the model reads what an
+        operator accepted, nothing else; one its server says is destructive waits for approval."""
         server, tool = getattr(spec.args, "server", None), getattr(spec.args, "tool", "")
         if server is None:
-            return spec.description, None
-        definition = server.definition(self._tool_context(spec), tool)
-        return definition.description or spec.description, definition.input_schema or None
+            return spec.description, None, spec.destructive
+        definition, destructive = server.definition(self._tool_context(spec), tool)
+        return (definition.description or spec.description, definition.input_schema or None,
+                spec.destructive or destructive)
 
     def _checkpoints(self) -> tool_loop.Checkpoints:
         """Where this step's tool loop keeps its turns and calls (:mod:`mesh.broker.transcript`)."""

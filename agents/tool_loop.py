@@ -179,7 +179,7 @@ class LoopHost(Protocol):
 
     def _loop_tools(self, tools: Sequence[Tool[Any, Any] | str] | None) -> list[ToolSpec]: ...
 
-    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None]: ...
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None, bool]: ...
 
     def _checkpoints(self) -> Checkpoints: ...
 
@@ -231,8 +231,10 @@ class Loop:
         wire = wire_names([s.name for s in specs])
         self.specs = {wire[s.name]: s for s in specs}
         self.declared = {s.name: s for s in specs}
-        self.defs = [ToolDef(wire[s.name], description, s.args, schema)
-                     for s in specs for description, schema in [host._describe(s)]]
+        described = {s.name: host._describe(s) for s in specs}
+        self.defs = [ToolDef(wire[s.name], described[s.name][0], s.args, described[s.name][1]) for s in specs]
+        #: The tools whose calls wait for a person's approval (``destructive=True``, an MCP destructiveHint).
+        self.destructive = {name for name, (_, _, destructive) in described.items() if destructive}
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
         self.checkpoints = host._checkpoints()
         self.recorded = self.checkpoints.load()
@@ -316,7 +318,7 @@ class Loop:
         need = Call(self.turn, n, request, spec, args, run=self.run)
         recorded = self.recorded.get(need.label)
         if recorded is None:
-            if spec.destructive:  # CallNeedsApproval until a person approved exactly this call
+            if spec.name in self.destructive:  # CallNeedsApproval until a person approved exactly this call
                 self.host._approve(spec, args)
             return need
         self.host._loop_event("tool_replayed", call=need.label, tool=spec.name, effect=spec.effect)

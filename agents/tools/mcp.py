@@ -220,12 +220,14 @@ class McpServer:
             raise self._failure(session, tool, exc) from exc
         return self._answer(ctx, tool, result)
 
-    def definition(self, ctx: ToolContext, tool: str) -> Definition:
+    def definition(self, ctx: ToolContext, tool: str) -> tuple[Definition, bool]:
         """``tool`` as its server presents it (a session opened when there is none), checked against
-        its pin: ToolRefused, naming what changed, when it is not the pinned one."""
-        definition = self.presented(self.session(ctx.secrets, ctx.timeout_s(OPEN_TIMEOUT_S)), tool)
+        its pin (ToolRefused, naming what changed, when it is not the pinned one), and whether the
+        server says it is destructive (``destructiveHint``)."""
+        session = self.session(ctx.secrets, ctx.timeout_s(OPEN_TIMEOUT_S))
+        definition = self.presented(session, tool)
         Pins(ctx.redis, ctx.keys).check(self.declared(tool), definition)
-        return definition
+        return definition, tool in session.destructive
 
     def session(self, secrets: Mapping[str, str], timeout_s: float) -> Session:
         """The open session for these secrets, opened now when there is none (or it failed). One

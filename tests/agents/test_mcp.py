@@ -459,3 +459,30 @@ def test_a_model_loop_never_shows_the_model_a_description_changed_since_its_pin(
         with pytest.raises(ToolRefused, match="another description"):
             adder(ctx, Call(tool="-"))
     assert model_api.requests == []  # refused before the model was asked anything
+
+
+def test_a_model_loop_waits_for_approval_of_a_call_of_a_tool_its_server_says_is_destructive(
+        settings: MeshSettings, secret: str, tmp_path: Path, closing: Callable[[McpServer], McpServer]) -> None:
+    from mesh.agents.tool_loop import CallNeedsApproval
+    from mesh.testing import TestContext, TestModel, calls
+
+    log = tmp_path / "calls.jsonl"
+    app = App("mcp-destructive")
+    closing(app.mcp("demo", command=[sys.executable, SERVER], allow=["add", "wipe"], secrets=["MCP_TEST_TOKEN"],
+                    env={"MCP_TEST_TOKEN": "{MCP_TEST_TOKEN}", "MCP_LOG": str(log)}))
+
+    @app.agent(tools=["demo.add", "demo.wipe"])
+    def cleaner(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("Clean up", output=Answer)
+
+    def context(approve: bool) -> TestContext:
+        script = [calls(("demo_add", {"a": 1, "b": 1})), calls(("demo_wipe", {})), {"key": "clean"}]
+        return TestContext(app, cleaner, model=TestModel({Answer: script}), settings=settings, approve_calls=approve,
+                           secrets={"MCP_TEST_TOKEN": secret})
+
+    with pytest.raises(CallNeedsApproval) as asked:  # wipe says destructiveHint: true
+        cleaner(context(False), Call(tool="-"))
+    assert asked.value.call == {"tool": "demo.wipe", "args": {}}
+    assert [c["tool"] for c in seen(log)] == ["add"]  # add (no hint) was made, wipe was not
+    assert cleaner(context(True), Call(tool="-")) == Answer(key="clean")
+    assert [c["tool"] for c in seen(log)] == ["add", "add", "wipe"]
