@@ -32,6 +32,7 @@ starts the conversation over, its effectful calls still answered by the ledger.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import deque
@@ -147,6 +148,8 @@ class Checkpoints(Protocol):
 
     def clear(self) -> None: ...
 
+    def forget(self, fields: Sequence[str]) -> None: ...
+
 
 @dataclass
 class MemoryCheckpoints:
@@ -162,6 +165,10 @@ class MemoryCheckpoints:
 
     def clear(self) -> None:
         self.fields.clear()
+
+    def forget(self, fields: Sequence[str]) -> None:
+        for name in fields:
+            self.fields.pop(name, None)
 
 
 class LoopHost(Protocol):
@@ -238,6 +245,8 @@ class Loop:
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
         self.checkpoints = host._checkpoints()
         self.recorded = self.checkpoints.load()
+        self.prompt = hashlib.sha256(prompt.encode()).hexdigest()
+        self._started_over()
         self.turn = 0
         self.pending: deque[tuple[int, ToolRequest]] = deque()
         self.mistakes, self.mistakes_allowed = 0, mistakes
@@ -271,6 +280,8 @@ class Loop:
         """The model answered turn :attr:`turn`: checkpoint it (a turn already there wins), then take it."""
         label = f"{self.run}turn-{self.turn}"
         value = {"key": f"{self.host.key}/{label}", **turn.to_json()}
+        if self.turn == 1:  # what the conversation answers: a re-run with another prompt starts it over
+            value["prompt"] = self.prompt
         self._take(ModelTurn.from_json(self.checkpoints.put(label, value)))
 
     def called(self, need: Call, result: Any) -> None:
@@ -280,6 +291,20 @@ class Loop:
             value = {"key": f"{self.host.key}/{need.label}", "tool": need.spec.name, "content": content}
             content = str(self.checkpoints.put(need.label, value)["content"])
         self._reply(need.request, content)
+
+    def _started_over(self) -> None:
+        """This loop's checkpoints answer another prompt (the handler changed between attempts, or its
+        prompt is not the same on a re-run): forget them and start the conversation over, as a retry
+        after InvalidOutput does; its effectful calls are still met in the ledger, which refuses one
+        that differs from the call made at its place (EffectUnknown)."""
+        first = self.recorded.get(f"{self.run}turn-1")
+        if first is None or first.get("prompt", self.prompt) == self.prompt:
+            return
+        mine = [f for f in self.recorded if (f.startswith(self.run) if self.run else not f.startswith("run-"))]
+        self.checkpoints.forget(mine)
+        self.recorded = {f: v for f, v in self.recorded.items() if f not in mine}
+        self.host._loop_event("loop_restarted", run=self.run.rstrip("/") or "run-1", forgotten=len(mine),
+                              reason="its checkpoints answer another prompt")
 
     def failed(self) -> None:
         """The loop ended InvalidOutput: a retry of the step starts the conversation over."""

@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 from mesh import App, Context
 from mesh.agents.providers.openai import OpenAIProvider
+from mesh.agents.tool_loop import MemoryCheckpoints
 from mesh.agents.tools.base import ToolContext
 from mesh.broker.settings import MeshSettings
 from mesh.testing import TestContext, TestModel, calls
@@ -65,3 +66,19 @@ def test_a_final_answer_nested_too_deep_to_parse_is_sent_back_as_invalid() -> No
         ctx = TestContext(hostile, twice, model=model)
         assert ctx.model.run("check", output=Verdict) == Verdict(ok=True)
     assert api.requests[1]["json"]["messages"][-1]["content"].startswith("Your answer is invalid: not JSON:")
+
+
+def test_a_rerun_whose_prompt_changed_starts_its_conversation_over_instead_of_replaying_another() -> None:
+    checkpoints = MemoryCheckpoints()
+    first = TestModel({Verdict: [calls(("whose", {"order_id": "a"})), {"ok": True}]})
+    TestContext(hostile, twice, model=first, checkpoints=checkpoints).model.run("Check order a", output=Verdict)
+    again = TestModel({Verdict: [{"ok": False}]})
+    ctx = TestContext(hostile, twice, model=again, checkpoints=checkpoints)
+    # the recorded conversation answers "Check order a": not replayed as the answer to another question
+    assert ctx.model.run("Check order b", output=Verdict) == Verdict(ok=False)
+    assert [p.prompt for p in again.prompts] == ["Check order b"] and ctx.calls == []
+    assert [e["event"] for e in ctx.loop_events] == ["loop_restarted"]
+    assert sorted(checkpoints.fields) == ["turn-1"] and checkpoints.fields["turn-1"]["content"] == '{"ok": false}'
+    # the same prompt again resumes from its checkpoints, the model not asked
+    same = TestContext(hostile, twice, model=TestModel(), checkpoints=checkpoints)
+    assert same.model.run("Check order b", output=Verdict) == Verdict(ok=False)
