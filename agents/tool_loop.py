@@ -27,7 +27,8 @@ model) is answered to the model as an error ``mistakes`` times; one more ends th
 InvalidOutput. A call of a destructive tool (``@app.tool(destructive=True)``) is made only once a
 person approved exactly it (CallNeedsApproval parks the step until then; the approved step runs
 again from its checkpoints). When the loop itself fails (InvalidOutput) its checkpoints are cleared: a retry
-starts the conversation over, its effectful calls still answered by the ledger.
+starts the conversation over, its effectful calls still answered by the ledger (the step's other loops keep
+theirs). A re-run whose prompt changed starts that loop's conversation over too (``loop_restarted``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import hashlib
 import json
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -300,15 +301,20 @@ class Loop:
         first = self.recorded.get(f"{self.run}turn-1")
         if first is None or first.get("prompt", self.prompt) == self.prompt:
             return
-        mine = [f for f in self.recorded if (f.startswith(self.run) if self.run else not f.startswith("run-"))]
+        mine = self._mine(self.recorded)
         self.checkpoints.forget(mine)
         self.recorded = {f: v for f, v in self.recorded.items() if f not in mine}
         self.host._loop_event("loop_restarted", run=self.run.rstrip("/") or "run-1", forgotten=len(mine),
                               reason="its checkpoints answer another prompt")
 
     def failed(self) -> None:
-        """The loop ended InvalidOutput: a retry of the step starts the conversation over."""
-        self.checkpoints.clear()
+        """The loop ended InvalidOutput: a retry of the step starts its conversation over (the step's
+        other loops keep theirs: a retry replays them as they were)."""
+        self.checkpoints.forget(self._mine(self.checkpoints.load()))
+
+    def _mine(self, fields: Iterable[str]) -> list[str]:
+        """Which of ``fields`` are this loop's checkpoints."""
+        return [f for f in fields if (f.startswith(self.run) if self.run else not f.startswith("run-"))]
 
     def _take(self, turn: ModelTurn) -> None:
         self.messages.append({"role": "assistant", "content": turn.content,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from pydantic import BaseModel
 
 from mesh import App, Context
@@ -82,3 +83,15 @@ def test_a_rerun_whose_prompt_changed_starts_its_conversation_over_instead_of_re
     # the same prompt again resumes from its checkpoints, the model not asked
     same = TestContext(hostile, twice, model=TestModel(), checkpoints=checkpoints)
     assert same.model.run("Check order b", output=Verdict) == Verdict(ok=False)
+
+
+def test_a_failed_loop_forgets_its_own_checkpoints_and_keeps_the_earlier_loops() -> None:
+    from mesh.contracts import InvalidOutput
+
+    checkpoints = MemoryCheckpoints()
+    model = TestModel({Verdict: [calls(("whose", {"order_id": "a"})), {"ok": True}],
+                       Summary: ["not json"] * 3})
+    with pytest.raises(InvalidOutput):
+        twice(TestContext(hostile, twice, model=model, checkpoints=checkpoints), Order(order_id="o"))
+    # the retry replays the first loop (its effects and answer as they were) and starts the second over
+    assert sorted(checkpoints.fields) == ["turn-1", "turn-1/call-1", "turn-2"]
