@@ -486,3 +486,19 @@ def test_a_model_loop_waits_for_approval_of_a_call_of_a_tool_its_server_says_is_
     assert [c["tool"] for c in seen(log)] == ["add"]  # add (no hint) was made, wipe was not
     assert cleaner(context(True), Call(tool="-")) == Answer(key="clean")
     assert [c["tool"] for c in seen(log)] == ["add", "add", "wipe"]
+
+
+def test_a_model_loop_over_a_faked_mcp_tool_needs_no_server() -> None:
+    from mesh.testing import TestContext, TestModel, calls
+
+    app = App("mcp-faked")
+    app.mcp("demo", command=["/nonexistent/mcp-server"], allow=["add"])
+
+    @app.agent(tools=["demo.add"])
+    def adder(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("What is 2 + 3?", output=Answer)
+
+    model = TestModel({Answer: [calls(("demo_add", {"a": 2, "b": 3})), {"key": "done"}]})
+    ctx = TestContext(app, adder, model=model, tools={"demo.add": McpResult(structured={"sum": 5})})
+    assert adder(ctx, Call(tool="-")) == Answer(key="done")
+    assert [c.tool for c in ctx.calls] == ["demo.add"]
