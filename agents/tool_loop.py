@@ -27,14 +27,17 @@ model) is answered to the model as an error ``mistakes`` times; one more ends th
 InvalidOutput. A call of a destructive tool (``@app.tool(destructive=True)``) is made only once a
 person approved exactly it (CallNeedsApproval parks the step until then; the approved step runs
 again from its checkpoints). When the loop itself fails (InvalidOutput) its checkpoints are cleared: a retry
-starts the conversation over, its effectful calls still answered by the ledger.
+starts the conversation over, its effectful calls still answered by the ledger (the step's other loops keep
+theirs). A re-run whose prompt changed starts that loop's conversation over too (``loop_restarted``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -54,6 +57,8 @@ M = TypeVar("M", bound=BaseModel)
 RESULT_LIMIT = 16_000
 #: Invented calls answered to the model as errors before the step ends ``invalid_output``.
 MISTAKES = 2
+#: What a tool's name may hold as the model APIs take it (OpenAI's and Anthropic's tool names).
+WIRE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 #: Invalid final answers sent back with their errors before the step ends ``invalid_output``.
 REPAIRS = 2
 
@@ -79,11 +84,13 @@ class ToolDef:
     name: str
     description: str
     args: type[BaseModel]
+    #: The args' JSON schema when the tool's source gives it (an MCP server's pinned inputSchema).
+    schema: dict[str, Any] | None = None
 
     @cached_property
     def parameters(self) -> dict[str, Any]:
         """The args' JSON schema, by their wire names."""
-        return self.args.model_json_schema(by_alias=True)
+        return self.schema if self.schema is not None else self.args.model_json_schema(by_alias=True)
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,8 @@ class Checkpoints(Protocol):
 
     def clear(self) -> None: ...
 
+    def forget(self, fields: Sequence[str]) -> None: ...
+
 
 @dataclass
 class MemoryCheckpoints:
@@ -158,6 +167,10 @@ class MemoryCheckpoints:
     def clear(self) -> None:
         self.fields.clear()
 
+    def forget(self, fields: Sequence[str]) -> None:
+        for name in fields:
+            self.fields.pop(name, None)
+
 
 class LoopHost(Protocol):
     """What the loop needs of the step's context (:class:`~mesh.agents.context.Context`)."""
@@ -167,10 +180,14 @@ class LoopHost(Protocol):
     _ledger: bool
     #: The key the tool of the call being made is given (None: the message's key).
     _call_key: str | None
+    #: How many tool loops this attempt started: the second and later keep their checkpoints apart.
+    _loops: int
 
     def deadline_left_s(self) -> float: ...
 
     def _loop_tools(self, tools: Sequence[Tool[Any, Any] | str] | None) -> list[ToolSpec]: ...
+
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None, bool]: ...
 
     def _checkpoints(self) -> Checkpoints: ...
 
@@ -197,10 +214,12 @@ class Call:
     spec: ToolSpec
     args: BaseModel
     recorded: str | None = None
+    #: The loop's own part of the labels ("" for a step's first loop, ``run-2/`` for its second).
+    run: str = ""
 
     @property
     def label(self) -> str:
-        return f"turn-{self.turn}/call-{self.n}"
+        return f"{self.run}turn-{self.turn}/call-{self.n}"
 
 
 class Loop:
@@ -212,11 +231,23 @@ class Loop:
         if max_turns < 1:
             raise ConfigError(f"max_turns must be at least 1, not {max_turns}")
         self.host, self.output, self.max_turns = host, output, max_turns
-        self.specs = {s.name: s for s in specs}
-        self.defs = [ToolDef(s.name, s.description, s.args) for s in specs]
+        # A step may run several loops, each its own conversation: the first keeps the plain labels
+        # (turn-3/call-1), a later one its own (run-2/turn-3/call-1), so none replays another's turns
+        # or gives its calls another's keys. The same handler numbers its loops the same on a re-run.
+        host._loops += 1
+        self.run = "" if host._loops == 1 else f"run-{host._loops}/"
+        wire = wire_names([s.name for s in specs])
+        self.specs = {wire[s.name]: s for s in specs}
+        self.declared = {s.name: s for s in specs}
+        described = {s.name: host._describe(s) for s in specs}
+        self.defs = [ToolDef(wire[s.name], described[s.name][0], s.args, described[s.name][1]) for s in specs]
+        #: The tools whose calls wait for a person's approval (``destructive=True``, an MCP destructiveHint).
+        self.destructive = {name for name, (_, _, destructive) in described.items() if destructive}
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
         self.checkpoints = host._checkpoints()
         self.recorded = self.checkpoints.load()
+        self.prompt = hashlib.sha256(prompt.encode()).hexdigest()
+        self._started_over()
         self.turn = 0
         self.pending: deque[tuple[int, ToolRequest]] = deque()
         self.mistakes, self.mistakes_allowed = 0, mistakes
@@ -237,7 +268,7 @@ class Loop:
             if self.turn > self.max_turns:
                 raise InvalidOutput(f"the model used its {self.max_turns} turn(s) (max_turns) without a final "
                                     f"answer; last tools asked: {self._last_asked()}", max_turns=self.max_turns)
-            recorded = self.recorded.get(f"turn-{self.turn}")
+            recorded = self.recorded.get(f"{self.run}turn-{self.turn}")
             if recorded is not None:
                 self._take(ModelTurn.from_json(recorded))
                 continue
@@ -248,8 +279,11 @@ class Loop:
 
     def answered(self, turn: ModelTurn) -> None:
         """The model answered turn :attr:`turn`: checkpoint it (a turn already there wins), then take it."""
-        value = {"key": f"{self.host.key}/turn-{self.turn}", **turn.to_json()}
-        self._take(ModelTurn.from_json(self.checkpoints.put(f"turn-{self.turn}", value)))
+        label = f"{self.run}turn-{self.turn}"
+        value = {"key": f"{self.host.key}/{label}", **turn.to_json()}
+        if self.turn == 1:  # what the conversation answers: a re-run with another prompt starts it over
+            value["prompt"] = self.prompt
+        self._take(ModelTurn.from_json(self.checkpoints.put(label, value)))
 
     def called(self, need: Call, result: Any) -> None:
         """Call ``need`` returned ``result``: checkpoint what the model is given, and give it."""
@@ -259,9 +293,28 @@ class Loop:
             content = str(self.checkpoints.put(need.label, value)["content"])
         self._reply(need.request, content)
 
+    def _started_over(self) -> None:
+        """This loop's checkpoints answer another prompt (the handler changed between attempts, or its
+        prompt is not the same on a re-run): forget them and start the conversation over, as a retry
+        after InvalidOutput does; its effectful calls are still met in the ledger, which refuses one
+        that differs from the call made at its place (EffectUnknown)."""
+        first = self.recorded.get(f"{self.run}turn-1")
+        if first is None or first.get("prompt", self.prompt) == self.prompt:
+            return
+        mine = self._mine(self.recorded)
+        self.checkpoints.forget(mine)
+        self.recorded = {f: v for f, v in self.recorded.items() if f not in mine}
+        self.host._loop_event("loop_restarted", run=self.run.rstrip("/") or "run-1", forgotten=len(mine),
+                              reason="its checkpoints answer another prompt")
+
     def failed(self) -> None:
-        """The loop ended InvalidOutput: a retry of the step starts the conversation over."""
-        self.checkpoints.clear()
+        """The loop ended InvalidOutput: a retry of the step starts its conversation over (the step's
+        other loops keep theirs: a retry replays them as they were)."""
+        self.checkpoints.forget(self._mine(self.checkpoints.load()))
+
+    def _mine(self, fields: Iterable[str]) -> list[str]:
+        """Which of ``fields`` are this loop's checkpoints."""
+        return [f for f in fields if (f.startswith(self.run) if self.run else not f.startswith("run-"))]
 
     def _take(self, turn: ModelTurn) -> None:
         self.messages.append({"role": "assistant", "content": turn.content,
@@ -283,31 +336,31 @@ class Loop:
     def _call(self, n: int, request: ToolRequest) -> Call | None:
         """Call ``n`` of this turn as ``ctx.call`` makes it; None when answered here (an invented call
         answered as an error, a recorded call of a tool without effect replayed)."""
-        spec = self.specs.get(request.name)
+        spec = self.specs.get(request.name) or self.declared.get(request.name)
         if spec is None:
             self._invented(n, request, f"there is no tool {request.name!r}; the tools are {sorted(self.specs)}")
             return None
         try:
             args = spec.args.model_validate(json.loads(request.arguments or "{}"))
-        except ValueError as exc:  # not JSON, or a ValidationError
+        except (ValueError, RecursionError) as exc:  # not JSON (or nested past the parser), or a ValidationError
             problem = _problem(exc) if isinstance(exc, ValidationError) else f"not JSON: {exc}"
             self._invented(n, request, f"invalid arguments for {spec.name}: {problem}")
             return None
-        need = Call(self.turn, n, request, spec, args)
+        need = Call(self.turn, n, request, spec, args, run=self.run)
         recorded = self.recorded.get(need.label)
         if recorded is None:
-            if spec.destructive:  # CallNeedsApproval until a person approved exactly this call
+            if spec.name in self.destructive:  # CallNeedsApproval until a person approved exactly this call
                 self.host._approve(spec, args)
             return need
         self.host._loop_event("tool_replayed", call=need.label, tool=spec.name, effect=spec.effect)
         if spec.effect and self.host._ledger:  # met again in the ledger: it answers from its record, not made
-            return Call(self.turn, n, request, spec, args, recorded=str(recorded["content"]))
+            return Call(self.turn, n, request, spec, args, recorded=str(recorded["content"]), run=self.run)
         self._reply(request, str(recorded["content"]))
         return None
 
     def _invented(self, n: int, request: ToolRequest, problem: str) -> None:
         self.mistakes += 1
-        self.host._loop_event("tool_refused", call=f"turn-{self.turn}/call-{n}",
+        self.host._loop_event("tool_refused", call=f"{self.run}turn-{self.turn}/call-{n}",
                               tool=request.name, reason=problem)
         if self.mistakes > self.mistakes_allowed:
             raise InvalidOutput(f"the model kept asking for calls it cannot make ({self.mistakes} in this loop); "
@@ -320,6 +373,21 @@ class Loop:
     def _last_asked(self) -> list[str]:
         last = next((m for m in reversed(self.messages) if m["role"] == "assistant"), None)
         return [c["name"] for c in last["calls"]] if last else []
+
+
+def wire_names(names: Sequence[str]) -> dict[str, str]:
+    """Each tool's name as the model is shown it, by declared name: letters, digits, ``_`` and ``-``,
+    at most 64 characters, as the OpenAI and Anthropic APIs require (an MCP tool's ``github.search``
+    is ``github_search``); a name another tool took already gets a ``-2`` (``-3``, ...) suffix."""
+    wire: dict[str, str] = {}
+    for name in names:
+        base = WIRE_NAME.sub("_", name)[:64]
+        candidate, n = base, 1
+        while candidate in wire.values():
+            n += 1
+            candidate = f"{base[:60]}-{n}"
+        wire[name] = candidate
+    return wire
 
 
 def tool_calling(provider: Any) -> ToolCalling:
@@ -407,7 +475,7 @@ def _text(result: Any) -> str:
 def _parsed(content: str, output: type[M]) -> tuple[M | None, str]:
     try:
         data = json.loads(content)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return None, f"not JSON: {exc}"
     try:
         return output.model_validate(data), ""

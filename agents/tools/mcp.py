@@ -220,6 +220,15 @@ class McpServer:
             raise self._failure(session, tool, exc) from exc
         return self._answer(ctx, tool, result)
 
+    def definition(self, ctx: ToolContext, tool: str) -> tuple[Definition, bool]:
+        """``tool`` as its server presents it (a session opened when there is none), checked against
+        its pin (ToolRefused, naming what changed, when it is not the pinned one), and whether the
+        server says it is destructive (``destructiveHint``)."""
+        session = self.session(ctx.secrets, ctx.timeout_s(OPEN_TIMEOUT_S))
+        definition = self.presented(session, tool)
+        Pins(ctx.redis, ctx.keys).check(self.declared(tool), definition)
+        return definition, tool in session.destructive
+
     def session(self, secrets: Mapping[str, str], timeout_s: float) -> Session:
         """The open session for these secrets, opened now when there is none (or it failed). One
         thread opens it; the others wait for that (within ``timeout_s``) and share it."""

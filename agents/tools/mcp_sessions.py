@@ -29,6 +29,8 @@ class Session:
         self.config = config
         self.alive = False
         self.tools: dict[str, Definition] = {}
+        #: The tools whose server says they are destructive (``annotations.destructiveHint``).
+        self.destructive: set[str] = set()
         self.client: Any = None
         self._stop: asyncio.Event | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -48,7 +50,7 @@ class Session:
             async with AsyncExitStack() as stack:
                 self.client = await stack.enter_async_context(await connect(stack, self.config))
                 await self.client.initialize()
-                self.tools = await list_tools(self.client)
+                self.tools = await list_tools(self.client, self.destructive)
                 self.alive = True
                 self._ready.set_result(None)
                 await self._stop.wait()
@@ -99,7 +101,9 @@ async def connect(stack: AsyncExitStack, config: dict[str, Any]) -> Any:
     return ClientSession(read, write)
 
 
-async def list_tools(client: Any) -> dict[str, Definition]:
+async def list_tools(client: Any, destructive: set[str]) -> dict[str, Definition]:
+    """The server's tools by name; the names of those it says are destructive added to ``destructive``
+    (``destructiveHint: true`` on a tool that is not ``readOnlyHint``)."""
     tools: dict[str, Definition] = {}
     cursor = None
     while True:
@@ -108,6 +112,9 @@ async def list_tools(client: Any) -> dict[str, Definition]:
         listed = await client.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
         for tool in listed.tools:
             tools[tool.name] = Definition(tool.name, tool.description or "", dict(tool.input_schema or {}))
+            hints = tool.annotations
+            if hints is not None and hints.destructive_hint is True and hints.read_only_hint is not True:
+                destructive.add(tool.name)
         cursor = listed.next_cursor
         if not cursor:
             return tools

@@ -141,6 +141,12 @@ class TestContext(Context):
         declared = list(self.spec.tools) if self._agent_given else list(self.app.tools)
         return [self.app.tools[name] for name in tool_loop.offered(declared, tools, self.spec.name)]
 
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None, bool]:
+        """A faked tool is shown as declared: a faked MCP tool's server is never reached."""
+        if spec.name in self._fakes:
+            return spec.description, None, spec.destructive
+        return super()._describe(spec)
+
     def _checkpoints(self) -> tool_loop.Checkpoints:
         """The tool loop's checkpoints, in :attr:`checkpoints` (give one to resume a loop)."""
         return self.checkpoints

@@ -15,7 +15,7 @@ from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult
+from mcp_types import CallToolResult, ToolAnnotations
 
 server = MCPServer("mesh-test")
 VARIANT = os.environ.get("MCP_VARIANT", "1")
@@ -66,6 +66,12 @@ def busy(ctx: Context) -> CallToolResult:
 def big(n: int, ctx: Context) -> str:
     _log(ctx, "big", {"n": n})
     return "x" * n
+
+
+@server.tool(description="Deletes every record.", annotations=ToolAnnotations(destructive_hint=True))
+def wipe(ctx: Context) -> str:
+    _log(ctx, "wipe", {})
+    return "wiped"
 
 
 @server.tool(description="Not allowed by the app.")
