@@ -55,8 +55,20 @@ def bench(
     cf = result["config"]
     out.print(f"{cf['messages']:,} messages, {cf['processes']} processes x {cf['threads']} threads, "
               f"{cf['pairs']} mesh/raw pairs per prefetch.\nRedis CPU and commands count every client of "
-              "that Redis, not only the bench (its own polls and INFO taken out).")
-    out.print(Text(f"Measured by: {cf['command']}"))
+              "that Redis, not only the bench\n(its own polls and INFO left out). Measured by:")
+    out.print(Text(_shell_lines(cf["command"])), soft_wrap=True)
+
+
+def _shell_lines(command: str, width: int = 78) -> str:
+    """``command`` in lines of at most ``width`` columns, continued with a backslash (pastes as one)."""
+    lines, line = [], ""
+    for word in command.split():
+        if line and len(line) + 1 + len(word) > width - 2:
+            lines.append(line + " \\")
+            line = "  " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
 
 
 def _prefetches(text: str) -> tuple[int, ...]:
