@@ -148,11 +148,15 @@ def waiting(record: JobRecord) -> bool:
     return any(s.state is State.AWAITING_APPROVAL for s in record.steps.values())
 
 
-def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int | None = None) -> None:
+def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int | None = None,
+                    before: JobRecord | None = None) -> None:
     """Stage, with a write of ``record``, the index, timers and TTLs its waiting steps imply (above).
     ``ended_ttl_ms``: the retention an ended job takes once nothing waits any more; given to a record
-    that has none (it waited while ended) in the same MULTI."""
-    waiting = False
+    that has none (it waited while ended) in the same MULTI. ``before``: the record as this write
+    found it (read under WATCH), when the writer has it: a step that did not wait in it has nothing
+    left to remove (the write that ended its wait removed it), so only the write that leaves
+    ``awaiting_approval`` stages the removal; without it, every step that ever waited is cleared again."""
+    waits = False
     for step in record.steps.values():
         approval = step.approval
         if approval is None:
@@ -160,7 +164,7 @@ def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int 
         member = ref(record.job_id, step.step_id)
         ask = ask_ref(record.job_id, step.step_id, approval.asks)
         if step.state is State.AWAITING_APPROVAL:
-            waiting = True
+            waits = True
             pipe.zadd(keys.approvals, {member: int(approval.asked_at * 1000)})
             timers.stage_schedule(pipe, keys, EXPIRY, ask, int(approval.timeout_s * 1000))
             if approval.warn_before_s is not None:
@@ -170,16 +174,22 @@ def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int 
                 earlier = ask_ref(record.job_id, step.step_id, approval.asks - 1)
                 timers.stage_cancel(pipe, keys, EXPIRY, earlier)
                 timers.stage_cancel(pipe, keys, WARNING, earlier)
-        else:
+        elif before is None or _waited(before, step.step_id):
             pipe.zrem(keys.approvals, member)
             timers.stage_cancel(pipe, keys, EXPIRY, ask)
             timers.stage_cancel(pipe, keys, WARNING, ask)
-    if waiting:  # a job waiting for a person is never taken by retention
+    if waits:  # a job waiting for a person is never taken by retention
         pipe.persist(keys.job(record.job_id))
         pipe.persist(keys.trace(record.job_id))
-    elif ended_ttl_ms is not None and record.state in TERMINAL and any(s.approval for s in record.steps.values()):
+    elif (ended_ttl_ms is not None and record.state in TERMINAL and any(s.approval for s in record.steps.values())
+          and (before is None or waiting(before))):
         # ended while a step waited (no TTL then): its retention starts now that nothing waits
         pipe.eval(_EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
+
+
+def _waited(before: JobRecord, step_id: str) -> bool:
+    step = before.steps.get(step_id)
+    return step is not None and step.state is State.AWAITING_APPROVAL
 
 
 def stage_audit(pipe: Any, keys: Keys, what: str, job_id: str, step_id: str, **detail: Any) -> None:

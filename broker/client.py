@@ -451,7 +451,8 @@ class MeshClient:
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
         batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=None, now=now,
                         deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
-                        max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth)
+                        max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth,
+                        expected=len(items))
         refs = []
         reader = _step_output(agent, target.output)
         for index, (step_id, payload, given) in enumerate(items):

@@ -69,8 +69,11 @@ def ended_ttl_s(record: JobRecord, retention_s: float, keep_s: float | None) -> 
 
 
 def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retention_s: float,
-                 keep_s: float | None = None) -> None:
+                 keep_s: float | None = None, before: JobRecord | None = None) -> None:
     """Stage the write of ``record`` (which was in state ``was``) with the TTLs its state implies.
+    ``before``: the record as the write found it, when the writer read it (an approval's index entry
+    and timers are then removed only by the write that ends its wait: see
+    :func:`~mesh.broker.approvals.stage_approvals`).
 
     Ending the job starts the retention clock on its record and trace (``keep_s`` instead, when
     longer, if the job holds dead-lettered steps: see :func:`ended_ttl_s`), and on the effect ledgers
@@ -97,7 +100,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
                 # its effect ledger (what mesh verify and a replay read) goes with the record
                 pipe.pexpire(keys.ledger(record.job_id, step.step_id), ttl_ms)
     # waiting steps: their index, their timers, and no TTL while one waits
-    approvals.stage_approvals(pipe, keys, record, ttl_ms)
+    approvals.stage_approvals(pipe, keys, record, ttl_ms, before)
 
 
 class JobStore:
@@ -169,7 +172,8 @@ class JobStore:
             for field in unwind_counts(events):
                 pipe.hincrby(self.keys.stats, field, 1)
             stage_record(pipe, self.keys, record, was=before.state,
-                         retention_s=self.retention_s if retention_s is None else retention_s, keep_s=self.keep_s)
+                         retention_s=self.retention_s if retention_s is None else retention_s, keep_s=self.keep_s,
+                         before=before)
             if also is not None:
                 also(pipe, record)
             return record

@@ -53,7 +53,7 @@ The mesh's own:
     {ns}:running                      zset "{job_id}/{step_id}" -> last progress (s) of running steps;
                                       members whose job record is gone are swept
     {ns}:outcomes                     hash "{agent}:{outcome}" -> messages (succeeded, retried, ...)
-    {ns}:hist:{agent}                 hash: handler duration histogram (le buckets, sum, count)
+    {ns}:hist:{agent}                 hash: handler duration histogram (le buckets, sum)
     {ns}:tokens                       hash "{agent}:{in|out}" -> model tokens spent (prompt, completion)
     {ns}:tokens:{job_id}              integer: model tokens a job with a token budget has spent; expires
                                       MESH_JOB_RETENTION_S after the job's deadline (agents/providers/meter.py)

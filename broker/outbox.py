@@ -116,9 +116,10 @@ class NewJobs:
 
     def __init__(self, *, agent: str, queue: str, version: int | None, deadline: float,
                  token_budget: int | None, goal: str | None, now: float,
-                 max_bytes: int | None = None, max_depth: int | None = None) -> None:
+                 max_bytes: int | None = None, max_depth: int | None = None, expected: int = 128) -> None:
         """``max_bytes`` / ``max_depth``: MESH_MAX_MESSAGE_BYTES / MESH_MAX_JSON_DEPTH, checked per
-        message by :meth:`add` (LimitExceeded)."""
+        message by :meth:`add` (LimitExceeded). ``expected``: how many messages the caller will add
+        (message ids are made for that many, at most 128 at a time: one send makes two, not 256)."""
         blank, trace_id = "-", "1" * 32
         self.max_bytes, self.max_depth = max_bytes, max_depth
         self.agent, self.queue, self.now = agent, queue, now
@@ -135,6 +136,7 @@ class NewJobs:
         self.keys: list[str] = []
         #: Message ids made ahead, two per message.
         self.ids: list[str] = []
+        self.expected = expected
 
     def add(self, step_id: str, payload: dict[str, Any], *, key: str, job_id: str, trace_id: str,
             payload_hash: str, checked: bool) -> None:
@@ -152,7 +154,7 @@ class NewJobs:
                   "payload_hash": payload_hash}
         event = {**self.event, "trace_id": trace_id, "job_id": job_id, "key": key, "step_id": step_id}
         if not self.ids:
-            self.ids = new_message_ids(256)
+            self.ids = new_message_ids(2 * min(128, max(1, self.expected - len(self.keys))))
         rid, mid = self.ids.pop(), self.ids.pop()
         message = {"queue_name": self.queue, "actor_name": self.agent, "args": [env], "kwargs": {},
                    "options": {"redis_message_id": rid}, "message_id": mid,

@@ -6,18 +6,29 @@ mesh / raw and report the median ratio of the pairs, at each prefetch of the swe
 commands per message) come from ``INFO commandstats`` deltas and Redis CPU from ``INFO cpu``
 deltas, so other clients of the same Redis inflate both sides; worker CPU is each worker process's
 own CPU time from ready to stop. The real step is a declared agent (``BENCH_APP``) run by the same
-worker code as ``mesh worker``: each step a job with its record and trace, sent with MeshClient.
+worker code as ``mesh worker``: each step a job with its record and trace, sent with MeshClient; the
+pipeline step is one of a declared two-step pipeline (``bench_pair``: the first step releases the
+second), and the sequential latency runs a 40-step linear pipeline (``bench_chain``) one job at a time.
+
+Counting: ``INFO commandstats`` is server-wide, so the bench counts its own commands between the two
+snapshots (the first snapshot's ``INFO`` and every poll: one ``HLEN`` or ``MGET`` each) and takes them
+out. Round trips are counted in each process that talks to Redis for the run (the workers and the
+bench's sends, not its polls), as redis-py's ``send_packed_command`` calls: one per command sent alone,
+one per pipeline or transaction, one per blocking read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing as mp
 import statistics
 import tempfile
+import threading
 import time
 import tracemalloc
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,12 +41,14 @@ from pydantic import BaseModel, ConfigDict
 
 from mesh.agents.app import App
 from mesh.agents.context import Context
+from mesh.agents.pipelines import Pipeline
 from mesh.broker.connection import SETTINGS, connect
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ConfigError
 from mesh.ops.namespaces import check_scratch, delete_namespace
 
 MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
+PAIR, CHAIN, CHAIN_STEPS = "bench_pair", "bench_chain", 40
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,8 @@ class BenchConfig:
     pairs: int = 2
     latency_samples: int = 30
     dlq_entries: int = 10_000
+    enqueue_messages: int = 10_000  # send_many's; each send() loop sends min(this, 2,000)
+    chain_jobs: int = 5  # 40-step pipelines run one after another for the sequential latency
 
     @property
     def prefetches(self) -> list[int]:
@@ -72,6 +87,48 @@ def bench_echo(ctx: Context, message: Echo) -> Echo:
     return message
 
 
+BENCH_APP.pipeline(Pipeline(PAIR).step("first", agent=bench_echo).step("second", agent=bench_echo,
+                                                                        depends_on=["first"]))
+
+
+def _chain() -> Pipeline:
+    chain = Pipeline(CHAIN).step("s1", agent=bench_echo)
+    for i in range(2, CHAIN_STEPS + 1):
+        chain.step(f"s{i}", agent=bench_echo, depends_on=[f"s{i - 1}"])
+    return chain
+
+
+BENCH_APP.pipeline(_chain())
+
+
+# -- round trips: counted in every process of the run ----------------------------------------------------
+
+_trips_lock = threading.Lock()
+_trips = [0]
+
+
+def _count_round_trips() -> None:
+    """Count every request this process sends to Redis (a command alone, a pipeline, a transaction)."""
+    from redis.connection import AbstractConnection
+
+    send = AbstractConnection.send_packed_command
+    if getattr(send, "bench_counted", False):
+        return
+
+    def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        with _trips_lock:
+            _trips[0] += 1
+        send(self, command, check_health)
+
+    counted.bench_counted = True  # type: ignore[attr-defined]
+    AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+
+
+def round_trips() -> int:
+    """Requests this process has sent to Redis since :func:`_count_round_trips` (0 before)."""
+    return _trips[0]
+
+
 # -- worker processes (spawned: each builds its own broker) ------------------------------------------
 
 
@@ -88,13 +145,15 @@ def _latency(sent_at: float, *_rest: Any) -> None:
 
 def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch: int, stop: Any, ready: Any,
            cpu: Any) -> None:
-    """One worker process of ``side`` (mesh, raw or step); puts its CPU seconds from ready to stop on ``cpu``."""
+    """One worker process of ``side`` (mesh, raw or step); puts its CPU seconds and round trips from ready
+    to stop on ``cpu``."""
     import dramatiq
     from dramatiq import Worker
 
     from mesh.ops.logs import setup_logging
 
     setup_logging("ERROR")
+    _count_round_trips()
     if side == "step":  # what `mesh worker --app mesh.ops.bench:BENCH_APP` runs
         from mesh.ops.worker import start_worker
 
@@ -135,21 +194,21 @@ def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch
 
 
 def _measure(worker: Any, ready: Any, stop: Any, cpu: Any) -> None:
-    started = time.process_time()  # every thread of this process
+    started, trips = time.process_time(), round_trips()  # CPU: every thread of this process
     ready.set()
     stop.wait()
-    cpu.put(time.process_time() - started)
+    cpu.put((time.process_time() - started, round_trips() - trips))
     worker.stop(timeout=10_000)
 
 
 @contextmanager
 def _workers(side: str, base: MeshSettings, namespace: str, cfg: BenchConfig, prefetch: int,
-             processes: int | None = None, threads: int | None = None) -> Iterator[list[float]]:
+             processes: int | None = None, threads: int | None = None) -> Iterator[list[tuple[float, int]]]:
     """Worker processes of ``side`` while the block runs; the list yielded holds, once the block is
-    left, each process's CPU seconds from its ready to the stop."""
+    left, each process's CPU seconds and round trips from its ready to the stop."""
     ctx = mp.get_context("spawn")
     stop, cpu_queue = ctx.Event(), ctx.Queue()
-    readies, procs, cpu = [], [], []  # type: list[Any], list[Any], list[float]
+    readies, procs, cpu = [], [], []  # type: list[Any], list[Any], list[tuple[float, int]]
     for _ in range(processes or cfg.processes):
         ready = ctx.Event()
         p = ctx.Process(target=_serve, args=(side, base, namespace, threads or cfg.threads, prefetch, stop, ready,
@@ -203,24 +262,25 @@ def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str
     pipe.execute()
 
 
-def _drained(client: redis.Redis, namespace: str, queue: str, timeout_s: float = 300) -> None:
+def _drained(client: redis.Redis, namespace: str, queue: str, timeout_s: float = 300,
+             watch: _Stopwatch | None = None) -> None:
     deadline = time.monotonic() + timeout_s
-    while client.hlen(f"{namespace}:{queue}.msgs"):
+    while True:
+        if watch is not None:
+            watch.own["hlen"] += 1
+        if not client.hlen(f"{namespace}:{queue}.msgs"):
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{queue} did not drain within {timeout_s}s")
         time.sleep(0.002)
 
 
-def _commands(client: redis.Redis) -> dict[str, int]:
-    """Calls per command so far, those run inside Lua scripts included (as Redis counts them)."""
-    stats: Any = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-
-
-def _redis_cpu(client: redis.Redis) -> float:
-    """CPU seconds the Redis server has used (user + system), whoever it served."""
-    cpu: Any = client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+def _snapshot(client: redis.Redis) -> tuple[dict[str, int], float]:
+    """Calls per command so far, those run inside Lua scripts included (as Redis counts them), and the
+    CPU seconds the server has used (user + system), whoever it served: one ``INFO``."""
+    info: Any = client.execute_command("INFO", "commandstats", "cpu")
+    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if k.startswith("cmdstat_")}
+    return calls, float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -232,13 +292,15 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Run:
-    """One timed run: n messages (or steps), wall seconds, Redis commands by name, worker and Redis CPU seconds."""
+    """One timed run: n messages (or steps), wall seconds, Redis commands by name (the bench's own taken
+    out), worker and Redis CPU seconds, round trips (workers' and the sends')."""
 
     n: int
     seconds: float
     commands: dict[str, int]
     worker_cpu_s: float
     redis_cpu_s: float
+    round_trips: int = 0
 
     @property
     def rate(self) -> float:
@@ -248,25 +310,50 @@ class Run:
     def commands_per(self) -> float:
         return sum(self.commands.values()) / self.n
 
+    @property
+    def round_trips_per(self) -> float:
+        return self.round_trips / self.n
+
     def by_command(self) -> dict[str, float]:
         return {k: round(c / self.n, 2) for k, c in sorted(self.commands.items(), key=lambda kv: -kv[1])}
 
     def cpu_us(self) -> dict[str, float]:
         return {"worker": 1e6 * self.worker_cpu_s / self.n, "redis": 1e6 * self.redis_cpu_s / self.n}
 
+    def with_workers(self, workers: list[tuple[float, int]]) -> Run:
+        """This run with the workers' CPU seconds and round trips added."""
+        return dataclasses.replace(self, worker_cpu_s=sum(c for c, _ in workers),
+                                   round_trips=self.round_trips + sum(t for _, t in workers))
+
 
 class _Stopwatch:
-    """Wall time, Redis commands and Redis CPU from its creation to :meth:`stop`."""
+    """Wall time, Redis commands and Redis CPU from its creation to :meth:`stop`. ``own`` counts the
+    bench's own commands in between (its polls), which :meth:`stop` takes out, with the first
+    snapshot's ``INFO`` (Redis counts a command once it has run, so a snapshot never counts itself);
+    ``trips`` the round trips of the bench's sends, added by the caller."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.commands, self.redis_cpu = _commands(client), _redis_cpu(client)
+        self.commands, self.redis_cpu = _snapshot(client)
+        self.own: Counter[str] = Counter({"info": 1})
+        self.trips = 0
         self.started = time.perf_counter()
+
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        """Count the round trips of the block (the bench's sends) in :attr:`trips`."""
+        before = round_trips()
+        try:
+            yield
+        finally:
+            self.trips += round_trips() - before
 
     def stop(self, n: int) -> Run:
         elapsed = time.perf_counter() - self.started
-        used = _delta(self.commands, _commands(self.client))
-        return Run(n, elapsed, used, 0.0, _redis_cpu(self.client) - self.redis_cpu)
+        calls, cpu = _snapshot(self.client)
+        used = Counter(_delta(self.commands, calls))
+        used.subtract(self.own)
+        return Run(n, elapsed, {k: c for k, c in used.items() if c > 0}, 0.0, cpu - self.redis_cpu, self.trips)
 
 
 def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, side: str, prefetch: int) -> Run:
@@ -274,12 +361,13 @@ def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
     queue_name = MESH_Q if side == "mesh" else RAW_Q
     run = uuid.uuid4().hex[:8]
     bodies = [_envelope(i, run) if side == "mesh" else {"n": i} for i in range(cfg.messages)]
-    with _workers(side, base, ns, cfg, prefetch) as cpu:
+    with _workers(side, base, ns, cfg, prefetch) as workers:
         watch = _Stopwatch(client)
-        _push(client, ns, queue_name, bodies)
-        _drained(client, ns, queue_name)
+        with watch.sending():
+            _push(client, ns, queue_name, bodies)
+        _drained(client, ns, queue_name, watch=watch)
         measured = watch.stop(cfg.messages)
-    return dataclasses.replace(measured, worker_cpu_s=sum(cpu))
+    return measured.with_workers(workers)
 
 
 def _step(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, prefetch: int) -> Run:
@@ -290,52 +378,108 @@ def _step(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
     mesh = MeshClient(base.model_copy(update={"namespace": ns}), client=client, app=BENCH_APP)
     run = uuid.uuid4().hex[:8]
     items = [({"text": f"step {i}"}, f"bench-step-{run}-{i}") for i in range(cfg.messages)]
-    with _workers("step", base, ns, cfg, prefetch) as cpu:
+    with _workers("step", base, ns, cfg, prefetch) as workers:
         watch = _Stopwatch(client)
-        refs = mesh.send_many(STEP_AGENT, items)
-        _drained(client, ns, STEP_AGENT)
-        _succeeded(client, [mesh.keys.job(r.id) for r in refs])
+        with watch.sending():
+            refs = mesh.send_many(STEP_AGENT, items)
+        _drained(client, ns, STEP_AGENT, watch=watch)
+        _succeeded(client, [mesh.keys.job(r.id) for r in refs], watch=watch)
         measured = watch.stop(cfg.messages)
-    return dataclasses.replace(measured, worker_cpu_s=sum(cpu))
+    return measured.with_workers(workers)
 
 
-def _succeeded(client: redis.Redis, keys: list[str], timeout_s: float = 60) -> None:
+def _pair(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, prefetch: int) -> Run:
+    """Steps of the declared two-step pipeline ``bench_pair`` (the first releases the second): half as many
+    jobs as ``messages``, each started with ``MeshClient.run``, timed until every job is ``succeeded``;
+    n is the steps."""
+    from mesh.broker import MeshClient
+
+    mesh = MeshClient(base.model_copy(update={"namespace": ns}), client=client, app=BENCH_APP)
+    run = uuid.uuid4().hex[:8]
+    jobs = max(1, cfg.messages // 2)
+    with _workers("step", base, ns, cfg, prefetch) as workers:
+        watch = _Stopwatch(client)
+        with watch.sending():
+            refs = [mesh.run(PAIR, {"text": f"pair {i}"}, key=f"bench-pair-{run}-{i}") for i in range(jobs)]
+        _succeeded(client, [mesh.keys.job(r.id) for r in refs], watch=watch)
+        measured = watch.stop(2 * jobs)
+    return measured.with_workers(workers)
+
+
+def _succeeded(client: redis.Redis, keys: list[str], timeout_s: float = 120, watch: _Stopwatch | None = None,
+               pause_s: float = 0.01) -> list[dict[str, Any]]:
+    """Wait until every job of ``keys`` is ``succeeded`` (polls of 1,000 at most, each one ``MGET``
+    counted on ``watch``); their records."""
     from mesh.contracts import loads
 
     deadline = time.monotonic() + timeout_s
+    done: list[dict[str, Any]] = []
     for start in range(0, len(keys), 1_000):
         part = keys[start:start + 1_000]
         while True:
-            records: Any = client.mget(part)
-            states = {loads(r)["state"] if r else None for r in records}
+            if watch is not None:
+                watch.own["mget"] += 1
+            records = [loads(r) if r else None for r in client.mget(part)]
+            states = {r["state"] if r else None for r in records}
             if states == {"succeeded"}:
+                done.extend(r for r in records if r)
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"bench steps not all succeeded within {timeout_s}s: {sorted(map(str, states))}")
-            time.sleep(0.01)
+                raise RuntimeError(f"bench jobs not all succeeded within {timeout_s}s: {sorted(map(str, states))}")
+            time.sleep(pause_s)
+    return done
+
+
+def _chain_latency(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> dict[str, Any]:
+    """Sequential latency: ``chain_jobs`` runs of the 40-step linear pipeline ``bench_chain`` of no-op
+    steps, one after another on idle workers; per job, (finished - created) / 40 from its record."""
+    from mesh.broker import MeshClient
+
+    mesh = MeshClient(base.model_copy(update={"namespace": ns}), client=client, app=BENCH_APP)
+    run = uuid.uuid4().hex[:8]
+    per_step, gaps = [], []
+    with _workers("step", base, ns, cfg, cfg.prefetches[0]):
+        for i in range(cfg.chain_jobs):
+            ref = mesh.run(CHAIN, {"text": "chain"}, key=f"bench-chain-{run}-{i}")
+            record = _succeeded(client, [mesh.keys.job(ref.id)], pause_s=0.005)[0]
+            per_step.append(1000 * (record["finished_at"] - record["created_at"]) / CHAIN_STEPS)
+            steps = [record["steps"][f"s{n}"] for n in range(1, CHAIN_STEPS + 1)]
+            gaps += [1000 * (b["started_at"] - a["finished_at"]) for a, b in itertools.pairwise(steps)]
+    return {"steps": CHAIN_STEPS, "jobs": cfg.chain_jobs, "per_step_ms": statistics.median(per_step),
+            "per_step_ms_by_job": per_step, "step_to_step_p50_ms": _pct(sorted(gaps), 50),
+            "step_to_step_p99_ms": _pct(sorted(gaps), 99)}
 
 
 def _enqueue(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> dict[str, float]:
+    """``send_many`` of ``enqueue_messages`` jobs to the echo agent; then, of min(that, 2,000) each, a loop
+    of the mesh's ``MeshClient.send()`` and one of raw dramatiq's ``actor.send()``."""
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
     from mesh.broker import MeshClient
 
-    n = min(cfg.messages, 2_000)
-    mesh = MeshClient(base.model_copy(update={"namespace": ns}), client=client)
-    payloads = [({"tool": "note", "args": {"title": f"n{i}"}}, f"enq-{uuid.uuid4().hex}") for i in range(n)]
+    n, loop_n = cfg.enqueue_messages, min(cfg.enqueue_messages, 2_000)
+    mesh = MeshClient(base.model_copy(update={"namespace": ns}), client=client, app=BENCH_APP)
+    run = uuid.uuid4().hex[:8]
+    payloads = [({"text": f"e{i}"}, f"enq-{run}-{i}") for i in range(n)]
     started = time.perf_counter()
-    mesh.send_many("executor", payloads)
+    mesh.send_many(STEP_AGENT, payloads)
     many = n / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for i in range(loop_n):
+        mesh.send(STEP_AGENT, {"text": f"l{i}"}, key=f"enq-loop-{run}-{i}")
+    mesh_loop = loop_n / (time.perf_counter() - started)
     broker = RedisBroker(client=connect(base, retries=False), namespace=ns)
     actor = dramatiq.Actor(_noop, broker=broker, actor_name="bench_enqueue", queue_name="bench_enqueue",
                            priority=0, options={})
     started = time.perf_counter()
-    for i in range(n):
+    for i in range(loop_n):
         actor.send(i)
-    loop = n / (time.perf_counter() - started)
+    loop = loop_n / (time.perf_counter() - started)
     broker.close()
-    return {"send_many_msg_s": many, "send_loop_msg_s": loop, "ratio": many / loop}
+    return {"send_many_messages": n, "loop_messages": loop_n, "send_many_msg_s": many,
+            "mesh_send_loop_msg_s": mesh_loop, "send_loop_msg_s": loop, "ratio": many / loop,
+            "mesh_send_ratio": mesh_loop / loop}
 
 
 def _pickup(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, side: str) -> dict[str, float]:
@@ -438,6 +582,7 @@ def _duplicates(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
 
 def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every figure of ``mesh bench``, as a dict with stable keys."""
+    _count_round_trips()
     ns = f"bench-{uuid.uuid4().hex[:10]}"
     # The configured Redis (and its TLS files); every other setting at its default, as measured.
     settings = MeshSettings(**settings.model_dump(include=set(SETTINGS)))
@@ -457,8 +602,12 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
                 raw = _throughput(client, settings, ns, cfg, "raw", prefetch)
                 pairs.append((mesh, raw))
             sweep.append(_sweep_entry(prefetch, pairs))
-            progress(f"prefetch {prefetch}: real steps")
-            steps.append(_step_entry(prefetch, _step(client, settings, ns, cfg, prefetch)))
+            progress(f"prefetch {prefetch}: real steps, one-step jobs")
+            single = _step(client, settings, ns, cfg, prefetch)
+            progress(f"prefetch {prefetch}: real steps, two-step pipelines")
+            steps.append(_step_entry(prefetch, single, _pair(client, settings, ns, cfg, prefetch), pairs))
+        progress("sequential latency: 40-step pipelines")
+        chain = _chain_latency(client, settings, ns, cfg)
         progress("enqueue")
         enqueue = _enqueue(client, settings, ns, cfg)
         progress("pickup latency")
@@ -472,9 +621,11 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
         client.close()
     return {
         "config": {"messages": cfg.messages, "processes": cfg.processes, "threads": cfg.threads,
-                   "prefetch": cfg.prefetches, "pairs": cfg.pairs},
+                   "prefetch": cfg.prefetches, "pairs": cfg.pairs, "enqueue_messages": cfg.enqueue_messages,
+                   "chain_jobs": cfg.chain_jobs},
         "throughput": sweep,
         "step": steps,
+        "sequential": chain,
         "enqueue": enqueue,
         "pickup_latency": pickup,
         "dlq": dlq,
@@ -496,6 +647,8 @@ def _sweep_entry(prefetch: int, pairs: list[tuple[Run, Run]]) -> dict[str, Any]:
             "mesh_msg_s": median(lambda r: r.rate, 0), "raw_msg_s": median(lambda r: r.rate, 1),
             "ratio": statistics.median(m.rate / r.rate for m, r in pairs),
             "pairs": [{"mesh_msg_s": m.rate, "raw_msg_s": r.rate} for m, r in pairs],
+            "round_trips_per_message": {"mesh": median(lambda r: r.round_trips_per, 0),
+                                        "raw": median(lambda r: r.round_trips_per, 1)},
             "redis_commands_per_message": {"mesh": median(lambda r: r.commands_per, 0),
                                            "raw": median(lambda r: r.commands_per, 1),
                                            "mesh_by_command": pairs[-1][0].by_command(),
@@ -504,7 +657,22 @@ def _sweep_entry(prefetch: int, pairs: list[tuple[Run, Run]]) -> dict[str, Any]:
             "redis_cpu_us_per_message": cpu("redis")}
 
 
-def _step_entry(prefetch: int, step: Run) -> dict[str, Any]:
-    return {"prefetch": prefetch, "steps": step.n, "steps_s": step.rate,
-            "worker_cpu_us_per_step": step.cpu_us()["worker"], "redis_cpu_us_per_step": step.cpu_us()["redis"],
-            "redis_commands_per_step": step.commands_per, "by_command": step.by_command()}
+def _step_entry(prefetch: int, single: Run, pair: Run, pairs: list[tuple[Run, Run]]) -> dict[str, Any]:
+    """The real steps at one prefetch: a one-step job's and a two-step pipeline's, each beside raw
+    dramatiq's no-op per message at that prefetch (the median over the pairs)."""
+    raw = {"msg_s": statistics.median(r.rate for _, r in pairs),
+           "redis_commands_per_message": statistics.median(r.commands_per for _, r in pairs),
+           "round_trips_per_message": statistics.median(r.round_trips_per for _, r in pairs),
+           "worker_cpu_us_per_message": statistics.median(r.cpu_us()["worker"] for _, r in pairs),
+           "redis_cpu_us_per_message": statistics.median(r.cpu_us()["redis"] for _, r in pairs)}
+    return {"prefetch": prefetch, "job": _real(single, raw), "pipeline": _real(pair, raw), "raw": raw}
+
+
+def _real(step: Run, raw: dict[str, float]) -> dict[str, Any]:
+    return {"steps": step.n, "steps_s": step.rate, "worker_cpu_us_per_step": step.cpu_us()["worker"],
+            "redis_cpu_us_per_step": step.cpu_us()["redis"], "redis_commands_per_step": step.commands_per,
+            "round_trips_per_step": step.round_trips_per, "by_command": step.by_command(),
+            "vs_raw": {"steps_s": step.rate / raw["msg_s"],
+                       "worker_cpu": step.cpu_us()["worker"] / raw["worker_cpu_us_per_message"],
+                       "redis_cpu": step.cpu_us()["redis"] / raw["redis_cpu_us_per_message"],
+                       "redis_commands": step.commands_per - raw["redis_commands_per_message"]}}

@@ -23,21 +23,31 @@ def bench(
     latency_samples: Annotated[int, typer.Option(min=1, metavar="N", help="Idle pickup samples per side.")] = 30,
     dlq_entries: Annotated[int, typer.Option(min=10, metavar="N",
                                              help="Entries for the DLQ replay and drain runs.")] = 10_000,
+    enqueue_messages: Annotated[int, typer.Option(min=10, metavar="N", help="Messages of the send_many run; "
+                                                  "each send() loop sends min(N, 2000).")] = 10_000,
+    chain_jobs: Annotated[int, typer.Option(min=1, metavar="N", help="40-step pipelines run one after "
+                                            "another for the sequential latency.")] = 5,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure the mesh against raw dramatiq on the configured Redis.
 
     Runs in a throw-away namespace: throughput and the CPU per message (workers, Redis) at each
-    prefetch, Redis commands per message, real steps through a declared agent, enqueue rate, idle
-    pickup latency, DLQ replay and drain."""
+    prefetch, Redis commands and round trips per message, real steps (one-step jobs and two-step
+    pipelines of a declared agent), the sequential latency of a 40-step pipeline, enqueue rates,
+    idle pickup latency, DLQ replay and drain."""
     from mesh.ops.bench import BenchConfig, run
 
     sweep = _prefetches(prefetch)
     s = settings()
     client()  # exits 3 if Redis does not answer
     cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=sweep, pairs=pairs,
-                      latency_samples=latency_samples, dlq_entries=dlq_entries)
+                      latency_samples=latency_samples, dlq_entries=dlq_entries, enqueue_messages=enqueue_messages,
+                      chain_jobs=chain_jobs)
     result = run(s, cfg, progress=lambda step: err.print(Text(f"bench: {step}"), style="dim"))
+    result["config"]["command"] = (
+        f"mesh bench --messages {messages} --processes {processes} --threads {threads} --prefetch {prefetch} "
+        f"--pairs {pairs} --latency-samples {latency_samples} --dlq-entries {dlq_entries} "
+        f"--enqueue-messages {enqueue_messages} --chain-jobs {chain_jobs}")
     if as_json:
         emit_json(result)
         return
@@ -45,7 +55,20 @@ def bench(
     cf = result["config"]
     out.print(f"{cf['messages']:,} messages, {cf['processes']} processes x {cf['threads']} threads, "
               f"{cf['pairs']} mesh/raw pairs per prefetch.\nRedis CPU and commands count every client of "
-              "that Redis, not only the bench.")
+              "that Redis, not only the bench\n(its own polls and INFO left out). Measured by:")
+    out.print(Text(_shell_lines(cf["command"])), soft_wrap=True)
+
+
+def _shell_lines(command: str, width: int = 78) -> str:
+    """``command`` in lines of at most ``width`` columns, continued with a backslash (pastes as one)."""
+    lines, line = [], ""
+    for word in command.split():
+        if line and len(line) + 1 + len(word) > width - 2:
+            lines.append(line + " \\")
+            line = "  " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
 
 
 def _prefetches(text: str) -> tuple[int, ...]:
@@ -72,13 +95,19 @@ def _bench_table(result: dict[str, Any]) -> Table:
         table.add_row("  worker CPU (µs/msg)", f"{w['mesh']:,.0f}", f"{w['raw']:,.0f}", f"{w['ratio']:.2f}")
         table.add_row("  Redis CPU (µs/msg)", f"{r['mesh']:,.0f}", f"{r['raw']:,.0f}", f"{r['ratio']:.2f}")
         table.add_row("  Redis commands per msg", f"{c['mesh']:.1f}", f"{c['raw']:.1f}", f"{c['mesh'] - c['raw']:+.1f}")
-        table.add_row("real step, echo agent (steps/s)", f"{st['steps_s']:,.0f}", "", "")
-        table.add_row("  worker CPU (µs/step)", f"{st['worker_cpu_us_per_step']:,.0f}", "", "")
-        table.add_row("  Redis CPU (µs/step)", f"{st['redis_cpu_us_per_step']:,.0f}", "", "")
-        table.add_row("  Redis commands per step", f"{st['redis_commands_per_step']:.1f}", "", "", end_section=True)
+        table.add_row("  round trips per msg", f"{t['round_trips_per_message']['mesh']:.2f}",
+                      f"{t['round_trips_per_message']['raw']:.2f}", "", end_section=True)
+        for kind, label in (("job", "real step, one-step job"), ("pipeline", "real step, 2-step pipeline")):
+            _real_rows(table, label, st[kind], st["raw"])
+    q = result["sequential"]
+    table.add_row(f"{q['steps']}-step pipeline, per step (ms)", f"{q['per_step_ms']:.2f}", "", "")
+    table.add_row("  step to step p50 / p99 (ms)", f"{q['step_to_step_p50_ms']:.2f} / {q['step_to_step_p99_ms']:.2f}",
+                  "", "", end_section=True)
     e, p, d = result["enqueue"], result["pickup_latency"], result["dlq"]
-    table.add_row("send_many vs send() loop (msg/s)", f"{e['send_many_msg_s']:,.0f}", f"{e['send_loop_msg_s']:,.0f}",
-                  f"{e['ratio']:.1f}")
+    table.add_row(f"send_many of {e['send_many_messages']:,} (msg/s)", f"{e['send_many_msg_s']:,.0f}",
+                  f"{e['send_loop_msg_s']:,.0f}", f"{e['ratio']:.1f}")
+    table.add_row(f"send() loop of {e['loop_messages']:,} (msg/s)", f"{e['mesh_send_loop_msg_s']:,.0f}",
+                  f"{e['send_loop_msg_s']:,.0f}", f"{e['mesh_send_ratio']:.2f}")
     table.add_row("idle pickup p50 (ms)", f"{p['mesh']['p50_ms']:.1f}", f"{p['raw']['p50_ms']:.1f}", "")
     table.add_row("idle pickup p99 (ms)", f"{p['mesh']['p99_ms']:.1f}", f"{p['raw']['p99_ms']:.1f}", "")
     table.add_row(f"DLQ replay of {d['entries']:,} (entries/s)", f"{d['replay_entries_s']:,.0f}", "", "")
@@ -87,6 +116,20 @@ def _bench_table(result: dict[str, Any]) -> Table:
     table.add_row("  DLQ drain file (MB)", f"{d['drain_file_mb']:.1f}", "", "")
     table.add_row("already-done keys (msg/s)", f"{result['duplicates']['msg_s']:,.0f}", "", "")
     return table
+
+
+def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, float]) -> None:
+    """A real step's rows, beside raw dramatiq's no-op per message."""
+    v = st["vs_raw"]
+    table.add_row(f"{label} (steps/s)", f"{st['steps_s']:,.0f}", f"{raw['msg_s']:,.0f}", f"{v['steps_s']:.2f}")
+    table.add_row("  worker CPU (µs/step)", f"{st['worker_cpu_us_per_step']:,.0f}",
+                  f"{raw['worker_cpu_us_per_message']:,.0f}", f"{v['worker_cpu']:.2f}")
+    table.add_row("  Redis CPU (µs/step)", f"{st['redis_cpu_us_per_step']:,.0f}",
+                  f"{raw['redis_cpu_us_per_message']:,.0f}", f"{v['redis_cpu']:.2f}")
+    table.add_row("  Redis commands per step", f"{st['redis_commands_per_step']:.1f}",
+                  f"{raw['redis_commands_per_message']:.1f}", f"{v['redis_commands']:+.1f}")
+    table.add_row("  round trips per step", f"{st['round_trips_per_step']:.2f}",
+                  f"{raw['round_trips_per_message']:.2f}", "", end_section=True)
 
 
 def soak(

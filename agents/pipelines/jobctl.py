@@ -154,7 +154,7 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
                     trace.stage(pipe, keys, ev)
                 stage_all(pipe, keys, messages)
                 stage_record(pipe, keys, linked, was=before.state, retention_s=client.settings.job_retention_s,
-                             keep_s=client.settings.dead_letter_job_retention_s)
+                             keep_s=client.settings.dead_letter_job_retention_s, before=before)
                 pipe.execute()
                 return ref
             except redis.WatchError:

