@@ -127,35 +127,18 @@ class OpenAIProvider:
             self._meter.admit()
             post = self._post_args(request)
             post.schema_refusable = False
-
-            def send() -> httpx.Response:
-                with post.classified():
-                    resp = self._client.post(self._endpoint, **post.kwargs)
-                return post.checked(resp)
-
-            resp = send() if self._breakers is None else self._breakers.call(self.dependency, send)
-            return self._turn_reply(call, request.label, resp)
+            return self._turn_reply(call, request.label, self._send(post))
 
     async def aturn(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel], *,
                     system: str | None = None, model: str | None = None, turn: int = 1) -> ModelTurn:
         """:meth:`turn` on an ``httpx.AsyncClient``."""
-        from ..event_loop import http_client
-
         request = self._turn_request(messages, tools, output, system, model)
         with self._meter.call(request.model) as call:
             call.turn = turn
             self._meter.admit()
             post = self._post_args(request)
             post.schema_refusable = False
-            client = self._aclient or http_client()
-
-            async def send() -> httpx.Response:
-                with post.classified():
-                    resp = await client.post(self._endpoint, **post.kwargs)
-                return post.checked(resp)
-
-            resp = await send() if self._breakers is None else await self._breakers.acall(self.dependency, send)
-            return self._turn_reply(call, request.label, resp)
+            return self._turn_reply(call, request.label, await self._asend(post))
 
     def _turn_request(self, messages: list[Message], tools: Sequence[ToolDef], output: type[BaseModel],
                       system: str | None, model: str | None) -> _TurnRequest:
@@ -209,24 +192,33 @@ class OpenAIProvider:
     def _chat(self, call: Call, request: _Request) -> str:
         """One chat completion (metered, breaker-guarded, cut to the deadline); its message content."""
         self._meter.admit()
-        post = self._post_args(request)
-
-        def send() -> httpx.Response:
-            with post.classified():
-                resp = self._client.post(self._endpoint, **post.kwargs)
-            return post.checked(resp)
-
-        resp = send() if self._breakers is None else self._breakers.call(self.dependency, send)
+        resp = self._send(self._post_args(request))
         if not resp.is_success:  # the endpoint refused json_schema: ask it for json_object from now on
             return self._chat(call, self._refused(request))
         return self._content(call, request, resp)
 
     async def _achat(self, call: Call, request: _Request) -> str:
         """:meth:`_chat` awaited on an ``httpx.AsyncClient``."""
+        self._meter.admit()
+        resp = await self._asend(self._post_args(request))
+        if not resp.is_success:
+            return await self._achat(call, self._refused(request))
+        return self._content(call, request, resp)
+
+    def _send(self, post: _Post) -> httpx.Response:
+        """One POST to the endpoint, through its breaker, its failure as the mesh's class."""
+
+        def send() -> httpx.Response:
+            with post.classified():
+                resp = self._client.post(self._endpoint, **post.kwargs)
+            return post.checked(resp)
+
+        return send() if self._breakers is None else self._breakers.call(self.dependency, send)
+
+    async def _asend(self, post: _Post) -> httpx.Response:
+        """:meth:`_send` on an ``httpx.AsyncClient`` (the running loop's unless one was given)."""
         from ..event_loop import http_client
 
-        self._meter.admit()
-        post = self._post_args(request)
         client = self._aclient or http_client()
 
         async def send() -> httpx.Response:
@@ -234,10 +226,7 @@ class OpenAIProvider:
                 resp = await client.post(self._endpoint, **post.kwargs)
             return post.checked(resp)
 
-        resp = await send() if self._breakers is None else await self._breakers.acall(self.dependency, send)
-        if not resp.is_success:
-            return await self._achat(call, self._refused(request))
-        return self._content(call, request, resp)
+        return await send() if self._breakers is None else await self._breakers.acall(self.dependency, send)
 
     def _refused(self, request: _Request) -> _Request:
         log.warning("model %s refused response_format json_schema; using json_object", self.dependency)
