@@ -4,7 +4,10 @@
                            output=Decision, max_turns=6)
 
 Each turn asks the model with the conversation so far and the offered tools (each declared tool's
-name, description and args JSON schema). A turn that asks for tool calls has each one made through
+name, description and args JSON schema; an MCP tool's are its server's, :class:`Presented` when the
+loop starts). The model calls a tool by its wire name (:func:`wire_names`): the declared name when the
+providers' formats take it (``[A-Za-z0-9_-]``, at most 64), else one made from it (``github.search``
+is ``github_search``). A turn that asks for tool calls has each one made through
 ``ctx.call`` (declared tools only, args validated, breaker, classification, deadline, secrets,
 tracing, the effect ledger and verification) and its result sent back; a turn without calls is the
 final answer, validated as ``output`` (an invalid one is sent back with its errors, at most
@@ -24,7 +27,8 @@ Bounded: ``max_turns`` (exceeded: InvalidOutput), the job's token budget (the pr
 BudgetExceeded), the step's deadline (DeadlineExceeded before a turn, the provider's request cut to
 it). A call the model invents (a tool not offered, args that are not JSON or break the tool's
 model) is answered to the model as an error ``mistakes`` times; one more ends the step
-InvalidOutput. A call of a destructive tool (``@app.tool(destructive=True)``) is made only once a
+InvalidOutput. A call of a destructive tool (``@app.tool(destructive=True)``, an MCP tool its server
+marks ``destructiveHint``) is made only once a
 person approved exactly it (CallNeedsApproval parks the step until then; the approved step runs
 again from its checkpoints). When the loop itself fails (InvalidOutput) its checkpoints are cleared: a retry
 starts the conversation over, its effectful calls still answered by the ledger.
@@ -32,8 +36,10 @@ starts the conversation over, its effectful calls still answered by the ledger.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections import deque
+import re
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,6 +53,7 @@ from .effects import as_json
 
 if TYPE_CHECKING:
     from .app import Tool, ToolSpec
+    from .tools.base import ToolContext
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -56,6 +63,8 @@ RESULT_LIMIT = 16_000
 MISTAKES = 2
 #: Invalid final answers sent back with their errors before the step ends ``invalid_output``.
 REPAIRS = 2
+#: A tool's name as every provider's wire format takes it (OpenAI's function names, Anthropic's tool names).
+WIRE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class CallNeedsApproval(MeshError):
@@ -74,16 +83,38 @@ class CallNeedsApproval(MeshError):
 
 @dataclass(frozen=True)
 class ToolDef:
-    """A tool as the model is shown it: its name, description and args model (as JSON schema)."""
+    """A tool as the model is shown it: its (wire) name, description and args model (as JSON schema,
+    or ``schema`` when its source gives one: an MCP tool's ``inputSchema``)."""
 
     name: str
     description: str
     args: type[BaseModel]
+    schema: dict[str, Any] | None = None
 
     @cached_property
     def parameters(self) -> dict[str, Any]:
-        """The args' JSON schema, by their wire names."""
-        return self.args.model_json_schema(by_alias=True)
+        """The args' JSON schema, by their wire names (``schema`` when given)."""
+        return self.schema if self.schema is not None else self.args.model_json_schema(by_alias=True)
+
+
+@dataclass(frozen=True)
+class Presented:
+    """What a tool's source presents of it when it is offered to the model (``ToolSpec.present``): an
+    MCP server's description and ``inputSchema`` of the tool, and whether it marks it destructive."""
+
+    description: str
+    parameters: dict[str, Any]
+    destructive: bool = False
+
+
+@dataclass(frozen=True)
+class Offered:
+    """A declared tool offered to the model: its spec, how the model is shown it, whether its calls
+    wait for a person's approval."""
+
+    spec: ToolSpec
+    tool: ToolDef
+    destructive: bool
 
 
 @dataclass(frozen=True)
@@ -178,6 +209,8 @@ class LoopHost(Protocol):
 
     def _approve(self, spec: ToolSpec, args: BaseModel) -> None: ...
 
+    def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext: ...
+
 
 @dataclass(frozen=True)
 class Ask:
@@ -207,13 +240,14 @@ class Loop:
     """One ``ctx.model.run``: the conversation, its checkpoints, what it needs next (see the module).
     Both drivers (:func:`run`, :func:`arun`) move it: :meth:`next`, then :meth:`answered` or :meth:`called`."""
 
-    def __init__(self, host: LoopHost, prompt: str, specs: list[ToolSpec], output: type[BaseModel],
+    def __init__(self, host: LoopHost, prompt: str, offered: list[Offered], output: type[BaseModel],
                  max_turns: int, *, mistakes: int = MISTAKES, repairs: int = REPAIRS) -> None:
         if max_turns < 1:
             raise ConfigError(f"max_turns must be at least 1, not {max_turns}")
         self.host, self.output, self.max_turns = host, output, max_turns
-        self.specs = {s.name: s for s in specs}
-        self.defs = [ToolDef(s.name, s.description, s.args) for s in specs]
+        self.offered = {o.tool.name: o for o in offered}
+        self.declared = {o.spec.name: o for o in offered}
+        self.defs = [o.tool for o in offered]
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
         self.checkpoints = host._checkpoints()
         self.recorded = self.checkpoints.load()
@@ -283,20 +317,22 @@ class Loop:
     def _call(self, n: int, request: ToolRequest) -> Call | None:
         """Call ``n`` of this turn as ``ctx.call`` makes it; None when answered here (an invented call
         answered as an error, a recorded call of a tool without effect replayed)."""
-        spec = self.specs.get(request.name)
-        if spec is None:
-            self._invented(n, request, f"there is no tool {request.name!r}; the tools are {sorted(self.specs)}")
+        # By its wire name; a model (or a test's script) that names the declared tool is understood too.
+        offer = self.offered.get(request.name) or self.declared.get(request.name)
+        if offer is None:
+            self._invented(n, request, f"there is no tool {request.name!r}; the tools are {sorted(self.offered)}")
             return None
+        spec = offer.spec
         try:
             args = spec.args.model_validate(json.loads(request.arguments or "{}"))
         except ValueError as exc:  # not JSON, or a ValidationError
             problem = _problem(exc) if isinstance(exc, ValidationError) else f"not JSON: {exc}"
-            self._invented(n, request, f"invalid arguments for {spec.name}: {problem}")
+            self._invented(n, request, f"invalid arguments for {offer.tool.name}: {problem}")
             return None
         need = Call(self.turn, n, request, spec, args)
         recorded = self.recorded.get(need.label)
         if recorded is None:
-            if spec.destructive:  # CallNeedsApproval until a person approved exactly this call
+            if offer.destructive:  # CallNeedsApproval until a person approved exactly this call
                 self.host._approve(spec, args)
             return need
         self.host._loop_event("tool_replayed", call=need.label, tool=spec.name, effect=spec.effect)
@@ -335,7 +371,7 @@ def run(host: LoopHost, provider: Any, call: Callable[[ToolSpec, BaseModel], Any
         model: str | None) -> M:
     """Drive a :class:`Loop` to its answer: model turns from ``provider``, tool calls through ``call``."""
     asking = tool_calling(provider)
-    loop = Loop(host, prompt, host._loop_tools(tools), output, max_turns)
+    loop = Loop(host, prompt, offer(host, host._loop_tools(tools)), output, max_turns)
     try:
         while (need := loop.next()) is not None:
             if isinstance(need, Ask):
@@ -357,8 +393,13 @@ async def arun(host: LoopHost, provider: Any, call: Callable[[ToolSpec, BaseMode
                tools: Sequence[Tool[Any, Any] | str] | None, output: type[M], max_turns: int,
                system: str | None, model: str | None) -> M:
     """:func:`run` awaited: the provider's ``aturn``, ``call`` an awaitable (``AsyncContext.call``)."""
+    from .event_loop import in_thread
+
     asking = tool_calling(provider)
-    loop = Loop(host, prompt, host._loop_tools(tools), output, max_turns)
+    specs = host._loop_tools(tools)
+    # A tool source may have to be asked what it presents (an MCP session opened): not on the handler's loop.
+    offers = await in_thread(lambda: offer(host, specs)) if any(s.present for s in specs) else offer(host, specs)
+    loop = Loop(host, prompt, offers, output, max_turns)
     try:
         while (need := loop.next()) is not None:
             if isinstance(need, Ask):
@@ -385,6 +426,53 @@ def offered(declared: Sequence[str], tools: Sequence[Tool[Any, Any] | str] | Non
         raise ToolRefused(f"agent {agent!r} did not declare tool(s) {stray} offered to the model; it declared "
                           f"{list(declared) or 'none'}", tool=stray[0])
     return names
+
+
+def offer(host: LoopHost, specs: Sequence[ToolSpec]) -> list[Offered]:
+    """How the model is shown ``specs``: each by its wire name (:func:`wire_names`), with its
+    description and args schema, the ones its source presents now when it has a ``present`` (an MCP
+    tool: the server's definition, checked against its pin first), destructive when the spec or its
+    source says so."""
+    specs = list({s.name: s for s in specs}.values())  # a tool offered twice is offered once
+    wire = wire_names([s.name for s in specs])
+    offers = []
+    for spec in specs:
+        presented = _presented(host, spec) if spec.present is not None else None
+        if presented is None:
+            tool = ToolDef(wire[spec.name], spec.description, spec.args)
+            offers.append(Offered(spec, tool, spec.destructive))
+            continue
+        tool = ToolDef(wire[spec.name], presented.description, spec.args, presented.parameters)
+        offers.append(Offered(spec, tool, spec.destructive or presented.destructive))
+    return offers
+
+
+def _presented(host: LoopHost, spec: ToolSpec) -> Presented:
+    assert spec.present is not None
+    present = spec.present
+    tool_ctx = host._tool_context(spec, spec.dependency if isinstance(spec.dependency, str) else None)
+    if isinstance(spec.dependency, str):  # the source unreachable: its breaker counts it, as a call's failure
+        return tool_ctx.guarded(spec.dependency, lambda: present(tool_ctx))
+    return present(tool_ctx)
+
+
+def wire_names(names: Sequence[str]) -> dict[str, str]:
+    """Each declared tool name as the model calls it: itself when every provider's wire format takes it
+    (:data:`WIRE_NAME`); else its characters outside ``[A-Za-z0-9_-]`` made ``_`` (``github.search``:
+    ``github_search``). A name cut to 64 characters, or one that two of ``names`` would share, ends
+    in ``_`` and 8 hex digits of its declared name's sha256 instead, so no two tools share one, and
+    the same tools offered again get the same names (a resumed loop's recorded calls find their tools)."""
+    base = {n: re.sub(r"[^A-Za-z0-9_-]", "_", n) or "_" for n in names}
+    shared = Counter(base.values())
+    wire = {}
+    for name, made in base.items():
+        if len(made) > 64 or shared[made] > 1:
+            made = f"{made[:55]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        wire[name] = made
+    clash = [n for n, w in wire.items() if list(wire.values()).count(w) > 1]
+    if clash:
+        raise ConfigError(f"tools {clash} would be offered to the model under the same name; rename one")
+    return wire
 
 
 def answer_prompt(system: str | None, output: type[BaseModel]) -> str:

@@ -13,7 +13,7 @@ import weakref
 from contextlib import AsyncExitStack
 from typing import Any
 
-from .pins import Definition
+from .pins import HINTS, Definition
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,17 @@ async def list_tools(client: Any) -> dict[str, Definition]:
 
         listed = await client.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
         for tool in listed.tools:
-            tools[tool.name] = Definition(tool.name, tool.description or "", dict(tool.input_schema or {}))
+            tools[tool.name] = Definition(tool.name, tool.description or "", dict(tool.input_schema or {}),
+                                          hints(tool.annotations))
         cursor = listed.next_cursor
         if not cursor:
             return tools
+
+
+def hints(annotations: Any) -> dict[str, Any]:
+    """The annotations of :data:`~.pins.HINTS` a tool gave (by their wire names), none left out as None."""
+    given = annotations.model_dump(by_alias=True, exclude_none=True) if annotations is not None else {}
+    return {k: given[k] for k in HINTS if k in given}
 
 
 def describe(exc: BaseException) -> str:
