@@ -159,19 +159,25 @@ def test_the_model_calls_an_mcp_tool_shown_as_its_server_presents_it_through_a_w
         mesh = MeshClient(make_settings(), client=rclient, app=app)
         worker_process("--app", APP, **model_env(api, log))
         record = mesh.wait(mesh.send("adder", {"text": "add 2 and 3"}).id, timeout_s=90)
+        awaited = mesh.wait(mesh.send("aadder", {"text": "add 2 and 3"}).id, timeout_s=90)
 
     assert record.state is State.SUCCEEDED, record.error
+    assert awaited.state is State.SUCCEEDED, awaited.error
+    assert awaited.result["aadder"] == {"total": 5}
+    assert api.requests[2]["json"]["tools"] == api.requests[0]["json"]["tools"]  # the async loop shows the same
     assert record.result["adder"] == {"total": 5}
     # the model was shown the server's own description and inputSchema, under a name OpenAI takes
     [offered] = api.requests[0]["json"]["tools"]
-    pinned = Pins(rclient, mesh.keys).pinned()["demo.add"]
-    assert offered["function"] == {"name": "demo_add", "description": "Add two integers.",
-                                   "parameters": pinned.input_schema}
+    assert offered["function"]["name"] == "demo_add"
+    assert offered["function"]["description"] == "Add two integers."
+    pinned = Pins(rclient, mesh.keys).pinned()["demo.add"]  # what the server listed, pinned when first seen
+    assert offered["function"]["parameters"] == pinned.input_schema
     assert sorted(pinned.input_schema["properties"]) == ["a", "b"]
     # its call reached the server once, under the call's own key; its result went back to the model
-    [call] = seen(log)
+    call, acall = seen(log)
     assert call["tool"] == "add" and call["args"] == {"a": 2, "b": 3}
     assert call["meta"]["mesh/key"] == f"{record.steps['adder'].key}/turn-1/call-1"
+    assert acall["meta"]["mesh/key"] == f"{awaited.steps['aadder'].key}/turn-1/call-1"
     result = api.requests[1]["json"]["messages"][-1]
     assert result["role"] == "tool" and '"sum":5' in result["content"]
 

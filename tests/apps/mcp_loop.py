@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mesh import App, Context
+from mesh import App, AsyncContext, Context
 
 SERVER = str(Path(__file__).resolve().parent.parent / "agents" / "mcp_server.py")
 
@@ -38,6 +38,12 @@ class Dropped(BaseModel):
 def adder(ctx: Context, task: Task) -> Total:
     """Asks the model to add numbers with the server's ``add``."""
     return ctx.model.run(task.text, tools=["demo.add"], output=Total, max_turns=8)
+
+
+@app.agent(tools=["demo.add"])
+async def aadder(ctx: AsyncContext, task: Task) -> Total:
+    """:func:`adder` awaited: the server is asked what it presents in a thread, not on the handler's loop."""
+    return await ctx.model.run(task.text, tools=["demo.add"], output=Total, max_turns=8)
 
 
 @app.agent(tools=["demo.add", "demo.drop", "demo.count"])
