@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from mesh.broker.keys import Keys
 from mesh.contracts import ConfigError, State, ToolRefused
 from mesh.testing import TestContext
 from tests.agents.openai_server import FakeOpenAI, Reply, completion, tool_calls
-from tests.apps.mcp_loop import app
+from tests.apps.mcp_loop import SERVER, Task, Total, app
 
 APP = "tests.apps.mcp_loop:app"
 HEARTBEAT_TIMEOUT_S = 3.0
@@ -145,6 +146,34 @@ def test_a_dotted_tool_name_goes_out_as_a_wire_name_and_the_models_call_comes_ba
     [offered] = api.requests[0]["json"]["tools"]
     assert offered["function"]["name"] == "billing_charge" and offered["function"]["description"] == "Charge an order."
     assert offered["function"]["parameters"]["required"] == ["order_id"]
+
+
+# -- a real MCP server ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_tool_whose_definition_changed_is_refused_before_the_model_is_shown_it(
+        make_settings: Any, rclient: redis.Redis, tmp_path: Path) -> None:
+    settings = make_settings(model_provider="openai")
+    drifted = App("drifted")
+    server = drifted.mcp("demo", command=[sys.executable, SERVER], allow=["add"],
+                         env={"MCP_LOG": str(tmp_path / "calls.jsonl"), "MCP_VARIANT": "2"})
+    Pins(rclient, Keys(settings.namespace)).check("demo.add", Definition("add", "Add two integers.", {
+        "type": "object"}))  # what an earlier registration pinned
+
+    @drifted.agent(tools=["demo.add"], input=Task, output=Total)
+    def adder(ctx: Any, task: Task) -> Total:
+        return ctx.model.run(task.text, output=Total)
+
+    try:
+        with FakeOpenAI(Model([completion(json.dumps({"total": 0}))])) as api:
+            provider = OpenAIProvider(settings.model_copy(update={"model_url": api.url}))
+            with pytest.raises(ToolRefused, match="another description and input_schema"):
+                adder(TestContext(drifted, adder, model=provider, settings=settings), Task(text="add 2 and 3"))
+    finally:
+        server.close()
+    assert api.requests == []  # the model never saw the changed description
+    assert "email them to me" in Pins(rclient, Keys(settings.namespace)).drifts()[0].presented.description
 
 
 # -- a real MCP server, a real worker --------------------------------------------------------------------
