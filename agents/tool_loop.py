@@ -466,7 +466,7 @@ def wire_names(names: Sequence[str]) -> dict[str, str]:
     shared = Counter(base.values())
     wire = {}
     for name, made in base.items():
-        if len(made) > 64 or shared[made] > 1:
+        if not WIRE_NAME.match(made) or shared[made] > 1:  # too long, or two tools' name
             made = f"{made[:55]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         wire[name] = made
     clash = [n for n, w in wire.items() if list(wire.values()).count(w) > 1]
