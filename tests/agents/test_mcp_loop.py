@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import wait_for
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from mesh import App, MeshClient, Pipeline, ToolContext
 from mesh.agents.pipelines import check
@@ -146,6 +146,45 @@ def test_a_dotted_tool_name_goes_out_as_a_wire_name_and_the_models_call_comes_ba
     [offered] = api.requests[0]["json"]["tools"]
     assert offered["function"]["name"] == "billing_charge" and offered["function"]["description"] == "Charge an order."
     assert offered["function"]["parameters"]["required"] == ["order_id"]
+
+
+class Anything(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Done(BaseModel):
+    done: bool
+
+
+def test_what_a_tool_source_presents_is_what_the_model_sees_and_whether_the_call_waits() -> None:
+    from mesh.agents.app import ToolSpec
+    from mesh.agents.providers.local import LocalProvider
+    from mesh.agents.tool_loop import CallNeedsApproval, Presented
+
+    schema = {"type": "object", "required": ["table", "rows"],
+              "properties": {"table": {"type": "string"}, "rows": {"type": "integer", "minimum": 1}}}
+    source = App("source")
+    source.add_tool(ToolSpec(name="db.trim", args=Anything, effect=False, description="trim of MCP server db",
+                             run=lambda ctx, args: {"trimmed": args.model_dump()},
+                             present=lambda ctx: Presented("Trim a table to its first rows.", schema, True)))
+    shown: list[Any] = []
+
+    class Shown(LocalProvider):
+        def turn(self, messages: Any, tools: Any, output: Any, **kw: Any) -> Any:
+            shown.extend((t.name, t.description, t.parameters) for t in tools)
+            return super().turn(messages, tools, output, **kw)
+
+    ctx = TestContext(source, model=Shown())
+    assert ctx.model.run("trim orders", tools=["db.trim"], output=Done) == Done(done=True)
+    assert shown[0] == ("db_trim", "Trim a table to its first rows.", schema)
+    # the local provider made the args from the presented schema, not from the generic args model
+    [call] = ctx.calls
+    assert call.tool == "db.trim" and set(call.result["trimmed"]) == {"table", "rows"}
+    assert ctx.loop_events[0] == {"event": "approval", "tool": "db.trim", "args": call.args.model_dump()}
+    waiting = TestContext(source, model=LocalProvider(), approve_calls=False)
+    with pytest.raises(CallNeedsApproval):  # the source marks it destructive: the call waits
+        waiting.model.run("trim orders", tools=["db.trim"], output=Done)
+    assert waiting.calls == []
 
 
 # -- a real MCP server ------------------------------------------------------------------------------------
