@@ -187,6 +187,22 @@ def test_what_a_tool_source_presents_is_what_the_model_sees_and_whether_the_call
     assert waiting.calls == []
 
 
+def test_a_faked_mcp_tool_is_offered_without_asking_its_server() -> None:
+    from mesh.testing import TestModel, calls
+
+    faked = App("faked")
+    faked.mcp("demo", command=["/nonexistent/mcp-server"], allow=["add"])
+
+    @faked.agent(tools=["demo.add"], input=Task, output=Total)
+    def adder(ctx: Any, task: Task) -> Total:
+        return ctx.model.run(task.text, output=Total)
+
+    model = TestModel({Total: [calls(("demo_add", {"a": 2, "b": 3})), {"total": 5}]})
+    ctx = TestContext(faked, adder, model=model, tools={"demo.add": lambda args: {"sum": 5}})
+    assert adder(ctx, Task(text="add 2 and 3")) == Total(total=5)
+    assert [(c.tool, c.result) for c in ctx.calls] == [("demo.add", {"sum": 5})]
+
+
 # -- a real MCP server ------------------------------------------------------------------------------------
 
 
