@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
     from .async_context import AsyncContext
     from .context import Context
-    from .tool_loop import Presented
     from .tools.base import ToolContext
     from .tools.mcp import McpServer
 
@@ -140,10 +139,6 @@ class ToolSpec:
     #: A call the model asks for in a tool loop (``ctx.model.run``) waits for a person's approval of
     #: exactly that call (tool and args): see docs/guides/tool-loop.md.
     destructive: bool = False
-    #: What the tool's source presents of it when a tool loop offers it to the model, asked then:
-    #: ``present(ctx) -> Presented`` (its description, args JSON schema, whether it is destructive).
-    #: An MCP tool's is its server's definition (:mod:`mesh.agents.tools.mcp`); None: the spec's own.
-    present: Callable[[ToolContext], Presented] | None = None
 
     def allowlist(self, settings: MeshSettings) -> frozenset[str] | None:
         """The ``host:port`` entries (normal form) this tool may reach; None: MESH_HTTP_ALLOW's."""

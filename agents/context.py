@@ -108,6 +108,8 @@ class Context:
     _ledger = True
     #: The key a tool loop's call gives its tool (``<key>/turn-3/call-1``); None: the message's key.
     _call_key: str | None = field(init=False, default=None)
+    #: How many tool loops (``ctx.model.run``) this attempt started (:mod:`mesh.agents.tool_loop`).
+    _loops: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._tool_ctx = self._tool_context(None)
@@ -221,6 +223,18 @@ class Context:
         names = tool_loop.offered(self.spec.tools, tools, self.spec.name)
         return [self.runtime.app.tools[name] for name in names]
 
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None, bool]:
+        """How a tool loop shows ``spec`` to the model: its description and args JSON schema (None:
+        its args model's), and whether each call waits for a person's approval. An MCP tool's are its
+        server's, once they match its pin (ToolRefused when they changed): the model reads what an
+        operator accepted, nothing else; one its server says is destructive waits for approval."""
+        server, tool = getattr(spec.args, "server", None), getattr(spec.args, "tool", "")
+        if server is None:
+            return spec.description, None, spec.destructive
+        definition, destructive = server.definition(self._tool_context(spec), tool)
+        return (definition.description or spec.description, definition.input_schema or None,
+                spec.destructive or destructive)
+
     def _checkpoints(self) -> tool_loop.Checkpoints:
         """Where this step's tool loop keeps its turns and calls (:mod:`mesh.broker.transcript`)."""
         from mesh.broker.transcript import Transcript
@@ -292,7 +306,7 @@ class Context:
         outcome: dict[str, Any] = {}
         try:
             if spec.mint is not None:  # a fresh credential for each call, each attempt: never one kept
-                tool_ctx = dataclasses.replace(tool_ctx, minted=credentials.mint(spec, args, tool_ctx, self.env))
+                tool_ctx = dataclasses.replace(tool_ctx, minted=self._mint(spec, args, tool_ctx))
             if spec.dependency is None:
                 result = resolve(spec.run(tool_ctx, args))
             else:
@@ -314,6 +328,15 @@ class Context:
             if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
                 self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started,
                                        token=self.lease.token, **outcome)
+
+    def _mint(self, spec: ToolSpec, args: BaseModel, tool_ctx: ToolContext) -> credentials.Credential:
+        """A credential for this call of ``spec``. Stopped by the time limit while minting, the tool
+        was not called: a timeout whose effect is known not to have happened (the ledger says failed)."""
+        try:
+            return credentials.mint(spec, args, tool_ctx, self.env)
+        except TimeLimitExceeded as exc:
+            raise DependencyTimeout(f"{spec.name}: its credential minter was still running at the time limit; "
+                                    "not called", tool=spec.name, effect_unknown=False) from exc
 
     def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext:
         """What ``spec`` is given (None: the handler's own ``ctx.http``): its secrets and allowlist."""

@@ -4,10 +4,7 @@
                            output=Decision, max_turns=6)
 
 Each turn asks the model with the conversation so far and the offered tools (each declared tool's
-name, description and args JSON schema; an MCP tool's are its server's, :class:`Presented` when the
-loop starts). The model calls a tool by its wire name (:func:`wire_names`): the declared name when the
-providers' formats take it (``[A-Za-z0-9_-]``, at most 64), else one made from it (``github.search``
-is ``github_search``). A turn that asks for tool calls has each one made through
+name, description and args JSON schema). A turn that asks for tool calls has each one made through
 ``ctx.call`` (declared tools only, args validated, breaker, classification, deadline, secrets,
 tracing, the effect ledger and verification) and its result sent back; a turn without calls is the
 final answer, validated as ``output`` (an invalid one is sent back with its errors, at most
@@ -27,11 +24,11 @@ Bounded: ``max_turns`` (exceeded: InvalidOutput), the job's token budget (the pr
 BudgetExceeded), the step's deadline (DeadlineExceeded before a turn, the provider's request cut to
 it). A call the model invents (a tool not offered, args that are not JSON or break the tool's
 model) is answered to the model as an error ``mistakes`` times; one more ends the step
-InvalidOutput. A call of a destructive tool (``@app.tool(destructive=True)``, an MCP tool its server
-marks ``destructiveHint``) is made only once a
+InvalidOutput. A call of a destructive tool (``@app.tool(destructive=True)``) is made only once a
 person approved exactly it (CallNeedsApproval parks the step until then; the approved step runs
 again from its checkpoints). When the loop itself fails (InvalidOutput) its checkpoints are cleared: a retry
-starts the conversation over, its effectful calls still answered by the ledger.
+starts the conversation over, its effectful calls still answered by the ledger (the step's other loops keep
+theirs). A re-run whose prompt changed starts that loop's conversation over too (``loop_restarted``).
 """
 
 from __future__ import annotations
@@ -39,8 +36,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -53,7 +50,6 @@ from .effects import as_json
 
 if TYPE_CHECKING:
     from .app import Tool, ToolSpec
-    from .tools.base import ToolContext
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,10 +57,10 @@ M = TypeVar("M", bound=BaseModel)
 RESULT_LIMIT = 16_000
 #: Invented calls answered to the model as errors before the step ends ``invalid_output``.
 MISTAKES = 2
+#: What a tool's name may hold as the model APIs take it (OpenAI's and Anthropic's tool names).
+WIRE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 #: Invalid final answers sent back with their errors before the step ends ``invalid_output``.
 REPAIRS = 2
-#: A tool's name as every provider's wire format takes it (OpenAI's function names, Anthropic's tool names).
-WIRE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class CallNeedsApproval(MeshError):
@@ -83,38 +79,18 @@ class CallNeedsApproval(MeshError):
 
 @dataclass(frozen=True)
 class ToolDef:
-    """A tool as the model is shown it: its (wire) name, description and args model (as JSON schema,
-    or ``schema`` when its source gives one: an MCP tool's ``inputSchema``)."""
+    """A tool as the model is shown it: its name, description and args model (as JSON schema)."""
 
     name: str
     description: str
     args: type[BaseModel]
+    #: The args' JSON schema when the tool's source gives it (an MCP server's pinned inputSchema).
     schema: dict[str, Any] | None = None
 
     @cached_property
     def parameters(self) -> dict[str, Any]:
-        """The args' JSON schema, by their wire names (``schema`` when given)."""
+        """The args' JSON schema, by their wire names."""
         return self.schema if self.schema is not None else self.args.model_json_schema(by_alias=True)
-
-
-@dataclass(frozen=True)
-class Presented:
-    """What a tool's source presents of it when it is offered to the model (``ToolSpec.present``): an
-    MCP server's description and ``inputSchema`` of the tool, and whether it marks it destructive."""
-
-    description: str
-    parameters: dict[str, Any]
-    destructive: bool = False
-
-
-@dataclass(frozen=True)
-class Offered:
-    """A declared tool offered to the model: its spec, how the model is shown it, whether its calls
-    wait for a person's approval."""
-
-    spec: ToolSpec
-    tool: ToolDef
-    destructive: bool
 
 
 @dataclass(frozen=True)
@@ -173,6 +149,8 @@ class Checkpoints(Protocol):
 
     def clear(self) -> None: ...
 
+    def forget(self, fields: Sequence[str]) -> None: ...
+
 
 @dataclass
 class MemoryCheckpoints:
@@ -189,6 +167,10 @@ class MemoryCheckpoints:
     def clear(self) -> None:
         self.fields.clear()
 
+    def forget(self, fields: Sequence[str]) -> None:
+        for name in fields:
+            self.fields.pop(name, None)
+
 
 class LoopHost(Protocol):
     """What the loop needs of the step's context (:class:`~mesh.agents.context.Context`)."""
@@ -198,18 +180,20 @@ class LoopHost(Protocol):
     _ledger: bool
     #: The key the tool of the call being made is given (None: the message's key).
     _call_key: str | None
+    #: How many tool loops this attempt started: the second and later keep their checkpoints apart.
+    _loops: int
 
     def deadline_left_s(self) -> float: ...
 
     def _loop_tools(self, tools: Sequence[Tool[Any, Any] | str] | None) -> list[ToolSpec]: ...
+
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None, bool]: ...
 
     def _checkpoints(self) -> Checkpoints: ...
 
     def _loop_event(self, kind: str, **fields: Any) -> None: ...
 
     def _approve(self, spec: ToolSpec, args: BaseModel) -> None: ...
-
-    def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext: ...
 
 
 @dataclass(frozen=True)
@@ -230,27 +214,40 @@ class Call:
     spec: ToolSpec
     args: BaseModel
     recorded: str | None = None
+    #: The loop's own part of the labels ("" for a step's first loop, ``run-2/`` for its second).
+    run: str = ""
 
     @property
     def label(self) -> str:
-        return f"turn-{self.turn}/call-{self.n}"
+        return f"{self.run}turn-{self.turn}/call-{self.n}"
 
 
 class Loop:
     """One ``ctx.model.run``: the conversation, its checkpoints, what it needs next (see the module).
     Both drivers (:func:`run`, :func:`arun`) move it: :meth:`next`, then :meth:`answered` or :meth:`called`."""
 
-    def __init__(self, host: LoopHost, prompt: str, offered: list[Offered], output: type[BaseModel],
+    def __init__(self, host: LoopHost, prompt: str, specs: list[ToolSpec], output: type[BaseModel],
                  max_turns: int, *, mistakes: int = MISTAKES, repairs: int = REPAIRS) -> None:
         if max_turns < 1:
             raise ConfigError(f"max_turns must be at least 1, not {max_turns}")
         self.host, self.output, self.max_turns = host, output, max_turns
-        self.offered = {o.tool.name: o for o in offered}
-        self.declared = {o.spec.name: o for o in offered}
-        self.defs = [o.tool for o in offered]
+        # A step may run several loops, each its own conversation: the first keeps the plain labels
+        # (turn-3/call-1), a later one its own (run-2/turn-3/call-1), so none replays another's turns
+        # or gives its calls another's keys. The same handler numbers its loops the same on a re-run.
+        host._loops += 1
+        self.run = "" if host._loops == 1 else f"run-{host._loops}/"
+        wire = wire_names([s.name for s in specs])
+        self.specs = {wire[s.name]: s for s in specs}
+        self.declared = {s.name: s for s in specs}
+        described = {s.name: host._describe(s) for s in specs}
+        self.defs = [ToolDef(wire[s.name], described[s.name][0], s.args, described[s.name][1]) for s in specs]
+        #: The tools whose calls wait for a person's approval (``destructive=True``, an MCP destructiveHint).
+        self.destructive = {name for name, (_, _, destructive) in described.items() if destructive}
         self.messages: list[Message] = [{"role": "user", "content": prompt}]
         self.checkpoints = host._checkpoints()
         self.recorded = self.checkpoints.load()
+        self.prompt = hashlib.sha256(prompt.encode()).hexdigest()
+        self._started_over()
         self.turn = 0
         self.pending: deque[tuple[int, ToolRequest]] = deque()
         self.mistakes, self.mistakes_allowed = 0, mistakes
@@ -271,7 +268,7 @@ class Loop:
             if self.turn > self.max_turns:
                 raise InvalidOutput(f"the model used its {self.max_turns} turn(s) (max_turns) without a final "
                                     f"answer; last tools asked: {self._last_asked()}", max_turns=self.max_turns)
-            recorded = self.recorded.get(f"turn-{self.turn}")
+            recorded = self.recorded.get(f"{self.run}turn-{self.turn}")
             if recorded is not None:
                 self._take(ModelTurn.from_json(recorded))
                 continue
@@ -282,8 +279,11 @@ class Loop:
 
     def answered(self, turn: ModelTurn) -> None:
         """The model answered turn :attr:`turn`: checkpoint it (a turn already there wins), then take it."""
-        value = {"key": f"{self.host.key}/turn-{self.turn}", **turn.to_json()}
-        self._take(ModelTurn.from_json(self.checkpoints.put(f"turn-{self.turn}", value)))
+        label = f"{self.run}turn-{self.turn}"
+        value = {"key": f"{self.host.key}/{label}", **turn.to_json()}
+        if self.turn == 1:  # what the conversation answers: a re-run with another prompt starts it over
+            value["prompt"] = self.prompt
+        self._take(ModelTurn.from_json(self.checkpoints.put(label, value)))
 
     def called(self, need: Call, result: Any) -> None:
         """Call ``need`` returned ``result``: checkpoint what the model is given, and give it."""
@@ -293,9 +293,28 @@ class Loop:
             content = str(self.checkpoints.put(need.label, value)["content"])
         self._reply(need.request, content)
 
+    def _started_over(self) -> None:
+        """This loop's checkpoints answer another prompt (the handler changed between attempts, or its
+        prompt is not the same on a re-run): forget them and start the conversation over, as a retry
+        after InvalidOutput does; its effectful calls are still met in the ledger, which refuses one
+        that differs from the call made at its place (EffectUnknown)."""
+        first = self.recorded.get(f"{self.run}turn-1")
+        if first is None or first.get("prompt", self.prompt) == self.prompt:
+            return
+        mine = self._mine(self.recorded)
+        self.checkpoints.forget(mine)
+        self.recorded = {f: v for f, v in self.recorded.items() if f not in mine}
+        self.host._loop_event("loop_restarted", run=self.run.rstrip("/") or "run-1", forgotten=len(mine),
+                              reason="its checkpoints answer another prompt")
+
     def failed(self) -> None:
-        """The loop ended InvalidOutput: a retry of the step starts the conversation over."""
-        self.checkpoints.clear()
+        """The loop ended InvalidOutput: a retry of the step starts its conversation over (the step's
+        other loops keep theirs: a retry replays them as they were)."""
+        self.checkpoints.forget(self._mine(self.checkpoints.load()))
+
+    def _mine(self, fields: Iterable[str]) -> list[str]:
+        """Which of ``fields`` are this loop's checkpoints."""
+        return [f for f in fields if (f.startswith(self.run) if self.run else not f.startswith("run-"))]
 
     def _take(self, turn: ModelTurn) -> None:
         self.messages.append({"role": "assistant", "content": turn.content,
@@ -317,33 +336,31 @@ class Loop:
     def _call(self, n: int, request: ToolRequest) -> Call | None:
         """Call ``n`` of this turn as ``ctx.call`` makes it; None when answered here (an invented call
         answered as an error, a recorded call of a tool without effect replayed)."""
-        # By its wire name; a model (or a test's script) that names the declared tool is understood too.
-        offer = self.offered.get(request.name) or self.declared.get(request.name)
-        if offer is None:
-            self._invented(n, request, f"there is no tool {request.name!r}; the tools are {sorted(self.offered)}")
+        spec = self.specs.get(request.name) or self.declared.get(request.name)
+        if spec is None:
+            self._invented(n, request, f"there is no tool {request.name!r}; the tools are {sorted(self.specs)}")
             return None
-        spec = offer.spec
         try:
             args = spec.args.model_validate(json.loads(request.arguments or "{}"))
-        except ValueError as exc:  # not JSON, or a ValidationError
+        except (ValueError, RecursionError) as exc:  # not JSON (or nested past the parser), or a ValidationError
             problem = _problem(exc) if isinstance(exc, ValidationError) else f"not JSON: {exc}"
-            self._invented(n, request, f"invalid arguments for {offer.tool.name}: {problem}")
+            self._invented(n, request, f"invalid arguments for {spec.name}: {problem}")
             return None
-        need = Call(self.turn, n, request, spec, args)
+        need = Call(self.turn, n, request, spec, args, run=self.run)
         recorded = self.recorded.get(need.label)
         if recorded is None:
-            if offer.destructive:  # CallNeedsApproval until a person approved exactly this call
+            if spec.name in self.destructive:  # CallNeedsApproval until a person approved exactly this call
                 self.host._approve(spec, args)
             return need
         self.host._loop_event("tool_replayed", call=need.label, tool=spec.name, effect=spec.effect)
         if spec.effect and self.host._ledger:  # met again in the ledger: it answers from its record, not made
-            return Call(self.turn, n, request, spec, args, recorded=str(recorded["content"]))
+            return Call(self.turn, n, request, spec, args, recorded=str(recorded["content"]), run=self.run)
         self._reply(request, str(recorded["content"]))
         return None
 
     def _invented(self, n: int, request: ToolRequest, problem: str) -> None:
         self.mistakes += 1
-        self.host._loop_event("tool_refused", call=f"turn-{self.turn}/call-{n}",
+        self.host._loop_event("tool_refused", call=f"{self.run}turn-{self.turn}/call-{n}",
                               tool=request.name, reason=problem)
         if self.mistakes > self.mistakes_allowed:
             raise InvalidOutput(f"the model kept asking for calls it cannot make ({self.mistakes} in this loop); "
@@ -356,6 +373,21 @@ class Loop:
     def _last_asked(self) -> list[str]:
         last = next((m for m in reversed(self.messages) if m["role"] == "assistant"), None)
         return [c["name"] for c in last["calls"]] if last else []
+
+
+def wire_names(names: Sequence[str]) -> dict[str, str]:
+    """Each tool's name as the model is shown it, by declared name: letters, digits, ``_`` and ``-``,
+    at most 64 characters, as the OpenAI and Anthropic APIs require (an MCP tool's ``github.search``
+    is ``github_search``); a name another tool took already gets a ``-2`` (``-3``, ...) suffix."""
+    wire: dict[str, str] = {}
+    for name in names:
+        base = WIRE_NAME.sub("_", name)[:64]
+        candidate, n = base, 1
+        while candidate in wire.values():
+            n += 1
+            candidate = f"{base[:60]}-{n}"
+        wire[name] = candidate
+    return wire
 
 
 def tool_calling(provider: Any) -> ToolCalling:
@@ -371,7 +403,7 @@ def run(host: LoopHost, provider: Any, call: Callable[[ToolSpec, BaseModel], Any
         model: str | None) -> M:
     """Drive a :class:`Loop` to its answer: model turns from ``provider``, tool calls through ``call``."""
     asking = tool_calling(provider)
-    loop = Loop(host, prompt, offer(host, host._loop_tools(tools)), output, max_turns)
+    loop = Loop(host, prompt, host._loop_tools(tools), output, max_turns)
     try:
         while (need := loop.next()) is not None:
             if isinstance(need, Ask):
@@ -393,13 +425,8 @@ async def arun(host: LoopHost, provider: Any, call: Callable[[ToolSpec, BaseMode
                tools: Sequence[Tool[Any, Any] | str] | None, output: type[M], max_turns: int,
                system: str | None, model: str | None) -> M:
     """:func:`run` awaited: the provider's ``aturn``, ``call`` an awaitable (``AsyncContext.call``)."""
-    from .event_loop import in_thread
-
     asking = tool_calling(provider)
-    specs = host._loop_tools(tools)
-    # A tool source may have to be asked what it presents (an MCP session opened): not on the handler's loop.
-    offers = await in_thread(lambda: offer(host, specs)) if any(s.present for s in specs) else offer(host, specs)
-    loop = Loop(host, prompt, offers, output, max_turns)
+    loop = Loop(host, prompt, host._loop_tools(tools), output, max_turns)
     try:
         while (need := loop.next()) is not None:
             if isinstance(need, Ask):
@@ -428,53 +455,6 @@ def offered(declared: Sequence[str], tools: Sequence[Tool[Any, Any] | str] | Non
     return names
 
 
-def offer(host: LoopHost, specs: Sequence[ToolSpec]) -> list[Offered]:
-    """How the model is shown ``specs``: each by its wire name (:func:`wire_names`), with its
-    description and args schema, the ones its source presents now when it has a ``present`` (an MCP
-    tool: the server's definition, checked against its pin first), destructive when the spec or its
-    source says so."""
-    specs = list({s.name: s for s in specs}.values())  # a tool offered twice is offered once
-    wire = wire_names([s.name for s in specs])
-    offers = []
-    for spec in specs:
-        presented = _presented(host, spec) if spec.present is not None else None
-        if presented is None:
-            tool = ToolDef(wire[spec.name], spec.description, spec.args)
-            offers.append(Offered(spec, tool, spec.destructive))
-            continue
-        tool = ToolDef(wire[spec.name], presented.description, spec.args, presented.parameters)
-        offers.append(Offered(spec, tool, spec.destructive or presented.destructive))
-    return offers
-
-
-def _presented(host: LoopHost, spec: ToolSpec) -> Presented:
-    assert spec.present is not None
-    present = spec.present
-    tool_ctx = host._tool_context(spec, spec.dependency if isinstance(spec.dependency, str) else None)
-    if isinstance(spec.dependency, str):  # the source unreachable: its breaker counts it, as a call's failure
-        return tool_ctx.guarded(spec.dependency, lambda: present(tool_ctx))
-    return present(tool_ctx)
-
-
-def wire_names(names: Sequence[str]) -> dict[str, str]:
-    """Each declared tool name as the model calls it: itself when every provider's wire format takes it
-    (:data:`WIRE_NAME`); else its characters outside ``[A-Za-z0-9_-]`` made ``_`` (``github.search``:
-    ``github_search``). A name cut to 64 characters, or one that two of ``names`` would share, ends
-    in ``_`` and 8 hex digits of its declared name's sha256 instead, so no two tools share one, and
-    the same tools offered again get the same names (a resumed loop's recorded calls find their tools)."""
-    base = {n: re.sub(r"[^A-Za-z0-9_-]", "_", n) or "_" for n in names}
-    shared = Counter(base.values())
-    wire = {}
-    for name, made in base.items():
-        if not WIRE_NAME.match(made) or shared[made] > 1:  # too long, or two tools' name
-            made = f"{made[:55]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-        wire[name] = made
-    clash = [n for n, w in wire.items() if list(wire.values()).count(w) > 1]
-    if clash:
-        raise ConfigError(f"tools {clash} would be offered to the model under the same name; rename one")
-    return wire
-
-
 def answer_prompt(system: str | None, output: type[BaseModel]) -> str:
     """The system prompt of a tool loop: the caller's, then how to answer (``output``'s JSON schema)."""
     schema = json.dumps(output.model_json_schema(), separators=(",", ":"))
@@ -495,7 +475,7 @@ def _text(result: Any) -> str:
 def _parsed(content: str, output: type[M]) -> tuple[M | None, str]:
     try:
         data = json.loads(content)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return None, f"not JSON: {exc}"
     try:
         return output.model_validate(data), ""

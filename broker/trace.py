@@ -9,6 +9,7 @@
                     tool loop, the turn and the tools the model asked for
     tool_replayed   a tool loop's call made by an earlier attempt: its recorded result replayed
     tool_refused    a tool loop's call the model invented (no such tool, bad args): answered as an error
+    loop_restarted  a tool loop's checkpoints answered another prompt: forgotten, the conversation over
     deferred        the message waits: reason and until when
     failed          an attempt failed and will be retried: failure class, error
     dead_lettered   the message went to the DLQ: failure class, error
@@ -40,7 +41,7 @@ from .keys import Keys
 TRACE_MAXLEN = 2_000
 
 EVENTS = ("enqueued", "picked_up", "progress", "tool_call", "fenced", "model_call", "tool_replayed", "tool_refused",
-          "deferred", "failed", "dead_lettered", "duplicate", "succeeded", "stuck", "replayed")
+          "loop_restarted", "deferred", "failed", "dead_lettered", "duplicate", "succeeded", "stuck", "replayed")
 
 _ENVELOPE_FIELDS = ("trace_id", "job_id", "key", "step_id", "agent", "attempt")
 

@@ -11,6 +11,7 @@ hash's life to MESH_DEDUP_TTL_S, as the effect ledger's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -45,6 +46,11 @@ class Transcript:
         """Checkpoint ``value`` under ``field``; what the field holds (an earlier write wins)."""
         held: Any = self._put(keys=[self.key], args=[field, dumps(value), self.ttl_ms])
         return dict(loads(held))
+
+    def forget(self, fields: Sequence[str]) -> None:
+        """Forget these checkpoints (a loop whose prompt changed starts its conversation over)."""
+        if fields:
+            self.client.hdel(self.key, *fields)
 
     def clear(self) -> None:
         """Forget the conversation: a retry of the step starts it over."""

@@ -29,6 +29,8 @@ _DETAIL = {
     "tool_replayed": lambda e: f"{e.get('call')} {e.get('tool')}: its recorded result replayed, not called again"
                                + (" (the effect ledger answers)" if e.get("effect") else ""),
     "tool_refused": lambda e: f"{e.get('call')} {e.get('tool')}: {e.get('reason', '')} (answered to the model)",
+    "loop_restarted": lambda e: f"{e.get('run')}: {e.get('reason', '')}; {e.get('forgotten')} checkpoint(s) "
+                                "forgotten, the conversation started over",
     "deferred": lambda e: f"{e.get('failure_class') or e.get('reason', '')} until {_clock(e.get('until'))}: "
                           f"{e.get('error', e.get('reason', ''))}",
     "failed": lambda e: f"{e.get('failure_class')}, retry at {_clock(e.get('until'))}: {e.get('error', '')}",

@@ -8,7 +8,7 @@ splits a declared name into server and tool, whatever characters the server's to
 A tool the server offers and ``allow=`` does not name is not reachable: nothing is allowed by default.
 
 In a tool loop (``ctx.model.run(tools=["github.search_issues"])``) the model is shown the server's own
-description and ``inputSchema`` of the tool (:meth:`McpServer.present`, checked against its pin when
+description and ``inputSchema`` of the tool (:meth:`McpServer.definition`, checked against its pin when
 the loop starts), under its wire name (``github_search_issues``: :func:`mesh.agents.tool_loop.wire_names`).
 A tool the server marks ``destructiveHint`` (and not ``readOnlyHint``) is destructive: each call the
 model asks for waits for a person's approval of exactly it; ``destructive=`` overrides the hints
@@ -64,7 +64,6 @@ from .pins import Definition, Pins
 
 if TYPE_CHECKING:
     from mesh.agents.app import App, ToolSpec
-    from mesh.agents.tool_loop import Presented
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +205,9 @@ class McpServer:
             def run(ctx: ToolContext, args: McpArgs, _tool: str = tool) -> McpResult:
                 return self.call(ctx, _tool, args.model_dump(mode="json"))
 
-            def present(ctx: ToolContext, _tool: str = tool) -> Presented:
-                return self.present(ctx, _tool)
-
             specs.append(ToolSpec(name=self.declared(tool), args=args, run=run, dependency=self.dependency,
                                   secrets=self.secrets, effect=self.effect, destructive=self.destructive_tool(tool),
-                                  description=f"{tool} of MCP server {self.name}", present=present))
+                                  description=f"{tool} of MCP server {self.name}"))
         return specs
 
     def destructive_tool(self, tool: str, definition: Definition | None = None) -> bool:
@@ -220,18 +216,6 @@ class McpServer:
         if self.destructive is None:
             return definition is not None and definition.destructive_hint
         return self.destructive if isinstance(self.destructive, bool) else tool in self.destructive
-
-    def present(self, ctx: ToolContext, tool: str) -> Presented:
-        """What a tool loop shows the model of ``tool``: the server's description and ``inputSchema``,
-        checked against its pin first (refused when it changed), and whether it is destructive."""
-        from mesh.agents.tool_loop import Presented
-
-        session = self.session(ctx.secrets, ctx.timeout_s(OPEN_TIMEOUT_S))
-        definition = self.presented(session, tool)
-        Pins(ctx.redis, ctx.keys).check(self.declared(tool), definition)
-        schema = definition.input_schema or {"type": "object", "properties": {}}
-        return Presented(definition.description or f"{tool} of MCP server {self.name}", schema,
-                         self.destructive_tool(tool, definition))
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -256,6 +240,16 @@ class McpServer:
         except Exception as exc:
             raise self._failure(session, tool, exc) from exc
         return self._answer(ctx, tool, result)
+
+    def definition(self, ctx: ToolContext, tool: str) -> tuple[Definition, bool]:
+        """``tool`` as its server presents it (a session opened when there is none), checked against
+        its pin (ToolRefused, naming what changed, when it is not the pinned one), and whether a call
+        the model asks for waits for an approval (:meth:`destructive_tool`: ``destructive=``, else the
+        server's pinned ``destructiveHint``)."""
+        session = self.session(ctx.secrets, ctx.timeout_s(OPEN_TIMEOUT_S))
+        definition = self.presented(session, tool)
+        Pins(ctx.redis, ctx.keys).check(self.declared(tool), definition)
+        return definition, self.destructive_tool(tool, definition)
 
     def session(self, secrets: Mapping[str, str], timeout_s: float) -> Session:
         """The open session for these secrets, opened now when there is none (or it failed). One

@@ -100,6 +100,8 @@ async def connect(stack: AsyncExitStack, config: dict[str, Any]) -> Any:
 
 
 async def list_tools(client: Any) -> dict[str, Definition]:
+    """The server's tools by name, each with the hints the mesh acts on (pinned with it: a server that
+    drops a ``destructiveHint`` has the tool refused until an operator accepts the change)."""
     tools: dict[str, Definition] = {}
     cursor = None
     while True:

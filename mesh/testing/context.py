@@ -139,9 +139,13 @@ class TestContext(Context):
         if self.app is None:
             raise ConfigError("ctx.model.run offers the app's declared tools: TestContext(app, agent)")
         declared = list(self.spec.tools) if self._agent_given else list(self.app.tools)
-        specs = [self.app.tools[name] for name in tool_loop.offered(declared, tools, self.spec.name)]
-        # A faked tool is offered as declared: its source (an MCP server) is not asked what it presents.
-        return [dataclasses.replace(s, present=None) if s.name in self._fakes else s for s in specs]
+        return [self.app.tools[name] for name in tool_loop.offered(declared, tools, self.spec.name)]
+
+    def _describe(self, spec: ToolSpec) -> tuple[str, dict[str, Any] | None, bool]:
+        """A faked tool is shown as declared: a faked MCP tool's server is never reached."""
+        if spec.name in self._fakes:
+            return spec.description, None, spec.destructive
+        return super()._describe(spec)
 
     def _checkpoints(self) -> tool_loop.Checkpoints:
         """The tool loop's checkpoints, in :attr:`checkpoints` (give one to resume a loop)."""

@@ -83,6 +83,12 @@ def count(table: str, ctx: Context) -> dict[str, Any]:
     return {"table": table, "rows": 3}
 
 
+@server.tool(description="Deletes every record.", annotations=ToolAnnotations(destructive_hint=True))
+def wipe(ctx: Context) -> str:
+    _log(ctx, "wipe", {})
+    return "wiped"
+
+
 @server.tool(description="Not allowed by the app.")
 def secret_admin(ctx: Context) -> str:
     _log(ctx, "secret_admin", {})

@@ -8,6 +8,7 @@ registrations (refused, then ``mesh tools accept``)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -388,3 +389,116 @@ def test_args_are_checked_against_the_schema_the_server_presented() -> None:
             args.model_validate({"a": "x"})
         except ValidationError as exc:
             raise ContractError(str(exc)) from None
+
+
+# -- offered to the model (ctx.model.run) ------------------------------------------------------------
+
+#: What the OpenAI and Anthropic APIs accept as a tool's name: a name with a "." is refused (400).
+WIRE_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def test_a_model_loop_offers_an_mcp_tool_under_a_name_the_model_apis_accept_and_calls_it(
+        settings: MeshSettings, secret: str, tmp_path: Path, closing: Callable[[McpServer], McpServer]) -> None:
+    from mesh.agents.providers.openai import OpenAIProvider
+    from mesh.testing import TestContext
+    from tests.agents.openai_server import FakeOpenAI, completion, tool_calls, turns
+
+    log = tmp_path / "calls.jsonl"
+    app, server = build(log)
+    closing(server)
+
+    @app.agent(tools=["demo.add"])
+    def adder(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("What is 2 + 3?", output=Answer)
+
+    script = turns([tool_calls(("demo_add", {"a": 2, "b": 3})), completion(json.dumps({"key": "done"}))])
+
+    def api(request: dict[str, Any]) -> Any:
+        names = [t["function"]["name"] for t in request.get("tools") or []]
+        bad = [n for n in names if not WIRE_NAME.match(n)]
+        if bad:  # as the OpenAI API answers it
+            return 400, {"error": {"message": f"Invalid 'tools[0].function.name': {bad[0]!r} does not match "
+                                              "pattern '^[a-zA-Z0-9_-]+$'", "type": "invalid_request_error"}}, {}
+        return script(request)
+
+    with FakeOpenAI(api) as model_api:
+        model = OpenAIProvider(MeshSettings(model_provider="openai", model_url=model_api.url, model_name="m"))
+        ctx = TestContext(app, adder, model=model, settings=settings, secrets={"MCP_TEST_TOKEN": secret})
+        assert adder(ctx, Call(tool="-")) == Answer(key="done")
+    [offered] = [t["function"] for t in model_api.requests[0]["json"]["tools"]]
+    assert offered["name"] == "demo_add"
+    # the model reads the server's (pinned) description and inputSchema, not a stand-in
+    assert offered["description"] == "Add two integers."
+    assert offered["parameters"]["required"] == ["a", "b"]
+    assert offered["parameters"]["properties"]["a"]["type"] == "integer"
+    assert [(c["tool"], c["args"]) for c in seen(log)] == [("add", {"a": 2, "b": 3})]
+    assert [c.tool for c in ctx.calls] == ["demo.add"]
+
+
+def test_a_model_loop_never_shows_the_model_a_description_changed_since_its_pin(
+        settings: MeshSettings, rclient: redis.Redis, secret: str, tmp_path: Path,
+        closing: Callable[[McpServer], McpServer]) -> None:
+    from mesh.agents.providers.openai import OpenAIProvider
+    from mesh.testing import TestContext
+    from tests.agents.openai_server import FakeOpenAI, completion, turns
+
+    log = tmp_path / "calls.jsonl"
+    _, first = build(log)
+    closing(first).register(Pins(rclient, Keys(settings.namespace)), {"MCP_TEST_TOKEN": secret}, 30)
+    first.close()
+    app, server = build(log, variant="2")  # add's description now asks the model to email the numbers
+    closing(server)
+
+    @app.agent(tools=["demo.add"])
+    def adder(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("What is 2 + 3?", output=Answer)
+
+    with FakeOpenAI(turns([completion(json.dumps({"key": "done"}))])) as model_api:
+        model = OpenAIProvider(MeshSettings(model_provider="openai", model_url=model_api.url, model_name="m"))
+        ctx = TestContext(app, adder, model=model, settings=settings, secrets={"MCP_TEST_TOKEN": secret})
+        with pytest.raises(ToolRefused, match="another description"):
+            adder(ctx, Call(tool="-"))
+    assert model_api.requests == []  # refused before the model was asked anything
+
+
+def test_a_model_loop_waits_for_approval_of_a_call_of_a_tool_its_server_says_is_destructive(
+        settings: MeshSettings, secret: str, tmp_path: Path, closing: Callable[[McpServer], McpServer]) -> None:
+    from mesh.agents.tool_loop import CallNeedsApproval
+    from mesh.testing import TestContext, TestModel, calls
+
+    log = tmp_path / "calls.jsonl"
+    app = App("mcp-destructive")
+    closing(app.mcp("demo", command=[sys.executable, SERVER], allow=["add", "wipe"], secrets=["MCP_TEST_TOKEN"],
+                    env={"MCP_TEST_TOKEN": "{MCP_TEST_TOKEN}", "MCP_LOG": str(log)}))
+
+    @app.agent(tools=["demo.add", "demo.wipe"])
+    def cleaner(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("Clean up", output=Answer)
+
+    def context(approve: bool) -> TestContext:
+        script = [calls(("demo_add", {"a": 1, "b": 1})), calls(("demo_wipe", {})), {"key": "clean"}]
+        return TestContext(app, cleaner, model=TestModel({Answer: script}), settings=settings, approve_calls=approve,
+                           secrets={"MCP_TEST_TOKEN": secret})
+
+    with pytest.raises(CallNeedsApproval) as asked:  # wipe says destructiveHint: true
+        cleaner(context(False), Call(tool="-"))
+    assert asked.value.call == {"tool": "demo.wipe", "args": {}}
+    assert [c["tool"] for c in seen(log)] == ["add"]  # add (no hint) was made, wipe was not
+    assert cleaner(context(True), Call(tool="-")) == Answer(key="clean")
+    assert [c["tool"] for c in seen(log)] == ["add", "add", "wipe"]
+
+
+def test_a_model_loop_over_a_faked_mcp_tool_needs_no_server() -> None:
+    from mesh.testing import TestContext, TestModel, calls
+
+    app = App("mcp-faked")
+    app.mcp("demo", command=["/nonexistent/mcp-server"], allow=["add"])
+
+    @app.agent(tools=["demo.add"])
+    def adder(ctx: Context, call: Call) -> Answer:
+        return ctx.model.run("What is 2 + 3?", output=Answer)
+
+    model = TestModel({Answer: [calls(("demo_add", {"a": 2, "b": 3})), {"key": "done"}]})
+    ctx = TestContext(app, adder, model=model, tools={"demo.add": McpResult(structured={"sum": 5})})
+    assert adder(ctx, Call(tool="-")) == Answer(key="done")
+    assert [c.tool for c in ctx.calls] == ["demo.add"]

@@ -73,12 +73,10 @@ def test_wire_names_take_dotted_names_to_the_providers_format_and_keep_every_too
     long = "search." + "x" * 80
     wire = wire_names(["lookup", "github.search_issues", "demo.add", "demo_add", long])
     assert wire["lookup"] == "lookup" and wire["github.search_issues"] == "github_search_issues"
-    # demo.add and demo_add would share a name: both get their own, from their declared names
-    assert wire["demo.add"] != wire["demo_add"] and wire["demo.add"].startswith("demo_add_")
+    assert wire["demo.add"] == "demo_add" and wire["demo_add"] == "demo_add-2"  # would share one: kept apart
     assert len(wire[long]) == 64
     assert all(w.replace("_", "").replace("-", "").isalnum() and len(w) <= 64 for w in wire.values())
     assert len(set(wire.values())) == len(wire)
-    assert wire_names(["demo_add", "demo.add"]) == {k: wire[k] for k in ("demo_add", "demo.add")}  # any order
 
 
 def test_destructive_hints_and_their_override() -> None:
@@ -156,35 +154,25 @@ class Done(BaseModel):
     done: bool
 
 
-def test_what_a_tool_source_presents_is_what_the_model_sees_and_whether_the_call_waits() -> None:
+def test_the_local_provider_makes_args_from_the_schema_a_tool_source_presented() -> None:
     from mesh.agents.app import ToolSpec
     from mesh.agents.providers.local import LocalProvider
-    from mesh.agents.tool_loop import CallNeedsApproval, Presented
 
     schema = {"type": "object", "required": ["table", "rows"],
               "properties": {"table": {"type": "string"}, "rows": {"type": "integer", "minimum": 1}}}
     source = App("source")
     source.add_tool(ToolSpec(name="db.trim", args=Anything, effect=False, description="trim of MCP server db",
-                             run=lambda ctx, args: {"trimmed": args.model_dump()},
-                             present=lambda ctx: Presented("Trim a table to its first rows.", schema, True)))
-    shown: list[Any] = []
+                             run=lambda ctx, args: {"trimmed": args.model_dump()}))
 
-    class Shown(LocalProvider):
-        def turn(self, messages: Any, tools: Any, output: Any, **kw: Any) -> Any:
-            shown.extend((t.name, t.description, t.parameters) for t in tools)
-            return super().turn(messages, tools, output, **kw)
+    class Described(TestContext):  # a source presenting the tool as an MCP server does
+        def _describe(self, spec: Any) -> tuple[str, dict[str, Any] | None, bool]:
+            return "Trim a table to its first rows.", schema, False
 
-    ctx = TestContext(source, model=Shown())
+    ctx = Described(source, model=LocalProvider())
     assert ctx.model.run("trim orders", tools=["db.trim"], output=Done) == Done(done=True)
-    assert shown[0] == ("db_trim", "Trim a table to its first rows.", schema)
     # the local provider made the args from the presented schema, not from the generic args model
     [call] = ctx.calls
     assert call.tool == "db.trim" and set(call.result["trimmed"]) == {"table", "rows"}
-    assert ctx.loop_events[0] == {"event": "approval", "tool": "db.trim", "args": call.args.model_dump()}
-    waiting = TestContext(source, model=LocalProvider(), approve_calls=False)
-    with pytest.raises(CallNeedsApproval):  # the source marks it destructive: the call waits
-        waiting.model.run("trim orders", tools=["db.trim"], output=Done)
-    assert waiting.calls == []
 
 
 def test_a_faked_mcp_tool_is_offered_without_asking_its_server() -> None:

@@ -16,6 +16,8 @@ import pytest
 from conftest import wait_for
 
 from mesh import MeshClient, State
+from mesh.broker.ledger import Ledger
+from mesh.contracts.effects import Verdict
 from mesh.dlq import DeadLetterStore
 from tests.apps.minting import app, caller
 from tests.apps.test_ticketing import namespace_values
@@ -134,3 +136,20 @@ def test_each_call_and_each_retry_mints_a_token_of_its_own_a_refused_mint_calls_
     assert "with token [secret]" in log  # the tool logged its token: masked
     assert not [t for t in minted if t in log] and CLIENT_SECRET not in log
     assert json.loads(outputs[-1].stdout)
+
+
+@pytest.mark.slow
+def test_a_minter_still_running_at_the_time_limit_fails_the_call_as_not_made_not_unknown(
+        settings, rclient, worker_process):
+    from tests.apps import slow_minting
+
+    mesh = MeshClient(settings, client=rclient, app=slow_minting.app)
+    worker_process("--app", "tests.apps.slow_minting:app")
+    ref = mesh.send(slow_minting.payer, {"cents": 5})
+    record = mesh.wait(ref.id, timeout_s=60)
+    # the tool was never called: its effect is not unknown, the step failed by the time limit
+    assert rclient.get(f"{settings.namespace}:test.paid") is None
+    assert record.state is State.DEAD_LETTERED, (record.state, record.error)
+    assert "credential minter" in (record.error or ""), record.error
+    [entry] = Ledger(rclient, mesh.keys, record.job_id, "payer", 60).entries()
+    assert entry.verdict is Verdict.FAILED, entry
