@@ -336,18 +336,22 @@ class App:
     def mcp(self, name: str, *, command: Iterable[str] = (), url: str | None = None, allow: Iterable[str] = (),
             secrets: Iterable[str] = (), env: Mapping[str, str] | None = None,
             headers: Mapping[str, str] | None = None, effect: bool = True,
-            timeout_s: float | None = None) -> McpServer:
+            timeout_s: float | None = None, destructive: bool | Iterable[str] | None = None) -> McpServer:
         """Use MCP server ``name`` (``command=[...]``: stdio; ``url=``: streamable HTTP) as a tool source:
         each of its tools named in ``allow`` becomes the declared tool ``<name>.<tool>`` (none by
         default). ``secrets``: read by the worker (environment or MESH_SECRETS_DIR), given to a stdio
         server in its environment (``env``: templates such as ``{"GH_TOKEN": "{GITHUB_TOKEN}"}``; by
-        default each under its own name) and to an HTTP one in ``headers``. See docs/guides/mcp.md."""
+        default each under its own name) and to an HTTP one in ``headers``. ``destructive``: which tools'
+        calls the model asks for in a tool loop wait for a person's approval (None: those the server
+        marks ``destructiveHint``; True or False: all or none; a list of its tool names: exactly those).
+        See docs/guides/mcp.md."""
         from .tools.mcp import declare
 
         if name in self.mcp_servers:
             raise ConfigError(f"app {self.name!r} declares MCP server {name!r} twice")
         server = self.mcp_servers[name] = declare(self, name, command=command, url=url, allow=allow, secrets=secrets,
-                                                  env=env, headers=headers, effect=effect, timeout_s=timeout_s)
+                                                  env=env, headers=headers, effect=effect, timeout_s=timeout_s,
+                                                  destructive=destructive)
         return server
 
     def stored_pipeline(self, data: Mapping[str, Any]) -> PipelineSpec:

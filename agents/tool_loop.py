@@ -425,8 +425,12 @@ async def arun(host: LoopHost, provider: Any, call: Callable[[ToolSpec, BaseMode
                tools: Sequence[Tool[Any, Any] | str] | None, output: type[M], max_turns: int,
                system: str | None, model: str | None) -> M:
     """:func:`run` awaited: the provider's ``aturn``, ``call`` an awaitable (``AsyncContext.call``)."""
+    from .event_loop import in_thread
+
     asking = tool_calling(provider)
-    loop = Loop(host, prompt, host._loop_tools(tools), output, max_turns)
+    # In a thread of its own: an MCP tool's server is asked for its definition (a session opened, a
+    # process started) and the checkpoints are read, neither on the handler's loop.
+    loop = await in_thread(lambda: Loop(host, prompt, host._loop_tools(tools), output, max_turns))
     try:
         while (need := loop.next()) is not None:
             if isinstance(need, Ask):

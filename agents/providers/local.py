@@ -21,7 +21,7 @@ from mesh.contracts import ActionStep, Finding, Findings, Plan, ResearchStep
 
 from ..tool_loop import Message, ModelTurn, ToolDef, ToolRequest
 from .meter import Meter
-from .synthetic import synthesize
+from .synthetic import synthesize, synthesize_json
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -101,8 +101,7 @@ class LocalProvider:
             called = any(m["role"] == "tool" for m in messages)
             spent_in = sum(len(str(m.get("content") or "").split()) for m in messages) + len((system or "").split())
             if tools and not called:
-                calls = tuple(ToolRequest(f"local-{turn}-{n}", t.name,
-                                          json.dumps(synthesize(t.args, prompt).model_dump(mode="json", by_alias=True)))
+                calls = tuple(ToolRequest(f"local-{turn}-{n}", t.name, json.dumps(_args(t, prompt)))
                               for n, t in enumerate(tools, 1))
                 call.tools = [c.name for c in calls]
                 spent_out = sum(len(c.arguments.split()) for c in calls)
@@ -198,3 +197,11 @@ def _excerpt(text: str, terms: Counter[str], limit: int = 320) -> str:
     best = max(range(len(sentences)), key=lambda i: (sum(t in sentences[i].lower() for t in terms), -i))
     excerpt = " ".join(sentences[best:])
     return excerpt if len(excerpt) <= limit else excerpt[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def _args(tool: ToolDef, prompt: str) -> object:
+    """Args for a call of ``tool``: made from its args model, or from the schema its source presented
+    (an MCP tool's ``inputSchema``)."""
+    if tool.schema is not None:
+        return synthesize_json(tool.schema, prompt)
+    return synthesize(tool.args, prompt).model_dump(mode="json", by_alias=True)

@@ -34,6 +34,12 @@ def synthesize(output: type[M], prompt: str) -> M:
                             agent=output.__name__) from None
 
 
+def synthesize_json(schema: dict[str, Any], prompt: str) -> Any:
+    """A value of JSON ``schema`` answering ``prompt`` (an MCP tool's ``inputSchema``: no model to
+    validate it against; the tool's own check does)."""
+    return _value(schema, schema.get("$defs", {}), " ".join(re.findall(r"\w+", prompt)) or "answer", "$")
+
+
 def _value(schema: dict[str, Any], defs: dict[str, Any], text: str, path: str) -> Any:
     if "$ref" in schema:
         return _value(defs[schema["$ref"].rsplit("/", 1)[-1]], defs, text, path)

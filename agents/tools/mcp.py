@@ -7,6 +7,13 @@ name follows the agent-name rule (:mod:`mesh.agents.names`: it has no ``.``), so
 splits a declared name into server and tool, whatever characters the server's tool name uses.
 A tool the server offers and ``allow=`` does not name is not reachable: nothing is allowed by default.
 
+In a tool loop (``ctx.model.run(tools=["github.search_issues"])``) the model is shown the server's own
+description and ``inputSchema`` of the tool (:meth:`McpServer.definition`, checked against its pin when
+the loop starts), under its wire name (``github_search_issues``: :func:`mesh.agents.tool_loop.wire_names`).
+A tool the server marks ``destructiveHint`` (and not ``readOnlyHint``) is destructive: each call the
+model asks for waits for a person's approval of exactly it; ``destructive=`` overrides the hints
+(True: every allowed tool; a list: exactly those; False: none).
+
 A call: the server's definition of the tool is checked against its pin (:mod:`.pins`), the args
 against its ``inputSchema`` (ContractError before anything is sent), then ``tools/call`` goes out with
 the message key and fencing token in ``_meta`` (``mesh/key``, ``mesh/fencing-token``) so the server can
@@ -149,6 +156,9 @@ class McpServer:
     effect: bool = True
     #: Seconds a call may take (cut to the deadline); None: MESH_HTTP_TIMEOUT_S.
     timeout_s: float | None = None
+    #: Which tools' calls the model asks for wait for an approval: None: those the server marks
+    #: ``destructiveHint``; True/False: all/none; a tuple of the server's tool names: exactly those.
+    destructive: bool | tuple[str, ...] | None = None
     #: The definitions this process last listed, by the server's tool name.
     definitions: dict[str, Definition] = field(default_factory=dict, init=False, repr=False)
     _session: Session | None = field(default=None, init=False, repr=False)
@@ -163,6 +173,10 @@ class McpServer:
                               "one of them")
         if importlib.util.find_spec("mcp") is None:
             raise ConfigError(f"MCP server {self.name!r} needs the mcp package: pip install 'agent-mesh[mcp]'")
+        stray = sorted(set(self.destructive) - set(self.allow)) if isinstance(self.destructive, tuple) else []
+        if stray:
+            raise ConfigError(f"MCP server {self.name!r}: destructive= names {stray}, which allow= does not "
+                              f"({list(self.allow)})")
         templates = {**(self.env or {}), **self.headers}
         for where, template in templates.items():
             for _, field_name, _, _ in string.Formatter().parse(template):
@@ -192,9 +206,16 @@ class McpServer:
                 return self.call(ctx, _tool, args.model_dump(mode="json"))
 
             specs.append(ToolSpec(name=self.declared(tool), args=args, run=run, dependency=self.dependency,
-                                  secrets=self.secrets, effect=self.effect,
+                                  secrets=self.secrets, effect=self.effect, destructive=self.destructive_tool(tool),
                                   description=f"{tool} of MCP server {self.name}"))
         return specs
+
+    def destructive_tool(self, tool: str, definition: Definition | None = None) -> bool:
+        """Whether the model's calls of ``tool`` wait for an approval: ``destructive=`` says, else
+        (None) the server's ``destructiveHint`` in ``definition`` (False without one)."""
+        if self.destructive is None:
+            return definition is not None and definition.destructive_hint
+        return self.destructive if isinstance(self.destructive, bool) else tool in self.destructive
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -222,12 +243,13 @@ class McpServer:
 
     def definition(self, ctx: ToolContext, tool: str) -> tuple[Definition, bool]:
         """``tool`` as its server presents it (a session opened when there is none), checked against
-        its pin (ToolRefused, naming what changed, when it is not the pinned one), and whether the
-        server says it is destructive (``destructiveHint``)."""
+        its pin (ToolRefused, naming what changed, when it is not the pinned one), and whether a call
+        the model asks for waits for an approval (:meth:`destructive_tool`: ``destructive=``, else the
+        server's pinned ``destructiveHint``)."""
         session = self.session(ctx.secrets, ctx.timeout_s(OPEN_TIMEOUT_S))
         definition = self.presented(session, tool)
         Pins(ctx.redis, ctx.keys).check(self.declared(tool), definition)
-        return definition, tool in session.destructive
+        return definition, self.destructive_tool(tool, definition)
 
     def session(self, secrets: Mapping[str, str], timeout_s: float) -> Session:
         """The open session for these secrets, opened now when there is none (or it failed). One
@@ -331,10 +353,11 @@ class McpServer:
 def declare(app: App, name: str, *, command: Iterable[str] = (), url: str | None = None,
             allow: Iterable[str] = (), secrets: Iterable[str] = (), env: Mapping[str, str] | None = None,
             headers: Mapping[str, str] | None = None, effect: bool = True,
-            timeout_s: float | None = None) -> McpServer:
+            timeout_s: float | None = None, destructive: bool | Iterable[str] | None = None) -> McpServer:
     """Declare MCP server ``name`` on ``app`` and its allowed tools as declared tools (``App.mcp``)."""
+    marked = destructive if destructive is None or isinstance(destructive, bool) else tuple(destructive)
     server = McpServer(name=name, command=tuple(command), url=url, allow=tuple(allow), secrets=tuple(secrets),
-                       env=env, headers=dict(headers or {}), effect=effect, timeout_s=timeout_s)
+                       env=env, headers=dict(headers or {}), effect=effect, timeout_s=timeout_s, destructive=marked)
     for spec in server.specs():
         app.add_tool(spec)
     return server

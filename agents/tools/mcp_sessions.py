@@ -13,7 +13,7 @@ import weakref
 from contextlib import AsyncExitStack
 from typing import Any
 
-from .pins import Definition
+from .pins import HINTS, Definition
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,6 @@ class Session:
         self.config = config
         self.alive = False
         self.tools: dict[str, Definition] = {}
-        #: The tools whose server says they are destructive (``annotations.destructiveHint``).
-        self.destructive: set[str] = set()
         self.client: Any = None
         self._stop: asyncio.Event | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -50,7 +48,7 @@ class Session:
             async with AsyncExitStack() as stack:
                 self.client = await stack.enter_async_context(await connect(stack, self.config))
                 await self.client.initialize()
-                self.tools = await list_tools(self.client, self.destructive)
+                self.tools = await list_tools(self.client)
                 self.alive = True
                 self._ready.set_result(None)
                 await self._stop.wait()
@@ -101,9 +99,9 @@ async def connect(stack: AsyncExitStack, config: dict[str, Any]) -> Any:
     return ClientSession(read, write)
 
 
-async def list_tools(client: Any, destructive: set[str]) -> dict[str, Definition]:
-    """The server's tools by name; the names of those it says are destructive added to ``destructive``
-    (``destructiveHint: true`` on a tool that is not ``readOnlyHint``)."""
+async def list_tools(client: Any) -> dict[str, Definition]:
+    """The server's tools by name, each with the hints the mesh acts on (pinned with it: a server that
+    drops a ``destructiveHint`` has the tool refused until an operator accepts the change)."""
     tools: dict[str, Definition] = {}
     cursor = None
     while True:
@@ -111,13 +109,17 @@ async def list_tools(client: Any, destructive: set[str]) -> dict[str, Definition
 
         listed = await client.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
         for tool in listed.tools:
-            tools[tool.name] = Definition(tool.name, tool.description or "", dict(tool.input_schema or {}))
-            hints = tool.annotations
-            if hints is not None and hints.destructive_hint is True and hints.read_only_hint is not True:
-                destructive.add(tool.name)
+            tools[tool.name] = Definition(tool.name, tool.description or "", dict(tool.input_schema or {}),
+                                          hints(tool.annotations))
         cursor = listed.next_cursor
         if not cursor:
             return tools
+
+
+def hints(annotations: Any) -> dict[str, Any]:
+    """The annotations of :data:`~.pins.HINTS` a tool gave (by their wire names), none left out as None."""
+    given = annotations.model_dump(by_alias=True, exclude_none=True) if annotations is not None else {}
+    return {k: given[k] for k in HINTS if k in given}
 
 
 def describe(exc: BaseException) -> str:

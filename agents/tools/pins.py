@@ -1,7 +1,9 @@
 """Pinned tool definitions: what an MCP server's tool said it was the first time the mesh saw it.
 
 The first time a tool of an MCP server is seen (a worker starting to serve an agent that uses it,
-or its first call), its name, description and input schema are stored with their sha256
+or its first call), its name, description, input schema and the annotations the mesh acts on
+(``destructiveHint``, ``readOnlyHint``: a server that drops its ``destructiveHint`` would have the
+model's calls of the tool made without an approval) are stored with their sha256
 (``{ns}:pins:tools``). A server that later presents another description or schema has that tool
 refused (``ToolRefused``, permanent, naming what changed): a tool whose description changes under
 the agent is how a server turns a model against its user. What it presented is kept beside the pin
@@ -12,7 +14,7 @@ the agent is how a server turns a model against its user. What it presented is k
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
@@ -22,21 +24,36 @@ from mesh.broker.keys import Keys
 from mesh.contracts import ToolRefused, dumps, loads
 
 #: The parts of a definition that are pinned, in the order a refusal names them.
-PARTS = ("name", "description", "input_schema")
+PARTS = ("name", "description", "input_schema", "annotations")
+#: The tool annotations (MCP's ``ToolAnnotations``) a definition keeps: the ones the mesh acts on.
+HINTS = ("destructiveHint", "readOnlyHint")
 
 
 @dataclass(frozen=True)
 class Definition:
-    """A tool as a server presents it: its name on the server, description and input JSON Schema."""
+    """A tool as a server presents it: its name on the server, description, input JSON Schema and
+    the annotations of :data:`HINTS` it gave (by their wire names: ``{"destructiveHint": true}``)."""
 
     name: str
     description: str
     input_schema: dict[str, Any]
+    annotations: dict[str, Any] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
-        """sha256 of the canonical JSON of the pinned parts (keys sorted)."""
-        return hashlib.sha256(orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)).hexdigest()
+        """sha256 of the canonical JSON of the pinned parts (keys sorted); a definition without
+        annotations hashes as it did before they were pinned."""
+        parts = asdict(self)
+        if not self.annotations:
+            del parts["annotations"]
+        return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    @property
+    def destructive_hint(self) -> bool:
+        """The server marks the tool destructive: ``destructiveHint`` true, ``readOnlyHint`` not
+        (MCP's rule: a read-only tool's ``destructiveHint`` means nothing). Only a hint given counts:
+        MCP's default (true) is not assumed for a tool without annotations."""
+        return self.annotations.get("destructiveHint") is True and self.annotations.get("readOnlyHint") is not True
 
     def to_json(self, **extra: Any) -> bytes:
         return dumps({**asdict(self), "sha256": self.digest, **extra})
@@ -45,7 +62,7 @@ class Definition:
     def from_json(cls, raw: bytes | str) -> Definition:
         data = loads(raw)
         return cls(name=data["name"], description=data.get("description", ""),
-                   input_schema=data.get("input_schema") or {})
+                   input_schema=data.get("input_schema") or {}, annotations=data.get("annotations") or {})
 
     def changed(self, other: Definition) -> list[str]:
         """Which of :data:`PARTS` differ between ``self`` and ``other``."""
