@@ -207,7 +207,8 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
     ``token`` is the fencing token of the failed attempt: a step a later owner holds now (running
     with a higher token) is not touched, nor a running step by an attempt that held none. A running
     step with a lower token was left by an owner whose claim this attempt took over (it died): the
-    failure is this attempt's to record, even before it picked the step up.
+    failure is this attempt's to record, even before it picked the step up. A step waiting for a
+    person's approval is not touched either: its decision (or its timer) ends the wait.
     ``tokens``: the model tokens (in, out) the attempt spent, added to the step and the job while the
     step is still its attempt's (running), so a re-sent write does not count them twice.
     ``events``: where the trace events the loss sets off (a join's decision) are appended, to be
@@ -227,6 +228,11 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
             return record, []  # ended, or in a newer release's state: that release's to move
         if step.state is State.RUNNING and (token is None or (step.token or 0) > token):
             return record, []  # a later claim's owner runs it now
+        if step.state is State.AWAITING_APPROVAL:
+            # Parked for a person: no attempt of it runs, so a failing message of it is a stale copy
+            # (deferred past its deadline, poison). Its decision or timer ends the wait, by a write that
+            # removes its index entry and timers (the consumer's script, which writes this, keeps none).
+            return record, []
         if step.state is State.RUNNING:
             step, record = add_tokens(step, *tokens), add_tokens(record, *tokens)
         ends = (state, error, failure_class)
