@@ -20,7 +20,7 @@ from mesh import (
     ToolContext,
     ToolRefused,
 )
-from mesh.testing import TestClock, TestContext, TestModel, ToolCall
+from mesh.testing import TestClock, TestContext, TestModel, ToolCall, calls
 
 app = App("unit")
 
@@ -204,3 +204,16 @@ def test_an_async_handler_given_the_test_context_itself_is_told_to_wrap_it_in_an
     with pytest.raises(RuntimeError, match=r"await it \(an async handler is given an AsyncContext: AsyncContext"):
         asyncio.run(quote(ctx, Order(item="tea")))  # type: ignore[arg-type]
     assert isinstance(ctx.calls[0].result, RuntimeError)  # the call, refused, is recorded as what it raised
+
+
+def test_what_a_test_context_raises_for_a_destructive_call_is_importable_from_mesh_testing() -> None:
+    import mesh.testing
+    from tests.apps import tool_loop as loop_app
+
+    script = [calls(("refund", {"order_id": "o-1", "cents": 5})), {"order_id": "o-1", "cents": 5}]
+    waiting = TestContext(loop_app.app, loop_app.refunder, approve_calls=False,
+                          model=TestModel({loop_app.Refunded: script}), tools={"refund": {}})
+    with pytest.raises(mesh.testing.CallNeedsApproval) as asked:  # a test's import, not the tool loop's module
+        loop_app.refunder(waiting, loop_app.Order(order_id="o-1"))
+    assert asked.value.call == {"tool": "refund", "args": {"order_id": "o-1", "cents": 5}}
+    assert "CallNeedsApproval" in mesh.testing.__all__ and waiting.calls == []
