@@ -210,9 +210,9 @@ def test_what_a_test_context_raises_for_a_destructive_call_is_importable_from_me
     import mesh.testing
     from tests.apps import tool_loop as loop_app
 
-    script = [calls(("refund", {"order_id": "o-1", "cents": 5})), {"order_id": "o-1", "cents": 5}]
-    waiting = TestContext(loop_app.app, loop_app.refunder, approve_calls=False,
-                          model=TestModel({loop_app.Refunded: script}), tools={"refund": {}})
+    model = TestModel({loop_app.Refunded: [calls(("refund", {"order_id": "o-1", "cents": 5})),
+                                           {"order_id": "o-1", "cents": 5}]})
+    waiting = TestContext(loop_app.app, loop_app.refunder, approve_calls=False, model=model, tools={"refund": {}})
     with pytest.raises(mesh.testing.CallNeedsApproval) as asked:  # a test's import, not the tool loop's module
         loop_app.refunder(waiting, loop_app.Order(order_id="o-1"))
     assert asked.value.call == {"tool": "refund", "args": {"order_id": "o-1", "cents": 5}}
