@@ -182,6 +182,13 @@ class Agent(AgentRef[In, Out]):
     def __call__(self, ctx: Any, input: In) -> Any:
         """The handler: ``triage(ctx, ticket)``; an ``async def`` one is given an ``AsyncContext``
         and awaited (``await answer(AsyncContext(ctx), question)`` in a unit test)."""
+        from .async_context import AsyncContext
+
+        if inspect.iscoroutinefunction(self.fn) and not isinstance(ctx, AsyncContext):
+            # else its first ``await`` of a sync result fails far from the mistake ("object str can't
+            # be used in 'await' expression")
+            raise TypeError(f"agent {self.name!r} is an async def handler: give it an AsyncContext, as a worker "
+                            f"does (in a unit test: await {self.name}(AsyncContext(ctx), input))")
         return self.fn(ctx, input)
 
 

@@ -82,7 +82,7 @@ def read_secret(name: str, secrets_dir: str | None) -> str:
         if path.is_file():
             value = path.read_text().strip()
     if value is None:
-        raise ConfigError(f"secret {name} is not set (environment or MESH_SECRETS_DIR)")
+        raise ConfigError(f"secret {name} is not set (environment or MESH_SECRETS_DIR)", secret=name, unset=True)
     try:
         redact.register(value, name)
     except redact.SecretTooShort as exc:

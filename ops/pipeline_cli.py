@@ -16,6 +16,9 @@ from rich.text import Text
 
 from mesh.ops import console as base
 
+if typing.TYPE_CHECKING:
+    from mesh.agents.pipelines import PipelineError
+
 pipeline_app = typer.Typer(help="Declared pipelines: validate a file, register it, list and show what is registered.",
                            no_args_is_help=True)
 
@@ -120,7 +123,7 @@ def load(source: str, app_path: str | None, *, registered: bool = True, as_json:
         try:
             return Loaded(mesh_app, load_pipeline(Path(source), mesh_app), "file")
         except PipelineError as exc:
-            refused([str(e) for e in exc.errors])
+            refused([str(e) for e in exc.errors] + ([] if as_json else without_app(exc, app_path, mesh_app.name)))
     if kind == "python":
         try:
             spec = python_pipeline(source)
@@ -143,6 +146,15 @@ def load(source: str, app_path: str | None, *, registered: bool = True, as_json:
     if found:
         refused([f"{source}: {'.'.join(map(str, p.loc))}: {p.message}" for p in found])
     return Loaded(mesh_app, spec, how, digest)
+
+
+def without_app(exc: PipelineError, app_path: str | None, app_name: str) -> list[str]:
+    """The line that says why a file's agents are unknown when no ``--app`` was given: it was checked
+    against the built-in app, and the user's app is named with ``--app``."""
+    if app_path is not None or not any(f"which app {app_name!r} does not declare" in e.message for e in exc.errors):
+        return []
+    return [f"(no --app given: checked against the built-in app {app_name!r}; name the app that declares these "
+            "agents with --app module[:attribute])"]
 
 
 def refuse(lines: list[str], json_source: str | None = None, app_name: str = "") -> typing.NoReturn:
@@ -177,8 +189,8 @@ def validate(
                 base.emit_json({"valid": False, "file": source, "app": mesh_app.name, "errors": [
                     {"file": e.file, "line": e.line, "message": e.message} for e in exc.errors]})
             else:
-                for error in exc.errors:
-                    base.err.print(Text(str(error)), highlight=False)
+                for said in [str(e) for e in exc.errors] + without_app(exc, app_path, mesh_app.name):
+                    base.err.print(Text(said), highlight=False)
             raise typer.Exit(base.EXIT_INPUT) from None
     else:
         spec = load(source, app_path, as_json=as_json).spec

@@ -85,7 +85,7 @@ def check_served(app: App | None, agents: list[str] | None, settings: MeshSettin
             try:
                 read_secret(secret, settings.secrets_dir)
             except ConfigError as exc:
-                raise ConfigError(f"agent {agent!r} calls tool {tool!r}: {exc}") from None
+                raise ConfigError(f"agent {agent!r} calls tool {tool!r}: {exc}", **exc.context, tool=tool) from None
 
 
 def builtin_app() -> App:

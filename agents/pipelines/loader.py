@@ -67,7 +67,9 @@ def load_pipeline(source: str | Path, app: App) -> PipelineSpec:
         try:
             text = _read_file(Path(source)).decode("utf-8")
         except OSError as exc:
-            raise PipelineError([LoadError(name, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
+            where = "" if Path(source).is_absolute() else (
+                f" (a relative path, read from the current directory {os.getcwd()})")
+            raise PipelineError([LoadError(name, 1, f"cannot read the file: {exc.strerror or exc}{where}")]) from None
         except UnicodeDecodeError as exc:
             raise PipelineError([LoadError(name, 1, f"not UTF-8: {exc.reason} at byte {exc.start}")]) from None
         except ValueError as exc:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from mesh import App, Context, ToolContext
-from mesh.agents.pipelines import Pipeline
+from mesh import App, Context, Pipeline, ToolContext
 
 app = App("quickstart")
 

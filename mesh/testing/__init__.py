@@ -12,6 +12,8 @@
 
 - :class:`TestContext`: a ``Context`` with fixed ids, a deadline on a :class:`TestClock`, its
   ``progress`` notes and tool ``calls`` kept, ``cancelled`` settable, fake or real tools;
+- :class:`CallNeedsApproval`: what a ``TestContext(..., approve_calls=False)`` raises where a worker
+  would park a step on a destructive call of its tool loop;
 - :class:`TestModel`: a model provider with scripted answers, its prompts and tokens kept, failing
   on demand with the mesh's failure classes;
 - :class:`TestMesh` and :func:`run_pipeline`: the app on an in-process worker in a namespace of its
@@ -22,10 +24,12 @@ See the guide, docs/guides/testing.md.
 
 from __future__ import annotations
 
+from mesh.agents.tool_loop import CallNeedsApproval
+
 from .clock import TestClock
 from .context import TestContext, ToolCall
 from .inprocess import TestMesh, run_pipeline
 from .model import Prompt, ScriptExhausted, TestModel, calls
 
-__all__ = ["Prompt", "ScriptExhausted", "TestClock", "TestContext", "TestMesh", "TestModel", "ToolCall",
-           "calls", "run_pipeline"]
+__all__ = ["CallNeedsApproval", "Prompt", "ScriptExhausted", "TestClock", "TestContext", "TestMesh", "TestModel",
+           "ToolCall", "calls", "run_pipeline"]

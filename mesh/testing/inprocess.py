@@ -124,7 +124,14 @@ class TestMesh:
         url = ensure_redis(settings)  # at the default URL, the embedded one when none answers
         self.settings = settings = settings.model_copy(update={"redis_url": url})
         app = self._worker_app()
-        check_served(app, None, settings)
+        try:
+            check_served(app, None, settings)
+        except ConfigError as exc:
+            if not exc.context.get("unset"):
+                raise
+            secret, tool = exc.context["secret"], exc.context["tool"]
+            raise ConfigError(f"{exc}; a test gives it as secrets={{{secret!r}: ...}} (run_pipeline, TestMesh) "
+                              f"or fakes the tool with tools={{{tool!r}: ...}}", **exc.context) from None
         self._broker = broker = build_broker(settings)
         self.model.meter = Meter(settings, broker.records)  # the job's token budget holds, as a worker's
         runtime = AgentRuntime(settings=settings, redis=broker.records, provider=self.model, app=app)

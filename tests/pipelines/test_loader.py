@@ -386,3 +386,15 @@ def test_yaml_text_loads_as_well_as_a_file() -> None:
     assert spec.digest() == load_pipeline(ISSUE_FILE, app).digest()
     with pytest.raises(PipelineError, match=r"^<string>:2: steps: a pipeline needs at least one step$"):
         load_pipeline("name: p\nsteps: []\n", app)
+
+
+def test_a_relative_pipeline_file_not_found_says_it_is_read_from_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # as a worker started elsewhere than beside the app's module
+    with pytest.raises(PipelineError) as missing:
+        app.pipeline("article.yaml")
+    assert str(missing.value) == (f"article.yaml:1: cannot read the file: No such file or directory (a relative path, "
+                                  f"read from the current directory {tmp_path})")
+    with pytest.raises(PipelineError) as absolute:
+        load_pipeline(tmp_path / "article.yaml", app)
+    assert str(absolute.value) == f"{tmp_path / 'article.yaml'}:1: cannot read the file: No such file or directory"

@@ -59,6 +59,8 @@ def test_validate_defaults_to_the_builtin_app(cli: Cli) -> None:
     run = cli("pipeline", "validate", ISSUE_FILE)
     assert run.returncode == 2
     assert f"{ISSUE_FILE}:16: step 'coder' runs agent 'coder', which app 'mesh' does not declare" in run.stderr
+    assert run.stderr.splitlines()[-1] == ("(no --app given: checked against the built-in app 'mesh'; name the app "
+                                           "that declares these agents with --app module[:attribute])")
 
 
 def test_validate_a_missing_file_or_app_exits_2(cli: Cli, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from mesh import (
     ToolContext,
     ToolRefused,
 )
-from mesh.testing import TestClock, TestContext, TestModel, ToolCall
+from mesh.testing import TestClock, TestContext, TestModel, ToolCall, calls
 
 app = App("unit")
 
@@ -202,5 +202,27 @@ def test_an_async_tool_and_an_async_handlers_http_go_through_the_tests_async_cli
 def test_an_async_handler_given_the_test_context_itself_is_told_to_wrap_it_in_an_async_context() -> None:
     ctx = TestContext(app, quote, model=TestModel({Charge: [{"amount": 7}]}))
     with pytest.raises(RuntimeError, match=r"await it \(an async handler is given an AsyncContext: AsyncContext"):
-        asyncio.run(quote(ctx, Order(item="tea")))  # type: ignore[arg-type]
+        asyncio.run(quote.fn(ctx, Order(item="tea")))  # type: ignore[arg-type]  # the function, unchecked
     assert isinstance(ctx.calls[0].result, RuntimeError)  # the call, refused, is recorded as what it raised
+
+
+def test_a_declared_async_agent_called_with_a_sync_context_is_refused_before_it_runs() -> None:
+    ctx = TestContext(app, quote, tools={price: Quote(price=1)}, model=TestModel({Charge: [{"amount": 7}]}))
+    with pytest.raises(TypeError) as refused:
+        quote(ctx, Order(item="tea"))  # a fake's result is no awaitable: awaited, it failed far from the mistake
+    assert str(refused.value) == ("agent 'quote' is an async def handler: give it an AsyncContext, as a worker "
+                                  "does (in a unit test: await quote(AsyncContext(ctx), input))")
+    assert ctx.calls == [] and ctx.progress_notes == []  # nothing of it ran
+
+
+def test_what_a_test_context_raises_for_a_destructive_call_is_importable_from_mesh_testing() -> None:
+    import mesh.testing
+    from tests.apps import tool_loop as loop_app
+
+    model = TestModel({loop_app.Refunded: [calls(("refund", {"order_id": "o-1", "cents": 5})),
+                                           {"order_id": "o-1", "cents": 5}]})
+    waiting = TestContext(loop_app.app, loop_app.refunder, approve_calls=False, model=model, tools={"refund": {}})
+    with pytest.raises(mesh.testing.CallNeedsApproval) as asked:  # a test's import, not the tool loop's module
+        loop_app.refunder(waiting, loop_app.Order(order_id="o-1"))
+    assert asked.value.call == {"tool": "refund", "args": {"order_id": "o-1", "cents": 5}}
+    assert "CallNeedsApproval" in mesh.testing.__all__ and waiting.calls == []

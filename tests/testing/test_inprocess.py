@@ -9,7 +9,7 @@ import pytest
 import redis
 from pydantic import BaseModel
 
-from mesh import App, AsyncContext, Context, Credential, Pipeline, State, ToolContext
+from mesh import App, AsyncContext, ConfigError, Context, Credential, Pipeline, State, ToolContext
 from mesh.testing import TestMesh, TestModel, ToolCall, run_pipeline
 
 pytestmark = pytest.mark.slow  # each test starts an in-process worker
@@ -87,6 +87,17 @@ def test_a_real_tool_reads_the_secret_the_test_gives() -> None:
                           secrets={"BLOG_TOKEN": "tok-for-the-test"}, approve={"publish": True})
     assert record.steps["publish"].result == {"id": "tok-:otters"}
 
+
+
+def test_a_real_tools_secret_the_test_did_not_give_is_refused_saying_how_a_test_gives_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BLOG_TOKEN", raising=False)
+    with pytest.raises(ConfigError) as refused:
+        run_pipeline(app, "blog", {"topic": "otters"}, model=TestModel(DRAFTS), approve={"publish": True})
+    assert str(refused.value) == (
+        "agent 'publish' calls tool 'post': secret BLOG_TOKEN is not set (environment or MESH_SECRETS_DIR); "
+        "a test gives it as secrets={'BLOG_TOKEN': ...} (run_pipeline, TestMesh) or fakes the tool with "
+        "tools={'post': ...}")
 
 def test_a_denied_step_halts_the_job_and_calls_nothing() -> None:
     with TestMesh(app, model=TestModel(DRAFTS), tools={post: Posted(id="never")}) as mesh:
