@@ -374,7 +374,10 @@ class MeshClient:
             return Target(agent, agent, None, functools.partial(validate_input, agent), *CONTRACTS[agent])
         published = self.registry.get(agent)
         if published is None:
-            raise UnknownAgent(agent, self.known_agents())
+            known = self.known_agents()  # read after: an agent published in between is sent to, not refused
+            published = self.registry.get(agent) if agent in known else None
+            if published is None:
+                raise UnknownAgent(agent, known)
         return Target(agent, published.queue, published.version, published.validate_input)
 
     @staticmethod

@@ -181,6 +181,7 @@ def test_a_stdio_tool_call_through_a_worker_carries_the_key_and_the_secret_reach
         # The worker's first registration pins the tools its agents use, before any call.
         pins = Pins(client.redis, Keys(settings.namespace))
         wait_for(lambda: {"demo.add", "demo.fail", "demo.hang"} <= set(pins.pinned()), timeout_s=30)
+        wait_for(lambda: client.registry.get("acaller") is not None, timeout_s=30)
         assert seen(log) == []
         record = client.wait(client.send("caller", {"tool": "demo.add", "args": {"a": 2, "b": 3}}).id, timeout_s=60)
         awaited = client.wait(client.send("acaller", {"tool": "demo.add", "args": {"a": 4, "b": 4}}).id, timeout_s=60)
@@ -243,6 +244,8 @@ def test_through_a_worker_a_hang_times_out_is_error_is_permanent_and_bad_args_ne
     closing(server)
     worker = start(settings, None, 1, app=app)
     try:
+        # The worker publishes its agents in the background: the client sends by the published schema.
+        wait_for(lambda: client.registry.get("caller") is not None, timeout_s=30)
         hung = client.wait(client.send("caller", {"tool": "demo.hang"}).id, timeout_s=60)
         failed = client.wait(client.send("caller", {"tool": "demo.fail"}).id, timeout_s=60)
         calls_before = len(seen(log))
