@@ -72,6 +72,18 @@ R = TypeVar("R")
 logger = logging.getLogger(__name__)
 
 
+def validated_args(spec: ToolSpec, args: BaseModel | dict[str, Any]) -> BaseModel:
+    """``args`` as ``spec``'s args model (a model of another class by its fields); ContractError
+    with pydantic's errors when they do not fit."""
+    if isinstance(args, spec.args):
+        return args
+    try:
+        return spec.args.model_validate(args.model_dump(mode="json") if isinstance(args, BaseModel) else args)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise ContractError(f"invalid {spec.name} args: {exc.error_count()} error(s)", errors=errors) from None  # type: ignore[arg-type]
+
+
 def read_secret(name: str, secrets_dir: str | None) -> str:
     """A secret by name, at run time: the worker's environment, else a file in MESH_SECRETS_DIR.
     Its value is registered for redaction: it never appears in a log line, trace, job record, output
@@ -196,12 +208,7 @@ class Context:
         if spec is None:
             raise ToolRefused(f"agent {self.spec.name!r} did not declare tool {tool!r}; it declared "
                               f"{list(self.spec.tools) or 'none'}", tool=tool)
-        try:
-            typed = args if isinstance(args, spec.args) else spec.args.model_validate(
-                args.model_dump(mode="json") if isinstance(args, BaseModel) else args)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False)
-            raise ContractError(f"invalid {tool} args: {exc.error_count()} error(s)", errors=errors) from None  # type: ignore[arg-type]
+        typed = validated_args(spec, args)
         self._confirm(spec.name, effect=spec.effect)
         if spec.effect:
             # Through the ledger: intent before the call, outcome and verdict after; a re-run

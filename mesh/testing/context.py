@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 
 import httpx
 import redis
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from mesh.agents import credentials, tool_loop
 from mesh.agents.app import Agent, AgentSpec, App, Tool, ToolSpec
-from mesh.agents.context import Context, StepModel, _classified
+from mesh.agents.context import Context, StepModel, _classified, validated_args
 from mesh.agents.event_loop import resolve
 from mesh.agents.providers import ModelProvider
 from mesh.agents.tools.allow import Resolver, system_resolver
@@ -34,7 +34,7 @@ from mesh.agents.tools.http import GuardedHttp
 from mesh.broker.idempotency import Lease
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import ConfigError, ContractError, Envelope, MeshError, ToolRefused
+from mesh.contracts import ConfigError, Envelope, MeshError, ToolRefused
 
 from .clock import TestClock
 from .model import TestModel
@@ -198,7 +198,7 @@ class TestContext(Context):
         if spec is None and name not in self._fakes:
             raise ToolRefused(f"no tool {name!r}: declare it on the app or give a fake (tools={{{name!r}: ...}})",
                               tool=name)
-        typed: Any = args if spec is None else _validated(spec, args)
+        typed: Any = args if spec is None else validated_args(spec, args)
         try:
             result = resolve(self._run(spec, typed) if name not in self._fakes else _fake(self._fakes[name], typed))
         except BaseException as exc:
@@ -260,16 +260,6 @@ def _tool_name(app: App | None, tool: ToolRef) -> str:
         return tool.name
     declared = (s.name for s in app.tools.values() if s.run is tool) if app is not None else iter(())
     return next(declared, getattr(tool, "__name__", repr(tool)))
-
-
-def _validated(spec: ToolSpec, args: BaseModel | dict[str, Any]) -> BaseModel:
-    if isinstance(args, spec.args):
-        return args
-    try:
-        return spec.args.model_validate(args.model_dump(mode="json") if isinstance(args, BaseModel) else args)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        raise ContractError(f"invalid {spec.name} args: {exc.error_count()} error(s)", errors=errors) from None  # type: ignore[arg-type]
 
 
 def _fake(fake: Any, args: Any) -> Any:
