@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Longest flow key an envelope carries (:func:`mesh.contracts.flow.flow_key_of` hashes a longer one).
+FLOW_KEY_MAX = 128
 
 
 def new_trace_id() -> str:
@@ -63,6 +65,9 @@ class Envelope(Frozen):
     idempotent: bool = False
     #: The model this step's ``ctx.model.complete`` calls use (a pipeline step's ``model``); None: MESH_MODEL_NAME.
     model: str | None = None
+    #: The rendered key of the agent's flow limits (``concurrency: {key: "input.tenant"}``), written by
+    #: the sender; None: one limit for every message of the agent (see docs/guides/limits.md).
+    flow_key: str | None = Field(default=None, min_length=1, max_length=FLOW_KEY_MAX)
     payload: dict[str, Any]
 
     @field_validator("trace_id")
