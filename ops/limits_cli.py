@@ -53,7 +53,7 @@ def limits_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = 
     columns: tuple[Column, ...] = (
         Column("limit", key=True), Column("key", key=True), Column("rate"), Column("in use", justify="right"),
         Column("waiting", justify="right"), Column("ahead", justify="right"), Column("429s", justify="right"))
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for s in states:
         rate = s.requests or "-"
         if s.requests and s.factor < 1:
