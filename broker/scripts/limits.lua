@@ -29,7 +29,7 @@ local command = ARGV[1]
 local t = redis.call("time")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- A waiter that did not come back for this long left (its message ended elsewhere): pruned.
-local WAITER_STALE_MS = 60000
+local WAITER_STALE_MS = 10000
 
 local function num(field, default)
     return tonumber(redis.call("hget", state, field)) or default
