@@ -87,7 +87,9 @@ class FlowControl(Middleware):
                     self._undo(held)
                     if verdict.reason == "rate":
                         permits[f"{name}|{limit_key or ''}"] = [verdict.gen, 1]
-                    self._defer(broker, message, verdict.wait_ms, permits, f"{name} {verdict.reason}")
+                    if not self._defer(broker, message, verdict.wait_ms, permits, f"{name} {verdict.reason}") \
+                            and verdict.reason == "rate":
+                        self.limiter.give_back(name, limit_key)  # its slot goes to the next message
                     raise SkipMessage(f"{envelope['key']}: waits for {name}")
                 held.limits.append((name, limit_key))
                 if name.startswith("dependency:"):
@@ -120,7 +122,8 @@ class FlowControl(Middleware):
         held.limits.clear()
 
     def _defer(self, broker: Broker, message: MessageProxy, delay_ms: int, permits: dict[str, Any],
-               reason: str) -> None:
+               reason: str) -> bool:
+        """Defer ``message`` by ``delay_ms``; False when its deadline passes first (it is dead-lettered)."""
         envelope = message.args[0]
         waits = int(message.options.get("mesh_flow_waits", 0))
         now_ms = server_now_ms(broker)
@@ -130,7 +133,7 @@ class FlowControl(Middleware):
             decide(message, dead_letter_with_step(broker, message, FailureClass.DEADLINE, why, None))
             logger.warning("message dead-lettered waiting for a limit", extra={"key": envelope.get("key"),
                                                                                 "reason": why})
-            return
+            return False
         copy = delayed_copy(message._message, delay_ms, now_ms=now_ms, mesh_flow=permits, mesh_flow_waits=waits + 1)
         decide(message, RetryLater(copy, delay_ms, stat="deferred_flow", route="flow:defer"))
         if waits == 0:  # its first wait is traced; the others only counted
@@ -140,6 +143,7 @@ class FlowControl(Middleware):
                 trace.emit(self.limiter.client, self.limiter.keys, ev)
             except redis.RedisError as exc:
                 logger.warning("could not write a trace event", extra={"error": str(exc)})
+        return True
 
     def after_process_message(self, broker: Broker, message: MessageProxy, *, result: Any | None = None,
                               exception: BaseException | None = None) -> None:

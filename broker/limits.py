@@ -37,8 +37,9 @@ LIMITS_LUA = resources.files("mesh.broker").joinpath("scripts/limits.lua").read_
 AGENT, DEPENDENCY = "agent:", "dependency:"
 #: How far ahead of its rate a limit may run (ms): a burst of 100 ms' worth of requests.
 BURST_MS = 100
-#: The longest a message waiting for a concurrency slot sleeps before it looks again (ms).
-WAIT_MAX_MS = 2_000
+#: The longest a message waiting for a concurrency slot sleeps before it looks again (ms); it sleeps
+#: as long as the slots ahead of it take to turn over, by how long a slot is usually held.
+WAIT_MAX_MS = 30_000
 #: AIMD: a 429 multiplies the rate by DECREASE (at most once per DECREASE_HOLD_MS, so a volley of
 #: 429s from one overrun counts once), never below MIN_FACTOR of the declared rate; it climbs back by
 #: INCREASE_PER_S of the declared rate a second.
@@ -181,6 +182,12 @@ class Limiter:
     def untake(self, name: str, flow_key: str | None, holder: str) -> None:
         self.script(keys=self._limit_keys(name, flow_key),
                     args=["untake", holder, self.effective(name).unit_ms("requests")])
+
+    def give_back(self, name: str, flow_key: str | None) -> None:
+        """A reserved request that will not be used (its message cannot wait that long): its slot freed."""
+        unit = self.effective(name).unit_ms("requests")
+        if unit:
+            self.script(keys=self._limit_keys(name, flow_key), args=["force", "tat", unit, -1])
 
     def _saw(self, name: str, flow_key: str) -> None:
         now = time.monotonic()

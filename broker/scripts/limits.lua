@@ -16,7 +16,7 @@
 --            {0, "tokens", wait_ms, gen}      the token bucket is spent: back in wait_ms (nothing reserved)
 --            {0, "concurrency", wait_ms, gen} every slot is held, or earlier arrivals wait: back in wait_ms
 --   force field unit_ms cost -> ms the bucket is ahead of now (a call made beyond a permit, or tokens
---         settled: cost may be negative, giving back what was reserved and not spent)
+--         settled: cost may be negative, giving back what was reserved and not spent or used)
 --   untake holder req_ms -> 1: a take undone (its slot freed, its request given back)
 --   release holder held_ms -> 1 when the slot was held
 --   renew lease_ms holder... -> slots still held (their leases run lease_ms from now)
@@ -28,8 +28,8 @@ local state, holders, waiting, alive = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local command = ARGV[1]
 local t = redis.call("time")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- A waiter that did not come back for this long left (its message ended elsewhere): pruned.
-local WAITER_STALE_MS = 10000
+-- A waiter not back this long after it was due left (its message ended elsewhere): pruned.
+local WAITER_GRACE_MS = 10000
 
 local function num(field, default)
     return tonumber(redis.call("hget", state, field)) or default
@@ -48,7 +48,7 @@ end
 
 local function prune()
     redis.call("zremrangebyscore", holders, "-inf", now)
-    local gone = redis.call("zrangebyscore", alive, "-inf", now - WAITER_STALE_MS)
+    local gone = redis.call("zrangebyscore", alive, "-inf", now)
     if #gone > 0 then
         redis.call("zrem", alive, unpack(gone))
         redis.call("zrem", waiting, unpack(gone))
@@ -87,11 +87,12 @@ if command == "take" then
         if rank then ahead = rank else ahead = redis.call("zcard", waiting) end
         if free <= 0 or ahead >= free then
             redis.call("zadd", waiting, "NX", now, member)
-            redis.call("zadd", alive, now, member)
-            keep(lease_ms)
             local position = (rank or ahead) + 1
-            local wait = math.floor(hold_ms * math.ceil(position / max))
-            return {0, "concurrency", math.max(20, math.min(wait, wait_max)), gen}
+            -- Back when the slots ahead of it have turned over, by how long a slot is usually held.
+            local wait = math.max(20, math.min(math.floor(hold_ms * math.ceil(position / max)), wait_max))
+            redis.call("zadd", alive, now + wait + WAITER_GRACE_MS, member)
+            keep(lease_ms)
+            return {0, "concurrency", wait, gen}
         end
     end
     -- Tokens: the bucket is not in debt (what a call spends is reserved when it is made).

@@ -140,10 +140,12 @@ def test_concurrency_is_held_per_key_across_worker_processes(settings: MeshSetti
     assert (a.flow_key, b.flow_key) == ("a", "b") and a.in_flight == b.in_flight == 0
 
 
-def test_a_sigkilled_workers_slot_comes_back(settings: MeshSettings, client: MeshClient,
-                                             worker_process: Any) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
+def test_a_killed_or_stopped_workers_slot_comes_back(settings: MeshSettings, client: MeshClient,
+                                                     worker_process: Any, stop: signal.Signals) -> None:
     """``max: 1``: a second job waits (deferred) while a worker holds the slot; that worker is
-    SIGKILLed mid-step and the slot's lease runs out, so the second job runs, on the other worker."""
+    SIGKILLed (or SIGSTOPped) mid-step and the slot's lease runs out, so the second job runs, on the
+    other worker."""
     service = SlowService(held=frozenset({0}))
     with RecordingServer(service) as server:
         env = {"LIMITED_HOST": server.host_port, "SLOW_MAX": "1", "MESH_HTTP_ALLOW": server.host_port,
@@ -159,11 +161,14 @@ def test_a_sigkilled_workers_slot_comes_back(settings: MeshSettings, client: Mes
                  timeout_s=30)
         assert not any((r["json"] or {}).get("n") == 1 for r in server.requests)  # it waited, unrun
         killed_at = time.monotonic()
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(10)
-        wait_for(lambda: client.status(second.id).state is State.SUCCEEDED, timeout_s=60, interval_s=0.2)
-        wait_for(lambda: client.status(first.id).state is State.SUCCEEDED, timeout_s=60, interval_s=0.2)
-        service.release.set()
+        os.kill(victim.pid, stop)
+        try:
+            wait_for(lambda: client.status(second.id).state is State.SUCCEEDED, timeout_s=60, interval_s=0.2)
+            wait_for(lambda: client.status(first.id).state is State.SUCCEEDED, timeout_s=60, interval_s=0.2)
+        finally:
+            if stop is signal.SIGSTOP:
+                os.kill(victim.pid, signal.SIGCONT)
+            service.release.set()
     ran = [r["at"] for r in server.requests if (r["json"] or {}).get("n") == 1]
     assert ran and min(ran) > killed_at
 
