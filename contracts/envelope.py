@@ -7,7 +7,7 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 SCHEMA_VERSION = 1
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -76,6 +76,15 @@ class Envelope(Frozen):
         if not _TRACE_ID.match(value) or value == "0" * 32:
             raise ValueError("trace_id must be 32 lowercase hex digits, not all zero")
         return value
+
+    @model_serializer(mode="wrap")
+    def _without_absent_flow_key(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A message without a flow key is written as before it existed: a worker of an earlier
+        # release (which refuses unknown fields) still reads it during a rolling deploy.
+        data: dict[str, Any] = handler(self)
+        if data.get("flow_key", ...) is None:
+            data.pop("flow_key", None)
+        return data
 
     def remaining_s(self, now: float | None = None) -> float:
         return self.deadline - (time.time() if now is None else now)
