@@ -17,7 +17,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -122,6 +123,18 @@ def current_held() -> tuple[Limiter, Held] | None:
 
 def set_current(value: tuple[Limiter, Held] | None) -> None:
     _current.held = value
+
+
+@contextmanager
+def acting_for(value: tuple[Limiter, Held] | None) -> Iterator[None]:
+    """This thread spends for the message ``value`` took its limits for (a thread an async handler's
+    call runs in), as the thread running it does."""
+    before = current_held()
+    set_current(value)
+    try:
+        yield
+    finally:
+        set_current(before)
 
 
 class Limiter:
