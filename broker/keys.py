@@ -124,7 +124,8 @@ The mesh's own:
                                       published it (agent:{name}, dependency:{name})
     {ns}:limits.set                   hash limit name -> JSON: an operator's override (mesh limits set),
                                       winning over the declaration until mesh limits reset
-    {ns}:limits.keys:{name}           zset flow key -> last use (ms): the keys a keyed limit has seen
+    {ns}:limits.keys:{name}           zset flow key -> last use (ms): the keys a keyed limit has seen (the
+                                      10,000 most recent)
     (The registry's names hold a dot, which agent names cannot, so no queue's key collides with them.)
 """
 

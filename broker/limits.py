@@ -51,8 +51,8 @@ DEFAULT_PAUSE_MS = 1_000
 EXPECTED_TOKENS = 1_000
 #: How long a process reads overrides (``mesh limits set``) from its cache (s).
 OVERRIDE_CACHE_S = 1.0
-#: How often one process records a keyed limit's key as seen (s).
-KEY_SEEN_S = 5.0
+#: How often one process records a keyed limit's key as seen (s), and how many keys are kept listed.
+KEY_SEEN_S, KEYS_KEPT = 5.0, 10_000
 
 
 def _text(value: Any) -> str:
@@ -209,8 +209,11 @@ class Limiter:
         self._seen[(name, flow_key)] = now
         if len(self._seen) > 10_000:
             self._seen.clear()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.limit_keys(name), {flow_key: int(time.time() * 1000)})
+        pipe.zremrangebyrank(self.keys.limit_keys(name), 0, -KEYS_KEPT - 1)  # the most recent only
         try:
-            self.client.zadd(self.keys.limit_keys(name), {flow_key: int(time.time() * 1000)})
+            pipe.execute()
         except redis.RedisError as exc:
             logger.warning("could not index a limit key", extra={"limit": name, "error": str(exc)})
 
