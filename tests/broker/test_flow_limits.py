@@ -68,7 +68,7 @@ def test_three_workers_converge_on_the_dependencys_real_rate(settings: MeshSetti
     """Declared 100/s, really 50/s: after the first 10 s under 5 % of calls are answered 429, the
     accepted rate stays within 50/s (every second of it), and every job succeeds without a retry."""
     window = SlidingWindow(50)
-    jobs = 800
+    jobs = 700
     with RecordingServer(window) as server:
         env = {"LIMITED_HOST": server.host_port, "LIMITED_RATE": "100/s", "MESH_HTTP_ALLOW": server.host_port}
         for _ in range(3):
