@@ -239,14 +239,15 @@ class Limiter:
         """Renew the lease of every slot this process holds: one pipelined round trip."""
         with self._lock:
             held = list(self._held.values())
-        if not held:
-            return
         pipe = self.client.pipeline(transaction=False)
         for h in held:
             for name, flow_key in h.limits:
+                if not self.effective(name).max:
+                    continue  # a rate holds no slot
                 self.script(keys=self._limit_keys(name, flow_key), args=["renew", self.lease_ms, h.holder],
                             client=pipe)
-        pipe.execute()
+        if len(pipe):
+            pipe.execute()
 
     # -- what a running step spends --
 
