@@ -7,10 +7,12 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 SCHEMA_VERSION = 1
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Longest flow key an envelope carries (:func:`mesh.contracts.flow.flow_key_of` hashes a longer one).
+FLOW_KEY_MAX = 128
 
 
 def new_trace_id() -> str:
@@ -63,6 +65,9 @@ class Envelope(Frozen):
     idempotent: bool = False
     #: The model this step's ``ctx.model.complete`` calls use (a pipeline step's ``model``); None: MESH_MODEL_NAME.
     model: str | None = None
+    #: The rendered key of the agent's flow limits (``concurrency: {key: "input.tenant"}``), written by
+    #: the sender; None: one limit for every message of the agent (see docs/guides/limits.md).
+    flow_key: str | None = Field(default=None, min_length=1, max_length=FLOW_KEY_MAX)
     payload: dict[str, Any]
 
     @field_validator("trace_id")
@@ -71,6 +76,15 @@ class Envelope(Frozen):
         if not _TRACE_ID.match(value) or value == "0" * 32:
             raise ValueError("trace_id must be 32 lowercase hex digits, not all zero")
         return value
+
+    @model_serializer(mode="wrap")
+    def _without_absent_flow_key(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A message without a flow key is written as before it existed: a worker of an earlier
+        # release (which refuses unknown fields) still reads it during a rolling deploy.
+        data: dict[str, Any] = handler(self)
+        if data.get("flow_key", ...) is None:
+            data.pop("flow_key", None)
+        return data
 
     def remaining_s(self, now: float | None = None) -> float:
         return self.deadline - (time.time() if now is None else now)
