@@ -83,7 +83,8 @@ def test_bench_table_fits_80_columns_on_a_wide_terminal_with_a_group_per_prefetc
                   "round trips per msg", "real step, one-step job", "real step, 2-step pipeline",
                   "worker CPU (µs/step)", "Redis CPU (µs/step)", "round trips per step", "40-step pipeline",
                   "send_many of 50", "send() loop of 50", "kept in Redis, 40 jobs", "per one-step job (bytes)",
-                  "per pipeline step (bytes)", "at 10 jobs/s, 7 days (GB)", "Measured by:", "mesh bench --messages 60 "):
+                  "per pipeline step (bytes)", "at 10 jobs/s, 7 days (GB)", "Measured by:",
+                  "mesh bench --messages 60 "):
         assert any(label in line for line in lines), label
 
 
