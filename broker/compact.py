@@ -22,7 +22,7 @@ tooling read a compacted job as any other. A job made active again (a DLQ replay
 and writes new events to a new stream; its next end queues it again, and the two are merged.
 
 Count retention: with MESH_JOB_RETENTION_COUNT set, each compacted job joins ``{ns}:jobs.kept:{name}``
-(its pipeline, or its agent), and the sweep removes all but the newest N of each, as the age
+(its pipeline, or its agent; scored by when it ended), and the sweep removes all but the newest N of each, as the age
 retention would (record, trace, effect ledgers, a tombstone for ``mesh status``), except a job
 holding dead letters or waiting for a person, which only age takes.
 """
@@ -245,15 +245,16 @@ class Compaction:
         return int(out), int(done)
 
     def _one(self, job_id: str, data: bytes | None, rows: list[Any], now: float) -> list[Any]:
-        """The script's five arguments for one job."""
+        """The script's six arguments for one job."""
         record = JobRecord.model_validate(loads(data)) if data is not None else None
         if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
                                                                   for s in record.steps.values()):
-            return [job_id, "", "", "", ""]  # gone, or not ended after all: its next end queues it again
+            return [job_id, "", "", "", "", 0]  # gone, or not ended after all: its next end queues it again
         events = [loads(fields[b"e"]) for _, fields in rows]
         new = compacted(record, events, now)
         last = rows[-1][0].decode() if rows else ""
-        return [job_id, hashlib.sha1(data).hexdigest(), encode(new), last, owner(record)]  # type: ignore[arg-type]
+        ended = record.finished_at or record.updated_at
+        return [job_id, hashlib.sha1(data).hexdigest(), encode(new), last, owner(record), ended]  # type: ignore[arg-type]
 
     def by_count(self, now: float) -> int:
         """Remove all but the newest MESH_JOB_RETENTION_COUNT finished jobs of each agent or pipeline
@@ -276,7 +277,8 @@ class Compaction:
 
     def _tidy(self, name: str, index: str, now: float) -> None:
         """Take out of ``index`` the jobs whose record expired by age (at least MESH_JOB_RETENTION_S
-        after they joined it: none younger can have)."""
+        after they ended: none younger can have, but for a worker's clock ahead of the server's, whose
+        jobs wait as long again)."""
         offset = 0
         while True:
             ids = self.client.zrangebyscore(index, "-inf", now - self.settings.job_retention_s, start=offset, num=BATCH)

@@ -2,12 +2,12 @@
 --
 -- compact(keys=[namespace], args=[command, now_s, ...])
 --
---   compact   keep, (job_id, sha, record, last_id, name)...
+--   compact   keep, (job_id, sha, record, last_id, name, ended_s)...
 --                      -> {jobs out of the queue, jobs compacted}. Each job leaves {ns}:jobs.compact. When ``sha`` is the sha1
 --                         of its record as it is now, the record is replaced by ``record`` (KEEPTTL) and
 --                         its trace stream loses every entry up to ``last_id`` (the stream is deleted
 --                         when nothing came after); with ``keep`` = 1 it joins {ns}:jobs.kept:{name} (and
---                         {ns}:jobs.kept). A record that changed since it was read is left in the queue
+--                         {ns}:jobs.kept), scored by when it ended. A record that changed since it was read is left in the queue
 --                         for the next sweep; ``sha`` "" only takes the job out of the queue (gone, or
 --                         active again: its next end queues it again).
 --   evict     name, retention_ms, terminal_states, job_id...
@@ -43,7 +43,7 @@ end
 
 if command == "compact" then
     local keep, out, done, queue = ARGV[3] == "1", 0, 0, ns .. ":jobs.compact"
-    for i = 4, #ARGV, 5 do
+    for i = 4, #ARGV, 6 do
         local id, sha, record, last_id, name = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
         local key = ns .. ":job:" .. id
         if sha == "" then
@@ -64,7 +64,7 @@ if command == "compact" then
                     end
                 end
                 if keep then
-                    redis.call("zadd", ns .. ":jobs.kept:" .. name, now, id)
+                    redis.call("zadd", ns .. ":jobs.kept:" .. name, ARGV[i + 5], id)
                     redis.call("sadd", ns .. ":jobs.kept", name)
                 end
                 out = out + redis.call("zrem", queue, id)
