@@ -30,6 +30,7 @@ holding dead letters or waiting for a person, which only age takes.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ from .keys import Keys
 from .settings import MeshSettings
 
 COMPACT_LUA = script_source("compact.lua")
+
+logger = logging.getLogger(__name__)
 
 #: Jobs compacted per script call.
 BATCH = 200
@@ -246,7 +249,11 @@ class Compaction:
 
     def _one(self, job_id: str, data: bytes | None, rows: list[Any], now: float) -> list[Any]:
         """The script's six arguments for one job."""
-        record = JobRecord.model_validate(loads(data)) if data is not None else None
+        try:
+            record = JobRecord.model_validate(loads(data)) if data is not None else None
+        except ValueError:  # a record no reader can read: left as it is, never retried in a loop
+            logger.warning("job record unreadable, not compacted", extra={"job_id": job_id})
+            record = None
         if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
                                                                   for s in record.steps.values()):
             return [job_id, "", "", "", "", 0]  # gone, or not ended after all: its next end queues it again

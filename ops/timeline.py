@@ -100,8 +100,8 @@ def _compacted(event: dict[str, Any]) -> str:
                for step, kinds in (event.get("summarised") or {}).items() for kind, n in kinds.items()]
     return (f"once the job ended: {event.get('kept')} events kept whole"
             + (f"; summarised (counted, not kept): {', '.join(counted)}" if counted else ", none summarised")
-            + (f"; {event['cut_values']} long values cut (kept as their size and SHA-256 when not text)"
-               if event.get("cut_values") else ""))
+            + (f"; {event['cut_values']} long value{'' if event['cut_values'] == 1 else 's'} cut (kept as "
+               "their size and SHA-256 when not text)" if event.get("cut_values") else ""))
 
 
 def _join(event: dict[str, Any]) -> str:

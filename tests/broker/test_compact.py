@@ -246,3 +246,14 @@ def test_with_count_retention_off_no_index_is_kept_and_nothing_is_removed(settin
     assert Compaction(rclient, settings).run(now(rclient)).count == 0
     assert not rclient.exists(keys.jobs_kept("executor"), keys.jobs_kept_names)
     assert all(rclient.exists(keys.job(f"job-{i}")) for i in range(3))
+
+
+def test_an_unreadable_record_is_left_as_it_is_and_does_not_stop_the_others(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    rclient.set(keys.job("job-bad"), b"{not json")
+    rclient.zadd(keys.jobs_compact, {"job-bad": 1.0})
+    end(jobs, started(jobs, rclient, "job-good"))
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    assert rclient.get(keys.job("job-bad")) == b"{not json" and rclient.zcard(keys.jobs_compact) == 0
+    assert "history" in loads(rclient.get(keys.job("job-good")))
