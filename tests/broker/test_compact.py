@@ -257,3 +257,34 @@ def test_an_unreadable_record_is_left_as_it_is_and_does_not_stop_the_others(sett
     assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
     assert rclient.get(keys.job("job-bad")) == b"{not json" and rclient.zcard(keys.jobs_compact) == 0
     assert "history" in loads(rclient.get(keys.job("job-good")))
+
+
+@pytest.mark.slow
+def test_a_dead_lettered_job_is_compacted_and_its_replay_goes_on_with_its_story(
+        client, settings, start_worker, rclient, cli):
+    from mesh.dlq import DeadLetterStore, Replayer
+
+    keys = client.keys
+    url = "http://127.0.0.1:9/hook"  # not in MESH_HTTP_ALLOW: refused, permanently
+    ref = client.send("executor", {"tool": "http_post", "args": {"url": url, "json": {}}})
+    start_worker(settings, ("executor",))
+    assert client.wait(ref.id, timeout_s=20).state is State.DEAD_LETTERED
+    wait_for(lambda: rclient.zscore(keys.jobs_compact, ref.id) is not None)  # the settle script queued it
+    before = trace.read(rclient, keys, ref.id)
+    assert [e["event"] for e in before][-1] == "dead_lettered"
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    assert not rclient.exists(keys.trace(ref.id))
+
+    store = DeadLetterStore(rclient, keys)
+    replayer = Replayer(store, settings)
+    assert len(replayer.replay(replayer.entries()).replayed) == 1
+    wait_for(lambda: len([e for e in trace.read(rclient, keys, ref.id) if e["event"] == "dead_lettered"]) == 2,
+             timeout_s=20)
+    wait_for(lambda: rclient.zscore(keys.jobs_compact, ref.id) is not None)
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    kinds = [e["event"] for e in trace.read(rclient, keys, ref.id)]
+    assert kinds[:len(before)] == [e["event"] for e in before]
+    assert kinds[len(before)] == "replayed" and "picked_up" in kinds[len(before):]  # its story goes on ...
+    assert kinds.count("replayed") == 1 and kinds[-2:] == ["dead_lettered", "compacted"]  # ... in one history
+    shown = cli("trace", ref.id)
+    assert shown.returncode == 0 and "replayed" in shown.stdout and "compacted" in shown.stdout
