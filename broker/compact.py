@@ -167,8 +167,8 @@ def expand(record: dict[str, Any], *, note: bool = True) -> list[dict[str, Any]]
     """The events a record's history holds, oldest first, as :func:`mesh.broker.trace.event` wrote
     them; with ``note``, followed by a ``compacted`` event saying what was summarised."""
     history = record.get("history")
-    if not isinstance(history, dict):
-        return []
+    if not isinstance(history, dict) or history.get("v") != VERSION:
+        return []  # none, or a layout of a newer release
     t0, workers = float(history.get("t0") or 0), history.get("w") or []
     out = []
     for row in history.get("ev") or []:
@@ -251,14 +251,15 @@ class Compaction:
         """The script's six arguments for one job."""
         try:
             record = JobRecord.model_validate(loads(data)) if data is not None else None
-        except ValueError:  # a record no reader can read: left as it is, never retried in a loop
-            logger.warning("job record unreadable, not compacted", extra={"job_id": job_id})
-            record = None
-        if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
-                                                                  for s in record.steps.values()):
-            return [job_id, "", "", "", "", 0]  # gone, or not ended after all: its next end queues it again
-        events = [loads(fields[b"e"]) for _, fields in rows]
-        new = compacted(record, events, now)
+            if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
+                                                                      for s in record.steps.values()):
+                return [job_id, "", "", "", "", 0]  # gone, or not ended after all: its next end queues it again
+            events = [loads(fields[b"e"]) for _, fields in rows]
+            new = compacted(record, events, now)
+        except (ValueError, KeyError, TypeError, IndexError):
+            # a record or event no reader can read: left as it is, never retried in a loop
+            logger.warning("job record or trace unreadable, not compacted", extra={"job_id": job_id})
+            return [job_id, "", "", "", "", 0]
         last = rows[-1][0].decode() if rows else ""
         ended = record.finished_at or record.updated_at
         return [job_id, hashlib.sha1(data).hexdigest(), encode(new), last, owner(record), ended]  # type: ignore[arg-type]

@@ -42,12 +42,12 @@ local function holds(record)
 end
 
 if command == "compact" then
-    local keep, out, done, queue = ARGV[3] == "1", 0, 0, ns .. ":jobs.compact"
+    local keep, done, queue, out = ARGV[3] == "1", 0, ns .. ":jobs.compact", {}
     for i = 4, #ARGV, 6 do
         local id, sha, record, last_id, name = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
         local key = ns .. ":job:" .. id
         if sha == "" then
-            out = out + redis.call("zrem", queue, id)
+            out[#out + 1] = id
         else
             local cur = redis.call("get", key)
             if cur and redis.sha1hex(cur) == sha then
@@ -67,13 +67,16 @@ if command == "compact" then
                     redis.call("zadd", ns .. ":jobs.kept:" .. name, ARGV[i + 5], id)
                     redis.call("sadd", ns .. ":jobs.kept", name)
                 end
-                out = out + redis.call("zrem", queue, id)
+                out[#out + 1] = id
                 done = done + 1
             end
         end
     end
+    -- one ZREM for the batch (at most compact.py's BATCH ids): a record changed since it was read
+    -- stays queued for the next pass
+    local removed = #out > 0 and redis.call("zrem", queue, unpack(out)) or 0
     if done > 0 then redis.call("hincrby", ns .. ":stats", "compacted_jobs", done) end
-    return {out, done}
+    return {removed, done}
 
 elseif command == "evict" then
     local name, retention_ms = ARGV[3], tonumber(ARGV[4])

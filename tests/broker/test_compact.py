@@ -254,7 +254,11 @@ def test_an_unreadable_record_is_left_as_it_is_and_does_not_stop_the_others(sett
     rclient.set(keys.job("job-bad"), b"{not json")
     rclient.zadd(keys.jobs_compact, {"job-bad": 1.0})
     end(jobs, started(jobs, rclient, "job-good"))
+    odd = started(jobs, rclient, "job-odd")
+    rclient.xadd(keys.trace("job-odd"), {"x": b"not an event"})
+    end(jobs, odd)
     assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    assert rclient.xlen(keys.trace("job-odd")) == 3 and loads(rclient.get(keys.job("job-odd")))["history"] is None
     assert rclient.get(keys.job("job-bad")) == b"{not json" and rclient.zcard(keys.jobs_compact) == 0
     assert "history" in loads(rclient.get(keys.job("job-good")))
 
