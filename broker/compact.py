@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,16 +214,19 @@ class Compaction:
         self.keys = Keys(settings.namespace)
         self._script = client.register_script(COMPACT_LUA)
 
-    def run(self, now: float) -> Compacted:
-        """One pass at ``now`` (s, the Redis server's clock)."""
-        jobs = self.compact(now)
+    def run(self, now: float, budget_s: float | None = None) -> Compacted:
+        """One pass at ``now`` (s, the Redis server's clock); ``budget_s``: compaction stops taking new
+        batches after this long (what is left waits for the next pass, so passes never overlap)."""
+        jobs = self.compact(now, budget_s)
         return Compacted(jobs=jobs, count=self.by_count(now))
 
-    def compact(self, now: float) -> int:
-        """Compact the jobs queued (as many as the queue held when the pass began); jobs compacted."""
+    def compact(self, now: float, budget_s: float | None = None) -> int:
+        """Compact the jobs queued (as many as the queue held when the pass began, within ``budget_s``);
+        jobs compacted."""
         done = seen = left = 0
         total = int(self.client.zcard(self.keys.jobs_compact))
-        while seen < total:
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        while seen < total and (deadline is None or time.monotonic() < deadline):
             page: Any = self.client.zrange(self.keys.jobs_compact, left, left + BATCH - 1)
             ids = [i.decode() for i in page]
             if not ids:

@@ -70,7 +70,9 @@ class Sweeper(Middleware):
         if not self.client.set(self.keys.sweep_lock, self.owner, nx=True, px=interval_ms):
             return None
         now = server_ms(self.client) / 1000
-        compacted = self.compaction.run(now)  # before the age sweep, so a job it removes is tombstoned now
+        # before the age sweep, so a job it removes is tombstoned now; within half the interval, so the
+        # next sweep (maybe another worker's) never starts while this one still compacts
+        compacted = self.compaction.run(now, budget_s=self.settings.sweep_interval_s / 2)
         done = {f"swept_{name}": n for name, n in asdict(self.retention.sweep(now)).items()}
         done["compacted_jobs"], done["swept_count"] = compacted.jobs, compacted.count
         done["dlq_expired"] = expire_dead_letters(self.dlq, self.audit, self.settings.dlq_retention_s, now)

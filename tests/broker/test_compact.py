@@ -292,3 +292,13 @@ def test_a_dead_lettered_job_is_compacted_and_its_replay_goes_on_with_its_story(
     assert kinds.count("replayed") == 1 and kinds[-2:] == ["dead_lettered", "compacted"]  # ... in one history
     shown = cli("trace", ref.id)
     assert shown.returncode == 0 and "replayed" in shown.stdout and "compacted" in shown.stdout
+
+
+def test_a_pass_out_of_time_leaves_the_queue_for_the_next(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    end(jobs, started(jobs, rclient, "job-later"))
+    compaction = Compaction(rclient, settings)
+    assert compaction.run(now(rclient), budget_s=0).jobs == 0
+    assert rclient.zscore(keys.jobs_compact, "job-later") is not None and rclient.exists(keys.trace("job-later"))
+    assert compaction.run(now(rclient), budget_s=60).jobs == 1
