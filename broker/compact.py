@@ -156,7 +156,9 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
         if rest:
             row.append(rest)
         rows.append(row)
-    history: dict[str, Any] = {"v": VERSION, "t0": t0, "w": workers, "ev": rows, "at": now}
+    history: dict[str, Any] = {"v": VERSION, "w": workers, "ev": rows, "at": round((now - t0) * 1e6)}
+    if t0 != record.get("created_at"):  # times count from the job's creation unless it says otherwise
+        history["t0"] = t0
     if cut:
         history["cut"] = cut
     if cut_values:
@@ -170,7 +172,8 @@ def expand(record: dict[str, Any], *, note: bool = True) -> list[dict[str, Any]]
     history = record.get("history")
     if not isinstance(history, dict) or history.get("v") != VERSION:
         return []  # none, or a layout of a newer release
-    t0, workers = float(history.get("t0") or 0), history.get("w") or []
+    t0 = float(history["t0"] if "t0" in history else record.get("created_at") or 0)
+    workers = history.get("w") or []
     out = []
     for row in history.get("ev") or []:
         kind, us, step_id, attempt, worker = row[:5]
@@ -179,10 +182,11 @@ def expand(record: dict[str, Any], *, note: bool = True) -> list[dict[str, Any]]
         ev.update(row[5] if len(row) > 5 else {})
         out.append(ev)
     if note:
-        out.append({"event": "compacted", "at": float(history.get("at") or t0), "trace_id": record.get("trace_id"),
-                    "job_id": record.get("job_id"), "key": record.get("key"), "step_id": None, "agent": None,
-                    "attempt": None, "worker": None, "kept": len(history.get("ev") or []),
-                    "summarised": history.get("cut") or {}, "cut_values": int(history.get("cut_values") or 0)})
+        out.append({"event": "compacted", "at": t0 + int(history.get("at") or 0) / 1e6,
+                    "trace_id": record.get("trace_id"), "job_id": record.get("job_id"), "key": record.get("key"),
+                    "step_id": None, "agent": None, "attempt": None, "worker": None,
+                    "kept": len(history.get("ev") or []), "summarised": history.get("cut") or {},
+                    "cut_values": int(history.get("cut_values") or 0)})
     return out
 
 
