@@ -275,6 +275,7 @@ class MeshConsumer(_RedisConsumer):
                 # job holding dead letters is kept while they may be replayed, counted from the last one.
                 arg["ttl"] = max(1, int(ended_ttl_s(record, settings.job_retention_s,
                                                     settings.dead_letter_job_retention_s)))
+                arg["compact"] = [keys.jobs_compact, job.job_id]  # queued for compaction (broker/compact.py)
         return dumps(arg).decode()
 
     def nack(self, message: MessageProxy) -> None:

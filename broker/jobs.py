@@ -33,7 +33,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.jobs import COMPENSATION_FAILED, known
 
-from . import approvals, claims, trace
+from . import approvals, claims, compact, trace
 from .keys import Keys
 from .observe import unwind_counts
 from .outbox import stage_all
@@ -80,6 +80,8 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     of its steps that made effectful calls or wait for a replay; later writes to an ended
     job keep that clock (KEEPTTL) rather than restart it; an active record has no TTL (a plain SET
     drops it) and neither has its trace. Stage trace events before this, so the stream exists to expire.
+    A write that ends the job, or rewrites it once ended, queues it for compaction
+    (:func:`mesh.broker.compact.stage_ended`: one ZADD; the sweep does the rest).
     A job in a state a newer release wrote keeps whatever TTL that release gave it.
     """
     key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
@@ -92,9 +94,11 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
             pipe.persist(trace_key)
     elif was in TERMINAL:
         pipe.set(key, data, keepttl=True)
+        compact.stage_ended(pipe, keys, record)  # what it wrote after its compaction is compacted too
     else:
         pipe.set(key, data, px=ttl_ms)
         pipe.pexpire(trace_key, ttl_ms)
+        compact.stage_ended(pipe, keys, record)
         for step in record.steps.values():
             if step.effect is not None or step.state in HELD_FOR_REPLAY:
                 # its effect ledger (what mesh verify and a replay read) goes with the record

@@ -40,16 +40,25 @@ The mesh's own:
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step); expires
                                       MESH_JOB_RETENTION_S after the job ends (broker/jobs.py); one holding
-                                      dead-lettered steps while their dead letters may be replayed
+                                      dead-lettered steps while their dead letters may be replayed; once
+                                      ended, rewritten by the sweep without its default fields and with
+                                      its trace's events as ``history`` (broker/compact.py)
     {ns}:jobs                         zset job id -> created time (s); members whose record expired
                                       are swept (broker/retention.py)
     {ns}:jobs.expired                 zset job id -> swept time (s): tombstones of swept jobs, so
                                       `mesh status` can say "expired"; capped and trimmed by the sweep
+    {ns}:jobs.compact                 zset job id -> ended time (s): ended jobs the sweep compacts next
+                                      (broker/compact.py); the write that ends a job adds it
+    {ns}:jobs.kept:{name}             zset job id -> compacted time (s): the finished jobs of an agent or
+                                      pipeline, written only while MESH_JOB_RETENTION_COUNT is set; the
+                                      sweep removes all but the newest N (broker/compact.py)
+    {ns}:jobs.kept                    set of the names that have a {ns}:jobs.kept:{name}
     {ns}:cancel:{job_id}              string: the reason a job was cancelled (mesh cancel), written with
                                       its record; lease renewal reads it, so a running step sees
                                       ctx.cancelled; expires MESH_JOB_RETENTION_S after the cancel
     {ns}:trace:{job_id}               stream, capped: the job's timeline (broker/trace.py); expires
-                                      with the job record
+                                      with the job record; deleted when the job is compacted (its events
+                                      move into the record), the events written after that stay in it
     {ns}:running                      zset "{job_id}/{step_id}" -> last progress (s) of running steps;
                                       members whose job record is gone are swept
     {ns}:outcomes                     hash "{agent}:{outcome}" -> messages (succeeded, retried, ...)
@@ -227,6 +236,17 @@ class Keys:
     @property
     def jobs_expired(self) -> str:
         return f"{self.namespace}:jobs.expired"
+
+    @property
+    def jobs_compact(self) -> str:
+        return f"{self.namespace}:jobs.compact"
+
+    def jobs_kept(self, name: str) -> str:
+        return f"{self.namespace}:jobs.kept:{name}"
+
+    @property
+    def jobs_kept_names(self) -> str:
+        return f"{self.namespace}:jobs.kept"
 
     def dead_letter(self, entry_id: str) -> str:
         return f"{self.namespace}:dlq:{entry_id}"

@@ -156,6 +156,9 @@ class MeshSettings(BaseSettings):
                                    "each audited (expire) and counted (dlq_expired)")
     job_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="how long a job's record, trace "
                                    "and index entries are kept after the job ends; running jobs are kept")
+    job_retention_count: int = Field(default=0, ge=0, description="keep at most this many finished jobs per "
+                                     "agent or pipeline (the newest), besides MESH_JOB_RETENTION_S; 0: no count "
+                                     "limit. Jobs holding dead letters or waiting for a person are kept by age only")
     note_retention_s: float = Field(default=30 * 24 * 3600.0, gt=0, description="how long a note the `note` "
                                     "tool wrote is kept (users' data, not bookkeeping)")
     sweep_interval_s: float = Field(default=60.0, gt=0, description="retention sweeps run this often, "

@@ -17,6 +17,9 @@
     succeeded       the step finished
     replayed        an operator replayed the step's dead letter: the entry, who (``by``), the new message
     stuck           the step holds its claim but made no progress for MESH_STUCK_AFTER_S
+    compacted       (read back only) the job was compacted once it ended: its events moved into its
+                    record; ``kept``, ``summarised`` ({step: {event: count}}) and ``cut_values`` say
+                    what was summarised (broker/compact.py)
 
 Every event carries the trace id, job id, key, step, agent, attempt, worker and time. Events are
 staged into the same MULTI as the job-record write that causes them where there is one, so the
@@ -35,6 +38,7 @@ import redis
 
 from mesh.contracts import dumps, loads
 
+from . import compact
 from .keys import Keys
 
 #: Events kept per job (the stream is trimmed, oldest first, past about this many).
@@ -85,6 +89,11 @@ def emit(client: redis.Redis, keys: Keys, ev: dict[str, Any]) -> None:
 
 
 def read(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
-    """The job's events, oldest first."""
-    rows: Any = client.xrange(keys.trace(job_id))
-    return [loads(fields[b"e"]) for _, fields in rows]
+    """The job's events, oldest first: those its record keeps once it was compacted (followed by a
+    ``compacted`` event saying what was summarised: broker/compact.py), then its stream's."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.job(job_id))
+    pipe.xrange(keys.trace(job_id))
+    data, rows = pipe.execute()
+    kept = compact.expand(loads(data)) if data is not None and b'"history":{' in data else []
+    return [*kept, *(loads(fields[b"e"]) for _, fields in rows)]

@@ -241,6 +241,10 @@ class JobRecord(Record):
     rerun_of: str | None = None
     rerun_from: str | None = None
     reruns: list[str] = Field(default_factory=list)
+    #: An ended job's trace events, moved out of its stream when the job was compacted (the layout of
+    #: :func:`mesh.broker.compact.summarise`; read back by :func:`mesh.broker.trace.read`). None: not
+    #: compacted.
+    history: dict[str, Any] | None = None
 
     def with_step(self, step: StepRecord) -> JobRecord:
         return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})

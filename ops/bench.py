@@ -9,6 +9,7 @@ own CPU time from ready to stop. The real step is a declared agent (``BENCH_APP`
 worker code as ``mesh worker``: each step a job with its record and trace, sent with MeshClient; the
 pipeline step is one of a declared two-step pipeline (``bench_pair``: the first step releases the
 second), and the sequential latency runs a 40-step linear pipeline (``bench_chain``) one job at a time.
+What a finished job keeps in Redis is measured on a private redis-server (ops/bench_kept.py).
 
 Counting: ``INFO commandstats`` is server-wide, so the bench counts its own commands between the two
 snapshots (the first snapshot's ``INFO`` and every poll: one ``HLEN`` or ``MGET`` each) and takes them
@@ -45,6 +46,7 @@ from mesh.agents.pipelines import Pipeline
 from mesh.broker.connection import SETTINGS, connect
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ConfigError
+from mesh.ops.bench_kept import kept
 from mesh.ops.namespaces import check_scratch, delete_namespace
 
 MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
@@ -62,6 +64,7 @@ class BenchConfig:
     dlq_entries: int = 10_000
     enqueue_messages: int = 10_000  # send_many's; each send() loop sends min(this, 2,000)
     chain_jobs: int = 5  # 40-step pipelines run one after another for the sequential latency
+    kept_jobs: int = 2_000  # finished jobs whose storage is measured, on a private Redis (ops/bench_kept.py)
 
     @property
     def prefetches(self) -> list[int]:
@@ -616,13 +619,14 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
         dlq = _dlq(client, settings, ns, cfg)
         progress("duplicates")
         dup = _duplicates(client, settings, ns, cfg)
+        storage = kept(cfg, progress)
     finally:
         delete_namespace(client, ns)
         client.close()
     return {
         "config": {"messages": cfg.messages, "processes": cfg.processes, "threads": cfg.threads,
                    "prefetch": cfg.prefetches, "pairs": cfg.pairs, "enqueue_messages": cfg.enqueue_messages,
-                   "chain_jobs": cfg.chain_jobs},
+                   "chain_jobs": cfg.chain_jobs, "kept_jobs": cfg.kept_jobs},
         "throughput": sweep,
         "step": steps,
         "sequential": chain,
@@ -630,6 +634,7 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
         "pickup_latency": pickup,
         "dlq": dlq,
         "duplicates": {"msg_s": dup},
+        "storage": storage,
     }
 
 

@@ -27,6 +27,9 @@ def bench(
                                                   "each send() loop sends min(N, 2000).")] = 10_000,
     chain_jobs: Annotated[int, typer.Option(min=1, metavar="N", help="40-step pipelines run one after "
                                             "another for the sequential latency.")] = 5,
+    kept_jobs: Annotated[int, typer.Option(min=10, metavar="N", help="Finished one-step jobs (and half as many "
+                                           "two-step pipelines) whose storage is measured, on a private "
+                                           "redis-server.")] = 2_000,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure the mesh against raw dramatiq on the configured Redis.
@@ -34,7 +37,8 @@ def bench(
     Runs in a throw-away namespace: throughput and the CPU per message (workers, Redis) at each
     prefetch, Redis commands and round trips per message, real steps (one-step jobs and two-step
     pipelines of a declared agent), the sequential latency of a 40-step pipeline, enqueue rates,
-    idle pickup latency, DLQ replay and drain."""
+    idle pickup latency, DLQ replay and drain; and, on a private redis-server, what a finished job
+    keeps in Redis (per job, per pipeline step) and the defaults' steady state at 10 jobs/s."""
     from mesh.ops.bench import BenchConfig, run
 
     sweep = _prefetches(prefetch)
@@ -42,12 +46,12 @@ def bench(
     client()  # exits 3 if Redis does not answer
     cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=sweep, pairs=pairs,
                       latency_samples=latency_samples, dlq_entries=dlq_entries, enqueue_messages=enqueue_messages,
-                      chain_jobs=chain_jobs)
+                      chain_jobs=chain_jobs, kept_jobs=kept_jobs)
     result = run(s, cfg, progress=lambda step: err.print(Text(f"bench: {step}"), style="dim"))
     result["config"]["command"] = (
         f"mesh bench --messages {messages} --processes {processes} --threads {threads} --prefetch {prefetch} "
         f"--pairs {pairs} --latency-samples {latency_samples} --dlq-entries {dlq_entries} "
-        f"--enqueue-messages {enqueue_messages} --chain-jobs {chain_jobs}")
+        f"--enqueue-messages {enqueue_messages} --chain-jobs {chain_jobs} --kept-jobs {kept_jobs}")
     if as_json:
         emit_json(result)
         return
@@ -114,8 +118,22 @@ def _bench_table(result: dict[str, Any]) -> Table:
     table.add_row(f"DLQ drain of {d['entries']:,} (entries/s)", f"{d['drain_entries_s']:,.0f}", "", "")
     table.add_row("DLQ drain peak traced memory (MB)", f"{d['drain_peak_traced_mb']:.1f}", "", "")
     table.add_row("  DLQ drain file (MB)", f"{d['drain_file_mb']:.1f}", "", "")
-    table.add_row("already-done keys (msg/s)", f"{result['duplicates']['msg_s']:,.0f}", "", "")
+    table.add_row("already-done keys (msg/s)", f"{result['duplicates']['msg_s']:,.0f}", "", "", end_section=True)
+    _storage_rows(table, result.get("storage") or {})
     return table
+
+
+def _storage_rows(table: Table, st: dict[str, Any]) -> None:
+    """What a finished job keeps in Redis: once ended, and once compacted (the ``mesh`` column)."""
+    if "job" not in st:
+        table.add_row("kept per finished job", "skipped", "", str(st.get("skipped", "")))
+        return
+    table.add_row(Text(f"kept in Redis, {st['jobs']:,} jobs", style="bold"), "compacted", "ended", "")
+    for kind, label in (("job", "  per one-step job (bytes)"), ("pipeline", "  per pipeline step (bytes)")):
+        table.add_row(label, f"{st[kind]['kept_bytes_per_step']:,.0f}", f"{st[kind]['ended_bytes_per_step']:,.0f}", "")
+    ss = st["steady_state"]
+    table.add_row(f"  at {ss['rate_jobs_s']} jobs/s, {ss['retention_s'] / 86400:g} days (GB)", f"{ss['gb']:.1f}",
+                  f"{ss['gb_uncompacted']:.1f}", "")
 
 
 def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, float]) -> None:

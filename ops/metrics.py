@@ -42,6 +42,8 @@ STATS = {
     "dlq_expired": "Dead letters removed by MESH_DLQ_RETENTION_S (each with an audit record).",
     "sweeps": "Retention sweeps run (one per MESH_SWEEP_INTERVAL_S across the fleet); the mesh's own work.",
     "swept_jobs": "Ended jobs whose record and trace expired (MESH_JOB_RETENTION_S), removed from the job index.",
+    "compacted_jobs": "Ended jobs compacted by the sweep: trace moved into the record, defaults left out.",
+    "swept_count": "Finished jobs removed because their agent or pipeline kept MESH_JOB_RETENTION_COUNT newer.",
     "swept_running": "Running-step index entries removed because their job record had expired.",
     "swept_notes": "Notes expired by MESH_NOTE_RETENTION_S, removed from the note index.",
     "approval_warnings": "Approvals whose warn_before was reached undecided (an approval_warning event each).",

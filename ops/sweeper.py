@@ -2,9 +2,11 @@
 
 Each worker runs a daemon thread that, every MESH_SWEEP_INTERVAL_S, tries to take ``{ns}:sweep.lock``
 (``SET NX PX interval``): the worker that gets it sweeps, the others skip, so the fleet runs one
-sweep per interval whether or not anything fails. A sweep tidies the job and note indexes
-(broker/retention.py) and applies the DLQ retention (dlq/retention.py). It enqueues nothing and is
-counted apart from workload: ``sweeps``, ``swept_*`` and ``dlq_expired`` in ``{ns}:stats``.
+sweep per interval whether or not anything fails. A sweep compacts the jobs that ended since the last
+one and keeps the newest MESH_JOB_RETENTION_COUNT of each agent or pipeline (broker/compact.py), tidies
+the job and note indexes (broker/retention.py) and applies the DLQ retention (dlq/retention.py). It
+enqueues nothing and is counted apart from workload: ``sweeps``, ``compacted_jobs``, ``swept_*`` and
+``dlq_expired`` in ``{ns}:stats``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dramatiq.middleware import Middleware
 
 from mesh.broker import trace
 from mesh.broker.clock import server_ms
+from mesh.broker.compact import Compaction
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention
 from mesh.broker.settings import MeshSettings
@@ -38,6 +41,7 @@ class Sweeper(Middleware):
         self.keys = Keys(settings.namespace)
         self.owner = trace.worker_name()
         self.retention = Retention(client, settings)
+        self.compaction = Compaction(client, settings)
         self.dlq = DeadLetterStore(client, self.keys)
         self.audit = Audit(client, self.keys, who=f"retention@{self.owner}")
         self._stop = threading.Event()
@@ -66,7 +70,11 @@ class Sweeper(Middleware):
         if not self.client.set(self.keys.sweep_lock, self.owner, nx=True, px=interval_ms):
             return None
         now = server_ms(self.client) / 1000
+        # before the age sweep, so a job it removes is tombstoned now; within half the interval, so the
+        # next sweep (maybe another worker's) never starts while this one still compacts
+        compacted = self.compaction.run(now, budget_s=self.settings.sweep_interval_s / 2)
         done = {f"swept_{name}": n for name, n in asdict(self.retention.sweep(now)).items()}
+        done["compacted_jobs"], done["swept_count"] = compacted.jobs, compacted.count
         done["dlq_expired"] = expire_dead_letters(self.dlq, self.audit, self.settings.dlq_retention_s, now)
         self.client.hincrby(self.keys.stats, "sweeps", 1)
         if any(done.values()):

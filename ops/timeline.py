@@ -67,9 +67,10 @@ _DETAIL = {
     "compensation_failed": lambda e: str(e.get("reason", "")),
     "not_run": lambda e: f"acked without running: {e.get('reason', '')}",
     "rerun": lambda e: f"rerun of {e.get('rerun_of')} from step {e.get('rerun_from')}",
+    "compacted": lambda e: _compacted(e),
 }
 _STYLE = {"tool_refused": "yellow", "compensating": "yellow", "cancelled": "yellow", "compensation_sent": "cyan",
-          "compensation_skipped": "dim", "compensation_failed": "red", "not_run": "dim",
+          "compensation_skipped": "dim", "compensation_failed": "red", "not_run": "dim", "compacted": "dim",
           "fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
           "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red",
           "settled": "yellow", "verified": "yellow",
@@ -91,6 +92,16 @@ def _decision(event: dict[str, Any]) -> str:
     """``by ana (call 3f2a…): looks fine``."""
     return (f"by {event.get('by')} (call {str(event.get('hash', ''))[:12]})"
             + (f": {event['note']}" if event.get("note") else ""))
+
+
+def _compacted(event: dict[str, Any]) -> str:
+    """What compaction kept of the trace once the job ended, and what it only counted or cut."""
+    counted = [f"{n} {kind}" + (f" of {step}" if step else "")
+               for step, kinds in (event.get("summarised") or {}).items() for kind, n in kinds.items()]
+    return (f"once the job ended: {event.get('kept')} events kept whole"
+            + (f"; summarised (counted, not kept): {', '.join(counted)}" if counted else ", none summarised")
+            + (f"; {event['cut_values']} long value{'' if event['cut_values'] == 1 else 's'} cut (kept as "
+               "their size and SHA-256 when not text)" if event.get("cut_values") else ""))
 
 
 def _join(event: dict[str, Any]) -> str:

@@ -6,7 +6,8 @@
 -- retention(keys=[namespace], args=[command, now_s, retention_ms, terminal_states, member...])
 --
 --   jobs      job ids       -> a member whose record is gone leaves {ns}:jobs and is tombstoned in
---                              {ns}:jobs.expired. A record without a TTL gets what is left of its
+--                              {ns}:jobs.expired, and what is left of its trace goes (events written
+--                              after its compaction, broker/compact.py, start a stream without TTL). A record without a TTL gets what is left of its
 --                              retention (its trace too) when it ended (written before retention
 --                              existed), or when it is only a re-send of a job that already ran to
 --                              the end and expired: every step queued, every step's key done, so
@@ -62,6 +63,8 @@ if command == "jobs" then
         local id = ARGV[i]
         local key = ns .. ":job:" .. id
         if redis.call("exists", key) == 0 then
+            -- events written after the job was compacted started a stream of their own (no TTL)
+            redis.call("del", ns .. ":trace:" .. id)
             if redis.call("zrem", ns .. ":jobs", id) == 1 then
                 redis.call("zadd", ns .. ":jobs.expired", now, id)
                 removed = removed + 1

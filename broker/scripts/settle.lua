@@ -136,7 +136,8 @@ end
 -- of the record it was computed from, "new": the record (absent: unchanged), "ttl": s (absent: keep
 -- the record's), "trace": key, "maxlen": n, "events": [...], "running": key, "member": ..., "claim":
 -- key, "owner": ..., "msgs": [{"hash", "queue", "wake", "rid", "data"}]: messages the change sends,
--- "incr": [field, ...]: {ns}:stats fields to add 1 to (a compensation sent or failed: broker/observe.py)}.
+-- "incr": [field, ...]: {ns}:stats fields to add 1 to (a compensation sent or failed: broker/observe.py),
+-- "compact": [queue, job id]: the change ends the job, which is queued for compaction (broker/compact.py)}.
 local function job_of(arg)
     if not arg or arg == "" then return nil end
     return cjson.decode(arg)
@@ -170,6 +171,7 @@ local function apply_job(job)
         redis.call("hincrby", ns .. ":stats", field, 1)
     end
     if job.ttl and job.trace then redis.call("expire", job.trace, job.ttl) end
+    if job.compact then redis.call("zadd", job.compact[1], redis.call("time")[1], job.compact[2]) end
     if job.member then redis.call("zrem", job.running, job.member) end
     if job.claim then claim_free(job.claim, job.owner) end
 end

@@ -14,7 +14,7 @@ from mesh.ops.bench import BENCH_APP, CHAIN, PAIR, Echo, bench_echo
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 
 SMALL = ("--messages", "60", "--pairs", "1", "--latency-samples", "3", "--dlq-entries", "100",
-         "--enqueue-messages", "50", "--chain-jobs", "1")
+         "--enqueue-messages", "50", "--chain-jobs", "1", "--kept-jobs", "40")
 
 
 def positive(*values: float) -> bool:
@@ -27,7 +27,7 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     assert set(out) == {"config", "throughput", "step", "sequential", "enqueue", "pickup_latency", "dlq",
-                        "duplicates"}
+                        "duplicates", "storage"}
     assert out["config"]["prefetch"] == [2, 4]  # 0: 2 x threads
     command = out["config"]["command"]
     assert command.startswith("mesh bench --messages 60 ") and "--prefetch 2,0" in command
@@ -64,6 +64,11 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
     d = out["dlq"]
     assert d["entries"] == 100 and positive(d["replay_entries_s"], d["drain_entries_s"])
     assert positive(d["drain_peak_traced_mb"], d["drain_file_mb"], out["duplicates"]["msg_s"])
+    st = out["storage"]  # on a private redis-server: figures only, no size asserted
+    assert (st["jobs"], st["job"]["steps"], st["pipeline"]["jobs"], st["pipeline"]["steps"]) == (40, 40, 20, 40)
+    assert positive(st["job"]["ended_bytes_per_step"], st["job"]["kept_bytes_per_step"],
+                    st["pipeline"]["kept_bytes_per_step"], st["steady_state"]["gb"])
+    assert out["config"]["kept_jobs"] == 40 and "--kept-jobs 40" in command
     client = redis.Redis.from_url(redis_url)
     assert not list(client.scan_iter(match="bench-*", count=1000))  # the throw-away namespace is gone
 
@@ -77,7 +82,9 @@ def test_bench_table_fits_80_columns_on_a_wide_terminal_with_a_group_per_prefetc
     for label in ("prefetch 4", "no-op throughput", "worker CPU (µs/msg)", "Redis CPU (µs/msg)",
                   "round trips per msg", "real step, one-step job", "real step, 2-step pipeline",
                   "worker CPU (µs/step)", "Redis CPU (µs/step)", "round trips per step", "40-step pipeline",
-                  "send_many of 50", "send() loop of 50", "Measured by:", "mesh bench --messages 60 "):
+                  "send_many of 50", "send() loop of 50", "kept in Redis, 40 jobs", "per one-step job (bytes)",
+                  "per pipeline step (bytes)", "at 10 jobs/s, 7 days (GB)", "Measured by:",
+                  "mesh bench --messages 60 "):
         assert any(label in line for line in lines), label
 
 

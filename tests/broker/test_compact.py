@@ -1,0 +1,304 @@
+"""Compaction of finished jobs (broker/compact.py): the sweep moves an ended job's trace into its record
+and rewrites the record without its defaults; every reader tells the same story, and says what was
+summarised. Count retention (MESH_JOB_RETENTION_COUNT) keeps exactly the newest N finished jobs of each
+agent or pipeline, tombstoned as the age retention does."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import redis
+from conftest import wait_for
+
+from mesh.broker import MeshClient, trace
+from mesh.broker.compact import KIND_MAX, VALUE_MAX, Compaction, encode
+from mesh.broker.jobs import JobStore
+from mesh.broker.keys import Keys
+from mesh.broker.retention import Retention, expired
+from mesh.contracts import JobRecord, State, StepRecord, dumps, loads, transition
+
+GOAL = "Find out how retries work, then write a note"
+
+
+def now(r: redis.Redis) -> float:
+    seconds, micros = r.time()  # type: ignore[misc]
+    return float(seconds + micros / 1e6)
+
+
+def same_events(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Equal events, times to the microsecond (the history keeps them as microsecond offsets)."""
+    def strip(ev: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in ev.items() if k != "at"}
+    return len(a) == len(b) and all(strip(x) == strip(y) and abs(x["at"] - y["at"]) < 2e-6
+                                    for x, y in zip(a, b, strict=True))
+
+
+def lines(text: str) -> list[str]:
+    """``mesh trace`` lines without the tree's connectors and offsets (kept to the microsecond, they may
+    print a millisecond apart)."""
+    return [re.sub(r"\d+\.\d+s", "", re.sub(r"^[\s│├└─]+", "", line)) for line in text.splitlines()]
+
+
+def started(jobs: JobStore, r: redis.Redis, job_id: str, agent: str = "executor", *,
+            pipeline: str | None = None) -> JobRecord:
+    """A running one-step job of ``agent`` with its first event."""
+    step = StepRecord(step_id="s", agent=agent, key=f"{job_id}-key")
+    job = JobRecord(job_id=job_id, key=f"{job_id}-key", trace_id="a" * 32, steps={"s": step}, pipeline=pipeline)
+    job = transition(job, State.RUNNING).with_step(transition(step, State.RUNNING))
+    pipe = r.pipeline(transaction=True)
+    jobs.stage_create(pipe, job)
+    pipe.execute()
+    trace.emit(r, jobs.keys, trace.event("picked_up", envelope(job), worker="w:1", token=1))
+    return job
+
+
+def envelope(job: JobRecord) -> dict[str, Any]:
+    return {"trace_id": job.trace_id, "job_id": job.job_id, "key": job.steps["s"].key, "step_id": "s",
+            "agent": job.steps["s"].agent, "attempt": 1}
+
+
+def end(jobs: JobStore, job: JobRecord, state: State = State.SUCCEEDED, **fields: Any) -> None:
+    def change(record: JobRecord) -> tuple[JobRecord, list[Any]]:
+        step = transition(record.steps["s"], state, result={"ok": True} if state is State.SUCCEEDED else None,
+                          error=None if state is State.SUCCEEDED else "boom")
+        ended = record.with_step(step)
+        return transition(ended, state, result={"s": {"ok": True}} if state is State.SUCCEEDED else None,
+                          error=None if state is State.SUCCEEDED else "boom"), []
+
+    jobs.update(job.job_id, change, events=[trace.event(str(state), envelope(job), worker="w:1", **fields)])
+
+
+@pytest.mark.slow
+def test_a_finished_job_is_compacted_and_mesh_trace_and_status_tell_the_same_story(
+        make_settings, start_worker, rclient, cli):
+    settings = make_settings(sweep_interval_s=3600)  # the boot sweep only: this test compacts
+    client = MeshClient(settings, client=rclient)
+    keys = client.keys
+    start_worker(settings)
+    ref = client.submit(GOAL, key="compact-me")
+    wait_for(lambda: (r := client.status(ref.id)) is not None and r.state is State.SUCCEEDED, timeout_s=60)
+    before = trace.read(rclient, keys, ref.id)
+    shown = cli("trace", ref.id)
+    record_before = client.status(ref.id)
+    assert rclient.zscore(keys.jobs_compact, ref.id) is not None  # the end write queued it
+    ttl = rclient.pttl(keys.job(ref.id))
+
+    done = Compaction(rclient, settings).run(now(rclient))
+
+    assert done.jobs == 1 and rclient.zcard(keys.jobs_compact) == 0
+    assert not rclient.exists(keys.trace(ref.id))  # the stream is gone ...
+    raw = rclient.get(keys.job(ref.id))
+    assert raw is not None and "history" in loads(raw)  # ... the record holds it, its defaults left out
+    assert not {"error", "failed_at"} & set(loads(raw))
+    assert all(not {"error", "failed_at"} & set(step) for step in loads(raw)["steps"].values())
+    assert 0 < rclient.pttl(keys.job(ref.id)) <= ttl  # its retention clock kept
+    assert client.status(ref.id) == record_before.model_copy(update={"history": loads(raw)["history"]})
+    after = trace.read(rclient, keys, ref.id)
+    assert same_events(after[:-1], before)
+    assert after[-1]["event"] == "compacted" and after[-1]["kept"] == len(before) and after[-1]["summarised"] == {}
+    shown_after = cli("trace", ref.id)
+    assert shown_after.returncode == 0 and "compacted" in shown_after.stdout
+    assert "events kept whole, none summarised" in shown_after.stdout
+    assert set(lines(shown.stdout)) <= set(lines(shown_after.stdout))  # every line it showed, it shows
+    status = cli("status", ref.id)
+    assert status.returncode == 0 and "succeeded" in status.stdout
+
+
+def test_a_chatty_step_is_summarised_and_long_values_are_cut_and_mesh_trace_says_so(settings, rclient, cli):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-chatty")
+    for n in range(100):
+        trace.emit(rclient, keys, trace.event("progress", envelope(job), worker="w:1", progress=n + 1, note=f"#{n}"))
+    long_error = "e" * (VALUE_MAX * 10)
+    trace.emit(rclient, keys, trace.event("failed", envelope(job), worker="w:1", error=long_error,
+                                          output={"blob": "x" * VALUE_MAX * 4}))
+    end(jobs, job)
+
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    events = trace.read(rclient, keys, job.job_id)
+    progress = [e["progress"] for e in events if e["event"] == "progress"]
+    assert progress == [*range(1, KIND_MAX // 2 + 1), *range(101 - KIND_MAX // 2, 101)]  # the first and last
+    (failed,) = [e for e in events if e["event"] == "failed"]
+    assert failed["error"].startswith("e" * VALUE_MAX) and "cut when the job was compacted" in failed["error"]
+    assert failed["output"]["compacted"] is True and failed["output"]["bytes"] > VALUE_MAX
+    note = events[-1]
+    assert note["event"] == "compacted" and note["summarised"] == {"s": {"progress": 100 - KIND_MAX}}
+    assert note["cut_values"] == 2
+    shown = cli("trace", job.job_id)
+    assert shown.returncode == 0
+    assert f"summarised (counted, not kept): {100 - KIND_MAX} progress of s" in shown.stdout
+    assert "2 long values cut" in shown.stdout
+
+
+def test_events_after_compaction_are_read_merged_on_the_next_one_and_go_with_the_record(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-late")
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    compaction.run(now(rclient))
+    # a late event (a duplicate delivery of its done key) starts a stream of its own
+    trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2", state="succeeded"))
+    kinds = [e["event"] for e in trace.read(rclient, keys, job.job_id)]
+    assert kinds == ["picked_up", "succeeded", "compacted", "duplicate"]
+    # a write to the ended job queues it again, and the next pass merges both
+    jobs.update(job.job_id, lambda r: (r.model_copy(update={"goal": "again"}), []))
+    assert rclient.zscore(keys.jobs_compact, job.job_id) is not None
+    assert compaction.run(now(rclient)).jobs == 1
+    assert not rclient.exists(keys.trace(job.job_id))
+    assert [e["event"] for e in trace.read(rclient, keys, job.job_id)] == [
+        "picked_up", "succeeded", "duplicate", "compacted"]
+    # what came after the last compaction has no TTL of its own: the age sweep takes it with the record
+    trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2", state="succeeded"))
+    rclient.delete(keys.job(job.job_id))  # expired
+    Retention(rclient, settings).sweep(now(rclient) + settings.job_retention_s + 60)
+    assert not rclient.exists(keys.trace(job.job_id)) and expired(rclient, keys, job.job_id)
+
+
+def test_a_record_changed_since_the_pass_read_it_is_left_for_the_next_pass(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-raced")
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    data, rows = rclient.get(keys.job(job.job_id)), rclient.xrange(keys.trace(job.job_id))
+    args = compaction._one(job.job_id, data, rows, now(rclient))  # read, then a writer comes first
+    trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2"))
+    jobs.update(job.job_id, lambda r: (r.model_copy(update={"goal": "meanwhile"}), []))
+    written = rclient.get(keys.job(job.job_id))
+    out, done = compaction._script(keys=[keys.namespace], args=["compact", now(rclient), "0", *args])
+    assert (out, done) == (0, 0)
+    assert rclient.get(keys.job(job.job_id)) == written and rclient.xlen(keys.trace(job.job_id)) == 3
+    assert rclient.zscore(keys.jobs_compact, job.job_id) is not None
+    assert compaction.run(now(rclient)).jobs == 1  # the next pass takes it, with the event written meanwhile
+    assert [e["event"] for e in trace.read(rclient, keys, job.job_id)][-2:] == ["duplicate", "compacted"]
+
+
+def test_a_stream_grown_between_read_and_write_keeps_what_came_after(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-grown")
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    data, rows = rclient.get(keys.job(job.job_id)), rclient.xrange(keys.trace(job.job_id))
+    args = compaction._one(job.job_id, data, rows, now(rclient))
+    trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2"))  # no record write
+    assert compaction._script(keys=[keys.namespace], args=["compact", now(rclient), "0", *args]) == [1, 1]
+    assert [e["event"] for e in trace.read(rclient, keys, job.job_id)] == [
+        "picked_up", "succeeded", "compacted", "duplicate"]
+
+
+def test_the_compact_encoding_reads_back_as_the_same_record_and_keeps_every_state():
+    step = StepRecord(step_id="s", agent="executor", key="k")
+    job = JobRecord(job_id="job-1", key="k", trace_id="a" * 32, steps={"s": step}, extra_field={"newer": 1})
+    data = encode(job)
+    assert JobRecord.model_validate(loads(data)) == job
+    raw = loads(data)
+    assert raw["state"] == "queued" and raw["steps"]["s"]["state"] == "queued" and "error" not in raw
+    assert len(data) < len(dumps(job)) / 2
+
+
+def test_count_retention_keeps_exactly_the_newest_n_finished_jobs_of_each_agent(make_settings, rclient, cli):
+    settings = make_settings(job_retention_count=3)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600, keep_s=7200)
+    held = started(jobs, rclient, "job-dead")
+    end(jobs, held, State.DEAD_LETTERED)  # the oldest, holding a dead letter: only age takes it
+    executor = []
+    for i in range(5):
+        job = started(jobs, rclient, f"job-x{i}")
+        end(jobs, job)
+        executor.append(job.job_id)
+    planner = []
+    for i in range(2):
+        job = started(jobs, rclient, f"job-p{i}", agent="planner")
+        end(jobs, job)
+        planner.append(job.job_id)
+
+    done = Compaction(rclient, settings).run(now(rclient))
+
+    assert (done.jobs, done.count) == (8, 2)
+    kept = [j for j in executor if rclient.exists(keys.job(j))]
+    assert kept == executor[-3:]
+    assert rclient.exists(keys.job("job-dead")) and all(rclient.exists(keys.job(j)) for j in planner)
+    assert [m.decode() for m in rclient.zrange(keys.jobs_kept("executor"), 0, -1)] == executor[-3:]
+    for gone in executor[:2]:
+        assert not rclient.exists(keys.trace(gone)) and rclient.zscore(keys.jobs, gone) is None
+        assert expired(rclient, keys, gone)
+        status = cli("status", gone)
+        assert status.returncode == 2 and "expired" in status.stderr
+    assert int(rclient.hget(keys.stats, "swept_count") or 0) == 2
+    # a newer job pushes out the oldest kept one, and only it
+    job = started(jobs, rclient, "job-x5")
+    end(jobs, job)
+    assert Compaction(rclient, settings).run(now(rclient)).count == 1
+    assert [j for j in [*executor, "job-x5"] if rclient.exists(keys.job(j))] == [*executor[-2:], "job-x5"]
+
+
+def test_with_count_retention_off_no_index_is_kept_and_nothing_is_removed(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    for i in range(3):
+        end(jobs, started(jobs, rclient, f"job-{i}"))
+    assert Compaction(rclient, settings).run(now(rclient)).count == 0
+    assert not rclient.exists(keys.jobs_kept("executor"), keys.jobs_kept_names)
+    assert all(rclient.exists(keys.job(f"job-{i}")) for i in range(3))
+
+
+def test_an_unreadable_record_is_left_as_it_is_and_does_not_stop_the_others(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    rclient.set(keys.job("job-bad"), b"{not json")
+    rclient.zadd(keys.jobs_compact, {"job-bad": 1.0})
+    end(jobs, started(jobs, rclient, "job-good"))
+    odd = started(jobs, rclient, "job-odd")
+    rclient.xadd(keys.trace("job-odd"), {"x": b"not an event"})
+    end(jobs, odd)
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    assert rclient.xlen(keys.trace("job-odd")) == 3 and loads(rclient.get(keys.job("job-odd")))["history"] is None
+    assert rclient.get(keys.job("job-bad")) == b"{not json" and rclient.zcard(keys.jobs_compact) == 0
+    assert "history" in loads(rclient.get(keys.job("job-good")))
+
+
+@pytest.mark.slow
+def test_a_dead_lettered_job_is_compacted_and_its_replay_goes_on_with_its_story(
+        client, settings, start_worker, rclient, cli):
+    from mesh.dlq import DeadLetterStore, Replayer
+
+    keys = client.keys
+    url = "http://127.0.0.1:9/hook"  # not in MESH_HTTP_ALLOW: refused, permanently
+    ref = client.send("executor", {"tool": "http_post", "args": {"url": url, "json": {}}})
+    start_worker(settings, ("executor",))
+    assert client.wait(ref.id, timeout_s=20).state is State.DEAD_LETTERED
+    wait_for(lambda: rclient.zscore(keys.jobs_compact, ref.id) is not None)  # the settle script queued it
+    before = trace.read(rclient, keys, ref.id)
+    assert [e["event"] for e in before][-1] == "dead_lettered"
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    assert not rclient.exists(keys.trace(ref.id))
+
+    store = DeadLetterStore(rclient, keys)
+    replayer = Replayer(store, settings)
+    assert len(replayer.replay(replayer.entries()).replayed) == 1
+    wait_for(lambda: len([e for e in trace.read(rclient, keys, ref.id) if e["event"] == "dead_lettered"]) == 2,
+             timeout_s=20)
+    wait_for(lambda: rclient.zscore(keys.jobs_compact, ref.id) is not None)
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    kinds = [e["event"] for e in trace.read(rclient, keys, ref.id)]
+    assert kinds[:len(before)] == [e["event"] for e in before]
+    assert kinds[len(before)] == "replayed" and "picked_up" in kinds[len(before):]  # its story goes on ...
+    assert kinds.count("replayed") == 1 and kinds[-2:] == ["dead_lettered", "compacted"]  # ... in one history
+    shown = cli("trace", ref.id)
+    assert shown.returncode == 0 and "replayed" in shown.stdout and "compacted" in shown.stdout
+
+
+def test_a_pass_out_of_time_leaves_the_queue_for_the_next(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    end(jobs, started(jobs, rclient, "job-later"))
+    compaction = Compaction(rclient, settings)
+    assert compaction.run(now(rclient), budget_s=0).jobs == 0
+    assert rclient.zscore(keys.jobs_compact, "job-later") is not None and rclient.exists(keys.trace("job-later"))
+    assert compaction.run(now(rclient), budget_s=60).jobs == 1
