@@ -320,7 +320,8 @@ class StepSpec(_Spec):
         if self.sleep is not None and self.wait_for is not None:
             raise ValueError("give a step sleep: or wait_for:, not both")
         kind = "sleep" if self.sleep is not None else "wait_for"
-        given = {k for k in self.model_fields_set if k not in WAIT_KEYS and k != "failure_mode"}
+        given = {k for k, f in type(self).model_fields.items()
+                 if k not in WAIT_KEYS and getattr(self, k) != f.get_default(call_default_factory=True)}
         if given:
             raise ValueError(f"a {kind} step runs no agent: {', '.join(sorted(given))} do(es) not apply to it "
                              f"(it takes {', '.join(sorted(WAIT_KEYS - {'id'}))})")
