@@ -231,9 +231,10 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
         if step.state is State.RUNNING and (token is None or (step.token or 0) > token):
             return record, []  # a later claim's owner runs it now
         if step.state in (State.AWAITING_APPROVAL, State.WAITING):
-            # Parked for a person (or a timer, an event): no attempt of it runs, so a failing message of it is a stale copy
-            # (deferred past its deadline, poison). Its decision or timer ends the wait, by a write that
-            # removes its index entry and timers (the consumer's script, which writes this, keeps none).
+            # Parked for a person (or a timer, an event): no attempt of it runs, so a failing message
+            # of it is a stale copy (deferred past its deadline, poison). Its decision or timer ends the
+            # wait, by a write that removes its index entry and timers (the consumer's script, which
+            # writes this, keeps none).
             return record, []
         if step.state is State.RUNNING:
             step, record = add_tokens(step, *tokens), add_tokens(record, *tokens)

@@ -238,8 +238,8 @@ def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, p
 def cancel(spec: PipelineSpec | None, record: JobRecord, reason: str, routes: Any, events: list[dict[str, Any]],
            now: float | None = None) -> tuple[JobRecord, list[Message]]:
     """``record`` cancelled: nothing more is sent; every step not yet running (queued, waiting for a
-    retry, awaiting approval, waiting on a timer or an event) is ``cancelled``; a running one stays until its handler ends (it sees
-    ``ctx.cancelled``), and is then recorded ``cancelled``, never ``succeeded``; compensations run for
+    retry, awaiting approval, waiting on a timer or an event) is ``cancelled``; a running one stays
+    until its handler ends (it sees ``ctx.cancelled``), and is then recorded ``cancelled``, never ``succeeded``; compensations run for
     what succeeded. A job already unwinding (or ended) is returned as it is: cancel is idempotent."""
     from mesh.contracts import settle as settle_job
 
