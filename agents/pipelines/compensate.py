@@ -240,7 +240,8 @@ def cancel(spec: PipelineSpec | None, record: JobRecord, reason: str, routes: An
     """``record`` cancelled: nothing more is sent; every step not yet running (queued, waiting for a
     retry, awaiting approval, waiting on a timer or an event) is ``cancelled``; a running one stays
     until its handler ends (it sees ``ctx.cancelled``), and is then recorded ``cancelled``, never
-    ``succeeded``; compensations run for what succeeded. A job already unwinding (or ended) is returned as it is: cancel is idempotent."""
+    ``succeeded``; compensations run for what succeeded. A job already unwinding (or ended) is
+    returned as it is: cancel is idempotent."""
     from mesh.contracts import settle as settle_job
 
     now = stamp(now)
