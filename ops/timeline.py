@@ -48,7 +48,7 @@ _DETAIL = {
     "waiting": lambda e: f"waits for {e.get('waits_for')} until {e.get('until')}"
                          + (f", then {e['on_timeout']}" if e.get("on_timeout") else ""),
     "slept": lambda e: "its sleep ended",
-    "resumed": lambda e: f"{e.get('event')} came by {e.get('via')} ({e.get('event_id')})",
+    "resumed": lambda e: f"{e.get('name')} came by {e.get('via')} ({e.get('event_id')})",
     "wait_timed_out": lambda e: str(e.get("reason", "")),
     "approved": lambda e: _decision(e),
     "denied": lambda e: _decision(e),

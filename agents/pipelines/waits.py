@@ -87,7 +87,7 @@ def end(spec: PipelineSpec, routes: engine.Routes, step_id: str, seq: int, how: 
             return engine.after_loss(spec, record.with_step(rec), routes, events, now=now)
         run = engine.Run(trace_id=record.trace_id, deadline=now + (wait.deadline_left_s or 600.0),
                          token_budget=wait.token_budget)
-        detail = {"event": wait.event, "event_id": event_id, "via": via} if how is WaitEnd.EVENT else {}
+        detail = {"name": wait.event, "event_id": event_id, "via": via} if how is WaitEnd.EVENT else {}
         if how is WaitEnd.TIMEOUT and wait.on_timeout != "continue":
             why = (f"no {wait.describe()} came within {show_duration(wait.duration_s)} (on_timeout: "
                    f"{wait.on_timeout})")
