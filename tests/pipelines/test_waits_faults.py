@@ -1,0 +1,60 @@
+"""Durable waits under faults, with a real worker process and a Redis of the test's own (append-only,
+on its own port): a sleep, a wait_for's timeout and a wait_for's event each end a step after the
+worker was SIGKILLed and Redis restarted while they waited — the timers are in Redis, not in a
+thread — and the job goes on to succeed."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import redis
+
+from mesh import MeshClient
+from mesh.agents.pipelines import Pipeline
+from mesh.broker.clock import server_ms
+from mesh.contracts import State
+from mesh.ops.local_redis import PrivateRedis, redis_binary
+from tests.conftest import wait_for
+from tests.pipelines.agents import app
+
+APP = "tests.pipelines.agents:app"
+
+
+@pytest.mark.slow
+def test_a_sleep_and_a_wait_for_end_after_the_worker_was_killed_and_redis_restarted(tmp_path, make_settings,
+                                                                                    worker_process):
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary"
+    server = PrivateRedis(binary, folder=tmp_path / "redis", args=("--appendonly", "yes", "--appendfsync", "always"))
+    try:
+        settings = make_settings(redis_url=server.url)
+        mesh = MeshClient(settings, client=redis.Redis.from_url(server.url), app=app)
+        first = worker_process("--app", APP, "--threads", "1", MESH_REDIS_URL=server.url)
+        goal = {"goal": "input.goal"}
+        spec = (Pipeline("waits").step("nap", sleep="5s")
+                .step("quiet", wait_for={"event": "never.comes", "timeout": "5s", "on_timeout": "continue"})
+                .step("pay", wait_for={"event": "payment.settled", "match": "event.order == input.order",
+                                       "timeout": "1h"})
+                .step("researcher", depends_on=["nap", "quiet", "pay"], input=goal).build())
+        ref = mesh.run(spec, {"goal": "g", "order": 7})
+        record = mesh.status(ref.id)
+        assert {s: record.steps[s].state for s in ("nap", "quiet", "pay")} == dict.fromkeys(
+            ("nap", "quiet", "pay"), State.WAITING)
+        started = server_ms(mesh.redis)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        server.restart()  # every key back from the append-only file
+        assert mesh.status(ref.id).steps["nap"].state is State.WAITING
+        worker_process("--app", APP, "--threads", "1", MESH_REDIS_URL=server.url)  # no thread of the old one
+        assert mesh.emit("payment.settled", {"order": 7, "paid": True}).resumed == [(ref.id, "pay")]
+        record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.SUCCEEDED and r, timeout_s=30)
+        assert record.steps["nap"].result == {"slept_s": 5.0}
+        assert record.steps["quiet"].result == {"timed_out": True}
+        assert record.steps["pay"].result == {"order": 7, "paid": True}
+        assert record.steps["researcher"].state is State.SUCCEEDED
+        assert server_ms(mesh.redis) - started >= 4500  # never before its due time
+        assert mesh.redis.zcard(mesh.keys.timers) == 0 and mesh.redis.zcard(mesh.keys.waits) == 0
+    finally:
+        server.stop()
