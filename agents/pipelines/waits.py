@@ -32,7 +32,7 @@ from mesh.broker import waits as store
 from mesh.broker.client import MeshClient, job_id_for, on_job_control
 from mesh.broker.jobs import JobNotFound, JobStore
 from mesh.broker.pipelines import PipelineStore
-from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, dumps, transition
+from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, transition
 from mesh.contracts.approvals import show_duration
 from mesh.contracts.waits import EVENT_NAME, WaitEnd, WaitKind, timed_out
 
@@ -191,7 +191,11 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise store.InvalidEvent(f"an event's data is a JSON object (it becomes the step's output), not "
                                  f"{type(data).__name__}")
-    size = len(dumps(data))
+    encoded = dumps(data)
+    size = len(encoded)
+    if depth_exceeds(encoded, data, client.settings.max_json_depth):
+        raise store.InvalidEvent(f"an event's data nests deeper than MESH_MAX_JSON_DEPTH "
+                                 f"({client.settings.max_json_depth})")
     if size > client.settings.max_output_bytes:
         raise store.InvalidEvent(f"an event's data of {size} bytes is over MESH_MAX_OUTPUT_BYTES "
                                  f"({client.settings.max_output_bytes})")

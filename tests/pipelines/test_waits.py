@@ -21,7 +21,7 @@ from mesh.agents.pipelines.jobctl import _routes
 from mesh.agents.pipelines.waits import Waits
 from mesh.broker import trace
 from mesh.broker.timers import Timers
-from mesh.broker.waits import NotWaiting
+from mesh.broker.waits import InvalidEvent, NotWaiting
 from mesh.contracts import State
 from tests.conftest import wait_for
 from tests.pipelines.agents import app
@@ -135,6 +135,54 @@ def test_the_timeout_wins_when_no_event_comes(mesh):
     assert sent(mesh) == 1  # the lenient job's researcher only
     late = mesh.emit("payment.settled", {"order": 1})
     assert late.resumed == [] and sent(mesh) == 1
+
+
+def test_the_timeout_and_events_racing_end_the_wait_exactly_once(mesh):
+    for round_ in range(5):
+        ref = mesh.run(pay_flow(f"race{round_}", timeout="200ms", on_timeout="continue"), {"goal": "g", "order": 5})
+        stop = threading.Event()
+        rounds = [0]
+
+        def emitter() -> None:
+            client = MeshClient(mesh.settings, app=app)
+            while not stop.is_set():
+                client.emit("payment.settled", {"order": 5})
+                rounds[0] += 1
+
+        def ticker() -> None:
+            t = timers(mesh)
+            while not stop.is_set():
+                t.tick()
+                rounds[0] += 1
+
+        threads = [threading.Thread(target=f) for f in (emitter, emitter, ticker, ticker)]
+        for th in threads:
+            th.start()
+        wait_for(lambda: mesh.status(ref.id).steps["pay"].state is State.SUCCEEDED)
+        mark = rounds[0]
+        wait_for(lambda: rounds[0] >= mark + 40)  # the racers run on past the end: none may end it again
+        stop.set()
+        for th in threads:
+            th.join()
+        ends = [e["event"] for e in trace.read(mesh.redis, mesh.keys, ref.id)
+                if e["event"] in ("resumed", "wait_timed_out")]
+        assert len(ends) == 1, ends
+    assert sent(mesh) == 5
+
+
+def test_event_data_that_is_no_object_too_deep_or_too_large_is_refused(mesh):
+    with pytest.raises(InvalidEvent):
+        mesh.emit("payment.settled", [1])  # type: ignore[arg-type]
+    deep: dict[str, Any] = {}
+    for _ in range(100):
+        deep = {"a": deep}
+    with pytest.raises(InvalidEvent, match="MESH_MAX_JSON_DEPTH"):
+        mesh.emit("payment.settled", deep)
+    with pytest.raises(InvalidEvent, match="MESH_MAX_OUTPUT_BYTES"):
+        mesh.emit("payment.settled", {"x": "y" * (mesh.settings.max_output_bytes + 1)})
+    with pytest.raises(InvalidEvent, match="event name"):
+        mesh.emit("pay settled", {})
+    assert mesh.redis.exists(mesh.keys.events("payment.settled")) == 0  # nothing kept
 
 
 def test_a_signal_reaches_one_job_and_an_emit_every_job_whose_match_holds(mesh):
