@@ -67,6 +67,10 @@ def test_a_sleep_parks_the_step_on_a_timer_and_its_end_releases_the_dependents(m
     assert rec.state is State.SUCCEEDED and rec.result == {"slept_s": 1.0}
     assert rec.finished_at - rec.wait.started_at >= 1.0
     assert sent(mesh) == 1 and mesh.waits() == [] and mesh.redis.zcard(mesh.keys.timers) == 0
+    from mesh.ops.metrics import MeshCollector
+
+    seen = {s.name: s.value for family in MeshCollector(mesh).collect() for s in family.samples}
+    assert seen["mesh_waits_pending"] == 0 and seen["mesh_waits_slept_total"] == 1
 
 
 def test_an_event_emitted_before_the_wait_starts_is_kept_and_taken_once_per_job(mesh):
