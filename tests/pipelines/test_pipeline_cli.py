@@ -154,12 +154,18 @@ steps:
     gate: size(fetch) > 0
     requires_human_approval: true
     approval: {timeout: 2h, on_timeout: escalate, approvers: [alice, bob], warn_before: 30m}
+  - id: nap
+    depends_on: [digest]
+    sleep: 10m
+  - id: paid
+    depends_on: [nap]
+    wait_for: {event: payment.settled, match: event.order == input.goal, timeout: 1h, on_timeout: continue}
 result: [fetch, digest]
 """
 
 #: What the text says of each key set above.
 EVERY_KEY_SHOWN = [
-    "every-key 2.1", "A pipeline with every key set", "order: scout → coder → fetch → digest",
+    "every-key 2.1", "A pipeline with every key set", "order: scout → coder → fetch → digest → nap → paid",
     "tracing: otlp, logs inputs and outputs", "checkpointing: redis, kept 1h30m",
     "result: fetch, digest", "input_schema task",
     "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
@@ -169,7 +175,8 @@ EVERY_KEY_SHOWN = [
     "max_parallel 4", "join: min_success 0.8", "item_id: s{{item.score}}", "when: item.score > 0.5",
     "on_false continue", "input: score = item.score * 2.0, url = item.url", "input: items = fetch",
     "gate: size(fetch) > 0 (false: halt_pipeline)", "awaits approval (2h, then escalate)", "approvers alice, bob",
-    "warns 30m before",
+    "warns 30m before", "sleeps 10m (no agent)",
+    "waits for event payment.settled where event.order == input.goal (1h, then continue; no agent)",
 ]
 
 
