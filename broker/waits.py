@@ -115,6 +115,23 @@ def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | No
             timers.stage_cancel(pipe, keys, CHECK, timer)
 
 
+def repair(client: Any, keys: Keys, job_id: str) -> None:
+    """Stage what the waiting steps of job ``job_id`` imply (:func:`stage_waits`) from its record as
+    it is now, in one WATCH/MULTI: for a writer that cannot stage them with its write (the
+    consumer's settle script, when a failure's join releases a waiting step). Idempotent: an index
+    entry is set again, a timer keeps the due time it has."""
+
+    def apply(pipe: Any) -> None:
+        data = pipe.get(keys.job(job_id))
+        if data is None:
+            return
+        record = JobRecord.model_validate(loads(data))
+        pipe.multi()
+        stage_waits(pipe, keys, record)
+
+    client.transaction(apply, keys.job(job_id))
+
+
 def keep(client: Any, stream: str, entry: dict[str, Any], keep_n: int, window_s: float) -> str:
     """Add ``entry`` to the stream of kept events ``stream`` (see :data:`_KEEP`); its id."""
     found: Any = client.eval(_KEEP, 1, stream, dumps(entry), keep_n, max(1, int(window_s * 1000)))
@@ -174,6 +191,8 @@ class Waiting:
     wait: Wait
     #: When its timer is due (s, Redis clock); None when its timer is gone (firing now).
     due_at: float | None
+    #: The job's record as it was read.
+    record: JobRecord | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "key": self.key, "pipeline": self.pipeline, "step_id": self.step.step_id,
@@ -196,7 +215,8 @@ def pending(client: redis.Redis, keys: Keys, limit: int = 1000, event: str | Non
         if step is None or step.state is not State.WAITING or step.wait is None:
             continue
         due = timers.due_at(client, keys, TIMER, wait_ref(job_id, step_id, step.wait.seq))
-        out.append(Waiting(job_id, record.key, record.pipeline, step, step.wait, None if due is None else due / 1000))
+        out.append(Waiting(job_id, record.key, record.pipeline, step, step.wait, None if due is None else due / 1000,
+                           record))
     return out
 
 

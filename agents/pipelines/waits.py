@@ -248,6 +248,11 @@ def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> 
     waits = _client_waits(client)
     resumed: list[tuple[str, str]] = []
     for waiting in store.pending(client.redis, client.keys, limit=1_000_000, event=event):
+        record = waiting.record
+        if record is not None and record.pipeline and record.pipeline_digest and not holds(
+                engine.load_spec(client.pipelines, record.pipeline, record.pipeline_digest), record, waiting.step,
+                data):
+            continue  # looked at again in the transaction only when it holds now
         with contextlib.suppress(JobNotFound):
             if waits.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT, data=data,
                              event_id=event_id, via="emit", match=True):

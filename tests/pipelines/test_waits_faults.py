@@ -58,3 +58,22 @@ def test_a_sleep_and_a_wait_for_end_after_the_worker_was_killed_and_redis_restar
         assert mesh.redis.zcard(mesh.keys.timers) == 0 and mesh.redis.zcard(mesh.keys.waits) == 0
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_wait_released_by_a_failed_item_joining_is_indexed_and_timed(mesh, run_workers):
+    """A join decided on the failure path (the consumer's settle script writes that record) releases
+    a waiting step: its index entry and timer are there, so an emit finds it."""
+    spec = (Pipeline("fan-wait").step("scout")
+            .step("fetch", depends_on=["scout"], for_each="scout.sources", max_parallel=1,
+                  join={"min_success": 1}, retry_policy={"max_attempts": 1})
+            .step("pay", depends_on=["fetch"], wait_for={"event": "paid", "timeout": "1h"}).build())
+    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "fw-1/fetch/fetch/1")  # the last item fails
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g", "count": 2}, key="fw-1")
+    wait_for(lambda: mesh.status(ref.id).steps["pay"].state is State.WAITING, timeout_s=30)
+    assert mesh.status(ref.id).steps["fetch[1]"].state is State.DEAD_LETTERED
+    wait_for(lambda: [w.job_id for w in mesh.waits("paid")] == [ref.id])
+    assert mesh.redis.zcard(mesh.keys.timers) >= 1
+    assert mesh.emit("paid", {"ok": True}).resumed == [(ref.id, "pay")]
+    assert mesh.status(ref.id).steps["pay"].result == {"ok": True}
