@@ -288,4 +288,7 @@ def test_the_cli_signals_emits_and_lists_the_waits(mesh, cli):
     hit = cli("signal", "order-8", "payment.settled", "--data", '{"order": 9}', "--json")
     assert hit.returncode == 0, hit.stderr
     assert json.loads(hit.stdout)["resumed"] == [{"job_id": ref.id, "step_id": "pay"}]
+    timeline = " ".join(cli("trace", ref.id).stdout.split())
+    assert "waiting waits for event payment.settled where event.order == input.order until" in timeline
+    assert "resumed payment.settled came by signal" in timeline
     assert cli("signal", "no-such-job", "x").returncode == 2
