@@ -8,9 +8,9 @@ one when none answers at the default URL), a worker serving the app's agents on 
 process (the production worker's broker, middleware, runtime and timer loop), a ``MeshClient``
 that knows the app, and a :class:`~mesh.testing.TestClock` for the durable timers: the timers
 (approvals' expiries and warnings, sleeps, wait_for timeouts) are due by the Redis clock, so
-:meth:`TestMesh.advance` moves every timer of the namespace earlier by the time it lets pass, which is what they would see had
-that time passed. Job deadlines, leases and retries keep the real clock. Closing the mesh stops the
-worker and deletes every key of its namespace.
+:meth:`TestMesh.advance` moves every timer of the namespace earlier by the time it lets pass, which
+is what they would see had that time passed. Job deadlines, leases and retries keep the real
+clock. Closing the mesh stops the worker and deletes every key of its namespace.
 """
 
 from __future__ import annotations

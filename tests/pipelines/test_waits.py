@@ -141,35 +141,41 @@ def test_the_timeout_wins_when_no_event_comes(mesh):
     assert late.resumed == [] and sent(mesh) == 1
 
 
+def _race(mesh: MeshClient, name: str) -> list[str]:
+    """Two emitters and two timer loops racing a wait_for whose timeout is 200 ms, until it ended and
+    the racers ran on past its end; the ends its trace records."""
+    ref = mesh.run(pay_flow(name, timeout="200ms", on_timeout="continue"), {"goal": "g", "order": 5})
+    stop = threading.Event()
+    rounds = [0]
+
+    def emitter() -> None:
+        client = MeshClient(mesh.settings, app=app)
+        while not stop.is_set():
+            client.emit("payment.settled", {"order": 5})
+            rounds[0] += 1
+
+    def ticker() -> None:
+        t = timers(mesh)
+        while not stop.is_set():
+            t.tick()
+            rounds[0] += 1
+
+    threads = [threading.Thread(target=f) for f in (emitter, emitter, ticker, ticker)]
+    for th in threads:
+        th.start()
+    wait_for(lambda: mesh.status(ref.id).steps["pay"].state is State.SUCCEEDED)
+    mark = rounds[0]
+    wait_for(lambda: rounds[0] >= mark + 40)  # the racers run on past the end: none may end it again
+    stop.set()
+    for th in threads:
+        th.join()
+    kinds = [e["event"] for e in trace.read(mesh.redis, mesh.keys, ref.id)]
+    return [k for k in kinds if k in ("resumed", "wait_timed_out")]
+
+
 def test_the_timeout_and_events_racing_end_the_wait_exactly_once(mesh):
     for round_ in range(5):
-        ref = mesh.run(pay_flow(f"race{round_}", timeout="200ms", on_timeout="continue"), {"goal": "g", "order": 5})
-        stop = threading.Event()
-        rounds = [0]
-
-        def emitter() -> None:
-            client = MeshClient(mesh.settings, app=app)
-            while not stop.is_set():
-                client.emit("payment.settled", {"order": 5})
-                rounds[0] += 1
-
-        def ticker() -> None:
-            t = timers(mesh)
-            while not stop.is_set():
-                t.tick()
-                rounds[0] += 1
-
-        threads = [threading.Thread(target=f) for f in (emitter, emitter, ticker, ticker)]
-        for th in threads:
-            th.start()
-        wait_for(lambda: mesh.status(ref.id).steps["pay"].state is State.SUCCEEDED)
-        mark = rounds[0]
-        wait_for(lambda: rounds[0] >= mark + 40)  # the racers run on past the end: none may end it again
-        stop.set()
-        for th in threads:
-            th.join()
-        ends = [e["event"] for e in trace.read(mesh.redis, mesh.keys, ref.id)
-                if e["event"] in ("resumed", "wait_timed_out")]
+        ends = _race(mesh, f"race{round_}")
         assert len(ends) == 1, ends
     assert sent(mesh) == 5
 

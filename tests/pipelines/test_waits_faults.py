@@ -1,7 +1,8 @@
-"""Durable waits under faults, with a real worker process and a Redis of the test's own (append-only,
+"""Durable waits under faults, with real worker processes and a Redis of the test's own (append-only,
 on its own port): a sleep, a wait_for's timeout and a wait_for's event each end a step after the
 worker was SIGKILLed and Redis restarted while they waited — the timers are in Redis, not in a
-thread — and the job goes on to succeed."""
+thread — and the job goes on to succeed; a worker SIGSTOPped around the due time ends no wait twice;
+a wait released on the failure path (the consumer's settle script) is indexed and timed."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import redis
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline
+from mesh.broker import timers, trace, waits
 from mesh.broker.clock import server_ms
 from mesh.contracts import State
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 from tests.conftest import wait_for
 from tests.pipelines.agents import app
+from tests.pipelines.test_engine import runs
 
 APP = "tests.pipelines.agents:app"
 
@@ -77,3 +80,32 @@ def test_a_wait_released_by_a_failed_item_joining_is_indexed_and_timed(mesh, run
     assert mesh.redis.zcard(mesh.keys.timers) >= 1
     assert mesh.emit("paid", {"ok": True}).resumed == [(ref.id, "pay")]
     assert mesh.status(ref.id).steps["pay"].result == {"ok": True}
+
+
+@pytest.mark.slow
+def test_a_worker_paused_around_the_due_time_ends_no_wait_twice(mesh, worker_process):
+    """Two workers fire the timers; the one holding the timers' lock at the sleeps' due time (or the
+    first) is SIGSTOPped: the other ends every sleep once its lock expires, and the paused one,
+    resumed, ends none of them again (each sleep ends once, each next step runs once)."""
+    first = worker_process("--app", APP, "--threads", "1")
+    second = worker_process("--app", APP, "--threads", "1")
+    wait_for(lambda: mesh.registry.listing(), timeout_s=30)
+    spec = Pipeline("paused").step("nap", sleep="2s").step("researcher", depends_on=["nap"],
+                                                           input={"goal": "input.goal"}).build()
+    refs = [mesh.run(spec, {"goal": "g"}, key=f"paused-{i}") for i in range(4)]
+    due = max(timers.due_at(mesh.redis, mesh.keys, waits.TIMER, waits.wait_ref(r.id, "nap", 1)) or 0 for r in refs)
+    wait_for(lambda: server_ms(mesh.redis) >= due - 50, timeout_s=10, interval_s=0.005)
+    holder = mesh.redis.get(mesh.keys.timers_lock)
+    pids = {str(p.pid): p for p in (first, second)}
+    paused = pids.get(holder.decode().rsplit(":", 1)[-1], first) if holder else first
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(mesh.status(r.id).state is State.SUCCEEDED for r in refs), timeout_s=30)
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    after = mesh.run(Pipeline("after").step("nap", sleep="300ms").build(), {}, key="after")
+    wait_for(lambda: mesh.status(after.id).state is State.SUCCEEDED, timeout_s=30)
+    for ref in refs:
+        kinds = [e["event"] for e in trace.read(mesh.redis, mesh.keys, ref.id)]
+        assert kinds.count("slept") == 1 and kinds.count("succeeded") == 1, kinds
+    assert sorted(runs(mesh).values()) == [1, 1, 1, 1]
