@@ -202,13 +202,16 @@ class Waiting:
 
 
 def pending(client: redis.Redis, keys: Keys, limit: int = 1000, event: str | None = None) -> list[Waiting]:
-    """The steps waiting durably (for ``event`` only, when given), oldest first."""
-    rows: Any = client.zrange(keys.waits if event is None else keys.waits_for(event), 0, limit - 1)
+    """The steps waiting durably (for ``event`` only, when given), oldest first. An entry whose job
+    record is gone (the job ended while the step waited, and its retention passed) is removed."""
+    index = keys.waits if event is None else keys.waits_for(event)
+    rows: Any = client.zrange(index, 0, limit - 1)
     out: list[Waiting] = []
     for raw in rows:
         job_id, _, step_id = raw.decode().partition("|")
         data = client.get(keys.job(job_id))
-        if data is None:
+        if data is None:  # its job ended while the step waited, and its record expired since
+            client.zrem(index, raw)
             continue
         record = JobRecord.model_validate(loads(data))
         step = record.steps.get(step_id)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mesh.broker import redact
 from mesh.broker import waits as store
 from mesh.broker.client import MeshClient, job_id_for, on_job_control
 from mesh.broker.jobs import JobNotFound, JobStore
@@ -191,6 +192,7 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise store.InvalidEvent(f"an event's data is a JSON object (it becomes the step's output), not "
                                  f"{type(data).__name__}")
+    data = redact.redact_value(data)  # a step output: masked before anything keeps it, as an agent's is
     encoded = dumps(data)
     size = len(encoded)
     if depth_exceeds(encoded, data, client.settings.max_json_depth):

@@ -298,3 +298,20 @@ def test_the_cli_signals_emits_and_lists_the_waits(mesh, cli):
     assert "waiting waits for event payment.settled where event.order == input.order until" in timeline
     assert "resumed payment.settled came by signal" in timeline
     assert cli("signal", "no-such-job", "x").returncode == 2
+
+
+def test_an_index_entry_whose_job_record_expired_is_removed_when_read(mesh):
+    ref = mesh.run(pay_flow(), {"goal": "g", "order": 6})
+    mesh.redis.delete(mesh.keys.job(ref.id))  # as retention would, once its job ended by another branch
+    assert mesh.emit("payment.settled", {"order": 6}).resumed == []
+    assert mesh.redis.zcard(mesh.keys.waits_for("payment.settled")) == 0
+    assert mesh.waits() == [] and mesh.redis.zcard(mesh.keys.waits) == 0
+
+
+def test_a_false_when_skips_a_waiting_step_before_it_waits(mesh):
+    spec = (Pipeline("maybe").step("pay", wait_for=PAY, when="input.order > 10")
+            .step("researcher", depends_on=["pay"], input={"goal": "input.goal"}).build())
+    ref = mesh.run(spec, {"goal": "g", "order": 1})
+    record = mesh.status(ref.id)
+    assert record.steps["pay"].state is State.SKIPPED and record.steps["pay"].wait is None
+    assert sent(mesh) == 1 and mesh.waits() == [] and mesh.redis.zcard(mesh.keys.timers) == 0
