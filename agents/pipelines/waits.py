@@ -150,8 +150,12 @@ class Waits:
         if rec is None or rec.state is not State.WAITING or rec.wait is None or rec.wait.seq != seq \
                 or rec.wait.event is None:
             return False
+        assert record is not None
+        spec = engine.load_spec(self.pipelines, record.pipeline or "", record.pipeline_digest or "")
         for k in store.kept(self.jobs.client, self.jobs.keys, job_id, rec.wait.event, self.settings.event_window_s,
                             self.settings.event_keep):
+            if store.consumed(record, k.id) or (k.via == "emit" and not holds(spec, record, rec, k.data)):
+                continue  # looked at again in the transaction only when it may end the wait
             if self.deliver(job_id, step_id, seq, WaitEnd.EVENT, data=k.data, event_id=k.id, via=k.via,
                             match=k.via == "emit"):
                 return True
