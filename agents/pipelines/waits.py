@@ -223,7 +223,9 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
     if client.redis.exists(client.keys.job(job_id)) == 0 and client.redis.exists(client.keys.job(job_id_for(job_id))):
         job_id = job_id_for(job_id)  # the key the job was sent with
     record = client.status(job_id)
-    if record.state in TERMINAL:
+    steps = sorted((s for s in record.steps.values() if s.state is State.WAITING and s.wait is not None
+                    and s.wait.event == event), key=lambda s: s.wait.started_at if s.wait else 0)
+    if record.state in TERMINAL and not steps:  # ended (a step may still wait while another branch ended it)
         raise store.NotWaiting(f"job {job_id} is {record.state.value}: nothing of it waits for {event} any more",
                                job_id=job_id, state=record.state.value)
     settings = client.settings
@@ -231,11 +233,12 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
                      settings.event_window_s)
     event_id = f"signal:{sid}"
     waits = _client_waits(client)
-    steps = sorted((s for s in record.steps.values() if s.state is State.WAITING and s.wait is not None
-                    and s.wait.event == event), key=lambda s: s.wait.started_at if s.wait else 0)
-    resumed = [(job_id, s.step_id) for s in steps if s.wait is not None
-               and waits.deliver(job_id, s.step_id, s.wait.seq, WaitEnd.EVENT, data=data, event_id=event_id,
-                                 via="signal")][:1]
+    resumed: list[tuple[str, str]] = []
+    for step in steps:  # the one waiting longest takes it
+        if step.wait is not None and waits.deliver(job_id, step.step_id, step.wait.seq, WaitEnd.EVENT, data=data,
+                                                   event_id=event_id, via="signal"):
+            resumed.append((job_id, step.step_id))
+            break
     if not resumed:  # a wait that began meanwhile may have taken it (its check)
         after = client.jobs.get(job_id)
         taken = [s.step_id for s in (after.steps.values() if after else ()) if s.wait and s.wait.event_id == event_id]

@@ -315,3 +315,21 @@ def test_a_false_when_skips_a_waiting_step_before_it_waits(mesh):
     record = mesh.status(ref.id)
     assert record.steps["pay"].state is State.SKIPPED and record.steps["pay"].wait is None
     assert sent(mesh) == 1 and mesh.waits() == [] and mesh.redis.zcard(mesh.keys.timers) == 0
+
+
+def test_a_signal_resumes_the_step_waiting_longest_and_reaches_a_job_another_branch_ended(mesh):
+    from mesh.broker.jobs import fail_step
+
+    spec = (Pipeline("two").step("first", wait_for=PAY).step("nap", sleep="200ms")
+            .step("second", depends_on=["nap"], wait_for=PAY).step("researcher", input={"goal": "input.goal"}).build())
+    ref = mesh.run(spec, {"goal": "g", "order": 2})
+    settle(mesh, ref.id, "nap")
+    assert mesh.status(ref.id).steps["second"].state is State.WAITING
+    mesh.jobs.update(ref.id, fail_step("researcher", State.DEAD_LETTERED, "boom", "permanent"))
+    assert mesh.status(ref.id).state is State.DEAD_LETTERED  # ended by another branch; two steps still wait
+    assert mesh.signal(ref.id, "payment.settled", {"n": 1}).resumed == [(ref.id, "first")]
+    assert mesh.signal(ref.id, "payment.settled", {"n": 2}).resumed == [(ref.id, "second")]
+    record = mesh.status(ref.id)
+    assert (record.steps["first"].result, record.steps["second"].result) == ({"n": 1}, {"n": 2})
+    with pytest.raises(NotWaiting):
+        mesh.signal(ref.id, "payment.settled", {"n": 3})
