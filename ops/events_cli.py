@@ -39,9 +39,10 @@ def _data(given: str) -> dict[str, Any]:
 
 
 def signal(job_id: JobArg, event: EventArg, data: DataOpt = "{}", as_json: base.JsonFlag = False) -> None:
-    """Send an event to one job: its step waiting longest for EVENT resumes, with the data as its
-    output (its match: is not checked, the job is named). With no step waiting yet, the event is
-    kept for a wait of the job that starts within MESH_EVENT_WINDOW_S.
+    """Send an event to one job (to its step waiting longest for it).
+
+    The data is the step's output; its match: is not checked (the job is named). With no step
+    waiting yet, the event is kept for a wait of the job that starts within MESH_EVENT_WINDOW_S.
 
     Exit codes: 2 no such job, the job has ended, or the data is no JSON object."""
     from mesh.ops.jobs_cli import _job_candidates
@@ -61,9 +62,10 @@ def signal(job_id: JobArg, event: EventArg, data: DataOpt = "{}", as_json: base.
 
 
 def emit(event: EventArg, data: DataOpt = "{}", as_json: base.JsonFlag = False) -> None:
-    """Send an event to every job: each step waiting for EVENT whose match: holds resumes, with the
-    data as its output. The event is also kept for MESH_EVENT_WINDOW_S (at most MESH_EVENT_KEEP per
-    name) for waits that start later; a job takes one event once.
+    """Send an event to every step waiting for it whose match: holds.
+
+    The data is each step's output. The event is also kept for MESH_EVENT_WINDOW_S (at most
+    MESH_EVENT_KEEP per name) for waits that start later; a job takes one event once.
 
     Exit codes: 2 the name or the data is invalid."""
     payload = _data(data)
