@@ -233,8 +233,12 @@ class AgentRuntime:
                                              "duration_s": round(duration, 4)})
 
     def timer_handlers(self) -> dict[str, Any]:
-        """What fires this app's durable timers (approvals' expiries and warnings) in this worker."""
-        return approvals.timer_handlers(self.jobs, self.pipelines, self.routes, self.clock, self.worker)
+        """What fires this app's durable timers (approvals' expiries and warnings, sleeps and waits) here."""
+        from .pipelines.waits import Waits
+
+        waits = Waits(self.jobs, self.pipelines, self.routes, self.settings, self.clock)
+        return {**approvals.timer_handlers(self.jobs, self.pipelines, self.routes, self.clock, self.worker),
+                **waits.timer_handlers()}
 
     def _check_limits(self, agent: str, output: BaseModel) -> None:
         """InvalidOutput, before anything is recorded or sent, for an output over MESH_MAX_OUTPUT_BYTES

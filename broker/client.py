@@ -46,6 +46,7 @@ from mesh.contracts.declared import AgentRef, In, Out
 from mesh.contracts.messages import validate_model
 
 from . import approvals, trace
+from . import waits as wait_store
 from .clock import ServerClock
 from .connection import NotReplicated, connect, replicated, transaction
 from .jobs import JobNotFound, JobStore
@@ -286,7 +287,8 @@ class MeshClient:
             check_input(input, self.app)  # its input_schema's model, when it declares one
         # A root step without input: (nor for_each) is given the run's input as it is; the others'
         # inputs are built by the engine below and checked as sent.
-        for root in (s for s in spec.steps if not s.depends_on and s.input is None and s.for_each is None):
+        for root in (s for s in spec.steps if not s.depends_on and s.input is None and s.for_each is None
+                     and not getattr(s, "waits", False)):  # a sleep: or wait_for: step runs no agent
             target(root.agent_name).check(input)
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
@@ -527,6 +529,26 @@ class MeshClient:
         verdict = approvals.Verdict(step_id=step_id, decision=decision, by=by or approvals.default_by(), note=note,
                                     at=self.clock.now_s())
         return approvals.decide(self.jobs, job_id, verdict, change)[0]
+
+    def signal(self, job_id: str, event: str, data: dict[str, Any] | None = None) -> wait_store.Delivery:
+        """Deliver ``event`` (with ``data``, a JSON object) to job ``job_id`` (an id or its key): the
+        step of it waiting longest for that event name resumes with ``data`` as its output (its
+        ``match`` is not checked: the job is named); with none waiting yet, it is kept for one that
+        starts within MESH_EVENT_WINDOW_S. Raises JobNotFound, NotWaiting (the job ended) or
+        InvalidEvent (mesh.broker.waits)."""
+        delivery: wait_store.Delivery = self._control("signal")(self, job_id, event, data)
+        return delivery
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> wait_store.Delivery:
+        """Deliver ``event`` to every pipeline step waiting for it whose ``match`` holds, and keep it
+        for waits that start within MESH_EVENT_WINDOW_S (a job takes one event at most once)."""
+        delivery: wait_store.Delivery = self._control("emit")(self, event, data)
+        return delivery
+
+    def waits(self, event: str | None = None) -> list[wait_store.Waiting]:
+        """The pipeline steps waiting durably (``sleep:``, ``wait_for:``; for ``event`` only, when
+        given), oldest first (``mesh waits``)."""
+        return wait_store.pending(self.redis, self.keys, event=event)
 
     def status(self, job_id: str) -> JobRecord:
         record = self.jobs.get(job_id)

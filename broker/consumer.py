@@ -29,7 +29,7 @@ from dramatiq.middleware import Interrupt
 from mesh.contracts import TERMINAL, FailureClass, JobRecord, State, StepRecord, depth_exceeds, dumps, loads
 from mesh.contracts.deadletter import DeadLetter, format_traceback
 
-from . import approvals, claim_results, trace
+from . import approvals, claim_results, trace, waits
 from .group_commit import GroupCommit
 from .idempotency import Idempotency, Lease, done_args, message_key
 from .jobs import ended_ttl_s, holds_dead_letters
@@ -212,6 +212,8 @@ class MeshConsumer(_RedisConsumer):
             if answer == 3:
                 self._superseded(rid)
             if answer != -1:
+                if job is not None and "waiting" in arg:  # the script stages no wait's index or timers
+                    waits.repair(self.broker.client, self.broker.keys, job.job_id)
                 return answer
         raise RuntimeError(f"job record {job.job_id if job else '?'} kept changing while settling {rid}")
 

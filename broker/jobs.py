@@ -33,7 +33,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.jobs import COMPENSATION_FAILED, known
 
-from . import approvals, claims, compact, trace
+from . import approvals, claims, compact, trace, waits
 from .keys import Keys
 from .observe import unwind_counts
 from .outbox import stage_all
@@ -105,6 +105,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
                 pipe.pexpire(keys.ledger(record.job_id, step.step_id), ttl_ms)
     # waiting steps: their index, their timers, and no TTL while one waits
     approvals.stage_approvals(pipe, keys, record, ttl_ms, before)
+    waits.stage_waits(pipe, keys, record, before)
 
 
 class JobStore:
@@ -122,6 +123,7 @@ class JobStore:
         pipe.set(self.keys.job(record.job_id), dumps(record), nx=True)
         pipe.zadd(self.keys.jobs, {record.job_id: record.created_at}, nx=True)
         approvals.stage_approvals(pipe, self.keys, record)
+        waits.stage_waits(pipe, self.keys, record)
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.get(self.keys.job(job_id))
@@ -232,10 +234,11 @@ def fail_step(step_id: str, state: State, error: str, failure_class: str, *, tok
             return record, []  # ended, or in a newer release's state: that release's to move
         if step.state is State.RUNNING and (token is None or (step.token or 0) > token):
             return record, []  # a later claim's owner runs it now
-        if step.state is State.AWAITING_APPROVAL:
-            # Parked for a person: no attempt of it runs, so a failing message of it is a stale copy
-            # (deferred past its deadline, poison). Its decision or timer ends the wait, by a write that
-            # removes its index entry and timers (the consumer's script, which writes this, keeps none).
+        if step.state in (State.AWAITING_APPROVAL, State.WAITING):
+            # Parked for a person (or a timer, an event): no attempt of it runs, so a failing message
+            # of it is a stale copy (deferred past its deadline, poison). Its decision or timer ends the
+            # wait, by a write that removes its index entry and timers (the consumer's script, which
+            # writes this, keeps none).
             return record, []
         if step.state is State.RUNNING:
             step, record = add_tokens(step, *tokens), add_tokens(record, *tokens)

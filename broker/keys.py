@@ -113,6 +113,14 @@ The mesh's own:
                                       the steps awaiting a human's approval (broker/approvals.py)
     {ns}:approvals.audit              stream, capped: every approval decision (who, when, the note, the
                                       hash of the call), expiry and warning
+    {ns}:waits                        zset "{job_id}|{step_id}" -> when it began (ms): the pipeline steps
+                                      waiting durably (sleep:, wait_for:; broker/waits.py)
+    {ns}:waits.event:{event}          zset "{job_id}|{step_id}" -> when it began (ms): the steps waiting
+                                      for that event name (what mesh emit reads)
+    {ns}:events:{event}               stream, capped at MESH_EVENT_KEEP, trimmed to MESH_EVENT_WINDOW_S and
+                                      expiring with it: emitted events kept for waits that start later
+    {ns}:signals:{job_id}             stream, capped at MESH_EVENT_KEEP, expiring MESH_EVENT_WINDOW_S after
+                                      its last write: events signalled to a job that no step consumed yet
     {ns}:registry.agents              hash agent name -> JSON: the agent as its workers publish it on
                                       start (queue, contract version, input/output JSON Schema, tools;
                                       broker/registry.py); stays when its workers stop
@@ -323,6 +331,19 @@ class Keys:
     @property
     def approvals_audit(self) -> str:
         return f"{self.namespace}:approvals.audit"
+
+    @property
+    def waits(self) -> str:
+        return f"{self.namespace}:waits"
+
+    def waits_for(self, event: str) -> str:
+        return f"{self.namespace}:waits.event:{event}"
+
+    def events(self, event: str) -> str:
+        return f"{self.namespace}:events:{event}"
+
+    def signals(self, job_id: str) -> str:
+        return f"{self.namespace}:signals:{job_id}"
 
     @property
     def tool_pins(self) -> str:

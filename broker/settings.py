@@ -164,8 +164,14 @@ class MeshSettings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0, description="retention sweeps run this often, "
                                     "once per interval across the whole fleet")
     timer_interval_s: float = Field(default=0.2, gt=0, le=1.0, description="how often a worker looks for due "
-                                    "durable timers (approval expiries and warnings): a timer fires within about "
-                                    "this long after its due time on the Redis clock, never before it")
+                                    "durable timers (approval expiries and warnings, sleeps, wait_for "
+                                    "timeouts): a timer fires within about this long after its due time on the "
+                                    "Redis clock, never before it")
+    event_window_s: float = Field(default=3600.0, gt=0, le=30 * 86400, description="how long an event "
+                                  "(mesh emit, mesh signal) that no waiting step took yet is kept for a wait_for "
+                                  "that starts later")
+    event_keep: int = Field(default=1000, ge=1, le=1_000_000, description="most events kept per event name (and "
+                            "per job, for signals) within MESH_EVENT_WINDOW_S; the oldest go first")
     worker_threads: int = Field(default=4, ge=1, le=256, description="threads per worker process")
     prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces URL (e.g. http://collector:4318"

@@ -25,6 +25,7 @@ from .declared import AgentRef
 from .effects import Settlement, Verdict
 from .envelope import Frozen
 from .errors import IllegalTransition, NoOutput
+from .waits import Wait
 
 M = TypeVar("M", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
@@ -34,6 +35,9 @@ class State(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     AWAITING_APPROVAL = "awaiting_approval"
+    #: A pipeline step waiting durably (``sleep:``, ``wait_for:``): no message in flight, a timer in
+    #: Redis and (for an event) an index entry; a job is ``waiting`` while nothing else moves.
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     DEAD_LETTERED = "dead_lettered"
@@ -67,7 +71,7 @@ class State(StrEnum):
 
 
 #: States in which work is still expected to happen.
-ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.AWAITING_APPROVAL})
+ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.AWAITING_APPROVAL, State.WAITING})
 #: States a job ends in. A step in FAILED is waiting for its retry; a job never rests there
 #: unless an operator or a policy fails it for good.
 TERMINAL = frozenset({State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED,
@@ -79,13 +83,17 @@ _UNWIND = frozenset({State.COMPENSATING, State.CANCELLED})
 
 ALLOWED: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.AWAITING_APPROVAL,
-                             State.HALTED, State.SKIPPED, State.NOT_RUN, *_UNWIND}),
+                             State.WAITING, State.HALTED, State.SKIPPED, State.NOT_RUN, *_UNWIND}),
     # NOT_RUN: a for_each step whose job halted before all its items were sent.
-    State.RUNNING: frozenset({State.RUNNING, State.AWAITING_APPROVAL, State.SUCCEEDED, State.FAILED,
+    State.RUNNING: frozenset({State.RUNNING, State.AWAITING_APPROVAL, State.WAITING, State.SUCCEEDED, State.FAILED,
                               State.DEAD_LETTERED, State.UNKNOWN, State.HALTED, State.SKIPPED, State.NOT_RUN,
                               *_UNWIND}),
     State.AWAITING_APPROVAL: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED,
-                                        State.HALTED, State.SKIPPED, *_UNWIND}),
+                                        State.WAITING, State.HALTED, State.SKIPPED, *_UNWIND}),
+    # A step: resumed (succeeded: the event's data), timed out (dead-lettered), not run (its job
+    # halted) or cancelled. A job: wherever its steps take it once one moves again.
+    State.WAITING: frozenset({State.QUEUED, State.RUNNING, State.SUCCEEDED, State.DEAD_LETTERED, State.HALTED,
+                              State.SKIPPED, State.NOT_RUN, State.AWAITING_APPROVAL, State.UNKNOWN, *_UNWIND}),
     State.FAILED: frozenset({State.QUEUED, State.RUNNING, State.FAILED, State.DEAD_LETTERED, State.UNKNOWN,
                              *_UNWIND}),
     State.DEAD_LETTERED: frozenset({State.QUEUED, *_UNWIND}),
@@ -179,6 +187,8 @@ class StepRecord(Record):
     need: int | None = None
     #: A step that waits (or waited) for a human's approval: the call asked for and its decision.
     approval: Approval | None = None
+    #: A step that waits (or waited) durably (``sleep:``, ``wait_for:``): for what, until when, how it ended.
+    wait: Wait | None = None
     #: A compensation (its id ``undo:<step>``): the step, or ``for_each`` item, whose effect it undoes.
     compensates: str | None = None
     #: What undoes the calls the step made of tools declared with ``compensate=`` (``{"tool", "args"}``,
@@ -370,7 +380,8 @@ def job_state(record: JobRecord) -> State:
     """The job's state as a function of its steps: once it undoes its effects, :func:`unwound_state`;
     else halted if one halted; dead-lettered while any blocking step is (then unknown while one is);
     succeeded when every step succeeded, was skipped, or is a non-blocking lost item;
-    awaiting_approval when a step waits for a person and none is in flight; otherwise active (the
+    awaiting_approval when a step waits for a person and none is in flight (waiting when a step waits
+    for a timer or an event instead); otherwise active (the
     record's own queued or running)."""
     if not moves(record.state):  # a succeeded job stays so, and a newer release's state too
         return record.state
@@ -386,10 +397,12 @@ def job_state(record: JobRecord) -> State:
         return State.UNKNOWN
     if steps and all(s.state in (State.SUCCEEDED, State.SKIPPED) or s.state in LOST for s in steps):
         return State.SUCCEEDED
-    if any(s.state is State.AWAITING_APPROVAL for s in steps) and not any(_in_flight(s) for s in steps):
-        return State.AWAITING_APPROVAL  # nothing moves until a person decides
-    if record.state is State.AWAITING_APPROVAL:
-        return State.QUEUED  # a decision sent a step: queued until it is picked up
+    parked = {s.state for s in steps} & {State.AWAITING_APPROVAL, State.WAITING}
+    if parked and not any(_in_flight(s) for s in steps):
+        # nothing moves until a person decides (first), or a timer or an event ends a wait
+        return State.AWAITING_APPROVAL if State.AWAITING_APPROVAL in parked else State.WAITING
+    if record.state in (State.AWAITING_APPROVAL, State.WAITING):
+        return State.QUEUED  # a decision or a wait's end sent a step: queued until it is picked up
     if record.state in (State.QUEUED, State.RUNNING, State.FAILED):
         return record.state
     return State.QUEUED if State.QUEUED in moves(record.state) else State.RUNNING

@@ -26,6 +26,7 @@ from mesh.agents.context import Context
 from mesh.agents.credentials import Credential, CredentialScope
 from mesh.agents.pipelines import Pipeline, PipelineError, PipelineSpec, load_pipeline
 from mesh.agents.pipelines import jobctl as _jobctl  # noqa: F401  (registers MeshClient.cancel and .rerun)
+from mesh.agents.pipelines import waits as _waits  # noqa: F401  (registers MeshClient.signal and .emit)
 from mesh.agents.tools.base import ToolContext, effect_id
 from mesh.agents.tools.http import AsyncGuardedHttp, asend_request, host_port, send_request
 from mesh.agents.tools.mcp import McpResult, McpServer, McpToolError

@@ -17,6 +17,7 @@ from mesh.ops import (
     bench_cli,
     demo_cli,
     effects_cli,
+    events_cli,
     jobctl_cli,
     jobs_cli,
     stats_cli,
@@ -34,8 +35,8 @@ from mesh.ops.server_cli import ops_app
 #: The commands in the order ``mesh --help`` and the CLI reference list them, whichever module
 #: declares them; a command not named here comes after these.
 ORDER = ("worker", "submit", "run", "send", "status", "jobs", "workers", "trace", "queues", "agents", "stats",
-         "bench", "soak", "demo", "approvals", "approve", "deny", "cancel", "rerun", "verify", "settle", "tools",
-         "breakers", "limits", "ops", "dlq", "pipeline")
+         "bench", "soak", "demo", "approvals", "approve", "deny", "waits", "signal", "emit", "cancel", "rerun",
+         "verify", "settle", "tools", "breakers", "limits", "ops", "dlq", "pipeline")
 
 
 class Listed(TyperGroup):
@@ -67,6 +68,7 @@ app.command("agents", epilog="Examples: `mesh agents`, `mesh agents --json`")(ag
 bench_cli.register(app)  # mesh bench, mesh soak
 demo_cli.register(app)  # mesh demo
 approvals_cli.register(app)  # mesh approvals, approve, deny
+events_cli.register(app)  # mesh waits, signal, emit
 jobctl_cli.register(app)  # mesh cancel, mesh rerun
 effects_cli.register(app)  # mesh verify, mesh settle
 app.add_typer(breakers_app, name="breakers")

@@ -19,7 +19,7 @@ from mesh.contracts import GateCheck, JobRecord, MeshError, State, StepRecord, i
 from mesh.contracts.jobs import compensations, undo_id
 
 STATE_STYLE = {State.SUCCEEDED: "green", State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim",
-               State.NOT_RUN: "dim", State.AWAITING_APPROVAL: "yellow", State.FAILED: "yellow",
+               State.NOT_RUN: "dim", State.AWAITING_APPROVAL: "yellow", State.WAITING: "yellow", State.FAILED: "yellow",
                State.CANCELLED: "dim", State.COMPENSATING: "yellow", State.COMPENSATED: "cyan"}
 
 
@@ -101,6 +101,24 @@ def approval_line(step: StepRecord) -> str | None:
     return f"{a.decision} by {a.by} at {at} ({call})" + (f": {a.note}" if a.note else "")
 
 
+def wait_line(step: StepRecord) -> str | None:
+    """A step's durable wait as its DAG line shows it: what it waits for and until when (``mesh
+    signal JOB EVENT``), or how it ended; None for a step without one."""
+    w = step.wait
+    if w is None:
+        return None
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.until))
+    if step.state is State.WAITING:
+        if w.event is None:
+            return f"sleeps until {until}"
+        return f"waits for {w.describe()} until {until}, then {w.on_timeout}"
+    if w.ended is None:
+        return None
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.ended_at)) if w.ended_at else "?"
+    how = {"slept": "slept", "event": f"{w.event} came ({w.via})", "timeout": f"timed out waiting for {w.event}"}
+    return f"{how.get(w.ended.value, w.ended.value)} at {at}"
+
+
 def gate_line(gate: GateCheck) -> str:
     """``gate coder.confidence >= 0.85 saw coder.confidence=0.6 → false``."""
     seen = ", ".join(f"{k}={value(v)}" for k, v in gate.values.items())
@@ -179,6 +197,9 @@ def _details(record: JobRecord, step: StepRecord) -> list[tuple[str, str]]:
     line = approval_line(step)
     if line is not None:
         out.append((line, "yellow" if step.state is State.AWAITING_APPROVAL else ""))
+    line = wait_line(step)
+    if line is not None:
+        out.append((line, "yellow" if step.state is State.WAITING else ""))
     undo = record.steps.get(undo_id(step.step_id))
     if undo is not None:
         out.append((f"compensation {undo.step_id}: {undo.state}", "cyan" if undo.state is State.SUCCEEDED else

@@ -422,8 +422,8 @@ def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wid
 
 
 _STATE_STYLE = {State.HALTED: "red", State.DEAD_LETTERED: "red", State.SKIPPED: "dim", State.NOT_RUN: "dim",
-                State.AWAITING_APPROVAL: "yellow", State.CANCELLED: "dim", State.COMPENSATING: "yellow",
-                State.COMPENSATED: "cyan"}
+                State.AWAITING_APPROVAL: "yellow", State.WAITING: "yellow", State.CANCELLED: "dim",
+                State.COMPENSATING: "yellow", State.COMPENSATED: "cyan"}
 
 
 def _summary(result: dict[str, Any] | None, *, whole: bool = False) -> str:

@@ -50,6 +50,9 @@ STATS = {
     "approvals_approved": "Pipeline steps a person approved.",
     "approvals_denied": "Pipeline steps a person denied.",
     "approvals_expired": "Approvals nobody decided before their timeout (their on_timeout applied).",
+    "waits_slept": "Pipeline steps whose sleep: ended on its timer.",
+    "waits_event": "Pipeline steps a wait_for: event resumed (mesh signal, mesh emit, or one kept for it).",
+    "waits_timeout": "Pipeline steps whose wait_for: timed out (their on_timeout applied).",
     "stuck": "Steps flagged stuck: holding their claim without progress for MESH_STUCK_AFTER_S.",
     # Verdicts reached on effectful tool calls (broker/ledger.py): how many effects were proven.
     "effects_verified": "Effectful calls whose verifier saw the effect.",
@@ -100,6 +103,7 @@ class MeshCollector(Collector):
         yield from self._dlq()
         yield from self._running()
         yield from self._approvals()
+        yield self._waits()
         yield from self._agents()
         yield self._unknown_effects()
         stats = _hash(self.client, self.client.keys.stats)
@@ -254,6 +258,11 @@ class MeshCollector(Collector):
         age.add_metric([], oldest)
         yield pending
         yield age
+
+    def _waits(self) -> GaugeMetricFamily:
+        waiting = GaugeMetricFamily("mesh_waits_pending", "Pipeline steps waiting durably (sleep:, wait_for:).")
+        waiting.add_metric([], self.client.redis.zcard(self.client.keys.waits))
+        return waiting
 
     def _running(self) -> Iterator[GaugeMetricFamily]:
         keys, now = self.client.keys, self.client.clock.now_s()  # progress is recorded on the server's clock

@@ -380,7 +380,15 @@ def _inputs(inputs: dict[str, Any]) -> str:
 
 def _parts(s: dict[str, Any]) -> list[str]:
     """What a step's line says, one part per key the step sets, in the file's terms."""
-    parts = [f"agent {s['agent']}"]
+    wait = s.get("wait_for")
+    if "sleep" in s:
+        parts = [f"sleeps {s['sleep']} (no agent)"]
+    elif wait is not None:
+        match = f" where {wait['match']}" if wait.get("match") else ""
+        parts = [f"waits for event {wait['event']}{match} ({wait['timeout']}, then {wait['on_timeout']}; "
+                 "no agent)"]
+    else:
+        parts = [f"agent {s['agent']}"]
     if s["depends_on"]:
         parts.append(f"after {', '.join(s['depends_on'])}")
     if s["output_schema"]:

@@ -45,6 +45,11 @@ _DETAIL = {
                                    + (f" of call {e['hash'][:12]}" if e.get("hash") else "")
                                    + (f" for {e['timeout']}, then {e.get('on_timeout')}" if e.get("timeout") else "")
                                    + (f" (asked again: {e['asked_again']})" if e.get("asked_again") else ""),
+    "waiting": lambda e: f"waits for {e.get('waits_for')} until {e.get('until')}"
+                         + (f", then {e['on_timeout']}" if e.get("on_timeout") else ""),
+    "slept": lambda e: "its sleep ended",
+    "resumed": lambda e: f"{e.get('name')} came by {e.get('via')} ({e.get('event_id')})",
+    "wait_timed_out": lambda e: str(e.get("reason", "")),
     "approved": lambda e: _decision(e),
     "denied": lambda e: _decision(e),
     "approval_expired": lambda e: f"nobody decided in time (call {str(e.get('hash', ''))[:12]})",
@@ -73,6 +78,7 @@ _STYLE = {"tool_refused": "yellow", "compensating": "yellow", "cancelled": "yell
           "compensation_skipped": "dim", "compensation_failed": "red", "not_run": "dim", "compacted": "dim",
           "fenced": "yellow", "failed": "yellow", "deferred": "yellow", "dead_lettered": "red", "stuck": "red",
           "succeeded": "green", "halted": "red", "skipped": "dim", "awaiting_approval": "yellow", "join_failed": "red",
+          "waiting": "yellow", "slept": "green", "resumed": "green", "wait_timed_out": "red",
           "settled": "yellow", "verified": "yellow",
           "approved": "green", "denied": "red", "approval_expired": "red", "approval_warning": "yellow"}
 

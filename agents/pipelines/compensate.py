@@ -239,9 +239,10 @@ def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, p
 def cancel(spec: PipelineSpec | None, record: JobRecord, reason: str, routes: Any, events: list[dict[str, Any]],
            now: float | None = None) -> tuple[JobRecord, list[Message]]:
     """``record`` cancelled: nothing more is sent; every step not yet running (queued, waiting for a
-    retry, awaiting approval) is ``cancelled``; a running one stays until its handler ends (it sees
-    ``ctx.cancelled``), and is then recorded ``cancelled``, never ``succeeded``; compensations run for
-    what succeeded. A job already unwinding (or ended) is returned as it is: cancel is idempotent."""
+    retry, awaiting approval, waiting on a timer or an event) is ``cancelled``; a running one stays
+    until its handler ends (it sees ``ctx.cancelled``), and is then recorded ``cancelled``, never
+    ``succeeded``; compensations run for what succeeded. A job already unwinding (or ended) is
+    returned as it is: cancel is idempotent."""
     from mesh.contracts import settle as settle_job
 
     now = stamp(now)
@@ -253,9 +254,10 @@ def cancel(spec: PipelineSpec | None, record: JobRecord, reason: str, routes: An
     for rec in list(record.steps.values()):
         if rec.compensates is not None:
             continue
-        if rec.state in (State.QUEUED, State.FAILED, State.AWAITING_APPROVAL) or (
+        if rec.state in (State.QUEUED, State.FAILED, State.AWAITING_APPROVAL, State.WAITING) or (
                 rec.state is State.RUNNING and rec.need is not None):
             note = ("withdrawn from approval: the job was cancelled" if rec.state is State.AWAITING_APPROVAL
+                    else "withdrawn from its wait: the job was cancelled" if rec.state is State.WAITING
                     else "not run: the job was cancelled")
             record = record.with_step(transition(rec, State.CANCELLED, now=now, error=note, failure_class="cancelled"))
     if spec is None:

@@ -51,6 +51,7 @@ from mesh.contracts import (
 from mesh.contracts import settle as settle_job
 from mesh.contracts.approvals import Approval, Decision, call_hash
 from mesh.contracts.jobs import known, moves
+from mesh.contracts.waits import Wait, WaitKind
 
 from . import sandbox
 from .expr import Condition, ExpressionError, ExpressionLimit
@@ -222,6 +223,9 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         if rec.state is State.SKIPPED:
             record = record.with_step(rec)
             continue
+        if step.waits:  # sleep: / wait_for: park the step on a durable timer; nothing is sent
+            record = _wait(step, record, rec, run, events, now)
+            continue
         try:
             payload = _input(spec, step, record)
         except ExpressionError as exc:  # its input: cannot be built; nothing is sent
@@ -267,6 +271,26 @@ def _park(record: JobRecord, rec: StepRecord, policy: ApprovalPolicy, payload: d
     events.append(_event("awaiting_approval", record, rec, hash=rec.approval.hash if rec.approval else None,
                          timeout=policy.timeout, on_timeout=policy.on_timeout.value,
                          approvers=list(policy.approvers), asks=rec.approval.asks if rec.approval else 1))
+    return record
+
+
+def _wait(step: StepSpec, record: JobRecord, rec: StepRecord, run: Run, events: list[dict[str, Any]],
+          now: float) -> JobRecord:
+    """Park a ``sleep:`` or ``wait_for:`` step in ``waiting``: its :class:`Wait` says for what and until
+    when; the job store stages its timer and index entry with the write (:mod:`mesh.broker.waits`).
+    What the run had left of its deadline is kept: the wait does not spend it."""
+    wf = step.wait_for
+    wait = Wait(kind=WaitKind.EVENT if wf is not None else WaitKind.SLEEP, event=wf.event if wf else None,
+                match=wf.match.source if wf is not None and wf.match is not None else None, started_at=now,
+                duration_s=wf.timeout_s if wf is not None else step.sleep_s or 0.0,
+                on_timeout=wf.on_timeout.value if wf is not None else "fail",
+                seq=rec.wait.seq + 1 if rec.wait is not None else 1,
+                deadline_left_s=max(1.0, run.deadline - now), token_budget=run.token_budget)
+    rec = transition(rec, State.WAITING, now=now, sent_at=None, wait=wait)
+    record = record.with_step(rec)
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wait.until))
+    events.append(_event("waiting", record, rec, waits_for=wait.describe(), until=until, seq=wait.seq,
+                         **({"on_timeout": wait.on_timeout} if wf is not None else {})))
     return record
 
 
@@ -659,7 +683,8 @@ def _not_run(record: JobRecord, halted: str, now: float) -> tuple[JobRecord, lis
     """Every step (and ``for_each`` item) still queued and unsent when the job halts at ``halted``
     moved to ``not_run``, saying why: nothing will ever send it, so ``queued`` would be a lie."""
     why = f"not sent: the job halted at step {halted}"
-    unsent = [s for s in record.steps.values() if s.state is State.QUEUED and s.sent_at is None]
+    unsent = [s for s in record.steps.values()
+              if (s.state is State.QUEUED and s.sent_at is None) or s.state is State.WAITING]
     for s in unsent:
         record = record.with_step(transition(s, State.NOT_RUN, now=now, error=why))
     return record, [s.step_id for s in unsent]

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
 
 from mesh.contracts.approvals import parse_duration
 from mesh.contracts.flow import FlowLimits
+from mesh.contracts.waits import EVENT_NAME
 
 from ..names import NAME, name_problem
 from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
@@ -152,6 +153,42 @@ class ApprovalPolicy(_Spec):
     def warn_before_s(self) -> float | None:
         return None if self.warn_before is None else parse_duration(self.warn_before)
 
+class WaitTimeout(StrEnum):
+    """What a ``wait_for`` whose timeout comes before its event does: ``fail`` dead-letters the step
+    (failure class ``wait_timeout``, its error says what it waited for); ``continue`` ends it
+    succeeded with ``{"timed_out": true}`` as its output, for the next steps to test
+    (``when: "!has(pay.timed_out)"``)."""
+
+    FAIL = "fail"
+    CONTINUE = "continue"
+
+
+class WaitFor(_Spec):
+    """A step that waits durably for an event (``mesh signal JOB EVENT``, ``mesh emit EVENT``):
+    ``match`` is a CEL condition over ``event`` (the event's data), the run's ``input`` and the
+    upstream steps' outputs, checked for an emitted event (a signal names its job, so it is not
+    checked). The step's output is the event's data."""
+
+    event: str = Field(pattern=EVENT_NAME)
+    match: Condition | None = None
+    timeout: str = "24h"
+    on_timeout: WaitTimeout = WaitTimeout.FAIL
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration(self.timeout)
+
+
+#: What a step that waits (``sleep:``, ``wait_for:``) may have besides: it runs no agent.
+WAIT_KEYS = frozenset({"id", "depends_on", "when", "gate", "on_false", "sleep", "wait_for"})
+
+
 class Compensation(_Spec):
     """What undoes a step's effect when its job halts or is cancelled after the step succeeded: the
     declared agent to run (or the declared tool to call) and its input, field → CEL expression over
@@ -224,6 +261,11 @@ class StepSpec(_Spec):
     input: dict[str, Expression] | None = None
     #: What undoes the step's effect if its job halts or is cancelled after it succeeded (a saga).
     compensate: Compensation | None = None
+    #: A step that runs no agent and waits this long (``10m``), holding no worker; its output is
+    #: ``{"slept_s": seconds}``.
+    sleep: str | None = None
+    #: A step that runs no agent and waits for an event (:class:`WaitFor`); its output is the event's data.
+    wait_for: WaitFor | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -248,8 +290,17 @@ class StepSpec(_Spec):
             raise ValueError(f"depends_on names {', '.join(twice)} twice")
         return v
 
+    @field_validator("sleep")
+    @classmethod
+    def _sleep(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
     @model_validator(mode="after")
     def _defaults(self) -> StepSpec:
+        if self.sleep is not None or self.wait_for is not None:
+            return self._waits()
         if self.agent is None:
             object.__setattr__(self, "agent", self.id)
         if self.approval is not None:
@@ -264,6 +315,27 @@ class StepSpec(_Spec):
         if self.input is not None and self.state_input is not None:
             raise ValueError("give the step's input as state_input or as input, not both")
         return self
+
+    def _waits(self) -> StepSpec:
+        """A waiting step: ``sleep`` or ``wait_for``, with none of an agent step's keys."""
+        if self.sleep is not None and self.wait_for is not None:
+            raise ValueError("give a step sleep: or wait_for:, not both")
+        kind = "sleep" if self.sleep is not None else "wait_for"
+        given = {k for k, f in type(self).model_fields.items()
+                 if k not in WAIT_KEYS and getattr(self, k) != f.get_default(call_default_factory=True)}
+        if given:
+            raise ValueError(f"a {kind} step runs no agent: {', '.join(sorted(given))} do(es) not apply to it "
+                             f"(it takes {', '.join(sorted(WAIT_KEYS - {'id'}))})")
+        return self
+
+    @property
+    def waits(self) -> bool:
+        """Whether the step waits (``sleep:``, ``wait_for:``) instead of running an agent."""
+        return self.sleep is not None or self.wait_for is not None
+
+    @property
+    def sleep_s(self) -> float | None:
+        return None if self.sleep is None else parse_duration(self.sleep)
 
     @field_validator("input")
     @classmethod
@@ -374,8 +446,9 @@ class PipelineSpec(_Spec):
         if data.get("limits", ...) is None:  # nor one without limits
             del data["limits"]
         for step in data["steps"]:
-            if step.get("approval", ...) is None:  # a spec without one keeps the digest it always had
-                del step["approval"]
+            for key in ("approval", "sleep", "wait_for"):
+                if step.get(key, ...) is None:  # a spec without one keeps the digest it always had
+                    del step[key]
             # Stored under the name it was first stored by: a spec keeps its digest, and a worker that
             # knows only that name still reads what a newer client registered.
             step["failure_mode"] = step.pop("on_false")

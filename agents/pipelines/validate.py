@@ -188,6 +188,8 @@ def snake(name: str) -> str:
 def output_model(spec: PipelineSpec, app: App, step_id: str) -> type[BaseModel] | None:
     """The model a step's output satisfies: its ``output_schema``'s, else its agent's (None if unknown)."""
     step = spec.step(step_id)
+    if step.waits:
+        return None  # an event's data, or a sleep's {slept_s}: not typed
     if step.output_schema:
         models = schema_names(app).get(step.output_schema, [])
         if len(models) == 1:
@@ -209,8 +211,10 @@ def _step_problems(spec: PipelineSpec, app: App, names: dict[str, list[type[Base
 
 def _step_checks(spec: PipelineSpec, app: App, names: dict[str, list[type[BaseModel]]],
                  up: dict[str, set[str]], i: int, step: StepSpec, item_type: list[Any]) -> Iterator[Problem]:
-    agent = app.agents.get(step.agent_name)
-    if agent is None:
+    agent = app.agents.get(step.agent_name) if not step.waits else None
+    if step.wait_for is not None and step.wait_for.match is not None:
+        yield from _match_problems(spec, app, up, i, step, step.wait_for.match)
+    if agent is None and not step.waits:
         where = "agent" if "agent" in step.model_fields_set else "id"
         yield Problem(("steps", i, where), f"step {step.id!r} runs agent {step.agent_name!r}, which app "
                       f"{app.name!r} does not declare; its agents are {', '.join(app.agents) or 'none'}")
@@ -260,6 +264,17 @@ def _step_checks(spec: PipelineSpec, app: App, names: dict[str, list[type[BaseMo
             for message in _operation_problems(spec, app, up, step, field, expr, item):
                 yield Problem(loc, message)
     item_type[0] = item
+
+
+def _match_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], i: int, step: StepSpec,
+                    match: Expression) -> Iterator[Problem]:
+    """A ``wait_for.match``'s paths: ``event`` (the event's data, not typed), the job, upstream outputs."""
+    for path in match.paths:
+        if path[0] == "event":
+            continue
+        _, message = _path_type(spec, app, up, step, "wait_for.match", match, path)
+        if message:
+            yield Problem(("steps", i, "wait_for", "match"), message.replace(" it may read ", " it may read event, "))
 
 
 #: CEL's kind of a literal: int, uint and double are all numbers (compared with each other freely).
@@ -799,7 +814,7 @@ def _flow_problems(spec: PipelineSpec, app: App, up: dict[str, set[str]], i: int
                    item: Any, *, default: bool = True) -> Iterator[Problem]:
     """What the step is given against its agent's input model; its compensation's input against its
     agent's (or its tool's args)."""
-    agent = app.agents.get(step.agent_name)
+    agent = app.agents.get(step.agent_name) if not step.waits else None
     who = f"step {step.id!r}"
     if agent is not None:
         whose = f"the input of agent {agent.name!r}"

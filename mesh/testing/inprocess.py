@@ -7,10 +7,10 @@ A ``TestMesh`` is a namespace of its own on the Redis at MESH_REDIS_URL (the pro
 one when none answers at the default URL), a worker serving the app's agents on threads of this
 process (the production worker's broker, middleware, runtime and timer loop), a ``MeshClient``
 that knows the app, and a :class:`~mesh.testing.TestClock` for the durable timers: the timers
-(approvals' expiries and warnings) are due by the Redis clock, so :meth:`TestMesh.advance` moves
-every timer of the namespace earlier by the time it lets pass, which is what they would see had
-that time passed. Job deadlines, leases and retries keep the real clock. Closing the mesh stops the
-worker and deletes every key of its namespace.
+(approvals' expiries and warnings, sleeps, wait_for timeouts) are due by the Redis clock, so
+:meth:`TestMesh.advance` moves every timer of the namespace earlier by the time it lets pass, which
+is what they would see had that time passed. Job deadlines, leases and retries keep the real
+clock. Closing the mesh stops the worker and deletes every key of its namespace.
 """
 
 from __future__ import annotations
@@ -194,7 +194,8 @@ class TestMesh:
 
     def wait(self, job: JobRef | str, *, approve: Approve | None = None, timeout_s: float = 30.0) -> JobRecord:
         """The job once it ended, or once a step waits for an approval ``approve`` does not decide
-        (returned ``awaiting_approval``: approve, deny or ``advance`` then wait again). A step in
+        (returned ``awaiting_approval``: approve, deny or ``advance`` then wait again), or for a timer or
+        an event with nothing else in flight (returned ``waiting``: ``advance``, or ``client.emit``). A step in
         ``approve`` is decided when it waits: True approves, False denies, None lets it expire."""
         job_id = job.id if isinstance(job, JobRef) else job
         decided: set[tuple[str, int]] = set()
@@ -204,7 +205,8 @@ class TestMesh:
             if record.state in TERMINAL:
                 return record
             waiting = [s for s in record.steps.values() if s.state is State.AWAITING_APPROVAL and s.approval]
-            unscripted = False
+            # a step waiting on a timer or an event: ``advance`` or an event (client.emit, .signal) ends it
+            unscripted = any(s.state is State.WAITING for s in record.steps.values())
             for step in waiting:
                 assert step.approval is not None
                 if approve is None or step.step_id not in approve:

@@ -154,6 +154,12 @@ steps:
     gate: size(fetch) > 0
     requires_human_approval: true
     approval: {timeout: 2h, on_timeout: escalate, approvers: [alice, bob], warn_before: 30m}
+  - id: nap
+    depends_on: [digest]
+    sleep: 10m
+  - id: paid
+    depends_on: [nap]
+    wait_for: {event: payment.settled, match: event.order == input.goal, timeout: 1h, on_timeout: continue}
 result: [fetch, digest]
 limits:
   agents:
@@ -162,7 +168,7 @@ limits:
 
 #: What the text says of each key set above.
 EVERY_KEY_SHOWN = [
-    "every-key 2.1", "A pipeline with every key set", "order: scout → coder → fetch → digest",
+    "every-key 2.1", "A pipeline with every key set", "order: scout → coder → fetch → digest → nap → paid",
     "tracing: otlp, logs inputs and outputs", "checkpointing: redis, kept 1h30m",
     "result: fetch, digest", "input_schema task",
     "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
@@ -173,6 +179,8 @@ EVERY_KEY_SHOWN = [
     "on_false continue", "input: score = item.score * 2.0, url = item.url", "input: items = fetch",
     "gate: size(fetch) > 0 (false: halt_pipeline)", "awaits approval (2h, then escalate)", "approvers alice, bob",
     "warns 30m before", "limits of agent scout: 600/min requests, 4 at once per input.goal",
+    "sleeps 10m (no agent)",
+    "waits for event payment.settled where event.order == input.goal (1h, then continue; no agent)",
 ]
 
 

@@ -120,6 +120,23 @@ def test_an_undecided_approval_returns_the_waiting_job_and_expires_when_the_cloc
     assert mesh.calls == []
 
 
+app.pipeline(Pipeline("later").step("nap", sleep="1h").step("paid", wait_for={"event": "paid", "timeout": "2h"})
+             .step("write", depends_on=["nap", "paid"], input={"topic": "paid.topic"}))
+
+
+def test_a_sleep_ends_when_the_clock_passes_it_and_a_wait_for_when_its_event_comes() -> None:
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: Posted(id="never")}) as mesh:
+        job = mesh.run("later", {})
+        record = mesh.wait(job)
+        assert record.state is State.WAITING and record.steps["nap"].state is State.WAITING
+        mesh.advance(3599)
+        assert mesh.client.status(job.id).steps["nap"].state is State.WAITING
+        mesh.advance(2)
+        mesh.client.emit("paid", {"topic": "otters"})
+        record = mesh.wait(job)
+    assert record.state is State.SUCCEEDED and record.steps["paid"].result == {"topic": "otters"}
+
+
 def test_approve_none_lets_the_approval_expire() -> None:
     record = run_pipeline(app, "blog", {"topic": "otters"}, model=TestModel(DRAFTS), tools={post: Posted(id="x")},
                           approve={"publish": None})

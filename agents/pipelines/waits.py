@@ -1,0 +1,272 @@
+"""What ends a durable wait, and how events reach the steps that wait for them.
+
+A ``sleep:`` or ``wait_for:`` step is parked in ``waiting`` by the engine
+(:func:`mesh.agents.pipelines.engine.advance`); :mod:`mesh.broker.waits` keeps its index entry,
+its timers and the events kept for it. A wait ends by a pure change to the job record
+(:func:`end`), written in one WATCH/MULTI with what it sets in motion, so the first of several
+events or the timeout wins and the others find nothing left to end:
+
+- a sleep's timer: the step succeeds with ``{"slept_s": ...}``;
+- an event: the step succeeds with the event's data as its output — one ``mesh emit`` (every step
+  waiting for that name whose ``match`` holds over ``event``, the run's ``input`` and the upstream
+  outputs) or ``mesh signal`` (one job: ``match`` is not checked);
+- the timeout: ``on_timeout: fail`` dead-letters the step (``wait_timeout``), ``continue`` ends it
+  succeeded with ``{"timed_out": true}``.
+
+Either way its dependents go on with what the run had left of its deadline when the wait began.
+An event that comes before the wait began is kept (MESH_EVENT_WINDOW_S, MESH_EVENT_KEEP) and
+taken by the wait when it begins (the ``wait.check`` timer, due at once), at most once per job.
+A wait of a cancelled job is withdrawn by the cancel; one of a job undoing its effects when it
+ends is withdrawn then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mesh.broker import redact
+from mesh.broker import waits as store
+from mesh.broker.client import MeshClient, job_id_for, on_job_control
+from mesh.broker.jobs import JobNotFound, JobStore
+from mesh.broker.pipelines import PipelineStore
+from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, transition
+from mesh.contracts.approvals import show_duration
+from mesh.contracts.waits import EVENT_NAME, WaitEnd, WaitKind, timed_out
+
+from . import engine
+from .expr import ExpressionError
+from .spec import PipelineSpec
+
+logger = logging.getLogger(__name__)
+
+#: Trace event kinds of a wait's end.
+EVENT = {WaitEnd.SLEPT: "slept", WaitEnd.EVENT: "resumed", WaitEnd.TIMEOUT: "wait_timed_out"}
+
+
+def holds(spec: PipelineSpec, record: JobRecord, rec: StepRecord, data: dict[str, Any]) -> bool:
+    """Whether the step's ``match`` holds for an event with ``data`` (no match: any event does). A
+    match that cannot be evaluated over this event (a field missing) does not hold."""
+    step = spec.step(rec.step_id)
+    match = step.wait_for.match if step.wait_for is not None else None
+    if match is None:
+        return True
+    try:
+        return match.test({**engine.values(record), "event": data})
+    except ExpressionError as exc:
+        logger.info("an event's data does not fit a wait's match", extra={"job_id": record.job_id,
+                                                                          "step_id": rec.step_id, "error": str(exc)})
+        return False
+
+
+def end(spec: PipelineSpec, routes: engine.Routes, step_id: str, seq: int, how: WaitEnd,
+        events: list[dict[str, Any]], *, data: dict[str, Any] | None = None, event_id: str | None = None,
+        via: str | None = None, match: bool = False,
+        at: float | None = None) -> Callable[[JobRecord], tuple[JobRecord, list[Any]]]:
+    """The change that ends wait ``seq`` of step ``step_id`` (see the module's docstring); the record
+    as it is when that wait is not waiting any more (ended by an earlier event, its timeout, a
+    cancel), when the event was taken by another wait of the job, or (``match``) its match fails."""
+
+    def change(record: JobRecord) -> tuple[JobRecord, list[Any]]:
+        del events[:]  # a transaction retried after a conflict starts over
+        now = time.time() if at is None else at
+        rec = record.steps.get(step_id)
+        if rec is None or rec.state is not State.WAITING or rec.wait is None or rec.wait.seq != seq:
+            return record, []
+        if event_id is not None and store.consumed(record, event_id):
+            return record, []
+        if how is WaitEnd.EVENT and (rec.wait.kind is not WaitKind.EVENT or (match and not holds(
+                spec, record, rec, data or {}))):
+            return record, []
+        wait = rec.wait.model_copy(update={"ended": how, "ended_at": now, "event_id": event_id, "via": via})
+        if record.unwind is not None:  # undoing its effects: nothing of it goes on
+            rec = transition(rec, State.CANCELLED, now=now, error="withdrawn from its wait: the job is "
+                             f"{record.state.value}", failure_class="cancelled", wait=wait)
+            return engine.after_loss(spec, record.with_step(rec), routes, events, now=now)
+        run = engine.Run(trace_id=record.trace_id, deadline=now + (wait.deadline_left_s or 600.0),
+                         token_budget=wait.token_budget)
+        detail = {"name": wait.event, "event_id": event_id, "via": via} if how is WaitEnd.EVENT else {}
+        if how is WaitEnd.TIMEOUT and wait.on_timeout != "continue":
+            why = (f"no {wait.describe()} came within {show_duration(wait.duration_s)} (on_timeout: "
+                   f"{wait.on_timeout})")
+            rec = transition(rec, State.DEAD_LETTERED, now=now, error=why, failure_class="wait_timeout", wait=wait)
+            record = record.with_step(rec)
+            events.append(engine._event(EVENT[how], record, rec, reason=why, on_timeout=wait.on_timeout))
+            return engine.after_loss(spec, record, routes, events, now=now)
+        result = ({"slept_s": wait.duration_s} if how is WaitEnd.SLEPT else timed_out() if how is WaitEnd.TIMEOUT
+                  else dict(data or {}))
+        rec = transition(rec, State.SUCCEEDED, now=now, result=result, wait=wait)
+        record = record.with_step(rec)
+        events.append(engine._event(EVENT[how], record, rec, **detail,
+                                    **engine.traced(spec, "output", result)))
+        return engine.advance(spec, record, run, routes, events, now=now)
+
+    return change
+
+
+class Waits:
+    """Ends waits for one process: its job store, the specs, and how it routes the steps a wait's end
+    sends (a worker's routes, or a client's)."""
+
+    def __init__(self, jobs: JobStore, pipelines: PipelineStore, routes: engine.Routes, settings: Any,
+                 clock: Any) -> None:
+        self.jobs, self.pipelines, self.routes, self.settings, self.clock = jobs, pipelines, routes, settings, clock
+
+    def deliver(self, job_id: str, step_id: str, seq: int, how: WaitEnd, *, data: dict[str, Any] | None = None,
+                event_id: str | None = None, via: str | None = None, match: bool = False,
+                at: float | None = None) -> bool:
+        """End the wait (:func:`end`) in one transaction; whether this call ended it."""
+        events: list[dict[str, Any]] = []
+        ended = False
+
+        def change(record: JobRecord) -> tuple[JobRecord, list[Any]]:
+            nonlocal ended
+            spec = engine.load_spec(self.pipelines, record.pipeline or "", record.pipeline_digest or "")
+            after, messages = end(spec, self.routes, step_id, seq, how, events, data=data, event_id=event_id,
+                                  via=via, match=match, at=at)(record)
+            ended = after is not record
+            return after, messages
+
+        def also(pipe: Any, _record: JobRecord) -> None:
+            if ended and event_id is not None:
+                store.stage_consumed(pipe, self.jobs.keys, job_id, event_id)
+            if ended:
+                pipe.hincrby(self.jobs.keys.stats, f"waits_{how.value}", 1)
+
+        try:
+            self.jobs.update(job_id, change, events=events, also=also)
+        except JobNotFound:
+            return False
+        return ended
+
+    def check(self, job_id: str, step_id: str, seq: int) -> bool:
+        """Offer the events kept for the wait (signalled to its job, or emitted), oldest first, until
+        one ends it; whether one did."""
+        record = self.jobs.get(job_id)
+        rec = record.steps.get(step_id) if record is not None else None
+        if rec is None or rec.state is not State.WAITING or rec.wait is None or rec.wait.seq != seq \
+                or rec.wait.event is None:
+            return False
+        assert record is not None
+        spec = engine.load_spec(self.pipelines, record.pipeline or "", record.pipeline_digest or "")
+        for k in store.kept(self.jobs.client, self.jobs.keys, job_id, rec.wait.event, self.settings.event_window_s,
+                            self.settings.event_keep):
+            if store.consumed(record, k.id) or (k.via == "emit" and not holds(spec, record, rec, k.data)):
+                continue  # looked at again in the transaction only when it may end the wait
+            if self.deliver(job_id, step_id, seq, WaitEnd.EVENT, data=k.data, event_id=k.id, via=k.via,
+                            match=k.via == "emit"):
+                return True
+        return False
+
+    def timer_handlers(self) -> dict[str, Callable[[Any], bool]]:
+        """What fires the waits' durable timers in a worker (:class:`mesh.broker.timers.Timers`):
+        ``wait`` ends a sleep or times a ``wait_for`` out; ``wait.check`` offers the kept events.
+        Both are idempotent: a wait ended meanwhile is left alone."""
+
+        def fire(due: Any) -> bool:
+            job_id, step_id, seq = due.ref.rsplit("|", 2)
+            record = self.jobs.get(job_id)
+            rec = record.steps.get(step_id) if record is not None else None
+            if rec is None or rec.wait is None:
+                return True
+            how = WaitEnd.SLEPT if rec.wait.kind is WaitKind.SLEEP else WaitEnd.TIMEOUT
+            # when it fired, on the Redis clock: never before its due time (the timer was read with TIME)
+            self.deliver(job_id, step_id, int(seq), how, at=max(self.clock.now_s(), due.now_ms / 1000))
+            return True
+
+        def look(due: Any) -> bool:
+            job_id, step_id, seq = due.ref.rsplit("|", 2)
+            self.check(job_id, step_id, int(seq))
+            return True
+
+        return {store.TIMER: fire, store.CHECK: look}
+
+
+def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
+    """``data`` when ``event`` is a name and ``data`` a JSON object within the step output limits."""
+    import re
+
+    if not isinstance(event, str) or not re.match(EVENT_NAME, event):
+        raise store.InvalidEvent(f"an event name is 1 to 128 letters, digits and ._:- (starting with a letter or "
+                                 f"digit), not {str(event)[:60]!r}")
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise store.InvalidEvent(f"an event's data is a JSON object (it becomes the step's output), not "
+                                 f"{type(data).__name__}")
+    data = redact.redact_value(data)  # a step output: masked before anything keeps it, as an agent's is
+    encoded = dumps(data)
+    size = len(encoded)
+    if depth_exceeds(encoded, data, client.settings.max_json_depth):
+        raise store.InvalidEvent(f"an event's data nests deeper than MESH_MAX_JSON_DEPTH "
+                                 f"({client.settings.max_json_depth})")
+    if size > client.settings.max_output_bytes:
+        raise store.InvalidEvent(f"an event's data of {size} bytes is over MESH_MAX_OUTPUT_BYTES "
+                                 f"({client.settings.max_output_bytes})")
+    return data
+
+
+def _client_waits(client: MeshClient) -> Waits:
+    from .jobctl import _routes
+
+    return Waits(client.jobs, client.pipelines, _routes(client), client.settings, client.clock)
+
+
+def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | None = None) -> store.Delivery:
+    """Deliver ``event`` to job ``job_id`` (an id, or the key it was sent with): it ends the wait of
+    the job's step waiting longest for that name (``match`` is not checked: the job is named); with
+    none waiting, it is kept for a wait of the job that starts within MESH_EVENT_WINDOW_S. Raises
+    JobNotFound, :class:`~mesh.broker.waits.NotWaiting` (the job ended) or InvalidEvent."""
+    data = _event_data(client, event, data)
+    if client.redis.exists(client.keys.job(job_id)) == 0 and client.redis.exists(client.keys.job(job_id_for(job_id))):
+        job_id = job_id_for(job_id)  # the key the job was sent with
+    record = client.status(job_id)
+    steps = sorted((s for s in record.steps.values() if s.state is State.WAITING and s.wait is not None
+                    and s.wait.event == event), key=lambda s: s.wait.started_at if s.wait else 0)
+    if record.state in TERMINAL and not steps:  # ended (a step may still wait while another branch ended it)
+        raise store.NotWaiting(f"job {job_id} is {record.state.value}: nothing of it waits for {event} any more",
+                               job_id=job_id, state=record.state.value)
+    settings = client.settings
+    sid = store.keep(client.redis, client.keys.signals(job_id), {"event": event, "data": data}, settings.event_keep,
+                     settings.event_window_s)
+    event_id = f"signal:{sid}"
+    waits = _client_waits(client)
+    resumed: list[tuple[str, str]] = []
+    for step in steps:  # the one waiting longest takes it
+        if step.wait is not None and waits.deliver(job_id, step.step_id, step.wait.seq, WaitEnd.EVENT, data=data,
+                                                   event_id=event_id, via="signal"):
+            resumed.append((job_id, step.step_id))
+            break
+    if not resumed:  # a wait that began meanwhile may have taken it (its check)
+        after = client.jobs.get(job_id)
+        taken = [s.step_id for s in (after.steps.values() if after else ()) if s.wait and s.wait.event_id == event_id]
+        resumed = [(job_id, taken[0])] if taken else []
+    return store.Delivery(event, event_id, resumed)
+
+
+def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> store.Delivery:
+    """Deliver ``event`` to every step waiting for that name whose ``match`` holds, and keep it for
+    waits that start within MESH_EVENT_WINDOW_S (each job takes it at most once)."""
+    data = _event_data(client, event, data)
+    settings = client.settings
+    sid = store.keep(client.redis, client.keys.events(event), {"data": data}, settings.event_keep,
+                     settings.event_window_s)
+    event_id = f"emit:{event}:{sid}"
+    waits = _client_waits(client)
+    resumed: list[tuple[str, str]] = []
+    for waiting in store.pending(client.redis, client.keys, limit=1_000_000, event=event):
+        record = waiting.record
+        if record is not None and record.pipeline and record.pipeline_digest and not holds(
+                engine.load_spec(client.pipelines, record.pipeline, record.pipeline_digest), record, waiting.step,
+                data):
+            continue  # looked at again in the transaction only when it holds now
+        with contextlib.suppress(JobNotFound):
+            if waits.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT, data=data,
+                             event_id=event_id, via="emit", match=True):
+                resumed.append((waiting.job_id, waiting.step.step_id))
+    return store.Delivery(event, event_id, resumed)
+
+
+on_job_control(signal=signal, emit=emit)
