@@ -248,7 +248,7 @@ ACL_COMMANDS = (
     "sadd", "srem", "smembers", "scard", "sismember", "sscan",
     "zadd", "zrem", "zcard", "zcount", "zscore", "zrange", "zrangebyscore", "zrevrangebyscore", "zscan",
     "zremrangebyscore", "zremrangebyrank",
-    "xadd", "xrange", "xrevrange",
+    "xadd", "xrange", "xrevrange", "xread",
 )
 
 

@@ -86,5 +86,16 @@ def emit(client: redis.Redis, keys: Keys, ev: dict[str, Any]) -> None:
 
 def read(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
     """The job's events, oldest first."""
-    rows: Any = client.xrange(keys.trace(job_id))
-    return [loads(fields[b"e"]) for _, fields in rows]
+    return [ev for _, ev in read_since(client, keys, job_id)]
+
+
+def read_since(client: redis.Redis, keys: Keys, job_id: str, after: str = "0") -> list[tuple[str, dict[str, Any]]]:
+    """The job's events after the event id ``after`` (``0``: all), oldest first, each with its id:
+    where a reader that stopped picks up again (:meth:`MeshClient.events`, the console)."""
+    start = "-" if after in ("0", "0-0", "") else f"({after}"
+    return decode(client.xrange(keys.trace(job_id), min=start))
+
+
+def decode(rows: Any) -> list[tuple[str, dict[str, Any]]]:
+    """XREAD's or XRANGE's entries of a trace stream as (event id, event)."""
+    return [(stream_id.decode(), loads(fields[b"e"])) for stream_id, fields in rows]

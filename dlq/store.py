@@ -115,6 +115,22 @@ class DeadLetterStore:
             out += [s.entry for s in self._fetch(ids) if flt.matches(s.entry)]
         return out[:limit]
 
+    def page(self, flt: Filter, *, limit: int = 50, budget: int = 2_000) -> tuple[list[DeadLetter], int, bool]:
+        """Newest first, at most ``limit``, reading at most ``budget`` entries of the chosen index (a
+        page's Redis work does not grow with the DLQ): (entries, entries read, whether the budget cut
+        the walk short)."""
+        out: list[DeadLetter] = []
+        lo, hi = self._range(flt)
+        offset = 0
+        while len(out) < limit and offset < budget:
+            ids = self.client.zrevrangebyscore(self._index(flt), hi, lo, start=offset,
+                                               num=min(BATCH, budget - offset))
+            if not ids:
+                return out[:limit], offset, False
+            offset += len(ids)
+            out += [s.entry for s in self._fetch(ids) if flt.matches(s.entry)]
+        return out[:limit], offset, len(out) < limit and offset >= budget
+
     def iter(self, flt: Filter, *, batch: int = BATCH) -> Iterator[list[Stored]]:
         """Batches of matching entries, oldest first, in constant memory: each entry that was in range
         when the walk started, once, unless it left the DLQ before the walk reached it.
