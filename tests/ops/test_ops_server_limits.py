@@ -181,3 +181,38 @@ def test_a_request_head_growing_past_16_kib_is_refused_with_400_before_it_ends(c
         while chunk := sock.recv(65536):
             reply += chunk
         assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+
+
+def test_400_connections_dripping_request_heads_leave_healthz_and_the_console_answering_within_a_second(
+        client: MeshClient, settings: MeshSettings, tmp_path: Path) -> None:
+    """`mesh ops serve` with 256 descriptors, as a small container gives it, and 400 clients each
+    sending a request head a byte at a time (which resets a plain uvicorn's timer on every byte, and
+    would hold a descriptor each): /healthz and the console's overview still answer within a second."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000
+    stop = threading.Event()
+    with serve_with_descriptor_limit(settings, tmp_path, 256) as port, ExitStack() as stack:
+        socks = [connect(port, stack) for _ in range(400)]
+
+        def drip() -> None:
+            for byte in head:  # each connection gets the next byte, every 200 ms
+                for sock in socks:
+                    try:
+                        sock.send(bytes([byte]))
+                    except OSError:
+                        continue
+                if stop.wait(0.2):
+                    return
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        try:
+            for _ in range(5):
+                for path in ("/healthz", "/"):
+                    started = time.monotonic()
+                    answer = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1.0)  # raises past a second
+                    assert answer.status_code == 200, path
+                    assert time.monotonic() - started < 1.0, path
+        finally:
+            stop.set()
+            dripper.join(5)
+    assert "Too many open files" not in (tmp_path / "ops.log").read_text()
