@@ -24,7 +24,7 @@ function follow(box) {
   source.addEventListener("end", function () {
     source.close();
     status.textContent = "The job has ended.";
-    window.location.reload();
+    window.setTimeout(function () { window.location.reload(); }, 500);  // the last lines are seen first
   });
   source.onerror = function () {
     status.textContent = "Reconnecting…";
