@@ -11,7 +11,7 @@ from rich.text import Text
 
 from mesh.broker import MeshClient
 from mesh.contracts import ConfigError
-from mesh.ops.console import EXIT_INPUT, MARKUP, err, fail, out, settings
+from mesh.ops.console import EXIT_INPUT, MARKUP, JsonFlag, emit_json, err, fail, out, settings
 
 ops_app = typer.Typer(help="Operations: the health and metrics server, the console and its users.",
                       no_args_is_help=True, rich_markup_mode=MARKUP)
@@ -95,3 +95,32 @@ def user_add(
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}", EXIT_INPUT)
     out.print(Text(f"{'added' if new else 'changed the password of'} {name} in {path}"))
+
+
+@ops_app.command("console-bench", epilog="Example: `mesh ops console-bench --jobs 10000 --dead-letters 10000`")
+def console_bench(
+    jobs: Annotated[int, typer.Option(min=1, metavar="N", help="Jobs in the larger namespace.")] = 10_000,
+    dead_letters: Annotated[int, typer.Option(min=1, metavar="N", help="Dead letters in the larger namespace.")
+                            ] = 10_000,
+    as_json: JsonFlag = False,
+) -> None:
+    """Time each console page and count its Redis commands, with a tenth of the data and with all.
+
+    Each size is filled in a throw-away namespace of the configured Redis (removed afterwards);
+    a page's commands must not grow with the data."""
+    from mesh.ops.web.bench import run
+
+    small = (max(1, jobs // 10), max(1, dead_letters // 10))
+    result = run(settings(), [small, (jobs, dead_letters)], progress=lambda step: err.print(Text(step), style="dim"))
+    if as_json:
+        emit_json(result)
+        return
+    a, b = result["sizes"]
+    out.print(Text(f"{'page':<28}{'ms':>7}{'cmds':>6}{'ms':>9}{'cmds':>6}"))
+    out.print(Text(f"{'':<28}{a['jobs']:>7,} jobs{'':>2}{b['jobs']:>9,} jobs"))
+    for label, small_page in a["pages"].items():
+        big = b["pages"][label]
+        out.print(Text(f"{label[:27]:<28}{small_page['ms']:>7.1f}{int(small_page['commands']):>6}"
+                       f"{big['ms']:>9.1f}{int(big['commands']):>6}"))
+    out.print(Text(f"median of {result['repeats']} fetches per page on loopback; commands counted on the "
+                   "server's own Redis connections"))

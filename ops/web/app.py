@@ -253,11 +253,13 @@ async def dlq(request: Request, con: Console, user: str, csrf: str) -> Response:
     shown = {k: (p.get(k) or "").strip() for k in ("agent", "class", "grep", "key")}
     flt = Filter(agent=shown["agent"] or None, failure_class=shown["class"] or None, grep=shown["grep"] or None,
                  key=shown["key"] or None)
-    data, audit = await _run(lambda: (views.dlq(con.client, flt), views.audit_log(con.client)))
+    offset = int(p.get("from", "0")) if p.get("from", "0").isdigit() else 0
+    data, audit = await _run(lambda: (views.dlq(con.client, flt, offset), views.audit_log(con.client)))
     from mesh.contracts import FailureClass
 
+    more = {k: v for k, v in shown.items() if v}
     return con.render(request, "dlq.html", user, csrf, f=shown, classes=[str(c) for c in FailureClass],
-                      audit=audit, **data)
+                      audit=audit, more=more, **data)
 
 
 async def dlq_entry(request: Request, con: Console, user: str, csrf: str) -> Response:

@@ -5,6 +5,7 @@ scan of every job or entry. Plain data for the templates; the actions are in :mo
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,6 @@ from mesh.broker.ledger import unknown_count
 from mesh.contracts import TERMINAL, JobRecord, State, loads
 from mesh.dlq import Audit, DeadLetterStore, Filter
 from mesh.ops import dag
-from mesh.ops.prefixes import AmbiguousPrefix, resolve
 from mesh.ops.timeline import render
 
 #: Rows a list page shows.
@@ -27,8 +27,9 @@ PAGE_ROWS = 50
 #: Jobs the jobs page reads from the index at most, newest first.
 JOB_BUDGET = 500
 
-#: Dead letters a filtered DLQ page checks at most (error text and key are checked on each entry).
-DLQ_BUDGET = 2_000
+#: Dead letters a filtered DLQ page checks at most (error text and key are checked on each entry);
+#: the page links to the next stretch.
+DLQ_BUDGET = 1_000
 
 #: Audit records an entry's page looks through (newest first).
 AUDIT_WINDOW = 2_000
@@ -109,19 +110,41 @@ class Search:
 
 
 def find(c: MeshClient, q: str) -> Search:
-    """The job ``q`` names: a job id or its unique start (``job-`` may be left out), or the key it was
-    sent with. (A trace id is the hash of the key: give the key or the job id.)"""
+    """The job ``q`` names: a job id, the key it was sent with, or a job id's unique start (``job-``
+    may be left out). (A trace id is the hash of the key: give the key or the job id.) The whole id
+    and the key are looked up directly; a start is looked for in at most PREFIX_BUDGET ids."""
     q = q.strip()
     if not q:
         return Search()
-    try:
-        job_id = resolve(c.redis, c.keys.jobs, q, zset=True, alias="job-")
-    except AmbiguousPrefix as exc:
-        return Search(candidates=exc.candidates)
-    for candidate in (job_id, job_id_for(q)):
+    for candidate in (q, job_id_for(q)):
         if c.redis.exists(c.keys.job(candidate), c.keys.trace(candidate)):
             return Search(job_id=candidate)
-    return Search()
+    if not _ID_START.match(q):
+        return Search()
+    found = _starting(c, q if q.startswith("job-") else f"job-{q}")
+    if len(found) == 1:
+        return Search(job_id=found[0])
+    return Search(candidates=found[:10] or None)
+
+
+#: What may start a job id: ``job-`` and hex, or hex alone.
+_ID_START = re.compile(r"^(job-)?[0-9a-f]{4,32}$")
+
+#: Job ids a search by an id's start looks through at most (a ZSCAN of the jobs index).
+PREFIX_BUDGET = 20_000
+
+
+def _starting(c: MeshClient, prefix: str) -> list[str]:
+    found: list[str] = []
+    cursor, read = 0, 0
+    while read < PREFIX_BUDGET and len(found) <= 10:
+        answer: Any = c.redis.zscan(c.keys.jobs, cursor, match=f"{prefix}*", count=2_000)
+        cursor, rows = answer
+        read += 2_000
+        found += [m.decode() for m, _ in rows]
+        if cursor == 0:
+            break
+    return sorted(set(found))
 
 
 def recent_jobs(c: MeshClient, state: str | None) -> dict[str, Any]:
@@ -161,10 +184,11 @@ def _steps(record: JobRecord, stuck: dict[str, float]) -> list[dict[str, Any]]:
     return out
 
 
-def dlq(c: MeshClient, flt: Filter) -> dict[str, Any]:
+def dlq(c: MeshClient, flt: Filter, offset: int = 0) -> dict[str, Any]:
     store = DeadLetterStore(c.redis, c.keys)
-    entries, read, cut = store.page(flt, limit=PAGE_ROWS, budget=DLQ_BUDGET)
+    entries, read, cut = store.page(flt, limit=PAGE_ROWS, budget=DLQ_BUDGET, offset=offset)
     return {"entries": entries, "read": read, "cut": cut, "budget": DLQ_BUDGET, "total": store.count(),
+            "offset": offset, "next": offset + read,
             "agents": sorted(m.decode() for m in c.redis.smembers(c.keys.dlq_agents))}  # type: ignore[union-attr]
 
 

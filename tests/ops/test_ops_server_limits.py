@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -216,3 +217,23 @@ def test_400_connections_dripping_request_heads_leave_healthz_and_the_console_an
             stop.set()
             dripper.join(5)
     assert "Too many open files" not in (tmp_path / "ops.log").read_text()
+
+
+def test_responses_are_sent_without_waiting_for_the_clients_delayed_ack(client):
+    """Accepted sockets get TCP_NODELAY (asyncio sets it only on sockets made with IPPROTO_TCP): else
+    every response's body waits about 40 ms for the client's ACK of its head."""
+    with ops_server(client) as base, httpx.Client() as http:
+        assert http.get(f"{base}/healthz").status_code == 200  # the connection stays open (keep-alive)
+        found = [conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                 for conn in _server_connections(port_of(base))]
+        assert found and all(found), found
+
+
+def _server_connections(port: int) -> list[Any]:
+    """The protocol objects of the threaded server on ``port`` (its uvicorn server state)."""
+    import gc
+
+    from mesh.ops.http_guard import GuardedH11
+
+    return [o for o in gc.get_objects() if isinstance(o, GuardedH11) and not o.transport.is_closing()
+            and o.transport.get_extra_info("sockname")[1] == port]
