@@ -1,5 +1,6 @@
 """``mesh ops serve``: /metrics, /healthz (the process is alive) and /readyz (Redis answers and
-at least one worker heartbeats; it also names the Redis in use, its address and role).
+at least one worker heartbeats; it also names the Redis in use, its address and role), and the
+console (:mod:`mesh.ops.web`) beside them, behind its own access rule; these three stay open.
 
 A Starlette app served by uvicorn, guarded for a port anything may connect to (http_guard.py): a
 request head must arrive within MESH_OPS_REQUEST_TIMEOUT_S, idle keep-alive connections close after
