@@ -97,5 +97,15 @@ def read_since(client: redis.Redis, keys: Keys, job_id: str, after: str = "0") -
 
 
 def decode(rows: Any) -> list[tuple[str, dict[str, Any]]]:
-    """XREAD's or XRANGE's entries of a trace stream as (event id, event)."""
-    return [(stream_id.decode(), loads(fields[b"e"])) for stream_id, fields in rows]
+    """XREAD's or XRANGE's entries of a trace stream as (event id, event); an entry that is not an
+    event (written by something else) reads as an ``unreadable`` event, so a reader moves past it."""
+    out = []
+    for stream_id, fields in rows:
+        try:
+            ev = loads(fields[b"e"])
+            if not isinstance(ev, dict):
+                raise ValueError("not an object")
+        except (KeyError, ValueError) as exc:
+            ev = {"event": "unreadable", "error": f"trace entry {stream_id.decode()} is not an event: {exc!r}"[:300]}
+        out.append((stream_id.decode(), ev))
+    return out

@@ -42,6 +42,9 @@ HERE = Path(__file__).parent
 #: The largest form body read (the note of an approval is the longest field).
 MAX_FORM_BYTES = 64 * 1024
 
+#: Password checks run at once.
+LOGIN_CHECKS = 2
+
 #: A comment line sent on an idle event stream this often, so a dead browser is noticed.
 KEEPALIVE_S = 15.0
 
@@ -72,6 +75,13 @@ class Console:
         self.client = client
         self.access = access
         self.hub = TraceHub(client)
+        #: Event streams held open at once: half the server's connections, so following browsers
+        #: never take the room /healthz and the pages need.
+        self.max_streams = max(1, client.settings.ops_max_connections // 2)
+        self.streams = 0
+        #: Password checks at once (scrypt: 16 MiB and ~50 ms each); more wait on the event loop,
+        #: not on the threads Redis reads need.
+        self.checking: asyncio.Semaphore | None = None
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                       undefined=jinja2.StrictUndefined)
         self.env.filters["clock"] = _clock
@@ -165,7 +175,10 @@ class Console:
             return PlainTextResponse("refused: the form's CSRF token is missing or stale; reload the page\n",
                                      status_code=403, headers=HEADERS)
         name, password = form.get("user", ""), form.get("password", "")
-        ok = await anyio.to_thread.run_sync(self.access.login, name, password)
+        if self.checking is None:
+            self.checking = asyncio.Semaphore(LOGIN_CHECKS)
+        async with self.checking:
+            ok = await anyio.to_thread.run_sync(self.access.login, name, password)
         if not ok:
             logger.warning("console login refused", extra={"user": name[:64]})
             return self.render(request, "login.html", "", form["csrf"], status=401, next=_next(form.get("next")),
@@ -347,10 +360,15 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
     after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     if not _event_id(after):
         after = "0"
+    if con.streams >= con.max_streams:
+        return PlainTextResponse(f"{con.max_streams} event streams are open already; reload later\n",
+                                 status_code=503, headers={**HEADERS, "Retry-After": "10"})
     follower = Follower(job_id, after, asyncio.get_running_loop())
-    con.hub.follow(follower)
 
     async def stream() -> AsyncIterator[bytes]:
+        # counted and followed once the stream runs: a response never started leaves nothing behind
+        con.streams += 1  # the event loop's thread alone counts them
+        con.hub.follow(follower)
         try:
             yield b"retry: 2000\n\n"
             while True:
@@ -362,15 +380,24 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
                 if ev is END:
                     yield b"event: end\ndata: {}\n\n"
                     return
-                line = event_line(ev)
-                data = {"event": ev.get("event"), "step": ev.get("step_id"), "line": line.plain,
-                        "at": ev.get("at"), "style": _style(ev)}
+                data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")), "line": _line(ev),
+                        "style": _style(ev)}
                 yield f"id: {event_id}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
         finally:
+            con.streams -= 1
             con.hub.leave(follower)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={**HEADERS, "X-Accel-Buffering": "no"})
+
+
+def _line(ev: dict[str, Any]) -> str:
+    """The event as ``mesh trace --follow`` prints it, or its raw fields when they are not what an
+    event of its kind holds (a stream that failed on an event would be resumed at it for ever)."""
+    try:
+        return event_line(ev).plain
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return f"{ev.get('event')}: {orjson.dumps(ev, default=str).decode()[:500]}"
 
 
 def _style(ev: dict[str, Any]) -> str:

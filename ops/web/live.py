@@ -127,6 +127,9 @@ class TraceHub:
             except redis.RedisError as exc:  # Redis away: the followers wait; reading resumes with it
                 logger.warning("trace hub: redis unavailable", extra={"error": str(exc)})
                 self.stopped.wait(1.0)
+            except Exception:  # a bug must not leave every follower waiting for ever: say it, go on
+                logger.exception("trace hub: reading failed")
+                self.stopped.wait(1.0)
 
     def _step(self) -> None:
         self._admit()

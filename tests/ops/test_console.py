@@ -353,3 +353,40 @@ def test_mesh_ops_user_add_writes_a_hash_the_console_logs_in_with(tmp_path, sett
     with console(c) as (base, _), httpx.Client(base_url=base) as http:
         assert login(http, "cy", "cy-password-9").status_code == 303
         assert http.get("/").status_code == 200
+
+
+def test_event_streams_take_at_most_half_the_connections_so_health_and_pages_keep_answering(
+        make_settings: Callable[..., MeshSettings], rclient: redis.Redis, users_file: Path) -> None:
+    client = MeshClient(make_settings(console_users_file=str(users_file), ops_max_connections=4), client=rclient)
+    job_id = parked(client, "crowded")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        held = [[], []]  # type: list[list[dict[str, str]]]
+        threads = [sse(base, http.cookies, f"/jobs/{job_id}/events", got) for got in held]
+        wait_for(lambda: server.console.streams == 2, timeout_s=10)
+        third = http.get(f"/jobs/{job_id}/events")
+        assert third.status_code == 503 and "event streams are open" in third.text
+        assert http.get("/healthz").status_code == 200 and http.get("/").status_code == 200
+        client.deny(job_id, "researcher", reason="done")
+        for t in threads:
+            t.join(15)
+        wait_for(lambda: server.console.streams == 0, timeout_s=10)
+
+
+def test_a_trace_entry_that_is_not_an_event_reaches_followers_as_unreadable_and_the_stream_goes_on(client):
+    job_id = parked(client, "garbled")
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        got: list[dict[str, str]] = []
+        thread = sse(base, http.cookies, f"/jobs/{job_id}/events", got)
+        wait_for(lambda: any(e.get("kind") == "awaiting_approval" for e in got), timeout_s=10)
+        client.redis.xadd(client.keys.trace(job_id), {"e": b"\xff not json"})
+        client.redis.xadd(client.keys.trace(job_id), {"x": b"no e field"})
+        trace.emit(client.redis, client.keys, trace.event("progress", {"job_id": job_id, "step_id": "researcher"},
+                                                          progress="many", note={"not": "text"}, duration_s="x"))
+        client.deny(job_id, "researcher", reason="done")
+        thread.join(15)
+    kinds = [e.get("kind") for e in got if "id" in e]
+    assert kinds.count("unreadable") == 2 and "progress" in kinds and "denied" in kinds
+    assert got[-1]["event"] == "end"
+    assert [e["event"] for e in client.events(job_id)].count("unreadable") == 2  # and for scripts alike
