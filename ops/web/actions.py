@@ -10,7 +10,7 @@ from mesh.broker import MeshClient
 from mesh.broker.approvals import ApprovalError, check_approver
 from mesh.broker.breaker import Breakers
 from mesh.contracts import State
-from mesh.dlq import Audit, DeadLetterStore, Replayer
+from mesh.dlq import Audit, DeadLetterStore, Filter, Replayer
 from mesh.dlq import purge as purge_entries
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,22 @@ def purge(c: MeshClient, entry_id: str, user: str) -> None:
     if not purge_entries(store, ids=[entry_id], audit=Audit(c.redis, c.keys, who=user)):
         raise Refused(f"no dead letter {entry_id} (replayed or removed meanwhile)", 404)
     logger.info("dead letter purged", extra={"entry_id": entry_id, "by": user})
+
+
+def replay_filter(c: MeshClient, flt: Filter, user: str) -> tuple[int, dict[str, str]]:
+    """``mesh dlq replay`` with filters (``--yes``): (entries replayed, entry -> why one was skipped)."""
+    store = DeadLetterStore(c.redis, c.keys)
+    replayer = Replayer(store, c.settings, Audit(c.redis, c.keys, who=user))
+    report = replayer.replay(replayer.entries(None, flt))
+    logger.info("dead letters replayed", extra={"replayed": len(report.replayed), "by": user})
+    return len(report.replayed), report.skipped
+
+
+def purge_filter(c: MeshClient, flt: Filter, user: str) -> int:
+    """``mesh dlq purge`` with filters (``--yes``): how many entries were deleted."""
+    n = purge_entries(DeadLetterStore(c.redis, c.keys), flt, audit=Audit(c.redis, c.keys, who=user))
+    logger.info("dead letters purged", extra={"purged": n, "by": user})
+    return n
 
 
 def decide(c: MeshClient, job_id: str, step_id: str, user: str, *, approve: bool, note: str) -> None:

@@ -99,7 +99,10 @@ class Console:
         return [
             Route("/", page(overview)), Route("/jobs", page(jobs)), Route("/jobs/{job_id}", page(job)),
             Route("/jobs/{job_id}/events", page(events, stream=True)),
-            Route("/dlq", page(dlq)), Route("/dlq/{entry_id}", page(dlq_entry)),
+            Route("/dlq", page(dlq)),
+            Route("/dlq/all/{action}", page(dlq_bulk_confirm)),
+            Route("/dlq/all/{action}", page(dlq_bulk), methods=["POST"]),
+            Route("/dlq/{entry_id}", page(dlq_entry)),
             Route("/dlq/{entry_id}/{action}", page(dlq_confirm)),
             Route("/dlq/{entry_id}/{action}", page(dlq_action), methods=["POST"]),
             Route("/approvals", page(approvals_page)),
@@ -261,18 +264,69 @@ async def job(request: Request, con: Console, user: str, csrf: str) -> Response:
     return con.render(request, "job.html", user, csrf, **data)
 
 
+FILTER_FIELDS = ("agent", "class", "since", "until", "grep", "key")
+
+
+def _dlq_filter(con: Console, fields: Any) -> tuple[dict[str, str], Filter | None, str | None]:
+    """The DLQ filter of a query or form: (the fields as given, the filter, or why it is not one)."""
+    import typer
+
+    from mesh.contracts import FailureClass
+    from mesh.ops.dlq_cli import _RELATIVE, parse_time
+
+    shown = {k: str(fields.get(k) or "").strip()[:200] for k in FILTER_FIELDS}
+    if shown["class"] and shown["class"] not in set(FailureClass):
+        return shown, None, f"no failure class {shown['class']}"
+    relative = any(_RELATIVE.match(shown[k]) for k in ("since", "until"))
+    now = con.client.clock.now_s() if relative else None  # dead letters are timed on the Redis server's clock
+    try:
+        since, until = (parse_time(shown[k] or None, now=now) for k in ("since", "until"))
+    except typer.BadParameter as exc:
+        return shown, None, str(exc.message)
+    return shown, Filter(agent=shown["agent"] or None, failure_class=shown["class"] or None, since=since,
+                         until=until, grep=shown["grep"] or None, key=shown["key"] or None), None
+
+
 async def dlq(request: Request, con: Console, user: str, csrf: str) -> Response:
     p = request.query_params
-    shown = {k: (p.get(k) or "").strip() for k in ("agent", "class", "grep", "key")}
-    flt = Filter(agent=shown["agent"] or None, failure_class=shown["class"] or None, grep=shown["grep"] or None,
-                 key=shown["key"] or None)
+    shown, flt, problem = await _run(_dlq_filter, con, p)
     offset = int(p.get("from", "0")) if p.get("from", "0").isdigit() else 0
-    data, audit = await _run(lambda: (views.dlq(con.client, flt, offset), views.audit_log(con.client)))
+    data, audit = await _run(lambda: (views.dlq(con.client, flt or Filter(), offset), views.audit_log(con.client)))
+    if problem is not None:
+        data["entries"], data["cut"] = [], False
     from mesh.contracts import FailureClass
 
     more = {k: v for k, v in shown.items() if v}
     return con.render(request, "dlq.html", user, csrf, f=shown, classes=[str(c) for c in FailureClass],
-                      audit=audit, more=more, **data)
+                      audit=audit, more=more, problem=problem, status=400 if problem else 200, **data)
+
+
+async def dlq_bulk_confirm(request: Request, con: Console, user: str, csrf: str) -> Response:
+    """The confirmation step of replaying or purging every entry a filter takes, with its count."""
+    action = request.path_params["action"]
+    if action not in ("replay", "purge"):
+        return con.render(request, "missing.html", user, csrf, status=404, what="no such page")
+    shown, flt, problem = await _run(_dlq_filter, con, request.query_params)
+    if flt is None:
+        return con.render(request, "refused.html", user, csrf, status=400, why=problem)
+    count = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
+    return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count,
+                      exact=flt.exact, more={k: v for k, v in shown.items() if v})
+
+
+async def dlq_bulk(request: Request, con: Console, user: str, csrf: str) -> Response:
+    action = request.path_params["action"]
+    if action not in ("replay", "purge"):
+        return PlainTextResponse("no such action\n", status_code=404, headers=HEADERS)
+    shown, flt, problem = await _run(_dlq_filter, con, request.state.form)
+    if flt is None:
+        return con.render(request, "refused.html", user, csrf, status=400, why=problem)
+    if action == "replay":
+        done, skipped = await _run(actions.replay_filter, con.client, flt, user)
+    else:
+        done, skipped = await _run(actions.purge_filter, con.client, flt, user), {}
+    return con.render(request, "dlq_bulk_done.html", user, csrf, action=action, moved=done,
+                      skipped=skipped, more={k: v for k, v in shown.items() if v})
 
 
 async def dlq_entry(request: Request, con: Console, user: str, csrf: str) -> Response:

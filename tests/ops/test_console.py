@@ -76,7 +76,9 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
     """A dead letter as a worker leaves it (no worker needed)."""
     at = time.time()
     entry_id = str(uuid.uuid4())
-    envelope = {"key": key, "job_id": f"job-{entry_id[:8]}", "step_id": agent, "agent": agent, "trace_id": "0" * 32,
+    from mesh.broker.client import job_id_for
+
+    envelope = {"key": key, "job_id": job_id_for(key), "step_id": agent, "agent": agent, "trace_id": "0" * 32,
                 "deadline": at + 600, "hops": [], "attempt": 1, "schema_version": 1, "replay_of": None,
                 "payload": {"tool": "note", "args": {"title": key}}}
     entry = DeadLetter(entry_id=entry_id, queue=agent, agent=agent, failure_class="permanent", error=error,
@@ -390,3 +392,40 @@ def test_a_trace_entry_that_is_not_an_event_reaches_followers_as_unreadable_and_
     assert kinds.count("unreadable") == 2 and "progress" in kinds and "denied" in kinds
     assert got[-1]["event"] == "end"
     assert [e["event"] for e in client.events(job_id)].count("unreadable") == 2  # and for scripts alike
+
+
+def test_a_filters_dead_letters_are_counted_confirmed_then_replayed_or_purged_as_the_user(client):
+    kept = put_entry(client, key="other-1")
+    for n in range(3):
+        put_entry(client, key=f"bulk-{n}", error="tickets:443 answered 400: bad order")
+    for n in range(2):
+        put_entry(client, key=f"again-{n}", error="upstream said 503")
+    store = DeadLetterStore(client.redis, client.keys)
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get("/dlq/all/purge", params={"key": "bulk-*"})
+        assert page.status_code == 200 and 'id="bulk-count">6<' in page.text and "up to" in page.text
+        assert store.count() == 6  # the confirmation changed nothing
+        done = http.post("/dlq/all/purge", data={"csrf": csrf_of(page.text), "key": "bulk-*"})
+        assert done.status_code == 200 and 'id="bulk-moved">3<' in done.text
+        assert store.count() == 3 and store.get(kept.entry_id) is not None
+
+        page = http.get("/dlq/all/replay", params={"grep": "said 503"})
+        queued = client.redis.llen(client.keys.queue("executor"))
+        done = http.post("/dlq/all/replay", data={"csrf": csrf_of(page.text), "grep": "said 503"})
+        assert done.status_code == 200 and 'id="bulk-moved">2<' in done.text
+        assert client.redis.llen(client.keys.queue("executor")) == queued + 2
+        assert [e.key for e in store.newest(10)] == ["other-1"]
+        assert http.post("/dlq/all/purge", data={"key": "other-*"}).status_code == 403  # no CSRF token
+    audit = Audit(client.redis, client.keys).records()
+    assert sorted(r["op"] for r in audit) == ["purge"] * 3 + ["replay"] * 2 and {r["who"] for r in audit} == {"ana"}
+
+
+def test_dead_letters_are_filtered_by_time_on_the_redis_clock_and_a_time_that_is_not_one_is_said(client):
+    put_entry(client, key="recent-1")
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        assert "recent-1" in http.get("/dlq", params={"since": "1h"}).text
+        assert "recent-1" not in http.get("/dlq", params={"until": "1h"}).text
+        wrong = http.get("/dlq", params={"since": "yesterday"})
+        assert wrong.status_code == 400 and "is not a time" in wrong.text
