@@ -91,7 +91,7 @@ def make_app(client: MeshClient, access: Access | None = None, console: Console 
         try:
             yield
         finally:
-            console.hub.stop()
+            console.stop()
 
     return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
                              *console.routes()],
@@ -159,7 +159,7 @@ class OpsServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.console.hub.stop()  # browsers' event streams end now, not at the graceful timeout
+        self.console.stop()  # browsers' event streams end now, not at the graceful timeout
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:

@@ -34,6 +34,7 @@ from mesh.ops.timeline import event_line
 from . import actions, views
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, same_token
 from .live import END, Follower, TraceHub
+from .rates import Rates, read
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Console:
         self.client = client
         self.access = access
         self.hub = TraceHub(client)
+        self.rates = Rates(client)
         #: Event streams held open at once: half the server's connections, so following browsers
         #: never take the room /healthz and the pages need.
         self.max_streams = max(1, client.settings.ops_max_connections // 2)
@@ -93,6 +95,11 @@ class Console:
         body = self.env.get_template(name).render(user=user, csrf=csrf, done=done, path=request.url.path,
                                                   login_needed=self.access.login_needed, **context)
         return HTMLResponse(body, status_code=status, headers=HEADERS)
+
+    def stop(self) -> None:
+        """End the followers' streams and the sampling (the server is stopping)."""
+        self.hub.stop()
+        self.rates.stop()
 
     def routes(self) -> list[BaseRoute]:
         page = self._guard
@@ -229,8 +236,9 @@ async def _run(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def overview(request: Request, con: Console, user: str, csrf: str) -> Response:
-    data = await _run(views.overview, con.client)
-    return con.render(request, "overview.html", user, csrf, **data)
+    con.rates.start()
+    data, now = await _run(lambda: (views.overview(con.client), read(con.client)))
+    return con.render(request, "overview.html", user, csrf, rates=con.rates.view(now), **data)
 
 
 async def jobs(request: Request, con: Console, user: str, csrf: str) -> Response:

@@ -429,3 +429,21 @@ def test_dead_letters_are_filtered_by_time_on_the_redis_clock_and_a_time_that_is
         assert "recent-1" not in http.get("/dlq", params={"until": "1h"}).text
         wrong = http.get("/dlq", params={"since": "yesterday"})
         assert wrong.status_code == 400 and "is not a time" in wrong.text
+
+
+def test_rates_over_the_last_hour_come_from_the_servers_samples_of_the_workers_counters(client):
+    from mesh.ops.web.rates import Rates, Sample
+
+    rates = Rates(client)
+    rates.samples.append(Sample(1_000.0, {"executor:succeeded": 10, "executor:retried": 2}, {"timeout": 1}))
+    rates.samples.append(Sample(1_060.0, {"executor:succeeded": 40, "executor:retried": 2}, {"timeout": 4}))
+    shown = rates.view(Sample(1_120.0, {"executor:succeeded": 70, "researcher:succeeded": 6}, {"timeout": 7}))
+    assert shown["span_min"] == 2.0
+    assert shown["outcomes"] == {"executor": {"succeeded": 30.0}, "researcher": {"succeeded": 3.0}}
+    assert shown["failures"] == {"timeout": 3.0}
+    assert shown["done"] == [30, 34] and shown["failed"] == [3, 3]
+    client.redis.hincrby(client.keys.outcomes, "executor:succeeded", 5)
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        assert "Rates appear once" in http.get("/").text  # one sample so far: no rate yet
+        assert server.console.rates.thread is not None and len(server.console.rates.samples) <= 1
