@@ -59,7 +59,7 @@ def overview(c: MeshClient) -> dict[str, Any]:
                                      withscores=True)
     stuck = []
     for member, last in stuck_ids:
-        job_id, _, step_id = member.decode().partition("|")
+        job_id, _, step_id = member.decode().partition("/")  # broker.observe.running_member
         stuck.append({"job_id": job_id, "step_id": step_id, "idle_s": round(now - float(last))})
     return {
         "queues": [{"name": q, **v, "oldest_s": ages[q]} for q, v in queues.items()],

@@ -447,3 +447,16 @@ def test_rates_over_the_last_hour_come_from_the_servers_samples_of_the_workers_c
         login(http, "ana", PASSWORDS["ana"])
         assert "Rates appear once" in http.get("/").text  # one sample so far: no rate yet
         assert server.console.rates.thread is not None and len(server.console.rates.samples) <= 1
+
+
+def test_a_step_without_progress_past_stuck_after_is_listed_on_the_overview_with_a_link_to_its_job(client):
+    from mesh.broker.observe import running_member
+
+    now = client.clock.now_s()
+    client.redis.zadd(client.keys.running, {running_member("job-stalled", "fetch"): now - 10_000,
+                                            running_member("job-moving", "fetch"): now})
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get("/").text
+    assert '<a href="/jobs/job-stalled">job-stalled</a>' in page and "job-moving" not in page
+    assert re.search(r"<b>2</b> steps running, <b class=\"bad\">1</b> stuck", page)
