@@ -5,6 +5,7 @@ asked: a dead letter's replay and purge (the DLQ's audit log names them), an app
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from mesh.broker import MeshClient
 from mesh.broker.approvals import ApprovalError, check_approver
@@ -81,6 +82,48 @@ def decide(c: MeshClient, job_id: str, step_id: str, user: str, *, approve: bool
             c.deny(job_id, step_id, reason=note.strip(), by=user)
     except ApprovalError as exc:
         raise Refused(str(exc)) from exc
+
+
+def verify(c: MeshClient, job_id: str, step_id: str, user: str) -> str:
+    """``mesh verify JOB STEP`` as ``user``, with the tools of the server's app (the built-in ones
+    unless its client has one): the verdict."""
+    from mesh.ops.effects_cli import Undecided, verify_step
+
+    record = _unknown(c, job_id, step_id)
+    try:
+        verdict = str(verify_step(c, _app(c), record, step_id, user)["verdict"])
+    except Undecided as exc:
+        raise Refused(str(exc)) from exc
+    logger.info("effect verified", extra={"job_id": job_id, "step_id": step_id, "verdict": verdict, "by": user})
+    return verdict
+
+
+def settle(c: MeshClient, job_id: str, step_id: str, user: str, *, applied: bool, reason: str) -> None:
+    """``mesh settle JOB STEP --as applied|not-applied --reason R`` as ``user``."""
+    from mesh.ops.effects_cli import Undecided, settle_step
+
+    if not reason.strip():
+        raise Refused("say why the effect is settled so", 400)
+    record = _unknown(c, job_id, step_id)
+    try:
+        settle_step(c, _app(c), record, step_id, applied=applied, reason=reason.strip(), by=user)
+    except Undecided as exc:
+        raise Refused(str(exc)) from exc
+    logger.info("effect settled", extra={"job_id": job_id, "step_id": step_id, "applied": applied, "by": user})
+
+
+def _unknown(c: MeshClient, job_id: str, step_id: str) -> Any:
+    record = c.jobs.get(job_id)
+    step = record.steps.get(step_id) if record is not None else None
+    if record is None or step is None or step.state is not State.UNKNOWN:
+        raise Refused(f"step {step_id} of job {job_id} is not unknown (nothing to decide)", 404)
+    return record
+
+
+def _app(c: MeshClient) -> Any:
+    from mesh.agents.builtin import app as builtin
+
+    return c.app if c.app is not None else builtin
 
 
 def reset_breaker(c: MeshClient, name: str, user: str) -> None:

@@ -60,7 +60,10 @@ HEADERS = {
 
 #: What an action's redirect says on the next page (a fixed text per code: nothing from the URL is shown).
 DONE = {"replayed": "Replayed: the entry is back on its queue.", "purged": "Purged: the entry is deleted.",
-        "approved": "Approved.", "denied": "Denied.", "reset": "Breaker reset: it is closed."}
+        "approved": "Approved.", "denied": "Denied.", "reset": "Breaker reset: it is closed.",
+        "verified": "Verified: the effect happened; the step runs again, its calls answered from the ledger.",
+        "checked": "Checked again: see the step's state for the verdict.",
+        "settled": "Settled: the decision is recorded and the step moves on by it."}
 
 Handler = Callable[[Request, "Console", str, str], Awaitable[Response]]
 
@@ -112,6 +115,8 @@ class Console:
             Route("/dlq/{entry_id}", page(dlq_entry)),
             Route("/dlq/{entry_id}/{action}", page(dlq_confirm)),
             Route("/dlq/{entry_id}/{action}", page(dlq_action), methods=["POST"]),
+            Route("/jobs/{job_id}/steps/{step_id}/verify", page(verify), methods=["POST"]),
+            Route("/jobs/{job_id}/steps/{step_id}/settle", page(settle), methods=["POST"]),
             Route("/approvals", page(approvals_page)),
             Route("/approvals/{job_id}/{step_id}", page(decide), methods=["POST"]),
             Route("/breakers", page(breakers)),
@@ -388,6 +393,30 @@ async def decide(request: Request, con: Console, user: str, csrf: str) -> Respon
     back = _next(form.get("back")) if form.get("back") else "/approvals"
     sep = "&" if "?" in back else "?"
     return RedirectResponse(f"{back}{sep}done={'approved' if approve else 'denied'}", status_code=303)
+
+
+async def verify(request: Request, con: Console, user: str, csrf: str) -> Response:
+    job_id, step_id = request.path_params["job_id"], request.path_params["step_id"]
+    try:
+        verdict = await _run(actions.verify, con.client, job_id, step_id, user)
+    except actions.Refused as exc:
+        return con.render(request, "refused.html", user, csrf, status=exc.status, why=str(exc))
+    return RedirectResponse(f"/jobs/{quote(job_id)}?done={'verified' if verdict == 'verified' else 'checked'}",
+                            status_code=303)
+
+
+async def settle(request: Request, con: Console, user: str, csrf: str) -> Response:
+    form = request.state.form
+    job_id, step_id = request.path_params["job_id"], request.path_params["step_id"]
+    applied = form.get("as") == "applied"
+    if form.get("as") not in ("applied", "not-applied"):
+        return con.render(request, "refused.html", user, csrf, status=400, why="settle as applied or not-applied")
+    try:
+        await _run(lambda: actions.settle(con.client, job_id, step_id, user, applied=applied,
+                                          reason=form.get("reason", "")))
+    except actions.Refused as exc:
+        return con.render(request, "refused.html", user, csrf, status=exc.status, why=str(exc))
+    return RedirectResponse(f"/jobs/{quote(job_id)}?done=settled", status_code=303)
 
 
 async def breakers(request: Request, con: Console, user: str, csrf: str) -> Response:
