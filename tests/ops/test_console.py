@@ -199,10 +199,13 @@ def test_a_job_is_found_by_its_id_its_start_or_its_key(client):
     ref = client.send("executor", {"tool": "note", "args": {"title": "t"}}, key="order-find-1")
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
-        for q in (ref.id, ref.id[:14], ref.id.removeprefix("job-")[:12], "order-find-1"):
+        for q in (ref.id, ref.id[:14], ref.id.removeprefix("job-")[:12], "order-find-1", ref.trace_id,
+                  ref.trace_id.upper()):
             answer = http.get("/jobs", params={"q": q})
             assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{ref.id}", q
         assert http.get("/jobs", params={"q": "no-such-key"}).status_code == 404
+        missing = http.get("/jobs", params={"q": "f" * 32})
+        assert missing.status_code == 404 and "nor that trace id among the newest 1000 jobs" in missing.text
 
 
 def test_only_a_steps_approvers_may_decide_it_and_the_decision_names_the_user(client):
