@@ -448,7 +448,7 @@ def test_rates_over_the_last_hour_come_from_the_servers_samples_of_the_workers_c
     client.redis.hincrby(client.keys.outcomes, "executor:succeeded", 5)
     with console(client) as (base, server), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
-        assert "Rates appear once" in http.get("/").text  # one sample so far: no rate yet
+        assert "Rates appear from the next look on" in http.get("/").text  # one sample so far: no rate yet
         assert server.console.rates.thread is not None and len(server.console.rates.samples) <= 1
 
 
