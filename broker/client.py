@@ -14,7 +14,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast, overload
@@ -108,6 +108,10 @@ class JobRef(Generic[T]):
         if record.state is not State.SUCCEEDED:
             raise NoOutput(self.id, str(record.state), record.error)
         return cast(T, record) if self.reader is None else self.reader(record)
+
+
+#: Trace events one XREAD of :meth:`MeshClient.events` takes at most.
+TRACE_BATCH = 200
 
 
 def job_id_for(key: str) -> str:
@@ -603,6 +607,31 @@ class MeshClient:
             if time.monotonic() >= deadline:
                 raise WaitTimeout(job_id, timeout_s, record)
             time.sleep(poll_s)
+
+    def events(self, job_id: str, *, last_id: str = "0", block_ms: int = 1000) -> Iterator[dict[str, Any]]:
+        """The job's trace events as they happen, oldest first, ending once the job has ended and
+        its last event was given. Each event is a dict (the fields :mod:`mesh.broker.trace` lists)
+        with ``id``, its event id: pass the last one seen as ``last_id`` to go on where a reader
+        stopped. ``job_id`` may be the key the job was sent with. Reads with ``XREAD BLOCK``
+        (``block_ms`` at a time, then a look at the job's record); a job that has ended is read
+        with :func:`mesh.broker.trace.read_since`. Raises JobNotFound for a job with neither a
+        record nor events."""
+        if self.redis.exists(self.keys.job(job_id), self.keys.trace(job_id)) == 0:
+            job_id = job_id_for(job_id)
+            if self.redis.exists(self.keys.job(job_id), self.keys.trace(job_id)) == 0:
+                raise JobNotFound(job_id)
+        stream = self.keys.trace(job_id)
+        while True:
+            record = self.jobs.get(job_id)
+            if record is None or record.state in TERMINAL:  # what is left, from wherever the trace is kept
+                for event_id, ev in trace.read_since(self.redis, self.keys, job_id, last_id):
+                    yield {"id": event_id, **ev}
+                return
+            rows: Any = self.redis.xread({stream: last_id}, count=TRACE_BATCH, block=block_ms)
+            for _, entries in rows or ():
+                for event_id, ev in trace.decode(entries):
+                    last_id = event_id
+                    yield {"id": event_id, **ev}
 
     def agent_queues(self) -> list[str]:
         """The queues of every agent this client knows: built-in, the app's, and published ones."""

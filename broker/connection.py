@@ -249,7 +249,7 @@ ACL_COMMANDS = (
     "zadd", "zrem", "zcard", "zcount", "zscore", "zrank", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore",
     "zscan",
     "zremrangebyscore", "zremrangebyrank",
-    "xadd", "xrange", "xrevrange", "xtrim",
+    "xadd", "xrange", "xrevrange", "xtrim", "xread",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -100,6 +101,16 @@ class MeshSettings(BaseSettings):
     ops_max_connections: int = Field(default=64, ge=2, description="connections the ops server holds at once "
                                      "(at most its descriptor limit less a reserve); past it a new one replaces "
                                      "the oldest idle one")
+
+    console_users_file: Path | None = Field(default=None, description="the ops server's console users: a file "
+                                            "of `name:hash` lines (`mesh ops user add NAME` writes one); with "
+                                            "users, every console page and action needs a login")
+    console_users: SecretStr | None = Field(default=None, description="console users as comma-separated "
+                                            "`name:hash` pairs, read besides MESH_CONSOLE_USERS_FILE")
+    console_secret: SecretStr | None = Field(default=None, description="the key console session cookies are "
+                                             "signed with; default: a random one per process (logins end when "
+                                             "the server restarts, and each server of several has its own)")
+    console_session_s: int = Field(default=12 * 3600, ge=60, description="how long a console login lasts")
 
     expr_timeout_ms: int = Field(default=1000, ge=10, description="longest a pipeline expression may run; "
                                  "past it its step is dead-lettered")

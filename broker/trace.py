@@ -91,9 +91,47 @@ def emit(client: redis.Redis, keys: Keys, ev: dict[str, Any]) -> None:
 def read(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
     """The job's events, oldest first: those its record keeps once it was compacted (followed by a
     ``compacted`` event saying what was summarised: broker/compact.py), then its stream's."""
+    return [ev for _, ev in read_since(client, keys, job_id)]
+
+
+def read_since(client: redis.Redis, keys: Keys, job_id: str, after: str = "0") -> list[tuple[str, dict[str, Any]]]:
+    """The job's events after the event id ``after`` (``0``: all), oldest first, each with its id:
+    where a reader that stopped picks up again (:meth:`MeshClient.events`, the console).
+
+    A compacted job's kept events have no stream id any more: they read as ``0-1``, ``0-2``, ...
+    (before every real id, so a reader resumes from one of them like from a stream's), followed by
+    what its stream holds; a reader that had passed them (a real id) reads only the stream."""
+    start = "-" if after in ("0", "0-0", "") else f"({after}"
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.job(job_id))
-    pipe.xrange(keys.trace(job_id))
+    pipe.xrange(keys.trace(job_id), min=start)
     data, rows = pipe.execute()
-    kept = compact.expand(loads(data)) if data is not None and b'"history":{' in data else []
-    return [*kept, *(loads(fields[b"e"]) for _, fields in rows)]
+    kept: list[tuple[str, dict[str, Any]]] = []
+    seen = _kept_seen(after)
+    if seen is not None and data is not None and b'"history":{' in data:
+        kept = [(f"0-{n}", ev) for n, ev in enumerate(compact.expand(loads(data)), 1) if n > seen]
+    return [*kept, *decode(rows)]
+
+
+def _kept_seen(after: str) -> int | None:
+    """How many of a compacted job's kept events a reader resuming after ``after`` has seen; None
+    when it read past all of them (a real stream id)."""
+    if after in ("0", "0-0", ""):
+        return 0
+    ms, _, seq = after.partition("-")
+    return int(seq) if ms == "0" and seq.isdigit() else None
+
+
+def decode(rows: Any) -> list[tuple[str, dict[str, Any]]]:
+    """XREAD's or XRANGE's entries of a trace stream as (event id, event); an entry that is not an
+    event (written by something else) reads as an ``unreadable`` event, so a reader moves past it."""
+    out = []
+    for stream_id, fields in rows:
+        try:
+            ev = loads(fields[b"e"])
+            if not isinstance(ev, dict):
+                raise ValueError("not an object")
+        except (KeyError, ValueError) as exc:
+            ev = {"event": "unreadable", "error": f"trace entry {stream_id.decode()} is not an event: {exc!r}"[:300]}
+        out.append((stream_id.decode(), ev))
+    return out

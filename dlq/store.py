@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from importlib import resources
-from typing import Any
+from typing import Any, Literal, overload
 
 import redis
 
@@ -115,6 +115,28 @@ class DeadLetterStore:
             out += [s.entry for s in self._fetch(ids) if flt.matches(s.entry)]
         return out[:limit]
 
+    def page(self, flt: Filter, *, limit: int = 50, budget: int = 2_000,
+             offset: int = 0) -> tuple[list[DeadLetter], int, bool]:
+        """Newest first from the ``offset``-th entry of the chosen index, at most ``limit``, reading at
+        most ``budget`` entries (a page's Redis work does not grow with the DLQ): (entries, entries
+        read, whether the budget cut the walk short: the next page starts at ``offset`` + read)."""
+        out: list[DeadLetter] = []
+        lo, hi = self._range(flt)
+        start, end = offset, offset + budget
+        while len(out) < limit and offset < end:
+            # an index alone decides membership: one page's worth; else a batch of entries to check
+            want = limit - len(out) if flt.exact else BATCH
+            ids = self.client.zrevrangebyscore(self._index(flt), hi, lo, start=offset, num=min(want, end - offset))
+            if not ids:
+                return out, offset - start, False
+            for stored in self._fetch(ids, keep_missing=True):
+                offset += 1  # the next page starts after the last entry this one looked at
+                if stored is not None and flt.matches(stored.entry):
+                    out.append(stored.entry)
+                    if len(out) == limit:
+                        break
+        return out, offset - start, len(out) < limit and offset >= end
+
     def iter(self, flt: Filter, *, batch: int = BATCH) -> Iterator[list[Stored]]:
         """Batches of matching entries, oldest first, in constant memory: each entry that was in range
         when the walk started, once, unless it left the DLQ before the walk reached it.
@@ -191,12 +213,20 @@ class DeadLetterStore:
         hi = "+inf" if flt.until is None else int(flt.until * 1000)
         return lo, hi
 
-    def _fetch(self, ids: list[Any]) -> list[Stored]:
+    @overload
+    def _fetch(self, ids: list[Any]) -> list[Stored]: ...
+
+    @overload
+    def _fetch(self, ids: list[Any], keep_missing: Literal[True]) -> list[Stored | None]: ...
+
+    def _fetch(self, ids: list[Any], keep_missing: bool = False) -> list[Any]:
+        """The entries of ``ids``, in order; one gone meanwhile is left out (None with ``keep_missing``)."""
         pipe = self.client.pipeline(transaction=False)
         for entry_id in ids:
             pipe.hmget(self.keys.dead_letter(entry_id.decode()), "entry", "raw")
-        return [Stored(DeadLetter.model_validate(loads(data)), _bytes(raw))
-                for data, raw in pipe.execute() if data is not None]
+        found = [None if data is None else Stored(DeadLetter.model_validate(loads(data)), _bytes(raw))
+                 for data, raw in pipe.execute()]
+        return found if keep_missing else [s for s in found if s is not None]
 
     def _counts(self, keys: list[str], names: list[str]) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)

@@ -40,24 +40,14 @@ def verify(job: Job, step: Step, app_path: AppPath = None, by: By = None, as_jso
     Verified: the step runs again, its calls answered from the ledger (none is made twice), and
     the job moves on. Refuted: the step is dead-lettered (permanent). Still undecided: nothing
     moves; exit 1. Tools come from --app (default: the built-in ones)."""
-    from mesh.agents.verify import CannotDecide, verified_event
-    from mesh.agents.verify import verify as run_checks
-
     c, app = base.client(), base.app_for(app_path)
     record = _record(c, job)
-    who = by or operator()
-    _replayable(c, record, step)
-    with httpx.Client() as http:
-        try:
-            decision = run_checks(c, app, record, step, http)
-        except CannotDecide as exc:
-            base.fail(str(exc), base.EXIT_INPUT)
-        except LeaseLost:
-            base.fail(_TAKEN_OVER.format(step=step), base.EXIT_FAILED)
-    trace.emit(c.redis, c.keys, verified_event(record, decision, who))
-    moved = _move(c, app, record, decision)
-    _report(decision.as_json() | {"by": who, **moved}, as_json)
-    if decision.verdict.value != "verified":
+    try:
+        result = verify_step(c, app, record, step, by or operator())
+    except Undecided as exc:
+        base.fail(str(exc), exc.code)
+    _report(result, as_json)
+    if result["verdict"] != "verified":
         raise typer.Exit(base.EXIT_FAILED)
 
 
@@ -71,25 +61,64 @@ def settle(job: Job, step: Step,
 
     applied: the step runs again, its calls answered from the ledger, and the job moves on.
     not-applied: the step is dead-lettered (permanent); `mesh dlq replay` calls again."""
-    from mesh.agents.verify import CannotDecide, settle_by_hand
-
     if as_ not in ("applied", "not-applied"):
         raise typer.BadParameter(f"{as_!r}: give applied or not-applied", param_hint="--as")
     if not reason.strip():
         raise typer.BadParameter("say why the effect is settled so", param_hint="--reason")
     c, app = base.client(), base.app_for(app_path)
     record = _record(c, job)
-    who = by or operator()
-    if as_ == "applied":
+    try:
+        result = settle_step(c, app, record, step, applied=as_ == "applied", reason=reason, by=by or operator())
+    except Undecided as exc:
+        base.fail(str(exc), exc.code)
+    _report(result, as_json)
+
+
+class Undecided(Exception):
+    """Nothing was decided (or the decision could not move the step): why, and the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def verify_step(c: MeshClient, app: Any, record: JobRecord, step: str, who: str) -> dict[str, Any]:
+    """``mesh verify``: the step's verifiers run again; the step moves as they decide. What ``--json``
+    prints (``verdict``: ``verified`` when the effects happened). Raises Undecided."""
+    from mesh.agents.verify import CannotDecide, verified_event
+    from mesh.agents.verify import verify as run_checks
+
+    _replayable(c, record, step)
+    with httpx.Client() as http:
+        try:
+            decision = run_checks(c, app, record, step, http)
+        except CannotDecide as exc:
+            raise Undecided(str(exc), base.EXIT_INPUT) from exc
+        except LeaseLost as exc:
+            raise Undecided(_TAKEN_OVER.format(step=step), base.EXIT_FAILED) from exc
+    trace.emit(c.redis, c.keys, verified_event(record, decision, who))
+    moved = _move(c, app, record, decision)
+    result: dict[str, Any] = decision.as_json() | {"by": who, **moved}
+    return result
+
+
+def settle_step(c: MeshClient, app: Any, record: JobRecord, step: str, *, applied: bool, reason: str,
+                by: str) -> dict[str, Any]:
+    """``mesh settle``: the operator's decision recorded, audited, and the step moved by it. Raises
+    Undecided."""
+    from mesh.agents.verify import CannotDecide, settle_by_hand
+
+    if applied:
         _replayable(c, record, step)
     try:
-        decision = settle_by_hand(c, record, step, applied=as_ == "applied", reason=reason, by=who)
+        decision = settle_by_hand(c, record, step, applied=applied, reason=reason, by=by)
     except CannotDecide as exc:
-        base.fail(str(exc), base.EXIT_INPUT)
-    except LeaseLost:
-        base.fail(_TAKEN_OVER.format(step=step), base.EXIT_FAILED)
+        raise Undecided(str(exc), base.EXIT_INPUT) from exc
+    except LeaseLost as exc:
+        raise Undecided(_TAKEN_OVER.format(step=step), base.EXIT_FAILED) from exc
     moved = _move(c, app, c.status(record.job_id), decision)
-    _report(decision.as_json() | {"by": who, **moved}, as_json)
+    result: dict[str, Any] = decision.as_json() | {"by": by, **moved}
+    return result
 
 
 def _record(c: MeshClient, given: str) -> JobRecord:
@@ -139,12 +168,12 @@ def _replayable(c: MeshClient, record: JobRecord, step_id: str) -> None:
     try:
         unknown_step(record, step_id)
     except CannotDecide as exc:  # said by the command itself, with its own exit code
-        base.fail(str(exc), base.EXIT_INPUT)
+        raise Undecided(str(exc), base.EXIT_INPUT) from exc
     found = _dead_letter(c, record, step_id)
     if not found:
-        base.fail(f"step {step_id}'s dead letter is gone (drained or purged), so it cannot run again with its "
-                  "calls answered from the ledger; nothing was decided. `mesh settle --as not-applied` still "
-                  "applies, or `mesh rerun`", base.EXIT_FAILED)
+        raise Undecided(f"step {step_id}'s dead letter is gone (drained or purged), so it cannot run again with "
+                        "its calls answered from the ledger; nothing was decided. `mesh settle --as not-applied` "
+                        "still applies, or `mesh rerun`", base.EXIT_FAILED)
 
     class Assumed(Replayer):  # the dry run as it will be once the effects are decided as having happened
         def _decided(self, job_id: str, step: str) -> bool:
@@ -153,8 +182,8 @@ def _replayable(c: MeshClient, record: JobRecord, step_id: str) -> None:
     report = Assumed(DeadLetterStore(c.redis, c.keys), c.settings, Audit(c.redis, c.keys)).replay(
         found[-1:], dry_run=True)
     if report.skipped:
-        base.fail(f"step {step_id}'s dead letter could not be replayed, so nothing was decided: "
-                  f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)
+        raise Undecided(f"step {step_id}'s dead letter could not be replayed, so nothing was decided: "
+                        f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)
 
 
 def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
@@ -166,13 +195,13 @@ def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
     store = DeadLetterStore(c.redis, c.keys)
     found = _dead_letter(c, record, step_id)
     if not found:
-        base.fail(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it cannot "
-                  "run again from here; run the job again", base.EXIT_FAILED)
+        raise Undecided(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it "
+                        "cannot run again from here; run the job again", base.EXIT_FAILED)
     report = Replayer(store, c.settings, Audit(c.redis, c.keys),
                       decided=frozenset({(record.job_id, step_id)})).replay(found[-1:])
     if report.skipped:
-        base.fail(f"step {step_id}'s effect is decided, but its replay was refused: "
-                  f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)
+        raise Undecided(f"step {step_id}'s effect is decided, but its replay was refused: "
+                        f"{'; '.join(report.skipped.values())}", base.EXIT_FAILED)
     return {"dead_letter": found[-1].entry.entry_id}
 
 

@@ -13,6 +13,8 @@ good. ``limit_concurrency`` answers 503 but still accepts, so it caps no descrip
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -25,6 +27,7 @@ class GuardedH11(H11Protocol):
     max_connections: int = 64
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        _no_delay(transport)
         super().connection_made(transport)
         self.opened_at = self.loop.time()
         self.head_deadline: asyncio.TimerHandle | None = None
@@ -73,6 +76,16 @@ class GuardedH11(H11Protocol):
         victim = min(idle, key=lambda c: c.opened_at) if idle else self
         victim.transport.close()
         self.connections.discard(victim)
+
+
+def _no_delay(transport: asyncio.Transport) -> None:
+    """Send each write at once. asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP, not on
+    those accepted from ``socket.create_server`` (protocol 0); without it a response's body waits for
+    the client's delayed ACK of its head, about 40 ms on Linux, on every response."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def guarded(request_timeout_s: float, max_connections: int) -> Any:

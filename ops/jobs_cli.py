@@ -443,17 +443,24 @@ def _summary(result: dict[str, Any] | None, *, whole: bool = False) -> str:
 def trace_(job_id: Annotated[str, typer.Argument(
                help="The job id (from `mesh submit` or `mesh jobs`) or its start, or the key it was sent with, "
                     "e.g. order-7.", metavar="JOB_ID|KEY", show_default=False)],
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="Print each event as it happens, one a "
+                                                "line (with --json, one JSON object a line), until the job ends.")
+                             ] = False,
            as_json: JsonFlag = False) -> None:
     """A job's timeline, step by step, with offsets and durations.
 
     Every step's events in order: enqueued, picked up, tool calls, deferrals, failures, dead
-    letters, duplicates, success."""
+    letters, duplicates, success. With --follow, the events so far and then each as it happens,
+    until the job ends (Ctrl-C stops following; the job goes on)."""
     from mesh.broker import trace
     from mesh.ops import dag
     from mesh.ops.timeline import by_step, render
 
     c = client()
     given, candidates = job_id, _job_candidates(c, job_id)
+    if follow:
+        _follow(c, given, candidates, as_json)
+        return
     for job_id in candidates:
         events = trace.read(c.redis, c.keys, job_id)
         record = c.jobs.get(job_id)
@@ -471,6 +478,36 @@ def trace_(job_id: Annotated[str, typer.Argument(
         out.print(line)  # soft-wrapped: a long line stays whole, never cropped at the terminal's width
 
 
+def _follow(c: MeshClient, given: str, candidates: list[str], as_json: bool) -> None:
+    """``mesh trace --follow``: :meth:`MeshClient.events` printed as they come."""
+    import contextlib
+    import itertools
+
+    from mesh.ops.timeline import event_line
+
+    for job_id in candidates:
+        events = c.events(job_id)
+        try:
+            first = next(events)
+        except JobNotFound:
+            continue
+        except StopIteration:  # an ended job without events
+            return
+        with contextlib.suppress(KeyboardInterrupt):
+            for ev in itertools.chain([first], events):
+                _print_event(ev, as_json, event_line)
+        return
+    _no_job(c, given, candidates)
+
+
+def _print_event(ev: dict[str, Any], as_json: bool, line: Any) -> None:
+    if as_json:
+        out.file.write(orjson.dumps(ev).decode() + "\n")
+        out.file.flush()
+    else:
+        out.print(line(ev))
+
+
 def register(app: typer.Typer) -> None:
     """Add ``submit``, ``run``, ``send``, ``status``, ``jobs`` and ``trace`` to the ``mesh`` command."""
     app.command(epilog="Examples: `mesh submit \"summarise the DLQ runbook\" --wait`, "
@@ -482,4 +519,5 @@ def register(app: typer.Typer) -> None:
     app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), `mesh status order-7`, "
                 "or `mesh status` for the deployment")(status)
     app.command()(jobs)
-    app.command("trace", epilog="Example: `mesh trace job-5f0c --json`, or `mesh trace order-7`")(trace_)
+    app.command("trace", epilog="Example: `mesh trace job-5f0c --json`, `mesh trace order-7`, or "
+                "`mesh trace order-7 --follow` while it runs")(trace_)

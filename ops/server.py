@@ -1,5 +1,6 @@
 """``mesh ops serve``: /metrics, /healthz (the process is alive) and /readyz (Redis answers and
-at least one worker heartbeats; it also names the Redis in use, its address and role).
+at least one worker heartbeats; it also names the Redis in use, its address and role), and the
+console (:mod:`mesh.ops.web`) beside them, behind its own access rule; these three stay open.
 
 A Starlette app served by uvicorn, guarded for a port anything may connect to (http_guard.py): a
 request head must arrive within MESH_OPS_REQUEST_TIMEOUT_S, idle keep-alive connections close after
@@ -31,9 +32,12 @@ from starlette.routing import Route
 from mesh.broker import MeshClient
 from mesh.broker.clock import server_ms
 from mesh.broker.connection import describe
+from mesh.broker.trace import operator
 
 from .http_guard import guarded
 from .metrics import MeshCollector
+from .web.app import Console
+from .web.auth import Access
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +55,17 @@ BATCHES_IN_FLIGHT = 4
 #: Requests reading Redis at once (each may hold a Redis connection).
 REDIS_THREADS = 8
 
+#: How long a stop waits for open responses (a browser's event stream never ends by itself).
+GRACEFUL_S = 3
+
 #: The largest request head read (h11 buffers no more of an incomplete one).
 MAX_HEAD_BYTES = 16 * 1024
 
 
-def make_app(client: MeshClient) -> Starlette:
-    """The ops endpoints as an ASGI app."""
+def make_app(client: MeshClient, access: Access | None = None, console: Console | None = None) -> Starlette:
+    """The ops endpoints as an ASGI app, with the console (:mod:`mesh.ops.web`) under ``access``
+    (default: bound to loopback, open to the local operator unless users are configured)."""
+    console = console or Console(client, access or Access.of(client.settings, "127.0.0.1", operator()))
     registry = CollectorRegistry()
     registry.register(MeshCollector(client))
 
@@ -79,9 +88,13 @@ def make_app(client: MeshClient) -> Starlette:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = REDIS_THREADS
-        yield
+        try:
+            yield
+        finally:
+            console.stop()
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)],
+    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+                             *console.routes()],
                      exception_handlers={404: not_found}, lifespan=lifespan)
 
 
@@ -117,12 +130,15 @@ class OpsServer:
     """The app on a bound socket: :meth:`run` serves until SIGINT/SIGTERM (from the main thread) or
     :meth:`stop`; ``port`` is known as soon as it is made (port 0 picks a free one)."""
 
-    def __init__(self, client: MeshClient, host: str, port: int) -> None:
+    def __init__(self, client: MeshClient, host: str, port: int, access: Access | None = None) -> None:
         s = client.settings
         cap = connection_cap(s.ops_max_connections)
+        self.access = access or Access.of(s, host, operator())
         self.socket = _bind(host, port, backlog=ACCEPT_BATCH)
         self.port: int = self.socket.getsockname()[1]
-        config = uvicorn.Config(make_app(client), http=guarded(s.ops_request_timeout_s, cap), lifespan="on",
+        self.console = Console(client, self.access)
+        config = uvicorn.Config(make_app(client, self.access, self.console), http=guarded(s.ops_request_timeout_s, cap),
+                                lifespan="on", timeout_graceful_shutdown=GRACEFUL_S,
                                 timeout_keep_alive=s.ops_keep_alive_s, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                                 backlog=ACCEPT_BATCH, log_config=None, access_log=False, server_header=False)
         self.server = uvicorn.Server(config)
@@ -143,6 +159,7 @@ class OpsServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
+        self.console.stop()  # browsers' event streams end now, not at the graceful timeout
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:

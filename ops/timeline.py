@@ -228,3 +228,13 @@ def _parent(step_id: str, agent: str, nodes: dict[str, _Node], root: _Node) -> _
         research = [n for s, n in nodes.items() if s.startswith("r")]
         return research[-1] if research else nodes.get("plan", root)
     return root
+
+
+def event_line(ev: dict[str, Any]) -> Text:
+    """One event on a line of its own, as ``mesh trace --follow`` prints it while the job runs:
+    ``12:03:04.512  research  picked_up      attempt 1 (token 3) by host:812``."""
+    kind = str(ev.get("event", "?"))
+    step = "job" if ev.get("step_id") is None else str(ev["step_id"])
+    column = f"{kind:<14}" if len(kind) < 14 else f"{kind} "
+    return Text.assemble((_clock(ev.get("at")), "dim"), "  ", (step, "bold"), "  ", (column, _STYLE.get(kind, "")),
+                         _DETAIL.get(kind, lambda e: "")(ev))

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -181,3 +182,58 @@ def test_a_request_head_growing_past_16_kib_is_refused_with_400_before_it_ends(c
         while chunk := sock.recv(65536):
             reply += chunk
         assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+
+
+def test_400_connections_dripping_request_heads_leave_healthz_and_the_console_answering_within_a_second(
+        client: MeshClient, settings: MeshSettings, tmp_path: Path) -> None:
+    """`mesh ops serve` with 256 descriptors, as a small container gives it, and 400 clients each
+    sending a request head a byte at a time (which resets a plain uvicorn's timer on every byte, and
+    would hold a descriptor each): /healthz and the console's overview still answer within a second."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000
+    stop = threading.Event()
+    with serve_with_descriptor_limit(settings, tmp_path, 256) as port, ExitStack() as stack:
+        socks = [connect(port, stack) for _ in range(400)]
+
+        def drip() -> None:
+            for byte in head:  # each connection gets the next byte, every 200 ms
+                for sock in socks:
+                    try:
+                        sock.send(bytes([byte]))
+                    except OSError:
+                        continue
+                if stop.wait(0.2):
+                    return
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        try:
+            for _ in range(5):
+                for path in ("/healthz", "/"):
+                    started = time.monotonic()
+                    answer = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1.0)  # raises past a second
+                    assert answer.status_code == 200, path
+                    assert time.monotonic() - started < 1.0, path
+        finally:
+            stop.set()
+            dripper.join(5)
+    assert "Too many open files" not in (tmp_path / "ops.log").read_text()
+
+
+def test_responses_are_sent_without_waiting_for_the_clients_delayed_ack(client):
+    """Accepted sockets get TCP_NODELAY (asyncio sets it only on sockets made with IPPROTO_TCP): else
+    every response's body waits about 40 ms for the client's ACK of its head."""
+    with ops_server(client) as base, httpx.Client() as http:
+        assert http.get(f"{base}/healthz").status_code == 200  # the connection stays open (keep-alive)
+        found = [conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                 for conn in _server_connections(port_of(base))]
+        assert found and all(found), found
+
+
+def _server_connections(port: int) -> list[Any]:
+    """The protocol objects of the threaded server on ``port`` (its uvicorn server state)."""
+    import gc
+
+    from mesh.ops.http_guard import GuardedH11
+
+    return [o for o in gc.get_objects() if isinstance(o, GuardedH11) and not o.transport.is_closing()
+            and o.transport.get_extra_info("sockname")[1] == port]

@@ -1,0 +1,133 @@
+"""The console's actions, each through the function its CLI command uses, recorded as the user who
+asked: a dead letter's replay and purge (the DLQ's audit log names them), an approval's decision
+(the step's ``approvers:`` enforced, the decision's ``by``), a breaker's reset (logged with them)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mesh.broker import MeshClient
+from mesh.broker.approvals import ApprovalError, check_approver
+from mesh.broker.breaker import Breakers
+from mesh.contracts import State
+from mesh.dlq import Audit, DeadLetterStore, Filter, Replayer
+from mesh.dlq import purge as purge_entries
+
+logger = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """An action that did not happen, with why (shown to the user)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def replay(c: MeshClient, entry_id: str, user: str) -> str:
+    """``mesh dlq replay ID``: the entry back on its queue; returns the job it went on as."""
+    store = DeadLetterStore(c.redis, c.keys)
+    stored = store.load(entry_id)
+    if stored is None:
+        raise Refused(f"no dead letter {entry_id} (replayed or removed meanwhile)", 404)
+    replayer = Replayer(store, c.settings, Audit(c.redis, c.keys, who=user))
+    report = replayer.replay(replayer.entries([entry_id]))
+    if entry_id not in report.replayed:
+        raise Refused(f"not replayed: {report.skipped.get(entry_id, 'no longer in the DLQ')}")
+    logger.info("dead letter replayed", extra={"entry_id": entry_id, "by": user})
+    return stored.entry.job_id or ""
+
+
+def purge(c: MeshClient, entry_id: str, user: str) -> None:
+    """``mesh dlq purge ID --yes``: the entry deleted for good, with an audit record."""
+    store = DeadLetterStore(c.redis, c.keys)
+    if not purge_entries(store, ids=[entry_id], audit=Audit(c.redis, c.keys, who=user)):
+        raise Refused(f"no dead letter {entry_id} (replayed or removed meanwhile)", 404)
+    logger.info("dead letter purged", extra={"entry_id": entry_id, "by": user})
+
+
+def replay_filter(c: MeshClient, flt: Filter, user: str) -> tuple[int, dict[str, str]]:
+    """``mesh dlq replay`` with filters (``--yes``): (entries replayed, entry -> why one was skipped)."""
+    store = DeadLetterStore(c.redis, c.keys)
+    replayer = Replayer(store, c.settings, Audit(c.redis, c.keys, who=user))
+    report = replayer.replay(replayer.entries(None, flt))
+    logger.info("dead letters replayed", extra={"replayed": len(report.replayed), "by": user})
+    return len(report.replayed), report.skipped
+
+
+def purge_filter(c: MeshClient, flt: Filter, user: str) -> int:
+    """``mesh dlq purge`` with filters (``--yes``): how many entries were deleted."""
+    n = purge_entries(DeadLetterStore(c.redis, c.keys), flt, audit=Audit(c.redis, c.keys, who=user))
+    logger.info("dead letters purged", extra={"purged": n, "by": user})
+    return n
+
+
+def decide(c: MeshClient, job_id: str, step_id: str, user: str, *, approve: bool, note: str) -> None:
+    """``mesh approve`` / ``mesh deny`` as ``user``, who must be among the step's ``approvers``."""
+    record = c.jobs.get(job_id)
+    step = record.steps.get(step_id) if record is not None else None
+    if step is None or step.state is not State.AWAITING_APPROVAL or step.approval is None:
+        raise Refused(f"step {step_id} of job {job_id} does not wait for an approval", 404)
+    try:
+        check_approver(step.approval, user)
+    except ApprovalError as exc:
+        raise Refused(str(exc), 403) from exc
+    if not approve and not note.strip():
+        raise Refused("a denial needs a reason", 400)
+    try:
+        if approve:
+            c.approve(job_id, step_id, note=note.strip() or None, by=user)
+        else:
+            c.deny(job_id, step_id, reason=note.strip(), by=user)
+    except ApprovalError as exc:
+        raise Refused(str(exc)) from exc
+
+
+def verify(c: MeshClient, job_id: str, step_id: str, user: str) -> str:
+    """``mesh verify JOB STEP`` as ``user``, with the tools of the server's app (the built-in ones
+    unless its client has one): the verdict."""
+    from mesh.ops.effects_cli import Undecided, verify_step
+
+    record = _unknown(c, job_id, step_id)
+    try:
+        verdict = str(verify_step(c, _app(c), record, step_id, user)["verdict"])
+    except Undecided as exc:
+        raise Refused(str(exc)) from exc
+    logger.info("effect verified", extra={"job_id": job_id, "step_id": step_id, "verdict": verdict, "by": user})
+    return verdict
+
+
+def settle(c: MeshClient, job_id: str, step_id: str, user: str, *, applied: bool, reason: str) -> None:
+    """``mesh settle JOB STEP --as applied|not-applied --reason R`` as ``user``."""
+    from mesh.ops.effects_cli import Undecided, settle_step
+
+    if not reason.strip():
+        raise Refused("say why the effect is settled so", 400)
+    record = _unknown(c, job_id, step_id)
+    try:
+        settle_step(c, _app(c), record, step_id, applied=applied, reason=reason.strip(), by=user)
+    except Undecided as exc:
+        raise Refused(str(exc)) from exc
+    logger.info("effect settled", extra={"job_id": job_id, "step_id": step_id, "applied": applied, "by": user})
+
+
+def _unknown(c: MeshClient, job_id: str, step_id: str) -> Any:
+    record = c.jobs.get(job_id)
+    step = record.steps.get(step_id) if record is not None else None
+    if record is None or step is None or step.state is not State.UNKNOWN:
+        raise Refused(f"step {step_id} of job {job_id} is not unknown (nothing to decide)", 404)
+    return record
+
+
+def _app(c: MeshClient) -> Any:
+    from mesh.agents.builtin import app as builtin
+
+    return c.app if c.app is not None else builtin
+
+
+def reset_breaker(c: MeshClient, name: str, user: str) -> None:
+    """``mesh breakers reset NAME``."""
+    if not Breakers(c.settings, c.redis).reset(name):
+        raise Refused(f"no breaker named {name}", 404)
+    logger.info("breaker reset", extra={"dependency": name, "by": user})

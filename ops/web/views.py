@@ -1,0 +1,275 @@
+"""What each console page shows, read from Redis with a bounded number of commands: the indexes the
+CLI reads (queues, the jobs index, the DLQ's indexes, the approvals and running-step zsets), never a
+scan of every job or entry. Plain data for the templates; the actions are in :mod:`.actions`."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+
+from mesh.broker import MeshClient, approvals, trace
+from mesh.broker.breaker import Breakers
+from mesh.broker.client import job_id_for
+from mesh.broker.joblist import JobQuery, list_jobs
+from mesh.broker.ledger import unknown_count
+from mesh.contracts import TERMINAL, JobRecord, State, loads
+from mesh.dlq import Audit, DeadLetterStore, Filter
+from mesh.ops import dag
+from mesh.ops.timeline import render
+
+#: Rows a list page shows.
+PAGE_ROWS = 50
+
+#: Jobs the jobs page reads from the index at most, newest first.
+JOB_BUDGET = 500
+
+#: Dead letters a filtered DLQ page checks at most (error text and key are checked on each entry);
+#: the page links to the next stretch.
+DLQ_BUDGET = 1_000
+
+#: Audit records an entry's page looks through (newest first).
+AUDIT_WINDOW = 2_000
+
+#: Stuck steps the overview names.
+STUCK_ROWS = 20
+
+
+def overview(c: MeshClient) -> dict[str, Any]:
+    """Everything on the overview page."""
+    keys, r = c.keys, c.redis
+    queues = c.queues()
+    ages = _oldest_ages(c, list(queues))
+    workers, now_ms = c.registry.workers()
+    outcomes: dict[str, dict[str, int]] = {}
+    for field, n in sorted(_hash(r, keys.outcomes).items()):
+        agent, _, outcome = field.rpartition(":")
+        outcomes.setdefault(agent, {})[outcome] = int(n)
+    failures: dict[str, int] = {}
+    for field, n in _hash(r, keys.routes).items():
+        failure_class, _, _route = field.partition(":")
+        if failure_class != "duplicate":
+            failures[failure_class] = failures.get(failure_class, 0) + int(n)
+    waiting, oldest = approvals.counts(r, keys)
+    now = c.clock.now_s()
+    stuck_ids: Any = r.zrangebyscore(keys.running, "-inf", now - c.settings.stuck_after_s, start=0, num=STUCK_ROWS,
+                                     withscores=True)
+    stuck = []
+    for member, last in stuck_ids:
+        job_id, _, step_id = member.decode().partition("/")  # broker.observe.running_member
+        stuck.append({"job_id": job_id, "step_id": step_id, "idle_s": round(now - float(last))})
+    return {
+        "queues": [{"name": q, **v, "oldest_s": ages[q]} for q, v in queues.items()],
+        "workers": [{"label": w.label, "id": w.id, "agents": ", ".join(w.agents), "alive": w.alive,
+                     "heartbeat_s": None if w.heartbeat_ms is None else round((now_ms - w.heartbeat_ms) / 1000, 1)}
+                    for w in workers],
+        "outcomes": outcomes,
+        "failures": dict(sorted(failures.items())),
+        "breakers": Breakers(c.settings, r).list(),
+        "dlq": DeadLetterStore(r, keys).stats(),
+        "approvals": {"waiting": waiting, "oldest_s": round(oldest)},
+        "unknown_effects": unknown_count(r, keys),
+        "running": int(r.zcard(keys.running)),
+        "stuck_count": int(r.zcount(keys.running, "-inf", now - c.settings.stuck_after_s)),
+        "stuck": stuck,
+    }
+
+
+def _oldest_ages(c: MeshClient, queues: list[str]) -> dict[str, float]:
+    """Age of each queue's oldest ready message (two pipelined round trips for all of them)."""
+    pipe = c.redis.pipeline(transaction=False)
+    for q in queues:
+        pipe.lindex(c.keys.queue(q), 0)
+    heads = pipe.execute()
+    pipe = c.redis.pipeline(transaction=False)
+    for q, head in zip(queues, heads, strict=True):
+        pipe.hget(c.keys.messages(q), head or b"-")
+    now = c.clock.now_s()
+    out = {}
+    for q, data in zip(queues, pipe.execute(), strict=True):
+        try:
+            out[q] = round(max(0.0, now - loads(data)["message_timestamp"] / 1000), 1) if data else 0.0
+        except (ValueError, KeyError, TypeError):
+            out[q] = 0.0
+    return out
+
+
+def _hash(r: Any, key: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+
+
+@dataclass
+class Search:
+    """A jobs search: the job found, or the ids a prefix starts, or nothing."""
+
+    job_id: str | None = None
+    candidates: list[str] | None = None
+    #: Looked for as a trace id, among the newest TRACE_BUDGET jobs.
+    by_trace: bool = False
+
+
+def find(c: MeshClient, q: str) -> Search:
+    """The job ``q`` names: a job id, the key it was sent with, a trace id, or a job id's unique start
+    (``job-`` may be left out). The whole id and the key are looked up directly; a trace id among
+    the newest TRACE_BUDGET jobs; a start in at most PREFIX_BUDGET ids."""
+    q = q.strip()
+    if not q:
+        return Search()
+    for candidate in (q, job_id_for(q)):
+        if c.redis.exists(c.keys.job(candidate), c.keys.trace(candidate)):
+            return Search(job_id=candidate)
+    if _TRACE_ID.match(q):
+        return Search(job_id=_by_trace(c, q.lower()), by_trace=True)
+    if not _ID_START.match(q):
+        return Search()
+    found = _starting(c, q if q.startswith("job-") else f"job-{q}")
+    if len(found) == 1:
+        return Search(job_id=found[0])
+    return Search(candidates=found[:10] or None)
+
+
+#: A W3C trace id.
+_TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
+
+#: The newest jobs a search by trace id reads (no index maps trace ids to jobs).
+TRACE_BUDGET = 1_000
+
+
+def _by_trace(c: MeshClient, trace_id: str) -> str | None:
+    """The job among the newest TRACE_BUDGET whose trace id is ``trace_id``."""
+    ids: Any = c.redis.zrevrange(c.keys.jobs, 0, TRACE_BUDGET - 1)
+    for start in range(0, len(ids), 500):
+        pipe = c.redis.pipeline(transaction=False)
+        for job_id in ids[start:start + 500]:
+            pipe.get(c.keys.job(job_id.decode()))
+        for job_id, data in zip(ids[start:start + 500], pipe.execute(), strict=True):
+            if data is not None and loads(data).get("trace_id") == trace_id:
+                return str(job_id.decode())
+    return None
+
+
+#: What may start a job id: ``job-`` and hex, or hex alone.
+_ID_START = re.compile(r"^(job-)?[0-9a-f]{4,32}$")
+
+#: Job ids a search by an id's start looks through at most (a ZSCAN of the jobs index).
+PREFIX_BUDGET = 20_000
+
+
+def _starting(c: MeshClient, prefix: str) -> list[str]:
+    found: list[str] = []
+    cursor, read = 0, 0
+    while read < PREFIX_BUDGET and len(found) <= 10:
+        answer: Any = c.redis.zscan(c.keys.jobs, cursor, match=f"{prefix}*", count=2_000)
+        cursor, rows = answer
+        read += 2_000
+        found += [m.decode() for m, _ in rows]
+        if cursor == 0:
+            break
+    return sorted(set(found))
+
+
+def recent_jobs(c: MeshClient, state: str | None) -> dict[str, Any]:
+    query = JobQuery(state=State(state) if state else None, limit=PAGE_ROWS)
+    page = list_jobs(c.redis, c.keys, query, budget=JOB_BUDGET)
+    return {"jobs": page.jobs, "cut": page.cut_by_budget, "budget": JOB_BUDGET}
+
+
+def job(c: MeshClient, job_id: str) -> dict[str, Any] | None:
+    """A job's page: its record, the DAG (or its steps), the timeline, its waiting approvals."""
+    record = c.jobs.get(job_id)
+    events = trace.read_since(c.redis, c.keys, job_id)
+    if record is None and not events:
+        return None
+    nodes = dag.load(c, record) if record is not None and record.pipeline else None
+    stuck = c.stuck(record) if record is not None else {}
+    drawn = dag.draw(record, nodes, stuck, width=160) if record is not None and nodes is not None else []
+    steps = _steps(record, stuck) if record is not None else []
+    return {
+        "job_id": job_id, "record": record, "steps": steps, "dag": drawn, "stuck": stuck,
+        "timeline": render(record, [ev for _, ev in events], nodes),
+        "last_id": events[-1][0] if events else "0",
+        "live": record is not None and record.state not in TERMINAL,
+        "waiting": [s for s in record.steps.values() if s.state is State.AWAITING_APPROVAL and s.approval]
+        if record is not None else [],
+    }
+
+
+def _steps(record: JobRecord, stuck: dict[str, float]) -> list[dict[str, Any]]:
+    out = []
+    for s in record.steps.values():
+        took = f"{s.finished_at - s.started_at:.2f}s" if s.finished_at and s.started_at else ""
+        state = f"stuck ({stuck[s.step_id]:.0f}s without progress)" if s.step_id in stuck else dag.shown_state(s)
+        out.append({"step_id": s.step_id, "agent": s.agent, "state": state, "raw_state": str(s.state),
+                    "attempt": s.attempt, "took": took, "error": s.error or "", "compensates": s.compensates,
+                    "approval": dag.approval_line(s)})
+    return out
+
+
+def dlq(c: MeshClient, flt: Filter, offset: int = 0) -> dict[str, Any]:
+    store = DeadLetterStore(c.redis, c.keys)
+    entries, read, cut = store.page(flt, limit=PAGE_ROWS, budget=DLQ_BUDGET, offset=offset)
+    return {"entries": entries, "read": read, "cut": cut, "budget": DLQ_BUDGET, "total": store.count(),
+            "offset": offset, "next": offset + read,
+            "agents": sorted(m.decode() for m in c.redis.smembers(c.keys.dlq_agents))}  # type: ignore[union-attr]
+
+
+def dlq_entry(c: MeshClient, entry_id: str) -> dict[str, Any] | None:
+    """An entry's page (everything ``mesh dlq show`` has), or a replayed one's tombstone."""
+    from mesh.dlq.replay import replayed
+
+    store = DeadLetterStore(c.redis, c.keys)
+    stored = store.load(entry_id)
+    audit = entry_audit(c, entry_id)
+    if stored is None:
+        tomb = replayed(c.redis, c.keys, entry_id)
+        return None if tomb is None else {"tomb": tomb, "audit": audit}
+    e = stored.entry
+    payload = e.envelope.get("payload") if e.envelope else None
+    try:
+        message = loads(stored.raw)
+    except ValueError:
+        message = None
+    from mesh.contracts import dumps
+
+    shown = dumps(payload).decode() if payload is not None else (
+        stored.raw.decode("utf-8", "replace") if message is None else dumps(message).decode())
+    return {"entry": e, "payload": shown, "audit": audit}
+
+
+def entry_audit(c: MeshClient, entry_id: str) -> list[dict[str, Any]]:
+    """The entry's audit records among the newest AUDIT_WINDOW (a bounded read of the capped log)."""
+    rows: Any = c.redis.xrevrange(c.keys.dlq_audit, count=AUDIT_WINDOW)
+    out = []
+    for stream_id, fields in rows:
+        f = {k.decode(): v.decode() for k, v in fields.items()}
+        if f.get("entry_id") == entry_id:
+            out.append({"id": stream_id.decode(), "op": f["op"], "who": f["who"], "at": float(f["at"]),
+                        "detail": f.get("detail", "")})
+    return out
+
+
+def audit_log(c: MeshClient) -> list[dict[str, Any]]:
+    return Audit(c.redis, c.keys).records(limit=PAGE_ROWS)
+
+
+def pending(c: MeshClient) -> list[approvals.Pending]:
+    return approvals.pending(c.redis, c.keys, limit=PAGE_ROWS)
+
+
+def html(text: Text) -> str:
+    """A rich Text as HTML: every character escaped, each styled run in a ``<span class="s-...">``."""
+    from markupsafe import escape
+
+    plain = text.plain
+    cuts = sorted({0, len(plain), *(s.start for s in text.spans), *(s.end for s in text.spans)})
+    out = []
+    for a, b in itertools.pairwise(cuts):
+        styles = [str(text.style)] if text.style else []
+        styles += [str(s.style) for s in text.spans if s.start <= a and s.end >= b]
+        classes = " ".join(f"s-{word}" for style in styles for word in style.split() if word.isalnum())
+        chunk = str(escape(plain[a:b]))
+        out.append(f'<span class="{classes}">{chunk}</span>' if classes else chunk)
+    return "".join(out)
