@@ -302,3 +302,21 @@ def test_a_pass_out_of_time_leaves_the_queue_for_the_next(settings, rclient):
     assert compaction.run(now(rclient), budget_s=0).jobs == 0
     assert rclient.zscore(keys.jobs_compact, "job-later") is not None and rclient.exists(keys.trace("job-later"))
     assert compaction.run(now(rclient), budget_s=60).jobs == 1
+
+
+def test_a_compacted_jobs_events_are_followed_and_resumed_by_their_kept_ids(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-followed")
+    end(jobs, job)
+    Compaction(rclient, settings).run(now(rclient))
+    trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2", state="succeeded"))
+    client = MeshClient(settings, client=rclient)
+    events = list(client.events(job.job_id))
+    assert [e["event"] for e in events] == ["picked_up", "succeeded", "compacted", "duplicate"]
+    assert [e["id"] for e in events[:3]] == ["0-1", "0-2", "0-3"]  # kept events: ids before any real one
+    # a reader that stopped after the first kept event goes on from the second
+    assert [e["event"] for e in client.events(job.job_id, last_id="0-1")] == ["succeeded", "compacted", "duplicate"]
+    # one that had read past them (a real id) reads only the stream
+    assert [e["event"] for e in client.events(job.job_id, last_id=events[2]["id"])] == ["duplicate"]
+    assert [e["event"] for e in client.events(job.job_id, last_id=events[3]["id"])] == []
