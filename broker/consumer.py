@@ -110,6 +110,16 @@ class MeshConsumer(_RedisConsumer):
     def _settle(self, message: MessageProxy) -> None:
         decision = decision_of(message)
         rid = message.options["redis_message_id"]
+        lease: Lease | None = message.__dict__.get("mesh_lease")
+        if lease is not None and lease.settled:
+            # The step's success wrote its record, stored its key as done and settled the message, in
+            # one script (broker/step_write.py): nothing is left to settle. A failure raised after that
+            # write (a time limit) is the record's to contradict, and it does not.
+            if decision is not None or message.__dict__.get("_exception") is not None:
+                logger.info("attempt failed after its success was settled: nothing more is settled",
+                            extra={"queue": self.queue_name, "redis_message_id": rid})
+            self._let_go(message, rid)
+            return
         try:
             self._drop_unrun(message)
             if decision is None and message.__dict__.get("_exception") is not None:
