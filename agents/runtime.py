@@ -153,7 +153,8 @@ class AgentRuntime:
 
         try:
             # The success is computed from what this write leaves: the record is read and validated once.
-            written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events)
+            read, lease.record = lease.record, None
+            written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events, read=read)
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         record = written.record
@@ -384,4 +385,5 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
             options["max_retries"] = spec.max_retries
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
                                      options=options))
+        broker.record_queues.add(spec.queue)  # each step's pick-up starts from the record its fetch read
     return actors

@@ -71,17 +71,19 @@ class StepWrites:
 
     def write(self, job_id: str, change: Change, *, fence: Lease, events: Sequence[dict[str, Any]] = (),
               also: Callable[[Any, JobRecord], None] | None = None, retention_s: float | None = None,
-              known: Written | None = None, done: bytes | None = None, settle: bool = False) -> Written:
+              known: Written | None = None, read: bytes | None = None, done: bytes | None = None,
+              settle: bool = False) -> Written:
         """Apply ``change`` to the job's record while ``fence`` holds its key, as
         :meth:`~mesh.broker.jobs.JobStore.update` does (``events``, ``also``, ``retention_s`` alike),
-        computed from ``known`` (else read once). ``done``: the claim's result, stored with the claim as
+        computed from ``known``, else from ``read`` (the record's bytes as read earlier, maybe changed
+        since), else from one read. ``done``: the claim's result, stored with the claim as
         done by the same write; ``settle``: the write settles the attempt's message (``fence.settles``,
         when the consumer gave it one) as the ack would. LeaseLost when
         the key is no longer the attempt's, JobNotFound without a record; nothing is written then. A
         write that stages a script of its own goes as :meth:`~mesh.broker.jobs.JobStore.update`'s
         transaction, and settles nothing (the consumer's ack does)."""
         key = self.jobs.keys.job(job_id)
-        data = known.data if known is not None else None
+        data = known.data if known is not None else read
         before = known.record if known is not None else None
         for _ in range(CONFLICT_RETRIES):
             if data is None:
