@@ -110,6 +110,8 @@ class StepWrites:
                     return Written(record, dumps(record))
                 new = _record_bytes(pipe.command_stack, key) or dumps(record)
             answer = self.group.submit(self._item(key, data, pipe.command_stack, fence, done, settle))
+            if isinstance(answer, redis.ResponseError):
+                raise answer
             if answer in (1, 2):
                 return Written(record, new)
             if answer == 0:
@@ -123,7 +125,7 @@ class StepWrites:
               settle: bool) -> _Item:
         settles = settle and fence.settles is not None
         acks, msgs, rid = fence.settles if settles and fence.settles is not None else ("", "", "")
-        args: list[Any] = [key, hashlib.sha1(data).hexdigest(), fence.claim_key, fence.owner,
+        args: list[Any] = [key, hashlib.sha1(data).hexdigest(), fence.claim_key, fence.owner, fence.token,
                            "1" if fence.shared else "0", "1" if done is not None else "0", done or b"",
                            rid, acks, msgs, len(commands)]
         for command, _options in commands:
@@ -132,6 +134,23 @@ class StepWrites:
         return _Item(fence, args, settles)
 
     def _flush(self, group: Sequence[_Item]) -> list[Any]:
+        try:
+            answers = self._call(group)
+        except redis.ResponseError:
+            if len(group) == 1:
+                raise
+            # One write Redis refused (a key of the wrong type, out of memory) must not fail the others
+            # of its group: each goes alone, and the ones that landed before the error find their record
+            # changed (by themselves) and are computed again into nothing left to write.
+            answers = []
+            for item in group:
+                try:
+                    answers += self._call([item])
+                except redis.ResponseError as exc:
+                    answers.append(exc)
+        return answers
+
+    def _call(self, group: Sequence[_Item]) -> list[Any]:
         args: list[Any] = [self.dedup_ttl_s]
         for item in group:
             args.extend(item.args)

@@ -4,13 +4,15 @@
 --
 -- step(keys=[], args=[ttl_s, item...]), each item being the arguments
 --
---   job, sha, claim, owner, shared, done, result, id, acks, msgs, n, (count, command...) x n
+--   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, n, (count, command...) x n
 --
 --   job      the record's key; sha: the sha1 of the record the write was computed from
---   claim    the attempt's claim key ("": none) and its owner: the write lands only while that owner
---            holds the claim (shared "1": while the key is done, for an attempt taking another job's
---            stored output), so an owner whose key was taken over (a paused one) writes nothing
---   done     "1": the claim is stored as done with result (the dedup window: ttl_s) by the same write
+--   claim    the attempt's claim key ("": none), its owner and fencing token: the write lands only
+--            while that owner holds the claim (shared "1": while the key is done, for an attempt taking
+--            another job's stored output), so an owner whose key was taken over (a paused one) writes
+--            nothing
+--   done     "1": the claim is stored as done with result (the dedup window: ttl_s) by the same write;
+--            a claim already done at this token is this attempt's own (the write is sent again)
 --   id       "": none; else the message this write settles (a success): it leaves the worker's
 --            acks set and its body is deleted from msgs, as the ack would
 --   n        the commands of the write, each as its argument count and its arguments (what the
@@ -38,10 +40,10 @@ end
 
 local i = 2
 while i <= #ARGV do
-    local job, sha, claim, owner, shared = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    local done, result, id, acks, msgs = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-    local n = tonumber(ARGV[i + 10])
-    i = i + 11
+    local job, sha, claim, owner, own_token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
+    local shared, done, result, id = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+    local acks, msgs, n = ARGV[i + 9], ARGV[i + 10], tonumber(ARGV[i + 11])
+    i = i + 12
     local commands = {}
     for c = 1, n do
         local count = tonumber(ARGV[i])
@@ -56,7 +58,8 @@ while i <= #ARGV do
         if shared == "1" then
             held = state == "done"
         else
-            held = state == "claimed" and holder == owner
+            held = (state == "claimed" and holder == owner)
+                or (done == "1" and state == "done" and held_token == own_token)
         end
     end
     if not held then

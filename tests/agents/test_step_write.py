@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from pydantic import BaseModel
 
 from mesh import App, Context
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient
-from mesh.broker.idempotency import Idempotency, current_lease
+from mesh.broker.idempotency import Idempotency, Lease, current_lease
 from mesh.broker.jobs import JobStore
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.contracts import LeaseLost, State, add_tokens, loads
@@ -136,3 +137,44 @@ def test_an_owner_whose_claim_was_taken_over_while_it_ran_writes_and_settles_not
     assert not lease.settled
     assert claim_state(broker, lease.claim_key) == b"claimed"  # the new owner's, untouched
     assert broker.records.sismember(broker.keys.acks(broker.broker_id, "echo"), rid)  # still to settle
+
+
+def test_a_success_sent_again_after_it_landed_is_known_as_its_own_not_as_a_lost_lease(worker):
+    # A write whose answer was lost (or whose group Redis refused after it ran) is sent again: the
+    # claim it stored as done at its own token is its own, and nothing more is written.
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    lease = message.mesh_lease
+    runtime.handle(app.agents["echo"], message.args[0])
+    before = broker.records.get(broker.keys.job(ref.id))
+
+    again = runtime.steps.write(ref.id, lambda r: (r, []), fence=lease, done=b'{"text":"hi"}', settle=True)
+
+    assert again.record.state is State.SUCCEEDED and broker.records.get(broker.keys.job(ref.id)) == before
+    assert claim_state(broker, lease.claim_key) == b"done"
+
+
+def test_a_write_redis_refuses_fails_alone_not_the_others_of_its_group(worker):
+    broker, runtime, client = worker
+    refs = [client.send("echo", {"text": t}) for t in ("a", "b")]
+    idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+    items, news = [], []
+    for n, ref in enumerate(refs):
+        key, owner = f"group-{ref.id}", f"owner-{n}"
+        verdict = idem._call("claim", idem.keys.claim(key), owner)
+        lease = Lease(key=key, claim_key=idem.keys.claim(key), owner=owner, token=int(verdict[1]))
+        job, trace = broker.keys.job(ref.id), broker.keys.trace(ref.id)
+        data = broker.records.get(job)
+        news.append(data.replace(b'"queued"', b'"running"', 1))
+        commands = [(("XADD", trace, "*", "e", "{}"), {}), (("SET", job, news[-1]), {})]
+        items.append(runtime.steps._item(job, data, commands, lease, None, False))
+    broker.records.delete(broker.keys.trace(refs[1].id))
+    broker.records.set(broker.keys.trace(refs[1].id), "not a stream")  # its XADD is refused
+
+    first, second = runtime.steps._flush(items)
+
+    assert isinstance(second, redis.ResponseError)
+    assert broker.records.get(broker.keys.job(refs[1].id)) != news[1]  # nothing of it written
+    # The first landed (with the group, before the refusal): sent alone again, it finds its own write.
+    assert first == news[0] == broker.records.get(broker.keys.job(refs[0].id))
