@@ -16,7 +16,7 @@ import redis
 from pydantic import BaseModel, ValidationError
 from redis import Redis
 
-from mesh.broker import redact, trace
+from mesh.broker import claim_results, redact, trace
 from mesh.broker.breaker import Breakers
 from mesh.broker.clock import ServerClock
 from mesh.broker.fence import Fence
@@ -27,6 +27,7 @@ from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
+from mesh.broker.step_write import StepWrites
 from mesh.contracts import (
     TERMINAL,
     ConfigError,
@@ -87,6 +88,7 @@ class AgentRuntime:
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
                              self.settings.dead_letter_job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
+        self.steps = StepWrites(self.redis, self.jobs, self.settings.dedup_ttl_s)
         self.fence = Fence(self.settings, self.redis)
         self.clock = ServerClock(self.redis)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
@@ -151,9 +153,12 @@ class AgentRuntime:
             return progress.start(env, lease.token)(record)
 
         try:
-            record = self.jobs.update(env.job_id, start, fence=lease, also=picked_up, events=events)
+            # The success is computed from what this write leaves: the record is read and validated once.
+            read, lease.record = lease.record, None
+            written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events, read=read)
         except JobNotFound:
             raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
+        record = written.record
         step = record.steps[env.step_id]
         if step.state is State.AWAITING_APPROVAL:
             lease.result, lease.done = None, False  # the key stays free for the approved call
@@ -216,17 +221,21 @@ class AgentRuntime:
             observe_duration(pipe, self.keys, agent, duration)
 
         shared = {"shared": True} if lease.shared else {}
+        dumped = output.model_dump(mode="json", by_alias=True)
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
-                              **shared, **traced(flow, "output", output.model_dump(mode="json", by_alias=True)))]
+                              **shared, **traced(flow, "output", dumped))]
+        # The claim's done (bounded like every done claim, MESH_CLAIM_RESULT_BYTES) and the message's ack
+        # go with the record, the trace, the counters and the next steps' messages: one script.
+        done = None if lease.shared else claim_results.encode(dumped, lease.envelope,
+                                                               self.settings.claim_result_bytes)
         try:
             change = progress.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
                                        routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
-            self.jobs.update(env.job_id, with_effect(change, env.step_id, effect),
-                             fence=lease, also=succeeded, events=events, retention_s=retention_s(flow))
+            self.steps.write(env.job_id, with_effect(change, env.step_id, effect), fence=lease, also=succeeded,
+                             events=events, retention_s=retention_s(flow), known=written, done=done, settle=True)
         except redis.RedisError as exc:
-            raise OutcomeUnrecorded(f"step finished but its record failed: {exc}",
-                                    output.model_dump(mode="json", by_alias=True)) from exc
-        lease.result = output.model_dump(mode="json", by_alias=True)
+            raise OutcomeUnrecorded(f"step finished but its record failed: {exc}", dumped) from exc
+        lease.result = dumped
         self._export(flow, env, duration, output=lease.result)
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
@@ -381,4 +390,5 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
             options["max_retries"] = spec.max_retries
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
                                      options=options))
+        broker.record_queues.add(spec.queue)  # each step's pick-up starts from the record its fetch read
     return actors

@@ -110,6 +110,16 @@ class MeshConsumer(_RedisConsumer):
     def _settle(self, message: MessageProxy) -> None:
         decision = decision_of(message)
         rid = message.options["redis_message_id"]
+        lease: Lease | None = message.__dict__.get("mesh_lease")
+        if lease is not None and lease.settled:
+            # The step's success wrote its record, stored its key as done and settled the message, in
+            # one script (broker/step_write.py): nothing is left to settle. A failure raised after that
+            # write (a time limit) is the record's to contradict, and it does not.
+            if decision is not None or message.__dict__.get("_exception") is not None:
+                logger.info("attempt failed after its success was settled: nothing more is settled",
+                            extra={"queue": self.queue_name, "redis_message_id": rid})
+            self._let_go(message, rid)
+            return
         try:
             self._drop_unrun(message)
             if decision is None and message.__dict__.get("_exception") is not None:
@@ -388,7 +398,9 @@ class MeshConsumer(_RedisConsumer):
         beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
         idem = self.idempotency
         nonce = uuid.uuid4().hex[:12]
-        claim = (nonce, idem.lease_ms, idem.ttl_s) if idem is not None else ()
+        # An agent's queue has each claimed message's job record read with it: its pick-up reads nothing.
+        records = idem is not None and self.queue_name in self.broker.record_queues
+        claim = (nonce, idem.lease_ms, idem.ttl_s, "1" if records else "0") if idem is not None else ()
         flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted, "1" if beat else "0", *claim)
         if beat:
             self.last_beat = now
@@ -400,7 +412,8 @@ class MeshConsumer(_RedisConsumer):
             proxy = self._decode(rid, data)
             if idem is not None and verdict:
                 owner = f"{self.broker.broker_id}:{nonce}:{i // step + 1}"
-                idem.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=now)
+                record = (verdict.pop(1) or None) if records else None
+                idem.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=now, record=record)
             if proxy is not None:
                 self.pairs.append(proxy)
         return bool(self.pairs)

@@ -91,6 +91,14 @@ class Lease:
     #: Calls of tools declared with ``compensate=`` that returned, as what undoes each: ``{"tool":
     #: the compensating tool, "args": the call's args}``; kept on the step when it succeeds.
     undo_calls: list[dict[str, Any]] = field(default_factory=list, compare=False)
+    #: ``(acks set, bodies hash, redis message id)`` of the message in this worker's hands: a success's
+    #: write settles it (:mod:`mesh.broker.step_write`). None: the consumer's ack settles it.
+    settles: tuple[str, str, str] | None = field(default=None, compare=False)
+    #: The success's write settled the message and stored the key as done: nothing is left to settle.
+    settled: bool = field(default=False, compare=False)
+    #: The job record as the fetch that claimed the key read it (maybe changed since): the pick-up is
+    #: computed from it and written only if it is still the record. None: not read.
+    record: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -166,17 +174,19 @@ class Idempotency(Middleware):
         return f"{broker.broker_id}:{uuid.uuid4().hex}"  # type: ignore[attr-defined]
 
     def adopt(self, message: MessageProxy | None, key: str, owner: str, verdict: list[Any],
-              sent: float | None = None) -> None:
+              sent: float | None = None, record: bytes | None = None) -> None:
         """Take on the claim the fetch made on ``key`` for ``message`` (``verdict`` as claim.lua answers):
         the message carries it to :meth:`before_process_message`, and a lease won is renewed from now
         on. A claim that does not fit the decoded message (poison, or a key the fetch read otherwise)
         is released, and that message claims for itself when it runs. ``sent``: ``time.monotonic()``
         when the fetch that made the claim was sent, where the lease's confirmation counts from (a
-        pause between the fetch and this call must not make the claim look fresher than it is)."""
+        pause between the fetch and this call must not make the claim look fresher than it is).
+        ``record``: the message's job record as the fetch read it (:attr:`Lease.record`)."""
         claim = Claim(key, self.keys.claim(key), owner, verdict)
         if verdict[0] == b"run":
             claim.lease = Lease(key=key, claim_key=claim.claim_key, owner=owner, token=int(verdict[1]),
-                                running=False, confirmed_at=time.monotonic() if sent is None else sent)
+                                running=False, confirmed_at=time.monotonic() if sent is None else sent,
+                                record=record)
             self._hold(claim.lease)
         if message is None or message_key(message) != key:
             if claim.lease is not None:
@@ -238,6 +248,7 @@ class Idempotency(Middleware):
                 lease.started = lease.progress_at = time.monotonic()  # it runs from now, not from the fetch
                 lease.running = True
             message.mesh_lease = lease  # type: ignore[attr-defined]
+            lease.settles = self._settles(broker, message)
             kills = int(rest[0]) if rest else 0
             if kills >= self.settings.poison_kills:
                 self._poison(broker, message, lease, kills)
@@ -260,7 +271,8 @@ class Idempotency(Middleware):
                             route="unknown:defer")
                 raise SkipMessage(f"{key}: its stored output could not be read") from None
             lease = Lease(key=key, claim_key=claim.claim_key, owner=claim.owner, token=int(token), envelope=envelope,
-                          recorded_output=stored.output, shared=True, output_gone=stored.gone)
+                          recorded_output=stored.output, shared=True, output_gone=stored.gone,
+                          settles=self._settles(broker, message))
             message.mesh_lease = lease  # type: ignore[attr-defined]
             _current.lease = lease
             return
@@ -276,6 +288,14 @@ class Idempotency(Middleware):
         self._defer(broker, message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
                     route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
+
+    def _settles(self, broker: Broker, message: MessageProxy) -> tuple[str, str, str] | None:
+        """Where the mesh's consumer holds ``message`` (see :attr:`Lease.settles`), or None when
+        another consumer fetched it."""
+        worker, rid = getattr(broker, "broker_id", None), message.options.get("redis_message_id")
+        if not (isinstance(worker, str) and isinstance(rid, str)) or message.queue_name.endswith(".DQ"):
+            return None
+        return self.keys.acks(worker, message.queue_name), self.keys.messages(message.queue_name), rid
 
     def _poison(self, broker: Broker, message: MessageProxy, lease: Lease, kills: int) -> None:
         """The message's last ``kills`` owners died running it (their claims were taken over): it is
@@ -339,6 +359,8 @@ class Idempotency(Middleware):
         if lease is None or lease.shared:
             return  # a shared lease holds no claim: nothing to settle on the key
         self._release_hold(lease)
+        if lease.settled:
+            return  # the success's write stored the key as done and settled the message
         if exception is None and lease.done:
             # Stored by the ack that settles the message, in the same script (MeshConsumer.ack).
             message.mesh_done = (lease.claim_key, lease.owner,  # type: ignore[attr-defined]
@@ -390,7 +412,8 @@ class Idempotency(Middleware):
 
     def renew(self) -> None:
         with self._lock:
-            leases = list(self._leases.values())
+            # A settled lease's key is done: renewing it would report it lost.
+            leases = [lease for lease in self._leases.values() if not lease.settled]
         if not leases:
             return
         pipe = self.client.pipeline(transaction=False)

@@ -129,6 +129,25 @@ class JobStore:
         data = self.client.get(self.keys.job(job_id))
         return None if data is None else JobRecord.model_validate(loads(data))
 
+    def stage_write(self, pipe: Any, before: JobRecord, record: JobRecord, messages: Sequence[Message], *,
+                    events: Sequence[dict[str, Any]] = (), also: Callable[[Any, JobRecord], None] | None = None,
+                    retention_s: float | None = None) -> None:
+        """Stage what a change of ``before`` into ``record`` sending ``messages`` writes (see
+        :meth:`update`): the messages, their ``enqueued`` events, ``events`` and the counters they imply,
+        the record with its TTLs, and whatever ``also`` stages."""
+        stage_all(pipe, self.keys, messages)
+        for message in messages:
+            trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
+        for ev in events:
+            trace.stage(pipe, self.keys, ev)
+        for field in unwind_counts(events):
+            pipe.hincrby(self.keys.stats, field, 1)
+        stage_record(pipe, self.keys, record, was=before.state,
+                     retention_s=self.retention_s if retention_s is None else retention_s, keep_s=self.keep_s,
+                     before=before)
+        if also is not None:
+            also(pipe, record)
+
     def update(self, job_id: str, change: Change, *, fence: Lease | None = None,
                events: Sequence[dict[str, Any]] = (),
                also: Callable[[Any, JobRecord], None] | None = None,
@@ -170,18 +189,7 @@ class JobStore:
                 # reply was lost), so its events and counters are not staged a second time.
                 return record
             pipe.multi()
-            stage_all(pipe, self.keys, messages)
-            for message in messages:
-                trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0], queue=message.queue_name))
-            for ev in events:
-                trace.stage(pipe, self.keys, ev)
-            for field in unwind_counts(events):
-                pipe.hincrby(self.keys.stats, field, 1)
-            stage_record(pipe, self.keys, record, was=before.state,
-                         retention_s=self.retention_s if retention_s is None else retention_s, keep_s=self.keep_s,
-                         before=before)
-            if also is not None:
-                also(pipe, record)
+            self.stage_write(pipe, before, record, messages, events=events, also=also, retention_s=retention_s)
             return record
 
         record: JobRecord = self.client.transaction(apply, *watched, value_from_callable=True)  # type: ignore[arg-type,assignment]

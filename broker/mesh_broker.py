@@ -96,6 +96,8 @@ class MeshBroker(RedisBroker):
         self.pid = os.getpid()
         #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
         self.in_hand: dict[str, set[str]] = {}
+        #: Queues of agents whose steps write job records: their fetches read each message's record too.
+        self.record_queues: set[str] = set()
         #: Set when a worker on this broker starts stopping (see ``emit_before``).
         self.stopping = threading.Event()
 

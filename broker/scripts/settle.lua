@@ -4,11 +4,13 @@
 --
 -- settle(keys=[namespace], args=[command, caller_ms (unused), queue, worker_id, heartbeat_timeout_ms, ...])
 --
---   fetch     n [beat [nonce, lease_ms, ttl_s]]
+--   fetch     n [beat [nonce, lease_ms, ttl_s [records]]]
 --                                    -> {id1, data1, id2, data2, ...}; unless beat is "0", also heartbeat
 --                                       and reap; with a nonce, each message's key is claimed and
 --                                       each id and data are followed by the claim ({key, "run"|"busy"|
---                                       "done", token, ...} as claim.lua answers, or 0: no key found)
+--                                       "done", token, ...} as claim.lua answers, or 0: no key found);
+--                                       with records "1", {key, record, "run"|...}: the job record of
+--                                       a message whose claim it won ("": none, or over RECORD_MAX)
 --   heartbeat                        -> 1
 --   ack       ttl_s, (id, claim, owner, result)...
 --                                    -> {1|0 (+2), ...}: the messages are settled; each with a claim has
@@ -110,6 +112,22 @@ local function message_key(data)
     return key
 end
 
+-- The job record of a message as the mesh encodes it (its envelope's job_id right after its key),
+-- read when it is at most RECORD_MAX bytes: what the step's pick-up is computed from, with no read
+-- of its own (broker/step_write.py checks it is still the record when it writes). "" otherwise.
+local RECORD_MAX = 65536
+local function message_record(data, key)
+    local _, e = string.find(data, '"args":[{"key":"' .. key .. '","job_id":"', 1, true)
+    if not e then return "" end
+    local close = string.find(data, '"', e + 1, true)
+    if not close or close == e + 1 then return "" end
+    local job_id = string.sub(data, e + 1, close - 1)
+    if string.find(job_id, "\\", 1, true) then return "" end
+    local record = redis.call("get", ns .. ":job:" .. job_id)
+    if not record or #record > RECORD_MAX then return "" end
+    return record
+end
+
 local function push_back(id)
     if redis.call("hexists", msgs_key, id) == 1 then
         redis.call("lpush", queue_key, id)
@@ -197,6 +215,7 @@ if command == "fetch" then
     if not ids then return {} end
     local data = redis.call("hmget", msgs_key, unpack(ids))
     local nonce, batch = ARGV[8], nil
+    local records = ARGV[11] == "1"
     if nonce then
         batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms())
     end
@@ -210,6 +229,9 @@ if command == "fetch" then
                 local key = message_key(data[i])
                 if key then
                     local verdict = claim_take(batch, ns .. ":claim:" .. key, worker .. ":" .. nonce .. ":" .. #held)
+                    if records then
+                        table.insert(verdict, 1, verdict[1] == "run" and message_record(data[i], key) or "")
+                    end
                     table.insert(verdict, 1, key)
                     out[#out + 1] = verdict
                 else

@@ -1,0 +1,105 @@
+-- A group of steps' job-record writes (broker/step_write.py), each a compare-and-set fenced by its
+-- claim: one call writes what a WATCH/MULTI transaction per step wrote, with no WATCH, no read
+-- round trip and no MULTI. Runs after claim_lib.lua.
+--
+-- step(keys=[], args=[ttl_s, item...]), each item being the arguments
+--
+--   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, n, (count, command...) x n
+--
+--   job      the record's key; sha: the sha1 of the record the write was computed from
+--   claim    the attempt's claim key ("": none), its owner and fencing token: the write lands only
+--            while that owner holds the claim (shared "1": while the key is done, for an attempt taking
+--            another job's stored output), so an owner whose key was taken over (a paused one) writes
+--            nothing
+--   done     "1": the claim is stored as done with result (the dedup window: ttl_s) by the same write;
+--            a claim already done at this token is this attempt's own (the write is sent again)
+--   id       "": none; else the message this write settles (a success): it leaves the worker's
+--            acks set and its body is deleted from msgs, as the ack would
+--   n        the commands of the write, each as its argument count and its arguments (what the
+--            transaction would have run: the record with its TTLs, trace events, counters, the
+--            running index, the next steps' messages); HINCRBY and HINCRBYFLOAT are added up over
+--            the group and run once per field
+--
+-- Per item: 1 written (its message settled, if it names one); 2 written, but the message was no
+-- longer this worker's (reaped while paused: its body is left to its new owner); 0 the claim is not
+-- the attempt's any more, nothing written; -1 no record; else the record's current bytes: it changed
+-- since the write was computed, nothing written (read them, recompute, write again).
+
+local ttl = tonumber(ARGV[1])
+local out = {}
+local sums, order = {}, {}
+
+local function add(kind, key, field, by)
+    local id = kind .. "\0" .. key .. "\0" .. field
+    if not sums[id] then
+        sums[id] = 0
+        order[#order + 1] = {id, kind, key, field}
+    end
+    sums[id] = sums[id] + by
+end
+
+local i = 2
+while i <= #ARGV do
+    local job, sha, claim, owner, own_token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
+    local shared, done, result, id = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+    local acks, msgs, n = ARGV[i + 9], ARGV[i + 10], tonumber(ARGV[i + 11])
+    i = i + 12
+    local commands = {}
+    for c = 1, n do
+        local count = tonumber(ARGV[i])
+        commands[c] = {i + 1, i + count}
+        i = i + 1 + count
+    end
+    local answer
+    local held, token = true, 0
+    if claim ~= "" then
+        local state, holder, held_token = claim_read(claim)
+        token = held_token
+        if shared == "1" then
+            held = state == "done"
+        else
+            held = (state == "claimed" and holder == owner)
+                or (done == "1" and state == "done" and held_token == own_token)
+        end
+    end
+    if not held then
+        answer = 0
+    else
+        local current = redis.call("get", job)
+        if not current then
+            answer = -1
+        elseif redis.sha1hex(current) ~= sha then
+            answer = current
+        else
+            for _, range in ipairs(commands) do
+                local from, to = range[1], range[2]
+                local name = string.upper(ARGV[from])
+                if name == "HINCRBY" then
+                    add("i", ARGV[from + 1], ARGV[from + 2], tonumber(ARGV[from + 3]))
+                elseif name == "HINCRBYFLOAT" then
+                    add("f", ARGV[from + 1], ARGV[from + 2], tonumber(ARGV[from + 3]))
+                else
+                    redis.call(unpack(ARGV, from, to))
+                end
+            end
+            if done == "1" and claim ~= "" and shared ~= "1" then
+                redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
+            end
+            answer = 1
+            if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
+                answer = 2
+            end
+        end
+    end
+    out[#out + 1] = answer
+end
+
+for _, s in ipairs(order) do
+    local id, kind, key, field = s[1], s[2], s[3], s[4]
+    if kind == "i" then
+        redis.call("hincrby", key, field, sums[id])
+    else
+        redis.call("hincrbyfloat", key, field, string.format("%.17g", sums[id]))
+    end
+end
+return out

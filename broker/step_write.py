@@ -1,0 +1,172 @@
+"""A step's job-record writes as compare-and-set script calls, where each was a WATCH/MULTI transaction.
+
+A step's pick-up and its success each change the job record. The change is computed in Python, as
+:meth:`~mesh.broker.jobs.JobStore.update` computes it, and applied by ``scripts/step.lua``, which
+writes it only while the record is still the one it was computed from (its sha1) and the attempt's
+claim is still its owner's; a record changed meanwhile comes back in the answer and the change is
+computed again. So a write costs no WATCH, no read round trip and no MULTI, and the success reads
+nothing at all: it is computed from the record the pick-up wrote, validated once.
+
+The success write also stores the claim as ``done`` with the step's result and settles the message
+(what the consumer's ack did), in the same script: record, trace events, counters, the next steps'
+messages, ``done`` and the ack land together or not at all. The lease says so (``Lease.settled``),
+and the consumer sends no ack of its own for that message.
+
+The writes of a worker's threads go to Redis together (:class:`~mesh.broker.group_commit.GroupCommit`):
+one script call per group, the group's counters added up and written once per field. (Sending a lone
+write from its own thread instead made a sequential pipeline slower, not faster, where it was measured.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from mesh.contracts import JobRecord, LeaseLost, dumps, loads
+
+from .claims import script_source
+from .group_commit import GroupCommit
+from .jobs import Change, JobNotFound, JobStore
+
+if TYPE_CHECKING:
+    from .idempotency import Lease
+
+STEP_LUA = script_source("step.lua")
+
+#: Commands a script cannot run: a write staging one goes as a WATCH/MULTI transaction instead.
+SCRIPTED = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL"})
+
+#: Times a write computes its change again from a record another writer changed meanwhile.
+CONFLICT_RETRIES = 50
+
+
+@dataclass(frozen=True)
+class Written:
+    """A job record as a write left it (or found it unchanged) and its bytes: what the next write of
+    the same attempt is computed from, with no read."""
+
+    record: JobRecord
+    data: bytes
+
+
+@dataclass
+class _Item:
+    lease: Lease
+    args: list[Any]
+    settles: bool
+
+
+class StepWrites:
+    """Fenced compare-and-set writes of steps' job records, in groups (see the module's docstring)."""
+
+    def __init__(self, client: redis.Redis, jobs: JobStore, dedup_ttl_s: float) -> None:
+        self.client = client
+        self.jobs = jobs
+        self.dedup_ttl_s = int(dedup_ttl_s)
+        self.script = client.register_script(STEP_LUA)
+        self.group: GroupCommit[_Item] = GroupCommit(self._flush, name="mesh-step-writes")
+
+    def write(self, job_id: str, change: Change, *, fence: Lease, events: Sequence[dict[str, Any]] = (),
+              also: Callable[[Any, JobRecord], None] | None = None, retention_s: float | None = None,
+              known: Written | None = None, read: bytes | None = None, done: bytes | None = None,
+              settle: bool = False) -> Written:
+        """Apply ``change`` to the job's record while ``fence`` holds its key, as
+        :meth:`~mesh.broker.jobs.JobStore.update` does (``events``, ``also``, ``retention_s`` alike),
+        computed from ``known``, else from ``read`` (the record's bytes as read earlier, maybe changed
+        since), else from one read. ``done``: the claim's result, stored with the claim as
+        done by the same write; ``settle``: the write settles the attempt's message (``fence.settles``,
+        when the consumer gave it one) as the ack would. LeaseLost when
+        the key is no longer the attempt's, JobNotFound without a record; nothing is written then. A
+        write that stages a script of its own goes as :meth:`~mesh.broker.jobs.JobStore.update`'s
+        transaction, and settles nothing (the consumer's ack does)."""
+        key = self.jobs.keys.job(job_id)
+        data = known.data if known is not None else read
+        before = known.record if known is not None else None
+        for _ in range(CONFLICT_RETRIES):
+            if data is None:
+                data = self.client.get(key)  # type: ignore[assignment]
+                if data is None:
+                    raise JobNotFound(job_id)
+            if before is None:
+                before = JobRecord.model_validate(loads(data))
+                if before.job_id != job_id:  # bytes read for another job (a message naming two): read again
+                    data = before = None
+                    continue
+            record, messages = change(before)
+            pipe = self.client.pipeline(transaction=False)
+            new = data
+            if record is not before or messages:
+                self.jobs.stage_write(pipe, before, record, messages, events=events, also=also,
+                                      retention_s=retention_s)
+                if any(command[0] in SCRIPTED for command, _options in pipe.command_stack):
+                    # A write that runs a script of its own (an approval's timers) cannot run inside
+                    # this one: it goes as a transaction, and the consumer's ack settles the message.
+                    record = self.jobs.update(job_id, change, fence=fence, events=events, also=also,
+                                              retention_s=retention_s)
+                    return Written(record, dumps(record))
+                new = _record_bytes(pipe.command_stack, key) or dumps(record)
+            answer = self.group.submit(self._item(key, data, pipe.command_stack, fence, done, settle))
+            if isinstance(answer, redis.ResponseError):
+                raise answer
+            if answer in (1, 2):
+                return Written(record, new)
+            if answer == 0:
+                raise LeaseLost(fence.key, fence.token)
+            if answer == -1:
+                raise JobNotFound(job_id)
+            data, before = answer, None  # changed since it was read: computed again
+        raise RuntimeError(f"job record {job_id} kept changing while a step was written")
+
+    def _item(self, key: str, data: bytes, commands: list[Any], fence: Lease, done: bytes | None,
+              settle: bool) -> _Item:
+        settles = settle and fence.settles is not None
+        acks, msgs, rid = fence.settles if settles and fence.settles is not None else ("", "", "")
+        args: list[Any] = [key, hashlib.sha1(data).hexdigest(), fence.claim_key, fence.owner, fence.token,
+                           "1" if fence.shared else "0", "1" if done is not None else "0", done or b"",
+                           rid, acks, msgs, len(commands)]
+        for command, _options in commands:
+            args.append(len(command))
+            args.extend(command)
+        return _Item(fence, args, settles)
+
+    def _flush(self, group: Sequence[_Item]) -> list[Any]:
+        try:
+            answers = self._call(group)
+        except redis.ResponseError:
+            if len(group) == 1:
+                raise
+            # One write Redis refused (a key of the wrong type, out of memory) must not fail the others
+            # of its group: each goes alone, and the ones that landed before the error find their record
+            # changed (by themselves) and are computed again into nothing left to write.
+            answers = []
+            for item in group:
+                try:
+                    answers += self._call([item])
+                except redis.ResponseError as exc:
+                    answers.append(exc)
+        return answers
+
+    def _call(self, group: Sequence[_Item]) -> list[Any]:
+        args: list[Any] = [self.dedup_ttl_s]
+        for item in group:
+            args.extend(item.args)
+        answers: list[Any] = self.script(keys=[], args=args)
+        for item, answer in zip(group, answers, strict=True):
+            if item.settles and answer in (1, 2):
+                # Before the caller wakes: an exception raised into it meanwhile (a time limit) finds the
+                # message settled, and the consumer sends no ack of its own.
+                item.lease.settled = True
+        return answers
+
+
+def _record_bytes(commands: list[Any], key: str) -> bytes | None:
+    """The record a staged write sets at ``key`` (the SET's value), or None."""
+    for command, _options in commands:
+        if command[0] == "SET" and command[1] == key:
+            value = command[2]
+            return value if isinstance(value, bytes) else str(value).encode()
+    return None

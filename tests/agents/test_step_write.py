@@ -1,0 +1,180 @@
+"""A step's bookkeeping folded into the scripts that run anyway (mesh.broker.step_write): its fetch reads
+the job record, its pick-up is one fenced compare-and-set, and its success writes the record, stores
+the key as done and settles the message in one script, so the consumer has nothing left to ack. A
+record another writer changed meanwhile is read back and the change computed again; an owner whose
+claim was taken over writes nothing and settles nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from pydantic import BaseModel
+
+from mesh import App, Context
+from mesh.agents.runtime import AgentRuntime, declare_app
+from mesh.broker import MeshClient
+from mesh.broker.idempotency import Idempotency, Lease, current_lease
+from mesh.broker.jobs import JobStore
+from mesh.broker.mesh_broker import MeshBroker, build_broker
+from mesh.contracts import LeaseLost, State, add_tokens, loads
+
+app = App("step-write")
+
+
+class Text(BaseModel):
+    text: str
+
+
+#: What the handler does while it runs (set per test): e.g. another writer changes the record.
+during: list[Any] = []
+
+
+@app.agent(time_limit_s=30)
+def echo(ctx: Context, message: Text) -> Text:
+    for act in during:
+        act()
+    return message
+
+
+@pytest.fixture
+def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
+    during.clear()
+    broker = build_broker(settings)
+    runtime = AgentRuntime.from_settings(settings, broker.records, app)
+    declare_app(broker, runtime)
+    client = MeshClient(settings, client=broker.records, app=app)
+    yield broker, runtime, client
+    broker.close()
+
+
+def fetched(broker: MeshBroker) -> Any:
+    """The next message of the echo queue as the worker's consumer hands it out (claimed by the fetch),
+    taken up by the Idempotency middleware as before the actor runs."""
+    consumer = broker.consume("echo", prefetch=4, timeout=100)
+    message = next(consumer)
+    assert message is not None
+    idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+    idem.before_process_message(broker, message)
+    return consumer, message
+
+
+def claim_state(broker: MeshBroker, claim_key: str) -> bytes:
+    return bytes(broker.records.get(claim_key) or b"").split(b"|")[0]
+
+
+def test_a_success_records_its_step_stores_its_key_done_and_settles_its_message_in_one_write(worker):
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    consumer, message = fetched(broker)
+    lease = message.mesh_lease
+    rid = message.options["redis_message_id"]
+    assert lease.record is not None and loads(lease.record)["job_id"] == ref.id  # read by the fetch
+
+    runtime.handle(app.agents["echo"], message.args[0])
+
+    # Before any ack: the record, the claim and the message are all settled by the step's write.
+    assert lease.settled
+    record = client.status(ref.id)
+    [step] = record.steps.values()
+    assert record.state is State.SUCCEEDED and step.result == {"text": "hi"} and step.token == lease.token
+    assert claim_state(broker, lease.claim_key) == b"done"
+    assert not broker.records.sismember(broker.keys.acks(broker.broker_id, "echo"), rid)
+    assert not broker.records.hexists(broker.keys.messages("echo"), rid)
+    assert broker.records.zscore(broker.keys.running, f"{ref.id}/{step.step_id}") is None
+    consumer.ack(message)  # nothing left to settle: a no-op, and the message leaves the worker's hands
+    assert consumer.outstanding_message_count == 0
+
+
+def test_a_record_changed_while_the_step_ran_is_read_back_and_both_changes_stand(worker, settings):
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    jobs = JobStore(broker.records, broker.keys)
+    during.append(lambda: jobs.update(ref.id, lambda r: (add_tokens(r, 5, 0), [])))
+    _consumer, message = fetched(broker)
+
+    runtime.handle(app.agents["echo"], message.args[0])
+
+    record = client.status(ref.id)
+    assert record.state is State.SUCCEEDED and record.tokens_in == 5
+    assert message.mesh_lease.settled
+
+
+def test_a_record_changed_between_the_fetch_and_the_pick_up_is_read_back(worker):
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    JobStore(broker.records, broker.keys).update(ref.id, lambda r: (add_tokens(r, 0, 7), []))
+    assert loads(message.mesh_lease.record)["tokens_out"] == 0  # what the fetch read is stale now
+
+    runtime.handle(app.agents["echo"], message.args[0])
+
+    record = client.status(ref.id)
+    assert record.state is State.SUCCEEDED and record.tokens_out == 7
+
+
+def test_an_owner_whose_claim_was_taken_over_while_it_ran_writes_and_settles_nothing(worker):
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    lease = message.mesh_lease
+    rid = message.options["redis_message_id"]
+
+    def taken_over() -> None:  # what a paused owner misses: its lease ran out, another owner claimed
+        current = current_lease()
+        assert current is lease
+        broker.records.set(lease.claim_key, f"claimed|{lease.token + 1}|99999999999999|next|".encode())
+
+    during.append(taken_over)
+    with pytest.raises(LeaseLost):
+        runtime.handle(app.agents["echo"], message.args[0])
+
+    record = client.status(ref.id)
+    step = next(iter(record.steps.values()))
+    assert step.state is State.RUNNING and step.token == lease.token  # its pick-up, nothing after
+    assert not lease.settled
+    assert claim_state(broker, lease.claim_key) == b"claimed"  # the new owner's, untouched
+    assert broker.records.sismember(broker.keys.acks(broker.broker_id, "echo"), rid)  # still to settle
+
+
+def test_a_success_sent_again_after_it_landed_is_known_as_its_own_not_as_a_lost_lease(worker):
+    # A write whose answer was lost (or whose group Redis refused after it ran) is sent again: the
+    # claim it stored as done at its own token is its own, and nothing more is written.
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    lease = message.mesh_lease
+    runtime.handle(app.agents["echo"], message.args[0])
+    before = broker.records.get(broker.keys.job(ref.id))
+
+    again = runtime.steps.write(ref.id, lambda r: (r, []), fence=lease, done=b'{"text":"hi"}', settle=True)
+
+    assert again.record.state is State.SUCCEEDED and broker.records.get(broker.keys.job(ref.id)) == before
+    assert claim_state(broker, lease.claim_key) == b"done"
+
+
+def test_a_write_redis_refuses_fails_alone_not_the_others_of_its_group(worker):
+    broker, runtime, client = worker
+    refs = [client.send("echo", {"text": t}) for t in ("a", "b")]
+    idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+    items, news = [], []
+    for n, ref in enumerate(refs):
+        key, owner = f"group-{ref.id}", f"owner-{n}"
+        verdict = idem._call("claim", idem.keys.claim(key), owner)
+        lease = Lease(key=key, claim_key=idem.keys.claim(key), owner=owner, token=int(verdict[1]))
+        job, trace = broker.keys.job(ref.id), broker.keys.trace(ref.id)
+        data = broker.records.get(job)
+        news.append(data.replace(b'"queued"', b'"running"', 1))
+        commands = [(("XADD", trace, "*", "e", "{}"), {}), (("SET", job, news[-1]), {})]
+        items.append(runtime.steps._item(job, data, commands, lease, None, False))
+    broker.records.delete(broker.keys.trace(refs[1].id))
+    broker.records.set(broker.keys.trace(refs[1].id), "not a stream")  # its XADD is refused
+
+    first, second = runtime.steps._flush(items)
+
+    assert isinstance(second, redis.ResponseError)
+    assert broker.records.get(broker.keys.job(refs[1].id)) != news[1]  # nothing of it written
+    # The first landed (with the group, before the refusal): sent alone again, it finds its own write.
+    assert first == news[0] == broker.records.get(broker.keys.job(refs[0].id))
