@@ -92,6 +92,9 @@ class FlowControl(Middleware):
                         self.limiter.give_back(name, limit_key)  # its slot goes to the next message
                     raise SkipMessage(f"{envelope['key']}: waits for {name}")
                 held.limits.append((name, limit_key))
+                held.charged[(name, limit_key)] = verdict.charged_ms
+                if verdict.slot:
+                    held.slots.add((name, limit_key))
                 if name.startswith("dependency:"):
                     held.unused.add(name.removeprefix("dependency:"))
         except redis.RedisError as exc:
@@ -116,10 +119,12 @@ class FlowControl(Middleware):
     def _undo(self, held: Held) -> None:
         for name, limit_key in held.limits:
             try:
-                self.limiter.untake(name, limit_key, held.holder)
+                self.limiter.untake(name, limit_key, held.holder, held.charged.get((name, limit_key), 0.0))
             except redis.RedisError as exc:  # its slot's lease runs out instead
                 logger.warning("could not give a limit back", extra={"limit": name, "error": str(exc)})
         held.limits.clear()
+        held.slots.clear()
+        held.charged.clear()
 
     def _defer(self, broker: Broker, message: MessageProxy, delay_ms: int, permits: dict[str, Any],
                reason: str) -> bool:

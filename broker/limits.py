@@ -99,6 +99,10 @@ class Held:
     #: Dependencies whose admitted request the first call uses; later calls take their own.
     unused: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
+    #: The limits whose concurrency slot it holds (renewed and released whatever an override says
+    #: since), and the ms each admission moved its request schedule on (given back when undone).
+    slots: set[tuple[str, str | None]] = field(default_factory=set)
+    charged: dict[tuple[str, str | None], float] = field(default_factory=dict)
     #: Tokens reserved by a model call not yet settled, per limit.
     reserved: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
@@ -111,6 +115,9 @@ class Verdict:
     reason: str = ""
     wait_ms: int = 0
     gen: int = 0
+    #: Admitted: whether it holds a concurrency slot, and the ms it moved the request schedule on.
+    slot: bool = False
+    charged_ms: float = 0.0
 
 
 _current = threading.local()
@@ -189,12 +196,14 @@ class Limiter:
         if int(reply[0]) == 1:
             if flow_key is not None:
                 self._saw(name, flow_key)
-            return Verdict(True, gen=int(reply[1]))
+            return Verdict(True, gen=int(reply[1]), slot=bool(eff.max),
+                           charged_ms=float(reply[3]) if len(reply) > 3 else 0.0)
         return Verdict(False, _text(reply[1]), max(0, int(reply[2])), int(reply[3]))
 
-    def untake(self, name: str, flow_key: str | None, holder: str) -> None:
-        self.script(keys=self._limit_keys(name, flow_key),
-                    args=["untake", holder, self.effective(name).unit_ms("requests")])
+    def untake(self, name: str, flow_key: str | None, holder: str, charged_ms: float) -> None:
+        """A take undone: its slot freed and the ``charged_ms`` its admission moved the request
+        schedule on given back (none for an admission with a permit: its request stays reserved)."""
+        self.script(keys=self._limit_keys(name, flow_key), args=["untake", holder, charged_ms])
 
     def give_back(self, name: str, flow_key: str | None) -> None:
         """A reserved request that will not be used (its message cannot wait that long): its slot freed."""
@@ -226,10 +235,8 @@ class Limiter:
             self._held.pop(held.holder, None)
         held_ms = int((time.monotonic() - held.started) * 1000)
         pipe = self.client.pipeline(transaction=False)
-        for name, flow_key in held.limits:
-            if self.effective(name).max:
-                self.script(keys=self._limit_keys(name, flow_key), args=["release", held.holder, held_ms],
-                            client=pipe)
+        for name, flow_key in held.slots:
+            self.script(keys=self._limit_keys(name, flow_key), args=["release", held.holder, held_ms], client=pipe)
         for (name, flow_key), reserved in held.reserved.items():  # a model call that never settled
             self.script(keys=self._limit_keys(name, flow_key),
                         args=["force", "ttat", self.effective(name).unit_ms("tokens"), -reserved], client=pipe)
@@ -241,9 +248,7 @@ class Limiter:
             held = list(self._held.values())
         pipe = self.client.pipeline(transaction=False)
         for h in held:
-            for name, flow_key in h.limits:
-                if not self.effective(name).max:
-                    continue  # a rate holds no slot
+            for name, flow_key in h.slots:  # a rate holds no slot
                 self.script(keys=self._limit_keys(name, flow_key), args=["renew", self.lease_ms, h.holder],
                             client=pipe)
         if len(pipe):
