@@ -211,6 +211,11 @@ class Limiter:
         if unit:
             self.script(keys=self._limit_keys(name, flow_key), args=["force", "tat", unit, -1])
 
+    def leave(self, name: str, flow_key: str | None, member: str) -> None:
+        """A waiter that will not come back (its deadline passed): out of the waiting list at once,
+        so the messages behind it do not wait for it to lapse."""
+        self.script(keys=self._limit_keys(name, flow_key), args=["leave", member])
+
     def _saw(self, name: str, flow_key: str) -> None:
         now = time.monotonic()
         if now - self._seen.get((name, flow_key), -KEY_SEEN_S) < KEY_SEEN_S:

@@ -19,6 +19,7 @@
 --   force field unit_ms cost -> ms the bucket is ahead of now (a call made beyond a permit, or tokens
 --         settled: cost may be negative, giving back what was reserved and not spent or used)
 --   untake holder charged_ms -> 1: a take undone (its slot freed, the charged_ms its request moved tat given back)
+--   leave member -> 1 when `member` was waiting: out of the waiting list (it will not come back)
 --   release holder held_ms -> 1 when the slot was held
 --   renew lease_ms holder... -> slots still held (their leases run lease_ms from now)
 --   penalize pause_ms md min_factor md_hold_ms -> {factor*1e6, gen}: a 429 halves the rate (once per
@@ -149,6 +150,12 @@ if command == "untake" then
     end
     redis.call("hincrby", state, "admitted", -1)
     return 1
+end
+
+if command == "leave" then
+    local member = ARGV[2]
+    redis.call("zrem", alive, member)
+    return redis.call("zrem", waiting, member)
 end
 
 if command == "release" then
