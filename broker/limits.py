@@ -28,6 +28,7 @@ import redis
 
 from mesh.contracts.flow import FlowLimits, parse_rate, per_second
 
+from .classify import named_wait
 from .keys import Keys
 from .settings import MeshSettings
 
@@ -296,7 +297,8 @@ class Limiter:
         name = limit_name(DEPENDENCY, dependency)
         if name not in self.declared:
             return
-        pause = DEFAULT_PAUSE_MS if retry_after_s is None else int(min(retry_after_s, 3600) * 1000)
+        wait = named_wait(retry_after_s)
+        pause = DEFAULT_PAUSE_MS if wait is None else int(min(wait, 3600) * 1000)
         factor, gen = self.script(keys=self._limit_keys(name, None),
                                   args=["penalize", pause, DECREASE, MIN_FACTOR, DECREASE_HOLD_MS])
         logger.info("rate lowered after a 429", extra={"limit": name, "factor": int(factor) / 1e6,
