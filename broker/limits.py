@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import redis
 
-from mesh.contracts.flow import FlowLimits, parse_rate, per_second
+from mesh.contracts.flow import MAX_CONCURRENCY, FlowLimits, parse_rate, per_second
 
 from .classify import named_wait
 from .keys import Keys
@@ -352,8 +352,8 @@ def set_override(client: redis.Redis, keys: Keys, name: str, *, requests: str | 
     for rate in (requests, tokens):
         if rate is not None:
             parse_rate(rate)
-    if max is not None and max < 1:
-        raise ValueError(f"a concurrency max is at least 1, not {max}")
+    if max is not None and not 1 <= max <= MAX_CONCURRENCY:
+        raise ValueError(f"a concurrency max is between 1 and {MAX_CONCURRENCY:,}, not {max}")
     given = {k: v for k, v in (("requests", requests), ("tokens", tokens), ("max", max)) if v is not None}
     if not given:
         raise ValueError("give --requests, --tokens or --max")

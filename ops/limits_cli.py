@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from mesh.contracts.flow import MAX_CONCURRENCY
 from mesh.ops.console import (
     EXIT_INPUT,
     MARKUP,
@@ -91,7 +92,8 @@ def _name(given: str) -> str:
 def limits_set(name: NameArg,
                requests: Annotated[str | None, typer.Option(help="Requests per interval: 600/min, 50/s.")] = None,
                tokens: Annotated[str | None, typer.Option(help="Model tokens per interval: 90000/min.")] = None,
-               max: Annotated[int | None, typer.Option("--max", help="Messages in flight at once.", min=1)] = None,
+               max: Annotated[int | None, typer.Option("--max", help="Messages in flight at once.", min=1,
+                                                       max=MAX_CONCURRENCY)] = None,
                ) -> None:
     """Change one limit for the whole fleet now: kept in Redis, winning over the declaration until
     ``mesh limits reset`` (workers read it within a second)."""

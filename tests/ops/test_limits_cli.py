@@ -95,3 +95,16 @@ def _ahead(limiter: Limiter) -> int:
     state = limiter.keys.limit("agent:writer", None)
     tat, now = limiter.client.hget(state, "ttat"), limiter.client.time()
     return int(float(tat) - (now[0] * 1000 + now[1] // 1000))
+
+
+@pytest.mark.parametrize("given", [
+    ("--max", "99999999999999999999999"),  # beyond a 64-bit integer: it crashed writing the override
+    ("--max", "5000000"),                  # beyond what a declaration may say
+    ("--requests", "0.000000001/s"),       # one in 31 years: a message would wait decades
+    ("--requests", "nan/s"), ("--tokens", "0/s"), ("--max", "0"),
+])
+def test_limits_set_refuses_what_no_declaration_may_say(limiter: Limiter, cli: Any, given: tuple[str, str]) -> None:
+    done = cli("limits", "set", "agent:slow", *given)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stdout + done.stderr
+    assert cli("limits", "reset", "agent:slow").returncode == 2  # nothing was set
