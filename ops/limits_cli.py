@@ -27,6 +27,23 @@ limits_app = typer.Typer(help="Flow limits (rates, concurrency) of agents and de
                          "`mesh limits set dependency:api.example.com:443 --requests 50/s`, "
                          "`mesh limits reset dependency:api.example.com:443`")
 
+#: The columns a flow key takes in the listing; ``--wide`` and ``--json`` show it whole.
+KEY_SHOWN = 32
+
+
+def _key_shown(flow_key: str | None, wide: bool) -> str:
+    """A flow key as listed: an input's value, so its line breaks are written as escapes (they would
+    start lines of their own) and a long one is cut to :data:`KEY_SHOWN` columns."""
+    if flow_key is None:
+        return "-"
+    text = flow_key.replace("\n", "\\n").replace("\t", "\\t")
+    if wide:
+        return text
+    shown = Text(text)
+    shown.truncate(KEY_SHOWN, overflow="ellipsis")
+    return shown.plain
+
+
 NameArg = Annotated[str, typer.Argument(help="The limit, as listed (agent:NAME, dependency:NAME), or its start.",
                                         metavar="LIMIT", show_default=False)]
 
@@ -59,7 +76,7 @@ def limits_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = 
         rate = s.requests or "-"
         if s.requests and s.factor < 1:
             rate = f"{rate} x{s.factor:.2f}"
-        rows.append((s.name + ("*" if s.overridden else ""), s.flow_key or "-", rate,
+        rows.append((s.name + ("*" if s.overridden else ""), _key_shown(s.flow_key, wide), rate,
                      f"{s.in_flight}/{s.max}" if s.max else "-", str(s.waiting), f"{s.ahead_ms / 1000:.1f}s",
                      str(s.rejected)))
     if wide:  # the token rate, how far it is booked ahead, and the messages admitted

@@ -108,3 +108,20 @@ def test_limits_set_refuses_what_no_declaration_may_say(limiter: Limiter, cli: A
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "Traceback" not in done.stdout + done.stderr
     assert cli("limits", "reset", "agent:slow").returncode == 2  # nothing was set
+
+
+def test_limits_lists_any_key_within_80_columns_and_on_its_own_line(limiter: Limiter, cli: Any) -> None:
+    """A flow key is an input's value: the longest (128 characters, or 128 wide ones), one of line
+    breaks that would forge a row of its own: each is listed within 80 columns, its line breaks
+    escaped; ``--json`` gives every key whole."""
+    keys = ["x" * 128, "漢" * 128, "evil\nlimit:   agent:forged"]
+    for n, key in enumerate(keys):
+        assert limiter.take("agent:slow", key, f"h{n}", f"m{n}").admitted
+    shown = cli("limits")
+    assert shown.returncode == 0, shown.stderr
+    assert all(len(line) <= 80 for line in shown.stdout.splitlines()), shown.stdout
+    assert not any(line.startswith("limit:   agent:forged") or line.strip().startswith("agent:forged")
+                   for line in shown.stdout.splitlines()), shown.stdout
+    assert "evil\\nlimit:" in shown.stdout
+    listed = {s["flow_key"] for s in json.loads(cli("limits", "--json").stdout)}
+    assert set(keys) <= listed
