@@ -61,7 +61,7 @@ local function keep(ms)
     -- The limit's keys outlive their last use by a day: a limit unused that long starts afresh.
     redis.call("pexpire", state, 86400000)
     for _, k in ipairs({holders, waiting, alive}) do
-        if redis.call("exists", k) == 1 then redis.call("pexpire", k, math.max(ms, 86400000)) end
+        redis.call("pexpire", k, math.max(ms, 86400000))  -- a key that does not exist is left alone
     end
 end
 
@@ -88,7 +88,14 @@ if command == "take" then
         local rank = redis.call("zrank", waiting, member)
         if rank then ahead = rank else ahead = redis.call("zcard", waiting) end
         if free <= 0 or ahead >= free then
-            redis.call("zadd", waiting, "NX", now, member)
+            if not rank then
+                -- In arrival order: microseconds, one apart at least, so waiters arriving within one
+                -- millisecond keep theirs (not their keys' order); written as integers, exact to 2^53.
+                local at = math.max(now * 1000, (tonumber(redis.call("hget", state, "waiter_at")) or 0) + 1)
+                local score = string.format("%.0f", at)
+                redis.call("hset", state, "waiter_at", score)
+                redis.call("zadd", waiting, score, member)
+            end
             local position = (rank or ahead) + 1
             -- Back when the slots ahead of it have turned over, by how long a slot is usually held.
             local wait = math.max(20, math.min(math.floor(hold_ms * math.ceil(position / max)), wait_max))

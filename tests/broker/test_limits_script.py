@@ -130,3 +130,18 @@ def test_a_slot_taken_under_an_override_is_renewed_and_released_after_its_reset(
     assert float(client.redis.zscore(holders, "h0")) > 1
     lim.release(held)
     assert client.redis.zcard(holders) == 0
+
+
+def test_waiters_arriving_within_one_millisecond_keep_their_arrival_order(client: MeshClient) -> None:
+    """Fifty messages turned away by ``max: 1`` within a millisecond or two (one pipeline), their keys
+    sorting the other way round: the waiting list holds them in arrival order, not their keys'."""
+    lim = limiter(client, agent__a={"concurrency": {"max": 1}})
+    assert lim.take("agent:a", None, "h", "holder").admitted
+    arrivals = [f"k{99 - n:02d}" for n in range(50)]
+    pipe = client.redis.pipeline(transaction=False)
+    for n, member in enumerate(arrivals):
+        lim.script(keys=lim._limit_keys("agent:a", None), client=pipe, args=[
+            "take", f"h{n}", member, lim.lease_ms, 1, 0, 0, 0, 0, -1, 0, 30_000, 0.02, 1000])
+    assert all(reply[1] == b"concurrency" for reply in pipe.execute())
+    waiting = client.redis.zrange(f"{client.keys.limit('agent:a', None)}:waiting", 0, -1)
+    assert [m.decode() for m in waiting] == arrivals
