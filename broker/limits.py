@@ -104,8 +104,9 @@ class Held:
     #: since), and the ms each admission moved its request schedule on (given back when undone).
     slots: set[tuple[str, str | None]] = field(default_factory=set)
     charged: dict[tuple[str, str | None], float] = field(default_factory=dict)
-    #: Tokens reserved by a model call not yet settled, per limit.
-    reserved: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    #: Tokens reserved by each model call not yet settled (oldest first), per limit: an async handler's
+    #: calls run side by side, each reserving and settling its own.
+    reserved: dict[tuple[str, str | None], list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -243,9 +244,11 @@ class Limiter:
         pipe = self.client.pipeline(transaction=False)
         for name, flow_key in held.slots:
             self.script(keys=self._limit_keys(name, flow_key), args=["release", held.holder, held_ms], client=pipe)
-        for (name, flow_key), reserved in held.reserved.items():  # a model call that never settled
-            self.script(keys=self._limit_keys(name, flow_key),
-                        args=["force", "ttat", self.effective(name).unit_ms("tokens"), -reserved], client=pipe)
+        for (name, flow_key), reserved in held.reserved.items():  # model calls that never settled
+            if sum(reserved):
+                self.script(keys=self._limit_keys(name, flow_key),
+                            args=["force", "ttat", self.effective(name).unit_ms("tokens"), -sum(reserved)],
+                            client=pipe)
         pipe.execute()
 
     def renew(self) -> None:
@@ -264,8 +267,10 @@ class Limiter:
 
     def call_made(self, held: Held, dependency: str) -> None:
         """A tool call to ``dependency``: its admitted request, or (a later call) one more, taken now."""
-        if dependency in held.unused:
+        with self._lock:  # calls of an async handler run side by side: one of them uses it
+            first = dependency in held.unused
             held.unused.discard(dependency)
+        if first:
             return
         name = limit_name(DEPENDENCY, dependency)
         unit = self.effective(name).unit_ms("requests") if name in self.declared else 0.0
@@ -276,21 +281,30 @@ class Limiter:
         """Before a model call: reserve its expected tokens on each token rate the message took."""
         for name, flow_key in held.limits:
             unit = self.effective(name).unit_ms("tokens")
-            if not unit or (name, flow_key) in held.reserved:
+            if not unit:
                 continue
             expected = int(self._tokens_per_call.get(name, EXPECTED_TOKENS))
             self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", unit, expected])
-            held.reserved[(name, flow_key)] = expected
+            with self._lock:
+                held.reserved.setdefault((name, flow_key), []).append(expected)
 
     def settle_tokens(self, held: Held, spent: int) -> None:
-        """After a model call: what it spent replaces what it reserved (the difference taken or given back)."""
-        for (name, flow_key), reserved in list(held.reserved.items()):
+        """After a model call: what it spent replaces what it reserved (the difference taken or given back);
+        with calls side by side, each settles one reservation, and a call that reserved nothing (Redis
+        could not be asked) is charged what it spent."""
+        for name, flow_key in held.limits:
             unit = self.effective(name).unit_ms("tokens")
-            if unit and spent != reserved:
+            if not unit:
+                continue
+            with self._lock:
+                pending = held.reserved.get((name, flow_key))
+                reserved = pending.pop(0) if pending else 0
+                if pending == []:
+                    del held.reserved[(name, flow_key)]
+            if spent != reserved:
                 self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", unit, spent - reserved])
             before = self._tokens_per_call.get(name, float(spent))
             self._tokens_per_call[name] = 0.8 * before + 0.2 * spent
-            del held.reserved[(name, flow_key)]
 
     def penalize(self, dependency: str, retry_after_s: float | None) -> None:
         """A 429 from ``dependency``: its rate halves fleet-wide and pauses for the wait it named."""

@@ -125,3 +125,24 @@ def test_limits_lists_any_key_within_80_columns_and_on_its_own_line(limiter: Lim
     assert "evil\\nlimit:" in shown.stdout
     listed = {s["flow_key"] for s in json.loads(cli("limits", "--json").stdout)}
     assert set(keys) <= listed
+
+
+def test_model_calls_side_by_side_each_settle_what_they_spent(settings: MeshSettings, client: MeshClient) -> None:
+    """An async handler's two model calls in flight together: each reserves its expected tokens and
+    settles what it spent, so both are charged (the second call's tokens went uncounted)."""
+    limiter = Limiter(settings, client.redis, {"agent:writer": _tokens("60000/min")})  # a token a millisecond
+    held = Held("holder")
+    assert limiter.take("agent:writer", None, held.holder, "m").admitted
+    held.limits.append(("agent:writer", None))
+    set_current((limiter, held))
+    try:
+        meter, first, second = Meter(), Call("test-model"), Call("test-model")
+        meter.admit()
+        meter.admit()
+        assert 2 * EXPECTED_TOKENS - 100 <= _ahead(limiter) <= 2 * EXPECTED_TOKENS
+        meter.charge(first, 300, 0)
+        meter.charge(second, 400, 0)
+        assert 600 <= _ahead(limiter) <= 700
+    finally:
+        set_current(None)
+    assert held.reserved == {}
