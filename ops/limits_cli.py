@@ -123,7 +123,7 @@ def limits_set(name: NameArg,
     except ValueError as exc:
         fail(str(exc), EXIT_INPUT)
     shown = ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
-    out.print(Text(f"limit {limit} set: {shown} (until mesh limits reset {limit})"))
+    out.print(Text(f"limit {limit} set: {shown}\nuntil `mesh limits reset {limit}`"))
 
 
 @limits_app.command("reset")

@@ -146,3 +146,10 @@ def test_model_calls_side_by_side_each_settle_what_they_spent(settings: MeshSett
     finally:
         set_current(None)
     assert held.reserved == {}
+
+
+def test_limits_set_says_what_it_did_within_80_columns(limiter: Limiter, cli: Any) -> None:
+    done = cli("limits", "set", "dependency:", "--requests", "20/s")
+    assert done.returncode == 0, done.stderr
+    assert "requests 20/s" in done.stdout and "mesh limits reset dependency:" in done.stdout
+    assert all(len(line) <= 80 for line in done.stdout.splitlines()), done.stdout
