@@ -183,7 +183,7 @@ class Agent(AgentRef[In, Out]):
         """The flow key a message to this agent with ``payload`` carries (its limits' ``key`` rendered)."""
         from .flow import render_flow_key
 
-        return render_flow_key(self.spec.limits, payload, agent=self.name)
+        return render_flow_key(self.spec.limits, payload, agent=self.name, input_model=self.spec.input)
 
     @overload
     def __call__(self, ctx: Context, input: In) -> Out: ...
@@ -406,7 +406,7 @@ class App:
         from .flow import render_flow_key
 
         spec = self.agents.get(agent)
-        return None if spec is None else render_flow_key(spec.limits, payload, agent=agent)
+        return None if spec is None else render_flow_key(spec.limits, payload, agent=agent, input_model=spec.input)
 
     def mcp(self, name: str, *, command: Iterable[str] = (), url: str | None = None, allow: Iterable[str] = (),
             secrets: Iterable[str] = (), env: Mapping[str, str] | None = None,

@@ -3,9 +3,12 @@ evaluated by the sender so the envelope carries it (:attr:`~mesh.contracts.Envel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
 
 from mesh.contracts import ConfigError
 from mesh.contracts.flow import FlowLimits, flow_key_of
@@ -45,14 +48,21 @@ def check_limits(owner: str, limits: FlowLimits | None) -> None:
             raise ConfigError(f"{owner}: {exc.message}") from None
 
 
-def render_flow_key(limits: FlowLimits | None, payload: Mapping[str, Any], *, agent: str = "") -> str | None:
+def render_flow_key(limits: FlowLimits | None, payload: Mapping[str, Any], *, agent: str = "",
+                    input_model: type[BaseModel] | None = None) -> str | None:
     """The flow key of a message with ``payload`` under ``limits`` (None without a key expression, or
     when it gives null or ""); ExpressionError when it cannot be evaluated over the payload (a pipeline
-    step's message is then not sent, as for its other expressions)."""
+    step's message is then not sent, as for its other expressions). ``input_model``: the agent's input,
+    so the key reads the input as the agent will see it (the defaults of fields the sender left out)."""
     if limits is None or limits.key is None:
         return None
+    given = dict(payload)
+    if input_model is not None:
+        # By its wire names, as a sender dumps a model; an invalid input is the contract check's to refuse.
+        with contextlib.suppress(ValidationError):
+            given = input_model.model_validate(given).model_dump(mode="json", by_alias=True)
     try:
-        value = compile_key(limits.key).evaluate({"input": dict(payload)})
+        value = compile_key(limits.key).evaluate({"input": given})
     except ExpressionError as exc:
         raise type(exc)(f"agent {agent!r}: its limit key cannot be rendered from the input: {exc.message}") from None
     return flow_key_of(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -32,13 +33,23 @@ _PERMANENT_STATUS = {400, 401, 403, 404, 405, 409, 410, 413, 415, 422}
 BODY_SNIPPET_CHARS = 200
 #: Characters of the body read to make it (a huge body is not scanned whole).
 BODY_READ_CHARS = 65_536
+#: The longest wait a failure may name (s): a longer Retry-After or reset is read as this long.
+NAMED_WAIT_MAX_S = 86_400.0
+
+
+def named_wait(seconds: float | None) -> float | None:
+    """A wait a failure named, as the mesh uses it: between 0 and :data:`NAMED_WAIT_MAX_S` seconds;
+    None when it names none (or not a number: NaN)."""
+    if seconds is None or isinstance(seconds, bool) or not isinstance(seconds, int | float) or math.isnan(seconds):
+        return None
+    return min(max(0.0, float(seconds)), NAMED_WAIT_MAX_S)
 
 
 def classify(exc: BaseException) -> tuple[FailureClass, float | None]:
     """The failure class of ``exc`` and how many seconds to wait, when the failure names a time
     (a rate limit's Retry-After, an open breaker's reopen time)."""
     if isinstance(exc, RateLimited | Brownout):
-        return exc.failure_class, exc.retry_after_s
+        return exc.failure_class, named_wait(exc.retry_after_s)
     if isinstance(exc, MeshError):
         return exc.failure_class, None
     if isinstance(exc, dramatiq.Retry) and exc.delay is not None:
@@ -101,13 +112,13 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
+        return named_wait(float(value))
     when = _http_date(value)
     if when is None:
         return None
     if now is None:
         now = _http_date(headers.get("date") or headers.get("Date") or "") or time.time()
-    return max(0.0, when - now)
+    return named_wait(when - now)
 
 
 _RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -135,6 +146,8 @@ def rate_limit_reset(headers: Mapping[str, str]) -> float | None:
 def _reset_seconds(value: str) -> float | None:
     try:
         seconds = float(value)
+        if math.isnan(seconds):
+            return None
     except ValueError:
         parts = _RESET_PART.findall(value)
         if not parts or "".join(n + u for n, u in parts) != value:
@@ -142,7 +155,7 @@ def _reset_seconds(value: str) -> float | None:
         seconds = sum(float(n) * _RESET_UNIT_S[u] for n, u in parts)
     if seconds > 1e9:  # an epoch time, not a delta
         seconds -= time.time()
-    return min(max(0.0, seconds), 86400.0)
+    return named_wait(seconds)
 
 
 def _http_date(value: str) -> float | None:

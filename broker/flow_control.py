@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: The wait after Redis could not be asked (ms).
 UNANSWERED_WAIT_MS = 1_000
+#: The shortest wait before its deadline a message waiting for a slot is deferred by; closer to its
+#: deadline it is dead-lettered (ms).
+LAST_WAIT_MS = 50
 
 
 class FlowControl(Middleware):
@@ -87,16 +90,25 @@ class FlowControl(Middleware):
                     self._undo(held)
                     if verdict.reason == "rate":
                         permits[f"{name}|{limit_key or ''}"] = [verdict.gen, 1]
-                    if not self._defer(broker, message, verdict.wait_ms, permits, f"{name} {verdict.reason}") \
-                            and verdict.reason == "rate":
-                        self.limiter.give_back(name, limit_key)  # its slot goes to the next message
+                    # A concurrency wait is an estimate (how long slots are usually held), a rate's or
+                    # the tokens' the time its capacity frees.
+                    estimate = verdict.reason == "concurrency"
+                    if not self._defer(broker, message, verdict.wait_ms, permits, f"{name} {verdict.reason}",
+                                       estimate=estimate):
+                        if verdict.reason == "rate":
+                            self.limiter.give_back(name, limit_key)  # its slot goes to the next message
+                        elif estimate:  # its place in the waiting list goes to the next message
+                            self.limiter.leave(name, limit_key, envelope["key"])
                     raise SkipMessage(f"{envelope['key']}: waits for {name}")
                 held.limits.append((name, limit_key))
+                held.charged[(name, limit_key)] = verdict.charged_ms
+                if verdict.slot:
+                    held.slots.add((name, limit_key))
                 if name.startswith("dependency:"):
                     held.unused.add(name.removeprefix("dependency:"))
         except redis.RedisError as exc:
             self._undo(held)
-            self._defer(broker, message, UNANSWERED_WAIT_MS, permits, f"limits unanswered: {exc}")
+            self._defer(broker, message, UNANSWERED_WAIT_MS, permits, f"limits unanswered: {exc}", estimate=True)
             raise SkipMessage(f"{envelope['key']}: its limits could not be taken") from None
         # A permit is spent once: a retry of this attempt reserves afresh.
         message.options.pop("mesh_flow", None)
@@ -116,25 +128,30 @@ class FlowControl(Middleware):
     def _undo(self, held: Held) -> None:
         for name, limit_key in held.limits:
             try:
-                self.limiter.untake(name, limit_key, held.holder)
+                self.limiter.untake(name, limit_key, held.holder, held.charged.get((name, limit_key), 0.0))
             except redis.RedisError as exc:  # its slot's lease runs out instead
                 logger.warning("could not give a limit back", extra={"limit": name, "error": str(exc)})
         held.limits.clear()
+        held.slots.clear()
+        held.charged.clear()
 
     def _defer(self, broker: Broker, message: MessageProxy, delay_ms: int, permits: dict[str, Any],
-               reason: str) -> bool:
-        """Defer ``message`` by ``delay_ms``; False when its deadline passes first (it is dead-lettered)."""
+               reason: str, *, estimate: bool = False) -> bool:
+        """Defer ``message`` by ``delay_ms``; False when its deadline passes first (it is dead-lettered).
+        ``estimate``: ``delay_ms`` is a guess of when to look again, not when the limit frees, so a
+        message whose deadline comes sooner looks again halfway to it, until it is too close."""
         envelope = message.args[0]
         waits = int(message.options.get("mesh_flow_waits", 0))
         now_ms = server_now_ms(broker)
         deadline = envelope.get("deadline")
         if isinstance(deadline, int | float) and (now_ms + delay_ms) >= deadline * 1000:
-            why = f"{reason}: its deadline passes before the limit frees ({delay_ms} ms)"
-            decide(message, dead_letter_with_step(broker, message, FailureClass.DEADLINE, why, None))
-            logger.warning("message dead-lettered waiting for a limit", extra={"key": envelope.get("key"),
-                                                                                "reason": why})
-            return False
-        copy = delayed_copy(message._message, delay_ms, now_ms=now_ms, mesh_flow=permits, mesh_flow_waits=waits + 1)
+            left_ms = int(deadline * 1000 - now_ms)
+            if estimate and left_ms // 2 >= LAST_WAIT_MS:
+                delay_ms = left_ms // 2
+            else:
+                return self._too_late(broker, message, reason, delay_ms, left_ms, estimate)
+        copy = delayed_copy(
+message._message, delay_ms, now_ms=now_ms, mesh_flow=permits, mesh_flow_waits=waits + 1)
         decide(message, RetryLater(copy, delay_ms, stat="deferred_flow", route="flow:defer"))
         if waits == 0:  # its first wait is traced; the others only counted
             ev = trace.event("deferred", envelope, worker=trace.worker_name(), reason=reason,
@@ -144,6 +161,18 @@ class FlowControl(Middleware):
             except redis.RedisError as exc:
                 logger.warning("could not write a trace event", extra={"error": str(exc)})
         return True
+
+    def _too_late(self, broker: Broker, message: MessageProxy, reason: str, delay_ms: int, left_ms: int,
+                  estimate: bool) -> bool:
+        """Dead-letter ``message``: its deadline passes before its limit frees."""
+        if estimate:
+            why = f"{reason}: its deadline passed while it waited ({max(left_ms, 0)} ms left)"
+        else:
+            why = f"{reason}: its deadline passes before the limit frees ({delay_ms} ms)"
+        decide(message, dead_letter_with_step(broker, message, FailureClass.DEADLINE, why, None))
+        logger.warning("message dead-lettered waiting for a limit", extra={"key": message.args[0].get("key"),
+                                                                            "reason": why})
+        return False
 
     def after_process_message(self, broker: Broker, message: MessageProxy, *, result: Any | None = None,
                               exception: BaseException | None = None) -> None:

@@ -26,8 +26,9 @@ from typing import Any
 import orjson
 import redis
 
-from mesh.contracts.flow import FlowLimits, parse_rate, per_second
+from mesh.contracts.flow import MAX_CONCURRENCY, FlowLimits, parse_rate, per_second
 
+from .classify import named_wait
 from .keys import Keys
 from .settings import MeshSettings
 
@@ -99,8 +100,13 @@ class Held:
     #: Dependencies whose admitted request the first call uses; later calls take their own.
     unused: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
-    #: Tokens reserved by a model call not yet settled, per limit.
-    reserved: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    #: The limits whose concurrency slot it holds (renewed and released whatever an override says
+    #: since), and the ms each admission moved its request schedule on (given back when undone).
+    slots: set[tuple[str, str | None]] = field(default_factory=set)
+    charged: dict[tuple[str, str | None], float] = field(default_factory=dict)
+    #: Tokens reserved by each model call not yet settled (oldest first), per limit: an async handler's
+    #: calls run side by side, each reserving and settling its own.
+    reserved: dict[tuple[str, str | None], list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,9 @@ class Verdict:
     reason: str = ""
     wait_ms: int = 0
     gen: int = 0
+    #: Admitted: whether it holds a concurrency slot, and the ms it moved the request schedule on.
+    slot: bool = False
+    charged_ms: float = 0.0
 
 
 _current = threading.local()
@@ -189,18 +198,25 @@ class Limiter:
         if int(reply[0]) == 1:
             if flow_key is not None:
                 self._saw(name, flow_key)
-            return Verdict(True, gen=int(reply[1]))
+            return Verdict(True, gen=int(reply[1]), slot=bool(eff.max),
+                           charged_ms=float(reply[3]) if len(reply) > 3 else 0.0)
         return Verdict(False, _text(reply[1]), max(0, int(reply[2])), int(reply[3]))
 
-    def untake(self, name: str, flow_key: str | None, holder: str) -> None:
-        self.script(keys=self._limit_keys(name, flow_key),
-                    args=["untake", holder, self.effective(name).unit_ms("requests")])
+    def untake(self, name: str, flow_key: str | None, holder: str, charged_ms: float) -> None:
+        """A take undone: its slot freed and the ``charged_ms`` its admission moved the request
+        schedule on given back (none for an admission with a permit: its request stays reserved)."""
+        self.script(keys=self._limit_keys(name, flow_key), args=["untake", holder, charged_ms])
 
     def give_back(self, name: str, flow_key: str | None) -> None:
         """A reserved request that will not be used (its message cannot wait that long): its slot freed."""
         unit = self.effective(name).unit_ms("requests")
         if unit:
             self.script(keys=self._limit_keys(name, flow_key), args=["force", "tat", unit, -1])
+
+    def leave(self, name: str, flow_key: str | None, member: str) -> None:
+        """A waiter that will not come back (its deadline passed): out of the waiting list at once,
+        so the messages behind it do not wait for it to lapse."""
+        self.script(keys=self._limit_keys(name, flow_key), args=["leave", member])
 
     def _saw(self, name: str, flow_key: str) -> None:
         now = time.monotonic()
@@ -226,13 +242,13 @@ class Limiter:
             self._held.pop(held.holder, None)
         held_ms = int((time.monotonic() - held.started) * 1000)
         pipe = self.client.pipeline(transaction=False)
-        for name, flow_key in held.limits:
-            if self.effective(name).max:
-                self.script(keys=self._limit_keys(name, flow_key), args=["release", held.holder, held_ms],
+        for name, flow_key in held.slots:
+            self.script(keys=self._limit_keys(name, flow_key), args=["release", held.holder, held_ms], client=pipe)
+        for (name, flow_key), reserved in held.reserved.items():  # model calls that never settled
+            if sum(reserved):
+                self.script(keys=self._limit_keys(name, flow_key),
+                            args=["force", "ttat", self.effective(name).unit_ms("tokens"), -sum(reserved)],
                             client=pipe)
-        for (name, flow_key), reserved in held.reserved.items():  # a model call that never settled
-            self.script(keys=self._limit_keys(name, flow_key),
-                        args=["force", "ttat", self.effective(name).unit_ms("tokens"), -reserved], client=pipe)
         pipe.execute()
 
     def renew(self) -> None:
@@ -241,9 +257,7 @@ class Limiter:
             held = list(self._held.values())
         pipe = self.client.pipeline(transaction=False)
         for h in held:
-            for name, flow_key in h.limits:
-                if not self.effective(name).max:
-                    continue  # a rate holds no slot
+            for name, flow_key in h.slots:  # a rate holds no slot
                 self.script(keys=self._limit_keys(name, flow_key), args=["renew", self.lease_ms, h.holder],
                             client=pipe)
         if len(pipe):
@@ -253,8 +267,10 @@ class Limiter:
 
     def call_made(self, held: Held, dependency: str) -> None:
         """A tool call to ``dependency``: its admitted request, or (a later call) one more, taken now."""
-        if dependency in held.unused:
+        with self._lock:  # calls of an async handler run side by side: one of them uses it
+            first = dependency in held.unused
             held.unused.discard(dependency)
+        if first:
             return
         name = limit_name(DEPENDENCY, dependency)
         unit = self.effective(name).unit_ms("requests") if name in self.declared else 0.0
@@ -265,28 +281,38 @@ class Limiter:
         """Before a model call: reserve its expected tokens on each token rate the message took."""
         for name, flow_key in held.limits:
             unit = self.effective(name).unit_ms("tokens")
-            if not unit or (name, flow_key) in held.reserved:
+            if not unit:
                 continue
             expected = int(self._tokens_per_call.get(name, EXPECTED_TOKENS))
             self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", unit, expected])
-            held.reserved[(name, flow_key)] = expected
+            with self._lock:
+                held.reserved.setdefault((name, flow_key), []).append(expected)
 
     def settle_tokens(self, held: Held, spent: int) -> None:
-        """After a model call: what it spent replaces what it reserved (the difference taken or given back)."""
-        for (name, flow_key), reserved in list(held.reserved.items()):
+        """After a model call: what it spent replaces what it reserved (the difference taken or given back);
+        with calls side by side, each settles one reservation, and a call that reserved nothing (Redis
+        could not be asked) is charged what it spent."""
+        for name, flow_key in held.limits:
             unit = self.effective(name).unit_ms("tokens")
-            if unit and spent != reserved:
+            if not unit:
+                continue
+            with self._lock:
+                pending = held.reserved.get((name, flow_key))
+                reserved = pending.pop(0) if pending else 0
+                if pending == []:
+                    del held.reserved[(name, flow_key)]
+            if spent != reserved:
                 self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", unit, spent - reserved])
             before = self._tokens_per_call.get(name, float(spent))
             self._tokens_per_call[name] = 0.8 * before + 0.2 * spent
-            del held.reserved[(name, flow_key)]
 
     def penalize(self, dependency: str, retry_after_s: float | None) -> None:
         """A 429 from ``dependency``: its rate halves fleet-wide and pauses for the wait it named."""
         name = limit_name(DEPENDENCY, dependency)
         if name not in self.declared:
             return
-        pause = DEFAULT_PAUSE_MS if retry_after_s is None else int(min(retry_after_s, 3600) * 1000)
+        wait = named_wait(retry_after_s)
+        pause = DEFAULT_PAUSE_MS if wait is None else int(min(wait, 3600) * 1000)
         factor, gen = self.script(keys=self._limit_keys(name, None),
                                   args=["penalize", pause, DECREASE, MIN_FACTOR, DECREASE_HOLD_MS])
         logger.info("rate lowered after a 429", extra={"limit": name, "factor": int(factor) / 1e6,
@@ -340,8 +366,8 @@ def set_override(client: redis.Redis, keys: Keys, name: str, *, requests: str | 
     for rate in (requests, tokens):
         if rate is not None:
             parse_rate(rate)
-    if max is not None and max < 1:
-        raise ValueError(f"a concurrency max is at least 1, not {max}")
+    if max is not None and not 1 <= max <= MAX_CONCURRENCY:
+        raise ValueError(f"a concurrency max is between 1 and {MAX_CONCURRENCY:,}, not {max}")
     given = {k: v for k, v in (("requests", requests), ("tokens", tokens), ("max", max)) if v is not None}
     if not given:
         raise ValueError("give --requests, --tokens or --max")

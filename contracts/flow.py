@@ -21,6 +21,10 @@ from .envelope import FLOW_KEY_MAX, Frozen
 
 #: Longest key expression a declaration may hold.
 KEY_EXPR_MAX = 512
+#: The most messages a concurrency limit lets run at once.
+MAX_CONCURRENCY = 1_000_000
+#: The longest interval a rate may be written over (s), and so its slowest: one per this long.
+RATE_INTERVAL_MAX_S = 86400 * 366
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
 _PER_S = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60,
           "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
@@ -39,8 +43,9 @@ def parse_rate(text: str | int | float) -> tuple[float, float]:
             raise ValueError(f"a rate is written 600/min, 50/s or 1000/10s, not {str(text)[:40]!r}")
         amount = float(found.group(1))
         interval = float(found.group(2) or 1) * _PER_S[found.group(3)]
-    if not 0 < amount < 1e12 or not 0 < interval <= 86400 * 366:
-        raise ValueError(f"a rate is a positive amount per a positive interval of at most a year, not {text!r}")
+    if not 0 < amount < 1e12 or not 0 < interval <= RATE_INTERVAL_MAX_S or amount / interval < 1 / RATE_INTERVAL_MAX_S:
+        raise ValueError(f"a rate is a positive amount per a positive interval of at most a year, at least one a "
+                         f"year, not {text!r}")
     return amount, interval
 
 
@@ -79,7 +84,7 @@ class Rate(Frozen):
 class Concurrency(Frozen):
     """At most ``max`` messages (or calls) in flight at once, fleet-wide, per key."""
 
-    max: int = Field(ge=1, le=1_000_000)
+    max: int = Field(ge=1, le=MAX_CONCURRENCY)
     key: str | None = Field(default=None, min_length=1, max_length=KEY_EXPR_MAX)
 
 

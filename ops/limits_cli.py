@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from mesh.contracts.flow import MAX_CONCURRENCY
 from mesh.ops.console import (
     EXIT_INPUT,
     MARKUP,
@@ -25,6 +26,23 @@ limits_app = typer.Typer(help="Flow limits (rates, concurrency) of agents and de
                          rich_markup_mode=MARKUP, epilog="Examples: `mesh limits`, `mesh limits --json`, "
                          "`mesh limits set dependency:api.example.com:443 --requests 50/s`, "
                          "`mesh limits reset dependency:api.example.com:443`")
+
+#: The columns a flow key takes in the listing; ``--wide`` and ``--json`` show it whole.
+KEY_SHOWN = 32
+
+
+def _key_shown(flow_key: str | None, wide: bool) -> str:
+    """A flow key as listed: an input's value, so its line breaks are written as escapes (they would
+    start lines of their own) and a long one is cut to :data:`KEY_SHOWN` columns."""
+    if flow_key is None:
+        return "-"
+    text = flow_key.replace("\n", "\\n").replace("\t", "\\t")
+    if wide:
+        return text
+    shown = Text(text)
+    shown.truncate(KEY_SHOWN, overflow="ellipsis")
+    return shown.plain
+
 
 NameArg = Annotated[str, typer.Argument(help="The limit, as listed (agent:NAME, dependency:NAME), or its start.",
                                         metavar="LIMIT", show_default=False)]
@@ -58,7 +76,7 @@ def limits_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = 
         rate = s.requests or "-"
         if s.requests and s.factor < 1:
             rate = f"{rate} x{s.factor:.2f}"
-        rows.append((s.name + ("*" if s.overridden else ""), s.flow_key or "-", rate,
+        rows.append((s.name + ("*" if s.overridden else ""), _key_shown(s.flow_key, wide), rate,
                      f"{s.in_flight}/{s.max}" if s.max else "-", str(s.waiting), f"{s.ahead_ms / 1000:.1f}s",
                      str(s.rejected)))
     if wide:  # the token rate, how far it is booked ahead, and the messages admitted
@@ -91,7 +109,8 @@ def _name(given: str) -> str:
 def limits_set(name: NameArg,
                requests: Annotated[str | None, typer.Option(help="Requests per interval: 600/min, 50/s.")] = None,
                tokens: Annotated[str | None, typer.Option(help="Model tokens per interval: 90000/min.")] = None,
-               max: Annotated[int | None, typer.Option("--max", help="Messages in flight at once.", min=1)] = None,
+               max: Annotated[int | None, typer.Option("--max", help="Messages in flight at once.", min=1,
+                                                       max=MAX_CONCURRENCY)] = None,
                ) -> None:
     """Change one limit for the whole fleet now: kept in Redis, winning over the declaration until
     ``mesh limits reset`` (workers read it within a second)."""
@@ -104,7 +123,7 @@ def limits_set(name: NameArg,
     except ValueError as exc:
         fail(str(exc), EXIT_INPUT)
     shown = ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
-    out.print(Text(f"limit {limit} set: {shown} (until mesh limits reset {limit})"))
+    out.print(Text(f"limit {limit} set: {shown}\nuntil `mesh limits reset {limit}`"))
 
 
 @limits_app.command("reset")

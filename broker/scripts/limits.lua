@@ -11,13 +11,15 @@
 -- a new generation, voiding every permit: they were paced for the old rate).
 --
 --   take  holder member lease_ms max req_ms req_burst tok_ms tok_burst permit_gen permit_due wait_max_ms ai md_hold
---         -> {1, gen, factor*1e6}             admitted: a slot held by `holder` (when max > 0), a request taken
+--         -> {1, gen, factor*1e6, charged_ms}  admitted: a slot held by `holder` (when max > 0), a request
+--                                             taken (charged_ms: what it moved `tat` on; 0 for a permit's)
 --            {0, "rate", wait_ms, gen}        its request is reserved: back in wait_ms with permit gen
 --            {0, "tokens", wait_ms, gen}      the token bucket is spent: back in wait_ms (nothing reserved)
 --            {0, "concurrency", wait_ms, gen} every slot is held, or earlier arrivals wait: back in wait_ms
 --   force field unit_ms cost -> ms the bucket is ahead of now (a call made beyond a permit, or tokens
 --         settled: cost may be negative, giving back what was reserved and not spent or used)
---   untake holder req_ms -> 1: a take undone (its slot freed, its request given back)
+--   untake holder charged_ms -> 1: a take undone (its slot freed, the charged_ms its request moved tat given back)
+--   leave member -> 1 when `member` was waiting: out of the waiting list (it will not come back)
 --   release holder held_ms -> 1 when the slot was held
 --   renew lease_ms holder... -> slots still held (their leases run lease_ms from now)
 --   penalize pause_ms md min_factor md_hold_ms -> {factor*1e6, gen}: a 429 halves the rate (once per
@@ -59,7 +61,7 @@ local function keep(ms)
     -- The limit's keys outlive their last use by a day: a limit unused that long starts afresh.
     redis.call("pexpire", state, 86400000)
     for _, k in ipairs({holders, waiting, alive}) do
-        if redis.call("exists", k) == 1 then redis.call("pexpire", k, math.max(ms, 86400000)) end
+        redis.call("pexpire", k, math.max(ms, 86400000))  -- a key that does not exist is left alone
     end
 end
 
@@ -78,7 +80,7 @@ if command == "take" then
         prune()
         if redis.call("zscore", holders, holder) then
             redis.call("zadd", holders, now + lease_ms, holder)
-            return {1, gen, math.floor(f * 1e6)}
+            return {1, gen, math.floor(f * 1e6), "0"}
         end
         local held = redis.call("zcard", holders)
         local free = max - held
@@ -86,7 +88,14 @@ if command == "take" then
         local rank = redis.call("zrank", waiting, member)
         if rank then ahead = rank else ahead = redis.call("zcard", waiting) end
         if free <= 0 or ahead >= free then
-            redis.call("zadd", waiting, "NX", now, member)
+            if not rank then
+                -- In arrival order: microseconds, one apart at least, so waiters arriving within one
+                -- millisecond keep theirs (not their keys' order); written as integers, exact to 2^53.
+                local at = math.max(now * 1000, (tonumber(redis.call("hget", state, "waiter_at")) or 0) + 1)
+                local score = string.format("%.0f", at)
+                redis.call("hset", state, "waiter_at", score)
+                redis.call("zadd", waiting, score, member)
+            end
             local position = (rank or ahead) + 1
             -- Back when the slots ahead of it have turned over, by how long a slot is usually held.
             local wait = math.max(20, math.min(math.floor(hold_ms * math.ceil(position / max)), wait_max))
@@ -103,6 +112,7 @@ if command == "take" then
         end
     end
     -- Requests: admitted within the burst, else reserved; a permit of this generation is its reservation.
+    local charged = 0
     if req_ms > 0 and not (permit_gen == gen and permit_due > 0) then
         local unit = req_ms / f
         local tat = math.max(num("tat", 0), now)
@@ -114,6 +124,7 @@ if command == "take" then
             return {0, "rate", wait, gen}
         end
         redis.call("hset", state, "tat", tat + unit)
+        charged = unit
     end
     if max > 0 then
         redis.call("zadd", holders, now + lease_ms, holder)
@@ -122,7 +133,7 @@ if command == "take" then
     end
     redis.call("hincrby", state, "admitted", 1)
     keep(lease_ms)
-    return {1, gen, math.floor(f * 1e6)}
+    return {1, gen, math.floor(f * 1e6), tostring(charged)}
 end
 
 if command == "force" then
@@ -137,13 +148,21 @@ if command == "force" then
 end
 
 if command == "untake" then
-    local holder, req_ms = ARGV[2], tonumber(ARGV[3])
+    -- charged_ms: what the take moved the request schedule on (0 for a permit's admission, which took
+    -- its request when it reserved it), given back as it was taken whatever the factor is now.
+    local holder, charged_ms = ARGV[2], tonumber(ARGV[3]) or 0
     redis.call("zrem", holders, holder)
-    if req_ms > 0 then
-        redis.call("hset", state, "tat", num("tat", 0) - req_ms / num("factor", 1))
+    if charged_ms > 0 then
+        redis.call("hset", state, "tat", num("tat", 0) - charged_ms)
     end
     redis.call("hincrby", state, "admitted", -1)
     return 1
+end
+
+if command == "leave" then
+    local member = ARGV[2]
+    redis.call("zrem", alive, member)
+    return redis.call("zrem", waiting, member)
 end
 
 if command == "release" then

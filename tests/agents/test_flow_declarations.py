@@ -173,3 +173,23 @@ steps:
                       result={"text": "initech"})
     record, messages = advance(spec, record.with_step(step), run, routes, [], now=2.0)
     assert [m.args[0]["flow_key"] for m in messages] == ["initech"]
+
+
+class Plan(BaseModel):
+    n: int
+    tenant: str = "default"
+
+
+def test_a_key_reads_the_input_as_the_agent_sees_it_with_the_defaults_its_sender_left_out() -> None:
+    """``{"n": 1}`` is a valid input whose tenant is "default": the key renders it so, whether the
+    sender wrote a dict without the field, a dict with it, or the model (it failed to render)."""
+    app = App("flow")
+
+    @app.agent(concurrency={"max": 2, "key": "input.tenant"})
+    def plan(ctx: object, job: Plan) -> Plan:
+        return job
+
+    assert plan.flow_key({"n": 1}) == "default"
+    assert app.flow_key("plan", {"n": 1}) == "default"
+    assert app.flow_key("plan", {"n": 1, "tenant": "acme"}) == "acme"
+    assert app.flow_key("plan", Plan(n=1).model_dump()) == "default"

@@ -282,3 +282,36 @@ def test_settings_are_frozen(field: str, value: Any) -> None:
     with pytest.raises(pydantic.ValidationError):
         setattr(settings, field, value)
     assert getattr(settings, field) != value
+
+
+@pytest.mark.parametrize(("headers", "wait_s"), [
+    ({"Retry-After": "9" * 400}, 86_400.0),                          # more digits than a float holds
+    ({"Retry-After": "315360000"}, 86_400.0),                        # ten years
+    ({"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}, 86_400.0),    # a date decades ahead
+    ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),         # a date gone by
+    ({"Retry-After": "-5"}, None),
+    ({"Retry-After": "garbage"}, None),
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "nan"}, None),
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "inf"}, 86_400.0),
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1e400"}, 86_400.0),
+])
+def test_an_absurd_429_wait_is_read_as_at_most_a_day_and_routed(headers: dict[str, str], wait_s: float | None
+                                                                 ) -> None:
+    """A 429 naming an absurd wait is deferred or dead-lettered clearly, never a crash of the router."""
+    from mesh.broker.router import Route, route
+
+    err = error_for_response(response(429, headers), dependency="model", now=NOW)
+    assert isinstance(err, RateLimited) and err.retry_after_s == wait_s
+    failure_class, named = classify(err)
+    routing = route(failure_class, named, attempt=1, defers=0, remaining_s=600, timeout_retries=0,
+                    settings=MeshSettings())
+    assert routing.route is (Route.DEAD_LETTER if wait_s and wait_s > 600 else Route.DEFER)
+
+
+@pytest.mark.parametrize("raised", [float("inf"), float("nan"), -1.0, 1e300])
+def test_a_rate_limited_error_raised_with_an_absurd_wait_is_routed(raised: float) -> None:
+    from mesh.broker.router import route
+
+    failure_class, named = classify(RateLimited("slow down", retry_after_s=raised))
+    assert named is None or 0 <= named <= 86_400
+    route(failure_class, named, attempt=1, defers=0, remaining_s=600, timeout_retries=0, settings=MeshSettings())

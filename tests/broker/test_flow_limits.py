@@ -191,3 +191,52 @@ def test_waiting_for_a_rate_spends_no_retry_budget(settings: MeshSettings, clien
     assert len(arrived) == 12
     busiest = max(sum(1 for t in arrived if a <= t < a + 1.0) for a in arrived)
     assert busiest <= 4 + 1  # the rate, and the burst of 100 ms' worth it allows
+
+
+def test_a_concurrency_waiter_waits_until_its_deadline_and_then_leaves_the_waiting_list(
+        settings: MeshSettings, client: MeshClient, make_settings: Any, worker_process: Any) -> None:
+    """``max: 1`` per tenant, its slot held and slots usually held a minute (a waiter looks again
+    after 30 s): a job with a 6 s deadline is not dead-lettered at once, but looks again before its
+    deadline and runs once the slot frees. A job whose 2 s deadline passes while it waits is
+    dead-lettered ``deadline`` and leaves the waiting list then, so the next job of its tenant does
+    not wait behind it."""
+    from mesh.agents.flow import flow_plan
+    from mesh.broker.limits import Held, Limiter
+    from tests.apps.limited import app
+
+    declared, _ = flow_plan(app)
+    limiter = Limiter(settings, client.redis, declared)
+    state = client.keys.limit("agent:slow", "k")
+
+    def occupy(holder: str) -> Held:
+        held = Held(holder)
+        assert limiter.take("agent:slow", "k", holder, f"{holder}-job").admitted
+        held.slots.add(("agent:slow", "k"))
+        client.redis.hset(state, "hold_ms", 60_000)
+        return held
+
+    def ended(ref: Any) -> State:
+        wait_for(lambda: client.status(ref.id).state in (State.SUCCEEDED, State.DEAD_LETTERED), timeout_s=30,
+                 interval_s=0.1)
+        return client.status(ref.id).state
+
+    with RecordingServer(SlowService(service_s=0.01)) as server:
+        env = {"LIMITED_HOST": server.host_port, "SLOW_MAX": "1", "MESH_HTTP_ALLOW": server.host_port}
+        worker_process("--app", APP, "--agents", "slow", "--threads", "2", **env)
+        held = occupy("h0")
+        soon = MeshClient(make_settings(job_deadline_s=6), client=client.redis, app=app)
+        first = soon.send("slow", {"n": 0, "tenant": "k"}, key="deadline-6")
+        wait_for(lambda: bool(deferrals(client, first.id)), timeout_s=30)
+        limiter.release(held)
+        assert ended(first) is State.SUCCEEDED, client.status(first.id)
+
+        held = occupy("h1")
+        sooner = MeshClient(make_settings(job_deadline_s=2), client=client.redis, app=app)
+        late = sooner.send("slow", {"n": 1, "tenant": "k"}, key="deadline-2")
+        assert ended(late) is State.DEAD_LETTERED
+        assert "deadline" in str(client.status(late.id).model_dump())
+        assert client.redis.zcard(f"{state}:waiting") == 0
+        limiter.release(held)
+        nxt = limited_client(settings, client).send("slow", {"n": 2, "tenant": "k"}, key="after")
+        assert ended(nxt) is State.SUCCEEDED
+        assert not deferrals(client, nxt.id)  # nobody ahead of it: it ran at once

@@ -89,3 +89,65 @@ def test_a_429s_wait_is_read_from_its_rate_limit_headers() -> None:
     answer = httpx.Response(429, headers={"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"})
     error = error_for_response(answer, dependency="api")
     assert isinstance(error, RateLimited) and error.retry_after_s == 2
+
+
+def test_undoing_a_take_its_permit_admitted_gives_back_no_request(client: MeshClient) -> None:
+    """A message back with its permit is admitted without a new request; a later limit turning it
+    away undoes the take, which must not give back a request it never took (each such round would
+    otherwise move the rate's schedule back one slot: the rate unbounded under contention)."""
+    lim = limiter(client, dependency__api={"rate": {"requests": "10/s"}})
+    for n in range(2):
+        assert lim.take("dependency:api", None, f"h{n}", f"m{n}").admitted
+    late = lim.take("dependency:api", None, "h2", "m2")
+    assert late.reason == "rate"
+    state = client.keys.limit("dependency:api", None)
+    booked = float(client.redis.hget(state, "tat"))
+    for _ in range(3):  # admitted with its permit, turned away by the next limit, back again
+        again = lim.take("dependency:api", None, "h2", "m2", [late.gen, 1])
+        assert again.admitted
+        lim.untake("dependency:api", None, "h2", again.charged_ms)
+    assert float(client.redis.hget(state, "tat")) == booked
+    # An admission that did take a request gives back exactly that one.
+    fresh = lim.take("dependency:api", None, "h3", "m3")
+    assert not fresh.admitted  # the bucket is still booked ahead
+    lim.give_back("dependency:api", None)
+    assert abs(float(client.redis.hget(state, "tat")) - booked) < 1e-6
+
+
+def test_a_slot_taken_under_an_override_is_renewed_and_released_after_its_reset(client: MeshClient) -> None:
+    """``mesh limits set --max`` on a rate-only limit, then ``reset`` while a message holds a slot
+    it took: the slot is still renewed while the message runs and released when it settles (not
+    left held until its lease runs out, nor let lapse mid-step)."""
+    from mesh.broker.limits import Held, reset_override, set_override
+
+    lim = limiter(client, dependency__api={"rate": {"requests": "1000/s"}})
+    set_override(client.redis, client.keys, "dependency:api", max=1)
+    held = Held("h0")
+    verdict = lim.take("dependency:api", None, held.holder, "m0")
+    assert verdict.admitted and verdict.slot
+    held.limits.append(("dependency:api", None))
+    held.slots.add(("dependency:api", None))
+    lim.hold(held)
+    reset_override(client.redis, client.keys, "dependency:api")
+    lim._overrides = (-10.0, {})  # past the process's one-second cache
+    holders = f"{client.keys.limit('dependency:api', None)}:holders"
+    client.redis.zadd(holders, {"h0": 1})  # about to lapse: renewal must push it on
+    lim.renew()
+    assert float(client.redis.zscore(holders, "h0")) > 1
+    lim.release(held)
+    assert client.redis.zcard(holders) == 0
+
+
+def test_waiters_arriving_within_one_millisecond_keep_their_arrival_order(client: MeshClient) -> None:
+    """Fifty messages turned away by ``max: 1`` within a millisecond or two (one pipeline), their keys
+    sorting the other way round: the waiting list holds them in arrival order, not their keys'."""
+    lim = limiter(client, agent__a={"concurrency": {"max": 1}})
+    assert lim.take("agent:a", None, "h", "holder").admitted
+    arrivals = [f"k{99 - n:02d}" for n in range(50)]
+    pipe = client.redis.pipeline(transaction=False)
+    for n, member in enumerate(arrivals):
+        lim.script(keys=lim._limit_keys("agent:a", None), client=pipe, args=[
+            "take", f"h{n}", member, lim.lease_ms, 1, 0, 0, 0, 0, -1, 0, 30_000, 0.02, 1000])
+    assert all(reply[1] == b"concurrency" for reply in pipe.execute())
+    waiting = client.redis.zrange(f"{client.keys.limit('agent:a', None)}:waiting", 0, -1)
+    assert [m.decode() for m in waiting] == arrivals

@@ -95,3 +95,61 @@ def _ahead(limiter: Limiter) -> int:
     state = limiter.keys.limit("agent:writer", None)
     tat, now = limiter.client.hget(state, "ttat"), limiter.client.time()
     return int(float(tat) - (now[0] * 1000 + now[1] // 1000))
+
+
+@pytest.mark.parametrize("given", [
+    ("--max", "99999999999999999999999"),  # beyond a 64-bit integer: it crashed writing the override
+    ("--max", "5000000"),                  # beyond what a declaration may say
+    ("--requests", "0.000000001/s"),       # one in 31 years: a message would wait decades
+    ("--requests", "nan/s"), ("--tokens", "0/s"), ("--max", "0"),
+])
+def test_limits_set_refuses_what_no_declaration_may_say(limiter: Limiter, cli: Any, given: tuple[str, str]) -> None:
+    done = cli("limits", "set", "agent:slow", *given)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stdout + done.stderr
+    assert cli("limits", "reset", "agent:slow").returncode == 2  # nothing was set
+
+
+def test_limits_lists_any_key_within_80_columns_and_on_its_own_line(limiter: Limiter, cli: Any) -> None:
+    """A flow key is an input's value: the longest (128 characters, or 128 wide ones), one of line
+    breaks that would forge a row of its own: each is listed within 80 columns, its line breaks
+    escaped; ``--json`` gives every key whole."""
+    keys = ["x" * 128, "漢" * 128, "evil\nlimit:   agent:forged"]
+    for n, key in enumerate(keys):
+        assert limiter.take("agent:slow", key, f"h{n}", f"m{n}").admitted
+    shown = cli("limits")
+    assert shown.returncode == 0, shown.stderr
+    assert all(len(line) <= 80 for line in shown.stdout.splitlines()), shown.stdout
+    assert not any(line.startswith("limit:   agent:forged") or line.strip().startswith("agent:forged")
+                   for line in shown.stdout.splitlines()), shown.stdout
+    assert "evil\\nlimit:" in shown.stdout
+    listed = {s["flow_key"] for s in json.loads(cli("limits", "--json").stdout)}
+    assert set(keys) <= listed
+
+
+def test_model_calls_side_by_side_each_settle_what_they_spent(settings: MeshSettings, client: MeshClient) -> None:
+    """An async handler's two model calls in flight together: each reserves its expected tokens and
+    settles what it spent, so both are charged (the second call's tokens went uncounted)."""
+    limiter = Limiter(settings, client.redis, {"agent:writer": _tokens("60000/min")})  # a token a millisecond
+    held = Held("holder")
+    assert limiter.take("agent:writer", None, held.holder, "m").admitted
+    held.limits.append(("agent:writer", None))
+    set_current((limiter, held))
+    try:
+        meter, first, second = Meter(), Call("test-model"), Call("test-model")
+        meter.admit()
+        meter.admit()
+        assert 2 * EXPECTED_TOKENS - 100 <= _ahead(limiter) <= 2 * EXPECTED_TOKENS
+        meter.charge(first, 300, 0)
+        meter.charge(second, 400, 0)
+        assert 600 <= _ahead(limiter) <= 700
+    finally:
+        set_current(None)
+    assert held.reserved == {}
+
+
+def test_limits_set_says_what_it_did_within_80_columns(limiter: Limiter, cli: Any) -> None:
+    done = cli("limits", "set", "dependency:", "--requests", "20/s")
+    assert done.returncode == 0, done.stderr
+    assert "requests 20/s" in done.stdout and "mesh limits reset dependency:" in done.stdout
+    assert all(len(line) <= 80 for line in done.stdout.splitlines()), done.stdout
