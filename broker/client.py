@@ -46,6 +46,7 @@ from mesh.contracts.declared import AgentRef, In, Out
 from mesh.contracts.messages import validate_model
 
 from . import approvals, trace
+from . import lanes as queue_lanes
 from .clock import ServerClock
 from .connection import NotReplicated, connect, replicated, transaction
 from .jobs import JobNotFound, JobStore
@@ -578,20 +579,23 @@ class MeshClient:
         queues.update(dict.fromkeys(a.queue for a in self.registry.agents().values()))
         return list(queues)
 
-    def queues(self, agents: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
-        """Per queue (default: every agent's, see :meth:`agent_queues`): ready, delayed, and in
-        flight (fetched by a worker, not yet settled)."""
-        pipe = self.redis.pipeline(transaction=False)
+    def queues(self, agents: Iterable[str] | None = None, *, lanes: bool = False) -> dict[str, dict[str, Any]]:
+        """Per queue (default: every agent's, see :meth:`agent_queues`): ready (in every lane),
+        delayed, and in flight (fetched by a worker, not yet settled). ``lanes``: also the ready
+        messages ``by_priority`` and the ``flows`` (flow keys) with ready work."""
         names = list(agents) if agents is not None else self.agent_queues()
+        pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.llen(self.keys.queue(name))
             pipe.hlen(self.keys.messages(name))
             pipe.hlen(self.keys.delayed_messages(name))
         values = pipe.execute()
-        out = {}
-        for i, name in enumerate(names):
-            ready, stored, delayed = values[3 * i: 3 * i + 3]
+        out: dict[str, dict[str, Any]] = {}
+        for i, (name, lane) in enumerate(queue_lanes.depth(self.redis, self.keys, names).items()):
+            stored, delayed = values[2 * i: 2 * i + 2]
+            ready = lane["ready"]
             out[name] = {"ready": ready, "delayed": delayed, "in_flight": max(0, stored - ready)}
+            if lanes:
+                out[name].update(by_priority=lane["by_priority"], flows=lane["flows"])
         return out
 
     def close(self) -> None:

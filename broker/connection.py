@@ -247,7 +247,7 @@ ACL_COMMANDS = (
     "blpop", "lpop", "lpush", "rpush", "llen", "lindex", "lrange", "ltrim",
     "sadd", "srem", "smembers", "scard", "sismember", "sscan",
     "zadd", "zrem", "zcard", "zcount", "zscore", "zrange", "zrangebyscore", "zrevrangebyscore", "zscan",
-    "zremrangebyscore", "zremrangebyrank",
+    "zremrangebyscore", "zremrangebyrank", "zpopmin",
     "xadd", "xrange", "xrevrange",
 )
 

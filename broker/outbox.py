@@ -20,10 +20,10 @@ from dramatiq.message import Message
 
 from mesh.contracts import Envelope, JobRecord, LimitExceeded, StepRecord, depth_exceeds, dumps
 
-from . import trace
+from . import lanes, trace
 from .keys import Keys
 
-ENQUEUE_LUA = resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
+ENQUEUE_LUA = lanes.LIB + "\n" + resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
 
 
 
@@ -78,12 +78,12 @@ WAKE_CAP = 64
 
 
 def stage(pipe: Any, keys: Keys, message: Message, *, wake_up: bool = True, data: bytes | None = None) -> None:
-    """What dramatiq's enqueue does (store the body, push the id), and a token that wakes an idle
+    """What dramatiq's enqueue does (store the body, push the id on its lane: broker/lanes.py), and a token that wakes an idle
     consumer of the queue at once. Staging many, pass ``wake_up=False`` and call :func:`wake` once
     per queue with the count. ``data``: the message already encoded."""
     rid = message.options["redis_message_id"]
     pipe.hset(keys.messages(message.queue_name), rid, encode(message) if data is None else data)
-    pipe.rpush(keys.queue(message.queue_name), rid)
+    lanes.push(pipe, keys, message.queue_name, rid, message.args[0] if message.args else None)
     if wake_up:
         wake(pipe, keys, message.queue_name)
 

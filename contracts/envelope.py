@@ -10,6 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
+
+#: A message's place in its agent's queue: ``high`` is fetched before ``normal``, ``normal`` before
+#: ``low``, and every level below the highest waiting one is still given one fetch in eight
+#: (broker/scripts/lanes_lib.lua), so no level starves.
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -63,6 +69,9 @@ class Envelope(Frozen):
     idempotent: bool = False
     #: The model this step's ``ctx.model.complete`` calls use (a pipeline step's ``model``); None: MESH_MODEL_NAME.
     model: str | None = None
+    #: The message's priority level within its agent's queue (kept by retries, replays and recovery).
+    #: Before ``payload``: the queue scripts read it from the encoded message without decoding it.
+    priority: Priority = "normal"
     payload: dict[str, Any]
 
     @field_validator("trace_id")

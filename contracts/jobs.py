@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .approvals import Approval
 from .declared import AgentRef
 from .effects import Settlement, Verdict
-from .envelope import Frozen
+from .envelope import Frozen, Priority
 from .errors import IllegalTransition, NoOutput
 
 M = TypeVar("M", bound=BaseModel)
@@ -241,6 +241,9 @@ class JobRecord(Record):
     rerun_of: str | None = None
     rerun_from: str | None = None
     reruns: list[str] = Field(default_factory=list)
+    #: The priority the job was sent with: its steps' messages carry it unless a pipeline step
+    #: declares its own.
+    priority: Priority = "normal"
 
     def with_step(self, step: StepRecord) -> JobRecord:
         return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})
