@@ -67,7 +67,7 @@ def depth(client: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, dict[
     keys with ready work), read in one script call."""
     if not queues:
         return {}
-    rows: list[list[int]] = client.eval(_DEPTH_LUA, len(queues), *(keys.queue(q) for q in queues))  # type: ignore[assignment]
+    rows: list[list[int]] = client.eval(_DEPTH_LUA, len(queues), *(keys.queue(q) for q in queues))
     out = {}
     for queue, row in zip(queues, rows, strict=True):
         by = {p: int(row[2 * i]) for i, p in enumerate(PRIORITIES)}

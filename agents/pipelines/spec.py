@@ -18,6 +18,7 @@ import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mesh.contracts.approvals import parse_duration
+from mesh.contracts.envelope import Priority
 
 from ..names import NAME, name_problem
 from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
@@ -199,6 +200,9 @@ class StepSpec(_Spec):
     depends_on: tuple[str, ...] = ()
     #: A re-run under the same key is harmless: a timed-out attempt may be retried.
     idempotent: bool = False
+    #: The step's messages' priority in its agent's queue (high, normal, low); default: the job's
+    #: (``priority=`` of the run, normal by default).
+    priority: Priority | None = None
     idempotency_key: KeyTemplate | None = None
     #: Which upstream output (step id or output_schema name) is the input; default: the dependencies'.
     state_input: str | None = None
@@ -360,8 +364,9 @@ class PipelineSpec(_Spec):
         if data.get("input_schema", ...) is None:  # nor does a spec without an input_schema
             del data["input_schema"]
         for step in data["steps"]:
-            if step.get("approval", ...) is None:  # a spec without one keeps the digest it always had
-                del step["approval"]
+            for optional in ("approval", "priority"):  # a spec without one keeps the digest it always had
+                if step.get(optional, ...) is None:
+                    del step[optional]
             # Stored under the name it was first stored by: a spec keeps its digest, and a worker that
             # knows only that name still reads what a newer client registered.
             step["failure_mode"] = step.pop("on_false")
