@@ -29,6 +29,7 @@ and ``record.output(triage)`` are checked by a type checker; ``@app.tool`` retur
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overloa
 from pydantic import BaseModel
 
 from mesh.contracts import AgentRef, ConfigError
+from mesh.contracts.flow import FlowLimits, flow_limits
 
 from .credentials import Minter, check_minter
 from .names import name_problem
@@ -91,6 +93,9 @@ class AgentSpec:
     #: Tools the handler may call through ``ctx.call``.
     tools: tuple[str, ...] = ()
     description: str = ""
+    #: Fleet-wide rate and concurrency limits on its messages (``@app.agent(rate=..., concurrency=...)``);
+    #: None: none. See docs/guides/limits.md.
+    limits: FlowLimits | None = None
 
     def __post_init__(self) -> None:
         if not self.queue:
@@ -174,6 +179,12 @@ class Agent(AgentRef[In, Out]):
         self.fn = fn
         functools.update_wrapper(self, fn)
 
+    def flow_key(self, payload: dict[str, Any]) -> str | None:
+        """The flow key a message to this agent with ``payload`` carries (its limits' ``key`` rendered)."""
+        from .flow import render_flow_key
+
+        return render_flow_key(self.spec.limits, payload, agent=self.name)
+
     @overload
     def __call__(self, ctx: Context, input: In) -> Out: ...
     @overload
@@ -242,6 +253,8 @@ class App:
         self.tools: dict[str, ToolSpec] = {}
         self.pipelines: dict[str, PipelineSpec] = {}
         self.mcp_servers: dict[str, McpServer] = {}
+        #: The declared limits of dependencies (``@app.tool(dependency=..., rate=...)``, :meth:`dependency`).
+        self.dependencies: dict[str, FlowLimits] = {}
 
     @overload
     def agent(self, fn: Callable[[Context, In], Out], /) -> Agent[In, Out]: ...
@@ -253,29 +266,34 @@ class App:
     def agent(self, fn: None = None, /, *, name: str | None = None, input: type[BaseModel] | None = None,
               output: type[BaseModel] | None = None, version: int = 1, queue: str | None = None,
               time_limit_s: float | None = None, max_attempts: int | None = None, max_retries: int | None = None,
-              timeout_retries: int = 0, tools: Iterable[str | Tool[Any, Any]] = ()) -> DeclareAgent: ...
+              timeout_retries: int = 0, tools: Iterable[str | Tool[Any, Any]] = (), rate: Any = None,
+              concurrency: Any = None) -> DeclareAgent: ...
 
     def agent(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
               input: type[BaseModel] | None = None, output: type[BaseModel] | None = None,
               version: int = 1, queue: str | None = None, time_limit_s: float | None = None,
               max_attempts: int | None = None, max_retries: int | None = None, timeout_retries: int = 0,
-              tools: Iterable[str | Tool[Any, Any]] = ()) -> Any:
+              tools: Iterable[str | Tool[Any, Any]] = (), rate: Any = None, concurrency: Any = None) -> Any:
         """Declare ``fn(ctx, input) -> output`` as an agent; the models default to its annotations.
         Returns an :class:`Agent`: the function still, typed by its models. ``tools``: the tools its
         handler may call, by name or as declared (``tools=[file_ticket]``). ``max_attempts`` counts
         every attempt of a retryable failure, the first included, as a pipeline step's
         ``retry_policy.max_attempts`` does; ``max_retries``, its older spelling, counts the retries
-        after the first (``max_attempts - 1``). Give one of the two."""
+        after the first (``max_attempts - 1``). Give one of the two. ``rate`` (``{"requests": "600/min",
+        "tokens": "90000/min"}``, or ``"600/min"`` for requests) and ``concurrency`` (``{"max": 4, "key":
+        "input.tenant"}``, or ``4``): fleet-wide limits on its messages (docs/guides/limits.md)."""
 
         def declare(fn: Callable[..., Any]) -> Agent[Any, Any]:
             _not_generator(fn, "agent")
             agent_name = name or fn.__name__
             retries = _retries(agent_name, max_attempts, max_retries)
+            limits = _limits(f"agent {agent_name!r}", rate, concurrency)
             in_model, out_model = _models(fn, input, output)
             spec = AgentSpec(
                 name=agent_name, input=in_model, output=out_model, handler=fn, version=version,
                 queue=queue or agent_name, time_limit_s=time_limit_s, max_retries=retries,
-                timeout_retries=timeout_retries, tools=tuple(map(_named, tools)), description=_doc(fn))
+                timeout_retries=timeout_retries, tools=tuple(map(_named, tools)), description=_doc(fn),
+                limits=limits)
             self.add_agent(spec)
             return Agent(fn, spec)
 
@@ -287,27 +305,28 @@ class App:
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
              verify: Callable[..., Any] | None = None, mint: Minter | None = None,
-             destructive: bool = False) -> Tool[Args, R]: ...
+             destructive: bool = False, rate: Any = None, concurrency: Any = None) -> Tool[Args, R]: ...
     @overload
     def tool(self, fn: Callable[..., Any], /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
              verify: Callable[..., Any] | None = None, mint: Minter | None = None,
-             destructive: bool = False) -> Tool[Any, Any]: ...
+             destructive: bool = False, rate: Any = None, concurrency: Any = None) -> Tool[Any, Any]: ...
     @overload
     def tool(self, fn: None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None,
              verify: Callable[..., Any] | None = None, mint: Minter | None = None,
-             destructive: bool = False) -> DeclareTool: ...
+             destructive: bool = False, rate: Any = None, concurrency: Any = None) -> DeclareTool: ...
 
     def tool(self, fn: Callable[[ToolContext, Args], R] | None = None, /, *, name: str | None = None,
              args: type[BaseModel] | None = None, dependency: str | Callable[[Any], str] | None = None,
              secrets: Iterable[str] = (), effect: bool = True, allow: Allow = None,
              compensate: str | Tool[Any, Any] | None = None, verify: Callable[..., Any] | None = None,
-             mint: Minter | None = None, destructive: bool = False) -> Any:
+             mint: Minter | None = None, destructive: bool = False, rate: Any = None,
+             concurrency: Any = None) -> Any:
         """Declare ``fn(ctx, args) -> result`` as a tool agents may call; returns a :class:`Tool`, the
         function still, typed by its args and result. ``allow``: the ``host:port``
         its HTTP may reach, or a function of MESH_HTTP_ALLOW's entries (see :attr:`ToolSpec.allow`).
@@ -315,8 +334,14 @@ class App:
         last call first, when the job of the step that made the calls halts or is cancelled).
         ``verify``: a check that the call's effect happened (see :attr:`ToolSpec.verify`).
         ``mint``: mints the call's short-lived credential, ``ctx.credential`` (see :attr:`ToolSpec.mint`).
-        ``destructive``: each call the model asks for waits for a person's approval (:attr:`ToolSpec.destructive`)."""
+        ``destructive``: each call the model asks for waits for a person's approval (:attr:`ToolSpec.destructive`).
+        ``rate`` / ``concurrency``: the limits of its ``dependency`` (a fixed one), as :meth:`dependency` declares."""
         undo = None if compensate is None else _named(compensate)
+        if rate is not None or concurrency is not None:
+            if not isinstance(dependency, str):
+                raise ConfigError(f"tool {name or getattr(fn, '__name__', '?')!r}: rate= and concurrency= limit its "
+                                  "dependency: declare dependency= as a fixed name (\"api.example.com:443\")")
+            self.dependency(dependency, rate=rate, concurrency=concurrency)
         for option, given in (("compensate", undo), ("verify", verify)):
             if given is not None and not effect:
                 raise ConfigError(f"tool {name or getattr(fn, '__name__', '?')!r}: {option}= concerns an effect; "
@@ -339,6 +364,49 @@ class App:
             return Tool(fn, spec)
 
         return declare(fn) if fn is not None else declare
+
+    def dependency(self, name: str, *, rate: Any = None, concurrency: Any = None) -> FlowLimits:
+        """Declare the fleet-wide limits of dependency ``name`` (a tool's ``dependency=``): ``rate``
+        (``{"requests": "50/s"}``) and ``concurrency`` (``{"max": 4}``), taken by each call of a tool
+        that reaches it (docs/guides/limits.md). A dependency has one limit for all: no ``key``."""
+        limits = _limits(f"dependency {name!r}", rate, concurrency)
+        if limits is None:
+            raise ConfigError(f"dependency {name!r}: declare rate=, concurrency= or both")
+        if limits.key is not None:
+            raise ConfigError(f"dependency {name!r}: a dependency's limit has no key (one limit for all its calls); "
+                              "declare a keyed limit on the agent")
+        known = self.dependencies.get(name)
+        if known is not None and known != limits:
+            raise ConfigError(f"dependency {name!r} is declared with two different limits: {known.model_dump()} "
+                              f"and {limits.model_dump()}")
+        self.dependencies[name] = limits
+        return limits
+
+    def _take_limits(self, spec: PipelineSpec) -> None:
+        """The agents' and dependencies' limits pipeline ``spec`` declares (``limits:``), made the app's."""
+        from .flow import check_limits
+
+        assert spec.limits is not None
+        for agent, limits in spec.limits.agents.items():
+            own = self.agents.get(agent)
+            if own is None:
+                raise ConfigError(f"pipeline {spec.name!r} declares limits of agent {agent!r}, which the app does "
+                                  f"not declare; agents are {sorted(self.agents)}")
+            if own.limits is not None and own.limits != limits:
+                theirs, mine = limits.model_dump(exclude_none=True), own.limits.model_dump(exclude_none=True)
+                raise ConfigError(f"pipeline {spec.name!r} declares limits of agent {agent!r} other than its own: "
+                                  f"{theirs} and {mine}")
+            check_limits(f"pipeline {spec.name!r}, agent {agent!r}", limits)
+            self.agents[agent] = dataclasses.replace(own, limits=limits)
+        for name, limits in spec.limits.dependencies.items():
+            self.dependency(name, **limits.model_dump(exclude_none=True))
+
+    def flow_key(self, agent: str, payload: dict[str, Any]) -> str | None:
+        """The flow key a message to ``agent`` with ``payload`` carries (None: the agent has no keyed limit)."""
+        from .flow import render_flow_key
+
+        spec = self.agents.get(agent)
+        return None if spec is None else render_flow_key(spec.limits, payload, agent=agent)
 
     def mcp(self, name: str, *, command: Iterable[str] = (), url: str | None = None, allow: Iterable[str] = (),
             secrets: Iterable[str] = (), env: Mapping[str, str] | None = None,
@@ -378,6 +446,8 @@ class App:
         spec = check(source, self) if isinstance(source, PipelineSpec) else load_pipeline(source, self)
         if spec.name in self.pipelines:
             raise ConfigError(f"app {self.name!r} declares pipeline {spec.name!r} twice")
+        if spec.limits is not None:
+            self._take_limits(spec)
         self.pipelines[spec.name] = spec
         return spec
 
@@ -409,6 +479,8 @@ class App:
         for tool in other.tools.values():
             self.add_tool(tool)
         self.mcp_servers.update(other.mcp_servers)  # their tools were added above: a clash was refused there
+        for dep, limits in other.dependencies.items():
+            self.dependency(dep, **limits.model_dump(exclude_none=True))
         for spec in other.agents.values():
             self.add_agent(spec)
         return self
@@ -503,6 +575,22 @@ def _retries(agent: str, max_attempts: int | None, max_retries: int | None) -> i
         raise ConfigError(f"agent {agent!r}: max_retries={max_retries} counts the retries after the first attempt: "
                           "it is at least 0 (0 never retries)")
     return max_retries
+
+
+def _limits(owner: str, rate: Any, concurrency: Any) -> FlowLimits | None:
+    """The limits ``rate=`` and ``concurrency=`` declare for ``owner``; ConfigError naming it otherwise."""
+    from pydantic import ValidationError
+
+    from .flow import check_limits
+
+    try:
+        limits = flow_limits(rate, concurrency)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{owner}: limits{' ' + where if where else ''}: {first['msg']}") from None
+    check_limits(owner, limits)
+    return limits
 
 
 def _not_generator(fn: Callable[..., Any], what: str) -> None:

@@ -92,7 +92,8 @@ class AgentRuntime:
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents
         self.routes = Routes.from_settings(self.settings, queue=lambda a: agents[a].queue if a in agents else a,
-                                           version=lambda a: agents[a].version if a in agents else None)
+                                           version=lambda a: agents[a].version if a in agents else None,
+                                           flow_key=self.app.flow_key)
         if self.breakers is None:
             self.breakers = Breakers(self.settings, self.redis)
         # A pipeline step lost on the failure path (the broker's) moves its job on by the engine.

@@ -81,6 +81,9 @@ class Target:
     check: Callable[[Any], Any]
     input: type[BaseModel] | None = None
     output: type[BaseModel] | None = None
+    #: The flow key of a payload (its agent's limit ``key`` rendered); None: the sender does not know
+    #: the agent's limits, and its worker renders the key when it picks the message up.
+    flow_key: Callable[[dict[str, Any]], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -177,12 +180,13 @@ def on_job_control(**handlers: Callable[..., Any]) -> None:
     _control.update(handlers)
 
 
-def _declared(agent: str, queue: str, version: int, input: type[BaseModel], output: type[BaseModel]) -> Target:
+def _declared(agent: str, queue: str, version: int, input: type[BaseModel], output: type[BaseModel],
+              flow_key: Callable[[dict[str, Any]], str | None] | None = None) -> Target:
     """The target of a declared agent: checked with its input model; the built-in models' own check
     goes further (an executor call's args fit its tool)."""
     builtin = agent in CONTRACTS and CONTRACTS[agent][0] is input
     check = functools.partial(validate_input, agent) if builtin else functools.partial(validate_model, agent, input)
-    return Target(agent, queue, version, check, input, output)
+    return Target(agent, queue, version, check, input, output, flow_key)
 
 
 def _step_output(step_id: str, model: type[BaseModel] | None) -> Callable[[JobRecord], Any]:
@@ -315,6 +319,7 @@ class MeshClient:
         record, messages, events = spec.start(
             record, trace_id=trace_id, deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
+            flow_key=lambda a, payload: (lambda t: t.flow_key(payload) if t.flow_key is not None else None)(target(a)),
             max_fan_out=self.settings.max_fan_out, settings=self.settings)
         for message in messages:
             env = message.args[0]
@@ -386,10 +391,11 @@ class MeshClient:
                 raise ContractError(f"agent {agent.name!r} of the client's app takes a {own.input.__name__} (queue "
                                     f"{own.queue!r}); the agent given is another's, taking a {agent.input.__name__} "
                                     f"(queue {agent.queue!r}); nothing was sent", agent=agent.name)
-            return _declared(agent.name, agent.queue, agent.version, agent.input, agent.output)
+            return _declared(agent.name, agent.queue, agent.version, agent.input, agent.output,
+                             self._flow_key(agent.name) if own is not None else getattr(agent, "flow_key", None))
         spec = self.app.agents.get(agent) if self.app is not None else None
         if self.app is not None and spec is not None:
-            return _declared(agent, spec.queue, spec.version, *self.app.contracts[agent])
+            return _declared(agent, spec.queue, spec.version, *self.app.contracts[agent], self._flow_key(agent))
         if agent in CONTRACTS:
             return Target(agent, agent, None, functools.partial(validate_input, agent), *CONTRACTS[agent])
         published = self.registry.get(agent)
@@ -399,6 +405,11 @@ class MeshClient:
             if published is None:
                 raise UnknownAgent(agent, known)
         return Target(agent, published.queue, published.version, published.validate_input)
+
+    def _flow_key(self, agent: str) -> Callable[[dict[str, Any]], str | None] | None:
+        """How the client's app renders ``agent``'s flow key (None: an app that does not)."""
+        render = getattr(self.app, "flow_key", None)
+        return None if render is None else functools.partial(render, agent)
 
     @staticmethod
     def _payload(target: Target, payload: Any) -> Any:
@@ -486,6 +497,7 @@ class MeshClient:
                          client=self, reader=reader)
             try:
                 batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
+                          flow_key=target.flow_key(payload) if target.flow_key is not None else None,
                           payload_hash=payload_hash(agent, payload), checked=bool(given))
             except LimitExceeded as exc:
                 if first is None:

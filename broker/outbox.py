@@ -141,7 +141,7 @@ class NewJobs:
         self.expected = expected
 
     def add(self, step_id: str, payload: dict[str, Any], *, key: str, job_id: str, trace_id: str,
-            payload_hash: str, checked: bool) -> None:
+            payload_hash: str, checked: bool, flow_key: str | None = None) -> None:
         """One job and its message. ``checked``: the key was given, so it must not already name a job
         created with another payload (nor an earlier item of the batch with another one)."""
         if not key or len(key) > _KEY_MAX or not step_id or len(step_id) > _STEP_MAX or type(payload) is not dict:
@@ -151,6 +151,8 @@ class NewJobs:
         body = orjson.Fragment(dumps(payload))
         env = {**self.envelope, "key": key, "job_id": job_id, "step_id": step_id, "trace_id": trace_id,
                "payload": body}
+        if flow_key is not None:
+            env["flow_key"] = flow_key
         step = {**self.step, "step_id": step_id, "key": key, "input": body}
         record = {**self.record, "job_id": job_id, "key": key, "trace_id": trace_id, "steps": {step_id: step},
                   "payload_hash": payload_hash}

@@ -17,6 +17,8 @@ SCHEMA_VERSION = 1
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Longest flow key an envelope carries (:func:`mesh.contracts.flow.flow_key_of` hashes a longer one).
+FLOW_KEY_MAX = 128
 
 
 def new_trace_id() -> str:
@@ -72,6 +74,9 @@ class Envelope(Frozen):
     #: The message's priority level within its agent's queue (kept by retries, replays and recovery).
     #: Before ``payload``: the queue scripts read it from the encoded message without decoding it.
     priority: Priority = "normal"
+    #: The rendered key of the agent's flow limits (``concurrency: {key: "input.tenant"}``), written by
+    #: the sender; None: one limit for every message of the agent (see docs/guides/limits.md).
+    flow_key: str | None = Field(default=None, min_length=1, max_length=FLOW_KEY_MAX)
     payload: dict[str, Any]
 
     @field_validator("trace_id")

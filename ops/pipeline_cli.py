@@ -354,7 +354,8 @@ def _summary(spec: Any) -> dict[str, Any]:
             "gates": {s.id: s.gate.cel for s in spec.steps if s.gate is not None},
             "tracing": spec.tracing.model_dump(mode="json"),
             "checkpointing": spec.checkpointing.model_dump(mode="json"),
-            "result": list(spec.result) if spec.result is not None else None}
+            "result": list(spec.result) if spec.result is not None else None,
+            "limits": spec.limits.model_dump(mode="json", exclude_none=True) if spec.limits is not None else None}
 
 
 #: Text output fits this many columns (a part longer than a line is wrapped, never cut).
@@ -475,6 +476,16 @@ def _wrapped(text: str, indent: int = 2) -> list[Text]:
                                                  break_on_hyphens=False) or [text]]
 
 
+def _limits_text(limits: dict[str, Any]) -> str:
+    """A declaration's limits in a line: ``600/min requests, 4 at once per input.tenant``."""
+    rate, conc = limits.get("rate") or {}, limits.get("concurrency") or {}
+    parts = [f"{rate[k]} {k}" for k in ("requests", "tokens") if k in rate]
+    if conc:
+        parts.append(f"{conc['max']} at once")
+    key = rate.get("key") or conc.get("key")
+    return ", ".join(parts) + (f" per {key}" if key else "")
+
+
 def _pipeline_lines(summary: dict[str, Any]) -> list[Text]:
     """The pipeline's own keys: description, order and roots of its DAG, tracing, checkpointing,
     input_schema and result (``mesh pipeline validate`` and ``show`` print them above the steps)."""
@@ -490,6 +501,9 @@ def _pipeline_lines(summary: dict[str, Any]) -> list[Text]:
         keys.append(f"input_schema {summary['input_schema']}")
     if summary["result"] is not None:
         keys.append(f"result: {', '.join(summary['result'])}")
+    for kind, named in (summary.get("limits") or {}).items():
+        for name, limits in named.items():
+            keys.append(f"limits of {kind.removesuffix('s')} {name}: {_limits_text(limits)}")
     lines = _wrapped(summary["description"], 0) if summary["description"] else []
     lines += _wrapped(f"order: {' → '.join(summary['order'])}   roots: {', '.join(summary['roots'])}")
     lines += [Text(line) for line in _pack(tracing, keys, 2)]

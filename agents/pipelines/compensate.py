@@ -223,6 +223,7 @@ def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, p
     env = Envelope(key=comp.key, job_id=record.job_id, step_id=comp.step_id, agent=comp.agent,
                    trace_id=record.trace_id, deadline=now + COMPENSATION_DEADLINE_S,
                    contract_version=routes.version(comp.agent), payload=payload,
+                   flow_key=routes.flow_key(comp.agent, payload),
                    max_retries=policy.max_attempts - 1 if policy else None,
                    backoff=policy.backoff.value if policy else None, priority=record.priority)
     timeout = undo.timeout_ms if undo is not None else None

@@ -113,16 +113,19 @@ class Routes:
     max_json_depth: int | None = None
     #: Largest job record a fan-out may grow (MESH_MAX_JOB_BYTES); None: unchecked.
     max_job_bytes: int | None = None
+    #: The flow key of a message to an agent with a payload (its limit ``key`` rendered); None: none known.
+    flow_key: Callable[[str, dict[str, Any]], str | None] = lambda agent, payload: None
 
     @classmethod
     def from_settings(cls, settings: MeshSettings, queue: Callable[[str], str],
-                      version: Callable[[str], int | None]) -> Routes:
+                      version: Callable[[str], int | None],
+                      flow_key: Callable[[str, dict[str, Any]], str | None] | None = None) -> Routes:
         """The routes with the deployment's limits; this process's expressions run under its MESH_EXPR_*."""
         sandbox.configure(sandbox.ExprLimits(timeout_ms=settings.expr_timeout_ms, memory_mb=settings.expr_memory_mb,
                                              max_result_bytes=settings.expr_max_result_bytes))
         return cls(queue=queue, version=version, max_fan_out=settings.max_fan_out,
                    max_message_bytes=settings.max_message_bytes, max_json_depth=settings.max_json_depth,
-                   max_job_bytes=settings.max_job_bytes)
+                   max_job_bytes=settings.max_job_bytes, **({} if flow_key is None else {"flow_key": flow_key}))
 
 
 @dataclass(frozen=True)
@@ -585,7 +588,8 @@ def _message(step: StepSpec, record: JobRecord, run: Run, routes: Routes, step_i
                    token_budget=run.token_budget, payload=payload,
                    max_retries=step.retry_policy.max_attempts - 1 if step.retry_policy else None,
                    backoff=step.retry_policy.backoff.value if step.retry_policy else None, model=step.model or None,
-                   idempotent=step.idempotent, priority=step.priority or record.priority)
+                   idempotent=step.idempotent, priority=step.priority or record.priority,
+                   flow_key=routes.flow_key(step.agent_name, payload))
     # hops stay empty: the DAG is acyclic by validation and the record sequences it; two steps
     # may share an agent, which a hop-based cycle check would refuse.
     options = {"time_limit": step.timeout_ms} if step.timeout_ms is not None else {}

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
 
 from mesh.contracts.approvals import parse_duration
 from mesh.contracts.envelope import Priority
+from mesh.contracts.flow import FlowLimits
 
 from ..names import NAME, name_problem
 from .expr import Condition, Expression, ItemIdTemplate, KeyTemplate, ListExpr
@@ -312,6 +313,15 @@ class CheckpointingSpec(_Spec):
     ttl_minutes: int | None = Field(default=None, gt=0)
 
 
+class LimitsSpec(_Spec):
+    """A pipeline file's ``limits:``: fleet-wide rate and concurrency limits of the agents its steps
+    name and of dependencies their tools reach, the same limits ``@app.agent(rate=...)`` and
+    ``app.dependency(...)`` declare (docs/guides/limits.md)."""
+
+    agents: dict[str, FlowLimits] = {}
+    dependencies: dict[str, FlowLimits] = {}
+
+
 class PipelineSpec(_Spec):
     """A pipeline: a DAG of steps over declared agents. Built from YAML (``steps:``, or ``agents:``,
     its older name) or in Python; :meth:`digest` identifies a version by content."""
@@ -328,6 +338,8 @@ class PipelineSpec(_Spec):
     #: The run's input contract (the snake_case name of a model the app's agents declare): paths
     #: under ``input.`` are checked against it at load, and a run's input is checked before it starts.
     input_schema: str | None = None
+    #: Limits of the agents its steps name and of their dependencies: the app's once registered.
+    limits: LimitsSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -363,6 +375,8 @@ class PipelineSpec(_Spec):
         data = self.model_dump(mode="json")
         if data.get("input_schema", ...) is None:  # nor does a spec without an input_schema
             del data["input_schema"]
+        if data.get("limits", ...) is None:  # nor one without limits
+            del data["limits"]
         for step in data["steps"]:
             for optional in ("approval", "priority"):  # a spec without one keeps the digest it always had
                 if step.get(optional, ...) is None:
@@ -374,16 +388,18 @@ class PipelineSpec(_Spec):
 
 
     def start(self, record: Any, *, trace_id: str, deadline: float, token_budget: int | None,
-              queue: Any, version: Any, now: float, max_fan_out: int | None = None, settings: Any = None) -> Any:
+              queue: Any, version: Any, now: float, max_fan_out: int | None = None, settings: Any = None,
+              flow_key: Any = None) -> Any:
         """A new run's record, messages and trace events (:func:`engine.begin`): what the client writes
         in one transaction. The client calls this on the spec it is given, so the broker layer needs
         no import of the engine. ``settings`` (MeshSettings) bound what the engine builds and how
         expressions run."""
         from . import engine
 
-        routes = engine.Routes(queue=queue, version=version, max_fan_out=max_fan_out)
+        routes = engine.Routes(queue=queue, version=version, max_fan_out=max_fan_out,
+                               **({} if flow_key is None else {"flow_key": flow_key}))
         if settings is not None:
-            routes = engine.Routes.from_settings(settings, queue=queue, version=version)
+            routes = engine.Routes.from_settings(settings, queue=queue, version=version, flow_key=flow_key)
         return engine.begin(self, record, engine.Run(trace_id=trace_id, deadline=deadline, token_budget=token_budget),
                             routes, now=now)
     def check_input(self, input: Any, app: Any) -> None:

@@ -155,6 +155,9 @@ steps:
     requires_human_approval: true
     approval: {timeout: 2h, on_timeout: escalate, approvers: [alice, bob], warn_before: 30m}
 result: [fetch, digest]
+limits:
+  agents:
+    scout: {rate: {requests: 600/min}, concurrency: {max: 4, key: input.goal}}
 """
 
 #: What the text says of each key set above.
@@ -169,7 +172,7 @@ EVERY_KEY_SHOWN = [
     "max_parallel 4", "join: min_success 0.8", "item_id: s{{item.score}}", "when: item.score > 0.5",
     "on_false continue", "input: score = item.score * 2.0, url = item.url", "input: items = fetch",
     "gate: size(fetch) > 0 (false: halt_pipeline)", "awaits approval (2h, then escalate)", "approvers alice, bob",
-    "warns 30m before",
+    "warns 30m before", "limits of agent scout: 600/min requests, 4 at once per input.goal",
 ]
 
 
