@@ -196,9 +196,8 @@ if command == "fetch" then
     redis.call("sadd", held_prefix .. worker, queue)
     -- At most FETCH_MAX: the ids are unpacked into HMGET and SADD below, and Lua unpacks ~8,000
     -- values at most; a script that failed there would have popped ids nobody holds.
-    local ids = lanes_pop(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX))
+    local ids, data = lanes_fetch(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX))
     if #ids == 0 then return {} end
-    local data = redis.call("hmget", msgs_key, unpack(ids))
     local nonce, batch = ARGV[8], nil
     if nonce then
         batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms())

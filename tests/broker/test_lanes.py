@@ -223,3 +223,19 @@ def test_an_unknown_priority_is_refused_before_anything_is_sent(lanes_client, rc
     with pytest.raises(ConfigError, match="priority must be one of high, normal, low"):
         lanes_client.send("work", {"n": 1}, priority="urgent")  # type: ignore[arg-type]
     assert rclient.zcard(lanes_client.keys.jobs) == 0
+
+
+def test_high_messages_come_before_normal_ones_already_waiting_in_the_queue_list(settings, rclient, broker):
+    client = MeshClient(settings, client=rclient)  # the built-in executor: no flow key
+    note = {"tool": "note", "args": {"title": "t"}}
+    client.send_many("executor", [(note, None) for _ in range(5)])
+    client.send_many("executor", [(note, None) for _ in range(2)], priority="high")
+    keys = client.keys
+    assert rclient.hexists(keys.messages("executor"), queue_lanes.LANES_MARK)
+    flat = broker.settle("fetch", "executor", 3, "0")
+    got = [orjson.loads(flat[i])["args"][0]["priority"] for i in range(1, len(flat), 2)]
+    assert got == ["high", "high", "normal"]
+    # The high lane drained: the mark is gone, and what is fetched is counted in flight, not the mark.
+    assert not rclient.hexists(keys.messages("executor"), queue_lanes.LANES_MARK)
+    assert client.queues(["executor"])["executor"] == {"ready": 4, "delayed": 0, "in_flight": 3}
+    assert rclient.llen(keys.queue("executor")) == 4
