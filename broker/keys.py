@@ -10,8 +10,10 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
     {ns}:{queue}.flow:{p}:{flow}      list of ready message ids of priority p and flow key {flow}
     {ns}:{queue}.flows:{p}            zset flow key -> round: the flows of priority p with ready work,
                                       served round robin ("" stands for the level's list)
-    {ns}:{queue}.sched                hash: the fetch's share credits and rounds per priority
+    {ns}:{queue}.sched                hash: the fetch's share credits and rounds per priority, and
+                                      the messages waiting in each priority's flows
                                       (broker/scripts/lanes_lib.lua says how lanes are served)
+    field "~lanes" of {ns}:{queue}.msgs  set while lanes other than {ns}:{queue} may have work
     {ns}:{queue}.wake                 list of wake-up tokens (the mesh's addition): every enqueue pushes
                                       one, and idle consumers block on it instead of polling
     {ns}:__acks__.{worker}.{queue}    set of ids a worker fetched and has not settled

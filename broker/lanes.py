@@ -20,22 +20,17 @@ LIB = resources.files("mesh.broker").joinpath("scripts/lanes_lib.lua").read_text
 #: The field of a queue's ``.msgs`` hash that says its other lanes may have work (lanes_lib.lua).
 LANES_MARK = "~lanes"
 
-#: Counts a queue's ready messages per priority, and its flows with ready work.
+#: Counts a queue's ready messages per priority, and its flows with ready work, in a few commands
+#: per queue however many flows it has.
 _DEPTH_LUA = LIB + """
 local out = {}
 for i, base in ipairs(KEYS) do
     local row = {}
-    for _, level in ipairs(LANE_LEVELS) do
-        local n = redis.call("llen", lane_plain(base, level))
-        local flows = 0
-        for _, flow in ipairs(redis.call("zrange", lane_ring(base, level), 0, -1)) do
-            if flow ~= "" then
-                n = n + redis.call("llen", lane_flow(base, level, flow))
-                flows = flows + 1
-            end
-        end
-        row[#row + 1] = n
-        row[#row + 1] = flows
+    local waiting = redis.call("hmget", base .. ".sched", "n:high", "n:normal", "n:low")
+    for l, level in ipairs(LANE_LEVELS) do
+        local ring = lane_ring(base, level)
+        row[#row + 1] = redis.call("llen", lane_plain(base, level)) + (tonumber(waiting[l]) or 0)
+        row[#row + 1] = redis.call("zcard", ring) - (redis.call("zscore", ring, "") and 1 or 0)
     end
     row[#row + 1] = redis.call("hexists", base .. ".msgs", LANES_MARK)
     out[i] = row
@@ -66,6 +61,7 @@ def push(pipe: Any, keys: Keys, queue: str, rid: str, envelope: Any) -> None:
     else:
         pipe.rpush(keys.flow(queue, priority, flow), rid)
         pipe.zadd(keys.flows(queue, priority), {flow: 0}, nx=True)
+        pipe.hincrby(keys.sched(queue), f"n:{priority}", 1)
     pipe.hset(keys.messages(queue), LANES_MARK, 1)
 
 

@@ -16,7 +16,9 @@
 --                                 its turn at the end of the current round. The member "" stands
 --                                 for the level's list without a flow key, added by the fetch
 --                                 while both have work.
---   {ns}:{queue}.sched            hash: credit:{p} (fetches owed to a lower level) and round:{p}
+--   {ns}:{queue}.sched            hash: credit:{p} (fetches owed to a lower level), round:{p}, and
+--                                 n:{p}, the messages waiting in priority p's flows (so counting
+--                                 them never walks every tenant)
 --   field "~lanes" of {ns}:{queue}.msgs: set while a lane other than {ns}:{queue} may have work
 --                                 (written with every push there, cleared by the fetch that finds
 --                                 them empty), so the fetch of a queue that uses none reads it in the
@@ -96,6 +98,7 @@ local function lane_push(base, id, data, head)
     if flow then
         redis.call(op, lane_flow(base, level, flow), id)
         redis.call("zadd", lane_ring(base, level), "NX", 0, flow)
+        redis.call("hincrby", base .. ".sched", "n:" .. level, 1)
     else
         redis.call(op, lane_plain(base, level), id)
     end
@@ -111,9 +114,11 @@ end
 -- Takes up to n ids from the lanes of the queue at base, in lane order (see above).
 local function lanes_pop(base, n)
     local sched = base .. ".sched"
-    local st = redis.call("hmget", sched, "credit:normal", "credit:low", "round:high", "round:normal", "round:low")
+    local st = redis.call("hmget", sched, "credit:normal", "credit:low", "round:high", "round:normal", "round:low",
+                          "n:high", "n:normal", "n:low")
     local credit = {normal = tonumber(st[1]) or 0, low = tonumber(st[2]) or 0}
     local round = {high = tonumber(st[3]) or 0, normal = tonumber(st[4]) or 0, low = tonumber(st[5]) or 0}
+    local waiting = {high = tonumber(st[6]) or 0, normal = tonumber(st[7]) or 0, low = tonumber(st[8]) or 0}
     local plain_n, ring_n, joined = {}, {}, {}
     for _, level in ipairs(LANE_LEVELS) do
         plain_n[level] = redis.call("llen", lane_plain(base, level))
@@ -141,7 +146,11 @@ local function lanes_pop(base, n)
         local list = member == "" and lane_plain(base, level) or lane_flow(base, level, member)
         local id = redis.call("lpop", list)
         local left = redis.call("llen", list)
-        if member == "" then plain_n[level] = left end
+        if member == "" then
+            plain_n[level] = left
+        elseif id then
+            waiting[level] = math.max(0, waiting[level] - 1)
+        end
         if left > 0 then
             redis.call("zadd", ring, round[level] + 1, member)
         else
@@ -176,8 +185,12 @@ local function lanes_pop(base, n)
         local id = take(chosen)
         if id then ids[#ids + 1] = id end
     end
+    for _, level in ipairs(LANE_LEVELS) do
+        if ring_n[level] == 0 then waiting[level] = 0 end -- no flow has work: none waits, whatever was counted
+    end
     redis.call("hset", sched, "credit:normal", credit.normal, "credit:low", credit.low,
-               "round:high", round.high, "round:normal", round.normal, "round:low", round.low)
+               "round:high", round.high, "round:normal", round.normal, "round:low", round.low,
+               "n:high", waiting.high, "n:normal", waiting.normal, "n:low", waiting.low)
     if plain_n.high + plain_n.low + ring_n.high + ring_n.normal + ring_n.low == 0 then
         redis.call("hdel", base .. ".msgs", LANES_MARK)
     end

@@ -135,7 +135,11 @@ def test_backlogged_tenants_are_served_round_robin(lanes_client, broker):
     send(lanes_client, 10, tenant="A")
     send(lanes_client, 10, tenant="B", first=100)
     send(lanes_client, 2, tenant="C", first=200)
-    got = [m["flow_key"] for m in drain(broker, 22, 4)]
+    assert lanes_client.queues([Q], lanes=True)[Q]["flows"] == 3
+    got = [m["flow_key"] for m in drain(broker, 5, 5)]
+    assert lanes_client.queues([Q], lanes=True)[Q] == {
+        "ready": 17, "delayed": 0, "in_flight": 5, "by_priority": {"high": 0, "normal": 17, "low": 0}, "flows": 3}
+    got += [m["flow_key"] for m in drain(broker, 17, 4)]
     # C joined last but got its first turn within the first round; nobody waits two rounds for a turn.
     assert got[:6] == ["A", "B", "C", "A", "B", "C"]
     assert got[6:] == ["A", "B"] * 8
@@ -239,3 +243,16 @@ def test_high_messages_come_before_normal_ones_already_waiting_in_the_queue_list
     assert not rclient.hexists(keys.messages("executor"), queue_lanes.LANES_MARK)
     assert client.queues(["executor"])["executor"] == {"ready": 4, "delayed": 0, "in_flight": 3}
     assert rclient.llen(keys.queue("executor")) == 4
+
+
+def test_thousands_of_tenants_are_counted_without_walking_them_and_each_gets_a_turn(lanes_client, broker, rclient):
+    lanes_client.send_many("work", [({"n": i, "tenant": f"t{i:05d}"}, None) for i in range(3000)])
+    send(lanes_client, 50, tenant="big", first=10_000)
+    depth = lanes_client.queues([Q], lanes=True)[Q]
+    assert (depth["ready"], depth["flows"]) == (3050, 3001)
+    got = drain(broker, 3050, 100)
+    assert len(got) == 3050 and len({m["rid"] for m in got}) == 3050
+    # The big tenant's backlog does not go first: one of its messages per round of the others.
+    assert sum(1 for m in got[:3000] if m["flow_key"] == "big") <= 2
+    assert lanes_client.queues([Q], lanes=True)[Q]["ready"] == 0
+    assert not rclient.hexists(lanes_client.keys.messages(Q), queue_lanes.LANES_MARK)
