@@ -107,3 +107,20 @@ def test_a_worker_stopping_gracefully_puts_what_it_holds_back_in_its_lanes(setti
     assert waiting["high"] + waiting["normal"] + waiting["low"] >= 8
     worker_process(*APP, "--threads", "2")
     assert all(client.wait(r.id, timeout_s=30).state is State.SUCCEEDED for r in refs)
+
+
+@pytest.mark.slow
+def test_a_retry_and_a_dlq_replay_keep_the_messages_priority_and_tenant(settings, rclient, worker_process, cli):
+    client = MeshClient(settings, client=rclient, app=app)
+    worker = worker_process(*APP, "--threads", "2")
+    once = client.send("work", {"n": 1, "tenant": "R", "fail": "once"}, priority="low")
+    dead = client.send("work", {"n": 2, "tenant": "D", "fail": "always"}, priority="high")
+    retried = client.wait(once.id, timeout_s=30)
+    assert retried.state is State.SUCCEEDED and retried.steps["work"].attempt == 2
+    assert client.wait(dead.id, timeout_s=30).state is State.DEAD_LETTERED
+    worker.terminate()
+    assert worker.wait(30) == 0
+    res = cli("dlq", "replay", "--all", "--yes")
+    assert res.returncode == 0, res.stderr
+    assert lanes_hold_what_they_should(client) == {"high": 1, "normal": 0, "low": 0}
+    assert rclient.llen(client.keys.flow(Q, "high", "D")) == 1
