@@ -38,3 +38,19 @@ def test_an_unknown_priority_exits_2_naming_the_levels_and_sends_nothing(cli, cl
         assert res.returncode == 2, res.stderr
         assert "give high, normal or low" in flat(res.stderr)
     assert client.redis.zcard(client.keys.jobs) == 0
+
+
+def test_metrics_count_ready_messages_per_priority(client):
+    import httpx
+    from conftest import ops_server
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.send_many("executor", [(NOTE, None) for _ in range(2)], priority="low")
+    with ops_server(client) as base:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("mesh_queue_ready_by_priority", frozenset({("queue", "executor"), ("priority", "low")}))] == 2
+    assert samples[("mesh_queue_ready_by_priority", frozenset({("queue", "executor"), ("priority", "high")}))] == 0
+    assert samples[("mesh_queue_ready", frozenset({("queue", "executor")}))] == 2
+    assert samples[("mesh_queue_flows", frozenset({("queue", "executor")}))] == 0
