@@ -57,7 +57,9 @@ def test_a_tenants_single_job_starts_before_another_tenants_burst_of_10000_moves
 
 
 @pytest.mark.slow
-def test_no_message_of_any_priority_or_tenant_is_lost_when_a_worker_is_sigkilled(settings, rclient, worker_process):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
+def test_no_message_of_any_priority_or_tenant_is_lost_when_a_worker_is_killed_or_paused(
+        settings, rclient, worker_process, sig):
     client = MeshClient(settings, client=rclient, app=app)
     env = {"MESH_HEARTBEAT_TIMEOUT_S": "2"}
     victim = worker_process(*APP, "--threads", "2", **env)
@@ -66,8 +68,9 @@ def test_no_message_of_any_priority_or_tenant_is_lost_when_a_worker_is_sigkilled
         refs += client.send_many("work", [({"n": i, "tenant": tenant, "ms": 300}, None) for i in range(6)],
                                  priority=level)  # type: ignore[arg-type]
     wait_for(lambda: client.queues([Q])[Q]["in_flight"] >= 2, timeout_s=20)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    os.kill(victim.pid, sig)
+    if sig == signal.SIGKILL:
+        victim.wait()
     # The dead worker's messages go back to their own lanes once its heartbeat is past the timeout
     # (any live worker's beat recovers them; here the test's own).
     reaper = MeshBroker(settings.model_copy(update={"heartbeat_timeout_s": 2.0}), middleware=[])
@@ -82,6 +85,8 @@ def test_no_message_of_any_priority_or_tenant_is_lost_when_a_worker_is_sigkilled
     done = sum(1 for r in refs if client.status(r.id).state is State.SUCCEEDED)
     assert sum(waiting.values()) + done == len(refs), (waiting, done)
     worker_process(*APP, "--threads", "4", **env)
+    if sig == signal.SIGSTOP:
+        os.kill(victim.pid, signal.SIGCONT)  # it wakes to find its messages taken: it settles none of them
     records = [client.wait(r.id, timeout_s=30) for r in refs]
     assert all(r.state is State.SUCCEEDED for r in records)
     assert client.queues([Q], lanes=True)[Q] == {"ready": 0, "delayed": 0, "in_flight": 0, "flows": 0,
