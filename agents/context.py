@@ -37,7 +37,7 @@ import httpx
 from dramatiq.middleware import TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
-from mesh.broker import redact, trace
+from mesh.broker import limits, redact, trace
 from mesh.broker.classify import error_for_response
 from mesh.contracts import (
     Brownout,
@@ -317,6 +317,7 @@ class Context:
             if spec.dependency is None:
                 result = resolve(spec.run(tool_ctx, args))
             else:
+                limits.call_made(dependency)
                 result = tool_ctx.guarded(dependency, lambda: _classified(dependency, spec.run, tool_ctx, args))
             if spec.effect:
                 self.lease.effects += 1

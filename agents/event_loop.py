@@ -37,6 +37,7 @@ from dramatiq.broker import Broker
 from dramatiq.middleware import Middleware, TimeLimitExceeded
 from dramatiq.threading import raise_thread_exception
 
+from mesh.broker import limits
 from mesh.broker.idempotency import acting_for, current_lease
 from mesh.contracts import PermanentFailure
 
@@ -234,7 +235,7 @@ async def in_thread(fn: Callable[[], T]) -> T:
     context = contextvars.copy_context()
     if _home.get() is None:  # a loop not the mesh's (a test's asyncio.run): an async tool is awaited back on it
         context.run(_home.set, loop)
-    lease = current_lease()
+    lease, held = current_lease(), limits.current_held()
 
     def settle(ok: bool, value: Any) -> None:
         if future.done():
@@ -248,7 +249,7 @@ async def in_thread(fn: Callable[[], T]) -> T:
         call.ident = threading.get_ident()
         try:
             try:
-                with acting_for(lease):
+                with acting_for(lease), limits.acting_for(held):
                     outcome: tuple[bool, Any] = (True, context.run(fn))
             finally:
                 with call.lock:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.contracts import ConfigError
 from mesh.contracts.flow import FlowLimits, flow_key_of
 
 from .pipelines.expr import Expression, ExpressionError
+
+if TYPE_CHECKING:
+    from .app import App
 
 
 class FlowKey(Expression):
@@ -53,3 +56,25 @@ def render_flow_key(limits: FlowLimits | None, payload: Mapping[str, Any], *, ag
     except ExpressionError as exc:
         raise type(exc)(f"agent {agent!r}: its limit key cannot be rendered from the input: {exc.message}") from None
     return flow_key_of(value)
+
+
+def flow_plan(app: App) -> tuple[dict[str, FlowLimits], dict[str, list[str]]]:
+    """The limits ``app`` declares, by limit name (``agent:{name}``, ``dependency:{name}``), and for
+    each agent the limits its messages take before they run: its own, then those of the fixed
+    dependencies its tools reach (one request each; a second call of a step takes another)."""
+    from mesh.broker.limits import AGENT, DEPENDENCY
+
+    declared: dict[str, FlowLimits] = {f"{DEPENDENCY}{d}": limits for d, limits in app.dependencies.items()}
+    plan: dict[str, list[str]] = {}
+    for name, spec in app.agents.items():
+        names = []
+        if spec.limits is not None:
+            declared[f"{AGENT}{name}"] = spec.limits
+            names.append(f"{AGENT}{name}")
+        for tool in spec.tools:
+            dep = app.tools[tool].dependency if tool in app.tools else None
+            if isinstance(dep, str) and dep in app.dependencies and f"{DEPENDENCY}{dep}" not in names:
+                names.append(f"{DEPENDENCY}{dep}")
+        if names:
+            plan[name] = names
+    return declared, plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 
@@ -64,7 +65,9 @@ def error_for_response(response: httpx.Response, *, dependency: str, now: float 
     if snippet := body_snippet(response):
         text = f"{text}: {snippet}"
     if status == 429:
-        return RateLimited(text, retry_after_s=parse_retry_after(response.headers, now=now), dependency=dependency)
+        wait = parse_retry_after(response.headers, now=now)
+        return RateLimited(text, retry_after_s=wait if wait is not None else rate_limit_reset(response.headers),
+                           dependency=dependency)
     if status in _TIMEOUT_STATUS:
         return DependencyTimeout(text, dependency=dependency, status=status)
     if status in _BROWNOUT_STATUS or status >= 500:
@@ -105,6 +108,41 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     if now is None:
         now = _http_date(headers.get("date") or headers.get("Date") or "") or time.time()
     return max(0.0, when - now)
+
+
+_RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_RESET_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def rate_limit_reset(headers: Mapping[str, str]) -> float | None:
+    """Seconds until an exhausted rate limit resets, from ``x-ratelimit-remaining-*`` /
+    ``x-ratelimit-reset-*`` (OpenAI's ``6m0s``, ``20ms``, or plain seconds): the longest reset among
+    the limits with nothing remaining; None when no header says so."""
+    waits = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if not lower.startswith("x-ratelimit-reset"):
+            continue
+        remaining = headers.get("x-ratelimit-remaining" + lower.removeprefix("x-ratelimit-reset"))
+        if remaining is not None and remaining.strip() not in ("0", "0.0"):
+            continue
+        seconds = _reset_seconds(value.strip())
+        if seconds is not None:
+            waits.append(seconds)
+    return max(waits) if waits else None
+
+
+def _reset_seconds(value: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _RESET_PART.findall(value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            return None
+        seconds = sum(float(n) * _RESET_UNIT_S[u] for n, u in parts)
+    if seconds > 1e9:  # an epoch time, not a delta
+        seconds -= time.time()
+    return min(max(0.0, seconds), 86400.0)
 
 
 def _http_date(value: str) -> float | None:

@@ -246,7 +246,8 @@ ACL_COMMANDS = (
     "hget", "hset", "hsetnx", "hdel", "hexists", "hgetall", "hmget", "hlen", "hincrby", "hincrbyfloat",
     "blpop", "lpop", "lpush", "rpush", "llen", "lindex", "lrange", "ltrim",
     "sadd", "srem", "smembers", "scard", "sismember", "sscan",
-    "zadd", "zrem", "zcard", "zcount", "zscore", "zrange", "zrangebyscore", "zrevrangebyscore", "zscan",
+    "zadd", "zrem", "zcard", "zcount", "zscore", "zrank", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore",
+    "zscan",
     "zremrangebyscore", "zremrangebyrank", "zpopmin",
     "xadd", "xrange", "xrevrange",
 )

@@ -121,6 +121,20 @@ The mesh's own:
                                       a graceful stop, dead ones are pruned by the next publish
     {ns}:registry.workers             hash worker id -> JSON: its label (host:pid), app, the contract
                                       version of each agent it serves and since when (ms, its first publish)
+    {ns}:limit.{{ns}|{name}|{flow_key}}  hash: a flow limit's state for one key (broker/limits.py,
+                                      scripts/limits.lua): GCRA times of requests (tat) and tokens (ttat),
+                                      the AIMD factor 429s left of the rate and its generation, counters;
+                                      one hash tag per limit and key, so its script runs on a Cluster too
+    {ns}:limit.{...}:holders          zset holder -> lease end (ms): the concurrency slots held, renewed
+                                      with the worker's claims; a dead worker's run out
+    {ns}:limit.{...}:waiting          zset message key -> first arrival (ms): messages waiting for a slot,
+                                      served in arrival order; {...}:alive, their last visit (stale pruned)
+    {ns}:limits.declared              hash limit name -> JSON: the limit as the workers declaring it
+                                      published it (agent:{name}, dependency:{name})
+    {ns}:limits.set                   hash limit name -> JSON: an operator's override (mesh limits set),
+                                      winning over the declaration until mesh limits reset
+    {ns}:limits.keys:{name}           zset flow key -> last use (ms): the keys a keyed limit has seen (the
+                                      10,000 most recent)
     (The registry's names hold a dot, which agent names cannot, so no queue's key collides with them.)
 """
 
@@ -331,6 +345,22 @@ class Keys:
     @property
     def registry_workers(self) -> str:
         return f"{self.namespace}:registry.workers"
+
+    def limit(self, name: str, flow_key: str | None) -> str:
+        """The state hash of limit ``name`` for ``flow_key`` (None: the one shared limit); its other keys
+        add ``:holders``, ``:waiting`` and ``:alive`` after it, in the same hash slot."""
+        return f"{self.namespace}:limit.{{{self.namespace}|{name}|{flow_key or ''}}}"
+
+    @property
+    def limits_declared(self) -> str:
+        return f"{self.namespace}:limits.declared"
+
+    @property
+    def limits_set(self) -> str:
+        return f"{self.namespace}:limits.set"
+
+    def limit_keys(self, name: str) -> str:
+        return f"{self.namespace}:limits.keys:{name}"
 
     @property
     def everything(self) -> str:

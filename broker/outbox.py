@@ -127,7 +127,7 @@ class NewJobs:
         self.agent, self.queue, self.now = agent, queue, now
         self.envelope = Envelope(key=blank, job_id=blank, step_id=blank, agent=agent, trace_id=trace_id,
                                  deadline=deadline, contract_version=version, token_budget=token_budget,
-                                 priority=priority, payload={}).model_dump(mode="json")
+                                 priority=priority, payload={}).model_dump(mode="json", exclude={"payload"})
         self.record = JobRecord(job_id=blank, key=blank, trace_id=trace_id, goal=goal, created_at=now,
                                 updated_at=now, payload_hash=blank, priority=priority).model_dump(mode="json")
         self.step = StepRecord(step_id=blank, agent=agent, key=blank, sent_at=now, created_at=now,
@@ -149,10 +149,10 @@ class NewJobs:
             # for a mapping that is not a dict, gives the dict).
             payload = Envelope(**{**self.envelope, "key": key, "step_id": step_id, "payload": payload}).payload
         body = orjson.Fragment(dumps(payload))
-        env = {**self.envelope, "key": key, "job_id": job_id, "step_id": step_id, "trace_id": trace_id,
-               "payload": body}
+        env = {**self.envelope, "key": key, "job_id": job_id, "step_id": step_id, "trace_id": trace_id}
         if flow_key is not None:
             env["flow_key"] = flow_key
+        env["payload"] = body  # last, as the model writes it: the queue scripts read what comes before it
         step = {**self.step, "step_id": step_id, "key": key, "input": body}
         record = {**self.record, "job_id": job_id, "key": key, "trace_id": trace_id, "steps": {step_id: step},
                   "payload_hash": payload_hash}

@@ -95,6 +95,7 @@ def delayed_copy(message: Message, delay_ms: int, *, now_ms: int, args: tuple[An
 #: The options the mesh writes on a message, and the JSON type each must have.
 MESH_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "mesh_defers": int, "mesh_waits": int, "mesh_replays": int, "mesh_attempts": list, "mesh_output": dict,
+    "mesh_flow": dict, "mesh_flow_waits": int,
 }
 
 

@@ -7,7 +7,7 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 SCHEMA_VERSION = 1
 
@@ -71,8 +71,9 @@ class Envelope(Frozen):
     idempotent: bool = False
     #: The model this step's ``ctx.model.complete`` calls use (a pipeline step's ``model``); None: MESH_MODEL_NAME.
     model: str | None = None
-    #: The message's priority level within its agent's queue (kept by retries, replays and recovery).
-    #: Before ``payload``: the queue scripts read it from the encoded message without decoding it.
+    #: The message's priority level within its agent's queue (kept by retries, replays and recovery);
+    #: left out of the encoded envelope when normal. Before ``payload``: the queue scripts read it (and
+    #: ``flow_key``) from the encoded message without decoding it.
     priority: Priority = "normal"
     #: The rendered key of the agent's flow limits (``concurrency: {key: "input.tenant"}``), written by
     #: the sender; None: one limit for every message of the agent (see docs/guides/limits.md).
@@ -85,6 +86,18 @@ class Envelope(Frozen):
         if not _TRACE_ID.match(value) or value == "0" * 32:
             raise ValueError("trace_id must be 32 lowercase hex digits, not all zero")
         return value
+
+    @model_serializer(mode="wrap")
+    def _without_absent_flow_key(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A message without a flow key, of normal priority, is written as before these fields existed:
+        # a worker of an earlier release (which refuses unknown fields) still reads it during a
+        # rolling deploy, and the default message is no longer than it was.
+        data: dict[str, Any] = handler(self)
+        if data.get("flow_key", ...) is None:
+            data.pop("flow_key", None)
+        if data.get("priority") == "normal":
+            data.pop("priority", None)
+        return data
 
     def remaining_s(self, now: float | None = None) -> float:
         return self.deadline - (time.time() if now is None else now)

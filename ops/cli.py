@@ -27,6 +27,7 @@ from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.breakers_cli import breakers_app
 from mesh.ops.console import EXIT_INPUT, MARKUP, fail, plain_help
 from mesh.ops.dlq_cli import dlq_app
+from mesh.ops.limits_cli import limits_app
 from mesh.ops.pipeline_cli import pipeline_app
 from mesh.ops.server_cli import ops_app
 
@@ -34,7 +35,7 @@ from mesh.ops.server_cli import ops_app
 #: declares them; a command not named here comes after these.
 ORDER = ("worker", "submit", "run", "send", "status", "jobs", "workers", "trace", "queues", "agents", "stats",
          "bench", "soak", "demo", "approvals", "approve", "deny", "cancel", "rerun", "verify", "settle", "tools",
-         "breakers", "ops", "dlq", "pipeline")
+         "breakers", "limits", "ops", "dlq", "pipeline")
 
 
 class Listed(TyperGroup):
@@ -69,6 +70,7 @@ approvals_cli.register(app)  # mesh approvals, approve, deny
 jobctl_cli.register(app)  # mesh cancel, mesh rerun
 effects_cli.register(app)  # mesh verify, mesh settle
 app.add_typer(breakers_app, name="breakers")
+app.add_typer(limits_app, name="limits")
 tools_cli.register(app)  # mesh tools, tools diff, tools accept
 app.add_typer(ops_app, name="ops")
 app.add_typer(dlq_app, name="dlq")

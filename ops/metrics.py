@@ -31,6 +31,7 @@ STATS = {
     "superseded": "Attempts whose key was taken over while they ran; their result not recorded, a copy waits.",
     "retried": "Failed attempts re-enqueued for a bounded retry.",
     "deferred": "Messages deferred by their failure class (rate limits, open breakers); no retry budget spent.",
+    "deferred_flow": "Messages deferred waiting for a flow limit (mesh limits); no retry budget spent.",
     "dead_lettered": "Messages moved to the dead-letter queue after failing.",
     "poison": "Undecodable or invalid messages moved to the dead-letter queue.",
     "recovered": "Messages returned to their queue from a worker whose heartbeat stopped.",
@@ -93,6 +94,7 @@ class MeshCollector(Collector):
         yield from self._routes()
         yield from self._histogram()
         yield from self._breakers()
+        yield from self._limits()
         yield from self._dlq()
         yield from self._running()
         yield from self._approvals()
@@ -165,13 +167,14 @@ class MeshCollector(Collector):
     def _routes(self) -> Iterator[CounterMetricFamily]:
         failures = CounterMetricFamily("mesh_failures", "Failed attempts, by failure class and route.",
                                        labels=["failure_class", "route"])
-        deferrals = CounterMetricFamily("mesh_deferrals", "Deferred messages, by reason (the failure class, or "
-                                        "duplicate: waiting for a key's owner).", labels=["reason"])
+        deferrals = CounterMetricFamily("mesh_deferrals", "Deferred messages, by reason (the failure class, "
+                                        "duplicate: waiting for a key's owner, or flow: waiting for a flow "
+                                        "limit).", labels=["reason"])
         for field, n in sorted(_hash(self.client, self.client.keys.routes).items()):
             failure_class, _, route = field.partition(":")
             if route == "defer":
                 deferrals.add_metric([failure_class], float(n))
-            if failure_class != "duplicate":
+            if failure_class not in ("duplicate", "flow"):  # waits, not failures
                 failures.add_metric([failure_class, route], float(n))
         yield failures
         yield deferrals
@@ -201,6 +204,31 @@ class MeshCollector(Collector):
             trips.add_metric([b.name], b.trips)
         yield state
         yield trips
+
+    def _limits(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Each flow limit, its keys summed (a key is an input's value: never a label)."""
+        from mesh.broker.limits import limit_states
+
+        in_use = GaugeMetricFamily("mesh_limit_in_use", "Concurrency slots held per flow limit (its recent keys "
+                                   "summed).", labels=["limit"])
+        waiting = GaugeMetricFamily("mesh_limit_waiting", "Messages waiting for a concurrency slot per flow limit.",
+                                    labels=["limit"])
+        factor = GaugeMetricFamily("mesh_limit_rate_factor", "What 429s left of a flow limit's rate (1: all of it; "
+                                   "the lowest of its keys).", labels=["limit"])
+        rejected = CounterMetricFamily("mesh_limit_rejected", "429s a limited dependency answered.", labels=["limit"])
+        totals: dict[str, list[float]] = {}
+        for s in limit_states(self.client.redis, self.client.keys):
+            t = totals.setdefault(s.name, [0, 0, 1.0, 0])
+            t[0] += s.in_flight
+            t[1] += s.waiting
+            t[2] = min(t[2], s.factor)
+            t[3] += s.rejected
+        for name, (held, waits, lowest, n) in totals.items():
+            in_use.add_metric([name], held)
+            waiting.add_metric([name], waits)
+            factor.add_metric([name], lowest)
+            rejected.add_metric([name], n)
+        yield from (in_use, waiting, factor, rejected)
 
     def _dlq(self) -> Iterator[GaugeMetricFamily]:
         stats = DeadLetterStore(self.client.redis, self.client.keys).stats()

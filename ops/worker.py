@@ -40,6 +40,19 @@ IDLE_POLL_MS = 100
 DRAMATIQ_DELAYS = (dramatiq.worker.CONSUMER_RESTART_DELAY_SECS, dramatiq.worker.POST_PROCESS_MESSAGE_RETRY_DELAY_SECS)
 
 
+def flow_control(broker: Any, settings: MeshSettings, app: App) -> None:
+    """The app's flow limits taken before each message's claim (nothing when it declares none)."""
+    from mesh.agents.flow import flow_plan
+    from mesh.broker.flow_control import FlowControl
+    from mesh.broker.idempotency import Idempotency
+    from mesh.broker.limits import Limiter
+
+    declared, plan = flow_plan(app)
+    if plan:
+        broker.add_middleware(FlowControl(Limiter(settings, broker.records, declared), plan, app.flow_key),
+                              before=Idempotency)
+
+
 def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: App | str | None = None
                  ) -> Worker:
     """Build the broker, declare the app's ``agents`` (default: all of them) on it, publish them
@@ -52,6 +65,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
     broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))  # durable timers
+    flow_control(broker, settings, runtime.app)
     actors = declare_app(broker, runtime, agents)
     entries = [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors]
     threading.Thread(target=_publish, args=(registry(settings, broker), broker.broker_id, broker.worker_label,

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from mesh.broker import trace
+from mesh.broker import limits, trace
 from mesh.broker.idempotency import Lease, current_lease
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
@@ -71,7 +71,9 @@ class Meter:
             self._trace(call, outcome, time.monotonic() - started)
 
     def admit(self) -> None:
-        """Before a request: BudgetExceeded, and no request, once the job has spent its budget."""
+        """Before a request: BudgetExceeded, and no request, once the job has spent its budget. The
+        request's expected tokens are reserved on the token rates the step took (docs/guides/limits.md)."""
+        limits.reserve_tokens()
         lease = self._lease()
         budget = _budget(lease)
         if lease is None or budget is None:
@@ -85,6 +87,7 @@ class Meter:
         """After a request: count what it spent; BudgetExceeded when that took the job past its budget."""
         call.tokens_in += tokens_in
         call.tokens_out += tokens_out
+        limits.settle_tokens(tokens_in + tokens_out)
         lease = self._lease()
         if lease is None:
             return

@@ -129,7 +129,7 @@ def test_a_sent_message_carries_its_rendered_flow_key(client: MeshClient, settin
     (answer,) = queued_envelopes(client, "answer")
     (relay,) = queued_envelopes(client, "relay")
     assert flow_key(answer) == "acme" and Envelope.model_validate(answer).flow_key == "acme"
-    assert flow_key(relay) is None and relay.get("flow_key") is None
+    assert flow_key(relay) is None and "flow_key" not in relay  # as written before the field existed
 
 
 def test_a_pipeline_step_message_carries_its_rendered_flow_key(client: MeshClient) -> None:
@@ -144,3 +144,32 @@ steps:
     sender.run("asks", {"tenant": "globex", "text": "hi"})
     (env,) = queued_envelopes(client, "answer")
     assert env["flow_key"] == "globex"
+
+
+def test_the_engine_renders_a_next_steps_flow_key_from_its_built_input() -> None:
+    from mesh.agents.pipelines.engine import Routes, Run, advance, begin
+    from mesh.contracts import JobRecord, State, transition
+
+    app = keyed_app()
+    spec = app.pipeline("""
+name: relayed
+steps:
+  - id: relay
+    agent: relay
+  - id: answer
+    agent: answer
+    depends_on: [relay]
+    input:
+      tenant: relay.text
+      text: input.text
+""")
+    routes = Routes(flow_key=app.flow_key)
+    run = Run(trace_id="0" * 31 + "1", deadline=2e9)
+    record = JobRecord(job_id="j", key="k", trace_id=run.trace_id, pipeline="relayed", pipeline_digest=spec.digest(),
+                       pipeline_input={"tenant": "t0", "text": "hi"})
+    record, messages, _ = begin(spec, record, run, routes, now=1.0)
+    assert messages[0].args[0].get("flow_key") is None  # relay declares no limit
+    step = transition(transition(record.steps["relay"], State.RUNNING, now=1.0), State.SUCCEEDED, now=1.0,
+                      result={"text": "initech"})
+    record, messages = advance(spec, record.with_step(step), run, routes, [], now=2.0)
+    assert [m.args[0]["flow_key"] for m in messages] == ["initech"]

@@ -38,7 +38,9 @@ def broker(settings: Any) -> Iterator[MeshBroker]:
 def fetch(broker: MeshBroker, n: int, *, beat: bool = False) -> list[dict[str, Any]]:
     """What one fetch of up to ``n`` hands a consumer: each message's envelope, with its id as ``rid``."""
     flat = broker.settle("fetch", Q, n, "1" if beat else "0")
-    return [{**orjson.loads(flat[i + 1])["args"][0], "rid": flat[i].decode()} for i in range(0, len(flat), 2)]
+    # A normal message's envelope leaves its priority out (as before the field existed).
+    return [{"priority": "normal", **orjson.loads(flat[i + 1])["args"][0], "rid": flat[i].decode()}
+            for i in range(0, len(flat), 2)]
 
 
 def drain(broker: MeshBroker, n: int, batch: int = 1) -> list[dict[str, Any]]:
@@ -68,7 +70,7 @@ def lanes_hold_what_they_should(client: MeshClient) -> Counter[str]:
         for key, flow in lists:
             for rid in r.lrange(key, 0, -1):  # type: ignore[union-attr]
                 env = orjson.loads(r.hget(keys.messages(Q), rid))["args"][0]  # type: ignore[arg-type]
-                assert queue_lanes.of(env) == (level, flow), (key, env["priority"], env.get("flow_key"))
+                assert queue_lanes.of(env) == (level, flow), (key, env.get("priority"), env.get("flow_key"))
                 seen[level] += 1
                 seen[rid.decode()] += 1
     assert all(n == 1 for k, n in seen.items() if k not in ("high", "normal", "low")), "an id waits twice"
@@ -94,6 +96,8 @@ def test_the_default_path_writes_and_reads_only_the_queue_list(settings, rclient
     assert rclient.llen(keys.queue("executor")) == 5
     flat = broker.settle("fetch", "executor", 10, "0")
     assert len(flat) == 10
+    # Written as before priorities existed: an earlier release's worker reads it during a rolling deploy.
+    assert b'"priority"' not in flat[1] and b'"flow_key"' not in flat[1]
     laned = [k for k in rclient.scan_iter(match=f"{keys.queue('executor')}.*") if not k.endswith((b".msgs", b".wake"))]
     assert laned == [] and len(refs) == 5
 
@@ -237,7 +241,7 @@ def test_high_messages_come_before_normal_ones_already_waiting_in_the_queue_list
     keys = client.keys
     assert rclient.hexists(keys.messages("executor"), queue_lanes.LANES_MARK)
     flat = broker.settle("fetch", "executor", 3, "0")
-    got = [orjson.loads(flat[i])["args"][0]["priority"] for i in range(1, len(flat), 2)]
+    got = [orjson.loads(flat[i])["args"][0].get("priority", "normal") for i in range(1, len(flat), 2)]
     assert got == ["high", "high", "normal"]
     # The high lane drained: the mark is gone, and what is fetched is counted in flight, not the mark.
     assert not rclient.hexists(keys.messages("executor"), queue_lanes.LANES_MARK)

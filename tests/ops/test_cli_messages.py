@@ -74,7 +74,7 @@ def test_mesh_help_lists_every_command_in_the_order_the_assembly_names_whichever
     listed = [line.split()[1] for line in cli("--help", COLUMNS="100").stdout.splitlines()
               if line.startswith("│ ") and len(line.split()) > 2 and line.split()[1] in registered]
     assert listed == list(ORDER)
-    assert listed[:3] == ["worker", "submit", "run"] and listed[-4:] == ["breakers", "ops", "dlq", "pipeline"]
+    assert listed[:3] == ["worker", "submit", "run"] and listed[-5:] == ["breakers", "limits", "ops", "dlq", "pipeline"]
 
 
 def test_submit_wait_without_a_live_worker_says_no_worker_serves_the_agent(cli: Any) -> None:

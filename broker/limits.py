@@ -1,0 +1,423 @@
+"""Fleet-wide flow limits: rates (requests and model tokens per interval) and concurrency, per agent
+or dependency and per key, kept in Redis and taken by one script call per limit (scripts/limits.lua).
+
+A limit is named ``agent:{name}`` or ``dependency:{name}``. Its state for one flow key (the
+envelope's ``flow_key``; None: the one shared limit) lives under one hash tag, so it runs on Redis
+Cluster as it does on one server. A rate is GCRA: a message over it reserves its slot and is deferred
+to exactly then, coming back with a permit (so it waits once, in arrival order); a concurrency slot is
+a lease renewed while the step runs and released when it settles, and a message finding every slot
+held waits in the limit's FIFO list. A 429 from a dependency halves its rate fleet-wide and the rate
+climbs back additively (AIMD). ``mesh limits set`` overrides a declaration at run time
+(``{ns}:limits.set``), until ``mesh limits reset``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis
+
+from mesh.contracts.flow import FlowLimits, parse_rate, per_second
+
+from .keys import Keys
+from .settings import MeshSettings
+
+logger = logging.getLogger(__name__)
+
+LIMITS_LUA = resources.files("mesh.broker").joinpath("scripts/limits.lua").read_text()
+
+AGENT, DEPENDENCY = "agent:", "dependency:"
+#: How far ahead of its rate a limit may run (ms): a burst of 100 ms' worth of requests.
+BURST_MS = 100
+#: The longest a message waiting for a concurrency slot sleeps before it looks again (ms); it sleeps
+#: as long as the slots ahead of it take to turn over, by how long a slot is usually held.
+WAIT_MAX_MS = 30_000
+#: AIMD: a 429 multiplies the rate by DECREASE (at most once per DECREASE_HOLD_MS, so a volley of
+#: 429s from one overrun counts once), never below MIN_FACTOR of the declared rate; it climbs back by
+#: INCREASE_PER_S of the declared rate a second.
+DECREASE, DECREASE_HOLD_MS, MIN_FACTOR, INCREASE_PER_S = 0.5, 1_000, 0.02, 0.02
+#: The pause a 429 without Retry-After or a reset header imposes on the whole fleet (ms).
+DEFAULT_PAUSE_MS = 1_000
+#: Model tokens a call reserves before anything is known of it (afterwards: the calls' average).
+EXPECTED_TOKENS = 1_000
+#: How long a process reads overrides (``mesh limits set``) from its cache (s).
+OVERRIDE_CACHE_S = 1.0
+#: How often one process records a keyed limit's key as seen (s), and how many keys are kept listed.
+KEY_SEEN_S, KEYS_KEPT = 5.0, 10_000
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def limit_name(kind: str, name: str) -> str:
+    return f"{kind}{name}"
+
+
+@dataclass(frozen=True)
+class Effective:
+    """A limit's numbers in force: the declaration's, or an operator's override of some of them."""
+
+    requests: str | None = None
+    tokens: str | None = None
+    max: int | None = None
+
+    @classmethod
+    def of(cls, declared: FlowLimits | None, override: Mapping[str, Any] | None = None) -> Effective:
+        rate, conc = (declared.rate, declared.concurrency) if declared is not None else (None, None)
+        values: dict[str, Any] = {"requests": rate.requests if rate else None, "tokens": rate.tokens if rate else None,
+                                  "max": conc.max if conc else None}
+        for name, value in (override or {}).items():
+            if name in values:
+                values[name] = value
+        return cls(requests=None if values["requests"] is None else str(values["requests"]),
+                   tokens=None if values["tokens"] is None else str(values["tokens"]),
+                   max=None if values["max"] is None else int(values["max"]))
+
+    def unit_ms(self, what: str) -> float:
+        """Milliseconds one request (``requests``) or one token (``tokens``) costs; 0: not limited."""
+        rate = per_second(getattr(self, what))
+        return 0.0 if rate is None else 1000.0 / rate
+
+
+@dataclass
+class Held:
+    """What one message took of its limits: the slots it holds (released when it settles) and, for
+    the dependencies its tools reach, the one request each it was admitted with."""
+
+    holder: str
+    limits: list[tuple[str, str | None]] = field(default_factory=list)
+    #: Dependencies whose admitted request the first call uses; later calls take their own.
+    unused: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+    #: Tokens reserved by a model call not yet settled, per limit.
+    reserved: dict[tuple[str, str | None], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A limit's answer: admitted, or why not and for how long (ms), with the limit's generation."""
+
+    admitted: bool
+    reason: str = ""
+    wait_ms: int = 0
+    gen: int = 0
+
+
+_current = threading.local()
+
+
+def current_held() -> tuple[Limiter, Held] | None:
+    """The limiter and what the message this thread runs took of it (None: no limited message)."""
+    return getattr(_current, "held", None)
+
+
+def set_current(value: tuple[Limiter, Held] | None) -> None:
+    _current.held = value
+
+
+@contextmanager
+def acting_for(value: tuple[Limiter, Held] | None) -> Iterator[None]:
+    """This thread spends for the message ``value`` took its limits for (a thread an async handler's
+    call runs in), as the thread running it does."""
+    before = current_held()
+    set_current(value)
+    try:
+        yield
+    finally:
+        set_current(before)
+
+
+class Limiter:
+    """The declared limits of one process and the script that takes them."""
+
+    def __init__(self, settings: MeshSettings, client: redis.Redis, declared: Mapping[str, FlowLimits]) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = Keys(settings.namespace)
+        self.declared = dict(declared)
+        self.script = client.register_script(LIMITS_LUA)
+        self.lease_ms = int(settings.claim_lease_s * 1000)
+        self._overrides: tuple[float, dict[str, dict[str, Any]]] = (-OVERRIDE_CACHE_S, {})
+        self._seen: dict[tuple[str, str], float] = {}
+        self._tokens_per_call: dict[str, float] = {}
+        self._held: dict[str, Held] = {}
+        self._lock = threading.Lock()
+
+    # -- names and numbers --
+
+    def _limit_keys(self, name: str, flow_key: str | None) -> list[str]:
+        state = self.keys.limit(name, flow_key)
+        return [state, f"{state}:holders", f"{state}:waiting", f"{state}:alive"]
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        at, cached = self._overrides
+        if time.monotonic() - at < OVERRIDE_CACHE_S:
+            return cached
+        try:
+            raw = self.client.hgetall(self.keys.limits_set)
+        except redis.RedisError:
+            return cached
+        fresh = {_text(k): orjson.loads(v) for k, v in raw.items()}
+        self._overrides = (time.monotonic(), fresh)
+        return fresh
+
+    def effective(self, name: str) -> Effective:
+        return Effective.of(self.declared.get(name), self.overrides().get(name))
+
+    def keyed(self, name: str) -> bool:
+        limits = self.declared.get(name)
+        return limits is not None and limits.key is not None
+
+    # -- taking, releasing, renewing --
+
+    def take(self, name: str, flow_key: str | None, holder: str, member: str, permit: Any = None) -> Verdict:
+        eff = self.effective(name)
+        gen, due = (permit if isinstance(permit, list) and len(permit) == 2 else (-1, 0))
+        reply = self.script(keys=self._limit_keys(name, flow_key), args=[
+            "take", holder, member, self.lease_ms, eff.max or 0, eff.unit_ms("requests"), BURST_MS,
+            eff.unit_ms("tokens"), BURST_MS, int(gen), int(due), WAIT_MAX_MS, INCREASE_PER_S, DECREASE_HOLD_MS])
+        if int(reply[0]) == 1:
+            if flow_key is not None:
+                self._saw(name, flow_key)
+            return Verdict(True, gen=int(reply[1]))
+        return Verdict(False, _text(reply[1]), max(0, int(reply[2])), int(reply[3]))
+
+    def untake(self, name: str, flow_key: str | None, holder: str) -> None:
+        self.script(keys=self._limit_keys(name, flow_key),
+                    args=["untake", holder, self.effective(name).unit_ms("requests")])
+
+    def give_back(self, name: str, flow_key: str | None) -> None:
+        """A reserved request that will not be used (its message cannot wait that long): its slot freed."""
+        unit = self.effective(name).unit_ms("requests")
+        if unit:
+            self.script(keys=self._limit_keys(name, flow_key), args=["force", "tat", unit, -1])
+
+    def _saw(self, name: str, flow_key: str) -> None:
+        now = time.monotonic()
+        if now - self._seen.get((name, flow_key), -KEY_SEEN_S) < KEY_SEEN_S:
+            return
+        self._seen[(name, flow_key)] = now
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.limit_keys(name), {flow_key: int(time.time() * 1000)})
+        pipe.zremrangebyrank(self.keys.limit_keys(name), 0, -KEYS_KEPT - 1)  # the most recent only
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("could not index a limit key", extra={"limit": name, "error": str(exc)})
+
+    def hold(self, held: Held) -> None:
+        with self._lock:
+            self._held[held.holder] = held
+
+    def release(self, held: Held) -> None:
+        with self._lock:
+            self._held.pop(held.holder, None)
+        held_ms = int((time.monotonic() - held.started) * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for name, flow_key in held.limits:
+            if self.effective(name).max:
+                self.script(keys=self._limit_keys(name, flow_key), args=["release", held.holder, held_ms],
+                            client=pipe)
+        for (name, flow_key), reserved in held.reserved.items():  # a model call that never settled
+            self.script(keys=self._limit_keys(name, flow_key),
+                        args=["force", "ttat", self.effective(name).unit_ms("tokens"), -reserved], client=pipe)
+        pipe.execute()
+
+    def renew(self) -> None:
+        """Renew the lease of every slot this process holds: one pipelined round trip."""
+        with self._lock:
+            held = list(self._held.values())
+        pipe = self.client.pipeline(transaction=False)
+        for h in held:
+            for name, flow_key in h.limits:
+                if not self.effective(name).max:
+                    continue  # a rate holds no slot
+                self.script(keys=self._limit_keys(name, flow_key), args=["renew", self.lease_ms, h.holder],
+                            client=pipe)
+        if len(pipe):
+            pipe.execute()
+
+    # -- what a running step spends --
+
+    def call_made(self, held: Held, dependency: str) -> None:
+        """A tool call to ``dependency``: its admitted request, or (a later call) one more, taken now."""
+        if dependency in held.unused:
+            held.unused.discard(dependency)
+            return
+        name = limit_name(DEPENDENCY, dependency)
+        unit = self.effective(name).unit_ms("requests") if name in self.declared else 0.0
+        if unit:
+            self.script(keys=self._limit_keys(name, None), args=["force", "tat", unit, 1])
+
+    def reserve_tokens(self, held: Held) -> None:
+        """Before a model call: reserve its expected tokens on each token rate the message took."""
+        for name, flow_key in held.limits:
+            unit = self.effective(name).unit_ms("tokens")
+            if not unit or (name, flow_key) in held.reserved:
+                continue
+            expected = int(self._tokens_per_call.get(name, EXPECTED_TOKENS))
+            self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", unit, expected])
+            held.reserved[(name, flow_key)] = expected
+
+    def settle_tokens(self, held: Held, spent: int) -> None:
+        """After a model call: what it spent replaces what it reserved (the difference taken or given back)."""
+        for (name, flow_key), reserved in list(held.reserved.items()):
+            unit = self.effective(name).unit_ms("tokens")
+            if unit and spent != reserved:
+                self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", unit, spent - reserved])
+            before = self._tokens_per_call.get(name, float(spent))
+            self._tokens_per_call[name] = 0.8 * before + 0.2 * spent
+            del held.reserved[(name, flow_key)]
+
+    def penalize(self, dependency: str, retry_after_s: float | None) -> None:
+        """A 429 from ``dependency``: its rate halves fleet-wide and pauses for the wait it named."""
+        name = limit_name(DEPENDENCY, dependency)
+        if name not in self.declared:
+            return
+        pause = DEFAULT_PAUSE_MS if retry_after_s is None else int(min(retry_after_s, 3600) * 1000)
+        factor, gen = self.script(keys=self._limit_keys(name, None),
+                                  args=["penalize", pause, DECREASE, MIN_FACTOR, DECREASE_HOLD_MS])
+        logger.info("rate lowered after a 429", extra={"limit": name, "factor": int(factor) / 1e6,
+                                                       "generation": int(gen), "pause_ms": pause})
+
+    def publish(self) -> None:
+        """Record this process's declarations (``mesh limits`` lists them)."""
+        if self.declared:
+            self.client.hset(self.keys.limits_declared, mapping={
+                name: orjson.dumps(limits.model_dump(mode="json", exclude_none=True))
+                for name, limits in self.declared.items()})
+
+
+# -- reading and changing limits (mesh limits) --
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """One limit for one key, as ``mesh limits`` shows it."""
+
+    name: str
+    flow_key: str | None
+    requests: str | None
+    tokens: str | None
+    max: int | None
+    overridden: bool
+    #: What 429s left of the declared rate (1: all of it).
+    factor: float
+    in_flight: int
+    waiting: int
+    #: How far the request and token buckets run ahead of now (ms): reserved requests wait that long.
+    ahead_ms: int
+    tokens_ahead_ms: int
+    rejected: int
+    admitted: int
+
+
+def declared_limits(client: redis.Redis, keys: Keys) -> dict[str, FlowLimits]:
+    raw: dict[Any, Any] = client.hgetall(keys.limits_declared)
+    return {_text(k): FlowLimits.model_validate_json(v) for k, v in raw.items()}
+
+
+def overrides(client: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    raw: dict[Any, Any] = client.hgetall(keys.limits_set)
+    return {_text(k): orjson.loads(v) for k, v in raw.items()}
+
+
+def set_override(client: redis.Redis, keys: Keys, name: str, *, requests: str | None = None,
+                 tokens: str | None = None, max: int | None = None) -> dict[str, Any]:
+    """Override some of limit ``name``'s numbers for the whole fleet (kept until :func:`reset_override`)."""
+    for rate in (requests, tokens):
+        if rate is not None:
+            parse_rate(rate)
+    if max is not None and max < 1:
+        raise ValueError(f"a concurrency max is at least 1, not {max}")
+    given = {k: v for k, v in (("requests", requests), ("tokens", tokens), ("max", max)) if v is not None}
+    if not given:
+        raise ValueError("give --requests, --tokens or --max")
+    current = overrides(client, keys).get(name, {})
+    value = {**current, **given}
+    client.hset(keys.limits_set, name, orjson.dumps(value))
+    return value
+
+
+def reset_override(client: redis.Redis, keys: Keys, name: str) -> bool:
+    """Drop an override: the declaration is in force again. False when there was none."""
+    return bool(client.hdel(keys.limits_set, name))
+
+
+def limit_states(client: redis.Redis, keys: Keys, names: Iterable[str] | None = None,
+                 max_keys: int = 20) -> list[LimitState]:
+    """Every declared limit (or ``names``), and each keyed one for its ``max_keys`` most recent keys."""
+    declared = declared_limits(client, keys)
+    over = overrides(client, keys)
+    script = client.register_script(LIMITS_LUA)
+    rows: list[LimitState] = []
+    for name in sorted(set(declared) | set(over) if names is None else names):
+        limits = declared.get(name)
+        eff = Effective.of(limits, over.get(name))
+        flow_keys: list[str | None] = [None]
+        if limits is not None and limits.key is not None:
+            found: list[Any] = client.zrevrange(keys.limit_keys(name), 0, max_keys - 1)
+            flow_keys = [_text(k) for k in found] or [None]
+        for flow_key in flow_keys:
+            state = keys.limit(name, flow_key)
+            tat, ttat, factor, held, waiting, _gen, rejected, now, admitted = script(
+                keys=[state, f"{state}:holders", f"{state}:waiting", f"{state}:alive"], args=["show"])
+            rows.append(LimitState(
+                name=name, flow_key=flow_key, requests=eff.requests, tokens=eff.tokens, max=eff.max,
+                overridden=name in over, factor=int(factor) / 1e6, in_flight=int(held), waiting=int(waiting),
+                ahead_ms=max(0, int(float(tat) - int(now))), tokens_ahead_ms=max(0, int(float(ttat) - int(now))),
+                rejected=int(rejected), admitted=int(admitted)))
+    return rows
+
+
+def new_holder(worker_id: str) -> str:
+    return f"{worker_id}:{uuid.uuid4().hex[:12]}"
+
+
+# -- hooks for the step that runs (tool calls, model calls) --
+
+
+def call_made(dependency: str) -> None:
+    """A tool call to ``dependency`` from the step this thread runs: counted against its rate."""
+    current = current_held()
+    if current is not None:
+        limiter, held = current
+        try:
+            limiter.call_made(held, dependency)
+        except redis.RedisError as exc:
+            logger.warning("could not count a call against its limit", extra={"dependency": dependency,
+                                                                               "error": str(exc)})
+
+
+def reserve_tokens() -> None:
+    """Before a model call of the step this thread runs: its expected tokens reserved."""
+    current = current_held()
+    if current is not None:
+        limiter, held = current
+        try:
+            limiter.reserve_tokens(held)
+        except redis.RedisError as exc:
+            logger.warning("could not reserve model tokens", extra={"error": str(exc)})
+
+
+def settle_tokens(spent: int) -> None:
+    """After a model call of the step this thread runs: the tokens it spent replace its reservation."""
+    current = current_held()
+    if current is not None:
+        limiter, held = current
+        try:
+            limiter.settle_tokens(held, spent)
+        except redis.RedisError as exc:
+            logger.warning("could not settle model tokens", extra={"error": str(exc)})

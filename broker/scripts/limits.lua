@@ -1,0 +1,194 @@
+-- A fleet-wide flow limit (rate and concurrency) of one limit and key (see broker/keys.py): every key
+-- it touches shares one hash tag, so it also runs on Redis Cluster. Times come from the server's clock.
+--
+-- limits(keys=[state_hash, holders_zset, waiting_zset, alive_zset], args=[command, ...])
+--
+-- Rates are GCRA: the hash's `tat` (requests) and `ttat` (tokens) are theoretical arrival times (ms);
+-- a unit costs `interval / factor` ms, where `factor` (0 < factor <= 1) is what 429s left of the
+-- declared rate (AIMD: halved by a 429, at most once per `md_hold_ms`; raised by `ai_per_s` a
+-- second since). A request may start while `tat - now <= burst`; a later one reserves its slot (tat
+-- moves on) and is told when: it comes back then holding a permit for generation `gen` (a 429 starts
+-- a new generation, voiding every permit: they were paced for the old rate).
+--
+--   take  holder member lease_ms max req_ms req_burst tok_ms tok_burst permit_gen permit_due wait_max_ms ai md_hold
+--         -> {1, gen, factor*1e6}             admitted: a slot held by `holder` (when max > 0), a request taken
+--            {0, "rate", wait_ms, gen}        its request is reserved: back in wait_ms with permit gen
+--            {0, "tokens", wait_ms, gen}      the token bucket is spent: back in wait_ms (nothing reserved)
+--            {0, "concurrency", wait_ms, gen} every slot is held, or earlier arrivals wait: back in wait_ms
+--   force field unit_ms cost -> ms the bucket is ahead of now (a call made beyond a permit, or tokens
+--         settled: cost may be negative, giving back what was reserved and not spent or used)
+--   untake holder req_ms -> 1: a take undone (its slot freed, its request given back)
+--   release holder held_ms -> 1 when the slot was held
+--   renew lease_ms holder... -> slots still held (their leases run lease_ms from now)
+--   penalize pause_ms md min_factor md_hold_ms -> {factor*1e6, gen}: a 429 halves the rate (once per
+--         md_hold_ms) and pauses the limit for pause_ms
+--   show  -> {tat, ttat, factor*1e6, holders, waiting, gen, rejected429, now}
+
+local state, holders, waiting, alive = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local command = ARGV[1]
+local t = redis.call("time")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- A waiter not back this long after it was due left (its message ended elsewhere): pruned.
+local WAITER_GRACE_MS = 10000
+
+local function num(field, default)
+    return tonumber(redis.call("hget", state, field)) or default
+end
+
+-- The factor now: what the last 429 left of it, raised additively since.
+local function factor_now(ai_per_s)
+    local f = num("factor", 1)
+    if f < 1 and ai_per_s > 0 then
+        local since = num("factor_at", now)
+        f = math.min(1, f + ai_per_s * math.max(0, now - since) / 1000)
+        redis.call("hset", state, "factor", f, "factor_at", now)
+    end
+    return f
+end
+
+local function prune()
+    redis.call("zremrangebyscore", holders, "-inf", now)
+    local gone = redis.call("zrangebyscore", alive, "-inf", now)
+    if #gone > 0 then
+        redis.call("zrem", alive, unpack(gone))
+        redis.call("zrem", waiting, unpack(gone))
+    end
+end
+
+local function keep(ms)
+    -- The limit's keys outlive their last use by a day: a limit unused that long starts afresh.
+    redis.call("pexpire", state, 86400000)
+    for _, k in ipairs({holders, waiting, alive}) do
+        if redis.call("exists", k) == 1 then redis.call("pexpire", k, math.max(ms, 86400000)) end
+    end
+end
+
+if command == "take" then
+    local holder, member = ARGV[2], ARGV[3]
+    local lease_ms, max = tonumber(ARGV[4]), tonumber(ARGV[5])
+    local req_ms, req_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
+    local tok_ms, tok_burst = tonumber(ARGV[8]), tonumber(ARGV[9])
+    local permit_gen, permit_due = tonumber(ARGV[10]), tonumber(ARGV[11])
+    local wait_max, ai = tonumber(ARGV[12]), tonumber(ARGV[13])
+    local f = factor_now(ai)
+    local gen = num("gen", 0)
+    local hold_ms = num("hold_ms", 200)
+    -- Concurrency: a free slot, and no earlier arrival waiting for one.
+    if max > 0 then
+        prune()
+        if redis.call("zscore", holders, holder) then
+            redis.call("zadd", holders, now + lease_ms, holder)
+            return {1, gen, math.floor(f * 1e6)}
+        end
+        local held = redis.call("zcard", holders)
+        local free = max - held
+        local ahead = 0
+        local rank = redis.call("zrank", waiting, member)
+        if rank then ahead = rank else ahead = redis.call("zcard", waiting) end
+        if free <= 0 or ahead >= free then
+            redis.call("zadd", waiting, "NX", now, member)
+            local position = (rank or ahead) + 1
+            -- Back when the slots ahead of it have turned over, by how long a slot is usually held.
+            local wait = math.max(20, math.min(math.floor(hold_ms * math.ceil(position / max)), wait_max))
+            redis.call("zadd", alive, now + wait + WAITER_GRACE_MS, member)
+            keep(lease_ms)
+            return {0, "concurrency", wait, gen}
+        end
+    end
+    -- Tokens: the bucket is not in debt (what a call spends is reserved when it is made).
+    if tok_ms > 0 then
+        local ttat = num("ttat", 0)
+        if ttat - now > tok_burst then
+            return {0, "tokens", math.floor(ttat - tok_burst - now), gen}
+        end
+    end
+    -- Requests: admitted within the burst, else reserved; a permit of this generation is its reservation.
+    if req_ms > 0 and not (permit_gen == gen and permit_due > 0) then
+        local unit = req_ms / f
+        local tat = math.max(num("tat", 0), now)
+        if tat - now > req_burst then
+            local wait = math.floor(tat - req_burst - now)
+            redis.call("hset", state, "tat", tat + unit)
+            redis.call("hincrby", state, "reserved", 1)
+            keep(lease_ms)
+            return {0, "rate", wait, gen}
+        end
+        redis.call("hset", state, "tat", tat + unit)
+    end
+    if max > 0 then
+        redis.call("zadd", holders, now + lease_ms, holder)
+        redis.call("zrem", waiting, member)
+        redis.call("zrem", alive, member)
+    end
+    redis.call("hincrby", state, "admitted", 1)
+    keep(lease_ms)
+    return {1, gen, math.floor(f * 1e6)}
+end
+
+if command == "force" then
+    local field, unit_ms, cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+    local f = num("factor", 1)
+    local tat = num(field, 0)
+    if cost > 0 then tat = math.max(tat, now) end
+    tat = tat + cost * unit_ms / f
+    redis.call("hset", state, field, tat)
+    keep(0)
+    return math.floor(tat - now)
+end
+
+if command == "untake" then
+    local holder, req_ms = ARGV[2], tonumber(ARGV[3])
+    redis.call("zrem", holders, holder)
+    if req_ms > 0 then
+        redis.call("hset", state, "tat", num("tat", 0) - req_ms / num("factor", 1))
+    end
+    redis.call("hincrby", state, "admitted", -1)
+    return 1
+end
+
+if command == "release" then
+    local holder, held_ms = ARGV[2], tonumber(ARGV[3])
+    local was = redis.call("zrem", holders, holder)
+    if was == 1 and held_ms and held_ms > 0 then
+        -- How long a slot is held, on average: how long a waiter is told to wait per place ahead of it.
+        redis.call("hset", state, "hold_ms", 0.8 * num("hold_ms", held_ms) + 0.2 * held_ms)
+    end
+    return was
+end
+
+if command == "renew" then
+    local lease_ms = tonumber(ARGV[2])
+    local n = 0
+    for i = 3, #ARGV do
+        n = n + redis.call("zadd", holders, "XX", "CH", now + lease_ms, ARGV[i])
+    end
+    return n
+end
+
+if command == "penalize" then
+    local pause_ms, md, min_factor, md_hold = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+        tonumber(ARGV[5])
+    local f = num("factor", 1)
+    local gen = num("gen", 0)
+    redis.call("hincrby", state, "rejected", 1)
+    if now - num("decreased_at", 0) >= md_hold then
+        f = math.max(min_factor, f * md)
+        gen = gen + 1
+        redis.call("hset", state, "factor", f, "factor_at", now, "decreased_at", now, "gen", gen)
+        -- The permits handed out were paced for the old rate: void, so the pacing restarts from now.
+        redis.call("hset", state, "tat", now + pause_ms)
+    elseif pause_ms > 0 then
+        redis.call("hset", state, "tat", math.max(num("tat", 0), now + pause_ms))
+    end
+    keep(0)
+    return {math.floor(f * 1e6), gen}
+end
+
+if command == "show" then
+    prune()
+    return {tostring(num("tat", 0)), tostring(num("ttat", 0)), math.floor(num("factor", 1) * 1e6),
+            redis.call("zcard", holders), redis.call("zcard", waiting), num("gen", 0), num("rejected", 0), now,
+            num("admitted", 0)}
+end
+
+return redis.error_reply("unknown limits command " .. tostring(command))

@@ -1,0 +1,193 @@
+"""Fleet-wide flow limits with real worker processes against a loopback server that really enforces
+its own limits: the fleet learns a dependency's real rate from its 429s, concurrency holds across
+processes, a SIGKILLed worker's slot comes back, and waiting for a limit spends no retry budget."""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from httpserver import RecordingServer
+
+from mesh.broker import MeshClient, trace
+from mesh.broker.limits import limit_states
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import State
+
+pytestmark = pytest.mark.slow
+
+APP = "tests.apps.limited:app"
+
+
+class SlidingWindow:
+    """Answers at most ``rate`` requests in any second; beyond, 429 with Retry-After and the
+    ``x-ratelimit-*`` headers a model API sends."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.accepted: collections.deque[float] = collections.deque()
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int, request: dict[str, Any]) -> tuple[Any, ...]:
+        with self.lock:
+            now = request["at"]
+            while self.accepted and self.accepted[0] <= now - 1.0:
+                self.accepted.popleft()
+            if len(self.accepted) >= self.rate:
+                reset_ms = max(1, int((self.accepted[0] + 1.0 - now) * 1000))
+                return 429, {"error": "rate limited"}, {
+                    "Retry-After": str(math.ceil(reset_ms / 1000)), "x-ratelimit-limit-requests": str(self.rate),
+                    "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{reset_ms}ms"}
+            self.accepted.append(now)
+            return 200, {"ok": True}, {"x-ratelimit-remaining-requests": str(self.rate - len(self.accepted))}
+
+
+def limited_client(settings: MeshSettings, client: MeshClient) -> MeshClient:
+    from tests.apps.limited import app
+
+    return MeshClient(settings, client=client.redis, app=app)
+
+
+def deferrals(client: MeshClient, job_id: str) -> list[dict[str, Any]]:
+    return [e for e in trace.read(client.redis, client.keys, job_id) if e["event"] == "deferred"]
+
+
+def succeeded(client: MeshClient, refs: list[Any]) -> bool:
+    return all(client.status(r.id).state is State.SUCCEEDED for r in refs)
+
+
+def test_three_workers_converge_on_the_dependencys_real_rate(settings: MeshSettings, client: MeshClient,
+                                                             worker_process: Any) -> None:
+    """Declared 100/s, really 50/s: after the first 10 s under 5 % of calls are answered 429, the
+    accepted rate stays within 50/s (every second of it), and every job succeeds without a retry."""
+    window = SlidingWindow(50)
+    jobs = 700
+    with RecordingServer(window) as server:
+        env = {"LIMITED_HOST": server.host_port, "LIMITED_RATE": "100/s", "MESH_HTTP_ALLOW": server.host_port}
+        for _ in range(3):
+            worker_process("--app", APP, "--agents", "caller", "--threads", "4", **env)
+        sender = limited_client(settings, client)
+        refs = sender.send_many("caller", [({"n": i}, f"hit-{i}") for i in range(jobs)])
+        wait_for(lambda: succeeded(client, refs), timeout_s=120, interval_s=0.5)
+        seen = list(server.requests)
+    start = min(r["at"] for r in seen)
+    later = [r for r in seen if r["at"] >= start + 10]
+    rejected = [r for r in later if r["status"] == 429]
+    accepted = [r["at"] for r in seen if r["status"] == 200]
+    assert len(accepted) == jobs  # each job's call went through exactly once
+    assert later and len(rejected) < 0.05 * len(later), (len(rejected), len(later))
+    busiest = max(sum(1 for t in accepted if a <= t < a + 1.0) for a in accepted)
+    assert busiest <= 50
+    assert any(r["status"] == 429 for r in seen)  # the fleet learned the real rate from 429s
+    (state,) = limit_states(client.redis, client.keys, [f"dependency:{server.host_port}"])
+    assert state.factor < 1 and state.rejected >= 1
+
+
+class SlowService:
+    """The slow path: each answer takes ``service_s``; records how many requests of each tenant (and
+    in all) were in flight at once. A request whose ``n`` is in ``held`` waits until released."""
+
+    def __init__(self, service_s: float = 0.15, held: frozenset[int] = frozenset()) -> None:
+        self.service_s = service_s
+        self.held = set(held)
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.now: collections.Counter[str] = collections.Counter()
+        self.most: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, n: int, request: dict[str, Any]) -> tuple[Any, ...]:
+        body = request["json"] or {}
+        tenant = str(body.get("tenant"))
+        with self.lock:
+            self.now[tenant] += 1
+            self.now["*"] += 1
+            for k in (tenant, "*"):
+                self.most[k] = max(self.most[k], self.now[k])
+            hold = body.get("n") in self.held
+            self.held.discard(body.get("n"))
+        try:
+            # The service's own time to answer (a held request: until the test lets it go).
+            (self.release if hold else threading.Event()).wait(60 if hold else self.service_s)
+        finally:
+            with self.lock:
+                self.now[tenant] -= 1
+                self.now["*"] -= 1
+        return 200, {"ok": True}
+
+
+def test_concurrency_is_held_per_key_across_worker_processes(settings: MeshSettings, client: MeshClient,
+                                                             worker_process: Any) -> None:
+    """``concurrency: {max: 2, key: input.tenant}`` with 3 processes of 4 threads: the service never
+    has more than 2 requests of a tenant in flight, and two tenants run side by side."""
+    service = SlowService()
+    with RecordingServer(service) as server:
+        env = {"LIMITED_HOST": server.host_port, "SLOW_MAX": "2", "MESH_HTTP_ALLOW": server.host_port}
+        for _ in range(3):
+            worker_process("--app", APP, "--agents", "slow", "--threads", "4", **env)
+        sender = limited_client(settings, client)
+        refs = sender.send_many("slow", [({"n": i, "tenant": "ab"[i % 2]}, f"slow-{i}") for i in range(24)])
+        wait_for(lambda: succeeded(client, refs), timeout_s=90, interval_s=0.2)
+    assert service.most["a"] == 2 and service.most["b"] == 2, service.most
+    assert service.most["*"] <= 4
+    (a, b) = sorted((s for s in limit_states(client.redis, client.keys, ["agent:slow"])), key=lambda s: str(s.flow_key))
+    assert (a.flow_key, b.flow_key) == ("a", "b") and a.in_flight == b.in_flight == 0
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
+def test_a_killed_or_stopped_workers_slot_comes_back(settings: MeshSettings, client: MeshClient,
+                                                     worker_process: Any, stop: signal.Signals) -> None:
+    """``max: 1``: a second job waits (deferred) while a worker holds the slot; that worker is
+    SIGKILLed (or SIGSTOPped) mid-step and the slot's lease runs out, so the second job runs, on the
+    other worker."""
+    service = SlowService(held=frozenset({0}))
+    with RecordingServer(service) as server:
+        env = {"LIMITED_HOST": server.host_port, "SLOW_MAX": "1", "MESH_HTTP_ALLOW": server.host_port,
+               "MESH_LEASE_S": "3", "MESH_HEARTBEAT_TIMEOUT_S": "3"}
+        victim = worker_process("--app", APP, "--agents", "slow", "--threads", "2", **env)
+        sender = limited_client(settings, client)
+        first = sender.send("slow", {"n": 0, "tenant": "k"}, key="held-0")
+        wait_for(lambda: service.most["k"] == 1, timeout_s=30)
+        worker_process("--app", APP, "--agents", "slow", "--threads", "2", **env)
+        second = sender.send("slow", {"n": 1, "tenant": "k"}, key="held-1")
+
+        wait_for(lambda: any("concurrency" in str(e.get("reason")) for e in deferrals(client, second.id)),
+                 timeout_s=30)
+        assert not any((r["json"] or {}).get("n") == 1 for r in server.requests)  # it waited, unrun
+        killed_at = time.monotonic()
+        os.kill(victim.pid, stop)
+        try:
+            wait_for(lambda: client.status(second.id).state is State.SUCCEEDED, timeout_s=60, interval_s=0.2)
+            wait_for(lambda: client.status(first.id).state is State.SUCCEEDED, timeout_s=60, interval_s=0.2)
+        finally:
+            if stop is signal.SIGSTOP:
+                os.kill(victim.pid, signal.SIGCONT)
+            service.release.set()
+    ran = [r["at"] for r in server.requests if (r["json"] or {}).get("n") == 1]
+    assert ran and min(ran) > killed_at
+
+
+def test_waiting_for_a_rate_spends_no_retry_budget(settings: MeshSettings, client: MeshClient,
+                                                   worker_process: Any) -> None:
+    """A rate of 4/s, 12 jobs at once, MESH_MAX_DEFERS=0 and one attempt per job: the jobs wait their
+    turn on the delay queue (traced ``deferred``) and every one succeeds, paced at the rate."""
+    with RecordingServer() as server:
+        env = {"LIMITED_HOST": server.host_port, "LIMITED_RATE": "4/s", "MESH_HTTP_ALLOW": server.host_port,
+               "MESH_MAX_DEFERS": "0"}
+        worker_process("--app", APP, "--agents", "caller", "--threads", "4", **env)
+        worker_process("--app", APP, "--agents", "caller", "--threads", "4", **env)
+        sender = limited_client(settings, client)
+        refs = sender.send_many("caller", [({"n": i}, f"paced-{i}") for i in range(12)])
+        wait_for(lambda: succeeded(client, refs), timeout_s=60, interval_s=0.2)
+    deferred = [r for r in refs if deferrals(client, r.id)]
+    assert len(deferred) >= 6
+    arrived = sorted(r["at"] for r in server.requests)
+    assert len(arrived) == 12
+    busiest = max(sum(1 for t in arrived if a <= t < a + 1.0) for a in arrived)
+    assert busiest <= 4 + 1  # the rate, and the burst of 100 ms' worth it allows
