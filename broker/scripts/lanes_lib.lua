@@ -214,7 +214,9 @@ local function lanes_fetch(base, n)
             data[#data] = nil
             return ids, data
         end
-        for i = #ids, 1, -1 do redis.call("lpush", base, ids[i]) end -- another lane may come first
+        local back = {}
+        for i = #ids, 1, -1 do back[#back + 1] = ids[i] end
+        redis.call("lpush", base, unpack(back)) -- in order: another lane may come first
     elseif not lanes_in_use(base) then
         return {}, {}
     end

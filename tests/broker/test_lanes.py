@@ -236,7 +236,7 @@ def test_an_unknown_priority_is_refused_before_anything_is_sent(lanes_client, rc
 def test_high_messages_come_before_normal_ones_already_waiting_in_the_queue_list(settings, rclient, broker):
     client = MeshClient(settings, client=rclient)  # the built-in executor: no flow key
     note = {"tool": "note", "args": {"title": "t"}}
-    client.send_many("executor", [(note, None) for _ in range(5)])
+    normal = client.send_many("executor", [(note, f"n{i}") for i in range(5)])
     client.send_many("executor", [(note, None) for _ in range(2)], priority="high")
     keys = client.keys
     assert rclient.hexists(keys.messages("executor"), queue_lanes.LANES_MARK)
@@ -247,6 +247,8 @@ def test_high_messages_come_before_normal_ones_already_waiting_in_the_queue_list
     assert not rclient.hexists(keys.messages("executor"), queue_lanes.LANES_MARK)
     assert client.queues(["executor"])["executor"] == {"ready": 4, "delayed": 0, "in_flight": 3}
     assert rclient.llen(keys.queue("executor")) == 4
+    rest = broker.settle("fetch", "executor", 10, "0")
+    assert [orjson.loads(rest[i])["args"][0]["key"] for i in range(1, len(rest), 2)] == [r.key for r in normal[1:]]
 
 
 def test_thousands_of_tenants_are_counted_without_walking_them_and_each_gets_a_turn(lanes_client, broker, rclient):
