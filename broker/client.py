@@ -625,7 +625,7 @@ class MeshClient:
         for i, (name, lane) in enumerate(queue_lanes.depth(self.redis, self.keys, names).items()):
             stored, delayed = values[2 * i: 2 * i + 2]
             ready = lane["ready"]
-            out[name] = {"ready": ready, "delayed": delayed, "in_flight": max(0, stored - lane["marked"] - ready)}
+            out[name] = {"ready": ready, "delayed": delayed, "in_flight": max(0, stored - ready)}
             if lanes:
                 out[name].update(by_priority=lane["by_priority"], flows=lane["flows"])
         return out

@@ -13,7 +13,6 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
     {ns}:{queue}.sched                hash: the fetch's share credits and rounds per priority, and
                                       the messages waiting in each priority's flows
                                       (broker/scripts/lanes_lib.lua says how lanes are served)
-    field "~lanes" of {ns}:{queue}.msgs  set while lanes other than {ns}:{queue} may have work
     {ns}:{queue}.wake                 list of wake-up tokens (the mesh's addition): every enqueue pushes
                                       one, and idle consumers block on it instead of polling
     {ns}:__acks__.{worker}.{queue}    set of ids a worker fetched and has not settled

@@ -17,9 +17,6 @@ from .keys import Keys
 
 LIB = resources.files("mesh.broker").joinpath("scripts/lanes_lib.lua").read_text()
 
-#: The field of a queue's ``.msgs`` hash that says its other lanes may have work (lanes_lib.lua).
-LANES_MARK = "~lanes"
-
 #: Counts a queue's ready messages per priority, and its flows with ready work, in a few commands
 #: per queue however many flows it has.
 _DEPTH_LUA = LIB + """
@@ -32,7 +29,6 @@ for i, base in ipairs(KEYS) do
         row[#row + 1] = redis.call("llen", lane_plain(base, level)) + (tonumber(waiting[l]) or 0)
         row[#row + 1] = redis.call("zcard", ring) - (redis.call("zscore", ring, "") and 1 or 0)
     end
-    row[#row + 1] = redis.call("hexists", base .. ".msgs", LANES_MARK)
     out[i] = row
 end
 return out
@@ -56,19 +52,15 @@ def push(pipe: Any, keys: Keys, queue: str, rid: str, envelope: Any) -> None:
     priority, flow = of(envelope)
     if flow is None:
         pipe.rpush(keys.lane(queue, priority), rid)
-        if priority == "normal":
-            return
-    else:
-        pipe.rpush(keys.flow(queue, priority, flow), rid)
-        pipe.zadd(keys.flows(queue, priority), {flow: 0}, nx=True)
-        pipe.hincrby(keys.sched(queue), f"n:{priority}", 1)
-    pipe.hset(keys.messages(queue), LANES_MARK, 1)
+        return
+    pipe.rpush(keys.flow(queue, priority, flow), rid)
+    pipe.zadd(keys.flows(queue, priority), {flow: 0}, nx=True)
+    pipe.hincrby(keys.sched(queue), f"n:{priority}", 1)
 
 
 def depth(client: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, dict[str, Any]]:
-    """Per queue: ``ready`` (every lane), ``by_priority`` (ready per priority), ``flows`` (flow keys
-    with ready work) and ``marked`` (1 when its ``.msgs`` hash holds :data:`LANES_MARK`, which is no
-    message), read in one script call."""
+    """Per queue: ``ready`` (every lane), ``by_priority`` (ready per priority) and ``flows`` (flow
+    keys with ready work), read in one script call."""
     if not queues:
         return {}
     rows: list[list[int]] = client.eval(_DEPTH_LUA, len(queues), *(keys.queue(q) for q in queues))
@@ -76,5 +68,5 @@ def depth(client: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, dict[
     for queue, row in zip(queues, rows, strict=True):
         by = {p: int(row[2 * i]) for i, p in enumerate(PRIORITIES)}
         flows = sum(int(row[2 * i + 1]) for i in range(len(PRIORITIES)))
-        out[queue] = {"ready": sum(by.values()), "by_priority": by, "flows": flows, "marked": int(row[-1])}
+        out[queue] = {"ready": sum(by.values()), "by_priority": by, "flows": flows}
     return out

@@ -82,7 +82,7 @@ for from = 1, n, slice do
         if level == "normal" and not flow then
             pushed[#pushed + 1] = message_ids[i]
         else
-            lane_push(ready, message_ids[i], messages[i], false) -- (and marks the queue's lanes in use)
+            lane_push(ready, message_ids[i], messages[i], false)
         end
     end
     if #pushed > 0 then redis.call("rpush", ready, unpack(pushed)) end

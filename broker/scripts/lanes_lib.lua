@@ -19,21 +19,16 @@
 --   {ns}:{queue}.sched            hash: credit:{p} (fetches owed to a lower level), round:{p}, and
 --                                 n:{p}, the messages waiting in priority p's flows (so counting
 --                                 them never walks every tenant)
---   field "~lanes" of {ns}:{queue}.msgs: set while a lane other than {ns}:{queue} may have work
---                                 (written with every push there, cleared by the fetch that finds
---                                 them empty), so the fetch of a queue that uses none reads it in the
---                                 HMGET it makes anyway: no command more than a queue without lanes
 --
 -- A fetch serves the highest level with work, except that every lower level with work earns a
 -- credit per message fetched and is served when it holds LANE_SHARE of them: each waiting lower
 -- level gets one fetch in LANE_SHARE, whatever waits above it. A queue holding only normal
--- messages without a flow key is fetched as it always was, with the same commands (one EXISTS
--- more when it finds the queue empty).
+-- messages without a flow key is fetched as it always was, with one command more per fetch (an
+-- EXISTS of its other lanes).
 -- Delay queues ({queue}.DQ) have one lane: dramatiq orders them by due time.
 
 local LANE_LEVELS = {"high", "normal", "low"}
 local LANE_SHARE = 8
-local LANES_MARK = "~lanes"
 
 -- base: a queue's key, {ns}:{queue}
 local function lane_is_delay(base)
@@ -102,7 +97,6 @@ local function lane_push(base, id, data, head)
     else
         redis.call(op, lane_plain(base, level), id)
     end
-    if flow or level ~= "normal" then redis.call("hset", base .. ".msgs", LANES_MARK, 1) end
 end
 
 -- Whether the queue at base has work anywhere but its plain normal list.
@@ -191,36 +185,19 @@ local function lanes_pop(base, n)
     redis.call("hset", sched, "credit:normal", credit.normal, "credit:low", credit.low,
                "round:high", round.high, "round:normal", round.normal, "round:low", round.low,
                "n:high", waiting.high, "n:normal", waiting.normal, "n:low", waiting.low)
-    if plain_n.high + plain_n.low + ring_n.high + ring_n.normal + ring_n.low == 0 then
-        redis.call("hdel", base .. ".msgs", LANES_MARK)
-    end
     return ids
 end
 
 -- Up to n ids from the queue at base, in lane order, and their bodies (HMGET's answer: false for a
--- body gone). Only normal messages without a flow key: one LPOP and one HMGET, as ever.
+-- body gone). A queue with nothing in its other lanes: one LPOP and one HMGET, as ever.
 local function lanes_fetch(base, n)
-    local msgs = base .. ".msgs"
-    local ids = redis.call("lpop", base, n)
-    if lane_is_delay(base) then
+    local ids
+    if lane_is_delay(base) or not lanes_in_use(base) then
+        ids = redis.call("lpop", base, n)
         if not ids then return {}, {} end
-        return ids, redis.call("hmget", msgs, unpack(ids))
+    else
+        ids = lanes_pop(base, n)
+        if #ids == 0 then return ids, {} end
     end
-    if ids then
-        local fields = {unpack(ids)}
-        fields[#fields + 1] = LANES_MARK
-        local data = redis.call("hmget", msgs, unpack(fields))
-        if not data[#data] then
-            data[#data] = nil
-            return ids, data
-        end
-        local back = {}
-        for i = #ids, 1, -1 do back[#back + 1] = ids[i] end
-        redis.call("lpush", base, unpack(back)) -- in order: another lane may come first
-    elseif not lanes_in_use(base) then
-        return {}, {}
-    end
-    ids = lanes_pop(base, n)
-    if #ids == 0 then return ids, {} end
-    return ids, redis.call("hmget", msgs, unpack(ids))
+    return ids, redis.call("hmget", base .. ".msgs", unpack(ids))
 end
