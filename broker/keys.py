@@ -12,7 +12,9 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
                                       served round robin ("" stands for the level's list)
     {ns}:{queue}.sched                hash: the fetch's share credits and rounds per priority, and
                                       the messages waiting in each priority's flows
-                                      (broker/scripts/lanes_lib.lua says how lanes are served)
+                                      (broker/scripts/lanes_lib.lua says how lanes are served); the
+                                      field lanes:{queue} of {ns}:stats is set while the queue's
+                                      other lanes may have work
     {ns}:{queue}.wake                 list of wake-up tokens (the mesh's addition): every enqueue pushes
                                       one, and idle consumers block on it instead of polling
     {ns}:__acks__.{worker}.{queue}    set of ids a worker fetched and has not settled

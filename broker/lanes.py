@@ -35,6 +35,11 @@ return out
 """
 
 
+def lanes_field(queue: str) -> str:
+    """The field of the stats hash set while ``queue``'s other lanes may have work (lanes_lib.lua)."""
+    return f"lanes:{queue}"
+
+
 def of(envelope: Any) -> tuple[str, str | None]:
     """The priority and flow key (as JSON escapes it; None: none) of a message's envelope, as the
     scripts read them from the encoded message (lanes_lib.lua ``lane_of``)."""
@@ -52,10 +57,13 @@ def push(pipe: Any, keys: Keys, queue: str, rid: str, envelope: Any) -> None:
     priority, flow = of(envelope)
     if flow is None:
         pipe.rpush(keys.lane(queue, priority), rid)
-        return
-    pipe.rpush(keys.flow(queue, priority, flow), rid)
-    pipe.zadd(keys.flows(queue, priority), {flow: 0}, nx=True)
-    pipe.hincrby(keys.sched(queue), f"n:{priority}", 1)
+        if priority == "normal":
+            return
+    else:
+        pipe.rpush(keys.flow(queue, priority, flow), rid)
+        pipe.zadd(keys.flows(queue, priority), {flow: 0}, nx=True)
+        pipe.hincrby(keys.sched(queue), f"n:{priority}", 1)
+    pipe.hset(keys.stats, lanes_field(queue), 1)
 
 
 def depth(client: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, dict[str, Any]]:

@@ -19,12 +19,15 @@
 --   {ns}:{queue}.sched            hash: credit:{p} (fetches owed to a lower level), round:{p}, and
 --                                 n:{p}, the messages waiting in priority p's flows (so counting
 --                                 them never walks every tenant)
+--   field lanes:{queue} of {ns}:stats: set while the queue's other lanes may have work (by every
+--                                 push there; cleared by the fetch that finds them empty): a fetch
+--                                 reads it with the fencing counter it reads anyway (claim_lib.lua)
 --
 -- A fetch serves the highest level with work, except that every lower level with work earns a
 -- credit per message fetched and is served when it holds LANE_SHARE of them: each waiting lower
 -- level gets one fetch in LANE_SHARE, whatever waits above it. A queue holding only normal
--- messages without a flow key is fetched as it always was, with one command more per fetch (an
--- EXISTS of its other lanes).
+-- messages without a flow key is fetched as it always was, with the same commands (and an EXISTS
+-- of its other lanes when it finds its list empty).
 -- Delay queues ({queue}.DQ) have one lane: dramatiq orders them by due time.
 
 local LANE_LEVELS = {"high", "normal", "low"}
@@ -81,6 +84,12 @@ local function lane_flow(base, level, flow)
     return base .. ".flow:" .. level .. ":" .. flow
 end
 
+-- The stats hash of the queue at base, and its field saying other lanes may have work.
+local function lanes_mark(base)
+    local ns, queue = string.match(base, "^([^:]*):(.*)$")
+    return ns .. ":stats", "lanes:" .. queue
+end
+
 -- Puts message id (its encoded body: data) in its lane of the queue at base ({ns}:{queue}): at the
 -- tail, or at the head when it goes back (a requeue, a recovery).
 local function lane_push(base, id, data, head)
@@ -96,6 +105,10 @@ local function lane_push(base, id, data, head)
         redis.call("hincrby", base .. ".sched", "n:" .. level, 1)
     else
         redis.call(op, lane_plain(base, level), id)
+    end
+    if flow or level ~= "normal" then
+        local stats, field = lanes_mark(base)
+        redis.call("hset", stats, field, 1)
     end
 end
 
@@ -185,19 +198,43 @@ local function lanes_pop(base, n)
     redis.call("hset", sched, "credit:normal", credit.normal, "credit:low", credit.low,
                "round:high", round.high, "round:normal", round.normal, "round:low", round.low,
                "n:high", waiting.high, "n:normal", waiting.normal, "n:low", waiting.low)
+    local stats, field = lanes_mark(base)
+    if plain_n.high + plain_n.low + ring_n.high + ring_n.normal + ring_n.low == 0 then
+        redis.call("hdel", stats, field)
+    else
+        redis.call("hset", stats, field, 1)
+    end
     return ids
 end
 
--- Up to n ids from the queue at base, in lane order, and their bodies (HMGET's answer: false for a
--- body gone). A queue with nothing in its other lanes: one LPOP and one HMGET, as ever.
-local function lanes_fetch(base, n)
-    local ids
-    if lane_is_delay(base) or not lanes_in_use(base) then
-        ids = redis.call("lpop", base, n)
-        if not ids then return {}, {} end
-    else
-        ids = lanes_pop(base, n)
-        if #ids == 0 then return ids, {} end
+-- Up to n ids from the queue at base, in lane order, their bodies (HMGET's answer: false for a
+-- body gone) and, when asked to (claims: true), the stats hash's "fence" field as read (false:
+-- absent; nil: not read). A queue whose other lanes are empty: one LPOP, one HMGET of the stats
+-- hash (the fence a fetch that claims reads anyway) and one HMGET of the bodies.
+local function lanes_fetch(base, n, claims)
+    local ids = redis.call("lpop", base, n)
+    local msgs, fence = base .. ".msgs", nil
+    if lane_is_delay(base) then
+        if not ids then return {}, {}, nil end
+        return ids, redis.call("hmget", msgs, unpack(ids)), nil
     end
-    return ids, redis.call("hmget", base .. ".msgs", unpack(ids))
+    if ids then
+        local in_use
+        if claims then
+            local stats, field = lanes_mark(base)
+            local got = redis.call("hmget", stats, "fence", field)
+            fence, in_use = got[1], got[2]
+        else
+            in_use = lanes_in_use(base)
+        end
+        if not in_use then return ids, redis.call("hmget", msgs, unpack(ids)), fence end
+        local back = {}
+        for i = #ids, 1, -1 do back[#back + 1] = ids[i] end
+        redis.call("lpush", base, unpack(back)) -- in order: another lane may come first
+    elseif not lanes_in_use(base) then
+        return {}, {}, nil
+    end
+    ids = lanes_pop(base, n)
+    if #ids == 0 then return ids, {}, fence end
+    return ids, redis.call("hmget", msgs, unpack(ids)), fence
 end

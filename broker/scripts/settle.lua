@@ -196,11 +196,11 @@ if command == "fetch" then
     redis.call("sadd", held_prefix .. worker, queue)
     -- At most FETCH_MAX: the ids are unpacked into HMGET and SADD below, and Lua unpacks ~8,000
     -- values at most; a script that failed there would have popped ids nobody holds.
-    local ids, data = lanes_fetch(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX))
-    if #ids == 0 then return {} end
     local nonce, batch = ARGV[8], nil
+    local ids, data, fence = lanes_fetch(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX), nonce ~= nil)
+    if #ids == 0 then return {} end
     if nonce then
-        batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms())
+        batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms(), fence)
     end
     local out, held = {}, {}
     for i, id in ipairs(ids) do

@@ -233,19 +233,27 @@ def test_an_unknown_priority_is_refused_before_anything_is_sent(lanes_client, rc
     assert rclient.zcard(lanes_client.keys.jobs) == 0
 
 
-def test_high_messages_come_before_normal_ones_already_waiting_in_the_queue_list(settings, rclient, broker):
+@pytest.mark.parametrize("claims", [False, True], ids=["plain", "claiming"])
+def test_high_messages_come_before_normal_ones_already_waiting_in_the_queue_list(settings, rclient, broker, claims):
     client = MeshClient(settings, client=rclient)  # the built-in executor: no flow key
+    # A worker's fetch claims the keys too (and reads whether other lanes have work with the
+    # fencing counter it reads for that); without claims it looks at the lanes themselves.
+    claim = ("nonce", 60_000, 3600) if claims else ()
+    step = 3 if claims else 2
     note = {"tool": "note", "args": {"title": "t"}}
     normal = client.send_many("executor", [(note, f"n{i}") for i in range(5)])
     client.send_many("executor", [(note, None) for _ in range(2)], priority="high")
     keys = client.keys
-    flat = broker.settle("fetch", "executor", 3, "0")
-    got = [orjson.loads(flat[i])["args"][0].get("priority", "normal") for i in range(1, len(flat), 2)]
+    flat = broker.settle("fetch", "executor", 3, "0", *claim)
+    got = [orjson.loads(flat[i])["args"][0].get("priority", "normal") for i in range(1, len(flat), step)]
     assert got == ["high", "high", "normal"]
+    assert not rclient.hexists(keys.stats, "lanes:executor")  # the high lane drained
     assert client.queues(["executor"])["executor"] == {"ready": 4, "delayed": 0, "in_flight": 3}
     assert rclient.llen(keys.queue("executor")) == 4
-    rest = broker.settle("fetch", "executor", 10, "0")
-    assert [orjson.loads(rest[i])["args"][0]["key"] for i in range(1, len(rest), 2)] == [r.key for r in normal[1:]]
+    rest = broker.settle("fetch", "executor", 10, "0", *claim)
+    assert [orjson.loads(rest[i])["args"][0]["key"] for i in range(1, len(rest), step)] == [r.key for r in normal[1:]]
+    if claims:  # every fetched key claimed, with fencing tokens from the one counter
+        assert int(rclient.hget(keys.stats, "fence")) == 7
 
 
 def test_thousands_of_tenants_are_counted_without_walking_them_and_each_gets_a_turn(lanes_client, broker, rclient):
