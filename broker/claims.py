@@ -12,9 +12,9 @@ import redis
 _LIB = resources.files("mesh.broker").joinpath("scripts/claim_lib.lua").read_text()
 
 
-def script_source(name: str) -> str:
-    """The text of ``scripts/{name}`` with the claim library before it."""
-    return _LIB + "\n" + resources.files("mesh.broker").joinpath(f"scripts/{name}").read_text()
+def script_source(name: str, *libs: str) -> str:
+    """The text of ``scripts/{name}`` with the claim library (and ``libs``, other libraries' text) before it."""
+    return "\n".join((_LIB, *libs, resources.files("mesh.broker").joinpath(f"scripts/{name}").read_text()))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from mesh.contracts import (
     CONTRACTS,
+    PRIORITIES,
     TERMINAL,
     ConfigError,
     ContractError,
@@ -34,6 +35,7 @@ from mesh.contracts import (
     LimitExceeded,
     MeshError,
     NoOutput,
+    Priority,
     State,
     UnknownAgent,
     dumps,
@@ -46,6 +48,7 @@ from mesh.contracts.declared import AgentRef, In, Out
 from mesh.contracts.messages import validate_model
 
 from . import approvals, trace
+from . import lanes as queue_lanes
 from . import waits as wait_store
 from .clock import ServerClock
 from .connection import NotReplicated, connect, replicated, transaction
@@ -112,6 +115,12 @@ class JobRef(Generic[T]):
 
 #: Trace events one XREAD of :meth:`MeshClient.events` takes at most.
 TRACE_BATCH = 200
+
+
+def checked(priority: Any) -> None:
+    """ConfigError unless ``priority`` is one of the levels (high, normal, low)."""
+    if priority not in PRIORITIES:
+        raise ConfigError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
 
 
 def job_id_for(key: str) -> str:
@@ -210,43 +219,51 @@ class MeshClient:
         #: Deadlines are set on the Redis server's clock, where workers check them.
         self.clock = ServerClock(self.redis)
 
-    def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None) -> JobRef[JobRecord]:
+    def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None,
+               priority: Priority = "normal") -> JobRef[JobRecord]:
         """Run the built-in pipeline (planner → researchers → executor) for ``goal``: a run of the
         declared pipeline ``mesh`` on ``{"goal": goal}`` (see :meth:`run`). ``token_budget``: model
         tokens the job may spend (default MESH_JOB_TOKEN_BUDGET; 0 = none); past it the job is
-        dead-lettered ``budget_exceeded``."""
+        dead-lettered ``budget_exceeded``. ``priority``: as :meth:`run`'s."""
+        checked(priority)
         if _entry is None:
             raise ConfigError("no built-in pipeline is registered: import mesh (it registers it)")
-        return self._start(_entry(), {"goal": goal}, key=key, token_budget=token_budget, goal=goal)
+        return self._start(_entry(), {"goal": goal}, key=key, token_budget=token_budget, goal=goal, priority=priority)
 
     @overload
     def send(self, agent: AgentRef[In, Out], payload: In | dict[str, Any], *, key: str | None = None,
-             token_budget: int | None = None) -> JobRef[Out]: ...
+             token_budget: int | None = None, priority: Priority = "normal") -> JobRef[Out]: ...
     @overload
     def send(self, agent: str, payload: BaseModel | dict[str, Any], *, key: str | None = None,
-             token_budget: int | None = None) -> JobRef[Any]: ...
+             token_budget: int | None = None, priority: Priority = "normal") -> JobRef[Any]: ...
 
     def send(self, agent: AgentRef[Any, Any] | str, payload: BaseModel | dict[str, Any], *, key: str | None = None,
-             token_budget: int | None = None) -> JobRef[Any]:
+             token_budget: int | None = None, priority: Priority = "normal") -> JobRef[Any]:
         """One message to one agent, checked against its input contract before it reaches Redis.
         ``agent``: the declared agent (``@app.agent``) or its name; ``payload``: its input model or a
-        dict. A model of another class than the agent's input is a ContractError, nothing sent."""
+        dict. A model of another class than the agent's input is a ContractError, nothing sent.
+        ``priority``: ``high``, ``normal`` or ``low``, its place in the agent's queue."""
+        checked(priority)
         target = self.target(agent)
         data = self._payload(target, payload)
         target.check(data)
-        return self._send(target, [(target.agent, data, key)], token_budget=token_budget)[0]
+        return self._send(target, [(target.agent, data, key)], token_budget=token_budget, priority=priority)[0]
 
     @overload
     def send_many(self, agent: AgentRef[In, Out], items: Iterable[tuple[In | dict[str, Any], str | None]],
-                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef[Out]]: ...
+                  *, chunk: int = 1000, token_budget: int | None = None,
+                  priority: Priority = "normal") -> list[JobRef[Out]]: ...
     @overload
     def send_many(self, agent: str, items: Iterable[tuple[BaseModel | dict[str, Any], str | None]],
-                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef[Any]]: ...
+                  *, chunk: int = 1000, token_budget: int | None = None,
+                  priority: Priority = "normal") -> list[JobRef[Any]]: ...
 
     def send_many(self, agent: AgentRef[Any, Any] | str, items: Iterable[tuple[BaseModel | dict[str, Any], str | None]],
-                  *, chunk: int = 1000, token_budget: int | None = None) -> list[JobRef[Any]]:
+                  *, chunk: int = 1000, token_budget: int | None = None,
+                  priority: Priority = "normal") -> list[JobRef[Any]]:
         """Many ``(payload, key)`` messages to one agent in pipelined chunks; every payload is checked
-        before any is sent. ``token_budget`` applies to each job."""
+        before any is sent. ``token_budget`` and ``priority`` apply to each job."""
+        checked(priority)
         target = self.target(agent)
         batch = []
         for index, (payload, key) in enumerate(items):
@@ -260,10 +277,10 @@ class MeshClient:
         # Every message is checked against the limits before the first is sent.
         self._check_limits(target, steps, token_budget)
         return self._send_chunks(target, [steps[i:i + chunk] for i in range(0, len(steps), chunk)],
-                                 token_budget=token_budget)
+                                 token_budget=token_budget, priority=priority)
 
     def run(self, pipeline: Any, input: BaseModel | dict[str, Any], *, key: str | None = None,
-            token_budget: int | None = None, replace: bool = True) -> JobRef[JobRecord]:
+            token_budget: int | None = None, replace: bool = True, priority: Priority = "normal") -> JobRef[JobRecord]:
         """Run a declared pipeline on ``input`` (a model or a dict; its ``result()`` is the succeeded
         job's record: ``record.output(step)``): ``pipeline`` is a ``PipelineSpec`` or a name (the client's
         app's pipeline of that name, else the newest registered one). The spec is registered by name
@@ -271,12 +288,15 @@ class MeshClient:
         one transaction. A key already naming a run of the same pipeline and input returns that job;
         with another input, KeyConflict. ``replace=False``: PipelineConflict (nothing sent, nothing
         registered) when another version of the name is registered as the newest, checked in that
-        same transaction."""
+        same transaction. ``priority``: the job's steps' place in their agents' queues (``high``,
+        ``normal``, ``low``), for every step that does not declare its own."""
+        checked(priority)
         data = input.model_dump(mode="json", by_alias=True) if isinstance(input, BaseModel) else input
-        return self._start(self._pipeline_spec(pipeline), data, key=key, token_budget=token_budget, replace=replace)
+        return self._start(self._pipeline_spec(pipeline), data, key=key, token_budget=token_budget, replace=replace,
+                           priority=priority)
 
     def _start(self, spec: Any, input: dict[str, Any], *, key: str | None, token_budget: int | None,
-               goal: str | None = None, replace: bool = True) -> JobRef[JobRecord]:
+               goal: str | None = None, replace: bool = True, priority: Priority = "normal") -> JobRef[JobRecord]:
         # The spec model and the engine live with the agents: the spec starts its own run (duck-typed,
         # as a job-record change is), and the broker only stores its JSON.
         routes: dict[str, Target] = {}
@@ -301,7 +321,7 @@ class MeshClient:
         ref: JobRef[JobRecord] = JobRef(id=job_id_for(key), key=key, trace_id=trace_id, client=self)
         record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, goal=goal, created_at=now, updated_at=now,
                            payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
-                           pipeline_digest=spec.digest(), pipeline_input=input)
+                           pipeline_digest=spec.digest(), pipeline_input=input, priority=priority)
         record, messages, events = spec.start(
             record, trace_id=trace_id, deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
@@ -427,12 +447,12 @@ class MeshClient:
             raise LimitExceeded(f"item {index}: {exc.message}", index=index, **exc.context) from None
 
     def _send(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-              token_budget: int | None = None) -> list[JobRef[Any]]:
+              token_budget: int | None = None, priority: Priority = "normal") -> list[JobRef[Any]]:
         """Record and enqueue ``(step_id, payload, key)`` items for ``target`` whose payloads were validated.
         A given key already bound to another payload raises KeyConflict and nothing is sent; the check
         and the writes are one script (:class:`~mesh.broker.outbox.NewJobs`), so two racing senders of
         one key cannot both win."""
-        return self._write(*self._build(target, items, token_budget=token_budget))
+        return self._write(*self._build(target, items, token_budget=token_budget, priority=priority))
 
     def _check_limits(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]],
                       token_budget: int | None) -> None:
@@ -446,23 +466,24 @@ class MeshClient:
                 self._build(target, [item], token_budget=token_budget, first=index)
 
     def _send_chunks(self, target: Target, chunks: list[list[tuple[str, dict[str, Any], str | None]]], *,
-                     token_budget: int | None = None) -> list[JobRef[Any]]:
+                     token_budget: int | None = None, priority: Priority = "normal") -> list[JobRef[Any]]:
         """:meth:`_send` of each chunk in turn, each built while the one before it is written (a thread
         waits for Redis meanwhile). A chunk is written only once the one before it was, so a conflict
         stops the sending at its chunk, as one chunk at a time would."""
         if not chunks:
             return []
         refs: list[JobRef[Any]] = []
-        built = self._build(target, chunks[0], token_budget=token_budget)
+        built = self._build(target, chunks[0], token_budget=token_budget, priority=priority)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-send") as writer:
             for part in chunks[1:]:
                 writing = writer.submit(self._write, *built)
-                built = self._build(target, part, token_budget=token_budget)
+                built = self._build(target, part, token_budget=token_budget, priority=priority)
                 refs += writing.result()
         return refs + self._write(*built)
 
     def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
-               token_budget: int | None = None, first: int | None = None) -> tuple[NewJobs, list[JobRef[Any]]]:
+               token_budget: int | None = None, first: int | None = None,
+               priority: Priority = "normal") -> tuple[NewJobs, list[JobRef[Any]]]:
         """The jobs and messages of ``items``, nothing written; LimitExceeded for a message over
         MESH_MAX_MESSAGE_BYTES or MESH_MAX_JSON_DEPTH (naming its batch index when ``first`` is given:
         the index of the first item)."""
@@ -472,7 +493,7 @@ class MeshClient:
         batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=None, now=now,
                         deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
                         max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth,
-                        expected=len(items))
+                        expected=len(items), priority=priority)
         refs = []
         reader = _step_output(agent, target.output)
         for index, (step_id, payload, given) in enumerate(items):
@@ -641,20 +662,23 @@ class MeshClient:
         queues.update(dict.fromkeys(a.queue for a in self.registry.agents().values()))
         return list(queues)
 
-    def queues(self, agents: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
-        """Per queue (default: every agent's, see :meth:`agent_queues`): ready, delayed, and in
-        flight (fetched by a worker, not yet settled)."""
-        pipe = self.redis.pipeline(transaction=False)
+    def queues(self, agents: Iterable[str] | None = None, *, lanes: bool = False) -> dict[str, dict[str, Any]]:
+        """Per queue (default: every agent's, see :meth:`agent_queues`): ready (in every lane),
+        delayed, and in flight (fetched by a worker, not yet settled). ``lanes``: also the ready
+        messages ``by_priority`` and the ``flows`` (flow keys) with ready work."""
         names = list(agents) if agents is not None else self.agent_queues()
+        pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.llen(self.keys.queue(name))
             pipe.hlen(self.keys.messages(name))
             pipe.hlen(self.keys.delayed_messages(name))
         values = pipe.execute()
-        out = {}
-        for i, name in enumerate(names):
-            ready, stored, delayed = values[3 * i: 3 * i + 3]
+        out: dict[str, dict[str, Any]] = {}
+        for i, (name, lane) in enumerate(queue_lanes.depth(self.redis, self.keys, names).items()):
+            stored, delayed = values[2 * i: 2 * i + 2]
+            ready = lane["ready"]
             out[name] = {"ready": ready, "delayed": delayed, "in_flight": max(0, stored - ready)}
+            if lanes:
+                out[name].update(by_priority=lane["by_priority"], flows=lane["flows"])
         return out
 
     def close(self) -> None:

@@ -248,7 +248,7 @@ ACL_COMMANDS = (
     "sadd", "srem", "smembers", "scard", "sismember", "sscan",
     "zadd", "zrem", "zcard", "zcount", "zscore", "zrank", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore",
     "zscan",
-    "zremrangebyscore", "zremrangebyrank",
+    "zremrangebyscore", "zremrangebyrank", "zpopmin",
     "xadd", "xrange", "xrevrange", "xtrim", "xread",
 )
 

@@ -470,10 +470,11 @@ class MeshConsumer(_RedisConsumer):
         if self.idempotency is not None:
             # Claimed when fetched, never run here: the next worker to fetch them claims them at once.
             self.idempotency.drop_claims(messages + pairs)
+        # Back to the head of their lanes (keeping their priority), in the order they were fetched;
+        # the fetched but never handed out too, so a restart strands nothing.
+        ids = [m.options["redis_message_id"] for m in (*messages, *pairs)]
         try:
-            super().requeue(messages)
-            # Fetched but never handed out: these go back too, so a restart strands nothing.
-            for proxy in pairs:
-                self.broker.settle("requeue", self.queue_name, proxy.options["redis_message_id"])
+            if ids:
+                self.broker.settle("requeue", self.queue_name, *ids)
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None

@@ -5,6 +5,16 @@ dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
     {ns}:{queue}                      list of ready message ids
     {ns}:{queue}.msgs                 hash id -> encoded message
     {ns}:{queue}.DQ / .DQ.msgs        the same for delayed messages (retries, deferrals)
+    {ns}:{queue}.high / .low          lists of ready message ids of high / low priority (the mesh's
+                                      addition; {ns}:{queue} holds the normal ones)
+    {ns}:{queue}.flow:{p}:{flow}      list of ready message ids of priority p and flow key {flow}
+    {ns}:{queue}.flows:{p}            zset flow key -> round: the flows of priority p with ready work,
+                                      served round robin ("" stands for the level's list)
+    {ns}:{queue}.sched                hash: the fetch's share credits and rounds per priority, and
+                                      the messages waiting in each priority's flows
+                                      (broker/scripts/lanes_lib.lua says how lanes are served); the
+                                      field lanes:{queue} of {ns}:stats is set while the queue's
+                                      other lanes may have work
     {ns}:{queue}.wake                 list of wake-up tokens (the mesh's addition): every enqueue pushes
                                       one, and idle consumers block on it instead of polling
     {ns}:__acks__.{worker}.{queue}    set of ids a worker fetched and has not settled
@@ -166,6 +176,20 @@ class Keys:
 
     def delayed_messages(self, queue: str) -> str:
         return f"{self.namespace}:{queue}.DQ.msgs"
+
+    def lane(self, queue: str, priority: str) -> str:
+        """The list of ``queue``'s ready messages of ``priority`` without a flow key."""
+        return self.queue(queue) if priority == "normal" else f"{self.namespace}:{queue}.{priority}"
+
+    def flow(self, queue: str, priority: str, flow: str) -> str:
+        """The list of ``queue``'s ready messages of ``priority`` and flow key ``flow`` (as JSON escapes it)."""
+        return f"{self.namespace}:{queue}.flow:{priority}:{flow}"
+
+    def flows(self, queue: str, priority: str) -> str:
+        return f"{self.namespace}:{queue}.flows:{priority}"
+
+    def sched(self, queue: str) -> str:
+        return f"{self.namespace}:{queue}.sched"
 
     def wake(self, queue: str) -> str:
         return f"{self.namespace}:{queue}.wake"

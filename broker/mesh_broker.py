@@ -20,7 +20,7 @@ from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
 from mesh.contracts import OrjsonEncoder
 from mesh.contracts.deadletter import Attempt, DeadLetter
 
-from . import compat
+from . import compat, lanes
 from .claims import script_source
 from .clock import DelayClock, ServerClock
 from .connection import connect
@@ -29,14 +29,13 @@ from .deadline import Deadline
 from .idempotency import Idempotency
 from .jobs import JobStore
 from .keys import Keys
-from .outbox import wake
 from .redact import redact
 from .router import FailureRouter
 from .settings import MeshSettings
 
 logger = logging.getLogger(__name__)
 
-SETTLE_LUA = script_source("settle.lua")
+SETTLE_LUA = script_source("settle.lua", lanes.LIB)
 
 #: How long an idle consumer of a stopping worker blocks between looks (s): it is woken when the stop
 #: begins, and then must notice within this that dramatiq asked it to stop.
@@ -109,13 +108,11 @@ class MeshBroker(RedisBroker):
         super().declare_actor(actor)
 
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
-        """dramatiq's enqueue (``actor.send``, a delayed message coming due), plus the wake-up token."""
-        result = self._dispatch("enqueue")(queue_name, message_id, data)
-        if not queue_name.endswith(".DQ"):
-            pipe = self.client.pipeline(transaction=False)
-            wake(pipe, self.keys, queue_name)
-            pipe.execute()
-        return result
+        """dramatiq's enqueue (``actor.send``, a delayed message coming due) into the message's lane
+        (broker/lanes.py), with the wake-up token, in one script call."""
+        if queue_name.endswith(".DQ"):
+            return self._dispatch("enqueue")(queue_name, message_id, data)
+        return self.settle("push", queue_name, message_id, data)
 
     def _dispatch(self, command: str) -> Callable[..., Any]:
         """dramatiq's dispatch (see SERVER_CLOCK_PRELUDE), sending this broker's clock as the caller's

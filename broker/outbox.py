@@ -18,12 +18,12 @@ import orjson
 import redis
 from dramatiq.message import Message
 
-from mesh.contracts import Envelope, JobRecord, LimitExceeded, StepRecord, depth_exceeds, dumps
+from mesh.contracts import Envelope, JobRecord, LimitExceeded, Priority, StepRecord, depth_exceeds, dumps
 
-from . import trace
+from . import lanes, trace
 from .keys import Keys
 
-ENQUEUE_LUA = resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
+ENQUEUE_LUA = lanes.LIB + "\n" + resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
 
 
 
@@ -78,12 +78,12 @@ WAKE_CAP = 64
 
 
 def stage(pipe: Any, keys: Keys, message: Message, *, wake_up: bool = True, data: bytes | None = None) -> None:
-    """What dramatiq's enqueue does (store the body, push the id), and a token that wakes an idle
-    consumer of the queue at once. Staging many, pass ``wake_up=False`` and call :func:`wake` once
-    per queue with the count. ``data``: the message already encoded."""
+    """What dramatiq's enqueue does (store the body, push the id: on its lane, broker/lanes.py), and a
+    token that wakes an idle consumer of the queue at once. Staging many, pass ``wake_up=False`` and
+    call :func:`wake` once per queue with the count. ``data``: the message already encoded."""
     rid = message.options["redis_message_id"]
     pipe.hset(keys.messages(message.queue_name), rid, encode(message) if data is None else data)
-    pipe.rpush(keys.queue(message.queue_name), rid)
+    lanes.push(pipe, keys, message.queue_name, rid, message.args[0] if message.args else None)
     if wake_up:
         wake(pipe, keys, message.queue_name)
 
@@ -116,18 +116,20 @@ class NewJobs:
 
     def __init__(self, *, agent: str, queue: str, version: int | None, deadline: float,
                  token_budget: int | None, goal: str | None, now: float,
-                 max_bytes: int | None = None, max_depth: int | None = None, expected: int = 128) -> None:
+                 max_bytes: int | None = None, max_depth: int | None = None, expected: int = 128,
+                 priority: Priority = "normal") -> None:
         """``max_bytes`` / ``max_depth``: MESH_MAX_MESSAGE_BYTES / MESH_MAX_JSON_DEPTH, checked per
         message by :meth:`add` (LimitExceeded). ``expected``: how many messages the caller will add
-        (message ids are made for that many, at most 128 at a time: one send makes two, not 256)."""
+        (message ids are made for that many, at most 128 at a time: one send makes two, not 256).
+        ``priority``: every message's and job's (its lane of the queue: broker/lanes.py)."""
         blank, trace_id = "-", "1" * 32
         self.max_bytes, self.max_depth = max_bytes, max_depth
         self.agent, self.queue, self.now = agent, queue, now
         self.envelope = Envelope(key=blank, job_id=blank, step_id=blank, agent=agent, trace_id=trace_id,
                                  deadline=deadline, contract_version=version, token_budget=token_budget,
-                                 payload={}).model_dump(mode="json")
+                                 priority=priority, payload={}).model_dump(mode="json", exclude={"payload"})
         self.record = JobRecord(job_id=blank, key=blank, trace_id=trace_id, goal=goal, created_at=now,
-                                updated_at=now, payload_hash=blank).model_dump(mode="json")
+                                updated_at=now, payload_hash=blank, priority=priority).model_dump(mode="json")
         self.step = StepRecord(step_id=blank, agent=agent, key=blank, sent_at=now, created_at=now,
                                updated_at=now).model_dump(mode="json")
         self.event = trace.event("enqueued", self.envelope, at=now, queue=queue, by="client")
@@ -147,10 +149,10 @@ class NewJobs:
             # for a mapping that is not a dict, gives the dict).
             payload = Envelope(**{**self.envelope, "key": key, "step_id": step_id, "payload": payload}).payload
         body = orjson.Fragment(dumps(payload))
-        env = {**self.envelope, "key": key, "job_id": job_id, "step_id": step_id, "trace_id": trace_id,
-               "payload": body}
+        env = {**self.envelope, "key": key, "job_id": job_id, "step_id": step_id, "trace_id": trace_id}
         if flow_key is not None:
             env["flow_key"] = flow_key
+        env["payload"] = body  # last, as the model writes it: the queue scripts read what comes before it
         step = {**self.step, "step_id": step_id, "key": key, "input": body}
         record = {**self.record, "job_id": job_id, "key": key, "trace_id": trace_id, "steps": {step_id: step},
                   "payload_hash": payload_hash}

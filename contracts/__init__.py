@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .codec import OrjsonEncoder, depth_exceeds, dumps, loads
 from .declared import AgentRef
-from .envelope import Envelope, Frozen, child_key, new_trace_id, traceparent
+from .envelope import PRIORITIES, Envelope, Frozen, Priority, child_key, new_trace_id, traceparent
 from .errors import (
     BreakerOpen,
     Brownout,
@@ -63,6 +63,7 @@ __all__ = [
     "ACTIVE",
     "CONTRACTS",
     "LOST",
+    "PRIORITIES",
     "TERMINAL",
     "ActionStep",
     "AgentRef",
@@ -94,6 +95,7 @@ __all__ = [
     "Plan",
     "PlannerInput",
     "PoisonMessage",
+    "Priority",
     "RateLimited",
     "Receipt",
     "ResearchInput",

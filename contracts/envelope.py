@@ -10,6 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 SCHEMA_VERSION = 1
+
+#: A message's place in its agent's queue: ``high`` is fetched before ``normal``, ``normal`` before
+#: ``low``, and every level below the highest waiting one is still given one fetch in eight
+#: (broker/scripts/lanes_lib.lua), so no level starves.
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Longest flow key an envelope carries (:func:`mesh.contracts.flow.flow_key_of` hashes a longer one).
 FLOW_KEY_MAX = 128
@@ -65,6 +71,10 @@ class Envelope(Frozen):
     idempotent: bool = False
     #: The model this step's ``ctx.model.complete`` calls use (a pipeline step's ``model``); None: MESH_MODEL_NAME.
     model: str | None = None
+    #: The message's priority level within its agent's queue (kept by retries, replays and recovery);
+    #: left out of the encoded envelope when normal. Before ``payload``: the queue scripts read it (and
+    #: ``flow_key``) from the encoded message without decoding it.
+    priority: Priority = "normal"
     #: The rendered key of the agent's flow limits (``concurrency: {key: "input.tenant"}``), written by
     #: the sender; None: one limit for every message of the agent (see docs/guides/limits.md).
     flow_key: str | None = Field(default=None, min_length=1, max_length=FLOW_KEY_MAX)
@@ -79,11 +89,14 @@ class Envelope(Frozen):
 
     @model_serializer(mode="wrap")
     def _without_absent_flow_key(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # A message without a flow key is written as before it existed: a worker of an earlier
-        # release (which refuses unknown fields) still reads it during a rolling deploy.
+        # A message without a flow key, of normal priority, is written as before these fields existed:
+        # a worker of an earlier release (which refuses unknown fields) still reads it during a
+        # rolling deploy, and the default message is no longer than it was.
         data: dict[str, Any] = handler(self)
         if data.get("flow_key", ...) is None:
             data.pop("flow_key", None)
+        if data.get("priority") == "normal":
+            data.pop("priority", None)
         return data
 
     def remaining_s(self, now: float | None = None) -> float:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .approvals import Approval
 from .declared import AgentRef
 from .effects import Settlement, Verdict
-from .envelope import Frozen
+from .envelope import Frozen, Priority
 from .errors import IllegalTransition, NoOutput
 from .waits import Wait
 
@@ -255,6 +255,9 @@ class JobRecord(Record):
     #: :func:`mesh.broker.compact.summarise`; read back by :func:`mesh.broker.trace.read`). None: not
     #: compacted.
     history: dict[str, Any] | None = None
+    #: The priority the job was sent with: its steps' messages carry it unless a pipeline step
+    #: declares its own.
+    priority: Priority = "normal"
 
     def with_step(self, step: StepRecord) -> JobRecord:
         return self.model_copy(update={"steps": {**self.steps, step.step_id: step}})

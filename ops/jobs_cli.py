@@ -13,7 +13,17 @@ from rich.text import Text
 
 from mesh.broker import JobNotFound, JobRef, MeshClient, WaitTimeout
 from mesh.broker.pipelines import PipelineConflict
-from mesh.contracts import TERMINAL, ContractError, JobRecord, KeyConflict, MeshError, State, UnknownAgent
+from mesh.contracts import (
+    PRIORITIES,
+    TERMINAL,
+    ContractError,
+    JobRecord,
+    KeyConflict,
+    MeshError,
+    Priority,
+    State,
+    UnknownAgent,
+)
 from mesh.ops.console import (
     EXIT_FAILED,
     EXIT_INPUT,
@@ -38,6 +48,16 @@ from mesh.ops.pipeline_cli import AppPath, refuse_replacing, registration, resol
 #: States only a step takes: a job is never in them (settle derives a job's state from its steps).
 STEP_ONLY = frozenset({State.SKIPPED, State.NOT_RUN})
 
+PriorityOpt = Annotated[str, typer.Option("--priority", help="The place in the agents' queues: high (fetched "
+                                          "first), normal or low (each lower level still gets one fetch in "
+                                          "eight).", metavar="high|normal|low")]
+
+
+def _priority(given: str) -> Priority:
+    if given not in PRIORITIES:
+        raise typer.BadParameter(f"{given!r}: give high, normal or low", param_hint="--priority")
+    return given
+
 
 def submit(
     goal: Annotated[str, typer.Argument(help="What the mesh should do, in plain words.", metavar="GOAL",
@@ -47,6 +67,7 @@ def submit(
     wait: WaitFlag = False,
     timeout: WaitTimeoutS = 60.0,
     as_json: JsonFlag = False,
+    priority: PriorityOpt = "normal",
 ) -> None:
     """Submit a goal to the whole pipeline: planner, researchers, executor.
 
@@ -54,7 +75,7 @@ def submit(
     exits 4, naming the agents no live worker serves."""
     c = client()
     try:
-        ref = c.submit(goal, key=key)
+        ref = c.submit(goal, key=key, priority=_priority(priority))
     except ContractError as exc:
         fail(str(exc), EXIT_INPUT)
     _sent(c, ref, wait, timeout, as_json)
@@ -75,6 +96,7 @@ def run(
     register: Annotated[bool, typer.Option("--register", help="Register the file (or module:attribute) as the "
                                            "newest version of its name even when another version is registered.")
                         ] = False,
+    priority: PriorityOpt = "normal",
 ) -> None:
     """Run a declared pipeline: record the job with every step, send the root steps.
 
@@ -83,6 +105,7 @@ def run(
     registered, unless --register); a name runs the app's pipeline of that name, else the newest
     registered version. Prints the job id (with --wait, the finished job; exit 1 if it halted or
     failed)."""
+    level = _priority(priority)
     if input_.startswith("@"):
         path = Path(input_[1:])
         if not path.is_file():
@@ -97,7 +120,7 @@ def run(
     c.app = mesh_app
     done = registration(c, spec, pipeline, replace=register) if spec is not None else None
     try:  # refused in the run's own transaction too: another run may register its version meanwhile
-        ref = c.run(spec or pipeline, data, key=key, replace=register or spec is None)
+        ref = c.run(spec or pipeline, data, key=key, replace=register or spec is None, priority=level)
     except PipelineConflict as exc:
         refuse_replacing(exc.context["pipeline"], exc.latest, exc.context["digest"], pipeline)
     except (ContractError, KeyConflict, UnknownAgent) as exc:
@@ -167,6 +190,7 @@ def send(
                                               metavar="FILE")] = None,
     key: Annotated[str | None, typer.Option(help="Idempotency key (with --payload).", metavar="KEY")] = None,
     as_json: JsonFlag = False,
+    priority: PriorityOpt = "normal",
 ) -> None:
     """Send messages straight to one agent.
 
@@ -174,6 +198,7 @@ def send(
     workers published; on any error nothing is sent."""
     if (payload is None) == (file is None):
         fail("give exactly one of --payload or --file", EXIT_INPUT)
+    level = _priority(priority)
     c = client()
     try:
         c.target(agent)
@@ -185,7 +210,7 @@ def send(
         rows = _read_jsonl(file)  # type: ignore[arg-type]
         items, where = [(p, k) for p, k, _ in rows], [f"{file}:{n}" for _, _, n in rows]
     try:
-        refs = c.send_many(agent, items)
+        refs = c.send_many(agent, items, priority=level)
     except KeyConflict as exc:  # names its key, not an item index
         fail(f"{exc} (nothing of its chunk of 1000 was sent)" if len(items) > 1000 else f"{exc} (nothing was sent)",
              EXIT_INPUT)

@@ -126,12 +126,21 @@ class MeshCollector(Collector):
                                          labels=["queue"]) for name in ("ready", "delayed", "in_flight")}
         age = GaugeMetricFamily("mesh_queue_oldest_age_seconds", "Age of the oldest ready message, per queue.",
                                 labels=["queue"])
+        by_priority = GaugeMetricFamily("mesh_queue_ready_by_priority", "Messages ready, per queue and priority "
+                                        "(high, normal, low).", labels=["queue", "priority"])
+        flows = GaugeMetricFamily("mesh_queue_flows", "Flow keys (tenants) with messages ready, per queue.",
+                                  labels=["queue"])
         keys = self.client.keys
-        for queue, values in self.client.queues().items():
+        for queue, values in self.client.queues(lanes=True).items():
             for name, family in depth.items():
                 family.add_metric([queue], values[name])
+            for priority, n in values["by_priority"].items():
+                by_priority.add_metric([queue, priority], n)
+            flows.add_metric([queue], values["flows"])
             age.add_metric([queue], self._oldest_age(keys.queue(queue), keys.messages(queue)))
         yield from depth.values()
+        yield by_priority
+        yield flows
         yield age
 
     def _oldest_age(self, queue_key: str, messages_key: str) -> float:

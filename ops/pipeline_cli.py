@@ -401,6 +401,8 @@ def _parts(s: dict[str, Any]) -> list[str]:
         parts.append(f"retry {_retry(s['retry_policy'])}")
     if s.get("idempotent"):
         parts.append("idempotent")
+    if s.get("priority"):
+        parts.append(f"priority {s['priority']}")
     if "idempotency_key" in s:
         parts.append(f"key: {s['idempotency_key']['source']}")
     if "state_input" in s:

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
 from mesh.ops.console import Column, JsonFlag, Listing, WideFlag, client, emit_json, out
 
+LanesFlag = Annotated[bool, typer.Option("--lanes", help="Also the ready messages per priority and the flow keys "
+                                          "(tenants) with ready work.")]
 
-def queues(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
+
+def queues(wide: WideFlag = False, as_json: JsonFlag = False, lanes: LanesFlag = False) -> None:
     """Per agent queue: messages ready, delayed (retries) and in flight."""
-    depths = client().queues()
+    depths = client().queues(lanes=lanes)
     if as_json:
         emit_json(depths)
         return
-    columns = (Column("queue", key=True), *(Column(n, justify="right") for n in ("ready", "delayed", "in flight")))
-    out.print(Listing(columns, [(name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"]))
-                                for name, d in depths.items()], wide=wide))
+    names = ("ready", "delayed", "in flight", *(("high", "normal", "low", "flows") if lanes else ()))
+    columns = (Column("queue", key=True), *(Column(n, justify="right") for n in names))
+    rows = []
+    for name, d in depths.items():
+        row = [name, str(d["ready"]), str(d["delayed"]), str(d["in_flight"])]
+        if lanes:
+            row += [*(str(n) for n in d["by_priority"].values()), str(d["flows"])]
+        rows.append(tuple(row))
+    out.print(Listing(columns, rows, wide=wide))
 
 
 def stats(wide: WideFlag = False, as_json: JsonFlag = False) -> None:

@@ -225,7 +225,7 @@ def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, p
                    contract_version=routes.version(comp.agent), payload=payload,
                    flow_key=routes.flow_key(comp.agent, payload),
                    max_retries=policy.max_attempts - 1 if policy else None,
-                   backoff=policy.backoff.value if policy else None)
+                   backoff=policy.backoff.value if policy else None, priority=record.priority)
     timeout = undo.timeout_ms if undo is not None else None
     message = build_message(env, **({"time_limit": timeout} if timeout is not None else {}))
     queue = routes.queue(comp.agent)

@@ -117,7 +117,7 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
     record = JobRecord(job_id=job_id_for(key), key=key, trace_id=trace_id, goal=old.goal, created_at=now,
                        updated_at=now, payload_hash=payload_hash(f"pipeline:{spec.name}", old.pipeline_input or {}),
                        pipeline=old.pipeline, pipeline_digest=old.pipeline_digest, pipeline_input=old.pipeline_input,
-                       rerun_of=old.job_id, rerun_from=from_step)
+                       rerun_of=old.job_id, rerun_from=from_step, priority=old.priority)
     for step in spec.steps:
         kept = old.steps.get(step.id)
         if step.id not in again and kept is not None and kept.state in (State.SUCCEEDED, State.SKIPPED):

@@ -18,6 +18,7 @@ import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mesh.contracts.approvals import parse_duration
+from mesh.contracts.envelope import Priority
 from mesh.contracts.flow import FlowLimits
 from mesh.contracts.waits import EVENT_NAME
 
@@ -237,6 +238,9 @@ class StepSpec(_Spec):
     depends_on: tuple[str, ...] = ()
     #: A re-run under the same key is harmless: a timed-out attempt may be retried.
     idempotent: bool = False
+    #: The step's messages' priority in its agent's queue (high, normal, low); default: the job's
+    #: (``priority=`` of the run, normal by default).
+    priority: Priority | None = None
     idempotency_key: KeyTemplate | None = None
     #: Which upstream output (step id or output_schema name) is the input; default: the dependencies'.
     state_input: str | None = None
@@ -446,7 +450,7 @@ class PipelineSpec(_Spec):
         if data.get("limits", ...) is None:  # nor one without limits
             del data["limits"]
         for step in data["steps"]:
-            for key in ("approval", "sleep", "wait_for"):
+            for key in ("approval", "sleep", "wait_for", "priority"):
                 if step.get(key, ...) is None:  # a spec without one keeps the digest it always had
                     del step[key]
             # Stored under the name it was first stored by: a spec keeps its digest, and a worker that

@@ -52,8 +52,10 @@ end
 
 -- Taking claims: a call opens a batch (one read of the deployment's fencing counter, the field
 -- "fence" of the stats hash), takes claims, and closes it (one write of the counter, if it moved).
-local function claims_open(stats, lease_ms, ttl_s, now)
-    local fence = tonumber(redis.call("hget", stats, "fence")) or 0
+-- ``read``: the field as the caller already read it (false: absent), else nil.
+local function claims_open(stats, lease_ms, ttl_s, now, read)
+    if read == nil then read = redis.call("hget", stats, "fence") end
+    local fence = tonumber(read) or 0
     return {stats = stats, lease_ms = lease_ms, ttl_s = ttl_s, now = now, fence = fence, first = fence}
 end
 

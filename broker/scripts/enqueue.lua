@@ -16,7 +16,9 @@
 --                  in {ns}:jobs): re-sending a key never resets its job
 --   event          the ``enqueued`` trace event, added to {ns}:trace:{id} (capped near trace_maxlen)
 --   message        dramatiq's encoded message, stored under message_id in {ns}:{queue}.msgs and
---                  pushed on {ns}:{queue}; then up to wake_cap wake-up tokens on {ns}:{queue}.wake
+--                  pushed on its lane of the queue (lanes_lib.lua, run before this: {ns}:{queue} for
+--                  a normal message without a flow key); then up to wake_cap wake-up tokens on
+--                  {ns}:{queue}.wake
 --
 -- Returns 0 when every item was written.
 
@@ -70,11 +72,20 @@ for from = 1, n, slice do
         index[#index + 1] = job_id
         bodies[#bodies + 1] = message_ids[i]
         bodies[#bodies + 1] = messages[i]
-        pushed[#pushed + 1] = message_ids[i]
     end
     redis.call("zadd", jobs, "nx", unpack(index))
     redis.call("hset", msgs, unpack(bodies))
-    redis.call("rpush", ready, unpack(pushed))
+    -- Normal messages without a flow key go on the queue's list in one command; the others each
+    -- to its lane (lanes_lib.lua).
+    for i = from, math.min(n, from + slice - 1) do
+        local level, flow = lane_of(messages[i])
+        if level == "normal" and not flow then
+            pushed[#pushed + 1] = message_ids[i]
+        else
+            lane_push(ready, message_ids[i], messages[i], false)
+        end
+    end
+    if #pushed > 0 then redis.call("rpush", ready, unpack(pushed)) end
 end
 
 local wake = ns .. ":" .. queue .. ".wake"

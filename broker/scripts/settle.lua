@@ -1,4 +1,5 @@
--- The mesh's consumer-side commands over dramatiq's key layout (see broker/keys.py).
+-- The mesh's consumer-side commands over dramatiq's key layout (see broker/keys.py); a queue's
+-- ready messages wait in lanes by priority and flow key (lanes_lib.lua, run before this).
 -- Each command is one atomic step, so no crash or lost connection can leave a message
 -- both settled and pending, or neither.
 --
@@ -33,7 +34,9 @@
 --   job (retry, dead): the job-record change of the failed attempt (JSON, see apply_job below, or
 --   ""): it lands in the same step as the message's fate, and a record that
 --   changed since the caller read it is refused before anything is written (-1: read and retry)
---   requeue   id                     -> an unsettled message goes back to the head of its queue
+--   requeue   id...                  -> unsettled messages go back to the head of their lanes
+--   push      id, data               -> a new message stored and put at the tail of its lane (and a
+--                                       wake-up token): what dramatiq's enqueue does
 --   reclaim   keep_id...             -> every message this worker holds on the queue except
 --                                       keep_id... goes back to the head of the queue
 --
@@ -85,8 +88,9 @@ local function reap(now)
             local dead_acks = acks_prefix .. dead_worker .. "." .. q
             local q_key = ns .. ":" .. q
             for _, id in ipairs(redis.call("smembers", dead_acks)) do
-                if redis.call("hexists", q_key .. ".msgs", id) == 1 then
-                    redis.call("lpush", q_key, id)
+                local data = redis.call("hget", q_key .. ".msgs", id)
+                if data then
+                    lane_push(q_key, id, data, true)
                     redis.call("rpush", q_key .. ".wake", 1)
                     redis.call("hincrby", ns .. ":stats", "recovered", 1)
                 end
@@ -129,8 +133,9 @@ local function message_record(data, key)
 end
 
 local function push_back(id)
-    if redis.call("hexists", msgs_key, id) == 1 then
-        redis.call("lpush", queue_key, id)
+    local data = redis.call("hget", msgs_key, id)
+    if data then
+        lane_push(queue_key, id, data, true)
         redis.call("rpush", queue_key .. ".wake", 1)
         redis.call("ltrim", queue_key .. ".wake", -64, -1)
     end
@@ -178,7 +183,7 @@ local function apply_job(job)
     end
     for _, m in ipairs(job.msgs or {}) do
         redis.call("hset", m.hash, m.rid, m.data)
-        redis.call("rpush", m.queue, m.rid)
+        lane_push(m.queue, m.rid, m.data, false)
         redis.call("rpush", m.wake, 1)
         redis.call("ltrim", m.wake, -64, -1)
     end
@@ -211,13 +216,12 @@ if command == "fetch" then
     redis.call("sadd", held_prefix .. worker, queue)
     -- At most FETCH_MAX: the ids are unpacked into HMGET and SADD below, and Lua unpacks ~8,000
     -- values at most; a script that failed there would have popped ids nobody holds.
-    local ids = redis.call("lpop", queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX))
-    if not ids then return {} end
-    local data = redis.call("hmget", msgs_key, unpack(ids))
     local nonce, batch = ARGV[8], nil
+    local ids, data, fence = lanes_fetch(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX), nonce ~= nil)
+    if #ids == 0 then return {} end
     local records = ARGV[11] == "1"
     if nonce then
-        batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms())
+        batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms(), fence)
     end
     local out, held = {}, {}
     for i, id in ipairs(ids) do
@@ -330,10 +334,21 @@ elseif command == "dead" then
     return 1
 
 elseif command == "requeue" then
-    local id = ARGV[6]
-    if redis.call("srem", acks, id) == 1 then
-        push_back(id)
+    -- From the last: the ids go back to the head of their lanes in the order given.
+    for i = #ARGV, 6, -1 do
+        if redis.call("srem", acks, ARGV[i]) == 1 then
+            push_back(ARGV[i])
+        end
     end
+    return 1
+
+elseif command == "push" then
+    -- A new message (dramatiq's enqueue: a delayed message come due, an actor's send) into its lane.
+    local id, data = ARGV[6], ARGV[7]
+    redis.call("hset", msgs_key, id, data)
+    lane_push(queue_key, id, data, false)
+    redis.call("rpush", queue_key .. ".wake", 1)
+    redis.call("ltrim", queue_key .. ".wake", -64, -1)
     return 1
 
 elseif command == "reclaim" then

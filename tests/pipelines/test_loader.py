@@ -99,7 +99,7 @@ def test_an_unknown_key_is_refused_at_its_line(tmp_path: Path) -> None:
           - id: researcher
             colour: red
         """) == ["bad.yaml:4: unknown key 'colour' in agents[0]; allowed: id, agent, model, timeout_ms, retry_policy, "
-                 "on_false, output_schema, depends_on, idempotent, idempotency_key, state_input, gate, when, "
+                 "on_false, output_schema, depends_on, idempotent, priority, idempotency_key, state_input, gate, when, "
                  "requires_human_approval, approval, for_each, max_parallel, join, item_id, input, compensate, sleep, "
                  "wait_for"]
 

@@ -130,6 +130,7 @@ steps:
     retry_policy: {max_attempts: 5, backoff: fixed}
     output_schema: research_result
     idempotent: true
+    priority: high
     idempotency_key: "{{key}}:scout"
     compensate: {agent: scout, input: {goal: input.goal}, retry_policy: {max_attempts: 2, backoff: none},
                  timeout_ms: 1500}
@@ -172,7 +173,7 @@ EVERY_KEY_SHOWN = [
     "tracing: otlp, logs inputs and outputs", "checkpointing: redis, kept 1h30m",
     "result: fetch, digest", "input_schema task",
     "agent scout", "model gpt-test-mini", "timeout 45s", "retry 5 attempt(s), fixed backoff",
-    "output research_result", "idempotent", "key: {{key}}:scout",
+    "output research_result", "idempotent", "priority high", "key: {{key}}:scout",
     "compensate: agent scout, input: goal = input.goal, retry 2 attempt(s), no backoff, timeout 1500ms",
     "after scout", "state_input research_result", "for_each: scout.sources.filter(s, s.score >= 2.0)",
     "max_parallel 4", "join: min_success 0.8", "item_id: s{{item.score}}", "when: item.score > 0.5",
