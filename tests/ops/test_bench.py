@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from conftest import run_cli
 
 from mesh.ops import bench
 from mesh.ops.bench import BENCH_APP, CHAIN, PAIR, Echo, bench_echo
@@ -21,9 +22,11 @@ def positive(*values: float) -> bool:
     return all(isinstance(v, int | float) and v > 0 for v in values)
 
 
-@pytest.mark.slow
-def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_and_cleans_up(cli, redis_url):
-    res = cli("bench", *SMALL, "--prefetch", "2,0", "--threads", "2", "--json", timeout=240)
+@pytest.mark.slow  # a redis-server of its own: commandstats counts every client of a server (others' INFO too)
+def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_and_cleans_up(settings, private_redis):
+    redis_url = private_redis.url
+    res = run_cli(settings.model_copy(update={"redis_url": redis_url}), "bench", *SMALL, "--prefetch", "2,0",
+                  "--threads", "2", "--json", timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     assert set(out) == {"config", "throughput", "step", "sequential", "enqueue", "pickup_latency", "dlq",

@@ -183,7 +183,7 @@ def test_stats_json_counts_a_suppressed_duplicate(cli, client, settings, start_w
                       "deferred": 0, "dead_lettered": 0, "poison": 0, "recovered": 0, "reclaimed": 0, "replayed": 0,
                       "dlq_drained": 0, "dlq_purged": 0, "dlq_expired": 0, "approval_warnings": 0,
                       "approvals_approved": 0, "approvals_denied": 0, "approvals_expired": 0, "waits_slept": 0,
-                      "waits_event": 0, "waits_timeout": 0, "stuck": 0,
+                      "waits_event": 0, "waits_timeout": 0, "deferred_flow": 0, "stuck": 0,
                       "swept_count": 0, "swept_jobs": 0, "swept_running": 0, "swept_notes": 0, "dlq_size": 0,
                       "routes": {},
                       # the note was verified by reading it back, once: the duplicate made no call

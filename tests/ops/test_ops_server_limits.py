@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -222,26 +221,17 @@ def test_400_connections_dripping_request_heads_leave_healthz_and_the_console_an
 def test_responses_are_sent_without_waiting_for_the_clients_delayed_ack(client):
     """Accepted sockets get TCP_NODELAY (asyncio sets it only on sockets made with IPPROTO_TCP): else
     every response's body waits about 40 ms for the client's ACK of its head."""
-    with ops_server(client) as base, httpx.Client() as http:
-        assert http.get(f"{base}/healthz").status_code == 200  # the connection stays open (keep-alive)
-        found = [flag for conn in _server_connections(port_of(base)) if (flag := _no_delay_of(conn)) is not None]
-        assert found and all(found), found
+    from mesh.ops.server import OpsServer
 
-
-def _no_delay_of(conn: Any) -> int | None:
-    """The connection's TCP_NODELAY; None for one whose socket another test's server closed meanwhile
-    (the objects are found through the garbage collector, ports get reused)."""
+    server = OpsServer(client, "127.0.0.1", 0)
+    thread = server.start()
     try:
-        return int(conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-    except OSError:
-        return None
-
-
-def _server_connections(port: int) -> list[Any]:
-    """The protocol objects of the threaded server on ``port`` (its uvicorn server state)."""
-    import gc
-
-    from mesh.ops.http_guard import GuardedH11
-
-    return [o for o in gc.get_objects() if isinstance(o, GuardedH11) and not o.transport.is_closing()
-            and o.transport.get_extra_info("sockname")[1] == port]
+        with httpx.Client() as http:
+            assert http.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 200  # kept alive
+            # the server's own connections (uvicorn's server state), while the client holds one open
+            found = [conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                     for conn in list(server.server.server_state.connections) if not conn.transport.is_closing()]
+            assert found and all(found), found
+    finally:
+        server.stop()
+        thread.join(10)
