@@ -286,8 +286,8 @@ class Compaction:
                     if excess <= 0:
                         break
                     ids = self.client.zrange(index, 0, min(excess, BATCH) - 1)
-                    removed += int(self._script(keys=[self.keys.namespace], args=[
-                        "evict", now, name, int(self.settings.job_retention_s * 1000), _TERMINAL_STATES, *ids]))
+                    removed += int(self._script(keys=[self.keys.namespace],
+                                                args=["evict", now, name, keep, _TERMINAL_STATES, *ids]))
             self._tidy(name, index, now)
         return removed
 

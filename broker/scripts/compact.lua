@@ -10,8 +10,11 @@
 --                         {ns}:jobs.kept), scored by when it ended. A record that changed since it was read is left in the queue
 --                         for the next sweep; ``sha`` "" only takes the job out of the queue (gone, or
 --                         active again: its next end queues it again).
---   evict     name, retention_ms, terminal_states, job_id...
---                      -> jobs removed. Each job leaves {ns}:jobs.kept:{name}; one whose record is gone
+--   evict     name, keep, terminal_states, job_id...
+--                      -> jobs removed. A job is looked at only while it is still outside the newest
+--                         ``keep`` of {ns}:jobs.kept:{name} (the caller read the index earlier: another
+--                         sweep may have removed older ones since, or the job ended again and is now
+--                         among the newest); then it leaves the index; one whose record is gone
 --                         is left to the age sweep's tombstone; one still ended and holding no dead letter
 --                         and no approval wait is removed: record, trace, effect ledgers, its {ns}:jobs
 --                         member, and a tombstone in {ns}:jobs.expired (as the age sweep does).
@@ -79,12 +82,11 @@ if command == "compact" then
     return {removed, done}
 
 elseif command == "evict" then
-    local name, retention_ms = ARGV[3], tonumber(ARGV[4])
+    local name, keep = ARGV[3], tonumber(ARGV[4])
     local terminal = {}
     for state in string.gmatch(ARGV[5], "[^,]+") do terminal[state] = true end
     local index, removed = ns .. ":jobs.kept:" .. name, 0
-    for i = 6, #ARGV do
-        local id = ARGV[i]
+    local function evict(id)
         local key = ns .. ":job:" .. id
         local raw = redis.call("get", key)
         local ok, record = false, nil
@@ -107,6 +109,12 @@ elseif command == "evict" then
         -- gone (the age sweep tombstones it), active again (its next end indexes it again), or kept by
         -- age alone (dead letters, an approval wait): out of the count either way
         redis.call("zrem", index, id)
+    end
+    for i = 6, #ARGV do
+        -- only while still outside the newest N: the caller read the index earlier, and another sweep
+        -- may have removed older jobs since, or this one ended again and is among the newest now
+        local rank = redis.call("zrank", index, ARGV[i])
+        if rank and rank < redis.call("zcard", index) - keep then evict(ARGV[i]) end
     end
     forget_name(name)
     if removed > 0 then redis.call("hincrby", ns .. ":stats", "swept_count", removed) end

@@ -302,3 +302,73 @@ def test_a_pass_out_of_time_leaves_the_queue_for_the_next(settings, rclient):
     assert compaction.run(now(rclient), budget_s=0).jobs == 0
     assert rclient.zscore(keys.jobs_compact, "job-later") is not None and rclient.exists(keys.trace("job-later"))
     assert compaction.run(now(rclient), budget_s=60).jobs == 1
+
+
+class Paused(redis.Redis):
+    """A sweeper's Redis connection that runs ``meanwhile`` once, just after the sweeper's first
+    ``after`` command (``zcard``: it read an index's size; ``zrange``: the jobs it takes): as if the
+    sweeper was stopped (SIGSTOP) there while others went on, then resumed."""
+
+    def __init__(self, after: str, meanwhile: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.after, self.meanwhile = after, meanwhile
+
+    def _then(self, command: str, answer: Any) -> Any:
+        if command == self.after and self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return answer
+
+    def zcard(self, name: Any) -> Any:
+        return self._then("zcard", super().zcard(name))
+
+    def zrange(self, name: Any, start: int, end: int, *args: Any, **kwargs: Any) -> Any:
+        return self._then("zrange", super().zrange(name, start, end, *args, **kwargs))
+
+
+def paused(rclient: redis.Redis, after: str, meanwhile: Any) -> Paused:
+    return Paused(after, meanwhile, connection_pool=rclient.connection_pool)
+
+
+def test_two_sweeps_applying_the_count_at_once_keep_the_newest_n_not_fewer(make_settings, rclient):
+    settings = make_settings(job_retention_count=2)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    ids = [f"job-c{i}" for i in range(3)]
+    for job_id in ids:
+        end(jobs, started(jobs, rclient, job_id))
+    first = Compaction(rclient, settings)
+    first.compact(now(rclient))
+    at = now(rclient)
+    # the second sweep read 3 kept (1 too many); the first removes that one before it goes on
+    second = Compaction(paused(rclient, "zcard", lambda: first.by_count(at)), settings)
+
+    second.by_count(at)
+
+    assert [j for j in ids if rclient.exists(keys.job(j))] == ids[1:]
+    assert rclient.zcard(keys.jobs_kept("executor")) == 2
+
+
+def test_a_stale_sweep_does_not_remove_a_job_that_ended_again_since_it_read_the_index(make_settings, rclient):
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    old = started(jobs, rclient, "job-again")
+    end(jobs, old, State.HALTED)
+    end(jobs, started(jobs, rclient, "job-newer"))
+    compaction = Compaction(rclient, settings)
+    compaction.compact(now(rclient))
+
+    def ends_again() -> None:  # re-opened (an operator's replay) and ended again, compacted: the newest now
+        def reopen(r: JobRecord) -> tuple[JobRecord, list[Any]]:
+            step = transition(transition(r.steps["s"], State.QUEUED), State.RUNNING)
+            return transition(transition(r, State.QUEUED), State.RUNNING).with_step(step), []
+        jobs.update(old.job_id, reopen)
+        end(jobs, old)
+        compaction.compact(now(rclient))
+
+    stale = Compaction(paused(rclient, "zrange", ends_again), settings)
+    stale.by_count(now(rclient))
+
+    assert rclient.exists(keys.job(old.job_id)) and not rclient.exists(keys.job("job-newer"))
+    assert [m.decode() for m in rclient.zrange(keys.jobs_kept("executor"), 0, -1)] == [old.job_id]
