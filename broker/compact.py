@@ -115,9 +115,11 @@ def _defaults(record: dict[str, Any], step_id: Any) -> dict[str, Any]:
 
 
 def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
-              before: dict[str, Any] | None = None) -> dict[str, Any]:
+              before: dict[str, Any] | None = None, kept: int = 0) -> dict[str, Any]:
     """The history of a job whose record (as JSON) is ``record``: ``events`` (oldest first) in a
-    compact layout, bounded; ``before``: the history it already had (its counts carry over)."""
+    compact layout, bounded; ``before``: the history it already had (its counts carry over), whose
+    events are the first ``kept`` of ``events``: their values were bounded then, and are not cut again
+    (a cut text would lose the size it says it had, and be counted twice)."""
     cut: dict[str, dict[str, int]] = {k: dict(v) for k, v in ((before or {}).get("cut") or {}).items()}
     cut_values = int((before or {}).get("cut_values") or 0)
     groups: dict[tuple[str, str], list[int]] = {}
@@ -145,8 +147,9 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
                 continue
             if name in expected and value == expected[name]:
                 continue
-            value, was_cut = _bounded(value)
-            cut_values += was_cut
+            if i >= kept:
+                value, was_cut = _bounded(value)
+                cut_values += was_cut
             rest[name] = value
         for name in expected:  # a field the event did not carry is not filled in on the way back
             if name not in ev:
@@ -193,8 +196,9 @@ def expand(record: dict[str, Any], *, note: bool = True) -> list[dict[str, Any]]
 def compacted(record: JobRecord, events: list[dict[str, Any]], now: float) -> JobRecord:
     """``record`` with ``events`` (its stream's, oldest first) merged into its history."""
     raw = record.model_dump(mode="json")
-    merged = [*expand(raw, note=False), *events]
-    return record.model_copy(update={"history": summarise(raw, merged, now, before=record.history)})
+    old = expand(raw, note=False)
+    history = summarise(raw, [*old, *events], now, before=record.history, kept=len(old))
+    return record.model_copy(update={"history": history})
 
 
 # -- the sweep's part ---------------------------------------------------------------------------------

@@ -372,3 +372,24 @@ def test_a_stale_sweep_does_not_remove_a_job_that_ended_again_since_it_read_the_
 
     assert rclient.exists(keys.job(old.job_id)) and not rclient.exists(keys.job("job-newer"))
     assert [m.decode() for m in rclient.zrange(keys.jobs_kept("executor"), 0, -1)] == [old.job_id]
+
+
+def test_a_job_compacted_again_keeps_what_its_cut_values_said_and_counts_them_once(settings, rclient, cli):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-twice")
+    trace.emit(rclient, keys, trace.event("progress", envelope(job), worker="w:1", note="é\x00" * 500_000))
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    compaction.run(now(rclient))
+    first = trace.read(rclient, keys, job.job_id)
+    # a later write to the ended job (mesh rerun linking its rerun, a late approval's audit) queues it again
+    jobs.update(job.job_id, lambda r: (r.model_copy(update={"reruns": ["job-next"]}), []))
+    assert compaction.run(now(rclient)).jobs == 1
+
+    again = trace.read(rclient, keys, job.job_id)
+    (note,) = [e["note"] for e in again if e["event"] == "progress"]
+    assert note == next(e["note"] for e in first if e["event"] == "progress")
+    assert "(1,000,000 characters, cut when the job was compacted)" in note
+    assert again[-1]["cut_values"] == 1
+    assert "1 long value cut" in cli("trace", job.job_id).stdout
