@@ -266,6 +266,8 @@ class Compaction:
             if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
                                                                       for s in record.steps.values()):
                 return [job_id, "", "", "", "", 0]  # gone, or not ended after all: its next end queues it again
+            if record.history is not None and record.history.get("v") != VERSION:
+                return [job_id, "", "", "", "", 0]  # compacted by a newer release: its history is not ours to redo
             events = [loads(fields[b"e"]) for _, fields in rows]
             new = compacted(record, events, now)
         except (ValueError, KeyError, TypeError, IndexError):

@@ -13,7 +13,7 @@ import redis
 from conftest import wait_for
 
 from mesh.broker import MeshClient, trace
-from mesh.broker.compact import KIND_MAX, VALUE_MAX, Compaction, encode
+from mesh.broker.compact import KIND_MAX, VALUE_MAX, VERSION, Compaction, encode
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention, expired
@@ -393,3 +393,18 @@ def test_a_job_compacted_again_keeps_what_its_cut_values_said_and_counts_them_on
     assert "(1,000,000 characters, cut when the job was compacted)" in note
     assert again[-1]["cut_values"] == 1
     assert "1 long value cut" in cli("trace", job.job_id).stdout
+
+
+def test_a_history_in_a_newer_layout_is_left_as_it_is(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-newer-layout")
+    end(jobs, job)
+    newer = {"v": VERSION + 1, "events": ["what a newer release kept"]}
+    jobs.update(job.job_id, lambda r: (r.model_copy(update={"history": newer}), []))  # a newer release compacted it
+    trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2"))  # then a late event came
+
+    Compaction(rclient, settings).run(now(rclient))
+
+    assert loads(rclient.get(keys.job(job.job_id)))["history"] == newer
+    assert rclient.xlen(keys.trace(job.job_id)) == 3 and rclient.zcard(keys.jobs_compact) == 0
