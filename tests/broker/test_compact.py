@@ -408,3 +408,37 @@ def test_a_history_in_a_newer_layout_is_left_as_it_is(settings, rclient):
 
     assert loads(rclient.get(keys.job(job.job_id)))["history"] == newer
     assert rclient.xlen(keys.trace(job.job_id)) == 3 and rclient.zcard(keys.jobs_compact) == 0
+
+
+def test_a_late_duplicate_of_a_job_no_longer_kept_leaves_no_trace_that_never_expires(make_settings, rclient):
+    from dramatiq.broker import MessageProxy
+
+    from mesh.broker.idempotency import Idempotency
+    from mesh.broker.mesh_broker import MeshBroker
+    from mesh.broker.outbox import build_message
+    from mesh.contracts import Envelope
+    from dramatiq.middleware import SkipMessage
+
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-gone")
+    end(jobs, job)
+    end(jobs, started(jobs, rclient, "job-after"))
+    mw, broker = Idempotency(settings, rclient), MeshBroker(settings)
+    try:
+        claim_key = keys.claim(job.steps["s"].key)
+        mw._call("claim", claim_key, "w:1")
+        mw._call("done", claim_key, "w:1", dumps({"ok": True}))
+        assert Compaction(rclient, settings).run(now(rclient)).count == 1  # the count took it
+        assert expired(rclient, keys, job.job_id)
+        # a redelivery of its done message (a worker died before its ack) comes after that
+        message = MessageProxy(build_message(Envelope(**envelope(job), deadline=now(rclient) + 60, payload={})))
+        with pytest.raises(SkipMessage):
+            mw.before_process_message(broker, message)
+    finally:
+        broker.close()
+    Retention(rclient, settings).sweep(now(rclient) + 2 * settings.job_retention_s)
+
+    assert [e["event"] for e in trace.read(rclient, keys, job.job_id)] in ([], ["duplicate"])
+    assert rclient.pttl(keys.trace(job.job_id)) != -1  # gone, or on its way out: never kept for good
