@@ -412,12 +412,12 @@ def test_a_history_in_a_newer_layout_is_left_as_it_is(settings, rclient):
 
 def test_a_late_duplicate_of_a_job_no_longer_kept_leaves_no_trace_that_never_expires(make_settings, rclient):
     from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
 
     from mesh.broker.idempotency import Idempotency
     from mesh.broker.mesh_broker import MeshBroker
     from mesh.broker.outbox import build_message
     from mesh.contracts import Envelope
-    from dramatiq.middleware import SkipMessage
 
     settings = make_settings(job_retention_count=1)
     keys = Keys(settings.namespace)
