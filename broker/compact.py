@@ -269,14 +269,16 @@ class Compaction:
             if record.history is not None and record.history.get("v") != VERSION:
                 return [job_id, "", "", "", "", 0]  # compacted by a newer release: its history is not ours to redo
             events = [loads(fields[b"e"]) for _, fields in rows]
-            new = compacted(record, events, now)
-        except (ValueError, KeyError, TypeError, IndexError):
-            # a record or event no reader can read: left as it is, never retried in a loop
-            logger.warning("job record or trace unreadable, not compacted", extra={"job_id": job_id})
+            data_new = encode(compacted(record, events, now))
+        except Exception as exc:  # whatever its shape, one job never stops the sweep
+            # a record or event no reader can read (an event not an object, a time out of range): left
+            # as it is, never retried in a loop
+            logger.warning("job record or trace unreadable, not compacted", extra={"job_id": job_id,
+                                                                                   "error": repr(exc)})
             return [job_id, "", "", "", "", 0]
         last = rows[-1][0].decode() if rows else ""
         ended = record.finished_at or record.updated_at
-        return [job_id, hashlib.sha1(data).hexdigest(), encode(new), last, owner(record), ended]  # type: ignore[arg-type]
+        return [job_id, hashlib.sha1(data).hexdigest(), data_new, last, owner(record), ended]  # type: ignore[arg-type]
 
     def by_count(self, now: float) -> int:
         """Remove all but the newest MESH_JOB_RETENTION_COUNT finished jobs of each agent or pipeline

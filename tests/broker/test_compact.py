@@ -442,3 +442,18 @@ def test_a_late_duplicate_of_a_job_no_longer_kept_leaves_no_trace_that_never_exp
 
     assert [e["event"] for e in trace.read(rclient, keys, job.job_id)] in ([], ["duplicate"])
     assert rclient.pttl(keys.trace(job.job_id)) != -1  # gone, or on its way out: never kept for good
+
+
+@pytest.mark.parametrize("odd", [b"[1, 2]", b"null", b'{"event": "progress", "at": 1e308}'])
+def test_an_event_of_an_odd_shape_leaves_its_job_uncompacted_and_the_pass_goes_on(settings, rclient, odd):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-odd-shape")
+    rclient.xadd(keys.trace(job.job_id), {"e": odd})
+    end(jobs, job)
+    end(jobs, started(jobs, rclient, "job-fine"))
+
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+
+    assert rclient.xlen(keys.trace(job.job_id)) == 3 and loads(rclient.get(keys.job(job.job_id)))["history"] is None
+    assert "history" in loads(rclient.get(keys.job("job-fine"))) and rclient.zcard(keys.jobs_compact) == 0
