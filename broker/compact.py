@@ -260,14 +260,18 @@ class Compaction:
         return int(out), int(done)
 
     def _one(self, job_id: str, data: bytes | None, rows: list[Any], now: float) -> list[Any]:
-        """The script's six arguments for one job."""
+        """The script's six arguments for one job: its record's SHA-1 as read ("" when it is gone) and
+        the compact record, or "" to leave it as it is (the job leaves the queue only if its record is
+        still the one read: one that ended again meanwhile is compacted by the next pass)."""
+        sha = hashlib.sha1(data).hexdigest() if data is not None else ""
+        leave = [job_id, sha, "", "", "", 0]
         try:
             record = JobRecord.model_validate(loads(data)) if data is not None else None
             if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
                                                                       for s in record.steps.values()):
-                return [job_id, "", "", "", "", 0]  # gone, or not ended after all: its next end queues it again
+                return leave  # gone, or not ended after all: its next end queues it again
             if record.history is not None and record.history.get("v") != VERSION:
-                return [job_id, "", "", "", "", 0]  # compacted by a newer release: its history is not ours to redo
+                return leave  # compacted by a newer release: its history is not ours to redo
             events = [loads(fields[b"e"]) for _, fields in rows]
             data_new = encode(compacted(record, events, now))
         except Exception as exc:  # whatever its shape, one job never stops the sweep
@@ -275,10 +279,10 @@ class Compaction:
             # as it is, never retried in a loop
             logger.warning("job record or trace unreadable, not compacted", extra={"job_id": job_id,
                                                                                    "error": repr(exc)})
-            return [job_id, "", "", "", "", 0]
+            return leave
         last = rows[-1][0].decode() if rows else ""
         ended = record.finished_at or record.updated_at
-        return [job_id, hashlib.sha1(data).hexdigest(), data_new, last, owner(record), ended]  # type: ignore[arg-type]
+        return [job_id, sha, data_new, last, owner(record), ended]
 
     def by_count(self, now: float) -> int:
         """Remove all but the newest MESH_JOB_RETENTION_COUNT finished jobs of each agent or pipeline

@@ -3,13 +3,13 @@
 -- compact(keys=[namespace], args=[command, now_s, ...])
 --
 --   compact   keep, (job_id, sha, record, last_id, name, ended_s)...
---                      -> {jobs out of the queue, jobs compacted}. Each job leaves {ns}:jobs.compact. When ``sha`` is the sha1
---                         of its record as it is now, the record is replaced by ``record`` (KEEPTTL) and
+--                      -> {jobs out of the queue, jobs compacted}. A job whose record is still the one
+--                         read (``sha``: its sha1, "" when it was gone) leaves {ns}:jobs.compact, and,
+--                         unless ``record`` is "" (left as it is), the record is replaced by ``record`` (KEEPTTL) and
 --                         its trace stream loses every entry up to ``last_id`` (the stream is deleted
 --                         when nothing came after); with ``keep`` = 1 it joins {ns}:jobs.kept:{name} (and
 --                         {ns}:jobs.kept), scored by when it ended. A record that changed since it was read is left in the queue
---                         for the next sweep; ``sha`` "" only takes the job out of the queue (gone, or
---                         active again: its next end queues it again).
+--                         for the next sweep (it may have ended again since a pass read it active).
 --   evict     name, keep, terminal_states, job_id...
 --                      -> jobs removed. A job is looked at only while it is still outside the newest
 --                         ``keep`` of {ns}:jobs.kept:{name} (the caller read the index earlier: another
@@ -49,11 +49,11 @@ if command == "compact" then
     for i = 4, #ARGV, 6 do
         local id, sha, record, last_id, name = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
         local key = ns .. ":job:" .. id
-        if sha == "" then
-            out[#out + 1] = id
-        else
-            local cur = redis.call("get", key)
-            if cur and redis.sha1hex(cur) == sha then
+        local cur = redis.call("get", key)
+        if (cur and redis.sha1hex(cur) or "") == sha then
+            if record == "" then
+                out[#out + 1] = id
+            else
                 redis.call("set", key, record, "KEEPTTL")
                 local trace = ns .. ":trace:" .. id
                 if last_id ~= "" then

@@ -457,3 +457,25 @@ def test_an_event_of_an_odd_shape_leaves_its_job_uncompacted_and_the_pass_goes_o
 
     assert rclient.xlen(keys.trace(job.job_id)) == 3 and loads(rclient.get(keys.job(job.job_id)))["history"] is None
     assert "history" in loads(rclient.get(keys.job("job-fine"))) and rclient.zcard(keys.jobs_compact) == 0
+
+
+def test_a_job_that_ends_again_between_the_read_and_the_write_stays_queued_for_the_next_pass(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-reopened")
+    end(jobs, job, State.HALTED)
+
+    def reopen(r: JobRecord) -> tuple[JobRecord, list[Any]]:  # an operator's replay: active again
+        step = transition(transition(r.steps["s"], State.QUEUED), State.RUNNING)
+        return transition(transition(r, State.QUEUED), State.RUNNING).with_step(step), []
+
+    jobs.update(job.job_id, reopen)
+    compaction = Compaction(rclient, settings)
+    data, rows = rclient.get(keys.job(job.job_id)), rclient.xrange(keys.trace(job.job_id))
+    args = compaction._one(job.job_id, data, rows, now(rclient))  # read while it runs ...
+    end(jobs, job)  # ... and it ends (queued again) before the pass writes
+
+    compaction._script(keys=[keys.namespace], args=["compact", now(rclient), "0", *args])
+
+    assert rclient.zscore(keys.jobs_compact, job.job_id) is not None
+    assert compaction.run(now(rclient)).jobs == 1 and not rclient.exists(keys.trace(job.job_id))
