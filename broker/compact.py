@@ -9,9 +9,9 @@ queued jobs in batches (:class:`Compaction`), off every step's path:
 
 - the trace's events move into the record, as its ``history`` (:func:`summarise`): the job's ids, each
   step's key and agent and the workers' names are written once, times as microsecond offsets; past
-  KIND_MAX events of one kind in one step, the middle ones are counted, not kept; a field value
-  longer than VALUE_MAX is cut (a string) or kept as its size and SHA-256 (anything else). The
-  stream is deleted (events written after the read stay in it);
+  KIND_MAX events of one kind in one step, the middle ones are counted, not kept, and past HISTORY_MAX
+  events in all, the oldest; a field value longer than VALUE_MAX is cut (a string) or kept as its size
+  and SHA-256 (anything else). The stream is deleted (events written after the read stay in it);
 - the record is rewritten once, without the fields at their defaults (:func:`encode`). Every reader
   fills them back: pydantic (``JobRecord.model_validate``) and the Lua scripts that read a record's
   fields (retention.lua, enqueue.lua), which read only fields that are always written.
@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 BATCH = 200
 #: Events of one kind kept per step: the first and the last half of this many; the rest are counted.
 KIND_MAX = 20
+#: Events a history keeps at most, as many as a job's stream does (broker/trace.py's TRACE_MAXLEN): past
+#: it, the oldest are counted, not kept, so a job merged again and again (events after each end) stays
+#: bounded.
+HISTORY_MAX = 2_000
 #: A field value of an event whose text (or JSON) is longer is cut to this many characters (a string)
 #: or kept as its size and SHA-256 (anything else).
 VALUE_MAX = 512
@@ -131,6 +135,11 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
             middle = where[KIND_MAX // 2:len(where) - KIND_MAX // 2]
             dropped.update(middle)
             cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + len(middle)
+    left = [i for i in range(len(events)) if i not in dropped]
+    for i in left[:max(0, len(left) - HISTORY_MAX)]:  # the oldest, past what a stream would keep
+        dropped.add(i)
+        step, kind = str(events[i].get("step_id") or ""), str(events[i].get("event"))
+        cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + 1
     t0 = min((float(e.get("at") or 0) for e in events), default=now)
     workers: list[str] = []
     rows: list[list[Any]] = []

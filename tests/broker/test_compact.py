@@ -17,6 +17,7 @@ from mesh.broker.compact import KIND_MAX, VALUE_MAX, VERSION, Compaction, encode
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention, expired
+from mesh.broker.trace import TRACE_MAXLEN
 from mesh.contracts import JobRecord, State, StepRecord, dumps, loads, transition
 
 GOAL = "Find out how retries work, then write a note"
@@ -479,3 +480,28 @@ def test_a_job_that_ends_again_between_the_read_and_the_write_stays_queued_for_t
 
     assert rclient.zscore(keys.jobs_compact, job.job_id) is not None
     assert compaction.run(now(rclient)).jobs == 1 and not rclient.exists(keys.trace(job.job_id))
+
+
+def test_a_history_merged_again_and_again_stays_within_what_a_stream_keeps(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-long-story")
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    written = 2  # picked_up, succeeded
+    for round_ in range(3):  # three later rounds of events (compensation items, late duplicates), each merged
+        pipe = rclient.pipeline(transaction=False)
+        for n in range(1_000):
+            ev = trace.event("progress", {**envelope(job), "step_id": f"item[{round_}-{n // 10}]"}, progress=n)
+            trace.stage(pipe, keys, ev)
+        pipe.execute()
+        written += 1_000
+        jobs.update(job.job_id, lambda r, g=f"round {round_}": (r.model_copy(update={"goal": g}), []))
+        assert compaction.run(now(rclient)).jobs == 1
+
+    events = trace.read(rclient, keys, job.job_id)
+    note = events[-1]
+    assert len(events) - 1 == note["kept"] <= TRACE_MAXLEN
+    assert note["kept"] + sum(n for kinds in note["summarised"].values() for n in kinds.values()) == written
+    assert [e["event"] for e in events[-3:-1]] == ["progress", "progress"]  # the newest are the ones kept
+    assert events[-2]["step_id"] == "item[2-99]"
