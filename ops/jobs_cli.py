@@ -362,7 +362,8 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
     stuck = stuck or {}
     nodes = dag.load(c, record) if record.pipeline and c is not None else None
     if as_json:
-        emit_json({**record.model_dump(mode="json"), "stuck": stuck,
+        # the history (its trace once compacted) is mesh trace's to show, in the events' own shape
+        emit_json({**record.model_dump(mode="json", exclude={"history"}), "stuck": stuck,
                    **({"dag": dag.as_json(nodes)} if nodes is not None else {}), **(extra or {})})
         return
     width = out.size.width

@@ -505,3 +505,17 @@ def test_a_history_merged_again_and_again_stays_within_what_a_stream_keeps(setti
     assert note["kept"] + sum(n for kinds in note["summarised"].values() for n in kinds.values()) == written
     assert [e["event"] for e in events[-3:-1]] == ["progress", "progress"]  # the newest are the ones kept
     assert events[-2]["step_id"] == "item[2-99]"
+
+
+def test_mesh_status_json_of_a_compacted_job_is_what_it_was_before(settings, rclient, cli):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-status-json")
+    end(jobs, job)
+    before = cli("status", job.job_id, "--json")
+
+    Compaction(rclient, settings).run(now(rclient))
+
+    after = cli("status", job.job_id, "--json")
+    assert after.returncode == 0 and loads(after.stdout) == loads(before.stdout)  # the trace is mesh trace's
+    assert "history" not in loads(after.stdout)
