@@ -529,9 +529,13 @@ class MeshClient:
         return approvals.decide(self.jobs, job_id, verdict, change)[0]
 
     def status(self, job_id: str) -> JobRecord:
+        """The job's record; :class:`JobNotFound` when there is none (``expired`` when retention removed
+        it once its job ended)."""
         record = self.jobs.get(job_id)
         if record is None:
-            raise JobNotFound(job_id)
+            from .retention import expired
+
+            raise JobNotFound(job_id, expired=expired(self.redis, self.keys, job_id))
         return record
 
     def cancel(self, job_id: str, reason: str | None = None) -> JobRecord:

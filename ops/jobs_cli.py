@@ -279,8 +279,11 @@ def _no_job(c: MeshClient, given: str, candidates: list[str]) -> NoReturn:
 
     for candidate in candidates:
         if expired(c.redis, c.keys, candidate):
+            count = c.settings.job_retention_count
             fail(f"job {candidate} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
-                 "after a job ends", EXIT_INPUT)
+                 "after a job ends, and only the newest " + (f"MESH_JOB_RETENTION_COUNT={count}" if count else
+                                                             "MESH_JOB_RETENTION_COUNT (where set)")
+                 + " of each agent or pipeline", EXIT_INPUT)
     fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), EXIT_INPUT)
 
 

@@ -519,3 +519,24 @@ def test_mesh_status_json_of_a_compacted_job_is_what_it_was_before(settings, rcl
     after = cli("status", job.job_id, "--json")
     assert after.returncode == 0 and loads(after.stdout) == loads(before.stdout)  # the trace is mesh trace's
     assert "history" not in loads(after.stdout)
+
+
+def test_a_job_the_count_removed_is_said_to_be_removed_by_the_count_not_missing(make_settings, rclient, cli):
+    from mesh.broker import JobNotFound
+
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    end(jobs, started(jobs, rclient, "job-counted-out"))
+    end(jobs, started(jobs, rclient, "job-kept"))
+    assert Compaction(rclient, settings).run(now(rclient)).count == 1
+
+    status = cli("status", "job-counted-out")
+    assert status.returncode == 2 and "MESH_JOB_RETENTION_COUNT" in status.stderr
+    client = MeshClient(settings, client=rclient)
+    with pytest.raises(JobNotFound) as waited:  # a caller still waiting on it is told it ended and was removed
+        client.wait("job-counted-out", timeout_s=1)
+    assert waited.value.expired and "removed by retention" in str(waited.value)
+    with pytest.raises(JobNotFound) as never:
+        client.status("job-never-sent")
+    assert not never.value.expired
