@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 #: Jobs compacted per script call.
 BATCH = 200
+#: Bytes of records (as read, and as written) one script call is given, past its last record: a call
+#: holds Redis while it hashes and writes them (200 records of 1 MB held it for seconds), so a batch
+#: of large records is written in several calls.
+CALL_BYTES = 1 << 20
 #: Events of one kind kept per step: the first and the last half of this many; the rest are counted.
 KIND_MAX = 20
 #: Events a history keeps at most, as many as a job's stream does (broker/trace.py's TRACE_MAXLEN): past
@@ -261,12 +265,17 @@ class Compaction:
             pipe.get(self.keys.job(job_id))
             pipe.xrange(self.keys.trace(job_id))
         read: list[Any] = pipe.execute()
-        args: list[Any] = []
-        for job_id, data, rows in zip(ids, read[::2], read[1::2], strict=True):
-            args += self._one(job_id, data, rows, now)
         keep = "1" if self.settings.job_retention_count else "0"
-        out, done = self._script(keys=[self.keys.namespace], args=["compact", now, keep, *args])
-        return int(out), int(done)
+        out = done = size = 0
+        args: list[Any] = []
+        for n, (job_id, data, rows) in enumerate(zip(ids, read[::2], read[1::2], strict=True)):
+            one = self._one(job_id, data, rows, now)
+            args += one
+            size += len(data or b"") + len(one[2])
+            if size >= CALL_BYTES or n == len(ids) - 1:
+                left, compacted_now = self._script(keys=[self.keys.namespace], args=["compact", now, keep, *args])
+                out, done, size, args = out + int(left), done + int(compacted_now), 0, []
+        return out, done
 
     def _one(self, job_id: str, data: bytes | None, rows: list[Any], now: float) -> list[Any]:
         """The script's six arguments for one job: its record's SHA-1 as read ("" when it is gone) and

@@ -75,7 +75,7 @@ if command == "compact" then
             end
         end
     end
-    -- one ZREM for the batch (at most compact.py's BATCH ids): a record changed since it was read
+    -- one ZREM for the call (at most compact.py's BATCH ids, or CALL_BYTES of records): a record changed since it was read
     -- stays queued for the next pass
     local removed = #out > 0 and redis.call("zrem", queue, unpack(out)) or 0
     if done > 0 then redis.call("hincrby", ns .. ":stats", "compacted_jobs", done) end

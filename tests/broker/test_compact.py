@@ -13,7 +13,7 @@ import redis
 from conftest import wait_for
 
 from mesh.broker import MeshClient, trace
-from mesh.broker.compact import KIND_MAX, VALUE_MAX, VERSION, Compaction, encode
+from mesh.broker.compact import CALL_BYTES, KIND_MAX, VALUE_MAX, VERSION, Compaction, encode
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention, expired
@@ -540,3 +540,29 @@ def test_a_job_the_count_removed_is_said_to_be_removed_by_the_count_not_missing(
     with pytest.raises(JobNotFound) as never:
         client.status("job-never-sent")
     assert not never.value.expired
+
+
+class Counting(redis.Redis):
+    """A sweeper's Redis connection that notes the bytes of each script call's arguments."""
+
+    calls: list[int]
+
+    def evalsha(self, sha: Any, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        self.calls.append(sum(len(a) if isinstance(a, bytes | str) else 8 for a in keys_and_args))
+        return super().evalsha(sha, numkeys, *keys_and_args)
+
+
+def test_large_records_are_compacted_in_script_calls_of_bounded_size(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    for i in range(12):  # a research result, a document: records of 200 KB
+        job = started(jobs, rclient, f"job-big-{i}")
+        jobs.update(job.job_id, lambda r: (r.model_copy(update={"goal": "g" * 200_000}), []))
+        end(jobs, job)
+    counting = Counting(connection_pool=rclient.connection_pool)
+    counting.calls = []
+
+    assert Compaction(counting, settings).run(now(rclient)).jobs == 12
+
+    # one call holds Redis while it hashes and writes what it was given: never all 2.4 MB at once
+    assert len(counting.calls) > 1 and max(counting.calls) <= CALL_BYTES + 2 * 200_000 + 4096
