@@ -315,9 +315,11 @@ class Compaction:
                     excess = int(self.client.zcard(index)) - keep
                     if excess <= 0:
                         break
-                    ids = self.client.zrange(index, 0, min(excess, BATCH) - 1)
-                    removed += int(self._script(keys=[self.keys.namespace],
-                                                args=["evict", now, name, keep, _TERMINAL_STATES, *ids]))
+                    ids: list[Any] = self.client.zrange(index, 0, min(excess, BATCH) - 1)
+                    while ids:  # each call stops once it has read CALL_BYTES of records: the rest next
+                        n, looked = self._script(keys=[self.keys.namespace], args=[
+                            "evict", now, name, keep, _TERMINAL_STATES, CALL_BYTES, *ids])
+                        removed, ids = removed + int(n), ids[int(looked):]
             self._tidy(name, index, now)
         return removed
 

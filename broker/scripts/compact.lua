@@ -10,8 +10,10 @@
 --                         when nothing came after); with ``keep`` = 1 it joins {ns}:jobs.kept:{name} (and
 --                         {ns}:jobs.kept), scored by when it ended. A record that changed since it was read is left in the queue
 --                         for the next sweep (it may have ended again since a pass read it active).
---   evict     name, keep, terminal_states, job_id...
---                      -> jobs removed. A job is looked at only while it is still outside the newest
+--   evict     name, keep, terminal_states, max_bytes, job_id...
+--                      -> {jobs removed, jobs looked at}: it stops after the job whose record took the
+--                         records read past ``max_bytes`` (decoding them holds Redis); the caller
+--                         sends the rest again. A job is looked at only while it is still outside the newest
 --                         ``keep`` of {ns}:jobs.kept:{name} (the caller read the index earlier: another
 --                         sweep may have removed older ones since, or the job ended again and is now
 --                         among the newest); then it leaves the index; one whose record is gone
@@ -86,9 +88,11 @@ elseif command == "evict" then
     local terminal = {}
     for state in string.gmatch(ARGV[5], "[^,]+") do terminal[state] = true end
     local index, removed = ns .. ":jobs.kept:" .. name, 0
+    local max_bytes, read, looked = tonumber(ARGV[6]), 0, 0
     local function evict(id)
         local key = ns .. ":job:" .. id
         local raw = redis.call("get", key)
+        if raw then read = read + #raw end
         local ok, record = false, nil
         if raw then ok, record = pcall(cjson.decode, raw) end
         if raw and ok and type(record) == "table" and terminal[record.state] and not holds(record)
@@ -110,15 +114,17 @@ elseif command == "evict" then
         -- age alone (dead letters, an approval wait): out of the count either way
         redis.call("zrem", index, id)
     end
-    for i = 6, #ARGV do
+    for i = 7, #ARGV do
         -- only while still outside the newest N: the caller read the index earlier, and another sweep
         -- may have removed older jobs since, or this one ended again and is among the newest now
         local rank = redis.call("zrank", index, ARGV[i])
         if rank and rank < redis.call("zcard", index) - keep then evict(ARGV[i]) end
+        looked = looked + 1
+        if read >= max_bytes then break end
     end
     forget_name(name)
     if removed > 0 then redis.call("hincrby", ns .. ":stats", "swept_count", removed) end
-    return removed
+    return {removed, looked}
 
 elseif command == "tidy" then
     local name, removed = ARGV[3], 0

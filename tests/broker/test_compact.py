@@ -13,7 +13,7 @@ import redis
 from conftest import wait_for
 
 from mesh.broker import MeshClient, trace
-from mesh.broker.compact import CALL_BYTES, KIND_MAX, VALUE_MAX, VERSION, Compaction, encode
+from mesh.broker.compact import CALL_BYTES, KIND_MAX, VALUE_MAX, VERSION, Compacted, Compaction, encode
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention, expired
@@ -546,13 +546,20 @@ class Counting(redis.Redis):
     """A sweeper's Redis connection that notes the bytes of each script call's arguments."""
 
     calls: list[int]
+    evicts: list[int]
 
     def evalsha(self, sha: Any, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
-        self.calls.append(sum(len(a) if isinstance(a, bytes | str) else 8 for a in keys_and_args))
+        if keys_and_args[numkeys] == "evict":
+            answer = super().evalsha(sha, numkeys, *keys_and_args)
+            self.evicts.append(int(answer[1]))  # the jobs it looked at
+            return answer
+        else:
+            self.calls.append(sum(len(a) if isinstance(a, bytes | str) else 8 for a in keys_and_args))
         return super().evalsha(sha, numkeys, *keys_and_args)
 
 
-def test_large_records_are_compacted_in_script_calls_of_bounded_size(settings, rclient):
+def test_large_records_are_compacted_and_removed_by_count_in_script_calls_of_bounded_size(make_settings, rclient):
+    settings = make_settings(job_retention_count=1)
     keys = Keys(settings.namespace)
     jobs = JobStore(rclient, keys, retention_s=3600)
     for i in range(12):  # a research result, a document: records of 200 KB
@@ -560,9 +567,10 @@ def test_large_records_are_compacted_in_script_calls_of_bounded_size(settings, r
         jobs.update(job.job_id, lambda r: (r.model_copy(update={"goal": "g" * 200_000}), []))
         end(jobs, job)
     counting = Counting(connection_pool=rclient.connection_pool)
-    counting.calls = []
+    counting.calls, counting.evicts = [], []
 
-    assert Compaction(counting, settings).run(now(rclient)).jobs == 12
+    assert Compaction(counting, settings).run(now(rclient)) == Compacted(jobs=12, count=11)
 
-    # one call holds Redis while it hashes and writes what it was given: never all 2.4 MB at once
+    # one call holds Redis while it hashes and writes (or reads) what it was given: never all 2.4 MB at once
     assert len(counting.calls) > 1 and max(counting.calls) <= CALL_BYTES + 2 * 200_000 + 4096
+    assert sum(counting.evicts) == 11 and max(counting.evicts) <= CALL_BYTES // 200_000 + 1
