@@ -22,9 +22,9 @@ tooling read a compacted job as any other. A job made active again (a DLQ replay
 and writes new events to a new stream; its next end queues it again, and the two are merged.
 
 Count retention: with MESH_JOB_RETENTION_COUNT set, each compacted job joins ``{ns}:jobs.kept:{name}``
-(its pipeline, or its agent; scored by when it ended), and the sweep removes all but the newest N of each, as the age
-retention would (record, trace, effect ledgers, a tombstone for ``mesh status``), except a job
-holding dead letters or waiting for a person, which only age takes.
+(``pipeline:`` and its pipeline, or its agent; scored by when it ended), and the sweep removes all but
+the newest N of each, as the age retention would (record, trace, effect ledgers, a tombstone for
+``mesh status``), except a job holding dead letters or waiting for a person, which only age takes.
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def stage_ended(pipe: Any, keys: Keys, record: JobRecord) -> None:
 
 
 def owner(record: JobRecord) -> str:
-    """What count retention counts a job under: its pipeline, else its (first) step's agent."""
+    """What count retention counts a job under: ``pipeline:`` and its pipeline, else its (first) step's
+    agent (a pipeline may bear an agent's name: they are counted apart)."""
     if record.pipeline:
-        return record.pipeline
+        return f"pipeline:{record.pipeline}"
     return next((s.agent for s in record.steps.values()), "-")
 
 

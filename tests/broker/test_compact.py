@@ -574,3 +574,15 @@ def test_large_records_are_compacted_and_removed_by_count_in_script_calls_of_bou
     # one call holds Redis while it hashes and writes (or reads) what it was given: never all 2.4 MB at once
     assert len(counting.calls) > 1 and max(counting.calls) <= CALL_BYTES + 2 * 200_000 + 4096
     assert sum(counting.evicts) == 11 and max(counting.evicts) <= CALL_BYTES // 200_000 + 1
+
+
+def test_a_pipeline_named_as_an_agent_is_counted_apart_from_that_agents_jobs(make_settings, rclient):
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    end(jobs, started(jobs, rclient, "job-of-agent"))  # a job of the executor agent
+    end(jobs, started(jobs, rclient, "job-of-pipeline", pipeline="executor"))  # a run of pipeline "executor"
+
+    assert Compaction(rclient, settings).run(now(rclient)).count == 0
+
+    assert rclient.exists(keys.job("job-of-agent"), keys.job("job-of-pipeline")) == 2
