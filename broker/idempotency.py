@@ -141,6 +141,9 @@ def message_key(message: MessageProxy | Any) -> str | None:
     return None
 
 
+#: Job and step states that end them, as their records spell them.
+_TERMINAL = frozenset(str(s) for s in TERMINAL)
+
 class Idempotency(Middleware):
     """Claim / lease / done on the message key, shared by every worker through Redis."""
 
@@ -277,6 +280,10 @@ class Idempotency(Middleware):
                 # its job is no longer kept (expired, or removed by the count): the event starts a
                 # stream no sweep would find, so it expires on its own
                 pipe.expire(self.keys.trace(job_id), max(1, int(self.settings.job_retention_s)))
+            elif isinstance(job_id, str) and record is not None and record.get("state") in _TERMINAL:
+                # an ended job, maybe compacted (its stream deleted): queued again, so the event joins
+                # its history instead of keeping a stream of its own (a re-sent key, every time)
+                pipe.zadd(self.keys.jobs_compact, {job_id: float(record.get("finished_at") or time.time())})
             self._quietly(pipe.execute)
             raise SkipMessage(f"{key} is done")
         self._defer(broker, message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
@@ -312,7 +319,7 @@ class Idempotency(Middleware):
         if record is None or not isinstance(step_id, str):
             return False
         step = record.get("steps", {}).get(step_id)
-        return isinstance(step, dict) and step.get("state") not in {str(s) for s in TERMINAL}
+        return isinstance(step, dict) and step.get("state") not in _TERMINAL
 
     def _defer(self, broker: Broker, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str,
                stat: str, route: str) -> None:

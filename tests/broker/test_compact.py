@@ -586,3 +586,36 @@ def test_a_pipeline_named_as_an_agent_is_counted_apart_from_that_agents_jobs(mak
     assert Compaction(rclient, settings).run(now(rclient)).count == 0
 
     assert rclient.exists(keys.job("job-of-agent"), keys.job("job-of-pipeline")) == 2
+
+
+def test_a_duplicate_of_a_compacted_job_queues_it_so_its_event_does_not_keep_a_stream(settings, rclient):
+    from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
+
+    from mesh.broker.idempotency import Idempotency
+    from mesh.broker.mesh_broker import MeshBroker
+    from mesh.broker.outbox import build_message
+    from mesh.contracts import Envelope
+
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-resent")
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    assert compaction.run(now(rclient)).jobs == 1
+    mw, broker = Idempotency(settings, rclient), MeshBroker(settings)
+    try:
+        claim_key = keys.claim(job.steps["s"].key)
+        mw._call("claim", claim_key, "w:1")
+        mw._call("done", claim_key, "w:1", dumps({"ok": True}))
+        # the key sent again (a producer's retry): acked as a duplicate, its event in a stream of its own
+        message = MessageProxy(build_message(Envelope(**envelope(job), deadline=now(rclient) + 60, payload={})))
+        with pytest.raises(SkipMessage):
+            mw.before_process_message(broker, message)
+    finally:
+        broker.close()
+    assert rclient.exists(keys.trace(job.job_id))
+
+    assert compaction.run(now(rclient)).jobs == 1  # queued by the duplicate: its event joins the history
+    assert not rclient.exists(keys.trace(job.job_id))
+    assert [e["event"] for e in trace.read(rclient, keys, job.job_id)][-2:] == ["duplicate", "compacted"]
