@@ -144,6 +144,7 @@ def message_key(message: MessageProxy | Any) -> str | None:
 #: Job and step states that end them, as their records spell them.
 _TERMINAL = frozenset(str(s) for s in TERMINAL)
 
+
 class Idempotency(Middleware):
     """Claim / lease / done on the message key, shared by every worker through Redis."""
 
