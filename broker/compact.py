@@ -47,7 +47,7 @@ COMPACT_LUA = script_source("compact.lua")
 
 logger = logging.getLogger(__name__)
 
-#: Jobs compacted per script call.
+#: Jobs read per pipeline and given to one script call (fewer when their records are large: CALL_BYTES).
 BATCH = 200
 #: Bytes of records (as read, and as written) one script call is given, past its last record: a call
 #: holds Redis while it hashes and writes them (200 records of 1 MB held it for seconds), so a batch
