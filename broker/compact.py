@@ -116,11 +116,28 @@ def _bounded(value: Any) -> tuple[Any, bool]:
 
 
 def _defaults(record: dict[str, Any], step_id: Any) -> dict[str, Any]:
-    """The envelope fields an event of ``step_id`` is expected to carry (so left out when it does)."""
+    """The envelope fields an event of ``step_id`` is expected to carry (so left out when it does): a
+    pipeline step not sent yet, whose key may change when it is (its ``idempotency_key`` rendered),
+    has the key it had when its job was compacted (the history's ``k``)."""
     step = (record.get("steps") or {}).get(step_id) if isinstance(step_id, str) else None
     step = step if isinstance(step, dict) else {}
-    return {"trace_id": record.get("trace_id"), "job_id": record.get("job_id"), "key": step.get("key"),
+    history = record.get("history")
+    fixed = (history.get("k") if isinstance(history, dict) else None) or {}
+    key = step.get("key")
+    if isinstance(fixed, dict) and isinstance(step_id, str):
+        key = fixed.get(step_id, key)
+    return {"trace_id": record.get("trace_id"), "job_id": record.get("job_id"), "key": key,
             "agent": step.get("agent")}
+
+
+def _unsent_keys(record: dict[str, Any], step_ids: set[Any]) -> dict[str, Any]:
+    """The keys of ``record``'s pipeline steps among ``step_ids`` that were not sent yet: the one part
+    of an event's envelope that may still change (:func:`_defaults`)."""
+    steps = record.get("steps") or {}
+    if not record.get("pipeline") or not isinstance(steps, dict):
+        return {}
+    return {sid: step.get("key") for sid, step in steps.items()
+            if sid in step_ids and isinstance(step, dict) and step.get("sent_at") is None}
 
 
 def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
@@ -146,6 +163,8 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
         step, kind = str(events[i].get("step_id") or ""), str(events[i].get("event"))
         cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + 1
     t0 = min((float(e.get("at") or 0) for e in events), default=now)
+    fixed = _unsent_keys(record, {events[i].get("step_id") for i in range(len(events)) if i not in dropped})
+    record = {**record, "history": {"k": fixed}}  # what the events' keys are read back against
     workers: list[str] = []
     rows: list[list[Any]] = []
     for i, ev in enumerate(events):
@@ -176,6 +195,8 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
     history: dict[str, Any] = {"v": VERSION, "w": workers, "ev": rows, "at": round((now - t0) * 1e6)}
     if t0 != record.get("created_at"):  # times count from the job's creation unless it says otherwise
         history["t0"] = t0
+    if fixed:
+        history["k"] = fixed
     if cut:
         history["cut"] = cut
     if cut_values:

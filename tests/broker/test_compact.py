@@ -619,3 +619,31 @@ def test_a_duplicate_of_a_compacted_job_queues_it_so_its_event_does_not_keep_a_s
     assert compaction.run(now(rclient)).jobs == 1  # queued by the duplicate: its event joins the history
     assert not rclient.exists(keys.trace(job.job_id))
     assert [e["event"] for e in trace.read(rclient, keys, job.job_id)][-2:] == ["duplicate", "compacted"]
+
+
+def test_an_event_of_a_step_not_sent_yet_keeps_its_key_when_the_step_is_sent_later_under_another(
+        settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-rekeyed", pipeline="p")
+    # its input could not be built: refused before it was ever sent, under the key it was created with
+    trace.emit(rclient, keys, trace.event("dead_lettered", envelope(job), error="no input"))
+    end(jobs, job, State.HALTED)
+    Compaction(rclient, settings).run(now(rclient))
+
+    def sent(r: JobRecord) -> tuple[JobRecord, list[Any]]:  # replayed: sent under its idempotency_key
+        step = transition(r.steps["s"], State.QUEUED).model_copy(update={"key": "order-7", "sent_at": now(rclient)})
+        return transition(r, State.QUEUED).with_step(step), []
+
+    jobs.update(job.job_id, sent)
+
+    (refused,) = [e for e in trace.read(rclient, keys, job.job_id) if e["event"] == "dead_lettered"]
+    assert refused["key"] == job.steps["s"].key  # not order-7: that message did not exist then
+    jobs.update(job.job_id, lambda r: (transition(r, State.RUNNING).with_step(
+        transition(r.steps["s"], State.RUNNING)), []))
+    trace.emit(rclient, keys, trace.event("picked_up", {**envelope(job), "key": "order-7"}, worker="w:1"))
+    end(jobs, job)
+    Compaction(rclient, settings).run(now(rclient))  # and once merged with what came after
+    events = trace.read(rclient, keys, job.job_id)
+    assert [e["key"] for e in events if e["event"] == "dead_lettered"] == [job.steps["s"].key]
+    assert [e["key"] for e in events if e["event"] == "picked_up"][-1] == "order-7"
