@@ -576,9 +576,13 @@ class MeshClient:
         return wait_store.pending(self.redis, self.keys, event=event)
 
     def status(self, job_id: str) -> JobRecord:
+        """The job's record; :class:`JobNotFound` when there is none (``expired`` when retention removed
+        it once its job ended)."""
         record = self.jobs.get(job_id)
         if record is None:
-            raise JobNotFound(job_id)
+            from .retention import expired
+
+            raise JobNotFound(job_id, expired=expired(self.redis, self.keys, job_id))
         return record
 
     def cancel(self, job_id: str, reason: str | None = None) -> JobRecord:

@@ -9,9 +9,9 @@ queued jobs in batches (:class:`Compaction`), off every step's path:
 
 - the trace's events move into the record, as its ``history`` (:func:`summarise`): the job's ids, each
   step's key and agent and the workers' names are written once, times as microsecond offsets; past
-  KIND_MAX events of one kind in one step, the middle ones are counted, not kept; a field value
-  longer than VALUE_MAX is cut (a string) or kept as its size and SHA-256 (anything else). The
-  stream is deleted (events written after the read stay in it);
+  KIND_MAX events of one kind in one step, the middle ones are counted, not kept, and past HISTORY_MAX
+  events in all, the oldest; a field value longer than VALUE_MAX is cut (a string) or kept as its size
+  and SHA-256 (anything else). The stream is deleted (events written after the read stay in it);
 - the record is rewritten once, without the fields at their defaults (:func:`encode`). Every reader
   fills them back: pydantic (``JobRecord.model_validate``) and the Lua scripts that read a record's
   fields (retention.lua, enqueue.lua), which read only fields that are always written.
@@ -22,9 +22,9 @@ tooling read a compacted job as any other. A job made active again (a DLQ replay
 and writes new events to a new stream; its next end queues it again, and the two are merged.
 
 Count retention: with MESH_JOB_RETENTION_COUNT set, each compacted job joins ``{ns}:jobs.kept:{name}``
-(its pipeline, or its agent; scored by when it ended), and the sweep removes all but the newest N of each, as the age
-retention would (record, trace, effect ledgers, a tombstone for ``mesh status``), except a job
-holding dead letters or waiting for a person, which only age takes.
+(``pipeline:`` and its pipeline, or its agent; scored by when it ended), and the sweep removes all but
+the newest N of each, as the age retention would (record, trace, effect ledgers, a tombstone for
+``mesh status``), except a job holding dead letters or waiting for a person, which only age takes.
 """
 
 from __future__ import annotations
@@ -47,10 +47,18 @@ COMPACT_LUA = script_source("compact.lua")
 
 logger = logging.getLogger(__name__)
 
-#: Jobs compacted per script call.
+#: Jobs read per pipeline and given to one script call (fewer when their records are large: CALL_BYTES).
 BATCH = 200
+#: Bytes of records (as read, and as written) one script call is given, past its last record: a call
+#: holds Redis while it hashes and writes them (200 records of 1 MB held it for seconds), so a batch
+#: of large records is written in several calls.
+CALL_BYTES = 1 << 20
 #: Events of one kind kept per step: the first and the last half of this many; the rest are counted.
 KIND_MAX = 20
+#: Events a history keeps at most, as many as a job's stream does (broker/trace.py's TRACE_MAXLEN): past
+#: it, the oldest are counted, not kept, so a job merged again and again (events after each end) stays
+#: bounded.
+HISTORY_MAX = 2_000
 #: A field value of an event whose text (or JSON) is longer is cut to this many characters (a string)
 #: or kept as its size and SHA-256 (anything else).
 VALUE_MAX = 512
@@ -69,9 +77,10 @@ def stage_ended(pipe: Any, keys: Keys, record: JobRecord) -> None:
 
 
 def owner(record: JobRecord) -> str:
-    """What count retention counts a job under: its pipeline, else its (first) step's agent."""
+    """What count retention counts a job under: ``pipeline:`` and its pipeline, else its (first) step's
+    agent (a pipeline may bear an agent's name: they are counted apart)."""
     if record.pipeline:
-        return record.pipeline
+        return f"pipeline:{record.pipeline}"
     return next((s.agent for s in record.steps.values()), "-")
 
 
@@ -107,17 +116,36 @@ def _bounded(value: Any) -> tuple[Any, bool]:
 
 
 def _defaults(record: dict[str, Any], step_id: Any) -> dict[str, Any]:
-    """The envelope fields an event of ``step_id`` is expected to carry (so left out when it does)."""
+    """The envelope fields an event of ``step_id`` is expected to carry (so left out when it does): a
+    pipeline step not sent yet, whose key may change when it is (its ``idempotency_key`` rendered),
+    has the key it had when its job was compacted (the history's ``k``)."""
     step = (record.get("steps") or {}).get(step_id) if isinstance(step_id, str) else None
     step = step if isinstance(step, dict) else {}
-    return {"trace_id": record.get("trace_id"), "job_id": record.get("job_id"), "key": step.get("key"),
+    history = record.get("history")
+    fixed = (history.get("k") if isinstance(history, dict) else None) or {}
+    key = step.get("key")
+    if isinstance(fixed, dict) and isinstance(step_id, str):
+        key = fixed.get(step_id, key)
+    return {"trace_id": record.get("trace_id"), "job_id": record.get("job_id"), "key": key,
             "agent": step.get("agent")}
 
 
+def _unsent_keys(record: dict[str, Any], step_ids: set[Any]) -> dict[str, Any]:
+    """The keys of ``record``'s pipeline steps among ``step_ids`` that were not sent yet: the one part
+    of an event's envelope that may still change (:func:`_defaults`)."""
+    steps = record.get("steps") or {}
+    if not record.get("pipeline") or not isinstance(steps, dict):
+        return {}
+    return {sid: step.get("key") for sid, step in steps.items()
+            if sid in step_ids and isinstance(step, dict) and step.get("sent_at") is None}
+
+
 def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
-              before: dict[str, Any] | None = None) -> dict[str, Any]:
+              before: dict[str, Any] | None = None, kept: int = 0) -> dict[str, Any]:
     """The history of a job whose record (as JSON) is ``record``: ``events`` (oldest first) in a
-    compact layout, bounded; ``before``: the history it already had (its counts carry over)."""
+    compact layout, bounded; ``before``: the history it already had (its counts carry over), whose
+    events are the first ``kept`` of ``events``: their values were bounded then, and are not cut again
+    (a cut text would lose the size it says it had, and be counted twice)."""
     cut: dict[str, dict[str, int]] = {k: dict(v) for k, v in ((before or {}).get("cut") or {}).items()}
     cut_values = int((before or {}).get("cut_values") or 0)
     groups: dict[tuple[str, str], list[int]] = {}
@@ -129,7 +157,14 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
             middle = where[KIND_MAX // 2:len(where) - KIND_MAX // 2]
             dropped.update(middle)
             cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + len(middle)
+    left = [i for i in range(len(events)) if i not in dropped]
+    for i in left[:max(0, len(left) - HISTORY_MAX)]:  # the oldest, past what a stream would keep
+        dropped.add(i)
+        step, kind = str(events[i].get("step_id") or ""), str(events[i].get("event"))
+        cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + 1
     t0 = min((float(e.get("at") or 0) for e in events), default=now)
+    fixed = _unsent_keys(record, {events[i].get("step_id") for i in range(len(events)) if i not in dropped})
+    record = {**record, "history": {"k": fixed}}  # what the events' keys are read back against
     workers: list[str] = []
     rows: list[list[Any]] = []
     for i, ev in enumerate(events):
@@ -145,8 +180,9 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
                 continue
             if name in expected and value == expected[name]:
                 continue
-            value, was_cut = _bounded(value)
-            cut_values += was_cut
+            if i >= kept:
+                value, was_cut = _bounded(value)
+                cut_values += was_cut
             rest[name] = value
         for name in expected:  # a field the event did not carry is not filled in on the way back
             if name not in ev:
@@ -159,6 +195,8 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
     history: dict[str, Any] = {"v": VERSION, "w": workers, "ev": rows, "at": round((now - t0) * 1e6)}
     if t0 != record.get("created_at"):  # times count from the job's creation unless it says otherwise
         history["t0"] = t0
+    if fixed:
+        history["k"] = fixed
     if cut:
         history["cut"] = cut
     if cut_values:
@@ -193,8 +231,9 @@ def expand(record: dict[str, Any], *, note: bool = True) -> list[dict[str, Any]]
 def compacted(record: JobRecord, events: list[dict[str, Any]], now: float) -> JobRecord:
     """``record`` with ``events`` (its stream's, oldest first) merged into its history."""
     raw = record.model_dump(mode="json")
-    merged = [*expand(raw, note=False), *events]
-    return record.model_copy(update={"history": summarise(raw, merged, now, before=record.history)})
+    old = expand(raw, note=False)
+    history = summarise(raw, [*old, *events], now, before=record.history, kept=len(old))
+    return record.model_copy(update={"history": history})
 
 
 # -- the sweep's part ---------------------------------------------------------------------------------
@@ -248,29 +287,42 @@ class Compaction:
             pipe.get(self.keys.job(job_id))
             pipe.xrange(self.keys.trace(job_id))
         read: list[Any] = pipe.execute()
-        args: list[Any] = []
-        for job_id, data, rows in zip(ids, read[::2], read[1::2], strict=True):
-            args += self._one(job_id, data, rows, now)
         keep = "1" if self.settings.job_retention_count else "0"
-        out, done = self._script(keys=[self.keys.namespace], args=["compact", now, keep, *args])
-        return int(out), int(done)
+        out = done = size = 0
+        args: list[Any] = []
+        for n, (job_id, data, rows) in enumerate(zip(ids, read[::2], read[1::2], strict=True)):
+            one = self._one(job_id, data, rows, now)
+            args += one
+            size += len(data or b"") + len(one[2])
+            if size >= CALL_BYTES or n == len(ids) - 1:
+                left, compacted_now = self._script(keys=[self.keys.namespace], args=["compact", now, keep, *args])
+                out, done, size, args = out + int(left), done + int(compacted_now), 0, []
+        return out, done
 
     def _one(self, job_id: str, data: bytes | None, rows: list[Any], now: float) -> list[Any]:
-        """The script's six arguments for one job."""
+        """The script's six arguments for one job: its record's SHA-1 as read ("" when it is gone) and
+        the compact record, or "" to leave it as it is (the job leaves the queue only if its record is
+        still the one read: one that ended again meanwhile is compacted by the next pass)."""
+        sha = hashlib.sha1(data).hexdigest() if data is not None else ""
+        leave = [job_id, sha, "", "", "", 0]
         try:
             record = JobRecord.model_validate(loads(data)) if data is not None else None
             if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
                                                                       for s in record.steps.values()):
-                return [job_id, "", "", "", "", 0]  # gone, or not ended after all: its next end queues it again
+                return leave  # gone, or not ended after all: its next end queues it again
+            if record.history is not None and record.history.get("v") != VERSION:
+                return leave  # compacted by a newer release: its history is not ours to redo
             events = [loads(fields[b"e"]) for _, fields in rows]
-            new = compacted(record, events, now)
-        except (ValueError, KeyError, TypeError, IndexError):
-            # a record or event no reader can read: left as it is, never retried in a loop
-            logger.warning("job record or trace unreadable, not compacted", extra={"job_id": job_id})
-            return [job_id, "", "", "", "", 0]
+            data_new = encode(compacted(record, events, now))
+        except Exception as exc:  # whatever its shape, one job never stops the sweep
+            # a record or event no reader can read (an event not an object, a time out of range): left
+            # as it is, never retried in a loop
+            logger.warning("job record or trace unreadable, not compacted", extra={"job_id": job_id,
+                                                                                   "error": repr(exc)})
+            return leave
         last = rows[-1][0].decode() if rows else ""
         ended = record.finished_at or record.updated_at
-        return [job_id, hashlib.sha1(data).hexdigest(), encode(new), last, owner(record), ended]  # type: ignore[arg-type]
+        return [job_id, sha, data_new, last, owner(record), ended]
 
     def by_count(self, now: float) -> int:
         """Remove all but the newest MESH_JOB_RETENTION_COUNT finished jobs of each agent or pipeline
@@ -285,9 +337,11 @@ class Compaction:
                     excess = int(self.client.zcard(index)) - keep
                     if excess <= 0:
                         break
-                    ids = self.client.zrange(index, 0, min(excess, BATCH) - 1)
-                    removed += int(self._script(keys=[self.keys.namespace], args=[
-                        "evict", now, name, int(self.settings.job_retention_s * 1000), _TERMINAL_STATES, *ids]))
+                    ids: list[Any] = self.client.zrange(index, 0, min(excess, BATCH) - 1)
+                    while ids:  # each call stops once it has read CALL_BYTES of records: the rest next
+                        n, looked = self._script(keys=[self.keys.namespace], args=[
+                            "evict", now, name, keep, _TERMINAL_STATES, CALL_BYTES, *ids])
+                        removed, ids = removed + int(n), ids[int(looked):]
             self._tidy(name, index, now)
         return removed
 

@@ -287,7 +287,10 @@ class MeshConsumer(_RedisConsumer):
                 # job holding dead letters is kept while they may be replayed, counted from the last one.
                 arg["ttl"] = max(1, int(ended_ttl_s(record, settings.job_retention_s,
                                                     settings.dead_letter_job_retention_s)))
-                arg["compact"] = [keys.jobs_compact, job.job_id]  # queued for compaction (broker/compact.py)
+            if record.state in TERMINAL and not approvals.waiting(record):
+                # queued for compaction (broker/compact.py) when it ends, and when it is written once
+                # ended (what this writes after its compaction is compacted too), as jobs.stage_record does
+                arg["compact"] = [keys.jobs_compact, job.job_id]
         return dumps(arg).decode()
 
     def nack(self, message: MessageProxy) -> None:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 from dramatiq.broker import Broker, MessageProxy
@@ -149,6 +149,10 @@ def message_key(message: MessageProxy | Any) -> str | None:
     return None
 
 
+#: Job and step states that end them, as their records spell them.
+_TERMINAL = frozenset(str(s) for s in TERMINAL)
+
+
 class Idempotency(Middleware):
     """Claim / lease / done on the message key, shared by every worker through Redis."""
 
@@ -256,7 +260,8 @@ class Idempotency(Middleware):
             return
         envelope = message.args[0]
         try:
-            shares = verdict == b"done" and self._shares(envelope)
+            record = self._record(envelope) if verdict == b"done" else None
+            shares = verdict == b"done" and self._shares(envelope, record)
         except redis.RedisError as exc:
             self._defer(broker, message, key, 0, reason=f"job read failed: {exc}", stat="deferred",
                         route="unknown:defer")
@@ -283,6 +288,15 @@ class Idempotency(Middleware):
             count_outcome(pipe, self.keys, message.actor_name, "duplicate")
             trace.stage(pipe, self.keys, trace.event("duplicate", envelope, worker=trace.worker_name(),
                                                      token=int(token)))
+            job_id = envelope.get("job_id")
+            if record is None and isinstance(job_id, str):
+                # its job is no longer kept (expired, or removed by the count): the event starts a
+                # stream no sweep would find, so it expires on its own
+                pipe.expire(self.keys.trace(job_id), max(1, int(self.settings.job_retention_s)))
+            elif isinstance(job_id, str) and record is not None and record.get("state") in _TERMINAL:
+                # an ended job, maybe compacted (its stream deleted): queued again, so the event joins
+                # its history instead of keeping a stream of its own (a re-sent key, every time)
+                pipe.zadd(self.keys.jobs_compact, {job_id: float(record.get("finished_at") or time.time())})
             self._quietly(pipe.execute)
             raise SkipMessage(f"{key} is done")
         self._defer(broker, message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
@@ -310,21 +324,23 @@ class Idempotency(Middleware):
                                                                 "agent": message.actor_name})
         raise SkipMessage(f"{lease.key}: poison")
 
-    def _shares(self, envelope: dict[str, Any]) -> bool:
+    def _record(self, envelope: dict[str, Any]) -> dict[str, Any] | None:
+        """The job record (as JSON) of ``envelope``'s job; None when it is not kept (or not named)."""
+        job_id = envelope.get("job_id")
+        data = self.client.get(self.keys.job(job_id)) if isinstance(job_id, str) else None
+        return None if data is None else cast(dict[str, Any], loads(data))
+
+    def _shares(self, envelope: dict[str, Any], record: dict[str, Any] | None) -> bool:
         """A done key whose message's own step has not ended: this job needs the stored result. Either
         the key is shared by two jobs (a pipeline's ``idempotency_key``), or the job was sent again
         after its record expired (MESH_JOB_RETENTION_S) inside the dedup window, which re-created it
         queued: answered from the claim, it ends as it did, never queued for good. A duplicate of a
         step that ended (the usual case), or of a job no longer kept, is acked as a duplicate."""
-        job_id, step_id = envelope.get("job_id"), envelope.get("step_id")
-        if not (isinstance(job_id, str) and isinstance(step_id, str)):
+        step_id = envelope.get("step_id")
+        if record is None or not isinstance(step_id, str):
             return False
-        data = self.client.get(self.keys.job(job_id))
-        if data is None:
-            return False
-        record = loads(data)
         step = record.get("steps", {}).get(step_id)
-        return isinstance(step, dict) and step.get("state") not in {str(s) for s in TERMINAL}
+        return isinstance(step, dict) and step.get("state") not in _TERMINAL
 
     def _defer(self, broker: Broker, message: MessageProxy, key: str, lease_left_ms: int, *, reason: str,
                stat: str, route: str) -> None:

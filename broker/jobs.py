@@ -50,7 +50,14 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 
 
 class JobNotFound(LookupError):
-    pass
+    """No record for ``job_id``: never held, or (``expired``) its job ended and retention removed its
+    record (MESH_JOB_RETENTION_S, or MESH_JOB_RETENTION_COUNT, which can take it soon after its end)."""
+
+    def __init__(self, job_id: str, *, expired: bool = False) -> None:
+        super().__init__(f"{job_id}: the job ended and its record was removed by retention (MESH_JOB_RETENTION_S, "
+                         "MESH_JOB_RETENTION_COUNT)" if expired else job_id)
+        self.job_id = job_id
+        self.expired = expired
 
 
 #: Step states that come with a dead letter an operator may replay.

@@ -59,9 +59,10 @@ The mesh's own:
                                       `mesh status` can say "expired"; capped and trimmed by the sweep
     {ns}:jobs.compact                 zset job id -> ended time (s): ended jobs the sweep compacts next
                                       (broker/compact.py); the write that ends a job adds it
-    {ns}:jobs.kept:{name}             zset job id -> compacted time (s): the finished jobs of an agent or
-                                      pipeline, written only while MESH_JOB_RETENTION_COUNT is set; the
-                                      sweep removes all but the newest N (broker/compact.py)
+    {ns}:jobs.kept:{name}             zset job id -> end time (s): the finished jobs of an agent (its name)
+                                      or pipeline (pipeline:{name}), written only while
+                                      MESH_JOB_RETENTION_COUNT is set; the sweep removes all but the newest
+                                      N (broker/compact.py)
     {ns}:jobs.kept                    set of the names that have a {ns}:jobs.kept:{name}
     {ns}:cancel:{job_id}              string: the reason a job was cancelled (mesh cancel), written with
                                       its record; lease renewal reads it, so a running step sees

@@ -304,8 +304,11 @@ def _no_job(c: MeshClient, given: str, candidates: list[str]) -> NoReturn:
 
     for candidate in candidates:
         if expired(c.redis, c.keys, candidate):
+            count = c.settings.job_retention_count
             fail(f"job {candidate} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
-                 "after a job ends", EXIT_INPUT)
+                 "after a job ends, and only the newest " + (f"MESH_JOB_RETENTION_COUNT={count}" if count else
+                                                             "MESH_JOB_RETENTION_COUNT (where set)")
+                 + " of each agent or pipeline", EXIT_INPUT)
     fail(f"no job {given}" + ("" if len(candidates) == 1 else f" (nor a job of key {given!r})"), EXIT_INPUT)
 
 
@@ -387,7 +390,8 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
     stuck = stuck or {}
     nodes = dag.load(c, record) if record.pipeline and c is not None else None
     if as_json:
-        emit_json({**record.model_dump(mode="json"), "stuck": stuck,
+        # the history (its trace once compacted) is mesh trace's to show, in the events' own shape
+        emit_json({**record.model_dump(mode="json", exclude={"history"}), "stuck": stuck,
                    **({"dag": dag.as_json(nodes)} if nodes is not None else {}), **(extra or {})})
         return
     width = out.size.width

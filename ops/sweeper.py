@@ -62,6 +62,8 @@ class Sweeper(Middleware):
                 self.sweep()
             except redis.RedisError as exc:
                 logger.warning("retention sweep failed; trying again next interval", extra={"error": str(exc)})
+            except Exception:  # a bug or a record of a shape no one foresaw: the thread must live on
+                logger.exception("retention sweep failed; trying again next interval")
             self._stop.wait(self.settings.sweep_interval_s)
 
     def sweep(self) -> dict[str, int] | None:

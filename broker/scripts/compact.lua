@@ -3,15 +3,20 @@
 -- compact(keys=[namespace], args=[command, now_s, ...])
 --
 --   compact   keep, (job_id, sha, record, last_id, name, ended_s)...
---                      -> {jobs out of the queue, jobs compacted}. Each job leaves {ns}:jobs.compact. When ``sha`` is the sha1
---                         of its record as it is now, the record is replaced by ``record`` (KEEPTTL) and
+--                      -> {jobs out of the queue, jobs compacted}. A job whose record is still the one
+--                         read (``sha``: its sha1, "" when it was gone) leaves {ns}:jobs.compact, and,
+--                         unless ``record`` is "" (left as it is), the record is replaced by ``record`` (KEEPTTL) and
 --                         its trace stream loses every entry up to ``last_id`` (the stream is deleted
 --                         when nothing came after); with ``keep`` = 1 it joins {ns}:jobs.kept:{name} (and
 --                         {ns}:jobs.kept), scored by when it ended. A record that changed since it was read is left in the queue
---                         for the next sweep; ``sha`` "" only takes the job out of the queue (gone, or
---                         active again: its next end queues it again).
---   evict     name, retention_ms, terminal_states, job_id...
---                      -> jobs removed. Each job leaves {ns}:jobs.kept:{name}; one whose record is gone
+--                         for the next sweep (it may have ended again since a pass read it active).
+--   evict     name, keep, terminal_states, max_bytes, job_id...
+--                      -> {jobs removed, jobs looked at}: it stops after the job whose record took the
+--                         records read past ``max_bytes`` (decoding them holds Redis); the caller
+--                         sends the rest again. A job is looked at only while it is still outside the newest
+--                         ``keep`` of {ns}:jobs.kept:{name} (the caller read the index earlier: another
+--                         sweep may have removed older ones since, or the job ended again and is now
+--                         among the newest); then it leaves the index; one whose record is gone
 --                         is left to the age sweep's tombstone; one still ended and holding no dead letter
 --                         and no approval wait is removed: record, trace, effect ledgers, its {ns}:jobs
 --                         member, and a tombstone in {ns}:jobs.expired (as the age sweep does).
@@ -46,11 +51,11 @@ if command == "compact" then
     for i = 4, #ARGV, 6 do
         local id, sha, record, last_id, name = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
         local key = ns .. ":job:" .. id
-        if sha == "" then
-            out[#out + 1] = id
-        else
-            local cur = redis.call("get", key)
-            if cur and redis.sha1hex(cur) == sha then
+        local cur = redis.call("get", key)
+        if (cur and redis.sha1hex(cur) or "") == sha then
+            if record == "" then
+                out[#out + 1] = id
+            else
                 redis.call("set", key, record, "KEEPTTL")
                 local trace = ns .. ":trace:" .. id
                 if last_id ~= "" then
@@ -72,21 +77,22 @@ if command == "compact" then
             end
         end
     end
-    -- one ZREM for the batch (at most compact.py's BATCH ids): a record changed since it was read
+    -- one ZREM for the call (at most compact.py's BATCH ids, or CALL_BYTES of records): a record changed since it was read
     -- stays queued for the next pass
     local removed = #out > 0 and redis.call("zrem", queue, unpack(out)) or 0
     if done > 0 then redis.call("hincrby", ns .. ":stats", "compacted_jobs", done) end
     return {removed, done}
 
 elseif command == "evict" then
-    local name, retention_ms = ARGV[3], tonumber(ARGV[4])
+    local name, keep = ARGV[3], tonumber(ARGV[4])
     local terminal = {}
     for state in string.gmatch(ARGV[5], "[^,]+") do terminal[state] = true end
     local index, removed = ns .. ":jobs.kept:" .. name, 0
-    for i = 6, #ARGV do
-        local id = ARGV[i]
+    local max_bytes, read, looked = tonumber(ARGV[6]), 0, 0
+    local function evict(id)
         local key = ns .. ":job:" .. id
         local raw = redis.call("get", key)
+        if raw then read = read + #raw end
         local ok, record = false, nil
         if raw then ok, record = pcall(cjson.decode, raw) end
         if raw and ok and type(record) == "table" and terminal[record.state] and not holds(record)
@@ -108,9 +114,17 @@ elseif command == "evict" then
         -- age alone (dead letters, an approval wait): out of the count either way
         redis.call("zrem", index, id)
     end
+    for i = 7, #ARGV do
+        -- only while still outside the newest N: the caller read the index earlier, and another sweep
+        -- may have removed older jobs since, or this one ended again and is among the newest now
+        local rank = redis.call("zrank", index, ARGV[i])
+        if rank and rank < redis.call("zcard", index) - keep then evict(ARGV[i]) end
+        looked = looked + 1
+        if read >= max_bytes then break end
+    end
     forget_name(name)
     if removed > 0 then redis.call("hincrby", ns .. ":stats", "swept_count", removed) end
-    return removed
+    return {removed, looked}
 
 elseif command == "tidy" then
     local name, removed = ARGV[3], 0

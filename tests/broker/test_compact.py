@@ -13,10 +13,11 @@ import redis
 from conftest import wait_for
 
 from mesh.broker import MeshClient, trace
-from mesh.broker.compact import KIND_MAX, VALUE_MAX, Compaction, encode
+from mesh.broker.compact import CALL_BYTES, KIND_MAX, VALUE_MAX, VERSION, Compacted, Compaction, encode
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention, expired
+from mesh.broker.trace import TRACE_MAXLEN
 from mesh.contracts import JobRecord, State, StepRecord, dumps, loads, transition
 
 GOAL = "Find out how retries work, then write a note"
@@ -320,3 +321,347 @@ def test_a_compacted_jobs_events_are_followed_and_resumed_by_their_kept_ids(sett
     # one that had read past them (a real id) reads only the stream
     assert [e["event"] for e in client.events(job.job_id, last_id=events[2]["id"])] == ["duplicate"]
     assert [e["event"] for e in client.events(job.job_id, last_id=events[3]["id"])] == []
+
+
+class Paused(redis.Redis):
+    """A sweeper's Redis connection that runs ``meanwhile`` once, just after the sweeper's first
+    ``after`` command (``zcard``: it read an index's size; ``zrange``: the jobs it takes): as if the
+    sweeper was stopped (SIGSTOP) there while others went on, then resumed."""
+
+    def __init__(self, after: str, meanwhile: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.after, self.meanwhile = after, meanwhile
+
+    def _then(self, command: str, answer: Any) -> Any:
+        if command == self.after and self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return answer
+
+    def zcard(self, name: Any) -> Any:
+        return self._then("zcard", super().zcard(name))
+
+    def zrange(self, name: Any, start: int, end: int, *args: Any, **kwargs: Any) -> Any:
+        return self._then("zrange", super().zrange(name, start, end, *args, **kwargs))
+
+
+def paused(rclient: redis.Redis, after: str, meanwhile: Any) -> Paused:
+    return Paused(after, meanwhile, connection_pool=rclient.connection_pool)
+
+
+def test_two_sweeps_applying_the_count_at_once_keep_the_newest_n_not_fewer(make_settings, rclient):
+    settings = make_settings(job_retention_count=2)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    ids = [f"job-c{i}" for i in range(3)]
+    for job_id in ids:
+        end(jobs, started(jobs, rclient, job_id))
+    first = Compaction(rclient, settings)
+    first.compact(now(rclient))
+    at = now(rclient)
+    # the second sweep read 3 kept (1 too many); the first removes that one before it goes on
+    second = Compaction(paused(rclient, "zcard", lambda: first.by_count(at)), settings)
+
+    second.by_count(at)
+
+    assert [j for j in ids if rclient.exists(keys.job(j))] == ids[1:]
+    assert rclient.zcard(keys.jobs_kept("executor")) == 2
+
+
+def test_a_stale_sweep_does_not_remove_a_job_that_ended_again_since_it_read_the_index(make_settings, rclient):
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    old = started(jobs, rclient, "job-again")
+    end(jobs, old, State.HALTED)
+    end(jobs, started(jobs, rclient, "job-newer"))
+    compaction = Compaction(rclient, settings)
+    compaction.compact(now(rclient))
+
+    def ends_again() -> None:  # re-opened (an operator's replay) and ended again, compacted: the newest now
+        def reopen(r: JobRecord) -> tuple[JobRecord, list[Any]]:
+            step = transition(transition(r.steps["s"], State.QUEUED), State.RUNNING)
+            return transition(transition(r, State.QUEUED), State.RUNNING).with_step(step), []
+        jobs.update(old.job_id, reopen)
+        end(jobs, old)
+        compaction.compact(now(rclient))
+
+    stale = Compaction(paused(rclient, "zrange", ends_again), settings)
+    stale.by_count(now(rclient))
+
+    assert rclient.exists(keys.job(old.job_id)) and not rclient.exists(keys.job("job-newer"))
+    assert [m.decode() for m in rclient.zrange(keys.jobs_kept("executor"), 0, -1)] == [old.job_id]
+
+
+def test_a_job_compacted_again_keeps_what_its_cut_values_said_and_counts_them_once(settings, rclient, cli):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-twice")
+    trace.emit(rclient, keys, trace.event("progress", envelope(job), worker="w:1", note="é\x00" * 500_000))
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    compaction.run(now(rclient))
+    first = trace.read(rclient, keys, job.job_id)
+    # a later write to the ended job (mesh rerun linking its rerun, a late approval's audit) queues it again
+    jobs.update(job.job_id, lambda r: (r.model_copy(update={"reruns": ["job-next"]}), []))
+    assert compaction.run(now(rclient)).jobs == 1
+
+    again = trace.read(rclient, keys, job.job_id)
+    (note,) = [e["note"] for e in again if e["event"] == "progress"]
+    assert note == next(e["note"] for e in first if e["event"] == "progress")
+    assert "(1,000,000 characters, cut when the job was compacted)" in note
+    assert again[-1]["cut_values"] == 1
+    assert "1 long value cut" in cli("trace", job.job_id).stdout
+
+
+def test_a_history_in_a_newer_layout_is_left_as_it_is(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-newer-layout")
+    end(jobs, job)
+    newer = {"v": VERSION + 1, "events": ["what a newer release kept"]}
+    jobs.update(job.job_id, lambda r: (r.model_copy(update={"history": newer}), []))  # a newer release compacted it
+    trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2"))  # then a late event came
+
+    Compaction(rclient, settings).run(now(rclient))
+
+    assert loads(rclient.get(keys.job(job.job_id)))["history"] == newer
+    assert rclient.xlen(keys.trace(job.job_id)) == 3 and rclient.zcard(keys.jobs_compact) == 0
+
+
+def test_a_late_duplicate_of_a_job_no_longer_kept_leaves_no_trace_that_never_expires(make_settings, rclient):
+    from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
+
+    from mesh.broker.idempotency import Idempotency
+    from mesh.broker.mesh_broker import MeshBroker
+    from mesh.broker.outbox import build_message
+    from mesh.contracts import Envelope
+
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-gone")
+    end(jobs, job)
+    end(jobs, started(jobs, rclient, "job-after"))
+    mw, broker = Idempotency(settings, rclient), MeshBroker(settings)
+    try:
+        claim_key = keys.claim(job.steps["s"].key)
+        mw._call("claim", claim_key, "w:1")
+        mw._call("done", claim_key, "w:1", dumps({"ok": True}))
+        assert Compaction(rclient, settings).run(now(rclient)).count == 1  # the count took it
+        assert expired(rclient, keys, job.job_id)
+        # a redelivery of its done message (a worker died before its ack) comes after that
+        message = MessageProxy(build_message(Envelope(**envelope(job), deadline=now(rclient) + 60, payload={})))
+        with pytest.raises(SkipMessage):
+            mw.before_process_message(broker, message)
+    finally:
+        broker.close()
+    Retention(rclient, settings).sweep(now(rclient) + 2 * settings.job_retention_s)
+
+    assert [e["event"] for e in trace.read(rclient, keys, job.job_id)] in ([], ["duplicate"])
+    assert rclient.pttl(keys.trace(job.job_id)) != -1  # gone, or on its way out: never kept for good
+
+
+@pytest.mark.parametrize("odd", [b"[1, 2]", b"null", b'{"event": "progress", "at": 1e308}'])
+def test_an_event_of_an_odd_shape_leaves_its_job_uncompacted_and_the_pass_goes_on(settings, rclient, odd):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-odd-shape")
+    rclient.xadd(keys.trace(job.job_id), {"e": odd})
+    end(jobs, job)
+    end(jobs, started(jobs, rclient, "job-fine"))
+
+    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+
+    assert rclient.xlen(keys.trace(job.job_id)) == 3 and loads(rclient.get(keys.job(job.job_id)))["history"] is None
+    assert "history" in loads(rclient.get(keys.job("job-fine"))) and rclient.zcard(keys.jobs_compact) == 0
+
+
+def test_a_job_that_ends_again_between_the_read_and_the_write_stays_queued_for_the_next_pass(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-reopened")
+    end(jobs, job, State.HALTED)
+
+    def reopen(r: JobRecord) -> tuple[JobRecord, list[Any]]:  # an operator's replay: active again
+        step = transition(transition(r.steps["s"], State.QUEUED), State.RUNNING)
+        return transition(transition(r, State.QUEUED), State.RUNNING).with_step(step), []
+
+    jobs.update(job.job_id, reopen)
+    compaction = Compaction(rclient, settings)
+    data, rows = rclient.get(keys.job(job.job_id)), rclient.xrange(keys.trace(job.job_id))
+    args = compaction._one(job.job_id, data, rows, now(rclient))  # read while it runs ...
+    end(jobs, job)  # ... and it ends (queued again) before the pass writes
+
+    compaction._script(keys=[keys.namespace], args=["compact", now(rclient), "0", *args])
+
+    assert rclient.zscore(keys.jobs_compact, job.job_id) is not None
+    assert compaction.run(now(rclient)).jobs == 1 and not rclient.exists(keys.trace(job.job_id))
+
+
+def test_a_history_merged_again_and_again_stays_within_what_a_stream_keeps(settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-long-story")
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    written = 2  # picked_up, succeeded
+    for round_ in range(3):  # three later rounds of events (compensation items, late duplicates), each merged
+        pipe = rclient.pipeline(transaction=False)
+        for n in range(1_000):
+            ev = trace.event("progress", {**envelope(job), "step_id": f"item[{round_}-{n // 10}]"}, progress=n)
+            trace.stage(pipe, keys, ev)
+        pipe.execute()
+        written += 1_000
+        jobs.update(job.job_id, lambda r, g=f"round {round_}": (r.model_copy(update={"goal": g}), []))
+        assert compaction.run(now(rclient)).jobs == 1
+
+    events = trace.read(rclient, keys, job.job_id)
+    note = events[-1]
+    assert len(events) - 1 == note["kept"] <= TRACE_MAXLEN
+    assert note["kept"] + sum(n for kinds in note["summarised"].values() for n in kinds.values()) == written
+    assert [e["event"] for e in events[-3:-1]] == ["progress", "progress"]  # the newest are the ones kept
+    assert events[-2]["step_id"] == "item[2-99]"
+
+
+def test_mesh_status_json_of_a_compacted_job_is_what_it_was_before(settings, rclient, cli):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-status-json")
+    end(jobs, job)
+    before = cli("status", job.job_id, "--json")
+
+    Compaction(rclient, settings).run(now(rclient))
+
+    after = cli("status", job.job_id, "--json")
+    assert after.returncode == 0 and loads(after.stdout) == loads(before.stdout)  # the trace is mesh trace's
+    assert "history" not in loads(after.stdout)
+
+
+def test_a_job_the_count_removed_is_said_to_be_removed_by_the_count_not_missing(make_settings, rclient, cli):
+    from mesh.broker import JobNotFound
+
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    end(jobs, started(jobs, rclient, "job-counted-out"))
+    end(jobs, started(jobs, rclient, "job-kept"))
+    assert Compaction(rclient, settings).run(now(rclient)).count == 1
+
+    status = cli("status", "job-counted-out")
+    assert status.returncode == 2 and "MESH_JOB_RETENTION_COUNT" in status.stderr
+    client = MeshClient(settings, client=rclient)
+    with pytest.raises(JobNotFound) as waited:  # a caller still waiting on it is told it ended and was removed
+        client.wait("job-counted-out", timeout_s=1)
+    assert waited.value.expired and "removed by retention" in str(waited.value)
+    with pytest.raises(JobNotFound) as never:
+        client.status("job-never-sent")
+    assert not never.value.expired
+
+
+class Counting(redis.Redis):
+    """A sweeper's Redis connection that notes the bytes of each script call's arguments."""
+
+    calls: list[int]
+    evicts: list[int]
+
+    def evalsha(self, sha: Any, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        if keys_and_args[numkeys] == "evict":
+            answer = super().evalsha(sha, numkeys, *keys_and_args)
+            self.evicts.append(int(answer[1]))  # the jobs it looked at
+            return answer
+        else:
+            self.calls.append(sum(len(a) if isinstance(a, bytes | str) else 8 for a in keys_and_args))
+        return super().evalsha(sha, numkeys, *keys_and_args)
+
+
+def test_large_records_are_compacted_and_removed_by_count_in_script_calls_of_bounded_size(make_settings, rclient):
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    for i in range(12):  # a research result, a document: records of 200 KB
+        job = started(jobs, rclient, f"job-big-{i}")
+        jobs.update(job.job_id, lambda r: (r.model_copy(update={"goal": "g" * 200_000}), []))
+        end(jobs, job)
+    counting = Counting(connection_pool=rclient.connection_pool)
+    counting.calls, counting.evicts = [], []
+
+    assert Compaction(counting, settings).run(now(rclient)) == Compacted(jobs=12, count=11)
+
+    # one call holds Redis while it hashes and writes (or reads) what it was given: never all 2.4 MB at once
+    assert len(counting.calls) > 1 and max(counting.calls) <= CALL_BYTES + 2 * 200_000 + 4096
+    assert sum(counting.evicts) == 11 and max(counting.evicts) <= CALL_BYTES // 200_000 + 1
+
+
+def test_a_pipeline_named_as_an_agent_is_counted_apart_from_that_agents_jobs(make_settings, rclient):
+    settings = make_settings(job_retention_count=1)
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    end(jobs, started(jobs, rclient, "job-of-agent"))  # a job of the executor agent
+    end(jobs, started(jobs, rclient, "job-of-pipeline", pipeline="executor"))  # a run of pipeline "executor"
+
+    assert Compaction(rclient, settings).run(now(rclient)).count == 0
+
+    assert rclient.exists(keys.job("job-of-agent"), keys.job("job-of-pipeline")) == 2
+
+
+def test_a_duplicate_of_a_compacted_job_queues_it_so_its_event_does_not_keep_a_stream(settings, rclient):
+    from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
+
+    from mesh.broker.idempotency import Idempotency
+    from mesh.broker.mesh_broker import MeshBroker
+    from mesh.broker.outbox import build_message
+    from mesh.contracts import Envelope
+
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-resent")
+    end(jobs, job)
+    compaction = Compaction(rclient, settings)
+    assert compaction.run(now(rclient)).jobs == 1
+    mw, broker = Idempotency(settings, rclient), MeshBroker(settings)
+    try:
+        claim_key = keys.claim(job.steps["s"].key)
+        mw._call("claim", claim_key, "w:1")
+        mw._call("done", claim_key, "w:1", dumps({"ok": True}))
+        # the key sent again (a producer's retry): acked as a duplicate, its event in a stream of its own
+        message = MessageProxy(build_message(Envelope(**envelope(job), deadline=now(rclient) + 60, payload={})))
+        with pytest.raises(SkipMessage):
+            mw.before_process_message(broker, message)
+    finally:
+        broker.close()
+    assert rclient.exists(keys.trace(job.job_id))
+
+    assert compaction.run(now(rclient)).jobs == 1  # queued by the duplicate: its event joins the history
+    assert not rclient.exists(keys.trace(job.job_id))
+    assert [e["event"] for e in trace.read(rclient, keys, job.job_id)][-2:] == ["duplicate", "compacted"]
+
+
+def test_an_event_of_a_step_not_sent_yet_keeps_its_key_when_the_step_is_sent_later_under_another(
+        settings, rclient):
+    keys = Keys(settings.namespace)
+    jobs = JobStore(rclient, keys, retention_s=3600)
+    job = started(jobs, rclient, "job-rekeyed", pipeline="p")
+    # its input could not be built: refused before it was ever sent, under the key it was created with
+    trace.emit(rclient, keys, trace.event("dead_lettered", envelope(job), error="no input"))
+    end(jobs, job, State.HALTED)
+    Compaction(rclient, settings).run(now(rclient))
+
+    def sent(r: JobRecord) -> tuple[JobRecord, list[Any]]:  # replayed: sent under its idempotency_key
+        step = transition(r.steps["s"], State.QUEUED).model_copy(update={"key": "order-7", "sent_at": now(rclient)})
+        return transition(r, State.QUEUED).with_step(step), []
+
+    jobs.update(job.job_id, sent)
+
+    (refused,) = [e for e in trace.read(rclient, keys, job.job_id) if e["event"] == "dead_lettered"]
+    assert refused["key"] == job.steps["s"].key  # not order-7: that message did not exist then
+    jobs.update(job.job_id, lambda r: (transition(r, State.RUNNING).with_step(
+        transition(r.steps["s"], State.RUNNING)), []))
+    trace.emit(rclient, keys, trace.event("picked_up", {**envelope(job), "key": "order-7"}, worker="w:1"))
+    end(jobs, job)
+    Compaction(rclient, settings).run(now(rclient))  # and once merged with what came after
+    events = trace.read(rclient, keys, job.job_id)
+    assert [e["key"] for e in events if e["event"] == "dead_lettered"] == [job.steps["s"].key]
+    assert [e["key"] for e in events if e["event"] == "picked_up"][-1] == "order-7"

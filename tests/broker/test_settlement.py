@@ -305,3 +305,29 @@ def test_a_success_recorded_then_a_failure_keeps_only_a_bounded_result_in_the_cl
     assert claim.result.startswith(b"@")  # before: the 500-byte output kept whole in the claim
     assert claim.owner == ""  # a done claim keeps no owner (before: the done settlement kept it)
     assert len(claim.result) < 200
+
+
+def test_a_late_failure_settled_on_a_job_already_compacted_queues_it_to_be_compacted_again(client, consume):
+    from mesh.broker import trace
+    from mesh.broker.compact import Compaction
+    from mesh.contracts import State, transition
+
+    ref = client.send("executor", note("ended elsewhere"))
+    broker, consumer = consume()
+    message = fetch(consumer)
+
+    def ended(record: JobRecord) -> tuple[JobRecord, list[Any]]:  # another owner finished it meanwhile
+        step = transition(transition(record.steps["executor"], State.RUNNING), State.SUCCEEDED, result={"ok": 1})
+        return transition(transition(record, State.RUNNING), State.SUCCEEDED).with_step(step), []
+
+    client.jobs.update(ref.id, ended)
+    compaction = Compaction(client.redis, client.settings)
+    assert compaction.run(client.clock.now_s()).jobs == 1
+    decide(message, dead_letter_with_step(broker, message, FailureClass.PERMANENT, "refused", None))
+    consumer.ack(message)
+    assert client.redis.exists(client.keys.trace(ref.id))  # what it wrote started a stream of its own ...
+
+    assert client.redis.zscore(client.keys.jobs_compact, ref.id) is not None  # ... and the write queued the job
+    assert compaction.run(client.clock.now_s()).jobs == 1 and not client.redis.exists(client.keys.trace(ref.id))
+    assert client.status(ref.id).state is State.SUCCEEDED
+    assert [e["event"] for e in trace.read(client.redis, client.keys, ref.id)][-1] == "compacted"
