@@ -26,10 +26,10 @@ from typing import Any
 
 import redis
 
-from mesh.contracts import JobRecord, MeshError, State, StepRecord, dumps, loads
+from mesh.contracts import TERMINAL, JobRecord, MeshError, State, StepRecord, dumps, loads
 from mesh.contracts.waits import Wait
 
-from . import timers
+from . import approvals, timers
 from .clock import server_ms
 from .keys import Keys
 
@@ -82,11 +82,28 @@ def _waited(before: JobRecord, step_id: str) -> bool:
     return step is not None and step.state is State.WAITING
 
 
-def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | None = None) -> None:
+def parked(record: JobRecord) -> bool:
+    """Whether a step of ``record`` waits durably (``sleep:``, ``wait_for:``) or for a person: its
+    job keeps its record and trace without a TTL, even once another branch ended it."""
+    return any(s.state in (State.WAITING, State.AWAITING_APPROVAL) for s in record.steps.values())
+
+
+def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | None = None,
+                ended_ttl_ms: int | None = None) -> None:
     """Stage, with a write of ``record``, the index entries and timers its waiting steps imply
     (above). ``before``: the record as the write found it; a wait already in it was staged by the
     write that began it, and only the write that ends a wait removes what it staged (without it,
-    every step that ever waited is cleared again, which is harmless)."""
+    every step that ever waited is cleared again, which is harmless). A job with a step waiting keeps
+    no TTL (another branch may have ended it: the wait still ends, by its timer or an event);
+    ``ended_ttl_ms``: the retention such a job takes once nothing of it waits any more."""
+    if any(s.state is State.WAITING for s in record.steps.values()):
+        pipe.persist(keys.job(record.job_id))
+        pipe.persist(keys.trace(record.job_id))
+    elif (ended_ttl_ms is not None and record.state in TERMINAL and not parked(record)
+          and any(s.wait for s in record.steps.values())
+          and (before is None or any(s.state is State.WAITING for s in before.steps.values()))):
+        # ended while a step waited (no TTL then): its retention starts now that nothing waits
+        pipe.eval(approvals.EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
     for step in record.steps.values():
         wait = step.wait
         if wait is None:
