@@ -189,7 +189,7 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     """``data`` when ``event`` is a name and ``data`` a JSON object within the step output limits."""
     import re
 
-    if not isinstance(event, str) or not re.match(EVENT_NAME, event):
+    if not isinstance(event, str) or not re.fullmatch(EVENT_NAME, event):  # whole: "name\n" is none
         raise store.InvalidEvent(f"an event name is 1 to 128 letters, digits and ._:- (starting with a letter or "
                                  f"digit), not {str(event)[:60]!r}")
     data = {} if data is None else data
@@ -197,7 +197,12 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
         raise store.InvalidEvent(f"an event's data is a JSON object (it becomes the step's output), not "
                                  f"{type(data).__name__}")
     data = redact.redact_value(data)  # a step output: masked before anything keeps it, as an agent's is
-    encoded = dumps(data)
+    try:
+        encoded = dumps(data)
+    except TypeError as exc:  # orjson's: bytes, an object, a key that is no string, a 65-bit integer
+        raise store.InvalidEvent(f"an event's data is no JSON: {exc}") from None
+    if not _finite(data):
+        raise store.InvalidEvent("an event's data is no JSON: it holds NaN or an infinity (JSON has neither)")
     size = len(encoded)
     if depth_exceeds(encoded, data, client.settings.max_json_depth):
         raise store.InvalidEvent(f"an event's data nests deeper than MESH_MAX_JSON_DEPTH "
@@ -206,6 +211,22 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
         raise store.InvalidEvent(f"an event's data of {size} bytes is over MESH_MAX_OUTPUT_BYTES "
                                  f"({client.settings.max_output_bytes})")
     return data
+
+
+def _finite(data: Any) -> bool:
+    """Whether no float in ``data`` is NaN or infinite (orjson writes them as null: the data changed)."""
+    import math
+
+    todo = [data]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, list | tuple | set | frozenset):
+            todo.extend(value)
+    return True
 
 
 def _client_waits(client: MeshClient) -> Waits:

@@ -49,3 +49,21 @@ def test_a_job_ended_by_another_branch_keeps_its_record_while_a_step_waits(mesh,
     rec = settle(mesh, ref.id, "nap")
     assert rec.state is State.SUCCEEDED
     assert mesh.redis.pttl(mesh.keys.job(ref.id)) > 0 and mesh.redis.pttl(mesh.keys.trace(ref.id)) > 0
+
+
+@pytest.mark.parametrize("data", [{"n": 2**70}, {1: "a"}, {"x": b"raw"}, {"x": "\ud800"}, {"x": object()},
+                                  {"x": float("nan")}, {"x": float("inf")}])
+def test_event_data_that_is_no_json_is_refused_as_an_invalid_event(mesh, data):
+    with pytest.raises(InvalidEvent, match="JSON"):
+        mesh.emit("payment.settled", data)
+    ref = mesh.run(pay_flow(), {"goal": "g", "order": 1})
+    with pytest.raises(InvalidEvent, match="JSON"):
+        mesh.signal(ref.id, "payment.settled", data)
+    assert mesh.redis.exists(mesh.keys.events("payment.settled"), mesh.keys.signals(ref.id)) == 0
+
+
+@pytest.mark.parametrize("name", ["payment.settled\n", "payment.settled\r\n"])
+def test_an_event_name_is_matched_whole(mesh, name):
+    with pytest.raises(InvalidEvent, match="event name"):
+        mesh.emit(name, {})
+    assert not list(mesh.redis.scan_iter(f"{mesh.keys.namespace}:events:*"))
