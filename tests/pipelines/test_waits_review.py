@@ -67,3 +67,19 @@ def test_an_event_name_is_matched_whole(mesh, name):
     with pytest.raises(InvalidEvent, match="event name"):
         mesh.emit(name, {})
     assert not list(mesh.redis.scan_iter(f"{mesh.keys.namespace}:events:*"))
+
+
+def test_a_job_that_starts_undoing_its_effects_withdraws_its_waiting_steps_at_once():
+    from tests.pipelines.test_compensation import UNDO, _job, _lost, _ok
+
+    spec = (Pipeline("undo-wait").step("a", agent="book", compensate=UNDO)
+            .step("c", agent="book", depends_on=["a"]).step("pay", wait_for={"event": "paid"}).build())
+    record, _ = _job(spec)
+    assert record.steps["pay"].state is State.WAITING
+    record, _ = _ok(spec, record, "a", 2.0)
+    record, sent = _lost(spec, record, "c", 3.0)
+    assert sent == ["undo:a"] and record.state is State.COMPENSATING
+    pay = record.steps["pay"]
+    assert pay.state is State.CANCELLED and "withdrawn from its wait" in (pay.error or "")
+    record, _ = _ok(spec, record, "undo:a", 4.0)
+    assert record.state is State.COMPENSATED
