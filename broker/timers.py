@@ -10,7 +10,8 @@ meanwhile (:func:`done`); a handler that raises has its timer looked at again a 
 Handlers must be idempotent: a worker that dies after the handler's write and before the removal
 leaves the timer to fire again, and the handler then finds nothing to do.
 
-Kinds in use: ``approval`` (an approval's timeout) and ``approval.warn`` (its warning).
+Kinds in use: ``approval`` (an approval's timeout) and ``approval.warn`` (its warning); ``wait``,
+``wait.check``, ``wait.emit`` and ``wait.signal`` (durable waits: :mod:`mesh.broker.waits`).
 """
 
 from __future__ import annotations

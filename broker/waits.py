@@ -21,6 +21,7 @@ the first event, or the timeout, wins, and an event is taken by at most one wait
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,14 @@ from .keys import Keys
 
 #: Timer kinds (:mod:`mesh.broker.timers`): the wait's end (sleep, timeout), and the look for kept events.
 TIMER, CHECK = "wait", "wait.check"
+#: Timer kinds of an event's delivery: set before the event is kept and removed once its emitter (or
+#: signaller) delivered it to every step waiting for it. An emitter that dies (or fails) on the way
+#: leaves it to fire GRACE_MS later in a worker, which offers the event to the steps that wait.
+EMIT, SIGNAL = "wait.emit", "wait.signal"
+#: How long a delivery's timer waits for its emitter (ms); an emit still delivering pushes it on.
+GRACE_MS = 30_000
+#: Waiting steps read per page by an emit (one ZSCAN page, one MGET of their records).
+PAGE = 500
 
 #: Adds an entry to a stream of kept events, capped at ARGV[2] entries and trimmed to the last
 #: ARGV[3] ms of the server's clock, which it expires with. KEYS[1] stream; ARGV[1] the JSON entry.
@@ -238,6 +247,39 @@ def pending(client: redis.Redis, keys: Keys, limit: int = 1000, event: str | Non
         out.append(Waiting(job_id, record.key, record.pipeline, step, step.wait, None if due is None else due / 1000,
                            record))
     return out
+
+
+def waiting_pages(client: redis.Redis, keys: Keys, event: str, page: int = PAGE) -> Iterator[list[Waiting]]:
+    """The steps waiting for ``event``, a page at a time (a ZSCAN page of its index and one MGET of the
+    records), however many wait: what an emit walks. Unordered; a step may come twice (deliveries
+    are idempotent). An entry whose job record is gone is removed, as :func:`pending` does."""
+    index, cursor = keys.waits_for(event), 0
+    while True:
+        found: Any = client.zscan(index, cursor, count=page)
+        cursor, rows = found
+        members = [raw for raw, _ in rows]
+        if members:
+            parts = [m.decode().partition("|") for m in members]
+            datas: Any = client.mget([keys.job(job_id) for job_id, _, _ in parts])
+            out: list[Waiting] = []
+            for raw, (job_id, _, step_id), data in zip(members, parts, datas, strict=True):
+                if data is None:
+                    client.zrem(index, raw)
+                    continue
+                record = JobRecord.model_validate(loads(data))
+                step = record.steps.get(step_id)
+                if step is None or step.state is not State.WAITING or step.wait is None:
+                    continue
+                out.append(Waiting(job_id, record.key, record.pipeline, step, step.wait, None, record))
+            yield out
+        if int(cursor) == 0:
+            return
+
+
+def emitted_since(client: Any, keys: Keys, event: str, since_ms: int, limit: int) -> list[Kept]:
+    """The events of name ``event`` emitted from ``since_ms`` on (Redis clock) and still kept, oldest first."""
+    rows: Any = client.xrange(keys.events(event), min=str(max(0, since_ms)), max="+", count=limit)
+    return [Kept(f"emit:{event}:{sid.decode()}", event, loads(f[b"e"]).get("data") or {}, "emit") for sid, f in rows]
 
 
 @dataclass(frozen=True)

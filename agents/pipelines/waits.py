@@ -22,15 +22,18 @@ ends is withdrawn then.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from mesh.broker import redact
+import redis
+
+from mesh.broker import redact, timers
 from mesh.broker import waits as store
 from mesh.broker.client import MeshClient, job_id_for, on_job_control
+from mesh.broker.clock import server_ms
 from mesh.broker.jobs import JobNotFound, JobStore
 from mesh.broker.pipelines import PipelineStore
 from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, transition
@@ -182,7 +185,48 @@ class Waits:
             self.check(job_id, step_id, int(seq))
             return True
 
-        return {store.TIMER: fire, store.CHECK: look}
+        def emitted(due: Any) -> bool:
+            event, since, _ = due.ref.split("|", 2)
+            self.offer(event, int(since))
+            return True
+
+        def signalled(due: Any) -> bool:
+            job_id, _, _ = due.ref.rsplit("|", 2)
+            record = self.jobs.get(job_id)
+            for rec in record.steps.values() if record is not None else ():
+                if rec.state is State.WAITING and rec.wait is not None and rec.wait.event is not None:
+                    self.check(job_id, rec.step_id, rec.wait.seq)
+            return True
+
+        return {store.TIMER: fire, store.CHECK: look, store.EMIT: emitted, store.SIGNAL: signalled}
+
+    def offer(self, event: str, since_ms: int) -> list[tuple[str, str]]:
+        """Offer the events of name ``event`` emitted from ``since_ms`` on, oldest first, to every step
+        waiting for that name (what an emit that died on the way did not deliver); the steps resumed.
+        A step that cannot be offered them (its spec unreadable) does not stop the others: the first
+        such error is raised at the end, and the timer that called this tries again later."""
+        kept = store.emitted_since(self.jobs.client, self.jobs.keys, event, since_ms, self.settings.event_keep)
+        resumed: list[tuple[str, str]] = []
+        failed: Exception | None = None
+        if not kept:
+            return resumed
+        for page in store.waiting_pages(self.jobs.client, self.jobs.keys, event):
+            for waiting in page:
+                try:
+                    for k in kept:
+                        if waiting.record is not None and store.consumed(waiting.record, k.id):
+                            continue
+                        if self.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT,
+                                        data=k.data, event_id=k.id, via="emit", match=True):
+                            resumed.append((waiting.job_id, waiting.step.step_id))
+                            break
+                except Exception as exc:
+                    failed = failed or exc
+                    logger.warning("an event could not be offered to a waiting step", extra={
+                        "job_id": waiting.job_id, "step_id": waiting.step.step_id, "event": event, "error": str(exc)})
+        if failed is not None:
+            raise failed
+        return resumed
 
 
 def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
@@ -249,8 +293,12 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
     if record.state in TERMINAL and not steps:  # ended (a step may still wait while another branch ended it)
         raise store.NotWaiting(f"job {job_id} is {record.state.value}: nothing of it waits for {event} any more",
                                job_id=job_id, state=record.state.value)
-    settings = client.settings
-    sid = store.keep(client.redis, client.keys.signals(job_id), {"event": event, "data": data}, settings.event_keep,
+    settings, keys, r = client.settings, client.keys, client.redis
+    # its delivery's timer first: a signaller that dies once the signal is kept leaves it to a worker,
+    # which offers the job's kept events to its waiting steps (store.SIGNAL)
+    timer = f"{job_id}|{server_ms(r)}|{uuid.uuid4().hex[:12]}"
+    timers.stage_schedule(r, keys, store.SIGNAL, timer, store.GRACE_MS)
+    sid = store.keep(r, keys.signals(job_id), {"event": event, "data": data}, settings.event_keep,
                      settings.event_window_s)
     event_id = f"signal:{sid}"
     waits = _client_waits(client)
@@ -264,6 +312,7 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
         after = client.jobs.get(job_id)
         taken = [s.step_id for s in (after.steps.values() if after else ()) if s.wait and s.wait.event_id == event_id]
         resumed = [(job_id, taken[0])] if taken else []
+    timers.stage_cancel(r, keys, store.SIGNAL, timer)
     return store.Delivery(event, event_id, resumed)
 
 
@@ -271,22 +320,39 @@ def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> 
     """Deliver ``event`` to every step waiting for that name whose ``match`` holds, and keep it for
     waits that start within MESH_EVENT_WINDOW_S (each job takes it at most once)."""
     data = _event_data(client, event, data)
-    settings = client.settings
-    sid = store.keep(client.redis, client.keys.events(event), {"data": data}, settings.event_keep,
-                     settings.event_window_s)
+    settings, keys, r = client.settings, client.keys, client.redis
+    # its delivery's timer first: an emitter that dies (or fails) once the event is kept leaves it to a
+    # worker, which offers the events emitted since to the steps waiting (store.EMIT)
+    timer = f"{event}|{server_ms(r)}|{uuid.uuid4().hex[:12]}"
+    timers.stage_schedule(r, keys, store.EMIT, timer, store.GRACE_MS)
+    sid = store.keep(r, keys.events(event), {"data": data}, settings.event_keep, settings.event_window_s)
     event_id = f"emit:{event}:{sid}"
     waits = _client_waits(client)
     resumed: list[tuple[str, str]] = []
-    for waiting in store.pending(client.redis, client.keys, limit=1_000_000, event=event):
-        record = waiting.record
-        if record is not None and record.pipeline and record.pipeline_digest and not holds(
-                engine.load_spec(client.pipelines, record.pipeline, record.pipeline_digest), record, waiting.step,
-                data):
-            continue  # looked at again in the transaction only when it holds now
-        with contextlib.suppress(JobNotFound):
-            if waits.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT, data=data,
-                             event_id=event_id, via="emit", match=True):
-                resumed.append((waiting.job_id, waiting.step.step_id))
+    failed = False
+    for page in store.waiting_pages(r, keys, event):
+        for waiting in page:
+            try:
+                record = waiting.record
+                if record is not None and record.pipeline and record.pipeline_digest and not holds(
+                        engine.load_spec(client.pipelines, record.pipeline, record.pipeline_digest), record,
+                        waiting.step, data):
+                    continue  # looked at again in the transaction only when it holds now
+                if waits.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT, data=data,
+                                 event_id=event_id, via="emit", match=True):
+                    resumed.append((waiting.job_id, waiting.step.step_id))
+            except JobNotFound:
+                continue
+            except redis.RedisError:
+                raise  # the timer delivers it
+            except Exception as exc:
+                failed = True
+                logger.warning("an event could not be delivered to a waiting step; a worker tries again",
+                               extra={"job_id": waiting.job_id, "step_id": waiting.step.step_id, "event": event,
+                                      "error": str(exc)})
+        r.zadd(keys.timers, {timers.member(store.EMIT, timer): server_ms(r) + store.GRACE_MS}, xx=True)
+    if not failed:
+        timers.stage_cancel(r, keys, store.EMIT, timer)
     return store.Delivery(event, event_id, resumed)
 
 

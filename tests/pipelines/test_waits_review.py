@@ -17,7 +17,7 @@ from mesh.broker.compact import Compaction
 from mesh.broker.jobs import fail_step
 from mesh.broker.waits import InvalidEvent
 from mesh.contracts import State
-from tests.pipelines.test_waits import PAY, pay_flow, settle, timers
+from tests.pipelines.test_waits import pay_flow, settle, timers
 
 
 def _ended_by_another_branch(mesh: MeshClient, name: str) -> Any:
@@ -83,3 +83,66 @@ def test_a_job_that_starts_undoing_its_effects_withdraws_its_waiting_steps_at_on
     assert pay.state is State.CANCELLED and "withdrawn from its wait" in (pay.error or "")
     record, _ = _ok(spec, record, "undo:a", 4.0)
     assert record.state is State.COMPENSATED
+
+
+def _unreadable_spec(mesh: MeshClient, job_id: str) -> None:
+    """Point the job at a spec digest nothing stored (as a spec deleted by hand would leave it)."""
+    def change(record: Any) -> Any:
+        return record.model_copy(update={"pipeline_digest": "f" * 64}), []
+
+    mesh.jobs.update(job_id, change)
+
+
+def test_an_emit_goes_on_past_a_waiting_job_it_cannot_deliver_to_and_a_worker_tries_that_one_again(mesh):
+    broken = mesh.run(pay_flow("broken"), {"goal": "g", "order": 7}, key="broken")
+    _unreadable_spec(mesh, broken.id)
+    good = [mesh.run(pay_flow(), {"goal": "g", "order": 7}, key=f"good-{i}") for i in range(3)]
+    delivery = mesh.emit("payment.settled", {"order": 7})
+    assert sorted(delivery.resumed) == sorted((r.id, "pay") for r in good)
+    assert mesh.status(broken.id).steps["pay"].state is State.WAITING
+    # its delivery's timer stays for a worker: once the spec is readable again, the event reaches it
+    assert [m for m in mesh.redis.zrange(mesh.keys.timers, 0, -1) if m.startswith(b"wait.emit|")]
+    spec = pay_flow("broken")
+    mesh.jobs.update(broken.id, lambda r: (r.model_copy(update={"pipeline_digest": spec.digest()}), []))
+    mesh.redis.zadd(mesh.keys.timers, {m: 0 for m in mesh.redis.zrange(mesh.keys.timers, 0, -1)
+                                       if m.startswith(b"wait.emit|")}, xx=True)
+    rec = settle(mesh, broken.id, "pay")
+    assert rec.state is State.SUCCEEDED and rec.wait.event_id == delivery.id
+
+
+
+@pytest.mark.slow
+def test_an_emitter_killed_midway_still_reaches_every_step_that_waited_for_its_event(mesh, settings):
+    """``mesh emit`` SIGKILLed after it kept the event and resumed some of the waiting steps: the rest
+    are resumed by its delivery's durable timer (a worker's), each exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, mesh_env, wait_for
+    from tests.pipelines.test_waits import sent
+
+    refs = [mesh.run(pay_flow(), {"goal": "g", "order": 5}, key=f"killed-{i}") for i in range(400)]
+    index = mesh.keys.waits_for("payment.settled")
+    proc = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "emit", "payment.settled", "--data",
+                             '{"order": 5}'], env=mesh_env(settings), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: mesh.redis.zcard(index) < len(refs) or proc.poll() is not None, timeout_s=60,
+                 interval_s=0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    left = mesh.redis.zcard(index)
+    assert 0 < left < len(refs), f"the emitter was not killed midway ({left} left)"
+    # its delivery's timer is due GRACE_MS later: moved to now, as that time passing would
+    found = [m for m in mesh.redis.zrange(mesh.keys.timers, 0, -1) if m.startswith(b"wait.emit|")]
+    assert len(found) == 1
+    mesh.redis.zadd(mesh.keys.timers, {found[0]: 0}, xx=True)
+    t = timers(mesh)
+    wait_for(lambda: (t.tick(), mesh.redis.zcard(index) == 0)[1], timeout_s=60)
+    records = [mesh.status(r.id) for r in refs]
+    assert all(r.steps["pay"].state is State.SUCCEEDED for r in records)
+    assert len({r.steps["pay"].wait.event_id for r in records}) == 1  # the one event, for each
+    assert sent(mesh) == len(refs)  # one next step each, never two
