@@ -36,6 +36,8 @@ from .keys import Keys
 
 #: Timer kinds (:mod:`mesh.broker.timers`): the wait's end (sleep, timeout), and the look for kept events.
 TIMER, CHECK = "wait", "wait.check"
+#: A look for kept events continued from where the last one stopped (ref ``{job}|{step}|{seq}|{cursor}``).
+CHECK_MORE = "wait.check.more"
 #: Timer kinds of an event's delivery: set before the event is kept and removed once its emitter (or
 #: signaller) delivered it to every step waiting for it. An emitter that dies (or fails) on the way
 #: leaves it to fire GRACE_MS later in a worker, which offers the event to the steps that wait.

@@ -46,6 +46,9 @@ from .spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
 
+#: How long one look for kept events (a ``wait.check`` timer) goes on before it leaves the rest for later.
+CHECK_BUDGET_S = 0.1
+
 #: Trace event kinds of a wait's end.
 EVENT = {WaitEnd.SLEPT: "slept", WaitEnd.EVENT: "resumed", WaitEnd.TIMEOUT: "wait_timed_out"}
 
@@ -145,9 +148,12 @@ class Waits:
             return False
         return ended
 
-    def check(self, job_id: str, step_id: str, seq: int) -> bool:
-        """Offer the events kept for the wait (signalled to its job, or emitted), oldest first, until
-        one ends it; whether one did."""
+    def check(self, job_id: str, step_id: str, seq: int, start: tuple[int, str] | None = None) -> bool:
+        """Offer the events kept for the wait (signalled to its job, or emitted), oldest first (from
+        ``start``, an event's ``(at_ms, id)``, on when given), until one ends it; whether one did.
+        Past CHECK_BUDGET_S of looking, the rest is left to a ``wait.check.more`` timer due now: a wait
+        that starts behind thousands of kept events that do not match holds the timers' loop (every
+        other sleep, timeout and approval expiry behind it) no longer than that at a time."""
         record = self.jobs.get(job_id)
         rec = record.steps.get(step_id) if record is not None else None
         if rec is None or rec.state is not State.WAITING or rec.wait is None or rec.wait.seq != seq \
@@ -155,8 +161,15 @@ class Waits:
             return False
         assert record is not None
         spec = engine.load_spec(self.pipelines, record.pipeline or "", record.pipeline_digest or "")
+        stop = time.monotonic() + CHECK_BUDGET_S
         for k in store.kept(self.jobs.client, self.jobs.keys, job_id, rec.wait.event, self.settings.event_window_s,
                             self.settings.event_keep):
+            if start is not None and (k.at_ms, k.id) < start:
+                continue  # looked at by the look this one continues
+            if time.monotonic() > stop:  # the rest later, after the timers due meanwhile
+                timers.stage_schedule(self.jobs.client, self.jobs.keys, store.CHECK_MORE,
+                                      f"{job_id}|{step_id}|{seq}|{k.at_ms} {k.id}", 0)
+                return False
             if store.consumed(record, k.id) or (k.via == "emit" and not holds(spec, record, rec, k.data)):
                 continue  # looked at again in the transaction only when it may end the wait
             if self.deliver(job_id, step_id, seq, WaitEnd.EVENT, data=k.data, event_id=k.id, via=k.via,
@@ -185,6 +198,12 @@ class Waits:
             self.check(job_id, step_id, int(seq))
             return True
 
+        def more(due: Any) -> bool:
+            job_id, step_id, seq, cursor = due.ref.split("|", 3)
+            at_ms, _, first = cursor.partition(" ")  # the event the last look stopped at, not looked at yet
+            self.check(job_id, step_id, int(seq), start=(int(at_ms), first))
+            return True
+
         def emitted(due: Any) -> bool:
             event, since, _ = due.ref.split("|", 2)
             self.offer(event, int(since))
@@ -198,7 +217,8 @@ class Waits:
                     self.check(job_id, rec.step_id, rec.wait.seq)
             return True
 
-        return {store.TIMER: fire, store.CHECK: look, store.EMIT: emitted, store.SIGNAL: signalled}
+        return {store.TIMER: fire, store.CHECK: look, store.CHECK_MORE: more, store.EMIT: emitted,
+                store.SIGNAL: signalled}
 
     def offer(self, event: str, since_ms: int) -> list[tuple[str, str]]:
         """Offer the events of name ``event`` emitted from ``since_ms`` on, oldest first, to every step

@@ -146,3 +146,48 @@ def test_an_emitter_killed_midway_still_reaches_every_step_that_waited_for_its_e
     assert all(r.steps["pay"].state is State.SUCCEEDED for r in records)
     assert len({r.steps["pay"].wait.event_id for r in records}) == 1  # the one event, for each
     assert sent(mesh) == len(refs)  # one next step each, never two
+
+
+def test_a_tick_takes_no_new_timer_past_half_its_locks_life(mesh):
+    """A tick whose handlers are slow stops taking timers before its lock can expire under it (another
+    worker would take the lock and fire the same timers alongside it); the next tick goes on."""
+    import time as clock
+
+    from mesh.broker.timers import Timers, stage_schedule
+
+    fired: list[str] = []
+
+    def slow(due: Any) -> bool:
+        clock.sleep(0.1)  # a handler's work, not a wait for a condition
+        fired.append(due.ref)
+        return True
+
+    for i in range(20):
+        stage_schedule(mesh.redis, mesh.keys, "slow", f"t{i}", 0)
+    t = Timers(mesh.redis, mesh.keys, "test", {"slow": slow}, lock_ms=1000)
+    first = t.tick()
+    assert 0 < first <= 6 and mesh.redis.exists(mesh.keys.timers_lock) == 0
+    while len(fired) < 20:
+        t.tick()
+    assert sorted(fired) == sorted(f"t{i}" for i in range(20))  # each once
+
+
+def test_a_sleep_is_not_held_behind_waits_looking_through_many_kept_events(mesh):
+    """Waits that start behind a thousand kept events whose match fails look through them a budget at
+    a time: a sleep due meanwhile ends before they are through."""
+    for i in range(1000):
+        mesh.emit("payment.settled", {"order": 10_000 + i})
+    looking = [mesh.run(pay_flow(), {"goal": "g", "order": i}, key=f"look-{i}") for i in range(8)]
+    nap = mesh.run(Pipeline("nap").step("nap", sleep="1ms").build(), {})
+    t = timers(mesh)
+
+    def more() -> int:
+        return sum(1 for m in mesh.redis.zrange(mesh.keys.timers, 0, -1) if m.startswith(b"wait.check"))
+
+    while mesh.status(nap.id).state is not State.SUCCEEDED:
+        assert more(), "every look for kept events ended before the sleep"
+        t.tick()
+    assert more()  # the looks go on after it
+    while more():
+        t.tick()
+    assert all(mesh.status(r.id).steps["pay"].state is State.WAITING for r in looking)
