@@ -299,6 +299,12 @@ def _client_waits(client: MeshClient) -> Waits:
     return Waits(client.jobs, client.pipelines, _routes(client), client.settings, client.clock)
 
 
+def _waiting_for(record: JobRecord, event: str) -> list[StepRecord]:
+    """The steps of ``record`` waiting for ``event``, the one waiting longest first."""
+    return sorted((s for s in record.steps.values() if s.state is State.WAITING and s.wait is not None
+                   and s.wait.event == event), key=lambda s: s.wait.started_at if s.wait else 0)
+
+
 def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | None = None) -> store.Delivery:
     """Deliver ``event`` to job ``job_id`` (an id, or the key it was sent with): it ends the wait of
     the job's step waiting longest for that name (``match`` is not checked: the job is named); with
@@ -308,8 +314,7 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
     if client.redis.exists(client.keys.job(job_id)) == 0 and client.redis.exists(client.keys.job(job_id_for(job_id))):
         job_id = job_id_for(job_id)  # the key the job was sent with
     record = client.status(job_id)
-    steps = sorted((s for s in record.steps.values() if s.state is State.WAITING and s.wait is not None
-                    and s.wait.event == event), key=lambda s: s.wait.started_at if s.wait else 0)
+    steps = _waiting_for(record, event)
     if record.state in TERMINAL and not steps:  # ended (a step may still wait while another branch ended it)
         raise store.NotWaiting(f"job {job_id} is {record.state.value}: nothing of it waits for {event} any more",
                                job_id=job_id, state=record.state.value)
@@ -321,6 +326,10 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
     sid = store.keep(r, keys.signals(job_id), {"event": event, "data": data}, settings.event_keep,
                      settings.event_window_s)
     event_id = f"signal:{sid}"
+    # the steps waiting now that it is kept: one whose wait began after the read above and looked for
+    # kept events before the keep (its wait.check) is among them
+    now = client.jobs.get(job_id)
+    steps = _waiting_for(now, event) if now is not None else []
     waits = _client_waits(client)
     resumed: list[tuple[str, str]] = []
     for step in steps:  # the one waiting longest takes it

@@ -17,7 +17,7 @@ from mesh.broker.compact import Compaction
 from mesh.broker.jobs import fail_step
 from mesh.broker.waits import InvalidEvent
 from mesh.contracts import State
-from tests.pipelines.test_waits import pay_flow, settle, timers
+from tests.pipelines.test_waits import PAY, pay_flow, settle, timers
 
 
 def _ended_by_another_branch(mesh: MeshClient, name: str) -> Any:
@@ -191,3 +191,27 @@ def test_a_sleep_is_not_held_behind_waits_looking_through_many_kept_events(mesh)
     while more():
         t.tick()
     assert all(mesh.status(r.id).steps["pay"].state is State.WAITING for r in looking)
+
+
+def test_a_signal_reaches_a_wait_that_began_and_looked_for_kept_events_while_it_was_sent(mesh):
+    """The signal read the job (nothing waited yet); before it kept its event, the wait began and its
+    look for kept events found none: the signal, once kept, still resumes that wait."""
+    spec = Pipeline("between").step("nap", sleep="1h").step("pay", depends_on=["nap"], wait_for=PAY).build()
+    ref = mesh.run(spec, {"goal": "g", "order": 1})
+
+    class Between(MeshClient):
+        """A client whose read of the job is followed, before anything else, by the wait beginning."""
+
+        def status(self, job_id: str) -> Any:
+            record = super().status(job_id)
+            mesh.redis.zadd(mesh.keys.timers, {f"wait|{ref.id}|nap|1": 0}, xx=True)
+            t = timers(mesh)
+            while mesh.redis.zscore(mesh.keys.timers, f"wait.check|{ref.id}|pay|1") is not None \
+                    or mesh.status(ref.id).steps["pay"].state is not State.WAITING:
+                t.tick()
+            return record
+
+    client = Between(mesh.settings, client=mesh.redis, app=mesh.app)
+    delivery = client.signal(ref.id, "payment.settled", {"order": 1})
+    assert delivery.resumed == [(ref.id, "pay")]
+    assert mesh.status(ref.id).steps["pay"].result == {"order": 1}
