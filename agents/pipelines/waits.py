@@ -225,7 +225,9 @@ class Waits:
         waiting for that name (what an emit that died on the way did not deliver); the steps resumed.
         A step that cannot be offered them (its spec unreadable) does not stop the others: the first
         such error is raised at the end, and the timer that called this tries again later."""
-        kept = store.emitted_since(self.jobs.client, self.jobs.keys, event, since_ms, self.settings.event_keep)
+        window = server_ms(self.jobs.client) - int(self.settings.event_window_s * 1000)  # none kept past it
+        kept = store.emitted_since(self.jobs.client, self.jobs.keys, event, max(since_ms, window),
+                                   self.settings.event_keep)
         resumed: list[tuple[str, str]] = []
         failed: Exception | None = None
         if not kept:
