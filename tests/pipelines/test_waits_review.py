@@ -215,3 +215,19 @@ def test_a_signal_reaches_a_wait_that_began_and_looked_for_kept_events_while_it_
     delivery = client.signal(ref.id, "payment.settled", {"order": 1})
     assert delivery.resumed == [(ref.id, "pay")]
     assert mesh.status(ref.id).steps["pay"].result == {"order": 1}
+
+
+@pytest.mark.slow
+def test_a_step_dead_lettered_by_a_worker_beside_a_sleeping_step_leaves_the_record_without_a_ttl(mesh, run_workers):
+    """The consumer's settle script ends the job (a permanent failure) while another branch sleeps: the
+    record and trace keep no TTL until the sleep ends."""
+    from tests.conftest import wait_for
+
+    spec = Pipeline("dead-beside").step("nap", sleep="1h").step("researcher", input={"goal": "input.goal"}).build()
+    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "db-1/researcher/researcher")
+    run_workers()
+    ref = mesh.run(spec, {"goal": "g"}, key="db-1")
+    wait_for(lambda: mesh.status(ref.id).state is State.DEAD_LETTERED, timeout_s=30)
+    wait_for(lambda: mesh.redis.pttl(mesh.keys.job(ref.id)) == -1)  # the repair after the script's write
+    assert mesh.redis.pttl(mesh.keys.trace(ref.id)) == -1
+    assert mesh.status(ref.id).steps["nap"].state is State.WAITING
