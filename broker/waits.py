@@ -44,7 +44,7 @@ CHECK_MORE = "wait.check.more"
 EMIT, SIGNAL = "wait.emit", "wait.signal"
 #: How long a delivery's timer waits for its emitter (ms); an emit still delivering pushes it on.
 GRACE_MS = 30_000
-#: Waiting steps read per page by an emit (one ZSCAN page, one MGET of their records).
+#: Waiting steps read per page by an emit (one ZSCAN page, their records read in one pipeline).
 PAGE = 500
 
 #: Adds an entry to a stream of kept events, capped at ARGV[2] entries and trimmed to the last
@@ -252,8 +252,8 @@ def pending(client: redis.Redis, keys: Keys, limit: int = 1000, event: str | Non
 
 
 def waiting_pages(client: redis.Redis, keys: Keys, event: str, page: int = PAGE) -> Iterator[list[Waiting]]:
-    """The steps waiting for ``event``, a page at a time (a ZSCAN page of its index and one MGET of the
-    records), however many wait: what an emit walks. Unordered; a step may come twice (deliveries
+    """The steps waiting for ``event``, a page at a time (a ZSCAN page of its index and its records read
+    in one pipeline), however many wait: what an emit walks. Unordered; a step may come twice (deliveries
     are idempotent). An entry whose job record is gone is removed, as :func:`pending` does."""
     index, cursor = keys.waits_for(event), 0
     while True:
@@ -262,7 +262,10 @@ def waiting_pages(client: redis.Redis, keys: Keys, event: str, page: int = PAGE)
         members = [raw for raw, _ in rows]
         if members:
             parts = [m.decode().partition("|") for m in members]
-            datas: Any = client.mget([keys.job(job_id) for job_id, _, _ in parts])
+            reads = client.pipeline(transaction=False)  # one round trip; each GET its own slot
+            for job_id, _, _ in parts:
+                reads.get(keys.job(job_id))
+            datas: Any = reads.execute()
             out: list[Waiting] = []
             for raw, (job_id, _, step_id), data in zip(members, parts, datas, strict=True):
                 if data is None:
