@@ -43,6 +43,11 @@ def test_a_job_ended_by_another_branch_keeps_its_record_while_a_step_waits(mesh,
     compaction.run(mesh.redis.time()[0] + 1.0)
     compaction.run(mesh.redis.time()[0] + 1.0)
     assert mesh.redis.exists(mesh.keys.job(ref.id)) == 1
+    # nor does the retention sweep give it the TTL a record written before retention existed takes
+    from mesh.broker.retention import Retention
+
+    Retention(mesh.redis, settings).sweep(mesh.redis.time()[0] + settings.job_retention_s + 60)
+    assert mesh.redis.pttl(mesh.keys.job(ref.id)) == -1 and mesh.redis.pttl(mesh.keys.trace(ref.id)) == -1
     assert mesh.status(ref.id).steps["nap"].state is State.WAITING
     # its last wait ended: the retention clock starts
     mesh.redis.zadd(mesh.keys.timers, {f"wait|{ref.id}|nap|1": 0}, xx=True)
