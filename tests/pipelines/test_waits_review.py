@@ -236,3 +236,14 @@ def test_a_step_dead_lettered_by_a_worker_beside_a_sleeping_step_leaves_the_reco
     wait_for(lambda: mesh.redis.pttl(mesh.keys.job(ref.id)) == -1)  # the repair after the script's write
     assert mesh.redis.pttl(mesh.keys.trace(ref.id)) == -1
     assert mesh.status(ref.id).steps["nap"].state is State.WAITING
+
+
+def test_mesh_waits_says_when_it_lists_only_the_oldest_of_more_waiting_steps(mesh, cli):
+    from mesh.ops.events_cli import LIMIT
+
+    spec = Pipeline("many-naps").step("nap", sleep="1h").build()
+    for i in range(LIMIT + 1):
+        mesh.run(spec, {}, key=f"nap-{i}")
+    listed = cli("waits")
+    assert listed.returncode == 0 and f"the oldest {LIMIT} of about {LIMIT + 1} waiting steps" in listed.stderr
+    assert max(map(len, listed.stderr.splitlines())) <= 80
