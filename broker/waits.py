@@ -20,6 +20,7 @@ the first event, or the timeout, wins, and an event is taken by at most one wait
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from mesh.contracts.waits import Wait
 from . import approvals, timers
 from .clock import server_ms
 from .keys import Keys
+
+logger = logging.getLogger(__name__)
 
 #: Timer kinds (:mod:`mesh.broker.timers`): the wait's end (sleep, timeout), and the look for kept events.
 TIMER, CHECK = "wait", "wait.check"
@@ -241,7 +244,11 @@ def pending(client: redis.Redis, keys: Keys, limit: int = 1000, event: str | Non
         if data is None:  # its job ended while the step waited, and its record expired since
             client.zrem(index, raw)
             continue
-        record = JobRecord.model_validate(loads(data))
+        try:
+            record = JobRecord.model_validate(loads(data))
+        except ValueError:  # a record no reader can read: the others are still listed
+            logger.warning("job record unreadable, not listed", extra={"job_id": job_id})
+            continue
         step = record.steps.get(step_id)
         if step is None or step.state is not State.WAITING or step.wait is None:
             continue
@@ -271,7 +278,11 @@ def waiting_pages(client: redis.Redis, keys: Keys, event: str, page: int = PAGE)
                 if data is None:
                     client.zrem(index, raw)
                     continue
-                record = JobRecord.model_validate(loads(data))
+                try:
+                    record = JobRecord.model_validate(loads(data))
+                except ValueError:  # a record no reader can read: not this emit's to stop at
+                    logger.warning("job record unreadable, no event delivered to it", extra={"job_id": job_id})
+                    continue
                 step = record.steps.get(step_id)
                 if step is None or step.state is not State.WAITING or step.wait is None:
                     continue

@@ -247,3 +247,11 @@ def test_mesh_waits_says_when_it_lists_only_the_oldest_of_more_waiting_steps(mes
     listed = cli("waits")
     assert listed.returncode == 0 and f"the oldest {LIMIT} of about {LIMIT + 1} waiting steps" in listed.stderr
     assert max(map(len, listed.stderr.splitlines())) <= 80
+
+
+def test_an_emit_and_mesh_waits_go_on_past_a_waiting_job_whose_record_is_unreadable(mesh):
+    broken = mesh.run(pay_flow(), {"goal": "g", "order": 2}, key="garbled")
+    mesh.redis.set(mesh.keys.job(broken.id), b"{not json")
+    good = mesh.run(pay_flow(), {"goal": "g", "order": 2}, key="fine")
+    assert [w.job_id for w in mesh.waits()] == [good.id]  # mesh waits lists the others too
+    assert mesh.emit("payment.settled", {"order": 2}).resumed == [(good.id, "pay")]
