@@ -11,6 +11,8 @@ record brings along, in the same MULTI (:func:`stage_waits`, called by the job s
   before the wait began. The member names the wait (``{job}|{step}|{seq}``), so a later wait of the
   same step gets its own.
 
+An event's delivery is a timer too (``wait.emit``, ``wait.signal``): set before the event is kept,
+removed once its emitter delivered it, so an emitter that dies on the way leaves it to a worker.
 Events are kept for waits that start later (:func:`keep`): an emitted one in ``{ns}:events:{event}``,
 one signalled to a job in ``{ns}:signals:{job}``, each stream capped at MESH_EVENT_KEEP entries and
 MESH_EVENT_WINDOW_S of age (by the Redis clock: an entry's id is its server time). Whether an event

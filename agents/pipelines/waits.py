@@ -16,8 +16,9 @@ events or the timeout wins and the others find nothing left to end:
 Either way its dependents go on with what the run had left of its deadline when the wait began.
 An event that comes before the wait began is kept (MESH_EVENT_WINDOW_S, MESH_EVENT_KEEP) and
 taken by the wait when it begins (the ``wait.check`` timer, due at once), at most once per job.
-A wait of a cancelled job is withdrawn by the cancel; one of a job undoing its effects when it
-ends is withdrawn then.
+A wait of a cancelled job is withdrawn by the cancel, one of a job that starts undoing its effects
+when it starts. An event is kept before it is delivered, under a delivery timer that a worker fires
+if its emitter died (or could not reach a waiting job) on the way.
 """
 
 from __future__ import annotations
