@@ -38,7 +38,7 @@ from .outbox import encode
 from .trace import operator
 
 #: Gives each key that has no TTL one of ARGV[1] ms (PEXPIRE's NX, before Redis 7).
-_EXPIRE_IF_NONE = """
+EXPIRE_IF_NONE = """
 for _, key in ipairs(KEYS) do
     if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[1]) end
 end
@@ -182,9 +182,10 @@ def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int 
         pipe.persist(keys.job(record.job_id))
         pipe.persist(keys.trace(record.job_id))
     elif (ended_ttl_ms is not None and record.state in TERMINAL and any(s.approval for s in record.steps.values())
-          and (before is None or waiting(before))):
+          and (before is None or waiting(before))
+          and not any(s.state is State.WAITING for s in record.steps.values())):  # a sleep's keeps it
         # ended while a step waited (no TTL then): its retention starts now that nothing waits
-        pipe.eval(_EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
+        pipe.eval(EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
 
 
 def _waited(before: JobRecord, step_id: str) -> bool:

@@ -68,6 +68,8 @@ VERSION = 1
 _ENVELOPE = ("trace_id", "job_id", "key", "agent")
 _TERMINAL_STATES = ",".join(sorted(str(s) for s in TERMINAL))
 _HOLDS = frozenset({State.DEAD_LETTERED, State.UNKNOWN, State.AWAITING_APPROVAL})
+#: A job with a step in one of these is not compacted: it waits (for a person, a timer, an event).
+_PARKED = frozenset({State.AWAITING_APPROVAL, State.WAITING})
 
 
 def stage_ended(pipe: Any, keys: Keys, record: JobRecord) -> None:
@@ -307,7 +309,7 @@ class Compaction:
         leave = [job_id, sha, "", "", "", 0]
         try:
             record = JobRecord.model_validate(loads(data)) if data is not None else None
-            if record is None or record.state not in TERMINAL or any(s.state is State.AWAITING_APPROVAL
+            if record is None or record.state not in TERMINAL or any(s.state in _PARKED
                                                                       for s in record.steps.values()):
                 return leave  # gone, or not ended after all: its next end queues it again
             if record.history is not None and record.history.get("v") != VERSION:

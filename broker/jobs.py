@@ -112,7 +112,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
                 pipe.pexpire(keys.ledger(record.job_id, step.step_id), ttl_ms)
     # waiting steps: their index, their timers, and no TTL while one waits
     approvals.stage_approvals(pipe, keys, record, ttl_ms, before)
-    waits.stage_waits(pipe, keys, record, before)
+    waits.stage_waits(pipe, keys, record, before, ttl_ms)
 
 
 class JobStore:

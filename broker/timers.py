@@ -10,12 +10,14 @@ meanwhile (:func:`done`); a handler that raises has its timer looked at again a 
 Handlers must be idempotent: a worker that dies after the handler's write and before the removal
 leaves the timer to fire again, and the handler then finds nothing to do.
 
-Kinds in use: ``approval`` (an approval's timeout) and ``approval.warn`` (its warning).
+Kinds in use: ``approval`` (an approval's timeout) and ``approval.warn`` (its warning); ``wait``,
+``wait.check``, ``wait.emit`` and ``wait.signal`` (durable waits: :mod:`mesh.broker.waits`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,11 +133,20 @@ class Timers:
         self.handlers[kind] = handler
 
     def tick(self) -> int:
-        """Fire every timer due now if this process takes the lock; how many fired (0 without the lock)."""
+        """Fire the timers due now if this process takes the lock; how many fired (0 without the lock).
+        It takes no new timer past half its lock's life: the rest wait for the next tick, which takes
+        the lock again, rather than for another worker to take the lock this one still acts under and
+        fire the same timers alongside it."""
         if not self.client.set(self.keys.timers_lock, self.owner, nx=True, px=self.lock_ms):
             return 0
+        stop = time.monotonic() + self.lock_ms / 2000
+        fired = 0
         try:
-            return sum(self._fire(d) for d in due(self.client, self.keys))
+            for d in due(self.client, self.keys):
+                if time.monotonic() > stop:
+                    break
+                fired += self._fire(d)
+            return fired
         finally:
             self.client.eval(_UNLOCK, 1, self.keys.timers_lock, self.owner)
 

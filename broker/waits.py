@@ -11,6 +11,8 @@ record brings along, in the same MULTI (:func:`stage_waits`, called by the job s
   before the wait began. The member names the wait (``{job}|{step}|{seq}``), so a later wait of the
   same step gets its own.
 
+An event's delivery is a timer too (``wait.emit``, ``wait.signal``): set before the event is kept,
+removed once its emitter delivered it, so an emitter that dies on the way leaves it to a worker.
 Events are kept for waits that start later (:func:`keep`): an emitted one in ``{ns}:events:{event}``,
 one signalled to a job in ``{ns}:signals:{job}``, each stream capped at MESH_EVENT_KEEP entries and
 MESH_EVENT_WINDOW_S of age (by the Redis clock: an entry's id is its server time). Whether an event
@@ -20,21 +22,35 @@ the first event, or the timeout, wins, and an event is taken by at most one wait
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from mesh.contracts import JobRecord, MeshError, State, StepRecord, dumps, loads
+from mesh.contracts import TERMINAL, JobRecord, MeshError, State, StepRecord, dumps, loads
 from mesh.contracts.waits import Wait
 
-from . import timers
+from . import approvals, timers
 from .clock import server_ms
 from .keys import Keys
 
+logger = logging.getLogger(__name__)
+
 #: Timer kinds (:mod:`mesh.broker.timers`): the wait's end (sleep, timeout), and the look for kept events.
 TIMER, CHECK = "wait", "wait.check"
+#: A look for kept events continued from where the last one stopped (ref ``{job}|{step}|{seq}|{cursor}``).
+CHECK_MORE = "wait.check.more"
+#: Timer kinds of an event's delivery: set before the event is kept and removed once its emitter (or
+#: signaller) delivered it to every step waiting for it. An emitter that dies (or fails) on the way
+#: leaves it to fire GRACE_MS later in a worker, which offers the event to the steps that wait.
+EMIT, SIGNAL = "wait.emit", "wait.signal"
+#: How long a delivery's timer waits for its emitter (ms); an emit still delivering pushes it on.
+GRACE_MS = 30_000
+#: Waiting steps read per page by an emit (one ZSCAN page, their records read in one pipeline).
+PAGE = 500
 
 #: Adds an entry to a stream of kept events, capped at ARGV[2] entries and trimmed to the last
 #: ARGV[3] ms of the server's clock, which it expires with. KEYS[1] stream; ARGV[1] the JSON entry.
@@ -82,11 +98,28 @@ def _waited(before: JobRecord, step_id: str) -> bool:
     return step is not None and step.state is State.WAITING
 
 
-def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | None = None) -> None:
+def parked(record: JobRecord) -> bool:
+    """Whether a step of ``record`` waits durably (``sleep:``, ``wait_for:``) or for a person: its
+    job keeps its record and trace without a TTL, even once another branch ended it."""
+    return any(s.state in (State.WAITING, State.AWAITING_APPROVAL) for s in record.steps.values())
+
+
+def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | None = None,
+                ended_ttl_ms: int | None = None) -> None:
     """Stage, with a write of ``record``, the index entries and timers its waiting steps imply
     (above). ``before``: the record as the write found it; a wait already in it was staged by the
     write that began it, and only the write that ends a wait removes what it staged (without it,
-    every step that ever waited is cleared again, which is harmless)."""
+    every step that ever waited is cleared again, which is harmless). A job with a step waiting keeps
+    no TTL (another branch may have ended it: the wait still ends, by its timer or an event);
+    ``ended_ttl_ms``: the retention such a job takes once nothing of it waits any more."""
+    if any(s.state is State.WAITING for s in record.steps.values()):
+        pipe.persist(keys.job(record.job_id))
+        pipe.persist(keys.trace(record.job_id))
+    elif (ended_ttl_ms is not None and record.state in TERMINAL and not parked(record)
+          and any(s.wait for s in record.steps.values())
+          and (before is None or any(s.state is State.WAITING for s in before.steps.values()))):
+        # ended while a step waited (no TTL then): its retention starts now that nothing waits
+        pipe.eval(approvals.EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
     for step in record.steps.values():
         wait = step.wait
         if wait is None:
@@ -213,7 +246,11 @@ def pending(client: redis.Redis, keys: Keys, limit: int = 1000, event: str | Non
         if data is None:  # its job ended while the step waited, and its record expired since
             client.zrem(index, raw)
             continue
-        record = JobRecord.model_validate(loads(data))
+        try:
+            record = JobRecord.model_validate(loads(data))
+        except ValueError:  # a record no reader can read: the others are still listed
+            logger.warning("job record unreadable, not listed", extra={"job_id": job_id})
+            continue
         step = record.steps.get(step_id)
         if step is None or step.state is not State.WAITING or step.wait is None:
             continue
@@ -221,6 +258,46 @@ def pending(client: redis.Redis, keys: Keys, limit: int = 1000, event: str | Non
         out.append(Waiting(job_id, record.key, record.pipeline, step, step.wait, None if due is None else due / 1000,
                            record))
     return out
+
+
+def waiting_pages(client: redis.Redis, keys: Keys, event: str, page: int = PAGE) -> Iterator[list[Waiting]]:
+    """The steps waiting for ``event``, a page at a time (a ZSCAN page of its index and its records read
+    in one pipeline), however many wait: what an emit walks. Unordered; a step may come twice (deliveries
+    are idempotent). An entry whose job record is gone is removed, as :func:`pending` does."""
+    index, cursor = keys.waits_for(event), 0
+    while True:
+        found: Any = client.zscan(index, cursor, count=page)
+        cursor, rows = found
+        members = [raw for raw, _ in rows]
+        if members:
+            parts = [m.decode().partition("|") for m in members]
+            reads = client.pipeline(transaction=False)  # one round trip; each GET its own slot
+            for job_id, _, _ in parts:
+                reads.get(keys.job(job_id))
+            datas: Any = reads.execute()
+            out: list[Waiting] = []
+            for raw, (job_id, _, step_id), data in zip(members, parts, datas, strict=True):
+                if data is None:
+                    client.zrem(index, raw)
+                    continue
+                try:
+                    record = JobRecord.model_validate(loads(data))
+                except ValueError:  # a record no reader can read: not this emit's to stop at
+                    logger.warning("job record unreadable, no event delivered to it", extra={"job_id": job_id})
+                    continue
+                step = record.steps.get(step_id)
+                if step is None or step.state is not State.WAITING or step.wait is None:
+                    continue
+                out.append(Waiting(job_id, record.key, record.pipeline, step, step.wait, None, record))
+            yield out
+        if int(cursor) == 0:
+            return
+
+
+def emitted_since(client: Any, keys: Keys, event: str, since_ms: int, limit: int) -> list[Kept]:
+    """The events of name ``event`` emitted from ``since_ms`` on (Redis clock) and still kept, oldest first."""
+    rows: Any = client.xrange(keys.events(event), min=str(max(0, since_ms)), max="+", count=limit)
+    return [Kept(f"emit:{event}:{sid.decode()}", event, loads(f[b"e"]).get("data") or {}, "emit") for sid, f in rows]
 
 
 @dataclass(frozen=True)

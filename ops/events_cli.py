@@ -15,6 +15,9 @@ from mesh.broker.waits import Delivery, WaitError, Waiting
 from mesh.contracts.approvals import show_duration
 from mesh.ops import console as base
 
+#: Steps ``mesh waits`` lists at most (the oldest; MeshClient.waits' default).
+LIMIT = 1000
+
 JobArg = Annotated[str, typer.Argument(help="The job id or its start, or the key it was sent with.",
                                        metavar="JOB_ID|KEY", show_default=False)]
 EventArg = Annotated[str, typer.Argument(help="The event name (payment.settled).", metavar="EVENT",
@@ -111,6 +114,9 @@ def waits(event: Annotated[str | None, typer.Option("--event", help="Only the st
         base.out.print("nothing waits")
         return
     base.out.print(table(found, wide=wide))
+    indexed = int(c.redis.zcard(c.keys.waits if event is None else c.keys.waits_for(event)))
+    if indexed > LIMIT:  # the listing reads the oldest LIMIT only
+        base.err.print(Text(f"the oldest {LIMIT} of about {indexed} waiting steps are listed (--event NAME narrows)"))
 
 
 def table(found: list[Waiting], *, wide: bool = False) -> base.Listing:

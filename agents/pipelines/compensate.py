@@ -128,6 +128,12 @@ def after(spec: PipelineSpec, record: JobRecord, routes: Any, events: list[dict[
             return record, messages
         record = record.model_copy(update={"unwind": why.model_copy(update={"at": now}), "updated_at": now})
         events.append(_event("compensating", record, None, cause=why.cause, reason=why.reason))
+        for rec in [r for r in record.steps.values() if r.state is State.WAITING]:
+            # nothing of it goes on: a wait (sleep:, wait_for:) is withdrawn now, its index entry and
+            # timers removed with this write, rather than left to end into nothing when its timer fires
+            record = record.with_step(transition(rec, State.CANCELLED, now=now, failure_class="cancelled",
+                                                 error=f"withdrawn from its wait: the job {why.cause} and "
+                                                 "undoes its effects"))
     record, more = proceed(spec, record, routes, events, now)
     return record, [*messages, *more]
 

@@ -16,21 +16,25 @@ events or the timeout wins and the others find nothing left to end:
 Either way its dependents go on with what the run had left of its deadline when the wait began.
 An event that comes before the wait began is kept (MESH_EVENT_WINDOW_S, MESH_EVENT_KEEP) and
 taken by the wait when it begins (the ``wait.check`` timer, due at once), at most once per job.
-A wait of a cancelled job is withdrawn by the cancel; one of a job undoing its effects when it
-ends is withdrawn then.
+A wait of a cancelled job is withdrawn by the cancel, one of a job that starts undoing its effects
+when it starts. An event is kept before it is delivered, under a delivery timer that a worker fires
+if its emitter died (or could not reach a waiting job) on the way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from mesh.broker import redact
+import redis
+
+from mesh.broker import redact, timers
 from mesh.broker import waits as store
 from mesh.broker.client import MeshClient, job_id_for, on_job_control
+from mesh.broker.clock import server_ms
 from mesh.broker.jobs import JobNotFound, JobStore
 from mesh.broker.pipelines import PipelineStore
 from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, transition
@@ -42,6 +46,9 @@ from .expr import ExpressionError
 from .spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
+
+#: How long one look for kept events (a ``wait.check`` timer) goes on before it leaves the rest for later.
+CHECK_BUDGET_S = 0.1
 
 #: Trace event kinds of a wait's end.
 EVENT = {WaitEnd.SLEPT: "slept", WaitEnd.EVENT: "resumed", WaitEnd.TIMEOUT: "wait_timed_out"}
@@ -142,9 +149,12 @@ class Waits:
             return False
         return ended
 
-    def check(self, job_id: str, step_id: str, seq: int) -> bool:
-        """Offer the events kept for the wait (signalled to its job, or emitted), oldest first, until
-        one ends it; whether one did."""
+    def check(self, job_id: str, step_id: str, seq: int, start: tuple[int, str] | None = None) -> bool:
+        """Offer the events kept for the wait (signalled to its job, or emitted), oldest first (from
+        ``start``, an event's ``(at_ms, id)``, on when given), until one ends it; whether one did.
+        Past CHECK_BUDGET_S of looking, the rest is left to a ``wait.check.more`` timer due now: a wait
+        that starts behind thousands of kept events that do not match holds the timers' loop (every
+        other sleep, timeout and approval expiry behind it) no longer than that at a time."""
         record = self.jobs.get(job_id)
         rec = record.steps.get(step_id) if record is not None else None
         if rec is None or rec.state is not State.WAITING or rec.wait is None or rec.wait.seq != seq \
@@ -152,8 +162,15 @@ class Waits:
             return False
         assert record is not None
         spec = engine.load_spec(self.pipelines, record.pipeline or "", record.pipeline_digest or "")
+        stop = time.monotonic() + CHECK_BUDGET_S
         for k in store.kept(self.jobs.client, self.jobs.keys, job_id, rec.wait.event, self.settings.event_window_s,
                             self.settings.event_keep):
+            if start is not None and (k.at_ms, k.id) < start:
+                continue  # looked at by the look this one continues
+            if time.monotonic() > stop:  # the rest later, after the timers due meanwhile
+                timers.stage_schedule(self.jobs.client, self.jobs.keys, store.CHECK_MORE,
+                                      f"{job_id}|{step_id}|{seq}|{k.at_ms} {k.id}", 0)
+                return False
             if store.consumed(record, k.id) or (k.via == "emit" and not holds(spec, record, rec, k.data)):
                 continue  # looked at again in the transaction only when it may end the wait
             if self.deliver(job_id, step_id, seq, WaitEnd.EVENT, data=k.data, event_id=k.id, via=k.via,
@@ -182,14 +199,64 @@ class Waits:
             self.check(job_id, step_id, int(seq))
             return True
 
-        return {store.TIMER: fire, store.CHECK: look}
+        def more(due: Any) -> bool:
+            job_id, step_id, seq, cursor = due.ref.split("|", 3)
+            at_ms, _, first = cursor.partition(" ")  # the event the last look stopped at, not looked at yet
+            self.check(job_id, step_id, int(seq), start=(int(at_ms), first))
+            return True
+
+        def emitted(due: Any) -> bool:
+            event, since, _ = due.ref.split("|", 2)
+            self.offer(event, int(since))
+            return True
+
+        def signalled(due: Any) -> bool:
+            job_id, _, _ = due.ref.rsplit("|", 2)
+            record = self.jobs.get(job_id)
+            for rec in record.steps.values() if record is not None else ():
+                if rec.state is State.WAITING and rec.wait is not None and rec.wait.event is not None:
+                    self.check(job_id, rec.step_id, rec.wait.seq)
+            return True
+
+        return {store.TIMER: fire, store.CHECK: look, store.CHECK_MORE: more, store.EMIT: emitted,
+                store.SIGNAL: signalled}
+
+    def offer(self, event: str, since_ms: int) -> list[tuple[str, str]]:
+        """Offer the events of name ``event`` emitted from ``since_ms`` on, oldest first, to every step
+        waiting for that name (what an emit that died on the way did not deliver); the steps resumed.
+        A step that cannot be offered them (its spec unreadable) does not stop the others: the first
+        such error is raised at the end, and the timer that called this tries again later."""
+        window = server_ms(self.jobs.client) - int(self.settings.event_window_s * 1000)  # none kept past it
+        kept = store.emitted_since(self.jobs.client, self.jobs.keys, event, max(since_ms, window),
+                                   self.settings.event_keep)
+        resumed: list[tuple[str, str]] = []
+        failed: Exception | None = None
+        if not kept:
+            return resumed
+        for page in store.waiting_pages(self.jobs.client, self.jobs.keys, event):
+            for waiting in page:
+                try:
+                    for k in kept:
+                        if waiting.record is not None and store.consumed(waiting.record, k.id):
+                            continue
+                        if self.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT,
+                                        data=k.data, event_id=k.id, via="emit", match=True):
+                            resumed.append((waiting.job_id, waiting.step.step_id))
+                            break
+                except Exception as exc:
+                    failed = failed or exc
+                    logger.warning("an event could not be offered to a waiting step", extra={
+                        "job_id": waiting.job_id, "step_id": waiting.step.step_id, "event": event, "error": str(exc)})
+        if failed is not None:
+            raise failed
+        return resumed
 
 
 def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     """``data`` when ``event`` is a name and ``data`` a JSON object within the step output limits."""
     import re
 
-    if not isinstance(event, str) or not re.match(EVENT_NAME, event):
+    if not isinstance(event, str) or not re.fullmatch(EVENT_NAME, event):  # whole: "name\n" is none
         raise store.InvalidEvent(f"an event name is 1 to 128 letters, digits and ._:- (starting with a letter or "
                                  f"digit), not {str(event)[:60]!r}")
     data = {} if data is None else data
@@ -197,7 +264,12 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
         raise store.InvalidEvent(f"an event's data is a JSON object (it becomes the step's output), not "
                                  f"{type(data).__name__}")
     data = redact.redact_value(data)  # a step output: masked before anything keeps it, as an agent's is
-    encoded = dumps(data)
+    try:
+        encoded = dumps(data)
+    except TypeError as exc:  # orjson's: bytes, an object, a key that is no string, a 65-bit integer
+        raise store.InvalidEvent(f"an event's data is no JSON: {exc}") from None
+    if not _finite(data):
+        raise store.InvalidEvent("an event's data is no JSON: it holds NaN or an infinity (JSON has neither)")
     size = len(encoded)
     if depth_exceeds(encoded, data, client.settings.max_json_depth):
         raise store.InvalidEvent(f"an event's data nests deeper than MESH_MAX_JSON_DEPTH "
@@ -208,10 +280,32 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     return data
 
 
+def _finite(data: Any) -> bool:
+    """Whether no float in ``data`` is NaN or infinite (orjson writes them as null: the data changed)."""
+    import math
+
+    todo = [data]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, list | tuple | set | frozenset):
+            todo.extend(value)
+    return True
+
+
 def _client_waits(client: MeshClient) -> Waits:
     from .jobctl import _routes
 
     return Waits(client.jobs, client.pipelines, _routes(client), client.settings, client.clock)
+
+
+def _waiting_for(record: JobRecord, event: str) -> list[StepRecord]:
+    """The steps of ``record`` waiting for ``event``, the one waiting longest first."""
+    return sorted((s for s in record.steps.values() if s.state is State.WAITING and s.wait is not None
+                   and s.wait.event == event), key=lambda s: s.wait.started_at if s.wait else 0)
 
 
 def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | None = None) -> store.Delivery:
@@ -223,15 +317,22 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
     if client.redis.exists(client.keys.job(job_id)) == 0 and client.redis.exists(client.keys.job(job_id_for(job_id))):
         job_id = job_id_for(job_id)  # the key the job was sent with
     record = client.status(job_id)
-    steps = sorted((s for s in record.steps.values() if s.state is State.WAITING and s.wait is not None
-                    and s.wait.event == event), key=lambda s: s.wait.started_at if s.wait else 0)
+    steps = _waiting_for(record, event)
     if record.state in TERMINAL and not steps:  # ended (a step may still wait while another branch ended it)
         raise store.NotWaiting(f"job {job_id} is {record.state.value}: nothing of it waits for {event} any more",
                                job_id=job_id, state=record.state.value)
-    settings = client.settings
-    sid = store.keep(client.redis, client.keys.signals(job_id), {"event": event, "data": data}, settings.event_keep,
+    settings, keys, r = client.settings, client.keys, client.redis
+    # its delivery's timer first: a signaller that dies once the signal is kept leaves it to a worker,
+    # which offers the job's kept events to its waiting steps (store.SIGNAL)
+    timer = f"{job_id}|{server_ms(r)}|{uuid.uuid4().hex[:12]}"
+    timers.stage_schedule(r, keys, store.SIGNAL, timer, store.GRACE_MS)
+    sid = store.keep(r, keys.signals(job_id), {"event": event, "data": data}, settings.event_keep,
                      settings.event_window_s)
     event_id = f"signal:{sid}"
+    # the steps waiting now that it is kept: one whose wait began after the read above and looked for
+    # kept events before the keep (its wait.check) is among them
+    now = client.jobs.get(job_id)
+    steps = _waiting_for(now, event) if now is not None else []
     waits = _client_waits(client)
     resumed: list[tuple[str, str]] = []
     for step in steps:  # the one waiting longest takes it
@@ -243,6 +344,7 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
         after = client.jobs.get(job_id)
         taken = [s.step_id for s in (after.steps.values() if after else ()) if s.wait and s.wait.event_id == event_id]
         resumed = [(job_id, taken[0])] if taken else []
+    timers.stage_cancel(r, keys, store.SIGNAL, timer)
     return store.Delivery(event, event_id, resumed)
 
 
@@ -250,22 +352,39 @@ def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> 
     """Deliver ``event`` to every step waiting for that name whose ``match`` holds, and keep it for
     waits that start within MESH_EVENT_WINDOW_S (each job takes it at most once)."""
     data = _event_data(client, event, data)
-    settings = client.settings
-    sid = store.keep(client.redis, client.keys.events(event), {"data": data}, settings.event_keep,
-                     settings.event_window_s)
+    settings, keys, r = client.settings, client.keys, client.redis
+    # its delivery's timer first: an emitter that dies (or fails) once the event is kept leaves it to a
+    # worker, which offers the events emitted since to the steps waiting (store.EMIT)
+    timer = f"{event}|{server_ms(r)}|{uuid.uuid4().hex[:12]}"
+    timers.stage_schedule(r, keys, store.EMIT, timer, store.GRACE_MS)
+    sid = store.keep(r, keys.events(event), {"data": data}, settings.event_keep, settings.event_window_s)
     event_id = f"emit:{event}:{sid}"
     waits = _client_waits(client)
     resumed: list[tuple[str, str]] = []
-    for waiting in store.pending(client.redis, client.keys, limit=1_000_000, event=event):
-        record = waiting.record
-        if record is not None and record.pipeline and record.pipeline_digest and not holds(
-                engine.load_spec(client.pipelines, record.pipeline, record.pipeline_digest), record, waiting.step,
-                data):
-            continue  # looked at again in the transaction only when it holds now
-        with contextlib.suppress(JobNotFound):
-            if waits.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT, data=data,
-                             event_id=event_id, via="emit", match=True):
-                resumed.append((waiting.job_id, waiting.step.step_id))
+    failed = False
+    for page in store.waiting_pages(r, keys, event):
+        for waiting in page:
+            try:
+                record = waiting.record
+                if record is not None and record.pipeline and record.pipeline_digest and not holds(
+                        engine.load_spec(client.pipelines, record.pipeline, record.pipeline_digest), record,
+                        waiting.step, data):
+                    continue  # looked at again in the transaction only when it holds now
+                if waits.deliver(waiting.job_id, waiting.step.step_id, waiting.wait.seq, WaitEnd.EVENT, data=data,
+                                 event_id=event_id, via="emit", match=True):
+                    resumed.append((waiting.job_id, waiting.step.step_id))
+            except JobNotFound:
+                continue
+            except redis.RedisError:
+                raise  # the timer delivers it
+            except Exception as exc:
+                failed = True
+                logger.warning("an event could not be delivered to a waiting step; a worker tries again",
+                               extra={"job_id": waiting.job_id, "step_id": waiting.step.step_id, "event": event,
+                                      "error": str(exc)})
+        r.zadd(keys.timers, {timers.member(store.EMIT, timer): server_ms(r) + store.GRACE_MS}, xx=True)
+    if not failed:
+        timers.stage_cancel(r, keys, store.EMIT, timer)
     return store.Delivery(event, event_id, resumed)
 
 

@@ -35,11 +35,12 @@ local function forget_name(name)
 end
 
 local function holds(record)
-    -- what count retention never takes: dead letters a replay must find, a step waiting for a person
+    -- what count retention never takes: dead letters a replay must find, a step waiting for a person,
+    -- a timer or an event
     if type(record.steps) ~= "table" then return false end
     for _, step in pairs(record.steps) do
         if type(step) == "table" and (step.state == "dead_lettered" or step.state == "unknown"
-                or step.state == "awaiting_approval") then
+                or step.state == "awaiting_approval" or step.state == "waiting") then
             return true
         end
     end

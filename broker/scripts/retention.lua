@@ -12,7 +12,7 @@
 --                              existed), or when it is only a re-send of a job that already ran to
 --                              the end and expired: every step queued, every step's key done, so
 --                              the claim answers each delivery as a duplicate and it never runs;
---                              never while a step awaits approval (no TTL then, by design).
+--                              never while a step awaits approval or waits (no TTL then, by design).
 --   running   "job/step"    -> a member whose job record is gone leaves {ns}:running
 --   notes     note ids      -> a member whose note is gone leaves {ns}:notes; a note without a TTL
 --                              gets what is left of its retention, counted from its written time
@@ -34,14 +34,16 @@ end
 local function waits(record)
     if type(record.steps) ~= "table" then return false end
     for _, step in pairs(record.steps) do
-        if type(step) == "table" and step.state == "awaiting_approval" then return true end
+        if type(step) == "table" and (step.state == "awaiting_approval" or step.state == "waiting") then
+            return true
+        end
     end
     return false
 end
 
 local function ended_at(record)
-    -- a step waiting for a person keeps its job: ended or not, it has no TTL until the decision
-    -- (broker/approvals.py), which gives it its retention
+    -- a step waiting for a person (or a timer, an event) keeps its job: ended or not, it has no TTL
+    -- until the decision or the wait's end (broker/approvals.py, broker/waits.py) gives it its retention
     if waits(record) then return nil end
     if terminal[record.state] then
         return tonumber(record.finished_at) or tonumber(record.updated_at) or now

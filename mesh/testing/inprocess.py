@@ -195,7 +195,8 @@ class TestMesh:
     def wait(self, job: JobRef | str, *, approve: Approve | None = None, timeout_s: float = 30.0) -> JobRecord:
         """The job once it ended, or once a step waits for an approval ``approve`` does not decide
         (returned ``awaiting_approval``: approve, deny or ``advance`` then wait again), or for a timer or
-        an event with nothing else in flight (returned ``waiting``: ``advance``, or ``client.emit``). A step in
+        an event with nothing else in flight and no timer of it due (returned ``waiting``: ``advance``, or
+        ``client.emit``). A step in
         ``approve`` is decided when it waits: True approves, False denies, None lets it expire."""
         job_id = job.id if isinstance(job, JobRef) else job
         decided: set[tuple[str, int]] = set()
@@ -214,11 +215,17 @@ class TestMesh:
                 elif (step.step_id, step.approval.asks) not in decided:
                     decided.add((step.step_id, step.approval.asks))
                     self._decide(job_id, step.step_id, approve[step.step_id])
-            if unscripted and not any(_in_flight(s) for s in record.steps.values()):
+            if unscripted and not any(_in_flight(s) for s in record.steps.values()) and not self._due(job_id):
                 return record
             if time.monotonic() >= deadline:
                 raise WaitTimeout(job_id, timeout_s, record)
             time.sleep(0.02)
+
+    def _due(self, job_id: str) -> bool:
+        """Whether a timer of the job is due now (a sleep over, a wait's look for the events kept for
+        it): the worker's timer loop is about to move it, so it is not left waiting yet."""
+        prefix = f"{job_id}|"
+        return any(d.ref.startswith(prefix) for d in due(self.client.redis, self.client.keys, limit=1000))
 
     def approve(self, job: JobRef | str, step: str, *, note: str | None = None, by: str = "test") -> JobRecord:
         """Approve the step waiting in ``job``."""

@@ -1,0 +1,24 @@
+"""TestMesh and durable waits: ``wait`` returns a job ``waiting`` only once nothing of it is due, so
+an event emitted before the run, or a sleep already over, is taken before it returns."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh import Pipeline, State
+from mesh.testing import TestMesh, TestModel
+from tests.testing.test_inprocess import DRAFTS, Posted, app, post
+
+pytestmark = pytest.mark.slow  # each test starts an in-process worker
+
+app.pipeline(Pipeline("early").step("paid", wait_for={"event": "paid", "timeout": "2h"})
+             .step("nap", depends_on=["paid"], sleep="1ms")
+             .step("write", depends_on=["nap"], input={"topic": "paid.topic"}))
+
+
+def test_wait_takes_an_event_emitted_before_the_run_and_a_sleep_already_over() -> None:
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: Posted(id="never")}) as mesh:
+        mesh.client.emit("paid", {"topic": "otters"})
+        record = mesh.wait(mesh.run("early", {}))
+    assert record.state is State.SUCCEEDED, {s: r.state for s, r in record.steps.items()}
+    assert record.steps["paid"].result == {"topic": "otters"} and record.steps["nap"].result == {"slept_s": 0.001}
