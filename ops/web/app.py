@@ -134,6 +134,9 @@ class Console:
             off = self.access.off_reason
             if off is not None:
                 return PlainTextResponse(off + "\n", status_code=403, headers=HEADERS)
+            foreign = self.access.foreign_host(request.headers.get("host"))
+            if foreign is not None:
+                return PlainTextResponse(foreign, status_code=403, headers=HEADERS)
             session = self.access.read_session(request.cookies.get(SESSION_COOKIE))
             fresh = None
             if session is None and not self.access.login_needed and request.method == "GET":

@@ -20,6 +20,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -30,7 +31,7 @@ from mesh.contracts import ConfigError
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 #: A user's name: what the audit records and ``approvers:`` lists.
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
 
 SESSION_COOKIE = "mesh_session"
 LOGIN_COOKIE = "mesh_login"
@@ -65,7 +66,7 @@ def parse_users(text: str, where: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         name, sep, stored = line.partition(":")
-        if not sep or not NAME.match(name) or not stored.startswith("scrypt$") or stored.count("$") != 5:
+        if not sep or not NAME.fullmatch(name) or not stored.startswith("scrypt$") or stored.count("$") != 5:
             raise ConfigError(f"{where}: entry {n} is not `name:scrypt$...` (write one with `mesh ops user add NAME`)")
         users[name] = stored
     return users
@@ -87,7 +88,7 @@ def load_users(settings: MeshSettings) -> dict[str, str]:
 
 def write_user(path: Path, name: str, password: str) -> bool:
     """Add ``name`` to the users file at ``path`` (created 0600), or replace its hash; True if it was new."""
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise ConfigError(f"user name {name!r}: letters, digits and _ . @ - only, at most 64")
     lines = path.read_text().splitlines() if path.exists() else []
     entry = f"{name}:{hash_password(password)}"
@@ -126,6 +127,21 @@ class Access:
         if secret:
             access.secret = secret
         return access
+
+    def foreign_host(self, host_header: str | None) -> str | None:
+        """Why a request naming ``host_header`` is refused, or None. Open without users, the console
+        answers only to loopback names: a page asked for under another name is a site whose name
+        resolves to this machine (DNS rebinding) reading the console in a local browser."""
+        if self.login_needed:
+            return None
+        try:
+            hostname = urlsplit(f"//{host_header or ''}").hostname or ""
+        except ValueError:  # "[" without its "]"
+            hostname = ""
+        if hostname and is_loopback(hostname):
+            return None
+        return (f"refused: the console was asked for as {(host_header or '')[:100]!r}; without users it "
+                "answers only to localhost and loopback addresses\n")
 
     @property
     def login_needed(self) -> bool:

@@ -1,0 +1,50 @@
+"""The console under attack: a page asked for under another site's name (DNS rebinding), a session
+used again after its logout, a user name that breaks the users file, password guessing, a job whose
+page would be megabytes, Redis away while a page loads."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from mesh.contracts import ConfigError
+from mesh.dlq import DeadLetterStore
+from mesh.ops.web.auth import Access, parse_users, write_user
+from tests.ops.test_console import (  # noqa: F401  (fixtures)
+    PASSWORDS,
+    client,
+    console,
+    csrf_of,
+    login,
+    put_entry,
+    users_file,
+)
+
+
+def test_on_loopback_without_users_a_page_asked_for_under_another_hosts_name_is_refused(client):
+    """DNS rebinding: a site whose name resolves to 127.0.0.1 reads the open console in the
+    victim's browser (same origin for it), takes a CSRF token and acts; only the Host header tells."""
+    entry = put_entry(client)
+    access = Access(users={}, host="127.0.0.1", local="ops@box")
+    with console(client, access) as (base, server), httpx.Client(base_url=base) as http:
+        evil = {"Host": f"rebind.evil.example:{server.port}"}
+        page = http.get(f"/dlq/{entry.entry_id}/purge", headers=evil)
+        assert page.status_code == 403 and "ops@box" not in page.text
+        assert "csrf" not in page.text
+        token = csrf_of(http.get(f"/dlq/{entry.entry_id}/purge").text)  # the real page, on its own name
+        assert http.post(f"/dlq/{entry.entry_id}/purge", data={"csrf": token}, headers=evil).status_code == 403
+        assert DeadLetterStore(client.redis, client.keys).get(entry.entry_id) is not None
+        assert http.get("/jobs/job-x/events", headers=evil).status_code == 403
+        assert http.get("/", headers={"Host": "[::1"}).status_code == 403
+        for host in ("localhost", f"localhost:{server.port}", f"127.0.0.1:{server.port}", f"[::1]:{server.port}"):
+            assert http.get("/breakers", headers={"Host": host}).status_code == 200, host
+        assert http.get("/healthz", headers=evil).status_code == 200  # health stays open
+
+
+def test_a_user_name_ending_in_a_newline_is_refused_and_does_not_break_the_users_file(tmp_path):
+    path = tmp_path / "users"
+    write_user(path, "ana", PASSWORDS["ana"])
+    for name in ("ana\n", "bo\nmallory", "ève"):
+        with pytest.raises(ConfigError):
+            write_user(path, name, "a-long-password")
+    assert list(parse_users(path.read_text(), str(path))) == ["ana"]
