@@ -32,7 +32,7 @@ from mesh.dlq import Filter
 from mesh.ops.timeline import event_line
 
 from . import actions, views
-from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, same_token
+from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, same_token, session_id
 from .live import END, Follower, TraceHub
 from .rates import Rates, read
 
@@ -142,6 +142,8 @@ class Console:
             if session is None and not self.access.login_needed and request.method == "GET":
                 fresh = self.access.session(self.access.local)  # loopback without users: the local operator
                 session = self.access.read_session(fresh)
+            if session is not None and self.access.login_needed and await _run(self._logged_out, request):
+                session = None
             if session is None:
                 if request.method == "GET" and not stream:
                     return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303,
@@ -158,6 +160,11 @@ class Console:
             return response
 
         return endpoint
+
+    def _logged_out(self, request: Request) -> bool:
+        """Whether the request's session was logged out (the signed cookie alone would stay valid)."""
+        key = self.client.keys.console_logout(session_id(request.cookies[SESSION_COOKIE]))
+        return bool(self.client.redis.exists(key))
 
     async def _check_post(self, request: Request, csrf: str) -> Response | None:
         origin = request.headers.get("origin")
@@ -440,6 +447,10 @@ async def reset(request: Request, con: Console, user: str, csrf: str) -> Respons
 
 
 async def logout(request: Request, con: Console, user: str, csrf: str) -> Response:
+    value = request.cookies.get(SESSION_COOKIE)
+    if con.access.login_needed and value:  # refused from now on, wherever a copy of the cookie is
+        key = con.client.keys.console_logout(session_id(value))
+        await _run(lambda: con.client.redis.set(key, user, ex=int(con.access.session_s) + 1))
     response = RedirectResponse("/login" if con.access.login_needed else "/", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

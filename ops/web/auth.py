@@ -192,6 +192,11 @@ class Access:
         return _b64(hmac.new(self.secret, body.encode(), hashlib.sha256).digest())
 
 
+def session_id(value: str) -> str:
+    """A session cookie's name once it is logged out: a digest (the cookie itself is never stored)."""
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
 def same_token(given: str | None, expected: str | None) -> bool:
     """A constant-time comparison of a form's CSRF token with the session's."""
     return bool(given) and bool(expected) and hmac.compare_digest(str(given), str(expected))

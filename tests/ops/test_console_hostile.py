@@ -48,3 +48,17 @@ def test_a_user_name_ending_in_a_newline_is_refused_and_does_not_break_the_users
         with pytest.raises(ConfigError):
             write_user(path, name, "a-long-password")
     assert list(parse_users(path.read_text(), str(path))) == ["ana"]
+
+
+def test_a_session_cookie_used_again_after_its_logout_is_no_session(client):
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        assert login(http, "ana", PASSWORDS["ana"]).status_code == 303
+        copied = http.cookies["mesh_session"]
+        other = httpx.Client(base_url=base)  # a second login of the same user stays in
+        assert login(other, "ana", PASSWORDS["ana"]).status_code == 303
+        assert http.post("/logout", data={"csrf": csrf_of(http.get("/breakers").text)}).status_code == 303
+        with httpx.Client(base_url=base, cookies={"mesh_session": copied}) as thief:
+            assert thief.get("/").status_code == 303
+            assert thief.get("/jobs/job-x/events").status_code == 401
+        assert other.get("/").status_code == 200
+        other.close()
