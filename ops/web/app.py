@@ -90,6 +90,7 @@ class Console:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                       undefined=jinja2.StrictUndefined)
         self.env.filters["clock"] = _clock
+        self.env.filters["cut"] = views.cut
         self.env.filters["html"] = lambda text: Markup(views.html(text))
 
     def render(self, request: Request, name: str, user: str, csrf: str, status: int = 200,
@@ -486,7 +487,7 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
                 if ev is END:
                     yield b"event: end\ndata: {}\n\n"
                     return
-                data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")), "line": _line(ev),
+                data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")), "line": _line(ev)[:views.LINE_CHARS],
                         "style": _style(ev)}
                 yield f"id: {event_id}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from mesh.broker import trace
 from mesh.contracts import ConfigError
 from mesh.dlq import DeadLetterStore
 from mesh.ops.web.auth import Access, parse_users, write_user
@@ -62,3 +63,43 @@ def test_a_session_cookie_used_again_after_its_logout_is_no_session(client):
             assert thief.get("/jobs/job-x/events").status_code == 401
         assert other.get("/").status_code == 200
         other.close()
+
+
+def huge_job(client) -> str:
+    """A job of 5,000 steps, each failed with 2 KB of error, the job's own error 1 MB, 6,000 trace
+    events: written as a worker would leave them (no worker needed)."""
+    from mesh.contracts import StepRecord, dumps
+
+    ref = client.send("executor", {"tool": "note", "args": {"title": "t"}}, key="huge-1")
+    record = client.jobs.get(ref.id)
+    steps = {f"s{i}": StepRecord(step_id=f"s{i}", agent="executor", key=f"huge-1/s{i}", state="failed",
+                                 error="e" * 2_000) for i in range(5_000)}
+    record = record.model_copy(update={"steps": {**record.steps, **steps}, "error": "E" * 1_000_000})
+    client.redis.set(client.keys.job(ref.id), dumps(record))
+    pipe = client.redis.pipeline(transaction=False)
+    for i in range(6_000):
+        trace.emit(pipe, client.keys, trace.event("progress", {"job_id": ref.id, "step_id": f"s{i % 5_000}"},
+                                                 progress=i, note="n" * (1_000_000 if i == 5_999 else 100)))
+    pipe.execute()
+    return ref.id
+
+
+def test_a_job_of_5000_steps_a_megabyte_of_error_and_6000_events_has_a_bounded_page(client):
+    job_id = huge_job(client)
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get(f"/jobs/{job_id}")
+        assert page.status_code == 200
+        assert len(page.content) < 400_000, len(page.content)
+        assert "mesh status" in page.text and "mesh trace" in page.text  # where the rest is
+        assert "more steps" in page.text and "more characters" in page.text
+
+        last = client.redis.xrevrange(client.keys.trace(job_id), count=1)[0][0].decode()
+        longest, seen = 0, False
+        with http.stream("GET", f"/jobs/{job_id}/events") as answer:
+            for line in answer.iter_lines():
+                longest = max(longest, len(line))
+                if seen and line.startswith("data:"):
+                    break
+                seen = seen or line == f"id: {last}"
+        assert longest < 2_000, longest  # the megabyte note is cut on the live stream too
