@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from mesh.dlq import Filter
 from mesh.ops.timeline import event_line
 
 from . import actions, views
-from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, same_token, session_id
+from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, Throttle, same_token, session_id
 from .live import END, Follower, TraceHub
 from .rates import Rates, read
 
@@ -87,6 +88,8 @@ class Console:
         #: Password checks at once (scrypt: 16 MiB and ~50 ms each); more wait on the event loop,
         #: not on the threads Redis reads need.
         self.checking: asyncio.Semaphore | None = None
+        #: Failed logins per name and per address: guessing is slowed to a few tries a minute.
+        self.throttle = Throttle()
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                       undefined=jinja2.StrictUndefined)
         self.env.filters["clock"] = _clock
@@ -201,12 +204,21 @@ class Console:
             return PlainTextResponse("refused: the form's CSRF token is missing or stale; reload the page\n",
                                      status_code=403, headers=HEADERS)
         name, password = form.get("user", ""), form.get("password", "")
+        address = request.client.host if request.client else "-"
+        wait_s = self.throttle.wait_s(name, address)
+        if wait_s > 0:
+            logger.warning("console login throttled", extra={"user": name[:64], "address": address})
+            response = self.render(request, "login.html", "", form["csrf"], status=429, next=_next(form.get("next")),
+                                   error=f"Too many failed logins; try again in {math.ceil(wait_s)}s.")
+            response.headers["Retry-After"] = str(math.ceil(wait_s))
+            return response
         if self.checking is None:
             self.checking = asyncio.Semaphore(LOGIN_CHECKS)
         async with self.checking:
             ok = await anyio.to_thread.run_sync(self.access.login, name, password)
         if not ok:
-            logger.warning("console login refused", extra={"user": name[:64]})
+            self.throttle.failed(name, address)
+            logger.warning("console login refused", extra={"user": name[:64], "address": address})
             return self.render(request, "login.html", "", form["csrf"], status=401, next=_next(form.get("next")),
                                error="Unknown user or wrong password.")
         logger.info("console login", extra={"user": name})

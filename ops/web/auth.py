@@ -192,6 +192,43 @@ class Access:
         return _b64(hmac.new(self.secret, body.encode(), hashlib.sha256).digest())
 
 
+@dataclass
+class Throttle:
+    """Failed logins over the last ``window_s``, per user name and per client address: past ``per_name``
+    failures for a name, or ``per_address`` from an address, its next tries are refused unchecked until
+    the oldest failure leaves the window. A name under attack is locked for at most ``window_s`` at a
+    time; what is remembered is bounded by the password checks the server can make in a window."""
+
+    per_name: int = 5
+    per_address: int = 20
+    window_s: float = 60.0
+    failures: dict[str, list[float]] = field(default_factory=dict)
+
+    def wait_s(self, name: str, address: str, now: float | None = None) -> float:
+        """Seconds until ``name`` may be tried from ``address`` (0: now)."""
+        now = time.monotonic() if now is None else now
+        self._forget(now)
+        waits = [0.0]
+        for key, limit in ((f"n:{name}", self.per_name), (f"a:{address}", self.per_address)):
+            times = self.failures.get(key, [])
+            if len(times) >= limit:
+                waits.append(times[-limit] + self.window_s - now)
+        return max(waits)
+
+    def failed(self, name: str, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for key in (f"n:{name}", f"a:{address}"):
+            self.failures.setdefault(key, []).append(now)
+
+    def _forget(self, now: float) -> None:
+        for key in list(self.failures):
+            kept = [t for t in self.failures[key] if t > now - self.window_s]
+            if kept:
+                self.failures[key] = kept
+            else:
+                del self.failures[key]
+
+
 def session_id(value: str) -> str:
     """A session cookie's name once it is logged out: a digest (the cookie itself is never stored)."""
     return hashlib.sha256(value.encode()).hexdigest()[:32]

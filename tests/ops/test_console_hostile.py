@@ -103,3 +103,28 @@ def test_a_job_of_5000_steps_a_megabyte_of_error_and_6000_events_has_a_bounded_p
                     break
                 seen = seen or line == f"id: {last}"
         assert longest < 2_000, longest  # the megabyte note is cut on the live stream too
+
+
+def test_password_guessing_is_throttled_per_name_and_per_address(client):
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        for n in range(5):
+            assert login(http, "ana", f"guess-{n}").status_code == 401
+        refused = login(http, "ana", PASSWORDS["ana"])  # even the right one, unchecked
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert "Too many failed logins" in refused.text and "mesh_session" not in http.cookies
+        assert login(http, "bo", PASSWORDS["bo"]).status_code == 303  # another name is not locked
+
+
+def test_a_throttle_forgets_failures_past_its_window_and_counts_every_address():
+    from mesh.ops.web.auth import Throttle
+
+    t = Throttle(per_name=2, per_address=3, window_s=60)
+    for n in range(2):
+        t.failed("ana", "10.0.0.1", now=100.0 + n)
+    assert t.wait_s("ana", "10.0.0.2", now=102.0) == pytest.approx(58.0)
+    assert t.wait_s("ana", "10.0.0.2", now=161.0) == 0  # the first failure left the window
+    spray = Throttle(per_name=2, per_address=3, window_s=60)
+    for n, name in enumerate(("ana", "bo", "carol")):  # one guess at each name, from one address
+        spray.failed(name, "10.0.0.1", now=100.0 + n)
+    assert spray.wait_s("dan", "10.0.0.1", now=103.0) == pytest.approx(57.0)
+    assert spray.wait_s("dan", "10.0.0.1", now=500.0) == 0 and spray.failures == {}
