@@ -51,6 +51,10 @@ LOGIN_CHECKS = 2
 #: A comment line sent on an idle event stream this often, so a dead browser is noticed.
 KEEPALIVE_S = 15.0
 
+#: How long one write of an event stream may wait for the browser to take it: one that stops reading
+#: (its socket's buffers full) is dropped then, rather than holding its stream and its events for good.
+SEND_TIMEOUT_S = 30.0
+
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
@@ -86,6 +90,7 @@ class Console:
         #: never take the room /healthz and the pages need.
         self.max_streams = max(1, client.settings.ops_max_connections // 2)
         self.streams = 0
+        self.send_timeout_s = SEND_TIMEOUT_S
         #: Password checks at once (scrypt: 16 MiB and ~50 ms each); more wait on the event loop,
         #: not on the threads Redis reads need.
         self.checking: asyncio.Semaphore | None = None
@@ -516,8 +521,28 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
             con.streams -= 1
             con.hub.leave(follower)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={**HEADERS, "X-Accel-Buffering": "no"})
+    return EventStream(stream(), con.send_timeout_s, media_type="text/event-stream",
+                       headers={**HEADERS, "X-Accel-Buffering": "no"})
+
+
+class EventStream(StreamingResponse):
+    """A stream each of whose writes must be taken within ``send_timeout_s``; past it the stream ends
+    and its connection is closed (a browser that comes back resumes from its last event id)."""
+
+    def __init__(self, content: AsyncIterator[bytes], send_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.send_timeout_s = send_timeout_s
+
+    async def stream_response(self, send: Callable[[Any], Awaitable[None]]) -> None:  # type: ignore[override]
+        async def timed(message: Any) -> None:
+            await asyncio.wait_for(send(message), self.send_timeout_s)
+
+        try:
+            await super().stream_response(timed)
+        except TimeoutError:
+            logger.warning("event stream dropped: the browser stopped reading", extra={"timeout_s": self.send_timeout_s})
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 def _line(ev: dict[str, Any]) -> str:

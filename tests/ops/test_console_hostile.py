@@ -158,3 +158,55 @@ def test_with_redis_away_every_page_says_so_with_503_and_no_traceback_then_serve
         mesh.close()
     finally:
         server.stop()
+
+
+def test_a_browser_that_stops_reading_its_event_stream_is_dropped_and_holds_up_no_other(client):
+    import socket
+    import threading
+
+    from conftest import wait_for
+
+    from tests.ops.test_console import parked, sse
+
+    job_id = parked(client, "unread")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        server.console.send_timeout_s = 1.0
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", server.port))
+        stuck.sendall(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      f"Cookie: mesh_session={http.cookies['mesh_session']}\r\n\r\n".encode())
+        wait_for(lambda: server.console.streams == 1, timeout_s=10)
+        [follower] = wait_for(lambda: [f for j in server.console.hub.jobs.values() for f in j.followers])
+        n = 0
+
+        def emit(count: int) -> None:
+            nonlocal n
+            pipe = client.redis.pipeline(transaction=False)
+            for _ in range(count):
+                n += 1
+                trace.emit(pipe, client.keys, trace.event("progress", {"job_id": job_id, "step_id": "researcher"},
+                                                         progress=n, note="x" * 4_000))
+            pipe.execute()
+
+        def written() -> bool:  # every event so far went out (into the socket's buffers) but the last few
+            return follower.queue.qsize() < 50
+
+        blocked = False
+        while not blocked and n < 20_000:  # the socket's buffers fill: the stream's writes stop going out
+            emit(100)
+            try:
+                wait_for(written, timeout_s=2)
+            except AssertionError:
+                blocked = True
+        assert blocked, "the socket took every event"
+        emit(6_000)  # more than a stream may hold waiting
+        wait_for(lambda: server.console.streams == 0, timeout_s=20)  # its writes waited past the limit
+        stuck.close()
+        got: list[dict[str, str]] = []
+        reader = sse(base, http.cookies, f"/jobs/{job_id}/events", got)
+        wait_for(lambda: server.console.streams == 1, timeout_s=10)
+        client.deny(job_id, "researcher", reason="done")
+        reader.join(30)
+        assert got[-1]["event"] == "end" and any(e.get("kind") == "denied" for e in got)
