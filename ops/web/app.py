@@ -362,7 +362,7 @@ async def dlq_bulk_confirm(request: Request, con: Console, user: str, csrf: str)
     if flt is None:
         return con.render(request, "refused.html", user, csrf, status=400, why=problem)
     count = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
-    return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count,
+    return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count, bulk_max=actions.BULK_MAX,
                       exact=flt.exact, more={k: v for k, v in shown.items() if v})
 
 
@@ -377,8 +377,11 @@ async def dlq_bulk(request: Request, con: Console, user: str, csrf: str) -> Resp
         done, skipped = await _run(actions.replay_filter, con.client, flt, user)
     else:
         done, skipped = await _run(actions.purge_filter, con.client, flt, user), {}
-    return con.render(request, "dlq_bulk_done.html", user, csrf, action=action, moved=done,
-                      skipped=skipped, more={k: v for k, v in shown.items() if v})
+    left = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
+    return con.render(request, "dlq_bulk_done.html", user, csrf, action=action, moved=done, left=left,
+                      exact=flt.exact, skipped=list(skipped.items())[:views.PAGE_ROWS],
+                      more_skipped=max(0, len(skipped) - views.PAGE_ROWS), bulk_max=actions.BULK_MAX,
+                      more={k: v for k, v in shown.items() if v})
 
 
 async def dlq_entry(request: Request, con: Console, user: str, csrf: str) -> Response:

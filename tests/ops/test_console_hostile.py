@@ -210,3 +210,29 @@ def test_a_browser_that_stops_reading_its_event_stream_is_dropped_and_holds_up_n
         client.deny(job_id, "researcher", reason="done")
         reader.join(30)
         assert got[-1]["event"] == "end" and any(e.get("kind") == "denied" for e in got)
+
+
+def test_a_filters_replay_or_purge_takes_at_most_bulk_max_entries_a_press_and_says_how_many_are_left(
+        client, monkeypatch):
+    import re
+
+    from mesh.dlq import Audit
+    from mesh.ops.web import actions
+
+    monkeypatch.setattr(actions, "BULK_MAX", 100)
+    for n in range(250):
+        put_entry(client, key=f"bulk-{n}", agent="researcher")
+    store = DeadLetterStore(client.redis, client.keys)
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        token = csrf_of(http.get("/dlq/all/replay?agent=researcher").text)
+        done = http.post("/dlq/all/replay", data={"csrf": token, "agent": "researcher"})
+        assert done.status_code == 200 and 'id="bulk-moved">100<' in done.text
+        assert re.search(r'id="bulk-left">150 more match', done.text) and 'id="again"' in done.text
+        assert store.count() == 150
+        done = http.post("/dlq/all/purge", data={"csrf": token, "agent": "researcher"})
+        assert 'id="bulk-moved">100<' in done.text and store.count() == 50
+        done = http.post("/dlq/all/purge", data={"csrf": token, "agent": "researcher"})
+        assert 'id="bulk-moved">50<' in done.text and 'id="again"' not in done.text and store.count() == 0
+    ops = [r["op"] for r in Audit(client.redis, client.keys).records(limit=1_000) if r["who"] == "ana"]
+    assert ops.count("replay") == 100 and ops.count("purge") == 150
