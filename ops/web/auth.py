@@ -173,7 +173,7 @@ class Access:
         if not value or "." not in value:
             return None
         body, _, signature = value.rpartition(".")
-        if not hmac.compare_digest(signature, self._sign(body)):
+        if not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
             return None
         try:
             data = orjson.loads(_unb64(body))
@@ -236,7 +236,8 @@ def session_id(value: str) -> str:
 
 def same_token(given: str | None, expected: str | None) -> bool:
     """A constant-time comparison of a form's CSRF token with the session's."""
-    return bool(given) and bool(expected) and hmac.compare_digest(str(given), str(expected))
+    # as bytes: compare_digest refuses a str with a character beyond ASCII (a TypeError, not a "no")
+    return bool(given) and bool(expected) and hmac.compare_digest(str(given).encode(), str(expected).encode())
 
 
 def _b64(data: bytes) -> str:

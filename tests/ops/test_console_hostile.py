@@ -236,3 +236,16 @@ def test_a_filters_replay_or_purge_takes_at_most_bulk_max_entries_a_press_and_sa
         assert 'id="bulk-moved">50<' in done.text and 'id="again"' not in done.text and store.count() == 0
     ops = [r["op"] for r in Audit(client.redis, client.keys).records(limit=1_000) if r["who"] == "ana"]
     assert ops.count("replay") == 100 and ops.count("purge") == 150
+
+
+def test_a_token_or_cookie_with_characters_beyond_ascii_is_refused_not_a_server_error(client):
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        page = http.get("/login")
+        assert http.post("/login", data={"csrf": "é", "user": "ana", "password": "x"}).status_code == 403
+        login(http, "ana", PASSWORDS["ana"])
+        assert http.post("/breakers/reset", data={"csrf": "jeton-é", "name": "x"}).status_code == 403
+        forged = http.cookies["mesh_session"].rpartition(".")[0] + ".é"
+        with httpx.Client(base_url=base) as other:
+            answer = other.get("/", headers={"Cookie": f"mesh_session={forged}".encode()})
+            assert answer.status_code == 303
+        assert page.status_code == 200
