@@ -143,7 +143,7 @@ class Console:
         async def endpoint(request: Request) -> Response:
             try:
                 return await guarded(request)
-            except redis.RedisError as exc:  # said plainly; the traceback stays out of the page and the log
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # said plainly, no traceback in page or log
                 logger.warning("console: redis unavailable", extra={"path": request.url.path, "error": str(exc)})
                 return PlainTextResponse(f"Redis is unavailable ({type(exc).__name__}: {str(exc)[:200]}); this "
                                          "page answers again once it is back (/healthz stays up)\n",
@@ -342,7 +342,8 @@ def _dlq_filter(con: Console, fields: Any) -> tuple[dict[str, str], Filter | Non
 async def dlq(request: Request, con: Console, user: str, csrf: str) -> Response:
     p = request.query_params
     shown, flt, problem = await _run(_dlq_filter, con, p)
-    offset = int(p.get("from", "0")) if p.get("from", "0").isdigit() else 0
+    start = p.get("from", "0")
+    offset = min(int(start), 2**31) if start.isascii() and start.isdigit() and len(start) < 12 else 0
     data, audit = await _run(lambda: (views.dlq(con.client, flt or Filter(), offset), views.audit_log(con.client)))
     if problem is not None:
         data["entries"], data["cut"] = [], False
@@ -564,5 +565,8 @@ def _style(ev: dict[str, Any]) -> str:
 
 
 def _event_id(value: str) -> bool:
+    """Whether ``value`` is a stream id Redis takes: one past its range would fail the shared XREAD of
+    every followed job."""
     ms, _, seq = value.partition("-")
-    return ms.isdigit() and (not seq or seq.isdigit()) and len(value) < 42
+    return (ms.isascii() and ms.isdigit() and int(ms) < 2**64
+            and (not seq or (seq.isascii() and seq.isdigit() and int(seq) < 2**64)))

@@ -249,3 +249,26 @@ def test_a_token_or_cookie_with_characters_beyond_ascii_is_refused_not_a_server_
             answer = other.get("/", headers={"Cookie": f"mesh_session={forged}".encode()})
             assert answer.status_code == 303
         assert page.status_code == 200
+
+
+def test_an_event_id_beyond_a_stream_ids_range_neither_breaks_the_shared_reader_nor_a_page(client):
+    from conftest import wait_for
+
+    from tests.ops.test_console import parked, progress, sse
+
+    followed, other = parked(client, "followed"), parked(client, "other")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        got: list[dict[str, str]] = []
+        reader = sse(base, http.cookies, f"/jobs/{followed}/events", got)
+        wait_for(lambda: server.console.streams == 1)
+        hostile: list[dict[str, str]] = []
+        sse(base, http.cookies, f"/jobs/{other}/events?after=99999999999999999999-1", hostile)
+        wait_for(lambda: server.console.streams == 2)
+        progress(client, followed, 1)
+        wait_for(lambda: any(e.get("kind") == "progress" for e in got), timeout_s=10)
+        client.deny(followed, "researcher", reason="done")
+        client.deny(other, "researcher", reason="done")
+        reader.join(30)
+        assert got[-1]["event"] == "end"
+        assert http.get("/dlq?from=" + "9" * 30).status_code == 200
