@@ -502,10 +502,13 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
         return PlainTextResponse(f"{con.max_streams} event streams are open already; reload later\n",
                                  status_code=503, headers={**HEADERS, "Retry-After": "10"})
     follower = Follower(job_id, after, asyncio.get_running_loop())
+    con.streams += 1  # taken now (the event loop's thread alone counts), given back when the response ends
+
+    def release() -> None:
+        con.streams -= 1
 
     async def stream() -> AsyncIterator[bytes]:
-        # counted and followed once the stream runs: a response never started leaves nothing behind
-        con.streams += 1  # the event loop's thread alone counts them
+        # followed once the stream runs: a response never started leaves no follower behind
         con.hub.follow(follower)
         try:
             yield b"retry: 2000\n\n"
@@ -522,10 +525,9 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
                         "style": _style(ev)}
                 yield f"id: {event_id}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
         finally:
-            con.streams -= 1
             con.hub.leave(follower)
 
-    return EventStream(stream(), con.send_timeout_s, media_type="text/event-stream",
+    return EventStream(stream(), con.send_timeout_s, release, media_type="text/event-stream",
                        headers={**HEADERS, "X-Accel-Buffering": "no"})
 
 
@@ -533,9 +535,17 @@ class EventStream(StreamingResponse):
     """A stream each of whose writes must be taken within ``send_timeout_s``; past it the stream ends
     and its connection is closed (a browser that comes back resumes from its last event id)."""
 
-    def __init__(self, content: AsyncIterator[bytes], send_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, content: AsyncIterator[bytes], send_timeout_s: float, release: Callable[[], None],
+                 **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.send_timeout_s = send_timeout_s
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
     async def stream_response(self, send: Callable[[Any], Awaitable[None]]) -> None:  # type: ignore[override]
         async def timed(message: Any) -> None:

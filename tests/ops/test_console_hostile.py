@@ -272,3 +272,30 @@ def test_an_event_id_beyond_a_stream_ids_range_neither_breaks_the_shared_reader_
         reader.join(30)
         assert got[-1]["event"] == "end"
         assert http.get("/dlq?from=" + "9" * 30).status_code == 200
+
+
+def test_event_streams_opened_all_at_once_are_held_to_half_the_connections(make_settings, rclient, users_file):  # noqa: F811
+    import socket
+
+    from conftest import wait_for
+
+    from mesh.broker import MeshClient
+    from tests.ops.test_console import parked
+
+    client = MeshClient(make_settings(console_users_file=str(users_file), ops_max_connections=20), client=rclient)
+    job_id = parked(client, "rush")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        request = (f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Cookie: mesh_session={http.cookies['mesh_session']}\r\n\r\n").encode()
+        rush = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(18)]
+        for s in rush:
+            s.sendall(request)  # all at once: none has started streaming when the others are admitted
+        answers = [s.recv(200) for s in rush]
+        opened = sum(a.startswith(b"HTTP/1.1 200") for a in answers)
+        wait_for(lambda: server.console.streams == opened, timeout_s=10)
+        assert opened <= server.console.max_streams, (opened, server.console.max_streams)
+        for s in rush:
+            s.close()
+        client.deny(job_id, "researcher", reason="done")
+        wait_for(lambda: server.console.streams == 0, timeout_s=10)
