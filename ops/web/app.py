@@ -223,10 +223,10 @@ class Console:
         wait_s = self.throttle.wait_s(name, address)
         if wait_s > 0:
             logger.warning("console login throttled", extra={"user": name[:64], "address": address})
-            response = self.render(request, "login.html", "", form["csrf"], status=429, next=_next(form.get("next")),
-                                   error=f"Too many failed logins; try again in {math.ceil(wait_s)}s.")
-            response.headers["Retry-After"] = str(math.ceil(wait_s))
-            return response
+            page = self.render(request, "login.html", "", form["csrf"], status=429, next=_next(form.get("next")),
+                               error=f"Too many failed logins; try again in {math.ceil(wait_s)}s.")
+            page.headers["Retry-After"] = str(math.ceil(wait_s))
+            return page
         if self.checking is None:
             self.checking = asyncio.Semaphore(LOGIN_CHECKS)
         async with self.checking:
@@ -363,7 +363,8 @@ async def dlq_bulk_confirm(request: Request, con: Console, user: str, csrf: str)
     if flt is None:
         return con.render(request, "refused.html", user, csrf, status=400, why=problem)
     count = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
-    return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count, bulk_max=actions.BULK_MAX,
+    return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count,
+                      bulk_max=actions.BULK_MAX,
                       exact=flt.exact, more={k: v for k, v in shown.items() if v})
 
 
@@ -521,8 +522,8 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
                 if ev is END:
                     yield b"event: end\ndata: {}\n\n"
                     return
-                data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")), "line": _line(ev)[:views.LINE_CHARS],
-                        "style": _style(ev)}
+                data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")),
+                        "line": _line(ev)[:views.LINE_CHARS], "style": _style(ev)}
                 yield f"id: {event_id}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
         finally:
             con.hub.leave(follower)
@@ -547,14 +548,15 @@ class EventStream(StreamingResponse):
         finally:
             self.release()
 
-    async def stream_response(self, send: Callable[[Any], Awaitable[None]]) -> None:  # type: ignore[override]
+    async def stream_response(self, send: Callable[[Any], Awaitable[None]]) -> None:
         async def timed(message: Any) -> None:
             await asyncio.wait_for(send(message), self.send_timeout_s)
 
         try:
             await super().stream_response(timed)
         except TimeoutError:
-            logger.warning("event stream dropped: the browser stopped reading", extra={"timeout_s": self.send_timeout_s})
+            logger.warning("event stream dropped: the browser stopped reading",
+                           extra={"timeout_s": self.send_timeout_s})
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 

@@ -22,7 +22,7 @@ from tests.ops.test_console import (  # noqa: F401  (fixtures)
 )
 
 
-def test_on_loopback_without_users_a_page_asked_for_under_another_hosts_name_is_refused(client):
+def test_on_loopback_without_users_a_page_asked_for_under_another_hosts_name_is_refused(client):  # noqa: F811
     """DNS rebinding: a site whose name resolves to 127.0.0.1 reads the open console in the
     victim's browser (same origin for it), takes a CSRF token and acts; only the Host header tells."""
     entry = put_entry(client)
@@ -51,7 +51,7 @@ def test_a_user_name_ending_in_a_newline_is_refused_and_does_not_break_the_users
     assert list(parse_users(path.read_text(), str(path))) == ["ana"]
 
 
-def test_a_session_cookie_used_again_after_its_logout_is_no_session(client):
+def test_a_session_cookie_used_again_after_its_logout_is_no_session(client):  # noqa: F811
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         assert login(http, "ana", PASSWORDS["ana"]).status_code == 303
         copied = http.cookies["mesh_session"]
@@ -65,7 +65,7 @@ def test_a_session_cookie_used_again_after_its_logout_is_no_session(client):
         other.close()
 
 
-def huge_job(client) -> str:
+def huge_job(client) -> str:  # noqa: F811
     """A job of 5,000 steps, each failed with 2 KB of error, the job's own error 1 MB, 6,000 trace
     events: written as a worker would leave them (no worker needed)."""
     from mesh.contracts import StepRecord, dumps
@@ -84,7 +84,7 @@ def huge_job(client) -> str:
     return ref.id
 
 
-def test_a_job_of_5000_steps_a_megabyte_of_error_and_6000_events_has_a_bounded_page(client):
+def test_a_job_of_5000_steps_a_megabyte_of_error_and_6000_events_has_a_bounded_page(client):  # noqa: F811
     job_id = huge_job(client)
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
@@ -105,7 +105,7 @@ def test_a_job_of_5000_steps_a_megabyte_of_error_and_6000_events_has_a_bounded_p
         assert longest < 2_000, longest  # the megabyte note is cut on the live stream too
 
 
-def test_password_guessing_is_throttled_per_name_and_per_address(client):
+def test_password_guessing_is_throttled_per_name_and_per_address(client):  # noqa: F811
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         for n in range(5):
             assert login(http, "ana", f"guess-{n}").status_code == 401
@@ -160,9 +160,8 @@ def test_with_redis_away_every_page_says_so_with_503_and_no_traceback_then_serve
         server.stop()
 
 
-def test_a_browser_that_stops_reading_its_event_stream_is_dropped_and_holds_up_no_other(client):
+def test_a_browser_that_stops_reading_its_event_stream_is_dropped_and_holds_up_no_other(client):  # noqa: F811
     import socket
-    import threading
 
     from conftest import wait_for
 
@@ -213,7 +212,7 @@ def test_a_browser_that_stops_reading_its_event_stream_is_dropped_and_holds_up_n
 
 
 def test_a_filters_replay_or_purge_takes_at_most_bulk_max_entries_a_press_and_says_how_many_are_left(
-        client, monkeypatch):
+        client, monkeypatch):  # noqa: F811
     import re
 
     from mesh.dlq import Audit
@@ -238,7 +237,7 @@ def test_a_filters_replay_or_purge_takes_at_most_bulk_max_entries_a_press_and_sa
     assert ops.count("replay") == 100 and ops.count("purge") == 150
 
 
-def test_a_token_or_cookie_with_characters_beyond_ascii_is_refused_not_a_server_error(client):
+def test_a_token_or_cookie_with_characters_beyond_ascii_is_refused_not_a_server_error(client):  # noqa: F811
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         page = http.get("/login")
         assert http.post("/login", data={"csrf": "é", "user": "ana", "password": "x"}).status_code == 403
@@ -251,7 +250,7 @@ def test_a_token_or_cookie_with_characters_beyond_ascii_is_refused_not_a_server_
         assert page.status_code == 200
 
 
-def test_an_event_id_beyond_a_stream_ids_range_neither_breaks_the_shared_reader_nor_a_page(client):
+def test_an_event_id_beyond_a_stream_ids_range_neither_breaks_the_shared_reader_nor_a_page(client):  # noqa: F811
     from conftest import wait_for
 
     from tests.ops.test_console import parked, progress, sse
@@ -282,7 +281,7 @@ def test_event_streams_opened_all_at_once_are_held_to_half_the_connections(make_
     from mesh.broker import MeshClient
     from tests.ops.test_console import parked
 
-    client = MeshClient(make_settings(console_users_file=str(users_file), ops_max_connections=20), client=rclient)
+    client = MeshClient(make_settings(console_users_file=str(users_file), ops_max_connections=20), client=rclient)  # noqa: F811
     job_id = parked(client, "rush")
     with console(client) as (base, server), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
