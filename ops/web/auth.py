@@ -12,6 +12,7 @@ read or set.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -32,6 +33,9 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 #: A user's name: what the audit records and ``approvers:`` lists.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+
+#: The shortest MESH_CONSOLE_SECRET taken: an HMAC key anyone may test guesses against offline.
+MIN_SECRET_BYTES = 32
 
 SESSION_COOKIE = "mesh_session"
 LOGIN_COOKIE = "mesh_login"
@@ -55,6 +59,12 @@ def check_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, _unb64(digest))
+
+
+@functools.cache
+def _decoy() -> str:
+    """A hash an unknown name's password is checked against (made once, so that check costs one scrypt)."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def parse_users(text: str, where: str) -> dict[str, str]:
@@ -123,6 +133,9 @@ class Access:
     @classmethod
     def of(cls, settings: MeshSettings, host: str, local: str) -> Access:
         secret = settings.console_secret.get_secret_value().encode() if settings.console_secret else None
+        if secret is not None and len(secret) < MIN_SECRET_BYTES:  # a short key is guessed from one cookie
+            raise ConfigError(f"MESH_CONSOLE_SECRET has {len(secret)} bytes; a session key needs at least "
+                              f"{MIN_SECRET_BYTES} (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         access = cls(load_users(settings), host, local, session_s=settings.console_session_s)
         if secret:
             access.secret = secret
@@ -159,7 +172,7 @@ class Access:
     def login(self, name: str, password: str) -> bool:
         stored = self.users.get(name)
         if stored is None:
-            check_password(password, hash_password("x", salt=b"0" * 16))  # as slow as a real check
+            check_password(password, _decoy())  # one scrypt, as slow as a real check: no name is told apart
             return False
         return check_password(password, stored)
 

@@ -298,3 +298,30 @@ def test_event_streams_opened_all_at_once_are_held_to_half_the_connections(make_
             s.close()
         client.deny(job_id, "researcher", reason="done")
         wait_for(lambda: server.console.streams == 0, timeout_s=10)
+
+
+def test_an_unknown_name_costs_the_same_one_scrypt_as_a_known_one(monkeypatch):
+    import hashlib
+
+    from mesh.ops.web.auth import hash_password
+
+    access = Access(users={"ana": hash_password(PASSWORDS["ana"])}, host="127.0.0.1", local="me")
+    access.login("nobody", "warm-up")  # whatever is made once is made now
+    calls: list[int] = []
+    scrypt = hashlib.scrypt
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return scrypt(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "scrypt", counted)
+    assert not access.login("ana", "wrong-password")
+    known = len(calls)
+    assert not access.login("nobody", "wrong-password")
+    assert len(calls) - known == known == 1
+
+
+def test_a_console_secret_too_short_to_resist_guessing_is_refused(make_settings):
+    with pytest.raises(ConfigError, match="MESH_CONSOLE_SECRET"):
+        Access.of(make_settings(console_secret="changeme"), "127.0.0.1", "me")
+    assert Access.of(make_settings(console_secret="k" * 32), "127.0.0.1", "me").secret == b"k" * 32
