@@ -71,6 +71,7 @@ def parse_users(text: str, where: str) -> dict[str, str]:
     """``name:hash`` lines (or comma-separated pairs): name -> hash. Blank lines and ``#`` comments
     are skipped; anything else malformed is a ConfigError naming ``where`` and the line."""
     users: dict[str, str] = {}
+    text = text.removeprefix("\ufeff")  # the byte-order mark some editors start a file with
     for n, raw in enumerate(re.split(r"[\n,]", text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):

@@ -325,3 +325,12 @@ def test_a_console_secret_too_short_to_resist_guessing_is_refused(make_settings)
     with pytest.raises(ConfigError, match="MESH_CONSOLE_SECRET"):
         Access.of(make_settings(console_secret="changeme"), "127.0.0.1", "me")
     assert Access.of(make_settings(console_secret="k" * 32), "127.0.0.1", "me").secret == b"k" * 32
+
+
+def test_a_users_file_saved_with_a_byte_order_mark_and_crlf_lines_is_read(tmp_path):
+    from mesh.ops.web.auth import hash_password
+
+    stored = hash_password(PASSWORDS["ana"])
+    path = tmp_path / "users"
+    path.write_bytes(f"\ufeffana:{stored}\r\n# a comment\r\n\r\nbo:{stored}\r\n".encode())
+    assert list(parse_users(path.read_text(), str(path))) == ["ana", "bo"]
