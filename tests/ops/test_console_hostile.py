@@ -334,3 +334,13 @@ def test_a_users_file_saved_with_a_byte_order_mark_and_crlf_lines_is_read(tmp_pa
     path = tmp_path / "users"
     path.write_bytes(f"\ufeffana:{stored}\r\n# a comment\r\n\r\nbo:{stored}\r\n".encode())
     assert list(parse_users(path.read_text(), str(path))) == ["ana", "bo"]
+
+
+def test_a_dead_letter_with_a_megabyte_of_error_and_key_has_bounded_pages(client):
+    entries = [put_entry(client, key="k" * 200_000, error="e" * 1_000_000) for _ in range(3)]
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        for page in ("/dlq", f"/dlq/{entries[0].entry_id}", f"/dlq/{entries[0].entry_id}/replay"):
+            answer = http.get(page)
+            assert answer.status_code == 200 and len(answer.content) < 200_000, (page, len(answer.content))
+        assert "mesh dlq show" in http.get(f"/dlq/{entries[0].entry_id}").text
