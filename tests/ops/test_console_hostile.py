@@ -336,7 +336,7 @@ def test_a_users_file_saved_with_a_byte_order_mark_and_crlf_lines_is_read(tmp_pa
     assert list(parse_users(path.read_text(), str(path))) == ["ana", "bo"]
 
 
-def test_a_dead_letter_with_a_megabyte_of_error_and_key_has_bounded_pages(client):
+def test_a_dead_letter_with_a_megabyte_of_error_and_key_has_bounded_pages(client):  # noqa: F811
     entries = [put_entry(client, key="k" * 200_000, error="e" * 1_000_000) for _ in range(3)]
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
