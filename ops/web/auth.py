@@ -179,8 +179,13 @@ class Access:
 
     def session(self, user: str) -> str:
         """A new session cookie's value for ``user``, with a fresh CSRF token."""
-        body = _b64(orjson.dumps({"u": user, "x": time.time() + self.session_s, "c": secrets.token_urlsafe(24)}))
+        body = _b64(orjson.dumps({"u": user, "x": time.time() + self.session_s, "c": secrets.token_urlsafe(24),
+                                  "p": self._password_tag(user)}))
         return f"{body}.{self._sign(body)}"
+
+    def _password_tag(self, user: str) -> str:
+        """A digest of the user's password hash: a session made before the password changed is refused."""
+        return hashlib.sha256(self.users.get(user, "").encode()).hexdigest()[:16]
 
     def read_session(self, value: str | None) -> tuple[str, str] | None:
         """(user, CSRF token) of a valid, unexpired session cookie whose user still exists, else None."""
@@ -196,7 +201,8 @@ class Access:
         if not isinstance(data, dict) or float(data.get("x", 0)) < time.time():
             return None
         user = str(data.get("u"))
-        if self.login_needed and user not in self.users:
+        if self.login_needed and (user not in self.users or not hmac.compare_digest(
+                str(data.get("p", "")).encode(), self._password_tag(user).encode())):
             return None
         if not self.login_needed and user != self.local:
             return None

@@ -344,3 +344,15 @@ def test_a_dead_letter_with_a_megabyte_of_error_and_key_has_bounded_pages(client
             answer = http.get(page)
             assert answer.status_code == 200 and len(answer.content) < 200_000, (page, len(answer.content))
         assert "mesh dlq show" in http.get(f"/dlq/{entries[0].entry_id}").text
+
+
+def test_a_session_made_before_its_users_password_changed_is_no_session():
+    from mesh.ops.web.auth import hash_password
+
+    old = Access(users={"ana": hash_password("old-password-1")}, host="127.0.0.1", local="me", secret=b"s" * 32)
+    cookie = old.session("ana")
+    assert old.read_session(cookie) is not None
+    # the server started again on the same secret, the users file holding ana's new password
+    new = Access(users={"ana": hash_password("new-password-2")}, host="127.0.0.1", local="me", secret=b"s" * 32)
+    assert new.read_session(cookie) is None
+    assert new.read_session(new.session("ana")) is not None
