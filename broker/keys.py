@@ -81,6 +81,8 @@ The mesh's own:
     {ns}:dlq                          zset entry id -> dead-lettered time (ms)
     {ns}:dlq.agent:{agent}            zset entry id -> time, per agent ("-" when none)
     {ns}:dlq.agents                   set of agent names that ever had a dead letter
+    {ns}:console.logout:{id}          string: a console session logged out (id: a digest of its cookie), refused
+                                      from then on; expires with the longest session (ops/web/auth.py)
     {ns}:dlq.class:{class}            zset entry id -> time, per failure class
     {ns}:dlq.audit                    stream, capped: who did what to which entry, when
     {ns}:dlq.replayed:{entry_id}      string (JSON): the tombstone of a replayed entry, written in the
@@ -297,6 +299,9 @@ class Keys:
 
     def dlq_by_class(self, failure_class: str) -> str:
         return f"{self.namespace}:dlq.class:{failure_class}"
+
+    def console_logout(self, session_id: str) -> str:
+        return f"{self.namespace}:console.logout:{session_id}"
 
     @property
     def dlq_audit(self) -> str:

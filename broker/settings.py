@@ -94,8 +94,8 @@ class MeshSettings(BaseSettings):
                                           "exported entry may carry, at most MESH_MAX_MESSAGE_BYTES (the default)")
 
     ops_request_timeout_s: float = Field(default=10.0, gt=0, description="the ops server closes a connection "
-                                         "that has not sent a whole request head this long after it opened or "
-                                         "after its last response")
+                                         "that has not sent a whole request (head and body) this long after it "
+                                         "opened or after its last response")
     ops_keep_alive_s: int = Field(default=5, ge=1, description="the ops server closes an idle keep-alive "
                                   "connection after this long")
     ops_max_connections: int = Field(default=64, ge=2, description="connections the ops server holds at once "

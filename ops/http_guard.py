@@ -4,10 +4,13 @@ uvicorn times out only idle keep-alive connections, and only once a response was
 opens a connection and sends nothing, or half a request head, holds it (and a file descriptor) for
 good. ``limit_concurrency`` answers 503 but still accepts, so it caps no descriptor. Here:
 
-- **a request-head deadline**: a connection must send a whole request head within ``request_timeout_s``
-  of opening, or of its previous response; a client dripping bytes does not move the deadline;
+- **a request deadline**: a connection must send a whole request, head and body, within
+  ``request_timeout_s`` of opening, or of its previous response; a client dripping bytes does not move
+  the deadline, and one that announces a body and never sends it is closed like one that sends half a
+  head (the app would wait for it for good: a login form needs no session to be sent);
 - **a connection cap**: past ``max_connections`` a new connection replaces the oldest one that is not
-  in the middle of a request (idle, or still sending its head); when every one is, the new one is closed.
+  in the middle of a request (idle, or still sending its head or body); when every one is, the new one
+  is closed.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class GuardedH11(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.in_request:
+        if not self.waiting_on_client:
             self._cancel_deadline()
 
     def on_response_complete(self) -> None:
@@ -52,14 +55,19 @@ class GuardedH11(H11Protocol):
         """A request head arrived and its response is not complete: the app is working on it."""
         return self.cycle is not None and not self.cycle.response_complete
 
+    @property
+    def waiting_on_client(self) -> bool:
+        """The connection waits for the client: for a request head, or for the rest of a body."""
+        return not self.in_request or bool(self.cycle.more_body)
+
     def _await_head(self) -> None:
         self._cancel_deadline()
-        if not self.in_request and not self.transport.is_closing():
+        if self.waiting_on_client and not self.transport.is_closing():
             self.head_deadline = self.loop.call_later(self.request_timeout_s, self._head_overdue)
 
     def _head_overdue(self) -> None:
         self.head_deadline = None
-        if not self.in_request and not self.transport.is_closing():
+        if self.waiting_on_client and not self.transport.is_closing():
             self.transport.close()
 
     def _cancel_deadline(self) -> None:
@@ -72,7 +80,7 @@ class GuardedH11(H11Protocol):
         if len(self.connections) <= self.max_connections:
             return
         idle = [c for c in self.connections if c is not self and isinstance(c, GuardedH11)
-                and not c.in_request and not c.transport.is_closing()]
+                and c.waiting_on_client and not c.transport.is_closing()]
         victim = min(idle, key=lambda c: c.opened_at) if idle else self
         victim.transport.close()
         self.connections.discard(victim)

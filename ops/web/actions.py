@@ -4,6 +4,7 @@ asked: a dead letter's replay and purge (the DLQ's audit log names them), an app
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -47,18 +48,31 @@ def purge(c: MeshClient, entry_id: str, user: str) -> None:
     logger.info("dead letter purged", extra={"entry_id": entry_id, "by": user})
 
 
+#: Entries one press of a filter's replay or purge takes at most (about a second and a half of
+#: work): the request ends in bounded time, the page says how many more match, and pressing again
+#: goes on with them.
+BULK_MAX = 1_000
+
+
 def replay_filter(c: MeshClient, flt: Filter, user: str) -> tuple[int, dict[str, str]]:
-    """``mesh dlq replay`` with filters (``--yes``): (entries replayed, entry -> why one was skipped)."""
+    """``mesh dlq replay`` with filters (``--yes``), its first BULK_MAX entries: (entries replayed,
+    entry -> why one was skipped)."""
     store = DeadLetterStore(c.redis, c.keys)
     replayer = Replayer(store, c.settings, Audit(c.redis, c.keys, who=user))
-    report = replayer.replay(replayer.entries(None, flt))
+    report = replayer.replay(itertools.islice(replayer.entries(None, flt), BULK_MAX))
     logger.info("dead letters replayed", extra={"replayed": len(report.replayed), "by": user})
     return len(report.replayed), report.skipped
 
 
 def purge_filter(c: MeshClient, flt: Filter, user: str) -> int:
-    """``mesh dlq purge`` with filters (``--yes``): how many entries were deleted."""
-    n = purge_entries(DeadLetterStore(c.redis, c.keys), flt, audit=Audit(c.redis, c.keys, who=user))
+    """``mesh dlq purge`` with filters (``--yes``), its first BULK_MAX entries: how many were deleted."""
+    store = DeadLetterStore(c.redis, c.keys)
+    ids: list[str] = []
+    for batch in store.iter(flt):
+        ids += [s.entry.entry_id for s in batch]
+        if len(ids) >= BULK_MAX:
+            break
+    n = purge_entries(store, ids=ids[:BULK_MAX], audit=Audit(c.redis, c.keys, who=user)) if ids else 0
     logger.info("dead letters purged", extra={"purged": n, "by": user})
     return n
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import anyio.to_thread
 import jinja2
 import orjson
+import redis
 from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
@@ -32,7 +34,7 @@ from mesh.dlq import Filter
 from mesh.ops.timeline import event_line
 
 from . import actions, views
-from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, same_token
+from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, Throttle, same_token, session_id
 from .live import END, Follower, TraceHub
 from .rates import Rates, read
 
@@ -48,6 +50,10 @@ LOGIN_CHECKS = 2
 
 #: A comment line sent on an idle event stream this often, so a dead browser is noticed.
 KEEPALIVE_S = 15.0
+
+#: How long one write of an event stream may wait for the browser to take it: one that stops reading
+#: (its socket's buffers full) is dropped then, rather than holding its stream and its events for good.
+SEND_TIMEOUT_S = 30.0
 
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -84,12 +90,16 @@ class Console:
         #: never take the room /healthz and the pages need.
         self.max_streams = max(1, client.settings.ops_max_connections // 2)
         self.streams = 0
+        self.send_timeout_s = SEND_TIMEOUT_S
         #: Password checks at once (scrypt: 16 MiB and ~50 ms each); more wait on the event loop,
         #: not on the threads Redis reads need.
         self.checking: asyncio.Semaphore | None = None
+        #: Failed logins per name and per address: guessing is slowed to a few tries a minute.
+        self.throttle = Throttle()
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                       undefined=jinja2.StrictUndefined)
         self.env.filters["clock"] = _clock
+        self.env.filters["cut"] = views.cut
         self.env.filters["html"] = lambda text: Markup(views.html(text))
 
     def render(self, request: Request, name: str, user: str, csrf: str, status: int = 200,
@@ -131,14 +141,28 @@ class Console:
         page; anything else is refused), and for a POST the session's CSRF token in the form."""
 
         async def endpoint(request: Request) -> Response:
+            try:
+                return await guarded(request)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # said plainly, no traceback in page or log
+                logger.warning("console: redis unavailable", extra={"path": request.url.path, "error": str(exc)})
+                return PlainTextResponse(f"Redis is unavailable ({type(exc).__name__}: {str(exc)[:200]}); this "
+                                         "page answers again once it is back (/healthz stays up)\n",
+                                         status_code=503, headers={**HEADERS, "Retry-After": "5"})
+
+        async def guarded(request: Request) -> Response:
             off = self.access.off_reason
             if off is not None:
                 return PlainTextResponse(off + "\n", status_code=403, headers=HEADERS)
+            foreign = self.access.foreign_host(request.headers.get("host"))
+            if foreign is not None:
+                return PlainTextResponse(foreign, status_code=403, headers=HEADERS)
             session = self.access.read_session(request.cookies.get(SESSION_COOKIE))
             fresh = None
             if session is None and not self.access.login_needed and request.method == "GET":
                 fresh = self.access.session(self.access.local)  # loopback without users: the local operator
                 session = self.access.read_session(fresh)
+            if session is not None and self.access.login_needed and await _run(self._logged_out, request):
+                session = None
             if session is None:
                 if request.method == "GET" and not stream:
                     return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303,
@@ -155,6 +179,11 @@ class Console:
             return response
 
         return endpoint
+
+    def _logged_out(self, request: Request) -> bool:
+        """Whether the request's session was logged out (the signed cookie alone would stay valid)."""
+        key = self.client.keys.console_logout(session_id(request.cookies[SESSION_COOKIE]))
+        return bool(self.client.redis.exists(key))
 
     async def _check_post(self, request: Request, csrf: str) -> Response | None:
         origin = request.headers.get("origin")
@@ -190,12 +219,21 @@ class Console:
             return PlainTextResponse("refused: the form's CSRF token is missing or stale; reload the page\n",
                                      status_code=403, headers=HEADERS)
         name, password = form.get("user", ""), form.get("password", "")
+        address = request.client.host if request.client else "-"
+        wait_s = self.throttle.wait_s(name, address)
+        if wait_s > 0:
+            logger.warning("console login throttled", extra={"user": name[:64], "address": address})
+            page = self.render(request, "login.html", "", form["csrf"], status=429, next=_next(form.get("next")),
+                               error=f"Too many failed logins; try again in {math.ceil(wait_s)}s.")
+            page.headers["Retry-After"] = str(math.ceil(wait_s))
+            return page
         if self.checking is None:
             self.checking = asyncio.Semaphore(LOGIN_CHECKS)
         async with self.checking:
             ok = await anyio.to_thread.run_sync(self.access.login, name, password)
         if not ok:
-            logger.warning("console login refused", extra={"user": name[:64]})
+            self.throttle.failed(name, address)
+            logger.warning("console login refused", extra={"user": name[:64], "address": address})
             return self.render(request, "login.html", "", form["csrf"], status=401, next=_next(form.get("next")),
                                error="Unknown user or wrong password.")
         logger.info("console login", extra={"user": name})
@@ -304,7 +342,8 @@ def _dlq_filter(con: Console, fields: Any) -> tuple[dict[str, str], Filter | Non
 async def dlq(request: Request, con: Console, user: str, csrf: str) -> Response:
     p = request.query_params
     shown, flt, problem = await _run(_dlq_filter, con, p)
-    offset = int(p.get("from", "0")) if p.get("from", "0").isdigit() else 0
+    start = p.get("from", "0")
+    offset = min(int(start), 2**31) if start.isascii() and start.isdigit() and len(start) < 12 else 0
     data, audit = await _run(lambda: (views.dlq(con.client, flt or Filter(), offset), views.audit_log(con.client)))
     if problem is not None:
         data["entries"], data["cut"] = [], False
@@ -325,6 +364,7 @@ async def dlq_bulk_confirm(request: Request, con: Console, user: str, csrf: str)
         return con.render(request, "refused.html", user, csrf, status=400, why=problem)
     count = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
     return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count,
+                      bulk_max=actions.BULK_MAX,
                       exact=flt.exact, more={k: v for k, v in shown.items() if v})
 
 
@@ -339,8 +379,11 @@ async def dlq_bulk(request: Request, con: Console, user: str, csrf: str) -> Resp
         done, skipped = await _run(actions.replay_filter, con.client, flt, user)
     else:
         done, skipped = await _run(actions.purge_filter, con.client, flt, user), {}
-    return con.render(request, "dlq_bulk_done.html", user, csrf, action=action, moved=done,
-                      skipped=skipped, more={k: v for k, v in shown.items() if v})
+    left = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
+    return con.render(request, "dlq_bulk_done.html", user, csrf, action=action, moved=done, left=left,
+                      exact=flt.exact, skipped=list(skipped.items())[:views.PAGE_ROWS],
+                      more_skipped=max(0, len(skipped) - views.PAGE_ROWS), bulk_max=actions.BULK_MAX,
+                      more={k: v for k, v in shown.items() if v})
 
 
 async def dlq_entry(request: Request, con: Console, user: str, csrf: str) -> Response:
@@ -437,6 +480,10 @@ async def reset(request: Request, con: Console, user: str, csrf: str) -> Respons
 
 
 async def logout(request: Request, con: Console, user: str, csrf: str) -> Response:
+    value = request.cookies.get(SESSION_COOKIE)
+    if con.access.login_needed and value:  # refused from now on, wherever a copy of the cookie is
+        key = con.client.keys.console_logout(session_id(value))
+        await _run(lambda: con.client.redis.set(key, user, ex=int(con.access.session_s) + 1))
     response = RedirectResponse("/login" if con.access.login_needed else "/", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -456,10 +503,13 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
         return PlainTextResponse(f"{con.max_streams} event streams are open already; reload later\n",
                                  status_code=503, headers={**HEADERS, "Retry-After": "10"})
     follower = Follower(job_id, after, asyncio.get_running_loop())
+    con.streams += 1  # taken now (the event loop's thread alone counts), given back when the response ends
+
+    def release() -> None:
+        con.streams -= 1
 
     async def stream() -> AsyncIterator[bytes]:
-        # counted and followed once the stream runs: a response never started leaves nothing behind
-        con.streams += 1  # the event loop's thread alone counts them
+        # followed once the stream runs: a response never started leaves no follower behind
         con.hub.follow(follower)
         try:
             yield b"retry: 2000\n\n"
@@ -472,15 +522,43 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
                 if ev is END:
                     yield b"event: end\ndata: {}\n\n"
                     return
-                data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")), "line": _line(ev),
-                        "style": _style(ev)}
+                data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")),
+                        "line": _line(ev)[:views.LINE_CHARS], "style": _style(ev)}
                 yield f"id: {event_id}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
         finally:
-            con.streams -= 1
             con.hub.leave(follower)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={**HEADERS, "X-Accel-Buffering": "no"})
+    return EventStream(stream(), con.send_timeout_s, release, media_type="text/event-stream",
+                       headers={**HEADERS, "X-Accel-Buffering": "no"})
+
+
+class EventStream(StreamingResponse):
+    """A stream each of whose writes must be taken within ``send_timeout_s``; past it the stream ends
+    and its connection is closed (a browser that comes back resumes from its last event id)."""
+
+    def __init__(self, content: AsyncIterator[bytes], send_timeout_s: float, release: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.send_timeout_s = send_timeout_s
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+    async def stream_response(self, send: Callable[[Any], Awaitable[None]]) -> None:
+        async def timed(message: Any) -> None:
+            await asyncio.wait_for(send(message), self.send_timeout_s)
+
+        try:
+            await super().stream_response(timed)
+        except TimeoutError:
+            logger.warning("event stream dropped: the browser stopped reading",
+                           extra={"timeout_s": self.send_timeout_s})
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 def _line(ev: dict[str, Any]) -> str:
@@ -499,5 +577,8 @@ def _style(ev: dict[str, Any]) -> str:
 
 
 def _event_id(value: str) -> bool:
+    """Whether ``value`` is a stream id Redis takes: one past its range would fail the shared XREAD of
+    every followed job."""
     ms, _, seq = value.partition("-")
-    return ms.isdigit() and (not seq or seq.isdigit()) and len(value) < 42
+    return (ms.isascii() and ms.isdigit() and int(ms) < 2**64
+            and (not seq or (seq.isascii() and seq.isdigit() and int(seq) < 2**64)))

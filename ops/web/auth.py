@@ -12,6 +12,7 @@ read or set.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -20,6 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -30,7 +32,10 @@ from mesh.contracts import ConfigError
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 #: A user's name: what the audit records and ``approvers:`` lists.
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+
+#: The shortest MESH_CONSOLE_SECRET taken: an HMAC key anyone may test guesses against offline.
+MIN_SECRET_BYTES = 32
 
 SESSION_COOKIE = "mesh_session"
 LOGIN_COOKIE = "mesh_login"
@@ -56,16 +61,23 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, _unb64(digest))
 
 
+@functools.cache
+def _decoy() -> str:
+    """A hash an unknown name's password is checked against (made once, so that check costs one scrypt)."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
 def parse_users(text: str, where: str) -> dict[str, str]:
     """``name:hash`` lines (or comma-separated pairs): name -> hash. Blank lines and ``#`` comments
     are skipped; anything else malformed is a ConfigError naming ``where`` and the line."""
     users: dict[str, str] = {}
+    text = text.removeprefix("\ufeff")  # the byte-order mark some editors start a file with
     for n, raw in enumerate(re.split(r"[\n,]", text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, stored = line.partition(":")
-        if not sep or not NAME.match(name) or not stored.startswith("scrypt$") or stored.count("$") != 5:
+        if not sep or not NAME.fullmatch(name) or not stored.startswith("scrypt$") or stored.count("$") != 5:
             raise ConfigError(f"{where}: entry {n} is not `name:scrypt$...` (write one with `mesh ops user add NAME`)")
         users[name] = stored
     return users
@@ -87,7 +99,7 @@ def load_users(settings: MeshSettings) -> dict[str, str]:
 
 def write_user(path: Path, name: str, password: str) -> bool:
     """Add ``name`` to the users file at ``path`` (created 0600), or replace its hash; True if it was new."""
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise ConfigError(f"user name {name!r}: letters, digits and _ . @ - only, at most 64")
     lines = path.read_text().splitlines() if path.exists() else []
     entry = f"{name}:{hash_password(password)}"
@@ -122,10 +134,28 @@ class Access:
     @classmethod
     def of(cls, settings: MeshSettings, host: str, local: str) -> Access:
         secret = settings.console_secret.get_secret_value().encode() if settings.console_secret else None
+        if secret is not None and len(secret) < MIN_SECRET_BYTES:  # a short key is guessed from one cookie
+            raise ConfigError(f"MESH_CONSOLE_SECRET has {len(secret)} bytes; a session key needs at least "
+                              f"{MIN_SECRET_BYTES} (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         access = cls(load_users(settings), host, local, session_s=settings.console_session_s)
         if secret:
             access.secret = secret
         return access
+
+    def foreign_host(self, host_header: str | None) -> str | None:
+        """Why a request naming ``host_header`` is refused, or None. Open without users, the console
+        answers only to loopback names: a page asked for under another name is a site whose name
+        resolves to this machine (DNS rebinding) reading the console in a local browser."""
+        if self.login_needed:
+            return None
+        try:
+            hostname = urlsplit(f"//{host_header or ''}").hostname or ""
+        except ValueError:  # "[" without its "]"
+            hostname = ""
+        if hostname and is_loopback(hostname):
+            return None
+        return (f"refused: the console was asked for as {(host_header or '')[:100]!r}; without users it "
+                "answers only to localhost and loopback addresses\n")
 
     @property
     def login_needed(self) -> bool:
@@ -143,21 +173,26 @@ class Access:
     def login(self, name: str, password: str) -> bool:
         stored = self.users.get(name)
         if stored is None:
-            check_password(password, hash_password("x", salt=b"0" * 16))  # as slow as a real check
+            check_password(password, _decoy())  # one scrypt, as slow as a real check: no name is told apart
             return False
         return check_password(password, stored)
 
     def session(self, user: str) -> str:
         """A new session cookie's value for ``user``, with a fresh CSRF token."""
-        body = _b64(orjson.dumps({"u": user, "x": time.time() + self.session_s, "c": secrets.token_urlsafe(24)}))
+        body = _b64(orjson.dumps({"u": user, "x": time.time() + self.session_s, "c": secrets.token_urlsafe(24),
+                                  "p": self._password_tag(user)}))
         return f"{body}.{self._sign(body)}"
+
+    def _password_tag(self, user: str) -> str:
+        """A digest of the user's password hash: a session made before the password changed is refused."""
+        return hashlib.sha256(self.users.get(user, "").encode()).hexdigest()[:16]
 
     def read_session(self, value: str | None) -> tuple[str, str] | None:
         """(user, CSRF token) of a valid, unexpired session cookie whose user still exists, else None."""
         if not value or "." not in value:
             return None
         body, _, signature = value.rpartition(".")
-        if not hmac.compare_digest(signature, self._sign(body)):
+        if not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
             return None
         try:
             data = orjson.loads(_unb64(body))
@@ -166,7 +201,8 @@ class Access:
         if not isinstance(data, dict) or float(data.get("x", 0)) < time.time():
             return None
         user = str(data.get("u"))
-        if self.login_needed and user not in self.users:
+        if self.login_needed and (user not in self.users or not hmac.compare_digest(
+                str(data.get("p", "")).encode(), self._password_tag(user).encode())):
             return None
         if not self.login_needed and user != self.local:
             return None
@@ -176,9 +212,52 @@ class Access:
         return _b64(hmac.new(self.secret, body.encode(), hashlib.sha256).digest())
 
 
+@dataclass
+class Throttle:
+    """Failed logins over the last ``window_s``, per user name and per client address: past ``per_name``
+    failures for a name, or ``per_address`` from an address, its next tries are refused unchecked until
+    the oldest failure leaves the window. A name under attack is locked for at most ``window_s`` at a
+    time; what is remembered is bounded by the password checks the server can make in a window."""
+
+    per_name: int = 5
+    per_address: int = 20
+    window_s: float = 60.0
+    failures: dict[str, list[float]] = field(default_factory=dict)
+
+    def wait_s(self, name: str, address: str, now: float | None = None) -> float:
+        """Seconds until ``name`` may be tried from ``address`` (0: now)."""
+        now = time.monotonic() if now is None else now
+        self._forget(now)
+        waits = [0.0]
+        for key, limit in ((f"n:{name}", self.per_name), (f"a:{address}", self.per_address)):
+            times = self.failures.get(key, [])
+            if len(times) >= limit:
+                waits.append(times[-limit] + self.window_s - now)
+        return max(waits)
+
+    def failed(self, name: str, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for key in (f"n:{name}", f"a:{address}"):
+            self.failures.setdefault(key, []).append(now)
+
+    def _forget(self, now: float) -> None:
+        for key in list(self.failures):
+            kept = [t for t in self.failures[key] if t > now - self.window_s]
+            if kept:
+                self.failures[key] = kept
+            else:
+                del self.failures[key]
+
+
+def session_id(value: str) -> str:
+    """A session cookie's name once it is logged out: a digest (the cookie itself is never stored)."""
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
 def same_token(given: str | None, expected: str | None) -> bool:
     """A constant-time comparison of a form's CSRF token with the session's."""
-    return bool(given) and bool(expected) and hmac.compare_digest(str(given), str(expected))
+    # as bytes: compare_digest refuses a str with a character beyond ASCII (a TypeError, not a "no")
+    return bool(given) and bool(expected) and hmac.compare_digest(str(given).encode(), str(expected).encode())
 
 
 def _b64(data: bytes) -> str:

@@ -37,6 +37,14 @@ AUDIT_WINDOW = 2_000
 #: Stuck steps the overview names.
 STUCK_ROWS = 20
 
+#: A job's page at most: its first STEP_ROWS steps (and DAG lines), TIMELINE_ROWS lines of its
+#: timeline, each line cut at LINE_CHARS and each error at TEXT_CHARS (about 1 MB in all, however
+#: large the job); `mesh status` and `mesh trace` show the rest.
+STEP_ROWS = 200
+TIMELINE_ROWS = 1_000
+LINE_CHARS = 300
+TEXT_CHARS = 500
+
 
 def overview(c: MeshClient) -> dict[str, Any]:
     """Everything on the overview page."""
@@ -187,14 +195,28 @@ def job(c: MeshClient, job_id: str) -> dict[str, Any] | None:
     stuck = c.stuck(record) if record is not None else {}
     drawn = dag.draw(record, nodes, stuck, width=160) if record is not None and nodes is not None else []
     steps = _steps(record, stuck) if record is not None else []
+    timeline = render(record, [ev for _, ev in events], nodes)
     return {
-        "job_id": job_id, "record": record, "steps": steps, "dag": drawn, "stuck": stuck,
-        "timeline": render(record, [ev for _, ev in events], nodes),
+        "job_id": job_id, "record": record, "steps": steps[:STEP_ROWS], "dag": _cut_lines(drawn, STEP_ROWS),
+        "stuck": stuck, "timeline": _cut_lines(timeline, TIMELINE_ROWS),
+        "more_steps": max(0, len(steps) - STEP_ROWS), "more_lines": max(0, len(timeline) - TIMELINE_ROWS),
+        "more_dag": max(0, len(drawn) - STEP_ROWS),
         "last_id": events[-1][0] if events else "0",
         "live": record is not None and record.state not in TERMINAL,
-        "waiting": [s for s in record.steps.values() if s.state is State.AWAITING_APPROVAL and s.approval]
+        "waiting": [s for s in record.steps.values() if s.state is State.AWAITING_APPROVAL and s.approval][:STEP_ROWS]
         if record is not None else [],
     }
+
+
+def _cut_lines(lines: list[Text], rows: int) -> list[Text]:
+    """The first ``rows`` lines, each cut at LINE_CHARS."""
+    return [line[:LINE_CHARS].append("…") if len(line) > LINE_CHARS else line for line in lines[:rows]]
+
+
+def cut(text: str | None, limit: int = TEXT_CHARS) -> str:
+    """``text`` up to ``limit`` characters, saying how many more there are."""
+    text = text or ""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
 def _steps(record: JobRecord, stuck: dict[str, float]) -> list[dict[str, Any]]:

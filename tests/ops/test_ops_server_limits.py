@@ -235,3 +235,28 @@ def test_responses_are_sent_without_waiting_for_the_clients_delayed_ack(client):
     finally:
         server.stop()
         thread.join(10)
+
+
+def test_requests_whose_body_never_comes_are_closed_at_the_request_timeout_and_healthz_answers(
+        make_settings: Callable[..., MeshSettings], rclient: redis.Redis, tmp_path) -> None:
+    """A login form announced and never sent: its head arrived, so only a deadline on the body frees
+    the connection (no login is needed to send one)."""
+    from mesh.ops.web.auth import write_user
+
+    write_user(tmp_path / "users", "ana", "ana-password-1")
+    client = MeshClient(make_settings(ops_request_timeout_s=REQUEST_TIMEOUT_S, ops_max_connections=8,
+                                      console_users_file=str(tmp_path / "users")), client=rclient)
+    with ops_server(client) as base, ExitStack() as stack:
+        port = port_of(base)
+        socks = [connect(port, stack) for _ in range(8)]
+        for sock in socks:
+            sock.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded"
+                         b"\r\nContent-Length: 1000\r\n\r\ncsrf=")
+        left = list(socks)
+
+        def all_closed() -> bool:
+            left[:] = still_open(left)
+            return not left
+
+        wait_for(all_closed, timeout_s=REQUEST_TIMEOUT_S + SLACK_S, interval_s=0.2)
+        assert healthz(port) == 200
