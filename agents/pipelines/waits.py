@@ -263,13 +263,14 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise store.InvalidEvent(f"an event's data is a JSON object (it becomes the step's output), not "
                                  f"{type(data).__name__}")
-    data = redact.redact_value(data)  # a step output: masked before anything keeps it, as an agent's is
-    try:
-        encoded = dumps(data)
+    try:  # checked as it was given: masking (below) turns some values that are no JSON into text
+        dumps(data)
     except TypeError as exc:  # orjson's: bytes, an object, a key that is no string, a 65-bit integer
         raise store.InvalidEvent(f"an event's data is no JSON: {exc}") from None
     if not _finite(data):
         raise store.InvalidEvent("an event's data is no JSON: it holds NaN or an infinity (JSON has neither)")
+    data = redact.redact_value(data)  # a step output: masked before anything keeps it, as an agent's is
+    encoded = dumps(data)
     size = len(encoded)
     if depth_exceeds(encoded, data, client.settings.max_json_depth):
         raise store.InvalidEvent(f"an event's data nests deeper than MESH_MAX_JSON_DEPTH "

@@ -13,11 +13,19 @@ import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline
+from mesh.broker import jobs
 from mesh.broker.compact import Compaction
 from mesh.broker.jobs import fail_step
 from mesh.broker.waits import InvalidEvent
 from mesh.contracts import State
 from tests.pipelines.test_waits import PAY, pay_flow, settle, timers
+
+
+@pytest.fixture(autouse=True)
+def _no_runtime_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fail_step`` below plays the worker's failure path with no worker of this namespace: a hook an
+    earlier test's runtime registered in this process (for its own namespace) is not this one's."""
+    monkeypatch.setattr(jobs, "_after_loss", None)
 
 
 def _ended_by_another_branch(mesh: MeshClient, name: str) -> Any:
