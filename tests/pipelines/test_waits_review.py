@@ -7,6 +7,7 @@ steps in pages, however many."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -185,9 +186,18 @@ def test_a_tick_takes_no_new_timer_past_half_its_locks_life(mesh):
     assert sorted(fired) == sorted(f"t{i}" for i in range(20))  # each once
 
 
-def test_a_sleep_is_not_held_behind_waits_looking_through_many_kept_events(mesh):
+def test_a_sleep_is_not_held_behind_waits_looking_through_many_kept_events(mesh, monkeypatch):
     """Waits that start behind a thousand kept events whose match fails look through them a budget at
     a time: a sleep due meanwhile ends before they are through."""
+    from mesh.agents.pipelines import waits as wait_runtime
+
+    evaluate = wait_runtime.holds
+
+    def slow_match(*args: Any) -> bool:  # a match that costs what a heavy one does, on any machine
+        time.sleep(0.0005)
+        return evaluate(*args)
+
+    monkeypatch.setattr(wait_runtime, "holds", slow_match)
     for i in range(1000):
         mesh.emit("payment.settled", {"order": 10_000 + i})
     looking = [mesh.run(pay_flow(), {"goal": "g", "order": i}, key=f"look-{i}") for i in range(8)]
