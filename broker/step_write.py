@@ -139,9 +139,10 @@ class StepWrites:
         except redis.ResponseError:
             if len(group) == 1:
                 raise
-            # One write Redis refused (a key of the wrong type, out of memory) must not fail the others
-            # of its group: each goes alone, and the ones that landed before the error find their record
-            # changed (by themselves) and are computed again into nothing left to write.
+            # A command Redis refuses fails only its own write (step.lua answers it with the error); a
+            # group refused as a whole (out of memory, before anything was written) must not fail every
+            # write in it: each goes alone, and one that landed finds its record changed (by itself)
+            # and is computed again into nothing left to write.
             answers = []
             for item in group:
                 try:

@@ -22,8 +22,14 @@
 --
 -- Per item: 1 written (its message settled, if it names one); 2 written, but the message was no
 -- longer this worker's (reaped while paused: its body is left to its new owner); 0 the claim is not
--- the attempt's any more, nothing written; -1 no record; else the record's current bytes: it changed
--- since the write was computed, nothing written (read them, recompute, write again).
+-- the attempt's any more, nothing written; -1 no record; an error: a command of the write was refused
+-- (a key of the wrong type) and its other commands ran, as in the MULTI this replaced, its claim not
+-- stored as done and its message not settled; else the record's current bytes: it changed since the
+-- write was computed, nothing written (read them, recompute, write again).
+--
+-- Nothing is rolled back when a script fails midway, so no command's refusal fails the script: the
+-- other items of the group and their counters land whatever one item's command did (a counter Redis
+-- refuses is left out, and logged).
 
 local ttl = tonumber(ARGV[1])
 local out = {}
@@ -36,6 +42,14 @@ local function add(kind, key, field, by)
         order[#order + 1] = {id, kind, key, field}
     end
     sums[id] = sums[id] + by
+end
+
+local function run(from, to)
+    return redis.call(unpack(ARGV, from, to))
+end
+
+local function refusal(err)
+    return type(err) == "table" and err.err or tostring(err)
 end
 
 local i = 2
@@ -71,23 +85,28 @@ while i <= #ARGV do
         elseif redis.sha1hex(current) ~= sha then
             answer = current
         else
+            local refused = nil
             for _, range in ipairs(commands) do
                 local from, to = range[1], range[2]
                 local name = string.upper(ARGV[from])
-                if name == "HINCRBY" then
-                    add("i", ARGV[from + 1], ARGV[from + 2], tonumber(ARGV[from + 3]))
-                elseif name == "HINCRBYFLOAT" then
-                    add("f", ARGV[from + 1], ARGV[from + 2], tonumber(ARGV[from + 3]))
+                local by = (name == "HINCRBY" or name == "HINCRBYFLOAT") and tonumber(ARGV[from + 3]) or nil
+                if by then
+                    add(name == "HINCRBY" and "i" or "f", ARGV[from + 1], ARGV[from + 2], by)
                 else
-                    redis.call(unpack(ARGV, from, to))
+                    local ok, err = pcall(run, from, to)
+                    if not ok then refused = refused or refusal(err) end
                 end
             end
-            if done == "1" and claim ~= "" and shared ~= "1" then
-                redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
-            end
-            answer = 1
-            if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
-                answer = 2
+            if refused then
+                answer = redis.error_reply(refused)
+            else
+                if done == "1" and claim ~= "" and shared ~= "1" then
+                    redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
+                end
+                answer = 1
+                if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
+                    answer = 2
+                end
             end
         end
     end
@@ -96,10 +115,14 @@ end
 
 for _, s in ipairs(order) do
     local id, kind, key, field = s[1], s[2], s[3], s[4]
+    local ok, err
     if kind == "i" then
-        redis.call("hincrby", key, field, sums[id])
+        ok, err = pcall(redis.call, "hincrby", key, field, sums[id])
     else
-        redis.call("hincrbyfloat", key, field, string.format("%.17g", sums[id]))
+        ok, err = pcall(redis.call, "hincrbyfloat", key, field, string.format("%.17g", sums[id]))
+    end
+    if not ok then
+        redis.log(redis.LOG_WARNING, "mesh step.lua: counter " .. key .. " " .. field .. " refused: " .. refusal(err))
     end
 end
 return out

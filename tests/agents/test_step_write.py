@@ -155,26 +155,93 @@ def test_a_success_sent_again_after_it_landed_is_known_as_its_own_not_as_a_lost_
     assert claim_state(broker, lease.claim_key) == b"done"
 
 
-def test_a_write_redis_refuses_fails_alone_not_the_others_of_its_group(worker):
-    broker, runtime, client = worker
-    refs = [client.send("echo", {"text": t}) for t in ("a", "b")]
+def group_items(broker: MeshBroker, runtime: AgentRuntime, client: MeshClient, n: int,
+                extra: Any = lambda job, trace: [], *, done: bool = False,
+                first: bool = False) -> tuple[list[Any], list[bytes]]:
+    """``n`` pick-up-like writes of ``n`` new jobs, each under a claim of its own: an XADD to the job's
+    trace, whatever ``extra(job, trace)`` adds (``first``: before the XADD), then the record's SET.
+    (Their items and new records.)"""
     idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
     items, news = [], []
-    for n, ref in enumerate(refs):
-        key, owner = f"group-{ref.id}", f"owner-{n}"
+    for k in range(n):
+        ref = client.send("echo", {"text": str(k)})
+        key, owner = f"group-{ref.id}", f"owner-{k}"
         verdict = idem._call("claim", idem.keys.claim(key), owner)
         lease = Lease(key=key, claim_key=idem.keys.claim(key), owner=owner, token=int(verdict[1]))
         job, trace = broker.keys.job(ref.id), broker.keys.trace(ref.id)
         data = broker.records.get(job)
         news.append(data.replace(b'"queued"', b'"running"', 1))
-        commands = [(("XADD", trace, "*", "e", "{}"), {}), (("SET", job, news[-1]), {})]
-        items.append(runtime.steps._item(job, data, commands, lease, None, False))
-    broker.records.delete(broker.keys.trace(refs[1].id))
-    broker.records.set(broker.keys.trace(refs[1].id), "not a stream")  # its XADD is refused
+        more = [(command, {}) for command in extra(job, trace)]
+        xadd = [(("XADD", trace, "*", "e", "{}"), {})]
+        commands = [*(more + xadd if first else xadd + more), (("SET", job, news[-1]), {})]
+        items.append(runtime.steps._item(job, data, commands, lease, b"{}" if done else None, False))
+    return items, news
+
+
+def refuse_xadd(broker: MeshBroker, item: Any) -> None:
+    """The item's trace key made a string: Redis refuses its XADD (WRONGTYPE)."""
+    trace = item.args[item.args.index("XADD") + 1]
+    broker.records.delete(trace)
+    broker.records.set(trace, "not a stream")
+
+
+def test_a_write_redis_refuses_fails_alone_not_the_others_of_its_group(worker):
+    broker, runtime, client = worker
+    items, news = group_items(broker, runtime, client, 2, done=True)
+    refuse_xadd(broker, items[1])
 
     first, second = runtime.steps._flush(items)
 
     assert isinstance(second, redis.ResponseError)
-    assert broker.records.get(broker.keys.job(refs[1].id)) != news[1]  # nothing of it written
-    # The first landed (with the group, before the refusal): sent alone again, it finds its own write.
-    assert first == news[0] == broker.records.get(broker.keys.job(refs[0].id))
+    assert claim_state(broker, items[1].lease.claim_key) == b"claimed"  # not stored as done: the caller fails
+    assert first == 1 and broker.records.get(items[0].args[0]) == news[0]
+    assert claim_state(broker, items[0].lease.claim_key) == b"done"
+
+
+def test_a_refused_write_in_a_group_loses_none_of_the_others_counters(worker):
+    # The group's counters are added up and written after its writes: a write refused midway (the
+    # script stopped there) lost the counters of every write that had landed before it, for good.
+    broker, runtime, client = worker
+    stats = broker.keys.stats
+    items, news = group_items(broker, runtime, client, 3,
+                              lambda job, trace: [("HINCRBY", stats, "picked", 1), ("HINCRBYFLOAT", stats, "s", 0.5)])
+    refuse_xadd(broker, items[1])
+
+    answers = runtime.steps._flush(items)
+
+    assert answers[0] == answers[2] == 1 and isinstance(answers[1], redis.ResponseError)
+    assert [broker.records.get(item.args[0]) for item in items] == news  # the refused one's SET ran too
+    # Each write's counters once, the refused one's too (its other commands ran, as a MULTI's would).
+    assert broker.records.hget(stats, "picked") == b"3" and float(broker.records.hget(stats, "s")) == 1.5
+
+
+def test_a_refused_command_leaves_the_rest_of_its_write_as_a_transaction_would(worker):
+    # Not half a write: the script stopped at the refused command, after the next step's message was
+    # pushed and before the record saying so was written; the step's retry pushed the message again.
+    broker, runtime, client = worker
+    queue, hash_ = broker.keys.queue("next"), broker.keys.messages("next")
+    [item], [new] = group_items(broker, runtime, client, 1,
+                                lambda job, trace: [("HSET", hash_, "m1", "{}"), ("RPUSH", queue, "m1")],
+                                first=True)  # as a step's write: its messages, its trace, its record
+    refuse_xadd(broker, item)
+
+    [answer] = runtime.steps._flush([item])
+
+    assert isinstance(answer, redis.ResponseError)
+    assert broker.records.get(item.args[0]) == new and broker.records.lrange(queue, 0, -1) == [b"m1"]
+
+
+def test_a_counter_redis_refuses_fails_no_write_that_landed(worker):
+    # The counters go last, after every write of the group landed (records, done claims, acks): one
+    # refused there failed them all, and their callers took steps that were recorded for failed ones.
+    broker, runtime, client = worker
+    broker.records.hset(broker.keys.stats, "bad", "not a number")
+    items, news = group_items(broker, runtime, client, 2,
+                              lambda job, trace: [("HINCRBY", broker.keys.stats, "bad", 1),
+                                                  ("HINCRBY", broker.keys.stats, "good", 1)], done=True)
+
+    assert runtime.steps._flush(items) == [1, 1]
+
+    assert [broker.records.get(item.args[0]) for item in items] == news
+    assert broker.records.hget(broker.keys.stats, "good") == b"2"
+    assert all(claim_state(broker, item.lease.claim_key) == b"done" for item in items)
