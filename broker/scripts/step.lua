@@ -12,7 +12,8 @@
 --            another job's stored output), so an owner whose key was taken over (a paused one) writes
 --            nothing
 --   done     "1": the claim is stored as done with result (the dedup window: ttl_s) by the same write;
---            a claim already done at this token is this attempt's own (the write is sent again)
+--            a claim already done at this token is this write's own, landed before (it is sent again):
+--            answered 1 (or 2) with nothing more written
 --   id       "": none; else the message this write settles (a success): it leaves the worker's
 --            acks set and its body is deleted from msgs, as the ack would
 --   n        the commands of the write, each as its argument count and its arguments (what the
@@ -52,6 +53,14 @@ local function refusal(err)
     return type(err) == "table" and err.err or tostring(err)
 end
 
+-- 1, the message id settled by this worker (or none named); 2, it was no longer this worker's.
+local function settled(id, acks, msgs)
+    if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
+        return 2
+    end
+    return 1
+end
+
 local i = 2
 while i <= #ARGV do
     local job, sha, claim, owner, own_token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
@@ -65,19 +74,23 @@ while i <= #ARGV do
         i = i + 1 + count
     end
     local answer
-    local held, token = true, 0
+    local held, landed, token = true, false, 0
     if claim ~= "" then
         local state, holder, held_token = claim_read(claim)
         token = held_token
         if shared == "1" then
             held = state == "done"
         else
-            held = (state == "claimed" and holder == owner)
-                or (done == "1" and state == "done" and held_token == own_token)
+            landed = done == "1" and state == "done" and held_token == own_token
+            held = (state == "claimed" and holder == owner) or landed
         end
     end
     if not held then
         answer = 0
+    elseif landed then
+        -- This very write landed already (sent again: its answer was lost, or its group was refused
+        -- after it ran): nothing more is written, whatever its change would make of the record now.
+        answer = settled(id, acks, msgs)
     else
         local current = redis.call("get", job)
         if not current then
@@ -94,7 +107,13 @@ while i <= #ARGV do
                     add(name == "HINCRBY" and "i" or "f", ARGV[from + 1], ARGV[from + 2], by)
                 else
                     local ok, err = pcall(run, from, to)
-                    if not ok then refused = refused or refusal(err) end
+                    if not ok then
+                        -- Out of memory is refused at the script's first write, before anything was
+                        -- written: the group fails whole, as it should (caught, the commands that need
+                        -- no memory would run, and make the ones after them pass).
+                        if string.sub(refusal(err), 1, 3) == "OOM" then error(err) end
+                        refused = refused or refusal(err)
+                    end
                 end
             end
             if refused then
@@ -103,10 +122,7 @@ while i <= #ARGV do
                 if done == "1" and claim ~= "" and shared ~= "1" then
                     redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
                 end
-                answer = 1
-                if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
-                    answer = 2
-                end
+                answer = settled(id, acks, msgs)
             end
         end
     end

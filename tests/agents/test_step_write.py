@@ -245,3 +245,41 @@ def test_a_counter_redis_refuses_fails_no_write_that_landed(worker):
     assert [broker.records.get(item.args[0]) for item in items] == news
     assert broker.records.hget(broker.keys.stats, "good") == b"2"
     assert all(claim_state(broker, item.lease.claim_key) == b"done" for item in items)
+
+
+def resent(runtime: AgentRuntime) -> list[tuple[Any, Any]]:
+    """The step writes ``runtime`` makes from now on, as (args, kwargs): a write sent again with the same
+    arguments is what a client's retry of a call whose answer was lost sends."""
+    calls: list[tuple[Any, Any]] = []
+    write = runtime.steps.write
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return write(*args, **kwargs)
+
+    runtime.steps.write = recording  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_success_sent_again_after_it_landed_writes_nothing_more_whatever_its_change_does(worker):
+    # The job was cancelled while the step ran: its success ends the step cancelled. Sent again (its
+    # answer lost), the write found its record changed, computed the change again from it, and a
+    # cancelled step cannot be ended twice: the step's attempt failed after its success had landed.
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    during.append(lambda: client.cancel(ref.id))
+    calls = resent(runtime)
+    _consumer, message = fetched(broker)
+    runtime.handle(app.agents["echo"], message.args[0])
+    record = client.status(ref.id)
+    assert next(iter(record.steps.values())).state is State.CANCELLED and message.mesh_lease.settled
+    stats = broker.records.hgetall(broker.keys.stats)
+    trace = broker.records.xlen(broker.keys.trace(ref.id))
+    args, kwargs = calls[-1]
+    assert kwargs["settle"]
+
+    runtime.steps.write(*args, **kwargs)  # nothing raised: known as its own write
+
+    assert client.status(ref.id) == record
+    assert broker.records.hgetall(broker.keys.stats) == stats  # no counter twice
+    assert broker.records.xlen(broker.keys.trace(ref.id)) == trace
