@@ -133,7 +133,9 @@ for _, s in ipairs(order) do
     local id, kind, key, field = s[1], s[2], s[3], s[4]
     local ok, err
     if kind == "i" then
-        ok, err = pcall(redis.call, "hincrby", key, field, sums[id])
+        -- As an integer's digits: a Lua number passed to a command is written in the shortest form,
+        -- which some Redis releases write with an exponent (2e+08), and HINCRBY refuses that.
+        ok, err = pcall(redis.call, "hincrby", key, field, string.format("%d", sums[id]))
     else
         ok, err = pcall(redis.call, "hincrbyfloat", key, field, string.format("%.17g", sums[id]))
     end
