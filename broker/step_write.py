@@ -10,7 +10,9 @@ nothing at all: it is computed from the record the pick-up wrote, validated once
 The success write also stores the claim as ``done`` with the step's result and settles the message
 (what the consumer's ack did), in the same script: record, trace events, counters, the next steps'
 messages, ``done`` and the ack land together or not at all. The lease says so (``Lease.settled``),
-and the consumer sends no ack of its own for that message.
+and the consumer sends no ack of its own for that message. (A command Redis refuses, a key of the
+wrong type, fails its write as it failed the MULTI/EXEC: the write's other commands ran, its ``done``
+and its ack did not, and the consumer's failure path settles the message from the record.)
 
 The writes of a worker's threads go to Redis together (:class:`~mesh.broker.group_commit.GroupCommit`):
 one script call per group, the group's counters added up and written once per field. (Sending a lone
