@@ -283,3 +283,28 @@ def test_a_success_sent_again_after_it_landed_writes_nothing_more_whatever_its_c
     assert client.status(ref.id) == record
     assert broker.records.hgetall(broker.keys.stats) == stats  # no counter twice
     assert broker.records.xlen(broker.keys.trace(ref.id)) == trace
+
+
+def test_a_failure_raised_after_the_success_settled_counts_no_second_run(worker):
+    # A time limit raised into the thread while its success's write was on the wire is raised once the
+    # write landed (the group commit holds it): the router took it for a failure, counted the run's
+    # duration a second time, and made a decision nothing would carry out.
+    from dramatiq.middleware.time_limit import TimeLimitExceeded
+
+    from mesh.broker.router import FailureRouter
+    from mesh.broker.settle import decision_of
+
+    broker, runtime, client = worker
+    client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    runtime.handle(app.agents["echo"], message.args[0])
+    assert message.mesh_lease.settled
+    histogram = broker.keys.histogram("echo")
+    runs = sum(int(v) for f, v in broker.records.hgetall(histogram).items() if f != b"sum")
+    assert runs == 1
+
+    router = next(m for m in broker.middleware if isinstance(m, FailureRouter))
+    router.after_process_message(broker, message, exception=TimeLimitExceeded())
+
+    assert sum(int(v) for f, v in broker.records.hgetall(histogram).items() if f != b"sum") == 1
+    assert decision_of(message) is None
