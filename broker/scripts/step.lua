@@ -53,6 +53,17 @@ local function refusal(err)
     return type(err) == "table" and err.err or tostring(err)
 end
 
+-- Whether a refusal is of the command itself (a key or value of the wrong kind, a Lua error): it fails
+-- its write alone. The server's state refuses every write, the script's first one already (out of
+-- memory, a read-only replica, a failing disk, too few replicas): raised with its own code, it fails
+-- the group whole with nothing written, and the client handles it as such (a Sentinel client finds
+-- the new master). Caught, the commands that need no memory would run and let the ones after them pass.
+local function own(err)
+    local message = refusal(err)
+    return string.sub(message, 1, 4) == "ERR " or string.sub(message, 1, 10) == "WRONGTYPE "
+        or not string.find(message, "^[A-Z]+ ")
+end
+
 -- 1, the message id settled by this worker (or none named); 2, it was no longer this worker's.
 local function settled(id, acks, msgs)
     if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
@@ -108,10 +119,7 @@ while i <= #ARGV do
                 else
                     local ok, err = pcall(run, from, to)
                     if not ok then
-                        -- Out of memory is refused at the script's first write, before anything was
-                        -- written: the group fails whole, as it should (caught, the commands that need
-                        -- no memory would run, and make the ones after them pass).
-                        if string.sub(refusal(err), 1, 3) == "OOM" then error(err) end
+                        if not own(err) then error(redis.error_reply(refusal(err))) end
                         refused = refused or refusal(err)
                     end
                 end
