@@ -45,6 +45,11 @@ SCRIPTED = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL"})
 #: Times a write computes its change again from a record another writer changed meanwhile.
 CONFLICT_RETRIES = 50
 
+#: Most argument bytes one script call of a group carries: a group of large writes (a fan-out's
+#: messages) goes in more calls, so that Redis holds no more than this (twice: the command's arguments
+#: and the script's ARGV) at once for it, not 64 large writes' worth. A larger write goes alone.
+CALL_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Written:
@@ -60,6 +65,7 @@ class _Item:
     lease: Lease
     args: list[Any]
     settles: bool
+    size: int = 0
 
 
 class StepWrites:
@@ -133,9 +139,21 @@ class StepWrites:
         for command, _options in commands:
             args.append(len(command))
             args.extend(command)
-        return _Item(fence, args, settles)
+        return _Item(fence, args, settles, sum(len(a) if isinstance(a, bytes | str) else 8 for a in args))
 
     def _flush(self, group: Sequence[_Item]) -> list[Any]:
+        answers: list[Any] = []
+        call: list[_Item] = []
+        size = 0
+        for item in group:
+            if call and size + item.size > CALL_BYTES:
+                answers += self._flush_call(call)
+                call, size = [], 0
+            call.append(item)
+            size += item.size
+        return answers + self._flush_call(call) if call else answers
+
+    def _flush_call(self, group: Sequence[_Item]) -> list[Any]:
         try:
             answers = self._call(group)
         except redis.ResponseError:

@@ -308,3 +308,45 @@ def test_a_failure_raised_after_the_success_settled_counts_no_second_run(worker)
 
     assert sum(int(v) for f, v in broker.records.hgetall(histogram).items() if f != b"sum") == 1
     assert decision_of(message) is None
+
+
+@pytest.mark.slow
+def test_a_group_of_large_writes_goes_in_calls_of_bounded_size(tmp_path):
+    # 64 writes of a fan-out's messages each went as one call: Redis held all of them at once, twice
+    # (the command's arguments and the script's ARGV).
+    from tests.broker.deployed import private_redis
+
+    from mesh.broker.keys import Keys
+    from mesh.broker.step_write import CALL_BYTES, STEP_LUA, StepWrites
+
+    server = private_redis(tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        steps = StepWrites(client, JobStore(client, Keys("bounded")), 60)
+        big = b"x" * (CALL_BYTES // 2 + 1)
+        items = []
+        for n in range(3):
+            client.set(f"job{n}", b"old")
+            items.append(steps._item(f"job{n}", b"old", [(("SET", f"job{n}", big), {})],
+                                     Lease(key="", claim_key="", owner="", token=0), None, False))
+        small = [steps._item(f"small{n}", b"old", [], Lease(key="", claim_key="", owner="", token=0), None, False)
+                 for n in range(3)]
+        for n in range(3):
+            client.set(f"small{n}", b"old")
+
+        def calls() -> int:
+            stats = client.info("commandstats").get("cmdstat_evalsha")
+            return int(stats["calls"]) if stats else 0
+
+        client.script_load(STEP_LUA)  # no NOSCRIPT answer to count
+        before = calls()
+        assert steps._flush(small) == [1, 1, 1]
+        assert calls() - before == 1  # small writes still go together
+        before = calls()
+        assert steps._flush(items) == [1, 1, 1]
+        assert calls() - before == 3
+        assert all(client.get(f"job{n}") == big for n in range(3))
+        client.close()
+    finally:
+        server.stop()
