@@ -314,10 +314,9 @@ def test_a_failure_raised_after_the_success_settled_counts_no_second_run(worker)
 def test_a_group_of_large_writes_goes_in_calls_of_bounded_size(tmp_path):
     # 64 writes of a fan-out's messages each went as one call: Redis held all of them at once, twice
     # (the command's arguments and the script's ARGV).
-    from tests.broker.deployed import private_redis
-
     from mesh.broker.keys import Keys
     from mesh.broker.step_write import CALL_BYTES, STEP_LUA, StepWrites
+    from tests.broker.deployed import private_redis
 
     server = private_redis(tmp_path)
     server.start()
