@@ -392,3 +392,21 @@ def test_a_fetch_reads_the_record_its_messages_share_once(tmp_path):
         broker.close()
     finally:
         server.stop()
+
+
+def test_a_renewal_answered_after_the_success_landed_does_not_call_the_lease_lost(worker):
+    # The renewal read the lease as unsettled and went out; the success's write stored the key as done
+    # before it arrived: the lease was reported lost while running (a warning, and a lost lease).
+    broker, runtime, client = worker
+    client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    lease = message.mesh_lease
+    idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+    runtime.handle(app.agents["echo"], message.args[0])
+    assert claim_state(broker, lease.claim_key) == b"done"
+    lease.settled = False  # as the renewal read it, before the write's answer came back
+    idem._hold(lease)
+
+    idem.renew()
+
+    assert not lease.lost
