@@ -32,7 +32,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 from mesh.contracts import TERMINAL, FailureClass, loads
 from mesh.contracts.jobs import is_compensation
 
-from . import claim_results, trace
+from . import claim_results, claims, trace
 from .claims import script_source
 from .clock import server_now_ms
 from .keys import Keys
@@ -449,10 +449,18 @@ class Idempotency(Middleware):
         for lease, ok in zip(leases, answers[:len(leases)], strict=True):
             if ok:
                 lease.confirmed_at = max(lease.confirmed_at, sent)
-            elif not lease.lost:
+            elif not lease.lost and not self._done_by(lease):
                 lease.lost = True
                 logger.warning("lease lost while running", extra={"key": lease.key, "token": lease.token})
         self._flag_stuck(leases)
+
+    def _done_by(self, lease: Lease) -> bool:
+        """Whether ``lease``'s own success stored its key as done (its write landed while this renewal
+        was on the wire, before the lease said it was settled): not a lost lease."""
+        if lease.settled:
+            return True
+        claim = claims.read(self.client, lease.claim_key)
+        return claim.state == "done" and claim.token == lease.token
 
     def _flag_stuck(self, leases: list[Lease]) -> None:
         """A handler that holds its claim (heartbeats) but reports no progress is stuck: say so once."""

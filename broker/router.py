@@ -278,6 +278,10 @@ class FailureRouter(Middleware):
         log = {"agent": message.actor_name, "trace_id": envelope.get("trace_id"), "key": envelope.get("key"),
                "job_id": envelope.get("job_id")}
         lease = message.__dict__.get("mesh_lease")
+        if lease is not None and lease.settled:
+            # Raised after the success's write recorded the step and settled the message (a time limit
+            # held while the write was on the wire): the run is counted, and nothing is left to decide.
+            return
         # Due times and the deadline are on the Redis server's clock: this host's may be off.
         now_ms = server_now_ms(broker)
         if isinstance(exception, LeaseLost) or message.__dict__.get("mesh_superseded"):

@@ -10,7 +10,9 @@ nothing at all: it is computed from the record the pick-up wrote, validated once
 The success write also stores the claim as ``done`` with the step's result and settles the message
 (what the consumer's ack did), in the same script: record, trace events, counters, the next steps'
 messages, ``done`` and the ack land together or not at all. The lease says so (``Lease.settled``),
-and the consumer sends no ack of its own for that message.
+and the consumer sends no ack of its own for that message. (A command Redis refuses, a key of the
+wrong type, fails its write as it failed the MULTI/EXEC: the write's other commands ran, its ``done``
+and its ack did not, and the consumer's failure path settles the message from the record.)
 
 The writes of a worker's threads go to Redis together (:class:`~mesh.broker.group_commit.GroupCommit`):
 one script call per group, the group's counters added up and written once per field. (Sending a lone
@@ -43,6 +45,11 @@ SCRIPTED = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL"})
 #: Times a write computes its change again from a record another writer changed meanwhile.
 CONFLICT_RETRIES = 50
 
+#: Most argument bytes one script call of a group carries: a group of large writes (a fan-out's
+#: messages) goes in more calls, so that Redis holds no more than this (twice: the command's arguments
+#: and the script's ARGV) at once for it, not 64 large writes' worth. A larger write goes alone.
+CALL_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Written:
@@ -58,6 +65,7 @@ class _Item:
     lease: Lease
     args: list[Any]
     settles: bool
+    size: int = 0
 
 
 class StepWrites:
@@ -131,17 +139,30 @@ class StepWrites:
         for command, _options in commands:
             args.append(len(command))
             args.extend(command)
-        return _Item(fence, args, settles)
+        return _Item(fence, args, settles, sum(len(a) if isinstance(a, bytes | str) else 8 for a in args))
 
     def _flush(self, group: Sequence[_Item]) -> list[Any]:
+        answers: list[Any] = []
+        call: list[_Item] = []
+        size = 0
+        for item in group:
+            if call and size + item.size > CALL_BYTES:
+                answers += self._flush_call(call)
+                call, size = [], 0
+            call.append(item)
+            size += item.size
+        return answers + self._flush_call(call) if call else answers
+
+    def _flush_call(self, group: Sequence[_Item]) -> list[Any]:
         try:
             answers = self._call(group)
         except redis.ResponseError:
             if len(group) == 1:
                 raise
-            # One write Redis refused (a key of the wrong type, out of memory) must not fail the others
-            # of its group: each goes alone, and the ones that landed before the error find their record
-            # changed (by themselves) and are computed again into nothing left to write.
+            # A command Redis refuses fails only its own write (step.lua answers it with the error); a
+            # group refused as a whole (out of memory, before anything was written) must not fail every
+            # write in it: each goes alone, and one that landed finds its record changed (by itself)
+            # and is computed again into nothing left to write.
             answers = []
             for item in group:
                 try:

@@ -88,8 +88,8 @@ def complete(env: Envelope, output: BaseModel, tokens: tuple[int, int] = (0, 0),
         del events[given:]  # a transaction retried after a conflict starts over
         now = time.time()
         step = record.steps[env.step_id]
-        if step.state is State.SUCCEEDED:
-            return record, []
+        if step.state is State.SUCCEEDED or (step.state is State.CANCELLED and step.result is not None):
+            return record, []  # this change's own end (cancelled with its output): applied again, it is done
         step = add_tokens(step, *tokens)
         if undo_calls:
             step = step.model_copy(update={"undo_calls": undo_calls})

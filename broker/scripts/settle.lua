@@ -120,6 +120,7 @@ end
 -- read when it is at most RECORD_MAX bytes: what the step's pick-up is computed from, with no read
 -- of its own (broker/step_write.py checks it is still the record when it writes). "" otherwise.
 local RECORD_MAX = 65536
+local records_read = {}  -- by job id, for one fetch: a fan-out's siblings fetched together read it once
 local function message_record(data, key)
     local _, e = string.find(data, '"args":[{"key":"' .. key .. '","job_id":"', 1, true)
     if not e then return "" end
@@ -127,8 +128,14 @@ local function message_record(data, key)
     if not close or close == e + 1 then return "" end
     local job_id = string.sub(data, e + 1, close - 1)
     if string.find(job_id, "\\", 1, true) then return "" end
-    local record = redis.call("get", ns .. ":job:" .. job_id)
-    if not record or #record > RECORD_MAX then return "" end
+    -- At most RECORD_MAX + 1 bytes, once per job: a larger record is not read whole (its siblings'
+    -- messages, fetched together, each copied all of a fan-out's record, the server blocked meanwhile).
+    local record = records_read[job_id]
+    if not record then
+        record = redis.call("getrange", ns .. ":job:" .. job_id, 0, RECORD_MAX)
+        if #record > RECORD_MAX then record = "" end
+        records_read[job_id] = record
+    end
     return record
 end
 

@@ -12,7 +12,8 @@
 --            another job's stored output), so an owner whose key was taken over (a paused one) writes
 --            nothing
 --   done     "1": the claim is stored as done with result (the dedup window: ttl_s) by the same write;
---            a claim already done at this token is this attempt's own (the write is sent again)
+--            a claim already done at this token is this write's own, landed before (it is sent again):
+--            answered 1 (or 2) with nothing more written
 --   id       "": none; else the message this write settles (a success): it leaves the worker's
 --            acks set and its body is deleted from msgs, as the ack would
 --   n        the commands of the write, each as its argument count and its arguments (what the
@@ -22,8 +23,14 @@
 --
 -- Per item: 1 written (its message settled, if it names one); 2 written, but the message was no
 -- longer this worker's (reaped while paused: its body is left to its new owner); 0 the claim is not
--- the attempt's any more, nothing written; -1 no record; else the record's current bytes: it changed
--- since the write was computed, nothing written (read them, recompute, write again).
+-- the attempt's any more, nothing written; -1 no record; an error: a command of the write was refused
+-- (a key of the wrong type) and its other commands ran, as in the MULTI this replaced, its claim not
+-- stored as done and its message not settled; else the record's current bytes: it changed since the
+-- write was computed, nothing written (read them, recompute, write again).
+--
+-- Nothing is rolled back when a script fails midway, so no command's refusal fails the script: the
+-- other items of the group and their counters land whatever one item's command did (a counter Redis
+-- refuses is left out, and logged).
 
 local ttl = tonumber(ARGV[1])
 local out = {}
@@ -36,6 +43,33 @@ local function add(kind, key, field, by)
         order[#order + 1] = {id, kind, key, field}
     end
     sums[id] = sums[id] + by
+end
+
+local function run(from, to)
+    return redis.call(unpack(ARGV, from, to))
+end
+
+local function refusal(err)
+    return type(err) == "table" and err.err or tostring(err)
+end
+
+-- Whether a refusal is of the command itself (a key or value of the wrong kind, a Lua error): it fails
+-- its write alone. The server's state refuses every write, the script's first one already (out of
+-- memory, a read-only replica, a failing disk, too few replicas): raised with its own code, it fails
+-- the group whole with nothing written, and the client handles it as such (a Sentinel client finds
+-- the new master). Caught, the commands that need no memory would run and let the ones after them pass.
+local function own(err)
+    local message = refusal(err)
+    return string.sub(message, 1, 4) == "ERR " or string.sub(message, 1, 10) == "WRONGTYPE "
+        or not string.find(message, "^[A-Z]+ ")
+end
+
+-- 1, the message id settled by this worker (or none named); 2, it was no longer this worker's.
+local function settled(id, acks, msgs)
+    if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
+        return 2
+    end
+    return 1
 end
 
 local i = 2
@@ -51,19 +85,23 @@ while i <= #ARGV do
         i = i + 1 + count
     end
     local answer
-    local held, token = true, 0
+    local held, landed, token = true, false, 0
     if claim ~= "" then
         local state, holder, held_token = claim_read(claim)
         token = held_token
         if shared == "1" then
             held = state == "done"
         else
-            held = (state == "claimed" and holder == owner)
-                or (done == "1" and state == "done" and held_token == own_token)
+            landed = done == "1" and state == "done" and held_token == own_token
+            held = (state == "claimed" and holder == owner) or landed
         end
     end
     if not held then
         answer = 0
+    elseif landed then
+        -- This very write landed already (sent again: its answer was lost, or its group was refused
+        -- after it ran): nothing more is written, whatever its change would make of the record now.
+        answer = settled(id, acks, msgs)
     else
         local current = redis.call("get", job)
         if not current then
@@ -71,23 +109,28 @@ while i <= #ARGV do
         elseif redis.sha1hex(current) ~= sha then
             answer = current
         else
+            local refused = nil
             for _, range in ipairs(commands) do
                 local from, to = range[1], range[2]
                 local name = string.upper(ARGV[from])
-                if name == "HINCRBY" then
-                    add("i", ARGV[from + 1], ARGV[from + 2], tonumber(ARGV[from + 3]))
-                elseif name == "HINCRBYFLOAT" then
-                    add("f", ARGV[from + 1], ARGV[from + 2], tonumber(ARGV[from + 3]))
+                local by = (name == "HINCRBY" or name == "HINCRBYFLOAT") and tonumber(ARGV[from + 3]) or nil
+                if by then
+                    add(name == "HINCRBY" and "i" or "f", ARGV[from + 1], ARGV[from + 2], by)
                 else
-                    redis.call(unpack(ARGV, from, to))
+                    local ok, err = pcall(run, from, to)
+                    if not ok then
+                        if not own(err) then error(redis.error_reply(refusal(err))) end
+                        refused = refused or refusal(err)
+                    end
                 end
             end
-            if done == "1" and claim ~= "" and shared ~= "1" then
-                redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
-            end
-            answer = 1
-            if id ~= "" and not (redis.call("srem", acks, id) == 1 and redis.call("hdel", msgs, id) == 1) then
-                answer = 2
+            if refused then
+                answer = redis.error_reply(refused)
+            else
+                if done == "1" and claim ~= "" and shared ~= "1" then
+                    redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
+                end
+                answer = settled(id, acks, msgs)
             end
         end
     end
@@ -96,10 +139,16 @@ end
 
 for _, s in ipairs(order) do
     local id, kind, key, field = s[1], s[2], s[3], s[4]
+    local ok, err
     if kind == "i" then
-        redis.call("hincrby", key, field, sums[id])
+        -- As an integer's digits: a Lua number passed to a command is written in the shortest form,
+        -- which some Redis releases write with an exponent (2e+08), and HINCRBY refuses that.
+        ok, err = pcall(redis.call, "hincrby", key, field, string.format("%d", sums[id]))
     else
-        redis.call("hincrbyfloat", key, field, string.format("%.17g", sums[id]))
+        ok, err = pcall(redis.call, "hincrbyfloat", key, field, string.format("%.17g", sums[id]))
+    end
+    if not ok then
+        redis.log(redis.LOG_WARNING, "mesh step.lua: counter " .. key .. " " .. field .. " refused: " .. refusal(err))
     end
 end
 return out

@@ -6,6 +6,7 @@ claim was taken over writes nothing and settles nothing."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,26 +156,257 @@ def test_a_success_sent_again_after_it_landed_is_known_as_its_own_not_as_a_lost_
     assert claim_state(broker, lease.claim_key) == b"done"
 
 
-def test_a_write_redis_refuses_fails_alone_not_the_others_of_its_group(worker):
-    broker, runtime, client = worker
-    refs = [client.send("echo", {"text": t}) for t in ("a", "b")]
+def group_items(broker: MeshBroker, runtime: AgentRuntime, client: MeshClient, n: int,
+                extra: Any = lambda job, trace: [], *, done: bool = False,
+                first: bool = False) -> tuple[list[Any], list[bytes]]:
+    """``n`` pick-up-like writes of ``n`` new jobs, each under a claim of its own: an XADD to the job's
+    trace, whatever ``extra(job, trace)`` adds (``first``: before the XADD), then the record's SET.
+    (Their items and new records.)"""
     idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
     items, news = [], []
-    for n, ref in enumerate(refs):
-        key, owner = f"group-{ref.id}", f"owner-{n}"
+    for k in range(n):
+        ref = client.send("echo", {"text": str(k)})
+        key, owner = f"group-{ref.id}", f"owner-{k}"
         verdict = idem._call("claim", idem.keys.claim(key), owner)
         lease = Lease(key=key, claim_key=idem.keys.claim(key), owner=owner, token=int(verdict[1]))
         job, trace = broker.keys.job(ref.id), broker.keys.trace(ref.id)
         data = broker.records.get(job)
         news.append(data.replace(b'"queued"', b'"running"', 1))
-        commands = [(("XADD", trace, "*", "e", "{}"), {}), (("SET", job, news[-1]), {})]
-        items.append(runtime.steps._item(job, data, commands, lease, None, False))
-    broker.records.delete(broker.keys.trace(refs[1].id))
-    broker.records.set(broker.keys.trace(refs[1].id), "not a stream")  # its XADD is refused
+        more = [(command, {}) for command in extra(job, trace)]
+        xadd = [(("XADD", trace, "*", "e", "{}"), {})]
+        commands = [*(more + xadd if first else xadd + more), (("SET", job, news[-1]), {})]
+        items.append(runtime.steps._item(job, data, commands, lease, b"{}" if done else None, False))
+    return items, news
+
+
+def refuse_xadd(broker: MeshBroker, item: Any) -> None:
+    """The item's trace key made a string: Redis refuses its XADD (WRONGTYPE)."""
+    trace = item.args[item.args.index("XADD") + 1]
+    broker.records.delete(trace)
+    broker.records.set(trace, "not a stream")
+
+
+def test_a_write_redis_refuses_fails_alone_not_the_others_of_its_group(worker):
+    broker, runtime, client = worker
+    items, news = group_items(broker, runtime, client, 2, done=True)
+    refuse_xadd(broker, items[1])
 
     first, second = runtime.steps._flush(items)
 
     assert isinstance(second, redis.ResponseError)
-    assert broker.records.get(broker.keys.job(refs[1].id)) != news[1]  # nothing of it written
-    # The first landed (with the group, before the refusal): sent alone again, it finds its own write.
-    assert first == news[0] == broker.records.get(broker.keys.job(refs[0].id))
+    assert claim_state(broker, items[1].lease.claim_key) == b"claimed"  # not stored as done: the caller fails
+    assert first == 1 and broker.records.get(items[0].args[0]) == news[0]
+    assert claim_state(broker, items[0].lease.claim_key) == b"done"
+
+
+def test_a_refused_write_in_a_group_loses_none_of_the_others_counters(worker):
+    # The group's counters are added up and written after its writes: a write refused midway (the
+    # script stopped there) lost the counters of every write that had landed before it, for good.
+    broker, runtime, client = worker
+    stats = broker.keys.stats
+    items, news = group_items(broker, runtime, client, 3,
+                              lambda job, trace: [("HINCRBY", stats, "picked", 1), ("HINCRBYFLOAT", stats, "s", 0.5)])
+    refuse_xadd(broker, items[1])
+
+    answers = runtime.steps._flush(items)
+
+    assert answers[0] == answers[2] == 1 and isinstance(answers[1], redis.ResponseError)
+    assert [broker.records.get(item.args[0]) for item in items] == news  # the refused one's SET ran too
+    # Each write's counters once, the refused one's too (its other commands ran, as a MULTI's would).
+    assert broker.records.hget(stats, "picked") == b"3" and float(broker.records.hget(stats, "s")) == 1.5
+
+
+def test_a_refused_command_leaves_the_rest_of_its_write_as_a_transaction_would(worker):
+    # Not half a write: the script stopped at the refused command, after the next step's message was
+    # pushed and before the record saying so was written; the step's retry pushed the message again.
+    broker, runtime, client = worker
+    queue, hash_ = broker.keys.queue("next"), broker.keys.messages("next")
+    [item], [new] = group_items(broker, runtime, client, 1,
+                                lambda job, trace: [("HSET", hash_, "m1", "{}"), ("RPUSH", queue, "m1")],
+                                first=True)  # as a step's write: its messages, its trace, its record
+    refuse_xadd(broker, item)
+
+    [answer] = runtime.steps._flush([item])
+
+    assert isinstance(answer, redis.ResponseError)
+    assert broker.records.get(item.args[0]) == new and broker.records.lrange(queue, 0, -1) == [b"m1"]
+
+
+def test_a_counter_redis_refuses_fails_no_write_that_landed(worker):
+    # The counters go last, after every write of the group landed (records, done claims, acks): one
+    # refused there failed them all, and their callers took steps that were recorded for failed ones.
+    broker, runtime, client = worker
+    broker.records.hset(broker.keys.stats, "bad", "not a number")
+    items, news = group_items(broker, runtime, client, 2,
+                              lambda job, trace: [("HINCRBY", broker.keys.stats, "bad", 1),
+                                                  ("HINCRBY", broker.keys.stats, "good", 1)], done=True)
+
+    assert runtime.steps._flush(items) == [1, 1]
+
+    assert [broker.records.get(item.args[0]) for item in items] == news
+    assert broker.records.hget(broker.keys.stats, "good") == b"2"
+    assert all(claim_state(broker, item.lease.claim_key) == b"done" for item in items)
+
+
+def resent(runtime: AgentRuntime) -> list[tuple[Any, Any]]:
+    """The step writes ``runtime`` makes from now on, as (args, kwargs): a write sent again with the same
+    arguments is what a client's retry of a call whose answer was lost sends."""
+    calls: list[tuple[Any, Any]] = []
+    write = runtime.steps.write
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return write(*args, **kwargs)
+
+    runtime.steps.write = recording  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_success_sent_again_after_it_landed_writes_nothing_more_whatever_its_change_does(worker):
+    # The job was cancelled while the step ran: its success ends the step cancelled. Sent again (its
+    # answer lost), the write found its record changed, computed the change again from it, and a
+    # cancelled step cannot be ended twice: the step's attempt failed after its success had landed.
+    broker, runtime, client = worker
+    ref = client.send("echo", {"text": "hi"})
+    during.append(lambda: client.cancel(ref.id))
+    calls = resent(runtime)
+    _consumer, message = fetched(broker)
+    runtime.handle(app.agents["echo"], message.args[0])
+    record = client.status(ref.id)
+    assert next(iter(record.steps.values())).state is State.CANCELLED and message.mesh_lease.settled
+    stats = broker.records.hgetall(broker.keys.stats)
+    trace = broker.records.xlen(broker.keys.trace(ref.id))
+    args, kwargs = calls[-1]
+    assert kwargs["settle"]
+
+    runtime.steps.write(*args, **kwargs)  # nothing raised: known as its own write
+
+    assert client.status(ref.id) == record
+    assert broker.records.hgetall(broker.keys.stats) == stats  # no counter twice
+    assert broker.records.xlen(broker.keys.trace(ref.id)) == trace
+
+
+def test_a_failure_raised_after_the_success_settled_counts_no_second_run(worker):
+    # A time limit raised into the thread while its success's write was on the wire is raised once the
+    # write landed (the group commit holds it): the router took it for a failure, counted the run's
+    # duration a second time, and made a decision nothing would carry out.
+    from dramatiq.middleware.time_limit import TimeLimitExceeded
+
+    from mesh.broker.router import FailureRouter
+    from mesh.broker.settle import decision_of
+
+    broker, runtime, client = worker
+    client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    runtime.handle(app.agents["echo"], message.args[0])
+    assert message.mesh_lease.settled
+    histogram = broker.keys.histogram("echo")
+    runs = sum(int(v) for f, v in broker.records.hgetall(histogram).items() if f != b"sum")
+    assert runs == 1
+
+    router = next(m for m in broker.middleware if isinstance(m, FailureRouter))
+    router.after_process_message(broker, message, exception=TimeLimitExceeded())
+
+    assert sum(int(v) for f, v in broker.records.hgetall(histogram).items() if f != b"sum") == 1
+    assert decision_of(message) is None
+
+
+@pytest.mark.slow
+def test_a_group_of_large_writes_goes_in_calls_of_bounded_size(tmp_path):
+    # 64 writes of a fan-out's messages each went as one call: Redis held all of them at once, twice
+    # (the command's arguments and the script's ARGV).
+    from mesh.broker.keys import Keys
+    from mesh.broker.step_write import CALL_BYTES, STEP_LUA, StepWrites
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        steps = StepWrites(client, JobStore(client, Keys("bounded")), 60)
+        big = b"x" * (CALL_BYTES // 2 + 1)
+        items = []
+        for n in range(3):
+            client.set(f"job{n}", b"old")
+            items.append(steps._item(f"job{n}", b"old", [(("SET", f"job{n}", big), {})],
+                                     Lease(key="", claim_key="", owner="", token=0), None, False))
+        small = [steps._item(f"small{n}", b"old", [], Lease(key="", claim_key="", owner="", token=0), None, False)
+                 for n in range(3)]
+        for n in range(3):
+            client.set(f"small{n}", b"old")
+
+        def calls() -> int:
+            stats = client.info("commandstats").get("cmdstat_evalsha")
+            return int(stats["calls"]) if stats else 0
+
+        client.script_load(STEP_LUA)  # no NOSCRIPT answer to count
+        before = calls()
+        assert steps._flush(small) == [1, 1, 1]
+        assert calls() - before == 1  # small writes still go together
+        before = calls()
+        assert steps._flush(items) == [1, 1, 1]
+        assert calls() - before == 3
+        assert all(client.get(f"job{n}") == big for n in range(3))
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_fetch_reads_the_record_its_messages_share_once(tmp_path):
+    # A fan-out's siblings fetched together each read the job's whole record into the fetch script
+    # (a record of 2 MB, 200 siblings: 0.6 s with the server blocked), only to leave it out when over
+    # RECORD_MAX.
+    from mesh.broker.settings import MeshSettings
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)
+    server.start()
+    try:
+        broker = build_broker(MeshSettings(redis_url=server.url, namespace="siblings"))
+        r = broker.records
+        n = 20
+
+        def reads(job: str, records: str) -> int:
+            for i in range(n):
+                body = json.dumps({"queue_name": "q", "actor_name": "a",
+                                   "args": [{"key": f"k{job}{i}{records}", "job_id": job}]}, separators=(",", ":"))
+                r.hset("siblings:q.msgs", f"{job}{i}{records}", body)
+                r.rpush("siblings:q", f"{job}{i}{records}")
+            stats = r.info("commandstats")
+            before = sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "getrange"))
+            out = broker.settle("fetch", "q", n, "0", "nonce", 60000, 60, records)
+            stats = r.info("commandstats")
+            assert len(out) == 3 * n
+            if records == "1":  # each claim's verdict: key, the record ("" over RECORD_MAX), "run", ...
+                expected = b"" if job == "large" else r.get(f"siblings:job:{job}")
+                assert [verdict[1] for verdict in out[2::3]] == [expected] * n
+            return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "getrange")) - before
+
+        r.set("siblings:job:small", b'{"job_id":"small"}')
+        r.set("siblings:job:large", b"x" * 2_000_000)
+        assert reads("small", "1") - reads("small", "0") == 1
+        assert reads("large", "1") - reads("large", "0") == 1
+        out = broker.settle("fetch", "q", 1, "0", "nonce", 60000, 60, "1")
+        assert out == []  # all fetched
+        broker.close()
+    finally:
+        server.stop()
+
+
+def test_a_renewal_answered_after_the_success_landed_does_not_call_the_lease_lost(worker):
+    # The renewal read the lease as unsettled and went out; the success's write stored the key as done
+    # before it arrived: the lease was reported lost while running (a warning, and a lost lease).
+    broker, runtime, client = worker
+    client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    lease = message.mesh_lease
+    idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+    runtime.handle(app.agents["echo"], message.args[0])
+    assert claim_state(broker, lease.claim_key) == b"done"
+    lease.settled = False  # as the renewal read it, before the write's answer came back
+    idem._hold(lease)
+
+    idem.renew()
+
+    assert not lease.lost

@@ -209,3 +209,30 @@ def test_a_compensating_tool_must_be_declared_and_given_the_args_it_requires() -
     assert any("no 'seat'" in m for m in found({"tool": "release", "input": {"url": "output.url"}}))
     with pytest.raises(ConfigError, match="exactly one of agent: and tool:"):
         Pipeline("p").step("flight", agent="book", compensate={"agent": "unbook", "tool": "release"}).build()
+
+
+def test_a_success_applied_again_to_the_step_it_ended_cancelled_changes_nothing_and_sends_no_second_undo():
+    # A success's write sent again after it landed (its answer lost: a transaction retried, a shared
+    # key's write) computes the change again from the record it wrote: a step it ended cancelled could
+    # not be ended twice, and the attempt failed after its success was recorded.
+    from mesh.agents.pipelines import progress
+    from mesh.contracts import Envelope
+
+    record, _ = _job(CHAIN)
+    record, _ = _ok(CHAIN, record, "a", 2.0)
+    running = record.with_step(transition(record.steps["b"], State.RUNNING, now=2.5))
+    record, _ = saga.cancel(CHAIN, running, "wrong dates", Routes(), [], now=3.0)
+    env = Envelope(key=record.steps["b"].key, job_id="job-1", step_id="b", agent="book", trace_id=RUN.trace_id,
+                   deadline=2e9, payload={})
+
+    class Out:
+        def model_dump(self, mode: str = "json", by_alias: bool = False) -> dict[str, Any]:
+            return {"ref": "b"}
+
+    change = progress.complete(env, Out(), spec=CHAIN, routes=Routes())  # type: ignore[arg-type]
+    record, messages = change(record)
+    assert record.steps["b"].state is State.CANCELLED and _sent(messages) == ["undo:b"]
+
+    again, more = change(record)
+
+    assert again is record and more == []
