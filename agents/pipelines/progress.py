@@ -38,8 +38,11 @@ def cancelled(record: JobRecord, step: StepRecord) -> bool:
     return record.unwind is not None and record.unwind.cause == "cancelled" and step.compensates is None
 
 
-def start(env: Envelope, token: int) -> Change:
-    """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running."""
+def start(env: Envelope, token: int, *, checked: bool = False) -> Change:
+    """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running.
+    ``checked``: the pick-up was decided on the record its fetch read with the claim (the step then
+    started), and is written later (:mod:`mesh.agents.pickup`): a cancel since then finds it picked
+    up, as if it had landed just after this write."""
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
         now = time.time()
@@ -54,7 +57,7 @@ def start(env: Envelope, token: int) -> Change:
             what, state = newer
             raise PermanentFailure(f"the {what} is {state.value!r}, a state of a newer release of the mesh: "
                                    "not run by this release", job_id=record.job_id)
-        if cancelled(record, step) and not (env.replay_of and step.state is State.QUEUED):
+        if not checked and cancelled(record, step) and not (env.replay_of and step.state is State.QUEUED):
             # A retry (or a message sent before the cancel) picked up after it: never run. A step
             # queued by a replay after the cancel is one whose unknown effect was decided applied
             # (mesh verify, mesh settle; dlq.replay refuses any other): it runs, answered from its
