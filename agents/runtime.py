@@ -158,6 +158,7 @@ class AgentRuntime:
         read, lease.record = lease.record, None
         written: Written | None = None
         pickup: PickUp | None = None
+        checked: Any = None
         # Only on a fresh read: a cancel landing while the message waited in the worker's buffer
         # (longer than the bound) is seen by the pick-up's write, as before any handler runs.
         fresh = time.monotonic() - lease.read_at <= self.pickups.after_s
@@ -165,7 +166,7 @@ class AgentRuntime:
         if decided is not None:
             # Picked up on the record its fetch read with the claim: written with the success if the
             # handler ends within the bound, else by then (mesh.agents.pickup).
-            checked = progress.start(env, lease.token, checked=True)
+            checked = progress.start(env, lease.token, checked=True, at=time.time())
             fetched = read
 
             def write_pickup() -> Written:
@@ -207,7 +208,7 @@ class AgentRuntime:
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
         try:
-            self._run(spec, env, lease, flow, undo, payload, envelope, member, written, pickup, picked, read)
+            self._run(spec, env, lease, flow, undo, payload, envelope, member, written, pickup, picked, read, checked)
         except BaseException:
             if pickup is not None and not lease.settled:
                 # A failure is recorded on a step its record says is running (its attempt, its token).
@@ -241,7 +242,7 @@ class AgentRuntime:
 
     def _run(self, spec: AgentSpec, env: Envelope, lease: Any, flow: PipelineSpec | None, undo: Any, payload: Any,
              envelope: dict[str, Any], member: str, written: Written | None, pickup: PickUp | None,
-             picked: dict[str, Any], read: bytes | None) -> None:
+             picked: dict[str, Any], read: bytes | None, checked: Any) -> None:
         """Run the picked-up step's handler and record its success."""
         agent = spec.name
         if lease.shared and lease.recorded_output is None:
@@ -302,7 +303,7 @@ class AgentRuntime:
                                        routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
             change = with_effect(change, env.step_id, effect)
             if folded:
-                change = _then(progress.start(env, lease.token, checked=True), change)
+                change = _then(checked, change)
             self.steps.write(env.job_id, change, fence=lease, also=succeeded, events=events,
                              retention_s=retention_s(flow), known=known, read=read if folded else None, done=done,
                              settle=True)

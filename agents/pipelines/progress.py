@@ -38,14 +38,14 @@ def cancelled(record: JobRecord, step: StepRecord) -> bool:
     return record.unwind is not None and record.unwind.cause == "cancelled" and step.compensates is None
 
 
-def start(env: Envelope, token: int, *, checked: bool = False) -> Change:
+def start(env: Envelope, token: int, *, checked: bool = False, at: float | None = None) -> Change:
     """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running.
     ``checked``: the pick-up was decided on the record its fetch read with the claim (the step then
     started), and is written later (:mod:`mesh.agents.pickup`): a cancel since then finds it picked
-    up, as if it had landed just after this write."""
+    up, as if it had landed just after this write; ``at``: when it started (the wall clock)."""
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
-        now = time.time()
+        now = time.time() if at is None else at
         step = record.steps.get(env.step_id) or StepRecord(
             step_id=env.step_id, agent=env.agent, key=env.key, input=env.payload
         )
