@@ -153,7 +153,7 @@ class AgentRuntime:
             parked = approvals.recheck(self.flow(record), record, env, events)
             if parked is not None:  # not the call a person approved: asked (again), not run
                 return parked, []
-            return progress.start(env, lease.token)(record)
+            return progress.start(env, lease.token, events=events)(record)
 
         read, lease.record = lease.record, None
         written: Written | None = None

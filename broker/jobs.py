@@ -215,6 +215,15 @@ def on_step_lost(change: LossChange | None) -> None:
     _after_loss = change
 
 
+def after_step_ended(record: JobRecord, events: list[dict[str, Any]], now: float) -> tuple[JobRecord, list[Message]]:
+    """What a step ending without output (``record`` with it ended) sets in motion: a declared
+    pipeline's job moves on by what :func:`on_step_lost` registered (an unwinding job's next
+    compensations), any other job's state is derived."""
+    if _after_loss is not None and record.pipeline_digest is not None:
+        return _after_loss(record, events)
+    return settle(record, now), []
+
+
 def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None,
               tokens: tuple[int, int] = (0, 0), events: list[dict[str, Any]] | None = None,
               undo_calls: list[dict[str, Any]] | None = None) -> Change:
