@@ -72,7 +72,9 @@ def cancel(client: MeshClient, job_id: str, reason: str | None = None) -> tuple[
             return
         keys = [client.keys.claim(s.key) for s in steps]
         pipe.watch(*keys)
-        held.update(s.step_id for s, k in zip(steps, keys, strict=True) if claims.read(pipe, k).state == "claimed")
+        values: Any = pipe.mget(keys)  # None for a claim hash an earlier release wrote: read as a hash
+        held.update(s.step_id for s, k, v in zip(steps, keys, values, strict=True)
+                    if (claims.parse(v) if v is not None else claims.read(pipe, k)).state == "claimed")
 
     def change(before: JobRecord) -> tuple[JobRecord, list[Any]]:
         nonlocal changed
