@@ -14,7 +14,7 @@ import pytest
 import redis
 from pydantic import BaseModel
 
-from mesh import App, Context
+from mesh import App, Context, ToolContext
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient
 from mesh.broker.idempotency import Idempotency, Lease, current_lease
@@ -40,6 +40,22 @@ def echo(ctx: Context, message: Text) -> Text:
     return message
 
 
+#: The step's record state each call of the ``look`` tool found in Redis.
+looked: list[str] = []
+
+
+@app.tool(effect=False)
+def look(ctx: ToolContext, args: Text) -> Text:
+    data = ctx.redis.get(f"{args.text}")
+    looked.append(loads(data)["steps"]["caller"]["state"] if data else "")
+    return args
+
+
+@app.agent(time_limit_s=30, tools=["look"])
+def caller(ctx: Context, message: Text) -> Text:
+    return ctx.call("look", message)
+
+
 @pytest.fixture
 def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
     during.clear()
@@ -51,10 +67,10 @@ def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
     broker.close()
 
 
-def fetched(broker: MeshBroker) -> Any:
-    """The next message of the echo queue as the worker's consumer hands it out (claimed by the fetch),
+def fetched(broker: MeshBroker, queue: str = "echo") -> Any:
+    """The next message of the queue as the worker's consumer hands it out (claimed by the fetch),
     taken up by the Idempotency middleware as before the actor runs."""
-    consumer = broker.consume("echo", prefetch=4, timeout=100)
+    consumer = broker.consume(queue, prefetch=4, timeout=100)
     message = next(consumer)
     assert message is not None
     idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
@@ -277,3 +293,19 @@ def test_a_short_step_that_fails_has_its_pick_up_written_before_its_failure_is_r
     step = next(iter(client.status(ref.id).steps.values()))
     assert step.state is State.RUNNING and step.token == lease.token and step.picked_up == 1
     assert broker.records.zscore(broker.keys.running, f"{ref.id}/{step.step_id}") is not None
+
+
+def test_a_tool_call_within_the_bound_writes_the_pick_up_first(worker):
+    broker, runtime, client = worker
+    runtime.pickups.after_s = 30.0
+    looked.clear()
+    ref = client.send("caller", {"text": "-"}, key="calls-a-tool")
+    _consumer, message = fetched(broker, "caller")
+    message.args[0]["payload"]["text"] = broker.keys.job(ref.id)  # what the tool reads
+
+    runtime.handle(app.agents["caller"], message.args[0])
+
+    assert looked == ["running"]  # the call saw a step its record says is running
+    record = client.status(ref.id)
+    assert record.state is State.SUCCEEDED and record.steps["caller"].picked_up == 1
+    assert events_of(broker, ref.id).count("picked_up") == 1
