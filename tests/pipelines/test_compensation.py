@@ -236,3 +236,40 @@ def test_a_success_applied_again_to_the_step_it_ended_cancelled_changes_nothing_
     again, more = change(record)
 
     assert again is record and more == []
+
+
+def test_cancel_leaves_a_step_whose_key_is_claimed_to_end_as_a_running_one():
+    from mesh.agents.pipelines import progress
+    from mesh.broker import jobs
+    from mesh.contracts import Envelope
+
+    record, _ = _job(CHAIN)
+    record, _ = _ok(CHAIN, record, "a", 2.0)
+    assert record.steps["b"].state is State.QUEUED and record.steps["b"].sent_at is not None
+    # b's key is claimed: its pick-up may not be written yet (a short step writes it with its outcome)
+    cancelled, sent = saga.cancel(CHAIN, record, "wrong dates", Routes(), [], now=3.0, held={"b"})
+    assert sent == [] and cancelled.steps["b"].state is State.QUEUED  # waited for, not "not run"
+    assert cancelled.state is State.COMPENSATING and cancelled.steps["c"].state is State.CANCELLED
+    env = Envelope(key=record.steps["b"].key, job_id="job-1", step_id="b", agent="book", trace_id=RUN.trace_id,
+                   deadline=2e9, payload={})
+
+    class Out:
+        def model_dump(self, mode: str = "json", by_alias: bool = False) -> dict[str, Any]:
+            return {"ref": "b"}
+
+    # Its handler ran (picked up before the cancel, written with its success): cancelled, output kept, undone.
+    ran = progress.start(env, 7, checked=True, at=2.9)(cancelled)[0]
+    ran, messages = progress.complete(env, Out(), spec=CHAIN, routes=Routes())(ran)  # type: ignore[arg-type]
+    assert ran.steps["b"].state is State.CANCELLED and ran.steps["b"].result == {"ref": "b"}
+    assert ran.steps["b"].token == 7 and ran.steps["b"].started_at == 2.9 and _sent(messages) == ["undo:b"]
+    # Its pick-up found the cancel first (a read older than the bound, written before the handler): not
+    # run, and the job moves on to its compensations rather than waiting for b for ever.
+    before = jobs._after_loss
+    jobs.on_step_lost(lambda r, events: after_loss(CHAIN, r, Routes(), events))
+    try:
+        events: list[dict[str, Any]] = []
+        not_run, messages = progress.start(env, 7, events=events)(cancelled)
+    finally:
+        jobs.on_step_lost(before)
+    assert not_run.steps["b"].state is State.CANCELLED and not_run.steps["b"].result is None
+    assert _sent(messages) == ["undo:a"] and not_run.state is State.COMPENSATING
