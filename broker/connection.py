@@ -299,3 +299,15 @@ def replicated(pipe: redis.client.Pipeline, refs: list[Any]) -> None:
     """NotReplicated when ``pipe`` (from :func:`transaction`) WAITed and fewer replicas confirmed."""
     if isinstance(pipe, ReplicatedTransaction) and pipe.acked < pipe.replicas:
         raise NotReplicated(pipe.acked, pipe.replicas, pipe.timeout_ms, refs)
+
+
+def run_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
+    """Call ``script`` (a redis-py ``Script``) on the client it was registered on, as ``script(keys=...,
+    args=...)`` does, less the third of a small call's time redis-py's ``Script`` adds: EVALSHA at once,
+    the script loaded again (and the call made again) only when Redis answers that it does not hold it."""
+    client = script.registered_client
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        script.sha = client.script_load(script.script)
+        return client.evalsha(script.sha, len(keys), *keys, *args)

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 #: How long an idle consumer blocks waiting for work before it looks again (s).
 WAIT_S = 1.0
 
+#: The most messages one fetch takes (settle.lua's FETCH_MAX).
+FETCH_MAX = 1000
+
 #: Times a settlement re-reads a job record that another writer changed meanwhile.
 CONFLICT_RETRIES = 50
 
@@ -82,6 +85,9 @@ class MeshConsumer(_RedisConsumer):
         #: Set by every settlement: a consumer whose prefetch window is full waits on it, not on a timer.
         self.settled = threading.Event()
         self.window_full = False
+        #: The last fetch emptied the queue (it got fewer messages than it asked for): anything enqueued
+        #: since pushed a wake-up token, so the next look is a blocking wait, not another fetch.
+        self.drained = False
 
     @property
     def outstanding_message_count(self) -> int:
@@ -391,6 +397,7 @@ class MeshConsumer(_RedisConsumer):
             self.last_beat = now
         self.pairs = []
         step = 3 if claim else 2
+        self.drained = len(flat) // step < min(wanted, FETCH_MAX) and not self.queue_name.endswith(".DQ")
         for i in range(0, len(flat), step):
             rid, data = flat[i].decode(), flat[i + 1]
             verdict: Any = flat[i + 2] if claim else 0
@@ -410,25 +417,34 @@ class MeshConsumer(_RedisConsumer):
 
     def __next__(self) -> MessageProxy | None:
         try:
+            waited = False
             while True:
                 proxy = self._next_message()
                 if proxy is not None:
                     self.misses = 0
                     return proxy
-                if not self._fetch():
-                    if self.window_full:
-                        # Every prefetched message is still being worked on: go on as soon as one
-                        # settles (dramatiq sleeps with backoff here, as if the queue were empty).
-                        self.settled.wait(self.timeout / 1000)
-                    elif self.queue_name.endswith(".DQ"):
-                        # dramatiq checks delayed messages' due times between polls: keep polling.
-                        self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
-                        time.sleep(backoff_ms / 1000)
-                    else:
-                        # Idle: block until an enqueue pushes a wake-up token (or a second passes, so
-                        # heartbeats, recovery and shutdown go on), instead of polling with backoff.
-                        self.broker.wait_for_work(self.queue_name, WAIT_S)
+                if self.drained:
+                    if waited:
+                        return None  # woken, and another consumer was first: dramatiq's loop goes round
+                    # Idle: the last fetch emptied the queue, and whatever was enqueued since pushed a
+                    # wake-up token. Block until one arrives, then fetch at once; after a second without
+                    # one, dramatiq's loop goes round (and the next fetch beats and recovers).
+                    self.drained, waited = False, True
+                    if not self.broker.wait_for_work(self.queue_name, WAIT_S):
+                        return None
+                if self._fetch():
+                    continue
+                if self.window_full:
+                    # Every prefetched message is still being worked on: go on as soon as one
+                    # settles (dramatiq sleeps with backoff here, as if the queue were empty).
+                    self.settled.wait(self.timeout / 1000)
                     return None
+                if self.queue_name.endswith(".DQ"):
+                    # dramatiq checks delayed messages' due times between polls: keep polling.
+                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                    time.sleep(backoff_ms / 1000)
+                    return None
+                # The fetch found nothing (``drained`` is set): the loop waits for a token.
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None
 

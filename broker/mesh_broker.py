@@ -23,7 +23,7 @@ from mesh.contracts.deadletter import Attempt, DeadLetter
 from . import compat
 from .claims import script_source
 from .clock import DelayClock, ServerClock
-from .connection import connect
+from .connection import connect, run_script
 from .consumer import MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
@@ -121,7 +121,7 @@ class MeshBroker(RedisBroker):
         dispatch, keys = self.scripts["dispatch"], [self.namespace]
 
         def do_dispatch(queue_name: str, *args: Any) -> Any:
-            return dispatch(keys=keys, args=[
+            return run_script(dispatch, keys, [
                 command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, self.dead_message_ttl,
                 self._should_do_maintenance(command), self._max_unpack_size(), *args])
 
@@ -174,10 +174,8 @@ class MeshBroker(RedisBroker):
 
     def settle(self, command: str, queue_name: str, *args: Any) -> Any:
         """Run one command of ``settle.lua`` for this worker on ``queue_name``."""
-        return self.scripts["settle"](
-            keys=[self.namespace],
-            args=[command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, *args],
-        )
+        return run_script(self.scripts["settle"], [self.namespace],
+                          [command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, *args])
 
     def dead_letter_entry(
         self, message: Message, failure_class: str, error: str, traceback: str | None, *,

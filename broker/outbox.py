@@ -19,11 +19,11 @@ from typing import Any
 import orjson
 import redis
 from dramatiq.message import Message
-from redis.exceptions import NoScriptError
 
 from mesh.contracts import Envelope, JobRecord, LimitExceeded, StepRecord, depth_exceeds, dumps
 
 from . import trace
+from .connection import run_script
 from .keys import Keys
 
 ENQUEUE_LUA = resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
@@ -235,12 +235,7 @@ class EnqueueScript:
             self.loaded = True
         if client is not None:  # a pipeline: it loads the script itself should Redis not hold it
             return self.script(keys=keys, args=args, client=client)
-        try:
-            # EVALSHA straight away: redis-py's Script call adds a third of a single send's time.
-            return self.client.evalsha(self.script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted or its scripts were flushed since the load
-            self.client.script_load(ENQUEUE_LUA)
-            return self.client.evalsha(self.script.sha, len(keys), *keys, *args)
+        return run_script(self.script, keys, args)
 
 
 def register(client: redis.Redis) -> EnqueueScript:
