@@ -381,9 +381,8 @@ class MeshConsumer(_RedisConsumer):
                 logger.warning("messages left behind by a lost connection put back",
                                extra={"queue": self.queue_name, "count": n})
         self.settled.clear()
-        outstanding = self.outstanding_message_count
-        wanted = self.prefetch - outstanding
-        self.window_full = wanted < (self.low_water if outstanding else 1)
+        wanted = self._room()
+        self.window_full = not wanted
         if self.window_full:
             self._beat()
             return False
@@ -409,6 +408,12 @@ class MeshConsumer(_RedisConsumer):
                 self.pairs.append(proxy)
         return bool(self.pairs)
 
+    def _room(self) -> int:
+        """How many messages a fetch would ask for now; 0 while the window is too full to fetch."""
+        outstanding = self.outstanding_message_count
+        wanted = self.prefetch - outstanding
+        return wanted if wanted >= (self.low_water if outstanding else 1) else 0
+
     def _beat(self) -> None:
         # Busy consumers do not fetch; without this a long handler would look like a dead worker.
         if time.monotonic() - self.last_beat >= self.broker.heartbeat_timeout / 4000:
@@ -423,12 +428,14 @@ class MeshConsumer(_RedisConsumer):
                 if proxy is not None:
                     self.misses = 0
                     return proxy
-                if self.drained:
+                if self.drained and self._room():  # a full window fetches (and waits) below instead
                     if waited:
                         return None  # woken, and another consumer was first: dramatiq's loop goes round
                     # Idle: the last fetch emptied the queue, and whatever was enqueued since pushed a
                     # wake-up token. Block until one arrives, then fetch at once; after a second without
-                    # one, dramatiq's loop goes round (and the next fetch beats and recovers).
+                    # one, dramatiq's loop goes round (and the next fetch beats and recovers). Only with
+                    # room to fetch: a token taken must lead to a fetch, or its message waits for
+                    # another consumer's block to end.
                     self.drained, waited = False, True
                     if not self.broker.wait_for_work(self.queue_name, WAIT_S):
                         return None

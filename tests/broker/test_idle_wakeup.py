@@ -1,0 +1,73 @@
+"""An idle consumer waits for work on its queue's wake-up tokens: once a fetch has emptied the
+queue it blocks for a token instead of fetching again, and a token is followed by a fetch at once,
+so the next message costs the wake-up and one fetch; a consumer with no room to fetch leaves the
+tokens to the others. A message that comes without a token is still fetched after one wait
+(``consumer.WAIT_S``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import wait_for
+
+from mesh.broker import MeshClient, MeshSettings, consumer
+from mesh.broker.consumer import MeshConsumer
+from mesh.broker.mesh_broker import MeshBroker
+
+NOTE = {"tool": "note", "args": {"title": "t"}}
+
+
+@pytest.fixture
+def counted(settings: MeshSettings, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MeshConsumer, list[str]]]:
+    """A consumer of ``executor`` whose broker notes every settle command it sends; WAIT_S short."""
+    monkeypatch.setattr(consumer, "WAIT_S", 0.3)
+    broker = MeshBroker(settings)
+    sent: list[str] = []
+    settle = broker.settle
+
+    def noted(command: str, queue_name: str, *args: Any) -> Any:
+        sent.append(command)
+        return settle(command, queue_name, *args)
+
+    broker.settle = noted  # type: ignore[method-assign]
+    try:
+        yield broker.consume("executor", prefetch=8, timeout=100), sent  # type: ignore[misc]
+    finally:
+        broker.close()
+
+
+def test_a_consumer_that_emptied_its_queue_waits_for_a_token_and_then_fetches_at_once(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
+    consumer_, sent = counted
+    ref = client.send("executor", NOTE)
+    assert next(consumer_).args[0]["job_id"] == ref.id  # one fetch: fewer than it asked for, the queue is empty
+    client.redis.delete(client.keys.wake("executor"))  # that message's token: taken by nobody, it is stale
+    assert next(consumer_) is None  # a wait that ran out, and no fetch of the empty queue
+    assert sent.count("fetch") == 1
+    second = client.send("executor", NOTE)
+    assert next(consumer_).args[0]["job_id"] == second.id  # the token ends the wait; fetched in the same call
+    assert sent.count("fetch") == 2
+    # Its window too full to fetch (7 of 8 in hand), it leaves a new message's token to another consumer
+    client.send_many("executor", [(NOTE, None)] * 5)
+    assert [next(consumer_) is not None for _ in range(5)] == [True] * 5
+    client.redis.delete(client.keys.wake("executor"))
+    client.send("executor", NOTE)
+    assert next(consumer_) is None
+    assert client.redis.llen(client.keys.wake("executor")) == 1
+
+
+def test_a_message_pushed_without_a_token_is_fetched_after_one_wait(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
+    consumer_, _ = counted
+    client.send("executor", NOTE)
+    assert next(consumer_) is not None
+    client.redis.delete(client.keys.wake("executor"))
+    pipe = client.redis.pipeline(transaction=False)  # dramatiq's own two writes, no wake-up token
+    pipe.hset(client.keys.messages("executor"), "no-token", client.redis.hget(client.keys.messages("executor"),
+                                                                                 next(iter(consumer_.in_hand))))
+    pipe.rpush(client.keys.queue("executor"), "no-token")
+    pipe.execute()
+    found = wait_for(lambda: next(consumer_), timeout_s=5)
+    assert found.options["redis_message_id"] == "no-token"
