@@ -370,7 +370,11 @@ class MeshConsumer(_RedisConsumer):
         self.in_hand.add(proxy.options["redis_message_id"])
         return proxy
 
-    def _fetch(self) -> bool:
+    def _fetch(self, wait: bool = False) -> bool:
+        """Fetch (and claim) what the window has room for into ``pairs``; whether anything came.
+        ``wait``: first block for a wake-up token (up to WAIT_S), the fetch sent right behind the block
+        on the same connection, so Redis runs it the moment the block ends: the message that ends an
+        idle wait costs no round trip of its own."""
         if not self.reclaimed:
             # dramatiq never hands delay-queue messages to worker threads: a rebuilt delay-queue
             # consumer holds none of them, whatever the last one had.
@@ -391,7 +395,10 @@ class MeshConsumer(_RedisConsumer):
         idem = self.idempotency
         nonce = uuid.uuid4().hex[:12]
         claim = (nonce, idem.lease_ms, idem.ttl_s) if idem is not None else ()
-        flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted, "1" if beat else "0", *claim)
+        # A lease counts from before its request went out (with ``wait``, before the block: sooner).
+        args = (wanted, "1" if beat else "0", *claim)
+        flat: list[Any] = (self.broker.wait_then_fetch(self.queue_name, WAIT_S, *args)[1] if wait
+                           else self.broker.settle("fetch", self.queue_name, *args))
         if beat:
             self.last_beat = now
         self.pairs = []
@@ -428,18 +435,20 @@ class MeshConsumer(_RedisConsumer):
                 if proxy is not None:
                     self.misses = 0
                     return proxy
-                if self.drained and self._room():  # a full window fetches (and waits) below instead
-                    if waited:
-                        return None  # woken, and another consumer was first: dramatiq's loop goes round
-                    # Idle: the last fetch emptied the queue, and whatever was enqueued since pushed a
-                    # wake-up token. Block until one arrives, then fetch at once; after a second without
-                    # one, dramatiq's loop goes round (and the next fetch beats and recovers). Only with
-                    # room to fetch: a token taken must lead to a fetch, or its message waits for
-                    # another consumer's block to end.
-                    self.drained, waited = False, True
-                    if not self.broker.wait_for_work(self.queue_name, WAIT_S):
-                        return None
-                if self._fetch():
+                # Idle: the last fetch emptied the queue (``drained``), and whatever was enqueued since
+                # pushed a wake-up token. Block until one arrives, the fetch right behind the block;
+                # after WAIT_S without one the fetch runs all the same (it beats and recovers), and
+                # dramatiq's loop goes round. Only with room to fetch: a token taken must lead to a
+                # fetch, or its message waits for another consumer's block to end.
+                wait = self.drained and self._room() > 0
+                if wait and waited:
+                    return None  # woken, and another consumer was first: dramatiq's loop goes round
+                if wait and self.broker.stopping.is_set():
+                    self.broker.wait_for_work(self.queue_name, WAIT_S)  # a stopping worker fetches no more
+                    self.drained = False
+                    return None
+                waited = waited or wait
+                if self._fetch(wait=wait):
                     continue
                 if self.window_full:
                     # Every prefetched message is still being worked on: go on as soon as one
@@ -451,6 +460,8 @@ class MeshConsumer(_RedisConsumer):
                     self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
                     time.sleep(backoff_ms / 1000)
                     return None
+                if wait:
+                    return None  # nothing came within WAIT_S
                 # The fetch found nothing (``drained`` is set): the loop waits for a token.
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None

@@ -136,6 +136,25 @@ class MeshBroker(RedisBroker):
         keys = [self.keys.wake(queue_name), self.keys.stop(self.broker_id)]
         return self.client.blpop(keys, timeout=timeout_s) is not None
 
+    def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any]:
+        """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` sent right behind the
+        block in one pipeline: Redis runs the fetch the moment the block ends (a token, or ``timeout_s``
+        without one), with no round trip in between. Whether a token ended the block, and the fetch's
+        answer."""
+        script = self.scripts["settle"]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.blpop([self.keys.wake(queue_name), self.keys.stop(self.broker_id)], timeout=timeout_s)
+        pipe.evalsha(script.sha, 1, self.namespace, "fetch", self.clock(), queue_name, self.broker_id,
+                     self.heartbeat_timeout, *fetch)
+        woken, answer = pipe.execute(raise_on_error=False)
+        if isinstance(woken, Exception):
+            raise woken
+        if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: the fetch did not run
+            answer = self.settle("fetch", queue_name, *fetch)
+        elif isinstance(answer, Exception):
+            raise answer
+        return woken is not None, answer
+
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """dramatiq's hook dispatch, plus the broker's own part of a worker's boot and stop."""
         if signal == "worker_boot":

@@ -1,6 +1,6 @@
 """An idle consumer waits for work on its queue's wake-up tokens: once a fetch has emptied the
-queue it blocks for a token instead of fetching again, and a token is followed by a fetch at once,
-so the next message costs the wake-up and one fetch; a consumer with no room to fetch leaves the
+queue it blocks for a token instead of fetching again, with the fetch sent behind the block, so the
+message that ends the wait costs no round trip of its own; a consumer with no room to fetch leaves the
 tokens to the others. A message that comes without a token is still fetched after one wait
 (``consumer.WAIT_S``)."""
 
@@ -21,34 +21,39 @@ NOTE = {"tool": "note", "args": {"title": "t"}}
 
 @pytest.fixture
 def counted(settings: MeshSettings, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MeshConsumer, list[str]]]:
-    """A consumer of ``executor`` whose broker notes every settle command it sends; WAIT_S short."""
+    """A consumer of ``executor`` whose broker notes each request it makes of Redis for the consumer
+    (a settle command, or a wait with the fetch behind it); WAIT_S short."""
     monkeypatch.setattr(consumer, "WAIT_S", 0.3)
     broker = MeshBroker(settings)
     sent: list[str] = []
-    settle = broker.settle
+    settle, wait_then_fetch = broker.settle, broker.wait_then_fetch
 
     def noted(command: str, queue_name: str, *args: Any) -> Any:
         sent.append(command)
         return settle(command, queue_name, *args)
 
+    def noted_wait(queue_name: str, timeout_s: float, *args: Any) -> Any:
+        sent.append("wait+fetch")
+        return wait_then_fetch(queue_name, timeout_s, *args)
+
     broker.settle = noted  # type: ignore[method-assign]
+    broker.wait_then_fetch = noted_wait  # type: ignore[method-assign]
     try:
         yield broker.consume("executor", prefetch=8, timeout=100), sent  # type: ignore[misc]
     finally:
         broker.close()
 
 
-def test_a_consumer_that_emptied_its_queue_waits_for_a_token_and_then_fetches_at_once(
+def test_a_consumer_that_emptied_its_queue_waits_for_a_token_with_the_fetch_behind_it(
         client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
     consumer_, sent = counted
     ref = client.send("executor", NOTE)
-    assert next(consumer_).args[0]["job_id"] == ref.id  # one fetch: fewer than it asked for, the queue is empty
+    assert next(consumer_).args[0]["job_id"] == ref.id  # fewer than it asked for: the queue is empty
     client.redis.delete(client.keys.wake("executor"))  # that message's token: taken by nobody, it is stale
-    assert next(consumer_) is None  # a wait that ran out, and no fetch of the empty queue
-    assert sent.count("fetch") == 1
+    assert next(consumer_) is None  # a wait that ran out (its fetch found nothing), no fetch before it
     second = client.send("executor", NOTE)
-    assert next(consumer_).args[0]["job_id"] == second.id  # the token ends the wait; fetched in the same call
-    assert sent.count("fetch") == 2
+    assert next(consumer_).args[0]["job_id"] == second.id  # the token ends the wait, the fetch behind it runs
+    assert sent == ["reclaim", "fetch", "wait+fetch", "wait+fetch"]  # one request per look
     # Its window too full to fetch (7 of 8 in hand), it leaves a new message's token to another consumer
     client.send_many("executor", [(NOTE, None)] * 5)
     assert [next(consumer_) is not None for _ in range(5)] == [True] * 5
