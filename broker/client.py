@@ -262,8 +262,9 @@ class MeshClient:
         job's record: ``record.output(step)``): ``pipeline`` is a ``PipelineSpec`` or a name (the client's
         app's pipeline of that name, else the newest registered one). The spec is registered by name
         and digest as the newest (its JSON sent by the client's first run of that version only), the job
-        recorded with every step (queued, unsent) and the root steps sent, all in one transaction. A key already naming a run of the same pipeline and input returns that job;
-        with another input, KeyConflict. ``replace=False``: PipelineConflict (nothing sent, nothing
+        recorded with every step (queued, unsent) and the root steps sent, all in one transaction. A
+        key already naming a run of the same pipeline and input returns that job; with another input,
+        KeyConflict. ``replace=False``: PipelineConflict (nothing sent, nothing
         registered) when another version of the name is registered as the newest, checked in that
         same transaction."""
         data = input.model_dump(mode="json", by_alias=True) if isinstance(input, BaseModel) else input

@@ -138,21 +138,34 @@ class MeshBroker(RedisBroker):
 
     def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any]:
         """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` sent right behind the
-        block in one pipeline: Redis runs the fetch the moment the block ends (a token, or ``timeout_s``
-        without one), with no round trip in between. Whether a token ended the block, and the fetch's
-        answer."""
+        block on the same connection: Redis runs the fetch the moment the block ends (a token, or
+        ``timeout_s`` without one), with no round trip in between. Whether a token ended the block,
+        and the fetch's answer. Both commands go out as one write on a pooled connection (what a
+        pipeline would send, without its per-call work: the worker thread the last message was
+        handed to waits for this thread to block); a connection that fails is dropped, never re-sent
+        on (this client does not retry)."""
         script = self.scripts["settle"]
-        pipe = self.client.pipeline(transaction=False)
-        pipe.blpop([self.keys.wake(queue_name), self.keys.stop(self.broker_id)], timeout=timeout_s)
-        pipe.evalsha(script.sha, 1, self.namespace, "fetch", self.clock(), queue_name, self.broker_id,
-                     self.heartbeat_timeout, *fetch)
-        woken, answer = pipe.execute(raise_on_error=False)
-        if isinstance(woken, Exception):
-            raise woken
-        if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: the fetch did not run
+        commands = [("BLPOP", self.keys.wake(queue_name), self.keys.stop(self.broker_id), timeout_s),
+                    ("EVALSHA", script.sha, 1, self.namespace, "fetch", self.clock(), queue_name, self.broker_id,
+                     self.heartbeat_timeout, *fetch)]
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            woken = conn.read_response()
+            try:
+                answer = conn.read_response()
+            except redis.exceptions.NoScriptError:  # Redis restarted: the fetch did not run
+                answer = None
+        except redis.exceptions.ResponseError:
+            raise  # both replies were read: the connection is fine
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if answer is None:
             answer = self.settle("fetch", queue_name, *fetch)
-        elif isinstance(answer, Exception):
-            raise answer
         return woken is not None, answer
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:

