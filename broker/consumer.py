@@ -372,9 +372,9 @@ class MeshConsumer(_RedisConsumer):
 
     def _fetch(self, wait: bool = False) -> bool:
         """Fetch (and claim) what the window has room for into ``pairs``; whether anything came.
-        ``wait``: first block for a wake-up token (up to WAIT_S), the fetch sent right behind the block
-        on the same connection, so Redis runs it the moment the block ends: the message that ends an
-        idle wait costs no round trip of its own."""
+        ``wait``: first block for a wake-up token (up to WAIT_S), a fetch of one message sent right
+        behind the block on the same connection, so Redis runs it the moment the block ends: the
+        message that ends an idle wait costs no round trip of its own."""
         if not self.reclaimed:
             # dramatiq never hands delay-queue messages to worker threads: a rebuilt delay-queue
             # consumer holds none of them, whatever the last one had.
@@ -390,6 +390,10 @@ class MeshConsumer(_RedisConsumer):
         if self.window_full:
             self._beat()
             return False
+        if wait:
+            # One message behind a block: a worker paused while it waits (SIGSTOP, a VM pause) holds
+            # at most that one until it is reaped. A burst is fetched whole by the next look.
+            wanted = 1
         now = time.monotonic()
         beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
         idem = self.idempotency
@@ -397,13 +401,19 @@ class MeshConsumer(_RedisConsumer):
         claim = (nonce, idem.lease_ms, idem.ttl_s) if idem is not None else ()
         # A lease counts from before its request went out (with ``wait``, before the block: sooner).
         args = (wanted, "1" if beat else "0", *claim)
-        flat: list[Any] = (self.broker.wait_then_fetch(self.queue_name, WAIT_S, *args)[1] if wait
-                           else self.broker.settle("fetch", self.queue_name, *args))
+        flat: list[Any]
+        if wait:
+            _, flat, left = self.broker.wait_then_fetch(self.queue_name, WAIT_S, *args)
+        else:
+            flat, left = self.broker.settle("fetch", self.queue_name, *args), -1
         if beat:
             self.last_beat = now
         self.pairs = []
         step = 3 if claim else 2
-        self.drained = len(flat) // step < min(wanted, FETCH_MAX) and not self.queue_name.endswith(".DQ")
+        # Drained: the queue was empty when the fetch was made (it got fewer than it asked for; behind
+        # a block, the queue's length right after it says so).
+        self.drained = ((left == 0) if wait else len(flat) // step < min(wanted, FETCH_MAX)
+                        ) and not self.queue_name.endswith(".DQ")
         for i in range(0, len(flat), step):
             rid, data = flat[i].decode(), flat[i + 1]
             verdict: Any = flat[i + 2] if claim else 0
