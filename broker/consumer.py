@@ -372,8 +372,8 @@ class MeshConsumer(_RedisConsumer):
 
     def _fetch(self, wait: bool = False) -> bool:
         """Fetch (and claim) what the window has room for into ``pairs``; whether anything came.
-        ``wait``: first block for a wake-up token (up to WAIT_S), a fetch of one message sent right
-        behind the block on the same connection, so Redis runs it the moment the block ends: the
+        ``wait``: first block for a wake-up token (up to WAIT_S), a fetch of two messages at most sent
+        right behind the block on the same connection, so Redis runs it the moment the block ends: the
         message that ends an idle wait costs no round trip of its own."""
         if not self.reclaimed:
             # dramatiq never hands delay-queue messages to worker threads: a rebuilt delay-queue
@@ -391,9 +391,10 @@ class MeshConsumer(_RedisConsumer):
             self._beat()
             return False
         if wait:
-            # One message behind a block: a worker paused while it waits (SIGSTOP, a VM pause) holds
-            # at most that one until it is reaped. A burst is fetched whole by the next look.
-            wanted = 1
+            # Two messages at most behind a block: a worker paused while it waits (SIGSTOP, a VM pause)
+            # holds no more until it is reaped, and one that came alone (the usual wake-up) still shows
+            # the queue empty (fewer than asked for). A burst is fetched whole by the next look.
+            wanted = min(wanted, 2)
         now = time.monotonic()
         beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
         idem = self.idempotency
@@ -401,19 +402,13 @@ class MeshConsumer(_RedisConsumer):
         claim = (nonce, idem.lease_ms, idem.ttl_s) if idem is not None else ()
         # A lease counts from before its request went out (with ``wait``, before the block: sooner).
         args = (wanted, "1" if beat else "0", *claim)
-        flat: list[Any]
-        if wait:
-            _, flat, left = self.broker.wait_then_fetch(self.queue_name, WAIT_S, *args)
-        else:
-            flat, left = self.broker.settle("fetch", self.queue_name, *args), -1
+        flat: list[Any] = (self.broker.wait_then_fetch(self.queue_name, WAIT_S, *args)[1] if wait
+                           else self.broker.settle("fetch", self.queue_name, *args))
         if beat:
             self.last_beat = now
         self.pairs = []
         step = 3 if claim else 2
-        # Drained: the queue was empty when the fetch was made (it got fewer than it asked for; behind
-        # a block, the queue's length right after it says so).
-        self.drained = ((left == 0) if wait else len(flat) // step < min(wanted, FETCH_MAX)
-                        ) and not self.queue_name.endswith(".DQ")
+        self.drained = len(flat) // step < min(wanted, FETCH_MAX) and not self.queue_name.endswith(".DQ")
         for i in range(0, len(flat), step):
             rid, data = flat[i].decode(), flat[i + 1]
             verdict: Any = flat[i + 2] if claim else 0

@@ -136,19 +136,18 @@ class MeshBroker(RedisBroker):
         keys = [self.keys.wake(queue_name), self.keys.stop(self.broker_id)]
         return self.client.blpop(keys, timeout=timeout_s) is not None
 
-    def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any, int]:
+    def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any]:
         """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` sent right behind the
         block on the same connection: Redis runs the fetch the moment the block ends (a token, or
         ``timeout_s`` without one), with no round trip in between. Whether a token ended the block,
-        the fetch's answer, and how many messages the queue held after it. The commands go out as one
-        write on a pooled connection (what a pipeline would send, without its per-call work: the
-        worker thread the last message was handed to waits for this thread to block); a connection
-        that fails is dropped, never re-sent on (this client does not retry)."""
+        and the fetch's answer. Both commands go out as one write on a pooled connection (what a
+        pipeline would send, without its per-call work: the worker thread the last message was
+        handed to waits for this thread to block); a connection that fails is dropped, never
+        re-sent on (this client does not retry)."""
         script = self.scripts["settle"]
         commands = [("BLPOP", self.keys.wake(queue_name), self.keys.stop(self.broker_id), timeout_s),
                     ("EVALSHA", script.sha, 1, self.namespace, "fetch", self.clock(), queue_name, self.broker_id,
-                     self.heartbeat_timeout, *fetch),
-                    ("LLEN", self.keys.queue(queue_name))]
+                     self.heartbeat_timeout, *fetch)]
         pool = self.client.connection_pool
         conn = pool.get_connection()
         replies: list[Any] = []
@@ -164,15 +163,14 @@ class MeshBroker(RedisBroker):
             raise
         finally:
             pool.release(conn)
-        woken, answer, left = replies
-        for reply in (woken, left):
-            if isinstance(reply, Exception):
-                raise reply
+        woken, answer = replies
+        if isinstance(woken, Exception):
+            raise woken
         if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: the fetch did not run
             answer = self.settle("fetch", queue_name, *fetch)
         elif isinstance(answer, Exception):
             raise answer
-        return woken is not None, answer, int(left)
+        return woken is not None, answer
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """dramatiq's hook dispatch, plus the broker's own part of a worker's boot and stop."""

@@ -35,9 +35,9 @@ def test_stopping_an_idle_worker_wakes_its_consumer_instead_of_waiting_out_its_b
     def wait_then_fetch(self: MeshBroker, queue_name: str, timeout_s: float, *fetch: Any) -> Any:
         before = not stop_began.is_set()
         blocking.set()
-        woken, answer, left = real_wait_then_fetch(self, queue_name, timeout_s, *fetch)
+        woken, answer = real_wait_then_fetch(self, queue_name, timeout_s, *fetch)
         waits.append((before, woken))
-        return woken, answer, left
+        return woken, answer
 
     monkeypatch.setattr(MeshBroker, "wait_for_work", wait_for_work)
     monkeypatch.setattr(MeshBroker, "wait_then_fetch", wait_then_fetch)
