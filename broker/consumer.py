@@ -466,7 +466,7 @@ class MeshConsumer(_RedisConsumer):
                     time.sleep(backoff_ms / 1000)
                     return None
                 if wait:
-                    return None  # nothing came within WAIT_S
+                    return None  # nothing came within WAIT_S (or another consumer was first)
                 # The fetch found nothing (``drained`` is set): the loop waits for a token.
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None
