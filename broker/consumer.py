@@ -372,9 +372,7 @@ class MeshConsumer(_RedisConsumer):
 
     def _fetch(self, wait: bool = False) -> bool:
         """Fetch (and claim) what the window has room for into ``pairs``; whether anything came.
-        ``wait``: first block for a wake-up token (up to WAIT_S), a fetch of two messages at most sent
-        right behind the block on the same connection, so Redis runs it the moment the block ends: the
-        message that ends an idle wait costs no round trip of its own."""
+        ``wait``: first block for a wake-up token (up to WAIT_S), then fetch at once."""
         if not self.reclaimed:
             # dramatiq never hands delay-queue messages to worker threads: a rebuilt delay-queue
             # consumer holds none of them, whatever the last one had.
@@ -390,11 +388,6 @@ class MeshConsumer(_RedisConsumer):
         if self.window_full:
             self._beat()
             return False
-        if wait:
-            # Two messages at most behind a block: a worker paused while it waits (SIGSTOP, a VM pause)
-            # holds no more until it is reaped, and one that came alone (the usual wake-up) still shows
-            # the queue empty (fewer than asked for). A burst is fetched whole by the next look.
-            wanted = min(wanted, 2)
         now = time.monotonic()
         beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
         idem = self.idempotency
@@ -441,9 +434,9 @@ class MeshConsumer(_RedisConsumer):
                     self.misses = 0
                     return proxy
                 # Idle: the last fetch emptied the queue (``drained``), and whatever was enqueued since
-                # pushed a wake-up token. Block until one arrives, the fetch right behind the block;
-                # after WAIT_S without one the fetch runs all the same (it beats and recovers), and
-                # dramatiq's loop goes round. Only with room to fetch: a token taken must lead to a
+                # pushed a wake-up token. Block until one arrives, then fetch at once; after WAIT_S
+                # without one the fetch runs all the same (it beats and recovers), and dramatiq's loop
+                # goes round. Only with room to fetch: a token taken must lead to a
                 # fetch, or its message waits for another consumer's block to end.
                 wait = self.drained and self._room() > 0
                 if wait and waited:

@@ -137,40 +137,12 @@ class MeshBroker(RedisBroker):
         return self.client.blpop(keys, timeout=timeout_s) is not None
 
     def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any]:
-        """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` sent right behind the
-        block on the same connection: Redis runs the fetch the moment the block ends (a token, or
-        ``timeout_s`` without one), with no round trip in between. Whether a token ended the block,
-        and the fetch's answer. Both commands go out as one write on a pooled connection (what a
-        pipeline would send, without its per-call work: the worker thread the last message was
-        handed to waits for this thread to block); a connection that fails is dropped, never
-        re-sent on (this client does not retry)."""
-        script = self.scripts["settle"]
-        commands = [("BLPOP", self.keys.wake(queue_name), self.keys.stop(self.broker_id), timeout_s),
-                    ("EVALSHA", script.sha, 1, self.namespace, "fetch", self.clock(), queue_name, self.broker_id,
-                     self.heartbeat_timeout, *fetch)]
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-        replies: list[Any] = []
-        try:
-            conn.send_packed_command(conn.pack_commands(commands))
-            for _ in commands:  # every reply read, errors too, so the connection goes back clean
-                try:
-                    replies.append(conn.read_response())
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-        woken, answer = replies
-        if isinstance(woken, Exception):
-            raise woken
-        if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: the fetch did not run
-            answer = self.settle("fetch", queue_name, *fetch)
-        elif isinstance(answer, Exception):
-            raise answer
-        return woken is not None, answer
+        """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` at once, whether a token
+        ended the block or ``timeout_s`` did: whether a token ended it, and the fetch's answer. (The
+        fetch is not sent behind the block on the same connection: a fetch Redis ran for a block whose
+        connection was cut before its answer came back leaves its messages claimed by an owner that
+        never runs them.)"""
+        return self.wait_for_work(queue_name, timeout_s), self.settle("fetch", queue_name, *fetch)
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """dramatiq's hook dispatch, plus the broker's own part of a worker's boot and stop."""

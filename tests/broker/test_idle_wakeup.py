@@ -1,8 +1,7 @@
 """An idle consumer waits for work on its queue's wake-up tokens: once a fetch has emptied the
-queue it blocks for a token instead of fetching again, with the fetch sent behind the block, so the
-message that ends the wait costs no round trip of its own; a consumer with no room to fetch leaves the
-tokens to the others. A message that comes without a token is still fetched after one wait
-(``consumer.WAIT_S``)."""
+queue it blocks for a token instead of fetching again, and fetches as soon as the block ends; a
+consumer with no room to fetch leaves the tokens to the others. A message that comes without a
+token is still fetched after one wait (``consumer.WAIT_S``)."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ NOTE = {"tool": "note", "args": {"title": "t"}}
 @pytest.fixture
 def counted(settings: MeshSettings, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MeshConsumer, list[str]]]:
     """A consumer of ``executor`` whose broker notes each request it makes of Redis for the consumer
-    (a settle command, or a wait with the fetch behind it); WAIT_S short."""
+    (a settle command, or a wait and the fetch that follows it); WAIT_S short."""
     monkeypatch.setattr(consumer, "WAIT_S", 0.3)
     broker = MeshBroker(settings)
     sent: list[str] = []
@@ -46,23 +45,21 @@ def counted(settings: MeshSettings, monkeypatch: pytest.MonkeyPatch) -> Iterator
         broker.close()
 
 
-def test_a_consumer_that_emptied_its_queue_waits_for_a_token_with_the_fetch_behind_it(
+def test_a_consumer_that_emptied_its_queue_waits_for_a_token_and_then_fetches_at_once(
         client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
     consumer_, sent = counted
     ref = client.send("executor", NOTE)
     assert next(consumer_).args[0]["job_id"] == ref.id  # fewer than it asked for: the queue is empty
     client.redis.delete(client.keys.wake("executor"))  # that message's token: taken by nobody, it is stale
-    assert next(consumer_) is None  # a wait that ran out (its fetch found nothing), no fetch before it
+    assert next(consumer_) is None  # a wait that ran out (the fetch after it found nothing), no fetch before it
     second = client.send("executor", NOTE)
-    assert next(consumer_).args[0]["job_id"] == second.id  # the token ends the wait, the fetch behind it runs
-    assert sent == ["reclaim", "fetch", "wait+fetch", "wait+fetch"]  # one request per look
+    assert next(consumer_).args[0]["job_id"] == second.id  # the token ends the wait, the fetch follows at once
+    # no fetch of the empty queue before a wait: each wait, then the fetch it leads to
+    assert sent == ["reclaim", "fetch", "wait+fetch", "fetch", "wait+fetch", "fetch"]
     # Its window too full to fetch (7 of 8 in hand), it leaves a new message's token to another consumer
     client.send_many("executor", [(NOTE, None)] * 5)
-    assert next(consumer_) is not None
-    # behind the block, two messages at most: a worker paused while it waits holds no more than that
-    assert client.redis.llen(client.keys.queue("executor")) == 3
-    assert [next(consumer_) is not None for _ in range(4)] == [True] * 4  # the rest: one fetch
-    assert sent[4:] == ["wait+fetch", "fetch"]
+    assert [next(consumer_) is not None for _ in range(5)] == [True] * 5
+    assert sent[6:] == ["wait+fetch", "fetch"]  # the five in the fetch that follows the wake-up
     client.redis.delete(client.keys.wake("executor"))
     client.send("executor", NOTE)
     assert next(consumer_) is None

@@ -30,17 +30,7 @@ def test_stopping_an_idle_worker_wakes_its_consumer_instead_of_waiting_out_its_b
         waits.append((before, woken))
         return woken
 
-    real_wait_then_fetch = MeshBroker.wait_then_fetch
-
-    def wait_then_fetch(self: MeshBroker, queue_name: str, timeout_s: float, *fetch: Any) -> Any:
-        before = not stop_began.is_set()
-        blocking.set()
-        woken, answer = real_wait_then_fetch(self, queue_name, timeout_s, *fetch)
-        waits.append((before, woken))
-        return woken, answer
-
     monkeypatch.setattr(MeshBroker, "wait_for_work", wait_for_work)
-    monkeypatch.setattr(MeshBroker, "wait_then_fetch", wait_then_fetch)
     worker = start_worker(settings, ["planner"], 1)
     try:
         wait_for(blocking.is_set)  # the consumer found its queue empty and blocks on Redis
