@@ -139,9 +139,9 @@ class MeshBroker(RedisBroker):
     def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any]:
         """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` at once, whether a token
         ended the block or ``timeout_s`` did: whether a token ended it, and the fetch's answer. (The
-        fetch is not sent behind the block on the same connection: a fetch Redis ran for a block whose
-        connection was cut before its answer came back leaves its messages claimed by an owner that
-        never runs them.)"""
+        fetch is not queued behind the block on the same connection: Redis would run it whenever the
+        block ends, also on a connection being cut, and what it took, messages and claims, would never
+        reach this worker.)"""
         return self.wait_for_work(queue_name, timeout_s), self.settle("fetch", queue_name, *fetch)
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
