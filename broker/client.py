@@ -216,6 +216,9 @@ class MeshClient:
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self._enqueue = register(self.redis)
+        #: Pipeline versions (name, digest) this client has stored: a later run of one only makes it
+        #: the newest again (one HSET), without sending the spec.
+        self._registered: set[tuple[str, str]] = set()
         #: Deadlines are set on the Redis server's clock, where workers check them.
         self.clock = ServerClock(self.redis)
 
@@ -284,9 +287,10 @@ class MeshClient:
         """Run a declared pipeline on ``input`` (a model or a dict; its ``result()`` is the succeeded
         job's record: ``record.output(step)``): ``pipeline`` is a ``PipelineSpec`` or a name (the client's
         app's pipeline of that name, else the newest registered one). The spec is registered by name
-        and digest, the job recorded with every step (queued, unsent) and the root steps sent, all in
-        one transaction. A key already naming a run of the same pipeline and input returns that job;
-        with another input, KeyConflict. ``replace=False``: PipelineConflict (nothing sent, nothing
+        and digest as the newest (its JSON sent by the client's first run of that version only), the job
+        recorded with every step (queued, unsent) and the root steps sent, all in one transaction. A
+        key already naming a run of the same pipeline and input returns that job; with another input,
+        KeyConflict. ``replace=False``: PipelineConflict (nothing sent, nothing
         registered) when another version of the name is registered as the newest, checked in that
         same transaction. ``priority``: the job's steps' place in their agents' queues (``high``,
         ``normal``, ``low``), for every step that does not declare its own."""
@@ -343,6 +347,7 @@ class MeshClient:
             limit = getattr(self.settings, named.group().removeprefix("MESH_").lower(), -1)
             raise LimitExceeded(why, setting=named.group(), limit=limit if isinstance(limit, int) else -1, size=-1)
         encoded = [self._encode(m) for m in messages]
+        digest = spec.digest()
         while True:
             with transaction(self.redis, self.settings) as pipe:
                 try:
@@ -350,10 +355,13 @@ class MeshClient:
                     existing = pipe.get(self.keys.job(ref.id))
                     _refuse_conflicts([record], [existing])
                     latest: Any = None if replace else pipe.hget(self.keys.pipeline(spec.name), LATEST)
-                    if latest is not None and latest.decode() != spec.digest():
-                        raise PipelineConflict(spec.name, latest.decode(), spec.digest())
+                    if latest is not None and latest.decode() != digest:
+                        raise PipelineConflict(spec.name, latest.decode(), digest)
                     pipe.multi()
-                    stage_register(pipe, self.keys, spec.name, spec.digest(), spec.canonical())
+                    if (spec.name, digest) in self._registered:  # stored by this client's first run of it
+                        pipe.hset(self.keys.pipeline(spec.name), LATEST, digest)
+                    else:
+                        stage_register(pipe, self.keys, spec.name, digest, spec.canonical())
                     if existing is None:  # a re-sent run of the same key and input is that job
                         self.jobs.stage_create(pipe, record)
                         for message in messages:
@@ -363,6 +371,7 @@ class MeshClient:
                             trace.stage(pipe, self.keys, ev)
                         stage_all(pipe, self.keys, messages, encoded)
                     pipe.execute()
+                    self._registered.add((spec.name, digest))
                     replicated(pipe, [ref])
                     return ref
                 except redis.WatchError:

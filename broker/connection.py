@@ -300,3 +300,38 @@ def replicated(pipe: redis.client.Pipeline, refs: list[Any]) -> None:
     """NotReplicated when ``pipe`` (from :func:`transaction`) WAITed and fewer replicas confirmed."""
     if isinstance(pipe, ReplicatedTransaction) and pipe.acked < pipe.replicas:
         raise NotReplicated(pipe.acked, pipe.replicas, pipe.timeout_ms, refs)
+
+
+def run_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
+    """Call ``script`` (a redis-py ``Script``) on the client it was registered on, as ``script(keys=...,
+    args=...)`` does, in half the client's time: EVALSHA sent on a pooled connection of that client and
+    its reply read, without redis-py's per-call wrapping. Everything else goes redis-py's own way: a
+    script Redis does not hold (loaded, and called again), and a lost connection (dropped, then retried
+    only when the client retries: the queue client never re-sends a fetch or a settlement)."""
+    client = script.registered_client
+    command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+    if client.connection is None:  # a pooled client (a single-connection one is called the usual way)
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command(*command)
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:
+            pass  # loaded below
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            conn.disconnect()
+            retry = client.get_retry()
+            if retry is None or retry.get_retries() <= 0:
+                raise
+        except redis.exceptions.ResponseError:
+            raise  # the script's own error: the connection is fine
+        except BaseException:  # raised into this thread mid-call: what is on the wire is unknown
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+    try:
+        return client.execute_command(*command)
+    except redis.exceptions.NoScriptError:
+        script.sha = client.script_load(script.script)
+        return client.evalsha(script.sha, len(keys), *keys, *args)

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 #: How long an idle consumer blocks waiting for work before it looks again (s).
 WAIT_S = 1.0
 
+#: The most messages one fetch takes (settle.lua's FETCH_MAX).
+FETCH_MAX = 1000
+
 #: Times a settlement re-reads a job record that another writer changed meanwhile.
 CONFLICT_RETRIES = 50
 
@@ -82,6 +85,9 @@ class MeshConsumer(_RedisConsumer):
         #: Set by every settlement: a consumer whose prefetch window is full waits on it, not on a timer.
         self.settled = threading.Event()
         self.window_full = False
+        #: The last fetch emptied the queue (it got fewer messages than it asked for): anything enqueued
+        #: since pushed a wake-up token, so the next look is a blocking wait, not another fetch.
+        self.drained = False
 
     @property
     def outstanding_message_count(self) -> int:
@@ -380,7 +386,9 @@ class MeshConsumer(_RedisConsumer):
         self.in_hand.add(proxy.options["redis_message_id"])
         return proxy
 
-    def _fetch(self) -> bool:
+    def _fetch(self, wait: bool = False) -> bool:
+        """Fetch (and claim) what the window has room for into ``pairs``; whether anything came.
+        ``wait``: first block for a wake-up token (up to WAIT_S), then fetch at once."""
         if not self.reclaimed:
             # dramatiq never hands delay-queue messages to worker threads: a rebuilt delay-queue
             # consumer holds none of them, whatever the last one had.
@@ -391,9 +399,8 @@ class MeshConsumer(_RedisConsumer):
                 logger.warning("messages left behind by a lost connection put back",
                                extra={"queue": self.queue_name, "count": n})
         self.settled.clear()
-        outstanding = self.outstanding_message_count
-        wanted = self.prefetch - outstanding
-        self.window_full = wanted < (self.low_water if outstanding else 1)
+        wanted = self._room()
+        self.window_full = not wanted
         if self.window_full:
             self._beat()
             return False
@@ -404,11 +411,15 @@ class MeshConsumer(_RedisConsumer):
         # An agent's queue has each claimed message's job record read with it: its pick-up reads nothing.
         records = idem is not None and self.queue_name in self.broker.record_queues
         claim = (nonce, idem.lease_ms, idem.ttl_s, "1" if records else "0") if idem is not None else ()
-        flat: list[Any] = self.broker.settle("fetch", self.queue_name, wanted, "1" if beat else "0", *claim)
+        # A lease counts from before its request went out (with ``wait``, before the block: sooner).
+        args = (wanted, "1" if beat else "0", *claim)
+        flat: list[Any] = (self.broker.wait_then_fetch(self.queue_name, WAIT_S, *args)[1] if wait
+                           else self.broker.settle("fetch", self.queue_name, *args))
         if beat:
             self.last_beat = now
         self.pairs = []
         step = 3 if claim else 2
+        self.drained = len(flat) // step < min(wanted, FETCH_MAX) and not self.queue_name.endswith(".DQ")
         for i in range(0, len(flat), step):
             rid, data = flat[i].decode(), flat[i + 1]
             verdict: Any = flat[i + 2] if claim else 0
@@ -421,6 +432,12 @@ class MeshConsumer(_RedisConsumer):
                 self.pairs.append(proxy)
         return bool(self.pairs)
 
+    def _room(self) -> int:
+        """How many messages a fetch would ask for now; 0 while the window is too full to fetch."""
+        outstanding = self.outstanding_message_count
+        wanted = self.prefetch - outstanding
+        return wanted if wanted >= (self.low_water if outstanding else 1) else 0
+
     def _beat(self) -> None:
         # Busy consumers do not fetch; without this a long handler would look like a dead worker.
         if time.monotonic() - self.last_beat >= self.broker.heartbeat_timeout / 4000:
@@ -429,25 +446,40 @@ class MeshConsumer(_RedisConsumer):
 
     def __next__(self) -> MessageProxy | None:
         try:
+            waited = False
             while True:
                 proxy = self._next_message()
                 if proxy is not None:
                     self.misses = 0
                     return proxy
-                if not self._fetch():
-                    if self.window_full:
-                        # Every prefetched message is still being worked on: go on as soon as one
-                        # settles (dramatiq sleeps with backoff here, as if the queue were empty).
-                        self.settled.wait(self.timeout / 1000)
-                    elif self.queue_name.endswith(".DQ"):
-                        # dramatiq checks delayed messages' due times between polls: keep polling.
-                        self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
-                        time.sleep(backoff_ms / 1000)
-                    else:
-                        # Idle: block until an enqueue pushes a wake-up token (or a second passes, so
-                        # heartbeats, recovery and shutdown go on), instead of polling with backoff.
-                        self.broker.wait_for_work(self.queue_name, WAIT_S)
+                # Idle: the last fetch emptied the queue (``drained``), and whatever was enqueued since
+                # pushed a wake-up token. Block until one arrives, then fetch at once; after WAIT_S
+                # without one the fetch runs all the same (it beats and recovers), and dramatiq's loop
+                # goes round. Only with room to fetch: a token taken must lead to a
+                # fetch, or its message waits for another consumer's block to end.
+                wait = self.drained and self._room() > 0
+                if wait and waited:
+                    return None  # woken, and another consumer was first: dramatiq's loop goes round
+                if wait and self.broker.stopping.is_set():
+                    self.broker.wait_for_work(self.queue_name, WAIT_S)  # a stopping worker fetches no more
+                    self.drained = False
                     return None
+                waited = waited or wait
+                if self._fetch(wait=wait):
+                    continue
+                if self.window_full:
+                    # Every prefetched message is still being worked on: go on as soon as one
+                    # settles (dramatiq sleeps with backoff here, as if the queue were empty).
+                    self.settled.wait(self.timeout / 1000)
+                    return None
+                if self.queue_name.endswith(".DQ"):
+                    # dramatiq checks delayed messages' due times between polls: keep polling.
+                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                    time.sleep(backoff_ms / 1000)
+                    return None
+                if wait:
+                    return None  # nothing came within WAIT_S (or another consumer was first)
+                # The fetch found nothing (``drained`` is set): the loop waits for a token.
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None
 

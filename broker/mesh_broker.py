@@ -23,7 +23,7 @@ from mesh.contracts.deadletter import Attempt, DeadLetter
 from . import compat, lanes
 from .claims import script_source
 from .clock import DelayClock, ServerClock
-from .connection import connect
+from .connection import connect, run_script
 from .consumer import MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
@@ -120,7 +120,7 @@ class MeshBroker(RedisBroker):
         dispatch, keys = self.scripts["dispatch"], [self.namespace]
 
         def do_dispatch(queue_name: str, *args: Any) -> Any:
-            return dispatch(keys=keys, args=[
+            return run_script(dispatch, keys, [
                 command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, self.dead_message_ttl,
                 self._should_do_maintenance(command), self._max_unpack_size(), *args])
 
@@ -134,6 +134,14 @@ class MeshBroker(RedisBroker):
             timeout_s = min(timeout_s, STOPPING_WAIT_S)
         keys = [self.keys.wake(queue_name), self.keys.stop(self.broker_id)]
         return self.client.blpop(keys, timeout=timeout_s) is not None
+
+    def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any]:
+        """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` at once, whether a token
+        ended the block or ``timeout_s`` did: whether a token ended it, and the fetch's answer. (The
+        fetch is not queued behind the block on the same connection: Redis would run it whenever the
+        block ends, also on a connection being cut, and what it took, messages and claims, would never
+        reach this worker.)"""
+        return self.wait_for_work(queue_name, timeout_s), self.settle("fetch", queue_name, *fetch)
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """dramatiq's hook dispatch, plus the broker's own part of a worker's boot and stop."""
@@ -173,10 +181,8 @@ class MeshBroker(RedisBroker):
 
     def settle(self, command: str, queue_name: str, *args: Any) -> Any:
         """Run one command of ``settle.lua`` for this worker on ``queue_name``."""
-        return self.scripts["settle"](
-            keys=[self.namespace],
-            args=[command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, *args],
-        )
+        return run_script(self.scripts["settle"], [self.namespace],
+                          [command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, *args])
 
     def dead_letter_entry(
         self, message: Message, failure_class: str, error: str, traceback: str | None, *,

