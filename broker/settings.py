@@ -184,7 +184,8 @@ class MeshSettings(BaseSettings):
     event_keep: int = Field(default=1000, ge=1, le=1_000_000, description="most events kept per event name (and "
                             "per job, for signals) within MESH_EVENT_WINDOW_S; the oldest go first")
     worker_threads: int = Field(default=4, ge=1, le=256, description="threads per worker process")
-    prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads")
+    prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads (1 x threads "
+                                                       "on the queue of an agent whose limits are keyed by tenant)")
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces URL (e.g. http://collector:4318"
                                       "/v1/traces) a declared pipeline with tracing.provider set exports its step "
                                       "spans to; needs the otlp extra. Unset: nothing is exported")

@@ -42,7 +42,7 @@ def test_a_tenants_single_job_starts_before_another_tenants_burst_of_10000_moves
         settings, rclient, worker_process, prefetch):
     client = MeshClient(settings, client=rclient, app=app)
     worker_process(*APP, "--threads", str(THREADS), MESH_PREFETCH=str(prefetch))
-    held = prefetch or 2 * THREADS  # MESH_PREFETCH, 0: twice the threads
+    held = prefetch or THREADS  # MESH_PREFETCH; 0: one per thread on a queue of tenants (ops/worker.py)
     burst = client.send_many("work", [({"n": i, "tenant": "A", "ms": 100}, None) for i in range(10_000)])
     wait_for(lambda: client.queues([Q])[Q]["in_flight"] >= THREADS, timeout_s=30)
     sent_at = time.time()
@@ -162,3 +162,24 @@ def test_cut_connections_leave_every_message_in_its_own_lane_and_lose_none(make_
     finally:
         admin.close()
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_queue_of_tenants_is_prefetched_one_message_per_thread_and_others_twice(make_settings):
+    """What a worker holds runs before another tenant's job the fetch would hand out next: on a queue
+    of tenants it holds one message per thread (MESH_PREFETCH unset), elsewhere dramatiq's two."""
+    from mesh import App
+    from mesh.ops.worker import start_worker
+    from tests.apps.lanes import work
+
+    both = App("both")
+    both.agent(name="keyed", concurrency={"max": 10, "key": "input.tenant"})(work.fn)
+    both.agent(name="plain")(work.fn)
+    for prefetch, expected in ((0, {"keyed": 3, "plain": 6}), (5, {"keyed": 5, "plain": 5})):
+        worker = start_worker(make_settings(prefetch=prefetch), None, 3, both)
+        try:
+            held = {name: worker.consumers[both.agents[name].queue].prefetch for name in ("keyed", "plain")}
+        finally:
+            worker.stop(timeout=10_000)
+            worker.broker.close()
+        assert held == expected, (prefetch, held)
