@@ -98,7 +98,7 @@ def test_no_message_of_any_priority_or_tenant_is_lost_when_a_worker_is_killed_or
 @pytest.mark.slow
 def test_a_worker_stopping_gracefully_puts_what_it_holds_back_in_its_lanes(settings, rclient, worker_process):
     client = MeshClient(settings, client=rclient, app=app)
-    worker = worker_process(*APP, "--threads", "1")
+    worker = worker_process(*APP, "--threads", "1", MESH_PREFETCH="2")
     refs = []
     for level, tenant in (("low", "L"), ("high", "H"), ("normal", "N")):
         refs += client.send_many("work", [({"n": i, "tenant": tenant, "ms": 400}, None) for i in range(4)],
