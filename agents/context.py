@@ -301,8 +301,6 @@ class Context:
         says so), or LeaseLost: the new owner carries the work, this attempt acts no more. A refusal
         is traced with the refused token."""
         try:
-            if self.lease.pickup is not None:  # a call is made by a step the record says is running
-                self.lease.pickup.flush()
             self.runtime.fence.confirm(self.lease, effect=effect)
         except LeaseLost:
             self.runtime.fenced(self.env, call, self.lease.token)

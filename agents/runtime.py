@@ -27,7 +27,7 @@ from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
-from mesh.broker.step_write import StepWrites, Written
+from mesh.broker.step_write import StepWrites
 from mesh.contracts import (
     TERMINAL,
     ConfigError,
@@ -43,7 +43,6 @@ from mesh.contracts import (
     Plan,
     State,
     dumps,
-    loads,
 )
 from mesh.contracts.jobs import UNDO_CALLS, is_compensation
 from mesh.contracts.messages import validate_model, validate_output_model
@@ -53,7 +52,6 @@ from .async_context import run_handler
 from .context import Context
 from .effects import with_effect
 from .event_loop import EventLoops
-from .pickup import PickUp, PickUps
 from .pipelines import PipelineSpec, approvals, progress
 from .pipelines.engine import Routes, after_loss, load_spec, retention_s, traced
 from .pipelines.export import SpanExport
@@ -91,7 +89,6 @@ class AgentRuntime:
                              self.settings.dead_letter_job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self.steps = StepWrites(self.redis, self.jobs, self.settings.dedup_ttl_s)
-        self.pickups = PickUps()
         self.fence = Fence(self.settings, self.redis)
         self.clock = ServerClock(self.redis)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
@@ -153,36 +150,15 @@ class AgentRuntime:
             parked = approvals.recheck(self.flow(record), record, env, events)
             if parked is not None:  # not the call a person approved: asked (again), not run
                 return parked, []
-            return progress.start(env, lease.token, events=events)(record)
+            return progress.start(env, lease.token)(record)
 
-        read, lease.record = lease.record, None
-        written: Written | None = None
-        pickup: PickUp | None = None
-        checked: Any = None
-        # Only on a fresh read: a cancel landing while the message waited in the worker's buffer
-        # (longer than the bound) is seen by the pick-up's write, as before any handler runs.
-        fresh = time.monotonic() - lease.read_at <= self.pickups.after_s
-        decided = self._decided(env, lease.token, read if fresh else None, start, events)
-        if decided is not None:
-            # Picked up on the record its fetch read with the claim: written with the success if the
-            # handler ends within the bound, else by then (mesh.agents.pickup).
-            checked = progress.start(env, lease.token, checked=True, at=time.time())
-            fetched = read
-
-            def write_pickup() -> Written:
-                return self.steps.write(env.job_id, checked, fence=lease, also=picked_up, events=[picked],
-                                        read=fetched)
-
-            record = decided
-            pickup = lease.pickup = PickUp(write_pickup)
-            self.pickups.defer(pickup)
-        else:
-            try:
-                # The success is computed from what this write leaves: the record is read and validated once.
-                written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events, read=read)
-            except JobNotFound:
-                raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
-            record = written.record
+        try:
+            # The success is computed from what this write leaves: the record is read and validated once.
+            read, lease.record = lease.record, None
+            written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events, read=read)
+        except JobNotFound:
+            raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
+        record = written.record
         step = record.steps[env.step_id]
         if step.state is State.AWAITING_APPROVAL:
             lease.result, lease.done = None, False  # the key stays free for the approved call
@@ -207,44 +183,6 @@ class AgentRuntime:
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
-        try:
-            self._run(spec, env, lease, flow, undo, payload, envelope, member, written, pickup, picked, read, checked)
-        except BaseException:
-            if pickup is not None and not lease.settled:
-                # A failure is recorded on a step its record says is running (its attempt, its token).
-                pickup.unfold()
-                try:
-                    pickup.flush()
-                except Exception as exc:  # LeaseLost: the failure is fenced too; else it is retried
-                    logger.warning("could not write a failed step's pick-up", extra={"job_id": env.job_id,
-                                                                                    "error": str(exc)})
-            raise
-
-    def _decided(self, env: Envelope, token: int, read: bytes | None, start: Any,
-                 events: list[dict[str, Any]]) -> JobRecord | None:
-        """The record as the pick-up leaves it, when the fetch's record says the step runs now and its
-        write can wait (:mod:`mesh.agents.pickup`); None: written now (not run, parked, a duplicate,
-        the record not read or not this job's)."""
-        if read is None or self.pickups.after_s <= 0:
-            return None
-        try:
-            before = JobRecord.model_validate(loads(read))
-        except (ValueError, ValidationError):
-            return None
-        if before.job_id != env.job_id:
-            return None
-        record, messages = start(before)
-        step = record.steps.get(env.step_id)
-        if (record is before or messages or len(events) != 1 or step is None or step.state is not State.RUNNING
-                or step.token != token):
-            return None
-        return typing.cast(JobRecord, record)
-
-    def _run(self, spec: AgentSpec, env: Envelope, lease: Any, flow: PipelineSpec | None, undo: Any, payload: Any,
-             envelope: dict[str, Any], member: str, written: Written | None, pickup: PickUp | None,
-             picked: dict[str, Any], read: bytes | None, checked: Any) -> None:
-        """Run the picked-up step's handler and record its success."""
-        agent = spec.name
         if lease.shared and lease.recorded_output is None:
             # The key's effect happened, but its output is kept nowhere any more: never run it again.
             raise PermanentFailure(lease.output_gone or f"key {env.key} is done but its output is not kept")
@@ -263,8 +201,6 @@ class AgentRuntime:
                 else:
                     result = spec.handler(ctx, payload)
             except CallNeedsApproval as asked:  # a destructive call of its tool loop: parked, not failed
-                if pickup is not None:
-                    pickup.flush()
                 self._park_call(flow, env, lease, asked, member)
                 return
             effect = ctx.effect()
@@ -276,13 +212,8 @@ class AgentRuntime:
         self._check_limits(agent, output)
         duration = time.monotonic() - lease.started
 
-        # A pick-up not written yet goes with the success: one write, its event first.
-        folded = pickup is not None and pickup.fold() is None
-        known = written if pickup is None or folded else pickup.written
-
         def succeeded(pipe: Any, record: JobRecord) -> None:
-            if not folded:  # else never in the running index
-                pipe.zrem(self.keys.running, member)
+            pipe.zrem(self.keys.running, member)
             if lease.shared:  # nothing ran: the output is another job's, under the same key
                 count_outcome(pipe, self.keys, agent, "duplicate")
                 return
@@ -291,8 +222,7 @@ class AgentRuntime:
 
         shared = {"shared": True} if lease.shared else {}
         dumped = output.model_dump(mode="json", by_alias=True)
-        events = [*([picked] if folded else []),
-                  trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
+        events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
                               **shared, **traced(flow, "output", dumped))]
         # The claim's done (bounded like every done claim, MESH_CLAIM_RESULT_BYTES) and the message's ack
         # go with the record, the trace, the counters and the next steps' messages: one script.
@@ -301,12 +231,8 @@ class AgentRuntime:
         try:
             change = progress.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
                                        routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
-            change = with_effect(change, env.step_id, effect)
-            if folded:
-                change = _then(checked, change)
-            self.steps.write(env.job_id, change, fence=lease, also=succeeded, events=events,
-                             retention_s=retention_s(flow), known=known, read=read if folded else None, done=done,
-                             settle=True)
+            self.steps.write(env.job_id, with_effect(change, env.step_id, effect), fence=lease, also=succeeded,
+                             events=events, retention_s=retention_s(flow), known=written, done=done, settle=True)
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}", dumped) from exc
         lease.result = dumped
@@ -424,15 +350,6 @@ class AgentRuntime:
         if len(env.hops) >= self.settings.max_hops:
             raise CycleDetected(f"{len(env.hops)} hops reach MESH_MAX_HOPS={self.settings.max_hops}")
         return env
-
-
-def _then(first: Any, then: Any) -> Any:
-    """The change ``then`` applied to what ``first`` leaves (``first`` sends no message)."""
-
-    def change(record: JobRecord) -> Any:
-        return then(first(record)[0])
-
-    return change
 
 
 def _runs_async(app: App, names: list[str]) -> bool:

@@ -99,11 +99,6 @@ class Lease:
     #: The job record as the fetch that claimed the key read it (maybe changed since): the pick-up is
     #: computed from it and written only if it is still the record. None: not read.
     record: bytes | None = field(default=None, compare=False, repr=False)
-    #: The attempt's pick-up while it is decided but not yet written (:mod:`mesh.agents.pickup`): a
-    #: tool call writes it first.
-    pickup: Any = field(default=None, compare=False, repr=False)
-    #: ``time.monotonic()`` when the fetch that read :attr:`record` was sent.
-    read_at: float = field(default_factory=time.monotonic, compare=False)
 
 
 @dataclass
@@ -195,7 +190,7 @@ class Idempotency(Middleware):
         if verdict[0] == b"run":
             claim.lease = Lease(key=key, claim_key=claim.claim_key, owner=owner, token=int(verdict[1]),
                                 running=False, confirmed_at=time.monotonic() if sent is None else sent,
-                                record=record, read_at=time.monotonic() if sent is None else sent)
+                                record=record)
             self._hold(claim.lease)
         if message is None or message_key(message) != key:
             if claim.lease is not None:

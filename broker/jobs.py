@@ -158,8 +158,7 @@ class JobStore:
     def update(self, job_id: str, change: Change, *, fence: Lease | None = None,
                events: Sequence[dict[str, Any]] = (),
                also: Callable[[Any, JobRecord], None] | None = None,
-               retention_s: float | None = None,
-               reads: Callable[[Any, JobRecord], None] | None = None) -> JobRecord:
+               retention_s: float | None = None) -> JobRecord:
         """Apply ``change`` atomically; concurrent writers are retried, never overwritten.
 
         With ``fence``, the change lands only while that lease still holds its key: an attempt
@@ -169,9 +168,7 @@ class JobStore:
         trace their retention TTL in that MULTI too (:func:`stage_record`). A change that leaves
         the record as it is writes nothing at all, so re-sending an update that already landed is
         harmless. ``retention_s`` replaces the store's retention for this write (a declared
-        pipeline's ``checkpointing.ttl_minutes``). ``reads`` is called with the transaction's pipe
-        (still watching) and the record before the change: what it WATCHes and reads there is what
-        the change may depend on (a change to it meanwhile retries the transaction).
+        pipeline's ``checkpointing.ttl_minutes``).
         """
         key = self.keys.job(job_id)
         watched = (key,) if fence is None else (key, fence.claim_key)
@@ -193,8 +190,6 @@ class JobStore:
             if data is None:
                 raise JobNotFound(job_id)
             before = JobRecord.model_validate(loads(data))
-            if reads is not None:
-                reads(pipe, before)
             record, messages = change(before)
             if record is before and not messages:
                 # Nothing to write: the change was already applied (a transaction re-sent after its
@@ -220,15 +215,6 @@ def on_step_lost(change: LossChange | None) -> None:
     """Register what a pipeline job's dead-lettered (or unknown) step sets in motion (see ``fail_step``)."""
     global _after_loss
     _after_loss = change
-
-
-def after_step_ended(record: JobRecord, events: list[dict[str, Any]], now: float) -> tuple[JobRecord, list[Message]]:
-    """What a step ending without output (``record`` with it ended) sets in motion: a declared
-    pipeline's job moves on by what :func:`on_step_lost` registered (an unwinding job's next
-    compensations), any other job's state is derived."""
-    if _after_loss is not None and record.pipeline_digest is not None:
-        return _after_loss(record, events)
-    return settle(record, now), []
 
 
 def fail_step(step_id: str, state: State, error: str, failure_class: str, *, token: int | None = None,

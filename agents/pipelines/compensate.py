@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from dramatiq.message import Message
@@ -243,14 +243,12 @@ def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, p
 
 
 def cancel(spec: PipelineSpec | None, record: JobRecord, reason: str, routes: Any, events: list[dict[str, Any]],
-           now: float | None = None, held: Collection[str] = ()) -> tuple[JobRecord, list[Message]]:
+           now: float | None = None) -> tuple[JobRecord, list[Message]]:
     """``record`` cancelled: nothing more is sent; every step not yet running (queued, waiting for a
     retry, awaiting approval, waiting on a timer or an event) is ``cancelled``; a running one stays
     until its handler ends (it sees ``ctx.cancelled``), and is then recorded ``cancelled``, never
-    ``succeeded``; compensations run for what succeeded. ``held``: steps whose key an attempt has
-    claimed: picked up, though the record may not say so yet (a short step writes its pick-up with
-    its outcome), so they stay as running ones do. A job already unwinding (or ended) is returned as
-    it is: cancel is idempotent."""
+    ``succeeded``; compensations run for what succeeded. A job already unwinding (or ended) is
+    returned as it is: cancel is idempotent."""
     from mesh.contracts import settle as settle_job
 
     now = stamp(now)
@@ -262,8 +260,6 @@ def cancel(spec: PipelineSpec | None, record: JobRecord, reason: str, routes: An
     for rec in list(record.steps.values()):
         if rec.compensates is not None:
             continue
-        if rec.state in (State.QUEUED, State.FAILED) and rec.step_id in held:
-            continue  # picked up (its key is claimed): it ends as a running step does
         if rec.state in (State.QUEUED, State.FAILED, State.AWAITING_APPROVAL, State.WAITING) or (
                 rec.state is State.RUNNING and rec.need is not None):
             note = ("withdrawn from approval: the job was cancelled" if rec.state is State.AWAITING_APPROVAL

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from mesh.broker import claims, trace
+from mesh.broker import trace
 from mesh.broker.client import JobRef, MeshClient, job_id_for, on_job_control, payload_hash
 from mesh.broker.connection import transaction
 from mesh.broker.jobs import JobNotFound, stage_record
@@ -60,26 +60,11 @@ def cancel(client: MeshClient, job_id: str, reason: str | None = None) -> tuple[
     spec, routes = _spec(client, record), _routes(client)
     events: list[dict[str, Any]] = []
     changed = False
-    held: set[str] = set()
-
-    def claimed(pipe: Any, before: JobRecord) -> None:
-        # A step whose key an attempt claimed is picked up even while its record still says queued (a
-        # short step writes its pick-up with its outcome): it is left to end as a running one. Its
-        # claim is watched: a fetch claiming it meanwhile retries the cancel, which then leaves it.
-        held.clear()
-        steps = [s for s in before.steps.values() if s.state in (State.QUEUED, State.FAILED) and s.key]
-        if not steps:
-            return
-        keys = [client.keys.claim(s.key) for s in steps]
-        pipe.watch(*keys)
-        values: Any = pipe.mget(keys)  # None for a claim hash an earlier release wrote: read as a hash
-        held.update(s.step_id for s, k, v in zip(steps, keys, values, strict=True)
-                    if (claims.parse(v) if v is not None else claims.read(pipe, k)).state == "claimed")
 
     def change(before: JobRecord) -> tuple[JobRecord, list[Any]]:
         nonlocal changed
         del events[:]
-        after, messages = compensate.cancel(spec, before, reason or "", routes, events, time.time(), held)
+        after, messages = compensate.cancel(spec, before, reason or "", routes, events, time.time())
         changed = after is not before
         return after, messages
 
@@ -87,7 +72,7 @@ def cancel(client: MeshClient, job_id: str, reason: str | None = None) -> tuple[
         # What the lease renewal reads: running steps see ctx.cancelled.
         pipe.set(client.keys.cancel(job_id), reason or "cancelled", ex=max(1, int(client.settings.job_retention_s)))
 
-    record = client.jobs.update(job_id, change, events=events, also=flag, reads=claimed)
+    record = client.jobs.update(job_id, change, events=events, also=flag)
     return record, changed
 
 

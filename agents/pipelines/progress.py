@@ -15,7 +15,7 @@ from typing import Any
 from dramatiq.message import Message
 from pydantic import BaseModel
 
-from mesh.broker.jobs import Change, after_step_ended
+from mesh.broker.jobs import Change
 from mesh.contracts import (
     TERMINAL,
     Envelope,
@@ -38,17 +38,11 @@ def cancelled(record: JobRecord, step: StepRecord) -> bool:
     return record.unwind is not None and record.unwind.cause == "cancelled" and step.compensates is None
 
 
-def start(env: Envelope, token: int, *, checked: bool = False, at: float | None = None,
-          events: list[dict[str, Any]] | None = None) -> Change:
-    """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running.
-    ``checked``: the pick-up was decided on the record its fetch read with the claim (the step then
-    started), and is written later (:mod:`mesh.agents.pickup`): a cancel since then finds it picked
-    up, as if it had landed just after this write; ``at``: when it started (the wall clock).
-    ``events``: where the trace events of what a step not run sets in motion are appended."""
-    given = len(events) if events is not None else 0
+def start(env: Envelope, token: int) -> Change:
+    """An attempt holding the key's claim (fencing ``token``) picked the step up; the job is running."""
 
     def change(record: JobRecord) -> tuple[JobRecord, list[Message]]:
-        now = time.time() if at is None else at
+        now = time.time()
         step = record.steps.get(env.step_id) or StepRecord(
             step_id=env.step_id, agent=env.agent, key=env.key, input=env.payload
         )
@@ -60,17 +54,14 @@ def start(env: Envelope, token: int, *, checked: bool = False, at: float | None 
             what, state = newer
             raise PermanentFailure(f"the {what} is {state.value!r}, a state of a newer release of the mesh: "
                                    "not run by this release", job_id=record.job_id)
-        if not checked and cancelled(record, step) and not (env.replay_of and step.state is State.QUEUED):
+        if cancelled(record, step) and not (env.replay_of and step.state is State.QUEUED):
             # A retry (or a message sent before the cancel) picked up after it: never run. A step
             # queued by a replay after the cancel is one whose unknown effect was decided applied
             # (mesh verify, mesh settle; dlq.replay refuses any other): it runs, answered from its
             # ledger, and its output is what its compensation undoes.
             step = transition(step, State.CANCELLED, now=now, error="not run: the job was cancelled",
                               failure_class="cancelled")
-            # A declared pipeline's unwinding job moves on (a compensation waiting for this step's end).
-            if events is not None:
-                del events[given:]
-            return after_step_ended(record.with_step(step), [] if events is None else events, now)
+            return settle(record.with_step(step), now), []
         step = transition(step, State.RUNNING, now=now, attempt=env.attempt, picked_up=step.picked_up + 1,
                           token=token)
         record = settle(record.with_step(step), now)  # a replay while another step is dead stays dead

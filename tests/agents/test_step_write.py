@@ -7,7 +7,6 @@ claim was taken over writes nothing and settles nothing."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 import redis
 from pydantic import BaseModel
 
-from mesh import App, Context, ToolContext
+from mesh import App, Context
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient
 from mesh.broker.idempotency import Idempotency, Lease, current_lease
@@ -41,22 +40,6 @@ def echo(ctx: Context, message: Text) -> Text:
     return message
 
 
-#: The step's record state each call of the ``look`` tool found in Redis.
-looked: list[str] = []
-
-
-@app.tool(effect=False)
-def look(ctx: ToolContext, args: Text) -> Text:
-    data = ctx.redis.get(f"{args.text}")
-    looked.append(loads(data)["steps"]["caller"]["state"] if data else "")
-    return args
-
-
-@app.agent(time_limit_s=30, tools=["look"])
-def caller(ctx: Context, message: Text) -> Text:
-    return ctx.call("look", message)
-
-
 @pytest.fixture
 def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
     during.clear()
@@ -68,10 +51,10 @@ def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
     broker.close()
 
 
-def fetched(broker: MeshBroker, queue: str = "echo") -> Any:
-    """The next message of the queue as the worker's consumer hands it out (claimed by the fetch),
+def fetched(broker: MeshBroker) -> Any:
+    """The next message of the echo queue as the worker's consumer hands it out (claimed by the fetch),
     taken up by the Idempotency middleware as before the actor runs."""
-    consumer = broker.consume(queue, prefetch=4, timeout=100)
+    consumer = broker.consume("echo", prefetch=4, timeout=100)
     message = next(consumer)
     assert message is not None
     idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
@@ -151,8 +134,7 @@ def test_an_owner_whose_claim_was_taken_over_while_it_ran_writes_and_settles_not
 
     record = client.status(ref.id)
     step = next(iter(record.steps.values()))
-    # A short step's pick-up goes with its success: neither was written (as a pause before the pick-up).
-    assert step.state is State.QUEUED and not step.token
+    assert step.state is State.RUNNING and step.token == lease.token  # its pick-up, nothing after
     assert not lease.settled
     assert claim_state(broker, lease.claim_key) == b"claimed"  # the new owner's, untouched
     assert broker.records.sismember(broker.keys.acks(broker.broker_id, "echo"), rid)  # still to settle
@@ -428,116 +410,3 @@ def test_a_renewal_answered_after_the_success_landed_does_not_call_the_lease_los
     idem.renew()
 
     assert not lease.lost
-
-
-def events_of(broker: MeshBroker, job_id: str) -> list[str]:
-    from mesh.broker import trace
-
-    return [e["event"] for e in trace.read(broker.records, broker.keys, job_id)]
-
-
-def test_a_short_step_writes_its_pick_up_with_its_success_in_one_write(worker):
-    broker, runtime, client = worker
-    runtime.pickups.after_s = 30.0  # the handler ends within the bound
-    ref = client.send("echo", {"text": "hi"})
-    seen: list[Any] = []
-    during.append(lambda: seen.append((client.status(ref.id), broker.records.zscore(
-        broker.keys.running, f"{ref.id}/{next(iter(client.status(ref.id).steps))}"))))
-    _consumer, message = fetched(broker)
-    lease = message.mesh_lease
-
-    runtime.handle(app.agents["echo"], message.args[0])
-
-    [(meanwhile, indexed)] = seen
-    assert next(iter(meanwhile.steps.values())).state is State.QUEUED and indexed is None  # nothing written yet
-    record = client.status(ref.id)
-    [step] = record.steps.values()
-    assert record.state is State.SUCCEEDED and step.token == lease.token and step.picked_up == 1
-    assert step.started_at is not None and step.attempt == message.args[0].get("attempt", 0)
-    assert events_of(broker, ref.id) == ["enqueued", "picked_up", "succeeded"]
-    assert lease.settled
-
-
-def test_a_step_still_running_at_the_bound_has_its_pick_up_written_then(worker):
-    broker, runtime, client = worker
-    runtime.pickups.after_s = 0.05
-    ref = client.send("echo", {"text": "hi"})
-    seen: list[Any] = []
-
-    def running() -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            step = next(iter(client.status(ref.id).steps.values()))
-            if step.state is State.RUNNING:
-                seen.append((step, broker.records.zscore(broker.keys.running, f"{ref.id}/{step.step_id}")))
-                return
-            time.sleep(0.01)
-
-    during.append(running)
-    _consumer, message = fetched(broker)
-    lease = message.mesh_lease
-
-    runtime.handle(app.agents["echo"], message.args[0])
-
-    [(step, indexed)] = seen
-    assert step.token == lease.token and indexed is not None  # the record says running while it runs
-    record = client.status(ref.id)
-    assert record.state is State.SUCCEEDED and next(iter(record.steps.values())).picked_up == 1
-    assert events_of(broker, ref.id) == ["enqueued", "picked_up", "succeeded"]
-    assert broker.records.zscore(broker.keys.running, f"{ref.id}/{step.step_id}") is None
-
-
-def test_a_cancel_while_a_short_step_runs_ends_it_as_one_landing_just_after_its_pick_up(worker):
-    broker, runtime, client = worker
-    runtime.pickups.after_s = 30.0
-    ref = client.send("echo", {"text": "hi"})
-    seen: list[Any] = []
-    during.append(lambda: seen.append(client.cancel(ref.id, reason="stop")))
-    _consumer, message = fetched(broker)
-
-    runtime.handle(app.agents["echo"], message.args[0])
-
-    [cancelled] = seen  # its key is claimed: the cancel leaves it to end, as a running step
-    assert next(iter(cancelled.steps.values())).state is State.QUEUED  # not "not run"
-    record = client.status(ref.id)
-    [step] = record.steps.values()
-    assert step.state is State.CANCELLED and step.result == {"text": "hi"}  # kept for its compensation
-    assert step.error is not None and step.error.startswith("ended after the job was cancelled")
-    assert record.state is State.CANCELLED
-    assert events_of(broker, ref.id)[-2:] == ["picked_up", "cancelled"]
-
-
-def test_a_short_step_that_fails_has_its_pick_up_written_before_its_failure_is_recorded(worker):
-    broker, runtime, client = worker
-    runtime.pickups.after_s = 30.0
-    ref = client.send("echo", {"text": "hi"})
-
-    def fail() -> None:
-        raise RuntimeError("boom")
-
-    during.append(fail)
-    _consumer, message = fetched(broker)
-    lease = message.mesh_lease
-
-    with pytest.raises(RuntimeError):
-        runtime.handle(app.agents["echo"], message.args[0])
-
-    step = next(iter(client.status(ref.id).steps.values()))
-    assert step.state is State.RUNNING and step.token == lease.token and step.picked_up == 1
-    assert broker.records.zscore(broker.keys.running, f"{ref.id}/{step.step_id}") is not None
-
-
-def test_a_tool_call_within_the_bound_writes_the_pick_up_first(worker):
-    broker, runtime, client = worker
-    runtime.pickups.after_s = 30.0
-    looked.clear()
-    ref = client.send("caller", {"text": "-"}, key="calls-a-tool")
-    _consumer, message = fetched(broker, "caller")
-    message.args[0]["payload"]["text"] = broker.keys.job(ref.id)  # what the tool reads
-
-    runtime.handle(app.agents["caller"], message.args[0])
-
-    assert looked == ["running"]  # the call saw a step its record says is running
-    record = client.status(ref.id)
-    assert record.state is State.SUCCEEDED and record.steps["caller"].picked_up == 1
-    assert events_of(broker, ref.id).count("picked_up") == 1
