@@ -91,8 +91,9 @@ def test_no_message_of_any_priority_or_tenant_is_lost_when_a_worker_is_killed_or
         os.kill(victim.pid, signal.SIGCONT)  # it wakes to find its messages taken: it settles none of them
     records = [client.wait(r.id, timeout_s=30) for r in refs]
     assert all(r.state is State.SUCCEEDED for r in records)
-    assert client.queues([Q], lanes=True)[Q] == {"ready": 0, "delayed": 0, "in_flight": 0, "flows": 0,
-                                                 "by_priority": {"high": 0, "normal": 0, "low": 0}}
+    # A woken SIGSTOPped worker's copies are duplicates of done keys: deferred a moment, then acked.
+    empty = {"ready": 0, "delayed": 0, "in_flight": 0, "flows": 0, "by_priority": {"high": 0, "normal": 0, "low": 0}}
+    wait_for(lambda: client.queues([Q], lanes=True)[Q] == empty, timeout_s=30)
 
 
 @pytest.mark.slow
