@@ -570,6 +570,8 @@ def test_the_limits_page_shows_each_limits_use_and_sets_and_resets_it_as_mesh_li
 
 
 def test_a_hostile_flow_key_shows_as_text_on_the_limits_page_and_a_long_list_says_how_many_more(client, limited):
+    from mesh.broker.limits import set_override
+
     keys = [*(f"tenant-{n}" for n in range(60)), f"k-{HOSTILE}", "evil\n<b>row</b>"]  # the most recent shown
     for n, key in enumerate(keys):
         assert limited.take("agent:slow", key, f"h{n}", f"m{n}").admitted
@@ -581,3 +583,10 @@ def test_a_hostile_flow_key_shows_as_text_on_the_limits_page_and_a_long_list_say
         assert "k-&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "evil\\n&lt;b&gt;" in page.text
         rows = [r for r in re.findall(r"<tr><td>(.*?)</td>", page.text) if r == "agent:slow"]
         assert len(rows) == 20 and "42 older keys of keyed limits not shown" in page.text
+        refused = http.post("/limits/set", data={"csrf": csrf_of(page.text), "name": HOSTILE, "max": "1"})
+        assert refused.status_code == 400 and "<script>alert" not in refused.text and "&lt;script&gt;" in refused.text
+        for n in range(40):  # limits set that no worker declares any more: listed too
+            set_override(client.redis, client.keys, f"agent:gone-{n}", max=1)
+        page = http.get("/limits")
+        assert len(re.findall(r"<tr><td>", page.text)) == 50
+        assert re.search(r"\d+ more rows not shown", page.text)
