@@ -93,7 +93,7 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
     return entry
 
 
-PAGES = ("/", "/jobs", "/dlq", "/approvals", "/breakers")
+PAGES = ("/", "/jobs", "/dlq", "/approvals", "/breakers", "/limits")
 
 
 def test_a_password_is_kept_as_an_scrypt_hash_and_a_malformed_users_line_is_refused(tmp_path):
