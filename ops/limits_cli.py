@@ -3,7 +3,7 @@ them with their use and what waits behind them; change one for the whole fleet a
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
@@ -21,6 +21,10 @@ from mesh.ops.console import (
     fail,
     out,
 )
+
+if TYPE_CHECKING:
+    from mesh.broker import MeshClient
+    from mesh.broker.limits import LimitState
 
 limits_app = typer.Typer(help="Flow limits (rates, concurrency) of agents and dependencies, fleet-wide.",
                          rich_markup_mode=MARKUP, epilog="Examples: `mesh limits`, `mesh limits --json`, "
@@ -73,10 +77,7 @@ def limits_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = 
         Column("waiting", justify="right"), Column("ahead", justify="right"), Column("429s", justify="right"))
     rows: list[tuple[str, ...]] = []
     for s in states:
-        rate = s.requests or "-"
-        if s.requests and s.factor < 1:
-            rate = f"{rate} x{s.factor:.2f}"
-        rows.append((s.name + ("*" if s.overridden else ""), _key_shown(s.flow_key, wide), rate,
+        rows.append((s.name + ("*" if s.overridden else ""), _key_shown(s.flow_key, wide), rate_shown(s),
                      f"{s.in_flight}/{s.max}" if s.max else "-", str(s.waiting), f"{s.ahead_ms / 1000:.1f}s",
                      str(s.rejected)))
     if wide:  # the token rate, how far it is booked ahead, and the messages admitted
@@ -87,11 +88,19 @@ def limits_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag = 
     out.print(Listing(columns, rows, wide=wide))
 
 
-def _name(given: str) -> str:
-    """``given``, or the one declared or overridden limit it is the start of; exits 2 otherwise."""
+def rate_shown(s: LimitState) -> str:
+    """A limit's rate as listed: ``-`` without one, with what 429s left of it (``x0.50``: half)."""
+    rate = s.requests or "-"
+    if s.requests and s.factor < 1:
+        rate = f"{rate} x{s.factor:.2f}"
+    return rate
+
+
+def find_limit(c: MeshClient, given: str) -> str:
+    """``given``, or the one declared or overridden limit it is the start of; :class:`ValueError`
+    says why not (``mesh limits set/reset`` and the console's Limits page)."""
     from mesh.broker.limits import declared_limits, overrides
 
-    c = client()
     known = sorted(set(declared_limits(c.redis, c.keys)) | set(overrides(c.redis, c.keys)))
     if given in known:
         return given
@@ -99,10 +108,28 @@ def _name(given: str) -> str:
     if len(starts) == 1:
         return starts[0]
     if starts:
-        fail(f"{given!r} is the start of several limits; give more of it:" + "".join(f"\n  {k}" for k in starts),
-             EXIT_INPUT)
-    fail(f"no limit named {given!r}; `mesh limits` lists them ({', '.join(known) or 'none yet'})", EXIT_INPUT)
-    raise AssertionError  # fail exits
+        raise ValueError(f"{given!r} is the start of several limits; give more of it:"
+                         + "".join(f"\n  {k}" for k in starts))
+    raise ValueError(f"no limit named {given!r}; `mesh limits` lists them ({', '.join(known) or 'none yet'})")
+
+
+def set_limit(c: MeshClient, given: str, *, requests: str | None = None, tokens: str | None = None,
+              max: int | None = None) -> tuple[str, dict[str, Any]]:
+    """``mesh limits set``: (the limit, its override now); :class:`ValueError` says why not."""
+    from mesh.broker.limits import set_override
+
+    limit = find_limit(c, given)
+    return limit, set_override(c.redis, c.keys, limit, requests=requests, tokens=tokens, max=max)
+
+
+def reset_limit(c: MeshClient, given: str) -> str:
+    """``mesh limits reset``: the limit reset; :class:`ValueError` says why not (it was not set)."""
+    from mesh.broker.limits import reset_override
+
+    limit = find_limit(c, given)
+    if not reset_override(c.redis, c.keys, limit):
+        raise ValueError(f"limit {limit} was not set; it is as declared")
+    return limit
 
 
 @limits_app.command("set")
@@ -114,12 +141,8 @@ def limits_set(name: NameArg,
                ) -> None:
     """Change one limit for the whole fleet now: kept in Redis, winning over the declaration until
     ``mesh limits reset`` (workers read it within a second)."""
-    from mesh.broker.limits import set_override
-
-    c = client()
-    limit = _name(name)
     try:
-        value = set_override(c.redis, c.keys, limit, requests=requests, tokens=tokens, max=max)
+        limit, value = set_limit(client(), name, requests=requests, tokens=tokens, max=max)
     except ValueError as exc:
         fail(str(exc), EXIT_INPUT)
     shown = ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
@@ -129,10 +152,8 @@ def limits_set(name: NameArg,
 @limits_app.command("reset")
 def limits_reset(name: NameArg) -> None:
     """Drop what ``mesh limits set`` changed: the declaration is in force again."""
-    from mesh.broker.limits import reset_override
-
-    c = client()
-    limit = _name(name)
-    if not reset_override(c.redis, c.keys, limit):
-        fail(f"limit {limit} was not set; it is as declared", EXIT_INPUT)
+    try:
+        limit = reset_limit(client(), name)
+    except ValueError as exc:
+        fail(str(exc), EXIT_INPUT)
     out.print(Text(f"limit {limit} reset to its declaration"))

@@ -145,3 +145,31 @@ def reset_breaker(c: MeshClient, name: str, user: str) -> None:
     if not Breakers(c.settings, c.redis).reset(name):
         raise Refused(f"no breaker named {name}", 404)
     logger.info("breaker reset", extra={"dependency": name, "by": user})
+
+
+def set_limit(c: MeshClient, name: str, user: str, *, requests: str, tokens: str, max: str) -> str:
+    """``mesh limits set NAME [--requests R] [--tokens T] [--max N]`` (empty fields are not given):
+    the limit set; a value the command refuses is refused with its message."""
+    from mesh.ops.limits_cli import set_limit as set_one
+
+    if max.strip() and not (max.strip().isascii() and max.strip().isdigit()):
+        raise Refused(f"--max is a whole number of messages, not {max.strip()[:40]!r}", 400)
+    try:
+        limit, value = set_one(c, name, requests=requests.strip() or None, tokens=tokens.strip() or None,
+                               max=int(max) if max.strip() else None)
+    except ValueError as exc:
+        raise Refused(str(exc), 400) from exc
+    logger.info("limit set", extra={"limit": limit, "value": value, "by": user})
+    return limit
+
+
+def reset_limit(c: MeshClient, name: str, user: str) -> str:
+    """``mesh limits reset NAME``: the limit reset to its declaration."""
+    from mesh.ops.limits_cli import reset_limit as reset_one
+
+    try:
+        limit = reset_one(c, name)
+    except ValueError as exc:
+        raise Refused(str(exc), 409) from exc
+    logger.info("limit reset", extra={"limit": limit, "by": user})
+    return limit

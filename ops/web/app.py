@@ -69,7 +69,9 @@ DONE = {"replayed": "Replayed: the entry is back on its queue.", "purged": "Purg
         "approved": "Approved.", "denied": "Denied.", "reset": "Breaker reset: it is closed.",
         "verified": "Verified: the effect happened; the step runs again, its calls answered from the ledger.",
         "checked": "Checked again: see the step's state for the verdict.",
-        "settled": "Settled: the decision is recorded and the step moves on by it."}
+        "settled": "Settled: the decision is recorded and the step moves on by it.",
+        "limit-set": "Limit set for the whole fleet: workers take it within a second.",
+        "limit-reset": "Limit reset: its declaration is in force again."}
 
 Handler = Callable[[Request, "Console", str, str], Awaitable[Response]]
 
@@ -131,6 +133,9 @@ class Console:
             Route("/approvals/{job_id}/{step_id}", page(decide), methods=["POST"]),
             Route("/breakers", page(breakers)),
             Route("/breakers/reset", page(reset), methods=["POST"]),
+            Route("/limits", page(limits)),
+            Route("/limits/set", page(limit_set), methods=["POST"]),
+            Route("/limits/reset", page(limit_reset), methods=["POST"]),
             Route("/login", self.login_page), Route("/login", self.login, methods=["POST"]),
             Route("/logout", page(logout), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -477,6 +482,29 @@ async def reset(request: Request, con: Console, user: str, csrf: str) -> Respons
     except actions.Refused as exc:
         return con.render(request, "refused.html", user, csrf, status=exc.status, why=str(exc))
     return RedirectResponse("/breakers?done=reset", status_code=303)
+
+
+async def limits(request: Request, con: Console, user: str, csrf: str) -> Response:
+    data = await _run(views.limits, con.client)
+    return con.render(request, "limits.html", user, csrf, **data)
+
+
+async def limit_set(request: Request, con: Console, user: str, csrf: str) -> Response:
+    form = request.state.form
+    try:
+        await _run(lambda: actions.set_limit(con.client, form.get("name", ""), user, requests=form.get("requests", ""),
+                                             tokens=form.get("tokens", ""), max=form.get("max", "")))
+    except actions.Refused as exc:
+        return con.render(request, "refused.html", user, csrf, status=exc.status, why=str(exc))
+    return RedirectResponse("/limits?done=limit-set", status_code=303)
+
+
+async def limit_reset(request: Request, con: Console, user: str, csrf: str) -> Response:
+    try:
+        await _run(actions.reset_limit, con.client, request.state.form.get("name", ""), user)
+    except actions.Refused as exc:
+        return con.render(request, "refused.html", user, csrf, status=exc.status, why=str(exc))
+    return RedirectResponse("/limits?done=limit-reset", status_code=303)
 
 
 async def logout(request: Request, con: Console, user: str, csrf: str) -> Response:

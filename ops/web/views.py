@@ -24,6 +24,9 @@ from mesh.ops.timeline import render
 #: Rows a list page shows.
 PAGE_ROWS = 50
 
+#: Keys of a keyed limit the limits page shows, the most recent first (as ``mesh limits`` does).
+LIMIT_KEYS = 20
+
 #: Jobs the jobs page reads from the index at most, newest first.
 JOB_BUDGET = 500
 
@@ -77,6 +80,7 @@ def overview(c: MeshClient) -> dict[str, Any]:
         "outcomes": outcomes,
         "failures": dict(sorted(failures.items())),
         "breakers": Breakers(c.settings, r).list(),
+        "limits": {"declared": int(r.hlen(keys.limits_declared)), "set": int(r.hlen(keys.limits_set))},
         "dlq": DeadLetterStore(r, keys).stats(),
         "approvals": {"waiting": waiting, "oldest_s": round(oldest)},
         "unknown_effects": unknown_count(r, keys),
@@ -295,3 +299,22 @@ def html(text: Text) -> str:
         chunk = str(escape(plain[a:b]))
         out.append(f'<span class="{classes}">{chunk}</span>' if classes else chunk)
     return "".join(out)
+
+
+def limits(c: MeshClient) -> dict[str, Any]:
+    """The rows ``mesh limits --wide`` shows (a keyed limit for its most recent keys), the first
+    :data:`PAGE_ROWS`, and the limits' names for the set and reset forms."""
+    from mesh.broker.limits import limit_states
+    from mesh.ops.limits_cli import rate_shown
+
+    states = limit_states(c.redis, c.keys, max_keys=LIMIT_KEYS)
+    rows = [{"name": s.name, "overridden": s.overridden,
+             "key": "-" if s.flow_key is None else s.flow_key.replace("\n", "\\n").replace("\t", "\\t"),
+             "rate": rate_shown(s), "tokens": s.tokens or "-", "in_use": f"{s.in_flight}/{s.max}" if s.max else "-",
+             "waiting": s.waiting, "ahead": f"{s.ahead_ms / 1000:.1f}s", "rejected": s.rejected,
+             "admitted": s.admitted} for s in states[:PAGE_ROWS]]
+    names = sorted({s.name for s in states})
+    keyed = {s.name for s in states if s.flow_key is not None}
+    more_keys = sum(max(0, int(c.redis.zcard(c.keys.limit_keys(n))) - LIMIT_KEYS) for n in keyed)
+    return {"limits": rows, "more": max(0, len(states) - PAGE_ROWS), "more_keys": more_keys, "names": names,
+            "overridden": sorted({s.name for s in states if s.overridden})}

@@ -4,6 +4,8 @@ text, approvers, and the live stream (one trace reader for every browser, MeshCl
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import subprocess
 import sys
@@ -91,7 +93,7 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
     return entry
 
 
-PAGES = ("/", "/jobs", "/dlq", "/approvals", "/breakers")
+PAGES = ("/", "/jobs", "/dlq", "/approvals", "/breakers", "/limits")
 
 
 def test_a_password_is_kept_as_an_scrypt_hash_and_a_malformed_users_line_is_refused(tmp_path):
@@ -500,3 +502,91 @@ def test_a_followed_job_keeps_its_stream_through_a_redis_restart_and_goes_on_fro
         client.close()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def limited(client: MeshClient) -> Any:
+    """The limits of tests/apps/limited.py declared, as a worker of it publishes them."""
+    from mesh.agents.flow import flow_plan
+    from mesh.broker.limits import Limiter
+    from tests.apps.limited import app as limited_app
+
+    declared, _ = flow_plan(limited_app)
+    limiter = Limiter(client.settings, client.redis, declared)
+    limiter.publish()
+    return limiter
+
+
+def test_the_limits_page_needs_a_session_and_its_actions_the_sessions_csrf_token(client, limited):
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        answer = http.get("/limits")
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/login")
+        for action in ("/limits/set", "/limits/reset"):
+            assert http.post(action, data={"csrf": "x", "name": "agent:slow", "max": "5"}).status_code == 401
+        login(http, "ana", PASSWORDS["ana"])
+        assert http.post("/limits/set", data={"name": "agent:slow", "max": "5"}).status_code == 403
+        assert http.post("/limits/set", data={"csrf": "stale", "name": "agent:slow", "max": "5"}).status_code == 403
+    assert client.redis.hlen(client.keys.limits_set) == 0
+
+
+def test_the_limits_page_shows_each_limits_use_and_sets_and_resets_it_as_mesh_limits_does(client, limited, cli):
+    for n in range(2):
+        assert limited.take("agent:slow", "acme", f"h{n}", f"m{n}").admitted
+    assert not limited.take("agent:slow", "acme", "h2", "m2").admitted  # waits for a slot
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        assert 'href="/limits"' in http.get("/").text  # the overview's card and the navigation
+        page = http.get("/limits")
+        assert page.status_code == 200
+        (row,) = [r for r in re.findall(r"<tr>.*?</tr>", page.text, re.S) if "agent:slow" in r]
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        assert cells[1:3] == ["acme", "-"] and cells[4:6] == ["2/2", "1"]  # key, rate, in use of max, waiting
+        token = csrf_of(page.text)
+
+        refused = http.post("/limits/set", data={"csrf": token, "name": "agent:slow", "requests": "fast"})
+        said = cli("limits", "set", "agent:slow", "--requests", "fast")
+        assert refused.status_code == 400 and said.returncode == 2
+        (why,) = re.findall(r'role="alert">(.*?)</p>', refused.text, re.S)
+        assert "not 'fast'" in html.unescape(why)  # the message the command gives
+        assert " ".join(html.unescape(why).split()) in " ".join((said.stdout + said.stderr).split())
+        assert http.post("/limits/set", data={"csrf": token, "name": "agent:slow", "max": "x"}).status_code == 400
+        assert http.post("/limits/set", data={"csrf": token, "name": "agent:slow", "max": "9" * 30}).status_code == 400
+        unknown = http.post("/limits/set", data={"csrf": token, "name": "nothing:here", "max": "1"})
+        assert unknown.status_code == 400 and "no limit named" in unknown.text
+        assert not json.loads(cli("limits", "--json").stdout)[0]["overridden"]
+
+        done = http.post("/limits/set", data={"csrf": token, "name": "agent:sl", "max": "3", "requests": ""})
+        assert done.status_code == 303 and done.headers["location"] == "/limits?done=limit-set"
+        listed = {(s["name"], s["flow_key"]): s for s in json.loads(cli("limits", "--json").stdout)}
+        assert listed[("agent:slow", "acme")]["max"] == 3 and listed[("agent:slow", "acme")]["overridden"]
+        assert "agent:slow*" in http.get("/limits").text
+
+        done = http.post("/limits/reset", data={"csrf": token, "name": "agent:slow"})
+        assert done.status_code == 303 and done.headers["location"] == "/limits?done=limit-reset"
+        listed = {(s["name"], s["flow_key"]): s for s in json.loads(cli("limits", "--json").stdout)}
+        assert listed[("agent:slow", "acme")]["max"] == 2 and not listed[("agent:slow", "acme")]["overridden"]
+        again = http.post("/limits/reset", data={"csrf": token, "name": "agent:slow"})
+        assert again.status_code == 409 and "was not set" in again.text
+
+
+def test_a_hostile_flow_key_shows_as_text_on_the_limits_page_and_a_long_list_says_how_many_more(client, limited):
+    from mesh.broker.limits import set_override
+
+    keys = [*(f"tenant-{n}" for n in range(60)), f"k-{HOSTILE}", "evil\n<b>row</b>"]  # the most recent shown
+    for n, key in enumerate(keys):
+        assert limited.take("agent:slow", key, f"h{n}", f"m{n}").admitted
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get("/limits")
+        assert page.status_code == 200
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text and "<b>row" not in page.text
+        assert "k-&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "evil\\n&lt;b&gt;" in page.text
+        rows = [r for r in re.findall(r"<tr><td>(.*?)</td>", page.text) if r == "agent:slow"]
+        assert len(rows) == 20 and "42 older keys of keyed limits not shown" in page.text
+        refused = http.post("/limits/set", data={"csrf": csrf_of(page.text), "name": HOSTILE, "max": "1"})
+        assert refused.status_code == 400 and "<script>alert" not in refused.text and "&lt;script&gt;" in refused.text
+        for n in range(40):  # limits set that no worker declares any more: listed too
+            set_override(client.redis, client.keys, f"agent:gone-{n}", max=1)
+        page = http.get("/limits")
+        assert len(re.findall(r"<tr><td>", page.text)) == 50
+        assert re.search(r"\d+ more rows not shown", page.text)
