@@ -277,7 +277,8 @@ def test_a_dead_lettered_job_is_compacted_and_its_replay_goes_on_with_its_story(
     wait_for(lambda: rclient.zscore(keys.jobs_compact, ref.id) is not None)  # the settle script queued it
     before = trace.read(rclient, keys, ref.id)
     assert [e["event"] for e in before][-1] == "dead_lettered"
-    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    Compaction(rclient, settings).run(now(rclient))  # the worker's own sweep may have done it first
+    assert rclient.zscore(keys.jobs_compact, ref.id) is None and b'"history":{' in rclient.get(keys.job(ref.id))
     assert not rclient.exists(keys.trace(ref.id))
 
     store = DeadLetterStore(rclient, keys)
@@ -286,7 +287,8 @@ def test_a_dead_lettered_job_is_compacted_and_its_replay_goes_on_with_its_story(
     wait_for(lambda: len([e for e in trace.read(rclient, keys, ref.id) if e["event"] == "dead_lettered"]) == 2,
              timeout_s=20)
     wait_for(lambda: rclient.zscore(keys.jobs_compact, ref.id) is not None)
-    assert Compaction(rclient, settings).run(now(rclient)).jobs == 1
+    Compaction(rclient, settings).run(now(rclient))  # the worker's own sweep may have done it first
+    assert rclient.zscore(keys.jobs_compact, ref.id) is None and b'"history":{' in rclient.get(keys.job(ref.id))
     kinds = [e["event"] for e in trace.read(rclient, keys, ref.id)]
     assert kinds[:len(before)] == [e["event"] for e in before]
     assert kinds[len(before)] == "replayed" and "picked_up" in kinds[len(before):]  # its story goes on ...
