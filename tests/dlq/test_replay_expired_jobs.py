@@ -91,7 +91,9 @@ def test_a_replay_leaves_a_replayed_event_between_dead_lettered_and_the_next_pic
         assert cli("dlq", "replay", "--all", "--yes").returncode == 0
         wait_for(lambda: client.status(ref.id).state is State.SUCCEEDED, timeout_s=30)
 
-    kinds = [e["event"] for e in trace.read(client.redis, client.keys, ref.id)]
+    # (the worker's sweep may have compacted the dead-lettered job before its replay: its marker says
+    # what was summarised, and is not one of the job's events)
+    kinds = [e["event"] for e in trace.read(client.redis, client.keys, ref.id) if e["event"] != "compacted"]
     at = kinds.index("dead_lettered")
     assert kinds[at + 1] == "replayed", kinds
     assert "picked_up" in kinds[at + 2:]
