@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -415,35 +415,29 @@ def new_holder(worker_id: str) -> str:
 # -- hooks for the step that runs (tool calls, model calls) --
 
 
-def call_made(dependency: str) -> None:
-    """A tool call to ``dependency`` from the step this thread runs: counted against its rate."""
+def _with_held(call: Callable[[Limiter, Any], None], failed: str, **extra: Any) -> None:
+    """``call(limiter, held)`` for the step this thread runs, if it holds limits; a Redis error is
+    logged as ``failed`` (the step goes on: a count it could not make is not its failure)."""
     current = current_held()
     if current is not None:
         limiter, held = current
         try:
-            limiter.call_made(held, dependency)
+            call(limiter, held)
         except redis.RedisError as exc:
-            logger.warning("could not count a call against its limit", extra={"dependency": dependency,
-                                                                               "error": str(exc)})
+            logger.warning(failed, extra={**extra, "error": str(exc)})
+
+
+def call_made(dependency: str) -> None:
+    """A tool call to ``dependency`` from the step this thread runs: counted against its rate."""
+    _with_held(lambda limiter, held: limiter.call_made(held, dependency),
+               "could not count a call against its limit", dependency=dependency)
 
 
 def reserve_tokens() -> None:
     """Before a model call of the step this thread runs: its expected tokens reserved."""
-    current = current_held()
-    if current is not None:
-        limiter, held = current
-        try:
-            limiter.reserve_tokens(held)
-        except redis.RedisError as exc:
-            logger.warning("could not reserve model tokens", extra={"error": str(exc)})
+    _with_held(lambda limiter, held: limiter.reserve_tokens(held), "could not reserve model tokens")
 
 
 def settle_tokens(spent: int) -> None:
     """After a model call of the step this thread runs: the tokens it spent replace its reservation."""
-    current = current_held()
-    if current is not None:
-        limiter, held = current
-        try:
-            limiter.settle_tokens(held, spent)
-        except redis.RedisError as exc:
-            logger.warning("could not settle model tokens", extra={"error": str(exc)})
+    _with_held(lambda limiter, held: limiter.settle_tokens(held, spent), "could not settle model tokens")
