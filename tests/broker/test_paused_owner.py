@@ -53,7 +53,9 @@ def test_a_worker_paused_past_its_lease_sends_nothing_after_another_took_its_mes
             rclient.set(gate_key(ns), 1)
             worker_process("--app", APP, "--threads", str(HANDLERS), **env)
             records = [client.wait(ref.id, timeout_s=60) for ref in refs]
-            assert [r.state for r in records] == [State.SUCCEEDED] * HANDLERS
+            assert [r.state for r in records] == [State.SUCCEEDED] * HANDLERS, [
+                (r.state, trace.read(client.redis, client.keys, r.job_id)[-3:]) for r in records
+                if r.state is not State.SUCCEEDED]
             assert len(server.requests) == HANDLERS
         finally:
             os.kill(paused.pid, signal.SIGCONT)

@@ -70,6 +70,10 @@ def test_concurrent_approve_and_deny_from_two_processes_leave_exactly_one_decisi
     print(f"winners over {ROUNDS} rounds: approve {winners.count('approve')}, deny {winners.count('deny')}")
 
 
+#: How late an expiry may be seen: well under the tests' approval timeouts of 7 s and more.
+LATE_MS = 5000
+
+
 def _due(mesh: MeshClient, job_id: str, step: str = "researcher") -> int:
     record = mesh.status(job_id)
     due = approvals.expiry_due_ms(mesh.redis, mesh.keys, job_id, record.steps[step])
@@ -85,7 +89,9 @@ def _expired(mesh: MeshClient, job_id: str, due_ms: int, timeout_s: float = 15) 
     approval = record.steps["researcher"].approval
     assert approval.decision == "expired" and approval.by == "timeout"
     assert approval.at * 1000 >= due_ms, "fired before its due time"
-    assert seen_ms - due_ms < 1000, f"fired {seen_ms - due_ms} ms after its due time"
+    # On time: a timer lost with Redis, or armed again from its start, fires a whole timeout (7-8 s)
+    # late or never; the bound leaves a loaded machine its scheduling delays (4.3 s seen under load).
+    assert seen_ms - due_ms < LATE_MS, f"fired {seen_ms - due_ms} ms after its due time"
     print(f"expiry decided {approval.at * 1000 - due_ms:.0f} ms after its due time, seen {seen_ms - due_ms} ms after")
     return record
 

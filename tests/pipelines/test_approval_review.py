@@ -108,7 +108,7 @@ def test_a_lock_holder_sigstopped_mid_tick_delays_no_expiry_and_fires_nothing_tw
 
     from tests.pipelines.test_approval_faults import APP, _due, _expired, root_spec
 
-    ref = mesh.run(root_spec(timeout="7s"), {"goal": "g"})
+    ref = mesh.run(root_spec(timeout="10s"), {"goal": "g"})
     due = _due(mesh, ref.id)
     # a worker ticking every 10 ms holds the timers' lock often; it is stopped while it holds it
     held = worker_process("--app", APP, "--threads", "1", MESH_TIMER_INTERVAL_S="0.01")

@@ -87,7 +87,16 @@ def test_an_expression_past_the_time_limit_is_stopped(tight: sandbox.ExprLimits)
     assert compile_condition("input.n > 1").test({"input": {"n": 2}})  # a fresh evaluator answers
 
 
-def test_an_expression_past_the_memory_limit_kills_its_evaluator_only(tight: sandbox.ExprLimits) -> None:
+@pytest.fixture
+def roomy() -> Iterator[sandbox.ExprLimits]:
+    """The memory limit of ``tight`` with time enough to reach it on a loaded machine."""
+    limits = sandbox.ExprLimits(timeout_ms=10_000, memory_mb=128, max_result_bytes=64 * 1024)
+    sandbox.configure(limits)
+    yield limits
+    sandbox.configure(sandbox.ExprLimits())
+
+
+def test_an_expression_past_the_memory_limit_kills_its_evaluator_only(roomy: sandbox.ExprLimits) -> None:
     with pytest.raises(ExpressionLimit, match="killed its evaluator"):
         compile_condition(GREEDY).test({"input": {"s": "m" * 1_000_000}})
     assert compile_condition("input.n > 1").test({"input": {"n": 2}})
