@@ -410,3 +410,106 @@ def test_a_renewal_answered_after_the_success_landed_does_not_call_the_lease_los
     idem.renew()
 
     assert not lease.lost
+
+
+@pytest.fixture
+def private_worker(tmp_path, make_settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
+    """The ``worker`` fixture's broker, runtime and client on a private redis-server: its commands
+    counted (INFO commandstats) are the test's alone."""
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)
+    server.start()
+    try:
+        during.clear()
+        settings = make_settings(redis_url=server.url)
+        broker = build_broker(settings)
+        runtime = AgentRuntime.from_settings(settings, broker.records, app)
+        declare_app(broker, runtime)
+        client = MeshClient(settings, client=broker.records, app=app)
+        yield broker, runtime, client
+        broker.close()
+    finally:
+        server.stop()
+
+
+def commands(r: redis.Redis, *names: str) -> dict[str, int]:
+    """How many times Redis ran each of ``names`` so far (scripts' commands included)."""
+    stats = r.info("commandstats")
+    return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names}
+
+
+def ran(r: redis.Redis, since: dict[str, int]) -> dict[str, int]:
+    now = commands(r, *since)
+    return {name: now[name] - since[name] for name in since}
+
+
+@pytest.mark.slow
+def test_a_group_reads_its_claims_and_records_at_once_and_writes_each_index_once(private_worker):
+    # Each write read its claim and its record with a GET each, and added its member to the running
+    # index with a ZADD of its own: a group of 4 writes ran 8 GETs and 4 ZADDs. A write whose claim was
+    # taken over still writes nothing, its member of the shared ZADD included.
+    broker, runtime, client = private_worker
+    running = broker.keys.running
+    items, news = group_items(broker, runtime, client, 4,
+                              lambda job, trace: [("ZADD", running, 1.5, job), ("ZREM", broker.keys.jobs, job)])
+    lost = items[2].lease
+    broker.records.set(lost.claim_key, f"claimed|{lost.token + 1}|99999999999999|next|".encode())
+    before = broker.records.get(items[2].args[0])
+    script = runtime.steps.script
+    broker.records.script_load(script.script)  # no NOSCRIPT answer to count
+    since = commands(broker.records, "get", "mget", "zadd", "zrem", "set", "xadd")
+
+    answers = runtime.steps._flush(items)
+
+    assert answers == [1, 1, 0, 1]
+    assert ran(broker.records, since) == {"get": 0, "mget": 1, "zadd": 1, "zrem": 1, "set": 3, "xadd": 3}
+    assert [broker.records.get(item.args[0]) for item in items] == [news[0], news[1], before, news[3]]
+    members = {m.decode() for m in broker.records.zrange(running, 0, -1)}
+    assert members == {items[k].args[0] for k in (0, 1, 3)}
+    assert claim_state(broker, lost.claim_key) == b"claimed"
+
+
+@pytest.mark.slow
+def test_a_write_checks_what_an_earlier_write_of_its_group_wrote_not_what_the_group_read(private_worker):
+    # The group's claims and records are read at once, before any write: a write that changes another
+    # write's record (or claim) in the same group has that one read again, and it finds its record
+    # changed (answered with the bytes now there: computed again), not the bytes read before.
+    broker, runtime, client = private_worker
+    items, news = group_items(broker, runtime, client, 2)
+    second = items[1].args[0]
+    changed = b'{"changed": true}'
+    first, _ = group_items(broker, runtime, client, 1, lambda job, trace: [("SET", second, changed)])
+    taken = items[1].lease
+    broker.records.script_load(runtime.steps.script.script)
+    since = commands(broker.records, "get", "mget")
+
+    answers = runtime.steps._flush([first[0], items[1], items[0]])
+
+    assert ran(broker.records, since) == {"get": 1, "mget": 1}  # the one key written since: read again
+    assert answers[0] == 1 and answers[1] == changed and answers[2] == 1
+    assert broker.records.get(second) == changed  # not overwritten by a write computed from the old bytes
+    assert broker.records.get(items[0].args[0]) == news[0]
+    assert claim_state(broker, taken.claim_key) == b"claimed"
+
+
+def test_a_write_refused_its_part_of_a_shared_command_fails_alone(worker):
+    # The writes' ZADDs to one index go as one command: the member of one write that Redis refuses (a
+    # score that is no number) fails that write alone, its claim not stored as done; the other writes'
+    # members land, and the refused one's other commands ran, as a transaction's would.
+    broker, runtime, client = worker
+    index = broker.keys.running
+    made: list[str] = []
+
+    def member(job: str, trace: str) -> list[Any]:
+        made.append(job)
+        return [("ZADD", index, "not a number" if len(made) == 2 else 2, job)]
+
+    items, news = group_items(broker, runtime, client, 3, member, done=True)
+
+    answers = runtime.steps._flush(items)
+
+    assert answers[0] == answers[2] == 1 and isinstance(answers[1], redis.ResponseError)
+    assert {m.decode() for m in broker.records.zrange(index, 0, -1)} == {made[0], made[2]}
+    assert [claim_state(broker, item.lease.claim_key) for item in items] == [b"done", b"claimed", b"done"]
+    assert [broker.records.get(item.args[0]) for item in items] == news
