@@ -6,7 +6,8 @@
 --
 --   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, n, (count, command...) x n
 --
---   job      the record's key; sha: the sha1 of the record the write was computed from
+--   job      the record's key; sha: the record the write was computed from, as its bytes, or as their
+--            sha1 (40 hex digits: a record of 40 bytes or fewer, or a large one)
 --   claim    the attempt's claim key ("": none), its owner and fencing token: the write lands only
 --            while that owner holds the claim (shared "1": while the key is done, for an attempt taking
 --            another job's stored output), so an owner whose key was taken over (a paused one) writes
@@ -250,7 +251,7 @@ for place, item in ipairs(items) do
         if not current then current = redis.call("get", job) end
         if not current then
             out[place] = -1
-        elseif redis.sha1hex(current) ~= sha then
+        elseif (#sha == 40 and redis.sha1hex(current) or current) ~= sha then
             out[place] = current
         else
             local n = #ranges / 2

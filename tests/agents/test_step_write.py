@@ -513,3 +513,20 @@ def test_a_write_refused_its_part_of_a_shared_command_fails_alone(worker):
     assert {m.decode() for m in broker.records.zrange(index, 0, -1)} == {made[0], made[2]}
     assert [claim_state(broker, item.lease.claim_key) for item in items] == [b"done", b"claimed", b"done"]
     assert [broker.records.get(item.args[0]) for item in items] == news
+
+
+@pytest.mark.parametrize("size", [40, 41, 4096, 4097])
+def test_a_record_changed_since_is_found_whether_named_by_its_bytes_or_its_sha1(worker, size):
+    # A record up to COMPARED_BYTES (over 40 bytes) is named by its bytes, compared whole; the others
+    # by their sha1 (40 hex digits, which is how the script tells the two apart).
+    broker, runtime, _client = worker
+    key = broker.keys.job(f"compared-{size}")
+    was, now = b"a" * size, b"b" * size
+    nobody = Lease(key="", claim_key="", owner="", token=0)
+    broker.records.set(key, now)
+
+    stale = runtime.steps._item(key, was, [(("SET", key, b"stale"), {})], nobody, None, False)
+    fresh = runtime.steps._item(key, now, [(("SET", key, b"fresh"), {})], nobody, None, False)
+
+    assert runtime.steps._flush([stale]) == [now] and broker.records.get(key) == now
+    assert runtime.steps._flush([fresh]) == [1] and broker.records.get(key) == b"fresh"
