@@ -507,3 +507,19 @@ def test_a_record_changed_since_is_found_whether_named_by_its_bytes_or_its_sha1(
 
     assert runtime.steps._flush([stale]) == [now] and broker.records.get(key) == now
     assert runtime.steps._flush([fresh]) == [1] and broker.records.get(key) == b"fresh"
+
+
+def test_a_write_under_a_claim_an_earlier_release_wrote_as_a_hash_still_lands(worker):
+    # The group's MGET answers none for a claim hash: it is read as a hash, as before, not taken for
+    # no claim at all (which would fence off its owner, or write under nobody's claim).
+    broker, runtime, client = worker
+    [item], [new] = group_items(broker, runtime, client, 1, done=True)
+    lease = item.lease
+    broker.records.delete(lease.claim_key)
+    broker.records.hset(lease.claim_key, mapping={"state": "claimed", "owner": lease.owner, "token": lease.token,
+                                                  "expires": 99999999999999})
+
+    assert runtime.steps._flush([item]) == [1]
+
+    assert broker.records.get(item.args[0]) == new
+    assert claim_state(broker, lease.claim_key) == b"done"  # the string now, as at any claim's next write
