@@ -58,7 +58,15 @@ for i = 1, n do
         if made[job_id] then
             stored = bound[job_id]  -- no record before this batch: an earlier item's key binds it
         else
-            stored = cjson.decode(redis.call("get", key))["payload_hash"]
+            -- A key of another type, a record that is no JSON: the call fails, with nothing written.
+            local ok, raw = pcall(redis.call, "get", key)
+            local decoded = raw
+            if ok then ok, decoded = pcall(cjson.decode, raw) end
+            if not ok then
+                for c = 1, #created do redis.call("del", created[c]) end
+                error(decoded)
+            end
+            stored = decoded["payload_hash"]
             if stored == cjson.null then stored = nil end
         end
         if bound[job_id] == nil then bound[job_id] = hash end

@@ -214,3 +214,13 @@ def test_a_fresh_key_is_checked_by_the_write_of_its_record_alone(tmp_path, make_
         client.redis.close()
     finally:
         server.stop()
+
+
+def test_a_key_whose_record_cannot_be_read_fails_its_batch_with_nothing_written(client):
+    """A checked key whose record is of another type fails the call; the records the batch created
+    before reaching it (SET NX first) are removed, as when every key was read before any write."""
+    client.redis.hset(client.keys.job(job_id_for("broken")), "x", "y")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        client.send_many("executor", [(NOTE, "before-1"), (NOTE, "before-2"), (NOTE, "broken")])
+    assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
+    assert client.queues(["executor"])["executor"]["ready"] == 0
