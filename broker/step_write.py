@@ -2,10 +2,10 @@
 
 A step's pick-up and its success each change the job record. The change is computed in Python, as
 :meth:`~mesh.broker.jobs.JobStore.update` computes it, and applied by ``scripts/step.lua``, which
-writes it only while the record is still the one it was computed from (its sha1) and the attempt's
-claim is still its owner's; a record changed meanwhile comes back in the answer and the change is
-computed again. So a write costs no WATCH, no read round trip and no MULTI, and the success reads
-nothing at all: it is computed from the record the pick-up wrote, validated once.
+writes it only while the record is still the one it was computed from (its bytes, or their sha1 for a
+large one) and the attempt's claim is still its owner's; a record changed meanwhile comes back in the
+answer and the change is computed again. So a write costs no WATCH, no read round trip and no MULTI,
+and the success reads nothing at all: it is computed from the record the pick-up wrote, validated once.
 
 The success write also stores the claim as ``done`` with the step's result and settles the message
 (what the consumer's ack did), in the same script: record, trace events, counters, the next steps'
@@ -44,6 +44,11 @@ SCRIPTED = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL"})
 
 #: Times a write computes its change again from a record another writer changed meanwhile.
 CONFLICT_RETRIES = 50
+
+#: Largest record a write names by its bytes, compared whole by the script, rather than by its sha1: a
+#: comparison costs Redis less than the sha1 of a record of a few kilobytes (and the worker no hash); a
+#: larger record's bytes would cost more to send than its hash costs to compute.
+COMPARED_BYTES = 4096
 
 #: Most argument bytes one script call of a group carries: a group of large writes (a fan-out's
 #: messages) goes in more calls, so that Redis holds no more than this (twice: the command's arguments
@@ -133,7 +138,7 @@ class StepWrites:
               settle: bool) -> _Item:
         settles = settle and fence.settles is not None
         acks, msgs, rid = fence.settles if settles and fence.settles is not None else ("", "", "")
-        args: list[Any] = [key, hashlib.sha1(data).hexdigest(), fence.claim_key, fence.owner, fence.token,
+        args: list[Any] = [key, _expected(data), fence.claim_key, fence.owner, fence.token,
                            "1" if fence.shared else "0", "1" if done is not None else "0", done or b"",
                            rid, acks, msgs, len(commands)]
         for command, _options in commands:
@@ -182,6 +187,12 @@ class StepWrites:
                 # message settled, and the consumer sends no ack of its own.
                 item.lease.settled = True
         return answers
+
+
+def _expected(data: bytes) -> bytes | str:
+    """What step.lua checks the record against: its bytes (compared whole), or, for a record of 40 bytes
+    or fewer or over :data:`COMPARED_BYTES`, its sha1 (40 hex digits, which tells the two apart)."""
+    return data if 40 < len(data) <= COMPARED_BYTES else hashlib.sha1(data).hexdigest()
 
 
 def _record_bytes(commands: list[Any], key: str) -> bytes | None:

@@ -8,15 +8,20 @@
 -- HSET, an EXPIRE and an HMGET. A hash left by an earlier release of the mesh is still read (and
 -- replaced by the string at its next write).
 
+-- A claim's string as read (false: no key): state, owner, token, expires, result.
+local function claim_parse(v)
+    if not v then return false, false, 0, 0, false end
+    local state, token, expires, owner, result = string.match(v, "^(%a+)|(%d*)|(%d*)|([^|]*)|(.*)$")
+    return state, owner, tonumber(token) or 0, tonumber(expires) or 0, result
+end
+
 local function claim_read(key)
     local v = redis.pcall("get", key)
     if type(v) == "table" and v.err then
         local h = redis.call("hmget", key, "state", "owner", "token", "expires", "result")
         return h[1], h[2], tonumber(h[3]) or 0, tonumber(h[4]) or 0, h[5]
     end
-    if not v then return false, false, 0, 0, false end
-    local state, token, expires, owner, result = string.match(v, "^(%a+)|(%d*)|(%d*)|([^|]*)|(.*)$")
-    return state, owner, tonumber(token) or 0, tonumber(expires) or 0, result
+    return claim_parse(v)
 end
 
 local function claim_value(state, token, expires, owner, result)

@@ -8,7 +8,7 @@
 --                  (packing six per job cost the client more than splitting costs here; none of
 --                  the parts holds a newline: ids are hex, the rest is JSON, which escapes them)
 --   payload_hash   "" when the sender gave no key (a fresh key cannot conflict); else what the key
---                  is bound to. Checked first, for every item in order: a stored record bound to
+--                  is bound to. Checked for every item in order: a stored record bound to
 --                  another hash, or (no record yet) an earlier item of the batch with the same job
 --                  and another hash, is a conflict: the script writes nothing and returns the
 --                  1-based index of that item. Records without a payload_hash bind nothing.
@@ -41,32 +41,50 @@ for i = 1, n do
     events[i], message_ids[i], messages[i] = sub(job, c + 1, d - 1), sub(job, d + 1, e - 1), sub(job, e + 1)
 end
 
-local bound = {}
+-- The records first, in order, each a SET NX: a fresh key (the usual case) costs that one command,
+-- and only a record that was there already is read for its payload_hash. A conflict found then
+-- deletes the records this batch created (the script is atomic: nobody saw them), so nothing is
+-- written, as when every key was checked before the first write.
+local bound, created, made = {}, {}, {}
 for i = 1, n do
     local job_id, hash = ids[i], hashes[i]
-    if hash ~= "" then
-        local raw = redis.call("get", ns .. ":job:" .. job_id)
+    local key = ns .. ":job:" .. job_id
+    if redis.call("set", key, records[i], "nx") then
+        created[#created + 1] = key
+        made[job_id] = true
+        if hash ~= "" then bound[job_id] = hash end
+    elseif hash ~= "" then
         local stored
-        if raw then
-            stored = cjson.decode(raw)["payload_hash"]
-            if stored == cjson.null then stored = nil end
+        if made[job_id] then
+            stored = bound[job_id]  -- no record before this batch: an earlier item's key binds it
         else
-            stored = bound[job_id]
+            -- A key of another type, a record that is no JSON: the call fails, with nothing written.
+            local ok, raw = pcall(redis.call, "get", key)
+            local decoded = raw
+            if ok then ok, decoded = pcall(cjson.decode, raw) end
+            if not ok then
+                for c = 1, #created do redis.call("del", created[c]) end
+                error(decoded)
+            end
+            stored = decoded["payload_hash"]
+            if stored == cjson.null then stored = nil end
         end
         if bound[job_id] == nil then bound[job_id] = hash end
-        if stored ~= nil and stored ~= hash then return i end
+        if stored ~= nil and stored ~= hash then
+            for c = 1, #created do redis.call("del", created[c]) end
+            return i
+        end
     end
 end
 
--- One command per job for its record and trace; the index, bodies and ids in commands of up to
--- `slice` jobs each (Lua's stack bounds how many arguments one call may take).
+-- One command per job for its trace; the index, bodies and ids in commands of up to `slice` jobs
+-- each (Lua's stack bounds how many arguments one call may take).
 local jobs, msgs, ready = ns .. ":jobs", ns .. ":" .. queue .. ".msgs", ns .. ":" .. queue
 local slice = 1000
 for from = 1, n, slice do
     local index, bodies, pushed = {}, {}, {}
     for i = from, math.min(n, from + slice - 1) do
         local job_id = ids[i]
-        redis.call("set", ns .. ":job:" .. job_id, records[i], "nx")
         redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", events[i])
         index[#index + 1] = created_at
         index[#index + 1] = job_id

@@ -6,7 +6,8 @@
 --
 --   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, n, (count, command...) x n
 --
---   job      the record's key; sha: the sha1 of the record the write was computed from
+--   job      the record's key; sha: the record the write was computed from, as its bytes, or as their
+--            sha1 (40 hex digits: a record of 40 bytes or fewer, or a large one)
 --   claim    the attempt's claim key ("": none), its owner and fencing token: the write lands only
 --            while that owner holds the claim (shared "1": while the key is done, for an attempt taking
 --            another job's stored output), so an owner whose key was taken over (a paused one) writes
@@ -31,7 +32,10 @@
 -- Nothing is rolled back when a script fails midway, so no command's refusal fails the script: the
 -- other items of the group and their counters land whatever one item's command did (a counter Redis
 -- refuses is left out, and logged).
-
+--
+-- One MGET reads every claim and record the group checks, where each write read its own two with a
+-- GET each; a key a command of the group wrote since is read again, alone, when a later write checks
+-- it (as is a key MGET answers none for: absent, or a claim hash an earlier release wrote).
 local ttl = tonumber(ARGV[1])
 local out = {}
 local sums, order = {}, {}
@@ -72,6 +76,46 @@ local function settled(id, acks, msgs)
     return 1
 end
 
+-- The group's claims and records, read at once: key -> its place in values. A key a command of the
+-- group touched since is stale: read again when a later write checks it.
+local checked, values, stale = {}, {}, {}
+do
+    local names, i = {}, 2
+    while i <= #ARGV do
+        local job, claim = ARGV[i], ARGV[i + 2]
+        if claim ~= "" and not checked[claim] then names[#names + 1] = claim; checked[claim] = #names end
+        if not checked[job] then names[#names + 1] = job; checked[job] = #names end
+        local n = tonumber(ARGV[i + 11])
+        i = i + 12
+        for _ = 1, n do i = i + 1 + tonumber(ARGV[i]) end
+    end
+    for from = 1, #names, 1000 do  -- Lua's stack bounds how many arguments one call may take
+        local got = redis.call("mget", unpack(names, from, math.min(#names, from + 999)))
+        for k = 1, #got do values[from + k - 1] = got[k] end
+    end
+end
+
+-- Commands whose one key is their first argument: only that one is looked up among the checked keys
+-- (any other command has every argument looked up).
+local SINGLE = {
+    SET = true, SETEX = true, PSETEX = true, SETNX = true, GETSET = true, GETDEL = true, GETEX = true,
+    APPEND = true, INCR = true, INCRBY = true, DECR = true, DECRBY = true, XADD = true, XTRIM = true,
+    ZADD = true, ZREM = true, ZINCRBY = true, ZREMRANGEBYSCORE = true, ZREMRANGEBYRANK = true, SADD = true,
+    SREM = true, HSET = true, HMSET = true, HSETNX = true, HDEL = true, EXPIRE = true, PEXPIRE = true,
+    EXPIREAT = true, PEXPIREAT = true, PERSIST = true, RPUSH = true, LPUSH = true, RPUSHX = true,
+    LPUSHX = true, LTRIM = true, LREM = true, LSET = true,
+}
+
+local function touched(name, from, to)
+    if SINGLE[name] then
+        if checked[ARGV[from + 1]] then stale[ARGV[from + 1]] = true end
+    else
+        for a = from + 1, to do
+            if checked[ARGV[a]] then stale[ARGV[a]] = true end
+        end
+    end
+end
+
 local i = 2
 while i <= #ARGV do
     local job, sha, claim, owner, own_token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
@@ -87,7 +131,13 @@ while i <= #ARGV do
     local answer
     local held, landed, token = true, false, 0
     if claim ~= "" then
-        local state, holder, held_token = claim_read(claim)
+        local state, holder, held_token
+        local v = not stale[claim] and values[checked[claim]]
+        if v then
+            state, holder, held_token = claim_parse(v)
+        else
+            state, holder, held_token = claim_read(claim)
+        end
         token = held_token
         if shared == "1" then
             held = state == "done"
@@ -103,10 +153,11 @@ while i <= #ARGV do
         -- after it ran): nothing more is written, whatever its change would make of the record now.
         answer = settled(id, acks, msgs)
     else
-        local current = redis.call("get", job)
+        local current = not stale[job] and values[checked[job]]
+        if not current then current = redis.call("get", job) end
         if not current then
             answer = -1
-        elseif redis.sha1hex(current) ~= sha then
+        elseif (#sha == 40 and redis.sha1hex(current) or current) ~= sha then
             answer = current
         else
             local refused = nil
@@ -117,6 +168,7 @@ while i <= #ARGV do
                 if by then
                     add(name == "HINCRBY" and "i" or "f", ARGV[from + 1], ARGV[from + 2], by)
                 else
+                    touched(name, from, to)
                     local ok, err = pcall(run, from, to)
                     if not ok then
                         if not own(err) then error(redis.error_reply(refusal(err))) end
@@ -129,6 +181,7 @@ while i <= #ARGV do
             else
                 if done == "1" and claim ~= "" and shared ~= "1" then
                     redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
+                    stale[claim] = true
                 end
                 answer = settled(id, acks, msgs)
             end

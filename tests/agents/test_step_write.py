@@ -410,3 +410,116 @@ def test_a_renewal_answered_after_the_success_landed_does_not_call_the_lease_los
     idem.renew()
 
     assert not lease.lost
+
+
+@pytest.fixture
+def private_worker(tmp_path, make_settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
+    """The ``worker`` fixture's broker, runtime and client on a private redis-server: its commands
+    counted (INFO commandstats) are the test's alone."""
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)
+    server.start()
+    try:
+        during.clear()
+        settings = make_settings(redis_url=server.url)
+        broker = build_broker(settings)
+        runtime = AgentRuntime.from_settings(settings, broker.records, app)
+        declare_app(broker, runtime)
+        client = MeshClient(settings, client=broker.records, app=app)
+        yield broker, runtime, client
+        broker.close()
+    finally:
+        server.stop()
+
+
+def commands(r: redis.Redis, *names: str) -> dict[str, int]:
+    """How many times Redis ran each of ``names`` so far (scripts' commands included)."""
+    stats = r.info("commandstats")
+    return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names}
+
+
+def ran(r: redis.Redis, since: dict[str, int]) -> dict[str, int]:
+    now = commands(r, *since)
+    return {name: now[name] - since[name] for name in since}
+
+
+@pytest.mark.slow
+def test_a_group_reads_its_claims_and_records_at_once(private_worker):
+    # Each write read its claim and its record with a GET each: a group of 4 writes ran 8 GETs (7: the
+    # write whose claim was taken over reads no record), now one MGET. That write still writes nothing.
+    broker, runtime, client = private_worker
+    running = broker.keys.running
+    items, news = group_items(broker, runtime, client, 4,
+                              lambda job, trace: [("ZADD", running, 1.5, job), ("ZREM", broker.keys.jobs, job)])
+    lost = items[2].lease
+    broker.records.set(lost.claim_key, f"claimed|{lost.token + 1}|99999999999999|next|".encode())
+    before = broker.records.get(items[2].args[0])
+    script = runtime.steps.script
+    broker.records.script_load(script.script)  # no NOSCRIPT answer to count
+    since = commands(broker.records, "get", "mget", "zadd", "zrem", "set", "xadd")
+
+    answers = runtime.steps._flush(items)
+
+    assert answers == [1, 1, 0, 1]
+    assert ran(broker.records, since) == {"get": 0, "mget": 1, "zadd": 3, "zrem": 3, "set": 3, "xadd": 3}
+    assert [broker.records.get(item.args[0]) for item in items] == [news[0], news[1], before, news[3]]
+    members = {m.decode() for m in broker.records.zrange(running, 0, -1)}
+    assert members == {items[k].args[0] for k in (0, 1, 3)}
+    assert claim_state(broker, lost.claim_key) == b"claimed"
+
+
+@pytest.mark.slow
+def test_a_write_checks_what_an_earlier_write_of_its_group_wrote_not_what_the_group_read(private_worker):
+    # The group's claims and records are read at once, before any write: a write that changes another
+    # write's record (or claim) in the same group has that one read again, and it finds its record
+    # changed (answered with the bytes now there: computed again), not the bytes read before.
+    broker, runtime, client = private_worker
+    items, news = group_items(broker, runtime, client, 2)
+    second = items[1].args[0]
+    changed = b'{"changed": true}'
+    first, _ = group_items(broker, runtime, client, 1, lambda job, trace: [("SET", second, changed)])
+    taken = items[1].lease
+    broker.records.script_load(runtime.steps.script.script)
+    since = commands(broker.records, "get", "mget")
+
+    answers = runtime.steps._flush([first[0], items[1], items[0]])
+
+    assert ran(broker.records, since) == {"get": 1, "mget": 1}  # the one key written since: read again
+    assert answers[0] == 1 and answers[1] == changed and answers[2] == 1
+    assert broker.records.get(second) == changed  # not overwritten by a write computed from the old bytes
+    assert broker.records.get(items[0].args[0]) == news[0]
+    assert claim_state(broker, taken.claim_key) == b"claimed"
+
+
+@pytest.mark.parametrize("size", [40, 41, 4096, 4097])
+def test_a_record_changed_since_is_found_whether_named_by_its_bytes_or_its_sha1(worker, size):
+    # A record up to COMPARED_BYTES (over 40 bytes) is named by its bytes, compared whole; the others
+    # by their sha1 (40 hex digits, which is how the script tells the two apart).
+    broker, runtime, _client = worker
+    key = broker.keys.job(f"compared-{size}")
+    was, now = b"a" * size, b"b" * size
+    nobody = Lease(key="", claim_key="", owner="", token=0)
+    broker.records.set(key, now)
+
+    stale = runtime.steps._item(key, was, [(("SET", key, b"stale"), {})], nobody, None, False)
+    fresh = runtime.steps._item(key, now, [(("SET", key, b"fresh"), {})], nobody, None, False)
+
+    assert runtime.steps._flush([stale]) == [now] and broker.records.get(key) == now
+    assert runtime.steps._flush([fresh]) == [1] and broker.records.get(key) == b"fresh"
+
+
+def test_a_write_under_a_claim_an_earlier_release_wrote_as_a_hash_still_lands(worker):
+    # The group's MGET answers none for a claim hash: it is read as a hash, as before, not taken for
+    # no claim at all (which would fence off its owner, or write under nobody's claim).
+    broker, runtime, client = worker
+    [item], [new] = group_items(broker, runtime, client, 1, done=True)
+    lease = item.lease
+    broker.records.delete(lease.claim_key)
+    broker.records.hset(lease.claim_key, mapping={"state": "claimed", "owner": lease.owner, "token": lease.token,
+                                                  "expires": 99999999999999})
+
+    assert runtime.steps._flush([item]) == [1]
+
+    assert broker.records.get(item.args[0]) == new
+    assert claim_state(broker, lease.claim_key) == b"done"  # the string now, as at any claim's next write

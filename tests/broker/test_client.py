@@ -170,3 +170,57 @@ def test_a_chunk_larger_than_the_scripts_slice_is_written_whole(client):
     assert client.redis.zcard(client.keys.jobs) == 2_100
     assert all(client.redis.mget([client.keys.job(r.id) for r in refs]))
     assert client.redis.llen(client.keys.wake("executor")) == 64  # capped
+
+
+def test_a_conflict_writes_nothing_of_its_batch_not_even_the_fresh_keys_before_it(client):
+    """The records are created first (SET NX) and a conflict found at a later item removes the ones
+    the batch created: no record, trace, index entry or message of the batch is left."""
+    client.send("executor", NOTE, key="held")
+    other = {"tool": "note", "args": {"title": "other"}}
+    for items, key in (([(NOTE, "fresh-1"), (NOTE, "fresh-2"), (other, "held")], "held"),
+                       ([(NOTE, "fresh-3"), (NOTE, "twice"), (other, "twice")], "twice")):
+        with pytest.raises(KeyConflict) as caught:
+            client.send_many("executor", items)
+        assert caught.value.context["key"] == key
+        for _payload, sent in items:
+            if sent != "held":
+                job = job_id_for(sent)
+                assert client.jobs.get(job) is None and not client.redis.exists(client.keys.trace(job))
+                assert client.redis.zscore(client.keys.jobs, job) is None
+    assert client.queues(["executor"])["executor"]["ready"] == 1
+
+
+@pytest.mark.slow
+def test_a_fresh_key_is_checked_by_the_write_of_its_record_alone(tmp_path, make_settings):
+    """A key given by the sender was read (GET) before its record was written (SET NX): the SET NX
+    alone tells a fresh key, and only a key already taken is read for the payload it is bound to."""
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)
+    server.start()
+    try:
+        client = MeshClient(make_settings(redis_url=server.url))
+        client.send("executor", NOTE, key="warm")  # the script loaded
+
+        def gets() -> int:
+            return int(client.redis.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+        before = gets()
+        client.send_many("executor", [(NOTE, f"new-{i}") for i in range(3)])
+        assert gets() - before == 0
+        client.send_many("executor", [(NOTE, "warm"), (NOTE, "new-4")])
+        assert gets() - before == 1  # the key taken already
+        assert client.queues(["executor"])["executor"]["ready"] == 6
+        client.redis.close()
+    finally:
+        server.stop()
+
+
+def test_a_key_whose_record_cannot_be_read_fails_its_batch_with_nothing_written(client):
+    """A checked key whose record is of another type fails the call; the records the batch created
+    before reaching it (SET NX first) are removed, as when every key was read before any write."""
+    client.redis.hset(client.keys.job(job_id_for("broken")), "x", "y")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        client.send_many("executor", [(NOTE, "before-1"), (NOTE, "before-2"), (NOTE, "broken")])
+    assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
+    assert client.queues(["executor"])["executor"]["ready"] == 0
