@@ -172,3 +172,13 @@ def test_the_message_ids_are_uuid4_texts():
     message = orjson.loads(batch.args[4].split(b"\n")[5])
     for text in (message["message_id"], message["options"]["redis_message_id"]):
         assert str(uuid.UUID(text)) == text and uuid.UUID(text).version == 4
+
+
+def test_message_ids_cut_from_the_random_hex_are_what_the_uuid4_bits_make_of_the_same_bytes(monkeypatch):
+    import os
+
+    from mesh.broker import outbox
+
+    pool = os.urandom(16 * 300)
+    monkeypatch.setattr(outbox.os, "urandom", lambda n: pool[:n])
+    assert outbox.new_message_ids(300) == [outbox._uuid4_text(pool[i:i + 16]) for i in range(0, 16 * 300, 16)]
