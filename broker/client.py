@@ -221,6 +221,9 @@ class MeshClient:
         self._registered: set[tuple[str, str]] = set()
         #: Deadlines are set on the Redis server's clock, where workers check them.
         self.clock = ServerClock(self.redis)
+        #: The targets of declared agents by name, each with what it was made of (the app, its spec of
+        #: the agent, the agent given): made again when any of them is no longer what it was.
+        self._targets: dict[str, tuple[Any, Any, Any, Target]] = {}
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None,
                priority: Priority = "normal") -> JobRef[JobRecord]:
@@ -400,6 +403,21 @@ class MeshClient:
         or one the client's app declares), by the built-in contracts, or by the schema the agent's
         workers published (one Redis read). UnknownAgent, naming the known agents, when none of them
         knows it."""
+        app, given, ref = self.app, cast(Any, agent), isinstance(agent, AgentRef)
+        if isinstance(agent, AgentRef):
+            name, given = agent.name, (agent, agent.queue, agent.version, agent.input, agent.output)
+        else:
+            name = agent
+        spec = app.agents.get(name) if app is not None else None
+        cached = self._targets.get(name)
+        if cached is not None and cached[0] is app and cached[1] is spec and cached[2] == given:
+            return cached[3]
+        made = self._target(agent)
+        if spec is not None or ref:  # a declared agent: made of what is compared above
+            self._targets[name] = (app, spec, given, made)
+        return made
+
+    def _target(self, agent: str | AgentRef[Any, Any]) -> Target:
         if isinstance(agent, AgentRef):
             own = self.app.agents.get(agent.name) if self.app is not None else None
             if own is not None and (own.input, own.output, own.queue) != (agent.input, agent.output, agent.queue):

@@ -127,15 +127,61 @@ def _templates(agent: str, queue: str, version: int | None, token_budget: int | 
     return envelope, record, step, event
 
 
+#: The slots of :func:`_formats` (``%(slot)b``), each filled with the JSON of its field: the batch's
+#: times (``now``, the ``deadline``, the message's ``ts``), then each job's own fields.
+_SLOTS = ("now", "deadline", "ts", "key", "job_id", "step_id", "trace_id", "flow_key", "payload", "payload_hash",
+          "rid", "mid")
+
+
+@functools.lru_cache(maxsize=256)
+def _formats(agent: str, queue: str, version: int | None, token_budget: int | None, goal: str | None,
+             priority: Priority, flow: bool) -> tuple[bytes, bytes, bytes]:
+    """The message, job record and ``enqueued`` event of :class:`NewJobs`, as bytes formats
+    (``format % {b"key": ..., ...}``): the dicts of :func:`_templates`, given each field a job fills
+    exactly as :meth:`NewJobs.add` did on copies of them, encoded by orjson once with a marker string
+    in each of those fields, then each marker (quoted) made a ``%(slot)b``. Filled with each field's
+    own encoding (``orjson.dumps(value)``, the payload's :func:`dumps`), a format gives the bytes
+    orjson gives for the filled dict. ``flow``: the envelope carries a flow key."""
+    envelope, record, step, event = _templates(agent, queue, version, token_budget, goal, priority)
+    marker = "mesh-slot-" + os.urandom(12).hex() + ":"
+    slot = {name: marker + name for name in _SLOTS}
+    env = {**envelope, "deadline": slot["deadline"], "key": slot["key"], "job_id": slot["job_id"],
+           "step_id": slot["step_id"], "trace_id": slot["trace_id"]}
+    if flow:
+        env["flow_key"] = slot["flow_key"]
+    env["payload"] = slot["payload"]
+    message = {"queue_name": queue, "actor_name": agent, "args": [env], "kwargs": {},
+               "options": {"redis_message_id": slot["rid"]}, "message_id": slot["mid"],
+               "message_timestamp": slot["ts"]}
+    stepped = {**step, "sent_at": slot["now"], "created_at": slot["now"], "updated_at": slot["now"],
+               "step_id": slot["step_id"], "key": slot["key"], "input": slot["payload"]}
+    job = {**record, "created_at": slot["now"], "updated_at": slot["now"], "job_id": slot["job_id"],
+           "key": slot["key"], "trace_id": slot["trace_id"], "steps": {slot["step_id"]: stepped},
+           "payload_hash": slot["payload_hash"]}
+    ev = {**event, "at": slot["now"], "trace_id": slot["trace_id"], "job_id": slot["job_id"], "key": slot["key"],
+          "step_id": slot["step_id"]}
+
+    def compile(value: Any) -> bytes:
+        text = orjson.dumps(value).replace(b"%", b"%%")
+        for name, mark in slot.items():
+            text = text.replace(orjson.dumps(mark), b"%(" + name.encode() + b")b")
+        if marker.encode() in text:  # pragma: no cover - a marker orjson did not write as given
+            raise AssertionError("a slot of the enqueue formats was not replaced")
+        return text
+
+    return compile(message), compile(job), compile(ev)
+
+
 class NewJobs:
     """A batch of new jobs for one agent, each recorded with its first message and ``enqueued`` trace
     event: the transactional outbox of a client's sends, written by one script (scripts/enqueue.lua)
     that checks the batch's keys and writes everything atomically, in one round trip.
 
     The envelope, job and step dicts are dumped from their models once per agent (which checks the
-    fields every item shares; see :func:`_templates`), given the batch's times, and copied per item
-    with the item's own fields; the payload is encoded once and embedded as it is: the bytes are the
-    ones the models would encode."""
+    fields every item shares; see :func:`_templates`) and encoded once into bytes formats with a slot
+    per field a job fills (:func:`_formats`); a batch fills in its times, each job its own fields,
+    each field encoded as orjson encodes it in the dict: the bytes are the ones the models would
+    encode (tests/broker/test_client.py checks them against the models)."""
 
     def __init__(self, *, agent: str, queue: str, version: int | None, deadline: float,
                  token_budget: int | None, goal: str | None, now: float,
@@ -150,14 +196,12 @@ class NewJobs:
         now, deadline = float(now), float(deadline)
         if not math.isfinite(deadline):  # what the envelope refuses: its own validation says so
             Envelope(key="-", job_id="-", step_id="-", agent=agent, trace_id="1" * 32, deadline=deadline, payload={})
-        envelope, record, step, event = _templates(agent, queue, version, token_budget, goal, priority)
-        # The times are the only fields that change from batch to batch: set on copies of the dicts
-        # the models dumped (a key keeps its place when its value is replaced).
-        self.envelope = {**envelope, "deadline": deadline}
-        self.record = {**record, "created_at": now, "updated_at": now}
-        self.step = {**step, "sent_at": now, "created_at": now, "updated_at": now}
-        self.event = {**event, "at": now}
+        self._spec = (agent, queue, version, token_budget, goal, priority)
+        #: The envelope every message shares (the item's fields aside): what a payload the formats
+        #: cannot take is checked with, and what the depth of a message is measured on.
+        self.envelope = {**_templates(*self._spec)[0], "deadline": deadline}
         self.timestamp_ms = int(now * 1000)
+        self._times = (orjson.dumps(now), orjson.dumps(deadline), orjson.dumps(self.timestamp_ms))
         self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN]
         self.keys: list[str] = []
         #: Message ids made ahead, two per message.
@@ -169,29 +213,27 @@ class NewJobs:
         """One job and its message. ``checked``: the key was given, so it must not already name a job
         created with another payload (nor an earlier item of the batch with another one)."""
         if not key or len(key) > _KEY_MAX or not step_id or len(step_id) > _STEP_MAX or type(payload) is not dict:
-            # What the templates do not cover: the envelope's own validation says what is wrong (or,
+            # What the formats do not cover: the envelope's own validation says what is wrong (or,
             # for a mapping that is not a dict, gives the dict).
             payload = Envelope(**{**self.envelope, "key": key, "step_id": step_id, "payload": payload}).payload
-        body = orjson.Fragment(dumps(payload))
-        env = {**self.envelope, "key": key, "job_id": job_id, "step_id": step_id, "trace_id": trace_id}
-        if flow_key is not None:
-            env["flow_key"] = flow_key
-        env["payload"] = body  # last, as the model writes it: the queue scripts read what comes before it
-        step = {**self.step, "step_id": step_id, "key": key, "input": body}
-        record = {**self.record, "job_id": job_id, "key": key, "trace_id": trace_id, "steps": {step_id: step},
-                  "payload_hash": payload_hash}
-        event = {**self.event, "trace_id": trace_id, "job_id": job_id, "key": key, "step_id": step_id}
+        body = dumps(payload)
         if not self.ids:
             self.ids = new_message_ids(2 * min(128, max(1, self.expected - len(self.keys))))
         rid, mid = self.ids.pop(), self.ids.pop()
-        message = {"queue_name": self.queue, "actor_name": self.agent, "args": [env], "kwargs": {},
-                   "options": {"redis_message_id": rid}, "message_id": mid,
-                   "message_timestamp": self.timestamp_ms}
-        data = orjson.dumps(message)
-        if self.max_bytes is not None and self.max_depth is not None:
-            check_limits(data, [{**env, "payload": payload}], self.max_bytes, self.max_depth)
-        self.args.append(b"\n".join((job_id.encode(), payload_hash.encode() if checked else b"", orjson.dumps(record),
-                                      orjson.dumps(event), rid.encode(), data)))
+        message, record, event = _formats(*self._spec, flow_key is not None)
+        quoted, (now, deadline, ts) = orjson.dumps, self._times
+        fields = {b"now": now, b"deadline": deadline, b"ts": ts, b"key": quoted(key), b"job_id": quoted(job_id),
+                  b"step_id": quoted(step_id),
+                  b"trace_id": quoted(trace_id), b"payload": body, b"payload_hash": quoted(payload_hash),
+                  b"rid": quoted(rid), b"mid": quoted(mid)}
+        if flow_key is not None:
+            fields[b"flow_key"] = quoted(flow_key)
+        data = message % fields
+        if self.max_bytes is not None and self.max_depth is not None and (
+                len(data) > self.max_bytes or data.count(b"[") + data.count(b"{") > self.max_depth - 1):
+            check_limits(data, [{**self.envelope, "payload": payload}], self.max_bytes, self.max_depth)
+        self.args.append(b"\n".join((job_id.encode(), payload_hash.encode() if checked else b"", record % fields,
+                                      event % fields, rid.encode(), data)))
         self.keys.append(key)
 
     def write(self, script: Any, keys: Keys, client: Any = None) -> Any:
@@ -214,9 +256,16 @@ def new_message_id() -> str:
 
 
 def new_message_ids(n: int) -> list[str]:
-    """``n`` of :func:`new_message_id`, from one read of the system's random source."""
-    pool = os.urandom(16 * n)
-    return [_uuid4_text(pool[i:i + 16]) for i in range(0, 16 * n, 16)]
+    """``n`` of :func:`new_message_id`, from one read of the system's random source, cut from its hex:
+    the version digit written as 4 and the variant digit's top two bits as 10 (what :func:`_uuid4_text`
+    sets on the bytes)."""
+    h, v = os.urandom(16 * n).hex(), _VARIANT
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-4{h[i + 13:i + 16]}-{v[h[i + 16]]}{h[i + 17:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, 32 * n, 32)]
+
+
+#: A hex digit with its top two bits made 10 (a UUID's variant).
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def _uuid4_text(random16: bytes) -> str:
