@@ -11,6 +11,7 @@ queue, the delayed messages dramatiq dropped from memory. The broker keeps the i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -51,6 +52,13 @@ FETCH_MAX = 1000
 
 #: Times a settlement re-reads a job record that another writer changed meanwhile.
 CONFLICT_RETRIES = 50
+
+#: Numbers the fetches of this process: a fetch's claims are owned by "{worker}:{nonce}:{n}", and a
+#: worker id names one broker, so a count is as unique as a random nonce. Not ``uuid4``: its system
+#: call for random bytes releases the GIL, which a worker thread just handed a message then takes,
+#: and the consumer, short of its block for the next token, waits for it (up to the interpreter's
+#: switch interval, 5 ms) while it holds the worker's pick-up write up in turn (docs/performance.md).
+_FETCHES = itertools.count(1)
 
 #: Bytes of a message over MESH_MAX_MESSAGE_BYTES its dead letter keeps (with the full length and sha256).
 OVERSIZED_PREFIX_BYTES = 4096
@@ -407,7 +415,7 @@ class MeshConsumer(_RedisConsumer):
         now = time.monotonic()
         beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
         idem = self.idempotency
-        nonce = uuid.uuid4().hex[:12]
+        nonce = f"{next(_FETCHES):x}"
         # An agent's queue has each claimed message's job record read with it: its pick-up reads nothing.
         records = idem is not None and self.queue_name in self.broker.record_queues
         claim = (nonce, idem.lease_ms, idem.ttl_s, "1" if records else "0") if idem is not None else ()

@@ -99,6 +99,8 @@ class MeshBroker(RedisBroker):
         self.record_queues: set[str] = set()
         #: Set when a worker on this broker starts stopping (see ``emit_before``).
         self.stopping = threading.Event()
+        #: Per thread, the connection its waits for wake-up tokens go on (see ``_blpop``).
+        self._waits = threading.local()
 
     def declare_actor(self, actor: dramatiq.Actor[Any, Any]) -> None:
         """dramatiq's declaration, refusing the actor options the mesh would silently ignore
@@ -133,7 +135,34 @@ class MeshBroker(RedisBroker):
         if self.stopping.is_set():
             timeout_s = min(timeout_s, STOPPING_WAIT_S)
         keys = [self.keys.wake(queue_name), self.keys.stop(self.broker_id)]
-        return self.client.blpop(keys, timeout=timeout_s) is not None
+        if self.client.connection is not None:  # a single-connection client: its one connection
+            return self.client.blpop(keys, timeout=timeout_s) is not None
+        return self._blpop(keys, timeout_s) is not None
+
+    def _blpop(self, keys: list[str], timeout_s: float) -> Any:
+        """BLPOP on a connection the calling thread keeps for its waits, not one checked out of the pool
+        for each: the pool's check of a connection it hands out polls the socket, a system call that
+        releases the GIL, and a consumer that has just handed a message to a worker thread would lose the
+        GIL to that thread there and block only after the thread's pick-up (its drop request waits out
+        the interpreter's switch interval, 5 ms). The connection's replies are always read in full, or
+        it is dropped. A kept connection that fails (the server closed it meanwhile) is connected again
+        and the wait sent once more: a token taken by the lost wait costs one ``WAIT_S`` at most, as a
+        message pushed without a token does."""
+        held = getattr(self._waits, "connection", None)
+        conn = held or self.client.connection_pool.get_connection()  # checked by the pool once
+        self._waits.connection = conn
+        for attempt in (1, 2):
+            try:
+                conn.send_command("BLPOP", *keys, timeout_s)
+                return conn.read_response()
+            except redis.ConnectionError:
+                conn.disconnect()  # connected again by the next send
+                if attempt == 2 or held is None:
+                    raise
+            except BaseException:  # a reply half read: the connection goes
+                conn.disconnect()
+                raise
+        return None
 
     def wait_then_fetch(self, queue_name: str, timeout_s: float, *fetch: Any) -> tuple[bool, Any]:
         """:meth:`wait_for_work`, then ``settle("fetch", queue_name, *fetch)`` at once, whether a token

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -79,6 +80,55 @@ def test_a_message_pushed_without_a_token_is_fetched_after_one_wait(
     pipe.execute()
     found = wait_for(lambda: next(consumer_), timeout_s=5)
     assert found.options["redis_message_id"] == "no-token"
+
+
+def test_a_fetch_draws_no_random_bytes_and_every_claim_it_makes_has_an_owner_of_its_own(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Random bytes are a system call that lets a worker thread, just handed a message, take the GIL from the
+    # consumer before it blocks for the next token: the fetches are numbered instead.
+    def drawn() -> None:
+        raise AssertionError("a fetch drew random bytes")
+
+    monkeypatch.setattr(consumer, "uuid", SimpleNamespace(uuid4=drawn))
+    consumer_, sent = counted
+    client.send("executor", NOTE)
+    fetched = [next(consumer_)]  # a fetch, then (the queue emptied) a wait and the fetch after it
+    client.send_many("executor", [(NOTE, None)] * 3)
+    fetched += [wait_for(lambda: next(consumer_), timeout_s=5) for _ in range(3)]
+    assert "wait+fetch" in sent  # the three came with the fetch that followed a wait
+    owners = [message.mesh_claim.owner for message in fetched]
+    assert len(set(owners)) == 4
+    broker_id = consumer_.broker.broker_id
+    assert all(owner.startswith(f"{broker_id}:") and owner.count(":") == 2 for owner in owners)
+    assert all(message.mesh_claim.lease is not None for message in fetched)  # each claim won by its fetch
+
+
+def test_waits_go_on_a_connection_the_consumer_keeps_and_one_the_server_closed_is_connected_again(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A connection checked out of the pool is checked with a poll of its socket, a system call that lets a
+    # worker thread take the GIL from the consumer before it blocks: the waits keep theirs.
+    consumer_, sent = counted
+    broker = consumer_.broker
+    assert next(consumer_) is None  # a fetch found nothing, a wait ran out and its fetch found nothing
+    pool = broker.client.connection_pool
+    checked_out, check_out = [], pool.get_connection
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        checked_out.append(conn := check_out(*args, **kwargs))
+        return conn
+
+    monkeypatch.setattr(pool, "get_connection", noted)
+    for _ in range(3):
+        ref = client.send("executor", NOTE)
+        assert next(consumer_).args[0]["job_id"] == ref.id  # the token ends the wait, the fetch follows
+    assert sent.count("wait+fetch") == 4
+    assert len(checked_out) == 3  # each fetch's connection: the waits went on the one the first wait took
+    # The server closes the waits' connection between two waits: the next wait is sent again on a new one.
+    kept = broker._waits.connection
+    host, port = kept._sock.getsockname()[:2]
+    assert client.redis.client_kill_filter(_type=None, addr=f"{host}:{port}", skipme=True) == 1
+    ref = client.send("executor", NOTE)
+    assert next(consumer_).args[0]["job_id"] == ref.id
 
 
 @pytest.mark.slow
