@@ -41,16 +41,19 @@ def events(client: MeshClient, job_id: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def serve(make_settings: Callable[..., Any]) -> Iterator[Callable[..., MeshClient]]:
-    """Start a one-thread worker for ``app`` in this process; the client that sends to it."""
+def serve(make_settings: Callable[..., Any]) -> Iterator[Callable[..., tuple[MeshClient, str]]]:
+    """Send one message to ``agent``, then start a one-thread worker for ``app`` in this process (its
+    first fetch finds the message waiting, as a busy worker's does); the client and the job."""
     from mesh.ops.worker import start_worker
 
     workers = []
 
-    def run(**overrides: Any) -> MeshClient:
+    def run(agent: str, **overrides: Any) -> tuple[MeshClient, str]:
         settings = make_settings(**overrides)
+        client = MeshClient(settings, app=app)
+        job = client.send(agent, {"text": "x"}).id
         workers.append(start_worker(settings, None, 1, app=app))
-        return MeshClient(settings, app=app)
+        return client, job
 
     yield run
     for worker in workers:
@@ -59,8 +62,7 @@ def serve(make_settings: Callable[..., Any]) -> Iterator[Callable[..., MeshClien
 
 
 def test_a_note_written_by_a_short_step_follows_its_picked_up_in_time_order(serve: Any) -> None:
-    client = serve()
-    job = client.send("noted", {"text": "x"}).id
+    client, job = serve("noted")
     record = client.wait(job, timeout_s=30)
 
     assert record.state is State.SUCCEEDED, (record.state, record.error)
@@ -74,8 +76,7 @@ def test_a_note_written_by_a_short_step_follows_its_picked_up_in_time_order(serv
 @pytest.mark.parametrize("agent", ["cancels", "cancels_async"])
 def test_a_cancel_as_the_handler_starts_finds_the_step_running_and_it_ends_as_one_that_ran(
         serve: Any, agent: str) -> None:
-    client = serve(lease_s=3)
-    job = client.send(agent, {"text": "x"}).id
+    client, job = serve(agent, lease_s=3)
     wait_for(lambda: next(iter(client.status(job).steps.values())).state not in (State.QUEUED, State.RUNNING),
              timeout_s=30)
     record = client.status(job)
@@ -96,9 +97,8 @@ def test_a_cancel_as_the_handler_starts_finds_the_step_running_and_it_ends_as_on
 
 
 def test_a_step_that_runs_on_shows_running_and_is_in_the_running_index_as_its_handler_starts(serve: Any) -> None:
-    client = serve()
+    client, job = serve("held")
     ns = client.settings.namespace
-    job = client.send("held", {"text": "x"}).id
     wait_for(lambda: client.redis.get(arrived_key(ns, job)), timeout_s=30)
 
     # Read once, as the handler has started: no waiting for a bound.
