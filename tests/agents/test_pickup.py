@@ -81,7 +81,7 @@ def test_a_cancel_as_the_handler_starts_finds_the_step_running_and_it_ends_as_on
              timeout_s=30)
     record = client.status(job)
 
-    # The cancel saw the step picked up: left running (not marked "not run"), for its handler to end.
+    # The record said running as the handler started, so the cancel left the step to end.
     assert client.redis.get(seen_key(client.settings.namespace, job)) == State.RUNNING.value.encode()
     assert record.state is State.CANCELLED, (record.state, record.error)
     step = next(iter(record.steps.values()))
@@ -101,6 +101,7 @@ def test_a_step_that_runs_on_shows_running_and_is_in_the_running_index_as_its_ha
     ns = client.settings.namespace
     wait_for(lambda: client.redis.get(arrived_key(ns, job)), timeout_s=30)
 
+    assert client.redis.get(seen_key(ns, job)) == State.RUNNING.value.encode()  # as its handler started
     # Read once, as the handler has started: no waiting for a bound.
     step = next(iter(client.status(job).steps.values()))
     assert step.state is State.RUNNING and step.picked_up == 1 and step.token is not None, step

@@ -52,13 +52,16 @@ def _ns(ctx: Context | AsyncContext) -> str:
     return str(ctx.runtime.settings.namespace)
 
 
-def _cancel_and_look(ctx: Context | AsyncContext) -> None:
-    """Another writer of the record (``mesh cancel``) acts on the job while this handler runs; the
-    state the record then shows for this step is kept under :func:`seen_key`."""
-    client = MeshClient(ctx.runtime.settings, client=ctx.runtime.redis)
-    client.cancel(ctx.job_id, reason="changed plans")
-    state = client.status(ctx.job_id).steps[ctx.step_id].state
+def _look(ctx: Context | AsyncContext) -> None:
+    """Keep, under :func:`seen_key`, the state the job's record shows for this step as its handler
+    starts (what any reader or writer of the record sees then)."""
+    state = ctx.runtime.jobs.get(ctx.job_id).steps[ctx.step_id].state
     ctx.runtime.redis.set(seen_key(_ns(ctx), ctx.job_id), state.value)
+
+
+def _cancel(ctx: Context | AsyncContext) -> None:
+    """Another writer of the record (``mesh cancel``) acts on the job while this handler runs."""
+    MeshClient(ctx.runtime.settings, client=ctx.runtime.redis).cancel(ctx.job_id, reason="changed plans")
 
 
 @app.agent
@@ -71,14 +74,16 @@ def noted(ctx: Context, item: Item) -> Done:
 @app.agent
 def cancels(ctx: Context, item: Item) -> Done:
     """Its job is cancelled as its handler starts; it ends at once."""
-    _cancel_and_look(ctx)
+    _look(ctx)
+    _cancel(ctx)
     return Done(text=item.text)
 
 
 @app.agent
 async def cancels_async(ctx: AsyncContext, item: Item) -> Done:
     """Its job is cancelled as its handler starts; it awaits (an hour) until the cancel stops it."""
-    _cancel_and_look(ctx)
+    _look(ctx)
+    _cancel(ctx)
     await asyncio.sleep(3600)
     return Done(text="never")
 
@@ -86,6 +91,7 @@ async def cancels_async(ctx: AsyncContext, item: Item) -> Done:
 @app.agent
 def held(ctx: Context, item: Item) -> Done:
     """Says it started, then waits for its release (a step running for as long as the test likes)."""
+    _look(ctx)
     ns = _ns(ctx)
     ctx.runtime.redis.set(arrived_key(ns, ctx.job_id), 1)
     deadline = time.monotonic() + HOLD_S
