@@ -77,24 +77,25 @@ def test_notes_written_by_short_steps_follow_their_picked_up_in_time_order(serve
 @pytest.mark.parametrize("agent", ["cancels", "cancels_async"])
 def test_a_cancel_as_the_handler_starts_finds_the_step_running_and_it_ends_as_one_that_ran(
         serve: Any, agent: str) -> None:
-    client, (job,) = serve(agent, lease_s=3)
-    wait_for(lambda: next(iter(client.status(job).steps.values())).state not in (State.QUEUED, State.RUNNING),
-             timeout_s=30)
-    record = client.status(job)
+    client, jobs = serve(agent, n=3, lease_s=3)
+    for job in jobs:
+        wait_for(lambda job=job: next(iter(client.status(job).steps.values())).state
+                 not in (State.QUEUED, State.RUNNING), timeout_s=30)
+        record = client.status(job)
 
-    # The record said running as the handler started, so the cancel left the step to end.
-    assert client.redis.get(seen_key(client.settings.namespace, job)) == State.RUNNING.value.encode()
-    assert record.state is State.CANCELLED, (record.state, record.error)
-    step = next(iter(record.steps.values()))
-    assert step.state is State.CANCELLED, (step.state, step.error)
-    assert "not run" not in (step.error or ""), step.error
-    assert step.picked_up == 1 and step.token is not None
-    if agent == "cancels_async":
-        assert "stopped: the job was cancelled (mesh cancel) while its handler awaited" in (step.error or "")
-    else:
-        assert "ended after the job was cancelled" in (step.error or ""), step.error
-    kinds = [e["event"] for e in events(client, job) if e.get("step_id") == step.step_id]
-    assert kinds[:2] == ["enqueued", "picked_up"], kinds
+        # The record said running as the handler started, so the cancel left the step to end.
+        assert client.redis.get(seen_key(client.settings.namespace, job)) == State.RUNNING.value.encode()
+        assert record.state is State.CANCELLED, (record.state, record.error)
+        step = next(iter(record.steps.values()))
+        assert step.state is State.CANCELLED, (step.state, step.error)
+        assert "not run" not in (step.error or ""), step.error
+        assert step.picked_up == 1 and step.token is not None
+        if agent == "cancels_async":
+            assert "stopped: the job was cancelled (mesh cancel) while its handler awaited" in (step.error or "")
+        else:
+            assert "ended after the job was cancelled" in (step.error or ""), step.error
+        kinds = [e["event"] for e in events(client, job) if e.get("step_id") == step.step_id]
+        assert kinds[:2] == ["enqueued", "picked_up"], kinds
 
 
 def test_a_step_that_runs_on_shows_running_and_is_in_the_running_index_as_its_handler_starts(serve: Any) -> None:
