@@ -43,17 +43,17 @@ def events(client: MeshClient, job_id: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def serve(make_settings: Callable[..., Any]) -> Iterator[Callable[..., tuple[MeshClient, list[str]]]]:
-    """Send ``n`` messages to ``agent``, then start a one-thread worker for ``app`` in this process
-    (its fetches find them waiting, as a busy worker's do); the client and the jobs."""
+    """Send ``n`` messages to ``agent``, then start a worker of ``threads`` threads for ``app`` in this
+    process (its fetches find them waiting, as a busy worker's do); the client and the jobs."""
     from mesh.ops.worker import start_worker
 
     workers = []
 
-    def run(agent: str, n: int = 1, **overrides: Any) -> tuple[MeshClient, list[str]]:
+    def run(agent: str, n: int = 1, threads: int = 1, **overrides: Any) -> tuple[MeshClient, list[str]]:
         settings = make_settings(**overrides)
         client = MeshClient(settings, app=app)
         jobs = [client.send(agent, {"text": str(i)}).id for i in range(n)]
-        workers.append(start_worker(settings, None, 1, app=app))
+        workers.append(start_worker(settings, None, threads, app=app))
         return client, jobs
 
     yield run
@@ -77,7 +77,7 @@ def test_notes_written_by_short_steps_follow_their_picked_up_in_time_order(serve
 @pytest.mark.parametrize("agent", ["cancels", "cancels_async"])
 def test_a_cancel_as_the_handler_starts_finds_the_step_running_and_it_ends_as_one_that_ran(
         serve: Any, agent: str) -> None:
-    client, jobs = serve(agent, n=3, lease_s=3)
+    client, jobs = serve(agent, n=3, threads=3, lease_s=3)
     for job in jobs:
         wait_for(lambda job=job: next(iter(client.status(job).steps.values())).state
                  not in (State.QUEUED, State.RUNNING), timeout_s=30)
