@@ -1,0 +1,117 @@
+"""An app whose handlers look at their own step's record and trace from inside, right as they start:
+what a step's pick-up guarantees to every other reader and writer of the record while its handler
+runs (``mesh worker --app tests.apps.pickup:app``).
+
+Each handler says what it saw in a Redis key of the test's namespace (:func:`seen_key`), so the
+test reads it back instead of timing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from pydantic import BaseModel
+
+from mesh import App, AsyncContext, Context
+from mesh.broker import MeshClient
+
+app = App("pickup")
+
+#: How long a held handler waits for its release at most (s).
+HOLD_S = 60.0
+
+
+class Item(BaseModel):
+    text: str
+
+
+class Done(BaseModel):
+    text: str
+
+
+def seen_key(namespace: str, job_id: str) -> str:
+    return f"{namespace}:test.seen:{job_id}"
+
+
+def arrived_key(namespace: str, job_id: str) -> str:
+    return f"{namespace}:test.arrived:{job_id}"
+
+
+def release_key(namespace: str, job_id: str) -> str:
+    return f"{namespace}:test.release:{job_id}"
+
+
+def runs_key(namespace: str, job_id: str) -> str:
+    return f"{namespace}:test.runs:{job_id}"
+
+
+def _ns(ctx: Context | AsyncContext) -> str:
+    return str(ctx.runtime.settings.namespace)
+
+
+def _look(ctx: Context | AsyncContext) -> None:
+    """Keep, under :func:`seen_key`, the state the job's record shows for this step as its handler
+    starts (what any reader or writer of the record sees then)."""
+    state = ctx.runtime.jobs.get(ctx.job_id).steps[ctx.step_id].state
+    ctx.runtime.redis.set(seen_key(_ns(ctx), ctx.job_id), state.value)
+
+
+def _cancel(ctx: Context | AsyncContext) -> None:
+    """Another writer of the record (``mesh cancel``) acts on the job while this handler runs."""
+    MeshClient(ctx.runtime.settings, client=ctx.runtime.redis).cancel(ctx.job_id, reason="changed plans")
+
+
+@app.agent
+def noted(ctx: Context, item: Item) -> Done:
+    """A short step that writes a progress note and ends at once."""
+    ctx.progress(f"noted {item.text}")
+    return Done(text=item.text)
+
+
+@app.agent
+def cancels(ctx: Context, item: Item) -> Done:
+    """Its job is cancelled as its handler starts; it ends at once."""
+    _look(ctx)
+    _cancel(ctx)
+    return Done(text=item.text)
+
+
+@app.agent
+async def cancels_async(ctx: AsyncContext, item: Item) -> Done:
+    """Its job is cancelled as its handler starts; it awaits (an hour) until the cancel stops it."""
+    _look(ctx)
+    _cancel(ctx)
+    await asyncio.sleep(3600)
+    return Done(text="never")
+
+
+@app.agent
+def held(ctx: Context, item: Item) -> Done:
+    """Says it started, then waits for its release (a step running for as long as the test likes)."""
+    _look(ctx)
+    ns = _ns(ctx)
+    ctx.runtime.redis.set(arrived_key(ns, ctx.job_id), 1)
+    deadline = time.monotonic() + HOLD_S
+    while not ctx.runtime.redis.exists(release_key(ns, ctx.job_id)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return Done(text=item.text)
+
+
+@app.agent
+def dies_once(ctx: Context, item: Item) -> Done:
+    """Its first run kills its own worker (SIGKILL) the moment it starts; the next run ends."""
+    if ctx.runtime.redis.incr(runs_key(_ns(ctx), ctx.job_id)) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return Done(text=item.text)
+
+
+@app.agent
+def stops_once(ctx: Context, item: Item) -> Done:
+    """Its first run stops its own worker (SIGSTOP) the moment it starts; woken (SIGCONT) long after
+    another worker took the step over, it ends as if nothing happened."""
+    if ctx.runtime.redis.incr(runs_key(_ns(ctx), ctx.job_id)) == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return Done(text=item.text)
