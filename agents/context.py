@@ -143,7 +143,7 @@ class Context:
 
     def _verdict(self, tool: str, n: int, verdict: Any, reason: str | None) -> None:
         """Trace an effectful call's verdict (``verified``, ``unverified``, ...) on the job's timeline."""
-        ev = trace.event("effect", self.env.model_dump(mode="json"), worker=self.runtime.worker, tool=tool,
+        ev = trace.event("effect", trace.fields_of(self.env), worker=self.runtime.worker, tool=tool,
                          call=n, verdict=str(verdict), reason=reason, token=self.lease.token)
         try:
             trace.emit(self.runtime.redis, self.runtime.keys, ev)
@@ -251,7 +251,7 @@ class Context:
 
     def _loop_event(self, kind: str, **fields: Any) -> None:
         """Trace what a tool loop did without a call (a call replayed, one the model invented)."""
-        ev = trace.event(kind, self.env.model_dump(mode="json"), worker=self.runtime.worker,
+        ev = trace.event(kind, trace.fields_of(self.env), worker=self.runtime.worker,
                          **{k: redact.redact_value(v) for k, v in fields.items()})
         try:
             trace.emit(self.runtime.redis, self.runtime.keys, ev)

@@ -65,6 +65,12 @@ def operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def fields_of(env: Any) -> dict[str, Any]:
+    """What an event takes from an ``Envelope`` (its identifying fields), for :func:`event`: the
+    envelope is not serialised whole for the few fields each event carries."""
+    return {k: getattr(env, k) for k in _ENVELOPE_FIELDS}
+
+
 def event(kind: str, envelope: dict[str, Any], *, worker: str | None = None, at: float | None = None,
           **fields: Any) -> dict[str, Any]:
     """One timeline event about the message whose envelope is ``envelope``."""
