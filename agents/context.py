@@ -114,7 +114,8 @@ class Context:
     env: Envelope
     spec: AgentSpec
     lease: Lease
-    _tool_ctx: ToolContext = field(init=False)
+    #: ``ctx.http``'s tool context: made at its first use (most handlers make no HTTP call).
+    _tool_ctx: ToolContext | None = field(init=False, default=None)
     _effects: EffectCalls | None = field(init=False, default=None)
     #: Effectful calls go through the step's effect ledger (:attr:`effects`).
     _ledger = True
@@ -123,8 +124,16 @@ class Context:
     #: How many tool loops (``ctx.model.run``) this attempt started (:mod:`mesh.agents.tool_loop`).
     _loops: int = field(init=False, default=0)
 
-    def __post_init__(self) -> None:
-        self._tool_ctx = self._tool_context(None)
+    def _handler_tools(self) -> ToolContext:
+        """The handler's own tool context (``ctx.http``'s), under the message's key whatever tool loop
+        call is under way, as when it was made with the context."""
+        if self._tool_ctx is None:
+            call_key, self._call_key = self._call_key, None
+            try:
+                self._tool_ctx = self._tool_context(None)
+            finally:
+                self._call_key = call_key
+        return self._tool_ctx
 
     @property
     def effects(self) -> EffectCalls:
@@ -143,7 +152,7 @@ class Context:
 
     def _verdict(self, tool: str, n: int, verdict: Any, reason: str | None) -> None:
         """Trace an effectful call's verdict (``verified``, ``unverified``, ...) on the job's timeline."""
-        ev = trace.event("effect", self.env.model_dump(mode="json"), worker=self.runtime.worker, tool=tool,
+        ev = trace.event("effect", trace.fields_of(self.env), worker=self.runtime.worker, tool=tool,
                          call=n, verdict=str(verdict), reason=reason, token=self.lease.token)
         try:
             trace.emit(self.runtime.redis, self.runtime.keys, ev)
@@ -184,7 +193,7 @@ class Context:
 
     @property
     def http(self) -> GuardedHttp:
-        return GuardedHttp(self._tool_ctx, lambda method: self._confirm(
+        return GuardedHttp(self._handler_tools(), lambda method: self._confirm(
             f"http {method.upper()}", effect=method.upper() not in SAFE_METHODS))
 
     def progress(self, note: str) -> None:
@@ -251,7 +260,7 @@ class Context:
 
     def _loop_event(self, kind: str, **fields: Any) -> None:
         """Trace what a tool loop did without a call (a call replayed, one the model invented)."""
-        ev = trace.event(kind, self.env.model_dump(mode="json"), worker=self.runtime.worker,
+        ev = trace.event(kind, trace.fields_of(self.env), worker=self.runtime.worker,
                          **{k: redact.redact_value(v) for k, v in fields.items()})
         try:
             trace.emit(self.runtime.redis, self.runtime.keys, ev)

@@ -133,7 +133,7 @@ class AgentRuntime:
             payload = validate_model(agent, spec.input, env.payload) if not isinstance(undo, list) else None
         except ContractError as exc:  # dead-lettered: its error names the job's step and the field
             raise ContractError(f"step {env.step_id}: {exc.message}", errors=exc.errors, agent=agent) from None
-        envelope = env.model_dump(mode="json")
+        envelope = trace.fields_of(env)
         member = running_member(env.job_id, env.step_id)
 
         def picked_up(pipe: Any, record: JobRecord) -> None:
@@ -299,14 +299,14 @@ class AgentRuntime:
                   token: int | None = None, status: Any = None, error: str | None = None) -> None:
         """Trace one tool call with the fencing token that made it, and count it as progress (the
         handler moved on), in one round trip."""
-        call = trace.event("tool_call", env.model_dump(mode="json"), worker=self.worker, tool=tool, token=token,
+        call = trace.event("tool_call", trace.fields_of(env), worker=self.worker, tool=tool, token=token,
                            dependency=dependency, duration_s=round(duration_s, 4),
                            status=redact.redact_value(status), error=error)
         self.progress(env, f"{tool} call to {dependency} {'failed' if error else 'returned'}", before=call)
 
     def fenced(self, env: Envelope, call: str, token: int) -> None:
         """Trace a call refused because the attempt's lease (``token``) was lost to another owner."""
-        ev = trace.event("fenced", env.model_dump(mode="json"), worker=self.worker, call=call, token=token)
+        ev = trace.event("fenced", trace.fields_of(env), worker=self.worker, call=call, token=token)
         try:
             trace.emit(self.redis, self.keys, ev)
         except redis.RedisError as exc:  # a trace line: the refusal stands without it
@@ -325,7 +325,7 @@ class AgentRuntime:
         if before is not None:
             trace.stage(pipe, self.keys, before)
         pipe.zadd(self.keys.running, {running_member(env.job_id, env.step_id): self.clock.now_s()}, xx=True)
-        trace.stage(pipe, self.keys, trace.event("progress", env.model_dump(mode="json"), worker=self.worker,
+        trace.stage(pipe, self.keys, trace.event("progress", trace.fields_of(env), worker=self.worker,
                                                  progress=n, note=redact.redact(note)))
         try:
             pipe.execute()

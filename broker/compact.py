@@ -75,7 +75,7 @@ _PARKED = frozenset({State.AWAITING_APPROVAL, State.WAITING})
 def stage_ended(pipe: Any, keys: Keys, record: JobRecord) -> None:
     """Queue ``record``'s job for compaction, in the write (``pipe``) that ends it (or rewrites it once
     ended): the one command compaction costs a job's steps."""
-    pipe.zadd(keys.jobs_compact, {record.job_id: record.finished_at or record.updated_at})
+    pipe.execute_command("ZADD", keys.jobs_compact, record.finished_at or record.updated_at, record.job_id)
 
 
 def owner(record: JobRecord) -> str:

@@ -91,20 +91,22 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     (:func:`mesh.broker.compact.stage_ended`: one ZADD; the sweep does the rest).
     A job in a state a newer release wrote keeps whatever TTL that release gave it.
     """
+    # The commands are staged as such (``execute_command``), as redis-py's ``set(...)`` would spell them
+    # without its argument checks: a step writes its record twice, and those checks were a part of its CPU.
     key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
     ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))  # once the job has ended
     if not known(record.state):
-        pipe.set(key, data, keepttl=True)
+        pipe.execute_command("SET", key, data, "KEEPTTL")
     elif record.state not in TERMINAL:
-        pipe.set(key, data)
+        pipe.execute_command("SET", key, data)
         if was in TERMINAL:
             pipe.persist(trace_key)
     elif was in TERMINAL:
-        pipe.set(key, data, keepttl=True)
+        pipe.execute_command("SET", key, data, "KEEPTTL")
         compact.stage_ended(pipe, keys, record)  # what it wrote after its compaction is compacted too
     else:
-        pipe.set(key, data, px=ttl_ms)
-        pipe.pexpire(trace_key, ttl_ms)
+        pipe.execute_command("SET", key, data, "PX", ttl_ms)
+        pipe.execute_command("PEXPIRE", trace_key, ttl_ms)
         compact.stage_ended(pipe, keys, record)
         for step in record.steps.values():
             if step.effect is not None or step.state in HELD_FOR_REPLAY:

@@ -54,6 +54,8 @@ COMPARED_BYTES = 4096
 #: messages) goes in more calls, so that Redis holds no more than this (twice: the command's arguments
 #: and the script's ARGV) at once for it, not 64 large writes' worth. A larger write goes alone.
 CALL_BYTES = 8 * 1024 * 1024
+#: What a write's size counts by length (a tuple: ``bytes | str`` would build a union at every argument).
+_SIZED = (bytes, str)
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ class StepWrites:
         for command, _options in commands:
             args.append(len(command))
             args.extend(command)
-        return _Item(fence, args, settles, sum(len(a) if isinstance(a, bytes | str) else 8 for a in args))
+        return _Item(fence, args, settles, sum(len(a) if isinstance(a, _SIZED) else 8 for a in args))
 
     def _flush(self, group: Sequence[_Item]) -> list[Any]:
         answers: list[Any] = []

@@ -11,9 +11,11 @@ from pydantic import BaseModel
 
 
 def dumps(value: Any) -> bytes:
-    """Serialise a contract, a dict of plain data, or a mix of both."""
+    """Serialise a contract, a dict of plain data, or a mix of both. A contract goes straight to JSON
+    (pydantic's serialiser: the bytes orjson writes of its ``model_dump(mode="json")``, without the
+    Python dict in between)."""
     if isinstance(value, BaseModel):
-        return orjson.dumps(value.model_dump(mode="json"))
+        return value.__pydantic_serializer__.to_json(value)
     return orjson.dumps(value, default=_default)
 
 

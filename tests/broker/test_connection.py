@@ -95,3 +95,28 @@ def test_clients_of_each_form_carry_credentials_tls_and_the_retry_policy(tmp_pat
     assert configured(sentinel_settings := MeshSettings(redis_url="redis+sentinel://a:1,b:2/mymaster/5")) == {
         "sentinel": "mymaster", "sentinels": ["a:1", "b:2"], "db": 5, "tls": False}
     assert SECRET not in repr(configured(sentinel_settings))
+
+
+def _packed(client: redis.Redis, *args: object) -> bytes:
+    conn = client.connection_pool.make_connection()
+    return b"".join(conn.pack_command(*args))
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://h:6380/1", "redis+sentinel://a/mymaster"])
+def test_commands_are_packed_whole_as_redis_py_would_pack_them(url, monkeypatch):
+    """A command of str, bytes, int and float arguments goes to hiredis in one call (no argument
+    encoded in Python), and its bytes are redis-py's; a name of several words is split as redis-py
+    splits it, and what redis-py refuses is still refused."""
+    client, plain = connect(MeshSettings(redis_url=url)), redis.Redis()
+    args = ("EVALSHA", "a" * 40, 0, "clé", b"\x00\xff", 1796564011.687, 1e16, -0.0, 2**70, 7, *["x"] * 50)
+    expected = _packed(plain, *args)
+    encoded = []
+    encode = redis.connection.Encoder.encode
+    monkeypatch.setattr(redis.connection.Encoder, "encode", lambda self, v: encoded.append(v) or encode(self, v))
+    assert _packed(client, *args) == expected
+    assert encoded == []
+    assert _packed(client, "CLIENT SETNAME", "w") == b"*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$1\r\nw\r\n"
+    assert _packed(client, "SET", "k", bytearray(b"v")) == _packed(plain, "SET", "k", bytearray(b"v"))
+    for refused in (True, None):
+        with pytest.raises(redis.DataError):
+            _packed(client, "SET", "k", refused)

@@ -180,3 +180,18 @@ def test_a_job_whose_join_failed_names_the_join_and_its_rule_not_its_first_dead_
 def test_a_step_that_failed_on_its_own_is_named_before_a_failed_join() -> None:
     record = join_failed_job(dead("notify", "notify.example:443 answered 403"))
     assert record.error == "step notify: notify.example:443 answered 403"
+
+
+def test_replaced_is_model_copy_with_update():
+    """A record's state change copies it with ``replaced``: the record ``model_copy(update=...)`` makes
+    (fields set, unknown fields kept and added), the original unchanged."""
+    step = StepRecord.model_validate({"step_id": "s", "agent": "a", "key": "k", "newer": {"x": 1}})
+    update = {"error": "boom", "attempt": 2, "newest": [1]}
+    got, want = step.replaced(update), step.model_copy(update=update)
+    assert type(got) is StepRecord
+    assert (got.__dict__, got.__pydantic_extra__, got.model_fields_set) == \
+        (want.__dict__, want.__pydantic_extra__, want.model_fields_set)
+    assert got.model_dump_json() == want.model_dump_json()
+    assert (step.error, step.attempt, step.__pydantic_extra__) == (None, 0, {"newer": {"x": 1}})
+    job = JobRecord(job_id="j", key="k", trace_id="0" * 31 + "1")
+    assert job.with_step(step).steps == {"s": step} and job.steps == {}
