@@ -72,7 +72,9 @@ def test_a_worker_paused_past_its_lease_sends_nothing_after_another_took_its_mes
         # The trace names the token behind each call: the one the endpoint saw, the new owner's.
         assert len(calls) == 1 and calls[0]["token"] == max(e["token"] for e in picked)
         # The paused owner's call was refused, under its own (older) token.
-        assert len(fenced) == 1 and fenced[0]["token"] < calls[0]["token"]
+        assert len(fenced) == 1 and fenced[0]["token"] < calls[0]["token"], (
+            [(e["event"], e.get("token"), e.get("worker")) for e in trace.read(client.redis, client.keys, ref.id)],
+            paused.log_path.read_text()[-3000:])
     assert sorted(e["token"] for ref in refs for e in events(client, ref.id, "tool_call")) == sent
 
 
