@@ -1,5 +1,5 @@
 """``mesh run FILE`` refuses to replace another registered version of its name without
-``--register``, and checks it in the run's own transaction (``MeshClient.run(replace=False)``): two
+``--register``, and checks it in the run's own atomic write (``MeshClient.run(replace=False)``): two
 runs of different versions started together do not both register theirs as the newest."""
 
 from __future__ import annotations
