@@ -56,7 +56,7 @@ from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
 from .outbox import NewJobs, encode_checked, register, stage_all
-from .pipelines import LATEST, PipelineConflict, PipelineStore, stage_register
+from .pipelines import LATEST, PipelineConflict, PipelineStore, StartRun, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
 
@@ -216,6 +216,7 @@ class MeshClient:
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self._enqueue = register(self.redis)
+        self._run_script = StartRun(self.redis, self.keys)
         #: Pipeline versions (name, digest) this client has stored: a later run of one only makes it
         #: the newest again (one HSET), without sending the spec.
         self._registered: set[tuple[str, str]] = set()
@@ -291,12 +292,13 @@ class MeshClient:
         job's record: ``record.output(step)``): ``pipeline`` is a ``PipelineSpec`` or a name (the client's
         app's pipeline of that name, else the newest registered one). The spec is registered by name
         and digest as the newest (its JSON sent by the client's first run of that version only), the job
-        recorded with every step (queued, unsent) and the root steps sent, all in one transaction. A
-        key already naming a run of the same pipeline and input returns that job; with another input,
-        KeyConflict. ``replace=False``: PipelineConflict (nothing sent, nothing
-        registered) when another version of the name is registered as the newest, checked in that
-        same transaction. ``priority``: the job's steps' place in their agents' queues (``high``,
-        ``normal``, ``low``), for every step that does not declare its own."""
+        recorded with every step (queued, unsent) and the root steps sent, all at once: one script call
+        (a transaction when a root step waits or asks for approval at once). A key already naming a
+        run of the same pipeline and input returns that job; with another input, KeyConflict.
+        ``replace=False``: PipelineConflict (nothing sent, nothing registered) when another version
+        of the name is registered as the newest, checked in that same write. ``priority``: the job's
+        steps' place in their agents' queues (``high``, ``normal``, ``low``), for every step that does
+        not declare its own."""
         checked(priority)
         data = input.model_dump(mode="json", by_alias=True) if isinstance(input, BaseModel) else input
         return self._start(self._pipeline_spec(pipeline), data, key=key, token_budget=token_budget, replace=replace,
@@ -351,6 +353,12 @@ class MeshClient:
             raise LimitExceeded(why, setting=named.group(), limit=limit if isinstance(limit, int) else -1, size=-1)
         encoded = [self._encode(m) for m in messages]
         digest = spec.digest()
+        probe = self.redis.pipeline(transaction=False)  # never sent: what creating the record stages
+        self.jobs.stage_create(probe, record)
+        if len(probe.command_stack) == 2:  # the record and its index alone: one script call
+            return self._start_run(spec, digest, record, ref, messages, encoded, events, replace)
+        # A root step that waits (sleep:, wait_for:) or asks for approval at once also stages its
+        # index entries and timers (scripts of their own): the transaction below writes them.
         while True:
             with transaction(self.redis, self.settings) as pipe:
                 try:
@@ -379,6 +387,29 @@ class MeshClient:
                     return ref
                 except redis.WatchError:
                     continue
+
+    def _start_run(self, spec: Any, digest: str, record: JobRecord, ref: JobRef[JobRecord], messages: list[Message],
+                   encoded: list[bytes], events: list[dict[str, Any]], replace: bool) -> JobRef[JobRecord]:
+        """:meth:`_start`'s writes for a record that creates nothing but itself and its index: one
+        script call (broker/pipelines.py :class:`StartRun`), then WAIT with MESH_REDIS_WAIT_REPLICAS."""
+        wanted = self.settings.redis_wait_replicas
+        registered = (spec.name, digest) in self._registered  # stored by this client's first run of it
+        enqueued = [trace.event("enqueued", m.args[0], queue=m.queue_name, by="client") for m in messages]
+        bodies = [(m.queue_name, m.options["redis_message_id"], data)
+                  for m, data in zip(messages, encoded, strict=True)]
+        answer, acked = self._run_script(
+            job_id=record.job_id, payload_hash=record.payload_hash or "", record=dumps(record),
+            created_at=record.created_at, name=spec.name, digest=digest, replace=replace,
+            canonical=None if registered else spec.canonical(), events=enqueued + events, messages=bodies,
+            wait=(wanted, self.settings.redis_wait_timeout_ms) if wanted else None)
+        if answer == b"key":
+            raise KeyConflict(record.key, record.job_id, next(iter(record.steps.values())).agent)
+        if isinstance(answer, bytes):
+            raise PipelineConflict(spec.name, answer.decode().removeprefix("pipeline:"), digest)
+        self._registered.add((spec.name, digest))
+        if acked < wanted:
+            raise NotReplicated(acked, wanted, self.settings.redis_wait_timeout_ms, [ref])
+        return ref
 
     def register(self, spec: Any) -> str:
         """Register ``spec`` (a ``PipelineSpec``) by name and digest, as the newest; its digest."""

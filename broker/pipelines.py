@@ -6,14 +6,18 @@ is the agents' side (``mesh.agents.pipelines``), so the broker stays free of it.
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 import orjson
 import redis
 
-from mesh.contracts import MeshError
+from mesh.contracts import MeshError, dumps
 
+from . import lanes, trace
+from .connection import run_script
 from .keys import Keys
+from .outbox import WAKE_CAP
 
 #: The hash field naming the newest digest; a digest is 64 hex digits, so it never collides.
 LATEST = "latest"
@@ -44,6 +48,44 @@ def stage_register(pipe: Any, keys: Keys, name: str, digest: str, canonical: byt
     pipe.hsetnx(keys.pipeline(name), digest, canonical)
     pipe.hset(keys.pipeline(name), LATEST, digest)
     pipe.sadd(keys.pipelines, name)
+
+
+RUN_LUA = lanes.LIB + "\n" + resources.files("mesh.broker").joinpath("scripts/run.lua").read_text()
+
+
+class StartRun:
+    """A run's start written by one script (scripts/run.lua): the spec's registration, the job
+    record, its trace events and the root steps' messages, with the key's conflict check and the
+    ``replace=False`` check, atomic with no WATCH, in one round trip."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.script = client.register_script(RUN_LUA)
+        self.keys = keys
+
+    def __call__(self, *, job_id: str, payload_hash: str, record: bytes, created_at: float, name: str,
+                 digest: str, replace: bool, canonical: bytes | None, events: list[dict[str, Any]],
+                 messages: list[tuple[str, str, bytes]], wait: tuple[int, int] | None = None) -> tuple[Any, int]:
+        """Run the script. ``canonical``: the spec's JSON, None when this client stored the version
+        already; ``messages``: (queue, message id, encoded message); ``wait``: (replicas, timeout_ms)
+        to WAIT for after it on the same connection (MESH_REDIS_WAIT_REPLICAS). (answer, replicas
+        that confirmed): the answer is 0 (created), 1 (the key's job is this run: nothing sent),
+        ``b"key"`` (the key names a job of another input) or ``b"pipeline:" + digest`` (replace=False
+        and that digest is the newest); only the first two wrote anything."""
+        traced = [(ev["job_id"], dumps(ev)) for ev in events if isinstance(ev.get("job_id"), str)]
+        args: list[Any] = [job_id, payload_hash, record, created_at, trace.TRACE_MAXLEN, WAKE_CAP, name, digest,
+                           1 if replace else 0, canonical or b"", len(traced)]
+        for job, event in traced:
+            args += (job, event)
+        for queue, message_id, data in messages:
+            args += (queue, message_id, data)
+        keys = [self.keys.namespace]
+        if wait is None:
+            return run_script(self.script, keys, args), 0
+        pipe = self.script.registered_client.pipeline(transaction=False)
+        self.script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", *wait)
+        answer, acked = pipe.execute()
+        return answer, int(acked)
 
 
 class PipelineStore:

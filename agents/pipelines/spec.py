@@ -463,7 +463,7 @@ class PipelineSpec(_Spec):
               queue: Any, version: Any, now: float, max_fan_out: int | None = None, settings: Any = None,
               flow_key: Any = None) -> Any:
         """A new run's record, messages and trace events (:func:`engine.begin`): what the client writes
-        in one transaction. The client calls this on the spec it is given, so the broker layer needs
+        at once (one script call). The client calls this on the spec it is given, so the broker layer needs
         no import of the engine. ``settings`` (MeshSettings) bound what the engine builds and how
         expressions run."""
         from . import engine

@@ -1,5 +1,5 @@
 """``mesh run FILE`` refuses to replace another registered version of its name without
-``--register``, and checks it in the run's own transaction (``MeshClient.run(replace=False)``): two
+``--register``, and checks it in the run's own atomic write (``MeshClient.run(replace=False)``): two
 runs of different versions started together do not both register theirs as the newest."""
 
 from __future__ import annotations
@@ -38,39 +38,27 @@ def test_a_run_that_must_not_replace_is_refused_when_another_version_was_registe
 
 
 
-class Recorded(redis.Redis):
-    """A real client that notes the name of every command it queues in a pipeline or transaction."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.staged: list[str] = []
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe = super().pipeline(transaction, shard_hint)
-        queue = pipe.pipeline_execute_command
-
-        def noted(*args: Any, **options: Any) -> Any:
-            self.staged.append(str(args[0]).upper())
-            return queue(*args, **options)
-
-        pipe.pipeline_execute_command = noted  # type: ignore[method-assign]
-        return pipe
-
-
 def test_a_client_stores_a_version_once_and_a_later_run_of_it_only_makes_it_the_newest_again(
         settings: Any, rclient: redis.Redis) -> None:
-    recorded = Recorded(connection_pool=rclient.connection_pool)
-    mesh = MeshClient(settings, client=recorded, app=app)
+    mesh = MeshClient(settings, client=rclient, app=app)
+    start, sent = mesh._run_script, []
+
+    def noted(**kwargs: Any) -> Any:
+        sent.append(kwargs["canonical"])
+        return start(**kwargs)
+
+    mesh._run_script = noted  # type: ignore[assignment]
     first = load_pipeline(ISSUE_FILE, app)
     second = load_pipeline(ISSUE_FILE.read_text().replace("ttl_minutes: 60", "ttl_minutes: 90") + "\n", app)
     mesh.run(first, {"goal": "a"})
-    assert {"HSETNX", "SADD"} <= set(recorded.staged)  # the first run of a version stores it
+    assert sent == [first.canonical()]  # the first run of a version stores it
+    assert rclient.sismember(mesh.keys.pipelines, first.name)
     mesh.run(second, {"goal": "b"})
     assert mesh.pipelines.versions(first.name)[0] == second.digest()
-    recorded.staged.clear()
+    sent.clear()
     mesh.run(first, {"goal": "c"})
     # A later run of a version this client stored does not send its spec again...
-    assert "HSETNX" not in recorded.staged and "SADD" not in recorded.staged
+    assert sent == [None]
     # ...but makes it the newest again, as every run does
     assert mesh.pipelines.versions(first.name)[0] == first.digest()
     assert set(mesh.pipelines.versions(first.name)[1]) == {first.digest(), second.digest()}

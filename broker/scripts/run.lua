@@ -1,0 +1,78 @@
+-- A pipeline run's start (MeshClient.run, broker/pipelines.py StartRun): its spec's registration,
+-- its job record and the root steps' messages in one script, so the key's conflict check, the
+-- replace=False check and every write are atomic with no WATCH and one round trip (see
+-- broker/keys.py for the layout). lanes_lib.lua is run before this.
+--
+-- run(keys=[namespace], args=[job_id, payload_hash, record, created_at, trace_maxlen, wake_cap,
+--                             name, digest, replace, canonical, n_events, (job_id, event)..., (queue, message_id, message)...])
+--
+--   record      the job record, created only where none exists ({ns}:job:{id} SET NX, indexed in
+--               {ns}:jobs); a record already there bound to another payload_hash is a conflict:
+--               nothing written, returns "key". One bound to the same hash (or to none) is this
+--               run: the spec is registered, nothing else written, returns 1.
+--   replace     "0": another digest registered as the name's newest ({ns}:pipeline:{name} field
+--               latest) is a conflict: nothing written, returns "pipeline:" .. that digest
+--   canonical   the spec's JSON, stored under its digest (HSETNX) with the name added to
+--               {ns}:pipelines; "" when the client stored this version already. The digest is
+--               made the newest either way (written only when it is not already).
+--   event       trace events, each added to the stream {ns}:trace:{job_id} (capped near trace_maxlen)
+--   message     dramatiq's encoded message, stored under message_id in {ns}:{queue}.msgs and pushed
+--               on its lane of the queue (lanes_lib.lua); then one wake-up token per message on
+--               {ns}:{queue}.wake, at most wake_cap kept
+--
+-- Returns 0 when the job was created with its messages.
+
+local ns = KEYS[1]
+local job_id, hash, record, created_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local trace_maxlen, wake_cap = ARGV[5], tonumber(ARGV[6])
+local name, digest, replace, canonical = ARGV[7], ARGV[8], ARGV[9] == "1", ARGV[10]
+local n_events = tonumber(ARGV[11])
+local pipeline = ns .. ":pipeline:" .. name
+
+local latest = redis.call("hget", pipeline, "latest")
+local job = ns .. ":job:" .. job_id
+local created = redis.call("set", job, record, "nx")
+if not created then
+    local stored = cjson.decode(redis.call("get", job))["payload_hash"]
+    if stored ~= nil and stored ~= cjson.null and stored ~= hash then return "key" end
+end
+if not replace and latest and latest ~= digest then
+    if created then redis.call("del", job) end
+    return "pipeline:" .. latest
+end
+
+if canonical ~= "" then
+    redis.call("hsetnx", pipeline, digest, canonical)
+    redis.call("sadd", ns .. ":pipelines", name)
+end
+if latest ~= digest then redis.call("hset", pipeline, "latest", digest) end
+if not created then return 1 end
+
+redis.call("zadd", ns .. ":jobs", "nx", created_at, job_id)
+local first = 12
+for i = first, first + 2 * n_events - 1, 2 do
+    redis.call("xadd", ns .. ":trace:" .. ARGV[i], "maxlen", "~", trace_maxlen, "*", "e", ARGV[i + 1])
+end
+local per_queue, order = {}, {}
+for i = first + 2 * n_events, #ARGV, 3 do
+    local queue, id, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local q = per_queue[queue]
+    if not q then
+        q = {}
+        per_queue[queue] = q
+        order[#order + 1] = queue
+    end
+    q[#q + 1] = id
+    q[#q + 1] = data
+end
+for _, queue in ipairs(order) do
+    local q, base = per_queue[queue], ns .. ":" .. queue
+    redis.call("hset", base .. ".msgs", unpack(q))
+    for j = 1, #q, 2 do lane_push(base, q[j], q[j + 1], false) end
+    local tokens = {}
+    for t = 1, math.min(#q / 2, wake_cap) do tokens[t] = 1 end
+    if redis.call("rpush", base .. ".wake", unpack(tokens)) > wake_cap then
+        redis.call("ltrim", base .. ".wake", -wake_cap, -1)
+    end
+end
+return 0
