@@ -77,18 +77,30 @@ local function settled(id, acks, msgs)
 end
 
 -- The group's claims and records, read at once: key -> its place in values. A key a command of the
--- group touched since is stale: read again when a later write checks it.
+-- group touched since is stale: read again when a later write checks it. The same walk of the
+-- arguments notes where each item starts and each command's first and last argument (cfrom, cto, in
+-- flat lists: item k's commands are cfirst[k] to cfirst[k + 1] - 1), which the writes below use: a
+-- table per command and a second parse of the counts cost the server more than these lists.
 local checked, values, stale = {}, {}, {}
+local starts, cfirst, cfrom, cto = {}, {}, {}, {}
 do
-    local names, i = {}, 2
-    while i <= #ARGV do
+    local names, i, nargs = {}, 2, #ARGV
+    while i <= nargs do
         local job, claim = ARGV[i], ARGV[i + 2]
         if claim ~= "" and not checked[claim] then names[#names + 1] = claim; checked[claim] = #names end
         if not checked[job] then names[#names + 1] = job; checked[job] = #names end
+        starts[#starts + 1] = i
+        cfirst[#cfirst + 1] = #cfrom + 1
         local n = tonumber(ARGV[i + 11])
         i = i + 12
-        for _ = 1, n do i = i + 1 + tonumber(ARGV[i]) end
+        for _ = 1, n do
+            local count = tonumber(ARGV[i])
+            cfrom[#cfrom + 1] = i + 1
+            cto[#cto + 1] = i + count
+            i = i + 1 + count
+        end
     end
+    cfirst[#cfirst + 1] = #cfrom + 1
     for from = 1, #names, 1000 do  -- Lua's stack bounds how many arguments one call may take
         local got = redis.call("mget", unpack(names, from, math.min(#names, from + 999)))
         for k = 1, #got do values[from + k - 1] = got[k] end
@@ -116,18 +128,10 @@ local function touched(name, from, to)
     end
 end
 
-local i = 2
-while i <= #ARGV do
+for k, i in ipairs(starts) do
     local job, sha, claim, owner, own_token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
     local shared, done, result, id = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
-    local acks, msgs, n = ARGV[i + 9], ARGV[i + 10], tonumber(ARGV[i + 11])
-    i = i + 12
-    local commands = {}
-    for c = 1, n do
-        local count = tonumber(ARGV[i])
-        commands[c] = {i + 1, i + count}
-        i = i + 1 + count
-    end
+    local acks, msgs = ARGV[i + 9], ARGV[i + 10]
     local answer
     local held, landed, token = true, false, 0
     if claim ~= "" then
@@ -161,8 +165,8 @@ while i <= #ARGV do
             answer = current
         else
             local refused = nil
-            for _, range in ipairs(commands) do
-                local from, to = range[1], range[2]
+            for c = cfirst[k], cfirst[k + 1] - 1 do
+                local from, to = cfrom[c], cto[c]
                 local name = string.upper(ARGV[from])
                 local by = (name == "HINCRBY" or name == "HINCRBYFLOAT") and tonumber(ARGV[from + 3]) or nil
                 if by then
