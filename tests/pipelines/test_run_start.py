@@ -24,19 +24,29 @@ SENT: tuple[list[str], list[int]] = ([], [0])
 
 
 class Counted(redis.Connection):
-    """A connection that notes every command it packs and every request it sends."""
-
-    def send_command(self, *args: Any, **kwargs: Any) -> None:
-        SENT[0].append(str(args[0]).upper())
-        super().send_command(*args, **kwargs)
-
-    def pack_commands(self, commands: Any) -> Any:
-        SENT[0].extend(str(c[0]).upper() for c in commands)
-        return super().pack_commands(commands)
+    """A connection that notes every command and every request it sends (the commands read from the
+    bytes themselves, however they were packed: ``run_script`` packs its EVALSHA on its own)."""
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         SENT[1][0] += 1
+        SENT[0].extend(names(command if isinstance(command, (bytes, str)) else b"".join(command)))
         super().send_packed_command(command, check_health)
+
+
+def names(data: bytes | str) -> list[str]:
+    """The command names in ``data``, one or more RESP arrays of bulk strings."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    out, at = [], 0
+    while at < len(raw):
+        end = raw.index(b"\r\n", at)
+        count, at = int(raw[at + 1:end]), end + 2
+        for n in range(count):
+            end = raw.index(b"\r\n", at)
+            size = int(raw[at + 1:end])
+            if n == 0:
+                out.append(raw[end + 2:end + 2 + size].decode().upper())
+            at = end + 2 + size + 2
+    return out
 
 
 def root_queue(mesh: MeshClient, job_id: str) -> tuple[str, int]:
