@@ -23,18 +23,27 @@ ISSUE_FILE = Path(__file__).parent / "multi-agent-orchestration.skill.yaml"
 SENT: tuple[list[str], list[int]] = ([], [0])
 
 
+def command_names(data: bytes) -> list[str]:
+    """The names of the commands packed (RESP arrays of bulk strings) in ``data``."""
+    names, i = [], 0
+    while i < len(data):
+        end = data.index(b"\r\n", i)
+        count, i = int(data[i + 1:end]), end + 2
+        for n in range(count):
+            end = data.index(b"\r\n", i)
+            size, i = int(data[i + 1:end]), end + 2
+            if n == 0:
+                names.append(data[i:i + size].decode().upper())
+            i += size + 2
+    return names
+
+
 class Counted(redis.Connection):
-    """A connection that notes every command it packs and every request it sends."""
-
-    def send_command(self, *args: Any, **kwargs: Any) -> None:
-        SENT[0].append(str(args[0]).upper())
-        super().send_command(*args, **kwargs)
-
-    def pack_commands(self, commands: Any) -> Any:
-        SENT[0].extend(str(c[0]).upper() for c in commands)
-        return super().pack_commands(commands)
+    """A connection that notes every command and every request it sends, read from the bytes sent
+    (the mesh packs some commands itself, not through ``send_command``)."""
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        SENT[0].extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
         SENT[1][0] += 1
         super().send_packed_command(command, check_health)
 
