@@ -6,6 +6,7 @@ the root messages' lanes; against a real Redis."""
 from __future__ import annotations
 
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ from pydantic import BaseModel
 
 from mesh import App
 from mesh.agents.pipelines import Pipeline, check, load_pipeline
-from mesh.broker import MeshClient, trace
+from mesh.broker import MeshClient, NotReplicated, trace
 from mesh.broker.client import job_id_for
+from mesh.broker.connection import acl_rules
 from mesh.broker.pipelines import PipelineConflict
 from mesh.contracts import KeyConflict
+from tests.broker.deployed import private_redis
 from tests.pipelines.agents import app
 
 ISSUE_FILE = Path(__file__).parent / "multi-agent-orchestration.skill.yaml"
@@ -243,3 +246,69 @@ steps:
     assert rclient.hmget(f"{queue}.sched", "n:normal", "n:high") == [b"1", b"1"]
     assert rclient.hget(mesh.keys.stats, f"lanes:{mesh.target('answer').queue}") == b"1"
     assert rclient.llen(queue) == 0 and rclient.llen(mesh.keys.wake(mesh.target("answer").queue)) == 2
+
+
+@pytest.mark.slow
+def test_a_run_under_the_acl_user_of_acl_rules_is_refused_no_command(tmp_path: Path, make_settings: Any) -> None:
+    """run.lua under a Redis user held to ``acl_rules()``: every command it calls (the first run of a
+    version: HSETNX, SADD; a lost version: HEXISTS; a conflict: GET, DEL; the wake-up's LTRIM past the
+    cap) is allowed, as is the transaction a sleeping root still goes through."""
+    admin_password = f"admin-{uuid.uuid4().hex}"
+    server = private_redis(tmp_path / "redis", ("--requirepass", admin_password),
+                           url=f"redis://:{admin_password}@127.0.0.1:{{port}}/0")
+    admin = redis.Redis.from_url(server.url)
+    try:
+        namespace = make_settings().namespace
+        admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", ">pw-run", *acl_rules(namespace))
+        admin.execute_command("ACL", "LOG", "RESET")
+        mesh = MeshClient(make_settings(redis_url=f"redis://mesh:pw-run@127.0.0.1:{server.port}/0"), app=app)
+        spec = load_pipeline(ISSUE_FILE, app)
+        other = load_pipeline(ISSUE_FILE.read_text().replace("ttl_minutes: 60", "ttl_minutes: 90") + "\n", app)
+        ref = mesh.run(spec, {"goal": "a"}, key="acl")
+        assert mesh.run(spec, {"goal": "a"}, key="acl").id == ref.id
+        with pytest.raises(KeyConflict):
+            mesh.run(spec, {"goal": "b"}, key="acl")
+        mesh.run(other, {"goal": "c"})
+        with pytest.raises(PipelineConflict):
+            mesh.run(spec, {"goal": "d"}, key="refused", replace=False)  # created, then deleted
+        admin.delete(mesh.keys.pipeline(spec.name))
+        for goal in range(70):  # past the wake-up cap (64): LTRIM
+            mesh.run(spec, {"goal": f"g{goal}"})
+        mesh.run(other, {"goal": "e"})  # HEXISTS: another version newest
+        nap = Pipeline("nap").step("nap", sleep="1h").step("researcher", depends_on=["nap"]).build()
+        mesh.run(nap, {"goal": "f"})
+        assert admin.execute_command("ACL", "LOG") == []
+        assert admin.get(mesh.keys.job(job_id_for("refused"))) is None
+        mesh.redis.close()
+    finally:
+        admin.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_run_and_a_send_waiting_for_replicas_under_the_acl_user_are_not_refused(tmp_path: Path,
+                                                                                 make_settings: Any) -> None:
+    """MESH_REDIS_WAIT_REPLICAS under the user of ``acl_rules()``: the script and ``WAIT`` go in one
+    pipeline (redis-py checks the script with SCRIPT EXISTS first); no replica here, so NotReplicated,
+    never NOPERM."""
+    admin_password = f"admin-{uuid.uuid4().hex}"
+    server = private_redis(tmp_path / "redis", ("--requirepass", admin_password),
+                           url=f"redis://:{admin_password}@127.0.0.1:{{port}}/0")
+    admin = redis.Redis.from_url(server.url)
+    try:
+        namespace = make_settings().namespace
+        admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", ">pw-wait", *acl_rules(namespace))
+        mesh = MeshClient(make_settings(redis_url=f"redis://mesh:pw-wait@127.0.0.1:{server.port}/0",
+                                        redis_wait_replicas=1, redis_wait_timeout_ms=10), app=app)
+        spec = load_pipeline(ISSUE_FILE, app)
+        nap = Pipeline("nap").step("nap", sleep="1h").step("researcher", depends_on=["nap"]).build()
+        for start in (lambda: mesh.run(spec, {"goal": "a"}, key="run"), lambda: mesh.run(nap, {"goal": "a"}),
+                      lambda: mesh.send("researcher", {"goal": "a"}, key="send")):
+            with pytest.raises(NotReplicated):
+                start()
+        assert admin.get(mesh.keys.job(job_id_for("run"))) is not None
+        assert admin.execute_command("ACL", "LOG") == []
+        mesh.redis.close()
+    finally:
+        admin.close()
+        server.stop()
