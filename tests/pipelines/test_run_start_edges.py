@@ -312,3 +312,30 @@ def test_a_run_and_a_send_waiting_for_replicas_under_the_acl_user_are_not_refuse
     finally:
         admin.close()
         server.stop()
+
+
+def test_a_run_of_500_root_steps_sends_each_once(mesh: MeshClient, rclient: redis.Redis) -> None:
+    agents = ("researcher", "scout", "jot")
+    build = Pipeline("many-roots")
+    for i in range(500):
+        build = build.step(f"r{i}", agent=agents[i % 3])
+    spec = check(build.build(), app)
+    ref = mesh.run(spec, {"goal": "g"}, key="many")
+    assert mesh.run(spec, {"goal": "g"}, key="many").id == ref.id
+    counts = {a: 500 // 3 + (1 if i < 500 % 3 else 0) for i, a in enumerate(agents)}
+    for agent, n in counts.items():
+        queue = mesh.target(agent).queue
+        assert ready(mesh, queue) == n and rclient.hlen(mesh.keys.messages(queue)) == n
+    enqueued = [e for e in trace.read(rclient, mesh.keys, ref.id) if e.get("event") == "enqueued"]
+    assert len(enqueued) == 500
+
+
+def test_an_input_near_the_message_limit_is_sent_whole(mesh: MeshClient, rclient: redis.Redis) -> None:
+    spec = load_pipeline(ISSUE_FILE, app)
+    goal = "ü" * ((mesh.settings.max_message_bytes - 16 * 1024) // 2)
+    ref = mesh.run(spec, {"goal": goal}, key="big")
+    [root] = [s for s in mesh.status(ref.id).steps.values() if s.sent_at is not None]
+    queue = mesh.target(root.agent).queue
+    [body] = rclient.hvals(mesh.keys.messages(queue))
+    assert goal.encode() in body and len(body) <= mesh.settings.max_message_bytes
+    assert mesh.status(ref.id).pipeline_input == {"goal": goal}
