@@ -369,10 +369,8 @@ class MeshClient:
                     if latest is not None and latest.decode() != digest:
                         raise PipelineConflict(spec.name, latest.decode(), digest)
                     pipe.multi()
-                    if (spec.name, digest) in self._registered:  # stored by this client's first run of it
-                        pipe.hset(self.keys.pipeline(spec.name), LATEST, digest)
-                    else:
-                        stage_register(pipe, self.keys, spec.name, digest, spec.canonical())
+                    # the spec's JSON always (HSETNX): a version this client stored may be lost since
+                    stage_register(pipe, self.keys, spec.name, digest, spec.canonical())
                     if existing is None:  # a re-sent run of the same key and input is that job
                         self.jobs.stage_create(pipe, record)
                         for message in messages:
@@ -397,11 +395,16 @@ class MeshClient:
         enqueued = [trace.event("enqueued", m.args[0], queue=m.queue_name, by="client") for m in messages]
         bodies = [(m.queue_name, m.options["redis_message_id"], data)
                   for m, data in zip(messages, encoded, strict=True)]
-        answer, acked = self._run_script(
-            job_id=record.job_id, payload_hash=record.payload_hash or "", record=dumps(record),
-            created_at=record.created_at, name=spec.name, digest=digest, replace=replace,
-            canonical=None if registered else spec.canonical(), events=enqueued + events, messages=bodies,
-            wait=(wanted, self.settings.redis_wait_timeout_ms) if wanted else None)
+        while True:
+            answer, acked = self._run_script(
+                job_id=record.job_id, payload_hash=record.payload_hash or "", record=dumps(record),
+                created_at=record.created_at, name=spec.name, digest=digest, replace=replace,
+                canonical=None if registered else spec.canonical(), events=enqueued + events, messages=bodies,
+                wait=(wanted, self.settings.redis_wait_timeout_ms) if wanted else None)
+            if answer != b"spec" or not registered:
+                break
+            registered = False  # Redis lost the version this client stored: sent again, with its JSON
+            self._registered.discard((spec.name, digest))
         if answer == b"key":
             raise KeyConflict(record.key, record.job_id, next(iter(record.steps.values())).agent)
         if isinstance(answer, bytes):

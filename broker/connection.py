@@ -275,7 +275,7 @@ def _shown(host: Any, port: Any) -> str:
 #: then regenerates docs/reference/acl.md (``python -m mesh.broker.acl``).
 ACL_COMMANDS = (
     "ping", "info", "select",
-    "eval", "evalsha", "script|load", "multi", "exec", "discard", "watch", "unwatch",
+    "eval", "evalsha", "script|load", "script|exists", "multi", "exec", "discard", "watch", "unwatch", "wait",
     "get", "getrange", "set", "mget", "del", "exists", "type", "expire", "pexpire", "pexpireat", "persist", "pttl",
     "incr", "incrby", "time",
     "hget", "hset", "hsetnx", "hdel", "hexists", "hgetall", "hmget", "hlen", "hincrby", "hincrbyfloat",

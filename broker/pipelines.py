@@ -69,8 +69,9 @@ class StartRun:
         already; ``messages``: (queue, message id, encoded message); ``wait``: (replicas, timeout_ms)
         to WAIT for after it on the same connection (MESH_REDIS_WAIT_REPLICAS). (answer, replicas
         that confirmed): the answer is 0 (created), 1 (the key's job is this run: nothing sent),
-        ``b"key"`` (the key names a job of another input) or ``b"pipeline:" + digest`` (replace=False
-        and that digest is the newest); only the first two wrote anything."""
+        ``b"key"`` (the key names a job of another input), ``b"pipeline:" + digest`` (replace=False
+        and that digest is the newest) or ``b"spec"`` (``canonical`` None, but Redis does not hold
+        that version: call again with it); only the first two wrote anything."""
         traced = [(ev["job_id"], dumps(ev)) for ev in events if isinstance(ev.get("job_id"), str)]
         args: list[Any] = [job_id, payload_hash, record, created_at, trace.TRACE_MAXLEN, WAKE_CAP, name, digest,
                            1 if replace else 0, canonical or b"", len(traced)]

@@ -14,7 +14,8 @@
 --               latest) is a conflict: nothing written, returns "pipeline:" .. that digest
 --   canonical   the spec's JSON, stored under its digest (HSETNX) with the name added to
 --               {ns}:pipelines; "" when the client stored this version already. The digest is
---               made the newest either way (written only when it is not already).
+--               made the newest either way (written only when it is not already). "" for a
+--               version Redis does not hold: nothing written, returns "spec".
 --   event       trace events, each added to the stream {ns}:trace:{job_id} (capped near trace_maxlen)
 --   message     dramatiq's encoded message, stored under message_id in {ns}:{queue}.msgs and pushed
 --               on its lane of the queue (lanes_lib.lua); then one wake-up token per message on
@@ -30,6 +31,13 @@ local n_events = tonumber(ARGV[11])
 local pipeline = ns .. ":pipeline:" .. name
 
 local latest = redis.call("hget", pipeline, "latest")
+-- A version the client believes stored but Redis no longer holds (the name's hash lost: a restart
+-- without persistence, an eviction): nothing written, the client sends it again with its JSON.
+-- Checked only when the name's newest is missing or another digest, so a run of the newest costs
+-- no command more.
+if canonical == "" and (not latest or (latest ~= digest and redis.call("hexists", pipeline, digest) == 0)) then
+    return "spec"
+end
 local job = ns .. ":job:" .. job_id
 local created = redis.call("set", job, record, "nx")
 if not created then
@@ -67,7 +75,12 @@ for i = first + 2 * n_events, #ARGV, 3 do
 end
 for _, queue in ipairs(order) do
     local q, base = per_queue[queue], ns .. ":" .. queue
-    redis.call("hset", base .. ".msgs", unpack(q))
+    -- bodies in commands of up to `slice` messages each (Lua's stack bounds how many arguments one
+    -- call may take: a failure here would leave the record without its messages)
+    local slice = 1000
+    for from = 1, #q, 2 * slice do
+        redis.call("hset", base .. ".msgs", unpack(q, from, math.min(#q, from + 2 * slice - 1)))
+    end
     for j = 1, #q, 2 do lane_push(base, q[j], q[j + 1], false) end
     local tokens = {}
     for t = 1, math.min(#q / 2, wake_cap) do tokens[t] = 1 end

@@ -23,30 +23,29 @@ ISSUE_FILE = Path(__file__).parent / "multi-agent-orchestration.skill.yaml"
 SENT: tuple[list[str], list[int]] = ([], [0])
 
 
+def command_names(data: bytes) -> list[str]:
+    """The names of the commands packed (RESP arrays of bulk strings) in ``data``."""
+    names, i = [], 0
+    while i < len(data):
+        end = data.index(b"\r\n", i)
+        count, i = int(data[i + 1:end]), end + 2
+        for n in range(count):
+            end = data.index(b"\r\n", i)
+            size, i = int(data[i + 1:end]), end + 2
+            if n == 0:
+                names.append(data[i:i + size].decode().upper())
+            i += size + 2
+    return names
+
+
 class Counted(redis.Connection):
-    """A connection that notes every command and every request it sends (the commands read from the
-    bytes themselves, however they were packed: ``run_script`` packs its EVALSHA on its own)."""
+    """A connection that notes every command and every request it sends, read from the bytes sent
+    (the mesh packs some commands itself, not through ``send_command``)."""
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        SENT[0].extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
         SENT[1][0] += 1
-        SENT[0].extend(names(command if isinstance(command, (bytes, str)) else b"".join(command)))
         super().send_packed_command(command, check_health)
-
-
-def names(data: bytes | str) -> list[str]:
-    """The command names in ``data``, one or more RESP arrays of bulk strings."""
-    raw = data.encode() if isinstance(data, str) else bytes(data)
-    out, at = [], 0
-    while at < len(raw):
-        end = raw.index(b"\r\n", at)
-        count, at = int(raw[at + 1:end]), end + 2
-        for n in range(count):
-            end = raw.index(b"\r\n", at)
-            size = int(raw[at + 1:end])
-            if n == 0:
-                out.append(raw[end + 2:end + 2 + size].decode().upper())
-            at = end + 2 + size + 2
-    return out
 
 
 def root_queue(mesh: MeshClient, job_id: str) -> tuple[str, int]:
