@@ -179,6 +179,12 @@ class MeshBroker(RedisBroker):
         elif signal == "worker_shutdown":
             queues = getattr(args[0], "consumers", {}) if args else {}
             self._wake_for_stop(sum(1 for queue in queues if not queue.endswith(".DQ")))
+        elif signal == "consumer_thread_shutdown":
+            # Sent from the stopping consumer thread itself: the connection its waits kept goes back to
+            # the pool, or it would stay checked out (and open) for as long as the broker lives.
+            conn = self._waits.__dict__.pop("connection", None)
+            if conn is not None:
+                self.client.connection_pool.release(conn)
         super().emit_before(signal, *args, **kwargs)
 
     def _wake_for_stop(self, consumers: int) -> None:

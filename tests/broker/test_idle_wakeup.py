@@ -10,10 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import dramatiq
 import pytest
 from conftest import wait_for
 
 from mesh.broker import MeshClient, MeshSettings, consumer
+from mesh.broker.connection import connect
 from mesh.broker.consumer import MeshConsumer
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.ops.local_redis import PrivateRedis, redis_binary
@@ -129,6 +131,35 @@ def test_waits_go_on_a_connection_the_consumer_keeps_and_one_the_server_closed_i
     assert client.redis.client_kill_filter(_type=None, addr=f"{host}:{port}", skipme=True) == 1
     ref = client.send("executor", NOTE)
     assert next(consumer_).args[0]["job_id"] == ref.id
+
+
+@pytest.mark.slow
+def test_a_stopped_consumer_thread_gives_its_waits_connection_back(
+        client: MeshClient, settings: MeshSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A consumer thread keeps the connection its waits go on; when it stops, the connection goes back to
+    # the pool, not left checked out (and open) for as long as the broker lives: workers started and
+    # stopped on one broker would hold one more connection per consumer thread each time.
+    monkeypatch.setattr(consumer, "WAIT_S", 0.2)
+    name = f"waits-{settings.namespace[-12:]}"
+    broker = MeshBroker(settings, client=connect(settings, retries=False, client_name=name))
+    dramatiq.actor(lambda envelope: None, actor_name="executor", queue_name="executor", broker=broker)
+    pool = broker.client.connection_pool
+
+    def named() -> int:
+        return sum(1 for c in client.redis.client_list() if c["name"] == name)
+
+    try:
+        counts = []
+        for _ in range(3):
+            worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+            worker.start()
+            wait_for(lambda: any(c["name"] == name and c["cmd"] == "blpop" for c in client.redis.client_list()))
+            worker.stop(timeout=10_000)
+            assert not pool._in_use_connections  # every thread that used the client has stopped
+            counts.append(named())
+        assert counts[2] == counts[0]  # the next worker's threads took the connections back from the pool
+    finally:
+        broker.close()
 
 
 @pytest.mark.slow
