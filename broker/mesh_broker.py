@@ -149,6 +149,8 @@ class MeshBroker(RedisBroker):
         and the wait sent once more: a token taken by the lost wait costs one ``WAIT_S`` at most, as a
         message pushed without a token does."""
         held = getattr(self._waits, "connection", None)
+        if held is not None and held.pid != os.getpid():  # kept by the process this one was forked from
+            held = None
         conn = held or self.client.connection_pool.get_connection()  # checked by the pool once
         self._waits.connection = conn
         for attempt in (1, 2):

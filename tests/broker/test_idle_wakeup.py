@@ -5,6 +5,8 @@ token is still fetched after one wait (``consumer.WAIT_S``)."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,6 +133,38 @@ def test_waits_go_on_a_connection_the_consumer_keeps_and_one_the_server_closed_i
     assert client.redis.client_kill_filter(_type=None, addr=f"{host}:{port}", skipme=True) == 1
     ref = client.send("executor", NOTE)
     assert next(consumer_).args[0]["job_id"] == ref.id
+
+
+def test_a_process_forked_from_a_consumers_process_claims_and_waits_as_its_own(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
+    # A fork keeps the broker (its id) and the fetch count: a fetch of the child and one of the parent
+    # must still name different owners, or the parent's fetch of a duplicate of the child's message
+    # takes the claim the child's live attempt holds as its own and runs it too. Nor may the child's
+    # waits go on the parent's kept connection (one socket, two readers).
+    consumer_, _ = counted
+    assert next(consumer_) is None  # reclaimed, found the queue empty, waited on the kept connection
+    kept = consumer_.broker._waits.connection
+    host, port = kept._sock.getsockname()[:2]
+    addr = f"{host}:{port}"
+    kept.send_command("PING")
+    assert kept.read_response() == b"PONG"
+    client.send("executor", NOTE, key="forked")
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: fetches the message (a wait, then the fetch) and says what it claimed
+        try:
+            message = next(consumer_)
+            os.write(writable, json.dumps([message.mesh_claim.owner, message.mesh_claim.lease is not None]).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    owner, won = json.loads(os.read(readable, 4096))
+    assert won
+    assert [c["cmd"] for c in client.redis.client_list() if c["addr"] == addr] == ["ping"]
+    client.send("executor", NOTE, key="forked")  # a duplicate, fetched by the parent
+    duplicate = wait_for(lambda: next(consumer_), timeout_s=5)
+    assert duplicate.mesh_claim.owner != owner
+    assert duplicate.mesh_claim.lease is None  # the child's attempt holds the key: busy, not run again
 
 
 @pytest.mark.slow
