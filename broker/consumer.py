@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -59,6 +60,17 @@ CONFLICT_RETRIES = 50
 #: and the consumer, short of its block for the next token, waits for it (up to the interpreter's
 #: switch interval, 5 ms) while it holds the worker's pick-up write up in turn (docs/performance.md).
 _FETCHES = itertools.count(1)
+#: Put before the count in a process forked from another (drawn once, at the fork): the child keeps the
+#: broker, so its id, and the count, and its fetches would name the parent's owners again.
+_FORKED = ""
+
+
+def _forked() -> None:
+    global _FORKED
+    _FORKED = f"{uuid.uuid4().hex[:8]}."
+
+
+os.register_at_fork(after_in_child=_forked)
 
 #: Bytes of a message over MESH_MAX_MESSAGE_BYTES its dead letter keeps (with the full length and sha256).
 OVERSIZED_PREFIX_BYTES = 4096
@@ -415,7 +427,7 @@ class MeshConsumer(_RedisConsumer):
         now = time.monotonic()
         beat = now - self.last_beat >= self.broker.heartbeat_timeout / 4000
         idem = self.idempotency
-        nonce = f"{next(_FETCHES):x}"
+        nonce = f"{_FORKED}{next(_FETCHES):x}"
         # An agent's queue has each claimed message's job record read with it: its pick-up reads nothing.
         records = idem is not None and self.queue_name in self.broker.record_queues
         claim = (nonce, idem.lease_ms, idem.ttl_s, "1" if records else "0") if idem is not None else ()

@@ -149,6 +149,8 @@ class MeshBroker(RedisBroker):
         and the wait sent once more: a token taken by the lost wait costs one ``WAIT_S`` at most, as a
         message pushed without a token does."""
         held = getattr(self._waits, "connection", None)
+        if held is not None and held.pid != os.getpid():  # kept by the process this one was forked from
+            held = None
         conn = held or self.client.connection_pool.get_connection()  # checked by the pool once
         self._waits.connection = conn
         for attempt in (1, 2):
@@ -179,6 +181,12 @@ class MeshBroker(RedisBroker):
         elif signal == "worker_shutdown":
             queues = getattr(args[0], "consumers", {}) if args else {}
             self._wake_for_stop(sum(1 for queue in queues if not queue.endswith(".DQ")))
+        elif signal == "consumer_thread_shutdown":
+            # Sent from the stopping consumer thread itself: the connection its waits kept goes back to
+            # the pool, or it would stay checked out (and open) for as long as the broker lives.
+            conn = self._waits.__dict__.pop("connection", None)
+            if conn is not None:
+                self.client.connection_pool.release(conn)
         super().emit_before(signal, *args, **kwargs)
 
     def _wake_for_stop(self, consumers: int) -> None:

@@ -58,15 +58,16 @@ for i = 1, n do
         if made[job_id] then
             stored = bound[job_id]  -- no record before this batch: an earlier item's key binds it
         else
-            -- A key of another type, a record that is no JSON: the call fails, with nothing written.
+            -- A key of another type, a record that is no JSON or a JSON scalar: the call fails, with
+            -- nothing written (every error raised once a record was created must go through here).
             local ok, raw = pcall(redis.call, "get", key)
             local decoded = raw
-            if ok then ok, decoded = pcall(cjson.decode, raw) end
+            if ok then ok, decoded = pcall(function() return cjson.decode(raw)["payload_hash"] end) end
             if not ok then
                 for c = 1, #created do redis.call("del", created[c]) end
                 error(decoded)
             end
-            stored = decoded["payload_hash"]
+            stored = decoded
             if stored == cjson.null then stored = nil end
         end
         if bound[job_id] == nil then bound[job_id] = hash end

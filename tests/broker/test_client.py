@@ -224,3 +224,21 @@ def test_a_key_whose_record_cannot_be_read_fails_its_batch_with_nothing_written(
         client.send_many("executor", [(NOTE, "before-1"), (NOTE, "before-2"), (NOTE, "broken")])
     assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
     assert client.queues(["executor"])["executor"]["ready"] == 0
+
+
+@pytest.mark.parametrize("stored", [b"5", b"true", b"null", b'"text"', b"[1]"])
+def test_a_key_whose_record_is_json_but_no_object_leaves_nothing_of_its_batch(client, stored):
+    """A record that is JSON but not an object: a number, true or null fails the call (its payload_hash
+    cannot be read) with the records the batch created before it removed; a string or an array binds
+    nothing, as a record without a payload_hash (as when every key was read before any write)."""
+    client.redis.set(client.keys.job(job_id_for("odd")), stored)
+    items = [(NOTE, "before-1"), (NOTE, "before-2"), (NOTE, "odd")]
+    if stored in (b'"text"', b"[1]"):
+        client.send_many("executor", items)
+        assert client.queues(["executor"])["executor"]["ready"] == 3
+        return
+    with pytest.raises(Exception, match="attempt to index"):
+        client.send_many("executor", items)
+    assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
+    assert client.queues(["executor"])["executor"]["ready"] == 0
+    assert client.redis.get(client.keys.job(job_id_for("odd"))) == stored

@@ -5,15 +5,20 @@ token is still fetched after one wait (``consumer.WAIT_S``)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import dramatiq
 import pytest
 from conftest import wait_for
 
 from mesh.broker import MeshClient, MeshSettings, consumer
+from mesh.broker.connection import connect
 from mesh.broker.consumer import MeshConsumer
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.ops.local_redis import PrivateRedis, redis_binary
@@ -129,6 +134,65 @@ def test_waits_go_on_a_connection_the_consumer_keeps_and_one_the_server_closed_i
     assert client.redis.client_kill_filter(_type=None, addr=f"{host}:{port}", skipme=True) == 1
     ref = client.send("executor", NOTE)
     assert next(consumer_).args[0]["job_id"] == ref.id
+
+
+def test_a_process_forked_from_a_consumers_process_claims_and_waits_as_its_own(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
+    # A fork keeps the broker (its id) and the fetch count: a fetch of the child and one of the parent
+    # must still name different owners, or the parent's fetch of a duplicate of the child's message
+    # takes the claim the child's live attempt holds as its own and runs it too. Nor may the child's
+    # waits go on the parent's kept connection (one socket, two readers).
+    consumer_, _ = counted
+    assert next(consumer_) is None  # reclaimed, found the queue empty, waited on the kept connection
+    kept = consumer_.broker._waits.connection
+    host, port = kept._sock.getsockname()[:2]
+    addr = f"{host}:{port}"
+    kept.send_command("PING")
+    assert kept.read_response() == b"PONG"
+    client.send("executor", NOTE, key="forked")
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: fetches the message (a wait, then the fetch) and says what it claimed
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(30)  # a lock another thread held at the fork: the child ends, the test fails
+        try:
+            message = next(consumer_)
+            os.write(writable, json.dumps([message.mesh_claim.owner, message.mesh_claim.lease is not None]).encode())
+        finally:
+            os._exit(0)
+    wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, timeout_s=40)
+    owner, won = json.loads(os.read(readable, 4096))
+    assert won
+    assert [c["cmd"] for c in client.redis.client_list() if c["addr"] == addr] == ["ping"]
+    client.send("executor", NOTE, key="forked")  # a duplicate, fetched by the parent
+    duplicate = wait_for(lambda: next(consumer_), timeout_s=5)
+    assert duplicate.mesh_claim.owner != owner
+    assert duplicate.mesh_claim.lease is None  # the child's attempt holds the key: busy, not run again
+
+
+@pytest.mark.slow
+def test_a_stopped_consumer_thread_gives_its_waits_connection_back(
+        client: MeshClient, settings: MeshSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A consumer thread keeps the connection its waits go on; when it stops, the connection goes back to
+    # the pool, not left checked out (and open) for as long as the broker lives: workers started and
+    # stopped on one broker would hold one more connection per consumer thread each time.
+    monkeypatch.setattr(consumer, "WAIT_S", 0.2)
+    name = f"waits-{settings.namespace[-12:]}"
+    broker = MeshBroker(settings, client=connect(settings, retries=False, client_name=name))
+    dramatiq.actor(lambda envelope: None, actor_name="executor", queue_name="executor", broker=broker)
+    pool = broker.client.connection_pool
+
+    try:
+        for _ in range(3):
+            worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+            worker.start()
+            wait_for(lambda: any(c["name"] == name and c["cmd"] == "blpop" for c in client.redis.client_list()))
+            worker.stop(timeout=10_000)
+            # Every thread that used the client has stopped (the stop's wake-up pusher soon after): none
+            # of its connections is still checked out.
+            wait_for(lambda: not pool._in_use_connections, timeout_s=5)
+    finally:
+        broker.close()
 
 
 @pytest.mark.slow
