@@ -126,13 +126,11 @@ class Context:
 
     def _handler_tools(self) -> ToolContext:
         """The handler's own tool context (``ctx.http``'s), under the message's key whatever tool loop
-        call is under way, as when it was made with the context."""
+        call is under way, as when it was made with the context. ``_call_key`` is left as it is: a
+        loop's call may be running in another thread (an async handler's), and reads it."""
         if self._tool_ctx is None:
-            call_key, self._call_key = self._call_key, None
-            try:
-                self._tool_ctx = self._tool_context(None)
-            finally:
-                self._call_key = call_key
+            tools = self._tool_context(None)
+            self._tool_ctx = tools if tools.key == self.env.key else dataclasses.replace(tools, key=self.env.key)
         return self._tool_ctx
 
     @property

@@ -223,7 +223,8 @@ class MeshClient:
         #: Deadlines are set on the Redis server's clock, where workers check them.
         self.clock = ServerClock(self.redis)
         #: The targets of declared agents by name, each with what it was made of (the app, its spec of
-        #: the agent, the agent given): made again when any of them is no longer what it was.
+        #: the agent and the spec's queue, version and models, the agent given): made again when any of
+        #: them is no longer what it was.
         self._targets: dict[str, tuple[Any, Any, Any, Target]] = {}
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None,
@@ -443,12 +444,16 @@ class MeshClient:
         else:
             name = agent
         spec = app.agents.get(name) if app is not None else None
+        # What the target is made of in the spec, read again: a catalog's spec need not be frozen
+        # (App's is), and one changed in place is the same object.
+        held = None if spec is None else (spec, spec.queue, spec.version, getattr(spec, "input", None),
+                                          getattr(spec, "output", None))
         cached = self._targets.get(name)
-        if cached is not None and cached[0] is app and cached[1] is spec and cached[2] == given:
+        if cached is not None and cached[0] is app and cached[1] == held and cached[2] == given:
             return cached[3]
         made = self._target(agent)
         if spec is not None or ref:  # a declared agent: made of what is compared above
-            self._targets[name] = (app, spec, given, made)
+            self._targets[name] = (app, held, given, made)
         return made
 
     def _target(self, agent: str | AgentRef[Any, Any]) -> Target:

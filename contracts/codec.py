@@ -8,14 +8,29 @@ import orjson
 from dramatiq.encoder import Encoder, MessageData
 from dramatiq.errors import DecodeError
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
+
+#: Each digit made ``0``, every other byte ``x``: 19 zeros in a row in ``data.translate(_DIGITS)`` are
+#: 19 digits in a row, so the JSON may hold an integer orjson refuses (past -2**63 .. 2**64-1), which
+#: pydantic's serialiser writes and orjson would read back as a float. (Two C passes: a regex search
+#: for the digits costs several times more.)
+_DIGITS, _LONG = bytes(48 if 48 <= b <= 57 else 120 for b in range(256)), b"0" * 19
 
 
 def dumps(value: Any) -> bytes:
     """Serialise a contract, a dict of plain data, or a mix of both. A contract goes straight to JSON
     (pydantic's serialiser: the bytes orjson writes of its ``model_dump(mode="json")``, without the
-    Python dict in between)."""
+    Python dict in between). What the two might not agree on (a long integer; a value the serialiser
+    refuses, such as a lone surrogate) goes through ``model_dump`` and orjson: refused as orjson
+    refuses it (a ``TypeError``), never written as something orjson cannot read back."""
     if isinstance(value, BaseModel):
-        return value.__pydantic_serializer__.to_json(value)
+        try:
+            data = value.__pydantic_serializer__.to_json(value)
+        except PydanticSerializationError:
+            data = None
+        if data is None or _LONG in data.translate(_DIGITS):
+            return orjson.dumps(value.model_dump(mode="json"))
+        return data
     return orjson.dumps(value, default=_default)
 
 

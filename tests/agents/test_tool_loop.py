@@ -286,3 +286,44 @@ def test_each_call_of_the_loop_gives_its_tool_a_key_of_its_own_derived_from_the_
     assert [c.result for c in ctx.calls] == ["job-9/asks/turn-1/call-1", "job-9/asks/turn-1/call-2",
                                              "job-9/asks/turn-2/call-1"]
     assert ctx._tool_context(None).key == "job-9/asks"  # the handler's own calls keep the message's key
+
+
+def test_ctx_http_made_while_a_loop_call_runs_in_another_thread_leaves_that_call_its_own_key(client, settings):
+    # An async handler's tool loop runs each call in a thread (AsyncContext.call) under the call's key,
+    # while the handler may reach for ctx.http on its loop: the handler's tool context, made at its
+    # first use, is under the message's key, and the call under way keeps the call's key meanwhile.
+    import threading
+    import time
+
+    from mesh.agents.builtin import app as builtin
+    from mesh.agents.runtime import AgentRuntime
+    from mesh.broker.idempotency import Lease
+    from mesh.contracts import Envelope, new_trace_id
+
+    env = Envelope(key="k-http", job_id="j", step_id="executor", agent="executor", trace_id=new_trace_id(),
+                   deadline=time.time() + 30, payload={"tool": "note", "args": {"title": "t"}})
+    lease = Lease(key=env.key, claim_key=client.keys.claim(env.key), owner="a", token=1)
+    ctx = Context(AgentRuntime.from_settings(settings, client.redis, builtin), env, builtin.agents["executor"], lease)
+    ctx._call_key = "k-http/turn-1/call-1"  # the loop's call under way
+    handler, making, read, seen = threading.current_thread(), threading.Event(), threading.Event(), []
+    made = ctx._tool_context
+
+    def tool_context(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is handler:  # ctx.http's, made at its first use
+            making.set()
+            read.wait(10)
+        return made(*args, **kwargs)
+
+    ctx._tool_context = tool_context  # type: ignore[method-assign]
+
+    def call() -> None:  # the call's tool context, made as ctx.http's is being made
+        making.wait(10)
+        seen.append(ctx._tool_context(None).key)
+        read.set()
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    http = ctx.http
+    caller.join(10)
+    assert seen == ["k-http/turn-1/call-1"]
+    assert http.tool.key == "k-http" and ctx._call_key == "k-http/turn-1/call-1"

@@ -145,6 +145,35 @@ def test_a_declared_agents_target_is_kept_until_its_app_spec_changes(client: Mes
     assert sender.target(kept).queue == "kept" and sender.target(kept).version == 1
 
 
+class _Catalog:
+    """An agent catalog (``MeshClient(app=...)``) other than an App: its specs are not frozen."""
+
+    def __init__(self) -> None:
+        import types
+
+        self.agents = {"mutable": types.SimpleNamespace(queue="mutable", version=1, input=Aliased, output=Done)}
+
+    @property
+    def contracts(self) -> dict[str, Any]:
+        return {name: (spec.input, spec.output) for name, spec in self.agents.items()}
+
+    def stored_pipeline(self, data: Any) -> Any:
+        raise NotImplementedError
+
+
+def test_a_declared_agents_target_follows_its_spec_changed_in_place(client: MeshClient):
+    catalog = _Catalog()
+    sender = MeshClient(client.settings, client=client.redis, app=catalog)
+    first = sender.target("mutable")
+    assert (first.queue, first.version, first.input) == ("mutable", 1, Aliased)
+    spec = catalog.agents["mutable"]
+    spec.queue, spec.version, spec.input = "mutable_v2", 2, Done  # the same object, changed
+
+    again = sender.target("mutable")
+    assert (again.queue, again.version, again.input) == ("mutable_v2", 2, Done)
+    assert sender.target("mutable") is again
+
+
 @pytest.mark.parametrize("args", [
     ("q", 1.5, 64, 1000, b"\x00\n\xff" * 700),
     ("é 🙂", 0.1, 1e20, -3, 10**20, float("inf"), 1733491234.123456, b""),
