@@ -27,7 +27,6 @@ from mesh.contracts import (
     StepRecord,
     add_tokens,
     dumps,
-    loads,
     settle,
     transition,
 )
@@ -136,7 +135,7 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.get(self.keys.job(job_id))
-        return None if data is None else JobRecord.model_validate(loads(data))
+        return None if data is None else JobRecord.model_validate_json(data)
 
     def stage_write(self, pipe: Any, before: JobRecord, record: JobRecord, messages: Sequence[Message], *,
                     events: Sequence[dict[str, Any]] = (), also: Callable[[Any, JobRecord], None] | None = None,
@@ -191,7 +190,7 @@ class JobStore:
                 data = pipe.get(key)
             if data is None:
                 raise JobNotFound(job_id)
-            before = JobRecord.model_validate(loads(data))
+            before = JobRecord.model_validate_json(data)
             record, messages = change(before)
             if record is before and not messages:
                 # Nothing to write: the change was already applied (a transaction re-sent after its
