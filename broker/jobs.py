@@ -74,6 +74,50 @@ def ended_ttl_s(record: JobRecord, retention_s: float, keep_s: float | None) -> 
     return max(retention_s, keep_s or 0) if holds_dead_letters(record) else retention_s
 
 
+#: Step record object id -> (the step, its key in the record, its ``"key":{...}`` bytes): a record's steps
+#: that did not change since it was last written are the same (frozen) objects, dumped once. Emptied
+#: past _FRAGMENTS_MAX steps or _FRAGMENTS_BYTES bytes.
+_FRAGMENTS: dict[int, tuple[StepRecord, str, bytes]] = {}
+_FRAGMENTS_MAX = 4096
+_FRAGMENTS_BYTES = 16 * 1024 * 1024
+_fragment_bytes = [0]
+#: Fewest steps a record has for its bytes to be put together from its steps' (below, dumped whole).
+SPLICED_STEPS = 8
+_NO_STEPS = b'"steps":{}'
+
+
+def record_bytes(record: JobRecord) -> bytes:
+    """``dumps(record)``, byte for byte, with each step's part dumped once per step object rather than
+    once per write: a pipeline's step changes one or two steps of its record, and dumping all of them
+    twice a step cost in proportion to the pipeline's size. The record is dumped with no steps and
+    each step's ``"id":{...}`` put in its place, in the record's order; a step id JSON would escape,
+    or a record whose bytes say ``"steps":{}`` elsewhere too (in its input, say), is dumped whole."""
+    steps = record.steps
+    if len(steps) < SPLICED_STEPS:
+        return dumps(record)
+    head = dumps(record.replaced({"steps": {}}))
+    at = head.find(_NO_STEPS)
+    if at < 0 or head.find(_NO_STEPS, at + 1) >= 0:
+        return dumps(record)
+    parts = []
+    for sid, step in steps.items():
+        kept = _FRAGMENTS.get(id(step))
+        if kept is not None and kept[0] is step and kept[1] == sid:
+            parts.append(kept[2])
+            continue
+        if not (sid.isascii() and sid.isprintable()) or '"' in sid or "\\" in sid:
+            return dumps(record)
+        part = b'"%s":%s' % (sid.encode(), dumps(step))
+        if len(_FRAGMENTS) >= _FRAGMENTS_MAX or _fragment_bytes[0] + len(part) > _FRAGMENTS_BYTES:
+            _FRAGMENTS.clear()
+            _fragment_bytes[0] = 0
+        _FRAGMENTS[id(step)] = (step, sid, part)
+        _fragment_bytes[0] += len(part)
+        parts.append(part)
+    at += len(_NO_STEPS) - 1
+    return b"".join((head[:at], b",".join(parts), head[at:]))
+
+
 def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retention_s: float,
                  keep_s: float | None = None, before: JobRecord | None = None) -> None:
     """Stage the write of ``record`` (which was in state ``was``) with the TTLs its state implies.
@@ -92,7 +136,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     """
     # The commands are staged as such (``execute_command``), as redis-py's ``set(...)`` would spell them
     # without its argument checks: a step writes its record twice, and those checks were a part of its CPU.
-    key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
+    key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), record_bytes(record)
     ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))  # once the job has ended
     if not known(record.state):
         pipe.execute_command("SET", key, data, "KEEPTTL")
