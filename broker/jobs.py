@@ -27,6 +27,7 @@ from mesh.contracts import (
     StepRecord,
     add_tokens,
     dumps,
+    loads,
     settle,
     transition,
 )
@@ -110,12 +111,57 @@ def record_bytes(record: JobRecord) -> bytes:
         part = b'"%s":%s' % (sid.encode(), dumps(step))
         if len(_FRAGMENTS) >= _FRAGMENTS_MAX or _fragment_bytes[0] + len(part) > _FRAGMENTS_BYTES:
             _FRAGMENTS.clear()
+            _PLAIN.clear()
             _fragment_bytes[0] = 0
         _FRAGMENTS[id(step)] = (step, sid, part)
         _fragment_bytes[0] += len(part)
         parts.append(part)
     at += len(_NO_STEPS) - 1
     return b"".join((head[:at], b",".join(parts), head[at:]))
+
+
+#: Step record object id -> (the step, its JSON as plain data): what :func:`validated` compares a step read
+#: back with. Emptied with the steps' bytes.
+_PLAIN: dict[int, tuple[StepRecord, Any]] = {}
+
+
+def _plain(step: StepRecord, sid: str) -> Any:
+    """``step``'s JSON as plain data, when its bytes are kept (:func:`record_bytes`); else None."""
+    plain = _PLAIN.get(id(step))
+    if plain is not None and plain[0] is step:
+        return plain[1]
+    kept = _FRAGMENTS.get(id(step))
+    if kept is None or kept[0] is not step or kept[1] != sid:
+        return None
+    if len(_PLAIN) >= _FRAGMENTS_MAX:
+        _PLAIN.clear()
+    value = loads(kept[2][len(sid) + 3:])  # after '"sid":' (an id kept so is ASCII, escaping nothing)
+    _PLAIN[id(step)] = (step, value)
+    return value
+
+
+def validated(data: bytes, known: JobRecord | None = None) -> JobRecord:
+    """``JobRecord.model_validate_json(data)``, with the steps of ``known`` (a record this process wrote of
+    the same job, maybe changed since) whose JSON ``data`` holds unchanged taken as they are, not validated
+    again: a pipeline's step changes one or two steps of its record, and validating every step cost in
+    proportion to the pipeline's size. Only a record whose own bytes (:func:`record_bytes`) are ``data``,
+    byte for byte, is answered so; any other is validated whole."""
+    if known is None or len(known.steps) < SPLICED_STEPS:
+        return JobRecord.model_validate_json(data)
+    plain = loads(data)
+    given = plain.get("steps") if isinstance(plain, dict) else None
+    if not isinstance(given, dict) or plain.get("job_id") != known.job_id:
+        return JobRecord.model_validate_json(data)
+    steps: dict[str, StepRecord] = {}
+    for sid, value in given.items():
+        kept = known.steps.get(sid)
+        if kept is not None and value == _plain(kept, sid):
+            steps[sid] = kept
+        else:
+            steps[sid] = StepRecord.model_validate(value)
+    plain["steps"] = {}
+    record = JobRecord.model_validate(plain).replaced({"steps": steps})
+    return record if record_bytes(record) == data else JobRecord.model_validate_json(data)
 
 
 def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retention_s: float,

@@ -34,7 +34,7 @@ from mesh.contracts import JobRecord, LeaseLost, dumps
 
 from .claims import script_source
 from .group_commit import GroupCommit
-from .jobs import Change, JobNotFound, JobStore
+from .jobs import Change, JobNotFound, JobStore, validated
 
 if TYPE_CHECKING:
     from .idempotency import Lease
@@ -92,6 +92,11 @@ class Recent:
         kept = self._kept.get(job_id)
         return kept.record if kept is not None and kept.data == data else None
 
+    def last(self, job_id: str) -> JobRecord | None:
+        """The record written last for ``job_id`` by this process (maybe changed since), or None."""
+        kept = self._kept.get(job_id)
+        return None if kept is None else kept.record
+
     def keep(self, job_id: str, written: Written) -> None:
         if len(written.data) > self.size:
             return
@@ -147,7 +152,7 @@ class StepWrites:
                 if data is None:
                     raise JobNotFound(job_id)
             if before is None:
-                before = self.recent.record(job_id, data) or JobRecord.model_validate_json(data)
+                before = self.recent.record(job_id, data) or validated(data, self.recent.last(job_id))
                 if before.job_id != job_id:  # bytes read for another job (a message naming two): read again
                     data = before = None
                     continue

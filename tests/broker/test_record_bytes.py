@@ -61,3 +61,45 @@ def test_steps_named_in_the_records_own_data_and_unknown_fields_keep_the_bytes_t
     spliced = JobRecord.model_validate_json(dumps(job(IDS)).replace(b'"job_id"', b'"newer":[2],"job_id"')
                                             .replace(b'"step_id":"s1"', b'"later":[1],"step_id":"s1"'))
     assert record_bytes(spliced) == dumps(spliced) and id(spliced.steps["s1"]) in jobs._FRAGMENTS
+
+
+def test_a_record_read_back_takes_the_steps_it_kept_unchanged_and_validates_the_rest():
+    from mesh.broker.jobs import validated
+
+    known = job(IDS)
+    record_bytes(known)  # as its write left it
+    running = transition(known.steps["s2"], State.RUNNING, now=3.5, token=7)
+    later = known.with_step(running).with_step(StepRecord(step_id="s99", agent="a", key="k/s99"))
+    later = later.replaced({"steps": {k: v for k, v in later.steps.items() if k != "s5"}, "tokens_in": 3})
+    data = dumps(later)  # what another process wrote since
+
+    read = validated(data, known)
+
+    assert read == JobRecord.model_validate_json(data) and dumps(read) == data
+    assert read.steps["s1"] is known.steps["s1"] and read.steps["s7"] is known.steps["s7"]  # taken as kept
+    assert read.steps["s2"] is not known.steps["s2"] and read.steps["s2"].token == 7  # changed: validated
+    assert "s5" not in read.steps and read.steps["s99"].key == "k/s99" and read.tokens_in == 3
+
+
+def test_a_record_read_back_whose_bytes_differ_only_in_a_numbers_spelling_is_validated_whole():
+    # 1 and 1.0 are equal as data, not as bytes: the step kept says 1.0, the bytes read say 1.
+    from mesh.broker.jobs import validated
+
+    known = job(IDS).with_step(StepRecord(step_id="n", agent="a", key="k/n", input={"v": 1.0}))
+    record_bytes(known)
+    data = dumps(known).replace(b'"v":1.0', b'"v":1')
+    read = validated(data, known)
+    assert read.steps["n"] is not known.steps["n"] and dumps(read) == data
+    assert read == JobRecord.model_validate_json(data)
+
+
+def test_a_record_of_another_job_or_too_few_steps_is_validated_whole():
+    from mesh.broker.jobs import validated
+
+    known = job(IDS)
+    record_bytes(known)
+    other = known.replaced({"job_id": "job-other"})
+    read = validated(dumps(other), known)
+    assert read.job_id == "job-other" and read.steps["s1"] is not known.steps["s1"]
+    few = job(IDS[:2])
+    assert validated(dumps(few), few).steps["s1"] is not few.steps["s1"]
