@@ -34,7 +34,7 @@ from mesh.contracts import JobRecord, LeaseLost, dumps
 
 from .claims import script_source
 from .group_commit import GroupCommit
-from .jobs import Change, JobNotFound, JobStore, validated
+from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
 if TYPE_CHECKING:
     from .idempotency import Lease
@@ -81,8 +81,9 @@ class Recent:
     costs with its size: every step of the pipeline). Bytes that differ by one byte are validated.
     A record is frozen, so the one kept is the one the write left."""
 
-    def __init__(self, records: int = RECENT_RECORDS, size: int = RECENT_BYTES) -> None:
-        self.records, self.size = records, size
+    def __init__(self, records: int = RECENT_RECORDS, size: int = RECENT_BYTES, steps: int = SPLICED_STEPS) -> None:
+        """``steps``: fewest steps a record kept has (a smaller one costs little to validate)."""
+        self.records, self.size, self.steps = records, size, steps
         self._kept: OrderedDict[str, Written] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -98,7 +99,7 @@ class Recent:
         return None if kept is None else kept.record
 
     def keep(self, job_id: str, written: Written) -> None:
-        if len(written.data) > self.size:
+        if len(written.data) > self.size or len(written.record.steps) < self.steps:
             return
         with self._lock:
             old = self._kept.pop(job_id, None)

@@ -529,7 +529,10 @@ def test_a_write_from_the_bytes_this_process_wrote_last_takes_that_record_and_va
     # A pipeline's next step picked up where its last step succeeded reads back the bytes that write
     # left: the record kept with them is the one computed from, not the bytes validated again (a cost
     # that grows with the pipeline's size). Bytes another writer changed are validated: its change stands.
+    from mesh.broker.step_write import Recent
+
     broker, runtime, client = worker
+    runtime.steps.recent = Recent(steps=0)  # a one-step job's record kept too (by default, from 8 steps)
     ref = client.send("echo", {"text": "hi"})
     _consumer, message = fetched(broker)
     lease = message.mesh_lease
@@ -561,7 +564,7 @@ def test_the_records_kept_of_the_last_writes_are_bounded_by_count_and_bytes():
     def written(job_id: str, size: int) -> Written:
         return Written(JobRecord(job_id=job_id, key=job_id, trace_id="ab" * 16), b"x" * size)
 
-    recent = Recent(records=2, size=100)
+    recent = Recent(records=2, size=100, steps=0)
     a, b, c = written("a", 10), written("b", 10), written("c", 10)
     for job_id, w in (("a", a), ("b", b), ("c", c)):
         recent.keep(job_id, w)
@@ -572,3 +575,6 @@ def test_the_records_kept_of_the_last_writes_are_bounded_by_count_and_bytes():
     assert recent.record("b", b.data) is None and recent.record("c", c.data) is None
     recent.keep("e", written("e", 101))  # larger than the whole bound: not kept
     assert recent.record("e", b"x" * 101) is None and recent.record("d", b"x" * 95) is not None
+    few = Recent(steps=1)  # a record of fewer steps than that: not kept (it costs little to validate)
+    few.keep("a", a)
+    assert few.record("a", a.data) is None
