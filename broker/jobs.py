@@ -75,6 +75,95 @@ def ended_ttl_s(record: JobRecord, retention_s: float, keep_s: float | None) -> 
     return max(retention_s, keep_s or 0) if holds_dead_letters(record) else retention_s
 
 
+#: Step record object id -> (the step, its key in the record, its ``"key":{...}`` bytes): a record's steps
+#: that did not change since it was last written are the same (frozen) objects, dumped once. Emptied
+#: past _FRAGMENTS_MAX steps or _FRAGMENTS_BYTES bytes.
+_FRAGMENTS: dict[int, tuple[StepRecord, str, bytes]] = {}
+_FRAGMENTS_MAX = 4096
+_FRAGMENTS_BYTES = 16 * 1024 * 1024
+_fragment_bytes = [0]
+#: Fewest steps a record has for its bytes to be put together from its steps' (below, dumped whole).
+SPLICED_STEPS = 8
+_NO_STEPS = b'"steps":{}'
+
+
+def record_bytes(record: JobRecord) -> bytes:
+    """``dumps(record)``, byte for byte, with each step's part dumped once per step object rather than
+    once per write: a pipeline's step changes one or two steps of its record, and dumping all of them
+    twice a step cost in proportion to the pipeline's size. The record is dumped with no steps and
+    each step's ``"id":{...}`` put in its place, in the record's order; a step id JSON would escape,
+    or a record whose bytes say ``"steps":{}`` elsewhere too (in its input, say), is dumped whole."""
+    steps = record.steps
+    if len(steps) < SPLICED_STEPS:
+        return dumps(record)
+    head = dumps(record.replaced({"steps": {}}))
+    at = head.find(_NO_STEPS)
+    if at < 0 or head.find(_NO_STEPS, at + 1) >= 0:
+        return dumps(record)
+    parts = []
+    for sid, step in steps.items():
+        kept = _FRAGMENTS.get(id(step))
+        if kept is not None and kept[0] is step and kept[1] == sid:
+            parts.append(kept[2])
+            continue
+        if not (sid.isascii() and sid.isprintable()) or '"' in sid or "\\" in sid:
+            return dumps(record)
+        part = b'"%s":%s' % (sid.encode(), dumps(step))
+        if len(_FRAGMENTS) >= _FRAGMENTS_MAX or _fragment_bytes[0] + len(part) > _FRAGMENTS_BYTES:
+            _FRAGMENTS.clear()
+            _PLAIN.clear()
+            _fragment_bytes[0] = 0
+        _FRAGMENTS[id(step)] = (step, sid, part)
+        _fragment_bytes[0] += len(part)
+        parts.append(part)
+    at += len(_NO_STEPS) - 1
+    return b"".join((head[:at], b",".join(parts), head[at:]))
+
+
+#: Step record object id -> (the step, its JSON as plain data): what :func:`validated` compares a step read
+#: back with. Emptied with the steps' bytes.
+_PLAIN: dict[int, tuple[StepRecord, Any]] = {}
+
+
+def _plain(step: StepRecord, sid: str) -> Any:
+    """``step``'s JSON as plain data, when its bytes are kept (:func:`record_bytes`); else None."""
+    plain = _PLAIN.get(id(step))
+    if plain is not None and plain[0] is step:
+        return plain[1]
+    kept = _FRAGMENTS.get(id(step))
+    if kept is None or kept[0] is not step or kept[1] != sid:
+        return None
+    if len(_PLAIN) >= _FRAGMENTS_MAX:
+        _PLAIN.clear()
+    value = loads(kept[2][len(sid) + 3:])  # after '"sid":' (an id kept so is ASCII, escaping nothing)
+    _PLAIN[id(step)] = (step, value)
+    return value
+
+
+def validated(data: bytes, known: JobRecord | None = None) -> JobRecord:
+    """``JobRecord.model_validate_json(data)``, with the steps of ``known`` (a record this process wrote of
+    the same job, maybe changed since) whose JSON ``data`` holds unchanged taken as they are, not validated
+    again: a pipeline's step changes one or two steps of its record, and validating every step cost in
+    proportion to the pipeline's size. Only a record whose own bytes (:func:`record_bytes`) are ``data``,
+    byte for byte, is answered so; any other is validated whole."""
+    if known is None or len(known.steps) < SPLICED_STEPS:
+        return JobRecord.model_validate_json(data)
+    plain = loads(data)
+    given = plain.get("steps") if isinstance(plain, dict) else None
+    if not isinstance(given, dict) or plain.get("job_id") != known.job_id:
+        return JobRecord.model_validate_json(data)
+    steps: dict[str, StepRecord] = {}
+    for sid, value in given.items():
+        kept = known.steps.get(sid)
+        if kept is not None and value == _plain(kept, sid):
+            steps[sid] = kept
+        else:
+            steps[sid] = StepRecord.model_validate(value)
+    plain["steps"] = {}
+    record = JobRecord.model_validate(plain).replaced({"steps": steps})
+    return record if record_bytes(record) == data else JobRecord.model_validate_json(data)
+
+
 def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retention_s: float,
                  keep_s: float | None = None, before: JobRecord | None = None) -> None:
     """Stage the write of ``record`` (which was in state ``was``) with the TTLs its state implies.
@@ -93,7 +182,7 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     """
     # The commands are staged as such (``execute_command``), as redis-py's ``set(...)`` would spell them
     # without its argument checks: a step writes its record twice, and those checks were a part of its CPU.
-    key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), dumps(record)
+    key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), record_bytes(record)
     ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))  # once the job has ended
     if not known(record.state):
         pipe.execute_command("SET", key, data, "KEEPTTL")
@@ -136,7 +225,7 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.get(self.keys.job(job_id))
-        return None if data is None else JobRecord.model_validate(loads(data))
+        return None if data is None else JobRecord.model_validate_json(data)
 
     def stage_write(self, pipe: Any, before: JobRecord, record: JobRecord, messages: Sequence[Message], *,
                     events: Sequence[dict[str, Any]] = (), also: Callable[[Any, JobRecord], None] | None = None,
@@ -191,7 +280,7 @@ class JobStore:
                 data = pipe.get(key)
             if data is None:
                 raise JobNotFound(job_id)
-            before = JobRecord.model_validate(loads(data))
+            before = JobRecord.model_validate_json(data)
             record, messages = change(before)
             if record is before and not messages:
                 # Nothing to write: the change was already applied (a transaction re-sent after its

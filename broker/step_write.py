@@ -22,17 +22,19 @@ write from its own thread instead made a sequential pipeline slower, not faster,
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
 
-from mesh.contracts import JobRecord, LeaseLost, dumps, loads
+from mesh.contracts import JobRecord, LeaseLost, dumps
 
 from .claims import script_source
 from .group_commit import GroupCommit
-from .jobs import Change, JobNotFound, JobStore
+from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
 if TYPE_CHECKING:
     from .idempotency import Lease
@@ -57,6 +59,10 @@ CALL_BYTES = 8 * 1024 * 1024
 #: What a write's size counts by length (a tuple: ``bytes | str`` would build a union at every argument).
 _SIZED = (bytes, str)
 
+#: Most records, and most of their bytes, a process keeps of what it wrote last (:class:`Recent`).
+RECENT_RECORDS = 256
+RECENT_BYTES = 16 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Written:
@@ -65,6 +71,45 @@ class Written:
 
     record: JobRecord
     data: bytes
+
+
+class Recent:
+    """The record this process wrote last for each of a few jobs, with its bytes: a write computed from
+    bytes read back (a step's pick-up, from its fetch; a write whose record changed meanwhile) that are
+    exactly these takes the record as it is, instead of validating the bytes again. A pipeline's next
+    step, picked up where its last step succeeded, then validates nothing (the validation of a record
+    costs with its size: every step of the pipeline). Bytes that differ by one byte are validated.
+    A record is frozen, so the one kept is the one the write left."""
+
+    def __init__(self, records: int = RECENT_RECORDS, size: int = RECENT_BYTES, steps: int = SPLICED_STEPS) -> None:
+        """``steps``: fewest steps a record kept has (a smaller one costs little to validate)."""
+        self.records, self.size, self.steps = records, size, steps
+        self._kept: OrderedDict[str, Written] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def record(self, job_id: str, data: bytes) -> JobRecord | None:
+        """The record written last as ``data`` for ``job_id`` by this process, or None."""
+        kept = self._kept.get(job_id)
+        return kept.record if kept is not None and kept.data == data else None
+
+    def last(self, job_id: str) -> JobRecord | None:
+        """The record written last for ``job_id`` by this process (maybe changed since), or None."""
+        kept = self._kept.get(job_id)
+        return None if kept is None else kept.record
+
+    def keep(self, job_id: str, written: Written) -> None:
+        if len(written.data) > self.size or len(written.record.steps) < self.steps:
+            return
+        with self._lock:
+            old = self._kept.pop(job_id, None)
+            if old is not None:
+                self._bytes -= len(old.data)
+            self._kept[job_id] = written
+            self._bytes += len(written.data)
+            while len(self._kept) > self.records or self._bytes > self.size:
+                _, gone = self._kept.popitem(last=False)
+                self._bytes -= len(gone.data)
 
 
 @dataclass
@@ -84,6 +129,7 @@ class StepWrites:
         self.dedup_ttl_s = int(dedup_ttl_s)
         self.script = client.register_script(STEP_LUA)
         self.group: GroupCommit[_Item] = GroupCommit(self._flush, name="mesh-step-writes")
+        self.recent = Recent()
 
     def write(self, job_id: str, change: Change, *, fence: Lease, events: Sequence[dict[str, Any]] = (),
               also: Callable[[Any, JobRecord], None] | None = None, retention_s: float | None = None,
@@ -107,7 +153,7 @@ class StepWrites:
                 if data is None:
                     raise JobNotFound(job_id)
             if before is None:
-                before = JobRecord.model_validate(loads(data))
+                before = self.recent.record(job_id, data) or validated(data, self.recent.last(job_id))
                 if before.job_id != job_id:  # bytes read for another job (a message naming two): read again
                     data = before = None
                     continue
@@ -128,7 +174,9 @@ class StepWrites:
             if isinstance(answer, redis.ResponseError):
                 raise answer
             if answer in (1, 2):
-                return Written(record, new)
+                written = Written(record, new)
+                self.recent.keep(job_id, written)
+                return written
             if answer == 0:
                 raise LeaseLost(fence.key, fence.token)
             if answer == -1:

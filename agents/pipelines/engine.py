@@ -61,6 +61,44 @@ from .validate import order, upstream
 _SPECS: dict[str, PipelineSpec] = {}
 
 
+@dataclass(frozen=True)
+class Graph:
+    """What :func:`advance` reads of a spec's DAG on every step: its steps in DAG order (:func:`order`),
+    each by id, and (on first use) what each step depends on, directly or not."""
+
+    order: tuple[str, ...]
+    steps: Mapping[str, StepSpec]
+    upstream: Callable[[], dict[str, set[str]]]
+
+
+#: Spec object id -> (the spec, its graph): a spec is frozen, and the spec is held with its graph, so an
+#: id is never reused for another spec while its entry stands. Bounded: emptied past _GRAPHS_MAX specs.
+_GRAPHS: dict[int, tuple[PipelineSpec, Graph]] = {}
+_GRAPHS_MAX = 256
+
+
+def graph(spec: PipelineSpec) -> Graph:
+    """The DAG of ``spec``, computed once per spec object (a job's spec comes from :func:`load_spec`,
+    one object per digest; an app's spec is one object for its process): a step's advance no longer
+    re-orders the spec nor looks each step up by a scan, which made its cost grow with the square of
+    the pipeline's size. Another spec object, even a copy of this one, gets a graph of its own."""
+    entry = _GRAPHS.get(id(spec))
+    if entry is not None and entry[0] is spec:
+        return entry[1]
+    up: list[dict[str, set[str]]] = []
+
+    def upstream_once() -> dict[str, set[str]]:
+        if not up:
+            up.append(upstream(spec))
+        return up[0]
+
+    built = Graph(order=tuple(order(spec)), steps={s.id: s for s in spec.steps}, upstream=upstream_once)
+    if len(_GRAPHS) >= _GRAPHS_MAX:
+        _GRAPHS.clear()
+    _GRAPHS[id(spec)] = (spec, built)
+    return built
+
+
 def spec_from_json(data: Mapping[str, Any]) -> PipelineSpec:
     """A stored spec's JSON (``PipelineSpec.canonical``) back as the spec, as it was registered (a
     step id reserved since, :data:`~.spec.STORED_IDS`, still reads)."""
@@ -179,17 +217,21 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         return record, []
     before, mark = record, len(events)
     messages: list[Message] = []
-    for sid in order(spec):
-        step, rec = spec.step(sid), record.steps.get(sid)
-        if rec is not None and rec.need is not None and rec.state is State.RUNNING:
-            record = _pump(spec, step, record, run, routes, messages, events, now)
+    dag = graph(spec)
+    for sid in dag.order:
+        rec = record.steps.get(sid)
+        if rec is None:
             continue
-        if rec is not None and rec.need is not None and rec.state is State.SUCCEEDED:
-            record = _revise_join(step, record, events, now)
+        if rec.need is not None and rec.state is State.RUNNING:
+            record = _pump(spec, dag.steps[sid], record, run, routes, messages, events, now)
             continue
-        if rec is None or rec.state is not State.QUEUED or rec.sent_at is not None:
+        if rec.need is not None and rec.state is State.SUCCEEDED:
+            record = _revise_join(dag.steps[sid], record, events, now)
             continue
-        if any(record.steps[d].state not in (State.SUCCEEDED, State.SKIPPED) for d in step.depends_on):
+        if rec.state is not State.QUEUED or rec.sent_at is not None:
+            continue
+        step, steps = dag.steps[sid], record.steps
+        if not all(steps[d].state in _RELEASING for d in step.depends_on):
             continue
         seen = values(record)
         policy = step.approval_policy
@@ -244,6 +286,10 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         record = record.with_step(rec.model_copy(update={"key": key, "input": payload, "sent_at": now,
                                                          "updated_at": now}))
     return compensate.after(spec, settle(record, now, spec), routes, events, now, messages)
+
+
+#: The states of a dependency that let its dependents go.
+_RELEASING = frozenset({State.SUCCEEDED, State.SKIPPED})
 
 
 def approved(rec: StepRecord, call: str) -> bool:
@@ -660,7 +706,7 @@ def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
         rec = record.steps.get(sid)
         if rec is None or rec.state is not State.SUCCEEDED:
             continue
-        if spec.step(sid).for_each is not None:
+        if graph(spec).steps[sid].for_each is not None:
             out.update({it.step_id: it.result for it in items_of(record, sid) if it.state is State.SUCCEEDED})
         else:
             out[sid] = rec.result
@@ -737,8 +783,9 @@ def _input(spec: PipelineSpec, step: StepSpec, record: JobRecord) -> dict[str, A
     if step.input is not None:
         return _build_input(step.input, values(record))
     if step.state_input:
-        for source in sorted(upstream(spec)[step.id]):
-            if source == step.state_input or spec.step(source).output_schema == step.state_input:
+        dag = graph(spec)
+        for source in sorted(dag.upstream()[step.id]):
+            if source == step.state_input or dag.steps[source].output_schema == step.state_input:
                 return dict(record.steps[source].result or {})
     outputs = {d: record.steps[d].result or {} for d in step.depends_on if record.steps[d].state is State.SUCCEEDED}
     if not outputs:

@@ -523,3 +523,58 @@ def test_a_write_under_a_claim_an_earlier_release_wrote_as_a_hash_still_lands(wo
 
     assert broker.records.get(item.args[0]) == new
     assert claim_state(broker, lease.claim_key) == b"done"  # the string now, as at any claim's next write
+
+
+def test_a_write_from_the_bytes_this_process_wrote_last_takes_that_record_and_validates_nothing(worker):
+    # A pipeline's next step picked up where its last step succeeded reads back the bytes that write
+    # left: the record kept with them is the one computed from, not the bytes validated again (a cost
+    # that grows with the pipeline's size). Bytes another writer changed are validated: its change stands.
+    from mesh.broker.step_write import Recent
+
+    broker, runtime, client = worker
+    runtime.steps.recent = Recent(steps=0)  # a one-step job's record kept too (by default, from 8 steps)
+    ref = client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    lease = message.mesh_lease
+    seen: list[Any] = []
+
+    def change(tokens: int) -> Any:
+        def apply(record: Any) -> Any:
+            seen.append(record)
+            return add_tokens(record, tokens, 0), []
+        return apply
+
+    first = runtime.steps.write(ref.id, change(1), fence=lease, read=lease.record)
+    assert broker.records.get(broker.keys.job(ref.id)) == first.data
+    second = runtime.steps.write(ref.id, change(2), fence=lease, read=first.data)
+    assert seen[-1] is first.record  # taken as it was left, not validated from its bytes
+    assert second.record.tokens_in == 3
+
+    JobStore(broker.records, broker.keys).update(ref.id, lambda r: (add_tokens(r, 0, 7), []))
+    third = runtime.steps.write(ref.id, change(4), fence=lease, read=second.data)  # stale: read back
+    assert seen[-1] is not second.record and seen[-1].tokens_out == 7
+    assert third.record.tokens_in == 7 and third.record.tokens_out == 7
+    assert client.status(ref.id).tokens_in == 7
+
+
+def test_the_records_kept_of_the_last_writes_are_bounded_by_count_and_bytes():
+    from mesh.broker.step_write import Recent, Written
+    from mesh.contracts import JobRecord
+
+    def written(job_id: str, size: int) -> Written:
+        return Written(JobRecord(job_id=job_id, key=job_id, trace_id="ab" * 16), b"x" * size)
+
+    recent = Recent(records=2, size=100, steps=0)
+    a, b, c = written("a", 10), written("b", 10), written("c", 10)
+    for job_id, w in (("a", a), ("b", b), ("c", c)):
+        recent.keep(job_id, w)
+    assert recent.record("a", a.data) is None  # the oldest went
+    assert recent.record("b", b.data) is b.record and recent.record("c", c.data) is c.record
+    assert recent.record("c", b"y" * 10) is None  # other bytes: not this record
+    recent.keep("d", written("d", 95))  # past the bytes: the oldest go until it fits
+    assert recent.record("b", b.data) is None and recent.record("c", c.data) is None
+    recent.keep("e", written("e", 101))  # larger than the whole bound: not kept
+    assert recent.record("e", b"x" * 101) is None and recent.record("d", b"x" * 95) is not None
+    few = Recent(steps=1)  # a record of fewer steps than that: not kept (it costs little to validate)
+    few.keep("a", a)
+    assert few.record("a", a.data) is None
