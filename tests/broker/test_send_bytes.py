@@ -31,11 +31,11 @@ ODD_PAYLOADS: list[dict[str, Any]] = [
 ODD_KEYS = ["k", "key with \"quotes\" and \\ and %(key)b", "é/ü 🙂", "k" * 512]
 
 
-def _model_bytes(*, agent: str, queue: str, version: int | None, token_budget: int | None, goal: str | None,
-                 priority: Any, now: float, deadline: float, step_id: str, payload: dict[str, Any], key: str,
-                 job_id: str, trace_id: str, payload_hash: str, flow_key: str | None, rid: str, mid: str
-                 ) -> tuple[bytes, bytes, bytes]:
-    """The record, event and message the models make of one job, encoded as the mesh encodes them."""
+def job_models(*, agent: str, queue: str, version: int | None, token_budget: int | None, goal: str | None,
+               priority: Any, now: float, deadline: float, step_id: str, payload: dict[str, Any], key: str,
+               job_id: str, trace_id: str, payload_hash: str, flow_key: str | None, rid: str, mid: str
+               ) -> tuple[JobRecord, dict[str, Any], dict[str, Any]]:
+    """The record, event and message (as a dict) the models make of one job."""
     from mesh.broker import trace
 
     env = Envelope(key=key, job_id=job_id, step_id=step_id, agent=agent, trace_id=trace_id, deadline=deadline,
@@ -48,7 +48,13 @@ def _model_bytes(*, agent: str, queue: str, version: int | None, token_budget: i
     event = trace.event("enqueued", env, at=now, queue=queue, by="client")
     message = Message(queue_name=queue, actor_name=agent, args=(env,), kwargs={},
                       options={"redis_message_id": rid}, message_id=mid, message_timestamp=int(now * 1000))
-    return dumps(record), dumps(event), dumps(message.asdict())
+    return record, event, message.asdict()
+
+
+def _model_bytes(**fields: Any) -> tuple[bytes, bytes, bytes]:
+    """The record, event and message the models make of one job, encoded as the mesh encodes them."""
+    record, event, message = job_models(**fields)
+    return dumps(record), dumps(event), dumps(message)
 
 
 @pytest.mark.parametrize("payload", ODD_PAYLOADS)

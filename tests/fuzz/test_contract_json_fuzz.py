@@ -9,14 +9,13 @@ import functools
 from typing import Any
 
 import orjson
-from dramatiq.message import Message
 from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from mesh.broker import trace
 from mesh.broker.outbox import NewJobs
-from mesh.contracts import Envelope, JobRecord, StepRecord, dumps
+from mesh.contracts import JobRecord, StepRecord, dumps
+from tests.broker.test_send_bytes import job_models
 from tests.fuzz.strategies import SCALE
 
 #: Text the formats and JSON treat specially: ``%`` (the formats' sign), their slot names and marker
@@ -85,17 +84,11 @@ def _models_gave(*, agent: str, queue: str, version: int | None, budget: int | N
 
     def make() -> tuple[bytes, bytes, bytes]:
         orjson.dumps(payload)  # a payload orjson refuses is refused by a send, whatever the models make of it
-        env = Envelope(key=key, job_id=job_id, step_id=step_id, agent=agent, trace_id=trace_id, deadline=deadline,
-                       contract_version=version, token_budget=budget, priority=priority, flow_key=flow_key,
-                       payload=payload).model_dump(mode="json")
-        step = StepRecord(step_id=step_id, agent=agent, key=key, sent_at=now, created_at=now, updated_at=now,
-                          input=payload)
-        record = JobRecord(job_id=job_id, key=key, trace_id=trace_id, goal=goal, created_at=now, updated_at=now,
-                           payload_hash=payload_hash, priority=priority, steps={step_id: step})
-        event = trace.event("enqueued", env, at=now, queue=queue, by="client")
-        message = Message(queue_name=queue, actor_name=agent, args=(env,), kwargs={},
-                          options={"redis_message_id": rid}, message_id=mid, message_timestamp=int(now * 1000))
-        return orjson.dumps(record.model_dump(mode="json")), orjson.dumps(event), orjson.dumps(message.asdict())
+        record, event, message = job_models(
+            agent=agent, queue=queue, version=version, token_budget=budget, goal=goal, priority=priority, now=now,
+            deadline=deadline, step_id=step_id, payload=payload, key=key, job_id=job_id, trace_id=trace_id,
+            payload_hash=payload_hash, flow_key=flow_key, rid=rid, mid=mid)
+        return orjson.dumps(record.model_dump(mode="json")), orjson.dumps(event), orjson.dumps(message)
 
     return _outcome(make)
 

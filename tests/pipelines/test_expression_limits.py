@@ -38,12 +38,16 @@ SLOW = "input.xs.exists(a, input.xs.exists(b, input.xs.exists(c, a + b + c < 0))
 GREEDY = "[input.s]" + ".map(s, s + s)" * 8 + "[0].size() > 0"
 
 
-@pytest.fixture
-def tight() -> Iterator[sandbox.ExprLimits]:
-    limits = sandbox.ExprLimits(timeout_ms=500, memory_mb=128, max_result_bytes=64 * 1024)
+def _configured(timeout_ms: int) -> Iterator[sandbox.ExprLimits]:
+    limits = sandbox.ExprLimits(timeout_ms=timeout_ms, memory_mb=128, max_result_bytes=64 * 1024)
     sandbox.configure(limits)
     yield limits
     sandbox.configure(sandbox.ExprLimits())
+
+
+@pytest.fixture
+def tight() -> Iterator[sandbox.ExprLimits]:
+    yield from _configured(500)
 
 
 def refused(tmp_path: Path, when: str) -> str:
@@ -90,10 +94,7 @@ def test_an_expression_past_the_time_limit_is_stopped(tight: sandbox.ExprLimits)
 @pytest.fixture
 def roomy() -> Iterator[sandbox.ExprLimits]:
     """The memory limit of ``tight`` with time enough to reach it on a loaded machine."""
-    limits = sandbox.ExprLimits(timeout_ms=10_000, memory_mb=128, max_result_bytes=64 * 1024)
-    sandbox.configure(limits)
-    yield limits
-    sandbox.configure(sandbox.ExprLimits())
+    yield from _configured(10_000)
 
 
 def test_an_expression_past_the_memory_limit_kills_its_evaluator_only(roomy: sandbox.ExprLimits) -> None:
