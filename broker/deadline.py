@@ -78,18 +78,20 @@ class Deadline(Middleware):
         self.limit_ms = int(settings.time_limit_s * 1000)
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        own = message.options.get("time_limit", _ABSENT)
+        # Each read once: every attribute of the proxy is a __getattr__ forwarded to the message.
+        options, actor_name, args = message.options, message.actor_name, message.args
+        own = options.get("time_limit", _ABSENT)
         try:
-            actor_limit = broker.get_actor(message.actor_name).options.get("time_limit")
+            actor_limit = broker.get_actor(actor_name).options.get("time_limit")
         except ActorNotFound:  # TimeLimit raises it next; the router dead-letters the message
             actor_limit = None
-        envelope = message.args[0] if len(message.args) == 1 and isinstance(message.args[0], dict) else {}
+        envelope = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
         limit_ms, name, counted = applied_limit(
             [("MESH_TIME_LIMIT_S", self.limit_ms),
              ("the step's timeout_ms" if envelope else "the message's time_limit", None if own is _ABSENT else own),
-             (f"agent {message.actor_name}'s time limit", actor_limit)],
+             (f"agent {actor_name}'s time limit", actor_limit)],
             deadline_s=envelope.get("deadline"), now_ms=server_now_ms(broker))
-        message.options["time_limit"] = limit_ms
+        options["time_limit"] = limit_ms
         setattr(message, _OWN, own)
         setattr(message, _WHY, (limit_ms, name, counted))  # worded only if the limit stops the attempt
 
