@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, flat, mesh_env, push_raw, wait_for
 
 from mesh.broker import MeshClient
-from mesh.contracts import State
+from mesh.contracts import JobRecord, State
 from mesh.dlq import Audit, DeadLetter, DeadLetterStore, Filter, Replayer, Stored
 from mesh.dlq.export import line_of
 from tests.dlq.bulk import AGENTS, CLASSES, agent_of, class_of, generate, nth_id
@@ -79,6 +79,11 @@ def dead_letter_all(client: MeshClient, refs: list[Any], timeout_s: float = 30) 
     return records
 
 
+def unstoried(record: JobRecord) -> JobRecord:
+    """``record`` without the history a compaction keeps in it."""
+    return record.model_copy(update={"history": None})
+
+
 # -- replay ------------------------------------------------------------------------------------
 
 def test_replay_after_the_cause_is_fixed_brings_every_entry_back_once_with_its_original_idempotency_key(
@@ -107,7 +112,9 @@ def test_replay_after_the_cause_is_fixed_brings_every_entry_back_once_with_its_o
         # a dry run changes nothing
         assert all_entries(store) == entries
         assert settled(client)
-        assert {ref.id: client.status(ref.id) for ref in refs} == records
+        # (the worker's compaction sweep may move a record's trace into it meanwhile: not a change of state)
+        assert {ref.id: unstoried(client.status(ref.id)) for ref in refs} == \
+            {job_id: unstoried(record) for job_id, record in records.items()}
         assert len(server.requests) == 5
         assert Audit(client.redis, client.keys).records() == []
         assert client.redis.hget(client.keys.stats, "replayed") is None
