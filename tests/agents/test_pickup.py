@@ -116,16 +116,23 @@ def test_a_step_that_runs_on_shows_running_and_is_in_the_running_index_as_its_ha
     assert client.redis.zscore(client.keys.running, running_member(job, step.step_id)) is None
 
 
+def _one_worker(make_settings: Callable[..., Any], worker_process: Any,
+                agent: str) -> tuple[Any, MeshClient, dict[str, str], Any]:
+    """Settings and a client with a short heartbeat timeout, the worker environment that carries it, and
+    one worker process of ``agent`` on one thread."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+    proc = worker_process("--app", APP, "--agents", agent, "--threads", "1", **env)
+    return settings, MeshClient(settings, app=app), env, proc
+
+
 def _picked_up_tokens(client: MeshClient, job: str) -> list[int]:
     return [int(e["token"]) for e in events(client, job) if e["event"] == "picked_up"]
 
 
 def test_a_worker_killed_as_a_handler_starts_leaves_its_pick_up_and_the_step_is_recovered(
         make_settings: Callable[..., Any], worker_process: Any) -> None:
-    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
-    client = MeshClient(settings, app=app)
-    env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
-    victim = worker_process("--app", APP, "--agents", "dies_once", "--threads", "1", **env)
+    settings, client, env, victim = _one_worker(make_settings, worker_process, "dies_once")
     job = client.send("dies_once", {"text": "x"}).id
     victim.wait(timeout=60)  # it killed itself as its handler started
     assert victim.returncode == -signal.SIGKILL
@@ -146,10 +153,7 @@ def test_a_worker_killed_as_a_handler_starts_leaves_its_pick_up_and_the_step_is_
 
 def test_a_worker_stopped_as_a_handler_starts_leaves_its_pick_up_and_writes_nothing_once_woken(
         make_settings: Callable[..., Any], worker_process: Any) -> None:
-    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
-    client = MeshClient(settings, app=app)
-    env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
-    paused = worker_process("--app", APP, "--agents", "stops_once", "--threads", "1", **env)
+    settings, client, env, paused = _one_worker(make_settings, worker_process, "stops_once")
     job = client.send("stops_once", {"text": "x"}).id
     wait_for(lambda: client.redis.get(runs_key(settings.namespace, job)) == b"1", timeout_s=60)
     try:

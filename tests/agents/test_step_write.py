@@ -40,8 +40,7 @@ def echo(ctx: Context, message: Text) -> Text:
     return message
 
 
-@pytest.fixture
-def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
+def _worker_on(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
     during.clear()
     broker = build_broker(settings)
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
@@ -49,6 +48,11 @@ def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
     client = MeshClient(settings, client=broker.records, app=app)
     yield broker, runtime, client
     broker.close()
+
+
+@pytest.fixture
+def worker(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]]:
+    yield from _worker_on(settings)
 
 
 def fetched(broker: MeshBroker) -> Any:
@@ -421,14 +425,7 @@ def private_worker(tmp_path, make_settings) -> Iterator[tuple[MeshBroker, AgentR
     server = private_redis(tmp_path)
     server.start()
     try:
-        during.clear()
-        settings = make_settings(redis_url=server.url)
-        broker = build_broker(settings)
-        runtime = AgentRuntime.from_settings(settings, broker.records, app)
-        declare_app(broker, runtime)
-        client = MeshClient(settings, client=broker.records, app=app)
-        yield broker, runtime, client
-        broker.close()
+        yield from _worker_on(make_settings(redis_url=server.url))
     finally:
         server.stop()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,20 +250,31 @@ steps:
     assert rclient.llen(queue) == 0 and rclient.llen(mesh.keys.wake(mesh.target("answer").queue)) == 2
 
 
-@pytest.mark.slow
-def test_a_run_under_the_acl_user_of_acl_rules_is_refused_no_command(tmp_path: Path, make_settings: Any) -> None:
-    """run.lua under a Redis user held to ``acl_rules()``: every command it calls (the first run of a
-    version: HSETNX, SADD; a lost version: HEXISTS; a conflict: GET, DEL; the wake-up's LTRIM past the
-    cap) is allowed, as is the transaction a sleeping root still goes through."""
+@contextmanager
+def acl_user(tmp_path: Path, make_settings: Any, password: str) -> Iterator[tuple[redis.Redis, str]]:
+    """A private redis-server with a user ``mesh`` held to ``acl_rules()`` of the test's namespace: its
+    admin client, and the URL that logs in as that user."""
     admin_password = f"admin-{uuid.uuid4().hex}"
     server = private_redis(tmp_path / "redis", ("--requirepass", admin_password),
                            url=f"redis://:{admin_password}@127.0.0.1:{{port}}/0")
     admin = redis.Redis.from_url(server.url)
     try:
         namespace = make_settings().namespace
-        admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", ">pw-run", *acl_rules(namespace))
+        admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", f">{password}", *acl_rules(namespace))
+        yield admin, f"redis://mesh:{password}@127.0.0.1:{server.port}/0"
+    finally:
+        admin.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_run_under_the_acl_user_of_acl_rules_is_refused_no_command(tmp_path: Path, make_settings: Any) -> None:
+    """run.lua under a Redis user held to ``acl_rules()``: every command it calls (the first run of a
+    version: HSETNX, SADD; a lost version: HEXISTS; a conflict: GET, DEL; the wake-up's LTRIM past the
+    cap) is allowed, as is the transaction a sleeping root still goes through."""
+    with acl_user(tmp_path, make_settings, "pw-run") as (admin, url):
         admin.execute_command("ACL", "LOG", "RESET")
-        mesh = MeshClient(make_settings(redis_url=f"redis://mesh:pw-run@127.0.0.1:{server.port}/0"), app=app)
+        mesh = MeshClient(make_settings(redis_url=url), app=app)
         spec = load_pipeline(ISSUE_FILE, app)
         other = load_pipeline(ISSUE_FILE.read_text().replace("ttl_minutes: 60", "ttl_minutes: 90") + "\n", app)
         ref = mesh.run(spec, {"goal": "a"}, key="acl")
@@ -280,9 +293,6 @@ def test_a_run_under_the_acl_user_of_acl_rules_is_refused_no_command(tmp_path: P
         assert admin.execute_command("ACL", "LOG") == []
         assert admin.get(mesh.keys.job(job_id_for("refused"))) is None
         mesh.redis.close()
-    finally:
-        admin.close()
-        server.stop()
 
 
 @pytest.mark.slow
@@ -291,15 +301,8 @@ def test_a_run_and_a_send_waiting_for_replicas_under_the_acl_user_are_not_refuse
     """MESH_REDIS_WAIT_REPLICAS under the user of ``acl_rules()``: the script and ``WAIT`` go in one
     pipeline (redis-py checks the script with SCRIPT EXISTS first); no replica here, so NotReplicated,
     never NOPERM."""
-    admin_password = f"admin-{uuid.uuid4().hex}"
-    server = private_redis(tmp_path / "redis", ("--requirepass", admin_password),
-                           url=f"redis://:{admin_password}@127.0.0.1:{{port}}/0")
-    admin = redis.Redis.from_url(server.url)
-    try:
-        namespace = make_settings().namespace
-        admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", ">pw-wait", *acl_rules(namespace))
-        mesh = MeshClient(make_settings(redis_url=f"redis://mesh:pw-wait@127.0.0.1:{server.port}/0",
-                                        redis_wait_replicas=1, redis_wait_timeout_ms=10), app=app)
+    with acl_user(tmp_path, make_settings, "pw-wait") as (admin, url):
+        mesh = MeshClient(make_settings(redis_url=url, redis_wait_replicas=1, redis_wait_timeout_ms=10), app=app)
         spec = load_pipeline(ISSUE_FILE, app)
         nap = Pipeline("nap").step("nap", sleep="1h").step("researcher", depends_on=["nap"]).build()
         for start in (lambda: mesh.run(spec, {"goal": "a"}, key="run"), lambda: mesh.run(nap, {"goal": "a"}),
@@ -309,9 +312,6 @@ def test_a_run_and_a_send_waiting_for_replicas_under_the_acl_user_are_not_refuse
         assert admin.get(mesh.keys.job(job_id_for("run"))) is not None
         assert admin.execute_command("ACL", "LOG") == []
         mesh.redis.close()
-    finally:
-        admin.close()
-        server.stop()
 
 
 def test_a_run_of_500_root_steps_sends_each_once(mesh: MeshClient, rclient: redis.Redis) -> None:
