@@ -206,13 +206,20 @@ class Packer:
         self._fallback = fallback
 
     def pack(self, *args: Any) -> list[bytes]:
-        name = args[0]
-        if isinstance(name, str) and " " not in name:
-            try:
-                return [hiredis.pack_command(args)]
-            except TypeError:  # bool, None, bytearray...: redis-py's answer
-                pass
-        return self._fallback(*args)
+        return _whole(args, self._fallback)
+
+
+def _whole(args: tuple[Any, ...], fallback: Any) -> list[bytes]:
+    """``args`` packed by hiredis at once when it can take them all and the name is one word, else by
+    ``fallback`` (redis-py's packing, which refuses a bool or None and raises on a lone surrogate as
+    it always did)."""
+    name = args[0]
+    if isinstance(name, str) and " " not in name:
+        try:
+            return [hiredis.pack_command(args)]
+        except (TypeError, UnicodeError):  # bool, None, bytearray, a lone surrogate: redis-py's answer
+            pass
+    return fallback(*args)
 
 
 def packing(client: redis.Redis) -> redis.Redis:
@@ -346,11 +353,8 @@ def _pack(conn: Any, command: tuple[Any, ...]) -> Any:
     packer = conn._command_packer
     encoder = conn.encoder
     if type(packer) is HiredisRespSerializer and encoder.encoding == "utf-8" and encoder.encoding_errors == "strict":
-        try:
-            return [hiredis.pack_command(command)]
-        except (TypeError, UnicodeError):
-            pass
-    return packer.pack(*command)
+        return _whole(command, packer.pack)
+    return packer.pack(*command)  # a client of connect(): its Packer
 
 
 def run_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
