@@ -95,6 +95,8 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
 
 PAGES = ("/", "/jobs", "/dlq", "/approvals", "/breakers", "/limits")
 
+NOTE = {"tool": "note", "args": {"title": "t"}}
+
 
 def test_a_password_is_kept_as_an_scrypt_hash_and_a_malformed_users_line_is_refused(tmp_path):
     stored = hash_password("s3cret-words")
@@ -207,7 +209,30 @@ def test_a_job_is_found_by_its_id_its_start_or_its_key(client):
             assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{ref.id}", q
         assert http.get("/jobs", params={"q": "no-such-key"}).status_code == 404
         missing = http.get("/jobs", params={"q": "f" * 32})
-        assert missing.status_code == 404 and "nor that trace id among the newest 1000 jobs" in missing.text
+        assert missing.status_code == 404 and "nor that trace id" in missing.text
+
+
+def test_a_job_under_more_than_a_thousand_newer_ones_is_found_by_its_trace_id_in_as_many_commands(client):
+    """A trace id is its job's id's hex: the search looks it up directly, in as many Redis commands
+    however many jobs there are (counted on the server's own connections)."""
+    from mesh.ops.web.bench import Counting
+
+    ref = client.send("executor", NOTE, key="buried-1")
+    counted = redis.Redis.from_url(client.settings.redis_url, connection_class=Counting)
+    server_client = MeshClient(client.settings, client=counted)
+    spent = []
+    with console(server_client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        for newer in (0, 0, 1_001):  # the first fetch also opens the server's connection
+            client.send_many("executor", [(NOTE, None)] * newer)
+            before = Counting.commands
+            answer = http.get("/jobs", params={"q": ref.trace_id})
+            spent.append(Counting.commands - before)
+            assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{ref.id}", newer
+    counted.close()
+    assert client.redis.zcard(client.keys.jobs) == 1_002
+    # the session's logout check, then one EXISTS per reading of q (a job id, a key, a trace id)
+    assert spent[1:] == [4, 4]
 
 
 def test_only_a_steps_approvers_may_decide_it_and_the_decision_names_the_user(client):
