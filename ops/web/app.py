@@ -468,10 +468,8 @@ async def settle(request: Request, con: Console, user: str, csrf: str) -> Respon
 
 
 async def breakers(request: Request, con: Console, user: str, csrf: str) -> Response:
-    from mesh.broker.breaker import Breakers
-
-    states = await _run(lambda: Breakers(con.client.settings, con.client.redis).list())
-    return con.render(request, "breakers.html", user, csrf, breakers=states)
+    data = await _run(views.breakers, con.client)
+    return con.render(request, "breakers.html", user, csrf, **data)
 
 
 async def reset(request: Request, con: Console, user: str, csrf: str) -> Response:

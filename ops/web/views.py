@@ -269,6 +269,31 @@ def audit_log(c: MeshClient) -> list[dict[str, Any]]:
     return Audit(c.redis, c.keys).records(limit=PAGE_ROWS)
 
 
+#: Audit records the Breakers and Limits pages show (the newest).
+CONTROL_AUDIT_ROWS = 20
+
+
+def breakers(c: MeshClient) -> dict[str, Any]:
+    """Every breaker, and the newest resets by hand (who, when, the state it was in)."""
+    return {"breakers": Breakers(c.settings, c.redis).list(), "audit": _control_audit(c, c.keys.breakers_audit)}
+
+
+def _control_audit(c: MeshClient, stream: str) -> list[dict[str, Any]]:
+    """The newest CONTROL_AUDIT_ROWS records of a control's audit stream, each with its detail in words:
+    ``was open``, ``max 3``, ``was max 3, requests 5/s``."""
+    from mesh.broker import control_audit
+
+    def words(values: Any) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(values.items())) if isinstance(values, dict) else str(values)
+
+    out = []
+    for r in control_audit.records(c.redis, stream, limit=CONTROL_AUDIT_ROWS):
+        d = r["detail"] if isinstance(r["detail"], dict) else {}
+        r["words"] = (f"was {words(d['was'])}" if "was" in d else words(d.get("given", d)))
+        out.append(r)
+    return out
+
+
 def pending(c: MeshClient) -> list[approvals.Pending]:
     return approvals.pending(c.redis, c.keys, limit=PAGE_ROWS)
 
@@ -305,4 +330,5 @@ def limits(c: MeshClient) -> dict[str, Any]:
     keyed = {s.name for s in states if s.flow_key is not None}
     more_keys = sum(max(0, int(c.redis.zcard(c.keys.limit_keys(n))) - LIMIT_KEYS) for n in keyed)
     return {"limits": rows, "more": max(0, len(states) - PAGE_ROWS), "more_keys": more_keys, "names": names,
-            "overridden": sorted({s.name for s in states if s.overridden})}
+            "overridden": sorted({s.name for s in states if s.overridden}),
+            "audit": _control_audit(c, c.keys.limits_audit)}

@@ -613,5 +613,73 @@ def test_a_hostile_flow_key_shows_as_text_on_the_limits_page_and_a_long_list_say
         for n in range(40):  # limits set that no worker declares any more: listed too
             set_override(client.redis, client.keys, f"agent:gone-{n}", max=1)
         page = http.get("/limits")
-        assert len(re.findall(r"<tr><td>", page.text)) == 50
+        assert len(re.findall(r"<tr><td>", page.text.split('id="audit"')[0])) == 50  # the audit's rows apart
         assert re.search(r"\d+ more rows not shown", page.text)
+
+
+# Changes of the fleet's controls, audited -------------------------------------------------------
+
+
+def open_breaker(client: MeshClient, name: str) -> None:
+    from mesh.broker.breaker import Breakers
+    from mesh.contracts import Brownout
+
+    def fail() -> None:
+        raise Brownout(f"{name} answered 503", dependency=name)
+
+    breakers = Breakers(client.settings, client.redis)
+    for _ in range(client.settings.breaker_failures):
+        with pytest.raises(Brownout):
+            breakers.call(name, fail)
+    assert [b.state for b in breakers.list() if b.name == name] == ["open"]
+
+
+def test_a_breaker_reset_from_the_console_closes_it_and_is_audited_naming_the_user_as_the_clis_is(client, cli):
+    from mesh.broker import control_audit
+    from mesh.broker.breaker import Breakers
+
+    open_breaker(client, "tickets.example:443")
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get("/breakers")
+        assert "Nothing yet." in page.text
+        done = http.post("/breakers/reset", data={"csrf": csrf_of(page.text), "name": "tickets.example:443"})
+        assert done.status_code == 303 and done.headers["location"] == "/breakers?done=reset"
+        assert [b.state for b in Breakers(client.settings, client.redis).list()] == ["closed"]
+        open_breaker(client, "tickets.example:443")
+        assert cli("breakers", "reset", "tickets").returncode == 0
+        assert cli("breakers", "reset", "tickets", "--by", "<b>bo</b>").returncode == 0
+        audit = http.get("/breakers").text
+    records = control_audit.records(client.redis, client.keys.breakers_audit)
+    assert [(r["op"], r["target"], r["who"], r["detail"]) for r in records] == [
+        ("reset", "tickets.example:443", "<b>bo</b>", {"was": "closed"}),
+        ("reset", "tickets.example:443", operator(), {"was": "open"}),
+        ("reset", "tickets.example:443", "ana", {"was": "open"})]
+    rows = re.findall(r"<tr><td>[^<]*</td><td>(.*?)</td><td>reset</td><td>tickets.example:443</td><td>(.*?)</td>",
+                      audit.split('id="audit"')[1])
+    assert rows == [("&lt;b&gt;bo&lt;/b&gt;", "was closed"), (operator(), "was open"), ("ana", "was open")]
+
+
+def test_a_limit_set_and_reset_from_the_console_or_mesh_limits_is_audited_with_who_and_what(client, limited, cli):
+    from mesh.broker import control_audit
+
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        token = csrf_of(http.get("/limits").text)
+        assert http.post("/limits/set", data={"csrf": token, "name": "agent:slow", "max": "3"}).status_code == 303
+        assert http.post("/limits/set", data={"csrf": token, "name": "agent:slow", "max": "x"}).status_code == 400
+        assert http.post("/limits/reset", data={"csrf": token, "name": "agent:slow"}).status_code == 303
+        assert http.post("/limits/reset", data={"csrf": token, "name": "agent:slow"}).status_code == 409
+        assert cli("limits", "set", "agent:slow", "--requests", "5/s", "--by", "bo").returncode == 0
+        assert cli("limits", "reset", "agent:slow").returncode == 0
+        page = http.get("/limits").text
+    records = control_audit.records(client.redis, client.keys.limits_audit)
+    assert [(r["op"], r["target"], r["who"]) for r in records] == [
+        ("reset", "agent:slow", operator()), ("set", "agent:slow", "bo"), ("reset", "agent:slow", "ana"),
+        ("set", "agent:slow", "ana")]  # what was refused left no record
+    assert records[3]["detail"] == {"given": {"max": 3}, "value": {"max": 3}}
+    assert records[0]["detail"] == {"was": {"requests": "5/s"}}
+    rows = re.findall(r"<tr><td>[^<]*</td><td>(.*?)</td><td>(\w+)</td><td>agent:slow</td><td>(.*?)</td>",
+                      page.split('id="audit"')[1])
+    assert rows == [(operator(), "reset", "was requests 5/s"), ("bo", "set", "requests 5/s"),
+                    ("ana", "reset", "was max 3"), ("ana", "set", "max 3")]
