@@ -74,7 +74,7 @@ def login(http: httpx.Client, name: str, password: str) -> httpx.Response:
 
 
 def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets:443 answered 400: bad order",
-              agent: str = "executor") -> DeadLetter:
+              agent: str = "executor", failure_class: str = "permanent") -> DeadLetter:
     """A dead letter as a worker leaves it (no worker needed)."""
     at = time.time()
     entry_id = str(uuid.uuid4())
@@ -83,7 +83,7 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
     envelope = {"key": key, "job_id": job_id_for(key), "step_id": agent, "agent": agent, "trace_id": "0" * 32,
                 "deadline": at + 600, "hops": [], "attempt": 1, "schema_version": 1, "replay_of": None,
                 "payload": {"tool": "note", "args": {"title": key}}}
-    entry = DeadLetter(entry_id=entry_id, queue=agent, agent=agent, failure_class="permanent", error=error,
+    entry = DeadLetter(entry_id=entry_id, queue=agent, agent=agent, failure_class=failure_class, error=error,
                        envelope=envelope, key=key, job_id=envelope["job_id"], trace_id="0" * 32,
                        attempts=(Attempt(attempt=1, outcome="dead_lettered", at=at, error=error),),
                        worker="w1", dead_lettered_at=at)
@@ -449,6 +449,82 @@ def test_a_filters_dead_letters_are_counted_confirmed_then_replayed_or_purged_as
         assert http.post("/dlq/all/purge", data={"key": "other-*"}).status_code == 403  # no CSRF token
     audit = Audit(client.redis, client.keys).records()
     assert sorted(r["op"] for r in audit) == ["purge"] * 3 + ["replay"] * 2 and {r["who"] for r in audit} == {"ana"}
+
+
+def test_dead_letters_are_filtered_by_class_and_the_audit_log_on_the_dlq_page_names_who_did_what(client):
+    timed_out = put_entry(client, key="slow-1", failure_class="timeout")
+    refused = [put_entry(client, key=f"bad-{n}") for n in range(2)]
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+
+        def listed(**params: str) -> list[str]:
+            page = http.get("/dlq", params=params)
+            assert page.status_code == 200
+            table = page.text.split('id="dlq-entries"')[1].split("</table>")[0]
+            return sorted(re.findall(r'href="/dlq/([^"]+)"', table))
+
+        assert listed(**{"class": "timeout"}) == [timed_out.entry_id]
+        assert listed(**{"class": "permanent"}) == sorted(e.entry_id for e in refused)
+        assert listed(**{"class": "brownout"}) == []
+        assert len(listed()) == 3
+        wrong = http.get("/dlq", params={"class": "no-such-class"})
+        assert wrong.status_code == 400 and "no failure class no-such-class" in wrong.text
+        purge = f"/dlq/{refused[0].entry_id}/purge"
+        assert http.post(purge, data={"csrf": csrf_of(http.get(purge).text)}).status_code == 303
+        page = http.get("/dlq", params={"class": "timeout"}).text  # the log is the whole DLQ's, whatever the filter
+    audit = page.split('id="dlq-audit"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>[^<]*</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", audit)
+    assert rows == [("ana", "purge", refused[0].entry_id)]
+
+
+def test_a_job_page_shows_its_gates_values_and_its_steps_verification_outcomes(client):
+    """As the workers and an operator leave a run: the researcher's effect verified, a note's effect
+    settled applied by hand, the gate after them seeing the value that halted the job."""
+    from mesh.contracts import dumps
+    from mesh.contracts.effects import Settlement, Verdict
+    from mesh.contracts.jobs import GateCheck
+
+    spec = (Pipeline("gated-view").step("researcher").step("note", agent="executor", depends_on=["researcher"])
+            .step("executor", depends_on=["note"], gate="researcher.confidence >= 0.85").build())
+    ref = client.run(spec, {"question": "q"})
+    record = client.status(ref.id)
+    now = time.time()
+    steps = record.steps
+    record = record.model_copy(update={"state": State.HALTED, "steps": {
+        "researcher": steps["researcher"].model_copy(update={
+            "state": State.SUCCEEDED, "effect": Verdict.VERIFIED, "started_at": now - 2, "finished_at": now - 1}),
+        "note": steps["note"].model_copy(update={
+            "state": State.SUCCEEDED, "effect": Verdict.APPLIED,
+            "settlement": Settlement(applied=True, by="ops@box", reason="seen in the notes db", at=now)}),
+        "executor": steps["executor"].model_copy(update={
+            "state": State.HALTED, "gate": GateCheck(expr="researcher.confidence >= 0.85",
+                                                     values={"researcher.confidence": 0.6}, passed=False)})}})
+    client.redis.set(client.keys.job(ref.id), dumps(record))
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get(f"/jobs/{ref.id}")
+    assert page.status_code == 200
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", page.text)).split())  # the DAG's lines
+    assert "gate researcher.confidence >= 0.85 saw researcher.confidence=0.6 → false" in text
+    assert "researcher succeeded (verified)" in text and "note succeeded (applied)" in text
+    assert "settled applied by ops@box" in text and "seen in the notes db" in text
+    table = page.text.split("<thead><tr><th>step</th>")[1].split("</table>")[0]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)[:3] for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    assert cells == [["researcher", "researcher", "succeeded (verified)"], ["note", "executor", "succeeded (applied)"],
+                     ["executor", "executor", "halted"]]
+    assert 'id="job-state">halted<' in page.text
+
+
+def test_an_entrys_attempt_without_a_worker_shows_a_dash_not_none(client):
+    entry = put_entry(client)  # its one attempt names no worker, nor the entry a dependency
+    assert entry.attempts[0].worker is None and entry.dependency is None
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get(f"/dlq/{entry.entry_id}").text
+    attempts = page.split("<h2>Attempts</h2>")[1].split("</table>")[0]
+    (row,) = re.findall(r"<tr><td class=\"n\">1</td>.*?</tr>", attempts, re.S)
+    assert re.findall(r"<td>(.*?)</td>", row)[-1] == "-"  # the worker's cell
+    assert "None" not in page
 
 
 def test_dead_letters_are_filtered_by_time_on_the_redis_clock_and_a_time_that_is_not_one_is_said(client):
