@@ -361,8 +361,9 @@ def overrides(client: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
 
 
 def set_override(client: redis.Redis, keys: Keys, name: str, *, requests: str | None = None,
-                 tokens: str | None = None, max: int | None = None) -> dict[str, Any]:
-    """Override some of limit ``name``'s numbers for the whole fleet (kept until :func:`reset_override`)."""
+                 tokens: str | None = None, max: int | None = None, by: str | None = None) -> dict[str, Any]:
+    """Override some of limit ``name``'s numbers for the whole fleet (kept until :func:`reset_override`),
+    audited as done by ``by`` (default ``user@host``) in the same transaction (``{ns}:limits.audit``)."""
     for rate in (requests, tokens):
         if rate is not None:
             parse_rate(rate)
@@ -371,15 +372,38 @@ def set_override(client: redis.Redis, keys: Keys, name: str, *, requests: str | 
     given = {k: v for k, v in (("requests", requests), ("tokens", tokens), ("max", max)) if v is not None}
     if not given:
         raise ValueError("give --requests, --tokens or --max")
+    from . import control_audit
+    from .trace import operator
+
     current = overrides(client, keys).get(name, {})
     value = {**current, **given}
-    client.hset(keys.limits_set, name, orjson.dumps(value))
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.limits_set, name, orjson.dumps(value))
+    control_audit.stage(pipe, keys.limits_audit, "set", name, by or operator(), given=given, value=value)
+    pipe.execute()
     return value
 
 
-def reset_override(client: redis.Redis, keys: Keys, name: str) -> bool:
-    """Drop an override: the declaration is in force again. False when there was none."""
-    return bool(client.hdel(keys.limits_set, name))
+def reset_override(client: redis.Redis, keys: Keys, name: str, by: str | None = None) -> bool:
+    """Drop an override: the declaration is in force again. False when there was none. Audited as
+    done by ``by`` (default ``user@host``), with the override it dropped, in the same transaction."""
+    from . import control_audit
+    from .trace import operator
+
+    with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(keys.limits_set)
+                was: Any = pipe.hget(keys.limits_set, name)
+                if was is None:
+                    return False
+                pipe.multi()
+                pipe.hdel(keys.limits_set, name)
+                control_audit.stage(pipe, keys.limits_audit, "reset", name, by or operator(), was=orjson.loads(was))
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
 
 
 def limit_states(client: redis.Redis, keys: Keys, names: Iterable[str] | None = None,

@@ -297,7 +297,6 @@ async def jobs(request: Request, con: Console, user: str, csrf: str) -> Response
         if found.job_id is not None:
             return RedirectResponse(f"/jobs/{quote(found.job_id)}", status_code=303)
         return con.render(request, "jobs.html", user, csrf, q=q, found=found, jobs=[], cut=False, state=None,
-                          trace_budget=views.TRACE_BUDGET,
                           budget=views.JOB_BUDGET, states=_states(), status=404 if not found.candidates else 200)
     from mesh.contracts import State
 
@@ -469,10 +468,8 @@ async def settle(request: Request, con: Console, user: str, csrf: str) -> Respon
 
 
 async def breakers(request: Request, con: Console, user: str, csrf: str) -> Response:
-    from mesh.broker.breaker import Breakers
-
-    states = await _run(lambda: Breakers(con.client.settings, con.client.redis).list())
-    return con.render(request, "breakers.html", user, csrf, breakers=states)
+    data = await _run(views.breakers, con.client)
+    return con.render(request, "breakers.html", user, csrf, **data)
 
 
 async def reset(request: Request, con: Console, user: str, csrf: str) -> Response:

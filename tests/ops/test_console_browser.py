@@ -128,7 +128,8 @@ def test_an_operator_finds_a_dead_lettered_job_by_its_key_replays_it_and_sees_it
         shots(page, "5-job-succeeded")
         assert client.status(ref.id).state is State.SUCCEEDED
 
-        for path in ("/", "/jobs", f"/jobs/{ref.id}", "/dlq", "/approvals", "/breakers", "/jobs?q=order-other-1"):
+        for path in ("/", "/jobs", f"/jobs/{ref.id}", "/dlq", "/approvals", "/breakers", "/limits",
+                     "/jobs?q=order-other-1", f"/jobs?q={ref.trace_id}"):
             page.goto(f"{base}{path}")
             page.wait_for_load_state("networkidle")
         shots(page, "6-other-job")
