@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import redis
 
-from mesh.contracts.flow import MAX_CONCURRENCY, FlowLimits, parse_rate, per_second
+from mesh.contracts.flow import MAX_CONCURRENCY, FlowLimits, canonical_rate, per_second
 
 from .classify import named_wait
 from .keys import Keys
@@ -35,6 +35,16 @@ from .settings import MeshSettings
 logger = logging.getLogger(__name__)
 
 LIMITS_LUA = resources.files("mesh.broker").joinpath("scripts/limits.lua").read_text()
+#: ``mesh limits set``: the numbers given merged into the limit's override in one step, so two operators
+#: setting different numbers of one limit at once both keep theirs (KEYS[1] the overrides' hash).
+SET_LUA = """
+local current = redis.call("hget", KEYS[1], ARGV[1])
+local value = current and cjson.decode(current) or {}
+for name, given in pairs(cjson.decode(ARGV[2])) do value[name] = given end
+local encoded = cjson.encode(value)
+redis.call("hset", KEYS[1], ARGV[1], encoded)
+return encoded
+"""
 
 AGENT, DEPENDENCY = "agent:", "dependency:"
 #: How far ahead of its rate a limit may run (ms): a burst of 100 ms' worth of requests.
@@ -362,18 +372,17 @@ def overrides(client: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
 
 def set_override(client: redis.Redis, keys: Keys, name: str, *, requests: str | None = None,
                  tokens: str | None = None, max: int | None = None) -> dict[str, Any]:
-    """Override some of limit ``name``'s numbers for the whole fleet (kept until :func:`reset_override`)."""
-    for rate in (requests, tokens):
-        if rate is not None:
-            parse_rate(rate)
+    """Override some of limit ``name``'s numbers for the whole fleet (kept until :func:`reset_override`).
+    A rate is stored in its canonical form (``5/2s``); the numbers given are merged into the override
+    atomically, so concurrent calls for different numbers of one limit all keep theirs."""
+    requests, tokens = (None if rate is None else canonical_rate(rate) for rate in (requests, tokens))
     if max is not None and not 1 <= max <= MAX_CONCURRENCY:
         raise ValueError(f"a concurrency max is between 1 and {MAX_CONCURRENCY:,}, not {max}")
     given = {k: v for k, v in (("requests", requests), ("tokens", tokens), ("max", max)) if v is not None}
     if not given:
         raise ValueError("give --requests, --tokens or --max")
-    current = overrides(client, keys).get(name, {})
-    value = {**current, **given}
-    client.hset(keys.limits_set, name, orjson.dumps(value))
+    merged: Any = client.register_script(SET_LUA)(keys=[keys.limits_set], args=[name, orjson.dumps(given)])
+    value: dict[str, Any] = orjson.loads(merged)
     return value
 
 

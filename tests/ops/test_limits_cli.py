@@ -153,3 +153,51 @@ def test_limits_set_says_what_it_did_within_80_columns(limiter: Limiter, cli: An
     assert done.returncode == 0, done.stderr
     assert "requests 20/s" in done.stdout and "mesh limits reset dependency:" in done.stdout
     assert all(len(line) <= 80 for line in done.stdout.splitlines()), done.stdout
+
+
+def test_concurrent_limits_set_of_different_numbers_keep_both(client: MeshClient) -> None:
+    """Two operators set different numbers of one limit at the same moment, 100 times over: every time
+    the override holds both (a read, merge and write back lost one of them most times)."""
+    import threading
+
+    from mesh.broker.limits import overrides, reset_override, set_override
+
+    lost = 0
+    for _ in range(100):
+        reset_override(client.redis, client.keys, "agent:slow")
+        barrier = threading.Barrier(2)
+
+        def set_rate(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            set_override(client.redis, client.keys, "agent:slow", requests="10/s")
+
+        def set_max(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            set_override(client.redis, client.keys, "agent:slow", max=3)
+
+        threads = [threading.Thread(target=set_rate), threading.Thread(target=set_max)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if overrides(client.redis, client.keys)["agent:slow"] != {"requests": "10/s", "max": 3}:
+            lost += 1
+    assert lost == 0
+
+
+# Arabic-Indic, full-width and Bengali digits: str.isdigit() and \d take them, float() reads them.
+@pytest.mark.parametrize("given", ["\u0665\u0660/s", "\uff15\uff10/s", "50/\u0662s", "5\u09e6/min"])
+def test_limits_set_refuses_a_rate_in_digits_other_than_ascii(limiter: Limiter, cli: Any, given: str) -> None:
+    done = cli("limits", "set", "agent:slow", "--requests", given)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert cli("limits", "reset", "agent:slow").returncode == 2  # nothing was set
+
+
+@pytest.mark.parametrize(("given", "stored"), [("   5 / 2 s  ", "5/2s"), ("50/S", "50/s"), ("600 /1min", "600/min")])
+def test_limits_set_stores_a_rate_in_its_canonical_form(limiter: Limiter, cli: Any, client: MeshClient,
+                                                        given: str, stored: str) -> None:
+    from mesh.broker.limits import overrides
+
+    done = cli("limits", "set", "agent:slow", "--requests", given)
+    assert done.returncode == 0, done.stderr
+    assert overrides(client.redis, client.keys)["agent:slow"] == {"requests": stored}
