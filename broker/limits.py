@@ -319,11 +319,32 @@ class Limiter:
     def penalize(self, dependency: str, retry_after_s: float | None) -> None:
         """A 429 from ``dependency``: its rate halves fleet-wide and pauses for the wait it named."""
         name = limit_name(DEPENDENCY, dependency)
-        if name not in self.declared:
-            return
+        if name in self.declared:
+            self._lower(name, None, retry_after_s)
+
+    def model_refused(self, held: Held | None, dependency: str | None, retry_after_s: float | None) -> list[str]:
+        """A 429 from the model endpoint ``dependency`` (its ``host:port``) for a call of the message
+        ``held`` took its limits for: lowered fleet-wide (halved and paused, as :meth:`penalize` does)
+        are the rates that govern model calls — the agent's own ``rate:`` (its requests and the
+        tokens each call reserves), any other limit the call reserved tokens on, and the endpoint's
+        ``dependency:`` limit when one is declared. The limits lowered, by name."""
+        lowered: list[tuple[str, str | None]] = []
+        for name, flow_key in held.limits if held is not None else ():
+            eff = self.effective(name)
+            if (name.startswith(AGENT) and (eff.requests or eff.tokens)) or eff.tokens:
+                lowered.append((name, flow_key))
+        if dependency is not None and limit_name(DEPENDENCY, dependency) in self.declared:
+            own = (limit_name(DEPENDENCY, dependency), None)
+            if own not in lowered:
+                lowered.append(own)
+        for name, flow_key in lowered:
+            self._lower(name, flow_key, retry_after_s)
+        return [name for name, _ in lowered]
+
+    def _lower(self, name: str, flow_key: str | None, retry_after_s: float | None) -> None:
         wait = named_wait(retry_after_s)
         pause = DEFAULT_PAUSE_MS if wait is None else int(min(wait, 3600) * 1000)
-        factor, gen = self.script(keys=self._limit_keys(name, None),
+        factor, gen = self.script(keys=self._limit_keys(name, flow_key),
                                   args=["penalize", pause, DECREASE, MIN_FACTOR, DECREASE_HOLD_MS])
         logger.info("rate lowered after a 429", extra={"limit": name, "factor": int(factor) / 1e6,
                                                        "generation": int(gen), "pause_ms": pause})
@@ -408,7 +429,7 @@ def limit_states(client: redis.Redis, keys: Keys, names: Iterable[str] | None = 
         for flow_key in flow_keys:
             state = keys.limit(name, flow_key)
             tat, ttat, factor, held, waiting, _gen, rejected, now, admitted = script(
-                keys=[state, f"{state}:holders", f"{state}:waiting", f"{state}:alive"], args=["show"])
+                keys=[state, f"{state}:holders", f"{state}:waiting", f"{state}:alive"], args=["show", INCREASE_PER_S])
             rows.append(LimitState(
                 name=name, flow_key=flow_key, requests=eff.requests, tokens=eff.tokens, max=eff.max,
                 overridden=name in over, factor=int(factor) / 1e6, in_flight=int(held), waiting=int(waiting),
@@ -440,6 +461,25 @@ def call_made(dependency: str) -> None:
     """A tool call to ``dependency`` from the step this thread runs: counted against its rate."""
     _with_held(lambda limiter, held: limiter.call_made(held, dependency),
                "could not count a call against its limit", dependency=dependency)
+
+
+def model_refused(exc: BaseException) -> None:
+    """A model call of the step this thread runs was answered 429 (``exc``, a RateLimited naming the
+    endpoint as its ``dependency``): the rates that govern model calls are lowered for the fleet
+    (:meth:`Limiter.model_refused`), and ``exc`` marked so the step's end does not lower them again."""
+    current = current_held()
+    if current is None:
+        return
+    limiter, held = current
+    context = getattr(exc, "context", None)
+    dependency = context.get("dependency") if isinstance(context, dict) else None
+    try:
+        limiter.model_refused(held, dependency if isinstance(dependency, str) else None,
+                              getattr(exc, "retry_after_s", None))
+    except redis.RedisError as error:
+        logger.warning("could not lower a rate after a model's 429", extra={"error": str(error)})
+        return
+    exc.mesh_limits_lowered = True  # type: ignore[attr-defined]
 
 
 def reserve_tokens() -> None:

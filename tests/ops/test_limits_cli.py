@@ -201,3 +201,40 @@ def test_limits_set_stores_a_rate_in_its_canonical_form(limiter: Limiter, cli: A
     done = cli("limits", "set", "agent:slow", "--requests", given)
     assert done.returncode == 0, done.stderr
     assert overrides(client.redis, client.keys)["agent:slow"] == {"requests": stored}
+
+
+def test_the_limit_metrics_move_when_a_429_lowers_a_rate(limiter: Limiter) -> None:
+    """``mesh_limit_rate_factor`` and ``mesh_limit_rejected_total``: 1 and 0 before; a tool dependency's
+    429 and a model's 429 (for a step that took the agent's rate) each halve their limit's factor and
+    count one rejection."""
+    from mesh.contracts import RateLimited
+    from mesh.contracts.flow import FlowLimits
+
+    limiter.declared["agent:asker"] = FlowLimits.model_validate({"rate": {"requests": "10/s", "tokens": "60000/min"}})
+    limiter.publish()
+    dependency = next(name for name in limiter.declared if name.startswith("dependency:"))
+
+    def samples() -> dict[tuple[str, str], float]:
+        families = MeshCollector(limiter_client(limiter)).collect()
+        return {(s.name, s.labels["limit"]): s.value for f in families if f.name.startswith("mesh_limit_")
+                for s in f.samples if "limit" in s.labels}
+
+    before = samples()
+    for name in ("agent:asker", dependency):
+        assert before[("mesh_limit_rate_factor", name)] == 1
+        assert before[("mesh_limit_rejected_total", name)] == 0
+    limiter.penalize(dependency.removeprefix("dependency:"), 2.0)
+    held = Held("holder")
+    assert limiter.take("agent:asker", None, held.holder, "m").admitted
+    held.limits.append(("agent:asker", None))
+    set_current((limiter, held))
+    try:
+        from mesh.broker import limits
+
+        limits.model_refused(RateLimited("model answered 429", retry_after_s=1.0, dependency="models.example:443"))
+    finally:
+        set_current(None)
+    after = samples()
+    for name in ("agent:asker", dependency):
+        assert 0.45 < after[("mesh_limit_rate_factor", name)] < 0.55, after
+        assert after[("mesh_limit_rejected_total", name)] == 1, after
