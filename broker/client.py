@@ -648,7 +648,9 @@ class MeshClient:
 
     def waits(self, event: str | None = None) -> list[wait_store.Waiting]:
         """The pipeline steps waiting durably (``sleep:``, ``wait_for:``; for ``event`` only, when
-        given), oldest first (``mesh waits``)."""
+        given), oldest first (``mesh waits``). InvalidEvent when ``event`` is no event name."""
+        if event is not None:
+            wait_store.check_event_name(event)
         return wait_store.pending(self.redis, self.keys, event=event)
 
     def status(self, job_id: str) -> JobRecord:
