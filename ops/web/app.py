@@ -11,6 +11,7 @@ payload shows as text and runs nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +36,7 @@ from mesh.ops.timeline import event_line
 
 from . import actions, views
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, Throttle, same_token, session_id
-from .live import END, Follower, TraceHub
+from .live import CUT, END, Follower, TraceHub
 from .rates import Rates, read
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,9 @@ async def job(request: Request, con: Console, user: str, csrf: str) -> Response:
 
 FILTER_FIELDS = ("agent", "class", "since", "until", "grep", "key")
 
+#: The longest DLQ filter field taken (a longer one is refused: cut, it would match more than was asked).
+FILTER_CHARS = 200
+
 
 def _dlq_filter(con: Console, fields: Any) -> tuple[dict[str, str], Filter | None, str | None]:
     """The DLQ filter of a query or form: (the fields as given, the filter, or why it is not one)."""
@@ -330,7 +334,10 @@ def _dlq_filter(con: Console, fields: Any) -> tuple[dict[str, str], Filter | Non
     from mesh.contracts import FailureClass
     from mesh.ops.dlq_cli import _RELATIVE, parse_time
 
-    shown = {k: str(fields.get(k) or "").strip()[:200] for k in FILTER_FIELDS}
+    given = {k: str(fields.get(k) or "").strip() for k in FILTER_FIELDS}
+    shown = {k: v[:FILTER_CHARS] for k, v in given.items()}
+    if long := [k for k, v in given.items() if len(v) > FILTER_CHARS]:  # cut, it would take more than asked
+        return shown, None, f"the {long[0]} filter is longer than {FILTER_CHARS} characters"
     if shown["class"] and shown["class"] not in set(FailureClass):
         return shown, None, f"no failure class {shown['class']}"
     relative = any(_RELATIVE.match(shown[k]) for k in ("since", "until"))
@@ -366,10 +373,17 @@ async def dlq_bulk_confirm(request: Request, con: Console, user: str, csrf: str)
     shown, flt, problem = await _run(_dlq_filter, con, request.query_params)
     if flt is None:
         return con.render(request, "refused.html", user, csrf, status=400, why=problem)
+    # What is confirmed is what the filter takes now: the form carries this moment (on the Redis
+    # clock, which times dead letters) as its `until`, and a relative `since` as the time it is now,
+    # so a press, or a second press of the same form, never takes an entry dead-lettered after the
+    # confirmation (one that arrived meanwhile, or a replayed entry failing again).
+    at = await _run(con.client.clock.now_s)
+    flt = dataclasses.replace(flt, until=at if flt.until is None else min(flt.until, at))
     count = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
+    more = {k: v for k, v in shown.items() if v}
+    form = {**more, "until": repr(flt.until), **({"since": repr(flt.since)} if flt.since is not None else {})}
     return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count,
-                      bulk_max=actions.BULK_MAX,
-                      exact=flt.exact, more={k: v for k, v in shown.items() if v})
+                      bulk_max=actions.BULK_MAX, exact=flt.exact, more=more, form=form, at=at)
 
 
 async def dlq_bulk(request: Request, con: Console, user: str, csrf: str) -> Response:
@@ -519,7 +533,8 @@ async def logout(request: Request, con: Console, user: str, csrf: str) -> Respon
 
 async def events(request: Request, con: Console, user: str, csrf: str) -> Response:
     """``text/event-stream`` of the job's trace: each event after the browser's Last-Event-ID (or
-    ``?after=``), as it happens, then ``end`` once the job has ended."""
+    ``?after=``), as it happens, then ``end`` once the job has ended (and only then: a stream cut off
+    or closed by a stopping server just closes, and the browser reconnects from its last id)."""
     job_id = request.path_params["job_id"]
     after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     if not _event_id(after):
@@ -546,6 +561,8 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
                     continue
                 if ev is END:
                     yield b"event: end\ndata: {}\n\n"
+                    return
+                if ev is CUT:  # closed, the job not ended: the browser reconnects from its last id
                     return
                 data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")),
                         "line": _line(ev)[:views.LINE_CHARS], "style": _style(ev)}

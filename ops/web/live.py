@@ -38,12 +38,18 @@ BATCH = 500
 #: Events a slow browser may have waiting before it is cut off (it reconnects from its last id).
 QUEUE_MAX = 5_000
 
+#: The job has ended: the stream says so (``event: end``) and closes.
 END = {"end": True}
+
+#: The stream is closed without an end (the job goes on): a slow browser cut off, or the server
+#: stopping. A browser's EventSource reconnects with its Last-Event-ID and goes on from there; an
+#: ``end`` here would tell it, and any script following the stream, that the job had ended.
+CUT = {"cut": True}
 
 
 @dataclass(eq=False)
 class Follower:
-    """One browser's stream: events arrive on ``queue`` as (id, event); ``END`` closes it."""
+    """One browser's stream: events arrive on ``queue`` as (id, event); ``END`` or ``CUT`` closes it."""
 
     job_id: str
     last_id: str
@@ -62,10 +68,10 @@ class Follower:
     def _put(self, item: tuple[str, dict[str, Any]]) -> None:
         try:
             self.queue.put_nowait(item)
-        except asyncio.QueueFull:  # cut off: drop what waits and end it; the browser resumes from its last id
+        except asyncio.QueueFull:  # cut off: drop what waits and close it; the browser resumes from its last id
             while not self.queue.empty():
                 self.queue.get_nowait()
-            self.queue.put_nowait(("", END))
+            self.queue.put_nowait(("", CUT))
 
 
 @dataclass
@@ -103,7 +109,8 @@ class TraceHub:
             self.leaving.append(follower)
 
     def stop(self) -> None:
-        """Stop reading and end every follower's stream (the server is stopping)."""
+        """Stop reading and close every follower's stream (the server is stopping; their jobs are not
+        ended, so no ``end`` is said)."""
         self.stopped.set()
         self.wake.set()
         if self.thread is not None:
@@ -113,7 +120,7 @@ class TraceHub:
             self.jobs.clear()
             self.joining = []
         for f in followers:
-            f.put(("", END))
+            f.put(("", CUT))
 
     @property
     def followers(self) -> int:
