@@ -490,3 +490,19 @@ def test_a_stream_closed_by_a_stopping_server_or_cut_off_does_not_say_the_job_en
 
     last = asyncio.run(cut_off())  # what a browser cut off for falling behind gets last
     assert last[1] is not END and last == ("", getattr(live, "CUT", None))
+
+
+def test_a_failed_login_under_a_huge_name_leaves_a_names_worth_in_the_throttle():
+    """The throttle kept each failed name whole: names of 64 KiB (what a form takes) from many
+    addresses (IPv6, or a local process naming itself any address in X-Forwarded-For) held a
+    minute's password checks' worth of them, some 150 MB."""
+    from mesh.ops.web.auth import Throttle
+
+    t = Throttle()
+    for n in range(100):
+        t.failed(f"{n:03d}" + "x" * 65_000, f"10.0.{n}.1", now=100.0)
+    assert sum(len(k) for k in t.failures) < 100 * 100
+    for n in range(5):  # past 64 characters a name is no user's: those alike that far count as one
+        t.failed("y" * 65 + str(n) * 65_000, f"10.1.{n}.1", now=100.0)
+    assert t.wait_s("y" * 65 + "other", "10.9.9.9", now=101.0) > 0
+    assert t.wait_s("y" * 64, "10.9.9.9", now=101.0) == 0 and t.wait_s("ana", "10.9.9.9", now=101.0) == 0
