@@ -506,3 +506,35 @@ def test_a_failed_login_under_a_huge_name_leaves_a_names_worth_in_the_throttle()
         t.failed("y" * 65 + str(n) * 65_000, f"10.1.{n}.1", now=100.0)
     assert t.wait_s("y" * 65 + "other", "10.9.9.9", now=101.0) > 0
     assert t.wait_s("y" * 64, "10.9.9.9", now=101.0) == 0 and t.wait_s("ana", "10.9.9.9", now=101.0) == 0
+
+
+def test_mesh_ops_serve_takes_the_app_whose_tools_verify_unknown_effects_from_the_console(settings):
+    """The console verifies an unknown effect with the tools of the server's app, as `mesh verify --app`
+    does; `mesh ops serve` took no --app, so a tool of the workers' own app had no verifier there."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT, mesh_env, wait_for
+
+    bad = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "ops", "serve", "--port", "0", "--app", "no.such:app"],
+                         env=mesh_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--app" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    serve = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "ops", "serve", "--port", "0",
+                              "--app", "tests.apps.gated:app"], env=mesh_env(settings), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said: list[str] = []
+
+        def port() -> str | None:
+            said.append(serve.stderr.readline())  # type: ignore[union-attr]
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)", "".join(said))
+            return found.group(1) if found else None
+
+        base = f"http://127.0.0.1:{wait_for(port, timeout_s=30)}"
+        with httpx.Client(base_url=base) as http:  # loopback, no users: the local operator
+            overview = http.get("/")
+        assert overview.status_code == 200 and ">poster<" in overview.text  # the app's agent's queue
+    finally:
+        serve.terminate()
+        serve.wait(15)
