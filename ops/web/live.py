@@ -32,6 +32,12 @@ BLOCK_MS = 250
 #: How often a followed job's record is read to see whether it ended without an event saying so.
 RECHECK_S = 2.0
 
+#: Events said while a step runs, none of which ends its job: news of only these does not send the
+#: hub to read the job's record (megabytes for a job of thousands of steps, a third of a second to
+#: read and parse, on the one thread every follower waits on) — the RECHECK_S look still does.
+WITHIN_A_STEP = frozenset({"progress", "tool_call", "model_call", "picked_up", "tool_replayed", "tool_refused",
+                           "loop_restarted", "fenced", "approval_warning"})
+
 #: Events one XREAD takes at most.
 BATCH = 500
 
@@ -158,7 +164,8 @@ class TraceHub:
                 job.cursor = event_id
                 for f in job.followers:
                     f.put((event_id, ev))
-            moved.add(job_id)
+                if ev.get("event") not in WITHIN_A_STEP:
+                    moved.add(job_id)
         self._end_finished(moved)
 
     def _admit(self) -> None:
@@ -186,7 +193,7 @@ class TraceHub:
             self._end_finished({f.job_id for f in joining})
 
     def _end_finished(self, moved: set[str]) -> None:
-        """End the jobs that ended: those with news now, and the rest every RECHECK_S."""
+        """End the jobs that ended: those with news that may end them now, and the rest every RECHECK_S."""
         now = time.monotonic()
         due = [j for j, job in self.jobs.items() if j in moved or now - job.checked_at >= RECHECK_S]
         for job_id in due:

@@ -538,3 +538,34 @@ def test_mesh_ops_serve_takes_the_app_whose_tools_verify_unknown_effects_from_th
     finally:
         serve.terminate()
         serve.wait(15)
+
+
+def test_a_followed_jobs_progress_notes_do_not_each_send_the_trace_reader_to_read_its_record(
+        client, monkeypatch):  # noqa: F811
+    """The one trace reader read a job's record after every batch with news, to see whether it ended:
+    for a job of 5,000 steps that is 13 MB to read and parse, a third of a second, once per batch of
+    progress notes, while every follower of every job waits on that thread."""
+    from conftest import wait_for
+
+    from mesh.ops.web import live
+    from tests.ops.test_console import parked, progress, sse
+
+    monkeypatch.setattr(live, "RECHECK_S", 3_600.0)  # only news sends it to the record
+    job_id = parked(client, "chatty")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        hub = server.console.hub
+        reads: list[str] = []
+        get = hub.client.jobs.get
+        monkeypatch.setattr(hub.client.jobs, "get", lambda job, *a, **k: reads.append(job) or get(job, *a, **k))
+        got: list[dict[str, str]] = []
+        reader = sse(base, http.cookies, f"/jobs/{job_id}/events", got)
+        wait_for(lambda: any(e.get("kind") == "awaiting_approval" for e in got), timeout_s=10)
+        before = len(reads)
+        for n in range(1, 31):  # each in a batch of its own: the next is sent once the browser has this one
+            progress(client, job_id, n)
+            wait_for(lambda n=n: sum(e.get("kind") == "progress" for e in got) == n, timeout_s=10)
+        assert len(reads) - before == 0, len(reads) - before
+        client.deny(job_id, "researcher", reason="enough")  # news that may end it: looked at, and the end said
+        reader.join(15)
+        assert got[-1].get("event") == "end"
