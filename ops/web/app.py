@@ -52,6 +52,9 @@ LOGIN_CHECKS = 2
 #: A comment line sent on an idle event stream this often, so a dead browser is noticed.
 KEEPALIVE_S = 15.0
 
+#: How often an open event stream checks that its session still holds (see Console.session_check_s).
+SESSION_CHECK_S = 5.0
+
 #: How long one write of an event stream may wait for the browser to take it: one that stops reading
 #: (its socket's buffers full) is dropped then, rather than holding its stream and its events for good.
 SEND_TIMEOUT_S = 30.0
@@ -94,6 +97,9 @@ class Console:
         self.max_streams = max(1, client.settings.ops_max_connections // 2)
         self.streams = 0
         self.send_timeout_s = SEND_TIMEOUT_S
+        #: How often an open event stream looks again at its session: one logged out or expired meanwhile
+        #: ends its streams too (else they would go on for as long as their jobs run).
+        self.session_check_s = SESSION_CHECK_S
         #: Password checks at once (scrypt: 16 MiB and ~50 ms each); more wait on the event loop,
         #: not on the threads Redis reads need.
         self.checking: asyncio.Semaphore | None = None
@@ -548,17 +554,38 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
     def release() -> None:
         con.streams -= 1
 
+    async def still_in() -> bool:
+        """Whether the stream's session is still good (not expired, its user there, not logged out)."""
+        if con.access.read_session(request.cookies.get(SESSION_COOKIE)) is None:
+            return False
+        try:
+            return not await _run(con._logged_out, request)
+        except (redis.ConnectionError, redis.TimeoutError):  # Redis away: the stream waits, as its reader does
+            return True
+
     async def stream() -> AsyncIterator[bytes]:
         # followed once the stream runs: a response never started leaves no follower behind
         con.hub.follow(follower)
+        loop = asyncio.get_running_loop()
+        checked = sent = loop.time()
         try:
             yield b"retry: 2000\n\n"
             while True:
                 try:
-                    event_id, ev = await asyncio.wait_for(follower.queue.get(), KEEPALIVE_S)
+                    event_id, ev = await asyncio.wait_for(follower.queue.get(),
+                                                          min(KEEPALIVE_S, con.session_check_s))
                 except TimeoutError:
-                    yield b": keep-alive\n\n"
+                    event_id, ev = "", None
+                if con.access.login_needed and loop.time() - checked >= con.session_check_s:
+                    checked = loop.time()
+                    if not await still_in():  # logged out (or expired) since the stream opened: it ends too
+                        return
+                if ev is None:
+                    if loop.time() - sent >= KEEPALIVE_S:
+                        sent = loop.time()
+                        yield b": keep-alive\n\n"
                     continue
+                sent = loop.time()
                 if ev is END:
                     yield b"event: end\ndata: {}\n\n"
                     return

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from mesh.broker import trace
-from mesh.contracts import ConfigError
+from mesh.contracts import ConfigError, State
 from mesh.dlq import DeadLetterStore
 from mesh.ops.web.auth import Access, parse_users, write_user
 from tests.ops.test_console import (  # noqa: F401  (fixtures)
@@ -458,7 +458,6 @@ def test_a_stream_closed_by_a_stopping_server_or_cut_off_does_not_say_the_job_en
 
     from conftest import wait_for
 
-    from mesh.contracts import State
     from mesh.ops.web import live
     from mesh.ops.web.live import END, QUEUE_MAX, Follower
     from tests.ops.test_console import parked, progress
@@ -569,3 +568,33 @@ def test_a_followed_jobs_progress_notes_do_not_each_send_the_trace_reader_to_rea
         client.deny(job_id, "researcher", reason="enough")  # news that may end it: looked at, and the end said
         reader.join(15)
         assert got[-1].get("event") == "end"
+
+
+def test_an_event_stream_open_when_its_session_logs_out_ends_then_and_says_no_more(client):  # noqa: F811
+    """A session was checked when its stream opened, never again: a stream (a copied cookie's too)
+    went on delivering the job's events after the logout, for as long as the job ran."""
+    from conftest import wait_for
+
+    from tests.ops.test_console import parked, progress, sse
+
+    job_id = parked(client, "logged-out")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        server.console.session_check_s = 0.2
+        login(http, "ana", PASSWORDS["ana"])
+        got: list[dict[str, str]] = []
+        reader = sse(base, httpx.Cookies(http.cookies), f"/jobs/{job_id}/events", got)
+        wait_for(lambda: any(e.get("kind") == "awaiting_approval" for e in got), timeout_s=10)
+        assert http.post("/logout", data={"csrf": csrf_of(http.get("/breakers").text)}).status_code == 303
+        n = 0
+
+        def closed() -> bool:
+            nonlocal n
+            n += 1
+            progress(client, job_id, n)
+            reader.join(0.05)
+            return not reader.is_alive()
+
+        wait_for(closed, timeout_s=15)
+        wait_for(lambda: server.console.streams == 0, timeout_s=10)
+    assert not any(e.get("event") == "end" for e in got)  # closed, the job not said to have ended
+    assert client.status(job_id).steps["researcher"].state is State.AWAITING_APPROVAL
