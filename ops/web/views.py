@@ -121,24 +121,31 @@ class Search:
     candidates: list[str] | None = None
     #: Looked for as a trace id too (``q`` has a trace id's shape).
     by_trace: bool = False
+    #: When ``q`` names more than one job, read as different things: job id -> how it names it.
+    readings: dict[str, str] | None = None
 
 
 def find(c: MeshClient, q: str) -> Search:
     """The job ``q`` names: a job id, the key it was sent with, a trace id, or a job id's unique start
     (``job-`` may be left out). The whole id, the key and a trace id are looked up directly (one
     pipelined ``EXISTS`` each: a job's trace id is its id's hex, :func:`~mesh.broker.client.trace_id_of`);
-    a start in at most PREFIX_BUDGET ids."""
+    a start in at most PREFIX_BUDGET ids. A text that names different jobs read as different things (a
+    key that is another job's id or trace id) gives each, with how it names it, never one silently."""
     q = q.strip()
     if not q:
         return Search()
     by_trace = bool(_TRACE_ID.match(q))
-    candidates = [q, job_id_for(q), *([f"job-{q.lower()}"] if by_trace else [])]
+    readings = {q: "its id", job_id_for(q): "sent with that key",
+                **({f"job-{q.lower()}": "its trace id"} if by_trace else {})}
     pipe = c.redis.pipeline(transaction=False)
-    for candidate in candidates:
+    for candidate in readings:
         pipe.exists(c.keys.job(candidate), c.keys.trace(candidate))
-    for candidate, found in zip(candidates, pipe.execute(), strict=True):
-        if found:
-            return Search(job_id=candidate, by_trace=by_trace)
+    hits = {candidate: reading for (candidate, reading), found in zip(readings.items(), pipe.execute(), strict=True)
+            if found}
+    if len(hits) == 1:
+        return Search(job_id=next(iter(hits)), by_trace=by_trace)
+    if hits:  # one text, two jobs (a key that is another job's id or trace id): both, each with its reading
+        return Search(candidates=list(hits), readings=hits, by_trace=by_trace)
     if by_trace or not _ID_START.match(q):  # a whole id's hex was looked up as one
         return Search(by_trace=by_trace)
     found = _starting(c, q if q.startswith("job-") else f"job-{q}")
