@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from mesh.broker import MeshClient, MeshSettings
+from mesh.broker import MeshClient, MeshSettings, idempotency
 from mesh.broker.outbox import wake
 from mesh.broker.settings import DEFAULT_REDIS_URL
 from mesh.ops.local_redis import ensure_redis
@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_lease_left_behind() -> Iterator[None]:
+    """A test that runs a message's middleware on its own thread without ending it (``before_`` without
+    ``after_process_message``) leaves that thread acting for the message's lease: a later test on the
+    same thread would see it (a model call labelled with that message's agent)."""
+    yield
+    idempotency._current.lease = None
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02) -> Any:
