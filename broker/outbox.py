@@ -172,6 +172,10 @@ def _formats(agent: str, queue: str, version: int | None, token_budget: int | No
     return compile(message), compile(job), compile(ev)
 
 
+#: Where the jobs' arguments of scripts/enqueue.lua start, and how many each job has.
+_FIRST, _WIDTH = 5, 6
+
+
 class NewJobs:
     """A batch of new jobs for one agent, each recorded with its first message and ``enqueued`` trace
     event: the transactional outbox of a client's sends, written by one script (scripts/enqueue.lua)
@@ -202,7 +206,10 @@ class NewJobs:
         self.envelope = {**_templates(*self._spec)[0], "deadline": deadline}
         self.timestamp_ms = int(now * 1000)
         self._times = (orjson.dumps(now), orjson.dumps(deadline), orjson.dumps(self.timestamp_ms))
-        self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN]
+        #: The script's arguments (scripts/enqueue.lua): the batch's, then six per job. The fifth,
+        #: ``plain``, says every message goes on the queue's list (normal, no flow key): cleared by
+        #: the first item with a flow key.
+        self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN, b"1" if priority == "normal" else b""]
         self.keys: list[str] = []
         #: Message ids made ahead, two per message.
         self.ids: list[str] = []
@@ -232,9 +239,17 @@ class NewJobs:
         if self.max_bytes is not None and self.max_depth is not None and (
                 len(data) > self.max_bytes or data.count(b"[") + data.count(b"{") > self.max_depth - 1):
             check_limits(data, [{**self.envelope, "payload": payload}], self.max_bytes, self.max_depth)
-        self.args.append(b"\n".join((job_id.encode(), payload_hash.encode() if checked else b"", record % fields,
-                                      event % fields, rid.encode(), data)))
+        if flow_key:  # an empty flow key is none (lanes_lib.lua's lane_of)
+            self.args[4] = b""
+        self.args += (job_id.encode(), payload_hash.encode() if checked else b"", record % fields, event % fields,
+                      rid.encode(), data)
         self.keys.append(key)
+
+    def jobs(self) -> list[tuple[Any, ...]]:
+        """Each job's six arguments of the script: job id, payload hash (empty when unchecked), record,
+        ``enqueued`` event, message id and message."""
+        items = self.args[_FIRST:]
+        return [tuple(items[i:i + _WIDTH]) for i in range(0, len(items), _WIDTH)]
 
     def write(self, script: Any, keys: Keys, client: Any = None) -> Any:
         """Run the batch through ``script`` (``ENQUEUE_LUA`` registered on the client; ``client``: a

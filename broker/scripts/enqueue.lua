@@ -2,11 +2,13 @@
 -- the transactional outbox in one script, so the conflict check and every write are atomic with
 -- no WATCH and one round trip per batch (see broker/keys.py for the layout).
 --
--- enqueue(keys=[namespace], args=[queue, created_at, wake_cap, trace_maxlen, job...])
+-- enqueue(keys=[namespace], args=[queue, created_at, wake_cap, trace_maxlen, plain,
+--                                 job_id, payload_hash, record, event, message_id, message, ...])
 --
---   job            "job_id\npayload_hash\nrecord\nevent\nmessage_id\nmessage": one argument per job
---                  (packing six per job cost the client more than splitting costs here; none of
---                  the parts holds a newline: ids are hex, the rest is JSON, which escapes them)
+--   plain          "1" when every message of the batch is of normal priority without a flow key:
+--                  all go on the queue's list, none is read for its lane; else "" (lane_of reads
+--                  each message's lane)
+--   then six arguments per job (one argument per part, so nothing is split here):
 --   payload_hash   "" when the sender gave no key (a fresh key cannot conflict); else what the key
 --                  is bound to. Checked for every item in order: a stored record bound to
 --                  another hash, or (no record yet) an earlier item of the batch with the same job
@@ -24,22 +26,10 @@
 
 local ns = KEYS[1]
 local queue, created_at, wake_cap, trace_maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local first = 5
-local n = #ARGV - first + 1
+local plain = ARGV[5] == "1"
+local first, width = 6, 6
+local n = (#ARGV - first + 1) / width
 if n < 1 then return 0 end
-
-local find, sub = string.find, string.sub
-local ids, hashes, records, events, message_ids, messages = {}, {}, {}, {}, {}, {}
-for i = 1, n do
-    local job = ARGV[first + i - 1]
-    local a = find(job, "\n", 1, true)
-    local b = find(job, "\n", a + 1, true)
-    local c = find(job, "\n", b + 1, true)
-    local d = find(job, "\n", c + 1, true)
-    local e = find(job, "\n", d + 1, true)
-    ids[i], hashes[i], records[i] = sub(job, 1, a - 1), sub(job, a + 1, b - 1), sub(job, b + 1, c - 1)
-    events[i], message_ids[i], messages[i] = sub(job, c + 1, d - 1), sub(job, d + 1, e - 1), sub(job, e + 1)
-end
 
 -- The records first, in order, each a SET NX: a fresh key (the usual case) costs that one command,
 -- and only a record that was there already is read for its payload_hash. A conflict found then
@@ -47,9 +37,10 @@ end
 -- written, as when every key was checked before the first write.
 local bound, created, made = {}, {}, {}
 for i = 1, n do
-    local job_id, hash = ids[i], hashes[i]
+    local at = first + (i - 1) * width
+    local job_id, hash = ARGV[at], ARGV[at + 1]
     local key = ns .. ":job:" .. job_id
-    if redis.call("set", key, records[i], "nx") then
+    if redis.call("set", key, ARGV[at + 2], "nx") then
         created[#created + 1] = key
         made[job_id] = true
         if hash ~= "" then bound[job_id] = hash end
@@ -85,23 +76,29 @@ local slice = 1000
 for from = 1, n, slice do
     local index, bodies, pushed = {}, {}, {}
     for i = from, math.min(n, from + slice - 1) do
-        local job_id = ids[i]
-        redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", events[i])
+        local at = first + (i - 1) * width
+        local job_id = ARGV[at]
+        redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", ARGV[at + 3])
         index[#index + 1] = created_at
         index[#index + 1] = job_id
-        bodies[#bodies + 1] = message_ids[i]
-        bodies[#bodies + 1] = messages[i]
+        bodies[#bodies + 1] = ARGV[at + 4]
+        bodies[#bodies + 1] = ARGV[at + 5]
     end
     redis.call("zadd", jobs, "nx", unpack(index))
     redis.call("hset", msgs, unpack(bodies))
     -- Normal messages without a flow key go on the queue's list in one command; the others each
     -- to its lane (lanes_lib.lua).
     for i = from, math.min(n, from + slice - 1) do
-        local level, flow = lane_of(messages[i])
-        if level == "normal" and not flow then
-            pushed[#pushed + 1] = message_ids[i]
+        local at = first + (i - 1) * width
+        if plain then
+            pushed[#pushed + 1] = ARGV[at + 4]
         else
-            lane_push(ready, message_ids[i], messages[i], false)
+            local level, flow = lane_of(ARGV[at + 5])
+            if level == "normal" and not flow then
+                pushed[#pushed + 1] = ARGV[at + 4]
+            else
+                lane_push(ready, ARGV[at + 4], ARGV[at + 5], false)
+            end
         end
     end
     if #pushed > 0 then redis.call("rpush", ready, unpack(pushed)) end

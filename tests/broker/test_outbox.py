@@ -26,12 +26,12 @@ def test_one_message_makes_two_message_ids_and_many_make_two_each_all_distinct()
     many = _batch(300)
     _add(many, 300)
     assert many.ids == []
-    ids = [arg.split(b"\n")[4] for arg in many.args[4:]]  # each item's redis message id
+    ids = [job[4] for job in many.jobs()]  # each item's redis message id
     assert len(ids) == len(set(ids)) == 300
 
 
 def test_a_batch_that_gets_more_messages_than_expected_still_gives_each_its_own_ids():
     batch = _batch(1)
     _add(batch, 5)
-    ids = [arg.split(b"\n")[4] for arg in batch.args[4:]]
+    ids = [job[4] for job in batch.jobs()]
     assert len(ids) == len(set(ids)) == 5
