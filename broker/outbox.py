@@ -201,9 +201,7 @@ class NewJobs:
         if not math.isfinite(deadline):  # what the envelope refuses: its own validation says so
             Envelope(key="-", job_id="-", step_id="-", agent=agent, trace_id="1" * 32, deadline=deadline, payload={})
         self._spec = (agent, queue, version, token_budget, goal, priority)
-        #: The envelope every message shares (the item's fields aside): what a payload the formats
-        #: cannot take is checked with, and what the depth of a message is measured on.
-        self.envelope = {**_templates(*self._spec)[0], "deadline": deadline}
+        self._deadline = deadline
         self.timestamp_ms = int(now * 1000)
         self._times = (orjson.dumps(now), orjson.dumps(deadline), orjson.dumps(self.timestamp_ms))
         #: The script's arguments (scripts/enqueue.lua): the batch's, then six per job. The fifth,
@@ -215,6 +213,12 @@ class NewJobs:
         self.ids: list[str] = []
         self.expected = expected
 
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The envelope every message shares (the item's fields aside): what a payload the formats
+        cannot take is checked with, and what the depth of a message is measured on."""
+        return {**_templates(*self._spec)[0], "deadline": self._deadline}
+
     def add(self, step_id: str, payload: dict[str, Any], *, key: str, job_id: str, trace_id: str,
             payload_hash: str, checked: bool, flow_key: str | None = None) -> None:
         """One job and its message. ``checked``: the key was given, so it must not already name a job
@@ -225,7 +229,8 @@ class NewJobs:
             payload = Envelope(**{**self.envelope, "key": key, "step_id": step_id, "payload": payload}).payload
         body = dumps(payload)
         if not self.ids:
-            self.ids = new_message_ids(2 * min(128, max(1, self.expected - len(self.keys))))
+            wanted = 2 * min(128, max(1, self.expected - len(self.keys)))
+            self.ids = new_message_ids(wanted) if wanted > 2 else spare_message_ids()
         rid, mid = self.ids.pop(), self.ids.pop()
         message, record, event = _formats(*self._spec, flow_key is not None)
         quoted, (now, deadline, ts) = orjson.dumps, self._times
@@ -268,6 +273,24 @@ class NewJobs:
 def new_message_id() -> str:
     """``str(uuid.uuid4())`` (dramatiq's message ids), without building the UUID object."""
     return _uuid4_text(os.urandom(16))
+
+
+#: Message ids made ahead for single sends (a read of the random source per send is a system call):
+#: taken two at a time by :func:`spare_message_ids` (``list.pop`` is atomic, so threads never share
+#: one), and dropped in a forked child, which must not use the ids its parent will.
+_SPARE: list[str] = []
+os.register_at_fork(after_in_child=_SPARE.clear)
+
+
+def spare_message_ids() -> list[str]:
+    """Two message ids (a send's), from ids made ahead 64 at a time."""
+    out: list[str] = []
+    while len(out) < 2:
+        try:
+            out.append(_SPARE.pop())
+        except IndexError:
+            _SPARE.extend(new_message_ids(64))
+    return out
 
 
 def new_message_ids(n: int) -> list[str]:

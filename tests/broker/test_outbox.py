@@ -35,3 +35,26 @@ def test_a_batch_that_gets_more_messages_than_expected_still_gives_each_its_own_
     _add(batch, 5)
     ids = [job[4] for job in batch.jobs()]
     assert len(ids) == len(set(ids)) == 5
+
+
+def test_a_single_send_takes_ids_made_ahead_and_a_forked_child_never_takes_its_parents():
+    import os
+
+    from mesh.broker import outbox
+
+    first = outbox.spare_message_ids()
+    assert len(first) == len(set(first)) == 2 and outbox._SPARE  # the rest of the 64 kept for later sends
+    ahead = set(outbox._SPARE)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what it takes is its own, none of the ids its parent holds
+        try:
+            os.write(write, " ".join(outbox.spare_message_ids()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as got:
+        child = got.read().split()
+    os.waitpid(pid, 0)
+    assert len(child) == 2 and not set(child) & (ahead | set(first))
+    assert set(outbox.spare_message_ids()) <= ahead  # the parent goes on with its own
