@@ -23,7 +23,7 @@ from dramatiq.message import Message
 from mesh.contracts import Envelope, JobRecord, LimitExceeded, Priority, StepRecord, depth_exceeds, dumps
 
 from . import lanes, trace
-from .connection import run_script
+from .connection import HeldConnection, run_script
 from .keys import Keys
 
 ENQUEUE_LUA = lanes.LIB + "\n" + resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
@@ -322,6 +322,8 @@ class EnqueueScript:
         self.client = client
         self.script = client.register_script(ENQUEUE_LUA)
         self.loaded = False
+        #: The connection the client's sends go on (a pooled client's).
+        self.held = HeldConnection(client) if client.connection is None else None
 
     def __call__(self, *, keys: list[str], args: list[Any], client: Any = None) -> Any:
         if not self.loaded:
@@ -329,7 +331,7 @@ class EnqueueScript:
             self.loaded = True
         if client is not None:  # a pipeline: it loads the script itself should Redis not hold it
             return self.script(keys=keys, args=args, client=client)
-        return run_script(self.script, keys, args)
+        return run_script(self.script, keys, args, self.held)
 
 
 def register(client: redis.Redis) -> EnqueueScript:
