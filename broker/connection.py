@@ -384,8 +384,7 @@ class HeldConnection:
                 self._box.append(self.pool.get_connection())
                 return self._box[0]
             conn = self._box[0]
-            try:  # as the pool's ensure_connection: connected, and no reply left unread, nor closed by the server
-                conn.connect()
+            try:  # as the pool's ensure_connection: connected (can_read connects), nothing unread, not closed
                 if conn.can_read():
                     raise redis.exceptions.ConnectionError("connection has data")
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):

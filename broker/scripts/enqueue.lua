@@ -18,15 +18,16 @@
 --                  in {ns}:jobs): re-sending a key never resets its job
 --   event          the ``enqueued`` trace event, added to {ns}:trace:{id} (capped near trace_maxlen)
 --   message        dramatiq's encoded message, stored under message_id in {ns}:{queue}.msgs and
---                  pushed on its lane of the queue (lanes_lib.lua, run before this: {ns}:{queue} for
---                  a normal message without a flow key); then up to wake_cap wake-up tokens on
---                  {ns}:{queue}.wake
+--                  pushed on its lane of the queue (lanes_lib.lua, defined before this in a function,
+--                  lanes_lib(), called for a batch that is not plain: {ns}:{queue} for a normal
+--                  message without a flow key); then up to wake_cap wake-up tokens on {ns}:{queue}.wake
 --
 -- Returns 0 when every item was written.
 
 local ns = KEYS[1]
 local queue, created_at, wake_cap, trace_maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local plain = ARGV[5] == "1"
+local lane_of, lane_push -- lanes_lib.lua's, defined only when a message is not plain
 local first, width = 6, 6
 local n = (#ARGV - first + 1) / width
 if n < 1 then return 0 end
@@ -93,6 +94,7 @@ for from = 1, n, slice do
         if plain then
             pushed[#pushed + 1] = ARGV[at + 4]
         else
+            if not lane_of then lane_of, lane_push = lanes_lib() end
             local level, flow = lane_of(ARGV[at + 5])
             if level == "normal" and not flow then
                 pushed[#pushed + 1] = ARGV[at + 4]
