@@ -32,6 +32,32 @@ local first, width = 6, 6
 local n = (#ARGV - first + 1) / width
 if n < 1 then return 0 end
 
+-- One job (a send()): the same check and writes as the batch's below, without its tables.
+if n == 1 then
+    local job_id, hash, message_id, message = ARGV[first], ARGV[first + 1], ARGV[first + 4], ARGV[first + 5]
+    local key = ns .. ":job:" .. job_id
+    if not redis.call("set", key, ARGV[first + 2], "nx") and hash ~= "" then
+        local ok, raw = pcall(redis.call, "get", key)
+        local stored = raw
+        if ok then ok, stored = pcall(function() return cjson.decode(raw)["payload_hash"] end) end
+        if not ok then error(stored) end
+        if stored ~= nil and stored ~= cjson.null and stored ~= hash then return 1 end
+    end
+    redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", ARGV[first + 3])
+    redis.call("zadd", ns .. ":jobs", "nx", created_at, job_id)
+    local ready = ns .. ":" .. queue
+    redis.call("hset", ready .. ".msgs", message_id, message)
+    if plain then
+        redis.call("rpush", ready, message_id)
+    else
+        lane_of, lane_push = lanes_lib()
+        lane_push(ready, message_id, message, false)
+    end
+    local wake = ready .. ".wake"
+    if redis.call("rpush", wake, 1) > wake_cap then redis.call("ltrim", wake, -wake_cap, -1) end
+    return 0
+end
+
 -- The records first, in order, each a SET NX: a fresh key (the usual case) costs that one command,
 -- and only a record that was there already is read for its payload_hash. A conflict found then
 -- deletes the records this batch created (the script is atomic: nobody saw them), so nothing is

@@ -242,3 +242,38 @@ def test_a_key_whose_record_is_json_but_no_object_leaves_nothing_of_its_batch(cl
     assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
     assert client.queues(["executor"])["executor"]["ready"] == 0
     assert client.redis.get(client.keys.job(job_id_for("odd"))) == stored
+
+
+@pytest.mark.parametrize("stored", [None, b"5", b"true", b"null", b'"text"', b"[1]", b"hash", b"unbound", b"bound"])
+def test_a_single_send_checks_its_key_as_a_batch_does(client, stored):
+    """A send of one job takes the script's path for one job: its key is checked as a batch's are. A
+    record bound to another payload is a KeyConflict, one of another type or a JSON number, true or
+    null fails the call, each with nothing written; a string, an array or a record bound to nothing
+    binds nothing; the same payload is the same job, its message sent again."""
+    key, job = "single", job_id_for("single")
+    other = {"tool": "note", "args": {"title": "other"}}
+    if stored == b"hash":
+        client.redis.hset(client.keys.job(job), "x", "y")
+    elif stored in (b"unbound", b"bound"):
+        client.send("executor", other if stored == b"bound" else NOTE, key=key)
+        if stored == b"unbound":
+            record = loads(client.redis.get(client.keys.job(job)))
+            client.redis.set(client.keys.job(job), dumps({**record, "payload_hash": None}))
+    elif stored is not None:
+        client.redis.set(client.keys.job(job), stored)
+    before = client.redis.get(client.keys.job(job)) if stored != b"hash" else None
+    ready = client.queues(["executor"])["executor"]["ready"]
+    if stored in (b"hash", b"5", b"true", b"null", b"bound"):
+        with pytest.raises(KeyConflict if stored == b"bound" else Exception,
+                           match={b"hash": "WRONGTYPE", b"bound": "single"}.get(stored, "attempt to index")):
+            client.send("executor", NOTE, key=key)
+        assert client.queues(["executor"])["executor"]["ready"] == ready
+        assert len(client.redis.xrange(client.keys.trace(job))) == (1 if stored == b"bound" else 0)
+    else:
+        ref = client.send("executor", NOTE, key=key)
+        assert ref.id == job and client.queues(["executor"])["executor"]["ready"] == ready + 1
+        assert client.redis.zscore(client.keys.jobs, job) is not None
+    if stored is None:
+        assert client.status(job).payload_hash == payload_hash("executor", NOTE)
+    elif stored != b"hash":
+        assert client.redis.get(client.keys.job(job)) == before  # SET NX: never replaced
