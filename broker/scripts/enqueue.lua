@@ -20,7 +20,10 @@
 --   message        dramatiq's encoded message, stored under message_id in {ns}:{queue}.msgs and
 --                  pushed on its lane of the queue (lanes_lib.lua, defined before this in a function,
 --                  lanes_lib(), called for a batch that is not plain: {ns}:{queue} for a normal
---                  message without a flow key); then up to wake_cap wake-up tokens on {ns}:{queue}.wake
+--                  message without a flow key); then wake-up tokens on {ns}:{queue}.wake, one a
+--                  message, as many as keep it within wake_cap: its length read first (LLEN), so a
+--                  full list (consumers busy, none waiting for a token) costs that one command, where
+--                  pushing and trimming back (RPUSH, LTRIM) cost two
 --
 -- Returns 0 when every item was written.
 
@@ -54,7 +57,7 @@ if n == 1 then
         lane_push(ready, message_id, message, false)
     end
     local wake = ready .. ".wake"
-    if redis.call("rpush", wake, 1) > wake_cap then redis.call("ltrim", wake, -wake_cap, -1) end
+    if redis.call("llen", wake) < wake_cap then redis.call("rpush", wake, 1) end
     return 0
 end
 
@@ -134,6 +137,6 @@ end
 
 local wake = ns .. ":" .. queue .. ".wake"
 local tokens = {}
-for t = 1, math.min(n, wake_cap) do tokens[t] = 1 end
-if redis.call("rpush", wake, unpack(tokens)) > wake_cap then redis.call("ltrim", wake, -wake_cap, -1) end
+for t = 1, math.min(n, wake_cap - redis.call("llen", wake)) do tokens[t] = 1 end
+if #tokens > 0 then redis.call("rpush", wake, unpack(tokens)) end
 return 0

@@ -277,3 +277,52 @@ def test_a_single_send_checks_its_key_as_a_batch_does(client, stored):
         assert client.status(job).payload_hash == payload_hash("executor", NOTE)
     elif stored != b"hash":
         assert client.redis.get(client.keys.job(job)) == before  # SET NX: never replaced
+
+
+def test_sends_keep_the_wake_up_tokens_within_the_cap_one_a_message(client):
+    """One token a message, up to WAKE_CAP (64) waiting: a single send onto a full list adds none, onto
+    a list a consumer took from adds one; a batch fills what is left."""
+    wake = client.keys.wake("executor")
+    for i in range(70):
+        client.send("executor", NOTE, key=f"w-{i}")
+    assert client.redis.llen(wake) == 64
+    client.redis.lpop(wake, 10)
+    for i in range(3):
+        client.send("executor", NOTE, key=f"w2-{i}")
+    assert client.redis.llen(wake) == 57
+    client.send_many("executor", [(NOTE, f"w3-{i}") for i in range(5)])
+    assert client.redis.llen(wake) == 62
+    client.send_many("executor", [(NOTE, f"w4-{i}") for i in range(5)])
+    assert client.redis.llen(wake) == 64
+    assert client.redis.lrange(wake, 0, -1) == [b"1"] * 64
+
+
+@pytest.mark.slow
+def test_a_send_onto_a_full_wake_up_list_reads_its_length_and_writes_nothing_to_it(tmp_path, make_settings):
+    """The cap is kept by reading the list's length before pushing (LLEN), not by pushing and trimming
+    back (RPUSH, LTRIM): with the consumers busy and the list full, one command a send, not two."""
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)
+    server.start()
+    try:
+        client = MeshClient(make_settings(redis_url=server.url))
+        for i in range(64):
+            client.send("executor", NOTE, key=f"fill-{i}")
+
+        def calls() -> dict[str, int]:
+            stats = client.redis.info("commandstats")
+            return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("llen", "ltrim", "rpush")}
+
+        before = calls()
+        for i in range(5):
+            client.send("executor", NOTE, key=f"full-{i}")
+        client.send_many("executor", [(NOTE, f"full-many-{i}") for i in range(3)])
+        after = calls()
+        assert after["ltrim"] - before["ltrim"] == 0
+        assert after["llen"] - before["llen"] == 6
+        assert after["rpush"] - before["rpush"] == 6  # the messages' ids on the queue alone
+        assert client.redis.llen(client.keys.wake("executor")) == 64
+        client.redis.close()
+    finally:
+        server.stop()
