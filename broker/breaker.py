@@ -90,7 +90,7 @@ class Breakers:
         self.keys = Keys(settings.namespace)
         self.script = client.register_script(BREAKER_LUA)
 
-    def _call(self, command: str, name: str, owner: str = "", error: str = "") -> Any:
+    def _call(self, command: str, name: str, owner: str = "", error: str = "", client: Any = None) -> Any:
         s = self.settings
         return self.script(
             keys=[self.keys.breaker(name), self.keys.breaker_failures(name), self.keys.breakers,
@@ -98,6 +98,7 @@ class Breakers:
             args=[command, name, owner, s.breaker_failures, int(s.breaker_window_s * 1000),
                   int(s.breaker_cooldown_s * 1000), int(s.breaker_max_cooldown_s * 1000),
                   int(s.breaker_probe_ttl_s * 1000), error[:500]],
+            client=client,
         )
 
     def call(self, dependency: str, fn: Callable[[], T]) -> T:
@@ -162,11 +163,23 @@ class Breakers:
                            extra={"dependency": name, "error": str(exc)})
             return None
 
-    def reset(self, name: str) -> bool:
-        """Close ``name``'s breaker; False if no breaker of that name exists."""
-        if not self.client.sismember(self.keys.breakers, name):
+    def reset(self, name: str, by: str | None = None) -> bool:
+        """Close ``name``'s breaker, audited as done by ``by`` (default ``user@host``) with the state it
+        was in, in one transaction (``{ns}:breakers.audit``); False if no breaker of that name exists."""
+        from . import control_audit
+        from .trace import operator
+
+        look = self.client.pipeline(transaction=False)
+        look.sismember(self.keys.breakers, name)
+        look.hget(self.keys.breaker(name), "state")
+        known, was = look.execute()
+        if not known:
             return False
-        self._call("reset", name)
+        pipe = self.client.pipeline(transaction=True)
+        self._call("reset", name, client=pipe)
+        control_audit.stage(pipe, self.keys.breakers_audit, "reset", name, by or operator(),
+                            was=was.decode() if was else "closed")
+        pipe.execute()
         return True
 
     def note_deferred(self, name: str, message_id: str, due_ms: int, pipe: Any = None, *,

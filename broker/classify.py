@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import math
 import re
@@ -77,8 +78,9 @@ def error_for_response(response: httpx.Response, *, dependency: str, now: float 
         text = f"{text}: {snippet}"
     if status == 429:
         wait = parse_retry_after(response.headers, now=now)
-        return RateLimited(text, retry_after_s=wait if wait is not None else rate_limit_reset(response.headers),
-                           dependency=dependency)
+        if wait is None:
+            wait = rate_limit_reset(response.headers, now=now)
+        return RateLimited(text, retry_after_s=wait, dependency=dependency)
     if status in _TIMEOUT_STATUS:
         return DependencyTimeout(text, dependency=dependency, status=status)
     if status in _BROWNOUT_STATUS or status >= 500:
@@ -125,22 +127,42 @@ _RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _RESET_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def rate_limit_reset(headers: Mapping[str, str]) -> float | None:
-    """Seconds until an exhausted rate limit resets, from ``x-ratelimit-remaining-*`` /
-    ``x-ratelimit-reset-*`` (OpenAI's ``6m0s``, ``20ms``, or plain seconds): the longest reset among
-    the limits with nothing remaining; None when no header says so."""
+def rate_limit_reset(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds until an exhausted rate limit resets: from ``x-ratelimit-remaining-*`` /
+    ``x-ratelimit-reset-*`` (OpenAI's ``6m0s``, ``20ms``, or plain seconds), or Anthropic's
+    ``anthropic-ratelimit-*-remaining`` / ``anthropic-ratelimit-*-reset`` (an RFC 3339 time, read
+    against ``now``, else the response's ``Date``, else this host's clock): the longest reset among the
+    limits with nothing remaining; None when no header says so."""
+    lowered = {name.lower(): value for name, value in headers.items()}
     waits = []
-    for name, value in headers.items():
-        lower = name.lower()
-        if not lower.startswith("x-ratelimit-reset"):
+    for lower, value in lowered.items():
+        if lower.startswith("x-ratelimit-reset"):
+            remaining = lowered.get("x-ratelimit-remaining" + lower.removeprefix("x-ratelimit-reset"))
+            seconds = _reset_seconds(value.strip())
+        elif lower.startswith("anthropic-ratelimit-") and lower.endswith("-reset"):
+            remaining = lowered.get(lower.removesuffix("-reset") + "-remaining")
+            seconds = _reset_at(value.strip(), lowered, now)
+        else:
             continue
-        remaining = headers.get("x-ratelimit-remaining" + lower.removeprefix("x-ratelimit-reset"))
         if remaining is not None and remaining.strip() not in ("0", "0.0"):
             continue
-        seconds = _reset_seconds(value.strip())
         if seconds is not None:
             waits.append(seconds)
     return max(waits) if waits else None
+
+
+def _reset_at(value: str, headers: Mapping[str, str], now: float | None) -> float | None:
+    """An RFC 3339 reset time as seconds from ``now`` (the response's ``Date`` when not given: the
+    endpoint's clock); None when it is not one."""
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    if now is None:
+        now = _http_date(headers.get("date") or "") or time.time()
+    return named_wait(when.timestamp() - now)
 
 
 def _reset_seconds(value: str) -> float | None:

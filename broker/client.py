@@ -40,7 +40,6 @@ from mesh.contracts import (
     UnknownAgent,
     dumps,
     loads,
-    new_trace_id,
     validate_input,
 )
 from mesh.contracts.approvals import Decision
@@ -141,9 +140,19 @@ def payload_hash(agent: str, payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
+def trace_id_of(job_id: str) -> str:
+    """The W3C trace id of a job the mesh creates: its id's 32 hex digits (``job-`` left out). A job
+    id is a uuid5's hex (:func:`job_id_for`: lowercase, its version digit 5, so never all zero), so
+    this is a valid trace id, the same for every send of a key, and a trace id names its job with no
+    index to read: ``job-`` + the trace id. Every job the mesh creates (a send, a run, a rerun) takes
+    its trace id from here."""
+    return job_id.removeprefix("job-")
+
+
 def trace_id_for(key: str) -> str:
-    """The W3C trace id of the job a key names: every send of that key reports the same trace."""
-    return hashlib.sha256(f"mesh-trace:{key}".encode()).hexdigest()[:32]
+    """The W3C trace id of the job a key names (:func:`trace_id_of` of its job id): every send of that
+    key reports the same trace."""
+    return trace_id_of(job_id_for(key))
 
 
 def _refuse_conflicts(records: list[JobRecord], stored: list[Any]) -> None:
@@ -328,9 +337,10 @@ class MeshClient:
             target(root.agent_name).check(input)
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
-        trace_id = trace_id_for(key) if key else new_trace_id()
         key = key or uuid.uuid4().hex
-        ref: JobRef[JobRecord] = JobRef(id=job_id_for(key), key=key, trace_id=trace_id, client=self)
+        job_id = job_id_for(key)
+        trace_id = trace_id_of(job_id)
+        ref: JobRef[JobRecord] = JobRef(id=job_id, key=key, trace_id=trace_id, client=self)
         record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, goal=goal, created_at=now, updated_at=now,
                            payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
                            pipeline_digest=spec.digest(), pipeline_input=input, priority=priority)
@@ -565,10 +575,10 @@ class MeshClient:
         refs = []
         reader = _step_output(agent, target.output)
         for index, (step_id, payload, given) in enumerate(items):
-            # Sends of one key are one job, so they share its trace; a fresh key starts a fresh trace.
+            # Sends of one key are one job, so they share its trace (its id's); a fresh key, a fresh one.
             key = given or uuid.uuid4().hex
-            ref = JobRef(id=job_id_for(key), key=key, trace_id=trace_id_for(key) if given else new_trace_id(),
-                         client=self, reader=reader)
+            job_id = job_id_for(key)
+            ref = JobRef(id=job_id, key=key, trace_id=trace_id_of(job_id), client=self, reader=reader)
             try:
                 batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
                           flow_key=target.flow_key(payload) if target.flow_key is not None else None,
@@ -640,7 +650,9 @@ class MeshClient:
 
     def waits(self, event: str | None = None) -> list[wait_store.Waiting]:
         """The pipeline steps waiting durably (``sleep:``, ``wait_for:``; for ``event`` only, when
-        given), oldest first (``mesh waits``)."""
+        given), oldest first (``mesh waits``). InvalidEvent when ``event`` is no event name."""
+        if event is not None:
+            wait_store.check_event_name(event)
         return wait_store.pending(self.redis, self.keys, event=event)
 
     def status(self, job_id: str) -> JobRecord:

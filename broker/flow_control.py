@@ -6,7 +6,8 @@ neither its retry budget nor MESH_MAX_DEFERS; only its deadline bounds the wait.
 carries the permit of the slot it reserved (``mesh_flow``), so it comes back once, in arrival order.
 What the message took is released when it settles; its slots' leases are renewed meanwhile, so a
 worker killed mid-step gives them back within MESH_LEASE_S (MESH_HEARTBEAT_TIMEOUT_S by default).
-A 429 from a limited dependency lowers that dependency's rate for the whole fleet.
+A 429 from a limited dependency lowers that dependency's rate for the whole fleet; a model endpoint's
+429 lowers the rates that govern model calls as it comes (:func:`mesh.broker.limits.model_refused`).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ message._message, delay_ms, now_ms=now_ms, mesh_flow=permits, mesh_flow_waits=wa
                 self.limiter.release(held)
             except redis.RedisError as exc:  # its slots' leases run out instead
                 logger.warning("could not release limit slots", extra={"error": str(exc)})
-        if exception is not None and getattr(exception, "failure_class", None) is FailureClass.RATE_LIMITED:
+        if (exception is not None and getattr(exception, "failure_class", None) is FailureClass.RATE_LIMITED
+                and not getattr(exception, "mesh_limits_lowered", False)):  # a model's 429: lowered when it came
             dependency = getattr(exception, "context", {}).get("dependency")
             if isinstance(dependency, str):
                 try:

@@ -47,6 +47,8 @@ The mesh's own:
                                       breaker deferred (broker/router.py); those due in the future are
                                       the ones waiting on it; past ones are trimmed on each add
     {ns}:breakers                     set of every dependency that has a breaker
+    {ns}:breakers.audit               stream, capped: who reset which breaker by hand, when, its state
+                                      before (broker/control_audit.py)
     {ns}:routes                       hash "{failure class}:{route}" -> failed attempts routed so
     {ns}:job:{job_id}                 JSON job record (job fields and every step); expires
                                       MESH_JOB_RETENTION_S after the job ends (broker/jobs.py); one holding
@@ -154,6 +156,8 @@ The mesh's own:
                                       published it (agent:{name}, dependency:{name})
     {ns}:limits.set                   hash limit name -> JSON: an operator's override (mesh limits set),
                                       winning over the declaration until mesh limits reset
+    {ns}:limits.audit                 stream, capped: who set or reset which limit, when, to what
+                                      (broker/control_audit.py)
     {ns}:limits.keys:{name}           zset flow key -> last use (ms): the keys a keyed limit has seen (the
                                       10,000 most recent)
     (The registry's names hold a dot, which agent names cannot, so no queue's key collides with them.)
@@ -232,6 +236,10 @@ class Keys:
     @property
     def breakers(self) -> str:
         return f"{self.namespace}:breakers"
+
+    @property
+    def breakers_audit(self) -> str:
+        return f"{self.namespace}:breakers.audit"
 
     @property
     def routes(self) -> str:
@@ -406,6 +414,10 @@ class Keys:
     @property
     def limits_set(self) -> str:
         return f"{self.namespace}:limits.set"
+
+    @property
+    def limits_audit(self) -> str:
+        return f"{self.namespace}:limits.audit"
 
     def limit_keys(self, name: str) -> str:
         return f"{self.namespace}:limits.keys:{name}"

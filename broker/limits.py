@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import redis
 
-from mesh.contracts.flow import MAX_CONCURRENCY, FlowLimits, parse_rate, per_second
+from mesh.contracts.flow import MAX_CONCURRENCY, FlowLimits, canonical_rate, per_second
 
 from .classify import named_wait
 from .keys import Keys
@@ -35,6 +35,21 @@ from .settings import MeshSettings
 logger = logging.getLogger(__name__)
 
 LIMITS_LUA = resources.files("mesh.broker").joinpath("scripts/limits.lua").read_text()
+#: ``mesh limits set``: the numbers given merged into the limit's override in one step, so two operators
+#: setting different numbers of one limit at once both keep theirs (KEYS[1] the overrides' hash).
+#: set_override's merge and its audit record (KEYS: the overrides hash, the limits' audit stream;
+#: ARGV: the limit's name, the numbers given (JSON), who, when, the stream's approximate length).
+SET_LUA = """
+local current = redis.call("hget", KEYS[1], ARGV[1])
+local value = current and cjson.decode(current) or {}
+local given = cjson.decode(ARGV[2])
+for name, number in pairs(given) do value[name] = number end
+local encoded = cjson.encode(value)
+redis.call("hset", KEYS[1], ARGV[1], encoded)
+redis.call("xadd", KEYS[2], "MAXLEN", "~", ARGV[5], "*", "op", "set", "target", ARGV[1], "who", ARGV[3],
+           "at", ARGV[4], "detail", cjson.encode({given = given, value = value}))
+return encoded
+"""
 
 AGENT, DEPENDENCY = "agent:", "dependency:"
 #: How far ahead of its rate a limit may run (ms): a burst of 100 ms' worth of requests.
@@ -309,11 +324,32 @@ class Limiter:
     def penalize(self, dependency: str, retry_after_s: float | None) -> None:
         """A 429 from ``dependency``: its rate halves fleet-wide and pauses for the wait it named."""
         name = limit_name(DEPENDENCY, dependency)
-        if name not in self.declared:
-            return
+        if name in self.declared:
+            self._lower(name, None, retry_after_s)
+
+    def model_refused(self, held: Held | None, dependency: str | None, retry_after_s: float | None) -> list[str]:
+        """A 429 from the model endpoint ``dependency`` (its ``host:port``) for a call of the message
+        ``held`` took its limits for: lowered fleet-wide (halved and paused, as :meth:`penalize` does)
+        are the rates that govern model calls — the agent's own ``rate:`` (its requests and the
+        tokens each call reserves), any other limit the call reserved tokens on, and the endpoint's
+        ``dependency:`` limit when one is declared. The limits lowered, by name."""
+        lowered: list[tuple[str, str | None]] = []
+        for name, flow_key in held.limits if held is not None else ():
+            eff = self.effective(name)
+            if (name.startswith(AGENT) and (eff.requests or eff.tokens)) or eff.tokens:
+                lowered.append((name, flow_key))
+        if dependency is not None and limit_name(DEPENDENCY, dependency) in self.declared:
+            own = (limit_name(DEPENDENCY, dependency), None)
+            if own not in lowered:
+                lowered.append(own)
+        for name, flow_key in lowered:
+            self._lower(name, flow_key, retry_after_s)
+        return [name for name, _ in lowered]
+
+    def _lower(self, name: str, flow_key: str | None, retry_after_s: float | None) -> None:
         wait = named_wait(retry_after_s)
         pause = DEFAULT_PAUSE_MS if wait is None else int(min(wait, 3600) * 1000)
-        factor, gen = self.script(keys=self._limit_keys(name, None),
+        factor, gen = self.script(keys=self._limit_keys(name, flow_key),
                                   args=["penalize", pause, DECREASE, MIN_FACTOR, DECREASE_HOLD_MS])
         logger.info("rate lowered after a 429", extra={"limit": name, "factor": int(factor) / 1e6,
                                                        "generation": int(gen), "pause_ms": pause})
@@ -361,25 +397,47 @@ def overrides(client: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
 
 
 def set_override(client: redis.Redis, keys: Keys, name: str, *, requests: str | None = None,
-                 tokens: str | None = None, max: int | None = None) -> dict[str, Any]:
-    """Override some of limit ``name``'s numbers for the whole fleet (kept until :func:`reset_override`)."""
-    for rate in (requests, tokens):
-        if rate is not None:
-            parse_rate(rate)
+                 tokens: str | None = None, max: int | None = None, by: str | None = None) -> dict[str, Any]:
+    """Override some of limit ``name``'s numbers for the whole fleet (kept until :func:`reset_override`),
+    audited as done by ``by`` (default ``user@host``) in the same script call (``{ns}:limits.audit``).
+    A rate is stored in its canonical form (``5/2s``); the numbers given are merged into the override
+    atomically, so concurrent calls for different numbers of one limit all keep theirs."""
+    requests, tokens = (None if rate is None else canonical_rate(rate) for rate in (requests, tokens))
     if max is not None and not 1 <= max <= MAX_CONCURRENCY:
         raise ValueError(f"a concurrency max is between 1 and {MAX_CONCURRENCY:,}, not {max}")
     given = {k: v for k, v in (("requests", requests), ("tokens", tokens), ("max", max)) if v is not None}
     if not given:
         raise ValueError("give --requests, --tokens or --max")
-    current = overrides(client, keys).get(name, {})
-    value = {**current, **given}
-    client.hset(keys.limits_set, name, orjson.dumps(value))
+    from . import control_audit
+    from .trace import operator
+
+    merged: Any = client.register_script(SET_LUA)(
+        keys=[keys.limits_set, keys.limits_audit],
+        args=[name, orjson.dumps(given), by or operator(), f"{time.time():.3f}", control_audit.AUDIT_MAXLEN])
+    value: dict[str, Any] = orjson.loads(merged)
     return value
 
 
-def reset_override(client: redis.Redis, keys: Keys, name: str) -> bool:
-    """Drop an override: the declaration is in force again. False when there was none."""
-    return bool(client.hdel(keys.limits_set, name))
+def reset_override(client: redis.Redis, keys: Keys, name: str, by: str | None = None) -> bool:
+    """Drop an override: the declaration is in force again. False when there was none. Audited as
+    done by ``by`` (default ``user@host``), with the override it dropped, in the same transaction."""
+    from . import control_audit
+    from .trace import operator
+
+    with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(keys.limits_set)
+                was: Any = pipe.hget(keys.limits_set, name)
+                if was is None:
+                    return False
+                pipe.multi()
+                pipe.hdel(keys.limits_set, name)
+                control_audit.stage(pipe, keys.limits_audit, "reset", name, by or operator(), was=orjson.loads(was))
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
 
 
 def limit_states(client: redis.Redis, keys: Keys, names: Iterable[str] | None = None,
@@ -399,7 +457,7 @@ def limit_states(client: redis.Redis, keys: Keys, names: Iterable[str] | None = 
         for flow_key in flow_keys:
             state = keys.limit(name, flow_key)
             tat, ttat, factor, held, waiting, _gen, rejected, now, admitted = script(
-                keys=[state, f"{state}:holders", f"{state}:waiting", f"{state}:alive"], args=["show"])
+                keys=[state, f"{state}:holders", f"{state}:waiting", f"{state}:alive"], args=["show", INCREASE_PER_S])
             rows.append(LimitState(
                 name=name, flow_key=flow_key, requests=eff.requests, tokens=eff.tokens, max=eff.max,
                 overridden=name in over, factor=int(factor) / 1e6, in_flight=int(held), waiting=int(waiting),
@@ -431,6 +489,25 @@ def call_made(dependency: str) -> None:
     """A tool call to ``dependency`` from the step this thread runs: counted against its rate."""
     _with_held(lambda limiter, held: limiter.call_made(held, dependency),
                "could not count a call against its limit", dependency=dependency)
+
+
+def model_refused(exc: BaseException) -> None:
+    """A model call of the step this thread runs was answered 429 (``exc``, a RateLimited naming the
+    endpoint as its ``dependency``): the rates that govern model calls are lowered for the fleet
+    (:meth:`Limiter.model_refused`), and ``exc`` marked so the step's end does not lower them again."""
+    current = current_held()
+    if current is None:
+        return
+    limiter, held = current
+    context = getattr(exc, "context", None)
+    dependency = context.get("dependency") if isinstance(context, dict) else None
+    try:
+        limiter.model_refused(held, dependency if isinstance(dependency, str) else None,
+                              getattr(exc, "retry_after_s", None))
+    except redis.RedisError as error:
+        logger.warning("could not lower a rate after a model's 429", extra={"error": str(error)})
+        return
+    exc.mesh_limits_lowered = True  # type: ignore[attr-defined]
 
 
 def reserve_tokens() -> None:

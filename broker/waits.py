@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from mesh.contracts import TERMINAL, JobRecord, MeshError, State, StepRecord, dumps, loads
-from mesh.contracts.waits import Wait
+from mesh.contracts.waits import EVENT_NAME, Wait
 
 from . import approvals, timers
 from .clock import server_ms
@@ -81,6 +81,15 @@ class InvalidEvent(WaitError):
     """An event name that is no name, or data that is no JSON object or is too large."""
 
     exit_code = 2
+
+
+def check_event_name(event: Any) -> None:
+    """InvalidEvent unless ``event`` is an event name (1 to 128 letters, digits and ``._:-``)."""
+    import re
+
+    if not isinstance(event, str) or not re.fullmatch(EVENT_NAME, event):  # whole: "name\n" is none
+        raise InvalidEvent(f"an event name is 1 to 128 letters, digits and ._:- (starting with a letter or "
+                           f"digit), not {str(event)[:60]!r}")
 
 
 def ref(job_id: str, step_id: str) -> str:

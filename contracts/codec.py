@@ -45,6 +45,12 @@ def depth_exceeds(data: bytes, value: Any, limit: int) -> bool:
     (the common case) two C-speed counts answer without walking the value."""
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
+    return nests_deeper(value, limit)
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays deeper than ``limit``, walked level by level (no
+    recursion: a value too deep to encode is answered too)."""
     level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
     for _ in range(limit):
         level = [child for node in level for child in (node.values() if type(node) is dict else node)

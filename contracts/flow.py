@@ -25,7 +25,8 @@ KEY_EXPR_MAX = 512
 MAX_CONCURRENCY = 1_000_000
 #: The longest interval a rate may be written over (s), and so its slowest: one per this long.
 RATE_INTERVAL_MAX_S = 86400 * 366
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
+#: ASCII digits only (``\d`` would take any script's digits, Arabic-Indic ones too); spaces around the parts allowed.
+_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*([0-9]+(?:\.[0-9]+)?)?\s*([a-z]+)\s*$", re.ASCII)
 _PER_S = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60,
           "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
 
@@ -49,9 +50,20 @@ def parse_rate(text: str | int | float) -> tuple[float, float]:
     return amount, interval
 
 
+def canonical_rate(text: str | int | float) -> str:
+    """A rate as :func:`parse_rate` reads it, written one way: no spaces, lower case, a count of 1 left
+    out (``' 5 / 2 S '`` is ``5/2s``, ``50`` is ``50/s``). ValueError when it is no rate."""
+    parse_rate(text)
+    if not isinstance(text, str):
+        return f"{text:g}/s"
+    found = _RATE.match(text.lower())
+    assert found is not None
+    amount, count, unit = found.groups()
+    return f"{amount}/{'' if count in (None, '1') else count}{unit}"
+
+
 def _rate_text(value: str | int | float) -> str:
-    parse_rate(value)
-    return value if isinstance(value, str) else f"{value:g}/s"
+    return canonical_rate(value)
 
 
 #: A rate as written (``600/min``); :func:`parse_rate` reads it.

@@ -70,12 +70,16 @@ def breakers_list(ctx: typer.Context, wide: WideFlag = False, as_json: JsonFlag 
 
 @breakers_app.command("reset")
 def breakers_reset(name: Annotated[str, typer.Argument(help="The dependency, as listed (host:port), or its start.",
-                                                     metavar="DEPENDENCY", show_default=False)]) -> None:
-    """Close one breaker now, whatever its state."""
+                                                     metavar="DEPENDENCY", show_default=False)],
+                   by: Annotated[str | None, typer.Option("--by", help="Who resets it, as the audit records "
+                                                          "(default: user@host).", show_default=False)] = None,
+                   ) -> None:
+    """Close one breaker now, whatever its state. Audited: ``{ns}:breakers.audit`` says who, when and
+    the state it was in."""
     from mesh.broker.breaker import Breakers
 
     c = client()
     name = resolve(c, c.keys.breakers, name, "breakers", zset=False)
-    if not Breakers(c.settings, c.redis).reset(name):
+    if not Breakers(c.settings, c.redis).reset(name, by=by):
         fail(f"no breaker named {name!r}; `mesh breakers` lists them", EXIT_INPUT)
     out.print(Text(f"breaker {name} closed"))

@@ -35,15 +35,13 @@ def parse_time(value: str | None, *, now: float | None = None) -> float | None:
         return None
     now = time.time() if now is None else now
     if m := _RELATIVE.match(value.strip()):
-        return now - float(m.group(1)) * _UNIT_S[m.group(2)]
+        return _finite(now - float(m.group(1)) * _UNIT_S[m.group(2)], value)
     try:
         seconds = float(value)
     except ValueError:
         pass
     else:
-        if not math.isfinite(seconds):
-            raise typer.BadParameter(f"{value!r} is not a time: use 15m, 2h, 3d (ago), UNIX seconds or ISO 8601")
-        return seconds
+        return _finite(seconds, value)
     try:
         when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -53,6 +51,14 @@ def parse_time(value: str | None, *, now: float | None = None) -> float | None:
 
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
+
+
+def _finite(seconds: float, value: str) -> float:
+    """``seconds``, unless its milliseconds (what the DLQ's indexes are scored by) are not a finite
+    number: ``1e308`` passes as seconds and overflows as milliseconds, ``1e400d`` ago is infinite."""
+    if not math.isfinite(seconds * 1000):
+        raise typer.BadParameter(f"{value!r} is not a time: use 15m, 2h, 3d (ago), UNIX seconds or ISO 8601")
+    return seconds
 
 
 Agent = Annotated[str | None, typer.Option("--agent", metavar="AGENT", help="Only entries of this agent.")]

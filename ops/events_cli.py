@@ -31,9 +31,17 @@ def _data(given: str) -> dict[str, Any]:
 
     if given.startswith("@"):
         path = Path(given[1:])
-        if not path.is_file():
+        if path.is_dir():
+            base.fail(f"--data {given}: a directory, not a file", base.EXIT_INPUT)
+        if not path.exists():
             base.fail(f"--data {given}: no such file", base.EXIT_INPUT)
-        data = _json(path.read_bytes(), str(path))
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            base.fail(f"--data {given}: cannot be read: {exc.strerror or exc}", base.EXIT_INPUT)
+        if not raw.strip():
+            base.fail(f"--data {given}: the file is empty (give a JSON object)", base.EXIT_INPUT)
+        data = _json(raw, str(path))
     else:
         data = _json(given, "--data")
     if not isinstance(data, dict):
@@ -104,9 +112,17 @@ def waits(event: Annotated[str | None, typer.Option("--event", help="Only the st
     """Pipeline steps waiting durably (sleep:, wait_for:), oldest first.
 
     Per step: the job, the step, what it waits for (a timer, or an event and its match), since when,
-    and when its timer ends the wait (a sleep's end, or a wait_for's timeout and what it does then)."""
+    and when its timer ends the wait (a sleep's end, or a wait_for's timeout and what it does then).
+
+    Exit codes: 2 the event name is invalid."""
     c = base.client()
-    found = c.waits(event)
+    try:
+        found = c.waits(event)
+    except WaitError as exc:
+        if as_json:
+            base.emit_json({"error": exc.message, "code": exc.exit_code})
+            raise typer.Exit(exc.exit_code) from None
+        base.fail(exc.message, exc.exit_code)
     if as_json:
         base.emit_json([w.as_json() for w in found])
         return

@@ -48,6 +48,9 @@ def _key_shown(flow_key: str | None, wide: bool) -> str:
     return shown.plain
 
 
+ByOpt = Annotated[str | None, typer.Option("--by", help="Who changes it, as the audit records (default: user@host).",
+                                           show_default=False)]
+
 NameArg = Annotated[str, typer.Argument(help="The limit, as listed (agent:NAME, dependency:NAME), or its start.",
                                         metavar="LIMIT", show_default=False)]
 
@@ -114,20 +117,22 @@ def find_limit(c: MeshClient, given: str) -> str:
 
 
 def set_limit(c: MeshClient, given: str, *, requests: str | None = None, tokens: str | None = None,
-              max: int | None = None) -> tuple[str, dict[str, Any]]:
-    """``mesh limits set``: (the limit, its override now); :class:`ValueError` says why not."""
+              max: int | None = None, by: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``mesh limits set``: (the limit, its override now), audited as done by ``by`` (default
+    ``user@host``); :class:`ValueError` says why not."""
     from mesh.broker.limits import set_override
 
     limit = find_limit(c, given)
-    return limit, set_override(c.redis, c.keys, limit, requests=requests, tokens=tokens, max=max)
+    return limit, set_override(c.redis, c.keys, limit, requests=requests, tokens=tokens, max=max, by=by)
 
 
-def reset_limit(c: MeshClient, given: str) -> str:
-    """``mesh limits reset``: the limit reset; :class:`ValueError` says why not (it was not set)."""
+def reset_limit(c: MeshClient, given: str, *, by: str | None = None) -> str:
+    """``mesh limits reset``: the limit reset, audited as done by ``by`` (default ``user@host``);
+    :class:`ValueError` says why not (it was not set)."""
     from mesh.broker.limits import reset_override
 
     limit = find_limit(c, given)
-    if not reset_override(c.redis, c.keys, limit):
+    if not reset_override(c.redis, c.keys, limit, by=by):
         raise ValueError(f"limit {limit} was not set; it is as declared")
     return limit
 
@@ -138,11 +143,12 @@ def limits_set(name: NameArg,
                tokens: Annotated[str | None, typer.Option(help="Model tokens per interval: 90000/min.")] = None,
                max: Annotated[int | None, typer.Option("--max", help="Messages in flight at once.", min=1,
                                                        max=MAX_CONCURRENCY)] = None,
-               ) -> None:
+               by: ByOpt = None) -> None:
     """Change one limit for the whole fleet now: kept in Redis, winning over the declaration until
-    ``mesh limits reset`` (workers read it within a second)."""
+    ``mesh limits reset`` (workers read it within a second). Audited: ``{ns}:limits.audit`` says who,
+    when and what."""
     try:
-        limit, value = set_limit(client(), name, requests=requests, tokens=tokens, max=max)
+        limit, value = set_limit(client(), name, requests=requests, tokens=tokens, max=max, by=by)
     except ValueError as exc:
         fail(str(exc), EXIT_INPUT)
     shown = ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
@@ -150,10 +156,10 @@ def limits_set(name: NameArg,
 
 
 @limits_app.command("reset")
-def limits_reset(name: NameArg) -> None:
-    """Drop what ``mesh limits set`` changed: the declaration is in force again."""
+def limits_reset(name: NameArg, by: ByOpt = None) -> None:
+    """Drop what ``mesh limits set`` changed: the declaration is in force again. Audited, as a set is."""
     try:
-        limit = reset_limit(client(), name)
+        limit = reset_limit(client(), name, by=by)
     except ValueError as exc:
         fail(str(exc), EXIT_INPUT)
     out.print(Text(f"limit {limit} reset to its declaration"))

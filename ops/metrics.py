@@ -221,7 +221,8 @@ class MeshCollector(Collector):
                                     labels=["limit"])
         factor = GaugeMetricFamily("mesh_limit_rate_factor", "What 429s left of a flow limit's rate (1: all of it; "
                                    "the lowest of its keys).", labels=["limit"])
-        rejected = CounterMetricFamily("mesh_limit_rejected", "429s a limited dependency answered.", labels=["limit"])
+        rejected = CounterMetricFamily("mesh_limit_rejected", "429s answered to calls a flow limit governs (its "
+                                       "dependency's, or a model endpoint's for an agent's rate).", labels=["limit"])
         totals: dict[str, list[float]] = {}
         for s in limit_states(self.client.redis, self.client.keys):
             t = totals.setdefault(s.name, [0, 0, 1.0, 0])

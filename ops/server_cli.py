@@ -11,7 +11,7 @@ from rich.text import Text
 
 from mesh.broker import MeshClient
 from mesh.contracts import ConfigError
-from mesh.ops.console import EXIT_INPUT, MARKUP, JsonFlag, emit_json, err, fail, out, settings
+from mesh.ops.console import EXIT_INPUT, MARKUP, JsonFlag, app_for, emit_json, err, fail, out, settings
 
 ops_app = typer.Typer(help="Operations: the health and metrics server, the console and its users.",
                       no_args_is_help=True, rich_markup_mode=MARKUP)
@@ -25,6 +25,11 @@ ops_app.add_typer(user_app, name="user")
 def ops_serve(
     host: Annotated[str, typer.Option(help="Address to listen on.", metavar="ADDRESS")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).", metavar="PORT")] = 9464,
+    app_path: Annotated[str | None, typer.Option(
+        "--app", metavar="MODULE:APP", show_default=False,
+        help="The app the workers serve, as module[:attribute]: its tools verify unknown effects from the "
+             "console (as `mesh verify --app`), its agents' queues show on the overview (default: the "
+             "built-in planner, researcher and executor).")] = None,
 ) -> None:
     """Serve the console, /metrics (Prometheus), /healthz and /readyz until Ctrl-C or SIGTERM.
 
@@ -41,8 +46,9 @@ def ops_serve(
     from mesh.ops.server import OpsServer
 
     setup_logging()
+    app = app_for(app_path) if app_path is not None else None  # a bad --app is said before anything listens
     try:
-        server = OpsServer(MeshClient(settings()), host, port)
+        server = OpsServer(MeshClient(settings(), app=app), host, port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_INPUT)
     except ConfigError as exc:

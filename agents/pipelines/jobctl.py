@@ -15,11 +15,11 @@ from typing import Any
 import redis
 
 from mesh.broker import trace
-from mesh.broker.client import JobRef, MeshClient, job_id_for, on_job_control, payload_hash
+from mesh.broker.client import JobRef, MeshClient, job_id_for, on_job_control, payload_hash, trace_id_of
 from mesh.broker.connection import transaction
 from mesh.broker.jobs import JobNotFound, stage_record
 from mesh.broker.outbox import stage_all
-from mesh.contracts import ConfigError, JobRecord, MeshError, State, StepRecord, items_of, new_trace_id
+from mesh.contracts import ConfigError, JobRecord, MeshError, State, StepRecord, items_of
 from mesh.contracts.jobs import compensations
 
 from . import compensate
@@ -113,7 +113,7 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
     again |= undoing  # another step whose effect is undone runs again rather than being reused
     key = key or f"{old.key}/rerun/{len(old.reruns) + 1}"
     now = time.time()
-    trace_id = new_trace_id()
+    trace_id = trace_id_of(job_id_for(key))
     record = JobRecord(job_id=job_id_for(key), key=key, trace_id=trace_id, goal=old.goal, created_at=now,
                        updated_at=now, payload_hash=payload_hash(f"pipeline:{spec.name}", old.pipeline_input or {}),
                        pipeline=old.pipeline, pipeline_digest=old.pipeline_digest, pipeline_input=old.pipeline_input,

@@ -39,7 +39,8 @@ from mesh.broker.jobs import JobNotFound, JobStore
 from mesh.broker.pipelines import PipelineStore
 from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, transition
 from mesh.contracts.approvals import show_duration
-from mesh.contracts.waits import EVENT_NAME, WaitEnd, WaitKind, timed_out
+from mesh.contracts.codec import nests_deeper
+from mesh.contracts.waits import WaitEnd, WaitKind, timed_out
 
 from . import engine
 from .expr import ExpressionError
@@ -254,15 +255,14 @@ class Waits:
 
 def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     """``data`` when ``event`` is a name and ``data`` a JSON object within the step output limits."""
-    import re
-
-    if not isinstance(event, str) or not re.fullmatch(EVENT_NAME, event):  # whole: "name\n" is none
-        raise store.InvalidEvent(f"an event name is 1 to 128 letters, digits and ._:- (starting with a letter or "
-                                 f"digit), not {str(event)[:60]!r}")
+    store.check_event_name(event)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise store.InvalidEvent(f"an event's data is a JSON object (it becomes the step's output), not "
                                  f"{type(data).__name__}")
+    if nests_deeper(data, client.settings.max_json_depth):  # before encoding: orjson stops at 255 levels
+        raise store.InvalidEvent(f"an event's data nests deeper than MESH_MAX_JSON_DEPTH "
+                                 f"({client.settings.max_json_depth})")
     try:  # checked as it was given: masking (below) turns some values that are no JSON into text
         dumps(data)
     except TypeError as exc:  # orjson's: bytes, an object, a key that is no string, a 65-bit integer

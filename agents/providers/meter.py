@@ -3,6 +3,8 @@
 Each request's tokens (prompt in, completion out) are counted on the attempt (the lease; its step
 and job get them with the attempt's outcome), per agent (``{ns}:tokens``, exported as
 ``mesh_model_tokens_total``) and, when the job has a ``token_budget``, per job (``{ns}:tokens:{job}``).
+A request reserves its expected tokens on the step's token rates and settles what it spent; a 429
+lowers the rates that govern model calls for the fleet (:func:`mesh.broker.limits.model_refused`).
 The budget fails closed: a call is refused once the job has spent it, and a call that takes the
 job past it raises too, so its answer is never used. Each ``complete`` (with its repairs) is one
 ``model_call`` trace event, with its duration; so is each turn of a tool loop, with its number and
@@ -27,7 +29,7 @@ from mesh.broker import limits, trace
 from mesh.broker.idempotency import Lease, current_lease
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
-from mesh.contracts import BudgetExceeded
+from mesh.contracts import BudgetExceeded, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class Meter:
             yield call
         except BaseException as exc:
             outcome = str(getattr(exc, "failure_class", None) or type(exc).__name__)
+            if isinstance(exc, RateLimited):  # the endpoint's 429: the fleet's model rates lowered
+                limits.model_refused(exc)
             raise
         finally:
             self._trace(call, outcome, time.monotonic() - started)

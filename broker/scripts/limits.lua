@@ -23,8 +23,9 @@
 --   release holder held_ms -> 1 when the slot was held
 --   renew lease_ms holder... -> slots still held (their leases run lease_ms from now)
 --   penalize pause_ms md min_factor md_hold_ms -> {factor*1e6, gen}: a 429 halves the rate (once per
---         md_hold_ms) and pauses the limit for pause_ms
---   show  -> {tat, ttat, factor*1e6, holders, waiting, gen, rejected429, now}
+--         md_hold_ms) and pauses the limit for pause_ms (its requests, and its tokens once it has spent any)
+--   show [ai_per_s] -> {tat, ttat, factor*1e6, holders, waiting, gen, rejected429, now, admitted}: the factor
+--         as it stands now (climbed back by ai_per_s a second since it was last written)
 
 local state, holders, waiting, alive = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local command = ARGV[1]
@@ -199,13 +200,22 @@ if command == "penalize" then
     elseif pause_ms > 0 then
         redis.call("hset", state, "tat", math.max(num("tat", 0), now + pause_ms))
     end
+    -- A token rate (a model's 429): no call is admitted until the pause ends either.
+    if pause_ms > 0 and redis.call("hexists", state, "ttat") == 1 then
+        redis.call("hset", state, "ttat", math.max(num("ttat", 0), now + pause_ms))
+    end
     keep(0)
     return {math.floor(f * 1e6), gen}
 end
 
 if command == "show" then
     prune()
-    return {tostring(num("tat", 0)), tostring(num("ttat", 0)), math.floor(num("factor", 1) * 1e6),
+    -- The factor as a take would find it now (raised by ai_per_s a second since the last 429 or take).
+    local f, ai = num("factor", 1), tonumber(ARGV[2]) or 0
+    if f < 1 and ai > 0 then
+        f = math.min(1, f + ai * math.max(0, now - num("factor_at", now)) / 1000)
+    end
+    return {tostring(num("tat", 0)), tostring(num("ttat", 0)), math.floor(f * 1e6),
             redis.call("zcard", holders), redis.call("zcard", waiting), num("gen", 0), num("rejected", 0), now,
             num("admitted", 0)}
 end

@@ -1,6 +1,7 @@
 """The console's actions, each through the function its CLI command uses, recorded as the user who
 asked: a dead letter's replay and purge (the DLQ's audit log names them), an approval's decision
-(the step's ``approvers:`` enforced, the decision's ``by``), a breaker's reset (logged with them)."""
+(the step's ``approvers:`` enforced, the decision's ``by``), a breaker's reset and a limit's set or
+reset (their audit streams name them)."""
 
 from __future__ import annotations
 
@@ -141,8 +142,8 @@ def _app(c: MeshClient) -> Any:
 
 
 def reset_breaker(c: MeshClient, name: str, user: str) -> None:
-    """``mesh breakers reset NAME``."""
-    if not Breakers(c.settings, c.redis).reset(name):
+    """``mesh breakers reset NAME --by USER``: closed, and audited naming the user."""
+    if not Breakers(c.settings, c.redis).reset(name, by=user):
         raise Refused(f"no breaker named {name}", 404)
     logger.info("breaker reset", extra={"dependency": name, "by": user})
 
@@ -156,7 +157,7 @@ def set_limit(c: MeshClient, name: str, user: str, *, requests: str, tokens: str
         raise Refused(f"--max is a whole number of messages, not {max.strip()[:40]!r}", 400)
     try:
         limit, value = set_one(c, name, requests=requests.strip() or None, tokens=tokens.strip() or None,
-                               max=int(max) if max.strip() else None)
+                               max=int(max) if max.strip() else None, by=user)
     except ValueError as exc:
         raise Refused(str(exc), 400) from exc
     logger.info("limit set", extra={"limit": limit, "value": value, "by": user})
@@ -168,7 +169,7 @@ def reset_limit(c: MeshClient, name: str, user: str) -> str:
     from mesh.ops.limits_cli import reset_limit as reset_one
 
     try:
-        limit = reset_one(c, name)
+        limit = reset_one(c, name, by=user)
     except ValueError as exc:
         raise Refused(str(exc), 409) from exc
     logger.info("limit reset", extra={"limit": limit, "by": user})

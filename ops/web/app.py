@@ -11,6 +11,7 @@ payload shows as text and runs nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +36,7 @@ from mesh.ops.timeline import event_line
 
 from . import actions, views
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, Access, Throttle, same_token, session_id
-from .live import END, Follower, TraceHub
+from .live import CUT, END, Follower, TraceHub
 from .rates import Rates, read
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ LOGIN_CHECKS = 2
 
 #: A comment line sent on an idle event stream this often, so a dead browser is noticed.
 KEEPALIVE_S = 15.0
+
+#: How often an open event stream checks that its session still holds (see Console.session_check_s).
+SESSION_CHECK_S = 5.0
 
 #: How long one write of an event stream may wait for the browser to take it: one that stops reading
 #: (its socket's buffers full) is dropped then, rather than holding its stream and its events for good.
@@ -93,6 +97,9 @@ class Console:
         self.max_streams = max(1, client.settings.ops_max_connections // 2)
         self.streams = 0
         self.send_timeout_s = SEND_TIMEOUT_S
+        #: How often an open event stream looks again at its session: one logged out or expired meanwhile
+        #: ends its streams too (else they would go on for as long as their jobs run).
+        self.session_check_s = SESSION_CHECK_S
         #: Password checks at once (scrypt: 16 MiB and ~50 ms each); more wait on the event loop,
         #: not on the threads Redis reads need.
         self.checking: asyncio.Semaphore | None = None
@@ -297,7 +304,6 @@ async def jobs(request: Request, con: Console, user: str, csrf: str) -> Response
         if found.job_id is not None:
             return RedirectResponse(f"/jobs/{quote(found.job_id)}", status_code=303)
         return con.render(request, "jobs.html", user, csrf, q=q, found=found, jobs=[], cut=False, state=None,
-                          trace_budget=views.TRACE_BUDGET,
                           budget=views.JOB_BUDGET, states=_states(), status=404 if not found.candidates else 200)
     from mesh.contracts import State
 
@@ -323,6 +329,9 @@ async def job(request: Request, con: Console, user: str, csrf: str) -> Response:
 
 FILTER_FIELDS = ("agent", "class", "since", "until", "grep", "key")
 
+#: The longest DLQ filter field taken (a longer one is refused: cut, it would match more than was asked).
+FILTER_CHARS = 200
+
 
 def _dlq_filter(con: Console, fields: Any) -> tuple[dict[str, str], Filter | None, str | None]:
     """The DLQ filter of a query or form: (the fields as given, the filter, or why it is not one)."""
@@ -331,7 +340,10 @@ def _dlq_filter(con: Console, fields: Any) -> tuple[dict[str, str], Filter | Non
     from mesh.contracts import FailureClass
     from mesh.ops.dlq_cli import _RELATIVE, parse_time
 
-    shown = {k: str(fields.get(k) or "").strip()[:200] for k in FILTER_FIELDS}
+    given = {k: str(fields.get(k) or "").strip() for k in FILTER_FIELDS}
+    shown = {k: v[:FILTER_CHARS] for k, v in given.items()}
+    if long := [k for k, v in given.items() if len(v) > FILTER_CHARS]:  # cut, it would take more than asked
+        return shown, None, f"the {long[0]} filter is longer than {FILTER_CHARS} characters"
     if shown["class"] and shown["class"] not in set(FailureClass):
         return shown, None, f"no failure class {shown['class']}"
     relative = any(_RELATIVE.match(shown[k]) for k in ("since", "until"))
@@ -367,10 +379,17 @@ async def dlq_bulk_confirm(request: Request, con: Console, user: str, csrf: str)
     shown, flt, problem = await _run(_dlq_filter, con, request.query_params)
     if flt is None:
         return con.render(request, "refused.html", user, csrf, status=400, why=problem)
+    # What is confirmed is what the filter takes now: the form carries this moment (on the Redis
+    # clock, which times dead letters) as its `until`, and a relative `since` as the time it is now,
+    # so a press, or a second press of the same form, never takes an entry dead-lettered after the
+    # confirmation (one that arrived meanwhile, or a replayed entry failing again).
+    at = await _run(con.client.clock.now_s)
+    flt = dataclasses.replace(flt, until=at if flt.until is None else min(flt.until, at))
     count = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
+    more = {k: v for k, v in shown.items() if v}
+    form = {**more, "until": repr(flt.until), **({"since": repr(flt.since)} if flt.since is not None else {})}
     return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count,
-                      bulk_max=actions.BULK_MAX,
-                      exact=flt.exact, more={k: v for k, v in shown.items() if v})
+                      bulk_max=actions.BULK_MAX, exact=flt.exact, more=more, form=form, at=at)
 
 
 async def dlq_bulk(request: Request, con: Console, user: str, csrf: str) -> Response:
@@ -469,10 +488,8 @@ async def settle(request: Request, con: Console, user: str, csrf: str) -> Respon
 
 
 async def breakers(request: Request, con: Console, user: str, csrf: str) -> Response:
-    from mesh.broker.breaker import Breakers
-
-    states = await _run(lambda: Breakers(con.client.settings, con.client.redis).list())
-    return con.render(request, "breakers.html", user, csrf, breakers=states)
+    data = await _run(views.breakers, con.client)
+    return con.render(request, "breakers.html", user, csrf, **data)
 
 
 async def reset(request: Request, con: Console, user: str, csrf: str) -> Response:
@@ -522,7 +539,8 @@ async def logout(request: Request, con: Console, user: str, csrf: str) -> Respon
 
 async def events(request: Request, con: Console, user: str, csrf: str) -> Response:
     """``text/event-stream`` of the job's trace: each event after the browser's Last-Event-ID (or
-    ``?after=``), as it happens, then ``end`` once the job has ended."""
+    ``?after=``), as it happens, then ``end`` once the job has ended (and only then: a stream cut off
+    or closed by a stopping server just closes, and the browser reconnects from its last id)."""
     job_id = request.path_params["job_id"]
     after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     if not _event_id(after):
@@ -536,19 +554,42 @@ async def events(request: Request, con: Console, user: str, csrf: str) -> Respon
     def release() -> None:
         con.streams -= 1
 
+    async def still_in() -> bool:
+        """Whether the stream's session is still good (not expired, its user there, not logged out)."""
+        if con.access.read_session(request.cookies.get(SESSION_COOKIE)) is None:
+            return False
+        try:
+            return not await _run(con._logged_out, request)
+        except (redis.ConnectionError, redis.TimeoutError):  # Redis away: the stream waits, as its reader does
+            return True
+
     async def stream() -> AsyncIterator[bytes]:
         # followed once the stream runs: a response never started leaves no follower behind
         con.hub.follow(follower)
+        loop = asyncio.get_running_loop()
+        checked = sent = loop.time()
         try:
             yield b"retry: 2000\n\n"
             while True:
                 try:
-                    event_id, ev = await asyncio.wait_for(follower.queue.get(), KEEPALIVE_S)
+                    event_id, ev = await asyncio.wait_for(follower.queue.get(),
+                                                          min(KEEPALIVE_S, con.session_check_s))
                 except TimeoutError:
-                    yield b": keep-alive\n\n"
+                    event_id, ev = "", None
+                if con.access.login_needed and loop.time() - checked >= con.session_check_s:
+                    checked = loop.time()
+                    if not await still_in():  # logged out (or expired) since the stream opened: it ends too
+                        return
+                if ev is None:
+                    if loop.time() - sent >= KEEPALIVE_S:
+                        sent = loop.time()
+                        yield b": keep-alive\n\n"
                     continue
+                sent = loop.time()
                 if ev is END:
                     yield b"event: end\ndata: {}\n\n"
+                    return
+                if ev is CUT:  # closed, the job not ended: the browser reconnects from its last id
                     return
                 data = {"event": str(ev.get("event")), "step": str(ev.get("step_id")),
                         "line": _line(ev)[:views.LINE_CHARS], "style": _style(ev)}

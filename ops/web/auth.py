@@ -33,6 +33,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 #: A user's name: what the audit records and ``approvers:`` lists.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+NAME_MAX = 64
 
 #: The shortest MESH_CONSOLE_SECRET taken: an HMAC key anyone may test guesses against offline.
 MIN_SECRET_BYTES = 32
@@ -229,7 +230,7 @@ class Throttle:
         now = time.monotonic() if now is None else now
         self._forget(now)
         waits = [0.0]
-        for key, limit in ((f"n:{name}", self.per_name), (f"a:{address}", self.per_address)):
+        for key, limit in ((_name_key(name), self.per_name), (f"a:{address}", self.per_address)):
             times = self.failures.get(key, [])
             if len(times) >= limit:
                 waits.append(times[-limit] + self.window_s - now)
@@ -237,7 +238,7 @@ class Throttle:
 
     def failed(self, name: str, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        for key in (f"n:{name}", f"a:{address}"):
+        for key in (_name_key(name), f"a:{address}"):
             self.failures.setdefault(key, []).append(now)
 
     def _forget(self, now: float) -> None:
@@ -247,6 +248,13 @@ class Throttle:
                 self.failures[key] = kept
             else:
                 del self.failures[key]
+
+
+def _name_key(name: str) -> str:
+    """The throttle's key of a tried name: at most a user name's length and one more (a longer name is
+    no user's, so the tries at all of them count together), so that what a failure leaves in memory
+    is small whatever was posted (a form takes 64 KiB)."""
+    return f"n:{name[:NAME_MAX + 1]}"
 
 
 def session_id(value: str) -> str:

@@ -22,6 +22,7 @@ import httpx
 import redis
 
 from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.client import trace_id_of
 from mesh.broker.trace import operator
 
 #: Fetches per page (the median is reported).
@@ -49,12 +50,19 @@ class Counting(redis.Connection):
         return super().pack_commands(commands)
 
 
+#: A trace id no job has.
+NO_TRACE = "f" * 32
+
+
 def pages(job_id: str, key: str, entry_id: str) -> list[str]:
-    """The pages measured: every list page, a job, a search by key and by a trace id no job has (the
-    longest search), filtered DLQ walks and an entry."""
-    return ["/", "/jobs", "/jobs?state=succeeded", f"/jobs/{job_id}", f"/jobs?q={key}", f"/jobs?q={'f' * 32}", "/dlq",
-            "/dlq?grep=no-such-error", "/dlq?key=no-such-key*", f"/dlq/{entry_id}", f"/dlq/{entry_id}/replay",
-            "/approvals", "/breakers"]
+    """The pages measured: every list page, a job, a search by key, by the job's trace id and by a
+    trace id no job has, filtered DLQ walks and an entry. (Not ``/login``, which reads nothing and,
+    served without users as here, only redirects; nor a job's event stream, whose reads are the
+    server's one shared trace reader's, not the request's.)"""
+    return ["/", "/jobs", "/jobs?state=succeeded", f"/jobs/{job_id}", f"/jobs?q={key}",
+            f"/jobs?q={trace_id_of(job_id)}", f"/jobs?q={NO_TRACE}", "/dlq", "/dlq?grep=no-such-error",
+            "/dlq?key=no-such-key*", f"/dlq/{entry_id}", f"/dlq/{entry_id}/replay", "/approvals", "/breakers",
+            "/limits"]
 
 
 def fill(client: MeshClient, jobs: int, dead_letters: int) -> tuple[str, str, str]:
@@ -133,7 +141,8 @@ def run(settings: MeshSettings, sizes: list[tuple[int, int]],
 
 
 def _label(path: str, job_id: str, key: str, entry_id: str) -> str:
-    return path.replace(job_id, "JOB").replace(key, "KEY").replace(entry_id, "ENTRY").replace("f" * 32, "TRACE")
+    return (path.replace(job_id, "JOB").replace(key, "KEY").replace(entry_id, "ENTRY")
+            .replace(trace_id_of(job_id), "TRACE").replace(NO_TRACE, "NO-TRACE"))
 
 
 def _drop(r: redis.Redis, ns: str) -> None:

@@ -32,18 +32,30 @@ BLOCK_MS = 250
 #: How often a followed job's record is read to see whether it ended without an event saying so.
 RECHECK_S = 2.0
 
+#: Events said while a step runs, none of which ends its job: news of only these does not send the
+#: hub to read the job's record (megabytes for a job of thousands of steps, a third of a second to
+#: read and parse, on the one thread every follower waits on) — the RECHECK_S look still does.
+WITHIN_A_STEP = frozenset({"progress", "tool_call", "model_call", "picked_up", "tool_replayed", "tool_refused",
+                           "loop_restarted", "fenced", "approval_warning"})
+
 #: Events one XREAD takes at most.
 BATCH = 500
 
 #: Events a slow browser may have waiting before it is cut off (it reconnects from its last id).
 QUEUE_MAX = 5_000
 
+#: The job has ended: the stream says so (``event: end``) and closes.
 END = {"end": True}
+
+#: The stream is closed without an end (the job goes on): a slow browser cut off, or the server
+#: stopping. A browser's EventSource reconnects with its Last-Event-ID and goes on from there; an
+#: ``end`` here would tell it, and any script following the stream, that the job had ended.
+CUT = {"cut": True}
 
 
 @dataclass(eq=False)
 class Follower:
-    """One browser's stream: events arrive on ``queue`` as (id, event); ``END`` closes it."""
+    """One browser's stream: events arrive on ``queue`` as (id, event); ``END`` or ``CUT`` closes it."""
 
     job_id: str
     last_id: str
@@ -62,10 +74,10 @@ class Follower:
     def _put(self, item: tuple[str, dict[str, Any]]) -> None:
         try:
             self.queue.put_nowait(item)
-        except asyncio.QueueFull:  # cut off: drop what waits and end it; the browser resumes from its last id
+        except asyncio.QueueFull:  # cut off: drop what waits and close it; the browser resumes from its last id
             while not self.queue.empty():
                 self.queue.get_nowait()
-            self.queue.put_nowait(("", END))
+            self.queue.put_nowait(("", CUT))
 
 
 @dataclass
@@ -103,7 +115,8 @@ class TraceHub:
             self.leaving.append(follower)
 
     def stop(self) -> None:
-        """Stop reading and end every follower's stream (the server is stopping)."""
+        """Stop reading and close every follower's stream (the server is stopping; their jobs are not
+        ended, so no ``end`` is said)."""
         self.stopped.set()
         self.wake.set()
         if self.thread is not None:
@@ -113,7 +126,7 @@ class TraceHub:
             self.jobs.clear()
             self.joining = []
         for f in followers:
-            f.put(("", END))
+            f.put(("", CUT))
 
     @property
     def followers(self) -> int:
@@ -151,7 +164,8 @@ class TraceHub:
                 job.cursor = event_id
                 for f in job.followers:
                     f.put((event_id, ev))
-            moved.add(job_id)
+                if ev.get("event") not in WITHIN_A_STEP:
+                    moved.add(job_id)
         self._end_finished(moved)
 
     def _admit(self) -> None:
@@ -179,7 +193,7 @@ class TraceHub:
             self._end_finished({f.job_id for f in joining})
 
     def _end_finished(self, moved: set[str]) -> None:
-        """End the jobs that ended: those with news now, and the rest every RECHECK_S."""
+        """End the jobs that ended: those with news that may end them now, and the rest every RECHECK_S."""
         now = time.monotonic()
         due = [j for j, job in self.jobs.items() if j in moved or now - job.checked_at >= RECHECK_S]
         for job_id in due:

@@ -119,48 +119,43 @@ class Search:
 
     job_id: str | None = None
     candidates: list[str] | None = None
-    #: Looked for as a trace id, among the newest TRACE_BUDGET jobs.
+    #: Looked for as a trace id too (``q`` has a trace id's shape).
     by_trace: bool = False
+    #: When ``q`` names more than one job, read as different things: job id -> how it names it.
+    readings: dict[str, str] | None = None
 
 
 def find(c: MeshClient, q: str) -> Search:
     """The job ``q`` names: a job id, the key it was sent with, a trace id, or a job id's unique start
-    (``job-`` may be left out). The whole id and the key are looked up directly; a trace id among
-    the newest TRACE_BUDGET jobs; a start in at most PREFIX_BUDGET ids."""
+    (``job-`` may be left out). The whole id, the key and a trace id are looked up directly (one
+    pipelined ``EXISTS`` each: a job's trace id is its id's hex, :func:`~mesh.broker.client.trace_id_of`);
+    a start in at most PREFIX_BUDGET ids. A text that names different jobs read as different things (a
+    key that is another job's id or trace id) gives each, with how it names it, never one silently."""
     q = q.strip()
     if not q:
         return Search()
-    for candidate in (q, job_id_for(q)):
-        if c.redis.exists(c.keys.job(candidate), c.keys.trace(candidate)):
-            return Search(job_id=candidate)
-    if _TRACE_ID.match(q):
-        return Search(job_id=_by_trace(c, q.lower()), by_trace=True)
-    if not _ID_START.match(q):
-        return Search()
+    by_trace = bool(_TRACE_ID.match(q))
+    readings = {q: "its id", job_id_for(q): "sent with that key",
+                **({f"job-{q.lower()}": "its trace id"} if by_trace else {})}
+    pipe = c.redis.pipeline(transaction=False)
+    for candidate in readings:
+        pipe.exists(c.keys.job(candidate), c.keys.trace(candidate))
+    hits = {candidate: reading for (candidate, reading), found in zip(readings.items(), pipe.execute(), strict=True)
+            if found}
+    if len(hits) == 1:
+        return Search(job_id=next(iter(hits)), by_trace=by_trace)
+    if hits:  # one text, two jobs (a key that is another job's id or trace id): both, each with its reading
+        return Search(candidates=list(hits), readings=hits, by_trace=by_trace)
+    if by_trace or not _ID_START.match(q):  # a whole id's hex was looked up as one
+        return Search(by_trace=by_trace)
     found = _starting(c, q if q.startswith("job-") else f"job-{q}")
     if len(found) == 1:
         return Search(job_id=found[0])
     return Search(candidates=found[:10] or None)
 
 
-#: A W3C trace id.
+#: A W3C trace id (the hex of a job's id, as the mesh makes them).
 _TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
-
-#: The newest jobs a search by trace id reads (no index maps trace ids to jobs).
-TRACE_BUDGET = 1_000
-
-
-def _by_trace(c: MeshClient, trace_id: str) -> str | None:
-    """The job among the newest TRACE_BUDGET whose trace id is ``trace_id``."""
-    ids: Any = c.redis.zrevrange(c.keys.jobs, 0, TRACE_BUDGET - 1)
-    for start in range(0, len(ids), 500):
-        pipe = c.redis.pipeline(transaction=False)
-        for job_id in ids[start:start + 500]:
-            pipe.get(c.keys.job(job_id.decode()))
-        for job_id, data in zip(ids[start:start + 500], pipe.execute(), strict=True):
-            if data is not None and loads(data).get("trace_id") == trace_id:
-                return str(job_id.decode())
-    return None
 
 
 #: What may start a job id: ``job-`` and hex, or hex alone.
@@ -281,6 +276,31 @@ def audit_log(c: MeshClient) -> list[dict[str, Any]]:
     return Audit(c.redis, c.keys).records(limit=PAGE_ROWS)
 
 
+#: Audit records the Breakers and Limits pages show (the newest).
+CONTROL_AUDIT_ROWS = 20
+
+
+def breakers(c: MeshClient) -> dict[str, Any]:
+    """Every breaker, and the newest resets by hand (who, when, the state it was in)."""
+    return {"breakers": Breakers(c.settings, c.redis).list(), "audit": _control_audit(c, c.keys.breakers_audit)}
+
+
+def _control_audit(c: MeshClient, stream: str) -> list[dict[str, Any]]:
+    """The newest CONTROL_AUDIT_ROWS records of a control's audit stream, each with its detail in words:
+    ``was open``, ``max 3``, ``was max 3, requests 5/s``."""
+    from mesh.broker import control_audit
+
+    def words(values: Any) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(values.items())) if isinstance(values, dict) else str(values)
+
+    out = []
+    for r in control_audit.records(c.redis, stream, limit=CONTROL_AUDIT_ROWS):
+        d = r["detail"] if isinstance(r["detail"], dict) else {}
+        r["words"] = (f"was {words(d['was'])}" if "was" in d else words(d.get("given", d)))
+        out.append(r)
+    return out
+
+
 def pending(c: MeshClient) -> list[approvals.Pending]:
     return approvals.pending(c.redis, c.keys, limit=PAGE_ROWS)
 
@@ -317,4 +337,5 @@ def limits(c: MeshClient) -> dict[str, Any]:
     keyed = {s.name for s in states if s.flow_key is not None}
     more_keys = sum(max(0, int(c.redis.zcard(c.keys.limit_keys(n))) - LIMIT_KEYS) for n in keyed)
     return {"limits": rows, "more": max(0, len(states) - PAGE_ROWS), "more_keys": more_keys, "names": names,
-            "overridden": sorted({s.name for s in states if s.overridden})}
+            "overridden": sorted({s.name for s in states if s.overridden}),
+            "audit": _control_audit(c, c.keys.limits_audit)}

@@ -202,3 +202,51 @@ def test_a_steps_model_reaches_acomplete_as_it_reaches_complete(wire: Wire) -> N
         assert asyncio.run(step_model.acomplete("review", Verdict)) == Verdict(**VALID)
         assert step_model.complete("review", Verdict, model="claude-3-5-sonnet") == Verdict(**VALID)
     assert [r["json"]["model"] for r in server.requests] == ["claude-3-opus", "claude-3-5-sonnet"]
+
+
+def _limited_headers(wire: Wire) -> dict[str, str]:
+    """A 429's rate headers as each vendor sends them (no Retry-After: the reset says how long)."""
+    import datetime
+
+    if wire.provider == "anthropic":
+        reset = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=3)
+        return {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "0",
+                "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
+                "anthropic-ratelimit-tokens-remaining": "9000"}
+    return {"x-ratelimit-limit-requests": "50", "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "3s", "x-ratelimit-remaining-tokens": "9000"}
+
+
+def test_a_model_429_lowers_the_rates_governing_model_calls_for_the_fleet(wire: Wire, mode: str, settings: Any,
+                                                                           client: Any) -> None:
+    """A step of an agent declaring ``rate: {requests, tokens}`` takes its limit; its model call is
+    answered 429 with the vendor's rate headers: the agent's rate (which the call's tokens were
+    reserved on) and the endpoint's declared dependency limit are halved for the fleet and paused for
+    the reset the headers named; a tool's dependency limit the step also took is left alone."""
+    from mesh.broker.limits import Held, Limiter, limit_states, set_current
+    from mesh.contracts.flow import FlowLimits
+
+    with RecordingServer(lambda n, r: (429, {"error": {"message": "slow down"}}, _limited_headers(wire))) as server:
+        agent, model_dep, tool_dep = "agent:reviewer", f"dependency:{server.host_port}", "dependency:tickets:443"
+        limiter = Limiter(settings, client.redis, {
+            agent: FlowLimits.model_validate({"rate": {"requests": "10/s", "tokens": "600000/min"}}),
+            model_dep: FlowLimits.model_validate({"rate": "20/s"}),
+            tool_dep: FlowLimits.model_validate({"rate": "20/s"})})
+        held = Held("holder")
+        for name in (agent, tool_dep):
+            assert limiter.take(name, None, held.holder, "m").admitted
+            held.limits.append((name, None))
+        set_current((limiter, held))
+        try:
+            with pytest.raises(RateLimited) as caught:
+                ask(make(wire, server), mode)
+        finally:
+            set_current(None)
+    assert caught.value.retry_after_s is not None and 2 <= caught.value.retry_after_s <= 4.5
+    assert getattr(caught.value, "mesh_limits_lowered", False)  # the step's end does not lower them again
+    states = {s.name: s for s in limit_states(client.redis, client.keys, [agent, model_dep, tool_dep])}
+    for name in (agent, model_dep):
+        assert 0.49 <= states[name].factor < 0.5 + 0.01 and states[name].rejected == 1, states[name]
+        assert states[name].ahead_ms >= 1500, states[name]  # paused for the reset
+    assert states[agent].tokens_ahead_ms >= 1500  # its tokens too: no model call is admitted meanwhile
+    assert states[tool_dep].factor == 1 and states[tool_dep].rejected == 0

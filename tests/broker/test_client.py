@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -122,6 +123,28 @@ def test_a_sent_job_is_written_in_the_exact_bytes_its_models_encode(client):
 def test_job_ids_are_the_uuid5_of_the_key(client):
     for key in ("a", "x" * 600, "é/ü k"):
         assert job_id_for(key) == "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-key:{key}").hex
+
+
+def test_every_job_the_mesh_creates_has_its_ids_hex_for_trace_id_a_w3c_one_its_envelopes_carry(client):
+    """Keyed and keyless sends, a batch, a pipeline run, the built-in pipeline, a rerun: one rule, so a
+    trace id names its job (``job-`` + it) without an index."""
+    from mesh.agents.pipelines import Pipeline
+    from mesh.broker.client import trace_id_for, trace_id_of
+    from mesh.contracts import Envelope
+
+    spec = Pipeline("traced").step("researcher").build()
+    run = client.run(spec, {"question": "q"}, key="traced-run")
+    refs = [client.send("executor", NOTE, key="traced-1"), client.send("executor", NOTE),
+            *client.send_many("executor", [(NOTE, "traced-2"), (NOTE, None)]), run,
+            client.run(spec, {"question": "q"}), client.submit("a goal"), client.rerun(run.id, "researcher")]
+    for ref in refs:
+        record = client.status(ref.id)
+        assert ref.trace_id == record.trace_id == trace_id_of(ref.id) == ref.id.removeprefix("job-"), ref
+        assert trace_id_for(ref.key) == ref.trace_id
+        assert re.fullmatch(r"[0-9a-f]{32}", ref.trace_id) and set(ref.trace_id) != {"0"}
+    sent = [loads(m)["args"][0] for m in client.redis.hvals(client.keys.messages("executor"))]
+    assert sent and all(env["trace_id"] == trace_id_of(env["job_id"]) for env in sent)
+    assert all(Envelope.model_validate(env) for env in sent)  # the envelope's W3C check takes them
 
 
 def test_a_key_the_envelope_refuses_is_refused_and_nothing_reaches_redis(client):

@@ -65,8 +65,11 @@ def succeeded(client: MeshClient, refs: list[Any]) -> bool:
 
 def test_three_workers_converge_on_the_dependencys_real_rate(settings: MeshSettings, client: MeshClient,
                                                              worker_process: Any) -> None:
-    """Declared 100/s, really 50/s: after the first 10 s under 5 % of calls are answered 429, the
-    accepted rate stays within 50/s (every second of it), and every job succeeds without a retry."""
+    """Declared 100/s, really 50/s: after the first 10 s under 5 % of calls are answered 429 and the
+    requests the server receives (accepted or not) stay near 50 in every second (at most 55 in any
+    window of one second: the fleet sends at the real rate, not the declared one), and every job
+    succeeds without a retry. (The accepted rate alone cannot show it: the server never accepts more
+    than 50 in a second.)"""
     window = SlidingWindow(50)
     jobs = 700
     with RecordingServer(window) as server:
@@ -83,8 +86,11 @@ def test_three_workers_converge_on_the_dependencys_real_rate(settings: MeshSetti
     accepted = [r["at"] for r in seen if r["status"] == 200]
     assert len(accepted) == jobs  # each job's call went through exactly once
     assert later and len(rejected) < 0.05 * len(later), (len(rejected), len(later))
-    busiest = max(sum(1 for t in accepted if a <= t < a + 1.0) for a in accepted)
-    assert busiest <= 50
+    received = sorted(r["at"] for r in later)
+    busiest = max(sum(1 for t in received if a <= t < a + 1.0) for a in received)
+    assert busiest <= 55, busiest
+    print(f"after the first 10 s: {len(rejected)} of {len(later)} calls answered 429, at most {busiest} received "
+          f"in any second")
     assert any(r["status"] == 429 for r in seen)  # the fleet learned the real rate from 429s
     (state,) = limit_states(client.redis, client.keys, [f"dependency:{server.host_port}"])
     assert state.factor < 1 and state.rejected >= 1

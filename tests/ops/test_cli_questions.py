@@ -6,6 +6,7 @@ breaker is open and who waits on it (``mesh breakers``), and what a dependency s
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import signal
 import time
@@ -239,5 +240,7 @@ def test_mesh_breakers_shows_what_opened_an_open_breaker_when_it_reopens_and_who
     assert 60 < b["reopen_in_s"] <= 120 and b["deferred"] >= 2
     text = flat(cli("breakers").stdout)
     assert f"{server.host_port} open: opened" in text and f"by {threshold} failure(s)" in text
-    assert "reopens" in text and f"{b['deferred']} message(s) deferred on it" in text
+    # The worker keeps deferring the storm's messages on the open breaker between the two reads.
+    deferred = re.search(r"(\d+) message\(s\) deferred on it", text)
+    assert "reopens" in text and deferred is not None and int(deferred.group(1)) >= b["deferred"]
     assert "overloaded 1" in text

@@ -74,7 +74,7 @@ def login(http: httpx.Client, name: str, password: str) -> httpx.Response:
 
 
 def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets:443 answered 400: bad order",
-              agent: str = "executor") -> DeadLetter:
+              agent: str = "executor", failure_class: str = "permanent") -> DeadLetter:
     """A dead letter as a worker leaves it (no worker needed)."""
     at = time.time()
     entry_id = str(uuid.uuid4())
@@ -83,7 +83,7 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
     envelope = {"key": key, "job_id": job_id_for(key), "step_id": agent, "agent": agent, "trace_id": "0" * 32,
                 "deadline": at + 600, "hops": [], "attempt": 1, "schema_version": 1, "replay_of": None,
                 "payload": {"tool": "note", "args": {"title": key}}}
-    entry = DeadLetter(entry_id=entry_id, queue=agent, agent=agent, failure_class="permanent", error=error,
+    entry = DeadLetter(entry_id=entry_id, queue=agent, agent=agent, failure_class=failure_class, error=error,
                        envelope=envelope, key=key, job_id=envelope["job_id"], trace_id="0" * 32,
                        attempts=(Attempt(attempt=1, outcome="dead_lettered", at=at, error=error),),
                        worker="w1", dead_lettered_at=at)
@@ -94,6 +94,8 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
 
 
 PAGES = ("/", "/jobs", "/dlq", "/approvals", "/breakers", "/limits")
+
+NOTE = {"tool": "note", "args": {"title": "t"}}
 
 
 def test_a_password_is_kept_as_an_scrypt_hash_and_a_malformed_users_line_is_refused(tmp_path):
@@ -207,7 +209,30 @@ def test_a_job_is_found_by_its_id_its_start_or_its_key(client):
             assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{ref.id}", q
         assert http.get("/jobs", params={"q": "no-such-key"}).status_code == 404
         missing = http.get("/jobs", params={"q": "f" * 32})
-        assert missing.status_code == 404 and "nor that trace id among the newest 1000 jobs" in missing.text
+        assert missing.status_code == 404 and "nor that trace id" in missing.text
+
+
+def test_a_job_under_more_than_a_thousand_newer_ones_is_found_by_its_trace_id_in_as_many_commands(client):
+    """A trace id is its job's id's hex: the search looks it up directly, in as many Redis commands
+    however many jobs there are (counted on the server's own connections)."""
+    from mesh.ops.web.bench import Counting
+
+    ref = client.send("executor", NOTE, key="buried-1")
+    counted = redis.Redis.from_url(client.settings.redis_url, connection_class=Counting)
+    server_client = MeshClient(client.settings, client=counted)
+    spent = []
+    with console(server_client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        for newer in (0, 0, 1_001):  # the first fetch also opens the server's connection
+            client.send_many("executor", [(NOTE, None)] * newer)
+            before = Counting.commands
+            answer = http.get("/jobs", params={"q": ref.trace_id})
+            spent.append(Counting.commands - before)
+            assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{ref.id}", newer
+    counted.close()
+    assert client.redis.zcard(client.keys.jobs) == 1_002
+    # the session's logout check, then one EXISTS per reading of q (a job id, a key, a trace id)
+    assert spent[1:] == [4, 4]
 
 
 def test_only_a_steps_approvers_may_decide_it_and_the_decision_names_the_user(client):
@@ -426,6 +451,82 @@ def test_a_filters_dead_letters_are_counted_confirmed_then_replayed_or_purged_as
     assert sorted(r["op"] for r in audit) == ["purge"] * 3 + ["replay"] * 2 and {r["who"] for r in audit} == {"ana"}
 
 
+def test_dead_letters_are_filtered_by_class_and_the_audit_log_on_the_dlq_page_names_who_did_what(client):
+    timed_out = put_entry(client, key="slow-1", failure_class="timeout")
+    refused = [put_entry(client, key=f"bad-{n}") for n in range(2)]
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+
+        def listed(**params: str) -> list[str]:
+            page = http.get("/dlq", params=params)
+            assert page.status_code == 200
+            table = page.text.split('id="dlq-entries"')[1].split("</table>")[0]
+            return sorted(re.findall(r'href="/dlq/([^"]+)"', table))
+
+        assert listed(**{"class": "timeout"}) == [timed_out.entry_id]
+        assert listed(**{"class": "permanent"}) == sorted(e.entry_id for e in refused)
+        assert listed(**{"class": "brownout"}) == []
+        assert len(listed()) == 3
+        wrong = http.get("/dlq", params={"class": "no-such-class"})
+        assert wrong.status_code == 400 and "no failure class no-such-class" in wrong.text
+        purge = f"/dlq/{refused[0].entry_id}/purge"
+        assert http.post(purge, data={"csrf": csrf_of(http.get(purge).text)}).status_code == 303
+        page = http.get("/dlq", params={"class": "timeout"}).text  # the log is the whole DLQ's, whatever the filter
+    audit = page.split('id="dlq-audit"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>[^<]*</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", audit)
+    assert rows == [("ana", "purge", refused[0].entry_id)]
+
+
+def test_a_job_page_shows_its_gates_values_and_its_steps_verification_outcomes(client):
+    """As the workers and an operator leave a run: the researcher's effect verified, a note's effect
+    settled applied by hand, the gate after them seeing the value that halted the job."""
+    from mesh.contracts import dumps
+    from mesh.contracts.effects import Settlement, Verdict
+    from mesh.contracts.jobs import GateCheck
+
+    spec = (Pipeline("gated-view").step("researcher").step("note", agent="executor", depends_on=["researcher"])
+            .step("executor", depends_on=["note"], gate="researcher.confidence >= 0.85").build())
+    ref = client.run(spec, {"question": "q"})
+    record = client.status(ref.id)
+    now = time.time()
+    steps = record.steps
+    record = record.model_copy(update={"state": State.HALTED, "steps": {
+        "researcher": steps["researcher"].model_copy(update={
+            "state": State.SUCCEEDED, "effect": Verdict.VERIFIED, "started_at": now - 2, "finished_at": now - 1}),
+        "note": steps["note"].model_copy(update={
+            "state": State.SUCCEEDED, "effect": Verdict.APPLIED,
+            "settlement": Settlement(applied=True, by="ops@box", reason="seen in the notes db", at=now)}),
+        "executor": steps["executor"].model_copy(update={
+            "state": State.HALTED, "gate": GateCheck(expr="researcher.confidence >= 0.85",
+                                                     values={"researcher.confidence": 0.6}, passed=False)})}})
+    client.redis.set(client.keys.job(ref.id), dumps(record))
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get(f"/jobs/{ref.id}")
+    assert page.status_code == 200
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", page.text)).split())  # the DAG's lines
+    assert "gate researcher.confidence >= 0.85 saw researcher.confidence=0.6 → false" in text
+    assert "researcher succeeded (verified)" in text and "note succeeded (applied)" in text
+    assert "settled applied by ops@box" in text and "seen in the notes db" in text
+    table = page.text.split("<thead><tr><th>step</th>")[1].split("</table>")[0]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)[:3] for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    assert cells == [["researcher", "researcher", "succeeded (verified)"], ["note", "executor", "succeeded (applied)"],
+                     ["executor", "executor", "halted"]]
+    assert 'id="job-state">halted<' in page.text
+
+
+def test_an_entrys_attempt_without_a_worker_shows_a_dash_not_none(client):
+    entry = put_entry(client)  # its one attempt names no worker, nor the entry a dependency
+    assert entry.attempts[0].worker is None and entry.dependency is None
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get(f"/dlq/{entry.entry_id}").text
+    attempts = page.split("<h2>Attempts</h2>")[1].split("</table>")[0]
+    (row,) = re.findall(r"<tr><td class=\"n\">1</td>.*?</tr>", attempts, re.S)
+    assert re.findall(r"<td>(.*?)</td>", row)[-1] == "-"  # the worker's cell
+    assert "None" not in page
+
+
 def test_dead_letters_are_filtered_by_time_on_the_redis_clock_and_a_time_that_is_not_one_is_said(client):
     put_entry(client, key="recent-1")
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
@@ -588,5 +689,73 @@ def test_a_hostile_flow_key_shows_as_text_on_the_limits_page_and_a_long_list_say
         for n in range(40):  # limits set that no worker declares any more: listed too
             set_override(client.redis, client.keys, f"agent:gone-{n}", max=1)
         page = http.get("/limits")
-        assert len(re.findall(r"<tr><td>", page.text)) == 50
+        assert len(re.findall(r"<tr><td>", page.text.split('id="audit"')[0])) == 50  # the audit's rows apart
         assert re.search(r"\d+ more rows not shown", page.text)
+
+
+# Changes of the fleet's controls, audited -------------------------------------------------------
+
+
+def open_breaker(client: MeshClient, name: str) -> None:
+    from mesh.broker.breaker import Breakers
+    from mesh.contracts import Brownout
+
+    def fail() -> None:
+        raise Brownout(f"{name} answered 503", dependency=name)
+
+    breakers = Breakers(client.settings, client.redis)
+    for _ in range(client.settings.breaker_failures):
+        with pytest.raises(Brownout):
+            breakers.call(name, fail)
+    assert [b.state for b in breakers.list() if b.name == name] == ["open"]
+
+
+def test_a_breaker_reset_from_the_console_closes_it_and_is_audited_naming_the_user_as_the_clis_is(client, cli):
+    from mesh.broker import control_audit
+    from mesh.broker.breaker import Breakers
+
+    open_breaker(client, "tickets.example:443")
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get("/breakers")
+        assert "Nothing yet." in page.text
+        done = http.post("/breakers/reset", data={"csrf": csrf_of(page.text), "name": "tickets.example:443"})
+        assert done.status_code == 303 and done.headers["location"] == "/breakers?done=reset"
+        assert [b.state for b in Breakers(client.settings, client.redis).list()] == ["closed"]
+        open_breaker(client, "tickets.example:443")
+        assert cli("breakers", "reset", "tickets").returncode == 0
+        assert cli("breakers", "reset", "tickets", "--by", "<b>bo</b>").returncode == 0
+        audit = http.get("/breakers").text
+    records = control_audit.records(client.redis, client.keys.breakers_audit)
+    assert [(r["op"], r["target"], r["who"], r["detail"]) for r in records] == [
+        ("reset", "tickets.example:443", "<b>bo</b>", {"was": "closed"}),
+        ("reset", "tickets.example:443", operator(), {"was": "open"}),
+        ("reset", "tickets.example:443", "ana", {"was": "open"})]
+    rows = re.findall(r"<tr><td>[^<]*</td><td>(.*?)</td><td>reset</td><td>tickets.example:443</td><td>(.*?)</td>",
+                      audit.split('id="audit"')[1])
+    assert rows == [("&lt;b&gt;bo&lt;/b&gt;", "was closed"), (operator(), "was open"), ("ana", "was open")]
+
+
+def test_a_limit_set_and_reset_from_the_console_or_mesh_limits_is_audited_with_who_and_what(client, limited, cli):
+    from mesh.broker import control_audit
+
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        token = csrf_of(http.get("/limits").text)
+        assert http.post("/limits/set", data={"csrf": token, "name": "agent:slow", "max": "3"}).status_code == 303
+        assert http.post("/limits/set", data={"csrf": token, "name": "agent:slow", "max": "x"}).status_code == 400
+        assert http.post("/limits/reset", data={"csrf": token, "name": "agent:slow"}).status_code == 303
+        assert http.post("/limits/reset", data={"csrf": token, "name": "agent:slow"}).status_code == 409
+        assert cli("limits", "set", "agent:slow", "--requests", "5/s", "--by", "bo").returncode == 0
+        assert cli("limits", "reset", "agent:slow").returncode == 0
+        page = http.get("/limits").text
+    records = control_audit.records(client.redis, client.keys.limits_audit)
+    assert [(r["op"], r["target"], r["who"]) for r in records] == [
+        ("reset", "agent:slow", operator()), ("set", "agent:slow", "bo"), ("reset", "agent:slow", "ana"),
+        ("set", "agent:slow", "ana")]  # what was refused left no record
+    assert records[3]["detail"] == {"given": {"max": 3}, "value": {"max": 3}}
+    assert records[0]["detail"] == {"was": {"requests": "5/s"}}
+    rows = re.findall(r"<tr><td>[^<]*</td><td>(.*?)</td><td>(\w+)</td><td>agent:slow</td><td>(.*?)</td>",
+                      page.split('id="audit"')[1])
+    assert rows == [(operator(), "reset", "was requests 5/s"), ("bo", "set", "requests 5/s"),
+                    ("ana", "reset", "was max 3"), ("ana", "set", "max 3")]

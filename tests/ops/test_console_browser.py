@@ -128,7 +128,8 @@ def test_an_operator_finds_a_dead_lettered_job_by_its_key_replays_it_and_sees_it
         shots(page, "5-job-succeeded")
         assert client.status(ref.id).state is State.SUCCEEDED
 
-        for path in ("/", "/jobs", f"/jobs/{ref.id}", "/dlq", "/approvals", "/breakers", "/jobs?q=order-other-1"):
+        for path in ("/", "/jobs", f"/jobs/{ref.id}", "/dlq", "/approvals", "/breakers", "/limits",
+                     "/jobs?q=order-other-1", f"/jobs?q={ref.trace_id}"):
             page.goto(f"{base}{path}")
             page.wait_for_load_state("networkidle")
         shots(page, "6-other-job")
@@ -167,6 +168,58 @@ def test_a_job_page_follows_the_job_live_and_shows_its_end(settings: MeshSetting
         playwright_api.expect(page.locator("#job-state")).to_have_text("succeeded", timeout=60_000)
         shots(page, "job-ended")
         assert errors.seen == []
+    finally:
+        page.close()
+        server.stop()
+        thread.join(10)
+
+
+def test_a_job_page_refused_its_stream_says_so_and_follows_once_a_stream_is_free(
+        make_settings: Callable[..., MeshSettings], rclient: redis.Redis, browser: Any, shots: Any) -> None:
+    """The server holds at most half its connections in event streams and answers 503 past that.
+    EventSource gives up for good on an answer that is not a stream; the page said "Reconnecting…"
+    and followed nothing, ever, however soon a stream was free again."""
+    import threading
+
+    import httpx
+
+    from mesh.agents.pipelines import Pipeline
+    from mesh.broker import trace
+
+    client = MeshClient(make_settings(ops_max_connections=6), client=rclient)  # room for three streams
+    job_id = client.run(Pipeline("crowd").step("researcher", approval={"timeout": "1h"}).build(),
+                        {"question": "q"}).id
+    server = OpsServer(client, "127.0.0.1", 0)
+    thread = server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    release = threading.Event()
+
+    def hold() -> None:  # other browsers, following the job in every stream there is room for
+        with httpx.Client(base_url=base, timeout=30) as http, http.stream("GET", f"/jobs/{job_id}/events") as answer:
+            for _ in answer.iter_lines():
+                if release.is_set():
+                    return
+
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(3)]
+    for holder in holders:
+        holder.start()
+    page = browser.new_page()
+    try:
+        wait_for(lambda: server.console.streams == 3, timeout_s=10)
+        page.goto(f"{base}/jobs/{job_id}")
+        playwright_api.expect(page.locator("#live-status")).to_contain_text("unavailable", timeout=10_000)
+        shots(page, "stream-refused")
+        release.set()
+        trace.emit(client.redis, client.keys, trace.event("progress", {"job_id": job_id, "step_id": "researcher"},
+                                                          progress=1, note="first"))  # wakes the holder to leave
+        for holder in holders:
+            holder.join(10)
+        wait_for(lambda: server.console.streams == 0, timeout_s=10)
+        trace.emit(client.redis, client.keys, trace.event("progress", {"job_id": job_id, "step_id": "researcher"},
+                                                          progress=2, note="second"))
+        page.wait_for_selector(".live-events div[data-event=progress]", timeout=30_000)
+        playwright_api.expect(page.locator("#live-status")).to_contain_text("Following the job", timeout=10_000)
+        assert page.locator(".live-events div[data-event=progress]").count() == 2  # both, once each
     finally:
         page.close()
         server.stop()

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from mesh.broker import trace
-from mesh.contracts import ConfigError
+from mesh.contracts import ConfigError, State
 from mesh.dlq import DeadLetterStore
 from mesh.ops.web.auth import Access, parse_users, write_user
 from tests.ops.test_console import (  # noqa: F401  (fixtures)
@@ -356,3 +356,245 @@ def test_a_session_made_before_its_users_password_changed_is_no_session():
     new = Access(users={"ana": hash_password("new-password-2")}, host="127.0.0.1", local="me", secret=b"s" * 32)
     assert new.read_session(cookie) is None
     assert new.read_session(new.session("ana")) is not None
+
+
+def test_a_time_filter_past_what_milliseconds_hold_is_refused_as_not_a_time_not_a_server_error(
+        client, cli):  # noqa: F811
+    """``1e308`` is a finite number of seconds but not of milliseconds, the DLQ indexes' unit; ``9...9d``
+    ago is minus infinity: each made the DLQ page, the bulk confirmation and `mesh dlq` fail with an
+    OverflowError (a 500, a traceback)."""
+    put_entry(client)
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        token = csrf_of(http.get("/breakers").text)
+        for query in ("since=1e308", "until=-1e308"):
+            for page in ("/dlq", "/dlq/all/purge"):
+                answer = http.get(f"{page}?{query}")
+                assert answer.status_code == 400 and "is not a time" in answer.text, (page, query)
+            key, _, value = query.partition("=")
+            assert http.post("/dlq/all/purge", data={"csrf": token, key: value}).status_code == 400
+    assert DeadLetterStore(client.redis, client.keys).count() == 1
+    for args in (("dlq", "list", "--since", "1e308"), ("dlq", "purge", "--until", "-1e308", "--yes"),
+                 ("dlq", "list", "--since", "9" * 400 + "d")):
+        done = cli(*args)
+        assert done.returncode == 2 and "is not a time" in done.stderr and "Traceback" not in done.stderr, args
+    assert DeadLetterStore(client.redis, client.keys).count() == 1
+
+
+def test_a_filters_replay_or_purge_takes_only_the_entries_dead_lettered_up_to_its_confirmation(
+        client):  # noqa: F811
+    """The confirmation counts what the filter takes then; the press must not take more. A dead letter
+    that arrived in between (or the replayed entries failing again, before a second press of the same
+    form: a double submit) was taken too, never shown to whoever confirmed."""
+    import re
+
+    from conftest import wait_for
+
+    store = DeadLetterStore(client.redis, client.keys)
+    confirmed = [put_entry(client, key=f"seen-{n}", agent="researcher") for n in range(2)]
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        page = http.get("/dlq/all/purge?agent=researcher&since=1h")
+        confirmed_at = client.clock.now_s()  # the Redis clock, which times dead letters
+        assert page.status_code == 200 and 'id="bulk-count">2<' in page.text
+        form = page.text[page.text.index('<form method="post"'):]
+        fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form))
+        wait_for(lambda: client.clock.now_s() > confirmed_at + 0.01, timeout_s=5)
+        late = put_entry(client, key="arrived-after-the-confirmation", agent="researcher")
+        done = http.post("/dlq/all/purge", data=fields)  # the confirmation's form, as the browser sends it
+        assert done.status_code == 200 and 'id="bulk-moved">2<' in done.text
+        again = http.post("/dlq/all/purge", data=fields)  # the same form pressed twice
+        assert again.status_code == 200 and 'id="bulk-moved">0<' in again.text
+        assert store.get(late.entry_id) is not None
+        assert "dead-lettered up to" in page.text  # the page says what a press takes
+        assert float(fields["since"]) < float(fields["until"]) <= confirmed_at  # "1h" ago, as of the confirmation
+    assert all(store.get(e.entry_id) is None for e in confirmed)
+
+
+def test_a_dlq_filter_longer_than_the_console_takes_is_refused_not_cut_to_a_broader_one(client):  # noqa: F811
+    """Each filter field was cut at 200 characters without a word: a 201-character error text became
+    its first 200, which more entries contain, and a purge by it deleted those too."""
+    asked = put_entry(client, error="x" * 200 + "A")
+    other = put_entry(client, error="x" * 200 + "B")
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        token = csrf_of(http.get("/breakers").text)
+        for page in ("/dlq", "/dlq/all/purge"):
+            answer = http.get(page, params={"grep": "x" * 200 + "A"})
+            assert answer.status_code == 400 and "longer than 200 characters" in answer.text, page
+        done = http.post("/dlq/all/purge", data={"csrf": token, "grep": "x" * 200 + "A"})
+        assert done.status_code == 400
+        assert http.get("/dlq", params={"grep": "x" * 199 + "A"}).status_code == 200  # 200 is taken
+    store = DeadLetterStore(client.redis, client.keys)
+    assert store.get(asked.entry_id) is not None and store.get(other.entry_id) is not None
+
+
+def test_a_search_whose_text_is_one_jobs_trace_id_or_id_and_another_jobs_key_offers_both(client):  # noqa: F811
+    """A follow-up keyed by its parent's trace id (or id) is a natural pattern; a search for that trace
+    id went straight to the follow-up (the key reading won, silently), the parent never found by it."""
+    from tests.ops.test_console import NOTE
+
+    parent = client.send("executor", NOTE, key="order-parent")
+    by_trace = client.send("executor", NOTE, key=parent.trace_id)
+    by_id = client.send("executor", NOTE, key=parent.id)
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        for q, child in ((parent.trace_id, by_trace), (parent.trace_id.upper(), None), (parent.id, by_id)):
+            answer = http.get("/jobs", params={"q": q})
+            if child is None:  # its key reading is another text: the trace id alone names a job
+                assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{parent.id}"
+                continue
+            assert answer.status_code == 200 and 'id="ambiguous"' in answer.text, q
+            assert f'href="/jobs/{parent.id}"' in answer.text and f'href="/jobs/{child.id}"' in answer.text
+            assert "sent with that key" in answer.text
+        assert http.get("/jobs", params={"q": "order-parent"}).headers["location"] == f"/jobs/{parent.id}"
+
+
+def test_a_stream_closed_by_a_stopping_server_or_cut_off_does_not_say_the_job_ended(client):  # noqa: F811
+    """``event: end`` means the job ended: the page stops following and reloads, a script stops
+    reading. A stopping server and a browser cut off for falling behind sent it too, the job running on."""
+    import asyncio
+    import threading
+
+    from conftest import wait_for
+
+    from mesh.ops.web import live
+    from mesh.ops.web.live import END, QUEUE_MAX, Follower
+    from tests.ops.test_console import parked, progress
+
+    job_id = parked(client, "stopped-under")
+    lines: list[str] = []
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+
+        def follow() -> None:
+            with httpx.Client(base_url=base, cookies=http.cookies, timeout=30) as reader, \
+                    reader.stream("GET", f"/jobs/{job_id}/events") as answer:
+                lines.extend(answer.iter_lines())  # until the server closes the stream
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        progress(client, job_id, 1)
+        wait_for(lambda: any(line.startswith("id:") for line in lines), timeout_s=10)
+        server.stop()
+        reader.join(15)
+    assert not reader.is_alive() and "event: end" not in lines, lines
+    assert client.status(job_id).steps["researcher"].state is State.AWAITING_APPROVAL
+
+    async def cut_off() -> tuple[str, dict[str, object]]:
+        follower = Follower(job_id, "0", asyncio.get_running_loop())
+        for n in range(QUEUE_MAX + 1):
+            follower._put((f"1-{n}", {"event": "progress"}))
+        return follower.queue.get_nowait()
+
+    last = asyncio.run(cut_off())  # what a browser cut off for falling behind gets last
+    assert last[1] is not END and last == ("", getattr(live, "CUT", None))
+
+
+def test_a_failed_login_under_a_huge_name_leaves_a_names_worth_in_the_throttle():
+    """The throttle kept each failed name whole: names of 64 KiB (what a form takes) from many
+    addresses (IPv6, or a local process naming itself any address in X-Forwarded-For) held a
+    minute's password checks' worth of them, some 150 MB."""
+    from mesh.ops.web.auth import Throttle
+
+    t = Throttle()
+    for n in range(100):
+        t.failed(f"{n:03d}" + "x" * 65_000, f"10.0.{n}.1", now=100.0)
+    assert sum(len(k) for k in t.failures) < 100 * 100
+    for n in range(5):  # past 64 characters a name is no user's: those alike that far count as one
+        t.failed("y" * 65 + str(n) * 65_000, f"10.1.{n}.1", now=100.0)
+    assert t.wait_s("y" * 65 + "other", "10.9.9.9", now=101.0) > 0
+    assert t.wait_s("y" * 64, "10.9.9.9", now=101.0) == 0 and t.wait_s("ana", "10.9.9.9", now=101.0) == 0
+
+
+def test_mesh_ops_serve_takes_the_app_whose_tools_verify_unknown_effects_from_the_console(settings):
+    """The console verifies an unknown effect with the tools of the server's app, as `mesh verify --app`
+    does; `mesh ops serve` took no --app, so a tool of the workers' own app had no verifier there."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT, mesh_env, wait_for
+
+    bad = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "ops", "serve", "--port", "0", "--app", "no.such:app"],
+                         env=mesh_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--app" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    serve = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "ops", "serve", "--port", "0",
+                              "--app", "tests.apps.gated:app"], env=mesh_env(settings), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said: list[str] = []
+
+        def port() -> str | None:
+            said.append(serve.stderr.readline())  # type: ignore[union-attr]
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)", "".join(said))
+            return found.group(1) if found else None
+
+        base = f"http://127.0.0.1:{wait_for(port, timeout_s=30)}"
+        with httpx.Client(base_url=base) as http:  # loopback, no users: the local operator
+            overview = http.get("/")
+        assert overview.status_code == 200 and ">poster<" in overview.text  # the app's agent's queue
+    finally:
+        serve.terminate()
+        serve.wait(15)
+
+
+def test_a_followed_jobs_progress_notes_do_not_each_send_the_trace_reader_to_read_its_record(
+        client, monkeypatch):  # noqa: F811
+    """The one trace reader read a job's record after every batch with news, to see whether it ended:
+    for a job of 5,000 steps that is 13 MB to read and parse, a third of a second, once per batch of
+    progress notes, while every follower of every job waits on that thread."""
+    from conftest import wait_for
+
+    from mesh.ops.web import live
+    from tests.ops.test_console import parked, progress, sse
+
+    monkeypatch.setattr(live, "RECHECK_S", 3_600.0)  # only news sends it to the record
+    job_id = parked(client, "chatty")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        login(http, "ana", PASSWORDS["ana"])
+        hub = server.console.hub
+        reads: list[str] = []
+        get = hub.client.jobs.get
+        monkeypatch.setattr(hub.client.jobs, "get", lambda job, *a, **k: reads.append(job) or get(job, *a, **k))
+        got: list[dict[str, str]] = []
+        reader = sse(base, http.cookies, f"/jobs/{job_id}/events", got)
+        wait_for(lambda: any(e.get("kind") == "awaiting_approval" for e in got), timeout_s=10)
+        before = len(reads)
+        for n in range(1, 31):  # each in a batch of its own: the next is sent once the browser has this one
+            progress(client, job_id, n)
+            wait_for(lambda n=n: sum(e.get("kind") == "progress" for e in got) == n, timeout_s=10)
+        assert len(reads) - before == 0, len(reads) - before
+        client.deny(job_id, "researcher", reason="enough")  # news that may end it: looked at, and the end said
+        reader.join(15)
+        assert got[-1].get("event") == "end"
+
+
+def test_an_event_stream_open_when_its_session_logs_out_ends_then_and_says_no_more(client):  # noqa: F811
+    """A session was checked when its stream opened, never again: a stream (a copied cookie's too)
+    went on delivering the job's events after the logout, for as long as the job ran."""
+    from conftest import wait_for
+
+    from tests.ops.test_console import parked, progress, sse
+
+    job_id = parked(client, "logged-out")
+    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+        server.console.session_check_s = 0.2
+        login(http, "ana", PASSWORDS["ana"])
+        got: list[dict[str, str]] = []
+        reader = sse(base, httpx.Cookies(http.cookies), f"/jobs/{job_id}/events", got)
+        wait_for(lambda: any(e.get("kind") == "awaiting_approval" for e in got), timeout_s=10)
+        assert http.post("/logout", data={"csrf": csrf_of(http.get("/breakers").text)}).status_code == 303
+        n = 0
+
+        def closed() -> bool:
+            nonlocal n
+            n += 1
+            progress(client, job_id, n)
+            reader.join(0.05)
+            return not reader.is_alive()
+
+        wait_for(closed, timeout_s=15)
+        wait_for(lambda: server.console.streams == 0, timeout_s=10)
+    assert not any(e.get("event") == "end" for e in got)  # closed, the job not said to have ended
+    assert client.status(job_id).steps["researcher"].state is State.AWAITING_APPROVAL

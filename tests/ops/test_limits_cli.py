@@ -153,3 +153,88 @@ def test_limits_set_says_what_it_did_within_80_columns(limiter: Limiter, cli: An
     assert done.returncode == 0, done.stderr
     assert "requests 20/s" in done.stdout and "mesh limits reset dependency:" in done.stdout
     assert all(len(line) <= 80 for line in done.stdout.splitlines()), done.stdout
+
+
+def test_concurrent_limits_set_of_different_numbers_keep_both(client: MeshClient) -> None:
+    """Two operators set different numbers of one limit at the same moment, 100 times over: every time
+    the override holds both (a read, merge and write back lost one of them most times)."""
+    import threading
+
+    from mesh.broker.limits import overrides, reset_override, set_override
+
+    lost = 0
+    for _ in range(100):
+        reset_override(client.redis, client.keys, "agent:slow")
+        barrier = threading.Barrier(2)
+
+        def set_rate(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            set_override(client.redis, client.keys, "agent:slow", requests="10/s")
+
+        def set_max(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            set_override(client.redis, client.keys, "agent:slow", max=3)
+
+        threads = [threading.Thread(target=set_rate), threading.Thread(target=set_max)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if overrides(client.redis, client.keys)["agent:slow"] != {"requests": "10/s", "max": 3}:
+            lost += 1
+    assert lost == 0
+
+
+# Arabic-Indic, full-width and Bengali digits: str.isdigit() and \d take them, float() reads them.
+@pytest.mark.parametrize("given", ["\u0665\u0660/s", "\uff15\uff10/s", "50/\u0662s", "5\u09e6/min"])
+def test_limits_set_refuses_a_rate_in_digits_other_than_ascii(limiter: Limiter, cli: Any, given: str) -> None:
+    done = cli("limits", "set", "agent:slow", "--requests", given)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert cli("limits", "reset", "agent:slow").returncode == 2  # nothing was set
+
+
+@pytest.mark.parametrize(("given", "stored"), [("   5 / 2 s  ", "5/2s"), ("50/S", "50/s"), ("600 /1min", "600/min")])
+def test_limits_set_stores_a_rate_in_its_canonical_form(limiter: Limiter, cli: Any, client: MeshClient,
+                                                        given: str, stored: str) -> None:
+    from mesh.broker.limits import overrides
+
+    done = cli("limits", "set", "agent:slow", "--requests", given)
+    assert done.returncode == 0, done.stderr
+    assert overrides(client.redis, client.keys)["agent:slow"] == {"requests": stored}
+
+
+def test_the_limit_metrics_move_when_a_429_lowers_a_rate(limiter: Limiter) -> None:
+    """``mesh_limit_rate_factor`` and ``mesh_limit_rejected_total``: 1 and 0 before; a tool dependency's
+    429 and a model's 429 (for a step that took the agent's rate) each halve their limit's factor and
+    count one rejection."""
+    from mesh.contracts import RateLimited
+    from mesh.contracts.flow import FlowLimits
+
+    limiter.declared["agent:asker"] = FlowLimits.model_validate({"rate": {"requests": "10/s", "tokens": "60000/min"}})
+    limiter.publish()
+    dependency = next(name for name in limiter.declared if name.startswith("dependency:"))
+
+    def samples() -> dict[tuple[str, str], float]:
+        families = MeshCollector(limiter_client(limiter)).collect()
+        return {(s.name, s.labels["limit"]): s.value for f in families if f.name.startswith("mesh_limit_")
+                for s in f.samples if "limit" in s.labels}
+
+    before = samples()
+    for name in ("agent:asker", dependency):
+        assert before[("mesh_limit_rate_factor", name)] == 1
+        assert before[("mesh_limit_rejected_total", name)] == 0
+    limiter.penalize(dependency.removeprefix("dependency:"), 2.0)
+    held = Held("holder")
+    assert limiter.take("agent:asker", None, held.holder, "m").admitted
+    held.limits.append(("agent:asker", None))
+    set_current((limiter, held))
+    try:
+        from mesh.broker import limits
+
+        limits.model_refused(RateLimited("model answered 429", retry_after_s=1.0, dependency="models.example:443"))
+    finally:
+        set_current(None)
+    after = samples()
+    for name in ("agent:asker", dependency):
+        assert 0.45 < after[("mesh_limit_rate_factor", name)] < 0.55, after
+        assert after[("mesh_limit_rejected_total", name)] == 1, after

@@ -19,6 +19,7 @@ from mesh.broker.compact import Compaction
 from mesh.broker.jobs import fail_step
 from mesh.broker.waits import InvalidEvent
 from mesh.contracts import State
+from tests.conftest import wait_for
 from tests.pipelines.test_waits import PAY, pay_flow, settle, timers
 
 
@@ -273,3 +274,81 @@ def test_an_emit_and_mesh_waits_go_on_past_a_waiting_job_whose_record_is_unreada
     good = mesh.run(pay_flow(), {"goal": "g", "order": 2}, key="fine")
     assert [w.job_id for w in mesh.waits()] == [good.id]  # mesh waits lists the others too
     assert mesh.emit("payment.settled", {"order": 2}).resumed == [(good.id, "pay")]
+
+
+def test_event_data_nested_past_what_json_encoders_take_is_refused_for_its_depth(mesh):
+    """300 levels: past orjson's own limit (it said "Recursion limit reached", read as no JSON), the
+    data is refused for its depth as 100 levels are."""
+    for levels in (100, 300, 2000):
+        deep: dict[str, Any] = {}
+        for _ in range(levels):
+            deep = {"a": deep}
+        with pytest.raises(InvalidEvent, match="nests deeper than MESH_MAX_JSON_DEPTH"):
+            mesh.emit("payment.settled", deep)
+    assert mesh.redis.exists(mesh.keys.events("payment.settled")) == 0
+
+
+def test_mesh_emit_says_what_a_data_file_is_when_it_holds_no_json(mesh, cli, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a":' * 300 + "{}" + "}" * 300)
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    said = {}
+    for name, given in (("deep", f"@{deep}"), ("null", "@/dev/null"), ("empty", f"@{empty}"),
+                        ("dir", f"@{tmp_path}"), ("missing", f"@{tmp_path / 'nope.json'}")):
+        res = cli("emit", "payment.settled", "--data", given)
+        assert res.returncode == 2, (name, res.stdout, res.stderr)
+        said[name] = " ".join(res.stderr.split())
+    assert "nests deeper than MESH_MAX_JSON_DEPTH" in said["deep"], said
+    assert "empty" in said["null"] and "empty" in said["empty"], said
+    assert "a directory" in said["dir"] and "no such file" not in said["dir"], said
+    assert "no such file" in said["missing"], said
+    assert mesh.redis.exists(mesh.keys.events("payment.settled")) == 0
+
+
+def test_mesh_waits_refuses_an_event_name_as_emit_does(mesh, cli):
+    mesh.run(pay_flow(), {"goal": "g", "order": 3})
+    for args in (("--event", "bad name"), ("--event", "bad name", "--json"), ("--event", "payment.settled\n")):
+        res = cli("waits", *args)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert "event name" in res.stdout + res.stderr and "nothing waits" not in res.stdout
+    with pytest.raises(InvalidEvent, match="event name"):
+        mesh.waits("bad name")
+    assert [w.step.step_id for w in mesh.waits("payment.settled")] == ["pay"]
+
+
+def _server_ms(mesh: MeshClient) -> int:
+    seconds, micros = mesh.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def test_an_event_kept_longer_than_the_window_is_not_taken(make_settings, rclient):
+    """MESH_EVENT_WINDOW_S=1: an event emitted before a wait starts is taken within the window; one
+    older than the window (by the Redis clock) is not, and the wait times out."""
+    from tests.pipelines.agents import app
+
+    mesh = MeshClient(make_settings(event_window_s=1.0), client=rclient, app=app)
+    flow = Pipeline("window").step("pay", wait_for={**PAY, "timeout": "2s", "on_timeout": "continue"}).build()
+    old = mesh.emit("payment.settled", {"order": 1})
+    emitted_ms = int(old.id.rsplit(":", 1)[1].split("-")[0])  # emit:NAME:MS-SEQ, its stream entry's server time
+    fresh_ref = mesh.run(flow, {"order": 1}, key="fresh")  # within the window: taken
+    assert settle(mesh, fresh_ref.id, "pay").result == {"order": 1}
+    wait_for(lambda: _server_ms(mesh) > emitted_ms + 1000 + 5, timeout_s=5, interval_s=0.05)
+    stale = mesh.run(flow, {"order": 1}, key="stale")
+    rec = settle(mesh, stale.id, "pay")
+    assert rec.result == {"timed_out": True}, rec.result
+
+
+def test_of_keep_plus_one_events_the_oldest_is_dropped(make_settings, rclient):
+    """MESH_EVENT_KEEP=2: three events for orders 2, 3 and 4 are emitted before any wait starts; the
+    oldest (order 2) is no longer kept, the newest (order 4) is taken."""
+    from tests.pipelines.agents import app
+
+    mesh = MeshClient(make_settings(event_keep=2), client=rclient, app=app)
+    flow = Pipeline("keep").step("pay", wait_for={**PAY, "timeout": "1s", "on_timeout": "continue"}).build()
+    for order in (2, 3, 4):
+        mesh.emit("payment.settled", {"order": order})
+    assert mesh.redis.xlen(mesh.keys.events("payment.settled")) == 2
+    dropped, newest = mesh.run(flow, {"order": 2}, key="o2"), mesh.run(flow, {"order": 4}, key="o4")
+    assert settle(mesh, newest.id, "pay").result == {"order": 4}
+    assert settle(mesh, dropped.id, "pay").result == {"timed_out": True}
