@@ -219,8 +219,7 @@ def test_a_fresh_key_is_checked_by_the_write_of_its_record_alone(tmp_path, make_
     alone tells a fresh key, and only a key already taken is read for the payload it is bound to."""
     from tests.broker.deployed import private_redis
 
-    server = private_redis(tmp_path)
-    server.start()
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
     try:
         client = MeshClient(make_settings(redis_url=server.url))
         client.send("executor", NOTE, key="warm")  # the script loaded
@@ -326,8 +325,7 @@ def test_a_send_onto_a_full_wake_up_list_reads_its_length_and_writes_nothing_to_
     back (RPUSH, LTRIM): with the consumers busy and the list full, one command a send, not two."""
     from tests.broker.deployed import private_redis
 
-    server = private_redis(tmp_path)
-    server.start()
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
     try:
         client = MeshClient(make_settings(redis_url=server.url))
         for i in range(64):
