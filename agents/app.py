@@ -181,6 +181,8 @@ class Agent(AgentRef[In, Out]):
 
     def flow_key(self, payload: dict[str, Any]) -> str | None:
         """The flow key a message to this agent with ``payload`` carries (its limits' ``key`` rendered)."""
+        if self.spec.limits is None or self.spec.limits.key is None:
+            return None  # what render_flow_key answers, without its import on every send
         from .flow import render_flow_key
 
         return render_flow_key(self.spec.limits, payload, agent=self.name, input_model=self.spec.input)
@@ -403,10 +405,12 @@ class App:
 
     def flow_key(self, agent: str, payload: dict[str, Any]) -> str | None:
         """The flow key a message to ``agent`` with ``payload`` carries (None: the agent has no keyed limit)."""
+        spec = self.agents.get(agent)
+        if spec is None or spec.limits is None or spec.limits.key is None:
+            return None  # what render_flow_key answers, without its import on every send
         from .flow import render_flow_key
 
-        spec = self.agents.get(agent)
-        return None if spec is None else render_flow_key(spec.limits, payload, agent=agent, input_model=spec.input)
+        return render_flow_key(spec.limits, payload, agent=agent, input_model=spec.input)
 
     def mcp(self, name: str, *, command: Iterable[str] = (), url: str | None = None, allow: Iterable[str] = (),
             secrets: Iterable[str] = (), env: Mapping[str, str] | None = None,

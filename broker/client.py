@@ -260,11 +260,13 @@ class MeshClient:
         ``agent``: the declared agent (``@app.agent``) or its name; ``payload``: its input model or a
         dict. A model of another class than the agent's input is a ContractError, nothing sent.
         ``priority``: ``high``, ``normal`` or ``low``, its place in the agent's queue."""
-        checked(priority)
+        if priority not in PRIORITIES:
+            checked(priority)
         target = self.target(agent)
-        data = self._payload(target, payload)
+        data = self._payload(target, payload) if isinstance(payload, BaseModel) else payload
         target.check(data)
-        return self._send(target, [(target.agent, data, key)], token_budget=token_budget, priority=priority)[0]
+        return self._write(*self._build(target, [(target.agent, data, key)], token_budget=token_budget,
+                                        priority=priority))[0]
 
     @overload
     def send_many(self, agent: AgentRef[In, Out], items: Iterable[tuple[In | dict[str, Any], str | None]],

@@ -19,6 +19,8 @@ command, for commands that are safe to re-send, and without it, for the broker's
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -357,17 +359,65 @@ def _pack(conn: Any, command: tuple[Any, ...]) -> Any:
     return packer.pack(*command)  # a client of connect(): its Packer
 
 
-def run_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
+class HeldConnection:
+    """One connection of a pooled client, taken from its pool once and kept for one caller's script
+    calls (:func:`run_script`'s ``held``), one call at a time: a checkout and a release of the pool
+    each call cost a send a tenth of its client time (the pool's lock, its metrics, its event). Before
+    each call it is checked as the pool checks a connection it hands out (connected, nothing unread:
+    else it is connected again). A call made while another thread has it, or in a forked child, takes
+    a connection of the pool as usual. Given back to the pool when the holder is collected."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pool = client.connection_pool
+        self._lock = threading.Lock()
+        self._box: list[Any] = []  # the connection, once taken
+        self._pid = os.getpid()
+        weakref.finalize(self, _give_back, self.pool, self._box, self._pid)
+
+    def take(self) -> Any:
+        """The connection, ready to send on, for this caller until :meth:`done` (None: another thread
+        has it, or this is a forked child: use the pool)."""
+        if self._pid != os.getpid() or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if not self._box:
+                self._box.append(self.pool.get_connection())
+                return self._box[0]
+            conn = self._box[0]
+            try:  # as the pool's ensure_connection: connected (can_read connects), nothing unread, not closed
+                if conn.can_read():
+                    raise redis.exceptions.ConnectionError("connection has data")
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                conn.disconnect()
+                conn.connect()
+            return conn
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def done(self) -> None:
+        self._lock.release()
+
+
+def _give_back(pool: Any, box: list[Any], pid: int) -> None:
+    if box and os.getpid() == pid:
+        pool.release(box.pop())
+
+
+def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnection | None = None) -> Any:
     """Call ``script`` (a redis-py ``Script``) on the client it was registered on, as ``script(keys=...,
-    args=...)`` does, in half the client's time: EVALSHA sent on a pooled connection of that client and
-    its reply read, without redis-py's per-call wrapping. Everything else goes redis-py's own way: a
-    script Redis does not hold (loaded, and called again), and a lost connection (dropped, then retried
-    only when the client retries: the queue client never re-sends a fetch or a settlement)."""
+    args=...)`` does, in half the client's time: EVALSHA sent on a pooled connection of that client
+    (``held``'s when it is free) and its reply read, without redis-py's per-call wrapping. Everything
+    else goes redis-py's own way: a script Redis does not hold (loaded, and called again), and a lost
+    connection (dropped, then retried only when the client retries: the queue client never re-sends a
+    fetch or a settlement)."""
     client = script.registered_client
     command = ("EVALSHA", script.sha, len(keys), *keys, *args)
     if client.connection is None:  # a pooled client (a single-connection one is called the usual way)
         pool = client.connection_pool
-        conn = pool.get_connection()
+        taken = None if held is None else held.take()
+        own = taken is None
+        conn: Any = pool.get_connection() if taken is None else taken
         try:
             conn.send_packed_command(_pack(conn, command))
             return conn.read_response()
@@ -384,7 +434,10 @@ def run_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
             conn.disconnect()
             raise
         finally:
-            pool.release(conn)
+            if own:
+                pool.release(conn)
+            else:
+                held.done()  # type: ignore[union-attr]
     try:
         return client.execute_command(*command)
     except redis.exceptions.NoScriptError:

@@ -23,10 +23,13 @@ from dramatiq.message import Message
 from mesh.contracts import Envelope, JobRecord, LimitExceeded, Priority, StepRecord, depth_exceeds, dumps
 
 from . import lanes, trace
-from .connection import run_script
+from .connection import HeldConnection, run_script
 from .keys import Keys
 
-ENQUEUE_LUA = lanes.LIB + "\n" + resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text()
+#: lanes_lib.lua wrapped in a function the script calls only for a batch that is not plain (its
+#: definitions cost each call of the script, a tenth of it, when run before it as the other scripts do).
+ENQUEUE_LUA = ("local function lanes_lib()\n" + lanes.LIB + "\nreturn lane_of, lane_push\nend\n"
+               + resources.files("mesh.broker").joinpath("scripts/enqueue.lua").read_text())
 
 
 
@@ -172,6 +175,10 @@ def _formats(agent: str, queue: str, version: int | None, token_budget: int | No
     return compile(message), compile(job), compile(ev)
 
 
+#: Where the jobs' arguments of scripts/enqueue.lua start, and how many each job has.
+_FIRST, _WIDTH = 5, 6
+
+
 class NewJobs:
     """A batch of new jobs for one agent, each recorded with its first message and ``enqueued`` trace
     event: the transactional outbox of a client's sends, written by one script (scripts/enqueue.lua)
@@ -197,16 +204,23 @@ class NewJobs:
         if not math.isfinite(deadline):  # what the envelope refuses: its own validation says so
             Envelope(key="-", job_id="-", step_id="-", agent=agent, trace_id="1" * 32, deadline=deadline, payload={})
         self._spec = (agent, queue, version, token_budget, goal, priority)
-        #: The envelope every message shares (the item's fields aside): what a payload the formats
-        #: cannot take is checked with, and what the depth of a message is measured on.
-        self.envelope = {**_templates(*self._spec)[0], "deadline": deadline}
+        self._deadline = deadline
         self.timestamp_ms = int(now * 1000)
         self._times = (orjson.dumps(now), orjson.dumps(deadline), orjson.dumps(self.timestamp_ms))
-        self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN]
+        #: The script's arguments (scripts/enqueue.lua): the batch's, then six per job. The fifth,
+        #: ``plain``, says every message goes on the queue's list (normal, no flow key): cleared by
+        #: the first item with a flow key.
+        self.args: list[Any] = [queue, now, WAKE_CAP, trace.TRACE_MAXLEN, b"1" if priority == "normal" else b""]
         self.keys: list[str] = []
         #: Message ids made ahead, two per message.
         self.ids: list[str] = []
         self.expected = expected
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The envelope every message shares (the item's fields aside): what a payload the formats
+        cannot take is checked with, and what the depth of a message is measured on."""
+        return {**_templates(*self._spec)[0], "deadline": self._deadline}
 
     def add(self, step_id: str, payload: dict[str, Any], *, key: str, job_id: str, trace_id: str,
             payload_hash: str, checked: bool, flow_key: str | None = None) -> None:
@@ -218,7 +232,8 @@ class NewJobs:
             payload = Envelope(**{**self.envelope, "key": key, "step_id": step_id, "payload": payload}).payload
         body = dumps(payload)
         if not self.ids:
-            self.ids = new_message_ids(2 * min(128, max(1, self.expected - len(self.keys))))
+            wanted = 2 * min(128, max(1, self.expected - len(self.keys)))
+            self.ids = new_message_ids(wanted) if wanted > 2 else spare_message_ids()
         rid, mid = self.ids.pop(), self.ids.pop()
         message, record, event = _formats(*self._spec, flow_key is not None)
         quoted, (now, deadline, ts) = orjson.dumps, self._times
@@ -232,9 +247,17 @@ class NewJobs:
         if self.max_bytes is not None and self.max_depth is not None and (
                 len(data) > self.max_bytes or data.count(b"[") + data.count(b"{") > self.max_depth - 1):
             check_limits(data, [{**self.envelope, "payload": payload}], self.max_bytes, self.max_depth)
-        self.args.append(b"\n".join((job_id.encode(), payload_hash.encode() if checked else b"", record % fields,
-                                      event % fields, rid.encode(), data)))
+        if flow_key:  # an empty flow key is none (lanes_lib.lua's lane_of)
+            self.args[4] = b""
+        self.args += (job_id.encode(), payload_hash.encode() if checked else b"", record % fields, event % fields,
+                      rid.encode(), data)
         self.keys.append(key)
+
+    def jobs(self) -> list[tuple[Any, ...]]:
+        """Each job's six arguments of the script: job id, payload hash (empty when unchecked), record,
+        ``enqueued`` event, message id and message."""
+        items = self.args[_FIRST:]
+        return [tuple(items[i:i + _WIDTH]) for i in range(0, len(items), _WIDTH)]
 
     def write(self, script: Any, keys: Keys, client: Any = None) -> Any:
         """Run the batch through ``script`` (``ENQUEUE_LUA`` registered on the client; ``client``: a
@@ -253,6 +276,24 @@ class NewJobs:
 def new_message_id() -> str:
     """``str(uuid.uuid4())`` (dramatiq's message ids), without building the UUID object."""
     return _uuid4_text(os.urandom(16))
+
+
+#: Message ids made ahead for single sends (a read of the random source per send is a system call):
+#: taken two at a time by :func:`spare_message_ids` (``list.pop`` is atomic, so threads never share
+#: one), and dropped in a forked child, which must not use the ids its parent will.
+_SPARE: list[str] = []
+os.register_at_fork(after_in_child=_SPARE.clear)
+
+
+def spare_message_ids() -> list[str]:
+    """Two message ids (a send's), from ids made ahead 64 at a time."""
+    out: list[str] = []
+    while len(out) < 2:
+        try:
+            out.append(_SPARE.pop())
+        except IndexError:
+            _SPARE.extend(new_message_ids(64))
+    return out
 
 
 def new_message_ids(n: int) -> list[str]:
@@ -284,6 +325,8 @@ class EnqueueScript:
         self.client = client
         self.script = client.register_script(ENQUEUE_LUA)
         self.loaded = False
+        #: The connection the client's sends go on (a pooled client's).
+        self.held = HeldConnection(client) if client.connection is None else None
 
     def __call__(self, *, keys: list[str], args: list[Any], client: Any = None) -> Any:
         if not self.loaded:
@@ -291,7 +334,7 @@ class EnqueueScript:
             self.loaded = True
         if client is not None:  # a pipeline: it loads the script itself should Redis not hold it
             return self.script(keys=keys, args=args, client=client)
-        return run_script(self.script, keys, args)
+        return run_script(self.script, keys, args, self.held)
 
 
 def register(client: redis.Redis) -> EnqueueScript:

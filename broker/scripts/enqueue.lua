@@ -2,11 +2,13 @@
 -- the transactional outbox in one script, so the conflict check and every write are atomic with
 -- no WATCH and one round trip per batch (see broker/keys.py for the layout).
 --
--- enqueue(keys=[namespace], args=[queue, created_at, wake_cap, trace_maxlen, job...])
+-- enqueue(keys=[namespace], args=[queue, created_at, wake_cap, trace_maxlen, plain,
+--                                 job_id, payload_hash, record, event, message_id, message, ...])
 --
---   job            "job_id\npayload_hash\nrecord\nevent\nmessage_id\nmessage": one argument per job
---                  (packing six per job cost the client more than splitting costs here; none of
---                  the parts holds a newline: ids are hex, the rest is JSON, which escapes them)
+--   plain          "1" when every message of the batch is of normal priority without a flow key:
+--                  all go on the queue's list, none is read for its lane; else "" (lane_of reads
+--                  each message's lane)
+--   then six arguments per job (one argument per part, so nothing is split here):
 --   payload_hash   "" when the sender gave no key (a fresh key cannot conflict); else what the key
 --                  is bound to. Checked for every item in order: a stored record bound to
 --                  another hash, or (no record yet) an earlier item of the batch with the same job
@@ -16,29 +18,47 @@
 --                  in {ns}:jobs): re-sending a key never resets its job
 --   event          the ``enqueued`` trace event, added to {ns}:trace:{id} (capped near trace_maxlen)
 --   message        dramatiq's encoded message, stored under message_id in {ns}:{queue}.msgs and
---                  pushed on its lane of the queue (lanes_lib.lua, run before this: {ns}:{queue} for
---                  a normal message without a flow key); then up to wake_cap wake-up tokens on
---                  {ns}:{queue}.wake
+--                  pushed on its lane of the queue (lanes_lib.lua, defined before this in a function,
+--                  lanes_lib(), called for a batch that is not plain: {ns}:{queue} for a normal
+--                  message without a flow key); then wake-up tokens on {ns}:{queue}.wake, one a
+--                  message, as many as keep it within wake_cap: its length read first (LLEN), so a
+--                  full list (consumers busy, none waiting for a token) costs that one command, where
+--                  pushing and trimming back (RPUSH, LTRIM) cost two
 --
 -- Returns 0 when every item was written.
 
 local ns = KEYS[1]
 local queue, created_at, wake_cap, trace_maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local first = 5
-local n = #ARGV - first + 1
+local plain = ARGV[5] == "1"
+local lane_of, lane_push -- lanes_lib.lua's, defined only when a message is not plain
+local first, width = 6, 6
+local n = (#ARGV - first + 1) / width
 if n < 1 then return 0 end
 
-local find, sub = string.find, string.sub
-local ids, hashes, records, events, message_ids, messages = {}, {}, {}, {}, {}, {}
-for i = 1, n do
-    local job = ARGV[first + i - 1]
-    local a = find(job, "\n", 1, true)
-    local b = find(job, "\n", a + 1, true)
-    local c = find(job, "\n", b + 1, true)
-    local d = find(job, "\n", c + 1, true)
-    local e = find(job, "\n", d + 1, true)
-    ids[i], hashes[i], records[i] = sub(job, 1, a - 1), sub(job, a + 1, b - 1), sub(job, b + 1, c - 1)
-    events[i], message_ids[i], messages[i] = sub(job, c + 1, d - 1), sub(job, d + 1, e - 1), sub(job, e + 1)
+-- One job (a send()): the same check and writes as the batch's below, without its tables.
+if n == 1 then
+    local job_id, hash, message_id, message = ARGV[first], ARGV[first + 1], ARGV[first + 4], ARGV[first + 5]
+    local key = ns .. ":job:" .. job_id
+    if not redis.call("set", key, ARGV[first + 2], "nx") and hash ~= "" then
+        local ok, raw = pcall(redis.call, "get", key)
+        local stored = raw
+        if ok then ok, stored = pcall(function() return cjson.decode(raw)["payload_hash"] end) end
+        if not ok then error(stored) end
+        if stored ~= nil and stored ~= cjson.null and stored ~= hash then return 1 end
+    end
+    redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", ARGV[first + 3])
+    redis.call("zadd", ns .. ":jobs", "nx", created_at, job_id)
+    local ready = ns .. ":" .. queue
+    redis.call("hset", ready .. ".msgs", message_id, message)
+    if plain then
+        redis.call("rpush", ready, message_id)
+    else
+        lane_of, lane_push = lanes_lib()
+        lane_push(ready, message_id, message, false)
+    end
+    local wake = ready .. ".wake"
+    if redis.call("llen", wake) < wake_cap then redis.call("rpush", wake, 1) end
+    return 0
 end
 
 -- The records first, in order, each a SET NX: a fresh key (the usual case) costs that one command,
@@ -47,9 +67,10 @@ end
 -- written, as when every key was checked before the first write.
 local bound, created, made = {}, {}, {}
 for i = 1, n do
-    local job_id, hash = ids[i], hashes[i]
+    local at = first + (i - 1) * width
+    local job_id, hash = ARGV[at], ARGV[at + 1]
     local key = ns .. ":job:" .. job_id
-    if redis.call("set", key, records[i], "nx") then
+    if redis.call("set", key, ARGV[at + 2], "nx") then
         created[#created + 1] = key
         made[job_id] = true
         if hash ~= "" then bound[job_id] = hash end
@@ -85,23 +106,30 @@ local slice = 1000
 for from = 1, n, slice do
     local index, bodies, pushed = {}, {}, {}
     for i = from, math.min(n, from + slice - 1) do
-        local job_id = ids[i]
-        redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", events[i])
+        local at = first + (i - 1) * width
+        local job_id = ARGV[at]
+        redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", ARGV[at + 3])
         index[#index + 1] = created_at
         index[#index + 1] = job_id
-        bodies[#bodies + 1] = message_ids[i]
-        bodies[#bodies + 1] = messages[i]
+        bodies[#bodies + 1] = ARGV[at + 4]
+        bodies[#bodies + 1] = ARGV[at + 5]
     end
     redis.call("zadd", jobs, "nx", unpack(index))
     redis.call("hset", msgs, unpack(bodies))
     -- Normal messages without a flow key go on the queue's list in one command; the others each
     -- to its lane (lanes_lib.lua).
     for i = from, math.min(n, from + slice - 1) do
-        local level, flow = lane_of(messages[i])
-        if level == "normal" and not flow then
-            pushed[#pushed + 1] = message_ids[i]
+        local at = first + (i - 1) * width
+        if plain then
+            pushed[#pushed + 1] = ARGV[at + 4]
         else
-            lane_push(ready, message_ids[i], messages[i], false)
+            if not lane_of then lane_of, lane_push = lanes_lib() end
+            local level, flow = lane_of(ARGV[at + 5])
+            if level == "normal" and not flow then
+                pushed[#pushed + 1] = ARGV[at + 4]
+            else
+                lane_push(ready, ARGV[at + 4], ARGV[at + 5], false)
+            end
         end
     end
     if #pushed > 0 then redis.call("rpush", ready, unpack(pushed)) end
@@ -109,6 +137,6 @@ end
 
 local wake = ns .. ":" .. queue .. ".wake"
 local tokens = {}
-for t = 1, math.min(n, wake_cap) do tokens[t] = 1 end
-if redis.call("rpush", wake, unpack(tokens)) > wake_cap then redis.call("ltrim", wake, -wake_cap, -1) end
+for t = 1, math.min(n, wake_cap - redis.call("llen", wake)) do tokens[t] = 1 end
+if #tokens > 0 then redis.call("rpush", wake, unpack(tokens)) end
 return 0

@@ -219,8 +219,7 @@ def test_a_fresh_key_is_checked_by_the_write_of_its_record_alone(tmp_path, make_
     alone tells a fresh key, and only a key already taken is read for the payload it is bound to."""
     from tests.broker.deployed import private_redis
 
-    server = private_redis(tmp_path)
-    server.start()
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
     try:
         client = MeshClient(make_settings(redis_url=server.url))
         client.send("executor", NOTE, key="warm")  # the script loaded
@@ -265,3 +264,86 @@ def test_a_key_whose_record_is_json_but_no_object_leaves_nothing_of_its_batch(cl
     assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
     assert client.queues(["executor"])["executor"]["ready"] == 0
     assert client.redis.get(client.keys.job(job_id_for("odd"))) == stored
+
+
+@pytest.mark.parametrize("stored", [None, b"5", b"true", b"null", b'"text"', b"[1]", b"hash", b"unbound", b"bound"])
+def test_a_single_send_checks_its_key_as_a_batch_does(client, stored):
+    """A send of one job takes the script's path for one job: its key is checked as a batch's are. A
+    record bound to another payload is a KeyConflict, one of another type or a JSON number, true or
+    null fails the call, each with nothing written; a string, an array or a record bound to nothing
+    binds nothing; the same payload is the same job, its message sent again."""
+    key, job = "single", job_id_for("single")
+    other = {"tool": "note", "args": {"title": "other"}}
+    if stored == b"hash":
+        client.redis.hset(client.keys.job(job), "x", "y")
+    elif stored in (b"unbound", b"bound"):
+        client.send("executor", other if stored == b"bound" else NOTE, key=key)
+        if stored == b"unbound":
+            record = loads(client.redis.get(client.keys.job(job)))
+            client.redis.set(client.keys.job(job), dumps({**record, "payload_hash": None}))
+    elif stored is not None:
+        client.redis.set(client.keys.job(job), stored)
+    before = client.redis.get(client.keys.job(job)) if stored != b"hash" else None
+    ready = client.queues(["executor"])["executor"]["ready"]
+    if stored in (b"hash", b"5", b"true", b"null", b"bound"):
+        with pytest.raises(KeyConflict if stored == b"bound" else Exception,
+                           match={b"hash": "WRONGTYPE", b"bound": "single"}.get(stored, "attempt to index")):
+            client.send("executor", NOTE, key=key)
+        assert client.queues(["executor"])["executor"]["ready"] == ready
+        assert len(client.redis.xrange(client.keys.trace(job))) == (1 if stored == b"bound" else 0)
+    else:
+        ref = client.send("executor", NOTE, key=key)
+        assert ref.id == job and client.queues(["executor"])["executor"]["ready"] == ready + 1
+        assert client.redis.zscore(client.keys.jobs, job) is not None
+    if stored is None:
+        assert client.status(job).payload_hash == payload_hash("executor", NOTE)
+    elif stored != b"hash":
+        assert client.redis.get(client.keys.job(job)) == before  # SET NX: never replaced
+
+
+def test_sends_keep_the_wake_up_tokens_within_the_cap_one_a_message(client):
+    """One token a message, up to WAKE_CAP (64) waiting: a single send onto a full list adds none, onto
+    a list a consumer took from adds one; a batch fills what is left."""
+    wake = client.keys.wake("executor")
+    for i in range(70):
+        client.send("executor", NOTE, key=f"w-{i}")
+    assert client.redis.llen(wake) == 64
+    client.redis.lpop(wake, 10)
+    for i in range(3):
+        client.send("executor", NOTE, key=f"w2-{i}")
+    assert client.redis.llen(wake) == 57
+    client.send_many("executor", [(NOTE, f"w3-{i}") for i in range(5)])
+    assert client.redis.llen(wake) == 62
+    client.send_many("executor", [(NOTE, f"w4-{i}") for i in range(5)])
+    assert client.redis.llen(wake) == 64
+    assert client.redis.lrange(wake, 0, -1) == [b"1"] * 64
+
+
+@pytest.mark.slow
+def test_a_send_onto_a_full_wake_up_list_reads_its_length_and_writes_nothing_to_it(tmp_path, make_settings):
+    """The cap is kept by reading the list's length before pushing (LLEN), not by pushing and trimming
+    back (RPUSH, LTRIM): with the consumers busy and the list full, one command a send, not two."""
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
+    try:
+        client = MeshClient(make_settings(redis_url=server.url))
+        for i in range(64):
+            client.send("executor", NOTE, key=f"fill-{i}")
+
+        def calls() -> dict[str, int]:
+            stats = client.redis.info("commandstats")
+            return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("llen", "ltrim", "rpush")}
+
+        before = calls()
+        for i in range(5):
+            client.send("executor", NOTE, key=f"full-{i}")
+        client.send_many("executor", [(NOTE, f"full-many-{i}") for i in range(3)])
+        after = calls()
+        assert after["ltrim"] - before["ltrim"] == 0
+        assert after["llen"] - before["llen"] == 6
+        assert after["rpush"] - before["rpush"] == 6  # the messages' ids on the queue alone
+        assert client.redis.llen(client.keys.wake("executor")) == 64
+        client.redis.close()
+    finally:
+        server.stop()

@@ -71,8 +71,8 @@ def test_each_job_of_a_batch_is_the_bytes_its_models_encode(payload, agent, goal
     for i, key in enumerate(ODD_KEYS):
         batch.add(f"step-{i}", payload, key=key, job_id=f"job-{i}", trace_id=f"{i + 1:032x}", payload_hash=f"h{i}",
                   checked=bool(i % 2), flow_key=flow_key)
-    for i, (key, arg) in enumerate(zip(ODD_KEYS, batch.args[4:], strict=True)):
-        job_id, bound, record, event, rid, data = arg.split(b"\n")
+    for i, (key, job) in enumerate(zip(ODD_KEYS, batch.jobs(), strict=True)):
+        job_id, bound, record, event, rid, data = job
         assert (job_id, bound) == (f"job-{i}".encode(), f"h{i}".encode() if i % 2 else b"")
         decoded = loads(data)
         assert rid.decode() == decoded["options"]["redis_message_id"]
@@ -95,7 +95,7 @@ def test_a_payload_past_the_limits_is_refused_by_the_formats_as_by_the_models():
     # Many brackets, shallow: within the depth (the count alone does not refuse it).
     batch.add("executor", {"a": [[] for _ in range(50)]}, key="k", job_id="j", trace_id="1" * 32, payload_hash="h",
               checked=False)
-    assert len(batch.args) == 5
+    assert len(batch.jobs()) == 1
 
 
 class Aliased(BaseModel):
@@ -204,7 +204,7 @@ def test_the_message_ids_are_uuid4_texts():
     batch = NewJobs(agent="executor", queue="executor", version=None, deadline=time.time() + 60, token_budget=None,
                     goal=None, now=time.time())
     batch.add("executor", {}, key="k", job_id="j", trace_id="1" * 32, payload_hash="h", checked=False)
-    message = orjson.loads(batch.args[4].split(b"\n")[5])
+    message = orjson.loads(batch.jobs()[0][5])
     for text in (message["message_id"], message["options"]["redis_message_id"]):
         assert str(uuid.UUID(text)) == text and uuid.UUID(text).version == 4
 

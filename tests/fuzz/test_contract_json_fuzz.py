@@ -113,7 +113,7 @@ def test_a_sends_bytes_are_the_models_or_refused_as_they_refuse_them(agent: str,
         got = _outcome(functools.partial(batch.add, step_id, payload, checked=True, **item))
         rid = mid = "00000000-0000-4000-8000-000000000000"
         if got is None:
-            _, _, record, event, raw_rid, data = batch.args[-1].split(b"\n", 5)
+            _, _, record, event, raw_rid, data = batch.jobs()[-1]
             rid, mid, got = raw_rid.decode(), orjson.loads(data)["message_id"], (record, event, data)
         want = _models_gave(agent=agent, queue=agent + "-q", version=version, budget=budget, goal=goal,
                             priority=priority, now=float(now), deadline=float(deadline), step_id=step_id,
