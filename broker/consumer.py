@@ -115,8 +115,10 @@ class MeshConsumer(_RedisConsumer):
     def reserve(self, thread: Any) -> EagerSlot | None:
         """A place in the window for a message a step's success write fetches straight into this
         consumer's hands (:class:`EagerSlot`, handed to dramatiq through ``thread``, its consumer thread),
-        or None when the window has no room."""
-        if self.idempotency is None or self.queue_name not in self.broker.record_queues:
+        or None when the window has no room or the queue had a backlog at the last fetch."""
+        if not self.drained or self.idempotency is None or self.queue_name not in self.broker.record_queues:
+            # Only a consumer whose last fetch emptied its queue: it would take the message with a wake-up
+            # and a fetch of its own. One with a backlog fetches in batches, at less cost a message.
             return None
         with self._room_lock:
             if self.outstanding_message_count + self.eager_reserved >= self.prefetch:

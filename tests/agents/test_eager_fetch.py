@@ -178,3 +178,17 @@ def test_a_write_sent_again_after_its_answer_was_lost_has_its_first_fetch_reclai
     second = next(consumer)
     assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
     assert consumer.reclaimed
+
+
+def test_a_consumer_with_a_backlog_fetches_in_batches_and_the_next_step_waits_in_its_lane(worker):
+    w = worker
+    w.client.run("pair", {"text": "hi"})
+    for n in range(5):
+        w.client.send("echo", {"text": f"backlog {n}"})
+    first = next(w.thread.consumer)  # fetches the window's 4: the queue still holds 2
+    assert first.args[0]["step_id"] == "first" and not w.thread.consumer.drained
+
+    run(w, first)
+
+    assert handed(w) == []
+    assert w.broker.records.llen(w.broker.keys.queue("echo")) == 3
