@@ -115,13 +115,17 @@ class MeshConsumer(_RedisConsumer):
     def reserve(self, thread: Any) -> EagerSlot | None:
         """A place in the window for a message a step's success write fetches straight into this
         consumer's hands (:class:`EagerSlot`, handed to dramatiq through ``thread``, its consumer thread),
-        or None when the window has no room or the queue had a backlog at the last fetch."""
+        or None when the window has no room, the consumer holds more than one message, or the queue had
+        a backlog at the last fetch."""
         if not self.drained or self.idempotency is None or self.queue_name not in self.broker.record_queues:
             # Only a consumer whose last fetch emptied its queue: it would take the message with a wake-up
             # and a fetch of its own. One with a backlog fetches in batches, at less cost a message.
             return None
         with self._room_lock:
-            if self.outstanding_message_count + self.eager_reserved >= self.prefetch:
+            held = self.outstanding_message_count + self.eager_reserved
+            # And only one holding nothing but (maybe) the step whose success fetches: a busy consumer's
+            # next batch takes the message at less cost than fetches of one message each.
+            if held > 1 or held >= self.prefetch:
                 return None
             self.eager_reserved += 1
         return EagerSlot(self, thread)

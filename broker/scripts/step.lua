@@ -30,11 +30,12 @@
 --            running index, the next steps' messages); HINCRBY and HINCRBYFLOAT are added up over
 --            the group and run once per field
 --
--- Per item: 1 written (its message settled, if it names one); with e = 8, {1} (nothing fetched) or
+-- Per item: 1 written (its message settled, if it names one), with e = 8 {1} (nothing fetched) or
 -- {1, id, data, claim} ({key, "run"|"busy"|"done", token, ...} as claim.lua answers, or 0: no key
--- found) instead, a write sent again that had landed before answering 1 or 2 (its fetch is not known); 2 written, but the message was no
--- longer this worker's (reaped while paused: its body is left to its new owner); 0 the claim is not
--- the attempt's any more, nothing written; -1 no record; an error: a command of the write was refused
+-- found) instead (a write sent again that had landed before answers 1 or 2: what its first call
+-- fetched is not known); 2 written, but the message was no longer this worker's (reaped while
+-- paused: its body is left to its new owner); 0 the claim is not the attempt's any more, nothing
+-- written; -1 no record; an error: a command of the write was refused
 -- (a key of the wrong type) and its other commands ran, as in the MULTI this replaced, its claim not
 -- stored as done and its message not settled; else the record's current bytes: it changed since the
 -- write was computed, nothing written (read them, recompute, write again).
