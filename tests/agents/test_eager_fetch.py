@@ -11,12 +11,15 @@ its threads would, one step at a time."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from queue import Empty, PriorityQueue
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from dramatiq.worker import ConsumerThread
 from pydantic import BaseModel
 
@@ -26,8 +29,13 @@ from mesh.broker import MeshClient
 from mesh.broker.idempotency import Idempotency
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.contracts import State
+from tests.apps.relay import app as relay
+from tests.apps.relay import arrived_key, gate_key
 
 app = App("eager-fetch")
+
+#: Short, so the killed worker's messages come back soon (the lease is as long by default).
+HEARTBEAT_TIMEOUT_S = 3
 
 
 class Text(BaseModel):
@@ -192,3 +200,30 @@ def test_a_consumer_with_a_backlog_fetches_in_batches_and_the_next_step_waits_in
 
     assert handed(w) == []
     assert w.broker.records.llen(w.broker.keys.queue("echo")) == 3
+
+
+@pytest.mark.slow
+def test_a_worker_killed_holding_a_step_its_last_success_fetched_loses_nothing(make_settings, worker_process,
+                                                                                 rclient):
+    """Not a fault of the code before (its fetch held the step the same way): the guarantee kept."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    client = MeshClient(settings, client=rclient, app=relay)
+    env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+    victim = worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+    ref = client.run("relay", {"text": "hi"})
+    wait_for(lambda: int(rclient.get(arrived_key(settings.namespace)) or 0) == 1, timeout_s=30)
+    record = client.status(ref.id)
+    first, second = record.steps["first"], record.steps["second"]
+    assert first.state is State.SUCCEEDED and second.state is State.RUNNING
+    acks = [k for k in rclient.scan_iter(f"{settings.namespace}:__acks__.*.held")]
+    assert len(acks) == 1 and rclient.scard(acks[0]) == 1  # held where a reaper looks
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+    rclient.set(gate_key(settings.namespace), 1)
+    worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+    record = client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 20)
+    assert record.state is State.SUCCEEDED
+    assert record.steps["second"].token is not None and record.steps["second"].token > second.token
+    assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
+    assert int(rclient.hget(client.keys.stats, "takeovers") or 0) >= 1
