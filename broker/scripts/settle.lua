@@ -29,8 +29,9 @@
 --                                    -> 2 (nothing done) when another entry holds entry_id; 3 (nothing
 --                                       done) when this worker no longer held the message; else 1:
 --                                       the entry lands in the mesh DLQ and its agent and class
---                                       indexes (and its job's, job_id not ""), the original is settled (route: "{class}:{route}",
---                                       counted in {ns}:routes); retention is the sweep's (dlq/retention.py)
+--                                       indexes (and its job's, when job_id is not ""), the original
+--                                       is settled (route: "{class}:{route}", counted in
+--                                       {ns}:routes); retention is the sweep's (dlq/retention.py)
 --   job (retry, dead): the job-record change of the failed attempt (JSON, see apply_job below, or
 --   ""): it lands in the same step as the message's fate, and a record that
 --   changed since the caller read it is refused before anything is written (-1: read and retry)
