@@ -226,6 +226,9 @@ def stage_dead_letter(pipe: Any, keys: Keys, message: Message, error: str, worke
     pipe.zadd(keys.dlq_by_agent(entry.agent or "-"), {entry.entry_id: at})
     pipe.zadd(keys.dlq_by_class(entry.failure_class), {entry.entry_id: at})
     pipe.sadd(keys.dlq_agents, entry.agent or "-")
+    if entry.job_id:
+        pipe.zadd(keys.dlq_by_job(entry.job_id), {entry.entry_id: at})
+        pipe.set(keys.dlq_jobs_since, at, nx=True)
     return entry
 
 

@@ -256,10 +256,10 @@ class MeshConsumer(_RedisConsumer):
         return decision
 
     def _settle_job(self, command: str, job: JobWrite | None, rid: str, *args: Any,
-                    lease: Lease | None = None) -> int:
+                    lease: Lease | None = None, after: tuple[Any, ...] = ()) -> int:
         """Settle with the job-record change in the same script; a record changed meanwhile by
-        another writer is read again and the change recomputed (optimistic, like WATCH). The
-        script's answer."""
+        another writer is read again and the change recomputed (optimistic, like WATCH); ``after``:
+        the command's arguments after the job's. The script's answer."""
         for _ in range(CONFLICT_RETRIES):
             arg = self._job_arg(job)
             if isinstance(arg, StepRecord):
@@ -269,7 +269,7 @@ class MeshConsumer(_RedisConsumer):
                 logger.warning("attempt failed after its success was recorded: settled as done",
                                extra={"job_id": job.job_id, "step_id": job.step_id})
                 return self._settle_done(rid, arg, lease)
-            answer = int(self.broker.settle(command, self.queue_name, rid, *args, arg))
+            answer = int(self.broker.settle(command, self.queue_name, rid, *args, arg, *after))
             if answer == 3:
                 self._superseded(rid)
             if answer != -1:
@@ -365,7 +365,7 @@ class MeshConsumer(_RedisConsumer):
         for entry_id in (entry.entry_id, f"{entry.entry_id}.{rid}", f"{entry.entry_id}.{rid}.{uuid.uuid4().hex[:12]}"):
             entry = entry.model_copy(update={"entry_id": entry_id})
             if self._settle_job("dead", job, rid, entry_id, dumps(entry), raw, stat, route,
-                                agent, entry.failure_class, lease=lease) != 2:
+                                agent, entry.failure_class, lease=lease, after=(entry.job_id or "",)) != 2:
                 if taken:
                     logger.warning("dead-letter id taken: kept under another", extra={
                         "queue": self.queue_name, "taken": taken, "entry_id": entry_id})

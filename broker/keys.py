@@ -83,6 +83,10 @@ The mesh's own:
     {ns}:dlq                          zset entry id -> dead-lettered time (ms)
     {ns}:dlq.agent:{agent}            zset entry id -> time, per agent ("-" when none)
     {ns}:dlq.agents                   set of agent names that ever had a dead letter
+    {ns}:dlq.job:{job_id}             zset entry id -> time, the dead letters of one job (entries that name
+                                      no job have none); how `mesh verify`/`settle` find a step's entry
+    {ns}:dlq.jobs.since               string: when (ms) the first entry was indexed by job; entries from
+                                      before it (written by an older mesh) are looked for by agent and time
     {ns}:console.logout:{id}          string: a console session logged out (id: a digest of its cookie), refused
                                       from then on; expires with the longest session (ops/web/auth.py)
     {ns}:dlq.class:{class}            zset entry id -> time, per failure class
@@ -307,6 +311,13 @@ class Keys:
     @property
     def dlq_agents(self) -> str:
         return f"{self.namespace}:dlq.agents"
+
+    def dlq_by_job(self, job_id: str) -> str:
+        return f"{self.namespace}:dlq.job:{job_id}"
+
+    @property
+    def dlq_jobs_since(self) -> str:
+        return f"{self.namespace}:dlq.jobs.since"
 
     def dlq_by_class(self, failure_class: str) -> str:
         return f"{self.namespace}:dlq.class:{failure_class}"

@@ -164,6 +164,17 @@ class DeadLetterStore:
             if len(rows) < 2 * batch:
                 return
 
+    def of_job(self, job_id: str) -> list[Stored]:
+        """The job's dead letters, oldest first, from the job's index: what it costs depends on the
+        job's own entries, never on the DLQ's size. Entries written before the index was kept (by an
+        older mesh) are not in it: see :meth:`indexed_since`."""
+        return self._fetch(self.client.zrange(self.keys.dlq_by_job(job_id), 0, -1))
+
+    def indexed_since(self) -> float | None:
+        """When (UNIX s) the DLQ began indexing entries by job; None: no entry was indexed yet."""
+        since = self.client.get(self.keys.dlq_jobs_since)
+        return None if since is None else int(since) / 1000
+
     def stats(self) -> dict[str, Any]:
         """Counts by agent and by class, the total, and the oldest and newest dead-lettered times."""
         total = self.count()
@@ -187,15 +198,18 @@ class DeadLetterStore:
             pipe.zrem(self.keys.dlq, e.entry_id)
             pipe.zrem(self.keys.dlq_by_agent(e.agent or "-"), e.entry_id)
             pipe.zrem(self.keys.dlq_by_class(e.failure_class), e.entry_id)
+            if e.job_id:
+                pipe.zrem(self.keys.dlq_by_job(e.job_id), e.entry_id)
         if own:
             pipe.execute()
 
     def put(self, entry: DeadLetter, raw: bytes) -> bool:
         """Write ``entry`` back with its indexes unless its id is already in the DLQ."""
         keys = [self.keys.dlq, self.keys.dead_letter(entry.entry_id), self.keys.dlq_by_agent(entry.agent or "-"),
-                self.keys.dlq_by_class(entry.failure_class), self.keys.dlq_agents]
+                self.keys.dlq_by_class(entry.failure_class), self.keys.dlq_agents,
+                self.keys.dlq_by_job(entry.job_id or ""), self.keys.dlq_jobs_since]
         args: list[str | bytes | int] = [entry.entry_id, int(entry.dead_lettered_at * 1000), dumps(entry), raw,
-                                         entry.agent or "-", entry.failure_class]
+                                         entry.agent or "-", entry.failure_class, "1" if entry.job_id else ""]
         return bool(self._put(keys=keys, args=args))
 
     # -- internals ----------------------------------------------------------------------------

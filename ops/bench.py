@@ -561,8 +561,8 @@ def _fill_dlq(store: Any, n: int) -> None:
                      "options": {}, "message_id": entry.entry_id, "message_timestamp": 0})
         k = store.keys
         store._put(keys=[k.dlq, k.dead_letter(entry.entry_id), k.dlq_by_agent("executor"),
-                         k.dlq_by_class("permanent"), k.dlq_agents],
-                   args=[entry.entry_id, int(time.time() * 1000), dumps(entry), raw, "executor", "permanent"],
+                         k.dlq_by_class("permanent"), k.dlq_agents, k.dlq_by_job(job.job_id), k.dlq_jobs_since],
+                   args=[entry.entry_id, int(time.time() * 1000), dumps(entry), raw, "executor", "permanent", "1"],
                    client=pipe)
         if i % 2_000 == 1_999:
             pipe.execute()

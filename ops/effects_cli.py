@@ -143,8 +143,20 @@ def _move(c: MeshClient, app: Any, record: JobRecord, decision: Any) -> dict[str
     return {"moved": None, "job_state": str(record.state)}
 
 
+#: How far the clocks of a worker (the step's times) and Redis (the DLQ's) may be apart.
+_SKEW_S = 300
+#: How long after the DLQ began indexing entries by job a worker of an older mesh may still write
+#: entries without that index (a rolling deploy): those are looked for by agent and time.
+_OLDER_WORKERS_S = 86_400
+
+
 def _dead_letter(c: MeshClient, record: JobRecord, step_id: str) -> list[Any]:
-    """The dead letters the unknown step left (newest last); none when the step is not the job's."""
+    """The dead letters the unknown step left (newest last); none when the step is not the job's.
+
+    From the job's index in the DLQ (``{ns}:dlq.job:{job_id}``): its cost is the job's dead
+    letters, whatever the size of the DLQ. An entry written before that index was kept (by an older
+    mesh) is looked for among the agent's entries from the step's start to when the index began
+    (and a day after, for the older workers of a rolling deploy): none once the step started later."""
     from mesh.dlq import DeadLetterStore
     from mesh.dlq.store import Filter
 
@@ -152,7 +164,14 @@ def _dead_letter(c: MeshClient, record: JobRecord, step_id: str) -> list[Any]:
     if step is None:
         return []
     store = DeadLetterStore(c.redis, c.keys)
-    return [s for batch in store.iter(Filter(agent=step.agent)) for s in batch
+    found = [s for s in store.of_job(record.job_id) if s.entry.key == step.key]
+    if found:
+        return found
+    since, began = (step.started_at or step.created_at) - _SKEW_S, store.indexed_since()
+    until = None if began is None else began + _OLDER_WORKERS_S
+    if until is not None and since > until:
+        return []
+    return [s for batch in store.iter(Filter(agent=step.agent, since=since, until=until)) for s in batch
             if s.entry.job_id == record.job_id and s.entry.key == step.key]
 
 

@@ -3,6 +3,7 @@ the jobs it makes."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -475,20 +476,31 @@ def trace_(job_id: Annotated[str, typer.Argument(
            follow: Annotated[bool, typer.Option("--follow", "-f", help="Print each event as it happens, one a "
                                                 "line (with --json, one JSON object a line), until the job ends.")
                              ] = False,
+           after: Annotated[str | None, typer.Option(
+               "--after", metavar="EVENT_ID", show_default=False,
+               help="With --follow: start after this event id (an \"id\" that --follow --json printed), to go "
+                    "on where an earlier follow stopped.")] = None,
            as_json: JsonFlag = False) -> None:
     """A job's timeline, step by step, with offsets and durations.
 
     Every step's events in order: enqueued, picked up, tool calls, deferrals, failures, dead
     letters, duplicates, success. With --follow, the events so far and then each as it happens,
-    until the job ends (Ctrl-C stops following; the job goes on)."""
+    until the job ends (Ctrl-C stops following; the job goes on); with --after, only those after
+    that event."""
     from mesh.broker import trace
     from mesh.ops import dag
     from mesh.ops.timeline import by_step, render
 
+    if after is not None and not follow:
+        raise typer.BadParameter("goes with --follow (mesh trace JOB --follow --after EVENT_ID)",
+                                 param_hint="--after")
+    if after is not None and not EVENT_ID.fullmatch(after):
+        raise typer.BadParameter(f"{after!r} is not an event id: give one as --follow --json prints it "
+                                 "(\"id\", e.g. 1733500000000-0)", param_hint="--after")
     c = client()
     given, candidates = job_id, _job_candidates(c, job_id)
     if follow:
-        _follow(c, given, candidates, as_json)
+        _follow(c, given, candidates, as_json, after or "0")
         return
     for job_id in candidates:
         events = trace.read(c.redis, c.keys, job_id)
@@ -507,15 +519,20 @@ def trace_(job_id: Annotated[str, typer.Argument(
         out.print(line)  # soft-wrapped: a long line stays whole, never cropped at the terminal's width
 
 
-def _follow(c: MeshClient, given: str, candidates: list[str], as_json: bool) -> None:
-    """``mesh trace --follow``: :meth:`MeshClient.events` printed as they come."""
+#: A trace event's id as ``mesh trace --follow --json`` prints it: a stream id (``MS-SEQ``; a compacted
+#: job's kept events read as ``0-1``, ``0-2``, ...), or ``0`` for the start.
+EVENT_ID = re.compile(r"\d+(-\d+)?")
+
+
+def _follow(c: MeshClient, given: str, candidates: list[str], as_json: bool, after: str = "0") -> None:
+    """``mesh trace --follow [--after EVENT_ID]``: :meth:`MeshClient.events` printed as they come."""
     import contextlib
     import itertools
 
     from mesh.ops.timeline import event_line
 
     for job_id in candidates:
-        events = c.events(job_id)
+        events = c.events(job_id, last_id=after)
         try:
             first = next(events)
         except JobNotFound:
@@ -548,5 +565,6 @@ def register(app: typer.Typer) -> None:
     app.command(epilog="Example: `mesh status job-5f0c` (a unique start of the id is enough), `mesh status order-7`, "
                 "or `mesh status` for the deployment")(status)
     app.command()(jobs)
-    app.command("trace", epilog="Example: `mesh trace job-5f0c --json`, `mesh trace order-7`, or "
-                "`mesh trace order-7 --follow` while it runs")(trace_)
+    app.command("trace", epilog="Examples: `mesh trace job-5f0c --json`, `mesh trace order-7`, "
+                "`mesh trace order-7 --follow` while it runs, and `mesh trace order-7 --follow --json "
+                "--after 1733500000000-0` to go on after the last event a script printed")(trace_)

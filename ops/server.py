@@ -163,5 +163,18 @@ class OpsServer:
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    """The listening socket. ``::`` (every IPv6 interface) takes IPv4 connections too where the
+    system can (IPV6_V6ONLY off), as ``0.0.0.0`` does for IPv4: a probe to ``127.0.0.1`` or an
+    IPv4 address of the machine gets an answer (``create_server`` alone would listen on IPv6 only)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    return socket.create_server((host, port), family=family, backlog=backlog)
+    dual = family == socket.AF_INET6 and _unspecified(host) and socket.has_dualstack_ipv6()
+    return socket.create_server((host, port), family=family, backlog=backlog, dualstack_ipv6=dual)
+
+
+def _unspecified(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:  # a name, not an address
+        return False

@@ -23,7 +23,8 @@ ops_app.add_typer(user_app, name="user")
 @ops_app.command("serve", epilog="Example: `mesh ops serve --host 0.0.0.0 --port 9464`, then "
                  "`curl localhost:9464/readyz`")
 def ops_serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.", metavar="ADDRESS")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every IPv4 interface; ::: every "
+                                           "interface, IPv6 and IPv4).", metavar="ADDRESS")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).", metavar="PORT")] = 9464,
     app_path: Annotated[str | None, typer.Option(
         "--app", metavar="MODULE:APP", show_default=False,
@@ -53,14 +54,15 @@ def ops_serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_INPUT)
     except ConfigError as exc:
         fail(str(exc), EXIT_INPUT)
-    err.print(Text(f"serving /metrics, /healthz, /readyz on http://{host}:{server.port}"))
+    where = f"[{host.strip('[]')}]" if ":" in host else host  # an IPv6 address, bracketed as a URL has it
+    err.print(Text(f"serving /metrics, /healthz, /readyz on http://{where}:{server.port}"))
     access = server.access
     if access.off_reason is not None:
         err.print(Text(access.off_reason))
     elif access.login_needed:
-        err.print(Text(f"console on http://{host}:{server.port}/ for {len(access.users)} user(s)"))
+        err.print(Text(f"console on http://{where}:{server.port}/ for {len(access.users)} user(s)"))
     else:
-        err.print(Text(f"console on http://{host}:{server.port}/ (loopback, no users: open as {access.local})"))
+        err.print(Text(f"console on http://{where}:{server.port}/ (loopback, no users: open as {access.local})"))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a stop asked for exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):

@@ -25,12 +25,13 @@
 --   retry     id, new_id, new_data, stat, route, job
 --                                    -> 1: the copy goes on {queue}.DQ, the original is settled; 3:
 --                                       this worker no longer held the original, nothing is done
---   dead      id, entry_id, entry, raw, stat, route, agent, class, job
+--   dead      id, entry_id, entry, raw, stat, route, agent, class, job, job_id
 --                                    -> 2 (nothing done) when another entry holds entry_id; 3 (nothing
 --                                       done) when this worker no longer held the message; else 1:
 --                                       the entry lands in the mesh DLQ and its agent and class
---                                       indexes, the original is settled (route: "{class}:{route}",
---                                       counted in {ns}:routes); retention is the sweep's (dlq/retention.py)
+--                                       indexes (and its job's, when job_id is not ""), the original
+--                                       is settled (route: "{class}:{route}", counted in
+--                                       {ns}:routes); retention is the sweep's (dlq/retention.py)
 --   job (retry, dead): the job-record change of the failed attempt (JSON, see apply_job below, or
 --   ""): it lands in the same step as the message's fate, and a record that
 --   changed since the caller read it is refused before anything is written (-1: read and retry)
@@ -319,6 +320,10 @@ elseif command == "dead" then
             redis.call("zadd", dlq .. ".agent:" .. agent, now, entry_id)
             redis.call("sadd", dlq .. ".agents", agent)
             redis.call("zadd", dlq .. ".class:" .. class, now, entry_id)
+            if ARGV[15] and ARGV[15] ~= "" then
+                redis.call("zadd", dlq .. ".job:" .. ARGV[15], now, entry_id)
+                redis.call("set", dlq .. ".jobs.since", now, "NX")
+            end
             redis.call("hincrby", ns .. ":stats", stat, 1)
             redis.call("hincrby", ns .. ":routes", ARGV[11], 1)
             redis.call("hincrby", ns .. ":outcomes", queue .. ":" .. stat, 1)

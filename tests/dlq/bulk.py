@@ -64,6 +64,7 @@ def generate(rclient: Any, keys: Any, n: int, t0: float, chunk: int = 5_000, *, 
             everything[eid] = at_ms
             agent_index[agent][eid] = at_ms
             class_index[failure_class][eid] = at_ms
+            pipe.zadd(keys.dlq_by_job(envelope["job_id"]), {eid: at_ms})
             by_agent[agent] = by_agent.get(agent, 0) + 1
             by_class[failure_class] = by_class.get(failure_class, 0) + 1
         pipe.zadd(keys.dlq, everything)
@@ -75,4 +76,5 @@ def generate(rclient: Any, keys: Any, n: int, t0: float, chunk: int = 5_000, *, 
                 pipe.zadd(keys.dlq_by_class(failure_class), members)
         pipe.execute()
     rclient.sadd(keys.dlq_agents, *AGENTS)
+    rclient.set(keys.dlq_jobs_since, int(t0 * 1000), nx=True)
     return {"by_agent": by_agent, "by_class": by_class}

@@ -371,6 +371,45 @@ def test_mesh_trace_follow_prints_each_event_as_it_happens_and_exits_when_the_jo
             follow.wait()
 
 
+def test_mesh_trace_follow_after_an_event_id_goes_on_from_there_live_and_on_an_ended_job(client):
+    """A script that printed events with ``--follow --json`` and stopped goes on with ``--after`` the
+    last ``id`` it printed: only the events after it, live (XREAD from that id) until the job ends,
+    and the same of a job that has ended since (read from wherever its trace is kept)."""
+    from conftest import run_cli
+
+    job_id = parked(client, "resumed")
+    progress(client, job_id, 1)
+    seen = [e for e, _ in trace.read_since(client.redis, client.keys, job_id)]
+    env = mesh_env(client.settings)
+    follow = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "trace", job_id, "--follow", "--json",
+                               "--after", seen[-1]], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(follow.stdout), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        progress(client, job_id, 2)
+        wait_for(lambda: follow.poll() is not None or any('"note 2"' in line for line in lines), timeout_s=20)
+        client.deny(job_id, "researcher", reason="stop")
+        assert follow.wait(15) == 0, follow.stderr.read() if follow.stderr else ""
+        reader.join(5)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    every = [e for e, _ in trace.read_since(client.redis, client.keys, job_id)]
+    printed = [json.loads(line) for line in lines]
+    assert [e["id"] for e in printed] == every[len(seen):]  # nothing it had seen, all it had not
+    assert printed[0]["note"] == "note 2" and "denied" in [e["event"] for e in printed]
+
+    ended = run_cli(client.settings, "trace", job_id, "--follow", "--json", "--after", printed[0]["id"])
+    assert ended.returncode == 0, ended.stderr
+    assert [json.loads(line)["id"] for line in ended.stdout.splitlines()] == every[len(seen) + 1:]
+    for wrong in (("--after", "yesterday", "--follow"), ("--after", printed[0]["id"])):  # not an id; no --follow
+        refused = run_cli(client.settings, "trace", job_id, *wrong)
+        assert refused.returncode == 2 and "--after" in refused.stderr, refused.stderr
+
+
 def test_mesh_ops_user_add_writes_a_hash_the_console_logs_in_with(tmp_path, settings, rclient):
     path = tmp_path / "users"
     env = mesh_env(settings, MESH_CONSOLE_USERS_FILE=str(path))

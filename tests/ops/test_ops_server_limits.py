@@ -174,6 +174,22 @@ def test_healthz_answers_with_95_idle_connections_under_a_100_descriptor_limit(c
     assert "Too many open files" not in (tmp_path / "ops.log").read_text(), "it never ran out of descriptors"
 
 
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="this system has no dual-stack IPv6 sockets")
+def test_listening_on_every_ipv6_interface_answers_ipv4_probes_too(client):
+    """``mesh ops serve --host ::`` is every interface, as ``0.0.0.0`` is for IPv4: a probe to
+    127.0.0.1 is answered (before: the socket was IPv6-only, and the probe's connection refused)."""
+    from mesh.ops.server import OpsServer
+
+    server = OpsServer(client, "::", 0)
+    thread = server.start()
+    try:
+        for base in (f"http://127.0.0.1:{server.port}", f"http://[::1]:{server.port}"):
+            assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}, base
+    finally:
+        server.stop()
+        thread.join(10)
+
+
 def test_a_request_head_growing_past_16_kib_is_refused_with_400_before_it_ends(client):
     with ops_server(client) as base, socket.create_connection(("127.0.0.1", port_of(base)), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000)  # and more to come
