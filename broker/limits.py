@@ -55,7 +55,8 @@ AGENT, DEPENDENCY = "agent:", "dependency:"
 #: How far ahead of its rate a limit may run (ms): a burst of 100 ms' worth of requests.
 BURST_MS = 100
 #: The longest a message waiting for a concurrency slot sleeps before it looks again (ms); it sleeps
-#: as long as the slots ahead of it take to turn over, by how long a slot is usually held.
+#: as long as the slots ahead of it take to turn over, by how long a slot is usually held, and one
+#: next in line a tenth of a usual hold (scripts/limits.lua, HEAD_LOOKS).
 WAIT_MAX_MS = 30_000
 #: AIMD: a 429 multiplies the rate by DECREASE (at most once per DECREASE_HOLD_MS, so a volley of
 #: 429s from one overrun counts once), never below MIN_FACTOR of the declared rate; it climbs back by

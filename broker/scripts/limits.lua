@@ -33,6 +33,8 @@ local t = redis.call("time")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- A waiter not back this long after it was due left (its message ended elsewhere): pruned.
 local WAITER_GRACE_MS = 10000
+-- How many times per usual hold of a slot a waiter next in line looks again (see take).
+local HEAD_LOOKS = 10
 
 local function num(field, default)
     return tonumber(redis.call("hget", state, field)) or default
@@ -98,8 +100,15 @@ if command == "take" then
                 redis.call("zadd", waiting, score, member)
             end
             local position = (rank or ahead) + 1
-            -- Back when the slots ahead of it have turned over, by how long a slot is usually held.
-            local wait = math.max(20, math.min(math.floor(hold_ms * math.ceil(position / max)), wait_max))
+            -- Back when the slots ahead of it have turned over, by how long a slot is usually held. A
+            -- waiter next in line (one of the first `max`) looks again HEAD_LOOKS times per usual hold:
+            -- a slot may free long before slots usually do, and no message can be woken early (the
+            -- deferred copy sits in a worker's memory until it is due), so capacity sits idle at most
+            -- a tenth of a usual hold; the waiters behind it look once per round of turnovers.
+            local rounds = math.ceil(position / max)
+            local wait = hold_ms * rounds
+            if rounds == 1 then wait = hold_ms / HEAD_LOOKS end
+            wait = math.max(20, math.min(math.floor(wait), wait_max))
             redis.call("zadd", alive, now + wait + WAITER_GRACE_MS, member)
             keep(lease_ms)
             return {0, "concurrency", wait, gen}

@@ -151,3 +151,16 @@ def test_waiters_arriving_within_one_millisecond_keep_their_arrival_order(client
     assert all(reply[1] == b"concurrency" for reply in pipe.execute())
     waiting = client.redis.zrange(f"{client.keys.limit('agent:a', None)}:waiting", 0, -1)
     assert [m.decode() for m in waiting] == arrivals
+
+
+def test_a_waiter_next_in_line_looks_again_well_before_a_usual_hold_has_passed(client: MeshClient) -> None:
+    """Slots usually held 10 s: the waiter next in line for a slot looks again within a tenth of that
+    (a slot may free long before slots usually do); the one behind it after a round of turnovers."""
+    lim = limiter(client, agent__a={"concurrency": {"max": 1}})
+    assert lim.take("agent:a", None, "h0", "first").admitted
+    client.redis.hset(client.keys.limit("agent:a", None), "hold_ms", 10_000)
+    head = lim.take("agent:a", None, "h1", "second")
+    behind = lim.take("agent:a", None, "h2", "third")
+    assert head.reason == behind.reason == "concurrency"
+    assert 20 <= head.wait_ms <= 1_000, head.wait_ms
+    assert behind.wait_ms == 20_000, behind.wait_ms
