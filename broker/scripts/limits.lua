@@ -51,6 +51,21 @@ local function factor_now(ai_per_s)
     return f
 end
 
+-- A rate changed since its bucket was booked (`mesh limits set`, a reset, a new declaration): what is
+-- booked ahead of now is paced again at the new rate, so raising a rate lets new requests in as soon as
+-- the new rate would have (not behind a backlog booked at the old one) and lowering it holds them back
+-- as long. `unit`: a unit's cost (ms) at the declared or overridden rate; `unit_field` records it.
+local function repace(field, unit_field, unit)
+    if not unit or unit <= 0 then return end
+    local was = tonumber(redis.call("hget", state, unit_field))
+    if was == unit then return end
+    if was and was > 0 then
+        local ahead = num(field, 0) - now
+        if ahead > 0 then redis.call("hset", state, field, now + ahead * unit / was) end
+    end
+    redis.call("hset", state, unit_field, unit)
+end
+
 local function prune()
     redis.call("zremrangebyscore", holders, "-inf", now)
     local gone = redis.call("zrangebyscore", alive, "-inf", now)
@@ -76,6 +91,8 @@ if command == "take" then
     local permit_gen, permit_due = tonumber(ARGV[10]), tonumber(ARGV[11])
     local wait_max, ai = tonumber(ARGV[12]), tonumber(ARGV[13])
     local f = factor_now(ai)
+    repace("tat", "req_unit", req_ms)
+    repace("ttat", "tok_unit", tok_ms)
     local gen = num("gen", 0)
     local hold_ms = num("hold_ms", 200)
     -- Concurrency: a free slot, and no earlier arrival waiting for one.

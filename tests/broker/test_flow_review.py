@@ -75,3 +75,5 @@ def test_a_concurrency_waiter_takes_a_slot_soon_after_it_frees(settings: MeshSet
     idle = service.arrived[2] - freed
     print(f"the slot sat idle {idle:.2f} s before the waiter took it")
     assert idle < 2.0, idle
+
+

@@ -164,3 +164,21 @@ def test_a_waiter_next_in_line_looks_again_well_before_a_usual_hold_has_passed(c
     assert head.reason == behind.reason == "concurrency"
     assert 20 <= head.wait_ms <= 1_000, head.wait_ms
     assert behind.wait_ms == 20_000, behind.wait_ms
+
+
+def test_a_rate_raised_by_mesh_limits_set_paces_the_booked_backlog_at_the_new_rate(client: MeshClient) -> None:
+    """1/s with 20 requests booked ahead, then ``mesh limits set --requests 100/s``: a new message is
+    paced behind the backlog as the new rate would have paced it (0.2 s), not 20 s later; lowered
+    back to 1/s, the booked requests count at that rate again."""
+    from mesh.broker.limits import set_override
+
+    lim = limiter(client, dependency__api={"rate": {"requests": "1/s"}})
+    for n in range(20):
+        lim.take("dependency:api", None, f"h{n}", f"m{n}")
+    set_override(client.redis, client.keys, "dependency:api", requests="100/s")
+    fresh = limiter(client, dependency__api={"rate": {"requests": "1/s"}})  # what a worker reads within 1 s
+    raised = fresh.take("dependency:api", None, "h20", "m20")
+    assert raised.wait_ms <= 1_000, raised
+    set_override(client.redis, client.keys, "dependency:api", requests="1/s")
+    lowered = limiter(client, dependency__api={"rate": {"requests": "1/s"}}).take("dependency:api", None, "h21", "m21")
+    assert lowered.reason == "rate" and 15_000 <= lowered.wait_ms <= 25_000, lowered
