@@ -272,12 +272,30 @@ class Limiter:
         with self._lock:
             held = list(self._held.values())
         pipe = self.client.pipeline(transaction=False)
+        renewed: list[tuple[Held, str, str | None]] = []
         for h in held:
             for name, flow_key in h.slots:  # a rate holds no slot
                 self.script(keys=self._limit_keys(name, flow_key), args=["renew", self.lease_ms, h.holder],
                             client=pipe)
-        if len(pipe):
-            pipe.execute()
+                renewed.append((h, name, flow_key))
+        if not len(pipe):
+            return
+        for (h, name, flow_key), still in zip(renewed, pipe.execute(), strict=True):
+            if int(still) == 0:
+                self._hold_again(h, name, flow_key)
+
+    def _hold_again(self, held: Held, name: str, flow_key: str | None) -> None:
+        """A slot whose lease ran out while its step still runs (its process was stopped, or could not
+        reach Redis, for longer than the lease): the step goes on whatever the limit says, so its slot
+        is counted again, over the max if another message took it meanwhile (no message is admitted
+        until the count is back under it). Under the lock a release takes, so a step that settled
+        meanwhile is not counted again."""
+        with self._lock:
+            if self._held.get(held.holder) is not held or (name, flow_key) not in held.slots:
+                return
+            self.script(keys=self._limit_keys(name, flow_key), args=["rehold", self.lease_ms, held.holder])
+        logger.warning("a limit slot's lease ran out while its step ran; counted again",
+                       extra={"limit": name, "holder": held.holder})
 
     # -- what a running step spends --
 

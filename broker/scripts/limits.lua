@@ -22,6 +22,7 @@
 --   leave member -> 1 when `member` was waiting: out of the waiting list (it will not come back)
 --   release holder held_ms -> 1 when the slot was held
 --   renew lease_ms holder... -> slots still held (their leases run lease_ms from now)
+--   rehold lease_ms holder -> 1: a slot whose lease ran out while its step ran, held again (even over max)
 --   penalize pause_ms md min_factor md_hold_ms -> {factor*1e6, gen}: a 429 halves the rate (once per
 --         md_hold_ms) and pauses the limit for pause_ms (its requests, and its tokens once it has spent any)
 --   show [ai_per_s] -> {tat, ttat, factor*1e6, holders, waiting, gen, rejected429, now, admitted}: the factor
@@ -209,6 +210,13 @@ if command == "renew" then
         n = n + redis.call("zadd", holders, "XX", "CH", now + lease_ms, ARGV[i])
     end
     return n
+end
+
+if command == "rehold" then
+    -- A slot whose lease ran out while its step still runs: counted again, over the max if need be.
+    redis.call("zadd", holders, now + tonumber(ARGV[2]), ARGV[3])
+    keep(tonumber(ARGV[2]))
+    return 1
 end
 
 if command == "penalize" then

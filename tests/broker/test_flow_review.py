@@ -77,3 +77,46 @@ def test_a_concurrency_waiter_takes_a_slot_soon_after_it_frees(settings: MeshSet
     assert idle < 2.0, idle
 
 
+
+
+def test_a_stopped_worker_woken_after_its_slot_lapsed_holds_it_again(settings: MeshSettings, client: MeshClient,
+                                                                    worker_process: Any) -> None:
+    """``max: 1``: a worker SIGSTOPped mid-step loses its slot when the lease runs out and another
+    worker's message takes it. Woken, its step goes on (nothing can stop it), so its slot is counted
+    again (2 of 1 in use): no further message is admitted until the count is back under the max,
+    rather than a third running beside the two while ``mesh limits`` shows 1 of 1."""
+    import os
+    import signal
+
+    from mesh.broker.limits import limit_states
+
+    service = Gated({0, 1})
+    with RecordingServer(service) as server:
+        env = {"LIMITED_HOST": server.host_port, "SLOW_MAX": "1", "MESH_HTTP_ALLOW": server.host_port,
+               "MESH_LEASE_S": "3"}
+        victim = worker_process("--app", APP, "--agents", "slow", "--threads", "2", **env)
+        sender = limited_client(settings, client)
+        first = sender.send("slow", {"n": 0, "tenant": "k"}, key="stopped-0")
+        wait_for(lambda: 0 in service.arrived, timeout_s=30)
+        worker_process("--app", APP, "--agents", "slow", "--threads", "2", **env)
+
+        def in_use() -> int:
+            (state,) = limit_states(client.redis, client.keys, ["agent:slow"])
+            return state.in_flight
+
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            second = sender.send("slow", {"n": 1, "tenant": "k"}, key="stopped-1")
+            wait_for(lambda: 1 in service.arrived, timeout_s=60, interval_s=0.1)  # the lapsed slot, taken
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        wait_for(lambda: in_use() == 2, timeout_s=20, interval_s=0.1)  # the woken step's slot, counted again
+        third = sender.send("slow", {"n": 2, "tenant": "k"}, key="stopped-2")
+        wait_for(lambda: deferred(client, third.id), timeout_s=30, interval_s=0.05)
+        service.gates[1].set()
+        wait_for(lambda: client.status(second.id).state is State.SUCCEEDED, timeout_s=30, interval_s=0.05)
+        assert 2 not in service.arrived  # one step (the woken one) still runs: the third waits
+        service.gates[0].set()
+        wait_for(lambda: client.status(third.id).state is State.SUCCEEDED, timeout_s=60, interval_s=0.1)
+        assert client.status(first.id).state is State.SUCCEEDED
+    assert service.arrived[2] >= service.answered[0]
