@@ -35,7 +35,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- A waiter not back this long after it was due left (its message ended elsewhere): pruned.
 local WAITER_GRACE_MS = 10000
 -- How many times per usual hold of a slot a waiter next in line looks again (see take).
-local HEAD_LOOKS = 10
+local HEAD_LOOKS, HEAD_MIN_MS = 10, 100
 
 local function num(field, default)
     return tonumber(redis.call("hget", state, field)) or default
@@ -122,10 +122,11 @@ if command == "take" then
             -- waiter next in line (one of the first `max`) looks again HEAD_LOOKS times per usual hold:
             -- a slot may free long before slots usually do, and no message can be woken early (the
             -- deferred copy sits in a worker's memory until it is due), so capacity sits idle at most
-            -- a tenth of a usual hold; the waiters behind it look once per round of turnovers.
+            -- a tenth of a usual hold (or HEAD_MIN_MS, so short holds are not polled for faster than
+            -- 10 times a second); the waiters behind it look once per round of turnovers.
             local rounds = math.ceil(position / max)
             local wait = hold_ms * rounds
-            if rounds == 1 then wait = hold_ms / HEAD_LOOKS end
+            if rounds == 1 then wait = math.max(math.min(hold_ms, HEAD_MIN_MS), hold_ms / HEAD_LOOKS) end
             wait = math.max(20, math.min(math.floor(wait), wait_max))
             redis.call("zadd", alive, now + wait + WAITER_GRACE_MS, member)
             keep(lease_ms)
