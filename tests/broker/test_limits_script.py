@@ -182,3 +182,26 @@ def test_a_rate_raised_by_mesh_limits_set_paces_the_booked_backlog_at_the_new_ra
     set_override(client.redis, client.keys, "dependency:api", requests="1/s")
     lowered = limiter(client, dependency__api={"rate": {"requests": "1/s"}}).take("dependency:api", None, "h21", "m21")
     assert lowered.reason == "rate" and 15_000 <= lowered.wait_ms <= 25_000, lowered
+
+
+def test_a_token_rate_books_each_messages_expected_tokens_when_it_is_admitted_and_in_turn(client: MeshClient) -> None:
+    """1,000 tokens a second, a call expected to spend 1,000: of 20 messages arriving at once one is
+    admitted (not all 20 before any call reserved its tokens: 20 s of tokens spent in one burst), and
+    the others are each told their own turn, a second apart, in arrival order; the first call uses the
+    tokens its admission booked and settles what it really spent."""
+    from mesh.broker.limits import Held
+
+    lim = limiter(client, agent__m={"rate": {"tokens": "60000/min"}})
+    verdicts = [lim.take("agent:m", None, f"h{n}", f"m{n}") for n in range(20)]
+    assert sum(v.admitted for v in verdicts) == 1, verdicts[:3]
+    waits = [v.wait_ms for v in verdicts[1:]]
+    assert waits == sorted(waits) and waits[-1] - waits[0] >= 17_000, waits
+    held = Held("h0")
+    held.took("agent:m", None, verdicts[0])
+    lim.reserve_tokens(held)  # the first call: its tokens were booked on admission
+    assert held.reserved == {("agent:m", None): [1_000]}
+    lim.settle_tokens(held, 1_000)
+    assert held.reserved == {}
+    # Back with its permit, a message is admitted on the tokens it booked.
+    back = lim.take("agent:m", None, "h1", "m1", [verdicts[1].gen, 1, verdicts[1].tokens])
+    assert back.admitted and back.tokens == 1_000
