@@ -97,7 +97,8 @@ class FlowControl(Middleware):
                     if not self._defer(broker, message, verdict.wait_ms, permits, f"{name} {verdict.reason}",
                                        estimate=estimate):
                         if verdict.reason == "rate":
-                            self.limiter.give_back(name, limit_key)  # its slot goes to the next message
+                            # its slot (and tokens) go to the next message
+                            self.limiter.give_back(name, limit_key, verdict.tokens)
                         elif estimate:  # its place in the waiting list goes to the next message
                             self.limiter.leave(name, limit_key, envelope["key"])
                     raise SkipMessage(f"{envelope['key']}: waits for {name}")

@@ -260,11 +260,15 @@ class Limiter:
         reservation stays)."""
         self.script(keys=self._limit_keys(name, flow_key), args=["untake", holder, charged_ms, tokens_charged_ms])
 
-    def give_back(self, name: str, flow_key: str | None) -> None:
-        """A reserved request that will not be used (its message cannot wait that long): its slot freed."""
-        unit = self.effective(name).unit_ms("requests")
+    def give_back(self, name: str, flow_key: str | None, tokens: int = 0) -> None:
+        """A reserved request (and the ``tokens`` reserved with it) that will not be used (its message
+        cannot wait that long): its slot freed."""
+        eff = self.effective(name)
+        unit, tok_unit = eff.unit_ms("requests"), eff.unit_ms("tokens")
         if unit:
             self.script(keys=self._limit_keys(name, flow_key), args=["force", "tat", unit, -1])
+        if tok_unit and tokens:
+            self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", tok_unit, -tokens])
 
     def leave(self, name: str, flow_key: str | None, member: str) -> None:
         """A waiter that will not come back (its deadline passed): out of the waiting list at once,

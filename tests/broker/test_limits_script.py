@@ -205,3 +205,7 @@ def test_a_token_rate_books_each_messages_expected_tokens_when_it_is_admitted_an
     # Back with its permit, a message is admitted on the tokens it booked.
     back = lim.take("agent:m", None, "h1", "m1", [verdicts[1].gen, 1, verdicts[1].tokens])
     assert back.admitted and back.tokens == 1_000
+    # One that cannot wait that long gives its request and tokens back: the next message takes its turn.
+    lim.give_back("agent:m", None, verdicts[-1].tokens)
+    again = lim.take("agent:m", None, "h20", "m20")
+    assert again.reason == "rate" and again.wait_ms <= verdicts[-1].wait_ms + 100, (again, verdicts[-1])
