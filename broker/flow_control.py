@@ -90,21 +90,19 @@ class FlowControl(Middleware):
                 if not verdict.admitted:
                     self._undo(held)
                     if verdict.reason == "rate":
-                        permits[f"{name}|{limit_key or ''}"] = [verdict.gen, 1]
+                        permits[f"{name}|{limit_key or ''}"] = [verdict.gen, 1, verdict.tokens]
                     # A concurrency wait is an estimate (how long slots are usually held), a rate's or
                     # the tokens' the time its capacity frees.
                     estimate = verdict.reason == "concurrency"
                     if not self._defer(broker, message, verdict.wait_ms, permits, f"{name} {verdict.reason}",
                                        estimate=estimate):
                         if verdict.reason == "rate":
-                            self.limiter.give_back(name, limit_key)  # its slot goes to the next message
+                            # its slot (and tokens) go to the next message
+                            self.limiter.give_back(name, limit_key, verdict.tokens)
                         elif estimate:  # its place in the waiting list goes to the next message
                             self.limiter.leave(name, limit_key, envelope["key"])
                     raise SkipMessage(f"{envelope['key']}: waits for {name}")
-                held.limits.append((name, limit_key))
-                held.charged[(name, limit_key)] = verdict.charged_ms
-                if verdict.slot:
-                    held.slots.add((name, limit_key))
+                held.took(name, limit_key, verdict)
                 if name.startswith("dependency:"):
                     held.unused.add(name.removeprefix("dependency:"))
         except redis.RedisError as exc:
@@ -129,12 +127,16 @@ class FlowControl(Middleware):
     def _undo(self, held: Held) -> None:
         for name, limit_key in held.limits:
             try:
-                self.limiter.untake(name, limit_key, held.holder, held.charged.get((name, limit_key), 0.0))
+                self.limiter.untake(name, limit_key, held.holder, held.charged.get((name, limit_key), 0.0),
+                                    held.tokens_charged.get((name, limit_key), 0.0))
             except redis.RedisError as exc:  # its slot's lease runs out instead
                 logger.warning("could not give a limit back", extra={"limit": name, "error": str(exc)})
         held.limits.clear()
         held.slots.clear()
         held.charged.clear()
+        held.reserved.clear()
+        held.prepaid.clear()
+        held.tokens_charged.clear()
 
     def _defer(self, broker: Broker, message: MessageProxy, delay_ms: int, permits: dict[str, Any],
                reason: str, *, estimate: bool = False) -> bool:

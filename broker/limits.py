@@ -55,7 +55,8 @@ AGENT, DEPENDENCY = "agent:", "dependency:"
 #: How far ahead of its rate a limit may run (ms): a burst of 100 ms' worth of requests.
 BURST_MS = 100
 #: The longest a message waiting for a concurrency slot sleeps before it looks again (ms); it sleeps
-#: as long as the slots ahead of it take to turn over, by how long a slot is usually held.
+#: as long as the slots ahead of it take to turn over, by how long a slot is usually held, and one
+#: next in line a tenth of a usual hold (scripts/limits.lua, HEAD_LOOKS).
 WAIT_MAX_MS = 30_000
 #: AIMD: a 429 multiplies the rate by DECREASE (at most once per DECREASE_HOLD_MS, so a volley of
 #: 429s from one overrun counts once), never below MIN_FACTOR of the declared rate; it climbs back by
@@ -122,6 +123,21 @@ class Held:
     #: Tokens reserved by each model call not yet settled (oldest first), per limit: an async handler's
     #: calls run side by side, each reserving and settling its own.
     reserved: dict[tuple[str, str | None], list[int]] = field(default_factory=dict)
+    #: The limits whose tokens the admission booked for the first model call (it reserves none itself),
+    #: and the ms that booking moved each token schedule on (given back when the admission is undone).
+    prepaid: set[tuple[str, str | None]] = field(default_factory=set)
+    tokens_charged: dict[tuple[str, str | None], float] = field(default_factory=dict)
+
+    def took(self, name: str, flow_key: str | None, verdict: Verdict) -> None:
+        """Record limit ``name`` (for ``flow_key``) as taken with ``verdict``, an admission."""
+        self.limits.append((name, flow_key))
+        self.charged[(name, flow_key)] = verdict.charged_ms
+        if verdict.slot:
+            self.slots.add((name, flow_key))
+        if verdict.tokens:  # booked for its first model call, which reserves no more
+            self.reserved[(name, flow_key)] = [verdict.tokens]
+            self.prepaid.add((name, flow_key))
+            self.tokens_charged[(name, flow_key)] = verdict.tokens_charged_ms
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,11 @@ class Verdict:
     #: Admitted: whether it holds a concurrency slot, and the ms it moved the request schedule on.
     slot: bool = False
     charged_ms: float = 0.0
+    #: The model tokens booked for the message's first call (admitted: by this take, or by the one that
+    #: gave it its permit; deferred for its rate: reserved with its request), and the ms this take
+    #: moved the token schedule on.
+    tokens: int = 0
+    tokens_charged_ms: float = 0.0
 
 
 _current = threading.local()
@@ -204,29 +225,50 @@ class Limiter:
 
     # -- taking, releasing, renewing --
 
+    def expected_tokens(self, name: str) -> int:
+        """The tokens a model call governed by ``name`` is expected to spend (0: no token rate)."""
+        if not self.effective(name).unit_ms("tokens"):
+            return 0
+        return max(1, int(self._tokens_per_call.get(name, EXPECTED_TOKENS)))
+
     def take(self, name: str, flow_key: str | None, holder: str, member: str, permit: Any = None) -> Verdict:
+        """``permit``: ``[gen, due, tokens]`` (tokens: what its reservation booked) from an earlier
+        deferral for the rate."""
         eff = self.effective(name)
-        gen, due = (permit if isinstance(permit, list) and len(permit) == 2 else (-1, 0))
+        valid = isinstance(permit, list) and len(permit) in (2, 3) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in permit)
+        gen, due, booked = ([*permit, 0][:3] if valid else (-1, 0, 0))
+        tokens = self.expected_tokens(name)
         reply = self.script(keys=self._limit_keys(name, flow_key), args=[
             "take", holder, member, self.lease_ms, eff.max or 0, eff.unit_ms("requests"), BURST_MS,
-            eff.unit_ms("tokens"), BURST_MS, int(gen), int(due), WAIT_MAX_MS, INCREASE_PER_S, DECREASE_HOLD_MS])
+            eff.unit_ms("tokens"), BURST_MS, int(gen), int(due), WAIT_MAX_MS, INCREASE_PER_S, DECREASE_HOLD_MS,
+            tokens])
         if int(reply[0]) == 1:
             if flow_key is not None:
                 self._saw(name, flow_key)
+            tok_ms = float(reply[4]) if len(reply) > 4 else 0.0
             return Verdict(True, gen=int(reply[1]), slot=bool(eff.max),
-                           charged_ms=float(reply[3]) if len(reply) > 3 else 0.0)
-        return Verdict(False, _text(reply[1]), max(0, int(reply[2])), int(reply[3]))
+                           charged_ms=float(reply[3]) if len(reply) > 3 else 0.0,
+                           tokens=tokens if tok_ms else max(0, booked), tokens_charged_ms=tok_ms)
+        reason = _text(reply[1])
+        return Verdict(False, reason, max(0, int(reply[2])), int(reply[3]), tokens=tokens if reason == "rate" else 0)
 
-    def untake(self, name: str, flow_key: str | None, holder: str, charged_ms: float) -> None:
-        """A take undone: its slot freed and the ``charged_ms`` its admission moved the request
-        schedule on given back (none for an admission with a permit: its request stays reserved)."""
-        self.script(keys=self._limit_keys(name, flow_key), args=["untake", holder, charged_ms])
+    def untake(self, name: str, flow_key: str | None, holder: str, charged_ms: float,
+               tokens_charged_ms: float = 0.0) -> None:
+        """A take undone: its slot freed and the ``charged_ms`` (``tokens_charged_ms``) its admission
+        moved the request (token) schedule on given back (none for an admission with a permit: its
+        reservation stays)."""
+        self.script(keys=self._limit_keys(name, flow_key), args=["untake", holder, charged_ms, tokens_charged_ms])
 
-    def give_back(self, name: str, flow_key: str | None) -> None:
-        """A reserved request that will not be used (its message cannot wait that long): its slot freed."""
-        unit = self.effective(name).unit_ms("requests")
+    def give_back(self, name: str, flow_key: str | None, tokens: int = 0) -> None:
+        """A reserved request (and the ``tokens`` reserved with it) that will not be used (its message
+        cannot wait that long): its slot freed."""
+        eff = self.effective(name)
+        unit, tok_unit = eff.unit_ms("requests"), eff.unit_ms("tokens")
         if unit:
             self.script(keys=self._limit_keys(name, flow_key), args=["force", "tat", unit, -1])
+        if tok_unit and tokens:
+            self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", tok_unit, -tokens])
 
     def leave(self, name: str, flow_key: str | None, member: str) -> None:
         """A waiter that will not come back (its deadline passed): out of the waiting list at once,
@@ -271,12 +313,30 @@ class Limiter:
         with self._lock:
             held = list(self._held.values())
         pipe = self.client.pipeline(transaction=False)
+        renewed: list[tuple[Held, str, str | None]] = []
         for h in held:
             for name, flow_key in h.slots:  # a rate holds no slot
                 self.script(keys=self._limit_keys(name, flow_key), args=["renew", self.lease_ms, h.holder],
                             client=pipe)
-        if len(pipe):
-            pipe.execute()
+                renewed.append((h, name, flow_key))
+        if not len(pipe):
+            return
+        for (h, name, flow_key), still in zip(renewed, pipe.execute(), strict=True):
+            if int(still) == 0:
+                self._hold_again(h, name, flow_key)
+
+    def _hold_again(self, held: Held, name: str, flow_key: str | None) -> None:
+        """A slot whose lease ran out while its step still runs (its process was stopped, or could not
+        reach Redis, for longer than the lease): the step goes on whatever the limit says, so its slot
+        is counted again, over the max if another message took it meanwhile (no message is admitted
+        until the count is back under it). Under the lock a release takes, so a step that settled
+        meanwhile is not counted again."""
+        with self._lock:
+            if self._held.get(held.holder) is not held or (name, flow_key) not in held.slots:
+                return
+            self.script(keys=self._limit_keys(name, flow_key), args=["rehold", self.lease_ms, held.holder])
+        logger.warning("a limit slot's lease ran out while its step ran; counted again",
+                       extra={"limit": name, "holder": held.holder})
 
     # -- what a running step spends --
 
@@ -298,6 +358,10 @@ class Limiter:
             unit = self.effective(name).unit_ms("tokens")
             if not unit:
                 continue
+            with self._lock:
+                if (name, flow_key) in held.prepaid:  # the first call: its admission booked its tokens
+                    held.prepaid.discard((name, flow_key))
+                    continue
             expected = int(self._tokens_per_call.get(name, EXPECTED_TOKENS))
             self.script(keys=self._limit_keys(name, flow_key), args=["force", "ttat", unit, expected])
             with self._lock:

@@ -15,6 +15,7 @@ import hashlib
 import re
 from typing import Annotated, Any
 
+import orjson
 from pydantic import AfterValidator, Field, model_validator
 
 from .envelope import FLOW_KEY_MAX, Frozen
@@ -146,11 +147,18 @@ def flow_limits(rate: Any = None, concurrency: Any = None) -> FlowLimits | None:
 
 
 def flow_key_of(rendered: Any) -> str | None:
-    """The flow key a rendered key expression gives: its text, or ``#`` and its sha256 when longer than
-    :data:`FLOW_KEY_MAX`; None for null or empty (the one shared limit)."""
+    """The flow key a rendered key expression gives: its text (a value that is no string: its JSON,
+    keys sorted, so one map or list gives one key however its fields were ordered), or ``#`` and its
+    sha256 when longer than :data:`FLOW_KEY_MAX`; None for null or empty (the one shared limit)."""
     if rendered is None:
         return None
-    text = rendered if isinstance(rendered, str) else str(rendered)
+    if isinstance(rendered, str):
+        text = rendered
+    else:
+        try:
+            text = orjson.dumps(rendered, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # no JSON (bytes, a timestamp): as Python writes it
+            text = str(rendered)
     if not text:
         return None
     if len(text) > FLOW_KEY_MAX:

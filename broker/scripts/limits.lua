@@ -11,17 +11,21 @@
 -- a new generation, voiding every permit: they were paced for the old rate).
 --
 --   take  holder member lease_ms max req_ms req_burst tok_ms tok_burst permit_gen permit_due wait_max_ms ai md_hold
---         -> {1, gen, factor*1e6, charged_ms}  admitted: a slot held by `holder` (when max > 0), a request
---                                             taken (charged_ms: what it moved `tat` on; 0 for a permit's)
---            {0, "rate", wait_ms, gen}        its request is reserved: back in wait_ms with permit gen
---            {0, "tokens", wait_ms, gen}      the token bucket is spent: back in wait_ms (nothing reserved)
+--         tok_cost
+--         -> {1, gen, factor*1e6, charged_ms, tok_charged_ms}  admitted: a slot held by `holder` (when max > 0),
+--                                             a request and tok_cost tokens booked (what they moved `tat` and
+--                                             `ttat` on; 0 for a permit's)
+--            {0, "rate", wait_ms, gen}        its request and tokens are reserved: back in wait_ms with permit gen
+--            {0, "tokens", wait_ms, gen}      (tok_cost 0) the token bucket is in debt: back in wait_ms
 --            {0, "concurrency", wait_ms, gen} every slot is held, or earlier arrivals wait: back in wait_ms
 --   force field unit_ms cost -> ms the bucket is ahead of now (a call made beyond a permit, or tokens
 --         settled: cost may be negative, giving back what was reserved and not spent or used)
---   untake holder charged_ms -> 1: a take undone (its slot freed, the charged_ms its request moved tat given back)
+--   untake holder charged_ms tok_charged_ms -> 1: a take undone (its slot freed, what its request and tokens
+--         moved tat and ttat on given back)
 --   leave member -> 1 when `member` was waiting: out of the waiting list (it will not come back)
 --   release holder held_ms -> 1 when the slot was held
 --   renew lease_ms holder... -> slots still held (their leases run lease_ms from now)
+--   rehold lease_ms holder -> 1: a slot whose lease ran out while its step ran, held again (even over max)
 --   penalize pause_ms md min_factor md_hold_ms -> {factor*1e6, gen}: a 429 halves the rate (once per
 --         md_hold_ms) and pauses the limit for pause_ms (its requests, and its tokens once it has spent any)
 --   show [ai_per_s] -> {tat, ttat, factor*1e6, holders, waiting, gen, rejected429, now, admitted}: the factor
@@ -33,6 +37,8 @@ local t = redis.call("time")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- A waiter not back this long after it was due left (its message ended elsewhere): pruned.
 local WAITER_GRACE_MS = 10000
+-- How many times per usual hold of a slot a waiter next in line looks again (see take).
+local HEAD_LOOKS, HEAD_MIN_MS = 10, 100
 
 local function num(field, default)
     return tonumber(redis.call("hget", state, field)) or default
@@ -47,6 +53,21 @@ local function factor_now(ai_per_s)
         redis.call("hset", state, "factor", f, "factor_at", now)
     end
     return f
+end
+
+-- A rate changed since its bucket was booked (`mesh limits set`, a reset, a new declaration): what is
+-- booked ahead of now is paced again at the new rate, so raising a rate lets new requests in as soon as
+-- the new rate would have (not behind a backlog booked at the old one) and lowering it holds them back
+-- as long. `unit`: a unit's cost (ms) at the declared or overridden rate; `unit_field` records it.
+local function repace(field, unit_field, unit)
+    if not unit or unit <= 0 then return end
+    local was = tonumber(redis.call("hget", state, unit_field))
+    if was == unit then return end
+    if was and was > 0 then
+        local ahead = num(field, 0) - now
+        if ahead > 0 then redis.call("hset", state, field, now + ahead * unit / was) end
+    end
+    redis.call("hset", state, unit_field, unit)
 end
 
 local function prune()
@@ -73,7 +94,10 @@ if command == "take" then
     local tok_ms, tok_burst = tonumber(ARGV[8]), tonumber(ARGV[9])
     local permit_gen, permit_due = tonumber(ARGV[10]), tonumber(ARGV[11])
     local wait_max, ai = tonumber(ARGV[12]), tonumber(ARGV[13])
+    local tok_cost = tonumber(ARGV[15]) or 0
     local f = factor_now(ai)
+    repace("tat", "req_unit", req_ms)
+    repace("ttat", "tok_unit", tok_ms)
     local gen = num("gen", 0)
     local hold_ms = num("hold_ms", 200)
     -- Concurrency: a free slot, and no earlier arrival waiting for one.
@@ -98,34 +122,47 @@ if command == "take" then
                 redis.call("zadd", waiting, score, member)
             end
             local position = (rank or ahead) + 1
-            -- Back when the slots ahead of it have turned over, by how long a slot is usually held.
-            local wait = math.max(20, math.min(math.floor(hold_ms * math.ceil(position / max)), wait_max))
+            -- Back when the slots ahead of it have turned over, by how long a slot is usually held. A
+            -- waiter next in line (one of the first `max`) looks again HEAD_LOOKS times per usual hold:
+            -- a slot may free long before slots usually do, and no message can be woken early (the
+            -- deferred copy sits in a worker's memory until it is due), so capacity sits idle at most
+            -- a tenth of a usual hold (or HEAD_MIN_MS, so short holds are not polled for faster than
+            -- 10 times a second); the waiters behind it look once per round of turnovers.
+            local rounds = math.ceil(position / max)
+            local wait = hold_ms * rounds
+            if rounds == 1 then wait = math.max(math.min(hold_ms, HEAD_MIN_MS), hold_ms / HEAD_LOOKS) end
+            wait = math.max(20, math.min(math.floor(wait), wait_max))
             redis.call("zadd", alive, now + wait + WAITER_GRACE_MS, member)
             keep(lease_ms)
             return {0, "concurrency", wait, gen}
         end
     end
-    -- Tokens: the bucket is not in debt (what a call spends is reserved when it is made).
-    if tok_ms > 0 then
-        local ttat = num("ttat", 0)
-        if ttat - now > tok_burst then
-            return {0, "tokens", math.floor(ttat - tok_burst - now), gen}
+    -- Requests, and the tokens the message's model call is expected to spend (tok_cost of them), booked
+    -- together: admitted within the bursts, else both reserved (the message is back when the later of
+    -- them is due, with a permit: the reservation is its). Booked on admission, not only when the call
+    -- is made, so a burst of messages cannot all start before any call has reserved its tokens.
+    local charged, tok_charged = 0, 0
+    if not (permit_gen == gen and permit_due > 0) then
+        local wait, tat, ttat = 0, nil, nil
+        if req_ms > 0 then
+            charged = req_ms / f
+            tat = math.max(num("tat", 0), now)
+            if tat - now > req_burst then wait = tat - req_burst - now end
         end
-    end
-    -- Requests: admitted within the burst, else reserved; a permit of this generation is its reservation.
-    local charged = 0
-    if req_ms > 0 and not (permit_gen == gen and permit_due > 0) then
-        local unit = req_ms / f
-        local tat = math.max(num("tat", 0), now)
-        if tat - now > req_burst then
-            local wait = math.floor(tat - req_burst - now)
-            redis.call("hset", state, "tat", tat + unit)
+        if tok_ms > 0 and tok_cost > 0 then
+            tok_charged = tok_cost * tok_ms / f
+            ttat = math.max(num("ttat", 0), now)
+            if ttat - now > tok_burst then wait = math.max(wait, ttat - tok_burst - now) end
+        elseif tok_ms > 0 and num("ttat", 0) - now > tok_burst then
+            return {0, "tokens", math.floor(num("ttat", 0) - tok_burst - now), gen}
+        end
+        if tat then redis.call("hset", state, "tat", tat + charged) end
+        if ttat then redis.call("hset", state, "ttat", ttat + tok_charged) end
+        if wait > 0 then
             redis.call("hincrby", state, "reserved", 1)
             keep(lease_ms)
-            return {0, "rate", wait, gen}
+            return {0, "rate", math.floor(wait), gen}
         end
-        redis.call("hset", state, "tat", tat + unit)
-        charged = unit
     end
     if max > 0 then
         redis.call("zadd", holders, now + lease_ms, holder)
@@ -134,7 +171,7 @@ if command == "take" then
     end
     redis.call("hincrby", state, "admitted", 1)
     keep(lease_ms)
-    return {1, gen, math.floor(f * 1e6), tostring(charged)}
+    return {1, gen, math.floor(f * 1e6), tostring(charged), tostring(tok_charged)}
 end
 
 if command == "force" then
@@ -151,10 +188,13 @@ end
 if command == "untake" then
     -- charged_ms: what the take moved the request schedule on (0 for a permit's admission, which took
     -- its request when it reserved it), given back as it was taken whatever the factor is now.
-    local holder, charged_ms = ARGV[2], tonumber(ARGV[3]) or 0
+    local holder, charged_ms, tok_charged_ms = ARGV[2], tonumber(ARGV[3]) or 0, tonumber(ARGV[4]) or 0
     redis.call("zrem", holders, holder)
     if charged_ms > 0 then
         redis.call("hset", state, "tat", num("tat", 0) - charged_ms)
+    end
+    if tok_charged_ms > 0 then
+        redis.call("hset", state, "ttat", num("ttat", 0) - tok_charged_ms)
     end
     redis.call("hincrby", state, "admitted", -1)
     return 1
@@ -183,6 +223,13 @@ if command == "renew" then
         n = n + redis.call("zadd", holders, "XX", "CH", now + lease_ms, ARGV[i])
     end
     return n
+end
+
+if command == "rehold" then
+    -- A slot whose lease ran out while its step still runs: counted again, over the max if need be.
+    redis.call("zadd", holders, now + tonumber(ARGV[2]), ARGV[3])
+    keep(tonumber(ARGV[2]))
+    return 1
 end
 
 if command == "penalize" then

@@ -193,3 +193,14 @@ def test_a_key_reads_the_input_as_the_agent_sees_it_with_the_defaults_its_sender
     assert app.flow_key("plan", {"n": 1}) == "default"
     assert app.flow_key("plan", {"n": 1, "tenant": "acme"}) == "acme"
     assert app.flow_key("plan", Plan(n=1).model_dump()) == "default"
+
+
+def test_a_key_rendered_as_a_map_or_list_is_one_key_however_its_fields_are_ordered() -> None:
+    """A key expression giving a map: the same map with its fields in another order is the same
+    tenant, so the same limit (its text was Python's ``str``, which keeps the order given)."""
+    from mesh.contracts.flow import flow_key_of
+
+    assert flow_key_of({"org": "acme", "team": 7}) == flow_key_of({"team": 7, "org": "acme"})
+    assert flow_key_of({"org": "acme"}) == '{"org":"acme"}'
+    assert flow_key_of([1, "a"]) == '[1,"a"]'
+    assert flow_key_of(True) == "true" and flow_key_of(20) == "20"

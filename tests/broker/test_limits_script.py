@@ -151,3 +151,61 @@ def test_waiters_arriving_within_one_millisecond_keep_their_arrival_order(client
     assert all(reply[1] == b"concurrency" for reply in pipe.execute())
     waiting = client.redis.zrange(f"{client.keys.limit('agent:a', None)}:waiting", 0, -1)
     assert [m.decode() for m in waiting] == arrivals
+
+
+def test_a_waiter_next_in_line_looks_again_well_before_a_usual_hold_has_passed(client: MeshClient) -> None:
+    """Slots usually held 10 s: the waiter next in line for a slot looks again within a tenth of that
+    (a slot may free long before slots usually do); the one behind it after a round of turnovers."""
+    lim = limiter(client, agent__a={"concurrency": {"max": 1}})
+    assert lim.take("agent:a", None, "h0", "first").admitted
+    client.redis.hset(client.keys.limit("agent:a", None), "hold_ms", 10_000)
+    head = lim.take("agent:a", None, "h1", "second")
+    behind = lim.take("agent:a", None, "h2", "third")
+    assert head.reason == behind.reason == "concurrency"
+    assert 20 <= head.wait_ms <= 1_000, head.wait_ms
+    assert behind.wait_ms == 20_000, behind.wait_ms
+
+
+def test_a_rate_raised_by_mesh_limits_set_paces_the_booked_backlog_at_the_new_rate(client: MeshClient) -> None:
+    """1/s with 20 requests booked ahead, then ``mesh limits set --requests 100/s``: a new message is
+    paced behind the backlog as the new rate would have paced it (0.2 s), not 20 s later; lowered
+    back to 1/s, the booked requests count at that rate again."""
+    from mesh.broker.limits import set_override
+
+    lim = limiter(client, dependency__api={"rate": {"requests": "1/s"}})
+    for n in range(20):
+        lim.take("dependency:api", None, f"h{n}", f"m{n}")
+    set_override(client.redis, client.keys, "dependency:api", requests="100/s")
+    fresh = limiter(client, dependency__api={"rate": {"requests": "1/s"}})  # what a worker reads within 1 s
+    raised = fresh.take("dependency:api", None, "h20", "m20")
+    assert raised.wait_ms <= 1_000, raised
+    set_override(client.redis, client.keys, "dependency:api", requests="1/s")
+    lowered = limiter(client, dependency__api={"rate": {"requests": "1/s"}}).take("dependency:api", None, "h21", "m21")
+    assert lowered.reason == "rate" and 15_000 <= lowered.wait_ms <= 25_000, lowered
+
+
+def test_a_token_rate_books_each_messages_expected_tokens_when_it_is_admitted_and_in_turn(client: MeshClient) -> None:
+    """1,000 tokens a second, a call expected to spend 1,000: of 20 messages arriving at once one is
+    admitted (not all 20 before any call reserved its tokens: 20 s of tokens spent in one burst), and
+    the others are each told their own turn, a second apart, in arrival order; the first call uses the
+    tokens its admission booked and settles what it really spent."""
+    from mesh.broker.limits import Held
+
+    lim = limiter(client, agent__m={"rate": {"tokens": "60000/min"}})
+    verdicts = [lim.take("agent:m", None, f"h{n}", f"m{n}") for n in range(20)]
+    assert sum(v.admitted for v in verdicts) == 1, verdicts[:3]
+    waits = [v.wait_ms for v in verdicts[1:]]
+    assert waits == sorted(waits) and waits[-1] - waits[0] >= 17_000, waits
+    held = Held("h0")
+    held.took("agent:m", None, verdicts[0])
+    lim.reserve_tokens(held)  # the first call: its tokens were booked on admission
+    assert held.reserved == {("agent:m", None): [1_000]}
+    lim.settle_tokens(held, 1_000)
+    assert held.reserved == {}
+    # Back with its permit, a message is admitted on the tokens it booked.
+    back = lim.take("agent:m", None, "h1", "m1", [verdicts[1].gen, 1, verdicts[1].tokens])
+    assert back.admitted and back.tokens == 1_000
+    # One that cannot wait that long gives its request and tokens back: the next message takes its turn.
+    lim.give_back("agent:m", None, verdicts[-1].tokens)
+    again = lim.take("agent:m", None, "h20", "m20")
+    assert again.reason == "rate" and again.wait_ms <= verdicts[-1].wait_ms + 100, (again, verdicts[-1])

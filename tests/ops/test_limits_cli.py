@@ -63,14 +63,16 @@ def test_a_model_call_reserves_its_expected_tokens_and_settles_what_it_spent(
         settings: MeshSettings, client: MeshClient) -> None:
     limiter = Limiter(settings, client.redis, {"agent:writer": _tokens("60000/min")})  # a token a millisecond
     held = Held("holder")
-    assert limiter.take("agent:writer", None, held.holder, "m").admitted
-    held.limits.append(("agent:writer", None))
+    verdict = limiter.take("agent:writer", None, held.holder, "m")
+    assert verdict.admitted
+    held.took("agent:writer", None, verdict)
+    reserved = _ahead(limiter)
+    assert EXPECTED_TOKENS - 50 <= reserved <= EXPECTED_TOKENS  # the expected tokens, booked on admission
     set_current((limiter, held))
     try:
         meter, call = Meter(), Call("test-model")
-        meter.admit()
-        reserved = _ahead(limiter)
-        assert EXPECTED_TOKENS - 50 <= reserved <= EXPECTED_TOKENS  # the expected tokens, booked ahead
+        meter.admit()  # the first call: its admission booked its tokens
+        assert EXPECTED_TOKENS - 100 <= _ahead(limiter) <= EXPECTED_TOKENS
         meter.charge(call, 150, 50)
         assert 150 <= _ahead(limiter) <= 200  # what the call spent replaced the reservation
         meter.admit()  # the next call reserves what calls spend on average
@@ -78,7 +80,7 @@ def test_a_model_call_reserves_its_expected_tokens_and_settles_what_it_spent(
     finally:
         set_current(None)
     over = limiter.take("agent:writer", None, "other", "m2")
-    assert not over.admitted and over.reason == "tokens"
+    assert not over.admitted and over.reason == "rate"  # its tokens reserved: back at its turn
 
 
 def limiter_client(limiter: Limiter) -> MeshClient:
@@ -132,8 +134,9 @@ def test_model_calls_side_by_side_each_settle_what_they_spent(settings: MeshSett
     settles what it spent, so both are charged (the second call's tokens went uncounted)."""
     limiter = Limiter(settings, client.redis, {"agent:writer": _tokens("60000/min")})  # a token a millisecond
     held = Held("holder")
-    assert limiter.take("agent:writer", None, held.holder, "m").admitted
-    held.limits.append(("agent:writer", None))
+    verdict = limiter.take("agent:writer", None, held.holder, "m")
+    assert verdict.admitted
+    held.took("agent:writer", None, verdict)
     set_current((limiter, held))
     try:
         meter, first, second = Meter(), Call("test-model"), Call("test-model")
