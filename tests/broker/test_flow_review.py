@@ -52,7 +52,8 @@ def deferred(client: MeshClient, job_id: str) -> bool:
 def test_a_concurrency_waiter_takes_a_slot_soon_after_it_frees(settings: MeshSettings, client: MeshClient,
                                                               worker_process: Any) -> None:
     """``max: 1``, a slot usually held 8 s: a waiter deferred behind a step that ends after 1 s starts
-    within 2 s of the slot freeing, not when slots usually turn over (8 s later)."""
+    well before slots usually turn over (7 s after it freed, before the fix; about 0.5 s since: the
+    bound leaves a loaded machine room without letting the old behaviour pass)."""
     service = Gated({0, 1})
     with RecordingServer(service) as server:
         env = {"LIMITED_HOST": server.host_port, "SLOW_MAX": "1", "MESH_HTTP_ALLOW": server.host_port}
@@ -74,7 +75,7 @@ def test_a_concurrency_waiter_takes_a_slot_soon_after_it_frees(settings: MeshSet
         wait_for(lambda: 2 in service.arrived, timeout_s=60, interval_s=0.05)
     idle = service.arrived[2] - freed
     print(f"the slot sat idle {idle:.2f} s before the waiter took it")
-    assert idle < 2.0, idle
+    assert idle < 4.0, idle
 
 
 
