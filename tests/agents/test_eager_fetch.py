@@ -227,3 +227,65 @@ def test_a_worker_killed_holding_a_step_its_last_success_fetched_loses_nothing(m
     assert record.steps["second"].token is not None and record.steps["second"].token > second.token
     assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
     assert int(rclient.hget(client.keys.stats, "takeovers") or 0) >= 1
+
+
+def test_a_lost_answer_is_reclaimed_by_the_consumer_rebuilt_after_its_place_was_held(worker):
+    """dramatiq rebuilt the consumer (a lost connection) after the write held a place in the old one's
+    window and before the call went out: the rebuilt consumer had reclaimed already, and what the lost
+    call fetched must still go back (it was left in this live worker's acks set, where no reaper looks)."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    old, steps = w.thread.consumer, w.runtime.steps
+    first = next(old)
+    real_slot, real = steps.eager, steps.script
+    assert real_slot is not None
+
+    def place_then_rebuild(queue: str) -> Any:
+        slot = real_slot(queue)
+        assert slot is not None
+        rebuilt = w.broker.consume("echo", prefetch=4, timeout=100)
+        rebuilt._fetch()  # its reclaim, and a fetch finding nothing (the next step is not sent yet)
+        assert rebuilt.reclaimed
+        w.thread.consumer = rebuilt
+        return slot
+
+    def answer_lost_then_sent_again(**kwargs: Any) -> Any:
+        real(**kwargs)
+        return real(**kwargs)
+
+    steps.eager, steps.script = place_then_rebuild, answer_lost_then_sent_again
+    try:
+        run(w, first)
+    finally:
+        steps.eager, steps.script = real_slot, real
+
+    rebuilt = w.thread.consumer
+    assert rebuilt is not old and handed(w) == []
+    second = next(rebuilt) or next(rebuilt)  # the reclaim puts it back; a look at most waits WAIT_S for it
+    assert second is not None and (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+
+
+def test_a_step_fetched_for_a_rebuilt_consumer_is_counted_in_its_window(worker):
+    w = worker
+    w.client.run("pair", {"text": "hi"})
+    old, steps = w.thread.consumer, w.runtime.steps
+    first = next(old)
+    real_slot = steps.eager
+    assert real_slot is not None
+
+    def place_then_rebuild(queue: str) -> Any:
+        slot = real_slot(queue)
+        w.thread.consumer = w.broker.consume("echo", prefetch=4, timeout=100)
+        return slot
+
+    steps.eager = place_then_rebuild
+    try:
+        run(w, first)
+    finally:
+        steps.eager = real_slot
+
+    [second] = handed(w)
+    rebuilt = w.thread.consumer
+    # dramatiq's worker thread settles it through the consumer it has now: the one that counts it.
+    assert second.message_id in rebuilt.queued_message_ids and rebuilt.outstanding_message_count == 1
+    assert old.eager_reserved == 0
