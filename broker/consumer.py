@@ -551,6 +551,14 @@ class MeshConsumer(_RedisConsumer):
             self.idempotency.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=sent, record=record)
         if proxy is None:
             return  # poison: dead-lettered (and settled) by _decode
+        if self.broker.stopping.is_set() or not thread.running:
+            # The worker's stop began after the place was held: its threads take nothing more from the
+            # work queue, where the message would wait for the stop's end (or, come after the stop's
+            # requeue, for a reaper). Back to the head of its lane at once, its claim freed, as a
+            # stopping worker's requeue does.
+            self._drop_unrun(proxy)
+            self.broker.settle("requeue", self.queue_name, rid)
+            return
         self.queued_message_ids.add(proxy.message_id)
         self.in_hand.add(rid)
         thread.handle_message(proxy)

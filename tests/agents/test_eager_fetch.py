@@ -289,3 +289,36 @@ def test_a_step_fetched_for_a_rebuilt_consumer_is_counted_in_its_window(worker):
     # dramatiq's worker thread settles it through the consumer it has now: the one that counts it.
     assert second.message_id in rebuilt.queued_message_ids and rebuilt.outstanding_message_count == 1
     assert old.eager_reserved == 0
+
+
+def test_a_step_fetched_for_a_worker_whose_stop_began_meanwhile_goes_back_to_its_lane_at_once(worker):
+    """The place was held before the stop began, the answer came after: a stopping worker's threads take
+    nothing more from its work queue, so a message handed there would wait for the stop to end (its
+    requeue of the work queue), or for a reaper when it came after that requeue."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    consumer, steps = w.thread.consumer, w.runtime.steps
+    first = next(consumer)
+    real_slot = steps.eager
+    assert real_slot is not None
+
+    def place_then_stop(queue: str) -> Any:
+        slot = real_slot(queue)
+        w.broker.stopping.set()  # what Worker.stop's worker_shutdown signal does first
+        return slot
+
+    steps.eager = place_then_stop
+    try:
+        run(w, first)
+    finally:
+        steps.eager = real_slot
+
+    assert handed(w) == []
+    keys = w.broker.keys
+    assert w.broker.records.llen(keys.queue("echo")) == 1  # back in its lane, for any worker
+    assert w.broker.records.scard(keys.acks(w.broker.broker_id, "echo")) == 0
+    assert not consumer.in_hand and consumer.outstanding_message_count == 0 and consumer.eager_reserved == 0
+    w.broker.stopping.clear()
+    second = next(consumer)
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+    assert second.mesh_claim.verdict[0] == b"run"  # its first claim was released, not left to time out
