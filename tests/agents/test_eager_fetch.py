@@ -11,8 +11,11 @@ its threads would, one step at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import threading
 from collections.abc import Iterator
 from queue import Empty, PriorityQueue
 from types import SimpleNamespace
@@ -322,3 +325,128 @@ def test_a_step_fetched_for_a_worker_whose_stop_began_meanwhile_goes_back_to_its
     second = next(consumer)
     assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
     assert second.mesh_claim.verdict[0] == b"run"  # its first claim was released, not left to time out
+
+
+@pytest.mark.slow
+def test_a_worker_paused_past_its_lease_holding_a_step_its_success_fetched_writes_nothing_when_it_wakes(
+        make_settings, worker_process, rclient):
+    """Not a fault of the code before either: the eagerly fetched step, taken over while its worker was
+    SIGSTOPped, is fenced when the woken worker finishes it (its write refused, the job left as its new
+    owner wrote it, nothing dead-lettered)."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    client = MeshClient(settings, client=rclient, app=relay)
+    ns = settings.namespace
+    env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+    paused = worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+    ref = client.run("relay", {"text": "hi"})
+    wait_for(lambda: int(rclient.get(arrived_key(ns)) or 0) == 1, timeout_s=30)
+    stale = client.status(ref.id).steps["second"].token
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        rclient.set(gate_key(ns), 1)
+        worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+        record = client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 30)
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    assert record.state is State.SUCCEEDED
+    newer = record.steps["second"].token
+    assert newer is not None and stale is not None and newer > stale
+    log = paused.log_path  # type: ignore[attr-defined]
+    wait_for(lambda: "attempt superseded" in log.read_text(), timeout_s=60)
+    after = client.status(ref.id)
+    assert after.state is State.SUCCEEDED and after.steps["second"].token == newer
+    assert after.model_dump() == record.model_dump()  # the woken worker's write was refused: nothing changed
+    assert rclient.hget(client.keys.stats, "dead_lettered") is None
+
+
+class AnswerDropper:
+    """A loopback TCP relay to Redis that, once, lets a step write carrying an eager fetch (its
+    arguments name the worker's held set) reach Redis and run, then closes that connection instead of
+    passing the answer on: the call landed, its fetch with it, and the worker never hears of it."""
+
+    MARK = b"__held__."
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.dropped = threading.Event()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            marked = threading.Event()
+            threading.Thread(target=self._up, args=(client, upstream, marked), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, marked), daemon=True).start()
+
+    def _up(self, src: socket.socket, dst: socket.socket, marked: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.MARK in data:
+                    with self.lock:
+                        if not self.dropped.is_set():
+                            self.dropped.set()
+                            marked.set()
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close(src, dst)
+
+    def _down(self, src: socket.socket, dst: socket.socket, marked: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                if marked.is_set():
+                    break  # the answer to the marked call: never passed on
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close(src, dst)
+
+    @staticmethod
+    def _close(*socks: socket.socket) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.mark.slow
+def test_a_step_write_whose_answer_carrying_the_eager_fetch_is_lost_loses_nothing_and_runs_it_once(
+        make_settings, worker_process, rclient):
+    """The success's call ran in Redis (its record written, the next step fetched into the worker's
+    hands and claimed) and its connection was cut before the answer came back: the client sends it
+    again, which answers "written" with nothing fetched. The step fetched by the lost call must still
+    run, once (back in its lane by the consumer's reclaim, its claim taken over when its lease ends)."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    client = MeshClient(settings, client=rclient, app=relay)
+    ns = settings.namespace
+    kwargs = rclient.connection_pool.connection_kwargs
+    dropper = AnswerDropper((kwargs["host"], kwargs["port"]))
+    try:
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+               "MESH_REDIS_URL": f"redis://127.0.0.1:{dropper.port}/{kwargs.get('db', 0)}"}
+        rclient.set(gate_key(ns), 1)
+        worker = worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+        ref = client.run("relay", {"text": "hi"})
+        record = client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
+    finally:
+        dropper.close()
+    assert dropper.dropped.is_set()
+    assert record.state is State.SUCCEEDED, (record.error, worker.log_path.read_text()[-3000:])  # type: ignore[attr-defined]
+    assert int(rclient.get(arrived_key(ns)) or 0) == 1  # the second step ran once
+    assert rclient.hget(client.keys.stats, "dead_lettered") is None
