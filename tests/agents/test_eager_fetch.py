@@ -450,3 +450,51 @@ def test_a_step_write_whose_answer_carrying_the_eager_fetch_is_lost_loses_nothin
     assert record.state is State.SUCCEEDED, (record.error, worker.log_path.read_text()[-3000:])  # type: ignore[attr-defined]
     assert int(rclient.get(arrived_key(ns)) or 0) == 1  # the second step ran once
     assert rclient.hget(client.keys.stats, "dead_lettered") is None
+
+
+limited = App("eager-fetch-limited")
+
+
+@limited.agent(concurrency={"max": 1})
+def single(ctx: Context, message: Text) -> Text:
+    return message
+
+
+limited.pipeline(Pipeline("chain").step("first", agent=single).step("second", agent=single, depends_on=["first"]))
+
+
+def test_a_flow_limited_agents_next_step_is_not_fetched_by_the_success_that_still_holds_its_slot(settings):
+    """The success's write returns before its step lets go of its concurrency slot (after_process_message):
+    a next step handed over by that write reached a worker thread while the slot was still held, and
+    was deferred on the delay queue, on every hop of a sequential pipeline of a limited agent. It
+    waits in its lane with its wake-up token instead, fetched once the slot is free."""
+    from mesh.ops.worker import flow_control
+
+    broker = build_broker(settings)
+    try:
+        runtime = AgentRuntime.from_settings(settings, broker.records, limited)
+        flow_control(broker, settings, limited)
+        declare_app(broker, runtime)
+        work: PriorityQueue[Any] = PriorityQueue()
+        thread = ConsumerThread(broker=broker, queue_name="single", prefetch=4, work_queue=work, worker_timeout=100)
+        thread.consumer = broker.consume("single", prefetch=4, timeout=100)
+        thread.running = True
+        broker.worker = SimpleNamespace(consumers={"single": thread})
+        client = MeshClient(settings, client=broker.records, app=limited)
+        client.run("chain", {"text": "hi"})
+        consumer = thread.consumer
+        first = next(consumer)
+        assert consumer.drained  # idle: what the eager fetch looks for
+        tokens = broker.records.llen(broker.keys.wake("single"))
+
+        idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+        idem.before_process_message(broker, first)
+        runtime.handle(limited.agents["single"], first.args[0])
+        consumer.ack(first)
+
+        assert work.empty()
+        assert broker.records.llen(broker.keys.queue("single")) == 1
+        assert broker.records.llen(broker.keys.wake("single")) == tokens + 1
+        assert consumer.eager_reserved == 0
+    finally:
+        broker.close()
