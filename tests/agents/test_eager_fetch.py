@@ -498,3 +498,20 @@ def test_a_flow_limited_agents_next_step_is_not_fetched_by_the_success_that_stil
         assert consumer.eager_reserved == 0
     finally:
         broker.close()
+
+
+def test_the_eager_fetch_takes_a_higher_priority_message_first_as_a_fetch_would(worker):
+    """Not a fault of the code before (the fetch's own lane order): a low-priority message waiting, a
+    high one sent after it, and the success's own next step (normal): the high one is taken first."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    w.client.send("echo", {"text": "low"}, priority="low")
+    high = w.client.send("echo", {"text": "high"}, priority="high")
+
+    run(w, first)
+
+    [taken] = handed(w)
+    assert taken.args[0]["job_id"] == high.id
+    second = next(w.thread.consumer)  # then the normal one, the success's own, before the low one
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
