@@ -366,8 +366,10 @@ class AnswerDropper:
 
     MARK = b"__held__."
 
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
+    def __init__(self, target: tuple[str, int], hold: threading.Event | None = None) -> None:
+        """``hold``: pass the marked call's answer on once it is set (held, not dropped)."""
+        self.target, self.hold = target, hold
+        self.answered = threading.Event()  # the marked call's answer came from Redis
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -410,7 +412,11 @@ class AnswerDropper:
         try:
             while data := src.recv(65536):
                 if marked.is_set():
-                    break  # the answer to the marked call: never passed on
+                    self.answered.set()
+                    if self.hold is None:
+                        break  # the answer to the marked call: never passed on
+                    self.hold.wait(120)
+                    marked.clear()
                 dst.sendall(data)
         except OSError:
             pass
@@ -515,3 +521,42 @@ def test_the_eager_fetch_takes_a_higher_priority_message_first_as_a_fetch_would(
     assert taken.args[0]["job_id"] == high.id
     second = next(w.thread.consumer)  # then the normal one, the success's own, before the low one
     assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+
+
+@pytest.mark.slow
+def test_a_worker_paused_between_its_successs_answer_and_its_hand_over_runs_the_step_fenced_when_it_wakes(
+        make_settings, worker_process, rclient):
+    """The worst moment for a pause: the success's call ran (the next step fetched into this worker's
+    hands and claimed) and the worker is SIGSTOPped before it has the answer. Past the heartbeat
+    timeout the reaper puts the step back and another worker runs it; the woken worker is then handed
+    the step, finds its lease taken over, and writes nothing (the job stays as the new owner left it)."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    client = MeshClient(settings, client=rclient, app=relay)
+    ns = settings.namespace
+    kwargs = rclient.connection_pool.connection_kwargs
+    hold = threading.Event()
+    holder = AnswerDropper((kwargs["host"], kwargs["port"]), hold=hold)
+    try:
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+        rclient.set(gate_key(ns), 1)
+        paused = worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env,
+                                MESH_REDIS_URL=f"redis://127.0.0.1:{holder.port}/{kwargs.get('db', 0)}")
+        ref = client.run("relay", {"text": "hi"})
+        assert holder.answered.wait(60)
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            hold.set()  # the answer waits in the paused worker's socket
+            worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+            record = client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 30)
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        assert record.state is State.SUCCEEDED
+        # The woken worker finds the step's lease lost (taken over) and settles its attempt as superseded.
+        log = paused.log_path  # type: ignore[attr-defined]
+        wait_for(lambda: "attempt superseded" in log.read_text(), timeout_s=60)
+    finally:
+        holder.close()
+    after = client.status(ref.id)
+    assert after.model_dump() == record.model_dump()
+    assert rclient.hget(client.keys.stats, "dead_lettered") is None
+    assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
