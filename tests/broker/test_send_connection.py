@@ -8,6 +8,7 @@ import gc
 import threading
 from typing import Any
 
+import pytest
 import redis
 
 from mesh.broker import MeshClient
@@ -67,3 +68,21 @@ def test_the_kept_connection_goes_back_to_the_pool_when_the_client_goes(settings
         del sender
         gc.collect()
         assert len(pool._in_use_connections) == 0
+
+
+@pytest.mark.parametrize("pool", ["capped", "blocking"])
+def test_a_client_on_a_pool_of_one_connection_does_more_than_send(settings: MeshSettings, redis_url: str,
+                                                                  pool: str):
+    # The kept connection was the pool's only one: every command but a send found none free
+    # (MaxConnectionsError at once, or "No connection available" after the blocking pool's timeout).
+    made = redis.ConnectionPool.from_url(redis_url, max_connections=1) if pool == "capped" \
+        else redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1)
+    rclient = redis.Redis(connection_pool=made)
+    try:
+        sender = MeshClient(settings, client=rclient)
+        ref = sender.send("executor", NOTE, key="one-connection")
+        assert sender.status(ref.id).key == "one-connection"
+        assert sender.send("executor", NOTE, key="again").key == "again"
+        assert sender._enqueue.held is None  # nothing kept: the pool's connection is everyone's
+    finally:
+        rclient.close()
