@@ -4,15 +4,18 @@ thread sends on it, and given back to the pool when the client goes."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import random
 import threading
 from typing import Any
 
 import pytest
 import redis
+from conftest import wait_for
 
 from mesh.broker import MeshClient
-from mesh.broker.connection import connect
+from mesh.broker.connection import HeldConnection, connect, run_script
 from mesh.broker.settings import MeshSettings
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
@@ -86,3 +89,61 @@ def test_a_client_on_a_pool_of_one_connection_does_more_than_send(settings: Mesh
         assert sender._enqueue.held is None  # nothing kept: the pool's connection is everyone's
     finally:
         rclient.close()
+
+
+class _Struck(Exception):
+    """Raised into the sending thread (as a KeyboardInterrupt or a time limit would be)."""
+
+
+def test_a_call_interrupted_anywhere_leaves_no_answer_for_the_next_one(settings: MeshSettings):
+    # The classic pooled-connection desync: a call interrupted between its command and its answer
+    # leaves the answer on the connection, and the next call on it reads that one as its own. Each
+    # call here answers its own number; 1,000 exceptions are raised into the caller at random points.
+    client = connect(settings)
+    echo = client.register_script("return ARGV[1]")
+    client.script_load(echo.script)
+    held = HeldConnection(client)
+    state: dict[str, Any] = {"struck": 0, "wrong": [], "stop": False, "calls": 0}
+    calling = threading.Event()
+
+    def calls() -> None:
+        n = 0
+        while not state["stop"]:
+            n += 1
+            calling.set()
+            got = run_script(echo, [], [str(n)], held)
+            state["calls"] += 1
+            if got != str(n).encode():
+                state["wrong"].append((n, got))
+
+    def caller() -> None:
+        while True:
+            try:
+                try:
+                    calls()
+                    return
+                except _Struck:
+                    state["struck"] += 1
+            except _Struck:  # struck again while counting the first
+                state["struck"] += 1
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    rng = random.Random(7)
+    try:
+        for _ in range(1000):
+            calling.wait(10)
+            for _ in range(rng.randrange(200)):  # a point somewhere in a call
+                pass
+            before = state["struck"]
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Struck))
+            wait_for(lambda before=before: state["struck"] > before or not thread.is_alive(), timeout_s=10,
+                     interval_s=0.0005)
+        calls_before = state["calls"]
+        wait_for(lambda: state["calls"] > calls_before + 10, timeout_s=10)  # calls go on after the last
+    finally:
+        state["stop"] = True
+        thread.join(10)
+    assert state["struck"] >= 1000 and not state["wrong"]
+    assert not held._lock.locked()
+    client.close()
