@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
 import random
 import threading
 from typing import Any
@@ -16,7 +18,9 @@ from conftest import wait_for
 
 from mesh.broker import MeshClient
 from mesh.broker.connection import HeldConnection, connect, run_script
+from mesh.broker.outbox import spare_message_ids
 from mesh.broker.settings import MeshSettings
+from mesh.contracts import KeyConflict
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
 
@@ -147,3 +151,81 @@ def test_a_call_interrupted_anywhere_leaves_no_answer_for_the_next_one(settings:
     assert state["struck"] >= 1000 and not state["wrong"]
     assert not held._lock.locked()
     client.close()
+
+
+OTHER = {"tool": "note", "args": {"title": "other"}}
+
+
+def _answers_right(sender: MeshClient, tag: str, n: int) -> int:
+    """``n`` sends each answered for itself (a conflict, then a fresh job): how many were not."""
+    wrong = 0
+    for i in range(n):
+        try:
+            sender.send("executor", OTHER, key="bound")
+            wrong += 1
+        except KeyConflict:
+            pass
+        try:
+            sender.send("executor", NOTE, key=f"{tag}-{i}")
+        except KeyConflict:
+            wrong += 1
+    return wrong
+
+
+def test_a_forked_child_and_its_parent_send_at_once_each_on_its_own_connection(client: MeshClient):
+    client.send("executor", NOTE, key="bound")  # the parent's connection kept, then shared by the fork
+    children = []
+    for c in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's exit code is its count
+            code = 100
+            try:
+                code = min(_answers_right(client, f"child{c}", 100), 99)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    wrong = _answers_right(client, "parent", 100)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert wrong == 0 and codes == [0, 0]
+    queue = client.target("executor").queue
+    assert client.redis.llen(client.keys.queue(queue)) == 301  # every job's message once
+
+
+def test_message_ids_made_ahead_are_never_shared_by_threads_or_forked_children():
+    spare_message_ids()  # the parent holds ids made ahead when it forks
+    per, got, lock = 10_000, [], threading.Lock()
+
+    def make() -> list[str]:
+        ids: list[str] = []
+        while len(ids) < per:
+            ids += spare_message_ids()
+        return ids
+
+    def thread() -> None:
+        ids = make()
+        with lock:
+            got.extend(ids)
+
+    children = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child writes its ids to the pipe
+            try:
+                os.close(read)
+                with os.fdopen(write, "w") as out:
+                    json.dump(make(), out)
+            finally:
+                os._exit(0)
+        os.close(write)
+        children.append((pid, read))
+    threads = [threading.Thread(target=thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for pid, read in children:
+        with os.fdopen(read) as source:
+            got.extend(json.load(source))
+        os.waitpid(pid, 0)
+    assert len(got) == 100_000 and len(set(got)) == len(got)
