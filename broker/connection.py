@@ -399,6 +399,20 @@ class HeldConnection:
         self._lock.release()
 
 
+#: The fewest connections a pool must allow for a caller to keep one of them (redis-py's default cap).
+KEEP_MIN_CONNECTIONS = 100
+
+
+def may_keep(pool: Any) -> bool:
+    """Whether a :class:`HeldConnection` may keep a connection of ``pool``: not of a pool that makes
+    callers wait for a free connection (``BlockingConnectionPool``) nor of one capped below
+    :data:`KEEP_MIN_CONNECTIONS`: their connections are few and meant to be shared (a client on a pool
+    of one connection could send, and then do nothing else: every other command found none free)."""
+    if isinstance(pool, redis.BlockingConnectionPool):
+        return False
+    return int(getattr(pool, "max_connections", 0) or 0) >= KEEP_MIN_CONNECTIONS
+
+
 def _give_back(pool: Any, box: list[Any], pid: int) -> None:
     if box and os.getpid() == pid:
         pool.release(box.pop())

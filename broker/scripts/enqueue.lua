@@ -25,7 +25,10 @@
 --                  full list (consumers busy, none waiting for a token) costs that one command, where
 --                  pushing and trimming back (RPUSH, LTRIM) cost two
 --
--- Returns 0 when every item was written.
+-- Returns 0 when every item was written, or when this same call had written them before: a call
+-- the client sent again after its answer was lost with its connection (MESH_REDIS_RETRIES) finds a
+-- message of its own stored (HEXISTS, read only for a key whose record exists) and writes nothing
+-- more, so a retried send never pushes its message, its trace event or its wake-up token twice.
 
 local ns = KEYS[1]
 local queue, created_at, wake_cap, trace_maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -39,7 +42,12 @@ if n < 1 then return 0 end
 if n == 1 then
     local job_id, hash, message_id, message = ARGV[first], ARGV[first + 1], ARGV[first + 4], ARGV[first + 5]
     local key = ns .. ":job:" .. job_id
-    if not redis.call("set", key, ARGV[first + 2], "nx") and hash ~= "" then
+    local ready = ns .. ":" .. queue
+    local taken = not redis.call("set", key, ARGV[first + 2], "nx")
+    -- This very call, run before (its answer lost with its connection, so the client sent it again):
+    -- its message is stored already (message ids are never reused). Nothing more to write.
+    if taken and redis.call("hexists", ready .. ".msgs", message_id) == 1 then return 0 end
+    if taken and hash ~= "" then
         local ok, raw = pcall(redis.call, "get", key)
         local stored = raw
         if ok then ok, stored = pcall(function() return cjson.decode(raw)["payload_hash"] end) end
@@ -48,7 +56,6 @@ if n == 1 then
     end
     redis.call("xadd", ns .. ":trace:" .. job_id, "maxlen", "~", trace_maxlen, "*", "e", ARGV[first + 3])
     redis.call("zadd", ns .. ":jobs", "nx", created_at, job_id)
-    local ready = ns .. ":" .. queue
     redis.call("hset", ready .. ".msgs", message_id, message)
     if plain then
         redis.call("rpush", ready, message_id)
@@ -66,6 +73,7 @@ end
 -- deletes the records this batch created (the script is atomic: nobody saw them), so nothing is
 -- written, as when every key was checked before the first write.
 local bound, created, made = {}, {}, {}
+local msgs = ns .. ":" .. queue .. ".msgs"
 for i = 1, n do
     local at = first + (i - 1) * width
     local job_id, hash = ARGV[at], ARGV[at + 1]
@@ -74,6 +82,12 @@ for i = 1, n do
         created[#created + 1] = key
         made[job_id] = true
         if hash ~= "" then bound[job_id] = hash end
+    elseif not made[job_id] and redis.call("hexists", msgs, ARGV[at + 4]) == 1 then
+        -- This very call, run before (its answer lost with its connection, so the client sent it
+        -- again): a message of it is stored already (message ids are never reused), so all of it
+        -- was written (a script is atomic). Nothing more to write.
+        for c = 1, #created do redis.call("del", created[c]) end
+        return 0
     elseif hash ~= "" then
         local stored
         if made[job_id] then
@@ -101,7 +115,7 @@ end
 
 -- One command per job for its trace; the index, bodies and ids in commands of up to `slice` jobs
 -- each (Lua's stack bounds how many arguments one call may take).
-local jobs, msgs, ready = ns .. ":jobs", ns .. ":" .. queue .. ".msgs", ns .. ":" .. queue
+local jobs, ready = ns .. ":jobs", ns .. ":" .. queue
 local slice = 1000
 for from = 1, n, slice do
     local index, bodies, pushed = {}, {}, {}

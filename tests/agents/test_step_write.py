@@ -323,8 +323,7 @@ def test_a_group_of_large_writes_goes_in_calls_of_bounded_size(tmp_path):
     from mesh.broker.step_write import CALL_BYTES, STEP_LUA, StepWrites
     from tests.broker.deployed import private_redis
 
-    server = private_redis(tmp_path)
-    server.start()
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
     try:
         client = redis.Redis.from_url(server.url)
         steps = StepWrites(client, JobStore(client, Keys("bounded")), 60)
@@ -364,8 +363,7 @@ def test_a_fetch_reads_the_record_its_messages_share_once(tmp_path):
     from mesh.broker.settings import MeshSettings
     from tests.broker.deployed import private_redis
 
-    server = private_redis(tmp_path)
-    server.start()
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
     try:
         broker = build_broker(MeshSettings(redis_url=server.url, namespace="siblings"))
         r = broker.records
@@ -422,8 +420,7 @@ def private_worker(tmp_path, make_settings) -> Iterator[tuple[MeshBroker, AgentR
     counted (INFO commandstats) are the test's alone."""
     from tests.broker.deployed import private_redis
 
-    server = private_redis(tmp_path)
-    server.start()
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
     try:
         yield from _worker_on(make_settings(redis_url=server.url))
     finally:

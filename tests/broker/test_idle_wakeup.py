@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -223,3 +224,51 @@ def test_sends_fetches_and_waits_go_on_when_redis_no_longer_holds_the_scripts(
             client.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("how", ["sends", "send_many"])
+def test_every_idle_consumer_is_woken_by_the_sends_that_give_it_work(
+        client: MeshClient, settings: MeshSettings, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    # Wake-up tokens are capped by reading the list's length first (LLEN, then RPUSH of what fits): a
+    # consumer blocked for a token must still get one per message. Its wait outlasts the test, so a
+    # consumer left without a token never fetches here.
+    monkeypatch.setattr(consumer, "WAIT_S", 120.0)
+    n = 4
+    brokers = [MeshBroker(settings) for _ in range(n)]
+    waiting: list[int] = []
+    for i, broker in enumerate(brokers):
+        wait_then_fetch = broker.wait_then_fetch
+
+        def noted(queue_name: str, timeout_s: float, *args: Any, i: int = i, call: Any = wait_then_fetch) -> Any:
+            waiting.append(i)
+            return call(queue_name, timeout_s, *args)
+
+        broker.wait_then_fetch = noted  # type: ignore[method-assign]
+    consumers = [broker.consume("executor", prefetch=1, timeout=100) for broker in brokers]
+    got: dict[int, Any] = {}
+    stop = threading.Event()
+
+    def take(i: int) -> None:
+        while i not in got and not stop.is_set():
+            message = next(consumers[i])  # type: ignore[call-overload]
+            if message is not None:
+                got[i] = message
+
+    threads = [threading.Thread(target=take, args=(i,), daemon=True) for i in range(n)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: set(waiting) == set(range(n)), timeout_s=15)  # every consumer idle, waiting
+        if how == "sends":
+            refs = [client.send("executor", NOTE) for _ in range(n)]
+        else:
+            refs = client.send_many("executor", [(NOTE, None)] * n)
+        wait_for(lambda: len(got) == n, timeout_s=30)
+        assert sorted(m.args[0]["job_id"] for m in got.values()) == sorted(ref.id for ref in refs)
+    finally:
+        stop.set()
+        client.redis.rpush(client.keys.wake("executor"), *([1] * n))  # ends any wait left
+        for thread in threads:
+            thread.join(10)
+        for broker in brokers:
+            broker.close()

@@ -4,15 +4,23 @@ thread sends on it, and given back to the pool when the client goes."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import json
+import os
+import random
 import threading
 from typing import Any
 
+import pytest
 import redis
+from conftest import wait_for
 
 from mesh.broker import MeshClient
-from mesh.broker.connection import connect
+from mesh.broker.connection import HeldConnection, connect, run_script
+from mesh.broker.outbox import spare_message_ids
 from mesh.broker.settings import MeshSettings
+from mesh.contracts import KeyConflict
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
 
@@ -67,3 +75,157 @@ def test_the_kept_connection_goes_back_to_the_pool_when_the_client_goes(settings
         del sender
         gc.collect()
         assert len(pool._in_use_connections) == 0
+
+
+@pytest.mark.parametrize("pool", ["capped", "blocking"])
+def test_a_client_on_a_pool_of_one_connection_does_more_than_send(settings: MeshSettings, redis_url: str,
+                                                                  pool: str):
+    # The kept connection was the pool's only one: every command but a send found none free
+    # (MaxConnectionsError at once, or "No connection available" after the blocking pool's timeout).
+    made = redis.ConnectionPool.from_url(redis_url, max_connections=1) if pool == "capped" \
+        else redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1)
+    rclient = redis.Redis(connection_pool=made)
+    try:
+        sender = MeshClient(settings, client=rclient)
+        ref = sender.send("executor", NOTE, key="one-connection")
+        assert sender.status(ref.id).key == "one-connection"
+        assert sender.send("executor", NOTE, key="again").key == "again"
+        assert sender._enqueue.held is None  # nothing kept: the pool's connection is everyone's
+    finally:
+        rclient.close()
+
+
+class _Struck(Exception):
+    """Raised into the sending thread (as a KeyboardInterrupt or a time limit would be)."""
+
+
+def test_a_call_interrupted_anywhere_leaves_no_answer_for_the_next_one(settings: MeshSettings):
+    # The classic pooled-connection desync: a call interrupted between its command and its answer
+    # leaves the answer on the connection, and the next call on it reads that one as its own. Each
+    # call here answers its own number; 1,000 exceptions are raised into the caller at random points.
+    client = connect(settings)
+    echo = client.register_script("return ARGV[1]")
+    client.script_load(echo.script)
+    held = HeldConnection(client)
+    state: dict[str, Any] = {"struck": 0, "wrong": [], "stop": False, "calls": 0}
+    calling = threading.Event()
+
+    def calls() -> None:
+        n = 0
+        while not state["stop"]:
+            n += 1
+            calling.set()
+            got = run_script(echo, [], [str(n)], held)
+            state["calls"] += 1
+            if got != str(n).encode():
+                state["wrong"].append((n, got))
+
+    def caller() -> None:
+        while True:
+            try:
+                try:
+                    calls()
+                    return
+                except _Struck:
+                    state["struck"] += 1
+            except _Struck:  # struck again while counting the first
+                state["struck"] += 1
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    rng = random.Random(7)
+    try:
+        for _ in range(1000):
+            calling.wait(10)
+            for _ in range(rng.randrange(200)):  # a point somewhere in a call
+                pass
+            before = state["struck"]
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Struck))
+            wait_for(lambda before=before: state["struck"] > before or not thread.is_alive(), timeout_s=10,
+                     interval_s=0.0005)
+        calls_before = state["calls"]
+        wait_for(lambda: state["calls"] > calls_before + 10, timeout_s=10)  # calls go on after the last
+    finally:
+        state["stop"] = True
+        thread.join(10)
+    assert state["struck"] >= 1000 and not state["wrong"]
+    assert not held._lock.locked()
+    client.close()
+
+
+OTHER = {"tool": "note", "args": {"title": "other"}}
+
+
+def _answers_right(sender: MeshClient, tag: str, n: int) -> int:
+    """``n`` sends each answered for itself (a conflict, then a fresh job): how many were not."""
+    wrong = 0
+    for i in range(n):
+        try:
+            sender.send("executor", OTHER, key="bound")
+            wrong += 1
+        except KeyConflict:
+            pass
+        try:
+            sender.send("executor", NOTE, key=f"{tag}-{i}")
+        except KeyConflict:
+            wrong += 1
+    return wrong
+
+
+def test_a_forked_child_and_its_parent_send_at_once_each_on_its_own_connection(client: MeshClient):
+    client.send("executor", NOTE, key="bound")  # the parent's connection kept, then shared by the fork
+    children = []
+    for c in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's exit code is its count
+            code = 100
+            try:
+                code = min(_answers_right(client, f"child{c}", 100), 99)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    wrong = _answers_right(client, "parent", 100)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert wrong == 0 and codes == [0, 0]
+    queue = client.target("executor").queue
+    assert client.redis.llen(client.keys.queue(queue)) == 301  # every job's message once
+
+
+def test_message_ids_made_ahead_are_never_shared_by_threads_or_forked_children():
+    spare_message_ids()  # the parent holds ids made ahead when it forks
+    per, got, lock = 10_000, [], threading.Lock()
+
+    def make() -> list[str]:
+        ids: list[str] = []
+        while len(ids) < per:
+            ids += spare_message_ids()
+        return ids
+
+    def thread() -> None:
+        ids = make()
+        with lock:
+            got.extend(ids)
+
+    children = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child writes its ids to the pipe
+            try:
+                os.close(read)
+                with os.fdopen(write, "w") as out:
+                    json.dump(make(), out)
+            finally:
+                os._exit(0)
+        os.close(write)
+        children.append((pid, read))
+    threads = [threading.Thread(target=thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for pid, read in children:
+        with os.fdopen(read) as source:
+            got.extend(json.load(source))
+        os.waitpid(pid, 0)
+    assert len(got) == 100_000 and len(set(got)) == len(got)
