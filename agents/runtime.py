@@ -23,6 +23,7 @@ from mesh.broker.fence import Fence
 from mesh.broker.idempotency import current_lease
 from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
 from mesh.broker.keys import Keys
+from mesh.broker.limits import let_go
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
@@ -231,6 +232,9 @@ class AgentRuntime:
         try:
             change = progress.complete(env, output, (lease.tokens_in, lease.tokens_out), spec=flow,
                                        routes=self.routes, events=events, undo_calls=lease.undo_calls or None)
+            # The handler is done: its flow-limit slots go back before the write sends its next step,
+            # which would otherwise find them held and wait on the delay queue.
+            let_go()
             self.steps.write(env.job_id, with_effect(change, env.step_id, effect), fence=lease, also=succeeded,
                              events=events, retention_s=retention_s(flow), known=written, done=done, settle=True)
         except redis.RedisError as exc:

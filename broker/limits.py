@@ -127,6 +127,9 @@ class Held:
     #: and the ms that booking moved each token schedule on (given back when the admission is undone).
     prepaid: set[tuple[str, str | None]] = field(default_factory=set)
     tokens_charged: dict[tuple[str, str | None], float] = field(default_factory=dict)
+    #: Given back (:meth:`Limiter.release`): a step's success lets go before its write sends the next
+    #: step (:func:`let_go`), and its message's settling then releases nothing twice.
+    released: bool = False
 
     def took(self, name: str, flow_key: str | None, verdict: Verdict) -> None:
         """Record limit ``name`` (for ``flow_key``) as taken with ``verdict``, an admission."""
@@ -295,8 +298,14 @@ class Limiter:
             self._held[held.holder] = held
 
     def release(self, held: Held) -> None:
+        """Give back what ``held`` took: its slots freed, the tokens of model calls that never settled
+        given back. Once: a second call (its message settling after :func:`let_go`) does nothing; a
+        Redis error leaves its slots to their leases (no longer renewed) and its tokens spent."""
         with self._lock:
             self._held.pop(held.holder, None)
+            if held.released:
+                return
+            held.released = True
         held_ms = int((time.monotonic() - held.started) * 1000)
         pipe = self.client.pipeline(transaction=False)
         for name, flow_key in held.slots:
@@ -572,6 +581,24 @@ def model_refused(exc: BaseException) -> None:
         logger.warning("could not lower a rate after a model's 429", extra={"error": str(error)})
         return
     exc.mesh_limits_lowered = True  # type: ignore[attr-defined]
+
+
+def let_go() -> None:
+    """The step this thread runs has returned and its success is about to be written: what its message
+    took of its limits is given back now (:meth:`Limiter.release`), before the write makes its next
+    step visible. A next step of the same agent (or of one sharing a limit with it) would otherwise
+    reach a worker thread while the slot is still held and be deferred (on the delay queue, 100 ms and
+    more) on most hops of a sequential pipeline. The handler is done: no call of it counts against the
+    limits any more; a write that fails and retries the step takes a slot afresh."""
+    current = current_held()
+    if current is None:
+        return
+    set_current(None)
+    limiter, held = current
+    try:
+        limiter.release(held)
+    except redis.RedisError as exc:  # its slots' leases run out instead
+        logger.warning("could not release limit slots", extra={"error": str(exc)})
 
 
 def reserve_tokens() -> None:

@@ -246,3 +246,68 @@ def test_a_concurrency_waiter_waits_until_its_deadline_and_then_leaves_the_waiti
         nxt = limited_client(settings, client).send("slow", {"n": 2, "tenant": "k"}, key="after")
         assert ended(nxt) is State.SUCCEEDED
         assert not deferrals(client, nxt.id)  # nobody ahead of it: it ran at once
+
+
+def test_a_limited_agents_sequential_pipeline_is_not_deferred_by_its_own_previous_step(
+        settings: MeshSettings, client: MeshClient, worker_process: Any) -> None:
+    """A 6-step pipeline on one agent limited to one at a time, jobs one after another on one worker of
+    4 threads: each step's next step finds the slot free, because the step gives it back before its
+    success's write sends the next step (not after, when the next step could already have reached a
+    worker thread, found the slot held and waited on the delay queue). Released after the write, the
+    slot was still held on some hops or most (4 to 37 of 50 deferred, in runs of 10 jobs, by the load of
+    the machine: the release and the next step's fetch race)."""
+    from tests.apps.flowchain import app
+
+    chain = MeshClient(settings, client=client.redis, app=app)
+    worker_process("--app", "tests.apps.flowchain:app", "--threads", "4")
+    refs = []
+    for n in range(10):
+        refs.append(chain.run("chain", {"text": f"job {n}"}))
+        assert chain.wait(refs[-1].id, timeout_s=120).state is State.SUCCEEDED
+    deferred = [(ref.id, e["step_id"]) for ref in refs for e in deferrals(client, ref.id)]
+    hops = 5 * len(refs)
+    # A job starts once the one before it has ended: no step of another job holds the slot. A hop
+    # may still wait when a release Redis did not answer waits for its lease; not more.
+    assert len(deferred) <= 2, (len(deferred), hops, deferred)
+
+
+def test_a_steps_slot_is_free_before_its_next_step_can_reach_a_worker_thread(settings: MeshSettings,
+                                                                             client: MeshClient) -> None:
+    """The same pipeline on an in-process worker of 4 threads, each step's thread held (by a middleware
+    whose after-hook runs before FlowControl's) until its next step has been picked up or deferred:
+    the next step was never deferred, so the slot was free once the success's write had sent it.
+    Released by FlowControl's after-hook (after the write), every hop was deferred (50 of 50)."""
+    from dramatiq.middleware import Middleware
+
+    from mesh.ops.worker import start_worker
+    from tests.apps.flowchain import app
+
+    def moved(job_id: str, step_id: str) -> bool:
+        return any(e.get("step_id") == step_id and e["event"] in ("picked_up", "deferred")
+                   for e in trace.read(client.redis, client.keys, job_id))
+
+    class UntilTheNextStepMoves(Middleware):
+        """dramatiq runs after-hooks last added first: this one before FlowControl lets go."""
+
+        def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
+                                  exception: BaseException | None = None) -> None:
+            envelope = message.args[0]
+            n = int(envelope["step_id"].removeprefix("s"))
+            if exception is None and n < 5:
+                deadline = time.monotonic() + 30
+                while not moved(envelope["job_id"], f"s{n + 1}") and time.monotonic() < deadline:
+                    time.sleep(0.005)
+
+    chain = MeshClient(settings, client=client.redis, app=app)
+    worker = start_worker(settings, None, 4, app=app)
+    try:
+        worker.broker.add_middleware(UntilTheNextStepMoves())
+        refs = []
+        for n in range(10):
+            refs.append(chain.run("chain", {"text": f"job {n}"}))
+            assert chain.wait(refs[-1].id, timeout_s=120).state is State.SUCCEEDED
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+    deferred = [(ref.id, e["step_id"]) for ref in refs for e in deferrals(client, ref.id)]
+    assert deferred == [], (len(deferred), deferred)

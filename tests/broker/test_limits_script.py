@@ -209,3 +209,35 @@ def test_a_token_rate_books_each_messages_expected_tokens_when_it_is_admitted_an
     lim.give_back("agent:m", None, verdicts[-1].tokens)
     again = lim.take("agent:m", None, "h20", "m20")
     assert again.reason == "rate" and again.wait_ms <= verdicts[-1].wait_ms + 100, (again, verdicts[-1])
+
+
+def test_a_step_let_go_before_its_write_is_not_released_again_when_its_message_settles(client: MeshClient) -> None:
+    """A step's success gives back what its message took before its write sends the next step
+    (``let_go``): its slot freed, its model calls' unsettled tokens given back, its lease no longer
+    renewed; the message's settling (FlowControl's after_process_message) releases nothing twice."""
+    from mesh.broker.limits import Held, current_held, let_go, set_current
+
+    lim = limiter(client, agent__m={"rate": {"tokens": "60000/min"}, "concurrency": {"max": 1}})
+    held = Held("h0")
+    verdict = lim.take("agent:m", None, held.holder, "m0")
+    assert verdict.admitted and verdict.slot
+    held.took("agent:m", None, verdict)
+    lim.hold(held)
+    lim.reserve_tokens(held)  # the first call: booked on admission
+    lim.reserve_tokens(held)  # a second call, never settled: 1,000 tokens more reserved
+    state = client.keys.limit("agent:m", None)
+    booked = float(client.redis.hget(state, "ttat"))
+    set_current((lim, held))
+    let_go()
+    assert current_held() is None
+    assert client.redis.zcard(f"{state}:holders") == 0
+    # What both calls reserved and never settled went back (1 ms a token).
+    assert abs(booked - float(client.redis.hget(state, "ttat")) - 2_000) < 1
+    nxt = lim.take("agent:m", None, "h1", "m1")
+    assert nxt.admitted  # the slot is free for the next step
+    lim.untake("agent:m", None, "h1", nxt.charged_ms, nxt.tokens_charged_ms)
+    before = float(client.redis.hget(state, "ttat"))
+    lim.release(held)  # the message settles: nothing given back twice
+    assert float(client.redis.hget(state, "ttat")) == before
+    lim.renew()  # no longer held by this process: nothing renewed, nothing held again
+    assert client.redis.zcard(f"{state}:holders") == 0
