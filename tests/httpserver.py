@@ -17,7 +17,9 @@ gives up first; no sleeps.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -113,3 +115,33 @@ class RecordingServer:
                 self._answer(status, reply, extra[0] if extra else {})
 
         return Handler
+
+
+class SlidingWindow:
+    """A responder for :class:`RecordingServer` answering at most ``rate`` requests in any second;
+    beyond, 429 with Retry-After and the ``x-ratelimit-*`` headers a model API sends (``refused``: its
+    body). An accepted request gets :meth:`accept`'s answer."""
+
+    refused: Any = {"error": "rate limited"}
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.accepted: collections.deque[float] = collections.deque()
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int, request: dict[str, Any]) -> tuple[Any, ...]:
+        with self.lock:
+            now = request["at"]
+            while self.accepted and self.accepted[0] <= now - 1.0:
+                self.accepted.popleft()
+            if len(self.accepted) >= self.rate:
+                reset_ms = max(1, int((self.accepted[0] + 1.0 - now) * 1000))
+                return 429, self.refused, {
+                    "Retry-After": str(math.ceil(reset_ms / 1000)), "x-ratelimit-limit-requests": str(self.rate),
+                    "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{reset_ms}ms"}
+            self.accepted.append(now)
+            return self.accept(len(self.accepted))
+
+    def accept(self, in_window: int) -> tuple[Any, ...]:
+        """The answer to an accepted request, ``in_window`` accepted in the last second with it."""
+        return 200, {"ok": True}, {"x-ratelimit-remaining-requests": str(self.rate - in_window)}

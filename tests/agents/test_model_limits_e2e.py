@@ -6,15 +6,12 @@ climbs back gradually once the 429s stop; every job succeeds."""
 
 from __future__ import annotations
 
-import collections
 import json
-import math
-import threading
 from typing import Any
 
 import pytest
 from conftest import wait_for
-from httpserver import RecordingServer
+from httpserver import RecordingServer, SlidingWindow
 
 from mesh.broker import MeshClient
 from mesh.broker.limits import limit_states
@@ -28,26 +25,13 @@ APP = "tests.apps.model_limited:app"
 LIMIT = "agent:asker"
 
 
-class ModelWindow:
+class ModelWindow(SlidingWindow):
     """A chat-completions endpoint answering at most ``rate`` requests in any second; beyond, 429 with
     Retry-After and the ``x-ratelimit-*`` headers OpenAI sends."""
 
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.accepted: collections.deque[float] = collections.deque()
-        self.lock = threading.Lock()
+    refused = {"error": {"message": "Rate limit reached for requests", "type": "requests"}}
 
-    def __call__(self, n: int, request: dict[str, Any]) -> tuple[Any, ...]:
-        with self.lock:
-            now = request["at"]
-            while self.accepted and self.accepted[0] <= now - 1.0:
-                self.accepted.popleft()
-            if len(self.accepted) >= self.rate:
-                reset_ms = max(1, int((self.accepted[0] + 1.0 - now) * 1000))
-                return 429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}}, {
-                    "Retry-After": str(math.ceil(reset_ms / 1000)), "x-ratelimit-limit-requests": str(self.rate),
-                    "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{reset_ms}ms"}
-            self.accepted.append(now)
+    def accept(self, in_window: int) -> tuple[Any, ...]:
         return 200, completion(json.dumps({"text": "ok"}), usage=(20, 5))
 
 

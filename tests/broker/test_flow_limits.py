@@ -5,7 +5,6 @@ processes, a SIGKILLed worker's slot comes back, and waiting for a limit spends 
 from __future__ import annotations
 
 import collections
-import math
 import os
 import signal
 import threading
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
-from httpserver import RecordingServer
+from httpserver import RecordingServer, SlidingWindow
 
 from mesh.broker import MeshClient, trace
 from mesh.broker.limits import limit_states
@@ -24,29 +23,6 @@ from mesh.contracts import State
 pytestmark = pytest.mark.slow
 
 APP = "tests.apps.limited:app"
-
-
-class SlidingWindow:
-    """Answers at most ``rate`` requests in any second; beyond, 429 with Retry-After and the
-    ``x-ratelimit-*`` headers a model API sends."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.accepted: collections.deque[float] = collections.deque()
-        self.lock = threading.Lock()
-
-    def __call__(self, n: int, request: dict[str, Any]) -> tuple[Any, ...]:
-        with self.lock:
-            now = request["at"]
-            while self.accepted and self.accepted[0] <= now - 1.0:
-                self.accepted.popleft()
-            if len(self.accepted) >= self.rate:
-                reset_ms = max(1, int((self.accepted[0] + 1.0 - now) * 1000))
-                return 429, {"error": "rate limited"}, {
-                    "Retry-After": str(math.ceil(reset_ms / 1000)), "x-ratelimit-limit-requests": str(self.rate),
-                    "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{reset_ms}ms"}
-            self.accepted.append(now)
-            return 200, {"ok": True}, {"x-ratelimit-remaining-requests": str(self.rate - len(self.accepted))}
 
 
 def limited_client(settings: MeshSettings, client: MeshClient) -> MeshClient:
