@@ -395,4 +395,6 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
                                      options=options))
         broker.record_queues.add(spec.queue)  # each step's pick-up starts from the record its fetch read
+    # A step's success fetches its next step for this worker's consumer, when it has room (step_write.py).
+    runtime.steps.eager = broker.eager_slot
     return actors

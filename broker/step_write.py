@@ -14,6 +14,15 @@ and the consumer sends no ack of its own for that message. (A command Redis refu
 wrong type, fails its write as it failed the MULTI/EXEC: the write's other commands ran, its ``done``
 and its ack did not, and the consumer's failure path settles the message from the record.)
 
+A success whose change sends a message to a queue this worker consumes, while that consumer's window
+has room, also fetches for it in the same script call (``step.lua``'s eager fetch): the queue's next
+message in lane order, claimed and put in the worker's acks set as the consumer's fetch would, is handed
+to dramatiq by the sender thread once the call is answered (:class:`~mesh.broker.consumer.EagerSlot`).
+A sequential pipeline's next step then starts with no wake-up token, no fetch round trip and no
+validation of the record (it is the one the success left). A call that failed, or that was sent again
+after it landed, may have fetched a message nobody took: the consumer reclaims its queue before its
+next fetch.
+
 The writes of a worker's threads go to Redis together (:class:`~mesh.broker.group_commit.GroupCommit`):
 one script call per group, the group's counters added up and written once per field. (Sending a lone
 write from its own thread instead made a sequential pipeline slower, not faster, where it was measured.)
@@ -22,7 +31,9 @@ write from its own thread instead made a sequential pipeline slower, not faster,
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,14 +43,18 @@ import redis
 
 from mesh.contracts import JobRecord, LeaseLost, dumps
 
+from . import lanes
 from .claims import script_source
 from .group_commit import GroupCommit
 from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
 if TYPE_CHECKING:
+    from .consumer import EagerSlot
     from .idempotency import Lease
 
-STEP_LUA = script_source("step.lua")
+logger = logging.getLogger(__name__)
+
+STEP_LUA = script_source("step.lua", lanes.LIB)
 
 #: Commands a script cannot run: a write staging one goes as a WATCH/MULTI transaction instead.
 SCRIPTED = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL"})
@@ -118,6 +133,10 @@ class _Item:
     args: list[Any]
     settles: bool
     size: int = 0
+    #: The consumer place the write's eager fetch fills, and what the write leaves (for the job's next step).
+    slot: EagerSlot | None = None
+    job: bytes = b""
+    written: Written | None = None
 
 
 class StepWrites:
@@ -130,6 +149,9 @@ class StepWrites:
         self.script = client.register_script(STEP_LUA)
         self.group: GroupCommit[_Item] = GroupCommit(self._flush, name="mesh-step-writes")
         self.recent = Recent()
+        #: A queue's place in this process's consumer for a success's eager fetch, or None
+        #: (``MeshBroker.eager_slot``, set where a worker's agents are declared); None: no eager fetches.
+        self.eager: Callable[[str], EagerSlot | None] | None = None
 
     def write(self, job_id: str, change: Change, *, fence: Lease, events: Sequence[dict[str, Any]] = (),
               also: Callable[[Any, JobRecord], None] | None = None, retention_s: float | None = None,
@@ -170,7 +192,15 @@ class StepWrites:
                                               retention_s=retention_s)
                     return Written(record, dumps(record))
                 new = _record_bytes(pipe.command_stack, key) or dumps(record)
-            answer = self.group.submit(self._item(key, data, pipe.command_stack, fence, done, settle))
+            slot = self._slot(messages) if settle and messages else None
+            try:
+                item = self._item(key, data, pipe.command_stack, fence, done, settle, slot)
+                if slot is not None:
+                    item.job, item.written = job_id.encode(), Written(record, new)
+                answer = self.group.submit(item)
+            finally:
+                if slot is not None:
+                    slot.release()
             if isinstance(answer, redis.ResponseError):
                 raise answer
             if answer in (1, 2):
@@ -184,13 +214,26 @@ class StepWrites:
             data, before = answer, None  # changed since it was read: computed again
         raise RuntimeError(f"job record {job_id} kept changing while a step was written")
 
+    def _slot(self, messages: Sequence[Any]) -> EagerSlot | None:
+        """A place in this process's consumer of the first queue among ``messages``' (those due now)
+        that has one: the write then fetches that queue's next message for it (see ``step.lua``)."""
+        if self.eager is None:
+            return None
+        for message in messages:
+            if message.options.get("eta") is None:
+                slot = self.eager(message.queue_name)
+                if slot is not None:
+                    return slot
+        return None
+
     def _item(self, key: str, data: bytes, commands: list[Any], fence: Lease, done: bytes | None,
-              settle: bool) -> _Item:
+              settle: bool, slot: EagerSlot | None = None) -> _Item:
         settles = settle and fence.settles is not None
         acks, msgs, rid = fence.settles if settles and fence.settles is not None else ("", "", "")
+        eager = slot.args if slot is not None and settles else []
         args: list[Any] = [key, _expected(data), fence.claim_key, fence.owner, fence.token,
                            "1" if fence.shared else "0", "1" if done is not None else "0", done or b"",
-                           rid, acks, msgs, len(commands)]
+                           rid, acks, msgs, len(eager), *eager, len(commands)]
         # The size: a bytes or str argument its length, anything else (an integer) 8, added up in one
         # plain loop (a genexpr summed per write was the step's largest own cost).
         size = 0
@@ -202,7 +245,7 @@ class StepWrites:
             size += 8
             for arg in command:
                 size += len(arg) if isinstance(arg, _SIZED) else 8
-        return _Item(fence, args, settles, size)
+        return _Item(fence, args, settles, size, slot if eager else None)
 
     def _flush(self, group: Sequence[_Item]) -> list[Any]:
         answers: list[Any] = []
@@ -238,7 +281,37 @@ class StepWrites:
         args: list[Any] = [self.dedup_ttl_s]
         for item in group:
             args.extend(item.args)
-        answers: list[Any] = self.script(keys=[], args=args)
+        slots = [item.slot for item in group if item.slot is not None]
+        if not slots:
+            return self._answers(group, self.script(keys=[], args=args))
+        # A reclaim must not put back a message this call fetches before it is in hand (consumer._fetch).
+        with slots[0].consumer.broker.eager_lock:
+            sent = time.monotonic()  # a fetched claim's lease counts from before the call went out
+            try:
+                answers: list[Any] = self.script(keys=[], args=args)
+            except BaseException:
+                for slot in slots:
+                    slot.lost()  # it may have fetched before the call failed
+                raise
+            for n, item in enumerate(group):
+                answer, held = answers[n], item.slot
+                if held is None:
+                    continue
+                if isinstance(answer, list):
+                    answers[n], fetched = answer[0], answer[1:]
+                    record = item.written.data if item.written is not None else b""
+                    if item.written is not None:  # what the next step's pick-up reads, kept before it runs
+                        self.recent.keep(item.job.decode(), item.written)
+                    try:
+                        held.hand(fetched, sent, item.job, record)
+                    except Exception:  # the write stands; what it fetched goes back by the reclaim
+                        logger.exception("a fetched message could not be handed over: its queue is reclaimed")
+                        held.lost()
+                elif answer in (1, 2):
+                    held.lost()  # sent again after it landed: what its first call fetched is not known
+        return self._answers(group, answers)
+
+    def _answers(self, group: Sequence[_Item], answers: list[Any]) -> list[Any]:
         for item, answer in zip(group, answers, strict=True):
             if item.settles and answer in (1, 2):
                 # Before the caller wakes: an exception raised into it meanwhile (a time limit) finds the

@@ -1,10 +1,11 @@
 -- A group of steps' job-record writes (broker/step_write.py), each a compare-and-set fenced by its
 -- claim: one call writes what a WATCH/MULTI transaction per step wrote, with no WATCH, no read
--- round trip and no MULTI. Runs after claim_lib.lua.
+-- round trip and no MULTI. Runs after claim_lib.lua and lanes_lib.lua.
 --
 -- step(keys=[], args=[ttl_s, item...]), each item being the arguments
 --
---   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, n, (count, command...) x n
+--   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, e, (eager...) x e, n,
+--   (count, command...) x n
 --
 --   job      the record's key; sha: the record the write was computed from, as its bytes, or as their
 --            sha1 (40 hex digits: a record of 40 bytes or fewer, or a large one)
@@ -17,14 +18,24 @@
 --            answered 1 (or 2) with nothing more written
 --   id       "": none; else the message this write settles (a success): it leaves the worker's
 --            acks set and its body is deleted from msgs, as the ack would
+--   e        0, or 8 and the arguments of a fetch of one message the write hands straight to its worker
+--            (a success whose next step goes to a queue its worker consumes, with room): the queue's
+--            key, the worker's acks set there, its held set and the queue's name, the stats hash, the
+--            claims' key prefix, the claim's owner and lease (ms). Once the write landed, the
+--            queue's next message in lane order (the one a fetch would take: the write's own, or
+--            one waiting before it) is fetched and claimed as settle.lua's fetch would, for that
+--            worker, and a wake-up token taken back (that consumer needs none)
 --   n        the commands of the write, each as its argument count and its arguments (what the
 --            transaction would have run: the record with its TTLs, trace events, counters, the
 --            running index, the next steps' messages); HINCRBY and HINCRBYFLOAT are added up over
 --            the group and run once per field
 --
--- Per item: 1 written (its message settled, if it names one); 2 written, but the message was no
--- longer this worker's (reaped while paused: its body is left to its new owner); 0 the claim is not
--- the attempt's any more, nothing written; -1 no record; an error: a command of the write was refused
+-- Per item: 1 written (its message settled, if it names one), with e = 8 {1} (nothing fetched) or
+-- {1, id, data, claim} ({key, "run"|"busy"|"done", token, ...} as claim.lua answers, or 0: no key
+-- found) instead (a write sent again that had landed before answers 1 or 2: what its first call
+-- fetched is not known); 2 written, but the message was no longer this worker's (reaped while
+-- paused: its body is left to its new owner); 0 the claim is not the attempt's any more, nothing
+-- written; -1 no record; an error: a command of the write was refused
 -- (a key of the wrong type) and its other commands ran, as in the MULTI this replaced, its claim not
 -- stored as done and its message not settled; else the record's current bytes: it changed since the
 -- write was computed, nothing written (read them, recompute, write again).
@@ -82,6 +93,7 @@ end
 -- flat lists: item k's commands are cfirst[k] to cfirst[k + 1] - 1), which the writes below use: a
 -- table per command and a second parse of the counts cost the server more than these lists.
 local checked, values, stale = {}, {}, {}
+local eagers = {}  -- item -> where its eager fetch's arguments start
 local starts, cfirst, cfrom, cto = {}, {}, {}, {}
 do
     local names, i, nargs = {}, 2, #ARGV
@@ -91,8 +103,10 @@ do
         if not checked[job] then names[#names + 1] = job; checked[job] = #names end
         starts[#starts + 1] = i
         cfirst[#cfirst + 1] = #cfrom + 1
-        local n = tonumber(ARGV[i + 11])
-        i = i + 12
+        local e = tonumber(ARGV[i + 11])
+        if e > 0 then eagers[#starts] = i + 12 end
+        local n = tonumber(ARGV[i + 12 + e])
+        i = i + 13 + e
         for _ = 1, n do
             local count = tonumber(ARGV[i])
             cfrom[#cfrom + 1] = i + 1
@@ -126,6 +140,33 @@ local function touched(name, from, to)
             if checked[ARGV[a]] then stale[ARGV[a]] = true end
         end
     end
+end
+
+local function server_ms()
+    local t = redis.call("time")
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The eager fetch of item k (arguments from a): {1} or {1, id, data, claim} (see above).
+local function fetch_one(a)
+    local base, acks, held, queue, stats, prefix, owner = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+        ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+    local ids, data, fence = lanes_fetch(base, 1, true)
+    if not data[1] then return {1} end  -- as a fetch: an id whose body is gone is dropped
+    -- As a fetch: messages in hand are where a reaper looks.
+    redis.call("sadd", held, queue)
+    redis.call("sadd", acks, ids[1])
+    redis.call("lpop", base .. ".wake")
+    local verdict = 0
+    local key = message_key(data[1])
+    if key then
+        local b = claims_open(stats, tonumber(ARGV[a + 7]), ttl, server_ms(), fence)
+        verdict = claim_take(b, prefix .. key, owner)
+        claims_close(b)
+        table.insert(verdict, 1, key)
+        if checked[prefix .. key] then stale[prefix .. key] = true end
+    end
+    return {1, ids[1], data[1], verdict}
 end
 
 for k, i in ipairs(starts) do
@@ -188,6 +229,7 @@ for k, i in ipairs(starts) do
                     stale[claim] = true
                 end
                 answer = settled(id, acks, msgs)
+                if answer == 1 and eagers[k] then answer = fetch_one(eagers[k]) end
             end
         end
     end
