@@ -551,6 +551,14 @@ class MeshConsumer(_RedisConsumer):
             self.idempotency.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=sent, record=record)
         if proxy is None:
             return  # poison: dead-lettered (and settled) by _decode
+        if self.broker.stopping.is_set() or not thread.running:
+            # The worker's stop began after the place was held: its threads take nothing more from the
+            # work queue, where the message would wait for the stop's end (or, come after the stop's
+            # requeue, for a reaper). Back to the head of its lane at once, its claim freed, as a
+            # stopping worker's requeue does.
+            self._drop_unrun(proxy)
+            self.broker.settle("requeue", self.queue_name, rid)
+            return
         self.queued_message_ids.add(proxy.message_id)
         self.in_hand.add(rid)
         thread.handle_message(proxy)
@@ -586,7 +594,8 @@ class EagerSlot:
     know of: :meth:`lost` has the consumer reclaim its queue before its next fetch (every message this
     worker holds there and has not handed to dramatiq goes back to the head of its lane), as a
     consumer rebuilt after a lost fetch does. Its claim is then taken over when its lease ends, as a
-    lost fetch's is."""
+    lost fetch's is. Both go to the consumer dramatiq's thread has at the time (:meth:`current`): one
+    rebuilt after the place was held has reclaimed already and counts what its thread is handed."""
 
     def __init__(self, consumer: MeshConsumer, thread: Any) -> None:
         self.consumer, self.thread = consumer, thread
@@ -606,13 +615,20 @@ class EagerSlot:
         if fetched:
             rid, data, verdict = fetched[0].decode(), fetched[1], fetched[2]
             same = verdict and verdict[1] == b"run" and _job_of(data, verdict[0]) == job
-            self.consumer.take(self.thread, rid, data, verdict, self.owner, sent, record if same else None)
+            self.current().take(self.thread, rid, data, verdict, self.owner, sent, record if same else None)
         self.release()
 
     def lost(self) -> None:
         """The write's answer is not known to be its first: reclaim before the next fetch."""
         self.consumer.reclaimed = False
+        self.current().reclaimed = False
         self.release()
+
+    def current(self) -> MeshConsumer:
+        """The consumer dramatiq's thread has now: one rebuilt since the place was held (a lost
+        connection) already reclaimed, and it is the one that counts and settles what is handed over."""
+        consumer = getattr(self.thread, "consumer", None)
+        return consumer if isinstance(consumer, MeshConsumer) else self.consumer
 
     def release(self) -> None:
         if self._open:

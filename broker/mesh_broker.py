@@ -104,6 +104,9 @@ class MeshBroker(RedisBroker):
         #: The dramatiq worker consuming through this broker (set as it boots): whose consumers a step's
         #: success may fetch its next step for (:meth:`eager_slot`).
         self.worker: Any = None
+        #: Queues whose agents take flow limits before they run (FlowControl): no eager fetch for them
+        #: (:meth:`eager_slot`); worked out at the first look, once the app's actors are declared.
+        self._limited_queues: frozenset[str] | None = None
         #: Held while a step write that fetches for a consumer is on its way and its message is handed
         #: over, and by a consumer's reclaim: a reclaim never puts back a message on its way into hand.
         self.eager_lock = threading.Lock()
@@ -185,6 +188,7 @@ class MeshBroker(RedisBroker):
         if signal == "worker_boot":
             self.stopping.clear()
             self.worker = args[0] if args else None
+            self._limited_queues = None  # worked out again from what is declared now
         elif signal == "worker_shutdown":
             queues = getattr(args[0], "consumers", {}) if args else {}
             self._wake_for_stop(sum(1 for queue in queues if not queue.endswith(".DQ")))
@@ -224,13 +228,27 @@ class MeshBroker(RedisBroker):
         success write fetches for it (see :class:`~mesh.broker.consumer.EagerSlot`); None when this
         process consumes no such queue with room, or its worker is stopping."""
         worker = self.worker
-        if worker is None or self.stopping.is_set():
+        if worker is None or self.stopping.is_set() or queue_name in self.limited_queues():
             return None
         thread = worker.consumers.get(queue_name)
         consumer = getattr(thread, "consumer", None)
         if not isinstance(consumer, MeshConsumer) or not thread.running or thread.paused:
             return None
         return consumer.reserve(thread)
+
+    def limited_queues(self) -> frozenset[str]:
+        """The queues whose agents take flow limits before they run (their FlowControl plan). A step
+        fetched by its predecessor's success reaches a worker thread before that predecessor let go of
+        what it took (its concurrency slot, released after its write returns): the same agent, or one
+        sharing a dependency's limit, would find the slot still held and be deferred on every hop. Such
+        a queue's next step goes by its wake-up token and a fetch, as before."""
+        if self._limited_queues is None:
+            from .flow_control import FlowControl
+
+            plan = next((m.plan for m in self.middleware if isinstance(m, FlowControl)), {})
+            self._limited_queues = frozenset(actor.queue_name for name, actor in self.actors.items()
+                                             if name in plan)
+        return self._limited_queues
 
     @property
     def consumer_class(self) -> type[MeshConsumer]:

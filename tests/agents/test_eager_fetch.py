@@ -11,8 +11,11 @@ its threads would, one step at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import threading
 from collections.abc import Iterator
 from queue import Empty, PriorityQueue
 from types import SimpleNamespace
@@ -227,3 +230,333 @@ def test_a_worker_killed_holding_a_step_its_last_success_fetched_loses_nothing(m
     assert record.steps["second"].token is not None and record.steps["second"].token > second.token
     assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
     assert int(rclient.hget(client.keys.stats, "takeovers") or 0) >= 1
+
+
+def test_a_lost_answer_is_reclaimed_by_the_consumer_rebuilt_after_its_place_was_held(worker):
+    """dramatiq rebuilt the consumer (a lost connection) after the write held a place in the old one's
+    window and before the call went out: the rebuilt consumer had reclaimed already, and what the lost
+    call fetched must still go back (it was left in this live worker's acks set, where no reaper looks)."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    old, steps = w.thread.consumer, w.runtime.steps
+    first = next(old)
+    real_slot, real = steps.eager, steps.script
+    assert real_slot is not None
+
+    def place_then_rebuild(queue: str) -> Any:
+        slot = real_slot(queue)
+        assert slot is not None
+        rebuilt = w.broker.consume("echo", prefetch=4, timeout=100)
+        rebuilt._fetch()  # its reclaim, and a fetch finding nothing (the next step is not sent yet)
+        assert rebuilt.reclaimed
+        w.thread.consumer = rebuilt
+        return slot
+
+    def answer_lost_then_sent_again(**kwargs: Any) -> Any:
+        real(**kwargs)
+        return real(**kwargs)
+
+    steps.eager, steps.script = place_then_rebuild, answer_lost_then_sent_again
+    try:
+        run(w, first)
+    finally:
+        steps.eager, steps.script = real_slot, real
+
+    rebuilt = w.thread.consumer
+    assert rebuilt is not old and handed(w) == []
+    second = next(rebuilt) or next(rebuilt)  # the reclaim puts it back; a look at most waits WAIT_S for it
+    assert second is not None and (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+
+
+def test_a_step_fetched_for_a_rebuilt_consumer_is_counted_in_its_window(worker):
+    w = worker
+    w.client.run("pair", {"text": "hi"})
+    old, steps = w.thread.consumer, w.runtime.steps
+    first = next(old)
+    real_slot = steps.eager
+    assert real_slot is not None
+
+    def place_then_rebuild(queue: str) -> Any:
+        slot = real_slot(queue)
+        w.thread.consumer = w.broker.consume("echo", prefetch=4, timeout=100)
+        return slot
+
+    steps.eager = place_then_rebuild
+    try:
+        run(w, first)
+    finally:
+        steps.eager = real_slot
+
+    [second] = handed(w)
+    rebuilt = w.thread.consumer
+    # dramatiq's worker thread settles it through the consumer it has now: the one that counts it.
+    assert second.message_id in rebuilt.queued_message_ids and rebuilt.outstanding_message_count == 1
+    assert old.eager_reserved == 0
+
+
+def test_a_step_fetched_for_a_worker_whose_stop_began_meanwhile_goes_back_to_its_lane_at_once(worker):
+    """The place was held before the stop began, the answer came after: a stopping worker's threads take
+    nothing more from its work queue, so a message handed there would wait for the stop to end (its
+    requeue of the work queue), or for a reaper when it came after that requeue."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    consumer, steps = w.thread.consumer, w.runtime.steps
+    first = next(consumer)
+    real_slot = steps.eager
+    assert real_slot is not None
+
+    def place_then_stop(queue: str) -> Any:
+        slot = real_slot(queue)
+        w.broker.stopping.set()  # what Worker.stop's worker_shutdown signal does first
+        return slot
+
+    steps.eager = place_then_stop
+    try:
+        run(w, first)
+    finally:
+        steps.eager = real_slot
+
+    assert handed(w) == []
+    keys = w.broker.keys
+    assert w.broker.records.llen(keys.queue("echo")) == 1  # back in its lane, for any worker
+    assert w.broker.records.scard(keys.acks(w.broker.broker_id, "echo")) == 0
+    assert not consumer.in_hand and consumer.outstanding_message_count == 0 and consumer.eager_reserved == 0
+    w.broker.stopping.clear()
+    second = next(consumer)
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+    assert second.mesh_claim.verdict[0] == b"run"  # its first claim was released, not left to time out
+
+
+@pytest.mark.slow
+def test_a_worker_paused_past_its_lease_holding_a_step_its_success_fetched_writes_nothing_when_it_wakes(
+        make_settings, worker_process, rclient):
+    """Not a fault of the code before either: the eagerly fetched step, taken over while its worker was
+    SIGSTOPped, is fenced when the woken worker finishes it (its write refused, the job left as its new
+    owner wrote it, nothing dead-lettered)."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    client = MeshClient(settings, client=rclient, app=relay)
+    ns = settings.namespace
+    env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+    paused = worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+    ref = client.run("relay", {"text": "hi"})
+    wait_for(lambda: int(rclient.get(arrived_key(ns)) or 0) == 1, timeout_s=30)
+    stale = client.status(ref.id).steps["second"].token
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        rclient.set(gate_key(ns), 1)
+        worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+        record = client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 30)
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    assert record.state is State.SUCCEEDED
+    newer = record.steps["second"].token
+    assert newer is not None and stale is not None and newer > stale
+    log = paused.log_path  # type: ignore[attr-defined]
+    wait_for(lambda: "attempt superseded" in log.read_text(), timeout_s=60)
+    after = client.status(ref.id)
+    assert after.state is State.SUCCEEDED and after.steps["second"].token == newer
+    assert after.model_dump() == record.model_dump()  # the woken worker's write was refused: nothing changed
+    assert rclient.hget(client.keys.stats, "dead_lettered") is None
+
+
+class AnswerDropper:
+    """A loopback TCP relay to Redis that, once, lets a step write carrying an eager fetch (its
+    arguments name the worker's held set) reach Redis and run, then closes that connection instead of
+    passing the answer on: the call landed, its fetch with it, and the worker never hears of it."""
+
+    MARK = b"__held__."
+
+    def __init__(self, target: tuple[str, int], hold: threading.Event | None = None) -> None:
+        """``hold``: pass the marked call's answer on once it is set (held, not dropped)."""
+        self.target, self.hold = target, hold
+        self.answered = threading.Event()  # the marked call's answer came from Redis
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.dropped = threading.Event()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            marked = threading.Event()
+            threading.Thread(target=self._up, args=(client, upstream, marked), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, marked), daemon=True).start()
+
+    def _up(self, src: socket.socket, dst: socket.socket, marked: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.MARK in data:
+                    with self.lock:
+                        if not self.dropped.is_set():
+                            self.dropped.set()
+                            marked.set()
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close(src, dst)
+
+    def _down(self, src: socket.socket, dst: socket.socket, marked: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                if marked.is_set():
+                    self.answered.set()
+                    if self.hold is None:
+                        break  # the answer to the marked call: never passed on
+                    self.hold.wait(120)
+                    marked.clear()
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close(src, dst)
+
+    @staticmethod
+    def _close(*socks: socket.socket) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.mark.slow
+def test_a_step_write_whose_answer_carrying_the_eager_fetch_is_lost_loses_nothing_and_runs_it_once(
+        make_settings, worker_process, rclient):
+    """The success's call ran in Redis (its record written, the next step fetched into the worker's
+    hands and claimed) and its connection was cut before the answer came back: the client sends it
+    again, which answers "written" with nothing fetched. The step fetched by the lost call must still
+    run, once (back in its lane by the consumer's reclaim, its claim taken over when its lease ends)."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    client = MeshClient(settings, client=rclient, app=relay)
+    ns = settings.namespace
+    kwargs = rclient.connection_pool.connection_kwargs
+    dropper = AnswerDropper((kwargs["host"], kwargs["port"]))
+    try:
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+               "MESH_REDIS_URL": f"redis://127.0.0.1:{dropper.port}/{kwargs.get('db', 0)}"}
+        rclient.set(gate_key(ns), 1)
+        worker = worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+        ref = client.run("relay", {"text": "hi"})
+        record = client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
+    finally:
+        dropper.close()
+    assert dropper.dropped.is_set()
+    assert record.state is State.SUCCEEDED, (record.error, worker.log_path.read_text()[-3000:])  # type: ignore[attr-defined]
+    assert int(rclient.get(arrived_key(ns)) or 0) == 1  # the second step ran once
+    assert rclient.hget(client.keys.stats, "dead_lettered") is None
+
+
+limited = App("eager-fetch-limited")
+
+
+@limited.agent(concurrency={"max": 1})
+def single(ctx: Context, message: Text) -> Text:
+    return message
+
+
+limited.pipeline(Pipeline("chain").step("first", agent=single).step("second", agent=single, depends_on=["first"]))
+
+
+def test_a_flow_limited_agents_next_step_is_not_fetched_by_the_success_that_still_holds_its_slot(settings):
+    """The success's write returns before its step lets go of its concurrency slot (after_process_message):
+    a next step handed over by that write reached a worker thread while the slot was still held, and
+    was deferred on the delay queue, on every hop of a sequential pipeline of a limited agent. It
+    waits in its lane with its wake-up token instead, fetched once the slot is free."""
+    from mesh.ops.worker import flow_control
+
+    broker = build_broker(settings)
+    try:
+        runtime = AgentRuntime.from_settings(settings, broker.records, limited)
+        flow_control(broker, settings, limited)
+        declare_app(broker, runtime)
+        work: PriorityQueue[Any] = PriorityQueue()
+        thread = ConsumerThread(broker=broker, queue_name="single", prefetch=4, work_queue=work, worker_timeout=100)
+        thread.consumer = broker.consume("single", prefetch=4, timeout=100)
+        thread.running = True
+        broker.worker = SimpleNamespace(consumers={"single": thread})
+        client = MeshClient(settings, client=broker.records, app=limited)
+        client.run("chain", {"text": "hi"})
+        consumer = thread.consumer
+        first = next(consumer)
+        assert consumer.drained  # idle: what the eager fetch looks for
+        tokens = broker.records.llen(broker.keys.wake("single"))
+
+        idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+        idem.before_process_message(broker, first)
+        runtime.handle(limited.agents["single"], first.args[0])
+        consumer.ack(first)
+
+        assert work.empty()
+        assert broker.records.llen(broker.keys.queue("single")) == 1
+        assert broker.records.llen(broker.keys.wake("single")) == tokens + 1
+        assert consumer.eager_reserved == 0
+    finally:
+        broker.close()
+
+
+def test_the_eager_fetch_takes_a_higher_priority_message_first_as_a_fetch_would(worker):
+    """Not a fault of the code before (the fetch's own lane order): a low-priority message waiting, a
+    high one sent after it, and the success's own next step (normal): the high one is taken first."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    w.client.send("echo", {"text": "low"}, priority="low")
+    high = w.client.send("echo", {"text": "high"}, priority="high")
+
+    run(w, first)
+
+    [taken] = handed(w)
+    assert taken.args[0]["job_id"] == high.id
+    second = next(w.thread.consumer)  # then the normal one, the success's own, before the low one
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+
+
+@pytest.mark.slow
+def test_a_worker_paused_between_its_successs_answer_and_its_hand_over_runs_the_step_fenced_when_it_wakes(
+        make_settings, worker_process, rclient):
+    """The worst moment for a pause: the success's call ran (the next step fetched into this worker's
+    hands and claimed) and the worker is SIGSTOPped before it has the answer. Past the heartbeat
+    timeout the reaper puts the step back and another worker runs it; the woken worker is then handed
+    the step, finds its lease taken over, and writes nothing (the job stays as the new owner left it)."""
+    settings = make_settings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    client = MeshClient(settings, client=rclient, app=relay)
+    ns = settings.namespace
+    kwargs = rclient.connection_pool.connection_kwargs
+    hold = threading.Event()
+    holder = AnswerDropper((kwargs["host"], kwargs["port"]), hold=hold)
+    try:
+        env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+        rclient.set(gate_key(ns), 1)
+        paused = worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env,
+                                MESH_REDIS_URL=f"redis://127.0.0.1:{holder.port}/{kwargs.get('db', 0)}")
+        ref = client.run("relay", {"text": "hi"})
+        assert holder.answered.wait(60)
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            hold.set()  # the answer waits in the paused worker's socket
+            worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
+            record = client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 30)
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        assert record.state is State.SUCCEEDED
+        # The woken worker finds the step's lease lost (taken over) and settles its attempt as superseded.
+        log = paused.log_path  # type: ignore[attr-defined]
+        wait_for(lambda: "attempt superseded" in log.read_text(), timeout_s=60)
+    finally:
+        holder.close()
+    after = client.status(ref.id)
+    assert after.model_dump() == record.model_dump()
+    assert rclient.hget(client.keys.stats, "dead_lettered") is None
+    assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
