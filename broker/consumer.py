@@ -110,6 +110,9 @@ class MeshConsumer(_RedisConsumer):
         self.drained = False
         #: Places of the window held for messages a step's success fetches for this consumer (EagerSlot).
         self.eager_reserved = 0
+        #: Messages in hand here whose step's success write settled them (their ack sends nothing), not
+        #: let go yet: their threads are still finishing, and :meth:`reserve` does not count them.
+        self.written_off: set[str] = set()
         self._room_lock = threading.Lock()
 
     def reserve(self, thread: Any) -> EagerSlot | None:
@@ -122,9 +125,11 @@ class MeshConsumer(_RedisConsumer):
             # and a fetch of its own. One with a backlog fetches in batches, at less cost a message.
             return None
         with self._room_lock:
-            held = self.outstanding_message_count + self.eager_reserved
+            held = self.outstanding_message_count + self.eager_reserved - len(self.written_off)
             # And only one holding nothing but (maybe) the step whose success fetches: a busy consumer's
-            # next batch takes the message at less cost than fetches of one message each.
+            # next batch takes the message at less cost than fetches of one message each. (A step
+            # settled by its own success, whose thread has not let it go yet, is not held: the next
+            # step, fetched by that success, may succeed before it is let go.)
             if held > 1 or held >= self.prefetch:
                 return None
             self.eager_reserved += 1
@@ -240,6 +245,7 @@ class MeshConsumer(_RedisConsumer):
             self.idempotency.drop_claims([message])
 
     def _let_go(self, message: MessageProxy, rid: str) -> None:
+        self.written_off.discard(rid)  # first: a reserve meanwhile counts it as held, not as neither
         self.queued_message_ids.discard(message.message_id)
         self.in_hand.discard(rid)
         self.settled.set()
@@ -542,13 +548,14 @@ class MeshConsumer(_RedisConsumer):
         super().close()
 
     def take(self, thread: Any, rid: str, data: bytes, verdict: Any, owner: str, sent: float,
-             record: bytes | None) -> None:
+             record: bytes | None, picked: Any = None) -> None:
         """Take a message a step write fetched for this consumer (its id, body and claim as the fetch
         answers them) as if this consumer had fetched it, and hand it to dramatiq at once. Called with
         the broker's ``eager_lock`` held."""
         proxy = self._decode(rid, data)
         if self.idempotency is not None and verdict:
-            self.idempotency.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=sent, record=record)
+            self.idempotency.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=sent, record=record,
+                                   picked=picked)
         if proxy is None:
             return  # poison: dead-lettered (and settled) by _decode
         if self.broker.stopping.is_set() or not thread.running:
@@ -570,6 +577,7 @@ class MeshConsumer(_RedisConsumer):
         # consumer's reclaim puts them back.
         for message in messages:
             self.in_hand.discard(message.options["redis_message_id"])
+            self.written_off.discard(message.options["redis_message_id"])
         if self.idempotency is not None:
             # Claimed when fetched, never run here: the next worker to fetch them claims them at once.
             self.idempotency.drop_claims(messages + pairs)
@@ -608,14 +616,15 @@ class EagerSlot:
                                 queue, keys.stats, keys.claim(""), self.owner, idem.lease_ms]
         self._open = True
 
-    def hand(self, fetched: Sequence[Any], sent: float, job: bytes, record: bytes) -> None:
+    def hand(self, fetched: Sequence[Any], sent: float, job: bytes, record: bytes, picked: Any = None) -> None:
         """Hand over what the eager fetch answered (``fetched``: nothing, or id, body and claim);
         ``record``: the bytes the write left for job ``job``, the fetched message's record when it is
-        a step of the same job."""
+        a step of the same job; ``picked``: its pick-up, written by the same call (or its refusal)."""
         if fetched:
             rid, data, verdict = fetched[0].decode(), fetched[1], fetched[2]
             same = verdict and verdict[1] == b"run" and _job_of(data, verdict[0]) == job
-            self.current().take(self.thread, rid, data, verdict, self.owner, sent, record if same else None)
+            self.current().take(self.thread, rid, data, verdict, self.owner, sent, record if same else None,
+                               picked if same else None)
         self.release()
 
     def lost(self) -> None:

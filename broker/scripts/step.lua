@@ -24,15 +24,20 @@
 --            claims' key prefix, the claim's owner and lease (ms). Once the write landed, the
 --            queue's next message in lane order (the one a fetch would take: the write's own, or
 --            one waiting before it) is fetched and claimed as settle.lua's fetch would, for that
---            worker, and a wake-up token taken back (that consumer needs none)
+--            worker, and a wake-up token taken back (that consumer needs none). e > 8: the next step's
+--            pick-up follows (rid, sentinel, m, (count, command...) x m): when the message fetched is
+--            rid (the write's own message of the same job's next step) and its claim is won, the
+--            pick-up's commands run too, with every occurrence of sentinel (the digits the pick-up was
+--            computed with as its token) in their arguments replaced by the claim's token
 --   n        the commands of the write, each as its argument count and its arguments (what the
 --            transaction would have run: the record with its TTLs, trace events, counters, the
 --            running index, the next steps' messages); HINCRBY and HINCRBYFLOAT are added up over
 --            the group and run once per field
 --
--- Per item: 1 written (its message settled, if it names one), with e = 8 {1} (nothing fetched) or
+-- Per item: 1 written (its message settled, if it names one), with e >= 8 {1} (nothing fetched) or
 -- {1, id, data, claim} ({key, "run"|"busy"|"done", token, ...} as claim.lua answers, or 0: no key
--- found) instead (a write sent again that had landed before answers 1 or 2: what its first call
+-- found), or {1, id, data, claim, picked} when the pick-up was run (picked: 1, or the refusal of one
+-- of its commands, whose other commands ran) instead (a write sent again that had landed before answers 1 or 2: what its first call
 -- fetched is not known); 2 written, but the message was no longer this worker's (reaped while
 -- paused: its body is left to its new owner); 0 the claim is not the attempt's any more, nothing
 -- written; -1 no record; an error: a command of the write was refused
@@ -94,6 +99,7 @@ end
 -- table per command and a second parse of the counts cost the server more than these lists.
 local checked, values, stale = {}, {}, {}
 local eagers = {}  -- item -> where its eager fetch's arguments start
+local eager_end = {}  -- where an eager fetch's arguments start -> where the item's next ones start
 local starts, cfirst, cfrom, cto = {}, {}, {}, {}
 do
     local names, i, nargs = {}, 2, #ARGV
@@ -104,7 +110,7 @@ do
         starts[#starts + 1] = i
         cfirst[#cfirst + 1] = #cfrom + 1
         local e = tonumber(ARGV[i + 11])
-        if e > 0 then eagers[#starts] = i + 12 end
+        if e > 0 then eagers[#starts] = i + 12; eager_end[i + 12] = i + 12 + e end
         local n = tonumber(ARGV[i + 12 + e])
         i = i + 13 + e
         for _ = 1, n do
@@ -147,6 +153,32 @@ local function server_ms()
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The next step's pick-up (arguments from a: sentinel, m, commands), its token filled in: 1, or the
+-- first refusal of its commands (the others ran, as in a MULTI).
+local function pick_up(a, token)
+    local sentinel, m, t = ARGV[a], tonumber(ARGV[a + 1]), string.format("%d", tonumber(token))
+    local i, refused = a + 2, nil
+    for _ = 1, m do
+        local count = tonumber(ARGV[i])
+        local from, to = i + 1, i + count
+        touched(string.upper(ARGV[from]), from, to)
+        local args = {}
+        for x = from, to do
+            local v = ARGV[x]
+            local at = string.find(v, sentinel, 1, true)  -- once at most (step_write.PickUp.check)
+            if at then v = string.sub(v, 1, at - 1) .. t .. string.sub(v, at + #sentinel) end
+            args[#args + 1] = v
+        end
+        local ok, err = pcall(redis.call, unpack(args))
+        if not ok then
+            if not own(err) then error(redis.error_reply(refusal(err))) end
+            refused = refused or refusal(err)
+        end
+        i = to + 1
+    end
+    return refused or 1
+end
+
 -- The eager fetch of item k (arguments from a): {1} or {1, id, data, claim} (see above).
 local function fetch_one(a)
     local base, acks, held, queue, stats, prefix, owner = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
@@ -165,6 +197,9 @@ local function fetch_one(a)
         claims_close(b)
         table.insert(verdict, 1, key)
         if checked[prefix .. key] then stale[prefix .. key] = true end
+        if a + 8 < eager_end[a] and ids[1] == ARGV[a + 8] and verdict[2] == "run" then
+            return {1, ids[1], data[1], verdict, pick_up(a + 9, verdict[3])}
+        end
     end
     return {1, ids[1], data[1], verdict}
 end

@@ -28,10 +28,12 @@ from pydantic import BaseModel
 
 from mesh import App, Context, Pipeline
 from mesh.agents.runtime import AgentRuntime, declare_app
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, trace
 from mesh.broker.idempotency import Idempotency
 from mesh.broker.mesh_broker import MeshBroker, build_broker
-from mesh.contracts import State
+from mesh.broker.observe import running_member
+from mesh.broker.step_write import SENTINEL
+from mesh.contracts import JobRecord, State
 from tests.apps.relay import app as relay
 from tests.apps.relay import arrived_key, gate_key
 
@@ -51,6 +53,8 @@ def echo(ctx: Context, message: Text) -> Text:
 
 
 app.pipeline(Pipeline("pair").step("first", agent=echo).step("second", agent=echo, depends_on=["first"]))
+app.pipeline(Pipeline("triple").step("first", agent=echo).step("second", agent=echo, depends_on=["first"])
+             .step("third", agent=echo, depends_on=["second"]))
 
 
 class Worker(SimpleNamespace):
@@ -143,6 +147,103 @@ def test_the_eager_fetch_takes_the_message_a_fetch_would_take_not_the_writes_own
     assert w.broker.records.llen(w.broker.keys.queue("echo")) == 1  # the second step waits its turn
     second = next(w.thread.consumer)
     assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+
+
+def picked_up(w: Worker, job_id: str, step_id: str) -> list[int]:
+    """The tokens of the ``picked_up`` events of the job's step."""
+    return [e["token"] for e in trace.read(w.broker.records, w.broker.keys, job_id)
+            if e["event"] == "picked_up" and e["step_id"] == step_id]
+
+
+def test_the_success_that_fetches_its_jobs_next_step_writes_that_steps_pick_up_with_the_claims_token(worker):
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    keys, records = w.broker.keys, w.broker.records
+
+    run(w, next(w.thread.consumer))
+
+    [second] = handed(w)
+    lease = second.mesh_claim.lease
+    # Before its attempt does anything: running with its claim's token, traced, in the running index.
+    step = w.client.status(ref.id).steps["second"]
+    assert step.state is State.RUNNING and step.token == lease.token and step.picked_up == 1
+    assert picked_up(w, ref.id, "second") == [lease.token]
+    assert records.zscore(keys.running, running_member(ref.id, "second")) is not None
+    # What the attempt goes on from is the record as written, token and all.
+    data = records.get(keys.job(ref.id))
+    assert lease.picked.data == data == lease.record
+    assert lease.picked.record == JobRecord.model_validate_json(data)
+
+    run(w, second)
+
+    record = w.client.status(ref.id)
+    assert record.state is State.SUCCEEDED and record.steps["second"].picked_up == 1
+    assert record.steps["second"].token == lease.token
+    assert picked_up(w, ref.id, "second") == [lease.token]  # its attempt wrote no pick-up of its own
+    kinds = [(e["event"], e.get("step_id")) for e in trace.read(records, keys, ref.id)]
+    assert kinds.index(("succeeded", "first")) < kinds.index(("picked_up", "second")) \
+        < kinds.index(("succeeded", "second"))
+    assert records.zscore(keys.running, running_member(ref.id, "second")) is None
+
+
+def test_a_fetch_that_takes_another_message_writes_nothing_of_the_next_steps_pick_up(worker):
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    other = w.client.send("echo", {"text": "waiting"})  # in the lane before the second step
+
+    run(w, first)
+
+    [taken] = handed(w)
+    assert taken.args[0]["job_id"] == other.id and taken.mesh_claim.lease.picked is None
+    assert w.client.status(ref.id).steps["second"].state is State.QUEUED
+    assert picked_up(w, ref.id, "second") == []
+    assert w.broker.records.zscore(w.broker.keys.running, running_member(ref.id, "second")) is None
+    run(w, taken)
+    second = next(w.thread.consumer)
+    token = second.mesh_claim.lease.token
+    run(w, second)
+    assert picked_up(w, ref.id, "second") == [token]
+    assert w.client.status(ref.id).state is State.SUCCEEDED
+
+
+def test_a_next_step_whose_record_carries_the_placeholder_token_is_picked_up_by_its_own_attempt(worker):
+    w = worker
+    text = f"{SENTINEL} {SENTINEL}"  # the digits a folded pick-up is computed with, in the step's input
+    ref = w.client.run("pair", {"text": text})
+
+    run(w, next(w.thread.consumer))
+
+    [second] = handed(w)
+    lease = second.mesh_claim.lease
+    assert lease.picked is None and w.client.status(ref.id).steps["second"].state is State.QUEUED
+    run(w, second)
+    record = w.client.status(ref.id)
+    assert record.state is State.SUCCEEDED and record.output("second") == {"text": text}
+    assert record.steps["second"].token == lease.token and picked_up(w, ref.id, "second") == [lease.token]
+
+
+def test_a_step_its_success_settled_takes_no_room_while_its_thread_finishes(worker):
+    """A step handed over by its last step's success can succeed before that last step's thread has let
+    its message go (no pick-up round trip in between): the settled message holds no place, and the
+    success fetches the next step all the same."""
+    w = worker
+    ref = w.client.run("triple", {"text": "hi"})
+    idem = next(m for m in w.broker.middleware if isinstance(m, Idempotency))
+    first = next(w.thread.consumer)
+    idem.before_process_message(w.broker, first)
+    w.runtime.handle(app.agents["echo"], first.args[0])  # settled by its success; not let go yet
+
+    [second] = handed(w)
+    run(w, second)
+
+    [third] = handed(w)
+    assert (third.args[0]["job_id"], third.args[0]["step_id"]) == (ref.id, "third")
+    w.thread.consumer.ack(first)
+    run(w, third)
+    assert w.client.status(ref.id).state is State.SUCCEEDED
+    consumer = w.thread.consumer
+    assert consumer.outstanding_message_count == 0 and consumer.eager_reserved == 0 and not consumer.written_off
 
 
 @pytest.fixture
