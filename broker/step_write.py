@@ -31,6 +31,9 @@ and ``step.lua`` puts the claim's token in its place. The handed message's attem
 pick-up written (:attr:`~mesh.broker.idempotency.Lease.picked`) and writes none of its own. A fetch that
 took another message, or lost its claim, writes nothing of it, and that message's pick-up is written as
 any other's.
+Nor is a pick-up folded while the worker's work queue holds messages its threads have yet to start: the
+handed step would wait behind them with its record saying ``running``, and a ``mesh cancel`` meanwhile
+would let it run.
 
 The writes of a worker's threads go to Redis together (:class:`~mesh.broker.group_commit.GroupCommit`):
 one script call per group, the group's counters added up and written once per field. (Sending a lone
@@ -295,6 +298,12 @@ class StepWrites:
         """The pick-up of the message among ``messages`` that is this job's next step on ``slot``'s
         queue, computed from ``record`` (as ``data``), or None."""
         if self.pick_up is None:
+            return None
+        work = getattr(slot.thread, "work_queue", None)
+        if work is not None and not work.empty():
+            # The step would wait behind what its worker's threads have yet to start (the work queue is
+            # shared by all its agents), not started: its record must not say running meanwhile, and a
+            # mesh cancel meanwhile must keep it from running, as for any step not picked up yet.
             return None
         for message in messages:
             envelope = message.args[0] if message.args else None

@@ -15,7 +15,7 @@ import time
 
 from pydantic import BaseModel
 
-from mesh import App, AsyncContext, Context
+from mesh import App, AsyncContext, Context, Pipeline
 from mesh.broker import MeshClient
 
 app = App("pickup")
@@ -115,3 +115,18 @@ def stops_once(ctx: Context, item: Item) -> Done:
     if ctx.runtime.redis.incr(runs_key(_ns(ctx), ctx.job_id)) == 1:
         os.kill(os.getpid(), signal.SIGSTOP)
     return Done(text=item.text)
+
+
+
+@app.agent
+def relayed(ctx: Context, item: Item) -> Done:
+    """A pipeline's first step: its success hands the next step over, its pick-up written with it
+    (mesh.broker.step_write)."""
+    return Done(text=item.text)
+
+
+# Pipelines whose second step is one of the above, handed over by its first step's success.
+for _name, _first, _second in [("then_cancels", relayed, cancels), ("then_held", relayed, held),
+                               ("then_dies_once", relayed, dies_once), ("then_stops_once", relayed, stops_once),
+                               ("then_noted", relayed, noted), ("held_then_noted", held, noted)]:
+    app.pipeline(Pipeline(_name).step("first", agent=_first).step("second", agent=_second, depends_on=["first"]))
