@@ -237,11 +237,11 @@ class MeshBroker(RedisBroker):
         return consumer.reserve(thread)
 
     def limited_queues(self) -> frozenset[str]:
-        """The queues whose agents take flow limits before they run (their FlowControl plan). A step
-        fetched by its predecessor's success reaches a worker thread before that predecessor let go of
-        what it took (its concurrency slot, released after its write returns): the same agent, or one
-        sharing a dependency's limit, would find the slot still held and be deferred on every hop. Such
-        a queue's next step goes by its wake-up token and a fetch, as before."""
+        """The queues whose agents take flow limits before they run (their FlowControl plan): a success
+        fetches no next step for them, which goes by its wake-up token and a fetch. (The step lets go
+        of its slots before its success's write, ``limits.let_go``, so such a next step would find its
+        slot free either way; with the eager fetch on for them, a limited agent's pipeline measured no
+        faster: docs/performance.md, "A limited agent's next step finds its slot free".)"""
         if self._limited_queues is None:
             from .flow_control import FlowControl
 

@@ -584,10 +584,9 @@ limited.pipeline(Pipeline("chain").step("first", agent=single).step("second", ag
 
 
 def test_a_flow_limited_agents_next_step_is_not_fetched_by_the_success_that_still_holds_its_slot(settings):
-    """The success's write returns before its step lets go of its concurrency slot (after_process_message):
-    a next step handed over by that write reached a worker thread while the slot was still held, and
-    was deferred on the delay queue, on every hop of a sequential pipeline of a limited agent. It
-    waits in its lane with its wake-up token instead, fetched once the slot is free."""
+    """A flow-limited agent's queue gets no eager fetch (MeshBroker.limited_queues): its next step waits
+    in its lane with its wake-up token. The step let go of its concurrency slot before its success's
+    write (limits.let_go): the slot is free when the next step is fetched, and that step runs."""
     from mesh.ops.worker import flow_control
 
     broker = build_broker(settings)
