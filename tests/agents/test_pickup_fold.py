@@ -7,6 +7,7 @@ step's input are kept as they are."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -141,6 +142,33 @@ def test_a_worker_killed_as_a_handed_step_starts_leaves_its_pick_up_and_the_step
     assert step.picked_up == 2 and first is not None and step.token is not None and step.token > first
     assert tokens(client, job) == [first, step.token]
     assert client.redis.get(runs_key(settings.namespace, job)) == b"2"
+
+
+def test_a_worker_stopped_as_a_handed_step_starts_writes_nothing_once_woken(
+        make_settings: Callable[..., Any], worker_process: Any) -> None:
+    """The handed step's handler stops its worker (its own thread first: ``stops_once``) past the lease;
+    another worker takes the step over, and the woken one's success is refused."""
+    settings, client, env, paused = _one_worker(make_settings, worker_process)
+    job = client.run("then_stops_once", {"text": "x"}).id
+    wait_for(lambda: client.redis.get(runs_key(settings.namespace, job)) == b"1", timeout_s=60)
+    try:
+        wait_for(lambda: os.waitpid(paused.pid, os.WNOHANG | os.WUNTRACED)[0] == paused.pid, timeout_s=30)
+        step = client.status(job).steps["second"]
+        assert step.state is State.RUNNING and step.picked_up == 1, step
+        first = step.token
+        worker_process("--app", APP, "--threads", "1", **env)
+        record = client.wait(job, timeout_s=HEARTBEAT_TIMEOUT_S + 30)
+        assert record.state is State.SUCCEEDED, (record.state, record.error)
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    wait_for(lambda: "lease lost before the attempt settled" in paused.log_path.read_text(), timeout_s=60)
+    paused.kill()
+    after = client.status(job)
+    assert after.state is State.SUCCEEDED and after.updated_at == record.updated_at
+    step = after.steps["second"]
+    assert step.picked_up == 2 and first is not None and step.token is not None and step.token > first
+    assert tokens(client, job) == [first, step.token]
+    assert [e["event"] for e in events(client, job) if e.get("step_id") == "second"].count("succeeded") == 1
 
 
 def test_a_handed_step_waiting_behind_other_work_is_not_running_and_a_cancel_meanwhile_keeps_it_from_running(
