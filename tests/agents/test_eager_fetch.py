@@ -596,6 +596,7 @@ def test_a_flow_limited_agents_next_step_is_not_fetched_by_the_success_that_stil
     """A flow-limited agent's queue gets no eager fetch (MeshBroker.limited_queues): its next step waits
     in its lane with its wake-up token. The step let go of its concurrency slot before its success's
     write (limits.let_go): the slot is free when the next step is fetched, and that step runs."""
+    from mesh.broker.flow_control import FlowControl
     from mesh.ops.worker import flow_control
 
     broker = build_broker(settings)
@@ -609,21 +610,35 @@ def test_a_flow_limited_agents_next_step_is_not_fetched_by_the_success_that_stil
         thread.running = True
         broker.worker = SimpleNamespace(consumers={"single": thread})
         client = MeshClient(settings, client=broker.records, app=limited)
-        client.run("chain", {"text": "hi"})
+        ref = client.run("chain", {"text": "hi"})
         consumer = thread.consumer
         first = next(consumer)
         assert consumer.drained  # idle: what the eager fetch looks for
         tokens = broker.records.llen(broker.keys.wake("single"))
 
         idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
+        flow = next(m for m in broker.middleware if isinstance(m, FlowControl))
         idem.before_process_message(broker, first)
-        runtime.handle(limited.agents["single"], first.args[0])
-        consumer.ack(first)
+        flow.before_process_message(broker, first)  # takes the agent's one slot
+        runtime.handle(limited.agents["single"], first.args[0])  # lets go of it before its write
 
         assert work.empty()
         assert broker.records.llen(broker.keys.queue("single")) == 1
         assert broker.records.llen(broker.keys.wake("single")) == tokens + 1
         assert consumer.eager_reserved == 0
+
+        # Fetched by its wake-up, before the first step's after-hook: it finds the slot free.
+        second = next(consumer) or next(consumer)
+        assert second is not None and second.args[0]["step_id"] == "second"
+        idem.before_process_message(broker, second)
+        flow.before_process_message(broker, second)  # raises SkipMessage (deferred) were the slot held
+        runtime.handle(limited.agents["single"], second.args[0])
+        for message in (first, second):
+            flow.after_process_message(broker, message)  # releases nothing twice
+            consumer.ack(message)
+        record = client.status(ref.id)
+        assert record.state is State.SUCCEEDED
+        assert not [e for e in trace.read(broker.records, broker.keys, ref.id) if e["event"] == "deferred"]
     finally:
         broker.close()
 
