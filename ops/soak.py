@@ -5,8 +5,9 @@ processes (``mesh worker``, one process each). Traffic, at a steady rate: whole 
 built-in planner/researcher/executor flow, single ``note`` steps, ``http_post`` steps to a loopback
 server that answers 200, 429 (Retry-After), 503, 400 or too slowly, and poison bytes pushed raw into
 a queue. Every ``kill_every_s`` one worker is SIGKILLed and a new one started in its place. Each
-interval it samples every worker's resident memory and Redis ``used_memory``. At the end it stops
-the traffic, waits for the work to settle and counts: every job must have ended (succeeded, dead-
+interval it samples every worker's resident memory, Redis ``used_memory`` and how many workers serve
+(heartbeat), also while it waits at the end: it stops the traffic, waits for the work to settle and
+counts: every job must have ended (succeeded, dead-
 lettered, ...) and every poison message must be in the DLQ; anything else is ``lost``. A job whose
 record expired (MESH_JOB_RETENTION_S) ended before it could: it counts as ended, with the state it
 was last seen in.
@@ -86,6 +87,9 @@ class Sample:
     dead_letters: int
     queued: int
     kills: int
+    #: Workers heartbeating within the workers' heartbeat timeout: 0 means nothing could run, whatever
+    #: waits (a killed worker's replacement still starting), which a stalled mesh does not look like.
+    serving: int
     rss_mb: list[float]
     redis_mb: float
     namespace_mb: float
@@ -94,11 +98,11 @@ class Sample:
         rss = f"{min(self.rss_mb):.1f}-{max(self.rss_mb):.1f}" if self.rss_mb else "-"
         m, s = divmod(int(self.at_s), 60)
         return (f"{m:4d}:{s:02d} {self.sent:7d} {self.ended:7d} {self.dead_letters:6d} {self.queued:6d} "
-                f"{self.kills:5d} {rss:>11} {self.redis_mb:8.1f} {self.namespace_mb:7.1f}")
+                f"{self.kills:5d} {self.serving:3d} {rss:>11} {self.redis_mb:8.1f} {self.namespace_mb:7.1f}")
 
 
-#: 78 columns: the sample table fits an 80-column terminal.
-HEADER = f"{'time':>7} {'sent':>7} {'ended':>7} {'dlq':>6} {'queued':>6} {'kills':>5} {'worker RSS':>11} " \
+#: 76 columns: the sample table fits an 80-column terminal.
+HEADER = f"{'time':>7} {'sent':>7} {'ended':>7} {'dlq':>6} {'queued':>6} {'kills':>5} {'up':>3} {'worker RSS':>11} " \
          f"{'redis MB':>8} {'ns MB':>7}"
 
 
@@ -206,6 +210,13 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def serving(client: redis.Redis, keys: Keys, timeout_s: float) -> int:
+    """How many workers heartbeated within ``timeout_s`` (on the Redis server's clock). Only workers
+    heartbeat in the soak's namespace: its own client sends through scripts that do not."""
+    secs, micros = client.time()
+    return int(client.zcount(keys.heartbeats, secs * 1000 + micros // 1000 - timeout_s * 1000, "+inf"))
 
 
 def _ready(client: redis.Redis, keys: Keys, processes: int, timeout_s: float = 120.0) -> None:
@@ -347,12 +358,14 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
         # Started inside the try: a failure while they start (or before they serve) stops them too.
         workers = Workers(env, cfg.threads, Path(logs))
         kills = 0
+        beat_timeout_s = float(env["MESH_HEARTBEAT_TIMEOUT_S"])
 
         def sample() -> Sample:
             counts = ended(client, traffic)
             s = Sample(at_s=time.monotonic() - started, sent=counts["sent"] + len(traffic.poison),
                        ended=counts["ended"], dead_letters=DeadLetterStore(raw, Keys(ns)).count(),
-                       queued=queued(client), kills=kills, rss_mb=workers.rss_mb(), redis_mb=redis_mb(raw),
+                       queued=queued(client), kills=kills, serving=serving(raw, Keys(ns), beat_timeout_s),
+                       rss_mb=workers.rss_mb(), redis_mb=redis_mb(raw),
                        namespace_mb=namespace_mb(raw, ns))
             samples.append(s)
             progress(s.row())
@@ -383,10 +396,13 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
                 n += 1
                 time.sleep(max(0.0, started + n / cfg.rate - time.monotonic()))
             settle_by = time.monotonic() + cfg.settle_s
-            while time.monotonic() < settle_by:
+            while (now := time.monotonic()) < settle_by:
                 ended(client, traffic)
                 if not traffic.open and queued(client) == 0:
                     break
+                if now >= next_sample:  # the wait is sampled too: whether it progresses, and who serves
+                    sample()
+                    next_sample = now + cfg.interval_s
                 time.sleep(0.5)
             last = sample()
             summary = _summary(cfg, client, traffic, samples, last, kills, workers.started)
@@ -435,8 +451,9 @@ def _summary(cfg: SoakConfig, client: MeshClient, traffic: Traffic, samples: lis
         "namespace_memory_mb": {"start": round(ns_series[0], 2), "end": round(ns_series[-1], 2),
                                 "max": round(max(ns_series), 2)},
         "samples": [{"at_s": round(s.at_s, 1), "sent": s.sent, "ended": s.ended, "dead_letters": s.dead_letters,
-                     "queued": s.queued, "kills": s.kills, "rss_mb": [round(r, 1) for r in s.rss_mb],
-                     "redis_mb": round(s.redis_mb, 2), "namespace_mb": round(s.namespace_mb, 2)}
+                     "queued": s.queued, "kills": s.kills, "serving": s.serving,
+                     "rss_mb": [round(r, 1) for r in s.rss_mb], "redis_mb": round(s.redis_mb, 2),
+                     "namespace_mb": round(s.namespace_mb, 2)}
                     for s in samples],
     }
 

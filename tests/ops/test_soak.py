@@ -29,6 +29,8 @@ def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_clea
     assert sum(out["jobs"]["by_state"].values()) == out["sent"]["jobs"]
     assert out["workers"]["killed"] >= 1 and out["workers"]["started"] == 2 + out["workers"]["killed"]
     assert len(out["samples"]) >= 3 and all(len(s["rss_mb"]) == 2 for s in out["samples"])
+    # Who serves is sampled: a frozen `ended` with no worker up is a replacement still starting, not a stall.
+    assert all(s["serving"] >= 0 for s in out["samples"]) and max(s["serving"] for s in out["samples"]) >= 1
     for figure in ("worker_rss_mb", "redis_used_memory_mb", "namespace_memory_mb"):
         assert out[figure]["max"] > 0 and out[figure]["max"] >= out[figure]["end"]
     assert "worker RSS" in res.stderr  # the sample table, on stderr with --json
