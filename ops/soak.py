@@ -44,6 +44,7 @@ from mesh.broker.connection import connect
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import wake
 from mesh.broker.retention import expired
+from mesh.broker.router import BREAKER_SPREAD, BREAKER_SPREAD_MAX_MS, NAMED_WAIT_JITTER_MS
 from mesh.broker.settings import ENV_PREFIX, MeshSettings
 from mesh.contracts import TERMINAL, ConfigError, JobRecord, State
 from mesh.dlq import DeadLetterStore
@@ -56,10 +57,18 @@ FAULTS: dict[str, tuple[int, dict[str, str], float]] = {
 }
 
 #: What the soak's workers run with where the mesh's settings leave it unset: a short HTTP timeout (the
-#: loopback's slow answers must time out), quick recovery of killed workers, short backoffs.
+#: loopback's slow answers must time out), quick recovery of killed workers, short backoffs, and few
+#: deferrals. The loopback's 503s keep its breaker opening, and every call to it, whatever its path,
+#: then waits on the delay queue for the reopen: a call that only ever fails is dead-lettered once its
+#: deferrals are spent, each up to the capped cool-down and its spread. With the mesh's 20 that took
+#: up to 20 x 15 s, and a soak counted such jobs lost when its wait ended first; 5 take about 75 s.
+#: (A probe whose worker was killed frees the breaker after 10 s, not the mesh's 60.)
 SOAK_DEFAULTS = {"MESH_HTTP_TIMEOUT_S": "2", "MESH_HEARTBEAT_TIMEOUT_S": "5", "MESH_MAX_RETRIES": "2",
                  "MESH_RETRY_MAX_BACKOFF_MS": "2000", "MESH_BREAKER_COOLDOWN_S": "2",
-                 "MESH_BREAKER_MAX_COOLDOWN_S": "10"}
+                 "MESH_BREAKER_MAX_COOLDOWN_S": "10", "MESH_MAX_DEFERS": "5", "MESH_BREAKER_PROBE_TTL_S": "10"}
+
+#: Added to the longest wait the workers' settings allow a job (:func:`settle_wait_s`).
+SETTLE_MARGIN_S = 60.0
 
 #: Share of the traffic by kind (poison is pushed raw; http paths are chosen uniformly).
 MIX = {"flow": 0.15, "note": 0.45, "http": 0.30, "poison": 0.10}
@@ -75,7 +84,8 @@ class SoakConfig:
     rate: float = 5.0
     #: A worker is SIGKILLed and replaced this often (0: never).
     kill_every_s: float = 60.0
-    #: How long the end waits for the work to settle.
+    #: How long the end waits for the work to settle, at least (longer when the workers' settings let a
+    #: job wait longer: :func:`settle_wait_s`).
     settle_s: float = 180.0
 
 
@@ -296,6 +306,20 @@ def ended(client: MeshClient, traffic: Traffic) -> dict[str, int]:
     return {"sent": len(traffic.jobs), "ended": len(traffic.jobs) - len(traffic.open)}
 
 
+def settle_wait_s(env: dict[str, str], floor_s: float) -> float:
+    """How long the end waits for the work to settle, for workers run with ``env``: at least ``floor_s``,
+    and at least the longest a job may wait before it ends, plus :data:`SETTLE_MARGIN_S`. That is a call
+    deferred by an open breaker until its deferrals are spent (MESH_MAX_DEFERS, each the capped cool-down
+    and its spread), after a killed probe's slot expired; never past the job's deadline, which dead-letters
+    whatever would wait beyond it. A shorter wait would count a job that is still deferred as lost."""
+    s = MeshSettings.from_env({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+    cooldown_s = s.breaker_max_cooldown_s
+    deferral_s = cooldown_s + min(max(NAMED_WAIT_JITTER_MS / 1000, BREAKER_SPREAD * cooldown_s),
+                                  BREAKER_SPREAD_MAX_MS / 1000)
+    longest_s = min(s.max_defers * deferral_s + s.breaker_probe_ttl_s, s.job_deadline_s)
+    return max(floor_s, longest_s + SETTLE_MARGIN_S)
+
+
 def worker_env(settings: MeshSettings, namespace: str, host_port: str,
                environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the soak's workers: the process's own without its ``MESH_*``, then
@@ -395,7 +419,7 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
                 send_one(client, traffic, host_port, rng, n)
                 n += 1
                 time.sleep(max(0.0, started + n / cfg.rate - time.monotonic()))
-            settle_by = time.monotonic() + cfg.settle_s
+            settle_by = time.monotonic() + settle_wait_s(env, cfg.settle_s)
             while (now := time.monotonic()) < settle_by:
                 ended(client, traffic)
                 if not traffic.open and queued(client) == 0:

@@ -4,6 +4,7 @@ every job ended and every poison message in the DLQ (nothing lost), memory sampl
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
@@ -68,3 +69,39 @@ def test_a_job_whose_record_expired_counts_as_ended_not_lost(client, rclient):
     never = "job-" + "0" * 32  # never sent: its missing record is not taken for an expired one
     traffic = Traffic(jobs={never: "note"}, open={never})
     assert ended(client, traffic) == {"sent": 1, "ended": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_calls_to_a_dependency_that_only_answers_503_all_end_within_the_soaks_wait(
+        settings, rclient, worker_process):
+    """The soak's loopback answers 503 on one path, so its breaker keeps opening, and every call to it
+    waits on the delay queue for the reopen; a call that only ever fails ends, dead-lettered, once its
+    deferrals are spent. The soak waits for that: with the mesh's 20 deferrals (each up to the capped
+    cool-down and half again) its 3-minute wait ended first, and such jobs were counted lost."""
+    from mesh.broker import MeshClient
+    from mesh.contracts import TERMINAL
+    from mesh.ops.soak import SoakConfig, settle_wait_s, worker_env
+    from tests.httpserver import RecordingServer
+
+    with RecordingServer(lambda _n, _request: (503, {})) as server:
+        env = worker_env(settings, settings.namespace, server.host_port)
+        worker_process("--agents", "executor", "--threads", "4",
+                       **{k: v for k, v in env.items() if k.startswith("MESH_")})
+        client = MeshClient(settings.model_copy(update={"http_allow": server.host_port}), client=rclient)
+        # More failures than open the breaker (MESH_BREAKER_FAILURES, 5), as the soak's traffic sends.
+        refs = [client.send("executor", {"tool": "http_post", "args": {"url": server.url(f"/503/{i}"), "json": {}}})
+                for i in range(12)]
+        wait_s = settle_wait_s(env, SoakConfig(seconds=1).settle_s)
+        deadline = time.monotonic() + wait_s
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline and len(states) < len(refs):
+            for ref in refs:
+                record = client.status(ref.id)
+                if record.state in TERMINAL:
+                    states[ref.id] = str(record.state)
+            time.sleep(0.5)
+        trips = int(rclient.hget(client.keys.breaker(server.host_port), "trips") or 0)
+    assert trips >= 2, "the breaker opened and a probe failed: the calls waited on it"
+    assert len(states) == len(refs), f"{len(refs) - len(states)} of {len(refs)} jobs still open after {wait_s:.0f}s"
+    assert set(states.values()) == {"dead_lettered"}
