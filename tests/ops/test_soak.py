@@ -56,6 +56,17 @@ def test_soak_workers_get_the_mesh_settings_and_its_own_defaults_only_where_thos
     assert "MESH_REDIS_URL" not in shown_settings(env) and shown_settings(env)["MESH_JOB_RETENTION_S"] == "60.0"
 
 
+def test_the_soaks_wait_covers_the_longest_a_job_may_be_deferred_under_its_workers_settings():
+    from mesh.ops.soak import SETTLE_MARGIN_S, SOAK_DEFAULTS, settle_wait_s
+
+    # Its own defaults: 5 deferrals of up to 15 s and a killed probe's 10 s fit in 3 minutes.
+    assert settle_wait_s(dict(SOAK_DEFAULTS), 180) == 180
+    # The mesh's 20 deferrals, given to the soak: 20 x 15 s, plus the probe's 10 s and the margin.
+    assert settle_wait_s({**SOAK_DEFAULTS, "MESH_MAX_DEFERS": "20"}, 180) == 20 * 15 + 10 + SETTLE_MARGIN_S
+    # Nothing waits past its job's deadline (600 s), which dead-letters what would.
+    assert settle_wait_s({}, 180) == 600 + SETTLE_MARGIN_S
+
+
 def test_a_job_whose_record_expired_counts_as_ended_not_lost(client, rclient):
     from mesh.broker.retention import Retention
     from mesh.ops.soak import Traffic, ended
