@@ -25,7 +25,7 @@ from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
 from mesh.broker.keys import Keys
 from mesh.broker.limits import let_go
 from mesh.broker.mesh_broker import MeshBroker
-from mesh.broker.observe import Counters, count_outcome, observe_duration, running_member
+from mesh.broker.observe import Counters, FlushCounters, count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
 from mesh.broker.step_write import StepWrites
@@ -385,6 +385,8 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
                           f"agents are {', '.join(app.agents)}")
     if _runs_async(app, names) and not any(isinstance(m, EventLoops) for m in broker.middleware):
         broker.add_middleware(EventLoops())  # each worker thread's loop closed as the thread stops
+    if runtime.counters is not None and not any(isinstance(m, FlushCounters) for m in broker.middleware):
+        broker.add_middleware(FlushCounters(runtime.counters))  # the last interval's, when the worker stops
     actors = []
     for name in names:
         spec = app.agents[name]

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import redis
+from dramatiq.middleware import Middleware
 
 from .claims import script_source
 from .keys import Keys
@@ -155,3 +156,13 @@ class Counters:
             self.flush()
         except redis.RedisError as exc:
             logger.warning("could not write the step counters at shutdown", extra={"error": repr(exc)})
+
+
+class FlushCounters(Middleware):
+    """Writes what :class:`Counters` holds once the worker has stopped (its threads' last steps written)."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self.counters.close()

@@ -17,7 +17,6 @@ import dramatiq.worker
 import redis
 import tenacity
 from dramatiq import Worker
-from dramatiq.middleware import Middleware
 from pydantic import BaseModel
 from pydantic.errors import PydanticInvalidForJsonSchema
 
@@ -25,7 +24,6 @@ from mesh.agents.app import AgentSpec, App, load_app
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker.keys import Keys
 from mesh.broker.mesh_broker import MeshBroker, build_broker
-from mesh.broker.observe import Counters
 from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ConfigError
@@ -66,8 +64,6 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker = build_broker(settings)
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
-    if runtime.counters is not None:
-        broker.add_middleware(FlushCounters(runtime.counters))  # the last interval's, when the worker stops
     broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))  # durable timers
     flow_control(broker, settings, runtime.app)
     actors = declare_app(broker, runtime, agents)
@@ -86,17 +82,6 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
     worker.start()
     return worker
-
-
-class FlushCounters(Middleware):
-    """Writes the steps' success counters the process added up since their last write once its worker
-    has stopped (its threads' last steps written)."""
-
-    def __init__(self, counters: Counters) -> None:
-        self.counters = counters
-
-    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
-        self.counters.close()
 
 
 class MeshWorker(Worker):

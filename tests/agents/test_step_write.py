@@ -47,6 +47,8 @@ def _worker_on(settings) -> Iterator[tuple[MeshBroker, AgentRuntime, MeshClient]
     declare_app(broker, runtime)
     client = MeshClient(settings, client=broker.records, app=app)
     yield broker, runtime, client
+    if runtime.counters is not None:
+        runtime.counters.close()  # before the namespace's keys go: no worker stops here to write them
     broker.close()
 
 
