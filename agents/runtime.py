@@ -385,7 +385,8 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
                           f"agents are {', '.join(app.agents)}")
     if _runs_async(app, names) and not any(isinstance(m, EventLoops) for m in broker.middleware):
         broker.add_middleware(EventLoops())  # each worker thread's loop closed as the thread stops
-    if runtime.counters is not None and not any(isinstance(m, FlushCounters) for m in broker.middleware):
+    if runtime.counters is not None and not any(isinstance(m, FlushCounters) and m.counters is runtime.counters
+                                                for m in broker.middleware):
         broker.add_middleware(FlushCounters(runtime.counters))  # the last interval's, when the worker stops
     actors = []
     for name in names:
