@@ -25,7 +25,7 @@ from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
 from mesh.broker.keys import Keys
 from mesh.broker.limits import let_go
 from mesh.broker.mesh_broker import MeshBroker
-from mesh.broker.observe import count_outcome, observe_duration, running_member
+from mesh.broker.observe import Counters, FlushCounters, count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
 from mesh.broker.step_write import SENTINEL, PickUp, StepWrites, Written
@@ -91,6 +91,9 @@ class AgentRuntime:
         self.pipelines = PipelineStore(self.redis, self.keys)
         self.steps = StepWrites(self.redis, self.jobs, self.settings.dedup_ttl_s)
         self.steps.pick_up = self.pick_up
+        #: The steps' success counters, written once per MESH_COUNTER_FLUSH_S; None (0): with each write.
+        self.counters = (Counters(self.redis, self.keys, self.settings.counter_flush_s)
+                         if self.settings.counter_flush_s > 0 else None)
         self.fence = Fence(self.settings, self.redis)
         self.clock = ServerClock(self.redis)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
@@ -212,13 +215,17 @@ class AgentRuntime:
         self._check_limits(agent, output)
         duration = time.monotonic() - lease.started
 
-        def succeeded(pipe: Any, record: JobRecord) -> None:
-            pipe.zrem(self.keys.running, member)
+        def counted(pipe: Any) -> None:
             if lease.shared:  # nothing ran: the output is another job's, under the same key
                 count_outcome(pipe, self.keys, agent, "duplicate")
                 return
             count_outcome(pipe, self.keys, agent, "succeeded")
             observe_duration(pipe, self.keys, agent, duration)
+
+        def succeeded(pipe: Any, record: JobRecord) -> None:
+            pipe.zrem(self.keys.running, member)
+            if self.counters is None:
+                counted(pipe)
 
         shared = {"shared": True} if lease.shared else {}
         dumped = output.model_dump(mode="json", by_alias=True)
@@ -238,6 +245,8 @@ class AgentRuntime:
                              events=events, retention_s=retention_s(flow), known=written, done=done, settle=True)
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}", dumped) from exc
+        if self.counters is not None:  # once the write landed: counted once, whatever it was retried
+            counted(self.counters)
         lease.result = dumped
         self._export(flow, env, duration, output=lease.result)
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
@@ -426,6 +435,9 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
                           f"agents are {', '.join(app.agents)}")
     if _runs_async(app, names) and not any(isinstance(m, EventLoops) for m in broker.middleware):
         broker.add_middleware(EventLoops())  # each worker thread's loop closed as the thread stops
+    if runtime.counters is not None and not any(isinstance(m, FlushCounters) and m.counters is runtime.counters
+                                                for m in broker.middleware):
+        broker.add_middleware(FlushCounters(runtime.counters))  # the last interval's, when the worker stops
     actors = []
     for name in names:
         spec = app.agents[name]

@@ -75,6 +75,9 @@ The mesh's own:
     {ns}:running                      zset "{job_id}/{step_id}" -> last progress (s) of running steps;
                                       members whose job record is gone are swept
     {ns}:outcomes                     hash "{agent}:{outcome}" -> messages (succeeded, retried, ...)
+    {ns}:outcomes.flushed:{process}   string: the number of the last batch of step counters a worker process
+                                      wrote (broker/observe.py, Counters), so a batch sent again is not
+                                      added twice; expires a day after that batch
     {ns}:hist:{agent}                 hash: handler duration histogram (le buckets, sum)
     {ns}:tokens                       hash "{agent}:{in|out}" -> model tokens spent (prompt, completion)
     {ns}:tokens:{job_id}              integer: model tokens a job with a token budget has spent; expires
@@ -268,6 +271,9 @@ class Keys:
     @property
     def outcomes(self) -> str:
         return f"{self.namespace}:outcomes"
+
+    def outcomes_flushed(self, process: str) -> str:
+        return f"{self.namespace}:outcomes.flushed:{process}"
 
     @property
     def tokens(self) -> str:

@@ -174,6 +174,10 @@ class MeshSettings(BaseSettings):
                                     "tool wrote is kept (users' data, not bookkeeping)")
     sweep_interval_s: float = Field(default=60.0, gt=0, description="retention sweeps run this often, "
                                     "once per interval across the whole fleet")
+    counter_flush_s: float = Field(default=1.0, ge=0, le=60, description="a worker process adds up its steps' "
+                                   "success counts (messages succeeded, the handler-duration histogram) and "
+                                   "writes them this often and when it stops; a killed process loses up to this "
+                                   "long's counts. 0: each step's write adds its own, exact even across a kill")
     timer_interval_s: float = Field(default=0.2, gt=0, le=1.0, description="how often a worker looks for due "
                                     "durable timers (approval expiries and warnings, sleeps, wait_for "
                                     "timeouts): a timer fires within about this long after its due time on the "

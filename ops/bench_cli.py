@@ -168,7 +168,8 @@ def soak(
     In a fresh namespace (deleted at the end), with its own workers: whole jobs, note and
     http_post steps (a loopback server answers 200, 429, 503, 400 or too slowly), poison
     pushed raw, and a worker SIGKILLed and replaced every --kill-every seconds. Prints a sample
-    every --interval, then a summary. Exits 1 if anything sent was lost."""
+    every --interval, also while it waits for the work to settle (`up`: the workers heartbeating),
+    then a summary. Exits 1 if anything sent was lost."""
     from mesh.ops.soak import SoakConfig
     from mesh.ops.soak import run as run_soak
 

@@ -5,8 +5,9 @@ processes (``mesh worker``, one process each). Traffic, at a steady rate: whole 
 built-in planner/researcher/executor flow, single ``note`` steps, ``http_post`` steps to a loopback
 server that answers 200, 429 (Retry-After), 503, 400 or too slowly, and poison bytes pushed raw into
 a queue. Every ``kill_every_s`` one worker is SIGKILLed and a new one started in its place. Each
-interval it samples every worker's resident memory and Redis ``used_memory``. At the end it stops
-the traffic, waits for the work to settle and counts: every job must have ended (succeeded, dead-
+interval it samples every worker's resident memory, Redis ``used_memory`` and how many workers serve
+(heartbeat), also while it waits at the end: it stops the traffic, waits for the work to settle and
+counts: every job must have ended (succeeded, dead-
 lettered, ...) and every poison message must be in the DLQ; anything else is ``lost``. A job whose
 record expired (MESH_JOB_RETENTION_S) ended before it could: it counts as ended, with the state it
 was last seen in.
@@ -43,6 +44,7 @@ from mesh.broker.connection import connect
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import wake
 from mesh.broker.retention import expired
+from mesh.broker.router import BREAKER_SPREAD, BREAKER_SPREAD_MAX_MS, NAMED_WAIT_JITTER_MS
 from mesh.broker.settings import ENV_PREFIX, MeshSettings
 from mesh.contracts import TERMINAL, ConfigError, JobRecord, State
 from mesh.dlq import DeadLetterStore
@@ -55,10 +57,18 @@ FAULTS: dict[str, tuple[int, dict[str, str], float]] = {
 }
 
 #: What the soak's workers run with where the mesh's settings leave it unset: a short HTTP timeout (the
-#: loopback's slow answers must time out), quick recovery of killed workers, short backoffs.
+#: loopback's slow answers must time out), quick recovery of killed workers, short backoffs, and few
+#: deferrals. The loopback's 503s keep its breaker opening, and every call to it, whatever its path,
+#: then waits on the delay queue for the reopen: a call that only ever fails is dead-lettered once its
+#: deferrals are spent, each up to the capped cool-down and its spread. With the mesh's 20 that took
+#: up to 20 x 15 s, and a soak counted such jobs lost when its wait ended first; 5 take about 75 s.
+#: (A probe whose worker was killed frees the breaker after 10 s, not the mesh's 60.)
 SOAK_DEFAULTS = {"MESH_HTTP_TIMEOUT_S": "2", "MESH_HEARTBEAT_TIMEOUT_S": "5", "MESH_MAX_RETRIES": "2",
                  "MESH_RETRY_MAX_BACKOFF_MS": "2000", "MESH_BREAKER_COOLDOWN_S": "2",
-                 "MESH_BREAKER_MAX_COOLDOWN_S": "10"}
+                 "MESH_BREAKER_MAX_COOLDOWN_S": "10", "MESH_MAX_DEFERS": "5", "MESH_BREAKER_PROBE_TTL_S": "10"}
+
+#: Added to the longest wait the workers' settings allow a job (:func:`settle_wait_s`).
+SETTLE_MARGIN_S = 60.0
 
 #: Share of the traffic by kind (poison is pushed raw; http paths are chosen uniformly).
 MIX = {"flow": 0.15, "note": 0.45, "http": 0.30, "poison": 0.10}
@@ -74,7 +84,8 @@ class SoakConfig:
     rate: float = 5.0
     #: A worker is SIGKILLed and replaced this often (0: never).
     kill_every_s: float = 60.0
-    #: How long the end waits for the work to settle.
+    #: How long the end waits for the work to settle, at least (longer when the workers' settings let a
+    #: job wait longer: :func:`settle_wait_s`).
     settle_s: float = 180.0
 
 
@@ -86,6 +97,9 @@ class Sample:
     dead_letters: int
     queued: int
     kills: int
+    #: Workers heartbeating within the workers' heartbeat timeout: 0 means nothing could run, whatever
+    #: waits (a killed worker's replacement still starting), which a stalled mesh does not look like.
+    serving: int
     rss_mb: list[float]
     redis_mb: float
     namespace_mb: float
@@ -94,11 +108,11 @@ class Sample:
         rss = f"{min(self.rss_mb):.1f}-{max(self.rss_mb):.1f}" if self.rss_mb else "-"
         m, s = divmod(int(self.at_s), 60)
         return (f"{m:4d}:{s:02d} {self.sent:7d} {self.ended:7d} {self.dead_letters:6d} {self.queued:6d} "
-                f"{self.kills:5d} {rss:>11} {self.redis_mb:8.1f} {self.namespace_mb:7.1f}")
+                f"{self.kills:5d} {self.serving:3d} {rss:>11} {self.redis_mb:8.1f} {self.namespace_mb:7.1f}")
 
 
-#: 78 columns: the sample table fits an 80-column terminal.
-HEADER = f"{'time':>7} {'sent':>7} {'ended':>7} {'dlq':>6} {'queued':>6} {'kills':>5} {'worker RSS':>11} " \
+#: 76 columns: the sample table fits an 80-column terminal.
+HEADER = f"{'time':>7} {'sent':>7} {'ended':>7} {'dlq':>6} {'queued':>6} {'kills':>5} {'up':>3} {'worker RSS':>11} " \
          f"{'redis MB':>8} {'ns MB':>7}"
 
 
@@ -208,6 +222,13 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def serving(client: redis.Redis, keys: Keys, timeout_s: float) -> int:
+    """How many workers heartbeated within ``timeout_s`` (on the Redis server's clock). Only workers
+    heartbeat in the soak's namespace: its own client sends through scripts that do not."""
+    secs, micros = client.time()
+    return int(client.zcount(keys.heartbeats, secs * 1000 + micros // 1000 - timeout_s * 1000, "+inf"))
+
+
 def _ready(client: redis.Redis, keys: Keys, processes: int, timeout_s: float = 120.0) -> None:
     """Wait for every worker's first heartbeat, so the first sample is of serving workers."""
     deadline = time.monotonic() + timeout_s
@@ -285,6 +306,20 @@ def ended(client: MeshClient, traffic: Traffic) -> dict[str, int]:
     return {"sent": len(traffic.jobs), "ended": len(traffic.jobs) - len(traffic.open)}
 
 
+def settle_wait_s(env: dict[str, str], floor_s: float) -> float:
+    """How long the end waits for the work to settle, for workers run with ``env``: at least ``floor_s``,
+    and at least the longest a job may wait before it ends, plus :data:`SETTLE_MARGIN_S`. That is a call
+    deferred by an open breaker until its deferrals are spent (MESH_MAX_DEFERS, each the capped cool-down
+    and its spread), after a killed probe's slot expired; never past the job's deadline, which dead-letters
+    whatever would wait beyond it. A shorter wait would count a job that is still deferred as lost."""
+    s = MeshSettings.from_env({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+    cooldown_s = s.breaker_max_cooldown_s
+    deferral_s = cooldown_s + min(max(NAMED_WAIT_JITTER_MS / 1000, BREAKER_SPREAD * cooldown_s),
+                                  BREAKER_SPREAD_MAX_MS / 1000)
+    longest_s = min(s.max_defers * deferral_s + s.breaker_probe_ttl_s, s.job_deadline_s)
+    return max(floor_s, longest_s + SETTLE_MARGIN_S)
+
+
 def worker_env(settings: MeshSettings, namespace: str, host_port: str,
                environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the soak's workers: the process's own without its ``MESH_*``, then
@@ -347,12 +382,14 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
         # Started inside the try: a failure while they start (or before they serve) stops them too.
         workers = Workers(env, cfg.threads, Path(logs))
         kills = 0
+        beat_timeout_s = float(env["MESH_HEARTBEAT_TIMEOUT_S"])
 
         def sample() -> Sample:
             counts = ended(client, traffic)
             s = Sample(at_s=time.monotonic() - started, sent=counts["sent"] + len(traffic.poison),
                        ended=counts["ended"], dead_letters=DeadLetterStore(raw, Keys(ns)).count(),
-                       queued=queued(client), kills=kills, rss_mb=workers.rss_mb(), redis_mb=redis_mb(raw),
+                       queued=queued(client), kills=kills, serving=serving(raw, Keys(ns), beat_timeout_s),
+                       rss_mb=workers.rss_mb(), redis_mb=redis_mb(raw),
                        namespace_mb=namespace_mb(raw, ns))
             samples.append(s)
             progress(s.row())
@@ -382,11 +419,14 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
                 send_one(client, traffic, host_port, rng, n)
                 n += 1
                 time.sleep(max(0.0, started + n / cfg.rate - time.monotonic()))
-            settle_by = time.monotonic() + cfg.settle_s
-            while time.monotonic() < settle_by:
+            settle_by = time.monotonic() + settle_wait_s(env, cfg.settle_s)
+            while (now := time.monotonic()) < settle_by:
                 ended(client, traffic)
                 if not traffic.open and queued(client) == 0:
                     break
+                if now >= next_sample:  # the wait is sampled too: whether it progresses, and who serves
+                    sample()
+                    next_sample = now + cfg.interval_s
                 time.sleep(0.5)
             last = sample()
             summary = _summary(cfg, client, traffic, samples, last, kills, workers.started)
@@ -435,8 +475,9 @@ def _summary(cfg: SoakConfig, client: MeshClient, traffic: Traffic, samples: lis
         "namespace_memory_mb": {"start": round(ns_series[0], 2), "end": round(ns_series[-1], 2),
                                 "max": round(max(ns_series), 2)},
         "samples": [{"at_s": round(s.at_s, 1), "sent": s.sent, "ended": s.ended, "dead_letters": s.dead_letters,
-                     "queued": s.queued, "kills": s.kills, "rss_mb": [round(r, 1) for r in s.rss_mb],
-                     "redis_mb": round(s.redis_mb, 2), "namespace_mb": round(s.namespace_mb, 2)}
+                     "queued": s.queued, "kills": s.kills, "serving": s.serving,
+                     "rss_mb": [round(r, 1) for r in s.rss_mb], "redis_mb": round(s.redis_mb, 2),
+                     "namespace_mb": round(s.namespace_mb, 2)}
                     for s in samples],
     }
 

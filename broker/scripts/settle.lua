@@ -104,27 +104,37 @@ local function reap(now)
     end
 end
 
--- The job record of a message as the mesh encodes it (its envelope's job_id right after its key),
--- read when it is at most RECORD_MAX bytes: what the step's pick-up is computed from, with no read
--- of its own (broker/step_write.py checks it is still the record when it writes). "" otherwise.
+-- The job id of a message as the mesh encodes it (its envelope's job_id right after its key), or nil:
+-- its record, when at most RECORD_MAX bytes, is what the step's pick-up is computed from, with no read
+-- of its own (broker/step_write.py checks it is still the record when it writes); "" otherwise.
 local RECORD_MAX = 65536
-local records_read = {}  -- by job id, for one fetch: a fan-out's siblings fetched together read it once
-local function message_record(data, key)
+local function message_job(data, key)
     local _, e = string.find(data, '"args":[{"key":"' .. key .. '","job_id":"', 1, true)
-    if not e then return "" end
+    if not e then return nil end
     local close = string.find(data, '"', e + 1, true)
-    if not close or close == e + 1 then return "" end
+    if not close or close == e + 1 then return nil end
     local job_id = string.sub(data, e + 1, close - 1)
-    if string.find(job_id, "\\", 1, true) then return "" end
-    -- At most RECORD_MAX + 1 bytes, once per job: a larger record is not read whole (its siblings'
-    -- messages, fetched together, each copied all of a fan-out's record, the server blocked meanwhile).
-    local record = records_read[job_id]
-    if not record then
-        record = redis.call("getrange", ns .. ":job:" .. job_id, 0, RECORD_MAX)
-        if #record > RECORD_MAX then record = "" end
-        records_read[job_id] = record
+    if string.find(job_id, "\\", 1, true) then return nil end
+    return job_id
+end
+
+-- The records of the fetched messages that won their claims (wanted: {verdict, job_id}), each put in
+-- its verdict's second place: one MGET for the fetch, each job's record read once (a fan-out's siblings
+-- fetched together share it), where each message read its own with a GETRANGE. A record over
+-- RECORD_MAX is handed back as "" (the pick-up reads it itself).
+local function fetch_records(wanted)
+    local names, at = {}, {}
+    for _, w in ipairs(wanted) do
+        if not at[w[2]] then
+            names[#names + 1] = ns .. ":job:" .. w[2]
+            at[w[2]] = #names
+        end
     end
-    return record
+    local got = redis.call("mget", unpack(names))
+    for _, w in ipairs(wanted) do
+        local record = got[at[w[2]]]
+        if record and #record <= RECORD_MAX then w[1][2] = record end
+    end
 end
 
 local function push_back(id)
@@ -218,7 +228,7 @@ if command == "fetch" then
     if nonce then
         batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms(), fence)
     end
-    local out, held = {}, {}
+    local out, held, wanted = {}, {}, {}
     for i, id in ipairs(ids) do
         if data[i] then
             held[#held + 1] = id
@@ -229,7 +239,9 @@ if command == "fetch" then
                 if key then
                     local verdict = claim_take(batch, ns .. ":claim:" .. key, worker .. ":" .. nonce .. ":" .. #held)
                     if records then
-                        table.insert(verdict, 1, verdict[1] == "run" and message_record(data[i], key) or "")
+                        local job_id = verdict[1] == "run" and message_job(data[i], key)
+                        table.insert(verdict, 1, "")
+                        if job_id then wanted[#wanted + 1] = {verdict, job_id} end
                     end
                     table.insert(verdict, 1, key)
                     out[#out + 1] = verdict
@@ -239,6 +251,7 @@ if command == "fetch" then
             end
         end
     end
+    if #wanted > 0 then fetch_records(wanted) end
     if #held > 0 then redis.call("sadd", acks, unpack(held)) end
     if batch then claims_close(batch) end
     return out

@@ -57,5 +57,7 @@ def test_a_worker_paused_holding_a_batch_settles_nothing_of_it_after_the_takeove
     after = [client.jobs.get(ref.id) for ref in refs]
     assert [r.state for r in after] == [State.SUCCEEDED] * MESSAGES  # type: ignore[union-attr]
     assert client.redis.zcard(client.keys.dlq) == 0
+    # the workers write their success counts once per MESH_COUNTER_FLUSH_S
+    wait_for(lambda: int(client.redis.hget(client.keys.outcomes, "poster:succeeded") or 0) >= MESSAGES)
     assert int(client.redis.hget(client.keys.outcomes, "poster:succeeded") or 0) == MESSAGES
     assert rclient.hlen(client.keys.messages("poster")) == 0

@@ -4,6 +4,7 @@ every job ended and every poison message in the DLQ (nothing lost), memory sampl
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
@@ -29,6 +30,8 @@ def test_a_short_soak_with_a_killed_worker_loses_nothing_reports_memory_and_clea
     assert sum(out["jobs"]["by_state"].values()) == out["sent"]["jobs"]
     assert out["workers"]["killed"] >= 1 and out["workers"]["started"] == 2 + out["workers"]["killed"]
     assert len(out["samples"]) >= 3 and all(len(s["rss_mb"]) == 2 for s in out["samples"])
+    # Who serves is sampled: a frozen `ended` with no worker up is a replacement still starting, not a stall.
+    assert all(s["serving"] >= 0 for s in out["samples"]) and max(s["serving"] for s in out["samples"]) >= 1
     for figure in ("worker_rss_mb", "redis_used_memory_mb", "namespace_memory_mb"):
         assert out[figure]["max"] > 0 and out[figure]["max"] >= out[figure]["end"]
     assert "worker RSS" in res.stderr  # the sample table, on stderr with --json
@@ -53,6 +56,17 @@ def test_soak_workers_get_the_mesh_settings_and_its_own_defaults_only_where_thos
     assert "MESH_REDIS_URL" not in shown_settings(env) and shown_settings(env)["MESH_JOB_RETENTION_S"] == "60.0"
 
 
+def test_the_soaks_wait_covers_the_longest_a_job_may_be_deferred_under_its_workers_settings():
+    from mesh.ops.soak import SETTLE_MARGIN_S, SOAK_DEFAULTS, settle_wait_s
+
+    # Its own defaults: 5 deferrals of up to 15 s and a killed probe's 10 s fit in 3 minutes.
+    assert settle_wait_s(dict(SOAK_DEFAULTS), 180) == 180
+    # The mesh's 20 deferrals, given to the soak: 20 x 15 s, plus the probe's 10 s and the margin.
+    assert settle_wait_s({**SOAK_DEFAULTS, "MESH_MAX_DEFERS": "20"}, 180) == 20 * 15 + 10 + SETTLE_MARGIN_S
+    # Nothing waits past its job's deadline (600 s), which dead-letters what would.
+    assert settle_wait_s({}, 180) == 600 + SETTLE_MARGIN_S
+
+
 def test_a_job_whose_record_expired_counts_as_ended_not_lost(client, rclient):
     from mesh.broker.retention import Retention
     from mesh.ops.soak import Traffic, ended
@@ -66,3 +80,39 @@ def test_a_job_whose_record_expired_counts_as_ended_not_lost(client, rclient):
     never = "job-" + "0" * 32  # never sent: its missing record is not taken for an expired one
     traffic = Traffic(jobs={never: "note"}, open={never})
     assert ended(client, traffic) == {"sent": 1, "ended": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_calls_to_a_dependency_that_only_answers_503_all_end_within_the_soaks_wait(
+        settings, rclient, worker_process):
+    """The soak's loopback answers 503 on one path, so its breaker keeps opening, and every call to it
+    waits on the delay queue for the reopen; a call that only ever fails ends, dead-lettered, once its
+    deferrals are spent. The soak waits for that: with the mesh's 20 deferrals (each up to the capped
+    cool-down and half again) its 3-minute wait ended first, and such jobs were counted lost."""
+    from mesh.broker import MeshClient
+    from mesh.contracts import TERMINAL
+    from mesh.ops.soak import SoakConfig, settle_wait_s, worker_env
+    from tests.httpserver import RecordingServer
+
+    with RecordingServer(lambda _n, _request: (503, {})) as server:
+        env = worker_env(settings, settings.namespace, server.host_port)
+        worker_process("--agents", "executor", "--threads", "4",
+                       **{k: v for k, v in env.items() if k.startswith("MESH_")})
+        client = MeshClient(settings.model_copy(update={"http_allow": server.host_port}), client=rclient)
+        # More failures than open the breaker (MESH_BREAKER_FAILURES, 5), as the soak's traffic sends.
+        refs = [client.send("executor", {"tool": "http_post", "args": {"url": server.url(f"/503/{i}"), "json": {}}})
+                for i in range(12)]
+        wait_s = settle_wait_s(env, SoakConfig(seconds=1).settle_s)
+        deadline = time.monotonic() + wait_s
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline and len(states) < len(refs):
+            for ref in refs:
+                record = client.status(ref.id)
+                if record.state in TERMINAL:
+                    states[ref.id] = str(record.state)
+            time.sleep(0.5)
+        trips = int(rclient.hget(client.keys.breaker(server.host_port), "trips") or 0)
+    assert trips >= 2, "the breaker opened and a probe failed: the calls waited on it"
+    assert len(states) == len(refs), f"{len(refs) - len(states)} of {len(refs)} jobs still open after {wait_s:.0f}s"
+    assert set(states.values()) == {"dead_lettered"}

@@ -1,0 +1,83 @@
+"""A step's success counters (``{ns}:outcomes``, ``{ns}:hist:{agent}``) added up in the worker process and
+written once per MESH_COUNTER_FLUSH_S and when it stops, not with each step's write: real worker
+processes stopped (SIGTERM) and killed (SIGKILL), real Redis."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from conftest import wait_for
+
+from mesh.broker import MeshClient
+from mesh.broker.keys import Keys
+from mesh.broker.observe import Counters
+from mesh.contracts import State
+
+STEPS = 5
+
+
+def _note(i: int) -> dict[str, object]:
+    return {"tool": "note", "args": {"title": f"counted {i}"}}
+
+
+def _counts(client: MeshClient) -> tuple[int, int]:
+    """Successes counted for the executor, and handler runs in its histogram."""
+    succeeded = int(client.redis.hget(client.keys.outcomes, "executor:succeeded") or 0)
+    hist = client.redis.hgetall(client.keys.histogram("executor"))
+    return succeeded, sum(int(n) for field, n in hist.items() if field != b"sum")
+
+
+def _run(client: MeshClient) -> None:
+    refs = client.send_many("executor", [(_note(i), f"counted-{i}") for i in range(STEPS)])
+    for ref in refs:
+        assert client.wait(ref.id, timeout_s=60).state is State.SUCCEEDED
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_writes_the_counts_it_held_and_its_steps_wrote_none(make_settings, worker_process,
+                                                                              rclient):
+    client = MeshClient(make_settings(), client=rclient)
+    proc = worker_process("--agents", "executor", "--threads", "2", MESH_COUNTER_FLUSH_S="60")
+    _run(client)
+    # The steps' writes added no counter (a minute's interval has not passed): the process holds them.
+    assert _counts(client) == (0, 0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert _counts(client) == (STEPS, STEPS)  # written once, whole, when it stopped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flush_s", ["0", "60"])
+def test_a_killed_worker_loses_the_counts_it_held_unless_each_write_carries_them(make_settings, worker_process,
+                                                                                 rclient, flush_s):
+    client = MeshClient(make_settings(), client=rclient)
+    proc = worker_process("--agents", "executor", "--threads", "2", MESH_COUNTER_FLUSH_S=flush_s)
+    _run(client)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    # 0: each success's write added its counts with its record, exact across a kill; else what the
+    # process held since its last write (all of it, within a minute) went with it.
+    assert _counts(client) == ((STEPS, STEPS) if flush_s == "0" else (0, 0))
+
+
+@pytest.mark.slow
+def test_counts_are_written_every_interval_and_a_batch_sent_again_is_not_added_twice(make_settings, worker_process,
+                                                                                      rclient):
+    settings = make_settings()
+    client = MeshClient(settings, client=rclient)
+    worker_process("--agents", "executor", "--threads", "2", MESH_COUNTER_FLUSH_S="0.2")
+    _run(client)
+    wait_for(lambda: _counts(client) == (STEPS, STEPS))  # by the running worker, at its interval
+
+    # A batch whose answer was lost is sent again with its number: it lands once.
+    keys = Keys(settings.namespace)
+    counters = Counters(rclient, keys, 60)
+    counters.hincrby(keys.outcomes, "executor:succeeded", 3)
+    counters.hincrbyfloat(keys.histogram("executor"), "sum", 0.5)
+    counters.flush()
+    again = [1, 60, "i", keys.outcomes, "executor:succeeded", "3"]
+    assert counters._script(keys=[counters.flushed_key], args=again) == 0
+    assert _counts(client) == (STEPS + 3, STEPS)
+    assert 0 < rclient.ttl(counters.flushed_key) <= 24 * 3600
+    counters.close()
