@@ -28,7 +28,7 @@ from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import Counters, FlushCounters, count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
-from mesh.broker.step_write import StepWrites
+from mesh.broker.step_write import SENTINEL, PickUp, StepWrites, Written
 from mesh.contracts import (
     TERMINAL,
     ConfigError,
@@ -90,6 +90,7 @@ class AgentRuntime:
                              self.settings.dead_letter_job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self.steps = StepWrites(self.redis, self.jobs, self.settings.dedup_ttl_s)
+        self.steps.pick_up = self.pick_up
         #: The steps' success counters, written once per MESH_COUNTER_FLUSH_S; None (0): with each write.
         self.counters = (Counters(self.redis, self.keys, self.settings.counter_flush_s)
                          if self.settings.counter_flush_s > 0 else None)
@@ -139,29 +140,27 @@ class AgentRuntime:
             raise ContractError(f"step {env.step_id}: {exc.message}", errors=exc.errors, agent=agent) from None
         envelope = trace.fields_of(env)
         member = running_member(env.job_id, env.step_id)
+        events: list[dict[str, Any]] = []
+        start = self._start(env, lease.token, events)
 
         def picked_up(pipe: Any, record: JobRecord) -> None:
             if record.steps[env.step_id].state is State.RUNNING:
                 pipe.zadd(self.keys.running, {member: self.clock.now_s()})  # compared on other hosts
 
-        picked = trace.event("picked_up", envelope, worker=self.worker, token=lease.token)
-        events = [picked]
-
-        def start(record: JobRecord) -> Any:
-            del events[1:]  # a transaction retried after a conflict starts over
-            # A declared pipeline's spec says whether the input is kept in the event, or its size and hash.
-            picked.update(traced(self.flow(record), "input", env.payload))
-            parked = approvals.recheck(self.flow(record), record, env, events)
-            if parked is not None:  # not the call a person approved: asked (again), not run
-                return parked, []
-            return progress.start(env, lease.token)(record)
-
-        try:
-            # The success is computed from what this write leaves: the record is read and validated once.
-            read, lease.record = lease.record, None
-            written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events, read=read)
-        except JobNotFound:
-            raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
+        # The success is computed from what this write leaves: the record is read and validated once.
+        read, lease.record = lease.record, None
+        picked, lease.picked = lease.picked, None
+        if isinstance(picked, Exception):  # its pick-up, written by the success that fetched it, refused
+            raise picked
+        mine = picked.record.steps.get(env.step_id) if isinstance(picked, Written) else None
+        if (isinstance(picked, Written) and picked.record.job_id == env.job_id and mine is not None
+                and mine.state is State.RUNNING and mine.token == lease.token):
+            written = picked  # written by the success that fetched this message (mesh.broker.step_write)
+        else:
+            try:
+                written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events, read=read)
+            except JobNotFound:
+                raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         record = written.record
         step = record.steps[env.step_id]
         if step.state is State.AWAITING_APPROVAL:
@@ -253,6 +252,57 @@ class AgentRuntime:
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
+
+    def _start(self, env: Envelope, token: int, events: list[dict[str, Any]]) -> Any:
+        """The pick-up of ``env``'s step by the attempt holding ``token``: its change, which leaves
+        its ``picked_up`` event (and an approval's) in ``events``."""
+        picked = trace.event("picked_up", trace.fields_of(env), worker=self.worker, token=token)
+
+        def start(record: JobRecord) -> Any:
+            events[:] = [picked]  # a transaction retried after a conflict starts over
+            # A declared pipeline's spec says whether the input is kept in the event, or its size and hash.
+            picked.update(traced(self.flow(record), "input", env.payload))
+            parked = approvals.recheck(self.flow(record), record, env, events)
+            if parked is not None:  # not the call a person approved: asked (again), not run
+                return parked, []
+            return progress.start(env, token)(record)
+
+        return start
+
+    def pick_up(self, record: JobRecord, data: bytes, message: Any) -> PickUp | None:
+        """The pick-up of ``message``, the next step of ``record``'s job, computed from ``record`` (as
+        ``data``, what a success leaves) with :data:`~mesh.broker.step_write.SENTINEL` as its token, for
+        the success's write to run once that write has claimed the message (see
+        :mod:`mesh.broker.step_write`); None when the step would not simply run (checks that :meth:`handle`
+        makes before its pick-up fail, an approval is asked, it is cancelled or already ended)."""
+        spec = self.app.agents.get(message.actor_name)
+        raw = message.args[0] if len(message.args) == 1 and not message.kwargs else None
+        if spec is None or not isinstance(raw, dict) or message.options.get("mesh_output") is not None:
+            return None
+        try:
+            env = self.envelope(spec.name, raw)
+            if env.contract_version is not None and env.contract_version != spec.version:
+                return None
+            if is_compensation(env.step_id):
+                return None
+            validate_model(spec.name, spec.input, env.payload)
+        except MeshError:
+            return None
+        events: list[dict[str, Any]] = []
+        new, messages = self._start(env, SENTINEL, events)(record)
+        step = new.steps.get(env.step_id)
+        if messages or step is None or step.state is not State.RUNNING or step.token != SENTINEL or len(events) != 1:
+            return None
+        member = running_member(env.job_id, env.step_id)
+        pipe = self.redis.pipeline(transaction=False)
+        self.jobs.stage_write(pipe, record, new, [], events=events,
+                              also=lambda p, r: p.zadd(self.keys.running, {member: self.clock.now_s()}))
+        commands = pipe.command_stack
+        key = self.keys.job(env.job_id)
+        written = next((c[2] for c, _ in commands if c[0] == "SET" and c[1] == key), None)
+        if not isinstance(written, bytes) or any(c[0] in ("EVAL", "EVALSHA", "FCALL") for c, _ in commands):
+            return None
+        return PickUp(message.options["redis_message_id"], env.step_id, commands, Written(new, written))
 
     def timer_handlers(self) -> dict[str, Any]:
         """What fires this app's durable timers (approvals' expiries and warnings, sleeps and waits) here."""
@@ -407,4 +457,6 @@ def declare_app(broker: MeshBroker, runtime: AgentRuntime, names: list[str] | No
         actors.append(dramatiq.Actor(run, broker=broker, actor_name=name, queue_name=spec.queue, priority=0,
                                      options=options))
         broker.record_queues.add(spec.queue)  # each step's pick-up starts from the record its fetch read
+    # A step's success fetches its next step for this worker's consumer, when it has room (step_write.py).
+    runtime.steps.eager = broker.eager_slot
     return actors

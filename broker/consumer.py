@@ -108,6 +108,36 @@ class MeshConsumer(_RedisConsumer):
         #: The last fetch emptied the queue (it got fewer messages than it asked for): anything enqueued
         #: since pushed a wake-up token, so the next look is a blocking wait, not another fetch.
         self.drained = False
+        #: Places of the window held for messages a step's success fetches for this consumer (EagerSlot).
+        self.eager_reserved = 0
+        #: Messages in hand here whose step's success write settled them (their ack sends nothing), not
+        #: let go yet: their threads are still finishing, and :meth:`reserve` does not count them.
+        self.written_off: set[str] = set()
+        self._room_lock = threading.Lock()
+
+    def reserve(self, thread: Any) -> EagerSlot | None:
+        """A place in the window for a message a step's success write fetches straight into this
+        consumer's hands (:class:`EagerSlot`, handed to dramatiq through ``thread``, its consumer thread),
+        or None when the window has no room, the consumer holds more than one message, or the queue had
+        a backlog at the last fetch."""
+        if not self.drained or self.idempotency is None or self.queue_name not in self.broker.record_queues:
+            # Only a consumer whose last fetch emptied its queue: it would take the message with a wake-up
+            # and a fetch of its own. One with a backlog fetches in batches, at less cost a message.
+            return None
+        with self._room_lock:
+            held = self.outstanding_message_count + self.eager_reserved - len(self.written_off)
+            # And only one holding nothing but (maybe) the step whose success fetches: a busy consumer's
+            # next batch takes the message at less cost than fetches of one message each. (A step
+            # settled by its own success, whose thread has not let it go yet, is not held: the next
+            # step, fetched by that success, may succeed before it is let go.)
+            if held > 1 or held >= self.prefetch:
+                return None
+            self.eager_reserved += 1
+        return EagerSlot(self, thread)
+
+    def unreserve(self) -> None:
+        with self._room_lock:
+            self.eager_reserved -= 1
 
     @property
     def outstanding_message_count(self) -> int:
@@ -215,6 +245,7 @@ class MeshConsumer(_RedisConsumer):
             self.idempotency.drop_claims([message])
 
     def _let_go(self, message: MessageProxy, rid: str) -> None:
+        self.written_off.discard(rid)  # first: a reserve meanwhile counts it as held, not as neither
         self.queued_message_ids.discard(message.message_id)
         self.in_hand.discard(rid)
         self.settled.set()
@@ -412,9 +443,10 @@ class MeshConsumer(_RedisConsumer):
         if not self.reclaimed:
             # dramatiq never hands delay-queue messages to worker threads: a rebuilt delay-queue
             # consumer holds none of them, whatever the last one had.
-            keep = () if self.queue_name.endswith(".DQ") else tuple(self.in_hand)
-            n = self.broker.settle("reclaim", self.queue_name, *keep)
-            self.reclaimed = True
+            with self.broker.eager_lock:  # no step write's fetch is on its way into in_hand meanwhile
+                keep = () if self.queue_name.endswith(".DQ") else tuple(self.in_hand)
+                n = self.broker.settle("reclaim", self.queue_name, *keep)
+                self.reclaimed = True
             if n:
                 logger.warning("messages left behind by a lost connection put back",
                                extra={"queue": self.queue_name, "count": n})
@@ -515,6 +547,29 @@ class MeshConsumer(_RedisConsumer):
             self.in_hand.clear()
         super().close()
 
+    def take(self, thread: Any, rid: str, data: bytes, verdict: Any, owner: str, sent: float,
+             record: bytes | None, picked: Any = None) -> None:
+        """Take a message a step write fetched for this consumer (its id, body and claim as the fetch
+        answers them) as if this consumer had fetched it, and hand it to dramatiq at once. Called with
+        the broker's ``eager_lock`` held."""
+        proxy = self._decode(rid, data)
+        if self.idempotency is not None and verdict:
+            self.idempotency.adopt(proxy, verdict[0].decode(), owner, verdict[1:], sent=sent, record=record,
+                                   picked=picked)
+        if proxy is None:
+            return  # poison: dead-lettered (and settled) by _decode
+        if self.broker.stopping.is_set() or not thread.running:
+            # The worker's stop began after the place was held: its threads take nothing more from the
+            # work queue, where the message would wait for the stop's end (or, come after the stop's
+            # requeue, for a reaper). Back to the head of its lane at once, its claim freed, as a
+            # stopping worker's requeue does.
+            self._drop_unrun(proxy)
+            self.broker.settle("requeue", self.queue_name, rid)
+            return
+        self.queued_message_ids.add(proxy.message_id)
+        self.in_hand.add(rid)
+        thread.handle_message(proxy)
+
     def requeue(self, messages: Any) -> None:
         messages = list(messages)
         pairs, self.pairs = self.pairs, []
@@ -522,6 +577,7 @@ class MeshConsumer(_RedisConsumer):
         # consumer's reclaim puts them back.
         for message in messages:
             self.in_hand.discard(message.options["redis_message_id"])
+            self.written_off.discard(message.options["redis_message_id"])
         if self.idempotency is not None:
             # Claimed when fetched, never run here: the next worker to fetch them claims them at once.
             self.idempotency.drop_claims(messages + pairs)
@@ -533,3 +589,68 @@ class MeshConsumer(_RedisConsumer):
                 self.broker.settle("requeue", self.queue_name, *ids)
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None
+
+
+class EagerSlot:
+    """A place in a consumer's window, held for the message a step's success write fetches for it in the
+    same script call (``step.lua``'s eager fetch, see broker/step_write.py): the queue's next message in
+    lane order, fetched and claimed as :meth:`MeshConsumer._fetch` would, is handed to dramatiq by the
+    step-writes sender as soon as the write is answered, with no wake-up and no fetch of its own.
+
+    A call whose answer never came (a lost connection), or that was sent again after it had landed
+    (its fetch's answer is not known), may have left a message in this worker's hands that it does not
+    know of: :meth:`lost` has the consumer reclaim its queue before its next fetch (every message this
+    worker holds there and has not handed to dramatiq goes back to the head of its lane), as a
+    consumer rebuilt after a lost fetch does. Its claim is then taken over when its lease ends, as a
+    lost fetch's is. Both go to the consumer dramatiq's thread has at the time (:meth:`current`): one
+    rebuilt after the place was held has reclaimed already and counts what its thread is handed."""
+
+    def __init__(self, consumer: MeshConsumer, thread: Any) -> None:
+        self.consumer, self.thread = consumer, thread
+        broker = consumer.broker
+        nonce = f"{_FORKED}{next(_FETCHES):x}"
+        self.owner = f"{broker.broker_id}:{nonce}:1"
+        keys, queue, idem = broker.keys, consumer.queue_name, consumer.idempotency
+        assert idem is not None
+        self.args: list[Any] = [keys.queue(queue), keys.acks(broker.broker_id, queue), keys.held(broker.broker_id),
+                                queue, keys.stats, keys.claim(""), self.owner, idem.lease_ms]
+        self._open = True
+
+    def hand(self, fetched: Sequence[Any], sent: float, job: bytes, record: bytes, picked: Any = None) -> None:
+        """Hand over what the eager fetch answered (``fetched``: nothing, or id, body and claim);
+        ``record``: the bytes the write left for job ``job``, the fetched message's record when it is
+        a step of the same job; ``picked``: its pick-up, written by the same call (or its refusal)."""
+        if fetched:
+            rid, data, verdict = fetched[0].decode(), fetched[1], fetched[2]
+            same = verdict and verdict[1] == b"run" and _job_of(data, verdict[0]) == job
+            self.current().take(self.thread, rid, data, verdict, self.owner, sent, record if same else None,
+                               picked if same else None)
+        self.release()
+
+    def lost(self) -> None:
+        """The write's answer is not known to be its first: reclaim before the next fetch."""
+        self.consumer.reclaimed = False
+        self.current().reclaimed = False
+        self.release()
+
+    def current(self) -> MeshConsumer:
+        """The consumer dramatiq's thread has now: one rebuilt since the place was held (a lost
+        connection) already reclaimed, and it is the one that counts and settles what is handed over."""
+        consumer = getattr(self.thread, "consumer", None)
+        return consumer if isinstance(consumer, MeshConsumer) else self.consumer
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self.consumer.unreserve()
+
+
+def _job_of(data: bytes, key: bytes) -> bytes | None:
+    """The job id a mesh message's envelope names right after its key (as settle.lua reads it), or None."""
+    head = b'"args":[{"key":"%s","job_id":"' % key
+    at = data.find(head)
+    if at < 0:
+        return None
+    at += len(head)
+    end = data.find(b'"', at)
+    return data[at:end] if end > at else None

@@ -99,6 +99,10 @@ class Lease:
     #: The job record as the fetch that claimed the key read it (maybe changed since): the pick-up is
     #: computed from it and written only if it is still the record. None: not read.
     record: bytes | None = field(default=None, compare=False, repr=False)
+    #: The attempt's pick-up, written by the success write that fetched its message (a
+    #: :class:`~mesh.broker.step_write.Written`), or the refusal of one of its commands; None: the
+    #: attempt writes its own (see :mod:`mesh.broker.step_write`).
+    picked: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -178,19 +182,20 @@ class Idempotency(Middleware):
         return f"{broker.broker_id}:{uuid.uuid4().hex}"  # type: ignore[attr-defined]
 
     def adopt(self, message: MessageProxy | None, key: str, owner: str, verdict: list[Any],
-              sent: float | None = None, record: bytes | None = None) -> None:
+              sent: float | None = None, record: bytes | None = None, picked: Any = None) -> None:
         """Take on the claim the fetch made on ``key`` for ``message`` (``verdict`` as claim.lua answers):
         the message carries it to :meth:`before_process_message`, and a lease won is renewed from now
         on. A claim that does not fit the decoded message (poison, or a key the fetch read otherwise)
         is released, and that message claims for itself when it runs. ``sent``: ``time.monotonic()``
         when the fetch that made the claim was sent, where the lease's confirmation counts from (a
         pause between the fetch and this call must not make the claim look fresher than it is).
-        ``record``: the message's job record as the fetch read it (:attr:`Lease.record`)."""
+        ``record``: the message's job record as the fetch read it (:attr:`Lease.record`); ``picked``:
+        its pick-up, written by the fetch (:attr:`Lease.picked`)."""
         claim = Claim(key, self.keys.claim(key), owner, verdict)
         if verdict[0] == b"run":
             claim.lease = Lease(key=key, claim_key=claim.claim_key, owner=owner, token=int(verdict[1]),
                                 running=False, confirmed_at=time.monotonic() if sent is None else sent,
-                                record=record)
+                                record=record, picked=picked)
             self._hold(claim.lease)
         if message is None or message_key(message) != key:
             if claim.lease is not None:

@@ -214,6 +214,9 @@ class Keys:
     def acks(self, worker_id: str, queue: str) -> str:
         return f"{self.namespace}:__acks__.{worker_id}.{queue}"
 
+    def held(self, worker_id: str) -> str:
+        return f"{self.namespace}:__held__.{worker_id}"
+
     @property
     def acks_pattern(self) -> str:
         return f"{self.namespace}:__acks__.*"

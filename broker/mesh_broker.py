@@ -24,7 +24,7 @@ from . import compat, lanes
 from .claims import script_source
 from .clock import DelayClock, ServerClock
 from .connection import connect, run_script
-from .consumer import MeshConsumer
+from .consumer import EagerSlot, MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
 from .jobs import JobStore
@@ -101,6 +101,15 @@ class MeshBroker(RedisBroker):
         self.stopping = threading.Event()
         #: Per thread, the connection its waits for wake-up tokens go on (see ``_blpop``).
         self._waits = threading.local()
+        #: The dramatiq worker consuming through this broker (set as it boots): whose consumers a step's
+        #: success may fetch its next step for (:meth:`eager_slot`).
+        self.worker: Any = None
+        #: Queues whose agents take flow limits before they run (FlowControl): no eager fetch for them
+        #: (:meth:`eager_slot`); worked out at the first look, once the app's actors are declared.
+        self._limited_queues: frozenset[str] | None = None
+        #: Held while a step write that fetches for a consumer is on its way and its message is handed
+        #: over, and by a consumer's reclaim: a reclaim never puts back a message on its way into hand.
+        self.eager_lock = threading.Lock()
 
     def declare_actor(self, actor: dramatiq.Actor[Any, Any]) -> None:
         """dramatiq's declaration, refusing the actor options the mesh would silently ignore
@@ -178,6 +187,8 @@ class MeshBroker(RedisBroker):
         """dramatiq's hook dispatch, plus the broker's own part of a worker's boot and stop."""
         if signal == "worker_boot":
             self.stopping.clear()
+            self.worker = args[0] if args else None
+            self._limited_queues = None  # worked out again from what is declared now
         elif signal == "worker_shutdown":
             queues = getattr(args[0], "consumers", {}) if args else {}
             self._wake_for_stop(sum(1 for queue in queues if not queue.endswith(".DQ")))
@@ -211,6 +222,33 @@ class MeshBroker(RedisBroker):
         super().close()
         self.client.close()
         self.records.close()
+
+    def eager_slot(self, queue_name: str) -> EagerSlot | None:
+        """A place in the window of this worker's consumer of ``queue_name`` for the message a step's
+        success write fetches for it (see :class:`~mesh.broker.consumer.EagerSlot`); None when this
+        process consumes no such queue with room, or its worker is stopping."""
+        worker = self.worker
+        if worker is None or self.stopping.is_set() or queue_name in self.limited_queues():
+            return None
+        thread = worker.consumers.get(queue_name)
+        consumer = getattr(thread, "consumer", None)
+        if not isinstance(consumer, MeshConsumer) or not thread.running or thread.paused:
+            return None
+        return consumer.reserve(thread)
+
+    def limited_queues(self) -> frozenset[str]:
+        """The queues whose agents take flow limits before they run (their FlowControl plan): a success
+        fetches no next step for them, which goes by its wake-up token and a fetch. (The step lets go
+        of its slots before its success's write, ``limits.let_go``, so such a next step would find its
+        slot free either way; with the eager fetch on for them, a limited agent's pipeline measured no
+        faster: docs/performance.md, "A limited agent's next step finds its slot free".)"""
+        if self._limited_queues is None:
+            from .flow_control import FlowControl
+
+            plan = next((m.plan for m in self.middleware if isinstance(m, FlowControl)), {})
+            self._limited_queues = frozenset(actor.queue_name for name, actor in self.actors.items()
+                                             if name in plan)
+        return self._limited_queues
 
     @property
     def consumer_class(self) -> type[MeshConsumer]:

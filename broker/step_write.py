@@ -14,6 +14,27 @@ and the consumer sends no ack of its own for that message. (A command Redis refu
 wrong type, fails its write as it failed the MULTI/EXEC: the write's other commands ran, its ``done``
 and its ack did not, and the consumer's failure path settles the message from the record.)
 
+A success whose change sends a message to a queue this worker consumes, while that consumer's window
+has room, also fetches for it in the same script call (``step.lua``'s eager fetch): the queue's next
+message in lane order, claimed and put in the worker's acks set as the consumer's fetch would, is handed
+to dramatiq by the sender thread once the call is answered (:class:`~mesh.broker.consumer.EagerSlot`).
+A sequential pipeline's next step then starts with no wake-up token, no fetch round trip and no
+validation of the record (it is the one the success left). A call that failed, or that was sent again
+after it landed, may have fetched a message nobody took: the consumer reclaims its queue before its
+next fetch.
+
+When what the eager fetch takes is the write's own message of the same job's next step (a sequential
+pipeline) and its claim is won, the same call writes that step's pick-up too (the record's step
+``running`` with the claim's token, its ``picked_up`` event, its running index entry): the pick-up is
+computed before the call (:attr:`StepWrites.pick_up`, the runtime's), with :data:`SENTINEL` as its token,
+and ``step.lua`` puts the claim's token in its place. The handed message's attempt then finds its
+pick-up written (:attr:`~mesh.broker.idempotency.Lease.picked`) and writes none of its own. A fetch that
+took another message, or lost its claim, writes nothing of it, and that message's pick-up is written as
+any other's.
+Nor is a pick-up folded while the worker's work queue holds messages its threads have yet to start: the
+handed step would wait behind them with its record saying ``running``, and a ``mesh cancel`` meanwhile
+would let it run.
+
 The writes of a worker's threads go to Redis together (:class:`~mesh.broker.group_commit.GroupCommit`):
 one script call per group, the group's counters added up and written once per field. (Sending a lone
 write from its own thread instead made a sequential pipeline slower, not faster, where it was measured.)
@@ -22,7 +43,9 @@ write from its own thread instead made a sequential pipeline slower, not faster,
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,14 +55,18 @@ import redis
 
 from mesh.contracts import JobRecord, LeaseLost, dumps
 
+from . import lanes
 from .claims import script_source
 from .group_commit import GroupCommit
 from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
 if TYPE_CHECKING:
+    from .consumer import EagerSlot
     from .idempotency import Lease
 
-STEP_LUA = script_source("step.lua")
+logger = logging.getLogger(__name__)
+
+STEP_LUA = script_source("step.lua", lanes.LIB)
 
 #: Commands a script cannot run: a write staging one goes as a WATCH/MULTI transaction instead.
 SCRIPTED = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL"})
@@ -58,6 +85,12 @@ COMPARED_BYTES = 4096
 CALL_BYTES = 8 * 1024 * 1024
 #: What a write's size counts by length (a tuple: ``bytes | str`` would build a union at every argument).
 _SIZED = (bytes, str)
+
+#: The fencing token a next step's pick-up is computed with before its claim is taken (see the module's
+#: docstring): ``step.lua`` replaces these digits by the claim's token wherever they occur in the
+#: pick-up's commands, so a pick-up is folded only when they occur nowhere else (:meth:`PickUp.check`).
+SENTINEL = 7318049265110382947
+_SENTINEL = str(SENTINEL).encode()
 
 #: Most records, and most of their bytes, a process keeps of what it wrote last (:class:`Recent`).
 RECENT_RECORDS = 256
@@ -112,12 +145,60 @@ class Recent:
                 self._bytes -= len(gone.data)
 
 
+@dataclass(frozen=True)
+class PickUp:
+    """A next step's pick-up computed from the record a success write leaves, before the claim of that
+    step's message is taken: its message's id, its commands (the record with :data:`SENTINEL` as the
+    step's token, its ``picked_up`` event, its running index entry) and the record they write."""
+
+    rid: str
+    step_id: str
+    commands: list[Any]
+    written: Written
+
+    def check(self) -> bool:
+        """Whether :data:`SENTINEL`'s digits occur exactly where the token is (once in the record, once
+        in an event) and nowhere else, so that replacing them fills in the token and nothing more."""
+        seen = 0
+        for command, _options in self.commands:
+            for arg in command:
+                if isinstance(arg, str):
+                    arg = arg.encode()
+                if isinstance(arg, bytes):
+                    n = arg.count(_SENTINEL)
+                    if n > 1:
+                        return False
+                    seen += n
+        return seen == 2 and self.written.data.count(_SENTINEL) == 1
+
+    def args(self) -> list[Any]:
+        out: list[Any] = [self.rid, _SENTINEL, len(self.commands)]
+        for command, _options in self.commands:
+            out.append(len(command))
+            out.extend(command)
+        return out
+
+    def landed(self, token: int) -> Written:
+        """The record as ``step.lua`` wrote it with the claim's ``token``."""
+        record = self.written.record
+        step = record.steps[self.step_id].model_copy(update={"token": token})
+        return Written(record.with_step(step), self.written.data.replace(_SENTINEL, str(token).encode()))
+
+
 @dataclass
 class _Item:
     lease: Lease
     args: list[Any]
     settles: bool
     size: int = 0
+    #: The consumer place the write's eager fetch fills, and what the write leaves (for the job's next step).
+    slot: EagerSlot | None = None
+    job: bytes = b""
+    written: Written | None = None
+    #: The next step's pick-up the call writes when its eager fetch takes that step's message.
+    pickup: PickUp | None = None
+    #: The call wrote it: what the process keeps as the job's last record (:class:`Recent`).
+    picked: bool = False
 
 
 class StepWrites:
@@ -130,6 +211,12 @@ class StepWrites:
         self.script = client.register_script(STEP_LUA)
         self.group: GroupCommit[_Item] = GroupCommit(self._flush, name="mesh-step-writes")
         self.recent = Recent()
+        #: A queue's place in this process's consumer for a success's eager fetch, or None
+        #: (``MeshBroker.eager_slot``, set where a worker's agents are declared); None: no eager fetches.
+        self.eager: Callable[[str], EagerSlot | None] | None = None
+        #: The pick-up of a success's next step of the same job, computed from the record the success
+        #: leaves with :data:`SENTINEL` as its token (the runtime's), or None: not folded.
+        self.pick_up: Callable[[JobRecord, bytes, Any], PickUp | None] | None = None
 
     def write(self, job_id: str, change: Change, *, fence: Lease, events: Sequence[dict[str, Any]] = (),
               also: Callable[[Any, JobRecord], None] | None = None, retention_s: float | None = None,
@@ -170,12 +257,22 @@ class StepWrites:
                                               retention_s=retention_s)
                     return Written(record, dumps(record))
                 new = _record_bytes(pipe.command_stack, key) or dumps(record)
-            answer = self.group.submit(self._item(key, data, pipe.command_stack, fence, done, settle))
+            slot = self._slot(messages) if settle and messages else None
+            pickup = self._pickup(job_id, record, new, messages, slot) if slot is not None else None
+            try:
+                item = self._item(key, data, pipe.command_stack, fence, done, settle, slot, pickup)
+                if slot is not None:
+                    item.job, item.written = job_id.encode(), Written(record, new)
+                answer = self.group.submit(item)
+            finally:
+                if slot is not None:
+                    slot.release()
             if isinstance(answer, redis.ResponseError):
                 raise answer
             if answer in (1, 2):
                 written = Written(record, new)
-                self.recent.keep(job_id, written)
+                if not item.picked:  # else the record kept is the pick-up's, written after it
+                    self.recent.keep(job_id, written)
                 return written
             if answer == 0:
                 raise LeaseLost(fence.key, fence.token)
@@ -184,13 +281,54 @@ class StepWrites:
             data, before = answer, None  # changed since it was read: computed again
         raise RuntimeError(f"job record {job_id} kept changing while a step was written")
 
+    def _slot(self, messages: Sequence[Any]) -> EagerSlot | None:
+        """A place in this process's consumer of the first queue among ``messages``' (those due now)
+        that has one: the write then fetches that queue's next message for it (see ``step.lua``)."""
+        if self.eager is None:
+            return None
+        for message in messages:
+            if message.options.get("eta") is None:
+                slot = self.eager(message.queue_name)
+                if slot is not None:
+                    return slot
+        return None
+
+    def _pickup(self, job_id: str, record: JobRecord, data: bytes, messages: Sequence[Any],
+                slot: EagerSlot) -> PickUp | None:
+        """The pick-up of the message among ``messages`` that is this job's next step on ``slot``'s
+        queue, computed from ``record`` (as ``data``), or None."""
+        if self.pick_up is None:
+            return None
+        work = getattr(slot.thread, "work_queue", None)
+        if work is not None and not work.empty():
+            # The step would wait behind what its worker's threads have yet to start (the work queue is
+            # shared by all its agents), not started: its record must not say running meanwhile, and a
+            # mesh cancel meanwhile must keep it from running, as for any step not picked up yet.
+            return None
+        for message in messages:
+            envelope = message.args[0] if message.args else None
+            if (message.queue_name == slot.consumer.queue_name and message.options.get("eta") is None
+                    and isinstance(envelope, dict) and envelope.get("job_id") == job_id):
+                try:
+                    pickup = self.pick_up(record, data, message)
+                except Exception:  # not folded: the step's own pick-up is written as any other's
+                    logger.exception("a next step's pick-up could not be computed with its success")
+                    return None
+                return pickup if pickup is not None and pickup.check() else None
+        return None
+
     def _item(self, key: str, data: bytes, commands: list[Any], fence: Lease, done: bytes | None,
-              settle: bool) -> _Item:
+              settle: bool, slot: EagerSlot | None = None, pickup: PickUp | None = None) -> _Item:
         settles = settle and fence.settles is not None
         acks, msgs, rid = fence.settles if settles and fence.settles is not None else ("", "", "")
+        eager = slot.args if slot is not None and settles else []
+        if eager and pickup is not None:
+            eager = [*eager, *pickup.args()]
+        else:
+            pickup = None
         args: list[Any] = [key, _expected(data), fence.claim_key, fence.owner, fence.token,
                            "1" if fence.shared else "0", "1" if done is not None else "0", done or b"",
-                           rid, acks, msgs, len(commands)]
+                           rid, acks, msgs, len(eager), *eager, len(commands)]
         # The size: a bytes or str argument its length, anything else (an integer) 8, added up in one
         # plain loop (a genexpr summed per write was the step's largest own cost).
         size = 0
@@ -202,7 +340,7 @@ class StepWrites:
             size += 8
             for arg in command:
                 size += len(arg) if isinstance(arg, _SIZED) else 8
-        return _Item(fence, args, settles, size)
+        return _Item(fence, args, settles, size, slot if eager else None, pickup=pickup)
 
     def _flush(self, group: Sequence[_Item]) -> list[Any]:
         answers: list[Any] = []
@@ -238,7 +376,49 @@ class StepWrites:
         args: list[Any] = [self.dedup_ttl_s]
         for item in group:
             args.extend(item.args)
-        answers: list[Any] = self.script(keys=[], args=args)
+        slots = [item.slot for item in group if item.slot is not None]
+        if not slots:
+            return self._answers(group, self.script(keys=[], args=args))
+        # A reclaim must not put back a message this call fetches before it is in hand (consumer._fetch).
+        with slots[0].consumer.broker.eager_lock:
+            sent = time.monotonic()  # a fetched claim's lease counts from before the call went out
+            try:
+                answers: list[Any] = self.script(keys=[], args=args)
+            except BaseException:
+                for slot in slots:
+                    slot.lost()  # it may have fetched before the call failed
+                raise
+            for n, item in enumerate(group):
+                answer, held = answers[n], item.slot
+                if held is None:
+                    continue
+                if isinstance(answer, list):
+                    answers[n], fetched = answer[0], answer[1:]
+                    record = item.written.data if item.written is not None else b""
+                    if item.written is not None:  # what the next step's pick-up reads, kept before it runs
+                        self.recent.keep(item.job.decode(), item.written)
+                    picked: Written | Exception | None = None
+                    if len(fetched) > 3:  # the fetched message's pick-up ran too (see _pickup)
+                        flag, fetched = fetched[3], fetched[:3]
+                        if flag == 1 and item.pickup is not None:
+                            picked = item.pickup.landed(int(fetched[2][2]))
+                            self.recent.keep(item.job.decode(), picked)
+                            item.picked, record = True, picked.data
+                        else:  # a command of it refused: its attempt fails as a refused pick-up does
+                            picked = redis.ResponseError(flag.decode() if isinstance(flag, bytes) else str(flag))
+                    settles = item.lease.settles
+                    if answers[n] == 1 and item.settles and settles is not None and settles[0] == held.args[1]:
+                        held.consumer.written_off.add(settles[2])  # settled: no longer takes a place
+                    try:
+                        held.hand(fetched, sent, item.job, record, picked)
+                    except Exception:  # the write stands; what it fetched goes back by the reclaim
+                        logger.exception("a fetched message could not be handed over: its queue is reclaimed")
+                        held.lost()
+                elif answer in (1, 2):
+                    held.lost()  # sent again after it landed: what its first call fetched is not known
+        return self._answers(group, answers)
+
+    def _answers(self, group: Sequence[_Item], answers: list[Any]) -> list[Any]:
         for item, answer in zip(group, answers, strict=True):
             if item.settles and answer in (1, 2):
                 # Before the caller wakes: an exception raised into it meanwhile (a time limit) finds the

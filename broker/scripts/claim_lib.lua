@@ -1,5 +1,5 @@
 -- The claim on a message key, read and written in one place; prepended to every script that
--- touches claims (claim.lua, settle.lua, retention.lua; see broker/claims.py for Python readers).
+-- touches claims (claim.lua, settle.lua, step.lua, retention.lua; see broker/claims.py for Python readers).
 --
 -- A claim is one string key, {ns}:claim:{key} = "state|token|expires_ms|owner|result", kept for
 -- the dedup window (EX ttl): state claimed|free|done; token, the fencing token; expires_ms, the end
@@ -106,4 +106,17 @@ local function claim_take(b, key, owner)
     b.fence = math.max(b.fence, token) + 1
     claim_put(b, key, b.fence, owner)
     return {"run", b.fence}
+end
+
+-- The envelope key of a message as the mesh encodes it ({"queue_name", "actor_name", "args": [{"key":
+-- ...}], ...}), found without decoding it; nil for any other shape or an escaped key (that message
+-- claims its key itself when it runs). The consumer checks the key against the decoded message.
+local function message_key(data)
+    local _, e = string.find(data, '"args":[{"key":"', 1, true)
+    if not e then return nil end
+    local close = string.find(data, '"', e + 1, true)
+    if not close or close == e + 1 then return nil end
+    local key = string.sub(data, e + 1, close - 1)
+    if string.find(key, "\\", 1, true) then return nil end
+    return key
 end

@@ -104,19 +104,6 @@ local function reap(now)
     end
 end
 
--- The envelope key of a message as the mesh encodes it ({"queue_name", "actor_name", "args": [{"key":
--- ...}], ...}), found without decoding it; nil for any other shape or an escaped key (that message
--- claims its key itself when it runs). The consumer checks the key against the decoded message.
-local function message_key(data)
-    local _, e = string.find(data, '"args":[{"key":"', 1, true)
-    if not e then return nil end
-    local close = string.find(data, '"', e + 1, true)
-    if not close or close == e + 1 then return nil end
-    local key = string.sub(data, e + 1, close - 1)
-    if string.find(key, "\\", 1, true) then return nil end
-    return key
-end
-
 -- The job id of a message as the mesh encodes it (its envelope's job_id right after its key), or nil:
 -- its record, when at most RECORD_MAX bytes, is what the step's pick-up is computed from, with no read
 -- of its own (broker/step_write.py checks it is still the record when it writes); "" otherwise.

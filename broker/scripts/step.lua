@@ -1,10 +1,11 @@
 -- A group of steps' job-record writes (broker/step_write.py), each a compare-and-set fenced by its
 -- claim: one call writes what a WATCH/MULTI transaction per step wrote, with no WATCH, no read
--- round trip and no MULTI. Runs after claim_lib.lua.
+-- round trip and no MULTI. Runs after claim_lib.lua and lanes_lib.lua.
 --
 -- step(keys=[], args=[ttl_s, item...]), each item being the arguments
 --
---   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, n, (count, command...) x n
+--   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, e, (eager...) x e, n,
+--   (count, command...) x n
 --
 --   job      the record's key; sha: the record the write was computed from, as its bytes, or as their
 --            sha1 (40 hex digits: a record of 40 bytes or fewer, or a large one)
@@ -17,14 +18,29 @@
 --            answered 1 (or 2) with nothing more written
 --   id       "": none; else the message this write settles (a success): it leaves the worker's
 --            acks set and its body is deleted from msgs, as the ack would
+--   e        0, or 8 and the arguments of a fetch of one message the write hands straight to its worker
+--            (a success whose next step goes to a queue its worker consumes, with room): the queue's
+--            key, the worker's acks set there, its held set and the queue's name, the stats hash, the
+--            claims' key prefix, the claim's owner and lease (ms). Once the write landed, the
+--            queue's next message in lane order (the one a fetch would take: the write's own, or
+--            one waiting before it) is fetched and claimed as settle.lua's fetch would, for that
+--            worker, and a wake-up token taken back (that consumer needs none). e > 8: the next step's
+--            pick-up follows (rid, sentinel, m, (count, command...) x m): when the message fetched is
+--            rid (the write's own message of the same job's next step) and its claim is won, the
+--            pick-up's commands run too, with every occurrence of sentinel (the digits the pick-up was
+--            computed with as its token) in their arguments replaced by the claim's token
 --   n        the commands of the write, each as its argument count and its arguments (what the
 --            transaction would have run: the record with its TTLs, trace events, counters, the
 --            running index, the next steps' messages); HINCRBY and HINCRBYFLOAT are added up over
 --            the group and run once per field
 --
--- Per item: 1 written (its message settled, if it names one); 2 written, but the message was no
--- longer this worker's (reaped while paused: its body is left to its new owner); 0 the claim is not
--- the attempt's any more, nothing written; -1 no record; an error: a command of the write was refused
+-- Per item: 1 written (its message settled, if it names one), with e >= 8 {1} (nothing fetched) or
+-- {1, id, data, claim} ({key, "run"|"busy"|"done", token, ...} as claim.lua answers, or 0: no key
+-- found), or {1, id, data, claim, picked} when the pick-up was run (picked: 1, or the refusal of one
+-- of its commands, whose other commands ran) instead (a write sent again that had landed before answers 1 or 2: what its first call
+-- fetched is not known); 2 written, but the message was no longer this worker's (reaped while
+-- paused: its body is left to its new owner); 0 the claim is not the attempt's any more, nothing
+-- written; -1 no record; an error: a command of the write was refused
 -- (a key of the wrong type) and its other commands ran, as in the MULTI this replaced, its claim not
 -- stored as done and its message not settled; else the record's current bytes: it changed since the
 -- write was computed, nothing written (read them, recompute, write again).
@@ -82,6 +98,8 @@ end
 -- flat lists: item k's commands are cfirst[k] to cfirst[k + 1] - 1), which the writes below use: a
 -- table per command and a second parse of the counts cost the server more than these lists.
 local checked, values, stale = {}, {}, {}
+local eagers = {}  -- item -> where its eager fetch's arguments start
+local eager_end = {}  -- where an eager fetch's arguments start -> where the item's next ones start
 local starts, cfirst, cfrom, cto = {}, {}, {}, {}
 do
     local names, i, nargs = {}, 2, #ARGV
@@ -91,8 +109,10 @@ do
         if not checked[job] then names[#names + 1] = job; checked[job] = #names end
         starts[#starts + 1] = i
         cfirst[#cfirst + 1] = #cfrom + 1
-        local n = tonumber(ARGV[i + 11])
-        i = i + 12
+        local e = tonumber(ARGV[i + 11])
+        if e > 0 then eagers[#starts] = i + 12; eager_end[i + 12] = i + 12 + e end
+        local n = tonumber(ARGV[i + 12 + e])
+        i = i + 13 + e
         for _ = 1, n do
             local count = tonumber(ARGV[i])
             cfrom[#cfrom + 1] = i + 1
@@ -126,6 +146,62 @@ local function touched(name, from, to)
             if checked[ARGV[a]] then stale[ARGV[a]] = true end
         end
     end
+end
+
+local function server_ms()
+    local t = redis.call("time")
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The next step's pick-up (arguments from a: sentinel, m, commands), its token filled in: 1, or the
+-- first refusal of its commands (the others ran, as in a MULTI).
+local function pick_up(a, token)
+    local sentinel, m, t = ARGV[a], tonumber(ARGV[a + 1]), string.format("%d", tonumber(token))
+    local i, refused = a + 2, nil
+    for _ = 1, m do
+        local count = tonumber(ARGV[i])
+        local from, to = i + 1, i + count
+        touched(string.upper(ARGV[from]), from, to)
+        local args = {}
+        for x = from, to do
+            local v = ARGV[x]
+            local at = string.find(v, sentinel, 1, true)  -- once at most (step_write.PickUp.check)
+            if at then v = string.sub(v, 1, at - 1) .. t .. string.sub(v, at + #sentinel) end
+            args[#args + 1] = v
+        end
+        local ok, err = pcall(redis.call, unpack(args))
+        if not ok then
+            if not own(err) then error(redis.error_reply(refusal(err))) end
+            refused = refused or refusal(err)
+        end
+        i = to + 1
+    end
+    return refused or 1
+end
+
+-- The eager fetch of item k (arguments from a): {1} or {1, id, data, claim} (see above).
+local function fetch_one(a)
+    local base, acks, held, queue, stats, prefix, owner = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+        ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+    local ids, data, fence = lanes_fetch(base, 1, true)
+    if not data[1] then return {1} end  -- as a fetch: an id whose body is gone is dropped
+    -- As a fetch: messages in hand are where a reaper looks.
+    redis.call("sadd", held, queue)
+    redis.call("sadd", acks, ids[1])
+    redis.call("lpop", base .. ".wake")
+    local verdict = 0
+    local key = message_key(data[1])
+    if key then
+        local b = claims_open(stats, tonumber(ARGV[a + 7]), ttl, server_ms(), fence)
+        verdict = claim_take(b, prefix .. key, owner)
+        claims_close(b)
+        table.insert(verdict, 1, key)
+        if checked[prefix .. key] then stale[prefix .. key] = true end
+        if a + 8 < eager_end[a] and ids[1] == ARGV[a + 8] and verdict[2] == "run" then
+            return {1, ids[1], data[1], verdict, pick_up(a + 9, verdict[3])}
+        end
+    end
+    return {1, ids[1], data[1], verdict}
 end
 
 for k, i in ipairs(starts) do
@@ -188,6 +264,7 @@ for k, i in ipairs(starts) do
                     stale[claim] = true
                 end
                 answer = settled(id, acks, msgs)
+                if answer == 1 and eagers[k] then answer = fetch_one(eagers[k]) end
             end
         end
     end
