@@ -33,6 +33,7 @@ import redis
 from mesh.contracts import JobRecord, LeaseLost, dumps
 
 from .claims import script_source
+from .connection import run_script
 from .group_commit import GroupCommit
 from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
@@ -238,7 +239,7 @@ class StepWrites:
         args: list[Any] = [self.dedup_ttl_s]
         for item in group:
             args.extend(item.args)
-        answers: list[Any] = self.script(keys=[], args=args)
+        answers: list[Any] = run_script(self.script, [], args)  # EVALSHA without redis-py's per-call wrapping
         for item, answer in zip(group, answers, strict=True):
             if item.settles and answer in (1, 2):
                 # Before the caller wakes: an exception raised into it meanwhile (a time limit) finds the
