@@ -102,7 +102,8 @@ class MeshConsumer(_RedisConsumer):
         self.last_beat = float("-inf")  # the first fetch beats
         self.in_hand: set[str] = broker.in_hand.setdefault(queue_name, set())
         self.reclaimed = False
-        #: Set by every settlement: a consumer whose prefetch window is full waits on it, not on a timer.
+        #: Set by a settlement that leaves room to fetch (:meth:`_room`): a consumer whose prefetch window
+        #: is full waits on it, not on a timer, and is not woken by the settlements before that one.
         self.settled = threading.Event()
         self.window_full = False
         #: The last fetch emptied the queue (it got fewer messages than it asked for): anything enqueued
@@ -248,7 +249,8 @@ class MeshConsumer(_RedisConsumer):
         self.written_off.discard(rid)  # first: a reserve meanwhile counts it as held, not as neither
         self.queued_message_ids.discard(message.message_id)
         self.in_hand.discard(rid)
-        self.settled.set()
+        if self._room():  # what a full window waits for: room to fetch, not each settlement
+            self.settled.set()
 
     def _unrouted(self, message: MessageProxy) -> DeadLetterIt:
         from .router import unroutable

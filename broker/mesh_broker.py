@@ -15,7 +15,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.message import Message
-from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
+from dramatiq.middleware import Middleware, MiddlewareError, ShutdownNotifications, TimeLimit
 
 from mesh.contracts import OrjsonEncoder
 from mesh.contracts.deadletter import Attempt, DeadLetter
@@ -69,6 +69,8 @@ class MeshBroker(RedisBroker):
         middleware: list[Middleware] | None = None,
         clock: Callable[[], int] = current_millis,
     ) -> None:
+        #: Per hook name, the middleware as it was and those of it that define the hook (see ``_hooks``).
+        self._hook_cache: dict[str, tuple[list[Middleware], list[Middleware]]] = {}
         client = client or queue_client(settings)
         #: The connection for claims and job records (``client`` is for fetching and settling).
         self.records = records or records_client(settings)
@@ -198,7 +200,45 @@ class MeshBroker(RedisBroker):
             conn = self._waits.__dict__.pop("connection", None)
             if conn is not None:
                 self.client.connection_pool.release(conn)
-        super().emit_before(signal, *args, **kwargs)
+        name = "before_" + signal
+        hooks = self._hooks(name)
+        if hooks is None:
+            return super().emit_before(signal, *args, **kwargs)
+        for middleware in hooks:  # as dramatiq's emit_before
+            try:
+                getattr(middleware, name)(self, *args, **kwargs)
+            except MiddlewareError:
+                raise
+            except Exception:
+                self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
+
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        """dramatiq's hook dispatch, the middleware's hooks in reverse order."""
+        name = "after_" + signal
+        hooks = self._hooks(name)
+        if hooks is None:
+            return super().emit_after(signal, *args, **kwargs)
+        for middleware in reversed(hooks):  # as dramatiq's emit_after
+            try:
+                getattr(middleware, name)(self, *args, **kwargs)
+            except Exception:
+                self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
+
+    def _hooks(self, name: str) -> list[Middleware] | None:
+        """The middleware whose hook ``name`` is its own, in the middleware's order: dramatiq calls every
+        middleware's, and most are :class:`Middleware`'s no-op (a message goes through four signals,
+        each through every middleware). Worked out again whenever the middleware changes; None for a
+        hook :class:`Middleware` does not define (dramatiq's dispatch then runs as it is)."""
+        cached = self._hook_cache.get(name)
+        if cached is not None and cached[0] == self.middleware:
+            return cached[1]
+        noop = getattr(Middleware, name, None)
+        if noop is None:
+            return None
+        hooks = [m for m in self.middleware
+                 if getattr(type(m), name, noop) is not noop or name in getattr(m, "__dict__", ())]
+        self._hook_cache[name] = (list(self.middleware), hooks)
+        return hooks
 
     def _wake_for_stop(self, consumers: int) -> None:
         """As a worker's stop begins, wake its idle consumers, each blocked on Redis for up to

@@ -57,6 +57,7 @@ from mesh.contracts import JobRecord, LeaseLost, dumps
 
 from . import lanes
 from .claims import script_source
+from .connection import run_script
 from .group_commit import GroupCommit
 from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
@@ -378,12 +379,12 @@ class StepWrites:
             args.extend(item.args)
         slots = [item.slot for item in group if item.slot is not None]
         if not slots:
-            return self._answers(group, self.script(keys=[], args=args))
+            return self._answers(group, run_script(self.script, [], args))
         # A reclaim must not put back a message this call fetches before it is in hand (consumer._fetch).
         with slots[0].consumer.broker.eager_lock:
             sent = time.monotonic()  # a fetched claim's lease counts from before the call went out
             try:
-                answers: list[Any] = self.script(keys=[], args=args)
+                answers: list[Any] = run_script(self.script, [], args)  # EVALSHA without redis-py's per-call wrapping
             except BaseException:
                 for slot in slots:
                     slot.lost()  # it may have fetched before the call failed

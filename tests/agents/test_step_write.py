@@ -453,6 +453,24 @@ def ran(r: redis.Redis, since: dict[str, int]) -> dict[str, int]:
 
 
 @pytest.mark.slow
+def test_a_step_is_written_when_redis_no_longer_holds_the_step_script(private_worker):
+    # A Redis restarted without the scripts (they are never persisted): SCRIPT FLUSH on a server of its
+    # own, before the pick-up's write and again before the success's. Each is loaded and sent again.
+    broker, runtime, client = private_worker
+    ref = client.send("echo", {"text": "hi"})
+    _consumer, message = fetched(broker)
+    broker.records.script_flush()
+    during.append(broker.records.script_flush)
+
+    runtime.handle(app.agents["echo"], message.args[0])
+
+    assert message.mesh_lease.settled
+    record = client.status(ref.id)
+    assert record.state is State.SUCCEEDED and record.steps[next(iter(record.steps))].result == {"text": "hi"}
+    assert broker.records.script_exists(runtime.steps.script.sha) == [True]
+
+
+@pytest.mark.slow
 def test_a_group_reads_its_claims_and_records_at_once(private_worker):
     # Each write read its claim and its record with a GET each: a group of 4 writes ran 8 GETs (7: the
     # write whose claim was taken over reads no record), now one MGET. That write still writes nothing.

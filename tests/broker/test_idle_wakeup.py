@@ -73,6 +73,26 @@ def test_a_consumer_that_emptied_its_queue_waits_for_a_token_and_then_fetches_at
     assert client.redis.llen(client.keys.wake("executor")) == 1
 
 
+def test_a_consumer_with_a_full_window_is_woken_once_there_is_room_to_fetch_not_by_each_settlement(
+        client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
+    # Each wake-up of a consumer that still cannot fetch is a thread switch (and a turn of dramatiq's loop)
+    # for nothing: with a window of 8 it fetches once 2 slots are free (``low_water``).
+    consumer_, sent = counted
+    assert consumer_.low_water == 2
+    client.send_many("executor", [(NOTE, None)] * 8)
+    held = [next(consumer_) for _ in range(8)]
+    assert all(message is not None for message in held)
+    assert next(consumer_) is None  # the window is full: it waited for a settlement (and none came)
+    assert consumer_.window_full and not consumer_.settled.is_set()
+    consumer_.ack(held[0])
+    assert not consumer_.settled.is_set()  # one slot free: still no fetch, so no wake-up
+    consumer_.ack(held[1])
+    assert consumer_.settled.is_set()  # two free: the waiting consumer wakes and fetches
+    fetches = sent.count("fetch")
+    assert next(consumer_) is None  # the queue is empty: the fetch found nothing
+    assert sent.count("fetch") > fetches
+
+
 def test_a_message_pushed_without_a_token_is_fetched_after_one_wait(
         client: MeshClient, counted: tuple[MeshConsumer, list[str]]) -> None:
     consumer_, _ = counted
