@@ -379,12 +379,12 @@ class StepWrites:
             args.extend(item.args)
         slots = [item.slot for item in group if item.slot is not None]
         if not slots:
-            return self._answers(group, run_script(self.script, [], args))
+            return self._answers(group, self.evalsha(args))
         # A reclaim must not put back a message this call fetches before it is in hand (consumer._fetch).
         with slots[0].consumer.broker.eager_lock:
             sent = time.monotonic()  # a fetched claim's lease counts from before the call went out
             try:
-                answers: list[Any] = run_script(self.script, [], args)  # EVALSHA without redis-py's per-call wrapping
+                answers: list[Any] = self.evalsha(args)
             except BaseException:
                 for slot in slots:
                     slot.lost()  # it may have fetched before the call failed
@@ -418,6 +418,10 @@ class StepWrites:
                 elif answer in (1, 2):
                     held.lost()  # sent again after it landed: what its first call fetched is not known
         return self._answers(group, answers)
+
+    def evalsha(self, args: list[Any]) -> Any:
+        """One call of step.lua: EVALSHA without redis-py's per-call wrapping (``connection.run_script``)."""
+        return run_script(self.script, [], args)
 
     def _answers(self, group: Sequence[_Item], answers: list[Any]) -> list[Any]:
         for item, answer in zip(group, answers, strict=True):

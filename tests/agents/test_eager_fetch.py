@@ -279,17 +279,17 @@ def test_a_write_sent_again_after_its_answer_was_lost_has_its_first_fetch_reclai
     ref = w.client.run("pair", {"text": "hi"})
     consumer, steps = w.thread.consumer, w.runtime.steps
     first = next(consumer)
-    real = steps.script
+    real = steps.evalsha
 
-    def answer_lost_then_sent_again(**kwargs: Any) -> Any:
-        real(**kwargs)  # ran by Redis, its answer never read: what a cut connection leaves
-        return real(**kwargs)  # what the client's retry sends
+    def answer_lost_then_sent_again(args: list[Any]) -> Any:
+        real(args)  # ran by Redis, its answer never read: what a cut connection leaves
+        return real(args)  # what the client's retry sends
 
-    steps.script = answer_lost_then_sent_again
+    steps.evalsha = answer_lost_then_sent_again  # type: ignore[method-assign]
     try:
         run(w, first)
     finally:
-        steps.script = real
+        steps.evalsha = real  # type: ignore[method-assign]
 
     # The second step was fetched into this worker's hands by the lost call: nothing handed it over.
     assert handed(w) == []
@@ -350,7 +350,7 @@ def test_a_lost_answer_is_reclaimed_by_the_consumer_rebuilt_after_its_place_was_
     ref = w.client.run("pair", {"text": "hi"})
     old, steps = w.thread.consumer, w.runtime.steps
     first = next(old)
-    real_slot, real = steps.eager, steps.script
+    real_slot, real = steps.eager, steps.evalsha
     assert real_slot is not None
 
     def place_then_rebuild(queue: str) -> Any:
@@ -362,15 +362,15 @@ def test_a_lost_answer_is_reclaimed_by_the_consumer_rebuilt_after_its_place_was_
         w.thread.consumer = rebuilt
         return slot
 
-    def answer_lost_then_sent_again(**kwargs: Any) -> Any:
-        real(**kwargs)
-        return real(**kwargs)
+    def answer_lost_then_sent_again(args: list[Any]) -> Any:
+        real(args)
+        return real(args)
 
-    steps.eager, steps.script = place_then_rebuild, answer_lost_then_sent_again
+    steps.eager, steps.evalsha = place_then_rebuild, answer_lost_then_sent_again
     try:
         run(w, first)
     finally:
-        steps.eager, steps.script = real_slot, real
+        steps.eager, steps.evalsha = real_slot, real
 
     rebuilt = w.thread.consumer
     assert rebuilt is not old and handed(w) == []
