@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 import uuid
+import weakref
 from typing import Any
 
 import redis
@@ -92,8 +94,16 @@ class Counters:
     def __init__(self, client: redis.Redis, keys: Keys, interval_s: float) -> None:
         self.client = client
         self.interval_s = interval_s
-        self.flushed_key = keys.outcomes_flushed(uuid.uuid4().hex)
+        self.keys = keys
         self._script = client.register_script(COUNTERS_LUA)
+        self._start_afresh()
+        _LIVE.add(self)
+
+    def _start_afresh(self) -> None:
+        """A process's own batch numbers, under a key of its own, with nothing held and no thread yet:
+        at creation, and in a child forked from the process that holds these counters (see
+        :func:`_forked`)."""
+        self.flushed_key = self.keys.outcomes_flushed(uuid.uuid4().hex)
         self._sums: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
         self._writing = threading.Lock()
@@ -156,6 +166,26 @@ class Counters:
             self.flush()
         except redis.RedisError as exc:
             logger.warning("could not write the step counters at shutdown", extra={"error": repr(exc)})
+
+
+#: Every live :class:`Counters` of this process, for :func:`_forked`.
+_LIVE: weakref.WeakSet[Counters] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    """In a child forked from a process holding counters (an app or server forking after it built a
+    runtime, multiprocessing's 'fork'), each starts afresh: the parent writes what it held before the
+    fork (the child writing it too would count it twice), the child numbers its batches under a key of
+    its own (sharing the parent's, one's batch would be refused as already written and its counts
+    lost), and its thread, which a fork does not carry over, starts with its first count."""
+    for counters in list(_LIVE):
+        closed = counters._stop.is_set()
+        counters._start_afresh()
+        if closed:
+            counters._stop.set()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class FlushCounters(Middleware):

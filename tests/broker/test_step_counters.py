@@ -4,7 +4,11 @@ processes stopped (SIGTERM) and killed (SIGKILL), real Redis."""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
+import warnings
+from collections.abc import Callable
 
 import pytest
 from conftest import wait_for
@@ -80,4 +84,58 @@ def test_counts_are_written_every_interval_and_a_batch_sent_again_is_not_added_t
     assert counters._script(keys=[counters.flushed_key], args=again) == 0
     assert _counts(client) == (STEPS + 3, STEPS)
     assert 0 < rclient.ttl(counters.flushed_key) <= 24 * 3600
+    counters.close()
+
+
+def _in_child(body: Callable[[], bool]) -> int:
+    """Run ``body`` in a child forked from this process; its exit status: 0 when it returned True."""
+    with warnings.catch_warnings():  # forking a process with threads (the counters' own)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if body() else 1)
+        except BaseException:
+            os._exit(2)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_counters_held_across_a_fork_are_written_once_and_both_processes_batches_land(settings, rclient):
+    # A process that forks after it built its counters (a preloading server, multiprocessing's 'fork'):
+    # the child shared the parent's batch key and numbers (the one writing second had its batch refused
+    # as already written: its counts lost) and the parent's held counts (written by both: twice).
+    keys = Keys(settings.namespace)
+    counters = Counters(rclient, keys, 60)
+    counters.hincrby(keys.outcomes, "forked:succeeded", 1)  # held at the fork: the parent's to write
+
+    def child() -> bool:
+        counters.hincrby(keys.outcomes, "forked:succeeded", 100)
+        counters.flush()
+        return True
+
+    assert _in_child(child) == 0
+    counters.hincrby(keys.outcomes, "forked:succeeded", 10)
+    counters.flush()
+    assert int(rclient.hget(keys.outcomes, "forked:succeeded") or 0) == 111
+    counters.close()
+
+
+def test_a_forked_childs_counters_are_written_by_its_own_thread(settings, rclient):
+    # The parent's writing thread is not carried over by the fork: the child's counts waited for a
+    # close that a child (a server's worker process) may never call.
+    keys = Keys(settings.namespace)
+    counters = Counters(rclient, keys, 0.05)
+    counters.hincrby(keys.outcomes, "forked:succeeded", 1)  # the parent's thread starts
+    wait_for(lambda: rclient.hget(keys.outcomes, "forked:succeeded") == b"1")
+
+    def child() -> bool:
+        counters.hincrby(keys.outcomes, "forked:succeeded", 100)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if int(rclient.hget(keys.outcomes, "forked:succeeded") or 0) == 101:
+                return True
+            time.sleep(0.02)
+        return False
+
+    assert _in_child(child) == 0
     counters.close()
