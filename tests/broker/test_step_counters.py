@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
 
 import pytest
-from conftest import wait_for
+from conftest import ROOT, mesh_env, wait_for
 
 from mesh.broker import MeshClient
 from mesh.broker.keys import Keys
@@ -138,4 +140,48 @@ def test_a_forked_childs_counters_are_written_by_its_own_thread(settings, rclien
         return False
 
     assert _in_child(child) == 0
+    counters.close()
+
+
+#: A process serving the executor in-process (``start_worker``), which ends without stopping its worker
+#: once its jobs succeeded, as an app's own script or a test's in-process worker may.
+_EXITS_WITHOUT_STOP = """
+import sys
+from mesh.broker import MeshClient
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import State
+from mesh.ops.worker import start_worker
+
+settings = MeshSettings.from_env()
+assert settings.namespace == sys.argv[2], settings.namespace  # the test's, from MESH_NAMESPACE
+worker = start_worker(settings, ["executor"], 2)
+client = MeshClient(settings)
+refs = client.send_many("executor", [({"tool": "note", "args": {"title": f"exit {i}"}}, f"exit-{i}-{sys.argv[2]}")
+                                     for i in range(int(sys.argv[1]))])
+assert all(client.wait(ref.id, timeout_s=60).state is State.SUCCEEDED for ref in refs)
+worker.join()  # its threads done with the messages (not stopped): the successes counted
+"""
+
+
+@pytest.mark.slow
+def test_a_process_ending_without_stopping_its_worker_writes_the_counts_it_held(settings, rclient):
+    # The counts were written by a daemon thread once per interval, and at the worker's stop: a process
+    # that ended normally without a stop lost everything since its last interval.
+    client = MeshClient(settings, client=rclient)
+    done = subprocess.run([sys.executable, "-c", _EXITS_WITHOUT_STOP, str(STEPS), settings.namespace], timeout=120,
+                          env=mesh_env(settings, MESH_COUNTER_FLUSH_S="60"), cwd=ROOT, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert _counts(client) == (STEPS, STEPS)
+
+
+def test_counts_added_after_a_close_are_written_still(settings, rclient):
+    # A step that outlived its worker's stop (past the stop's timeout) counted into closed counters:
+    # no thread wrote them again, ever.
+    keys = Keys(settings.namespace)
+    counters = Counters(rclient, keys, 0.05)
+    counters.hincrby(keys.outcomes, "late:succeeded", 1)
+    counters.close()
+    assert rclient.hget(keys.outcomes, "late:succeeded") == b"1"
+    counters.hincrby(keys.outcomes, "late:succeeded", 1)
+    wait_for(lambda: rclient.hget(keys.outcomes, "late:succeeded") == b"2")
     counters.close()
