@@ -90,8 +90,9 @@ class Counters:
     What that trades: the figures in Redis trail the steps by up to one interval, and a process killed
     (SIGKILL, the host lost) loses what it added since its last write; a stop (SIGTERM, SIGINT) writes
     everything, as does a normal exit of the process (``atexit``). A child forked from the process
-    starts afresh (its own batch key and numbers, none of the parent's held counts). A batch whose write fails is sent again, with its number, at the next interval: one that
-    had landed (its answer lost) is not added twice."""
+    starts afresh (its own batch key and numbers, none of the parent's held counts). A batch whose
+    write fails is sent again, with its number, at the next interval: one that had landed (its answer
+    lost) is not added twice."""
 
     def __init__(self, client: redis.Redis, keys: Keys, interval_s: float) -> None:
         self.client = client
