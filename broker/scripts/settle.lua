@@ -151,7 +151,10 @@ local function fetch_records(wanted)
     local got, large, i = {}, false, 1
     while i <= #names do
         if large then
-            got[i] = redis.call("getrange", names[i], 0, RECORD_MAX)
+            -- (redis.pcall: a key of another type answers as no record, where MGET's nil did, rather
+            -- than fail the fetch after its messages were popped)
+            local record = redis.pcall("getrange", names[i], 0, RECORD_MAX)
+            got[i] = type(record) == "string" and record
             i = i + 1
         else
             local last = math.min(i + RECORDS_AT_ONCE - 1, #names)
