@@ -6,10 +6,13 @@ once per MESH_COUNTER_FLUSH_S."""
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import logging
+import os
 import threading
 import uuid
+import weakref
 from typing import Any
 
 import redis
@@ -86,14 +89,24 @@ class Counters:
 
     What that trades: the figures in Redis trail the steps by up to one interval, and a process killed
     (SIGKILL, the host lost) loses what it added since its last write; a stop (SIGTERM, SIGINT) writes
-    everything. A batch whose write fails is sent again, with its number, at the next interval: one that
-    had landed (its answer lost) is not added twice."""
+    everything, as does a normal exit of the process (``atexit``). A child forked from the process
+    starts afresh (its own batch key and numbers, none of the parent's held counts). A batch whose
+    write fails is sent again, with its number, at the next interval: one that had landed (its answer
+    lost) is not added twice."""
 
     def __init__(self, client: redis.Redis, keys: Keys, interval_s: float) -> None:
         self.client = client
         self.interval_s = interval_s
-        self.flushed_key = keys.outcomes_flushed(uuid.uuid4().hex)
+        self.keys = keys
         self._script = client.register_script(COUNTERS_LUA)
+        self._start_afresh()
+        _LIVE.add(self)
+
+    def _start_afresh(self) -> None:
+        """A process's own batch numbers, under a key of its own, with nothing held and no thread yet:
+        at creation, and in a child forked from the process that holds these counters (see
+        :func:`_forked`)."""
+        self.flushed_key = self.keys.outcomes_flushed(uuid.uuid4().hex)
         self._sums: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
         self._writing = threading.Lock()
@@ -113,11 +126,14 @@ class Counters:
             at = (kind, key, field)
             self._sums[at] = self._sums.get(at, 0) + by
             if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(target=self._loop, name="mesh-counters", daemon=True)
-                self._thread.start()
+                self._start_thread()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._loop, args=(self._stop,), name="mesh-counters", daemon=True)
+        self._thread.start()
+
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval_s):
             try:
                 self.flush()
             except Exception as exc:  # the thread must live on: the counts are kept for the next interval
@@ -148,14 +164,58 @@ class Counters:
         self._script(keys=[self.flushed_key], args=args)
 
     def close(self) -> None:
-        """Stop the thread and write what is left."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Stop the thread and write what is left. A count added afterwards (a step that outlived its
+        worker's stop) starts the thread again, and is written at the interval or at the process's exit."""
+        with self._lock:
+            self._stop.set()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
         try:
             self.flush()
         except redis.RedisError as exc:
             logger.warning("could not write the step counters at shutdown", extra={"error": repr(exc)})
+        with self._lock:
+            if self._thread is thread:
+                self._stop, self._thread = threading.Event(), None
+                if self._sums:
+                    self._start_thread()
+
+    def _at_exit(self) -> None:
+        """Write what is held as the process exits: a process that ends without stopping its worker (an
+        app's own script, a test's in-process worker) would lose it with its daemon thread."""
+        with self._lock:
+            self._stop.set()
+            held = bool(self._sums) or self._pending is not None
+        if not held:
+            return
+        try:
+            self.flush()
+        except redis.RedisError as exc:
+            logger.warning("could not write the step counters at exit", extra={"error": repr(exc)})
+
+
+#: Every live :class:`Counters` of this process, for :func:`_forked` and :func:`_at_exit`.
+_LIVE: weakref.WeakSet[Counters] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    """In a child forked from a process holding counters (an app or server forking after it built a
+    runtime, multiprocessing's 'fork'), each starts afresh: the parent writes what it held before the
+    fork (the child writing it too would count it twice), the child numbers its batches under a key of
+    its own (sharing the parent's, one's batch would be refused as already written and its counts
+    lost), and its thread, which a fork does not carry over, starts with its first count."""
+    for counters in list(_LIVE):
+        counters._start_afresh()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+@atexit.register
+def _at_exit() -> None:
+    for counters in list(_LIVE):
+        counters._at_exit()
 
 
 class FlushCounters(Middleware):

@@ -119,9 +119,14 @@ local function message_job(data, key)
 end
 
 -- The records of the fetched messages that won their claims (wanted: {verdict, job_id}), each put in
--- its verdict's second place: one MGET for the fetch, each job's record read once (a fan-out's siblings
--- fetched together share it), where each message read its own with a GETRANGE. A record over
--- RECORD_MAX is handed back as "" (the pick-up reads it itself).
+-- its verdict's second place: each job's record read once (a fan-out's siblings fetched together share
+-- it), RECORDS_AT_ONCE records a MGET, where each message read its own with a GETRANGE. A record over
+-- RECORD_MAX is handed back as "" (the pick-up reads it itself). A MGET reads its records whole: once
+-- one came back over RECORD_MAX, the rest are read with a GETRANGE of RECORD_MAX + 1 bytes each, so a
+-- fetch of many messages of jobs with large records (a pipeline's outputs: several MB each) reads at
+-- most RECORDS_AT_ONCE of them whole, not all (1,000 messages of 5 MB records: 5 GB copied into the
+-- script, the server blocked for seconds and the fetch's answer lost to the client's timeout).
+local RECORDS_AT_ONCE = 16
 local function fetch_records(wanted)
     local names, at = {}, {}
     for _, w in ipairs(wanted) do
@@ -130,7 +135,27 @@ local function fetch_records(wanted)
             at[w[2]] = #names
         end
     end
-    local got = redis.call("mget", unpack(names))
+    local got, large, i = {}, false, 1
+    while i <= #names do
+        if large then
+            -- (redis.pcall: a key of another type answers as no record, where MGET's nil did, rather
+            -- than fail the fetch after its messages were popped)
+            local record = redis.pcall("getrange", names[i], 0, RECORD_MAX)
+            got[i] = type(record) == "string" and record
+            i = i + 1
+        else
+            local last = math.min(i + RECORDS_AT_ONCE - 1, #names)
+            local part = redis.call("mget", unpack(names, i, last))
+            for j = i, last do
+                local record = part[j - i + 1]
+                if record and #record > RECORD_MAX then
+                    large, record = true, false
+                end
+                got[j] = record
+            end
+            i = last + 1
+        end
+    end
     for _, w in ipairs(wanted) do
         local record = got[at[w[2]]]
         if record and #record <= RECORD_MAX then w[1][2] = record end

@@ -402,9 +402,50 @@ def test_a_fetch_reads_its_messages_records_with_one_command_each_record_once(tm
         assert reads("large", "1") - reads("large", "0") == 1
         for i in range(n - 1):  # the last job has no record: answered "" as one over RECORD_MAX is
             r.set(f"siblings:job:many{i}", f'{{"job_id":"many{i}"}}')
-        assert reads("many", "1", jobs=n) - reads("many", "0", jobs=n) == 1
+        # one MGET per RECORDS_AT_ONCE (16) jobs
+        assert reads("many", "1", jobs=n) - reads("many", "0", jobs=n) == 2
         out = broker.settle("fetch", "q", 1, "0", "nonce", 60000, 60, "1")
         assert out == []  # all fetched
+        broker.close()
+    finally:
+        server.stop()
+
+
+def _peak_rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
+
+
+@pytest.mark.slow
+def test_a_fetch_of_many_jobs_with_large_records_reads_few_of_them_whole(tmp_path):
+    # One MGET read every fetched job's record whole: a fetch of 64 messages of jobs with 2 MB records
+    # (a pipeline's outputs) copied 128 MB into the script, twice (reply and Lua strings), only to hand
+    # back "" for each; 200 of 5 MB blocked the server for six seconds, past the client's timeout. Now
+    # once a record is over RECORD_MAX, the others are read as GETRANGE did, RECORD_MAX + 1 bytes each.
+    from mesh.broker.settings import MeshSettings
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)  # started: PrivateRedis starts its server itself
+    try:
+        broker = build_broker(MeshSettings(redis_url=server.url, namespace="big"))
+        r = broker.records
+        n, size, small = 64, 2_000_000, 8
+        blob = b"x" * size
+        for i in range(n + small):  # the large records' jobs first, then some with small ones
+            body = json.dumps({"queue_name": "q", "actor_name": "a", "args": [{"key": f"k{i}", "job_id": f"j{i}"}]},
+                              separators=(",", ":"))
+            r.set(f"big:job:j{i}", blob if i < n else f'{{"job_id":"j{i}"}}')
+            r.hset("big:q.msgs", str(i), body)
+            r.rpush("big:q", str(i))
+        del blob
+        r.delete(f"big:job:j{n + small - 1}")
+        r.hset(f"big:job:j{n + small - 1}", "not", "a record")  # read as none, as MGET does: the fetch stands
+        before = _peak_rss_mb(server.process.pid)
+        out = broker.settle("fetch", "q", n + small, "0", "nonce", 60000, 60, "1")
+        grown = _peak_rss_mb(server.process.pid) - before
+        assert [verdict[1] for verdict in out[2::3]] == [b""] * n + [f'{{"job_id":"j{i}"}}'.encode()
+                                                                     for i in range(n, n + small - 1)] + [b""]
+        assert grown < n * size // 2**20  # far less than the records (about 35 MB: 16 of them whole)
         broker.close()
     finally:
         server.stop()

@@ -4,10 +4,16 @@ processes stopped (SIGTERM) and killed (SIGKILL), real Redis."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
 
 import pytest
-from conftest import wait_for
+from conftest import ROOT, mesh_env, wait_for
 
 from mesh.broker import MeshClient
 from mesh.broker.keys import Keys
@@ -80,4 +86,102 @@ def test_counts_are_written_every_interval_and_a_batch_sent_again_is_not_added_t
     assert counters._script(keys=[counters.flushed_key], args=again) == 0
     assert _counts(client) == (STEPS + 3, STEPS)
     assert 0 < rclient.ttl(counters.flushed_key) <= 24 * 3600
+    counters.close()
+
+
+def _in_child(body: Callable[[], bool]) -> int:
+    """Run ``body`` in a child forked from this process; its exit status: 0 when it returned True."""
+    with warnings.catch_warnings():  # forking a process with threads (the counters' own)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if body() else 1)
+        except BaseException:
+            os._exit(2)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_counters_held_across_a_fork_are_written_once_and_both_processes_batches_land(settings, rclient):
+    # A process that forks after it built its counters (a preloading server, multiprocessing's 'fork'):
+    # the child shared the parent's batch key and numbers (the one writing second had its batch refused
+    # as already written: its counts lost) and the parent's held counts (written by both: twice).
+    keys = Keys(settings.namespace)
+    counters = Counters(rclient, keys, 60)
+    counters.hincrby(keys.outcomes, "forked:succeeded", 1)  # held at the fork: the parent's to write
+
+    def child() -> bool:
+        counters.hincrby(keys.outcomes, "forked:succeeded", 100)
+        counters.flush()
+        return True
+
+    assert _in_child(child) == 0
+    counters.hincrby(keys.outcomes, "forked:succeeded", 10)
+    counters.flush()
+    assert int(rclient.hget(keys.outcomes, "forked:succeeded") or 0) == 111
+    counters.close()
+
+
+def test_a_forked_childs_counters_are_written_by_its_own_thread(settings, rclient):
+    # The parent's writing thread is not carried over by the fork: the child's counts waited for a
+    # close that a child (a server's worker process) may never call.
+    keys = Keys(settings.namespace)
+    counters = Counters(rclient, keys, 0.05)
+    counters.hincrby(keys.outcomes, "forked:succeeded", 1)  # the parent's thread starts
+    wait_for(lambda: rclient.hget(keys.outcomes, "forked:succeeded") == b"1")
+
+    def child() -> bool:
+        counters.hincrby(keys.outcomes, "forked:succeeded", 100)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if int(rclient.hget(keys.outcomes, "forked:succeeded") or 0) == 101:
+                return True
+            time.sleep(0.02)
+        return False
+
+    assert _in_child(child) == 0
+    counters.close()
+
+
+#: A process serving the executor in-process (``start_worker``), which ends without stopping its worker
+#: once its jobs succeeded, as an app's own script or a test's in-process worker may.
+_EXITS_WITHOUT_STOP = """
+import sys
+from mesh.broker import MeshClient
+from mesh.broker.settings import MeshSettings
+from mesh.contracts import State
+from mesh.ops.worker import start_worker
+
+settings = MeshSettings.from_env()
+assert settings.namespace == sys.argv[2], settings.namespace  # the test's, from MESH_NAMESPACE
+worker = start_worker(settings, ["executor"], 2)
+client = MeshClient(settings)
+refs = client.send_many("executor", [({"tool": "note", "args": {"title": f"exit {i}"}}, f"exit-{i}-{sys.argv[2]}")
+                                     for i in range(int(sys.argv[1]))])
+assert all(client.wait(ref.id, timeout_s=60).state is State.SUCCEEDED for ref in refs)
+worker.join()  # its threads done with the messages (not stopped): the successes counted
+"""
+
+
+@pytest.mark.slow
+def test_a_process_ending_without_stopping_its_worker_writes_the_counts_it_held(settings, rclient):
+    # The counts were written by a daemon thread once per interval, and at the worker's stop: a process
+    # that ended normally without a stop lost everything since its last interval.
+    client = MeshClient(settings, client=rclient)
+    done = subprocess.run([sys.executable, "-c", _EXITS_WITHOUT_STOP, str(STEPS), settings.namespace], timeout=120,
+                          env=mesh_env(settings, MESH_COUNTER_FLUSH_S="60"), cwd=ROOT, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert _counts(client) == (STEPS, STEPS)
+
+
+def test_counts_added_after_a_close_are_written_still(settings, rclient):
+    # A step that outlived its worker's stop (past the stop's timeout) counted into closed counters:
+    # no thread wrote them again, ever.
+    keys = Keys(settings.namespace)
+    counters = Counters(rclient, keys, 0.05)
+    counters.hincrby(keys.outcomes, "late:succeeded", 1)
+    counters.close()
+    assert rclient.hget(keys.outcomes, "late:succeeded") == b"1"
+    counters.hincrby(keys.outcomes, "late:succeeded", 1)
+    wait_for(lambda: rclient.hget(keys.outcomes, "late:succeeded") == b"2")
     counters.close()
