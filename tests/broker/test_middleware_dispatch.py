@@ -4,7 +4,9 @@ with its error handling, and follows the middleware as it changes."""
 
 from __future__ import annotations
 
+import linecache
 import logging
+import sys
 from typing import Any
 
 import pytest
@@ -75,5 +77,39 @@ def test_a_failing_hook_is_logged_and_the_others_run_and_a_middleware_error_is_r
         with pytest.raises(SkipMessage):
             broker.emit_before("ack", None)
         assert calls == ["before a"]
+    finally:
+        broker.close()
+
+
+def test_a_middleware_added_while_the_hooks_are_worked_out_again_is_not_left_out(settings: MeshSettings) -> None:
+    # Another thread adds a middleware while this one, dispatching, works the hooks out again: here at
+    # the very point the hooks were worked out and the result is about to be noted (a trace stands for
+    # the other thread, which could run there). The list noted must be the one the hooks came from, or
+    # the next dispatches take the new list for known and never run the added middleware's hook.
+    calls: list[str] = []
+    broker = MeshBroker(settings)
+    late = Noted("late", calls)
+    added: list[bool] = []
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_name != "_hooks":
+            return None
+        if event == "line" and not added and "self._hook_cache[name] =" in linecache.getline(
+                frame.f_code.co_filename, frame.f_lineno):
+            added.append(True)
+            broker.add_middleware(late)  # "another thread", between the lookup and its note
+        return trace
+
+    try:
+        broker.add_middleware(Noted("first", calls))  # the list changed: the next dispatch works it out again
+        sys.settrace(trace)
+        try:
+            broker.emit_before("ack", None)
+        finally:
+            sys.settrace(None)
+        assert added and calls == ["before first"]  # added after this dispatch's lookup: not run by it
+        calls.clear()
+        broker.emit_before("ack", None)
+        assert calls == ["before first", "before late"]
     finally:
         broker.close()
