@@ -1,0 +1,96 @@
+"""A worker with a small prefetch window (2, one or two threads) takes every kind of ending a message
+can have (a success, a pipeline step whose success settles it and fetches the next, a retry, a dead
+letter, a time limit raised into the thread, a deferral by a flow limit) and finishes every job: no
+slot of its window is left counted for a message it let go, so a full window is always fetched again,
+and once the work is done each consumer holds nothing (its window, the ids in hand, the places held
+for eager fetches, the messages settled by their success)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from pydantic import BaseModel
+
+from mesh import App, Context, Pipeline
+from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.consumer import MeshConsumer
+from mesh.contracts import TERMINAL, PermanentFailure, RateLimited
+
+app = App("window-paths")
+
+
+class Text(BaseModel):
+    text: str
+
+
+@app.agent()
+def ok(ctx: Context, message: Text) -> Text:
+    return message
+
+
+@app.agent(max_attempts=3)
+def flaky(ctx: Context, message: Text) -> Text:
+    if ctx.attempt == 1:
+        raise RateLimited("once", retry_after_s=0.01)
+    return message
+
+
+@app.agent()
+def refused(ctx: Context, message: Text) -> Text:
+    raise PermanentFailure("no")
+
+
+@app.agent(time_limit_s=0.2)
+def overrun(ctx: Context, message: Text) -> Text:
+    time.sleep(1)
+    return message
+
+
+@app.agent(concurrency={"max": 1})
+def single(ctx: Context, message: Text) -> Text:
+    time.sleep(0.05)  # long enough for the other thread to be deferred by the limit
+    return message
+
+
+app.pipeline(Pipeline("chain").step("a", agent=ok).step("b", agent=ok, depends_on=["a"])
+             .step("c", agent=ok, depends_on=["b"]))
+
+
+def settled_all(worker: Any) -> bool:
+    for thread in worker.consumers.values():
+        consumer = thread.consumer
+        if not isinstance(consumer, MeshConsumer):
+            continue
+        if (consumer.outstanding_message_count or consumer.written_off or consumer.eager_reserved
+                or consumer.in_hand):
+            return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_small_window_finishes_every_kind_of_ending_and_holds_nothing_after(
+        make_settings: Any, threads: int) -> None:
+    from mesh.ops.worker import start_worker
+
+    settings: MeshSettings = make_settings(prefetch=2)
+    worker = start_worker(settings, None, threads, app=app)
+    client = MeshClient(settings, app=app)
+    try:
+        refs = []
+        for n in range(6):
+            refs.append(client.send("ok", {"text": f"ok{n}"}))
+            refs.append(client.send("flaky", {"text": f"f{n}"}))
+            refs.append(client.send("refused", {"text": f"r{n}"}))
+            refs.append(client.run("chain", {"text": f"c{n}"}))
+            refs.append(client.send("single", {"text": f"s{n}"}))
+        refs += [client.send("overrun", {"text": f"o{n}"}) for n in range(2)]
+        wait_for(lambda: all(client.status(ref.id).state in TERMINAL for ref in refs), timeout_s=60)
+        wait_for(lambda: settled_all(worker), timeout_s=10)
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+        client.close()
