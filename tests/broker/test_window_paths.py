@@ -7,6 +7,7 @@ for eager fetches, the messages settled by their success)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -90,6 +91,63 @@ def test_a_small_window_finishes_every_kind_of_ending_and_holds_nothing_after(
         refs += [client.send("overrun", {"text": f"o{n}"}) for n in range(2)]
         wait_for(lambda: all(client.status(ref.id).state in TERMINAL for ref in refs), timeout_s=60)
         wait_for(lambda: settled_all(worker), timeout_s=10)
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+        client.close()
+
+
+class Watched(threading.Event):
+    """A consumer's ``settled``: notes each wait that ran out while the window had room to fetch (a
+    settlement that made the room did not wake the consumer). A wait that runs out just as the
+    settlement that made room is about to wake it is given a moment more before it counts."""
+
+    def __init__(self, consumer: MeshConsumer, missed: list[int]) -> None:
+        super().__init__()
+        self.consumer, self.missed = consumer, missed
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woke = super().wait(timeout)
+        if not woke and self.consumer._room() and not super().wait(0.05):
+            self.missed.append(self.consumer.outstanding_message_count)
+        return woke
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefetch", [2, 8])
+def test_a_full_window_is_woken_by_the_settlement_that_makes_room_not_by_its_wait_running_out(
+        make_settings: Any, monkeypatch: pytest.MonkeyPatch, prefetch: int) -> None:
+    from mesh.ops.worker import start_worker
+
+    missed: list[int] = []
+    waits: list[int] = []
+    init = MeshConsumer.__init__
+
+    def watched(self: MeshConsumer, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.settled = Watched(self, missed)
+        full = self._fetch
+
+        def fetch(wait: bool = False) -> bool:
+            got = full(wait)
+            waits.append(self.window_full)
+            return got
+
+        self._fetch = fetch  # type: ignore[method-assign]
+
+    monkeypatch.setattr(MeshConsumer, "__init__", watched)
+    settings: MeshSettings = make_settings(prefetch=prefetch)
+    worker = start_worker(settings, ["ok", "flaky", "refused"], 2, app=app)
+    client = MeshClient(settings, app=app)
+    try:
+        refs = []
+        for n in range(20):
+            refs.append(client.send("ok", {"text": f"ok{n}"}))
+            refs.append(client.send("flaky", {"text": f"f{n}"}))
+            refs.append(client.send("refused", {"text": f"r{n}"}))
+        wait_for(lambda: all(client.status(ref.id).state in TERMINAL for ref in refs), timeout_s=60)
+        assert any(waits)  # the window was full (and waited) at least once
+        assert missed == []
     finally:
         worker.stop(timeout=10_000)
         worker.broker.close()
