@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+import redis
 from conftest import wait_for
 from pydantic import BaseModel
 
@@ -152,3 +153,38 @@ def test_a_full_window_is_woken_by_the_settlement_that_makes_room_not_by_its_wai
         worker.stop(timeout=10_000)
         worker.broker.close()
         client.close()
+
+
+@app.agent()
+def paced(ctx: Context, message: Text) -> Text:
+    time.sleep(0.02)  # settlements go out while connections are cut
+    return message
+
+
+@pytest.mark.slow
+def test_a_small_window_whose_connections_are_cut_while_it_settles_finishes_and_holds_nothing_after(
+        tmp_path: Any, make_settings: Any) -> None:
+    # Every connection cut (CLIENT KILL) again and again while a worker with a window of 2 fetches and
+    # settles: a settlement that failed is sent again by dramatiq, a consumer rebuilt; nothing is left
+    # counted in a window, so the work is all fetched and done.
+    from mesh.ops.worker import start_worker
+    from tests.broker.deployed import private_redis
+
+    server = private_redis(tmp_path)
+    settings: MeshSettings = make_settings(prefetch=2, redis_url=server.url)
+    worker = start_worker(settings, ["paced"], 2, app=app)
+    client = MeshClient(settings, app=app)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        refs = [client.send("paced", {"text": f"p{n}"}) for n in range(60)]
+        for _ in range(15):
+            admin.client_kill_filter(_type="normal")
+            time.sleep(0.05)
+        wait_for(lambda: all(client.status(ref.id).state in TERMINAL for ref in refs), timeout_s=90)
+        wait_for(lambda: settled_all(worker), timeout_s=10)
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+        client.close()
+        admin.close()
+        server.stop()
