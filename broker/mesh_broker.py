@@ -235,9 +235,12 @@ class MeshBroker(RedisBroker):
         noop = getattr(Middleware, name, None)
         if noop is None:
             return None
-        hooks = [m for m in self.middleware
+        # One copy, both looked through and noted: middleware another thread adds meanwhile makes the
+        # list differ from the noted one (worked out again next time), never noted with hooks without it.
+        middleware = list(self.middleware)
+        hooks = [m for m in middleware
                  if getattr(type(m), name, noop) is not noop or name in getattr(m, "__dict__", ())]
-        self._hook_cache[name] = (list(self.middleware), hooks)
+        self._hook_cache[name] = (middleware, hooks)
         return hooks
 
     def _wake_for_stop(self, consumers: int) -> None:
