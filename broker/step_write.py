@@ -27,7 +27,8 @@ When what the eager fetch takes is the write's own message of the same job's nex
 pipeline) and its claim is won, the same call writes that step's pick-up too (the record's step
 ``running`` with the claim's token, its ``picked_up`` event, its running index entry): the pick-up is
 computed before the call (:attr:`StepWrites.pick_up`, the runtime's), with :data:`SENTINEL` as its token,
-and ``step.lua`` puts the claim's token in its place. The handed message's attempt then finds its
+and ``step.lua`` puts the claim's token in its place (in the record, its digits padded with spaces to
+the sentinel's width, written in place with SETRANGE: :func:`padded_token`). The handed message's attempt then finds its
 pick-up written (:attr:`~mesh.broker.idempotency.Lease.picked`) and writes none of its own. A fetch that
 took another message, or lost its claim, writes nothing of it, and that message's pick-up is written as
 any other's.
@@ -146,6 +147,30 @@ class Recent:
                 self._bytes -= len(gone.data)
 
 
+def padded_token(token: int) -> bytes:
+    """A claim's token as a folded pick-up's record holds it: its digits, then spaces up to the width of
+    :data:`SENTINEL`'s (``step.lua`` writes them in place of the sentinel's, with SETRANGE)."""
+    return str(token).encode().ljust(len(_SENTINEL))
+
+
+#: SET's options that leave it a plain write of its value (as ``step.lua``'s PLAIN_SET).
+_PLAIN_SET = frozenset({b"EX", b"PX", b"EXAT", b"PXAT", b"KEEPTTL"})
+
+
+def _plain_set(command: Sequence[Any]) -> bool:
+    """Whether ``command`` is a SET that ``step.lua`` writes as it is and then fills the token in with
+    SETRANGE: no NX, XX nor GET among its options (each an option of :data:`_PLAIN_SET` or a number)."""
+    if len(command) < 3 or str(command[0]).upper() != "SET":
+        return False
+    for option in command[3:]:
+        if isinstance(option, int | float):
+            continue
+        word = option if isinstance(option, bytes) else str(option).encode()
+        if word.upper() not in _PLAIN_SET and not word.isdigit():
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class PickUp:
     """A next step's pick-up computed from the record a success write leaves, before the claim of that
@@ -170,7 +195,8 @@ class PickUp:
                     if n > 1:
                         return False
                     seen += n
-        return seen == 2 and self.written.data.count(_SENTINEL) == 1
+        return seen == 2 and self.written.data.count(_SENTINEL) == 1 and any(
+            _plain_set(command) and self.written.data in command for command, _options in self.commands)
 
     def args(self) -> list[Any]:
         out: list[Any] = [self.rid, _SENTINEL, len(self.commands)]
@@ -180,10 +206,11 @@ class PickUp:
         return out
 
     def landed(self, token: int) -> Written:
-        """The record as ``step.lua`` wrote it with the claim's ``token``."""
+        """The record as ``step.lua`` wrote it with the claim's ``token``: its digits in place of the
+        sentinel's, padded with spaces to their width (JSON whitespace, written in place by SETRANGE)."""
         record = self.written.record
         step = record.steps[self.step_id].model_copy(update={"token": token})
-        return Written(record.with_step(step), self.written.data.replace(_SENTINEL, str(token).encode()))
+        return Written(record.with_step(step), self.written.data.replace(_SENTINEL, padded_token(token)))
 
 
 @dataclass

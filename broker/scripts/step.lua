@@ -28,7 +28,9 @@
 --            pick-up follows (rid, sentinel, m, (count, command...) x m): when the message fetched is
 --            rid (the write's own message of the same job's next step) and its claim is won, the
 --            pick-up's commands run too, with every occurrence of sentinel (the digits the pick-up was
---            computed with as its token) in their arguments replaced by the claim's token
+--            computed with as its token) in their arguments replaced by the claim's token (in the
+--            value of a plain SET, the record, by its digits padded with spaces to the sentinel's
+--            width, with SETRANGE)
 --   n        the commands of the write, each as its argument count and its arguments (what the
 --            transaction would have run: the record with its TTLs, trace events, counters, the
 --            running index, the next steps' messages); HINCRBY and HINCRBYFLOAT are added up over
@@ -153,23 +155,43 @@ local function server_ms()
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- SET's options that leave it a plain write of its value (no NX, XX nor GET).
+local PLAIN_SET = {EX = true, PX = true, EXAT = true, PXAT = true, KEEPTTL = true}
+
 -- The next step's pick-up (arguments from a: sentinel, m, commands), its token filled in: 1, or the
--- first refusal of its commands (the others ran, as in a MULTI).
+-- first refusal of its commands (the others ran, as in a MULTI). In the record a plain SET writes, the
+-- token goes in place of the sentinel's digits, padded with spaces to their width (JSON whitespace):
+-- written with SETRANGE over the value as sent, where building the record again as a Lua string (two
+-- substrings and their concatenation, for a record of tens of kilobytes) cost the call more than
+-- the rest of the pick-up. Anywhere else (its trace event) the digits replace the sentinel's.
 local function pick_up(a, token)
     local sentinel, m, t = ARGV[a], tonumber(ARGV[a + 1]), string.format("%d", tonumber(token))
+    local padded = #t <= #sentinel and t .. string.rep(" ", #sentinel - #t) or nil
     local i, refused = a + 2, nil
     for _ = 1, m do
         local count = tonumber(ARGV[i])
         local from, to = i + 1, i + count
-        touched(string.upper(ARGV[from]), from, to)
-        local args = {}
+        local name = string.upper(ARGV[from])
+        touched(name, from, to)
+        local plain = padded ~= nil and name == "SET" and count >= 3
+        if plain then
+            for y = from + 3, to do
+                if not (PLAIN_SET[string.upper(ARGV[y])] or tonumber(ARGV[y])) then plain = false end
+            end
+        end
+        local args, place = {}, nil
         for x = from, to do
             local v = ARGV[x]
             local at = string.find(v, sentinel, 1, true)  -- once at most (step_write.PickUp.check)
-            if at then v = string.sub(v, 1, at - 1) .. t .. string.sub(v, at + #sentinel) end
+            if at and plain and x == from + 2 then
+                place = at - 1
+            elseif at then
+                v = string.sub(v, 1, at - 1) .. t .. string.sub(v, at + #sentinel)
+            end
             args[#args + 1] = v
         end
         local ok, err = pcall(redis.call, unpack(args))
+        if ok and place then ok, err = pcall(redis.call, "setrange", args[2], place, padded) end
         if not ok then
             if not own(err) then error(redis.error_reply(refusal(err))) end
             refused = refused or refusal(err)

@@ -18,7 +18,7 @@ from conftest import wait_for
 from mesh.agents.runtime import AgentRuntime
 from mesh.broker import MeshClient, trace
 from mesh.broker.observe import running_member
-from mesh.broker.step_write import SENTINEL
+from mesh.broker.step_write import SENTINEL, padded_token
 from mesh.contracts import State
 from tests.apps.pickup import app, arrived_key, release_key, runs_key, seen_key
 
@@ -103,6 +103,25 @@ def test_a_handed_step_that_runs_on_shows_running_with_its_token_in_the_running_
     record = client.wait(job, timeout_s=30)
     assert record.state is State.SUCCEEDED, (record.state, record.error)
     assert client.redis.zscore(client.keys.running, running_member(job, "second")) is None
+
+
+def test_a_folded_pick_up_writes_its_token_in_place_of_the_sentinels_digits_padded_to_their_width(
+        serve: Any, folds: list[str]) -> None:
+    client, [job] = serve("then_held", [{"text": "x"}])
+    ns = client.settings.namespace
+    wait_for(lambda: client.redis.get(arrived_key(ns, job)), timeout_s=30)
+    assert f"{job}:second" in folds
+    data = client.redis.get(client.keys.job(job))
+    step = client.status(job).steps["second"]
+    assert step.state is State.RUNNING and tokens(client, job) == [step.token], step
+    # Written over the sentinel's digits by SETRANGE: the token, then spaces (JSON whitespace) to their width.
+    padded = padded_token(step.token)
+    assert len(padded) == len(str(SENTINEL)) and padded.rstrip() == str(step.token).encode()
+    assert b'"token":' + padded in data and str(SENTINEL).encode() not in data, data
+    client.redis.set(release_key(ns, job), 1)
+    record = client.wait(job, timeout_s=30)
+    assert record.state is State.SUCCEEDED and record.steps["second"].token == step.token, (record.state, record.error)
+    assert b'"token":' + padded not in client.redis.get(client.keys.job(job))  # the success wrote it anew
 
 
 @pytest.mark.parametrize("value", [SENTINEL, str(SENTINEL), f"a{SENTINEL}b"])
