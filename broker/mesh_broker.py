@@ -15,7 +15,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.message import Message
-from dramatiq.middleware import Middleware, MiddlewareError, ShutdownNotifications, TimeLimit
+from dramatiq.middleware import Middleware, MiddlewareError, ShutdownNotifications
 
 from mesh.contracts import OrjsonEncoder
 from mesh.contracts.deadletter import Attempt, DeadLetter
@@ -32,6 +32,7 @@ from .keys import Keys
 from .redact import redact
 from .router import FailureRouter
 from .settings import MeshSettings
+from .time_limit import MeshTimeLimit
 
 logger = logging.getLogger(__name__)
 
@@ -379,8 +380,9 @@ def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Midd
         Idempotency(settings, client),
         Deadline(settings),
         DelayClock(),
-        # Last, so its after-hook (run first) cancels the timer before the router does any work.
-        TimeLimit(time_limit=int(settings.time_limit_s * 1000)),
+        # Last, so its after-hook (run first) cancels the timer before the router does any work; raises
+        # only while the limit stands (broker/time_limit.py).
+        MeshTimeLimit(time_limit=int(settings.time_limit_s * 1000)),
     ]
 
 
