@@ -7,6 +7,7 @@ import functools
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -68,6 +69,45 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         time.sleep(interval_s)
+
+
+def wait_stopped(pid: int, timeout_s: float = 30.0) -> None:
+    """Wait until every thread of process ``pid`` is stopped (SIGSTOP), as a test that goes on as if it
+    were paused needs: ``kill`` returns once the signal is queued, and the process's threads run on
+    until one of them (the main one, as a rule) takes it and stops the others; a handler let go on
+    meanwhile (a gate opened, an answer passed on) ends its step and writes what it did first.
+
+    A child of this process (``worker_process``, a ``subprocess.Popen``) is stopped once ``waitpid``
+    reports it so (``WUNTRACED``): the kernel reports it when the last of its threads has stopped. Any
+    other process is stopped once each of its threads is in state ``T`` in ``/proc/PID/task/*/stat``."""
+
+    def stopped() -> bool:
+        try:
+            reported, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        except ChildProcessError:
+            return _all_threads_stopped(pid)
+        if reported == pid and not os.WIFSTOPPED(status):
+            raise AssertionError(f"process {pid} ended (wait status {status}) instead of stopping")
+        return reported == pid
+
+    wait_for(stopped, timeout_s=timeout_s, interval_s=0.001)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether each thread of process ``pid`` (not this process's child) is stopped (state ``T``)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):  # a thread that ended meanwhile
+            continue
+    return bool(states) and all(state == "T" for state in states)
+
+
+def sigstop(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGSTOP process ``pid`` and return once it is stopped, every thread of it (``wait_stopped``)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_stopped(pid, timeout_s=timeout_s)
 
 
 def push_raw(client: MeshClient, queue: str, data: bytes) -> str:

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import sigstop, wait_for
 from dramatiq.worker import ConsumerThread
 from pydantic import BaseModel
 
@@ -90,15 +90,6 @@ def run(w: Worker, message: Any) -> None:
     idem.before_process_message(w.broker, message)
     w.runtime.handle(app.agents["echo"], message.args[0])
     w.thread.consumer.ack(message)
-
-
-def stop(proc: Any) -> None:
-    """SIGSTOP worker process ``proc`` and wait until all its threads have stopped (as reported to its
-    parent, this process): ``kill`` returns once the signal is queued, and the worker's threads run on
-    until one of them (its main thread, as a rule) takes it and stops the others. A handler let go on
-    meanwhile (a gate opened, an answer passed on) would end its step and write its success first."""
-    os.kill(proc.pid, signal.SIGSTOP)
-    wait_for(lambda: os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)[0] == proc.pid, timeout_s=30)
 
 
 def handed(w: Worker) -> list[Any]:
@@ -451,7 +442,7 @@ def test_a_worker_paused_past_its_lease_holding_a_step_its_success_fetched_write
     ref = client.run("relay", {"text": "hi"})
     wait_for(lambda: int(rclient.get(arrived_key(ns)) or 0) == 1, timeout_s=30)
     stale = client.status(ref.id).steps["second"].token
-    stop(paused)
+    sigstop(paused.pid)
     try:
         rclient.set(gate_key(ns), 1)
         worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)
@@ -688,7 +679,7 @@ def test_a_worker_paused_between_its_successs_answer_and_its_hand_over_runs_the_
             assert client.wait(ref.id, timeout_s=60).state is State.SUCCEEDED
         else:
             pytest.fail("no success of 5 runs fetched its next step")
-        stop(paused)
+        sigstop(paused.pid)
         try:
             hold.set()  # the answer waits in the paused worker's socket
             worker_process("--app", "tests.apps.relay:app", "--threads", "2", **env)

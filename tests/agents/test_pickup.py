@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import wait_for, wait_stopped
 
 from mesh.broker import MeshClient, trace
 from mesh.broker.observe import running_member
@@ -158,7 +158,7 @@ def test_a_worker_stopped_as_a_handler_starts_leaves_its_pick_up_and_writes_noth
     wait_for(lambda: client.redis.get(runs_key(settings.namespace, job)) == b"1", timeout_s=60)
     try:
         # Stopped as its handler started: its pick-up is in the record already.
-        wait_for(lambda: os.waitpid(paused.pid, os.WNOHANG | os.WUNTRACED)[0] == paused.pid, timeout_s=30)
+        wait_stopped(paused.pid)
         step = next(iter(client.status(job).steps.values()))
         assert step.state is State.RUNNING and step.picked_up == 1, step
         first = step.token

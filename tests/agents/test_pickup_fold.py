@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import wait_for, wait_stopped
 
 from mesh.agents.runtime import AgentRuntime
 from mesh.broker import MeshClient, trace
@@ -173,7 +173,7 @@ def test_a_worker_stopped_as_a_handed_step_starts_writes_nothing_once_woken(
     job = client.run("then_stops_once", {"text": "x"}).id
     wait_for(lambda: client.redis.get(runs_key(settings.namespace, job)) == b"1", timeout_s=60)
     try:
-        wait_for(lambda: os.waitpid(paused.pid, os.WNOHANG | os.WUNTRACED)[0] == paused.pid, timeout_s=30)
+        wait_stopped(paused.pid)
         step = client.status(job).steps["second"]
         assert step.state is State.RUNNING and step.picked_up == 1, step
         first = step.token

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import sigstop, wait_for
 from httpserver import RecordingServer
 
 from mesh.broker import MeshClient, trace
@@ -105,7 +105,7 @@ def test_a_stopped_worker_woken_after_its_slot_lapsed_holds_it_again(settings: M
             (state,) = limit_states(client.redis, client.keys, ["agent:slow"])
             return state.in_flight
 
-        os.kill(victim.pid, signal.SIGSTOP)
+        sigstop(victim.pid)  # stopped, every thread, before the second message is sent
         try:
             second = sender.send("slow", {"n": 1, "tenant": "k"}, key="stopped-1")
             wait_for(lambda: 1 in service.arrived, timeout_s=60, interval_s=0.1)  # the lapsed slot, taken

@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from conftest import wait_for
+from conftest import sigstop, wait_for
 
 from mesh.broker import MeshClient
 from mesh.contracts import State
@@ -38,7 +38,7 @@ def test_a_worker_paused_holding_a_batch_settles_nothing_of_it_after_the_takeove
         wait_for(lambda: count(client, arrived_key(ns)) == 2, timeout_s=60)
         wait_for(lambda: client.queues(["poster"])["poster"]["ready"] == 0, timeout_s=30)  # all fetched
 
-        os.kill(paused.pid, signal.SIGSTOP)
+        sigstop(paused.pid)  # stopped, every thread, before its handlers may pass the gate
         try:
             rclient.set(gate_key(ns), 1)
             worker_process("--app", APP, "--threads", "4", **env)

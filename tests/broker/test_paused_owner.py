@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import sigstop, wait_for
 
 from mesh.broker import MeshClient, trace
 from mesh.contracts import State
@@ -48,7 +48,7 @@ def test_a_worker_paused_past_its_lease_sends_nothing_after_another_took_its_mes
         refs = [client.send("poster", {"url": server.url(), "n": n}, key=f"paused-{n}") for n in range(HANDLERS)]
         wait_for(lambda: count(client, arrived_key(ns)) == HANDLERS, timeout_s=60)
 
-        os.kill(paused.pid, signal.SIGSTOP)
+        sigstop(paused.pid)  # stopped, every thread, before its handlers may pass the gate
         try:
             rclient.set(gate_key(ns), 1)
             worker_process("--app", APP, "--threads", str(HANDLERS), **env)
@@ -132,7 +132,7 @@ def test_a_request_sent_before_a_pause_and_decided_after_the_takeover_is_refused
                           key="in-flight")
         assert endpoint.first_arrived.wait(60)
 
-        os.kill(paused.pid, signal.SIGSTOP)
+        sigstop(paused.pid)  # stopped, every thread, before the new owner starts: its heartbeat goes stale
         try:
             worker_process("--app", APP, **env)
             record = client.wait(ref.id, timeout_s=60)

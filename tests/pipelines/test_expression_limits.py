@@ -25,7 +25,7 @@ from mesh.agents.pipelines import (
 )
 from mesh.agents.pipelines.expr import MAX_EXPR_CHARS, MAX_EXPR_NESTING, MAX_MACRO_DEPTH, MAX_MACROS, ExpressionLimit
 from mesh.contracts import ConfigError, JobRecord, State
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, sigstop, wait_for
 from tests.pipelines.agents import app
 
 #: The review's 930-byte ``when``: a string doubled 34 times (16 GiB).
@@ -216,7 +216,7 @@ def test_a_stopped_evaluator_does_not_block_the_writer_and_a_fresh_one_answers_i
     assert evaluator.evaluate("1 + 1", {}) == ("ok", 2)
     assert evaluator._proc is not None
     stopped = evaluator._proc.pid
-    os.kill(stopped, signal.SIGSTOP)
+    sigstop(stopped)  # it reads nothing more
     outcome: list[object] = []
 
     def ask() -> None:
