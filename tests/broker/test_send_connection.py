@@ -107,7 +107,7 @@ def test_a_call_interrupted_anywhere_leaves_no_answer_for_the_next_one(settings:
     echo = client.register_script("return ARGV[1]")
     client.script_load(echo.script)
     held = HeldConnection(client)
-    state: dict[str, Any] = {"struck": 0, "wrong": [], "stop": False, "calls": 0}
+    state: dict[str, Any] = {"struck": 0, "wrong": [], "stop": False, "calls": 0, "armed": 0}
     calling = threading.Event()
 
     def calls() -> None:
@@ -123,12 +123,10 @@ def test_a_call_interrupted_anywhere_leaves_no_answer_for_the_next_one(settings:
     def caller() -> None:
         while True:
             try:
-                try:
-                    calls()
-                    return
-                except _Struck:
-                    state["struck"] += 1
-            except _Struck:  # struck again while counting the first
+                state["armed"] += 1  # inside the try: a strike from here on is caught below
+                calls()
+                return
+            except _Struck:
                 state["struck"] += 1
 
     thread = threading.Thread(target=caller, daemon=True)
@@ -136,6 +134,10 @@ def test_a_call_interrupted_anywhere_leaves_no_answer_for_the_next_one(settings:
     rng = random.Random(7)
     try:
         for _ in range(1000):
+            # The next strike only once the caller is back inside its try (armed again): one landing in
+            # its except block would end the thread, not test the connection.
+            wait_for(lambda: state["armed"] > state["struck"] or not thread.is_alive(), timeout_s=10,
+                     interval_s=0.0005)
             calling.wait(10)
             for _ in range(rng.randrange(200)):  # a point somewhere in a call
                 pass
