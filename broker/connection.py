@@ -285,8 +285,8 @@ def _shown(host: Any, port: Any) -> str:
 ACL_COMMANDS = (
     "ping", "info", "select",
     "eval", "evalsha", "script|load", "script|exists", "multi", "exec", "discard", "watch", "unwatch", "wait",
-    "get", "getrange", "setrange", "set", "mget", "del", "exists", "type", "expire", "pexpire", "pexpireat", "persist", "pttl",
-    "incr", "incrby", "time",
+    "get", "getrange", "set", "mget", "del", "exists", "type", "expire", "pexpire", "pexpireat", "persist", "pttl",
+    "setrange", "incr", "incrby", "time",
     "hget", "hset", "hsetnx", "hdel", "hexists", "hgetall", "hmget", "hlen", "hincrby", "hincrbyfloat",
     "blpop", "lpop", "lpush", "rpush", "llen", "lindex", "lrange", "ltrim",
     "sadd", "srem", "smembers", "scard", "sismember", "sscan",
