@@ -110,6 +110,16 @@ def retry_delay_ms(backoff: str | None, n: int, min_ms: int, max_ms: int, rng: C
     return full_jitter_ms(n, min_ms, max_ms, rng)
 
 
+def breaker_spread_ms(wait_ms: float, remaining_s: float = math.inf) -> float:
+    """The window past an open breaker's reopen, ``wait_ms`` away, over which a message it defers is
+    spread (see :func:`route`): BREAKER_SPREAD of the wait, at least NAMED_WAIT_JITTER_MS and at most
+    BREAKER_SPREAD_MAX_MS, and not past the message's deadline, ``remaining_s`` away, when the reopen
+    itself is within it."""
+    window_ms = float(NAMED_WAIT_JITTER_MS)
+    return min(max(window_ms, BREAKER_SPREAD * wait_ms), BREAKER_SPREAD_MAX_MS,
+               max(window_ms, remaining_s * 1000 - wait_ms - 1))
+
+
 def route(
     failure_class: FailureClass,
     retry_after_s: float | None,
@@ -152,10 +162,9 @@ def route(
         if defers >= settings.max_defers:
             return Routing(Route.DEAD_LETTER, failure_class, reason=_defers_spent(defers, settings), limit=True)
         if retry_after_s is not None:
-            wait_ms, window_ms = retry_after_s * 1000, float(NAMED_WAIT_JITTER_MS)
-            if failure_class is FailureClass.BROWNOUT:
-                window_ms = min(max(window_ms, BREAKER_SPREAD * wait_ms), BREAKER_SPREAD_MAX_MS,
-                                max(window_ms, remaining_s * 1000 - wait_ms - 1))
+            wait_ms = retry_after_s * 1000
+            window_ms = (breaker_spread_ms(wait_ms, remaining_s) if failure_class is FailureClass.BROWNOUT
+                         else float(NAMED_WAIT_JITTER_MS))
             delay = int(wait_ms + rng() * window_ms)
         else:
             delay = full_jitter_ms(defers, lo, hi, rng)

@@ -44,7 +44,7 @@ from mesh.broker.connection import connect
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import wake
 from mesh.broker.retention import expired
-from mesh.broker.router import BREAKER_SPREAD, BREAKER_SPREAD_MAX_MS, NAMED_WAIT_JITTER_MS
+from mesh.broker.router import breaker_spread_ms
 from mesh.broker.settings import ENV_PREFIX, MeshSettings
 from mesh.contracts import TERMINAL, ConfigError, JobRecord, State
 from mesh.dlq import DeadLetterStore
@@ -314,8 +314,7 @@ def settle_wait_s(env: dict[str, str], floor_s: float) -> float:
     whatever would wait beyond it. A shorter wait would count a job that is still deferred as lost."""
     s = MeshSettings.from_env({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
     cooldown_s = s.breaker_max_cooldown_s
-    deferral_s = cooldown_s + min(max(NAMED_WAIT_JITTER_MS / 1000, BREAKER_SPREAD * cooldown_s),
-                                  BREAKER_SPREAD_MAX_MS / 1000)
+    deferral_s = cooldown_s + breaker_spread_ms(cooldown_s * 1000) / 1000
     longest_s = min(s.max_defers * deferral_s + s.breaker_probe_ttl_s, s.job_deadline_s)
     return max(floor_s, longest_s + SETTLE_MARGIN_S)
 
