@@ -143,10 +143,6 @@ class AgentRuntime:
         events: list[dict[str, Any]] = []
         start = self._start(env, lease.token, events)
 
-        def picked_up(pipe: Any, record: JobRecord) -> None:
-            if record.steps[env.step_id].state is State.RUNNING:
-                pipe.zadd(self.keys.running, {member: self.clock.now_s()})  # compared on other hosts
-
         # The success is computed from what this write leaves: the record is read and validated once.
         read, lease.record = lease.record, None
         picked, lease.picked = lease.picked, None
@@ -158,7 +154,8 @@ class AgentRuntime:
             written = picked  # written by the success that fetched this message (mesh.broker.step_write)
         else:
             try:
-                written = self.steps.write(env.job_id, start, fence=lease, also=picked_up, events=events, read=read)
+                written = self.steps.write(env.job_id, start, fence=lease, also=self._index_running(env),
+                                           events=events, read=read)
             except JobNotFound:
                 raise PermanentFailure(f"job {env.job_id} has no record", job_id=env.job_id) from None
         record = written.record
@@ -253,6 +250,17 @@ class AgentRuntime:
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
 
+    def _index_running(self, env: Envelope) -> Any:
+        """What a pick-up's write stages beside the record: the running index's entry of ``env``'s step,
+        when the write leaves it running (read by stuck detection and ``mesh status``)."""
+        member = running_member(env.job_id, env.step_id)
+
+        def also(pipe: Any, record: JobRecord) -> None:
+            if record.steps[env.step_id].state is State.RUNNING:
+                pipe.zadd(self.keys.running, {member: self.clock.now_s()})  # compared on other hosts
+
+        return also
+
     def _start(self, env: Envelope, token: int, events: list[dict[str, Any]]) -> Any:
         """The pick-up of ``env``'s step by the attempt holding ``token``: its change, which leaves
         its ``picked_up`` event (and an approval's) in ``events``."""
@@ -293,10 +301,8 @@ class AgentRuntime:
         step = new.steps.get(env.step_id)
         if messages or step is None or step.state is not State.RUNNING or step.token != SENTINEL or len(events) != 1:
             return None
-        member = running_member(env.job_id, env.step_id)
         pipe = self.redis.pipeline(transaction=False)
-        self.jobs.stage_write(pipe, record, new, [], events=events,
-                              also=lambda p, r: p.zadd(self.keys.running, {member: self.clock.now_s()}))
+        self.jobs.stage_write(pipe, record, new, [], events=events, also=self._index_running(env))
         commands = pipe.command_stack
         key = self.keys.job(env.job_id)
         written = next((c[2] for c, _ in commands if c[0] == "SET" and c[1] == key), None)
