@@ -211,12 +211,15 @@ def test_list_filters_by_agent_class_since_until_and_limit_and_stats_counts_with
 def test_replay_without_yes_and_without_a_terminal_exits_2_and_changes_nothing(client, settings, start_worker, cli):
     refs = [client.send("executor", {"tool": "http_post", "args": {"url": REFUSED_URL, "json": {"n": i}}})
             for i in range(2)]
-    start_worker(settings, ("executor",))
-    records = {ref.id: client.wait(ref.id, timeout_s=20) for ref in refs}
-    assert {r.state for r in records.values()} == {State.DEAD_LETTERED}
+    worker = start_worker(settings, ("executor",))
+    assert {client.wait(ref.id, timeout_s=20).state for ref in refs} == {State.DEAD_LETTERED}
     store = store_of(client)
     wait_for(lambda: store.count() == 2)
     wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY)
+    # Stopped before the records are read: its retention sweep compacts ended jobs' records, a change
+    # of their own that the comparison below would take for one the refused replays made.
+    worker.stop(timeout=10_000)
+    records = {ref.id: client.status(ref.id) for ref in refs}
     before = all_entries(store)
 
     for args in (("--all",), ("--class", "permanent"), ("--agent", "executor", "--since", "1h")):
