@@ -108,6 +108,19 @@ class Written:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Picked(Written):
+    """A folded pick-up's record as the call that fetched its message wrote it (:meth:`PickUp.landed`), with
+    what the pick-up validated of that message: its envelope's data (``raw``), the envelope and the input as
+    validated from it. The step's attempt, handed the same message (its id is the one the call fetched, whose
+    body the call itself stored), takes them as they are when its envelope's data is ``raw``, rather than
+    validating them again."""
+
+    raw: Any = None
+    envelope: Any = None
+    payload: Any = None
+
+
 class Recent:
     """The record this process wrote last for each of a few jobs, with its bytes: a write computed from
     bytes read back (a step's pick-up, from its fetch; a write whose record changed meanwhile) that are
@@ -181,6 +194,10 @@ class PickUp:
     step_id: str
     commands: list[Any]
     written: Written
+    #: The message's envelope data, and the envelope and input the pick-up validated from it (:class:`Picked`).
+    raw: Any = None
+    envelope: Any = None
+    payload: Any = None
 
     def check(self) -> bool:
         """Whether :data:`SENTINEL`'s digits occur exactly where the token is (once in the record, once
@@ -205,12 +222,13 @@ class PickUp:
             out.extend(command)
         return out
 
-    def landed(self, token: int) -> Written:
+    def landed(self, token: int) -> Picked:
         """The record as ``step.lua`` wrote it with the claim's ``token``: its digits in place of the
         sentinel's, padded with spaces to their width (JSON whitespace, written in place by SETRANGE)."""
         record = self.written.record
         step = record.steps[self.step_id].model_copy(update={"token": token})
-        return Written(record.with_step(step), self.written.data.replace(_SENTINEL, padded_token(token)))
+        return Picked(record.with_step(step), self.written.data.replace(_SENTINEL, padded_token(token)),
+                      self.raw, self.envelope, self.payload)
 
 
 @dataclass
