@@ -427,7 +427,6 @@ class StepWrites:
         slots = [item.slot for item in group if item.slot is not None]
         if not slots:
             return self._answers(group, self.evalsha(args))
-        ahead: list[bytes] = []  # the records of the pick-ups this call wrote, hashed once their steps are handed
         # A reclaim must not put back a message this call fetches before it is in hand (consumer._fetch).
         with slots[0].consumer.broker.eager_lock:
             sent = time.monotonic()  # a fetched claim's lease counts from before the call went out
@@ -453,7 +452,6 @@ class StepWrites:
                             picked = item.pickup.landed(int(fetched[2][2]))
                             self.recent.keep(item.job.decode(), picked)
                             item.picked, record = True, picked.data
-                            ahead.append(record)
                         else:  # a command of it refused: its attempt fails as a refused pick-up does
                             picked = redis.ResponseError(flag.decode() if isinstance(flag, bytes) else str(flag))
                     settles = item.lease.settles
@@ -466,10 +464,7 @@ class StepWrites:
                         held.lost()
                 elif answer in (1, 2):
                     held.lost()  # sent again after it landed: what its first call fetched is not known
-        out = self._answers(group, answers)
-        for data in ahead:
-            _hash_ahead(data)
-        return out
+        return self._answers(group, answers)
 
     def evalsha(self, args: list[Any]) -> Any:
         """One call of step.lua: EVALSHA without redis-py's per-call wrapping (``connection.run_script``)."""
@@ -484,33 +479,10 @@ class StepWrites:
         return answers
 
 
-#: Record bytes' object id -> (the bytes, their sha1): records folded pick-ups wrote, hashed by the sender
-#: once their steps were handed over (a hash of more than 2 kB lets go of the GIL: the step runs meanwhile,
-#: and its success's write finds the hash done). Each entry goes when a write takes it; all of them past
-#: _DIGESTS_MAX entries or _DIGESTS_BYTES bytes (a step that wrote before its hash was done leaves one).
-_DIGESTS: dict[int, tuple[bytes, str]] = {}
-_DIGESTS_MAX = 256
-_DIGESTS_BYTES = 16 * 1024 * 1024
-_digest_bytes = [0]
-
-
-def _hash_ahead(data: bytes) -> None:
-    """Work out :func:`_expected` of ``data`` now, for a write computed from it later."""
-    if COMPARED_BYTES < len(data) <= _DIGESTS_BYTES:
-        if len(_DIGESTS) >= _DIGESTS_MAX or _digest_bytes[0] + len(data) > _DIGESTS_BYTES:
-            _DIGESTS.clear()
-            _digest_bytes[0] = 0
-        _DIGESTS[id(data)] = (data, hashlib.sha1(data).hexdigest())
-        _digest_bytes[0] += len(data)
-
-
 def _expected(data: bytes) -> bytes | str:
     """What step.lua checks the record against: its bytes (compared whole), or, for a record of 40 bytes
     or fewer or over :data:`COMPARED_BYTES`, its sha1 (40 hex digits, which tells the two apart)."""
-    if 40 < len(data) <= COMPARED_BYTES:
-        return data
-    kept = _DIGESTS.pop(id(data), None)
-    return kept[1] if kept is not None and kept[0] is data else hashlib.sha1(data).hexdigest()
+    return data if 40 < len(data) <= COMPARED_BYTES else hashlib.sha1(data).hexdigest()
 
 
 def _record_bytes(commands: list[Any], key: str) -> bytes | None:
