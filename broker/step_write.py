@@ -29,7 +29,9 @@ pipeline) and its claim is won, the same call writes that step's pick-up too (th
 computed before the call (:attr:`StepWrites.pick_up`, the runtime's), with :data:`SENTINEL` as its token,
 and ``step.lua`` puts the claim's token in its place (in the record, its digits padded with spaces to
 the sentinel's width, written in place with SETRANGE: :func:`padded_token`). The handed message's attempt then finds its
-pick-up written (:attr:`~mesh.broker.idempotency.Lease.picked`) and writes none of its own. A fetch that
+pick-up written (:attr:`~mesh.broker.idempotency.Lease.picked`) and writes none of its own; nor does it
+validate its envelope and input again, which the pick-up validated from the very same message (:class:`Picked`;
+the deadline is checked again). A fetch that
 took another message, or lost its claim, writes nothing of it, and that message's pick-up is written as
 any other's.
 Nor is a pick-up folded while the worker's work queue holds messages its threads have yet to start: the
