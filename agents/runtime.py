@@ -28,7 +28,7 @@ from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import Counters, FlushCounters, count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
-from mesh.broker.step_write import SENTINEL, PickUp, StepWrites, Written
+from mesh.broker.step_write import SENTINEL, Picked, PickUp, StepWrites, Written
 from mesh.contracts import (
     TERMINAL,
     ConfigError,
@@ -125,7 +125,13 @@ class AgentRuntime:
         lease = current_lease()
         if lease is None:
             raise PermanentFailure("no claim held on the message key: the broker lacks the Idempotency middleware")
-        env = self.envelope(agent, raw)
+        picked = lease.picked
+        if isinstance(picked, Picked) and picked.envelope is not None and raw == picked.raw:
+            # Its pick-up, written by the success that fetched this very message, validated this envelope
+            # and input: checked again for what moves with time (the deadline), not validated again.
+            env, checked = self.checked(agent, picked.envelope), picked.payload
+        else:
+            env, checked = self.envelope(agent, raw), None
         if env.contract_version is not None and env.contract_version != spec.version:
             raise ContractError(f"message for contract version {env.contract_version} of agent {agent!r}; this "
                                 f"worker serves version {spec.version}: not run against the wrong model. If no "
@@ -135,7 +141,8 @@ class AgentRuntime:
         # tools run, not the handler, and neither the agent's input nor its output model applies.
         undo = env.payload.get(UNDO_CALLS) if is_compensation(env.step_id) else None
         try:
-            payload = validate_model(agent, spec.input, env.payload) if not isinstance(undo, list) else None
+            payload = (None if isinstance(undo, list) else checked if checked is not None
+                       else validate_model(agent, spec.input, env.payload))
         except ContractError as exc:  # dead-lettered: its error names the job's step and the field
             raise ContractError(f"step {env.step_id}: {exc.message}", errors=exc.errors, agent=agent) from None
         envelope = trace.fields_of(env)
@@ -145,7 +152,7 @@ class AgentRuntime:
 
         # The success is computed from what this write leaves: the record is read and validated once.
         read, lease.record = lease.record, None
-        picked, lease.picked = lease.picked, None
+        lease.picked = None
         if isinstance(picked, Exception):  # its pick-up, written by the success that fetched it, refused
             raise picked
         mine = picked.record.steps.get(env.step_id) if isinstance(picked, Written) else None
@@ -293,7 +300,7 @@ class AgentRuntime:
                 return None
             if is_compensation(env.step_id):
                 return None
-            validate_model(spec.name, spec.input, env.payload)
+            payload = validate_model(spec.name, spec.input, env.payload)
         except MeshError:
             return None
         events: list[dict[str, Any]] = []
@@ -308,7 +315,8 @@ class AgentRuntime:
         written = next((c[2] for c, _ in commands if c[0] == "SET" and c[1] == key), None)
         if not isinstance(written, bytes) or any(c[0] in ("EVAL", "EVALSHA", "FCALL") for c, _ in commands):
             return None
-        return PickUp(message.options["redis_message_id"], env.step_id, commands, Written(new, written))
+        return PickUp(message.options["redis_message_id"], env.step_id, commands, Written(new, written), raw, env,
+                      payload)
 
     def timer_handlers(self) -> dict[str, Any]:
         """What fires this app's durable timers (approvals' expiries and warnings, sleeps and waits) here."""
@@ -403,12 +411,18 @@ class AgentRuntime:
             logger.warning("could not record progress", extra={"job_id": env.job_id, "error": str(exc)})
 
     def envelope(self, agent: str, raw: Any) -> Envelope:
+        """``raw`` validated as the envelope of a message to ``agent``, and :meth:`checked`."""
         try:
             env = Envelope.model_validate(raw)
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False)
             raise ContractError(f"invalid envelope: {exc.error_count()} error(s)",
                                 errors=errors) from None  # type: ignore[arg-type]
+        return self.checked(agent, env)
+
+    def checked(self, agent: str, env: Envelope) -> Envelope:
+        """``env``, when it is a message to ``agent`` whose deadline has not passed and whose hops
+        allow it to run; else the error that dead-letters it."""
         if env.agent != agent:
             raise ContractError(f"envelope for {env.agent!r} delivered to {agent!r}")
         left = env.remaining_s(self.clock.now_s())  # the deadline is on the Redis server's clock

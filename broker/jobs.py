@@ -183,7 +183,8 @@ def stage_record(pipe: Any, keys: Keys, record: JobRecord, *, was: State, retent
     # The commands are staged as such (``execute_command``), as redis-py's ``set(...)`` would spell them
     # without its argument checks: a step writes its record twice, and those checks were a part of its CPU.
     key, trace_key, data = keys.job(record.job_id), keys.trace(record.job_id), record_bytes(record)
-    ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000))  # once the job has ended
+    # Once the job has ended (nothing below reads it for a job that has not: worked out for an ended one only).
+    ttl_ms = max(1, int(ended_ttl_s(record, retention_s, keep_s) * 1000)) if record.state in TERMINAL else None
     if not known(record.state):
         pipe.execute_command("SET", key, data, "KEEPTTL")
     elif record.state not in TERMINAL:

@@ -56,15 +56,34 @@ def encode(message: Message) -> bytes:
     return dumps(message.asdict())
 
 
+#: Message object id -> (the message, its bytes): messages encoded when their limits were checked
+#: (:func:`encode_checked`), whose staging takes those bytes rather than encoding them again. A message is
+#: frozen and nothing changes its envelope or options once built; each entry goes when it is staged, and
+#: all of them past _ENCODED_MAX.
+_ENCODED: dict[int, tuple[Message, bytes]] = {}
+_ENCODED_MAX = 1024
+
+
 def encode_checked(message: Message, max_bytes: int, max_depth: int) -> bytes:
     """``message`` encoded; LimitExceeded when it is over ``max_bytes`` (MESH_MAX_MESSAGE_BYTES) or
-    nests deeper than ``max_depth`` (MESH_MAX_JSON_DEPTH): what a worker would dead-letter unrun."""
+    nests deeper than ``max_depth`` (MESH_MAX_JSON_DEPTH): what a worker would dead-letter unrun. The bytes
+    are kept for the message's staging (:func:`stage`)."""
     try:
         data = encode(message)
     except TypeError as exc:  # orjson's own recursion limit, far past any sane depth
         raise LimitExceeded(f"message nested deeper than MESH_MAX_JSON_DEPTH ({max_depth}): {exc}",
                             setting="MESH_MAX_JSON_DEPTH", limit=max_depth, size=-1) from None
-    return check_limits(data, message.args, max_bytes, max_depth)
+    data = check_limits(data, message.args, max_bytes, max_depth)
+    if len(_ENCODED) >= _ENCODED_MAX:
+        _ENCODED.clear()
+    _ENCODED[id(message)] = (message, data)
+    return data
+
+
+def _encoded(message: Message) -> bytes:
+    """``message``'s bytes: those :func:`encode_checked` kept of this very message, else encoded now."""
+    kept = _ENCODED.pop(id(message), None)
+    return kept[1] if kept is not None and kept[0] is message else encode(message)
 
 
 def check_limits(data: bytes, args: Any, max_bytes: int, max_depth: int) -> bytes:
@@ -88,7 +107,7 @@ def stage(pipe: Any, keys: Keys, message: Message, *, wake_up: bool = True, data
     token that wakes an idle consumer of the queue at once. Staging many, pass ``wake_up=False`` and
     call :func:`wake` once per queue with the count. ``data``: the message already encoded."""
     rid = message.options["redis_message_id"]
-    pipe.hset(keys.messages(message.queue_name), rid, encode(message) if data is None else data)
+    pipe.hset(keys.messages(message.queue_name), rid, _encoded(message) if data is None else data)
     lanes.push(pipe, keys, message.queue_name, rid, message.args[0] if message.args else None)
     if wake_up:
         wake(pipe, keys, message.queue_name)

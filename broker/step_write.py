@@ -29,7 +29,9 @@ pipeline) and its claim is won, the same call writes that step's pick-up too (th
 computed before the call (:attr:`StepWrites.pick_up`, the runtime's), with :data:`SENTINEL` as its token,
 and ``step.lua`` puts the claim's token in its place (in the record, its digits padded with spaces to
 the sentinel's width, written in place with SETRANGE: :func:`padded_token`). The handed message's attempt then finds its
-pick-up written (:attr:`~mesh.broker.idempotency.Lease.picked`) and writes none of its own. A fetch that
+pick-up written (:attr:`~mesh.broker.idempotency.Lease.picked`) and writes none of its own; nor does it
+validate its envelope and input again, which the pick-up validated from the very same message (:class:`Picked`;
+the deadline is checked again). A fetch that
 took another message, or lost its claim, writes nothing of it, and that message's pick-up is written as
 any other's.
 Nor is a pick-up folded while the worker's work queue holds messages its threads have yet to start: the
@@ -108,6 +110,19 @@ class Written:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Picked(Written):
+    """A folded pick-up's record as the call that fetched its message wrote it (:meth:`PickUp.landed`), with
+    what the pick-up validated of that message: its envelope's data (``raw``), the envelope and the input as
+    validated from it. The step's attempt, handed the same message (its id is the one the call fetched, whose
+    body the call itself stored), takes them as they are when its envelope's data is ``raw``, rather than
+    validating them again."""
+
+    raw: Any = None
+    envelope: Any = None
+    payload: Any = None
+
+
 class Recent:
     """The record this process wrote last for each of a few jobs, with its bytes: a write computed from
     bytes read back (a step's pick-up, from its fetch; a write whose record changed meanwhile) that are
@@ -181,22 +196,28 @@ class PickUp:
     step_id: str
     commands: list[Any]
     written: Written
+    #: The message's envelope data, and the envelope and input the pick-up validated from it (:class:`Picked`).
+    raw: Any = None
+    envelope: Any = None
+    payload: Any = None
 
     def check(self) -> bool:
         """Whether :data:`SENTINEL`'s digits occur exactly where the token is (once in the record, once
         in an event) and nowhere else, so that replacing them fills in the token and nothing more."""
-        seen = 0
+        # The record is scanned once: it is the value of a plain SET among the commands, whose count is its own.
+        seen, record, held = 0, self.written.data, None
         for command, _options in self.commands:
-            for arg in command:
-                if isinstance(arg, str):
-                    arg = arg.encode()
+            plain = held is None and _plain_set(command)
+            for given in command:
+                arg = given.encode() if isinstance(given, str) else given
                 if isinstance(arg, bytes):
                     n = arg.count(_SENTINEL)
                     if n > 1:
                         return False
                     seen += n
-        return seen == 2 and self.written.data.count(_SENTINEL) == 1 and any(
-            _plain_set(command) and self.written.data in command for command, _options in self.commands)
+                    if plain and held is None and given == record:
+                        held = n
+        return seen == 2 and held == 1
 
     def args(self) -> list[Any]:
         out: list[Any] = [self.rid, _SENTINEL, len(self.commands)]
@@ -205,12 +226,13 @@ class PickUp:
             out.extend(command)
         return out
 
-    def landed(self, token: int) -> Written:
+    def landed(self, token: int) -> Picked:
         """The record as ``step.lua`` wrote it with the claim's ``token``: its digits in place of the
         sentinel's, padded with spaces to their width (JSON whitespace, written in place by SETRANGE)."""
         record = self.written.record
-        step = record.steps[self.step_id].model_copy(update={"token": token})
-        return Written(record.with_step(step), self.written.data.replace(_SENTINEL, padded_token(token)))
+        step = record.steps[self.step_id].replaced({"token": token})
+        return Picked(record.with_step(step), self.written.data.replace(_SENTINEL, padded_token(token)),
+                      self.raw, self.envelope, self.payload)
 
 
 @dataclass

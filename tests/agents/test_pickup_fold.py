@@ -19,7 +19,7 @@ from mesh.agents.runtime import AgentRuntime
 from mesh.broker import MeshClient, trace
 from mesh.broker.observe import running_member
 from mesh.broker.step_write import SENTINEL, padded_token
-from mesh.contracts import State
+from mesh.contracts import Envelope, State
 from tests.apps.pickup import app, arrived_key, release_key, runs_key, seen_key
 
 pytestmark = pytest.mark.slow  # every test here starts a worker
@@ -122,6 +122,34 @@ def test_a_folded_pick_up_writes_its_token_in_place_of_the_sentinels_digits_padd
     record = client.wait(job, timeout_s=30)
     assert record.state is State.SUCCEEDED and record.steps["second"].token == step.token, (record.state, record.error)
     assert b'"token":' + padded not in client.redis.get(client.keys.job(job))  # the success wrote it anew
+
+
+def test_a_handed_step_takes_its_envelope_and_input_as_its_folded_pick_up_validated_them(
+        serve: Any, folds: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import mesh.agents.runtime as runtime
+
+    envelopes: list[tuple[str, str]] = []
+    inputs: list[Any] = []
+    real_envelope, real_input = Envelope.model_validate, runtime.validate_model
+
+    def envelope(raw: Any, *args: Any, **kwargs: Any) -> Any:
+        envelopes.append((raw.get("job_id"), raw.get("step_id")))
+        return real_envelope(raw, *args, **kwargs)
+
+    def validate_input(agent: str, model: Any, payload: Any) -> Any:
+        inputs.append(payload)
+        return real_input(agent, model, payload)
+
+    monkeypatch.setattr(Envelope, "model_validate", envelope)
+    monkeypatch.setattr(runtime, "validate_model", validate_input)
+    client, [job] = serve("then_noted", [{"text": "once"}])
+    record = client.wait(job, timeout_s=30)
+    assert record.state is State.SUCCEEDED, (record.state, record.error)
+    assert f"{job}:second" in folds
+    # The first step's: its own attempt's; the second's: its pick-up's, folded in the first's success. Its
+    # attempt, handed the message that pick-up was computed from, validates neither again.
+    assert envelopes.count((job, "first")) == 1 and envelopes.count((job, "second")) == 1, envelopes
+    assert record.output("second") == {"text": "once"} and len(inputs) == 2 + 2, inputs  # the warm-up job's too
 
 
 @pytest.mark.parametrize("value", [SENTINEL, str(SENTINEL), f"a{SENTINEL}b"])
