@@ -55,7 +55,7 @@ def _ns(ctx: Any) -> str:
 async def stamp(ctx: ToolContext, args: Stamp) -> Receipt:
     """Counts its calls per key (the effect), awaiting on the handler's loop."""
     await asyncio.sleep(0.01)
-    ctx.redis.incr(f"{_ns(ctx)}:test.stamped:{ctx.key}")
+    ctx.redis.incr(f"{prefix(_ns(ctx))}:test.stamped:{ctx.key}")
     return Receipt(tool="stamp", effect_id=f"s-{args.text}", detail={"loop": id(asyncio.get_running_loop())})
 
 
@@ -99,7 +99,7 @@ async def hang(ctx: AsyncContext, ticket: Ticket) -> Triage:
 @app.tool
 async def slow_book(ctx: ToolContext, args: Stamp) -> Receipt:
     """Books (the effect), then awaits forever: its caller's time limit stops it mid-call."""
-    ctx.redis.incr(f"{_ns(ctx)}:test.booked:{ctx.key}")
+    ctx.redis.incr(f"{prefix(_ns(ctx))}:test.booked:{ctx.key}")
     await asyncio.Event().wait()
     return Receipt(tool="slow_book", effect_id="never")
 
@@ -128,7 +128,7 @@ async def books_then_waits(ctx: AsyncContext, ticket: Ticket) -> Triage:
     try:
         await ctx.call("held_book", {"text": ticket.text})
     except asyncio.CancelledError:
-        ctx.runtime.redis.set(f"{_ns(ctx)}:test.handler_cancelled", 1)
+        ctx.runtime.redis.set(f"{prefix(_ns(ctx))}:test.handler_cancelled", 1)
         raise
     return Triage(queue="booked")
 
@@ -147,7 +147,7 @@ async def poster(ctx: AsyncContext, post: Post) -> Triage:
 @app.agent
 async def wait_cancel(ctx: AsyncContext, ticket: Ticket) -> Triage:
     """Says it started, then awaits (an hour) until the job is cancelled."""
-    ctx.runtime.redis.set(f"{_ns(ctx)}:test.waiting", os.getpid())
+    ctx.runtime.redis.set(f"{prefix(_ns(ctx))}:test.waiting", os.getpid())
     await asyncio.sleep(3600)
     return Triage(queue="never")
 
