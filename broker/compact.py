@@ -297,7 +297,7 @@ class Compaction:
             args += one
             size += len(data or b"") + len(one[2])
             if size >= CALL_BYTES or n == len(ids) - 1:
-                left, compacted_now = self._script(keys=[self.keys.namespace], args=["compact", now, keep, *args])
+                left, compacted_now = self._script(keys=[self.keys.prefix], args=["compact", now, keep, *args])
                 out, done, size, args = out + int(left), done + int(compacted_now), 0, []
         return out, done
 
@@ -341,7 +341,7 @@ class Compaction:
                         break
                     ids: list[Any] = self.client.zrange(index, 0, min(excess, BATCH) - 1)
                     while ids:  # each call stops once it has read CALL_BYTES of records: the rest next
-                        n, looked = self._script(keys=[self.keys.namespace], args=[
+                        n, looked = self._script(keys=[self.keys.prefix], args=[
                             "evict", now, name, keep, _TERMINAL_STATES, CALL_BYTES, *ids])
                         removed, ids = removed + int(n), ids[int(looked):]
             self._tidy(name, index, now)
@@ -356,5 +356,5 @@ class Compaction:
             ids = self.client.zrangebyscore(index, "-inf", now - self.settings.job_retention_s, start=offset, num=BATCH)
             if not ids:
                 return
-            n = int(self._script(keys=[self.keys.namespace], args=["tidy", now, name, *ids]))
+            n = int(self._script(keys=[self.keys.prefix], args=["tidy", now, name, *ids]))
             offset += len(ids) - n

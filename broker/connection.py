@@ -34,6 +34,8 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from mesh.contracts import ConfigError, MeshError
 
+from .keys import prefix
+
 if TYPE_CHECKING:
     from .settings import MeshSettings
 
@@ -299,8 +301,11 @@ ACL_COMMANDS = (
 
 def acl_rules(namespace: str) -> list[str]:
     """The ACL rules of a user that can run the mesh in ``namespace`` and nothing else: its keys (the
-    bare namespace too: dramatiq's scripts get it as their KEYS[1]), no channels, the commands above."""
-    return ["resetkeys", f"~{namespace}", f"~{namespace}:*", "resetchannels", "-@all",
+    bare prefix ``{ns}`` too: the scripts get it as their KEYS[1]), no channels, the commands above."""
+    tag = prefix(namespace)
+    # The older layout's keys (``ns:*``, and ``ns``, the KEYS[1] of its scripts) too, so that the same
+    # user can run ``mesh migrate``, which moves them to this layout (broker/keys.py).
+    return ["resetkeys", f"~{tag}", f"~{tag}:*", f"~{namespace}", f"~{namespace}:*", "resetchannels", "-@all",
             *(f"+{command}" for command in ACL_COMMANDS)]
 
 

@@ -1,6 +1,16 @@
 """The Redis key layout of a deployment, written down once; every key is built here.
 
-dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it:
+Below, ``{ns}`` is the namespace (MESH_NAMESPACE) between literal braces: the job record of job 123 in
+namespace ``mesh`` is ``{mesh}:job:123`` (:func:`prefix`). Braces make the namespace the key's Redis
+Cluster hash tag: a Cluster puts a key in the slot of the text between its first ``{`` and ``}``, so
+every key of a namespace is in one slot, and every script, transaction and multi-key command of the
+mesh touches one slot: the mesh runs on a Redis Cluster (one namespace on one shard), and on a single
+Redis as before. This is layout version 2 (:data:`LAYOUT_VERSION`); the older one (version 1) wrote
+``mesh:job:123``; ``mesh migrate`` moves a deployment's keys from it (:func:`legacy_pattern`). A
+namespace holds no braces and no ``:`` (MESH_NAMESPACE's pattern), so no namespace's keys match another's.
+
+dramatiq's own layout (``dramatiq/brokers/redis/dispatch.lua``), shared with it (the mesh gives dramatiq the
+prefix as its namespace):
 
     {ns}:{queue}                      list of ready message ids
     {ns}:{queue}.msgs                 hash id -> encoded message
@@ -154,7 +164,8 @@ The mesh's own:
     {ns}:limit.{{ns}|{name}|{flow_key}}  hash: a flow limit's state for one key (broker/limits.py,
                                       scripts/limits.lua): GCRA times of requests (tat) and tokens (ttat),
                                       the AIMD factor 429s left of the rate and its generation, counters;
-                                      one hash tag per limit and key, so its script runs on a Cluster too
+                                      the braces after ``limit.`` are part of the name (the older layout's
+                                      hash tag): the first ``{ns}`` is the hash tag, as for every key
     {ns}:limit.{...}:holders          zset holder -> lease end (ms): the concurrency slots held, renewed
                                       with the worker's claims; a dead worker's run out
     {ns}:limit.{...}:waiting          zset message key -> first arrival (ms): messages waiting for a slot,
@@ -167,282 +178,323 @@ The mesh's own:
                                       (broker/control_audit.py)
     {ns}:limits.keys:{name}           zset flow key -> last use (ms): the keys a keyed limit has seen (the
                                       10,000 most recent)
+    {ns}:probe                        string, for a moment: written and deleted by ``mesh bench`` and ``mesh
+                                      soak`` to check they may write in their throw-away namespace
+    {ns}:latency:{side}               list: ``mesh bench``'s send-to-start latencies (s), in its throw-away
+                                      namespace only (ops/bench.py)
     (The registry's names hold a dot, which agent names cannot, so no queue's key collides with them.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+#: The layout's version: 2 since every key carries its namespace as a hash tag (``{ns}:``); 1 was ``ns:``.
+LAYOUT_VERSION = 2
+
+
+def prefix(namespace: str) -> str:
+    """What every key of ``namespace`` starts with, before its ``:``: the namespace as a Redis Cluster hash
+    tag, ``{mesh}`` for ``mesh``. The scripts get it as their KEYS[1] (or a key that starts with it) and
+    build every other key from it."""
+    return "{" + namespace + "}"
+
+
+def legacy_pattern(namespace: str) -> str:
+    """A SCAN pattern matching every key of ``namespace`` in the older layout (``ns:...``, version 1):
+    what ``mesh migrate`` moves, and what tests clean up as well."""
+    return f"{namespace}:*"
 
 
 @dataclass(frozen=True)
 class Keys:
     namespace: str
+    #: :func:`prefix` of the namespace, worked out once. Spreading a namespace over shards would give the
+    #: job and queue families a prefix of their own (``{ns:shard}``) next to this one.
+    prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", prefix(self.namespace))
 
     def queue(self, queue: str) -> str:
-        return f"{self.namespace}:{queue}"
+        return f"{self.prefix}:{queue}"
 
     def messages(self, queue: str) -> str:
-        return f"{self.namespace}:{queue}.msgs"
+        return f"{self.prefix}:{queue}.msgs"
 
     def delayed(self, queue: str) -> str:
-        return f"{self.namespace}:{queue}.DQ"
+        return f"{self.prefix}:{queue}.DQ"
 
     def delayed_messages(self, queue: str) -> str:
-        return f"{self.namespace}:{queue}.DQ.msgs"
+        return f"{self.prefix}:{queue}.DQ.msgs"
 
     def lane(self, queue: str, priority: str) -> str:
         """The list of ``queue``'s ready messages of ``priority`` without a flow key."""
-        return self.queue(queue) if priority == "normal" else f"{self.namespace}:{queue}.{priority}"
+        return self.queue(queue) if priority == "normal" else f"{self.prefix}:{queue}.{priority}"
 
     def flow(self, queue: str, priority: str, flow: str) -> str:
         """The list of ``queue``'s ready messages of ``priority`` and flow key ``flow`` (as JSON escapes it)."""
-        return f"{self.namespace}:{queue}.flow:{priority}:{flow}"
+        return f"{self.prefix}:{queue}.flow:{priority}:{flow}"
 
     def flows(self, queue: str, priority: str) -> str:
-        return f"{self.namespace}:{queue}.flows:{priority}"
+        return f"{self.prefix}:{queue}.flows:{priority}"
 
     def sched(self, queue: str) -> str:
-        return f"{self.namespace}:{queue}.sched"
+        return f"{self.prefix}:{queue}.sched"
 
     def wake(self, queue: str) -> str:
-        return f"{self.namespace}:{queue}.wake"
+        return f"{self.prefix}:{queue}.wake"
 
     def stop(self, worker_id: str) -> str:
-        return f"{self.namespace}:__stop__.{worker_id}"
+        return f"{self.prefix}:__stop__.{worker_id}"
 
     def acks(self, worker_id: str, queue: str) -> str:
-        return f"{self.namespace}:__acks__.{worker_id}.{queue}"
+        return f"{self.prefix}:__acks__.{worker_id}.{queue}"
 
     def held(self, worker_id: str) -> str:
-        return f"{self.namespace}:__held__.{worker_id}"
+        return f"{self.prefix}:__held__.{worker_id}"
 
     @property
     def acks_pattern(self) -> str:
-        return f"{self.namespace}:__acks__.*"
+        return f"{self.prefix}:__acks__.*"
 
     @property
     def heartbeats(self) -> str:
-        return f"{self.namespace}:__heartbeats__"
+        return f"{self.prefix}:__heartbeats__"
 
     def claim(self, key: str) -> str:
-        return f"{self.namespace}:claim:{key}"
+        return f"{self.prefix}:claim:{key}"
 
     def kills(self, key: str) -> str:
-        return f"{self.namespace}:kills:{key}"
+        return f"{self.prefix}:kills:{key}"
 
     def breaker(self, name: str) -> str:
-        return f"{self.namespace}:breaker:{name}"
+        return f"{self.prefix}:breaker:{name}"
 
     def breaker_failures(self, name: str) -> str:
-        return f"{self.namespace}:breaker:{name}:failures"
+        return f"{self.prefix}:breaker:{name}:failures"
 
     def breaker_errors(self, name: str) -> str:
-        return f"{self.namespace}:breaker:{name}:errors"
+        return f"{self.prefix}:breaker:{name}:errors"
 
     def breaker_deferred(self, name: str) -> str:
-        return f"{self.namespace}:breaker:{name}:deferred"
+        return f"{self.prefix}:breaker:{name}:deferred"
 
     @property
     def breakers(self) -> str:
-        return f"{self.namespace}:breakers"
+        return f"{self.prefix}:breakers"
 
     @property
     def breakers_audit(self) -> str:
-        return f"{self.namespace}:breakers.audit"
+        return f"{self.prefix}:breakers.audit"
 
     @property
     def routes(self) -> str:
-        return f"{self.namespace}:routes"
+        return f"{self.prefix}:routes"
 
     def job(self, job_id: str) -> str:
-        return f"{self.namespace}:job:{job_id}"
+        return f"{self.prefix}:job:{job_id}"
 
     def cancel(self, job_id: str) -> str:
-        return f"{self.namespace}:cancel:{job_id}"
+        return f"{self.prefix}:cancel:{job_id}"
 
     def trace(self, job_id: str) -> str:
-        return f"{self.namespace}:trace:{job_id}"
+        return f"{self.prefix}:trace:{job_id}"
 
     @property
     def running(self) -> str:
-        return f"{self.namespace}:running"
+        return f"{self.prefix}:running"
 
     @property
     def outcomes(self) -> str:
-        return f"{self.namespace}:outcomes"
+        return f"{self.prefix}:outcomes"
 
     def outcomes_flushed(self, process: str) -> str:
-        return f"{self.namespace}:outcomes.flushed:{process}"
+        return f"{self.prefix}:outcomes.flushed:{process}"
 
     @property
     def tokens(self) -> str:
-        return f"{self.namespace}:tokens"
+        return f"{self.prefix}:tokens"
 
     def job_tokens(self, job_id: str) -> str:
-        return f"{self.namespace}:tokens:{job_id}"
+        return f"{self.prefix}:tokens:{job_id}"
 
     def histogram(self, agent: str) -> str:
-        return f"{self.namespace}:hist:{agent}"
+        return f"{self.prefix}:hist:{agent}"
 
     @property
     def jobs(self) -> str:
-        return f"{self.namespace}:jobs"
+        return f"{self.prefix}:jobs"
 
     @property
     def jobs_expired(self) -> str:
-        return f"{self.namespace}:jobs.expired"
+        return f"{self.prefix}:jobs.expired"
 
     @property
     def jobs_compact(self) -> str:
-        return f"{self.namespace}:jobs.compact"
+        return f"{self.prefix}:jobs.compact"
 
     def jobs_kept(self, name: str) -> str:
-        return f"{self.namespace}:jobs.kept:{name}"
+        return f"{self.prefix}:jobs.kept:{name}"
 
     @property
     def jobs_kept_names(self) -> str:
-        return f"{self.namespace}:jobs.kept"
+        return f"{self.prefix}:jobs.kept"
 
     def dead_letter(self, entry_id: str) -> str:
-        return f"{self.namespace}:dlq:{entry_id}"
+        return f"{self.prefix}:dlq:{entry_id}"
 
     @property
     def dlq(self) -> str:
-        return f"{self.namespace}:dlq"
+        return f"{self.prefix}:dlq"
 
     def dlq_by_agent(self, agent: str) -> str:
-        return f"{self.namespace}:dlq.agent:{agent}"
+        return f"{self.prefix}:dlq.agent:{agent}"
 
     @property
     def dlq_agents(self) -> str:
-        return f"{self.namespace}:dlq.agents"
+        return f"{self.prefix}:dlq.agents"
 
     def dlq_by_job(self, job_id: str) -> str:
-        return f"{self.namespace}:dlq.job:{job_id}"
+        return f"{self.prefix}:dlq.job:{job_id}"
 
     @property
     def dlq_jobs_since(self) -> str:
-        return f"{self.namespace}:dlq.jobs.since"
+        return f"{self.prefix}:dlq.jobs.since"
 
     def dlq_by_class(self, failure_class: str) -> str:
-        return f"{self.namespace}:dlq.class:{failure_class}"
+        return f"{self.prefix}:dlq.class:{failure_class}"
 
     def console_logout(self, session_id: str) -> str:
-        return f"{self.namespace}:console.logout:{session_id}"
+        return f"{self.prefix}:console.logout:{session_id}"
 
     @property
     def dlq_audit(self) -> str:
-        return f"{self.namespace}:dlq.audit"
+        return f"{self.prefix}:dlq.audit"
 
     def dlq_replayed(self, entry_id: str) -> str:
-        return f"{self.namespace}:dlq.replayed:{entry_id}"
+        return f"{self.prefix}:dlq.replayed:{entry_id}"
 
     def pipeline(self, name: str) -> str:
-        return f"{self.namespace}:pipeline:{name}"
+        return f"{self.prefix}:pipeline:{name}"
 
     @property
     def pipelines(self) -> str:
-        return f"{self.namespace}:pipelines"
+        return f"{self.prefix}:pipelines"
 
     def ledger(self, job_id: str, step_id: str) -> str:
-        return f"{self.namespace}:ledger:{job_id}:{step_id}"
+        return f"{self.prefix}:ledger:{job_id}:{step_id}"
 
     def loop(self, job_id: str, step_id: str) -> str:
-        return f"{self.namespace}:loop:{job_id}:{step_id}"
+        return f"{self.prefix}:loop:{job_id}:{step_id}"
 
     @property
     def effects_unknown(self) -> str:
-        return f"{self.namespace}:effects.unknown"
+        return f"{self.prefix}:effects.unknown"
 
     @property
     def effects_audit(self) -> str:
-        return f"{self.namespace}:effects.audit"
+        return f"{self.prefix}:effects.audit"
 
     def note(self, effect_id: str) -> str:
-        return f"{self.namespace}:note:{effect_id}"
+        return f"{self.prefix}:note:{effect_id}"
 
     @property
     def notes(self) -> str:
-        return f"{self.namespace}:notes"
+        return f"{self.prefix}:notes"
 
     @property
     def stats(self) -> str:
-        return f"{self.namespace}:stats"
+        return f"{self.prefix}:stats"
 
     @property
     def sweep_lock(self) -> str:
-        return f"{self.namespace}:sweep.lock"
+        return f"{self.prefix}:sweep.lock"
 
     @property
     def timers(self) -> str:
-        return f"{self.namespace}:timers"
+        return f"{self.prefix}:timers"
 
     @property
     def timers_lock(self) -> str:
-        return f"{self.namespace}:timers.lock"
+        return f"{self.prefix}:timers.lock"
 
     @property
     def approvals(self) -> str:
-        return f"{self.namespace}:approvals"
+        return f"{self.prefix}:approvals"
 
     @property
     def approvals_audit(self) -> str:
-        return f"{self.namespace}:approvals.audit"
+        return f"{self.prefix}:approvals.audit"
 
     @property
     def waits(self) -> str:
-        return f"{self.namespace}:waits"
+        return f"{self.prefix}:waits"
 
     def waits_for(self, event: str) -> str:
-        return f"{self.namespace}:waits.event:{event}"
+        return f"{self.prefix}:waits.event:{event}"
 
     def events(self, event: str) -> str:
-        return f"{self.namespace}:events:{event}"
+        return f"{self.prefix}:events:{event}"
 
     def signals(self, job_id: str) -> str:
-        return f"{self.namespace}:signals:{job_id}"
+        return f"{self.prefix}:signals:{job_id}"
 
     @property
     def tool_pins(self) -> str:
-        return f"{self.namespace}:pins:tools"
+        return f"{self.prefix}:pins:tools"
 
     @property
     def tool_presented(self) -> str:
-        return f"{self.namespace}:pins:presented"
+        return f"{self.prefix}:pins:presented"
 
     @property
     def registry(self) -> str:
-        return f"{self.namespace}:registry.agents"
+        return f"{self.prefix}:registry.agents"
 
     def serving(self, agent: str) -> str:
-        return f"{self.namespace}:registry.serving:{agent}"
+        return f"{self.prefix}:registry.serving:{agent}"
 
     @property
     def registry_workers(self) -> str:
-        return f"{self.namespace}:registry.workers"
+        return f"{self.prefix}:registry.workers"
 
     def limit(self, name: str, flow_key: str | None) -> str:
         """The state hash of limit ``name`` for ``flow_key`` (None: the one shared limit); its other keys
         add ``:holders``, ``:waiting`` and ``:alive`` after it, in the same hash slot."""
-        return f"{self.namespace}:limit.{{{self.namespace}|{name}|{flow_key or ''}}}"
+        return f"{self.prefix}:limit.{{{self.namespace}|{name}|{flow_key or ''}}}"
 
     @property
     def limits_declared(self) -> str:
-        return f"{self.namespace}:limits.declared"
+        return f"{self.prefix}:limits.declared"
 
     @property
     def limits_set(self) -> str:
-        return f"{self.namespace}:limits.set"
+        return f"{self.prefix}:limits.set"
 
     @property
     def limits_audit(self) -> str:
-        return f"{self.namespace}:limits.audit"
+        return f"{self.prefix}:limits.audit"
 
     def limit_keys(self, name: str) -> str:
-        return f"{self.namespace}:limits.keys:{name}"
+        return f"{self.prefix}:limits.keys:{name}"
+
+    @property
+    def probe(self) -> str:
+        """The key ``mesh bench`` and ``mesh soak`` write and delete to check they may (ops/namespaces.py)."""
+        return f"{self.prefix}:probe"
+
+    def bench_latency(self, side: str) -> str:
+        """``mesh bench``'s list of send-to-start latencies of one side (mesh, raw) in its throw-away namespace."""
+        return f"{self.prefix}:latency:{side}"
 
     @property
     def everything(self) -> str:
-        """A SCAN pattern matching every key of the deployment (tests clean with it)."""
-        return f"{self.namespace}:*"
+        """A SCAN pattern matching every key of the deployment (tests clean with it); Redis's glob reads
+        the braces literally."""
+        return f"{self.prefix}:*"
+
+    @property
+    def legacy_everything(self) -> str:
+        """:func:`legacy_pattern`: every key of the deployment in the older layout."""
+        return legacy_pattern(self.namespace)

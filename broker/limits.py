@@ -2,13 +2,13 @@
 or dependency and per key, kept in Redis and taken by one script call per limit (scripts/limits.lua).
 
 A limit is named ``agent:{name}`` or ``dependency:{name}``. Its state for one flow key (the
-envelope's ``flow_key``; None: the one shared limit) lives under one hash tag, so it runs on Redis
-Cluster as it does on one server. A rate is GCRA: a message over it reserves its slot and is deferred
-to exactly then, coming back with a permit (so it waits once, in arrival order); a concurrency slot is
-a lease renewed while the step runs and released when it settles, and a message finding every slot
-held waits in the limit's FIFO list. A 429 from a dependency halves its rate fleet-wide and the rate
-climbs back additively (AIMD). ``mesh limits set`` overrides a declaration at run time
-(``{ns}:limits.set``), until ``mesh limits reset``.
+envelope's ``flow_key``; None: the one shared limit) lives in the namespace's hash slot, as every
+key of the mesh, so it runs on Redis Cluster as it does on one server. A rate is GCRA: a message over it
+reserves its slot and is deferred to exactly then, coming back with a permit (so it waits once, in arrival
+order); a concurrency slot is a lease renewed while the step runs and released when it settles, and a
+message finding every slot held waits in the limit's FIFO list. A 429 from a dependency halves its rate
+fleet-wide and the rate climbs back additively (AIMD). ``mesh limits set`` overrides a declaration at run
+time (``{ns}:limits.set``), until ``mesh limits reset``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from .consumer import EagerSlot, MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
 from .jobs import JobStore
-from .keys import Keys
+from .keys import Keys, prefix
 from .redact import redact
 from .router import FailureRouter
 from .settings import MeshSettings
@@ -76,7 +76,9 @@ class MeshBroker(RedisBroker):
         #: The connection for claims and job records (``client`` is for fetching and settling).
         self.records = records or records_client(settings)
         super().__init__(
-            namespace=settings.namespace,
+            # dramatiq's namespace is the prefix (``{ns}``, broker/keys.py): its keys are in the namespace's
+            # hash slot, and the scripts it and the mesh run get it as their KEYS[1] (``self.namespace``).
+            namespace=prefix(settings.namespace),
             # Recovery runs deterministically in every fetch (settle.lua), not by chance.
             maintenance_chance=0,
             heartbeat_timeout=int(settings.heartbeat_timeout_s * 1000),

@@ -283,7 +283,7 @@ class NewJobs:
         pipeline to queue the call on instead): its answer, for :meth:`conflict`."""
         if not self.keys:
             return 0
-        return script(keys=[keys.namespace], args=self.args, client=client)
+        return script(keys=[keys.prefix], args=self.args, client=client)
 
     @staticmethod
     def conflict(answer: Any) -> int | None:

@@ -79,7 +79,7 @@ class StartRun:
             args += (job, event)
         for queue, message_id, data in messages:
             args += (queue, message_id, data)
-        keys = [self.keys.namespace]
+        keys = [self.keys.prefix]
         if wait is None:
             return run_script(self.script, keys, args), 0
         pipe = self.script.registered_client.pipeline(transaction=False)

@@ -78,7 +78,7 @@ class Retention:
             members = self.client.zrangebyscore(index, "-inf", hi, start=offset, num=BATCH)
             if not members:
                 return removed
-            n = int(self._script(keys=[self.keys.namespace],
+            n = int(self._script(keys=[self.keys.prefix],
                                  args=[command, now, int(retention_s * 1000), _TERMINAL_STATES, *members]))
             removed += n
             offset += len(members) - n  # the removed left the index; the kept are skipped next time

@@ -44,8 +44,10 @@ class MeshSettings(BaseSettings):
                                      "replicas have it (Redis WAIT); 0: once the primary has it")
     redis_wait_timeout_ms: int = Field(default=1000, ge=1, description="how long an enqueue waits for "
                                        "MESH_REDIS_WAIT_REPLICAS before it fails as not replicated")
+    # No braces and no ":": the namespace is the hash tag of every key, "{ns}:..." (broker/keys.py).
     namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                           description="prefix of every key; one deployment per namespace")
+                           description="every key starts with it in braces, {NS}: (its Redis Cluster hash "
+                           "tag); one deployment per namespace; letters, digits, _ . - only")
 
     model_provider: Literal["local", "openai", "openai_sdk", "anthropic"] | None = Field(
         default=None, description="local (offline, deterministic); openai (any OpenAI-compatible endpoint, over "

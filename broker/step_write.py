@@ -259,6 +259,9 @@ class StepWrites:
         self.jobs = jobs
         self.dedup_ttl_s = int(dedup_ttl_s)
         self.script = client.register_script(STEP_LUA)
+        #: The script's KEYS: the namespace's prefix, which the script does not read (its keys come in its
+        #: ARGV, every one built by broker/keys.py) but a Redis Cluster client routes the call by.
+        self.route = [jobs.keys.prefix]
         self.group: GroupCommit[_Item] = GroupCommit(self._flush, name="mesh-step-writes")
         self.recent = Recent()
         #: A queue's place in this process's consumer for a success's eager fetch, or None
@@ -470,7 +473,7 @@ class StepWrites:
 
     def evalsha(self, args: list[Any]) -> Any:
         """One call of step.lua: EVALSHA without redis-py's per-call wrapping (``connection.run_script``)."""
-        return run_script(self.script, [], args)
+        return run_script(self.script, self.route, args)
 
     def _answers(self, group: Sequence[_Item], answers: list[Any]) -> list[Any]:
         for item, answer in zip(group, answers, strict=True):

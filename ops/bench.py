@@ -44,6 +44,7 @@ from mesh.agents.app import App
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline
 from mesh.broker.connection import SETTINGS, connect
+from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ConfigError
 from mesh.ops.bench_kept import kept
@@ -181,7 +182,7 @@ def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch
         options = {}
         queue = RAW_Q
     broker.bench_client = connect(base)
-    broker.bench_latency_key = f"{namespace}:latency:{side}"
+    broker.bench_latency_key = Keys(namespace).bench_latency(side)
 
     def run(envelope: Any) -> None:
         if isinstance(envelope, dict) and "sent_at" in envelope.get("payload", envelope):
@@ -248,7 +249,6 @@ def _envelope(i: int, run: str, payload: dict[str, Any] | None = None) -> dict[s
 
 def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str, Any]]) -> None:
     """Messages in dramatiq's own format, written in one pipeline (as its enqueue would, minus round trips)."""
-    from mesh.broker.keys import Keys
     from mesh.broker.outbox import wake
     from mesh.contracts import dumps
 
@@ -258,11 +258,21 @@ def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str
         message = {"queue_name": queue, "actor_name": queue, "args": [args], "kwargs": {},
                    "options": {"redis_message_id": rid}, "message_id": str(uuid.uuid4()),
                    "message_timestamp": int(time.time() * 1000)}
-        pipe.hset(f"{namespace}:{queue}.msgs", rid, dumps(message))
-        pipe.rpush(f"{namespace}:{queue}", rid)
+        ready, msgs = _queue_keys(namespace, queue)
+        pipe.hset(msgs, rid, dumps(message))
+        pipe.rpush(ready, rid)
     if queue == MESH_Q:  # the mesh's enqueue also wakes idle consumers, once per batch (broker/outbox.py)
         wake(pipe, Keys(namespace), queue, len(bodies))
     pipe.execute()
+
+
+def _queue_keys(namespace: str, queue: str) -> tuple[str, str]:
+    """A queue's ready list and message hash: raw dramatiq's in its own layout (``ns:queue``), the
+    mesh's in the mesh's (broker/keys.py)."""
+    if queue == RAW_Q:
+        return f"{namespace}:{queue}", f"{namespace}:{queue}.msgs"
+    keys = Keys(namespace)
+    return keys.queue(queue), keys.messages(queue)
 
 
 def _drained(client: redis.Redis, namespace: str, queue: str, timeout_s: float = 300,
@@ -271,7 +281,7 @@ def _drained(client: redis.Redis, namespace: str, queue: str, timeout_s: float =
     while True:
         if watch is not None:
             watch.own["hlen"] += 1
-        if not client.hlen(f"{namespace}:{queue}.msgs"):
+        if not client.hlen(_queue_keys(namespace, queue)[1]):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{queue} did not drain within {timeout_s}s")
@@ -496,7 +506,7 @@ def _pickup(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, 
     import random
 
     queue_name = MESH_Q if side == "mesh" else RAW_Q
-    key = f"{ns}:latency:{side}"
+    key = Keys(ns).bench_latency(side)
     run = uuid.uuid4().hex[:8]
     with _workers(side, base, ns, cfg, cfg.prefetches[0], processes=1, threads=1):
         for i in range(cfg.latency_samples):
@@ -515,7 +525,6 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _dlq(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> dict[str, float]:
-    from mesh.broker.keys import Keys
     from mesh.dlq import DeadLetterStore, Filter, Replayer, drain
 
     settings = base.model_copy(update={"namespace": ns})

@@ -6,17 +6,20 @@ from typing import Any
 
 import redis
 
+from mesh.broker.keys import Keys, legacy_pattern
 from mesh.contracts import ConfigError
 
 
 def delete_namespace(client: redis.Redis, ns: str) -> None:
-    """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS)."""
+    """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS): the mesh's (``{ns}:*``) and
+    any in the older layout (``ns:*``: raw dramatiq's, in ``mesh bench``'s comparison, keep it)."""
     batch: list[Any] = []
-    for key in client.scan_iter(match=f"{ns}:*", count=2_000):
-        batch.append(key)
-        if len(batch) >= 1_000:
-            client.delete(*batch)
-            batch = []
+    for pattern in (Keys(ns).everything, legacy_pattern(ns)):
+        for key in client.scan_iter(match=pattern, count=2_000):
+            batch.append(key)
+            if len(batch) >= 1_000:
+                client.delete(*batch)
+                batch = []
     if batch:
         client.delete(*batch)
 
@@ -26,10 +29,11 @@ def check_scratch(client: redis.Redis, ns: str, command: str, *, memory: bool = 
     the throw-away namespace ``ns`` (``memory``: and read MEMORY USAGE): the ACL user of
     docs/reference/acl.md, held to its own namespace and refused SCAN, may not, and ``command``
     would fail half-way through."""
-    probe = f"{ns}:probe"
+    keys = Keys(ns)
+    probe = keys.probe
     try:
         client.set(probe, b"1", px=60_000)
-        client.scan(0, match=f"{ns}:*", count=10)
+        client.scan(0, match=keys.everything, count=10)
         if memory:
             client.memory_usage(probe, samples=0)
         client.delete(probe)

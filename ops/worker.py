@@ -197,7 +197,7 @@ def sign_off(broker: MeshBroker) -> bool:
     messages (its stop timed out), its heartbeat is aged instead, so the next worker's maintenance
     returns them to their queues at once. True when it held nothing. Call after its consumers stopped."""
     keys = broker.keys
-    held = f"{keys.namespace}:__held__.{broker.broker_id}"  # written by settle.lua, which names it so
+    held = keys.held(broker.broker_id)  # written by settle.lua, which names it so
     return bool(broker.client.eval(_SIGN_OFF, 2, keys.heartbeats, held, broker.broker_id,
                                    keys.acks(broker.broker_id, "")))
 

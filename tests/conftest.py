@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from mesh.broker import MeshClient, MeshSettings, idempotency
+from mesh.broker.keys import Keys, legacy_pattern
 from mesh.broker.outbox import wake
 from mesh.broker.settings import DEFAULT_REDIS_URL
 from mesh.ops.local_redis import ensure_redis
@@ -152,7 +153,10 @@ def namespace(redis_url: str) -> Iterator[str]:
     ns = f"test-{uuid.uuid4().hex[:12]}"
     yield ns
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+    # The namespace's keys (``{ns}:*``) and any of the older layout (``ns:*``: a test writing them, as
+    # one of raw dramatiq or of a migration does).
+    keys = [key for pattern in (Keys(ns).everything, legacy_pattern(ns))
+            for key in client.scan_iter(match=pattern, count=1000)]
     for i in range(0, len(keys), 500):
         client.delete(*keys[i:i + 500])
     client.close()

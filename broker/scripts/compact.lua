@@ -1,6 +1,8 @@
 -- Compaction and count retention of finished jobs (see broker/compact.py and broker/keys.py).
 --
--- compact(keys=[namespace], args=[command, now_s, ...])
+-- prefix: the namespace's key prefix, "{ns}" (broker/keys.py); every key this script touches is built from it.
+--
+-- compact(keys=[prefix], args=[command, now_s, ...])
 --
 --   compact   keep, (job_id, sha, record, last_id, name, ended_s)...
 --                      -> {jobs out of the queue, jobs compacted}. A job whose record is still the one

@@ -2,7 +2,9 @@
 -- the transactional outbox in one script, so the conflict check and every write are atomic with
 -- no WATCH and one round trip per batch (see broker/keys.py for the layout).
 --
--- enqueue(keys=[namespace], args=[queue, created_at, wake_cap, trace_maxlen, plain,
+-- prefix: the namespace's key prefix, "{ns}" (broker/keys.py); every key this script touches is built from it.
+--
+-- enqueue(keys=[prefix], args=[queue, created_at, wake_cap, trace_maxlen, plain,
 --                                 job_id, payload_hash, record, event, message_id, message, ...])
 --
 --   plain          "1" when every message of the batch is of normal priority without a flow key:

@@ -3,7 +3,9 @@
 -- removes those whose key is gone, atomically with the check: a key written again meanwhile keeps
 -- its member.
 --
--- retention(keys=[namespace], args=[command, now_s, retention_ms, terminal_states, member...])
+-- prefix: the namespace's key prefix, "{ns}" (broker/keys.py); every key this script touches is built from it.
+--
+-- retention(keys=[prefix], args=[command, now_s, retention_ms, terminal_states, member...])
 --
 --   jobs      job ids       -> a member whose record is gone leaves {ns}:jobs and is tombstoned in
 --                              {ns}:jobs.expired, and what is left of its trace goes (events written

@@ -3,7 +3,9 @@
 -- replace=False check and every write are atomic with no WATCH and one round trip (see
 -- broker/keys.py for the layout). lanes_lib.lua is run before this.
 --
--- run(keys=[namespace], args=[job_id, payload_hash, record, created_at, trace_maxlen, wake_cap,
+-- prefix: the namespace's key prefix, "{ns}" (broker/keys.py); every key this script touches is built from it.
+--
+-- run(keys=[prefix], args=[job_id, payload_hash, record, created_at, trace_maxlen, wake_cap,
 --                             name, digest, replace, canonical, n_events, (job_id, event)..., (queue, message_id, message)...])
 --
 --   record      the job record, created only where none exists ({ns}:job:{id} SET NX, indexed in

@@ -3,7 +3,9 @@
 -- Each command is one atomic step, so no crash or lost connection can leave a message
 -- both settled and pending, or neither.
 --
--- settle(keys=[namespace], args=[command, caller_ms (unused), queue, worker_id, heartbeat_timeout_ms, ...])
+-- prefix: the namespace's key prefix, "{ns}" (broker/keys.py); every key this script touches is built from it.
+--
+-- settle(keys=[prefix], args=[command, caller_ms (unused), queue, worker_id, heartbeat_timeout_ms, ...])
 --
 --   fetch     n [beat [nonce, lease_ms, ttl_s [records]]]
 --                                    -> {id1, data1, id2, data2, ...}; unless beat is "0", also heartbeat

@@ -2,7 +2,8 @@
 -- claim: one call writes what a WATCH/MULTI transaction per step wrote, with no WATCH, no read
 -- round trip and no MULTI. Runs after claim_lib.lua and lanes_lib.lua.
 --
--- step(keys=[], args=[ttl_s, item...]), each item being the arguments
+-- step(keys=[prefix], args=[ttl_s, item...]), each item being the arguments; KEYS[1], the namespace's
+-- prefix ("{ns}"), is not read: a Redis Cluster routes the call by it (every key below is in its slot)
 --
 --   job, sha, claim, owner, token, shared, done, result, id, acks, msgs, e, (eager...) x e, n,
 --   (count, command...) x n

@@ -36,6 +36,7 @@ from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.approvals import EXPIRY, ask_ref
 from mesh.broker.client import JobRef, WaitTimeout
 from mesh.broker.clock import server_ms
+from mesh.broker.keys import Keys
 from mesh.broker.timers import Timers, due, due_at
 from mesh.contracts import TERMINAL, ConfigError, JobRecord, State, StepRecord
 from mesh.contracts.declared import AgentRef, In, Out
@@ -156,7 +157,7 @@ class TestMesh:
             self._broker = None
         if self._client is not None and self.settings is not None:
             r = self._client.redis
-            keys = list(r.scan_iter(match=f"{self.settings.namespace}:*", count=1000))
+            keys = list(r.scan_iter(match=Keys(self.settings.namespace).everything, count=1000))
             for i in range(0, len(keys), 500):
                 r.delete(*keys[i:i + 500])
             r.close()

@@ -23,6 +23,7 @@ import redis
 
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.client import trace_id_of
+from mesh.broker.keys import Keys
 from mesh.broker.trace import operator
 
 #: Fetches per page (the median is reported).
@@ -146,6 +147,6 @@ def _label(path: str, job_id: str, key: str, entry_id: str) -> str:
 
 
 def _drop(r: redis.Redis, ns: str) -> None:
-    keys = list(r.scan_iter(match=f"{ns}:*", count=1000))
+    keys = list(r.scan_iter(match=Keys(ns).everything, count=1000))
     for i in range(0, len(keys), 500):
         r.delete(*keys[i:i + 500])

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from mesh import App, AsyncContext, Context, ToolContext
 from mesh.agents import event_loop
 from mesh.broker import MeshClient, trace
+from mesh.broker.keys import prefix
 from mesh.broker.ledger import Ledger
 from mesh.contracts import Receipt, State
 from mesh.contracts.effects import Verdict
@@ -54,7 +55,7 @@ def _ns(ctx: Any) -> str:
 async def stamp(ctx: ToolContext, args: Stamp) -> Receipt:
     """Counts its calls per key (the effect), awaiting on the handler's loop."""
     await asyncio.sleep(0.01)
-    ctx.redis.incr(f"{_ns(ctx)}:test.stamped:{ctx.key}")
+    ctx.redis.incr(f"{prefix(_ns(ctx))}:test.stamped:{ctx.key}")
     return Receipt(tool="stamp", effect_id=f"s-{args.text}", detail={"loop": id(asyncio.get_running_loop())})
 
 
@@ -98,7 +99,7 @@ async def hang(ctx: AsyncContext, ticket: Ticket) -> Triage:
 @app.tool
 async def slow_book(ctx: ToolContext, args: Stamp) -> Receipt:
     """Books (the effect), then awaits forever: its caller's time limit stops it mid-call."""
-    ctx.redis.incr(f"{_ns(ctx)}:test.booked:{ctx.key}")
+    ctx.redis.incr(f"{prefix(_ns(ctx))}:test.booked:{ctx.key}")
     await asyncio.Event().wait()
     return Receipt(tool="slow_book", effect_id="never")
 
@@ -114,10 +115,10 @@ async def books(ctx: AsyncContext, ticket: Ticket) -> Triage:
 async def held_book(ctx: ToolContext, args: Stamp) -> Receipt:
     """Says it is in flight, waits for ``{ns}:test.release``, then books (the effect)."""
     ns = _ns(ctx)
-    ctx.redis.set(f"{ns}:test.in_flight", 1)
-    while not ctx.redis.exists(f"{ns}:test.release"):
+    ctx.redis.set(f"{prefix(ns)}:test.in_flight", 1)
+    while not ctx.redis.exists(f"{prefix(ns)}:test.release"):
         await asyncio.sleep(0.02)
-    ctx.redis.incr(f"{ns}:test.booked:{ctx.key}")
+    ctx.redis.incr(f"{prefix(ns)}:test.booked:{ctx.key}")
     return Receipt(tool="held_book", effect_id=f"b-{args.text}")
 
 
@@ -127,7 +128,7 @@ async def books_then_waits(ctx: AsyncContext, ticket: Ticket) -> Triage:
     try:
         await ctx.call("held_book", {"text": ticket.text})
     except asyncio.CancelledError:
-        ctx.runtime.redis.set(f"{_ns(ctx)}:test.handler_cancelled", 1)
+        ctx.runtime.redis.set(f"{prefix(_ns(ctx))}:test.handler_cancelled", 1)
         raise
     return Triage(queue="booked")
 
@@ -146,7 +147,7 @@ async def poster(ctx: AsyncContext, post: Post) -> Triage:
 @app.agent
 async def wait_cancel(ctx: AsyncContext, ticket: Ticket) -> Triage:
     """Says it started, then awaits (an hour) until the job is cancelled."""
-    ctx.runtime.redis.set(f"{_ns(ctx)}:test.waiting", os.getpid())
+    ctx.runtime.redis.set(f"{prefix(_ns(ctx))}:test.waiting", os.getpid())
     await asyncio.sleep(3600)
     return Triage(queue="never")
 
@@ -178,7 +179,7 @@ def test_an_async_agent_runs_end_to_end_and_its_async_effect_is_made_once_across
     step_id = next(iter(record.steps))
     assert record.steps[step_id].picked_up == 2
     key = record.steps[step_id].key
-    assert client.redis.get(f"{client.settings.namespace}:test.stamped:{key}") == b"1"  # not stamped again
+    assert client.redis.get(f"{prefix(client.settings.namespace)}:test.stamped:{key}") == b"1"  # not stamped again
     entries = Ledger(client.redis, client.keys, job, step_id, 60).entries()
     assert [(e.tool, e.verdict) for e in entries] == [("stamp", Verdict.UNVERIFIED)]
     assert entries[0].outcome["effect_id"] == "s-retry"
@@ -251,7 +252,7 @@ def test_the_time_limit_stopping_an_async_tool_mid_call_leaves_its_effect_unknow
     assert record.state is State.UNKNOWN and step.state is State.UNKNOWN, (record.state, record.error)
     assert step.failure_class == "timeout"
     assert "slow_book hit its time limit; its effect is unknown" in (step.error or "")
-    assert client.redis.get(f"{client.settings.namespace}:test.booked:{step.key}") == b"1"
+    assert client.redis.get(f"{prefix(client.settings.namespace)}:test.booked:{step.key}") == b"1"
     entries = Ledger(client.redis, client.keys, job, step_id, 60).entries()
     assert [(e.tool, e.verdict) for e in entries] == [("slow_book", Verdict.UNKNOWN)]
 
@@ -260,7 +261,7 @@ def test_mesh_cancel_while_an_async_handler_awaits_cancels_its_task_and_ends_the
         serve: Any) -> None:
     client = serve(lease_s=3)
     job = client.send("wait_cancel", {"text": "x"}).id
-    wait_for(lambda: client.redis.get(f"{client.settings.namespace}:test.waiting"), timeout_s=30)
+    wait_for(lambda: client.redis.get(f"{prefix(client.settings.namespace)}:test.waiting"), timeout_s=30)
 
     client.cancel(job, reason="not needed")
     # Within a lease renewal (1 s), not the hour it awaits.
@@ -310,19 +311,19 @@ def test_mesh_cancel_lets_an_async_tool_call_in_flight_finish_so_its_effect_is_i
     client = serve(lease_s=3)
     ns = client.settings.namespace
     job = client.send("books_then_waits", {"text": "x"}).id
-    wait_for(lambda: client.redis.get(f"{ns}:test.in_flight"), timeout_s=30)
+    wait_for(lambda: client.redis.get(f"{prefix(ns)}:test.in_flight"), timeout_s=30)
 
     client.cancel(job, reason="changed plans")
     # The handler's task is cancelled within a lease renewal; the call goes on until it is released.
-    wait_for(lambda: client.redis.get(f"{ns}:test.handler_cancelled"), timeout_s=15)
-    assert not client.redis.get(f"{ns}:test.booked:{client.status(job).steps['books_then_waits'].key}")
-    client.redis.set(f"{ns}:test.release", 1)
+    wait_for(lambda: client.redis.get(f"{prefix(ns)}:test.handler_cancelled"), timeout_s=15)
+    assert not client.redis.get(f"{prefix(ns)}:test.booked:{client.status(job).steps['books_then_waits'].key}")
+    client.redis.set(f"{prefix(ns)}:test.release", 1)
     wait_for(lambda: next(iter(client.status(job).steps.values())).state is not State.RUNNING, timeout_s=15)
 
     record = client.status(job)
     step_id, step = next(iter(record.steps.items()))
     assert step.state is State.CANCELLED, (step.state, step.error)
-    assert client.redis.get(f"{ns}:test.booked:{step.key}") == b"1"  # the call finished: its effect happened
+    assert client.redis.get(f"{prefix(ns)}:test.booked:{step.key}") == b"1"  # the call finished: its effect happened
     entries = Ledger(client.redis, client.keys, job, step_id, 60).entries()
     assert [(e.tool, e.verdict) for e in entries] == [("held_book", Verdict.UNVERIFIED)]
     assert entries[0].outcome["effect_id"] == "b-x"

@@ -383,25 +383,25 @@ def test_a_fetch_reads_its_messages_records_with_one_command_each_record_once(tm
                 body = json.dumps({"queue_name": "q", "actor_name": "a",
                                    "args": [{"key": f"k{job}{i}{records}", "job_id": job_id}]},
                                   separators=(",", ":"))
-                r.hset("siblings:q.msgs", f"{job}{i}{records}", body)
-                r.rpush("siblings:q", f"{job}{i}{records}")
+                r.hset("{siblings}:q.msgs", f"{job}{i}{records}", body)
+                r.rpush("{siblings}:q", f"{job}{i}{records}")
             stats = r.info("commandstats")
             before = sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in READS)
             out = broker.settle("fetch", "q", n, "0", "nonce", 60000, 60, records)
             stats = r.info("commandstats")
             assert len(out) == 3 * n
             if records == "1":  # each claim's verdict: key, the record ("" over RECORD_MAX), "run", ...
-                expected = [b"" if job == "large" else r.get(f"siblings:job:{job}" if jobs == 1 else
-                                                             f"siblings:job:{job}{i}") or b"" for i in range(n)]
+                expected = [b"" if job == "large" else r.get(f"{{siblings}}:job:{job}" if jobs == 1 else
+                                                             f"{{siblings}}:job:{job}{i}") or b"" for i in range(n)]
                 assert [verdict[1] for verdict in out[2::3]] == expected
             return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in READS) - before
 
-        r.set("siblings:job:small", b'{"job_id":"small"}')
-        r.set("siblings:job:large", b"x" * 2_000_000)
+        r.set("{siblings}:job:small", b'{"job_id":"small"}')
+        r.set("{siblings}:job:large", b"x" * 2_000_000)
         assert reads("small", "1") - reads("small", "0") == 1
         assert reads("large", "1") - reads("large", "0") == 1
         for i in range(n - 1):  # the last job has no record: answered "" as one over RECORD_MAX is
-            r.set(f"siblings:job:many{i}", f'{{"job_id":"many{i}"}}')
+            r.set(f"{{siblings}}:job:many{i}", f'{{"job_id":"many{i}"}}')
         # one MGET per RECORDS_AT_ONCE (16) jobs
         assert reads("many", "1", jobs=n) - reads("many", "0", jobs=n) == 2
         out = broker.settle("fetch", "q", 1, "0", "nonce", 60000, 60, "1")
@@ -434,12 +434,12 @@ def test_a_fetch_of_many_jobs_with_large_records_reads_few_of_them_whole(tmp_pat
         for i in range(n + small):  # the large records' jobs first, then some with small ones
             body = json.dumps({"queue_name": "q", "actor_name": "a", "args": [{"key": f"k{i}", "job_id": f"j{i}"}]},
                               separators=(",", ":"))
-            r.set(f"big:job:j{i}", blob if i < n else f'{{"job_id":"j{i}"}}')
-            r.hset("big:q.msgs", str(i), body)
-            r.rpush("big:q", str(i))
+            r.set(f"{{big}}:job:j{i}", blob if i < n else f'{{"job_id":"j{i}"}}')
+            r.hset("{big}:q.msgs", str(i), body)
+            r.rpush("{big}:q", str(i))
         del blob
-        r.delete(f"big:job:j{n + small - 1}")
-        r.hset(f"big:job:j{n + small - 1}", "not", "a record")  # read as none, as MGET does: the fetch stands
+        r.delete(f"{{big}}:job:j{n + small - 1}")
+        r.hset(f"{{big}}:job:j{n + small - 1}", "not", "a record")  # read as none, as MGET does: the fetch stands
         before = _peak_rss_mb(server.process.pid)
         out = broker.settle("fetch", "q", n + small, "0", "nonce", 60000, 60, "1")
         grown = _peak_rss_mb(server.process.pid) - before

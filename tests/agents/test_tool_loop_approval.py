@@ -44,7 +44,7 @@ def parked(make_settings, rclient, worker_process, api: FakeOpenAI) -> tuple[Mes
 
 
 def counted(rclient, mesh: MeshClient, what: str) -> int:
-    return int(rclient.get(f"{mesh.keys.namespace}:test.{what}") or 0)
+    return int(rclient.get(f"{mesh.keys.prefix}:test.{what}") or 0)
 
 
 @pytest.mark.slow

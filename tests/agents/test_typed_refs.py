@@ -83,7 +83,7 @@ def queued(client: MeshClient, queue: str) -> list[Envelope]:
 
 
 def nothing_in_redis(client: MeshClient) -> bool:
-    return not list(client.redis.scan_iter(match=f"{client.keys.namespace}:*"))
+    return not list(client.redis.scan_iter(match=f"{client.keys.prefix}:*"))
 
 
 def test_a_declared_agent_is_still_its_function_and_carries_its_spec() -> None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from mesh import App, Context, Receipt, ToolContext
 from mesh.agents.tools import effect_id, host_port, send_request
+from mesh.broker.keys import prefix
 from mesh.contracts import PermanentFailure
 from mesh.contracts.effects import Verdict
 
@@ -24,15 +25,15 @@ GATE_POLL_S = 0.02
 
 
 def gate_key(namespace: str) -> str:
-    return f"{namespace}:test:gate"
+    return f"{prefix(namespace)}:test:gate"
 
 
 def arrived_key(namespace: str) -> str:
-    return f"{namespace}:test:arrived"
+    return f"{prefix(namespace)}:test:arrived"
 
 
 def passed_key(namespace: str) -> str:
-    return f"{namespace}:test:passed"
+    return f"{prefix(namespace)}:test:passed"
 
 
 class Hook(BaseModel):

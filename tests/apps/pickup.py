@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from mesh import App, AsyncContext, Context, Pipeline
 from mesh.broker import MeshClient
+from mesh.broker.keys import prefix
 
 app = App("pickup")
 
@@ -34,19 +35,19 @@ class Done(BaseModel):
 
 
 def seen_key(namespace: str, job_id: str) -> str:
-    return f"{namespace}:test.seen:{job_id}"
+    return f"{prefix(namespace)}:test.seen:{job_id}"
 
 
 def arrived_key(namespace: str, job_id: str) -> str:
-    return f"{namespace}:test.arrived:{job_id}"
+    return f"{prefix(namespace)}:test.arrived:{job_id}"
 
 
 def release_key(namespace: str, job_id: str) -> str:
-    return f"{namespace}:test.release:{job_id}"
+    return f"{prefix(namespace)}:test.release:{job_id}"
 
 
 def runs_key(namespace: str, job_id: str) -> str:
-    return f"{namespace}:test.runs:{job_id}"
+    return f"{prefix(namespace)}:test.runs:{job_id}"
 
 
 def _ns(ctx: Context | AsyncContext) -> str:

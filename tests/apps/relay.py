@@ -12,6 +12,7 @@ import time
 from pydantic import BaseModel
 
 from mesh import App, Context, Pipeline
+from mesh.broker.keys import prefix
 
 app = App("relay")
 
@@ -20,11 +21,11 @@ GATE_POLL_S = 0.02
 
 
 def gate_key(namespace: str) -> str:
-    return f"{namespace}:test:gate"
+    return f"{prefix(namespace)}:test:gate"
 
 
 def arrived_key(namespace: str) -> str:
-    return f"{namespace}:test:arrived"
+    return f"{prefix(namespace)}:test:arrived"
 
 
 class Text(BaseModel):

@@ -31,7 +31,7 @@ def stall(scope: CredentialScope) -> Credential:
 @app.tool(mint=stall)
 def pay(ctx: ToolContext, args: Pay) -> Paid:
     """Pays ``cents``: an effect, counted."""
-    ctx.redis.incr(f"{ctx.keys.namespace}:test.paid")
+    ctx.redis.incr(f"{ctx.keys.prefix}:test.paid")
     return Paid(cents=args.cents)
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import wait_for
 
 from mesh import MeshClient, State
+from mesh.broker.keys import prefix
 from mesh.broker.ledger import Ledger
 from mesh.contracts.effects import Verdict
 from mesh.dlq import DeadLetterStore
@@ -148,7 +149,7 @@ def test_a_minter_still_running_at_the_time_limit_fails_the_call_as_not_made_not
     ref = mesh.send(slow_minting.payer, {"cents": 5})
     record = mesh.wait(ref.id, timeout_s=60)
     # the tool was never called: its effect is not unknown, the step failed by the time limit
-    assert rclient.get(f"{settings.namespace}:test.paid") is None
+    assert rclient.get(f"{prefix(settings.namespace)}:test.paid") is None
     assert record.state is State.DEAD_LETTERED, (record.state, record.error)
     assert "credential minter" in (record.error or ""), record.error
     [entry] = Ledger(rclient, mesh.keys, record.job_id, "payer", 60).entries()

@@ -21,6 +21,7 @@ from conftest import wait_for
 
 from mesh.broker import JobRef, MeshClient, trace
 from mesh.broker.breaker import Breakers
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore
 from mesh.dlq.audit import Audit
@@ -192,7 +193,7 @@ def test_a_503_storm_trips_the_tools_dependency_breaker_across_2_processes_and_a
     assert {r.state for r in records} == {State.SUCCEEDED}
     [state] = breakers.list()  # one breaker: the tool's dependency, named by the host:port in its args
     assert state.name == tickets.host_port and state.state == "closed" and state.trips >= 2
-    assert rclient.exists(f"{settings.namespace}:breaker:{tickets.host_port}")
+    assert rclient.exists(f"{prefix(settings.namespace)}:breaker:{tickets.host_port}")
     failed = [r for r in tickets.requests if r["status"] == 503]
     ok = Counter(r["headers"]["idempotency-key"] for r in tickets.requests if r["status"] == 200)
     assert ok == Counter({f"storm-{i}": 1 for i in range(20)})
@@ -235,7 +236,7 @@ def test_a_permanent_failure_is_dead_lettered_then_replayed_once_and_files_the_t
 def namespace_values(client: redis.Redis, namespace: str) -> dict[str, bytes]:
     """Every key of ``namespace`` with everything it holds, read with its type's own command."""
     out = {}
-    for key in client.scan_iter(match=f"{namespace}:*", count=1000):
+    for key in client.scan_iter(match=f"{prefix(namespace)}:*", count=1000):
         kind = client.type(key).decode()
         if kind == "string":
             parts: list[Any] = [client.get(key)]

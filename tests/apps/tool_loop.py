@@ -29,8 +29,8 @@ class Bill(BaseModel):
 @app.tool
 def charge(ctx: ToolContext, args: Charge) -> dict[str, int]:
     """Charge one instalment of an order."""
-    total = int(ctx.redis.incr(f"{ctx.keys.namespace}:test.charges"))
-    ctx.redis.rpush(f"{ctx.keys.namespace}:test.charge_keys", ctx.key)  # the key each call was given
+    total = int(ctx.redis.incr(f"{ctx.keys.prefix}:test.charges"))
+    ctx.redis.rpush(f"{ctx.keys.prefix}:test.charge_keys", ctx.key)  # the key each call was given
     return {"instalment": args.n, "charges_so_far": total}
 
 
@@ -54,7 +54,7 @@ class Refunded(BaseModel):
 @app.tool(destructive=True)
 def refund(ctx: ToolContext, args: Refund) -> dict[str, int]:
     """Refund an order: destructive, each call approved by a person."""
-    total = int(ctx.redis.incr(f"{ctx.keys.namespace}:test.refunds"))
+    total = int(ctx.redis.incr(f"{ctx.keys.prefix}:test.refunds"))
     return {"cents": args.cents, "refunds_so_far": total}
 
 

@@ -9,6 +9,7 @@ import os
 from pydantic import BaseModel
 
 from mesh import App, Context
+from mesh.broker.keys import prefix
 
 app = App("poison")
 
@@ -25,7 +26,7 @@ class Done(BaseModel):
 def crash(ctx: Context, order: Order) -> Done:
     """Dies holding the message, until healed."""
     redis, ns = ctx.runtime.redis, ctx.runtime.settings.namespace
-    redis.incr(f"{ns}:test.deaths")
-    if not redis.exists(f"{ns}:test.heal"):
+    redis.incr(f"{prefix(ns)}:test.deaths")
+    if not redis.exists(f"{prefix(ns)}:test.heal"):
         os._exit(70)
     return Done(text=order.text)

@@ -17,7 +17,7 @@ NOTE = {"tool": "note", "args": {"title": "t"}}
 
 
 def nothing_in_redis(client: MeshClient) -> bool:
-    return not list(client.redis.scan_iter(match=f"{client.keys.namespace}:*"))
+    return not list(client.redis.scan_iter(match=f"{client.keys.prefix}:*"))
 
 
 def test_invalid_payload_is_refused_naming_the_field_and_nothing_reaches_redis(client):

@@ -170,7 +170,7 @@ def test_a_record_changed_since_the_pass_read_it_is_left_for_the_next_pass(setti
     trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2"))
     jobs.update(job.job_id, lambda r: (r.model_copy(update={"goal": "meanwhile"}), []))
     written = rclient.get(keys.job(job.job_id))
-    out, done = compaction._script(keys=[keys.namespace], args=["compact", now(rclient), "0", *args])
+    out, done = compaction._script(keys=[keys.prefix], args=["compact", now(rclient), "0", *args])
     assert (out, done) == (0, 0)
     assert rclient.get(keys.job(job.job_id)) == written and rclient.xlen(keys.trace(job.job_id)) == 3
     assert rclient.zscore(keys.jobs_compact, job.job_id) is not None
@@ -187,7 +187,7 @@ def test_a_stream_grown_between_read_and_write_keeps_what_came_after(settings, r
     data, rows = rclient.get(keys.job(job.job_id)), rclient.xrange(keys.trace(job.job_id))
     args = compaction._one(job.job_id, data, rows, now(rclient))
     trace.emit(rclient, keys, trace.event("duplicate", envelope(job), worker="w:2"))  # no record write
-    assert compaction._script(keys=[keys.namespace], args=["compact", now(rclient), "0", *args]) == [1, 1]
+    assert compaction._script(keys=[keys.prefix], args=["compact", now(rclient), "0", *args]) == [1, 1]
     assert [e["event"] for e in trace.read(rclient, keys, job.job_id)] == [
         "picked_up", "succeeded", "compacted", "duplicate"]
 
@@ -498,7 +498,7 @@ def test_a_job_that_ends_again_between_the_read_and_the_write_stays_queued_for_t
     args = compaction._one(job.job_id, data, rows, now(rclient))  # read while it runs ...
     end(jobs, job)  # ... and it ends (queued again) before the pass writes
 
-    compaction._script(keys=[keys.namespace], args=["compact", now(rclient), "0", *args])
+    compaction._script(keys=[keys.prefix], args=["compact", now(rclient), "0", *args])
 
     assert rclient.zscore(keys.jobs_compact, job.job_id) is not None
     assert compaction.run(now(rclient)).jobs == 1 and not rclient.exists(keys.trace(job.job_id))

@@ -14,6 +14,7 @@ from dramatiq.message import Message
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
 
+from mesh.broker.keys import prefix
 from mesh.broker.mesh_broker import build_broker
 from mesh.dlq import DeadLetterStore
 
@@ -24,7 +25,8 @@ SCALARS: list[Any] = [42, "x", None, [1, 2], 1.5, True, {"a": [1, None]}]
 def backend(settings, rclient) -> RedisBackend:
     """A result backend created, as apps do, after the mesh broker (so on its global encoder)."""
     build_broker(settings).close()
-    return RedisBackend(namespace=f"{settings.namespace}:results", client=rclient, use_namespace_prefix_keys=True)
+    return RedisBackend(namespace=f"{prefix(settings.namespace)}:results", client=rclient,
+                        use_namespace_prefix_keys=True)
 
 
 @pytest.mark.parametrize("value", SCALARS, ids=repr)

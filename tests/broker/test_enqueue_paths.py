@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from mesh.broker.client import job_id_for, payload_hash, trace_id_of
+from mesh.broker.keys import prefix
 from mesh.broker.outbox import NewJobs, register
 
 PAYLOAD = {"tool": "note", "args": {"title": "t"}}
@@ -27,7 +28,7 @@ def two(rclient: redis.Redis) -> Iterator[tuple[str, str]]:
     names = (f"test-single-{uuid.uuid4().hex[:8]}", f"test-batch-{uuid.uuid4().hex[:8]}")
     yield names
     for ns in names:
-        keys = list(rclient.scan_iter(match=f"{ns}:*", count=1000))
+        keys = list(rclient.scan_iter(match=f"{prefix(ns)}:*", count=1000))
         if keys:
             rclient.delete(*keys)
 
@@ -46,9 +47,9 @@ def _jobs(priority: str, items: list[tuple[str, dict[str, Any], str | None, bool
 
 def _dump(r: redis.Redis, ns: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in sorted(r.scan_iter(match=f"{ns}:*", count=1000)):
+    for key in sorted(r.scan_iter(match=f"{prefix(ns)}:*", count=1000)):
         kind = r.type(key).decode()
-        name = key.decode()[len(ns):]
+        name = key.decode()[len(prefix(ns)):]
         if kind == "string":
             value: Any = r.get(key)
         elif kind == "list":
@@ -67,18 +68,18 @@ def _dump(r: redis.Redis, ns: str) -> dict[str, Any]:
 
 def _run(script: Any, ns: str, args: list[Any]) -> Any:
     try:
-        return script(keys=[ns], args=args)
+        return script(keys=[prefix(ns)], args=args)
     except redis.ResponseError as exc:
         return ("error", re.sub(r"user_script:\d+: ", "", str(exc).split(" script:")[0]))
 
 
 SETUPS: dict[str, Callable[[redis.Redis, str, str], Any]] = {
     "fresh": lambda r, ns, job: None,
-    "json-string": lambda r, ns, job: r.set(f"{ns}:job:{job}", b'"text"'),
-    "json-scalar": lambda r, ns, job: r.set(f"{ns}:job:{job}", b"5"),
-    "no-json": lambda r, ns, job: r.set(f"{ns}:job:{job}", b"not json"),
-    "no-hash": lambda r, ns, job: r.set(f"{ns}:job:{job}", b'{"job_id":"x","payload_hash":null}'),
-    "wrong-type": lambda r, ns, job: r.hset(f"{ns}:job:{job}", "a", "b"),
+    "json-string": lambda r, ns, job: r.set(f"{prefix(ns)}:job:{job}", b'"text"'),
+    "json-scalar": lambda r, ns, job: r.set(f"{prefix(ns)}:job:{job}", b"5"),
+    "no-json": lambda r, ns, job: r.set(f"{prefix(ns)}:job:{job}", b"not json"),
+    "no-hash": lambda r, ns, job: r.set(f"{prefix(ns)}:job:{job}", b'{"job_id":"x","payload_hash":null}'),
+    "wrong-type": lambda r, ns, job: r.hset(f"{prefix(ns)}:job:{job}", "a", "b"),
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import push_raw, wait_for
 from dramatiq.message import Message
 
+from mesh.broker.keys import prefix
 from mesh.broker.outbox import encode, stage
 from mesh.contracts import State, dumps, loads
 from mesh.dlq import DeadLetterStore
@@ -239,7 +240,7 @@ def test_a_worker_back_from_a_redis_outage_does_not_reap_the_others_until_they_c
     script = MeshBroker(settings, client=client.redis).scripts["settle"]
 
     def settle(command: str, worker: str, *args: Any) -> Any:
-        return script(keys=[settings.namespace], args=[command, 0, "executor", worker, timeout, *args])
+        return script(keys=[prefix(settings.namespace)], args=[command, 0, "executor", worker, timeout, *args])
 
     def server_ms() -> int:
         secs, micros = client.redis.time()
@@ -295,6 +296,6 @@ def test_a_fetch_asking_for_more_than_a_script_can_unpack_takes_a_bounded_batch_
         pipe.rpush(keys.queue("executor"), f"m{i}")
     pipe.execute()
     got = broker.settle("fetch", "executor", 9_000)
-    held = r.scard(f"{keys.namespace}:__acks__.{broker.broker_id}.executor")
+    held = r.scard(f"{keys.prefix}:__acks__.{broker.broker_id}.executor")
     assert 0 < len(got) // 2 == held < 9_000
     assert r.llen(keys.queue("executor")) + held == 9_000  # every id is queued or in hand

@@ -20,7 +20,7 @@ EMPTY = {"ready": 0, "delayed": 0, "in_flight": 0}
 
 def nothing_written(client: MeshClient) -> bool:
     """No key of the test's namespace exists: no job record, no message, no trace."""
-    return not list(client.redis.scan_iter(match=f"{client.keys.namespace}:*"))
+    return not list(client.redis.scan_iter(match=f"{client.keys.prefix}:*"))
 
 
 def note(title: str, body: str = "") -> dict:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mesh import MeshClient
-from mesh.broker.keys import Keys
+from mesh.broker.keys import Keys, prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore
 from tests.broker.poison_app import app
@@ -32,19 +32,19 @@ def test_a_message_that_kills_three_workers_is_dead_lettered_as_poison(make_sett
     for death in range(1, settings.poison_kills + 1):
         worker = worker_process("--app", APP, "--threads", "1", **env)
         assert worker.wait(timeout=60) == 70, worker.log_path.read_text()  # it died on the message
-        assert int(rclient.get(f"{ns}:test.deaths")) == death
+        assert int(rclient.get(f"{prefix(ns)}:test.deaths")) == death
     survivor = worker_process("--app", APP, "--threads", "1", **env)
     record = mesh.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S * 4 + 60)
 
     assert survivor.poll() is None  # the fourth worker did not run it
-    assert int(rclient.get(f"{ns}:test.deaths")) == settings.poison_kills
+    assert int(rclient.get(f"{prefix(ns)}:test.deaths")) == settings.poison_kills
     assert record.state is State.DEAD_LETTERED
     step = next(iter(record.steps.values()))
     assert step.state is State.DEAD_LETTERED and step.failure_class == "invalid_input"
     [entry] = DeadLetterStore(rclient, Keys(ns)).newest()
     assert entry.job_id == ref.id and entry.failure_class == "invalid_input"
     assert entry.error.startswith("poison: 3 workers died running this message (MESH_POISON_KILLS=3)")
-    assert rclient.hget(f"{ns}:stats", "poison") == b"1"
+    assert rclient.hget(f"{prefix(ns)}:stats", "poison") == b"1"
     assert not rclient.exists(Keys(ns).kills("poison-1"))  # the dead letter let go of the claim
 
 
@@ -59,8 +59,8 @@ def test_a_replayed_poison_message_runs_again(make_settings: Any, rclient: Any, 
     worker_process("--app", APP, "--threads", "1", **env)
     assert mesh.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S * 4 + 60).state is State.DEAD_LETTERED
 
-    rclient.set(f"{ns}:test.heal", 1)  # the fault is fixed: a replay runs it once more
+    rclient.set(f"{prefix(ns)}:test.heal", 1)  # the fault is fixed: a replay runs it once more
     run = cli("dlq", "replay", "--all", "--yes")
     assert run.returncode == 0, run.stderr
     wait_for(lambda: mesh.status(ref.id).state is State.SUCCEEDED, timeout_s=60)
-    assert int(rclient.get(f"{ns}:test.deaths")) == 2
+    assert int(rclient.get(f"{prefix(ns)}:test.deaths")) == 2

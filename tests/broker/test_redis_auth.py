@@ -17,6 +17,7 @@ from mesh.broker import MeshClient
 from mesh.broker.acl import DOC_PAGE, acl_command
 from mesh.broker.breaker import Breakers
 from mesh.broker.connection import ACL_COMMANDS, acl_rules
+from mesh.broker.keys import prefix
 from mesh.contracts import Brownout, State
 from mesh.ops.local_redis import PrivateRedis, _free_port
 from tests.broker.deployed import GOAL, REFUSED_URL, private_redis, run_flows
@@ -63,7 +64,7 @@ def test_a_job_runs_end_to_end_with_the_password_in_the_url_and_a_wrong_one_is_a
 
 def every_value(admin: redis.Redis, namespace: str) -> Iterator[tuple[str, Any]]:
     """Every key of ``namespace`` (and the bare name) with its whole value, whatever its type."""
-    keys = [namespace.encode(), *admin.scan_iter(match=f"{namespace}:*", count=1000)]
+    keys = [namespace.encode(), *admin.scan_iter(match=f"{prefix(namespace)}:*", count=1000)]
     for key in keys:
         kind = admin.type(key).decode()
         reader = {"string": admin.get, "hash": admin.hgetall, "list": lambda k: admin.lrange(k, 0, -1),
@@ -164,7 +165,7 @@ def test_redis_commands_a_flow_needs_but_the_acl_user_lacks_are_refused_not_igno
     # Refused by Redis whether the command is sent alone or from the enqueue script.
     with pytest.raises(redis.RedisError, match=r"NOPERM|permission|can't run this command"):
         client.submit("anything")
-    assert list(admin.scan_iter(match=f"{namespace}:*")) == []
+    assert list(admin.scan_iter(match=f"{prefix(namespace)}:*")) == []
 
 
 def _down() -> None:

@@ -21,6 +21,7 @@ from mesh.broker import MeshClient, MeshSettings, claims, trace
 from mesh.broker.deadline import Deadline
 from mesh.broker.idempotency import Idempotency
 from mesh.broker.jobs import JobStore
+from mesh.broker.keys import prefix
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.outbox import build_message, encode
 from mesh.broker.router import FailureRouter
@@ -270,7 +271,7 @@ def test_poison_met_while_redis_refuses_writes_with_oom_is_dead_lettered_once_me
     filler = "x" * 100_000
     while True:
         try:
-            rc.set(f"{settings.namespace}:filler:{i}", filler)
+            rc.set(f"{prefix(settings.namespace)}:filler:{i}", filler)
         except redis.OutOfMemoryError:
             break
         i += 1
@@ -284,7 +285,7 @@ def test_poison_met_while_redis_refuses_writes_with_oom_is_dead_lettered_once_me
     refused_before = ooms()  # the filler's own refusal
     wait_for(lambda: ooms() > refused_before + 2, timeout_s=20)
     for j in range(i):
-        rc.delete(f"{settings.namespace}:filler:{j}")
+        rc.delete(f"{prefix(settings.namespace)}:filler:{j}")
     assert client.wait(good_before.id, timeout_s=30).state is State.SUCCEEDED
     assert client.wait(good_after.id, timeout_s=30).state is State.SUCCEEDED
     entry = wait_for(lambda: store.get(rid), timeout_s=30)

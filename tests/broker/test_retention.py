@@ -12,7 +12,7 @@ from conftest import wait_for
 
 from mesh.broker import MeshClient, claims, trace
 from mesh.broker.jobs import JobStore, fail_step
-from mesh.broker.keys import Keys
+from mesh.broker.keys import Keys, prefix
 from mesh.broker.observe import running_member
 from mesh.broker.outbox import build_message, encode
 from mesh.broker.retention import Retention, expired
@@ -40,7 +40,7 @@ def census(r: redis.Redis, keys: Keys) -> dict[str, int]:
 def per_job_left(r: redis.Redis, keys: Keys) -> bool:
     """Whether anything of a job is left: a record, trace or note, an index member or a tombstone."""
     ns = keys.namespace
-    patterns = (f"{ns}:job:*", f"{ns}:trace:*", f"{ns}:note:*")
+    patterns = (f"{prefix(ns)}:job:*", f"{prefix(ns)}:trace:*", f"{prefix(ns)}:note:*")
     return (any(next(r.scan_iter(match=p, count=1000), None) for p in patterns)
             or any(r.zcard(k) for k in (keys.jobs, keys.running, keys.notes, keys.jobs_expired)))
 

@@ -54,7 +54,7 @@ def fetch(consumer: MeshConsumer) -> MessageProxy:
 
 def held(client: MeshClient, broker: MeshBroker, queue: str = "executor") -> set[bytes]:
     """The message ids ``broker``'s worker holds on ``queue`` (its acks set)."""
-    return client.redis.smembers(f"{client.keys.namespace}:__acks__.{broker.broker_id}.{queue}")  # type: ignore[return-value]
+    return client.redis.smembers(f"{client.keys.prefix}:__acks__.{broker.broker_id}.{queue}")  # type: ignore[return-value]
 
 
 def dlq(client: MeshClient) -> list[Any]:
@@ -154,7 +154,7 @@ def test_a_settlement_that_raises_dead_letters_the_message_instead_of_holding_it
 def _pause_past_the_heartbeat_timeout(client: MeshClient, broker: MeshBroker, message: MessageProxy) -> None:
     """What a SIGSTOP longer than the heartbeat timeout and the lease looks like in Redis: the
     worker's last heartbeat is old, and its lease on the message's key has run out."""
-    client.redis.zadd(f"{client.keys.namespace}:__heartbeats__", {broker.broker_id: 0})
+    client.redis.zadd(f"{client.keys.prefix}:__heartbeats__", {broker.broker_id: 0})
     claim = message.__dict__["mesh_claim"]
     state = claims.read(client.redis, claim.claim_key)
     client.redis.set(claim.claim_key, f"claimed|{state.token}|0|{state.owner}|", keepttl=True)

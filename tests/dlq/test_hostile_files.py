@@ -81,7 +81,7 @@ def test_replay_leaves_an_entry_addressed_elsewhere_in_the_dlq_with_the_reason_a
     client.redis.hset(client.keys.stats, "dead_lettered", 7)
     bad = hostile(**HOSTILE[case])
     assert store.put(bad.entry, bad.raw)
-    keys_before = set(client.redis.scan_iter(match=f"{client.keys.namespace}:*"))
+    keys_before = set(client.redis.scan_iter(match=f"{client.keys.prefix}:*"))
 
     replayer = Replayer(store, settings)
     report = replayer.replay(replayer.entries([bad.entry.entry_id]))
@@ -91,7 +91,7 @@ def test_replay_leaves_an_entry_addressed_elsewhere_in_the_dlq_with_the_reason_a
     assert audited(client, bad.entry.entry_id) == []
     assert client.redis.hgetall(client.keys.stats) == {b"dead_lettered": b"7"}
     assert client.redis.type(client.keys.claim("victim-key")) == b"none"
-    assert set(client.redis.scan_iter(match=f"{client.keys.namespace}:*")) == keys_before
+    assert set(client.redis.scan_iter(match=f"{client.keys.prefix}:*")) == keys_before
 
 
 def test_a_queue_whose_keys_hold_other_types_gets_no_replay_and_its_entries_stay(client, store, settings):

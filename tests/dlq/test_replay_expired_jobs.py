@@ -15,6 +15,7 @@ from conftest import wait_for
 
 from mesh.broker import MeshClient, trace
 from mesh.broker.client import job_id_for
+from mesh.broker.keys import prefix
 from mesh.contracts import State, child_key
 from mesh.dlq import DeadLetterStore, Replayer
 from tests.dlq.bulk import generate, nth_id
@@ -134,7 +135,7 @@ def test_a_pipeline_job_that_ended_with_a_dead_letter_keeps_its_record_past_its_
     settings = make_settings(job_retention_s=1, dedup_ttl_s=120)
     mesh = MeshClient(settings, client=rclient, app=app)
     spec = check(Pipeline("kept").step("researcher").step("coder", depends_on=["researcher"]).build(), app)
-    fail = f"{settings.namespace}:test.fail"
+    fail = f"{prefix(settings.namespace)}:test.fail"
     rclient.sadd(fail, "run-1/coder/coder")
     worker = start_worker(settings, None, 4, app=app)
     try:

@@ -19,7 +19,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from mesh.broker import job_id_for
-from mesh.broker.keys import Keys
+from mesh.broker.keys import Keys, prefix
 from mesh.dlq import DeadLetter, DeadLetterStore, Filter, Replayer
 from mesh.dlq.checks import Limits, Routes
 from mesh.dlq.export import ExportFileError, load
@@ -114,7 +114,7 @@ def test_an_export_file_with_any_hostile_line_is_refused_whole_or_loaded_whole(c
     @example(bad=orjson.dumps({"entry": {**GOOD, "dead_lettered_at": "NaN"}, "raw_b64": ""}), good=2, at=2)
     def run(bad: bytes, good: int, at: int) -> None:
         n = next(counter)
-        store = DeadLetterStore(client.redis, Keys(f"{client.keys.namespace}:load{n}"))
+        store = DeadLetterStore(client.redis, Keys(f"{client.keys.prefix}:load{n}"))
         lines = [good_line(i) for i in range(good)]
         lines.insert(min(at, good), bad)
         path = tmp_path / f"export-{n}.jsonl"
@@ -146,7 +146,7 @@ def replay_goes_only_where_it_belongs(store: DeadLetterStore, settings: Any, cas
     """Replay everything loaded: each message lands on its own agent's queue under its label, or its
     entry stays in the DLQ with a reason; no key of the mesh's own changes type."""
     ns = store.keys.namespace
-    types_before = {k: store.client.type(k) for k in store.client.scan_iter(match=f"{ns}:*")}
+    types_before = {k: store.client.type(k) for k in store.client.scan_iter(match=f"{prefix(ns)}:*")}
     routes = Routes.read(store.client, store.keys)
     replayer = Replayer(store, settings)
     report = replayer.replay(replayer.entries(flt=Filter()))
@@ -164,7 +164,7 @@ def replay_goes_only_where_it_belongs(store: DeadLetterStore, settings: Any, cas
     assert queued == len(report.replayed), "every replayed entry is on its agent's queue, nothing else is"
     for key, kind in types_before.items():
         assert store.client.type(key) in (kind, b"none"), f"{key!r} changed type"
-    assert not list(store.client.scan_iter(match=f"{ns}:claim:*")), "no claim was written"
+    assert not list(store.client.scan_iter(match=f"{prefix(ns)}:claim:*")), "no claim was written"
     cases["replayed"] += len(report.replayed)
     cases["not replayed"] += len(report.skipped)
 

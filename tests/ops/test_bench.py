@@ -10,6 +10,7 @@ import pytest
 import redis
 from conftest import run_cli
 
+from mesh.broker.keys import prefix
 from mesh.ops import bench
 from mesh.ops.bench import BENCH_APP, CHAIN, PAIR, Echo, bench_echo
 from mesh.ops.local_redis import PrivateRedis, redis_binary
@@ -130,17 +131,17 @@ def test_the_stopwatch_counts_the_commands_sent_and_their_round_trips_and_leaves
     bench._count_round_trips()
     client = redis.Redis.from_url(private_redis.url)
     ns = "bench-count"
-    client.hset(f"{ns}:q.msgs", "m", "x")
+    client.hset(f"{prefix(ns)}:q.msgs", "m", "x")
     watch = bench._Stopwatch(client)
     with watch.sending():
         pipe = client.pipeline(transaction=False)
         for i in range(7):
-            pipe.set(f"{ns}:k{i}", i)
+            pipe.set(f"{prefix(ns)}:k{i}", i)
         pipe.execute()  # one round trip, 7 commands
-        client.eval("redis.call('set', KEYS[1], 1); return redis.call('get', KEYS[1])", 1, f"{ns}:s")
+        client.eval("redis.call('set', KEYS[1], 1); return redis.call('get', KEYS[1])", 1, f"{prefix(ns)}:s")
     for _ in range(3):
-        client.hlen(f"{ns}:q.msgs")  # polls of another kind than the bench's: counted
-    client.hdel(f"{ns}:q.msgs", "m")
+        client.hlen(f"{prefix(ns)}:q.msgs")  # polls of another kind than the bench's: counted
+    client.hdel(f"{prefix(ns)}:q.msgs", "m")
     bench._drained(client, ns, "q", watch=watch)  # the bench's own poll: left out
     run = watch.stop(n=2)
     assert run.commands == {"set": 8, "eval": 1, "get": 1, "hlen": 3, "hdel": 1}

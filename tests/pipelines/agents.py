@@ -26,6 +26,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 
 from mesh import App, Context
+from mesh.broker.keys import prefix
 from mesh.contracts import PermanentFailure
 
 app = App("orchestration")
@@ -96,12 +97,12 @@ class Given(BaseModel):
 def _ran(ctx: Context) -> None:
     """Count this execution; fail for good while the step's key is listed to fail."""
     runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
-    runtime.redis.hincrby(f"{ns}:test.runs", ctx.key, 1)
-    if runtime.redis.sismember(f"{ns}:test.fail", ctx.key):
+    runtime.redis.hincrby(f"{prefix(ns)}:test.runs", ctx.key, 1)
+    if runtime.redis.sismember(f"{prefix(ns)}:test.fail", ctx.key):
         raise PermanentFailure(f"step {ctx.step_id} told to fail")
-    if runtime.redis.sismember(f"{ns}:test.flaky", ctx.key):
+    if runtime.redis.sismember(f"{prefix(ns)}:test.flaky", ctx.key):
         raise RuntimeError(f"step {ctx.step_id} told to fail, retryably")
-    if runtime.redis.sismember(f"{ns}:test.timeout", ctx.key):
+    if runtime.redis.sismember(f"{prefix(ns)}:test.timeout", ctx.key):
         raise httpx.ReadTimeout(f"step {ctx.step_id} told to time out")
 
 
@@ -160,14 +161,14 @@ def scout(ctx: Context, task: Task) -> ResearchResult:
 def fetch(ctx: Context, source: Source) -> Page:
     """Fetches one source; counts how many fetches run at once."""
     runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
-    now = runtime.redis.incr(f"{ns}:test.inflight")
+    now = runtime.redis.incr(f"{prefix(ns)}:test.inflight")
     try:
-        runtime.redis.zadd(f"{ns}:test.peak", {"peak": now}, gt=True)
+        runtime.redis.zadd(f"{prefix(ns)}:test.peak", {"peak": now}, gt=True)
         time.sleep(0.02)  # the fetch takes a moment, so fetches overlap when allowed to
         _ran(ctx)
         return Page(url=source.url, words=int(source.score) * 10)
     finally:
-        runtime.redis.decr(f"{ns}:test.inflight")
+        runtime.redis.decr(f"{prefix(ns)}:test.inflight")
 
 
 @app.agent
@@ -182,8 +183,8 @@ def hold(ctx: Context, diff: CodeDiff) -> CodeDiff:
     """Passes the diff on once released; says which process holds it while it waits."""
     runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
     _ran(ctx)
-    runtime.redis.set(f"{ns}:test.holder", os.getpid())
+    runtime.redis.set(f"{prefix(ns)}:test.holder", os.getpid())
     deadline = time.monotonic() + 60
-    while not runtime.redis.exists(f"{ns}:test.release") and time.monotonic() < deadline:
+    while not runtime.redis.exists(f"{prefix(ns)}:test.release") and time.monotonic() < deadline:
         time.sleep(0.05)  # a stand-in for slow work: the test releases it
     return diff

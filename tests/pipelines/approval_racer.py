@@ -10,16 +10,17 @@ import orjson
 
 from mesh import MeshClient
 from mesh.broker.approvals import AlreadyDecided
+from mesh.broker.keys import prefix
 from tests.pipelines.agents import app
 
 
 def main(role: str) -> None:
     c = MeshClient(app=app)
     ns = c.settings.namespace
-    jobs = [j.decode() for j in c.redis.lrange(f"{ns}:test.race.jobs", 0, -1)]
+    jobs = [j.decode() for j in c.redis.lrange(f"{prefix(ns)}:test.race.jobs", 0, -1)]
     for i, job in enumerate(jobs):
-        c.redis.rpush(f"{ns}:test.race.ready:{i}", role)
-        if c.redis.blpop([f"{ns}:test.race.go:{i}"], timeout=60) is None:
+        c.redis.rpush(f"{prefix(ns)}:test.race.ready:{i}", role)
+        if c.redis.blpop([f"{prefix(ns)}:test.race.go:{i}"], timeout=60) is None:
             raise SystemExit(f"round {i}: no go within 60 s")
         try:
             if role == "approve":
@@ -29,7 +30,7 @@ def main(role: str) -> None:
             outcome: dict[str, object] = {"won": True}
         except AlreadyDecided as exc:
             outcome = {"won": False, "winner": exc.decision, "by": exc.by}
-        c.redis.hset(f"{ns}:test.race.out:{i}", role, orjson.dumps(outcome))
+        c.redis.hset(f"{prefix(ns)}:test.race.out:{i}", role, orjson.dumps(outcome))
 
 
 if __name__ == "__main__":

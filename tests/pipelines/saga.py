@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mesh import App, Context, ToolContext, host_port, send_request
 from mesh.agents.pipelines import Pipeline
+from mesh.broker.keys import prefix
 from mesh.contracts import PermanentFailure
 
 app = App("saga")
@@ -41,13 +42,13 @@ def _ns(ctx: Context) -> str:
 def book(ctx: Context, booking: Booking) -> Booking:
     """Books ``ctx.step_id`` at the server."""
     r, ns = ctx.runtime.redis, _ns(ctx)
-    if r.sismember(f"{ns}:test.hold_book", ctx.step_id):
-        r.set(f"{ns}:test.book_holder", os.getpid())
+    if r.sismember(f"{prefix(ns)}:test.hold_book", ctx.step_id):
+        r.set(f"{prefix(ns)}:test.book_holder", os.getpid())
         end = time.monotonic() + 60
         while not ctx.cancelled and time.monotonic() < end:
             time.sleep(0.05)
-        r.set(f"{ns}:test.saw_cancel", int(ctx.cancelled))
-    if r.sismember(f"{ns}:test.fail", ctx.step_id):
+        r.set(f"{prefix(ns)}:test.saw_cancel", int(ctx.cancelled))
+    if r.sismember(f"{prefix(ns)}:test.fail", ctx.step_id):
         raise PermanentFailure(f"step {ctx.step_id} told to fail")
     ctx.http.post(f"{booking.url}/do", json={"step": ctx.step_id}).raise_for_status()
     return Booking(url=booking.url, ref=ctx.step_id)
@@ -57,15 +58,15 @@ def book(ctx: Context, booking: Booking) -> Booking:
 def unbook(ctx: Context, booking: Booking) -> Booking:
     """Undoes booking ``ref``."""
     r, ns = ctx.runtime.redis, _ns(ctx)
-    if r.sismember(f"{ns}:test.fail_undo", booking.ref):
+    if r.sismember(f"{prefix(ns)}:test.fail_undo", booking.ref):
         raise PermanentFailure(f"undo of {booking.ref} told to fail")
     ctx.http.post(f"{booking.url}/undo", json={"ref": booking.ref}).raise_for_status()
-    r.set(f"{ns}:test.holder", os.getpid())
-    if r.exists(f"{ns}:test.hold"):  # the effect is made, its success not yet recorded
+    r.set(f"{prefix(ns)}:test.holder", os.getpid())
+    if r.exists(f"{prefix(ns)}:test.hold"):  # the effect is made, its success not yet recorded
         end = time.monotonic() + 60
-        while not r.exists(f"{ns}:test.release") and time.monotonic() < end:
-            r.hset(f"{ns}:test.undo_saw", mapping={"cancelled": int(ctx.cancelled), "at": time.monotonic()})
-            r.hincrby(f"{ns}:test.undo_saw", "loops", 1)
+        while not r.exists(f"{prefix(ns)}:test.release") and time.monotonic() < end:
+            r.hset(f"{prefix(ns)}:test.undo_saw", mapping={"cancelled": int(ctx.cancelled), "at": time.monotonic()})
+            r.hincrby(f"{prefix(ns)}:test.undo_saw", "loops", 1)
             time.sleep(0.05)
     return booking
 

@@ -21,6 +21,7 @@ from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline
 from mesh.broker import approvals
 from mesh.broker.clock import server_ms
+from mesh.broker.keys import prefix
 from mesh.contracts import State, dumps, loads
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 from tests.conftest import ROOT, mesh_env, wait_for
@@ -41,14 +42,14 @@ def test_concurrent_approve_and_deny_from_two_processes_leave_exactly_one_decisi
     ns = settings.namespace
     refs = [mesh.run(root_spec(), {"goal": f"g{i}"}) for i in range(ROUNDS)]
     assert all(mesh.status(r.id).state is State.AWAITING_APPROVAL for r in refs)
-    mesh.redis.rpush(f"{ns}:test.race.jobs", *[r.id for r in refs])
+    mesh.redis.rpush(f"{prefix(ns)}:test.race.jobs", *[r.id for r in refs])
     procs = [subprocess.Popen([sys.executable, "-m", "tests.pipelines.approval_racer", role],
                               env=mesh_env(settings), cwd=ROOT) for role in ("approve", "deny")]
     try:
         for i in range(ROUNDS):
-            wait_for(lambda i=i: mesh.redis.llen(f"{ns}:test.race.ready:{i}") == 2, timeout_s=60)
-            mesh.redis.rpush(f"{ns}:test.race.go:{i}", 1, 1)  # one command releases both at once
-            wait_for(lambda i=i: mesh.redis.hlen(f"{ns}:test.race.out:{i}") == 2, timeout_s=30)
+            wait_for(lambda i=i: mesh.redis.llen(f"{prefix(ns)}:test.race.ready:{i}") == 2, timeout_s=60)
+            mesh.redis.rpush(f"{prefix(ns)}:test.race.go:{i}", 1, 1)  # one command releases both at once
+            wait_for(lambda i=i: mesh.redis.hlen(f"{prefix(ns)}:test.race.out:{i}") == 2, timeout_s=30)
     finally:
         for p in procs:
             p.wait(30)
@@ -56,7 +57,7 @@ def test_concurrent_approve_and_deny_from_two_processes_leave_exactly_one_decisi
 
     winners = []
     for i, ref in enumerate(refs):
-        out = {k.decode(): orjson.loads(v) for k, v in mesh.redis.hgetall(f"{ns}:test.race.out:{i}").items()}
+        out = {k.decode(): orjson.loads(v) for k, v in mesh.redis.hgetall(f"{prefix(ns)}:test.race.out:{i}").items()}
         won = [role for role, o in out.items() if o["won"]]
         assert len(won) == 1, (i, out)  # exactly one decision, every round
         [lost] = [o for o in out.values() if not o["won"]]

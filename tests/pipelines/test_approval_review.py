@@ -15,6 +15,7 @@ from mesh.agents.pipelines.engine import Routes
 from mesh.agents.pipelines.spec import ApprovalPolicy
 from mesh.broker import approvals, timers
 from mesh.broker.clock import server_ms
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.contracts.approvals import parse_duration
 from tests.conftest import sigstop, wait_for
@@ -186,7 +187,7 @@ def test_the_retention_sweep_never_takes_a_job_that_ended_while_a_step_waits(mes
     spec = load_pipeline_spec(Pipeline("two").step("researcher").step(
         "coder", depends_on=["researcher"], requires_human_approval=True)
         .step("other", agent="researcher", depends_on=["researcher"], input={"goal": "input.goal"}).build())
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "sweep-1/researcher/other")
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", "sweep-1/researcher/other")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="sweep-1")
     record = wait_for(lambda: (r := mesh.status(ref.id)).steps["other"].state is State.DEAD_LETTERED

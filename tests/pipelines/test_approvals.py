@@ -13,6 +13,7 @@ from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline
 from mesh.broker import approvals
 from mesh.broker.clock import server_ms
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.dlq.replay import Replayer
 from mesh.dlq.store import DeadLetterStore
@@ -191,7 +192,7 @@ def test_a_job_waiting_for_approval_has_no_ttl_even_when_another_branch_ended_it
         .step("other", agent="researcher", depends_on=["researcher"], input={"goal": "input.goal"}).build())
     # other is sent in the write that parks coder, then dead-lettered: the failure's settlement
     # (broker/consumer.py) writes the ended job while coder waits
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "ttl-1/researcher/other")
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", "ttl-1/researcher/other")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="ttl-1")
     record = wait_for(lambda: (r := mesh.status(ref.id)).steps["other"].state is State.DEAD_LETTERED

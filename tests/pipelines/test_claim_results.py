@@ -12,6 +12,7 @@ import pytest
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
 from mesh.broker import claims
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from tests.conftest import wait_for
 from tests.pipelines.agents import app
@@ -28,7 +29,7 @@ def shared() -> Any:
 
 
 def runs(mesh: MeshClient) -> dict[str, int]:
-    raw = mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs")
+    raw = mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs")
     return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 

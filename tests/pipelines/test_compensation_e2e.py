@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from mesh import MeshClient
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore, Replayer
 from tests.conftest import wait_for
@@ -56,7 +57,7 @@ def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and
     with RecordingServer(ledger) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
         ns = mesh.settings.namespace
-        rclient.sadd(f"{ns}:test.fail", "car")
+        rclient.sadd(f"{prefix(ns)}:test.fail", "car")
         ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-1")
         record = mesh.wait(ref.id, timeout_s=60)
 
@@ -81,8 +82,8 @@ def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and
         assert after.state is State.COMPENSATED and after.steps["car"].state is State.DEAD_LETTERED
         assert [a for a in ledger.applied if a[0] == "/undo"] == [("/undo", "hotel"), ("/undo", "flight")]
         # (the worker writes its success counts once per MESH_COUNTER_FLUSH_S)
-        wait_for(lambda: int(rclient.hget(f"{ns}:outcomes", "unbook:succeeded") or 0) >= 2)
-        assert int(rclient.hget(f"{ns}:outcomes", "unbook:succeeded") or 0) == 2
+        wait_for(lambda: int(rclient.hget(f"{prefix(ns)}:outcomes", "unbook:succeeded") or 0) >= 2)
+        assert int(rclient.hget(f"{prefix(ns)}:outcomes", "unbook:succeeded") or 0) == 2
 
         # Every view shows the new states with their cause.
         status = cli("status", "trip-1")
@@ -115,18 +116,18 @@ def test_a_worker_sigkilled_mid_compensation_leaves_each_compensation_applied_on
     with RecordingServer(ledger) as server:
         mesh, procs = _start(make_settings, rclient, worker_process, server, workers=2)
         ns = mesh.settings.namespace
-        rclient.sadd(f"{ns}:test.fail", "car")
-        rclient.set(f"{ns}:test.hold", 1)
+        rclient.sadd(f"{prefix(ns)}:test.fail", "car")
+        rclient.set(f"{prefix(ns)}:test.hold", 1)
         ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-kill")
 
-        holder = int(wait_for(lambda: rclient.get(f"{ns}:test.holder"), timeout_s=60))
+        holder = int(wait_for(lambda: rclient.get(f"{prefix(ns)}:test.holder"), timeout_s=60))
         [victim] = [p for p in procs if p.pid == holder]
         held = mesh.status(ref.id)
         assert held.state is State.COMPENSATING and held.steps["undo:hotel"].state is State.RUNNING
         assert held.steps["undo:flight"].sent_at is None  # one at a time: flight's waits for hotel's
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        rclient.set(f"{ns}:test.release", 1)
+        rclient.set(f"{prefix(ns)}:test.release", 1)
         record = mesh.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
 
         assert record.state is State.COMPENSATED, (record.state, record.error)
@@ -150,7 +151,7 @@ def test_a_tool_declared_with_compensate_is_undone_by_its_compensating_tool_last
     ledger = Ledger()
     with RecordingServer(ledger) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
-        rclient.sadd(f"{mesh.settings.namespace}:test.fail", "car")
+        rclient.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", "car")
         ref = mesh.run(SHOW, {"url": server.url("")}, key="show-1")
         record = mesh.wait(ref.id, timeout_s=60)
 
@@ -167,8 +168,8 @@ def test_a_compensation_failing_for_good_is_dead_lettered_compensation_failed_an
     with RecordingServer(ledger) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
         ns = mesh.settings.namespace
-        rclient.sadd(f"{ns}:test.fail", "car")
-        rclient.sadd(f"{ns}:test.fail_undo", "hotel")
+        rclient.sadd(f"{prefix(ns)}:test.fail", "car")
+        rclient.sadd(f"{prefix(ns)}:test.fail_undo", "hotel")
         ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-undo-fails")
         record = mesh.wait(ref.id, timeout_s=60)
 
@@ -181,7 +182,7 @@ def test_a_compensation_failing_for_good_is_dead_lettered_compensation_failed_an
         assert ledger.applied == [("/do", "flight"), ("/do", "hotel")]
         assert _metrics(mesh)[("mesh_compensations_failed_total", ())] == 1
 
-        rclient.srem(f"{ns}:test.fail_undo", "hotel")
+        rclient.srem(f"{prefix(ns)}:test.fail_undo", "hotel")
         replayer = Replayer(store, mesh.settings)
         assert replayer.replay(replayer.entries([entry.entry_id])).replayed == [entry.entry_id]
         record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.COMPENSATED and r, timeout_s=60)
@@ -219,7 +220,7 @@ def test_a_step_compensated_by_a_tool_named_in_the_pipeline_has_it_called_once(
     ledger = Ledger()
     with RecordingServer(ledger) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
-        rclient.sadd(f"{mesh.settings.namespace}:test.fail", "car")
+        rclient.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", "car")
         ref = mesh.run(RELEASED, {"url": server.url("")}, key="released-1")
         record = mesh.wait(ref.id, timeout_s=60)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, load_pipeline
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from tests.conftest import wait_for
 from tests.pipelines.agents import app
@@ -17,7 +18,7 @@ FILE = Path(__file__).with_name("multi-agent-orchestration.skill.yaml")
 
 def runs(mesh: MeshClient) -> dict[str, int]:
     """Executions per step key."""
-    raw = mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs")
+    raw = mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs")
     return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 
@@ -114,14 +115,14 @@ def test_a_five_step_dag_with_two_roots_runs_each_step_once(mesh, run_workers):
 def test_a_replayed_dead_lettered_middle_step_continues_the_job_to_the_end(mesh, run_workers, cli):
     spec = load_pipeline_spec(DAG.build())
     ns = mesh.settings.namespace
-    mesh.redis.sadd(f"{ns}:test.fail", "dag-2/combine/merge")
+    mesh.redis.sadd(f"{prefix(ns)}:test.fail", "dag-2/combine/merge")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="dag-2")
     record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=30)
     assert record.steps["merge"].state is State.DEAD_LETTERED
     assert record.steps["code"].sent_at is None
 
-    mesh.redis.srem(f"{ns}:test.fail", "dag-2/combine/merge")
+    mesh.redis.srem(f"{prefix(ns)}:test.fail", "dag-2/combine/merge")
     done = cli("dlq", "replay", "--all", "--yes")
     assert done.returncode == 0, done.stderr
     record = mesh.wait(ref.id, timeout_s=30)
@@ -187,7 +188,7 @@ def test_timeout_and_retry_policy_ride_on_the_steps_message(mesh):
 
 def test_max_attempts_counts_every_attempt_then_the_step_is_dead_lettered(mesh, run_workers):
     spec = load_pipeline_spec(Pipeline("flaky").step("researcher", retry_policy={"max_attempts": 2}).build())
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.flaky", "flaky-1/researcher/researcher")
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.flaky", "flaky-1/researcher/researcher")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="flaky-1")
     record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=30)

@@ -12,7 +12,7 @@ import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
-from mesh.broker.keys import Keys
+from mesh.broker.keys import Keys, prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore
 from tests.pipelines.agents import app
@@ -30,7 +30,7 @@ def dead_letters(mesh: MeshClient) -> list[Any]:
 
 
 def runs(mesh: MeshClient) -> dict[str, int]:
-    counts = mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs")
+    counts = mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs")
     return {k.decode(): int(v) for k, v in counts.items()}
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from tests.conftest import wait_for
 from tests.pipelines.agents import app
@@ -23,11 +24,11 @@ def fan_out(min_success: float | int, max_parallel: int | None = None, failure_m
 
 
 def fail_items(mesh: MeshClient, key: str, *indexes: int) -> None:
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", *[f"{key}/fetch/fetch/{i}" for i in indexes])
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", *[f"{key}/fetch/fetch/{i}" for i in indexes])
 
 
 def runs(mesh: MeshClient) -> dict[str, int]:
-    raw = mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs")
+    raw = mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs")
     return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 
@@ -73,7 +74,7 @@ def test_a_replayed_item_meets_the_join_and_the_job_runs_on(mesh, run_workers, c
     ref = mesh.run(fan_out(19), {"goal": "g", "count": 20}, key="fan-3")
     wait_for(lambda: mesh.status(ref.id).steps["fetch"].state is State.DEAD_LETTERED, timeout_s=60)
 
-    mesh.redis.srem(f"{mesh.settings.namespace}:test.fail", "fan-3/fetch/fetch/3")
+    mesh.redis.srem(f"{prefix(mesh.settings.namespace)}:test.fail", "fan-3/fetch/fetch/3")
     done = cli("dlq", "replay", "--all", "--yes")
     assert done.returncode == 0, done.stderr
     record = mesh.wait(ref.id, timeout_s=60)
@@ -90,7 +91,7 @@ def test_max_parallel_bounds_the_items_in_flight(mesh, run_workers):
 
     assert record.state is State.SUCCEEDED, record.error
     assert len(record.steps["fetch"].result["items"]) == 20
-    peak = mesh.redis.zscore(f"{mesh.settings.namespace}:test.peak", "peak")
+    peak = mesh.redis.zscore(f"{prefix(mesh.settings.namespace)}:test.peak", "peak")
     assert peak is not None and 1 <= peak <= 5
 
 
@@ -124,7 +125,7 @@ def test_a_met_join_is_revised_when_its_dead_items_are_replayed_and_succeed(mesh
     assert record.state is State.SUCCEEDED, record.error
     assert list(record.steps["fetch"].result["failed"]) == ["fetch[3]", "fetch[11]", "fetch[19]"]
 
-    mesh.redis.delete(f"{mesh.settings.namespace}:test.fail")
+    mesh.redis.delete(f"{prefix(mesh.settings.namespace)}:test.fail")
     done = cli("dlq", "replay", "--all", "--yes")
     assert done.returncode == 0, done.stderr
     record = wait_for(lambda: (r := mesh.status(ref.id)) and all(

@@ -10,6 +10,7 @@ import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
+from mesh.broker.keys import prefix
 from mesh.contracts import TERMINAL, State
 from tests.conftest import wait_for
 from tests.pipelines.agents import app
@@ -33,14 +34,14 @@ def test_a_for_each_step_running_when_its_job_halts_ends_once_its_item_in_flight
                                                                                    run_workers):
     ns = mesh.settings.namespace
     first = "halt-1/fetch/fetch/0"
-    mesh.redis.sadd(f"{ns}:test.flaky", first)  # in flight (retried) until the job has halted
+    mesh.redis.sadd(f"{prefix(ns)}:test.flaky", first)  # in flight (retried) until the job has halted
     run_workers()
     ref = mesh.run(halts_beside_a_fan_out(), {"goal": "g", "count": 3}, key="halt-1")
     halted = mesh.wait(ref.id, timeout_s=30)
     assert halted.state is State.HALTED and halted.steps["reviewer"].state is State.HALTED
     assert {halted.steps[s].state for s in ("fetch[1]", "fetch[2]", "digest")} == {State.NOT_RUN}
 
-    mesh.redis.srem(f"{ns}:test.flaky", first)
+    mesh.redis.srem(f"{prefix(ns)}:test.flaky", first)
     wait_for(lambda: mesh.status(ref.id).steps["fetch[0]"].state is State.SUCCEEDED, timeout_s=30)
     record = mesh.status(ref.id)
     assert record.state is State.HALTED

@@ -8,6 +8,7 @@ from typing import Any
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from tests.pipelines.agents import app
 
@@ -22,7 +23,7 @@ def fan_out(**conditions: Any) -> Any:
 
 
 def runs(mesh: MeshClient) -> dict[str, int]:
-    raw = mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs")
+    raw = mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs")
     return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from mesh.agents.pipelines import Pipeline, PipelineError, load_pipeline
 from mesh.agents.pipelines.engine import Routes, Run, advance, begin
+from mesh.broker.keys import prefix
 from mesh.contracts import JobRecord, State, transition
 from tests.pipelines.agents import app
 
@@ -154,7 +155,7 @@ def test_over_real_workers_items_run_once_under_their_ids_and_the_job_gives_the_
     assert record.result == {"s2": {"url": "https://example.invalid/2", "words": 40},
                              "s3": {"url": "https://example.invalid/3", "words": 60},
                              "digest": {"pages": 2, "words": 100}}
-    raw = mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs")
+    raw = mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs")
     assert {k.decode(): int(v) for k, v in raw.items()} == {  # type: ignore[union-attr]
         "picked-1/scout/scout": 1, "picked-1/fetch/s2": 1, "picked-1/fetch/s3": 1, "picked-1/digest/digest": 1}
 

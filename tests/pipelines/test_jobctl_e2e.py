@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from tests.conftest import wait_for
 from tests.httpserver import RecordingServer
@@ -20,17 +21,17 @@ def test_cancel_of_a_job_with_a_running_step_stops_it_and_compensates_and_a_seco
     with RecordingServer(ledger) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
         ns = mesh.settings.namespace
-        rclient.sadd(f"{ns}:test.hold_book", "hotel")
+        rclient.sadd(f"{prefix(ns)}:test.hold_book", "hotel")
         ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-cancel")
-        wait_for(lambda: rclient.get(f"{ns}:test.book_holder"), timeout_s=60)
+        wait_for(lambda: rclient.get(f"{prefix(ns)}:test.book_holder"), timeout_s=60)
         assert mesh.status(ref.id).steps["hotel"].state is State.RUNNING
 
         record = mesh.cancel(ref.id, reason="wrong dates")
         assert record.unwind is not None and record.unwind.cause == "cancelled"
         assert record.steps["car"].state is State.CANCELLED  # never sent
         # The lease renewal (every claim_lease_s / 3) tells the running handler.
-        wait_for(lambda: rclient.get(f"{ns}:test.saw_cancel"), timeout_s=mesh.settings.claim_lease_s / 3 + 1.0)
-        assert rclient.get(f"{ns}:test.saw_cancel") == b"1"
+        wait_for(lambda: rclient.get(f"{prefix(ns)}:test.saw_cancel"), timeout_s=mesh.settings.claim_lease_s / 3 + 1.0)
+        assert rclient.get(f"{prefix(ns)}:test.saw_cancel") == b"1"
         record = mesh.wait(ref.id, timeout_s=60)
 
         assert record.state is State.COMPENSATED, (record.state, record.error)
@@ -55,9 +56,9 @@ def test_cancel_of_a_job_without_compensations_ends_it_cancelled_through_the_cli
     with RecordingServer(Ledger()) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
         ns = mesh.settings.namespace
-        rclient.sadd(f"{ns}:test.hold_book", "flight")
+        rclient.sadd(f"{prefix(ns)}:test.hold_book", "flight")
         ref = mesh.run(TOUR, {"url": server.url("")}, key="tour-cancel")
-        wait_for(lambda: rclient.get(f"{ns}:test.book_holder"), timeout_s=60)
+        wait_for(lambda: rclient.get(f"{prefix(ns)}:test.book_holder"), timeout_s=60)
         done = cli("cancel", "tour-cancel", "--reason", "not needed")
         assert done.returncode == 0, done.stderr
         assert "cancelled" in done.stdout
@@ -78,11 +79,11 @@ def test_rerun_from_a_step_reuses_upstream_outputs_and_runs_the_rest_under_new_k
     with RecordingServer(ledger) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
         ns = mesh.settings.namespace
-        rclient.sadd(f"{ns}:test.fail", "car")
+        rclient.sadd(f"{prefix(ns)}:test.fail", "car")
         ref = mesh.run(TOUR, {"url": server.url("")}, key="tour-1")
         old = mesh.wait(ref.id, timeout_s=60)
         assert old.state is State.DEAD_LETTERED
-        rclient.srem(f"{ns}:test.fail", "car")
+        rclient.srem(f"{prefix(ns)}:test.fail", "car")
 
         done = cli("rerun", "tour-1", "--from", "hotel", "--wait", "--json")
         assert done.returncode == 0, done.stderr

@@ -10,6 +10,7 @@ import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
+from mesh.broker.keys import prefix
 from mesh.contracts import ContractError, LimitExceeded, State
 from tests.pipelines.agents import app
 
@@ -37,7 +38,7 @@ def test_a_for_each_list_over_the_limit_fails_the_step_and_sends_no_item(mesh: M
     assert not [s for s in record.steps.values() if s.parent == "fetch"]
     assert record.steps["digest"].sent_at is None
     assert mesh.queues(["fetch"])["fetch"] == {"ready": 0, "delayed": 0, "in_flight": 0}
-    assert not mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs").get(b"too-many/fetch/fetch/0")
+    assert not mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs").get(b"too-many/fetch/fetch/0")
 
 
 def test_a_list_at_the_limit_runs(mesh: MeshClient, run_workers):
@@ -52,11 +53,11 @@ def test_a_root_for_each_over_the_input_is_refused_by_the_client_and_nothing_is_
         # (the client checks a root's input against its agent's model too: this one passes)
         mesh.run(spec, {"url": "u", "score": 1.0, "items": [{"url": f"u{i}", "score": 1.0} for i in range(6)]},
                  key="root")
-    assert not list(mesh.redis.scan_iter(match=f"{mesh.settings.namespace}:*"))
+    assert not list(mesh.redis.scan_iter(match=f"{prefix(mesh.settings.namespace)}:*"))
 
 
 def test_a_root_whose_for_each_cannot_be_evaluated_is_refused_by_the_client(mesh: MeshClient):
     spec = check(Pipeline("root-missing").step("fetch", for_each="input.missing").build(), app)
     with pytest.raises(ContractError, match=r"step fetch: for_each expression 'input\.missing': cannot evaluate"):
         mesh.run(spec, {"url": "u", "score": 1.0}, key="root-missing")
-    assert not list(mesh.redis.scan_iter(match=f"{mesh.settings.namespace}:*"))
+    assert not list(mesh.redis.scan_iter(match=f"{prefix(mesh.settings.namespace)}:*"))

@@ -21,6 +21,7 @@ from mesh.agents.pipelines import Pipeline, check, load_pipeline
 from mesh.broker import MeshClient, NotReplicated, trace
 from mesh.broker.client import job_id_for
 from mesh.broker.connection import acl_rules
+from mesh.broker.keys import prefix
 from mesh.broker.pipelines import PipelineConflict
 from mesh.contracts import KeyConflict
 from tests.broker.deployed import private_redis
@@ -34,7 +35,7 @@ def ready(mesh: MeshClient, queue: str) -> int:
 
 
 def written(rclient: redis.Redis, namespace: str) -> set[str]:
-    return {k.decode() for k in rclient.scan_iter(match=f"{namespace}:*", count=1000)}
+    return {k.decode() for k in rclient.scan_iter(match=f"{prefix(namespace)}:*", count=1000)}
 
 
 def test_more_root_messages_on_one_queue_than_one_lua_call_takes_are_all_sent(mesh: MeshClient,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from mesh.broker import claims, trace
+from mesh.broker.keys import prefix
 from mesh.contracts import ConfigError, State
 from tests.conftest import wait_for
 from tests.httpserver import RecordingServer
@@ -23,16 +24,16 @@ def _held_compensation(make_settings: Any, rclient: Any, worker_process: Any, se
     """A TRIP job whose first compensation (undo:hotel) is running, held after its effect."""
     mesh, _ = _start(make_settings, rclient, worker_process, server)
     ns = mesh.settings.namespace
-    rclient.set(f"{ns}:test.hold", 1)
+    rclient.set(f"{prefix(ns)}:test.hold", 1)
     if cancel:
-        rclient.sadd(f"{ns}:test.hold_book", "car")  # car runs until the cancel
+        rclient.sadd(f"{prefix(ns)}:test.hold_book", "car")  # car runs until the cancel
     else:
-        rclient.sadd(f"{ns}:test.fail", "car")
+        rclient.sadd(f"{prefix(ns)}:test.fail", "car")
     ref = mesh.run(TRIP, {"url": server.url("")}, key=key)
     if cancel:
-        wait_for(lambda: rclient.get(f"{ns}:test.book_holder"), timeout_s=60)
+        wait_for(lambda: rclient.get(f"{prefix(ns)}:test.book_holder"), timeout_s=60)
         mesh.cancel(ref.id, reason="wrong dates")
-    wait_for(lambda: rclient.get(f"{ns}:test.holder"), timeout_s=60)
+    wait_for(lambda: rclient.get(f"{prefix(ns)}:test.holder"), timeout_s=60)
     held = mesh.status(ref.id)
     assert held.state is State.COMPENSATING and held.steps["undo:hotel"].state is State.RUNNING
     return mesh, held
@@ -47,7 +48,7 @@ def test_a_rerun_of_a_job_still_compensating_does_not_reuse_steps_about_to_be_un
         # (flight's): their outputs describe bookings that are being cancelled.
         with pytest.raises(ConfigError, match="compensat"):
             mesh.rerun(held.job_id, "car")
-        rclient.set(f"{mesh.settings.namespace}:test.release", 1)
+        rclient.set(f"{prefix(mesh.settings.namespace)}:test.release", 1)
         assert mesh.wait(held.job_id, timeout_s=60).state is State.COMPENSATED
         assert mesh.status(held.job_id).reruns == []
 
@@ -65,10 +66,10 @@ def test_a_compensation_of_a_cancelled_job_is_not_told_to_stop(make_settings, rc
         wait_for(lambda: claims.read(rclient, claim_key).expires_ms > first, timeout_s=HEARTBEAT_TIMEOUT_S * 3)
         second = claims.read(rclient, claim_key).expires_ms
         wait_for(lambda: claims.read(rclient, claim_key).expires_ms > second, timeout_s=HEARTBEAT_TIMEOUT_S * 3)
-        loops = int(rclient.hget(f"{ns}:test.undo_saw", "loops") or 0)
-        wait_for(lambda: int(rclient.hget(f"{ns}:test.undo_saw", "loops") or 0) > loops + 1, timeout_s=10)
-        saw = rclient.hget(f"{ns}:test.undo_saw", "cancelled")
-        rclient.set(f"{ns}:test.release", 1)
+        loops = int(rclient.hget(f"{prefix(ns)}:test.undo_saw", "loops") or 0)
+        wait_for(lambda: int(rclient.hget(f"{prefix(ns)}:test.undo_saw", "loops") or 0) > loops + 1, timeout_s=10)
+        saw = rclient.hget(f"{prefix(ns)}:test.undo_saw", "cancelled")
+        rclient.set(f"{prefix(ns)}:test.release", 1)
         record = mesh.wait(held.job_id, timeout_s=60)
     assert saw == b"0", "the compensation was told the job was cancelled: an undo that obeys stops half done"
     assert record.state is State.COMPENSATED, (record.state, record.error)
@@ -79,9 +80,9 @@ def test_two_cancels_at_once_from_two_processes_cancel_once(make_settings, rclie
     with RecordingServer(Ledger()) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
         ns = mesh.settings.namespace
-        rclient.sadd(f"{ns}:test.hold_book", "car")
+        rclient.sadd(f"{prefix(ns)}:test.hold_book", "car")
         ref = mesh.run(TRIP, {"url": server.url("")}, key="trip-twice")
-        wait_for(lambda: rclient.get(f"{ns}:test.book_holder"), timeout_s=60)
+        wait_for(lambda: rclient.get(f"{prefix(ns)}:test.book_holder"), timeout_s=60)
         with ThreadPoolExecutor(2) as pool:
             runs = list(pool.map(lambda why: cli_process("cancel", ref.id, "--reason", why, "--json"),
                                  ["one", "two"]))
@@ -101,7 +102,7 @@ def test_two_cancels_at_once_from_two_processes_cancel_once(make_settings, rclie
 def test_a_tool_call_with_aliased_args_is_undone_with_the_args_it_had(make_settings, rclient, worker_process):
     with RecordingServer(Ledger()) as server:
         mesh, _ = _start(make_settings, rclient, worker_process, server)
-        rclient.sadd(f"{mesh.settings.namespace}:test.fail", "car")
+        rclient.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", "car")
         ref = mesh.run(PINS, {"url": server.url("")}, key="pins-1")
         record = mesh.wait(ref.id, timeout_s=60)
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from mesh import MeshClient
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore, Replayer
 from tests.conftest import wait_for
@@ -47,7 +48,7 @@ def _unknown_then_settle(make_settings: Any, rclient: Any, worker_process: Any, 
                "MESH_RETRY_MIN_BACKOFF_MS": "20", "MESH_RETRY_MAX_BACKOFF_MS": "100"}
         mesh = MeshClient(settings, client=rclient, app=app)
         if not cancel:
-            rclient.sadd(f"{settings.namespace}:test.fail", "other")
+            rclient.sadd(f"{prefix(settings.namespace)}:test.fail", "other")
         killer.victim = worker_process("--app", "tests.pipelines.saga:app", **env)
         ref = mesh.run(PAIR, {"url": server.url("")}, key=f"pair-{as_}-{cancel}")
         assert killer.victim.wait(60) == -signal.SIGKILL  # killed mid-call by the server

@@ -8,6 +8,7 @@ from typing import Any
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
 from mesh.broker import trace
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from tests.conftest import wait_for
 from tests.pipelines.agents import app
@@ -23,7 +24,7 @@ def shared() -> Any:
 
 
 def runs(mesh: MeshClient) -> dict[str, int]:
-    raw = mesh.redis.hgetall(f"{mesh.settings.namespace}:test.runs")
+    raw = mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs")
     return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 
@@ -72,7 +73,7 @@ def test_jobs_rendering_different_keys_each_run_the_step(mesh, run_workers):
 def test_an_idempotent_step_retries_its_timeouts_within_max_attempts(mesh, run_workers):
     spec = check(Pipeline("patient").step("researcher", idempotent=True, retry_policy={"max_attempts": 3})
                  .build(), app)
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.timeout", "slow-1/researcher/researcher")
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.timeout", "slow-1/researcher/researcher")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="slow-1")
     record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=30)
@@ -83,7 +84,7 @@ def test_an_idempotent_step_retries_its_timeouts_within_max_attempts(mesh, run_w
 
 def test_a_step_not_idempotent_fails_fast_on_a_timeout(mesh, run_workers):
     spec = check(Pipeline("hasty").step("researcher", retry_policy={"max_attempts": 3}).build(), app)
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.timeout", "slow-2/researcher/researcher")
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.timeout", "slow-2/researcher/researcher")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="slow-2")
     record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=30)

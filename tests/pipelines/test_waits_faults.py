@@ -16,6 +16,7 @@ from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline
 from mesh.broker import timers, trace, waits
 from mesh.broker.clock import server_ms
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 from tests.conftest import wait_for
@@ -71,7 +72,7 @@ def test_a_wait_released_by_a_failed_item_joining_is_indexed_and_timed(mesh, run
             .step("fetch", depends_on=["scout"], for_each="scout.sources", max_parallel=1,
                   join={"min_success": 1}, retry_policy={"max_attempts": 1})
             .step("pay", depends_on=["fetch"], wait_for={"event": "paid", "timeout": "1h"}).build())
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "fw-1/fetch/fetch/1")  # the last item fails
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", "fw-1/fetch/fetch/1")  # the last item fails
     run_workers()
     ref = mesh.run(spec, {"goal": "g", "count": 2}, key="fw-1")
     wait_for(lambda: mesh.status(ref.id).steps["pay"].state is State.WAITING, timeout_s=30)

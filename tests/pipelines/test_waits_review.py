@@ -17,6 +17,7 @@ from mesh.agents.pipelines import Pipeline
 from mesh.broker import jobs
 from mesh.broker.compact import Compaction
 from mesh.broker.jobs import fail_step
+from mesh.broker.keys import prefix
 from mesh.broker.waits import InvalidEvent
 from mesh.contracts import State
 from tests.conftest import wait_for
@@ -81,7 +82,7 @@ def test_event_data_that_is_no_json_is_refused_as_an_invalid_event(mesh, data):
 def test_an_event_name_is_matched_whole(mesh, name):
     with pytest.raises(InvalidEvent, match="event name"):
         mesh.emit(name, {})
-    assert not list(mesh.redis.scan_iter(f"{mesh.keys.namespace}:events:*"))
+    assert not list(mesh.redis.scan_iter(f"{mesh.keys.prefix}:events:*"))
 
 
 def test_a_job_that_starts_undoing_its_effects_withdraws_its_waiting_steps_at_once():
@@ -248,7 +249,7 @@ def test_a_step_dead_lettered_by_a_worker_beside_a_sleeping_step_leaves_the_reco
     from tests.conftest import wait_for
 
     spec = Pipeline("dead-beside").step("nap", sleep="1h").step("researcher", input={"goal": "input.goal"}).build()
-    mesh.redis.sadd(f"{mesh.settings.namespace}:test.fail", "db-1/researcher/researcher")
+    mesh.redis.sadd(f"{prefix(mesh.settings.namespace)}:test.fail", "db-1/researcher/researcher")
     run_workers()
     ref = mesh.run(spec, {"goal": "g"}, key="db-1")
     wait_for(lambda: mesh.status(ref.id).state is State.DEAD_LETTERED, timeout_s=30)
