@@ -128,9 +128,9 @@ def alive_workers(client: redis.Redis, namespace: str, timeout_s: float) -> Aliv
     low = now_ms - int(timeout_s * 1000)
     count, beats = 0, []
     for key in (old_heartbeats(namespace), new_heartbeats(namespace)):
-        found = client.zrangebyscore(key, low, "+inf", withscores=True)
+        found: list[Any] = client.zrangebyscore(key, low, "+inf", withscores=True)
         count += len(found)
-        beats += [int(score) for _, score in found]
+        beats += [int(pair[1]) for pair in found]
     return Alive(count, max(beats, default=None), min(beats, default=None), now_ms)
 
 
