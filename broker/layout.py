@@ -171,44 +171,58 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
     if isinstance(client, RedisCluster):
         raise ConfigError("a Redis Cluster holds no data of the older key layout: nothing to migrate")
     result = Migration(namespace, dry_run)
-    new, start = prefix(namespace), len(namespace) + 1
     conflicts: dict[str, str] = {}
+    last = {f"{namespace}:{rest}" for rest in LONG_LIVED}  # moved after all others: see below
     cursor = 0
     while True:
         cursor, found = client.scan(cursor, match=f"{namespace}:*", count=batch)
         names = [k.decode() if isinstance(k, bytes) else k for k in found]
-        names = [k for k in names if k not in conflicts]  # SCAN may return a key twice
-        if dry_run and names:
-            pipe = client.pipeline(transaction=False)
-            for old in names:
-                pipe.exists(f"{new}:{old[start:]}")
-            for old, taken in zip(names, pipe.execute(), strict=True):
-                if taken:
-                    conflicts[old] = f"{new}:{old[start:]}"
-                else:
-                    result.moved[kind(old[start:])] += 1
-        elif names:
-            pipe = client.pipeline(transaction=False)
-            for old in names:
-                pipe.renamenx(old, f"{new}:{old[start:]}")
-            for old, outcome in zip(names, pipe.execute(raise_on_error=False), strict=True):
-                if isinstance(outcome, redis.ResponseError):
-                    if "no such key" not in str(outcome).lower():
-                        raise outcome
-                    result.vanished += 1
-                elif outcome:
-                    result.moved[kind(old[start:])] += 1
-                else:
-                    conflicts[old] = f"{new}:{old[start:]}"
+        names = [k for k in names if k not in conflicts and k not in last]  # SCAN may return a key twice
+        _move(client, namespace, names, result, conflicts, dry_run)
         if progress is not None and names:
             progress(len(names))
         if cursor == 0:
             break
+    # The keys the guard looks for (old_layout_keys) move last, and only once every other key has: a
+    # run stopped or conflicting before them leaves the namespace refused, its remaining keys unserved.
+    if not conflicts or dry_run:
+        pipe = client.pipeline(transaction=False)
+        for name in sorted(last):
+            pipe.exists(name)
+        names = [name for name, held in zip(sorted(last), pipe.execute(), strict=True) if held]
+        _move(client, namespace, names, result, conflicts, dry_run)
+        if progress is not None:
+            progress(len(names))
     result.conflicts = sorted(conflicts.items())
     if not dry_run and not conflicts and (result.total or _holds_new(client, namespace)):
         client.set(marker(namespace), VERSION)  # last: the guard lets workers start from now on
         result.marked = True
     return result
+
+
+def _move(client: redis.Redis, namespace: str, names: list[str], result: Migration, conflicts: dict[str, str],
+          dry_run: bool) -> None:
+    """RENAMENX each of ``names`` (or, ``dry_run``, see whether its new name is free), in one round trip."""
+    if not names:
+        return
+    new, start = prefix(namespace), len(namespace) + 1
+    pipe = client.pipeline(transaction=False)
+    for old in names:
+        if dry_run:
+            pipe.exists(f"{new}:{old[start:]}")
+        else:
+            pipe.renamenx(old, f"{new}:{old[start:]}")
+    for old, outcome in zip(names, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(outcome, redis.ResponseError):
+            if "no such key" not in str(outcome).lower():
+                raise outcome
+            result.vanished += 1  # expired since the scan
+            continue
+        moves = not outcome if dry_run else bool(outcome)  # dry run: its new name is free; else: renamed
+        if moves:
+            result.moved[kind(old[start:])] += 1
+        else:
+            conflicts[old] = f"{new}:{old[start:]}"
 
 
 def _holds_new(client: redis.Redis, namespace: str) -> bool:

@@ -95,8 +95,9 @@ def _print(done: Any, ns: str) -> None:
         listed += f"\n  ... and {more} more (--json lists them)" if more > 0 else ""
         base.err.print(f"error: {len(done.conflicts)} key(s) not moved: their new name exists already, and "
                        f"nothing was overwritten:{listed}\nCompare each pair, delete the copy to drop (DEL; or "
-                       "RENAME the old key over the new one to keep it), then run `mesh migrate` again; the "
-                       "namespace stays unmarked, so workers refuse it until then.", highlight=False, markup=False)
+                       "RENAME the old key over the new one to keep it), then run `mesh migrate` again. Until "
+                       "then the namespace's lasting keys (stats, jobs, registry, ...) stay where they are and "
+                       "it stays unmarked: workers refuse it.", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
