@@ -36,8 +36,8 @@ from mesh.ops.server_cli import ops_app
 #: The commands in the order ``mesh --help`` and the CLI reference list them, whichever module
 #: declares them; a command not named here comes after these.
 ORDER = ("worker", "submit", "run", "send", "status", "jobs", "workers", "trace", "queues", "agents", "stats",
-         "bench", "soak", "demo", "approvals", "approve", "deny", "waits", "signal", "emit", "cancel", "rerun",
-         "verify", "settle", "tools", "breakers", "limits", "ops", "dlq", "pipeline", "migrate")
+         "migrate", "bench", "soak", "demo", "approvals", "approve", "deny", "waits", "signal", "emit", "cancel",
+         "rerun", "verify", "settle", "tools", "breakers", "limits", "ops", "dlq", "pipeline")
 
 
 class Listed(TyperGroup):
