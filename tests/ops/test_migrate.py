@@ -87,14 +87,17 @@ def test_data_a_worker_and_a_client_wrote_moves_with_type_ttl_and_value(
     cleanup.extend(others)
     for other in others:
         rclient.set(f"{other}:job:1", "other", px=600_000)
-    assert client.redis.ttl(client.keys.job(done.id)) > 0  # an ended job's record expires
-    assert client.redis.ttl(client.keys.claim("done-1")) > 0  # so does its claim, after the dedup window
+    if layout.new_layout_in_use():  # as an older mesh wrote them
+        downgrade(rclient, namespace)
+    ns = namespace
+    assert rclient.ttl(f"{ns}:job:{done.id}") > 0  # an ended job's record expires
+    assert rclient.ttl(f"{ns}:claim:done-1") > 0  # so does its claim, after the dedup window
 
     before = old_keys(rclient, namespace)
     kinds = {layout.kind(k[len(namespace) + 1:]) for k in before}
     assert {"job", "jobs", "trace", "claim", "dlq", "executor", "stats", "registry"} <= kinds, kinds
-    assert rclient.hlen(client.keys.delayed_messages("executor")) == 1
-    assert rclient.exists(client.keys.claim("done-1"), client.keys.dead_letter(poison)) == 2
+    assert rclient.hlen(f"{ns}:executor.DQ.msgs") == 1
+    assert rclient.exists(f"{ns}:claim:done-1", f"{ns}:dlq:{poison}") == 2
     # no value names a key of the layout (which would have to be rewritten): the namespace's prefix
     # appears in none of them
     values = snapshot(rclient, before)
@@ -296,3 +299,60 @@ def test_a_migration_killed_midway_is_finished_by_the_next_run(tmp_path):
         r.close()
     finally:
         server.stop()
+
+
+def downgrade(r: redis.Redis, ns: str) -> int:
+    """Put a namespace's keys back in the older layout (``{NS}:rest`` -> ``NS:rest``), as an older mesh
+    wrote them; the number renamed."""
+    keys = new_keys(r, ns)
+    for key in keys:
+        assert r.renamenx(key, f"{ns}:{key[len(ns) + 3:]}")
+    return len(keys)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not layout.new_layout_in_use(), reason="the mesh writes the older layout: nothing to upgrade")
+def test_an_upgraded_namespace_is_served_queued_delayed_dead_lettered_and_done_work_alike(
+        client, make_settings, start_worker, cli, rclient, namespace, cleanup):
+    """Data of an older mesh (this mesh's keys renamed back to the older layout): the worker refuses
+    it; once migrated, a worker serves every piece of it."""
+    from mesh.ops.worker import sign_off
+
+    with RecordingServer(lambda n, req: (500, {"error": "down"}) if n == 1 else (200, {"ok": True})) as flaky, \
+            RecordingServer() as blocked:
+        first = make_settings(http_allow=flaky.host_port, max_retries=3, retry_min_backoff_ms=5_000,
+                              retry_max_backoff_ms=5_000)
+        done = client.send("executor", note("done"), key="done-1")
+        delayed = client.send("executor", {"tool": "http_post", "args": {"url": flaky.url(), "json": {}}},
+                              key="retry-1")
+        dead = client.send("executor", {"tool": "http_post", "args": {"url": blocked.url(), "json": {}}},
+                           key="dead-1")  # its host not allowed yet: dead-lettered
+        worker = start_worker(first, ("executor",))
+        assert client.wait(done.id, timeout_s=20).state is State.SUCCEEDED
+        assert client.wait(dead.id, timeout_s=20).state is State.DEAD_LETTERED
+        wait_for(lambda: client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 1, "in_flight": 0})
+        worker.stop(timeout=10_000)
+        assert sign_off(worker.broker)
+        assert len(flaky.requests) == 1
+        queued = client.send("executor", note("queued"), key="queued-1")
+        duplicate = client.send("executor", note("done"), key="done-1")
+        assert downgrade(rclient, namespace) > 10 and new_keys(rclient, namespace) == []
+
+        second = make_settings(http_allow=f"{flaky.host_port},{blocked.host_port}")
+        with pytest.raises(ConfigError, match="run `mesh migrate`"):
+            start_worker(second, ("executor",))
+        assert cli("migrate").returncode == 0
+        assert old_keys(rclient, namespace) == []
+
+        start_worker(second, ("executor",))
+        assert client.wait(queued.id, timeout_s=20).state is State.SUCCEEDED
+        assert client.wait(delayed.id, timeout_s=30).state is State.SUCCEEDED  # its retry, due after the move
+        assert len(flaky.requests) == 2
+        wait_for(lambda: client.status(duplicate.id).state is not State.QUEUED)
+        assert client.redis.zcard(client.keys.notes) == 2  # "done" and "queued": the duplicate ran nothing
+        store = DeadLetterStore(client.redis, client.keys)
+        (entry_id,) = [i.decode() for i in store.client.zrange(store.keys.dlq, 0, -1)]
+        replayed = cli("dlq", "replay", entry_id, "--yes")
+        assert replayed.returncode == 0, replayed.stderr
+        wait_for(lambda: len(blocked.requests) == 1, timeout_s=20)
+    assert old_keys(rclient, namespace) == []
