@@ -23,6 +23,7 @@ from pydantic.errors import PydanticInvalidForJsonSchema
 from mesh.agents.app import AgentSpec, App, load_app
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker.keys import Keys
+from mesh.broker.layout import check_layout
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.settings import MeshSettings
@@ -62,6 +63,11 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     check_served(app, agents, settings)
     reconnect_delays(settings.reconnect_delay_s)
     broker = build_broker(settings)
+    try:  # one round trip: data of an older key layout left unmigrated is refused, not served around
+        check_layout(broker.client, settings.namespace)
+    except ConfigError:
+        broker.close()
+        raise
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
     broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))  # durable timers

@@ -1,0 +1,105 @@
+"""``mesh migrate``: move a namespace's data from the key layout of an older mesh (``NS:rest``) to
+the hash-tagged one (``{NS}:rest``); see :mod:`mesh.broker.layout` and docs/guides/upgrading.md."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mesh.ops import console as base
+
+#: Conflicts printed by name; the rest are counted (--json lists them all).
+SHOWN_CONFLICTS = 10
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Any]:
+    """A progress bar on stderr (only on a terminal, never with --json); yields an advance(n) callable."""
+    if not enabled or not total or not base.err.is_terminal:
+        yield lambda n: None
+        return
+    with Progress(TextColumn("moving"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=base.err, transient=True) as bar:
+        task = bar.add_task("moving", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def migrate(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count the keys that would move, by kind; "
+                                          "move nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Run even while workers heartbeat on the "
+                                        "namespace (what they write meanwhile may be lost or conflict).")] = False,
+    as_json: base.JsonFlag = False,
+) -> None:
+    """Move the namespace's keys from the layout of an older mesh (`NS:rest`) to the
+    hash-tagged one (`{NS}:rest`), then mark it migrated (`{NS}:layout`).
+
+    Each key is renamed with RENAMENX: its type, value and TTL kept, atomic per key. Stop the
+    namespace's workers first: it refuses while one heartbeats (unless --force). Run it again at
+    will: a run stopped midway is finished by the next, and a migrated namespace has nothing to
+    do. A key whose new name exists already is a conflict, left as it is and never overwritten.
+
+    Exit codes: 0 done or nothing to do, 1 conflicts (nothing overwritten; resolve and run
+    again), 2 refused (workers alive) or bad input, 3 Redis unreachable."""
+    from mesh.broker import layout
+
+    c = base.client()
+    ns = c.settings.namespace
+    if not dry_run and not force:
+        alive = layout.alive_workers(c.redis, ns, c.settings.heartbeat_timeout_s)
+        if alive.count:
+            assert alive.newest_ms is not None and alive.oldest_ms is not None
+            age = (alive.now_ms - alive.newest_ms) / 1000
+            base.fail(f"{alive.count} worker(s) alive on namespace {ns}: heartbeating since "
+                      f"{base.when(alive.oldest_ms / 1000)} or earlier, the last {age:.0f}s ago "
+                      f"(MESH_HEARTBEAT_TIMEOUT_S={c.settings.heartbeat_timeout_s:g}). Stop them and "
+                      "run again, or add --force", base.EXIT_INPUT)
+    show = not as_json and not dry_run and base.err.is_terminal
+    total = layout.count_old(c.redis, ns) if show else 0
+    with _progress(total, show) as advance:
+        done = layout.migrate(c.redis, ns, dry_run=dry_run, progress=advance)
+    if as_json:
+        base.emit_json({"namespace": ns, "dry_run": dry_run, "moved": done.total, "by_kind": dict(done.moved),
+                        "conflicts": [{"key": old, "new_key": new} for old, new in done.conflicts],
+                        "vanished": done.vanished, "marked": done.marked,
+                        "marker": layout.marker(ns)})
+    else:
+        _print(done, ns)
+    if done.conflicts:
+        raise typer.Exit(base.EXIT_FAILED)
+
+
+def _print(done: Any, ns: str) -> None:
+    from mesh.broker import layout
+
+    verb = "would move" if done.dry_run else "moved"
+    if not done.total and not done.conflicts:
+        marked = f" (marked: {layout.marker(ns)})" if done.marked else ""
+        base.out.print(f"nothing to do: namespace {ns} holds no key of the older layout{marked}", highlight=False)
+        return
+    base.out.print(f"{verb} {done.total} key(s) of namespace {ns} to the layout {{{ns}}}:...", highlight=False)
+    for name, n in sorted(done.moved.items(), key=lambda item: (-item[1], item[0])):
+        base.out.print(f"  {n:>9}  {name}", highlight=False, markup=False)
+    if done.vanished:
+        base.out.print(f"{done.vanished} key(s) expired before their move", highlight=False)
+    if done.marked:
+        base.out.print(f"marked {layout.marker(ns)} = {layout.VERSION}: workers may start", highlight=False,
+                       markup=False)
+    if done.conflicts:
+        listed = "".join(f"\n  {old} -> {new}" for old, new in done.conflicts[:SHOWN_CONFLICTS])
+        more = len(done.conflicts) - SHOWN_CONFLICTS
+        listed += f"\n  ... and {more} more (--json lists them)" if more > 0 else ""
+        base.err.print(f"error: {len(done.conflicts)} key(s) not moved: their new name exists already, and "
+                       f"nothing was overwritten:{listed}\nCompare each pair, delete the copy to drop (DEL; or "
+                       "RENAME the old key over the new one to keep it), then run `mesh migrate` again. Until "
+                       "then the namespace's lasting keys (stats, jobs, registry, ...) stay where they are and "
+                       "it stays unmarked: workers refuse it.", highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``migrate`` to the ``mesh`` command."""
+    app.command(epilog="Examples: `mesh migrate --dry-run`, `mesh migrate`, `mesh migrate --json`")(migrate)
