@@ -135,6 +135,8 @@ The mesh's own:
     {ns}:stats                        hash of counters (duplicates, dead letters, poison, sweeps, ...); its
                                       field ``fence`` is the last fencing token a claim took (claim.lua):
                                       never reset it, or tokens would repeat
+    {ns}:layout                       string "2": the layout the namespace's data is in, written by
+                                      ``mesh migrate`` once it moved the older layout's keys (broker/layout.py)
     {ns}:sweep.lock                   string, expires after MESH_SWEEP_INTERVAL_S: the worker that set
                                       it runs this interval's retention sweep (ops/sweeper.py)
     {ns}:timers                       zset "{kind}|{ref}" -> due time (ms, Redis TIME): durable timers
@@ -478,6 +480,11 @@ class Keys:
 
     def limit_keys(self, name: str) -> str:
         return f"{self.prefix}:limits.keys:{name}"
+
+    @property
+    def layout(self) -> str:
+        """The marker of the layout the namespace's data is in (broker/layout.py: written by ``mesh migrate``)."""
+        return f"{self.prefix}:layout"
 
     @property
     def probe(self) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from mesh.broker.keys import Keys
+from mesh.broker.keys import Keys, prefix
 from mesh.contracts import ConfigError
 
 #: The layout the marker names: 2, the namespace a hash tag.
@@ -43,16 +43,9 @@ LONG_LIVED = ("__heartbeats__", "stats", "jobs", "registry.agents", "registry.wo
 BATCH = 1000
 
 
-def prefix(namespace: str) -> str:
-    """The new layout's prefix of a namespace's keys: the namespace as a hash tag.
-
-    Mirrors broker/keys.py's prefix of the new layout; to be replaced by it once both are merged."""
-    return "{" + namespace + "}"
-
-
 def marker(namespace: str) -> str:
     """The key saying the namespace's data is in layout :data:`VERSION`."""
-    return f"{prefix(namespace)}:layout"
+    return Keys(namespace).layout
 
 
 def old_heartbeats(namespace: str) -> str:
@@ -61,12 +54,6 @@ def old_heartbeats(namespace: str) -> str:
 
 def new_heartbeats(namespace: str) -> str:
     return f"{prefix(namespace)}:__heartbeats__"
-
-
-def new_layout_in_use() -> bool:
-    """Whether the mesh running this code names its keys in the new layout (broker/keys.py). While it
-    does not, old-layout keys are its own and :func:`check_layout` has nothing to refuse."""
-    return Keys("ns").stats == f"{prefix('ns')}:stats"
 
 
 def kind(rest: str) -> str:
@@ -98,14 +85,15 @@ def refusal(namespace: str) -> str:
             f"run `mesh migrate` (docs/guides/upgrading.md)")
 
 
-def check_layout(client: redis.Redis, namespace: str, *, force: bool = False) -> None:
-    """Refuse (ConfigError) to serve a namespace holding old-layout data that was never migrated.
-    Nothing to check while this code writes the old layout itself, unless ``force``."""
-    if not (force or new_layout_in_use()):
+def check_layout(client: redis.Redis, namespace: str) -> None:
+    """Refuse (ConfigError) to serve a namespace holding old-layout data that was never migrated."""
+    if isinstance(client, RedisCluster):  # the older layout's keys never fitted a Cluster: none can be there
         return
     try:
         old, marked = layout_state(client, namespace)
     except redis.exceptions.NoPermissionError:  # a user held to the new layout's keys: it holds no old ones
+        return
+    except redis.exceptions.ClusterCrossSlotError:  # a Cluster node reached as a single Redis: likewise
         return
     if old and not marked:
         raise ConfigError(refusal(namespace), namespace=namespace)

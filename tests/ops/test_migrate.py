@@ -87,8 +87,7 @@ def test_data_a_worker_and_a_client_wrote_moves_with_type_ttl_and_value(
     cleanup.extend(others)
     for other in others:
         rclient.set(f"{other}:job:1", "other", px=600_000)
-    if layout.new_layout_in_use():  # as an older mesh wrote them
-        downgrade(rclient, namespace)
+    downgrade(rclient, namespace)  # as an older mesh wrote them
     ns = namespace
     assert rclient.ttl(f"{ns}:job:{done.id}") > 0  # an ended job's record expires
     assert rclient.ttl(f"{ns}:claim:done-1") > 0  # so does its claim, after the dedup window
@@ -104,8 +103,7 @@ def test_data_a_worker_and_a_client_wrote_moves_with_type_ttl_and_value(
     dumped = {key: b"".join(_members(rclient, key, kind)) for key, (kind, _, _) in values.items()}
     assert [key for key, data in dumped.items() if f"{namespace}:".encode() in data] == []
 
-    # the worker refuses the namespace (once this code writes the new layout: forced here)
-    monkeypatch.setattr(layout, "new_layout_in_use", lambda: True)
+    # the worker refuses the namespace
     with pytest.raises(ConfigError, match=f"namespace {namespace} holds data in the key layout of an older mesh"):
         start_worker(settings, ("executor",))
 
@@ -173,7 +171,7 @@ def test_a_conflict_is_reported_never_overwritten_and_the_namespace_stays_unmark
     assert rclient.hget(f"{ns}:stats", "fence") == b"7" and not rclient.exists(f"{{{ns}}}:stats")
     assert not rclient.exists(layout.marker(ns))
     with pytest.raises(ConfigError, match="run `mesh migrate`"):
-        layout.check_layout(rclient, ns, force=True)  # still unmarked: a worker refuses it
+        layout.check_layout(rclient, ns)  # still unmarked: a worker refuses it
 
     rclient.delete(f"{{{ns}}}:job:b")  # resolved: the old copy is the one to keep
     again = cli("migrate")
@@ -181,7 +179,7 @@ def test_a_conflict_is_reported_never_overwritten_and_the_namespace_stays_unmark
     assert rclient.get(f"{{{ns}}}:job:b") == b"old b" and old_keys(rclient, ns) == []
     assert rclient.hget(f"{{{ns}}}:stats", "fence") == b"7"
     assert rclient.get(layout.marker(ns)) == b"2"
-    layout.check_layout(rclient, ns, force=True)
+    layout.check_layout(rclient, ns)
 
 
 @pytest.mark.parametrize("heartbeats", ["{ns}:__heartbeats__", "{{{ns}}}:__heartbeats__"], ids=["old", "new"])
@@ -208,14 +206,12 @@ def test_live_workers_refuse_the_migration_unless_forced(cli, rclient, namespace
 
 def test_the_worker_refuses_a_namespace_holding_unmigrated_data(settings, rclient, namespace, cleanup, monkeypatch,
                                                                  capsys):
-    """``mesh worker`` exits 2 with the message, before it starts anything (run in this process, with
-    the check on as it is once the mesh writes the new layout)."""
+    """``mesh worker`` exits 2 with the message, before it starts anything (run in this process)."""
     from mesh.ops.cli import invoke
 
     ns = namespace
-    layout.check_layout(rclient, ns, force=True)  # a new namespace: nothing to refuse
+    layout.check_layout(rclient, ns)  # a new namespace: nothing to refuse
     rclient.hset(f"{ns}:registry.agents", "executor", "{}")  # what any worker that ever ran left
-    monkeypatch.setattr(layout, "new_layout_in_use", lambda: True)
     for name, value in mesh_env(settings).items():
         monkeypatch.setenv(name, value)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -276,7 +272,7 @@ def test_a_migration_killed_midway_is_finished_by_the_next_run(tmp_path):
         assert len(new_keys(r, ns)) == KEYS + 1 - left and not r.exists(layout.marker(ns))
         print(f"killed after {KEYS + 1 - left} of {KEYS + 1} keys moved")
         with pytest.raises(ConfigError):  # its stats hash moves last: the namespace is still refused
-            layout.check_layout(r, ns, force=True)
+            layout.check_layout(r, ns)
 
         started = time.monotonic()
         again = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -311,7 +307,6 @@ def downgrade(r: redis.Redis, ns: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not layout.new_layout_in_use(), reason="the mesh writes the older layout: nothing to upgrade")
 def test_an_upgraded_namespace_is_served_queued_delayed_dead_lettered_and_done_work_alike(
         client, make_settings, start_worker, cli, rclient, namespace, cleanup):
     """Data of an older mesh (this mesh's keys renamed back to the older layout): the worker refuses
