@@ -50,7 +50,7 @@ from . import approvals, trace
 from . import lanes as queue_lanes
 from . import waits as wait_store
 from .clock import ServerClock
-from .connection import NotReplicated, connect, replicated, transaction
+from .connection import NotReplicated, connect, on_slot, replicated, transaction
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
@@ -596,10 +596,13 @@ class MeshClient:
         for the replicas on the same connection (NotReplicated when too few confirm)."""
         wanted = self.settings.redis_wait_replicas
         if wanted:
-            pipe = self.redis.pipeline(transaction=False)
-            batch.write(self._enqueue, self.keys, client=pipe)
-            pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
-            answer, acked = pipe.execute()
+            def send(node: redis.Redis) -> Any:  # the WAIT on the connection of the script's writes
+                pipe = node.pipeline(transaction=False)
+                batch.write(self._enqueue, self.keys, client=pipe)
+                pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+                return pipe.execute()
+
+            answer, acked = on_slot(self.redis, self.keys.namespace, send)
             conflict = batch.conflict(answer)
         else:
             conflict, acked = batch.conflict(batch.write(self._enqueue, self.keys)), wanted
