@@ -444,6 +444,10 @@ class ReplicatedTransaction(redis.client.Pipeline):
         return result
 
 
+#: How much longer than its own timeout a WAIT's reply is waited for.
+WAIT_READ_SLACK_S = 5.0
+
+
 class _ReplicatedSlot(redis.cluster.TransactionStrategy):
     """A cluster pipeline's MULTI/EXEC (on the primary of its one slot), followed by ``WAIT`` on the
     connection it ran on, as :class:`ReplicatedTransaction`."""
@@ -457,8 +461,13 @@ class _ReplicatedSlot(redis.cluster.TransactionStrategy):
         result = super()._execute_transaction(stack, raise_on_error)
         connection = self._transaction_connection
         assert connection is not None
-        connection.send_command("WAIT", self.replicas, self.timeout_ms)
-        self.acked = int(connection.read_response())
+        try:  # the transaction ran: a WAIT that fails is no reason to run it again (the pipeline's retry)
+            connection.send_command("WAIT", self.replicas, self.timeout_ms)
+            # its own read deadline: the node's connections may read with a shorter one than WAIT blocks
+            self.acked = int(connection.read_response(timeout=self.timeout_ms / 1000 + WAIT_READ_SLACK_S))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            connection.disconnect()
+            self.acked = 0  # unconfirmed: NotReplicated
         return result
 
 

@@ -141,6 +141,17 @@ class RedisClusterNodes:
             n += 1
         return found
 
+    def replicated_key(self, prefix: str) -> str:
+        """A key ``{prefix<n>}`` whose slot's primary has a replica linked now (one that a kill of the
+        primary fails over)."""
+        with_replica = {p for p in self.primaries() if int(self.node(p).info("replication")["connected_slaves"])}
+        if not with_replica:
+            raise LookupError("no primary has a replica left")
+        n = 0
+        while self.primary_of(key := f"{{{prefix}{n}}}") not in with_replica:
+            n += 1
+        return key
+
     def kill_primary_of(self, key: str, timeout_s: float = 30.0) -> tuple[int, int]:
         """SIGKILL the primary owning ``key``'s slot and wait until its replica is promoted and the
         cluster says ok again: (the killed port, the port that owns the slot now)."""
