@@ -1,6 +1,6 @@
 """Every Redis connection the mesh opens, made from settings in one place.
 
-``MESH_REDIS_URL`` takes three forms:
+``MESH_REDIS_URL`` takes four forms:
 
 - ``redis://[[user]:password@]host[:port][/db]``: plain TCP, with AUTH (an ACL user, or the
   ``default`` user when only a password is given);
@@ -290,6 +290,14 @@ def relearn(client: Any, timeout_s: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def staged(pipe: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The commands queued on ``pipe`` and not yet sent, as ``(args, options)``: a pipeline's
+    ``command_stack``; a cluster pipeline's queue (its ``command_stack`` stays empty)."""
+    if isinstance(pipe, redis.cluster.ClusterPipeline):
+        return [(command.args, command.options) for command in pipe._execution_strategy.command_queue]
+    return pipe.command_stack
 
 
 def primaries(client: Any) -> list[redis.Redis]:
@@ -582,7 +590,8 @@ def _give_back(pools: list[Any], box: list[Any], pid: int) -> None:
         pools.pop().release(box.pop())
 
 
-def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnection | None = None) -> Any:
+def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnection | None = None, *,
+               slot: Any = None) -> Any:
     """Call ``script`` (a redis-py ``Script``) on the client it was registered on, as ``script(keys=...,
     args=...)`` does, in half the client's time: EVALSHA sent on a pooled connection of that client
     (``held``'s when it is free) and its reply read, without redis-py's per-call wrapping. Everything
@@ -593,14 +602,16 @@ def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnecti
     On a cluster, sent to the primary that owns ``keys[0]``'s slot (a script's keys are all in one
     slot); a node that no longer serves it (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: nothing was run), or a
     lost connection to it when the client retries, and the call goes the cluster client's own way,
-    which learns where the slot went and sends it there."""
+    which learns where the slot went and sends it there. ``slot``: for a script that names its keys in
+    ``args`` only, a key of the slot they are in (else a script without keys goes to any primary)."""
     client = script.registered_client
     command = ("EVALSHA", script.sha, len(keys), *keys, *args)
     cluster = is_cluster(client)
-    if cluster and not keys:
+    route = keys[0] if keys else slot
+    if cluster and route is None:
         return script(keys=keys, args=args)  # any node: the cluster client picks one
     if cluster or client.connection is None:  # pooled (a single-connection client is called the usual way)
-        node = _slot_node(client, keys[0]) if cluster else None
+        node = _slot_node(client, route) if cluster else None
         pool = client.get_redis_connection(node).connection_pool if cluster else client.connection_pool
         try:
             taken = None if held is None else held.take(pool)
@@ -636,8 +647,14 @@ def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnecti
                     pool.release(conn)
                 else:
                     held.done()  # type: ignore[union-attr]
+    if cluster and not keys:  # the cluster client would send it anywhere: to the slot's node, as above
+        return on_slot(client, route, lambda node: _evalsha(node, script, keys, args))
+    return _evalsha(client, script, keys, args)
+
+
+def _evalsha(client: Any, script: Any, keys: list[Any], args: list[Any]) -> Any:
     try:
-        return client.execute_command(*command)
+        return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
         script.sha = client.script_load(script.script)
         return client.evalsha(script.sha, len(keys), *keys, *args)

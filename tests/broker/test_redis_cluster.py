@@ -107,6 +107,30 @@ def test_wait_after_a_script_goes_on_the_connection_of_its_writes(nodes: RedisCl
     assert (answer, acked) == (1, 1)
 
 
+def test_a_pipeline_runs_on_the_cluster_when_its_namespace_is_one_hash_tag(nodes: RedisClusterNodes) -> None:
+    # Until the key layout puts a namespace's keys under one hash tag, a namespace that is one (which
+    # MESH_NAMESPACE's pattern refuses: set past it) stands in: every key then is in one slot.
+    from mesh.broker import MeshClient
+    from mesh.contracts import State
+    from mesh.ops.worker import start_worker
+
+    settings = _settings(nodes, reconnect_delay_s=0.5).model_copy(update={"namespace": "{pipeline}"})
+    worker = start_worker(settings, ["planner", "researcher", "executor"], 4)
+    try:
+        client = MeshClient(settings)
+        ref = client.submit("Find out how retries work and how dead letters are replayed, then write a note")
+        record = client.wait(ref.id, timeout_s=30)
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    assert [s.agent for s in record.steps.values() if s.need is None] == [
+        "planner", "researcher", "researcher", "executor"]
+    owner = nodes.primary_of("{pipeline}")
+    assert {p for p in nodes.primaries() if nodes.node(p).dbsize()} >= {owner}
+    assert nodes.node(owner).exists(f"{{pipeline}}:job:{ref.id}")
+
+
 @pytest.mark.parametrize("held", [True, False])
 def test_a_killed_primary_s_slot_is_served_by_its_promoted_replica_with_what_was_replicated(
         nodes: RedisClusterNodes, held: bool) -> None:
