@@ -368,7 +368,10 @@ def where(client: Any) -> dict[str, Any]:
     redis errors when the server does not answer."""
     if is_cluster(client):
         shown = ",".join(sorted(_shown(node.host, node.port) for node in client.get_primaries()))
-        state = primaries(client)[0].execute_command("CLUSTER INFO").get("cluster_state", "?")
+        try:
+            state = primaries(client)[0].execute_command("CLUSTER INFO").get("cluster_state", "?")
+        except redis.exceptions.NoPermissionError:
+            state = "ok"  # not the user's to ask: shown as plain "cluster"
         return {"address": shown, "role": "cluster" if state == "ok" else f"cluster ({state})"}
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
