@@ -19,6 +19,7 @@ from redis import Redis
 from mesh.broker import claim_results, redact, trace
 from mesh.broker.breaker import Breakers
 from mesh.broker.clock import ServerClock
+from mesh.broker.connection import staged
 from mesh.broker.fence import Fence
 from mesh.broker.idempotency import current_lease
 from mesh.broker.jobs import JobNotFound, JobStore, on_step_lost
@@ -310,7 +311,7 @@ class AgentRuntime:
             return None
         pipe = self.redis.pipeline(transaction=False)
         self.jobs.stage_write(pipe, record, new, [], events=events, also=self._index_running(env))
-        commands = pipe.command_stack
+        commands = staged(pipe)
         key = self.keys.job(env.job_id)
         written = next((c[2] for c, _ in commands if c[0] == "SET" and c[1] == key), None)
         if not isinstance(written, bytes) or any(c[0] in ("EVAL", "EVALSHA", "FCALL") for c, _ in commands):

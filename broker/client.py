@@ -50,7 +50,7 @@ from . import approvals, trace
 from . import lanes as queue_lanes
 from . import waits as wait_store
 from .clock import ServerClock
-from .connection import NotReplicated, connect, replicated, transaction
+from .connection import NotReplicated, connect, on_slot, replicated, staged, transaction
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
@@ -368,7 +368,7 @@ class MeshClient:
         digest = spec.digest()
         probe = self.redis.pipeline(transaction=False)  # never sent: what creating the record stages
         self.jobs.stage_create(probe, record)
-        if len(probe.command_stack) == 2:  # the record and its index alone: one script call
+        if len(staged(probe)) == 2:  # the record and its index alone: one script call
             return self._start_run(spec, digest, record, ref, messages, encoded, events, replace)
         # A root step that waits (sleep:, wait_for:) or asks for approval at once also stages its
         # index entries and timers (scripts of their own): the transaction below writes them.
@@ -596,10 +596,13 @@ class MeshClient:
         for the replicas on the same connection (NotReplicated when too few confirm)."""
         wanted = self.settings.redis_wait_replicas
         if wanted:
-            pipe = self.redis.pipeline(transaction=False)
-            batch.write(self._enqueue, self.keys, client=pipe)
-            pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
-            answer, acked = pipe.execute()
+            def send(node: redis.Redis) -> Any:  # the WAIT on the connection of the script's writes
+                pipe = node.pipeline(transaction=False)
+                batch.write(self._enqueue, self.keys, client=pipe)
+                pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+                return pipe.execute()
+
+            answer, acked = on_slot(self.redis, self.keys.namespace, send)
             conflict = batch.conflict(answer)
         else:
             conflict, acked = batch.conflict(batch.write(self._enqueue, self.keys)), wanted

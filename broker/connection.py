@@ -1,6 +1,6 @@
 """Every Redis connection the mesh opens, made from settings in one place.
 
-``MESH_REDIS_URL`` takes three forms:
+``MESH_REDIS_URL`` takes four forms:
 
 - ``redis://[[user]:password@]host[:port][/db]``: plain TCP, with AUTH (an ACL user, or the
   ``default`` user when only a password is given);
@@ -10,7 +10,11 @@
 - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the master that
   Redis Sentinel names ``service`` (the sentinels' default port is 26379). The URL's credentials
   are the master's; sentinels that require a password of their own get
-  ``MESH_REDIS_SENTINEL_PASSWORD``.
+  ``MESH_REDIS_SENTINEL_PASSWORD``;
+- ``redis+cluster://[[user]:password@]host:port[,host:port...]/``: a Redis Cluster, any of its nodes
+  as the seeds the client learns the others from (``rediss+cluster://``: over TLS, with the TLS
+  settings above). A cluster has database 0 only. A command goes to the primary that owns its keys'
+  slot; a script, a transaction or a command of several keys must keep its keys in one slot.
 
 Two kinds of client are made (see :func:`connect`): with redis-py's automatic retry of a failed
 command, for commands that are safe to re-send, and without it, for the broker's fetches.
@@ -27,6 +31,7 @@ from urllib.parse import unquote
 
 import hiredis
 import redis
+import redis.cluster
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.connection import Encoder, HiredisRespSerializer, PythonRespSerializer
 from redis.retry import Retry
@@ -39,7 +44,7 @@ from .keys import prefix
 if TYPE_CHECKING:
     from .settings import MeshSettings
 
-SCHEMES = ("redis", "rediss", "redis+sentinel")
+SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster", "rediss+cluster")
 SENTINEL_PORT = 26379
 #: The settings that say how to reach Redis (the rest say what to do there).
 SETTINGS = ("redis_url", "redis_ca_file", "redis_cert_file", "redis_key_file", "redis_sentinel_password")
@@ -63,13 +68,17 @@ class RedisAddress:
         return self.scheme == "redis+sentinel"
 
     @property
+    def cluster(self) -> bool:
+        return self.scheme.endswith("+cluster")
+
+    @property
     def tls(self) -> bool:
-        return self.scheme == "rediss"
+        return self.scheme.startswith("rediss")
 
 
 def parse_url(url: str) -> RedisAddress:
     """``url`` taken apart; ConfigError (naming the URL with its password masked) when it is not one
-    of the three forms."""
+    of the forms above."""
     try:
         return _parse(url)
     except ValueError as exc:
@@ -101,8 +110,9 @@ def _parse(url: str) -> RedisAddress:
         if not parts:
             raise ValueError("a Sentinel URL names the master's service: redis+sentinel://host:port,.../service[/db]")
         service, parts = parts[0], parts[1:]
-    elif len(hosts) != 1:
-        raise ValueError("several hosts are a Sentinel URL: redis+sentinel://host:port,.../service[/db]")
+    elif len(hosts) != 1 and not scheme.endswith("+cluster"):
+        raise ValueError("several hosts are a Sentinel URL (redis+sentinel://host:port,.../service[/db]) or a "
+                         "cluster's (redis+cluster://host:port,.../)")
     if len(parts) > 1:
         raise ValueError(f"unexpected path {'/' + path!r}")
     try:
@@ -111,6 +121,8 @@ def _parse(url: str) -> RedisAddress:
         raise ValueError(f"the database must be a number, not {parts[0]!r}") from None
     if db < 0:
         raise ValueError("the database must not be negative")
+    if db and scheme.endswith("+cluster"):
+        raise ValueError(f"a Redis Cluster has database 0 only, not {db}: drop '/{db}' from the URL")
     return RedisAddress(scheme, hosts, db, username, password, service)
 
 
@@ -182,6 +194,8 @@ def connect(settings: MeshSettings, *, retries: bool = True, **options: Any) -> 
     surfaces at once.
     ``options``: more redis-py connection arguments (e.g. ``socket_timeout``)."""
     address = parse_url(settings.redis_url)
+    if address.cluster:
+        return _cluster(settings, address, retries, options)
     kwargs: dict[str, Any] = {"db": address.db, "username": address.username, "password": address.password,
                               **_retry(settings.redis_retries if retries else 0), **options}
     if address.sentinel:
@@ -196,6 +210,103 @@ def connect(settings: MeshSettings, *, retries: bool = True, **options: Any) -> 
     if address.tls:
         kwargs.update(ssl=True, **_tls(settings))
     return packing(redis.Redis(host=host, port=port, **kwargs))
+
+
+def _cluster(settings: MeshSettings, address: RedisAddress, retries: bool, options: dict[str, Any]) -> Any:
+    """A ``RedisCluster`` of the URL's seeds: its retry (a cluster client's own: a command that fails on
+    a lost connection or a failing-over slot is sent again, to the slot's owner once the client has
+    learnt it) as :func:`_retry`'s; its nodes' clients without one. Unlike the other forms, it connects
+    at once (to learn the slots' owners): redis.ConnectionError when no seed answers."""
+    retry = _retry(settings.redis_retries if retries else 0)["retry"]
+    kwargs: dict[str, Any] = {"username": address.username, "password": address.password, **options}
+    if address.tls:
+        kwargs.update(ssl=True, **_tls(settings))
+    nodes = [redis.cluster.ClusterNode(host, port) for host, port in address.hosts]
+    try:  # it asks the seeds for the cluster's layout at once
+        return redis.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **kwargs)
+    except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
+        seeds = ",".join(_shown(host, port) for host, port in address.hosts)
+        raise redis.ConnectionError(f"Redis Cluster {seeds}: {exc}") from None
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster's (``redis.cluster.RedisCluster``, or its pipeline)."""
+    return isinstance(client, redis.cluster.RedisCluster)
+
+
+#: The errors of a command sent to a node that does not serve its slot (now): nothing was run.
+SLOT_ERRORS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
+               redis.exceptions.ClusterDownError)
+
+
+def node_client(client: Any, key: Any) -> redis.Redis:
+    """The single-node client that serves ``key``: ``client`` itself, or for a cluster the client of
+    the primary that owns ``key``'s slot (as ``client`` knows it now)."""
+    if not is_cluster(client):
+        return client
+    return client.get_redis_connection(_slot_node(client, key))
+
+
+def _slot_node(client: Any, key: Any) -> Any:
+    """The primary node of ``key``'s slot, once a refresh of the slots an earlier error asked for is run
+    (as the cluster client runs it before a command)."""
+    manager = client.nodes_manager
+    if manager._refresh_requested:
+        manager._run_requested_refresh(client.retry)
+    return client.get_node_from_key(key)
+
+
+def _lost(client: Any, node: Any) -> None:
+    """A connection to ``node`` failed: the cluster client reads the slots again before its next command."""
+    client.nodes_manager._request_refresh(last_failed_node_name=node.name)
+
+
+def on_slot(client: Any, key: Any, call: Any) -> Any:
+    """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, once more, once the
+    client has learnt the cluster's layout again, when that node did not run it (MOVED, ASK, TRYAGAIN,
+    CLUSTERDOWN) or, when ``client`` retries, when the connection to it failed (a primary failing over)."""
+    if not is_cluster(client):
+        return call(client)
+    try:
+        return call(node_client(client, key))
+    except SLOT_ERRORS:
+        pass
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        if client.retry.get_retries() <= 0:
+            raise
+    relearn(client)
+    return call(node_client(client, key))
+
+
+def relearn(client: Any, timeout_s: float = 10.0) -> None:
+    """A cluster client's map of slots to nodes read again from the cluster: at once, then until every
+    slot has a reachable primary or ``timeout_s`` passes (a failover takes the node timeout and an
+    election)."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.nodes_manager.initialize()
+            return
+        except (redis.RedisError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def staged(pipe: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The commands queued on ``pipe`` and not yet sent, as ``(args, options)``: a pipeline's
+    ``command_stack``; a cluster pipeline's queue (its ``command_stack`` stays empty)."""
+    if isinstance(pipe, redis.cluster.ClusterPipeline):
+        return [(command.args, command.options) for command in pipe._execution_strategy.command_queue]
+    return pipe.command_stack
+
+
+def primaries(client: Any) -> list[redis.Redis]:
+    """The single-node clients of every primary (``[client]`` for one that is not a cluster's)."""
+    if not is_cluster(client):
+        return [client]
+    return [client.get_redis_connection(node) for node in client.get_primaries()]
 
 
 class Packer:
@@ -228,6 +339,8 @@ def _whole(args: tuple[Any, ...], fallback: Any) -> list[bytes]:
 
 def packing(client: redis.Redis) -> redis.Redis:
     """``client`` with :class:`Packer` in its pool's connections (those it makes from now on)."""
+    if is_cluster(client):
+        return client  # its nodes' clients are made as it finds them; run_script packs its own calls
     kwargs = client.connection_pool.connection_kwargs
     encoder = Encoder(kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict"),
                       kwargs.get("decode_responses", False))
@@ -240,18 +353,28 @@ def packing(client: redis.Redis) -> redis.Redis:
 
 def configured(settings: MeshSettings) -> dict[str, Any]:
     """Which Redis ``settings`` name, as operators read it, without asking it: ``address`` (or, for
-    Sentinel, ``sentinel`` and ``sentinels``), ``db`` and ``tls``. Never a credential."""
+    Sentinel, ``sentinel`` and ``sentinels``; for a cluster, ``cluster``: its seeds), ``db`` and ``tls``.
+    Never a credential."""
     address = parse_url(settings.redis_url)
     hosts = [_shown(host, port) for host, port in address.hosts]
     out: dict[str, Any] = {"sentinel": address.service, "sentinels": hosts} if address.sentinel \
-        else {"address": hosts[0]}
+        else {"cluster": hosts} if address.cluster else {"address": hosts[0]}
     return {**out, "db": address.db, "tls": address.tls}
 
 
-def where(client: redis.Redis) -> dict[str, Any]:
+def where(client: Any) -> dict[str, Any]:
     """Which Redis ``client`` uses now: ``address`` (host:port; for Sentinel the master it names
     now) and ``role`` (``INFO replication``: master or replica; ``unknown`` for a user not allowed
-    INFO). Never a credential. Raises redis errors when the server does not answer."""
+    INFO). For a cluster: ``address`` the primaries now, comma-separated, and ``role`` ``cluster``
+    (``CLUSTER INFO``'s ``cluster_state`` unless ok: ``cluster (fail)``). Never a credential. Raises
+    redis errors when the server does not answer."""
+    if is_cluster(client):
+        shown = ",".join(sorted(_shown(node.host, node.port) for node in client.get_primaries()))
+        try:
+            state = primaries(client)[0].execute_command("CLUSTER INFO").get("cluster_state", "?")
+        except redis.exceptions.NoPermissionError:
+            state = "ok"  # not the user's to ask: shown as plain "cluster"
+        return {"address": shown, "role": "cluster" if state == "ok" else f"cluster ({state})"}
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
         host, port = pool.get_master_address()
@@ -337,9 +460,43 @@ class ReplicatedTransaction(redis.client.Pipeline):
         return result
 
 
+#: How much longer than its own timeout a WAIT's reply is waited for.
+WAIT_READ_SLACK_S = 5.0
+
+
+class _ReplicatedSlot(redis.cluster.TransactionStrategy):
+    """A cluster pipeline's MULTI/EXEC (on the primary of its one slot), followed by ``WAIT`` on the
+    connection it ran on, as :class:`ReplicatedTransaction`."""
+
+    def __init__(self, pipe: Any, replicas: int, timeout_ms: int) -> None:
+        super().__init__(pipe)
+        self.replicas, self.timeout_ms = replicas, timeout_ms
+        self.acked = 0
+
+    def _execute_transaction(self, stack: Any, raise_on_error: bool) -> Any:
+        result = super()._execute_transaction(stack, raise_on_error)
+        connection = self._transaction_connection
+        assert connection is not None
+        try:  # the transaction ran: a WAIT that fails is no reason to run it again (the pipeline's retry)
+            connection.send_command("WAIT", self.replicas, self.timeout_ms)
+            # its own read deadline: the node's connections may read with a shorter one than WAIT blocks
+            self.acked = int(connection.read_response(timeout=self.timeout_ms / 1000 + WAIT_READ_SLACK_S))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            connection.disconnect()
+            self.acked = 0  # unconfirmed: NotReplicated
+        return result
+
+
 def transaction(client: redis.Redis, settings: MeshSettings) -> redis.client.Pipeline:
     """A MULTI/EXEC pipeline for an enqueue: with MESH_REDIS_WAIT_REPLICAS, one that WAITs for them
-    (check it with :func:`replicated`)."""
+    (check it with :func:`replicated`). On a cluster, a cluster pipeline whose keys must all be in one
+    slot (``redis.cluster.CrossSlotTransactionError`` else), run on the primary of that slot."""
+    if is_cluster(client):
+        pipe: Any = client.pipeline(transaction=True)
+        if settings.redis_wait_replicas:
+            pipe._execution_strategy = _ReplicatedSlot(pipe, settings.redis_wait_replicas,
+                                                       settings.redis_wait_timeout_ms)
+        return pipe
     if settings.redis_wait_replicas:
         return ReplicatedTransaction(client, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
     return client.pipeline(transaction=True)
@@ -347,8 +504,9 @@ def transaction(client: redis.Redis, settings: MeshSettings) -> redis.client.Pip
 
 def replicated(pipe: redis.client.Pipeline, refs: list[Any]) -> None:
     """NotReplicated when ``pipe`` (from :func:`transaction`) WAITed and fewer replicas confirmed."""
-    if isinstance(pipe, ReplicatedTransaction) and pipe.acked < pipe.replicas:
-        raise NotReplicated(pipe.acked, pipe.replicas, pipe.timeout_ms, refs)
+    waited: Any = getattr(pipe, "_execution_strategy", pipe)
+    if isinstance(waited, (ReplicatedTransaction, _ReplicatedSlot)) and waited.acked < waited.replicas:
+        raise NotReplicated(waited.acked, waited.replicas, waited.timeout_ms, refs)
 
 
 def _pack(conn: Any, command: tuple[Any, ...]) -> Any:
@@ -370,23 +528,32 @@ class HeldConnection:
     each call cost a send a tenth of its client time (the pool's lock, its metrics, its event). Before
     each call it is checked as the pool checks a connection it hands out (connected, nothing unread:
     else it is connected again). A call made while another thread has it, or in a forked child, takes
-    a connection of the pool as usual. Given back to the pool when the holder is collected."""
+    a connection of the pool as usual. Given back to the pool when the holder is collected.
+
+    On a cluster (``client`` a ``RedisCluster``), the connection is one of the pool of the node a call's
+    keys are on (``take(pool)``): kept while the calls go to that node, given back for one of another
+    node's pool when they go elsewhere (the slot moved, or another namespace's)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.pool = client.connection_pool
+        self.pool = None if is_cluster(client) else client.connection_pool
         self._lock = threading.Lock()
         self._box: list[Any] = []  # the connection, once taken
+        self._from: list[Any] = []  # the pool it was taken from
         self._pid = os.getpid()
-        weakref.finalize(self, _give_back, self.pool, self._box, self._pid)
+        weakref.finalize(self, _give_back, self._from, self._box, self._pid)
 
-    def take(self) -> Any:
+    def take(self, pool: Any = None) -> Any:
         """The connection, ready to send on, for this caller until :meth:`done` (None: another thread
-        has it, or this is a forked child: use the pool)."""
+        has it, or this is a forked child: use the pool). ``pool``: the node's, on a cluster."""
         if self._pid != os.getpid() or not self._lock.acquire(blocking=False):
             return None
         try:
+            pool = pool or self.pool
+            if self._box and self._from[0] is not pool:
+                _give_back(self._from, self._box, self._pid)
             if not self._box:
-                self._box.append(self.pool.get_connection())
+                self._box.append(pool.get_connection())
+                self._from.append(pool)
                 return self._box[0]
             conn = self._box[0]
             try:  # as the pool's ensure_connection: connected (can_read connects), nothing unread, not closed
@@ -408,6 +575,14 @@ class HeldConnection:
 KEEP_MIN_CONNECTIONS = 100
 
 
+def may_hold(client: Any) -> bool:
+    """Whether a :class:`HeldConnection` of ``client`` is worth having: a pooled client's whose pool
+    :func:`may_keep` allows, or a cluster's (its nodes' pools are unbounded)."""
+    if is_cluster(client):
+        return True
+    return client.connection is None and may_keep(client.connection_pool)
+
+
 def may_keep(pool: Any) -> bool:
     """Whether a :class:`HeldConnection` may keep a connection of ``pool``: not of a pool that makes
     callers wait for a free connection (``BlockingConnectionPool``) nor of one capped below
@@ -418,9 +593,9 @@ def may_keep(pool: Any) -> bool:
     return int(getattr(pool, "max_connections", 0) or 0) >= KEEP_MIN_CONNECTIONS
 
 
-def _give_back(pool: Any, box: list[Any], pid: int) -> None:
+def _give_back(pools: list[Any], box: list[Any], pid: int) -> None:
     if box and os.getpid() == pid:
-        pool.release(box.pop())
+        pools.pop().release(box.pop())
 
 
 def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnection | None = None) -> Any:
@@ -429,36 +604,64 @@ def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnecti
     (``held``'s when it is free) and its reply read, without redis-py's per-call wrapping. Everything
     else goes redis-py's own way: a script Redis does not hold (loaded, and called again), and a lost
     connection (dropped, then retried only when the client retries: the queue client never re-sends a
-    fetch or a settlement)."""
+    fetch or a settlement).
+
+    On a cluster, sent to the primary that owns ``keys[0]``'s slot (a script's keys are all in one
+    slot); a node that no longer serves it (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: nothing was run), or a
+    lost connection to it when the client retries, and the call goes the cluster client's own way,
+    which learns where the slot went and sends it there (a script without keys goes to any primary:
+    every script of the mesh names at least its namespace's prefix, broker/keys.py)."""
     client = script.registered_client
     command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-    if client.connection is None:  # a pooled client (a single-connection one is called the usual way)
-        pool = client.connection_pool
-        taken = None if held is None else held.take()
-        own = taken is None
-        conn: Any = pool.get_connection() if taken is None else taken
+    cluster = is_cluster(client)
+    route = keys[0] if keys else None
+    if cluster and route is None:
+        return script(keys=keys, args=args)  # any node: the cluster client picks one
+    if cluster or client.connection is None:  # pooled (a single-connection client is called the usual way)
+        node = _slot_node(client, route) if cluster else None
+        pool = client.get_redis_connection(node).connection_pool if cluster else client.connection_pool
         try:
-            conn.send_packed_command(_pack(conn, command))
-            return conn.read_response()
-        except redis.exceptions.NoScriptError:
-            pass  # loaded below
+            taken = None if held is None else held.take(pool)
+            conn: Any = pool.get_connection() if taken is None else taken
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            conn.disconnect()
-            retry = client.get_retry()
-            if retry is None or retry.get_retries() <= 0:
+            if not cluster:
                 raise
-        except redis.exceptions.ResponseError:
-            raise  # the script's own error: the connection is fine
-        except BaseException:  # raised into this thread mid-call: what is on the wire is unknown
-            conn.disconnect()
-            raise
-        finally:
-            if own:
-                pool.release(conn)
-            else:
-                held.done()  # type: ignore[union-attr]
+            _lost(client, node)  # nothing sent: the cluster client's way, below
+        else:
+            own = taken is None
+            try:
+                conn.send_packed_command(_pack(conn, command))
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                pass  # loaded below
+            except SLOT_ERRORS:
+                if not cluster:
+                    raise
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                conn.disconnect()
+                if cluster:
+                    _lost(client, node)
+                retry = client.retry if cluster else client.get_retry()
+                if retry is None or retry.get_retries() <= 0:
+                    raise
+            except redis.exceptions.ResponseError:
+                raise  # the script's own error: the connection is fine
+            except BaseException:  # raised into this thread mid-call: what is on the wire is unknown
+                conn.disconnect()
+                raise
+            finally:
+                if own:
+                    pool.release(conn)
+                else:
+                    held.done()  # type: ignore[union-attr]
+    if cluster and not keys:  # the cluster client would send it anywhere: to the slot's node, as above
+        return on_slot(client, route, lambda node: _evalsha(node, script, keys, args))
+    return _evalsha(client, script, keys, args)
+
+
+def _evalsha(client: Any, script: Any, keys: list[Any], args: list[Any]) -> Any:
     try:
-        return client.execute_command(*command)
+        return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
         script.sha = client.script_load(script.script)
         return client.evalsha(script.sha, len(keys), *keys, *args)

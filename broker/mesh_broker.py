@@ -23,7 +23,7 @@ from mesh.contracts.deadletter import Attempt, DeadLetter
 from . import compat, lanes
 from .claims import script_source
 from .clock import DelayClock, ServerClock
-from .connection import connect, run_script
+from .connection import SLOT_ERRORS, connect, is_cluster, node_client, run_script
 from .consumer import EagerSlot, MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
@@ -149,7 +149,7 @@ class MeshBroker(RedisBroker):
         if self.stopping.is_set():
             timeout_s = min(timeout_s, STOPPING_WAIT_S)
         keys = [self.keys.wake(queue_name), self.keys.stop(self.broker_id)]
-        if self.client.connection is not None:  # a single-connection client: its one connection
+        if not is_cluster(self.client) and self.client.connection is not None:  # a single-connection client
             return self.client.blpop(keys, timeout=timeout_s) is not None
         return self._blpop(keys, timeout_s) is not None
 
@@ -161,18 +161,38 @@ class MeshBroker(RedisBroker):
         the interpreter's switch interval, 5 ms). The connection's replies are always read in full, or
         it is dropped. A kept connection that fails (the server closed it meanwhile) is connected again
         and the wait sent once more: a token taken by the lost wait costs one ``WAIT_S`` at most, as a
-        message pushed without a token does."""
+        message pushed without a token does.
+
+        On a cluster, the connection is one to the primary of the keys' slot (kept while the slot stays
+        there); a node that does not serve the slot (any more), or fails, and the wait goes the cluster
+        client's own way once, which learns where the slot went."""
+        cluster = is_cluster(self.client)
+        pool = node_client(self.client, keys[0]).connection_pool if cluster else self.client.connection_pool
         held = getattr(self._waits, "connection", None)
-        if held is not None and held.pid != os.getpid():  # kept by the process this one was forked from
-            held = None
-        conn = held or self.client.connection_pool.get_connection()  # checked by the pool once
-        self._waits.connection = conn
+        if held is not None and (held.pid != os.getpid() or getattr(self._waits, "pool", pool) is not pool):
+            if held.pid == os.getpid():  # kept for another node's slot: given back
+                self._waits.pool.release(held)
+            held = None  # else kept by the process this one was forked from
+        try:
+            conn = held or pool.get_connection()  # checked by the pool once
+        except redis.ConnectionError:
+            if not cluster:
+                raise
+            self._waits.__dict__.pop("connection", None)
+            return self.client.blpop(keys, timeout=timeout_s)
+        self._waits.connection, self._waits.pool = conn, pool
         for attempt in (1, 2):
             try:
                 conn.send_command("BLPOP", *keys, timeout_s)
                 return conn.read_response()
+            except SLOT_ERRORS:
+                if not cluster:
+                    raise
+                return self.client.blpop(keys, timeout=timeout_s)
             except redis.ConnectionError:
                 conn.disconnect()  # connected again by the next send
+                if cluster:
+                    return self.client.blpop(keys, timeout=timeout_s)
                 if attempt == 2 or held is None:
                     raise
             except BaseException:  # a reply half read: the connection goes
@@ -202,7 +222,7 @@ class MeshBroker(RedisBroker):
             # the pool, or it would stay checked out (and open) for as long as the broker lives.
             conn = self._waits.__dict__.pop("connection", None)
             if conn is not None:
-                self.client.connection_pool.release(conn)
+                self._waits.pool.release(conn)
         name = "before_" + signal
         hooks = self._hooks(name)
         if hooks is None:

@@ -23,7 +23,7 @@ from dramatiq.message import Message
 from mesh.contracts import Envelope, JobRecord, LimitExceeded, Priority, StepRecord, depth_exceeds, dumps
 
 from . import lanes, trace
-from .connection import HeldConnection, may_keep, run_script
+from .connection import HeldConnection, may_hold, run_script
 from .keys import Keys
 
 #: lanes_lib.lua wrapped in a function the script calls only for a batch that is not plain (its
@@ -346,8 +346,7 @@ class EnqueueScript:
         self.loaded = False
         #: The connection the client's sends go on (a pooled client's, unless its pool is one whose
         #: connections are few and shared: connection.may_keep).
-        self.held = HeldConnection(client) if client.connection is None and may_keep(client.connection_pool) \
-            else None
+        self.held = HeldConnection(client) if may_hold(client) else None
 
     def __call__(self, *, keys: list[str], args: list[Any], client: Any = None) -> Any:
         if not self.loaded:

@@ -15,7 +15,7 @@ import redis
 from mesh.contracts import MeshError, dumps
 
 from . import lanes, trace
-from .connection import run_script
+from .connection import on_slot, run_script
 from .keys import Keys
 from .outbox import WAKE_CAP
 
@@ -82,10 +82,14 @@ class StartRun:
         keys = [self.keys.prefix]
         if wait is None:
             return run_script(self.script, keys, args), 0
-        pipe = self.script.registered_client.pipeline(transaction=False)
-        self.script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", *wait)
-        answer, acked = pipe.execute()
+
+        def send(node: redis.Redis) -> Any:  # the WAIT on the connection of the script's writes
+            pipe = node.pipeline(transaction=False)
+            self.script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", *wait)
+            return pipe.execute()
+
+        answer, acked = on_slot(self.script.registered_client, keys[0], send)
         return answer, int(acked)
 
 

@@ -24,8 +24,9 @@ class MeshSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid",
                                       hide_input_in_errors=True)  # an input may be a URL with a password
 
-    redis_url: str = Field(default=DEFAULT_REDIS_URL, repr=False, description="redis://, rediss:// (TLS) or "
-                           "redis+sentinel:// URL, with credentials if the server wants them")
+    redis_url: str = Field(default=DEFAULT_REDIS_URL, repr=False, description="redis://, rediss:// (TLS), "
+                           "redis+sentinel:// or redis+cluster:// (rediss+cluster://: TLS) URL, with credentials "
+                           "if the server wants them")
     redis_ca_file: str | None = Field(default=None, description="rediss://: the CA bundle (PEM) the server's "
                                       "certificate is checked against; default: the system's")
     redis_cert_file: str | None = Field(default=None, description="rediss://: client certificate (PEM), for "

@@ -60,7 +60,7 @@ from mesh.contracts import JobRecord, LeaseLost, dumps
 
 from . import lanes
 from .claims import script_source
-from .connection import run_script
+from .connection import run_script, staged
 from .group_commit import GroupCommit
 from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
@@ -303,17 +303,17 @@ class StepWrites:
             if record is not before or messages:
                 self.jobs.stage_write(pipe, before, record, messages, events=events, also=also,
                                       retention_s=retention_s)
-                if any(command[0] in SCRIPTED for command, _options in pipe.command_stack):
+                if any(command[0] in SCRIPTED for command, _options in staged(pipe)):
                     # A write that runs a script of its own (an approval's timers) cannot run inside
                     # this one: it goes as a transaction, and the consumer's ack settles the message.
                     record = self.jobs.update(job_id, change, fence=fence, events=events, also=also,
                                               retention_s=retention_s)
                     return Written(record, dumps(record))
-                new = _record_bytes(pipe.command_stack, key) or dumps(record)
+                new = _record_bytes(staged(pipe), key) or dumps(record)
             slot = self._slot(messages) if settle and messages else None
             pickup = self._pickup(job_id, record, new, messages, slot) if slot is not None else None
             try:
-                item = self._item(key, data, pipe.command_stack, fence, done, settle, slot, pickup)
+                item = self._item(key, data, staged(pipe), fence, done, settle, slot, pickup)
                 if slot is not None:
                     item.job, item.written = job_id.encode(), Written(record, new)
                 answer = self.group.submit(item)

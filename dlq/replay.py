@@ -36,6 +36,7 @@ from dramatiq.message import Message
 from mesh.broker import trace
 from mesh.broker.client import job_id_for, payload_hash
 from mesh.broker.clock import ServerClock
+from mesh.broker.connection import staged
 from mesh.broker.jobs import stage_record
 from mesh.broker.keys import Keys
 from mesh.broker.ledger import Ledger
@@ -374,9 +375,9 @@ class Replayer:
             if job_id in records:
                 records[job_id] = _requeue(records[job_id], env.get("step_id"), now)
                 changed.add(job_id)
-            start = len(pipe.command_stack)
+            start = len(staged(pipe))
             stage(pipe, self.keys, message, wake_up=False)
-            spans[i] = range(start, len(pipe.command_stack))
+            spans[i] = range(start, len(staged(pipe)))
             per_queue[message.queue_name] += 1
             entries.append(entry)
             self._stage_trail(pipe, message, entry, recreated=recreated)
@@ -501,7 +502,7 @@ def _requeue(record: JobRecord, step_id: Any, now: float) -> JobRecord:
 def execute(pipe: Any) -> list[str | None]:
     """Run the transaction staged in ``pipe``; per command, what Redis refused it with (its name and
     key first), or None. Redis runs every command of an EXEC, so one refusal stops nothing else."""
-    commands = [args for args, _ in pipe.command_stack]
+    commands = [args for args, _ in staged(pipe)]
     replies = pipe.execute(raise_on_error=False)
     return [f"{' '.join(map(str, c[:2]))}: {r}" if isinstance(r, Exception) else None
             for c, r in zip(commands, replies, strict=True)]

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict
 from mesh.agents.app import App
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline
-from mesh.broker.connection import SETTINGS, connect
+from mesh.broker.connection import SETTINGS, connect, primaries
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ConfigError
@@ -290,10 +290,17 @@ def _drained(client: redis.Redis, namespace: str, queue: str, timeout_s: float =
 
 def _snapshot(client: redis.Redis) -> tuple[dict[str, int], float]:
     """Calls per command so far, those run inside Lua scripts included (as Redis counts them), and the
-    CPU seconds the server has used (user + system), whoever it served: one ``INFO``."""
-    info: Any = client.execute_command("INFO", "commandstats", "cpu")
-    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if k.startswith("cmdstat_")}
-    return calls, float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    CPU seconds the server has used (user + system), whoever it served: one ``INFO``; on a cluster, one
+    of each primary, summed."""
+    calls: dict[str, int] = {}
+    cpu = 0.0
+    for node in primaries(client):
+        info: Any = node.execute_command("INFO", "commandstats", "cpu")
+        for k, v in info.items():
+            if k.startswith("cmdstat_"):
+                calls[k.removeprefix("cmdstat_")] = calls.get(k.removeprefix("cmdstat_"), 0) + int(v["calls"])
+        cpu += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return calls, cpu
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -325,7 +325,7 @@ def _deployment(c: MeshClient, as_json: bool) -> None:
         emit_json(overview)
         return
     via = f", Sentinel service {server['sentinel']} via {', '.join(server['sentinels'])}" if "sentinel" in server \
-        else ""
+        else ", Redis Cluster" if "cluster" in server else ""
     tls = ", TLS" if server["tls"] else ""
     out.print(Text(f"redis:     {server.get('address', '?')} db {server['db']}, {server.get('role', '?')}{tls}{via}"))
     out.print(Text(f"namespace: {overview['namespace']}"))

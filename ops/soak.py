@@ -40,7 +40,7 @@ import redis
 from pydantic import SecretStr
 
 from mesh.broker.client import MeshClient
-from mesh.broker.connection import connect
+from mesh.broker.connection import connect, primaries
 from mesh.broker.keys import Keys
 from mesh.broker.outbox import wake
 from mesh.broker.retention import expired
@@ -252,8 +252,8 @@ def namespace_mb(client: redis.Redis, ns: str) -> float:
 
 
 def redis_mb(client: redis.Redis) -> float:
-    info: Any = client.info("memory")
-    return int(info["used_memory"]) / 2**20
+    """``used_memory`` in MB (on a cluster: of every primary, summed)."""
+    return sum(int(node.info("memory")["used_memory"]) for node in primaries(client)) / 2**20
 
 
 # -- traffic ---------------------------------------------------------------------------------------------

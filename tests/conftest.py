@@ -369,3 +369,12 @@ def cli_process(settings: MeshSettings) -> Callable[..., subprocess.CompletedPro
     """Run ``python -m mesh.ops.cli ...`` as a process against this test's namespace (the entry
     point itself: its exit codes, stdin closed); same interface as ``cli``."""
     return functools.partial(run_cli_process, settings)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_nodes() -> Iterator[Any]:
+    """A real Redis Cluster (3 primaries, 3 replicas) on this worker's private ports, for one module's
+    slow tests (see tests/cluster.py)."""
+    from tests.cluster import redis_cluster
+    with redis_cluster() as nodes:
+        yield nodes

@@ -25,6 +25,10 @@ SECRET = "s3cr3t-Pa55"
     (f"redis+sentinel://:{SECRET}@a:26379,b:26380,c/mymaster/4",
      [("a", 26379), ("b", 26380), ("c", 26379)], 4, None, SECRET, "mymaster"),
     ("redis+sentinel://a/mymaster", [("a", 26379)], 0, None, None, "mymaster"),
+    (f"redis+cluster://mesh:{SECRET}@a:7000,b:7001,c/", [("a", 7000), ("b", 7001), ("c", 6379)], 0, "mesh", SECRET,
+     None),
+    ("rediss+cluster://a:7000/0", [("a", 7000)], 0, None, None, None),
+    ("redis+cluster://a:7000", [("a", 7000)], 0, None, None, None),
 ])
 def test_every_url_form_is_taken_apart(url, hosts, db, user, password, service):
     address = parse_url(url)
@@ -42,6 +46,8 @@ def test_every_url_form_is_taken_apart(url, hosts, db, user, password, service):
     (f"redis+sentinel://u:{SECRET}@a:1/m/0/x", "unexpected path"),
     (f"redis://u:{SECRET}@h/0?ssl_cert_reqs=none", "query parameters are not taken"),
     (f"redis://u:{SECRET}@:6379/0", "host is missing"),
+    (f"redis+cluster://u:{SECRET}@a:1,b:2/3", "a Redis Cluster has database 0 only, not 3"),
+    (f"rediss+cluster://u:{SECRET}@a:1/0/x", "unexpected path"),
 ])
 def test_a_bad_url_is_a_config_error_that_names_it_with_the_password_masked(url, says):
     with pytest.raises(ConfigError) as caught:
@@ -60,6 +66,15 @@ def test_masked_url_hides_only_the_password():
     assert masked_url(f"rediss://{SECRET}@h:1/0") == "rediss://***@h:1/0"
     assert masked_url(f"redis+sentinel://:{SECRET}@a:1,b:2/m/0") == "redis+sentinel://:***@a:1,b:2/m/0"
     assert masked_url("redis://h:1/0") == "redis://h:1/0"
+    assert masked_url(f"rediss+cluster://mesh:{SECRET}@a:1,b:2/") == "rediss+cluster://mesh:***@a:1,b:2/"
+
+
+def test_a_cluster_url_says_so_and_which_seeds():
+    address = parse_url("rediss+cluster://a:1,[::1]:2/")
+    assert (address.cluster, address.tls, address.sentinel) == (True, True, False)
+    assert not parse_url("redis+cluster://a:1/").tls
+    assert configured(MeshSettings(redis_url=f"redis+cluster://:{SECRET}@a:1,[::1]:2/")) == {
+        "cluster": ["a:1", "[::1]:2"], "db": 0, "tls": False}
 
 
 def test_tls_files_are_refused_without_rediss_missing_or_half_given(tmp_path):

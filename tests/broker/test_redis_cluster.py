@@ -1,0 +1,199 @@
+"""``MESH_REDIS_URL=redis+cluster://`` on a real Redis Cluster (3 primaries, 3 replicas; tests/cluster.py):
+the client reaches it through the URL, the mesh's own ways of sending (``run_script`` and its held
+connection, transactions with WAIT, WAIT after a script) go to the primary of their keys' slot, a
+transaction over two slots is refused, and a primary SIGKILLed: once its replica is promoted the same
+client goes on, and what was written with WAIT 1 replica before the kill is there."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.cluster
+
+from mesh.broker import MeshSettings
+from mesh.broker.connection import (
+    HeldConnection,
+    connect,
+    describe,
+    on_slot,
+    replicated,
+    run_script,
+    transaction,
+)
+from tests.cluster import RedisClusterNodes, poll, redis_cluster
+
+pytestmark = pytest.mark.slow
+
+INCR = "return redis.call('INCR', KEYS[1])"
+
+
+@pytest.fixture
+def nodes(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
+    redis_cluster_nodes.wait_ok()  # a test before may have failed a primary over
+    return redis_cluster_nodes
+
+
+def _settings(nodes: RedisClusterNodes, **overrides: Any) -> MeshSettings:
+    return MeshSettings(redis_url=nodes.url, **overrides)
+
+
+def _evalsha_calls(nodes: RedisClusterNodes) -> dict[int, int]:
+    return {port: int(nodes.node(port).info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+            for port in nodes.primaries()}
+
+
+def test_the_url_makes_a_cluster_client_that_mesh_describes(nodes: RedisClusterNodes) -> None:
+    settings = _settings(nodes)
+    client = connect(settings)
+    assert isinstance(client, redis.cluster.RedisCluster)
+    client.set("{describe}k", "v")
+    assert client.get("{describe}k") == b"v"  # decode_responses as the single-node client: bytes
+    shown = describe(settings, client)
+    assert shown["cluster"] == [f"127.0.0.1:{nodes.ports[0]}", f"127.0.0.1:{nodes.ports[1]}"]
+    assert shown["role"] == "cluster"
+    assert sorted(shown["address"].split(",")) == sorted(f"127.0.0.1:{p}" for p in nodes.primaries())
+
+
+def test_run_script_goes_to_the_primary_of_its_keys_slot(nodes: RedisClusterNodes) -> None:
+    client = connect(_settings(nodes))
+    script = client.register_script(INCR)
+    held = HeldConnection(client)
+    per_primary = nodes.keys_per_primary("rs")
+    for port, key in per_primary.items():
+        before = _evalsha_calls(nodes)
+        for way in (held, None):
+            run_script(script, [key], [], way)
+        after = _evalsha_calls(nodes)
+        grew = {p for p in after if after[p] != before[p]}
+        assert grew == {port}, f"{key}: EVALSHA reached {grew}, its slot is on {port}"
+        assert nodes.node(port).get(key) == "2"  # both calls ran, on that primary
+
+
+def test_a_transaction_in_one_slot_runs_and_waits_and_one_over_two_slots_is_refused(nodes: RedisClusterNodes) -> None:
+    settings = _settings(nodes, redis_wait_replicas=1, redis_wait_timeout_ms=5000)
+    client = connect(settings)
+    with transaction(client, settings) as pipe:
+        pipe.watch("{tx}a")
+        assert pipe.get("{tx}a") is None
+        pipe.multi()
+        pipe.set("{tx}a", "1")
+        pipe.set("{tx}b", "2")
+        assert len(pipe.execute()) == 2  # (b"OK": a cluster transaction runs no response callback of SET)
+    replicated(pipe, [])  # one replica confirmed, or NotReplicated
+    assert pipe._execution_strategy.acked >= 1
+    assert client.mget("{tx}a", "{tx}b") == [b"1", b"2"]
+    with pytest.raises(redis.exceptions.RedisClusterException, match=r"same slot|different slots"), \
+            transaction(client, settings) as pipe:
+        pipe.set("tx-a", "1")
+        pipe.set("tx-b", "2")  # another slot (keys without a hash tag)
+        pipe.execute()
+    assert client.exists("tx-a") == 0
+
+
+def test_wait_after_a_script_goes_on_the_connection_of_its_writes(nodes: RedisClusterNodes) -> None:
+    client = connect(_settings(nodes))
+    script = client.register_script(INCR)
+
+    def send(node: redis.Redis) -> Any:
+        pipe = node.pipeline(transaction=False)
+        script(keys=["{wait}n"], args=[], client=pipe)
+        pipe.execute_command("WAIT", 1, 5000)
+        return pipe.execute()
+
+    answer, acked = on_slot(client, "{wait}n", send)
+    assert (answer, acked) == (1, 1)
+
+
+def test_a_pipeline_runs_on_the_cluster_with_every_key_of_its_namespace_on_one_primary(
+        nodes: RedisClusterNodes) -> None:
+    from mesh.broker import MeshClient
+    from mesh.broker.keys import Keys
+    from mesh.contracts import State
+    from mesh.ops.worker import start_worker
+
+    namespace = f"pipeline-{uuid.uuid4().hex[:8]}"
+    settings = _settings(nodes, reconnect_delay_s=0.5).model_copy(update={"namespace": namespace})
+    worker = start_worker(settings, ["planner", "researcher", "executor"], 4)
+    try:
+        client = MeshClient(settings)
+        ref = client.submit("Find out how retries work and how dead letters are replayed, then write a note")
+        record = client.wait(ref.id, timeout_s=30)
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    assert [s.agent for s in record.steps.values() if s.need is None] == [
+        "planner", "researcher", "researcher", "executor"]
+    keys = Keys(namespace)
+    owner = nodes.primary_of(keys.prefix)
+    held = {p: list(nodes.node(p).scan_iter(match=keys.everything, count=1000)) for p in nodes.primaries()}
+    assert nodes.node(owner).exists(keys.job(ref.id))
+    assert {p for p, found in held.items() if found} == {owner}, {p: len(found) for p, found in held.items()}
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_killed_primary_s_slot_is_served_by_its_promoted_replica_with_what_was_replicated(
+        nodes: RedisClusterNodes, held: bool) -> None:
+    settings = _settings(nodes, redis_wait_replicas=1, redis_wait_timeout_ms=5000)
+    client = connect(settings)
+    key = nodes.replicated_key("failover-held" if held else "failover-pool")
+    with transaction(client, settings) as pipe:
+        pipe.set(key, "before")
+        pipe.execute()
+    replicated(pipe, [])  # a replica has it
+    script = client.register_script(INCR)
+    way = HeldConnection(client) if held else None
+    assert run_script(script, [key + ":n"], [], way) == 1  # the held connection is one to that primary
+    killed, promoted = nodes.kill_primary_of(key)
+    assert promoted != killed
+    # the same client, the calls right after the promotion: no error reaches the caller
+    assert run_script(script, [key + ":n"], [], way) == 2
+    assert client.get(key) == b"before"
+    assert nodes.node(promoted).get(key + ":n") == "2"
+    brief = _settings(nodes, redis_wait_replicas=1, redis_wait_timeout_ms=200)
+    with transaction(client, brief) as pipe:  # WAIT on the new primary: no replica left for this slot
+        pipe.set(key, "after")
+        pipe.execute()
+    assert pipe._execution_strategy.acked == 0
+
+
+def test_calls_during_a_failover_succeed_once_the_replica_is_promoted(nodes: RedisClusterNodes) -> None:
+    client = connect(_settings(nodes))
+    script = client.register_script(INCR)
+    held = HeldConnection(client)
+    key = nodes.replicated_key("during")
+    run_script(script, [key], [], held)
+    nodes.kill(nodes.primary_of(key))
+    failed: list[str] = []
+
+    def call() -> Any:
+        try:
+            return run_script(script, [key], [], held)
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            failed.append(type(exc).__name__)
+            return None
+
+    got = poll(call, 30, "a call after the primary's kill")
+    assert got >= 2  # 1 before the kill, replicated or not: at least this call's own
+    nodes.wait_ok()
+
+
+@pytest.fixture(scope="module")
+def locked() -> Iterator[RedisClusterNodes]:
+    with redis_cluster(offset=6, password="cl-Pa55") as nodes:
+        yield nodes
+
+
+def test_a_password_protected_cluster_is_reached_with_the_password_in_the_url(locked: RedisClusterNodes) -> None:
+    assert ":cl-Pa55@" in locked.url
+    client = connect(MeshSettings(redis_url=locked.url))
+    script = client.register_script(INCR)
+    for key in locked.keys_per_primary("pw").values():
+        assert run_script(script, [key], [], HeldConnection(client)) == 1
+    wrong = locked.url.replace("cl-Pa55", "wrong")
+    with pytest.raises(redis.ConnectionError, match=r"Redis Cluster 127\.0\.0\.1"):
+        connect(MeshSettings(redis_url=wrong))
