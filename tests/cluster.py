@@ -1,7 +1,8 @@
 """A real Redis Cluster for the slow tests: 3 primaries and 3 replicas of ``redis-server
 --cluster-enabled yes`` on loopback, created with ``redis-cli --cluster create``.
 
-Ports: 12 per pytest-xdist worker from ``BASE`` (7100: gw0 7100-7111, gw1 7112-7123, ...; the
+Ports: 12 per pytest-xdist worker from ``BASE`` (``MESH_TEST_CLUSTER_PORT``, default 7100: gw0
+7100-7111, gw1 7112-7123, ...; the
 cluster bus is port + 10000), so two test processes never collide; ``RedisCluster(offset=6)`` is a
 second cluster of the same worker. Start-up polls (``CLUSTER INFO``, every replica's link), never
 sleeps a fixed time.
@@ -23,7 +24,11 @@ from typing import Any
 import redis
 import redis.cluster
 
-BASE, PER_WORKER, NODES, LAST = 7100, 12, 6, 7199
+PER_WORKER, NODES = 12, 6
+#: The first node port: MESH_TEST_CLUSTER_PORT (default 7100), so that two test runs on one machine can
+#: be given ranges of their own; LAST: the range's end (100 ports).
+BASE = int(os.environ.get("MESH_TEST_CLUSTER_PORT", "7100"))
+LAST = BASE + 99
 
 
 def worker_ports(offset: int = 0) -> list[int]:
