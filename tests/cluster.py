@@ -1,7 +1,7 @@
 """A real Redis Cluster for the slow tests: 3 primaries and 3 replicas of ``redis-server
 --cluster-enabled yes`` on loopback, created with ``redis-cli --cluster create``.
 
-Ports: 12 per pytest-xdist worker from ``BASE`` (``MESH_TEST_CLUSTER_PORT``, default 7100: gw0
+Ports: 12 per pytest-xdist worker from ``BASE`` (``TEST_CLUSTER_PORT``, default 7100: gw0
 7100-7111, gw1 7112-7123, ...; the
 cluster bus is port + 10000), so two test processes never collide; ``RedisCluster(offset=6)`` is a
 second cluster of the same worker. Start-up polls (``CLUSTER INFO``, every replica's link), never
@@ -25,9 +25,9 @@ import redis
 import redis.cluster
 
 PER_WORKER, NODES = 12, 6
-#: The first node port: MESH_TEST_CLUSTER_PORT (default 7100), so that two test runs on one machine can
-#: be given ranges of their own; LAST: the range's end (100 ports).
-BASE = int(os.environ.get("MESH_TEST_CLUSTER_PORT", "7100"))
+#: The first node port: TEST_CLUSTER_PORT (default 7100; not a MESH_* name, which the mesh would take for
+#: one of its settings and refuse), so that two test runs on one machine keep apart; LAST: the range's end.
+BASE = int(os.environ.get("TEST_CLUSTER_PORT", "7100"))
 LAST = BASE + 99
 
 
