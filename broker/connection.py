@@ -223,10 +223,86 @@ def _cluster(settings: MeshSettings, address: RedisAddress, retries: bool, optio
         kwargs.update(ssl=True, **_tls(settings))
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in address.hosts]
     try:  # it asks the seeds for the cluster's layout at once
-        return redis.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **kwargs)
+        return MeshCluster(startup_nodes=nodes, retry=retry, **kwargs)
     except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
         seeds = ",".join(_shown(host, port) for host, port in address.hosts)
         raise redis.ConnectionError(f"Redis Cluster {seeds}: {exc}") from None
+
+
+class MeshCluster(redis.cluster.RedisCluster):
+    """The cluster client :func:`connect` makes: a ``RedisCluster`` whose pipelines make sure the Redis
+    node holds the scripts staged on them before they are sent (:class:`ScriptedPipeline`), as a
+    single-node client's pipeline does. It knows the scripts registered on it (``register_script``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The text of every script registered on this client, by its SHA1.
+        self.script_texts: dict[str, Any] = {}
+
+    def register_script(self, script: Any) -> Any:
+        registered = super().register_script(script)
+        self.script_texts[registered.sha] = registered.script
+        return registered
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = ScriptedPipeline
+        pipe.scripted_client = self
+        return pipe
+
+
+class ScriptedPipeline(redis.cluster.ClusterPipeline):
+    """A cluster pipeline that, before it sends, loads on the primary of their keys' slot the scripts
+    of this client staged on it (``script(..., client=pipe)``, EVALSHA) that node does not hold. A
+    ``ClusterPipeline`` sends the EVALSHA as it is: a primary that does not hold the script (a replica
+    promoted by a failover: SCRIPT LOAD is not replicated) answers NOSCRIPT, and in a transaction the
+    other commands of its EXEC ran all the same."""
+
+    scripted_client: MeshCluster
+
+    def execute(self, raise_on_error: bool = True) -> Any:
+        load_scripts(self.scripted_client, staged(self))
+        return super().execute(raise_on_error)
+
+
+def load_scripts(client: MeshCluster, commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    """The scripts ``client`` knows among the EVALSHA of ``commands`` loaded where they will run: on the
+    primary of their first key's slot (SCRIPT EXISTS there, then SCRIPT LOAD of those it lacks), or on
+    every primary for a script without keys. The node is asked an EXISTS of the key in the same round
+    trip: a node that no longer serves the slot (a failover the client has not learnt yet) answers
+    MOVED, and the client learns where it went (:func:`on_slot`) and asks there. A node that cannot be
+    reached is left to the pipeline, whose own retry finds where the slot went."""
+    wanted: dict[Any, dict[str, Any]] = {}
+    for args, _options in commands:
+        if str(args[0]).upper() != "EVALSHA":
+            continue
+        sha = args[1].decode() if isinstance(args[1], bytes) else str(args[1])
+        text = client.script_texts.get(sha)
+        if text is None:
+            continue
+        key = args[3] if int(args[2]) > 0 else None
+        wanted.setdefault(key, {})[sha] = text
+    for key, scripts in wanted.items():
+        shas = list(scripts)
+        if key is None:
+            for sha, exists in zip(shas, client.script_exists(*shas), strict=True):
+                if not exists:
+                    client.script_load(scripts[sha])
+            continue
+
+        def load(node: redis.Redis, key: Any = key, shas: list[str] = shas, scripts: dict[str, Any] = scripts) -> None:
+            ask = node.pipeline(transaction=False)
+            ask.exists(key)  # MOVED from a node that does not serve the slot
+            ask.script_exists(*shas)
+            _, held = ask.execute()
+            for sha, exists in zip(shas, held, strict=True):
+                if not exists:
+                    node.script_load(scripts[sha])
+
+        try:
+            on_slot(client, key, load)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, *SLOT_ERRORS):
+            pass
 
 
 def is_cluster(client: Any) -> bool:

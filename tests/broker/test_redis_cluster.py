@@ -197,3 +197,28 @@ def test_a_password_protected_cluster_is_reached_with_the_password_in_the_url(lo
     wrong = locked.url.replace("cl-Pa55", "wrong")
     with pytest.raises(redis.ConnectionError, match=r"Redis Cluster 127\.0\.0\.1"):
         connect(MeshSettings(redis_url=wrong))
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_a_script_staged_on_a_cluster_pipeline_after_a_failover_is_loaded_on_the_promoted_primary(
+        locked: RedisClusterNodes, atomic: bool) -> None:
+    # SCRIPT LOAD is not replicated: the promoted replica lacks what the old primary had loaded, and a
+    # cluster pipeline sends EVALSHA as it is (NOSCRIPT; in a transaction the rest of the EXEC ran).
+    nodes = locked  # a cluster whose primaries no test kills: a manual failover keeps every slot replicated
+    settings = MeshSettings(redis_url=nodes.url)
+    client = connect(settings)
+    script = client.register_script(INCR)
+    key = nodes.replicated_key(f"noscript-{atomic}")
+    assert script(keys=[key + ":n"]) == 1  # loaded on the primary
+    _old, promoted = nodes.fail_over(key)
+    assert nodes.node(promoted).script_exists(script.sha) == [False]
+    pipe = client.pipeline(transaction=atomic)
+    script(keys=[key + ":n"], client=pipe)
+    pipe.set(key + ":also", "1")
+    answers = pipe.execute()
+    assert (answers[0], len(answers)) == (2, 2)
+    assert nodes.node(promoted).get(key + ":n") == "2"
+    with transaction(client, settings) as tx:  # the mesh's own transactions, the same
+        script(keys=[key + ":n"], client=tx)
+        tx.set(key + ":also", "2")
+        assert tx.execute()[0] == 3
