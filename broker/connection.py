@@ -531,13 +531,43 @@ class ReplicatedTransaction(redis.client.Pipeline):
 
     def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
         result: list[Any] = super()._execute_transaction(connection, commands, raise_on_error)
-        connection.send_command("WAIT", self.replicas, self.timeout_ms)
-        self.acked = int(connection.read_response())
+        self.acked = wait_on(connection, self.replicas, self.timeout_ms)
+        return result
+
+
+class WaitingPipeline(redis.client.Pipeline):
+    """A pipeline (no MULTI) of a single-node client, followed by ``WAIT replicas timeout_ms`` on the
+    connection it ran on, as :class:`ReplicatedTransaction`: ``acked``, its answer. (A WAIT queued as
+    the pipeline's last command is read with the connection's read timeout, redis-py's 5 s by default:
+    a longer MESH_REDIS_WAIT_TIMEOUT_MS failed the call with a TimeoutError, and the client's retry sent
+    the pipeline's writes again.)"""
+
+    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, False, None)
+        self.replicas, self.timeout_ms = replicas, timeout_ms
+        self.acked = 0
+
+    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
+        result: list[Any] = super()._execute_pipeline(connection, commands, raise_on_error)
+        self.acked = wait_on(connection, self.replicas, self.timeout_ms)
         return result
 
 
 #: How much longer than its own timeout a WAIT's reply is waited for.
 WAIT_READ_SLACK_S = 5.0
+
+
+def wait_on(connection: Any, replicas: int, timeout_ms: int) -> int:
+    """``WAIT replicas timeout_ms`` sent on ``connection`` (the one the writes just went on): how many
+    replicas confirmed them. Its reply is read with a deadline of its own (the connection's read timeout
+    may be shorter than the WAIT blocks); a WAIT that fails counts none, and the writes, which ran, are
+    not sent again (the connection is dropped: its reply may still come)."""
+    try:
+        connection.send_command("WAIT", replicas, timeout_ms)
+        return int(connection.read_response(timeout=timeout_ms / 1000 + WAIT_READ_SLACK_S))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        connection.disconnect()
+        return 0
 
 
 class _ReplicatedSlot(redis.cluster.TransactionStrategy):
@@ -553,13 +583,8 @@ class _ReplicatedSlot(redis.cluster.TransactionStrategy):
         result = super()._execute_transaction(stack, raise_on_error)
         connection = self._transaction_connection
         assert connection is not None
-        try:  # the transaction ran: a WAIT that fails is no reason to run it again (the pipeline's retry)
-            connection.send_command("WAIT", self.replicas, self.timeout_ms)
-            # its own read deadline: the node's connections may read with a shorter one than WAIT blocks
-            self.acked = int(connection.read_response(timeout=self.timeout_ms / 1000 + WAIT_READ_SLACK_S))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            connection.disconnect()
-            self.acked = 0  # unconfirmed: NotReplicated
+        # the transaction ran: a WAIT that fails is no reason to run it again (the pipeline's retry)
+        self.acked = wait_on(connection, self.replicas, self.timeout_ms)
         return result
 
 
