@@ -337,21 +337,45 @@ def _lost(client: Any, node: Any) -> None:
     client.nodes_manager._request_refresh(last_failed_node_name=node.name)
 
 
-def on_slot(client: Any, key: Any, call: Any) -> Any:
-    """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, once more, once the
-    client has learnt the cluster's layout again, when that node did not run it (MOVED, ASK, TRYAGAIN,
-    CLUSTERDOWN) or, when ``client`` retries, when the connection to it failed (a primary failing over)."""
+#: How long a call to a slot's primary is tried again while the slot migrates or fails over.
+SLOT_WAIT_S = 30.0
+
+
+def on_slot(client: Any, key: Any, call: Any, timeout_s: float = SLOT_WAIT_S) -> Any:
+    """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, again (for up to
+    ``timeout_s``) when that node did not run it: at once where the client has learnt the slot went
+    (MOVED, CLUSTERDOWN, or, when ``client`` retries, a failed connection: a primary failing over); after
+    a pause, on the same node, while the slot migrates (ASK, TRYAGAIN). An ASK is never followed to the
+    migration's target: a mesh script declares only its namespace's prefix ``{ns}`` (a key that never
+    exists, which the source answers ASK for) and reads and writes keys it does not declare, which the
+    target holds only once they are moved; it runs on the source until the slot has moved."""
     if not is_cluster(client):
         return call(client)
-    try:
-        return call(node_client(client, key))
-    except SLOT_ERRORS:
-        pass
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-        if client.retry.get_retries() <= 0:
-            raise
-    relearn(client)
-    return call(node_client(client, key))
+    import time
+    deadline = time.monotonic() + timeout_s
+    pause = 0.02
+    while True:
+        node = None
+        try:
+            node = _slot_node(client, key)
+            return call(client.get_redis_connection(node))
+        except (redis.exceptions.MovedError, redis.exceptions.ClusterDownError):  # (a MovedError is an AskError)
+            if time.monotonic() > deadline:
+                raise
+            relearn(client)
+        except (redis.exceptions.AskError, redis.exceptions.TryAgainError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if client.retry.get_retries() <= 0 or time.monotonic() > deadline:
+                raise
+            if node is not None:
+                _lost(client, node)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+            relearn(client)
 
 
 def relearn(client: Any, timeout_s: float = 10.0) -> None:
@@ -709,9 +733,10 @@ def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnecti
 
     On a cluster, sent to the primary that owns ``keys[0]``'s slot (a script's keys are all in one
     slot); a node that no longer serves it (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: nothing was run), or a
-    lost connection to it when the client retries, and the call goes the cluster client's own way,
-    which learns where the slot went and sends it there (a script without keys goes to any primary:
-    every script of the mesh names at least its namespace's prefix, broker/keys.py)."""
+    lost connection to it when the client retries, and the call goes :func:`on_slot`'s way, which
+    learns where the slot went and sends it there, and waits out a migration of the slot (a script
+    without keys goes to any primary: every script of the mesh names at least its namespace's prefix,
+    broker/keys.py)."""
     client = script.registered_client
     command = ("EVALSHA", script.sha, len(keys), *keys, *args)
     cluster = is_cluster(client)
@@ -755,7 +780,7 @@ def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnecti
                     pool.release(conn)
                 else:
                     held.done()  # type: ignore[union-attr]
-    if cluster and not keys:  # the cluster client would send it anywhere: to the slot's node, as above
+    if cluster:  # to the slot's primary, once it serves the slot (never to a migration's target: on_slot)
         return on_slot(client, route, lambda node: _evalsha(node, script, keys, args))
     return _evalsha(client, script, keys, args)
 
