@@ -359,9 +359,15 @@ def on_slot(client: Any, key: Any, call: Any, timeout_s: float = SLOT_WAIT_S) ->
         try:
             node = _slot_node(client, key)
             return call(client.get_redis_connection(node))
-        except (redis.exceptions.MovedError, redis.exceptions.ClusterDownError):  # (a MovedError is an AskError)
+        except redis.exceptions.MovedError:  # (a MovedError is an AskError: first)
             if time.monotonic() > deadline:
                 raise
+            relearn(client)
+        except redis.exceptions.ClusterDownError:  # an election under way: the map may not have changed yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
             relearn(client)
         except (redis.exceptions.AskError, redis.exceptions.TryAgainError):
             if time.monotonic() > deadline:
