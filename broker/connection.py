@@ -591,12 +591,18 @@ def wait_on(connection: Any, replicas: int, timeout_ms: int) -> int:
     """``WAIT replicas timeout_ms`` sent on ``connection`` (the one the writes just went on): how many
     replicas confirmed them. Its reply is read with a deadline of its own (the connection's read timeout
     may be shorter than the WAIT blocks); a WAIT that fails counts none, and the writes, which ran, are
-    not sent again (the connection is dropped: its reply may still come)."""
+    not sent again (the connection is dropped: its reply may still come). A node that refuses WAIT as a
+    replica (a primary demoted by a failover that took the writes before it learnt it: they are dropped
+    when it syncs with the new primary) counts none too."""
     try:
         connection.send_command("WAIT", replicas, timeout_ms)
         return int(connection.read_response(timeout=timeout_ms / 1000 + WAIT_READ_SLACK_S))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         connection.disconnect()
+        return 0
+    except redis.exceptions.ResponseError as exc:
+        if "replica" not in str(exc):
+            raise
         return 0
 
 

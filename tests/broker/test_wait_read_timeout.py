@@ -51,3 +51,33 @@ def test_a_transaction_waits_out_its_wait_timeout_past_the_read_timeout(short: t
         replicated(pipe, [])
     assert client.get(key) == b"1"  # run once: not sent again
     client.delete(key)
+
+
+@pytest.mark.slow
+def test_a_wait_refused_by_a_node_that_is_a_replica_now_counts_no_replica(tmp_path: Any) -> None:
+    # A client's connection to a primary that was demoted while it wrote (a paused primary come back as a
+    # replica, which may take a write before it learns it): the write ran there alone, and WAIT is refused
+    # ("WAIT cannot be used with replica instances"). A writable replica stands in for it. Not confirmed:
+    # NotReplicated (send it again with the same key), not a ResponseError after the write.
+    from mesh.broker import MeshSettings
+    from mesh.ops.local_redis import PrivateRedis, redis_binary
+
+    binary = redis_binary()
+    assert binary is not None
+    primary = PrivateRedis(binary, folder=tmp_path / "primary")
+    replica = PrivateRedis(binary, folder=tmp_path / "replica", args=(
+        "--replicaof", "127.0.0.1", str(primary.port), "--replica-read-only", "no"))
+    try:
+        settings = MeshSettings(redis_url=f"redis://127.0.0.1:{replica.port}/0", redis_wait_replicas=1,
+                                redis_wait_timeout_ms=200, namespace="demoted")
+        client = connect(settings)
+        with transaction(client, settings) as pipe:
+            pipe.incr("{demoted}:n")
+            assert pipe.execute() == [1]
+        with pytest.raises(NotReplicated):
+            replicated(pipe, [])
+        with pytest.raises(NotReplicated):
+            MeshClient(settings, client=client).send("planner", {"goal": "a goal"})
+    finally:
+        replica.stop()
+        primary.stop()
