@@ -50,7 +50,7 @@ from . import approvals, trace
 from . import lanes as queue_lanes
 from . import waits as wait_store
 from .clock import ServerClock
-from .connection import NotReplicated, connect, on_slot, replicated, staged, transaction
+from .connection import NotReplicated, WaitingPipeline, connect, on_slot, replicated, staged, transaction
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
@@ -597,10 +597,9 @@ class MeshClient:
         wanted = self.settings.redis_wait_replicas
         if wanted:
             def send(node: redis.Redis) -> Any:  # the WAIT on the connection of the script's writes
-                pipe = node.pipeline(transaction=False)
+                pipe = WaitingPipeline(node, wanted, self.settings.redis_wait_timeout_ms)
                 batch.write(self._enqueue, self.keys, client=pipe)
-                pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
-                return pipe.execute()
+                return *pipe.execute(), pipe.acked
 
             answer, acked = on_slot(self.redis, self.keys.namespace, send)
             conflict = batch.conflict(answer)

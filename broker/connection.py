@@ -223,10 +223,86 @@ def _cluster(settings: MeshSettings, address: RedisAddress, retries: bool, optio
         kwargs.update(ssl=True, **_tls(settings))
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in address.hosts]
     try:  # it asks the seeds for the cluster's layout at once
-        return redis.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **kwargs)
+        return MeshCluster(startup_nodes=nodes, retry=retry, **kwargs)
     except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
         seeds = ",".join(_shown(host, port) for host, port in address.hosts)
         raise redis.ConnectionError(f"Redis Cluster {seeds}: {exc}") from None
+
+
+class MeshCluster(redis.cluster.RedisCluster):
+    """The cluster client :func:`connect` makes: a ``RedisCluster`` whose pipelines make sure the Redis
+    node holds the scripts staged on them before they are sent (:class:`ScriptedPipeline`), as a
+    single-node client's pipeline does. It knows the scripts registered on it (``register_script``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The text of every script registered on this client, by its SHA1.
+        self.script_texts: dict[str, Any] = {}
+
+    def register_script(self, script: Any) -> Any:
+        registered = super().register_script(script)
+        self.script_texts[registered.sha] = registered.script
+        return registered
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = ScriptedPipeline
+        pipe.scripted_client = self
+        return pipe
+
+
+class ScriptedPipeline(redis.cluster.ClusterPipeline):
+    """A cluster pipeline that, before it sends, loads on the primary of their keys' slot the scripts
+    of this client staged on it (``script(..., client=pipe)``, EVALSHA) that node does not hold. A
+    ``ClusterPipeline`` sends the EVALSHA as it is: a primary that does not hold the script (a replica
+    promoted by a failover: SCRIPT LOAD is not replicated) answers NOSCRIPT, and in a transaction the
+    other commands of its EXEC ran all the same."""
+
+    scripted_client: MeshCluster
+
+    def execute(self, raise_on_error: bool = True) -> Any:
+        load_scripts(self.scripted_client, staged(self))
+        return super().execute(raise_on_error)
+
+
+def load_scripts(client: MeshCluster, commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    """The scripts ``client`` knows among the EVALSHA of ``commands`` loaded where they will run: on the
+    primary of their first key's slot (SCRIPT EXISTS there, then SCRIPT LOAD of those it lacks), or on
+    every primary for a script without keys. The node is asked an EXISTS of the key in the same round
+    trip: a node that no longer serves the slot (a failover the client has not learnt yet) answers
+    MOVED, and the client learns where it went (:func:`on_slot`) and asks there. A node that cannot be
+    reached is left to the pipeline, whose own retry finds where the slot went."""
+    wanted: dict[Any, dict[str, Any]] = {}
+    for args, _options in commands:
+        if str(args[0]).upper() != "EVALSHA":
+            continue
+        sha = args[1].decode() if isinstance(args[1], bytes) else str(args[1])
+        text = client.script_texts.get(sha)
+        if text is None:
+            continue
+        key = args[3] if int(args[2]) > 0 else None
+        wanted.setdefault(key, {})[sha] = text
+    for key, scripts in wanted.items():
+        shas = list(scripts)
+        if key is None:
+            for sha, exists in zip(shas, client.script_exists(*shas), strict=True):
+                if not exists:
+                    client.script_load(scripts[sha])
+            continue
+
+        def load(node: redis.Redis, key: Any = key, shas: list[str] = shas, scripts: dict[str, Any] = scripts) -> None:
+            ask = node.pipeline(transaction=False)
+            ask.exists(key)  # MOVED from a node that does not serve the slot
+            ask.script_exists(*shas)
+            _, held = ask.execute()
+            for sha, exists in zip(shas, held, strict=True):
+                if not exists:
+                    node.script_load(scripts[sha])
+
+        try:
+            on_slot(client, key, load)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, *SLOT_ERRORS):
+            pass
 
 
 def is_cluster(client: Any) -> bool:
@@ -261,21 +337,51 @@ def _lost(client: Any, node: Any) -> None:
     client.nodes_manager._request_refresh(last_failed_node_name=node.name)
 
 
-def on_slot(client: Any, key: Any, call: Any) -> Any:
-    """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, once more, once the
-    client has learnt the cluster's layout again, when that node did not run it (MOVED, ASK, TRYAGAIN,
-    CLUSTERDOWN) or, when ``client`` retries, when the connection to it failed (a primary failing over)."""
+#: How long a call to a slot's primary is tried again while the slot migrates or fails over.
+SLOT_WAIT_S = 30.0
+
+
+def on_slot(client: Any, key: Any, call: Any, timeout_s: float = SLOT_WAIT_S) -> Any:
+    """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, again (for up to
+    ``timeout_s``) when that node did not run it: at once where the client has learnt the slot went
+    (MOVED, CLUSTERDOWN, or, when ``client`` retries, a failed connection: a primary failing over); after
+    a pause, on the same node, while the slot migrates (ASK, TRYAGAIN). An ASK is never followed to the
+    migration's target: a mesh script declares only its namespace's prefix ``{ns}`` (a key that never
+    exists, which the source answers ASK for) and reads and writes keys it does not declare, which the
+    target holds only once they are moved; it runs on the source until the slot has moved."""
     if not is_cluster(client):
         return call(client)
-    try:
-        return call(node_client(client, key))
-    except SLOT_ERRORS:
-        pass
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-        if client.retry.get_retries() <= 0:
-            raise
-    relearn(client)
-    return call(node_client(client, key))
+    import time
+    deadline = time.monotonic() + timeout_s
+    pause = 0.02
+    while True:
+        node = None
+        try:
+            node = _slot_node(client, key)
+            return call(client.get_redis_connection(node))
+        except redis.exceptions.MovedError:  # (a MovedError is an AskError: first)
+            if time.monotonic() > deadline:
+                raise
+            relearn(client)
+        except redis.exceptions.ClusterDownError:  # an election under way: the map may not have changed yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+            relearn(client)
+        except (redis.exceptions.AskError, redis.exceptions.TryAgainError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if client.retry.get_retries() <= 0 or time.monotonic() > deadline:
+                raise
+            if node is not None:
+                _lost(client, node)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+            relearn(client)
 
 
 def relearn(client: Any, timeout_s: float = 10.0) -> None:
@@ -455,13 +561,49 @@ class ReplicatedTransaction(redis.client.Pipeline):
 
     def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
         result: list[Any] = super()._execute_transaction(connection, commands, raise_on_error)
-        connection.send_command("WAIT", self.replicas, self.timeout_ms)
-        self.acked = int(connection.read_response())
+        self.acked = wait_on(connection, self.replicas, self.timeout_ms)
+        return result
+
+
+class WaitingPipeline(redis.client.Pipeline):
+    """A pipeline (no MULTI) of a single-node client, followed by ``WAIT replicas timeout_ms`` on the
+    connection it ran on, as :class:`ReplicatedTransaction`: ``acked``, its answer. (A WAIT queued as
+    the pipeline's last command is read with the connection's read timeout, redis-py's 5 s by default:
+    a longer MESH_REDIS_WAIT_TIMEOUT_MS failed the call with a TimeoutError, and the client's retry sent
+    the pipeline's writes again.)"""
+
+    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, False, None)
+        self.replicas, self.timeout_ms = replicas, timeout_ms
+        self.acked = 0
+
+    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
+        result: list[Any] = super()._execute_pipeline(connection, commands, raise_on_error)
+        self.acked = wait_on(connection, self.replicas, self.timeout_ms)
         return result
 
 
 #: How much longer than its own timeout a WAIT's reply is waited for.
 WAIT_READ_SLACK_S = 5.0
+
+
+def wait_on(connection: Any, replicas: int, timeout_ms: int) -> int:
+    """``WAIT replicas timeout_ms`` sent on ``connection`` (the one the writes just went on): how many
+    replicas confirmed them. Its reply is read with a deadline of its own (the connection's read timeout
+    may be shorter than the WAIT blocks); a WAIT that fails counts none, and the writes, which ran, are
+    not sent again (the connection is dropped: its reply may still come). A node that refuses WAIT as a
+    replica (a primary demoted by a failover that took the writes before it learnt it: they are dropped
+    when it syncs with the new primary) counts none too."""
+    try:
+        connection.send_command("WAIT", replicas, timeout_ms)
+        return int(connection.read_response(timeout=timeout_ms / 1000 + WAIT_READ_SLACK_S))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        connection.disconnect()
+        return 0
+    except redis.exceptions.ResponseError as exc:
+        if "replica" not in str(exc):
+            raise
+        return 0
 
 
 class _ReplicatedSlot(redis.cluster.TransactionStrategy):
@@ -477,13 +619,8 @@ class _ReplicatedSlot(redis.cluster.TransactionStrategy):
         result = super()._execute_transaction(stack, raise_on_error)
         connection = self._transaction_connection
         assert connection is not None
-        try:  # the transaction ran: a WAIT that fails is no reason to run it again (the pipeline's retry)
-            connection.send_command("WAIT", self.replicas, self.timeout_ms)
-            # its own read deadline: the node's connections may read with a shorter one than WAIT blocks
-            self.acked = int(connection.read_response(timeout=self.timeout_ms / 1000 + WAIT_READ_SLACK_S))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            connection.disconnect()
-            self.acked = 0  # unconfirmed: NotReplicated
+        # the transaction ran: a WAIT that fails is no reason to run it again (the pipeline's retry)
+        self.acked = wait_on(connection, self.replicas, self.timeout_ms)
         return result
 
 
@@ -608,9 +745,10 @@ def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnecti
 
     On a cluster, sent to the primary that owns ``keys[0]``'s slot (a script's keys are all in one
     slot); a node that no longer serves it (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: nothing was run), or a
-    lost connection to it when the client retries, and the call goes the cluster client's own way,
-    which learns where the slot went and sends it there (a script without keys goes to any primary:
-    every script of the mesh names at least its namespace's prefix, broker/keys.py)."""
+    lost connection to it when the client retries, and the call goes :func:`on_slot`'s way, which
+    learns where the slot went and sends it there, and waits out a migration of the slot (a script
+    without keys goes to any primary: every script of the mesh names at least its namespace's prefix,
+    broker/keys.py)."""
     client = script.registered_client
     command = ("EVALSHA", script.sha, len(keys), *keys, *args)
     cluster = is_cluster(client)
@@ -654,7 +792,7 @@ def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnecti
                     pool.release(conn)
                 else:
                     held.done()  # type: ignore[union-attr]
-    if cluster and not keys:  # the cluster client would send it anywhere: to the slot's node, as above
+    if cluster:  # to the slot's primary, once it serves the slot (never to a migration's target: on_slot)
         return on_slot(client, route, lambda node: _evalsha(node, script, keys, args))
     return _evalsha(client, script, keys, args)
 

@@ -15,7 +15,7 @@ import redis
 from mesh.contracts import MeshError, dumps
 
 from . import lanes, trace
-from .connection import on_slot, run_script
+from .connection import WaitingPipeline, on_slot, run_script
 from .keys import Keys
 from .outbox import WAKE_CAP
 
@@ -84,10 +84,9 @@ class StartRun:
             return run_script(self.script, keys, args), 0
 
         def send(node: redis.Redis) -> Any:  # the WAIT on the connection of the script's writes
-            pipe = node.pipeline(transaction=False)
+            pipe = WaitingPipeline(node, *wait)
             self.script(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", *wait)
-            return pipe.execute()
+            return *pipe.execute(), pipe.acked
 
         answer, acked = on_slot(self.script.registered_client, keys[0], send)
         return answer, int(acked)

@@ -166,6 +166,24 @@ class RedisClusterNodes:
         new = poll(lambda: (owner := self.primary_of(key)) != port and owner, timeout_s, "a promoted replica")
         return port, new
 
+    def _owner(self, key: str) -> int | None:
+        try:
+            return self.primary_of(key)
+        except LookupError:  # the nodes do not agree yet
+            return None
+
+    def fail_over(self, key: str, timeout_s: float = 30.0) -> tuple[int, int]:
+        """A manual failover (``CLUSTER FAILOVER`` sent to a replica) of the primary owning ``key``'s slot,
+        waited for until the replica owns the slot and the cluster says ok: (the old primary's port, now
+        a replica, the promoted replica's port)."""
+        port = self.primary_of(key)
+        replica = next(p for p in self.alive() if (info := self.node(p).info("replication"))["role"] == "slave"
+                       and int(info["master_port"]) == port and info.get("master_link_status") == "up")
+        self.node(replica).execute_command("CLUSTER FAILOVER")
+        poll(lambda: self._owner(key) == replica, timeout_s, f"replica {replica} promoted")
+        self.wait_ok(timeout_s)
+        return port, replica
+
     def kill(self, port: int) -> None:
         proc = self.procs[port]
         proc.send_signal(signal.SIGKILL)

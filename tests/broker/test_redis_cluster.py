@@ -6,6 +6,7 @@ client goes on, and what was written with WAIT 1 replica before the kill is ther
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -197,3 +198,69 @@ def test_a_password_protected_cluster_is_reached_with_the_password_in_the_url(lo
     wrong = locked.url.replace("cl-Pa55", "wrong")
     with pytest.raises(redis.ConnectionError, match=r"Redis Cluster 127\.0\.0\.1"):
         connect(MeshSettings(redis_url=wrong))
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_a_script_staged_on_a_cluster_pipeline_after_a_failover_is_loaded_on_the_promoted_primary(
+        locked: RedisClusterNodes, atomic: bool) -> None:
+    # SCRIPT LOAD is not replicated: the promoted replica lacks what the old primary had loaded, and a
+    # cluster pipeline sends EVALSHA as it is (NOSCRIPT; in a transaction the rest of the EXEC ran).
+    nodes = locked  # a cluster whose primaries no test kills: a manual failover keeps every slot replicated
+    settings = MeshSettings(redis_url=nodes.url)
+    client = connect(settings)
+    script = client.register_script(INCR)
+    key = nodes.replicated_key(f"noscript-{atomic}")
+    assert script(keys=[key + ":n"]) == 1  # loaded on the primary
+    _old, promoted = nodes.fail_over(key)
+    assert nodes.node(promoted).script_exists(script.sha) == [False]
+    pipe = client.pipeline(transaction=atomic)
+    script(keys=[key + ":n"], client=pipe)
+    pipe.set(key + ":also", "1")
+    answers = pipe.execute()
+    assert (answers[0], len(answers)) == (2, 2)
+    assert nodes.node(promoted).get(key + ":n") == "2"
+    with transaction(client, settings) as tx:  # the mesh's own transactions, the same
+        script(keys=[key + ":n"], client=tx)
+        tx.set(key + ":also", "2")
+        assert tx.execute()[0] == 3
+
+
+READ_ARGV = "return redis.call('GET', ARGV[1])"  # a key it does not declare: the mesh's scripts route by {ns}
+
+
+def test_a_script_routed_by_its_namespace_waits_out_a_migration_of_its_slot_rather_than_run_where_its_keys_are_not(
+        locked: RedisClusterNodes) -> None:
+    # While a slot migrates, its source answers ASK (run it on the target) for a command whose declared keys
+    # it does not hold: the bare prefix {ns} a mesh script routes by never exists, so every call was sent to
+    # the target, which holds none of the keys it reads and writes (in its ARGV) until they are moved.
+    nodes = locked
+    client = connect(MeshSettings(redis_url=nodes.url))
+    script = client.register_script(READ_ARGV)
+    held = HeldConnection(client)
+    ns = f"{{mig{uuid.uuid4().hex[:6]}}}"
+    source = nodes.primary_of(ns)
+    target = next(p for p in nodes.primaries() if p != source)
+    slot = int(nodes.node(source).execute_command("CLUSTER KEYSLOT", ns))
+    ids = {p: nodes.node(p).execute_command("CLUSTER MYID") for p in (source, target)}
+    client.set(f"{ns}:record", "on the source")
+    assert run_script(script, [ns], [f"{ns}:record"], held) == b"on the source"
+    nodes.node(target).execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+    nodes.node(source).execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+    got: list[Any] = []
+
+    def call() -> None:
+        got.append(run_script(script, [ns], [f"{ns}:record"], held))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        caller.join(0.5)
+        assert got == [], "a script ran on the target while its keys were on the source"
+    finally:  # the migration ends: the key moved, the slot given to the target on every primary
+        nodes.node(source).execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "AUTH", nodes.password,
+                                           "KEYS", f"{ns}:record")
+        for port in nodes.primaries():
+            nodes.node(port).execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+        caller.join(30)
+    assert got == [b"on the source"]  # run once the slot had moved, where its keys are
+    assert run_script(script, [ns], [f"{ns}:record"], held) == b"on the source"
