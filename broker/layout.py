@@ -157,17 +157,19 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
     conflict: left as it is and reported; run again once resolved). ``dry_run``: count by kind,
     move nothing. ``progress(n)`` is called after each batch with the keys it handled.
 
-    The namespace pattern has no ':' nor glob characters, so ``NS:*`` matches no other namespace's keys.
-    Safe to run again at any point: a key is under one name or the other, never both."""
+    Names are handled as bytes: ``rest`` may be any bytes (not UTF-8, spaces, newlines, braces, glob
+    characters), and moves as it is. The namespace pattern has no ':' nor glob characters, so ``NS:*``
+    matches no other namespace's keys. Safe to run again at any point: a key is under one name or the
+    other, never both."""
     if isinstance(client, RedisCluster):
         raise ConfigError("a Redis Cluster holds no data of the older key layout: nothing to migrate")
     result = Migration(namespace, dry_run)
-    conflicts: dict[str, str] = {}
-    last = {f"{namespace}:{rest}" for rest in LONG_LIVED}  # moved after all others: see below
+    conflicts: dict[bytes, bytes] = {}
+    last = {f"{namespace}:{rest}".encode() for rest in LONG_LIVED}  # moved after all others: see below
     cursor = 0
     while True:
         cursor, found = client.scan(cursor, match=f"{namespace}:*", count=batch)
-        names = [k.decode() if isinstance(k, bytes) else k for k in found]
+        names = [k if isinstance(k, bytes) else k.encode() for k in found]
         names = [k for k in names if k not in conflicts and k not in last]  # SCAN may return a key twice
         _move(client, namespace, names, result, conflicts, dry_run)
         if progress is not None and names:
@@ -184,25 +186,32 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
         _move(client, namespace, names, result, conflicts, dry_run)
         if progress is not None:
             progress(len(names))
-    result.conflicts = sorted(conflicts.items())
+    result.conflicts = sorted((shown(old), shown(new)) for old, new in conflicts.items())
     if not dry_run and not conflicts and (result.total or _holds_new(client, namespace)):
         client.set(marker(namespace), VERSION)  # last: the guard lets workers start from now on
         result.marked = True
     return result
 
 
-def _move(client: redis.Redis, namespace: str, names: list[str], result: Migration, conflicts: dict[str, str],
-          dry_run: bool) -> None:
+def shown(name: bytes) -> str:
+    """A key's name as text, one line: bytes that are not UTF-8 as ``\\xNN``, line breaks and tabs
+    as ``\\n``, ``\\r``, ``\\t`` (as redis-cli reads them between double quotes)."""
+    text = name.decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _move(client: redis.Redis, namespace: str, names: list[bytes], result: Migration,
+          conflicts: dict[bytes, bytes], dry_run: bool) -> None:
     """RENAMENX each of ``names`` (or, ``dry_run``, see whether its new name is free), in one round trip."""
     if not names:
         return
-    new, start = prefix(namespace), len(namespace) + 1
+    new, start = prefix(namespace).encode(), len(namespace.encode()) + 1
     pipe = client.pipeline(transaction=False)
     for old in names:
         if dry_run:
-            pipe.exists(f"{new}:{old[start:]}")
+            pipe.exists(new + b":" + old[start:])
         else:
-            pipe.renamenx(old, f"{new}:{old[start:]}")
+            pipe.renamenx(old, new + b":" + old[start:])
     for old, outcome in zip(names, pipe.execute(raise_on_error=False), strict=True):
         if isinstance(outcome, redis.ResponseError):
             if "no such key" not in str(outcome).lower():
@@ -211,9 +220,9 @@ def _move(client: redis.Redis, namespace: str, names: list[str], result: Migrati
             continue
         moves = not outcome if dry_run else bool(outcome)  # dry run: its new name is free; else: renamed
         if moves:
-            result.moved[kind(old[start:])] += 1
+            result.moved[kind(shown(old[start:]))] += 1
         else:
-            conflicts[old] = f"{new}:{old[start:]}"
+            conflicts[old] = new + b":" + old[start:]
 
 
 def _holds_new(client: redis.Redis, namespace: str) -> bool:
