@@ -87,16 +87,23 @@ def refusal(namespace: str) -> str:
 
 def check_layout(client: redis.Redis, namespace: str) -> None:
     """Refuse (ConfigError) to serve a namespace holding old-layout data that was never migrated."""
+    refused = unmigrated(client, namespace)
+    if refused is not None:
+        raise ConfigError(refused, namespace=namespace)
+
+
+def unmigrated(client: redis.Redis, namespace: str) -> str | None:
+    """:func:`refusal` when the namespace holds old-layout data that was never migrated, else None (one
+    round trip; none on a Cluster)."""
     if isinstance(client, RedisCluster):  # the older layout's keys never fitted a Cluster: none can be there
-        return
+        return None
     try:
         old, marked = layout_state(client, namespace)
     except redis.exceptions.NoPermissionError:  # a user held to the new layout's keys: it holds no old ones
-        return
+        return None
     except redis.exceptions.ClusterCrossSlotError:  # a Cluster node reached as a single Redis: likewise
-        return
-    if old and not marked:
-        raise ConfigError(refusal(namespace), namespace=namespace)
+        return None
+    return refusal(namespace) if old and not marked else None
 
 
 @dataclass(frozen=True)

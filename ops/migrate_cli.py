@@ -47,7 +47,7 @@ def migrate(
     again), 2 refused (workers alive) or bad input, 3 Redis unreachable."""
     from mesh.broker import layout
 
-    c = base.client()
+    c = base.client(layout_warning=False)
     ns = c.settings.namespace
     if not dry_run and not force:
         alive = layout.alive_workers(c.redis, ns, c.settings.heartbeat_timeout_s)
