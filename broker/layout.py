@@ -142,8 +142,11 @@ class Migration:
     moved: Counter[str] = field(default_factory=Counter)
     #: (old name, new name) of keys left where they are: their new name exists already.
     conflicts: list[tuple[str, str]] = field(default_factory=list)
-    #: Keys gone between the scan and their move (expired).
+    #: Keys gone between the scan and their move (expired, or moved by another run).
     vanished: int = 0
+    #: Keys found under the older layout's names by the check after the move (moved too): something
+    #: of the older release wrote them during the run, and still writes; the namespace is left unmarked.
+    rewritten: int = 0
     #: Whether the marker was written (by this run).
     marked: bool = False
 
@@ -173,19 +176,18 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
     result = Migration(namespace, dry_run)
     conflicts: dict[bytes, bytes] = {}
     last = {f"{namespace}:{rest}".encode() for rest in LONG_LIVED}  # moved after all others: see below
-    cursor = 0
-    while True:
-        cursor, found = client.scan(cursor, match=f"{namespace}:*", count=batch)
-        names = [k if isinstance(k, bytes) else k.encode() for k in found]
-        names = [k for k in names if k not in conflicts and k not in last]  # SCAN may return a key twice
-        _move(client, namespace, names, result, conflicts, dry_run)
-        if progress is not None and names:
-            progress(len(names))
-        if cursor == 0:
-            break
+    _sweep(client, namespace, result, conflicts, dry_run, progress, batch, last)
+    if not dry_run and not conflicts:
+        # A sender or worker of the older release still running (--force; or a web app's client, which
+        # no heartbeat shows) writes old names again behind the scan: look once more, and while it
+        # does, leave the namespace refused.
+        before = result.total
+        _sweep(client, namespace, result, conflicts, dry_run, progress, batch, last)
+        result.rewritten = result.total - before + len(conflicts)
     # The keys the guard looks for (old_layout_keys) move last, and only once every other key has: a
-    # run stopped or conflicting before them leaves the namespace refused, its remaining keys unserved.
-    if not conflicts or dry_run:
+    # run stopped, conflicting or written to before them leaves the namespace refused, its remaining
+    # keys unserved.
+    if (not conflicts and not result.rewritten) or dry_run:
         pipe = client.pipeline(transaction=False)
         for name in sorted(last):
             pipe.exists(name)
@@ -194,10 +196,25 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
         if progress is not None:
             progress(len(names))
     result.conflicts = sorted((shown(old), shown(new)) for old, new in conflicts.items())
-    if not dry_run and not conflicts and (result.total or _holds_new(client, namespace)):
+    if not dry_run and not conflicts and not result.rewritten and (result.total or _holds_new(client, namespace)):
         client.set(marker(namespace), VERSION)  # last: the guard lets workers start from now on
         result.marked = True
     return result
+
+
+def _sweep(client: redis.Redis, namespace: str, result: Migration, conflicts: dict[bytes, bytes], dry_run: bool,
+           progress: Callable[[int], Any] | None, batch: int, skipped: set[bytes]) -> None:
+    """One SCAN over ``NS:*``, moving what it finds but ``skipped``, a batch per round trip."""
+    cursor = 0
+    while True:
+        cursor, found = client.scan(cursor, match=f"{namespace}:*", count=batch)
+        names = [k if isinstance(k, bytes) else k.encode() for k in found]
+        names = [k for k in names if k not in conflicts and k not in skipped]  # SCAN may return a key twice
+        _move(client, namespace, names, result, conflicts, dry_run)
+        if progress is not None and names:
+            progress(len(names))
+        if cursor == 0:
+            break
 
 
 def shown(name: bytes) -> str:
