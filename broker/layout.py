@@ -85,25 +85,33 @@ def refusal(namespace: str) -> str:
             f"run `mesh migrate` (docs/guides/upgrading.md)")
 
 
-def check_layout(client: redis.Redis, namespace: str) -> None:
-    """Refuse (ConfigError) to serve a namespace holding old-layout data that was never migrated."""
-    refused = unmigrated(client, namespace)
-    if refused is not None:
-        raise ConfigError(refused, namespace=namespace)
+def check_layout(client: redis.Redis, namespace: str) -> int:
+    """Refuse (ConfigError) to serve a namespace holding old-layout data that was never migrated. Else
+    how many of the older layout's lasting keys (:data:`LONG_LIVED`) a migrated namespace holds
+    again: written since its migration by something of the older release still running (0: none)."""
+    old, marked = _state(client, namespace)
+    if old and not marked:
+        raise ConfigError(refusal(namespace), namespace=namespace)
+    return old
 
 
 def unmigrated(client: redis.Redis, namespace: str) -> str | None:
     """:func:`refusal` when the namespace holds old-layout data that was never migrated, else None (one
     round trip; none on a Cluster)."""
-    if isinstance(client, RedisCluster):  # the older layout's keys never fitted a Cluster: none can be there
-        return None
-    try:
-        old, marked = layout_state(client, namespace)
-    except redis.exceptions.NoPermissionError:  # a user held to the new layout's keys: it holds no old ones
-        return None
-    except redis.exceptions.ClusterCrossSlotError:  # a Cluster node reached as a single Redis: likewise
-        return None
+    old, marked = _state(client, namespace)
     return refusal(namespace) if old and not marked else None
+
+
+def _state(client: redis.Redis, namespace: str) -> tuple[int, bool]:
+    """:func:`layout_state`, or (0, True) where no old-layout key can be: on a Cluster (no round trip)."""
+    if isinstance(client, RedisCluster):  # the older layout's keys never fitted a Cluster: none can be there
+        return 0, True
+    try:
+        return layout_state(client, namespace)
+    except redis.exceptions.NoPermissionError:  # a user held to the new layout's keys: it holds no old ones
+        return 0, True
+    except redis.exceptions.ClusterCrossSlotError:  # a Cluster node reached as a single Redis: likewise
+        return 0, True
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,23 @@ def test_the_cli_warns_that_an_unmigrated_namespace_is_not_shown(cli, rclient: r
     moved = cli("migrate")
     assert moved.returncode == 0 and "warning" not in moved.stderr
     assert "warning" not in cli("stats").stderr
+
+
+def test_lasting_keys_of_the_older_layout_written_after_the_migration_are_counted(rclient: redis.Redis, namespace):
+    assert layout.check_layout(rclient, namespace) == 0
+    rclient.set(layout.marker(namespace), layout.VERSION)
+    assert layout.check_layout(rclient, namespace) == 0
+    rclient.hset(f"{namespace}:stats", "fence", 1)  # an older worker still running takes a fencing token
+    rclient.zadd(f"{namespace}:__heartbeats__", {"old-worker": 1})
+    assert layout.check_layout(rclient, namespace) == 2
+
+
+@pytest.mark.slow  # starts a worker
+def test_a_worker_warns_of_an_older_release_still_writing_after_the_migration(settings, rclient: redis.Redis,
+                                                                              namespace, start_worker, caplog):
+    rclient.set(layout.marker(namespace), layout.VERSION)
+    rclient.hset(f"{namespace}:stats", "fence", 1)
+    with caplog.at_level("WARNING", logger="mesh.ops.worker"):
+        start_worker(settings, ("executor",))
+    warned = [r for r in caplog.records if "older release still runs" in r.getMessage()]
+    assert warned and warned[0].old_keys == 1 and warned[0].namespace == namespace
