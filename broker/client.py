@@ -235,6 +235,29 @@ class MeshClient:
         #: the agent and the spec's queue, version and models, the agent given): made again when any of
         #: them is no longer what it was.
         self._targets: dict[str, tuple[Any, Any, Any, Target]] = {}
+        #: Whether the namespace was found free of unmigrated data of the older key layout (checked
+        #: once, before this client's first enqueue: :meth:`layout_refusal`).
+        self._layout_ok = False
+
+    def layout_refusal(self) -> str | None:
+        """Why the namespace may not be written: it holds data of the older key layout that ``mesh
+        migrate`` never moved (broker/layout.py), which this client would not see; None when it may.
+        One round trip until the answer is None, then none."""
+        if self._layout_ok:
+            return None
+        from .layout import unmigrated
+
+        refused = unmigrated(self.redis, self.keys.namespace)
+        self._layout_ok = refused is None
+        return refused
+
+    def _check_layout(self) -> None:
+        """ConfigError before this client's first enqueue into an unmigrated namespace: the messages
+        would wait in the new layout while the older one's, unseen, hold the namespace's earlier work."""
+        if not self._layout_ok:
+            refused = self.layout_refusal()
+            if refused is not None:
+                raise ConfigError(refused, namespace=self.keys.namespace)
 
     def submit(self, goal: str, *, key: str | None = None, token_budget: int | None = None,
                priority: Priority = "normal") -> JobRef[JobRecord]:
@@ -403,6 +426,7 @@ class MeshClient:
                    encoded: list[bytes], events: list[dict[str, Any]], replace: bool) -> JobRef[JobRecord]:
         """:meth:`_start`'s writes for a record that creates nothing but itself and its index: one
         script call (broker/pipelines.py :class:`StartRun`), then WAIT with MESH_REDIS_WAIT_REPLICAS."""
+        self._check_layout()
         wanted = self.settings.redis_wait_replicas
         registered = (spec.name, digest) in self._registered  # stored by this client's first run of it
         enqueued = [trace.event("enqueued", m.args[0], queue=m.queue_name, by="client") for m in messages]
@@ -594,6 +618,7 @@ class MeshClient:
     def _write(self, batch: NewJobs, refs: list[JobRef[Any]]) -> list[JobRef[Any]]:
         """Write what :meth:`_build` built, in one script call; with MESH_REDIS_WAIT_REPLICAS, then WAIT
         for the replicas on the same connection (NotReplicated when too few confirm)."""
+        self._check_layout()
         wanted = self.settings.redis_wait_replicas
         if wanted:
             def send(node: redis.Redis) -> Any:  # the WAIT on the connection of the script's writes

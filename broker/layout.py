@@ -85,18 +85,33 @@ def refusal(namespace: str) -> str:
             f"run `mesh migrate` (docs/guides/upgrading.md)")
 
 
-def check_layout(client: redis.Redis, namespace: str) -> None:
-    """Refuse (ConfigError) to serve a namespace holding old-layout data that was never migrated."""
-    if isinstance(client, RedisCluster):  # the older layout's keys never fitted a Cluster: none can be there
-        return
-    try:
-        old, marked = layout_state(client, namespace)
-    except redis.exceptions.NoPermissionError:  # a user held to the new layout's keys: it holds no old ones
-        return
-    except redis.exceptions.ClusterCrossSlotError:  # a Cluster node reached as a single Redis: likewise
-        return
+def check_layout(client: redis.Redis, namespace: str) -> int:
+    """Refuse (ConfigError) to serve a namespace holding old-layout data that was never migrated. Else
+    how many of the older layout's lasting keys (:data:`LONG_LIVED`) a migrated namespace holds
+    again: written since its migration by something of the older release still running (0: none)."""
+    old, marked = _state(client, namespace)
     if old and not marked:
         raise ConfigError(refusal(namespace), namespace=namespace)
+    return old
+
+
+def unmigrated(client: redis.Redis, namespace: str) -> str | None:
+    """:func:`refusal` when the namespace holds old-layout data that was never migrated, else None (one
+    round trip; none on a Cluster)."""
+    old, marked = _state(client, namespace)
+    return refusal(namespace) if old and not marked else None
+
+
+def _state(client: redis.Redis, namespace: str) -> tuple[int, bool]:
+    """:func:`layout_state`, or (0, True) where no old-layout key can be: on a Cluster (no round trip)."""
+    if isinstance(client, RedisCluster):  # the older layout's keys never fitted a Cluster: none can be there
+        return 0, True
+    try:
+        return layout_state(client, namespace)
+    except redis.exceptions.NoPermissionError:  # a user held to the new layout's keys: it holds no old ones
+        return 0, True
+    except redis.exceptions.ClusterCrossSlotError:  # a Cluster node reached as a single Redis: likewise
+        return 0, True
 
 
 @dataclass(frozen=True)
@@ -135,8 +150,11 @@ class Migration:
     moved: Counter[str] = field(default_factory=Counter)
     #: (old name, new name) of keys left where they are: their new name exists already.
     conflicts: list[tuple[str, str]] = field(default_factory=list)
-    #: Keys gone between the scan and their move (expired).
+    #: Keys gone between the scan and their move (expired, or moved by another run).
     vanished: int = 0
+    #: Keys found under the older layout's names by the check after the move (moved too): something
+    #: of the older release wrote them during the run, and still writes; the namespace is left unmarked.
+    rewritten: int = 0
     #: Whether the marker was written (by this run).
     marked: bool = False
 
@@ -157,26 +175,27 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
     conflict: left as it is and reported; run again once resolved). ``dry_run``: count by kind,
     move nothing. ``progress(n)`` is called after each batch with the keys it handled.
 
-    The namespace pattern has no ':' nor glob characters, so ``NS:*`` matches no other namespace's keys.
-    Safe to run again at any point: a key is under one name or the other, never both."""
+    Names are handled as bytes: ``rest`` may be any bytes (not UTF-8, spaces, newlines, braces, glob
+    characters), and moves as it is. The namespace pattern has no ':' nor glob characters, so ``NS:*``
+    matches no other namespace's keys. Safe to run again at any point: a key is under one name or the
+    other, never both."""
     if isinstance(client, RedisCluster):
         raise ConfigError("a Redis Cluster holds no data of the older key layout: nothing to migrate")
     result = Migration(namespace, dry_run)
-    conflicts: dict[str, str] = {}
-    last = {f"{namespace}:{rest}" for rest in LONG_LIVED}  # moved after all others: see below
-    cursor = 0
-    while True:
-        cursor, found = client.scan(cursor, match=f"{namespace}:*", count=batch)
-        names = [k.decode() if isinstance(k, bytes) else k for k in found]
-        names = [k for k in names if k not in conflicts and k not in last]  # SCAN may return a key twice
-        _move(client, namespace, names, result, conflicts, dry_run)
-        if progress is not None and names:
-            progress(len(names))
-        if cursor == 0:
-            break
+    conflicts: dict[bytes, bytes] = {}
+    last = {f"{namespace}:{rest}".encode() for rest in LONG_LIVED}  # moved after all others: see below
+    _sweep(client, namespace, result, conflicts, dry_run, progress, batch, last)
+    if not dry_run and not conflicts:
+        # A sender or worker of the older release still running (--force; or a web app's client, which
+        # no heartbeat shows) writes old names again behind the scan: look once more, and while it
+        # does, leave the namespace refused.
+        before = result.total
+        _sweep(client, namespace, result, conflicts, dry_run, progress, batch, last)
+        result.rewritten = result.total - before + len(conflicts)
     # The keys the guard looks for (old_layout_keys) move last, and only once every other key has: a
-    # run stopped or conflicting before them leaves the namespace refused, its remaining keys unserved.
-    if not conflicts or dry_run:
+    # run stopped, conflicting or written to before them leaves the namespace refused, its remaining
+    # keys unserved.
+    if (not conflicts and not result.rewritten) or dry_run:
         pipe = client.pipeline(transaction=False)
         for name in sorted(last):
             pipe.exists(name)
@@ -184,25 +203,47 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
         _move(client, namespace, names, result, conflicts, dry_run)
         if progress is not None:
             progress(len(names))
-    result.conflicts = sorted(conflicts.items())
-    if not dry_run and not conflicts and (result.total or _holds_new(client, namespace)):
+    result.conflicts = sorted((shown(old), shown(new)) for old, new in conflicts.items())
+    if not dry_run and not conflicts and not result.rewritten and (result.total or _holds_new(client, namespace)):
         client.set(marker(namespace), VERSION)  # last: the guard lets workers start from now on
         result.marked = True
     return result
 
 
-def _move(client: redis.Redis, namespace: str, names: list[str], result: Migration, conflicts: dict[str, str],
-          dry_run: bool) -> None:
+def _sweep(client: redis.Redis, namespace: str, result: Migration, conflicts: dict[bytes, bytes], dry_run: bool,
+           progress: Callable[[int], Any] | None, batch: int, skipped: set[bytes]) -> None:
+    """One SCAN over ``NS:*``, moving what it finds but ``skipped``, a batch per round trip."""
+    cursor = 0
+    while True:
+        cursor, found = client.scan(cursor, match=f"{namespace}:*", count=batch)
+        names = [k if isinstance(k, bytes) else k.encode() for k in found]
+        names = [k for k in names if k not in conflicts and k not in skipped]  # SCAN may return a key twice
+        _move(client, namespace, names, result, conflicts, dry_run)
+        if progress is not None and names:
+            progress(len(names))
+        if cursor == 0:
+            break
+
+
+def shown(name: bytes) -> str:
+    """A key's name as text, one line: bytes that are not UTF-8 as ``\\xNN``, line breaks and tabs
+    as ``\\n``, ``\\r``, ``\\t`` (as redis-cli reads them between double quotes)."""
+    text = name.decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _move(client: redis.Redis, namespace: str, names: list[bytes], result: Migration,
+          conflicts: dict[bytes, bytes], dry_run: bool) -> None:
     """RENAMENX each of ``names`` (or, ``dry_run``, see whether its new name is free), in one round trip."""
     if not names:
         return
-    new, start = prefix(namespace), len(namespace) + 1
+    new, start = prefix(namespace).encode(), len(namespace.encode()) + 1
     pipe = client.pipeline(transaction=False)
     for old in names:
         if dry_run:
-            pipe.exists(f"{new}:{old[start:]}")
+            pipe.exists(new + b":" + old[start:])
         else:
-            pipe.renamenx(old, f"{new}:{old[start:]}")
+            pipe.renamenx(old, new + b":" + old[start:])
     for old, outcome in zip(names, pipe.execute(raise_on_error=False), strict=True):
         if isinstance(outcome, redis.ResponseError):
             if "no such key" not in str(outcome).lower():
@@ -211,9 +252,9 @@ def _move(client: redis.Redis, namespace: str, names: list[str], result: Migrati
             continue
         moves = not outcome if dry_run else bool(outcome)  # dry run: its new name is free; else: renamed
         if moves:
-            result.moved[kind(old[start:])] += 1
+            result.moved[kind(shown(old[start:]))] += 1
         else:
-            conflicts[old] = f"{new}:{old[start:]}"
+            conflicts[old] = new + b":" + old[start:]
 
 
 def _holds_new(client: redis.Redis, namespace: str) -> bool:

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict
 from mesh.agents.app import App
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline
+from mesh.broker import layout
 from mesh.broker.connection import SETTINGS, connect, primaries
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
@@ -617,6 +618,9 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
     except ConfigError:
         client.close()
         raise
+    # Marked as in the mesh's layout: raw dramatiq's runs write the older one's names (ns:__heartbeats__)
+    # beside the mesh's, and a worker started after them would take the namespace for unmigrated.
+    client.set(layout.marker(ns), layout.VERSION)
     try:
         sweep, steps = [], []
         for prefetch in cfg.prefetches:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, NoReturn
 import orjson
 import redis
 import typer
+from redis.cluster import RedisCluster
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, JustifyMethod, RenderResult
 from rich.table import Table
@@ -79,15 +80,23 @@ def settings() -> MeshSettings:
         fail(str(exc), EXIT_INPUT)
 
 
-def client() -> MeshClient:
+def client(*, layout_warning: bool = True) -> MeshClient:
+    """The configured deployment's client, its Redis reached (else exit 3). On a namespace holding
+    unmigrated data of the older key layout, a warning on stderr (``layout_warning``): what a command
+    reads there is not the namespace's data. The check is the round trip that proves Redis answers."""
     s = settings()
     c = MeshClient(s)
     try:
-        c.redis.ping()
+        refused = c.layout_refusal()
+        if isinstance(c.redis, RedisCluster):  # no round trip was made
+            c.redis.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         hint = ("; give its user and password in MESH_REDIS_URL: redis://user:password@host:port/db"
                 if isinstance(exc, redis.AuthenticationError) else "")
         fail(f"cannot reach Redis at {masked_url(s.redis_url)}: {exc}{hint}", EXIT_REDIS)
+    if refused is not None and layout_warning:
+        err.print(Text.assemble(("warning: ", "yellow"), refused.replace(": stop its workers", ", not shown here: stop "
+                                                                         "its workers")), highlight=False)
     return c
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
+import redis
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -43,11 +44,16 @@ def migrate(
     will: a run stopped midway is finished by the next, and a migrated namespace has nothing to
     do. A key whose new name exists already is a conflict, left as it is and never overwritten.
 
+    Before marking, it looks for keys of the older layout once more: any found were written during
+    the run by something of the older release still running; they are moved too, and the namespace
+    is left unmarked until a run finds none.
+
     Exit codes: 0 done or nothing to do, 1 conflicts (nothing overwritten; resolve and run
-    again), 2 refused (workers alive) or bad input, 3 Redis unreachable."""
+    again) or keys written during the run (stop the writer and run again), 2 refused (workers
+    alive) or bad input, 3 Redis unreachable."""
     from mesh.broker import layout
 
-    c = base.client()
+    c = base.client(layout_warning=False)
     ns = c.settings.namespace
     if not dry_run and not force:
         alive = layout.alive_workers(c.redis, ns, c.settings.heartbeat_timeout_s)
@@ -59,17 +65,23 @@ def migrate(
                       f"(MESH_HEARTBEAT_TIMEOUT_S={c.settings.heartbeat_timeout_s:g}). Stop them and "
                       "run again, or add --force", base.EXIT_INPUT)
     show = not as_json and not dry_run and base.err.is_terminal
-    total = layout.count_old(c.redis, ns) if show else 0
-    with _progress(total, show) as advance:
-        done = layout.migrate(c.redis, ns, dry_run=dry_run, progress=advance)
+    try:
+        total = layout.count_old(c.redis, ns) if show else 0
+        with _progress(total, show) as advance:
+            done = layout.migrate(c.redis, ns, dry_run=dry_run, progress=advance)
+    except redis.exceptions.NoPermissionError as exc:
+        base.fail(f"this Redis user may not migrate namespace {ns} ({exc}): `mesh migrate` walks it with SCAN "
+                  f"and renames with RENAMENX, keys {ns}:* and {{{ns}}}:*, which the mesh's own user is not "
+                  "given. Run it as an administrator's user, or grant them for the duration "
+                  "(docs/guides/upgrading.md, \"The Redis user\")", base.EXIT_INPUT)
     if as_json:
         base.emit_json({"namespace": ns, "dry_run": dry_run, "moved": done.total, "by_kind": dict(done.moved),
                         "conflicts": [{"key": old, "new_key": new} for old, new in done.conflicts],
-                        "vanished": done.vanished, "marked": done.marked,
+                        "vanished": done.vanished, "rewritten": done.rewritten, "marked": done.marked,
                         "marker": layout.marker(ns)})
     else:
         _print(done, ns)
-    if done.conflicts:
+    if done.conflicts or done.rewritten:
         raise typer.Exit(base.EXIT_FAILED)
 
 
@@ -85,7 +97,13 @@ def _print(done: Any, ns: str) -> None:
     for name, n in sorted(done.moved.items(), key=lambda item: (-item[1], item[0])):
         base.out.print(f"  {n:>9}  {name}", highlight=False, markup=False)
     if done.vanished:
-        base.out.print(f"{done.vanished} key(s) expired before their move", highlight=False)
+        base.out.print(f"{done.vanished} key(s) gone before their move (expired, or moved by another run)",
+                       highlight=False)
+    if done.rewritten and not done.conflicts:
+        base.err.print(f"error: {done.rewritten} key(s) of the older layout were written during the run (moved "
+                       "too): a worker or client of the older release still writes to the namespace, unseen by "
+                       "the new workers. Stop it and run `mesh migrate` again; until then the namespace stays "
+                       "unmarked: workers refuse it.", highlight=False, markup=False)
     if done.marked:
         base.out.print(f"marked {layout.marker(ns)} = {layout.VERSION}: workers may start", highlight=False,
                        markup=False)

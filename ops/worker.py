@@ -64,10 +64,14 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     reconnect_delays(settings.reconnect_delay_s)
     broker = build_broker(settings)
     try:  # one round trip: data of an older key layout left unmigrated is refused, not served around
-        check_layout(broker.client, settings.namespace)
+        stray = check_layout(broker.client, settings.namespace)
     except ConfigError:
         broker.close()
         raise
+    if stray:
+        logger.warning("keys of the older key layout written since the namespace was migrated: a worker or client of "
+                       "the older release still runs on it, unseen; stop it and run `mesh migrate` again",
+                       extra={"namespace": settings.namespace, "old_keys": stray})
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
     broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))  # durable timers
