@@ -294,6 +294,13 @@ def relearn(client: Any, timeout_s: float = 10.0) -> None:
             time.sleep(0.1)
 
 
+def stage_eval(pipe: Any, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+    """``EVAL script numkeys keys... args...`` queued on ``pipe`` (sent at once while it watches, before
+    ``multi()``): a pipeline's, or a cluster pipeline's, which refuses ``eval()`` itself (redis-py
+    blocks it there) but routes an EVAL by its keys as any command."""
+    return pipe.execute_command("EVAL", script, numkeys, *keys_and_args)
+
+
 def staged(pipe: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """The commands queued on ``pipe`` and not yet sent, as ``(args, options)``: a pipeline's
     ``command_stack``; a cluster pipeline's queue (its ``command_stack`` stays empty)."""

@@ -11,6 +11,7 @@ replica of the one promoted in its place), so the next test finds 3 primaries wi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -192,3 +193,70 @@ def test_a_worker_and_a_client_run_on_the_cluster_as_the_acl_user(nodes, make_se
     assert status.returncode == 0, status.stderr
     for port in nodes.alive():
         nodes.node(port).execute_command("ACL", "DELUSER", user)
+
+
+def test_a_dead_letter_on_the_cluster_is_listed_and_replayed_by_the_cli_and_its_job_succeeds(
+        mesh, worker_process, cli) -> None:
+    ns = mesh.settings.namespace
+    worker_process("--app", APP, "--threads", "2", **_env())
+    failing = "dlq-1/coder/code"  # the step key: job key / agent / step
+    mesh.redis.sadd(f"{prefix(ns)}:test.fail", failing)
+    ref = mesh.run(check(FORK.build(), app), {"goal": "g"}, key="dlq-1")
+    mesh.redis.set(f"{prefix(ns)}:test.release", 1)  # hold never waits here
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert record.state is State.DEAD_LETTERED and record.steps["code"].state is State.DEAD_LETTERED, record.error
+    listed = wait_for(lambda: (res := cli("dlq", "list", "--json")).returncode == 0 and json.loads(res.stdout))
+    assert [(e["key"], e["failure_class"]) for e in listed] == [(failing, "permanent")], listed
+
+    mesh.redis.srem(f"{prefix(ns)}:test.fail", failing)  # the cause mended
+    replayed = cli("dlq", "replay", listed[0]["entry_id"], "--yes")
+    assert replayed.returncode == 0, replayed.stderr
+    record = wait_for(lambda: (r := mesh.status(ref.id)).state in TERMINAL and r, timeout_s=30)
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    runs = _runs(mesh)
+    assert runs[failing] == 2 and all(n == 1 for k, n in runs.items() if k != failing), runs
+    assert json.loads(cli("dlq", "list", "--json").stdout) == []
+    print(f"dlq: 1 job sent, dead-lettered at {failing}, replayed by the CLI, ended succeeded; step runs {runs}")
+
+
+def test_a_step_awaiting_approval_on_the_cluster_is_approved_by_the_cli(mesh, worker_process, cli) -> None:
+    spec = check(Pipeline("approve").step("researcher")
+                 .step("coder", depends_on=["researcher"], requires_human_approval=True).build(), app)
+    worker_process("--app", APP, "--threads", "2", **_env())
+    ref = mesh.run(spec, {"goal": "g"}, key="approve-1")
+    wait_for(lambda: mesh.status(ref.id).steps["coder"].state is State.AWAITING_APPROVAL, timeout_s=30)
+    listed = cli("approvals", "--json")
+    assert listed.returncode == 0 and ref.id in listed.stdout, listed.stderr
+    approved = cli("approve", ref.id, "coder", "--by", "ana", "--note", "ok")
+    assert approved.returncode == 0, approved.stderr
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    assert (record.steps["coder"].approval.decision, record.steps["coder"].approval.by) == ("approved", "ana")
+    assert _runs(mesh)[record.steps["coder"].key] == 1
+
+
+def test_the_staged_script_and_the_fenced_read_run_in_a_cluster_transaction(mesh) -> None:
+    """A cluster pipeline refuses ``eval()`` and ``mget()`` (redis-py blocks them there): a timer staged
+    with a write (an approval's expiry, a wait's) and a lease-fenced job update (a step's result) are
+    sent as commands, and run on the namespace's primary as on a single server."""
+    from mesh.broker import timers
+    from mesh.broker.connection import transaction
+    from mesh.broker.idempotency import Idempotency, Lease
+    from mesh.contracts import LeaseLost
+
+    with transaction(mesh.redis, mesh.settings) as pipe:
+        pipe.multi()
+        timers.stage_schedule(pipe, mesh.keys, "test", "t1", 60_000)
+        pipe.execute()
+    assert timers.due_at(mesh.redis, mesh.keys, "test", "t1") is not None
+
+    ref = mesh.send("executor", {"tool": "note", "args": {"title": "t", "body": "b"}}, key="fenced-1")
+    claims = Idempotency(mesh.settings, mesh.redis)
+    verdict, token, *_ = claims._call("claim", mesh.keys.claim("fenced-1"), "me")
+    assert verdict == b"run"
+    lease = Lease(key="fenced-1", claim_key=mesh.keys.claim("fenced-1"), owner="me", token=int(token))
+    mesh.jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "fenced write"}), []), fence=lease)
+    assert mesh.status(ref.id).error == "fenced write"
+    with pytest.raises(LeaseLost):
+        mesh.jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "x"}), []),
+                         fence=Lease(key="fenced-1", claim_key=lease.claim_key, owner="other", token=int(token)))
