@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -262,27 +263,35 @@ def _lost(client: Any, node: Any) -> None:
 
 
 def on_slot(client: Any, key: Any, call: Any) -> Any:
-    """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, once more, once the
-    client has learnt the cluster's layout again, when that node did not run it (MOVED, ASK, TRYAGAIN,
-    CLUSTERDOWN) or, when ``client`` retries, when the connection to it failed (a primary failing over)."""
+    """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, again once the client
+    has learnt the cluster's layout anew, when that node did not run it (MOVED, ASK, TRYAGAIN,
+    CLUSTERDOWN) or, when ``client`` retries, when the connection to it failed (a primary failing
+    over): as often as the client's retry allows (MESH_REDIS_RETRIES), backing off as it does, so that
+    a call made while the slot's replica is being promoted lands on it, as a command of the cluster
+    client's own does (a failover takes the node timeout and an election: seconds)."""
     if not is_cluster(client):
         return call(client)
-    try:
-        return call(node_client(client, key))
-    except SLOT_ERRORS:
-        pass
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-        if client.retry.get_retries() <= 0:
-            raise
-    relearn(client)
-    return call(node_client(client, key))
+    retry = client.retry
+    failures = 0
+    while True:
+        try:
+            return call(node_client(client, key))
+        except SLOT_ERRORS:
+            if failures >= max(1, retry.get_retries()):
+                raise
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if failures >= retry.get_retries():
+                raise
+        failures += 1
+        if failures > 1:
+            time.sleep(retry._backoff.compute(failures))
+        relearn(client)
 
 
 def relearn(client: Any, timeout_s: float = 10.0) -> None:
     """A cluster client's map of slots to nodes read again from the cluster: at once, then until every
     slot has a reachable primary or ``timeout_s`` passes (a failover takes the node timeout and an
     election)."""
-    import time
     deadline = time.monotonic() + timeout_s
     while True:
         try:

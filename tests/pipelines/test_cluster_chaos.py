@@ -260,3 +260,27 @@ def test_the_staged_script_and_the_fenced_read_run_in_a_cluster_transaction(mesh
     with pytest.raises(LeaseLost):
         mesh.jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "x"}), []),
                          fence=Lease(key="fenced-1", claim_key=lease.claim_key, owner="other", token=int(token)))
+
+
+def test_a_call_on_the_slot_s_node_is_retried_as_the_client_retries_while_the_slot_fails_over(mesh) -> None:
+    """An enqueue with MESH_REDIS_WAIT_REPLICAS goes to the slot's node itself (the WAIT on its
+    connection): while the replica is being promoted its calls fail for seconds, and they are sent
+    again as often as the client's retry allows, not once (a failover is over in one more try rarely)."""
+    from mesh.broker.connection import on_slot
+
+    failed: list[int] = []
+
+    def call(node: redis.Redis) -> str:
+        if len(failed) < 4:  # the old primary, gone: its connection refused, four times over
+            failed.append(1)
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return "sent"
+
+    assert mesh.redis.retry.get_retries() >= 5
+    assert on_slot(mesh.redis, mesh.keys.namespace, call) == "sent"
+    assert len(failed) == 4
+    failed.clear()
+    never = MeshClient(mesh.settings.model_copy(update={"redis_retries": 2}))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        on_slot(never.redis, never.keys.namespace, call)
+    assert len(failed) == 3  # the first try and its 2 retries
