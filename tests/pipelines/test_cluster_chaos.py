@@ -284,3 +284,25 @@ def test_a_call_on_the_slot_s_node_is_retried_as_the_client_retries_while_the_sl
     with pytest.raises(redis.exceptions.ConnectionError):
         on_slot(never.redis, never.keys.namespace, call)
     assert len(failed) == 3  # the first try and its 2 retries
+
+
+def test_accepting_and_forgetting_a_tool_pin_is_one_multi_on_the_cluster_too(mesh, nodes) -> None:
+    """``pipeline()`` is a MULTI on a single server but none on a cluster (redis-py's default there): the
+    pin's two writes are asked for as a transaction, so they land together on both."""
+    from mesh.agents.tools.pins import Definition, Pins
+
+    pins = Pins(mesh.redis, mesh.keys)
+    pins.check("srv.tool", Definition("tool", "one", {"type": "object"}))
+    from mesh.contracts import ToolRefused
+
+    with pytest.raises(ToolRefused):  # drifted: presented, not pinned
+        pins.check("srv.tool", Definition("tool", "two", {"type": "object"}))
+    owner = nodes.node(nodes.primary_of(mesh.keys.prefix))
+
+    def multis() -> int:
+        return int(owner.info("commandstats").get("cmdstat_multi", {}).get("calls", 0))
+
+    before = multis()
+    assert pins.accept("srv.tool") is not None and pins.forget("srv.tool")
+    assert multis() - before == 2
+    assert not mesh.redis.exists(mesh.keys.tool_pins) and not mesh.redis.exists(mesh.keys.tool_presented)
