@@ -163,6 +163,14 @@ def test_the_namespace_s_primary_killed_mid_stream_loses_no_job_a_replica_confir
         return all(r.state in TERMINAL for r in records.values())
 
     wait_for(settled, timeout_s=60, interval_s=0.2)
+    # idle, the workers wait for a wake-up token with BLPOP: on the slot's new primary
+    owner = nodes.node(nodes.primary_of(mesh.keys.prefix))
+
+    def blpops() -> int:
+        return int(owner.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
+
+    waited = blpops()
+    wait_for(lambda: blpops() >= waited + 2, timeout_s=10)
     records, lost = _outcomes(mesh, acked)
     outcomes = Counter(r.state for r in records.values())
     assert set(outcomes) <= {State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN}, outcomes
