@@ -91,8 +91,11 @@ def test_a_worker_sigkilled_mid_dag_on_the_cluster_reruns_no_completed_step(mesh
     done_before = {s.key for r in before.values() for s in r.steps.values() if s.state is State.SUCCEEDED}
     assert sorted(runs) == sorted(s.key for r in records for s in r.steps.values())
     assert all(runs[k] == 1 for k in done_before), runs  # a completed step never ran again
-    assert all(runs[k] == 1 for k in runs if "/hold/" not in k), runs  # each effect applied once
-    assert all(1 <= runs[k] <= 2 for k in runs if "/hold/" in k), runs  # killed mid-step: at most once more
+    # what the killed worker held (its two threads: the held step, maybe another it had just taken) ran
+    # once more at most; every other step once
+    again = [k for k, n in runs.items() if n > 1]
+    assert all(runs[k] == 2 for k in again) and 1 <= len(again) <= 2, runs
+    assert any("/hold/" in k for k in again), runs
     print(f"mid-DAG kill: jobs 3 sent, 3 ended succeeded; step runs {sorted(Counter(runs.values()).items())}")
 
 
