@@ -224,10 +224,77 @@ def _cluster(settings: MeshSettings, address: RedisAddress, retries: bool, optio
         kwargs.update(ssl=True, **_tls(settings))
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in address.hosts]
     try:  # it asks the seeds for the cluster's layout at once
-        return redis.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **kwargs)
+        return MeshCluster(startup_nodes=nodes, retry=retry, **kwargs)
     except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
         seeds = ",".join(_shown(host, port) for host, port in address.hosts)
         raise redis.ConnectionError(f"Redis Cluster {seeds}: {exc}") from None
+
+
+class MeshCluster(redis.cluster.RedisCluster):
+    """redis-py's cluster client, whose pipelines load the scripts they call where they run, as a
+    single server's pipeline does (``SCRIPT EXISTS``, then ``SCRIPT LOAD`` of those missing, before
+    it sends them): redis-py's cluster pipeline sends ``EVALSHA`` as it is, which a primary that does
+    not hold the script refuses (NOSCRIPT), inside a MULTI too, where the transaction's other commands
+    still run. A replica promoted by a failover holds none (Redis does not replicate its script cache)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.script_sources: dict[str, Any] = {}  # sha -> source, of the scripts registered on it
+        self.scripts_held: dict[str, set[str]] = {}  # node name -> the shas known loaded there
+
+    def register_script(self, script: Any) -> Any:
+        registered = super().register_script(script)
+        self.script_sources[registered.sha] = registered.script
+        return registered
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = _ScriptLoadingPipeline
+        pipe.owner = self
+        return pipe
+
+
+class _ScriptLoadingPipeline(redis.cluster.ClusterPipeline):
+    owner: MeshCluster
+
+    def execute(self, raise_on_error: bool = True) -> Any:
+        nodes = self._load_scripts()
+        try:
+            return super().execute(raise_on_error)
+        except redis.exceptions.NoScriptError:
+            for node in nodes:  # a node restarted since: loaded again on the next call
+                self.owner.scripts_held.pop(node, None)
+            raise
+
+    def _load_scripts(self) -> list[str]:
+        """Load the scripts the staged EVALSHAs call on the primaries of their slots, where not known
+        loaded; when a primary does not answer (failing over), once more after learning the layout."""
+        for attempt in (1, 2):
+            wanted: dict[Any, set[str]] = {}
+            for args, _ in staged(self):
+                if str(args[0]).upper() == "EVALSHA" and int(args[2]) > 0 and args[1] in self.owner.script_sources:
+                    node = _slot_node(self.owner, args[3])
+                    wanted.setdefault(node, set()).add(args[1])
+            try:
+                for node, shas in wanted.items():
+                    held = self.owner.scripts_held.setdefault(node.name, set())
+                    missing = sorted(shas - held)
+                    if missing:
+                        client = self.owner.get_redis_connection(node)
+                        for sha, exists in zip(missing, client.script_exists(*missing), strict=True):
+                            if not exists:
+                                client.script_load(self.owner.script_sources[sha])
+                            held.add(sha)
+                return [node.name for node in wanted]
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                if attempt == 2:
+                    break  # still failing over: the pipeline's own retry finds where the slot went
+                _lost(self.owner, node)
+                try:
+                    relearn(self.owner)
+                except (redis.RedisError, OSError):
+                    break
+        return [node.name for node in wanted]
 
 
 def is_cluster(client: Any) -> bool:

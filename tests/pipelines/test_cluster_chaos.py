@@ -320,3 +320,29 @@ def test_accepting_and_forgetting_a_tool_pin_is_one_multi_on_the_cluster_too(mes
     assert pins.accept("srv.tool") is not None and pins.forget("srv.tool")
     assert multis() - before == 2
     assert not mesh.redis.exists(mesh.keys.tool_pins) and not mesh.redis.exists(mesh.keys.tool_presented)
+
+
+def test_a_script_staged_in_a_transaction_runs_on_the_promoted_replica_which_never_loaded_it(nodes) -> None:
+    """Redis does not replicate its script cache: a replica promoted holds no script. A cluster pipeline
+    loads what it calls where it runs (a single server's pipeline does), so a MULTI staging one (a step's
+    release, a run's timers, a limit's) neither fails NOSCRIPT nor runs without it."""
+    from mesh.broker.connection import connect, run_script, transaction
+
+    settings = MeshSettings(redis_url=nodes.url)
+    client = connect(settings)
+    script = client.register_script("redis.call('INCR', KEYS[1]); return redis.call('INCR', KEYS[1])")
+    key = nodes.replicated_key("noscript")
+    assert run_script(script, [key], []) == 2  # loaded on the primary
+    killed, promoted = nodes.kill_primary_of(key)
+    try:
+        assert nodes.node(promoted).script_exists(script.sha) == [False]
+        with transaction(client, settings) as pipe:
+            pipe.multi()
+            pipe.set(key + ":before", "1")
+            script(keys=[key], args=[], client=pipe)
+            assert pipe.execute() == [b"OK", 4]
+        pipe = client.pipeline(transaction=False)
+        script(keys=[key], args=[], client=pipe)
+        assert pipe.execute() == [6]
+    finally:
+        nodes.restart(killed)
