@@ -33,6 +33,7 @@ from mesh.contracts.deadletter import DeadLetter
 
 from . import timers
 from .clock import server_ms
+from .connection import stage_eval
 from .keys import Keys
 from .outbox import encode
 from .trace import operator
@@ -185,7 +186,7 @@ def stage_approvals(pipe: Any, keys: Keys, record: JobRecord, ended_ttl_ms: int 
           and (before is None or waiting(before))
           and not any(s.state is State.WAITING for s in record.steps.values())):  # a sleep's keeps it
         # ended while a step waited (no TTL then): its retention starts now that nothing waits
-        pipe.eval(EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
+        stage_eval(pipe, EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
 
 
 def _waited(before: JobRecord, step_id: str) -> bool:

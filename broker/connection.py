@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -344,7 +345,7 @@ SLOT_WAIT_S = 30.0
 def on_slot(client: Any, key: Any, call: Any, timeout_s: float = SLOT_WAIT_S) -> Any:
     """``call(node)`` with :func:`node_client`'s client of ``key``; for a cluster, again (for up to
     ``timeout_s``) when that node did not run it: at once where the client has learnt the slot went
-    (MOVED, CLUSTERDOWN, or, when ``client`` retries, a failed connection: a primary failing over); after
+    (MOVED, CLUSTERDOWN, or a failed connection, as often as ``client`` retries: a primary failing over); after
     a pause, on the same node, while the slot migrates (ASK, TRYAGAIN). An ASK is never followed to the
     migration's target: a mesh script declares only its namespace's prefix ``{ns}`` (a key that never
     exists, which the source answers ASK for) and reads and writes keys it does not declare, which the
@@ -353,7 +354,7 @@ def on_slot(client: Any, key: Any, call: Any, timeout_s: float = SLOT_WAIT_S) ->
         return call(client)
     import time
     deadline = time.monotonic() + timeout_s
-    pause = 0.02
+    pause, lost = 0.02, 0
     while True:
         node = None
         try:
@@ -375,7 +376,8 @@ def on_slot(client: Any, key: Any, call: Any, timeout_s: float = SLOT_WAIT_S) ->
             time.sleep(pause)
             pause = min(2 * pause, 0.5)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            if client.retry.get_retries() <= 0 or time.monotonic() > deadline:
+            lost += 1  # tried again as often as the client retries (MESH_REDIS_RETRIES), within timeout_s
+            if lost > client.retry.get_retries() or time.monotonic() > deadline:
                 raise
             if node is not None:
                 _lost(client, node)
@@ -388,7 +390,6 @@ def relearn(client: Any, timeout_s: float = 10.0) -> None:
     """A cluster client's map of slots to nodes read again from the cluster: at once, then until every
     slot has a reachable primary or ``timeout_s`` passes (a failover takes the node timeout and an
     election)."""
-    import time
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -398,6 +399,13 @@ def relearn(client: Any, timeout_s: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def stage_eval(pipe: Any, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+    """``EVAL script numkeys keys... args...`` queued on ``pipe`` (sent at once while it watches, before
+    ``multi()``): a pipeline's, or a cluster pipeline's, which refuses ``eval()`` itself (redis-py
+    blocks it there) but routes an EVAL by its keys as any command."""
+    return pipe.execute_command("EVAL", script, numkeys, *keys_and_args)
 
 
 def staged(pipe: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
@@ -512,9 +520,12 @@ def _shown(host: Any, port: Any) -> str:
 #: Found by running every flow under a user of ``+@all`` and reading ``INFO commandstats``, plus the
 #: commands of paths the flows do not take; tests/broker/test_redis_auth.py runs every flow and
 #: every ``mesh`` command under it. The one list: a feature that sends a new command adds it here,
-#: then regenerates docs/reference/acl.md (``python -m mesh.broker.acl``).
+#: then regenerates docs/reference/acl.md (``python -m mesh.broker.acl``). On a Redis Cluster the
+#: client (redis-py's ``RedisCluster``) asks a node for the map of slots (``cluster|slots``) when it
+#: starts and after a failover, and for the server's command table (``command``: which argument of a
+#: command is a key) when it starts; it sends ``asking`` on an ASK redirection (a slot being moved).
 ACL_COMMANDS = (
-    "ping", "info", "select",
+    "ping", "info", "select", "cluster|slots", "command", "asking",
     "eval", "evalsha", "script|load", "script|exists", "multi", "exec", "discard", "watch", "unwatch", "wait",
     "get", "getrange", "set", "mget", "del", "exists", "type", "expire", "pexpire", "pexpireat", "persist", "pttl",
     "setrange", "incr", "incrby", "time",

@@ -268,8 +268,9 @@ class JobStore:
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
             if fence is not None:
                 # One round trip reads the record and the claim (MGET answers None for a claim hash an
-                # earlier release wrote: that one is read again, as a hash).
-                both: Any = pipe.mget(key, fence.claim_key)
+                # earlier release wrote: that one is read again, as a hash). As a command: a cluster
+                # pipeline refuses mget() (both keys are in the namespace's slot).
+                both: Any = pipe.execute_command("MGET", key, fence.claim_key)
                 data, raw_claim = both
                 claim = claims.parse(raw_claim) if raw_claim is not None else claims.read(pipe, fence.claim_key)
                 # A shared lease (another job's step did the effect) holds while the key stays done.

@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from .connection import stage_eval
 from .keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def member(kind: str, ref: str) -> str:
 def stage_schedule(pipe: Any, keys: Keys, kind: str, ref: str, delay_ms: int) -> None:
     """Stage a timer due ``delay_ms`` after the server's time when the staged commands run (into a
     MULTI, so the timer comes with the write that needs it); one already set keeps its due time."""
-    pipe.eval(_SCHEDULE, 1, keys.timers, member(kind, ref), max(0, int(delay_ms)))
+    stage_eval(pipe, _SCHEDULE, 1, keys.timers, member(kind, ref), max(0, int(delay_ms)))
 
 
 def stage_cancel(pipe: Any, keys: Keys, kind: str, ref: str) -> None:

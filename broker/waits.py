@@ -35,6 +35,7 @@ from mesh.contracts.waits import EVENT_NAME, Wait
 
 from . import approvals, timers
 from .clock import server_ms
+from .connection import stage_eval
 from .keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | No
           and any(s.wait for s in record.steps.values())
           and (before is None or any(s.state is State.WAITING for s in before.steps.values()))):
         # ended while a step waited (no TTL then): its retention starts now that nothing waits
-        pipe.eval(approvals.EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
+        stage_eval(pipe, approvals.EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
     for step in record.steps.values():
         wait = step.wait
         if wait is None:

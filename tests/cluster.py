@@ -80,13 +80,7 @@ class RedisClusterNodes:
         if binary is None or cli is None:
             raise RuntimeError("redis-server and redis-cli must be on PATH")
         for port in self.ports:
-            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                    "--cluster-config-file", str(self.folder / f"nodes-{port}.conf"),
-                    "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
-                    "--dir", str(self.folder), "--logfile", str(self.folder / f"redis-{port}.log")]
-            if self.password:
-                args += ["--requirepass", self.password, "--masterauth", self.password]
-            self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._spawn(binary, port)
         for port in self.ports:
             poll(lambda p=port: self.node(p).ping(), 10, f"redis-server on {port}")
         create = [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
@@ -98,6 +92,26 @@ class RedisClusterNodes:
             raise RuntimeError(f"redis-cli --cluster create: {done.stdout.decode()[-2000:]}{done.stderr.decode()}")
         self.wait_ok()
         return self
+
+    def _spawn(self, binary: str, port: int) -> None:
+        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.folder / f"nodes-{port}.conf"),
+                "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+                "--dir", str(self.folder), "--logfile", str(self.folder / f"redis-{port}.log")]
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def restart(self, port: int, timeout_s: float = 30.0) -> None:
+        """Start the killed node ``port`` again: with its nodes file it rejoins the cluster, as a
+        replica of the primary promoted in its place; returns once the cluster says ok again and every
+        replica (this one too) is linked."""
+        binary = shutil.which("redis-server")
+        assert binary is not None and self.procs[port].poll() is not None, f"node {port} is still running"
+        self._spawn(binary, port)
+        poll(lambda: self.node(port).ping(), 10, f"redis-server on {port}")
+        poll(lambda: self.node(port).info("replication")["role"] == "slave" and self._ok(), timeout_s,
+             f"node {port} back as a linked replica")
 
     def alive(self) -> list[int]:
         return [port for port, proc in self.procs.items() if proc.poll() is None]

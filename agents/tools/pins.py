@@ -128,7 +128,7 @@ class Pins:
         raw = self.client.hget(self.keys.tool_presented, tool)
         if raw is None:
             return None
-        pipe = self.client.pipeline()
+        pipe = self.client.pipeline(transaction=True)  # one MULTI on a Redis Cluster too (its default: none)
         pipe.hset(self.keys.tool_pins, tool, raw)
         pipe.hdel(self.keys.tool_presented, tool)
         pipe.execute()
@@ -136,7 +136,7 @@ class Pins:
 
     def forget(self, tool: str) -> bool:
         """Drop ``tool``'s pin (and what was presented): the next definition seen is pinned."""
-        pipe = self.client.pipeline()
+        pipe = self.client.pipeline(transaction=True)  # one MULTI on a Redis Cluster too (its default: none)
         pipe.hdel(self.keys.tool_pins, tool)
         pipe.hdel(self.keys.tool_presented, tool)
         return bool(pipe.execute()[0])

@@ -1,0 +1,348 @@
+"""The mesh on a real Redis Cluster (3 primaries, 3 replicas; tests/cluster.py) under real faults:
+worker processes reach it through ``redis+cluster://``; one is SIGKILLed mid-DAG; a step that fails
+for good goes to the DLQ and ``mesh dlq replay`` brings its job to success; ``mesh approve`` decides a
+waiting step; the primary that owns the namespace's slot is SIGKILLed while a client enqueues a
+stream of jobs (with and without MESH_REDIS_WAIT_REPLICAS=1); and a worker and a client run as the
+ACL user of ``python -m mesh.broker.acl`` on every node.
+
+One cluster for the module: a test that kills a primary starts the node again (it rejoins as the
+replica of the one promoted in its place), so the next test finds 3 primaries with a replica each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from mesh import MeshClient
+from mesh.agents.pipelines import Pipeline, check
+from mesh.broker import JobNotFound, MeshSettings, NotReplicated
+from mesh.broker.connection import acl_rules
+from mesh.broker.keys import Keys, prefix
+from mesh.contracts import TERMINAL, State
+from tests.cluster import RedisClusterNodes
+from tests.conftest import wait_for
+from tests.pipelines.agents import app
+
+pytestmark = pytest.mark.slow
+
+APP = "tests.pipelines.agents:app"
+HEARTBEAT_TIMEOUT_S = 3.0
+
+
+@pytest.fixture
+def nodes(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
+    redis_cluster_nodes.wait_ok()
+    return redis_cluster_nodes
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., MeshSettings], nodes: RedisClusterNodes) -> MeshSettings:
+    """This test's namespace on the cluster (the workers, the CLI and the clients of the test use it)."""
+    return make_settings(redis_url=nodes.url, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+
+
+@pytest.fixture
+def mesh(settings: MeshSettings) -> MeshClient:
+    return MeshClient(settings, app=app)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), **extra}
+
+
+def _runs(mesh: MeshClient) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in mesh.redis.hgetall(f"{prefix(mesh.settings.namespace)}:test.runs").items()}
+
+
+# research fans out to code and survey; hold (after code) waits for the test (crash tests).
+FORK = (Pipeline("fork")
+        .step("research", agent="researcher")
+        .step("code", agent="coder", depends_on=["research"])
+        .step("survey", agent="researcher", depends_on=["research"], input={"goal": "input.goal"})
+        .step("hold", depends_on=["code"])
+        .step("review", agent="reviewer", depends_on=["hold"])
+        .step("deploy", agent="deployer", depends_on=["review"]))
+
+
+def test_a_worker_sigkilled_mid_dag_on_the_cluster_reruns_no_completed_step(mesh, worker_process) -> None:
+    ns = mesh.settings.namespace
+    procs = [worker_process("--app", APP, "--threads", "2", **_env()) for _ in range(2)]
+    refs = [mesh.run(check(FORK.build(), app), {"goal": "g"}, key=f"fork-{i}") for i in range(3)]
+    holder = int(wait_for(lambda: mesh.redis.get(f"{prefix(ns)}:test.holder"), timeout_s=60))
+    [victim] = [p for p in procs if p.pid == holder]
+    before = {ref.id: mesh.status(ref.id) for ref in refs}
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    worker_process("--app", APP, "--threads", "2", **_env())  # a new one in its place
+    mesh.redis.set(f"{prefix(ns)}:test.release", 1)
+    records = [mesh.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60) for ref in refs]
+
+    assert [r.state for r in records] == [State.SUCCEEDED] * 3, [r.error for r in records]
+    runs = _runs(mesh)
+    done_before = {s.key for r in before.values() for s in r.steps.values() if s.state is State.SUCCEEDED}
+    assert sorted(runs) == sorted(s.key for r in records for s in r.steps.values())
+    assert all(runs[k] == 1 for k in done_before), runs  # a completed step never ran again
+    # what the killed worker held (its two threads: the held step, maybe another it had just taken) ran
+    # once more at most; every other step once
+    again = [k for k, n in runs.items() if n > 1]
+    assert all(runs[k] == 2 for k in again) and 1 <= len(again) <= 2, runs
+    assert any("/hold/" in k for k in again), runs
+    print(f"mid-DAG kill: jobs 3 sent, 3 ended succeeded; step runs {sorted(Counter(runs.values()).items())}")
+
+
+def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int) -> tuple[list[str], int, Counter[str]]:
+    """Send ``n`` one-step jobs (a note each), SIGKILLing the primary of the namespace's slot once
+    ``kill_at`` were acknowledged: (the acknowledged job ids in order, how many before the kill,
+    refusals by kind). The killed node is started again once its replica was promoted."""
+    owner = nodes.primary_of(Keys(mesh.settings.namespace).prefix)
+    acked: list[str] = []
+    refused: Counter[str] = Counter()
+    killed_before = -1
+    deadline = time.monotonic() + 60
+    i = 0
+    while len(acked) < n:
+        assert time.monotonic() < deadline, f"only {len(acked)} enqueues acknowledged; refused: {refused}"
+        if killed_before > 0 and nodes.procs[owner].poll() is not None and _promoted(nodes, mesh, owner):
+            nodes.restart(owner)  # back as the promoted one's replica: WAIT 1 can be answered again
+        key = f"stream-{i}"
+        try:
+            acked.append(mesh.send("executor", {"tool": "note", "args": {"title": f"n{i}", "body": key}}, key=key).id)
+            i += 1
+        except (redis.RedisError, redis.exceptions.RedisClusterException, NotReplicated) as exc:
+            refused[type(exc).__name__] += 1  # not acknowledged: sent again with the same key
+            time.sleep(0.05)
+            continue
+        if len(acked) == kill_at:
+            nodes.kill(owner)
+            killed_before = len(acked)
+    return acked, killed_before, refused
+
+
+def _promoted(nodes: RedisClusterNodes, mesh: MeshClient, old: int) -> bool:
+    try:
+        return nodes.primary_of(mesh.keys.prefix) != old
+    except (LookupError, redis.RedisError):
+        return False  # the nodes do not agree yet
+
+
+def _outcomes(mesh: MeshClient, acked: list[str]) -> tuple[dict[str, Any], list[str]]:
+    records, lost = {}, []
+    for job_id in acked:
+        try:
+            records[job_id] = mesh.status(job_id)
+        except JobNotFound:
+            lost.append(job_id)
+    return records, lost
+
+
+@pytest.mark.parametrize("wait_replicas", [1, 0])
+def test_the_namespace_s_primary_killed_mid_stream_loses_no_job_a_replica_confirmed(
+        nodes, make_settings, worker_process, wait_replicas: int) -> None:
+    settings = make_settings(redis_url=nodes.url, redis_wait_replicas=wait_replicas, redis_wait_timeout_ms=500)
+    mesh = MeshClient(settings)
+    for _ in range(2):
+        worker_process("--agents", "executor", "--threads", "2")
+    wait_for(lambda: mesh.redis.zcard(mesh.keys.heartbeats) == 2, timeout_s=20)
+    old = nodes.primary_of(mesh.keys.prefix)
+    n, kill_at = 200, 80
+    acked, killed_before, refused = _stream(mesh, nodes, n, kill_at)
+    assert killed_before == kill_at and nodes.primary_of(mesh.keys.prefix) != old
+
+    # the workers reconnected by themselves: heartbeats on the new primary, and they serve it
+    beat = time.time()
+    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat - 1, "+inf") >= 2, timeout_s=20)
+
+    def settled() -> bool:
+        records, _ = _outcomes(mesh, acked)
+        return all(r.state in TERMINAL for r in records.values())
+
+    wait_for(settled, timeout_s=60, interval_s=0.2)
+    # idle, the workers wait for a wake-up token with BLPOP: on the slot's new primary
+    owner = nodes.node(nodes.primary_of(mesh.keys.prefix))
+
+    def blpops() -> int:
+        return int(owner.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
+
+    waited = blpops()
+    wait_for(lambda: blpops() >= waited + 2, timeout_s=10)
+    records, lost = _outcomes(mesh, acked)
+    outcomes = Counter(r.state for r in records.values())
+    assert set(outcomes) <= {State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN}, outcomes
+    assert all(r.error for r in records.values() if r.state is not State.SUCCEEDED)  # with a reason
+    assert outcomes[State.SUCCEEDED] >= n - kill_at  # the workers served the new primary
+    # each job's effect (its note, under its own id) once: a step run again after the rewind wrote the same
+    notes = int(mesh.redis.zcard(mesh.keys.notes))
+    assert outcomes[State.SUCCEEDED] <= notes <= outcomes[State.SUCCEEDED] + outcomes[State.UNKNOWN], notes
+    if wait_replicas:
+        assert lost == []  # a replica had every acknowledged job: the promoted one
+    else:
+        # Asynchronous replication: the replica holds a prefix of the primary's writes, so what vanished is
+        # the last jobs acknowledged before the kill, nothing of them left (JobNotFound).
+        assert lost == acked[killed_before - len(lost):killed_before], lost
+    print(f"failover (WAIT {wait_replicas}): jobs {n} acknowledged, {len(records)} ended {dict(outcomes)}, "
+          f"{len(lost)} lost, {notes} notes; refused and sent again {dict(refused)}")
+
+
+def test_a_worker_and_a_client_run_on_the_cluster_as_the_acl_user(nodes, make_settings, worker_process, cli) -> None:
+    settings = make_settings(redis_url=nodes.url)
+    user, password = f"mesh-{settings.namespace}", "acl-Pa55"
+    for port in nodes.alive():  # ACL users are per node: every node, replicas too (one may be promoted)
+        nodes.node(port).execute_command("ACL", "SETUSER", user, "on", f">{password}", *acl_rules(settings.namespace))
+    url = nodes.url.replace("redis+cluster://", f"redis+cluster://{user}:{password}@")
+    mesh = MeshClient(make_settings(redis_url=url))
+    worker_process("--agents", "executor", "--threads", "2", MESH_REDIS_URL=url)
+    ref = mesh.send("executor", {"tool": "note", "args": {"title": "acl", "body": "b"}}, key="acl-1")
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    status = cli("status", "--json", MESH_REDIS_URL=url)
+    assert status.returncode == 0, status.stderr
+    for port in nodes.alive():
+        nodes.node(port).execute_command("ACL", "DELUSER", user)
+
+
+def test_a_dead_letter_on_the_cluster_is_listed_and_replayed_by_the_cli_and_its_job_succeeds(
+        mesh, worker_process, cli) -> None:
+    ns = mesh.settings.namespace
+    worker_process("--app", APP, "--threads", "2", **_env())
+    failing = "dlq-1/coder/code"  # the step key: job key / agent / step
+    mesh.redis.sadd(f"{prefix(ns)}:test.fail", failing)
+    ref = mesh.run(check(FORK.build(), app), {"goal": "g"}, key="dlq-1")
+    mesh.redis.set(f"{prefix(ns)}:test.release", 1)  # hold never waits here
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert record.state is State.DEAD_LETTERED and record.steps["code"].state is State.DEAD_LETTERED, record.error
+    listed = wait_for(lambda: (res := cli("dlq", "list", "--json")).returncode == 0 and json.loads(res.stdout))
+    assert [(e["key"], e["failure_class"]) for e in listed] == [(failing, "permanent")], listed
+
+    mesh.redis.srem(f"{prefix(ns)}:test.fail", failing)  # the cause mended
+    replayed = cli("dlq", "replay", listed[0]["entry_id"], "--yes")
+    assert replayed.returncode == 0, replayed.stderr
+    record = wait_for(lambda: (r := mesh.status(ref.id)).state in TERMINAL and r, timeout_s=30)
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    runs = _runs(mesh)
+    assert runs[failing] == 2 and all(n == 1 for k, n in runs.items() if k != failing), runs
+    assert json.loads(cli("dlq", "list", "--json").stdout) == []
+    print(f"dlq: 1 job sent, dead-lettered at {failing}, replayed by the CLI, ended succeeded; step runs {runs}")
+
+
+def test_a_step_awaiting_approval_on_the_cluster_is_approved_by_the_cli(mesh, worker_process, cli) -> None:
+    spec = check(Pipeline("approve").step("researcher")
+                 .step("coder", depends_on=["researcher"], requires_human_approval=True).build(), app)
+    worker_process("--app", APP, "--threads", "2", **_env())
+    ref = mesh.run(spec, {"goal": "g"}, key="approve-1")
+    wait_for(lambda: mesh.status(ref.id).steps["coder"].state is State.AWAITING_APPROVAL, timeout_s=30)
+    listed = cli("approvals", "--json")
+    assert listed.returncode == 0 and ref.id in listed.stdout, listed.stderr
+    approved = cli("approve", ref.id, "coder", "--by", "ana", "--note", "ok")
+    assert approved.returncode == 0, approved.stderr
+    record = mesh.wait(ref.id, timeout_s=30)
+    assert (record.state, record.error) == (State.SUCCEEDED, None)
+    assert (record.steps["coder"].approval.decision, record.steps["coder"].approval.by) == ("approved", "ana")
+    assert _runs(mesh)[record.steps["coder"].key] == 1
+
+
+def test_the_staged_script_and_the_fenced_read_run_in_a_cluster_transaction(mesh) -> None:
+    """A cluster pipeline refuses ``eval()`` and ``mget()`` (redis-py blocks them there): a timer staged
+    with a write (an approval's expiry, a wait's) and a lease-fenced job update (a step's result) are
+    sent as commands, and run on the namespace's primary as on a single server."""
+    from mesh.broker import timers
+    from mesh.broker.connection import transaction
+    from mesh.broker.idempotency import Idempotency, Lease
+    from mesh.contracts import LeaseLost
+
+    with transaction(mesh.redis, mesh.settings) as pipe:
+        pipe.multi()
+        timers.stage_schedule(pipe, mesh.keys, "test", "t1", 60_000)
+        pipe.execute()
+    assert timers.due_at(mesh.redis, mesh.keys, "test", "t1") is not None
+
+    ref = mesh.send("executor", {"tool": "note", "args": {"title": "t", "body": "b"}}, key="fenced-1")
+    claims = Idempotency(mesh.settings, mesh.redis)
+    verdict, token, *_ = claims._call("claim", mesh.keys.claim("fenced-1"), "me")
+    assert verdict == b"run"
+    lease = Lease(key="fenced-1", claim_key=mesh.keys.claim("fenced-1"), owner="me", token=int(token))
+    mesh.jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "fenced write"}), []), fence=lease)
+    assert mesh.status(ref.id).error == "fenced write"
+    with pytest.raises(LeaseLost):
+        mesh.jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "x"}), []),
+                         fence=Lease(key="fenced-1", claim_key=lease.claim_key, owner="other", token=int(token)))
+
+
+def test_a_call_on_the_slot_s_node_is_retried_as_the_client_retries_while_the_slot_fails_over(mesh) -> None:
+    """An enqueue with MESH_REDIS_WAIT_REPLICAS goes to the slot's node itself (the WAIT on its
+    connection): while the replica is being promoted its calls fail for seconds, and they are sent
+    again as often as the client's retry allows, not once (a failover is over in one more try rarely)."""
+    from mesh.broker.connection import on_slot
+
+    failed: list[int] = []
+
+    def call(node: redis.Redis) -> str:
+        if len(failed) < 4:  # the old primary, gone: its connection refused, four times over
+            failed.append(1)
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return "sent"
+
+    assert mesh.redis.retry.get_retries() >= 5
+    assert on_slot(mesh.redis, mesh.keys.namespace, call) == "sent"
+    assert len(failed) == 4
+    failed.clear()
+    never = MeshClient(mesh.settings.model_copy(update={"redis_retries": 2}))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        on_slot(never.redis, never.keys.namespace, call)
+    assert len(failed) == 3  # the first try and its 2 retries
+
+
+def test_accepting_and_forgetting_a_tool_pin_is_one_multi_on_the_cluster_too(mesh, nodes) -> None:
+    """``pipeline()`` is a MULTI on a single server but none on a cluster (redis-py's default there): the
+    pin's two writes are asked for as a transaction, so they land together on both."""
+    from mesh.agents.tools.pins import Definition, Pins
+
+    pins = Pins(mesh.redis, mesh.keys)
+    pins.check("srv.tool", Definition("tool", "one", {"type": "object"}))
+    from mesh.contracts import ToolRefused
+
+    with pytest.raises(ToolRefused):  # drifted: presented, not pinned
+        pins.check("srv.tool", Definition("tool", "two", {"type": "object"}))
+    owner = nodes.node(nodes.primary_of(mesh.keys.prefix))
+
+    def multis() -> int:
+        return int(owner.info("commandstats").get("cmdstat_multi", {}).get("calls", 0))
+
+    before = multis()
+    assert pins.accept("srv.tool") is not None and pins.forget("srv.tool")
+    assert multis() - before == 2
+    assert not mesh.redis.exists(mesh.keys.tool_pins) and not mesh.redis.exists(mesh.keys.tool_presented)
+
+
+def test_a_script_staged_in_a_transaction_runs_on_the_promoted_replica_which_never_loaded_it(nodes) -> None:
+    """Redis does not replicate its script cache: a replica promoted holds no script. A cluster pipeline
+    loads what it calls where it runs (a single server's pipeline does), so a MULTI staging one (a step's
+    release, a run's timers, a limit's) neither fails NOSCRIPT nor runs without it."""
+    from mesh.broker.connection import connect, run_script, transaction
+
+    settings = MeshSettings(redis_url=nodes.url)
+    client = connect(settings)
+    script = client.register_script("redis.call('INCR', KEYS[1]); return redis.call('INCR', KEYS[1])")
+    key = nodes.replicated_key("noscript")
+    assert run_script(script, [key], []) == 2  # loaded on the primary
+    killed, promoted = nodes.kill_primary_of(key)
+    try:
+        assert nodes.node(promoted).script_exists(script.sha) == [False]
+        with transaction(client, settings) as pipe:
+            pipe.multi()
+            pipe.set(key + ":before", "1")
+            script(keys=[key], args=[], client=pipe)
+            assert pipe.execute() == [b"OK", 4]
+        pipe = client.pipeline(transaction=False)
+        script(keys=[key], args=[], client=pipe)
+        assert pipe.execute() == [6]
+    finally:
+        nodes.restart(killed)
