@@ -49,7 +49,7 @@ from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ConfigError
 from mesh.ops.bench_kept import kept
-from mesh.ops.namespaces import check_scratch, delete_namespace
+from mesh.ops.namespaces import check_scratch, delete_namespace, raw_namespace
 
 MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
 PAIR, CHAIN, CHAIN_STEPS = "bench_pair", "bench_chain", 40
@@ -178,7 +178,7 @@ def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch
     else:
         from dramatiq.brokers.redis import RedisBroker
 
-        broker = RedisBroker(client=connect(base, retries=False), namespace=namespace)
+        broker = RedisBroker(client=connect(base, retries=False), namespace=raw_namespace(namespace))
         dramatiq.set_broker(broker)
         options = {}
         queue = RAW_Q
@@ -268,10 +268,11 @@ def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str
 
 
 def _queue_keys(namespace: str, queue: str) -> tuple[str, str]:
-    """A queue's ready list and message hash: raw dramatiq's in its own layout (``ns:queue``), the
-    mesh's in the mesh's (broker/keys.py)."""
+    """A queue's ready list and message hash: raw dramatiq's in its own layout (``namespace:queue``, its
+    namespace :func:`raw_namespace`), the mesh's in the mesh's (broker/keys.py)."""
     if queue == RAW_Q:
-        return f"{namespace}:{queue}", f"{namespace}:{queue}.msgs"
+        raw = raw_namespace(namespace)
+        return f"{raw}:{queue}", f"{raw}:{queue}.msgs"
     keys = Keys(namespace)
     return keys.queue(queue), keys.messages(queue)
 
@@ -487,7 +488,7 @@ def _enqueue(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig)
     started = time.perf_counter()
     mesh.send_many(STEP_AGENT, payloads)
     many = n / (time.perf_counter() - started)
-    broker = RedisBroker(client=connect(base, retries=False), namespace=ns)
+    broker = RedisBroker(client=connect(base, retries=False), namespace=raw_namespace(ns))
     actor = dramatiq.Actor(_noop, broker=broker, actor_name="bench_enqueue", queue_name="bench_enqueue",
                            priority=0, options={})
     mesh.send(STEP_AGENT, {"text": "first"}, key=f"enq-loop-{run}")  # both sides' scripts loaded first

@@ -10,11 +10,18 @@ from mesh.broker.keys import Keys, legacy_pattern
 from mesh.contracts import ConfigError
 
 
+def raw_namespace(ns: str) -> str:
+    """The namespace raw dramatiq is given in ``mesh bench``'s comparison: its own layout
+    (``namespace:queue``) under ``ns``'s hash tag, ``{ns}raw:...``, so that on a Redis Cluster its scripts'
+    keys share one slot (the mesh's) and stay apart from the mesh's ``{ns}:...`` keys."""
+    return "{" + ns + "}raw"
+
+
 def delete_namespace(client: redis.Redis, ns: str) -> None:
-    """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS): the mesh's (``{ns}:*``) and
-    any in the older layout (``ns:*``: raw dramatiq's, in ``mesh bench``'s comparison, keep it)."""
+    """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS): the mesh's (``{ns}:*``), raw
+    dramatiq's of ``mesh bench`` (:func:`raw_namespace`) and any in the older layout (``ns:*``)."""
     batch: list[Any] = []
-    for pattern in (Keys(ns).everything, legacy_pattern(ns)):
+    for pattern in (Keys(ns).everything, f"{raw_namespace(ns)}:*", legacy_pattern(ns)):
         for key in client.scan_iter(match=pattern, count=2_000):
             batch.append(key)
             if len(batch) >= 1_000:
