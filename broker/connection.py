@@ -352,7 +352,6 @@ def on_slot(client: Any, key: Any, call: Any, timeout_s: float = SLOT_WAIT_S) ->
     target holds only once they are moved; it runs on the source until the slot has moved."""
     if not is_cluster(client):
         return call(client)
-    import time
     deadline = time.monotonic() + timeout_s
     pause, lost = 0.02, 0
     while True:
@@ -561,12 +560,16 @@ class NotReplicated(MeshError):
         self.refs = refs
 
 
-class ReplicatedTransaction(redis.client.Pipeline):
-    """A MULTI/EXEC transaction followed by ``WAIT replicas timeout_ms`` on the same connection (WAIT
-    counts the replicas that have the writes of the connection it is sent on). ``acked``: its answer."""
+class WaitingPipeline(redis.client.Pipeline):
+    """A pipeline of a single-node client (a MULTI/EXEC one with ``transaction``) followed by ``WAIT
+    replicas timeout_ms`` on the connection it ran on (WAIT counts the replicas that have the writes of
+    the connection it is sent on): ``acked``, its answer, read by :func:`wait_on` with a deadline of its
+    own. (A WAIT queued as the pipeline's last command is read with the connection's read timeout,
+    redis-py's 5 s by default: a longer MESH_REDIS_WAIT_TIMEOUT_MS failed the call with a TimeoutError,
+    and the client's retry sent the pipeline's writes again.)"""
 
-    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int) -> None:
-        super().__init__(client.connection_pool, client.response_callbacks, True, None)
+    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int, *, transaction: bool = False) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, transaction, None)
         self.replicas, self.timeout_ms = replicas, timeout_ms
         self.acked = 0
 
@@ -574,19 +577,6 @@ class ReplicatedTransaction(redis.client.Pipeline):
         result: list[Any] = super()._execute_transaction(connection, commands, raise_on_error)
         self.acked = wait_on(connection, self.replicas, self.timeout_ms)
         return result
-
-
-class WaitingPipeline(redis.client.Pipeline):
-    """A pipeline (no MULTI) of a single-node client, followed by ``WAIT replicas timeout_ms`` on the
-    connection it ran on, as :class:`ReplicatedTransaction`: ``acked``, its answer. (A WAIT queued as
-    the pipeline's last command is read with the connection's read timeout, redis-py's 5 s by default:
-    a longer MESH_REDIS_WAIT_TIMEOUT_MS failed the call with a TimeoutError, and the client's retry sent
-    the pipeline's writes again.)"""
-
-    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int) -> None:
-        super().__init__(client.connection_pool, client.response_callbacks, False, None)
-        self.replicas, self.timeout_ms = replicas, timeout_ms
-        self.acked = 0
 
     def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
         result: list[Any] = super()._execute_pipeline(connection, commands, raise_on_error)
@@ -619,7 +609,7 @@ def wait_on(connection: Any, replicas: int, timeout_ms: int) -> int:
 
 class _ReplicatedSlot(redis.cluster.TransactionStrategy):
     """A cluster pipeline's MULTI/EXEC (on the primary of its one slot), followed by ``WAIT`` on the
-    connection it ran on, as :class:`ReplicatedTransaction`."""
+    connection it ran on, as :class:`WaitingPipeline`."""
 
     def __init__(self, pipe: Any, replicas: int, timeout_ms: int) -> None:
         super().__init__(pipe)
@@ -646,14 +636,15 @@ def transaction(client: redis.Redis, settings: MeshSettings) -> redis.client.Pip
                                                        settings.redis_wait_timeout_ms)
         return pipe
     if settings.redis_wait_replicas:
-        return ReplicatedTransaction(client, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+        return WaitingPipeline(client, settings.redis_wait_replicas, settings.redis_wait_timeout_ms,
+                               transaction=True)
     return client.pipeline(transaction=True)
 
 
 def replicated(pipe: redis.client.Pipeline, refs: list[Any]) -> None:
     """NotReplicated when ``pipe`` (from :func:`transaction`) WAITed and fewer replicas confirmed."""
     waited: Any = getattr(pipe, "_execution_strategy", pipe)
-    if isinstance(waited, (ReplicatedTransaction, _ReplicatedSlot)) and waited.acked < waited.replicas:
+    if isinstance(waited, (WaitingPipeline, _ReplicatedSlot)) and waited.acked < waited.replicas:
         raise NotReplicated(waited.acked, waited.replicas, waited.timeout_ms, refs)
 
 
