@@ -1,7 +1,7 @@
 """The key layout's upgrade: from ``NS:rest`` (every mesh before Redis Cluster support) to
 ``{NS}:rest``, the namespace a hash tag, same ``rest``.
 
-Data written under the old names is found cheaply (:func:`old_layout_keys`: one EXISTS over keys
+Data written under the old names is found cheaply (:func:`layout_state`: one EXISTS over keys
 every deployment that ever ran has), moved by :func:`migrate` (``mesh migrate``) and, once moved,
 marked by ``{NS}:layout`` (the string :data:`VERSION`). A worker refuses to start on a namespace
 holding old-layout keys and no marker (:func:`check_layout`, one round trip at start): it would
@@ -48,14 +48,6 @@ def marker(namespace: str) -> str:
     return Keys(namespace).layout
 
 
-def old_heartbeats(namespace: str) -> str:
-    return f"{namespace}:__heartbeats__"
-
-
-def new_heartbeats(namespace: str) -> str:
-    return f"{prefix(namespace)}:__heartbeats__"
-
-
 def kind(rest: str) -> str:
     """What a key is, by the part of its name after the prefix: up to the first ':' or '.'
     (``job:123`` -> ``job``, ``planner.msgs`` -> ``planner``, ``dlq.audit`` -> ``dlq``)."""
@@ -65,14 +57,9 @@ def kind(rest: str) -> str:
     return rest
 
 
-def old_layout_keys(client: redis.Redis, namespace: str) -> int:
-    """How many of the :data:`LONG_LIVED` keys the namespace holds under the old layout's names
-    (0: none; one EXISTS)."""
-    return int(client.exists(*(f"{namespace}:{rest}" for rest in LONG_LIVED)))
-
-
 def layout_state(client: redis.Redis, namespace: str) -> tuple[int, bool]:
-    """The old-layout keys of :func:`old_layout_keys` and whether the marker is set: one round trip."""
+    """How many of the :data:`LONG_LIVED` keys the namespace holds under the old layout's names (0:
+    none), and whether the marker is set: one round trip."""
     pipe = client.pipeline(transaction=False)
     pipe.exists(*(f"{namespace}:{rest}" for rest in LONG_LIVED))
     pipe.exists(marker(namespace))
@@ -133,7 +120,7 @@ def alive_workers(client: redis.Redis, namespace: str, timeout_s: float) -> Aliv
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
     low = now_ms - int(timeout_s * 1000)
     count, beats = 0, []
-    for key in (old_heartbeats(namespace), new_heartbeats(namespace)):
+    for key in (f"{namespace}:__heartbeats__", Keys(namespace).heartbeats):
         found: list[Any] = client.zrangebyscore(key, low, "+inf", withscores=True)
         count += len(found)
         beats += [int(pair[1]) for pair in found]
@@ -192,7 +179,7 @@ def migrate(client: redis.Redis, namespace: str, *, dry_run: bool = False,
         before = result.total
         _sweep(client, namespace, result, conflicts, dry_run, progress, batch, last)
         result.rewritten = result.total - before + len(conflicts)
-    # The keys the guard looks for (old_layout_keys) move last, and only once every other key has: a
+    # The keys the guard looks for (layout_state) move last, and only once every other key has: a
     # run stopped, conflicting or written to before them leaves the namespace refused, its remaining
     # keys unserved.
     if (not conflicts and not result.rewritten) or dry_run:
