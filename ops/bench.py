@@ -43,7 +43,6 @@ from pydantic import BaseModel, ConfigDict
 from mesh.agents.app import App
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline
-from mesh.broker import layout
 from mesh.broker.connection import SETTINGS, connect, primaries
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
@@ -300,7 +299,8 @@ def _snapshot(client: redis.Redis) -> tuple[dict[str, int], float]:
         info: Any = node.execute_command("INFO", "commandstats", "cpu")
         for k, v in info.items():
             if k.startswith("cmdstat_"):
-                calls[k.removeprefix("cmdstat_")] = calls.get(k.removeprefix("cmdstat_"), 0) + int(v["calls"])
+                name = k.removeprefix("cmdstat_")
+                calls[name] = calls.get(name, 0) + int(v["calls"])
         cpu += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
     return calls, cpu
 
@@ -619,9 +619,6 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
     except ConfigError:
         client.close()
         raise
-    # Marked as in the mesh's layout: raw dramatiq's runs write the older one's names (ns:__heartbeats__)
-    # beside the mesh's, and a worker started after them would take the namespace for unmigrated.
-    client.set(layout.marker(ns), layout.VERSION)
     try:
         sweep, steps = [], []
         for prefetch in cfg.prefetches:
