@@ -106,11 +106,17 @@ def ready(client: MeshClient) -> tuple[int, dict[str, Any]]:
     if "error" in server:  # it did not answer (after the client's retries): no second wait
         return 503, {"status": "not ready", "redis": server}
     try:
+        # Unmigrated data of the older key layout: its workers (which this release's refuse to be) are
+        # not counted, and the work kept there is not served: not ready, and why (one EXISTS, until it
+        # is migrated; then none).
+        refused = client.layout_refusal()
         # Heartbeats are the Redis server's clock (settle.lua), so "recent" is judged by it too.
         live = client.redis.zcount(client.keys.heartbeats, server_ms(client.redis) - timeout_s * 1000, "+inf")
     except redis.RedisError as exc:
         server.setdefault("error", str(exc))
         return 503, {"status": "not ready", "redis": server}
+    if refused is not None:
+        return 503, {"status": "not ready", "workers": live, "reason": refused, "redis": server}
     if not live:
         return 503, {"status": "not ready", "workers": 0,
                      "reason": f"no worker has heartbeated in the last {timeout_s:g}s", "redis": server}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import redis
 import typer
 from rich.text import Text
 
@@ -49,11 +50,16 @@ def ops_serve(
     setup_logging()
     app = app_for(app_path) if app_path is not None else None  # a bad --app is said before anything listens
     try:
-        server = OpsServer(MeshClient(settings(), app=app), host, port)
+        mesh_client = MeshClient(settings(), app=app)
+        server = OpsServer(mesh_client, host, port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_INPUT)
     except ConfigError as exc:
         fail(str(exc), EXIT_INPUT)
+    with contextlib.suppress(redis.RedisError):  # Redis not answering yet: /readyz says so
+        refused = mesh_client.layout_refusal()
+        if refused is not None:
+            err.print(Text.assemble(("warning: ", "yellow"), refused, "; /readyz answers 503 until then"))
     where = f"[{host.strip('[]')}]" if ":" in host else host  # an IPv6 address, bracketed as a URL has it
     err.print(Text(f"serving /metrics, /healthz, /readyz on http://{where}:{server.port}"))
     access = server.access

@@ -87,6 +87,8 @@ def overview(c: MeshClient) -> dict[str, Any]:
         "running": int(r.zcard(keys.running)),
         "stuck_count": int(r.zcount(keys.running, "-inf", now - c.settings.stuck_after_s)),
         "stuck": stuck,
+        # Data of the older key layout never migrated: what the console shows is not the namespace's work.
+        "layout": c.layout_refusal(),
     }
 
 

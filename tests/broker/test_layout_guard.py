@@ -4,8 +4,12 @@ new workers, hold the namespace's earlier work. Checked once per client, not per
 
 from __future__ import annotations
 
+import html
+
+import httpx
 import pytest
 import redis
+from conftest import ops_server
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline
@@ -49,6 +53,22 @@ def test_the_cli_warns_that_an_unmigrated_namespace_is_not_shown(cli, rclient: r
     moved = cli("migrate")
     assert moved.returncode == 0 and "warning" not in moved.stderr
     assert "warning" not in cli("stats").stderr
+
+
+def test_readyz_and_the_console_say_the_namespace_is_unmigrated(client: MeshClient, rclient: redis.Redis,
+                                                                 namespace):
+    rclient.hset(f"{namespace}:stats", "fence", 7)
+    rclient.zadd(client.keys.heartbeats, {"alive": client.clock.now_s() * 1000})  # a worker beats: yet not ready
+    with ops_server(client) as base:
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503
+        assert ready.json()["reason"] == layout.refusal(namespace) and ready.json()["workers"] == 1
+        page = html.unescape(httpx.get(f"{base}/", timeout=10).text)
+        assert f"namespace {namespace} holds data in the key layout of an older mesh" in page
+
+        rclient.set(layout.marker(namespace), layout.VERSION)  # migrated
+        assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+        assert "key layout of an older mesh" not in httpx.get(f"{base}/", timeout=10).text
 
 
 def test_lasting_keys_of_the_older_layout_written_after_the_migration_are_counted(rclient: redis.Redis, namespace):
