@@ -65,6 +65,8 @@ class RedisClusterNodes:
         self.password = password
         self.folder = Path(tempfile.mkdtemp(prefix="mesh-cluster-"))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        #: Nodes paused (SIGSTOP) by :meth:`pause`: running, but answering nobody until :meth:`resume`.
+        self.paused: set[int] = set()
 
     @property
     def url(self) -> str:
@@ -114,7 +116,8 @@ class RedisClusterNodes:
              f"node {port} back as a linked replica")
 
     def alive(self) -> list[int]:
-        return [port for port, proc in self.procs.items() if proc.poll() is None]
+        """The nodes running and not paused."""
+        return [port for port, proc in self.procs.items() if proc.poll() is None and port not in self.paused]
 
     def _ok(self) -> bool:
         """Every live node says cluster_state:ok, knows three primaries of its live peers, and every
@@ -197,6 +200,18 @@ class RedisClusterNodes:
         poll(lambda: self._owner(key) == replica, timeout_s, f"replica {replica} promoted")
         self.wait_ok(timeout_s)
         return port, replica
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP node ``port``: its sockets stay open (the kernel still accepts connections and takes in
+        what is sent) while it answers nothing, as a node frozen by its host would."""
+        self.procs[port].send_signal(signal.SIGSTOP)
+        self.paused.add(port)
+
+    def resume(self, port: int) -> None:
+        """SIGCONT a paused node: it runs what was sent to it meanwhile, then learns what the cluster
+        decided while it was away (a node whose replica was promoted becomes that one's replica)."""
+        self.procs[port].send_signal(signal.SIGCONT)
+        self.paused.discard(port)
 
     def kill(self, port: int) -> None:
         proc = self.procs[port]

@@ -2,11 +2,13 @@
 worker processes reach it through ``redis+cluster://``; one is SIGKILLed mid-DAG; a step that fails
 for good goes to the DLQ and ``mesh dlq replay`` brings its job to success; ``mesh approve`` decides a
 waiting step; the primary that owns the namespace's slot is SIGKILLed while a client enqueues a
-stream of jobs (with and without MESH_REDIS_WAIT_REPLICAS=1); and a worker and a client run as the
+stream of jobs (with and without MESH_REDIS_WAIT_REPLICAS=1), or SIGSTOPped and resumed once its
+replica was promoted; and a worker and a client run as the
 ACL user of ``python -m mesh.broker.acl`` on every node.
 
-One cluster for the module: a test that kills a primary starts the node again (it rejoins as the
-replica of the one promoted in its place), so the next test finds 3 primaries with a replica each.
+One cluster for the module: a test that kills a primary starts the node again, one that pauses it resumes
+it (either way it rejoins as the replica of the one promoted in its place), so the next test finds 3
+primaries with a replica each.
 """
 
 from __future__ import annotations
@@ -99,10 +101,12 @@ def test_a_worker_sigkilled_mid_dag_on_the_cluster_reruns_no_completed_step(mesh
     print(f"mid-DAG kill: jobs 3 sent, 3 ended succeeded; step runs {sorted(Counter(runs.values()).items())}")
 
 
-def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int) -> tuple[list[str], int, Counter[str]]:
+def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int,
+            pause: bool = False) -> tuple[list[str], int, Counter[str]]:
     """Send ``n`` one-step jobs (a note each), SIGKILLing the primary of the namespace's slot once
-    ``kill_at`` were acknowledged: (the acknowledged job ids in order, how many before the kill,
-    refusals by kind). The killed node is started again once its replica was promoted."""
+    ``kill_at`` were acknowledged (SIGSTOP with ``pause``): (the acknowledged job ids in order, how many
+    before the fault, refusals by kind). The killed node is started again, the paused one resumed, once
+    its replica was promoted."""
     owner = nodes.primary_of(Keys(mesh.settings.namespace).prefix)
     acked: list[str] = []
     refused: Counter[str] = Counter()
@@ -111,7 +115,9 @@ def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int) ->
     i = 0
     while len(acked) < n:
         assert time.monotonic() < deadline, f"only {len(acked)} enqueues acknowledged; refused: {refused}"
-        if killed_before > 0 and nodes.procs[owner].poll() is not None and _promoted(nodes, mesh, owner):
+        if killed_before > 0 and owner in nodes.paused and _promoted(nodes, mesh, owner):
+            nodes.resume(owner)  # it runs what was sent to it meanwhile, then turns replica
+        elif killed_before > 0 and nodes.procs[owner].poll() is not None and _promoted(nodes, mesh, owner):
             nodes.restart(owner)  # back as the promoted one's replica: WAIT 1 can be answered again
         key = f"stream-{i}"
         try:
@@ -122,8 +128,11 @@ def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int) ->
             time.sleep(0.05)
             continue
         if len(acked) == kill_at:
-            nodes.kill(owner)
+            nodes.pause(owner) if pause else nodes.kill(owner)
             killed_before = len(acked)
+    if owner in nodes.paused:  # the stream ended before the loop saw the promotion
+        wait_for(lambda: _promoted(nodes, mesh, owner), timeout_s=30)
+        nodes.resume(owner)
     return acked, killed_before, refused
 
 
@@ -190,6 +199,41 @@ def test_the_namespace_s_primary_killed_mid_stream_loses_no_job_a_replica_confir
         assert lost == acked[killed_before - len(lost):killed_before], lost
     print(f"failover (WAIT {wait_replicas}): jobs {n} acknowledged, {len(records)} ended {dict(outcomes)}, "
           f"{len(lost)} lost, {notes} notes; refused and sent again {dict(refused)}")
+
+
+def test_the_namespace_s_primary_paused_mid_stream_then_resumed_loses_no_job_a_replica_confirmed(
+        nodes, make_settings, worker_process) -> None:
+    """SIGSTOP, not SIGKILL: the paused primary keeps its sockets, so clients and workers wait on it
+    (redis-py's socket timeout) while its replica is promoted; resumed, it first runs what was sent to it
+    meanwhile, answering as the primary it no longer is, then turns replica and drops those writes. With
+    MESH_REDIS_WAIT_REPLICAS=1 such an answer is refused (no replica confirms it) and sent again."""
+    settings = make_settings(redis_url=nodes.url, redis_wait_replicas=1, redis_wait_timeout_ms=500)
+    mesh = MeshClient(settings)
+    for _ in range(2):
+        worker_process("--agents", "executor", "--threads", "2")
+    wait_for(lambda: mesh.redis.zcard(mesh.keys.heartbeats) == 2, timeout_s=20)
+    old = nodes.primary_of(mesh.keys.prefix)
+    n, pause_at = 200, 80
+    acked, paused_before, refused = _stream(mesh, nodes, n, pause_at, pause=True)
+    assert paused_before == pause_at and old not in nodes.paused
+    nodes.wait_ok()  # the resumed node is the promoted one's linked replica
+    assert nodes.primary_of(mesh.keys.prefix) != old and nodes.node(old).info("replication")["role"] == "slave"
+
+    def settled() -> bool:
+        records, _ = _outcomes(mesh, acked)
+        return all(r.state in TERMINAL for r in records.values())
+
+    wait_for(settled, timeout_s=90, interval_s=0.2)
+    records, lost = _outcomes(mesh, acked)
+    outcomes = Counter(r.state for r in records.values())
+    assert lost == []  # a replica had every acknowledged job: the promoted one
+    assert set(outcomes) <= {State.SUCCEEDED, State.DEAD_LETTERED, State.UNKNOWN}, outcomes
+    assert all(r.error for r in records.values() if r.state is not State.SUCCEEDED)  # with a reason
+    assert outcomes[State.SUCCEEDED] >= n - pause_at  # the workers served the new primary
+    notes = int(mesh.redis.zcard(mesh.keys.notes))
+    assert outcomes[State.SUCCEEDED] <= notes <= outcomes[State.SUCCEEDED] + outcomes[State.UNKNOWN], notes
+    print(f"pause: jobs {n} acknowledged, {len(records)} ended {dict(outcomes)}, {notes} notes; "
+          f"refused and sent again {dict(refused)}")
 
 
 def test_a_worker_and_a_client_run_on_the_cluster_as_the_acl_user(nodes, make_settings, worker_process, cli) -> None:
