@@ -43,12 +43,12 @@ from pydantic import BaseModel, ConfigDict
 from mesh.agents.app import App
 from mesh.agents.context import Context
 from mesh.agents.pipelines import Pipeline
-from mesh.broker.connection import SETTINGS, connect, primaries
+from mesh.broker.connection import SETTINGS, connect, is_cluster
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import ConfigError
 from mesh.ops.bench_kept import kept
-from mesh.ops.namespaces import check_scratch, delete_namespace, raw_namespace
+from mesh.ops.namespaces import check_scratch, delete_namespace, is_empty, raw_namespace
 
 MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
 PAIR, CHAIN, CHAIN_STEPS = "bench_pair", "bench_chain", 40
@@ -66,6 +66,7 @@ class BenchConfig:
     enqueue_messages: int = 10_000  # send_many's; each send() loop sends min(this, 2,000)
     chain_jobs: int = 5  # 40-step pipelines run one after another for the sequential latency
     kept_jobs: int = 2_000  # finished jobs whose storage is measured, on a private Redis (ops/bench_kept.py)
+    namespace: str | None = None  # run in this (empty) namespace; None: a fresh bench-<random> one
 
     @property
     def prefetches(self) -> list[int]:
@@ -289,20 +290,31 @@ def _drained(client: redis.Redis, namespace: str, queue: str, timeout_s: float =
         time.sleep(0.002)
 
 
-def _snapshot(client: redis.Redis) -> tuple[dict[str, int], float]:
-    """Calls per command so far, those run inside Lua scripts included (as Redis counts them), and the
-    CPU seconds the server has used (user + system), whoever it served: one ``INFO``; on a cluster, one
-    of each primary, summed."""
-    calls: dict[str, int] = {}
-    cpu = 0.0
-    for node in primaries(client):
+def _snapshot(client: redis.Redis) -> dict[str, tuple[dict[str, int], float]]:
+    """Per primary (``host:port``; one, named ``""``, on a single Redis): calls per command so far, those run
+    inside Lua scripts included (as Redis counts them), and the CPU seconds the server has used (user +
+    system), whoever it served: one ``INFO`` of each."""
+    nodes: dict[str, tuple[dict[str, int], float]] = {}
+    for name, node in _primaries(client):
         info: Any = node.execute_command("INFO", "commandstats", "cpu")
-        for k, v in info.items():
-            if k.startswith("cmdstat_"):
-                name = k.removeprefix("cmdstat_")
-                calls[name] = calls.get(name, 0) + int(v["calls"])
-        cpu += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-    return calls, cpu
+        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if k.startswith("cmdstat_")}
+        nodes[name] = calls, float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return nodes
+
+
+def _primaries(client: Any) -> list[tuple[str, redis.Redis]]:
+    """Every primary's ``host:port`` and single-node client: ``[("", client)]`` on a single Redis."""
+    if not is_cluster(client):
+        return [("", client)]
+    return [(node.name, client.get_redis_connection(node)) for node in client.get_primaries()]
+
+
+def namespace_primary(client: Any, ns: str) -> str:
+    """The ``host:port`` of the primary that holds namespace ``ns`` (its every key is ``{ns}:...``, one slot);
+    ``""`` on a single Redis."""
+    if not is_cluster(client):
+        return ""
+    return str(client.get_node_from_key(Keys(ns).probe).name)
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -315,7 +327,8 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 @dataclass(frozen=True)
 class Run:
     """One timed run: n messages (or steps), wall seconds, Redis commands by name (the bench's own taken
-    out), worker and Redis CPU seconds, round trips (workers' and the sends')."""
+    out), worker and Redis CPU seconds, round trips (workers' and the sends'); on a cluster, ``primaries``:
+    each primary's commands and CPU seconds (``host:port``: (commands, CPU s)), which the totals sum."""
 
     n: int
     seconds: float
@@ -323,6 +336,7 @@ class Run:
     worker_cpu_s: float
     redis_cpu_s: float
     round_trips: int = 0
+    primaries: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -342,6 +356,16 @@ class Run:
     def cpu_us(self) -> dict[str, float]:
         return {"worker": 1e6 * self.worker_cpu_s / self.n, "redis": 1e6 * self.redis_cpu_s / self.n}
 
+    def by_primary(self) -> list[dict[str, Any]]:
+        """Each primary's share of the run (none on a single Redis): commands and Redis CPU, in all and per
+        message, and its commands' distance from the primaries' mean (``spread``: 0.1 is 10 % above it)."""
+        if not self.primaries:
+            return []
+        mean = sum(c for c, _ in self.primaries.values()) / len(self.primaries)
+        return [{"node": name, "commands": c, "commands_per_step": c / self.n, "redis_cpu_s": cpu,
+                 "redis_cpu_us_per_step": 1e6 * cpu / self.n, "spread": c / mean - 1 if mean else 0.0}
+                for name, (c, cpu) in sorted(self.primaries.items())]
+
     def with_workers(self, workers: list[tuple[float, int]]) -> Run:
         """This run with the workers' CPU seconds and round trips added."""
         return dataclasses.replace(self, worker_cpu_s=sum(c for c, _ in workers),
@@ -349,15 +373,17 @@ class Run:
 
 
 class _Stopwatch:
-    """Wall time, Redis commands and Redis CPU from its creation to :meth:`stop`. ``own`` counts the
-    bench's own commands in between (its polls), which :meth:`stop` takes out, with the first
-    snapshot's ``INFO`` (Redis counts a command once it has run, so a snapshot never counts itself);
-    ``trips`` the round trips of the bench's sends, added by the caller."""
+    """Wall time, Redis commands and Redis CPU from its creation to :meth:`stop`, summed over the primaries
+    on a cluster. ``own`` counts the bench's own commands in between (its polls, sent to ``ns``'s primary),
+    which :meth:`stop` takes out, with the first snapshot's ``INFO`` of each primary (Redis counts a
+    command once it has run, so a snapshot never counts itself); ``trips`` the round trips of the bench's
+    sends, added by the caller."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, ns: str) -> None:
         self.client = client
-        self.commands, self.redis_cpu = _snapshot(client)
-        self.own: Counter[str] = Counter({"info": 1})
+        self.home = namespace_primary(client, ns)
+        self.before = _snapshot(client)
+        self.own: Counter[str] = Counter()
         self.trips = 0
         self.started = time.perf_counter()
 
@@ -372,10 +398,20 @@ class _Stopwatch:
 
     def stop(self, n: int) -> Run:
         elapsed = time.perf_counter() - self.started
-        calls, cpu = _snapshot(self.client)
-        used = Counter(_delta(self.commands, calls))
-        used.subtract(self.own)
-        return Run(n, elapsed, {k: c for k, c in used.items() if c > 0}, 0.0, cpu - self.redis_cpu, self.trips)
+        after = _snapshot(self.client)
+        total: Counter[str] = Counter()
+        cpu_total, nodes = 0.0, {}
+        for name, (calls, cpu) in after.items():
+            before_calls, before_cpu = self.before.get(name, ({}, cpu))
+            used = Counter(_delta(before_calls, calls))
+            used.subtract(self.own if name == self.home else {})
+            used.subtract({"info": 1})
+            used = Counter({k: c for k, c in used.items() if c > 0})
+            total.update(used)
+            cpu_total += cpu - before_cpu
+            nodes[name] = (sum(used.values()), cpu - before_cpu)
+        return Run(n, elapsed, dict(total), 0.0, cpu_total, self.trips,
+                   nodes if is_cluster(self.client) else {})
 
 
 def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, side: str, prefetch: int) -> Run:
@@ -384,7 +420,7 @@ def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
     run = uuid.uuid4().hex[:8]
     bodies = [_envelope(i, run) if side == "mesh" else {"n": i} for i in range(cfg.messages)]
     with _workers(side, base, ns, cfg, prefetch) as workers:
-        watch = _Stopwatch(client)
+        watch = _Stopwatch(client, ns)
         with watch.sending():
             _push(client, ns, queue_name, bodies)
         _drained(client, ns, queue_name, watch=watch)
@@ -401,7 +437,7 @@ def _step(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
     run = uuid.uuid4().hex[:8]
     items = [({"text": f"step {i}"}, f"bench-step-{run}-{i}") for i in range(cfg.messages)]
     with _workers("step", base, ns, cfg, prefetch) as workers:
-        watch = _Stopwatch(client)
+        watch = _Stopwatch(client, ns)
         with watch.sending():
             refs = mesh.send_many(STEP_AGENT, items)
         _drained(client, ns, STEP_AGENT, watch=watch)
@@ -420,7 +456,7 @@ def _pair(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
     run = uuid.uuid4().hex[:8]
     jobs = max(1, cfg.messages // 2)
     with _workers("step", base, ns, cfg, prefetch) as workers:
-        watch = _Stopwatch(client)
+        watch = _Stopwatch(client, ns)
         with watch.sending():
             refs = [mesh.run(PAIR, {"text": f"pair {i}"}, key=f"bench-pair-{run}-{i}") for i in range(jobs)]
         _succeeded(client, [mesh.keys.job(r.id) for r in refs], watch=watch)
@@ -610,15 +646,21 @@ def _duplicates(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
 def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every figure of ``mesh bench``, as a dict with stable keys."""
     _count_round_trips()
-    ns = f"bench-{uuid.uuid4().hex[:10]}"
+    ns = cfg.namespace or f"bench-{uuid.uuid4().hex[:10]}"
     # The configured Redis (and its TLS files); every other setting at its default, as measured.
     settings = MeshSettings(**settings.model_dump(include=set(SETTINGS)))
     client = connect(settings)
     try:
         check_scratch(client, ns, "mesh bench")
+        if cfg.namespace and not is_empty(client, ns):
+            raise ConfigError(f"namespace {ns!r} holds keys; mesh bench deletes its namespace at the end, "
+                              "so give one that is empty")
     except ConfigError:
         client.close()
         raise
+    # On a cluster: its primaries, and the one that holds the namespace (all of its keys share a slot).
+    where = {"primaries": [name for name, _ in _primaries(client)] if is_cluster(client) else [],
+             "namespace_primary": namespace_primary(client, ns)}
     try:
         sweep, steps = [], []
         for prefetch in cfg.prefetches:
@@ -648,6 +690,7 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
         delete_namespace(client, ns)
         client.close()
     return {
+        "namespace": ns, **where,
         "config": {"messages": cfg.messages, "processes": cfg.processes, "threads": cfg.threads,
                    "prefetch": cfg.prefetches, "pairs": cfg.pairs, "enqueue_messages": cfg.enqueue_messages,
                    "chain_jobs": cfg.chain_jobs, "kept_jobs": cfg.kept_jobs},
@@ -701,6 +744,7 @@ def _real(step: Run, raw: dict[str, float]) -> dict[str, Any]:
     return {"steps": step.n, "steps_s": step.rate, "worker_cpu_us_per_step": step.cpu_us()["worker"],
             "redis_cpu_us_per_step": step.cpu_us()["redis"], "redis_commands_per_step": step.commands_per,
             "round_trips_per_step": step.round_trips_per, "by_command": step.by_command(),
+            "primaries": step.by_primary(),
             "vs_raw": {"steps_s": step.rate / raw["msg_s"],
                        "worker_cpu": step.cpu_us()["worker"] / raw["worker_cpu_us_per_message"],
                        "redis_cpu": step.cpu_us()["redis"] / raw["redis_cpu_us_per_message"],

@@ -30,6 +30,11 @@ def bench(
     kept_jobs: Annotated[int, typer.Option(min=10, metavar="N", help="Finished one-step jobs (and half as many "
                                            "two-step pipelines) whose storage is measured, on a private "
                                            "redis-server.")] = 2_000,
+    namespace: Annotated[str | None, typer.Option(metavar="NAME", show_default=False,
+                                                  help="Run in this namespace, which must hold no key (it is "
+                                                  "deleted at the end); default: a fresh bench-<random> one. "
+                                                  "On a Redis Cluster it picks the primary: CLUSTER KEYSLOT "
+                                                  "'{NAME}'.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure the mesh against raw dramatiq on the configured Redis.
@@ -38,7 +43,9 @@ def bench(
     prefetch, Redis commands and round trips per message, real steps (one-step jobs and two-step
     pipelines of a declared agent), the sequential latency of a 40-step pipeline, enqueue rates,
     idle pickup latency, DLQ replay and drain; and, on a private redis-server, what a finished job
-    keeps in Redis (per job, per pipeline step) and the defaults' steady state at 10 jobs/s."""
+    keeps in Redis (per job, per pipeline step) and the defaults' steady state at 10 jobs/s. On a
+    Redis Cluster its Redis figures sum every primary's, and the real steps' are also given per
+    primary."""
     from mesh.ops.bench import BenchConfig, run
 
     sweep = _prefetches(prefetch)
@@ -46,12 +53,13 @@ def bench(
     client()  # exits 3 if Redis does not answer
     cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=sweep, pairs=pairs,
                       latency_samples=latency_samples, dlq_entries=dlq_entries, enqueue_messages=enqueue_messages,
-                      chain_jobs=chain_jobs, kept_jobs=kept_jobs)
+                      chain_jobs=chain_jobs, kept_jobs=kept_jobs, namespace=namespace)
     result = run(s, cfg, progress=lambda step: err.print(Text(f"bench: {step}"), style="dim"))
     result["config"]["command"] = (
         f"mesh bench --messages {messages} --processes {processes} --threads {threads} --prefetch {prefetch} "
         f"--pairs {pairs} --latency-samples {latency_samples} --dlq-entries {dlq_entries} "
-        f"--enqueue-messages {enqueue_messages} --chain-jobs {chain_jobs} --kept-jobs {kept_jobs}")
+        f"--enqueue-messages {enqueue_messages} --chain-jobs {chain_jobs} --kept-jobs {kept_jobs}"
+        + (f" --namespace {namespace}" if namespace else ""))
     if as_json:
         emit_json(result)
         return
@@ -59,7 +67,9 @@ def bench(
     cf = result["config"]
     out.print(f"{cf['messages']:,} messages, {cf['processes']} processes x {cf['threads']} threads, "
               f"{cf['pairs']} mesh/raw pairs per prefetch.\nRedis CPU and commands count every client of "
-              "that Redis, not only the bench\n(its own polls and INFO left out). Measured by:")
+              "that Redis, not only the bench\n(its own polls and INFO left out)"
+              + (f"; on a cluster, every primary's summed\n(namespace {result['namespace']} on "
+                 f"{result['namespace_primary']})" if result["primaries"] else "") + ". Measured by:")
     out.print(Text(_shell_lines(cf["command"])), soft_wrap=True)
 
 
@@ -147,7 +157,11 @@ def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, floa
     table.add_row("  Redis commands per step", f"{st['redis_commands_per_step']:.1f}",
                   f"{raw['redis_commands_per_message']:.1f}", f"{v['redis_commands']:+.1f}")
     table.add_row("  round trips per step", f"{st['round_trips_per_step']:.2f}",
-                  f"{raw['round_trips_per_message']:.2f}", "", end_section=True)
+                  f"{raw['round_trips_per_message']:.2f}", "", end_section=not st["primaries"])
+    for i, node in enumerate(st["primaries"]):  # on a cluster: commands / Redis CPU per step, on each primary
+        table.add_row(f"  on {node['node']} (cmd, µs/step)",
+                      f"{node['commands_per_step']:.1f}, {node['redis_cpu_us_per_step']:,.0f}", "",
+                      f"{node['spread']:+.0%}", end_section=i == len(st["primaries"]) - 1)
 
 
 def soak(

@@ -17,11 +17,22 @@ def raw_namespace(ns: str) -> str:
     return "{" + ns + "}raw"
 
 
+def _patterns(ns: str) -> tuple[str, ...]:
+    """Every key of namespace ``ns``: the mesh's (``{ns}:*``), raw dramatiq's of ``mesh bench``
+    (:func:`raw_namespace`) and any in the older layout (``ns:*``)."""
+    return Keys(ns).everything, f"{raw_namespace(ns)}:*", legacy_pattern(ns)
+
+
+def is_empty(client: redis.Redis, ns: str) -> bool:
+    """Whether namespace ``ns`` holds no key (SCAN, never KEYS)."""
+    return not any(next(iter(client.scan_iter(match=pattern, count=2_000)), None) for pattern in _patterns(ns))
+
+
 def delete_namespace(client: redis.Redis, ns: str) -> None:
     """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS): the mesh's (``{ns}:*``), raw
     dramatiq's of ``mesh bench`` (:func:`raw_namespace`) and any in the older layout (``ns:*``)."""
     batch: list[Any] = []
-    for pattern in (Keys(ns).everything, f"{raw_namespace(ns)}:*", legacy_pattern(ns)):
+    for pattern in _patterns(ns):
         for key in client.scan_iter(match=pattern, count=2_000):
             batch.append(key)
             if len(batch) >= 1_000:

@@ -30,8 +30,9 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
                   "--threads", "2", "--json", timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    assert set(out) == {"config", "throughput", "step", "sequential", "enqueue", "pickup_latency", "dlq",
-                        "duplicates", "storage"}
+    assert set(out) == {"namespace", "primaries", "namespace_primary", "config", "throughput", "step", "sequential",
+                        "enqueue", "pickup_latency", "dlq", "duplicates", "storage"}
+    assert out["namespace"].startswith("bench-") and (out["primaries"], out["namespace_primary"]) == ([], "")
     assert out["config"]["prefetch"] == [2, 4]  # 0: 2 x threads
     command = out["config"]["command"]
     assert command.startswith("mesh bench --messages 60 ") and "--prefetch 2,0" in command
@@ -54,6 +55,7 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
                             k["redis_commands_per_step"], k["round_trips_per_step"])
             assert k["by_command"]["set"] > 0 and "info" not in k["by_command"]  # the bench's INFO left out
             assert set(k["vs_raw"]) == {"steps_s", "worker_cpu", "redis_cpu", "redis_commands"}
+            assert k["primaries"] == []  # given on a cluster only
         # a pipeline's second step is sent by the first's success: more commands per step than a one-step job
         assert s["pipeline"]["by_command"]["rpush"] > s["job"]["by_command"].get("rpush", 0)
     q = out["sequential"]
@@ -96,6 +98,19 @@ def test_bench_table_fits_80_columns_on_a_wide_terminal_with_a_group_per_prefetc
 
 
 @pytest.mark.slow
+def test_a_namespace_that_holds_keys_is_refused_before_anything_runs(cli, settings):
+    client = redis.Redis.from_url(settings.redis_url)
+    ns = f"{settings.namespace}-bench"
+    client.set(f"{prefix(ns)}:kept", b"1", px=60_000)
+    try:
+        res = cli("bench", "--namespace", ns)
+        assert res.returncode != 0 and "holds keys" in res.stderr, res.stderr[-2000:]
+        assert client.get(f"{prefix(ns)}:kept") == b"1"  # not deleted
+    finally:
+        client.delete(f"{prefix(ns)}:kept")
+
+
+@pytest.mark.slow
 def test_a_bad_prefetch_list_is_refused_before_anything_runs(cli):
     res = cli("bench", "--prefetch", "8,x")
     assert res.returncode == 2 and "--prefetch" in res.stderr
@@ -132,7 +147,7 @@ def test_the_stopwatch_counts_the_commands_sent_and_their_round_trips_and_leaves
     client = redis.Redis.from_url(private_redis.url)
     ns = "bench-count"
     client.hset(f"{prefix(ns)}:q.msgs", "m", "x")
-    watch = bench._Stopwatch(client)
+    watch = bench._Stopwatch(client, ns)
     with watch.sending():
         pipe = client.pipeline(transaction=False)
         for i in range(7):
@@ -147,3 +162,4 @@ def test_the_stopwatch_counts_the_commands_sent_and_their_round_trips_and_leaves
     assert run.commands == {"set": 8, "eval": 1, "get": 1, "hlen": 3, "hdel": 1}
     assert run.round_trips == 2 and run.round_trips_per == 1.0
     assert run.commands_per == 7.0
+    assert run.primaries == {} and run.by_primary() == []  # a single Redis: no figures per primary
