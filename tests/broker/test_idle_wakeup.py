@@ -198,6 +198,7 @@ def test_a_stopped_consumer_thread_gives_its_waits_connection_back(
     # A consumer thread keeps the connection its waits go on; when it stops, the connection goes back to
     # the pool, not left checked out (and open) for as long as the broker lives: workers started and
     # stopped on one broker would hold one more connection per consumer thread each time.
+    # So does the one the broker's settlements (fetches, acks) keep, once the worker has stopped.
     monkeypatch.setattr(consumer, "WAIT_S", 0.2)
     name = f"waits-{settings.namespace[-12:]}"
     broker = MeshBroker(settings, client=connect(settings, retries=False, client_name=name))
