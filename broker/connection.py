@@ -308,7 +308,22 @@ def load_scripts(client: MeshCluster, commands: list[tuple[tuple[Any, ...], dict
 
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` is a Redis Cluster's (``redis.cluster.RedisCluster``, or its pipeline)."""
-    return isinstance(client, redis.cluster.RedisCluster)
+    return _kind_of(client, redis.cluster.RedisCluster)
+
+
+#: (type, class) -> whether the type is the class or a subclass of it: :func:`_kind_of`'s answers.
+_KINDS: dict[tuple[type, type], bool] = {}
+
+
+def _kind_of(value: Any, cls: type) -> bool:
+    """``isinstance(value, cls)``, answered once per type: redis-py's cluster classes are typing
+    Protocols, whose ``isinstance`` goes through ``_ProtocolMeta`` each time (a step's write asks
+    several times, and its sender once per call)."""
+    kind = (value.__class__, cls)
+    known = _KINDS.get(kind)
+    if known is None:
+        known = _KINDS[kind] = isinstance(value, cls)
+    return known
 
 
 #: The errors of a command sent to a node that does not serve its slot (now): nothing was run.
@@ -410,7 +425,7 @@ def stage_eval(pipe: Any, script: str, numkeys: int, *keys_and_args: Any) -> Any
 def staged(pipe: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """The commands queued on ``pipe`` and not yet sent, as ``(args, options)``: a pipeline's
     ``command_stack``; a cluster pipeline's queue (its ``command_stack`` stays empty)."""
-    if isinstance(pipe, redis.cluster.ClusterPipeline):
+    if _kind_of(pipe, redis.cluster.ClusterPipeline):
         return [(command.args, command.options) for command in pipe._execution_strategy.command_queue]
     return pipe.command_stack
 
@@ -708,6 +723,14 @@ class HeldConnection:
 
     def done(self) -> None:
         self._lock.release()
+
+    def give_back(self) -> None:
+        """The connection back to its pool now, unless a caller has it (a later call takes one again)."""
+        if self._pid == os.getpid() and self._lock.acquire(blocking=False):
+            try:
+                _give_back(self._from, self._box, self._pid)
+            finally:
+                self._lock.release()
 
 
 #: The fewest connections a pool must allow for a caller to keep one of them (redis-py's default cap).

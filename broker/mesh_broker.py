@@ -23,7 +23,7 @@ from mesh.contracts.deadletter import Attempt, DeadLetter
 from . import compat, lanes
 from .claims import script_source
 from .clock import DelayClock, ServerClock
-from .connection import SLOT_ERRORS, connect, is_cluster, node_client, run_script
+from .connection import SLOT_ERRORS, HeldConnection, connect, is_cluster, may_hold, node_client, run_script
 from .consumer import EagerSlot, MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
@@ -96,6 +96,9 @@ class MeshBroker(RedisBroker):
         self.keys = Keys(settings.namespace)
         self.scripts["settle"] = self.client.register_script(SETTLE_LUA)
         self.scripts["dispatch"] = self.client.register_script(DISPATCH_LUA)
+        #: The connection :meth:`settle`'s calls go on (a fetch, a group of acks), kept rather than checked
+        #: out of the pool and back per call (see ``connection.HeldConnection``); None: the pool's own.
+        self._settles = HeldConnection(self.client) if may_hold(self.client) else None
         self.host = socket.gethostname()
         self.pid = os.getpid()
         #: Per queue, the ids this process has handed to dramatiq and not yet settled (see consumer).
@@ -237,6 +240,10 @@ class MeshBroker(RedisBroker):
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """dramatiq's hook dispatch, the middleware's hooks in reverse order."""
+        if signal == "worker_shutdown" and self._settles is not None:
+            # Every thread of the worker has stopped: the connection its settlements kept goes back to the
+            # pool, not held for as long as the broker lives (a worker started again takes one again).
+            self._settles.give_back()
         name = "after_" + signal
         hooks = self._hooks(name)
         if hooks is None:
@@ -323,7 +330,8 @@ class MeshBroker(RedisBroker):
     def settle(self, command: str, queue_name: str, *args: Any) -> Any:
         """Run one command of ``settle.lua`` for this worker on ``queue_name``."""
         return run_script(self.scripts["settle"], [self.namespace],
-                          [command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, *args])
+                          [command, self.clock(), queue_name, self.broker_id, self.heartbeat_timeout, *args],
+                          self._settles)
 
     def dead_letter_entry(
         self, message: Message, failure_class: str, error: str, traceback: str | None, *,

@@ -60,7 +60,7 @@ from mesh.contracts import JobRecord, LeaseLost, dumps
 
 from . import lanes
 from .claims import script_source
-from .connection import run_script, staged
+from .connection import HeldConnection, may_hold, run_script, staged
 from .group_commit import GroupCommit
 from .jobs import SPLICED_STEPS, Change, JobNotFound, JobStore, validated
 
@@ -259,6 +259,9 @@ class StepWrites:
         self.jobs = jobs
         self.dedup_ttl_s = int(dedup_ttl_s)
         self.script = client.register_script(STEP_LUA)
+        #: The connection the sender's calls go on, kept rather than checked out of the pool and back per
+        #: call (``connection.HeldConnection``; the group commit has one sender); None: the pool's own.
+        self.held = HeldConnection(client) if may_hold(client) else None
         #: The script's KEYS: the namespace's prefix, which the script does not read (its keys come in its
         #: ARGV, every one built by broker/keys.py) but a Redis Cluster client routes the call by.
         self.route = [jobs.keys.prefix]
@@ -473,7 +476,7 @@ class StepWrites:
 
     def evalsha(self, args: list[Any]) -> Any:
         """One call of step.lua: EVALSHA without redis-py's per-call wrapping (``connection.run_script``)."""
-        return run_script(self.script, self.route, args)
+        return run_script(self.script, self.route, args, self.held)
 
     def _answers(self, group: Sequence[_Item], answers: list[Any]) -> list[Any]:
         for item, answer in zip(group, answers, strict=True):
