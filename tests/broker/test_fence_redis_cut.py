@@ -83,6 +83,8 @@ class Relay:
 
 
 @pytest.mark.slow
+@pytest.mark.no_cluster("the worker reaches Redis through a TCP relay in front of one server; a cluster client "
+                        "connects to each node at the address CLUSTER SLOTS names, around the relay")
 def test_a_call_whose_lease_check_finds_redis_unreachable_is_not_made_and_the_message_runs_later(
         settings, rclient, worker_process, tmp_path: Path):
     host, port = rclient.connection_pool.connection_kwargs["host"], rclient.connection_pool.connection_kwargs["port"]
