@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from mesh.broker import MeshClient, MeshSettings, idempotency
-from mesh.broker.connection import connect, parse_url, primaries
+from mesh.broker.connection import connect, is_cluster, parse_url, primaries
 from mesh.broker.keys import Keys, legacy_pattern
 from mesh.broker.outbox import wake
 from mesh.broker.settings import DEFAULT_REDIS_URL
@@ -174,6 +174,17 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
+def close_client(client: redis.Redis) -> None:
+    """Drop ``client``'s connections, as ``redis.Redis.close`` does: a later command connects again (a
+    lease renewer a test left running). A cluster client's ``close`` would end it for good (its next
+    command raises ``RedisClusterException``); its nodes' connections are dropped instead."""
+    if is_cluster(client):
+        for node in primaries(client):
+            node.connection_pool.disconnect()
+    else:
+        client.close()
+
+
 def delete_keys(client: redis.Redis, pattern: str) -> int:
     """Delete the keys matching ``pattern``, on every primary of a cluster (SCAN is a node's): how many."""
     deleted = 0
@@ -207,7 +218,7 @@ def namespace(redis_url: str) -> Iterator[str]:
     # one of raw dramatiq or of a migration does).
     for pattern in (Keys(ns).everything, legacy_pattern(ns)):
         delete_keys(client, pattern)
-    client.close()
+    close_client(client)
 
 
 @pytest.fixture
@@ -231,7 +242,7 @@ def settings(make_settings: Callable[..., MeshSettings]) -> MeshSettings:
 def rclient(redis_url: str) -> Iterator[redis.Redis]:
     client = redis_client(redis_url)
     yield client
-    client.close()
+    close_client(client)
 
 
 @pytest.fixture
