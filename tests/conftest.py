@@ -167,9 +167,11 @@ def ops_server(client: MeshClient) -> Iterator[str]:
 
 def redis_client(url: str) -> redis.Redis:
     """A client of the Redis at ``url``, for a test's own reads and writes: redis-py's of the URL
-    (``redis.Redis.from_url``) for a single server; for a cluster's (``redis+cluster://...``) the mesh's
-    cluster client (``connect``), which sends each command to the primary of its key's slot."""
-    if parse_url(url).cluster:
+    (``redis.Redis.from_url``) for a single server; for a cluster's (``redis+cluster://...``) or
+    Sentinel's (``redis+sentinel://...``), which redis-py's URLs do not take, the mesh's (``connect``):
+    it sends each command to the primary of its key's slot, or to the master Sentinel names."""
+    address = parse_url(url)
+    if address.cluster or address.sentinel:
         return connect(MeshSettings(redis_url=url))
     return redis.Redis.from_url(url)
 
