@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test check lint docs install clean
+.PHONY: demo test test-cluster check lint docs install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11 or newer is needed")'
@@ -34,6 +34,22 @@ PYTEST := $(if $(PYTHONDONTWRITEBYTECODE),PYTHONDONTWRITEBYTECODE= PYTHONPYCACHE
 # namespace, on its own ports; on 2 cores two processes overlap those waits.
 test: lint
 	$(PYTEST) -q -n 2 --durations=25
+
+# The fault tests of claims, fencing, recovery, group commit and settlement, and the pipelines' and the
+# dead-letter queue's that stand on them, on a Redis Cluster (3 primaries, 3 replicas) that each pytest-xdist
+# process starts for itself (TEST_REDIS=cluster; its ports from TEST_CLUSTER_PORT, default 7100). CI runs
+# it after `make test`, which runs the same tests on a single Redis.
+CLUSTER_TESTS := \
+	tests/broker/test_claim_owners.py tests/broker/test_fence.py tests/broker/test_fence_redis_cut.py \
+	tests/broker/test_fencing.py tests/broker/test_group_commit.py tests/broker/test_recovery.py \
+	tests/broker/test_settlement.py tests/broker/test_effectively_once.py tests/broker/test_idempotency.py \
+	tests/broker/test_poison_kills.py tests/broker/test_paused_owner.py tests/broker/test_paused_batch.py \
+	tests/broker/test_reliability_faults.py tests/broker/test_outbox.py tests/broker/test_routing.py \
+	tests/broker/test_failures.py tests/pipelines/test_pipeline_chaos.py tests/pipelines/test_approvals.py \
+	tests/pipelines/test_shared_key.py tests/dlq/test_replay_and_export.py tests/test_redis_target.py
+
+test-cluster: $(BIN)/.installed
+	TEST_REDIS=cluster $(PYTEST) -q -n 2 --durations=10 $(CLUSTER_TESTS)
 
 # The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
 # (tests/tier.py fails a test that does so without @pytest.mark.slow). They are CPU-bound (most of

@@ -230,15 +230,35 @@ def _cluster(settings: MeshSettings, address: RedisAddress, retries: bool, optio
         raise redis.ConnectionError(f"Redis Cluster {seeds}: {exc}") from None
 
 
+class ClusterUnreachable(redis.exceptions.ConnectionError, redis.exceptions.RedisClusterUnreachableError):
+    """No node of the cluster answered (a refresh of its map of slots reached none: every node down, or
+    this host cut off from them). redis-py's cluster client raises ``RedisClusterUnreachableError``
+    there, which is no ``RedisError``; the mesh's clients raise this instead: a ``ConnectionError``, as
+    a single server that does not answer raises, which the mesh's handling of a lost Redis takes (a
+    lease renewal tried again, a check before an effect deferred, a consumer that reconnects)."""
+
+
+def reachable(exc: redis.exceptions.RedisClusterUnreachableError) -> ClusterUnreachable:
+    """``exc`` as a :class:`ClusterUnreachable` (itself when it is one; raise it ``from exc``)."""
+    return exc if isinstance(exc, ClusterUnreachable) else ClusterUnreachable(*exc.args)
+
+
 class MeshCluster(redis.cluster.RedisCluster):
     """The cluster client :func:`connect` makes: a ``RedisCluster`` whose pipelines make sure the Redis
     node holds the scripts staged on them before they are sent (:class:`ScriptedPipeline`), as a
-    single-node client's pipeline does. It knows the scripts registered on it (``register_script``)."""
+    single-node client's pipeline does. It knows the scripts registered on it (``register_script``).
+    A command or a pipeline that reaches no node of the cluster raises :class:`ClusterUnreachable`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: The text of every script registered on this client, by its SHA1.
         self.script_texts: dict[str, Any] = {}
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)
+        except redis.exceptions.RedisClusterUnreachableError as exc:
+            raise reachable(exc) from exc
 
     def register_script(self, script: Any) -> Any:
         registered = super().register_script(script)
@@ -263,7 +283,10 @@ class ScriptedPipeline(redis.cluster.ClusterPipeline):
 
     def execute(self, raise_on_error: bool = True) -> Any:
         load_scripts(self.scripted_client, staged(self))
-        return super().execute(raise_on_error)
+        try:
+            return super().execute(raise_on_error)
+        except redis.exceptions.RedisClusterUnreachableError as exc:
+            raise reachable(exc) from exc
 
 
 def load_scripts(client: MeshCluster, commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
@@ -344,7 +367,10 @@ def _slot_node(client: Any, key: Any) -> Any:
     (as the cluster client runs it before a command)."""
     manager = client.nodes_manager
     if manager._refresh_requested:
-        manager._run_requested_refresh(client.retry)
+        try:
+            manager._run_requested_refresh(client.retry)
+        except redis.exceptions.RedisClusterUnreachableError as exc:
+            raise reachable(exc) from exc
     return client.get_node_from_key(key)
 
 
@@ -409,8 +435,10 @@ def relearn(client: Any, timeout_s: float = 10.0) -> None:
         try:
             client.nodes_manager.initialize()
             return
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, redis.exceptions.RedisClusterUnreachableError, OSError) as exc:
             if time.monotonic() > deadline:
+                if isinstance(exc, redis.exceptions.RedisClusterUnreachableError):
+                    raise reachable(exc) from exc
                 raise
             time.sleep(0.1)
 

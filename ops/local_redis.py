@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from mesh.broker.connection import connect, masked_url
+from mesh.broker.connection import connect, masked_url, parse_url
 from mesh.broker.settings import DEFAULT_REDIS_URL, MeshSettings
 from mesh.contracts import ConfigError
 
@@ -120,10 +120,13 @@ class PrivateRedis:
 def ensure_redis(target: str | MeshSettings = DEFAULT_REDIS_URL, *, private: bool | None = None) -> str:
     """The URL of ``target`` (a URL, or settings with their TLS files) if a Redis answers there; else a
     private server's URL when ``private`` (default: only for the default local URL), else
-    RuntimeError. A server that refuses the credentials is a ConfigError, never replaced."""
+    RuntimeError. A server that refuses the credentials is a ConfigError, never replaced; nor is a
+    Redis Cluster's URL (``redis+cluster://``): a single private server is no stand-in for one."""
     url = target if isinstance(target, str) else target.redis_url
     if answers(target):
         return url
+    if parse_url(url).cluster:
+        raise RuntimeError(f"no Redis Cluster answers at {masked_url(url)} (none is started in its place)")
     if not (url == DEFAULT_REDIS_URL if private is None else private):
         raise RuntimeError(f"no Redis answers at {masked_url(url)}")
     binary = redis_binary()

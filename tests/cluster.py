@@ -1,11 +1,12 @@
 """A real Redis Cluster for the slow tests: 3 primaries and 3 replicas of ``redis-server
 --cluster-enabled yes`` on loopback, created with ``redis-cli --cluster create``.
 
-Ports: 12 per pytest-xdist worker from ``BASE`` (``TEST_CLUSTER_PORT``, default 7100: gw0
-7100-7111, gw1 7112-7123, ...; the
-cluster bus is port + 10000), so two test processes never collide; ``RedisCluster(offset=6)`` is a
-second cluster of the same worker. Start-up polls (``CLUSTER INFO``, every replica's link), never
-sleeps a fixed time.
+Ports: 18 per pytest-xdist worker from ``BASE`` (``TEST_CLUSTER_PORT``, default 7100: gw0
+7100-7117, gw1 7118-7135, ... up to five workers; the cluster bus is port + 10000), so two test
+processes never collide; ``RedisClusterNodes(offset=6)`` is a second cluster of the same worker, and
+``offset=SESSION_OFFSET`` (12) the one ``TEST_REDIS=cluster`` starts for the whole session (tests/conftest.py),
+which runs alongside the clusters a test module starts for itself. Start-up polls (``CLUSTER INFO``,
+every replica's link), never sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 import redis
 import redis.cluster
 
-PER_WORKER, NODES = 12, 6
+PER_WORKER, NODES = 18, 6
+#: The ports (from a worker's first) of the cluster the session's Redis tests run on with TEST_REDIS=cluster.
+SESSION_OFFSET = 12
 #: The first node port: TEST_CLUSTER_PORT (default 7100; not a MESH_* name, which the mesh would take for
 #: one of its settings and refuse), so that two test runs on one machine keep apart; LAST: the range's end.
 BASE = int(os.environ.get("TEST_CLUSTER_PORT", "7100"))

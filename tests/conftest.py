@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from mesh.broker import MeshClient, MeshSettings, idempotency
+from mesh.broker.connection import connect, is_cluster, parse_url, primaries
 from mesh.broker.keys import Keys, legacy_pattern
 from mesh.broker.outbox import wake
 from mesh.broker.settings import DEFAULT_REDIS_URL
@@ -42,13 +43,34 @@ RECONNECT_DELAY_S = 0.5
 # Fixtures that start a worker: a test using one is in the slow tier without saying so.
 WORKER_FIXTURES = frozenset({"start_worker", "worker_process", "run_workers"})
 
+#: TEST_REDIS, which Redis the tests' fixtures (``redis_url``, ``rclient``, ``client``, ``settings``...)
+#: use: ``single`` (the default) the one MESH_REDIS_URL names (a cluster's too: ``redis+cluster://...``),
+#: or the local default, started privately when none answers; ``cluster`` a Redis Cluster of 3 primaries
+#: and 3 replicas started for the session on this worker's ports (tests/cluster.py, TEST_CLUSTER_PORT).
+#: Not a MESH_* name: the mesh would take it for one of its settings and refuse it.
+TEST_REDIS = os.environ.get("TEST_REDIS", "single")
+if TEST_REDIS not in ("single", "cluster"):
+    raise pytest.UsageError(f"TEST_REDIS={TEST_REDIS!r}: it is 'single' (the default) or 'cluster'")
+
+
+def on_cluster() -> bool:
+    """Whether the session's Redis tests run on a Redis Cluster: TEST_REDIS=cluster, or a MESH_REDIS_URL
+    of one."""
+    return TEST_REDIS == "cluster" or parse_url(os.environ.get("MESH_REDIS_URL", DEFAULT_REDIS_URL)).cluster
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``slow`` every test that starts a worker through a fixture; the others that start a
-    worker or a redis-server say so themselves (``tests/tier.py`` refuses them otherwise)."""
+    worker or a redis-server say so themselves (``tests/tier.py`` refuses them otherwise). On a Redis
+    Cluster (:func:`on_cluster`), skip the tests marked ``no_cluster(reason)``, with their reason."""
+    cluster = on_cluster()
     for item in items:
         if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        marker = item.get_closest_marker("no_cluster")
+        if cluster and marker is not None:
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"not on a Redis Cluster: {reason}"))
 
 
 @pytest.fixture(autouse=True)
@@ -143,23 +165,62 @@ def ops_server(client: MeshClient) -> Iterator[str]:
         thread.join(10)
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A client of the Redis at ``url``, for a test's own reads and writes: redis-py's of the URL
+    (``redis.Redis.from_url``) for a single server; for a cluster's (``redis+cluster://...``) or
+    Sentinel's (``redis+sentinel://...``), which redis-py's URLs do not take, the mesh's (``connect``):
+    it sends each command to the primary of its key's slot, or to the master Sentinel names."""
+    address = parse_url(url)
+    if address.cluster or address.sentinel:
+        return connect(MeshSettings(redis_url=url))
+    return redis.Redis.from_url(url)
+
+
+def close_client(client: redis.Redis) -> None:
+    """Drop ``client``'s connections, as ``redis.Redis.close`` does: a later command connects again (a
+    lease renewer a test left running). A cluster client's ``close`` would end it for good (its next
+    command raises ``RedisClusterException``); its nodes' connections are dropped instead."""
+    if is_cluster(client):
+        for node in primaries(client):
+            node.connection_pool.disconnect()
+    else:
+        client.close()
+
+
+def delete_keys(client: redis.Redis, pattern: str) -> int:
+    """Delete the keys matching ``pattern``, on every primary of a cluster (SCAN is a node's): how many."""
+    deleted = 0
+    for node in primaries(client):
+        keys = list(node.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(keys), 500):
+            pipe = node.pipeline(transaction=False)
+            for key in keys[i:i + 500]:  # one DEL each: a cluster's node refuses one of keys in several slots
+                pipe.delete(key)
+            deleted += sum(pipe.execute())
+    return deleted
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    return ensure_redis(os.environ.get("MESH_REDIS_URL", DEFAULT_REDIS_URL))
+def redis_url() -> Iterator[str]:
+    """The URL of the tests' Redis (see :data:`TEST_REDIS`)."""
+    if TEST_REDIS == "cluster":
+        from tests.cluster import SESSION_OFFSET, redis_cluster
+        with redis_cluster(offset=SESSION_OFFSET) as nodes:
+            yield nodes.url
+        return
+    yield ensure_redis(os.environ.get("MESH_REDIS_URL", DEFAULT_REDIS_URL))
 
 
 @pytest.fixture
 def namespace(redis_url: str) -> Iterator[str]:
     ns = f"test-{uuid.uuid4().hex[:12]}"
     yield ns
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     # The namespace's keys (``{ns}:*``) and any of the older layout (``ns:*``: a test writing them, as
     # one of raw dramatiq or of a migration does).
-    keys = [key for pattern in (Keys(ns).everything, legacy_pattern(ns))
-            for key in client.scan_iter(match=pattern, count=1000)]
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i:i + 500])
-    client.close()
+    for pattern in (Keys(ns).everything, legacy_pattern(ns)):
+        delete_keys(client, pattern)
+    close_client(client)
 
 
 @pytest.fixture
@@ -181,9 +242,9 @@ def settings(make_settings: Callable[..., MeshSettings]) -> MeshSettings:
 
 @pytest.fixture
 def rclient(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     yield client
-    client.close()
+    close_client(client)
 
 
 @pytest.fixture

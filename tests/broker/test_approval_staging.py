@@ -8,6 +8,7 @@ from typing import Any
 import redis
 
 from mesh.broker import approvals, timers
+from mesh.broker.connection import staged as queued
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.contracts import JobRecord, State, StepRecord
@@ -32,7 +33,7 @@ def _write(store: JobStore, job_id: str, change: Any) -> list[tuple[Any, ...]]:
     """Apply ``change`` through the store; the commands its MULTI staged."""
     staged: list[tuple[Any, ...]] = []
     store.update(job_id, lambda r: (change(r), []),
-                 also=lambda pipe, _r: staged.extend(c[0] for c in pipe.command_stack))
+                 also=lambda pipe, _r: staged.extend(c[0] for c in queued(pipe)))
     return staged
 
 

@@ -14,6 +14,7 @@ from conftest import wait_for
 
 from mesh.broker import MeshClient, trace
 from mesh.broker.compact import CALL_BYTES, KIND_MAX, VALUE_MAX, VERSION, Compacted, Compaction, encode
+from mesh.broker.connection import node_client
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.retention import Retention, expired
@@ -349,8 +350,13 @@ class Paused(redis.Redis):
         return self._then("zrange", super().zrange(name, start, end, *args, **kwargs))
 
 
-def paused(rclient: redis.Redis, after: str, meanwhile: Any) -> Paused:
-    return Paused(after, meanwhile, connection_pool=rclient.connection_pool)
+def pool(rclient: redis.Redis, keys: Keys) -> Any:
+    """The connection pool of the Redis that holds the namespace's keys (on a cluster, its slot's primary)."""
+    return node_client(rclient, keys.prefix).connection_pool
+
+
+def paused(rclient: redis.Redis, keys: Keys, after: str, meanwhile: Any) -> Paused:
+    return Paused(after, meanwhile, connection_pool=pool(rclient, keys))
 
 
 def test_two_sweeps_applying_the_count_at_once_keep_the_newest_n_not_fewer(make_settings, rclient):
@@ -364,7 +370,7 @@ def test_two_sweeps_applying_the_count_at_once_keep_the_newest_n_not_fewer(make_
     first.compact(now(rclient))
     at = now(rclient)
     # the second sweep read 3 kept (1 too many); the first removes that one before it goes on
-    second = Compaction(paused(rclient, "zcard", lambda: first.by_count(at)), settings)
+    second = Compaction(paused(rclient, keys, "zcard", lambda: first.by_count(at)), settings)
 
     second.by_count(at)
 
@@ -390,7 +396,7 @@ def test_a_stale_sweep_does_not_remove_a_job_that_ended_again_since_it_read_the_
         end(jobs, old)
         compaction.compact(now(rclient))
 
-    stale = Compaction(paused(rclient, "zrange", ends_again), settings)
+    stale = Compaction(paused(rclient, keys, "zrange", ends_again), settings)
     stale.by_count(now(rclient))
 
     assert rclient.exists(keys.job(old.job_id)) and not rclient.exists(keys.job("job-newer"))
@@ -588,7 +594,7 @@ def test_large_records_are_compacted_and_removed_by_count_in_script_calls_of_bou
         job = started(jobs, rclient, f"job-big-{i}")
         jobs.update(job.job_id, lambda r: (r.model_copy(update={"goal": "g" * 200_000}), []))
         end(jobs, job)
-    counting = Counting(connection_pool=rclient.connection_pool)
+    counting = Counting(connection_pool=pool(rclient, keys))
     counting.calls, counting.evicts = [], []
 
     assert Compaction(counting, settings).run(now(rclient)) == Compacted(jobs=12, count=11)

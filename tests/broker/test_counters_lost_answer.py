@@ -20,6 +20,7 @@ def _succeeded(r: redis.Redis, keys: Keys) -> int:
     return int(r.hget(keys.outcomes, "relayed:succeeded") or 0)
 
 
+@pytest.mark.no_cluster("the client reaches Redis through a TCP relay in front of one server (test_send_retry.py)")
 @pytest.mark.parametrize("cuts", [1, 5])
 def test_a_batch_whose_answer_was_lost_lands_once(relay: Relay, make_settings: Any, rclient: redis.Redis,  # noqa: F811
                                                   cuts: int):

@@ -19,7 +19,7 @@ import pytest
 from conftest import wait_for
 
 from mesh.broker import MeshClient, MeshSettings, consumer
-from mesh.broker.connection import connect
+from mesh.broker.connection import connect, node_client
 from mesh.broker.consumer import MeshConsumer
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.ops.local_redis import PrivateRedis, redis_binary
@@ -136,7 +136,7 @@ def test_waits_go_on_a_connection_the_consumer_keeps_and_one_the_server_closed_i
     consumer_, sent = counted
     broker = consumer_.broker
     assert next(consumer_) is None  # a fetch found nothing, a wait ran out and its fetch found nothing
-    pool = broker.client.connection_pool
+    pool = node_client(broker.client, broker.keys.prefix).connection_pool  # on a cluster, its slot's primary's
     checked_out, check_out = [], pool.get_connection
 
     def noted(*args: Any, **kwargs: Any) -> Any:
@@ -153,7 +153,8 @@ def test_waits_go_on_a_connection_the_consumer_keeps_and_one_the_server_closed_i
     # The server closes the waits' connection between two waits: the next wait is sent again on a new one.
     kept = broker._waits.connection
     host, port = kept._sock.getsockname()[:2]
-    assert client.redis.client_kill_filter(_type=None, addr=f"{host}:{port}", skipme=True) == 1
+    server = node_client(client.redis, client.keys.prefix)  # on a cluster, the primary of the namespace's slot
+    assert server.client_kill_filter(_type=None, addr=f"{host}:{port}", skipme=True) == 1
     ref = client.send("executor", NOTE)
     assert next(consumer_).args[0]["job_id"] == ref.id
 
@@ -185,7 +186,8 @@ def test_a_process_forked_from_a_consumers_process_claims_and_waits_as_its_own(
     wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, timeout_s=40)
     owner, won = json.loads(os.read(readable, 4096))
     assert won
-    assert [c["cmd"] for c in client.redis.client_list() if c["addr"] == addr] == ["ping"]
+    server = node_client(client.redis, client.keys.prefix)  # on a cluster, the primary of the namespace's slot
+    assert [c["cmd"] for c in server.client_list() if c["addr"] == addr] == ["ping"]
     client.send("executor", NOTE, key="forked")  # a duplicate, fetched by the parent
     duplicate = wait_for(lambda: next(consumer_), timeout_s=5)
     assert duplicate.mesh_claim.owner != owner
@@ -203,13 +205,14 @@ def test_a_stopped_consumer_thread_gives_its_waits_connection_back(
     name = f"waits-{settings.namespace[-12:]}"
     broker = MeshBroker(settings, client=connect(settings, retries=False, client_name=name))
     dramatiq.actor(lambda envelope: None, actor_name="executor", queue_name="executor", broker=broker)
-    pool = broker.client.connection_pool
+    pool = node_client(broker.client, broker.keys.prefix).connection_pool
 
     try:
         for _ in range(3):
             worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
             worker.start()
-            wait_for(lambda: any(c["name"] == name and c["cmd"] == "blpop" for c in client.redis.client_list()))
+            wait_for(lambda: any(c["name"] == name and c["cmd"] == "blpop"
+                                 for c in node_client(client.redis, client.keys.prefix).client_list()))
             worker.stop(timeout=10_000)
             # Every thread that used the client has stopped (the stop's wake-up pusher soon after): none
             # of its connections is still checked out.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 
 from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.connection import staged
 from mesh.broker.observe import observe_duration
 from mesh.ops.metrics import MeshCollector
 
@@ -15,7 +16,7 @@ def test_an_observation_stages_its_bucket_and_sum_only_and_the_metric_counts_eve
     pipe = rclient.pipeline(transaction=False)
     for seconds in (0.001, 0.02, 0.02, 400.0):
         observe_duration(pipe, client.keys, "executor", seconds)
-    assert [c[0][0] for c in pipe.command_stack] == ["HINCRBY", "HINCRBYFLOAT"] * 4
+    assert [c[0][0] for c in staged(pipe)] == ["HINCRBY", "HINCRBYFLOAT"] * 4
     pipe.execute()
 
     family = next(f for f in MeshCollector(client).collect() if f.name == "mesh_handler_duration_seconds")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import push_raw, wait_for
+from conftest import push_raw, redis_client, wait_for
 from dramatiq import Worker
 from dramatiq.middleware import ShutdownNotifications, TimeLimit, TimeLimitExceeded
 
@@ -84,7 +84,7 @@ def test_a_router_that_breaks_dead_letters_the_message_instead_of_acking_it_away
     def broken_rng() -> float:
         raise ZeroDivisionError("jitter source broke")
 
-    keys_client = redis.Redis.from_url(settings.redis_url)
+    keys_client = redis_client(settings.redis_url)
     broker = MeshBroker(settings, records=keys_client, middleware=[
         ShutdownNotifications(), FailureRouter(settings, JobStore(keys_client, client.keys), rng=broken_rng),
         Idempotency(settings, keys_client), Deadline(settings), TimeLimit(time_limit=60_000)])

@@ -82,6 +82,10 @@ class Relay:
                 s.close()
 
 
+pytestmark = pytest.mark.no_cluster("the client reaches Redis through a TCP relay in front of one server; a cluster "
+                                    "client connects to each node at the address CLUSTER SLOTS names, around the relay")
+
+
 @pytest.fixture
 def relay(redis_url: str) -> Iterator[Relay]:
     parts = urlsplit(redis_url)

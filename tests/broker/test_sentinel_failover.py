@@ -155,6 +155,8 @@ def test_workers_and_clients_follow_the_promoted_replica_and_no_acknowledged_job
           f"all settled {time.monotonic() - killed_at:.1f}s after the kill")
 
 
+@pytest.mark.no_cluster("it needs a Redis with no replica, whose WAIT 1 answers 0 after its timeout; every "
+                        "primary of the test cluster has one")
 def test_an_enqueue_no_replica_confirmed_raises_not_replicated_and_resending_its_key_is_the_same_job(
         make_settings, rclient):
     """The shared test Redis has no replica: WAIT 1 answers 0 after its timeout. The job is on the

@@ -26,6 +26,8 @@ def short(make_settings: Any, rclient: redis.Redis) -> tuple[Any, redis.Redis]:
     return settings, connect(settings, socket_timeout=READ_TIMEOUT_S)
 
 
+@pytest.mark.no_cluster("it needs a Redis with no replica, whose WAIT 1 answers 0 after its timeout; every "
+                        "primary of the test cluster has one")
 @pytest.mark.parametrize("way", ["submit", "send"])
 def test_an_enqueue_waits_out_its_wait_timeout_past_the_read_timeout(short: tuple[Any, redis.Redis], way: str) -> None:
     settings, client = short
@@ -41,6 +43,8 @@ def test_an_enqueue_waits_out_its_wait_timeout_past_the_read_timeout(short: tupl
     assert client.exists(mesh.keys.job(ref.id)) == 1
 
 
+@pytest.mark.no_cluster("it needs a Redis with no replica, whose WAIT 1 answers 0 after its timeout; every "
+                        "primary of the test cluster has one")
 def test_a_transaction_waits_out_its_wait_timeout_past_the_read_timeout(short: tuple[Any, redis.Redis]) -> None:
     settings, client = short
     key = f"{{{settings.namespace}}}:wait-read"

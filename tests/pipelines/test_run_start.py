@@ -111,6 +111,8 @@ def test_a_run_that_must_not_replace_writes_nothing_not_even_its_record(mesh: Me
 
 
 
+@pytest.mark.no_cluster("it needs a Redis with no replica, whose WAIT 1 answers 0 after its timeout; every "
+                        "primary of the test cluster has one")
 def test_a_run_no_replica_confirmed_raises_not_replicated_and_its_key_run_again_is_the_same_job(
         make_settings: Any, rclient: redis.Redis) -> None:
     """The shared test Redis has no replica: WAIT 1 answers 0 after its timeout (MESH_REDIS_WAIT_REPLICAS)."""

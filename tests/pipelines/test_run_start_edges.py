@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import redis_client
 from pydantic import BaseModel
 
 from mesh import App
@@ -94,7 +95,7 @@ def test_a_version_redis_lost_is_stored_again_by_a_run_through_the_transaction(m
 def test_the_same_key_and_input_from_many_clients_at_once_is_one_job_sent_once(
         settings: Any, redis_url: str, rclient: redis.Redis) -> None:
     spec = load_pipeline(ISSUE_FILE, app)
-    clients = [MeshClient(settings, client=redis.Redis.from_url(redis_url), app=app) for _ in range(8)]
+    clients = [MeshClient(settings, client=redis_client(redis_url), app=app) for _ in range(8)]
     refs: list[Any] = []
     errors: list[BaseException] = []
     start = threading.Barrier(len(clients))
@@ -170,7 +171,7 @@ def test_two_versions_raced_with_replace_false_one_runs_the_other_writes_nothing
     first = load_pipeline(ISSUE_FILE, app)
     second = load_pipeline(ISSUE_FILE.read_text().replace("ttl_minutes: 60", "ttl_minutes: 90") + "\n", app)
     for attempt in range(10):
-        clients = [MeshClient(settings, client=redis.Redis.from_url(redis_url), app=app) for _ in range(2)]
+        clients = [MeshClient(settings, client=redis_client(redis_url), app=app) for _ in range(2)]
         outcome: dict[str, Any] = {}
         start = threading.Barrier(2)
 
