@@ -719,10 +719,11 @@ class HeldConnection:
     def __init__(self, client: redis.Redis) -> None:
         self.pool = None if is_cluster(client) else client.connection_pool
         self._lock = threading.Lock()
-        self._box: list[Any] = []  # the connection, once taken
-        self._from: list[Any] = []  # the pool it was taken from
+        #: ``(pool, connection)`` once taken: the connection and the pool it came from, put in and taken out
+        #: as one item (an exception raised into the thread between two steps never leaves half of them).
+        self._box: list[tuple[Any, Any]] = []
         self._pid = os.getpid()
-        weakref.finalize(self, _give_back, self._from, self._box, self._pid)
+        weakref.finalize(self, _give_back, self._box, self._pid)
 
     def take(self, pool: Any = None) -> Any:
         """The connection, ready to send on, for this caller until :meth:`done` (None: another thread
@@ -731,13 +732,12 @@ class HeldConnection:
             return None
         try:
             pool = pool or self.pool
-            if self._box and self._from[0] is not pool:
-                _give_back(self._from, self._box, self._pid)
+            if self._box and self._box[0][0] is not pool:
+                _give_back(self._box, self._pid)
             if not self._box:
-                self._box.append(pool.get_connection())
-                self._from.append(pool)
-                return self._box[0]
-            conn = self._box[0]
+                self._box.append((pool, pool.get_connection()))
+                return self._box[0][1]
+            conn = self._box[0][1]
             try:  # as the pool's ensure_connection: connected (can_read connects), nothing unread, not closed
                 if conn.can_read():
                     raise redis.exceptions.ConnectionError("connection has data")
@@ -756,7 +756,7 @@ class HeldConnection:
         """The connection back to its pool now, unless a caller has it (a later call takes one again)."""
         if self._pid == os.getpid() and self._lock.acquire(blocking=False):
             try:
-                _give_back(self._from, self._box, self._pid)
+                _give_back(self._box, self._pid)
             finally:
                 self._lock.release()
 
@@ -783,9 +783,10 @@ def may_keep(pool: Any) -> bool:
     return int(getattr(pool, "max_connections", 0) or 0) >= KEEP_MIN_CONNECTIONS
 
 
-def _give_back(pools: list[Any], box: list[Any], pid: int) -> None:
+def _give_back(box: list[tuple[Any, Any]], pid: int) -> None:
     if box and os.getpid() == pid:
-        pools.pop().release(box.pop())
+        pool, conn = box.pop()
+        pool.release(conn)
 
 
 def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnection | None = None) -> Any:
