@@ -269,6 +269,8 @@ class MeshCluster(redis.cluster.RedisCluster):
         pipe = super().pipeline(transaction, shard_hint)
         pipe.__class__ = ScriptedPipeline
         pipe.scripted_client = self
+        if type(pipe._execution_strategy) is redis.cluster.TransactionStrategy:
+            pipe._execution_strategy.__class__ = _ReachingTransaction
         return pipe
 
 
@@ -285,6 +287,18 @@ class ScriptedPipeline(redis.cluster.ClusterPipeline):
         load_scripts(self.scripted_client, staged(self))
         try:
             return super().execute(raise_on_error)
+        except redis.exceptions.RedisClusterUnreachableError as exc:
+            raise reachable(exc) from exc
+
+
+class _ReachingTransaction(redis.cluster.TransactionStrategy):
+    """A cluster pipeline's MULTI/EXEC whose commands sent at once (``WATCH``, a read while it watches,
+    ``UNWATCH``: a job write's, ``client.transaction(...)``) raise :class:`ClusterUnreachable` where they
+    reach no node, as its ``execute`` does (redis-py raises ``RedisClusterUnreachableError`` there too)."""
+
+    def _immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super()._immediate_execute_command(*args, **options)
         except redis.exceptions.RedisClusterUnreachableError as exc:
             raise reachable(exc) from exc
 
@@ -650,7 +664,7 @@ def wait_on(connection: Any, replicas: int, timeout_ms: int) -> int:
         return 0
 
 
-class _ReplicatedSlot(redis.cluster.TransactionStrategy):
+class _ReplicatedSlot(_ReachingTransaction):
     """A cluster pipeline's MULTI/EXEC (on the primary of its one slot), followed by ``WAIT`` on the
     connection it ran on, as :class:`WaitingPipeline`."""
 
