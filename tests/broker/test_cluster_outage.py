@@ -62,6 +62,8 @@ def test_every_way_the_mesh_sends_fails_with_a_connection_error_and_goes_on_once
         "script": lambda: run_script(script, ["{out}n"], []),
         "pipeline": lambda: client.pipeline(transaction=False).get("{out}n").execute(),
         "transaction": lambda: client.pipeline(transaction=True).incr("{out}n").execute(),
+        "watch": lambda: client.pipeline(transaction=True).watch("{out}n"),
+        "watched transaction": lambda: client.transaction(lambda pipe: pipe.incr("{out}n"), "{out}n"),
         "command again": lambda: client.get("{out}n"),
     }
     for name, call in calls.items():

@@ -9,14 +9,16 @@ import gc
 import json
 import os
 import random
+import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 from conftest import wait_for
 
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, connection
 from mesh.broker.connection import HeldConnection, connect, run_script
 from mesh.broker.outbox import spare_message_ids
 from mesh.broker.settings import MeshSettings
@@ -36,11 +38,11 @@ def test_a_send_after_the_server_closed_the_kept_connection_goes_on_a_new_one(se
     try:
         sender = MeshClient(settings, client=client)
         sender.send("executor", NOTE)
-        [conn] = sender._enqueue.held._box
+        [(pool, conn)] = sender._enqueue.held._box
         killer.execute_command("CLIENT", "KILL", "ID", _id_of(conn))
         ref = sender.send("executor", NOTE, key="after-kill")
         assert sender.status(ref.id).key == "after-kill"
-        assert sender._enqueue.held._box == [conn]  # the same connection object, connected again
+        assert sender._enqueue.held._box == [(pool, conn)]  # the same connection object, connected again
     finally:
         killer.close()
         client.close()
@@ -231,3 +233,65 @@ def test_message_ids_made_ahead_are_never_shared_by_threads_or_forked_children()
             got.extend(json.load(source))
         os.waitpid(pid, 0)
     assert len(got) == 100_000 and len(set(got)) == len(got)
+
+
+def _run_struck_at(line: int, call: Callable[[], Any]) -> int:
+    """``call()``, with :class:`_Struck` raised into it at the ``line``-th line run of the kept connection's
+    code (as an exception raised into the thread from outside, a time limit, lands between two lines;
+    0: none raised): how many such lines it ran."""
+    traced = {HeldConnection.take.__code__, HeldConnection.done.__code__, HeldConnection.give_back.__code__,
+              connection._give_back.__code__, run_script.__code__}
+    seen = 0
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal seen
+        if event == "line":
+            seen += 1
+            if seen == line:
+                raise _Struck  # raised in the traced frame, at this line
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code in traced else None)
+    try:
+        call()
+    except _Struck:
+        pass
+    finally:
+        sys.settrace(None)
+    return seen
+
+
+def _action(what: str, script: Any, held: HeldConnection) -> Callable[[], Any]:
+    if what == "call":
+        return lambda: run_script(script, [], ["1"], held)
+    return held.give_back
+
+
+def test_a_call_struck_at_any_line_leaves_the_kept_connection_whole(settings: MeshSettings):
+    # An exception raised into a settling thread (a time limit) between the two steps of taking or giving
+    # back the connection left the connection kept without its pool: every later call that found the kept
+    # connection free failed (IndexError), each settlement and fetch of the worker for good.
+    client = connect(settings, retries=False)
+    echo = client.register_script("return ARGV[1]")
+    client.script_load(echo.script)
+    try:
+        for before in ("none", "a call", "a call given back"):
+            def fresh(before: str = before) -> HeldConnection:
+                held = HeldConnection(client)
+                if before != "none":
+                    assert run_script(echo, [], ["0"], held) == b"0"
+                return held
+
+            for what in ("call", "give back"):
+                held = fresh()
+                lines = _run_struck_at(0, _action(what, echo, held))
+                assert lines > 0
+                for line in range(1, lines + 1):
+                    held = fresh()
+                    if before == "a call given back":
+                        held.give_back()
+                    _run_struck_at(line, _action(what, echo, held))
+                    for n in (2, 3):  # the next calls answer, the second on the connection kept by the first
+                        assert run_script(echo, [], [str(n)], held) == str(n).encode(), (before, what, line)
+    finally:
+        client.close()
