@@ -167,7 +167,11 @@ def test_the_namespace_s_primary_killed_or_paused_mid_stream_loses_no_job_a_repl
     wait_for(lambda: mesh.redis.zcard(mesh.keys.heartbeats) == 2, timeout_s=20)
     old = nodes.primary_of(mesh.keys.prefix)
     n, fault_at = 200, 80
-    acked, faulted_before, refused = _stream(mesh, nodes, n, fault_at, pause=fault == "pause")
+    try:
+        acked, faulted_before, refused = _stream(mesh, nodes, n, fault_at, pause=fault == "pause")
+    finally:
+        if old in nodes.paused:  # failed while it was paused: the module's next tests need it back
+            nodes.resume(old)
     assert faulted_before == fault_at and old not in nodes.paused
     if fault == "pause":
         nodes.wait_ok()  # the resumed node is the promoted one's linked replica
