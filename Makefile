@@ -36,7 +36,8 @@ test: lint
 	$(PYTEST) -q -n 2 --durations=25
 
 # The fault tests of claims, fencing, recovery, group commit and settlement, and the pipelines' and the
-# dead-letter queue's that stand on them, on a Redis Cluster (3 primaries, 3 replicas) that each pytest-xdist
+# dead-letter queue's that stand on them, and those of what once failed only there (a client's kept connection,
+# the operator's console, TestContext's Redis), on a Redis Cluster (3 primaries, 3 replicas) that each pytest-xdist
 # process starts for itself (TEST_REDIS=cluster; its ports from TEST_CLUSTER_PORT, default 7100). CI runs
 # it after `make test`, which runs the same tests on a single Redis.
 CLUSTER_TESTS := \
@@ -46,7 +47,9 @@ CLUSTER_TESTS := \
 	tests/broker/test_poison_kills.py tests/broker/test_paused_owner.py tests/broker/test_paused_batch.py \
 	tests/broker/test_reliability_faults.py tests/broker/test_outbox.py tests/broker/test_routing.py \
 	tests/broker/test_failures.py tests/pipelines/test_pipeline_chaos.py tests/pipelines/test_approvals.py \
-	tests/pipelines/test_shared_key.py tests/dlq/test_replay_and_export.py tests/test_redis_target.py
+	tests/pipelines/test_shared_key.py tests/dlq/test_replay_and_export.py tests/test_redis_target.py \
+	tests/broker/test_send_connection.py tests/ops/test_console.py tests/ops/test_console_bench.py \
+	tests/testing/test_context.py
 
 test-cluster: $(BIN)/.installed
 	TEST_REDIS=cluster $(PYTEST) -q -n 2 --durations=10 $(CLUSTER_TESTS)

@@ -781,9 +781,10 @@ KEEP_MIN_CONNECTIONS = 100
 
 def may_hold(client: Any) -> bool:
     """Whether a :class:`HeldConnection` of ``client`` is worth having: a pooled client's whose pool
-    :func:`may_keep` allows, or a cluster's (its nodes' pools are unbounded)."""
+    :func:`may_keep` allows, or a cluster's whose nodes' pools it allows (a cluster client makes every
+    node's pool alike: a cap or a blocking pool given to it is each node's)."""
     if is_cluster(client):
-        return True
+        return all(may_keep(node.connection_pool) for node in primaries(client))
     return client.connection is None and may_keep(client.connection_pool)
 
 

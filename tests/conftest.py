@@ -165,15 +165,19 @@ def ops_server(client: MeshClient) -> Iterator[str]:
         thread.join(10)
 
 
-def redis_client(url: str) -> redis.Redis:
+def redis_client(url: str, **options: Any) -> redis.Redis:
     """A client of the Redis at ``url``, for a test's own reads and writes: redis-py's of the URL
     (``redis.Redis.from_url``) for a single server; for a cluster's (``redis+cluster://...``) or
     Sentinel's (``redis+sentinel://...``), which redis-py's URLs do not take, the mesh's (``connect``):
-    it sends each command to the primary of its key's slot, or to the master Sentinel names."""
+    it sends each command to the primary of its key's slot, or to the master Sentinel names.
+    ``options``: more redis-py connection arguments, a cluster's for each node's pool
+    (``connection_class=Counting``: every connection the client makes counts what it sends)."""
     address = parse_url(url)
     if address.cluster or address.sentinel:
-        return connect(MeshSettings(redis_url=url))
-    return redis.Redis.from_url(url)
+        if address.sentinel and "connection_class" in options:  # Sentinel's pool needs its own class
+            raise ValueError("redis_client: no connection_class through Sentinel")
+        return connect(MeshSettings(redis_url=url), **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def close_client(client: redis.Redis) -> None:
@@ -221,6 +225,14 @@ def namespace(redis_url: str) -> Iterator[str]:
     for pattern in (Keys(ns).everything, legacy_pattern(ns)):
         delete_keys(client, pattern)
     close_client(client)
+
+
+@pytest.fixture
+def redis_env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MESH_REDIS_URL set to the tests' Redis (:data:`TEST_REDIS`) for one test, for the code that takes
+    it from the environment as a user's program or test would (``mesh.testing``'s ``TestMesh``)."""
+    monkeypatch.setenv("MESH_REDIS_URL", redis_url)
+    return redis_url
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from mesh.agents.providers import ModelProvider
 from mesh.agents.tools.allow import Resolver, system_resolver
 from mesh.agents.tools.base import ToolContext
 from mesh.agents.tools.http import GuardedHttp
+from mesh.broker.connection import connect
 from mesh.broker.idempotency import Lease
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
@@ -100,7 +101,9 @@ class TestContext(Context):
         self._fakes = {_tool_name(app, t): fake for t, fake in (tools or {}).items()}
         self._secrets = dict(secrets or {})
         self._settings = settings or MeshSettings(namespace="mesh-testing")
-        self._redis = redis.Redis.from_url(self._settings.redis_url)  # connects only if a tool uses it
+        #: The settings' Redis client, as a worker's (``connect``: a single server's, a cluster's, Sentinel's),
+        #: made at the first tool call (a single server's connects only if a tool uses it).
+        self._redis: redis.Redis | None = None
         self._http = http
         self._ahttp = ahttp
         self._resolve = resolve
@@ -223,6 +226,11 @@ class TestContext(Context):
     def _confirm(self, call: str, *, effect: bool) -> None:
         """No lease to confirm: the test holds the step."""
 
+    def _redis_client(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = connect(self._settings)
+        return self._redis
+
     def _tool_context(self, spec: ToolSpec | None, dependency: str | None = None) -> ToolContext:
         missing = [n for n in (spec.secrets if spec is not None else ()) if n not in self._secrets]
         if spec is not None and missing:
@@ -233,7 +241,7 @@ class TestContext(Context):
         settings = self._settings
         return ToolContext(key=self._call_key or self.key, job_id=self.job_id, trace_id=self.trace_id,
                            fencing_token=self.token,
-                           settings=settings, redis=self._redis,
+                           settings=settings, redis=self._redis_client(),
                            keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,
                            allow=spec.allowlist(settings) if spec is not None else None, aclient=self._ahttp,

@@ -23,6 +23,7 @@ import redis
 
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.client import trace_id_of
+from mesh.broker.connection import connect, parse_url
 from mesh.broker.keys import Keys
 from mesh.broker.trace import operator
 
@@ -89,7 +90,9 @@ def _served(settings: MeshSettings) -> Iterator[str]:
     from mesh.ops.server import OpsServer
     from mesh.ops.web.auth import Access
 
-    counted = redis.Redis.from_url(settings.redis_url, connection_class=Counting)
+    # a cluster's client counts on every node's connections (redis-py's URLs take no cluster's)
+    counted = connect(settings, connection_class=Counting) if parse_url(settings.redis_url).cluster else \
+        redis.Redis.from_url(settings.redis_url, connection_class=Counting)
     server = OpsServer(MeshClient(settings, client=counted), "127.0.0.1", 0,
                        access=Access(users={}, host="127.0.0.1", local=operator()))
     thread = server.start()

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from mesh.broker import MeshClient, trace
+from mesh.broker.connection import is_cluster
 from mesh.contracts import TERMINAL
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,10 @@ class TraceHub:
 
     def __init__(self, client: MeshClient) -> None:
         self.client = client
-        self.redis: redis.Redis = redis.Redis(connection_pool=client.redis.connection_pool)
+        # Its blocking XREAD on a connection of the client's pool; a cluster client's own (one XREAD of
+        # streams in the namespace's slot goes to the node that serves it), which has no one pool.
+        self.redis: redis.Redis = client.redis if is_cluster(client.redis) else \
+            redis.Redis(connection_pool=client.redis.connection_pool)
         self.jobs: dict[str, _Job] = {}
         self.joining: list[Follower] = []
         self.leaving: list[Follower] = []

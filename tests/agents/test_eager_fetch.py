@@ -537,6 +537,8 @@ class AnswerDropper:
 
 
 @pytest.mark.slow
+@pytest.mark.no_cluster("the worker reaches Redis through a TCP relay that holds or drops answers, in front of "
+                        "one server; a cluster client connects to each node at the address CLUSTER SLOTS names")
 def test_a_step_write_whose_answer_carrying_the_eager_fetch_is_lost_loses_nothing_and_runs_it_once(
         make_settings, worker_process, rclient):
     """The success's call ran in Redis (its record written, the next step fetched into the worker's
@@ -653,6 +655,8 @@ def test_the_eager_fetch_takes_a_higher_priority_message_first_as_a_fetch_would(
 
 
 @pytest.mark.slow
+@pytest.mark.no_cluster("the worker reaches Redis through a TCP relay that holds or drops answers, in front of "
+                        "one server; a cluster client connects to each node at the address CLUSTER SLOTS names")
 def test_a_worker_paused_between_its_successs_answer_and_its_hand_over_runs_the_step_fenced_when_it_wakes(
         make_settings, worker_process, rclient):
     """The worst moment for a pause: the success's call ran (the next step fetched into this worker's

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from mesh import App, Context
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient
+from mesh.broker.connection import node_client
 from mesh.broker.idempotency import Idempotency, Lease, current_lease
 from mesh.broker.jobs import JobStore
 from mesh.broker.mesh_broker import MeshBroker, build_broker
@@ -103,7 +104,9 @@ def test_a_steps_writes_go_on_one_connection_the_sender_keeps_not_one_checked_ou
     refs = [client.send("echo", {"text": f"hi {i}"}) for i in range(3)]
     consumer = broker.consume("echo", prefetch=4, timeout=100)
     idem = next(m for m in broker.middleware if isinstance(m, Idempotency))
-    pool = runtime.steps.client.connection_pool
+    node = node_client(runtime.steps.client, broker.keys.jobs)  # a cluster's: the primary of the namespace's slot
+    node.script_load(runtime.steps.script.script)  # held there already, as after a worker's first call
+    pool = node.connection_pool
     checked_out, check_out = [], pool.get_connection
 
     def noted(*args: Any, **kwargs: Any) -> Any:

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import wait_for
+from conftest import close_client, redis_client, wait_for
 
 from mesh.broker import MeshClient, connection
-from mesh.broker.connection import HeldConnection, connect, run_script
+from mesh.broker.connection import HeldConnection, connect, node_client, parse_url, run_script
+from mesh.broker.keys import Keys
 from mesh.broker.outbox import spare_message_ids
 from mesh.broker.settings import MeshSettings
 from mesh.contracts import KeyConflict
@@ -34,17 +35,18 @@ def _id_of(conn: Any) -> int:
 
 def test_a_send_after_the_server_closed_the_kept_connection_goes_on_a_new_one(settings: MeshSettings):
     client = connect(settings, retries=False)  # nothing is sent twice: the check before the send must see it
-    killer = redis.Redis.from_url(settings.redis_url)
+    killer = redis_client(settings.redis_url)
     try:
         sender = MeshClient(settings, client=client)
         sender.send("executor", NOTE)
         [(pool, conn)] = sender._enqueue.held._box
-        killer.execute_command("CLIENT", "KILL", "ID", _id_of(conn))
+        # the server the connection is to (on a cluster, the primary of the namespace's slot)
+        node_client(killer, sender.keys.jobs).execute_command("CLIENT", "KILL", "ID", _id_of(conn))
         ref = sender.send("executor", NOTE, key="after-kill")
         assert sender.status(ref.id).key == "after-kill"
         assert sender._enqueue.held._box == [(pool, conn)]  # the same connection object, connected again
     finally:
-        killer.close()
+        close_client(killer)
         client.close()
 
 
@@ -69,7 +71,7 @@ def test_threads_sending_at_once_each_get_a_connection_and_every_send_is_written
 
 def test_the_kept_connection_goes_back_to_the_pool_when_the_client_goes(settings: MeshSettings,
                                                                         rclient: redis.Redis):
-    pool = rclient.connection_pool
+    pool = node_client(rclient, Keys(settings.namespace).jobs).connection_pool  # on a cluster, the slot's node's
     for _ in range(5):  # clients made and dropped on one shared Redis client keep no connection of it
         sender = MeshClient(settings, client=rclient)
         sender.send("executor", NOTE)
@@ -84,9 +86,13 @@ def test_a_client_on_a_pool_of_one_connection_does_more_than_send(settings: Mesh
                                                                   pool: str):
     # The kept connection was the pool's only one: every command but a send found none free
     # (MaxConnectionsError at once, or "No connection available" after the blocking pool's timeout).
-    made = redis.ConnectionPool.from_url(redis_url, max_connections=1) if pool == "capped" \
-        else redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1)
-    rclient = redis.Redis(connection_pool=made)
+    blocking = {"connection_pool_class": redis.BlockingConnectionPool, "timeout": 1} if pool == "blocking" else {}
+    if parse_url(redis_url).cluster:  # a pool of one connection for each node
+        rclient = connect(settings, max_connections=1, **blocking)
+    else:
+        made = redis.ConnectionPool.from_url(redis_url, max_connections=1) if pool == "capped" \
+            else redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1)
+        rclient = redis.Redis(connection_pool=made)
     try:
         sender = MeshClient(settings, client=rclient)
         ref = sender.send("executor", NOTE, key="one-connection")
@@ -94,7 +100,7 @@ def test_a_client_on_a_pool_of_one_connection_does_more_than_send(settings: Mesh
         assert sender.send("executor", NOTE, key="again").key == "again"
         assert sender._enqueue.held is None  # nothing kept: the pool's connection is everyone's
     finally:
-        rclient.close()
+        close_client(rclient)
 
 
 class _Struck(Exception):

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
-from conftest import mesh_env, wait_for
+from conftest import close_client, mesh_env, redis_client, wait_for
 
 from mesh.broker import MeshSettings
 from mesh.broker.keys import Keys
@@ -150,11 +149,11 @@ class Page:
         """Start ``mesh worker ARGS`` and wait until it has published its agents."""
         self.start(*args)
         self.workers += 1
-        r = redis.Redis.from_url(self.settings.redis_url)
+        r = redis_client(self.settings.redis_url)
         try:
             wait_for(lambda: r.hlen(Keys(self.settings.namespace).registry_workers) >= self.workers, 60)
         finally:
-            r.close()
+            close_client(r)
 
     def run_python(self, block: Block) -> str:
         if self.python is None:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import ROOT, mesh_env, wait_for
+from conftest import ROOT, close_client, mesh_env, redis_client, wait_for
 from dramatiq.message import Message
 
 from mesh.agents.pipelines import Pipeline
@@ -218,7 +218,7 @@ def test_a_job_under_more_than_a_thousand_newer_ones_is_found_by_its_trace_id_in
     from mesh.ops.web.bench import Counting
 
     ref = client.send("executor", NOTE, key="buried-1")
-    counted = redis.Redis.from_url(client.settings.redis_url, connection_class=Counting)
+    counted = redis_client(client.settings.redis_url, connection_class=Counting)  # a cluster's: each node's
     server_client = MeshClient(client.settings, client=counted)
     spent = []
     with console(server_client) as (base, _), httpx.Client(base_url=base) as http:
@@ -229,7 +229,7 @@ def test_a_job_under_more_than_a_thousand_newer_ones_is_found_by_its_trace_id_in
             answer = http.get("/jobs", params={"q": ref.trace_id})
             spent.append(Counting.commands - before)
             assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{ref.id}", newer
-    counted.close()
+    close_client(counted)
     assert client.redis.zcard(client.keys.jobs) == 1_002
     # the session's logout check, then one EXISTS per reading of q (a job id, a key, a trace id)
     assert spent[1:] == [4, 4]

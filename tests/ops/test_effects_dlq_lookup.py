@@ -20,6 +20,7 @@ from mesh.dlq.entry import DeadLetter
 from mesh.ops.effects_cli import _dead_letter
 from mesh.ops.web.bench import Counting
 from tests.broker.test_settlement import consume, fetch, note  # noqa: F401  (a fixture)
+from tests.conftest import close_client, redis_client
 from tests.dlq.bulk import generate
 
 
@@ -46,18 +47,19 @@ def lookup(c: MeshClient, record: JobRecord, step_id: str) -> tuple[int, list[An
 def test_an_unknown_steps_dead_letter_is_found_with_the_same_commands_whatever_the_size_of_the_dlq(
         make_settings: Callable[..., MeshSettings], rclient: redis.Redis) -> None:
     settings = make_settings()
-    counted = redis.Redis.from_url(settings.redis_url, connection_class=Counting)
+    counted = redis_client(settings.redis_url, connection_class=Counting)  # a cluster's: each node's
     try:
         c = MeshClient(settings, client=counted)
         store = DeadLetterStore(rclient, c.keys)
         generate(rclient, c.keys, 500, time.time() - 7_200)  # older dead letters of every agent, executor's too
         record, step = unknown_step(c, store, "effect-7")
         legacy, legacy_step = unknown_step(c, store, "effect-8", indexed=False)
+        lookup(c, legacy, legacy_step)  # the walk's script loaded where the Redis lacks it (each primary of a cluster)
         small = lookup(c, record, step), lookup(c, legacy, legacy_step)
         generate(rclient, c.keys, 5_000, time.time() - 7_200)
         large = lookup(c, record, step), lookup(c, legacy, legacy_step)
     finally:
-        counted.close()
+        close_client(counted)
     for (commands, found), key in zip(large, ("effect-7", "effect-8"), strict=True):
         assert [s.entry.entry_id for s in found] == [f"entry-{key}"]
         assert commands > 0

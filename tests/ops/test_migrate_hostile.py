@@ -15,10 +15,16 @@ from tests.broker import test_redis_auth
 #: A redis-server whose default user has a password, and an admin connection to it.
 acl_server = test_redis_auth.acl_server
 
+#: On the suite's Redis, the older key layout's tests: skipped on a cluster (as tests/broker/test_layout_guard.py).
+OLDER_LAYOUT = pytest.mark.no_cluster("the older key layout never ran on a Redis Cluster (its scripts' keys "
+                                      "spanned slots): the mesh does not look for it there and mesh migrate "
+                                      "refuses one (broker/layout.py)")
+
 #: The part after ``NS:`` of keys an older mesh (or anything sharing its Redis) may hold.
 HOSTILE = [b"bin\xff\xfe", b"sp ace", b"nl\nx", b"br{ac}e", b"gl*?[]\\", b"job:\xc3\xa9t\xc3\xa9"]
 
 
+@OLDER_LAYOUT
 def test_keys_of_any_bytes_move_as_they_are(cli, rclient: redis.Redis, namespace):
     ns = namespace.encode()
     for rest in HOSTILE:
@@ -39,6 +45,7 @@ def test_keys_of_any_bytes_move_as_they_are(cli, rclient: redis.Redis, namespace
     assert rclient.get(layout.marker(namespace)) == layout.VERSION.encode()
 
 
+@OLDER_LAYOUT
 def test_a_conflicting_key_of_any_bytes_is_listed_on_one_line(cli, rclient: redis.Redis, namespace):
     ns = namespace.encode()
     rclient.set(ns + b":nl\n\xff", "old", px=600_000)
@@ -53,6 +60,7 @@ def test_a_conflicting_key_of_any_bytes_is_listed_on_one_line(cli, rclient: redi
     assert rclient.get(ns + b":nl\n\xff") == b"old" and rclient.get(b"{" + ns + b"}:nl\n\xff") == b"new"
 
 
+@OLDER_LAYOUT
 def test_keys_written_under_the_old_names_during_the_run_leave_the_namespace_unmarked(rclient: redis.Redis,
                                                                                       namespace):
     """A sender of the older release still running writes old names behind the scan: they are moved
@@ -78,6 +86,7 @@ def test_keys_written_under_the_old_names_during_the_run_leave_the_namespace_unm
     assert rclient.keys(f"{ns}:*") == [] and rclient.exists(*(f"{{{ns}}}:{k[len(ns) + 1:]}" for k in late)) == len(late)
 
 
+@OLDER_LAYOUT
 def test_mesh_migrate_exits_1_naming_a_writer_of_the_older_release(cli, rclient: redis.Redis, namespace,
                                                                   monkeypatch):
     ns = namespace

@@ -20,6 +20,7 @@ from mesh import (
     ToolContext,
     ToolRefused,
 )
+from mesh.broker.keys import Keys
 from mesh.testing import TestClock, TestContext, TestModel, ToolCall, calls
 
 app = App("unit")
@@ -226,3 +227,22 @@ def test_what_a_test_context_raises_for_a_destructive_call_is_importable_from_me
         loop_app.refunder(waiting, loop_app.Order(order_id="o-1"))
     assert asked.value.call == {"tool": "refund", "args": {"order_id": "o-1", "cents": 5}}
     assert "CallNeedsApproval" in mesh.testing.__all__ and waiting.calls == []
+
+
+kept = App("kept")
+
+
+class Memo(BaseModel):
+    text: str
+
+
+@kept.tool(effect=False)
+def remember(ctx: ToolContext, args: Memo) -> Memo:
+    ctx.redis.set(f"{ctx.keys.prefix}:memo", args.text)
+    return Memo(text=(ctx.redis.get(f"{ctx.keys.prefix}:memo") or b"").decode())
+
+
+def test_a_real_tool_reaches_the_redis_the_settings_name_a_clusters_too(settings: MeshSettings, rclient) -> None:
+    ctx = TestContext(kept, settings=settings)  # a cluster's URL was refused here (redis-py's URLs take none)
+    assert ctx.call("remember", Memo(text="kept")) == Memo(text="kept")
+    assert rclient.get(f"{Keys(settings.namespace).prefix}:memo") == b"kept"

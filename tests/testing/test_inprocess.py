@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis
 from pydantic import BaseModel
 
 from mesh import App, AsyncContext, ConfigError, Context, Credential, Pipeline, State, ToolContext
 from mesh.broker.keys import prefix
 from mesh.testing import TestMesh, TestModel, ToolCall, run_pipeline
+from tests.conftest import redis_client
 
-pytestmark = pytest.mark.slow  # each test starts an in-process worker
+# each test starts an in-process worker, on the suite's Redis (MESH_REDIS_URL, as a user's test sets it)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("redis_env")]
 
 app = App("inprocess")
 
@@ -80,7 +81,7 @@ def test_an_approved_run_ends_with_the_fake_tools_answer_and_leaves_no_key() -> 
     assert record.state is State.SUCCEEDED and record.steps["publish"].result == {"id": "P-otters"}
     assert mesh.calls == [ToolCall("post", Draft(text="otters"), Posted(id="P-otters"))]
     assert mesh.model.prompts[0].prompt == "write about otters"
-    assert list(redis.Redis.from_url(url).scan_iter(match=f"{prefix(namespace)}:*")) == []
+    assert list(redis_client(url).scan_iter(match=f"{prefix(namespace)}:*")) == []
 
 
 def test_a_real_tool_reads_the_secret_the_test_gives() -> None:

@@ -9,7 +9,8 @@ from mesh import Pipeline, State
 from mesh.testing import TestMesh, TestModel
 from tests.testing.test_inprocess import DRAFTS, Posted, app, post
 
-pytestmark = pytest.mark.slow  # each test starts an in-process worker
+# each test starts an in-process worker, on the suite's Redis (MESH_REDIS_URL, as a user's test sets it)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("redis_env")]
 
 app.pipeline(Pipeline("early").step("paid", wait_for={"event": "paid", "timeout": "2h"})
              .step("nap", depends_on=["paid"], sleep="1ms")

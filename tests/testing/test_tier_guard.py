@@ -4,11 +4,11 @@ leaves nothing behind."""
 from __future__ import annotations
 
 import pytest
-import redis
 
 from examples.quickstart.app import app
 from mesh.broker.keys import prefix
 from mesh.testing import TestMesh
+from tests.conftest import redis_client
 from tests.tier import NeedsSlowMarker
 
 
@@ -17,5 +17,5 @@ def test_a_test_mesh_in_an_unmarked_test_is_refused_and_leaves_no_key_or_folder(
     with pytest.raises(NeedsSlowMarker, match=r"mark it @pytest\.mark\.slow"):
         mesh.start()
     assert mesh.settings is not None
-    assert list(redis.Redis.from_url(redis_url).scan_iter(match=f"{prefix(mesh.settings.namespace)}:*")) == []
+    assert list(redis_client(redis_url).scan_iter(match=f"{prefix(mesh.settings.namespace)}:*")) == []
     assert mesh._secrets_dir is not None and not mesh._secrets_dir.exists()
