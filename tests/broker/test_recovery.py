@@ -43,8 +43,12 @@ def test_killed_workers_in_flight_messages_are_processed_by_the_survivor_within_
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
         killed_at = time.monotonic()
+        killed_ms = client.clock.now_s() * 1000
 
         worker_process("--agents", "executor", "--threads", "4", **env)
+        # The survivor's start (a process importing the mesh: seconds on a loaded machine) is not recovery:
+        # the bound below counts from its first heartbeat.
+        wait_for(lambda: rclient.zcount(client.keys.heartbeats, killed_ms, "+inf") >= 1, timeout_s=60)
         # Within the heartbeat bound (the lease defaults to it) plus a few seconds of pick-up and work.
         records = [client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 10) for ref in refs]
         recovered_in = time.monotonic() - killed_at
