@@ -151,8 +151,8 @@ class Registry:
         return server_ms(self.redis)
 
     def publish(self, worker_id: str, label: str, agents: Iterable[PublishedAgent], *, app: str = "") -> None:
-        """Publish ``agents`` and record ``worker_id`` as serving each; workers of them that stopped
-        heartbeating long ago are pruned on the way."""
+        """Publish ``agents`` and record ``worker_id`` as serving each, with a heartbeat (it is alive as
+        it publishes); workers of them that stopped heartbeating long ago are pruned on the way."""
         agents = list(agents)
         now = self.now_ms()
         self._prune([a.name for a in agents], now)
@@ -164,6 +164,9 @@ class Registry:
             pipe.zadd(self.keys.serving(agent.name), {worker_id: now})
         pipe.hset(self.keys.registry_workers, worker_id, dumps(
             {"label": label, "app": app, "agents": {a.name: a.version for a in agents}, "since": since}))
+        # The worker is alive as it publishes: listed from now on, it must not read "dead" until its
+        # consumers' first fetch beats (GT: a later beat already recorded is never moved back).
+        pipe.zadd(self.keys.heartbeats, {worker_id: now}, gt=True)
         pipe.execute()
 
     def unpublish(self, worker_id: str) -> None:

@@ -34,13 +34,14 @@ def test_publish_lists_the_agent_its_workers_and_their_heartbeats_and_unpublish_
     publish_greeter(client, "w1")
     publish_greeter(client, "w2")
     heartbeat(client, "w1")
+    client.redis.zrem(client.keys.heartbeats, "w2")  # as if its publish's heartbeat had been reaped
     [listing] = registry(client).listing()
     assert listing.agent.name == "greet" and listing.agent.version == 1 and listing.agent.queue == "greet"
     assert listing.agent.input_schema == Name.model_json_schema()
     by_id = {w.id: w for w in listing.workers}
     assert set(by_id) == {"w1", "w2"}
     assert by_id["w1"].alive and by_id["w1"].label == "host:w1" and by_id["w1"].version == 1
-    assert not by_id["w2"].alive and by_id["w2"].heartbeat_ms is None  # no heartbeat yet
+    assert not by_id["w2"].alive and by_id["w2"].heartbeat_ms is None  # no heartbeat
 
     registry(client).unpublish("w1")
     [listing] = registry(client).listing()
@@ -60,6 +61,16 @@ def test_a_publish_prunes_workers_that_stopped_heartbeating_but_keeps_live_and_n
     publish_greeter(client, "new")  # not heartbeating yet, but just published: kept
     assert {w.id for w in registry(client).listing()[0].workers} == {"live", "new"}
     assert client.redis.hget(client.keys.registry_workers, "dead") is None
+
+
+def test_a_worker_is_alive_as_it_publishes_before_its_consumers_first_beat_and_a_later_beat_stays(client):
+    publish_greeter(client, "w1")  # no consumer has fetched: publishing alone says it is alive
+    [worker], _ = registry(client).workers()
+    assert worker.alive and worker.heartbeat_ms is not None
+    later = registry(client).now_ms() + 60_000
+    client.redis.zadd(client.keys.heartbeats, {"w1": later})
+    publish_greeter(client, "w1")  # a re-publish never moves a later beat back
+    assert int(client.redis.zscore(client.keys.heartbeats, "w1") or 0) == later
 
 
 def test_published_schema_check_names_every_bad_field():

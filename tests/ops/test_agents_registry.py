@@ -131,6 +131,7 @@ def test_a_message_for_another_contract_version_is_dead_lettered_naming_both_and
 def test_mesh_queues_and_metrics_cover_the_user_agents(cli, client, worker_process):
     # Published by a worker that is gone: its queue is still counted while messages wait.
     client.registry.publish("gone", "host:gone", [published(s, "greeter") for s in app.agents.values()], app="greeter")
+    client.redis.zrem(client.keys.heartbeats, "gone")  # its publish's heartbeat reaped: it is gone
     client.send("greet", {"name": "ada"})
     depths = json.loads(cli("queues", "--json").stdout)
     assert depths["greet"] == {**EMPTY, "ready": 1} and depths["shout"] == EMPTY

@@ -98,6 +98,7 @@ def test_the_no_worker_hint_repeats_the_app_it_was_given_and_names_the_published
     keys = MeshClient(settings, client=rclient).keys
     Registry(rclient, keys, settings.heartbeat_timeout_s).publish(
         "w-gone", "host:1", [published(a, quickstart.name) for a in quickstart.agents.values()], app=quickstart.name)
+    rclient.zrem(keys.heartbeats, "w-gone")  # its publish's heartbeat reaped
     res = cli("run", "article", *args)
     assert res.returncode == 4
     assert ("start one: mesh worker --app MODULE:APP (the import path of app 'quickstart'); see mesh agents"

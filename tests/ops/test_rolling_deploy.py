@@ -121,7 +121,8 @@ def test_replay_to_a_version_only_a_dead_worker_served_is_skipped(client, settin
 
     client.registry.publish("old", "host:1", [published(s, "greeter") for s in app.agents.values()])
     client.registry.publish("new", "host:2", [published(s, "greeter") for s in app_v2.agents.values()])
-    client.redis.zadd(client.keys.heartbeats, {"old": client.registry.now_ms()})  # "new" never beats
+    client.redis.zrem(client.keys.heartbeats, "new")  # killed right after publishing: "new" never beats again
+    client.redis.zadd(client.keys.heartbeats, {"old": client.registry.now_ms()})
     eid = _greet_entry(client)
     replayer = Replayer(DeadLetterStore(client.redis, client.keys), settings, to_version=2)
 
