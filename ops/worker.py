@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -78,9 +77,11 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
     flow_control(broker, settings, runtime.app)
     actors = declare_app(broker, runtime, agents)
     entries = [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors]
-    threading.Thread(target=_publish, args=(registry(settings, broker), broker.broker_id, broker.worker_label,
-                                            entries, runtime.app.name),
-                     name="mesh-publish", daemon=True).start()
+    stopped = threading.Event()  # set as the worker stops: a publication not made by then is given up
+    publisher = threading.Thread(target=_publish, args=(registry(settings, broker), broker.broker_id,
+                                                        broker.worker_label, entries, runtime.app.name),
+                                 kwargs={"stopped": stopped}, name="mesh-publish", daemon=True)
+    publisher.start()
     if runtime.app.mcp_servers:  # pin the MCP tools the served agents call: in the background, as publishing
         threading.Thread(target=_register_mcp, args=(runtime.app, [a.actor_name for a in actors], settings, broker),
                          name="mesh-mcp-register", daemon=True).start()
@@ -89,6 +90,7 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
                         tenant_queues=set() if settings.prefetch else tenant_queues(runtime.app, actors))
     if settings.prefetch:
         worker.queue_prefetch = settings.prefetch
+    worker.publication = (publisher, stopped)
     broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
     worker.start()
     return worker
@@ -104,6 +106,16 @@ class MeshWorker(Worker):
     def __init__(self, *args: Any, tenant_queues: set[str] | frozenset[str] = frozenset(), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tenant_queues = tenant_queues
+        #: the thread publishing the worker's agents and the event that ends its tries (start_worker)
+        self.publication: tuple[threading.Thread, threading.Event] | None = None
+
+    def stop_publishing(self, timeout_s: float = 10.0) -> None:
+        """End the tries of a publication not made yet and wait (at most ``timeout_s``: one try's
+        connect and socket timeouts) for one under way: an unpublish after this call is the last word."""
+        if self.publication is not None:
+            thread, stopped = self.publication
+            stopped.set()
+            thread.join(timeout_s)
 
     def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
         if delay or queue_name not in self.tenant_queues:
@@ -175,6 +187,8 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
     logger.info("worker stopping", extra={"pid": os.getpid()})
     worker.stop(timeout=30_000)
     broker = typing.cast(MeshBroker, worker.broker)
+    if isinstance(worker, MeshWorker):  # a publication still retried must not land after the unpublish
+        worker.stop_publishing()
     try:
         registry(settings, broker).unpublish(broker.broker_id)
     except redis.RedisError as exc:  # its heartbeat stops anyway: listed as dead, pruned later
@@ -218,13 +232,34 @@ PUBLISH_WAIT = tenacity.wait_exponential(multiplier=0.1, max=5.0)
 
 
 def _publish(reg: Registry, worker_id: str, label: str, entries: list[PublishedAgent], app: str, *,
-             sleep: Callable[[float], None] = time.sleep) -> None:
+             sleep: Callable[[float], None] | None = None, stopped: threading.Event | None = None) -> None:
     """Publish the worker's agents; while Redis refuses (down, OOM, read-only) the worker serves
     anyway and the publication is retried with backoff (:data:`PUBLISH_WAIT`) until it is made, so a
-    deploy never waits on it. Any other error ends the tries."""
+    deploy never waits on it, or until ``stopped`` is set (the worker stops: a publication landing
+    after its unpublish would list a stopped worker, with a heartbeat). Any other error ends the tries."""
+    stop = stopped or threading.Event()
+
+    def wait(seconds: float) -> None:  # cut short by the stop
+        stop.wait(seconds)
+
+    def attempt() -> None:
+        if stop.is_set():
+            raise _Stopped
+        reg.publish(worker_id, label, entries, app=app)
+
     retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(redis.RedisError), wait=PUBLISH_WAIT,
-                                 stop=tenacity.stop_never, before_sleep=_publish_failed, sleep=sleep, reraise=True)
-    retrying(reg.publish, worker_id, label, entries, app=app)
+                                 stop=tenacity.stop_when_event_set(stop), before_sleep=_publish_failed,
+                                 sleep=sleep or wait, reraise=True)
+    try:
+        retrying(attempt)
+    except (_Stopped, redis.RedisError):
+        if not stop.is_set():
+            raise
+        logger.warning("the worker stopped before its agents could be published", extra={"worker": label})
+
+
+class _Stopped(Exception):
+    """The worker stopped before its publication was made: no more tries."""
 
 
 def _publish_failed(state: tenacity.RetryCallState) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -56,3 +57,27 @@ def test_an_error_other_than_redis_ends_the_tries(settings: Any, rclient: redis.
     with pytest.raises(AttributeError):
         _publish(reg, "w-1", "host:1", [object()], app.name, sleep=waits.append)  # type: ignore[list-item]
     assert waits == []
+
+
+def test_a_stop_ends_the_tries_of_a_publication_redis_refused_and_it_never_lands_after(
+        settings: Any, rclient: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    keys = Keys(settings.namespace)
+    down = redis.Redis(port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    reg = Registry(down, keys, settings.heartbeat_timeout_s)
+    stopped, waits = threading.Event(), []
+
+    def sleep(seconds: float) -> None:  # the worker stops during the third wait; Redis answers after
+        waits.append(seconds)
+        if len(waits) == 3:
+            stopped.set()
+            reg.redis = rclient
+
+    entries = [published(spec, app.name) for spec in app.agents.values()]
+    with caplog.at_level(logging.WARNING, logger="mesh.ops.worker"):
+        _publish(reg, "w-1", "host:1", entries, app.name, sleep=sleep, stopped=stopped)
+
+    assert waits == pytest.approx([0.1, 0.2, 0.4])  # no try after the stop
+    assert rclient.hget(keys.registry_workers, "w-1") is None and rclient.zscore(keys.heartbeats, "w-1") is None
+    assert "the worker stopped before its agents could be published" in caplog.text
+    _publish(reg, "w-1", "host:1", entries, app.name, stopped=stopped)  # stopped before it starts: nothing
+    assert rclient.hget(keys.registry_workers, "w-1") is None
