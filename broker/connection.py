@@ -22,7 +22,9 @@ command, for commands that are safe to re-send, and without it, for the broker's
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import threading
 import time
 import weakref
@@ -78,12 +80,34 @@ class RedisAddress:
 
 
 def parse_url(url: str) -> RedisAddress:
-    """``url`` taken apart; ConfigError (naming the URL with its password masked) when it is not one
-    of the forms above."""
+    """``url`` taken apart; ConfigError (naming the URL with its password masked, and cut short when
+    long) when it is not one of the forms above."""
     try:
         return _parse(url)
     except ValueError as exc:
-        raise ConfigError(f"MESH_REDIS_URL {masked_url(url)!r}: {exc}") from None
+        raise ConfigError(f"MESH_REDIS_URL {_clipped(masked_url(url))!r}: {exc}") from None
+
+
+#: The most seeds a cluster URL may name: the client tries them one after the other, each for up to
+#: its connect and read timeouts, before it calls the cluster unreachable.
+MAX_SEEDS = 64
+#: The longest input an error message repeats; a longer one is cut, with its length said.
+SHOWN_CHARS = 120
+#: The highest database number Redis takes (SELECT's argument is a 32-bit integer).
+MAX_DB = 2**31 - 1
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
+def _split(rest: str) -> tuple[str | None, str, str]:
+    """The part after ``scheme://`` as (userinfo, hosts, path): the userinfo is everything before the
+    last ``@`` (an ``@`` is in no host, port, service or database, so a password holding ``@``, ``/``,
+    ``?`` or ``#`` that was not percent-encoded is still read whole, never as a host or a path)."""
+    userinfo, at, tail = rest.rpartition("@")
+    hostlist, _, path = tail.partition("/")
+    return (userinfo if at else None), hostlist, path
 
 
 def _parse(url: str) -> RedisAddress:
@@ -91,20 +115,27 @@ def _parse(url: str) -> RedisAddress:
     if not sep or scheme.lower() not in SCHEMES:
         raise ValueError(f"the scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
     scheme = scheme.lower()
-    netloc, _, path = rest.partition("/")
+    userinfo, hostlist, path = _split(rest)
+    if "://" in f"{hostlist}/{path}":
+        raise ValueError("one scheme for the whole URL: its hosts are host:port,host:port")
+    if _BLANK.search(hostlist) or _BLANK.search(path):
+        raise ValueError("it holds a space or a control character (a line break?) outside its password")
     path, _, query = path.partition("?")
     if query:
         raise ValueError("query parameters are not taken; use MESH_* settings")
-    userinfo, at, hostlist = netloc.rpartition("@")
     username = password = None
-    if at:
+    if userinfo is not None:
         user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+        username = _unquote(user, "user name") or None
+        password = _unquote(secret, "password") if colon else None
         if not colon:  # redis-py's reading too: a lone userinfo is the password
-            username, password = None, unquote(user) or None
+            username, password = None, _unquote(user, "password") or None
     default_port = SENTINEL_PORT if scheme == "redis+sentinel" else 6379
-    hosts = tuple(_host_port(h, default_port) for h in hostlist.split(","))
+    seeds = hostlist.split(",")
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"{len(seeds)} hosts; name at most {MAX_SEEDS} (a few of a cluster's nodes are enough: "
+                         "the client learns the others from them)")
+    hosts = tuple(dict.fromkeys(_host_port(h, default_port) for h in seeds))  # a host named twice: once
     parts = [p for p in path.split("/") if p] if path else []
     service = None
     if scheme == "redis+sentinel":
@@ -115,33 +146,68 @@ def _parse(url: str) -> RedisAddress:
         raise ValueError("several hosts are a Sentinel URL (redis+sentinel://host:port,.../service[/db]) or a "
                          "cluster's (redis+cluster://host:port,.../)")
     if len(parts) > 1:
-        raise ValueError(f"unexpected path {'/' + path!r}")
-    try:
-        db = int(parts[0]) if parts else 0
-    except ValueError:
-        raise ValueError(f"the database must be a number, not {parts[0]!r}") from None
-    if db < 0:
-        raise ValueError("the database must not be negative")
+        raise ValueError(f"unexpected path {_clipped('/' + path)!r}")
+    if parts and not _DIGITS.fullmatch(parts[0]):
+        raise ValueError(f"the database must be a number, not {_clipped(parts[0])!r}")
+    digits = parts[0].lstrip("0") if parts else ""
+    db = int(digits) if 0 < len(digits) <= len(str(MAX_DB)) else 0
+    if len(digits) > len(str(MAX_DB)) or db > MAX_DB:
+        raise ValueError(f"the database must be at most {MAX_DB}")
     if db and scheme.endswith("+cluster"):
-        raise ValueError(f"a Redis Cluster has database 0 only, not {db}: drop '/{db}' from the URL")
+        raise ValueError(f"a Redis Cluster has database 0 only, not {db}: drop '/{parts[0]}' from the URL")
     return RedisAddress(scheme, hosts, db, username, password, service)
+
+
+#: A space or a control character: in no host, port, service or database.
+_BLANK = re.compile(r"[\s\x00-\x1f\x7f]")
+#: A port or a database: ASCII digits only (``int`` would take " 7", "+7", "7_0" and other scripts' digits).
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _unquote(text: str, what: str) -> str:
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"the {what} is percent-encoded, but its bytes are not UTF-8") from None
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:
     if item.startswith("["):  # [::1]:6379
-        host, _, port = item[1:].partition("]")
+        host, bracket, port = item[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"an IPv6 address's '[' is not closed: {_clipped(item)!r}")
+        if port and not port.startswith(":"):
+            raise ValueError(f"unexpected {_clipped(port)!r} after [{_clipped(host)}]")
         port = port.removeprefix(":")
     else:
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address is written in brackets: [{_clipped(host)}]:{_clipped(port)}")
     if not host:
         raise ValueError("a host is missing")
-    try:
-        number = int(port) if port else default_port
-    except ValueError:
-        raise ValueError(f"the port of {host} must be a number") from None
+    shown = _clipped(host)
+    if not _is_ip(host):
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"{shown!r} is not a host name (a name of dot-separated labels of at most 63 "
+                             "characters, or an IP address)") from None
+    if not port and item.endswith(":"):
+        raise ValueError(f"the port of {shown} is missing after ':'")
+    if port and not _DIGITS.fullmatch(port):
+        raise ValueError(f"the port of {shown} must be a number")
+    number = default_port if not port else int(port) if len(port) <= 5 else 0
     if not 0 < number < 65536:
-        raise ValueError(f"the port of {host} is out of range")
+        raise ValueError(f"the port of {shown} is out of range")
     return host, number
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def masked_url(url: str) -> str:
@@ -149,13 +215,12 @@ def masked_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url if "@" not in url else MASKED
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, hostlist = netloc.rpartition("@")
-    if not at:
+    userinfo, hostlist, path = _split(rest)
+    if userinfo is None:
         return url
     user, colon, _ = userinfo.partition(":")
     shown = f"{user}:{MASKED}" if colon else MASKED
-    return f"{scheme}://{shown}@{hostlist}{slash}{tail}"
+    return f"{scheme}://{shown}@{hostlist}{'/' if path or rest.endswith('/') else ''}{path}"
 
 
 def check(settings: MeshSettings) -> None:
@@ -226,8 +291,9 @@ def _cluster(settings: MeshSettings, address: RedisAddress, retries: bool, optio
     try:  # it asks the seeds for the cluster's layout at once
         return MeshCluster(startup_nodes=nodes, retry=retry, **kwargs)
     except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
-        seeds = ",".join(_shown(host, port) for host, port in address.hosts)
-        raise redis.ConnectionError(f"Redis Cluster {seeds}: {exc}") from None
+        seeds = ",".join(_shown(host, port) for host, port in address.hosts[:3])
+        more = f" and {len(address.hosts) - 3} more" if len(address.hosts) > 3 else ""
+        raise redis.ConnectionError(f"Redis Cluster {seeds}{more}: {exc}") from None
 
 
 class ClusterUnreachable(redis.exceptions.ConnectionError, redis.exceptions.RedisClusterUnreachableError):

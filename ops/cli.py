@@ -6,11 +6,13 @@ data take ``--json``; what the commands share (consoles, exit codes, the client,
 from __future__ import annotations
 
 import gc
+import os
 
 import redis
 import typer
 from typer.core import TyperGroup
 
+from mesh.broker.settings import DEFAULT_REDIS_URL
 from mesh.contracts import MeshError
 from mesh.ops import (
     approvals_cli,
@@ -27,7 +29,7 @@ from mesh.ops import (
 )
 from mesh.ops.agents_cli import agents as agents_command
 from mesh.ops.breakers_cli import breakers_app
-from mesh.ops.console import EXIT_INPUT, MARKUP, fail, plain_help
+from mesh.ops.console import EXIT_INPUT, MARKUP, REDIS_TROUBLE, fail, plain_help, redis_trouble
 from mesh.ops.dlq_cli import dlq_app
 from mesh.ops.limits_cli import limits_app
 from mesh.ops.pipeline_cli import pipeline_app
@@ -103,6 +105,10 @@ def invoke(args: list[str] | None = None, prog_name: str | None = None) -> None:
         # A user held by ACL rules that lack a command: say so, not a traceback.
         _stop(f"Redis refused a command to this user: {exc}. The rules a mesh user needs: "
               "`python -m mesh.broker.acl NAMESPACE` (docs/reference/acl.md)", EXIT_INPUT)
+    except REDIS_TROUBLE as exc:
+        # Redis not reached, or not a Redis, where a command (a worker's start-up, `mesh migrate`)
+        # first used it: one line, not a traceback. The settings were read: the URL parses.
+        _stop(*redis_trouble(exc, os.environ.get("MESH_REDIS_URL", DEFAULT_REDIS_URL)))
 
 
 def _stop(message: str, code: int) -> None:

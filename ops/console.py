@@ -15,13 +15,14 @@ import orjson
 import redis
 import typer
 from redis.cluster import RedisCluster
+from redis.sentinel import MasterNotFoundError
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, JustifyMethod, RenderResult
 from rich.table import Table
 from rich.text import Text
 
 from mesh.broker import MeshClient, MeshSettings
-from mesh.broker.connection import masked_url
+from mesh.broker.connection import masked_url, parse_url
 from mesh.contracts import ConfigError
 from mesh.ops.escape import CONTROL, escape, escape_json, install
 
@@ -85,19 +86,46 @@ def client(*, layout_warning: bool = True) -> MeshClient:
     unmigrated data of the older key layout, a warning on stderr (``layout_warning``): what a command
     reads there is not the namespace's data. The check is the round trip that proves Redis answers."""
     s = settings()
-    c = MeshClient(s)
     try:
+        c = MeshClient(s)  # a cluster's client asks its seeds for the cluster's layout at once
         refused = c.layout_refusal()
         if isinstance(c.redis, RedisCluster):  # no round trip was made
             c.redis.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        hint = ("; give its user and password in MESH_REDIS_URL: redis://user:password@host:port/db"
-                if isinstance(exc, redis.AuthenticationError) else "")
-        fail(f"cannot reach Redis at {masked_url(s.redis_url)}: {exc}{hint}", EXIT_REDIS)
+    except REDIS_TROUBLE as exc:
+        fail(*redis_trouble(exc, s.redis_url))
     if refused is not None and layout_warning:
         err.print(Text.assemble(("warning: ", "yellow"), refused.replace(": stop its workers", ", not shown here: stop "
                                                                          "its workers")), highlight=False)
     return c
+
+
+#: The errors of a Redis that cannot be used as MESH_REDIS_URL names it: not reached, or not answering
+#: as Redis does, or without the URL's database (:func:`redis_trouble`).
+REDIS_TROUBLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse,
+                 redis.exceptions.ResponseError)
+
+
+def redis_trouble(exc: Exception, url: str) -> tuple[str, int]:
+    """The one line and the exit code of ``exc``, met on the Redis ``url`` names: 2 for a database
+    the server does not have (a settings error), 3 for a server not reached or not speaking Redis.
+    The URL is shown with its password masked; a response error of another kind is raised again."""
+    shown = masked_url(url)
+    if len(shown) > 200:
+        shown = f"{shown[:200]}... ({len(shown)} characters)"
+    text = " ".join(str(exc).split())  # one line, whatever the server or the resolver said
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return (f"Redis at {shown} answered something that is not Redis's protocol ({text}): is it a Redis "
+                "server, and TLS (rediss://) exactly when it serves TLS?", EXIT_REDIS)
+    if isinstance(exc, redis.exceptions.ResponseError):
+        if "DB index is out of range" not in text:
+            raise exc
+        return (f"MESH_REDIS_URL {shown}: the server has no database {parse_url(url).db} (its `databases` "
+                "setting counts them from 0)", EXIT_INPUT)
+    if isinstance(exc, MasterNotFoundError):  # its text ends in the repr of every sentinel's client
+        text = text.split(" : <", 1)[0] + " (no sentinel of the URL answered with one)"
+    hint = ("; give its user and password in MESH_REDIS_URL: redis://user:password@host:port/db"
+            if isinstance(exc, redis.AuthenticationError) else "")
+    return f"cannot reach Redis at {shown}: {text}{hint}", EXIT_REDIS
 
 
 def emit_json(value: Any) -> None:
