@@ -309,11 +309,33 @@ def reachable(exc: redis.exceptions.RedisClusterUnreachableError) -> ClusterUnre
     return exc if isinstance(exc, ClusterUnreachable) else ClusterUnreachable(*exc.args)
 
 
+#: The commands that run a Lua script (with keys: on the primary of its first key's slot).
+SCRIPT_COMMANDS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO"})
+
+
+def _keyed_script(args: tuple[Any, ...]) -> bool:
+    """Whether ``args`` is a script call that declares keys (``EVALSHA sha numkeys key...``)."""
+    if len(args) < 4 or not isinstance(args[0], str) or args[0].upper() not in SCRIPT_COMMANDS:
+        return False
+    try:
+        return int(args[2]) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 class MeshCluster(redis.cluster.RedisCluster):
     """The cluster client :func:`connect` makes: a ``RedisCluster`` whose pipelines make sure the Redis
     node holds the scripts staged on them before they are sent (:class:`ScriptedPipeline`), as a
     single-node client's pipeline does. It knows the scripts registered on it (``register_script``).
-    A command or a pipeline that reaches no node of the cluster raises :class:`ClusterUnreachable`."""
+    A command or a pipeline that reaches no node of the cluster raises :class:`ClusterUnreachable`.
+
+    A script called through it (``script(keys=..., args=...)``, ``eval``, ``evalsha``) goes
+    :func:`on_slot`'s way, as :func:`run_script`'s calls do: to the primary of its first key's slot,
+    waiting out a migration of the slot rather than following the source's ``ASK`` to the target.
+    redis-py follows it (``ASKING``, then the call on the target): a script that declares ``{ns}`` (a
+    compaction's, a retention sweep's) ran on the target while the keys it reads and writes were still
+    on the source, as did the timer loop's and the step counters' scripts while their own keys were
+    missing on the source."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -322,6 +344,9 @@ class MeshCluster(redis.cluster.RedisCluster):
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if _keyed_script(args) and "target_nodes" not in kwargs:
+                # never where an ASK points: on the slot's primary, once it serves the slot (on_slot)
+                return on_slot(self, args[3], lambda node: node.execute_command(*args, **kwargs))
             return super().execute_command(*args, **kwargs)
         except redis.exceptions.RedisClusterUnreachableError as exc:
             raise reachable(exc) from exc

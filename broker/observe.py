@@ -161,7 +161,7 @@ class Counters:
             self._pending = None
 
     def _send(self, args: list[Any]) -> None:
-        self._script(keys=[self.flushed_key], args=args)
+        self._script(keys=[self.keys.prefix, self.flushed_key], args=args)
 
     def close(self) -> None:
         """Stop the thread and write what is left. A count added afterwards (a step that outlived its

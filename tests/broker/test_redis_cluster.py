@@ -264,3 +264,95 @@ def test_a_script_routed_by_its_namespace_waits_out_a_migration_of_its_slot_rath
         caller.join(30)
     assert got == [b"on the source"]  # run once the slot had moved, where its keys are
     assert run_script(script, [ns], [f"{ns}:record"], held) == b"on the source"
+
+
+class _Migration:
+    """The slot of ``ns`` moved from its primary to another as ``redis-cli --cluster reshard`` moves it:
+    entered, the target IMPORTING and the source MIGRATING; :meth:`move` MIGRATEs keys; at exit the rest
+    of the slot's keys are moved and the slot given to the target on every primary. A key the target
+    holds already (``BUSYKEY``) is listed in ``busy`` and moved with REPLACE, so that the slot moves."""
+
+    def __init__(self, nodes: RedisClusterNodes, ns: str) -> None:
+        self.nodes = nodes
+        self.source = nodes.primary_of(ns)
+        self.target = next(p for p in nodes.primaries() if p != self.source)
+        self.slot = int(nodes.node(self.source).execute_command("CLUSTER KEYSLOT", ns))
+        self.ids = {p: nodes.node(p).execute_command("CLUSTER MYID") for p in nodes.primaries()}
+        self.busy: list[str] = []
+
+    def __enter__(self) -> _Migration:
+        self.nodes.node(self.target).execute_command("CLUSTER SETSLOT", self.slot, "IMPORTING", self.ids[self.source])
+        self.nodes.node(self.source).execute_command("CLUSTER SETSLOT", self.slot, "MIGRATING", self.ids[self.target])
+        return self
+
+    def move(self, *keys: str) -> None:
+        source = self.nodes.node(self.source)
+        for key in keys:
+            try:
+                source.execute_command("MIGRATE", "127.0.0.1", self.target, key, 0, 5000)
+            except redis.ResponseError as exc:
+                if "BUSYKEY" not in str(exc):
+                    raise
+                self.busy.append(key)
+                source.execute_command("MIGRATE", "127.0.0.1", self.target, key, 0, 5000, "REPLACE")
+
+    def rejected(self) -> int:
+        """The source's script calls refused so far (an ASK or a TRYAGAIN each)."""
+        stats = self.nodes.node(self.source).info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("rejected_calls", 0)) for c in ("eval", "evalsha"))
+
+    def __exit__(self, *exc: object) -> None:
+        while keys := self.nodes.node(self.source).execute_command("CLUSTER GETKEYSINSLOT", self.slot, 10):
+            self.move(*keys)
+        for port in [self.target, self.source, *(p for p in self.ids if p not in (self.source, self.target))]:
+            self.nodes.node(port).execute_command("CLUSTER SETSLOT", self.slot, "NODE", self.ids[self.target])
+
+
+def test_a_script_called_through_the_cluster_client_waits_out_a_migration_rather_than_follow_its_ask(
+        nodes: RedisClusterNodes) -> None:
+    """As :func:`run_script` (the test above), a script called the cluster client's way (``script(keys=...)``:
+    a compaction's, a retention sweep's, the timer loop's): redis-py followed the source's ASK and ran it on
+    the target, which did not hold the key it reads yet."""
+    client = connect(_settings(nodes))
+    script = client.register_script(READ_ARGV)
+    ns = f"{{mig{uuid.uuid4().hex[:6]}}}"
+    client.set(f"{ns}:record", "on the source")
+    got: list[Any] = []
+    caller = threading.Thread(target=lambda: got.append(script(keys=[ns], args=[f"{ns}:record"])))
+    with _Migration(nodes, ns) as migration:
+        refused = migration.rejected()
+        caller.start()
+        poll(lambda: got or migration.rejected() >= refused + 2, 10, "the call answered, or refused twice")
+        assert got == [], "the script ran on the target while its keys were on the source"
+    caller.join(30)
+    assert got == [b"on the source"]
+    assert client.eval(READ_ARGV, 1, ns, f"{ns}:record") == b"on the source"
+
+
+def test_step_counters_flushed_while_their_namespace_s_slot_migrates_land_once_and_the_slot_moves(
+        nodes: RedisClusterNodes) -> None:
+    """The counters' script declared only the process's batch key and wrote the counters (keys it does not
+    declare): with that key still on the source and ``{ns}:outcomes`` moved, the source ran it, refused its
+    write of the counter it no longer held (a script's access to such a key is an error there, which the
+    script logs and leaves out), and kept its batch number: the batch's counts were lost (2 of 5)."""
+    from mesh.broker.keys import Keys
+    from mesh.broker.observe import Counters
+
+    client = connect(_settings(nodes))
+    keys = Keys(f"mig{uuid.uuid4().hex[:6]}")
+    counters = Counters(client, keys, 60)
+    counters.hincrby(keys.outcomes, "a:succeeded", 2)
+    counters.flush()  # the counters and the process's batch key, on the source
+    counters.hincrby(keys.outcomes, "a:succeeded", 3)
+    flusher = threading.Thread(target=counters.flush)
+    with _Migration(nodes, keys.prefix) as migration:
+        migration.move(keys.outcomes)  # moved first; the batch key is still on the source
+        refused = migration.rejected()
+        flusher.start()
+        poll(lambda: not flusher.is_alive() or migration.rejected() >= refused + 2, 10,
+             "the flush done, or refused twice")
+    flusher.join(30)
+    assert not flusher.is_alive()
+    assert migration.busy == []
+    assert client.hget(keys.outcomes, "a:succeeded") == b"5"
+    counters.close()

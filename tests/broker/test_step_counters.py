@@ -83,7 +83,7 @@ def test_counts_are_written_every_interval_and_a_batch_sent_again_is_not_added_t
     counters.hincrbyfloat(keys.histogram("executor"), "sum", 0.5)
     counters.flush()
     again = [1, 60, "i", keys.outcomes, "executor:succeeded", "3"]
-    assert counters._script(keys=[counters.flushed_key], args=again) == 0
+    assert counters._script(keys=[counters.keys.prefix, counters.flushed_key], args=again) == 0
     assert _counts(client) == (STEPS + 3, STEPS)
     assert 0 < rclient.ttl(counters.flushed_key) <= 24 * 3600
     counters.close()

@@ -3,7 +3,8 @@ worker processes reach it through ``redis+cluster://``; one is SIGKILLed mid-DAG
 for good goes to the DLQ and ``mesh dlq replay`` brings its job to success; ``mesh approve`` decides a
 waiting step; the primary that owns the namespace's slot is SIGKILLed while a client enqueues a
 stream of jobs (with and without MESH_REDIS_WAIT_REPLICAS=1), or SIGSTOPped and resumed once its
-replica was promoted; and a worker and a client run as the
+replica was promoted; the namespace's slot is moved to another primary (as ``redis-cli --cluster
+reshard`` moves it) while workers serve it and a client sends; and a worker and a client run as the
 ACL user of ``python -m mesh.broker.acl`` on every node.
 
 One cluster for the module: a test that kills a primary starts the node again, one that pauses it resumes
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -367,3 +369,148 @@ def test_a_script_staged_in_a_transaction_runs_on_the_promoted_replica_which_nev
         assert pipe.execute() == [6]
     finally:
         nodes.restart(killed)
+
+
+# One step (researcher) a job: the reshard test's stream.
+ONE = check(Pipeline("one").step("research", agent="researcher").build(), app)
+#: Keys per MIGRATE, as ``redis-cli --cluster reshard``'s default ``--cluster-pipeline``.
+BATCH = 10
+#: Keys of the namespace's slot besides the jobs' (a namespace with a history: its moving takes seconds).
+FILLER = 30_000
+
+
+def _calls(node: Any, *commands: str) -> dict[str, int]:
+    stats = node.info("commandstats")
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands}
+
+
+def _refused(node: Any) -> int:
+    stats = node.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("rejected_calls", 0)) for c in ("eval", "evalsha"))
+
+
+class Reshard(threading.Thread):
+    """The slot of ``key`` moved from its primary to ``target`` as ``redis-cli --cluster reshard`` moves
+    it, in a thread: ``began``/``ended`` (monotonic) the IMPORTING and the last SETSLOT NODE."""
+
+    def __init__(self, nodes: RedisClusterNodes, key: str, target: int) -> None:
+        super().__init__(daemon=True)
+        self.nodes, self.target = nodes, target
+        self.source = nodes.primary_of(key)
+        self.slot = int(nodes.node(self.source).execute_command("CLUSTER KEYSLOT", key))
+        self.moved = self.batches = 0
+        self.began = self.ended = 0.0
+        self.error: BaseException | None = None
+        self.on_target: dict[str, int] = {}
+        #: The script calls the source turned back (ASK, TRYAGAIN) while the slot migrated.
+        self.refused = 0
+
+    def run(self) -> None:
+        try:
+            self._move()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def _move(self) -> None:
+        source, target = self.nodes.node(self.source, 10), self.nodes.node(self.target, 10)
+        ids = {p: self.nodes.node(p).execute_command("CLUSTER MYID") for p in self.nodes.primaries()}
+        before = _calls(target, "eval", "evalsha", "blpop", "asking")
+        refused = _refused(source)
+        self.began = time.monotonic()
+        target.execute_command("CLUSTER SETSLOT", self.slot, "IMPORTING", ids[self.source])
+        source.execute_command("CLUSTER SETSLOT", self.slot, "MIGRATING", ids[self.target])
+        while keys := source.execute_command("CLUSTER GETKEYSINSLOT", self.slot, BATCH):
+            source.execute_command("MIGRATE", "127.0.0.1", self.target, "", 0, 5000, "KEYS", *keys)
+            self.moved += len(keys)
+            self.batches += 1
+        after = _calls(target, "eval", "evalsha", "blpop", "asking")
+        self.on_target = {c: after[c] - before[c] for c in after}
+        self.refused = _refused(source) - refused
+        # as redis-cli: the target first, then the source, then the other primaries
+        for port in [self.target, self.source, *(p for p in ids if p not in (self.source, self.target))]:
+            self.nodes.node(port).execute_command("CLUSTER SETSLOT", self.slot, "NODE", ids[self.target])
+        self.ended = time.monotonic()
+
+
+def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new_primary(
+        nodes: RedisClusterNodes, settings: MeshSettings, worker_process: Any) -> None:
+    """200 one-step jobs sent while two workers (2 threads each) serve them; after 80 are acknowledged the
+    namespace's slot is moved to another primary (with 30,000 more keys of the namespace: the move takes
+    1 to 2 s), and a step running across it (``hold``, released once the slot has moved) renews its
+    lease (MESH_LEASE_S=3: every second) meanwhile. Every job ends succeeded, every step ran once, the step
+    counters count every step, no script ran on the target before the slot was its own, and the workers
+    serve the new primary (their heartbeats, their idle wait, 20 more jobs)."""
+    mesh = MeshClient(settings, app=app)
+    ns = settings.namespace
+    workers = [worker_process("--app", APP, "--threads", "2", MESH_LEASE_S="3", MESH_COUNTER_FLUSH_S="0.5")
+               for _ in range(2)]
+    wait_for(lambda: mesh.redis.zcard(mesh.keys.heartbeats) == 2, timeout_s=20)
+    fill = mesh.redis.pipeline(transaction=False)
+    for i in range(FILLER):
+        fill.set(f"{mesh.keys.prefix}:test.filler:{i}", "x" * 100)
+    fill.execute()
+    held = mesh.send("hold", {"diff": "d", "confidence": 0.9}, key="held")
+    wait_for(lambda: mesh.redis.get(f"{prefix(ns)}:test.holder"), timeout_s=20)  # running, its lease renewed
+    source = nodes.primary_of(mesh.keys.prefix)
+    target = next(p for p in nodes.primaries() if p != source)
+    reshard = Reshard(nodes, mesh.keys.prefix, target)
+
+    n, move_at = 200, 80
+    acked: list[str] = []
+    sent_at: list[tuple[float, float]] = []  # each send's start and end (monotonic)
+    for i in range(n):
+        began = time.monotonic()
+        acked.append(mesh.run(ONE, {"goal": f"g{i}"}, key=f"mig-{i}").id)
+        sent_at.append((began, time.monotonic()))
+        if i + 1 == move_at:
+            reshard.start()
+    reshard.join(60)
+    assert not reshard.is_alive() and reshard.error is None, reshard.error
+    assert nodes.primary_of(mesh.keys.prefix) == target
+    assert not nodes.node(source).execute_command("CLUSTER COUNTKEYSINSLOT", reshard.slot)
+    mesh.redis.set(f"{prefix(ns)}:test.release", 1)
+
+    def settled() -> bool:
+        return all(mesh.status(job_id).state in TERMINAL for job_id in [*acked, held.id])
+
+    wait_for(settled, timeout_s=90, interval_s=0.2)
+    records = [mesh.status(job_id) for job_id in [*acked, held.id]]
+    outcomes = Counter(r.state for r in records)
+    during = [e - b for b, e in sent_at if e >= reshard.began and b <= reshard.ended]
+
+    # the workers follow the slot: fresh heartbeats, and their idle wait (BLPOP), on the new primary
+    beat = time.time()
+    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat - 1, "+inf") >= 2, timeout_s=20)
+    waited = _calls(nodes.node(target), "blpop")["blpop"]
+    wait_for(lambda: _calls(nodes.node(target), "blpop")["blpop"] >= waited + 2, timeout_s=10)
+    # every worker thread serves still: a second stream, after the move, ends as the first
+    after = [mesh.run(ONE, {"goal": f"a{i}"}, key=f"after-{i}").id for i in range(20)]
+    ends = [mesh.wait(job_id, timeout_s=30).state for job_id in after]
+    runs = {k.decode(): int(v) for k, v in mesh.redis.hgetall(f"{prefix(ns)}:test.runs").items()}
+
+    def counted() -> int:
+        return int(mesh.redis.hget(mesh.keys.outcomes, "researcher:succeeded") or 0)
+
+    wait_for(lambda: counted() >= n + 20, timeout_s=10)  # the workers' step counters, written every 0.5 s
+    logs = {w.pid: w.log_path.read_text() for w in workers}
+    print(f"reshard of slot {reshard.slot} ({source} -> {target}) with 2 workers and a client sending: "
+          f"{reshard.moved} keys in {reshard.batches} batches of {BATCH}, "
+          f"{reshard.ended - reshard.began:.2f} s from IMPORTING to the last SETSLOT NODE; "
+          f"{len(during)} sends overlapped it, taking {', '.join(f'{d:.2f}' for d in during)} s (the longest send "
+          f"otherwise {max(e - b for b, e in sent_at if e < reshard.began or b > reshard.ended):.2f} s); "
+          f"script calls the source turned back {reshard.refused}; on the target while it imported: "
+          f"{reshard.on_target}; jobs {n} + 1 held across the move, ended {dict(outcomes)}; "
+          f"step runs {sorted(Counter(runs.values()).items())}; counted succeeded {counted()}; "
+          f"after the move 20 more ended {dict(Counter(ends))}")
+    for pid, log in logs.items():
+        noted = [line for line in log.splitlines() if "Traceback" in line or "ERROR" in line or "WARNING" in line]
+        print(f"worker {pid}: {len(noted)} warnings/errors" + "".join(f"\n  {line}" for line in noted[:20]))
+
+    assert outcomes == Counter({State.SUCCEEDED: n + 1}), [(r.job_id, r.state, r.error) for r in records
+                                                          if r.state is not State.SUCCEEDED]
+    assert len(runs) == n + 21 and all(v == 1 for v in runs.values()), runs  # every step ran once
+    assert counted() == n + 20
+    assert reshard.on_target["eval"] == reshard.on_target["evalsha"] == 0  # no script where its keys were not
+    assert ends == [State.SUCCEEDED] * 20
+    assert all(w.poll() is None for w in workers)
+    assert all("Traceback" not in log for log in logs.values())
