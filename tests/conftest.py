@@ -320,6 +320,21 @@ def worker_process(settings: MeshSettings, tmp_path: Path) -> Iterator[Callable[
                 proc.wait()
 
 
+def wait_started(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """Wait until a ``worker_process`` says in its log that it started: its consumers, its timers'
+    loop and its sweeper run. A start (the interpreter, the mesh and the app imported) takes seconds
+    on a loaded machine (13 s seen at a load average of 15): a test whose timed bound is not about
+    that start waits for this before the bound counts. Fails at once if the process ended."""
+
+    def started() -> bool:
+        log = proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+        if proc.poll() is not None:
+            raise AssertionError(f"worker {proc.pid} ended ({proc.returncode}) before it started: {log[-2000:]}")
+        return '"msg":"worker started"' in log
+
+    wait_for(started, timeout_s=timeout_s, interval_s=0.05)
+
+
 #: ``mesh`` commands that start workers of their own (tests/tier.py): they run as a process, as deployed.
 PROCESS_COMMANDS = WORKER_COMMANDS | {"ops"}
 

@@ -214,11 +214,13 @@ def test_replay_all_while_the_cause_persists_replays_each_entry_once_and_ends(
                                      "--rate", "2"], env=mesh_env(settings), cwd=ROOT, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=err)
         try:
-            out, _ = proc.communicate(timeout=15)  # 3 entries at 2/s: a second of pacing
+            # 3 entries at 2/s: a second of pacing, after the process's start (seconds on a loaded machine);
+            # a replay that goes on replaying what it dead-letters again never ends.
+            out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            pytest.fail(f"replay of 3 entries still running after 15s; the server saw {len(server.requests)} "
+            pytest.fail(f"replay of 3 entries still running after 60s; the server saw {len(server.requests)} "
                         f"POSTs (3 originals + 3 replays expected)")
         report = json.loads(out)
         assert proc.returncode == 0, log.read_text()

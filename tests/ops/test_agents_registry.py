@@ -40,7 +40,7 @@ def serving(client: MeshClient, agent: str = "greet") -> list:
 
 def test_a_worker_publishes_its_agents_on_start_and_leaves_them_on_sigterm(client, worker_process):
     proc = worker_process(*APP)
-    [worker] = wait_for(lambda: serving(client))
+    [worker] = wait_for(lambda: serving(client), timeout_s=60)  # a process start: seconds on a loaded machine
     assert worker.label.split(":")[1] == str(proc.pid) and worker.version == 1
     listings = {x.agent.name: x for x in client.registry.listing()}
     assert set(listings) == {"greet", "shout"}
@@ -61,7 +61,7 @@ def test_mesh_agents_fits_80_columns_and_json_carries_the_schemas(cli, client, w
     assert json.loads(cli("agents", "--json").stdout) == []
 
     worker_process(*APP)
-    wait_for(lambda: serving(client) and serving(client, "shout"))
+    wait_for(lambda: serving(client) and serving(client, "shout"), timeout_s=60)
     res = cli("agents", COLUMNS="80")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -85,7 +85,7 @@ def test_mesh_send_checks_a_published_agent_against_its_schema_and_a_good_messag
         res.stderr)
 
     worker_process(*APP, "--agents", "greet")
-    wait_for(lambda: serving(client))
+    wait_for(lambda: serving(client), timeout_s=60)
     bad = cli("send", "greet", "--payload", '{"name": "ada", "times": 7}')
     assert bad.returncode == 2
     assert "--payload: invalid greet input: times: 7 is greater than the maximum of 3 (nothing was sent)" in flat(
@@ -111,7 +111,7 @@ def test_mesh_send_checks_a_published_agent_against_its_schema_and_a_good_messag
 def test_a_message_for_another_contract_version_is_dead_lettered_naming_both_and_never_run(
         settings, rclient, client, cli, worker_process):
     worker_process(*APP)
-    wait_for(lambda: serving(client))
+    wait_for(lambda: serving(client), timeout_s=60)
     v2 = MeshClient(settings, client=rclient, app=app_v2)  # a sender already on version 2
     ref = v2.send("greet", {"name": "ada"})
     record = client.wait(ref.id, timeout_s=30)
@@ -141,7 +141,7 @@ def test_mesh_queues_and_metrics_cover_the_user_agents(cli, client, worker_proce
         assert metric(base, "mesh_queue_ready", queue="shout") == 0
         assert metric(base, "mesh_agent_workers", agent="greet") == 0
         worker_process(*APP)
-        wait_for(lambda: metric(base, "mesh_handler_duration_seconds_count", agent="greet") == 1, timeout_s=30)
-        wait_for(lambda: metric(base, "mesh_agent_workers", agent="greet") == 1)
+        wait_for(lambda: metric(base, "mesh_handler_duration_seconds_count", agent="greet") == 1, timeout_s=60)
+        wait_for(lambda: metric(base, "mesh_agent_workers", agent="greet") == 1, timeout_s=30)
         assert metric(base, "mesh_messages_total", agent="greet", outcome="succeeded") == 1
         assert metric(base, "mesh_queue_ready", queue="greet") == 0

@@ -18,7 +18,7 @@ from mesh.broker.clock import server_ms
 from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.contracts.approvals import parse_duration
-from tests.conftest import sigstop, wait_for
+from tests.conftest import sigstop, wait_for, wait_started
 from tests.pipelines.test_approvals import trace_kinds
 
 
@@ -103,17 +103,26 @@ def test_a_lock_holder_sigstopped_mid_tick_delays_no_expiry_and_fires_nothing_tw
 
     from tests.pipelines.test_approval_faults import APP, _due, _expired, root_spec
 
+    # a worker ticking every 10 ms holds the timers' lock often; it is stopped while it holds it. The one
+    # that must take over runs already: both started (13 s seen at a load average of 15) before the
+    # approval is asked, so its timeout's bounds count the paused holder, not a process start.
+    held = worker_process("--app", APP, "--threads", "1", MESH_TIMER_INTERVAL_S="0.01")
+    takeover = worker_process("--app", APP, "--threads", "1")
+    wait_started(held)
+    wait_started(takeover)
     ref = mesh.run(root_spec(timeout="10s"), {"goal": "g"})
     due = _due(mesh, ref.id)
-    # a worker ticking every 10 ms holds the timers' lock often; it is stopped while it holds it
-    held = worker_process("--app", APP, "--threads", "1", MESH_TIMER_INTERVAL_S="0.01")
     lock = mesh.keys.timers_lock
 
+    def held_holds_it() -> bool:
+        owner = mesh.redis.get(lock)  # the holder's host:pid
+        return owner is not None and owner.decode().rsplit(":", 1)[-1] == str(held.pid)
+
     def stopped_holding() -> bool:
-        if mesh.redis.get(lock) is None:
+        if not held_holds_it():
             return False
         sigstop(held.pid)  # every thread: the main one may stop while the ticking one runs on
-        if mesh.redis.get(lock) is not None:  # only it runs: the lock is its own
+        if held_holds_it():  # stopped, it cannot have let it go since
             return True
         os.kill(held.pid, signal.SIGCONT)
         return False
@@ -123,12 +132,11 @@ def test_a_lock_holder_sigstopped_mid_tick_delays_no_expiry_and_fires_nothing_tw
         left = due - server_ms(mesh.redis)
         print(f"stopped holding the lock {left} ms before the due time")
         assert left > 2000, "stopped too late to tell"
-        worker_process("--app", APP, "--threads", "1")  # the one that must take over
         record = _expired(mesh, ref.id, due)
     finally:
         os.kill(held.pid, signal.SIGCONT)
     assert record.state is State.HALTED
-    wait_for(lambda: mesh.redis.zcard(mesh.keys.timers) == 0, timeout_s=5)
+    wait_for(lambda: mesh.redis.zcard(mesh.keys.timers) == 0, timeout_s=30)  # the firing worker's next write
     assert trace_kinds(mesh, ref.id).count("approval_expired") == 1
 
 

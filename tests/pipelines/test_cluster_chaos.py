@@ -181,8 +181,10 @@ def test_the_namespace_s_primary_killed_or_paused_mid_stream_loses_no_job_a_repl
     assert nodes.primary_of(mesh.keys.prefix) != old
 
     # the workers reconnected by themselves: heartbeats on the new primary, and they serve it
-    beat = time.time()
-    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat - 1, "+inf") >= 2, timeout_s=20)
+    # (heartbeats are the Redis clock's milliseconds: from a second before now, not the epoch's seconds,
+    # which counted every heartbeat ever written, those replicated from the old primary too)
+    beat_ms = mesh.clock.now_s() * 1000
+    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat_ms - 1000, "+inf") >= 2, timeout_s=20)
 
     def settled() -> bool:
         records, _ = _outcomes(mesh, acked)
