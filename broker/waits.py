@@ -122,12 +122,13 @@ def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | No
     every step that ever waited is cleared again, which is harmless). A job with a step waiting keeps
     no TTL (another branch may have ended it: the wait still ends, by its timer or an event);
     ``ended_ttl_ms``: the retention such a job takes once nothing of it waits any more."""
-    if any(s.state is State.WAITING for s in record.steps.values()):
+    waiting = State.WAITING  # read once, not per step (contracts/jobs.py's _SETTLED says why)
+    if any(s.state is waiting for s in record.steps.values()):
         pipe.persist(keys.job(record.job_id))
         pipe.persist(keys.trace(record.job_id))
     elif (ended_ttl_ms is not None and record.state in TERMINAL and not parked(record)
           and any(s.wait for s in record.steps.values())
-          and (before is None or any(s.state is State.WAITING for s in before.steps.values()))):
+          and (before is None or any(s.state is waiting for s in before.steps.values()))):
         # ended while a step waited (no TTL then): its retention starts now that nothing waits
         stage_eval(pipe, approvals.EXPIRE_IF_NONE, 2, keys.job(record.job_id), keys.trace(record.job_id), ended_ttl_ms)
     for step in record.steps.values():

@@ -181,8 +181,9 @@ def values(record: JobRecord) -> dict[str, Any]:
     input, each succeeded step's output."""
     out: dict[str, Any] = {"key": record.key, "task_id": record.key, "job_id": record.job_id,
                            "input": record.pipeline_input or {}}
+    succeeded = State.SUCCEEDED  # read once, not per step (contracts/jobs.py's _SETTLED says why)
     for sid, step in record.steps.items():
-        if (step.state is State.SUCCEEDED and step.result is not None and step.parent is None
+        if (step.state is succeeded and step.result is not None and step.parent is None
                 and step.compensates is None):
             # a for_each step reads as the list of its items' outputs
             out[sid] = step.result["items"] if step.need is not None else step.result
@@ -218,6 +219,7 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
     before, mark = record, len(events)
     messages: list[Message] = []
     dag = graph(spec)
+    queued = State.QUEUED  # read once, not per step (contracts/jobs.py's _SETTLED says why)
     for sid in dag.order:
         rec = record.steps.get(sid)
         if rec is None:
@@ -228,7 +230,7 @@ def advance(spec: PipelineSpec, record: JobRecord, run: Run, routes: Routes, eve
         if rec.need is not None and rec.state is State.SUCCEEDED:
             record = _revise_join(dag.steps[sid], record, events, now)
             continue
-        if rec.state is not State.QUEUED or rec.sent_at is not None:
+        if rec.state is not queued or rec.sent_at is not None:
             continue
         step, steps = dag.steps[sid], record.steps
         if not all(steps[d].state in _RELEASING for d in step.depends_on):
@@ -699,8 +701,9 @@ def settle(record: JobRecord, now: float, spec: PipelineSpec | None = None) -> J
 def job_result(record: JobRecord, spec: PipelineSpec | None) -> dict[str, Any]:
     """What a succeeded job's result is (see :func:`settle`)."""
     if spec is None or spec.result is None:
+        succeeded = State.SUCCEEDED  # read once, not per step (contracts/jobs.py's _SETTLED says why)
         return {sid: s.result for sid, s in record.steps.items()
-                if s.state is State.SUCCEEDED and s.parent is None and s.compensates is None}
+                if s.state is succeeded and s.parent is None and s.compensates is None}
     out: dict[str, Any] = {}
     for sid in spec.result:
         rec = record.steps.get(sid)
