@@ -106,7 +106,10 @@ def _split(rest: str) -> tuple[str | None, str, str]:
     last ``@`` (an ``@`` is in no host, port, service or database, so a password holding ``@``, ``/``,
     ``?`` or ``#`` that was not percent-encoded is still read whole, never as a host or a path)."""
     userinfo, at, tail = rest.rpartition("@")
-    hostlist, _, path = tail.partition("/")
+    # the hosts end at the path's '/' or, without a path, at a query's '?' (``redis://host?password=...``,
+    # as redis-py takes it: a query, never a part of a host name)
+    cut = min((i for i in (tail.find("/"), tail.find("?")) if i >= 0), default=len(tail))
+    hostlist, path = tail[:cut], tail[cut:].removeprefix("/")
     return (userinfo if at else None), hostlist, path
 
 
@@ -216,11 +219,16 @@ def masked_url(url: str) -> str:
     if not sep:
         return url if "@" not in url else MASKED
     userinfo, hostlist, path = _split(rest)
-    if userinfo is None:
+    tail = rest if userinfo is None else rest[len(userinfo) + 1:]
+    slash = tail[len(hostlist):len(hostlist) + 1] == "/"
+    path, question, query = path.partition("?")
+    if question:  # redis-py takes a password there too (?password=...): every value is masked
+        query = "&".join(name + (f"={MASKED}" if eq else "")
+                         for name, eq, _ in (item.partition("=") for item in query.split("&")))
+    elif userinfo is None:
         return url
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:{MASKED}" if colon else MASKED
-    return f"{scheme}://{shown}@{hostlist}{'/' if path or rest.endswith('/') else ''}{path}"
+    shown = "" if userinfo is None else f"{userinfo.partition(':')[0]}:{MASKED}@" if ":" in userinfo else f"{MASKED}@"
+    return f"{scheme}://{shown}{hostlist}{'/' if slash else ''}{path}{question}{query}"
 
 
 def check(settings: MeshSettings) -> None:
