@@ -217,18 +217,26 @@ def masked_url(url: str) -> str:
     """``url`` with its password, if any, replaced by ``***``: the only way a Redis URL is shown."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url if "@" not in url else MASKED
+        if "@" in url:
+            return MASKED
+        head, question, query = url.partition("?")
+        return f"{head}{question}{_masked_query(query)}"
     userinfo, hostlist, path = _split(rest)
     tail = rest if userinfo is None else rest[len(userinfo) + 1:]
     slash = tail[len(hostlist):len(hostlist) + 1] == "/"
     path, question, query = path.partition("?")
-    if question:  # redis-py takes a password there too (?password=...): every value is masked
-        query = "&".join(name + (f"={MASKED}" if eq else "")
-                         for name, eq, _ in (item.partition("=") for item in query.split("&")))
+    if question:
+        query = _masked_query(query)
     elif userinfo is None:
         return url
     shown = "" if userinfo is None else f"{userinfo.partition(':')[0]}:{MASKED}@" if ":" in userinfo else f"{MASKED}@"
     return f"{scheme}://{shown}{hostlist}{'/' if slash else ''}{path}{question}{query}"
+
+
+def _masked_query(query: str) -> str:
+    """A URL's query with every value masked: redis-py takes a password there (``?password=...``)."""
+    return "&".join(name + (f"={MASKED}" if eq else "")
+                    for name, eq, _ in (item.partition("=") for item in query.split("&")) if query)
 
 
 def check(settings: MeshSettings) -> None:
