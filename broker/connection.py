@@ -106,7 +106,10 @@ def _split(rest: str) -> tuple[str | None, str, str]:
     last ``@`` (an ``@`` is in no host, port, service or database, so a password holding ``@``, ``/``,
     ``?`` or ``#`` that was not percent-encoded is still read whole, never as a host or a path)."""
     userinfo, at, tail = rest.rpartition("@")
-    hostlist, _, path = tail.partition("/")
+    # the hosts end at the path's '/' or, without a path, at a query's '?' (``redis://host?password=...``,
+    # as redis-py takes it: a query, never a part of a host name)
+    cut = min((i for i in (tail.find("/"), tail.find("?")) if i >= 0), default=len(tail))
+    hostlist, path = tail[:cut], tail[cut:].removeprefix("/")
     return (userinfo if at else None), hostlist, path
 
 
@@ -214,13 +217,26 @@ def masked_url(url: str) -> str:
     """``url`` with its password, if any, replaced by ``***``: the only way a Redis URL is shown."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url if "@" not in url else MASKED
+        if "@" in url:
+            return MASKED
+        head, question, query = url.partition("?")
+        return f"{head}{question}{_masked_query(query)}"
     userinfo, hostlist, path = _split(rest)
-    if userinfo is None:
+    tail = rest if userinfo is None else rest[len(userinfo) + 1:]
+    slash = tail[len(hostlist):len(hostlist) + 1] == "/"
+    path, question, query = path.partition("?")
+    if question:
+        query = _masked_query(query)
+    elif userinfo is None:
         return url
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:{MASKED}" if colon else MASKED
-    return f"{scheme}://{shown}@{hostlist}{'/' if path or rest.endswith('/') else ''}{path}"
+    shown = "" if userinfo is None else f"{userinfo.partition(':')[0]}:{MASKED}@" if ":" in userinfo else f"{MASKED}@"
+    return f"{scheme}://{shown}{hostlist}{'/' if slash else ''}{path}{question}{query}"
+
+
+def _masked_query(query: str) -> str:
+    """A URL's query with every value masked: redis-py takes a password there (``?password=...``)."""
+    return "&".join(name + (f"={MASKED}" if eq else "")
+                    for name, eq, _ in (item.partition("=") for item in query.split("&")) if query)
 
 
 def check(settings: MeshSettings) -> None:

@@ -106,16 +106,8 @@ class MeshWorker(Worker):
     def __init__(self, *args: Any, tenant_queues: set[str] | frozenset[str] = frozenset(), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tenant_queues = tenant_queues
-        #: the thread publishing the worker's agents and the event that ends its tries (start_worker)
+        #: the thread publishing the worker's agents and the event that ends its tries (start_worker, withdraw)
         self.publication: tuple[threading.Thread, threading.Event] | None = None
-
-    def stop_publishing(self, timeout_s: float = 10.0) -> None:
-        """End the tries of a publication not made yet and wait (at most ``timeout_s``: one try's
-        connect and socket timeouts) for one under way: an unpublish after this call is the last word."""
-        if self.publication is not None:
-            thread, stopped = self.publication
-            stopped.set()
-            thread.join(timeout_s)
 
     def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
         if delay or queue_name not in self.tenant_queues:
@@ -187,18 +179,43 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
     logger.info("worker stopping", extra={"pid": os.getpid()})
     worker.stop(timeout=30_000)
     broker = typing.cast(MeshBroker, worker.broker)
-    if isinstance(worker, MeshWorker):  # a publication still retried must not land after the unpublish
-        worker.stop_publishing()
-    try:
-        registry(settings, broker).unpublish(broker.broker_id)
-    except redis.RedisError as exc:  # its heartbeat stops anyway: listed as dead, pruned later
-        logger.warning("could not unpublish the worker", extra={"error": str(exc)})
+    withdraw(registry(settings, broker), broker.broker_id,
+             worker.publication if isinstance(worker, MeshWorker) else None)
     try:
         sign_off(broker)
     except redis.RedisError as exc:  # then its heartbeat just ages out (MESH_HEARTBEAT_TIMEOUT_S)
         logger.warning("could not remove the worker's heartbeat", extra={"error": str(exc)})
     broker.close()
     return 0
+
+
+def withdraw(reg: Registry, worker_id: str, publication: tuple[threading.Thread, threading.Event] | None,
+             timeout_s: float = 10.0) -> None:
+    """The stopping worker's agents unpublished, as the last word: the tries of its publication
+    (``publication``, start_worker's) are ended first, and a try still under way past ``timeout_s``
+    (Redis stalled: a fork's pause, a partition; the unpublish waits on it too) is waited for again
+    once the unpublish is through, and the unpublish made again: that try's later round trips came
+    after the unpublish's, and its publication (with a heartbeat) listed the stopped worker as alive."""
+    thread = None
+    if publication is not None:
+        thread, stopped = publication
+        stopped.set()
+        thread.join(timeout_s)
+    _unpublish(reg, worker_id)
+    if thread is not None and thread.is_alive():
+        thread.join(timeout_s)
+        if thread.is_alive():
+            logger.warning("the worker's publication still waits on Redis as it stops: it may list the worker "
+                           "until its heartbeat ages out", extra={"worker": worker_id})
+        else:
+            _unpublish(reg, worker_id)
+
+
+def _unpublish(reg: Registry, worker_id: str) -> None:
+    try:
+        reg.unpublish(worker_id)
+    except redis.RedisError as exc:  # its heartbeat stops anyway: listed as dead, pruned later
+        logger.warning("could not unpublish the worker", extra={"error": str(exc)})
 
 
 #: KEYS: heartbeats zset, the worker's held-queues set; ARGV: worker id, its acks key prefix.

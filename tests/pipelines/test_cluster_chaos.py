@@ -481,8 +481,10 @@ def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new
     during = [e - b for b, e in sent_at if e >= reshard.began and b <= reshard.ended]
 
     # the workers follow the slot: fresh heartbeats, and their idle wait (BLPOP), on the new primary
-    beat = time.time()
-    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat - 1, "+inf") >= 2, timeout_s=20)
+    # (heartbeats are the Redis clock's milliseconds: from a second before now, not the epoch's seconds,
+    # which counted every heartbeat ever written, those the move brought from the source too)
+    beat_ms = mesh.clock.now_s() * 1000
+    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat_ms - 1000, "+inf") >= 2, timeout_s=20)
     waited = _calls(nodes.node(target), "blpop")["blpop"]
     wait_for(lambda: _calls(nodes.node(target), "blpop")["blpop"] >= waited + 2, timeout_s=10)
     # every worker thread serves still: a second stream, after the move, ends as the first
