@@ -86,7 +86,7 @@ class AgentRuntime:
 
     def __post_init__(self) -> None:
         self.worker = trace.worker_name()
-        self.keys = Keys(self.settings.namespace)
+        self.keys = Keys(self.settings.namespace, self.settings.shard)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
                              self.settings.dead_letter_job_retention_s)
         self.pipelines = PipelineStore(self.redis, self.keys)

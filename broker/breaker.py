@@ -87,7 +87,7 @@ class Breakers:
     def __init__(self, settings: MeshSettings, client: redis.Redis) -> None:
         self.settings = settings
         self.client = client
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self.script = client.register_script(BREAKER_LUA)
 
     def _call(self, command: str, name: str, owner: str = "", error: str = "", client: Any = None) -> Any:

@@ -218,7 +218,7 @@ class MeshClient:
                  app: AgentCatalog | None = None) -> None:
         self.settings = settings or MeshSettings.from_env()
         self.redis = client or connect(self.settings)
-        self.keys = Keys(self.settings.namespace)
+        self.keys = Keys(self.settings.namespace, self.settings.shard)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
                              self.settings.dead_letter_job_retention_s)
         self.app = app
@@ -395,18 +395,21 @@ class MeshClient:
             return self._start_run(spec, digest, record, ref, messages, encoded, events, replace)
         # A root step that waits (sleep:, wait_for:) or asks for approval at once also stages its
         # index entries and timers (scripts of their own): the transaction below writes them.
+        apart = self.keys.fleet != self.keys.prefix  # a shard's job: the spec registered first, on its own
+        if apart:
+            self._register(spec, digest, replace)
         while True:
             with transaction(self.redis, self.settings) as pipe:
                 try:
-                    pipe.watch(self.keys.job(ref.id), *([] if replace else [self.keys.pipeline(spec.name)]))
+                    pipe.watch(self.keys.job(ref.id), *([] if replace or apart else [self.keys.pipeline(spec.name)]))
                     existing = pipe.get(self.keys.job(ref.id))
                     _refuse_conflicts([record], [existing])
-                    latest: Any = None if replace else pipe.hget(self.keys.pipeline(spec.name), LATEST)
+                    latest: Any = None if replace or apart else pipe.hget(self.keys.pipeline(spec.name), LATEST)
                     if latest is not None and latest.decode() != digest:
                         raise PipelineConflict(spec.name, latest.decode(), digest)
                     pipe.multi()
-                    # the spec's JSON always (HSETNX): a version this client stored may be lost since
-                    stage_register(pipe, self.keys, spec.name, digest, spec.canonical())
+                    if not apart:  # the spec's JSON always (HSETNX): a version this client stored may be lost since
+                        stage_register(pipe, self.keys, spec.name, digest, spec.canonical())
                     if existing is None:  # a re-sent run of the same key and input is that job
                         self.jobs.stage_create(pipe, record)
                         for message in messages:
@@ -419,6 +422,24 @@ class MeshClient:
                     self._registered.add((spec.name, digest))
                     replicated(pipe, [ref])
                     return ref
+                except redis.WatchError:
+                    continue
+
+    def _register(self, spec: Any, digest: str, replace: bool) -> None:
+        """Register ``spec`` (version ``digest``) as its name's newest, in a transaction of its own on the
+        namespace's keys; PipelineConflict when ``replace`` is False and another version is the newest."""
+        key = self.keys.pipeline(spec.name)
+        while True:
+            with transaction(self.redis, self.settings) as pipe:
+                try:
+                    pipe.watch(key)
+                    latest: Any = None if replace else pipe.hget(key, LATEST)
+                    if latest is not None and latest.decode() != digest:
+                        raise PipelineConflict(spec.name, latest.decode(), digest)
+                    pipe.multi()
+                    stage_register(pipe, self.keys, spec.name, digest, spec.canonical())
+                    pipe.execute()
+                    return
                 except redis.WatchError:
                     continue
 
@@ -626,7 +647,7 @@ class MeshClient:
                 batch.write(self._enqueue, self.keys, client=pipe)
                 return *pipe.execute(), pipe.acked
 
-            answer, acked = on_slot(self.redis, self.keys.namespace, send)
+            answer, acked = on_slot(self.redis, self.keys.prefix, send)
             conflict = batch.conflict(answer)
         else:
             conflict, acked = batch.conflict(batch.write(self._enqueue, self.keys)), wanted

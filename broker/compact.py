@@ -256,7 +256,7 @@ class Compaction:
     def __init__(self, client: redis.Redis, settings: MeshSettings) -> None:
         self.client = client
         self.settings = settings
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self._script = client.register_script(COMPACT_LUA)
 
     def run(self, now: float, budget_s: float | None = None) -> Compacted:

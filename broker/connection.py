@@ -708,7 +708,9 @@ def acl_rules(namespace: str) -> list[str]:
     tag = prefix(namespace)
     # The older layout's keys (``ns:*``, and ``ns``, the KEYS[1] of its scripts) too, so that the same
     # user can run ``mesh migrate``, which moves them to this layout (broker/keys.py).
-    return ["resetkeys", f"~{tag}", f"~{tag}:*", f"~{namespace}", f"~{namespace}:*", "resetchannels", "-@all",
+    shards = "{" + f"{namespace}:*" + "}"  # the tags of its shards (MESH_SHARD), {ns:N}
+    return ["resetkeys", f"~{tag}", f"~{tag}:*", f"~{shards}", f"~{shards}:*", f"~{namespace}", f"~{namespace}:*",
+            "resetchannels", "-@all",
             *(f"+{command}" for command in ACL_COMMANDS)]
 
 

@@ -39,7 +39,7 @@ class Fence:
 
     def __init__(self, settings: MeshSettings, client: redis.Redis) -> None:
         self.client = client
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self.script = client.register_script(script_source("claim.lua"))
         self.lease_ms = int(settings.claim_lease_s * 1000)
         self.ttl_s = int(settings.dedup_ttl_s)

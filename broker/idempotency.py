@@ -162,7 +162,7 @@ class Idempotency(Middleware):
 
     def __init__(self, settings: MeshSettings, client: redis.Redis) -> None:
         self.settings = settings
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self.client = client
         self.script = client.register_script(CLAIM_LUA)
         self.lease_ms = int(settings.claim_lease_s * 1000)

@@ -208,15 +208,33 @@ def legacy_pattern(namespace: str) -> str:
     return f"{namespace}:*"
 
 
+def shard_prefix(namespace: str, shard: int) -> str:
+    """The hash tag of shard ``shard`` of ``namespace``: shard 0's is the namespace's own (:func:`prefix`),
+    shard ``s`` >= 1's is ``{ns:s}`` (a namespace holds no ``:``, so no other namespace's tag is one)."""
+    return prefix(namespace) if shard == 0 else "{" + f"{namespace}:{shard}" + "}"
+
+
 @dataclass(frozen=True)
 class Keys:
+    """Every key of a namespace, as seen from one of its shards (``shard``, MESH_SHARD; 0 by default).
+
+    The keys of jobs and what runs them (queues, acks, heartbeats, records, traces, claims, the DLQ and
+    every index and counter a step's or a settlement's write touches) are the shard's: ``{ns}:...`` on
+    shard 0, ``{ns:s}:...`` on shard s (:attr:`prefix`). The fleet-wide keys (breakers, the registry,
+    flow limits, registered pipelines, tool pins, the layout marker, console sessions) are the
+    namespace's whatever the shard (:attr:`fleet`), and no script, transaction or multi-key command
+    touches both kinds: on a Redis Cluster they are two slots."""
+
     namespace: str
-    #: :func:`prefix` of the namespace, worked out once. Spreading a namespace over shards would give the
-    #: job and queue families a prefix of their own (``{ns:shard}``) next to this one.
+    shard: int = 0
+    #: the shard's hash tag (:func:`shard_prefix`), worked out once: the job and queue families'
     prefix: str = field(init=False, repr=False, compare=False)
+    #: the namespace's hash tag (:func:`prefix`): the fleet-wide keys'
+    fleet: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prefix", prefix(self.namespace))
+        object.__setattr__(self, "prefix", shard_prefix(self.namespace, self.shard))
+        object.__setattr__(self, "fleet", prefix(self.namespace))
 
     def queue(self, queue: str) -> str:
         return f"{self.prefix}:{queue}"
@@ -271,24 +289,24 @@ class Keys:
         return f"{self.prefix}:kills:{key}"
 
     def breaker(self, name: str) -> str:
-        return f"{self.prefix}:breaker:{name}"
+        return f"{self.fleet}:breaker:{name}"
 
     def breaker_failures(self, name: str) -> str:
-        return f"{self.prefix}:breaker:{name}:failures"
+        return f"{self.fleet}:breaker:{name}:failures"
 
     def breaker_errors(self, name: str) -> str:
-        return f"{self.prefix}:breaker:{name}:errors"
+        return f"{self.fleet}:breaker:{name}:errors"
 
     def breaker_deferred(self, name: str) -> str:
-        return f"{self.prefix}:breaker:{name}:deferred"
+        return f"{self.fleet}:breaker:{name}:deferred"
 
     @property
     def breakers(self) -> str:
-        return f"{self.prefix}:breakers"
+        return f"{self.fleet}:breakers"
 
     @property
     def breakers_audit(self) -> str:
-        return f"{self.prefix}:breakers.audit"
+        return f"{self.fleet}:breakers.audit"
 
     @property
     def routes(self) -> str:
@@ -368,7 +386,7 @@ class Keys:
         return f"{self.prefix}:dlq.class:{failure_class}"
 
     def console_logout(self, session_id: str) -> str:
-        return f"{self.prefix}:console.logout:{session_id}"
+        return f"{self.fleet}:console.logout:{session_id}"
 
     @property
     def dlq_audit(self) -> str:
@@ -378,11 +396,11 @@ class Keys:
         return f"{self.prefix}:dlq.replayed:{entry_id}"
 
     def pipeline(self, name: str) -> str:
-        return f"{self.prefix}:pipeline:{name}"
+        return f"{self.fleet}:pipeline:{name}"
 
     @property
     def pipelines(self) -> str:
-        return f"{self.prefix}:pipelines"
+        return f"{self.fleet}:pipelines"
 
     def ledger(self, job_id: str, step_id: str) -> str:
         return f"{self.prefix}:ledger:{job_id}:{step_id}"
@@ -444,62 +462,68 @@ class Keys:
 
     @property
     def tool_pins(self) -> str:
-        return f"{self.prefix}:pins:tools"
+        return f"{self.fleet}:pins:tools"
 
     @property
     def tool_presented(self) -> str:
-        return f"{self.prefix}:pins:presented"
+        return f"{self.fleet}:pins:presented"
 
     @property
     def registry(self) -> str:
-        return f"{self.prefix}:registry.agents"
+        return f"{self.fleet}:registry.agents"
 
     def serving(self, agent: str) -> str:
-        return f"{self.prefix}:registry.serving:{agent}"
+        return f"{self.fleet}:registry.serving:{agent}"
 
     @property
     def registry_workers(self) -> str:
-        return f"{self.prefix}:registry.workers"
+        return f"{self.fleet}:registry.workers"
 
     def limit(self, name: str, flow_key: str | None) -> str:
         """The state hash of limit ``name`` for ``flow_key`` (None: the one shared limit); its other keys
         add ``:holders``, ``:waiting`` and ``:alive`` after it, in the same hash slot."""
-        return f"{self.prefix}:limit.{{{self.namespace}|{name}|{flow_key or ''}}}"
+        return f"{self.fleet}:limit.{{{self.namespace}|{name}|{flow_key or ''}}}"
 
     @property
     def limits_declared(self) -> str:
-        return f"{self.prefix}:limits.declared"
+        return f"{self.fleet}:limits.declared"
 
     @property
     def limits_set(self) -> str:
-        return f"{self.prefix}:limits.set"
+        return f"{self.fleet}:limits.set"
 
     @property
     def limits_audit(self) -> str:
-        return f"{self.prefix}:limits.audit"
+        return f"{self.fleet}:limits.audit"
 
     def limit_keys(self, name: str) -> str:
-        return f"{self.prefix}:limits.keys:{name}"
+        return f"{self.fleet}:limits.keys:{name}"
 
     @property
     def layout(self) -> str:
         """The marker of the layout the namespace's data is in (broker/layout.py: written by ``mesh migrate``)."""
-        return f"{self.prefix}:layout"
+        return f"{self.fleet}:layout"
 
     @property
     def probe(self) -> str:
         """The key ``mesh bench`` and ``mesh soak`` write and delete to check they may (ops/namespaces.py)."""
-        return f"{self.prefix}:probe"
+        return f"{self.fleet}:probe"
 
     def bench_latency(self, side: str) -> str:
         """``mesh bench``'s list of send-to-start latencies of one side (mesh, raw) in its throw-away namespace."""
-        return f"{self.prefix}:latency:{side}"
+        return f"{self.fleet}:latency:{side}"
 
     @property
     def everything(self) -> str:
-        """A SCAN pattern matching every key of the deployment (tests clean with it); Redis's glob reads
-        the braces literally."""
-        return f"{self.prefix}:*"
+        """A SCAN pattern matching every key of shard 0 and the fleet-wide keys (``{ns}:*``; Redis's glob
+        reads the braces literally); :attr:`patterns` adds every other shard's."""
+        return f"{self.fleet}:*"
+
+    @property
+    def patterns(self) -> tuple[str, str]:
+        """SCAN patterns matching, together, every key of the deployment, whatever its shards: ``{ns}:*``
+        and ``{ns:*}:*`` (a namespace holds no ``:``, so no other namespace's keys match either)."""
+        return f"{self.fleet}:*", "{" + f"{self.namespace}:*" + "}:*"
 
     @property
     def legacy_everything(self) -> str:

@@ -191,7 +191,7 @@ class Limiter:
     def __init__(self, settings: MeshSettings, client: redis.Redis, declared: Mapping[str, FlowLimits]) -> None:
         self.settings = settings
         self.client = client
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self.declared = dict(declared)
         self.script = client.register_script(LIMITS_LUA)
         self.lease_ms = int(settings.claim_lease_s * 1000)

@@ -28,7 +28,7 @@ from .consumer import EagerSlot, MeshConsumer
 from .deadline import Deadline
 from .idempotency import Idempotency
 from .jobs import JobStore
-from .keys import Keys, prefix
+from .keys import Keys, shard_prefix
 from .redact import redact
 from .router import FailureRouter
 from .settings import MeshSettings
@@ -78,7 +78,7 @@ class MeshBroker(RedisBroker):
         super().__init__(
             # dramatiq's namespace is the prefix (``{ns}``, broker/keys.py): its keys are in the namespace's
             # hash slot, and the scripts it and the mesh run get it as their KEYS[1] (``self.namespace``).
-            namespace=prefix(settings.namespace),
+            namespace=shard_prefix(settings.namespace, settings.shard),
             # Recovery runs deterministically in every fetch (settle.lua), not by chance.
             maintenance_chance=0,
             heartbeat_timeout=int(settings.heartbeat_timeout_s * 1000),
@@ -93,7 +93,7 @@ class MeshBroker(RedisBroker):
         self.clock = clock
         #: The Redis server's clock as this host reads it: due times and deadline checks.
         self.server_clock = ServerClock(self.records, local=clock)
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self.scripts["settle"] = self.client.register_script(SETTLE_LUA)
         self.scripts["dispatch"] = self.client.register_script(DISPATCH_LUA)
         #: The connection :meth:`settle`'s calls go on (a fetch, a group of acks), kept rather than checked
@@ -405,7 +405,7 @@ def default_middleware(settings: MeshSettings, client: redis.Redis) -> list[Midd
     to re-send). No dramatiq ``Retries``: the FailureRouter decides every failed message's fate."""
     return [
         ShutdownNotifications(),
-        FailureRouter(settings, JobStore(client, Keys(settings.namespace), settings.job_retention_s,
+        FailureRouter(settings, JobStore(client, Keys(settings.namespace, settings.shard), settings.job_retention_s,
                                          settings.dead_letter_job_retention_s)),
         Idempotency(settings, client),
         Deadline(settings),

@@ -53,10 +53,16 @@ def stage_register(pipe: Any, keys: Keys, name: str, digest: str, canonical: byt
 RUN_LUA = lanes.LIB + "\n" + resources.files("mesh.broker").joinpath("scripts/run.lua").read_text()
 
 
+#: How many arguments of run.lua precede its trace events (job_id ... n_events).
+_FIRST = 10
+
+
 class StartRun:
     """A run's start written by one script (scripts/run.lua): the spec's registration, the job
     record, its trace events and the root steps' messages, with the key's conflict check and the
-    ``replace=False`` check, atomic with no WATCH, in one round trip."""
+    ``replace=False`` check, atomic with no WATCH, in one round trip. On a shard other than 0
+    (MESH_SHARD), where the job's keys and the registered pipelines are two slots, the registration
+    is a call of its own made first: a run refused for its key then leaves its spec registered."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.script = client.register_script(RUN_LUA)
@@ -79,7 +85,15 @@ class StartRun:
             args += (job, event)
         for queue, message_id, data in messages:
             args += (queue, message_id, data)
-        keys = [self.keys.prefix]
+        if self.keys.fleet != self.keys.prefix:  # a shard's job: the registration first, in its own call
+            registration = ["", args[1], b"", *args[3:_FIRST], 0]  # job_id "": the spec alone, no record, no event
+            registered, acked = self._call([self.keys.fleet], registration, wait)
+            if registered != 1:
+                return registered, acked
+            args[6] = ""  # name "": registered already
+        return self._call([self.keys.prefix], args, wait)
+
+    def _call(self, keys: list[str], args: list[Any], wait: tuple[int, int] | None) -> tuple[Any, int]:
         if wait is None:
             return run_script(self.script, keys, args), 0
 

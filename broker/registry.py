@@ -164,10 +164,11 @@ class Registry:
             pipe.zadd(self.keys.serving(agent.name), {worker_id: now})
         pipe.hset(self.keys.registry_workers, worker_id, dumps(
             {"label": label, "app": app, "agents": {a.name: a.version for a in agents}, "since": since}))
-        # The worker is alive as it publishes: listed from now on, it must not read "dead" until its
-        # consumers' first fetch beats (GT: a later beat already recorded is never moved back).
-        pipe.zadd(self.keys.heartbeats, {worker_id: now}, gt=True)
         pipe.execute()
+        # The worker is alive as it publishes: listed from now on, it must not read "dead" until its
+        # consumers' first fetch beats (GT: a later beat already recorded is never moved back). Its own
+        # command: the heartbeats are its shard's keys, the registry the namespace's (broker/keys.py).
+        self.redis.zadd(self.keys.heartbeats, {worker_id: now}, gt=True)
 
     def unpublish(self, worker_id: str) -> None:
         """``worker_id`` stopped: it no longer serves its agents (which stay published)."""

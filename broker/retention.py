@@ -54,7 +54,7 @@ class Retention:
     def __init__(self, client: redis.Redis, settings: MeshSettings) -> None:
         self.client = client
         self.settings = settings
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self._script = client.register_script(RETENTION_LUA)
 
     def sweep(self, now: float) -> Swept:

@@ -49,6 +49,10 @@ class MeshSettings(BaseSettings):
     namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                            description="every key starts with it in braces, {NS}: (its Redis Cluster hash "
                            "tag); one deployment per namespace; letters, digits, _ . - only")
+    shard: int = Field(default=0, ge=0, le=4095, description="the shard of the namespace this process's jobs, queues "
+                       "and their indexes are kept in: {NS}: for 0, {NS:N}: for N (the fleet-wide keys stay in "
+                       "{NS}:); every process of a deployment must use the same one. For testing the key layout on "
+                       "a Redis Cluster (the fleet-wide keys and a shard's in two slots); leave it at 0")
 
     model_provider: Literal["local", "openai", "openai_sdk", "anthropic"] | None = Field(
         default=None, description="local (offline, deterministic); openai (any OpenAI-compatible endpoint, over "

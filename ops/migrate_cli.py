@@ -55,6 +55,9 @@ def migrate(
 
     c = base.client(layout_warning=False)
     ns = c.settings.namespace
+    if c.settings.shard:
+        base.fail(f"mesh migrate moves namespace {ns}'s keys of the older layout to shard 0's ({{{ns}}}:...), "
+                  f"not to shard {c.settings.shard}: unset MESH_SHARD and run again", base.EXIT_INPUT)
     if not dry_run and not force:
         alive = layout.alive_workers(c.redis, ns, c.settings.heartbeat_timeout_s)
         if alive.count:

@@ -20,7 +20,7 @@ def raw_namespace(ns: str) -> str:
 def _patterns(ns: str) -> tuple[str, ...]:
     """Every key of namespace ``ns``: the mesh's (``{ns}:*``), raw dramatiq's of ``mesh bench``
     (:func:`raw_namespace`) and any in the older layout (``ns:*``)."""
-    return Keys(ns).everything, f"{raw_namespace(ns)}:*", legacy_pattern(ns)
+    return *Keys(ns).patterns, f"{raw_namespace(ns)}:*", legacy_pattern(ns)
 
 
 def is_empty(client: redis.Redis, ns: str) -> bool:

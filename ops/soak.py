@@ -242,7 +242,7 @@ def namespace_mb(client: redis.Redis, ns: str) -> float:
     """What the soak's own keys take in Redis (MEMORY USAGE of each), in MB: unlike ``used_memory``,
     not moved by other clients of the same server."""
     total = 0
-    keys = list(client.scan_iter(match=Keys(ns).everything, count=2_000))
+    keys = [k for pattern in Keys(ns).patterns for k in client.scan_iter(match=pattern, count=2_000)]
     for i in range(0, len(keys), 1_000):
         pipe = client.pipeline(transaction=False)
         for key in keys[i:i + 1_000]:

@@ -38,7 +38,7 @@ class Sweeper(Middleware):
     def __init__(self, settings: MeshSettings, client: redis.Redis) -> None:
         self.settings = settings
         self.client = client
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.shard)
         self.owner = trace.worker_name()
         self.retention = Retention(client, settings)
         self.compaction = Compaction(client, settings)

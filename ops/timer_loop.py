@@ -38,7 +38,7 @@ class TimerLoop(Middleware):
 
     def __init__(self, settings: MeshSettings, client: redis.Redis, handlers: dict[str, Handler]) -> None:
         self.settings = settings
-        self.timers = Timers(client, Keys(settings.namespace), trace.worker_name(), handlers,
+        self.timers = Timers(client, Keys(settings.namespace, settings.shard), trace.worker_name(), handlers,
                              lock_ms=lock_ms(settings.timer_interval_s))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -292,14 +292,14 @@ def _register_mcp(app: App, agents: list[str], settings: MeshSettings, broker: M
     from mesh.agents.tools.pins import Pins
 
     try:
-        register_servers(app, app.tools_of(agents), Pins(broker.records, Keys(settings.namespace)),
+        register_servers(app, app.tools_of(agents), Pins(broker.records, Keys(settings.namespace, settings.shard)),
                          settings.secrets_dir)
     except Exception as exc:  # a call connects and pins again: never the worker's end
         logger.warning("could not register the MCP servers", extra={"error": str(exc)})
 
 
 def registry(settings: MeshSettings, broker: MeshBroker) -> Registry:
-    return Registry(broker.records, Keys(settings.namespace), settings.heartbeat_timeout_s)
+    return Registry(broker.records, Keys(settings.namespace, settings.shard), settings.heartbeat_timeout_s)
 
 
 def published(spec: AgentSpec, app: str = "") -> PublishedAgent:

@@ -53,6 +53,12 @@ if TEST_REDIS not in ("single", "cluster"):
     raise pytest.UsageError(f"TEST_REDIS={TEST_REDIS!r}: it is 'single' (the default) or 'cluster'")
 
 
+#: TEST_SHARD, the shard (MESH_SHARD) the tests' settings put their jobs on: 0 by default; another one puts
+#: every job, queue and index in ``{ns:N}`` and leaves the fleet-wide keys in ``{ns}``, so on a cluster
+#: (TEST_REDIS=cluster) a script, transaction or multi-key command touching both fails (CROSSSLOT).
+TEST_SHARD = int(os.environ.get("TEST_SHARD", "0"))
+
+
 def on_cluster() -> bool:
     """Whether the session's Redis tests run on a Redis Cluster: TEST_REDIS=cluster, or a MESH_REDIS_URL
     of one."""
@@ -222,7 +228,7 @@ def namespace(redis_url: str) -> Iterator[str]:
     client = redis_client(redis_url)
     # The namespace's keys (``{ns}:*``) and any of the older layout (``ns:*``: a test writing them, as
     # one of raw dramatiq or of a migration does).
-    for pattern in (Keys(ns).everything, legacy_pattern(ns)):
+    for pattern in (*Keys(ns).patterns, legacy_pattern(ns)):
         delete_keys(client, pattern)
     close_client(client)
 
@@ -238,7 +244,7 @@ def redis_env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def make_settings(redis_url: str, namespace: str) -> Callable[..., MeshSettings]:
     def make(**overrides: Any) -> MeshSettings:
-        values: dict[str, Any] = {"redis_url": redis_url, "namespace": namespace,
+        values: dict[str, Any] = {"redis_url": redis_url, "namespace": namespace, "shard": TEST_SHARD,
                                   "retry_min_backoff_ms": 20, "retry_max_backoff_ms": 100,
                                   "reconnect_delay_s": RECONNECT_DELAY_S}
         values.update(overrides)
@@ -287,6 +293,8 @@ def mesh_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update({"MESH_REDIS_URL": settings.redis_url, "MESH_NAMESPACE": settings.namespace,
                 "PYTHONPATH": str(ROOT)})
+    if settings.shard:
+        env["MESH_SHARD"] = str(settings.shard)
     env.update(extra)
     return env
 

@@ -53,7 +53,7 @@ class Meter:
 
     def __init__(self, settings: MeshSettings | None = None, client: redis.Redis | None = None) -> None:
         self.client = client
-        self.keys = Keys(settings.namespace if settings else "mesh")
+        self.keys = Keys(settings.namespace, settings.shard) if settings else Keys("mesh")
         self.retention_s = settings.job_retention_s if settings else 0.0
         self.worker = trace.worker_name()
 

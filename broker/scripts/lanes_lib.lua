@@ -86,7 +86,8 @@ end
 
 -- The stats hash of the queue at base, and its field saying other lanes may have work.
 local function lanes_mark(base)
-    local ns, queue = string.match(base, "^([^:]*):(.*)$")
+    -- base is "{tag}:queue", the tag being "{ns}" or a shard's "{ns:N}" (which holds a ':' itself)
+    local ns, queue = string.match(base, "^(%b{}):(.*)$")
     return ns .. ":stats", "lanes:" .. queue
 end
 

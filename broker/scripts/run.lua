@@ -4,6 +4,9 @@
 -- broker/keys.py for the layout). lanes_lib.lua is run before this.
 --
 -- prefix: the namespace's key prefix, "{ns}" (broker/keys.py); every key this script touches is built from it.
+-- On a shard of its own (MESH_SHARD: the job's keys "{ns:N}", the registered pipelines "{ns}"), the
+-- registration is one call (prefix "{ns}", job_id "": answers 1, "spec" or "pipeline:" .. digest),
+-- then the job's (its prefix, name ""): the registry and the job are two slots on a Redis Cluster.
 --
 -- run(keys=[prefix], args=[job_id, payload_hash, record, created_at, trace_maxlen, wake_cap,
 --                             name, digest, replace, canonical, n_events, (job_id, event)..., (queue, message_id, message)...])
@@ -31,31 +34,40 @@ local trace_maxlen, wake_cap = ARGV[5], tonumber(ARGV[6])
 local name, digest, replace, canonical = ARGV[7], ARGV[8], ARGV[9] == "1", ARGV[10]
 local n_events = tonumber(ARGV[11])
 local pipeline = ns .. ":pipeline:" .. name
+-- name "": the spec was registered by a call of its own (a shard's job: see StartRun), none here;
+-- job_id "": that registration alone, on the namespace's own keys (KEYS[1] "{ns}")
+local register, start = name ~= "", job_id ~= ""
 
-local latest = redis.call("hget", pipeline, "latest")
--- A version the client believes stored but Redis no longer holds (the name's hash lost: a restart
--- without persistence, an eviction): nothing written, the client sends it again with its JSON.
--- Checked only when the name's newest is missing or another digest, so a run of the newest costs
--- no command more.
-if canonical == "" and (not latest or (latest ~= digest and redis.call("hexists", pipeline, digest) == 0)) then
-    return "spec"
+local latest
+if register then
+    latest = redis.call("hget", pipeline, "latest")
+    -- A version the client believes stored but Redis no longer holds (the name's hash lost: a restart
+    -- without persistence, an eviction): nothing written, the client sends it again with its JSON.
+    -- Checked only when the name's newest is missing or another digest, so a run of the newest costs
+    -- no command more.
+    if canonical == "" and (not latest or (latest ~= digest and redis.call("hexists", pipeline, digest) == 0)) then
+        return "spec"
+    end
 end
-local job = ns .. ":job:" .. job_id
-local created = redis.call("set", job, record, "nx")
-if not created then
-    local stored = cjson.decode(redis.call("get", job))["payload_hash"]
-    if stored ~= nil and stored ~= cjson.null and stored ~= hash then return "key" end
+local job, created = ns .. ":job:" .. job_id, false
+if start then
+    created = redis.call("set", job, record, "nx")
+    if not created then
+        local stored = cjson.decode(redis.call("get", job))["payload_hash"]
+        if stored ~= nil and stored ~= cjson.null and stored ~= hash then return "key" end
+    end
 end
-if not replace and latest and latest ~= digest then
-    if created then redis.call("del", job) end
-    return "pipeline:" .. latest
+if register then
+    if not replace and latest and latest ~= digest then
+        if created then redis.call("del", job) end
+        return "pipeline:" .. latest
+    end
+    if canonical ~= "" then
+        redis.call("hsetnx", pipeline, digest, canonical)
+        redis.call("sadd", ns .. ":pipelines", name)
+    end
+    if latest ~= digest then redis.call("hset", pipeline, "latest", digest) end
 end
-
-if canonical ~= "" then
-    redis.call("hsetnx", pipeline, digest, canonical)
-    redis.call("sadd", ns .. ":pipelines", name)
-end
-if latest ~= digest then redis.call("hset", pipeline, "latest", digest) end
 if not created then return 1 end
 
 redis.call("zadd", ns .. ":jobs", "nx", created_at, job_id)

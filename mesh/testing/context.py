@@ -242,7 +242,7 @@ class TestContext(Context):
         return ToolContext(key=self._call_key or self.key, job_id=self.job_id, trace_id=self.trace_id,
                            fencing_token=self.token,
                            settings=settings, redis=self._redis_client(),
-                           keys=Keys(settings.namespace), client=self._http, deadline=self.deadline,
+                           keys=Keys(settings.namespace, settings.shard), client=self._http, deadline=self.deadline,
                            clock=self.clock.now_s, resolve=self._resolve, dependency=dependency,
                            allow=spec.allowlist(settings) if spec is not None else None, aclient=self._ahttp,
                            secrets={n: self._secrets[n] for n in spec.secrets} if spec is not None else {})

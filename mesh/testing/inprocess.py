@@ -157,9 +157,10 @@ class TestMesh:
             self._broker = None
         if self._client is not None and self.settings is not None:
             r = self._client.redis
-            keys = list(r.scan_iter(match=Keys(self.settings.namespace).everything, count=1000))
-            for i in range(0, len(keys), 500):
-                r.delete(*keys[i:i + 500])
+            for pattern in Keys(self.settings.namespace).patterns:
+                keys = list(r.scan_iter(match=pattern, count=1000))
+                for i in range(0, len(keys), 500):
+                    r.delete(*keys[i:i + 500])
             r.close()
             self._client = None
         if self._secrets_dir is not None:

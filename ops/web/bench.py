@@ -150,6 +150,7 @@ def _label(path: str, job_id: str, key: str, entry_id: str) -> str:
 
 
 def _drop(r: redis.Redis, ns: str) -> None:
-    keys = list(r.scan_iter(match=Keys(ns).everything, count=1000))
-    for i in range(0, len(keys), 500):
-        r.delete(*keys[i:i + 500])
+    for pattern in Keys(ns).patterns:
+        keys = list(r.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(keys), 500):
+            r.delete(*keys[i:i + 500])

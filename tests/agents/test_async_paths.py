@@ -158,7 +158,7 @@ def test_acomplete_503s_open_the_breaker_shared_with_the_sync_path(api: FakeOpen
 
 def _tool_ctx(settings: Any, **extra: Any) -> ToolContext:
     return ToolContext(key="k-1", job_id="job-1", trace_id="1" * 32, fencing_token=7, settings=settings,
-                       redis=None, keys=Keys(settings.namespace), client=httpx.Client(), **extra)  # type: ignore[arg-type]
+                       redis=None, keys=Keys(settings.namespace, settings.shard), client=httpx.Client(), **extra)  # type: ignore[arg-type]
 
 
 def test_asend_request_carries_the_key_token_and_trace_to_an_allowed_host(make_settings: Any) -> None:

@@ -28,7 +28,7 @@ def call(settings, url: str, resolve: Any = None, http: httpx.Client | None = No
     extra = {"resolve": resolve} if resolve is not None else {}
     with http or httpx.Client() as client:
         ctx = ToolContext(key="k-1", job_id="job-1", trace_id="1" * 32, fencing_token=1, settings=settings,
-                          redis=None, keys=Keys(settings.namespace), client=client, **extra)  # type: ignore[arg-type]
+                          redis=None, keys=Keys(settings.namespace, settings.shard), client=client, **extra)  # type: ignore[arg-type]
         return http_post(ctx, HttpPostArgs.model_validate({"url": url, "json": {"n": 1}}))
 
 

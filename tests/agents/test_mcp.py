@@ -116,7 +116,8 @@ def _env() -> dict[str, str]:
 def tool_context(settings: MeshSettings, rclient: redis.Redis, *, key: str = "k-1", budget_s: float = 30.0,
                  secrets: dict[str, str] | None = None) -> ToolContext:
     return ToolContext(key=key, job_id="job-1", trace_id="0" * 32, fencing_token=7, settings=settings, redis=rclient,
-                       keys=Keys(settings.namespace), client=httpx.Client(), deadline=time.time() + budget_s,
+                       keys=Keys(settings.namespace, settings.shard), client=httpx.Client(),
+                       deadline=time.time() + budget_s,
                        secrets={"MCP_TEST_TOKEN": SECRET} if secrets is None else secrets)
 
 
@@ -179,7 +180,7 @@ def test_a_stdio_tool_call_through_a_worker_carries_the_key_and_the_secret_reach
     worker = start(settings, None, 1, app=app)
     try:
         # The worker's first registration pins the tools its agents use, before any call.
-        pins = Pins(client.redis, Keys(settings.namespace))
+        pins = Pins(client.redis, Keys(settings.namespace, settings.shard))
         wait_for(lambda: {"demo.add", "demo.fail", "demo.hang"} <= set(pins.pinned()), timeout_s=30)
         wait_for(lambda: client.registry.get("acaller") is not None, timeout_s=30)
         assert seen(log) == []
@@ -335,7 +336,7 @@ def test_a_description_changed_between_registrations_is_refused_until_accepted(
         closing: Callable[[McpServer], McpServer]) -> None:
     from mesh.agents.tools.mcp import register_servers
 
-    pins = Pins(rclient, Keys(settings.namespace))
+    pins = Pins(rclient, Keys(settings.namespace, settings.shard))
     log = tmp_path / "calls.jsonl"
     _, server1 = build(log)
     closing(server1)
@@ -447,7 +448,7 @@ def test_a_model_loop_never_shows_the_model_a_description_changed_since_its_pin(
 
     log = tmp_path / "calls.jsonl"
     _, first = build(log)
-    closing(first).register(Pins(rclient, Keys(settings.namespace)), {"MCP_TEST_TOKEN": secret}, 30)
+    closing(first).register(Pins(rclient, Keys(settings.namespace, settings.shard)), {"MCP_TEST_TOKEN": secret}, 30)
     first.close()
     app, server = build(log, variant="2")  # add's description now asks the model to email the numbers
     closing(server)

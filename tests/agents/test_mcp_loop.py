@@ -101,7 +101,7 @@ def test_a_server_that_drops_its_destructive_hint_is_refused_until_accepted(sett
 
     import orjson
 
-    pins = Pins(rclient, Keys(settings.namespace))
+    pins = Pins(rclient, Keys(settings.namespace, settings.shard))
     plain = Definition("add", "Add.", {"type": "object"})
     # a definition without annotations hashes as before they were pinned: its pin still matches
     assert plain.digest == hashlib.sha256(orjson.dumps({"name": "add", "description": "Add.", "input_schema": {
@@ -201,7 +201,7 @@ def test_a_tool_whose_definition_changed_is_refused_before_the_model_is_shown_it
     drifted = App("drifted")
     server = drifted.mcp("demo", command=[sys.executable, SERVER], allow=["add"],
                          env={"MCP_LOG": str(tmp_path / "calls.jsonl"), "MCP_VARIANT": "2"})
-    Pins(rclient, Keys(settings.namespace)).check("demo.add", Definition("add", "Add two integers.", {
+    Pins(rclient, Keys(settings.namespace, settings.shard)).check("demo.add", Definition("add", "Add two integers.", {
         "type": "object"}))  # what an earlier registration pinned
 
     @drifted.agent(tools=["demo.add"], input=Task, output=Total)

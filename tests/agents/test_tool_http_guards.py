@@ -30,7 +30,7 @@ def http() -> Iterator[httpx.Client]:
 
 def tool_ctx(settings: Any, http: httpx.Client, **extra: Any) -> ToolContext:
     return ToolContext(key="k-1", job_id="job-1", trace_id="1" * 32, fencing_token=1, settings=settings,
-                       redis=None, keys=Keys(settings.namespace), client=http, **extra)  # type: ignore[arg-type]
+                       redis=None, keys=Keys(settings.namespace, settings.shard), client=http, **extra)  # type: ignore[arg-type]
 
 
 def port_of(server: RecordingServer) -> int:

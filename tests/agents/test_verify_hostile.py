@@ -29,7 +29,7 @@ def http() -> Iterator[httpx.Client]:
 
 def tool_ctx(settings: Any, http: httpx.Client) -> ToolContext:
     return ToolContext(key="order-7", job_id="job-1", trace_id="1" * 32, fencing_token=1, settings=settings,
-                       redis=None, keys=Keys(settings.namespace), client=http)  # type: ignore[arg-type]
+                       redis=None, keys=Keys(settings.namespace, settings.shard), client=http)  # type: ignore[arg-type]
 
 
 def echo_everything(_n: int, request: dict[str, Any]) -> tuple[int, Any]:

@@ -32,7 +32,7 @@ def raising(exc: Exception):
 
 def tool_context(settings, rclient, http: httpx.Client, n: int) -> ToolContext:
     return ToolContext(key=f"k-{n}", job_id=f"job-{n}", trace_id="0" * 32, fencing_token=1, settings=settings,
-                       redis=rclient, keys=Keys(settings.namespace), client=http,
+                       redis=rclient, keys=Keys(settings.namespace, settings.shard), client=http,
                        breakers=Breakers(settings, rclient))
 
 
@@ -110,7 +110,7 @@ def test_messages_deferred_on_an_open_breaker_come_back_spread_over_a_window(mak
         client = MeshClient(settings, client=rclient)
         client.send_many("executor", [({"tool": "http_post", "args": {"url": server.url()}}, f"herd-{i}")
                                       for i in range(n)])
-        keys = Keys(settings.namespace)
+        keys = Keys(settings.namespace, settings.shard)
         wait_for(lambda: int(rclient.hget(keys.stats, "deferred") or 0) == n, timeout_s=30)
         etas = sorted(loads(raw)["options"]["eta"] for raw in rclient.hvals(keys.delayed_messages("executor")))
         assert server.requests == []  # the open breaker let nothing through

@@ -109,7 +109,7 @@ def test_a_finished_job_is_compacted_and_mesh_trace_and_status_tell_the_same_sto
 
 
 def test_a_chatty_step_is_summarised_and_long_values_are_cut_and_mesh_trace_says_so(settings, rclient, cli):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-chatty")
     for n in range(100):
@@ -136,7 +136,7 @@ def test_a_chatty_step_is_summarised_and_long_values_are_cut_and_mesh_trace_says
 
 
 def test_events_after_compaction_are_read_merged_on_the_next_one_and_go_with_the_record(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-late")
     end(jobs, job)
@@ -161,7 +161,7 @@ def test_events_after_compaction_are_read_merged_on_the_next_one_and_go_with_the
 
 
 def test_a_record_changed_since_the_pass_read_it_is_left_for_the_next_pass(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-raced")
     end(jobs, job)
@@ -180,7 +180,7 @@ def test_a_record_changed_since_the_pass_read_it_is_left_for_the_next_pass(setti
 
 
 def test_a_stream_grown_between_read_and_write_keeps_what_came_after(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-grown")
     end(jobs, job)
@@ -205,7 +205,7 @@ def test_the_compact_encoding_reads_back_as_the_same_record_and_keeps_every_stat
 
 def test_count_retention_keeps_exactly_the_newest_n_finished_jobs_of_each_agent(make_settings, rclient, cli):
     settings = make_settings(job_retention_count=3)
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600, keep_s=7200)
     held = started(jobs, rclient, "job-dead")
     end(jobs, held, State.DEAD_LETTERED)  # the oldest, holding a dead letter: only age takes it
@@ -241,7 +241,7 @@ def test_count_retention_keeps_exactly_the_newest_n_finished_jobs_of_each_agent(
 
 
 def test_with_count_retention_off_no_index_is_kept_and_nothing_is_removed(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     for i in range(3):
         end(jobs, started(jobs, rclient, f"job-{i}"))
@@ -251,7 +251,7 @@ def test_with_count_retention_off_no_index_is_kept_and_nothing_is_removed(settin
 
 
 def test_an_unreadable_record_is_left_as_it_is_and_does_not_stop_the_others(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     rclient.set(keys.job("job-bad"), b"{not json")
     rclient.zadd(keys.jobs_compact, {"job-bad": 1.0})
@@ -301,7 +301,7 @@ def test_a_dead_lettered_job_is_compacted_and_its_replay_goes_on_with_its_story(
 
 
 def test_a_pass_out_of_time_leaves_the_queue_for_the_next(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     end(jobs, started(jobs, rclient, "job-later"))
     compaction = Compaction(rclient, settings)
@@ -311,7 +311,7 @@ def test_a_pass_out_of_time_leaves_the_queue_for_the_next(settings, rclient):
 
 
 def test_a_compacted_jobs_events_are_followed_and_resumed_by_their_kept_ids(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-followed")
     end(jobs, job)
@@ -361,7 +361,7 @@ def paused(rclient: redis.Redis, keys: Keys, after: str, meanwhile: Any) -> Paus
 
 def test_two_sweeps_applying_the_count_at_once_keep_the_newest_n_not_fewer(make_settings, rclient):
     settings = make_settings(job_retention_count=2)
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     ids = [f"job-c{i}" for i in range(3)]
     for job_id in ids:
@@ -380,7 +380,7 @@ def test_two_sweeps_applying_the_count_at_once_keep_the_newest_n_not_fewer(make_
 
 def test_a_stale_sweep_does_not_remove_a_job_that_ended_again_since_it_read_the_index(make_settings, rclient):
     settings = make_settings(job_retention_count=1)
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     old = started(jobs, rclient, "job-again")
     end(jobs, old, State.HALTED)
@@ -404,7 +404,7 @@ def test_a_stale_sweep_does_not_remove_a_job_that_ended_again_since_it_read_the_
 
 
 def test_a_job_compacted_again_keeps_what_its_cut_values_said_and_counts_them_once(settings, rclient, cli):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-twice")
     trace.emit(rclient, keys, trace.event("progress", envelope(job), worker="w:1", note="é\x00" * 500_000))
@@ -425,7 +425,7 @@ def test_a_job_compacted_again_keeps_what_its_cut_values_said_and_counts_them_on
 
 
 def test_a_history_in_a_newer_layout_is_left_as_it_is(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-newer-layout")
     end(jobs, job)
@@ -449,7 +449,7 @@ def test_a_late_duplicate_of_a_job_no_longer_kept_leaves_no_trace_that_never_exp
     from mesh.contracts import Envelope
 
     settings = make_settings(job_retention_count=1)
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-gone")
     end(jobs, job)
@@ -475,7 +475,7 @@ def test_a_late_duplicate_of_a_job_no_longer_kept_leaves_no_trace_that_never_exp
 
 @pytest.mark.parametrize("odd", [b"[1, 2]", b"null", b'{"event": "progress", "at": 1e308}'])
 def test_an_event_of_an_odd_shape_leaves_its_job_uncompacted_and_the_pass_goes_on(settings, rclient, odd):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-odd-shape")
     rclient.xadd(keys.trace(job.job_id), {"e": odd})
@@ -489,7 +489,7 @@ def test_an_event_of_an_odd_shape_leaves_its_job_uncompacted_and_the_pass_goes_o
 
 
 def test_a_job_that_ends_again_between_the_read_and_the_write_stays_queued_for_the_next_pass(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-reopened")
     end(jobs, job, State.HALTED)
@@ -511,7 +511,7 @@ def test_a_job_that_ends_again_between_the_read_and_the_write_stays_queued_for_t
 
 
 def test_a_history_merged_again_and_again_stays_within_what_a_stream_keeps(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-long-story")
     end(jobs, job)
@@ -536,7 +536,7 @@ def test_a_history_merged_again_and_again_stays_within_what_a_stream_keeps(setti
 
 
 def test_mesh_status_json_of_a_compacted_job_is_what_it_was_before(settings, rclient, cli):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-status-json")
     end(jobs, job)
@@ -553,7 +553,7 @@ def test_a_job_the_count_removed_is_said_to_be_removed_by_the_count_not_missing(
     from mesh.broker import JobNotFound
 
     settings = make_settings(job_retention_count=1)
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     end(jobs, started(jobs, rclient, "job-counted-out"))
     end(jobs, started(jobs, rclient, "job-kept"))
@@ -588,7 +588,7 @@ class Counting(redis.Redis):
 
 def test_large_records_are_compacted_and_removed_by_count_in_script_calls_of_bounded_size(make_settings, rclient):
     settings = make_settings(job_retention_count=1)
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     for i in range(12):  # a research result, a document: records of 200 KB
         job = started(jobs, rclient, f"job-big-{i}")
@@ -606,7 +606,7 @@ def test_large_records_are_compacted_and_removed_by_count_in_script_calls_of_bou
 
 def test_a_pipeline_named_as_an_agent_is_counted_apart_from_that_agents_jobs(make_settings, rclient):
     settings = make_settings(job_retention_count=1)
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     end(jobs, started(jobs, rclient, "job-of-agent"))  # a job of the executor agent
     end(jobs, started(jobs, rclient, "job-of-pipeline", pipeline="executor"))  # a run of pipeline "executor"
@@ -625,7 +625,7 @@ def test_a_duplicate_of_a_compacted_job_queues_it_so_its_event_does_not_keep_a_s
     from mesh.broker.outbox import build_message
     from mesh.contracts import Envelope
 
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-resent")
     end(jobs, job)
@@ -651,7 +651,7 @@ def test_a_duplicate_of_a_compacted_job_queues_it_so_its_event_does_not_keep_a_s
 
 def test_an_event_of_a_step_not_sent_yet_keeps_its_key_when_the_step_is_sent_later_under_another(
         settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = started(jobs, rclient, "job-rekeyed", pipeline="p")
     # its input could not be built: refused before it was ever sent, under the key it was created with

@@ -25,7 +25,7 @@ def _succeeded(r: redis.Redis, keys: Keys) -> int:
 def test_a_batch_whose_answer_was_lost_lands_once(relay: Relay, make_settings: Any, rclient: redis.Redis,  # noqa: F811
                                                   cuts: int):
     settings = make_settings(redis_url=f"redis://127.0.0.1:{relay.port}/0")
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     counters = Counters(MeshClient(settings).redis, keys, 60)
     counters.hincrby(keys.outcomes, "relayed:succeeded", 1)
     counters.flush()  # the script loaded, the connection made

@@ -12,7 +12,7 @@ import pytest
 from conftest import push_raw, wait_for
 from dramatiq.message import Message
 
-from mesh.broker.keys import prefix
+from mesh.broker.keys import Keys
 from mesh.broker.outbox import encode, stage
 from mesh.contracts import State, dumps, loads
 from mesh.dlq import DeadLetterStore
@@ -240,7 +240,8 @@ def test_a_worker_back_from_a_redis_outage_does_not_reap_the_others_until_they_c
     script = MeshBroker(settings, client=client.redis).scripts["settle"]
 
     def settle(command: str, worker: str, *args: Any) -> Any:
-        return script(keys=[prefix(settings.namespace)], args=[command, 0, "executor", worker, timeout, *args])
+        return script(keys=[Keys(settings.namespace, settings.shard).prefix],
+                      args=[command, 0, "executor", worker, timeout, *args])
 
     def server_ms() -> int:
         secs, micros = client.redis.time()

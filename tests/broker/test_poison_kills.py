@@ -41,11 +41,11 @@ def test_a_message_that_kills_three_workers_is_dead_lettered_as_poison(make_sett
     assert record.state is State.DEAD_LETTERED
     step = next(iter(record.steps.values()))
     assert step.state is State.DEAD_LETTERED and step.failure_class == "invalid_input"
-    [entry] = DeadLetterStore(rclient, Keys(ns)).newest()
+    [entry] = DeadLetterStore(rclient, Keys(ns, settings.shard)).newest()
     assert entry.job_id == ref.id and entry.failure_class == "invalid_input"
     assert entry.error.startswith("poison: 3 workers died running this message (MESH_POISON_KILLS=3)")
-    assert rclient.hget(f"{prefix(ns)}:stats", "poison") == b"1"
-    assert not rclient.exists(Keys(ns).kills("poison-1"))  # the dead letter let go of the claim
+    assert rclient.hget(Keys(ns, settings.shard).stats, "poison") == b"1"
+    assert not rclient.exists(Keys(ns, settings.shard).kills("poison-1"))  # the dead letter let go of the claim
 
 
 def test_a_replayed_poison_message_runs_again(make_settings: Any, rclient: Any, worker_process: Any,

@@ -146,7 +146,7 @@ def write(r: redis.Redis, keys: Keys, job: JobRecord) -> None:
 
 
 def test_the_sweep_expires_records_from_before_retention_but_no_active_job(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     long_ago = time.time() - 30 * 24 * 3600
     ended = record("job-ended", "k-ended", State.DEAD_LETTERED, at=long_ago)
     waiting = record("job-waiting", "k-waiting", State.QUEUED, at=long_ago)
@@ -184,7 +184,7 @@ def test_the_sweep_expires_records_from_before_retention_but_no_active_job(setti
 def test_a_replayed_job_active_again_loses_its_ttl_and_ending_again_restores_it(settings, rclient):
     """The job store's TTL follows the state: set when a job ends, kept by later writes to the ended
     job, removed when the job is active again (as a DLQ replay makes it)."""
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     job = record("job-1", "k-1", State.RUNNING, at=time.time())
     pipe = rclient.pipeline(transaction=True)
@@ -206,7 +206,7 @@ def test_a_replayed_job_active_again_loses_its_ttl_and_ending_again_restores_it(
 
 
 def test_a_dlq_replay_makes_an_ended_job_active_again_without_a_ttl(settings, rclient):
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     jobs = JobStore(rclient, keys, retention_s=3600)
     env = Envelope(key="k-r", job_id="job-r", step_id="s", agent="executor", trace_id="1" * 32,
                    deadline=time.time() + 600, payload={"tool": "note", "args": {"title": "t"}})

@@ -71,7 +71,8 @@ def test_threads_sending_at_once_each_get_a_connection_and_every_send_is_written
 
 def test_the_kept_connection_goes_back_to_the_pool_when_the_client_goes(settings: MeshSettings,
                                                                         rclient: redis.Redis):
-    pool = node_client(rclient, Keys(settings.namespace).jobs).connection_pool  # on a cluster, the slot's node's
+    # on a cluster, the slot's node's
+    pool = node_client(rclient, Keys(settings.namespace, settings.shard).jobs).connection_pool
     for _ in range(5):  # clients made and dropped on one shared Redis client keep no connection of it
         sender = MeshClient(settings, client=rclient)
         sender.send("executor", NOTE)

@@ -77,7 +77,7 @@ def test_counts_are_written_every_interval_and_a_batch_sent_again_is_not_added_t
     wait_for(lambda: _counts(client) == (STEPS, STEPS))  # by the running worker, at its interval
 
     # A batch whose answer was lost is sent again with its number: it lands once.
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     counters = Counters(rclient, keys, 60)
     counters.hincrby(keys.outcomes, "executor:succeeded", 3)
     counters.hincrbyfloat(keys.histogram("executor"), "sum", 0.5)
@@ -106,7 +106,7 @@ def test_counters_held_across_a_fork_are_written_once_and_both_processes_batches
     # A process that forks after it built its counters (a preloading server, multiprocessing's 'fork'):
     # the child shared the parent's batch key and numbers (the one writing second had its batch refused
     # as already written: its counts lost) and the parent's held counts (written by both: twice).
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     counters = Counters(rclient, keys, 60)
     counters.hincrby(keys.outcomes, "forked:succeeded", 1)  # held at the fork: the parent's to write
 
@@ -125,7 +125,7 @@ def test_counters_held_across_a_fork_are_written_once_and_both_processes_batches
 def test_a_forked_childs_counters_are_written_by_its_own_thread(settings, rclient):
     # The parent's writing thread is not carried over by the fork: the child's counts waited for a
     # close that a child (a server's worker process) may never call.
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     counters = Counters(rclient, keys, 0.05)
     counters.hincrby(keys.outcomes, "forked:succeeded", 1)  # the parent's thread starts
     wait_for(lambda: rclient.hget(keys.outcomes, "forked:succeeded") == b"1")
@@ -177,7 +177,7 @@ def test_a_process_ending_without_stopping_its_worker_writes_the_counts_it_held(
 def test_counts_added_after_a_close_are_written_still(settings, rclient):
     # A step that outlived its worker's stop (past the stop's timeout) counted into closed counters:
     # no thread wrote them again, ever.
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     counters = Counters(rclient, keys, 0.05)
     counters.hincrby(keys.outcomes, "late:succeeded", 1)
     counters.close()

@@ -12,7 +12,7 @@ from mesh.broker.transcript import Transcript
 
 def test_forgotten_checkpoints_can_be_written_again_and_the_others_stay(settings: MeshSettings,
                                                                           rclient: redis.Redis) -> None:
-    transcript = Transcript(rclient, Keys(settings.namespace), "job-1", "step", 60)
+    transcript = Transcript(rclient, Keys(settings.namespace, settings.shard), "job-1", "step", 60)
     for field in ("turn-1", "turn-1/call-1", "run-2/turn-1"):
         transcript.put(field, {"content": "old"})
     assert transcript.put("turn-1", {"content": "new"}) == {"content": "old"}  # the first write wins

@@ -361,3 +361,12 @@ def test_an_upgraded_namespace_is_served_queued_delayed_dead_lettered_and_done_w
         assert replayed.returncode == 0, replayed.stderr
         wait_for(lambda: len(blocked.requests) == 1, timeout_s=20)
     assert old_keys(rclient, namespace) == []
+
+
+@OLDER_LAYOUT
+def test_a_migration_on_a_shard_other_than_0_is_refused_and_moves_nothing(cli, rclient, namespace, cleanup):
+    rclient.set(f"{namespace}:job:a", "a")
+    refused = cli("migrate", MESH_SHARD="2")
+    assert refused.returncode == 2
+    assert "to shard 0's" in refused.stderr and "not to shard 2: unset MESH_SHARD" in refused.stderr
+    assert rclient.get(f"{namespace}:job:a") == b"a" and not rclient.exists(layout.marker(namespace))

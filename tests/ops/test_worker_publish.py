@@ -33,7 +33,7 @@ def closed_port() -> int:
 
 def test_publication_is_retried_with_doubling_waits_until_redis_answers(
         settings: Any, rclient: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     down = redis.Redis(port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     reg = Registry(down, keys, settings.heartbeat_timeout_s)
     waits: list[float] = []
@@ -56,7 +56,7 @@ def test_publication_is_retried_with_doubling_waits_until_redis_answers(
 
 
 def test_an_error_other_than_redis_ends_the_tries(settings: Any, rclient: redis.Redis) -> None:
-    reg = Registry(rclient, Keys(settings.namespace), settings.heartbeat_timeout_s)
+    reg = Registry(rclient, Keys(settings.namespace, settings.shard), settings.heartbeat_timeout_s)
     waits: list[float] = []
     with pytest.raises(AttributeError):
         _publish(reg, "w-1", "host:1", [object()], app.name, sleep=waits.append)  # type: ignore[list-item]
@@ -65,7 +65,7 @@ def test_an_error_other_than_redis_ends_the_tries(settings: Any, rclient: redis.
 
 def test_a_stop_ends_the_tries_of_a_publication_redis_refused_and_it_never_lands_after(
         settings: Any, rclient: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.shard)
     down = redis.Redis(port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     reg = Registry(down, keys, settings.heartbeat_timeout_s)
     stopped, waits = threading.Event(), []

@@ -30,7 +30,7 @@ from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
 from mesh.broker import JobNotFound, MeshSettings, NotReplicated
 from mesh.broker.connection import acl_rules
-from mesh.broker.keys import Keys, prefix
+from mesh.broker.keys import prefix
 from mesh.contracts import TERMINAL, State
 from tests.cluster import RedisClusterNodes
 from tests.conftest import wait_for
@@ -109,7 +109,7 @@ def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int,
     ``kill_at`` were acknowledged (SIGSTOP with ``pause``): (the acknowledged job ids in order, how many
     before the fault, refusals by kind). The killed node is started again, the paused one resumed, once
     its replica was promoted."""
-    owner = nodes.primary_of(Keys(mesh.settings.namespace).prefix)
+    owner = nodes.primary_of(mesh.keys.prefix)
     acked: list[str] = []
     refused: Counter[str] = Counter()
     killed_before = -1
@@ -336,7 +336,7 @@ def test_accepting_and_forgetting_a_tool_pin_is_one_multi_on_the_cluster_too(mes
 
     with pytest.raises(ToolRefused):  # drifted: presented, not pinned
         pins.check("srv.tool", Definition("tool", "two", {"type": "object"}))
-    owner = nodes.node(nodes.primary_of(mesh.keys.prefix))
+    owner = nodes.node(nodes.primary_of(mesh.keys.fleet))  # pins are fleet-wide
 
     def multis() -> int:
         return int(owner.info("commandstats").get("cmdstat_multi", {}).get("calls", 0))
@@ -454,7 +454,9 @@ def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new
     held = mesh.send("hold", {"diff": "d", "confidence": 0.9}, key="held")
     wait_for(lambda: mesh.redis.get(f"{prefix(ns)}:test.holder"), timeout_s=20)  # running, its lease renewed
     source = nodes.primary_of(mesh.keys.prefix)
-    target = next(p for p in nodes.primaries() if p != source)
+    # a primary holding neither the slot moved nor the fleet-wide keys' (another slot on a shard other than 0),
+    # so that every script it runs before the slot is its own ran where its keys were not
+    target = next(p for p in nodes.primaries() if p not in {source, nodes.primary_of(mesh.keys.fleet)})
     reshard = Reshard(nodes, mesh.keys.prefix, target)
 
     n, move_at = 200, 80

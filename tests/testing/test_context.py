@@ -245,4 +245,4 @@ def remember(ctx: ToolContext, args: Memo) -> Memo:
 def test_a_real_tool_reaches_the_redis_the_settings_name_a_clusters_too(settings: MeshSettings, rclient) -> None:
     ctx = TestContext(kept, settings=settings)  # a cluster's URL was refused here (redis-py's URLs take none)
     assert ctx.call("remember", Memo(text="kept")) == Memo(text="kept")
-    assert rclient.get(f"{Keys(settings.namespace).prefix}:memo") == b"kept"
+    assert rclient.get(f"{Keys(settings.namespace, settings.shard).prefix}:memo") == b"kept"
