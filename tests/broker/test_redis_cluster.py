@@ -34,7 +34,12 @@ INCR = "return redis.call('INCR', KEYS[1])"
 
 @pytest.fixture
 def nodes(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
-    redis_cluster_nodes.wait_ok()  # a test before may have failed a primary over
+    # A test before may have killed a primary (its replica promoted): started again, as a replica, so every
+    # test has the whole cluster, and its URL's seeds (the first two nodes) answer.
+    for port, proc in redis_cluster_nodes.procs.items():
+        if proc.poll() is not None:
+            redis_cluster_nodes.restart(port)
+    redis_cluster_nodes.wait_ok()
     return redis_cluster_nodes
 
 
