@@ -17,7 +17,7 @@ from mesh.broker import MeshClient
 from mesh.broker.acl import DOC_PAGE, acl_command
 from mesh.broker.breaker import Breakers
 from mesh.broker.connection import ACL_COMMANDS, acl_rules
-from mesh.broker.keys import prefix
+from mesh.broker.keys import Keys
 from mesh.contracts import Brownout, State
 from mesh.ops.local_redis import PrivateRedis, _free_port
 from tests.broker.deployed import GOAL, REFUSED_URL, private_redis, run_flows
@@ -63,8 +63,10 @@ def test_a_job_runs_end_to_end_with_the_password_in_the_url_and_a_wrong_one_is_a
 
 
 def every_value(admin: redis.Redis, namespace: str) -> Iterator[tuple[str, Any]]:
-    """Every key of ``namespace`` (and the bare name) with its whole value, whatever its type."""
-    keys = [namespace.encode(), *admin.scan_iter(match=f"{prefix(namespace)}:*", count=1000)]
+    """Every key of ``namespace`` (and the bare name) with its whole value, whatever its type: its
+    fleet-wide keys and every shard's."""
+    keys = [namespace.encode(), *(key for pattern in Keys(namespace).patterns
+                                  for key in admin.scan_iter(match=pattern, count=1000))]
     for key in keys:
         kind = admin.type(key).decode()
         reader = {"string": admin.get, "hash": admin.hgetall, "list": lambda k: admin.lrange(k, 0, -1),
@@ -156,16 +158,20 @@ def test_an_acl_user_held_to_the_namespace_and_the_mesh_commands_runs_jobs_repla
 def test_redis_commands_a_flow_needs_but_the_acl_user_lacks_are_refused_not_ignored(
         acl_server, make_settings):
     """The ACL test can fail: without one command the mesh uses (here ``set``: job records), the
-    client's submit is refused with NOPERM, and nothing is half-written."""
+    client's submit is refused with NOPERM, and nothing of the job is half-written (on a shard >= 1 the
+    pipeline's spec is registered first, on its own, in the fleet-wide keys: it may stay)."""
     server, admin = acl_server
-    namespace = make_settings().namespace
+    settings = make_settings()
+    namespace, keys = settings.namespace, Keys(settings.namespace, settings.shard)
     admin.execute_command("ACL", "SETUSER", "mesh", "reset", "on", ">pw-mesh-1", *acl_rules(namespace),
                           "-set")
     client = MeshClient(make_settings(redis_url=f"redis://mesh:pw-mesh-1@127.0.0.1:{server.port}/0"))
     # Refused by Redis whether the command is sent alone or from the enqueue script.
     with pytest.raises(redis.RedisError, match=r"NOPERM|permission|can't run this command"):
         client.submit("anything")
-    assert list(admin.scan_iter(match=f"{prefix(namespace)}:*")) == []
+    written = {key.decode() for pattern in keys.patterns for key in admin.scan_iter(match=pattern)}
+    registered = {key for key in written if key == keys.pipelines or key.startswith(keys.pipeline(""))}
+    assert written - (registered if keys.shard else set()) == set()
 
 
 def _down() -> None:
