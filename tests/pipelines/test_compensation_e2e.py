@@ -82,8 +82,8 @@ def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and
         assert after.state is State.COMPENSATED and after.steps["car"].state is State.DEAD_LETTERED
         assert [a for a in ledger.applied if a[0] == "/undo"] == [("/undo", "hotel"), ("/undo", "flight")]
         # (the worker writes its success counts once per MESH_COUNTER_FLUSH_S)
-        wait_for(lambda: int(rclient.hget(f"{prefix(ns)}:outcomes", "unbook:succeeded") or 0) >= 2)
-        assert int(rclient.hget(f"{prefix(ns)}:outcomes", "unbook:succeeded") or 0) == 2
+        wait_for(lambda: int(rclient.hget(mesh.keys.outcomes, "unbook:succeeded") or 0) >= 2)
+        assert int(rclient.hget(mesh.keys.outcomes, "unbook:succeeded") or 0) == 2
 
         # Every view shows the new states with their cause.
         status = cli("status", "trip-1")

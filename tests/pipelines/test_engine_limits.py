@@ -12,7 +12,7 @@ import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
-from mesh.broker.keys import Keys, prefix
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore
 from tests.pipelines.agents import app
@@ -26,7 +26,7 @@ def settings(make_settings: Any) -> Any:
 
 
 def dead_letters(mesh: MeshClient) -> list[Any]:
-    return DeadLetterStore(mesh.redis, Keys(mesh.settings.namespace)).newest()
+    return DeadLetterStore(mesh.redis, mesh.keys).newest()
 
 
 def runs(mesh: MeshClient) -> dict[str, int]:

@@ -71,11 +71,14 @@ def test_every_key_a_run_writes_starts_with_the_namespace_as_hash_tag(rclient, m
 
     named, legacy = keys_of(mesh.redis, mesh.settings.namespace)
     assert legacy == []
-    assert named and [k for k in named if not k.startswith(f"{{{mesh.settings.namespace}}}:")] == []
-    # What the run wrote: queues (dramatiq's layout), the DLQ, claims, job records, the sweep's lock.
-    p = prefix(mesh.settings.namespace)
+    # The shard's tag (MESH_SHARD; the namespace's own on shard 0) or the namespace's (the fleet-wide keys)
+    keys = mesh.keys
+    assert named and [k for k in named if not k.startswith((f"{keys.prefix}:", f"{keys.fleet}:"))] == []
+    # What the run wrote: queues (dramatiq's layout), the DLQ, claims, job records, the sweep's lock; all
+    # under the shard's tag, none under the fleet's on a shard.
     for family in (":__heartbeats__", ":__held__.", ":dlq.", ":claim:", ":job:", ":stats", ":sweep.lock"):
-        assert any(k.startswith(p + family) for k in named), family
+        assert any(k.startswith(keys.prefix + family) for k in named), family
+        assert keys.fleet == keys.prefix or not any(k.startswith(keys.fleet + family) for k in named), family
 
 
 _STARTED: list[Any] = []
@@ -139,7 +142,10 @@ def test_a_run_on_a_redis_cluster_node_touches_one_slot(cluster_redis, make_sett
     named, legacy = keys_of(client, settings.namespace)
     assert legacy == [] and named
     slots = {client.execute_command("CLUSTER", "KEYSLOT", k) for k in named}
-    assert slots == {client.execute_command("CLUSTER", "KEYSLOT", prefix(settings.namespace))}
+    # the shard's slot, and on a shard >= 1 the fleet-wide keys' (each script or transaction touches one)
+    keys = mesh.keys
+    assert client.execute_command("CLUSTER", "KEYSLOT", keys.prefix) in slots
+    assert slots <= {client.execute_command("CLUSTER", "KEYSLOT", tag) for tag in (keys.prefix, keys.fleet)}
     client.close()
 
 
