@@ -162,8 +162,10 @@ class Registry:
         for agent in agents:
             pipe.hset(self.keys.registry, agent.name, agent.to_json())
             pipe.zadd(self.keys.serving(agent.name), {worker_id: now})
-        pipe.hset(self.keys.registry_workers, worker_id, dumps(
-            {"label": label, "app": app, "agents": {a.name: a.version for a in agents}, "since": since}))
+        about = {"label": label, "app": app, "agents": {a.name: a.version for a in agents}, "since": since}
+        if self.keys.shard:  # where its heartbeats are: the registry is the fleet's, the heartbeats its shard's
+            about["shard"] = self.keys.shard
+        pipe.hset(self.keys.registry_workers, worker_id, dumps(about))
         pipe.execute()
         # The worker is alive as it publishes: listed from now on, it must not read "dead" until its
         # consumers' first fetch beats (GT: a later beat already recorded is never moved back). Its own
@@ -235,7 +237,9 @@ class Registry:
         return out, now
 
     def _workers(self, ids: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-        """Per worker id: what it recorded about itself, and its last heartbeat (ms)."""
+        """Per worker id: what it recorded about itself, and its last heartbeat (ms), read in the heartbeats of
+        the worker's shard (``shard`` in what it recorded; 0 when absent), whatever this process's is: the
+        registry is the whole fleet's. One round trip when every worker is on this process's shard."""
         if not ids:
             return {}, {}
         pipe = self.redis.pipeline(transaction=False)
@@ -244,7 +248,15 @@ class Registry:
             pipe.zscore(self.keys.heartbeats, wid)
         about, *scores = pipe.execute()
         info = {wid: loads(raw) for wid, raw in zip(ids, about, strict=True) if raw}
-        beats = {wid: int(score) for wid, score in zip(ids, scores, strict=True) if score is not None}
+        found = dict(zip(ids, scores, strict=True))
+        elsewhere = [(wid, shard) for wid in ids
+                     if (shard := int(info.get(wid, {}).get("shard", 0) or 0)) != self.keys.shard]
+        if elsewhere:
+            pipe = self.redis.pipeline(transaction=False)
+            for wid, shard in elsewhere:
+                pipe.zscore(Keys(self.keys.namespace, shard).heartbeats, wid)
+            found.update(zip((wid for wid, _ in elsewhere), pipe.execute(), strict=True))
+        beats = {wid: int(score) for wid, score in found.items() if score is not None}
         return info, beats
 
     def _prune(self, names: list[str], now: int) -> None:

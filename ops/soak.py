@@ -386,8 +386,8 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
         def sample() -> Sample:
             counts = ended(client, traffic)
             s = Sample(at_s=time.monotonic() - started, sent=counts["sent"] + len(traffic.poison),
-                       ended=counts["ended"], dead_letters=DeadLetterStore(raw, Keys(ns)).count(),
-                       queued=queued(client), kills=kills, serving=serving(raw, Keys(ns), beat_timeout_s),
+                       ended=counts["ended"], dead_letters=DeadLetterStore(raw, client.keys).count(),
+                       queued=queued(client), kills=kills, serving=serving(raw, client.keys, beat_timeout_s),
                        rss_mb=workers.rss_mb(), redis_mb=redis_mb(raw),
                        namespace_mb=namespace_mb(raw, ns))
             samples.append(s)
@@ -396,7 +396,7 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
 
         try:
             workers.start(cfg.processes)
-            _ready(raw, Keys(ns), cfg.processes)
+            _ready(raw, client.keys, cfg.processes)
             started = time.monotonic()
             progress(HEADER)
             sample()

@@ -30,7 +30,6 @@ from mesh import App, Context, Pipeline
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient, trace
 from mesh.broker.idempotency import Idempotency
-from mesh.broker.keys import prefix
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.observe import running_member
 from mesh.broker.step_write import SENTINEL
@@ -320,7 +319,7 @@ def test_a_worker_killed_holding_a_step_its_last_success_fetched_loses_nothing(m
     record = client.status(ref.id)
     first, second = record.steps["first"], record.steps["second"]
     assert first.state is State.SUCCEEDED and second.state is State.RUNNING
-    acks = [k for k in rclient.scan_iter(f"{prefix(settings.namespace)}:__acks__.*.held")]
+    acks = [k for k in rclient.scan_iter(client.keys.acks("*", "held"))]
     assert len(acks) == 1 and rclient.scard(acks[0]) == 1  # held where a reaper looks
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
@@ -549,7 +548,7 @@ def test_a_step_write_whose_answer_carrying_the_eager_fetch_is_lost_loses_nothin
     client = MeshClient(settings, client=rclient, app=relay)
     ns = settings.namespace
     kwargs = rclient.connection_pool.connection_kwargs
-    dropper = AnswerDropper((kwargs["host"], kwargs["port"]), mark=f"{prefix(ns)}:__held__.".encode())
+    dropper = AnswerDropper((kwargs["host"], kwargs["port"]), mark=client.keys.held("").encode())
     try:
         env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
                "MESH_REDIS_URL": f"redis://127.0.0.1:{dropper.port}/{kwargs.get('db', 0)}"}
@@ -668,7 +667,7 @@ def test_a_worker_paused_between_its_successs_answer_and_its_hand_over_runs_the_
     ns = settings.namespace
     kwargs = rclient.connection_pool.connection_kwargs
     hold = threading.Event()
-    holder = AnswerDropper((kwargs["host"], kwargs["port"]), mark=f"{prefix(ns)}:__held__.".encode(), hold=hold)
+    holder = AnswerDropper((kwargs["host"], kwargs["port"]), mark=client.keys.held("").encode(), hold=hold)
     try:
         env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
         rclient.set(gate_key(ns), 1)

@@ -26,7 +26,6 @@ from mesh.agents.tools.base import effect_id
 from mesh.agents.tools.note import read_note
 from mesh.broker import MeshClient
 from mesh.broker.client import JobRef
-from mesh.broker.keys import prefix
 from mesh.contracts import TERMINAL, State
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 
@@ -183,7 +182,7 @@ def finish_and_check(mesh: Mesh, refs: list[JobRef], since: str) -> tuple[str, C
                   f"after {since}")
         assert mesh.acks_left() == {}
         assert mesh.admin.zcard(keys.dlq) == 0
-        assert mesh.admin.llen(f"{prefix(mesh.ns)}:executor.XQ") == 0
+        assert mesh.admin.llen(keys.queue("executor.XQ")) == 0
 
         # Every effect exactly once: one note per key, never overwritten, and the receipt names it.
         expected = {effect_id(ref.key): ref for ref in refs}

@@ -63,6 +63,24 @@ def test_a_publish_prunes_workers_that_stopped_heartbeating_but_keeps_live_and_n
     assert client.redis.hget(client.keys.registry_workers, "dead") is None
 
 
+def test_a_worker_on_another_shard_is_seen_alive_by_its_own_heartbeats_and_a_publish_here_keeps_it(settings, rclient):
+    """The registry is the namespace's (fleet-wide), a worker's heartbeats its shard's (MESH_SHARD): a listing
+    or a publish's prune on one shard reads each worker's heartbeat where that worker beats."""
+    shards = (settings.shard, settings.shard + 1)
+    here, there = (MeshClient(settings.model_copy(update={"shard": s, "heartbeat_timeout_s": 1.0}), client=rclient)
+                   for s in shards)
+    publish_greeter(there, "far")
+    old = registry(there).now_ms() - 5_000
+    there.redis.zadd(there.keys.serving("greet"), {"far": old})  # published long ago, still heartbeating
+    heartbeat(there, "far")
+    assert here.redis.zscore(here.keys.heartbeats, "far") is None  # not in this shard's heartbeats
+    publish_greeter(here, "near")  # prunes the workers that stopped heartbeating: not "far"
+    for client in (here, there):
+        by_id = {w.id: w for w in registry(client).listing()[0].workers}
+        assert set(by_id) == {"far", "near"} and by_id["far"].alive and by_id["near"].alive
+        assert {w.id: w.alive for w in registry(client).workers()[0]} == {"far": True, "near": True}
+
+
 def test_a_worker_is_alive_as_it_publishes_before_its_consumers_first_beat_and_a_later_beat_stays(client):
     publish_greeter(client, "w1")  # no consumer has fetched: publishing alone says it is alive
     [worker], _ = registry(client).workers()

@@ -12,7 +12,7 @@ from conftest import wait_for
 
 from mesh.broker import MeshClient, claims, trace
 from mesh.broker.jobs import JobStore, fail_step
-from mesh.broker.keys import Keys, prefix
+from mesh.broker.keys import Keys
 from mesh.broker.observe import running_member
 from mesh.broker.outbox import build_message, encode
 from mesh.broker.retention import Retention, expired
@@ -33,14 +33,13 @@ def counter(r: redis.Redis, key: str, field: str) -> int:
 def census(r: redis.Redis, keys: Keys) -> dict[str, int]:
     """Every key of the namespace except the claims (the dedup window), with its MEMORY USAGE."""
     claims = keys.claim("").encode()
-    return {k.decode(): int(r.memory_usage(k) or 0) for k in r.scan_iter(match=keys.everything, count=1000)
-            if not k.startswith(claims)}
+    return {k.decode(): int(r.memory_usage(k) or 0) for pattern in keys.patterns
+            for k in r.scan_iter(match=pattern, count=1000) if not k.startswith(claims)}
 
 
 def per_job_left(r: redis.Redis, keys: Keys) -> bool:
     """Whether anything of a job is left: a record, trace or note, an index member or a tombstone."""
-    ns = keys.namespace
-    patterns = (f"{prefix(ns)}:job:*", f"{prefix(ns)}:trace:*", f"{prefix(ns)}:note:*")
+    patterns = (keys.job("*"), keys.trace("*"), keys.note("*"))
     return (any(next(r.scan_iter(match=p, count=1000), None) for p in patterns)
             or any(r.zcard(k) for k in (keys.jobs, keys.running, keys.notes, keys.jobs_expired)))
 
