@@ -397,7 +397,11 @@ class MeshClient:
         # index entries and timers (scripts of their own): the transaction below writes them.
         apart = self.keys.fleet != self.keys.prefix  # a shard's job: the spec registered first, on its own
         if apart:
-            self._register(spec, digest, replace)
+            try:
+                self._register(spec, digest, replace)
+            except PipelineConflict:  # a key bound to another input is the conflict found first, as on shard 0
+                _refuse_conflicts([record], [self.redis.get(self.keys.job(ref.id))])
+                raise
         while True:
             with transaction(self.redis, self.settings) as pipe:
                 try:

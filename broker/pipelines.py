@@ -62,7 +62,8 @@ class StartRun:
     record, its trace events and the root steps' messages, with the key's conflict check and the
     ``replace=False`` check, atomic with no WATCH, in one round trip. On a shard other than 0
     (MESH_SHARD), where the job's keys and the registered pipelines are two slots, the registration
-    is a call of its own made first: a run refused for its key then leaves its spec registered."""
+    is a call of its own made first: a run refused for its key then leaves its spec registered (and when that
+    call refuses a ``replace=False`` run, a key bound to another input is still the conflict answered)."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.script = client.register_script(RUN_LUA)
@@ -89,9 +90,22 @@ class StartRun:
             registration = ["", args[1], b"", *args[3:_FIRST], 0]  # job_id "": the spec alone, no record, no event
             registered, acked = self._call([self.keys.fleet], registration, wait)
             if registered != 1:
-                return registered, acked
+                return self._key_first(job_id, payload_hash, registered), acked
             args[6] = ""  # name "": registered already
         return self._call([self.keys.prefix], args, wait)
+
+    def _key_first(self, job_id: str, payload_hash: str, answer: Any) -> Any:
+        """A shard's refused registration (``answer``): ``b"key"`` instead of a ``replace=False`` conflict when
+        the key's job is bound to another input, the conflict the one script finds first on shard 0. A read
+        alone: both answers write nothing."""
+        if not (isinstance(answer, bytes) and answer.startswith(b"pipeline:")):
+            return answer
+        stored: Any = self.script.registered_client.get(self.keys.job(job_id))
+        try:
+            bound = orjson.loads(stored).get("payload_hash") if stored is not None else None
+        except (orjson.JSONDecodeError, AttributeError):  # not a record: the job's call would refuse it
+            return answer
+        return b"key" if bound is not None and bound != payload_hash else answer
 
     def _call(self, keys: list[str], args: list[Any], wait: tuple[int, int] | None) -> tuple[Any, int]:
         if wait is None:

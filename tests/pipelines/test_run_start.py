@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from mesh.agents.pipelines import load_pipeline
+from mesh.agents.pipelines import Pipeline, load_pipeline
 from mesh.broker import MeshClient, NotReplicated
 from mesh.broker.client import job_id_for
 from mesh.broker.connection import connect, parse_url
@@ -110,13 +110,27 @@ def test_a_run_that_must_not_replace_writes_nothing_not_even_its_record(mesh: Me
     assert not rclient.exists(mesh.keys.trace(job_id_for("refused")))
     assert rclient.zcard(mesh.keys.jobs) == 1
     assert mesh.pipelines.versions(first.name)[0] == first.digest()
-    # a key conflict is found first, as the transaction did; on a shard >= 1 the spec's registration is a
-    # call of its own made first (broker/pipelines.py StartRun): its conflict is, and the key's job is kept
+    # a key conflict is found first, as the transaction did (on a shard >= 1 too, where the spec's
+    # registration is a call of its own made first: broker/pipelines.py StartRun)
     ref = mesh.run(first, {"goal": "d"}, key="held")
-    with pytest.raises(KeyConflict if mesh.keys.fleet == mesh.keys.prefix else PipelineConflict):
+    with pytest.raises(KeyConflict):
         mesh.run(second, {"goal": "e"}, key="held", replace=False)
     assert mesh.status(ref.id).pipeline_input == {"goal": "d"}
 
+
+
+def test_a_run_whose_root_waits_finds_a_key_conflict_before_a_replace_conflict(mesh: MeshClient) -> None:
+    """A root that waits (sleep:) is started by a transaction, not the one script call: the same order of
+    conflicts, on a shard >= 1 too, where the spec's registration is a transaction of its own made first."""
+    first = Pipeline("napping").step("nap", sleep="10m").build()
+    second = Pipeline("napping").step("nap", sleep="20m").build()
+    ref = mesh.run(first, {"goal": "a"}, key="napped")
+    with pytest.raises(KeyConflict):
+        mesh.run(second, {"goal": "b"}, key="napped", replace=False)
+    with pytest.raises(PipelineConflict):
+        mesh.run(second, {"goal": "b"}, key="fresh", replace=False)
+    assert mesh.status(ref.id).pipeline_input == {"goal": "a"}
+    assert mesh.pipelines.versions("napping")[0] == first.digest()
 
 
 @pytest.mark.no_cluster("it needs a Redis with no replica, whose WAIT 1 answers 0 after its timeout; every "
