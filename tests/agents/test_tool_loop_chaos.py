@@ -15,7 +15,6 @@ import pytest
 
 from mesh import MeshClient
 from mesh.broker import trace
-from mesh.broker.keys import prefix
 from mesh.broker.ledger import Ledger
 from mesh.contracts import State
 from tests.agents.openai_server import FakeOpenAI, Reply, completion, tool_calls
@@ -59,9 +58,9 @@ def test_a_worker_killed_mid_loop_resumes_on_another_from_the_last_completed_tur
 
     assert record.state is State.SUCCEEDED, record.error
     assert record.result["biller"] == {"order_id": "o-7", "charges": 5}
-    assert int(rclient.get(f"{prefix(settings.namespace)}:test.charges") or 0) == 5  # exactly five effects
+    assert int(rclient.get(f"{mesh.keys.prefix}:test.charges") or 0) == 5  # exactly five effects
     # each call was given a key of its own, derived from the step's key and the turn, the same on a re-run
-    given = [k.decode() for k in rclient.lrange(f"{prefix(settings.namespace)}:test.charge_keys", 0, -1)]
+    given = [k.decode() for k in rclient.lrange(f"{mesh.keys.prefix}:test.charge_keys", 0, -1)]
     assert given == [f"{record.steps['biller'].key}/turn-{n}/call-1" for n in range(1, 6)]
     entries = Ledger(rclient, mesh.keys, record.job_id, "biller", 60).entries()
     assert [(e.n, e.args["n"]) for e in entries] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]

@@ -10,7 +10,6 @@ from conftest import wait_for
 from mesh import MeshClient, Pipeline
 from mesh.agents.pipelines import check
 from mesh.broker import trace
-from mesh.broker.keys import prefix
 from mesh.contracts import State
 from tests.agents.openai_server import FakeOpenAI, turns
 from tests.agents.test_tool_loop_chaos import SCRIPT
@@ -30,7 +29,7 @@ def test_a_tool_loop_fails_closed_on_the_jobs_token_budget(make_settings, rclien
     assert record.state is not State.SUCCEEDED
     assert "spent 45 of its 40 model tokens" in (record.steps["biller"].error or ""), record.steps["biller"].error
     # turns 1 and 2 made their calls; turn 3 took the job past its budget: its call was never made
-    assert int(rclient.get(f"{prefix(settings.namespace)}:test.charges") or 0) == 2
+    assert int(rclient.get(f"{mesh.keys.prefix}:test.charges") or 0) == 2
     asked = [e.get("outcome") for e in trace.read(rclient, mesh.keys, record.job_id) if e["event"] == "model_call"]
     assert asked[:3] == ["ok", "ok", "budget_exceeded"] and len(api.requests) == 3
 
