@@ -16,7 +16,6 @@ import pytest
 from conftest import wait_for
 
 from mesh import MeshClient, State
-from mesh.broker.keys import prefix
 from mesh.broker.ledger import Ledger
 from mesh.contracts.effects import Verdict
 from mesh.dlq import DeadLetterStore
@@ -124,7 +123,7 @@ def test_each_call_and_each_retry_mints_a_token_of_its_own_a_refused_mint_calls_
     minted = [t for t in tokens.issued if t != "short"]
     assert len(minted) == 7  # 1, 2, FLAKY twice, 6, 10, REJECTED
     values = namespace_values(rclient, namespace)
-    masked = {key.split(":")[1] for key, v in values.items() if b"[secret]" in v}
+    masked = {key.split("}:", 1)[1].split(":")[0] for key, v in values.items() if b"[secret]" in v}  # after the tag
     assert {"ledger", "trace", "job", "dlq"} <= masked  # the echoed tokens were kept there, masked
     assert {k for k, v in values.items() if any(t.encode() in v for t in minted)} == set()
     outputs = [cli(*args) for args in [("status", ref.id, "--json") for ref in refs.values()]
@@ -149,7 +148,7 @@ def test_a_minter_still_running_at_the_time_limit_fails_the_call_as_not_made_not
     ref = mesh.send(slow_minting.payer, {"cents": 5})
     record = mesh.wait(ref.id, timeout_s=60)
     # the tool was never called: its effect is not unknown, the step failed by the time limit
-    assert rclient.get(f"{prefix(settings.namespace)}:test.paid") is None
+    assert rclient.get(f"{mesh.keys.prefix}:test.paid") is None
     assert record.state is State.DEAD_LETTERED, (record.state, record.error)
     assert "credential minter" in (record.error or ""), record.error
     [entry] = Ledger(rclient, mesh.keys, record.job_id, "payer", 60).entries()

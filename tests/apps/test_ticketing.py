@@ -21,7 +21,7 @@ from conftest import wait_for
 
 from mesh.broker import JobRef, MeshClient, trace
 from mesh.broker.breaker import Breakers
-from mesh.broker.keys import prefix
+from mesh.broker.keys import Keys, prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore
 from mesh.dlq.audit import Audit
@@ -234,9 +234,10 @@ def test_a_permanent_failure_is_dead_lettered_then_replayed_once_and_files_the_t
 
 
 def namespace_values(client: redis.Redis, namespace: str) -> dict[str, bytes]:
-    """Every key of ``namespace`` with everything it holds, read with its type's own command."""
+    """Every key of ``namespace`` (its fleet-wide keys and every shard's) with everything it holds, read
+    with its type's own command."""
     out = {}
-    for key in client.scan_iter(match=f"{prefix(namespace)}:*", count=1000):
+    for key in (key for pattern in Keys(namespace).patterns for key in client.scan_iter(match=pattern, count=1000)):
         kind = client.type(key).decode()
         if kind == "string":
             parts: list[Any] = [client.get(key)]
