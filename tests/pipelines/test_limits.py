@@ -53,11 +53,11 @@ def test_a_root_for_each_over_the_input_is_refused_by_the_client_and_nothing_is_
         # (the client checks a root's input against its agent's model too: this one passes)
         mesh.run(spec, {"url": "u", "score": 1.0, "items": [{"url": f"u{i}", "score": 1.0} for i in range(6)]},
                  key="root")
-    assert not list(mesh.redis.scan_iter(match=f"{prefix(mesh.settings.namespace)}:*"))
+    assert not [k for pattern in mesh.keys.patterns for k in mesh.redis.scan_iter(match=pattern)]
 
 
 def test_a_root_whose_for_each_cannot_be_evaluated_is_refused_by_the_client(mesh: MeshClient):
     spec = check(Pipeline("root-missing").step("fetch", for_each="input.missing").build(), app)
     with pytest.raises(ContractError, match=r"step fetch: for_each expression 'input\.missing': cannot evaluate"):
         mesh.run(spec, {"url": "u", "score": 1.0}, key="root-missing")
-    assert not list(mesh.redis.scan_iter(match=f"{prefix(mesh.settings.namespace)}:*"))
+    assert not [k for pattern in mesh.keys.patterns for k in mesh.redis.scan_iter(match=pattern)]

@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from mesh import App, AsyncContext, ConfigError, Context, Credential, Pipeline, State, ToolContext
-from mesh.broker.keys import prefix
+from mesh.broker.keys import Keys
 from mesh.testing import TestMesh, TestModel, ToolCall, run_pipeline
 from tests.conftest import redis_client
 
@@ -81,7 +81,7 @@ def test_an_approved_run_ends_with_the_fake_tools_answer_and_leaves_no_key() -> 
     assert record.state is State.SUCCEEDED and record.steps["publish"].result == {"id": "P-otters"}
     assert mesh.calls == [ToolCall("post", Draft(text="otters"), Posted(id="P-otters"))]
     assert mesh.model.prompts[0].prompt == "write about otters"
-    assert list(redis_client(url).scan_iter(match=f"{prefix(namespace)}:*")) == []
+    assert [k for pattern in Keys(namespace).patterns for k in redis_client(url).scan_iter(match=pattern)] == []
 
 
 def test_a_real_tool_reads_the_secret_the_test_gives() -> None:
