@@ -1,8 +1,7 @@
-"""Throw-away namespaces (``mesh bench``'s, ``mesh soak``'s): deleted whole when the run ends."""
+"""Throw-away namespaces (``mesh bench``'s, ``mesh soak``'s, the console bench's): deleted whole when the run
+ends."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import redis
 
@@ -29,17 +28,17 @@ def is_empty(client: redis.Redis, ns: str) -> bool:
 
 
 def delete_namespace(client: redis.Redis, ns: str) -> None:
-    """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS): the mesh's (``{ns}:*``), raw
-    dramatiq's of ``mesh bench`` (:func:`raw_namespace`) and any in the older layout (``ns:*``)."""
-    batch: list[Any] = []
+    """Delete every key of namespace ``ns``, in batches (SCAN, never KEYS): the mesh's (``{ns}:*`` and each
+    shard's, ``{ns:N}:*``), raw dramatiq's of ``mesh bench`` (:func:`raw_namespace`) and any in the older
+    layout (``ns:*``). One DEL a key, sent in pipelines: on a Redis Cluster a DEL of keys of several slots
+    (a namespace's and a shard's) is refused, and a pipeline sends each to its slot's primary."""
     for pattern in _patterns(ns):
-        for key in client.scan_iter(match=pattern, count=2_000):
-            batch.append(key)
-            if len(batch) >= 1_000:
-                client.delete(*batch)
-                batch = []
-    if batch:
-        client.delete(*batch)
+        keys = list(client.scan_iter(match=pattern, count=2_000))
+        for i in range(0, len(keys), 1_000):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[i:i + 1_000]:
+                pipe.delete(key)
+            pipe.execute()
 
 
 def check_scratch(client: redis.Redis, ns: str, command: str, *, memory: bool = False) -> None:

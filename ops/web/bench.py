@@ -24,8 +24,8 @@ import redis
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.client import trace_id_of
 from mesh.broker.connection import connect, parse_url
-from mesh.broker.keys import Keys
 from mesh.broker.trace import operator
+from mesh.ops.namespaces import delete_namespace
 
 #: Fetches per page (the median is reported).
 REPEATS = 5
@@ -139,7 +139,7 @@ def run(settings: MeshSettings, sizes: list[tuple[int, int]],
             results.append({"jobs": jobs, "dead_letters": dead,
                             "pages": {_label(p, job_id, key, entry_id): v for p, v in measured.items()}})
         finally:
-            _drop(client.redis, ns)
+            delete_namespace(client.redis, ns)
             client.close()
     return {"sizes": results, "repeats": REPEATS}
 
@@ -149,8 +149,3 @@ def _label(path: str, job_id: str, key: str, entry_id: str) -> str:
             .replace(trace_id_of(job_id), "TRACE").replace(NO_TRACE, "NO-TRACE"))
 
 
-def _drop(r: redis.Redis, ns: str) -> None:
-    for pattern in Keys(ns).patterns:
-        keys = list(r.scan_iter(match=pattern, count=1000))
-        for i in range(0, len(keys), 500):
-            r.delete(*keys[i:i + 500])
