@@ -137,6 +137,9 @@ The mesh's own:
                                       never reset it, or tokens would repeat
     {ns}:layout                       string "2": the layout the namespace's data is in, written by
                                       ``mesh migrate`` once it moved the older layout's keys (broker/layout.py)
+    {ns}:shards                       string "{first}+{count}": the shards the namespace's jobs are spread
+                                      over (MESH_SHARD, MESH_SHARDS), set by the first process to use it;
+                                      a process of another count refuses to start (broker/shards.py)
     {ns}:sweep.lock                   string, expires after MESH_SWEEP_INTERVAL_S: the worker that set
                                       it runs this interval's retention sweep (ops/sweeper.py)
     {ns}:timers                       zset "{kind}|{ref}" -> due time (ms, Redis TIME): durable timers
@@ -504,6 +507,12 @@ class Keys:
     def layout(self) -> str:
         """The marker of the layout the namespace's data is in (broker/layout.py: written by ``mesh migrate``)."""
         return f"{self.fleet}:layout"
+
+    @property
+    def shard_count(self) -> str:
+        """How many shards the namespace's jobs are spread over, and from which: ``"{first}+{count}"``
+        (MESH_SHARD, MESH_SHARDS), written by the first process to use the namespace (broker/shards.py)."""
+        return f"{self.fleet}:shards"
 
     @property
     def probe(self) -> str:

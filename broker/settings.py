@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh.contracts import ConfigError
@@ -53,6 +53,11 @@ class MeshSettings(BaseSettings):
                        "and their indexes are kept in: {NS}: for 0, {NS:N}: for N (the fleet-wide keys stay in "
                        "{NS}:); every process of a deployment must use the same one. For testing the key layout on "
                        "a Redis Cluster (the fleet-wide keys and a shard's in two slots); leave it at 0")
+    shards: int = Field(default=1, ge=1, le=256, description="how many shards a namespace's jobs are spread over "
+                        "(MESH_SHARD, MESH_SHARD + 1, ...): a job's shard is a hash of its id, and every worker "
+                        "consumes every shard. On a Redis Cluster each shard is a slot of its own, so the jobs "
+                        "spread over the primaries; fixed per namespace (a process with another count refuses "
+                        "to start: drain the namespace to change it)")
 
     model_provider: Literal["local", "openai", "openai_sdk", "anthropic"] | None = Field(
         default=None, description="local (offline, deterministic); openai (any OpenAI-compatible endpoint, over "
@@ -218,12 +223,33 @@ class MeshSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _shards_within_range(self) -> MeshSettings:
+        if self.shard + self.shards - 1 > 4095:
+            raise ValueError(f"MESH_SHARD + MESH_SHARDS - 1 ({self.shard + self.shards - 1}) must not be over 4095")
+        return self
+
+    @model_validator(mode="after")
     def _redis_reachable_as_written(self) -> MeshSettings:
         try:
             connection.check(self)
         except ConfigError as exc:  # pydantic wants a ValueError; from_env turns it back into a ConfigError
             raise ValueError(exc.message) from None
         return self
+
+    #: the first of the namespace's shards, when this is one shard's copy of the settings (:meth:`on_shard`)
+    _first_shard: int | None = PrivateAttr(default=None)
+
+    def on_shard(self, shard: int) -> MeshSettings:
+        """These settings as one of the namespace's shards sees them (a worker runs one set of consumers
+        per shard): ``shard`` is that shard; :attr:`first_shard` and ``shards`` still say them all."""
+        copy = self.model_copy(update={"shard": shard})
+        copy._first_shard = self.first_shard
+        return copy
+
+    @property
+    def first_shard(self) -> int:
+        """The first of the namespace's shards (MESH_SHARD, unless these are one shard's settings)."""
+        return self.shard if self._first_shard is None else self._first_shard
 
     @property
     def claim_lease_s(self) -> float:

@@ -58,6 +58,10 @@ if TEST_REDIS not in ("single", "cluster"):
 #: (TEST_REDIS=cluster) a script, transaction or multi-key command touching both fails (CROSSSLOT).
 TEST_SHARD = int(os.environ.get("TEST_SHARD", "0"))
 
+#: TEST_SHARDS, how many shards (MESH_SHARDS) the tests' jobs are spread over, from TEST_SHARD: 1 by default;
+#: more puts each job in the shard of its id, and every worker consumes them all (broker/shards.py).
+TEST_SHARDS = int(os.environ.get("TEST_SHARDS", "1"))
+
 
 def on_cluster() -> bool:
     """Whether the session's Redis tests run on a Redis Cluster: TEST_REDIS=cluster, or a MESH_REDIS_URL
@@ -245,6 +249,7 @@ def redis_env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def make_settings(redis_url: str, namespace: str) -> Callable[..., MeshSettings]:
     def make(**overrides: Any) -> MeshSettings:
         values: dict[str, Any] = {"redis_url": redis_url, "namespace": namespace, "shard": TEST_SHARD,
+                                  "shards": TEST_SHARDS,
                                   "retry_min_backoff_ms": 20, "retry_max_backoff_ms": 100,
                                   "reconnect_delay_s": RECONNECT_DELAY_S}
         values.update(overrides)
@@ -295,6 +300,8 @@ def mesh_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
                 "PYTHONPATH": str(ROOT)})
     if settings.shard:
         env["MESH_SHARD"] = str(settings.shard)
+    if settings.shards != 1:
+        env["MESH_SHARDS"] = str(settings.shards)
     env.update(extra)
     return env
 

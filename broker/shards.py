@@ -1,0 +1,104 @@
+"""A namespace's jobs spread over several shards (MESH_SHARDS): where a job lives, and every shard a
+reader must add up.
+
+A shard is a hash tag of its own (:func:`mesh.broker.keys.shard_prefix`): on a Redis Cluster, a slot
+of its own, so the shards of a namespace spread its jobs over the cluster's primaries. A job lives in
+one shard, chosen from its id (:func:`shard_of`: CRC-32 of the id, modulo the count): every key of the
+job and of what runs it (its record, trace, claims, the queue messages of its steps, its dead letters)
+is that shard's, so every script and transaction of a step touches one slot, as with one shard. A job's
+id is fixed by its key (``job_id_for``): two sends of one key are one job, in one shard, and a reader
+of a job (``mesh status ID``) finds its shard from the id alone, with no lookup.
+
+The shards are MESH_SHARD, MESH_SHARD + 1, ... MESH_SHARD + MESH_SHARDS - 1 (the first is 0 but for
+tests that keep every job off the fleet-wide keys' slot). The count is fixed per namespace: a job's
+shard follows from it, so a process counting otherwise would look for jobs where they are not. The
+first process to use the namespace records it (``{ns}:shards``), and a process with another count
+refuses to start (:func:`check_shards`); to change it, drain the namespace first.
+
+Workers consume every shard (ops/worker.py); readers of many jobs (``mesh jobs``, the DLQ, metrics,
+approvals, waits) read each shard and add them up (:attr:`Shards.keys`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mesh.contracts import ConfigError
+
+from .keys import Keys
+
+if TYPE_CHECKING:
+    import redis
+
+    from .settings import MeshSettings
+
+
+def shard_of(job_id: str, first: int = 0, count: int = 1) -> int:
+    """The shard job ``job_id`` lives in, of ``count`` starting at ``first``: CRC-32 of its id."""
+    if count == 1:
+        return first
+    return first + zlib.crc32(job_id.encode()) % count
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The shards of a namespace: ``count`` of them from ``first`` (MESH_SHARD, MESH_SHARDS)."""
+
+    namespace: str
+    first: int = 0
+    count: int = 1
+    #: each shard's keys, in shard order
+    keys: tuple[Keys, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(Keys(self.namespace, self.first + i) for i in range(self.count)))
+
+    @classmethod
+    def of(cls, settings: MeshSettings) -> Shards:
+        return cls(settings.namespace, settings.first_shard, settings.shards)
+
+    @property
+    def many(self) -> bool:
+        """Whether there is more than one shard."""
+        return self.count > 1
+
+    @property
+    def home(self) -> Keys:
+        """The first shard's keys (the only one's, with one shard); their ``fleet`` is the namespace's."""
+        return self.keys[0]
+
+    def shard_of(self, job_id: str) -> int:
+        return shard_of(job_id, self.first, self.count)
+
+    def of_job(self, job_id: str) -> Keys:
+        """The keys of the shard job ``job_id`` lives in."""
+        return self.keys[self.shard_of(job_id) - self.first]
+
+    def of_key(self, key: str) -> Keys:
+        """The keys of the shard a claim on ``key`` (an idempotency key shared by jobs) is kept in."""
+        return self.keys[shard_of(key, 0, self.count)]
+
+    @property
+    def recorded(self) -> str:
+        """What ``{ns}:shards`` holds for these shards."""
+        return f"{self.first}+{self.count}"
+
+
+def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) -> None:
+    """Record the namespace's shards the first time (``record``: a worker, at its start), else check
+    them (one round trip; a client checks, never records): ConfigError when another process recorded
+    another first shard or count (its jobs would be looked for in the wrong shards)."""
+    key = shards.home.shard_count
+    found = client.set(key, shards.recorded, nx=True, get=True) if record else client.get(key)
+    if found is None:
+        return
+    found = found.decode() if isinstance(found, bytes) else str(found)
+    if found != shards.recorded:
+        first, _, count = found.partition("+")
+        raise ConfigError(f"namespace {shards.namespace} spreads its jobs over {count} shard(s) from shard {first} "
+                          f"(MESH_SHARD={first}, MESH_SHARDS={count}); this process has MESH_SHARD={shards.first}, "
+                          f"MESH_SHARDS={shards.count}: set them the same, or drain the namespace and delete "
+                          f"{key} to change them", namespace=shards.namespace, recorded=found,
+                          wanted=shards.recorded)
