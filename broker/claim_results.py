@@ -24,6 +24,7 @@ import redis
 from mesh.contracts import dumps, loads
 
 from .keys import Keys
+from .shards import Shards
 
 #: Marks a reference in place of the output.
 REF = b"@"
@@ -47,14 +48,16 @@ class Stored:
     gone: str | None = None
 
 
-def resolve(client: redis.Redis, keys: Keys, key: str, raw: bytes | None) -> Stored:
-    """The output a done claim's result ``raw`` stands for (read through its reference when it is one)."""
+def resolve(client: redis.Redis, keys: Keys | Shards, key: str, raw: bytes | None) -> Stored:
+    """The output a done claim's result ``raw`` stands for (read through its reference when it is one).
+    ``keys``: the namespace's shards (the referenced step's job is read in its own shard), or one shard's keys."""
     if not raw:
         return Stored({})
     if not raw.startswith(REF):
         return Stored(loads(raw))
     ref = loads(raw[len(REF):])
-    data: Any = client.get(keys.job(str(ref.get("job_id"))))
+    job_id = str(ref.get("job_id"))
+    data: Any = client.get((keys.of_job(job_id) if isinstance(keys, Shards) else keys).job(job_id))
     step = (loads(data).get("steps") or {}).get(ref.get("step_id")) if data is not None else None
     result = step.get("result") if isinstance(step, dict) else None
     if isinstance(result, dict) and hashlib.sha256(dumps(result)).hexdigest() == ref.get("sha256"):
