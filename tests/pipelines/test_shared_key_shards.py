@@ -8,18 +8,23 @@ and each job is sent by a client of its shard."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from mesh import MeshClient
+from mesh.agents.pipelines import Pipeline, check
 from mesh.broker import claims, trace
 from mesh.broker.client import job_id_for
 from mesh.broker.keys import prefix
 from mesh.broker.settings import MeshSettings
 from mesh.broker.shards import Shards
+from mesh.broker.shared_claims import SharedClaim, SharedClaims
 from mesh.contracts import State
+from tests.conftest import sigstop, wait_for
 from tests.pipelines.agents import app
 from tests.pipelines.test_shared_key import shared
 
@@ -117,3 +122,152 @@ def test_jobs_of_every_shard_started_together_on_one_key_share_the_effect(sharde
     assert [r.state for r in records] == [State.SUCCEEDED] * shards.count, [r.error for r in records]
     assert runs(rclient, settings)["together:coder"] == 1
     assert len({str(r.steps["coder"].result) for r in records}) == 1
+
+
+# -- real worker processes: a SIGKILL between the shared done and the job's write, a SIGSTOP past the lease --
+
+HEARTBEAT_TIMEOUT_S = 3.0
+
+
+def posting() -> Any:
+    from tests.pipelines import shared_app
+
+    return check(Pipeline("posting").step("post", idempotency_key="{{input.goal}}:post").build(), shared_app.app)
+
+
+def counted(rclient: Any, settings: MeshSettings, name: str) -> dict[str, int]:
+    raw = rclient.hgetall(f"{prefix(settings.namespace)}:test.{name}")
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def apart(shards: Shards, tag: str) -> tuple[str, str, str, int]:
+    """A job key on the first shard (the one a worker process serves: MESH_SHARD), one on another shard
+    sA, and a goal whose ``post`` key is kept in sA; and sA."""
+    b = next(k for k, s in job_keys(shards, f"{tag}-b") if s == shards.first)
+    a, at = next((k, s) for k, s in job_keys(shards, f"{tag}-a") if s != shards.first)
+    goal = next(g for n in itertools.count() if shards.of_key(f"{(g := f'{tag}-goal-{n}')}:post").shard == at)
+    return a, b, goal, at
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    return {"MESH_SHARDS": str(SHARDS), "MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), **extra}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_between_the_shared_done_and_its_job_write_applies_the_effect_once(
+        make_settings, rclient, worker_process):
+    from mesh.ops.worker import start_worker as start
+    from tests.pipelines import shared_app
+
+    settings = make_settings(shards=SHARDS, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    shards = Shards.of(settings)
+    a, b, goal, at = apart(shards, "killed")
+    key = f"{goal}:post"
+    ns = prefix(settings.namespace)
+    rclient.set(f"{ns}:test.kill", 1)
+    victim = worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2",
+                            **process_env(TEST_KILL_AFTER_SHARED_DONE="1"))
+    home = MeshClient(settings.on_shard(shards.first), client=rclient, app=shared_app.app)
+    ref = home.run(posting(), {"goal": goal}, key=b)
+
+    assert victim.wait(60) == -signal.SIGKILL  # killed right after the shared done
+    kept = claims.read(rclient, shards.of_key(key).claim(key))
+    assert kept.state == "done"  # the key's claim, in its own shard, is done
+    assert home.status(ref.id).steps["post"].state is not State.SUCCEEDED  # the job's write never landed
+    assert counted(rclient, settings, "effects") == {key: 1}
+
+    worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env())
+    record = home.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
+    assert record.state is State.SUCCEEDED, record.error
+    assert record.steps["post"].result == {"goal": goal, "pid": victim.pid}  # the killed attempt's output
+    # and a job of another shard rendering the key is served it too
+    worker = start(settings.on_shard(at), None, 2, app=shared_app.app)
+    try:
+        other = MeshClient(settings.on_shard(at), client=rclient, app=shared_app.app)
+        second = other.wait(other.run(posting(), {"goal": goal}, key=a).id, timeout_s=30)
+    finally:
+        worker.stop(timeout=10_000)
+        worker.broker.close()
+    assert second.state is State.SUCCEEDED, second.error
+    assert second.steps["post"].result == record.steps["post"].result
+    assert counted(rclient, settings, "effects") == {key: 1}  # once, for both jobs and the crash
+    assert counted(rclient, settings, "runs") == {key: 1}
+
+
+@pytest.mark.slow
+def test_a_worker_paused_past_its_shared_lease_is_fenced_out_of_the_key(make_settings, rclient, worker_process):
+    from mesh.ops.worker import start_worker as start
+    from tests.pipelines import shared_app
+
+    settings = make_settings(shards=SHARDS, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    shards = Shards.of(settings)
+    a, b, goal, at = apart(shards, "paused")
+    key = f"{goal}:post"
+    ns = prefix(settings.namespace)
+    rclient.set(f"{ns}:test.wait", 1)
+    paused = worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env())
+    home = MeshClient(settings.on_shard(shards.first), client=rclient, app=shared_app.app)
+    ref = home.run(posting(), {"goal": goal}, key=b)
+    assert int(wait_for(lambda: rclient.get(f"{ns}:test.holder"), timeout_s=60)) == paused.pid
+    shared_key = shards.of_key(key).claim(key)
+    held = claims.read(rclient, shared_key)
+    assert held.state == "claimed"  # the paused attempt holds the key in its own shard
+
+    sigstop(paused.pid)
+    try:
+        def expired() -> bool:
+            seconds, micros = rclient.time()
+            return claims.read(rclient, shared_key).expires_ms < seconds * 1000 + micros // 1000
+
+        wait_for(expired, timeout_s=HEARTBEAT_TIMEOUT_S + 30)
+        rclient.set(f"{ns}:test.release", 1)
+        # a job of the key's shard takes the key over and applies the effect
+        worker = start(settings.on_shard(at), None, 2, app=shared_app.app)
+        try:
+            other = MeshClient(settings.on_shard(at), client=rclient, app=shared_app.app)
+            first = other.wait(other.run(posting(), {"goal": goal}, key=a).id, timeout_s=30)
+        finally:
+            worker.stop(timeout=10_000)
+            worker.broker.close()
+        assert first.state is State.SUCCEEDED, first.error
+        taken = claims.read(rclient, shared_key)
+        assert taken.state == "done" and taken.token > held.token
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    # the paused attempt wakes: its effect is refused by the fence, and its job is served the key's output
+    record = home.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
+    assert record.state is State.SUCCEEDED, record.error
+    assert record.steps["post"].result == first.steps["post"].result
+    assert counted(rclient, settings, "effects") == {key: 1}
+    assert counted(rclient, settings, "runs") == {key: 2}  # both handlers started; one effect
+    fenced = [e for e in trace.read(rclient, shards.of_job(record.job_id), record.job_id) if e["event"] == "fenced"]
+    assert fenced and fenced[0]["call"] == "bump"
+    assert paused.poll() is None  # it went on serving
+
+
+def test_a_late_done_on_a_shared_key_taken_over_is_refused(make_settings, rclient):
+    settings = make_settings(shards=SHARDS, lease_s=0.2)
+    shards = Shards.of(settings)
+    shared_claims = SharedClaims(settings.on_shard(shards.first), rclient)
+    key = next(k for n in itertools.count() if shared_claims.where(k := f"late-{n}") is not None)
+    where = shared_claims.where(key)
+    assert where is not None
+    first = shared_claims.take(where, key, "paused")
+    assert first[0] == b"run"
+
+    def expired() -> bool:
+        seconds, micros = rclient.time()
+        return claims.read(rclient, where.claim(key)).expires_ms < seconds * 1000 + micros // 1000
+
+    wait_for(expired, timeout_s=10)
+    second = shared_claims.take(where, key, "taker")
+    assert second[0] == b"run" and int(second[1]) > int(first[1])  # taken over with a higher token
+    assert shared_claims.done(SharedClaim(key, where, "taker", int(second[1])), b'{"by": "taker"}')
+
+    late = SharedClaim(key, where, "paused", int(first[1]))
+    assert not shared_claims.done(late, b'{"by": "paused"}')  # refused: nothing written
+    assert late.lost and not late.done
+    kept = claims.read(rclient, where.claim(key))
+    assert kept.state == "done" and kept.token == int(second[1]) and kept.result == b'{"by": "taker"}'
+    # the taker's own done, sent again (its answer lost), is its own
+    assert shared_claims.done(SharedClaim(key, where, "taker", int(second[1])), b'{"by": "taker"}')
