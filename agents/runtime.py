@@ -254,8 +254,9 @@ class AgentRuntime:
             if lease.across is not None and lease.across.held:
                 # The key's claim in its own shard first (another slot): a crash after it leaves the key
                 # done, and the redelivery records its output into this job, running nothing again.
-                assert done is not None
-                self._done_shared(env, lease, done)
+                self._done_shared(env, lease, claim_results.encode(dumped, lease.envelope,
+                                                                   self.settings.claim_result_bytes,
+                                                                   shard=self.settings.shard))
             self.steps.write(env.job_id, with_effect(change, env.step_id, effect), fence=lease, also=succeeded,
                              events=events, retention_s=retention_s(flow), known=written, done=done, settle=True)
         except redis.RedisError as exc:
@@ -269,8 +270,9 @@ class AgentRuntime:
                                              "duration_s": round(duration, 4)})
 
     def _done_shared(self, env: Envelope, lease: Any, done: bytes) -> None:
-        """Store the shared claim (broker/shared_claims.py) as done, fenced by its token: LeaseLost, and
-        nothing written, when another attempt took the key over or finished it (this one was paused)."""
+        """Store the shared claim (broker/shared_claims.py) as done with ``done`` (its reference, for a large
+        output, names this shard), fenced by its token: LeaseLost, and nothing written, when another attempt
+        took the key over or finished it (this one was paused)."""
         claim = lease.across
         if not self.shared_claims.done(claim, done):
             lease.lost = True

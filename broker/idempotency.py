@@ -40,7 +40,6 @@ from .observe import count_outcome
 from .router import dead_letter_with_step, full_jitter_ms
 from .settings import MeshSettings
 from .settle import RetryLater, decide, delayed_copy
-from .shards import Shards
 from .shared_claims import SharedClaim, SharedClaims
 
 logger = logging.getLogger(__name__)
@@ -174,7 +173,6 @@ class Idempotency(Middleware):
     def __init__(self, settings: MeshSettings, client: redis.Redis) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace, settings.shard)
-        self.shards = Shards.of(settings)
         self.client = client
         self.script = client.register_script(CLAIM_LUA)
         self.shared = SharedClaims(settings, client)
@@ -291,7 +289,7 @@ class Idempotency(Middleware):
             # The effect under this key happened (another job's step, or this job's before its record
             # expired): this step takes the stored output (the handler is not run) and its job goes on.
             try:
-                stored = claim_results.resolve(self.client, self.shards, key, rest[0] if rest else None)
+                stored = claim_results.resolve(self.client, self.keys, key, rest[0] if rest else None)
             except redis.RedisError as exc:
                 self._defer(broker, message, key, 0, reason=f"stored output read failed: {exc}", stat="deferred",
                             route="unknown:defer")
@@ -331,7 +329,7 @@ class Idempotency(Middleware):
         key = lease.key
         try:
             verdict = self.shared.take(where, key, lease.owner)
-            stored = (claim_results.resolve(self.client, self.shards, key, verdict[2] if len(verdict) > 2 else None)
+            stored = (claim_results.resolve(self.client, where, key, verdict[2] if len(verdict) > 2 else None)
                       if verdict[0] == b"done" else None)
         except redis.RedisError as exc:
             self._let_go(lease)
@@ -456,7 +454,8 @@ class Idempotency(Middleware):
         claim = lease.across
         assert claim is not None
         if exception is None and lease.done and lease.result is not None:
-            result = claim_results.encode(lease.result, lease.envelope, self.settings.claim_result_bytes)
+            result = claim_results.encode(lease.result, lease.envelope, self.settings.claim_result_bytes,
+                                          shard=self.settings.shard)
             self._quietly(lambda: self.shared.done(claim, result))
         else:
             self._quietly(lambda: self.shared.release(claim))

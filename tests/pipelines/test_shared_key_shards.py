@@ -271,3 +271,24 @@ def test_a_late_done_on_a_shared_key_taken_over_is_refused(make_settings, rclien
     assert kept.state == "done" and kept.token == int(second[1]) and kept.result == b'{"by": "taker"}'
     # the taker's own done, sent again (its answer lost), is its own
     assert shared_claims.done(SharedClaim(key, where, "taker", int(second[1])), b'{"by": "taker"}')
+
+
+@pytest.mark.slow
+def test_a_large_output_shared_across_shards_is_read_from_its_jobs_shard(sharded, rclient):
+    from tests.pipelines.test_claim_results import GOAL
+    from tests.pipelines.test_claim_results import shared as big
+
+    settings, client = sharded()
+    shards = Shards.of(settings)
+    a = next((k, s) for k, s in job_keys(shards, "big-a") if shards.of_key("big:3").shard != s)
+    b = next(k for k, s in job_keys(shards, "big-b") if s not in (a[1], shards.of_key("big:3").shard))
+    first = client(a[0]).wait(client(a[0]).run(big(), {"goal": GOAL, "count": 3}, key=a[0]).id, timeout_s=30)
+    assert first.state is State.SUCCEEDED, first.error
+    kept = claims.read(rclient, shards.of_key("big:3").claim("big:3"))
+    assert kept.state == "done" and kept.result.startswith(b"@")  # a reference: the output is over 4 KB
+    assert f'"shard":{a[1]}'.encode() in kept.result  # naming the shard of the job that holds it
+
+    second = client(b).wait(client(b).run(big(), {"goal": GOAL, "count": 3}, key=b).id, timeout_s=30)
+    assert second.state is State.SUCCEEDED, second.error
+    assert second.steps["coder"].result == first.steps["coder"].result
+    assert runs(rclient, settings)["big:3"] == 1
