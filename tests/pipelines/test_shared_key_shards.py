@@ -52,8 +52,8 @@ def pick(shards: Shards, tag: str, *, apart_from_key: bool) -> tuple[str, str, s
 
 
 @pytest.fixture
-def sharded(make_settings: Callable[..., MeshSettings], rclient: Any,
-            start_worker: Any) -> Callable[..., tuple[MeshSettings, Callable[[str], MeshClient]]]:
+def sharded(make_settings: Callable[..., MeshSettings],
+            rclient: Any) -> Iterator[Callable[..., tuple[MeshSettings, Callable[[str], MeshClient]]]]:
     """Settings over SHARDS shards, a worker serving the tests' agents on each, and a client per job key."""
     from mesh.ops.worker import start_worker as start
 
@@ -70,7 +70,7 @@ def sharded(make_settings: Callable[..., MeshSettings], rclient: Any,
 
         return settings, client
 
-    yield make  # type: ignore[misc]
+    yield make
     for worker in workers:
         worker.stop(timeout=10_000)
         worker.broker.close()
