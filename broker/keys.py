@@ -193,7 +193,11 @@ The mesh's own:
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass, field
+
+from redis.crc import key_slot
 
 #: The layout's version: 2 since every key carries its namespace as a hash tag (``{ns}:``); 1 was ``ns:``.
 LAYOUT_VERSION = 2
@@ -212,10 +216,32 @@ def legacy_pattern(namespace: str) -> str:
     return f"{namespace}:*"
 
 
+#: Redis Cluster's hash slots, and how near (in slots) a shard's tag lands to its target slot.
+SLOTS, SLOT_TOLERANCE = 16384, 64
+
+#: The golden ratio's fractional part: shard s's target slot is ``frac(s * PHI) * SLOTS``, so the first N
+#: shards' targets cut the slots into gaps of at most three lengths within a factor of 1.62 of each other
+#: (the three-gap theorem), whatever N: spread evenly over a cluster's primaries.
+_PHI = (5 ** 0.5 - 1) / 2
+
+
+@functools.lru_cache(maxsize=4096)
 def shard_prefix(namespace: str, shard: int) -> str:
-    """The hash tag of shard ``shard`` of ``namespace``: shard 0's is the namespace's own (:func:`prefix`),
-    shard ``s`` >= 1's is ``{ns:s}`` (a namespace holds no ``:``, so no other namespace's tag is one)."""
-    return prefix(namespace) if shard == 0 else "{" + f"{namespace}:{shard}" + "}"
+    """The hash tag of shard ``shard`` of ``namespace``: shard 0's is the namespace's own (:func:`prefix`);
+    shard ``s`` >= 1's is ``{ns:s}`` or, when that slot is not within :data:`SLOT_TOLERANCE` of the shard's
+    target (``frac(s * golden ratio)`` of the slots), ``{ns:s.k}`` with the first ``k`` whose slot is: on a
+    cluster whose primaries hold contiguous ranges of slots (``redis-cli --cluster create`` makes them so),
+    shards 1..N spread evenly over the primaries. Worked out once per shard (~0.1 ms); a namespace holds no
+    ``:``, so no other namespace's tag is one."""
+    if shard == 0:
+        return prefix(namespace)
+    target = (shard * _PHI) % 1 * SLOTS
+    for salt in itertools.count():
+        tag = f"{namespace}:{shard}" if salt == 0 else f"{namespace}:{shard}.{salt}"
+        away = abs(key_slot(tag.encode()) - target)
+        if min(away, SLOTS - away) <= SLOT_TOLERANCE:
+            return "{" + tag + "}"
+    raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ class MeshSettings(BaseSettings):
                        "{NS}:); every process of a deployment must use the same one. For testing the key layout on "
                        "a Redis Cluster (the fleet-wide keys and a shard's in two slots); leave it at 0")
     shards: int = Field(default=1, ge=1, le=256, description="how many shards a namespace's jobs are spread over "
-                        "(MESH_SHARD, MESH_SHARD + 1, ...): a job's shard is a hash of its id, and every worker "
+                        "(MESH_SHARD, MESH_SHARD + 1, ...; from 1 when MESH_SHARD is 0 and there are several, leaving "
+                        "shard 0's slot to the fleet-wide keys): a job's shard is a hash of its id, and every worker "
                         "consumes every shard. On a Redis Cluster each shard is a slot of its own, so the jobs "
                         "spread over the primaries; fixed per namespace (a process with another count refuses "
                         "to start: drain the namespace to change it)")
@@ -224,8 +225,10 @@ class MeshSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _shards_within_range(self) -> MeshSettings:
-        if self.shard + self.shards - 1 > 4095:
-            raise ValueError(f"MESH_SHARD + MESH_SHARDS - 1 ({self.shard + self.shards - 1}) must not be over 4095")
+        last = max(self.shard, 1 if self.shards > 1 else 0) + self.shards - 1  # see broker/shards.py
+        if last > 4095:
+            raise ValueError(f"the last shard (MESH_SHARD + MESH_SHARDS - 1, from 1 with several: {last}) "
+                             f"must not be over 4095")
         return self
 
     @model_validator(mode="after")

@@ -9,8 +9,10 @@ is that shard's, so every script and transaction of a step touches one slot, as 
 id is fixed by its key (``job_id_for``): two sends of one key are one job, in one shard, and a reader
 of a job (``mesh status ID``) finds its shard from the id alone, with no lookup.
 
-The shards are MESH_SHARD, MESH_SHARD + 1, ... MESH_SHARD + MESH_SHARDS - 1 (the first is 0 but for
-tests that keep every job off the fleet-wide keys' slot). The count is fixed per namespace: a job's
+The shards are MESH_SHARD, MESH_SHARD + 1, ... MESH_SHARD + MESH_SHARDS - 1, except that with more than
+one, shard 0 holds none: they are then 1 .. MESH_SHARDS (MESH_SHARD is 0 but in tests), so no job shares the
+fleet-wide keys' slot, and the tags of shards 1, 2, ... are placed to spread evenly over a cluster's slots
+(:func:`mesh.broker.keys.shard_prefix`). The count is fixed per namespace: a job's
 shard follows from it, so a process counting otherwise would look for jobs where they are not. The
 first process to use the namespace records it (``{ns}:shards``), and a process with another count
 refuses to start (:func:`check_shards`); to change it, drain the namespace first.
@@ -53,7 +55,14 @@ class Shards:
     keys: tuple[Keys, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "keys", tuple(Keys(self.namespace, self.first + i) for i in range(self.count)))
+        object.__setattr__(self, "keys", tuple(Keys(self.namespace, self.start + i) for i in range(self.count)))
+
+    @property
+    def start(self) -> int:
+        """The first shard holding jobs: ``first``, but 1 when ``first`` is 0 and there are several: shard 0
+        (``{ns}``) is the fleet-wide keys' slot, and the shards from 1 have tags spread over the slots
+        (:func:`mesh.broker.keys.shard_prefix`)."""
+        return max(self.first, 1) if self.count > 1 else self.first
 
     @classmethod
     def of(cls, settings: MeshSettings) -> Shards:
@@ -70,11 +79,11 @@ class Shards:
         return self.keys[0]
 
     def shard_of(self, job_id: str) -> int:
-        return shard_of(job_id, self.first, self.count)
+        return shard_of(job_id, self.start, self.count)
 
     def of_job(self, job_id: str) -> Keys:
         """The keys of the shard job ``job_id`` lives in."""
-        return self.keys[self.shard_of(job_id) - self.first]
+        return self.keys[self.shard_of(job_id) - self.start]
 
     def of_key(self, key: str) -> Keys:
         """The keys of the shard a claim on ``key`` (an idempotency key shared by jobs) is kept in."""

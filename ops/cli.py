@@ -23,6 +23,7 @@ from mesh.ops import (
     jobctl_cli,
     jobs_cli,
     migrate_cli,
+    shards_cli,
     stats_cli,
     tools_cli,
     worker_cli,
@@ -38,8 +39,8 @@ from mesh.ops.server_cli import ops_app
 #: The commands in the order ``mesh --help`` and the CLI reference list them, whichever module
 #: declares them; a command not named here comes after these.
 ORDER = ("worker", "submit", "run", "send", "status", "jobs", "workers", "trace", "queues", "agents", "stats",
-         "migrate", "bench", "soak", "demo", "approvals", "approve", "deny", "waits", "signal", "emit", "cancel",
-         "rerun", "verify", "settle", "tools", "breakers", "limits", "ops", "dlq", "pipeline")
+         "shards", "migrate", "bench", "soak", "demo", "approvals", "approve", "deny", "waits", "signal", "emit",
+         "cancel", "rerun", "verify", "settle", "tools", "breakers", "limits", "ops", "dlq", "pipeline")
 
 
 class Listed(TyperGroup):
@@ -81,6 +82,7 @@ app.add_typer(ops_app, name="ops")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(pipeline_app, name="pipeline")
 migrate_cli.register(app)  # mesh migrate
+shards_cli.register(app)  # mesh shards
 
 
 def main() -> None:

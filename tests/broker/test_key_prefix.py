@@ -4,9 +4,12 @@ tag; a namespace can hold neither braces nor ``:``, so no namespace's keys are a
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections import Counter
 
 import pytest
 from pydantic import ValidationError
+from redis.crc import key_slot
 
 from mesh.broker.keys import Keys, legacy_pattern, prefix
 from mesh.broker.settings import MeshSettings
@@ -32,7 +35,7 @@ def built_keys(keys: Keys) -> dict[str, str]:
 FLEET = {"breaker", "breaker_failures", "breaker_errors", "breaker_deferred", "breakers", "breakers_audit",
          "console_logout", "pipeline", "pipelines", "tool_pins", "tool_presented", "registry", "serving",
          "registry_workers", "limit", "limits_declared", "limits_set", "limits_audit", "limit_keys", "layout",
-         "probe", "bench_latency"}
+         "probe", "bench_latency", "shard_count"}
 
 
 def test_every_key_starts_with_the_namespace_between_braces():
@@ -50,15 +53,27 @@ def test_every_key_starts_with_the_namespace_between_braces():
 
 def test_a_shards_keys_carry_its_own_tag_and_the_fleet_wide_keep_the_namespaces():
     keys = Keys("shop", 3)
-    assert keys.prefix == "{shop:3}" and keys.fleet == "{shop}" and keys != Keys("shop")
+    assert keys.prefix == "{shop:3.44}" and keys.fleet == "{shop}" and keys != Keys("shop")
     built = built_keys(keys)
     assert set(built) >= FLEET
     assert {name for name, key in built.items() if key.startswith("{shop}:")} == FLEET
-    assert {name for name, key in built.items() if key.startswith("{shop:3}:")} == set(built) - FLEET
+    assert {name for name, key in built.items() if key.startswith("{shop:3.44}:")} == set(built) - FLEET
     assert Keys("shop", 0) == Keys("shop")  # shard 0 is the namespace's own tag: layout 2 as it was
     # Every shard's keys and the fleet's, and no other namespace's (none holds a ":")
     assert keys.patterns == ("{shop}:*", "{shop:*}:*") == Keys("shop").patterns
     assert keys.everything == "{shop}:*"
+
+
+@pytest.mark.parametrize("count", [3, 6, 7, 12, 48])
+def test_shards_tags_spread_evenly_over_a_clusters_primaries(count):
+    """Shards 1..N land in slots spread over the slot range, so three primaries holding thirds of it (as
+    ``redis-cli --cluster create`` makes them) get N/3 each, within two; each tag is its slot's first try
+    or a salted one, and each shard's own."""
+    tags = [Keys("orders", s).prefix for s in range(1, count + 1)]
+    assert len(set(tags)) == count and all(re.fullmatch(rf"\{{orders:{s}(\.\d+)?\}}", t)
+                                           for s, t in enumerate(tags, 1))
+    per_primary = Counter(min(2, key_slot(t[1:-1].encode()) * 3 // 16384) for t in tags)
+    assert max(per_primary.values()) - min(per_primary[p] for p in range(3)) <= 2, per_primary
 
 
 @pytest.mark.parametrize("namespace", ["a{b", "a}b", "{a}", "a:b", ""])

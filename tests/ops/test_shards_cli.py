@@ -1,0 +1,35 @@
+"""``mesh shards``: each shard's tag, slot and the jobs and dead letters it holds, read from the shards the
+settings name (broker/shards.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from mesh.broker import MeshClient, MeshSettings
+from mesh.broker.shards import Shards, check_shards
+
+
+def test_mesh_shards_lists_each_shard_and_the_jobs_it_holds(make_settings: Callable[..., MeshSettings],
+                                                            rclient: redis.Redis, cli: Callable[..., Any]) -> None:
+    settings = make_settings(shards=3)
+    placed = Shards.of(settings)
+    for n, keys in enumerate(placed.keys):  # n + 1 jobs on each shard, written by that shard's client
+        on = MeshClient(settings.on_shard(keys.shard), client=rclient)
+        for i in range(n + 1):
+            on.send("planner", {"goal": f"g{n}-{i}"}, key=f"k{n}-{i}")
+    env = {"MESH_SHARDS": "3"}
+    res = cli("shards", "--json", **env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["count"] == 3 and out["recorded"] is None
+    assert [(r["shard"], r["tag"], r["jobs"], r["dead_letters"]) for r in out["shards"]] == [
+        (k.shard, k.prefix, n + 1, 0) for n, k in enumerate(placed.keys)]
+    assert out["fleet"]["tag"] == placed.home.fleet
+    check_shards(rclient, Shards(settings.namespace, settings.shard, 2))  # the workers counted otherwise
+    table = cli("shards", COLUMNS="80", **env)
+    assert table.returncode == 0 and "recorded 2 shard(s)" in table.stdout
+    assert all(len(line) <= 80 for line in table.stdout.splitlines())
