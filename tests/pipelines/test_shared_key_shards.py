@@ -60,9 +60,9 @@ def sharded(make_settings: Callable[..., MeshSettings],
     workers = []
 
     def make(**overrides: Any) -> tuple[MeshSettings, Callable[[str], MeshClient]]:
-        settings = make_settings(shards=SHARDS, **overrides)
+        settings = spread(make_settings, **overrides)
         shards = Shards.of(settings)
-        for s in range(shards.first, shards.first + shards.count):
+        for s in range(shards.start, shards.start + shards.count):
             workers.append(start(settings.on_shard(s), None, 2, app=app))
 
         def client(job_key: str) -> MeshClient:
@@ -74,6 +74,14 @@ def sharded(make_settings: Callable[..., MeshSettings],
     for worker in workers:
         worker.stop(timeout=10_000)
         worker.broker.close()
+
+
+def spread(make_settings: Callable[..., MeshSettings], **overrides: Any) -> MeshSettings:
+    """Settings over SHARDS shards whose MESH_SHARD is the first shard holding jobs (with several, shard 0
+    holds none): what a worker process started with MESH_SHARD serves."""
+    settings = make_settings(shards=SHARDS, **overrides)
+    start = Shards.of(settings).start
+    return settings if start == settings.shard else make_settings(shards=SHARDS, shard=start, **overrides)
 
 
 def runs(rclient: Any, settings: MeshSettings) -> dict[str, int]:
@@ -143,14 +151,15 @@ def counted(rclient: Any, settings: MeshSettings, name: str) -> dict[str, int]:
 def apart(shards: Shards, tag: str) -> tuple[str, str, str, int]:
     """A job key on the first shard (the one a worker process serves: MESH_SHARD), one on another shard
     sA, and a goal whose ``post`` key is kept in sA; and sA."""
-    b = next(k for k, s in job_keys(shards, f"{tag}-b") if s == shards.first)
-    a, at = next((k, s) for k, s in job_keys(shards, f"{tag}-a") if s != shards.first)
+    b = next(k for k, s in job_keys(shards, f"{tag}-b") if s == shards.start)
+    a, at = next((k, s) for k, s in job_keys(shards, f"{tag}-a") if s != shards.start)
     goal = next(g for n in itertools.count() if shards.of_key(f"{(g := f'{tag}-goal-{n}')}:post").shard == at)
     return a, b, goal, at
 
 
-def process_env(**extra: str) -> dict[str, str]:
-    return {"MESH_SHARDS": str(SHARDS), "MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), **extra}
+def process_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
+    return {"MESH_SHARD": str(settings.shard), "MESH_SHARDS": str(SHARDS),
+            "MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), **extra}
 
 
 @pytest.mark.slow
@@ -159,15 +168,15 @@ def test_a_worker_killed_between_the_shared_done_and_its_job_write_applies_the_e
     from mesh.ops.worker import start_worker as start
     from tests.pipelines import shared_app
 
-    settings = make_settings(shards=SHARDS, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    settings = spread(make_settings, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
     shards = Shards.of(settings)
     a, b, goal, at = apart(shards, "killed")
     key = f"{goal}:post"
     ns = prefix(settings.namespace)
     rclient.set(f"{ns}:test.kill", 1)
     victim = worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2",
-                            **process_env(TEST_KILL_AFTER_SHARED_DONE="1"))
-    home = MeshClient(settings.on_shard(shards.first), client=rclient, app=shared_app.app)
+                            **process_env(settings, TEST_KILL_AFTER_SHARED_DONE="1"))
+    home = MeshClient(settings.on_shard(shards.start), client=rclient, app=shared_app.app)
     ref = home.run(posting(), {"goal": goal}, key=b)
 
     assert victim.wait(60) == -signal.SIGKILL  # killed right after the shared done
@@ -176,7 +185,7 @@ def test_a_worker_killed_between_the_shared_done_and_its_job_write_applies_the_e
     assert home.status(ref.id).steps["post"].state is not State.SUCCEEDED  # the job's write never landed
     assert counted(rclient, settings, "effects") == {key: 1}
 
-    worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env())
+    worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env(settings))
     record = home.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
     assert record.state is State.SUCCEEDED, record.error
     assert record.steps["post"].result == {"goal": goal, "pid": victim.pid}  # the killed attempt's output
@@ -199,14 +208,14 @@ def test_a_worker_paused_past_its_shared_lease_is_fenced_out_of_the_key(make_set
     from mesh.ops.worker import start_worker as start
     from tests.pipelines import shared_app
 
-    settings = make_settings(shards=SHARDS, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    settings = spread(make_settings, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
     shards = Shards.of(settings)
     a, b, goal, at = apart(shards, "paused")
     key = f"{goal}:post"
     ns = prefix(settings.namespace)
     rclient.set(f"{ns}:test.wait", 1)
-    paused = worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env())
-    home = MeshClient(settings.on_shard(shards.first), client=rclient, app=shared_app.app)
+    paused = worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env(settings))
+    home = MeshClient(settings.on_shard(shards.start), client=rclient, app=shared_app.app)
     ref = home.run(posting(), {"goal": goal}, key=b)
     assert int(wait_for(lambda: rclient.get(f"{ns}:test.holder"), timeout_s=60)) == paused.pid
     shared_key = shards.of_key(key).claim(key)
@@ -246,9 +255,9 @@ def test_a_worker_paused_past_its_shared_lease_is_fenced_out_of_the_key(make_set
 
 
 def test_a_late_done_on_a_shared_key_taken_over_is_refused(make_settings, rclient):
-    settings = make_settings(shards=SHARDS, lease_s=0.2)
+    settings = spread(make_settings, lease_s=0.2)
     shards = Shards.of(settings)
-    shared_claims = SharedClaims(settings.on_shard(shards.first), rclient)
+    shared_claims = SharedClaims(settings.on_shard(shards.start), rclient)
     key = next(k for n in itertools.count() if shared_claims.where(k := f"late-{n}") is not None)
     where = shared_claims.where(key)
     assert where is not None
