@@ -272,7 +272,7 @@ class Idempotency(Middleware):
             kills = int(rest[0]) if rest else 0
             if kills >= self.settings.poison_kills:
                 self._poison(broker, message, lease, kills)
-            where = self.shared.where(key)
+            where = self.shared.where(key, message.args[0] if message.args else None)
             if where is not None:
                 self._share(broker, message, lease, where)
             _current.lease = lease

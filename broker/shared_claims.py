@@ -4,7 +4,8 @@ A message's key is claimed in its job's shard (broker/idempotency.py), and that 
 job's writes. Two jobs rendering one ``idempotency_key`` share its effect; with several shards they
 may live in two, so each would claim the key in its own shard and both would run. So the key's
 effect is claimed once more in the key's own shard (:meth:`Shards.of_key
-<mesh.broker.shards.Shards.of_key>`, the CRC-32 of the key), where every job rendering it meets:
+<mesh.broker.shards.Shards.of_key>`: the shard of the job the key names, where a job sent with that
+key claims it too), where every job rendering it meets:
 the *shared claim*. It is taken in a call of its own (another slot on a Redis Cluster), once the
 job's claim is won and before the handler runs:
 
@@ -23,7 +24,13 @@ nothing again. A refused done (the lease ran out and another attempt took the ke
 it: a paused worker) writes nothing: the attempt is superseded (LeaseLost), and its message comes
 back to be served by the claim. A failed attempt frees the shared claim as it frees its own.
 
-With one shard, or a key whose shard is the job's, the job's claim is the key's: nothing more is done.
+Only a key rendered from a pipeline step's ``idempotency_key`` is shared so (the envelope's
+``shared_key``, set by the engine): a job's own key and a default step key (``{job key}/{agent}/{step}``)
+are claimed in the job's shard alone, at no extra cost, and a job's own key's shard is the one
+:meth:`~mesh.broker.shards.Shards.of_key` gives, so a step rendering it shares with that job. A rendered
+key equal to another job's *default step key* is not shared across shards (that step claims it in its
+job's shard). With one shard, or a key whose shard is the job's, the job's claim is the key's: nothing
+more is done.
 """
 
 from __future__ import annotations
@@ -80,10 +87,12 @@ class SharedClaims:
         self.lease_ms = int(settings.claim_lease_s * 1000)
         self.ttl_s = int(settings.dedup_ttl_s)
 
-    def where(self, key: str) -> Keys | None:
+    def where(self, key: str, envelope: Any) -> Keys | None:
         """The shard a claim on ``key`` is shared in, when it is not this runtime's (None: the job's
-        own claim is the key's: one shard, or the key's shard is the job's)."""
-        if not self.shards.many:
+        own claim is the key's: one shard, a key not rendered from an ``idempotency_key`` (a job's own,
+        a default step key, which no other job renders: ``envelope``'s ``shared_key`` unset), or a key
+        whose shard is the job's)."""
+        if not self.shards.many or not (isinstance(envelope, dict) and envelope.get("shared_key") is True):
             return None
         keys = self.shards.of_key(key)
         return None if keys.shard == self.shard else keys

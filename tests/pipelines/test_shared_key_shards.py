@@ -258,8 +258,9 @@ def test_a_late_done_on_a_shared_key_taken_over_is_refused(make_settings, rclien
     settings = spread(make_settings, lease_s=0.2)
     shards = Shards.of(settings)
     shared_claims = SharedClaims(settings.on_shard(shards.start), rclient)
-    key = next(k for n in itertools.count() if shared_claims.where(k := f"late-{n}") is not None)
-    where = shared_claims.where(key)
+    rendered = {"shared_key": True}  # a key rendered from an idempotency_key (the envelope says so)
+    key = next(k for n in itertools.count() if shared_claims.where(k := f"late-{n}", rendered) is not None)
+    where = shared_claims.where(key, rendered)
     assert where is not None
     first = shared_claims.take(where, key, "paused")
     assert first[0] == b"run"
@@ -301,3 +302,19 @@ def test_a_large_output_shared_across_shards_is_read_from_its_jobs_shard(sharded
     assert second.state is State.SUCCEEDED, second.error
     assert second.steps["coder"].result == first.steps["coder"].result
     assert runs(rclient, settings)["big:3"] == 1
+
+
+def test_only_a_rendered_key_on_another_shard_is_claimed_twice(make_settings, rclient):
+    """A job's own key and a default step key are claimed in the job's shard alone: no second claim, no
+    extra round trip; a key rendered from an idempotency_key is claimed in the shard of the job it names."""
+    settings = spread(make_settings)
+    shards = Shards.of(settings)
+    home = shards.start
+    shared_claims = SharedClaims(settings.on_shard(home), rclient)
+    away = next(k for n in itertools.count() if shards.of_key(k := f"k-{n}").shard != home)
+    assert shared_claims.where(away, {"shared_key": True}) == shards.of_key(away)
+    assert shards.of_key(away) == shards.of_job(job_id_for(away))  # where a job sent with that key lives
+    for envelope in ({}, {"shared_key": False}, None):
+        assert shared_claims.where(away, envelope) is None
+    near = next(k for n in itertools.count() if shards.of_key(k := f"k-{n}").shard == home)
+    assert shared_claims.where(near, {"shared_key": True}) is None
