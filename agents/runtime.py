@@ -29,6 +29,7 @@ from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.observe import Counters, FlushCounters, count_outcome, observe_duration, running_member
 from mesh.broker.pipelines import PipelineStore
 from mesh.broker.settings import MeshSettings
+from mesh.broker.shared_claims import SharedClaims
 from mesh.broker.step_write import SENTINEL, Picked, PickUp, StepWrites, Written
 from mesh.contracts import (
     TERMINAL,
@@ -39,6 +40,7 @@ from mesh.contracts import (
     Envelope,
     InvalidOutput,
     JobRecord,
+    LeaseLost,
     MeshError,
     OutcomeUnrecorded,
     PermanentFailure,
@@ -96,6 +98,7 @@ class AgentRuntime:
         self.counters = (Counters(self.redis, self.keys, self.settings.counter_flush_s)
                          if self.settings.counter_flush_s > 0 else None)
         self.fence = Fence(self.settings, self.redis)
+        self.shared_claims = SharedClaims(self.settings, self.redis)
         self.clock = ServerClock(self.redis)
         self.spans = SpanExport(self.settings.otlp_endpoint, service=f"mesh:{self.settings.namespace}")
         agents = self.app.agents
@@ -191,7 +194,7 @@ class AgentRuntime:
             logger.info("duplicate suppressed", extra={"key": env.key, "trace_id": env.trace_id})
             lease.result, lease.done = step.result, step.state is State.SUCCEEDED
             return
-        if lease.shared and lease.recorded_output is None:
+        if lease.served and lease.recorded_output is None:
             # The key's effect happened, but its output is kept nowhere any more: never run it again.
             raise PermanentFailure(lease.output_gone or f"key {env.key} is done but its output is not kept")
         if lease.recorded_output is not None:
@@ -220,8 +223,10 @@ class AgentRuntime:
         self._check_limits(agent, output)
         duration = time.monotonic() - lease.started
 
+        served = lease.served
+
         def counted(pipe: Any) -> None:
-            if lease.shared:  # nothing ran: the output is another job's, under the same key
+            if served:  # nothing ran: the output is another job's, under the same key
                 count_outcome(pipe, self.keys, agent, "duplicate")
                 return
             count_outcome(pipe, self.keys, agent, "succeeded")
@@ -232,7 +237,7 @@ class AgentRuntime:
             if self.counters is None:
                 counted(pipe)
 
-        shared = {"shared": True} if lease.shared else {}
+        shared = {"shared": True} if served else {}
         dumped = output.model_dump(mode="json", by_alias=True)
         events = [trace.event("succeeded", envelope, worker=self.worker, duration_s=round(duration, 4),
                               **shared, **traced(flow, "output", dumped))]
@@ -246,6 +251,12 @@ class AgentRuntime:
             # The handler is done: its flow-limit slots go back before the write sends its next step,
             # which would otherwise find them held and wait on the delay queue.
             let_go()
+            if lease.across is not None and lease.across.held:
+                # The key's claim in its own shard first (another slot): a crash after it leaves the key
+                # done, and the redelivery records its output into this job, running nothing again.
+                self._done_shared(env, lease, claim_results.encode(dumped, lease.envelope,
+                                                                   self.settings.claim_result_bytes,
+                                                                   shard=self.settings.shard))
             self.steps.write(env.job_id, with_effect(change, env.step_id, effect), fence=lease, also=succeeded,
                              events=events, retention_s=retention_s(flow), known=written, done=done, settle=True)
         except redis.RedisError as exc:
@@ -257,6 +268,16 @@ class AgentRuntime:
         logger.info("step succeeded", extra={"agent": agent, "key": env.key, "trace_id": env.trace_id,
                                              "job_id": env.job_id, "attempt": env.attempt, "token": lease.token,
                                              "duration_s": round(duration, 4)})
+
+    def _done_shared(self, env: Envelope, lease: Any, done: bytes) -> None:
+        """Store the shared claim (broker/shared_claims.py) as done with ``done`` (its reference, for a large
+        output, names this shard), fenced by its token: LeaseLost, and nothing written, when another attempt
+        took the key over or finished it (this one was paused)."""
+        claim = lease.across
+        if not self.shared_claims.done(claim, done):
+            lease.lost = True
+            self.fenced(env, "shared done", claim.token)
+            raise LeaseLost(lease.key, claim.token)
 
     def _index_running(self, env: Envelope) -> Any:
         """What a pick-up's write stages beside the record: the running index's entry of ``env``'s step,

@@ -29,14 +29,17 @@ from .keys import Keys
 REF = b"@"
 
 
-def encode(result: dict[str, Any] | None, envelope: dict[str, Any], limit: int) -> bytes:
+def encode(result: dict[str, Any] | None, envelope: dict[str, Any], limit: int, shard: int | None = None) -> bytes:
     """The claim's result for ``result``, the output of the step ``envelope`` names: the output's JSON
-    when it is at most ``limit`` bytes, else a reference to that step's record with its digest."""
+    when it is at most ``limit`` bytes, else a reference to that step's record with its digest.
+    ``shard``: the shard of that step's job, named in the reference (a claim kept in another shard: a
+    key shared across shards, broker/shared_claims.py); None: the claim's own shard."""
     data = dumps(result or {})
     if len(data) <= limit:
         return data
-    return REF + dumps({"job_id": envelope.get("job_id"), "step_id": envelope.get("step_id"),
-                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    ref = {"job_id": envelope.get("job_id"), "step_id": envelope.get("step_id"),
+           "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return REF + dumps(ref if shard is None else {**ref, "shard": shard})
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,16 @@ class Stored:
 
 
 def resolve(client: redis.Redis, keys: Keys, key: str, raw: bytes | None) -> Stored:
-    """The output a done claim's result ``raw`` stands for (read through its reference when it is one)."""
+    """The output a done claim's result ``raw`` stands for (read through its reference when it is one).
+    ``keys``: the claim's shard's, where the referenced step's job is read unless the reference names
+    its shard."""
     if not raw:
         return Stored({})
     if not raw.startswith(REF):
         return Stored(loads(raw))
     ref = loads(raw[len(REF):])
+    if isinstance(ref.get("shard"), int):
+        keys = Keys(keys.namespace, ref["shard"])
     data: Any = client.get(keys.job(str(ref.get("job_id"))))
     step = (loads(data).get("steps") or {}).get(ref.get("step_id")) if data is not None else None
     result = step.get("result") if isinstance(step, dict) else None

@@ -58,6 +58,7 @@ from .outbox import NewJobs, encode_checked, register, stage_all
 from .pipelines import LATEST, PipelineConflict, PipelineStore, StartRun, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
+from .shards import job_id_for
 
 
 class WaitTimeout(MeshError):
@@ -120,18 +121,6 @@ def checked(priority: Any) -> None:
     """ConfigError unless ``priority`` is one of the levels (high, normal, low)."""
     if priority not in PRIORITIES:
         raise ConfigError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-
-
-def job_id_for(key: str) -> str:
-    """The same key always names the same job: sending twice cannot fork it. (``uuid5(NAMESPACE_URL,
-    "mesh-key:" + key).hex``, computed without the UUID objects.)"""
-    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + f"mesh-key:{key}".encode()).digest()[:16])
-    digest[6] = digest[6] & 0x0F | 0x50
-    digest[8] = digest[8] & 0x3F | 0x80
-    return "job-" + digest.hex()
-
-
-_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
 
 
 def payload_hash(agent: str, payload: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ from mesh.contracts import LeaseLost
 from .claims import script_source
 from .keys import Keys
 from .settings import MeshSettings
+from .shared_claims import SharedClaims
 
 if TYPE_CHECKING:
     from .idempotency import Lease
@@ -44,12 +45,13 @@ class Fence:
         self.lease_ms = int(settings.claim_lease_s * 1000)
         self.ttl_s = int(settings.dedup_ttl_s)
         self.fresh_s = settings.lease_check_s
+        self.shared = SharedClaims(settings, client)
 
     def needs_check(self, lease: Lease, *, effect: bool) -> bool:
         """Whether a call must confirm ``lease`` in Redis first: always for an effect, else once the
         last confirmation is older than MESH_LEASE_CHECK_AFTER_S."""
-        if lease.shared:
-            return False  # holds no claim: its handler runs nothing
+        if lease.served:
+            return False  # its handler runs nothing (a shared lease holds no claim)
         return effect or time.monotonic() - lease.confirmed_at >= self.fresh_s
 
     def confirm(self, lease: Lease, *, effect: bool) -> bool:
@@ -68,4 +70,13 @@ class Fence:
             logger.warning("lease lost: call refused", extra={"key": lease.key, "token": lease.token})
             raise LeaseLost(lease.key, lease.token)
         lease.confirmed_at = max(lease.confirmed_at, sent)
+        claim = lease.across
+        if claim is not None and claim.held:
+            # The key's claim in its own shard (broker/shared_claims.py), where a paused attempt's lease
+            # may have run out and another job's attempt taken the key over: confirmed too.
+            if not self.shared.renew(claim):
+                claim.lost = lease.lost = True
+                logger.warning("shared lease lost: call refused", extra={"key": lease.key, "token": claim.token})
+                raise LeaseLost(lease.key, claim.token)
+            claim.confirmed_at = max(claim.confirmed_at, sent)
         return True

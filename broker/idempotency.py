@@ -40,6 +40,7 @@ from .observe import count_outcome
 from .router import dead_letter_with_step, full_jitter_ms
 from .settings import MeshSettings
 from .settle import RetryLater, decide, delayed_copy
+from .shared_claims import SharedClaim, SharedClaims
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,15 @@ class Lease:
     #: :class:`~mesh.broker.step_write.Written`), or the refusal of one of its commands; None: the
     #: attempt writes its own (see :mod:`mesh.broker.step_write`).
     picked: Any = field(default=None, compare=False, repr=False)
+    #: The claim on the key in the key's own shard, when it is not the job's (several shards: a key
+    #: jobs of two shards may share; :mod:`mesh.broker.shared_claims`). None: the job's claim is the key's.
+    across: SharedClaim | None = field(default=None, compare=False)
+
+    @property
+    def served(self) -> bool:
+        """The key's effect happened for another attempt (a shared key, or an earlier attempt of this
+        job): the stored output is recorded, nothing runs."""
+        return self.shared or (self.across is not None and self.across.served)
 
 
 @dataclass
@@ -165,6 +175,7 @@ class Idempotency(Middleware):
         self.keys = Keys(settings.namespace, settings.shard)
         self.client = client
         self.script = client.register_script(CLAIM_LUA)
+        self.shared = SharedClaims(settings, client)
         self.lease_ms = int(settings.claim_lease_s * 1000)
         self.ttl_s = int(settings.dedup_ttl_s)
         self._leases: dict[str, Lease] = {}
@@ -261,6 +272,9 @@ class Idempotency(Middleware):
             kills = int(rest[0]) if rest else 0
             if kills >= self.settings.poison_kills:
                 self._poison(broker, message, lease, kills)
+            where = self.shared.where(key, message.args[0] if message.args else None)
+            if where is not None:
+                self._share(broker, message, lease, where)
             _current.lease = lease
             return
         envelope = message.args[0]
@@ -307,6 +321,37 @@ class Idempotency(Middleware):
         self._defer(broker, message, key, int(rest[0]), reason="held by a live owner", stat="deferred_in_flight",
                     route="duplicate:defer")
         raise SkipMessage(f"{key} is held by a live owner")
+
+    def _share(self, broker: Broker, message: MessageProxy, lease: Lease, where: Keys) -> None:
+        """Claim ``lease``'s key in the key's own shard ``where`` too (see :mod:`mesh.broker.shared_claims`):
+        taken, the lease holds both; done, its stored output is the attempt's; held by a live attempt,
+        the message waits (its own claim freed). SkipMessage when it does not run now."""
+        key = lease.key
+        try:
+            verdict = self.shared.take(where, key, lease.owner)
+            stored = (claim_results.resolve(self.client, where, key, verdict[2] if len(verdict) > 2 else None)
+                      if verdict[0] == b"done" else None)
+        except redis.RedisError as exc:
+            self._let_go(lease)
+            self._defer(broker, message, key, 0, reason=f"shared claim failed: {exc}", stat="deferred",
+                        route="unknown:defer")
+            raise SkipMessage(f"{key}: no shared claim could be made") from None
+        if verdict[0] == b"busy":
+            self._let_go(lease)
+            self._defer(broker, message, key, int(verdict[2]), reason="held by a live owner (shared key)",
+                        stat="deferred_in_flight", route="duplicate:defer")
+            raise SkipMessage(f"{key} is held by a live owner in its shard")
+        claim = SharedClaim(key, where, lease.owner, int(verdict[1]), served=stored is not None)
+        lease.across = claim
+        if stored is not None:
+            # The key's effect happened (another job's step, or this job's attempt that died before its
+            # own write): its output is this step's, and nothing runs.
+            lease.recorded_output, lease.output_gone = stored.output, stored.gone
+
+    def _let_go(self, lease: Lease) -> None:
+        """Free the attempt's own claim (it will not run now); left to its lease when Redis is away."""
+        self._release_hold(lease)
+        self._quietly(lambda: self._call("release", lease.claim_key, lease.owner, lease.token))
 
     def _settles(self, broker: Broker, message: MessageProxy) -> tuple[str, str, str] | None:
         """Where the mesh's consumer holds ``message`` (see :attr:`Lease.settles`), or None when
@@ -380,6 +425,8 @@ class Idempotency(Middleware):
         if lease is None or lease.shared:
             return  # a shared lease holds no claim: nothing to settle on the key
         self._release_hold(lease)
+        if lease.across is not None and lease.across.held:
+            self._settle_shared(lease, exception)
         if lease.settled:
             return  # the success's write stored the key as done and settled the message
         if exception is None and lease.done:
@@ -399,6 +446,19 @@ class Idempotency(Middleware):
             # Another owner holds the key now: the router must not record this attempt's failure.
             message.mesh_superseded = True  # type: ignore[attr-defined]
             logger.warning("lease lost before the attempt settled", extra={"key": lease.key, "token": lease.token})
+
+    def _settle_shared(self, lease: Lease, exception: BaseException | None) -> None:
+        """The shared claim of an attempt that did not store it as done (the runtime stores it before the
+        step's write): done with the result when the attempt succeeded without that write (a step found
+        ended), else freed. Left to its lease when Redis is away."""
+        claim = lease.across
+        assert claim is not None
+        if exception is None and lease.done and lease.result is not None:
+            result = claim_results.encode(lease.result, lease.envelope, self.settings.claim_result_bytes,
+                                          shard=self.settings.shard)
+            self._quietly(lambda: self.shared.done(claim, result))
+        else:
+            self._quietly(lambda: self.shared.release(claim))
 
     @staticmethod
     def _quietly(write: Any) -> None:
@@ -440,6 +500,10 @@ class Idempotency(Middleware):
         pipe = self.client.pipeline(transaction=False)
         for lease in leases:
             self._call("renew", lease.claim_key, lease.owner, client=pipe)
+        # The shared claims (the key's shard, when not the job's) with them: a lease is lost with either.
+        across = [lease for lease in leases if lease.across is not None and lease.across.held]
+        for lease in across:
+            self.shared.renew(lease.across, client=pipe)  # type: ignore[arg-type]
         # In the same round trip: whether a running attempt's job was cancelled (ctx.cancelled). Not
         # for a compensation: the cancel is what it runs for, and an undo told to stop stops half done.
         watched = [lease for lease in leases if lease.running and not lease.cancelled
@@ -449,8 +513,17 @@ class Idempotency(Middleware):
             pipe.exists(self.keys.cancel(lease.envelope["job_id"]))
         sent = time.monotonic()
         answers = pipe.execute()
-        for lease, gone in zip(watched, answers[len(leases):], strict=True):
+        for lease, gone in zip(watched, answers[len(leases) + len(across):], strict=True):
             lease.cancelled = bool(gone)
+        for lease, ok in zip(across, answers[len(leases):len(leases) + len(across)], strict=True):
+            claim = lease.across
+            assert claim is not None
+            if ok:
+                claim.confirmed_at = max(claim.confirmed_at, sent)
+            elif claim.held and not claim.lost and not self.shared.done_by(claim):
+                claim.lost = lease.lost = True
+                logger.warning("shared lease lost while running", extra={"key": lease.key, "token": claim.token,
+                                                                         "shard": claim.keys.shard})
         for lease, ok in zip(leases, answers[:len(leases)], strict=True):
             if ok:
                 lease.confirmed_at = max(lease.confirmed_at, sent)

@@ -23,6 +23,8 @@ approvals, waits) read each shard and add them up (:attr:`Shards.keys`).
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,6 +37,20 @@ if TYPE_CHECKING:
     import redis
 
     from .settings import MeshSettings
+
+
+def job_id_for(key: str) -> str:
+    """The same key always names the same job: sending twice cannot fork it. (``uuid5(NAMESPACE_URL,
+    "mesh-key:" + key).hex``, computed without the UUID objects.)"""
+    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + f"mesh-key:{key}".encode()).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50
+    digest[8] = digest[8] & 0x3F | 0x80
+    return "job-" + digest.hex()
+
+
+
+
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
 
 
 def shard_of(job_id: str, first: int = 0, count: int = 1) -> int:
@@ -86,8 +102,10 @@ class Shards:
         return self.keys[self.shard_of(job_id) - self.start]
 
     def of_key(self, key: str) -> Keys:
-        """The keys of the shard a claim on ``key`` (an idempotency key shared by jobs) is kept in."""
-        return self.keys[shard_of(key, 0, self.count)]
+        """The keys of the shard a claim on ``key`` (an idempotency key shared by jobs) is kept in: the
+        shard of the job ``key`` names (:func:`job_id_for`), so a job sent with that key claims it in its
+        own shard, and a pipeline step rendering it meets it there."""
+        return self.of_job(job_id_for(key))
 
     @property
     def recorded(self) -> str:

@@ -78,6 +78,11 @@ class Envelope(Frozen):
     #: The rendered key of the agent's flow limits (``concurrency: {key: "input.tenant"}``), written by
     #: the sender; None: one limit for every message of the agent (see docs/guides/limits.md).
     flow_key: str | None = Field(default=None, min_length=1, max_length=FLOW_KEY_MAX)
+    #: The key was rendered from a pipeline step's ``idempotency_key``, so jobs of other shards may share it:
+    #: with several shards (MESH_SHARDS) its claim is also taken in the shard of the job the key names
+    #: (broker/shared_claims.py). False (a job's own key, a default step key): the job's claim is the key's.
+    #: Left out of the encoded envelope when False.
+    shared_key: bool = False
     payload: dict[str, Any]
 
     @field_validator("trace_id")
@@ -97,6 +102,8 @@ class Envelope(Frozen):
             data.pop("flow_key", None)
         if data.get("priority") == "normal":
             data.pop("priority", None)
+        if data.get("shared_key") is False:
+            data.pop("shared_key", None)
         return data
 
     def remaining_s(self, now: float | None = None) -> float:

@@ -661,7 +661,8 @@ def _message(step: StepSpec, record: JobRecord, run: Run, routes: Routes, step_i
                    max_retries=step.retry_policy.max_attempts - 1 if step.retry_policy else None,
                    backoff=step.retry_policy.backoff.value if step.retry_policy else None, model=step.model or None,
                    idempotent=step.idempotent, priority=step.priority or record.priority,
-                   flow_key=routes.flow_key(step.agent_name, payload))
+                   flow_key=routes.flow_key(step.agent_name, payload),
+                   shared_key=step.idempotency_key is not None)
     # hops stay empty: the DAG is acyclic by validation and the record sequences it; two steps
     # may share an agent, which a hop-based cycle check would refuse.
     options = {"time_limit": step.timeout_ms} if step.timeout_ms is not None else {}

@@ -9,7 +9,11 @@
 --                              {"done", token, result} it succeeded before: ack the duplicate
 --                              (a consumer claims a whole fetched batch in one call)
 --   renew    owner          -> 1 the lease is extended, 0 it is no longer ours
---   done     owner, result  -> 1 stored as done (or already done), 0 the lease was lost to another owner
+--   done     owner, result [, token]
+--                           -> 1 stored as done (or already done), 0 the lease was lost to another owner;
+--                              with ``token`` (a shared key's claim, broker/shared_claims.py): 0 too when the
+--                              key is done under another token (another attempt finished it), 1 when this
+--                              attempt's own done landed before (sent again)
 --   release  owner, token   -> 1 freed for the next attempt (the token is kept), or already freed by this
 --                              attempt; 0 another owner holds it, freed it under a later token, or finished it
 --
@@ -50,6 +54,10 @@ if command == "renew" then
     return 1
 
 elseif command == "done" then
+    if ARGV[6] then
+        local state, _, token = claim_read(key)
+        if state == "done" then return token == tonumber(ARGV[6]) and 1 or 0 end
+    end
     return claim_done(key, owner, ARGV[5], ttl_s)
 
 elseif command == "release" then

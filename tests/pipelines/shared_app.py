@@ -1,0 +1,71 @@
+"""An app for the crash tests of a key shared across shards (tests/pipelines/test_shared_key_shards.py).
+
+``post`` counts its runs per key in ``{ns}:test.runs`` and, while ``{ns}:test.wait`` exists, writes its
+process id to ``{ns}:test.holder`` and waits (at most 60 s) for ``{ns}:test.release``; then it calls
+``bump``, an effect that counts itself per key in ``{ns}:test.effects`` (through the fence: a paused
+attempt's late call is refused), and answers the process id that ran it.
+
+A worker process started with TEST_KILL_AFTER_SHARED_DONE=1 SIGKILLs itself right after a shared
+claim is stored as done (broker/shared_claims.py), before the job's own write, once for each time the
+test sets ``{ns}:test.kill``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from mesh import App, Context, ToolContext
+from mesh.broker.keys import prefix
+from mesh.broker.shared_claims import SharedClaim, SharedClaims
+from mesh.contracts import Receipt
+
+app = App("shared-shards")
+
+
+class Task(BaseModel):
+    goal: str
+
+
+class Posted(BaseModel):
+    goal: str
+    pid: int
+
+
+class Bump(BaseModel):
+    goal: str
+
+
+@app.tool
+def bump(ctx: ToolContext, args: Bump) -> Receipt:
+    ctx.redis.hincrby(f"{prefix(ctx.settings.namespace)}:test.effects", ctx.key, 1)
+    return Receipt(tool="bump", effect_id=f"bump-{args.goal}")
+
+
+@app.agent(tools=["bump"])
+def post(ctx: Context, task: Task) -> Posted:
+    runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
+    runtime.redis.hincrby(f"{prefix(ns)}:test.runs", ctx.key, 1)
+    if runtime.redis.exists(f"{prefix(ns)}:test.wait"):
+        runtime.redis.set(f"{prefix(ns)}:test.holder", os.getpid())
+        deadline = time.monotonic() + 60
+        while not runtime.redis.exists(f"{prefix(ns)}:test.release") and time.monotonic() < deadline:
+            time.sleep(0.05)  # a stand-in for slow work: the test releases it
+    ctx.call(bump, Bump(goal=task.goal))
+    return Posted(goal=task.goal, pid=os.getpid())
+
+
+if os.environ.get("TEST_KILL_AFTER_SHARED_DONE") == "1":
+    _done = SharedClaims.done
+
+    def _done_then_die(self: SharedClaims, claim: SharedClaim, result: bytes) -> Any:
+        ok = _done(self, claim, result)
+        if ok and self.client.delete(f"{prefix(claim.keys.namespace)}:test.kill"):
+            os.kill(os.getpid(), signal.SIGKILL)  # between the shared done and the job's own write
+        return ok
+
+    SharedClaims.done = _done_then_die  # type: ignore[method-assign]
