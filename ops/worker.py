@@ -282,7 +282,7 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
     logger.info("worker stopping", extra={"pid": os.getpid()})
     worker.stop(timeout=30_000)
     brokers = worker.brokers if isinstance(worker, ShardWorkers) else [typing.cast(MeshBroker, worker.broker)]
-    withdraw(registry(settings, brokers[0]), brokers[0].broker_id, worker.publication)
+    withdraw(registry(brokers[0].settings, brokers[0]), brokers[0].broker_id, worker.publication)
     for broker in brokers:  # each shard's heartbeat
         try:
             sign_off(broker)
