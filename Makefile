@@ -50,7 +50,7 @@ CLUSTER_TESTS := \
 	tests/broker/test_failures.py tests/pipelines/test_pipeline_chaos.py tests/pipelines/test_approvals.py \
 	tests/pipelines/test_shared_key.py tests/dlq/test_replay_and_export.py tests/test_redis_target.py \
 	tests/broker/test_send_connection.py tests/ops/test_console.py tests/ops/test_console_bench.py \
-	tests/testing/test_context.py
+	tests/testing/test_context.py tests/ops/test_worker_shards.py
 
 test-cluster: $(BIN)/.installed
 	TEST_REDIS=cluster TEST_SHARD=1 $(PYTEST) -q -n 2 --durations=10 $(CLUSTER_TESTS)

@@ -166,7 +166,9 @@ The mesh's own:
                                       a graceful stop, dead ones are pruned by the next publish
     {ns}:registry.workers             hash worker id -> JSON: its label (host:pid), app, the contract
                                       version of each agent it serves, since when (ms, its first publish)
-                                      and its shard when not 0 (its heartbeats are that shard's)
+                                      and its shard when not 0 (its heartbeats are that shard's); with
+                                      MESH_SHARDS > 1, every shard it consumes (``shards``), its shard the
+                                      first of them: it heartbeats in each under this one id
     {ns}:limit.{{ns}|{name}|{flow_key}}  hash: a flow limit's state for one key (broker/limits.py,
                                       scripts/limits.lua): GCRA times of requests (tat) and tokens (ttat),
                                       the AIMD factor 429s left of the rate and its generation, counters;

@@ -115,6 +115,8 @@ class WorkerListing:
     #: Its last heartbeat (ms, Redis TIME); None: none, or it was reaped.
     heartbeat_ms: int | None
     alive: bool
+    #: The shards it consumes when several (MESH_SHARDS > 1; alive as its first one's heartbeat is fresh); else ().
+    shards: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,12 @@ class Registry:
     def now_ms(self) -> int:
         return server_ms(self.redis)
 
-    def publish(self, worker_id: str, label: str, agents: Iterable[PublishedAgent], *, app: str = "") -> None:
+    def publish(self, worker_id: str, label: str, agents: Iterable[PublishedAgent], *, app: str = "",
+                shards: Iterable[int] = ()) -> None:
         """Publish ``agents`` and record ``worker_id`` as serving each, with a heartbeat (it is alive as
-        it publishes); workers of them that stopped heartbeating long ago are pruned on the way."""
+        it publishes); workers of them that stopped heartbeating long ago are pruned on the way.
+        ``shards``: those the worker consumes, recorded when several (MESH_SHARDS > 1); its heartbeat is
+        read in this registry's shard (the first of them), where it beats as in each of the others."""
         agents = list(agents)
         now = self.now_ms()
         self._prune([a.name for a in agents], now)
@@ -165,6 +170,9 @@ class Registry:
         about = {"label": label, "app": app, "agents": {a.name: a.version for a in agents}, "since": since}
         if self.keys.shard:  # where its heartbeats are: the registry is the fleet's, the heartbeats its shard's
             about["shard"] = self.keys.shard
+        shards = list(shards)
+        if len(shards) > 1:
+            about["shards"] = shards
         pipe.hset(self.keys.registry_workers, worker_id, dumps(about))
         pipe.execute()
         # The worker is alive as it publishes: listed from now on, it must not read "dead" until its
@@ -232,7 +240,8 @@ class Registry:
             out.append(WorkerListing(
                 id=wid, label=about.get("label", wid[:8]), app=about.get("app", ""),
                 agents=tuple(sorted(about.get("agents", {}))), since_ms=about.get("since"), heartbeat_ms=beat,
-                alive=beat is not None and now - beat <= self.heartbeat_timeout_ms))
+                alive=beat is not None and now - beat <= self.heartbeat_timeout_ms,
+                shards=tuple(int(s) for s in about.get("shards", ()))))
         out.sort(key=lambda w: (not w.alive, -(w.since_ms or 0), w.label))
         return out, now
 

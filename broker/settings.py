@@ -57,8 +57,9 @@ class MeshSettings(BaseSettings):
                         "(MESH_SHARD, MESH_SHARD + 1, ...; from 1 when MESH_SHARD is 0 and there are several, leaving "
                         "shard 0's slot to the fleet-wide keys): a job's shard is a hash of its id, and every worker "
                         "consumes every shard. On a Redis Cluster each shard is a slot of its own, so the jobs "
-                        "spread over the primaries; fixed per namespace (a process with another count refuses "
-                        "to start: drain the namespace to change it)")
+                        "spread over the primaries; each worker process runs one set of consumers per shard, "
+                        "its threads divided among them (MESH_WORKER_THREADS); fixed per namespace (a process with "
+                        "another count refuses to start: drain the namespace to change it)")
 
     model_provider: Literal["local", "openai", "openai_sdk", "anthropic"] | None = Field(
         default=None, description="local (offline, deterministic); openai (any OpenAI-compatible endpoint, over "
@@ -200,7 +201,9 @@ class MeshSettings(BaseSettings):
                                   "that starts later")
     event_keep: int = Field(default=1000, ge=1, le=1_000_000, description="most events kept per event name (and "
                             "per job, for signals) within MESH_EVENT_WINDOW_S; the oldest go first")
-    worker_threads: int = Field(default=4, ge=1, le=256, description="threads per worker process")
+    worker_threads: int = Field(default=4, ge=1, le=256, description="threads per worker process; with "
+                                "MESH_SHARDS > 1, divided among the shards it consumes: each shard's consumers "
+                                "get ceil(threads / shards), at least 1")
     prefetch: int = Field(default=0, ge=0, description="messages prefetched per queue; 0 = 2 x threads (1 x threads "
                                                        "on the queue of an agent whose limits are keyed by tenant)")
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces URL (e.g. http://collector:4318"

@@ -32,6 +32,7 @@ from starlette.routing import Route
 from mesh.broker import MeshClient
 from mesh.broker.clock import server_ms
 from mesh.broker.connection import describe
+from mesh.broker.shards import Shards
 from mesh.broker.trace import operator
 
 from .http_guard import guarded
@@ -111,7 +112,9 @@ def ready(client: MeshClient) -> tuple[int, dict[str, Any]]:
         # is migrated; then none).
         refused = client.layout_refusal()
         # Heartbeats are the Redis server's clock (settle.lua), so "recent" is judged by it too.
-        live = client.redis.zcount(client.keys.heartbeats, server_ms(client.redis) - timeout_s * 1000, "+inf")
+        # Every worker heartbeats in the first shard (each shard's consumers in their own, under one id).
+        beats = Shards.of(client.settings).home.heartbeats
+        live = client.redis.zcount(beats, server_ms(client.redis) - timeout_s * 1000, "+inf")
     except redis.RedisError as exc:
         server.setdefault("error", str(exc))
         return 503, {"status": "not ready", "redis": server}

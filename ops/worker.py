@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import dramatiq
 import dramatiq.worker
 import redis
 import tenacity
@@ -26,6 +27,7 @@ from mesh.broker.layout import check_layout
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.registry import PublishedAgent, Registry
 from mesh.broker.settings import MeshSettings
+from mesh.broker.shards import Shards, check_shards
 from mesh.contracts import ConfigError
 from mesh.ops.sweeper import Sweeper
 from mesh.ops.timer_loop import TimerLoop
@@ -54,16 +56,25 @@ def flow_control(broker: Any, settings: MeshSettings, app: App) -> None:
 
 
 def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: App | str | None = None
-                 ) -> Worker:
+                 ) -> MeshWorker | ShardWorkers:
     """Build the broker, declare the app's ``agents`` (default: all of them) on it, publish them
     (``mesh agents``) and start consuming their queues in this process. ``app``: an App, an import
-    path (``pkg.module:app``) or None for the built-in planner, researcher and executor."""
+    path (``pkg.module:app``) or None for the built-in planner, researcher and executor.
+
+    With MESH_SHARDS > 1, one set of consumers per shard (:class:`ShardWorkers`): each shard's broker,
+    runtime, timers' loop, sweeper and flow control, built from the settings as that shard sees them
+    (``settings.on_shard``), and a worker of its own with :func:`shard_threads` of ``threads``; one
+    worker id (its heartbeat in every shard) and one publication for the process."""
     app = load_app(app) if isinstance(app, str) else app or builtin_app()
     check_served(app, agents, settings)
     reconnect_delays(settings.reconnect_delay_s)
-    broker = build_broker(settings)
+    shards = Shards.of(settings)
+    numbers = [keys.shard for keys in shards.keys]  # from 1 with several: shard 0 is the fleet-wide keys' slot
+    home = settings.on_shard(numbers[0]) if shards.many else settings
+    broker = build_broker(home)
     try:  # one round trip: data of an older key layout left unmigrated is refused, not served around
         stray = check_layout(broker.client, settings.namespace)
+        check_shards(broker.records, shards, record=True)  # another count than the namespace's: refused
     except ConfigError:
         broker.close()
         raise
@@ -71,29 +82,119 @@ def start_worker(settings: MeshSettings, agents: list[str] | None, threads: int,
         logger.warning("keys of the older key layout written since the namespace was migrated: a worker or client of "
                        "the older release still runs on it, unseen; stop it and run `mesh migrate` again",
                        extra={"namespace": settings.namespace, "old_keys": stray})
+    worker: MeshWorker | ShardWorkers
+    if not shards.many:
+        worker, runtime, actors = _consumers(broker, home, app, agents, threads)
+    else:
+        brokers = [broker]
+        try:
+            for shard in numbers[1:]:
+                brokers.append(build_broker(settings.on_shard(shard)))
+                # One worker id for the process: its heartbeat in every shard, the registry's entry under it.
+                brokers[-1].broker_id = broker.broker_id
+            per_shard = shard_threads(threads, shards.count)
+            built = [_consumers(b, b.settings, app, agents, per_shard) for b in brokers]
+        except BaseException:
+            for b in brokers:
+                b.close()
+            raise
+        dramatiq.set_broker(broker)  # the process's global broker: the first shard's, as with one shard
+        runtime, actors = built[0][1], built[0][2]
+        worker = ShardWorkers([w for w, _, _ in built])
+    entries = [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors]
+    stopped = threading.Event()  # set as the worker stops: a publication not made by then is given up
+    publisher = threading.Thread(target=_publish, args=(registry(home, broker), broker.broker_id,
+                                                        broker.worker_label, entries, runtime.app.name),
+                                 kwargs={"stopped": stopped, "shards": shards}, name="mesh-publish", daemon=True)
+    publisher.start()
+    if runtime.app.mcp_servers:  # pin the MCP tools the served agents call: in the background, as publishing
+        threading.Thread(target=_register_mcp, args=(runtime.app, [a.actor_name for a in actors], home, broker),
+                         name="mesh-mcp-register", daemon=True).start()
+    worker.publication = (publisher, stopped)
+    for w in worker.workers if isinstance(worker, ShardWorkers) else [worker]:
+        w.broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
+        w.start()
+    return worker
+
+
+def _consumers(broker: MeshBroker, settings: MeshSettings, app: App, agents: list[str] | None, threads: int
+               ) -> tuple[MeshWorker, AgentRuntime, list[Any]]:
+    """What consumes one shard's queues (``settings``: as that shard sees them) through ``broker``: its
+    sweeper, runtime, timers' loop, flow control and the app's actors, and a worker (not started)."""
     broker.add_middleware(Sweeper(settings, broker.records))  # retention, on its own schedule
     runtime = AgentRuntime.from_settings(settings, broker.records, app)
     broker.add_middleware(TimerLoop(settings, broker.records, runtime.timer_handlers()))  # durable timers
     flow_control(broker, settings, runtime.app)
     actors = declare_app(broker, runtime, agents)
-    entries = [published(runtime.app.agents[a.actor_name], runtime.app.name) for a in actors]
-    stopped = threading.Event()  # set as the worker stops: a publication not made by then is given up
-    publisher = threading.Thread(target=_publish, args=(registry(settings, broker), broker.broker_id,
-                                                        broker.worker_label, entries, runtime.app.name),
-                                 kwargs={"stopped": stopped}, name="mesh-publish", daemon=True)
-    publisher.start()
-    if runtime.app.mcp_servers:  # pin the MCP tools the served agents call: in the background, as publishing
-        threading.Thread(target=_register_mcp, args=(runtime.app, [a.actor_name for a in actors], settings, broker),
-                         name="mesh-mcp-register", daemon=True).start()
     queues = {actor.queue_name for actor in actors}
     worker = MeshWorker(broker, queues=queues, worker_threads=threads, worker_timeout=IDLE_POLL_MS,
                         tenant_queues=set() if settings.prefetch else tenant_queues(runtime.app, actors))
     if settings.prefetch:
         worker.queue_prefetch = settings.prefetch
-    worker.publication = (publisher, stopped)
-    broker.emit_after("process_boot")  # as dramatiq's CLI does: starts TimeLimit's timer thread
-    worker.start()
-    return worker
+    return worker, runtime, actors
+
+
+def shard_threads(threads: int, shards: int) -> int:
+    """Each shard's worker threads when a process serving ``shards`` shards is given ``threads``: an even
+    share, rounded up (at least one). A dramatiq worker's threads run only its own consumers' messages,
+    so each shard has its share to itself: a burst on one shard never holds the threads another's jobs
+    need. Rounded up, so the process never runs fewer than ``threads`` (at most ``shards - 1`` more)."""
+    return max(1, -(-threads // shards))
+
+
+class ShardWorkers:
+    """The workers of a process serving several shards (MESH_SHARDS > 1), one :class:`MeshWorker` per
+    shard, in shard order, used as one: started and stopped together. ``broker`` is the first shard's
+    (its id is the process's worker id; every shard's broker heartbeats under it)."""
+
+    def __init__(self, workers: list[MeshWorker]) -> None:
+        self.workers = workers
+        #: the thread publishing the worker's agents and the event that ends its tries (start_worker, withdraw)
+        self.publication: tuple[threading.Thread, threading.Event] | None = None
+
+    @property
+    def broker(self) -> MeshBroker:
+        return typing.cast(MeshBroker, self.workers[0].broker)
+
+    @property
+    def brokers(self) -> list[MeshBroker]:
+        """Each shard's broker, in shard order."""
+        return [typing.cast(MeshBroker, w.broker) for w in self.workers]
+
+    @property
+    def worker_threads(self) -> int:
+        return sum(w.worker_threads for w in self.workers)
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def pause(self) -> None:
+        for w in self.workers:
+            w.pause()
+
+    def resume(self) -> None:
+        for w in self.workers:
+            w.resume()
+
+    def join(self) -> None:
+        for w in self.workers:
+            w.join()
+
+    def stop(self, timeout: int = 600_000) -> None:
+        """Stop every shard's worker, all at once (each within ``timeout`` ms, as one worker's stop):
+        each puts the messages it fetched and did not start back in its shard's queues."""
+        stops = [threading.Thread(target=w.stop, kwargs={"timeout": timeout}, name="mesh-stop-shard")
+                 for w in self.workers]
+        for t in stops:
+            t.start()
+        for t in stops:
+            t.join()
+
+    def close(self) -> None:
+        """Close every shard's broker (after :meth:`stop`)."""
+        for b in self.brokers:
+            b.close()
 
 
 class MeshWorker(Worker):
@@ -174,18 +275,22 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
     worker = start_worker(settings, agents, threads, app)
     logger.info("worker started", extra={"app": app or "builtin", "agents": ",".join(agents or ["all"]),
                                          "threads": threads, "pid": os.getpid(),
-                                         "namespace": settings.namespace})
+                                         "namespace": settings.namespace,
+                                         **({"shards": settings.shards, "threads_per_shard": worker.workers[0]
+                                             .worker_threads} if isinstance(worker, ShardWorkers) else {})})
     stop.wait()
     logger.info("worker stopping", extra={"pid": os.getpid()})
     worker.stop(timeout=30_000)
-    broker = typing.cast(MeshBroker, worker.broker)
-    withdraw(registry(settings, broker), broker.broker_id,
-             worker.publication if isinstance(worker, MeshWorker) else None)
-    try:
-        sign_off(broker)
-    except redis.RedisError as exc:  # then its heartbeat just ages out (MESH_HEARTBEAT_TIMEOUT_S)
-        logger.warning("could not remove the worker's heartbeat", extra={"error": str(exc)})
-    broker.close()
+    brokers = worker.brokers if isinstance(worker, ShardWorkers) else [typing.cast(MeshBroker, worker.broker)]
+    withdraw(registry(brokers[0].settings, brokers[0]), brokers[0].broker_id, worker.publication)
+    for broker in brokers:  # each shard's heartbeat
+        try:
+            sign_off(broker)
+        except redis.RedisError as exc:  # then its heartbeat just ages out (MESH_HEARTBEAT_TIMEOUT_S)
+            logger.warning("could not remove the worker's heartbeat", extra={"error": str(exc),
+                                                                              "shard": broker.keys.shard})
+    for broker in brokers:
+        broker.close()
     return 0
 
 
@@ -249,7 +354,8 @@ PUBLISH_WAIT = tenacity.wait_exponential(multiplier=0.1, max=5.0)
 
 
 def _publish(reg: Registry, worker_id: str, label: str, entries: list[PublishedAgent], app: str, *,
-             sleep: Callable[[float], None] | None = None, stopped: threading.Event | None = None) -> None:
+             sleep: Callable[[float], None] | None = None, stopped: threading.Event | None = None,
+             shards: Shards | None = None) -> None:
     """Publish the worker's agents; while Redis refuses (down, OOM, read-only) the worker serves
     anyway and the publication is retried with backoff (:data:`PUBLISH_WAIT`) until it is made, so a
     deploy never waits on it, or until ``stopped`` is set (the worker stops: a publication landing
@@ -262,7 +368,8 @@ def _publish(reg: Registry, worker_id: str, label: str, entries: list[PublishedA
     def attempt() -> None:
         if stop.is_set():
             raise _Stopped
-        reg.publish(worker_id, label, entries, app=app)
+        reg.publish(worker_id, label, entries, app=app,
+                    shards=[keys.shard for keys in shards.keys] if shards is not None else ())
 
     retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(redis.RedisError), wait=PUBLISH_WAIT,
                                  stop=tenacity.stop_when_event_set(stop), before_sleep=_publish_failed,

@@ -32,7 +32,8 @@ def worker(
                                                  "and executor).", metavar="MODULE:APP", show_default=False)] = None,
     processes: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = 1,
     threads: Annotated[int | None, typer.Option(min=1, metavar="N", help="Threads per process (default: "
-                                                "MESH_WORKER_THREADS).")] = None,
+                                                "MESH_WORKER_THREADS); with MESH_SHARDS > 1, each shard gets "
+                                                "ceil(N / shards).")] = None,
 ) -> None:
     """Serve agents' queues until SIGTERM or Ctrl-C.
 
@@ -71,7 +72,7 @@ def workers(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
         emit_json([{"id": w.id, "label": w.label, "app": w.app, "agents": list(w.agents),
                     "since": w.since_ms / 1000 if w.since_ms else None,
                     "heartbeat_age_s": (now_ms - w.heartbeat_ms) / 1000 if w.heartbeat_ms is not None else None,
-                    "alive": w.alive} for w in listed])
+                    "alive": w.alive, **({"shards": list(w.shards)} if w.shards else {})} for w in listed])
         return
     if not listed:
         out.print("no workers: none has published what it serves (start one with `mesh worker`)")

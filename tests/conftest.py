@@ -283,15 +283,16 @@ def start_worker() -> Iterator[Callable[..., Any]]:
     started = []
 
     def run(settings: MeshSettings, agents: tuple[str, ...] = ("planner", "researcher", "executor"),
-            threads: int = 4) -> Any:
-        worker = start(settings, list(agents), threads)
+            threads: int = 4, app: Any = None) -> Any:
+        worker = start(settings, list(agents), threads, app)
         started.append(worker)
         return worker
 
     yield run
     for worker in started:
         worker.stop(timeout=10_000)
-        worker.broker.close()
+        for broker in getattr(worker, "brokers", [worker.broker]):  # each shard's (ShardWorkers)
+            broker.close()
 
 
 def mesh_env(settings: MeshSettings, **extra: str) -> dict[str, str]:

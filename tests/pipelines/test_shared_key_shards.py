@@ -73,7 +73,8 @@ def sharded(make_settings: Callable[..., MeshSettings],
     yield make
     for worker in workers:
         worker.stop(timeout=10_000)
-        worker.broker.close()
+        for broker in getattr(worker, "brokers", [worker.broker]):  # every shard's (ShardWorkers)
+            broker.close()
 
 
 def spread(make_settings: Callable[..., MeshSettings], **overrides: Any) -> MeshSettings:
@@ -196,7 +197,8 @@ def test_a_worker_killed_between_the_shared_done_and_its_job_write_applies_the_e
         second = other.wait(other.run(posting(), {"goal": goal}, key=a).id, timeout_s=30)
     finally:
         worker.stop(timeout=10_000)
-        worker.broker.close()
+        for broker in getattr(worker, "brokers", [worker.broker]):  # every shard's (ShardWorkers)
+            broker.close()
     assert second.state is State.SUCCEEDED, second.error
     assert second.steps["post"].result == record.steps["post"].result
     assert counted(rclient, settings, "effects") == {key: 1}  # once, for both jobs and the crash
@@ -237,7 +239,8 @@ def test_a_worker_paused_past_its_shared_lease_is_fenced_out_of_the_key(make_set
             first = other.wait(other.run(posting(), {"goal": goal}, key=a).id, timeout_s=30)
         finally:
             worker.stop(timeout=10_000)
-            worker.broker.close()
+            for broker in getattr(worker, "brokers", [worker.broker]):  # every shard's (ShardWorkers)
+                broker.close()
         assert first.state is State.SUCCEEDED, first.error
         taken = claims.read(rclient, shared_key)
         assert taken.state == "done" and taken.token > held.token
