@@ -328,3 +328,37 @@ def test_console_pages_read_every_shard(rclient: redis.Redis, sharded: MeshSetti
     assert views.find(c, far.job_id[4:14]).job_id == far.job_id
     overview = views.overview(c)
     assert overview["dlq"]["total"] == 3
+
+
+def test_the_console_follows_jobs_of_several_shards_at_once(rclient: redis.Redis, sharded: MeshSettings) -> None:
+    import asyncio
+
+    from mesh.broker import trace
+    from mesh.ops.web.live import END, Follower, TraceHub
+    from tests.conftest import wait_for
+
+    jobs = [put_job(rclient, sharded, i, f"live{i}", time.time()) for i in (1, 2)]
+    loop = asyncio.new_event_loop()
+    hub = TraceHub(MeshClient(sharded, client=rclient))
+    try:
+        followers = [Follower(r.job_id, "0", loop) for r in jobs]
+        for f in followers:
+            hub.follow(f)
+        wait_for(lambda: len(hub.jobs) == 2)
+        for i, r in zip((1, 2), jobs, strict=True):
+            envelope = {"job_id": r.job_id, "step_id": "executor", "agent": "executor", "key": r.key}
+            trace.emit(rclient, keys_of(sharded, i), trace.event("progress", envelope, message=f"on {i}"))
+            ended = r.model_copy(update={"state": State.SUCCEEDED})  # the job ends: its followers get the end
+            rclient.set(keys_of(sharded, i).job(r.job_id), ended.model_dump_json())
+
+        def got(f: Follower) -> list[Any]:
+            loop.run_until_complete(asyncio.sleep(0))
+            return list(f.queue._queue)  # type: ignore[attr-defined]
+
+        wait_for(lambda: all(any(item[1] is END for item in got(f)) for f in followers), timeout_s=15)
+        for i, f in zip((1, 2), followers, strict=True):
+            events = [ev for _, ev in got(f) if ev is not END]
+            assert [ev.get("message") for ev in events] == [f"on {i}"]
+    finally:
+        hub.stop()
+        loop.close()
