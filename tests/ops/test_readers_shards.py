@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.broker import MeshClient
-from mesh.broker.client import job_id_for
+from mesh.broker.client import job_id_for, trace_id_of
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
@@ -60,7 +60,7 @@ def put_job(rclient: redis.Redis, settings: MeshSettings, shard_index: int, stem
     job_id = job_id_for(key)
     step = step or StepRecord(step_id="executor", agent="executor", key=key, created_at=created_at,
                               updated_at=created_at)
-    record = JobRecord(job_id=job_id, key=key, trace_id=job_id.removeprefix("job-").replace("-", "")[:32].ljust(32, "0"),
+    record = JobRecord(job_id=job_id, key=key, trace_id=trace_id_of(job_id),
                        created_at=created_at, updated_at=created_at, state=State.QUEUED,
                        steps={step.step_id: step})
     pipe = rclient.pipeline(transaction=False)
