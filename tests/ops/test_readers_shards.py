@@ -201,7 +201,7 @@ def test_dlq_replay_all_replays_each_shards_entries_onto_its_own_queues(rclient:
     for i, entry in zip((1, 2), entries, strict=True):
         k = keys_of(sharded, i)
         assert rclient.hlen(k.messages("executor")) == 1  # onto the queue of the entry's (its job's) shard
-        assert rclient.exists(k.job(entry.job_id))  # its expired one-message job recreated there
+        assert entry.job_id is not None and rclient.exists(k.job(entry.job_id))  # its expired one-message job recreated there
         assert int(rclient.hget(k.stats, "replayed") or 0) == 1
         shown = json.loads(cli("dlq", "show", entry.entry_id, "--json", **env).stdout)  # its tombstone, found
         assert shown["state"] == "replayed" and [a["op"] for a in shown["audit"]] == ["replay"]
@@ -321,9 +321,11 @@ def test_console_pages_read_every_shard(rclient: redis.Redis, sharded: MeshSetti
     assert page["total"] == 3 and page["agents"] == ["executor"]
     later = views.dlq(c, Filter(), offset=1)
     assert [e.entry_id for e in later["entries"]] == [e.entry_id for e in reversed(letters)][1:]
-    assert views.dlq_entry(c, letters[1].entry_id)["entry"].entry_id == letters[1].entry_id
+    shown = views.dlq_entry(c, letters[1].entry_id)
+    assert shown is not None and shown["entry"].entry_id == letters[1].entry_id
     far = jobs[2]  # on the third shard
-    assert views.job(c, far.job_id)["record"].job_id == far.job_id
+    page_of_job = views.job(c, far.job_id)
+    assert page_of_job is not None and page_of_job["record"].job_id == far.job_id
     assert views.find(c, far.key).job_id == far.job_id
     assert views.find(c, far.job_id[4:14]).job_id == far.job_id
     overview = views.overview(c)
