@@ -201,7 +201,7 @@ def test_dlq_replay_all_replays_each_shards_entries_onto_its_own_queues(rclient:
     for i, entry in zip((1, 2), entries, strict=True):
         k = keys_of(sharded, i)
         assert rclient.hlen(k.messages("executor")) == 1  # onto the queue of the entry's (its job's) shard
-        assert entry.job_id is not None and rclient.exists(k.job(entry.job_id))  # its expired one-message job recreated there
+        assert entry.job_id is not None and rclient.exists(k.job(entry.job_id))  # its expired job recreated there
         assert int(rclient.hget(k.stats, "replayed") or 0) == 1
         shown = json.loads(cli("dlq", "show", entry.entry_id, "--json", **env).stdout)  # its tombstone, found
         assert shown["state"] == "replayed" and [a["op"] for a in shown["audit"]] == ["replay"]
