@@ -364,3 +364,30 @@ def test_the_console_follows_jobs_of_several_shards_at_once(rclient: redis.Redis
     finally:
         hub.stop()
         loop.close()
+
+
+# -- mesh soak's readers ----------------------------------------------------------------------------------
+
+
+def test_the_soak_reads_its_jobs_workers_and_queues_in_every_shard(rclient: redis.Redis, sharded: MeshSettings) -> None:
+    from mesh.broker.clock import server_ms
+    from mesh.ops.soak import Traffic, ended, queued, serving
+
+    client = MeshClient(sharded, client=rclient)
+    traffic = Traffic()
+    done = [put_job(rclient, sharded, i, f"soak{i}", time.time()) for i in (1, 2)]
+    waiting = put_job(rclient, sharded, 0, "soak-open", time.time())
+    for record in done:
+        ended_record = record.model_copy(update={"state": State.SUCCEEDED})
+        rclient.set(Shards.of(sharded).of_job(record.job_id).job(record.job_id), ended_record.model_dump_json())
+    for record in (*done, waiting):
+        traffic.jobs[record.job_id] = "note"
+        traffic.open.add(record.job_id)
+    assert ended(client, traffic) == {"sent": 3, "ended": 2}  # one MGET per shard (a cluster refuses one of many)
+    assert traffic.open == {waiting.job_id}
+
+    rclient.zadd(keys_of(sharded, 1).heartbeats, {"w1": server_ms(rclient)})
+    rclient.zadd(keys_of(sharded, 2).heartbeats, {"w2": server_ms(rclient)})
+    assert serving(rclient, Shards.of(sharded).keys, 60) == 2
+    rclient.hset(keys_of(sharded, 2).messages("executor"), "m", b"{}")
+    assert queued(client) == 1
