@@ -391,3 +391,14 @@ def test_the_soak_reads_its_jobs_workers_and_queues_in_every_shard(rclient: redi
     assert serving(rclient, Shards.of(sharded).keys, 60) == 2
     rclient.hset(keys_of(sharded, 2).messages("executor"), "m", b"{}")
     assert queued(client) == 1
+
+
+def test_the_bench_waits_for_jobs_in_their_shards(rclient: redis.Redis, sharded: MeshSettings) -> None:
+    from mesh.ops.bench import _succeeded, job_keys
+
+    made = [put_job(rclient, sharded, i, f"bench{i}", time.time()) for i in range(SHARDS)]
+    for record in made:
+        ended = record.model_copy(update={"state": State.SUCCEEDED})
+        rclient.set(Shards.of(sharded).of_job(record.job_id).job(record.job_id), ended.model_dump_json())
+    found = _succeeded(rclient, job_keys(MeshClient(sharded, client=rclient), [r.job_id for r in made]), timeout_s=5)
+    assert [r["job_id"] for r in found] == [r.job_id for r in made]  # one MGET per shard, in the order asked
