@@ -44,7 +44,7 @@ def key_on(settings: MeshSettings, shard_index: int, stem: str) -> str:
     shards = Shards.of(settings)
     for i in range(10_000):
         key = f"{stem}-{i}"
-        if shards.shard_of(job_id_for(key)) == shards.first + shard_index:
+        if shards.shard_of(job_id_for(key)) == shards.keys[shard_index].shard:
             return key
     raise AssertionError("no key found")
 
