@@ -262,7 +262,7 @@ def test_approvals_and_waits_list_every_shard_oldest_first(rclient: redis.Redis,
     assert [w["job_id"] for w in json.loads(cli("waits", "--json", **env).stdout)] == slept
 
 
-# -- metrics, /readyz -------------------------------------------------------------------------------------
+# -- metrics ---------------------------------------------------------------------------------------------
 
 
 def _metrics(client: MeshClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -292,15 +292,6 @@ def test_metrics_sum_every_shard(rclient: redis.Redis, sharded: MeshSettings) ->
     assert m[("mesh_dlq_entries_by_class", frozenset({("failure_class", "permanent")}))] == 2
     assert m[("mesh_steps_running", frozenset())] == 3
     assert m[("mesh_queue_in_flight", frozenset({("queue", "executor")}))] == 3
-
-
-def test_readyz_counts_a_worker_beating_in_another_shard(rclient: redis.Redis, sharded: MeshSettings) -> None:
-    from mesh.broker.clock import server_ms
-    from mesh.ops.server import ready
-
-    rclient.zadd(keys_of(sharded, 2).heartbeats, {"w": server_ms(rclient)})
-    status, body = ready(MeshClient(sharded, client=rclient))
-    assert status == 200 and body["workers"] == 1
 
 
 # -- the console ------------------------------------------------------------------------------------------
