@@ -393,3 +393,28 @@ def test_the_bench_waits_for_jobs_in_their_shards(rclient: redis.Redis, sharded:
         rclient.set(Shards.of(sharded).of_job(record.job_id).job(record.job_id), ended.model_dump_json())
     found = _succeeded(rclient, job_keys(MeshClient(sharded, client=rclient), [r.job_id for r in made]), timeout_s=5)
     assert [r["job_id"] for r in found] == [r.job_id for r in made]  # one MGET per shard, in the order asked
+
+
+@pytest.mark.slow
+def test_dead_letters_a_worker_of_every_shard_writes_are_listed_counted_and_replayed(
+        rclient: redis.Redis, sharded: MeshSettings, start_worker: Any, cli: Any) -> None:
+    """End to end: one job sent on each of two shards (a client of that shard), dead-lettered by a worker
+    serving every shard (a URL outside MESH_HTTP_ALLOW is a permanent failure); every reader shows both."""
+    from tests.conftest import wait_for
+
+    start_worker(sharded, ("executor",), threads=2)
+    sent = []
+    for i in (1, 2):
+        shard = Shards.of(sharded).keys[i].shard
+        client = MeshClient(sharded.on_shard(shard), client=rclient)
+        sent.append(client.send("executor", {"tool": "http_post", "args": {"url": "http://127.0.0.1:9/x", "json": {}}},
+                                key=key_on(sharded, i, "e2e")).id)
+    env = {"MESH_SHARDS": str(SHARDS)}
+    wait_for(lambda: len(json.loads(cli("dlq", "list", "--json", **env).stdout)) == 2, timeout_s=30)
+    assert sorted(e["job_id"] for e in json.loads(cli("dlq", "list", "--json", **env).stdout)) == sorted(sent)
+    dead = json.loads(cli("jobs", "--state", "dead_lettered", "--json", **env).stdout)
+    assert sorted(j["job_id"] for j in dead) == sorted(sent)
+    assert json.loads(cli("stats", "--json", **env).stdout)["dlq_size"] == 2
+    replayed = json.loads(cli("dlq", "replay", "--all", "--yes", "--json", **env).stdout)
+    assert replayed["replayed"] == 2  # each in its shard; the worker dead-letters them again
+    wait_for(lambda: json.loads(cli("dlq", "stats", "--json", **env).stdout)["total"] == 2, timeout_s=30)
