@@ -6,10 +6,14 @@ would mean moving ids in every job write's transaction, so they are checked on t
 Records are read in pipelined batches, newest first, only as far as needed to fill ``limit``, and
 never more than ``budget`` of them: a filter that matches nothing among the newest ``budget`` jobs
 stops there and says so (``JobPage.exhausted`` is False), and ``since`` narrows where it looks.
+
+With several shards (MESH_SHARDS) each shard has its index: they are walked together, newest first
+across all of them, so the limit and the budget are those of the whole namespace.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -54,9 +58,14 @@ class JobPage:
     cut_by_budget: bool = False
 
 
-def list_jobs(client: redis.Redis, keys: Keys, query: JobQuery, *, budget: int = SCAN_BUDGET,
+def list_jobs(client: redis.Redis, keys: Keys | Sequence[Keys], query: JobQuery, *, budget: int = SCAN_BUDGET,
               batch: int = BATCH) -> JobPage:
-    """The newest jobs ``query`` matches, at most ``query.limit``, reading at most ``budget`` records."""
+    """The newest jobs ``query`` matches, at most ``query.limit``, reading at most ``budget`` records;
+    ``keys``: one shard's, or each shard's (:attr:`~mesh.broker.shards.Shards.keys`)."""
+    if not isinstance(keys, Keys):
+        if len(keys) != 1:
+            return _list_shards(client, keys, query, budget=budget, batch=batch)
+        keys = keys[0]
     page = JobPage()
     low = "-inf" if query.since is None else query.since
     offset, seen = 0, set[bytes]()
@@ -81,6 +90,36 @@ def list_jobs(client: redis.Redis, keys: Keys, query: JobQuery, *, budget: int =
             if query.matches(record):
                 page.jobs.append(record)
         if len(ids) < want:  # the oldest job in range was read
+            break
+    page.jobs = page.jobs[:query.limit]
+    return page
+
+
+def _list_shards(client: redis.Redis, shards: Sequence[Keys], query: JobQuery, *, budget: int,
+                 batch: int) -> JobPage:
+    """:func:`list_jobs` over several shards' indexes, newest first across all of them."""
+    from .shard_readers import NewestFirst
+
+    page = JobPage()
+    ids = NewestFirst(client, shards, lambda k: k.jobs, lo="-inf" if query.since is None else query.since,
+                      batch=batch)
+    while len(page.jobs) < query.limit:
+        want = min(batch, budget - page.read)
+        if want <= 0:
+            page.cut_by_budget = ids.more()
+            break
+        taken = ids.take(want)
+        pipe = client.pipeline(transaction=False)
+        for keys, job_id in taken:
+            pipe.get(keys.job(job_id.decode()))
+        for data in pipe.execute() if taken else []:
+            page.read += 1
+            if data is None:
+                continue
+            record = JobRecord.model_validate(loads(data))
+            if query.matches(record):
+                page.jobs.append(record)
+        if len(taken) < want:
             break
     page.jobs = page.jobs[:query.limit]
     return page

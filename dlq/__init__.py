@@ -15,8 +15,8 @@ from .audit import Audit
 from .entry import Attempt, DeadLetter
 from .export import ExportFileError, LoadReport, drain, load, purge, read_export
 from .replay import NotReplayable, Replayer, ReplayReport, replay_message
-from .store import DeadLetterStore, Filter, Stored
+from .store import DeadLetterShards, DeadLetterStore, Filter, Stored
 
-__all__ = ["Attempt", "Audit", "DeadLetter", "DeadLetterStore", "ExportFileError", "Filter", "LoadReport",
-           "NotReplayable", "ReplayReport", "Replayer", "Stored", "drain", "load", "purge", "read_export",
+__all__ = ["Attempt", "Audit", "DeadLetter", "DeadLetterShards", "DeadLetterStore", "ExportFileError", "Filter",
+           "LoadReport", "NotReplayable", "ReplayReport", "Replayer", "Stored", "drain", "load", "purge", "read_export",
            "replay_message"]

@@ -24,7 +24,7 @@ from mesh.contracts import MeshError
 from .audit import Audit
 from .checks import Limits, Routes, entry_problem, message_body, shown
 from .entry import DeadLetter
-from .store import DeadLetterStore, Filter, Stored
+from .store import DeadLetterShards, DeadLetterStore, Filter, Stored
 
 Progress = Callable[[int], None]
 
@@ -44,19 +44,36 @@ def line_of(stored: Stored) -> bytes:
                          "raw_b64": base64.b64encode(stored.raw).decode()}) + b"\n"
 
 
-def drain(store: DeadLetterStore, path: Path, flt: Filter | None = None, *, audit: Audit | None = None,
-          progress: Progress | None = None) -> int:
-    """Append every matching entry to ``path`` (fsynced) and then remove it; returns how many."""
-    audit = audit or Audit(store.client, store.keys)
+def drain(store: DeadLetterStore | DeadLetterShards, path: Path, flt: Filter | None = None, *,
+          audit: Audit | None = None, progress: Progress | None = None) -> int:
+    """Append every matching entry to ``path`` (fsynced) and then remove it; returns how many. Of every
+    shard, one after the other, given :class:`DeadLetterShards`."""
     where = str(path.resolve())
     n = 0
     with path.open("ab") as f:
-        for batch in store.iter(flt or Filter()):
+        for one, batch in _batches(store, flt or Filter()):
             f.writelines(line_of(s) for s in batch)
             f.flush()
             os.fsync(f.fileno())
-            n += _take_out(store, batch, audit, "drain", "dlq_drained", lambda s: {"file": where}, progress)
+            n += _take_out(one, batch, _audit(one, audit), "drain", "dlq_drained", lambda s: {"file": where},
+                           progress)
     return n
+
+
+def _batches(store: DeadLetterStore | DeadLetterShards, flt: Filter) -> Iterator[tuple[DeadLetterStore, list[Stored]]]:
+    """The batches of :meth:`DeadLetterStore.iter`, each with the store (the shard) it is of."""
+    if isinstance(store, DeadLetterShards):
+        yield from store.iter(flt)
+        return
+    for batch in store.iter(flt):
+        yield store, batch
+
+
+def _audit(store: DeadLetterStore, audit: Audit | None) -> Audit:
+    """The audit log of ``store``'s shard, written as ``audit``'s operator (or this process's)."""
+    if audit is not None and audit.keys.dlq_audit == store.keys.dlq_audit:
+        return audit
+    return Audit(store.client, store.keys, who=audit.who if audit is not None else None)
 
 
 def _take_out(store: DeadLetterStore, batch: list[Stored], audit: Audit, op: str, stat: str,
@@ -122,29 +139,31 @@ def _fields(exc: ValidationError) -> str:
                      for e in exc.errors(include_url=False, include_input=False))[:500]
 
 
-def load(store: DeadLetterStore, path: Path, *, limits: Limits | None = None, routes: Routes | None = None,
-         audit: Audit | None = None, progress: Progress | None = None) -> LoadReport:
-    """Put an export's entries back, ids preserved; an id already in the DLQ is skipped.
+def load(store: DeadLetterStore | DeadLetterShards, path: Path, *, limits: Limits | None = None,
+         routes: Routes | None = None, audit: Audit | None = None, progress: Progress | None = None) -> LoadReport:
+    """Put an export's entries back, ids preserved; an id already in the DLQ is skipped. Given
+    :class:`DeadLetterShards`, each goes back to the shard of its job.
 
     The whole file is checked first, so a bad line loads nothing: each line within ``limits``, and
     each entry whose bytes are a message addressed as a replay would send it (``routes``: the
     deployment's agents and queues, read from its registry by default).
     """
     limits = limits or Limits()
-    routes = routes or Routes.read(store.client, store.keys)
+    home = store.home if isinstance(store, DeadLetterShards) else store
+    routes = routes or Routes.read(home.client, home.keys)
     for number, stored in _read(path, limits):
         body = message_body(stored.raw)
         problem = routes.problem(stored.entry, body) if body is not None else None
         if problem:
             raise ExportFileError(f"{path}:{number} is refused: entry {shown(stored.entry.entry_id)}: {problem}",
                                   line=number)
-    audit = audit or Audit(store.client, store.keys)
     loaded = present = 0
     for stored in read_export(path, limits):
-        if store.put(stored.entry, stored.raw):
+        one = store.for_entry(stored.entry) if isinstance(store, DeadLetterShards) else store
+        if one.put(stored.entry, stored.raw):
             loaded += 1
-            pipe = store.client.pipeline(transaction=False)
-            audit.stage(pipe, "load", stored.entry.entry_id, file=str(path.resolve()))
+            pipe = one.client.pipeline(transaction=False)
+            _audit(one, audit).stage(pipe, "load", stored.entry.entry_id, file=str(path.resolve()))
             pipe.execute()
         else:
             present += 1
@@ -153,14 +172,24 @@ def load(store: DeadLetterStore, path: Path, *, limits: Limits | None = None, ro
     return LoadReport(loaded, present)
 
 
-def purge(store: DeadLetterStore, flt: Filter | None = None, ids: list[str] | None = None, *,
+def purge(store: DeadLetterStore | DeadLetterShards, flt: Filter | None = None, ids: list[str] | None = None, *,
           audit: Audit | None = None, progress: Progress | None = None) -> int:
-    """Delete matching entries (or the given ids) for good, each with an audit record."""
-    audit = audit or Audit(store.client, store.keys)
-    if ids is not None:
-        batches: Iterator[list[Stored]] = iter([[s for s in map(store.load, ids) if s is not None]])
+    """Delete matching entries (or the given ids) for good, each with an audit record (a shard at a
+    time, given :class:`DeadLetterShards`)."""
+    batches: Iterator[tuple[DeadLetterStore, list[Stored]]]
+    if ids is not None and isinstance(store, DeadLetterShards):
+        found: dict[int, list[Stored]] = {}
+        for entry_id in ids:
+            one = store.store_of(entry_id)
+            stored = one.load(entry_id)
+            if stored is not None:
+                found.setdefault(store.stores.index(one), []).append(stored)
+        batches = iter([(store.stores[i], found[i]) for i in sorted(found)])
+    elif ids is not None:
+        one = store.home if isinstance(store, DeadLetterShards) else store
+        batches = iter([(one, [s for s in map(one.load, ids) if s is not None])])
     else:
-        batches = store.iter(flt or Filter())
-    return sum(_take_out(store, batch, audit, "purge", "dlq_purged",
+        batches = _batches(store, flt or Filter())
+    return sum(_take_out(one, batch, _audit(one, audit), "purge", "dlq_purged",
                          lambda s: {"failure_class": s.entry.failure_class, "agent": s.entry.agent}, progress)
-               for batch in batches if batch)
+               for one, batch in batches if batch)

@@ -59,7 +59,7 @@ from mesh.contracts.jobs import is_compensation, newer_state
 
 from .audit import Audit
 from .checks import Routes, message_body
-from .store import DeadLetterStore, Filter, Stored
+from .store import DeadLetterShards, DeadLetterStore, Filter, Stored
 
 #: Entries replayed per MULTI/EXEC when no rate is set.
 BATCH = 200
@@ -91,6 +91,16 @@ class ReplayReport:
     #: Commands of a replay's transaction Redis refused that did not stop an enqueue (an audit record,
     #: a counter): the entries were replayed, but what these record is missing.
     errors: list[str] = field(default_factory=list)
+
+    def add(self, other: ReplayReport) -> None:
+        """Add ``other``'s (another shard's) to this report."""
+        self.replayed += other.replayed
+        self.skipped.update(other.skipped)
+        for name, n in other.by_agent.items():
+            self.by_agent[name] = self.by_agent.get(name, 0) + n
+        for name, n in other.by_class.items():
+            self.by_class[name] = self.by_class.get(name, 0) + n
+        self.errors += other.errors
 
     def count(self, stored: Stored) -> None:
         self.replayed.append(stored.entry.entry_id)
@@ -410,6 +420,30 @@ class Replayer:
         trace.stage(pipe, self.keys, trace.event(
             "replayed", env, entry_id=entry.entry_id, by=self.audit.who, failure_class=entry.failure_class,
             error=entry.error[:200], **{k: v for k, v in detail.items() if k != "key"}))
+
+
+def replay_shards(dlq: DeadLetterShards, settings: MeshSettings, *, ids: Iterable[str] | None = None,
+                  flt: Filter | None = None, who: str | None = None, to_version: int | None = None,
+                  decided: frozenset[tuple[str, str]] = frozenset(), dry_run: bool = False, rate: float | None = None,
+                  progress: Callable[[int], None] | None = None) -> ReplayReport:
+    """Replay the given entry ids, or every entry ``flt`` matches, from every shard's DLQ: a shard at a
+    time (each replay's transaction within its shard), each entry onto its shard's queues (its job's),
+    the reports added up. ``who``: the operator the audit records name. ``rate`` holds for all of them."""
+    report = ReplayReport(dry_run=dry_run)
+    work: list[tuple[DeadLetterStore, list[str] | None]]
+    if ids is not None:
+        chosen: dict[int, list[str]] = {}
+        for entry_id in ids:
+            chosen.setdefault(dlq.stores.index(dlq.store_of(entry_id)), []).append(entry_id)
+        work = [(dlq.stores[i], chosen[i]) for i in sorted(chosen)]
+    else:
+        work = [(store, None) for store in dlq.stores]
+    for store, some in work:
+        replayer = Replayer(store, settings, Audit(store.client, store.keys, who=who), to_version=to_version,
+                            decided=decided)
+        report.add(replayer.replay(replayer.entries(some, None if some is not None else flt), dry_run=dry_run,
+                                   rate=rate, progress=progress))
+    return report
 
 
 def stage_tombstone(pipe: Any, keys: Keys, entry: Any, *, by: str, job_id: Any, ttl_s: float,

@@ -12,14 +12,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from importlib import resources
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import redis
 
 from mesh.broker.keys import Keys
+from mesh.broker.shards import Shards
 from mesh.contracts import FailureClass, dumps, loads
 
 from .entry import DeadLetter
+
+if TYPE_CHECKING:
+    from mesh.broker.settings import MeshSettings
 
 PUT_LUA = resources.files("mesh.dlq").joinpath("scripts/put.lua").read_text()
 WALK_LUA = resources.files("mesh.dlq").joinpath("scripts/walk.lua").read_text()
@@ -215,11 +219,7 @@ class DeadLetterStore:
     # -- internals ----------------------------------------------------------------------------
 
     def _index(self, flt: Filter) -> str:
-        if flt.failure_class is not None:
-            return self.keys.dlq_by_class(flt.failure_class)
-        if flt.agent is not None:
-            return self.keys.dlq_by_agent(flt.agent)
-        return self.keys.dlq
+        return index_of(self.keys, flt)
 
     @staticmethod
     def _range(flt: Filter) -> tuple[float | str, float | str]:
@@ -249,6 +249,146 @@ class DeadLetterStore:
         return {n: int(c) for n, c in zip(names, pipe.execute(), strict=True) if c}
 
 
+def index_of(keys: Keys, flt: Filter) -> str:
+    """The index of ``keys``' DLQ that ``flt`` reads."""
+    if flt.failure_class is not None:
+        return keys.dlq_by_class(flt.failure_class)
+    if flt.agent is not None:
+        return keys.dlq_by_agent(flt.agent)
+    return keys.dlq
+
 
 def _bytes(value: Any) -> bytes:
     return b"" if value is None else value if isinstance(value, bytes) else str(value).encode()
+
+class DeadLetterShards:
+    """The DLQ of every shard of a namespace (MESH_SHARDS): a dead letter is kept in the shard of the job
+    it is of (with its indexes, its audit records and its tombstone), so each shard has a DLQ of its own
+    (:class:`DeadLetterStore`, :attr:`stores`). This reads them together: counts summed, listings merged
+    newest first (``limit`` is the whole DLQ's), an entry looked for in every shard (its id is its
+    message's, which does not name its job). What takes entries out (replay, drain, purge) works a
+    shard at a time, each transaction within one shard. With one shard, it is that shard's store."""
+
+    def __init__(self, client: redis.Redis, shards: Shards) -> None:
+        self.client = client
+        self.shards = shards
+        self.stores = [DeadLetterStore(client, keys) for keys in shards.keys]
+
+    @classmethod
+    def of(cls, client: redis.Redis, settings: MeshSettings) -> DeadLetterShards:
+        return cls(client, Shards.of(settings))
+
+    @property
+    def home(self) -> DeadLetterStore:
+        """The first shard's store (the only one, with one shard)."""
+        return self.stores[0]
+
+    def count(self, flt: Filter | None = None) -> int:
+        """:meth:`DeadLetterStore.count` of every shard, added up."""
+        if len(self.stores) == 1:
+            return self.home.count(flt)
+        flt = flt or Filter()
+        pipe = self.client.pipeline(transaction=False)
+        for store in self.stores:
+            pipe.zcount(store._index(flt), *store._range(flt))
+        return sum(int(n) for n in pipe.execute())
+
+    def store_of(self, entry_id: str) -> DeadLetterStore:
+        """The store of the shard holding entry ``entry_id`` (or its tombstone, once replayed); the first
+        shard's when none does (the caller finds nothing there). No round trip with one shard."""
+        if len(self.stores) == 1:
+            return self.home
+        from mesh.broker.shard_readers import first_holding
+
+        keys = first_holding(self.client, self.shards.keys,
+                             lambda k: [k.dead_letter(entry_id), k.dlq_replayed(entry_id)])
+        return self.stores[self.shards.keys.index(keys)] if keys is not None else self.home
+
+    def load(self, entry_id: str) -> Stored | None:
+        return self.store_of(entry_id).load(entry_id)
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        return self.store_of(entry_id).get(entry_id)
+
+    def of_job(self, job_id: str) -> DeadLetterStore:
+        """The store of the shard job ``job_id`` lives in (its dead letters are there)."""
+        return self.stores[self.shards.keys.index(self.shards.of_job(job_id))]
+
+    def for_entry(self, entry: DeadLetter) -> DeadLetterStore:
+        """Where ``entry`` belongs: its job's shard (the first shard for an entry of no job)."""
+        return self.of_job(entry.job_id) if entry.job_id else self.home
+
+    def put(self, entry: DeadLetter, raw: bytes) -> bool:
+        """:meth:`DeadLetterStore.put` into the shard of the entry's job."""
+        return self.for_entry(entry).put(entry, raw)
+
+    def agents(self) -> list[str]:
+        """Every agent that had a dead letter in any shard, sorted."""
+        pipe = self.client.pipeline(transaction=False)
+        for store in self.stores:
+            pipe.smembers(store.keys.dlq_agents)
+        return sorted({m.decode() for found in pipe.execute() for m in found})
+
+    def entries(self, flt: Filter, *, limit: int = 100) -> list[DeadLetter]:
+        """Newest first across the shards, at most ``limit`` in all."""
+        if len(self.stores) == 1:
+            return self.home.entries(flt, limit=limit)
+        from mesh.broker.shard_readers import newest
+
+        return newest([s.entries(flt, limit=limit) for s in self.stores], lambda e: e.dead_lettered_at, limit)
+
+    def page(self, flt: Filter, *, limit: int = 50, budget: int = 2_000,
+             offset: int = 0) -> tuple[list[DeadLetter], int, bool]:
+        """:meth:`DeadLetterStore.page` over every shard: ``offset`` counts the entries of all shards,
+        newest first (the ids before it are read again, not the entries)."""
+        if len(self.stores) == 1:
+            return self.home.page(flt, limit=limit, budget=budget, offset=offset)
+        from mesh.broker.shard_readers import NewestFirst
+
+        lo, hi = DeadLetterStore._range(flt)
+        walk = NewestFirst(self.client, self.shards.keys, lambda k: index_of(k, flt), lo=lo, hi=hi, batch=BATCH)
+        skip = offset
+        while skip > 0 and (skipped := walk.take(min(BATCH, skip))):
+            skip -= len(skipped)
+        out: list[DeadLetter] = []
+        read = 0
+        while len(out) < limit and read < budget:
+            taken = walk.take(min(limit - len(out) if flt.exact else BATCH, budget - read))
+            if not taken:
+                return out, read, False
+            pipe = self.client.pipeline(transaction=False)
+            for keys, entry_id in taken:
+                pipe.hmget(keys.dead_letter(entry_id.decode()), "entry", "raw")
+            for (data, _raw) in pipe.execute():
+                read += 1
+                if data is not None:
+                    entry = DeadLetter.model_validate(loads(data))
+                    if flt.matches(entry):
+                        out.append(entry)
+                        if len(out) == limit:
+                            break
+        return out, read, len(out) < limit and read >= budget
+
+    def iter(self, flt: Filter, *, batch: int = BATCH) -> Iterator[tuple[DeadLetterStore, list[Stored]]]:
+        """:meth:`DeadLetterStore.iter` of each shard in turn, each batch with its shard's store."""
+        for store in self.stores:
+            for found in store.iter(flt, batch=batch):
+                yield store, found
+
+    def stats(self) -> dict[str, Any]:
+        """:meth:`DeadLetterStore.stats` of every shard, added up."""
+        if len(self.stores) == 1:
+            return self.home.stats()
+        parts = [s.stats() for s in self.stores]
+        by_agent: dict[str, int] = {}
+        by_class: dict[str, int] = {}
+        for p in parts:
+            for name, n in p["by_agent"].items():
+                by_agent[name] = by_agent.get(name, 0) + n
+            for name, n in p["by_class"].items():
+                by_class[name] = by_class.get(name, 0) + n
+        oldest = [p["oldest_at"] for p in parts if p["oldest_at"] is not None]
+        newest = [p["newest_at"] for p in parts if p["newest_at"] is not None]
+        return {"total": sum(p["total"] for p in parts), "by_agent": dict(sorted(by_agent.items())),
+                "by_class": {str(c): by_class[str(c)] for c in FailureClass if str(c) in by_class},
+                "oldest_at": min(oldest, default=None), "newest_at": max(newest, default=None)}

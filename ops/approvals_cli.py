@@ -37,8 +37,10 @@ def approvals(wide: base.WideFlag = False, as_json: base.JsonFlag = False) -> No
     Per step: the job, the step, the exact call asked for (its rendered input, shortened here; its
     hash in --json), since when it waits and when it expires (what happens then: deny or escalate).
     Decide with `mesh approve JOB STEP` or `mesh deny JOB STEP --reason TEXT`."""
+    from mesh.broker.shard_readers import every, pending_approvals
+
     c = base.client()
-    waiting = c.approvals()
+    waiting = pending_approvals(c.redis, every(c.settings))  # every shard's, oldest first
     if as_json:
         base.emit_json([p.as_json() for p in waiting])
         return

@@ -30,7 +30,7 @@ import time
 import tracemalloc
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,8 @@ from mesh.agents.pipelines import Pipeline
 from mesh.broker.connection import SETTINGS, connect, is_cluster
 from mesh.broker.keys import Keys
 from mesh.broker.settings import MeshSettings
+from mesh.broker.shard_readers import every
+from mesh.broker.shards import Shards
 from mesh.contracts import ConfigError
 from mesh.ops.bench_kept import kept
 from mesh.ops.namespaces import check_scratch, delete_namespace, is_empty, raw_namespace
@@ -278,12 +280,15 @@ def _queue_keys(namespace: str, queue: str) -> tuple[str, str]:
 
 
 def _drained(client: redis.Redis, namespace: str, queue: str, timeout_s: float = 300,
-             watch: _Stopwatch | None = None) -> None:
+             watch: _Stopwatch | None = None, shards: Sequence[Keys] = ()) -> None:
+    """Wait until ``queue`` holds no message; ``shards``: in each of these shards (a MeshClient's sends
+    spread over the namespace's), else in the namespace's first."""
     deadline = time.monotonic() + timeout_s
+    hashes = [k.messages(queue) for k in shards] or [_queue_keys(namespace, queue)[1]]
     while True:
         if watch is not None:
-            watch.own["hlen"] += 1
-        if not client.hlen(_queue_keys(namespace, queue)[1]):
+            watch.own["hlen"] += len(hashes)
+        if not any(client.hlen(h) for h in hashes):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{queue} did not drain within {timeout_s}s")
@@ -440,8 +445,8 @@ def _step(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
         watch = _Stopwatch(client, ns)
         with watch.sending():
             refs = mesh.send_many(STEP_AGENT, items)
-        _drained(client, ns, STEP_AGENT, watch=watch)
-        _succeeded(client, [mesh.keys.job(r.id) for r in refs], watch=watch)
+        _drained(client, ns, STEP_AGENT, watch=watch, shards=every(mesh.settings))
+        _succeeded(client, job_keys(mesh, [r.id for r in refs]), watch=watch)
         measured = watch.stop(cfg.messages)
     return measured.with_workers(workers)
 
@@ -459,15 +464,36 @@ def _pair(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
         watch = _Stopwatch(client, ns)
         with watch.sending():
             refs = [mesh.run(PAIR, {"text": f"pair {i}"}, key=f"bench-pair-{run}-{i}") for i in range(jobs)]
-        _succeeded(client, [mesh.keys.job(r.id) for r in refs], watch=watch)
+        _succeeded(client, job_keys(mesh, [r.id for r in refs]), watch=watch)
         measured = watch.stop(2 * jobs)
     return measured.with_workers(workers)
 
 
+def job_keys(mesh: Any, job_ids: list[str]) -> list[str]:
+    """The record keys of ``job_ids``, each in the shard its job lives in (``mesh``: their MeshClient)."""
+    shards = Shards.of(mesh.settings)
+    return [shards.of_job(j).job(j) for j in job_ids]
+
+
+def _mget(client: redis.Redis, keys: list[str]) -> tuple[list[Any], int]:
+    """The values of ``keys``, one ``MGET`` per shard (a cluster refuses one of keys in several slots);
+    and how many ``MGET`` that took."""
+    tags: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        tags.setdefault(key[:key.index("}") + 1] if key.startswith("{") else "", []).append(i)
+    if len(tags) == 1:
+        return client.mget(keys), 1
+    out: list[Any] = [None] * len(keys)
+    for positions in tags.values():
+        for i, value in zip(positions, client.mget([keys[i] for i in positions]), strict=True):
+            out[i] = value
+    return out, len(tags)
+
+
 def _succeeded(client: redis.Redis, keys: list[str], timeout_s: float = 120, watch: _Stopwatch | None = None,
                pause_s: float = 0.01) -> list[dict[str, Any]]:
-    """Wait until every job of ``keys`` is ``succeeded`` (polls of 1,000 at most, each one ``MGET``
-    counted on ``watch``); their records."""
+    """Wait until every job of ``keys`` (their records', :func:`job_keys`) is ``succeeded`` (polls of
+    1,000 at most, each one ``MGET`` a shard counted on ``watch``); their records."""
     from mesh.contracts import loads
 
     deadline = time.monotonic() + timeout_s
@@ -475,9 +501,10 @@ def _succeeded(client: redis.Redis, keys: list[str], timeout_s: float = 120, wat
     for start in range(0, len(keys), 1_000):
         part = keys[start:start + 1_000]
         while True:
+            values, mgets = _mget(client, part)
             if watch is not None:
-                watch.own["mget"] += 1
-            records = [loads(r) if r else None for r in client.mget(part)]
+                watch.own["mget"] += mgets
+            records = [loads(r) if r else None for r in values]
             states = {r["state"] if r else None for r in records}
             if states == {"succeeded"}:
                 done.extend(r for r in records if r)
@@ -499,7 +526,7 @@ def _chain_latency(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchC
     with _workers("step", base, ns, cfg, cfg.prefetches[0]):
         for i in range(cfg.chain_jobs):
             ref = mesh.run(CHAIN, {"text": "chain"}, key=f"bench-chain-{run}-{i}")
-            record = _succeeded(client, [mesh.keys.job(ref.id)], pause_s=0.005)[0]
+            record = _succeeded(client, job_keys(mesh, [ref.id]), pause_s=0.005)[0]
             per_step.append(1000 * (record["finished_at"] - record["created_at"]) / CHAIN_STEPS)
             steps = [record["steps"][f"s{n}"] for n in range(1, CHAIN_STEPS + 1)]
             gaps += [1000 * (b["started_at"] - a["finished_at"]) for a, b in itertools.pairwise(steps)]

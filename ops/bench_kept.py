@@ -52,7 +52,7 @@ def kept(cfg: Any, progress: Callable[[str], None] = lambda s: None) -> dict[str
 
 def _measure(client: redis.Redis, base: MeshSettings, cfg: Any, progress: Callable[[str], None]) -> dict[str, Any]:
     from mesh.broker import MeshClient
-    from mesh.ops.bench import BENCH_APP, PAIR, STEP_AGENT, _succeeded, _workers
+    from mesh.ops.bench import BENCH_APP, PAIR, STEP_AGENT, _succeeded, _workers, job_keys
 
     ns, n = "bench-kept", cfg.kept_jobs
     settings = base.model_copy(update={"namespace": ns})
@@ -61,11 +61,11 @@ def _measure(client: redis.Redis, base: MeshSettings, cfg: Any, progress: Callab
 
     def one_step(run: str, count: int) -> list[str]:
         refs = mesh.send_many(STEP_AGENT, [({"text": f"kept {i}"}, f"kept-{run}-{i}") for i in range(count)])
-        return [mesh.keys.job(r.id) for r in refs]
+        return job_keys(mesh, [r.id for r in refs])
 
     def pipelines(run: str, count: int) -> list[str]:
-        return [mesh.keys.job(mesh.run(PAIR, {"text": f"kept {i}"}, key=f"kept-pair-{run}-{i}").id)
-                for i in range(count)]
+        return job_keys(mesh, [mesh.run(PAIR, {"text": f"kept {i}"}, key=f"kept-pair-{run}-{i}").id
+                               for i in range(count)])
 
     out: dict[str, Any] = {"jobs": n, "redis_version": client.info("server")["redis_version"]}
     with _workers("step", settings, ns, cfg, cfg.prefetches[0]):

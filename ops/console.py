@@ -231,8 +231,10 @@ def _width(cell: Text) -> int:
     return max((cell_len(line) for line in cell.plain.splitlines()), default=0)
 
 
-def resolve(c: MeshClient, key: str, given: str, what: str, *, zset: bool = True, alias: str = "") -> str:
-    """``given`` as a whole id, or the one id of the set ``key`` it is the start of (git-style); exits 2
+def resolve(c: MeshClient, key: str | Sequence[str], given: str, what: str, *, zset: bool = True,
+            alias: str = "") -> str:
+    """``given`` as a whole id, or the one id of the set ``key`` (or of the keys, one per shard) it is
+    the start of (git-style); exits 2
     listing the candidates when it starts several. An id that matches nothing comes back as given, for
     the command's own "no such" error."""
     from mesh.ops.prefixes import AmbiguousPrefix

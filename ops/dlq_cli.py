@@ -103,10 +103,10 @@ def _check_agent(agent: str) -> None:
     """A misspelt --agent is an error (exit 2, naming the known agents), not an empty result: known are
     the built-in agents, the published ones and every agent that ever had a dead letter."""
     from mesh.contracts import CONTRACTS
+    from mesh.dlq import DeadLetterShards
 
     c = base.client()
-    known = dict.fromkeys([*CONTRACTS, *c.registry.agents(),
-                           *sorted(m.decode() for m in c.redis.smembers(c.keys.dlq_agents))])  # type: ignore[union-attr]
+    known = dict.fromkeys([*CONTRACTS, *c.registry.agents(), *DeadLetterShards.of(c.redis, c.settings).agents()])
     if agent not in known:
         base.fail(f"unknown agent {agent!r}; agents are {', '.join(a for a in known if a != '-')}", base.EXIT_INPUT)
 
@@ -128,15 +128,19 @@ def _upto(ids: list[str] | None, flt: Any) -> str:
 
 
 def _store() -> Any:
-    from mesh.dlq import DeadLetterStore
+    """The client, and the DLQ of every shard (:class:`~mesh.dlq.DeadLetterShards`)."""
+    from mesh.dlq import DeadLetterShards
 
     c = base.client()
-    return c, DeadLetterStore(c.redis, c.keys)
+    return c, DeadLetterShards.of(c.redis, c.settings)
 
 
 def _resolve(c: Any, given: str) -> str:
-    """The entry id ``given`` is, or is the unique start of (exits 2 listing them when it starts several)."""
-    return base.resolve(c, c.keys.dlq, given, "dead letters")
+    """The entry id ``given`` is, or is the unique start of, in any shard's DLQ (exits 2 listing them
+    when it starts several)."""
+    from mesh.broker.shard_readers import every
+
+    return base.resolve(c, [k.dlq for k in every(c.settings)], given, "dead letters")
 
 
 
@@ -201,14 +205,15 @@ def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh 
     from mesh.dlq import Audit
     from mesh.dlq.replay import replayed
 
-    c, store = _store()
+    c, dlq = _store()
     entry_id = _resolve(c, entry_id)
+    store = dlq.store_of(entry_id)  # the shard holding it (its audit records and tombstone too)
     stored = store.load(entry_id)
     if stored is None:
-        tomb = replayed(c.redis, c.keys, entry_id)
+        tomb = replayed(c.redis, store.keys, entry_id)
         if tomb is None:
             base.fail(f"no dead letter {entry_id!r}", base.EXIT_INPUT)
-        _show_replayed(tomb, Audit(c.redis, c.keys).records(entry_id), as_json)
+        _show_replayed(tomb, Audit(c.redis, store.keys).records(entry_id), as_json)
         return
     try:
         message: Any = loads(stored.raw)
@@ -217,7 +222,7 @@ def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh 
     item = {**stored.entry.model_dump(mode="json"),
             "message": message, "raw": None if message is not None else stored.raw.decode("utf-8", "replace"),
             "raw_b64": base64.b64encode(stored.raw).decode(),
-            "audit": Audit(c.redis, c.keys).records(entry_id)}
+            "audit": Audit(c.redis, store.keys).records(entry_id)}
     if as_json:
         base.emit_json(item)
         return
@@ -295,18 +300,17 @@ def replay(
     After a rolling deploy, --to-version sends messages stamped with a retired contract version to
     the current one. Entries named by id replay at once; --all and filters ask first (without a
     terminal to ask on, they need --yes)."""
-    from mesh.dlq import Replayer
+    from mesh.dlq.replay import replay_shards
 
     flt = _selection(ids, all_, agent, failure_class, since, until, grep, key, dependency)
     c, store = _store()
     ids = [_resolve(c, i) for i in ids] if ids else ids
-    replayer = Replayer(store, c.settings, to_version=to_version)
     total = len(ids) if ids else store.count(flt)
     if not dry_run and not ids:  # entries named one by one are already chosen: no question to ask
         _confirm(yes, f"replay {_upto(ids, flt)}{total} dead letter(s)")
-    with _progress(total, "replaying", not as_json and not dry_run) as advance:
-        report = replayer.replay(replayer.entries(ids or None, None if ids else flt),
-                                 dry_run=dry_run, rate=rate, progress=advance)
+    with _progress(total, "replaying", not as_json and not dry_run) as advance:  # a shard at a time
+        report = replay_shards(store, c.settings, ids=ids or None, flt=None if ids else flt, to_version=to_version,
+                               dry_run=dry_run, rate=rate, progress=advance)
     if ids:
         for missing in set(ids) - set(report.replayed) - set(report.skipped):
             report.skipped[missing] = "no such entry"

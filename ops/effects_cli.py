@@ -96,7 +96,7 @@ def verify_step(c: MeshClient, app: Any, record: JobRecord, step: str, who: str)
             raise Undecided(str(exc), base.EXIT_INPUT) from exc
         except LeaseLost as exc:
             raise Undecided(_TAKEN_OVER.format(step=step), base.EXIT_FAILED) from exc
-    trace.emit(c.redis, c.keys, verified_event(record, decision, who))
+    trace.emit(c.redis, _keys(c, record), verified_event(record, decision, who))
     moved = _move(c, app, record, decision)
     result: dict[str, Any] = decision.as_json() | {"by": who, **moved}
     return result
@@ -119,6 +119,13 @@ def settle_step(c: MeshClient, app: Any, record: JobRecord, step: str, *, applie
     moved = _move(c, app, c.status(record.job_id), decision)
     result: dict[str, Any] = decision.as_json() | {"by": by, **moved}
     return result
+
+
+def _keys(c: MeshClient, record: JobRecord) -> Any:
+    """The keys of the shard the job lives in (its trace, its dead letters)."""
+    from mesh.broker.shards import Shards
+
+    return Shards.of(c.settings).of_job(record.job_id)
 
 
 def _record(c: MeshClient, given: str) -> JobRecord:
@@ -163,7 +170,7 @@ def _dead_letter(c: MeshClient, record: JobRecord, step_id: str) -> list[Any]:
     step = record.steps.get(step_id)
     if step is None:
         return []
-    store = DeadLetterStore(c.redis, c.keys)
+    store = DeadLetterStore(c.redis, _keys(c, record))  # the job's shard keeps its dead letters
     found = [s for s in store.of_job(record.job_id) if s.entry.key == step.key]
     if found:
         return found
@@ -198,7 +205,8 @@ def _replayable(c: MeshClient, record: JobRecord, step_id: str) -> None:
         def _decided(self, job_id: str, step: str) -> bool:
             return (job_id, step) == (record.job_id, step_id)
 
-    report = Assumed(DeadLetterStore(c.redis, c.keys), c.settings, Audit(c.redis, c.keys)).replay(
+    keys = _keys(c, record)
+    report = Assumed(DeadLetterStore(c.redis, keys), c.settings, Audit(c.redis, keys)).replay(
         found[-1:], dry_run=True)
     if report.skipped:
         raise Undecided(f"step {step_id}'s dead letter could not be replayed, so nothing was decided: "
@@ -211,12 +219,12 @@ def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
     from mesh.dlq.audit import Audit
     from mesh.dlq.replay import Replayer
 
-    store = DeadLetterStore(c.redis, c.keys)
+    store = DeadLetterStore(c.redis, _keys(c, record))
     found = _dead_letter(c, record, step_id)
     if not found:
         raise Undecided(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it "
                         "cannot run again from here; run the job again", base.EXIT_FAILED)
-    report = Replayer(store, c.settings, Audit(c.redis, c.keys),
+    report = Replayer(store, c.settings, Audit(c.redis, store.keys),
                       decided=frozenset({(record.job_id, step_id)})).replay(found[-1:])
     if report.skipped:
         raise Undecided(f"step {step_id}'s effect is decided, but its replay was refused: "

@@ -115,9 +115,15 @@ def waits(event: Annotated[str | None, typer.Option("--event", help="Only the st
     and when its timer ends the wait (a sleep's end, or a wait_for's timeout and what it does then).
 
     Exit codes: 2 the event name is invalid."""
+    from mesh.broker.shard_readers import every, pending_waits, zcard
+    from mesh.broker.waits import check_event_name
+
     c = base.client()
+    keys = every(c.settings)  # every shard's waits, oldest first
     try:
-        found = c.waits(event)
+        if event is not None:
+            check_event_name(event)
+        found = pending_waits(c.redis, keys, limit=LIMIT, event=event)
     except WaitError as exc:
         if as_json:
             base.emit_json({"error": exc.message, "code": exc.exit_code})
@@ -130,7 +136,7 @@ def waits(event: Annotated[str | None, typer.Option("--event", help="Only the st
         base.out.print("nothing waits")
         return
     base.out.print(table(found, wide=wide))
-    indexed = int(c.redis.zcard(c.keys.waits if event is None else c.keys.waits_for(event)))
+    indexed = zcard(c.redis, keys, lambda k: k.waits if event is None else k.waits_for(event))
     if indexed > LIMIT:  # the listing reads the oldest LIMIT only
         base.err.print(Text(f"the oldest {LIMIT} of about {indexed} waiting steps are listed (--event NAME narrows)"))
 

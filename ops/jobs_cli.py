@@ -252,8 +252,10 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str | None, int]]:
 
 
 def _job_id(c: MeshClient, given: str) -> str:
-    """The job id ``given`` is, or is the unique start of (``job-`` may be left out)."""
-    return resolve(c, c.keys.jobs, given, "jobs", alias="job-")
+    """The job id ``given`` is, or is the unique start of (``job-`` may be left out), in any shard."""
+    from mesh.broker.shard_readers import every
+
+    return resolve(c, [k.jobs for k in every(c.settings)], given, "jobs", alias="job-")
 
 
 def _job_candidates(c: MeshClient, given: str) -> list[str]:
@@ -302,9 +304,10 @@ def _no_job(c: MeshClient, given: str, candidates: list[str]) -> NoReturn:
     """Exit 2 for a job id or key that names no job any more: expired when retention removed it
     (what `mesh status` and `mesh trace` both say), else unknown."""
     from mesh.broker.retention import expired
+    from mesh.broker.shard_readers import shards
 
     for candidate in candidates:
-        if expired(c.redis, c.keys, candidate):
+        if expired(c.redis, shards(c.settings).of_job(candidate), candidate):
             count = c.settings.job_retention_count
             fail(f"job {candidate} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
                  "after a job ends, and only the newest " + (f"MESH_JOB_RETENTION_COUNT={count}" if count else
@@ -316,11 +319,14 @@ def _no_job(c: MeshClient, given: str, candidates: list[str]) -> NoReturn:
 def _deployment(c: MeshClient, as_json: bool) -> None:
     from mesh.broker.clock import server_ms
     from mesh.broker.connection import describe
+    from mesh.broker.shard_readers import every, live_members, zcard
 
     server = describe(c.settings, c.redis)
     since = server_ms(c.redis) - c.settings.heartbeat_timeout_s * 1000
+    keys = every(c.settings)  # workers and dead letters of every shard
     overview = {"redis": server, "namespace": c.settings.namespace,
-                "workers": int(c.redis.zcount(c.keys.heartbeats, since, "+inf")), "dlq": int(c.redis.zcard(c.keys.dlq))}
+                "workers": live_members(c.redis, keys, lambda k: k.heartbeats, since),
+                "dlq": zcard(c.redis, keys, lambda k: k.dlq)}
     if as_json:
         emit_json(overview)
         return
@@ -360,8 +366,10 @@ def jobs(
              EXIT_INPUT)
     query = JobQuery(state=State(state) if state else None, agent=agent, since=parse_time(since), key=key,
                      limit=limit)
+    from mesh.broker.shard_readers import every
+
     c = client()
-    page = list_jobs(c.redis, c.keys, query)
+    page = list_jobs(c.redis, every(c.settings), query)  # the newest of every shard
     if page.cut_by_budget:
         err.print(Text(f"read the newest {SCAN_BUDGET:,} jobs only; narrow with --since to look further back"))
     if as_json:
@@ -502,9 +510,13 @@ def trace_(job_id: Annotated[str, typer.Argument(
     if follow:
         _follow(c, given, candidates, as_json, after or "0")
         return
+    from mesh.broker.jobs import JobStore
+    from mesh.broker.shard_readers import shards
+
     for job_id in candidates:
-        events = trace.read(c.redis, c.keys, job_id)
-        record = c.jobs.get(job_id)
+        keys = shards(c.settings).of_job(job_id)  # the job's shard
+        events = trace.read(c.redis, keys, job_id)
+        record = JobStore(c.redis, keys, c.settings.job_retention_s, c.settings.dead_letter_job_retention_s).get(job_id)
         if events or record is not None:
             break
     else:

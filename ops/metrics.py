@@ -6,22 +6,36 @@ ops server reads them: the numbers are right with any number of worker processes
 open no port. (prometheus-client's multiprocess mode would aggregate one host only, through a
 shared directory; it is not needed.) Labels are limited to agent / queue, failure class, route,
 reason, dependency and token direction.
+
+With several shards (MESH_SHARDS), every figure of jobs (queue depths, counters, the DLQ, running
+steps, approvals, waits) is each shard's added up, under the same names and labels as with one: a
+dashboard reads the namespace whatever its shards.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from mesh.broker import MeshClient, approvals
+from mesh.broker import MeshClient
 from mesh.broker.breaker import Breakers
+from mesh.broker.keys import Keys
 from mesh.broker.observe import BUCKETS
-from mesh.contracts import loads
-from mesh.dlq import DeadLetterStore
+from mesh.broker.shard_readers import (
+    approval_counts,
+    every,
+    oldest_message_age,
+    queue_depths,
+    summed,
+    summed_hash,
+    zcard,
+)
+from mesh.dlq import DeadLetterShards
 
 #: Counters the workers keep in ``{ns}:stats`` (broker/scripts/settle.lua and claim.lua, agents/runtime.py).
 STATS = {
@@ -83,9 +97,13 @@ def _unwinding(stats: dict[str, str]) -> Iterator[CounterMetricFamily]:
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def _hash(client: MeshClient, key: str) -> dict[str, str]:
-    raw: Any = client.redis.hgetall(key)
-    return {k.decode(): v.decode() for k, v in raw.items()}
+def _histogram_key(keys: Keys, agent: str) -> str:
+    return keys.histogram(agent)
+
+
+def _hash(client: MeshClient, key: Callable[[Keys], str]) -> dict[str, Any]:
+    """The hash ``key(k)`` of every shard, added up (numbers)."""
+    return summed_hash(client.redis, every(client.settings), key)
 
 
 class MeshCollector(Collector):
@@ -106,7 +124,7 @@ class MeshCollector(Collector):
         yield self._waits()
         yield from self._agents()
         yield self._unknown_effects()
-        stats = _hash(self.client, self.client.keys.stats)
+        stats = _hash(self.client, lambda k: k.stats)
         yield from _unwinding(stats)
         for name, doc in STATS.items():
             counter = CounterMetricFamily(f"mesh_{name}", doc)
@@ -114,11 +132,9 @@ class MeshCollector(Collector):
             yield counter
 
     def _unknown_effects(self) -> GaugeMetricFamily:
-        from mesh.broker.ledger import unknown_count
-
         gauge = GaugeMetricFamily("mesh_unknown_effects", "Effects nobody has proven now (their steps are unknown "
                                   "until mesh verify or mesh settle decides them).")
-        gauge.add_metric([], float(unknown_count(self.client.redis, self.client.keys)))
+        gauge.add_metric([], float(zcard(self.client.redis, every(self.client.settings), lambda k: k.effects_unknown)))
         return gauge
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
@@ -130,34 +146,24 @@ class MeshCollector(Collector):
                                         "(high, normal, low).", labels=["queue", "priority"])
         flows = GaugeMetricFamily("mesh_queue_flows", "Flow keys (tenants) with messages ready, per queue.",
                                   labels=["queue"])
-        keys = self.client.keys
-        for queue, values in self.client.queues(lanes=True).items():
+        keys = every(self.client.settings)
+        for queue, values in queue_depths(self.client, lanes=True).items():
             for name, family in depth.items():
                 family.add_metric([queue], values[name])
             for priority, n in values["by_priority"].items():
                 by_priority.add_metric([queue, priority], n)
             flows.add_metric([queue], values["flows"])
-            age.add_metric([queue], self._oldest_age(keys.queue(queue), keys.messages(queue)))
+            age.add_metric([queue], oldest_message_age(self.client.redis, keys, queue, time.time()))
         yield from depth.values()
         yield by_priority
         yield flows
         yield age
 
-    def _oldest_age(self, queue_key: str, messages_key: str) -> float:
-        rid = self.client.redis.lindex(queue_key, 0)
-        data = self.client.redis.hget(messages_key, rid) if rid is not None else None
-        if data is None:
-            return 0.0
-        try:
-            return max(0.0, time.time() - loads(data)["message_timestamp"] / 1000)
-        except (ValueError, KeyError, TypeError):
-            return 0.0
-
     def _outcomes(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("mesh_messages", "Messages processed, by agent and outcome (succeeded, "
                                      "duplicate, retried, deferred, dead_lettered, poison, ...).",
                                      labels=["agent", "outcome"])
-        for field, n in sorted(_hash(self.client, self.client.keys.outcomes).items()):
+        for field, n in sorted(_hash(self.client, lambda k: k.outcomes).items()):
             agent, _, outcome = field.rpartition(":")
             family.add_metric([agent, outcome], float(n))
         yield family
@@ -165,7 +171,7 @@ class MeshCollector(Collector):
     def _tokens(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("mesh_model_tokens", "Model tokens spent, by agent and direction (in: the "
                                      "prompt, out: the completion).", labels=["agent", "direction"])
-        for field, n in sorted(_hash(self.client, self.client.keys.tokens).items()):
+        for field, n in sorted(_hash(self.client, lambda k: k.tokens).items()):
             agent, _, direction = field.rpartition(":")
             family.add_metric([agent, direction], float(n))
         yield family
@@ -176,7 +182,7 @@ class MeshCollector(Collector):
         deferrals = CounterMetricFamily("mesh_deferrals", "Deferred messages, by reason (the failure class, "
                                         "duplicate: waiting for a key's owner, or flow: waiting for a flow "
                                         "limit).", labels=["reason"])
-        for field, n in sorted(_hash(self.client, self.client.keys.routes).items()):
+        for field, n in sorted(_hash(self.client, lambda k: k.routes).items()):
             failure_class, _, route = field.partition(":")
             if route == "defer":
                 deferrals.add_metric([failure_class], float(n))
@@ -190,7 +196,7 @@ class MeshCollector(Collector):
                                        "How long handlers ran, per agent (successes and failures).",
                                        labels=["agent"])
         for agent in self.client.known_agents():  # built-in, the app's and published ones
-            h = _hash(self.client, self.client.keys.histogram(agent))
+            h = _hash(self.client, functools.partial(_histogram_key, agent=agent))
             if not h:
                 continue
             running, buckets = 0, []
@@ -238,7 +244,7 @@ class MeshCollector(Collector):
         yield from (in_use, waiting, factor, rejected)
 
     def _dlq(self) -> Iterator[GaugeMetricFamily]:
-        stats = DeadLetterStore(self.client.redis, self.client.keys).stats()
+        stats = DeadLetterShards.of(self.client.redis, self.client.settings).stats()
         size = GaugeMetricFamily("mesh_dlq_size", "Entries in the dead-letter queue.")
         size.add_metric([], stats["total"])
         by_agent = GaugeMetricFamily("mesh_dlq_entries_by_agent", "Dead letters per agent.", labels=["agent"])
@@ -260,7 +266,7 @@ class MeshCollector(Collector):
         yield workers
 
     def _approvals(self) -> Iterator[GaugeMetricFamily]:
-        waiting, oldest = approvals.counts(self.client.redis, self.client.keys)  # ages on the server's clock
+        waiting, oldest = approval_counts(self.client.redis, every(self.client.settings))  # the server's clock
         pending = GaugeMetricFamily("mesh_approvals_pending", "Pipeline steps waiting for a person's approval.")
         pending.add_metric([], waiting)
         age = GaugeMetricFamily("mesh_approval_oldest_age_seconds", "How long the oldest waiting approval has "
@@ -271,15 +277,16 @@ class MeshCollector(Collector):
 
     def _waits(self) -> GaugeMetricFamily:
         waiting = GaugeMetricFamily("mesh_waits_pending", "Pipeline steps waiting durably (sleep:, wait_for:).")
-        waiting.add_metric([], self.client.redis.zcard(self.client.keys.waits))
+        waiting.add_metric([], zcard(self.client.redis, every(self.client.settings), lambda k: k.waits))
         return waiting
 
     def _running(self) -> Iterator[GaugeMetricFamily]:
-        keys, now = self.client.keys, self.client.clock.now_s()  # progress is recorded on the server's clock
+        keys, now = every(self.client.settings), self.client.clock.now_s()  # progress is on the server's clock
         stuck_after = self.client.settings.stuck_after_s
         running = GaugeMetricFamily("mesh_steps_running", "Steps running now.")
-        running.add_metric([], self.client.redis.zcard(keys.running))
+        running.add_metric([], zcard(self.client.redis, keys, lambda k: k.running))
         stuck = GaugeMetricFamily("mesh_steps_stuck", "Running steps with no progress for MESH_STUCK_AFTER_S.")
-        stuck.add_metric([], self.client.redis.zcount(keys.running, "-inf", now - stuck_after))
+        stuck.add_metric([], summed(self.client.redis, keys,
+                                    lambda c, k: c.zcount(k.running, "-inf", now - stuck_after)))
         yield running
         yield stuck

@@ -3,7 +3,8 @@ the start of one, as long as only one id starts so.
 
 The ids live as members of a set or a zset (``{ns}:dlq``, ``{ns}:jobs``, ``{ns}:breakers``). An exact
 id costs one ZSCORE/SISMEMBER; a prefix is matched with ZSCAN/SSCAN ``MATCH prefix*`` (the glob
-characters of the prefix escaped). The zsets are scored by time, so ZRANGEBYLEX cannot read them;
+characters of the prefix escaped). With several shards (MESH_SHARDS) each shard has its set: an id is
+looked for in all of them. The zsets are scored by time, so ZRANGEBYLEX cannot read them;
 a lex index would be one more key to write on every dead letter and job and keep in step with
 purge, drain and retention. The scan walks the set on the server in batches, never all at once, and
 stops as soon as more candidates than :data:`MAX_CANDIDATES` are found.
@@ -12,6 +13,7 @@ stops as soon as more candidates than :data:`MAX_CANDIDATES` are found.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import redis
 
@@ -28,20 +30,23 @@ class AmbiguousPrefix(Exception):
         self.prefix, self.candidates, self.more = prefix, candidates, more
 
 
-def matching(client: redis.Redis, key: str, prefix: str, *, zset: bool, limit: int = MAX_CANDIDATES + 1) -> list[str]:
-    """Members of the set or zset ``key`` that start with ``prefix``, at most ``limit``, sorted."""
+def matching(client: redis.Redis, key: str | Sequence[str], prefix: str, *, zset: bool,
+             limit: int = MAX_CANDIDATES + 1) -> list[str]:
+    """Members of the set or zset ``key`` (or of any of the keys, one per shard) that start with
+    ``prefix``, at most ``limit``, sorted."""
     pattern = _GLOB.sub(r"\\\1", prefix) + "*"
     found: dict[str, None] = {}  # a scan may return a member twice
-    members = (m for m, _ in client.zscan_iter(key, match=pattern, count=1000)) if zset else \
-        client.sscan_iter(key, match=pattern, count=1000)
-    for member in members:
-        found[member.decode() if isinstance(member, bytes) else str(member)] = None
-        if len(found) >= limit:
-            break
+    for one in [key] if isinstance(key, str) else key:
+        members = (m for m, _ in client.zscan_iter(one, match=pattern, count=1000)) if zset else \
+            client.sscan_iter(one, match=pattern, count=1000)
+        for member in members:
+            found[member.decode() if isinstance(member, bytes) else str(member)] = None
+            if len(found) >= limit:
+                return sorted(found)
     return sorted(found)
 
 
-def resolve(client: redis.Redis, key: str, given: str, *, zset: bool, alias: str = "") -> str:
+def resolve(client: redis.Redis, key: str | Sequence[str], given: str, *, zset: bool, alias: str = "") -> str:
     """The id ``given`` names: itself when it is one (or matches none: the caller reports it missing),
     else the one id starting with it, or with ``alias + given`` (a job id without its ``job-``).
     Raises :class:`AmbiguousPrefix` when several do."""
@@ -56,5 +61,7 @@ def resolve(client: redis.Redis, key: str, given: str, *, zset: bool, alias: str
     return given
 
 
-def _member(client: redis.Redis, key: str, member: str, *, zset: bool) -> bool:
+def _member(client: redis.Redis, key: str | Sequence[str], member: str, *, zset: bool) -> bool:
+    if not isinstance(key, str):
+        return any(_member(client, one, member, zset=zset) for one in key)
     return (client.zscore(key, member) is not None) if zset else bool(client.sismember(key, member))

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,8 +46,10 @@ from mesh.broker.outbox import wake
 from mesh.broker.retention import expired
 from mesh.broker.router import breaker_spread_ms
 from mesh.broker.settings import ENV_PREFIX, MeshSettings
+from mesh.broker.shard_readers import every, live_members, per_shard, queue_depths
+from mesh.broker.shards import Shards
 from mesh.contracts import TERMINAL, ConfigError, JobRecord, State
-from mesh.dlq import DeadLetterStore
+from mesh.dlq import DeadLetterShards
 from mesh.ops.namespaces import check_scratch, delete_namespace
 
 #: What each fault path of the loopback server answers (status, extra headers, delay s).
@@ -222,17 +224,19 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def serving(client: redis.Redis, keys: Keys, timeout_s: float) -> int:
-    """How many workers heartbeated within ``timeout_s`` (on the Redis server's clock). Only workers
-    heartbeat in the soak's namespace: its own client sends through scripts that do not."""
+def serving(client: redis.Redis, keys: Keys | Sequence[Keys], timeout_s: float) -> int:
+    """How many workers heartbeated within ``timeout_s`` (on the Redis server's clock), in any shard
+    (``keys``: each shard's). Only workers heartbeat in the soak's namespace: its own client sends
+    through scripts that do not."""
     secs, micros = client.time()
-    return int(client.zcount(keys.heartbeats, secs * 1000 + micros // 1000 - timeout_s * 1000, "+inf"))
+    return live_members(client, [keys] if isinstance(keys, Keys) else keys, lambda k: k.heartbeats,
+                        secs * 1000 + micros // 1000 - timeout_s * 1000)
 
 
-def _ready(client: redis.Redis, keys: Keys, processes: int, timeout_s: float = 120.0) -> None:
+def _ready(client: redis.Redis, keys: Sequence[Keys], processes: int, timeout_s: float = 120.0) -> None:
     """Wait for every worker's first heartbeat, so the first sample is of serving workers."""
     deadline = time.monotonic() + timeout_s
-    while client.zcard(keys.heartbeats) < processes:
+    while live_members(client, keys, lambda k: k.heartbeats, 0) < processes:
         if time.monotonic() > deadline:
             raise RuntimeError(f"soak workers did not start within {timeout_s:.0f}s")
         time.sleep(0.1)
@@ -291,14 +295,19 @@ def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
 def ended(client: MeshClient, traffic: Traffic) -> dict[str, int]:
     """Move jobs that ended out of ``traffic.open`` (one whose record expired ended before it could);
     the count of jobs sent and ended so far."""
+    shards = Shards.of(client.settings)
     ids = sorted(traffic.open)
     for i in range(0, len(ids), 500):
         chunk = ids[i:i + 500]
-        for job_id, data in zip(chunk, client.redis.mget([client.keys.job(j) for j in chunk]), strict=True):
+        found: dict[str, Any] = {}
+        for keys, some in per_shard(shards.keys, chunk, shards.of_job):  # one MGET per shard: one slot each
+            found.update(zip(some, client.redis.mget([keys.job(j) for j in some]), strict=True))
+        for job_id in chunk:
+            data = found[job_id]
             state = JobRecord.model_validate_json(data).state if data is not None else None
             if state in TERMINAL:
                 traffic.final[job_id] = str(state)
-            elif state is None and expired(client.redis, client.keys, job_id):
+            elif state is None and expired(client.redis, shards.of_job(job_id), job_id):
                 traffic.final[job_id] = "expired"
             else:
                 continue
@@ -355,7 +364,8 @@ def settings_env(settings: MeshSettings) -> dict[str, str]:
 
 
 def queued(client: MeshClient) -> int:
-    return sum(sum(v.values()) for v in client.queues(["planner", "researcher", "executor"]).values())
+    """Messages ready, delayed or in flight on the built-in agents' queues, in every shard."""
+    return sum(sum(v.values()) for v in queue_depths(client, ["planner", "researcher", "executor"]).values())
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -386,8 +396,8 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
         def sample() -> Sample:
             counts = ended(client, traffic)
             s = Sample(at_s=time.monotonic() - started, sent=counts["sent"] + len(traffic.poison),
-                       ended=counts["ended"], dead_letters=DeadLetterStore(raw, client.keys).count(),
-                       queued=queued(client), kills=kills, serving=serving(raw, client.keys, beat_timeout_s),
+                       ended=counts["ended"], dead_letters=DeadLetterShards.of(raw, soak).count(),
+                       queued=queued(client), kills=kills, serving=serving(raw, every(soak), beat_timeout_s),
                        rss_mb=workers.rss_mb(), redis_mb=redis_mb(raw),
                        namespace_mb=namespace_mb(raw, ns))
             samples.append(s)
@@ -396,7 +406,7 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
 
         try:
             workers.start(cfg.processes)
-            _ready(raw, client.keys, cfg.processes)
+            _ready(raw, every(soak), cfg.processes)
             started = time.monotonic()
             progress(HEADER)
             sample()
@@ -439,11 +449,12 @@ def run(settings: MeshSettings, cfg: SoakConfig, progress: Callable[[str], None]
 
 def _summary(cfg: SoakConfig, client: MeshClient, traffic: Traffic, samples: list[Sample], last: Sample,
              kills: int, started: int) -> dict[str, Any]:
-    store = DeadLetterStore(client.redis, client.keys)
+    store = DeadLetterShards.of(client.redis, client.settings)  # a poison entry is in any shard
+    shards = Shards.of(client.settings)
     states: dict[str, int] = {}
     by_kind: dict[str, dict[str, int]] = {}
     for job_id, kind in traffic.jobs.items():
-        data = client.redis.get(client.keys.job(job_id))
+        data = client.redis.get(shards.of_job(job_id).job(job_id))
         state = (JobRecord.model_validate_json(data).state.value if data is not None
                  else traffic.final.get(job_id, "missing"))
         states[state] = states.get(state, 0) + 1
@@ -482,7 +493,7 @@ def _summary(cfg: SoakConfig, client: MeshClient, traffic: Traffic, samples: lis
 
 
 def _where(client: MeshClient, job_id: str, kind: str) -> dict[str, Any]:
-    data = client.redis.get(client.keys.job(job_id))
+    data = client.redis.get(Shards.of(client.settings).of_job(job_id).job(job_id))
     if data is None:
         return {"job_id": job_id, "kind": kind, "state": "missing"}
     record = JobRecord.model_validate_json(data)

@@ -14,8 +14,10 @@ LanesFlag = Annotated[bool, typer.Option("--lanes", help="Also the ready message
 
 
 def queues(wide: WideFlag = False, as_json: JsonFlag = False, lanes: LanesFlag = False) -> None:
-    """Per agent queue: messages ready, delayed (retries) and in flight."""
-    depths = client().queues(lanes=lanes)
+    """Per agent queue: messages ready, delayed (retries) and in flight (of every shard, added up)."""
+    from mesh.broker.shard_readers import queue_depths
+
+    depths = queue_depths(client(), lanes=lanes)
     if as_json:
         emit_json(depths)
         return
@@ -34,13 +36,15 @@ def stats(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     """Counters of the deployment, and failed attempts by class and route.
 
     Duplicates suppressed or deferred, takeovers, retries, dead letters, poison, recoveries."""
+    from mesh.broker.shard_readers import every, summed_hash, zcard
     from mesh.ops.metrics import STATS
 
     c = client()
-    raw = c.redis.hgetall(c.keys.stats)
-    counts: dict[str, Any] = {name: int(raw.get(name.encode(), 0)) for name in STATS}
-    counts["dlq_size"] = int(c.redis.zcard(c.keys.dlq))
-    routes = {k.decode(): int(v) for k, v in sorted(c.redis.hgetall(c.keys.routes).items())}  # type: ignore[union-attr]
+    keys = every(c.settings)  # each shard counts its own jobs' work: added up
+    raw = summed_hash(c.redis, keys, lambda k: k.stats)
+    counts: dict[str, Any] = {name: raw.get(name, 0) for name in STATS}
+    counts["dlq_size"] = zcard(c.redis, keys, lambda k: k.dlq)
+    routes = dict(sorted(summed_hash(c.redis, keys, lambda k: k.routes).items()))
     if as_json:
         emit_json({**counts, "routes": routes})
         return

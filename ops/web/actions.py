@@ -13,7 +13,7 @@ from mesh.broker import MeshClient
 from mesh.broker.approvals import ApprovalError, check_approver
 from mesh.broker.breaker import Breakers
 from mesh.contracts import State
-from mesh.dlq import Audit, DeadLetterStore, Filter, Replayer
+from mesh.dlq import Audit, DeadLetterShards, Filter, Replayer, ReplayReport
 from mesh.dlq import purge as purge_entries
 
 logger = logging.getLogger(__name__)
@@ -29,11 +29,11 @@ class Refused(Exception):
 
 def replay(c: MeshClient, entry_id: str, user: str) -> str:
     """``mesh dlq replay ID``: the entry back on its queue; returns the job it went on as."""
-    store = DeadLetterStore(c.redis, c.keys)
+    store = DeadLetterShards.of(c.redis, c.settings).store_of(entry_id)  # the shard holding it
     stored = store.load(entry_id)
     if stored is None:
         raise Refused(f"no dead letter {entry_id} (replayed or removed meanwhile)", 404)
-    replayer = Replayer(store, c.settings, Audit(c.redis, c.keys, who=user))
+    replayer = Replayer(store, c.settings, Audit(c.redis, store.keys, who=user))
     report = replayer.replay(replayer.entries([entry_id]))
     if entry_id not in report.replayed:
         raise Refused(f"not replayed: {report.skipped.get(entry_id, 'no longer in the DLQ')}")
@@ -43,8 +43,8 @@ def replay(c: MeshClient, entry_id: str, user: str) -> str:
 
 def purge(c: MeshClient, entry_id: str, user: str) -> None:
     """``mesh dlq purge ID --yes``: the entry deleted for good, with an audit record."""
-    store = DeadLetterStore(c.redis, c.keys)
-    if not purge_entries(store, ids=[entry_id], audit=Audit(c.redis, c.keys, who=user)):
+    store = DeadLetterShards.of(c.redis, c.settings).store_of(entry_id)
+    if not purge_entries(store, ids=[entry_id], audit=Audit(c.redis, store.keys, who=user)):
         raise Refused(f"no dead letter {entry_id} (replayed or removed meanwhile)", 404)
     logger.info("dead letter purged", extra={"entry_id": entry_id, "by": user})
 
@@ -57,30 +57,37 @@ BULK_MAX = 1_000
 
 def replay_filter(c: MeshClient, flt: Filter, user: str) -> tuple[int, dict[str, str]]:
     """``mesh dlq replay`` with filters (``--yes``), its first BULK_MAX entries: (entries replayed,
-    entry -> why one was skipped)."""
-    store = DeadLetterStore(c.redis, c.keys)
-    replayer = Replayer(store, c.settings, Audit(c.redis, c.keys, who=user))
-    report = replayer.replay(itertools.islice(replayer.entries(None, flt), BULK_MAX))
+    entry -> why one was skipped). A shard at a time, BULK_MAX of them all."""
+    report = ReplayReport(dry_run=False)
+    for store in DeadLetterShards.of(c.redis, c.settings).stores:
+        left = BULK_MAX - len(report.replayed) - len(report.skipped)
+        if left <= 0:
+            break
+        replayer = Replayer(store, c.settings, Audit(c.redis, store.keys, who=user))
+        report.add(replayer.replay(itertools.islice(replayer.entries(None, flt), left)))
     logger.info("dead letters replayed", extra={"replayed": len(report.replayed), "by": user})
     return len(report.replayed), report.skipped
 
 
 def purge_filter(c: MeshClient, flt: Filter, user: str) -> int:
     """``mesh dlq purge`` with filters (``--yes``), its first BULK_MAX entries: how many were deleted."""
-    store = DeadLetterStore(c.redis, c.keys)
-    ids: list[str] = []
-    for batch in store.iter(flt):
-        ids += [s.entry.entry_id for s in batch]
-        if len(ids) >= BULK_MAX:
+    n = 0
+    for store in DeadLetterShards.of(c.redis, c.settings).stores:  # a shard at a time, BULK_MAX of them all
+        ids: list[str] = []
+        for batch in store.iter(flt):
+            ids += [s.entry.entry_id for s in batch]
+            if len(ids) >= BULK_MAX - n:
+                break
+        n += purge_entries(store, ids=ids[:BULK_MAX - n], audit=Audit(c.redis, store.keys, who=user)) if ids else 0
+        if n >= BULK_MAX:
             break
-    n = purge_entries(store, ids=ids[:BULK_MAX], audit=Audit(c.redis, c.keys, who=user)) if ids else 0
     logger.info("dead letters purged", extra={"purged": n, "by": user})
     return n
 
 
 def decide(c: MeshClient, job_id: str, step_id: str, user: str, *, approve: bool, note: str) -> None:
     """``mesh approve`` / ``mesh deny`` as ``user``, who must be among the step's ``approvers``."""
-    record = c.jobs.get(job_id)
+    record = _record(c, job_id)
     step = record.steps.get(step_id) if record is not None else None
     if step is None or step.state is not State.AWAITING_APPROVAL or step.approval is None:
         raise Refused(f"step {step_id} of job {job_id} does not wait for an approval", 404)
@@ -128,11 +135,19 @@ def settle(c: MeshClient, job_id: str, step_id: str, user: str, *, applied: bool
 
 
 def _unknown(c: MeshClient, job_id: str, step_id: str) -> Any:
-    record = c.jobs.get(job_id)
+    record = _record(c, job_id)
     step = record.steps.get(step_id) if record is not None else None
     if record is None or step is None or step.state is not State.UNKNOWN:
         raise Refused(f"step {step_id} of job {job_id} is not unknown (nothing to decide)", 404)
     return record
+
+
+def _record(c: MeshClient, job_id: str) -> Any:
+    """The job's record, read in its shard."""
+    from mesh.broker.jobs import JobStore
+    from mesh.broker.shards import Shards
+
+    return JobStore(c.redis, Shards.of(c.settings).of_job(job_id)).get(job_id)
 
 
 def _app(c: MeshClient) -> Any:

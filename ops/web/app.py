@@ -385,7 +385,7 @@ async def dlq_bulk_confirm(request: Request, con: Console, user: str, csrf: str)
     # confirmation (one that arrived meanwhile, or a replayed entry failing again).
     at = await _run(con.client.clock.now_s)
     flt = dataclasses.replace(flt, until=at if flt.until is None else min(flt.until, at))
-    count = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
+    count = await _run(lambda: views.DeadLetterShards.of(con.client.redis, con.client.settings).count(flt))
     more = {k: v for k, v in shown.items() if v}
     form = {**more, "until": repr(flt.until), **({"since": repr(flt.since)} if flt.since is not None else {})}
     return con.render(request, "dlq_bulk.html", user, csrf, action=action, f=shown, count=count,
@@ -403,7 +403,7 @@ async def dlq_bulk(request: Request, con: Console, user: str, csrf: str) -> Resp
         done, skipped = await _run(actions.replay_filter, con.client, flt, user)
     else:
         done, skipped = await _run(actions.purge_filter, con.client, flt, user), {}
-    left = await _run(lambda: views.DeadLetterStore(con.client.redis, con.client.keys).count(flt))
+    left = await _run(lambda: views.DeadLetterShards.of(con.client.redis, con.client.settings).count(flt))
     return con.render(request, "dlq_bulk_done.html", user, csrf, action=action, moved=done, left=left,
                       exact=flt.exact, skipped=list(skipped.items())[:views.PAGE_ROWS],
                       more_skipped=max(0, len(skipped) - views.PAGE_ROWS), bulk_max=actions.BULK_MAX,

@@ -7,7 +7,8 @@ the job's followers. A new follower is caught up by the same thread (from the ev
 ``0`` for all) before it joins, so it neither misses nor repeats an event. When a job ends, its
 followers get what is left and an end, and the hub stops reading its stream. A job that has ended
 before anyone follows it is read through :func:`mesh.broker.trace.read_since`, wherever the trace is
-kept.
+kept. With several shards (MESH_SHARDS) a job's trace is in its shard: one XREAD per shard with
+followed jobs (a Redis Cluster serves one slot per read), each waiting its share of BLOCK_MS.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import redis
 
 from mesh.broker import MeshClient, trace
 from mesh.broker.connection import is_cluster
+from mesh.broker.jobs import JobStore
+from mesh.broker.keys import Keys
+from mesh.broker.shards import Shards
 from mesh.contracts import TERMINAL
 
 logger = logging.getLogger(__name__)
@@ -93,6 +97,7 @@ class TraceHub:
 
     def __init__(self, client: MeshClient) -> None:
         self.client = client
+        self.shards = Shards.of(client.settings)
         # Its blocking XREAD on a connection of the client's pool; a cluster client's own (one XREAD of
         # streams in the namespace's slot goes to the node that serves it), which has no one pool.
         self.redis: redis.Redis = client.redis if is_cluster(client.redis) else \
@@ -137,6 +142,10 @@ class TraceHub:
         with self.lock:
             return sum(len(j.followers) for j in self.jobs.values()) + len(self.joining)
 
+    def _keys(self, job_id: str) -> Keys:
+        """The keys of the shard the job lives in (its trace and record)."""
+        return self.shards.of_job(job_id)
+
     def _run(self) -> None:
         while not self.stopped.is_set():
             try:
@@ -154,10 +163,16 @@ class TraceHub:
             self.wake.wait(1.0)
             self.wake.clear()
             return
-        names = {self.client.keys.trace(job_id): job_id for job_id in self.jobs}
-        streams = {name: self.jobs[job_id].cursor for name, job_id in names.items()}
-        self.reads += 1
-        rows: Any = self.redis.xread(streams, count=BATCH, block=BLOCK_MS)  # type: ignore[arg-type]
+        names = {self._keys(job_id).trace(job_id): job_id for job_id in self.jobs}
+        by_shard: dict[str, dict[str, str]] = {}  # one XREAD per shard: its streams are one slot
+        for name, job_id in names.items():
+            by_shard.setdefault(self._keys(job_id).prefix, {})[name] = self.jobs[job_id].cursor
+        rows: list[Any] = []
+        for streams in by_shard.values():
+            self.reads += 1
+            read: Any = self.redis.xread(streams, count=BATCH,  # type: ignore[arg-type]
+                                         block=max(1, BLOCK_MS // len(by_shard)))
+            rows += read or ()
         moved = set()
         for stream, entries in rows or ():
             job_id = names[stream.decode() if isinstance(stream, bytes) else stream]
@@ -189,7 +204,7 @@ class TraceHub:
                 self.jobs[f.job_id] = _Job(cursor=f.last_id, followers={f})
                 continue
             if _before(f.last_id, job.cursor):  # behind the others: what they already got, from the stream
-                for item in trace.decode(self.redis.xrange(self.client.keys.trace(f.job_id),
+                for item in trace.decode(self.redis.xrange(self._keys(f.job_id).trace(f.job_id),
                                                            min=_after(f.last_id), max=job.cursor)):
                     f.put(item)
             job.followers.add(f)
@@ -202,11 +217,12 @@ class TraceHub:
         due = [j for j, job in self.jobs.items() if j in moved or now - job.checked_at >= RECHECK_S]
         for job_id in due:
             self.jobs[job_id].checked_at = now
-            record = self.client.jobs.get(job_id)
+            keys = self._keys(job_id)
+            record = JobStore(self.client.redis, keys).get(job_id)
             if record is not None and record.state not in TERMINAL:
                 continue
             job = self.jobs.pop(job_id)
-            rest = trace.read_since(self.redis, self.client.keys, job_id, job.cursor)
+            rest = trace.read_since(self.redis, keys, job_id, job.cursor)
             for f in job.followers:
                 for item in rest:
                     f.put(item)

@@ -37,17 +37,26 @@ class Sample:
 
 
 def read(client: MeshClient) -> Sample:
-    """The counters now."""
-    pipe = client.redis.pipeline(transaction=False)
-    pipe.hgetall(client.keys.outcomes)
-    pipe.hgetall(client.keys.routes)
-    outcomes, routes = pipe.execute()
+    """The counters now (every shard's, added up)."""
+    from mesh.broker.shard_readers import every, summed_hash
+
+    shards = every(client.settings)
+    if len(shards) == 1:
+        pipe = client.redis.pipeline(transaction=False)
+        pipe.hgetall(client.keys.outcomes)
+        pipe.hgetall(client.keys.routes)
+        found = pipe.execute()
+        outcomes = {k.decode(): int(v) for k, v in found[0].items()}
+        routes = {k.decode(): int(v) for k, v in found[1].items()}
+    else:
+        outcomes = summed_hash(client.redis, shards, lambda k: k.outcomes)
+        routes = summed_hash(client.redis, shards, lambda k: k.routes)
     failures: dict[str, int] = {}
     for field, n in routes.items():
-        failure_class = field.decode().partition(":")[0]
+        failure_class = field.partition(":")[0]
         if failure_class != "duplicate":
             failures[failure_class] = failures.get(failure_class, 0) + int(n)
-    return Sample(client.clock.now_s(), {k.decode(): int(v) for k, v in outcomes.items()}, failures)
+    return Sample(client.clock.now_s(), outcomes, failures)
 
 
 class Rates:

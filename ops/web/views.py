@@ -1,6 +1,8 @@
 """What each console page shows, read from Redis with a bounded number of commands: the indexes the
 CLI reads (queues, the jobs index, the DLQ's indexes, the approvals and running-step zsets), never a
-scan of every job or entry. Plain data for the templates; the actions are in :mod:`.actions`."""
+scan of every job or entry. Plain data for the templates; the actions are in :mod:`.actions`. With several
+shards (MESH_SHARDS) every listing and count is of all shards (:mod:`mesh.broker.shard_readers`), and a
+job's page reads the job's shard."""
 
 from __future__ import annotations
 
@@ -15,9 +17,21 @@ from mesh.broker import MeshClient, approvals, trace
 from mesh.broker.breaker import Breakers
 from mesh.broker.client import job_id_for
 from mesh.broker.joblist import JobQuery, list_jobs
-from mesh.broker.ledger import unknown_count
+from mesh.broker.jobs import JobStore
+from mesh.broker.keys import Keys
+from mesh.broker.shard_readers import (
+    approval_counts,
+    every,
+    oldest_message_age,
+    pending_approvals,
+    queue_depths,
+    summed,
+    summed_hash,
+    zcard,
+)
+from mesh.broker.shards import Shards
 from mesh.contracts import TERMINAL, JobRecord, State, loads
-from mesh.dlq import Audit, DeadLetterStore, Filter
+from mesh.dlq import Audit, DeadLetterShards, Filter
 from mesh.ops import dag
 from mesh.ops.timeline import render
 
@@ -50,28 +64,30 @@ TEXT_CHARS = 500
 
 
 def overview(c: MeshClient) -> dict[str, Any]:
-    """Everything on the overview page."""
-    keys, r = c.keys, c.redis
-    queues = c.queues()
+    """Everything on the overview page (the jobs' figures of every shard, added up)."""
+    keys, shards, r = c.keys, every(c.settings), c.redis
+    queues = queue_depths(c)
     ages = _oldest_ages(c, list(queues))
     workers, now_ms = c.registry.workers()
     outcomes: dict[str, dict[str, int]] = {}
-    for field, n in sorted(_hash(r, keys.outcomes).items()):
+    for field, n in sorted(summed_hash(r, shards, lambda k: k.outcomes).items()):
         agent, _, outcome = field.rpartition(":")
         outcomes.setdefault(agent, {})[outcome] = int(n)
     failures: dict[str, int] = {}
-    for field, n in _hash(r, keys.routes).items():
+    for field, n in summed_hash(r, shards, lambda k: k.routes).items():
         failure_class, _, _route = field.partition(":")
         if failure_class != "duplicate":
             failures[failure_class] = failures.get(failure_class, 0) + int(n)
-    waiting, oldest = approvals.counts(r, keys)
+    waiting, oldest = approval_counts(r, shards)
     now = c.clock.now_s()
-    stuck_ids: Any = r.zrangebyscore(keys.running, "-inf", now - c.settings.stuck_after_s, start=0, num=STUCK_ROWS,
-                                     withscores=True)
     stuck = []
-    for member, last in stuck_ids:
-        job_id, _, step_id = member.decode().partition("/")  # broker.observe.running_member
-        stuck.append({"job_id": job_id, "step_id": step_id, "idle_s": round(now - float(last))})
+    for k in shards:
+        stuck_ids: Any = r.zrangebyscore(k.running, "-inf", now - c.settings.stuck_after_s, start=0,
+                                         num=STUCK_ROWS, withscores=True)
+        for member, last in stuck_ids:
+            job_id, _, step_id = member.decode().partition("/")  # broker.observe.running_member
+            stuck.append({"job_id": job_id, "step_id": step_id, "idle_s": round(now - float(last))})
+    stuck = sorted(stuck, key=lambda s: -s["idle_s"])[:STUCK_ROWS] if len(shards) > 1 else stuck
     return {
         "queues": [{"name": q, **v, "oldest_s": ages[q]} for q, v in queues.items()],
         "workers": [{"label": w.label, "id": w.id, "agents": ", ".join(w.agents), "alive": w.alive,
@@ -81,11 +97,11 @@ def overview(c: MeshClient) -> dict[str, Any]:
         "failures": dict(sorted(failures.items())),
         "breakers": Breakers(c.settings, r).list(),
         "limits": {"declared": int(r.hlen(keys.limits_declared)), "set": int(r.hlen(keys.limits_set))},
-        "dlq": DeadLetterStore(r, keys).stats(),
+        "dlq": DeadLetterShards.of(r, c.settings).stats(),
         "approvals": {"waiting": waiting, "oldest_s": round(oldest)},
-        "unknown_effects": unknown_count(r, keys),
-        "running": int(r.zcard(keys.running)),
-        "stuck_count": int(r.zcount(keys.running, "-inf", now - c.settings.stuck_after_s)),
+        "unknown_effects": zcard(r, shards, lambda k: k.effects_unknown),
+        "running": zcard(r, shards, lambda k: k.running),
+        "stuck_count": summed(r, shards, lambda p, k: p.zcount(k.running, "-inf", now - c.settings.stuck_after_s)),
         "stuck": stuck,
         # Data of the older key layout never migrated: what the console shows is not the namespace's work.
         "layout": c.layout_refusal(),
@@ -93,26 +109,10 @@ def overview(c: MeshClient) -> dict[str, Any]:
 
 
 def _oldest_ages(c: MeshClient, queues: list[str]) -> dict[str, float]:
-    """Age of each queue's oldest ready message (two pipelined round trips for all of them)."""
-    pipe = c.redis.pipeline(transaction=False)
-    for q in queues:
-        pipe.lindex(c.keys.queue(q), 0)
-    heads = pipe.execute()
-    pipe = c.redis.pipeline(transaction=False)
-    for q, head in zip(queues, heads, strict=True):
-        pipe.hget(c.keys.messages(q), head or b"-")
+    """Age of each queue's oldest ready message, the oldest of every shard's."""
     now = c.clock.now_s()
-    out = {}
-    for q, data in zip(queues, pipe.execute(), strict=True):
-        try:
-            out[q] = round(max(0.0, now - loads(data)["message_timestamp"] / 1000), 1) if data else 0.0
-        except (ValueError, KeyError, TypeError):
-            out[q] = 0.0
-    return out
-
-
-def _hash(r: Any, key: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+    shards = every(c.settings)
+    return {q: round(oldest_message_age(c.redis, shards, q, now), 1) for q in queues}
 
 
 @dataclass
@@ -141,7 +141,8 @@ def find(c: MeshClient, q: str) -> Search:
                 **({f"job-{q.lower()}": "its trace id"} if by_trace else {})}
     pipe = c.redis.pipeline(transaction=False)
     for candidate in readings:
-        pipe.exists(c.keys.job(candidate), c.keys.trace(candidate))
+        keys = _job_keys(c, candidate)  # the shard of the job it would be
+        pipe.exists(keys.job(candidate), keys.trace(candidate))
     hits = {candidate: reading for (candidate, reading), found in zip(readings.items(), pipe.execute(), strict=True)
             if found}
     if len(hits) == 1:
@@ -168,32 +169,41 @@ PREFIX_BUDGET = 20_000
 
 
 def _starting(c: MeshClient, prefix: str) -> list[str]:
+    """Job ids starting with ``prefix``, in every shard's index (PREFIX_BUDGET ids looked at in all)."""
     found: list[str] = []
-    cursor, read = 0, 0
-    while read < PREFIX_BUDGET and len(found) <= 10:
-        answer: Any = c.redis.zscan(c.keys.jobs, cursor, match=f"{prefix}*", count=2_000)
-        cursor, rows = answer
-        read += 2_000
-        found += [m.decode() for m, _ in rows]
-        if cursor == 0:
-            break
+    read = 0
+    for keys in every(c.settings):
+        cursor = 0
+        while read < PREFIX_BUDGET and len(found) <= 10:
+            answer: Any = c.redis.zscan(keys.jobs, cursor, match=f"{prefix}*", count=2_000)
+            cursor, rows = answer
+            read += 2_000
+            found += [m.decode() for m, _ in rows]
+            if cursor == 0:
+                break
     return sorted(set(found))
+
+
+def _job_keys(c: MeshClient, job_id: str) -> Keys:
+    """The keys of the shard job ``job_id`` lives in."""
+    return Shards.of(c.settings).of_job(job_id)
 
 
 def recent_jobs(c: MeshClient, state: str | None) -> dict[str, Any]:
     query = JobQuery(state=State(state) if state else None, limit=PAGE_ROWS)
-    page = list_jobs(c.redis, c.keys, query, budget=JOB_BUDGET)
+    page = list_jobs(c.redis, every(c.settings), query, budget=JOB_BUDGET)
     return {"jobs": page.jobs, "cut": page.cut_by_budget, "budget": JOB_BUDGET}
 
 
 def job(c: MeshClient, job_id: str) -> dict[str, Any] | None:
     """A job's page: its record, the DAG (or its steps), the timeline, its waiting approvals."""
-    record = c.jobs.get(job_id)
-    events = trace.read_since(c.redis, c.keys, job_id)
+    keys = _job_keys(c, job_id)
+    record = JobStore(c.redis, keys).get(job_id)
+    events = trace.read_since(c.redis, keys, job_id)
     if record is None and not events:
         return None
     nodes = dag.load(c, record) if record is not None and record.pipeline else None
-    stuck = c.stuck(record) if record is not None else {}
+    stuck = _stuck(c, keys, record) if record is not None else {}
     drawn = dag.draw(record, nodes, stuck, width=160) if record is not None and nodes is not None else []
     steps = _steps(record, stuck) if record is not None else []
     timeline = render(record, [ev for _, ev in events], nodes)
@@ -207,6 +217,15 @@ def job(c: MeshClient, job_id: str) -> dict[str, Any] | None:
         "waiting": [s for s in record.steps.values() if s.state is State.AWAITING_APPROVAL and s.approval][:STEP_ROWS]
         if record is not None else [],
     }
+
+
+def _stuck(c: MeshClient, keys: Keys, record: JobRecord) -> dict[str, float]:
+    """:meth:`MeshClient.stuck` of a job, read in its shard."""
+    if keys.prefix == c.keys.prefix:
+        return c.stuck(record)
+    from mesh.broker import MeshClient as Client
+
+    return Client(c.settings.on_shard(keys.shard), client=c.redis).stuck(record)
 
 
 def _cut_lines(lines: list[Text], rows: int) -> list[Text]:
@@ -232,22 +251,21 @@ def _steps(record: JobRecord, stuck: dict[str, float]) -> list[dict[str, Any]]:
 
 
 def dlq(c: MeshClient, flt: Filter, offset: int = 0) -> dict[str, Any]:
-    store = DeadLetterStore(c.redis, c.keys)
+    store = DeadLetterShards.of(c.redis, c.settings)  # every shard's, newest first
     entries, read, cut = store.page(flt, limit=PAGE_ROWS, budget=DLQ_BUDGET, offset=offset)
     return {"entries": entries, "read": read, "cut": cut, "budget": DLQ_BUDGET, "total": store.count(),
-            "offset": offset, "next": offset + read,
-            "agents": sorted(m.decode() for m in c.redis.smembers(c.keys.dlq_agents))}  # type: ignore[union-attr]
+            "offset": offset, "next": offset + read, "agents": store.agents()}
 
 
 def dlq_entry(c: MeshClient, entry_id: str) -> dict[str, Any] | None:
     """An entry's page (everything ``mesh dlq show`` has), or a replayed one's tombstone."""
     from mesh.dlq.replay import replayed
 
-    store = DeadLetterStore(c.redis, c.keys)
+    store = DeadLetterShards.of(c.redis, c.settings).store_of(entry_id)  # the shard holding it
     stored = store.load(entry_id)
-    audit = entry_audit(c, entry_id)
+    audit = entry_audit(c, entry_id, store.keys)
     if stored is None:
-        tomb = replayed(c.redis, c.keys, entry_id)
+        tomb = replayed(c.redis, store.keys, entry_id)
         return None if tomb is None else {"tomb": tomb, "audit": audit}
     e = stored.entry
     payload = e.envelope.get("payload") if e.envelope else None
@@ -262,9 +280,10 @@ def dlq_entry(c: MeshClient, entry_id: str) -> dict[str, Any] | None:
     return {"entry": e, "payload": shown, "audit": audit}
 
 
-def entry_audit(c: MeshClient, entry_id: str) -> list[dict[str, Any]]:
-    """The entry's audit records among the newest AUDIT_WINDOW (a bounded read of the capped log)."""
-    rows: Any = c.redis.xrevrange(c.keys.dlq_audit, count=AUDIT_WINDOW)
+def entry_audit(c: MeshClient, entry_id: str, keys: Keys | None = None) -> list[dict[str, Any]]:
+    """The entry's audit records among the newest AUDIT_WINDOW (a bounded read of the capped log of
+    ``keys``' shard: the entry's)."""
+    rows: Any = c.redis.xrevrange((keys or c.keys).dlq_audit, count=AUDIT_WINDOW)
     out = []
     for stream_id, fields in rows:
         f = {k.decode(): v.decode() for k, v in fields.items()}
@@ -275,7 +294,13 @@ def entry_audit(c: MeshClient, entry_id: str) -> list[dict[str, Any]]:
 
 
 def audit_log(c: MeshClient) -> list[dict[str, Any]]:
-    return Audit(c.redis, c.keys).records(limit=PAGE_ROWS)
+    """The DLQ's newest audit records, of every shard's log."""
+    from mesh.broker.shard_readers import newest
+
+    shards = every(c.settings)
+    if len(shards) == 1:
+        return Audit(c.redis, c.keys).records(limit=PAGE_ROWS)
+    return newest([Audit(c.redis, k).records(limit=PAGE_ROWS) for k in shards], lambda r: r["at"], PAGE_ROWS)
 
 
 #: Audit records the Breakers and Limits pages show (the newest).
@@ -304,7 +329,7 @@ def _control_audit(c: MeshClient, stream: str) -> list[dict[str, Any]]:
 
 
 def pending(c: MeshClient) -> list[approvals.Pending]:
-    return approvals.pending(c.redis, c.keys, limit=PAGE_ROWS)
+    return pending_approvals(c.redis, every(c.settings), limit=PAGE_ROWS)
 
 
 def html(text: Text) -> str:

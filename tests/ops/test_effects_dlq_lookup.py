@@ -14,6 +14,7 @@ import redis
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.router import dead_letter_with_step
 from mesh.broker.settle import decide
+from mesh.broker.shards import Shards
 from mesh.contracts import FailureClass, JobRecord
 from mesh.dlq import DeadLetterStore
 from mesh.dlq.entry import DeadLetter
@@ -32,6 +33,7 @@ def unknown_step(c: MeshClient, store: DeadLetterStore, key: str, *, indexed: bo
     [(step_id, step)] = record.steps.items()
     entry = DeadLetter(entry_id=f"entry-{key}", queue=step.agent, agent=step.agent, failure_class="unknown_effect",
                        error="the effect is unknown", key=step.key, job_id=record.job_id, worker="host:1:abcdef12")
+    store = DeadLetterStore(store.client, Shards.of(c.settings).of_job(record.job_id))  # its job's shard keeps it
     assert store.put(entry, b"{}")
     if not indexed:
         store.client.zrem(store.keys.dlq_by_job(record.job_id), entry.entry_id)
