@@ -250,23 +250,44 @@ def _envelope(i: int, run: str, payload: dict[str, Any] | None = None) -> dict[s
             "schema_version": 1, "replay_of": None, "payload": payload or {}}
 
 
-def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str, Any]]) -> None:
-    """Messages in dramatiq's own format, written in one pipeline (as its enqueue would, minus round trips)."""
+def _push(client: redis.Redis, namespace: str, queue: str, bodies: list[dict[str, Any]],
+          placed: Shards | None = None) -> None:
+    """Messages in dramatiq's own format, written in one pipeline (as its enqueue would, minus round trips).
+    The mesh's no-op messages go to the shards of ``placed`` (the namespace's, MESH_SHARDS), each to the
+    shard of its key (:func:`_shard_of`); without it, to the namespace's first."""
     from mesh.broker.outbox import wake
     from mesh.contracts import dumps
 
     pipe = client.pipeline(transaction=False)
+    woken: Counter[Keys] = Counter()
     for args in bodies:
         rid = str(uuid.uuid4())
         message = {"queue_name": queue, "actor_name": queue, "args": [args], "kwargs": {},
                    "options": {"redis_message_id": rid}, "message_id": str(uuid.uuid4()),
                    "message_timestamp": int(time.time() * 1000)}
-        ready, msgs = _queue_keys(namespace, queue)
+        if queue == MESH_Q and placed is not None:
+            keys = _shard_of(placed, args["key"])
+            ready, msgs = keys.queue(queue), keys.messages(queue)
+            woken[keys] += 1
+        else:
+            ready, msgs = _queue_keys(namespace, queue)
+            if queue == MESH_Q:
+                woken[Keys(namespace)] += 1
         pipe.hset(msgs, rid, dumps(message))
         pipe.rpush(ready, rid)
-    if queue == MESH_Q:  # the mesh's enqueue also wakes idle consumers, once per batch (broker/outbox.py)
-        wake(pipe, Keys(namespace), queue, len(bodies))
+    for keys, n in woken.items():  # the mesh's enqueue also wakes idle consumers, once per batch (broker/outbox.py)
+        wake(pipe, keys, queue, n)
     pipe.execute()
+
+
+def _shard_of(placed: Shards, key: str) -> Keys:
+    """The shard a no-op message of key ``key`` is pushed to, and its claim taken in."""
+    return placed.of_key(key)
+
+
+def _placed(base: MeshSettings, ns: str) -> Shards:
+    """The shards of the throw-away namespace ``ns`` (MESH_SHARD, MESH_SHARDS as the bench was given)."""
+    return Shards(ns, base.shard, base.shards)
 
 
 def _queue_keys(namespace: str, queue: str) -> tuple[str, str]:
@@ -427,8 +448,8 @@ def _throughput(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
     with _workers(side, base, ns, cfg, prefetch) as workers:
         watch = _Stopwatch(client, ns)
         with watch.sending():
-            _push(client, ns, queue_name, bodies)
-        _drained(client, ns, queue_name, watch=watch)
+            _push(client, ns, queue_name, bodies, _placed(base, ns))
+        _drained(client, ns, queue_name, watch=watch, shards=_placed(base, ns).keys if side == "mesh" else ())
         measured = watch.stop(cfg.messages)
     return measured.with_workers(workers)
 
@@ -584,8 +605,9 @@ def _pickup(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, 
         for i in range(cfg.latency_samples):
             time.sleep(random.uniform(0.05, 0.3))  # idle, so the consumer's polling backs off as it would
             payload = {"sent_at": time.time()}
-            _push(client, ns, queue_name, [_envelope(i, run, payload) if side == "mesh" else payload])
-            _drained(client, ns, queue_name, timeout_s=30)
+            _push(client, ns, queue_name, [_envelope(i, run, payload) if side == "mesh" else payload],
+                  _placed(base, ns))
+            _drained(client, ns, queue_name, timeout_s=30, shards=_placed(base, ns).keys if side == "mesh" else ())
         samples = sorted(float(x) * 1000 for x in client.lrange(key, 0, -1))
     return {"p50_ms": _pct(samples, 50), "p99_ms": _pct(samples, 99), "samples": len(samples)}
 
@@ -656,17 +678,21 @@ def _duplicates(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
     from mesh.contracts import dumps
 
     run = uuid.uuid4().hex[:8]
-    mw = Idempotency(base.model_copy(update={"namespace": ns}), client)
+    placed = _placed(base, ns)
+    settings = base.model_copy(update={"namespace": ns})
+    mws = {keys.shard: Idempotency(settings.on_shard(keys.shard), client) for keys in placed.keys}
     pipe = client.pipeline(transaction=False)
     bodies = [_envelope(i, run) for i in range(cfg.messages)]
-    for body in bodies:
-        mw._call("claim", mw.keys.claim(body["key"]), "bench", client=pipe)
-        mw._call("done", mw.keys.claim(body["key"]), "bench", dumps({}), client=pipe)
+    for body in bodies:  # done in the shard each message is pushed to, whose worker claims it there
+        keys = _shard_of(placed, body["key"])
+        mw, claim = mws[keys.shard], keys.claim(body["key"])
+        mw._call("claim", claim, "bench", client=pipe)
+        mw._call("done", claim, "bench", dumps({}), client=pipe)
     pipe.execute()
     with _workers("mesh", base, ns, cfg, cfg.prefetches[0]):
         started = time.perf_counter()
-        _push(client, ns, MESH_Q, bodies)
-        _drained(client, ns, MESH_Q)
+        _push(client, ns, MESH_Q, bodies, placed)
+        _drained(client, ns, MESH_Q, shards=placed.keys)
         return cfg.messages / (time.perf_counter() - started)
 
 
