@@ -48,6 +48,24 @@ def bump(ctx: ToolContext, args: Bump) -> Receipt:
 
 @app.agent(tools=["bump"])
 def post(ctx: Context, task: Task) -> Posted:
+    return _post(ctx, task)
+
+
+class BigTask(Task):
+    pad: int
+
+
+class BigPosted(Posted):
+    pad: str
+
+
+@app.agent(tools=["bump"])
+def post_big(ctx: Context, task: BigTask) -> BigPosted:
+    """``post`` with ``pad`` bytes of padding in its output (over MESH_CLAIM_RESULT_BYTES: a large output)."""
+    return BigPosted(**_post(ctx, task).model_dump(), pad="x" * task.pad)
+
+
+def _post(ctx: Context, task: Task) -> Posted:
     runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
     runtime.redis.hincrby(f"{prefix(ns)}:test.runs", ctx.key, 1)
     if runtime.redis.exists(f"{prefix(ns)}:test.wait"):

@@ -1,0 +1,56 @@
+"""A key shared across shards (broker/shared_claims.py) under the failures a review found: a large output
+written to the shared claim before the job's own write, the fencing token an endpoint sees, the
+compensation of a shared effect, and the envelopes a single-shard deployment sends."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from mesh import MeshClient
+from mesh.agents.pipelines import Pipeline, check
+from mesh.broker import claims
+from mesh.broker.keys import prefix
+from mesh.broker.shards import Shards
+from mesh.contracts import State
+from tests.pipelines.test_shared_key_shards import (
+    HEARTBEAT_TIMEOUT_S,
+    apart,
+    counted,
+    process_env,
+    spread,
+)
+
+
+@pytest.mark.slow
+def test_a_large_output_outlives_a_kill_between_the_shared_done_and_its_job_write(
+        make_settings, rclient, worker_process):
+    """The shared claim is written before the job's record: a reference to that record (a large output)
+    would name an output the record never got, and the redelivery would fail the step for good."""
+    from tests.pipelines import shared_app
+
+    settings = spread(make_settings, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    shards = Shards.of(settings)
+    _, b, goal, _ = apart(shards, "bigkill")
+    key = f"{goal}:post"
+    ns = prefix(settings.namespace)
+    rclient.set(f"{ns}:test.kill", 1)
+    victim = worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2",
+                            **process_env(settings, TEST_KILL_AFTER_SHARED_DONE="1"))
+    home = MeshClient(settings.on_shard(shards.start), client=rclient, app=shared_app.app)
+    pad = settings.claim_result_bytes + 1000  # an output over MESH_CLAIM_RESULT_BYTES
+    big = check(Pipeline("posting-big").step("post", agent="post_big", idempotency_key="{{input.goal}}:post").build(),
+                shared_app.app)
+    ref = home.run(big, {"goal": goal, "pad": pad}, key=b)
+
+    assert victim.wait(60) == -signal.SIGKILL  # killed right after the shared done, before the job's write
+    assert claims.read(rclient, shards.of_key(key).claim(key)).state == "done"
+    assert home.status(ref.id).steps["post"].state is not State.SUCCEEDED
+
+    worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env(settings))
+    record = home.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
+    assert record.state is State.SUCCEEDED, record.error
+    assert record.steps["post"].result == {"goal": goal, "pid": victim.pid, "pad": "x" * pad}
+    assert counted(rclient, settings, "effects") == {key: 1}
+    assert counted(rclient, settings, "runs") == {key: 1}
