@@ -13,6 +13,7 @@ from mesh.agents.pipelines import Pipeline, check
 from mesh.broker import claims
 from mesh.broker.keys import prefix
 from mesh.broker.shards import Shards
+from mesh.broker.shared_claims import SharedClaims
 from mesh.contracts import State
 from tests.pipelines.test_shared_key_shards import (
     HEARTBEAT_TIMEOUT_S,
@@ -54,3 +55,33 @@ def test_a_large_output_outlives_a_kill_between_the_shared_done_and_its_job_writ
     assert record.steps["post"].result == {"goal": goal, "pid": victim.pid, "pad": "x" * pad}
     assert counted(rclient, settings, "effects") == {key: 1}
     assert counted(rclient, settings, "runs") == {key: 1}
+
+
+
+def test_the_compensation_of_a_shared_effect_is_claimed_in_the_keys_shard_as_the_effect_was(make_settings, rclient):
+    """Two jobs of two shards share one rendered key's effect; when both unwind, their compensations
+    (one key: the effect's, ``/undo``) must meet in one claim, as on one shard, or the effect is undone
+    twice."""
+    from mesh.agents.pipelines.compensate import undo_key
+    from mesh.agents.pipelines.engine import Routes, after_loss
+    from mesh.contracts import transition
+    from tests.pipelines.test_compensation import _job, _ok
+
+    spec = (Pipeline("undo-shared").step("a", agent="book", idempotency_key="{{input.n}}:a",
+                                         compensate={"agent": "unbook", "input": {"ref": "output.ref"}})
+            .step("b", agent="book", depends_on=["a"]).build())
+    record, _ = _job(spec)
+    assert record.steps["a"].key == "3:a"  # rendered: jobs with the same input share the effect
+    record, _ = _ok(spec, record, "a", now=2.0)
+    failed = transition(transition(record.steps["b"], State.RUNNING, now=2.5), State.DEAD_LETTERED, now=3.0,
+                        error="boom", failure_class="permanent")
+    _, messages = after_loss(spec, record.with_step(failed), Routes(), [], now=3.0)
+    [envelope] = [m.args[0] for m in messages]
+    assert envelope["key"] == undo_key("3:a")  # one key for every job's compensation of the effect
+
+    settings = spread(make_settings)
+    shards = Shards.of(settings)
+    for shard in range(shards.start, shards.start + shards.count):
+        where = SharedClaims(settings.on_shard(shard), rclient).where(envelope["key"], envelope)
+        # a job of any shard claims its compensation where the key lives (its own claim, there, is that one)
+        assert (where or shards.keys[shard - shards.start]) == shards.of_key(envelope["key"]), shard
