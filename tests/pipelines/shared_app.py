@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from mesh import App, Context, ToolContext
 from mesh.broker.keys import prefix
 from mesh.broker.shared_claims import SharedClaim, SharedClaims
-from mesh.contracts import Receipt
+from mesh.contracts import PermanentFailure, Receipt
 
 app = App("shared-shards")
 
@@ -63,6 +63,26 @@ class BigPosted(Posted):
 def post_big(ctx: Context, task: BigTask) -> BigPosted:
     """``post`` with ``pad`` bytes of padding in its output (over MESH_CLAIM_RESULT_BYTES: a large output)."""
     return BigPosted(**_post(ctx, task).model_dump(), pad="x" * task.pad)
+
+
+class Stamped(BaseModel):
+    token: int
+
+
+@app.tool
+def mark(ctx: ToolContext, args: Bump) -> Receipt:
+    """Appends the fencing token it is called with to ``{ns}:test.tokens`` (what an endpoint sees)."""
+    ctx.redis.rpush(f"{prefix(ctx.settings.namespace)}:test.tokens", ctx.fencing_token)
+    return Receipt(tool="mark", effect_id=f"mark-{args.goal}")
+
+
+@app.agent(tools=["mark"])
+def stamp(ctx: Context, task: Task) -> Stamped:
+    """Calls ``mark``, then fails for good while ``{ns}:test.fail`` exists; answers ``ctx.token``."""
+    ctx.call(mark, Bump(goal=task.goal))
+    if ctx.runtime.redis.exists(f"{prefix(ctx.runtime.settings.namespace)}:test.fail"):
+        raise PermanentFailure("told to fail")
+    return Stamped(token=ctx.token)
 
 
 def _post(ctx: Context, task: Task) -> Posted:

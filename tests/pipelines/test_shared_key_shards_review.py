@@ -85,3 +85,43 @@ def test_the_compensation_of_a_shared_effect_is_claimed_in_the_keys_shard_as_the
         where = SharedClaims(settings.on_shard(shard), rclient).where(envelope["key"], envelope)
         # a job of any shard claims its compensation where the key lives (its own claim, there, is that one)
         assert (where or shards.keys[shard - shards.start]) == shards.of_key(envelope["key"]), shard
+
+
+@pytest.mark.slow
+def test_the_fencing_token_an_endpoint_sees_for_a_shared_key_grows_across_shards(make_settings, rclient):
+    """An endpoint compares tokens per key (docs/design/fencing.md): the attempt of a job of another shard
+    that takes a shared key after an attempt that let it go must carry a higher token, whatever the
+    fencing counters of the jobs' own shards say."""
+    from mesh.ops.worker import start_worker as start
+    from tests.pipelines import shared_app
+    from tests.pipelines.test_shared_key_shards import job_keys
+
+    settings = spread(make_settings)
+    shards = Shards.of(settings)
+    goal = "fence-goal"
+    at = shards.of_key(f"{goal}:stamp").shard
+    a, sa = next((k, s) for k, s in job_keys(shards, "fence-a") if s != at)
+    b, sb = next((k, s) for k, s in job_keys(shards, "fence-b") if s not in (at, sa))
+    ns = prefix(settings.namespace)
+    rclient.hincrby(shards.keys[sa - shards.start].stats, "fence", 100_000)  # a busier shard's counter
+    spec = check(Pipeline("stamping").step("stamp", agent="stamp", idempotency_key="{{input.goal}}:stamp").build(),
+                 shared_app.app)
+    workers = [start(settings.on_shard(s), None, 2, app=shared_app.app) for s in (sa, sb)]
+    try:
+        rclient.set(f"{ns}:test.fail", 1)
+        first = MeshClient(settings.on_shard(sa), client=rclient, app=shared_app.app)
+        failed = first.wait(first.run(spec, {"goal": goal}, key=a).id, timeout_s=30)
+        assert failed.state is State.DEAD_LETTERED, failed.error  # the key let go, its call made
+        rclient.delete(f"{ns}:test.fail")
+        second = MeshClient(settings.on_shard(sb), client=rclient, app=shared_app.app)
+        done = second.wait(second.run(spec, {"goal": goal}, key=b).id, timeout_s=30)
+        assert done.state is State.SUCCEEDED, done.error
+    finally:
+        for worker in workers:
+            worker.stop(timeout=10_000)
+            worker.broker.close()
+    seen = [int(t) for t in rclient.lrange(f"{ns}:test.tokens", 0, -1)]
+    assert len(seen) == 2
+    assert seen[1] > seen[0]  # the later owner's token is higher: an endpoint accepts it, and refuses the earlier
+    assert done.steps["stamp"].result == {"token": seen[1]}  # ctx.token is the token the call carried
+    assert seen[1] == claims.read(rclient, shards.of_key(f"{goal}:stamp").claim(f"{goal}:stamp")).token
