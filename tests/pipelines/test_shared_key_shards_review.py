@@ -125,3 +125,26 @@ def test_the_fencing_token_an_endpoint_sees_for_a_shared_key_grows_across_shards
     assert seen[1] > seen[0]  # the later owner's token is higher: an endpoint accepts it, and refuses the earlier
     assert done.steps["stamp"].result == {"token": seen[1]}  # ctx.token is the token the call carried
     assert seen[1] == claims.read(rclient, shards.of_key(f"{goal}:stamp").claim(f"{goal}:stamp")).token
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_rendered_keys_envelope_says_shared_key_only_where_a_shard_reads_it(make_settings, shards):
+    """With one shard nothing reads ``shared_key``: the message is written as before, so a worker of an
+    earlier release, whose envelope refuses unknown fields, runs it during a rolling deploy instead of
+    dead-lettering it (and its job) as an invalid envelope."""
+    from mesh.agents.pipelines.engine import Routes, Run, begin
+    from mesh.contracts import Envelope, JobRecord
+
+    settings = make_settings(shards=shards)
+    spec = Pipeline("rendered").step("coder", agent="coder", idempotency_key="{{input.goal}}:coder").build()
+    record = JobRecord(job_id="job-1", key="k", trace_id="4bf92f3577b34da6a3ce929d0e0e4736", pipeline=spec.name,
+                       pipeline_digest=spec.digest(), pipeline_input={"goal": "g"})
+    routes = Routes.from_settings(settings, queue=lambda agent: agent, version=lambda agent: None)
+    _, [message], _ = begin(spec, record, Run(trace_id=record.trace_id, deadline=2e9), routes, now=1.0)
+    envelope = message.args[0]
+    assert envelope["key"] == "g:coder"
+    if shards == 1:
+        assert "shared_key" not in envelope  # what an earlier release's Envelope accepts
+        assert set(envelope) <= set(Envelope.model_fields) - {"shared_key"}
+    else:
+        assert envelope["shared_key"] is True
