@@ -340,6 +340,11 @@ class AgentRuntime:
                 return None
             if is_compensation(env.step_id):
                 return None
+            if self.shared_claims.where(env.key, raw) is not None:
+                # Its key is claimed in another shard too (broker/shared_claims.py), where another job may
+                # hold it: the message may go to the delay queue instead of running, and its record must
+                # not say running meanwhile (a cancel would wait for it, and let it run after).
+                return None
             payload = validate_model(spec.name, spec.input, env.payload)
         except MeshError:
             return None

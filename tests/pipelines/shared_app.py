@@ -1,6 +1,7 @@
 """An app for the crash tests of a key shared across shards (tests/pipelines/test_shared_key_shards.py).
 
-``post`` counts its runs per key in ``{ns}:test.runs`` and, while ``{ns}:test.wait`` exists, writes its
+``post`` counts its runs per key in ``{ns}:test.runs`` and, while ``{ns}:test.wait`` exists (or the set
+``{ns}:test.wait_keys`` holds its key), writes its
 process id to ``{ns}:test.holder`` and waits (at most 60 s) for ``{ns}:test.release``; then it calls
 ``bump``, an effect that counts itself per key in ``{ns}:test.effects`` (through the fence: a paused
 attempt's late call is refused), and answers the process id that ran it.
@@ -88,7 +89,8 @@ def stamp(ctx: Context, task: Task) -> Stamped:
 def _post(ctx: Context, task: Task) -> Posted:
     runtime, ns = ctx.runtime, ctx.runtime.settings.namespace
     runtime.redis.hincrby(f"{prefix(ns)}:test.runs", ctx.key, 1)
-    if runtime.redis.exists(f"{prefix(ns)}:test.wait"):
+    if runtime.redis.exists(f"{prefix(ns)}:test.wait") or runtime.redis.sismember(f"{prefix(ns)}:test.wait_keys",
+                                                                                   ctx.key):
         runtime.redis.set(f"{prefix(ns)}:test.holder", os.getpid())
         deadline = time.monotonic() + 60
         while not runtime.redis.exists(f"{prefix(ns)}:test.release") and time.monotonic() < deadline:

@@ -10,11 +10,12 @@ import pytest
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
-from mesh.broker import claims
+from mesh.broker import claims, trace
 from mesh.broker.keys import prefix
 from mesh.broker.shards import Shards
 from mesh.broker.shared_claims import SharedClaims
 from mesh.contracts import State
+from tests.conftest import wait_for
 from tests.pipelines.test_shared_key_shards import (
     HEARTBEAT_TIMEOUT_S,
     apart,
@@ -148,3 +149,51 @@ def test_a_rendered_keys_envelope_says_shared_key_only_where_a_shard_reads_it(ma
         assert set(envelope) <= set(Envelope.model_fields) - {"shared_key"}
     else:
         assert envelope["shared_key"] is True
+
+
+@pytest.mark.slow
+def test_a_next_step_waiting_for_its_shared_key_is_not_recorded_running_meanwhile(make_settings, rclient):
+    """A success's write may pick its job's next step up for its worker (broker/step_write.py): the step's
+    record says running. A next step whose key is held in the key's shard by another job is sent to the
+    delay queue instead of running: its record must not say running while it waits there (a mesh cancel
+    would wait for it, mesh status and the stuck count would show it)."""
+    from mesh.ops.worker import start_worker as start
+    from tests.pipelines import shared_app
+    from tests.pipelines.test_shared_key_shards import job_keys
+
+    settings = spread(make_settings)
+    shards = Shards.of(settings)
+    goal = "eager-goal"
+    key = f"{goal}:post"
+    at = shards.of_key(key).shard
+    a = next(k for k, s in job_keys(shards, "eager-a") if s == at)  # its claim is the key's
+    b, sb = next((k, s) for k, s in job_keys(shards, "eager-b") if s != at)
+    ns = prefix(settings.namespace)
+    rclient.sadd(f"{ns}:test.wait_keys", key)
+    one = check(Pipeline("posting").step("post", idempotency_key="{{input.goal}}:post").build(), shared_app.app)
+    two = check(Pipeline("prep-posting").step("prep", agent="post")
+                .step("post", depends_on=["prep"], idempotency_key="{{input.goal}}:post").build(), shared_app.app)
+    workers = [start(settings.on_shard(s), None, 2, app=shared_app.app) for s in (at, sb)]
+    try:
+        first = MeshClient(settings.on_shard(at), client=rclient, app=shared_app.app)
+        ref_a = first.run(one, {"goal": goal}, key=a)
+        wait_for(lambda: rclient.get(f"{ns}:test.holder"), timeout_s=30)  # the key is held
+        second = MeshClient(settings.on_shard(sb), client=rclient, app=shared_app.app)
+        ref_b = second.run(two, {"goal": goal}, key=b)
+
+        def deferred() -> bool:
+            return any(e["event"] == "deferred" and e.get("step_id") == "post"
+                       for e in trace.read(rclient, shards.of_job(ref_b.id), ref_b.id))
+
+        wait_for(deferred, timeout_s=30)  # waits for the key's holder, on the delay queue
+        assert second.status(ref_b.id).steps["post"].state is not State.RUNNING
+        rclient.set(f"{ns}:test.release", 1)
+        done_a = first.wait(ref_a.id, timeout_s=30)
+        done_b = second.wait(ref_b.id, timeout_s=30)
+    finally:
+        for worker in workers:
+            worker.stop(timeout=10_000)
+            worker.broker.close()
+    assert done_a.state is State.SUCCEEDED and done_b.state is State.SUCCEEDED, (done_a.error, done_b.error)
+    assert done_b.steps["post"].result == done_a.steps["post"].result
+    assert counted(rclient, settings, "runs")[key] == 1
