@@ -8,7 +8,8 @@ attempt's late call is refused), and answers the process id that ran it.
 
 A worker process started with TEST_KILL_AFTER_SHARED_DONE=1 SIGKILLs itself right after a shared
 claim is stored as done (broker/shared_claims.py), before the job's own write, once for each time the
-test sets ``{ns}:test.kill``.
+test sets ``{ns}:test.kill``; with TEST_STOP_AFTER_SHARED_DONE=1 it SIGSTOPs itself there, for each
+``{ns}:test.stop``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,18 @@ def _post(ctx: Context, task: Task) -> Posted:
             time.sleep(0.05)  # a stand-in for slow work: the test releases it
     ctx.call(bump, Bump(goal=task.goal))
     return Posted(goal=task.goal, pid=os.getpid())
+
+
+if os.environ.get("TEST_STOP_AFTER_SHARED_DONE") == "1":
+    _done_first = SharedClaims.done
+
+    def _done_then_stop(self: SharedClaims, claim: SharedClaim, result: bytes) -> Any:
+        ok = _done_first(self, claim, result)
+        if ok and self.client.delete(f"{prefix(claim.keys.namespace)}:test.stop"):
+            os.kill(os.getpid(), signal.SIGSTOP)  # between the shared done and the job's own write
+        return ok
+
+    SharedClaims.done = _done_then_stop  # type: ignore[method-assign]
 
 
 if os.environ.get("TEST_KILL_AFTER_SHARED_DONE") == "1":

@@ -4,6 +4,7 @@ compensation of a shared effect, and the envelopes a single-shard deployment sen
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -197,3 +198,43 @@ def test_a_next_step_waiting_for_its_shared_key_is_not_recorded_running_meanwhil
     assert done_a.state is State.SUCCEEDED and done_b.state is State.SUCCEEDED, (done_a.error, done_b.error)
     assert done_b.steps["post"].result == done_a.steps["post"].result
     assert counted(rclient, settings, "runs")[key] == 1
+
+
+@pytest.mark.slow
+def test_a_worker_paused_between_the_shared_done_and_its_job_write_is_fenced_and_its_output_kept(
+        make_settings, rclient, worker_process):
+    """Paused past its leases right after the shared done: its job's redelivery records the output the
+    shared claim keeps (a large one whole), running nothing; the paused write, once it wakes, is refused."""
+    from tests.conftest import wait_stopped
+    from tests.pipelines import shared_app
+
+    settings = spread(make_settings, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    shards = Shards.of(settings)
+    _, b, goal, _ = apart(shards, "bigstop")
+    key = f"{goal}:post"
+    ns = prefix(settings.namespace)
+    rclient.set(f"{ns}:test.stop", 1)
+    paused = worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2",
+                            **process_env(settings, TEST_STOP_AFTER_SHARED_DONE="1"))
+    home = MeshClient(settings.on_shard(shards.start), client=rclient, app=shared_app.app)
+    pad = settings.claim_result_bytes + 1000
+    big = check(Pipeline("posting-big").step("post", agent="post_big", idempotency_key="{{input.goal}}:post").build(),
+                shared_app.app)
+    ref = home.run(big, {"goal": goal, "pad": pad}, key=b)
+    wait_for(lambda: not rclient.exists(f"{ns}:test.stop"), timeout_s=60)
+    wait_stopped(paused.pid, timeout_s=30)
+    try:
+        assert claims.read(rclient, shards.of_key(key).claim(key)).state == "done"
+        worker_process("--app", "tests.pipelines.shared_app:app", "--threads", "2", **process_env(settings))
+        record = home.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 60)
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    assert record.state is State.SUCCEEDED, record.error
+    assert record.steps["post"].result == {"goal": goal, "pid": paused.pid, "pad": "x" * pad}
+    assert counted(rclient, settings, "effects") == {key: 1}
+    assert counted(rclient, settings, "runs") == {key: 1}
+
+    # the paused attempt wakes: its own job write is refused (its job's claim was taken over), nothing changes
+    wait_for(lambda: "attempt superseded" in paused.log_path.read_text(), timeout_s=30)  # type: ignore[attr-defined]
+    assert home.status(ref.id).steps["post"].result == record.steps["post"].result
+    assert counted(rclient, settings, "effects") == {key: 1}
