@@ -4,8 +4,10 @@ compensation of a shared effect, and the envelopes a single-shard deployment sen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from typing import Any
 
 import pytest
 
@@ -238,3 +240,59 @@ def test_a_worker_paused_between_the_shared_done_and_its_job_write_is_fenced_and
     wait_for(lambda: "attempt superseded" in paused.log_path.read_text(), timeout_s=30)  # type: ignore[attr-defined]
     assert home.status(ref.id).steps["post"].result == record.steps["post"].result
     assert counted(rclient, settings, "effects") == {key: 1}
+
+
+def test_a_shared_claim_that_cannot_be_renewed_keeps_no_job_claim_from_its_renewal(make_settings, rclient,
+                                                                                    monkeypatch):
+    """On a Redis Cluster a shared claim is another slot, whose node may be down or failing over: the
+    renewal of the job claims this process holds (for every message it runs) must not fail with it, or
+    their leases run out while their handlers run, and another delivery takes their keys over."""
+    import itertools
+
+    import redis
+
+    from mesh.broker.idempotency import Idempotency, Lease
+    from mesh.broker.shared_claims import SharedClaim
+
+    settings = spread(make_settings, lease_s=60)
+    shards = Shards.of(settings)
+    home = settings.on_shard(shards.start)
+    idem = Idempotency(home, rclient)
+    rendered = {"shared_key": True}
+    away = next(k for n in itertools.count() if idem.shared.where(k := f"renew-away-{n}", rendered) is not None)
+    where = idem.shared.where(away, rendered)
+    assert where is not None
+    leases = []
+    for key, envelope in ((f"renew-plain-{shards.start}", {}), (away, rendered)):
+        claim_key = idem.keys.claim(key)
+        verdict = idem._call("claim", claim_key, f"owner-{key}")
+        assert verdict[0] == b"run"
+        leases.append(Lease(key=key, claim_key=claim_key, owner=f"owner-{key}", token=int(verdict[1]),
+                            envelope=envelope))
+    taken = idem.shared.take(where, away, leases[1].owner)
+    leases[1].across = SharedClaim(away, where, leases[1].owner, int(taken[1]))
+    try:
+        for lease in leases:
+            idem._hold(lease)
+        before = {lease.key: claims.read(rclient, lease.claim_key).expires_ms for lease in leases}
+        start = claims.read(rclient, where.claim(away)).expires_ms
+
+        def later() -> bool:
+            seconds, micros = rclient.time()
+            return seconds * 1000 + micros // 1000 > max(before.values()) - 60_000 + 2
+
+        wait_for(later, timeout_s=5)
+
+        def down(self: Any, claim: Any, client: Any = None) -> Any:
+            raise redis.ConnectionError(f"the node of shard {claim.keys.shard} is down")
+
+        monkeypatch.setattr(type(idem.shared), "renew", down)
+        with contextlib.suppress(redis.RedisError):  # the renewer logs it and tries again
+            idem.renew()
+        after = {lease.key: claims.read(rclient, lease.claim_key).expires_ms for lease in leases}
+        assert all(after[k] > before[k] for k in before), (before, after)  # every job claim renewed
+        assert claims.read(rclient, where.claim(away)).expires_ms == start  # the shared one could not be
+        assert not any(lease.lost for lease in leases)  # nor is any lease taken for lost
+    finally:
+        idem._stop.set()
+        rclient.delete(*(lease.claim_key for lease in leases), where.claim(away))
