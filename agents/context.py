@@ -166,8 +166,12 @@ class Context:
 
     @property
     def token(self) -> int:
-        """The fencing token of this attempt's claim: pass it to effects that compare tokens."""
-        return self.lease.token
+        """The fencing token of this attempt's claim: pass it to effects that compare tokens. For a key
+        shared across shards (broker/shared_claims.py), the token of the claim in the key's shard, the one
+        every job's attempt on the key takes its token from, so a takeover's is higher there too (the
+        job's own claim's token comes from its shard's counter, not comparable with another shard's)."""
+        across = self.lease.across
+        return across.token if across is not None else self.lease.token
 
     @property
     def deadline(self) -> float:
@@ -342,7 +346,7 @@ class Context:
         finally:
             if outcome:  # not when interrupted otherwise (a shutdown): the attempt is abandoned, not traced
                 self.runtime.tool_call(self.env, spec.name, dependency, time.monotonic() - started,
-                                       token=self.lease.token, **outcome)
+                                       token=self.token, **outcome)
 
     def _mint(self, spec: ToolSpec, args: BaseModel, tool_ctx: ToolContext) -> credentials.Credential:
         """A credential for this call of ``spec``. Stopped by the time limit while minting, the tool
@@ -359,7 +363,7 @@ class Context:
         secrets = spec.secrets if spec is not None else ()
         allow = spec.allowlist(rt.settings) if spec is not None else None
         return ToolContext(key=self._call_key or self.env.key, job_id=self.env.job_id, trace_id=self.env.trace_id,
-                           fencing_token=self.lease.token, deadline=self.env.deadline, clock=rt.clock.now_s,
+                           fencing_token=self.token, deadline=self.env.deadline, clock=rt.clock.now_s,
                            breakers=rt.breakers, settings=rt.settings, redis=rt.redis, keys=rt.keys,
                            client=rt.http, resolve=rt.resolve, allow=allow, dependency=dependency,
                            secrets={name: read_secret(name, rt.settings.secrets_dir) for name in secrets})

@@ -253,14 +253,16 @@ class AgentRuntime:
             let_go()
             if lease.across is not None and lease.across.held:
                 # The key's claim in its own shard first (another slot): a crash after it leaves the key
-                # done, and the redelivery records its output into this job, running nothing again.
-                self._done_shared(env, lease, claim_results.encode(dumped, lease.envelope,
-                                                                   self.settings.claim_result_bytes,
-                                                                   shard=self.settings.shard))
-            self.steps.write(env.job_id, with_effect(change, env.step_id, effect), fence=lease, also=succeeded,
-                             events=events, retention_s=retention_s(flow), known=written, done=done, settle=True)
+                # done, and the redelivery records its output into this job, running nothing again. The
+                # output whole, never a reference to this step's record: that write has not landed yet,
+                # and a crash before it would leave the key done with its output kept nowhere.
+                self._done_shared(env, lease, claim_results.whole(dumped))
+            wrote = self.steps.write(env.job_id, with_effect(change, env.step_id, effect), fence=lease,
+                                     also=succeeded, events=events, retention_s=retention_s(flow), known=written,
+                                     done=done, settle=True)
         except redis.RedisError as exc:
             raise OutcomeUnrecorded(f"step finished but its record failed: {exc}", dumped) from exc
+        self._shrink_shared(env, lease, dumped, wrote.record)
         if self.counters is not None:  # once the write landed: counted once, whatever it was retried
             counted(self.counters)
         lease.result = dumped
@@ -278,6 +280,22 @@ class AgentRuntime:
             lease.lost = True
             self.fenced(env, "shared done", claim.token)
             raise LeaseLost(lease.key, claim.token)
+
+    def _shrink_shared(self, env: Envelope, lease: Any, dumped: dict[str, Any], record: JobRecord) -> None:
+        """A large output this attempt stored whole in the shared claim, replaced there by a reference to
+        its step (naming this shard) once the job's record holds it, as a done claim keeps a large output.
+        Left whole when the record does not hold it, or Redis does not answer (a cost, not a loss)."""
+        claim = lease.across
+        if claim is None or not claim.done:
+            return
+        ref = claim_results.encode(dumped, lease.envelope, self.settings.claim_result_bytes, shard=self.settings.shard)
+        step = record.steps.get(env.step_id)
+        if not ref.startswith(claim_results.REF) or step is None or step.result != dumped:
+            return
+        try:
+            self.shared_claims.keep(claim, ref)
+        except redis.RedisError as exc:
+            logger.warning("shared claim's output left whole", extra={"key": env.key, "error": str(exc)})
 
     def _index_running(self, env: Envelope) -> Any:
         """What a pick-up's write stages beside the record: the running index's entry of ``env``'s step,
@@ -321,6 +339,11 @@ class AgentRuntime:
             if env.contract_version is not None and env.contract_version != spec.version:
                 return None
             if is_compensation(env.step_id):
+                return None
+            if self.shared_claims.where(env.key, raw) is not None:
+                # Its key is claimed in another shard too (broker/shared_claims.py), where another job may
+                # hold it: the message may go to the delay queue instead of running, and its record must
+                # not say running meanwhile (a cancel would wait for it, and let it run after).
                 return None
             payload = validate_model(spec.name, spec.input, env.payload)
         except MeshError:

@@ -42,6 +42,13 @@ def encode(result: dict[str, Any] | None, envelope: dict[str, Any], limit: int, 
     return REF + dumps(ref if shard is None else {**ref, "shard": shard})
 
 
+def whole(result: dict[str, Any] | None) -> bytes:
+    """The claim's result for ``result`` kept whole, whatever its size: for a claim written before the
+    record that would hold the output (a key shared across shards, broker/shared_claims.py), which a
+    reference could name before the output is there, or after a crash, never."""
+    return dumps(result or {})
+
+
 @dataclass(frozen=True)
 class Stored:
     """A done key's output as a duplicate reads it: ``output``, or None and why (``gone``)."""

@@ -500,10 +500,6 @@ class Idempotency(Middleware):
         pipe = self.client.pipeline(transaction=False)
         for lease in leases:
             self._call("renew", lease.claim_key, lease.owner, client=pipe)
-        # The shared claims (the key's shard, when not the job's) with them: a lease is lost with either.
-        across = [lease for lease in leases if lease.across is not None and lease.across.held]
-        for lease in across:
-            self.shared.renew(lease.across, client=pipe)  # type: ignore[arg-type]
         # In the same round trip: whether a running attempt's job was cancelled (ctx.cancelled). Not
         # for a compensation: the cancel is what it runs for, and an undo told to stop stops half done.
         watched = [lease for lease in leases if lease.running and not lease.cancelled
@@ -513,9 +509,36 @@ class Idempotency(Middleware):
             pipe.exists(self.keys.cancel(lease.envelope["job_id"]))
         sent = time.monotonic()
         answers = pipe.execute()
-        for lease, gone in zip(watched, answers[len(leases) + len(across):], strict=True):
+        for lease, gone in zip(watched, answers[len(leases):], strict=True):
             lease.cancelled = bool(gone)
-        for lease, ok in zip(across, answers[len(leases):len(leases) + len(across)], strict=True):
+        for lease, ok in zip(leases, answers[:len(leases)], strict=True):
+            if ok:
+                lease.confirmed_at = max(lease.confirmed_at, sent)
+            elif not lease.lost and not self._done_by(lease):
+                lease.lost = True
+                logger.warning("lease lost while running", extra={"key": lease.key, "token": lease.token})
+        self._renew_shared(leases)
+        self._flag_stuck(leases)
+
+    def _renew_shared(self, leases: list[Lease]) -> None:
+        """The shared claims of ``leases`` (the key's shard, when not the job's: broker/shared_claims.py),
+        renewed in a round trip of their own: on a Redis Cluster they are other slots, maybe on a node that
+        is down or failing over, and that must not keep the job's own claims (and those of every other
+        message this process runs) from being renewed. A shared claim that cannot be renewed is confirmed
+        by the check before each effect, which fails then (its call is not made)."""
+        across = [lease for lease in leases if lease.across is not None and lease.across.held]
+        if not across:
+            return
+        sent = time.monotonic()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for lease in across:
+                self.shared.renew(lease.across, client=pipe)  # type: ignore[arg-type]
+            answers = pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("shared lease renewal failed; retrying", extra={"error": str(exc)})
+            return
+        for lease, ok in zip(across, answers, strict=True):
             claim = lease.across
             assert claim is not None
             if ok:
@@ -524,13 +547,6 @@ class Idempotency(Middleware):
                 claim.lost = lease.lost = True
                 logger.warning("shared lease lost while running", extra={"key": lease.key, "token": claim.token,
                                                                          "shard": claim.keys.shard})
-        for lease, ok in zip(leases, answers[:len(leases)], strict=True):
-            if ok:
-                lease.confirmed_at = max(lease.confirmed_at, sent)
-            elif not lease.lost and not self._done_by(lease):
-                lease.lost = True
-                logger.warning("lease lost while running", extra={"key": lease.key, "token": lease.token})
-        self._flag_stuck(leases)
 
     def _done_by(self, lease: Lease) -> bool:
         """Whether ``lease``'s own success stored its key as done (its write landed while this renewal

@@ -16,8 +16,11 @@ job's claim is won and before the handler runs:
 - free, expired or never claimed: taken with a fencing token and a lease, renewed with the job's
   claim while the handler runs, and checked with it before every effect (broker/fence.py).
 
-A success stores the shared claim as done (with the output, as a done claim keeps it) *first*,
-fenced by its token, and then writes the step and the job's claim in the job's shard. A crash
+A success stores the shared claim as done (with the output, kept whole whatever its size) *first*,
+fenced by its token, and then writes the step and the job's claim in the job's shard. An output over
+MESH_CLAIM_RESULT_BYTES is then replaced in the shared claim by a reference to that step (naming the
+job's shard), as a done claim keeps a large output: never before the record holds it, since a crash
+between the two writes would leave a reference to an output kept nowhere. A crash
 between the two leaves the shared claim done and the job's claim held by a dead attempt: the
 redelivery takes the job's claim over, finds the shared one done and records its output, running
 nothing again. A refused done (the lease ran out and another attempt took the key over or finished
@@ -119,6 +122,11 @@ class SharedClaims:
         claim.done = ok
         claim.lost = claim.lost or not ok
         return ok
+
+    def keep(self, claim: SharedClaim, result: bytes) -> bool:
+        """Replace the result the attempt stored as done with ``result`` (a reference to the job's record,
+        once that record holds the output): False when the key is not done under the claim's token."""
+        return claim.done and bool(self._call(claim.keys, "keep", claim.key, claim.owner, result, claim.token))
 
     def release(self, claim: SharedClaim) -> bool:
         """Free the key for the next attempt (1), or 0: not the attempt's any more."""

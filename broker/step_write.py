@@ -36,7 +36,9 @@ took another message, or lost its claim, writes nothing of it, and that message'
 any other's.
 Nor is a pick-up folded while the worker's work queue holds messages its threads have yet to start: the
 handed step would wait behind them with its record saying ``running``, and a ``mesh cancel`` meanwhile
-would let it run.
+would let it run. Nor is the pick-up of a step whose key is also claimed in another shard (a key shared
+across shards, :mod:`mesh.broker.shared_claims`): another job may hold it there, and the step would wait
+on the delay queue with its record saying ``running``.
 
 The writes of a worker's threads go to Redis together (:class:`~mesh.broker.group_commit.GroupCommit`):
 one script call per group, the group's counters added up and written once per field. (Sending a lone

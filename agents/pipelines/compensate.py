@@ -231,7 +231,10 @@ def _message(step: StepSpec, record: JobRecord, routes: Any, comp: StepRecord, p
                    contract_version=routes.version(comp.agent), payload=payload,
                    flow_key=routes.flow_key(comp.agent, payload),
                    max_retries=policy.max_attempts - 1 if policy else None,
-                   backoff=policy.backoff.value if policy else None, priority=record.priority)
+                   backoff=policy.backoff.value if policy else None, priority=record.priority,
+                   # the undo of an effect jobs share (a rendered key) is shared as the effect is: the
+                   # compensations of jobs of two shards meet in the key's shard (broker/shared_claims.py)
+                   shared_key=step.idempotency_key is not None and getattr(routes, "shared_keys", True))
     timeout = undo.timeout_ms if undo is not None else None
     message = build_message(env, **({"time_limit": timeout} if timeout is not None else {}))
     queue = routes.queue(comp.agent)

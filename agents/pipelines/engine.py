@@ -154,6 +154,12 @@ class Routes:
     max_job_bytes: int | None = None
     #: The flow key of a message to an agent with a payload (its limit ``key`` rendered); None: none known.
     flow_key: Callable[[str, dict[str, Any]], str | None] = lambda agent, payload: None
+    #: Whether a message whose key is rendered from an ``idempotency_key`` says so (the envelope's
+    #: ``shared_key``): with several shards (MESH_SHARDS) its claim is shared in the key's shard
+    #: (broker/shared_claims.py). False with one shard, where nothing reads it: the envelope is written as
+    #: before, which a worker of an earlier release (its envelope refuses unknown fields) reads during a
+    #: rolling deploy. True when the deployment is not known.
+    shared_keys: bool = True
 
     @classmethod
     def from_settings(cls, settings: MeshSettings, queue: Callable[[str], str],
@@ -164,7 +170,8 @@ class Routes:
                                              max_result_bytes=settings.expr_max_result_bytes))
         return cls(queue=queue, version=version, max_fan_out=settings.max_fan_out,
                    max_message_bytes=settings.max_message_bytes, max_json_depth=settings.max_json_depth,
-                   max_job_bytes=settings.max_job_bytes, **({} if flow_key is None else {"flow_key": flow_key}))
+                   max_job_bytes=settings.max_job_bytes, shared_keys=settings.shards > 1,
+                   **({} if flow_key is None else {"flow_key": flow_key}))
 
 
 @dataclass(frozen=True)
@@ -662,7 +669,7 @@ def _message(step: StepSpec, record: JobRecord, run: Run, routes: Routes, step_i
                    backoff=step.retry_policy.backoff.value if step.retry_policy else None, model=step.model or None,
                    idempotent=step.idempotent, priority=step.priority or record.priority,
                    flow_key=routes.flow_key(step.agent_name, payload),
-                   shared_key=step.idempotency_key is not None)
+                   shared_key=step.idempotency_key is not None and routes.shared_keys)
     # hops stay empty: the DAG is acyclic by validation and the record sequences it; two steps
     # may share an agent, which a hop-based cycle check would refuse.
     options = {"time_limit": step.timeout_ms} if step.timeout_ms is not None else {}

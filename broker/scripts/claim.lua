@@ -14,6 +14,9 @@
 --                              with ``token`` (a shared key's claim, broker/shared_claims.py): 0 too when the
 --                              key is done under another token (another attempt finished it), 1 when this
 --                              attempt's own done landed before (sent again)
+--   keep     owner, result, token
+--                           -> 1 the done key's result replaced by ``result`` (a shared key's claim, once the
+--                              job's record holds the output it names), 0 not done under ``token``: left alone
 --   release  owner, token   -> 1 freed for the next attempt (the token is kept), or already freed by this
 --                              attempt; 0 another owner holds it, freed it under a later token, or finished it
 --
@@ -59,6 +62,12 @@ elseif command == "done" then
         if state == "done" then return token == tonumber(ARGV[6]) and 1 or 0 end
     end
     return claim_done(key, owner, ARGV[5], ttl_s)
+
+elseif command == "keep" then
+    local state, _, token = claim_read(key)
+    if state ~= "done" or token ~= tonumber(ARGV[6]) then return 0 end
+    redis.call("set", key, claim_value("done", token, 0, "", ARGV[5]), "KEEPTTL")
+    return 1
 
 elseif command == "release" then
     -- ARGV[5]: the releasing attempt's token. Done, or free under a later token, means another owner

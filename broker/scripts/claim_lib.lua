@@ -30,7 +30,8 @@ end
 
 -- Stores the attempt's result as done; 1 done (or already done), 0 the lease was lost to another owner.
 -- A done claim keeps no owner: nothing asks a done key who finished it, and the dedup window is long.
--- The result is already bounded by the caller (broker/claim_results.py: MESH_CLAIM_RESULT_BYTES).
+-- The result is already bounded by the caller (broker/claim_results.py: MESH_CLAIM_RESULT_BYTES), but for
+-- a key shared across shards, kept whole until its job's record holds it (broker/shared_claims.py).
 local function claim_done(key, owner, result, ttl_s)
     local state, holder, token = claim_read(key)
     if state == "done" then return 1 end
