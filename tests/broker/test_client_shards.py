@@ -70,7 +70,7 @@ def key_on(mesh: MeshClient, shard: int, stem: str) -> str:
 
 
 def other_shards(mesh: MeshClient) -> list[int]:
-    """The shards but the first (MESH_SHARD, whose jobs' keys may be the fleet-wide keys' slot)."""
+    """The shards of jobs but the first."""
     return [k.shard for k in spread(mesh).keys[1:]]
 
 
@@ -179,12 +179,12 @@ def test_approvals_are_listed_from_every_shard_and_a_decision_is_written_in_the_
     assert record.steps["researcher"].state is State.QUEUED and record.steps["researcher"].sent_at is not None
     assert mesh.redis.hlen(keys.messages("researcher")) == 1 and mesh.redis.xlen(keys.approvals_audit) == 1
     assert sorted(p.job_id for p in mesh.approvals()) == sorted(r.id for s, r in refs.items() if s != shard)
-    denied = mesh.deny(refs[spread(mesh).first].id, "researcher", reason="no")
+    denied = mesh.deny(refs[spread(mesh).keys[0].shard].id, "researcher", reason="no")
     assert denied.state is State.HALTED
 
 
 def test_an_emit_wakes_the_steps_waiting_in_every_shard_and_a_signal_finds_its_jobs_shard(mesh):
-    first, second = other_shards(mesh)[0], spread(mesh).first
+    first, second = other_shards(mesh)[0], spread(mesh).keys[0].shard
     a = mesh.run(pipeline(), {"goal": "g"}, key=key_on(mesh, first, "pay-a"))
     b = mesh.run(pipeline(), {"goal": "g"}, key=key_on(mesh, second, "pay-b"))
     c = mesh.run(pipeline(), {"goal": "g"}, key=key_on(mesh, first, "pay-c"))
