@@ -308,3 +308,38 @@ def test_approved_emitted_and_rerun_pipelines_run_to_the_end_in_their_shards(mes
     record = mesh.wait(rerun.id, timeout_s=60)
     assert record.state is State.SUCCEEDED and record.steps["pay"].result == {"order": 1}
     assert spread(mesh).shard_of(rerun.id) != spread(mesh).shard_of(old.id)
+
+
+def test_the_cli_finds_and_changes_jobs_in_every_shard(mesh, sharded):
+    """``mesh status/trace/approvals/approve/signal/emit/waits/cancel/rerun`` go through MeshClient: each
+    finds a job of any shard by its id or its key."""
+    import json
+
+    from tests.conftest import run_cli
+
+    def cli(*args: str) -> Any:
+        done = run_cli(sharded, *args)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return json.loads(done.stdout) if "--json" in args else done.stdout
+
+    shard = other_shards(mesh)[-1]
+    note = mesh.send("executor", NOTE, key=key_on(mesh, shard, "cli-note"))
+    assert cli("status", note.key, "--json")["job_id"] == note.id
+    assert cli("status", note.id, "--json")["state"] == "queued"
+    assert "enqueued" in cli("trace", note.id)
+    asks = mesh.run(Pipeline("asks").step("researcher", approval={"timeout": "1h"}).build(), {"goal": "g"},
+                    key=key_on(mesh, shard, "cli-asks"))
+    assert [a["job_id"] for a in cli("approvals", "--json")] == [asks.id]
+    cli("approve", asks.key, "researcher", "--by", "ana")
+    assert mesh.status(asks.id).steps["researcher"].sent_at is not None
+    paid = mesh.run(pipeline(), {"goal": "g"}, key=key_on(mesh, shard, "cli-paid"))
+    waiting = mesh.run(pipeline(), {"goal": "g"}, key=key_on(mesh, other_shards(mesh)[0], "cli-wait"))
+    assert sorted(w["job_id"] for w in cli("waits", "--json")) == sorted([paid.id, waiting.id])
+    cli("signal", paid.key, "payment.settled", "--data", '{"order": 2}')
+    assert mesh.status(paid.id).steps["pay"].result == {"order": 2}
+    emitted = cli("emit", "payment.settled", "--data", '{"order": 3}', "--json")
+    assert [r["job_id"] for r in emitted["resumed"]] == [waiting.id]
+    rerun = cli("rerun", paid.key, "--from", "researcher", "--json")
+    assert mesh.status(rerun["job_id"]).rerun_of == paid.id
+    cancelled = cli("cancel", rerun["job_id"], "--json")
+    assert cancelled["cancelled"] is True and mesh.status(rerun["job_id"]).state is State.CANCELLED
