@@ -66,7 +66,7 @@ def test_threads_sending_at_once_each_get_a_connection_and_every_send_is_written
     for thread in threads:
         thread.join()
     assert not errors
-    assert len(refs) == 200 and all(client.redis.exists(client.keys.job(ref.id)) for ref in refs)
+    assert len(refs) == 200 and all(client.redis.exists(client.keys_of(ref.id).job(ref.id)) for ref in refs)
 
 
 def test_the_kept_connection_goes_back_to_the_pool_when_the_client_goes(settings: MeshSettings,
@@ -199,7 +199,7 @@ def test_a_forked_child_and_its_parent_send_at_once_each_on_its_own_connection(c
     codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
     assert wrong == 0 and codes == [0, 0]
     queue = client.target("executor").queue
-    assert client.redis.llen(client.keys.queue(queue)) == 301  # every job's message once
+    assert sum(client.redis.llen(keys.queue(queue)) for keys in client.shards.keys) == 301  # every job's message once
 
 
 def test_message_ids_made_ahead_are_never_shared_by_threads_or_forked_children():
