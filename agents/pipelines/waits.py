@@ -357,9 +357,9 @@ def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> 
     With several shards (MESH_SHARDS), each shard keeps the event and indexes its own waiting steps:
     the event is kept in every shard (its delivery's timer set in each first, then the event kept in
     each, then delivered shard by shard), so an emitter that dies on the way leaves each shard that
-    kept it to its timer; one that dies before it kept it everywhere raised nothing to its caller, whose
-    emit again keeps it again (a job still takes one event once; a wait that starts later may take
-    either copy). The Delivery's ``id`` is the first shard's copy's, ``resumed`` every shard's steps."""
+    kept it to its timer; one that stops before it kept it in every shard returned no Delivery, and
+    emitting again keeps a second event (a wait that starts later may take either, one only). Every
+    shard's copy has the first's id (the Delivery's ``id``); ``resumed`` lists every shard's steps."""
     data = _event_data(client, event, data)
     settings, r = client.settings, client.redis
     every = client.shards.keys if client.shards.many else (client.keys,)
@@ -368,12 +368,14 @@ def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> 
     timer = f"{event}|{server_ms(r)}|{uuid.uuid4().hex[:12]}"
     for keys in every:
         timers.stage_schedule(r, keys, store.EMIT, timer, store.GRACE_MS)
-    event_ids = [f"emit:{event}:" + store.keep(r, keys.events(event), {"data": data}, settings.event_keep,
-                                               settings.event_window_s) for keys in every]
+    sid = store.keep(r, every[0].events(event), {"data": data}, settings.event_keep, settings.event_window_s)
+    for keys in every[1:]:  # the other shards' copies carry the first's id: one event, one id
+        store.keep(r, keys.events(event), {"data": data, "id": sid}, settings.event_keep, settings.event_window_s)
+    event_id = f"emit:{event}:{sid}"
     resumed: list[tuple[str, str]] = []
-    for keys, event_id in zip(every, event_ids, strict=True):
+    for keys in every:
         resumed += _emit_in(client, keys, event, event_id, data, timer)
-    return store.Delivery(event, event_ids[0], resumed)
+    return store.Delivery(event, event_id, resumed)
 
 
 def _emit_in(client: MeshClient, keys: Keys, event: str, event_id: str, data: dict[str, Any], timer: str
