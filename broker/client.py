@@ -50,11 +50,20 @@ from . import approvals, trace
 from . import lanes as queue_lanes
 from . import waits as wait_store
 from .clock import ServerClock
-from .connection import NotReplicated, WaitingPipeline, connect, on_slot, replicated, staged, transaction
+from .connection import (
+    NotReplicated,
+    WaitingPipeline,
+    connect,
+    is_cluster,
+    on_slot,
+    replicated,
+    staged,
+    transaction,
+)
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
-from .outbox import NewJobs, encode_checked, register, stage_all
+from .outbox import EnqueueScript, NewJobs, encode_checked, register, stage_all
 from .pipelines import LATEST, PipelineConflict, PipelineStore, StartRun, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
@@ -228,6 +237,9 @@ class MeshClient:
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self._enqueue = register(self.redis)
+        #: On a cluster with several shards, an enqueue script per shard, each keeping a connection of its
+        #: shard's node (one kept connection would go back and forth between the nodes' pools).
+        self._enqueues: dict[int, EnqueueScript] = {}
         self._run_script = StartRun(self.redis, self.keys)
         #: Pipeline versions (name, digest) this client has stored: a later run of one only makes it
         #: the newest again (one HSET), without sending the spec.
@@ -712,12 +724,21 @@ class MeshClient:
                 conflict = jobs.conflict(answer)
                 least = min(least, int(acked))
             else:
-                conflict = jobs.conflict(jobs.write(self._enqueue, keys))
+                conflict = jobs.conflict(jobs.write(self._enqueue_on(keys), keys))
             if conflict is not None:
                 raise KeyConflict(batch.refs[conflict].key, batch.refs[conflict].id, jobs.agent)
         if least < wanted:
             raise NotReplicated(least, wanted, self.settings.redis_wait_timeout_ms, refs)
         return refs
+
+    def _enqueue_on(self, keys: Keys) -> EnqueueScript:
+        """The enqueue script a send to the shard of ``keys`` calls (:attr:`_enqueues`)."""
+        if not self.shards.many or not is_cluster(self.redis):
+            return self._enqueue
+        script = self._enqueues.get(keys.shard)
+        if script is None:
+            script = self._enqueues[keys.shard] = register(self.redis)
+        return script
 
     def approvals(self) -> list[approvals.Pending]:
         """The pipeline steps waiting for a person's approval, oldest first (``mesh approvals``): every

@@ -343,3 +343,17 @@ def test_the_cli_finds_and_changes_jobs_in_every_shard(mesh, sharded):
     assert mesh.status(rerun["job_id"]).rerun_of == paid.id
     cancelled = cli("cancel", rerun["job_id"], "--json")
     assert cancelled["cancelled"] is True and mesh.status(rerun["job_id"]).state is State.CANCELLED
+
+
+def test_on_a_cluster_sends_keep_a_connection_of_each_shards_node(mesh):
+    """Each shard's sends keep a connection of its own node's pool: one kept connection for them all went
+    back to a pool and came out of another at every send that went to another node."""
+    from mesh.broker.connection import node_client
+
+    if not on_cluster():
+        pytest.skip("one pool on a single Redis: the kept connection serves every shard")
+    pools = {k.shard: node_client(mesh.redis, k.prefix).connection_pool for k in spread(mesh).keys}
+    assert len({id(p) for p in pools.values()}) > 1  # the shards on more than one primary
+    for n in range(30):
+        mesh.send("executor", NOTE, key=f"kept-{n}")
+    assert all(len(pool._in_use_connections) >= 1 for pool in pools.values())
