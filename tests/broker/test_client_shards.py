@@ -1,7 +1,7 @@
 """MeshClient over several shards (MESH_SHARDS=3): each job is written in the shard of its id and found
 there by every reader of a job; the client's fleet-wide views (approvals, waits, queues) add every
-shard up, and an emit reaches the steps waiting in each. The jobs run on one in-process worker per
-shard (``settings.on_shard(s)``)."""
+shard up, and an emit reaches the steps waiting in each. The jobs run on an in-process worker of
+every shard."""
 
 from __future__ import annotations
 
@@ -38,21 +38,20 @@ def mesh(sharded: Any, rclient: Any) -> MeshClient:
 
 @pytest.fixture
 def shard_workers(sharded: Any) -> Iterator[Callable[..., None]]:
-    """A worker per shard (each consumes its shard only, as ``settings.on_shard(s)`` says), serving
-    the pipeline tests' app (``agents``: the built-in ones instead)."""
+    """A worker of every shard (one set of consumers per shard, ops/worker.py), serving the pipeline
+    tests' app (``agents``: those built-in ones instead)."""
     from mesh.ops.worker import start_worker
 
     started: list[Any] = []
 
     def start(agents: tuple[str, ...] | None = None) -> None:
-        for keys in Shards.of(sharded).keys:
-            on = sharded.on_shard(keys.shard)
-            started.append(start_worker(on, list(agents), 2) if agents else start_worker(on, None, 2, app=app))
+        started.append(start_worker(sharded, list(agents), 3) if agents else start_worker(sharded, None, 3, app=app))
 
     yield start
     for worker in started:
         worker.stop(timeout=10_000)
-        worker.broker.close()
+        for broker in getattr(worker, "brokers", [worker.broker]):  # each shard's
+            broker.close()
 
 
 def spread(mesh: MeshClient) -> Shards:
