@@ -86,7 +86,8 @@ class TestMesh:
         self._secrets = dict(secrets or {})
         self._secrets_dir: Path | None = None
         self._threads = threads
-        self._overrides = {"namespace": f"test-{uuid.uuid4().hex[:12]}", "retry_min_backoff_ms": 20,
+        # one shard whatever MESH_SHARDS says: its worker consumes one (a namespace of its own needs no more)
+        self._overrides = {"namespace": f"test-{uuid.uuid4().hex[:12]}", "shards": 1, "retry_min_backoff_ms": 20,
                            "retry_max_backoff_ms": 100, "timer_interval_s": 0.05, "reconnect_delay_s": 0.5,
                            **settings}
         if redis_url is not None:
@@ -122,6 +123,9 @@ class TestMesh:
         for name, value in self._secrets.items():
             (self._secrets_dir / name).write_text(value)
         settings = MeshSettings.from_env(**self._overrides, secrets_dir=str(self._secrets_dir))
+        if settings.shards > 1:
+            raise ConfigError(f"a TestMesh runs its worker on one shard: shards={settings.shards} is not served "
+                              "(leave it out: the mesh's namespace is its own)", shards=settings.shards)
         url = ensure_redis(settings)  # at the default URL, the embedded one when none answers
         self.settings = settings = settings.model_copy(update={"redis_url": url})
         app = self._worker_app()
