@@ -67,6 +67,7 @@ from .outbox import EnqueueScript, NewJobs, encode_checked, register, stage_all
 from .pipelines import LATEST, PipelineConflict, PipelineStore, StartRun, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
+from .shard_readers import pending_approvals, pending_waits, queue_depths
 from .shards import Shards, job_id_for, shards_refusal
 
 
@@ -743,10 +744,7 @@ class MeshClient:
     def approvals(self) -> list[approvals.Pending]:
         """The pipeline steps waiting for a person's approval, oldest first (``mesh approvals``): every
         shard's."""
-        if not self.shards.many:
-            return approvals.pending(self.redis, self.keys)
-        found = [p for keys in self.shards.keys for p in approvals.pending(self.redis, keys)]
-        return sorted(found, key=lambda p: p.asked_at)[:1000]
+        return pending_approvals(self.redis, self.shards.keys if self.shards.many else (self.keys,))
 
     def approve(self, job_id: str, step_id: str, *, note: str | None = None, by: str | None = None) -> JobRecord:
         """Approve the exact call step ``step_id`` of job ``job_id`` (an id, or the key it was sent
@@ -796,10 +794,7 @@ class MeshClient:
         given), oldest first (``mesh waits``). InvalidEvent when ``event`` is no event name."""
         if event is not None:
             wait_store.check_event_name(event)
-        if not self.shards.many:
-            return wait_store.pending(self.redis, self.keys, event=event)
-        found = [w for keys in self.shards.keys for w in wait_store.pending(self.redis, keys, event=event)]
-        return sorted(found, key=lambda w: int(w.wait.started_at * 1000))[:1000]
+        return pending_waits(self.redis, self.shards.keys if self.shards.many else (self.keys,), event=event)
 
     def status(self, job_id: str) -> JobRecord:
         """The job's record; :class:`JobNotFound` when there is none (``expired`` when retention removed
@@ -899,30 +894,21 @@ class MeshClient:
         delayed, and in flight (fetched by a worker, not yet settled). ``lanes``: also the ready
         messages ``by_priority`` and the ``flows`` (flow keys) with ready work. With several shards, each
         is the sum of every shard's (a flow key with ready work in two shards counts twice)."""
+        if self.shards.many:
+            return queue_depths(self, agents, lanes=lanes)
         names = list(agents) if agents is not None else self.agent_queues()
-        every = self.shards.keys if self.shards.many else (self.keys,)
         pipe = self.redis.pipeline(transaction=False)
-        for keys in every:
-            for name in names:
-                pipe.hlen(keys.messages(name))
-                pipe.hlen(keys.delayed_messages(name))
+        for name in names:
+            pipe.hlen(self.keys.messages(name))
+            pipe.hlen(self.keys.delayed_messages(name))
         values = pipe.execute()
         out: dict[str, dict[str, Any]] = {}
-        for n, keys in enumerate(every):
-            at = 2 * len(names) * n
-            for i, (name, lane) in enumerate(queue_lanes.depth(self.redis, keys, names).items()):
-                stored, delayed = values[at + 2 * i: at + 2 * i + 2]
-                ready = lane["ready"]
-                depth = {"ready": ready, "delayed": delayed, "in_flight": max(0, stored - ready)}
-                if lanes:
-                    depth.update(by_priority=lane["by_priority"], flows=lane["flows"])
-                if name in out:  # another shard's: added up
-                    summed = out[name]
-                    for field, value in depth.items():
-                        summed[field] = {p: summed[field][p] + v for p, v in value.items()} \
-                            if isinstance(value, dict) else summed[field] + value
-                else:
-                    out[name] = depth
+        for i, (name, lane) in enumerate(queue_lanes.depth(self.redis, self.keys, names).items()):
+            stored, delayed = values[2 * i: 2 * i + 2]
+            ready = lane["ready"]
+            out[name] = {"ready": ready, "delayed": delayed, "in_flight": max(0, stored - ready)}
+            if lanes:
+                out[name].update(by_priority=lane["by_priority"], flows=lane["flows"])
         return out
 
     def close(self) -> None:
