@@ -50,15 +50,25 @@ from . import approvals, trace
 from . import lanes as queue_lanes
 from . import waits as wait_store
 from .clock import ServerClock
-from .connection import NotReplicated, WaitingPipeline, connect, on_slot, replicated, staged, transaction
+from .connection import (
+    NotReplicated,
+    WaitingPipeline,
+    connect,
+    is_cluster,
+    on_slot,
+    replicated,
+    staged,
+    transaction,
+)
 from .jobs import JobNotFound, JobStore
 from .keys import Keys
 from .observe import running_member
-from .outbox import NewJobs, encode_checked, register, stage_all
+from .outbox import EnqueueScript, NewJobs, encode_checked, register, stage_all
 from .pipelines import LATEST, PipelineConflict, PipelineStore, StartRun, stage_register
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
-from .shards import job_id_for
+from .shard_readers import pending_approvals, pending_waits, queue_depths
+from .shards import Shards, job_id_for, shards_refusal
 
 
 class WaitTimeout(MeshError):
@@ -144,6 +154,15 @@ def trace_id_for(key: str) -> str:
     return trace_id_of(job_id_for(key))
 
 
+@dataclass
+class Batch:
+    """The new jobs of a send in one shard (:meth:`MeshClient._build`): its keys, the jobs, their refs."""
+
+    keys: Keys
+    jobs: NewJobs
+    refs: list[JobRef[Any]]
+
+
 def _refuse_conflicts(records: list[JobRecord], stored: list[Any]) -> None:
     """KeyConflict for the first record whose key already names a job created with another payload
     (stored, or earlier in the same batch)."""
@@ -208,12 +227,20 @@ class MeshClient:
         self.settings = settings or MeshSettings.from_env()
         self.redis = client or connect(self.settings)
         self.keys = Keys(self.settings.namespace, self.settings.shard)
+        #: The namespace's shards (MESH_SHARD, MESH_SHARDS): a job is written and read in its own
+        #: (:meth:`keys_of`); with one, that shard's keys are :attr:`keys`.
+        self.shards = Shards.of(self.settings)
         self.jobs = JobStore(self.redis, self.keys, self.settings.job_retention_s,
                              self.settings.dead_letter_job_retention_s)
+        #: The job stores of the other shards, made when first used (:meth:`jobs_on`).
+        self._stores: dict[int, JobStore] = {self.keys.shard: self.jobs}
         self.app = app
         self.registry = Registry(self.redis, self.keys, self.settings.heartbeat_timeout_s)
         self.pipelines = PipelineStore(self.redis, self.keys)
         self._enqueue = register(self.redis)
+        #: On a cluster with several shards, an enqueue script per shard, each keeping a connection of its
+        #: shard's node (one kept connection would go back and forth between the nodes' pools).
+        self._enqueues: dict[int, EnqueueScript] = {}
         self._run_script = StartRun(self.redis, self.keys)
         #: Pipeline versions (name, digest) this client has stored: a later run of one only makes it
         #: the newest again (one HSET), without sending the spec.
@@ -224,27 +251,59 @@ class MeshClient:
         #: the agent and the spec's queue, version and models, the agent given): made again when any of
         #: them is no longer what it was.
         self._targets: dict[str, tuple[Any, Any, Any, Target]] = {}
-        #: Whether the namespace was found free of unmigrated data of the older key layout (checked
-        #: once, before this client's first enqueue: :meth:`layout_refusal`).
+        #: Whether the namespace was found free of unmigrated data of the older key layout and its
+        #: recorded shards the client's (checked once, before this client's first enqueue:
+        #: :meth:`layout_refusal`).
         self._layout_ok = False
+        #: What the namespace's recorded shards refused, when they did (:func:`~mesh.broker.shards.check_shards`).
+        self._shards_refused: ConfigError | None = None
+
+    def keys_of(self, job_id: str) -> Keys:
+        """The keys of the shard job ``job_id`` lives in (:meth:`Shards.of_job`: a hash of its id); with
+        one shard, :attr:`keys`."""
+        return self.shards.of_job(job_id) if self.shards.many else self.keys
+
+    def jobs_of(self, job_id: str) -> JobStore:
+        """The job store of the shard job ``job_id`` lives in; with one shard, :attr:`jobs`."""
+        return self.jobs_on(self.shards.of_job(job_id)) if self.shards.many else self.jobs
+
+    def jobs_on(self, keys: Keys) -> JobStore:
+        """The job store of the shard whose keys are ``keys``."""
+        store = self._stores.get(keys.shard)
+        if store is None:
+            store = self._stores[keys.shard] = JobStore(self.redis, keys, self.settings.job_retention_s,
+                                                        self.settings.dead_letter_job_retention_s)
+        return store
 
     def layout_refusal(self) -> str | None:
         """Why the namespace may not be written: it holds data of the older key layout that ``mesh
-        migrate`` never moved (broker/layout.py), which this client would not see; None when it may.
-        One round trip until the answer is None, then none."""
+        migrate`` never moved (broker/layout.py), which this client would not see, or another process
+        recorded other shards for it (MESH_SHARD, MESH_SHARDS: broker/shards.py), where this client
+        would put jobs its workers do not look for; None when it may. One round trip until the answer
+        is None, then none (the shards are read in that round trip; on a Cluster, where the layout
+        needs none, with more than one shard only)."""
         if self._layout_ok:
             return None
-        from .layout import unmigrated
+        from .layout import UNREAD, unmigrated_and
 
-        refused = unmigrated(self.redis, self.keys.namespace)
+        refused, recorded = unmigrated_and(self.redis, self.keys.namespace, self.shards.home.shard_count)
+        if refused is None and recorded is UNREAD and self.shards.many:
+            recorded = self.redis.get(self.shards.home.shard_count)
+        self._shards_refused = None if refused is not None or recorded is UNREAD else \
+            shards_refusal(recorded, self.shards)
+        if self._shards_refused is not None:
+            refused = self._shards_refused.message
         self._layout_ok = refused is None
         return refused
 
     def _check_layout(self) -> None:
-        """ConfigError before this client's first enqueue into an unmigrated namespace: the messages
-        would wait in the new layout while the older one's, unseen, hold the namespace's earlier work."""
+        """ConfigError before this client's first enqueue into an unmigrated namespace (the messages
+        would wait in the new layout while the older one's, unseen, hold the namespace's earlier work),
+        or into one whose recorded shards are not the client's."""
         if not self._layout_ok:
             refused = self.layout_refusal()
+            if self._shards_refused is not None:
+                raise self._shards_refused
             if refused is not None:
                 raise ConfigError(refused, namespace=self.keys.namespace)
 
@@ -378,39 +437,40 @@ class MeshClient:
             raise LimitExceeded(why, setting=named.group(), limit=limit if isinstance(limit, int) else -1, size=-1)
         encoded = [self._encode(m) for m in messages]
         digest = spec.digest()
+        keys, jobs = self.keys_of(ref.id), self.jobs_of(ref.id)  # the job's shard
         probe = self.redis.pipeline(transaction=False)  # never sent: what creating the record stages
-        self.jobs.stage_create(probe, record)
+        jobs.stage_create(probe, record)
         if len(staged(probe)) == 2:  # the record and its index alone: one script call
             return self._start_run(spec, digest, record, ref, messages, encoded, events, replace)
         # A root step that waits (sleep:, wait_for:) or asks for approval at once also stages its
         # index entries and timers (scripts of their own): the transaction below writes them.
-        apart = self.keys.fleet != self.keys.prefix  # a shard's job: the spec registered first, on its own
+        apart = keys.fleet != keys.prefix  # a shard's job: the spec registered first, on its own
         if apart:
             try:
                 self._register(spec, digest, replace)
             except PipelineConflict:  # a key bound to another input is the conflict found first, as on shard 0
-                _refuse_conflicts([record], [self.redis.get(self.keys.job(ref.id))])
+                _refuse_conflicts([record], [self.redis.get(keys.job(ref.id))])
                 raise
         while True:
             with transaction(self.redis, self.settings) as pipe:
                 try:
-                    pipe.watch(self.keys.job(ref.id), *([] if replace or apart else [self.keys.pipeline(spec.name)]))
-                    existing = pipe.get(self.keys.job(ref.id))
+                    pipe.watch(keys.job(ref.id), *([] if replace or apart else [keys.pipeline(spec.name)]))
+                    existing = pipe.get(keys.job(ref.id))
                     _refuse_conflicts([record], [existing])
-                    latest: Any = None if replace or apart else pipe.hget(self.keys.pipeline(spec.name), LATEST)
+                    latest: Any = None if replace or apart else pipe.hget(keys.pipeline(spec.name), LATEST)
                     if latest is not None and latest.decode() != digest:
                         raise PipelineConflict(spec.name, latest.decode(), digest)
                     pipe.multi()
                     if not apart:  # the spec's JSON always (HSETNX): a version this client stored may be lost since
-                        stage_register(pipe, self.keys, spec.name, digest, spec.canonical())
+                        stage_register(pipe, keys, spec.name, digest, spec.canonical())
                     if existing is None:  # a re-sent run of the same key and input is that job
-                        self.jobs.stage_create(pipe, record)
+                        jobs.stage_create(pipe, record)
                         for message in messages:
-                            trace.stage(pipe, self.keys, trace.event("enqueued", message.args[0],
-                                                                     queue=message.queue_name, by="client"))
+                            trace.stage(pipe, keys, trace.event("enqueued", message.args[0],
+                                                                queue=message.queue_name, by="client"))
                         for ev in events:
-                            trace.stage(pipe, self.keys, ev)
-                        stage_all(pipe, self.keys, messages, encoded)
+                            trace.stage(pipe, keys, ev)
+                        stage_all(pipe, keys, messages, encoded)
                     pipe.execute()
                     self._registered.add((spec.name, digest))
                     replicated(pipe, [ref])
@@ -451,7 +511,8 @@ class MeshClient:
                 job_id=record.job_id, payload_hash=record.payload_hash or "", record=dumps(record),
                 created_at=record.created_at, name=spec.name, digest=digest, replace=replace,
                 canonical=None if registered else spec.canonical(), events=enqueued + events, messages=bodies,
-                wait=(wanted, self.settings.redis_wait_timeout_ms) if wanted else None)
+                wait=(wanted, self.settings.redis_wait_timeout_ms) if wanted else None,
+                keys=self.keys_of(record.job_id))
             if answer != b"spec" or not registered:
                 break
             registered = False  # Redis lost the version this client stored: sent again, with its JSON
@@ -599,17 +660,26 @@ class MeshClient:
 
     def _build(self, target: Target, items: list[tuple[str, dict[str, Any], str | None]], *,
                token_budget: int | None = None, first: int | None = None,
-               priority: Priority = "normal") -> tuple[NewJobs, list[JobRef[Any]]]:
-        """The jobs and messages of ``items``, nothing written; LimitExceeded for a message over
+               priority: Priority = "normal") -> tuple[list[Batch], list[JobRef[Any]]]:
+        """The jobs and messages of ``items``, nothing written: one batch per shard they go to (one
+        with one shard), and every item's ref, in order; LimitExceeded for a message over
         MESH_MAX_MESSAGE_BYTES or MESH_MAX_JSON_DEPTH (naming its batch index when ``first`` is given:
         the index of the first item)."""
         agent = target.agent
         now = time.time()
         budget = (self.settings.job_token_budget if token_budget is None else token_budget) or None
-        batch = NewJobs(agent=agent, queue=target.queue, version=target.version, goal=None, now=now,
-                        deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
-                        max_bytes=self.settings.max_message_bytes, max_depth=self.settings.max_json_depth,
-                        expected=len(items), priority=priority)
+        deadline = self.clock.now_s() + self.settings.job_deadline_s
+
+        def new_batch(keys: Keys, expected: int) -> Batch:
+            return Batch(keys, NewJobs(agent=agent, queue=target.queue, version=target.version, goal=None, now=now,
+                                       deadline=deadline, token_budget=budget,
+                                       max_bytes=self.settings.max_message_bytes,
+                                       max_depth=self.settings.max_json_depth, expected=expected,
+                                       priority=priority), [])
+
+        many = self.shards.many
+        batches: dict[int, Batch] = {}
+        batch = new_batch(self.keys, len(items))
         refs = []
         reader = _step_output(agent, target.output)
         for index, (step_id, payload, given) in enumerate(items):
@@ -617,42 +687,64 @@ class MeshClient:
             key = given or uuid.uuid4().hex
             job_id = job_id_for(key)
             ref = JobRef(id=job_id, key=key, trace_id=trace_id_of(job_id), client=self, reader=reader)
+            if many:  # the batch of the job's shard
+                shard = self.shards.shard_of(job_id)
+                batch = batches.get(shard) or batches.setdefault(
+                    shard, new_batch(self.shards.of_job(job_id), len(items) // self.shards.count + 1))
             try:
-                batch.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
-                          flow_key=target.flow_key(payload) if target.flow_key is not None else None,
-                          payload_hash=payload_hash(agent, payload), checked=bool(given))
+                batch.jobs.add(step_id, payload, key=key, job_id=ref.id, trace_id=ref.trace_id,
+                               flow_key=target.flow_key(payload) if target.flow_key is not None else None,
+                               payload_hash=payload_hash(agent, payload), checked=bool(given))
             except LimitExceeded as exc:
                 if first is None:
                     raise
                 raise LimitExceeded(f"item {first + index}: {exc.message}", index=first + index,
                                     **exc.context) from None
+            batch.refs.append(ref)
             refs.append(ref)
-        return batch, refs
+        return (list(batches.values()) if many else [batch]), refs
 
-    def _write(self, batch: NewJobs, refs: list[JobRef[Any]]) -> list[JobRef[Any]]:
-        """Write what :meth:`_build` built, in one script call; with MESH_REDIS_WAIT_REPLICAS, then WAIT
-        for the replicas on the same connection (NotReplicated when too few confirm)."""
+    def _write(self, batches: list[Batch], refs: list[JobRef[Any]]) -> list[JobRef[Any]]:
+        """Write what :meth:`_build` built, one script call per batch (per shard), one shard after the
+        other; with MESH_REDIS_WAIT_REPLICAS, each followed by a WAIT for the replicas on the same
+        connection (NotReplicated, once every batch is written, when too few confirmed one of them).
+        KeyConflict stops at the batch of the key that conflicts: nothing of that batch is written,
+        the batches (shards) before it are."""
         self._check_layout()
         wanted = self.settings.redis_wait_replicas
-        if wanted:
-            def send(node: redis.Redis) -> Any:  # the WAIT on the connection of the script's writes
-                pipe = WaitingPipeline(node, wanted, self.settings.redis_wait_timeout_ms)
-                batch.write(self._enqueue, self.keys, client=pipe)
-                return *pipe.execute(), pipe.acked
+        least = wanted
+        for batch in batches:
+            jobs, keys = batch.jobs, batch.keys
+            if wanted:
+                def send(node: redis.Redis, jobs: NewJobs = jobs, keys: Keys = keys) -> Any:
+                    pipe = WaitingPipeline(node, wanted, self.settings.redis_wait_timeout_ms)  # the WAIT on the
+                    jobs.write(self._enqueue, keys, client=pipe)  # connection of the script's writes
+                    return *pipe.execute(), pipe.acked
 
-            answer, acked = on_slot(self.redis, self.keys.prefix, send)
-            conflict = batch.conflict(answer)
-        else:
-            conflict, acked = batch.conflict(batch.write(self._enqueue, self.keys)), wanted
-        if conflict is not None:
-            raise KeyConflict(refs[conflict].key, refs[conflict].id, batch.agent)
-        if int(acked) < wanted:
-            raise NotReplicated(int(acked), wanted, self.settings.redis_wait_timeout_ms, refs)
+                answer, acked = on_slot(self.redis, keys.prefix, send)
+                conflict = jobs.conflict(answer)
+                least = min(least, int(acked))
+            else:
+                conflict = jobs.conflict(jobs.write(self._enqueue_on(keys), keys))
+            if conflict is not None:
+                raise KeyConflict(batch.refs[conflict].key, batch.refs[conflict].id, jobs.agent)
+        if least < wanted:
+            raise NotReplicated(least, wanted, self.settings.redis_wait_timeout_ms, refs)
         return refs
 
+    def _enqueue_on(self, keys: Keys) -> EnqueueScript:
+        """The enqueue script a send to the shard of ``keys`` calls (:attr:`_enqueues`)."""
+        if not self.shards.many or not is_cluster(self.redis):
+            return self._enqueue
+        script = self._enqueues.get(keys.shard)
+        if script is None:
+            script = self._enqueues[keys.shard] = register(self.redis)
+        return script
+
     def approvals(self) -> list[approvals.Pending]:
-        """The pipeline steps waiting for a person's approval, oldest first (``mesh approvals``)."""
-        return approvals.pending(self.redis, self.keys)
+        """The pipeline steps waiting for a person's approval, oldest first (``mesh approvals``): every
+        shard's."""
+        return pending_approvals(self.redis, self.shards.keys if self.shards.many else (self.keys,))
 
     def approve(self, job_id: str, step_id: str, *, note: str | None = None, by: str | None = None) -> JobRecord:
         """Approve the exact call step ``step_id`` of job ``job_id`` (an id, or the key it was sent
@@ -666,13 +758,21 @@ class MeshClient:
 
     def _decide(self, job_id: str, step_id: str, decision: Decision, by: str | None,
                 note: str | None) -> JobRecord:
-        if self.redis.exists(self.keys.job(job_id)) == 0 and self.redis.exists(self.keys.job(job_id_for(job_id))):
-            job_id = job_id_for(job_id)  # the key the job was sent with
+        job_id = self.named(job_id)
         change = approvals.decide_change(self.pipelines, lambda a: self.target(a).queue,
                                          lambda a: self.target(a).version, self.settings)
         verdict = approvals.Verdict(step_id=step_id, decision=decision, by=by or approvals.default_by(), note=note,
                                     at=self.clock.now_s())
-        return approvals.decide(self.jobs, job_id, verdict, change)[0]
+        return approvals.decide(self.jobs_of(job_id), job_id, verdict, change)[0]
+
+    def named(self, given: str) -> str:
+        """The job ``given`` names: itself, or (when no job has that id and one has its key's) the job of
+        the key it was sent with."""
+        if self.redis.exists(self.keys_of(given).job(given)) == 0:
+            keyed = job_id_for(given)
+            if self.redis.exists(self.keys_of(keyed).job(keyed)):
+                return keyed
+        return given
 
     def signal(self, job_id: str, event: str, data: dict[str, Any] | None = None) -> wait_store.Delivery:
         """Deliver ``event`` (with ``data``, a JSON object) to job ``job_id`` (an id or its key): the
@@ -694,16 +794,16 @@ class MeshClient:
         given), oldest first (``mesh waits``). InvalidEvent when ``event`` is no event name."""
         if event is not None:
             wait_store.check_event_name(event)
-        return wait_store.pending(self.redis, self.keys, event=event)
+        return pending_waits(self.redis, self.shards.keys if self.shards.many else (self.keys,), event=event)
 
     def status(self, job_id: str) -> JobRecord:
         """The job's record; :class:`JobNotFound` when there is none (``expired`` when retention removed
         it once its job ended)."""
-        record = self.jobs.get(job_id)
+        record = self.jobs_of(job_id).get(job_id)
         if record is None:
             from .retention import expired
 
-            raise JobNotFound(job_id, expired=expired(self.redis, self.keys, job_id))
+            raise JobNotFound(job_id, expired=expired(self.redis, self.keys_of(job_id), job_id))
         return record
 
     def cancel(self, job_id: str, reason: str | None = None) -> JobRecord:
@@ -734,9 +834,9 @@ class MeshClient:
         if not running:
             return {}
         now = self.clock.now_s() if now is None else now
-        pipe = self.redis.pipeline(transaction=False)
+        pipe, index = self.redis.pipeline(transaction=False), self.keys_of(record.job_id).running
         for step in running:
-            pipe.zscore(self.keys.running, running_member(record.job_id, step.step_id))
+            pipe.zscore(index, running_member(record.job_id, step.step_id))
         out = {}
         for step, last in zip(running, pipe.execute(), strict=True):
             if last is not None and now - float(last) >= self.settings.stuck_after_s:
@@ -762,15 +862,17 @@ class MeshClient:
         (``block_ms`` at a time, then a look at the job's record); a job that has ended is read
         with :func:`mesh.broker.trace.read_since`. Raises JobNotFound for a job with neither a
         record nor events."""
-        if self.redis.exists(self.keys.job(job_id), self.keys.trace(job_id)) == 0:
+        keys = self.keys_of(job_id)
+        if self.redis.exists(keys.job(job_id), keys.trace(job_id)) == 0:
             job_id = job_id_for(job_id)
-            if self.redis.exists(self.keys.job(job_id), self.keys.trace(job_id)) == 0:
+            keys = self.keys_of(job_id)
+            if self.redis.exists(keys.job(job_id), keys.trace(job_id)) == 0:
                 raise JobNotFound(job_id)
-        stream = self.keys.trace(job_id)
+        stream, jobs = keys.trace(job_id), self.jobs_of(job_id)
         while True:
-            record = self.jobs.get(job_id)
+            record = jobs.get(job_id)
             if record is None or record.state in TERMINAL:  # what is left, from wherever the trace is kept
-                for event_id, ev in trace.read_since(self.redis, self.keys, job_id, last_id):
+                for event_id, ev in trace.read_since(self.redis, keys, job_id, last_id):
                     yield {"id": event_id, **ev}
                 return
             rows: Any = self.redis.xread({stream: last_id}, count=TRACE_BATCH, block=block_ms)
@@ -790,7 +892,10 @@ class MeshClient:
     def queues(self, agents: Iterable[str] | None = None, *, lanes: bool = False) -> dict[str, dict[str, Any]]:
         """Per queue (default: every agent's, see :meth:`agent_queues`): ready (in every lane),
         delayed, and in flight (fetched by a worker, not yet settled). ``lanes``: also the ready
-        messages ``by_priority`` and the ``flows`` (flow keys) with ready work."""
+        messages ``by_priority`` and the ``flows`` (flow keys) with ready work. With several shards, each
+        is the sum of every shard's (a flow key with ready work in two shards counts twice)."""
+        if self.shards.many:
+            return queue_depths(self, agents, lanes=lanes)
         names = list(agents) if agents is not None else self.agent_queues()
         pipe = self.redis.pipeline(transaction=False)
         for name in names:

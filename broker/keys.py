@@ -156,6 +156,8 @@ The mesh's own:
                                       for that event name (what mesh emit reads)
     {ns}:events:{event}               stream, capped at MESH_EVENT_KEEP, trimmed to MESH_EVENT_WINDOW_S and
                                       expiring with it: emitted events kept for waits that start later
+                                      (each shard's; an entry's ``id``, when set, is the event's id: its
+                                      first shard's copy's, MeshClient.emit)
     {ns}:signals:{job_id}             stream, capped at MESH_EVENT_KEEP, expiring MESH_EVENT_WINDOW_S after
                                       its last write: events signalled to a job that no step consumed yet
     {ns}:registry.agents              hash agent name -> JSON: the agent as its workers publish it on

@@ -89,6 +89,27 @@ def unmigrated(client: redis.Redis, namespace: str) -> str | None:
     return refusal(namespace) if old and not marked else None
 
 
+#: What :func:`unmigrated_and` answers for the key it did not read.
+UNREAD: Any = object()
+
+
+def unmigrated_and(client: redis.Redis, namespace: str, key: str) -> tuple[str | None, Any]:
+    """:func:`unmigrated`, and the value of ``key`` (a fleet-wide key: the client's ``{ns}:shards``) read
+    in the same round trip; the value is :data:`UNREAD` where no round trip is made (a Cluster) or the
+    read was refused (a user held to the new layout's keys): read it on its own then, if it must be."""
+    if isinstance(client, RedisCluster):
+        return None, UNREAD
+    pipe = client.pipeline(transaction=False)
+    pipe.exists(*(f"{namespace}:{rest}" for rest in LONG_LIVED))
+    pipe.exists(marker(namespace))
+    pipe.get(key)
+    try:
+        old, marked, value = pipe.execute()
+    except (redis.exceptions.NoPermissionError, redis.exceptions.ClusterCrossSlotError):  # as _state
+        return None, UNREAD
+    return (refusal(namespace) if old and not marked else None), value
+
+
 def _state(client: redis.Redis, namespace: str) -> tuple[int, bool]:
     """:func:`layout_state`, or (0, True) where no old-layout key can be: on a Cluster (no round trip)."""
     if isinstance(client, RedisCluster):  # the older layout's keys never fitted a Cluster: none can be there

@@ -71,8 +71,10 @@ class StartRun:
 
     def __call__(self, *, job_id: str, payload_hash: str, record: bytes, created_at: float, name: str,
                  digest: str, replace: bool, canonical: bytes | None, events: list[dict[str, Any]],
-                 messages: list[tuple[str, str, bytes]], wait: tuple[int, int] | None = None) -> tuple[Any, int]:
-        """Run the script. ``canonical``: the spec's JSON, None when this client stored the version
+                 messages: list[tuple[str, str, bytes]], wait: tuple[int, int] | None = None,
+                 keys: Keys | None = None) -> tuple[Any, int]:
+        """Run the script. ``keys``: the keys of the job's shard (default: those it was made with);
+        ``canonical``: the spec's JSON, None when this client stored the version
         already; ``messages``: (queue, message id, encoded message); ``wait``: (replicas, timeout_ms)
         to WAIT for after it on the same connection (MESH_REDIS_WAIT_REPLICAS). (answer, replicas
         that confirmed): the answer is 0 (created), 1 (the key's job is this run: nothing sent),
@@ -86,21 +88,22 @@ class StartRun:
             args += (job, event)
         for queue, message_id, data in messages:
             args += (queue, message_id, data)
-        if self.keys.fleet != self.keys.prefix:  # a shard's job: the registration first, in its own call
+        keys = self.keys if keys is None else keys
+        if keys.fleet != keys.prefix:  # a shard's job: the registration first, in its own call
             registration = ["", args[1], b"", *args[3:_FIRST], 0]  # job_id "": the spec alone, no record, no event
-            registered, acked = self._call([self.keys.fleet], registration, wait)
+            registered, acked = self._call([keys.fleet], registration, wait)
             if registered != 1:
-                return self._key_first(job_id, payload_hash, registered), acked
+                return self._key_first(job_id, payload_hash, registered, keys), acked
             args[6] = ""  # name "": registered already
-        return self._call([self.keys.prefix], args, wait)
+        return self._call([keys.prefix], args, wait)
 
-    def _key_first(self, job_id: str, payload_hash: str, answer: Any) -> Any:
+    def _key_first(self, job_id: str, payload_hash: str, answer: Any, keys: Keys) -> Any:
         """A shard's refused registration (``answer``): ``b"key"`` instead of a ``replace=False`` conflict when
         the key's job is bound to another input, the conflict the one script finds first on shard 0. A read
         alone: both answers write nothing."""
         if not (isinstance(answer, bytes) and answer.startswith(b"pipeline:")):
             return answer
-        stored: Any = self.script.registered_client.get(self.keys.job(job_id))
+        stored: Any = self.script.registered_client.get(keys.job(job_id))
         try:
             bound = orjson.loads(stored).get("payload_hash") if stored is not None else None
         except (orjson.JSONDecodeError, AttributeError):  # not a record: the job's call would refuse it

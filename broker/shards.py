@@ -27,7 +27,7 @@ import hashlib
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mesh.contracts import ConfigError
 
@@ -118,14 +118,24 @@ def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) ->
     them (one round trip; a client checks, never records): ConfigError when another process recorded
     another first shard or count (its jobs would be looked for in the wrong shards)."""
     key = shards.home.shard_count
-    found = client.set(key, shards.recorded, nx=True, get=True) if record else client.get(key)
+    found: Any = client.set(key, shards.recorded, nx=True, get=True) if record else client.get(key)
+    refused = shards_refusal(found, shards)
+    if refused is not None:
+        raise refused
+
+
+def shards_refusal(found: bytes | str | None, shards: Shards) -> ConfigError | None:
+    """What :func:`check_shards` raises when ``{ns}:shards`` holds ``found`` (None: nothing recorded),
+    else None: for a reader that read it in a round trip of its own (the client's first enqueue)."""
     if found is None:
-        return
+        return None
     found = found.decode() if isinstance(found, bytes) else str(found)
-    if found != shards.recorded:
-        first, _, count = found.partition("+")
-        raise ConfigError(f"namespace {shards.namespace} spreads its jobs over {count} shard(s) from shard {first} "
-                          f"(MESH_SHARD={first}, MESH_SHARDS={count}); this process has MESH_SHARD={shards.first}, "
-                          f"MESH_SHARDS={shards.count}: set them the same, or drain the namespace and delete "
-                          f"{key} to change them", namespace=shards.namespace, recorded=found,
-                          wanted=shards.recorded)
+    if found == shards.recorded:
+        return None
+    first, _, count = found.partition("+")
+    key = shards.home.shard_count
+    return ConfigError(f"namespace {shards.namespace} spreads its jobs over {count} shard(s) from shard {first} "
+                       f"(MESH_SHARD={first}, MESH_SHARDS={count}); this process has MESH_SHARD={shards.first}, "
+                       f"MESH_SHARDS={shards.count}: set them the same, or drain the namespace and delete "
+                       f"{key} to change them", namespace=shards.namespace, recorded=found,
+                       wanted=shards.recorded)

@@ -13,7 +13,9 @@ record brings along, in the same MULTI (:func:`stage_waits`, called by the job s
 
 An event's delivery is a timer too (``wait.emit``, ``wait.signal``): set before the event is kept,
 removed once its emitter delivered it, so an emitter that dies on the way leaves it to a worker.
-Events are kept for waits that start later (:func:`keep`): an emitted one in ``{ns}:events:{event}``,
+Events are kept for waits that start later (:func:`keep`): an emitted one in ``{ns}:events:{event}``
+(with several shards, in every shard's: each copy but the first carries the first's stream id as its
+``id``, so the event has one id in every shard),
 one signalled to a job in ``{ns}:signals:{job}``, each stream capped at MESH_EVENT_KEEP entries and
 MESH_EVENT_WINDOW_S of age (by the Redis clock: an entry's id is its server time). Whether an event
 ends a wait is decided on the job record, in one WATCH/MULTI (:mod:`mesh.agents.pipelines.waits`):
@@ -209,7 +211,7 @@ def kept(client: Any, keys: Keys, job_id: str, event: str, window_s: float, limi
     rows = client.xrange(keys.events(event), min=str(max(0, since)), max="+", count=limit)
     for sid, f in rows:
         entry = loads(f[b"e"])
-        out.append(Kept(f"emit:{event}:{sid.decode()}", event, entry.get("data") or {}, "emit"))
+        out.append(Kept(f"emit:{event}:{entry.get('id') or sid.decode()}", event, entry.get("data") or {}, "emit"))
     return sorted(out, key=lambda k: (k.at_ms, k.id))
 
 
@@ -308,7 +310,8 @@ def waiting_pages(client: redis.Redis, keys: Keys, event: str, page: int = PAGE)
 def emitted_since(client: Any, keys: Keys, event: str, since_ms: int, limit: int) -> list[Kept]:
     """The events of name ``event`` emitted from ``since_ms`` on (Redis clock) and still kept, oldest first."""
     rows: Any = client.xrange(keys.events(event), min=str(max(0, since_ms)), max="+", count=limit)
-    return [Kept(f"emit:{event}:{sid.decode()}", event, loads(f[b"e"]).get("data") or {}, "emit") for sid, f in rows]
+    entries = [(sid.decode(), loads(f[b"e"])) for sid, f in rows]
+    return [Kept(f"emit:{event}:{e.get('id') or sid}", event, e.get("data") or {}, "emit") for sid, e in entries]
 
 
 @dataclass(frozen=True)

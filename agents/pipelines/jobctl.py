@@ -9,6 +9,7 @@ steps and links the old job to it, together.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -70,9 +71,10 @@ def cancel(client: MeshClient, job_id: str, reason: str | None = None) -> tuple[
 
     def flag(pipe: Any, _record: JobRecord) -> None:
         # What the lease renewal reads: running steps see ctx.cancelled.
-        pipe.set(client.keys.cancel(job_id), reason or "cancelled", ex=max(1, int(client.settings.job_retention_s)))
+        pipe.set(client.keys_of(job_id).cancel(job_id), reason or "cancelled",
+                 ex=max(1, int(client.settings.job_retention_s)))
 
-    record = client.jobs.update(job_id, change, events=events, also=flag)
+    record = client.jobs_of(job_id).update(job_id, change, events=events, also=flag)
     return record, changed
 
 
@@ -133,7 +135,9 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
                                                 rerun_of=old.job_id, rerun_from=from_step)]
     record, messages = advance(spec, record, run, _routes(client), events, now=now)
     ref: JobRef[JobRecord] = JobRef(id=record.job_id, key=key, trace_id=trace_id, client=client)
-    keys = client.keys
+    keys = client.keys_of(old.job_id)
+    if client.keys_of(record.job_id) != keys:  # the new job in another shard than the old one
+        return _rerun_apart(client, old, record, messages, events, ref)
     while True:
         with transaction(client.redis, client.settings) as pipe:
             try:
@@ -146,7 +150,7 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
                 before = JobRecord.model_validate_json(data)
                 linked = before.model_copy(update={"reruns": [*before.reruns, record.job_id]})
                 pipe.multi()
-                client.jobs.stage_create(pipe, record)
+                client.jobs_of(record.job_id).stage_create(pipe, record)
                 for message in messages:
                     trace.stage(pipe, keys, trace.event("enqueued", message.args[0], queue=message.queue_name,
                                                         by="client"))
@@ -159,6 +163,51 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
                 return ref
             except redis.WatchError:
                 continue
+
+
+def _rerun_apart(client: MeshClient, old: JobRecord, record: JobRecord, messages: list[Any],
+                 events: list[dict[str, Any]], ref: JobRef[JobRecord]) -> JobRef[JobRecord]:
+    """:func:`rerun`'s writes when the new job's shard is not the old one's (MESH_SHARDS: a job's shard
+    is a hash of its id), where no transaction holds both: the new job first (its record, its trace and
+    its ready steps' messages, in one transaction of its shard), then the old job's ``reruns`` (in one of
+    the old job's). A rerun that dies between the two leaves the new job running, naming the old one
+    (``rerun_of``) that does not name it yet: the same rerun again (the same key; the default one is the
+    same while the old job names no new rerun) finds that job and writes the link only. A key naming a
+    job that is no such rerun, or one the old job lists already, is refused as on one shard."""
+    keys, jobs = client.keys_of(record.job_id), client.jobs_of(record.job_id)
+    while True:
+        with transaction(client.redis, client.settings) as pipe:
+            try:
+                pipe.watch(keys.job(record.job_id))
+                data = pipe.get(keys.job(record.job_id))
+                if data is not None:
+                    found = JobRecord.model_validate_json(data)
+                    if (found.rerun_of, found.rerun_from) != (old.job_id, record.rerun_from) \
+                            or record.job_id in old.reruns:
+                        raise ConfigError(f"key {record.key} already names job {record.job_id}: give the rerun "
+                                          "another key")
+                    break  # this rerun's job, left unlinked by a rerun that stopped: linked below
+                pipe.multi()
+                jobs.stage_create(pipe, record)
+                for message in messages:
+                    trace.stage(pipe, keys, trace.event("enqueued", message.args[0], queue=message.queue_name,
+                                                        by="client"))
+                for ev in events:
+                    trace.stage(pipe, keys, ev)
+                stage_all(pipe, keys, messages)
+                pipe.execute()
+                break
+            except redis.WatchError:
+                continue
+
+    def link(before: JobRecord) -> tuple[JobRecord, list[Any]]:
+        if record.job_id in before.reruns:
+            return before, []
+        return before.model_copy(update={"reruns": [*before.reruns, record.job_id]}), []
+
+    with contextlib.suppress(JobNotFound):  # the old job's record expired meanwhile: the new one runs, naming it
+        client.jobs_of(old.job_id).update(old.job_id, link)
+    return ref
 
 
 on_job_control(cancel=cancel, rerun=rerun)

@@ -33,9 +33,10 @@ import redis
 
 from mesh.broker import redact, timers
 from mesh.broker import waits as store
-from mesh.broker.client import MeshClient, job_id_for, on_job_control
+from mesh.broker.client import MeshClient, on_job_control
 from mesh.broker.clock import server_ms
 from mesh.broker.jobs import JobNotFound, JobStore
+from mesh.broker.keys import Keys
 from mesh.broker.pipelines import PipelineStore
 from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, transition
 from mesh.contracts.approvals import show_duration
@@ -297,10 +298,11 @@ def _finite(data: Any) -> bool:
     return True
 
 
-def _client_waits(client: MeshClient) -> Waits:
+def _client_waits(client: MeshClient, jobs: JobStore | None = None) -> Waits:
+    """The client's :class:`Waits` on the shard of ``jobs`` (a job store of the client's; default its own)."""
     from .jobctl import _routes
 
-    return Waits(client.jobs, client.pipelines, _routes(client), client.settings, client.clock)
+    return Waits(jobs or client.jobs, client.pipelines, _routes(client), client.settings, client.clock)
 
 
 def _waiting_for(record: JobRecord, event: str) -> list[StepRecord]:
@@ -315,14 +317,13 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
     none waiting, it is kept for a wait of the job that starts within MESH_EVENT_WINDOW_S. Raises
     JobNotFound, :class:`~mesh.broker.waits.NotWaiting` (the job ended) or InvalidEvent."""
     data = _event_data(client, event, data)
-    if client.redis.exists(client.keys.job(job_id)) == 0 and client.redis.exists(client.keys.job(job_id_for(job_id))):
-        job_id = job_id_for(job_id)  # the key the job was sent with
+    job_id = client.named(job_id)  # or the job of the key it was sent with
     record = client.status(job_id)
     steps = _waiting_for(record, event)
     if record.state in TERMINAL and not steps:  # ended (a step may still wait while another branch ended it)
         raise store.NotWaiting(f"job {job_id} is {record.state.value}: nothing of it waits for {event} any more",
                                job_id=job_id, state=record.state.value)
-    settings, keys, r = client.settings, client.keys, client.redis
+    settings, keys, r, jobs = client.settings, client.keys_of(job_id), client.redis, client.jobs_of(job_id)
     # its delivery's timer first: a signaller that dies once the signal is kept leaves it to a worker,
     # which offers the job's kept events to its waiting steps (store.SIGNAL)
     timer = f"{job_id}|{server_ms(r)}|{uuid.uuid4().hex[:12]}"
@@ -332,9 +333,9 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
     event_id = f"signal:{sid}"
     # the steps waiting now that it is kept: one whose wait began after the read above and looked for
     # kept events before the keep (its wait.check) is among them
-    now = client.jobs.get(job_id)
+    now = jobs.get(job_id)
     steps = _waiting_for(now, event) if now is not None else []
-    waits = _client_waits(client)
+    waits = _client_waits(client, jobs)
     resumed: list[tuple[str, str]] = []
     for step in steps:  # the one waiting longest takes it
         if step.wait is not None and waits.deliver(job_id, step.step_id, step.wait.seq, WaitEnd.EVENT, data=data,
@@ -342,7 +343,7 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
             resumed.append((job_id, step.step_id))
             break
     if not resumed:  # a wait that began meanwhile may have taken it (its check)
-        after = client.jobs.get(job_id)
+        after = jobs.get(job_id)
         taken = [s.step_id for s in (after.steps.values() if after else ()) if s.wait and s.wait.event_id == event_id]
         resumed = [(job_id, taken[0])] if taken else []
     timers.stage_cancel(r, keys, store.SIGNAL, timer)
@@ -351,16 +352,39 @@ def signal(client: MeshClient, job_id: str, event: str, data: dict[str, Any] | N
 
 def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> store.Delivery:
     """Deliver ``event`` to every step waiting for that name whose ``match`` holds, and keep it for
-    waits that start within MESH_EVENT_WINDOW_S (each job takes it at most once)."""
+    waits that start within MESH_EVENT_WINDOW_S (each job takes it at most once).
+
+    With several shards (MESH_SHARDS), each shard keeps the event and indexes its own waiting steps:
+    the event is kept in every shard (its delivery's timer set in each first, then the event kept in
+    each, then delivered shard by shard), so an emitter that dies on the way leaves each shard that
+    kept it to its timer; one that stops before it kept it in every shard returned no Delivery, and
+    emitting again keeps a second event (a wait that starts later may take either, one only). Every
+    shard's copy has the first's id (the Delivery's ``id``); ``resumed`` lists every shard's steps."""
     data = _event_data(client, event, data)
-    settings, keys, r = client.settings, client.keys, client.redis
+    settings, r = client.settings, client.redis
+    every = client.shards.keys if client.shards.many else (client.keys,)
     # its delivery's timer first: an emitter that dies (or fails) once the event is kept leaves it to a
     # worker, which offers the events emitted since to the steps waiting (store.EMIT)
     timer = f"{event}|{server_ms(r)}|{uuid.uuid4().hex[:12]}"
-    timers.stage_schedule(r, keys, store.EMIT, timer, store.GRACE_MS)
-    sid = store.keep(r, keys.events(event), {"data": data}, settings.event_keep, settings.event_window_s)
+    for keys in every:
+        timers.stage_schedule(r, keys, store.EMIT, timer, store.GRACE_MS)
+    sid = store.keep(r, every[0].events(event), {"data": data}, settings.event_keep, settings.event_window_s)
+    for keys in every[1:]:  # the other shards' copies carry the first's id: one event, one id
+        store.keep(r, keys.events(event), {"data": data, "id": sid}, settings.event_keep, settings.event_window_s)
     event_id = f"emit:{event}:{sid}"
-    waits = _client_waits(client)
+    resumed: list[tuple[str, str]] = []
+    for keys in every:
+        resumed += _emit_in(client, keys, event, event_id, data, timer)
+    return store.Delivery(event, event_id, resumed)
+
+
+def _emit_in(client: MeshClient, keys: Keys, event: str, event_id: str, data: dict[str, Any], timer: str
+             ) -> list[tuple[str, str]]:
+    """:func:`emit`'s delivery of ``event`` (kept as ``event_id``) to the steps waiting for it in the shard
+    of ``keys``, then its timer there cancelled (pushed on while it delivers; left when a delivery
+    failed, for a worker to try again): the steps it resumed."""
+    r = client.redis
+    waits = _client_waits(client, client.jobs_on(keys))
     resumed: list[tuple[str, str]] = []
     failed = False
     for page in store.waiting_pages(r, keys, event):
@@ -386,7 +410,7 @@ def emit(client: MeshClient, event: str, data: dict[str, Any] | None = None) -> 
         r.zadd(keys.timers, {timers.member(store.EMIT, timer): server_ms(r) + store.GRACE_MS}, xx=True)
     if not failed:
         timers.stage_cancel(r, keys, store.EMIT, timer)
-    return store.Delivery(event, event_id, resumed)
+    return resumed
 
 
 on_job_control(signal=signal, emit=emit)

@@ -86,7 +86,8 @@ class TestMesh:
         self._secrets = dict(secrets or {})
         self._secrets_dir: Path | None = None
         self._threads = threads
-        self._overrides = {"namespace": f"test-{uuid.uuid4().hex[:12]}", "retry_min_backoff_ms": 20,
+        # one shard whatever MESH_SHARDS says: its worker consumes one (a namespace of its own needs no more)
+        self._overrides = {"namespace": f"test-{uuid.uuid4().hex[:12]}", "shards": 1, "retry_min_backoff_ms": 20,
                            "retry_max_backoff_ms": 100, "timer_interval_s": 0.05, "reconnect_delay_s": 0.5,
                            **settings}
         if redis_url is not None:
@@ -122,6 +123,9 @@ class TestMesh:
         for name, value in self._secrets.items():
             (self._secrets_dir / name).write_text(value)
         settings = MeshSettings.from_env(**self._overrides, secrets_dir=str(self._secrets_dir))
+        if settings.shards > 1:
+            raise ConfigError(f"a TestMesh runs its worker on one shard: shards={settings.shards} is not served "
+                              "(leave it out: the mesh's namespace is its own)", shards=settings.shards)
         url = ensure_redis(settings)  # at the default URL, the embedded one when none answers
         self.settings = settings = settings.model_copy(update={"redis_url": url})
         app = self._worker_app()
@@ -227,7 +231,7 @@ class TestMesh:
         """Whether a timer of the job is due now (a sleep over, a wait's look for the events kept for
         it): the worker's timer loop is about to move it, so it is not left waiting yet."""
         prefix = f"{job_id}|"
-        return any(d.ref.startswith(prefix) for d in due(self.client.redis, self.client.keys, limit=1000))
+        return any(d.ref.startswith(prefix) for d in due(self.client.redis, self.client.keys_of(job_id), limit=1000))
 
     def approve(self, job: JobRef | str, step: str, *, note: str | None = None, by: str = "test") -> JobRecord:
         """Approve the step waiting in ``job``."""
@@ -248,7 +252,8 @@ class TestMesh:
         rec = record.steps.get(step)
         if rec is None or rec.approval is None or rec.state is not State.AWAITING_APPROVAL:
             return None
-        due = due_at(self.client.redis, self.client.keys, EXPIRY, ask_ref(record.job_id, step, rec.approval.asks))
+        due = due_at(self.client.redis, self.client.keys_of(record.job_id), EXPIRY,
+                     ask_ref(record.job_id, step, rec.approval.asks))
         return None if due is None else max(0.0, (due - server_ms(self.client.redis)) / 1000)
 
     def _decide(self, job_id: str, step: str, decision: bool | None) -> None:
@@ -266,13 +271,15 @@ class TestMesh:
         fire them first: each fires once)."""
         if self._client is None:
             return
-        client, keys = self._client.redis, self._client.keys
-        client.eval(_SHIFT, 1, keys.timers, int(seconds * 1000))
-        timers = Timers(client, keys, f"test-{uuid.uuid4().hex[:8]}", self._timers)
-        deadline = time.monotonic() + 10.0
-        while any(d.kind in self._timers for d in due(client, keys)) and time.monotonic() < deadline:
-            if not timers.tick():  # the worker's timer loop holds the lock: it fires them
-                time.sleep(0.01)
+        client, shards = self._client.redis, self._client.shards
+        for keys in shards.keys:  # every shard's timers (MESH_SHARDS)
+            client.eval(_SHIFT, 1, keys.timers, int(seconds * 1000))
+        for keys in shards.keys:
+            timers = Timers(client, keys, f"test-{uuid.uuid4().hex[:8]}", self._timers)
+            deadline = time.monotonic() + 10.0
+            while any(d.kind in self._timers for d in due(client, keys)) and time.monotonic() < deadline:
+                if not timers.tick():  # the worker's timer loop holds the lock: it fires them
+                    time.sleep(0.01)
 
     def _worker_app(self) -> App:
         """The app the worker serves: the app's agents and pipelines, its tools with the fakes in, every

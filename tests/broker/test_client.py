@@ -11,9 +11,15 @@ from pydantic import ValidationError
 
 from mesh.broker import MeshClient, WaitTimeout, job_id_for
 from mesh.broker.client import payload_hash
-from mesh.contracts import ContractError, KeyConflict, State, UnknownAgent, dumps, loads
+from mesh.contracts import ContractError, JobRecord, KeyConflict, State, UnknownAgent, dumps, loads
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
+
+
+def keyed(client: MeshClient, key: str) -> JobRecord | None:
+    """The record of the job ``key`` names, read in its shard."""
+    job = job_id_for(key)
+    return client.jobs_of(job).get(job)
 
 
 def nothing_in_redis(client: MeshClient) -> bool:
@@ -60,8 +66,9 @@ def test_submit_records_a_queued_job_with_its_planner_step_and_envelope_fields(c
     assert all(record.steps[s].state is State.QUEUED and record.steps[s].sent_at is None
                for s in ("researcher", "executor"))
     assert record.pipeline == "mesh" and record.pipeline_input == {"goal": "what is a brownout"}
-    assert sum(len(client.redis.hvals(client.keys.messages(q))) for q in ("researcher", "executor")) == 0
-    raw = client.redis.hvals(client.keys.messages("planner"))
+    keys = client.keys_of(ref.id)  # the job's shard (MESH_SHARDS)
+    assert sum(len(client.redis.hvals(keys.messages(q))) for q in ("researcher", "executor")) == 0
+    raw = client.redis.hvals(keys.messages("planner"))
     assert len(raw) == 1 and ref.trace_id.encode() in raw[0]
 
 
@@ -97,13 +104,13 @@ def test_a_sent_job_is_written_in_the_exact_bytes_its_models_encode(client):
     other = {"tool": "note", "args": {"title": "é", "findings": [{"n": 1.5}]}}
     refs = client.send_many("executor", [(NOTE, "lean-1"), (other, None)], token_budget=500)
     for ref in refs:
-        raw = client.redis.get(client.keys.job(ref.id))
+        raw = client.redis.get(client.keys_of(ref.id).job(ref.id))
         record = JobRecord.model_validate(loads(raw))
         assert dumps(record) == raw and record.key == ref.key and record.trace_id == ref.trace_id
         assert record.state is State.QUEUED and record.steps["executor"].sent_at == record.created_at
         assert record.payload_hash == payload_hash("executor", record.steps["executor"].input)
-        assert client.redis.zscore(client.keys.jobs, ref.id) == record.created_at
-        [event] = trace.read(client.redis, client.keys, ref.id)
+        assert client.redis.zscore(client.keys_of(ref.id).jobs, ref.id) == record.created_at
+        [event] = trace.read(client.redis, client.keys_of(ref.id), ref.id)
         assert event["event"] == "enqueued" and event["by"] == "client" and event["queue"] == "executor"
     bodies = [Message.decode(b) for b in client.redis.hvals(client.keys.messages("executor"))]
     ids = client.redis.lrange(client.keys.queue("executor"), 0, -1)
@@ -142,7 +149,7 @@ def test_every_job_the_mesh_creates_has_its_ids_hex_for_trace_id_a_w3c_one_its_e
         assert ref.trace_id == record.trace_id == trace_id_of(ref.id) == ref.id.removeprefix("job-"), ref
         assert trace_id_for(ref.key) == ref.trace_id
         assert re.fullmatch(r"[0-9a-f]{32}", ref.trace_id) and set(ref.trace_id) != {"0"}
-    sent = [loads(m)["args"][0] for m in client.redis.hvals(client.keys.messages("executor"))]
+    sent = [loads(m)["args"][0] for keys in client.shards.keys for m in client.redis.hvals(keys.messages("executor"))]
     assert sent and all(env["trace_id"] == trace_id_of(env["job_id"]) for env in sent)
     assert all(Envelope.model_validate(env) for env in sent)  # the envelope's W3C check takes them
 
@@ -162,7 +169,7 @@ def test_a_conflict_in_a_later_chunk_leaves_the_earlier_chunks_sent_and_the_rest
     with pytest.raises(KeyConflict) as caught:
         client.send_many("executor", items, chunk=3)
     assert caught.value.context["key"] == "taken"
-    assert [client.jobs.get(job_id_for(f"c-{i}")) is not None for i in range(9) if i != 4] == [True] * 3 + [False] * 5
+    assert [keyed(client, f"c-{i}") is not None for i in range(9) if i != 4] == [True] * 3 + [False] * 5
     assert client.queues(["executor"])["executor"]["ready"] == 1 + 3
 
 
@@ -179,8 +186,8 @@ def test_a_re_sent_key_with_its_own_payload_is_sent_again_and_its_record_kept(cl
 def test_a_record_without_a_payload_hash_binds_nothing(client):
     """Records written before keys were bound accept any payload under their key (as before)."""
     ref = client.send("executor", NOTE, key="old")
-    stored = loads(client.redis.get(client.keys.job(ref.id)))
-    client.redis.set(client.keys.job(ref.id), dumps({**stored, "payload_hash": None}))
+    stored = loads(client.redis.get(client.keys_of(ref.id).job(ref.id)))
+    client.redis.set(client.keys_of(ref.id).job(ref.id), dumps({**stored, "payload_hash": None}))
     other = {"tool": "note", "args": {"title": "other"}}
     client.send_many("executor", [(other, "old"), (NOTE, "old")])
     assert client.queues(["executor"])["executor"]["ready"] == 3
@@ -190,8 +197,8 @@ def test_a_chunk_larger_than_the_scripts_slice_is_written_whole(client):
     items = [({"tool": "note", "args": {"title": f"n{i}"}}, f"big-{i}") for i in range(2_100)]
     refs = client.send_many("executor", items, chunk=2_100)
     assert client.queues(["executor"])["executor"]["ready"] == 2_100
-    assert client.redis.zcard(client.keys.jobs) == 2_100
-    assert all(client.redis.mget([client.keys.job(r.id) for r in refs]))
+    assert sum(client.redis.zcard(keys.jobs) for keys in client.shards.keys) == 2_100
+    assert all(client.redis.mget([client.keys_of(r.id).job(r.id) for r in refs]))
     assert client.redis.llen(client.keys.wake("executor")) == 64  # capped
 
 
@@ -208,8 +215,8 @@ def test_a_conflict_writes_nothing_of_its_batch_not_even_the_fresh_keys_before_i
         for _payload, sent in items:
             if sent != "held":
                 job = job_id_for(sent)
-                assert client.jobs.get(job) is None and not client.redis.exists(client.keys.trace(job))
-                assert client.redis.zscore(client.keys.jobs, job) is None
+                assert client.jobs_of(job).get(job) is None and not client.redis.exists(client.keys_of(job).trace(job))
+                assert client.redis.zscore(client.keys_of(job).jobs, job) is None
     assert client.queues(["executor"])["executor"]["ready"] == 1
 
 
@@ -241,10 +248,10 @@ def test_a_fresh_key_is_checked_by_the_write_of_its_record_alone(tmp_path, make_
 def test_a_key_whose_record_cannot_be_read_fails_its_batch_with_nothing_written(client):
     """A checked key whose record is of another type fails the call; the records the batch created
     before reaching it (SET NX first) are removed, as when every key was read before any write."""
-    client.redis.hset(client.keys.job(job_id_for("broken")), "x", "y")
+    client.redis.hset(client.keys_of(job_id_for("broken")).job(job_id_for("broken")), "x", "y")
     with pytest.raises(Exception, match="WRONGTYPE"):
         client.send_many("executor", [(NOTE, "before-1"), (NOTE, "before-2"), (NOTE, "broken")])
-    assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
+    assert keyed(client, "before-1") is None and keyed(client, "before-2") is None
     assert client.queues(["executor"])["executor"]["ready"] == 0
 
 
@@ -253,7 +260,7 @@ def test_a_key_whose_record_is_json_but_no_object_leaves_nothing_of_its_batch(cl
     """A record that is JSON but not an object: a number, true or null fails the call (its payload_hash
     cannot be read) with the records the batch created before it removed; a string or an array binds
     nothing, as a record without a payload_hash (as when every key was read before any write)."""
-    client.redis.set(client.keys.job(job_id_for("odd")), stored)
+    client.redis.set(client.keys_of(job_id_for("odd")).job(job_id_for("odd")), stored)
     items = [(NOTE, "before-1"), (NOTE, "before-2"), (NOTE, "odd")]
     if stored in (b'"text"', b"[1]"):
         client.send_many("executor", items)
@@ -261,9 +268,9 @@ def test_a_key_whose_record_is_json_but_no_object_leaves_nothing_of_its_batch(cl
         return
     with pytest.raises(Exception, match="attempt to index"):
         client.send_many("executor", items)
-    assert client.jobs.get(job_id_for("before-1")) is None and client.jobs.get(job_id_for("before-2")) is None
+    assert keyed(client, "before-1") is None and keyed(client, "before-2") is None
     assert client.queues(["executor"])["executor"]["ready"] == 0
-    assert client.redis.get(client.keys.job(job_id_for("odd"))) == stored
+    assert client.redis.get(client.keys_of(job_id_for("odd")).job(job_id_for("odd"))) == stored
 
 
 @pytest.mark.parametrize("stored", [None, b"5", b"true", b"null", b'"text"', b"[1]", b"hash", b"unbound", b"bound"])
@@ -275,30 +282,30 @@ def test_a_single_send_checks_its_key_as_a_batch_does(client, stored):
     key, job = "single", job_id_for("single")
     other = {"tool": "note", "args": {"title": "other"}}
     if stored == b"hash":
-        client.redis.hset(client.keys.job(job), "x", "y")
+        client.redis.hset(client.keys_of(job).job(job), "x", "y")
     elif stored in (b"unbound", b"bound"):
         client.send("executor", other if stored == b"bound" else NOTE, key=key)
         if stored == b"unbound":
-            record = loads(client.redis.get(client.keys.job(job)))
-            client.redis.set(client.keys.job(job), dumps({**record, "payload_hash": None}))
+            record = loads(client.redis.get(client.keys_of(job).job(job)))
+            client.redis.set(client.keys_of(job).job(job), dumps({**record, "payload_hash": None}))
     elif stored is not None:
-        client.redis.set(client.keys.job(job), stored)
-    before = client.redis.get(client.keys.job(job)) if stored != b"hash" else None
+        client.redis.set(client.keys_of(job).job(job), stored)
+    before = client.redis.get(client.keys_of(job).job(job)) if stored != b"hash" else None
     ready = client.queues(["executor"])["executor"]["ready"]
     if stored in (b"hash", b"5", b"true", b"null", b"bound"):
         with pytest.raises(KeyConflict if stored == b"bound" else Exception,
                            match={b"hash": "WRONGTYPE", b"bound": "single"}.get(stored, "attempt to index")):
             client.send("executor", NOTE, key=key)
         assert client.queues(["executor"])["executor"]["ready"] == ready
-        assert len(client.redis.xrange(client.keys.trace(job))) == (1 if stored == b"bound" else 0)
+        assert len(client.redis.xrange(client.keys_of(job).trace(job))) == (1 if stored == b"bound" else 0)
     else:
         ref = client.send("executor", NOTE, key=key)
         assert ref.id == job and client.queues(["executor"])["executor"]["ready"] == ready + 1
-        assert client.redis.zscore(client.keys.jobs, job) is not None
+        assert client.redis.zscore(client.keys_of(job).jobs, job) is not None
     if stored is None:
         assert client.status(job).payload_hash == payload_hash("executor", NOTE)
     elif stored != b"hash":
-        assert client.redis.get(client.keys.job(job)) == before  # SET NX: never replaced
+        assert client.redis.get(client.keys_of(job).job(job)) == before  # SET NX: never replaced
 
 
 def test_sends_keep_the_wake_up_tokens_within_the_cap_one_a_message(client):

@@ -119,11 +119,11 @@ def test_a_sent_model_with_aliases_and_defaults_is_written_as_the_models_encode_
 
     sender = MeshClient(client.settings, client=client.redis, app=app)
     ref = sender.send(aliased, Aliased(text="%(key)b é", count=2**62), key="alias-%(key)b")
-    raw = client.redis.get(client.keys.job(ref.id))
+    raw = client.redis.get(client.keys_of(ref.id).job(ref.id))
     record = JobRecord.model_validate(loads(raw))
     assert dumps(record) == raw
     assert record.steps["aliased"].input == {"Text": "%(key)b é", "count": 2**62, "inner": {"deep": [1, {"x": "é"}]}}
-    [body] = client.redis.hvals(client.keys.messages("aliased"))
+    [body] = client.redis.hvals(client.keys_of(ref.id).messages("aliased"))
     message = Message.decode(body)
     assert dumps(message.asdict()) == body
     assert Envelope.model_validate(message.args[0]).model_dump(mode="json") == message.args[0]

@@ -18,11 +18,11 @@ import pytest
 import redis
 from conftest import close_client, redis_client, wait_for
 
-from mesh.broker import MeshClient, connection
+from mesh.broker import MeshClient, connection, job_id_for
 from mesh.broker.connection import HeldConnection, connect, node_client, parse_url, run_script
-from mesh.broker.keys import Keys
 from mesh.broker.outbox import spare_message_ids
 from mesh.broker.settings import MeshSettings
+from mesh.broker.shards import Shards
 from mesh.contracts import KeyConflict
 
 NOTE = {"tool": "note", "args": {"title": "t"}}
@@ -38,13 +38,14 @@ def test_a_send_after_the_server_closed_the_kept_connection_goes_on_a_new_one(se
     killer = redis_client(settings.redis_url)
     try:
         sender = MeshClient(settings, client=client)
-        sender.send("executor", NOTE)
-        [(pool, conn)] = sender._enqueue.held._box
-        # the server the connection is to (on a cluster, the primary of the namespace's slot)
-        node_client(killer, sender.keys.jobs).execute_command("CLIENT", "KILL", "ID", _id_of(conn))
-        ref = sender.send("executor", NOTE, key="after-kill")
-        assert sender.status(ref.id).key == "after-kill"
-        assert sender._enqueue.held._box == [(pool, conn)]  # the same connection object, connected again
+        keys = sender.keys_of(sender.send("executor", NOTE, key="before-kill").id)  # its shard's (MESH_SHARDS)
+        [(pool, conn)] = sender._enqueue_on(keys).held._box
+        # the server the connection is to (on a cluster, the primary of the shard's slot)
+        node_client(killer, keys.jobs).execute_command("CLIENT", "KILL", "ID", _id_of(conn))
+        again = next(k for k in (f"after-kill-{n}" for n in range(1000)) if sender.keys_of(job_id_for(k)) == keys)
+        ref = sender.send("executor", NOTE, key=again)
+        assert sender.status(ref.id).key == again
+        assert sender._enqueue_on(keys).held._box == [(pool, conn)]  # the same connection object, connected again
     finally:
         close_client(killer)
         client.close()
@@ -66,16 +67,16 @@ def test_threads_sending_at_once_each_get_a_connection_and_every_send_is_written
     for thread in threads:
         thread.join()
     assert not errors
-    assert len(refs) == 200 and all(client.redis.exists(client.keys.job(ref.id)) for ref in refs)
+    assert len(refs) == 200 and all(client.redis.exists(client.keys_of(ref.id).job(ref.id)) for ref in refs)
 
 
 def test_the_kept_connection_goes_back_to_the_pool_when_the_client_goes(settings: MeshSettings,
                                                                         rclient: redis.Redis):
     # on a cluster, the slot's node's
-    pool = node_client(rclient, Keys(settings.namespace, settings.shard).jobs).connection_pool
+    pool = node_client(rclient, Shards.of(settings).of_job(job_id_for("kept")).jobs).connection_pool
     for _ in range(5):  # clients made and dropped on one shared Redis client keep no connection of it
         sender = MeshClient(settings, client=rclient)
-        sender.send("executor", NOTE)
+        sender.send("executor", NOTE, key="kept")
         assert len(pool._in_use_connections) == 1
         del sender
         gc.collect()
@@ -199,7 +200,7 @@ def test_a_forked_child_and_its_parent_send_at_once_each_on_its_own_connection(c
     codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
     assert wrong == 0 and codes == [0, 0]
     queue = client.target("executor").queue
-    assert client.redis.llen(client.keys.queue(queue)) == 301  # every job's message once
+    assert sum(client.redis.llen(keys.queue(queue)) for keys in client.shards.keys) == 301  # every job's message once
 
 
 def test_message_ids_made_ahead_are_never_shared_by_threads_or_forked_children():

@@ -95,9 +95,9 @@ def relay(redis_url: str) -> Iterator[Relay]:
 
 
 def _written(client: MeshClient, queue: str) -> dict[str, Any]:
-    r, keys = client.redis, client.keys
-    return {"ready": [i.decode() for i in r.lrange(keys.queue(queue), 0, -1)],
-            "bodies": sorted(k.decode() for k in r.hkeys(keys.messages(queue)))}
+    r, every = client.redis, client.shards.keys  # every shard's (MESH_SHARDS)
+    return {"ready": [i.decode() for keys in every for i in r.lrange(keys.queue(queue), 0, -1)],
+            "bodies": sorted(k.decode() for keys in every for k in r.hkeys(keys.messages(queue)))}
 
 
 @pytest.mark.parametrize("key", [None, "a-key"], ids=["fresh-key", "given-key"])
@@ -114,7 +114,7 @@ def test_a_send_retried_after_its_reply_was_lost_is_written_once(relay: Relay, m
     new = [i for i in after["ready"] if i not in before["ready"]]
     assert len(new) == 1, after["ready"]  # before: the message pushed twice (once a call)
     assert len(after["bodies"]) == len(before["bodies"]) + 1
-    events = sender.redis.xrange(sender.keys.trace(ref.id))
+    events = sender.redis.xrange(sender.keys_of(ref.id).trace(ref.id))
     assert len(events) == 1  # one ``enqueued`` event, not one a call
     sender.redis.close()
 
@@ -131,7 +131,7 @@ def test_a_batch_retried_after_its_reply_was_lost_is_written_once(relay: Relay, 
     after = _written(sender, queue)
     assert len(after["ready"]) == len(before["ready"]) + 3, after["ready"]
     assert len(set(after["ready"])) == len(after["ready"])
-    assert [len(sender.redis.xrange(sender.keys.trace(ref.id))) for ref in refs] == [1, 1, 1]
+    assert [len(sender.redis.xrange(sender.keys_of(ref.id).trace(ref.id))) for ref in refs] == [1, 1, 1]
     sender.redis.close()
 
 
@@ -150,7 +150,8 @@ def test_a_send_retried_while_waiting_for_replicas_is_written_once(relay: Relay,
     assert relay.cut_done == 1
     after = _written(sender, queue)
     assert len(after["ready"]) == len(before["ready"]) + 1, after["ready"]
-    assert len(sender.redis.xrange(sender.keys.trace(caught.value.refs[0].id))) == 1
+    sent = caught.value.refs[0].id
+    assert len(sender.redis.xrange(sender.keys_of(sent).trace(sent))) == 1
     sender.redis.close()
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from mesh.broker import MeshClient, MeshSettings
+from mesh.broker import MeshClient, MeshSettings, job_id_for
 from mesh.broker.shards import Shards, check_shards
 
 
@@ -17,10 +17,11 @@ def test_mesh_shards_lists_each_shard_and_the_jobs_it_holds(make_settings: Calla
                                                             rclient: redis.Redis, cli: Callable[..., Any]) -> None:
     settings = make_settings(shards=3)
     placed = Shards.of(settings)
-    for n, keys in enumerate(placed.keys):  # n + 1 jobs on each shard, written by that shard's client
-        on = MeshClient(settings.on_shard(keys.shard), client=rclient)
-        for i in range(n + 1):
-            on.send("planner", {"goal": f"g{n}-{i}"}, key=f"k{n}-{i}")
+    client = MeshClient(settings, client=rclient)
+    for n, keys in enumerate(placed.keys):  # n + 1 jobs on each shard: keys whose jobs the client puts there
+        on_it = (k for k in (f"k{n}-{i}" for i in range(1000)) if placed.shard_of(job_id_for(k)) == keys.shard)
+        for i, key in zip(range(n + 1), on_it, strict=False):
+            client.send("planner", {"goal": f"g{n}-{i}"}, key=key)
     env = {"MESH_SHARDS": "3"}
     res = cli("shards", "--json", **env)
     assert res.returncode == 0, res.stderr

@@ -47,7 +47,7 @@ def parked(mesh: MeshClient, job_id: str, step: str = "coder") -> Any:
 def trace_kinds(mesh: MeshClient, job_id: str) -> list[str]:
     from mesh.contracts import loads
 
-    return [loads(f[b"e"])["event"] for _, f in mesh.redis.xrange(mesh.keys.trace(job_id))]
+    return [loads(f[b"e"])["event"] for _, f in mesh.redis.xrange(mesh.keys_of(job_id).trace(job_id))]
 
 
 def test_an_approved_step_runs_once_and_the_job_goes_on(mesh, run_workers):
@@ -67,9 +67,9 @@ def test_an_approved_step_runs_once_and_the_job_goes_on(mesh, run_workers):
     assert runs(mesh)[record.steps["coder"].key] == 1
     assert mesh.approvals() == []
     assert "approved" in trace_kinds(mesh, ref.id)
-    [audit] = approvals.audit(mesh.redis, mesh.keys)
+    [audit] = approvals.audit(mesh.redis, mesh.keys_of(ref.id))
     assert audit["op"] == "approved" and audit["detail"]["by"] == "ana" and audit["detail"]["hash"] == approval.hash
-    assert mesh.redis.zcard(mesh.keys.timers) == 0
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).timers) == 0
 
 
 def test_a_denial_halts_the_job_like_a_false_gate(mesh, run_workers):
@@ -109,7 +109,7 @@ def test_an_expired_approval_is_denied_never_early_and_a_late_decision_is_refuse
     run_workers()
     ref = mesh.run(spec_with({"timeout": "2s"}), {"goal": "g"})
     record = parked(mesh, ref.id)
-    due_ms = approvals.expiry_due_ms(mesh.redis, mesh.keys, ref.id, record.steps["coder"])
+    due_ms = approvals.expiry_due_ms(mesh.redis, mesh.keys_of(ref.id), ref.id, record.steps["coder"])
     record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.HALTED and r, timeout_s=10)
     fired_ms = server_ms(mesh.redis)
 
@@ -125,7 +125,7 @@ def test_a_decision_after_the_due_time_is_refused_before_any_worker_fired_it(mes
     ref = mesh.run(Pipeline("root").step("researcher", approval={"timeout": "1s"}).build(), {"goal": "g"})
     record = mesh.status(ref.id)
     assert record.state is State.AWAITING_APPROVAL
-    due = approvals.expiry_due_ms(mesh.redis, mesh.keys, ref.id, record.steps["researcher"])
+    due = approvals.expiry_due_ms(mesh.redis, mesh.keys_of(ref.id), ref.id, record.steps["researcher"])
     wait_for(lambda: server_ms(mesh.redis) >= due, timeout_s=5)
     with pytest.raises(approvals.ApprovalExpired):
         mesh.approve(ref.id, "researcher")
@@ -139,7 +139,7 @@ def test_an_escalated_expiry_is_dead_lettered_and_its_replay_asks_again(mesh, ru
     parked(mesh, ref.id)
     record = wait_for(lambda: (r := mesh.status(ref.id)).state is State.DEAD_LETTERED and r, timeout_s=10)
     assert record.steps["coder"].failure_class == "approval_expired"
-    dlq = DeadLetterStore(mesh.redis, mesh.keys)
+    dlq = DeadLetterStore(mesh.redis, mesh.keys_of(ref.id))
     [stored] = list(Replayer(dlq, settings).entries())
     assert stored.entry.failure_class == "approval_expired"
 
@@ -170,7 +170,7 @@ def test_a_warning_fires_warn_before_the_expiry_and_the_metrics_count_what_waits
     run_workers()
     ref = mesh.run(spec_with({"timeout": "4s", "warn_before": "3s"}), {"goal": "g"})
     record = parked(mesh, ref.id)
-    due = approvals.expiry_due_ms(mesh.redis, mesh.keys, ref.id, record.steps["coder"])
+    due = approvals.expiry_due_ms(mesh.redis, mesh.keys_of(ref.id), ref.id, record.steps["coder"])
     seen = metrics(mesh)
     assert seen["mesh_approvals_pending"] == 1 and 0 <= seen["mesh_approval_oldest_age_seconds"] < 4
 
@@ -179,7 +179,7 @@ def test_a_warning_fires_warn_before_the_expiry_and_the_metrics_count_what_waits
     assert mesh.status(ref.id).steps["coder"].state is State.AWAITING_APPROVAL  # warned, not expired
     assert due - 3000 <= warned_ms < due - 1500
     assert metrics(mesh)["mesh_approval_warnings_total"] == 1
-    assert [a["op"] for a in approvals.audit(mesh.redis, mesh.keys)] == ["warning"]
+    assert [a["op"] for a in approvals.audit(mesh.redis, mesh.keys_of(ref.id))] == ["warning"]
 
     wait_for(lambda: mesh.status(ref.id).state is State.HALTED, timeout_s=10)
     seen = metrics(mesh)
@@ -198,9 +198,10 @@ def test_a_job_waiting_for_approval_has_no_ttl_even_when_another_branch_ended_it
     record = wait_for(lambda: (r := mesh.status(ref.id)).steps["other"].state is State.DEAD_LETTERED
                       and r.steps["coder"].state is State.AWAITING_APPROVAL and r, timeout_s=15)
     assert record.state is State.DEAD_LETTERED  # the job ended, but a step still waits for a person
-    assert mesh.redis.ttl(mesh.keys.job(ref.id)) == -1 and mesh.redis.ttl(mesh.keys.trace(ref.id)) == -1
+    keys = mesh.keys_of(ref.id)  # the job's shard
+    assert mesh.redis.ttl(keys.job(ref.id)) == -1 and mesh.redis.ttl(keys.trace(ref.id)) == -1
     mesh.deny(ref.id, "coder", reason="no")  # nothing waits any more: the retention clock starts
-    assert mesh.redis.ttl(mesh.keys.job(ref.id)) > 0 and mesh.redis.ttl(mesh.keys.trace(ref.id)) > 0
+    assert mesh.redis.ttl(keys.job(ref.id)) > 0 and mesh.redis.ttl(keys.trace(ref.id)) > 0
 
 
 def test_status_jobs_and_trace_show_the_wait_and_the_decision_with_its_cause(mesh, cli):
@@ -260,9 +261,9 @@ def test_a_job_a_newer_release_moved_is_not_decided_here():
 def test_a_cancel_withdraws_the_waiting_step_with_its_timers_and_a_later_decision_is_refused(mesh):
     ref = mesh.run(Pipeline("root").step("researcher", approval={"timeout": "1h", "warn_before": "10m"}).build(),
                    {"goal": "g"})
-    assert mesh.redis.zcard(mesh.keys.timers) == 2 and len(mesh.approvals()) == 1
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).timers) == 2 and len(mesh.approvals()) == 1
     record = mesh.cancel(ref.id, reason="changed my mind")
     assert record.state is State.CANCELLED
-    assert mesh.redis.zcard(mesh.keys.timers) == 0 and mesh.approvals() == []
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).timers) == 0 and mesh.approvals() == []
     with pytest.raises(approvals.NotAwaiting):
         mesh.approve(ref.id, "researcher")

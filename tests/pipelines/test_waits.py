@@ -29,10 +29,21 @@ from tests.pipelines.agents import app
 PAY = {"event": "payment.settled", "match": "event.order == input.order", "timeout": "1h"}
 
 
-def timers(mesh: MeshClient) -> Timers:
+class EveryShard:
+    """A worker's timer loop of every shard (MESH_SHARDS: each shard's timers fire its jobs' waits)."""
+
+    def __init__(self, mesh: MeshClient) -> None:
+        self.each = [Timers(mesh.redis, keys, "test", Waits(mesh.jobs_on(keys), mesh.pipelines, _routes(mesh),
+                                                            mesh.settings, mesh.clock).timer_handlers())
+                     for keys in mesh.shards.keys]
+
+    def tick(self) -> int:
+        return sum(t.tick() for t in self.each)  # how many fired, in every shard
+
+
+def timers(mesh: MeshClient) -> EveryShard:
     """What a worker's timer loop runs, with the waits' handlers."""
-    waits = Waits(mesh.jobs, mesh.pipelines, _routes(mesh), mesh.settings, mesh.clock)
-    return Timers(mesh.redis, mesh.keys, "test", waits.timer_handlers())
+    return EveryShard(mesh)
 
 
 def settle(mesh: MeshClient, job_id: str, step: str, timeout_s: float = 10) -> Any:
@@ -48,7 +59,7 @@ def settle(mesh: MeshClient, job_id: str, step: str, timeout_s: float = 10) -> A
 
 
 def sent(mesh: MeshClient, queue: str = "researcher") -> int:
-    return int(mesh.redis.llen(mesh.keys.queue(queue)))
+    return sum(int(mesh.redis.llen(keys.queue(queue))) for keys in mesh.shards.keys)
 
 
 def pay_flow(name: str = "pay", **wait: Any) -> Any:
@@ -66,7 +77,7 @@ def test_a_sleep_parks_the_step_on_a_timer_and_its_end_releases_the_dependents(m
     rec = settle(mesh, ref.id, "nap")
     assert rec.state is State.SUCCEEDED and rec.result == {"slept_s": 1.0}
     assert rec.finished_at - rec.wait.started_at >= 1.0
-    assert sent(mesh) == 1 and mesh.waits() == [] and mesh.redis.zcard(mesh.keys.timers) == 0
+    assert sent(mesh) == 1 and mesh.waits() == [] and not any(mesh.redis.zcard(k.timers) for k in mesh.shards.keys)
     from mesh.ops.metrics import MeshCollector
 
     seen = {s.name: s.value for family in MeshCollector(mesh).collect() for s in family.samples}
@@ -95,7 +106,7 @@ def test_a_signal_sent_before_the_wait_starts_is_kept_and_taken(mesh):
     settle(mesh, ref.id, "nap")
     rec = settle(mesh, ref.id, "pay")
     assert rec.state is State.SUCCEEDED and rec.result == {"order": 99} and rec.wait.via == "signal"
-    assert mesh.redis.xlen(mesh.keys.signals(ref.id)) == 0  # taken: not kept any more
+    assert mesh.redis.xlen(mesh.keys_of(ref.id).signals(ref.id)) == 0  # taken: not kept any more
 
 
 def test_of_several_events_emitted_at_once_exactly_one_resumes_the_step(mesh):
@@ -117,7 +128,7 @@ def test_of_several_events_emitted_at_once_exactly_one_resumes_the_step(mesh):
     assert sorted(resumed) == sorted((ref.id, "pay") for ref in refs)  # each job once, by one event
     for ref in refs:
         record = mesh.status(ref.id)
-        assert [e["event"] for e in trace.read(mesh.redis, mesh.keys, ref.id)].count("resumed") == 1
+        assert [e["event"] for e in trace.read(mesh.redis, mesh.keys_of(ref.id), ref.id)].count("resumed") == 1
         assert record.steps["pay"].result is not None
         winner = [d for d in results if (ref.id, "pay") in d.resumed]
         assert len(winner) == 1 and record.steps["pay"].wait.event_id == winner[0].id
@@ -169,7 +180,7 @@ def _race(mesh: MeshClient, name: str) -> list[str]:
     stop.set()
     for th in threads:
         th.join()
-    kinds = [e["event"] for e in trace.read(mesh.redis, mesh.keys, ref.id)]
+    kinds = [e["event"] for e in trace.read(mesh.redis, mesh.keys_of(ref.id), ref.id)]
     return [k for k in kinds if k in ("resumed", "wait_timed_out")]
 
 
@@ -212,13 +223,13 @@ def test_a_signal_reaches_one_job_and_an_emit_every_job_whose_match_holds(mesh):
 
 def test_a_cancelled_jobs_wait_is_withdrawn_and_its_index_and_timers_go(mesh):
     ref = mesh.run(pay_flow(), {"goal": "g", "order": 4})
-    assert mesh.redis.zcard(mesh.keys.waits_for("payment.settled")) == 1
-    assert mesh.redis.zcard(mesh.keys.timers) == 2  # its timeout, and the look for kept events
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).waits_for("payment.settled")) == 1
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).timers) == 2  # its timeout, and the look for kept events
     record = mesh.cancel(ref.id)
     assert record.state is State.CANCELLED and record.steps["pay"].state is State.CANCELLED
     assert "withdrawn from its wait" in (record.steps["pay"].error or "")
-    assert mesh.redis.zcard(mesh.keys.waits_for("payment.settled")) == 0
-    assert mesh.redis.zcard(mesh.keys.waits) == 0 and mesh.redis.zcard(mesh.keys.timers) == 0
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).waits_for("payment.settled")) == 0
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).waits) == 0 and mesh.redis.zcard(mesh.keys_of(ref.id).timers) == 0
     assert mesh.emit("payment.settled", {"order": 4}).resumed == []
 
 
@@ -235,15 +246,15 @@ def test_a_halted_jobs_waiting_step_is_not_run(mesh):
         rec = mesh.status(ref.id).steps[step]
         env = Envelope(key=rec.key, job_id=ref.id, step_id=step, agent=step, trace_id="1" * 32,
                        deadline=time.time() + 60, payload=rec.input)
-        mesh.jobs.update(ref.id, progress.start(env, 1))
-        mesh.jobs.update(ref.id, progress.complete(env, output, spec=spec, routes=engine.Routes()))
+        mesh.jobs_of(ref.id).update(ref.id, progress.start(env, 1))
+        mesh.jobs_of(ref.id).update(ref.id, progress.complete(env, output, spec=spec, routes=engine.Routes()))
 
     from tests.pipelines.agents import CodeDiff, ResearchResult
     finish("researcher", ResearchResult(summary="s"))
     finish("coder", CodeDiff(diff="d", confidence=0.9))
     record = mesh.status(ref.id)
     assert record.state is State.HALTED and record.steps["pay"].state is State.NOT_RUN
-    assert mesh.redis.zcard(mesh.keys.waits) == 0 and mesh.redis.zcard(mesh.keys.timers) == 0
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).waits) == 0 and mesh.redis.zcard(mesh.keys_of(ref.id).timers) == 0
 
 
 BAD = {
@@ -302,10 +313,10 @@ def test_the_cli_signals_emits_and_lists_the_waits(mesh, cli):
 
 def test_an_index_entry_whose_job_record_expired_is_removed_when_read(mesh):
     ref = mesh.run(pay_flow(), {"goal": "g", "order": 6})
-    mesh.redis.delete(mesh.keys.job(ref.id))  # as retention would, once its job ended by another branch
+    mesh.redis.delete(mesh.keys_of(ref.id).job(ref.id))  # as retention would, once its job ended by another branch
     assert mesh.emit("payment.settled", {"order": 6}).resumed == []
-    assert mesh.redis.zcard(mesh.keys.waits_for("payment.settled")) == 0
-    assert mesh.waits() == [] and mesh.redis.zcard(mesh.keys.waits) == 0
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).waits_for("payment.settled")) == 0
+    assert mesh.waits() == [] and mesh.redis.zcard(mesh.keys_of(ref.id).waits) == 0
 
 
 def test_a_false_when_skips_a_waiting_step_before_it_waits(mesh):
@@ -314,7 +325,7 @@ def test_a_false_when_skips_a_waiting_step_before_it_waits(mesh):
     ref = mesh.run(spec, {"goal": "g", "order": 1})
     record = mesh.status(ref.id)
     assert record.steps["pay"].state is State.SKIPPED and record.steps["pay"].wait is None
-    assert sent(mesh) == 1 and mesh.waits() == [] and mesh.redis.zcard(mesh.keys.timers) == 0
+    assert sent(mesh) == 1 and mesh.waits() == [] and not any(mesh.redis.zcard(k.timers) for k in mesh.shards.keys)
 
 
 def test_a_signal_resumes_the_step_waiting_longest_and_reaches_a_job_another_branch_ended(mesh):
@@ -325,7 +336,7 @@ def test_a_signal_resumes_the_step_waiting_longest_and_reaches_a_job_another_bra
     ref = mesh.run(spec, {"goal": "g", "order": 2})
     settle(mesh, ref.id, "nap")
     assert mesh.status(ref.id).steps["second"].state is State.WAITING
-    mesh.jobs.update(ref.id, fail_step("researcher", State.DEAD_LETTERED, "boom", "permanent"))
+    mesh.jobs_of(ref.id).update(ref.id, fail_step("researcher", State.DEAD_LETTERED, "boom", "permanent"))
     assert mesh.status(ref.id).state is State.DEAD_LETTERED  # ended by another branch; two steps still wait
     assert mesh.signal(ref.id, "payment.settled", {"n": 1}).resumed == [(ref.id, "first")]
     assert mesh.signal(ref.id, "payment.settled", {"n": 2}).resumed == [(ref.id, "second")]

@@ -59,7 +59,7 @@ def test_a_sleep_and_a_wait_for_end_after_the_worker_was_killed_and_redis_restar
         assert record.steps["pay"].result == {"order": 7, "paid": True}
         assert record.steps["researcher"].state is State.SUCCEEDED
         assert server_ms(mesh.redis) - started >= 4500  # never before its due time
-        assert mesh.redis.zcard(mesh.keys.timers) == 0 and mesh.redis.zcard(mesh.keys.waits) == 0
+        assert mesh.redis.zcard(mesh.keys_of(ref.id).timers) == 0 and mesh.redis.zcard(mesh.keys_of(ref.id).waits) == 0
     finally:
         server.stop()
 
@@ -78,7 +78,7 @@ def test_a_wait_released_by_a_failed_item_joining_is_indexed_and_timed(mesh, run
     wait_for(lambda: mesh.status(ref.id).steps["pay"].state is State.WAITING, timeout_s=30)
     assert mesh.status(ref.id).steps["fetch[1]"].state is State.DEAD_LETTERED
     wait_for(lambda: [w.job_id for w in mesh.waits("paid")] == [ref.id])
-    assert mesh.redis.zcard(mesh.keys.timers) >= 1
+    assert mesh.redis.zcard(mesh.keys_of(ref.id).timers) >= 1
     assert mesh.emit("paid", {"ok": True}).resumed == [(ref.id, "pay")]
     assert mesh.status(ref.id).steps["pay"].result == {"ok": True}
 
@@ -107,6 +107,6 @@ def test_a_worker_paused_around_the_due_time_ends_no_wait_twice(mesh, worker_pro
     after = mesh.run(Pipeline("after").step("nap", sleep="300ms").build(), {}, key="after")
     wait_for(lambda: mesh.status(after.id).state is State.SUCCEEDED, timeout_s=30)
     for ref in refs:
-        kinds = [e["event"] for e in trace.read(mesh.redis, mesh.keys, ref.id)]
+        kinds = [e["event"] for e in trace.read(mesh.redis, mesh.keys_of(ref.id), ref.id)]
         assert kinds.count("slept") == 1 and kinds.count("succeeded") == 1, kinds
     assert sorted(runs(mesh).values()) == [1, 1, 1, 1]

@@ -84,6 +84,18 @@ def test_an_approved_run_ends_with_the_fake_tools_answer_and_leaves_no_key() -> 
     assert [k for pattern in Keys(namespace).patterns for k in redis_client(url).scan_iter(match=pattern)] == []
 
 
+def test_a_mesh_is_one_shard_whatever_mesh_shards_says_and_refuses_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its worker serves one shard: MESH_SHARDS in the environment is not its (its jobs would go to
+    shards nothing consumes), and shards= above 1 is refused before anything starts."""
+    monkeypatch.setenv("MESH_SHARDS", "3")
+    with TestMesh(app, model=TestModel(DRAFTS), tools={post: lambda d: Posted(id=f"P-{d.text}")}) as mesh:
+        record = mesh.wait(mesh.run("blog", {"topic": "otters"}), approve={"publish": True}, timeout_s=30)
+        assert mesh.settings is not None and mesh.settings.shards == 1
+    assert record.state is State.SUCCEEDED
+    with pytest.raises(ConfigError, match="one shard"):
+        TestMesh(app, shards=3).start()
+
+
 def test_a_real_tool_reads_the_secret_the_test_gives() -> None:
     record = run_pipeline(app, "blog", {"topic": "otters"}, model=TestModel(DRAFTS),
                           secrets={"BLOG_TOKEN": "tok-for-the-test"}, approve={"publish": True})
