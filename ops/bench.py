@@ -174,7 +174,8 @@ def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch
         from mesh.contracts import MeshError
 
         broker: Any = build_broker(base.model_copy(update={"namespace": namespace, "prefetch": prefetch,
-                                                           "worker_threads": threads}))
+                                                           "worker_threads": threads,
+                                                           "shard": Shards.of(base).start, "shards": 1}))
         options: dict[str, Any] = {"throws": (MeshError,)}
         queue = MESH_Q
     else:
@@ -286,8 +287,10 @@ def _shard_of(placed: Shards, key: str) -> Keys:
 
 
 def _placed(base: MeshSettings, ns: str) -> Shards:
-    """The shards of the throw-away namespace ``ns`` (MESH_SHARD, MESH_SHARDS as the bench was given)."""
-    return Shards(ns, base.shard, base.shards)
+    """Where the no-op messages of the throw-away namespace ``ns`` go: the first shard holding jobs alone
+    (its no-op workers serve one, as raw dramatiq's serve one queue); the real steps spread over every
+    shard (MESH_SHARDS), their workers serving them all."""
+    return Shards(ns, Shards.of(base).start, 1)
 
 
 def _queue_keys(namespace: str, queue: str) -> tuple[str, str]:
@@ -621,8 +624,9 @@ def _pct(values: list[float], q: float) -> float:
 def _dlq(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig) -> dict[str, float]:
     from mesh.dlq import DeadLetterStore, Filter, Replayer, drain
 
-    settings = base.model_copy(update={"namespace": ns})
-    store = DeadLetterStore(client, Keys(ns))
+    home = _placed(base, ns).home  # one shard, as the no-op runs': a replay's and a drain's cost per entry
+    settings = base.model_copy(update={"namespace": ns, "shard": home.shard, "shards": 1})
+    store = DeadLetterStore(client, home)
     _fill_dlq(store, cfg.dlq_entries)
     replayer = Replayer(store, settings)
     started = time.perf_counter()
@@ -680,7 +684,8 @@ def _duplicates(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConf
     run = uuid.uuid4().hex[:8]
     placed = _placed(base, ns)
     settings = base.model_copy(update={"namespace": ns})
-    mws = {keys.shard: Idempotency(settings.on_shard(keys.shard), client) for keys in placed.keys}
+    mws = {keys.shard: Idempotency(settings.model_copy(update={"shard": keys.shard, "shards": 1}), client)
+           for keys in placed.keys}
     pipe = client.pipeline(transaction=False)
     bodies = [_envelope(i, run) for i in range(cfg.messages)]
     for body in bodies:  # done in the shard each message is pushed to, whose worker claims it there
@@ -700,8 +705,9 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
     """Every figure of ``mesh bench``, as a dict with stable keys."""
     _count_round_trips()
     ns = cfg.namespace or f"bench-{uuid.uuid4().hex[:10]}"
-    # The configured Redis (and its TLS files); every other setting at its default, as measured.
-    settings = MeshSettings(**settings.model_dump(include=set(SETTINGS)))
+    # The configured Redis (and its TLS files) and shards (MESH_SHARD, MESH_SHARDS: the real steps spread
+    # over them); every other setting at its default, as measured.
+    settings = MeshSettings(**settings.model_dump(include=set(SETTINGS) | {"shard", "shards"}))
     client = connect(settings)
     try:
         check_scratch(client, ns, "mesh bench")
