@@ -253,7 +253,7 @@ def test_a_worker_paused_past_its_shared_lease_is_fenced_out_of_the_key(make_set
     assert counted(rclient, settings, "effects") == {key: 1}
     assert counted(rclient, settings, "runs") == {key: 2}  # both handlers started; one effect
     fenced = [e for e in trace.read(rclient, shards.of_job(record.job_id), record.job_id) if e["event"] == "fenced"]
-    assert fenced and fenced[0]["call"] == "bump"
+    assert fenced and fenced[0]["call"] == "bump", [e["event"] for e in trace.read(rclient, shards.of_job(record.job_id), record.job_id)]
     assert paused.poll() is None  # it went on serving
 
 
