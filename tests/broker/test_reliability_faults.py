@@ -188,13 +188,13 @@ def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings
 def test_waiting_for_a_busy_key_stops_at_the_deadline_and_at_max_waits(client, make_settings, start_worker):
     settings = make_settings(max_waits=6)
     # Someone else holds both keys for a minute.
-    holder = Idempotency(settings, client.redis)
     late = client.send("executor", note("deadline passes while waiting"), key="busy-1")
     many = client.send("executor", note("waits too often"), key="busy-2")
     for key in ("busy-1", "busy-2"):
+        keys = client.shards.of_key(key)  # where the key's job claims it (its shard's, MESH_SHARDS)
+        holder = Idempotency(settings.on_shard(keys.shard), client.redis)
         holder.lease_ms = 60_000
-        claim_key = client.shards.of_key(key).claim(key)  # where the key's job claims it
-        assert holder._call("claim", claim_key, "someone-else")[0] == b"run"
+        assert holder._call("claim", keys.claim(key), "someone-else")[0] == b"run"
 
     def shorten(env: dict[str, Any]) -> dict[str, Any]:
         return {**env, "deadline": time.time() + 0.3} if env["key"] == "busy-1" else env

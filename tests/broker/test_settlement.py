@@ -240,7 +240,7 @@ def test_a_failure_after_the_success_was_recorded_stores_the_key_as_done_with_th
     rewrite(client, ref.id, lambda r: r["steps"]["executor"].update(
         state="succeeded", token=lease.token, result=output))
     # ... then a time limit struck: the claim hook freed the key, the router dead-lettered the attempt.
-    assert Idempotency(settings, client.redis)._call("release", lease.claim_key, lease.owner, lease.token) == 1
+    assert Idempotency(broker.settings, client.redis)._call("release", lease.claim_key, lease.owner, lease.token) == 1
     decide(message, dead_letter_with_step(broker, message, FailureClass.TIMEOUT, "TimeLimitExceeded", None))
 
     consumer.ack(message)
@@ -304,7 +304,7 @@ def test_a_success_recorded_then_a_failure_keeps_only_a_bounded_result_in_the_cl
     output = {"ok": True, "receipt": "r" * 500}
     rewrite(client, ref.id, lambda r: r["steps"]["executor"].update(
         state="succeeded", token=lease.token, result=output))
-    assert Idempotency(settings, client.redis)._call("release", lease.claim_key, lease.owner, lease.token) == 1
+    assert Idempotency(broker.settings, client.redis)._call("release", lease.claim_key, lease.owner, lease.token) == 1
     decide(message, dead_letter_with_step(broker, message, FailureClass.TIMEOUT, "TimeLimitExceeded", None))
 
     consumer.ack(message)
