@@ -38,9 +38,12 @@ test: lint
 # The fault tests of claims, fencing, recovery, group commit and settlement, and the pipelines' and the
 # dead-letter queue's that stand on them, and those of what once failed only there (a client's kept connection,
 # the operator's console, TestContext's Redis), on a Redis Cluster (3 primaries, 3 replicas) that each pytest-xdist
-# process starts for itself (TEST_REDIS=cluster; its ports from TEST_CLUSTER_PORT, default 7100), their jobs on
-# shard 1 of their namespace (TEST_SHARD=1: its keys and the fleet-wide ones in two slots, so a script or a
-# transaction touching both fails). CI runs it after `make test`, which runs the same tests on a single Redis.
+# process starts for itself (TEST_REDIS=cluster; its ports from TEST_CLUSTER_PORT, default 7100), their jobs spread
+# over 3 shards of their namespace (TEST_SHARDS=3: shards 1 to 3, each job in the shard of its id, each shard a slot
+# of its own apart from the fleet-wide keys' `{ns}`, so a script or a transaction mixing two of them fails, and a
+# job written or looked for in the wrong shard is never found; TEST_SHARD left at 0, as MESH_SHARD is by default:
+# with several shards it does not move the jobs). CI runs it after `make test`, which runs the same tests on a
+# single Redis and one shard.
 CLUSTER_TESTS := \
 	tests/broker/test_claim_owners.py tests/broker/test_fence.py tests/broker/test_fence_redis_cut.py \
 	tests/broker/test_fencing.py tests/broker/test_group_commit.py tests/broker/test_recovery.py \
@@ -53,7 +56,7 @@ CLUSTER_TESTS := \
 	tests/testing/test_context.py tests/ops/test_worker_shards.py
 
 test-cluster: $(BIN)/.installed
-	TEST_REDIS=cluster TEST_SHARD=1 $(PYTEST) -q -n 2 --durations=10 $(CLUSTER_TESTS)
+	TEST_REDIS=cluster TEST_SHARDS=3 $(PYTEST) -q -n 2 --durations=10 $(CLUSTER_TESTS)
 
 # The edit-test loop: ruff, mypy and the tests that start no worker and no redis-server of their own
 # (tests/tier.py fails a test that does so without @pytest.mark.slow). They are CPU-bound (most of

@@ -29,13 +29,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from mesh.contracts import ConfigError
 
 from .keys import Keys
 
 if TYPE_CHECKING:
-    import redis
-
     from .settings import MeshSettings
 
 
@@ -116,9 +116,18 @@ class Shards:
 def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) -> None:
     """Record the namespace's shards the first time (``record``: a worker, at its start), else check
     them (one round trip; a client checks, never records): ConfigError when another process recorded
-    another first shard or count (its jobs would be looked for in the wrong shards)."""
+    another first shard or count (its jobs would be looked for in the wrong shards). While Redis refuses
+    writes for want of memory (maxmemory, noeviction: SET refused even when NX would not write), a worker
+    only checks: it starts, and waits for memory as its consumers do; a later start records them."""
     key = shards.home.shard_count
-    found: Any = client.set(key, shards.recorded, nx=True, get=True) if record else client.get(key)
+    found: Any
+    if record:
+        try:
+            found = client.set(key, shards.recorded, nx=True, get=True)
+        except redis.OutOfMemoryError:
+            found = client.get(key)
+    else:
+        found = client.get(key)
     refused = shards_refusal(found, shards)
     if refused is not None:
         raise refused

@@ -27,6 +27,7 @@ from mesh.broker.connection import connect, is_cluster, parse_url, primaries
 from mesh.broker.keys import Keys, legacy_pattern
 from mesh.broker.outbox import wake
 from mesh.broker.settings import DEFAULT_REDIS_URL
+from mesh.broker.shards import Shards
 from mesh.ops.local_redis import ensure_redis
 from tests.tier import (
     WORKER_COMMANDS,
@@ -143,17 +144,31 @@ def sigstop(pid: int, timeout_s: float = 30.0) -> None:
     wait_stopped(pid, timeout_s=timeout_s)
 
 
-def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
+def push_raw(client: MeshClient, queue: str, data: bytes, keys: Keys | None = None) -> str:
     """Put ``data`` on ``queue`` exactly as the mesh's enqueue would (dramatiq's two writes, then the
     queue's wake-up token: an idle consumer takes it at once, not at the end of its block), bypassing
-    every check."""
+    every check; in the shard of ``keys``, by default the namespace's first (``client.shards.home``:
+    with several shards, MESH_SHARDS, shard 0 holds no queue a worker consumes)."""
+    keys = keys or client.shards.home
     rid = str(uuid.uuid4())
     pipe = client.redis.pipeline(transaction=False)
-    pipe.hset(client.keys.messages(queue), rid, data)
-    pipe.rpush(client.keys.queue(queue), rid)
-    wake(pipe, client.keys, queue)
+    pipe.hset(keys.messages(queue), rid, data)
+    pipe.rpush(keys.queue(queue), rid)
+    wake(pipe, keys, queue)
     pipe.execute()
     return rid
+
+
+def stat(r: redis.Redis, settings: MeshSettings, name: str) -> int:
+    """Counter ``name`` of the namespace's ``stats``, added up over its shards (MESH_SHARDS: each shard
+    counts its own jobs' claims, takeovers and recoveries)."""
+    return sum(int(r.hget(keys.stats, name) or 0) for keys in Shards.of(settings).keys)
+
+
+def heartbeats_since(r: redis.Redis, settings: MeshSettings, since_ms: float) -> int:
+    """How many heartbeats at ``since_ms`` or later the shards of the namespace hold (a worker heartbeats
+    in each shard it consumes)."""
+    return sum(int(r.zcount(keys.heartbeats, since_ms, "+inf")) for keys in Shards.of(settings).keys)
 
 
 def flat(text: str) -> str:

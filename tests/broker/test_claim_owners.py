@@ -4,17 +4,19 @@ bytes, so the message claims for itself) still runs once, records its success an
 
 from __future__ import annotations
 
-from conftest import wait_for
+from conftest import stat, wait_for
 
 from mesh.broker import MeshClient, claims
+from mesh.broker.keys import Keys
 from mesh.contracts import State, dumps, loads
 
 NOTE = {"tool": "note", "args": {"title": "owners"}}
 
 
-def _rename(client: MeshClient, queue: str, rid: str, new_rid: str, message_id: str) -> None:
-    """Give the queued message ``rid`` the Redis id ``new_rid`` and the message id ``message_id``."""
-    keys, r = client.keys, client.redis
+def _rename(client: MeshClient, keys: Keys, queue: str, rid: str, new_rid: str, message_id: str) -> None:
+    """Give the message ``rid`` queued in the shard of ``keys`` the Redis id ``new_rid`` and the message
+    id ``message_id``."""
+    r = client.redis
     data = loads(r.hget(keys.messages(queue), rid))
     data["message_id"] = message_id
     data["options"]["redis_message_id"] = new_rid
@@ -31,8 +33,9 @@ def test_ids_with_the_claim_separator_and_keys_with_escapes_run_once_and_are_sto
     refs = []
     for i, key in enumerate(["plain-key", 'quoted"key', "bar|key"]):
         ref = client.send("executor", {**NOTE, "args": {"title": f"owners {i}"}}, key=key)
-        [rid] = [x.decode() for x in client.redis.lrange(client.keys.queue("executor"), -1, -1)]
-        _rename(client, "executor", rid, f"rid|{i}", f"mid|{i}")
+        keys = client.keys_of(ref.id)  # the job's shard
+        [rid] = [x.decode() for x in client.redis.lrange(keys.queue("executor"), -1, -1)]
+        _rename(client, keys, "executor", rid, f"rid|{i}", f"mid|{i}")
         refs.append(ref)
     start_worker(settings, ("executor",))
     for ref in refs:
@@ -41,5 +44,6 @@ def test_ids_with_the_claim_separator_and_keys_with_escapes_run_once_and_are_sto
         assert record.state is State.SUCCEEDED, record.error
         assert record.steps["executor"].picked_up == 1
         # the key is marked done by the message's ack, a write after the record's success
-        wait_for(lambda r=ref: claims.read(client.redis, client.keys.claim(r.key)).state == "done", timeout_s=10)
-    assert int(client.redis.hget(client.keys.stats, "superseded") or 0) == 0
+        claim_key = client.keys_of(ref.id).claim(ref.key)
+        wait_for(lambda k=claim_key: claims.read(client.redis, k).state == "done", timeout_s=10)
+    assert stat(client.redis, settings, "superseded") == 0

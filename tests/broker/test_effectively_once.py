@@ -9,7 +9,7 @@ import threading
 import time
 from collections import Counter
 
-from conftest import wait_for
+from conftest import stat, wait_for
 
 from mesh.broker import MeshClient
 from mesh.contracts import State
@@ -54,7 +54,7 @@ def test_same_key_sent_50_times_at_once_across_2_processes_posts_once_and_every_
     assert {r.state for r in records} == {State.SUCCEEDED}
     assert len({str(r.result) for r in records}) == 1
     assert records[0].steps["executor"].picked_up == 1
-    stats = {k.decode(): int(v) for k, v in rclient.hgetall(client.keys.stats).items()}
+    stats = {k.decode(): int(v) for k, v in rclient.hgetall(client.keys_of(refs[0].id).stats).items()}  # its shard's
     # Each of the 49 duplicate messages was acked as a duplicate exactly once, some after waiting.
     assert stats.get("duplicates") == 49
     print(f"50 sends of one key: 1 POST, {stats.get('deferred_in_flight', 0)} deferrals of in-flight duplicates")
@@ -96,7 +96,7 @@ def test_200_keys_with_a_worker_killed_and_restarted_post_each_effect_once_verif
     assert posts_at_kill < 200, "the kill landed after the run: nothing was tested"
     by_key = Counter(r["headers"]["idempotency-key"] for r in hook.requests)
     assert set(by_key) == set(keys)  # every key's effect arrived
-    held = int(rclient.hget(client.keys.stats, "recovered") or 0)
+    held = stat(rclient, client.settings, "recovered")
     repeats = sum(n - 1 for n in by_key.values())
     assert repeats == 0, {k: n for k, n in by_key.items() if n > 1}  # settled by the verifier, never re-posted
     assert {r.steps["executor"].effect for r in records} == {Verdict.VERIFIED}

@@ -33,7 +33,7 @@ def count(client: MeshClient, key: str) -> int:
 
 
 def events(client: MeshClient, job_id: str, kind: str) -> list[dict[str, Any]]:
-    return [e for e in trace.read(client.redis, client.keys, job_id) if e["event"] == kind]
+    return [e for e in trace.read(client.redis, client.keys_of(job_id), job_id) if e["event"] == kind]
 
 
 @pytest.mark.slow
@@ -44,17 +44,20 @@ def test_a_worker_paused_past_its_lease_sends_nothing_after_another_took_its_mes
         client = MeshClient(settings, client=rclient, app=app)
         ns = settings.namespace
         env = {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), "MESH_HTTP_ALLOW": server.host_port}
-        paused = worker_process("--app", APP, "--threads", str(HANDLERS), **env)
+        # HANDLERS threads for each shard (MESH_SHARDS: a process's threads are divided among its shards),
+        # so every handler runs at once whatever shards the jobs fall in.
+        threads = str(HANDLERS * settings.shards)
+        paused = worker_process("--app", APP, "--threads", threads, **env)
         refs = [client.send("poster", {"url": server.url(), "n": n}, key=f"paused-{n}") for n in range(HANDLERS)]
         wait_for(lambda: count(client, arrived_key(ns)) == HANDLERS, timeout_s=60)
 
         sigstop(paused.pid)  # stopped, every thread, before its handlers may pass the gate
         try:
             rclient.set(gate_key(ns), 1)
-            worker_process("--app", APP, "--threads", str(HANDLERS), **env)
+            worker_process("--app", APP, "--threads", threads, **env)
             records = [client.wait(ref.id, timeout_s=60) for ref in refs]
             assert [r.state for r in records] == [State.SUCCEEDED] * HANDLERS, [
-                (r.state, trace.read(client.redis, client.keys, r.job_id)[-3:]) for r in records
+                (r.state, trace.read(client.redis, client.keys_of(r.job_id), r.job_id)[-3:]) for r in records
                 if r.state is not State.SUCCEEDED]
             assert len(server.requests) == HANDLERS
         finally:
@@ -73,7 +76,8 @@ def test_a_worker_paused_past_its_lease_sends_nothing_after_another_took_its_mes
         assert len(calls) == 1 and calls[0]["token"] == max(e["token"] for e in picked)
         # The paused owner's call was refused, under its own (older) token.
         assert len(fenced) == 1 and fenced[0]["token"] < calls[0]["token"], (
-            [(e["event"], e.get("token"), e.get("worker")) for e in trace.read(client.redis, client.keys, ref.id)],
+            [(e["event"], e.get("token"), e.get("worker"))
+             for e in trace.read(client.redis, client.keys_of(ref.id), ref.id)],
             paused.log_path.read_text()[-3000:])
     assert sorted(e["token"] for ref in refs for e in events(client, ref.id, "tool_call")) == sent
 
@@ -147,5 +151,5 @@ def test_a_request_sent_before_a_pause_and_decided_after_the_takeover_is_refused
     assert endpoint.answered == [(newer, 200), (stale, 409)]
     assert endpoint.applied == [newer]
     assert record.state is State.SUCCEEDED
-    assert client.redis.hget(client.keys.stats, "dead_lettered") is None
+    assert client.redis.hget(client.keys_of(ref.id).stats, "dead_lettered") is None
     assert [e["token"] for e in events(client, ref.id, "tool_call")] == [newer, stale]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mesh import MeshClient
-from mesh.broker.keys import Keys, prefix
+from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.dlq import DeadLetterStore
 from tests.broker.poison_app import app
@@ -41,11 +41,12 @@ def test_a_message_that_kills_three_workers_is_dead_lettered_as_poison(make_sett
     assert record.state is State.DEAD_LETTERED
     step = next(iter(record.steps.values()))
     assert step.state is State.DEAD_LETTERED and step.failure_class == "invalid_input"
-    [entry] = DeadLetterStore(rclient, Keys(ns, settings.shard)).newest()
+    keys = mesh.keys_of(ref.id)  # the job's shard (MESH_SHARDS), where its dead letter and claim are
+    [entry] = DeadLetterStore(rclient, keys).newest()
     assert entry.job_id == ref.id and entry.failure_class == "invalid_input"
     assert entry.error.startswith("poison: 3 workers died running this message (MESH_POISON_KILLS=3)")
-    assert rclient.hget(Keys(ns, settings.shard).stats, "poison") == b"1"
-    assert not rclient.exists(Keys(ns, settings.shard).kills("poison-1"))  # the dead letter let go of the claim
+    assert rclient.hget(keys.stats, "poison") == b"1"
+    assert not rclient.exists(keys.kills("poison-1"))  # the dead letter let go of the claim
 
 
 def test_a_replayed_poison_message_runs_again(make_settings: Any, rclient: Any, worker_process: Any,

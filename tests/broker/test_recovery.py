@@ -7,7 +7,7 @@ import signal
 import time
 from collections import Counter
 
-from conftest import wait_for
+from conftest import heartbeats_since, stat, wait_for
 
 from mesh.broker import MeshClient
 from mesh.contracts import State
@@ -48,19 +48,19 @@ def test_killed_workers_in_flight_messages_are_processed_by_the_survivor_within_
         worker_process("--agents", "executor", "--threads", "4", **env)
         # The survivor's start (a process importing the mesh: seconds on a loaded machine) is not recovery:
         # the bound below counts from its first heartbeat.
-        wait_for(lambda: rclient.zcount(client.keys.heartbeats, killed_ms, "+inf") >= 1, timeout_s=60)
+        wait_for(lambda: heartbeats_since(rclient, settings, killed_ms) >= 1, timeout_s=60)
         # Within the heartbeat bound (the lease defaults to it) plus a few seconds of pick-up and work.
         records = [client.wait(ref.id, timeout_s=HEARTBEAT_TIMEOUT_S + 10) for ref in refs]
         recovered_in = time.monotonic() - killed_at
 
         assert all(r.state is State.SUCCEEDED for r in records)
-        assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
+        assert stat(rclient, settings, "recovered") >= 1
         repeats = Counter(r["headers"]["idempotency-key"] for r in hook.requests)
         assert set(repeats) == {f"rec-{i}" for i in range(6)}
         # What the killed worker was posting was verified on recovery, never posted twice.
         assert sum(n - 1 for n in repeats.values()) == 0, repeats
         # The claims the victim died holding were taken over, each with a higher fencing token.
-        assert int(rclient.hget(client.keys.stats, "takeovers") or 0) >= 1
+        assert stat(rclient, settings, "takeovers") >= 1
         for key, n in repeats.items():
             tokens = [int(r["headers"]["x-mesh-fencing-token"]) for r in hook.requests
                       if r["headers"]["idempotency-key"] == key]

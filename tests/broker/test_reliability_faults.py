@@ -25,7 +25,8 @@ from mesh.broker.keys import prefix
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.outbox import build_message, encode
 from mesh.broker.router import FailureRouter
-from mesh.contracts import Envelope, State, dumps, loads, new_trace_id
+from mesh.broker.shards import Shards, check_shards
+from mesh.contracts import ConfigError, Envelope, State, dumps, loads, new_trace_id
 from mesh.dlq import DeadLetterStore
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 
@@ -47,8 +48,12 @@ def raw_message(client: MeshClient, payload: dict[str, Any], **options: Any) -> 
 
 
 def dlq_entries(client: MeshClient) -> list[Any]:
-    store = DeadLetterStore(client.redis, client.keys)
-    return [store.get(i.decode()) for i in client.redis.zrange(client.keys.dlq, 0, -1)]
+    """The dead letters of every shard (MESH_SHARDS)."""
+    entries = []
+    for keys in client.shards.keys:
+        store = DeadLetterStore(client.redis, keys)
+        entries += [store.get(i.decode()) for i in client.redis.zrange(keys.dlq, 0, -1)]
+    return entries
 
 
 # -- item 4: a failing message with malformed mesh options never vanishes ---------------------------
@@ -69,11 +74,11 @@ def test_malformed_mesh_options_are_dead_lettered_as_poison_with_their_bytes(
     start_worker(settings, ("executor",))
 
     assert client.wait(good.id, timeout_s=20).state is State.SUCCEEDED
-    store = DeadLetterStore(client.redis, client.keys)
+    store = DeadLetterStore(client.redis, client.shards.home)  # push_raw's shard
     entry = wait_for(lambda: store.get(rid))
     assert entry.failure_class == "invalid_input" and "malformed mesh options" in entry.error
     assert store.raw(rid) == data
-    assert int(client.redis.hget(client.keys.stats, "poison")) == 1
+    assert int(client.redis.hget(client.shards.home.stats, "poison")) == 1
     wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY)
 
 
@@ -84,15 +89,17 @@ def test_a_router_that_breaks_dead_letters_the_message_instead_of_acking_it_away
     def broken_rng() -> float:
         raise ZeroDivisionError("jitter source broke")
 
+    # A brownout is retried: the route needs the jitter, and the broken source raises inside the hook.
+    ref = client.send("executor", {"tool": "http_post", "args": {"url": "http://127.0.0.1:9/x"}})
+    keys = client.keys_of(ref.id)
+    settings = settings.on_shard(keys.shard)  # a worker of the job's shard (one per shard, MESH_SHARDS)
     keys_client = redis_client(settings.redis_url)
     broker = MeshBroker(settings, records=keys_client, middleware=[
-        ShutdownNotifications(), FailureRouter(settings, JobStore(keys_client, client.keys), rng=broken_rng),
+        ShutdownNotifications(), FailureRouter(settings, JobStore(keys_client, keys), rng=broken_rng),
         Idempotency(settings, keys_client), Deadline(settings), TimeLimit(time_limit=60_000)])
     runtime = AgentRuntime.from_settings(settings, keys_client, builtin)
     declare_app(broker, runtime, ["executor"])
     worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
-    # A brownout is retried: the route needs the jitter, and the broken source raises inside the hook.
-    ref = client.send("executor", {"tool": "http_post", "args": {"url": "http://127.0.0.1:9/x"}})
     worker.start()
     try:
         record = client.wait(ref.id, timeout_s=20)
@@ -138,25 +145,27 @@ def test_a_time_limit_after_the_success_was_written_settles_the_message_as_done_
                 raise TimeLimitExceeded()
             return record
 
+    ref = client.send("executor", note("interrupted late"))
+    keys = client.keys_of(ref.id)
+    settings = settings.on_shard(keys.shard)  # a worker of the job's shard (one per shard, MESH_SHARDS)
     broker = build_broker(settings)
     runtime = AgentRuntime.from_settings(settings, broker.records, builtin)
-    runtime.jobs = LateInterrupt(broker.records, client.keys)
+    runtime.jobs = LateInterrupt(broker.records, keys)
     declare_app(broker, runtime, ["executor"])
     worker = Worker(broker, queues={"executor"}, worker_threads=1, worker_timeout=100)
-    ref = client.send("executor", note("interrupted late"))
     worker.start()
     try:
         wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY
-                 and int(client.redis.hget(client.keys.stats, "retried") or 0)
-                 + len(dlq_entries(client)) + int(client.redis.hlen(client.keys.outcomes) or 0) > 0)
+                 and int(client.redis.hget(keys.stats, "retried") or 0)
+                 + len(dlq_entries(client)) + int(client.redis.hlen(keys.outcomes) or 0) > 0)
         wait_for(lambda: client.queues(["executor"])["executor"] == EMPTY)
     finally:
         worker.stop(timeout=10_000)
         broker.close()
-    record = client.jobs.get(ref.id)
+    record = client.jobs_of(ref.id).get(ref.id)
     assert record is not None and record.state is State.SUCCEEDED
     assert dlq_entries(client) == []
-    assert claims.read(client.redis, client.keys.claim(ref.key)).state == "done"  # no other message reruns it
+    assert claims.read(client.redis, keys.claim(ref.key)).state == "done"  # no other message reruns it
 
 
 def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings):
@@ -179,20 +188,23 @@ def test_a_tool_is_not_called_once_renewal_found_the_lease_lost(client, settings
 def test_waiting_for_a_busy_key_stops_at_the_deadline_and_at_max_waits(client, make_settings, start_worker):
     settings = make_settings(max_waits=6)
     # Someone else holds both keys for a minute.
-    holder = Idempotency(settings, client.redis)
     late = client.send("executor", note("deadline passes while waiting"), key="busy-1")
     many = client.send("executor", note("waits too often"), key="busy-2")
     for key in ("busy-1", "busy-2"):
+        keys = client.shards.of_key(key)  # where the key's job claims it (its shard's, MESH_SHARDS)
+        holder = Idempotency(settings.on_shard(keys.shard), client.redis)
         holder.lease_ms = 60_000
-        assert holder._call("claim", client.keys.claim(key), "someone-else")[0] == b"run"
+        assert holder._call("claim", keys.claim(key), "someone-else")[0] == b"run"
 
     def shorten(env: dict[str, Any]) -> dict[str, Any]:
         return {**env, "deadline": time.time() + 0.3} if env["key"] == "busy-1" else env
 
-    for rid, data in client.redis.hgetall(client.keys.messages("executor")).items():
-        body = loads(data)
-        body["args"] = [shorten(body["args"][0])]
-        client.redis.hset(client.keys.messages("executor"), rid, dumps(body))
+    for ref in (late, many):
+        messages = client.keys_of(ref.id).messages("executor")
+        for rid, data in client.redis.hgetall(messages).items():
+            body = loads(data)
+            body["args"] = [shorten(body["args"][0])]
+            client.redis.hset(messages, rid, dumps(body))
     start_worker(settings, ("executor",))
 
     entries = wait_for(lambda: (e := dlq_entries(client)) and len(e) == 2 and e, timeout_s=30)
@@ -200,7 +212,7 @@ def test_waiting_for_a_busy_key_stops_at_the_deadline_and_at_max_waits(client, m
     assert by_key["busy-1"].failure_class == "deadline" and "deadline passed" in by_key["busy-1"].error
     assert by_key["busy-2"].failure_class == "unknown" and "MESH_MAX_WAITS" in by_key["busy-2"].error
     assert {late.key, many.key} == set(by_key)
-    assert client.redis.zcard(client.keys.notes) == 0  # neither ran while the key was held
+    assert sum(client.redis.zcard(keys.notes) for keys in client.shards.keys) == 0  # neither ran while held
 
 
 def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settings):
@@ -209,20 +221,21 @@ def test_a_re_sent_job_update_stages_its_events_and_counters_once(client, settin
     from mesh.agents.pipelines import progress
 
     ref = client.send("executor", note("re-sent"))
-    env = Envelope.model_validate(loads(client.redis.hvals(client.keys.messages("executor"))[0])["args"][0])
-    jobs = JobStore(client.redis, client.keys)
+    keys = client.keys_of(ref.id)  # the job's shard
+    env = Envelope.model_validate(loads(client.redis.hvals(keys.messages("executor"))[0])["args"][0])
+    jobs = JobStore(client.redis, keys)
     counted: list[int] = []
 
     def also(pipe: Any, record: Any) -> None:
         counted.append(1)
-        pipe.hincrby(client.keys.stats, "test_pickups", 1)
+        pipe.hincrby(keys.stats, "test_pickups", 1)
 
     ev = trace.event("picked_up", env.model_dump(mode="json"), token=7)
     first = jobs.update(ref.id, progress.start(env, 7), also=also, events=[ev])
     again = jobs.update(ref.id, progress.start(env, 7), also=also, events=[ev])
     assert first.steps["executor"].picked_up == again.steps["executor"].picked_up == 1
-    assert int(client.redis.hget(client.keys.stats, "test_pickups")) == 1 and counted == [1]
-    assert [e["event"] for e in trace.read(client.redis, client.keys, ref.id)].count("picked_up") == 1
+    assert int(client.redis.hget(keys.stats, "test_pickups")) == 1 and counted == [1]
+    assert [e["event"] for e in trace.read(client.redis, keys, ref.id)].count("picked_up") == 1
 
 
 # -- item 9: a bare payload from a foreign producer is poison ----------------------------------------
@@ -236,11 +249,11 @@ def test_a_message_without_an_envelope_is_invalid_input_poison_and_replay_refuse
     push_raw(client, "planner", dumps(body))
     rid = body["message_id"]  # a dead letter of a decoded message is named by its message id
     start_worker(settings, ("planner",))
-    store = DeadLetterStore(client.redis, client.keys)
+    store = DeadLetterStore(client.redis, client.shards.home)  # push_raw's shard
     entry = wait_for(lambda: store.get(rid))
     assert entry.failure_class == "invalid_input" and "not a mesh message" in entry.error
     assert "Idempotency middleware" not in entry.error
-    assert int(client.redis.hget(client.keys.stats, "poison")) == 1
+    assert int(client.redis.hget(client.shards.home.stats, "poison")) == 1
     done = cli("dlq", "replay", rid, "--yes", "--json")
     assert rid in done.stdout and "no envelope" in done.stdout
     assert store.get(rid) is not None
@@ -256,6 +269,37 @@ def tiny_redis(tmp_path: Path) -> Any:
                                                                    "--maxmemory-policy", "noeviction"))
     yield server
     server.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_starting_while_redis_refuses_writes_checks_the_recorded_shards_without_recording(
+        make_settings, tiny_redis):
+    """A worker's start records the namespace's shards with a SET (NX), which a Redis out of memory refuses
+    whether or not it would write: the start only checks them then (a GET), and still refuses another count."""
+    settings: MeshSettings = make_settings(redis_url=tiny_redis.url, shards=3)
+    rc = redis.Redis.from_url(tiny_redis.url)
+    shards = Shards.of(settings)
+    i = 0
+
+    def fill() -> None:  # until a write of a few bytes is refused (a refused write's value left memory again)
+        nonlocal i
+        for size in (100_000, 1_000, 10):
+            while True:
+                try:
+                    rc.set(f"{prefix(settings.namespace)}:filler:{i}", "x" * size)
+                except redis.OutOfMemoryError:
+                    break
+                i += 1
+
+    fill()
+    check_shards(rc, shards, record=True)  # before: OutOfMemoryError out of the worker's start
+    assert rc.get(shards.home.shard_count) is None  # nothing recorded: a later start records them
+    rc.delete(*(f"{prefix(settings.namespace)}:filler:{j}" for j in range(i)))
+    rc.set(shards.home.shard_count, "0+2")  # another process's count, recorded meanwhile
+    fill()
+    with pytest.raises(ConfigError, match="spreads its jobs over 2 shard"):
+        check_shards(rc, shards, record=True)
+    rc.close()
 
 
 def test_poison_met_while_redis_refuses_writes_with_oom_is_dead_lettered_once_memory_frees(
@@ -276,7 +320,7 @@ def test_poison_met_while_redis_refuses_writes_with_oom_is_dead_lettered_once_me
             break
         i += 1
     start_worker(settings, ("executor",))
-    store = DeadLetterStore(rc, client.keys)
+    store = DeadLetterStore(rc, client.shards.home)  # push_raw's shard
     # The worker's fetch and settle scripts are refused (OOM is a ResponseError, not a lost
     # connection); the worker keeps trying, and nothing is lost while the refusal lasts.
     def ooms() -> int:

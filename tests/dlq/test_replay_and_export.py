@@ -16,12 +16,13 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import ROOT, flat, mesh_env, push_raw, wait_for
+from conftest import ROOT, flat, mesh_env, push_raw, stat, wait_for
 
 from mesh.broker import MeshClient
 from mesh.contracts import JobRecord, State
 from mesh.dlq import Audit, DeadLetter, DeadLetterStore, Filter, Replayer, Stored
 from mesh.dlq.export import line_of
+from mesh.dlq.store import DeadLetterShards
 from tests.dlq.bulk import AGENTS, CLASSES, agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
 
@@ -43,11 +44,27 @@ def http_call(url: str, n: int) -> dict[str, Any]:
     return {"tool": "http_post", "args": {"url": url, "json": {"order": n, "note": f"order {n}"}}}
 
 
-def store_of(client: MeshClient) -> DeadLetterStore:
-    return DeadLetterStore(client.redis, client.keys)
+def store_of(client: MeshClient) -> DeadLetterShards:
+    """The DLQ of every shard (MESH_SHARDS): a job's dead letter is kept in its job's shard."""
+    return DeadLetterShards.of(client.redis, client.settings)
 
 
-def all_entries(store: DeadLetterStore) -> dict[str, DeadLetter]:
+def home_store(client: MeshClient) -> DeadLetterStore:
+    """The first shard's DLQ, where the tests put entries of their own making (``generate``, ``put``)."""
+    return DeadLetterStore(client.redis, client.shards.home)
+
+
+class ShardsAudit:
+    """The DLQ's audit log of every shard (each shard's entries are audited in that shard)."""
+
+    def __init__(self, client: MeshClient) -> None:
+        self.audits = [Audit(client.redis, keys) for keys in client.shards.keys]
+
+    def records(self, entry_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return [r for audit in self.audits for r in audit.records(entry_id, limit=limit)]
+
+
+def all_entries(store: DeadLetterStore | DeadLetterShards) -> dict[str, DeadLetter]:
     return {e.entry_id: e for e in store.entries(Filter(), limit=10_000)}
 
 
@@ -61,13 +78,14 @@ def settled(client: MeshClient, queue: str = "executor") -> bool:
 
 
 def assert_dlq_indexes_empty(client: MeshClient) -> None:
-    r, keys = client.redis, client.keys
-    assert r.zcard(keys.dlq) == 0
-    for agent in ("planner", "researcher", "executor", "-"):
-        assert r.zcard(keys.dlq_by_agent(agent)) == 0
-    for failure_class in ("permanent", "invalid_input", "timeout", "brownout", "deadline", "cycle"):
-        assert r.zcard(keys.dlq_by_class(failure_class)) == 0
-    assert list(r.scan_iter(match=keys.dead_letter("*"), count=1000)) == []
+    r = client.redis
+    for keys in client.shards.keys:
+        assert r.zcard(keys.dlq) == 0
+        for agent in ("planner", "researcher", "executor", "-"):
+            assert r.zcard(keys.dlq_by_agent(agent)) == 0
+        for failure_class in ("permanent", "invalid_input", "timeout", "brownout", "deadline", "cycle"):
+            assert r.zcard(keys.dlq_by_class(failure_class)) == 0
+        assert list(r.scan_iter(match=keys.dead_letter("*"), count=1000)) == []
 
 
 def dead_letter_all(client: MeshClient, refs: list[Any], timeout_s: float = 30) -> dict[str, Any]:
@@ -116,8 +134,8 @@ def test_replay_after_the_cause_is_fixed_brings_every_entry_back_once_with_its_o
         assert {ref.id: unstoried(client.status(ref.id)) for ref in refs} == \
             {job_id: unstoried(record) for job_id, record in records.items()}
         assert len(server.requests) == 5
-        assert Audit(client.redis, client.keys).records() == []
-        assert client.redis.hget(client.keys.stats, "replayed") is None
+        assert ShardsAudit(client).records() == []
+        assert stat(client.redis, client.settings, "replayed") == 0
 
         res = cli("dlq", "replay", "--class", "permanent", "--yes", "--json")
         assert res.returncode == 0, res.stderr
@@ -142,14 +160,14 @@ def test_replay_after_the_cause_is_fixed_brings_every_entry_back_once_with_its_o
 
     assert store.count() == 0
     assert_dlq_indexes_empty(client)
-    audit = Audit(client.redis, client.keys)
+    audit = ShardsAudit(client)
     for entry_id, entry in entries.items():
         records_of = audit.records(entry_id)
         assert [r["op"] for r in records_of] == ["replay"], records_of
         detail = records_of[0]["detail"]
         assert detail["key"] == entry.key and detail["queue"] == "executor" and detail["replay_count"] == 1
         assert records_of[0]["who"]
-    assert int(client.redis.hget(client.keys.stats, "replayed")) == 5
+    assert stat(client.redis, client.settings, "replayed") == 5
 
 
 def test_a_replayed_message_that_fails_again_comes_back_as_a_new_entry_with_replay_count_and_replay_of(
@@ -192,7 +210,7 @@ def test_a_replayed_message_that_fails_again_comes_back_as_a_new_entry_with_repl
         assert [(a.attempt, a.outcome) for a in entry.attempts] == [(1, "dead_lettered")]
     assert record.state is State.DEAD_LETTERED
     assert [r["headers"]["idempotency-key"] for r in requests] == ["again-1"] * 3
-    audit = Audit(client.redis, client.keys)
+    audit = ShardsAudit(client)
     assert [r["op"] for r in audit.records(old.entry_id)] == ["replay"]
     assert [r["op"] for r in audit.records(first.entry_id)] == ["replay"]
     assert audit.records(second.entry_id) == []
@@ -260,7 +278,7 @@ def test_replay_killed_with_sigkill_halfway_and_run_again_loses_no_entry_and_pos
         assert 0 < left < n - 10, left
 
         # nothing lost, nothing twice: every entry is either still in the DLQ or was replayed, once
-        audit = Audit(client.redis, client.keys)
+        audit = ShardsAudit(client)
         replayed = Counter(r["entry_id"] for r in audit.records(limit=10_000) if r["op"] == "replay")
         in_dlq = set(all_entries(store))
         assert set(replayed) | in_dlq == originals and not set(replayed) & in_dlq
@@ -280,11 +298,10 @@ def test_replay_killed_with_sigkill_halfway_and_run_again_loses_no_entry_and_pos
     assert Counter(r["headers"]["idempotency-key"] for r in requests) == Counter({key: 2 for key in keys})
     assert store.count() == 0
     assert_dlq_indexes_empty(client)
-    replayed = Counter(r["entry_id"] for r in Audit(client.redis, client.keys).records(limit=10_000)
-                       if r["op"] == "replay")
+    replayed = Counter(r["entry_id"] for r in ShardsAudit(client).records(limit=10_000) if r["op"] == "replay")
     assert replayed == Counter({entry_id: 1 for entry_id in originals})
-    assert int(client.redis.hget(client.keys.stats, "replayed")) == n
-    assert client.redis.llen(f"{client.keys.queue('executor')}.XQ") == 0
+    assert stat(client.redis, client.settings, "replayed") == n
+    assert all(client.redis.llen(f"{keys.queue('executor')}.XQ") == 0 for keys in client.shards.keys)
 
 
 # -- drain and load -----------------------------------------------------------------------------
@@ -301,7 +318,7 @@ def test_drain_writes_every_entry_to_a_file_and_empties_the_dlq_and_load_puts_th
     wait_for(lambda: store.count() == 6)
     wait_for(lambda: settled(client))
     before = all_entries(store)
-    raws = {entry_id: store.raw(entry_id) for entry_id in before}
+    raws = {entry_id: store.store_of(entry_id).raw(entry_id) for entry_id in before}
     assert {raws[rid] for rid in poison_ids} == set(garbage)
     stats_before = store.stats()
     assert stats_before["by_class"] == {"permanent": 4, "invalid_input": 2}
@@ -327,17 +344,17 @@ def test_drain_writes_every_entry_to_a_file_and_empties_the_dlq_and_load_puts_th
         assert base64.b64decode(item["raw_b64"]) == raws[entry_id]
     assert store.count() == 0
     assert_dlq_indexes_empty(client)
-    audit = Audit(client.redis, client.keys)
+    audit = ShardsAudit(client)
     for entry_id in before:
         (record,) = audit.records(entry_id)
         assert record["op"] == "drain" and record["detail"] == {"file": str(path.resolve())} and record["who"]
-    assert int(client.redis.hget(client.keys.stats, "dlq_drained")) == 6
+    assert stat(client.redis, client.settings, "dlq_drained") == 6
 
     res = cli("dlq", "load", str(path), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"loaded": 6, "already_present": 0}
     assert all_entries(store) == before  # ids preserved, every field equal
-    assert {entry_id: store.raw(entry_id) for entry_id in before} == raws
+    assert {entry_id: store.store_of(entry_id).raw(entry_id) for entry_id in before} == raws
     stats_after = store.stats()
     assert {k: stats_after[k] for k in ("total", "by_agent", "by_class")} == {
         k: stats_before[k] for k in ("total", "by_agent", "by_class")}
@@ -381,7 +398,7 @@ def test_load_of_a_file_with_a_bad_line_exits_2_naming_the_file_and_line_and_loa
     assert f"{path}:3" in message and "nothing was loaded" in message, message
     assert res.stdout == ""
     assert store_of(client).count() == 0
-    assert Audit(client.redis, client.keys).records() == []
+    assert ShardsAudit(client).records() == []
 
 
 def test_load_of_a_missing_file_exits_2(cli, client, tmp_path):
@@ -404,7 +421,7 @@ def test_drain_and_purge_with_agent_and_class_together_take_only_matching_entrie
         client, tmp_path):
     from mesh.dlq import drain, load, purge
 
-    store = store_of(client)
+    store = home_store(client)
     t0 = 1_700_000_000.0
     # matching entries interleaved with (and mostly behind) more than a batch of the same class
     others = put_synthetic(store, 700, agent="executor", failure_class="permanent", t0=t0)
@@ -463,7 +480,7 @@ def test_two_replays_at_once_replay_each_entry_exactly_once(client, make_setting
         assert all("no longer in the DLQ" in reason for reason in report["skipped"].values())
     assert ok_posts(server) == Counter({key: 1 for key in keys})
     assert store.count() == 0
-    assert Counter(r["entry_id"] for r in Audit(client.redis, client.keys).records(limit=1000)
+    assert Counter(r["entry_id"] for r in ShardsAudit(client).records(limit=1000)
                    if r["op"] == "replay") == Counter({i: 1 for i in originals})
 
 
@@ -475,7 +492,7 @@ BULK_CASES = [(1_201, Filter()), (10_007, Filter()), (10_007, Filter(agent="plan
 
 def bulk(client: MeshClient, n: int, flt: Filter) -> tuple[set[str], set[str]]:
     """``n`` generated entries in the DLQ; the ids ``flt`` selects and the others."""
-    generate(client.redis, client.keys, n, 1_700_000_000.0, per_ms=3)
+    generate(client.redis, client.shards.home, n, 1_700_000_000.0, per_ms=3)  # in the first shard
     chosen = {nth_id(i) for i in range(n)
               if flt.agent in (None, agent_of(i)) and flt.failure_class in (None, class_of(i))}
     return chosen, {nth_id(i) for i in range(n)} - chosen
@@ -483,7 +500,7 @@ def bulk(client: MeshClient, n: int, flt: Filter) -> tuple[set[str], set[str]]:
 
 def assert_dlq_holds_exactly(client: MeshClient, ids: set[str]) -> None:
     """The DLQ, its agent and class indexes and its entry hashes hold exactly ``ids``."""
-    r, keys = client.redis, client.keys
+    r, keys = client.redis, client.shards.home
     assert {i.decode() for i in r.zrange(keys.dlq, 0, -1)} == ids
     assert sum(r.zcard(keys.dlq_by_agent(a)) for a in AGENTS) == len(ids)
     assert sum(r.zcard(keys.dlq_by_class(c)) for c in CLASSES) == len(ids)
@@ -493,7 +510,7 @@ def assert_dlq_holds_exactly(client: MeshClient, ids: set[str]) -> None:
 @pytest.mark.parametrize(("n", "flt"), BULK_CASES, ids=repr)
 def test_replay_takes_every_matching_entry_once_and_its_counts_add_up_to_what_was_in_the_dlq(client, settings, n, flt):
     chosen, others = bulk(client, n, flt)
-    store = store_of(client)
+    store = home_store(client)
     replayer = Replayer(store, settings)
 
     dry = replayer.replay(replayer.entries(flt=flt), dry_run=True)
@@ -506,7 +523,7 @@ def test_replay_takes_every_matching_entry_once_and_its_counts_add_up_to_what_wa
     assert_dlq_holds_exactly(client, others)
     queued = client.queues(AGENTS)
     assert sum(q["ready"] for q in queued.values()) == len(chosen)  # each replayed message enqueued once
-    assert int(client.redis.hget(client.keys.stats, "replayed")) == len(chosen)
+    assert int(client.redis.hget(store.keys.stats, "replayed")) == len(chosen)
 
 
 @pytest.mark.parametrize(("n", "flt"), BULK_CASES, ids=repr)
@@ -514,7 +531,7 @@ def test_drain_and_purge_take_every_matching_entry_once(client, tmp_path, n, flt
     from mesh.dlq import drain, purge
 
     chosen, others = bulk(client, n, flt)
-    store = store_of(client)
+    store = home_store(client)
     path = tmp_path / "dead.jsonl"
     assert drain(store, path, flt) == len(chosen)
     lines = [json.loads(line)["entry"]["entry_id"] for line in path.read_bytes().splitlines()]
@@ -522,6 +539,6 @@ def test_drain_and_purge_take_every_matching_entry_once(client, tmp_path, n, flt
     assert_dlq_holds_exactly(client, others)
 
     rest = Filter(agent="executor")  # of what is left, purge one agent's entries
-    purged = {i for i in others if client.redis.hget(client.keys.dead_letter(i), "agent") == b"executor"}
+    purged = {i for i in others if client.redis.hget(store.keys.dead_letter(i), "agent") == b"executor"}
     assert purge(store, rest) == len(purged)
     assert_dlq_holds_exactly(client, others - purged)

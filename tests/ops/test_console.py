@@ -28,8 +28,9 @@ from mesh.broker import MeshClient, MeshSettings, trace
 from mesh.broker.outbox import encode
 from mesh.broker.trace import operator
 from mesh.contracts import State
-from mesh.dlq import Audit, DeadLetterStore
+from mesh.dlq import Audit, Filter
 from mesh.dlq.entry import Attempt, DeadLetter
+from mesh.dlq.store import DeadLetterShards
 from mesh.ops.server import OpsServer
 from mesh.ops.web.auth import Access, check_password, hash_password, parse_users, write_user
 
@@ -89,8 +90,18 @@ def put_entry(client: MeshClient, *, key: str = "order-7", error: str = "tickets
                        worker="w1", dead_lettered_at=at)
     raw = encode(Message(queue_name=agent, actor_name=agent, args=(envelope,), kwargs={}, options={},
                          message_id=entry_id))
-    assert DeadLetterStore(client.redis, client.keys).put(entry, raw)
+    assert dlq(client).put(entry, raw)  # in its job's shard
     return entry
+
+
+def dlq(client: MeshClient) -> DeadLetterShards:
+    """The DLQ of every shard (MESH_SHARDS): an entry is kept in its job's shard."""
+    return DeadLetterShards.of(client.redis, client.settings)
+
+
+def audit_of(client: MeshClient, entry: DeadLetter) -> Audit:
+    """The DLQ audit log of ``entry``'s shard."""
+    return Audit(client.redis, dlq(client).for_entry(entry).keys)
 
 
 PAGES = ("/", "/jobs", "/dlq", "/approvals", "/breakers", "/limits")
@@ -123,7 +134,7 @@ def test_without_a_login_pages_redirect_and_actions_and_streams_are_refused_whil
         for action in (f"/dlq/{entry.entry_id}/purge", f"/dlq/{entry.entry_id}/replay", "/breakers/reset",
                        "/approvals/job-x/step"):
             assert http.post(action, data={"csrf": "x"}).status_code == 401, action
-        assert DeadLetterStore(client.redis, client.keys).get(entry.entry_id) is not None
+        assert dlq(client).get(entry.entry_id) is not None
         assert http.get("/healthz").status_code == 200
         assert http.get("/metrics").status_code == 200
         assert http.get("/readyz").status_code in (200, 503)  # open; ready or not is another matter
@@ -151,11 +162,11 @@ def test_an_action_without_the_sessions_csrf_token_or_from_another_site_is_refus
         assert http.post(url, data={"csrf": "not-the-token"}).status_code == 403
         token = csrf_of(http.get(url).text)  # the confirmation page
         assert http.post(url, data={"csrf": token}, headers={"Origin": "http://evil.example"}).status_code == 403
-        assert DeadLetterStore(client.redis, client.keys).get(entry.entry_id) is not None
+        assert dlq(client).get(entry.entry_id) is not None
         done = http.post(url, data={"csrf": token})
         assert done.status_code == 303 and done.headers["location"] == "/dlq?done=purged"
-    assert DeadLetterStore(client.redis, client.keys).get(entry.entry_id) is None
-    [record] = Audit(client.redis, client.keys).records(entry.entry_id)
+    assert dlq(client).get(entry.entry_id) is None
+    [record] = audit_of(client, entry).records(entry.entry_id)
     assert record["op"] == "purge" and record["who"] == "ana"
 
 
@@ -177,7 +188,7 @@ def test_on_loopback_without_users_the_console_is_the_local_operators_and_still_
         assert page.status_code == 200 and "ops@box" in page.text
         assert http.post(f"/dlq/{entry.entry_id}/purge", data={}).status_code == 403
         assert http.post(f"/dlq/{entry.entry_id}/purge", data={"csrf": csrf_of(page.text)}).status_code == 303
-    [record] = Audit(client.redis, client.keys).records(entry.entry_id)
+    [record] = audit_of(client, entry).records(entry.entry_id)
     assert record["who"] == "ops@box"
 
 
@@ -230,7 +241,7 @@ def test_a_job_under_more_than_a_thousand_newer_ones_is_found_by_its_trace_id_in
             spent.append(Counting.commands - before)
             assert answer.status_code == 303 and answer.headers["location"] == f"/jobs/{ref.id}", newer
     close_client(counted)
-    assert client.redis.zcard(client.keys.jobs) == 1_002
+    assert sum(client.redis.zcard(keys.jobs) for keys in client.shards.keys) == 1_002
     # the session's logout check, then one EXISTS per reading of q (a job id, a key, a trace id)
     assert spent[1:] == [4, 4]
 
@@ -265,8 +276,8 @@ def parked(client: MeshClient, name: str = "parked") -> str:
 
 
 def progress(client: MeshClient, job_id: str, n: int) -> None:
-    trace.emit(client.redis, client.keys, trace.event("progress", {"job_id": job_id, "step_id": "researcher"},
-                                                      progress=n, note=f"note {n}"))
+    event = trace.event("progress", {"job_id": job_id, "step_id": "researcher"}, progress=n, note=f"note {n}")
+    trace.emit(client.redis, client.keys_of(job_id), event)
 
 
 def test_events_follow_a_job_as_it_happens_end_when_it_ends_and_resume_from_the_last_id(client):
@@ -337,7 +348,7 @@ def test_browsers_following_a_job_share_the_servers_one_trace_reader_and_each_ge
         client.deny(job_id, "researcher", reason="enough")
         for t in threads:
             t.join(15)
-        expected = [e[0] for e in trace.read_since(client.redis, client.keys, job_id)]
+        expected = [e[0] for e in trace.read_since(client.redis, client.keys_of(job_id), job_id)]
         for got in streams:
             assert [e["id"] for e in got if "id" in e] == expected
             assert got[-1].get("event") == "end"
@@ -379,7 +390,7 @@ def test_mesh_trace_follow_after_an_event_id_goes_on_from_there_live_and_on_an_e
 
     job_id = parked(client, "resumed")
     progress(client, job_id, 1)
-    seen = [e for e, _ in trace.read_since(client.redis, client.keys, job_id)]
+    seen = [e for e, _ in trace.read_since(client.redis, client.keys_of(job_id), job_id)]
     env = mesh_env(client.settings)
     follow = subprocess.Popen([sys.executable, "-m", "mesh.ops.cli", "trace", job_id, "--follow", "--json",
                                "--after", seen[-1]], env=env, cwd=ROOT,
@@ -397,7 +408,7 @@ def test_mesh_trace_follow_after_an_event_id_goes_on_from_there_live_and_on_an_e
         if follow.poll() is None:
             follow.kill()
             follow.wait()
-    every = [e for e, _ in trace.read_since(client.redis, client.keys, job_id)]
+    every = [e for e, _ in trace.read_since(client.redis, client.keys_of(job_id), job_id)]
     printed = [json.loads(line) for line in lines]
     assert [e["id"] for e in printed] == every[len(seen):]  # nothing it had seen, all it had not
     assert printed[0]["note"] == "note 2" and "denied" in [e["event"] for e in printed]
@@ -451,10 +462,11 @@ def test_a_trace_entry_that_is_not_an_event_reaches_followers_as_unreadable_and_
         got: list[dict[str, str]] = []
         thread = sse(base, http.cookies, f"/jobs/{job_id}/events", got)
         wait_for(lambda: any(e.get("kind") == "awaiting_approval" for e in got), timeout_s=10)
-        client.redis.xadd(client.keys.trace(job_id), {"e": b"\xff not json"})
-        client.redis.xadd(client.keys.trace(job_id), {"x": b"no e field"})
-        trace.emit(client.redis, client.keys, trace.event("progress", {"job_id": job_id, "step_id": "researcher"},
-                                                          progress="many", note={"not": "text"}, duration_s="x"))
+        client.redis.xadd(client.keys_of(job_id).trace(job_id), {"e": b"\xff not json"})
+        client.redis.xadd(client.keys_of(job_id).trace(job_id), {"x": b"no e field"})
+        trace.emit(client.redis, client.keys_of(job_id), trace.event(
+            "progress", {"job_id": job_id, "step_id": "researcher"}, progress="many", note={"not": "text"},
+            duration_s="x"))
         client.deny(job_id, "researcher", reason="done")
         thread.join(15)
     kinds = [e.get("kind") for e in got if "id" in e]
@@ -469,7 +481,7 @@ def test_a_filters_dead_letters_are_counted_confirmed_then_replayed_or_purged_as
         put_entry(client, key=f"bulk-{n}", error="tickets:443 answered 400: bad order")
     for n in range(2):
         put_entry(client, key=f"again-{n}", error="upstream said 503")
-    store = DeadLetterStore(client.redis, client.keys)
+    store = dlq(client)
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
         page = http.get("/dlq/all/purge", params={"key": "bulk-*"})
@@ -480,13 +492,13 @@ def test_a_filters_dead_letters_are_counted_confirmed_then_replayed_or_purged_as
         assert store.count() == 3 and store.get(kept.entry_id) is not None
 
         page = http.get("/dlq/all/replay", params={"grep": "said 503"})
-        queued = client.redis.llen(client.keys.queue("executor"))
+        queued = client.queues(["executor"])["executor"]["ready"]
         done = http.post("/dlq/all/replay", data={"csrf": csrf_of(page.text), "grep": "said 503"})
         assert done.status_code == 200 and 'id="bulk-moved">2<' in done.text
-        assert client.redis.llen(client.keys.queue("executor")) == queued + 2
-        assert [e.key for e in store.newest(10)] == ["other-1"]
+        assert client.queues(["executor"])["executor"]["ready"] == queued + 2
+        assert [e.key for e in store.entries(Filter(), limit=10)] == ["other-1"]
         assert http.post("/dlq/all/purge", data={"key": "other-*"}).status_code == 403  # no CSRF token
-    audit = Audit(client.redis, client.keys).records()
+    audit = [r for keys in client.shards.keys for r in Audit(client.redis, keys).records()]  # every shard's
     assert sorted(r["op"] for r in audit) == ["purge"] * 3 + ["replay"] * 2 and {r["who"] for r in audit} == {"ana"}
 
 
@@ -538,7 +550,7 @@ def test_a_job_page_shows_its_gates_values_and_its_steps_verification_outcomes(c
         "executor": steps["executor"].model_copy(update={
             "state": State.HALTED, "gate": GateCheck(expr="researcher.confidence >= 0.85",
                                                      values={"researcher.confidence": 0.6}, passed=False)})}})
-    client.redis.set(client.keys.job(ref.id), dumps(record))
+    client.redis.set(client.keys_of(ref.id).job(ref.id), dumps(record))
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
         page = http.get(f"/jobs/{ref.id}")
@@ -587,7 +599,7 @@ def test_rates_over_the_last_hour_come_from_the_servers_samples_of_the_workers_c
     assert shown["outcomes"] == {"executor": {"succeeded": 30.0}, "researcher": {"succeeded": 3.0}}
     assert shown["failures"] == {"timeout": 3.0}
     assert shown["done"] == [30, 34] and shown["failed"] == [3, 3]
-    client.redis.hincrby(client.keys.outcomes, "executor:succeeded", 5)
+    client.redis.hincrby(client.shards.home.outcomes, "executor:succeeded", 5)
     with console(client) as (base, server), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
         assert "Rates appear from the next look on" in http.get("/").text  # one sample so far: no rate yet
@@ -598,8 +610,8 @@ def test_a_step_without_progress_past_stuck_after_is_listed_on_the_overview_with
     from mesh.broker.observe import running_member
 
     now = client.clock.now_s()
-    client.redis.zadd(client.keys.running, {running_member("job-stalled", "fetch"): now - 10_000,
-                                            running_member("job-moving", "fetch"): now})
+    for job_id, since in (("job-stalled", now - 10_000), ("job-moving", now)):  # each in its job's shard
+        client.redis.zadd(client.keys_of(job_id).running, {running_member(job_id, "fetch"): since})
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
         page = http.get("/").text

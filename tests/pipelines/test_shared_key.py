@@ -42,7 +42,7 @@ def test_two_jobs_rendering_one_key_run_its_step_once_and_both_succeed(mesh, run
     assert counted["cache:coder"] == 1  # the effect ran once, for both jobs
     assert counted["job-a/researcher/researcher"] == counted["job-b/researcher/researcher"] == 1
     assert counted["job-b/reviewer/reviewer"] == 1  # the second job went on past the shared step
-    shared_events = [e for e in trace.read(mesh.redis, mesh.keys, second.job_id)
+    shared_events = [e for e in trace.read(mesh.redis, mesh.keys_of(second.job_id), second.job_id)
                      if e["event"] == "succeeded" and e.get("step_id") == "coder"]
     assert shared_events and shared_events[0].get("shared") is True
     shown = cli("trace", second.job_id)
