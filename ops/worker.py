@@ -295,12 +295,13 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
 
 
 def withdraw(reg: Registry, worker_id: str, publication: tuple[threading.Thread, threading.Event] | None,
-             timeout_s: float = 10.0) -> None:
+             timeout_s: float = 10.0, again_s: float | None = None) -> None:
     """The stopping worker's agents unpublished, as the last word: the tries of its publication
     (``publication``, start_worker's) are ended first, and a try still under way past ``timeout_s``
     (Redis stalled: a fork's pause, a partition; the unpublish waits on it too) is waited for again
-    once the unpublish is through, and the unpublish made again: that try's later round trips came
-    after the unpublish's, and its publication (with a heartbeat) listed the stopped worker as alive."""
+    once the unpublish is through (for ``again_s``, by default ``timeout_s``), and the unpublish made
+    again: that try's later round trips came after the unpublish's, and its publication (with a
+    heartbeat) listed the stopped worker as alive."""
     thread = None
     if publication is not None:
         thread, stopped = publication
@@ -308,7 +309,7 @@ def withdraw(reg: Registry, worker_id: str, publication: tuple[threading.Thread,
         thread.join(timeout_s)
     _unpublish(reg, worker_id)
     if thread is not None and thread.is_alive():
-        thread.join(timeout_s)
+        thread.join(timeout_s if again_s is None else again_s)
         if thread.is_alive():
             logger.warning("the worker's publication still waits on Redis as it stops: it may list the worker "
                            "until its heartbeat ages out", extra={"worker": worker_id})

@@ -110,7 +110,7 @@ def test_a_try_under_way_past_the_stop_s_wait_never_lands_after_the_unpublish(tm
         publisher.start()
         wait_for(lambda: len(pool._in_use_connections) == 1, timeout_s=10)  # its try waits on the server
         withdrawing = threading.Thread(target=withdraw, args=(reg, "w-1", (publisher, stopped)),
-                                       kwargs={"timeout_s": 0.2}, daemon=True)
+                                       kwargs={"timeout_s": 0.2, "again_s": 30}, daemon=True)
         withdrawing.start()
         wait_for(lambda: len(pool._in_use_connections) == 2, timeout_s=10)  # the unpublish's too
         os.kill(server.process.pid, signal.SIGCONT)
