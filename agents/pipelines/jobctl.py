@@ -150,19 +150,26 @@ def rerun(client: MeshClient, job_id: str, from_step: str, *, key: str | None = 
                 before = JobRecord.model_validate_json(data)
                 linked = before.model_copy(update={"reruns": [*before.reruns, record.job_id]})
                 pipe.multi()
-                client.jobs_of(record.job_id).stage_create(pipe, record)
-                for message in messages:
-                    trace.stage(pipe, keys, trace.event("enqueued", message.args[0], queue=message.queue_name,
-                                                        by="client"))
-                for ev in events:
-                    trace.stage(pipe, keys, ev)
-                stage_all(pipe, keys, messages)
+                _stage_new(pipe, client, record, messages, events)
                 stage_record(pipe, keys, linked, was=before.state, retention_s=client.settings.job_retention_s,
                              keep_s=client.settings.dead_letter_job_retention_s, before=before)
                 pipe.execute()
                 return ref
             except redis.WatchError:
                 continue
+
+
+def _stage_new(pipe: Any, client: MeshClient, record: JobRecord, messages: list[Any],
+               events: list[dict[str, Any]]) -> None:
+    """Stage a rerun's new job in its shard: its record, its trace (each message's ``enqueued`` and
+    ``events``) and its ready steps' messages."""
+    keys = client.keys_of(record.job_id)
+    client.jobs_of(record.job_id).stage_create(pipe, record)
+    for message in messages:
+        trace.stage(pipe, keys, trace.event("enqueued", message.args[0], queue=message.queue_name, by="client"))
+    for ev in events:
+        trace.stage(pipe, keys, ev)
+    stage_all(pipe, keys, messages)
 
 
 def _rerun_apart(client: MeshClient, old: JobRecord, record: JobRecord, messages: list[Any],
@@ -174,7 +181,7 @@ def _rerun_apart(client: MeshClient, old: JobRecord, record: JobRecord, messages
     (``rerun_of``) that does not name it yet: the same rerun again (the same key; the default one is the
     same while the old job names no new rerun) finds that job and writes the link only. A key naming a
     job that is no such rerun, or one the old job lists already, is refused as on one shard."""
-    keys, jobs = client.keys_of(record.job_id), client.jobs_of(record.job_id)
+    keys = client.keys_of(record.job_id)
     while True:
         with transaction(client.redis, client.settings) as pipe:
             try:
@@ -188,13 +195,7 @@ def _rerun_apart(client: MeshClient, old: JobRecord, record: JobRecord, messages
                                           "another key")
                     break  # this rerun's job, left unlinked by a rerun that stopped: linked below
                 pipe.multi()
-                jobs.stage_create(pipe, record)
-                for message in messages:
-                    trace.stage(pipe, keys, trace.event("enqueued", message.args[0], queue=message.queue_name,
-                                                        by="client"))
-                for ev in events:
-                    trace.stage(pipe, keys, ev)
-                stage_all(pipe, keys, messages)
+                _stage_new(pipe, client, record, messages, events)
                 pipe.execute()
                 break
             except redis.WatchError:
