@@ -898,7 +898,8 @@ class MeshClient:
         is the sum of every shard's (a flow key with ready work in two shards counts twice)."""
         if self.shards.many:
             return queue_depths(self, agents, lanes=lanes)
-        names = list(agents) if agents is not None else self.agent_queues()
+        # each queue once: its row is read by its place among the names (a name given twice took the next one's)
+        names = list(dict.fromkeys(agents)) if agents is not None else self.agent_queues()
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.hlen(self.keys.messages(name))

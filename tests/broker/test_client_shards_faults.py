@@ -179,3 +179,14 @@ def test_mesh_status_takes_a_prefix_of_a_job_on_any_shard_and_refuses_one_naming
         assert done.returncode == 0 and json.loads(done.stdout)["job_id"] == ref.id, done.stderr
     done = run_cli(settings, "status", "job-", "--json")
     assert done.returncode == 2 and "several" in done.stderr, (done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("count", [1, SHARDS])
+def test_queues_named_twice_count_each_queue_once_and_in_its_own_row(make_settings, rclient, count):
+    mesh = MeshClient(make_settings(shards=count), client=rclient, app=app)
+    for n in range(5):
+        mesh.send("executor", note(f"q{n}"), key=f"q-{n}")
+    expected = {"executor": {"ready": 5, "delayed": 0, "in_flight": 0},
+                "researcher": {"ready": 0, "delayed": 0, "in_flight": 0}}
+    assert mesh.queues(["executor", "researcher"]) == expected
+    assert mesh.queues(["executor", "executor", "researcher"]) == expected  # `mesh queues executor executor ...`
