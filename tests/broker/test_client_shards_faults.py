@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -130,6 +131,14 @@ def test_an_emit_cut_after_its_first_shards_delivery_leaves_the_others_to_their_
         assert len(emits) == (0 if k.shard == first else 1), k.shard
     assert sorted(w.job_id for w in mesh.waits("payment.settled")) == sorted(
         refs[k.shard].id for k in keys[1:])
+    # What a worker of each shard does when the timer is due: the event offered there, under its one id
+    for k in keys[1:]:
+        (member,) = [m for m in mesh.redis.zrange(k.timers, 0, -1) if m.startswith(b"wait.emit|")]
+        handlers = engine._client_waits(mesh, mesh.jobs_on(k)).timer_handlers()
+        handlers["wait.emit"](SimpleNamespace(ref=member.decode().removeprefix("wait.emit|")))
+    ids = {mesh.status(r.id).steps["pay"].wait.event_id for r in refs.values()}
+    assert len(ids) == 1 and mesh.waits("payment.settled") == []
+    assert all(mesh.status(r.id).steps["pay"].result == {"order": 1} for r in refs.values())
 
 
 def test_a_rerun_of_a_rerun_across_shards_cut_before_its_link_is_completed_by_the_same_rerun(mesh, monkeypatch):
@@ -190,3 +199,34 @@ def test_queues_named_twice_count_each_queue_once_and_in_its_own_row(make_settin
                 "researcher": {"ready": 0, "delayed": 0, "in_flight": 0}}
     assert mesh.queues(["executor", "researcher"]) == expected
     assert mesh.queues(["executor", "executor", "researcher"]) == expected  # `mesh queues executor executor ...`
+
+
+def test_waits_timing_out_while_an_emit_is_between_shards_are_not_reported_resumed(mesh, monkeypatch):
+    """An emit has kept its event everywhere and delivered in its first shard; the waits of the second
+    time out before it reaches them: they end timed out, once, and the Delivery lists only the others."""
+    from mesh.agents.pipelines import waits as engine
+
+    refs = [mesh.run(pipeline(), {"goal": "g"}, key=f"race-{n}") for n in range(12)]
+    keys = spread(mesh).keys
+    assert {mesh.keys_of(r.id).shard for r in refs} == {k.shard for k in keys}
+    late = [r for r in refs if mesh.keys_of(r.id).shard == keys[1].shard]
+    real = engine._emit_in
+
+    def timeouts_first(client: Any, shard_keys: Keys, *args: Any) -> Any:
+        if shard_keys.shard == keys[1].shard:
+            for ref in late:  # the worker's timer fires each wait's timeout now
+                seq = mesh.status(ref.id).steps["pay"].wait.seq
+                handlers = engine._client_waits(mesh, mesh.jobs_of(ref.id)).timer_handlers()
+                handlers["wait"](SimpleNamespace(ref=f"{ref.id}|pay|{seq}", now_ms=0))
+        return real(client, shard_keys, *args)
+
+    monkeypatch.setattr(engine, "_emit_in", timeouts_first)
+    delivered = mesh.emit("payment.settled", {"order": 9})
+    resumed = {job for job, _ in delivered.resumed}
+    assert resumed == {r.id for r in refs if r not in late}
+    for ref in refs:
+        wait = mesh.status(ref.id).steps["pay"].wait
+        assert wait is not None and wait.ended is not None, ref.id
+        assert (wait.ended.value == "event") == (ref not in late), (ref.id, wait.ended)
+        assert (wait.event_id == delivered.id) == (ref not in late)
+    assert mesh.waits() == []
