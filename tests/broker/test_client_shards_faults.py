@@ -230,3 +230,29 @@ def test_waits_timing_out_while_an_emit_is_between_shards_are_not_reported_resum
         assert (wait.ended.value == "event") == (ref not in late), (ref.id, wait.ended)
         assert (wait.event_id == delivered.id) == (ref not in late)
     assert mesh.waits() == []
+
+
+def test_send_many_cut_at_a_later_shards_batch_leaves_the_earlier_ones_and_sending_again_completes_it(mesh,
+                                                                                                     monkeypatch):
+    from mesh.broker.outbox import NewJobs
+
+    items = [(note(f"c{n}"), f"cut-{n}") for n in range(300)]
+    order = list(dict.fromkeys(shard_of(mesh, k) for _, k in items))
+    real, calls = NewJobs.write, []
+
+    def cut(self: NewJobs, script: Any, keys: Keys, client: Any = None) -> Any:
+        calls.append(keys.shard)
+        if len(calls) == 2:
+            raise ConnectionError("the sender stopped here")
+        return real(self, script, keys, client)
+
+    monkeypatch.setattr(NewJobs, "write", cut)
+    with pytest.raises(ConnectionError):
+        mesh.send_many("executor", items)
+    assert calls == order[:2]
+    for _, key in items:  # the first shard's batch written whole, the others not at all
+        assert written(mesh, key) == (shard_of(mesh, key) == order[0]), key
+    monkeypatch.setattr(NewJobs, "write", real)
+    refs = mesh.send_many("executor", items)  # the same keyed items again: each job once
+    assert len({r.id for r in refs}) == 300 and all(written(mesh, k) for _, k in items)
+    assert mesh.queues(["executor"])["executor"]["ready"] == 300 + sum(shard_of(mesh, k) == order[0] for _, k in items)
