@@ -256,3 +256,36 @@ def test_send_many_cut_at_a_later_shards_batch_leaves_the_earlier_ones_and_sendi
     refs = mesh.send_many("executor", items)  # the same keyed items again: each job once
     assert len({r.id for r in refs}) == 300 and all(written(mesh, k) for _, k in items)
     assert mesh.queues(["executor"])["executor"]["ready"] == 300 + sum(shard_of(mesh, k) == order[0] for _, k in items)
+
+
+@pytest.mark.slow
+def test_mesh_settle_finds_the_ledger_and_the_record_of_a_job_in_its_shard(make_settings, rclient):
+    """``mesh settle`` (agents/verify.py) read the step's ledger and wrote the job's record with the
+    client's own keys, shard 0's with several shards, where neither is: "no open effect"."""
+    from mesh.broker.ledger import Ledger
+    from mesh.contracts import State
+    from mesh.ops.worker import start_worker
+    from tests.apps.effects import app as effects
+    from tests.conftest import run_cli
+    from tests.httpserver import RecordingServer
+
+    with RecordingServer() as server:
+        settings = make_settings(shards=SHARDS, http_allow=f"{server.host_port},127.0.0.1:1")
+        mesh = MeshClient(settings, client=rclient, app=effects)
+        worker = start_worker(settings, None, 3, app=effects)
+        try:
+            key = next(f"settle-{n}" for n in range(100) if shard_of(mesh, f"settle-{n}") != spread(mesh).keys[0].shard)
+            ref = mesh.run("posted", {"url": server.url("/orders"), "verify_url": "http://127.0.0.1:1/orders/7"},
+                           key=key)
+            assert mesh.wait(ref.id, timeout_s=30).steps["post"].state is State.UNKNOWN
+            done = run_cli(settings, "settle", ref.id, "post", "--as", "applied", "--reason", "seen upstream",
+                           "--json")
+            assert done.returncode == 0, done.stderr + done.stdout
+            record = mesh.wait(ref.id, timeout_s=30)
+        finally:
+            worker.stop(timeout=10_000)
+            for broker in getattr(worker, "brokers", [worker.broker]):
+                broker.close()
+    assert record.state is State.SUCCEEDED and record.steps["post"].settlement is not None
+    [entry] = Ledger(rclient, mesh.keys_of(ref.id), ref.id, "post", 60).entries()
+    assert entry.by is not None and not entry.open
