@@ -80,7 +80,7 @@ def unknown_step(record: JobRecord, step_id: str) -> None:
 
 
 def ledger_of(c: MeshClient, job_id: str, step_id: str) -> Ledger:
-    return Ledger(c.redis, c.keys, job_id, step_id, c.settings.dedup_ttl_s)
+    return Ledger(c.redis, c.keys_of(job_id), job_id, step_id, c.settings.dedup_ttl_s)  # the job's shard
 
 
 def verify(c: MeshClient, app: App, record: JobRecord, step_id: str, http: httpx.Client) -> Decision:
@@ -135,8 +135,8 @@ def _tool_context(c: MeshClient, spec: Any, record: JobRecord, entry: EffectEntr
 
     dependency = spec.target(spec.args.model_validate(entry.args)) if spec.dependency is not None else None
     return ToolContext(key=entry.key, job_id=record.job_id, trace_id=record.trace_id, fencing_token=entry.token,
-                       settings=c.settings, redis=c.redis, keys=c.keys, client=http, deadline=math.inf,
-                       clock=c.clock.now_s, allow=spec.allowlist(c.settings), dependency=dependency,
+                       settings=c.settings, redis=c.redis, keys=c.keys_of(record.job_id), client=http,
+                       deadline=math.inf, clock=c.clock.now_s, allow=spec.allowlist(c.settings), dependency=dependency,
                        secrets={name: read_secret(name, c.settings.secrets_dir) for name in spec.secrets})
 
 
@@ -167,7 +167,7 @@ def settle_by_hand(c: MeshClient, record: JobRecord, step_id: str, *, applied: b
             return rec, []
         return rec.with_step(step.model_copy(update={"settlement": settlement, "updated_at": time.time()})), []
 
-    c.jobs.update(record.job_id, change, events=[ev])
+    c.jobs_of(record.job_id).update(record.job_id, change, events=[ev])
     return Decision(record.job_id, step_id, verdict, checks, reason)
 
 
@@ -178,7 +178,8 @@ def lose(c: MeshClient, app: App, record: JobRecord, decision: Decision) -> JobR
     error = f"its effect was {what}: {decision.reason}" if decision.reason else f"its effect was {what}"
     events = [_event(record, decision.step_id, "dead_lettered", failure_class="permanent", error=error[:500],
                      state=State.DEAD_LETTERED.value, verdict=decision.verdict.value)]
-    return c.jobs.update(record.job_id, _lost(c, app, decision.step_id, error, events), events=events)
+    return c.jobs_of(record.job_id).update(record.job_id, _lost(c, app, decision.step_id, error, events),
+                                           events=events)
 
 
 def _lost(c: MeshClient, app: App, step_id: str, error: str, events: list[dict[str, Any]]) -> Change:

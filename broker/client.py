@@ -281,13 +281,15 @@ class MeshClient:
         recorded other shards for it (MESH_SHARD, MESH_SHARDS: broker/shards.py), where this client
         would put jobs its workers do not look for; None when it may. One round trip until the answer
         is None, then none (the shards are read in that round trip; on a Cluster, where the layout
-        needs none, with more than one shard only)."""
+        needs none, in a GET of their own)."""
         if self._layout_ok:
             return None
         from .layout import UNREAD, unmigrated_and
 
         refused, recorded = unmigrated_and(self.redis, self.keys.namespace, self.shards.home.shard_count)
-        if refused is None and recorded is UNREAD and self.shards.many:
+        if refused is None and recorded is UNREAD and (self.shards.many or is_cluster(self.redis)):
+            # on a Cluster with one shard too: a sender left at MESH_SHARDS=1 beside workers of several
+            # would write every job in a shard none of them serves
             recorded = self.redis.get(self.shards.home.shard_count)
         self._shards_refused = None if refused is not None or recorded is UNREAD else \
             shards_refusal(recorded, self.shards)
@@ -896,7 +898,8 @@ class MeshClient:
         is the sum of every shard's (a flow key with ready work in two shards counts twice)."""
         if self.shards.many:
             return queue_depths(self, agents, lanes=lanes)
-        names = list(agents) if agents is not None else self.agent_queues()
+        # each queue once: its row is read by its place among the names (a name given twice took the next one's)
+        names = list(dict.fromkeys(agents)) if agents is not None else self.agent_queues()
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.hlen(self.keys.messages(name))

@@ -178,7 +178,7 @@ def queue_depths(c: MeshClient, agents: Iterable[str] | None = None, *,
         return c.queues(agents, lanes=lanes)
     from . import lanes as queue_lanes
 
-    names = list(agents) if agents is not None else c.agent_queues()
+    names = list(dict.fromkeys(agents)) if agents is not None else c.agent_queues()  # each once, as read back
     pipe = c.redis.pipeline(transaction=False)
     for k in keys:
         for name in names:
