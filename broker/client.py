@@ -9,6 +9,7 @@ agent's input model or as a dict; either way a payload is checked before anythin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
@@ -280,15 +281,22 @@ class MeshClient:
         migrate`` never moved (broker/layout.py), which this client would not see, or another process
         recorded other shards for it (MESH_SHARD, MESH_SHARDS: broker/shards.py), where this client
         would put jobs its workers do not look for; None when it may. One round trip until the answer
-        is None, then none (the shards are read in that round trip; on a Cluster, where the layout
-        needs none, with more than one shard only)."""
+        is None, then none (the shards are read in that round trip, and recorded in one more when none are, as a
+        worker records them; on a Cluster, where the layout needs none, with more than one shard only)."""
         if self._layout_ok:
             return None
         from .layout import UNREAD, unmigrated_and
 
-        refused, recorded = unmigrated_and(self.redis, self.keys.namespace, self.shards.home.shard_count)
+        key = self.shards.home.shard_count
+        refused, recorded = unmigrated_and(self.redis, self.keys.namespace, key)
         if refused is None and recorded is UNREAD and self.shards.many:
-            recorded = self.redis.get(self.shards.home.shard_count)
+            recorded = self.redis.get(key)
+        if refused is None and recorded is None:
+            # nothing recorded: record them as a worker would (SET NX GET, the one found if another process
+            # was first), else a worker counting otherwise would start and look for these jobs elsewhere
+            # (not by a user held to other keys, nor while Redis is out of memory: the send says so if it must)
+            with contextlib.suppress(redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError):
+                recorded = self.redis.set(key, self.shards.recorded, nx=True, get=True)
         self._shards_refused = None if refused is not None or recorded is UNREAD else \
             shards_refusal(recorded, self.shards)
         if self._shards_refused is not None:
