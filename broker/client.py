@@ -258,6 +258,9 @@ class MeshClient:
         self._layout_ok = False
         #: What the namespace's recorded shards refused, when they did (:func:`~mesh.broker.shards.check_shards`).
         self._shards_refused: ConfigError | None = None
+        #: Whether the namespace's shards were found recorded, or this client tried to record them
+        #: (:meth:`layout_refusal` with ``record``, before its first enqueue).
+        self._shards_known = False
 
     def keys_of(self, job_id: str) -> Keys:
         """The keys of the shard job ``job_id`` lives in (:meth:`Shards.of_job`: a hash of its id); with
@@ -276,14 +279,15 @@ class MeshClient:
                                                         self.settings.dead_letter_job_retention_s)
         return store
 
-    def layout_refusal(self) -> str | None:
+    def layout_refusal(self, *, record: bool = False) -> str | None:
         """Why the namespace may not be written: it holds data of the older key layout that ``mesh
         migrate`` never moved (broker/layout.py), which this client would not see, or another process
         recorded other shards for it (MESH_SHARD, MESH_SHARDS: broker/shards.py), where this client
         would put jobs its workers do not look for; None when it may. One round trip until the answer
-        is None, then none (the shards are read in that round trip, and recorded in one more when none are, as a
-        worker records them; on a Cluster, where the layout needs none, with more than one shard only)."""
-        if self._layout_ok:
+        is None, then none (the shards are read in that round trip; on a Cluster, where the layout
+        needs none, with more than one shard only). ``record`` (before the client's first enqueue):
+        when no shards are recorded, record the client's, as a worker's start does, in one more."""
+        if self._layout_ok and (self._shards_known or not record):
             return None
         from .layout import UNREAD, unmigrated_and
 
@@ -291,12 +295,13 @@ class MeshClient:
         refused, recorded = unmigrated_and(self.redis, self.keys.namespace, key)
         if refused is None and recorded is UNREAD and self.shards.many:
             recorded = self.redis.get(key)
-        if refused is None and recorded is None:
-            # nothing recorded: record them as a worker would (SET NX GET, the one found if another process
-            # was first), else a worker counting otherwise would start and look for these jobs elsewhere
-            # (not by a user held to other keys, nor while Redis is out of memory: the send says so if it must)
+        if record and refused is None and recorded is None:
+            # SET NX GET: the count found if another process was first; else a worker counting otherwise
+            # would start, record its own, and look for this client's jobs elsewhere (not by a user held to
+            # other keys, nor while Redis is out of memory: the send itself says so if it must)
             with contextlib.suppress(redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError):
                 recorded = self.redis.set(key, self.shards.recorded, nx=True, get=True)
+        self._shards_known = record or recorded is not None
         self._shards_refused = None if refused is not None or recorded is UNREAD else \
             shards_refusal(recorded, self.shards)
         if self._shards_refused is not None:
@@ -307,9 +312,9 @@ class MeshClient:
     def _check_layout(self) -> None:
         """ConfigError before this client's first enqueue into an unmigrated namespace (the messages
         would wait in the new layout while the older one's, unseen, hold the namespace's earlier work),
-        or into one whose recorded shards are not the client's."""
-        if not self._layout_ok:
-            refused = self.layout_refusal()
+        or into one whose recorded shards are not the client's (recording the client's when none are)."""
+        if not self._layout_ok or not self._shards_known:
+            refused = self.layout_refusal(record=True)
             if self._shards_refused is not None:
                 raise self._shards_refused
             if refused is not None:
