@@ -123,6 +123,8 @@ def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) ->
     only checks: it starts, and waits for memory as its consumers do; a later start records them."""
     key = shards.home.shard_count
     found: Any
+    if record and shards.start > shards.first and client.get(key) is None:
+        _refuse_held_first_shard(client, shards)
     if record:
         try:
             found = client.set(key, shards.recorded, nx=True, get=True)
@@ -133,6 +135,20 @@ def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) ->
     refused = shards_refusal(found, shards)
     if refused is not None:
         raise refused
+
+
+def _refuse_held_first_shard(client: redis.Redis, shards: Shards) -> None:
+    """ConfigError when nothing is recorded yet shard ``first`` (0), which these shards leave out, holds jobs:
+    a namespace a mesh before MESH_SHARDS served (one shard, no count recorded). Recording several would start
+    workers that never read it: its queued jobs would never run, nor would readers find them."""
+    held = int(client.zcard(Keys(shards.namespace, shards.first).jobs))
+    if held:
+        ns, key = shards.namespace, shards.home.shard_count
+        raise ConfigError(f"namespace {ns} holds {held} job(s) in shard {shards.first} and records no shard count: "
+                          f"a mesh before MESH_SHARDS served it with one, which MESH_SHARDS={shards.count} never "
+                          f"reads. Serve it with MESH_SHARDS=1 until its jobs have ended, then record the new count "
+                          f"(SET {key} {shards.recorded}) and start these workers", namespace=ns,
+                          held=held, wanted=shards.recorded)
 
 
 def shards_refusal(found: bytes | str | None, shards: Shards) -> ConfigError | None:
