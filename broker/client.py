@@ -9,6 +9,7 @@ agent's input model or as a dict; either way a payload is checked before anythin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
@@ -257,6 +258,9 @@ class MeshClient:
         self._layout_ok = False
         #: What the namespace's recorded shards refused, when they did (:func:`~mesh.broker.shards.check_shards`).
         self._shards_refused: ConfigError | None = None
+        #: Whether the namespace's shards were found recorded, or this client tried to record them
+        #: (:meth:`layout_refusal` with ``record``, before its first enqueue).
+        self._shards_known = False
 
     def keys_of(self, job_id: str) -> Keys:
         """The keys of the shard job ``job_id`` lives in (:meth:`Shards.of_job`: a hash of its id); with
@@ -275,22 +279,31 @@ class MeshClient:
                                                         self.settings.dead_letter_job_retention_s)
         return store
 
-    def layout_refusal(self) -> str | None:
+    def layout_refusal(self, *, record: bool = False) -> str | None:
         """Why the namespace may not be written: it holds data of the older key layout that ``mesh
         migrate`` never moved (broker/layout.py), which this client would not see, or another process
         recorded other shards for it (MESH_SHARD, MESH_SHARDS: broker/shards.py), where this client
         would put jobs its workers do not look for; None when it may. One round trip until the answer
         is None, then none (the shards are read in that round trip; on a Cluster, where the layout
-        needs none, in a GET of their own)."""
-        if self._layout_ok:
+        needs none, in a GET of their own). ``record`` (before the client's first enqueue):
+        when no shards are recorded, record the client's, as a worker's start does, in one more."""
+        if self._layout_ok and (self._shards_known or not record):
             return None
         from .layout import UNREAD, unmigrated_and
 
-        refused, recorded = unmigrated_and(self.redis, self.keys.namespace, self.shards.home.shard_count)
+        key = self.shards.home.shard_count
+        refused, recorded = unmigrated_and(self.redis, self.keys.namespace, key)
         if refused is None and recorded is UNREAD and (self.shards.many or is_cluster(self.redis)):
             # on a Cluster with one shard too: a sender left at MESH_SHARDS=1 beside workers of several
             # would write every job in a shard none of them serves
-            recorded = self.redis.get(self.shards.home.shard_count)
+            recorded = self.redis.get(key)
+        if record and refused is None and recorded is None:
+            # SET NX GET: the count found if another process was first; else a worker counting otherwise
+            # would start, record its own, and look for this client's jobs elsewhere (not by a user held to
+            # other keys, nor while Redis is out of memory: the send itself says so if it must)
+            with contextlib.suppress(redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError):
+                recorded = self.redis.set(key, self.shards.recorded, nx=True, get=True)
+        self._shards_known = record or recorded is not None
         self._shards_refused = None if refused is not None or recorded is UNREAD else \
             shards_refusal(recorded, self.shards)
         if self._shards_refused is not None:
@@ -301,9 +314,9 @@ class MeshClient:
     def _check_layout(self) -> None:
         """ConfigError before this client's first enqueue into an unmigrated namespace (the messages
         would wait in the new layout while the older one's, unseen, hold the namespace's earlier work),
-        or into one whose recorded shards are not the client's."""
-        if not self._layout_ok:
-            refused = self.layout_refusal()
+        or into one whose recorded shards are not the client's (recording the client's when none are)."""
+        if not self._layout_ok or not self._shards_known:
+            refused = self.layout_refusal(record=True)
             if self._shards_refused is not None:
                 raise self._shards_refused
             if refused is not None:

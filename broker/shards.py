@@ -14,7 +14,8 @@ one, shard 0 holds none: they are then 1 .. MESH_SHARDS (MESH_SHARD is 0 but in 
 fleet-wide keys' slot, and the tags of shards 1, 2, ... are placed to spread evenly over a cluster's slots
 (:func:`mesh.broker.keys.shard_prefix`). The count is fixed per namespace: a job's
 shard follows from it, so a process counting otherwise would look for jobs where they are not. The
-first process to use the namespace records it (``{ns}:shards``), and a process with another count
+first process to use the namespace (a worker at its start, a client at its first send) records it
+(``{ns}:shards``), and a process with another count
 refuses to start (:func:`check_shards`); to change it, drain the namespace first.
 
 Workers consume every shard (ops/worker.py); readers of many jobs (``mesh jobs``, the DLQ, metrics,
@@ -115,12 +116,15 @@ class Shards:
 
 def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) -> None:
     """Record the namespace's shards the first time (``record``: a worker, at its start), else check
-    them (one round trip; a client checks, never records): ConfigError when another process recorded
+    them (one round trip; a client records them before its first send, with the layout's check:
+    MeshClient.layout_refusal): ConfigError when another process recorded
     another first shard or count (its jobs would be looked for in the wrong shards). While Redis refuses
     writes for want of memory (maxmemory, noeviction: SET refused even when NX would not write), a worker
     only checks: it starts, and waits for memory as its consumers do; a later start records them."""
     key = shards.home.shard_count
     found: Any
+    if record and shards.start > shards.first and client.get(key) is None:
+        _refuse_held_first_shard(client, shards)
     if record:
         try:
             found = client.set(key, shards.recorded, nx=True, get=True)
@@ -131,6 +135,20 @@ def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) ->
     refused = shards_refusal(found, shards)
     if refused is not None:
         raise refused
+
+
+def _refuse_held_first_shard(client: redis.Redis, shards: Shards) -> None:
+    """ConfigError when nothing is recorded yet shard ``first`` (0), which these shards leave out, holds jobs:
+    a namespace a mesh before MESH_SHARDS served (one shard, no count recorded). Recording several would start
+    workers that never read it: its queued jobs would never run, nor would readers find them."""
+    held = int(client.zcard(Keys(shards.namespace, shards.first).jobs))
+    if held:
+        ns, key = shards.namespace, shards.home.shard_count
+        raise ConfigError(f"namespace {ns} holds {held} job(s) in shard {shards.first} and records no shard count: "
+                          f"a mesh before MESH_SHARDS served it with one, which MESH_SHARDS={shards.count} never "
+                          f"reads. Serve it with MESH_SHARDS=1 until its jobs have ended, then record the new count "
+                          f"(SET {key} {shards.recorded}) and start these workers", namespace=ns,
+                          held=held, wanted=shards.recorded)
 
 
 def shards_refusal(found: bytes | str | None, shards: Shards) -> ConfigError | None:

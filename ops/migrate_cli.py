@@ -58,6 +58,11 @@ def migrate(
     if c.settings.shard:
         base.fail(f"mesh migrate moves namespace {ns}'s keys of the older layout to shard 0's ({{{ns}}}:...), "
                   f"not to shard {c.settings.shard}: unset MESH_SHARD and run again", base.EXIT_INPUT)
+    if c.settings.shards > 1:  # shard 0 holds no job of a namespace of several shards: nothing would read them
+        base.fail(f"mesh migrate moves namespace {ns}'s keys of the older layout to shard 0's ({{{ns}}}:...), "
+                  f"the one shard of an older mesh, and MESH_SHARDS={c.settings.shards} reads none of its jobs "
+                  "there: run it with MESH_SHARDS=1, serve the namespace with MESH_SHARDS=1 until it is drained, "
+                  "then change the count (docs/design/keys.md, \"Shards\")", base.EXIT_INPUT)
     if not dry_run and not force:
         alive = layout.alive_workers(c.redis, ns, c.settings.heartbeat_timeout_s)
         if alive.count:
@@ -77,6 +82,10 @@ def migrate(
                   f"and renames with RENAMENX, keys {ns}:* and {{{ns}}}:*, which the mesh's own user is not "
                   "given. Run it as an administrator's user, or grant them for the duration "
                   "(docs/guides/upgrading.md, \"The Redis user\")", base.EXIT_INPUT)
+    if done.total and not dry_run:  # the moved jobs are shard 0's: workers counting otherwise refuse to start
+        from mesh.broker.shards import Shards
+
+        c.redis.set(Shards(ns).home.shard_count, Shards(ns).recorded, nx=True)
     if as_json:
         base.emit_json({"namespace": ns, "dry_run": dry_run, "moved": done.total, "by_kind": dict(done.moved),
                         "conflicts": [{"key": old, "new_key": new} for old, new in done.conflicts],

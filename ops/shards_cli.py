@@ -18,7 +18,8 @@ def shards(wide: WideFlag = False, as_json: JsonFlag = False) -> None:
     on a Redis Cluster, and the jobs (kept records) and dead letters in it; ``fleet`` is the fleet-wide keys'.
 
     On a cluster, shards on one primary share its capacity: ``primaries`` (in ``--json``) counts the shards each
-    holds; ``recorded`` is the count the namespace's workers recorded (``first+count``; null before any)."""
+    holds; ``recorded`` is the count the namespace's first worker or client recorded (``first+count``; null
+    before any)."""
     c = client()
     placed = Shards.of(c.settings)
     recorded = c.redis.get(placed.home.shard_count)

@@ -356,3 +356,19 @@ def test_on_a_cluster_sends_keep_a_connection_of_each_shards_node(mesh):
     for n in range(30):
         mesh.send("executor", NOTE, key=f"kept-{n}")
     assert all(len(pool._in_use_connections) >= 1 for pool in pools.values())
+
+
+def test_a_clients_first_send_records_its_shards_so_a_worker_counting_otherwise_refuses(mesh, make_settings,
+                                                                                      rclient):
+    """A client sending before any worker started recorded nothing: a worker with another count then
+    recorded its own, the client's jobs lay where that count never looks (``mesh status`` said no job),
+    and a second send of one key, placed by the worker's count, ran the job again."""
+    from mesh.broker.shards import check_shards
+
+    placed = spread(mesh)
+    rclient.delete(placed.home.shard_count)
+    mesh.send("executor", NOTE, key="first-send")
+    assert rclient.get(placed.home.shard_count) == placed.recorded.encode()
+    other = Shards(placed.namespace, placed.first, placed.count + 1)
+    with pytest.raises(ConfigError, match=r"over 3 shard\(s\).*MESH_SHARDS=4"):
+        check_shards(rclient, other, record=True)

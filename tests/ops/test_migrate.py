@@ -291,7 +291,7 @@ def test_a_migration_killed_midway_is_finished_by_the_next_run(tmp_path):
         assert time.monotonic() - started < 60
         assert old_keys(r, ns) == []
         moved = new_keys(r, ns)
-        assert len(moved) == KEYS + 2  # every key, the stats hash and the marker
+        assert len(moved) == KEYS + 3  # every key, the stats hash, the marker and the one shard recorded
         pipe = r.pipeline(transaction=False)
         for i in range(KEYS):
             name = f"{{{ns}}}:claim:k{i}" if i % 10 == 0 else f"{{{ns}}}:job:{i}"
@@ -370,3 +370,24 @@ def test_a_migration_on_a_shard_other_than_0_is_refused_and_moves_nothing(cli, r
     assert refused.returncode == 2
     assert "to shard 0's" in refused.stderr and "not to shard 2: unset MESH_SHARD" in refused.stderr
     assert rclient.get(f"{namespace}:job:a") == b"a" and not rclient.exists(layout.marker(namespace))
+
+
+@OLDER_LAYOUT
+def test_a_migration_with_several_shards_is_refused_and_a_migrated_namespace_keeps_its_one_shard(
+        cli, rclient, namespace, cleanup):
+    """An older mesh's jobs move to shard 0's keys ({NS}:...), where a namespace of several shards keeps
+    none: with MESH_SHARDS=3 the migration moved them and said "workers may start", and workers of 3
+    shards started, never read shard 0, and the moved jobs were neither run nor found (mesh status)."""
+    from mesh.broker.shards import Shards, check_shards
+
+    rclient.set(f"{namespace}:job:a", "a")
+    refused = cli("migrate", MESH_SHARDS="3")
+    assert refused.returncode == 2, refused.stdout
+    assert "MESH_SHARDS=3" in refused.stderr and "MESH_SHARDS=1" in refused.stderr
+    assert rclient.get(f"{namespace}:job:a") == b"a" and not rclient.exists(layout.marker(namespace))
+
+    moved = cli("migrate", MESH_SHARDS="1")
+    assert moved.returncode == 0, moved.stderr
+    assert rclient.get(Shards(namespace).home.shard_count) == b"0+1"  # the older mesh's one shard, recorded
+    with pytest.raises(ConfigError, match=r"over 1 shard\(s\).*MESH_SHARDS=3"):
+        check_shards(rclient, Shards(namespace, 0, 3))  # a worker of 3 shards refuses to start

@@ -204,3 +204,18 @@ def test_processes_of_one_mesh_worker_each_serve_every_shard(
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(30) == 0
     assert not reg.workers()[0]  # both signed off and withdrew
+
+
+def test_a_worker_of_several_shards_refuses_a_namespace_whose_one_shard_holds_jobs_nothing_recorded(
+        make_settings: Callable[..., MeshSettings], rclient: redis.Redis) -> None:
+    """A namespace a mesh before MESH_SHARDS served: its jobs in shard 0 and no count recorded. A worker
+    with MESH_SHARDS=3 recorded 3 and started, never read shard 0: its queued jobs never ran, and mesh
+    status, jobs and queues found none of them."""
+    one = make_settings(shard=0, shards=1)
+    ref = MeshClient(one, client=rclient).send("executor", {"tool": "note", "args": {"title": "old"}}, key="old-1")
+    home = Shards(one.namespace).home
+    rclient.delete(home.shard_count)  # as an older mesh left it
+    with pytest.raises(ConfigError, match=r"1 job\(s\) in shard 0.*MESH_SHARDS=1"):
+        check_shards(rclient, Shards(one.namespace, 0, 3), record=True)
+    assert rclient.get(home.shard_count) is None  # nothing recorded: a worker of one shard may still serve it
+    assert rclient.zscore(home.jobs, ref.id) is not None
