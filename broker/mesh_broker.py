@@ -43,6 +43,8 @@ SETTLE_LUA = script_source("settle.lua", lanes.LIB)
 STOPPING_WAIT_S = 0.1
 #: How long a stopping worker's wake-up tokens are kept (s): a consumer not blocked takes none.
 STOP_TOKENS_TTL_S = 10
+#: How long closing a broker waits for its stop-tokens push (a Redis that does not answer: given up then).
+STOP_WAKE_JOIN_S = 2.0
 
 #: dramatiq's dispatch.lua writes the caller's timestamp (ARGV[2]) as the worker's heartbeat on
 #: every command (enqueue, ack, requeue, ...), and a heartbeat from a skewed host either gets a
@@ -273,13 +275,17 @@ class MeshBroker(RedisBroker):
         self._hook_cache[name] = (middleware, hooks)
         return hooks
 
+    #: The stop-tokens push :meth:`_wake_for_stop` starts, joined by :meth:`close` (at most STOP_WAKE_JOIN_S).
+    _stop_wake: threading.Thread | None = None
+
     def _wake_for_stop(self, consumers: int) -> None:
         """As a worker's stop begins, wake its idle consumers, each blocked on Redis for up to
         ``WAIT_S``: otherwise every stop (a deploy, a SIGTERM) waits that out. The tokens are pushed
         from a thread of their own, so an unresponsive Redis cannot hold up the stop."""
         self.stopping.set()
-        threading.Thread(target=self._push_stop_tokens, args=(max(consumers, 1),), name="mesh-stop-wake",
-                         daemon=True).start()
+        self._stop_wake = threading.Thread(target=self._push_stop_tokens, args=(max(consumers, 1),),
+                                           name="mesh-stop-wake", daemon=True)
+        self._stop_wake.start()
 
     def _push_stop_tokens(self, n: int) -> None:
         stop = self.keys.stop(self.broker_id)
@@ -292,6 +298,8 @@ class MeshBroker(RedisBroker):
             logger.warning("could not wake the consumers for the stop", extra={"error": str(exc)})
 
     def close(self) -> None:
+        if self._stop_wake is not None:  # its push done (or given up) before the connections it uses close
+            self._stop_wake.join(STOP_WAKE_JOIN_S)
         super().close()
         self.client.close()
         self.records.close()
