@@ -6,7 +6,6 @@ with one shard every step's commands are on one primary. Only on a cluster (its 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -15,10 +14,9 @@ import pytest
 from mesh import MeshClient
 from mesh.broker import MeshSettings
 from mesh.broker.shards import Shards
-from mesh.contracts import loads
-from mesh.ops.bench import BENCH_APP, STEP_AGENT
+from mesh.ops.bench import BENCH_APP, STEP_AGENT, _snapshot, _succeeded, job_keys
 from tests.cluster import RedisClusterNodes
-from tests.conftest import wait_for, wait_started
+from tests.conftest import wait_started
 
 pytestmark = pytest.mark.slow
 
@@ -36,25 +34,9 @@ def settings(make_settings: Callable[..., MeshSettings], nodes: RedisClusterNode
     return make_settings(redis_url=nodes.url, shards=SHARDS)
 
 
-def commands(nodes: RedisClusterNodes) -> dict[int, int]:
+def commands(mesh: MeshClient) -> dict[str, int]:
     """Every primary's commands so far (``INFO commandstats``: calls, scripts' own commands included)."""
-    return {port: sum(int(v["calls"]) for k, v in nodes.node(port).info("commandstats").items()
-                      if k.startswith("cmdstat_"))
-            for port in nodes.primaries()}
-
-
-def succeeded(mesh: MeshClient, job_ids: list[str]) -> bool:
-    """Whether every job of ``job_ids`` succeeded: one MGET per shard and thousand jobs."""
-    shards = Shards.of(mesh.settings)
-    by_shard: dict[Any, list[str]] = defaultdict(list)
-    for job_id in job_ids:
-        by_shard[shards.of_job(job_id)].append(job_id)
-    for keys, ids in by_shard.items():
-        for start in range(0, len(ids), 1000):
-            records = mesh.redis.mget([keys.job(j) for j in ids[start:start + 1000]])
-            if any(r is None or loads(r)["state"] != "succeeded" for r in records):
-                return False
-    return True
+    return {name: sum(calls.values()) for name, (calls, _cpu) in _snapshot(mesh.redis).items()}
 
 
 def test_ten_thousand_steps_of_one_namespace_spread_over_the_primaries_within_a_quarter(
@@ -66,17 +48,17 @@ def test_ten_thousand_steps_of_one_namespace_spread_over_the_primaries_within_a_
     workers = [worker_process("--app", "mesh.ops.bench:BENCH_APP", "--threads", "8") for _ in range(2)]
     for proc in workers:
         wait_started(proc)
-    before = commands(nodes)
+    before = commands(mesh)
     refs = mesh.send_many(STEP_AGENT, [({"text": f"step {i}"}, f"spread-{i}") for i in range(JOBS)])
     ids = [ref.id for ref in refs]
     placed = {keys.shard: 0 for keys in shards.keys}
     for job_id in ids:
         placed[shards.of_job(job_id).shard] += 1
     assert all(abs(n / (JOBS / SHARDS) - 1) < 0.1 for n in placed.values()), placed
-    wait_for(lambda: succeeded(mesh, ids), timeout_s=600, interval_s=1.0)
-    after = commands(nodes)
-    spent = {port: after[port] - before[port] for port in after}
+    _succeeded(mesh.redis, job_keys(mesh, ids), timeout_s=600, pause_s=0.5)  # one MGET a shard per poll
+    after = commands(mesh)
+    spent = {node: after[node] - before[node] for node in after}
     mean = sum(spent.values()) / len(spent)
-    spread = {port: round(n / mean - 1, 3) for port, n in spent.items()}
+    spread = {node: round(n / mean - 1, 3) for node, n in spent.items()}
     assert sum(spent.values()) > 10 * JOBS  # every step's commands counted (about 16 a one-step job)
     assert all(abs(s) <= 0.25 for s in spread.values()), (spent, spread)
