@@ -69,7 +69,7 @@ from .pipelines import LATEST, PipelineConflict, PipelineStore, StartRun, stage_
 from .registry import AgentCatalog, Registry
 from .settings import MeshSettings
 from .shard_readers import pending_approvals, pending_waits, queue_depths
-from .shards import Shards, job_id_for, shards_refusal
+from .shards import Shards, job_id_for, refuse_held_first_shard, shards_refusal
 
 
 class WaitTimeout(MeshError):
@@ -301,6 +301,8 @@ class MeshClient:
             # SET NX GET: the count found if another process was first; else a worker counting otherwise
             # would start, record its own, and look for this client's jobs elsewhere (not by a user held to
             # other keys, nor while Redis is out of memory: the send itself says so if it must)
+            if self.shards.start > self.shards.first:  # as a worker's start: shard 0's jobs left unread
+                refuse_held_first_shard(self.redis, self.shards)
             with contextlib.suppress(redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError):
                 recorded = self.redis.set(key, self.shards.recorded, nx=True, get=True)
         self._shards_known = record or recorded is not None

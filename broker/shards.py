@@ -124,7 +124,7 @@ def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) ->
     key = shards.home.shard_count
     found: Any
     if record and shards.start > shards.first and client.get(key) is None:
-        _refuse_held_first_shard(client, shards)
+        refuse_held_first_shard(client, shards)
     if record:
         try:
             found = client.set(key, shards.recorded, nx=True, get=True)
@@ -137,10 +137,11 @@ def check_shards(client: redis.Redis, shards: Shards, *, record: bool = True) ->
         raise refused
 
 
-def _refuse_held_first_shard(client: redis.Redis, shards: Shards) -> None:
+def refuse_held_first_shard(client: redis.Redis, shards: Shards) -> None:
     """ConfigError when nothing is recorded yet shard ``first`` (0), which these shards leave out, holds jobs:
     a namespace a mesh before MESH_SHARDS served (one shard, no count recorded). Recording several would start
-    workers that never read it: its queued jobs would never run, nor would readers find them."""
+    workers that never read it: its queued jobs would never run, nor would readers find them. Before a worker
+    or a client records the count (:func:`check_shards`, MeshClient.layout_refusal)."""
     held = int(client.zcard(Keys(shards.namespace, shards.first).jobs))
     if held:
         ns, key = shards.namespace, shards.home.shard_count

@@ -372,3 +372,19 @@ def test_a_clients_first_send_records_its_shards_so_a_worker_counting_otherwise_
     other = Shards(placed.namespace, placed.first, placed.count + 1)
     with pytest.raises(ConfigError, match=r"over 3 shard\(s\).*MESH_SHARDS=4"):
         check_shards(rclient, other, record=True)
+
+
+def test_a_clients_first_send_refuses_a_namespace_whose_shard_0_holds_jobs_nothing_recorded(mesh, rclient):
+    """As a worker's start does (ops/worker.py): a namespace a mesh before MESH_SHARDS served holds jobs in
+    shard 0, which several shards never read. A client recording its count first would let the workers of
+    several shards start around them: the send is refused, and nothing is recorded or sent."""
+    placed = spread(mesh)
+    if placed.start == placed.first:
+        pytest.skip("the shards include the first one (MESH_SHARD >= 1): nothing is left out")
+    rclient.delete(placed.home.shard_count)
+    old = Keys(placed.namespace, placed.first)
+    rclient.zadd(old.jobs, {"job-from-before": 1})
+    with pytest.raises(ConfigError, match=r"holds 1 job\(s\) in shard 0"):
+        mesh.send("executor", NOTE, key="after-upgrade")
+    assert rclient.get(placed.home.shard_count) is None
+    assert all(rclient.zcard(keys.jobs) == 0 for keys in placed.keys)
