@@ -29,7 +29,6 @@ from mesh.broker.shard_readers import (
     summed_hash,
     zcard,
 )
-from mesh.broker.shards import Shards
 from mesh.contracts import TERMINAL, JobRecord, State, loads
 from mesh.dlq import Audit, DeadLetterShards, Filter
 from mesh.ops import dag
@@ -141,7 +140,7 @@ def find(c: MeshClient, q: str) -> Search:
                 **({f"job-{q.lower()}": "its trace id"} if by_trace else {})}
     pipe = c.redis.pipeline(transaction=False)
     for candidate in readings:
-        keys = _job_keys(c, candidate)  # the shard of the job it would be
+        keys = c.keys_of(candidate)  # the shard of the job it would be
         pipe.exists(keys.job(candidate), keys.trace(candidate))
     hits = {candidate: reading for (candidate, reading), found in zip(readings.items(), pipe.execute(), strict=True)
             if found}
@@ -184,11 +183,6 @@ def _starting(c: MeshClient, prefix: str) -> list[str]:
     return sorted(set(found))
 
 
-def _job_keys(c: MeshClient, job_id: str) -> Keys:
-    """The keys of the shard job ``job_id`` lives in."""
-    return Shards.of(c.settings).of_job(job_id)
-
-
 def recent_jobs(c: MeshClient, state: str | None) -> dict[str, Any]:
     query = JobQuery(state=State(state) if state else None, limit=PAGE_ROWS)
     page = list_jobs(c.redis, every(c.settings), query, budget=JOB_BUDGET)
@@ -197,7 +191,7 @@ def recent_jobs(c: MeshClient, state: str | None) -> dict[str, Any]:
 
 def job(c: MeshClient, job_id: str) -> dict[str, Any] | None:
     """A job's page: its record, the DAG (or its steps), the timeline, its waiting approvals."""
-    keys = _job_keys(c, job_id)
+    keys = c.keys_of(job_id)
     record = JobStore(c.redis, keys).get(job_id)
     events = trace.read_since(c.redis, keys, job_id)
     if record is None and not events:
