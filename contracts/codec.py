@@ -22,14 +22,17 @@ def dumps(value: Any) -> bytes:
     (pydantic's serialiser: the bytes orjson writes of its ``model_dump(mode="json")``, without the
     Python dict in between). What the two might not agree on (a long integer; a value the serialiser
     refuses, such as a lone surrogate) goes through ``model_dump`` and orjson: refused as orjson
-    refuses it (a ``TypeError``), never written as something orjson cannot read back."""
+    refuses it (a ``TypeError``), never written as something orjson cannot read back. A model whose class
+    says ``stored_without_nulls`` (a job record, :class:`~mesh.contracts.jobs.Record`) is written without
+    its fields whose value is None."""
     if isinstance(value, BaseModel):
+        bare = getattr(value, "stored_without_nulls", False)
         try:
-            data = value.__pydantic_serializer__.to_json(value)
+            data = value.__pydantic_serializer__.to_json(value, exclude_none=bare)
         except PydanticSerializationError:
             data = None
         if data is None or _LONG in data.translate(_DIGITS):
-            return orjson.dumps(value.model_dump(mode="json"))
+            return orjson.dumps(value.model_dump(mode="json", exclude_none=bare))
         return data
     return orjson.dumps(value, default=_default)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Any, Self, TypeVar, overload
+from typing import Any, ClassVar, Self, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticUndefined
@@ -171,6 +171,14 @@ class Tolerant(Frozen):
 
 
 class Record(Tolerant):
+    """What a job record and each of its steps hold. Stored without its null fields (``dumps`` leaves
+    out a field whose value is None, in the records nested in it too, not in plain data such as an input
+    or a result): every such field's default is None, so the record read back is the same, and a
+    40-step pipeline's record, written at every step, is half the bytes."""
+
+    #: :func:`mesh.contracts.codec.dumps` leaves out the fields (the nested models' too) whose value is None.
+    stored_without_nulls: ClassVar[bool] = True
+
     state: State = State.QUEUED
     error: str | None = None
     failure_class: str | None = None
