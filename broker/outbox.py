@@ -142,9 +142,9 @@ def _templates(agent: str, queue: str, version: int | None, token_budget: int | 
                         contract_version=version, token_budget=token_budget, priority=priority,
                         payload={}).model_dump(mode="json", exclude={"payload"})  # each item's goes last
     record = JobRecord(job_id=blank, key=blank, trace_id=trace_id, goal=goal, created_at=0.0, updated_at=0.0,
-                       payload_hash=blank, priority=priority).model_dump(mode="json")
+                       payload_hash=blank, priority=priority).model_dump(mode="json", exclude_none=True)
     step = StepRecord(step_id=blank, agent=agent, key=blank, sent_at=0.0, created_at=0.0,
-                      updated_at=0.0).model_dump(mode="json")
+                      updated_at=0.0).model_dump(mode="json", exclude_none=True)  # as dumps stores records
     event = trace.event("enqueued", envelope, at=0.0, queue=queue, by="client")
     return envelope, record, step, event
 

@@ -5,11 +5,10 @@ agent or pipeline, tombstoned as the age retention does."""
 
 from __future__ import annotations
 
-import orjson
-
 import re
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from conftest import wait_for

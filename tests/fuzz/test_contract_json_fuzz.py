@@ -40,8 +40,10 @@ def _outcome(make: Any) -> bytes | type[BaseException]:
 
 
 def _as_models_gave(model: Any) -> bytes | type[BaseException]:
-    """What the mesh wrote of ``model`` before contracts serialised straight to JSON."""
-    return _outcome(lambda: orjson.dumps(model.model_dump(mode="json")))
+    """What the mesh wrote of ``model`` before contracts serialised straight to JSON (a record without its
+    null fields: ``stored_without_nulls``)."""
+    bare = getattr(model, "stored_without_nulls", False)
+    return _outcome(lambda: orjson.dumps(model.model_dump(mode="json", exclude_none=bare)))
 
 
 @hsettings(max_examples=300 * SCALE)
@@ -88,7 +90,8 @@ def _models_gave(*, agent: str, queue: str, version: int | None, budget: int | N
             agent=agent, queue=queue, version=version, token_budget=budget, goal=goal, priority=priority, now=now,
             deadline=deadline, step_id=step_id, payload=payload, key=key, job_id=job_id, trace_id=trace_id,
             payload_hash=payload_hash, flow_key=flow_key, rid=rid, mid=mid)
-        return orjson.dumps(record.model_dump(mode="json")), orjson.dumps(event), orjson.dumps(message)
+        return (orjson.dumps(record.model_dump(mode="json", exclude_none=True)), orjson.dumps(event),
+                orjson.dumps(message))
 
     return _outcome(make)
 
