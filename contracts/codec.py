@@ -17,6 +17,10 @@ from pydantic_core import PydanticSerializationError
 _DIGITS, _LONG = bytes(48 if 48 <= b <= 57 else 120 for b in range(256)), b"0" * 19
 
 
+#: Model class -> whether it is stored without its null fields (its ``stored_without_nulls``).
+_BARE: dict[type, bool] = {}
+
+
 def dumps(value: Any) -> bytes:
     """Serialise a contract, a dict of plain data, or a mix of both. A contract goes straight to JSON
     (pydantic's serialiser: the bytes orjson writes of its ``model_dump(mode="json")``, without the
@@ -26,7 +30,10 @@ def dumps(value: Any) -> bytes:
     says ``stored_without_nulls`` (a job record, :class:`~mesh.contracts.jobs.Record`) is written without
     its fields whose value is None."""
     if isinstance(value, BaseModel):
-        bare = getattr(value, "stored_without_nulls", False)
+        cls = type(value)
+        bare = _BARE.get(cls)
+        if bare is None:  # a pydantic model's missing attribute costs an AttributeError each time it is asked
+            bare = _BARE[cls] = any(base.__dict__.get("stored_without_nulls") for base in cls.__mro__)
         try:
             data = value.__pydantic_serializer__.to_json(value, exclude_none=bare)
         except PydanticSerializationError:

@@ -90,3 +90,26 @@ def test_dumps_refuses_unknown_objects_instead_of_pickling() -> None:
 
 def test_loads_accepts_str_and_bytes() -> None:
     assert loads('{"a": 1}') == loads(b'{"a": 1}') == {"a": 1}
+
+
+def test_a_job_record_is_stored_without_its_null_fields_and_reads_back_the_same() -> None:
+    """A record (and the models nested in it) leaves out the fields whose value is None, and only
+    those: every such field's default is None, so it reads back equal. Plain data keeps its nulls (a
+    user's input or result), and a model that is not a record keeps its own (an envelope)."""
+    from mesh.contracts.approvals import Approval
+    from mesh.contracts.jobs import JobRecord, StepRecord
+
+    approval = Approval(hash="h" * 64, asked_at=1.0, timeout_s=60.0)
+    step = StepRecord(step_id="s", agent="a", key="k", input={"n": None, "deep": [{"m": None}]},
+                      result={"out": None}, approval=approval)
+    record = JobRecord(job_id="j", key="k", trace_id=TRACE, steps={"s": step}, pipeline_input={"x": None})
+    data = dumps(record)
+    raw = loads(data)
+    assert JobRecord.model_validate_json(data) == record
+    assert "error" not in raw and "finished_at" not in raw and "goal" not in raw
+    assert "decision" not in raw["steps"]["s"]["approval"] and "gate" not in raw["steps"]["s"]
+    assert raw["steps"]["s"]["input"] == {"n": None, "deep": [{"m": None}]}
+    assert raw["steps"]["s"]["result"] == {"out": None} and raw["pipeline_input"] == {"x": None}
+    assert raw["state"] == raw["steps"]["s"]["state"] == "queued"  # what Lua scripts read: always there
+    assert len(data) < len(orjson.dumps(record.model_dump(mode="json")))
+    assert b"null" in dumps(envelope()) and loads(dumps(envelope())) == envelope().model_dump(mode="json")
