@@ -21,6 +21,7 @@ one per pipeline or transaction, one per blocking read.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import multiprocessing as mp
 import statistics
@@ -164,6 +165,7 @@ def _serve(side: str, base: MeshSettings, namespace: str, threads: int, prefetch
     if side == "step":  # what `mesh worker --app mesh.ops.bench:BENCH_APP` runs
         from mesh.ops.worker import start_worker
 
+        gc.freeze()  # as `mesh worker` does (ops/cli.py main): its imports' objects out of the collector's sight
         step = start_worker(base.model_copy(update={"namespace": namespace, "prefetch": prefetch,
                                                     "worker_threads": threads}),
                             None, threads, "mesh.ops.bench:BENCH_APP")
