@@ -33,7 +33,9 @@ def dumps(value: Any) -> bytes:
         cls = type(value)
         bare = _BARE.get(cls)
         if bare is None:  # a pydantic model's missing attribute costs an AttributeError each time it is asked
-            bare = _BARE[cls] = any(base.__dict__.get("stored_without_nulls") for base in cls.__mro__)
+            # as the attribute reads: the nearest class of the MRO that sets it (a subclass may say False)
+            bare = _BARE[cls] = bool(next((base.__dict__["stored_without_nulls"] for base in cls.__mro__
+                                           if "stored_without_nulls" in base.__dict__), False))
         try:
             data = value.__pydantic_serializer__.to_json(value, exclude_none=bare)
         except PydanticSerializationError:

@@ -38,7 +38,7 @@ from mesh.broker.clock import server_ms
 from mesh.broker.jobs import JobNotFound, JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.pipelines import PipelineStore
-from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, transition
+from mesh.contracts import TERMINAL, JobRecord, State, StepRecord, depth_exceeds, dumps, loads, transition
 from mesh.contracts.approvals import show_duration
 from mesh.contracts.codec import nests_deeper
 from mesh.contracts.waits import WaitEnd, WaitKind, timed_out
@@ -255,7 +255,8 @@ class Waits:
 
 
 def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
-    """``data`` when ``event`` is a name and ``data`` a JSON object within the step output limits."""
+    """``data`` as JSON (as it is kept) when ``event`` is a name and ``data`` a JSON object within the step
+    output limits."""
     store.check_event_name(event)
     data = {} if data is None else data
     if not isinstance(data, dict):
@@ -279,7 +280,10 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
     if size > client.settings.max_output_bytes:
         raise store.InvalidEvent(f"an event's data of {size} bytes is over MESH_MAX_OUTPUT_BYTES "
                                  f"({client.settings.max_output_bytes})")
-    return data
+    # As JSON, what is kept and what a worker delivering the kept copy reads: a value that is no plain
+    # data (a model, a tuple) becomes its JSON here, not in the job record, which is stored without its
+    # null fields (a model's None field would be left out there) and whose output is traced as JSON.
+    return loads(encoded)
 
 
 def _finite(data: Any) -> bool:

@@ -113,3 +113,19 @@ def test_a_job_record_is_stored_without_its_null_fields_and_reads_back_the_same(
     assert raw["state"] == raw["steps"]["s"]["state"] == "queued"  # what Lua scripts read: always there
     assert len(data) < len(orjson.dumps(record.model_dump(mode="json")))
     assert b"null" in dumps(envelope()) and loads(dumps(envelope())) == envelope().model_dump(mode="json")
+
+
+def test_a_record_class_that_says_it_keeps_its_nulls_is_dumped_with_them() -> None:
+    """``stored_without_nulls`` is read as a class attribute is (the nearest class that sets it), so a
+    subclass of a record that sets it False keeps its null fields, as it did when ``dumps`` asked
+    ``getattr``; any class of the MRO saying True must not win over it."""
+    from typing import ClassVar
+
+    from mesh.contracts.jobs import JobRecord
+
+    class WithNulls(JobRecord):
+        stored_without_nulls: ClassVar[bool] = False
+
+    record = WithNulls(job_id="j", key="k", trace_id=TRACE, created_at=1.0, updated_at=1.0)
+    assert loads(dumps(record)) == record.model_dump(mode="json") and loads(dumps(record))["error"] is None
+    assert "error" not in loads(dumps(JobRecord(job_id="j", key="k", trace_id=TRACE)))

@@ -221,6 +221,30 @@ def test_a_signal_reaches_one_job_and_an_emit_every_job_whose_match_holds(mesh):
         mesh.signal(done.id, "payment.settled", {})
 
 
+def test_a_signals_data_holding_a_model_is_the_steps_output_as_kept_nulls_and_all(mesh):
+    """Event data is JSON as it is kept (a model in it written as its JSON, nulls and all): the signaller's
+    own delivery records the step's output as the kept event says, as a worker delivering the kept copy
+    would. Job records are stored without their null fields; the model's ``note: None`` is data, not one."""
+    logged = (Pipeline("pay-logged").tracing(log_outputs=True).step("pay", wait_for=PAY)
+              .step("researcher", depends_on=["pay"], input={"goal": "input.goal"}).build())
+    for spec in (logged, pay_flow()):  # an output traced as it is, or by its hash
+        signalled_with_a_model(mesh, spec)
+
+
+def signalled_with_a_model(mesh: MeshClient, spec: Any) -> None:
+    from pydantic import BaseModel
+
+    class Receipt(BaseModel):
+        ref: str
+        note: str | None = None
+
+    ref = mesh.run(spec, {"goal": "g", "order": 7})
+    delivered = mesh.signal(ref.id, "payment.settled", {"order": 7, "receipt": Receipt(ref="r-1")})
+    assert delivered.resumed == [(ref.id, "pay")]
+    output = {"order": 7, "receipt": {"ref": "r-1", "note": None}}
+    assert mesh.status(ref.id).steps["pay"].result == output
+
+
 def test_a_cancelled_jobs_wait_is_withdrawn_and_its_index_and_timers_go(mesh):
     ref = mesh.run(pay_flow(), {"goal": "g", "order": 4})
     assert mesh.redis.zcard(mesh.keys_of(ref.id).waits_for("payment.settled")) == 1
