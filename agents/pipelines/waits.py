@@ -266,12 +266,15 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
         raise store.InvalidEvent(f"an event's data nests deeper than MESH_MAX_JSON_DEPTH "
                                  f"({client.settings.max_json_depth})")
     try:  # checked as it was given: masking (below) turns some values that are no JSON into text
-        dumps(data)
+        given = dumps(data)
     except TypeError as exc:  # orjson's: bytes, an object, a key that is no string, a 65-bit integer
         raise store.InvalidEvent(f"an event's data is no JSON: {exc}") from None
     if not _finite(data):
         raise store.InvalidEvent("an event's data is no JSON: it holds NaN or an infinity (JSON has neither)")
-    data = redact.redact_value(data)  # a step output: masked before anything keeps it, as an agent's is
+    # Masked as JSON (a model in it as its fields, not its text: masking writes what is no plain data as
+    # its str, and does so only while a secret is registered in the process), before anything keeps it,
+    # as an agent's output is.
+    data = redact.redact_value(loads(given))
     encoded = dumps(data)
     size = len(encoded)
     if depth_exceeds(encoded, data, client.settings.max_json_depth):
@@ -281,9 +284,9 @@ def _event_data(client: MeshClient, event: str, data: Any) -> dict[str, Any]:
         raise store.InvalidEvent(f"an event's data of {size} bytes is over MESH_MAX_OUTPUT_BYTES "
                                  f"({client.settings.max_output_bytes})")
     # As JSON, what is kept and what a worker delivering the kept copy reads: a value that is no plain
-    # data (a model, a tuple) becomes its JSON here, not in the job record, which is stored without its
+    # data (a model, a tuple) became its JSON above, not in the job record, which is stored without its
     # null fields (a model's None field would be left out there) and whose output is traced as JSON.
-    return loads(encoded)
+    return data
 
 
 def _finite(data: Any) -> bool:
