@@ -42,3 +42,36 @@ def test_console_bench_dead_letters_are_in_a_shard_the_console_reads(make_settin
     shown: Any = views.dlq_entry(client, entry_id)  # the page the bench measures as /dlq/ENTRY
     assert shown is not None and shown["entry"].entry_id == entry_id
     assert views.job(client, job_id) is not None
+
+
+def test_bench_storage_compacts_the_jobs_of_every_shard(make_settings: Callable[..., MeshSettings],
+                                                        rclient: redis.Redis, monkeypatch: Any) -> None:
+    """``mesh bench``'s storage figures (ops/bench_kept.py): its jobs spread over the shards, so its compaction
+    pass runs in each (Compaction built from the settings as each shard sees them, ``on_shard``), not in
+    shard 0 only, where with MESH_SHARDS above 1 no job is: "compacted" would be "ended" again."""
+    import contextlib
+
+    from mesh.broker.keys import prefix
+    from mesh.ops import bench, bench_kept
+    from mesh.ops.bench import BenchConfig
+    from tests.conftest import delete_keys
+
+    passes: list[int] = []
+
+    class Counted(bench_kept.Compaction):
+        def run(self, now: float, budget_s: float | None = None) -> Any:
+            passes.append(self.keys.shard)
+            return super().run(now, budget_s)
+
+    monkeypatch.setattr(bench_kept, "Compaction", Counted)
+    monkeypatch.setattr(bench, "_workers", lambda *a, **k: contextlib.nullcontext([]))  # the jobs need not run
+    monkeypatch.setattr(bench, "_succeeded", lambda *a, **k: [])
+    monkeypatch.setattr(bench_kept, "_used", lambda client: 0)
+    settings = make_settings(shards=SHARDS)
+    try:
+        bench_kept._measure(rclient, settings, BenchConfig(kept_jobs=10), lambda s: None)
+    finally:
+        for pattern in (*Keys("bench-kept").patterns, f"{prefix('bench-kept')}raw:*"):
+            delete_keys(rclient, pattern)
+    assert sorted(set(passes)) == [k.shard for k in Shards.of(settings).keys] == [1, 2, 3]
+    assert len(passes) == 3 * SHARDS  # the warm-up's pass and one after each kind of job, in every shard
