@@ -23,6 +23,7 @@ from mesh.broker.clock import server_ms
 from mesh.broker.compact import Compaction
 from mesh.broker.connection import connect
 from mesh.broker.settings import MeshSettings
+from mesh.broker.shards import Shards
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 
 #: The rate the steady state is given for.
@@ -57,7 +58,16 @@ def _measure(client: redis.Redis, base: MeshSettings, cfg: Any, progress: Callab
     ns, n = "bench-kept", cfg.kept_jobs
     settings = base.model_copy(update={"namespace": ns})
     mesh = MeshClient(settings, client=client, app=BENCH_APP)
-    compaction = Compaction(client, settings)
+    # one pass a shard, each as a worker's sweep runs it (settings.on_shard): the jobs are spread over the
+    # namespace's shards (MESH_SHARDS), and with several a Compaction of these settings would read shard 0's only
+    shards = Shards.of(settings)
+    compactions = [Compaction(client, settings.on_shard(keys.shard) if shards.many else settings)
+                   for keys in shards.keys]
+
+    def compact() -> None:
+        now = _now(client)
+        for compaction in compactions:
+            compaction.run(now)
 
     def one_step(run: str, count: int) -> list[str]:
         refs = mesh.send_many(STEP_AGENT, [({"text": f"kept {i}"}, f"kept-{run}-{i}") for i in range(count)])
@@ -71,13 +81,13 @@ def _measure(client: redis.Redis, base: MeshSettings, cfg: Any, progress: Callab
     with _workers("step", settings, ns, cfg, cfg.prefetches[0]):
         # the keys every deployment has (counters, histograms, the registry, the indexes) come first
         _succeeded(client, one_step("warm", 1) + pipelines("warm", 1))
-        compaction.run(_now(client))
+        compact()
         for kind, send, count, steps in (("job", one_step, n, 1), ("pipeline", pipelines, max(1, n // 2), 2)):
             progress(f"storage: {count:,} {'one-step jobs' if kind == 'job' else 'two-step pipelines'}")
             before = _used(client)
             _succeeded(client, send(kind, count))
             ended = _used(client)
-            compaction.run(_now(client))
+            compact()
             compacted = _used(client)
             out[kind] = {"jobs": count, "steps": count * steps,
                          "ended_bytes_per_step": (ended - before) / (count * steps),

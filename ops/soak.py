@@ -282,12 +282,15 @@ def send_one(client: MeshClient, traffic: Traffic, host_port: str, rng: random.R
 
 
 def push_raw(client: MeshClient, queue: str, data: bytes) -> str:
-    """``data`` on ``queue`` as dramatiq's enqueue would store it, bypassing every check: poison."""
+    """``data`` on ``queue`` as dramatiq's enqueue would store it, bypassing every check: poison. In the
+    namespace's first shard (``client.shards.home``): with several (MESH_SHARDS), ``client.keys`` are shard
+    0's, which holds no queue a worker consumes."""
     rid = str(uuid.uuid4())
+    keys = client.shards.home
     pipe = client.redis.pipeline(transaction=False)
-    pipe.hset(client.keys.messages(queue), rid, data)
-    pipe.rpush(client.keys.queue(queue), rid)
-    wake(pipe, client.keys, queue)
+    pipe.hset(keys.messages(queue), rid, data)
+    pipe.rpush(keys.queue(queue), rid)
+    wake(pipe, keys, queue)
     pipe.execute()
     return rid
 

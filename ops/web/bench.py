@@ -78,7 +78,8 @@ def fill(client: MeshClient, jobs: int, dead_letters: int) -> tuple[str, str, st
         items = [({"tool": "note", "args": {"title": f"t{i}"}}, f"cb-{run}-{i}")
                  for i in range(start, min(jobs, start + CHUNK))]
         last = client.send_many("executor", items)[-1]
-    store = DeadLetterStore(client.redis, client.keys)
+    # the first shard's DLQ: with several (MESH_SHARDS), client.keys are shard 0's, which the console never reads
+    store = DeadLetterStore(client.redis, client.shards.home)
     _fill_dlq(store, dead_letters)
     [entry] = store.newest(1)
     assert last is not None
