@@ -87,6 +87,20 @@ def pipeline(name: str = "pay") -> Any:
             .step("researcher", depends_on=["pay"], input={"goal": "input.goal"}).build())
 
 
+def update_fails_for(monkeypatch: Any, job_id: str) -> Callable[[], None]:
+    """``JobStore.update`` of job ``job_id`` raises ConnectionError (a writer stopped there) until the function
+    returned is called; every other job's update runs."""
+    real = JobStore.update
+
+    def dies(self: JobStore, job_id_: str, *args: Any, **kwargs: Any) -> Any:
+        if job_id_ == job_id:
+            raise ConnectionError("the rerunner stopped here")
+        return real(self, job_id_, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "update", dies)
+    return lambda: monkeypatch.setattr(JobStore, "update", real)
+
+
 def test_sends_land_in_the_shard_of_their_job_and_every_reader_finds_them_there(mesh):
     refs = [mesh.send("executor", {"tool": "note", "args": {"title": f"t{n}"}}, key=f"note-{n}") for n in range(60)]
     per_shard = {k.shard: len(scan(mesh, k.job("*"))) for k in spread(mesh).keys}
@@ -240,19 +254,12 @@ def test_a_rerun_stopped_between_its_two_shards_writes_is_completed_by_the_same_
     key = _apart(mesh)
     old = mesh.run(pipeline(), {"goal": "g"}, key=key)
     mesh.signal(old.id, "payment.settled", {"order": 1})
-    real = JobStore.update
-
-    def dies(self: JobStore, job_id: str, *args: Any, **kwargs: Any) -> Any:
-        if job_id == old.id:
-            raise ConnectionError("the rerunner stopped here")
-        return real(self, job_id, *args, **kwargs)
-
-    monkeypatch.setattr(JobStore, "update", dies)
+    restore = update_fails_for(monkeypatch, old.id)
     with pytest.raises(ConnectionError):
         mesh.rerun(old.id, "researcher")
     new_id = job_id_for(f"{key}/rerun/1")
     assert mesh.status(new_id).rerun_of == old.id and mesh.status(old.id).reruns == []  # the new job runs, unlinked
-    monkeypatch.setattr(JobStore, "update", real)
+    restore()
     ref = mesh.rerun(old.id, "researcher")  # the same rerun again: the job it made, linked
     assert ref.id == new_id and mesh.status(old.id).reruns == [new_id]
     new_keys = Keys(mesh.settings.namespace, shard_of(mesh, ref.key))

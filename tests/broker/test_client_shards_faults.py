@@ -11,30 +11,18 @@ from typing import Any
 import pytest
 
 from mesh import MeshClient
-from mesh.agents.pipelines import Pipeline
 from mesh.broker import job_id_for
 from mesh.broker.client import payload_hash
-from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
 from mesh.broker.shards import Shards, check_shards
 from mesh.contracts import ConfigError, KeyConflict
+from tests.broker.test_client_shards import SHARDS, key_on, pipeline, shard_of, spread, update_fails_for
 from tests.pipelines.agents import app
-
-SHARDS = 3
-PAY = {"event": "payment.settled", "timeout": "1h"}
 
 
 @pytest.fixture
 def mesh(make_settings: Callable[..., Any], rclient: Any) -> MeshClient:
     return MeshClient(make_settings(shards=SHARDS), client=rclient, app=app)
-
-
-def spread(mesh: MeshClient) -> Shards:
-    return Shards.of(mesh.settings)
-
-
-def shard_of(mesh: MeshClient, key: str) -> int:
-    return spread(mesh).shard_of(job_id_for(key))
 
 
 def written(mesh: MeshClient, key: str) -> bool:
@@ -43,11 +31,6 @@ def written(mesh: MeshClient, key: str) -> bool:
 
 def note(title: str) -> dict[str, Any]:
     return {"tool": "note", "args": {"title": title}}
-
-
-def pipeline() -> Any:
-    return (Pipeline("pay").step("pay", wait_for=PAY)
-            .step("researcher", depends_on=["pay"], input={"goal": "input.goal"}).build())
 
 
 def test_a_one_shard_client_is_refused_by_a_namespace_its_workers_recorded_with_several(make_settings, rclient):
@@ -108,9 +91,7 @@ def test_an_emit_cut_after_its_first_shards_delivery_leaves_the_others_to_their_
     from mesh.agents.pipelines import waits as engine
 
     keys = spread(mesh).keys
-    refs = {k.shard: mesh.run(pipeline(), {"goal": "g"}, key=next(f"e-{n}" for n in range(1000)
-                                                                   if shard_of(mesh, f"e-{n}") == k.shard))
-            for k in keys}
+    refs = {k.shard: mesh.run(pipeline(), {"goal": "g"}, key=key_on(mesh, k.shard, "e")) for k in keys}
     real, calls = engine._emit_in, []
 
     def cut(client: Any, shard_keys: Keys, *args: Any) -> Any:
@@ -148,19 +129,12 @@ def test_a_rerun_of_a_rerun_across_shards_cut_before_its_link_is_completed_by_th
     old = mesh.run(pipeline(), {"goal": "g"}, key=key)
     mesh.signal(old.id, "payment.settled", {"order": 1})
     first = mesh.rerun(old.id, "researcher")
-    real = JobStore.update
-
-    def dies(self: JobStore, job_id: str, *args: Any, **kwargs: Any) -> Any:
-        if job_id == first.id:
-            raise ConnectionError("the rerunner stopped here")
-        return real(self, job_id, *args, **kwargs)
-
-    monkeypatch.setattr(JobStore, "update", dies)
+    restore = update_fails_for(monkeypatch, first.id)
     with pytest.raises(ConnectionError):
         mesh.rerun(first.id, "researcher")
     second_id = job_id_for(f"{first.key}/rerun/1")
     assert mesh.status(second_id).rerun_of == first.id and mesh.status(first.id).reruns == []
-    monkeypatch.setattr(JobStore, "update", real)
+    restore()
     again = mesh.rerun(first.id, "researcher")
     assert again.id == second_id and mesh.status(first.id).reruns == [second_id]
     assert mesh.status(old.id).reruns == [first.id]
