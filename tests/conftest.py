@@ -497,3 +497,10 @@ def redis_cluster_nodes() -> Iterator[Any]:
     from tests.cluster import redis_cluster
     with redis_cluster() as nodes:
         yield nodes
+
+
+@pytest.fixture
+def nodes(redis_cluster_nodes: Any) -> Any:
+    """The module's Redis Cluster, every slot served (``wait_ok``) before the test starts."""
+    redis_cluster_nodes.wait_ok()
+    return redis_cluster_nodes

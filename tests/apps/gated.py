@@ -9,6 +9,7 @@ so the test waits on counts, never on time.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -30,6 +31,13 @@ def gate_key(namespace: str) -> str:
 
 def arrived_key(namespace: str) -> str:
     return f"{prefix(namespace)}:test:arrived"
+
+
+def wait_at_gate(redis: Any, namespace: str) -> None:
+    """Count this handler in at the gate (:func:`arrived_key`), then wait until the test opens it."""
+    redis.incr(arrived_key(namespace))
+    while not redis.exists(gate_key(namespace)):
+        time.sleep(GATE_POLL_S)
 
 
 def passed_key(namespace: str) -> str:
@@ -72,9 +80,7 @@ def post_hook(ctx: ToolContext, args: Hook) -> Receipt:
 def poster(ctx: Context, hook: Hook) -> Posted:
     """Waits at the gate, then calls ``post_hook`` once."""
     redis, ns = ctx.runtime.redis, ctx.runtime.settings.namespace
-    redis.incr(arrived_key(ns))
-    while not redis.exists(gate_key(ns)):
-        time.sleep(GATE_POLL_S)
+    wait_at_gate(redis, ns)
     try:
         receipt = ctx.call("post_hook", hook)
     finally:

@@ -43,12 +43,6 @@ HEARTBEAT_TIMEOUT_S = 3.0
 
 
 @pytest.fixture
-def nodes(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
-    redis_cluster_nodes.wait_ok()
-    return redis_cluster_nodes
-
-
-@pytest.fixture
 def settings(make_settings: Callable[..., MeshSettings], nodes: RedisClusterNodes) -> MeshSettings:
     """This test's namespace on the cluster (the workers, the CLI and the clients of the test use it)."""
     return make_settings(redis_url=nodes.url, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)

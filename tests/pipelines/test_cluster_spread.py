@@ -24,12 +24,6 @@ JOBS, SHARDS = 10_000, 6
 
 
 @pytest.fixture
-def nodes(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
-    redis_cluster_nodes.wait_ok()
-    return redis_cluster_nodes
-
-
-@pytest.fixture
 def settings(make_settings: Callable[..., MeshSettings], nodes: RedisClusterNodes) -> MeshSettings:
     return make_settings(redis_url=nodes.url, shards=SHARDS)
 
