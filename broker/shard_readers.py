@@ -24,11 +24,6 @@ if TYPE_CHECKING:
     from .settings import MeshSettings
 
 
-def shards(settings: MeshSettings) -> Shards:
-    """The shards a reader of ``settings`` reads: every shard of the namespace."""
-    return Shards.of(settings)
-
-
 def every(settings: MeshSettings) -> tuple[Keys, ...]:
     """Each shard's keys, in shard order (one, with one shard)."""
     return Shards.of(settings).keys

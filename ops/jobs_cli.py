@@ -304,10 +304,9 @@ def _no_job(c: MeshClient, given: str, candidates: list[str]) -> NoReturn:
     """Exit 2 for a job id or key that names no job any more: expired when retention removed it
     (what `mesh status` and `mesh trace` both say), else unknown."""
     from mesh.broker.retention import expired
-    from mesh.broker.shard_readers import shards
 
     for candidate in candidates:
-        if expired(c.redis, shards(c.settings).of_job(candidate), candidate):
+        if expired(c.redis, c.keys_of(candidate), candidate):
             count = c.settings.job_retention_count
             fail(f"job {candidate} expired: records are kept MESH_JOB_RETENTION_S={c.settings.job_retention_s:g}s "
                  "after a job ends, and only the newest " + (f"MESH_JOB_RETENTION_COUNT={count}" if count else
@@ -510,13 +509,10 @@ def trace_(job_id: Annotated[str, typer.Argument(
     if follow:
         _follow(c, given, candidates, as_json, after or "0")
         return
-    from mesh.broker.jobs import JobStore
-    from mesh.broker.shard_readers import shards
-
     for job_id in candidates:
-        keys = shards(c.settings).of_job(job_id)  # the job's shard
+        keys = c.keys_of(job_id)  # the job's shard
         events = trace.read(c.redis, keys, job_id)
-        record = JobStore(c.redis, keys, c.settings.job_retention_s, c.settings.dead_letter_job_retention_s).get(job_id)
+        record = c.jobs_of(job_id).get(job_id)
         if events or record is not None:
             break
     else:
