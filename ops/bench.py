@@ -497,8 +497,7 @@ def _pair(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
 
 def job_keys(mesh: Any, job_ids: list[str]) -> list[str]:
     """The record keys of ``job_ids``, each in the shard its job lives in (``mesh``: their MeshClient)."""
-    shards = Shards.of(mesh.settings)
-    return [shards.of_job(j).job(j) for j in job_ids]
+    return [mesh.keys_of(j).job(j) for j in job_ids]
 
 
 def _mget(client: redis.Redis, keys: list[str]) -> tuple[list[Any], int]:
