@@ -235,11 +235,7 @@ class DeadLetterStore:
 
     def _fetch(self, ids: list[Any], keep_missing: bool = False) -> list[Any]:
         """The entries of ``ids``, in order; one gone meanwhile is left out (None with ``keep_missing``)."""
-        pipe = self.client.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.hmget(self.keys.dead_letter(entry_id.decode()), "entry", "raw")
-        found = [None if data is None else Stored(DeadLetter.model_validate(loads(data)), _bytes(raw))
-                 for data, raw in pipe.execute()]
+        found = _entries(self.client, [(self.keys, entry_id) for entry_id in ids])
         return found if keep_missing else [s for s in found if s is not None]
 
     def _counts(self, keys: list[str], names: list[str]) -> dict[str, int]:
@@ -247,6 +243,16 @@ class DeadLetterStore:
         for key in keys:
             pipe.zcard(key)
         return {n: int(c) for n, c in zip(names, pipe.execute(), strict=True) if c}
+
+
+def _entries(client: redis.Redis, ids: list[tuple[Keys, Any]]) -> list[Stored | None]:
+    """The entries of ``ids`` (each with the keys of the shard it is in), in order, in one round trip;
+    None for one gone meanwhile."""
+    pipe = client.pipeline(transaction=False)
+    for keys, entry_id in ids:
+        pipe.hmget(keys.dead_letter(entry_id.decode()), "entry", "raw")
+    return [None if data is None else Stored(DeadLetter.model_validate(loads(data)), _bytes(raw))
+            for data, raw in pipe.execute()]
 
 
 def index_of(keys: Keys, flt: Filter) -> str:
@@ -356,17 +362,12 @@ class DeadLetterShards:
             taken = walk.take(min(limit - len(out) if flt.exact else BATCH, budget - read))
             if not taken:
                 return out, read, False
-            pipe = self.client.pipeline(transaction=False)
-            for keys, entry_id in taken:
-                pipe.hmget(keys.dead_letter(entry_id.decode()), "entry", "raw")
-            for (data, _raw) in pipe.execute():
+            for stored in _entries(self.client, taken):
                 read += 1
-                if data is not None:
-                    entry = DeadLetter.model_validate(loads(data))
-                    if flt.matches(entry):
-                        out.append(entry)
-                        if len(out) == limit:
-                            break
+                if stored is not None and flt.matches(stored.entry):
+                    out.append(stored.entry)
+                    if len(out) == limit:
+                        break
         return out, read, len(out) < limit and read >= budget
 
     def iter(self, flt: Filter, *, batch: int = BATCH) -> Iterator[tuple[DeadLetterStore, list[Stored]]]:
