@@ -16,7 +16,6 @@ from rich.console import Console
 from mesh.agents.tools import read_note
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.connection import masked_url
-from mesh.broker.shards import Shards
 from mesh.contracts import TERMINAL, JobRecord, State, StepRecord
 
 from .local_redis import ensure_redis
@@ -125,7 +124,7 @@ def _show_effects(client: MeshClient, record: JobRecord, out: Console) -> None:
             for finding in result.get("findings", []):
                 out.print(f"  [dim]{step.step_id} cites {finding['source']}[/dim]")
         if result.get("tool") == "note":
-            note = read_note(client.redis, Shards.of(client.settings).of_job(record.job_id), result["effect_id"])
+            note = read_note(client.redis, client.keys_of(record.job_id), result["effect_id"])
             if note:
                 out.print(f"\nnote {note['note_id']} read back from Redis: [bold]{note['title']}[/bold]",
                           highlight=False)

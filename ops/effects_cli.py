@@ -123,9 +123,7 @@ def settle_step(c: MeshClient, app: Any, record: JobRecord, step: str, *, applie
 
 def _keys(c: MeshClient, record: JobRecord) -> Any:
     """The keys of the shard the job lives in (its trace, its dead letters)."""
-    from mesh.broker.shards import Shards
-
-    return Shards.of(c.settings).of_job(record.job_id)
+    return c.keys_of(record.job_id)
 
 
 def _record(c: MeshClient, given: str) -> JobRecord:

@@ -496,7 +496,7 @@ def _summary(cfg: SoakConfig, client: MeshClient, traffic: Traffic, samples: lis
 
 
 def _where(client: MeshClient, job_id: str, kind: str) -> dict[str, Any]:
-    data = client.redis.get(Shards.of(client.settings).of_job(job_id).job(job_id))
+    data = client.redis.get(client.keys_of(job_id).job(job_id))
     if data is None:
         return {"job_id": job_id, "kind": kind, "state": "missing"}
     record = JobRecord.model_validate_json(data)

@@ -144,10 +144,7 @@ def _unknown(c: MeshClient, job_id: str, step_id: str) -> Any:
 
 def _record(c: MeshClient, job_id: str) -> Any:
     """The job's record, read in its shard."""
-    from mesh.broker.jobs import JobStore
-    from mesh.broker.shards import Shards
-
-    return JobStore(c.redis, Shards.of(c.settings).of_job(job_id)).get(job_id)
+    return c.jobs_of(job_id).get(job_id)
 
 
 def _app(c: MeshClient) -> Any:
