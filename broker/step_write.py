@@ -19,9 +19,11 @@ has room, also fetches for it in the same script call (``step.lua``'s eager fetc
 message in lane order, claimed and put in the worker's acks set as the consumer's fetch would, is handed
 to dramatiq by the sender thread once the call is answered (:class:`~mesh.broker.consumer.EagerSlot`).
 A sequential pipeline's next step then starts with no wake-up token, no fetch round trip and no
-validation of the record (it is the one the success left). A call that failed, or that was sent again
-after it landed, may have fetched a message nobody took: the consumer reclaims its queue before its
-next fetch.
+validation of the record (it is the one the success left). The write's own wake-up token for that
+queue is left out of its commands, not pushed and taken back (:func:`_token_owed`): ``step.lua`` pushes
+it only when the fetch takes nothing (or is not run), so every message left waiting keeps its token.
+A call that failed, or that was sent again after it landed, may have fetched a message nobody took: the
+consumer reclaims its queue before its next fetch.
 
 When what the eager fetch takes is the write's own message of the same job's next step (a sequential
 pipeline) and its claim is won, the same call writes that step's pick-up too (the record's step
@@ -379,7 +381,12 @@ class StepWrites:
               settle: bool, slot: EagerSlot | None = None, pickup: PickUp | None = None) -> _Item:
         settles = settle and fence.settles is not None
         acks, msgs, rid = fence.settles if settles and fence.settles is not None else ("", "", "")
-        eager = slot.args if slot is not None and settles else []
+        eager: list[Any] = []
+        if slot is not None and settles:
+            # The wake-up token of the message the fetch takes is neither pushed nor taken back: the
+            # write's own token for its queue is left out, and owed ("1") should the fetch take nothing.
+            commands, owed = _token_owed(commands, f"{slot.args[0]}.wake")
+            eager = [*slot.args, owed]
         if eager and pickup is not None:
             eager = [*eager, *pickup.args()]
         else:
@@ -493,6 +500,20 @@ def _expected(data: bytes) -> bytes | str:
     """What step.lua checks the record against: its bytes (compared whole), or, for a record of 40 bytes
     or fewer or over :data:`COMPARED_BYTES`, its sha1 (40 hex digits, which tells the two apart)."""
     return data if 40 < len(data) <= COMPARED_BYTES else hashlib.sha1(data).hexdigest()
+
+
+def _token_owed(commands: list[Any], wake: str) -> tuple[list[Any], str]:
+    """``commands`` with one wake-up token fewer pushed on ``wake`` (the queue an eager fetch takes its
+    message from), and "1" when one was taken out (step.lua pushes it when its fetch takes nothing, or
+    does not run), else "0" (commands unchanged). The tokens are the outbox's: one ``RPUSH`` of n
+    tokens followed by its ``LTRIM`` (outbox.wake); a push of one token goes with its trim."""
+    for at, (command, options) in enumerate(commands):
+        if command[0] == "RPUSH" and command[1] == wake:
+            if len(command) > 3:
+                return [*commands[:at], (command[:-1], options), *commands[at + 1:]], "1"
+            after = at + 2 if at + 1 < len(commands) and commands[at + 1][0][:2] == ("LTRIM", wake) else at + 1
+            return [*commands[:at], *commands[after:]], "1"
+    return commands, "0"
 
 
 def _record_bytes(commands: list[Any], key: str) -> bytes | None:

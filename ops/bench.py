@@ -50,6 +50,7 @@ from mesh.broker.settings import MeshSettings
 from mesh.broker.shard_readers import every
 from mesh.broker.shards import Shards
 from mesh.contracts import ConfigError
+from mesh.ops import bench_floor
 from mesh.ops.bench_kept import kept
 from mesh.ops.namespaces import check_scratch, delete_namespace, is_empty, raw_namespace
 
@@ -69,6 +70,7 @@ class BenchConfig:
     enqueue_messages: int = 10_000  # send_many's; each send() loop sends min(this, 2,000)
     chain_jobs: int = 5  # 40-step pipelines run one after another for the sequential latency
     kept_jobs: int = 2_000  # finished jobs whose storage is measured, on a private Redis (ops/bench_kept.py)
+    floor_jobs: int = 10_000  # jobs of each variant of the writes' floor (ops/bench_floor.py); 0: not run
     namespace: str | None = None  # run in this (empty) namespace; None: a fresh bench-<random> one
 
     @property
@@ -735,6 +737,12 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
             single = _step(client, settings, ns, cfg, prefetch)
             progress(f"prefetch {prefetch}: real steps, two-step pipelines")
             steps.append(_step_entry(prefetch, single, _pair(client, settings, ns, cfg, prefetch), pairs))
+        floor: dict[str, Any] = {}
+        if cfg.floor_jobs:
+            progress("the writes' floor: a one-step job's writes alone")
+            floor = bench_floor.floor(client, ns, cfg.floor_jobs,
+                                      raw_redis_cpu_us=steps[0]["raw"]["redis_cpu_us_per_message"])
+            floor["real_step_redis_cpu_us"] = steps[0]["job"]["redis_cpu_us_per_step"]
         progress("sequential latency: 40-step pipelines")
         chain = _chain_latency(client, settings, ns, cfg)
         progress("enqueue")
@@ -753,9 +761,10 @@ def run(settings: MeshSettings, cfg: BenchConfig, progress: Callable[[str], None
         "namespace": ns, **where,
         "config": {"messages": cfg.messages, "processes": cfg.processes, "threads": cfg.threads,
                    "prefetch": cfg.prefetches, "pairs": cfg.pairs, "enqueue_messages": cfg.enqueue_messages,
-                   "chain_jobs": cfg.chain_jobs, "kept_jobs": cfg.kept_jobs},
+                   "chain_jobs": cfg.chain_jobs, "kept_jobs": cfg.kept_jobs, "floor_jobs": cfg.floor_jobs},
         "throughput": sweep,
         "step": steps,
+        "floor": floor,
         "sequential": chain,
         "enqueue": enqueue,
         "pickup_latency": pickup,

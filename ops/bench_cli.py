@@ -30,6 +30,9 @@ def bench(
     kept_jobs: Annotated[int, typer.Option(min=10, metavar="N", help="Finished one-step jobs (and half as many "
                                            "two-step pipelines) whose storage is measured, on a private "
                                            "redis-server.")] = 2_000,
+    floor_jobs: Annotated[int, typer.Option(min=0, metavar="N", help="Jobs of each variant of the writes' floor "
+                                            "(a one-step job's writes run alone by purpose-built scripts, "
+                                            "beside raw dramatiq's message); 0: skip it.")] = 10_000,
     namespace: Annotated[str | None, typer.Option(metavar="NAME", show_default=False,
                                                   help="Run in this namespace, which must hold no key (it is "
                                                   "deleted at the end); default: a fresh bench-<random> one. "
@@ -42,10 +45,11 @@ def bench(
     Runs in a throw-away namespace: throughput and the CPU per message (workers, Redis) at each
     prefetch, Redis commands and round trips per message, real steps (one-step jobs and two-step
     pipelines of a declared agent), the sequential latency of a 40-step pipeline, enqueue rates,
-    idle pickup latency, DLQ replay and drain; and, on a private redis-server, what a finished job
-    keeps in Redis (per job, per pipeline step) and the defaults' steady state at 10 jobs/s. On a
-    Redis Cluster its Redis figures sum every primary's, and the real steps' are also given per
-    primary."""
+    idle pickup latency, DLQ replay and drain, the writes' floor (what a one-step job's writes cost
+    Redis run alone by purpose-built scripts, each kind added in turn); and, on a private
+    redis-server, what a finished job keeps in Redis (per job, per pipeline step) and the
+    defaults' steady state at 10 jobs/s. On a Redis Cluster its Redis figures sum every
+    primary's, and the real steps' are also given per primary."""
     from mesh.ops.bench import BenchConfig, run
 
     sweep = _prefetches(prefetch)
@@ -53,12 +57,13 @@ def bench(
     client()  # exits 3 if Redis does not answer
     cfg = BenchConfig(messages=messages, processes=processes, threads=threads, prefetch=sweep, pairs=pairs,
                       latency_samples=latency_samples, dlq_entries=dlq_entries, enqueue_messages=enqueue_messages,
-                      chain_jobs=chain_jobs, kept_jobs=kept_jobs, namespace=namespace)
+                      chain_jobs=chain_jobs, kept_jobs=kept_jobs, floor_jobs=floor_jobs, namespace=namespace)
     result = run(s, cfg, progress=lambda step: err.print(Text(f"bench: {step}"), style="dim"))
     result["config"]["command"] = (
         f"mesh bench --messages {messages} --processes {processes} --threads {threads} --prefetch {prefetch} "
         f"--pairs {pairs} --latency-samples {latency_samples} --dlq-entries {dlq_entries} "
-        f"--enqueue-messages {enqueue_messages} --chain-jobs {chain_jobs} --kept-jobs {kept_jobs}"
+        f"--enqueue-messages {enqueue_messages} --chain-jobs {chain_jobs} --kept-jobs {kept_jobs} "
+        f"--floor-jobs {floor_jobs}"
         + (f" --namespace {namespace}" if namespace else ""))
     if as_json:
         emit_json(result)
@@ -113,6 +118,7 @@ def _bench_table(result: dict[str, Any]) -> Table:
                       f"{t['round_trips_per_message']['raw']:.2f}", "", end_section=True)
         for kind, label in (("job", "real step, one-step job"), ("pipeline", "real step, 2-step pipeline")):
             _real_rows(table, label, st[kind], st["raw"])
+    _floor_rows(table, result.get("floor") or {})
     q = result["sequential"]
     table.add_row(f"{q['steps']}-step pipeline, per step (ms)", f"{q['per_step_ms']:.2f}", "", "")
     table.add_row("  step to step p50 / p99 (ms)", f"{q['step_to_step_p50_ms']:.2f} / {q['step_to_step_p99_ms']:.2f}",
@@ -131,6 +137,20 @@ def _bench_table(result: dict[str, Any]) -> Table:
     table.add_row("already-done keys (msg/s)", f"{result['duplicates']['msg_s']:,.0f}", "", "", end_section=True)
     _storage_rows(table, result.get("storage") or {})
     return table
+
+
+def _floor_rows(table: Table, fl: dict[str, Any]) -> None:
+    """The writes' floor: each variant's Redis CPU per job beside raw dramatiq's per message, and the real
+    one-step job's (the first prefetch's)."""
+    if not fl:
+        return
+    table.add_row(Text(f"writes' floor, {fl['jobs']:,} jobs (µs/job)", style="bold"), "", "", "")
+    raw = fl["variants"][0]["redis_cpu_us_per_job"] / fl["variants"][0]["vs_raw_redis_cpu"]
+    for v in fl["variants"]:
+        table.add_row(f"  {v['name']}, {v['redis_commands_per_job']:.1f} commands", f"{v['redis_cpu_us_per_job']:,.0f}",
+                      f"{raw:,.0f}", f"{v['vs_raw_redis_cpu']:.2f}")
+    table.add_row("  the real one-step job", f"{fl['real_step_redis_cpu_us']:,.0f}", f"{raw:,.0f}",
+                  f"{fl['real_step_redis_cpu_us'] / raw:.2f}", end_section=True)
 
 
 def _storage_rows(table: Table, st: dict[str, Any]) -> None:

@@ -19,13 +19,18 @@
 --            answered 1 (or 2) with nothing more written
 --   id       "": none; else the message this write settles (a success): it leaves the worker's
 --            acks set and its body is deleted from msgs, as the ack would
---   e        0, or 8 and the arguments of a fetch of one message the write hands straight to its worker
+--   e        0, or 9 and the arguments of a fetch of one message the write hands straight to its worker
 --            (a success whose next step goes to a queue its worker consumes, with room): the queue's
 --            key, the worker's acks set there, its held set and the queue's name, the stats hash, the
---            claims' key prefix, the claim's owner and lease (ms). Once the write landed, the
---            queue's next message in lane order (the one a fetch would take: the write's own, or
---            one waiting before it) is fetched and claimed as settle.lua's fetch would, for that
---            worker, and a wake-up token taken back (that consumer needs none). e > 8: the next step's
+--            claims' key prefix, the claim's owner and lease (ms), and owed: "1" when the write's
+--            commands leave out one wake-up token of the messages they push on that queue (the one
+--            the fetch would take back: that consumer needs none), "0" when they push all theirs.
+--            Once the write landed, the queue's next message in lane order (the one a fetch would
+--            take: the write's own, or one waiting before it) is fetched and claimed as settle.lua's
+--            fetch would, for that worker, and a wake-up token taken back unless owed; an owed token
+--            is pushed when the fetch takes nothing, or is not run (the write refused a command, or
+--            its message was no longer this worker's), so every message left waiting has its
+--            token. e > 9: the next step's
 --            pick-up follows (rid, sentinel, m, (count, command...) x m): when the message fetched is
 --            rid (the write's own message of the same job's next step) and its claim is won, the
 --            pick-up's commands run too, with every occurrence of sentinel (the digits the pick-up was
@@ -37,7 +42,7 @@
 --            running index, the next steps' messages); HINCRBY and HINCRBYFLOAT are added up over
 --            the group and run once per field
 --
--- Per item: 1 written (its message settled, if it names one), with e >= 8 {1} (nothing fetched) or
+-- Per item: 1 written (its message settled, if it names one), with e >= 9 {1} (nothing fetched) or
 -- {1, id, data, claim} ({key, "run"|"busy"|"done", token, ...} as claim.lua answers, or 0: no key
 -- found), or {1, id, data, claim, picked} when the pick-up was run (picked: 1, or the refusal of one
 -- of its commands, whose other commands ran) instead (a write sent again that had landed before answers 1 or 2: what its first call
@@ -202,16 +207,28 @@ local function pick_up(a, token)
     return refused or 1
 end
 
+-- The wake-up token an eager fetch (arguments from a) was owed and did not take: pushed (within the
+-- outbox's cap, as outbox.wake pushes one), so the message it left waiting wakes an idle consumer.
+local function give_owed(a)
+    if ARGV[a + 8] == "1" then
+        redis.call("rpush", ARGV[a] .. ".wake", 1)
+        redis.call("ltrim", ARGV[a] .. ".wake", -64, -1)
+    end
+end
+
 -- The eager fetch of item k (arguments from a): {1} or {1, id, data, claim} (see above).
 local function fetch_one(a)
     local base, acks, held, queue, stats, prefix, owner = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
         ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
     local ids, data, fence = lanes_fetch(base, 1, true)
-    if not data[1] then return {1} end  -- as a fetch: an id whose body is gone is dropped
+    if not data[1] then  -- as a fetch: an id whose body is gone is dropped
+        give_owed(a)
+        return {1}
+    end
     -- As a fetch: messages in hand are where a reaper looks.
     redis.call("sadd", held, queue)
     redis.call("sadd", acks, ids[1])
-    redis.call("lpop", base .. ".wake")
+    if ARGV[a + 8] ~= "1" then redis.call("lpop", base .. ".wake") end
     local verdict = 0
     local key = message_key(data[1])
     if key then
@@ -220,8 +237,8 @@ local function fetch_one(a)
         claims_close(b)
         table.insert(verdict, 1, key)
         if checked[prefix .. key] then stale[prefix .. key] = true end
-        if a + 8 < eager_end[a] and ids[1] == ARGV[a + 8] and verdict[2] == "run" then
-            return {1, ids[1], data[1], verdict, pick_up(a + 9, verdict[3])}
+        if a + 9 < eager_end[a] and ids[1] == ARGV[a + 9] and verdict[2] == "run" then
+            return {1, ids[1], data[1], verdict, pick_up(a + 10, verdict[3])}
         end
     end
     return {1, ids[1], data[1], verdict}
@@ -281,13 +298,18 @@ for k, i in ipairs(starts) do
             end
             if refused then
                 answer = redis.error_reply(refused)
+                if eagers[k] then give_owed(eagers[k]) end
             else
                 if done == "1" and claim ~= "" and shared ~= "1" then
                     redis.call("set", claim, claim_value("done", token, 0, "", result), "EX", ttl)
                     stale[claim] = true
                 end
                 answer = settled(id, acks, msgs)
-                if answer == 1 and eagers[k] then answer = fetch_one(eagers[k]) end
+                if answer == 1 and eagers[k] then
+                    answer = fetch_one(eagers[k])
+                elseif eagers[k] then
+                    give_owed(eagers[k])
+                end
             end
         end
     end

@@ -34,6 +34,7 @@ from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.observe import running_member
 from mesh.broker.step_write import SENTINEL
 from mesh.contracts import JobRecord, State
+from mesh.contracts.errors import OutcomeUnrecorded
 from tests.apps.relay import app as relay
 from tests.apps.relay import arrived_key, gate_key
 
@@ -700,3 +701,130 @@ def test_a_worker_paused_between_its_successs_answer_and_its_hand_over_runs_the_
     assert after.model_dump() == record.model_dump()
     assert rclient.hget(client.keys.stats, "dead_lettered") is None
     assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
+
+
+@contextlib.contextmanager
+def commands_on(client: Any, key: str) -> Iterator[list[str]]:
+    """Every command Redis runs while the block runs that names ``key`` (those scripts run included, as
+    MONITOR lists them), gathered once the block is left."""
+    seen: list[str] = []
+    end = f"end-of-watch-{os.getpid()}-{id(seen)}"
+    started = threading.Event()
+
+    def watch() -> None:
+        with client.monitor() as m:
+            client.echo("watch-started")
+            for command in m.listen():
+                text = command["command"]
+                if text.endswith(end):
+                    return
+                if "watch-started" in text:
+                    started.set()
+                elif key in text:
+                    seen.append(text)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield seen
+    finally:
+        client.echo(end)
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_a_hop_whose_success_fetches_the_next_step_pushes_and_takes_back_no_wake_up_token(worker):
+    """The write's own wake-up token for the queue it fetches from is left out, not pushed, capped and
+    popped again by the same call (three commands a hop on the code before)."""
+    w = worker
+    ref = w.client.run("triple", {"text": "hi"})
+    first = next(w.thread.consumer)
+    wake = w.broker.keys.wake("echo")
+    tokens = w.broker.records.llen(wake)
+
+    with commands_on(w.broker.records, wake) as seen:
+        run(w, first)
+        [second] = handed(w)
+        run(w, second)
+        [third] = handed(w)
+
+    assert seen == []
+    assert w.broker.records.llen(wake) == tokens
+    assert (third.args[0]["job_id"], third.args[0]["step_id"]) == (ref.id, "third")
+    run(w, third)
+    assert w.client.status(ref.id).state is State.SUCCEEDED
+
+
+def test_a_success_whose_fetch_takes_nothing_leaves_its_next_step_its_wake_up_token(worker):
+    """The eager fetch pops an id whose body is gone (a fetch drops it) and takes nothing: the write's
+    message waits in its lane, and the token left out of the write is pushed for it."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys = w.broker.keys
+    w.broker.records.rpush(keys.queue("echo"), "no-such-message")
+    tokens = w.broker.records.llen(keys.wake("echo"))
+
+    run(w, first)
+
+    assert handed(w) == []
+    assert w.broker.records.lrange(keys.queue("echo"), 0, -1) != []
+    assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
+    second = next(w.thread.consumer) or next(w.thread.consumer)
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+
+
+def test_a_success_whose_message_was_taken_from_it_leaves_its_next_step_its_wake_up_token(worker):
+    """The first step's message left this worker's acks set before its success (reaped while the worker
+    was paused): the write lands, settles nothing and fetches nothing, and the next step's message waits
+    in its lane with the token the write left out."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys = w.broker.keys
+    w.broker.records.srem(keys.acks(w.broker.broker_id, "echo"), first.options["redis_message_id"])
+    tokens = w.broker.records.llen(keys.wake("echo"))
+
+    run(w, first)
+
+    assert handed(w) == []
+    assert w.broker.records.llen(keys.queue("echo")) == 1
+    assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
+    second = next(w.thread.consumer) or next(w.thread.consumer)
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+
+
+def test_a_success_redis_refuses_leaves_the_message_it_pushed_its_wake_up_token(worker):
+    """Redis refuses a command of the success's write (the running index made a string just before it:
+    WRONGTYPE): its other commands ran, the next step's message among them, as in the MULTI it
+    replaced, and nothing is fetched: the token left out of the write is pushed for that message."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys, steps = w.broker.keys, w.runtime.steps
+    tokens = w.broker.records.llen(keys.wake("echo"))
+    real, writes = steps.write, []
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        writes.append(kwargs.get("settle"))
+        if kwargs.get("settle"):  # the success's: the pick-up's went through
+            w.broker.records.delete(keys.running)
+            w.broker.records.set(keys.running, "not a sorted set")
+        return real(*args, **kwargs)
+
+    steps.write = write  # type: ignore[method-assign]
+    try:
+        idem = next(m for m in w.broker.middleware if isinstance(m, Idempotency))
+        idem.before_process_message(w.broker, first)
+        with pytest.raises(OutcomeUnrecorded, match="WRONGTYPE"):
+            w.runtime.handle(app.agents["echo"], first.args[0])
+    finally:
+        steps.write = real  # type: ignore[method-assign]
+        w.broker.records.delete(keys.running)
+
+    assert writes[-1] is True
+    assert handed(w) == []
+    assert w.client.status(ref.id).steps["first"].state is State.SUCCEEDED  # its SET ran
+    assert w.broker.records.llen(keys.queue("echo")) == 1
+    assert w.broker.records.llen(keys.wake("echo")) == tokens + 1

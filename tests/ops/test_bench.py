@@ -16,7 +16,7 @@ from mesh.ops.bench import BENCH_APP, CHAIN, PAIR, Echo, bench_echo
 from mesh.ops.local_redis import PrivateRedis, redis_binary
 
 SMALL = ("--messages", "60", "--pairs", "1", "--latency-samples", "3", "--dlq-entries", "100",
-         "--enqueue-messages", "50", "--chain-jobs", "1", "--kept-jobs", "40")
+         "--enqueue-messages", "50", "--chain-jobs", "1", "--kept-jobs", "40", "--floor-jobs", "100")
 
 
 def positive(*values: float) -> bool:
@@ -30,8 +30,8 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
                   "--threads", "2", "--json", timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    assert set(out) == {"namespace", "primaries", "namespace_primary", "config", "throughput", "step", "sequential",
-                        "enqueue", "pickup_latency", "dlq", "duplicates", "storage"}
+    assert set(out) == {"namespace", "primaries", "namespace_primary", "config", "throughput", "step", "floor",
+                        "sequential", "enqueue", "pickup_latency", "dlq", "duplicates", "storage"}
     assert out["namespace"].startswith("bench-") and (out["primaries"], out["namespace_primary"]) == ([], "")
     assert out["config"]["prefetch"] == [2, 4]  # 0: 2 x threads
     command = out["config"]["command"]
@@ -58,6 +58,13 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
             assert k["primaries"] == []  # given on a cluster only
         # a pipeline's second step is sent by the first's success: more commands per step than a one-step job
         assert s["pipeline"]["by_command"]["rpush"] > s["job"]["by_command"].get("rpush", 0)
+    fl = out["floor"]
+    assert (fl["jobs"], fl["rounds"], out["config"]["floor_jobs"]) == (100, 3, 100) and "--floor-jobs 100" in command
+    assert [v["name"] for v in fl["variants"]] == ["writes", "+trace", "+indexes", "+checks", "all"]
+    for v in fl["variants"]:
+        assert positive(v["redis_commands_per_job"], v["redis_cpu_us_per_job"], v["redis_cpu_us_per_job_least"],
+                        v["vs_raw_redis_cpu"])
+    assert fl["real_step_redis_cpu_us"] == out["step"][0]["job"]["redis_cpu_us_per_step"]
     q = out["sequential"]
     assert (q["steps"], q["jobs"], len(q["per_step_ms_by_job"])) == (40, 1, 1)
     assert positive(q["per_step_ms"], q["step_to_step_p50_ms"], q["step_to_step_p99_ms"])
@@ -165,3 +172,26 @@ def test_the_stopwatch_counts_the_commands_sent_and_their_round_trips_and_leaves
     assert run.round_trips == 2 and run.round_trips_per == 1.0
     assert run.commands_per == 7.0
     assert run.primaries == {} and run.by_primary() == []  # a single Redis: no figures per primary
+
+
+@pytest.mark.slow  # a redis-server of its own: commandstats counts every client of a server
+def test_the_writes_floor_runs_each_variants_commands_and_leaves_no_key(private_redis):
+    """The floor's counts are its scripts' (400 jobs: 4 sends, 25 fetches of 16, 100 step writes of each
+    kind), each variant adding its own commands, and each run deletes what it wrote."""
+    from mesh.ops import bench_floor
+
+    client = redis.Redis.from_url(private_redis.url)
+    got = bench_floor.floor(client, "bench-floor", jobs=400, rounds=2, raw_redis_cpu_us=50.0)
+    by_name = {v["name"]: v for v in got["variants"]}
+    # per job: the send's SET, HSET, RPUSH; a fetch's LPOP, HMGET, SADD and 16 SETs; the pick-up's SET;
+    # the success's SET of the record and of the claim, SREM, HDEL; an EVALSHA per call
+    writes = 3 + 4 / 400 + 25 * 20 / 400 + 1 + 100 / 400 + 4 + 100 / 400
+    assert by_name["writes"]["redis_commands_per_job"] == pytest.approx(writes)
+    assert by_name["+trace"]["redis_commands_per_job"] == pytest.approx(writes + 4)  # 3 XADD, PEXPIRE
+    assert by_name["+indexes"]["redis_commands_per_job"] == pytest.approx(writes + 3)  # ZADD, ZREM, ZADD
+    assert by_name["+checks"]["redis_commands_per_job"] == pytest.approx(writes + 2)  # an MGET a step write
+    assert by_name["all"]["redis_commands_per_job"] == pytest.approx(writes + 9)
+    for v in got["variants"]:
+        assert v["redis_cpu_us_per_job"] > 0 and v["redis_cpu_us_per_job_least"] <= v["redis_cpu_us_per_job"]
+        assert v["vs_raw_redis_cpu"] == pytest.approx(v["redis_cpu_us_per_job"] / 50.0)
+    assert list(client.scan_iter(match="{bench-floor}*", count=1000)) == []

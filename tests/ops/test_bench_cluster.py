@@ -22,7 +22,7 @@ from tests.cluster import RedisClusterNodes
 pytestmark = pytest.mark.slow
 
 SMALL = ("--messages", "40", "--pairs", "1", "--latency-samples", "2", "--dlq-entries", "20",
-         "--enqueue-messages", "20", "--chain-jobs", "1", "--kept-jobs", "20", "--prefetch", "2",
+         "--enqueue-messages", "20", "--chain-jobs", "1", "--kept-jobs", "20", "--floor-jobs", "64", "--prefetch", "2",
          "--processes", "1", "--threads", "2")
 
 
