@@ -114,16 +114,28 @@ def _run(client: redis.Redis, ns: str, scripts: _Scripts, jobs: int) -> Any:
     for args in writes:
         scripts.success(keys=route, args=args)
     run = watch.stop(jobs)
-    _clean(client, prefix, ids)
+    _clean(client, prefix, jobs)
     return run
 
 
-def _clean(client: redis.Redis, prefix: str, ids: list[str]) -> None:
-    pipe = client.pipeline(transaction=False)
-    for c in range(0, len(ids), 500):
-        pipe.delete(*(f"{prefix}:{kind}:{job}" for job in ids[c:c + 500] for kind in ("job", "claim", "trace")))
-    pipe.delete(*(f"{prefix}:{name}" for name in ("queue", "msgs", "acks", "running", "compact")))
-    pipe.execute()
+#: Deletes a run's keys: ARGV[1] the prefix, ARGV[2] the number of jobs (ids j0, j1, ...). A script, not a
+#: pipeline of DEL: a cluster client's pipeline takes one key a DEL, and these keys share the call's slot.
+_CLEAN = """local p, n = ARGV[1], tonumber(ARGV[2])
+for i = 0, n - 1, 1000 do
+    local names = {}
+    for j = i, math.min(n, i + 1000) - 1 do
+        names[#names + 1] = p .. ':job:j' .. j
+        names[#names + 1] = p .. ':claim:j' .. j
+        names[#names + 1] = p .. ':trace:j' .. j
+    end
+    redis.call('del', unpack(names))
+end
+redis.call('del', p .. ':queue', p .. ':msgs', p .. ':acks', p .. ':running', p .. ':compact')
+return 1"""
+
+
+def _clean(client: redis.Redis, prefix: str, jobs: int) -> None:
+    client.eval(_CLEAN, 1, prefix, prefix, jobs)
 
 
 def floor(client: redis.Redis, ns: str, jobs: int, rounds: int = 3, raw_redis_cpu_us: float | None = None
