@@ -523,7 +523,7 @@ def trace_(job_id: Annotated[str, typer.Argument(
                    "trace_id": record.trace_id if record else None, "steps": by_step(events), "events": events,
                    **({"dag": dag.as_json(nodes)} if nodes is not None else {})})
         return
-    for line in render(record, events, nodes):
+    for line in render(record, events, nodes, width=out.size.width):
         out.print(line)  # soft-wrapped: a long line stays whole, never cropped at the terminal's width
 
 

@@ -1,10 +1,12 @@
 """``mesh trace``: a job's timeline as a tree of steps, each with its events in order.
 
 The tree is drawn as whole lines (never cropped or wrapped at the terminal's width), so trace ids,
-job ids and errors stay whole and can be copied."""
+job ids and errors stay whole and can be copied; its header fits the terminal's width, a line per part
+when one line would not (see :func:`header`)."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -149,22 +151,20 @@ class _Node:
         return node
 
 
-def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[DagNode] | None = None) -> list[Text]:
-    """The job, then each step (indented under the step that sent it) with its events and offsets
-    from the job's first event; one Text per line, to print without wrapping. A pipeline's job
-    (``dag``) lists its steps in DAG order instead, see :func:`_pipeline`."""
+def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[DagNode] | None = None,
+           width: int = 80) -> list[Text]:
+    """The job (its header in lines of ``width`` columns, see :func:`header`), then each step (indented
+    under the step that sent it) with its events and offsets from the job's first event; one Text per
+    line, to print without wrapping. A pipeline's job (``dag``) lists its steps in DAG order instead,
+    see :func:`_pipeline`."""
     start = min((e.get("at", 0) for e in events), default=0)
-    title = Text(f"job {record.job_id} {record.state}  trace {record.trace_id}" if record
-                 else f"job (no record)  {len(events)} events")
-    if record is not None and record.unwind is not None:  # why it undoes its effects, with its state
-        why = record.unwind.reason
-        title.append(f"  ({why if why.startswith(record.unwind.cause) else f'{record.unwind.cause}: {why}'})")
-    tree = _Node(title)
+    head = header(record, events, width)
+    tree = _Node(head[-1])
     steps = by_step(events)
     _events(tree, steps.pop("None", []), start)  # the job's own: compensating, cancelled, rerun
     if record is not None and dag is not None:
         _pipeline(tree, record, dag, steps, start)
-        return list(_lines(tree))
+        return [*head[:-1], *_lines(tree)]
     nodes: dict[str, _Node] = {}
     for step_id, evs in steps.items():
         agent = evs[0].get("agent", "?")
@@ -176,7 +176,32 @@ def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[Dag
         node = parent.add(label)
         nodes[step_id] = node
         _events(node, evs, start)
-    return list(_lines(tree))
+    return [*head[:-1], *_lines(tree)]
+
+
+def header(record: JobRecord | None, events: list[dict[str, Any]], width: int = 80) -> list[Text]:
+    """``job ID STATE  trace TRACE_ID  (why it undoes its effects)`` on one line when it fits ``width``;
+    else each part starts a line of its own (the job and its state, then the trace id), and a long
+    why is wrapped between words, so every value stays whole and can be copied."""
+    if record is None:
+        return [Text(f"job (no record)  {len(events)} events")]
+    parts = [f"job {record.job_id} {record.state}", f"trace {record.trace_id}"]
+    lines: list[str] = []
+    if record.unwind is not None:  # why it undoes its effects, with its state
+        why = record.unwind.reason
+        why = f"({why if why.startswith(record.unwind.cause) else f'{record.unwind.cause}: {why}'})"
+        if len(why) > width:  # a long reason: wrapped on lines of its own, after the ids
+            lines = textwrap.wrap(why, width, subsequent_indent=" ", break_long_words=False,
+                                  break_on_hyphens=False)
+        else:
+            parts.append(why)
+    joined: list[str] = []
+    for part in parts:
+        if joined and len(joined[-1]) + 2 + len(part) <= width:
+            joined[-1] += f"  {part}"
+        else:
+            joined.append(part)
+    return [Text(line) for line in [*joined, *lines]]
 
 
 def _events(node: _Node, evs: list[dict[str, Any]], start: float) -> None:
