@@ -1,0 +1,71 @@
+"""Human output fits an 80-column terminal: the fixed layout of each command (headers, labels, the
+prose around values) with ordinary values (a job id, a 32-hex trace id, a key such as ``order-7``, a
+worker ``host:12345``) ends within 80 columns, wrapping onto a further line rather than running past
+it, and every value stays whole (its --json is unchanged)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mesh.broker import MeshClient
+
+#: Why an operator cancelled: longer than a line, so it wraps.
+REASON = "the customer called back: wrong delivery address, and the order must not be charged twice"
+
+
+def fits_80(res: Any) -> list[str]:
+    """The command's lines, checked to end within 80 columns."""
+    assert res.returncode == 0, res.stderr
+    lines: list[str] = res.stdout.splitlines()
+    assert lines and max(map(len, lines)) <= 80, "\n" + res.stdout
+    return lines
+
+
+def note(client: MeshClient, key: str) -> Any:
+    return client.send("executor", {"tool": "note", "args": {"title": key}}, key=key)
+
+
+def test_trace_header_puts_the_trace_id_on_a_line_of_its_own_at_80_columns(cli, client: MeshClient) -> None:
+    ref = note(client, "order-7")  # queued: no worker runs it, its trace has its enqueued event
+    lines = fits_80(cli("trace", "order-7", COLUMNS="80"))
+    assert lines[:2] == [f"job {ref.id} queued", f"trace {ref.trace_id}"], lines
+    assert any("enqueued" in line for line in lines[2:]), lines
+    # wide enough, one line as before
+    assert cli("trace", "order-7", COLUMNS="120").stdout.startswith(f"job {ref.id} queued  trace {ref.trace_id}\n")
+    assert json.loads(cli("trace", "order-7", "--json").stdout)["trace_id"] == ref.trace_id
+
+
+def head(res: Any) -> list[str]:
+    """A trace's header: its lines before the tree (whose event lines stay whole, however long)."""
+    assert res.returncode == 0, res.stderr
+    lines: list[str] = res.stdout.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith(("├── ", "└── ")))
+    assert top and max(map(len, lines[:top])) <= 80, "\n" + res.stdout
+    return lines[:top]
+
+
+def test_trace_header_wraps_a_long_cancel_reason_between_words(cli, client: MeshClient) -> None:
+    ref = note(client, "order-8")
+    assert cli("cancel", "order-8", "--reason", REASON).returncode == 0
+    lines = head(cli("trace", "order-8", COLUMNS="80"))
+    assert lines[:2] == [f"job {ref.id} cancelled", f"trace {ref.trace_id}"], lines
+    assert " ".join(" ".join(lines[2:]).split()) == f"(cancelled: {REASON})", lines
+    short = note(client, "order-9")
+    assert cli("cancel", "order-9", "--reason", "wrong address").returncode == 0
+    assert head(cli("trace", "order-9", COLUMNS="80")) == [
+        f"job {short.id} cancelled", f"trace {short.trace_id}  (cancelled: wrong address)"]
+
+
+def test_approve_puts_who_decided_on_a_second_line_at_80_columns(cli, settings, rclient) -> None:
+    from mesh.agents.pipelines import Pipeline
+    from tests.pipelines.agents import app
+
+    mesh = MeshClient(settings, client=rclient, app=app)
+    spec = Pipeline("release").step("researcher", approval={"timeout": "24h"}).build()
+    ref = mesh.run(spec, {"goal": "ship change 4411"}, key="release-4411")  # its root step parks at once
+    lines = fits_80(cli("approve", "release-4411", "researcher", "--by", "ana@build-host", COLUMNS="80"))
+    assert lines == [f"approved: step researcher of {ref.id}", "  by ana@build-host; step queued, job queued"]
+    other = mesh.run(spec, {"goal": "ship change 4412"}, key="release-4412")
+    wide = cli("deny", "release-4412", "researcher", "--reason", "too late", "--by", "bo", COLUMNS="120")
+    assert wide.stdout.splitlines() == [f"denied: step researcher of {other.id} by bo; step halted, job halted"]
