@@ -69,3 +69,12 @@ def test_approve_puts_who_decided_on_a_second_line_at_80_columns(cli, settings, 
     other = mesh.run(spec, {"goal": "ship change 4412"}, key="release-4412")
     wide = cli("deny", "release-4412", "researcher", "--reason", "too late", "--by", "bo", COLUMNS="120")
     assert wide.stdout.splitlines() == [f"denied: step researcher of {other.id} by bo; step halted, job halted"]
+
+
+def test_cancel_of_a_cancelled_job_says_why_on_a_line_of_its_own_at_80_columns(cli, client: MeshClient) -> None:
+    ref = note(client, "order-10")
+    assert cli("cancel", "order-10", "--reason", "wrong dates").returncode == 0
+    again = fits_80(cli("cancel", "order-10", COLUMNS="80"))
+    assert again == [f"job {ref.id} is cancelled: nothing to cancel", "(cancelled: wrong dates)"], again
+    wide = cli("cancel", "order-10", COLUMNS="120").stdout.splitlines()
+    assert wide == [f"job {ref.id} is cancelled (cancelled: wrong dates): nothing to cancel"], wide
