@@ -78,3 +78,18 @@ def test_cancel_of_a_cancelled_job_says_why_on_a_line_of_its_own_at_80_columns(c
     assert again == [f"job {ref.id} is cancelled: nothing to cancel", "(cancelled: wrong dates)"], again
     wide = cli("cancel", "order-10", COLUMNS="120").stdout.splitlines()
     assert wide == [f"job {ref.id} is cancelled (cancelled: wrong dates): nothing to cancel"], wide
+
+
+def test_status_of_a_sentinel_deployment_wraps_its_redis_line_under_its_label(cli, client, monkeypatch) -> None:
+    from mesh.broker import connection
+
+    sentinels = ["10.0.0.11:26379", "10.0.0.12:26379", "10.0.0.13:26379"]
+    monkeypatch.setattr(connection, "describe", lambda settings, redis: {
+        "sentinel": "mymaster", "sentinels": sentinels, "db": 0, "tls": True, "address": "10.0.0.21:6379",
+        "role": "master"})
+    lines = fits_80(cli("status", COLUMNS="80"))
+    top = next(i for i, line in enumerate(lines) if line.startswith("namespace:"))
+    assert lines[0].startswith("redis:     10.0.0.21:6379 db 0, master, TLS") and top > 1, lines
+    assert all(line.startswith(" " * 11) and line[11] != " " for line in lines[1:top]), lines
+    assert " ".join(" ".join(lines[:top]).split()) == (
+        "redis: 10.0.0.21:6379 db 0, master, TLS, Sentinel service mymaster via " + ", ".join(sentinels))
