@@ -93,3 +93,33 @@ def test_status_of_a_sentinel_deployment_wraps_its_redis_line_under_its_label(cl
     assert all(line.startswith(" " * 11) and line[11] != " " for line in lines[1:top]), lines
     assert " ".join(" ".join(lines[:top]).split()) == (
         "redis: 10.0.0.21:6379 db 0, master, TLS, Sentinel service mymaster via " + ", ".join(sentinels))
+
+
+def test_dlq_show_puts_an_attempts_error_on_a_line_of_its_own_at_80_columns(cli, client: MeshClient) -> None:
+    import time
+
+    from dramatiq.message import Message
+
+    from mesh.broker import job_id_for
+    from mesh.broker.outbox import encode
+    from mesh.dlq import DeadLetter, DeadLetterStore
+    from mesh.dlq.entry import Attempt
+
+    at, error = time.time(), "127.0.0.1:9 refused: not in MESH_HTTP_ALLOW"
+    envelope = {"key": "order-7", "job_id": job_id_for("order-7"), "step_id": "executor", "agent": "executor",
+                "trace_id": "0" * 32, "deadline": at + 600, "hops": [], "attempt": 1, "schema_version": 1,
+                "replay_of": None, "payload": {"tool": "note", "args": {"title": "order-7"}}}
+    entry = DeadLetter(entry_id="ffff0000-3333-4222-8333-000000000003", queue="executor", agent="executor",
+                       failure_class="permanent", error=error, envelope=envelope, key="order-7",
+                       job_id=envelope["job_id"], trace_id=envelope["trace_id"], worker="host:12345",
+                       attempts=(Attempt(attempt=1, outcome="dead_lettered", failure_class="permanent", error=error,
+                                         at=at, worker="host:12345"),), dead_lettered_at=at)
+    raw = encode(Message(queue_name="executor", actor_name="executor", args=(envelope,), kwargs={}, options={},
+                         message_id=entry.entry_id))
+    assert DeadLetterStore(client.redis, client.keys_of(envelope["job_id"])).put(entry, raw)
+
+    lines = fits_80(cli("dlq", "show", entry.entry_id, COLUMNS="80"))
+    i = next(i for i, line in enumerate(lines) if line.startswith("  attempt 1: "))
+    assert lines[i].endswith(" on host:12345:") and lines[i + 1] == f"    {error}", lines
+    wide = cli("dlq", "show", entry.entry_id, COLUMNS="200").stdout
+    assert f" on host:12345: {error}\n" in wide
