@@ -261,6 +261,19 @@ def fitted(parts: Sequence[str], sep: str = "  ", width: int | None = None) -> l
     return lines
 
 
+def shell_lines(command: str, width: int = 78) -> str:
+    """``command`` in lines of at most ``width`` columns, continued with a backslash (pastes as one; a
+    word longer than a line is kept whole on a line of its own)."""
+    lines, line = [], ""
+    for word in command.split():
+        if line and len(line) + 1 + len(word) > width - 2:
+            lines.append(line + " \\")
+            line = "  " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
+
+
 def when(ts: float | None) -> str:
     """A moment as operators read it, in local time to the second; ``-`` when there is none."""
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
