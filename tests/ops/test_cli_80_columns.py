@@ -123,3 +123,10 @@ def test_dlq_show_puts_an_attempts_error_on_a_line_of_its_own_at_80_columns(cli,
     assert lines[i].endswith(" on host:12345:") and lines[i + 1] == f"    {error}", lines
     wide = cli("dlq", "show", entry.entry_id, COLUMNS="200").stdout
     assert f" on host:12345: {error}\n" in wide
+
+
+def test_console_bench_fits_80_columns(cli) -> None:
+    res = cli("ops", "console-bench", "--jobs", "20", "--dead-letters", "20", COLUMNS="80")
+    lines = fits_80(res)
+    assert lines[-2:] == ["median of 5 fetches per page on loopback;",
+                          "commands counted on the server's own Redis connections"], lines
