@@ -326,8 +326,11 @@ def replay(
         base.emit_json(result)
     else:
         verb = "would replay" if dry_run else "replayed"
-        base.out.print(f"{verb} {len(report.replayed)} dead letter(s)"
-                       + "".join(f"; {n} of class {k}" for k, n in sorted(report.by_class.items())))
+        said = [f"{verb} {len(report.replayed)} dead letter(s)", *(f"{n} of class {k}" for k, n
+                                                                 in sorted(report.by_class.items()))]
+        # a part per class, ";" after each but the last: as many classes as fit on a line
+        for line in base.fitted([f"{part};" for part in said[:-1]] + said[-1:], " "):
+            base.out.print(Text(line))
         for entry_id, reason in report.skipped.items():
             base.err.print(Text(f"skipped {entry_id}: {reason}"))
         for error in report.errors:

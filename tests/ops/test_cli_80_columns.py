@@ -130,3 +130,14 @@ def test_console_bench_fits_80_columns(cli) -> None:
     lines = fits_80(res)
     assert lines[-2:] == ["median of 5 fetches per page on loopback;",
                           "commands counted on the server's own Redis connections"], lines
+
+
+def test_dlq_replay_summary_puts_as_many_classes_as_fit_on_a_line(cli, client: MeshClient) -> None:
+    from tests.ops.test_cli_tables import put
+
+    for n, failure_class in enumerate(("invalid_input", "rate_limited", "mesh_unavailable")):
+        put(client, f"ffff0000-4444-4222-8333-00000000000{n}", f"order-{n}", failure_class, "boom")
+    lines = fits_80(cli("dlq", "replay", "--all", "--dry-run", COLUMNS="80"))
+    assert " ".join(lines) == ("would replay 3 dead letter(s); 1 of class invalid_input; 1 of class mesh_unavailable; "
+                               "1 of class rate_limited"), lines
+    assert len(lines) == 2 and lines[0].endswith(";"), lines
