@@ -141,3 +141,20 @@ def test_dlq_replay_summary_puts_as_many_classes_as_fit_on_a_line(cli, client: M
     assert " ".join(lines) == ("would replay 3 dead letter(s); 1 of class invalid_input; 1 of class mesh_unavailable; "
                                "1 of class rate_limited"), lines
     assert len(lines) == 2 and lines[0].endswith(";"), lines
+
+
+def test_trace_puts_a_steps_offset_on_a_line_of_its_own_when_its_label_would_run_past_80_columns(
+        cli, settings, rclient) -> None:
+    from mesh.agents.pipelines import Pipeline
+    from tests.pipelines.agents import app
+
+    mesh = MeshClient(settings, client=rclient, app=app)
+    spec = Pipeline("release").step("release_approval", agent="researcher", approval={"timeout": "24h"}).build()
+    mesh.run(spec, {"goal": "ship change 4411"}, key="release-4413")  # its root step parks at once
+    lines = cli("trace", "release-4413", COLUMNS="80").stdout.splitlines()
+    step = next(i for i, line in enumerate(lines) if "── release_approval " in line)
+    assert lines[step] == "└── release_approval researcher awaiting_approval", lines
+    assert lines[step + 1].startswith("    │   +0.000s, ") and lines[step + 1].endswith(" from first to last event")
+    assert "awaiting_approval" in lines[step + 2], lines  # its events after
+    wide = cli("trace", "release-4413", COLUMNS="120").stdout
+    assert "└── release_approval researcher awaiting_approval  +0.000s, " in wide, wide
