@@ -158,3 +158,31 @@ def test_trace_puts_a_steps_offset_on_a_line_of_its_own_when_its_label_would_run
     assert "awaiting_approval" in lines[step + 2], lines  # its events after
     wide = cli("trace", "release-4413", COLUMNS="120").stdout
     assert "└── release_approval researcher awaiting_approval  +0.000s, " in wide, wide
+
+
+def test_status_of_a_pipeline_puts_the_facts_that_do_not_fit_under_the_step(cli, settings, rclient) -> None:
+    import time
+
+    from mesh.agents.pipelines import Pipeline
+    from mesh.contracts import JobRecord, State
+    from mesh.contracts.effects import Verdict
+    from tests.pipelines.agents import app
+
+    mesh = MeshClient(settings, client=rclient, app=app)
+    spec = Pipeline("release").step("release_review", agent="researcher", approval={"timeout": "24h"}).build()
+    ref = mesh.run(spec, {"goal": "ship change 4411"}, key="release-4414")
+    now = time.time()
+
+    def ran(record: JobRecord) -> Any:  # as a worker leaves it: a third attempt, its tokens, a verified effect
+        step = record.steps["release_review"].model_copy(update={
+            "state": State.SUCCEEDED, "attempt": 3, "started_at": now - 12.5, "finished_at": now,
+            "tokens_in": 12345, "tokens_out": 6789, "effect": Verdict.VERIFIED})
+        return record.model_copy(update={"state": State.SUCCEEDED, "steps": {"release_review": step}}), []
+
+    mesh.jobs.update(ref.id, ran)
+    lines = fits_80(cli("status", "release-4414", COLUMNS="80"))
+    step = next(i for i, line in enumerate(lines) if line.startswith("release_review  succeeded (verified)"))
+    facts = " ".join(" ".join(lines[step:step + 2]).split())
+    assert facts == "release_review succeeded (verified) agent researcher attempt 3 12.50s tokens 12345/6789", lines
+    wide = cli("status", "release-4414", COLUMNS="120").stdout
+    assert "release_review  succeeded (verified)  agent researcher  attempt 3  12.50s  tokens 12345/6789\n" in wide
