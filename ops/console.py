@@ -248,16 +248,17 @@ def resolve(c: MeshClient, key: str | Sequence[str], given: str, what: str, *, z
         fail(f"{given!r} is the start of several {what}; give more of it:{listed}{more}", EXIT_INPUT)
 
 
-def fitted(parts: Sequence[str], sep: str = "  ", width: int | None = None) -> list[str]:
+def fitted(parts: Sequence[str], sep: str = "  ", width: int | None = None, indent: str = "") -> list[str]:
     """``parts`` joined by ``sep`` on as few lines as fit ``width`` columns (the terminal's): a part that
-    would run past it starts a line of its own. A part is never cut, so a value in it stays whole."""
+    would run past it starts a line of its own, after ``indent``. A part is never cut, so a value in it
+    stays whole."""
     width = out.size.width if width is None else width
     lines: list[str] = []
     for part in parts:
         if lines and cell_len(lines[-1]) + cell_len(sep) + cell_len(part) <= width:
             lines[-1] += sep + part
         else:
-            lines.append(part)
+            lines.append(indent + part if lines else part)
     return lines
 
 

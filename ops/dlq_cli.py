@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.cells import cell_len
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -232,13 +231,11 @@ def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh 
                  "replay_count", "replay_of"):
         base.out.print(Text.assemble((f"{name}: ", "bold"), str(getattr(e, name))))
     base.out.print(Text.assemble(("dead_lettered_at: ", "bold"), base.when(e.dead_lettered_at)))
-    for a in e.attempts:
-        said = f"  attempt {a.attempt}: {a.outcome} {a.failure_class or ''} at {base.when(a.at)} on {a.worker}:"
-        if not a.error or cell_len(said) + 1 + cell_len(a.error) <= base.out.size.width:
-            base.out.print(Text(f"{said} {a.error or ''}"))
-        else:  # its when and where take 70 columns: the error on a line of its own, under the attempt
-            base.out.print(Text(said))
-            base.out.print(Text(f"    {a.error}"))
+    for a in e.attempts:  # on one line when it fits, else the worker, then the error, on lines of their own
+        said = [f"  attempt {a.attempt}: {a.outcome} {a.failure_class or ''} at {base.when(a.at)}", f"on {a.worker}:",
+                *([a.error] if a.error else [])]
+        for line in base.fitted(said, " ", indent="    "):
+            base.out.print(Text(line))
     payload = e.envelope.get("payload") if e.envelope else None
     base.out.print(Text.assemble(("payload: ", "bold"), orjson.dumps(payload).decode() if payload is not None
                                  else item["raw"] or "-"))

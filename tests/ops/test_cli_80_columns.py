@@ -10,6 +10,8 @@ from typing import Any
 
 from mesh.broker import MeshClient
 
+#: A worker's label as a worker makes it: host, pid and a random part.
+WORKER = "build-7.example.internal:20395:eef4256d"
 #: Why an operator cancelled: longer than a line, so it wraps.
 REASON = "the customer called back: wrong delivery address, and the order must not be charged twice"
 
@@ -112,14 +114,18 @@ def test_dlq_show_puts_an_attempts_error_on_a_line_of_its_own_at_80_columns(cli,
     entry = DeadLetter(entry_id="ffff0000-3333-4222-8333-000000000003", queue="executor", agent="executor",
                        failure_class="permanent", error=error, envelope=envelope, key="order-7",
                        job_id=envelope["job_id"], trace_id=envelope["trace_id"], worker="host:12345",
-                       attempts=(Attempt(attempt=1, outcome="dead_lettered", failure_class="permanent", error=error,
-                                         at=at, worker="host:12345"),), dead_lettered_at=at)
+                       attempts=(Attempt(attempt=1, outcome="retried", failure_class="timeout", error="timed out",
+                                         at=at - 5, worker=WORKER),
+                                 Attempt(attempt=2, outcome="dead_lettered", failure_class="permanent", error=error,
+                                         at=at, worker="host:12345")), dead_lettered_at=at)
     raw = encode(Message(queue_name="executor", actor_name="executor", args=(envelope,), kwargs={}, options={},
                          message_id=entry.entry_id))
     assert DeadLetterStore(client.redis, client.keys_of(envelope["job_id"])).put(entry, raw)
 
     lines = fits_80(cli("dlq", "show", entry.entry_id, COLUMNS="80"))
     i = next(i for i, line in enumerate(lines) if line.startswith("  attempt 1: "))
+    assert lines[i + 1:i + 2] == [f"    on {WORKER}: timed out"], lines  # a worker label as workers make them
+    i = next(i for i, line in enumerate(lines) if line.startswith("  attempt 2: "))
     assert lines[i].endswith(" on host:12345:") and lines[i + 1] == f"    {error}", lines
     wide = cli("dlq", "show", entry.entry_id, COLUMNS="200").stdout
     assert f" on host:12345: {error}\n" in wide
