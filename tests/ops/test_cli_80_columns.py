@@ -108,9 +108,10 @@ def test_dlq_show_puts_an_attempts_error_on_a_line_of_its_own_at_80_columns(cli,
     from mesh.dlq.entry import Attempt
 
     at, error = time.time(), "127.0.0.1:9 refused: not in MESH_HTTP_ALLOW"
-    envelope = {"key": "order-7", "job_id": job_id_for("order-7"), "step_id": "executor", "agent": "executor",
-                "trace_id": "0" * 32, "deadline": at + 600, "hops": [], "attempt": 1, "schema_version": 1,
-                "replay_of": None, "payload": {"tool": "note", "args": {"title": "order-7"}}}
+    envelope: dict[str, Any] = {
+        "key": "order-7", "job_id": job_id_for("order-7"), "step_id": "executor", "agent": "executor",
+        "trace_id": "0" * 32, "deadline": at + 600, "hops": [], "attempt": 1, "schema_version": 1,
+        "replay_of": None, "payload": {"tool": "note", "args": {"title": "order-7"}}}
     entry = DeadLetter(entry_id="ffff0000-3333-4222-8333-000000000003", queue="executor", agent="executor",
                        failure_class="permanent", error=error, envelope=envelope, key="order-7",
                        job_id=envelope["job_id"], trace_id=envelope["trace_id"], worker="host:12345",
