@@ -151,8 +151,13 @@ def _show(record: JobRecord, as_json: bool) -> None:
                         "hash": approval.hash, "step_state": step.state.value, "job_state": record.state.value})
         return
     # a Text, not markup: the name comes from --by, and "[/red]" in it must print, not raise
-    base.out.print(Text(f"{approval.decision}: step {step.step_id} of {record.job_id} by {approval.by}; "
-                        f"step {step.state.value}, job {record.state.value}"))
+    said = f"{approval.decision}: step {step.step_id} of {record.job_id}"
+    then = f"by {approval.by}; step {step.state.value}, job {record.state.value}"
+    if cell_len(said) + 1 + cell_len(then) <= base.out.size.width:
+        base.out.print(Text(f"{said} {then}"))
+    else:  # the job id alone takes 36 columns: who and what it left on a line of their own
+        base.out.print(Text(said))
+        base.out.print(Text(f"  {then}"))
 
 
 def register(app: typer.Typer) -> None:

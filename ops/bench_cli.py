@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mesh.ops.console import EXIT_FAILED, JsonFlag, client, emit_json, err, out, settings
+from mesh.ops.console import EXIT_FAILED, JsonFlag, client, emit_json, err, out, settings, shell_lines
 
 
 def bench(
@@ -75,19 +75,7 @@ def bench(
               "that Redis, not only the bench\n(its own polls and INFO left out)"
               + (f"; on a cluster, every primary's summed\n(namespace {result['namespace']} on "
                  f"{result['namespace_primary']})" if result["primaries"] else "") + ". Measured by:")
-    out.print(Text(_shell_lines(cf["command"])), soft_wrap=True)
-
-
-def _shell_lines(command: str, width: int = 78) -> str:
-    """``command`` in lines of at most ``width`` columns, continued with a backslash (pastes as one)."""
-    lines, line = [], ""
-    for word in command.split():
-        if line and len(line) + 1 + len(word) > width - 2:
-            lines.append(line + " \\")
-            line = "  " + word
-        else:
-            line = f"{line} {word}" if line else word
-    return "\n".join([*lines, line])
+    out.print(Text(shell_lines(cf["command"])), soft_wrap=True)
 
 
 def _prefetches(text: str) -> tuple[int, ...]:

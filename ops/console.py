@@ -248,6 +248,33 @@ def resolve(c: MeshClient, key: str | Sequence[str], given: str, what: str, *, z
         fail(f"{given!r} is the start of several {what}; give more of it:{listed}{more}", EXIT_INPUT)
 
 
+def fitted(parts: Sequence[str], sep: str = "  ", width: int | None = None, indent: str = "") -> list[str]:
+    """``parts`` joined by ``sep`` on as few lines as fit ``width`` columns (the terminal's): a part that
+    would run past it starts a line of its own, after ``indent``. A part is never cut, so a value in it
+    stays whole."""
+    width = out.size.width if width is None else width
+    lines: list[str] = []
+    for part in parts:
+        if lines and cell_len(lines[-1]) + cell_len(sep) + cell_len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(indent + part if lines else part)
+    return lines
+
+
+def shell_lines(command: str, width: int = 78) -> str:
+    """``command`` in lines of at most ``width`` columns, continued with a backslash (pastes as one; a
+    word longer than a line is kept whole on a line of its own)."""
+    lines, line = [], ""
+    for word in command.split():
+        if line and len(line) + 1 + len(word) > width - 2:
+            lines.append(line + " \\")
+            line = "  " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
+
+
 def when(ts: float | None) -> str:
     """A moment as operators read it, in local time to the second; ``-`` when there is none."""
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from rich.cells import cell_len
 from rich.text import Text
 
 from mesh.contracts import GateCheck, JobRecord, MeshError, State, StepRecord, items_of
@@ -138,10 +139,14 @@ def draw(record: JobRecord, nodes: list[Node], stuck: dict[str, float] | None = 
         if step.step_id in stuck:
             state = Text(f"stuck ({stuck[step.step_id]:.0f}s without progress)", style="red")
         head = Text.assemble((branch, "dim"), (step.step_id, "bold"), "  ", state)
-        for part in _facts(step, node.depends_on):
-            head.append(f"  {part}")
-        lines.append(head)
         indent = " " * (len(branch) + 2)
+        for part in _facts(step, node.depends_on):
+            if head.cell_len + 2 + cell_len(part) > width:  # the facts that do not fit go on under it
+                lines.append(head)
+                head = Text(indent + part)
+            else:
+                head.append(f"  {part}")
+        lines.append(head)
         room = max(20, width - len(indent))
         for text, style in _details(record, step):
             if text.startswith("out: "):  # an output can be long: two lines of it say enough here

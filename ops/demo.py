@@ -7,16 +7,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from mesh.agents.tools import read_note
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.connection import masked_url
 from mesh.contracts import TERMINAL, JobRecord, State, StepRecord
+from mesh.ops.console import fitted, shell_lines
 
 from .local_redis import ensure_redis
 
@@ -33,8 +36,9 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
         env = {k: v for k, v in env.items() if k.lower().removeprefix("mesh_") not in tls}
     settings = env_settings.model_copy(update={"redis_url": url, "namespace": namespace,
                                                **(tls if url != env_settings.redis_url else {})})
-    out.print(f"Redis {masked_url(url)}, namespace {namespace!r}; starting 2 worker processes "
-              "(planner, researcher, executor)", highlight=False)
+    for line in fitted([f"Redis {masked_url(url)}, namespace {namespace!r};", "starting 2 worker processes",
+                        "(planner, researcher, executor)"], " ", out.size.width):
+        out.print(Text(line), highlight=False)
     workers = subprocess.Popen(
         [sys.executable, "-m", "mesh.ops.cli", "worker", "--processes", "2", "--threads", "4"],
         env=env, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -42,8 +46,10 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     try:
         client = MeshClient(settings)
         ref = client.submit(goal, key=f"demo-{uuid.uuid4().hex[:12]}")
-        out.print(f"submitted job [bold]{ref.id}[/bold] (trace {ref.trace_id})")
-        out.print(f"goal: {goal}", highlight=False)
+        submitted, *trace = fitted([f"submitted job {ref.id}", f"(trace {ref.trace_id})"], " ", out.size.width)
+        out.print(Text.assemble("submitted job ", (ref.id, "bold"), submitted.removeprefix(f"submitted job {ref.id}")))
+        for line in [*trace, *_wrapped(f"goal: {goal}", out.size.width, "      ")]:
+            out.print(Text(line), highlight=False)
         record = _follow(client, ref.id, timeout_s, out)
     finally:
         os.killpg(workers.pid, signal.SIGTERM)
@@ -59,15 +65,23 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
     out.print(steps_table(record.model_copy(update={"steps": _ran(record)})))
     _show_effects(client, record, out)
     if url == env_settings.redis_url:
-        out.print(f"\nInspect it again with: MESH_REDIS_URL={masked_url(url)} MESH_NAMESPACE={namespace} "
-                  f"{mesh_command()} status {record.job_id}", highlight=False)
+        out.print("\nInspect it again with:")  # a command that pastes as one, in lines that fit 80 columns
+        out.print(Text(shell_lines(f"MESH_REDIS_URL={masked_url(url)} MESH_NAMESPACE={namespace} {mesh_command()} "
+                                   f"status {record.job_id}")), highlight=False)
     else:  # the private server stops with this process, and its data with it
-        out.print(f"\nNo Redis answered at {masked_url(env_settings.redis_url)}, so this demo ran on a private "
-                  "one that stops now, with its data: the job cannot be inspected afterwards. To keep jobs, start "
-                  f"a Redis there (e.g. redis-server) and run the demo again; then: "
-                  f"{mesh_command()} status {record.job_id}",
-                  highlight=False)
+        out.print()
+        for line in _wrapped(f"No Redis answered at {masked_url(env_settings.redis_url)}, so this demo ran on a "
+                             "private one that stops now, with its data: the job cannot be inspected afterwards. To "
+                             "keep jobs, start a Redis there (e.g. redis-server) and run the demo again; then: "
+                             f"{mesh_command()} status {record.job_id}", out.size.width):
+            out.print(Text(line), highlight=False)
     return 0 if record.state is State.SUCCEEDED else 1
+
+
+def _wrapped(text: str, width: int, indent: str = "", first: str = "") -> list[str]:
+    """``text`` in lines of ``width`` columns, between words (a word longer than a line kept whole)."""
+    return textwrap.wrap(text, max(20, width), initial_indent=first, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def mesh_command() -> str:
@@ -126,7 +140,13 @@ def _show_effects(client: MeshClient, record: JobRecord, out: Console) -> None:
         if result.get("tool") == "note":
             note = read_note(client.redis, client.keys_of(record.job_id), result["effect_id"])
             if note:
-                out.print(f"\nnote {note['note_id']} read back from Redis: [bold]{note['title']}[/bold]",
-                          highlight=False)
+                said, *title = fitted([f"note {note['note_id']} read back from Redis:", note["title"]], " ",
+                                      out.size.width)
+                out.print()
+                out.print(Text(said) if title else Text.assemble(said.removesuffix(note["title"]),
+                                                                 (note["title"], "bold")), highlight=False)
+                for line in title:
+                    out.print(Text(line, style="bold"), highlight=False)
                 for f in note["findings"]:
-                    out.print(f"  - {f['question']}: {f['summary']}", highlight=False)
+                    for line in _wrapped(f"- {f['question']}: {f['summary']}", out.size.width, "    ", "  "):
+                        out.print(Text(line), highlight=False)

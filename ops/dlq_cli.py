@@ -231,9 +231,11 @@ def show(entry_id: Annotated[str, typer.Argument(help="The entry id (from `mesh 
                  "replay_count", "replay_of"):
         base.out.print(Text.assemble((f"{name}: ", "bold"), str(getattr(e, name))))
     base.out.print(Text.assemble(("dead_lettered_at: ", "bold"), base.when(e.dead_lettered_at)))
-    for a in e.attempts:
-        base.out.print(Text(f"  attempt {a.attempt}: {a.outcome} {a.failure_class or ''} at {base.when(a.at)}"
-                            f" on {a.worker}: {a.error or ''}"))
+    for a in e.attempts:  # on one line when it fits, else the worker, then the error, on lines of their own
+        said = [f"  attempt {a.attempt}: {a.outcome} {a.failure_class or ''} at {base.when(a.at)}", f"on {a.worker}:",
+                *([a.error] if a.error else [])]
+        for line in base.fitted(said, " ", indent="    "):
+            base.out.print(Text(line))
     payload = e.envelope.get("payload") if e.envelope else None
     base.out.print(Text.assemble(("payload: ", "bold"), orjson.dumps(payload).decode() if payload is not None
                                  else item["raw"] or "-"))
@@ -321,8 +323,11 @@ def replay(
         base.emit_json(result)
     else:
         verb = "would replay" if dry_run else "replayed"
-        base.out.print(f"{verb} {len(report.replayed)} dead letter(s)"
-                       + "".join(f"; {n} of class {k}" for k, n in sorted(report.by_class.items())))
+        said = [f"{verb} {len(report.replayed)} dead letter(s)", *(f"{n} of class {k}" for k, n
+                                                                 in sorted(report.by_class.items()))]
+        # a part per class, ";" after each but the last: as many classes as fit on a line
+        for line in base.fitted([f"{part};" for part in said[:-1]] + said[-1:], " "):
+            base.out.print(Text(line))
         for entry_id, reason in report.skipped.items():
             base.err.print(Text(f"skipped {entry_id}: {reason}"))
         for error in report.errors:

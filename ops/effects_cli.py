@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich.cells import cell_len
+from rich.text import Text
 
 from mesh.broker import trace
 from mesh.broker.client import MeshClient
@@ -234,8 +236,13 @@ def _report(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         base.emit_json(data)
         return
-    base.out.print(f"step {data['step_id']} of job {data['job_id']}: {data['verdict']}"
-                   + (f" (by {data['by']})" if data.get("by") else ""))
+    said = f"step {data['step_id']} of job {data['job_id']}:"
+    verdict = f"{data['verdict']}" + (f" (by {data['by']})" if data.get("by") else "")
+    if cell_len(said) + 1 + cell_len(verdict) <= base.out.size.width:
+        base.out.print(Text(f"{said} {verdict}"))
+    else:  # the job id alone takes 36 columns: the verdict and who reached it on a line of their own
+        base.out.print(Text(said))
+        base.out.print(Text(verdict))
     for effect in data["effects"]:
         line = f"  {effect['tool']} call #{effect['call']}: {effect['verdict']}"
         base.out.print(line + (f": {effect['reason']}" if effect["reason"] else ""))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Annotated
 
 import typer
+from rich.cells import cell_len
 from rich.text import Text
 
 from mesh.broker import JobNotFound, MeshClient
@@ -51,8 +53,16 @@ def cancel(job: Job, reason: Annotated[str | None, typer.Option(
                    "reason": record.unwind.reason if record.unwind else None, "compensations": undo})
         return
     if not changed:
-        why = f" ({record.unwind.reason})" if record.unwind else ""
-        out.print(Text(f"job {record.job_id} is {record.state}{why}: nothing to cancel"))
+        why = f"({record.unwind.reason})" if record.unwind else ""
+        line = f"job {record.job_id} is {record.state}{f' {why}' if why else ''}: nothing to cancel"
+        if cell_len(line) <= out.size.width:
+            out.print(Text(line))
+            return
+        # the job id alone takes 36 columns: why it was cancelled after, wrapped between words
+        out.print(Text(f"job {record.job_id} is {record.state}: nothing to cancel"))
+        for said in textwrap.wrap(why, max(20, out.size.width), subsequent_indent=" ", break_long_words=False,
+                                  break_on_hyphens=False):
+            out.print(Text(said))
         return
     running = [s.step_id for s in record.steps.values() if s.state is State.RUNNING and s.compensates is None]
     out.print(Text(f"job {record.job_id} cancelled: {record.state}"))

@@ -332,7 +332,11 @@ def _deployment(c: MeshClient, as_json: bool) -> None:
     via = f", Sentinel service {server['sentinel']} via {', '.join(server['sentinels'])}" if "sentinel" in server \
         else ", Redis Cluster" if "cluster" in server else ""
     tls = ", TLS" if server["tls"] else ""
-    out.print(Text(f"redis:     {server.get('address', '?')} db {server['db']}, {server.get('role', '?')}{tls}{via}"))
+    said = f"{server.get('address', '?')} db {server['db']}, {server.get('role', '?')}{tls}{via}"
+    # wrapped between words under its label (a Sentinel's or a cluster's nodes run past 80 columns)
+    lines = textwrap.wrap(said, max(20, out.size.width - 11), break_long_words=False, break_on_hyphens=False)
+    for i, line in enumerate(lines):
+        out.print(Text(f"{'' if i else 'redis:':<11}{line}"))
     out.print(Text(f"namespace: {overview['namespace']}"))
     out.print(Text(f"workers:   {overview['workers']} live"))
     out.print(Text(f"dlq:       {overview['dlq']} entries"))
@@ -523,7 +527,7 @@ def trace_(job_id: Annotated[str, typer.Argument(
                    "trace_id": record.trace_id if record else None, "steps": by_step(events), "events": events,
                    **({"dag": dag.as_json(nodes)} if nodes is not None else {})})
         return
-    for line in render(record, events, nodes):
+    for line in render(record, events, nodes, width=out.size.width):
         out.print(line)  # soft-wrapped: a long line stays whole, never cropped at the terminal's width
 
 

@@ -102,10 +102,12 @@ def _print(done: Any, ns: str) -> None:
 
     verb = "would move" if done.dry_run else "moved"
     if not done.total and not done.conflicts:
-        marked = f" (marked: {layout.marker(ns)})" if done.marked else ""
-        base.out.print(f"nothing to do: namespace {ns} holds no key of the older layout{marked}", highlight=False)
+        marked = [f"(marked: {layout.marker(ns)})"] if done.marked else []
+        for line in base.fitted([f"nothing to do: namespace {ns} holds no key of the older layout", *marked], " "):
+            base.out.print(line, highlight=False, markup=False)
         return
-    base.out.print(f"{verb} {done.total} key(s) of namespace {ns} to the layout {{{ns}}}:...", highlight=False)
+    for line in base.fitted([f"{verb} {done.total} key(s) of namespace {ns}", f"to the layout {{{ns}}}:..."], " "):
+        base.out.print(line, highlight=False, markup=False)
     for name, n in sorted(done.moved.items(), key=lambda item: (-item[1], item[0])):
         base.out.print(f"  {n:>9}  {name}", highlight=False, markup=False)
     if done.vanished:

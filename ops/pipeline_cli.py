@@ -199,8 +199,7 @@ def validate(
         base.emit_json({"valid": True, "file": source, "app": mesh_app.name, **summary,
                         "spec": orjson.loads(spec.canonical())})
         return
-    base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  valid against app {mesh_app.name!r}  "
-                                 f"digest {summary['digest'][:12]}"), highlight=False)
+    _title(spec, f"valid against app {mesh_app.name!r}", f"digest {summary['digest'][:12]}")
     for line in [*_pipeline_lines(summary), *_lines(summary["steps"])]:
         base.out.print(line, highlight=False)
 
@@ -279,10 +278,18 @@ def show(
     said = f"({len(versions)} version(s) registered)" if loaded is None else (
         "the newest registered version" if latest == digest else
         "registered, not the newest" if digest in versions else "not registered")
-    base.out.print(Text.assemble((f"{spec.name} ", "bold"), f"{spec.version}  digest {digest[:12]}  {said}"),
-                   highlight=False)
+    _title(spec, f"digest {digest[:12]}", said)
     for line in [*_pipeline_lines(summary), *_lines(summary["steps"])]:
         base.out.print(line, highlight=False)
+
+
+def _title(spec: Any, *parts: str) -> None:
+    """``NAME VERSION  PART  PART``, the name bold: on one line when it fits :data:`WIDTH`, else a part
+    that would run past it starts a line of its own."""
+    first, *rest = base.fitted([f"{spec.name} {spec.version}", *parts], width=WIDTH)
+    base.out.print(Text.assemble((f"{spec.name} ", "bold"), first.removeprefix(f"{spec.name} ")), highlight=False)
+    for line in rest:
+        base.out.print(Text(line), highlight=False)
 
 
 def resolve_pipeline(source: str, app_path: str | None) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from mesh.broker import MeshClient
 from mesh.contracts import ConfigError
-from mesh.ops.console import EXIT_INPUT, MARKUP, JsonFlag, app_for, emit_json, err, fail, out, settings
+from mesh.ops.console import EXIT_INPUT, MARKUP, JsonFlag, app_for, emit_json, err, fail, fitted, out, settings
 
 ops_app = typer.Typer(help="Operations: the health and metrics server, the console and its users.",
                       no_args_is_help=True, rich_markup_mode=MARKUP)
@@ -136,5 +136,6 @@ def console_bench(
         big = b["pages"][label]
         out.print(Text(f"{label[:27]:<28}{small_page['ms']:>7.1f}{int(small_page['commands']):>6}"
                        f"{big['ms']:>9.1f}{int(big['commands']):>6}"))
-    out.print(Text(f"median of {result['repeats']} fetches per page on loopback; commands counted on the "
-                   "server's own Redis connections"))
+    for line in fitted([f"median of {result['repeats']} fetches per page on loopback;",
+                        "commands counted on the server's own Redis connections"], " "):
+        out.print(Text(line))

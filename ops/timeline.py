@@ -1,10 +1,12 @@
 """``mesh trace``: a job's timeline as a tree of steps, each with its events in order.
 
 The tree is drawn as whole lines (never cropped or wrapped at the terminal's width), so trace ids,
-job ids and errors stay whole and can be copied."""
+job ids and errors stay whole and can be copied; its header fits the terminal's width, a line per part
+when one line would not (see :func:`header`)."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -143,40 +145,65 @@ def by_step(events: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
 class _Node:
     label: Text
     children: list[_Node] = field(default_factory=list)
+    #: What follows the label on its line when that fits the width, else on a line of its own under it
+    #: (a step's offset and duration).
+    tail: str = ""
 
-    def add(self, label: Text) -> _Node:
-        self.children.append(node := _Node(label))
+    def add(self, label: Text, tail: str = "") -> _Node:
+        self.children.append(node := _Node(label, tail=tail))
         return node
 
 
-def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[DagNode] | None = None) -> list[Text]:
-    """The job, then each step (indented under the step that sent it) with its events and offsets
-    from the job's first event; one Text per line, to print without wrapping. A pipeline's job
-    (``dag``) lists its steps in DAG order instead, see :func:`_pipeline`."""
+def render(record: JobRecord | None, events: list[dict[str, Any]], dag: list[DagNode] | None = None,
+           width: int = 80) -> list[Text]:
+    """The job (its header in lines of ``width`` columns, see :func:`header`), then each step (indented
+    under the step that sent it) with its events and offsets from the job's first event; one Text per
+    line, to print without wrapping. A pipeline's job (``dag``) lists its steps in DAG order instead,
+    see :func:`_pipeline`."""
     start = min((e.get("at", 0) for e in events), default=0)
-    title = Text(f"job {record.job_id} {record.state}  trace {record.trace_id}" if record
-                 else f"job (no record)  {len(events)} events")
-    if record is not None and record.unwind is not None:  # why it undoes its effects, with its state
-        why = record.unwind.reason
-        title.append(f"  ({why if why.startswith(record.unwind.cause) else f'{record.unwind.cause}: {why}'})")
-    tree = _Node(title)
+    head = header(record, events, width)
+    tree = _Node(head[-1])
     steps = by_step(events)
     _events(tree, steps.pop("None", []), start)  # the job's own: compensating, cancelled, rerun
     if record is not None and dag is not None:
         _pipeline(tree, record, dag, steps, start)
-        return list(_lines(tree))
+        return [*head[:-1], *_lines(tree, width)]
     nodes: dict[str, _Node] = {}
     for step_id, evs in steps.items():
         agent = evs[0].get("agent", "?")
         first, last = evs[0].get("at", start), evs[-1].get("at", start)
         state = str(record.steps[step_id].state) if record and step_id in record.steps else ""
-        label = Text.assemble((f"{step_id}", "bold"), f" {agent} {state}  +{first - start:.3f}s, "
-                              f"{last - first:.3f}s from first to last event")
+        label = Text.assemble((f"{step_id}", "bold"), f" {agent} {state}")
         parent = _parent(step_id, agent, nodes, tree)
-        node = parent.add(label)
+        node = parent.add(label, f"+{first - start:.3f}s, {last - first:.3f}s from first to last event")
         nodes[step_id] = node
         _events(node, evs, start)
-    return list(_lines(tree))
+    return [*head[:-1], *_lines(tree, width)]
+
+
+def header(record: JobRecord | None, events: list[dict[str, Any]], width: int = 80) -> list[Text]:
+    """``job ID STATE  trace TRACE_ID  (why it undoes its effects)`` on one line when it fits ``width``;
+    else each part starts a line of its own (the job and its state, then the trace id), and a long
+    why is wrapped between words, so every value stays whole and can be copied."""
+    if record is None:
+        return [Text(f"job (no record)  {len(events)} events")]
+    parts = [f"job {record.job_id} {record.state}", f"trace {record.trace_id}"]
+    lines: list[str] = []
+    if record.unwind is not None:  # why it undoes its effects, with its state
+        why = record.unwind.reason
+        why = f"({why if why.startswith(record.unwind.cause) else f'{record.unwind.cause}: {why}'})"
+        if len(why) > width:  # a long reason: wrapped on lines of its own, after the ids
+            lines = textwrap.wrap(why, width, subsequent_indent=" ", break_long_words=False,
+                                  break_on_hyphens=False)
+        else:
+            parts.append(why)
+    joined: list[str] = []
+    for part in parts:
+        if joined and len(joined[-1]) + 2 + len(part) <= width:
+            joined[-1] += f"  {part}"
+        else:
+            joined.append(part)
+    return [Text(line) for line in [*joined, *lines]]
 
 
 def _events(node: _Node, evs: list[dict[str, Any]], start: float) -> None:
@@ -199,25 +226,34 @@ def _pipeline(tree: _Node, record: JobRecord, dag: list[DagNode], steps: dict[st
                               (str(rec.state), STATE_STYLE.get(rec.state, "")))
         if item.depends_on:
             label.append(f"  ← {', '.join(item.depends_on)}")
+        tail = ""
         if evs:
             first, last = evs[0].get("at", start), evs[-1].get("at", start)
-            label.append(f"  +{first - start:.3f}s, {last - first:.3f}s from first to last event")
+            tail = f"+{first - start:.3f}s, {last - first:.3f}s from first to last event"
         elif rec.state is State.NOT_RUN:
             label.append(f"  {rec.error or 'not sent'}", "dim")
         elif rec.sent_at is None and rec.state is State.QUEUED:
             label.append("  not sent" + (": the job halted" if record.state is State.HALTED else ""), "dim")
-        node = made[rec.step_id] = made.get(rec.parent or "", tree).add(label)
+        node = made[rec.step_id] = made.get(rec.parent or "", tree).add(label, tail)
         if rec.gate is not None:
             node.add(Text.assemble(("gate".ljust(10), "red" if not rec.gate.passed else "green"),
                                    gate_line(rec.gate).removeprefix("gate ")))
         _events(node, evs, start)
 
 
-def _lines(node: _Node, lead: str = "", last: bool = True, top: bool = True) -> Iterator[Text]:
-    yield node.label if top else Text.assemble((lead + ("└── " if last else "├── "), "dim"), node.label)
+def _lines(node: _Node, width: int = 80, lead: str = "", last: bool = True, top: bool = True) -> Iterator[Text]:
+    """The tree's lines; a node's tail after its label when the line fits ``width``, else on a line of
+    its own under the label (the tree's rules drawn through it), so fixed text never runs past it."""
+    label = node.label if top else Text.assemble((lead + ("└── " if last else "├── "), "dim"), node.label)
     inner = "" if top else lead + ("    " if last else "│   ")
+    if node.tail and label.cell_len + 2 + len(node.tail) <= width:
+        label = Text.assemble(label, f"  {node.tail}")
+    elif node.tail:
+        yield label
+        label = Text.assemble((inner + ("│   " if node.children else "    "), "dim"), node.tail)
+    yield label
     for i, child in enumerate(node.children):
-        yield from _lines(child, inner, i == len(node.children) - 1, top=False)
+        yield from _lines(child, width, inner, i == len(node.children) - 1, top=False)
 
 
 def _parent(step_id: str, agent: str, nodes: dict[str, _Node], root: _Node) -> _Node:

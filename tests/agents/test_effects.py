@@ -236,3 +236,20 @@ def test_mesh_settle_applied_with_its_dead_letter_gone_decides_nothing(make_sett
         done = cli("settle", ref.id, "post", "--as", "not-applied", "--reason", "no order upstream")
         assert done.returncode == 0, done.stderr + done.stdout
     assert mesh.status(ref.id).steps["post"].state is State.DEAD_LETTERED
+
+
+@pytest.mark.slow
+def test_mesh_settle_prints_within_80_columns_the_verdict_on_a_line_of_its_own(
+        make_settings, effects_worker, cli, rclient):
+    with RecordingServer() as server:
+        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
+        mesh = MeshClient(settings, client=rclient, app=app)
+        effects_worker(settings)
+        ref, _ = unknown_job(mesh, server, "settle-80")
+        done = cli("settle", "settle-80", "post", "--as", "not-applied", "--reason", "no order 7 upstream",
+                   "--by", "ops@build-host", COLUMNS="80")
+
+    assert done.returncode == 0, done.stderr + done.stdout
+    lines = done.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, done.stdout
+    assert lines[:2] == [f"step post of job {ref.id}:", "not_applied (by ops@build-host)"], lines

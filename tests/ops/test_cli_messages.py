@@ -194,10 +194,11 @@ def _closed_port() -> int:
 @pytest.mark.slow
 def test_demo_without_a_reachable_redis_prints_an_honest_hint_and_keeps_files_under_cwd(
         settings: MeshSettings, tmp_path: Path) -> None:
-    env = mesh_env(settings, MESH_REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0")
+    env = mesh_env(settings, MESH_REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0", COLUMNS="80")
     res = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "demo", "--timeout", "60"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert max(map(len, res.stdout.splitlines())) <= 80, res.stdout
     out = flat(res.stdout)
     assert "Inspect it again with" not in out
     assert "the job cannot be inspected afterwards" in out
@@ -207,12 +208,14 @@ def test_demo_without_a_reachable_redis_prints_an_honest_hint_and_keeps_files_un
 @pytest.mark.slow
 def test_demo_hint_names_a_mesh_the_shell_finds_when_the_venv_is_not_on_path(settings: MeshSettings) -> None:
     # As `make demo` runs it: .venv/bin/mesh, from a shell whose PATH lacks .venv/bin.
-    env = {**mesh_env(settings), "PATH": "/usr/bin:/bin"}
+    env = {**mesh_env(settings), "PATH": "/usr/bin:/bin", "COLUMNS": "80"}
     res = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "demo", "--timeout", "60"], env=env,
                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stdout + res.stderr
-    [hint] = [line for line in res.stdout.splitlines() if line.startswith("Inspect it again with: ")]
-    shown = subprocess.run(["/bin/sh", "-c", hint.removeprefix("Inspect it again with: ")], env=env,
+    assert max(map(len, res.stdout.splitlines())) <= 80, res.stdout
+    # the command to paste: the lines after the hint, continued with backslashes
+    hint = res.stdout.split("Inspect it again with:\n", 1)[1].strip()
+    shown = subprocess.run(["/bin/sh", "-c", hint], env=env,
                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert shown.returncode == 0, shown.stderr
     assert "succeeded" in shown.stdout

@@ -190,6 +190,24 @@ def test_a_conflict_is_reported_never_overwritten_and_the_namespace_stays_unmark
 
 
 @OLDER_LAYOUT
+def test_the_summary_fits_80_columns_the_layout_on_a_line_of_its_own(cli, rclient, namespace, cleanup):
+    ns = namespace  # test-<12 hex>: its name twice runs past 80 columns on one line
+    rclient.set(f"{ns}:job:a", "a")
+    dry = cli("migrate", "--dry-run", COLUMNS="80")
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, dry.stdout
+    assert lines[:2] == [f"would move 1 key(s) of namespace {ns}", f"to the layout {{{ns}}}:..."], lines
+    moved = cli("migrate", COLUMNS="80")
+    assert moved.returncode == 0, moved.stderr
+    assert max(map(len, moved.stdout.splitlines())) <= 80, moved.stdout
+    assert moved.stdout.splitlines()[:2] == [f"moved 1 key(s) of namespace {ns}", f"to the layout {{{ns}}}:..."]
+    nothing = cli("migrate", COLUMNS="80")
+    assert nothing.returncode == 0, nothing.stderr
+    assert nothing.stdout.splitlines() == [f"nothing to do: namespace {ns} holds no key of the older layout"]
+
+
+@OLDER_LAYOUT
 @pytest.mark.parametrize("heartbeats", ["{ns}:__heartbeats__", "{{{ns}}}:__heartbeats__"], ids=["old", "new"])
 def test_live_workers_refuse_the_migration_unless_forced(cli, rclient, namespace, cleanup, heartbeats):
     ns = namespace

@@ -21,6 +21,21 @@ def test_validate_the_issue_file_exits_0_with_the_dag(cli: Cli) -> None:
     assert "key: {{task_id}}:coder" in run.stdout
 
 
+def test_validate_and_show_of_a_long_name_fit_80_columns_the_digest_on_a_line_of_its_own(cli: Cli) -> None:
+    run = cli("pipeline", "validate", ISSUE_FILE, "--app", APP, COLUMNS="80")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, run.stdout
+    assert lines[0] == "multi-agent-orchestration 1.0.0  valid against app 'orchestration'", lines
+    assert lines[1].startswith("digest ") and len(lines[1]) == len("digest ") + 12, lines
+    assert cli("pipeline", "register", ISSUE_FILE, "--app", APP).returncode == 0
+    shown = cli("pipeline", "show", ISSUE_FILE, "--app", APP, COLUMNS="80")
+    assert shown.returncode == 0, shown.stderr
+    assert max(map(len, shown.stdout.splitlines())) <= 80, shown.stdout
+    assert shown.stdout.splitlines()[:2] == [f"multi-agent-orchestration 1.0.0  {lines[1]}",
+                                             "the newest registered version"], shown.stdout
+
+
 def test_validate_json_gives_order_roots_gates_and_digest(cli: Cli) -> None:
     run = cli("pipeline", "validate", ISSUE_FILE, "--app", APP, "--json")
     assert run.returncode == 0, run.stderr
