@@ -56,6 +56,8 @@ def echo(ctx: Context, message: Text) -> Text:
 app.pipeline(Pipeline("pair").step("first", agent=echo).step("second", agent=echo, depends_on=["first"]))
 app.pipeline(Pipeline("triple").step("first", agent=echo).step("second", agent=echo, depends_on=["first"])
              .step("third", agent=echo, depends_on=["second"]))
+app.pipeline(Pipeline("fork").step("first", agent=echo).step("left", agent=echo, depends_on=["first"])
+             .step("right", agent=echo, depends_on=["first"]))
 
 
 class Worker(SimpleNamespace):
@@ -828,3 +830,26 @@ def test_a_success_redis_refuses_leaves_the_message_it_pushed_its_wake_up_token(
     assert w.client.status(ref.id).steps["first"].state is State.SUCCEEDED  # its SET ran
     assert w.broker.records.llen(keys.queue("echo")) == 1
     assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
+
+
+def test_a_success_sending_two_messages_to_the_queue_it_fetches_from_leaves_the_other_its_wake_up_token(worker):
+    """The write pushes two messages on the queue its eager fetch takes one of: one token of the two is left
+    out of its commands (RPUSH of one token, where the outbox staged two), the other pushed for the message
+    left waiting."""
+    w = worker
+    ref = w.client.run("fork", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys = w.broker.keys
+    tokens = w.broker.records.llen(keys.wake("echo"))
+
+    with commands_on(w.broker.records, keys.wake("echo")) as seen:
+        run(w, first)
+
+    [taken] = handed(w)
+    assert w.broker.records.llen(keys.queue("echo")) == 1
+    assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
+    ran = [c.split() for c in seen if not c.upper().startswith("EVALSHA")]  # the script's own commands
+    assert [(c[0].upper(), len(c)) for c in ran] == [("RPUSH", 3), ("LTRIM", 4)]  # one token of two
+    other = next(w.thread.consumer)
+    steps = {m.args[0]["step_id"] for m in (taken, other)}
+    assert {m.args[0]["job_id"] for m in (taken, other)} == {ref.id} and steps == {"left", "right"}
