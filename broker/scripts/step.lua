@@ -208,11 +208,18 @@ local function pick_up(a, token)
 end
 
 -- The wake-up token an eager fetch (arguments from a) was owed and did not take: pushed (within the
--- outbox's cap, as outbox.wake pushes one), so the message it left waiting wakes an idle consumer.
+-- outbox's cap, as outbox.wake pushes one), so the message it left waiting wakes an idle consumer. A
+-- command of the write as the token's push was, its refusal (a wake-up list of the wrong type) fails
+-- no script: the token is left out, and logged, as a refused counter is.
 local function give_owed(a)
     if ARGV[a + 8] == "1" then
-        redis.call("rpush", ARGV[a] .. ".wake", 1)
-        redis.call("ltrim", ARGV[a] .. ".wake", -64, -1)
+        local wake = ARGV[a] .. ".wake"
+        local ok, err = pcall(redis.call, "rpush", wake, 1)
+        if ok then ok, err = pcall(redis.call, "ltrim", wake, -64, -1) end
+        if not ok then
+            if not own(err) then error(redis.error_reply(refusal(err))) end
+            redis.log(redis.LOG_WARNING, "mesh step.lua: wake-up token on " .. wake .. " refused: " .. refusal(err))
+        end
     end
 end
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from mesh import App, Context, Pipeline
 from mesh.agents.runtime import AgentRuntime, declare_app
 from mesh.broker import MeshClient, trace
-from mesh.broker.idempotency import Idempotency
+from mesh.broker.idempotency import Idempotency, Lease
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.observe import running_member
 from mesh.broker.step_write import SENTINEL
@@ -56,6 +56,8 @@ def echo(ctx: Context, message: Text) -> Text:
 app.pipeline(Pipeline("pair").step("first", agent=echo).step("second", agent=echo, depends_on=["first"]))
 app.pipeline(Pipeline("triple").step("first", agent=echo).step("second", agent=echo, depends_on=["first"])
              .step("third", agent=echo, depends_on=["second"]))
+app.pipeline(Pipeline("fork").step("first", agent=echo).step("left", agent=echo, depends_on=["first"])
+             .step("right", agent=echo, depends_on=["first"]))
 
 
 class Worker(SimpleNamespace):
@@ -828,3 +830,68 @@ def test_a_success_redis_refuses_leaves_the_message_it_pushed_its_wake_up_token(
     assert w.client.status(ref.id).steps["first"].state is State.SUCCEEDED  # its SET ran
     assert w.broker.records.llen(keys.queue("echo")) == 1
     assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
+
+
+def test_a_success_sending_two_messages_to_the_queue_it_fetches_from_leaves_the_other_its_wake_up_token(worker):
+    """The write pushes two messages on the queue its eager fetch takes one of: one token of the two is left
+    out of its commands (RPUSH of one token, where the outbox staged two), the other pushed for the message
+    left waiting."""
+    w = worker
+    ref = w.client.run("fork", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys = w.broker.keys
+    tokens = w.broker.records.llen(keys.wake("echo"))
+
+    with commands_on(w.broker.records, keys.wake("echo")) as seen:
+        run(w, first)
+
+    [taken] = handed(w)
+    assert w.broker.records.llen(keys.queue("echo")) == 1
+    assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
+    ran = [c.split() for c in seen if not c.upper().startswith("EVALSHA")]  # the script's own commands
+    assert [(c[0].upper(), len(c)) for c in ran] == [("RPUSH", 3), ("LTRIM", 4)]  # one token of two
+    other = next(w.thread.consumer)
+    steps = {m.args[0]["step_id"] for m in (taken, other)}
+    assert {m.args[0]["job_id"] for m in (taken, other)} == {ref.id} and steps == {"left", "right"}
+
+
+def test_a_refused_owed_token_fails_neither_its_write_nor_the_others_of_its_group(worker):
+    """The owed token's push is a command as the write's own were: Redis refusing it (the wake-up list of
+    the wrong type) fails no script. Its write stands (the fetch took nothing, the token is left out and
+    logged, as a refused counter is), and the other writes of its call land with their counters."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys, records, steps = w.broker.keys, w.broker.records, w.runtime.steps
+    other = f"{keys.prefix}:test:other-write"
+    records.set(other, b"old")
+    nobody = Lease(key="", claim_key="", owner="", token=0)
+    commands = [(("HINCRBY", keys.stats, "other_write", 1), {}), (("SET", other, b"new"), {})]
+    earlier = steps._item(other, b"old", commands, nobody, None, False)  # a write of the same call, before it
+    records.rpush(keys.queue("echo"), "no-such-message")  # the eager fetch takes nothing: the token is owed
+    records.delete(keys.wake("echo"))
+    records.set(keys.wake("echo"), "not a list")  # and its push is refused (WRONGTYPE)
+    real, answers, acks = steps.evalsha, [], keys.acks(w.broker.broker_id, "echo")
+
+    def with_earlier(args: list[Any]) -> Any:
+        if acks not in args:  # the step's pick-up: alone
+            return real(args)
+        got = real([args[0], *earlier.args, *args[1:]])  # (sent again: finds it written, counts nothing)
+        answers.append(got[0])
+        return got[1:]
+
+    steps.evalsha = with_earlier  # type: ignore[method-assign]
+    raised = None
+    try:
+        run(w, first)
+    except OutcomeUnrecorded as exc:
+        raised = exc
+    finally:
+        steps.evalsha = real  # type: ignore[method-assign]
+        records.delete(keys.wake("echo"))
+
+    assert records.get(other) == b"new" and records.hget(keys.stats, "other_write") == b"1"
+    assert answers[0] == 1
+    assert raised is None and handed(w) == []
+    assert w.client.status(ref.id).steps["first"].state is State.SUCCEEDED
+    assert records.llen(keys.queue("echo")) == 1  # the second step waits in its lane
