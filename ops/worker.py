@@ -307,8 +307,11 @@ def withdraw(reg: Registry, worker_id: str, publication: tuple[threading.Thread,
         thread, stopped = publication
         stopped.set()
         thread.join(timeout_s)
+    # Whether a try was still under way as the unpublish began, asked before it: a try that ends while
+    # the unpublish waits on Redis (its later round trips answered first, or after) is one to undo too.
+    late = thread is not None and thread.is_alive()
     _unpublish(reg, worker_id)
-    if thread is not None and thread.is_alive():
+    if late and thread is not None:
         thread.join(timeout_s if again_s is None else again_s)
         if thread.is_alive():
             logger.warning("the worker's publication still waits on Redis as it stops: it may list the worker "

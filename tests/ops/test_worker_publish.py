@@ -122,3 +122,39 @@ def test_a_try_under_way_past_the_stop_s_wait_never_lands_after_the_unpublish(tm
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
         server.stop()
+
+
+def test_a_try_that_ends_while_the_unpublish_waits_on_redis_is_unpublished_again(
+        settings: Any, rclient: redis.Redis) -> None:
+    """The order a stalled Redis answers in once it resumes: the unpublish's round trip first, then the
+    try's later ones, all before the stop looks at the try again. The try, under way when the unpublish
+    began, has ended by then: its publication, made after the unpublish, is undone too (the code before
+    looked only at whether the try was still under way after the unpublish, and listed the worker)."""
+    keys = Keys(settings.namespace, settings.shard)
+    entries = [published(spec, app.name) for spec in app.agents.values()]
+    on_redis, answered = threading.Event(), threading.Event()
+
+    class Stalled(Registry):
+        def publish(self, *args: Any, **kwargs: Any) -> None:
+            on_redis.set()
+            assert answered.wait(10)  # the try waits on Redis until the unpublish was answered
+            super().publish(*args, **kwargs)
+
+        def unpublish(self, worker_id: str) -> None:
+            super().unpublish(worker_id)
+            if not answered.is_set():  # the first: the try's round trips are answered after it
+                answered.set()
+                publisher.join(10)
+
+    reg = Stalled(rclient, keys, settings.heartbeat_timeout_s)
+    stopped = threading.Event()
+    publisher = threading.Thread(target=_publish, args=(reg, "w-1", "host:1", entries, app.name),
+                                 kwargs={"stopped": stopped}, daemon=True)
+    publisher.start()
+    assert on_redis.wait(10)
+
+    withdraw(reg, "w-1", (publisher, stopped), timeout_s=0.2, again_s=10)
+
+    assert not publisher.is_alive()
+    assert rclient.hget(keys.registry_workers, "w-1") is None, "a stopped worker listed"
+    assert all(rclient.zscore(keys.serving(e.name), "w-1") is None for e in entries)
