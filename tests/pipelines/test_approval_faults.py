@@ -77,7 +77,7 @@ LATE_MS = 5000
 
 def _due(mesh: MeshClient, job_id: str, step: str = "researcher") -> int:
     record = mesh.status(job_id)
-    due = approvals.expiry_due_ms(mesh.redis, mesh.keys, job_id, record.steps[step])
+    due = approvals.expiry_due_ms(mesh.redis, mesh.keys_of(job_id), job_id, record.steps[step])  # its shard's timer
     assert due is not None
     return due
 
