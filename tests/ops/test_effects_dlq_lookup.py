@@ -83,7 +83,7 @@ def test_a_worker_dead_letters_a_step_into_its_jobs_index_and_removing_the_entry
     """The worker's own path (settle.lua's ``dead``), as `mesh verify` then finds the entry; a purge,
     replay or expiry (DeadLetterStore.remove) leaves no id behind in the index."""
     ref = client.send("executor", note("dead-lettered"))
-    broker, consumer = consume()
+    broker, consumer = consume(job=ref.id)  # its shard's consumer (MESH_SHARDS)
     message = fetch(consumer)
     decide(message, dead_letter_with_step(broker, message, FailureClass.PERMANENT, "refused", None))
     consumer.ack(message)
