@@ -303,7 +303,7 @@ def test_the_staged_script_and_the_fenced_read_run_in_a_cluster_transaction(mesh
     assert mesh.status(ref.id).error == "fenced write"
     with pytest.raises(LeaseLost):
         jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "x"}), []),
-                         fence=Lease(key="fenced-1", claim_key=lease.claim_key, owner="other", token=int(token)))
+                    fence=Lease(key="fenced-1", claim_key=lease.claim_key, owner="other", token=int(token)))
 
 
 def test_a_call_on_the_slot_s_node_is_retried_as_the_client_retries_while_the_slot_fails_over(mesh) -> None:
