@@ -37,7 +37,8 @@ test: lint
 
 # The fault tests of claims, fencing, recovery, group commit and settlement, and the pipelines' and the
 # dead-letter queue's that stand on them, and those of what once failed only there (a client's kept connection,
-# the operator's console, TestContext's Redis), on a Redis Cluster (3 primaries, 3 replicas) that each pytest-xdist
+# the operator's console, TestContext's Redis), and the CLI's, the stuck steps' and the dead-letter lookup's (quick
+# ones that read a job's keys in its shard), on a Redis Cluster (3 primaries, 3 replicas) that each pytest-xdist
 # process starts for itself (TEST_REDIS=cluster; its ports from TEST_CLUSTER_PORT, default 7100), their jobs spread
 # over 3 shards of their namespace (TEST_SHARDS=3: shards 1 to 3, each job in the shard of its id, each shard a slot
 # of its own apart from the fleet-wide keys' `{ns}`, so a script or a transaction mixing two of them fails, and a
@@ -53,7 +54,8 @@ CLUSTER_TESTS := \
 	tests/broker/test_failures.py tests/pipelines/test_pipeline_chaos.py tests/pipelines/test_approvals.py \
 	tests/pipelines/test_shared_key.py tests/dlq/test_replay_and_export.py tests/test_redis_target.py \
 	tests/broker/test_send_connection.py tests/ops/test_console.py tests/ops/test_console_bench.py \
-	tests/testing/test_context.py tests/ops/test_worker_shards.py
+	tests/testing/test_context.py tests/ops/test_worker_shards.py tests/ops/test_cli.py tests/ops/test_stuck.py \
+	tests/ops/test_effects_dlq_lookup.py
 
 test-cluster: $(BIN)/.installed
 	TEST_REDIS=cluster TEST_SHARDS=3 $(PYTEST) -q -n 2 --durations=10 $(CLUSTER_TESTS)

@@ -9,13 +9,13 @@ import pytest
 
 from mesh.broker import trace
 from mesh.contracts import ConfigError, State
-from mesh.dlq import DeadLetterStore
 from mesh.ops.web.auth import Access, parse_users, write_user
 from tests.ops.test_console import (  # noqa: F401  (fixtures)
     PASSWORDS,
     client,
     console,
     csrf_of,
+    dlq,
     login,
     put_entry,
     users_file,
@@ -34,7 +34,7 @@ def test_on_loopback_without_users_a_page_asked_for_under_another_hosts_name_is_
         assert "csrf" not in page.text
         token = csrf_of(http.get(f"/dlq/{entry.entry_id}/purge").text)  # the real page, on its own name
         assert http.post(f"/dlq/{entry.entry_id}/purge", data={"csrf": token}, headers=evil).status_code == 403
-        assert DeadLetterStore(client.redis, client.keys).get(entry.entry_id) is not None
+        assert dlq(client).get(entry.entry_id) is not None
         assert http.get("/jobs/job-x/events", headers=evil).status_code == 403
         assert http.get("/", headers={"Host": "[::1"}).status_code == 403
         for host in ("localhost", f"localhost:{server.port}", f"127.0.0.1:{server.port}", f"[::1]:{server.port}"):
@@ -71,14 +71,15 @@ def huge_job(client) -> str:  # noqa: F811
     from mesh.contracts import StepRecord, dumps
 
     ref = client.send("executor", {"tool": "note", "args": {"title": "t"}}, key="huge-1")
-    record = client.jobs.get(ref.id)
+    keys = client.keys_of(ref.id)  # its shard's (MESH_SHARDS)
+    record = client.jobs_of(ref.id).get(ref.id)
     steps = {f"s{i}": StepRecord(step_id=f"s{i}", agent="executor", key=f"huge-1/s{i}", state="failed",
                                  error="e" * 2_000) for i in range(5_000)}
     record = record.model_copy(update={"steps": {**record.steps, **steps}, "error": "E" * 1_000_000})
-    client.redis.set(client.keys.job(ref.id), dumps(record))
+    client.redis.set(keys.job(ref.id), dumps(record))
     pipe = client.redis.pipeline(transaction=False)
     for i in range(6_000):
-        trace.emit(pipe, client.keys, trace.event("progress", {"job_id": ref.id, "step_id": f"s{i % 5_000}"},
+        trace.emit(pipe, keys, trace.event("progress", {"job_id": ref.id, "step_id": f"s{i % 5_000}"},
                                                  progress=i, note="n" * (1_000_000 if i == 5_999 else 100)))
     pipe.execute()
     return ref.id
@@ -94,7 +95,7 @@ def test_a_job_of_5000_steps_a_megabyte_of_error_and_6000_events_has_a_bounded_p
         assert "mesh status" in page.text and "mesh trace" in page.text  # where the rest is
         assert "more steps" in page.text and "more characters" in page.text
 
-        last = client.redis.xrevrange(client.keys.trace(job_id), count=1)[0][0].decode()
+        last = client.redis.xrevrange(client.keys_of(job_id).trace(job_id), count=1)[0][0].decode()
         longest, seen = 0, False
         with http.stream("GET", f"/jobs/{job_id}/events") as answer:
             for line in answer.iter_lines():
@@ -185,8 +186,9 @@ def test_a_browser_that_stops_reading_its_event_stream_is_dropped_and_holds_up_n
             pipe = client.redis.pipeline(transaction=False)
             for _ in range(count):
                 n += 1
-                trace.emit(pipe, client.keys, trace.event("progress", {"job_id": job_id, "step_id": "researcher"},
-                                                         progress=n, note="x" * 4_000))
+                trace.emit(pipe, client.keys_of(job_id), trace.event("progress", {"job_id": job_id,
+                                                                                 "step_id": "researcher"},
+                                                                     progress=n, note="x" * 4_000))
             pipe.execute()
 
         def written() -> bool:  # every event so far went out (into the socket's buffers) but the last few
@@ -221,7 +223,7 @@ def test_a_filters_replay_or_purge_takes_at_most_bulk_max_entries_a_press_and_sa
     monkeypatch.setattr(actions, "BULK_MAX", 100)
     for n in range(250):
         put_entry(client, key=f"bulk-{n}", agent="researcher")
-    store = DeadLetterStore(client.redis, client.keys)
+    store = dlq(client)
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
         token = csrf_of(http.get("/dlq/all/replay?agent=researcher").text)
@@ -233,7 +235,8 @@ def test_a_filters_replay_or_purge_takes_at_most_bulk_max_entries_a_press_and_sa
         assert 'id="bulk-moved">100<' in done.text and store.count() == 50
         done = http.post("/dlq/all/purge", data={"csrf": token, "agent": "researcher"})
         assert 'id="bulk-moved">50<' in done.text and 'id="again"' not in done.text and store.count() == 0
-    ops = [r["op"] for r in Audit(client.redis, client.keys).records(limit=1_000) if r["who"] == "ana"]
+    ops = [r["op"] for keys in client.shards.keys  # each entry audited in its shard
+           for r in Audit(client.redis, keys).records(limit=1_000) if r["who"] == "ana"]
     assert ops.count("replay") == 100 and ops.count("purge") == 150
 
 
@@ -373,12 +376,12 @@ def test_a_time_filter_past_what_milliseconds_hold_is_refused_as_not_a_time_not_
                 assert answer.status_code == 400 and "is not a time" in answer.text, (page, query)
             key, _, value = query.partition("=")
             assert http.post("/dlq/all/purge", data={"csrf": token, key: value}).status_code == 400
-    assert DeadLetterStore(client.redis, client.keys).count() == 1
+    assert dlq(client).count() == 1
     for args in (("dlq", "list", "--since", "1e308"), ("dlq", "purge", "--until", "-1e308", "--yes"),
                  ("dlq", "list", "--since", "9" * 400 + "d")):
         done = cli(*args)
         assert done.returncode == 2 and "is not a time" in done.stderr and "Traceback" not in done.stderr, args
-    assert DeadLetterStore(client.redis, client.keys).count() == 1
+    assert dlq(client).count() == 1
 
 
 def test_a_filters_replay_or_purge_takes_only_the_entries_dead_lettered_up_to_its_confirmation(
@@ -390,7 +393,7 @@ def test_a_filters_replay_or_purge_takes_only_the_entries_dead_lettered_up_to_it
 
     from conftest import wait_for
 
-    store = DeadLetterStore(client.redis, client.keys)
+    store = dlq(client)
     confirmed = [put_entry(client, key=f"seen-{n}", agent="researcher") for n in range(2)]
     with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
@@ -425,7 +428,7 @@ def test_a_dlq_filter_longer_than_the_console_takes_is_refused_not_cut_to_a_broa
         done = http.post("/dlq/all/purge", data={"csrf": token, "grep": "x" * 200 + "A"})
         assert done.status_code == 400
         assert http.get("/dlq", params={"grep": "x" * 199 + "A"}).status_code == 200  # 200 is taken
-    store = DeadLetterStore(client.redis, client.keys)
+    store = dlq(client)
     assert store.get(asked.entry_id) is not None and store.get(other.entry_id) is not None
 
 
@@ -546,20 +549,22 @@ def test_a_followed_jobs_progress_notes_do_not_each_send_the_trace_reader_to_rea
     progress notes, while every follower of every job waits on that thread."""
     from conftest import wait_for
 
+    from mesh.broker.jobs import JobStore
     from mesh.ops.web import live
     from tests.ops.test_console import parked, progress, sse
 
     monkeypatch.setattr(live, "RECHECK_S", 3_600.0)  # only news sends it to the record
     job_id = parked(client, "chatty")
-    with console(client) as (base, server), httpx.Client(base_url=base) as http:
+    with console(client) as (base, _), httpx.Client(base_url=base) as http:
         login(http, "ana", PASSWORDS["ana"])
-        hub = server.console.hub
         reads: list[str] = []
-        get = hub.client.jobs.get
-        monkeypatch.setattr(hub.client.jobs, "get", lambda job, *a, **k: reads.append(job) or get(job, *a, **k))
+        # every job store's: the reader reads a record through its job's shard's (MESH_SHARDS), not the client's
+        get = JobStore.get
+        monkeypatch.setattr(JobStore, "get", lambda store, job, *a, **k: reads.append(job) or get(store, job, *a, **k))
         got: list[dict[str, str]] = []
         reader = sse(base, http.cookies, f"/jobs/{job_id}/events", got)
         wait_for(lambda: any(e.get("kind") == "awaiting_approval" for e in got), timeout_s=10)
+        wait_for(lambda: job_id in reads, timeout_s=10)  # the reader's look as the stream joined, seen
         before = len(reads)
         for n in range(1, 31):  # each in a batch of its own: the next is sent once the browser has this one
             progress(client, job_id, n)

@@ -12,12 +12,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import flat, push_raw, wait_for
+from conftest import flat, push_raw, stat, wait_for
 
 from mesh.broker import MeshClient
 from mesh.broker.outbox import encode
 from mesh.contracts import State
-from mesh.dlq import Audit, DeadLetter, DeadLetterStore, Filter
+from mesh.dlq import Audit, DeadLetter, DeadLetterShards, Filter
 from mesh.dlq.entry import Attempt
 from tests.dlq.bulk import agent_of, class_of, generate, nth_id
 from tests.httpserver import RecordingServer
@@ -30,12 +30,30 @@ FIELDS = {"entry_id", "queue", "agent", "failure_class", "error", "traceback", "
 REFUSED_URL = "http://127.0.0.1:9/hook"  # never in MESH_HTTP_ALLOW here: refused, permanently
 
 
-def store_of(client: MeshClient) -> DeadLetterStore:
-    return DeadLetterStore(client.redis, client.keys)
+def store_of(client: MeshClient) -> DeadLetterShards:
+    """The DLQ of every shard (MESH_SHARDS): a dead letter is kept in its job's shard."""
+    return DeadLetterShards.of(client.redis, client.settings)
 
 
-def all_entries(store: DeadLetterStore) -> dict[str, DeadLetter]:
+def all_entries(store: DeadLetterShards) -> dict[str, DeadLetter]:
     return {e.entry_id: e for e in store.entries(Filter(), limit=10_000)}
+
+
+def audit_records(client: MeshClient, entry_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """The DLQ's audit records of every shard (an entry is audited in the shard that keeps it)."""
+    return [r for keys in client.shards.keys for r in Audit(client.redis, keys).records(entry_id, limit=limit)]
+
+
+def never_counted(client: MeshClient, name: str) -> bool:
+    """Whether no shard's ``stats`` has the counter ``name`` at all (not even at 0)."""
+    return all(client.redis.hget(keys.stats, name) is None for keys in client.shards.keys)
+
+
+def newest_first(client: MeshClient) -> list[str]:
+    """The DLQ's entry ids, newest first, over every shard (as its own index orders them)."""
+    scored = [(score, member.decode()) for keys in client.shards.keys
+              for member, score in client.redis.zrange(keys.dlq, 0, -1, withscores=True)]
+    return [member for _, member in sorted(scored, reverse=True)]
 
 
 def run_json(cli: Any, *args: str) -> Any:
@@ -44,7 +62,7 @@ def run_json(cli: Any, *args: str) -> Any:
     return json.loads(res.stdout)
 
 
-def put(store: DeadLetterStore, name: str, agent: str | None, failure_class: str, at: float) -> DeadLetter:
+def put(store: DeadLetterShards, name: str, agent: str | None, failure_class: str, at: float) -> DeadLetter:
     """An entry in the layout the settle script writes (``name`` is its key, to tell them apart)."""
     from dramatiq.message import Message
 
@@ -85,8 +103,7 @@ def test_permanent_failures_are_listed_with_every_field_and_show_gives_the_paylo
 
     listed = run_json(cli, "dlq", "list")
     assert len(listed) == 2
-    newest_first = [i.decode() for i in client.redis.zrevrange(client.keys.dlq, 0, -1)]
-    assert [e["entry_id"] for e in listed] == newest_first
+    assert [e["entry_id"] for e in listed] == newest_first(client)
     by_key = {e["key"]: e for e in listed}
     expected = {ref_rejected.key: (ref_rejected, rejected, "PermanentFailure", f"{server.host_port} answered 400"),
                 ref_refused.key: (ref_refused, refused, "ToolRefused", "not in MESH_HTTP_ALLOW")}
@@ -233,8 +250,8 @@ def test_replay_without_yes_and_without_a_terminal_exits_2_and_changes_nothing(c
     assert all_entries(store) == before
     assert client.queues() == {a: EMPTY for a in AGENTS}
     assert {ref.id: client.status(ref.id) for ref in refs} == records
-    assert Audit(client.redis, client.keys).records() == []
-    assert client.redis.hget(client.keys.stats, "replayed") is None
+    assert audit_records(client) == []
+    assert never_counted(client, "replayed")
 
 
 def test_purge_refuses_without_yes_and_with_yes_deletes_only_the_matching_entries_with_audit(cli, client):
@@ -251,8 +268,7 @@ def test_purge_refuses_without_yes_and_with_yes_deletes_only_the_matching_entrie
     res = cli("dlq", "purge", "--yes")
     assert res.returncode == 2 and "give entry ids, or --all, or filters" in flat(res.stderr)
     assert all_entries(store) == before
-    audit = Audit(client.redis, client.keys)
-    assert audit.records() == []
+    assert audit_records(client) == []
 
     assert run_json(cli, "dlq", "purge", "--agent", "executor", "--class", "permanent", "--yes") == {"purged": 2}
     assert set(all_entries(store)) == {made[n].entry_id for n in ("p3", "i1", "t1", "t2")}
@@ -262,16 +278,16 @@ def test_purge_refuses_without_yes_and_with_yes_deletes_only_the_matching_entrie
     assert set(all_entries(store)) == {made[n].entry_id for n in ("p3", "t1")}
 
     for name in ("p1", "p2", "t2", "i1"):
-        (record,) = audit.records(made[name].entry_id)
+        (record,) = audit_records(client, made[name].entry_id)
         assert record["op"] == "purge" and record["who"]
         assert record["detail"] == {"failure_class": made[name].failure_class, "agent": made[name].agent}
     for name in ("p3", "t1"):
-        assert audit.records(made[name].entry_id) == []
+        assert audit_records(client, made[name].entry_id) == []
         assert store.get(made[name].entry_id) == made[name]
     stats = store.stats()
     assert stats["total"] == 2 and stats["by_class"] == {"permanent": 1, "timeout": 1}
     assert stats["by_agent"] == {"planner": 1, "executor": 1}
-    assert int(client.redis.hget(client.keys.stats, "dlq_purged")) == 4
+    assert stat(client.redis, client.settings, "dlq_purged") == 4
 
     assert run_json(cli, "dlq", "purge", "--all", "--yes") == {"purged": 2}
     assert store.count() == 0 and store.stats()["by_class"] == {}
@@ -289,7 +305,8 @@ def test_bulk_commands_take_every_selected_entry_and_leave_exactly_the_others(cl
                                                                              selection):
     """Sizes that are no multiple of any batch: the report counts every entry that was selected, and the
     DLQ afterwards holds exactly the entries that were not."""
-    generate(client.redis, client.keys, n, 1_700_000_000.0, per_ms=3)
+    home = client.shards.home  # the first shard's DLQ (the only one, with one shard) holds them all
+    generate(client.redis, home, n, 1_700_000_000.0, per_ms=3)
     flags = dict(zip(selection[::2], selection[1::2], strict=False))
     chosen = {nth_id(i) for i in range(n) if flags.get("--agent") in (None, agent_of(i))
               and flags.get("--class") in (None, class_of(i))}
@@ -307,7 +324,7 @@ def test_bulk_commands_take_every_selected_entry_and_leave_exactly_the_others(cl
         assert len(lines) == len(chosen) and {json.loads(line)["entry"]["entry_id"] for line in lines} == chosen
     else:
         assert report == {"purged": len(chosen)}
-    left = {i.decode() for i in client.redis.zrange(client.keys.dlq, 0, -1)}
+    left = {i.decode() for i in client.redis.zrange(home.dlq, 0, -1)}
     assert left == {nth_id(i) for i in range(n)} - chosen
     assert store_of(client).count() + len(chosen) == n
 
@@ -333,8 +350,8 @@ def test_garbage_in_an_agent_queue_is_one_invalid_input_entry_keeping_its_bytes_
     assert (entry.failure_class, entry.agent, entry.queue) == ("invalid_input", "planner", "planner")
     assert entry.error.startswith("undecodable message")
     assert entry.envelope is None and entry.key is None and entry.job_id is None
-    assert store.raw(rid) == data
-    assert int(client.redis.hget(client.keys.stats, "poison")) == 1
+    assert store.store_of(rid).raw(rid) == data
+    assert stat(client.redis, client.settings, "poison") == 1
 
     listed = run_json(cli, "dlq", "list", "--class", "invalid_input", "--agent", "planner")
     assert [e["entry_id"] for e in listed] == [rid]
@@ -353,10 +370,10 @@ def test_garbage_in_an_agent_queue_is_one_invalid_input_entry_keeping_its_bytes_
     res = cli("dlq", "replay", rid, "--yes")  # the human form names the entry and the reason
     assert res.returncode == 1 and f"skipped {rid}" in flat(res.stderr) and "drain or purge" in flat(res.stderr)
 
-    assert all_entries(store) == {rid: entry} and store.raw(rid) == data
-    assert Audit(client.redis, client.keys).records(rid) == []
+    assert all_entries(store) == {rid: entry} and store.store_of(rid).raw(rid) == data
+    assert audit_records(client, rid) == []
     assert client.queues() == {a: EMPTY for a in AGENTS}
-    assert client.redis.hget(client.keys.stats, "replayed") is None
+    assert never_counted(client, "replayed")
 
 
 def test_show_json_gives_back_poison_bytes_that_are_not_utf8_exactly(client, settings, start_worker, cli):
@@ -365,7 +382,7 @@ def test_show_json_gives_back_poison_bytes_that_are_not_utf8_exactly(client, set
     start_worker(settings, ("executor",))
     store = store_of(client)
     wait_for(lambda: store.count() == 1)
-    assert store.raw(rid) == data  # the DLQ keeps them
+    assert store.store_of(rid).raw(rid) == data  # the DLQ keeps them
 
     shown = run_json(cli, "dlq", "show", rid)
     given = []

@@ -66,7 +66,8 @@ def test_concurrent_approve_and_deny_from_two_processes_leave_exactly_one_decisi
         assert approval.by == won[0] and lost["by"] == won[0]  # the loser is told which won
         assert lost["winner"] == approval.decision == ("approved" if won[0] == "approve" else "denied")
         winners.append(won[0])
-    audit = approvals.audit(mesh.redis, mesh.keys, limit=10 * ROUNDS)
+    audit = [a for keys in mesh.shards.keys  # each job's decisions audited in its shard (MESH_SHARDS)
+             for a in approvals.audit(mesh.redis, keys, limit=10 * ROUNDS)]
     assert sorted(a["job_id"] for a in audit) == sorted(r.id for r in refs)  # one record per job
     print(f"winners over {ROUNDS} rounds: approve {winners.count('approve')}, deny {winners.count('deny')}")
 
@@ -77,7 +78,7 @@ LATE_MS = 5000
 
 def _due(mesh: MeshClient, job_id: str, step: str = "researcher") -> int:
     record = mesh.status(job_id)
-    due = approvals.expiry_due_ms(mesh.redis, mesh.keys, job_id, record.steps[step])
+    due = approvals.expiry_due_ms(mesh.redis, mesh.keys_of(job_id), job_id, record.steps[step])  # its shard's timer
     assert due is not None
     return due
 
@@ -136,7 +137,7 @@ def test_an_expiry_survives_a_redis_restart_and_fires_on_time(tmp_path, make_set
         assert server_ms(mesh.redis) < due and _due(mesh, ref.id) == due
         record = _expired(mesh, ref.id, due, timeout_s=20)
         assert record.state is State.DEAD_LETTERED
-        assert mesh.redis.zcard(mesh.keys.dlq_by_class("approval_expired")) == 1
+        assert sum(mesh.redis.zcard(k.dlq_by_class("approval_expired")) for k in mesh.shards.keys) == 1
         listed = subprocess.run([sys.executable, "-m", "mesh.ops.cli", "dlq", "list", "--class", "approval_expired",
                                  "--json"], env=mesh_env(settings), cwd=ROOT, capture_output=True, text=True)
         assert listed.returncode == 0, listed.stderr
@@ -153,10 +154,11 @@ def test_a_message_whose_call_is_not_the_approved_one_is_asked_again_and_never_r
     record = mesh.status(ref.id)
     approved_hash = record.steps["researcher"].approval.hash
     # The queued message is changed before it runs: another input than the one approved.
-    [(mid, raw)] = mesh.redis.hgetall(mesh.keys.messages("researcher")).items()
+    queued = mesh.keys_of(ref.id).messages("researcher")  # in its job's shard (MESH_SHARDS)
+    [(mid, raw)] = mesh.redis.hgetall(queued).items()
     message = loads(raw)
     message["args"][0]["payload"]["goal"] = "drop every table"
-    mesh.redis.hset(mesh.keys.messages("researcher"), mid, dumps(message))
+    mesh.redis.hset(queued, mid, dumps(message))
     run_workers()
 
     record = wait_for(lambda: (r := mesh.status(ref.id)).steps["researcher"].state is State.AWAITING_APPROVAL

@@ -13,20 +13,21 @@ from mesh.agents.pipelines import Pipeline
 from mesh.agents.pipelines import approvals as flow
 from mesh.agents.pipelines.engine import Routes
 from mesh.agents.pipelines.spec import ApprovalPolicy
-from mesh.broker import approvals, timers
+from mesh.broker import approvals, shard_readers, timers
 from mesh.broker.clock import server_ms
 from mesh.broker.keys import prefix
 from mesh.contracts import State
 from mesh.contracts.approvals import parse_duration
-from tests.conftest import sigstop, wait_for, wait_started
+from tests.conftest import sigstop, stat, wait_for, wait_started
 from tests.pipelines.test_approvals import trace_kinds
 
 
-def worker_timers(mesh: MeshClient, owner: str) -> timers.Timers:
-    """The timers a worker process fires (ops/timer_loop.py), with this process's routes."""
-    handlers = flow.timer_handlers(mesh.jobs, mesh.pipelines, Routes(queue=lambda a: a, version=lambda a: None),
-                                   mesh.clock, owner)
-    return timers.Timers(mesh.redis, mesh.keys, owner, handlers)
+def worker_timers(mesh: MeshClient, job_id: str, owner: str) -> timers.Timers:
+    """The timers a worker process fires (ops/timer_loop.py), with this process's routes, in the shard of job
+    ``job_id`` (MESH_SHARDS: a worker fires each shard's timers with that shard's job store)."""
+    handlers = flow.timer_handlers(mesh.jobs_of(job_id), mesh.pipelines,
+                                   Routes(queue=lambda a: a, version=lambda a: None), mesh.clock, owner)
+    return timers.Timers(mesh.redis, mesh.keys_of(job_id), owner, handlers)
 
 
 def test_a_paused_lock_holder_resuming_fires_no_warning_or_expiry_a_second_time(mesh):
@@ -35,29 +36,35 @@ def test_a_paused_lock_holder_resuming_fires_no_warning_or_expiry_a_second_time(
                    {"goal": "g"})
     record = mesh.status(ref.id)
     step = record.steps["researcher"]
-    warn_due = timers.due_at(mesh.redis, mesh.keys, "approval.warn", f"{ref.id}|researcher|1")
+    keys = mesh.keys_of(ref.id)  # its shard's timers (MESH_SHARDS)
+    warn_due = timers.due_at(mesh.redis, keys, "approval.warn", f"{ref.id}|researcher|1")
     assert warn_due is not None
     wait_for(lambda: server_ms(mesh.redis) >= warn_due, timeout_s=5)
-    paused, other = worker_timers(mesh, "paused"), worker_timers(mesh, "other")
+    paused, other = worker_timers(mesh, ref.id, "paused"), worker_timers(mesh, ref.id, "other")
     # the holder read what is due (Timers.tick) and was SIGSTOPped past its lock; another worker
     # took the lock and fired the warning; then the first one resumed with what it had read
-    [read] = timers.due(mesh.redis, mesh.keys)
+    [read] = timers.due(mesh.redis, keys)
     assert read.kind == "approval.warn"
     assert other.tick() == 1
     paused._fire(read)
     assert trace_kinds(mesh, ref.id).count("approval_warning") == 1
-    assert int(mesh.redis.hget(mesh.keys.stats, "approval_warnings") or 0) == 1
+    assert stat(mesh.redis, mesh.settings, "approval_warnings") == 1
 
-    due = timers.due_at(mesh.redis, mesh.keys, "approval", f"{ref.id}|researcher|1")
+    due = timers.due_at(mesh.redis, keys, "approval", f"{ref.id}|researcher|1")
     assert due is not None and step.approval is not None
     wait_for(lambda: server_ms(mesh.redis) >= due, timeout_s=5)
-    [read] = timers.due(mesh.redis, mesh.keys)
+    [read] = timers.due(mesh.redis, keys)
     assert other.tick() == 1
     paused._fire(read)
     record = mesh.status(ref.id)
     assert record.state is State.HALTED and record.steps["researcher"].approval.decision == "expired"
     assert trace_kinds(mesh, ref.id).count("approval_expired") == 1
-    assert mesh.redis.zcard(mesh.keys.timers) == 0
+    assert timers_left(mesh) == 0
+
+
+def timers_left(mesh: MeshClient) -> int:
+    """How many durable timers the namespace's shards hold (MESH_SHARDS: each shard its own jobs')."""
+    return shard_readers.zcard(mesh.redis, mesh.shards.keys, lambda k: k.timers)
 
 
 @pytest.mark.parametrize("by", ["[/red]", "[bold]ana[/bold]"])
@@ -112,7 +119,7 @@ def test_a_lock_holder_sigstopped_mid_tick_delays_no_expiry_and_fires_nothing_tw
     wait_started(takeover)
     ref = mesh.run(root_spec(timeout="10s"), {"goal": "g"})
     due = _due(mesh, ref.id)
-    lock = mesh.keys.timers_lock
+    lock = mesh.keys_of(ref.id).timers_lock  # the lock of the job's shard's timers (each shard has its own)
 
     def held_holds_it() -> bool:
         owner = mesh.redis.get(lock)  # the holder's host:pid
@@ -136,7 +143,7 @@ def test_a_lock_holder_sigstopped_mid_tick_delays_no_expiry_and_fires_nothing_tw
     finally:
         os.kill(held.pid, signal.SIGCONT)
     assert record.state is State.HALTED
-    wait_for(lambda: mesh.redis.zcard(mesh.keys.timers) == 0, timeout_s=30)  # the firing worker's next write
+    wait_for(lambda: timers_left(mesh) == 0, timeout_s=30)  # the firing worker's next write
     assert trace_kinds(mesh, ref.id).count("approval_expired") == 1
 
 
@@ -176,7 +183,7 @@ def test_a_decision_by_a_huge_or_multiline_name_or_with_a_huge_note_is_refused_a
         mesh.deny(ref.id, "researcher", reason=note or "no", by=by)
     record = mesh.status(ref.id)
     assert record.state is State.AWAITING_APPROVAL and record.steps["researcher"].approval.decision is None
-    assert approvals.audit(mesh.redis, mesh.keys) == []
+    assert [r for keys in mesh.shards.keys for r in approvals.audit(mesh.redis, keys)] == []  # audited in no shard
 
 
 def test_the_cli_refuses_a_name_with_a_line_break_with_exit_2(mesh, cli):
@@ -200,14 +207,15 @@ def test_the_retention_sweep_never_takes_a_job_that_ended_while_a_step_waits(mes
     ref = mesh.run(spec, {"goal": "g"}, key="sweep-1")
     record = wait_for(lambda: (r := mesh.status(ref.id)).steps["other"].state is State.DEAD_LETTERED
                       and r.steps["coder"].state is State.AWAITING_APPROVAL and r, timeout_s=15)
-    assert record.state is State.DEAD_LETTERED and mesh.redis.pttl(mesh.keys.job(ref.id)) == -1
+    keys = mesh.keys_of(ref.id)  # the job's shard's (MESH_SHARDS)
+    assert record.state is State.DEAD_LETTERED and mesh.redis.pttl(keys.job(ref.id)) == -1
     # the sweep gave a TTL to an ended record without one (as to a record from before retention),
     # which is what a job that ended while a step waits is: its retention, counted from its end,
     # passed (1s here), it was gone within a millisecond
-    sweeper = Retention(mesh.redis, make_settings(job_retention_s=1))
+    sweeper = Retention(mesh.redis, make_settings(job_retention_s=1).on_shard(keys.shard))  # as its shard's sweeper
     wait_for(lambda: server_ms(mesh.redis) / 1000 - record.created_at > 1.5, timeout_s=5)
     sweeper.sweep(server_ms(mesh.redis) / 1000)
-    assert mesh.redis.pttl(mesh.keys.job(ref.id)) == -1 and mesh.redis.pttl(mesh.keys.trace(ref.id)) == -1
+    assert mesh.redis.pttl(keys.job(ref.id)) == -1 and mesh.redis.pttl(keys.trace(ref.id)) == -1
     assert [p.job_id for p in mesh.approvals()] == [ref.id]
     mesh.deny(ref.id, "coder", reason="no")  # nothing waits any more: now its retention runs
-    assert mesh.redis.pttl(mesh.keys.job(ref.id)) > 0
+    assert mesh.redis.pttl(keys.job(ref.id)) > 0

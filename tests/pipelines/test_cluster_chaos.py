@@ -28,9 +28,10 @@ import redis
 
 from mesh import MeshClient
 from mesh.agents.pipelines import Pipeline, check
-from mesh.broker import JobNotFound, MeshSettings, NotReplicated
+from mesh.broker import JobNotFound, MeshSettings, NotReplicated, job_id_for
 from mesh.broker.connection import acl_rules
 from mesh.broker.keys import prefix
+from mesh.broker.shard_readers import summed_hash
 from mesh.contracts import TERMINAL, State
 from tests.cluster import RedisClusterNodes
 from tests.conftest import wait_for
@@ -55,6 +56,11 @@ def mesh(settings: MeshSettings) -> MeshClient:
 
 def _env(**extra: str) -> dict[str, str]:
     return {"MESH_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), **extra}
+
+
+def _beating(mesh: MeshClient, since_ms: float = 0) -> list[int]:
+    """Each shard's heartbeats at ``since_ms`` or later (MESH_SHARDS: a worker heartbeats in every shard)."""
+    return [int(mesh.redis.zcount(k.heartbeats, since_ms, "+inf")) for k in mesh.shards.keys]
 
 
 def _runs(mesh: MeshClient) -> dict[str, int]:
@@ -99,11 +105,11 @@ def test_a_worker_sigkilled_mid_dag_on_the_cluster_reruns_no_completed_step(mesh
 
 def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int,
             pause: bool = False) -> tuple[list[str], int, Counter[str]]:
-    """Send ``n`` one-step jobs (a note each), SIGKILLing the primary of the namespace's slot once
-    ``kill_at`` were acknowledged (SIGSTOP with ``pause``): (the acknowledged job ids in order, how many
-    before the fault, refusals by kind). The killed node is started again, the paused one resumed, once
-    its replica was promoted."""
-    owner = nodes.primary_of(mesh.keys.prefix)
+    """Send ``n`` one-step jobs (a note each), SIGKILLing the primary of the slot of the namespace's first
+    shard of jobs (MESH_SHARDS; the namespace's own slot with one shard) once ``kill_at`` were acknowledged
+    (SIGSTOP with ``pause``): (the acknowledged job ids in order, how many before the fault, refusals by
+    kind). The killed node is started again, the paused one resumed, once its replica was promoted."""
+    owner = nodes.primary_of(mesh.shards.home.prefix)
     acked: list[str] = []
     refused: Counter[str] = Counter()
     killed_before = -1
@@ -134,7 +140,7 @@ def _stream(mesh: MeshClient, nodes: RedisClusterNodes, n: int, kill_at: int,
 
 def _promoted(nodes: RedisClusterNodes, mesh: MeshClient, old: int) -> bool:
     try:
-        return nodes.primary_of(mesh.keys.prefix) != old
+        return nodes.primary_of(mesh.shards.home.prefix) != old
     except (LookupError, redis.RedisError):
         return False  # the nodes do not agree yet
 
@@ -160,8 +166,10 @@ def test_the_namespace_s_primary_killed_or_paused_mid_stream_loses_no_job_a_repl
     mesh = MeshClient(settings)
     for _ in range(2):
         worker_process("--agents", "executor", "--threads", "2")
-    wait_for(lambda: mesh.redis.zcard(mesh.keys.heartbeats) == 2, timeout_s=20)
-    old = nodes.primary_of(mesh.keys.prefix)
+    wait_for(lambda: _beating(mesh) == [2] * len(mesh.shards.keys), timeout_s=20)
+    faulted = mesh.shards.home  # the slot faulted: that of the first shard of jobs (the namespace's, with one shard)
+    old = nodes.primary_of(faulted.prefix)
+    on_old = {k.shard for k in mesh.shards.keys if nodes.primary_of(k.prefix) == old}  # the shards it holds jobs of
     n, fault_at = 200, 80
     try:
         acked, faulted_before, refused = _stream(mesh, nodes, n, fault_at, pause=fault == "pause")
@@ -172,13 +180,13 @@ def test_the_namespace_s_primary_killed_or_paused_mid_stream_loses_no_job_a_repl
     if fault == "pause":
         nodes.wait_ok()  # the resumed node is the promoted one's linked replica
         assert nodes.node(old).info("replication")["role"] == "slave"
-    assert nodes.primary_of(mesh.keys.prefix) != old
+    assert nodes.primary_of(faulted.prefix) != old
 
-    # the workers reconnected by themselves: heartbeats on the new primary, and they serve it
+    # the workers reconnected by themselves: heartbeats on the new primary (in every shard), and they serve it
     # (heartbeats are the Redis clock's milliseconds: from a second before now, not the epoch's seconds,
     # which counted every heartbeat ever written, those replicated from the old primary too)
     beat_ms = mesh.clock.now_s() * 1000
-    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat_ms - 1000, "+inf") >= 2, timeout_s=20)
+    wait_for(lambda: min(_beating(mesh, beat_ms - 1000)) >= 2, timeout_s=20)
 
     def settled() -> bool:
         records, _ = _outcomes(mesh, acked)
@@ -186,7 +194,7 @@ def test_the_namespace_s_primary_killed_or_paused_mid_stream_loses_no_job_a_repl
 
     wait_for(settled, timeout_s=90, interval_s=0.2)
     # idle, the workers wait for a wake-up token with BLPOP: on the slot's new primary
-    owner = nodes.node(nodes.primary_of(mesh.keys.prefix))
+    owner = nodes.node(nodes.primary_of(faulted.prefix))
 
     def blpops() -> int:
         return int(owner.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
@@ -199,14 +207,16 @@ def test_the_namespace_s_primary_killed_or_paused_mid_stream_loses_no_job_a_repl
     assert all(r.error for r in records.values() if r.state is not State.SUCCEEDED)  # with a reason
     assert outcomes[State.SUCCEEDED] >= n - fault_at  # the workers served the new primary
     # each job's effect (its note, under its own id) once: a step run again after the rewind wrote the same
-    notes = int(mesh.redis.zcard(mesh.keys.notes))
+    notes = sum(int(mesh.redis.zcard(k.notes)) for k in mesh.shards.keys)  # each job's in its shard
     assert outcomes[State.SUCCEEDED] <= notes <= outcomes[State.SUCCEEDED] + outcomes[State.UNKNOWN], notes
     if wait_replicas:
         assert lost == []  # a replica had every acknowledged job: the promoted one
     else:
         # Asynchronous replication: the replica holds a prefix of the primary's writes, so what vanished is
-        # the last jobs acknowledged before the kill, nothing of them left (JobNotFound).
-        assert lost == acked[faulted_before - len(lost):faulted_before], lost
+        # the last jobs acknowledged before the kill, nothing of them left (JobNotFound): of those it held (in
+        # the shards whose slots it served: every job, with one shard)
+        held = [job_id for job_id in acked[:faulted_before] if mesh.keys_of(job_id).shard in on_old]
+        assert lost == held[len(held) - len(lost):], lost
     print(f"{fault} (WAIT {wait_replicas}): jobs {n} acknowledged, {len(records)} ended {dict(outcomes)}, "
           f"{len(lost)} lost, {notes} notes; refused and sent again {dict(refused)}")
 
@@ -284,15 +294,16 @@ def test_the_staged_script_and_the_fenced_read_run_in_a_cluster_transaction(mesh
     assert timers.due_at(mesh.redis, mesh.keys, "test", "t1") is not None
 
     ref = mesh.send("executor", {"tool": "note", "args": {"title": "t", "body": "b"}}, key="fenced-1")
-    claims = Idempotency(mesh.settings, mesh.redis)
-    verdict, token, *_ = claims._call("claim", mesh.keys.claim("fenced-1"), "me")
+    keys, jobs = mesh.keys_of(ref.id), mesh.jobs_of(ref.id)  # the job's shard (MESH_SHARDS): its claim is there too
+    claims = Idempotency(mesh.settings.on_shard(keys.shard), mesh.redis)  # as that shard's worker claims
+    verdict, token, *_ = claims._call("claim", keys.claim("fenced-1"), "me")
     assert verdict == b"run"
-    lease = Lease(key="fenced-1", claim_key=mesh.keys.claim("fenced-1"), owner="me", token=int(token))
-    mesh.jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "fenced write"}), []), fence=lease)
+    lease = Lease(key="fenced-1", claim_key=keys.claim("fenced-1"), owner="me", token=int(token))
+    jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "fenced write"}), []), fence=lease)
     assert mesh.status(ref.id).error == "fenced write"
     with pytest.raises(LeaseLost):
-        mesh.jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "x"}), []),
-                         fence=Lease(key="fenced-1", claim_key=lease.claim_key, owner="other", token=int(token)))
+        jobs.update(ref.id, lambda r: (r.model_copy(update={"error": "x"}), []),
+                    fence=Lease(key="fenced-1", claim_key=lease.claim_key, owner="other", token=int(token)))
 
 
 def test_a_call_on_the_slot_s_node_is_retried_as_the_client_retries_while_the_slot_fails_over(mesh) -> None:
@@ -438,20 +449,32 @@ def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new
     serve the new primary (their heartbeats, their idle wait, 20 more jobs)."""
     mesh = MeshClient(settings, app=app)
     ns = settings.namespace
+    moved = mesh.keys_of(job_id_for("held"))  # the slot moved: the held job's shard's (the namespace's, one shard)
+    source = nodes.primary_of(moved.prefix)
+    # a primary holding neither the slot moved nor the namespace's others (the fleet-wide keys', on a shard other
+    # than 0; with MESH_SHARDS the other shards'), so that every script it runs before the slot is its own ran
+    # where its keys were not: with several shards (4 slots, 3 primaries) every primary may hold one, moved
+    # away from it first (no worker yet, the namespace's slots empty)
+    others = [mesh.keys.fleet, *(k.prefix for k in mesh.shards.keys if k != moved)]
+    target = min((p for p in nodes.primaries() if p != source),
+                 key=lambda p: sum(nodes.primary_of(other) == p for other in others))
+    cleared = [other for other in others if nodes.primary_of(other) == target]
+    for other in cleared:
+        away = Reshard(nodes, other, source)
+        away.run()
+        assert away.error is None, away.error
+    wait_for(lambda: all(nodes._owner(other) not in (None, target) for other in others), timeout_s=10)
     workers = [worker_process("--app", APP, "--threads", "2", MESH_LEASE_S="3", MESH_COUNTER_FLUSH_S="0.5")
                for _ in range(2)]
-    wait_for(lambda: mesh.redis.zcard(mesh.keys.heartbeats) == 2, timeout_s=20)
+    wait_for(lambda: _beating(mesh) == [2] * len(mesh.shards.keys), timeout_s=20)
     fill = mesh.redis.pipeline(transaction=False)
     for i in range(FILLER):
-        fill.set(f"{mesh.keys.prefix}:test.filler:{i}", "x" * 100)
+        fill.set(f"{moved.prefix}:test.filler:{i}", "x" * 100)
     fill.execute()
     held = mesh.send("hold", {"diff": "d", "confidence": 0.9}, key="held")
+    assert mesh.keys_of(held.id) == moved
     wait_for(lambda: mesh.redis.get(f"{prefix(ns)}:test.holder"), timeout_s=20)  # running, its lease renewed
-    source = nodes.primary_of(mesh.keys.prefix)
-    # a primary holding neither the slot moved nor the fleet-wide keys' (another slot on a shard other than 0),
-    # so that every script it runs before the slot is its own ran where its keys were not
-    target = next(p for p in nodes.primaries() if p not in {source, nodes.primary_of(mesh.keys.fleet)})
-    reshard = Reshard(nodes, mesh.keys.prefix, target)
+    reshard = Reshard(nodes, moved.prefix, target)
 
     n, move_at = 200, 80
     acked: list[str] = []
@@ -464,7 +487,7 @@ def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new
             reshard.start()
     reshard.join(60)
     assert not reshard.is_alive() and reshard.error is None, reshard.error
-    assert nodes.primary_of(mesh.keys.prefix) == target
+    assert nodes.primary_of(moved.prefix) == target
     assert not nodes.node(source).execute_command("CLUSTER COUNTKEYSINSLOT", reshard.slot)
     mesh.redis.set(f"{prefix(ns)}:test.release", 1)
 
@@ -476,11 +499,11 @@ def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new
     outcomes = Counter(r.state for r in records)
     during = [e - b for b, e in sent_at if e >= reshard.began and b <= reshard.ended]
 
-    # the workers follow the slot: fresh heartbeats, and their idle wait (BLPOP), on the new primary
-    # (heartbeats are the Redis clock's milliseconds: from a second before now, not the epoch's seconds,
-    # which counted every heartbeat ever written, those the move brought from the source too)
+    # the workers follow the slot: fresh heartbeats (in every shard), and their idle wait (BLPOP), on the new
+    # primary (heartbeats are the Redis clock's milliseconds: from a second before now, not the epoch's
+    # seconds, which counted every heartbeat ever written, those the move brought from the source too)
     beat_ms = mesh.clock.now_s() * 1000
-    wait_for(lambda: mesh.redis.zcount(mesh.keys.heartbeats, beat_ms - 1000, "+inf") >= 2, timeout_s=20)
+    wait_for(lambda: min(_beating(mesh, beat_ms - 1000)) >= 2, timeout_s=20)
     waited = _calls(nodes.node(target), "blpop")["blpop"]
     wait_for(lambda: _calls(nodes.node(target), "blpop")["blpop"] >= waited + 2, timeout_s=10)
     # every worker thread serves still: a second stream, after the move, ends as the first
@@ -488,8 +511,8 @@ def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new
     ends = [mesh.wait(job_id, timeout_s=30).state for job_id in after]
     runs = {k.decode(): int(v) for k, v in mesh.redis.hgetall(f"{prefix(ns)}:test.runs").items()}
 
-    def counted() -> int:
-        return int(mesh.redis.hget(mesh.keys.outcomes, "researcher:succeeded") or 0)
+    def counted() -> int:  # every shard's step counters, added up
+        return int(summed_hash(mesh.redis, mesh.shards.keys, lambda k: k.outcomes).get("researcher:succeeded", 0))
 
     wait_for(lambda: counted() >= n + 20, timeout_s=10)  # the workers' step counters, written every 0.5 s
     logs = {w.pid: w.log_path.read_text() for w in workers}
@@ -501,7 +524,8 @@ def test_a_namespace_s_slot_moved_live_mid_stream_ends_every_job_once_on_its_new
           f"script calls the source turned back {reshard.refused}; on the target while it imported: "
           f"{reshard.on_target}; jobs {n} + 1 held across the move, ended {dict(outcomes)}; "
           f"step runs {sorted(Counter(runs.values()).items())}; counted succeeded {counted()}; "
-          f"after the move 20 more ended {dict(Counter(ends))}")
+          f"after the move 20 more ended {dict(Counter(ends))}; the namespace's other slots moved off the target "
+          f"first: {len(cleared)}")
     for pid, log in logs.items():
         noted = [line for line in log.splitlines() if "Traceback" in line or "ERROR" in line or "WARNING" in line]
         print(f"worker {pid}: {len(noted)} warnings/errors" + "".join(f"\n  {line}" for line in noted[:20]))

@@ -13,8 +13,9 @@ from typing import Any
 
 from mesh import MeshClient
 from mesh.broker.keys import prefix
+from mesh.broker.shard_readers import summed_hash
 from mesh.contracts import State
-from mesh.dlq import DeadLetterStore, Replayer
+from mesh.dlq import DeadLetterShards, DeadLetterStore, Replayer
 from tests.conftest import wait_for
 from tests.httpserver import RecordingServer
 from tests.pipelines.saga import SHOW, TRIP, app
@@ -73,7 +74,7 @@ def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and
         assert kinds.count("compensating") == 1 and kinds.count("compensation_sent") == 2
 
         # The DLQ replay of car's dead letter: refused (the job was undone), never a second compensation.
-        store = DeadLetterStore(rclient, mesh.keys)
+        store = dlq_of(mesh, ref.id)
         [entry] = store.newest()
         replayer = Replayer(store, mesh.settings)
         report = replayer.replay(replayer.entries([entry.entry_id]))
@@ -82,8 +83,8 @@ def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and
         assert after.state is State.COMPENSATED and after.steps["car"].state is State.DEAD_LETTERED
         assert [a for a in ledger.applied if a[0] == "/undo"] == [("/undo", "hotel"), ("/undo", "flight")]
         # (the worker writes its success counts once per MESH_COUNTER_FLUSH_S)
-        wait_for(lambda: int(rclient.hget(mesh.keys.outcomes, "unbook:succeeded") or 0) >= 2)
-        assert int(rclient.hget(mesh.keys.outcomes, "unbook:succeeded") or 0) == 2
+        wait_for(lambda: _outcome(mesh, "unbook:succeeded") >= 2)
+        assert _outcome(mesh, "unbook:succeeded") == 2
 
         # Every view shows the new states with their cause.
         status = cli("status", "trip-1")
@@ -101,6 +102,16 @@ def test_a_permanent_failure_compensates_the_succeeded_steps_in_reverse_once_and
         assert samples[("mesh_compensations_sent_total", ())] == 2
         assert samples[("mesh_jobs_compensated_total", ())] == 1
         assert samples[("mesh_compensations_failed_total", ())] == 0
+
+
+def dlq_of(mesh: MeshClient, job_id: str) -> DeadLetterStore:
+    """The DLQ of the job's shard (MESH_SHARDS): a job's dead letters are kept there."""
+    return DeadLetterShards.of(mesh.redis, mesh.settings).of_job(job_id)
+
+
+def _outcome(mesh: MeshClient, field: str) -> int:
+    """The step counter ``field`` (``{agent}:{outcome}``), added up over the shards (each counts its own steps)."""
+    return int(summed_hash(mesh.redis, mesh.shards.keys, lambda k: k.outcomes).get(field, 0))
 
 
 def _metrics(mesh: MeshClient) -> dict[tuple[str, tuple[str, ...]], float]:
@@ -143,7 +154,7 @@ def test_a_worker_sigkilled_mid_compensation_leaves_each_compensation_applied_on
 def _trace(mesh: MeshClient, job_id: str) -> list[dict[str, Any]]:
     from mesh.broker import trace
 
-    return trace.read(mesh.redis, mesh.keys, job_id)
+    return trace.read(mesh.redis, mesh.keys_of(job_id), job_id)
 
 
 def test_a_tool_declared_with_compensate_is_undone_by_its_compensating_tool_last_call_first(
@@ -176,7 +187,7 @@ def test_a_compensation_failing_for_good_is_dead_lettered_compensation_failed_an
         assert record.state is State.UNKNOWN and record.failure_class == "compensation_failed", record.error
         assert record.error.startswith("compensation undo:hotel failed: permanent: ")
         assert record.steps["undo:flight"].sent_at is None  # the rest wait: flight stays booked
-        store = DeadLetterStore(rclient, mesh.keys)
+        store = dlq_of(mesh, ref.id)
         [entry] = [e for e in store.newest() if e.envelope and e.envelope["step_id"] == "undo:hotel"]
         assert entry.failure_class == "compensation_failed"
         assert ledger.applied == [("/do", "flight"), ("/do", "hotel")]
