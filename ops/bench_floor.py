@@ -149,6 +149,7 @@ def floor(client: redis.Redis, ns: str, jobs: int, rounds: int = 3, raw_redis_cp
         for name, scripts in made.items():
             runs[name].append(_run(client, ns, scripts, jobs))
     return {"jobs": jobs, "rounds": rounds, "record_bytes": RECORD_BYTES, "event_bytes": EVENT_BYTES,
+            "raw_redis_cpu_us": raw_redis_cpu_us,
             "variants": [{"name": name,
                           "redis_commands_per_job": statistics.median(r.commands_per for r in got),
                           "redis_cpu_us_per_job": statistics.median(r.cpu_us()["redis"] for r in got),

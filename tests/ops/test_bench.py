@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from conftest import close_client, redis_client, run_cli
+from rich.table import Table
 
 from mesh.broker.keys import prefix
 from mesh.ops import bench
@@ -195,3 +196,22 @@ def test_the_writes_floor_runs_each_variants_commands_and_leaves_no_key(private_
         assert v["redis_cpu_us_per_job"] > 0 and v["redis_cpu_us_per_job_least"] <= v["redis_cpu_us_per_job"]
         assert v["vs_raw_redis_cpu"] == pytest.approx(v["redis_cpu_us_per_job"] / 50.0)
     assert list(client.scan_iter(match="{bench-floor}*", count=1000)) == []
+
+
+def test_the_floors_rows_read_when_a_run_was_too_short_for_redis_cpu_to_move():
+    """INFO cpu moves in 10 ms steps: a small run's Redis CPU per job (or raw's per message) reads 0."""
+    from rich.console import Console
+
+    from mesh.ops.bench_cli import _floor_rows
+
+    variant = {"name": "writes", "redis_commands_per_job": 9.76, "redis_cpu_us_per_job": 0.0,
+               "redis_cpu_us_per_job_least": 0.0, "vs_raw_redis_cpu": None}
+    for raw in (0.0, None, 50.0):
+        table = Table("measure", "mesh", "raw", "mesh/raw")
+        _floor_rows(table, {"jobs": 10, "rounds": 3, "raw_redis_cpu_us": raw, "variants": [variant],
+                            "real_step_redis_cpu_us": 120.0})
+        console = Console(width=80, record=True)
+        console.print(table)
+        text = console.export_text()
+        assert "writes, 9.8 commands" in text and "the real one-step job" in text
+        assert ("2.40" in text) is (raw == 50.0)  # the real step's 120 µs against raw's 50
