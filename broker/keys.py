@@ -141,7 +141,8 @@ The mesh's own:
                                       over (MESH_SHARD, MESH_SHARDS), set by the first process to use it;
                                       a process of another count refuses to start (broker/shards.py)
     {ns}:sweep.lock                   string, expires after MESH_SWEEP_INTERVAL_S: the worker that set
-                                      it runs this interval's retention sweep (ops/sweeper.py)
+                                      it runs this interval's retention sweep of its shard (a lock per
+                                      shard, as every key here: ops/sweeper.py)
     {ns}:timers                       zset "{kind}|{ref}" -> due time (ms, Redis TIME): durable timers
                                       (broker/timers.py), fired by whichever worker holds timers.lock
     {ns}:timers.lock                  string, expires within seconds: the worker that set it fires the

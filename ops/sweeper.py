@@ -2,7 +2,9 @@
 
 Each worker runs a daemon thread that, every MESH_SWEEP_INTERVAL_S, tries to take ``{ns}:sweep.lock``
 (``SET NX PX interval``): the worker that gets it sweeps, the others skip, so the fleet runs one
-sweep per interval whether or not anything fails. A sweep compacts the jobs that ended since the last
+sweep per interval whether or not anything fails. With several shards (MESH_SHARDS) each shard has
+its own lock, sweep and counters (a worker runs a sweeper per shard it serves): one sweep per shard
+per interval, ``sweeps`` counted in each shard's stats. A sweep compacts the jobs that ended since the last
 one and keeps the newest MESH_JOB_RETENTION_COUNT of each agent or pipeline (broker/compact.py), tidies
 the job and note indexes (broker/retention.py) and applies the DLQ retention (dlq/retention.py). It
 enqueues nothing and is counted apart from workload: ``sweeps``, ``compacted_jobs``, ``swept_*`` and
