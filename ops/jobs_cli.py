@@ -415,26 +415,32 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
     else:
         out.print(Text.assemble(head, f"  {trace}"))
     if record.goal:
-        out.print(Text(f"goal: {record.goal}"))
+        for line in _labelled("goal:", record.goal, width):
+            out.print(line)
     if record.pipeline:
         out.print(Text(f"pipeline: {record.pipeline} ({(record.pipeline_digest or '')[:12]})"))
-    if record.error and nodes is not None:
-        lines = textwrap.wrap(f"error: {record.error}", max(20, width), subsequent_indent="       ",
-                              break_long_words=False, break_on_hyphens=False)
-        out.print(Text.assemble(("error:", "red"), lines[0].removeprefix("error:")))
-        for rest in lines[1:]:
-            out.print(Text(rest))
-    elif record.error:
-        out.print(Text.assemble(("error: ", "red"), record.error))
+    if record.error:
+        for line in _labelled("error:", record.error, width, "red"):
+            out.print(line)
     if record.tokens_in or record.tokens_out:
         out.print(Text(f"model tokens: {record.tokens_in} in, {record.tokens_out} out"))
     for line in jobctl_lines(record):  # why it undoes its effects; the reruns it is of, or has
-        out.print(line)
+        for part in textwrap.wrap(line.plain, max(20, width), subsequent_indent="  ", break_long_words=False,
+                                  break_on_hyphens=False) or [""]:
+            out.print(Text(part))
     if nodes is None:
         out.print(steps_table(record, stuck, wide=wide))
         return
     for drawn in dag.draw(record, nodes, stuck, width=width):
         out.print(drawn)
+
+
+def _labelled(label: str, text: str, width: int, style: str = "") -> list[Text]:
+    """``label`` and ``text`` in lines of at most ``width`` columns, broken between words (a word longer
+    than a line stays whole), the lines after the first indented under the text."""
+    lines = textwrap.wrap(f"{label} {text}", max(20, width), subsequent_indent=" " * (len(label) + 1),
+                          break_long_words=False, break_on_hyphens=False) or [label]
+    return [Text.assemble((label, style), lines[0].removeprefix(label)), *(Text(rest) for rest in lines[1:])]
 
 
 def steps_table(record: JobRecord, stuck: dict[str, float] | None = None, *, wide: bool = False) -> Listing:

@@ -193,3 +193,24 @@ def test_status_of_a_pipeline_puts_the_facts_that_do_not_fit_under_the_step(cli,
     assert facts == "release_review succeeded (verified) agent researcher attempt 3 12.50s tokens 12345/6789", lines
     wide = cli("status", "release-4414", COLUMNS="120").stdout
     assert "release_review  succeeded (verified)  agent researcher  attempt 3  12.50s  tokens 12345/6789\n" in wide
+
+
+def test_status_of_a_job_wraps_its_goal_and_error_between_words_at_80_columns(cli, client: MeshClient) -> None:
+    goal = ("find every order placed last week whose delivery address changed after it was paid, and tell "
+            "their customers when the parcel will arrive")
+    submitted = cli("submit", goal, "--key", "order-10")
+    assert submitted.returncode == 0, submitted.stderr
+    assert cli("cancel", "order-10", "--reason", REASON).returncode == 0
+    lines = fits_80(cli("status", "order-10", COLUMNS="80"))
+
+    def paragraph(label: str) -> str:  # the line that starts with label, and those indented under it
+        at = next(i for i, line in enumerate(lines) if line.startswith(label))
+        end = next((j for j in range(at + 1, len(lines)) if not lines[j].startswith(" ")), len(lines))
+        return " ".join(" ".join(lines[at:end]).split())
+
+    assert paragraph("goal: ") == f"goal: {goal}", lines
+    assert paragraph("error: ") == f"error: cancelled: {REASON}", lines
+    assert paragraph("cancelled: ") == f"cancelled: {REASON}", lines  # why the job undoes its effects
+    # wide enough, one line each as before
+    wide = cli("status", "order-10", COLUMNS="400").stdout.splitlines()
+    assert f"goal: {goal}" in wide, wide
