@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape as markup_escape
 from rich.text import Text
 
 from mesh.agents.tools import read_note
@@ -113,7 +114,7 @@ def _follow(client: MeshClient, job_id: str, timeout_s: float, out: Console) -> 
                 seen[step.step_id] = step.state
                 note = f" ({step.error})" if step.error else ""
                 out.print(f"  {time.monotonic() - started:6.2f}s  {step.step_id:<5} {step.agent:<10} "
-                          f"{shown_state(step)}{note}", highlight=False)
+                          f"{shown_state(step)}{note}", highlight=False, markup=False)
         if record.state in TERMINAL:
             return record
         if time.monotonic() - started > timeout_s:
@@ -136,7 +137,7 @@ def _show_effects(client: MeshClient, record: JobRecord, out: Console) -> None:
         result = step.result or {}
         if step.agent == "researcher":
             for finding in result.get("findings", []):
-                out.print(f"  [dim]{step.step_id} cites {finding['source']}[/dim]")
+                out.print(f"  [dim]{step.step_id} cites {markup_escape(finding['source'])}[/dim]")
         if result.get("tool") == "note":
             note = read_note(client.redis, client.keys_of(record.job_id), result["effect_id"])
             if note:

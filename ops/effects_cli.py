@@ -245,9 +245,10 @@ def _report(data: dict[str, Any], as_json: bool) -> None:
         base.out.print(Text(verdict))
     for effect in data["effects"]:
         line = f"  {effect['tool']} call #{effect['call']}: {effect['verdict']}"
-        base.out.print(line + (f": {effect['reason']}" if effect["reason"] else ""))
+        # a tool name and a reason are data: printed as they are, never read as rich markup
+        base.out.print(line + (f": {effect['reason']}" if effect["reason"] else ""), markup=False)
     if data["verdict"] == "unknown" and data.get("reason") and not data["effects"]:
-        base.out.print(f"  {data['reason']}")
+        base.out.print(f"  {data['reason']}", markup=False)
     moved = {"replayed": "the step runs again; its calls are answered from the ledger",
              "dead_lettered": f"the step is dead-lettered; job {data.get('job_state')}"}.get(data.get("moved") or "")
     base.out.print(f"  {moved or 'nothing moved: mesh settle decides by hand'}")

@@ -223,7 +223,7 @@ def send(
         emit_json([{"job_id": r.id, "key": r.key, "trace_id": r.trace_id} for r in refs])
     else:
         for r in refs:
-            out.print(f"{r.id}  key={r.key}", highlight=False)
+            out.print(f"{r.id}  key={r.key}", highlight=False, markup=False)
         err.print(f"sent {len(refs)} message(s) to {agent}")
 
 

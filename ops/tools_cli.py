@@ -57,7 +57,8 @@ def tools_diff(tool: Annotated[str | None, typer.Argument(help="Only this tool (
                     "presented": {**asdict(d.presented), "sha256": d.presented.digest}} for d in drifts])
         return
     if not drifts:
-        out.print(f"no changes waiting{f' for {tool}' if tool else ''}: every server presents its pinned tools")
+        out.print(f"no changes waiting{f' for {tool}' if tool else ''}: every server presents its pinned tools",
+                  markup=False)
         return
     for d in drifts:
         out.print(Text(f"{d.tool}: {', '.join(d.changed)} changed (pinned {d.pinned.digest[:12]}, presented "
@@ -80,7 +81,7 @@ def tools_accept(tool: ToolArg, as_json: JsonFlag = False) -> None:
     if as_json:
         emit_json({"tool": tool, "sha256": accepted.digest, **asdict(accepted)})
         return
-    out.print(f"{tool}: accepted sha256 {accepted.digest[:12]}")
+    out.print(f"{tool}: accepted sha256 {accepted.digest[:12]}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -253,3 +253,20 @@ def test_mesh_settle_prints_within_80_columns_the_verdict_on_a_line_of_its_own(
     lines = done.stdout.splitlines()
     assert max(map(len, lines)) <= 80, done.stdout
     assert lines[:2] == [f"step post of job {ref.id}:", "not_applied (by ops@build-host)"], lines
+
+
+@pytest.mark.slow
+def test_mesh_settle_prints_a_markup_like_reason_as_given(make_settings, effects_worker, cli, rclient):
+    """An operator's reason is data: rich markup in it is neither parsed (``[/bold]`` alone would raise
+    after the settling) nor applied."""
+    reason = "x [/bold] [red]y[/red] [link=http://e]z[/link]"
+    with RecordingServer() as server:
+        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
+        mesh = MeshClient(settings, client=rclient, app=app)
+        effects_worker(settings)
+        ref, _ = unknown_job(mesh, server, "settle-markup")
+        done = cli("settle", "settle-markup", "post", "--as", "not-applied", "--reason", reason)
+
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert f": {reason}" in done.stdout, done.stdout
+    assert mesh.status(ref.id).steps["post"].settlement.reason == reason
