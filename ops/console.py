@@ -199,8 +199,7 @@ class Listing:
                     lines.append(Text.assemble(head, cell))
                     continue
                 chunks = [part for line in cell.plain.splitlines() or [""]
-                          for part in textwrap.wrap(line, max(20, width - label), break_long_words=False,
-                                                    break_on_hyphens=False) or [""]]
+                          for part in wrapped(line, width - label) or [""]]
                 style = cell.style
                 lines.append(Text.assemble(head, Text(chunks[0], style=style)))
                 lines += [Text(" " * label + chunk, style=style) for chunk in chunks[1:]]
@@ -260,6 +259,15 @@ def fitted(parts: Sequence[str], sep: str = "  ", width: int | None = None, inde
         else:
             lines.append(indent + part if lines else part)
     return lines
+
+
+def wrapped(text: str, width: int | None = None, indent: str = "", first: str = "") -> list[str]:
+    """``text`` in lines of ``width`` columns (the terminal's; 20 at the least), broken between words: a
+    word longer than a line is kept whole, never cut nor split at its hyphens, so a value stays whole.
+    ``first`` starts the first line, ``indent`` the others."""
+    width = out.size.width if width is None else width
+    return textwrap.wrap(text, max(20, width), initial_indent=first, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def shell_lines(command: str, width: int = 78) -> str:

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ from mesh.agents.tools import read_note
 from mesh.broker import MeshClient, MeshSettings
 from mesh.broker.connection import masked_url
 from mesh.contracts import TERMINAL, JobRecord, State, StepRecord
-from mesh.ops.console import fitted, shell_lines
+from mesh.ops.console import fitted, shell_lines, wrapped
 
 from .local_redis import ensure_redis
 
@@ -49,7 +48,7 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
         ref = client.submit(goal, key=f"demo-{uuid.uuid4().hex[:12]}")
         submitted, *trace = fitted([f"submitted job {ref.id}", f"(trace {ref.trace_id})"], " ", out.size.width)
         out.print(Text.assemble("submitted job ", (ref.id, "bold"), submitted.removeprefix(f"submitted job {ref.id}")))
-        for line in [*trace, *_wrapped(f"goal: {goal}", out.size.width, "      ")]:
+        for line in [*trace, *wrapped(f"goal: {goal}", out.size.width, "      ")]:
             out.print(Text(line), highlight=False)
         record = _follow(client, ref.id, timeout_s, out)
     finally:
@@ -71,18 +70,12 @@ def run_demo(goal: str, timeout_s: float, out: Console) -> int:
                                    f"status {record.job_id}")), highlight=False)
     else:  # the private server stops with this process, and its data with it
         out.print()
-        for line in _wrapped(f"No Redis answered at {masked_url(env_settings.redis_url)}, so this demo ran on a "
+        for line in wrapped(f"No Redis answered at {masked_url(env_settings.redis_url)}, so this demo ran on a "
                              "private one that stops now, with its data: the job cannot be inspected afterwards. To "
                              "keep jobs, start a Redis there (e.g. redis-server) and run the demo again; then: "
                              f"{mesh_command()} status {record.job_id}", out.size.width):
             out.print(Text(line), highlight=False)
     return 0 if record.state is State.SUCCEEDED else 1
-
-
-def _wrapped(text: str, width: int, indent: str = "", first: str = "") -> list[str]:
-    """``text`` in lines of ``width`` columns, between words (a word longer than a line kept whole)."""
-    return textwrap.wrap(text, max(20, width), initial_indent=first, subsequent_indent=indent,
-                         break_long_words=False, break_on_hyphens=False)
 
 
 def mesh_command() -> str:
@@ -149,5 +142,5 @@ def _show_effects(client: MeshClient, record: JobRecord, out: Console) -> None:
                 for line in title:
                     out.print(Text(line, style="bold"), highlight=False)
                 for f in note["findings"]:
-                    for line in _wrapped(f"- {f['question']}: {f['summary']}", out.size.width, "    ", "  "):
+                    for line in wrapped(f"- {f['question']}: {f['summary']}", out.size.width, "    ", "  "):
                         out.print(Text(line), highlight=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from typing import Annotated
 
 import typer
@@ -12,7 +11,7 @@ from rich.text import Text
 from mesh.broker import JobNotFound, MeshClient
 from mesh.contracts import ConfigError, JobRecord, State
 from mesh.contracts.jobs import compensations
-from mesh.ops.console import EXIT_INPUT, JsonFlag, WaitFlag, WaitTimeoutS, client, emit_json, fail, out
+from mesh.ops.console import EXIT_INPUT, JsonFlag, WaitFlag, WaitTimeoutS, client, emit_json, fail, out, wrapped
 
 Job = Annotated[str, typer.Argument(
     help="The job id (from `mesh submit` or `mesh jobs`) or its start, or the key it was sent with, e.g. order-7.",
@@ -60,8 +59,7 @@ def cancel(job: Job, reason: Annotated[str | None, typer.Option(
             return
         # the job id alone takes 36 columns: why it was cancelled after, wrapped between words
         out.print(Text(f"job {record.job_id} is {record.state}: nothing to cancel"))
-        for said in textwrap.wrap(why, max(20, out.size.width), subsequent_indent=" ", break_long_words=False,
-                                  break_on_hyphens=False):
+        for said in wrapped(why, indent=" "):
             out.print(Text(said))
         return
     running = [s.step_id for s in record.steps.values() if s.state is State.RUNNING and s.compensates is None]

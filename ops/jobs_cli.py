@@ -4,7 +4,6 @@ the jobs it makes."""
 from __future__ import annotations
 
 import re
-import textwrap
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -42,6 +41,7 @@ from mesh.ops.console import (
     out,
     resolve,
     when,
+    wrapped,
 )
 from mesh.ops.jobctl_cli import lines as jobctl_lines
 from mesh.ops.pipeline_cli import AppPath, refuse_replacing, registration, resolve_pipeline, say_registration
@@ -334,7 +334,7 @@ def _deployment(c: MeshClient, as_json: bool) -> None:
     tls = ", TLS" if server["tls"] else ""
     said = f"{server.get('address', '?')} db {server['db']}, {server.get('role', '?')}{tls}{via}"
     # wrapped between words under its label (a Sentinel's or a cluster's nodes run past 80 columns)
-    lines = textwrap.wrap(said, max(20, out.size.width - 11), break_long_words=False, break_on_hyphens=False)
+    lines = wrapped(said, out.size.width - 11)
     for i, line in enumerate(lines):
         out.print(Text(f"{'' if i else 'redis:':<11}{line}"))
     out.print(Text(f"namespace: {overview['namespace']}"))
@@ -425,8 +425,7 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
     if record.tokens_in or record.tokens_out:
         out.print(Text(f"model tokens: {record.tokens_in} in, {record.tokens_out} out"))
     for line in jobctl_lines(record):  # why it undoes its effects; the reruns it is of, or has
-        for part in textwrap.wrap(line.plain, max(20, width), subsequent_indent="  ", break_long_words=False,
-                                  break_on_hyphens=False) or [""]:
+        for part in wrapped(line.plain, width, "  ") or [""]:
             out.print(Text(part))
     if nodes is None:
         out.print(steps_table(record, stuck, wide=wide))
@@ -438,8 +437,7 @@ def _show(record: JobRecord, as_json: bool, stuck: dict[str, float] | None = Non
 def _labelled(label: str, text: str, width: int, style: str = "") -> list[Text]:
     """``label`` and ``text`` in lines of at most ``width`` columns, broken between words (a word longer
     than a line stays whole), the lines after the first indented under the text."""
-    lines = textwrap.wrap(f"{label} {text}", max(20, width), subsequent_indent=" " * (len(label) + 1),
-                          break_long_words=False, break_on_hyphens=False) or [label]
+    lines = wrapped(f"{label} {text}", width, " " * (len(label) + 1)) or [label]
     return [Text.assemble((label, style), lines[0].removeprefix(label)), *(Text(rest) for rest in lines[1:])]
 
 
