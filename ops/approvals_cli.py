@@ -153,11 +153,9 @@ def _show(record: JobRecord, as_json: bool) -> None:
     # a Text, not markup: the name comes from --by, and "[/red]" in it must print, not raise
     said = f"{approval.decision}: step {step.step_id} of {record.job_id}"
     then = f"by {approval.by}; step {step.state.value}, job {record.state.value}"
-    if cell_len(said) + 1 + cell_len(then) <= base.out.size.width:
-        base.out.print(Text(f"{said} {then}"))
-    else:  # the job id alone takes 36 columns: who and what it left on a line of their own
-        base.out.print(Text(said))
-        base.out.print(Text(f"  {then}"))
+    # the job id alone takes 36 columns: who and what it left on a line of their own when need be
+    for line in base.fitted([said, then], " ", indent="  "):
+        base.out.print(Text(line))
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.cells import cell_len
 from rich.text import Text
 
 from mesh.broker import trace
@@ -98,7 +97,7 @@ def verify_step(c: MeshClient, app: Any, record: JobRecord, step: str, who: str)
             raise Undecided(str(exc), base.EXIT_INPUT) from exc
         except LeaseLost as exc:
             raise Undecided(_TAKEN_OVER.format(step=step), base.EXIT_FAILED) from exc
-    trace.emit(c.redis, _keys(c, record), verified_event(record, decision, who))
+    trace.emit(c.redis, c.keys_of(record.job_id), verified_event(record, decision, who))
     moved = _move(c, app, record, decision)
     result: dict[str, Any] = decision.as_json() | {"by": who, **moved}
     return result
@@ -121,11 +120,6 @@ def settle_step(c: MeshClient, app: Any, record: JobRecord, step: str, *, applie
     moved = _move(c, app, c.status(record.job_id), decision)
     result: dict[str, Any] = decision.as_json() | {"by": by, **moved}
     return result
-
-
-def _keys(c: MeshClient, record: JobRecord) -> Any:
-    """The keys of the shard the job lives in (its trace, its dead letters)."""
-    return c.keys_of(record.job_id)
 
 
 def _record(c: MeshClient, given: str) -> JobRecord:
@@ -170,7 +164,7 @@ def _dead_letter(c: MeshClient, record: JobRecord, step_id: str) -> list[Any]:
     step = record.steps.get(step_id)
     if step is None:
         return []
-    store = DeadLetterStore(c.redis, _keys(c, record))  # the job's shard keeps its dead letters
+    store = DeadLetterStore(c.redis, c.keys_of(record.job_id))  # the job's shard keeps its dead letters
     found = [s for s in store.of_job(record.job_id) if s.entry.key == step.key]
     if found:
         return found
@@ -205,7 +199,7 @@ def _replayable(c: MeshClient, record: JobRecord, step_id: str) -> None:
         def _decided(self, job_id: str, step: str) -> bool:
             return (job_id, step) == (record.job_id, step_id)
 
-    keys = _keys(c, record)
+    keys = c.keys_of(record.job_id)
     report = Assumed(DeadLetterStore(c.redis, keys), c.settings, Audit(c.redis, keys)).replay(
         found[-1:], dry_run=True)
     if report.skipped:
@@ -219,7 +213,7 @@ def _replay(c: MeshClient, record: JobRecord, step_id: str) -> dict[str, Any]:
     from mesh.dlq.audit import Audit
     from mesh.dlq.replay import Replayer
 
-    store = DeadLetterStore(c.redis, _keys(c, record))
+    store = DeadLetterStore(c.redis, c.keys_of(record.job_id))
     found = _dead_letter(c, record, step_id)
     if not found:
         raise Undecided(f"step {step_id}'s effect is decided, but its dead letter is gone (drained or purged): it "
@@ -238,11 +232,9 @@ def _report(data: dict[str, Any], as_json: bool) -> None:
         return
     said = f"step {data['step_id']} of job {data['job_id']}:"
     verdict = f"{data['verdict']}" + (f" (by {data['by']})" if data.get("by") else "")
-    if cell_len(said) + 1 + cell_len(verdict) <= base.out.size.width:
-        base.out.print(Text(f"{said} {verdict}"))
-    else:  # the job id alone takes 36 columns: the verdict and who reached it on a line of their own
-        base.out.print(Text(said))
-        base.out.print(Text(verdict))
+    # the job id alone takes 36 columns: the verdict and who reached it on a line of their own when need be
+    for line in base.fitted([said, verdict], " "):
+        base.out.print(Text(line))
     for effect in data["effects"]:
         line = f"  {effect['tool']} call #{effect['call']}: {effect['verdict']}"
         # a tool name and a reason are data: printed as they are, never read as rich markup

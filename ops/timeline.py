@@ -15,6 +15,7 @@ from typing import Any
 from rich.text import Text
 
 from mesh.contracts import JobRecord, State
+from mesh.ops.console import fitted
 from mesh.ops.dag import STATE_STYLE, gate_line
 from mesh.ops.dag import Node as DagNode
 
@@ -197,13 +198,7 @@ def header(record: JobRecord | None, events: list[dict[str, Any]], width: int = 
                                   break_on_hyphens=False)
         else:
             parts.append(why)
-    joined: list[str] = []
-    for part in parts:
-        if joined and len(joined[-1]) + 2 + len(part) <= width:
-            joined[-1] += f"  {part}"
-        else:
-            joined.append(part)
-    return [Text(line) for line in [*joined, *lines]]
+    return [Text(line) for line in [*fitted(parts, width=width), *lines]]
 
 
 def _events(node: _Node, evs: list[dict[str, Any]], start: float) -> None:
