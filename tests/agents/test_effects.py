@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -158,13 +159,22 @@ def unknown_job(mesh: MeshClient, server: RecordingServer, key: str) -> tuple[An
     return ref, verify_url
 
 
-@pytest.mark.slow
-def test_mesh_settle_applied_moves_the_job_on_and_is_audited(make_settings, effects_worker, cli, rclient):
+@contextmanager
+def settled_case(make_settings: Any, effects_worker: Any, rclient: Any, key: str
+                 ) -> Iterator[tuple[RecordingServer, MeshClient, Any]]:
+    """What each `mesh settle` test starts from: a server the step posts to, a worker, and the job ``key``
+    whose post step ended unknown (:func:`unknown_job`); the server answers while the block runs."""
     with RecordingServer() as server:
         settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
         mesh = MeshClient(settings, client=rclient, app=app)
         effects_worker(settings)
-        ref, _ = unknown_job(mesh, server, "settle-applied")
+        ref, _ = unknown_job(mesh, server, key)
+        yield server, mesh, ref
+
+
+@pytest.mark.slow
+def test_mesh_settle_applied_moves_the_job_on_and_is_audited(make_settings, effects_worker, cli, rclient):
+    with settled_case(make_settings, effects_worker, rclient, "settle-applied") as (server, mesh, ref):
         done = cli("settle", "settle-applied", "post", "--as", "applied", "--reason", "order 7 is in the orders db",
                    "--by", "ops@test", "--json")
         assert done.returncode == 0, done.stderr + done.stdout
@@ -190,11 +200,7 @@ def test_mesh_settle_applied_moves_the_job_on_and_is_audited(make_settings, effe
 @pytest.mark.slow
 def test_mesh_settle_not_applied_dead_letters_the_step_and_its_dependent_never_runs(
         make_settings, effects_worker, cli, rclient):
-    with RecordingServer() as server:
-        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
-        mesh = MeshClient(settings, client=rclient, app=app)
-        effects_worker(settings)
-        ref, _ = unknown_job(mesh, server, "settle-not")
+    with settled_case(make_settings, effects_worker, rclient, "settle-not") as (_server, mesh, ref):
         done = cli("settle", ref.id[:10], "post", "--as", "not-applied", "--reason", "no order 7 upstream", "--json")
         assert done.returncode == 0, done.stderr + done.stdout
 
@@ -219,11 +225,7 @@ def test_mesh_verify_refuses_a_step_that_is_not_unknown(client, cli):
 def test_mesh_settle_applied_with_its_dead_letter_gone_decides_nothing(make_settings, effects_worker, cli, rclient):
     # Deciding first and replaying after left the ledger settled and the step stuck unknown: a
     # second settle was refused ("no open effect"), and not-applied could no longer be said.
-    with RecordingServer() as server:
-        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
-        mesh = MeshClient(settings, client=rclient, app=app)
-        effects_worker(settings)
-        ref, _ = unknown_job(mesh, server, "settle-gone")
+    with settled_case(make_settings, effects_worker, rclient, "settle-gone") as (_server, mesh, ref):
         purged = cli("dlq", "purge", "--all", "--yes")
         assert purged.returncode == 0, purged.stderr + purged.stdout
         refused = cli("settle", ref.id, "post", "--as", "applied", "--reason", "seen upstream")
@@ -241,11 +243,7 @@ def test_mesh_settle_applied_with_its_dead_letter_gone_decides_nothing(make_sett
 @pytest.mark.slow
 def test_mesh_settle_prints_within_80_columns_the_verdict_on_a_line_of_its_own(
         make_settings, effects_worker, cli, rclient):
-    with RecordingServer() as server:
-        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
-        mesh = MeshClient(settings, client=rclient, app=app)
-        effects_worker(settings)
-        ref, _ = unknown_job(mesh, server, "settle-80")
+    with settled_case(make_settings, effects_worker, rclient, "settle-80") as (_server, _mesh, ref):
         done = cli("settle", "settle-80", "post", "--as", "not-applied", "--reason", "no order 7 upstream",
                    "--by", "ops@build-host", COLUMNS="80")
 
@@ -260,11 +258,7 @@ def test_mesh_settle_prints_a_markup_like_reason_as_given(make_settings, effects
     """An operator's reason is data: rich markup in it is neither parsed (``[/bold]`` alone would raise
     after the settling) nor applied."""
     reason = "x [/bold] [red]y[/red] [link=http://e]z[/link]"
-    with RecordingServer() as server:
-        settings = make_settings(http_allow=f"{server.host_port},127.0.0.1:1")
-        mesh = MeshClient(settings, client=rclient, app=app)
-        effects_worker(settings)
-        ref, _ = unknown_job(mesh, server, "settle-markup")
+    with settled_case(make_settings, effects_worker, rclient, "settle-markup") as (_server, mesh, ref):
         done = cli("settle", "settle-markup", "post", "--as", "not-applied", "--reason", reason)
 
     assert done.returncode == 0, done.stderr + done.stdout
