@@ -148,12 +148,12 @@ def floor(client: redis.Redis, ns: str, jobs: int, rounds: int = 3, raw_redis_cp
     for _ in range(rounds):
         for name, scripts in made.items():
             runs[name].append(_run(client, ns, scripts, jobs))
+    variants = []
+    for name, got in runs.items():
+        cpu = statistics.median(r.cpu_us()["redis"] for r in got)
+        variants.append({"name": name, "redis_commands_per_job": statistics.median(r.commands_per for r in got),
+                         "redis_cpu_us_per_job": cpu,
+                         "redis_cpu_us_per_job_least": min(r.cpu_us()["redis"] for r in got),
+                         "vs_raw_redis_cpu": cpu / raw_redis_cpu_us if raw_redis_cpu_us else None})
     return {"jobs": jobs, "rounds": rounds, "record_bytes": RECORD_BYTES, "event_bytes": EVENT_BYTES,
-            "raw_redis_cpu_us": raw_redis_cpu_us,
-            "variants": [{"name": name,
-                          "redis_commands_per_job": statistics.median(r.commands_per for r in got),
-                          "redis_cpu_us_per_job": statistics.median(r.cpu_us()["redis"] for r in got),
-                          "redis_cpu_us_per_job_least": min(r.cpu_us()["redis"] for r in got),
-                          "vs_raw_redis_cpu": (statistics.median(r.cpu_us()["redis"] for r in got) / raw_redis_cpu_us
-                                               if raw_redis_cpu_us else None)}
-                         for name, got in runs.items()]}
+            "raw_redis_cpu_us": raw_redis_cpu_us, "variants": variants}
