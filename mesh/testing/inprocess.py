@@ -224,7 +224,10 @@ class TestMesh:
                 elif (step.step_id, step.approval.asks) not in decided:
                     decided.add((step.step_id, step.approval.asks))
                     self._decide(job_id, step.step_id, approve[step.step_id])
-            if unscripted and not any(_in_flight(s) for s in record.steps.values()) and not self._due(job_id):
+            # and the record read again unchanged: a timer leaves its set once its handler wrote the record,
+            # so one fired between the read above and the look at the timers shows in a second read
+            if (unscripted and not any(_in_flight(s) for s in record.steps.values()) and not self._due(job_id)
+                    and self.client.status(job_id) == record):
                 return record
             if time.monotonic() >= deadline:
                 raise WaitTimeout(job_id, timeout_s, record)
