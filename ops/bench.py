@@ -51,7 +51,7 @@ from mesh.broker.shard_readers import every
 from mesh.broker.shards import Shards
 from mesh.contracts import ConfigError
 from mesh.ops import bench_floor
-from mesh.ops.bench_kept import kept
+from mesh.ops.bench_kept import compactor, kept
 from mesh.ops.namespaces import check_scratch, delete_namespace, is_empty, raw_namespace
 
 MESH_Q, RAW_Q, STEP_AGENT = "bench_mesh", "bench_raw", "bench_echo"
@@ -370,6 +370,8 @@ class Run:
     redis_cpu_s: float
     round_trips: int = 0
     primaries: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    #: A real-step run's: the compaction of the jobs it ended, per step of this run (:func:`_compacted`).
+    compaction: Run | None = None
 
     @property
     def rate(self) -> float:
@@ -476,7 +478,7 @@ def _step(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
         _drained(client, ns, STEP_AGENT, watch=watch, shards=every(mesh.settings))
         _succeeded(client, job_keys(mesh, [r.id for r in refs]), watch=watch)
         measured = watch.stop(cfg.messages)
-    return measured.with_workers(workers)
+    return _compacted(client, base, ns, measured.with_workers(workers))
 
 
 def _pair(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, prefetch: int) -> Run:
@@ -494,7 +496,21 @@ def _pair(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
             refs = [mesh.run(PAIR, {"text": f"pair {i}"}, key=f"bench-pair-{run}-{i}") for i in range(jobs)]
         _succeeded(client, job_keys(mesh, [r.id for r in refs]), watch=watch)
         measured = watch.stop(2 * jobs)
-    return measured.with_workers(workers)
+    return _compacted(client, base, ns, measured.with_workers(workers))
+
+
+def _compacted(client: redis.Redis, base: MeshSettings, ns: str, run: Run) -> Run:
+    """``run`` with the compaction of the jobs it ended (:attr:`Run.compaction`, per step of ``run``): the
+    part of a job's life that comes after its end, run once the run's workers have stopped, by the bench
+    process, as a worker's retention sweep runs it (broker/compact.py): its CPU (the ``worker_cpu_s``),
+    Redis's and its commands. Compacted here, those jobs are not compacted by the next run's workers
+    (their sweep at boot) in that run's own window."""
+    compact = compactor(client, base.model_copy(update={"namespace": ns}))
+    watch = _Stopwatch(client, ns)
+    started = time.process_time()
+    compact()
+    cpu_s = time.process_time() - started
+    return dataclasses.replace(run, compaction=dataclasses.replace(watch.stop(run.n), worker_cpu_s=cpu_s))
 
 
 def job_keys(mesh: Any, job_ids: list[str]) -> list[str]:
@@ -810,11 +826,21 @@ def _step_entry(prefetch: int, single: Run, pair: Run, pairs: list[tuple[Run, Ru
 
 
 def _real(step: Run, raw: dict[str, float]) -> dict[str, Any]:
-    return {"steps": step.n, "steps_s": step.rate, "worker_cpu_us_per_step": step.cpu_us()["worker"],
-            "redis_cpu_us_per_step": step.cpu_us()["redis"], "redis_commands_per_step": step.commands_per,
-            "round_trips_per_step": step.round_trips_per, "by_command": step.by_command(),
-            "primaries": step.by_primary(),
-            "vs_raw": {"steps_s": step.rate / raw["msg_s"],
-                       "worker_cpu": step.cpu_us()["worker"] / raw["worker_cpu_us_per_message"],
-                       "redis_cpu": step.cpu_us()["redis"] / raw["redis_cpu_us_per_message"],
-                       "redis_commands": step.commands_per - raw["redis_commands_per_message"]}}
+    """A real step's figures; ``compaction``: its job's compaction, later, per step; ``life``: the two
+    added up (a job's whole life in Redis, its compaction included)."""
+    out = {"steps": step.n, "steps_s": step.rate, "worker_cpu_us_per_step": step.cpu_us()["worker"],
+           "redis_cpu_us_per_step": step.cpu_us()["redis"], "redis_commands_per_step": step.commands_per,
+           "round_trips_per_step": step.round_trips_per, "by_command": step.by_command(),
+           "primaries": step.by_primary(),
+           "vs_raw": {"steps_s": step.rate / raw["msg_s"],
+                      "worker_cpu": step.cpu_us()["worker"] / raw["worker_cpu_us_per_message"],
+                      "redis_cpu": step.cpu_us()["redis"] / raw["redis_cpu_us_per_message"],
+                      "redis_commands": step.commands_per - raw["redis_commands_per_message"]}}
+    later = step.compaction
+    if later is not None:
+        out["compaction"] = {"worker_cpu_us_per_step": later.cpu_us()["worker"],
+                             "redis_cpu_us_per_step": later.cpu_us()["redis"],
+                             "redis_commands_per_step": later.commands_per, "by_command": later.by_command()}
+        out["life"] = {name: out[name] + out["compaction"][name]
+                       for name in ("worker_cpu_us_per_step", "redis_cpu_us_per_step", "redis_commands_per_step")}
+    return out

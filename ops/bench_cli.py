@@ -169,7 +169,21 @@ def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, floa
     table.add_row("  Redis commands per step", f"{st['redis_commands_per_step']:.1f}",
                   f"{raw['redis_commands_per_message']:.1f}", f"{v['redis_commands']:+.1f}")
     table.add_row("  round trips per step", f"{st['round_trips_per_step']:.2f}",
-                  f"{raw['round_trips_per_message']:.2f}", "", end_section=not st["primaries"])
+                  f"{raw['round_trips_per_message']:.2f}", "")
+    later, life = st.get("compaction"), st.get("life")
+    if later is not None and life is not None:  # the job's compaction, later, and its whole life with it
+        table.add_row("  then compacted: worker CPU (µs/step)", f"{later['worker_cpu_us_per_step']:,.0f}", "", "")
+        table.add_row("  then compacted: Redis CPU (µs/step)", f"{later['redis_cpu_us_per_step']:,.0f}", "", "")
+        table.add_row("  then compacted: Redis commands", f"{later['redis_commands_per_step']:.1f}", "", "")
+        for name, label, per in (("worker_cpu_us_per_step", "worker CPU (µs/step)", "worker_cpu_us_per_message"),
+                                 ("redis_cpu_us_per_step", "Redis CPU (µs/step)", "redis_cpu_us_per_message")):
+            table.add_row(f"  whole life: {label}", f"{life[name]:,.0f}", f"{raw[per]:,.0f}",
+                          f"{life[name] / raw[per]:.2f}")
+        table.add_row("  whole life: Redis commands per step", f"{life['redis_commands_per_step']:.1f}",
+                      f"{raw['redis_commands_per_message']:.1f}",
+                      f"{life['redis_commands_per_step'] - raw['redis_commands_per_message']:+.1f}")
+    if not st["primaries"]:
+        table.add_section()
     for i, node in enumerate(st["primaries"]):  # on a cluster: commands / Redis CPU per step, on each primary
         table.add_row(f"  on {node['node']} (cmd, µs/step)",
                       f"{node['commands_per_step']:.1f}, {node['redis_cpu_us_per_step']:,.0f}", "",

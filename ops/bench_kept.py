@@ -58,16 +58,7 @@ def _measure(client: redis.Redis, base: MeshSettings, cfg: Any, progress: Callab
     ns, n = "bench-kept", cfg.kept_jobs
     settings = base.model_copy(update={"namespace": ns})
     mesh = MeshClient(settings, client=client, app=BENCH_APP)
-    # one pass a shard, each as a worker's sweep runs it (settings.on_shard): the jobs are spread over the
-    # namespace's shards (MESH_SHARDS), and with several a Compaction of these settings would read shard 0's only
-    shards = Shards.of(settings)
-    compactions = [Compaction(client, settings.on_shard(keys.shard) if shards.many else settings)
-                   for keys in shards.keys]
-
-    def compact() -> None:
-        now = _now(client)
-        for compaction in compactions:
-            compaction.run(now)
+    compact = compactor(client, settings)
 
     def one_step(run: str, count: int) -> list[str]:
         refs = mesh.send_many(STEP_AGENT, [({"text": f"kept {i}"}, f"kept-{run}-{i}") for i in range(count)])
@@ -98,6 +89,21 @@ def _measure(client: redis.Redis, base: MeshSettings, cfg: Any, progress: Callab
                            "gb_uncompacted": out["job"]["ended_bytes_per_step"] * RATE_JOBS_S
                            * settings.job_retention_s / 1e9}
     return out
+
+
+def compactor(client: redis.Redis, settings: MeshSettings) -> Callable[[], int]:
+    """A pass of compaction over every shard of ``settings``' namespace, as the workers' sweeps run it (one
+    a shard, ``settings.on_shard``: with several shards (MESH_SHARDS) a Compaction of ``settings`` alone
+    would read shard 0's queue only); each call compacts what the queues hold and says how many jobs."""
+    shards = Shards.of(settings)
+    compactions = [Compaction(client, settings.on_shard(keys.shard) if shards.many else settings)
+                   for keys in shards.keys]
+
+    def compact() -> int:
+        now = _now(client)
+        return sum(compaction.run(now).jobs for compaction in compactions)
+
+    return compact
 
 
 def _used(client: redis.Redis) -> int:

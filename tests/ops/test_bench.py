@@ -57,6 +57,13 @@ def test_bench_json_reports_every_figure_at_each_prefetch_with_positive_counts_a
             assert k["by_command"]["set"] > 0 and "info" not in k["by_command"]  # the bench's INFO left out
             assert set(k["vs_raw"]) == {"steps_s", "worker_cpu", "redis_cpu", "redis_commands"}
             assert k["primaries"] == []  # given on a cluster only
+            # each job compacted after the run (its record rewritten, its trace stream deleted), and the
+            # whole life adds the two up
+            c = k["compaction"]
+            assert positive(c["worker_cpu_us_per_step"], c["redis_commands_per_step"])
+            assert c["by_command"]["set"] > 0 and c["by_command"]["del"] > 0
+            for name in ("worker_cpu_us_per_step", "redis_cpu_us_per_step", "redis_commands_per_step"):
+                assert k["life"][name] == pytest.approx(k[name] + c[name])
         # a pipeline's second step is sent by the first's success: more commands per step than a one-step job
         assert s["pipeline"]["by_command"]["rpush"] > s["job"]["by_command"].get("rpush", 0)
     fl = out["floor"]
@@ -100,6 +107,8 @@ def test_bench_table_fits_80_columns_on_a_wide_terminal_with_a_group_per_prefetc
     for label in ("prefetch 4", "no-op throughput", "worker CPU (µs/msg)", "Redis CPU (µs/msg)",
                   "round trips per msg", "real step, one-step job", "real step, 2-step pipeline",
                   "worker CPU (µs/step)", "Redis CPU (µs/step)", "round trips per step", "40-step pipeline",
+                  "then compacted: worker CPU (µs/step)", "then compacted: Redis commands",
+                  "whole life: Redis commands per step",
                   "send_many of 50", "send() loop of 50", "kept in Redis, 40 jobs", "per one-step job (bytes)",
                   "per pipeline step (bytes)", "at 10 jobs/s, 7 days (GB)", "Measured by:",
                   "mesh bench --messages 60 "):
@@ -173,6 +182,27 @@ def test_the_stopwatch_counts_the_commands_sent_and_their_round_trips_and_leaves
     assert run.round_trips == 2 and run.round_trips_per == 1.0
     assert run.commands_per == 7.0
     assert run.primaries == {} and run.by_primary() == []  # a single Redis: no figures per primary
+
+
+@pytest.mark.slow  # workers, and a redis-server of its own: commandstats counts every client of a server
+def test_a_real_step_run_compacts_the_jobs_it_ended_so_the_next_runs_workers_find_none(private_redis):
+    """A run's jobs are compacted once its workers stop, and counted as its compaction (one record
+    rewritten and one trace stream deleted a job): the next run's workers, whose sweep at boot compacts
+    what the queue holds, would otherwise compact them in their own run's window."""
+    from mesh.broker.settings import MeshSettings
+    from mesh.ops.namespaces import delete_namespace
+
+    client = redis.Redis.from_url(private_redis.url)
+    ns = "bench-compacted"
+    cfg = bench.BenchConfig(messages=30, processes=1, threads=2, prefetch=(2,))
+    try:
+        for run, jobs in ((bench._step(client, MeshSettings(redis_url=private_redis.url), ns, cfg, 2), 30),
+                          (bench._pair(client, MeshSettings(redis_url=private_redis.url), ns, cfg, 2), 15)):
+            assert run.compaction is not None and run.compaction.n == run.n
+            assert run.compaction.commands["del"] == jobs and run.compaction.worker_cpu_s > 0
+            assert client.zcard(f"{prefix(ns)}:jobs.compact") == 0
+    finally:
+        delete_namespace(client, ns)
 
 
 @pytest.mark.slow  # a redis-server of its own: commandstats counts every client of a server
