@@ -150,32 +150,38 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
     (a cut text would lose the size it says it had, and be counted twice)."""
     cut: dict[str, dict[str, int]] = {k: dict(v) for k, v in ((before or {}).get("cut") or {}).items()}
     cut_values = int((before or {}).get("cut_values") or 0)
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, ev in enumerate(events):
-        groups.setdefault((str(ev.get("step_id") or ""), str(ev.get("event"))), []).append(i)
     dropped: set[int] = set()
-    for (step, kind), where in groups.items():
-        if len(where) > KIND_MAX:
-            middle = where[KIND_MAX // 2:len(where) - KIND_MAX // 2]
-            dropped.update(middle)
-            cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + len(middle)
-    left = [i for i in range(len(events)) if i not in dropped]
-    for i in left[:max(0, len(left) - HISTORY_MAX)]:  # the oldest, past what a stream would keep
-        dropped.add(i)
-        step, kind = str(events[i].get("step_id") or ""), str(events[i].get("event"))
-        cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + 1
+    if len(events) > KIND_MAX:  # else no kind has more than KIND_MAX events, nor the history HISTORY_MAX
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, ev in enumerate(events):
+            groups.setdefault((str(ev.get("step_id") or ""), str(ev.get("event"))), []).append(i)
+        for (step, kind), where in groups.items():
+            if len(where) > KIND_MAX:
+                middle = where[KIND_MAX // 2:len(where) - KIND_MAX // 2]
+                dropped.update(middle)
+                cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + len(middle)
+        left = [i for i in range(len(events)) if i not in dropped]
+        for i in left[:max(0, len(left) - HISTORY_MAX)]:  # the oldest, past what a stream would keep
+            dropped.add(i)
+            step, kind = str(events[i].get("step_id") or ""), str(events[i].get("event"))
+            cut.setdefault(step, {})[kind] = cut.get(step, {}).get(kind, 0) + 1
     t0 = min((float(e.get("at") or 0) for e in events), default=now)
     fixed = _unsent_keys(record, {events[i].get("step_id") for i in range(len(events)) if i not in dropped})
     record = {**record, "history": {"k": fixed}}  # what the events' keys are read back against
     workers: list[str] = []
     rows: list[list[Any]] = []
+    defaults: dict[Any, dict[str, Any]] = {}  # a step's, worked out once for all its events
     for i, ev in enumerate(events):
         if i in dropped:
             continue
         step_id, worker = ev.get("step_id"), ev.get("worker")
         if isinstance(worker, str) and worker not in workers:
             workers.append(worker)
-        expected = _defaults(record, step_id)
+        expected = defaults.get(step_id) if isinstance(step_id, str | None) else None
+        if expected is None:
+            expected = _defaults(record, step_id)
+            if isinstance(step_id, str | None):
+                defaults[step_id] = expected
         rest: dict[str, Any] = {}
         for name, value in ev.items():
             if name in ("event", "at", "step_id", "attempt", "worker"):
@@ -230,9 +236,12 @@ def expand(record: dict[str, Any], *, note: bool = True) -> list[dict[str, Any]]
     return out
 
 
-def compacted(record: JobRecord, events: list[dict[str, Any]], now: float) -> JobRecord:
-    """``record`` with ``events`` (its stream's, oldest first) merged into its history."""
-    raw = record.model_dump(mode="json")
+def compacted(record: JobRecord, events: list[dict[str, Any]], now: float,
+              raw: dict[str, Any] | None = None) -> JobRecord:
+    """``record`` with ``events`` (its stream's, oldest first) merged into its history; ``raw``: the
+    record's JSON as plain data, when the caller has it (the stored bytes ``record`` was validated from:
+    the history reads the same fields of either, a field left out reading as its default, None)."""
+    raw = record.model_dump(mode="json") if raw is None else raw
     old = expand(raw, note=False)
     history = summarise(raw, [*old, *events], now, before=record.history, kept=len(old))
     return record.model_copy(update={"history": history})
@@ -308,14 +317,15 @@ class Compaction:
         sha = hashlib.sha1(data).hexdigest() if data is not None else ""
         leave = [job_id, sha, "", "", "", 0]
         try:
-            record = JobRecord.model_validate(loads(data)) if data is not None else None
+            raw = loads(data) if data is not None else None
+            record = JobRecord.model_validate(raw) if raw is not None else None
             if record is None or record.state not in TERMINAL or any(s.state in _PARKED
                                                                       for s in record.steps.values()):
                 return leave  # gone, or not ended after all: its next end queues it again
             if record.history is not None and record.history.get("v") != VERSION:
                 return leave  # compacted by a newer release: its history is not ours to redo
             events = [loads(fields[b"e"]) for _, fields in rows]
-            data_new = encode(compacted(record, events, now))
+            data_new = encode(compacted(record, events, now, raw if isinstance(raw, dict) else None))
         except Exception as exc:  # whatever its shape, one job never stops the sweep
             # a record or event no reader can read (an event not an object, a time out of range): left
             # as it is, never retried in a loop

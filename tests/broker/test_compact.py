@@ -14,7 +14,7 @@ import redis
 from conftest import wait_for
 
 from mesh.broker import MeshClient, trace
-from mesh.broker.compact import CALL_BYTES, KIND_MAX, VALUE_MAX, VERSION, Compacted, Compaction, encode
+from mesh.broker.compact import CALL_BYTES, KIND_MAX, VALUE_MAX, VERSION, Compacted, Compaction, compacted, encode
 from mesh.broker.connection import node_client
 from mesh.broker.jobs import JobStore
 from mesh.broker.keys import Keys
@@ -203,6 +203,30 @@ def test_the_compact_encoding_reads_back_as_the_same_record_and_keeps_every_stat
     assert raw["state"] == "queued" and raw["steps"]["s"]["state"] == "queued" and "error" not in raw
     assert len(data) < len(orjson.dumps(job.model_dump(mode="json"))) / 2  # the record with its nulls
     assert len(data) < len(dumps(job))  # and less than it is stored with, its nulls left out
+
+
+def test_a_history_made_from_the_stored_json_is_the_one_made_from_the_records_dump():
+    """The sweep hands ``compacted`` the record's JSON as it read it (null fields left out, or every
+    default left out once compacted before) rather than dumping the record again: the same history
+    comes of either, for a pipeline with a step not sent yet, events of several steps and kinds, more
+    than KIND_MAX of one kind, and a history already kept."""
+    sent = StepRecord(step_id="a", agent="executor", key="job-p/a", sent_at=1.0)
+    unsent = StepRecord(step_id="b", agent="researcher", key="job-p/b")
+    job = JobRecord(job_id="job-p", key="job-p", trace_id="b" * 32, pipeline="p", steps={"a": sent, "b": unsent},
+                    created_at=1.0)
+    env = {"trace_id": job.trace_id, "job_id": job.job_id, "attempt": 1}
+    events = [{"event": "picked_up", "at": 2.0, **env, "key": "job-p/a", "step_id": "a", "agent": "executor",
+               "worker": "w:1", "token": 3},
+              *({"event": "tool_called", "at": 2.0 + i / 100, **env, "key": "job-p/a", "step_id": "a",
+                 "agent": "executor", "worker": "w:2", "text": "x" * (VALUE_MAX + i)} for i in range(KIND_MAX + 3)),
+              {"event": "dead_lettered", "at": 3.0, **env, "key": "job-p/b", "step_id": "b", "agent": "researcher",
+               "worker": None, "error": {"why": "no input"}},
+              {"event": "halted", "at": 4.0, **env, "key": None, "step_id": None, "agent": None, "worker": None}]
+    once = compacted(job, events[:5], 5.0)
+    for record, later in ((job, events), (once, events[5:])):  # the second: compacted, then more events
+        for stored in (dumps(record), encode(record)):
+            assert compacted(record, later, 6.0, loads(stored)) == compacted(record, later, 6.0)
+    assert compacted(once, events[5:], 6.0).history["cut"]["a"]["tool_called"] > 0
 
 
 def test_count_retention_keeps_exactly_the_newest_n_finished_jobs_of_each_agent(make_settings, rclient, cli):
