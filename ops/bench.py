@@ -828,19 +828,19 @@ def _step_entry(prefetch: int, single: Run, pair: Run, pairs: list[tuple[Run, Ru
 def _real(step: Run, raw: dict[str, float]) -> dict[str, Any]:
     """A real step's figures; ``compaction``: its job's compaction, later, per step; ``life``: the two
     added up (a job's whole life in Redis, its compaction included)."""
-    out = {"steps": step.n, "steps_s": step.rate, "worker_cpu_us_per_step": step.cpu_us()["worker"],
-           "redis_cpu_us_per_step": step.cpu_us()["redis"], "redis_commands_per_step": step.commands_per,
-           "round_trips_per_step": step.round_trips_per, "by_command": step.by_command(),
-           "primaries": step.by_primary(),
-           "vs_raw": {"steps_s": step.rate / raw["msg_s"],
-                      "worker_cpu": step.cpu_us()["worker"] / raw["worker_cpu_us_per_message"],
-                      "redis_cpu": step.cpu_us()["redis"] / raw["redis_cpu_us_per_message"],
-                      "redis_commands": step.commands_per - raw["redis_commands_per_message"]}}
+    out: dict[str, Any] = {"steps": step.n, "steps_s": step.rate, "worker_cpu_us_per_step": step.cpu_us()["worker"],
+                           "redis_cpu_us_per_step": step.cpu_us()["redis"],
+                           "redis_commands_per_step": step.commands_per,
+                           "round_trips_per_step": step.round_trips_per, "by_command": step.by_command(),
+                           "primaries": step.by_primary(),
+                           "vs_raw": {"steps_s": step.rate / raw["msg_s"],
+                                      "worker_cpu": step.cpu_us()["worker"] / raw["worker_cpu_us_per_message"],
+                                      "redis_cpu": step.cpu_us()["redis"] / raw["redis_cpu_us_per_message"],
+                                      "redis_commands": step.commands_per - raw["redis_commands_per_message"]}}
     later = step.compaction
     if later is not None:
-        out["compaction"] = {"worker_cpu_us_per_step": later.cpu_us()["worker"],
-                             "redis_cpu_us_per_step": later.cpu_us()["redis"],
-                             "redis_commands_per_step": later.commands_per, "by_command": later.by_command()}
-        out["life"] = {name: out[name] + out["compaction"][name]
-                       for name in ("worker_cpu_us_per_step", "redis_cpu_us_per_step", "redis_commands_per_step")}
+        compaction = {"worker_cpu_us_per_step": later.cpu_us()["worker"],
+                      "redis_cpu_us_per_step": later.cpu_us()["redis"], "redis_commands_per_step": later.commands_per}
+        out["compaction"] = {**compaction, "by_command": later.by_command()}
+        out["life"] = {name: out[name] + value for name, value in compaction.items()}
     return out
