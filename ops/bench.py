@@ -213,11 +213,32 @@ def _measure(worker: Any, ready: Any, stop: Any, cpu: Any) -> None:
     worker.stop(timeout=10_000)
 
 
+#: How long the bench holds its namespace's sweep locks (ms): longer than a bench runs; the locks go with
+#: the namespace, deleted at its end.
+SWEEP_HOLD_MS = 3_600_000
+
+
+def _hold_sweeps(settings: MeshSettings) -> None:
+    """Take the retention sweep's lock of each of the namespace's shards (``{ns}:sweep.lock``) before the
+    step workers start, so that none of them sweeps: a worker's sweep at boot compacted the jobs earlier
+    runs had ended inside a later run's timing window. The bench compacts each run's jobs itself,
+    measured apart (:func:`_compacted`)."""
+    client = connect(settings)
+    try:
+        for keys in Shards.of(settings).keys:
+            client.set(keys.sweep_lock, "mesh bench", px=SWEEP_HOLD_MS)
+    finally:
+        client.close()
+
+
 @contextmanager
 def _workers(side: str, base: MeshSettings, namespace: str, cfg: BenchConfig, prefetch: int,
              processes: int | None = None, threads: int | None = None) -> Iterator[list[tuple[float, int]]]:
     """Worker processes of ``side`` while the block runs; the list yielded holds, once the block is
-    left, each process's CPU seconds and round trips from its ready to the stop."""
+    left, each process's CPU seconds and round trips from its ready to the stop. Step workers run with
+    their namespace's sweeps held (:func:`_hold_sweeps`)."""
+    if side == "step":
+        _hold_sweeps(base.model_copy(update={"namespace": namespace}))
     ctx = mp.get_context("spawn")
     stop, cpu_queue = ctx.Event(), ctx.Queue()
     readies, procs, cpu = [], [], []  # type: list[Any], list[Any], list[tuple[float, int]]
@@ -502,9 +523,8 @@ def _pair(client: redis.Redis, base: MeshSettings, ns: str, cfg: BenchConfig, pr
 def _compacted(client: redis.Redis, base: MeshSettings, ns: str, run: Run) -> Run:
     """``run`` with the compaction of the jobs it ended (:attr:`Run.compaction`, per step of ``run``): the
     part of a job's life that comes after its end, run once the run's workers have stopped, by the bench
-    process, as a worker's retention sweep runs it (broker/compact.py): its CPU (the ``worker_cpu_s``),
-    Redis's and its commands. Compacted here, those jobs are not compacted by the next run's workers
-    (their sweep at boot) in that run's own window."""
+    process, as a worker's retention sweep runs it (broker/compact.py; the workers' own sweeps are held,
+    :func:`_hold_sweeps`): its CPU (the ``worker_cpu_s``), Redis's and its commands."""
     compact = compactor(client, base.model_copy(update={"namespace": ns}))
     watch = _Stopwatch(client, ns)
     started = time.process_time()
@@ -825,6 +845,12 @@ def _step_entry(prefetch: int, single: Run, pair: Run, pairs: list[tuple[Run, Ru
     return {"prefetch": prefetch, "job": _real(single, raw), "pipeline": _real(pair, raw), "raw": raw}
 
 
+def _ratio(mesh: float, raw: float) -> float | None:
+    """``mesh`` / ``raw``; None when ``raw`` is 0 (a run too short for the CPU it reads to move: INFO cpu
+    moves in 10 ms steps)."""
+    return mesh / raw if raw else None
+
+
 def _real(step: Run, raw: dict[str, float]) -> dict[str, Any]:
     """A real step's figures; ``compaction``: its job's compaction, later, per step; ``life``: the two
     added up (a job's whole life in Redis, its compaction included)."""
@@ -834,8 +860,8 @@ def _real(step: Run, raw: dict[str, float]) -> dict[str, Any]:
                            "round_trips_per_step": step.round_trips_per, "by_command": step.by_command(),
                            "primaries": step.by_primary(),
                            "vs_raw": {"steps_s": step.rate / raw["msg_s"],
-                                      "worker_cpu": step.cpu_us()["worker"] / raw["worker_cpu_us_per_message"],
-                                      "redis_cpu": step.cpu_us()["redis"] / raw["redis_cpu_us_per_message"],
+                                      "worker_cpu": _ratio(step.cpu_us()["worker"], raw["worker_cpu_us_per_message"]),
+                                      "redis_cpu": _ratio(step.cpu_us()["redis"], raw["redis_cpu_us_per_message"]),
                                       "redis_commands": step.commands_per - raw["redis_commands_per_message"]}}
     later = step.compaction
     if later is not None:

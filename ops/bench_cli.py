@@ -158,14 +158,19 @@ def _storage_rows(table: Table, st: dict[str, Any]) -> None:
                   f"{ss['gb_uncompacted']:.1f}", "")
 
 
+def _times(ratio: float | None) -> str:
+    """A ratio to raw's as the table prints it: blank when raw's figure read 0 (a run too short to move it)."""
+    return "" if ratio is None else f"{ratio:.2f}"
+
+
 def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, float]) -> None:
     """A real step's rows, beside raw dramatiq's no-op per message."""
     v = st["vs_raw"]
     table.add_row(f"{label} (steps/s)", f"{st['steps_s']:,.0f}", f"{raw['msg_s']:,.0f}", f"{v['steps_s']:.2f}")
     table.add_row("  worker CPU (µs/step)", f"{st['worker_cpu_us_per_step']:,.0f}",
-                  f"{raw['worker_cpu_us_per_message']:,.0f}", f"{v['worker_cpu']:.2f}")
+                  f"{raw['worker_cpu_us_per_message']:,.0f}", _times(v["worker_cpu"]))
     table.add_row("  Redis CPU (µs/step)", f"{st['redis_cpu_us_per_step']:,.0f}",
-                  f"{raw['redis_cpu_us_per_message']:,.0f}", f"{v['redis_cpu']:.2f}")
+                  f"{raw['redis_cpu_us_per_message']:,.0f}", _times(v["redis_cpu"]))
     table.add_row("  Redis commands per step", f"{st['redis_commands_per_step']:.1f}",
                   f"{raw['redis_commands_per_message']:.1f}", f"{v['redis_commands']:+.1f}")
     table.add_row("  round trips per step", f"{st['round_trips_per_step']:.2f}",
@@ -178,7 +183,7 @@ def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, floa
         for name, label, per in (("worker_cpu_us_per_step", "worker CPU (µs/step)", "worker_cpu_us_per_message"),
                                  ("redis_cpu_us_per_step", "Redis CPU (µs/step)", "redis_cpu_us_per_message")):
             table.add_row(f"  whole life: {label}", f"{life[name]:,.0f}", f"{raw[per]:,.0f}",
-                          f"{life[name] / raw[per]:.2f}")
+                          _times(life[name] / raw[per] if raw[per] else None))
         table.add_row("  whole life: Redis commands per step", f"{life['redis_commands_per_step']:.1f}",
                       f"{raw['redis_commands_per_message']:.1f}",
                       f"{life['redis_commands_per_step'] - raw['redis_commands_per_message']:+.1f}")

@@ -185,22 +185,25 @@ def test_the_stopwatch_counts_the_commands_sent_and_their_round_trips_and_leaves
 
 
 @pytest.mark.slow  # workers, and a redis-server of its own: commandstats counts every client of a server
-def test_a_real_step_run_compacts_the_jobs_it_ended_so_the_next_runs_workers_find_none(private_redis):
-    """A run's jobs are compacted once its workers stop, and counted as its compaction (one record
-    rewritten and one trace stream deleted a job): the next run's workers, whose sweep at boot compacts
-    what the queue holds, would otherwise compact them in their own run's window."""
+def test_a_real_step_run_compacts_the_jobs_it_ended_and_no_worker_sweeps_in_its_window(private_redis):
+    """The step workers run with their namespace's sweep held by the bench: a worker's sweep at boot
+    compacted the jobs of earlier runs inside a later run's window. Each run's jobs are compacted once
+    its workers stop, and counted as its compaction (one record rewritten and one trace stream deleted
+    a job); no worker swept."""
     from mesh.broker.settings import MeshSettings
     from mesh.ops.namespaces import delete_namespace
 
     client = redis.Redis.from_url(private_redis.url)
     ns = "bench-compacted"
     cfg = bench.BenchConfig(messages=30, processes=1, threads=2, prefetch=(2,))
+    base = MeshSettings(redis_url=private_redis.url)
     try:
-        for run, jobs in ((bench._step(client, MeshSettings(redis_url=private_redis.url), ns, cfg, 2), 30),
-                          (bench._pair(client, MeshSettings(redis_url=private_redis.url), ns, cfg, 2), 15)):
+        for run, jobs in ((bench._step(client, base, ns, cfg, 2), 30), (bench._pair(client, base, ns, cfg, 2), 15)):
             assert run.compaction is not None and run.compaction.n == run.n
             assert run.compaction.commands["del"] == jobs and run.compaction.worker_cpu_s > 0
             assert client.zcard(f"{prefix(ns)}:jobs.compact") == 0
+        assert client.get(f"{prefix(ns)}:sweep.lock") == b"mesh bench"
+        assert client.hget(f"{prefix(ns)}:stats", "sweeps") is None  # no worker swept, at boot or since
     finally:
         delete_namespace(client, ns)
 
@@ -245,3 +248,27 @@ def test_the_floors_rows_read_when_a_run_was_too_short_for_redis_cpu_to_move():
         text = console.export_text()
         assert "writes, 9.8 commands" in text and "the real one-step job" in text
         assert ("2.40" in text) is (raw == 50.0)  # the real step's 120 µs against raw's 50
+
+
+def test_a_real_steps_rows_read_when_raws_cpu_did_not_move():
+    """INFO cpu moves in 10 ms steps: raw's Redis CPU a message may read 0 in a short run. The ratios to it
+    are None (JSON null) and blank in the table, where they raised ZeroDivisionError."""
+    from rich.console import Console
+
+    from mesh.ops.bench_cli import _real_rows
+
+    step = bench.Run(n=60, seconds=0.1, commands={"set": 300}, worker_cpu_s=0.03, redis_cpu_s=0.0,
+                     compaction=bench.Run(n=60, seconds=0.01, commands={"set": 60, "del": 60}, worker_cpu_s=0.005,
+                                          redis_cpu_s=0.0))
+    raw = {"msg_s": 1000.0, "redis_commands_per_message": 8.2, "round_trips_per_message": 1.1,
+           "worker_cpu_us_per_message": 200.0, "redis_cpu_us_per_message": 0.0}
+    real = bench._real(step, raw)
+    assert real["vs_raw"]["redis_cpu"] is None and real["vs_raw"]["worker_cpu"] == pytest.approx(2.5)
+    assert real["life"]["redis_commands_per_step"] == pytest.approx(5 + 2)
+    table = Table("measure", "mesh", "raw", "mesh/raw")
+    _real_rows(table, "real step, one-step job", real, raw)
+    console = Console(width=80, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "whole life: Redis CPU (µs/step)" in text and "then compacted: Redis commands" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
