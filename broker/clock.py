@@ -69,7 +69,12 @@ class ServerClock:
         return server_time_ms - self.offset_ms()
 
     def _sync(self) -> None:
-        with self._lock:
+        # Once an offset was measured, a thread that finds another measuring it again goes on with the one it
+        # has: a TIME that Redis answers slowly (a busy server) held every worker thread asking the time (a
+        # deadline's check at each message's start) until it came back. Until then, each one waits for it.
+        if not self._lock.acquire(blocking=self._synced_at == -float("inf")):
+            return
+        try:
             if time.monotonic() - self._synced_at < self.resync_s:
                 return  # another thread just did
             try:
@@ -81,6 +86,8 @@ class ServerClock:
                 return
             self._offset_ms = server - (before + after) // 2
             self._synced_at = time.monotonic()
+        finally:
+            self._lock.release()
 
 
 def server_now_ms(broker: Broker) -> int:
