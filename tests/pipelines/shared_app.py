@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -106,7 +107,11 @@ if os.environ.get("TEST_STOP_AFTER_SHARED_DONE") == "1":
     def _done_then_stop(self: SharedClaims, claim: SharedClaim, result: bytes) -> Any:
         ok = _done_first(self, claim, result)
         if ok and self.client.delete(f"{prefix(claim.keys.namespace)}:test.stop"):
-            os.kill(os.getpid(), signal.SIGSTOP)  # between the shared done and the job's own write
+            # between the shared done and the job's own write. To this thread (as tests/apps/pickup.py's
+            # stops_once): a process's SIGSTOP is taken by its main thread, which then stops the others,
+            # and until then this one ran on; on a loaded machine its job write landed, and was logged,
+            # before the process stopped (1 run in 20).
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
         return ok
 
     SharedClaims.done = _done_then_stop  # type: ignore[method-assign]
