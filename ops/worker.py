@@ -267,6 +267,10 @@ def reconnect_delays(delay_s: float | None) -> None:
     dramatiq.worker.POST_PROCESS_MESSAGE_RETRY_DELAY_SECS = resend_s  # type: ignore[assignment]  # an int there
 
 
+#: How often a worker's main thread wakes to run the handler of a SIGTERM or SIGINT another thread received (s).
+SIGNAL_POLL_S = 0.2
+
+
 def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, app: str | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then stop gracefully: in-memory messages go back to their queues."""
     stop = threading.Event()
@@ -278,7 +282,11 @@ def run_worker(settings: MeshSettings, agents: list[str] | None, threads: int, a
                                          "namespace": settings.namespace,
                                          **({"shards": settings.shards, "threads_per_shard": worker.workers[0]
                                              .worker_threads} if isinstance(worker, ShardWorkers) else {})})
-    stop.wait()
+    # Woken now and then: a signal the kernel gives another of the process's threads runs its Python handler
+    # only once the main thread runs Python again, and a wait with no end ran none (the worker served on
+    # after a SIGTERM until a second one reached the main thread).
+    while not stop.wait(SIGNAL_POLL_S):
+        pass
     logger.info("worker stopping", extra={"pid": os.getpid()})
     worker.stop(timeout=30_000)
     brokers = worker.brokers if isinstance(worker, ShardWorkers) else [typing.cast(MeshBroker, worker.broker)]
