@@ -134,15 +134,11 @@ def _floor_rows(table: Table, fl: dict[str, Any]) -> None:
         return
     table.add_row(Text(f"writes' floor, {fl['jobs']:,} jobs (µs/job)", style="bold"), "", "", "")
     raw = fl.get("raw_redis_cpu_us") or 0.0  # 0: too few of raw's messages for INFO cpu's 10 ms steps
-
-    def ratio(us: float) -> str:
-        return f"{us / raw:.2f}" if raw else ""
-
     for v in fl["variants"]:
         table.add_row(f"  {v['name']}, {v['redis_commands_per_job']:.1f} commands", f"{v['redis_cpu_us_per_job']:,.0f}",
-                      f"{raw:,.0f}", ratio(v["redis_cpu_us_per_job"]))
+                      f"{raw:,.0f}", _over(v["redis_cpu_us_per_job"], raw))
     table.add_row("  the real one-step job", f"{fl['real_step_redis_cpu_us']:,.0f}", f"{raw:,.0f}",
-                  ratio(fl["real_step_redis_cpu_us"]), end_section=True)
+                  _over(fl["real_step_redis_cpu_us"], raw), end_section=True)
 
 
 def _storage_rows(table: Table, st: dict[str, Any]) -> None:
@@ -161,6 +157,11 @@ def _storage_rows(table: Table, st: dict[str, Any]) -> None:
 def _times(ratio: float | None) -> str:
     """A ratio to raw's as the table prints it: blank when raw's figure read 0 (a run too short to move it)."""
     return "" if ratio is None else f"{ratio:.2f}"
+
+
+def _over(mesh: float, raw: float) -> str:
+    """``mesh`` / ``raw`` as the table prints a ratio to raw's: blank when raw's figure read 0."""
+    return _times(mesh / raw if raw else None)
 
 
 def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, float]) -> None:
@@ -183,7 +184,7 @@ def _real_rows(table: Table, label: str, st: dict[str, Any], raw: dict[str, floa
         for name, label, per in (("worker_cpu_us_per_step", "worker CPU (µs/step)", "worker_cpu_us_per_message"),
                                  ("redis_cpu_us_per_step", "Redis CPU (µs/step)", "redis_cpu_us_per_message")):
             table.add_row(f"  whole life: {label}", f"{life[name]:,.0f}", f"{raw[per]:,.0f}",
-                          _times(life[name] / raw[per] if raw[per] else None))
+                          _over(life[name], raw[per]))
         table.add_row("  whole life: Redis commands per step", f"{life['redis_commands_per_step']:.1f}",
                       f"{raw['redis_commands_per_message']:.1f}",
                       f"{life['redis_commands_per_step'] - raw['redis_commands_per_message']:+.1f}")
