@@ -119,8 +119,9 @@ local function lanes_in_use(base)
                       lane_ring(base, "normal"), lane_ring(base, "low")) > 0
 end
 
--- Takes up to n ids from the lanes of the queue at base, in lane order (see above).
-local function lanes_pop(base, n)
+-- Takes up to n ids from the lanes of the queue at base, in lane order (see above); each id taken is
+-- noted in popped too (when given) the moment it leaves its lane.
+local function lanes_pop(base, n, popped)
     local sched = base .. ".sched"
     local st = redis.call("hmget", sched, "credit:normal", "credit:low", "round:high", "round:normal", "round:low",
                           "n:high", "n:normal", "n:low")
@@ -137,7 +138,9 @@ local function lanes_pop(base, n)
         local ring = lane_ring(base, level)
         if ring_n[level] == 0 then
             plain_n[level] = plain_n[level] - 1
-            return redis.call("lpop", lane_plain(base, level))
+            local id = redis.call("lpop", lane_plain(base, level))
+            if id and popped then popped[#popped + 1] = id end
+            return id
         end
         if plain_n[level] > 0 and not joined[level] then
             -- the level's list without a flow key takes its turns like one more flow
@@ -153,6 +156,7 @@ local function lanes_pop(base, n)
         if score > round[level] then round[level] = score end
         local list = member == "" and lane_plain(base, level) or lane_flow(base, level, member)
         local id = redis.call("lpop", list)
+        if id and popped then popped[#popped + 1] = id end
         local left = redis.call("llen", list)
         if member == "" then
             plain_n[level] = left
@@ -211,9 +215,16 @@ end
 -- Up to n ids from the queue at base, in lane order, their bodies (HMGET's answer: false for a
 -- body gone) and, when asked to (claims: true), the stats hash's "fence" field as read (false:
 -- absent; nil: not read). A queue whose other lanes are empty: one LPOP, one HMGET of the stats
--- hash (the fence a fetch that claims reads anyway) and one HMGET of the bodies.
-local function lanes_fetch(base, n, claims)
+-- hash (the fence a fetch that claims reads anyway) and one HMGET of the bodies. popped (a table,
+-- when given): every id taken from the queue is noted there as it is taken, so that a fetch failing
+-- after it (a command of the fetch refused: a key of the wrong type) can put them back
+-- (lanes_give_back) rather than leave them in no list at all.
+local function lanes_fetch(base, n, claims, popped)
+    popped = popped or {}
     local ids = redis.call("lpop", base, n)
+    if ids then
+        for _, id in ipairs(ids) do popped[#popped + 1] = id end
+    end
     local msgs, fence = base .. ".msgs", nil
     if lane_is_delay(base) then
         if not ids then return {}, {}, nil end
@@ -232,10 +243,30 @@ local function lanes_fetch(base, n, claims)
         local back = {}
         for i = #ids, 1, -1 do back[#back + 1] = ids[i] end
         redis.call("lpush", base, unpack(back)) -- in order: another lane may come first
+        for _ = 1, #ids do popped[#popped] = nil end -- back where they were
     elseif not lanes_in_use(base) then
         return {}, {}, nil
     end
-    ids = lanes_pop(base, n)
+    ids = lanes_pop(base, n, popped)
     if #ids == 0 then return ids, {}, fence end
     return ids, redis.call("hmget", msgs, unpack(ids)), fence
+end
+
+-- Puts back the ids a fetch took from the queue at base (popped, in the order taken) when the fetch
+-- failed after taking them: at the head of their own lanes where their bodies can be read (else of
+-- the queue's plain list), in that order, with a wake-up token. Nothing here fails the caller, which
+-- then fails with the refusal that stopped it; a message put back twice (its lane's push half done)
+-- is a duplicate its claim answers, where one put back nowhere would be lost.
+local function lanes_give_back(base, popped)
+    for i = #popped, 1, -1 do
+        local id = popped[i]
+        local read, data = pcall(redis.call, "hget", base .. ".msgs", id)
+        if not (read and data and pcall(lane_push, base, id, data, true)) then
+            redis.pcall("lpush", base, id)
+        end
+    end
+    if #popped > 0 then
+        redis.pcall("rpush", base .. ".wake", 1)
+        redis.pcall("ltrim", base .. ".wake", -64, -1)
+    end
 end

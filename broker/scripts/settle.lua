@@ -249,39 +249,61 @@ if command == "fetch" then
     -- At most FETCH_MAX: the ids are unpacked into HMGET and SADD below, and Lua unpacks ~8,000
     -- values at most; a script that failed there would have popped ids nobody holds.
     local nonce, batch = ARGV[8], nil
-    local ids, data, fence = lanes_fetch(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX), nonce ~= nil)
-    if #ids == 0 then return {} end
-    local records = ARGV[11] == "1"
-    if nonce then
-        batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms(), fence)
-    end
-    local out, held, wanted = {}, {}, {}
-    for i, id in ipairs(ids) do
-        if data[i] then
-            held[#held + 1] = id
-            out[#out + 1] = id
-            out[#out + 1] = data[i]
-            if batch then
-                local key = message_key(data[i])
-                if key then
-                    local verdict = claim_take(batch, ns .. ":claim:" .. key, worker .. ":" .. nonce .. ":" .. #held)
-                    if records then
-                        local job_id = verdict[1] == "run" and message_job(data[i], key)
-                        table.insert(verdict, 1, "")
-                        if job_id then wanted[#wanted + 1] = {verdict, job_id} end
+    -- What the fetch took, and the claims it won, noted as it goes: a command refused after the
+    -- first pop (a key of the wrong type: the acks set, the bodies' hash, the stats hash) fails the
+    -- fetch, and Redis keeps what ran before it, so the messages go back to their lanes and the claims
+    -- are let go before it fails, rather than popped into no list.
+    local popped, won = {}, {}
+    local function fetched()
+        local ids, data, fence = lanes_fetch(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX), nonce ~= nil, popped)
+        if #ids == 0 then return {} end
+        local records = ARGV[11] == "1"
+        if nonce then
+            batch = claims_open(ns .. ":stats", tonumber(ARGV[9]), tonumber(ARGV[10]), now or server_ms(), fence)
+        end
+        local out, held, wanted = {}, {}, {}
+        for i, id in ipairs(ids) do
+            if data[i] then
+                held[#held + 1] = id
+                out[#out + 1] = id
+                out[#out + 1] = data[i]
+                if batch then
+                    local key = message_key(data[i])
+                    if key then
+                        local owner = worker .. ":" .. nonce .. ":" .. #held
+                        local verdict = claim_take(batch, ns .. ":claim:" .. key, owner)
+                        if verdict[1] == "run" then won[#won + 1] = {ns .. ":claim:" .. key, verdict[2]} end
+                        if records then
+                            local job_id = verdict[1] == "run" and message_job(data[i], key)
+                            table.insert(verdict, 1, "")
+                            if job_id then wanted[#wanted + 1] = {verdict, job_id} end
+                        end
+                        table.insert(verdict, 1, key)
+                        out[#out + 1] = verdict
+                    else
+                        out[#out + 1] = 0
                     end
-                    table.insert(verdict, 1, key)
-                    out[#out + 1] = verdict
-                else
-                    out[#out + 1] = 0
                 end
             end
         end
+        if #wanted > 0 then fetch_records(wanted) end
+        if #held > 0 then redis.call("sadd", acks, unpack(held)) end
+        if batch then claims_close(batch) end
+        return out
     end
-    if #wanted > 0 then fetch_records(wanted) end
-    if #held > 0 then redis.call("sadd", acks, unpack(held)) end
-    if batch then claims_close(batch) end
-    return out
+    local ok, out = pcall(fetched)
+    if ok then return out end
+    -- Given back: the claims won let go (free, their tokens kept, so the next claim of each key takes a
+    -- later one), the fencing counter moved past them if it can be, the ids out of the acks set should
+    -- the SADD have run, and the messages at the head of their lanes, in order. Then the fetch fails
+    -- with the refusal, which the consumer logs and retries.
+    for _, w in ipairs(won) do
+        redis.pcall("set", w[1], claim_value("free", w[2], 0, "", ""), "KEEPTTL")
+    end
+    if batch then pcall(claims_close, batch) end
+    if #popped > 0 then redis.pcall("srem", acks, unpack(popped)) end
+    lanes_give_back(queue_key, popped)
+    error(redis.error_reply(type(out) == "table" and out.err or tostring(out)))
 
 elseif command == "heartbeat" then
     local now = server_ms()

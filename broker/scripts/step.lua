@@ -227,28 +227,46 @@ end
 local function fetch_one(a)
     local base, acks, held, queue, stats, prefix, owner = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
         ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
-    local ids, data, fence = lanes_fetch(base, 1, true)
-    if not data[1] then  -- as a fetch: an id whose body is gone is dropped
-        give_owed(a)
-        return {1}
-    end
-    -- As a fetch: messages in hand are where a reaper looks.
-    redis.call("sadd", held, queue)
-    redis.call("sadd", acks, ids[1])
-    if ARGV[a + 8] ~= "1" then redis.call("lpop", base .. ".wake") end
-    local verdict = 0
-    local key = message_key(data[1])
-    if key then
-        local b = claims_open(stats, tonumber(ARGV[a + 7]), ttl, server_ms(), fence)
-        verdict = claim_take(b, prefix .. key, owner)
-        claims_close(b)
-        table.insert(verdict, 1, key)
-        if checked[prefix .. key] then stale[prefix .. key] = true end
-        if a + 9 < eager_end[a] and ids[1] == ARGV[a + 9] and verdict[2] == "run" then
-            return {1, ids[1], data[1], verdict, pick_up(a + 10, verdict[3])}
+    -- What it took and the claim it won, noted as it goes: a command of the fetch Redis refuses (a key
+    -- of the wrong type: the acks or held set, the bodies' hash, the stats hash) fails neither the write,
+    -- which landed, nor its group: the message goes back to the head of its lane and the claim is let
+    -- go, the refusal is logged, and nothing is fetched (the consumer's own fetch meets the refusal).
+    local popped, won = {}, nil
+    local function fetched()
+        local ids, data, fence = lanes_fetch(base, 1, true, popped)
+        if not data[1] then  -- as a fetch: an id whose body is gone is dropped
+            give_owed(a)
+            return {1}
         end
+        -- As a fetch: messages in hand are where a reaper looks.
+        redis.call("sadd", held, queue)
+        redis.call("sadd", acks, ids[1])
+        if ARGV[a + 8] ~= "1" then redis.call("lpop", base .. ".wake") end
+        local verdict = 0
+        local key = message_key(data[1])
+        if key then
+            local b = claims_open(stats, tonumber(ARGV[a + 7]), ttl, server_ms(), fence)
+            verdict = claim_take(b, prefix .. key, owner)
+            if verdict[1] == "run" then won = {prefix .. key, verdict[2]} end
+            claims_close(b)
+            table.insert(verdict, 1, key)
+            if checked[prefix .. key] then stale[prefix .. key] = true end
+            if a + 9 < eager_end[a] and ids[1] == ARGV[a + 9] and verdict[2] == "run" then
+                return {1, ids[1], data[1], verdict, pick_up(a + 10, verdict[3])}
+            end
+        end
+        return {1, ids[1], data[1], verdict}
     end
-    return {1, ids[1], data[1], verdict}
+    local ok, out = pcall(fetched)
+    if ok then return out end
+    if won then redis.pcall("set", won[1], claim_value("free", won[2], 0, "", ""), "KEEPTTL") end
+    if #popped > 0 then redis.pcall("srem", acks, unpack(popped)) end
+    lanes_give_back(base, popped)
+    redis.log(redis.LOG_WARNING, "mesh step.lua: the eager fetch of " .. base .. " refused, its message put back: "
+        .. refusal(out))
+    if ARGV[a + 8] == "1" then pcall(give_owed, a) end
+    if not own(out) then error(redis.error_reply(refusal(out))) end  -- the server's state: as before, the group fails
+    return {1}
 end
 
 for k, i in ipairs(starts) do

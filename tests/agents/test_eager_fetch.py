@@ -832,6 +832,46 @@ def test_a_success_redis_refuses_leaves_the_message_it_pushed_its_wake_up_token(
     assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
 
 
+def test_a_success_whose_eager_fetch_redis_refuses_stands_and_puts_the_message_it_took_back_in_its_lane(worker):
+    """The eager fetch's read of the fencing counter, right after it took the next step's message, is
+    refused (the stats hash made a string just before the success's write: WRONGTYPE). The write stands
+    (the first step succeeded, its message settled), the message taken goes back to the head of its
+    lane with a wake-up token, nothing is handed over, and the consumer's own fetch takes it once the
+    key is mended. On the code before, the whole call failed after its pop: the next step's message
+    was in no list, and the job stayed running for good."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys, steps, records = w.broker.keys, w.runtime.steps, w.broker.records
+    waiting = records.llen(keys.queue("echo"))
+    tokens = records.llen(keys.wake("echo"))
+    real, stats = steps.write, records.hgetall(keys.stats)
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("settle"):  # the success's: the pick-up's went through
+            records.delete(keys.stats)
+            records.set(keys.stats, "not a hash")
+        return real(*args, **kwargs)
+
+    steps.write = write  # type: ignore[method-assign]
+    try:
+        run(w, first)
+    finally:
+        steps.write = real  # type: ignore[method-assign]
+        records.delete(keys.stats)
+        records.hset(keys.stats, mapping=stats)
+
+    assert handed(w) == []
+    assert w.client.status(ref.id).steps["first"].state is State.SUCCEEDED
+    assert not records.sismember(keys.acks(w.broker.broker_id, "echo"), first.options["redis_message_id"])
+    assert records.llen(keys.queue("echo")) == waiting + 1
+    assert records.llen(keys.wake("echo")) > tokens
+    second = next(w.thread.consumer) or next(w.thread.consumer)
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+    run(w, second)
+    assert w.client.status(ref.id).state is State.SUCCEEDED
+
+
 def test_a_success_sending_two_messages_to_the_queue_it_fetches_from_leaves_the_other_its_wake_up_token(worker):
     """The write pushes two messages on the queue its eager fetch takes one of: one token of the two is left
     out of its commands (RPUSH of one token, where the outbox staged two), the other pushed for the message

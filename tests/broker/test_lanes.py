@@ -11,9 +11,10 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 
 from mesh.agents.pipelines.builder import Pipeline
-from mesh.broker import MeshClient
+from mesh.broker import MeshClient, claims
 from mesh.broker import lanes as queue_lanes
 from mesh.broker.mesh_broker import MeshBroker
 from mesh.broker.outbox import build_message, stage
@@ -266,3 +267,58 @@ def test_thousands_of_tenants_are_counted_without_walking_them_and_each_gets_a_t
     # The big tenant's backlog does not go first: one of its messages per round of the others.
     assert sum(1 for m in got[:3000] if m["flow_key"] == "big") <= 2
     assert lanes_client.queues([Q], lanes=True)[Q]["ready"] == 0
+
+
+def claims_of(client: MeshClient, keys: list[str]) -> list[str | None]:
+    return [claims.read(client.redis, client.keys.claim(k)).state for k in keys]
+
+
+@pytest.mark.parametrize("broken", ["acks", "stats"])
+def test_a_fetch_refused_after_it_took_its_messages_puts_them_back_in_order_and_lets_go_its_claims(
+        settings, rclient, broker, broken):
+    """A command of the fetch Redis refuses after its first pop (a key of the wrong type: the worker's
+    acks set, refused by the SADD at the fetch's end, or the stats hash, refused by the read of the
+    fencing counter right after the pop) fails the fetch, and Redis keeps what ran before it. The
+    messages it took go back to the head of the queue in the order they were taken, the claims it won
+    are let go (free, their tokens kept), and the fetch fails with the refusal; once the key is mended,
+    a fetch takes them, claimed with later tokens. On the code before, they were popped into no list."""
+    client = MeshClient(settings, client=rclient)
+    note = {"tool": "note", "args": {"title": "t"}}
+    refs = client.send_many("executor", [(note, f"k{i}") for i in range(5)])
+    keys = client.keys
+    waiting = rclient.lrange(keys.queue("executor"), 0, -1)
+    bad = keys.acks(broker.broker_id, "executor") if broken == "acks" else keys.stats
+    rclient.delete(bad)
+    rclient.set(bad, "not a set or a hash")
+
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        broker.settle("fetch", "executor", 3, "0", "nonce", 60_000, 3600, "1")
+
+    assert rclient.lrange(keys.queue("executor"), 0, -1) == waiting
+    assert set(claims_of(client, [r.key for r in refs])) <= {None, "free"}
+    assert rclient.llen(keys.wake("executor")) >= 1
+    rclient.delete(bad)
+    flat = broker.settle("fetch", "executor", 10, "0", "nonce2", 60_000, 3600, "1")
+    assert [flat[i] for i in range(0, len(flat), 3)] == waiting
+    assert [flat[i][2].decode() for i in range(2, len(flat), 3)] == ["run"] * 5  # {key, record, "run", token}
+    assert claims_of(client, [r.key for r in refs]) == ["claimed"] * 5
+    assert client.queues(["executor"])["executor"] == {"ready": 0, "delayed": 0, "in_flight": 5}
+
+
+def test_a_fetch_across_lanes_refused_at_its_end_puts_each_message_back_in_its_own_lane(lanes_client, broker, rclient):
+    """The same across lanes (priorities, tenants' flows): what the refused fetch took goes back to the
+    head of each message's own lane and none waits twice; once the acks set is mended, a fetch takes
+    every one of them."""
+    send(lanes_client, 3, priority="high", tenant="A")
+    send(lanes_client, 3, priority="low", tenant="B", first=10)
+    send(lanes_client, 3, tenant="C", first=20)
+    acks = lanes_client.keys.acks(broker.broker_id, Q)
+    rclient.set(acks, "not a set")
+
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        fetch(broker, 7)
+
+    assert lanes_hold_what_they_should(lanes_client) == {"high": 3, "normal": 3, "low": 3}
+    rclient.delete(acks)
+    assert sorted(m["payload"]["n"] for m in fetch(broker, 9)) == [0, 1, 2, 10, 11, 12, 20, 21, 22]
+    assert lanes_hold_what_they_should(lanes_client) == {"high": 0, "normal": 0, "low": 0}
