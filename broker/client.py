@@ -429,9 +429,10 @@ class MeshClient:
         job_id = job_id_for(key)
         trace_id = trace_id_of(job_id)
         ref: JobRef[JobRecord] = JobRef(id=job_id, key=key, trace_id=trace_id, client=self)
+        digest = spec.digest()  # once a run: the spec's canonical JSON, hashed
         record = JobRecord(job_id=ref.id, key=key, trace_id=trace_id, goal=goal, created_at=now, updated_at=now,
                            payload_hash=payload_hash(f"pipeline:{spec.name}", input), pipeline=spec.name,
-                           pipeline_digest=spec.digest(), pipeline_input=input, priority=priority)
+                           pipeline_digest=digest, pipeline_input=input, priority=priority)
         record, messages, events = spec.start(
             record, trace_id=trace_id, deadline=self.clock.now_s() + self.settings.job_deadline_s, token_budget=budget,
             queue=lambda a: target(a).queue, version=lambda a: target(a).version, now=now,
@@ -453,7 +454,6 @@ class MeshClient:
             limit = getattr(self.settings, named.group().removeprefix("MESH_").lower(), -1)
             raise LimitExceeded(why, setting=named.group(), limit=limit if isinstance(limit, int) else -1, size=-1)
         encoded = [self._encode(m) for m in messages]
-        digest = spec.digest()
         keys, jobs = self.keys_of(ref.id), self.jobs_of(ref.id)  # the job's shard
         probe = self.redis.pipeline(transaction=False)  # never sent: what creating the record stages
         jobs.stage_create(probe, record)
