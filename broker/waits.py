@@ -113,7 +113,8 @@ def _waited(before: JobRecord, step_id: str) -> bool:
 def parked(record: JobRecord) -> bool:
     """Whether a step of ``record`` waits durably (``sleep:``, ``wait_for:``) or for a person: its
     job keeps its record and trace without a TTL, even once another branch ended it."""
-    return any(s.state in (State.WAITING, State.AWAITING_APPROVAL) for s in record.steps.values())
+    waiting, asking = State.WAITING, State.AWAITING_APPROVAL  # read once (contracts/jobs.py's _SETTLED says why)
+    return any(s.state is waiting or s.state is asking for s in record.steps.values())
 
 
 def stage_waits(pipe: Any, keys: Keys, record: JobRecord, before: JobRecord | None = None,

@@ -70,6 +70,16 @@ def test_a_records_scans_read_states_members_once_per_scan_not_once_per_step():
     assert len(reads) < 20, sorted(set(reads))
 
 
+def test_an_ended_jobs_last_write_reads_states_members_once_per_scan():
+    """The write that ends a job asks whether a step still waits (``waits.parked``): on the code before, two
+    members read per step (80 for this record)."""
+    record = transition(chain_record(STEPS), State.SUCCEEDED, now=4.0)  # every step succeeded
+    with state_reads() as reads:
+        assert not waits.parked(record)
+        waits.stage_waits(_Pipe(), Keys("scans"), record, record, ended_ttl_ms=60_000)
+    assert len(reads) < 20, sorted(set(reads))
+
+
 def test_the_engines_look_for_steps_to_send_reads_states_members_once_per_scan():
     chain = Pipeline("chain").step("s1", agent="echo")
     for n in range(2, STEPS + 1):
