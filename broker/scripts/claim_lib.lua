@@ -56,6 +56,22 @@ local function claim_free(key, owner)
     return 1
 end
 
+-- A claim a fetch won, given back because the fetch was refused after it (lanes_give_back puts its
+-- message back): one it took over from a dead owner (kills: the count its takeover reached) is left as
+-- it was found, claimed with its lease over, and its death counted once (the next fetch takes it over
+-- again and counts it again, so the kill count it reports is the one this takeover reported); any
+-- other is let go: free, its token kept, so the next claim of the key takes a later one. Nothing here
+-- fails its caller (which then fails with the refusal).
+local function claim_give_back(key, token, kills, owner, stats)
+    if kills then
+        redis.pcall("set", key, claim_value("claimed", token, 0, owner, ""), "KEEPTTL")
+        redis.pcall("decr", kills_key(key))
+        redis.pcall("hincrby", stats, "takeovers", -1)
+    else
+        redis.pcall("set", key, claim_value("free", token, 0, "", ""), "KEEPTTL")
+    end
+end
+
 -- Taking claims: a call opens a batch (one read of the deployment's fencing counter, the field
 -- "fence" of the stats hash), takes claims, and closes it (one write of the counter, if it moved).
 -- ``read``: the field as the caller already read it (false: absent), else nil.

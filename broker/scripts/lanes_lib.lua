@@ -153,6 +153,10 @@ local function lanes_pop(base, n, popped)
             return nil
         end
         local member, score = top[1], tonumber(top[2])
+        if popped then  -- out of its ring until put back below: a refusal meanwhile puts it back
+            popped.rings = popped.rings or {}
+            popped.rings[#popped.rings + 1] = {ring, member}
+        end
         if score > round[level] then round[level] = score end
         local list = member == "" and lane_plain(base, level) or lane_flow(base, level, member)
         local id = redis.call("lpop", list)
@@ -253,17 +257,35 @@ local function lanes_fetch(base, n, claims, popped)
 end
 
 -- Puts back the ids a fetch took from the queue at base (popped, in the order taken) when the fetch
--- failed after taking them: at the head of their own lanes where their bodies can be read (else of
--- the queue's plain list), in that order, with a wake-up token. Nothing here fails the caller, which
--- then fails with the refusal that stopped it; a message put back twice (its lane's push half done)
--- is a duplicate its claim answers, where one put back nowhere would be lost.
+-- failed after taking them: at the head of their own lanes where their bodies can be read (else of the
+-- queue's plain list), in that order, with a wake-up token; and every flow the fetch took out of its
+-- ring (ZPOPMIN) back in it, so a flow whose list the fetch did not reach, or could not pop, is served
+-- again. An id goes to one list only: once its lane's LPUSH ran, what lane_push does after it (the
+-- ring, the count of waiting flow messages, the stats hash's lanes mark) is done as far as Redis lets
+-- it. Nothing here fails the caller, which then fails with the refusal that stopped it.
 local function lanes_give_back(base, popped)
     for i = #popped, 1, -1 do
         local id = popped[i]
         local read, data = pcall(redis.call, "hget", base .. ".msgs", id)
-        if not (read and data and pcall(lane_push, base, id, data, true)) then
-            redis.pcall("lpush", base, id)
+        local list, level, flow = base, "normal", nil
+        if read and data and not lane_is_delay(base) then
+            level, flow = lane_of(data)
+            list = flow and lane_flow(base, level, flow) or lane_plain(base, level)
         end
+        local put = redis.pcall("lpush", list, id)
+        if type(put) == "table" and put.err then
+            redis.pcall("lpush", base, id)
+        elseif list ~= base then
+            if flow then
+                redis.pcall("zadd", lane_ring(base, level), "NX", 0, flow)
+                redis.pcall("hincrby", base .. ".sched", "n:" .. level, 1)
+            end
+            local stats, field = lanes_mark(base)
+            redis.pcall("hset", stats, field, 1)
+        end
+    end
+    for _, r in ipairs(popped.rings or {}) do
+        redis.pcall("zadd", r[1], "NX", 0, r[2])
     end
     if #popped > 0 then
         redis.pcall("rpush", base .. ".wake", 1)

@@ -251,8 +251,8 @@ if command == "fetch" then
     local nonce, batch = ARGV[8], nil
     -- What the fetch took, and the claims it won, noted as it goes: a command refused after the
     -- first pop (a key of the wrong type: the acks set, the bodies' hash, the stats hash) fails the
-    -- fetch, and Redis keeps what ran before it, so the messages go back to their lanes and the claims
-    -- are let go before it fails, rather than popped into no list.
+    -- fetch, and Redis keeps what ran before it, so the messages go back to their lanes and the claims are
+    -- given back before it fails, rather than popped into no list.
     local popped, won = {}, {}
     local function fetched()
         local ids, data, fence = lanes_fetch(queue_key, math.min(tonumber(ARGV[6]), FETCH_MAX), nonce ~= nil, popped)
@@ -272,7 +272,7 @@ if command == "fetch" then
                     if key then
                         local owner = worker .. ":" .. nonce .. ":" .. #held
                         local verdict = claim_take(batch, ns .. ":claim:" .. key, owner)
-                        if verdict[1] == "run" then won[#won + 1] = {ns .. ":claim:" .. key, verdict[2]} end
+                        if verdict[1] == "run" then won[#won + 1] = {ns .. ":claim:" .. key, verdict[2], verdict[3], owner} end
                         if records then
                             local job_id = verdict[1] == "run" and message_job(data[i], key)
                             table.insert(verdict, 1, "")
@@ -287,21 +287,19 @@ if command == "fetch" then
             end
         end
         if #wanted > 0 then fetch_records(wanted) end
-        if #held > 0 then redis.call("sadd", acks, unpack(held)) end
         if batch then claims_close(batch) end
+        -- last: refused, it added nothing, so the give-back takes nothing out of the acks set
+        if #held > 0 then redis.call("sadd", acks, unpack(held)) end
         return out
     end
     local ok, out = pcall(fetched)
     if ok then return out end
-    -- Given back: the claims won let go (free, their tokens kept, so the next claim of each key takes a
-    -- later one), the fencing counter moved past them if it can be, the ids out of the acks set should
-    -- the SADD have run, and the messages at the head of their lanes, in order. Then the fetch fails
-    -- with the refusal, which the consumer logs and retries.
-    for _, w in ipairs(won) do
-        redis.pcall("set", w[1], claim_value("free", w[2], 0, "", ""), "KEEPTTL")
-    end
+    -- Given back: the claims won (claim_give_back: let go, or a takeover left as it was found), the
+    -- fencing counter moved past their tokens if it can be, and the messages at the head of their lanes,
+    -- in order (the SADD to the acks set is the fetch's last command: refused, it added nothing). Then
+    -- the fetch fails with the refusal, which the consumer logs and retries.
+    for _, w in ipairs(won) do claim_give_back(w[1], w[2], w[3], w[4], ns .. ":stats") end
     if batch then pcall(claims_close, batch) end
-    if #popped > 0 then redis.pcall("srem", acks, unpack(popped)) end
     lanes_give_back(queue_key, popped)
     error(redis.error_reply(type(out) == "table" and out.err or tostring(out)))
 

@@ -229,9 +229,10 @@ local function fetch_one(a)
         ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
     -- What it took and the claim it won, noted as it goes: a command of the fetch Redis refuses (a key
     -- of the wrong type: the acks or held set, the bodies' hash, the stats hash) fails neither the write,
-    -- which landed, nor its group: the message goes back to the head of its lane and the claim is let
-    -- go, the refusal is logged, and nothing is fetched (the consumer's own fetch meets the refusal).
-    local popped, won = {}, nil
+    -- which landed, nor its group: the message goes back to the head of its lane, out of the acks set
+    -- if this fetch put it there, the claim is given back (claim_give_back), the refusal is logged, and
+    -- nothing is fetched (the consumer's own fetch meets the refusal).
+    local popped, won, added = {}, nil, false
     local function fetched()
         local ids, data, fence = lanes_fetch(base, 1, true, popped)
         if not data[1] then  -- as a fetch: an id whose body is gone is dropped
@@ -240,14 +241,14 @@ local function fetch_one(a)
         end
         -- As a fetch: messages in hand are where a reaper looks.
         redis.call("sadd", held, queue)
-        redis.call("sadd", acks, ids[1])
+        added = redis.call("sadd", acks, ids[1]) == 1
         if ARGV[a + 8] ~= "1" then redis.call("lpop", base .. ".wake") end
         local verdict = 0
         local key = message_key(data[1])
         if key then
             local b = claims_open(stats, tonumber(ARGV[a + 7]), ttl, server_ms(), fence)
             verdict = claim_take(b, prefix .. key, owner)
-            if verdict[1] == "run" then won = {prefix .. key, verdict[2]} end
+            if verdict[1] == "run" then won = {prefix .. key, verdict[2], verdict[3]} end
             claims_close(b)
             table.insert(verdict, 1, key)
             if checked[prefix .. key] then stale[prefix .. key] = true end
@@ -259,8 +260,8 @@ local function fetch_one(a)
     end
     local ok, out = pcall(fetched)
     if ok then return out end
-    if won then redis.pcall("set", won[1], claim_value("free", won[2], 0, "", ""), "KEEPTTL") end
-    if #popped > 0 then redis.pcall("srem", acks, unpack(popped)) end
+    if won then claim_give_back(won[1], won[2], won[3], owner, stats) end
+    if added then redis.pcall("srem", acks, unpack(popped)) end
     lanes_give_back(base, popped)
     redis.log(redis.LOG_WARNING, "mesh step.lua: the eager fetch of " .. base .. " refused, its message put back: "
         .. refusal(out))

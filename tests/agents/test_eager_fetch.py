@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from mesh import App, Context, Pipeline
 from mesh.agents.runtime import AgentRuntime, declare_app
-from mesh.broker import MeshClient, trace
+from mesh.broker import MeshClient, claims, trace
 from mesh.broker.idempotency import Idempotency, Lease
 from mesh.broker.mesh_broker import MeshBroker, build_broker
 from mesh.broker.observe import running_member
@@ -870,6 +870,59 @@ def test_a_success_whose_eager_fetch_redis_refuses_stands_and_puts_the_message_i
     assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
     run(w, second)
     assert w.client.status(ref.id).state is State.SUCCEEDED
+
+
+@pytest.mark.parametrize("broken", ["held", "claim-list", "claim-set"])
+def test_a_success_whose_eager_fetch_is_refused_by_another_key_stands_and_loses_nothing(worker, broken):
+    """As above, the refusal coming from the worker's held set or the next step's claim key (a list, a set):
+    the write stands, nothing is handed, the next step's message waits in its lane once (not in the acks
+    set, its claim not taken), its pick-up is not written, and once the key is mended the consumer runs it
+    and the job ends."""
+    w = worker
+    ref = w.client.run("pair", {"text": "hi"})
+    first = next(w.thread.consumer)
+    keys, steps, records = w.broker.keys, w.runtime.steps, w.broker.records
+    consumer = w.thread.consumer
+    second_key = first.args[0]["key"].rsplit("/", 1)[0] + "/second"
+    bad = keys.held(w.broker.broker_id) if broken == "held" else keys.claim(second_key)
+    waiting = records.llen(keys.queue("echo"))
+    tokens = records.llen(keys.wake("echo"))
+    real = steps.write
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("settle"):  # the success's
+            records.delete(bad)
+            if broken == "claim-set":
+                records.sadd(bad, "x")
+            else:
+                records.set(bad, "x") if broken == "held" else records.rpush(bad, "x")
+        return real(*args, **kwargs)
+
+    steps.write = write  # type: ignore[method-assign]
+    try:
+        run(w, first)
+    finally:
+        steps.write = real  # type: ignore[method-assign]
+
+    assert handed(w) == []
+    status = w.client.status(ref.id)
+    assert status.steps["first"].state is State.SUCCEEDED
+    assert status.steps["second"].state is not State.RUNNING  # its folded pick-up not written
+    queue = records.lrange(keys.queue("echo"), 0, -1)
+    assert len(queue) == waiting + 1 and len(set(queue)) == len(queue)
+    assert records.scard(keys.acks(w.broker.broker_id, "echo")) == 0
+    assert records.llen(keys.wake("echo")) > tokens
+    assert consumer.eager_reserved == 0 and consumer.outstanding_message_count == 0
+    records.delete(bad)
+    assert claims.read(records, keys.claim(second_key)).state in (None, "free")
+
+    second = next(consumer) or next(consumer)
+    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
+    run(w, second)
+    assert w.client.status(ref.id).state is State.SUCCEEDED
+    assert records.llen(keys.queue("echo")) == 0
+    assert records.scard(keys.acks(w.broker.broker_id, "echo")) == 0
+    assert consumer.outstanding_message_count == 0
 
 
 def test_a_success_sending_two_messages_to_the_queue_it_fetches_from_leaves_the_other_its_wake_up_token(worker):
