@@ -459,7 +459,9 @@ def test_a_worker_paused_past_its_lease_holding_a_step_its_success_fetched_write
     wait_for(lambda: "attempt superseded" in log.read_text(), timeout_s=60)
     after = client.status(ref.id)
     assert after.state is State.SUCCEEDED and after.steps["second"].token == newer
-    assert after.model_dump() == record.model_dump()  # the woken worker's write was refused: nothing changed
+    # The woken worker's write was refused: nothing changed (but the history a retention sweep may have
+    # added meanwhile, compacting the ended job: a worker's sweep runs on its own schedule).
+    assert after.model_dump(exclude={"history"}) == record.model_dump(exclude={"history"})
     assert rclient.hget(client.keys.stats, "dead_lettered") is None
 
 
@@ -700,7 +702,9 @@ def test_a_worker_paused_between_its_successs_answer_and_its_hand_over_runs_the_
     finally:
         holder.close()
     after = client.status(ref.id)
-    assert after.model_dump() == record.model_dump()
+    # Nothing changed but the history a retention sweep may have added, compacting the ended job meanwhile
+    # (the woken worker's sweep ran once it was let go, compacting the first run's job, in 1 run of 25 under load).
+    assert after.model_dump(exclude={"history"}) == record.model_dump(exclude={"history"})
     assert rclient.hget(client.keys.stats, "dead_lettered") is None
     assert int(rclient.hget(client.keys.stats, "recovered") or 0) >= 1
 
