@@ -836,70 +836,31 @@ def test_a_success_redis_refuses_leaves_the_message_it_pushed_its_wake_up_token(
     assert w.broker.records.llen(keys.wake("echo")) == tokens + 1
 
 
-def test_a_success_whose_eager_fetch_redis_refuses_stands_and_puts_the_message_it_took_back_in_its_lane(worker):
-    """The eager fetch's read of the fencing counter, right after it took the next step's message, is
-    refused (the stats hash made a string just before the success's write: WRONGTYPE). The write stands
-    (the first step succeeded, its message settled), the message taken goes back to the head of its
-    lane with a wake-up token, nothing is handed over, and the consumer's own fetch takes it once the
-    key is mended. On the code before, the whole call failed after its pop: the next step's message
-    was in no list, and the job stayed running for good."""
+@pytest.mark.parametrize("broken", ["stats", "held", "claim-list", "claim-set"])
+def test_a_success_whose_eager_fetch_redis_refuses_stands_and_puts_the_message_it_took_back_in_its_lane(
+        worker, broken):
+    """A command of the eager fetch is refused after it took the next step's message (made of the wrong
+    type just before the success's write: the stats hash, read for the fencing counter right after the
+    pop; the worker's held set; the next step's claim key, a list or a set). The write stands (the first
+    step succeeded, its message settled), the message taken goes back to the head of its lane once, with
+    a wake-up token, out of the acks set and its claim not taken, its folded pick-up not written, nothing
+    is handed over, and once the key is mended the consumer's own fetch runs it and the job ends. On the
+    code before, the whole call failed after its pop (WRONGTYPE): the next step's message was in no list,
+    and the job stayed running for good."""
     w = worker
     ref = w.client.run("pair", {"text": "hi"})
     first = next(w.thread.consumer)
-    keys, steps, records = w.broker.keys, w.runtime.steps, w.broker.records
+    keys, steps, records, consumer = w.broker.keys, w.runtime.steps, w.broker.records, w.thread.consumer
+    second_key = first.args[0]["key"].rsplit("/", 1)[0] + "/second"
+    bad = {"stats": keys.stats, "held": keys.held(w.broker.broker_id)}.get(broken, keys.claim(second_key))
     waiting = records.llen(keys.queue("echo"))
     tokens = records.llen(keys.wake("echo"))
     real, stats = steps.write, records.hgetall(keys.stats)
 
     def write(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("settle"):  # the success's: the pick-up's went through
-            records.delete(keys.stats)
-            records.set(keys.stats, "not a hash")
-        return real(*args, **kwargs)
-
-    steps.write = write  # type: ignore[method-assign]
-    try:
-        run(w, first)
-    finally:
-        steps.write = real  # type: ignore[method-assign]
-        records.delete(keys.stats)
-        records.hset(keys.stats, mapping=stats)
-
-    assert handed(w) == []
-    assert w.client.status(ref.id).steps["first"].state is State.SUCCEEDED
-    assert not records.sismember(keys.acks(w.broker.broker_id, "echo"), first.options["redis_message_id"])
-    assert records.llen(keys.queue("echo")) == waiting + 1
-    assert records.llen(keys.wake("echo")) > tokens
-    second = next(w.thread.consumer) or next(w.thread.consumer)
-    assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
-    run(w, second)
-    assert w.client.status(ref.id).state is State.SUCCEEDED
-
-
-@pytest.mark.parametrize("broken", ["held", "claim-list", "claim-set"])
-def test_a_success_whose_eager_fetch_is_refused_by_another_key_stands_and_loses_nothing(worker, broken):
-    """As above, the refusal coming from the worker's held set or the next step's claim key (a list, a set):
-    the write stands, nothing is handed, the next step's message waits in its lane once (not in the acks
-    set, its claim not taken), its pick-up is not written, and once the key is mended the consumer runs it
-    and the job ends."""
-    w = worker
-    ref = w.client.run("pair", {"text": "hi"})
-    first = next(w.thread.consumer)
-    keys, steps, records = w.broker.keys, w.runtime.steps, w.broker.records
-    consumer = w.thread.consumer
-    second_key = first.args[0]["key"].rsplit("/", 1)[0] + "/second"
-    bad = keys.held(w.broker.broker_id) if broken == "held" else keys.claim(second_key)
-    waiting = records.llen(keys.queue("echo"))
-    tokens = records.llen(keys.wake("echo"))
-    real = steps.write
-
-    def write(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("settle"):  # the success's
             records.delete(bad)
-            if broken == "claim-set":
-                records.sadd(bad, "x")
-            else:
-                records.set(bad, "x") if broken == "held" else records.rpush(bad, "x")
+            {"claim-list": records.rpush, "claim-set": records.sadd}.get(broken, records.set)(bad, "x")
         return real(*args, **kwargs)
 
     steps.write = write  # type: ignore[method-assign]
@@ -907,6 +868,9 @@ def test_a_success_whose_eager_fetch_is_refused_by_another_key_stands_and_loses_
         run(w, first)
     finally:
         steps.write = real  # type: ignore[method-assign]
+        records.delete(bad)
+        if broken == "stats":
+            records.hset(keys.stats, mapping=stats)
 
     assert handed(w) == []
     status = w.client.status(ref.id)
@@ -917,9 +881,7 @@ def test_a_success_whose_eager_fetch_is_refused_by_another_key_stands_and_loses_
     assert records.scard(keys.acks(w.broker.broker_id, "echo")) == 0
     assert records.llen(keys.wake("echo")) > tokens
     assert consumer.eager_reserved == 0 and consumer.outstanding_message_count == 0
-    records.delete(bad)
     assert claims.read(records, keys.claim(second_key)).state in (None, "free")
-
     second = next(consumer) or next(consumer)
     assert (second.args[0]["job_id"], second.args[0]["step_id"]) == (ref.id, "second")
     run(w, second)

@@ -7,7 +7,6 @@ held, and once the key is mended a fetch takes them all."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -16,21 +15,11 @@ import redis
 
 from mesh.broker import MeshClient, claims
 from mesh.broker.mesh_broker import MeshBroker
-from tests.apps.lanes import app
+from tests.broker import test_lanes
 
-Q = "work"
-
-
-@pytest.fixture
-def lanes_client(settings: Any, rclient: Any) -> MeshClient:
-    return MeshClient(settings, client=rclient, app=app)
-
-
-@pytest.fixture
-def broker(settings: Any) -> Iterator[MeshBroker]:
-    b = MeshBroker(settings, middleware=[])
-    yield b
-    b.close()
+Q = test_lanes.Q
+#: The lanes tests' fixtures: a client of the lanes app (its agent's messages carry a flow key), a broker.
+lanes_client, broker = test_lanes.lanes_client, test_lanes.broker
 
 
 def waiting(client: MeshClient, queue: str = Q) -> Counter[str]:
