@@ -56,19 +56,22 @@ local function claim_free(key, owner)
     return 1
 end
 
--- A claim a fetch won, given back because the fetch was refused after it (lanes_give_back puts its
--- message back): one it took over from a dead owner (kills: the count its takeover reached) is left as
--- it was found, claimed with its lease over, and its death counted once (the next fetch takes it over
--- again and counts it again, so the kill count it reports is the one this takeover reported); any
--- other is let go: free, its token kept, so the next claim of the key takes a later one. Nothing here
--- fails its caller (which then fails with the refusal).
-local function claim_give_back(key, token, kills, owner, stats)
-    if kills then
-        redis.pcall("set", key, claim_value("claimed", token, 0, owner, ""), "KEEPTTL")
-        redis.pcall("decr", kills_key(key))
-        redis.pcall("hincrby", stats, "takeovers", -1)
+-- A claim a fetch won (claim_take), given back because the fetch was refused after it (lanes_give_back
+-- puts its message back): written back as claim_take found it (prior: its value then; false: there
+-- was none, and it is deleted), so an owner that held it (a paused one, whose lease ran out) may still
+-- finish, and a later "done" at the token it had is still stored; a takeover's death (kills: the count
+-- it reached) is counted off again, so the next takeover reports the count this one reported. The
+-- token the fetch took was never handed to anyone. Nothing here fails its caller (which then fails
+-- with the refusal).
+local function claim_give_back(key, prior, kills, stats)
+    if prior then
+        redis.pcall("set", key, prior, "KEEPTTL")
     else
-        redis.pcall("set", key, claim_value("free", token, 0, "", ""), "KEEPTTL")
+        redis.pcall("del", key)
+    end
+    if kills then
+        if redis.pcall("decr", kills_key(key)) == 0 then redis.pcall("del", kills_key(key)) end
+        redis.pcall("hincrby", stats, "takeovers", -1)
     end
 end
 
@@ -97,9 +100,12 @@ local function claim_take(b, key, owner)
     if redis.call("set", key, claim_value("claimed", b.fence + 1, b.now + b.lease_ms, owner, ""),
                   "NX", "EX", b.ttl_s) then
         b.fence = b.fence + 1
+        b.prior = false
         return {"run", b.fence}
     end
     local state, holder, token, expires, result = claim_read(key)
+    -- The claim as found, which a claim this call wins replaces: what claim_give_back writes back.
+    b.prior = claim_value(state, token, expires, holder, result)
     if state == "done" then
         redis.call("hincrby", b.stats, "duplicates", 1)
         return {"done", token, result or ""}

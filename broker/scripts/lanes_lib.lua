@@ -125,6 +125,7 @@ local function lanes_pop(base, n, popped)
     local sched = base .. ".sched"
     local st = redis.call("hmget", sched, "credit:normal", "credit:low", "round:high", "round:normal", "round:low",
                           "n:high", "n:normal", "n:low")
+    if popped then popped.sched = {sched, st} end  -- the turns as they were, should a refusal put them back
     local credit = {normal = tonumber(st[1]) or 0, low = tonumber(st[2]) or 0}
     local round = {high = tonumber(st[3]) or 0, normal = tonumber(st[4]) or 0, low = tonumber(st[5]) or 0}
     local waiting = {high = tonumber(st[6]) or 0, normal = tonumber(st[7]) or 0, low = tonumber(st[8]) or 0}
@@ -153,9 +154,9 @@ local function lanes_pop(base, n, popped)
             return nil
         end
         local member, score = top[1], tonumber(top[2])
-        if popped then  -- out of its ring until put back below: a refusal meanwhile puts it back
+        if popped then  -- its place in its ring as it was, should a refusal put it back
             popped.rings = popped.rings or {}
-            popped.rings[#popped.rings + 1] = {ring, member}
+            popped.rings[#popped.rings + 1] = {ring, member, top[2]}
         end
         if score > round[level] then round[level] = score end
         local list = member == "" and lane_plain(base, level) or lane_flow(base, level, member)
@@ -256,13 +257,18 @@ local function lanes_fetch(base, n, claims, popped)
     return ids, redis.call("hmget", msgs, unpack(ids)), fence
 end
 
+-- The fields of a queue's .sched hash, in the order lanes_pop reads them.
+local LANE_SCHED = {"credit:normal", "credit:low", "round:high", "round:normal", "round:low", "n:high", "n:normal",
+                    "n:low"}
+
 -- Puts back the ids a fetch took from the queue at base (popped, in the order taken) when the fetch
 -- failed after taking them: at the head of their own lanes where their bodies can be read (else of the
--- queue's plain list), in that order, with a wake-up token; and every flow the fetch took out of its
--- ring (ZPOPMIN) back in it, so a flow whose list the fetch did not reach, or could not pop, is served
--- again. An id goes to one list only: once its lane's LPUSH ran, what lane_push does after it (the
--- ring, the count of waiting flow messages, the stats hash's lanes mark) is done as far as Redis lets
--- it. Nothing here fails the caller, which then fails with the refusal that stopped it.
+-- queue's plain list), in that order, with a wake-up token; and the lanes' turns as the fetch found
+-- them: every flow it took out of its ring (ZPOPMIN) back in it at its score then, and the .sched
+-- hash's credits, rounds and counts of waiting flow messages as it read them, so a refused fetch
+-- spends nobody's turn. An id goes to one list only: once its lane's LPUSH ran, the rest (its ring,
+-- the stats hash's lanes mark) is done as far as Redis lets it. Nothing here fails the caller, which
+-- then fails with the refusal that stopped it.
 local function lanes_give_back(base, popped)
     for i = #popped, 1, -1 do
         local id = popped[i]
@@ -276,16 +282,19 @@ local function lanes_give_back(base, popped)
         if type(put) == "table" and put.err then
             redis.pcall("lpush", base, id)
         elseif list ~= base then
-            if flow then
-                redis.pcall("zadd", lane_ring(base, level), "NX", 0, flow)
-                redis.pcall("hincrby", base .. ".sched", "n:" .. level, 1)
-            end
+            if flow then redis.pcall("zadd", lane_ring(base, level), "NX", 0, flow) end
             local stats, field = lanes_mark(base)
             redis.pcall("hset", stats, field, 1)
         end
     end
     for _, r in ipairs(popped.rings or {}) do
-        redis.pcall("zadd", r[1], "NX", 0, r[2])
+        redis.pcall("zadd", r[1], r[3], r[2])
+    end
+    if popped.sched then
+        local sched, st = popped.sched[1], popped.sched[2]
+        for k, field in ipairs(LANE_SCHED) do
+            if st[k] then redis.pcall("hset", sched, field, st[k]) else redis.pcall("hdel", sched, field) end
+        end
     end
     if #popped > 0 then
         redis.pcall("rpush", base .. ".wake", 1)

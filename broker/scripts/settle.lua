@@ -272,7 +272,7 @@ if command == "fetch" then
                     if key then
                         local owner = worker .. ":" .. nonce .. ":" .. #held
                         local verdict = claim_take(batch, ns .. ":claim:" .. key, owner)
-                        if verdict[1] == "run" then won[#won + 1] = {ns .. ":claim:" .. key, verdict[2], verdict[3], owner} end
+                        if verdict[1] == "run" then won[#won + 1] = {ns .. ":claim:" .. key, batch.prior, verdict[3]} end
                         if records then
                             local job_id = verdict[1] == "run" and message_job(data[i], key)
                             table.insert(verdict, 1, "")
@@ -294,11 +294,12 @@ if command == "fetch" then
     end
     local ok, out = pcall(fetched)
     if ok then return out end
-    -- Given back: the claims won (claim_give_back: let go, or a takeover left as it was found), the
-    -- fencing counter moved past their tokens if it can be, and the messages at the head of their lanes,
-    -- in order (the SADD to the acks set is the fetch's last command: refused, it added nothing). Then
-    -- the fetch fails with the refusal, which the consumer logs and retries.
-    for _, w in ipairs(won) do claim_give_back(w[1], w[2], w[3], w[4], ns .. ":stats") end
+    -- Given back: the claims won, each as it was found (claim_give_back), the fencing counter moved
+    -- past their tokens if it can be, and the messages at the head of their lanes, in order, the lanes'
+    -- turns as they were (lanes_give_back; the SADD to the acks set is the fetch's last command:
+    -- refused, it added nothing). Then the fetch fails with the refusal, which the consumer logs and
+    -- retries.
+    for _, w in ipairs(won) do claim_give_back(w[1], w[2], w[3], ns .. ":stats") end
     if batch then pcall(claims_close, batch) end
     lanes_give_back(queue_key, popped)
     error(redis.error_reply(type(out) == "table" and out.err or tostring(out)))

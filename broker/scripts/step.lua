@@ -248,7 +248,7 @@ local function fetch_one(a)
         if key then
             local b = claims_open(stats, tonumber(ARGV[a + 7]), ttl, server_ms(), fence)
             verdict = claim_take(b, prefix .. key, owner)
-            if verdict[1] == "run" then won = {prefix .. key, verdict[2], verdict[3]} end
+            if verdict[1] == "run" then won = {prefix .. key, b.prior, verdict[3]} end
             claims_close(b)
             table.insert(verdict, 1, key)
             if checked[prefix .. key] then stale[prefix .. key] = true end
@@ -260,7 +260,7 @@ local function fetch_one(a)
     end
     local ok, out = pcall(fetched)
     if ok then return out end
-    if won then claim_give_back(won[1], won[2], won[3], owner, stats) end
+    if won then claim_give_back(won[1], won[2], won[3], stats) end
     if added then redis.pcall("srem", acks, unpack(popped)) end
     lanes_give_back(base, popped)
     redis.log(redis.LOG_WARNING, "mesh step.lua: the eager fetch of " .. base .. " refused, its message put back: "

@@ -6,6 +6,7 @@ held, and once the key is mended a fetch takes them all."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -100,7 +101,7 @@ def test_a_claim_key_of_the_wrong_type_mid_batch(settings, broker, rclient, kind
         fetch(broker, 3, "n1", E)
 
     assert rclient.lrange(k.queue(E), 0, -1) == before  # in order, once each
-    assert claims.read(rclient, k.claim(keys[0])).state == "free"  # the one it won, let go
+    assert claims.read(rclient, k.claim(keys[0])).state is None  # the one it won, given back as found: none
     assert int(rclient.hget(k.stats, "fence") or 0) >= int(fence or 0) + 1  # moved past it
     assert not rclient.exists(k.acks(broker.broker_id, E))
     assert rclient.llen(k.wake(E)) >= 1
@@ -158,7 +159,7 @@ def test_each_key_of_the_wrong_type_across_lanes(lanes_client, broker, rclient, 
     rclient.delete(bad)
     if rclient.exists(bad + ".aside"):
         rclient.rename(bad + ".aside", bad)
-    assert claim_states(lanes_client, keys) <= {None, "free"}
+    assert claim_states(lanes_client, keys) == {None}
     twice = sorted(r for r, n in where.items() if n > 1)
     assert twice == [], f"{len(twice)} messages wait twice after the give-back"
 
@@ -221,7 +222,7 @@ def test_a_stats_counter_hincrby_refuses_mid_batch(settings, broker, rclient):
         fetch(broker, 3, "n1", E)
 
     assert rclient.lrange(k.queue(E), 0, -1) == before
-    assert claim_states(client, keys[:2]) == {"free"}
+    assert claim_states(client, keys[:2]) == {None}
     assert int(rclient.hget(k.stats, "fence")) == 43  # the two tokens it handed out, never handed again
     rclient.hset(k.stats, "duplicates", 0)
     flat = broker.settle("fetch", E, 3, "0", "n2", 60_000, 3600, "1")
@@ -300,3 +301,116 @@ def test_a_fetch_across_lanes_refused_by_the_stats_hash_puts_each_keyless_messag
     rclient.rename(k.stats + ".aside", k.stats)
     got = fetch(broker, 20)
     assert len(got) == len(set(got)), f"{len(got) - len(set(got))} messages handed twice by one fetch"
+
+
+# What a refused fetch gives back: the claims as it found them, the lanes' turns as they were
+
+
+def refused(broker: MeshBroker, rclient: Any, n: int, nonce: str, queue: str = E) -> None:
+    """A fetch of ``n`` refused at its last command (this worker's acks set a string: every claim taken)."""
+    acks = broker.keys.acks(broker.broker_id, queue)
+    rclient.set(acks, "not a set")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        broker.settle("fetch", queue, n, "0", nonce, 60_000, 3600, "1")
+    rclient.delete(acks)
+
+
+def verdicts(broker: MeshBroker, n: int, nonce: str, queue: str = E) -> list[list[Any]]:
+    flat = broker.settle("fetch", queue, n, "0", nonce, 60_000, 3600, "1")
+    return [[x.decode() if isinstance(x, bytes) else x for x in flat[i]] for i in range(2, len(flat), 3)]
+
+
+@pytest.mark.parametrize("before", [None, 0, 1, 2])  # the kill count before: none, or a count
+def test_refused_takeovers_leave_the_kill_count_the_next_takeover_reports(settings, broker, rclient, before):
+    """Three fetches in a row take over a dead owner's claim and are refused: each counts the death off
+    again, so the next fetch's takeover reports one more death than before them, the stats' takeovers one."""
+    client, keys = send_exec(settings, rclient, 1)
+    k = client.keys
+    rclient.set(k.claim(keys[0]), "claimed|5|1|dead-owner:x:1|", ex=100)
+    if before is not None:
+        rclient.set(k.kills(keys[0]), before, ex=100)
+    takeovers = int(rclient.hget(k.stats, "takeovers") or 0)
+    for i in range(3):
+        refused(broker, rclient, 1, f"r{i}")
+    assert rclient.get(k.claim(keys[0])) == b"claimed|5|1|dead-owner:x:1|"
+    [v] = verdicts(broker, 1, "ok")
+    assert v[2] == "run" and int(v[4]) == (before or 0) + 1
+    assert int(rclient.hget(k.stats, "takeovers") or 0) - takeovers == 1
+
+
+def test_an_owner_paused_past_its_lease_still_finishes_after_a_refused_fetch_took_its_claim_over(
+        settings, broker, rclient):
+    """An owner paused past its lease; a fetch takes its claim over and is refused. The claim is written back
+    as found, so the owner, woken, stores its key as done as it would have had no fetch come (on the first
+    form of the give-back, the claim was left to the refused fetch's owner and the woken owner's done lost)."""
+    client, keys = send_exec(settings, rclient, 2)
+    k = client.keys
+    for key in keys:
+        rclient.set(k.claim(key), "claimed|5|1|paused-owner:x:1|", ex=3600)
+    untouched = rclient.rpop(k.queue(E))  # keys[1]'s message: no fetch takes it
+    refused(broker, rclient, 1, "r1")  # takes keys[0]'s claim over, refused
+    after_refusal = broker.settle("ack", E, 3600, "nobody", k.claim(keys[0]), "paused-owner:x:1", "R")
+    with_no_fetch = broker.settle("ack", E, 3600, untouched.decode(), k.claim(keys[1]), "paused-owner:x:1", "R")
+    assert after_refusal == with_no_fetch == [3]  # stored as done (1), the message not this worker's (+2)
+    assert claims.read(rclient, k.claim(keys[0])).state == "done"
+
+
+def test_a_done_at_the_token_of_a_free_claim_a_refused_fetch_took_is_still_stored(settings, broker, rclient):
+    """An attempt's success was recorded, then it failed (its claim free at token 7), and a second message of
+    its key waits. A fetch takes the free claim and is refused: the claim goes back free at token 7, so the
+    attempt's late "done" at that token is stored and the second message is answered as done, not run again
+    (given back free at the refused fetch's token, the done was refused and the effect ran twice)."""
+    client, keys = send_exec(settings, rclient, 1)
+    k = client.keys
+    rclient.set(k.claim(keys[0]), "free|7|0||", ex=3600)
+    refused(broker, rclient, 1, "r1")
+    assert rclient.get(k.claim(keys[0])) == b"free|7|0||"
+    broker.settle("done", E, 3600, "A-rid", k.claim(keys[0]), "A:x:1", 7, "R")
+    [v] = verdicts(broker, 1, "ok")
+    assert v[2:4] == ["done", 7]
+
+
+def test_refused_fetches_spend_no_flows_turn(lanes_client, broker, rclient):
+    """Four tenants' flows of four messages; refused fetches of one message (a worker whose acks set is
+    broken) alternate with good fetches of one. The good ones serve the flows in turn, as with no refusal
+    (the first form of the give-back left a flow at the round the refused fetch gave it: BDBDBDBD)."""
+    for j, t in enumerate("ABCD"):
+        send_keyed(lanes_client, 4, tenant=t, first=10 * j)
+    served = []
+    for i in range(8):
+        refused(broker, rclient, 1, f"r{i}", queue=Q)
+        flat = broker.settle("fetch", Q, 1, "0", f"g{i}", 60_000, 3600, "1")
+        served.append(orjson.loads(flat[1])["args"][0]["payload"]["tenant"])
+    assert "".join(served) == "ABCDABCD"
+
+
+def test_a_flow_whose_only_message_lost_its_body_costs_the_next_fetch_one_turn(lanes_client, broker, rclient):
+    """Flow A's only message has lost its body; a refused fetch puts A back in its ring and the id on the plain
+    list. The next fetch drops the bodiless id, serves B's two messages, and nothing waits twice."""
+    send_keyed(lanes_client, 1, tenant="A")
+    send_keyed(lanes_client, 2, tenant="B", first=10)
+    k = lanes_client.keys
+    a = rclient.lrange(k.flow(Q, "normal", "A"), 0, -1)[0]
+    rclient.hdel(k.messages(Q), a)
+    refused(broker, rclient, 3, "r1", queue=Q)
+    assert len(fetch(broker, 3, "n2")) == 2
+
+
+def test_a_batch_of_done_busy_and_taken_over_claims_refused_three_times_is_fetched_as_before(
+        settings, broker, rclient):
+    """A batch of four: a key done, one held by a live owner, one whose owner died, one never claimed; three
+    refused fetches of it, then a good one: the queue's order, the live owner's claim and the verdicts are
+    those a first fetch would have had (the dead owner's death counted once)."""
+    client, keys = send_exec(settings, rclient, 4)
+    k = client.keys
+    now_ms = int(time.time() * 1000)
+    rclient.set(k.claim(keys[0]), "done|3|0||R0", ex=3600)
+    rclient.set(k.claim(keys[1]), f"claimed|4|{now_ms + 600_000}|live:x:1|", ex=3600)
+    rclient.set(k.claim(keys[2]), "claimed|5|1|dead:x:1|", ex=3600)
+    before = rclient.lrange(k.queue(E), 0, -1)
+    for i in range(3):
+        refused(broker, rclient, 4, f"r{i}")
+    assert rclient.lrange(k.queue(E), 0, -1) == before
+    vs = verdicts(broker, 4, "ok")
+    assert [v[2] for v in vs] == ["done", "busy", "run", "run"] and vs[2][4] == 1
+    assert claims.read(rclient, k.claim(keys[1])).owner == "live:x:1"
