@@ -104,8 +104,9 @@ local function claim_take(b, key, owner)
         return {"run", b.fence}
     end
     local state, holder, token, expires, result = claim_read(key)
-    -- The claim as found, which a claim this call wins replaces: what claim_give_back writes back.
-    b.prior = claim_value(state, token, expires, holder, result)
+    -- The claim as found, which a claim this call wins replaces: what claim_give_back writes back (a
+    -- value that does not read as a claim, taken as none, goes as none).
+    b.prior = state and claim_value(state, token, expires, holder, result)
     if state == "done" then
         redis.call("hincrby", b.stats, "duplicates", 1)
         return {"done", token, result or ""}

@@ -414,3 +414,18 @@ def test_a_batch_of_done_busy_and_taken_over_claims_refused_three_times_is_fetch
     vs = verdicts(broker, 4, "ok")
     assert [v[2] for v in vs] == ["done", "busy", "run", "run"] and vs[2][4] == 1
     assert claims.read(rclient, k.claim(keys[1])).owner == "live:x:1"
+
+
+@pytest.mark.parametrize("value", ["garbage", "", "claimed|x|y"])
+def test_a_claim_value_that_does_not_read_as_a_claim_is_taken_and_given_back_as_none(settings, broker, rclient,
+                                                                                       value):
+    """A claim key holding a string that does not read as a claim is taken as none, as before the give-back
+    (noting the claim as found must not fail the fetch on it); refused, the fetch gives it back as none."""
+    client, keys = send_exec(settings, rclient, 1)
+    k = client.keys
+    rclient.set(k.claim(keys[0]), value, ex=3600)
+    refused(broker, rclient, 1, "r1")
+    assert not rclient.exists(k.claim(keys[0]))
+    rclient.set(k.claim(keys[0]), value, ex=3600)
+    [v] = verdicts(broker, 1, "ok")
+    assert v[2] == "run"
