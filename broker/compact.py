@@ -177,10 +177,11 @@ def summarise(record: dict[str, Any], events: list[dict[str, Any]], now: float,
         step_id, worker = ev.get("step_id"), ev.get("worker")
         if isinstance(worker, str) and worker not in workers:
             workers.append(worker)
-        expected = defaults.get(step_id) if isinstance(step_id, str | None) else None
+        keyable = isinstance(step_id, str | None)  # an id a dict can key (an event's may be anything)
+        expected = defaults.get(step_id) if keyable else None
         if expected is None:
             expected = _defaults(record, step_id)
-            if isinstance(step_id, str | None):
+            if keyable:
                 defaults[step_id] = expected
         rest: dict[str, Any] = {}
         for name, value in ev.items():
